@@ -1,0 +1,3 @@
+"""sdbridge: a real-time Stable Diffusion bridge for live visuals."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""The project's error tree.
+
+Every error carries a short machine-readable ``code`` (sent to clients in ``error``
+messages) and a human sentence naming the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+
+class SdbridgeError(Exception):
+    """Base class: ``code`` is stable and documented in docs/protocol.md."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    def to_json(self) -> dict[str, str]:
+        return {"type": "error", "code": self.code, "message": str(self)}
+
+
+class ProtocolError(SdbridgeError):
+    """A frame or message that does not follow docs/protocol.md."""
+
+    code = "bad_frame"
+
+
+class CodecError(SdbridgeError):
+    """An image payload that cannot be decoded (bad JPEG/PNG, wrong size)."""
+
+    code = "bad_image"
+
+
+class ParamError(SdbridgeError):
+    """An unknown parameter or a value outside its type or range."""
+
+    code = "bad_param"
+
+    def __init__(self, message: str, *, name: str | None = None, value: object = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.name = name
+        self.value = value
+
+
+class ModelError(SdbridgeError):
+    """A model that is missing, corrupt, of an unknown layout or fails to load."""
+
+    code = "bad_model"
+
+
+class EngineError(SdbridgeError):
+    """An engine that failed while running a frame."""
+
+    code = "engine_failed"
+
+
+class ConfigError(SdbridgeError):
+    """Settings that cannot work together (a public address without a token, say)."""
+
+    code = "bad_config"

@@ -1,0 +1,371 @@
+"""The parameter schema: one source for OSC addresses, JSON keys, HTTP, presets, validation and docs.
+
+Each parameter is a :class:`ParamSpec`. The OSC address of ``strength`` is ``<prefix>/strength``,
+its JSON key is ``strength``, its row in docs/protocol.md is generated from the same spec
+(``sdbridge.params.markdown_table``). Plugins add their own specs under ``plugin.<name>.<param>``
+(OSC ``<prefix>/plugin/<name>/<param>``) through :meth:`Schema.add`.
+
+Sans-I/O: no sockets, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdbridge.errors import ParamError
+
+SEED_MAX = 2**32 - 1
+FLOAT32_EXACT_INT_MAX = 2**24  # integers above this lose precision in an OSC float32
+STR_MAX_LENGTH = 4096
+
+KINDS = ("float", "int", "bool", "str", "enum")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One live parameter: its type, range, default and documentation."""
+
+    name: str
+    kind: str
+    default: Any
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    multiple_of: int | None = None
+    max_length: int = STR_MAX_LENGTH
+    group: str = "core"
+
+    def __post_init__(self) -> None:
+        assert self.kind in KINDS, self.kind
+        assert self.kind != "enum" or self.choices, self.name
+        # The default must pass its own validation; a wrong default is our bug.
+        self.validate(self.default)
+
+    # --- validation -------------------------------------------------------------------------
+
+    def validate(self, value: Any) -> Any:
+        """Return ``value`` coerced to this parameter's type, or raise ParamError."""
+        if self.kind == "float":
+            return self._validate_float(value)
+        if self.kind == "int":
+            return self._validate_int(value)
+        if self.kind == "bool":
+            return self._validate_bool(value)
+        if self.kind == "enum":
+            return self._validate_enum(value)
+        return self._validate_str(value)
+
+    def _fail(self, value: Any, allowed: str) -> ParamError:
+        shown = repr(value) if isinstance(value, str) else value
+        if isinstance(shown, str) and len(shown) > 80:
+            shown = shown[:77] + "...'"
+        return ParamError(f"{self.name} {shown} {allowed}", name=self.name, value=value)
+
+    def _range_text(self) -> str:
+        return f"[{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
+
+    def _check_range(self, number: float, original: Any) -> None:
+        if self.minimum is not None and number < self.minimum:
+            raise self._fail(original, f"not in {self._range_text()}")
+        if self.maximum is not None and number > self.maximum:
+            raise self._fail(original, f"not in {self._range_text()}")
+
+    def _validate_float(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise self._fail(value, "is not a number") from None
+            else:
+                raise self._fail(value, "is not a number")
+        number = float(value)
+        if not math.isfinite(number):
+            raise self._fail(value, "is not a finite number")
+        self._check_range(number, value)
+        return number
+
+    def _validate_int(self, value: Any) -> int:
+        if isinstance(value, bool):
+            raise self._fail(value, "is not an integer")
+        if isinstance(value, str):
+            try:
+                value = int(value.strip(), 0)
+            except ValueError:
+                raise self._fail(value, "is not an integer") from None
+        if isinstance(value, float):
+            # Controllers send floats; an integral float is an int (4.0 -> 4), 4.5 is not.
+            if not math.isfinite(value) or not value.is_integer():
+                raise self._fail(value, "is not an integer")
+            value = int(value)
+        if not isinstance(value, int):
+            raise self._fail(value, "is not an integer")
+        self._check_range(value, value)
+        if self.multiple_of and value % self.multiple_of:
+            raise self._fail(value, f"is not a multiple of {self.multiple_of}")
+        return value
+
+    def _validate_bool(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "on", "off"):
+            return value.strip().lower() in ("true", "1", "on")
+        raise self._fail(value, "is not a boolean (true/false or 0/1)")
+
+    def _validate_enum(self, value: Any) -> str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # A controller can pick a choice by its index.
+            if float(value).is_integer() and 0 <= int(value) < len(self.choices):
+                return self.choices[int(value)]
+            raise self._fail(value, f"is not an index into {list(self.choices)}")
+        if not isinstance(value, str) or value not in self.choices:
+            raise self._fail(value, f"is not one of {list(self.choices)}")
+        return value
+
+    def _validate_str(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self._fail(value, "is not a string")
+        if len(value) > self.max_length:
+            raise ParamError(
+                f"{self.name} is {len(value)} characters long (at most {self.max_length})",
+                name=self.name, value=value[:80],
+            )
+        return value
+
+    # --- fader mapping ----------------------------------------------------------------------
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in ("float", "int")
+
+    def denormalize(self, fraction: float) -> Any:
+        """Map 0–1 from a fader onto the parameter's range (``/sd/norm/<param>``)."""
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not math.isfinite(fraction):
+            raise self._fail(fraction, "is not a number in [0, 1]")
+        if not 0.0 <= fraction <= 1.0:
+            raise ParamError(f"norm/{self.name} {fraction} not in [0, 1]", name=self.name, value=fraction)
+        if self.kind == "bool":
+            return fraction >= 0.5
+        if self.kind == "enum":
+            return self.choices[min(int(fraction * len(self.choices)), len(self.choices) - 1)]
+        if not self.numeric or self.minimum is None or self.maximum is None:
+            raise ParamError(f"{self.name} has no range to map a fader onto", name=self.name, value=fraction)
+        value = self.minimum + fraction * (self.maximum - self.minimum)
+        if self.kind == "int":
+            step = self.multiple_of or 1
+            value = int(round(value / step) * step)
+            value = int(min(max(value, self.minimum), self.maximum))
+        return value
+
+    def normalize(self, value: Any) -> float | None:
+        if not self.numeric or self.minimum is None or self.maximum is None or self.maximum == self.minimum:
+            return None
+        return (float(value) - self.minimum) / (self.maximum - self.minimum)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.kind, "default": self.default, "doc": self.doc,
+                               "group": self.group}
+        if self.minimum is not None:
+            out["min"] = self.minimum
+        if self.maximum is not None:
+            out["max"] = self.maximum
+        if self.choices:
+            out["choices"] = list(self.choices)
+        if self.multiple_of:
+            out["multiple_of"] = self.multiple_of
+        if self.kind == "str":
+            out["max_length"] = self.max_length
+        return out
+
+
+def _fmt(number: float | None) -> str:
+    if number is None:
+        return "…"
+    if float(number).is_integer():
+        return str(int(number))
+    return f"{number:g}"
+
+
+ENGINE_CHOICES = ("auto", "diffusion", "preview", "identity")
+PREVIEW_EFFECTS = ("cartoon", "stylize", "edges", "grade", "sketch")
+
+CORE_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("prompt", "str", "a vivid watercolor painting, high detail", "What to generate; AUTOMATIC1111 syntax."),
+    ParamSpec("negative_prompt", "str", "", "What to steer away from (used when guidance > 1)."),
+    ParamSpec("strength", "float", 0.5, "How far img2img moves from the input: 0 keeps it, 1 ignores it.",
+              minimum=0.0, maximum=1.0),
+    ParamSpec("guidance", "float", 1.0, "Classifier-free guidance scale; 1 or less turns guidance off (turbo models).",
+              minimum=0.0, maximum=30.0),
+    ParamSpec("seed", "int", 42, "Noise seed; the noise stays fixed per session until the seed changes.",
+              minimum=0, maximum=SEED_MAX),
+    ParamSpec("steps", "int", 2, "Denoising steps per frame (1–4 for turbo/LCM models).", minimum=1, maximum=50),
+    ParamSpec("width", "int", 512, "Engine resolution, pixels; a multiple of 8.", minimum=64, maximum=2048,
+              multiple_of=8),
+    ParamSpec("height", "int", 512, "Engine resolution, pixels; a multiple of 8.", minimum=64, maximum=2048,
+              multiple_of=8),
+    ParamSpec("engine", "enum", "auto", "Which engine runs: auto picks diffusion when a model is loaded, else preview.",
+              choices=ENGINE_CHOICES),
+    ParamSpec("model", "str", "", "Model to load: a diffusers folder, a .safetensors file or a hub id in the cache. "
+              "The previous model keeps serving until the new one is ready.", max_length=1024),
+    ParamSpec("mode", "enum", "img2img", "img2img stylises input frames; txt2img streams generated frames to viewers.",
+              choices=("img2img", "txt2img")),
+    ParamSpec("effect", "enum", "cartoon", "The preview engine's effect.", choices=PREVIEW_EFFECTS, group="preview"),
+    ParamSpec("resize_mode", "enum", "crop", "How an input of another size is fitted to the engine's resolution.",
+              choices=("crop", "fit", "stretch")),
+    ParamSpec("output_size", "enum", "engine", "Reply at the engine's resolution or at the input's.",
+              choices=("engine", "input")),
+    ParamSpec("jpeg_quality", "int", 85, "Quality of JPEG replies.", minimum=1, maximum=100),
+    ParamSpec("max_fps", "float", 30.0, "Frame rate cap of txt2img streams.", minimum=1.0, maximum=240.0),
+)
+
+
+class Schema:
+    """The set of known parameters; plugins add theirs with :meth:`add`."""
+
+    def __init__(self, specs: Iterable[ParamSpec] = CORE_PARAMS) -> None:
+        self._specs: dict[str, ParamSpec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: ParamSpec) -> None:
+        if spec.name in self._specs and self._specs[spec.name] != spec:
+            raise ParamError(f"parameter {spec.name!r} is declared twice", name=spec.name)
+        self._specs[spec.name] = spec
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def get(self, name: str) -> ParamSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            shown = name if len(name) <= 80 else name[:77] + "..."
+            raise ParamError(f"unknown parameter {shown!r}", name=name, code="unknown_param") from None
+
+    def defaults(self) -> dict[str, Any]:
+        return {spec.name: spec.default for spec in self._specs.values()}
+
+    def validate(self, updates: Mapping[str, Any]) -> tuple[dict[str, Any], list[ParamError]]:
+        """Validate each update alone: the good ones come back coerced, the bad ones as errors."""
+        good: dict[str, Any] = {}
+        errors: list[ParamError] = []
+        for name, value in updates.items():
+            try:
+                if not isinstance(name, str):
+                    raise ParamError(f"parameter name {name!r} is not a string", name=str(name))
+                good[name] = self.get(name).validate(value)
+            except ParamError as exc:
+                errors.append(exc)
+        return good, errors
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [spec.to_json() for spec in self._specs.values()]
+
+    # --- names on the wire --------------------------------------------------------------------
+
+    @staticmethod
+    def osc_path(name: str) -> str:
+        """``plugin.flow.strength`` -> ``plugin/flow/strength`` (under the OSC prefix)."""
+        return name.replace(".", "/")
+
+    @staticmethod
+    def name_from_osc_path(path: str) -> str:
+        return path.strip("/").replace("/", ".")
+
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+class ParamStore:
+    """The current values, shared by the event loop (writers) and the worker (reader).
+
+    Updates are applied under a lock and bump ``version``; the worker takes a snapshot at a
+    frame boundary, so the values of one update (an OSC bundle, a JSON ``set``) arrive together.
+    """
+
+    def __init__(self, schema: Schema | None = None, initial: Mapping[str, Any] | None = None) -> None:
+        self.schema = schema or Schema()
+        self._lock = threading.Lock()
+        self._values = self.schema.defaults()
+        self._version = 0
+        self._listeners: list[Listener] = []
+        if initial:
+            good, errors = self.schema.validate(initial)
+            if errors:
+                raise errors[0]
+            self._values.update(good)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def snapshot(self) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            return self._version, dict(self._values)
+
+    def get(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._values:
+                self.schema.get(name)  # raises the unknown-parameter error
+                return self.schema.get(name).default
+            return self._values[name]
+
+    def update(self, updates: Mapping[str, Any]) -> tuple[dict[str, Any], list[ParamError]]:
+        """Apply the valid updates together; return what was applied and the errors."""
+        good, errors = self.schema.validate(updates)
+        if good:
+            with self._lock:
+                changed = {k: v for k, v in good.items() if self._values.get(k) != v}
+                self._values.update(good)
+                if changed:
+                    self._version += 1
+            if changed:
+                for listener in list(self._listeners):
+                    listener(changed)
+        return good, errors
+
+    def add_spec(self, spec: ParamSpec) -> None:
+        self.schema.add(spec)
+        with self._lock:
+            self._values.setdefault(spec.name, spec.default)
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+
+def markdown_table(schema: Schema, prefix: str = "/sd") -> str:
+    """The parameter table of docs/protocol.md, generated so that it never drifts from the code."""
+    rows = ["| JSON key | OSC address | type | range / choices | default | what it does |",
+            "|---|---|---|---|---|---|"]
+    for spec in schema:
+        if spec.choices:
+            allowed = ", ".join(spec.choices)
+        elif spec.numeric:
+            allowed = f"{_fmt(spec.minimum)} – {_fmt(spec.maximum)}"
+            if spec.multiple_of:
+                allowed += f", multiple of {spec.multiple_of}"
+        elif spec.kind == "bool":
+            allowed = "0/1, true/false"
+        else:
+            allowed = f"up to {spec.max_length} characters"
+        default = repr(spec.default) if isinstance(spec.default, str) else str(spec.default)
+        rows.append(f"| `{spec.name}` | `{prefix}/{Schema.osc_path(spec.name)}` | {spec.kind} | {allowed} | "
+                    f"`{default}` | {spec.doc} |")
+    return "\n".join(rows) + "\n"
