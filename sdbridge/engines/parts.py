@@ -1,0 +1,32 @@
+"""What a loaded Stable Diffusion model is made of, whatever file layout it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ARCHITECTURES = ("sd15", "sd21", "sdxl")
+
+
+@dataclass
+class PipelineParts:
+    """The modules of one model, on their device and dtype, ready for an engine.
+
+    ``taesd`` is the fast tiny autoencoder when one was found beside the model (``taesd/``) or
+    configured; engines prefer it to ``vae`` for speed. SDXL fills the ``*_2`` fields.
+    """
+
+    architecture: str            # one of ARCHITECTURES
+    source: str                  # what the user named: a folder, a file or a hub id
+    unet: Any                    # diffusers.UNet2DConditionModel
+    vae: Any                     # diffusers.AutoencoderKL
+    text_encoder: Any            # transformers.CLIPTextModel
+    tokenizer: Any               # transformers.CLIPTokenizer
+    scheduler: Any               # a diffusers scheduler (its config says which)
+    taesd: Any | None = None     # diffusers.AutoencoderTiny
+    text_encoder_2: Any | None = None
+    tokenizer_2: Any | None = None
+
+    def modules(self) -> dict[str, Any]:
+        names = ("unet", "vae", "text_encoder", "taesd", "text_encoder_2")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
