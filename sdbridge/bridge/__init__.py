@@ -1,0 +1,1 @@
+"""The daemon: sockets, sessions, the worker and the wiring between them."""

@@ -1,0 +1,161 @@
+"""Which engine serves, and loading the next one in the background while the current one serves.
+
+The worker thread calls :meth:`EngineHost.select` with the parameters at every frame boundary
+and :meth:`EngineHost.active` for the engine to run. A model that fails to load is reported and
+leaves the previous engine serving; the same failing choice is not retried until it changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sdbridge.config import Settings
+from sdbridge.engines.base import Engine, create_engine
+from sdbridge.engines.device import pick_device, pick_dtype
+from sdbridge.errors import SdbridgeError
+
+log = logging.getLogger(__name__)
+
+HOW_TO_GET_A_MODEL = ("no model configured: serving the CPU preview engine. For diffusion, run "
+                      "`sdbridge models pull sd-turbo` on a machine with internet, or pass --model PATH "
+                      "(a diffusers folder or a .safetensors checkpoint; `sdbridge models tiny DIR` writes a tiny "
+                      "random one to try the pipeline)")
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    engine: str
+    model: str | None
+
+    def __str__(self) -> str:
+        return self.engine if not self.model else f"{self.engine} ({self.model})"
+
+
+Notify = Callable[[dict[str, Any]], None]
+
+
+class EngineHost:
+    def __init__(self, settings: Settings, notify: Notify | None = None) -> None:
+        self.settings = settings
+        self._notify = notify or (lambda event: None)
+        self._lock = threading.Lock()
+        self._current: Engine | None = None
+        self._current_choice: EngineChoice | None = None
+        self._ready: tuple[EngineChoice, Engine] | None = None   # loaded, waiting for the worker to swap it in
+        self._loading: EngineChoice | None = None
+        self._failed: EngineChoice | None = None
+        self.last_error: str | None = None
+        self.loads = 0
+        self.load_failures = 0
+        self._told_about_models = False
+
+    # --- called by the worker thread ----------------------------------------------------------
+
+    def choose(self, params: Mapping[str, Any]) -> EngineChoice:
+        model = params.get("model") or self.settings.model or None
+        engine = params.get("engine", "auto")
+        if engine == "auto":
+            engine = "diffusion" if model else "preview"
+            if engine == "preview" and not self._told_about_models:
+                self._told_about_models = True
+                log.info(HOW_TO_GET_A_MODEL)
+            if engine == "diffusion" and self._failed == EngineChoice("diffusion", model) and self._current is None:
+                # Auto falls back so that a stage never stays dark behind a broken model.
+                engine = "preview"
+        return EngineChoice(engine, model if engine == "diffusion" else None)
+
+    def select(self, params: Mapping[str, Any]) -> None:
+        choice = self.choose(params)
+        with self._lock:
+            if choice in (self._current_choice, self._loading, self._failed):
+                return
+            if self._ready is not None and self._ready[0] == choice:
+                return
+            self._loading = choice
+        thread = threading.Thread(target=self._load, args=(choice,), name=f"sdbridge-load-{choice.engine}",
+                                  daemon=True)
+        thread.start()
+
+    def active(self) -> Engine | None:
+        """The engine to run now; swaps in a freshly loaded one (on the worker's thread)."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            choice, engine = ready
+            old = self._current
+            self._current, self._current_choice = engine, choice
+            log.info("engine %s serving on %s", choice, engine.device)
+            self._notify({"type": "engine", "status": "ready", **engine.describe()})
+            if old is not None and old is not engine:
+                try:
+                    old.close()
+                except Exception:  # a failing close must not stop the new engine
+                    log.exception("closing engine %s failed", old.name)
+        return self._current
+
+    @property
+    def status(self) -> str:
+        if self._loading is not None:
+            return "loading"
+        if self._current is None:
+            return "failed" if self._failed is not None else "starting"
+        return "ready"
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "loads": self.loads, "load_failures": self.load_failures}
+        if self._current is not None:
+            out.update(self._current.describe())
+        if self._loading is not None:
+            out["loading"] = str(self._loading)
+        if self.last_error:
+            out["last_error"] = self.last_error
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            engine, self._current = self._current, None
+            ready, self._ready = self._ready, None
+        for item in (engine, ready[1] if ready else None):
+            if item is not None:
+                item.close()
+
+    # --- the loader thread --------------------------------------------------------------------
+
+    def _load(self, choice: EngineChoice) -> None:
+        started = time.perf_counter()
+        log.info("loading engine %s", choice)
+        self._notify({"type": "engine", "status": "loading", "engine": choice.engine, "model": choice.model})
+        try:
+            engine = create_engine(choice.engine)
+            for name in ("allow_pickle", "taesd", "models_dir"):
+                if hasattr(engine, name):
+                    setattr(engine, name, getattr(self.settings, name))
+            device = pick_device(self.settings.device) if engine.needs_model else pick_device("cpu")
+            engine.load(choice.model, device, pick_dtype(device, self.settings.dtype))
+        except Exception as exc:  # any failure: report it, keep the previous engine serving
+            message = str(exc) if isinstance(exc, SdbridgeError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, SdbridgeError):
+                log.exception("engine %s failed to load", choice)
+            else:
+                log.error("engine %s failed to load: %s", choice, message)
+            with self._lock:
+                self._loading = None
+                self._failed = choice
+                self.last_error = message
+                self.load_failures += 1
+            code = getattr(exc, "code", "bad_model")
+            self._notify({"type": "error", "code": code, "message": f"loading {choice} failed: {message}"
+                          + ("; the previous engine keeps serving" if self._current else "")})
+            return
+        with self._lock:
+            self._loading = None
+            self._failed = None
+            self.last_error = None
+            self._ready = (choice, engine)
+            self.loads += 1
+        log.info("engine %s loaded in %.1f s", choice, time.perf_counter() - started)

@@ -1,0 +1,306 @@
+"""The daemon: wires settings, parameters, sessions, the engine host, the worker, HTTP/WebSocket
+(FastAPI on uvicorn), OSC in, OSC feedback and telemetry out, and starts and stops them.
+
+One asyncio loop owns the sockets; one worker thread owns the model. They meet at the
+sessions' latest-frame slots and at :meth:`Daemon.deliver` (worker -> loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from sdbridge.bridge.engine_host import EngineHost
+from sdbridge.bridge.http import create_app
+from sdbridge.bridge.osc import OscSender, OscServer
+from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
+from sdbridge.bridge.session import Session, SessionRegistry, Viewer
+from sdbridge.bridge.worker import Worker
+from sdbridge.config import Settings
+from sdbridge.errors import SdbridgeError
+from sdbridge.params import ParamStore, Schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DaemonStats:
+    frames_received: int = 0
+    errors_sent: int = 0
+    connections: int = 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; port 0 takes a free one (tests), and we know it before serving."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        settings.check()
+        self.settings = settings
+        initial = dict(settings.params)
+        if settings.engine != "auto":
+            initial.setdefault("engine", settings.engine)
+        self.store = ParamStore(Schema(), initial=initial)
+        self.registry = SessionRegistry()
+        self.engines = EngineHost(settings, notify=self._engine_event)
+        self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report,
+                             decode_threads=settings.decode_threads, debug_frames=settings.debug_frames)
+        self.stats = DaemonStats()
+        self.started = time.monotonic()
+        self.port: int | None = None
+        self.osc_port: int | None = None
+        self.osc: OscServer | None = None
+        self.feedback: OscSender | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: uvicorn.Server | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self._telemetry_task: asyncio.Task[None] | None = None
+        self._subscribers: dict[str, set[Viewer]] = {"stats": set(), "params": set()}
+        self._middleware: AccessMiddleware | None = None
+
+    # --- start and stop -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        settings = self.settings
+        sock = bind_socket(settings.host, settings.port)
+        self.port = sock.getsockname()[1]
+        self._middleware = AccessMiddleware(create_app(self), AccessPolicy(settings, self.port))
+        config = uvicorn.Config(
+            self._middleware, log_config=None, access_log=False, lifespan="off", ws="websockets-sansio",
+            # Measured (DESIGN.md): permessage-deflate costs ~50x the JPEG time; frames are already compressed.
+            ws_per_message_deflate=False, ws_max_size=settings.ws_max_size,
+            ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
+        )
+        self._server = uvicorn.Server(config)
+        self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="sdbridge-http")
+        while not self._server.started:
+            if self._serve_task.done():
+                self._serve_task.result()  # raises what stopped it
+                raise SdbridgeError(f"HTTP server on {settings.host}:{self.port} stopped while starting")
+            await asyncio.sleep(0.01)
+
+        if settings.osc:
+            self.osc = OscServer(self.store, prefix=settings.osc_prefix, allowed_sources=settings.osc_allow,
+                                 on_error=self._osc_error)
+            await self.osc.start(settings.effective_osc_host, settings.osc_port)
+            self.osc_port = self.osc.port
+        if settings.feedback_port:
+            self.feedback = OscSender(settings.feedback_host, settings.feedback_port)
+            await self.feedback.start()
+        self.store.subscribe(self._params_changed)
+        self._telemetry_task = asyncio.create_task(self._telemetry(), name="sdbridge-telemetry")
+        self.worker.start()
+        self.engines.select(self.store.snapshot()[1])
+        self.registry.wake.set()
+        log.info("sdbridge serving on http://%s:%d (WebSocket /ws)%s%s", _url_host(settings.host), self.port,
+                 f", OSC in on udp {settings.effective_osc_host}:{self.osc_port}" if self.osc else "",
+                 f", feedback to {settings.feedback_host}:{settings.feedback_port}" if self.feedback else "")
+
+    async def wait(self) -> None:
+        """Until the HTTP server stops (Ctrl-C: uvicorn catches the signal and returns)."""
+        if self._serve_task is not None:
+            await self._serve_task
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._serve_task is not None:
+            await asyncio.gather(self._serve_task, return_exceptions=True)
+        if self._telemetry_task is not None:
+            self._telemetry_task.cancel()
+            await asyncio.gather(self._telemetry_task, return_exceptions=True)
+        self.store.unsubscribe(self._params_changed)
+        if self.osc is not None:
+            self.osc.close()
+        if self.feedback is not None:
+            self.feedback.close()
+        self.worker.stop()
+        await asyncio.to_thread(self.worker.join, 10)
+        self.engines.close()
+        log.info("sdbridge stopped")
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await self.wait()
+        finally:
+            await self.stop()
+
+    # --- worker -> loop -----------------------------------------------------------------------
+
+    def deliver(self, session: Session, message: bytes) -> None:
+        """Worker thread: hand a reply to the session's viewers on the loop."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(session.publish, message)
+
+    def report(self, session: Session, message: dict[str, Any]) -> None:
+        """Worker thread: an error about one session's frame, to its viewers."""
+        assert self._loop is not None
+        self.stats.errors_sent += 1
+        self._loop.call_soon_threadsafe(session.broadcast, message)
+
+    def _engine_event(self, event: dict[str, Any]) -> None:
+        """Any thread: engine loading news and failures go to every client."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._broadcast_all, event)
+
+    def _broadcast_all(self, message: dict[str, Any]) -> None:
+        for session in self.registry.sessions():
+            session.broadcast(message)
+
+    def _osc_error(self, exc: SdbridgeError, source: tuple[str, int] | Any = None) -> None:
+        if self.feedback is not None:
+            self.feedback.send(f"{self.settings.osc_prefix}/status/error", exc.code, str(exc)[:200])
+
+    # --- subscriptions, telemetry and feedback ------------------------------------------------
+
+    def subscribe(self, topic: str, viewer: Viewer, on: bool) -> None:
+        (self._subscribers[topic].add if on else self._subscribers[topic].discard)(viewer)
+
+    def is_subscribed(self, topic: str, viewer: Viewer) -> bool:
+        return viewer in self._subscribers[topic]
+
+    def unsubscribe_all(self, viewer: Viewer) -> None:
+        for viewers in self._subscribers.values():
+            viewers.discard(viewer)
+
+    def _params_changed(self, changed: dict[str, Any]) -> None:
+        """Any thread (a ParamStore listener): push the change on the loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._push_params, changed)
+
+    def _push_params(self, changed: dict[str, Any]) -> None:
+        for viewer in list(self._subscribers["params"]):
+            viewer.offer_control({"type": "params", "values": changed})
+        if self.feedback is not None:
+            # The applied value goes back on its own address, so a controller's fader follows.
+            prefix = self.settings.osc_prefix
+            self.feedback.send_many([(f"{prefix}/{Schema.osc_path(name)}", (value,)) for name, value in changed.items()])
+
+    def collect_stats(self) -> dict[str, Any]:
+        sessions = [session.stats() for session in self.registry.sessions()]
+        latencies = [s["latency_ms_p50"] for s in sessions if s["latency_ms_p50"] is not None]
+        p99s = [s["latency_ms_p99"] for s in sessions if s["latency_ms_p99"] is not None]
+        return {
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "engine": self.engines.describe(),
+            "fps": round(sum(s["fps"] for s in sessions), 2),
+            "latency_ms_p50": max(latencies) if latencies else None,
+            "latency_ms_p99": max(p99s) if p99s else None,
+            "frames_received": self.stats.frames_received,
+            "frames_out": sum(s["frames_out"] for s in sessions),
+            "frames_dropped": sum(s["frames_dropped"] for s in sessions),
+            "passthrough": self.engines.status != "ready",
+            "connections": self.stats.connections,
+            "errors_sent": self.stats.errors_sent,
+            "refused_requests": self._middleware.refused if self._middleware else 0,
+            "worker": {"turns": self.worker.turns, "engine_errors": self.worker.engine_errors,
+                       "last_step_ms": round(self.worker.last_step_ms, 2)},
+            "osc": dataclasses.asdict(self.osc.stats) if self.osc is not None else None,
+            "sessions": sessions,
+        }
+
+    async def _telemetry(self) -> None:
+        period = 1.0 / self.settings.telemetry_hz
+        prefix = f"{self.settings.osc_prefix}/status"
+        while True:
+            await asyncio.sleep(period)
+            try:
+                stats = self.collect_stats()
+                if self._subscribers["stats"]:
+                    message = {"type": "stats", **stats}
+                    for viewer in list(self._subscribers["stats"]):
+                        viewer.offer_control(message)
+                if self.feedback is not None:
+                    self.feedback.send_many([
+                        (f"{prefix}/fps", (float(stats["fps"]),)),
+                        (f"{prefix}/latency_ms", (float(stats["latency_ms_p50"] or 0.0),)),
+                        (f"{prefix}/latency_p99_ms", (float(stats["latency_ms_p99"] or 0.0),)),
+                        (f"{prefix}/dropped", (int(stats["frames_dropped"]),)),
+                        (f"{prefix}/sessions", (len(stats["sessions"]),)),
+                        (f"{prefix}/engine", (str(stats["engine"].get("engine", "none")),)),
+                        (f"{prefix}/engine_status", (str(stats["engine"]["status"]),)),
+                    ])
+            except Exception:  # telemetry must never take the daemon down
+                log.exception("telemetry failed")
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        from sdbridge.engines import models
+
+        def collect() -> list[dict[str, Any]]:
+            return [dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(info)
+                    for info in models.list_models(_models_dir(self.settings))]
+
+        items = await asyncio.to_thread(collect)
+        for item in items:
+            for key, value in list(item.items()):
+                if not isinstance(value, (str, int, float, bool, type(None), list, dict)):
+                    item[key] = str(value)
+        return items
+
+
+def _models_dir(settings: Settings):  # noqa: ANN202 - a Path or None
+    from pathlib import Path
+
+    return Path(settings.models_dir) if settings.models_dir else None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class DaemonThread:
+    """The daemon on a loop of its own in a background thread: for tests and benchmarks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.daemon = Daemon(settings)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sdbridge-loop", daemon=True)
+        self._stopped = False
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Daemon:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.daemon.start(), self._loop).result(timeout=60)
+        return self.daemon
+
+    def call(self, function: Any, *args: Any) -> Any:
+        """Run a plain function on the daemon's loop and return its result."""
+        async def run() -> Any:
+            return function(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        asyncio.run_coroutine_threadsafe(self.daemon.stop(), self._loop).result(timeout=60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()

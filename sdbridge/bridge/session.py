@@ -1,0 +1,244 @@
+"""Sessions: one stream of frames in, its generated frames out to any number of viewers.
+
+The asyncio loop and the worker thread meet here and nowhere else (with the output hand-off):
+
+- the input side is a :class:`LatestSlot` written by the loop and taken by the worker; a newer
+  frame replaces an older one, which is counted as dropped and never decoded;
+- each viewer (a WebSocket connection watching the session) has an output slot of its own on
+  the loop's side, so a stalled viewer loses its own frames and never holds anyone else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sdbridge.bridge.protocol import FrameHeader
+from sdbridge.engines.base import StreamState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_CONTROL_MESSAGES = 64  # errors/stats waiting for a viewer that does not read; older ones are dropped
+
+
+@dataclass
+class InputFrame:
+    """One received binary message, still encoded: decoding waits until the worker takes it."""
+
+    data: bytes                     # the whole message; ``payload`` is a view into it
+    payload: memoryview
+    header: FrameHeader | None      # None for a bare JPEG/PNG file
+    kind: str                       # "header", "jpeg" or "png"
+    received_ns: int = field(default_factory=time.perf_counter_ns)
+
+    @property
+    def frame_id(self) -> int | None:
+        return self.header.frame_id if self.header else None
+
+
+class LatestSlot(Generic[T]):
+    """Holds one item; a newer ``put`` replaces the older, which is counted in ``dropped``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._item: T | None = None
+        self.accepted = 0
+        self.dropped = 0
+
+    def put(self, item: T) -> bool:
+        """Store ``item``; return True when it replaced one the worker never took."""
+        with self._lock:
+            replaced = self._item is not None
+            self._item = item
+            self.accepted += 1
+            if replaced:
+                self.dropped += 1
+            return replaced
+
+    def take(self) -> T | None:
+        with self._lock:
+            item, self._item = self._item, None
+            return item
+
+    @property
+    def pending(self) -> bool:
+        return self._item is not None
+
+
+class Viewer:
+    """One connection's outgoing side: the newest frame plus a short queue of JSON messages.
+
+    Lives on the event loop only (no lock). ``next`` waits for something to send.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self._frame: bytes | None = None
+        self._control: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_CONTROL_MESSAGES)
+        self._ready = asyncio.Event()
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self.control_dropped = 0
+        self.closed = False
+
+    def offer_frame(self, message: bytes) -> None:
+        if self._frame is not None:
+            self.frames_dropped += 1
+        self._frame = message
+        self._ready.set()
+
+    def offer_control(self, message: dict[str, Any]) -> None:
+        if len(self._control) == self._control.maxlen:
+            self.control_dropped += 1
+        self._control.append(message)
+        self._ready.set()
+
+    @property
+    def buffered_frames(self) -> int:
+        return 0 if self._frame is None else 1
+
+    async def next(self) -> tuple[str, Any]:
+        """("json", dict) or ("frame", bytes); control messages go first, they are small."""
+        while True:
+            if self._control:
+                return "json", self._control.popleft()
+            if self._frame is not None:
+                frame, self._frame = self._frame, None
+                return "frame", frame
+            self._ready.clear()
+            await self._ready.wait()
+
+
+class RateMeter:
+    """Events per second over a sliding window, and latency percentiles over the last samples."""
+
+    def __init__(self, window_s: float = 2.0, samples: int = 512) -> None:
+        self.window_s = window_s
+        self._times: collections.deque[float] = collections.deque(maxlen=4096)
+        self._latencies_ms: collections.deque[float] = collections.deque(maxlen=samples)
+
+    def record(self, latency_ms: float | None = None, now: float | None = None) -> None:
+        self._times.append(time.monotonic() if now is None else now)
+        if latency_ms is not None:
+            self._latencies_ms.append(latency_ms)
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        recent = sum(1 for t in list(self._times) if now - t <= self.window_s)
+        return recent / self.window_s
+
+    def percentile(self, q: float) -> float | None:
+        values = sorted(self._latencies_ms)
+        if not values:
+            return None
+        index = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+        return values[index]
+
+
+class Session:
+    """A named stream: its input slots, its viewers and the engine's per-stream state."""
+
+    def __init__(self, session_id: str, on_input: Callable[[], None]) -> None:
+        self.id = session_id
+        self.input: LatestSlot[InputFrame] = LatestSlot()
+        # Condition streams (channel byte > 0: a depth or edge pass for ControlNet).
+        self.conditions: dict[int, LatestSlot[InputFrame]] = {}
+        self.viewers: set[Viewer] = set()
+        self.senders = 0
+        self.state = StreamState(session_id)
+        self.output_meter = RateMeter()
+        self.frames_out = 0
+        self.errors = 0
+        self.passthrough_frames = 0
+        self.created = time.monotonic()
+        self.next_generated_at = 0.0  # txt2img pacing, worker-owned
+        self._on_input = on_input
+
+    def put_frame(self, frame: InputFrame) -> None:
+        if frame.header is not None and frame.header.channel != 0:
+            slot = self.conditions.setdefault(frame.header.channel, LatestSlot())
+            slot.put(frame)
+            return
+        self.input.put(frame)
+        self._on_input()
+
+    def publish(self, message: bytes) -> None:
+        """Loop side: hand one output frame to every viewer's slot."""
+        for viewer in self.viewers:
+            viewer.offer_frame(message)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        for viewer in self.viewers:
+            viewer.offer_control(message)
+
+    def stats(self) -> dict[str, Any]:
+        p50 = self.output_meter.percentile(50)
+        p99 = self.output_meter.percentile(99)
+        return {
+            "id": self.id,
+            "viewers": len(self.viewers),
+            "senders": self.senders,
+            "frames_in": self.input.accepted,
+            "frames_dropped": self.input.dropped,
+            "frames_out": self.frames_out,
+            "passthrough_frames": self.passthrough_frames,
+            "errors": self.errors,
+            "fps": round(self.output_meter.rate(), 2),
+            "latency_ms_p50": None if p50 is None else round(p50, 2),
+            "latency_ms_p99": None if p99 is None else round(p99, 2),
+            "viewer_frames_dropped": sum(v.frames_dropped for v in self.viewers),
+        }
+
+
+class SessionRegistry:
+    """All live sessions; the worker reads a snapshot of them at every frame boundary."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+        self._counter = itertools.count(1)
+        self.wake = threading.Event()  # set when any input arrives; the worker waits on it
+
+    def _notify(self) -> None:
+        self.wake.set()
+
+    def open(self, name: str | None = None) -> Session:
+        """Join the session called ``name``, creating it; a new anonymous session without one."""
+        with self._lock:
+            if name is None:
+                name = f"s{next(self._counter)}"
+                while name in self._sessions:
+                    name = f"s{next(self._counter)}"
+            session = self._sessions.get(name)
+            if session is None:
+                session = Session(name, self._notify)
+                self._sessions[name] = session
+                log.info("session %s opened", name)
+            return session
+
+    def release(self, session: Session) -> None:
+        """Forget a session nobody watches or feeds any more."""
+        with self._lock:
+            if not session.viewers and session.senders <= 0 and self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+                log.info("session %s closed", session.id)
+
+    def get(self, name: str) -> Session | None:
+        with self._lock:
+            return self._sessions.get(name)
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)

@@ -1,0 +1,193 @@
+"""The WebSocket route ``/ws``: frames and JSON control in, generated frames and stats out.
+
+A binary message is a frame (a bare JPEG/PNG file, or a v1 header + payload; see
+docs/protocol.md); a text message is JSON (``set``, ``get``, ``subscribe``, ``ping``). Every
+bad message gets an ``error`` reply (a code and a sentence) and the connection stays up. Each
+connection is a viewer of its session with an output slot of its own (:class:`Viewer`), so a
+client that stops reading loses its own frames and never slows another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from sdbridge.bridge.protocol import FrameHeader, sniff
+from sdbridge.bridge.session import InputFrame, Session, Viewer
+from sdbridge.errors import ParamError, ProtocolError, SdbridgeError
+
+if TYPE_CHECKING:
+    from sdbridge.bridge.server import Daemon
+
+log = logging.getLogger(__name__)
+
+SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_JSON_BYTES = 256 * 1024
+
+
+def parse_frame(data: bytes) -> InputFrame:
+    """A binary message -> an InputFrame, or ProtocolError. No decoding happens here."""
+    kind = sniff(data)
+    if kind == "header":
+        header, payload = FrameHeader.parse(data)
+        return InputFrame(data=data, payload=payload, header=header, kind="header")
+    if kind in ("jpeg", "png"):
+        return InputFrame(data=data, payload=memoryview(data), header=None, kind=kind)
+    raise ProtocolError(f"binary message of {len(data)} bytes is neither a JPEG, a PNG nor a v1 frame header "
+                        f"(starts with {bytes(data[:4]).hex() or 'nothing'})")
+
+
+def parse_control(text: str) -> dict[str, Any]:
+    """A text message -> a JSON object with a string ``type``, or ProtocolError."""
+    if len(text) > MAX_JSON_BYTES:
+        raise ProtocolError(f"JSON message of {len(text)} characters is too long (at most {MAX_JSON_BYTES})",
+                            code="bad_json")
+    try:
+        message = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"text message is not JSON: {str(exc)[:120]}", code="bad_json") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"JSON message must be an object, got {type(message).__name__}", code="bad_json")
+    kind = message.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(f"JSON message needs a string 'type', got {kind!r}"[:200], code="bad_json")
+    return message
+
+
+class Connection:
+    """One WebSocket client: its session, its viewer slot and its subscriptions."""
+
+    def __init__(self, daemon: Daemon, websocket: WebSocket, session: Session) -> None:
+        self.daemon = daemon
+        self.websocket = websocket
+        self.session = session
+        self.viewer = Viewer(name=f"{session.id}/{id(self):x}")
+        self.sent_frame = False
+        self.is_sender = False
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop())
+        try:
+            await self._receive_loop()
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is not None:
+                self._on_binary(data)
+            elif message.get("text") is not None:
+                self._on_text(message["text"])
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                kind, payload = await self.viewer.next()
+                if kind == "frame":
+                    await self.websocket.send_bytes(payload)
+                    self.viewer.frames_sent += 1
+                else:
+                    await self.websocket.send_text(json.dumps(payload, separators=(",", ":")))
+        except (WebSocketDisconnect, RuntimeError, ConnectionError) as exc:
+            log.debug("viewer %s stopped sending: %s", self.viewer.name, exc)
+
+    def error(self, exc: SdbridgeError, **extra: Any) -> None:
+        self.daemon.stats.errors_sent += 1
+        log.info("client %s: %s (%s)", self.viewer.name, exc, exc.code)
+        self.viewer.offer_control({**exc.to_json(), **extra})
+
+    # --- binary: frames ------------------------------------------------------------------------
+
+    def _on_binary(self, data: bytes) -> None:
+        try:
+            frame = parse_frame(data)
+        except ProtocolError as exc:
+            self.error(exc)
+            return
+        if not self.is_sender:
+            self.is_sender = True
+            self.session.senders += 1
+        self.daemon.stats.frames_received += 1
+        self.session.put_frame(frame)
+
+    # --- text: JSON control --------------------------------------------------------------------
+
+    def _on_text(self, text: str) -> None:
+        message: dict[str, Any] | None = None
+        try:
+            message = parse_control(text)
+            handler = getattr(self, f"_json_{message['type']}", None)
+            if handler is None:
+                raise ProtocolError(f"unknown message type {message['type']!r}"[:200]
+                                    + " (known: set, get, subscribe, ping)", code="bad_json")
+            handler(message)
+        except SdbridgeError as exc:
+            request_id = message.get("id") if message else None
+            self.error(exc, **({"id": request_id} if isinstance(request_id, (int, str)) else {}))
+
+    def _reply(self, request: dict[str, Any], message: dict[str, Any]) -> None:
+        if isinstance(request.get("id"), (int, str)):
+            message["id"] = request["id"]
+        self.viewer.offer_control(message)
+
+    def _json_set(self, message: dict[str, Any]) -> None:
+        params = message.get("params")
+        if not isinstance(params, dict):
+            raise ProtocolError(f"'set' needs an object 'params', got {type(params).__name__}", code="bad_json")
+        applied, errors = self.daemon.store.update(params)
+        for exc in errors:
+            self.error(exc)
+        if "id" in message:
+            self._reply(message, {"type": "ack", "applied": applied})
+
+    def _json_get(self, message: dict[str, Any]) -> None:
+        self._reply(message, {"type": "params", "values": self.daemon.store.snapshot()[1]})
+
+    def _json_subscribe(self, message: dict[str, Any]) -> None:
+        for topic in ("stats", "params"):
+            if topic in message:
+                value = message[topic]
+                if not isinstance(value, bool):
+                    raise ParamError(f"subscribe {topic} {value!r} is not true or false", name=topic, value=value)
+                self.daemon.subscribe(topic, self.viewer, value)
+        self._reply(message, {"type": "subscribed", "stats": self.daemon.is_subscribed("stats", self.viewer),
+                              "params": self.daemon.is_subscribed("params", self.viewer)})
+
+    def _json_ping(self, message: dict[str, Any]) -> None:
+        self._reply(message, {"type": "pong", "t": message.get("t")})
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    daemon: Daemon = websocket.app.state.daemon
+    name = websocket.query_params.get("session")
+    if name is not None and not SESSION_NAME.match(name):
+        await websocket.close(code=1008, reason="session name must be 1-64 of A-Z a-z 0-9 _ . -")
+        return
+    await websocket.accept()
+    session = daemon.registry.open(name)
+    connection = Connection(daemon, websocket, session)
+    session.viewers.add(connection.viewer)
+    daemon.stats.connections += 1
+    connection.viewer.offer_control({"type": "hello", "session": session.id, "engine": daemon.engines.describe(),
+                                     "protocol": 1})
+    try:
+        await connection.run()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        session.viewers.discard(connection.viewer)
+        daemon.unsubscribe_all(connection.viewer)
+        if connection.is_sender:
+            session.senders -= 1
+        daemon.stats.connections -= 1
+        daemon.registry.release(session)

@@ -1,0 +1,230 @@
+"""The worker: the one thread that owns the model, turning the newest frames into output frames.
+
+Each turn of the loop reads top to bottom:
+
+1. parameters at the frame boundary (a snapshot; an OSC bundle's values arrive together);
+2. the engine to run (a newly loaded one is swapped in here, on this thread);
+3. the newest frame of every session (older ones were dropped at the slot, never decoded);
+4. decode and fit to the engine's resolution, in the CPU pool;
+5. one batched engine step (or the input passed through while no engine serves);
+6. fit to the reply size, encode in the CPU pool, hand each session's reply to the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdbridge.bridge import codec
+from sdbridge.bridge.engine_host import EngineHost
+from sdbridge.bridge.protocol import PixelFormat
+from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
+from sdbridge.errors import SdbridgeError
+from sdbridge.params import ParamStore
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[Session, bytes], None]
+Report = Callable[[Session, dict[str, Any]], None]
+
+
+@dataclass
+class Job:
+    """One session's frame on its way through a turn."""
+
+    session: Session
+    frame: InputFrame | None             # None: a generated (txt2img) frame
+    image: np.ndarray | None = None      # [H, W, 3] uint8 at the engine's resolution
+    input_size: tuple[int, int] | None = None  # (width, height) as received
+    output: np.ndarray | None = None
+    passthrough: bool = False
+
+
+class Worker(threading.Thread):
+    def __init__(self, registry: SessionRegistry, store: ParamStore, engines: EngineHost, deliver: Deliver,
+                 report: Report, *, decode_threads: int = 2, debug_frames: bool = False) -> None:
+        super().__init__(name="sdbridge-worker", daemon=True)
+        self.registry = registry
+        self.store = store
+        self.engines = engines
+        self.deliver = deliver
+        self.report = report
+        self.debug_frames = debug_frames
+        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="sdbridge-codec")
+        self._stop_event = threading.Event()
+        self._prepared: tuple[int, int] | None = None  # (params version, id(engine)) last prepared
+        self.params: dict[str, Any] = store.snapshot()[1]
+        self.turns = 0
+        self.engine_errors = 0
+        self.last_step_ms = 0.0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.registry.wake.set()
+
+    def run(self) -> None:
+        log.debug("worker started")
+        while not self._stop_event.is_set():
+            self.registry.wake.wait(timeout=self._idle_timeout())
+            self.registry.wake.clear()
+            if self._stop_event.is_set():
+                break
+            try:
+                self.turn()
+            except Exception:  # the stream never stops: log, count, carry on with the next frame
+                self.engine_errors += 1
+                log.exception("worker turn failed")
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _idle_timeout(self) -> float:
+        if self.params.get("mode") == "txt2img":
+            return 1.0 / float(self.params.get("max_fps", 30.0))
+        return 0.25  # wakes up to swap in a loaded engine even when no frame comes
+
+    # --- one turn -------------------------------------------------------------------------------
+
+    def turn(self) -> int:
+        """Run one batch; returns how many sessions got a frame."""
+        # 1. Parameters at the frame boundary.
+        version, params = self.store.snapshot()
+        self.params = params
+
+        # 2. The engine to run, prepared for these parameters.
+        self.engines.select(params)
+        engine = self.engines.active()
+        if engine is not None and self._prepared != (version, id(engine)):
+            engine.prepare(params)
+            self._prepared = (version, id(engine))
+
+        # 3. The newest frame of every session.
+        jobs = self._collect(params)
+        if not jobs:
+            return 0
+        self.turns += 1
+
+        # 4. Decode and fit to the engine's resolution, in the CPU pool.
+        width, height = int(params["width"]), int(params["height"])
+        if engine is not None:
+            width, height = engine.resolution
+        jobs = [job for job in self.pool.map(lambda j: self._decode(j, width, height, params), jobs) if job]
+        if not jobs:
+            return 0
+
+        # 5. One batched engine step; the input passes through while no engine serves.
+        self._step(engine, jobs)
+
+        # 6. Fit to the reply size, encode, hand over to the event loop.
+        for job, message in zip(jobs, self.pool.map(lambda j: self._encode(j, params), jobs)):
+            if message is not None:
+                self._record(job)
+                self.deliver(job.session, message)
+        return len(jobs)
+
+    def _collect(self, params: dict[str, Any]) -> list[Job]:
+        jobs: list[Job] = []
+        txt2img = params.get("mode") == "txt2img"
+        now = time.monotonic()
+        for session in self.registry.sessions():
+            frame = session.input.take()
+            if frame is not None and not txt2img:
+                jobs.append(Job(session, frame))
+            elif txt2img and session.viewers and now >= session.next_generated_at:
+                session.next_generated_at = now + 1.0 / float(params["max_fps"])
+                jobs.append(Job(session, None))
+        return jobs
+
+    def _decode(self, job: Job, width: int, height: int, params: dict[str, Any]) -> Job | None:
+        if job.frame is None:
+            job.input_size = (width, height)
+            return job
+        try:
+            image = codec.decode_frame(job.frame.header, job.frame.payload)
+        except SdbridgeError as exc:
+            job.session.errors += 1
+            self.report(job.session, {**exc.to_json(), **_frame_ref(job.frame)})
+            return None
+        job.input_size = (image.shape[1], image.shape[0])
+        job.image = codec.fit(image, width, height, params["resize_mode"])
+        return job
+
+    def _step(self, engine: Any, jobs: list[Job]) -> None:
+        generated = jobs[0].frame is None
+        if engine is None:
+            self._pass_through(jobs)
+            return
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                frames = None
+                if not generated:
+                    batch = np.stack([job.image for job in jobs])  # [B, H, W, 3] uint8
+                    frames = torch.from_numpy(batch).to(engine.device, non_blocking=True)
+                out = engine.step(frames, [job.session.state for job in jobs])
+                out = out.cpu().numpy()  # the one host sync of the frame
+        except Exception as exc:
+            self.engine_errors += 1
+            log.exception("engine %s failed on a batch of %d", engine.name, len(jobs))
+            for job in jobs:
+                self.report(job.session, {"type": "error", "code": "engine_failed",
+                                          "message": f"engine {engine.name} failed: {type(exc).__name__}: {exc}; "
+                                                     f"the input is passed through"})
+            self._pass_through(jobs)
+            return
+        self.last_step_ms = (time.perf_counter() - started) * 1000
+        for job, image in zip(jobs, out):
+            job.output = image
+
+    @staticmethod
+    def _pass_through(jobs: list[Job]) -> None:
+        for job in jobs:
+            job.passthrough = True
+            job.session.passthrough_frames += 1
+            if job.image is not None:
+                job.output = job.image
+            else:  # txt2img with nothing to generate yet: hold the last frame sent or a grey one
+                width, height = job.input_size or (64, 64)
+                job.output = np.full((height, width, 3), 128, np.uint8)
+
+    def _encode(self, job: Job, params: dict[str, Any]) -> bytes | None:
+        image = job.output
+        assert image is not None
+        if params["output_size"] == "input" and job.input_size and job.input_size != (image.shape[1], image.shape[0]):
+            image = codec.fit(image, job.input_size[0], job.input_size[1], "stretch")
+        quality = int(params["jpeg_quality"])
+        header = job.frame.header if job.frame is not None else None
+        try:
+            if header is None:
+                return codec.encode_jpeg(image, quality)
+            bottom_up = bool(header.flags & 1)
+            payload = codec.encode_reply(image, header.reply_format, quality, bottom_up)
+            reply = header.reply(PixelFormat(header.reply_format), image.shape[1], image.shape[0], len(payload))
+            return reply.serialize() + payload
+        except SdbridgeError as exc:
+            job.session.errors += 1
+            self.report(job.session, {**exc.to_json(), **_frame_ref(job.frame)})
+            return None
+
+    def _record(self, job: Job) -> None:
+        session = job.session
+        session.frames_out += 1
+        latency_ms = None
+        if job.frame is not None:
+            latency_ms = (time.perf_counter_ns() - job.frame.received_ns) / 1e6
+        session.output_meter.record(latency_ms)
+        if self.debug_frames and log.isEnabledFor(logging.DEBUG):
+            log.debug("session %s frame %s out in %.1f ms", session.id,
+                      job.frame.frame_id if job.frame else "-", latency_ms or 0.0)
+
+
+def _frame_ref(frame: InputFrame | None) -> dict[str, Any]:
+    if frame is None or frame.header is None:
+        return {}
+    return {"frame_id": frame.header.frame_id}

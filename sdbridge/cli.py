@@ -1,0 +1,192 @@
+"""The ``sdbridge`` command: serve | models | doctor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from sdbridge import __version__
+from sdbridge.errors import ConfigError, SdbridgeError
+
+log = logging.getLogger("sdbridge")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # diffusers/transformers chatter at INFO would bury ours.
+    for noisy in ("httpx", "diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags default to None so that only the ones given override env and the config file."""
+    add = parser.add_argument
+    add("--config", help="TOML config file (default: $SDBRIDGE_CONFIG or ./sdbridge.toml)")
+    add("--host", help="address to listen on (default 127.0.0.1; any other needs --token)")
+    add("--port", type=int, help="HTTP and WebSocket port (default 7860)")
+    add("--osc-port", type=int, help="OSC input UDP port (default 9000)")
+    add("--osc-host", help="OSC input address (default: --host)")
+    add("--no-osc", dest="osc", action="store_const", const=False, help="turn OSC input off")
+    add("--osc-prefix", help="OSC address prefix (default /sd)")
+    add("--osc-allow", help="comma-separated source networks OSC is accepted from (default loopback)")
+    add("--feedback", metavar="HOST:PORT", help="where OSC feedback and telemetry go (default 127.0.0.1:9001; "
+        "port 0 turns it off)")
+    add("--model", help="a diffusers folder, a .safetensors checkpoint, or a pulled model's name")
+    add("--engine", choices=["auto", "diffusion", "preview", "identity"], help="engine (default auto)")
+    add("--device", help="auto, cuda, cuda:N, mps or cpu (default auto)")
+    add("--dtype", help="auto, float16, bfloat16 or float32 (default auto: fp16 on GPUs)")
+    add("--taesd", help="a TAESD folder to use as the fast autoencoder")
+    add("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
+    add("--allow-pickle", action="store_const", const=True,
+        help="allow .ckpt/.pt files (loaded with torch.load(weights_only=True))")
+    add("--token", help="access token; required when listening beyond loopback")
+    add("--allowed-origins", help="comma-separated extra browser origins allowed to connect")
+    add("--allowed-hosts", help="comma-separated extra Host names the daemon answers to")
+    add("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    add("--debug-frames", action="store_const", const=True, help="log every frame (with --log-level debug)")
+    add("--echo-route", action="store_const", const=True, help=argparse.SUPPRESS)
+    add("--set", action="append", metavar="PARAM=VALUE", default=[],
+        help="starting parameter value, e.g. --set prompt='a cat' --set strength=0.6 (repeatable)")
+
+
+def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
+    from sdbridge.config import load_settings
+
+    flags: dict[str, Any] = {}
+    for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "model", "engine", "device", "dtype",
+                 "taesd", "models_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route"):
+        flags[name] = getattr(args, name, None)
+    for name in ("osc_allow", "allowed_origins", "allowed_hosts"):
+        value = getattr(args, name, None)
+        flags[name] = [item.strip() for item in value.split(",") if item.strip()] if value else None
+    if getattr(args, "feedback", None):
+        host, _, port = args.feedback.rpartition(":")
+        try:
+            flags["feedback_host"], flags["feedback_port"] = host or "127.0.0.1", int(port)
+        except ValueError:
+            raise ConfigError(f"--feedback {args.feedback!r} is not HOST:PORT") from None
+    settings = load_settings(flags, config_path=args.config)
+    for item in getattr(args, "set", []) or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not PARAM=VALUE")
+        settings.params[name.strip()] = value
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    _setup_logging(settings.log_level)
+    from sdbridge.bridge.server import Daemon
+
+    log.info("sdbridge %s starting", __version__)
+    daemon = Daemon(settings)
+    try:
+        asyncio.run(daemon.serve_forever())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from sdbridge.engines import models
+
+    models_dir = Path(args.models_dir) if args.models_dir else None
+    if args.action == "list":
+        items = models.list_models(models_dir)
+        if args.json:
+            print(json.dumps([_jsonable(item) for item in items], indent=2))
+            return 0
+        if not items:
+            print("no models: sdbridge models pull sd-turbo (needs internet), or sdbridge models tiny DIR")
+        for item in items:
+            data = _jsonable(item)
+            size = data.get("size_bytes")
+            size_text = f"{size / 1e9:.2f} GB" if size else "-"
+            print(f"{data.get('name', '?'):24} {data.get('kind', '?'):12} {size_text:>9}  {data.get('path', '')}")
+        return 0
+    if args.action == "pull":
+        _setup_logging("info")
+        path = models.pull_model(args.name, models_dir, progress=True)
+        print(f"pulled {args.name} to {path}")
+        print(f"run it: sdbridge serve --model {args.name}")
+        return 0
+    if args.action == "tiny":
+        from sdbridge.engines.tiny import write_tiny_model
+
+        path = write_tiny_model(Path(args.dir), seed=args.seed)
+        print(f"wrote a tiny random model to {path} (random weights: its frames are noise-like, its speed is real)")
+        print(f"run it: sdbridge serve --model {path}")
+        return 0
+    raise AssertionError(args.action)
+
+
+def _jsonable(item: Any) -> dict[str, Any]:
+    import dataclasses
+
+    data = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else dict(item)
+    return {key: (value if isinstance(value, (str, int, float, bool, type(None))) else str(value))
+            for key, value in data.items()}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from sdbridge.doctor import ERROR, Finding, run_checks
+
+    try:
+        settings = _settings_from(args)
+    except ConfigError as exc:
+        print(Finding(ERROR, "config", str(exc), "fix the flag, SDBRIDGE_* variable or config file it names"))
+        return 1
+    findings = run_checks(settings)
+    for finding in findings:
+        print(finding)
+    errors = sum(1 for f in findings if f.level == ERROR)
+    print(f"\n{errors} problem(s) found" if errors else "\nall good")
+    return 1 if errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdbridge", description="Real-time Stable Diffusion bridge for live visuals.")
+    parser.add_argument("--version", action="version", version=f"sdbridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    _add_settings_flags(serve)
+    serve.set_defaults(run=cmd_serve)
+
+    models = commands.add_parser("models", help="list, pull or make models")
+    models.add_argument("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
+    actions = models.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="models on this machine, and known ones to pull")
+    listing.add_argument("--json", action="store_true")
+    pull = actions.add_parser("pull", help="download a model (needs internet)")
+    pull.add_argument("name", help="a known name (sd-turbo, sdxl-turbo, taesd, ...) or a hub id org/name")
+    tiny = actions.add_parser("tiny", help="write a tiny random model to try the pipeline without weights")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    models.set_defaults(run=cmd_models)
+
+    doctor = commands.add_parser("doctor", help="check this set-up and say what is wrong")
+    _add_settings_flags(doctor)
+    doctor.set_defaults(run=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SdbridgeError as exc:
+        print(f"sdbridge: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Settings from defaults, a TOML config file, SDBRIDGE_* environment variables and flags.
+
+Later sources win: defaults < config file < environment < command-line flags. The config file
+is ``--config PATH``, else ``$SDBRIDGE_CONFIG``, else ``./sdbridge.toml`` when it exists. Its
+``[params]`` table sets the starting parameter values (prompt, strength, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdbridge.errors import ConfigError
+
+ENV_PREFIX = "SDBRIDGE_"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class Settings:
+    """Everything the daemon needs to start; see ``sdbridge serve --help`` for each one."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    osc_host: str | None = None          # None: the same as host
+    osc: bool = True                     # OSC input on or off
+    osc_port: int = 9000                 # 0 takes a free port (tests)
+    osc_prefix: str = "/sd"
+    osc_allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1"])
+    feedback_host: str = "127.0.0.1"
+    feedback_port: int = 9001            # 0 turns OSC feedback and telemetry off
+    telemetry_hz: float = 2.0
+    model: str | None = None
+    engine: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    taesd: str | None = None
+    models_dir: str | None = None
+    allow_pickle: bool = False
+    token: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
+    ws_max_size: int = 64 * 1024 * 1024  # one raw 4096x4096 RGBA frame; the usual 1 MiB closes on 1024² RGBA
+    ws_ping_interval_s: float = 20.0
+    ws_ping_timeout_s: float = 20.0
+    decode_threads: int = 2
+    log_level: str = "info"
+    debug_frames: bool = False           # per-frame debug logs
+    echo_route: bool = False             # test flag: /echo, a bare echo on the same stack (conformance runs)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+    @property
+    def effective_osc_host(self) -> str:
+        return self.osc_host or self.host
+
+    def check(self) -> None:
+        """Rules across fields; raises ConfigError naming the setting and value."""
+        for name in ("port", "osc_port", "feedback_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"{name} {value} not in [0, 65535]")
+        if not (self.is_loopback and is_loopback_host(self.effective_osc_host)) and not self.token:
+            raise ConfigError(
+                f"listening on {self.host!r} (beyond loopback) requires a token: pass --token or set SDBRIDGE_TOKEN")
+        if self.token is not None and len(self.token) < 8:
+            raise ConfigError(f"token is {len(self.token)} characters long (at least 8)")
+        if not self.osc_prefix.startswith("/") or self.osc_prefix.endswith("/") or len(self.osc_prefix) < 2:
+            raise ConfigError(f"osc_prefix {self.osc_prefix!r} must start with '/' and not end with it, like '/sd'")
+        for network in self.osc_allow:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"osc_allow entry {network!r} is not an address or network") from exc
+        if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
+            raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a TOML or environment value into the field's type, naming the source on error."""
+    default = _FIELDS[name].default
+    if _FIELDS[name].default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = _FIELDS[name].default_factory()  # type: ignore[misc]
+    if name == "params":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: params must be a table, got {value!r}")
+        return dict(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{source}: {name} {value!r} is not a boolean")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {name} {value!r} is not an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {name} {value!r} is not a number") from None
+    if isinstance(default, list):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list):
+            return [str(item) for item in value]
+        raise ConfigError(f"{source}: {name} {value!r} is not a list")
+    return None if value in ("", None) else str(value)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    section = data.get("sdbridge", data)
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        key = key.replace("-", "_")
+        if key == "sdbridge":
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"config file {str(path)!r}: unknown setting {key!r}")
+        out[key] = _coerce(key, value, f"config file {str(path)!r}")
+    return out
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                  config_path: str | Path | None = None) -> Settings:
+    """Merge the sources; ``flags`` holds only the options the user actually gave (None = not given)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_path or env.get(ENV_PREFIX + "CONFIG")
+    if path is None and Path("sdbridge.toml").is_file():
+        path = "sdbridge.toml"
+    if path:
+        values.update(load_config_file(Path(path)))
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env and name != "params":
+            values[name] = _coerce(name, env[key], f"environment {key}")
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = value
+    settings = Settings(**values)
+    settings.check()
+    return settings

@@ -1,0 +1,143 @@
+"""``sdbridge doctor``: what is wrong with this set-up, and how to fix it.
+
+Each check returns :class:`Finding` s; the command prints them and exits 1 when any is an error.
+Checks take their inputs as arguments (settings, PATH lookups) so tests can build a set-up that
+has each problem.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import shutil
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdbridge.config import Settings
+
+OK, WARN, ERROR = "ok", "warn", "error"
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str
+    topic: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        mark = {OK: "  ok ", WARN: "warn ", ERROR: "ERROR"}[self.level]
+        text = f"[{mark}] {self.topic}: {self.message}"
+        return text + (f"\n         fix: {self.fix}" if self.fix else "")
+
+
+def check_python() -> list[Finding]:
+    version = platform.python_version()
+    if sys.version_info < (3, 10):
+        return [Finding(ERROR, "python", f"Python {version} is too old", "install Python 3.10 or newer")]
+    return [Finding(OK, "python", f"Python {version} on {platform.system()} {platform.machine()}")]
+
+
+def check_torch(which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
+    try:
+        import torch
+    except ImportError:
+        return [Finding(ERROR, "torch", "PyTorch is not installed", "make install (or pip install torch)")]
+    findings = [Finding(OK, "torch", f"torch {torch.__version__}")]
+    has_nvidia = which("nvidia-smi") is not None
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        findings.append(Finding(OK, "gpu", f"CUDA {torch.version.cuda}: {name}"))
+    elif has_nvidia and torch.version.cuda is None:
+        findings.append(Finding(ERROR, "gpu", "an NVIDIA GPU is present but this torch is a CPU build "
+                                f"({torch.__version__})",
+                                "install the CUDA build of the same release into the venv (README: GPU install)"))
+    elif has_nvidia:
+        findings.append(Finding(ERROR, "gpu", f"torch has CUDA {torch.version.cuda} but no GPU is usable",
+                                "check the NVIDIA driver (nvidia-smi) matches the CUDA build"))
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        findings.append(Finding(OK, "gpu", "Apple MPS is available"))
+    else:
+        findings.append(Finding(WARN, "gpu", "no GPU: diffusion runs on the CPU at well under 1 frame/s at 512²",
+                                "run on a machine with an NVIDIA GPU (CUDA) or Apple silicon (MPS); the preview "
+                                "engine works without one"))
+    return findings
+
+
+def check_model(settings: Settings) -> list[Finding]:
+    from sdbridge.engines import models
+    from sdbridge.errors import ModelError
+
+    if not settings.model:
+        return [Finding(WARN, "model", "no model configured: the daemon serves the CPU preview engine",
+                        "sdbridge models pull sd-turbo (with internet), or --model PATH / SDBRIDGE_MODEL")]
+    models_dir = Path(settings.models_dir) if settings.models_dir else None
+    try:
+        source = models.resolve_source(settings.model, models_dir=models_dir)
+    except ModelError as exc:
+        return [Finding(ERROR, "model", str(exc), "check the path, or pull the model: sdbridge models pull NAME")]
+    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}")]
+
+
+def check_clip_vocab() -> list[Finding]:
+    if importlib.util.find_spec("open_clip") is None:
+        return [Finding(WARN, "tokenizer", "open_clip_torch is not installed: single-file .safetensors checkpoints "
+                        "cannot be tokenised (diffusers folders can)", "pip install --no-deps open_clip_torch")]
+    return [Finding(OK, "tokenizer", "CLIP vocabulary for single-file checkpoints is available")]
+
+
+def _port_free(host: str, port: int, kind: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, kind) as sock:
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_ports(settings: Settings) -> list[Finding]:
+    findings = []
+    problem = _port_free(settings.host, settings.port, socket.SOCK_STREAM)
+    if problem:
+        findings.append(Finding(ERROR, "ports", f"HTTP/WebSocket port {settings.host}:{settings.port} is not free "
+                                f"({problem}); another sdbridge or AUTOMATIC1111 may be running",
+                                "stop it, or pass --port N"))
+    else:
+        findings.append(Finding(OK, "ports", f"HTTP/WebSocket port {settings.host}:{settings.port} is free"))
+    if settings.osc:
+        problem = _port_free(settings.effective_osc_host, settings.osc_port, socket.SOCK_DGRAM)
+        if problem:
+            findings.append(Finding(ERROR, "ports", f"OSC port udp {settings.effective_osc_host}:{settings.osc_port} "
+                                    f"is not free ({problem})", "stop what uses it, or pass --osc-port N"))
+        else:
+            findings.append(Finding(OK, "ports", f"OSC port udp {settings.effective_osc_host}:{settings.osc_port} "
+                                    "is free"))
+    return findings
+
+
+def check_codec() -> list[Finding]:
+    try:
+        import numpy as np
+
+        from sdbridge.bridge import codec
+
+        image = np.zeros((16, 16, 3), np.uint8)
+        codec.decode_image(codec.encode_jpeg(image, 85))
+    except Exception as exc:  # any failure here means frames cannot flow
+        return [Finding(ERROR, "codec", f"JPEG round trip failed: {exc}", "pip install opencv-python-headless")]
+    return [Finding(OK, "codec", "OpenCV JPEG encode/decode works")]
+
+
+def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
+    findings: list[Finding] = []
+    findings += check_python()
+    findings += check_torch(which)
+    findings += check_codec()
+    findings += check_model(settings)
+    findings += check_clip_vocab()
+    findings += check_ports(settings)
+    return findings

@@ -1,0 +1,1 @@
+"""Plugins: the interface and the built-in plugins."""
