@@ -1,0 +1,68 @@
+import pytest
+
+from sdbridge.config import Settings, is_loopback_host, load_settings
+from sdbridge.errors import ConfigError
+
+
+def test_defaults_are_loopback_and_a1111_port():
+    settings = load_settings({}, env={})
+    assert settings.host == "127.0.0.1" and settings.port == 7860 and settings.osc_port == 9000
+    assert settings.is_loopback
+
+
+def test_precedence_file_then_env_then_flags(tmp_path):
+    config = tmp_path / "sdbridge.toml"
+    config.write_text('port = 7000\nosc_port = 9100\nmodel = "from-file"\n[params]\nprompt = "a fox"\n')
+    env = {"SDBRIDGE_OSC_PORT": "9200", "SDBRIDGE_MODEL": "from-env"}
+    settings = load_settings({"model": "from-flag", "port": None}, env=env, config_path=config)
+    assert settings.port == 7000          # file
+    assert settings.osc_port == 9200      # env beats file
+    assert settings.model == "from-flag"  # flag beats env
+    assert settings.params == {"prompt": "a fox"}
+
+
+def test_env_config_path(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[sdbridge]\nport = 7100\n")
+    assert load_settings({}, env={"SDBRIDGE_CONFIG": str(config)}).port == 7100
+
+
+def test_public_address_requires_a_token():
+    with pytest.raises(ConfigError, match="requires a token"):
+        load_settings({"host": "0.0.0.0"}, env={})
+    settings = load_settings({"host": "0.0.0.0", "token": "s3cret-token"}, env={})
+    assert not settings.is_loopback
+
+
+def test_osc_beyond_loopback_requires_a_token_too():
+    with pytest.raises(ConfigError, match="requires a token"):
+        load_settings({"osc_host": "0.0.0.0"}, env={})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("port = 'abc'\n", "port 'abc' is not an integer"),
+    ("colour = 1\n", "unknown setting 'colour'"),
+    ("port = \n", "not valid TOML"),
+])
+def test_bad_config_file(tmp_path, text, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, env={}, config_path=config)
+
+
+def test_bad_env_value():
+    with pytest.raises(ConfigError, match="environment SDBRIDGE_PORT"):
+        load_settings({}, env={"SDBRIDGE_PORT": "seventy"})
+
+
+def test_bad_osc_allow_and_prefix():
+    with pytest.raises(ConfigError, match="osc_allow"):
+        Settings(osc_allow=["not-a-net"]).check()
+    with pytest.raises(ConfigError, match="osc_prefix"):
+        Settings(osc_prefix="sd").check()
+
+
+def test_loopback_names():
+    assert is_loopback_host("127.0.0.2") and is_loopback_host("::1") and is_loopback_host("localhost")
+    assert not is_loopback_host("0.0.0.0") and not is_loopback_host("192.168.1.4")

@@ -1,0 +1,117 @@
+import math
+
+import pytest
+
+from sdbridge.errors import ParamError
+from sdbridge.params import SEED_MAX, ParamSpec, ParamStore, Schema, markdown_table
+
+
+@pytest.fixture
+def schema() -> Schema:
+    return Schema()
+
+
+def test_float_in_range_and_message_names_value(schema):
+    assert schema.get("strength").validate(0.25) == 0.25
+    assert schema.get("strength").validate(1) == 1.0
+    with pytest.raises(ParamError, match=r"strength 1.4 not in \[0, 1\]") as info:
+        schema.get("strength").validate(1.4)
+    assert info.value.name == "strength" and info.value.value == 1.4
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "abc", None, [0.5], True])
+def test_float_rejects_non_numbers(schema, bad):
+    with pytest.raises(ParamError):
+        schema.get("strength").validate(bad)
+
+
+def test_int_accepts_integral_floats_and_strings(schema):
+    steps = schema.get("steps")
+    assert steps.validate(4.0) == 4 and isinstance(steps.validate(4.0), int)
+    assert steps.validate("3") == 3
+    with pytest.raises(ParamError, match="steps 4.5 is not an integer"):
+        steps.validate(4.5)
+
+
+def test_seed_reaches_two_to_the_32_minus_one(schema):
+    seed = schema.get("seed")
+    assert seed.validate(SEED_MAX) == SEED_MAX
+    assert seed.validate(str(SEED_MAX)) == SEED_MAX
+    with pytest.raises(ParamError):
+        seed.validate(SEED_MAX + 1)
+    with pytest.raises(ParamError):
+        seed.validate(-1)
+
+
+def test_width_multiple_of_8(schema):
+    assert schema.get("width").validate(640) == 640
+    with pytest.raises(ParamError, match="width 100 is not a multiple of 8"):
+        schema.get("width").validate(100)
+
+
+def test_enum_by_name_or_index(schema):
+    mode = schema.get("resize_mode")
+    assert mode.validate("fit") == "fit"
+    assert mode.validate(2.0) == "stretch"
+    with pytest.raises(ParamError, match="is not one of"):
+        mode.validate("zoom")
+    with pytest.raises(ParamError):
+        mode.validate(7)
+
+
+def test_bool_from_zero_one():
+    spec = ParamSpec("flag", "bool", False, "a switch")
+    assert spec.validate(1.0) is True and spec.validate(0) is False and spec.validate("on") is True
+    with pytest.raises(ParamError):
+        spec.validate(0.5)
+
+
+def test_long_string_rejected(schema):
+    with pytest.raises(ParamError, match="characters long"):
+        schema.get("prompt").validate("x" * 5000)
+
+
+def test_unknown_parameter(schema):
+    with pytest.raises(ParamError, match="unknown parameter 'nope'") as info:
+        schema.get("nope")
+    assert info.value.code == "unknown_param"
+
+
+def test_denormalize_maps_fader_onto_range(schema):
+    assert schema.get("strength").denormalize(0.5) == 0.5
+    assert schema.get("steps").denormalize(0.0) == 1 and schema.get("steps").denormalize(1.0) == 50
+    assert schema.get("width").denormalize(1.0) == 2048
+    assert schema.get("width").denormalize(0.5) % 8 == 0
+    with pytest.raises(ParamError):
+        schema.get("strength").denormalize(1.5)
+
+
+def test_store_applies_good_values_together_and_reports_bad():
+    store = ParamStore()
+    seen = []
+    store.subscribe(seen.append)
+    version = store.version
+    applied, errors = store.update({"strength": 0.7, "prompt": "a cat", "steps": 99})
+    assert applied == {"strength": 0.7, "prompt": "a cat"}
+    assert len(errors) == 1 and errors[0].name == "steps"
+    assert store.version == version + 1  # one bump for the whole update
+    assert seen == [{"strength": 0.7, "prompt": "a cat"}]
+    # Setting the same value again changes nothing and notifies no one.
+    store.update({"strength": 0.7})
+    assert store.version == version + 1 and len(seen) == 1
+
+
+def test_store_rejects_bad_initial_values():
+    with pytest.raises(ParamError):
+        ParamStore(initial={"strength": 3})
+
+
+def test_plugin_param_osc_path():
+    assert Schema.osc_path("plugin.flow.strength") == "plugin/flow/strength"
+    assert Schema.name_from_osc_path("/plugin/flow/strength") == "plugin.flow.strength"
+
+
+def test_markdown_table_lists_every_parameter(schema):
+    table = markdown_table(schema)
+    for spec in schema:
+        assert f"`/sd/{spec.name}`" in table
