@@ -1,0 +1,200 @@
+"""The bridge's own cost: the whole daemon over loopback WebSocket, against a bare echo server.
+
+    python benchmarks/bench_daemon.py [--seconds 10] [--size 512] [--write]
+
+Each server runs in its own process; this process is the client: one frame in flight, a
+512×512 JPEG sent, the reply received but not decoded. Measured side by side in one run:
+
+- echo: the same WebSocket stack (FastAPI on uvicorn, deflate off) with an OpenCV JPEG decode +
+  encode per frame and nothing else: what any bridge must pay;
+- the daemon with the identity engine (decode, slot, worker, encode, send), the preview engine,
+  and the tiny random diffusion model;
+- four clients at once on the identity engine: each one's share of the frames.
+
+The figure that holds across machines is the ratio identity / echo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ECHO_SERVER = textwrap.dedent("""
+    import sys, cv2, numpy as np, uvicorn
+    from fastapi import FastAPI, WebSocket
+    app = FastAPI()
+    @app.websocket("/ws")
+    async def echo(ws: WebSocket):
+        await ws.accept()
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is None:
+                continue
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85,
+                                                    cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                                    cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
+            await ws.send_bytes(jpeg.tobytes())
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", ws="websockets-sansio",
+                ws_per_message_deflate=False, ws_max_size=64 * 1024 * 1024, lifespan="off")
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {port} after {timeout} s")
+
+
+def start_echo(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)])
+
+
+def start_daemon(port: int, engine: str, size: int, model: str | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--no-osc",
+               "--feedback", "127.0.0.1:0", "--log-level", "warning", "--set", f"width={size}",
+               "--set", f"height={size}", "--set", f"engine={engine}", "--set", "steps=1"]
+    if model:
+        command += ["--model", model]
+    return subprocess.Popen(command, cwd=ROOT)
+
+
+def make_jpeg(size: int) -> bytes:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size]
+    image = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    image = cv2.GaussianBlur(image, (0, 0), 3) + rng.integers(0, 12, image.shape, dtype=np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return jpeg.tobytes()
+
+
+async def client(port: int, jpeg: bytes, seconds: float, warmup_s: float) -> list[float]:
+    """One frame in flight; returns the round-trip times (s) after warm-up."""
+    times: list[float] = []
+    async with connect(f"ws://127.0.0.1:{port}/ws", compression=None, max_size=None, proxy=None) as ws:
+        started = time.perf_counter()
+        while (now := time.perf_counter()) - started < warmup_s + seconds:
+            await ws.send(jpeg)
+            while True:
+                reply = await ws.recv()
+                if isinstance(reply, bytes):
+                    break
+            if now - started >= warmup_s:
+                times.append(time.perf_counter() - now)
+    return times
+
+
+def summarise(times: list[float], seconds: float) -> dict[str, float]:
+    if not times:
+        return {"fps": 0.0, "p50": float("nan"), "p99": float("nan"), "frames": 0}
+    ordered = sorted(times)
+    return {"fps": len(times) / seconds, "p50": statistics.median(ordered) * 1000,
+            "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, "frames": len(times)}
+
+
+def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | None = None,
+               clients: int = 1) -> list[dict[str, float]]:
+    port = free_port()
+    process = start_echo(port) if kind == "echo" else start_daemon(port, kind, args.size, model)
+    try:
+        wait_listening(port, process)
+        time.sleep(1.0 if kind != "diffusion" else 5.0)  # let the engine load
+
+        async def run_all() -> list[list[float]]:
+            return await asyncio.gather(*(client(port, jpeg, args.seconds, args.warmup) for _ in range(clients)))
+
+        return [summarise(times, args.seconds) for times in asyncio.run(run_all())]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--skip-diffusion", action="store_true")
+    parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    jpeg = make_jpeg(args.size)
+
+    rows: list[tuple[str, dict[str, float]]] = []
+    echo = run_server("echo", args, jpeg)[0]
+    rows.append(("bare echo (WebSocket + JPEG decode/encode)", echo))
+    identity = run_server("identity", args, jpeg)[0]
+    rows.append(("daemon, identity engine", identity))
+    rows.append(("daemon, preview engine (cartoon)", run_server("preview", args, jpeg)[0]))
+    if not args.skip_diffusion:
+        with tempfile.TemporaryDirectory() as folder:
+            from sdbridge.engines.tiny import write_tiny_model
+
+            model = str(write_tiny_model(Path(folder) / "tiny"))
+            rows.append(("daemon, tiny random diffusion model (1 step)",
+                         run_server("diffusion", args, jpeg, model=model)[0]))
+    shares = run_server("identity", args, jpeg, clients=4)
+
+    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+    lines = [f"### bench_daemon.py — {datetime.date.today()}, commit {commit()}, {device}",
+             f"{args.size}×{args.size} JPEG in and out, one frame in flight, {args.seconds:g} s per row "
+             f"after {args.warmup:g} s warm-up.", "",
+             "| server | frames/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+    for name, row in rows:
+        lines.append(f"| {name} | {row['fps']:.1f} | {row['p50']:.2f} | {row['p99']:.2f} |")
+    total = sum(s["frames"] for s in shares) or 1
+    lines += ["", f"identity / echo: **{identity['fps'] / echo['fps']:.2f}×** frames/s", "",
+              "four clients at once (identity): " + ", ".join(f"{s['frames'] / total:.0%} ({s['fps']:.0f} fps)"
+                                                              for s in shares)]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        results = ROOT / "benchmarks" / "RESULTS.md"
+        with results.open("a", encoding="utf-8") as handle:
+            handle.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

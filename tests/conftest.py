@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random model on disk, a running daemon on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# No test may reach the network; the hub client is told so before anything imports it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdbridge.engines.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[Callable[..., object]]:
+    """Start a daemon in a background thread: ``daemon = start_daemon(engine="identity", ...)``."""
+    from sdbridge.bridge.server import DaemonThread
+    from sdbridge.config import Settings
+
+    running: list[DaemonThread] = []
+
+    def start(params: dict | None = None, **overrides: object):
+        values: dict = {"port": 0, "osc_port": 0, "feedback_port": 0, "telemetry_hz": 10.0,
+                        "ws_ping_interval_s": 5.0, "ws_ping_timeout_s": 5.0}
+        values.update(overrides)
+        settings = Settings(**values)
+        settings.params = dict(params or {})
+        thread = DaemonThread(settings)
+        running.append(thread)
+        return thread.start()
+
+    yield start
+    for thread in running:
+        thread.stop()

@@ -1,0 +1,153 @@
+"""Parameters and telemetry through the real daemon: OSC, WebSocket JSON and HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
+from pythonosc.osc_message_builder import OscMessageBuilder
+from pythonosc.udp_client import SimpleUDPClient
+
+from sdbridge.bridge import codec
+from tests.clients import UdpReceiver, make_image, recv_frame, recv_json, ws_connect
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_osc_float_sets_strength_and_bundle_applies_together(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+    osc.send_message("/sd/strength", 0.25)
+    assert wait_for(lambda: daemon.store.get("strength") == 0.25)
+    version = daemon.store.version
+    bundle = OscBundleBuilder(IMMEDIATELY)
+    for address, value in (("/sd/prompt", "a neon city"), ("/sd/seed", 7.0), ("/sd/steps", 3.0)):
+        message = OscMessageBuilder(address)
+        message.add_arg(value)
+        bundle.add_content(message.build())
+    osc.send(bundle.build())
+    assert wait_for(lambda: daemon.store.get("steps") == 3)
+    assert daemon.store.get("prompt") == "a neon city" and daemon.store.get("seed") == 7
+    assert daemon.store.version == version + 1  # one bundle, one change at a frame boundary
+
+
+def test_osc_prompt_change_changes_the_next_output(start_daemon, tiny_model_dir):
+    daemon = start_daemon(params={"model": str(tiny_model_dir), "width": 64, "height": 64, "strength": 0.9,
+                                  "steps": 2, "prompt": "a red fox"})
+    osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+    frame = codec.encode_png(make_image(64, 64, seed=1))
+    with ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.status == "ready", timeout=60)
+        assert daemon.engines.describe()["engine"] == "diffusion"
+        ws.send(frame)
+        first = codec.decode_image(recv_frame(ws))
+        ws.send(frame)
+        again = codec.decode_image(recv_frame(ws))
+        osc.send_message("/sd/prompt", "a blue whale in deep water")
+        assert wait_for(lambda: daemon.store.get("prompt") == "a blue whale in deep water")
+        ws.send(frame)
+        changed = codec.decode_image(recv_frame(ws))
+    assert np.array_equal(first, again)  # fixed noise per session: same frame, same output
+    assert np.abs(first.astype(int) - changed.astype(int)).mean() > 0.5
+
+
+def test_ws_json_set_get_and_errors(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "set", "id": 5, "params": {"strength": 0.8, "prompt": "a cat"}}))
+        ack = recv_json(ws, "ack")
+        assert ack["id"] == 5 and ack["applied"] == {"strength": 0.8, "prompt": "a cat"}
+        ws.send(json.dumps({"type": "get", "id": 6}))
+        values = recv_json(ws, "params")["values"]
+        assert values["strength"] == 0.8 and values["prompt"] == "a cat"
+        for bad, code in (("{not json", "bad_json"), ("[1, 2]", "bad_json"), ('{"type": "dance"}', "bad_json"),
+                          ('{"type": "set", "params": {"strength": 7}}', "bad_param"),
+                          ('{"type": "set", "params": {"colour": 1}}', "unknown_param"),
+                          ('{"type": "set", "params": {"width": 100}}', "bad_param")):
+            ws.send(bad)
+            error = recv_json(ws, "error")
+            assert error["code"] == code, (bad, error)
+            assert error["message"]
+        # The connection is still up and frames still work.
+        ws.send(codec.encode_jpeg(make_image(), 90))
+        assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
+    assert daemon.store.get("strength") == 0.8
+
+
+def test_ws_subscribe_stats_and_params(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "subscribe", "stats": True, "params": True}))
+        assert recv_json(ws, "subscribed")["stats"] is True
+        stats = recv_json(ws, "stats")
+        assert {"fps", "latency_ms_p50", "frames_dropped", "engine"} <= set(stats)
+        SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/guidance", 2.5)
+        assert recv_json(ws, "params")["values"] == {"guidance": 2.5}
+
+
+def test_http_health_params_stats(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    base = f"http://127.0.0.1:{daemon.port}"
+    with httpx.Client(base_url=base, trust_env=False) as http:
+        assert wait_for(lambda: http.get("/health").json()["engine"]["status"] == "ready")
+        params = http.get("/params").json()
+        names = {spec["name"] for spec in params["schema"]}
+        assert {"prompt", "strength", "seed", "steps", "width", "height", "engine"} <= names
+        assert params["values"]["strength"] == 0.5
+        response = http.post("/params", json={"strength": 0.3, "seed": 4294967295})
+        assert response.status_code == 200 and response.json()["applied"]["seed"] == 4294967295
+        response = http.post("/params", json={"strength": 0.9, "steps": 0})
+        assert response.status_code == 400 and response.json()["code"] == "bad_param"
+        assert daemon.store.get("strength") == 0.3  # nothing applied from a bad request
+        stats = http.get("/stats").json()
+        assert "sessions" in stats and "osc" in stats
+        assert http.get("/openapi.json").status_code == 200
+        page = http.get("/")
+        assert page.status_code == 200 and "<html" in page.text
+
+
+def test_telemetry_and_param_echo_over_osc(start_daemon):
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity"}, feedback_port=receiver.port, telemetry_hz=20.0)
+        SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/strength", 0.6)
+        messages = receiver.messages(1.0)
+    finally:
+        receiver.close()
+    addresses = {address for address, _ in messages}
+    assert {"/sd/status/fps", "/sd/status/latency_ms", "/sd/status/dropped", "/sd/status/engine"} <= addresses
+    echoes = [args for address, args in messages if address == "/sd/strength"]
+    assert echoes and abs(echoes[0][0] - 0.6) < 1e-6
+
+
+def test_malformed_osc_counted_daemon_keeps_serving(start_daemon):
+    import socket
+
+    daemon = start_daemon(params={"engine": "identity"})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for payload in (b"", b"\x00\x01garbage", b"/sd/strength\x00\x00\x00\x00,f\x00", b"#bundle\x00" + bytes(3)):
+        sock.sendto(payload, ("127.0.0.1", daemon.osc_port))
+    sock.close()
+    SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/strength", 0.125)
+    assert wait_for(lambda: daemon.store.get("strength") == 0.125)
+    assert daemon.osc.stats.malformed >= 3
+
+
+@pytest.mark.parametrize("address, value", [("/sd/strength", 4.0), ("/sd/nope", 1.0), ("/sd/steps", 2.5)])
+def test_bad_osc_values_are_reported_not_applied(start_daemon, address, value):
+    daemon = start_daemon(params={"engine": "identity"})
+    before = daemon.store.snapshot()[1]
+    SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message(address, value)
+    assert wait_for(lambda: daemon.osc.stats.param_errors >= 1)
+    assert daemon.store.snapshot()[1] == before

@@ -1,0 +1,172 @@
+"""Frames through the real daemon over real WebSocket connections on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from sdbridge.bridge import codec
+from sdbridge.bridge.protocol import HEADER_SIZE, FrameHeader, PixelFormat
+from tests.clients import header_frame, recv_frame, recv_json, make_image, ws_connect
+
+IDENTITY = {"engine": "identity", "width": 64, "height": 64}
+
+
+def test_bare_jpeg_in_jpeg_out(start_daemon):
+    daemon = start_daemon(params={**IDENTITY})
+    with ws_connect(daemon) as ws:
+        hello = recv_json(ws, "hello")
+        assert hello["session"]
+        ws.send(codec.encode_jpeg(make_image(96, 80), 90))
+        reply = recv_frame(ws)
+    assert reply[:3] == b"\xff\xd8\xff"
+    image = codec.decode_image(reply)
+    assert image.shape == (64, 64, 3)  # fitted to the engine's resolution (crop)
+
+
+def test_png_in_jpeg_out_at_input_size(start_daemon):
+    daemon = start_daemon(params={**IDENTITY, "output_size": "input"})
+    with ws_connect(daemon) as ws:
+        ws.send(codec.encode_png(make_image(100, 60)))
+        image = codec.decode_image(recv_frame(ws))
+    assert image.shape == (60, 100, 3)
+
+
+def test_raw_rgba_bottom_up_round_trip_is_exact(start_daemon):
+    """TouchDesigner's raw TOP bytes (RGBA, bottom-up rows) come back byte-identical on identity."""
+    daemon = start_daemon(params={**IDENTITY})
+    rgb = make_image(64, 64, seed=3)
+    rgba = np.dstack([rgb, np.full((64, 64), 255, np.uint8)])
+    bottom_up = np.ascontiguousarray(rgba[::-1])
+    message = header_frame(bottom_up.tobytes(), PixelFormat.RGBA8, 64, 64, frame_id=77, client_ts_us=123456789,
+                           reply=PixelFormat.RGBA8, bottom_up=True)
+    with ws_connect(daemon) as ws:
+        ws.send(message)
+        reply = recv_frame(ws)
+    header, payload = FrameHeader.parse(reply)
+    assert header.frame_id == 77 and header.client_ts_us == 123456789
+    assert header.pixel_format == PixelFormat.RGBA8 and (header.width, header.height) == (64, 64)
+    assert header.flags & 1
+    assert bytes(payload) == bottom_up.tobytes()
+
+
+def test_header_jpeg_reply_rgb8_echoes_ids(start_daemon):
+    daemon = start_daemon(params={**IDENTITY})
+    jpeg = codec.encode_jpeg(make_image(64, 64), 95)
+    with ws_connect(daemon) as ws:
+        for frame_id in (1, 2, 3):
+            ws.send(header_frame(jpeg, PixelFormat.JPEG, 0, 0, frame_id=frame_id, client_ts_us=frame_id * 1000,
+                                 reply=PixelFormat.RGB8))
+            header, payload = FrameHeader.parse(recv_frame(ws))
+            assert (header.frame_id, header.client_ts_us) == (frame_id, frame_id * 1000)
+            assert header.pixel_format == PixelFormat.RGB8 and len(payload) == 64 * 64 * 3
+
+
+def test_preview_engine_changes_the_image(start_daemon):
+    daemon = start_daemon(params={"engine": "preview", "effect": "cartoon", "strength": 1.0, "width": 128,
+                                  "height": 128})
+    source = make_image(128, 128, seed=5)
+    with ws_connect(daemon) as ws:
+        ws.send(codec.encode_png(source))
+        out = codec.decode_image(recv_frame(ws))
+    assert out.shape == source.shape
+    assert np.abs(out.astype(int) - source.astype(int)).mean() > 3
+
+
+def test_viewer_joins_a_session_by_name(start_daemon):
+    daemon = start_daemon(params={**IDENTITY})
+    with ws_connect(daemon, "?session=stage") as sender, ws_connect(daemon, "?session=stage") as viewer:
+        assert recv_json(viewer, "hello")["session"] == "stage"
+        recv_json(sender, "hello")
+        sender.send(header_frame(codec.encode_jpeg(make_image(), 90), PixelFormat.JPEG, 64, 64, frame_id=9))
+        assert FrameHeader.parse(recv_frame(sender))[0].frame_id == 9
+        assert FrameHeader.parse(recv_frame(viewer))[0].frame_id == 9
+
+
+def test_flood_drops_old_frames_and_keeps_latency_bounded(start_daemon):
+    """A sender that floods never builds a queue: old frames are dropped, counted, never decoded."""
+    daemon = start_daemon(params={"engine": "preview", "width": 256, "height": 256})
+    jpeg = codec.encode_jpeg(make_image(256, 256), 85)
+    with ws_connect(daemon) as ws:
+        for frame_id in range(300):
+            ws.send(header_frame(jpeg, PixelFormat.JPEG, 256, 256, frame_id=frame_id))
+        sent_last = time.monotonic()
+        last_id = -1
+        while last_id != 299:
+            last_id = FrameHeader.parse(recv_frame(ws, timeout=20))[0].frame_id
+        latency = time.monotonic() - sent_last
+    stats = daemon.collect_stats()
+    assert stats["frames_dropped"] > 0
+    assert stats["frames_received"] == 300
+    assert stats["frames_out"] + stats["frames_dropped"] <= 300
+    # The last frame is answered promptly: bounded by one or two frame times, not 300 (10x loose).
+    assert latency < 5.0
+
+
+def test_stalled_viewer_does_not_slow_the_sender(start_daemon):
+    daemon = start_daemon(params={**IDENTITY})
+    jpeg = codec.encode_jpeg(make_image(), 85)
+    with ws_connect(daemon, "?session=s") as sender, ws_connect(daemon, "?session=s") as stalled:
+        recv_json(stalled, "hello")
+        started = time.monotonic()
+        for frame_id in range(200):  # one in flight at a time, as a real client does
+            sender.send(header_frame(jpeg, PixelFormat.JPEG, 64, 64, frame_id=frame_id))
+            assert FrameHeader.parse(recv_frame(sender))[0].frame_id == frame_id
+        elapsed = time.monotonic() - started
+        session = daemon.registry.get("s")
+        assert session is not None
+        # The stalled viewer holds at most one frame in the daemon; the rest were dropped for it alone.
+        buffered = max(viewer.buffered_frames for viewer in session.viewers)
+        dropped = sum(viewer.frames_dropped for viewer in session.viewers)
+    assert buffered <= 1
+    assert dropped > 0
+    assert elapsed < 60  # 200 round trips; ~1 s on 2 cores
+    assert stalled is not None
+
+
+def test_txt2img_streams_to_a_viewer_without_input(start_daemon):
+    daemon = start_daemon(params={"engine": "preview", "mode": "txt2img", "width": 64, "height": 64,
+                                  "max_fps": 20})
+    with ws_connect(daemon) as ws:
+        first = recv_frame(ws, timeout=10)
+        second = recv_frame(ws, timeout=10)
+    assert first[:3] == b"\xff\xd8\xff" and second[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("message, code", [
+    (b"garbage bytes that are no frame", "bad_frame"),
+    (b"SDBF" + b"\x03" + bytes(27), "bad_frame"),  # unsupported version
+    (b"\xff\xd8\xff\xe0" + bytes(100), "bad_image"),  # a JPEG that is not
+])
+def test_bad_frames_get_an_error_and_the_next_frame_works(start_daemon, message, code):
+    daemon = start_daemon(params={**IDENTITY})
+    with ws_connect(daemon) as ws:
+        ws.send(message)
+        error = recv_json(ws, "error")
+        assert error["code"] == code and error["message"]
+        ws.send(codec.encode_jpeg(make_image(), 90))
+        assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
+
+
+def test_header_that_lies_about_its_size(start_daemon):
+    daemon = start_daemon(params={**IDENTITY})
+    good = header_frame(bytes(64 * 64 * 3), PixelFormat.RGB8, 64, 64)
+    lying = good[:HEADER_SIZE] + bytes(100)  # header says 12288 payload bytes
+    with ws_connect(daemon) as ws:
+        ws.send(lying)
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_frame" and "12288" in error["message"]
+        ws.send(good)
+        assert FrameHeader.parse(recv_frame(ws))[0].payload_length > 0
+
+
+def test_truncated_jpeg_is_an_error(start_daemon):
+    daemon = start_daemon(params={**IDENTITY})
+    jpeg = codec.encode_jpeg(make_image(), 90)
+    with ws_connect(daemon) as ws:
+        ws.send(jpeg[: len(jpeg) // 2])
+        assert recv_json(ws, "error")["code"] == "bad_image"
+        ws.send(jpeg)
+        assert recv_frame(ws)[:3] == b"\xff\xd8\xff"

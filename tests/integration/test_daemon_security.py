@@ -1,0 +1,55 @@
+"""Who may connect: Origin and Host checks, and the token beyond loopback."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.clients import recv_json, ws_connect
+
+
+def test_foreign_origin_websocket_refused_own_page_allowed(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(daemon, origin="https://evil.example")
+    assert info.value.response.status_code == 403
+    with ws_connect(daemon, origin=f"http://127.0.0.1:{daemon.port}") as ws:
+        assert recv_json(ws, "hello")
+    with ws_connect(daemon) as ws:  # native clients send no Origin
+        assert recv_json(ws, "hello")
+    assert daemon.collect_stats()["refused_requests"] >= 1
+
+
+def test_dns_rebinding_host_refused(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with httpx.Client(trust_env=False) as http:
+        response = http.get(f"http://127.0.0.1:{daemon.port}/params", headers={"Host": "attacker.example"})
+        assert response.status_code == 403 and response.json()["code"] == "forbidden"
+        assert http.get(f"http://127.0.0.1:{daemon.port}/params").status_code == 200
+
+
+def test_token_required_when_configured(start_daemon):
+    token = "a-long-stage-token"
+    daemon = start_daemon(params={"engine": "identity"}, token=token)
+    base = f"http://127.0.0.1:{daemon.port}"
+    with httpx.Client(base_url=base, trust_env=False) as http:
+        refused = http.get("/health")
+        assert refused.status_code == 401 and "www-authenticate" in refused.headers
+        assert http.get("/health", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        basic = base64.b64encode(f"user:{token}".encode()).decode()
+        assert http.get("/health", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+        assert http.get("/health", headers={"Authorization": "Bearer wrong-token-here"}).status_code == 401
+    with pytest.raises(InvalidStatus):
+        ws_connect(daemon)
+    with ws_connect(daemon, f"?token={token}") as ws:
+        assert recv_json(ws, "hello")
+
+
+def test_bad_session_name_closes_politely(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with pytest.raises(Exception):
+        with ws_connect(daemon, "?session=../../etc") as ws:
+            ws.recv(timeout=5)

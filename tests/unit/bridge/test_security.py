@@ -1,0 +1,51 @@
+import base64
+
+import pytest
+
+from sdbridge.bridge.security import AccessPolicy
+from sdbridge.config import Settings
+
+
+@pytest.fixture
+def loopback() -> AccessPolicy:
+    return AccessPolicy(Settings(), port=7860)
+
+
+def test_native_clients_without_origin_pass(loopback):
+    assert loopback.check_host("127.0.0.1:7860") is None
+    assert loopback.check_host("localhost:7860") is None
+    assert loopback.check_origin(None) is None
+    assert loopback.check_token({}, "") is None
+
+
+def test_dns_rebinding_host_refused(loopback):
+    reason = loopback.check_host("evil.example:7860")
+    assert reason is not None and "evil.example" in reason
+
+
+def test_foreign_origin_refused_own_page_allowed(loopback):
+    assert loopback.check_origin("http://127.0.0.1:7860") is None
+    assert loopback.check_origin("http://localhost:7860/") is None
+    reason = loopback.check_origin("https://some-site.example")
+    assert reason is not None and "some-site.example" in reason
+    assert loopback.check_origin("http://127.0.0.1:9999") is not None  # another local app's page
+    assert loopback.check_origin("null") is not None
+
+
+def test_configured_origin_allowed():
+    policy = AccessPolicy(Settings(allowed_origins=["http://my-touchdesigner.local:8080"]), port=7860)
+    assert policy.check_origin("http://my-touchdesigner.local:8080") is None
+
+
+def test_token_forms():
+    policy = AccessPolicy(Settings(host="0.0.0.0", token="s3cret-token"), port=7860)
+    assert policy.check_token({}, "") is not None
+    assert policy.check_token({"authorization": "Bearer s3cret-token"}, "") is None
+    assert policy.check_token({"authorization": "Bearer wrong-token"}, "") is not None
+    basic = base64.b64encode(b"user:s3cret-token").decode()
+    assert policy.check_token({"authorization": f"Basic {basic}"}, "") is None
+    assert policy.check_token({"authorization": "Basic !!!notbase64"}, "") is not None
+    assert policy.check_token({}, "token=s3cret-token") is None
+    assert policy.check_token({}, "token=nope") is not None
+    # Beyond loopback with a token, any Host name is accepted (the token is the defence).
+    assert policy.check_host("192.168.1.20:7860") is None
