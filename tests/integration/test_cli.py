@@ -1,0 +1,110 @@
+"""The ``sdbridge`` command as a user runs it: a real process, real ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sdbridge(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdbridge.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+def test_serve_without_model_runs_preview_and_says_how_to_get_one(tmp_path):
+    port, osc_port = free_port(), free_port(socket.SOCK_DGRAM)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--osc-port", str(osc_port),
+         "--feedback", "127.0.0.1:0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "SDBRIDGE_MODELS_DIR": str(tmp_path / "models")})
+    try:
+        deadline = time.monotonic() + 60
+        health = None
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False, timeout=2).json()
+                if health["engine"]["status"] == "ready":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert health is not None and health["engine"]["engine"] == "preview"
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "sdbridge models pull sd-turbo" in output and "--model PATH" in output
+    assert f"127.0.0.1:{port}" in output
+
+
+def test_serve_refuses_public_address_without_token():
+    result = sdbridge("serve", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert result.returncode == 2
+    assert "requires a token" in result.stderr
+
+
+def test_models_tiny_then_list(tmp_path):
+    result = sdbridge("models", "tiny", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    assert (tmp_path / "tiny" / "taesd" / "config.json").is_file()
+    listing = sdbridge("models", "--models-dir", str(tmp_path / "empty"), "list")
+    assert listing.returncode == 0, listing.stderr
+    assert "sd-turbo" in listing.stdout  # known models are listed even before they are pulled
+
+
+def test_doctor_reports_a_busy_port_and_a_missing_model(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = sdbridge("doctor", "--port", str(port), "--osc-port", str(free_port(socket.SOCK_DGRAM)),
+                          "--model", str(tmp_path / "no-such-model"))
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is not free" in result.stdout
+    assert "no-such-model" in result.stdout
+    assert "ERROR" in result.stdout
+
+
+def test_doctor_all_good_on_a_clean_setup(tmp_path, tiny_model_dir):
+    result = sdbridge("doctor", "--port", str(free_port()), "--osc-port", str(free_port(socket.SOCK_DGRAM)),
+                      "--model", str(tiny_model_dir))
+    # No GPU here: a warning, not an error.
+    assert result.returncode == 0, result.stdout
+    assert "all good" in result.stdout and "codec" in result.stdout
+
+
+def test_doctor_bad_config(tmp_path):
+    result = sdbridge("doctor", "--host", "0.0.0.0")
+    assert result.returncode == 1 and "requires a token" in result.stdout
+
+
+@pytest.mark.parametrize("which_result, expected", [(None, "warn"), ("/usr/bin/nvidia-smi", "error")])
+def test_doctor_cpu_torch_with_and_without_nvidia(which_result, expected):
+    import torch
+
+    from sdbridge.doctor import check_torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the finding is for CPU builds")
+    findings = check_torch(lambda name: which_result)
+    gpu = [f for f in findings if f.topic == "gpu"][0]
+    assert gpu.level == expected
+    if expected == "error":
+        assert "CPU build" in gpu.message
