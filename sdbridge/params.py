@@ -197,7 +197,7 @@ ENGINE_CHOICES = ("auto", "diffusion", "preview", "identity")
 PREVIEW_EFFECTS = ("cartoon", "stylize", "edges", "grade", "sketch")
 
 CORE_PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("prompt", "str", "a vivid watercolor painting, high detail", "What to generate; AUTOMATIC1111 syntax."),
+    ParamSpec("prompt", "str", "a vivid watercolor painting, high detail", "What to generate (plain text; weights and LoRA tags arrive with the prompt-syntax work)."),
     ParamSpec("negative_prompt", "str", "", "What to steer away from (used when guidance > 1)."),
     ParamSpec("strength", "float", 0.5, "How far img2img moves from the input: 0 keeps it, 1 ignores it.",
               minimum=0.0, maximum=1.0),
@@ -369,3 +369,7 @@ def markdown_table(schema: Schema, prefix: str = "/sd") -> str:
         rows.append(f"| `{spec.name}` | `{prefix}/{Schema.osc_path(spec.name)}` | {spec.kind} | {allowed} | "
                     f"`{default}` | {spec.doc} |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m sdbridge.params: the table for docs/protocol.md
+    print(markdown_table(Schema()), end="")
