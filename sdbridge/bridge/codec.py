@@ -1,0 +1,170 @@
+"""Images in and out of bytes: JPEG/PNG with OpenCV, raw RGB8/RGBA8, and fitting to a size.
+
+OpenCV's libjpeg-turbo is as fast as simplejpeg and PyTurboJPEG on these machines (RECIPES.md),
+and it is already a dependency. Every array here is RGB uint8 ``[H, W, 3]``. Runs in the
+worker's CPU pool (OpenCV releases the GIL), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from sdbridge.bridge.protocol import JPEG_MAGIC, MAX_DIMENSION, PNG_MAGIC, FrameHeader, PixelFormat, sniff
+from sdbridge.errors import CodecError
+
+RESIZE_MODES = ("crop", "fit", "stretch")
+_JPEG_END = b"\xff\xd9"
+
+
+def _check_size(width: int, height: int, what: str) -> None:
+    if width > MAX_DIMENSION or height > MAX_DIMENSION:
+        raise CodecError(f"{what} is {width}x{height}, larger than {MAX_DIMENSION} per side")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a JPEG's SOF marker, without decoding (bounds memory before decode)."""
+    index = 2
+    while index + 9 < len(data):
+        if data[index] != 0xFF:
+            return None
+        marker = data[index + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            index += 2
+            continue
+        length = int.from_bytes(data[index + 2:index + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int.from_bytes(data[index + 5:index + 7], "big")
+            width = int.from_bytes(data[index + 7:index + 9], "big")
+            return width, height
+        index += 2 + length
+    return None
+
+
+def decode_image(data: bytes | memoryview) -> np.ndarray:
+    """A JPEG or PNG file -> RGB uint8; CodecError when it cannot be decoded in full."""
+    data = bytes(data)
+    kind = sniff(data)
+    if kind == "jpeg":
+        # A truncated JPEG decodes "successfully" into a grey lower half: refuse it.
+        if not data.rstrip(b"\x00").endswith(_JPEG_END):
+            raise CodecError(f"JPEG data is truncated ({len(data)} bytes, no end-of-image marker)")
+        size = _jpeg_size(data)
+        if size is not None:
+            _check_size(size[0], size[1], "JPEG")
+    elif kind == "png":
+        if len(data) >= 24:
+            _check_size(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), "PNG")
+    else:
+        raise CodecError(f"{len(data)} bytes are neither a JPEG nor a PNG file")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise CodecError(f"{kind.upper()} data could not be decoded ({len(data)} bytes)")
+    if image.dtype != np.uint8:  # 16-bit PNG
+        image = (image >> 8).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def decode_raw(payload: bytes | memoryview, width: int, height: int, pixel_format: PixelFormat,
+               bottom_up: bool = False) -> np.ndarray:
+    """Raw RGB8/RGBA8 rows -> RGB uint8 ``[H, W, 3]`` (top-down)."""
+    channels = pixel_format.channels
+    if channels is None:
+        raise CodecError(f"{pixel_format.name} is not a raw pixel format")
+    _check_size(width, height, f"{pixel_format.name} frame")
+    expected = width * height * channels
+    if len(payload) != expected:
+        raise CodecError(f"{pixel_format.name} frame {width}x{height} needs {expected} bytes, got {len(payload)}")
+    image = np.frombuffer(payload, np.uint8).reshape(height, width, channels)[:, :, :3]
+    if bottom_up:
+        image = image[::-1]
+    return image
+
+
+def decode_frame(header: FrameHeader | None, payload: bytes | memoryview) -> np.ndarray:
+    """A received frame (bare file when ``header`` is None) -> RGB uint8."""
+    if header is None or not header.pixel_format.is_raw:
+        image = decode_image(payload)
+        if header is not None and header.bottom_up:
+            image = image[::-1]
+        return image
+    return decode_raw(payload, header.width, header.height, header.pixel_format, header.bottom_up)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
+    """RGB -> JPEG, 4:2:0 set explicitly (library defaults differ; 4:4:4 makes 50 % larger files)."""
+    bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality),
+                                          cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
+    if not ok:
+        raise CodecError(f"JPEG encoding of a {image.shape} image failed")
+    return data.tobytes()
+
+
+def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
+    bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise CodecError(f"PNG encoding of a {image.shape} image failed")
+    return data.tobytes()
+
+
+def encode_raw(image: np.ndarray, pixel_format: PixelFormat, bottom_up: bool = False) -> bytes:
+    if bottom_up:
+        image = image[::-1]
+    if pixel_format == PixelFormat.RGB8:
+        return np.ascontiguousarray(image).tobytes()
+    if pixel_format == PixelFormat.RGBA8:
+        out = np.empty((*image.shape[:2], 4), np.uint8)
+        out[:, :, :3] = image
+        out[:, :, 3] = 255
+        return out.tobytes()
+    raise CodecError(f"{pixel_format.name} is not a raw pixel format")
+
+
+def encode_reply(image: np.ndarray, pixel_format: PixelFormat | int, quality: int = 85,
+                 bottom_up: bool = False) -> bytes:
+    """The reply payload in the format the sender asked for; rows bottom-up if it sent them so."""
+    pixel_format = PixelFormat(pixel_format)
+    if pixel_format.is_raw:
+        return encode_raw(image, pixel_format, bottom_up)
+    if bottom_up:
+        image = np.ascontiguousarray(image[::-1])
+    if pixel_format == PixelFormat.PNG:
+        return encode_png(image)
+    return encode_jpeg(image, quality)
+
+
+def fit(image: np.ndarray, width: int, height: int, mode: str = "crop") -> np.ndarray:
+    """Fit ``image`` to ``width``×``height``: crop (cover, centred), fit (contain, black bars) or stretch."""
+    in_height, in_width = image.shape[:2]
+    if (in_width, in_height) == (width, height):
+        return image
+    if mode not in RESIZE_MODES:
+        raise CodecError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
+    if mode == "stretch":
+        return _resize(image, width, height)
+    scale = (max if mode == "crop" else min)(width / in_width, height / in_height)
+    new_width, new_height = max(1, round(in_width * scale)), max(1, round(in_height * scale))
+    resized = _resize(image, new_width, new_height)
+    if mode == "crop":
+        left, top = (new_width - width) // 2, (new_height - height) // 2
+        return np.ascontiguousarray(resized[top:top + height, left:left + width])
+    out = np.zeros((height, width, 3), np.uint8)
+    left, top = (width - new_width) // 2, (height - new_height) // 2
+    out[top:top + new_height, left:left + new_width] = resized
+    return out
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    shrinking = width * height < image.shape[0] * image.shape[1]
+    return cv2.resize(np.ascontiguousarray(image), (width, height),
+                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+__all__ = ["JPEG_MAGIC", "PNG_MAGIC", "decode_frame", "decode_image", "decode_raw", "encode_jpeg", "encode_png",
+           "encode_raw", "encode_reply", "fit"]

@@ -1,0 +1,159 @@
+"""The binary frame header, version 1 (docs/protocol.md, "Frames"). Sans-I/O.
+
+32 bytes, little-endian, followed by the payload::
+
+    offset size field
+    0      4    magic          b"SDBF"
+    4      1    version        1
+    5      1    pixel_format   PixelFormat: 0 JPEG, 1 RGB8, 2 RGBA8, 3 PNG
+    6      1    flags          Flags: bit 0 BOTTOM_UP (rows bottom-up, as TouchDesigner's raw TOP bytes)
+    7      1    channel        0 = the image; 1..255 condition streams (a depth pass for ControlNet)
+    8      1    reply_format   PixelFormat of the reply
+    9      3    reserved       zero
+    12     4    frame_id       u32, echoed in the reply
+    16     8    client_ts_us   u64, echoed in the reply
+    24     2    width          u16; raw formats 1..8192, encoded formats 0 (read from the file) or the size
+    26     2    height         u16
+    28     4    payload_length u32, the bytes after the header
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from sdbridge.errors import ProtocolError
+
+MAGIC = b"SDBF"
+VERSION = 1
+_LAYOUT = struct.Struct("<4sBBBBB3xIQHHI")
+HEADER_SIZE = _LAYOUT.size  # 32
+MAX_DIMENSION = 8192
+MAX_PAYLOAD = MAX_DIMENSION * MAX_DIMENSION * 4
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class PixelFormat(enum.IntEnum):
+    JPEG = 0
+    RGB8 = 1
+    RGBA8 = 2
+    PNG = 3
+
+    @property
+    def channels(self) -> int | None:
+        return {PixelFormat.RGB8: 3, PixelFormat.RGBA8: 4}.get(self)
+
+    @property
+    def is_raw(self) -> bool:
+        return self.channels is not None
+
+
+class Flags(enum.IntFlag):
+    NONE = 0
+    BOTTOM_UP = 1
+
+
+_KNOWN_FLAGS = int(Flags.BOTTOM_UP)
+
+
+def _pixel_format(field: str, value: int) -> PixelFormat:
+    try:
+        return PixelFormat(value)
+    except ValueError:
+        raise ProtocolError(f"unknown {field} {value} (expected 0 JPEG, 1 RGB8, 2 RGBA8 or 3 PNG)") from None
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """One frame's header, fields in wire order."""
+
+    version: int
+    pixel_format: PixelFormat
+    flags: Flags
+    channel: int
+    reply_format: PixelFormat
+    frame_id: int
+    client_ts_us: int
+    width: int
+    height: int
+    payload_length: int
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray | memoryview) -> tuple[FrameHeader, memoryview]:
+        """The header and the payload (a view into ``data``, no copy); ProtocolError if anything is off."""
+        view = memoryview(data)
+        if len(view) < HEADER_SIZE:
+            raise ProtocolError(f"frame of {len(view)} bytes is shorter than the {HEADER_SIZE}-byte header")
+        magic, version, pixel_format, flags, channel, reply_format, frame_id, client_ts_us, width, height, \
+            payload_length = _LAYOUT.unpack_from(view)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r})")
+        if version != VERSION:
+            raise ProtocolError(f"unsupported version {version} (expected {VERSION})")
+        if flags & ~_KNOWN_FLAGS:
+            raise ProtocolError(f"unknown flags 0x{flags:02x} (only bit 0, BOTTOM_UP, is defined)")
+        header = cls(version, _pixel_format("pixel_format", pixel_format), Flags(flags), channel,
+                     _pixel_format("reply_format", reply_format), frame_id, client_ts_us, width, height,
+                     payload_length)
+        payload = view[HEADER_SIZE:]
+        if len(payload) != payload_length:
+            raise ProtocolError(f"payload is {len(payload)} bytes but the header says {payload_length}")
+        header.check()
+        return header, payload
+
+    def check(self) -> None:
+        """Rules across fields."""
+        if self.payload_length > MAX_PAYLOAD:
+            raise ProtocolError(f"payload_length {self.payload_length} exceeds {MAX_PAYLOAD}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value > MAX_DIMENSION:
+                raise ProtocolError(f"{name} {value} exceeds {MAX_DIMENSION}")
+        if self.pixel_format.is_raw:
+            if self.width == 0 or self.height == 0:
+                raise ProtocolError(f"{self.pixel_format.name} frame needs a width and height, got "
+                                    f"{self.width}x{self.height}")
+            needed = self.width * self.height * (self.pixel_format.channels or 0)
+            if self.payload_length != needed:
+                raise ProtocolError(f"{self.pixel_format.name} frame {self.width}x{self.height} needs {needed} "
+                                    f"payload bytes, got {self.payload_length}")
+        elif self.payload_length == 0:
+            raise ProtocolError(f"{self.pixel_format.name} frame has an empty payload")
+
+    def serialize(self) -> bytes:
+        return _LAYOUT.pack(MAGIC, self.version, int(self.pixel_format), int(self.flags), self.channel,
+                            int(self.reply_format), self.frame_id, self.client_ts_us, self.width, self.height,
+                            self.payload_length)
+
+    def reply(self, pixel_format: PixelFormat, width: int, height: int, payload_length: int) -> FrameHeader:
+        """The reply's header: same frame id, timestamp and row order; channel 0."""
+        return FrameHeader(VERSION, pixel_format, self.flags, 0, pixel_format, self.frame_id, self.client_ts_us,
+                           width, height, payload_length)
+
+    @property
+    def bottom_up(self) -> bool:
+        return bool(self.flags & Flags.BOTTOM_UP)
+
+    def __str__(self) -> str:
+        return (f"frame {self.frame_id} {self.pixel_format.name} {self.width}x{self.height} "
+                f"{self.payload_length} B ch{self.channel} reply {self.reply_format.name}"
+                f"{' bottom-up' if self.bottom_up else ''} ts {self.client_ts_us}")
+
+
+def pack_frame(header: FrameHeader, payload: bytes) -> bytes:
+    return header.serialize() + bytes(payload)
+
+
+def sniff(data: bytes | bytearray | memoryview) -> str:
+    """What a binary message is, from its first bytes: header, jpeg, png or unknown."""
+    head = bytes(data[:8])
+    if head.startswith(MAGIC):
+        return "header"
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    return "unknown"
