@@ -83,3 +83,34 @@ class UdpReceiver:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class StalledViewer:
+    """A WebSocket client that completes the handshake and then never reads again.
+
+    Written by hand on a raw socket with a small receive buffer, because a library client reads
+    in the background and would hide the stall.
+    """
+
+    def __init__(self, port: int, query: str = "") -> None:
+        import base64
+        import os
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (f"GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        self.sock.sendall(request.encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("handshake closed")
+            response += chunk
+        if b" 101 " not in response.split(b"\r\n", 1)[0]:
+            raise ConnectionError(response.decode(errors="replace"))
+
+    def close(self) -> None:
+        self.sock.close()

@@ -206,6 +206,8 @@ class SessionRegistry:
         self._sessions: dict[str, Session] = {}
         self._counter = itertools.count(1)
         self.wake = threading.Event()  # set when any input arrives; the worker waits on it
+        # Counters of sessions that have closed, so that totals survive their sessions.
+        self.retired = {"frames_in": 0, "frames_dropped": 0, "frames_out": 0}
 
     def _notify(self) -> None:
         self.wake.set()
@@ -229,6 +231,9 @@ class SessionRegistry:
         with self._lock:
             if not session.viewers and session.senders <= 0 and self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
+                self.retired["frames_in"] += session.input.accepted
+                self.retired["frames_dropped"] += session.input.dropped
+                self.retired["frames_out"] += session.frames_out
                 log.info("session %s closed", session.id)
 
     def get(self, name: str) -> Session | None:
