@@ -59,7 +59,8 @@ def test_osc_prompt_change_changes_the_next_output(start_daemon, tiny_model_dir)
         ws.send(frame)
         changed = codec.decode_image(recv_frame(ws))
     assert np.array_equal(first, again)  # fixed noise per session: same frame, same output
-    assert np.abs(first.astype(int) - changed.astype(int)).mean() > 0.5
+    # A tiny random model's frames are dim and low-contrast: compare how many values moved.
+    assert (first != changed).mean() > 0.2
 
 
 def test_ws_json_set_get_and_errors(start_daemon):

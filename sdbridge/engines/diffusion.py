@@ -1,0 +1,240 @@
+"""The diffusion engine: stream img2img (and txt2img) on diffusers models, eager PyTorch.
+
+What makes a frame cheap here, following what real-time work has shown:
+
+- 1–4 denoising steps, as turbo/LCM models need; timesteps chosen exactly as diffusers'
+  img2img pipeline chooses them, so the output matches it (tests/unit/engines/test_diffusion.py);
+- fixed noise per session and seed, made once and kept in the session's state, so a still input
+  gives a still output and only real changes in the input move the image;
+- prompt embeddings encoded once per prompt and cached (artists flip between a few prompts);
+- TAESD as the autoencoder when the model has one (``taesd/``), the full VAE otherwise;
+- pre- and post-processing on the device: uint8 in, uint8 out, no host sync inside the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from sdbridge.engines.base import Engine, StreamState
+from sdbridge.engines.parts import PipelineParts
+from sdbridge.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+PROMPT_CACHE_SIZE = 8
+
+
+class DiffusionEngine(Engine):
+    name = "diffusion"
+    needs_model = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allow_pickle = False
+        self.taesd: str | None = None
+        self.models_dir: str | None = None
+        self.parts: PipelineParts | None = None
+        self._prompt_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self._embeddings: torch.Tensor | None = None   # [B_cfg, 77, D]: uncond+cond with guidance, else cond
+        self._guided = False
+        self._guidance = 1.0
+        self._txt2img = False
+        self._seed = 0
+        self._num_inference_steps = 1
+        self._strength = 0.5
+        self.text_encoder_calls = 0
+        self.last_nan: torch.Tensor | None = None      # a device flag, read a frame later: no host sync
+
+    # --- loading --------------------------------------------------------------------------------
+
+    def load(self, source: str | None, device: torch.device, dtype: torch.dtype) -> None:
+        from pathlib import Path
+
+        from sdbridge.engines.models import load_pipeline_parts
+
+        if not source:
+            raise ModelError("the diffusion engine needs a model: pass --model PATH or set the model parameter")
+        super().load(source, device, dtype)
+        parts = load_pipeline_parts(source, device, dtype, allow_pickle=self.allow_pickle,
+                                    models_dir=Path(self.models_dir) if self.models_dir else None, taesd=self.taesd)
+        self._adopt(parts)
+
+    @classmethod
+    def from_parts(cls, parts: PipelineParts) -> DiffusionEngine:
+        engine = cls()
+        engine.device = parts.unet.device
+        engine.dtype = parts.unet.dtype
+        engine.source = parts.source
+        engine._adopt(parts)
+        return engine
+
+    def _adopt(self, parts: PipelineParts) -> None:
+        if parts.architecture == "sdxl":
+            raise ModelError(f"{parts.source}: SDXL models are not supported by the diffusion engine yet "
+                             f"(SD 1.x and 2.x are)")
+        self.parts = parts
+        self.scheduler = parts.scheduler
+        self.autoencoder = parts.taesd if parts.taesd is not None else parts.vae
+        self.uses_taesd = parts.taesd is not None
+        self.vae_scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(self.autoencoder.config.scaling_factor)
+        self._prompt_cache.clear()
+
+    def close(self) -> None:
+        self.parts = None
+        self._prompt_cache.clear()
+        self._embeddings = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if self.parts is not None:
+            out.update(architecture=self.parts.architecture, vae="taesd" if self.uses_taesd else "vae",
+                       scheduler=type(self.scheduler).__name__)
+        return out
+
+    # --- parameters -----------------------------------------------------------------------------
+
+    def prepare(self, params: Mapping[str, Any]) -> None:
+        super().prepare(params)
+        width, height = self.resolution
+        if width % self.vae_scale_factor or height % self.vae_scale_factor:
+            raise ModelError(f"resolution {width}x{height} is not a multiple of {self.vae_scale_factor}")
+        self._guidance = float(params["guidance"])
+        self._guided = self._guidance > 1.0
+        self._txt2img = params["mode"] == "txt2img"
+        self._seed = int(params["seed"])
+        self._num_inference_steps = int(params["steps"])
+        self._strength = float(params["strength"])
+        cond = self._encode_prompt(str(params["prompt"]))
+        if self._guided:
+            uncond = self._encode_prompt(str(params["negative_prompt"]))
+            self._embeddings = torch.cat([uncond, cond])
+        else:
+            self._embeddings = cond
+
+    @torch.inference_mode()
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        """[1, 77, D] text embeddings, from the cache when this prompt was seen recently."""
+        cached = self._prompt_cache.get(prompt)
+        if cached is not None:
+            self._prompt_cache.move_to_end(prompt)
+            return cached
+        assert self.parts is not None
+        tokenizer, text_encoder = self.parts.tokenizer, self.parts.text_encoder
+        tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        attention_mask = None
+        if getattr(text_encoder.config, "use_attention_mask", False):
+            attention_mask = tokens.attention_mask.to(self.device)
+        embeddings = text_encoder(tokens.input_ids.to(self.device), attention_mask=attention_mask)[0]
+        embeddings = embeddings.to(self.dtype)
+        self.text_encoder_calls += 1
+        self._prompt_cache[prompt] = embeddings
+        if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return embeddings
+
+    def _timesteps(self) -> tuple[torch.Tensor, int]:
+        """This frame's timesteps, as diffusers' img2img ``get_timesteps`` picks them.
+
+        The scheduler is reset every frame (its step index and, for multistep solvers, its
+        history), which ``set_timesteps`` does; its cost is small next to one UNet call.
+        """
+        scheduler = self.scheduler
+        steps = self._num_inference_steps
+        scheduler.set_timesteps(steps, device=self.device)
+        if self._txt2img:
+            return scheduler.timesteps, 0
+        # Live use never errors on a low strength: at least the last (least noisy) step runs.
+        init_timestep = max(1, min(int(steps * self._strength), steps))
+        t_start = max(steps - init_timestep, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        return timesteps, t_start
+
+    # --- per-session noise --------------------------------------------------------------------------
+
+    def _noise(self, state: StreamState, shape: tuple[int, ...]) -> torch.Tensor:
+        """This session's fixed noise for the current seed and resolution, [1, 4, h, w]."""
+        key = (self._seed, shape, self.device, self.dtype)
+        cached = state.data.get("diffusion.noise")
+        if cached is None or cached[0] != key:
+            generator = torch.Generator(device="cpu").manual_seed(self._seed)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+            state.data["diffusion.noise"] = (key, noise)
+            return noise
+        return cached[1]
+
+    def _step_generators(self, states: Sequence[StreamState]) -> list[torch.Generator]:
+        """Ancestral and LCM schedulers draw noise at each step: seeded per session and frame."""
+        return [torch.Generator(device=self.device).manual_seed(self._seed + 1) for _ in states]
+
+    # --- the frame ------------------------------------------------------------------------------
+
+    def step(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
+        image = self.step_float(frames, states)  # [B, 3, H, W] in [0, 1]
+        # 6. Back to uint8 [B, H, W, 3] on the device; the NaN flag is read a frame later.
+        self.last_nan = torch.isnan(image).any()
+        return (image * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    @torch.inference_mode()
+    def step_float(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
+        """The frame before quantisation: [B, 3, H, W] floats in [0, 1] (parity tests compare this)."""
+        assert self.parts is not None and self._embeddings is not None, "prepare() before step()"
+        unet = self.parts.unet
+        batch = len(states)
+        width, height = self.resolution
+        latent_shape = (1, unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        timesteps, _ = self._timesteps()
+
+        # 1.-2. uint8 [B, H, W, 3] -> [-1, 1] [B, 3, H, W] -> latents [B, 4, h, w]
+        noise = torch.cat([self._noise(state, latent_shape) for state in states])
+        if self._txt2img or frames is None:
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            pixels = frames.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
+            init_latents = self.encode(pixels)
+            # 3. Noise at the first timestep of this frame.
+            latents = self.scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
+
+        # 4. Denoise: UNet + scheduler for each timestep, guidance batched with the frame.
+        embeddings = self._embeddings
+        if self._guided:
+            uncond, cond = embeddings.chunk(2)
+            embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+        else:
+            embeddings = embeddings.expand(batch, -1, -1)
+        generators = self._step_generators(states)
+        for t in timesteps:
+            model_input = torch.cat([latents] * 2) if self._guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            if self._guided:
+                noise_uncond, noise_cond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
+
+        # 5. Decode.
+        return self.decode(latents)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] pixels -> scaled latents; the distribution's mode, not a sample (deterministic)."""
+        output = self.autoencoder.encode(pixels)
+        if hasattr(output, "latents"):       # AutoencoderTiny
+            latents = output.latents
+        else:                                # AutoencoderKL
+            latents = output.latent_dist.mode()
+        return latents * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> [0, 1] pixels [B, 3, H, W]."""
+        image = self.autoencoder.decode(latents / self.scaling_factor, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,295 @@
+"""Where models come from and how they load: a diffusers folder, a single .safetensors
+checkpoint, or a pulled/cached hub model. Weights load through safetensors; pickle files only
+with ``allow_pickle`` and then only through ``torch.load(weights_only=True)``. See docs/models.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from sdbridge.engines.parts import PipelineParts
+from sdbridge.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def default_models_dir() -> Path:
+    env = os.environ.get("SDBRIDGE_MODELS_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sdbridge" / "models"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A known model: where to pull it from and what it is (``sdbridge/data/models/*.toml``)."""
+
+    name: str
+    repo_id: str
+    architecture: str
+    description: str
+    revision: str = "main"
+    allow_patterns: tuple[str, ...] = ("*.json", "*.txt", "*.safetensors")
+    ignore_patterns: tuple[str, ...] = ()
+
+
+def load_manifests() -> dict[str, Manifest]:
+    manifests: dict[str, Manifest] = {}
+    folder = resources.files("sdbridge").joinpath("data/models")
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".toml"):
+            continue
+        data = tomllib.loads(entry.read_text(encoding="utf-8"))
+        for key in ("allow_patterns", "ignore_patterns"):
+            if key in data:
+                data[key] = tuple(data[key])
+        manifests[data["name"]] = Manifest(**data)
+    return manifests
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str          # "diffusers", "single_file" or "pickle_file"
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str
+    path: str
+    size_bytes: int
+    pulled: bool
+    description: str = ""
+
+
+def _kind_of_path(path: Path) -> str | None:
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return "diffusers"
+    if path.is_file() and path.suffix == ".safetensors":
+        return "single_file"
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        return "pickle_file"
+    return None
+
+
+def resolve_source(source: str, *, models_dir: Path | None = None) -> ModelSource:
+    """What ``source`` names: a path, a pulled model's name, or a hub id in the local cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        kind = _kind_of_path(path)
+        if kind is None:
+            if path.is_dir():
+                raise ModelError(f"{source!r} is a folder without model_index.json: not a diffusers model folder")
+            raise ModelError(f"{source!r} is not a model file (expected .safetensors, or {', '.join(PICKLE_SUFFIXES)} "
+                             f"with --allow-pickle)")
+        return ModelSource(kind, path, path.name)
+    models_dir = models_dir or default_models_dir()
+    pulled = models_dir / source.replace("/", "--")
+    if _kind_of_path(pulled) == "diffusers":
+        return ModelSource("diffusers", pulled, source)
+    manifest = load_manifests().get(source)
+    repo_id = manifest.repo_id if manifest else source
+    if "/" in repo_id:
+        try:
+            from huggingface_hub import snapshot_download
+
+            cached = Path(snapshot_download(repo_id, local_files_only=True))
+            if _kind_of_path(cached) == "diffusers":
+                return ModelSource("diffusers", cached, source)
+        except Exception:  # not in the cache: fall through to the clear error below
+            pass
+    raise ModelError(f"model {source!r} not found: no such file or folder, not pulled to {models_dir}, not in the "
+                     f"hub cache. Run `sdbridge models pull {source}` on a machine with internet, or pass "
+                     f"--model PATH", code="model_not_found")
+
+
+def _load_component(cls, folder: Path, name: str, dtype: torch.dtype, allow_pickle: bool):  # noqa: ANN001, ANN202
+    """One component with its class's from_pretrained, safetensors only unless pickle is allowed."""
+    subfolder = folder / name
+    if not subfolder.is_dir():
+        raise ModelError(f"{folder}: the model has no {name}/ folder")
+    weights = list(subfolder.glob("*.safetensors"))
+    if not weights and not allow_pickle and not name.startswith(("tokenizer", "scheduler")):
+        raise ModelError(f"{subfolder}: no .safetensors weights (pickle weights load only with --allow-pickle)")
+    for file in weights:
+        _check_safetensors(file)
+    # Hub repos often hold only the fp16 variant (model.fp16.safetensors).
+    variant = "fp16" if weights and all(file.name.endswith(".fp16.safetensors") for file in weights) else None
+    try:
+        if name.startswith("tokenizer"):
+            return cls.from_pretrained(subfolder)
+        if name == "scheduler":
+            return cls.from_config(cls.load_config(subfolder))
+        return cls.from_pretrained(subfolder, torch_dtype=dtype, variant=variant,
+                                   use_safetensors=not allow_pickle or bool(weights))
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{subfolder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _check_safetensors(file: Path) -> None:
+    """A truncated or scribbled-over safetensors file fails here with its name, not deep in a loader."""
+    from safetensors import safe_open
+
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if header_length <= 1 or 8 + header_length > size:
+                raise ModelError(f"{file}: corrupt safetensors header (length {header_length}, file {size} bytes)")
+            header = json.loads(handle.read(header_length))
+        data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                       default=0)
+        if 8 + header_length + data_end != size:
+            raise ModelError(f"{file}: truncated or padded ({size} bytes, its header says "
+                             f"{8 + header_length + data_end})")
+        with safe_open(str(file), framework="pt"):
+            pass
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+def architecture_of(unet_config: dict) -> str:
+    """sd15, sd21 or sdxl from a UNet config (tiny test models count as sd15-family)."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("cross_attention_dim") == 1024:
+        return "sd21"
+    return "sd15"
+
+
+def find_taesd(folder: Path | None, architecture: str, models_dir: Path | None) -> Path | None:
+    """TAESD beside the model (``taesd/``), else a pulled ``taesd``/``taesdxl``."""
+    if folder is not None and (folder / "taesd" / "config.json").is_file():
+        return folder / "taesd"
+    pulled = (models_dir or default_models_dir()) / ("taesdxl" if architecture == "sdxl" else "taesd")
+    return pulled if (pulled / "config.json").is_file() else None
+
+
+def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
+                          taesd: Path | None = None, source: str | None = None,
+                          models_dir: Path | None = None) -> PipelineParts:
+    import diffusers
+    import transformers
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{folder}/model_index.json is unreadable: {exc}") from exc
+    parts: dict[str, object] = {}
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"):
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            continue
+        library, class_name = entry
+        module = diffusers if library == "diffusers" else transformers
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise ModelError(f"{folder}: unknown component class {library}.{class_name} for {name}")
+        parts[name] = _load_component(cls, folder, name, dtype, allow_pickle)
+    for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if required not in parts:
+            raise ModelError(f"{folder}: model_index.json names no {required}")
+    architecture = architecture_of(dict(parts["unet"].config))
+    taesd_folder = taesd or find_taesd(folder, architecture, models_dir)
+    if taesd_folder is not None:
+        parts["taesd"] = _load_taesd(Path(taesd_folder), dtype)
+    for module in parts.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(device).eval().requires_grad_(False)
+    return PipelineParts(architecture=architecture, source=source or str(folder), **parts)
+
+
+def _load_taesd(folder: Path, dtype: torch.dtype):  # noqa: ANN202 - AutoencoderTiny
+    from diffusers import AutoencoderTiny
+
+    for file in folder.glob("*.safetensors"):
+        _check_safetensors(file)
+    try:
+        return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    except Exception as exc:
+        raise ModelError(f"TAESD at {folder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
+                        models_dir: Path | None = None, taesd: str | None = None) -> PipelineParts:
+    resolved = resolve_source(source, models_dir=models_dir)
+    taesd_path = Path(taesd).expanduser() if taesd else None
+    if resolved.kind == "pickle_file" and not allow_pickle:
+        raise ModelError(f"{resolved.path} is a pickle file, which can run code when loaded; pass --allow-pickle "
+                         f"to load it (through torch.load(weights_only=True)), or convert it to .safetensors",
+                         code="pickle_refused")
+    if resolved.kind == "diffusers":
+        return load_diffusers_folder(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
+                                     source=source, models_dir=models_dir)
+    from sdbridge.engines.single_file import load_single_file
+
+    return load_single_file(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
+                            models_dir=models_dir, source=source)
+
+
+def _folder_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def list_models(models_dir: Path | None = None) -> list[ModelInfo]:
+    """Pulled models, then known ones not yet pulled."""
+    models_dir = models_dir or default_models_dir()
+    manifests = load_manifests()
+    out: list[ModelInfo] = []
+    seen: set[str] = set()
+    if models_dir.is_dir():
+        for entry in sorted(models_dir.iterdir()):
+            kind = _kind_of_path(entry) or ("taesd" if (entry / "config.json").is_file() else None)
+            if kind is None:
+                continue
+            name = entry.name.replace("--", "/")
+            seen.add(name)
+            manifest = manifests.get(name)
+            out.append(ModelInfo(name, kind, str(entry), _folder_size(entry), True,
+                                 manifest.description if manifest else ""))
+    for name, manifest in sorted(manifests.items()):
+        if name not in seen:
+            out.append(ModelInfo(name, "not pulled", manifest.repo_id, 0, False, manifest.description))
+    return out
+
+
+def pull_model(name: str, models_dir: Path | None = None, *, progress: bool = True) -> Path:
+    """Download a known model (or a hub id) into the models folder, with progress bars."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    models_dir = models_dir or default_models_dir()
+    manifest = load_manifests().get(name)
+    if manifest is None and "/" not in name:
+        known = ", ".join(sorted(load_manifests()))
+        raise ModelError(f"unknown model {name!r}: use a known name ({known}) or a hub id like org/name",
+                         code="model_not_found")
+    repo_id = manifest.repo_id if manifest else name
+    target = models_dir / name.replace("/", "--")
+    target.mkdir(parents=True, exist_ok=True)
+    (enable_progress_bars if progress else disable_progress_bars)()
+    try:
+        snapshot_download(repo_id, revision=manifest.revision if manifest else "main", local_dir=target,
+                          allow_patterns=list(manifest.allow_patterns) if manifest else ["*.json", "*.txt",
+                                                                                         "*.safetensors"],
+                          ignore_patterns=list(manifest.ignore_patterns) if manifest else None)
+    except Exception as exc:
+        raise ModelError(f"pulling {repo_id} failed: {type(exc).__name__}: {str(exc)[:300]}",
+                         code="pull_failed") from exc
+    return target
