@@ -1,0 +1,154 @@
+"""The diffusion engine against the plain diffusers pipelines: same weights, same noise, same frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.params import Schema
+
+CPU = torch.device("cpu")
+
+
+def params(**overrides) -> dict:
+    values = Schema().defaults()
+    values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=3, prompt="a red fox")
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    return load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def vae_parts(tiny_model_dir):
+    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    loaded.taesd = None  # the full-VAE path
+    return loaded
+
+
+@pytest.fixture
+def frame() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8))
+
+
+def reference_pipeline(parts, cls_name: str = "StableDiffusionImg2ImgPipeline"):
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    pipe = cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+               scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
+
+
+@pytest.mark.parametrize("steps, strength, guidance", [(1, 1.0, 1.0), (2, 0.5, 1.0), (4, 0.75, 1.0),
+                                                       (4, 1.0, 1.0), (2, 1.0, 3.0), (4, 0.5, 3.0)])
+def test_img2img_parity_with_diffusers(vae_parts, frame, steps, strength, guidance):
+    """Same latents in, same noise: the denoise + decode matches StableDiffusionImg2ImgPipeline (fp32, CPU)."""
+    engine = DiffusionEngine.from_parts(vae_parts)
+    engine.prepare(params(steps=steps, strength=strength, guidance=guidance, negative_prompt="blurry"))
+    state = StreamState("s")
+    ours = engine.step_float(frame, [state])
+    # The pipeline takes 4-channel images as latents: hand it our encoded latents, and a generator
+    # seeded like the session's noise (the pipeline draws its noise first from it).
+    pixels = frame.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.inference_mode():
+        latents = engine.encode(pixels)
+    pipe = reference_pipeline(vae_parts)
+    theirs = pipe(prompt="a red fox", negative_prompt="blurry" if guidance > 1 else None, image=latents,
+                  strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(3), output_type="pt").images
+    error = relative_error(ours, theirs)
+    assert error <= 1e-4, f"relative error {error:.2e}"
+
+
+def test_encode_matches_the_vae_mode(vae_parts, frame):
+    engine = DiffusionEngine.from_parts(vae_parts)
+    pixels = frame.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.inference_mode():
+        ours = engine.encode(pixels)
+        theirs = vae_parts.vae.encode(pixels).latent_dist.mode() * vae_parts.vae.config.scaling_factor
+    assert relative_error(ours, theirs) <= 1e-6
+
+
+def test_txt2img_parity_with_diffusers(vae_parts):
+    engine = DiffusionEngine.from_parts(vae_parts)
+    engine.prepare(params(mode="txt2img", steps=2))
+    ours = engine.step_float(None, [StreamState("s")])
+    pipe = reference_pipeline(vae_parts, "StableDiffusionPipeline")
+    theirs = pipe(prompt="a red fox", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert relative_error(ours, theirs) <= 1e-4
+
+
+def test_prompt_is_encoded_once_until_it_changes(parts, frame):
+    engine = DiffusionEngine.from_parts(parts)
+    for _ in range(5):
+        engine.prepare(params())
+        engine.step(frame, [StreamState("s")])
+    assert engine.text_encoder_calls == 1
+    engine.prepare(params(prompt="a blue whale"))
+    engine.prepare(params(prompt="a red fox"))  # back to a cached one
+    assert engine.text_encoder_calls == 2
+
+
+def test_fixed_noise_per_session_and_seed(parts, frame):
+    engine = DiffusionEngine.from_parts(parts)
+    engine.prepare(params(strength=0.9))
+    state = StreamState("s")
+    first = engine.step(frame, [state])
+    assert torch.equal(first, engine.step(frame, [state]))
+    engine.prepare(params(strength=0.9, seed=4))
+    assert not torch.equal(first, engine.step(frame, [state]))
+
+
+def test_batch_of_sessions_equals_each_alone(parts, frame):
+    engine = DiffusionEngine.from_parts(parts)
+    engine.prepare(params(strength=0.9))
+    other = torch.flip(frame, dims=[1])
+    together = engine.step(torch.cat([frame, other]), [StreamState("a"), StreamState("b")])
+    alone_a = engine.step(frame, [StreamState("a")])
+    alone_b = engine.step(other, [StreamState("b")])
+    assert (together[0].int() - alone_a[0].int()).abs().max() <= 1
+    assert (together[1].int() - alone_b[0].int()).abs().max() <= 1
+
+
+def test_taesd_used_when_present(parts, vae_parts):
+    assert DiffusionEngine.from_parts(parts).uses_taesd
+    assert not DiffusionEngine.from_parts(vae_parts).uses_taesd
+
+
+@pytest.mark.parametrize("width, height", [(64, 64), (64, 96)])
+def test_output_shape_dtype(parts, width, height):
+    engine = DiffusionEngine.from_parts(parts)
+    engine.prepare(params(width=width, height=height))
+    frames = torch.zeros((2, height, width, 3), dtype=torch.uint8)
+    out = engine.step(frames, [StreamState("a"), StreamState("b")])
+    assert out.shape == (2, height, width, 3) and out.dtype == torch.uint8
+    assert not bool(engine.last_nan)
+
+
+def test_low_strength_still_runs_one_step(parts, frame):
+    engine = DiffusionEngine.from_parts(parts)
+    engine.prepare(params(steps=2, strength=0.1))  # diffusers would refuse: 2 * 0.1 < 1
+    assert engine.step(frame, [StreamState("s")]).shape == (1, 64, 64, 3)
+
+
+def test_resolution_must_fit_the_vae(parts):
+    from sdbridge.errors import ModelError
+
+    engine = DiffusionEngine.from_parts(parts)
+    with pytest.raises(ModelError, match="multiple of 8"):
+        engine.prepare(params(width=68))
