@@ -20,7 +20,7 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # diffusers/transformers chatter at INFO would bury ours.
-    for noisy in ("httpx", "diffusers", "transformers", "huggingface_hub"):
+    for noisy in ("httpx", "httpx2", "diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -42,6 +42,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--device", help="auto, cuda, cuda:N, mps or cpu (default auto)")
     add("--dtype", help="auto, float16, bfloat16 or float32 (default auto: fp16 on GPUs)")
     add("--taesd", help="a TAESD folder to use as the fast autoencoder")
+    add("--model-config", help="a diffusers folder whose configs describe a single-file checkpoint of an "
+        "unusual architecture")
     add("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
     add("--allow-pickle", action="store_const", const=True,
         help="allow .ckpt/.pt files (loaded with torch.load(weights_only=True))")
@@ -60,7 +62,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "model", "engine", "device", "dtype",
-                 "taesd", "models_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route"):
+                 "taesd", "model_config", "models_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts"):
         value = getattr(args, name, None)

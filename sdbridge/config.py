@@ -41,6 +41,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     taesd: str | None = None
+    model_config: str | None = None      # a diffusers folder describing a single-file checkpoint's architecture
     models_dir: str | None = None
     allow_pickle: bool = False
     token: str | None = None

@@ -132,7 +132,7 @@ class EngineHost:
         self._notify({"type": "engine", "status": "loading", "engine": choice.engine, "model": choice.model})
         try:
             engine = create_engine(choice.engine)
-            for name in ("allow_pickle", "taesd", "models_dir"):
+            for name in ("allow_pickle", "taesd", "models_dir", "model_config"):
                 if hasattr(engine, name):
                     setattr(engine, name, getattr(self.settings, name))
             device = pick_device(self.settings.device) if engine.needs_model else pick_device("cpu")

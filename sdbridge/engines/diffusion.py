@@ -38,6 +38,7 @@ class DiffusionEngine(Engine):
         self.allow_pickle = False
         self.taesd: str | None = None
         self.models_dir: str | None = None
+        self.model_config: str | None = None
         self.parts: PipelineParts | None = None
         self._prompt_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._embeddings: torch.Tensor | None = None   # [B_cfg, 77, D]: uncond+cond with guidance, else cond
@@ -61,7 +62,8 @@ class DiffusionEngine(Engine):
             raise ModelError("the diffusion engine needs a model: pass --model PATH or set the model parameter")
         super().load(source, device, dtype)
         parts = load_pipeline_parts(source, device, dtype, allow_pickle=self.allow_pickle,
-                                    models_dir=Path(self.models_dir) if self.models_dir else None, taesd=self.taesd)
+                                    models_dir=Path(self.models_dir) if self.models_dir else None, taesd=self.taesd,
+                                    config_dir=self.model_config)
         self._adopt(parts)
 
     @classmethod

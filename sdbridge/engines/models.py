@@ -146,8 +146,10 @@ def _check_safetensors(file: Path) -> None:
         size = file.stat().st_size
         with file.open("rb") as handle:
             header_length = int.from_bytes(handle.read(8), "little")
-            if header_length <= 1 or 8 + header_length > size:
-                raise ModelError(f"{file}: corrupt safetensors header (length {header_length}, file {size} bytes)")
+            if header_length <= 1 or header_length > 100_000_000:
+                raise ModelError(f"{file}: corrupt safetensors header (length {header_length})")
+            if 8 + header_length > size:
+                raise ModelError(f"{file}: truncated ({size} bytes, its header alone needs {8 + header_length})")
             header = json.loads(handle.read(header_length))
         data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
                        default=0)
@@ -225,7 +227,9 @@ def _load_taesd(folder: Path, dtype: torch.dtype):  # noqa: ANN202 - Autoencoder
 
 
 def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
-                        models_dir: Path | None = None, taesd: str | None = None) -> PipelineParts:
+                        models_dir: Path | None = None, taesd: str | None = None,
+                        config_dir: str | Path | None = None) -> PipelineParts:
+    """Load any of the supported layouts onto ``device`` in ``dtype``; ModelError says what is wrong."""
     resolved = resolve_source(source, models_dir=models_dir)
     taesd_path = Path(taesd).expanduser() if taesd else None
     if resolved.kind == "pickle_file" and not allow_pickle:
@@ -238,7 +242,8 @@ def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *
     from sdbridge.engines.single_file import load_single_file
 
     return load_single_file(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
-                            models_dir=models_dir, source=source)
+                            models_dir=models_dir, source=source,
+                            config_dir=Path(config_dir).expanduser() if config_dir else None)
 
 
 def _folder_size(path: Path) -> int:

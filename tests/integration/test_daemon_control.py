@@ -152,3 +152,25 @@ def test_bad_osc_values_are_reported_not_applied(start_daemon, address, value):
     SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message(address, value)
     assert wait_for(lambda: daemon.osc.stats.param_errors >= 1)
     assert daemon.store.snapshot()[1] == before
+
+
+def test_corrupt_model_leaves_the_previous_model_serving(start_daemon, tiny_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    daemon = start_daemon(params={"model": str(tiny_model_dir), "width": 64, "height": 64})
+    frame = codec.encode_png(make_image(64, 64, seed=2))
+    with ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.status == "ready", timeout=60)
+        ws.send(json.dumps({"type": "set", "params": {"model": str(broken)}}))
+        error = recv_json(ws, "error", timeout=60)
+        assert error["code"] == "bad_model" and "truncated" in error["message"]
+        assert "previous engine keeps serving" in error["message"]
+        described = daemon.engines.describe()
+        assert described["engine"] == "diffusion" and described["model"] == str(tiny_model_dir)
+        ws.send(frame)
+        assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
+        assert daemon.collect_stats()["sessions"][0]["passthrough_frames"] == 0

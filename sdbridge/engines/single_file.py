@@ -1,0 +1,238 @@
+"""Single-file checkpoints in the original (AUTOMATIC1111 / CompVis) layout.
+
+Loading goes through diffusers' ``from_single_file`` with the architecture's configs shipped in
+``sdbridge/data/configs/<arch>/`` (or a ``config_dir`` for unusual architectures, such as the
+tiny test models), so it works offline. A checkpoint holds no tokenizer; the CLIP vocabulary is
+built from open_clip's BPE file (:mod:`sdbridge.engines.clip_vocab`).
+
+Pickle checkpoints (.ckpt) load only with ``allow_pickle``, through ``torch.load(weights_only=True)``,
+and are handed to diffusers as a temporary safetensors file, so that no loader down the line
+unpickles anything.
+
+``save_single_file`` writes the other way (diffusers folder -> one file), for users who want one
+file to carry around and for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from sdbridge.engines.parts import PipelineParts
+from sdbridge.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+def shipped_config_dir(architecture: str) -> Path:
+    return Path(str(resources.files("sdbridge").joinpath(f"data/configs/{architecture}")))
+
+
+def detect_architecture(keys: set[str], shapes: dict[str, tuple[int, ...]]) -> str:
+    """sd15, sd21 or sdxl from the checkpoint's keys; ModelError when it is none of them."""
+    if any(key.startswith("conditioner.embedders.1.") for key in keys):
+        return "sdxl"
+    if any(key.startswith("cond_stage_model.model.") for key in keys):
+        return "sd21"  # OpenCLIP text encoder
+    probe = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if probe in shapes:
+        return {768: "sd15", 1024: "sd21"}.get(shapes[probe][1], "unknown")
+    if any(key.startswith(CLIP_PREFIX) for key in keys) and any(key.startswith(UNET_PREFIX) for key in keys):
+        return "sd15"
+    raise ModelError(f"checkpoint keys match no known architecture (sd15, sd21, sdxl); first keys: "
+                     f"{sorted(keys)[:3]}", code="unknown_architecture")
+
+
+def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...]], Path, Path | None]:
+    """Key -> shape, the safetensors file diffusers should read, and a temporary folder to delete."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sdbridge.engines.models import _check_safetensors
+
+    if path.suffix == ".safetensors":
+        _check_safetensors(path)
+        with safe_open(str(path), framework="pt") as tensors:
+            shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
+        return shapes, path, None
+    if not allow_pickle:
+        raise ModelError(f"{path} is a pickle file; pass --allow-pickle to load it", code="pickle_refused")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: not loadable with torch.load(weights_only=True): {str(exc)[:200]}") from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: holds no state dict")
+    tensors = {key: value.contiguous() for key, value in state.items() if isinstance(value, torch.Tensor)}
+    temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
+    converted = temporary / (path.stem + ".safetensors")
+    save_file(tensors, str(converted))
+    return {key: tuple(value.shape) for key, value in tensors.items()}, converted, temporary
+
+
+def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
+                     taesd: Path | None = None, models_dir: Path | None = None, source: str | None = None,
+                     config_dir: Path | None = None) -> PipelineParts:
+    from diffusers import StableDiffusionPipeline
+
+    from sdbridge.engines.models import _load_taesd, architecture_of, find_taesd
+
+    shapes, readable, temporary = _read_keys(path, allow_pickle)
+    try:
+        if config_dir is None:
+            architecture = detect_architecture(set(shapes), shapes)
+            if architecture == "sdxl":
+                raise ModelError(f"{path}: SDXL single-file checkpoints are not supported yet (SD 1.x and 2.x are)")
+            config_dir = prepared_config_dir(architecture)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(readable), config=str(config_dir), local_files_only=True, torch_dtype=dtype,
+                safety_checker=None, requires_safety_checker=False)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{path}: does not load as the architecture of {config_dir}: "
+                             f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    architecture = architecture_of(dict(pipe.unet.config))
+    taesd_folder = taesd or find_taesd(None, architecture, models_dir)
+    parts = PipelineParts(architecture=architecture, source=source or str(path), unet=pipe.unet, vae=pipe.vae,
+                          text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+                          taesd=_load_taesd(taesd_folder, dtype) if taesd_folder else None)
+    for module in parts.modules().values():
+        module.to(device).eval().requires_grad_(False)
+    return parts
+
+
+def prepared_config_dir(architecture: str) -> Path:
+    """The shipped configs plus a tokenizer built from the CLIP vocabulary, in a cache folder."""
+    from sdbridge.engines.clip_vocab import write_clip_tokenizer
+    from sdbridge.engines.models import default_models_dir
+
+    shipped = shipped_config_dir(architecture)
+    if not (shipped / "model_index.json").is_file():
+        raise ModelError(f"no shipped configs for architecture {architecture!r}")
+    target = default_models_dir().parent / "configs" / architecture
+    if not (target / "tokenizer" / "vocab.json").is_file():
+        shutil.copytree(shipped, target, dirs_exist_ok=True)
+        write_clip_tokenizer(target / "tokenizer", pad_token="!" if architecture == "sd21" else "<|endoftext|>")
+    return target
+
+
+# --- diffusers -> original layout ---------------------------------------------------------------
+
+
+def _unet_key_map(config: dict) -> list[tuple[str, str]]:
+    """(original prefix, diffusers prefix) pairs for a UNet2DConditionModel of any depth."""
+    layers = config["layers_per_block"]
+    down_types, up_types = config["down_block_types"], config["up_block_types"]
+    pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    for i, block in enumerate(down_types):
+        for j in range(layers):
+            pairs.append((f"input_blocks.{1 + i * (layers + 1) + j}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if block.startswith("CrossAttn"):
+                pairs.append((f"input_blocks.{1 + i * (layers + 1) + j}.1.", f"down_blocks.{i}.attentions.{j}."))
+        if i < len(down_types) - 1:
+            pairs.append((f"input_blocks.{(i + 1) * (layers + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+    for i, block in enumerate(up_types):
+        for j in range(layers + 1):
+            pairs.append((f"output_blocks.{i * (layers + 1) + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if block.startswith("CrossAttn"):
+                pairs.append((f"output_blocks.{i * (layers + 1) + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < len(up_types) - 1:
+            slot = 2 if block.startswith("CrossAttn") else 1
+            pairs.append((f"output_blocks.{i * (layers + 1) + layers}.{slot}.", f"up_blocks.{i}.upsamplers.0."))
+    pairs += [("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
+              ("middle_block.2.", "mid_block.resnets.1.")]
+    return pairs
+
+
+_RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("out_layers.0.", "norm2."),
+           ("out_layers.3.", "conv2."), ("emb_layers.1.", "time_emb_proj."), ("skip_connection.", "conv_shortcut.")]
+
+
+def _convert_unet(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    prefixes = sorted(_unet_key_map(config), key=lambda pair: -len(pair[1]))
+    for key, value in state.items():
+        for original, diffusers_prefix in prefixes:
+            if key.startswith(diffusers_prefix):
+                rest = key[len(diffusers_prefix):]
+                if ".resnets." in diffusers_prefix:
+                    for sd_name, hf_name in _RESNET:
+                        if rest.startswith(hf_name):
+                            rest = sd_name + rest[len(hf_name):]
+                            break
+                out[UNET_PREFIX + original + rest] = value
+                break
+        else:
+            raise ModelError(f"UNet key {key!r} has no place in the original layout")
+    return out
+
+
+def _convert_vae(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    blocks = len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    pairs: list[tuple[str, str]] = [("encoder.norm_out.", "encoder.conv_norm_out."),
+                                    ("decoder.norm_out.", "decoder.conv_norm_out.")]
+    for i in range(blocks):
+        for j in range(layers):
+            pairs.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
+        for j in range(layers + 1):
+            pairs.append((f"decoder.up.{blocks - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
+        if i < blocks - 1:
+            pairs.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
+            pairs.append((f"decoder.up.{blocks - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0."))
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0."),
+                  (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1."),
+                  (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0.")]
+    attention = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
+                 ("proj_out.", "to_out.0.")]
+    pairs.sort(key=lambda pair: -len(pair[1]))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = key
+        for original, diffusers_prefix in pairs:
+            if key.startswith(diffusers_prefix):
+                rest = key[len(diffusers_prefix):]
+                if diffusers_prefix.endswith("attentions.0."):
+                    for sd_name, hf_name in attention:
+                        if rest.startswith(hf_name):
+                            rest = sd_name + rest[len(hf_name):]
+                            if sd_name in ("q.", "k.", "v.", "proj_out.") and value.ndim == 2:
+                                value = value[:, :, None, None]  # linear -> 1x1 conv
+                            break
+                new = original + rest.replace("conv_shortcut.", "nin_shortcut.")
+                break
+        out[VAE_PREFIX + new] = value
+    return out
+
+
+def save_single_file(parts: PipelineParts, path: Path) -> Path:
+    """Write an SD 1.x-layout checkpoint (UNet, VAE, CLIP text encoder) as one .safetensors file."""
+    from safetensors.torch import save_file
+
+    if parts.architecture == "sdxl" or parts.text_encoder_2 is not None:
+        raise ModelError("saving SDXL as a single file is not supported")
+    state: dict[str, torch.Tensor] = {}
+    state.update(_convert_unet(parts.unet.state_dict(), dict(parts.unet.config)))
+    state.update(_convert_vae(parts.vae.state_dict(), dict(parts.vae.config)))
+    for key, value in parts.text_encoder.state_dict().items():
+        # transformers 5 drops the "text_model." level from CLIPTextModel's keys; the layout keeps it.
+        state[CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path))
+    return path

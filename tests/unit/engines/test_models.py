@@ -1,0 +1,147 @@
+"""Model loading through the real loading code, on tiny random models written to temp folders."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.models import list_models, load_manifests, load_pipeline_parts, resolve_source
+from sdbridge.engines.single_file import _convert_unet, detect_architecture, save_single_file, shipped_config_dir
+from sdbridge.errors import ModelError
+from sdbridge.params import Schema
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    return load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(parts, tmp_path_factory) -> Path:
+    return save_single_file(parts, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def run_engine(parts) -> torch.Tensor:
+    engine = DiffusionEngine.from_parts(parts)
+    values = Schema().defaults()
+    values.update(width=64, height=64, strength=0.8, steps=2)
+    engine.prepare(values)
+    frame = torch.arange(64 * 64 * 3, dtype=torch.int64).reshape(1, 64, 64, 3).remainder(251).to(torch.uint8)
+    return engine.step(frame, [StreamState("s")])
+
+
+def test_diffusers_folder_loads_with_taesd(parts, tiny_model_dir):
+    assert parts.architecture == "sd15" and parts.taesd is not None
+    assert parts.source == str(tiny_model_dir)
+    assert all(not p.requires_grad for p in parts.unet.parameters())
+
+
+def test_single_file_gives_the_same_weights_and_output(parts, checkpoint, tiny_model_dir):
+    loaded = load_pipeline_parts(str(checkpoint), CPU, torch.float32, config_dir=tiny_model_dir,
+                                 taesd=str(tiny_model_dir / "taesd"))
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(parts, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key].reshape(ours[key].shape)) for key in ours), name
+    assert torch.equal(run_engine(parts), run_engine(loaded))
+
+
+def test_truncated_safetensors_names_the_file(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelError, match="diffusion_pytorch_model.safetensors: truncated"):
+        load_pipeline_parts(str(broken), CPU, torch.float32)
+
+
+def test_scribbled_safetensors_header(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"\xff" * 32
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="vae/diffusion_pytorch_model.safetensors"):
+        load_pipeline_parts(str(broken), CPU, torch.float32)
+
+
+def test_missing_and_unknown_sources(tmp_path):
+    with pytest.raises(ModelError, match="sdbridge models pull") as info:
+        resolve_source("no-such-model", models_dir=tmp_path)
+    assert info.value.code == "model_not_found"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="without model_index.json"):
+        resolve_source(str(tmp_path / "empty"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelError, match="not a model file"):
+        resolve_source(str(tmp_path / "notes.txt"))
+
+
+def test_pickle_refused_unless_allowed(parts, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    checkpoint = save_single_file(parts, tmp_path / "tiny.safetensors")
+    pickled = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(str(checkpoint))}, pickled)
+    with pytest.raises(ModelError, match="--allow-pickle") as info:
+        load_pipeline_parts(str(pickled), CPU, torch.float32, config_dir=tiny_model_dir)
+    assert info.value.code == "pickle_refused"
+    loaded = load_pipeline_parts(str(pickled), CPU, torch.float32, config_dir=tiny_model_dir, allow_pickle=True)
+    assert torch.equal(loaded.unet.conv_in.weight, parts.unet.conv_in.weight)
+
+
+def test_pickle_with_code_is_refused_even_when_allowed(tmp_path, tiny_model_dir):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickle ran",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": Evil()}}, evil)
+    with pytest.raises(ModelError, match="weights_only"):
+        load_pipeline_parts(str(evil), CPU, torch.float32, config_dir=tiny_model_dir, allow_pickle=True)
+
+
+def test_checkpoint_of_unknown_architecture(tmp_path):
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd.safetensors"
+    save_file({"some.weight": torch.zeros(2)}, str(odd))
+    with pytest.raises(ModelError, match="no known architecture"):
+        load_pipeline_parts(str(odd), CPU, torch.float32)
+
+
+@pytest.mark.parametrize("arch, expected, count", [("sd15", "sd15", 859_520_964), ("sd21", "sd21", 865_910_724)])
+def test_shipped_configs_describe_the_real_architectures(arch, expected, count):
+    """The shipped UNet configs build the real networks (on the meta device: no memory), and a
+    checkpoint in the original layout written from them is recognised as that architecture."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(shipped_config_dir(arch) / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    parameters = sum(p.numel() for p in unet.parameters())
+    assert parameters == count  # the published UNets: SD 1.5 859.5 M, SD 2.1 865.9 M parameters
+    keys = _convert_unet(unet.state_dict(), dict(unet.config))
+    clip = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    key_set = set(keys) | ({clip} if arch == "sd15" else {"cond_stage_model.model.token_embedding.weight"})
+    shapes = {key: tuple(value.shape) for key, value in keys.items()}
+    assert detect_architecture(key_set, shapes) == expected
+
+
+def test_manifests_and_listing(tmp_path, tiny_model_dir):
+    manifests = load_manifests()
+    assert manifests["sd-turbo"].repo_id == "stabilityai/sd-turbo"
+    shutil.copytree(tiny_model_dir, tmp_path / "my-model")
+    listing = {info.name: info for info in list_models(tmp_path)}
+    assert listing["my-model"].pulled and listing["my-model"].kind == "diffusers"
+    assert listing["my-model"].size_bytes > 100_000
+    assert not listing["sd-turbo"].pulled
+    assert resolve_source("my-model", models_dir=tmp_path).kind == "diffusers"
