@@ -115,3 +115,10 @@ def test_markdown_table_lists_every_parameter(schema):
     table = markdown_table(schema)
     for spec in schema:
         assert f"`/sd/{spec.name}`" in table
+
+
+def test_docs_parameter_table_matches_the_code():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    assert markdown_table(Schema()) in docs, "regenerate the table: python -m sdbridge.params"
