@@ -27,6 +27,8 @@ MAX_DATAGRAM = 65507
 MAX_BUNDLE_DEPTH = 8
 MAX_MESSAGES = 1024
 INT32_MAX = 2**31 - 1
+# Type tags python-osc decodes; it only logs (on the root logger) and skips any other.
+KNOWN_TYPE_TAGS = frozenset("ifdsbhtTFNIcrm[]")
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,30 @@ def _bad(reason: str, data: bytes) -> ProtocolError:
     return ProtocolError(f"malformed OSC packet of {len(data)} bytes: {reason}", code="bad_osc")
 
 
+def _type_tags(data: bytes, whole: bytes) -> bytes:
+    """The message's type tag string (after the ','), checked before python-osc sees it."""
+    end = data.find(b"\x00")
+    if end == -1:
+        raise _bad("address is not terminated", whole)
+    start = (end // 4 + 1) * 4
+    if start >= len(data):
+        return b""  # no type tags: an old-style message without arguments
+    if data[start:start + 1] != b",":
+        raise _bad(f"type tags do not start with ',' (got {data[start:start + 4]!r})", whole)
+    stop = data.find(b"\x00", start)
+    if stop == -1:
+        raise _bad("type tag string is not terminated", whole)
+    tags = data[start + 1:stop]
+    unknown = set(tags.decode("latin-1")) - KNOWN_TYPE_TAGS
+    if unknown:
+        raise _bad(f"unknown type tag(s) {''.join(sorted(unknown))!r}", whole)
+    return tags
+
+
 def _parse_message(data: bytes, whole: bytes) -> OscCall:
     if not data.startswith(b"/"):
         raise _bad(f"element does not start with '/' or '#bundle' (starts with {data[:8]!r})", whole)
+    _type_tags(data, whole)
     try:
         message = OscMessage(data)
         address = message.address
