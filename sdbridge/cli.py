@@ -19,9 +19,11 @@ log = logging.getLogger("sdbridge")
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # diffusers/transformers chatter at INFO would bury ours.
-    for noisy in ("httpx", "httpx2", "diffusers", "transformers", "huggingface_hub"):
+    # Library chatter would bury ours; their warnings about torchvision and config keys are noise here.
+    for noisy in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
