@@ -108,6 +108,8 @@ def resolve_source(source: str, *, models_dir: Path | None = None) -> ModelSourc
                 return ModelSource("diffusers", cached, source)
         except Exception:  # not in the cache: fall through to the clear error below
             pass
+    if source.startswith(("/", "~", ".", "\\")) or path.drive or "\\" in source:
+        raise ModelError(f"model path {source!r} does not exist", code="model_not_found")
     raise ModelError(f"model {source!r} not found: no such file or folder, not pulled to {models_dir}, not in the "
                      f"hub cache. Run `sdbridge models pull {source}` on a machine with internet, or pass "
                      f"--model PATH", code="model_not_found")

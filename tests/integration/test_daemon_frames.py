@@ -178,3 +178,32 @@ def test_truncated_jpeg_is_an_error(start_daemon):
         assert recv_json(ws, "error")["code"] == "bad_image"
         ws.send(jpeg)
         assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
+
+
+def test_oversized_frames_get_an_error_and_the_connection_stays(start_daemon):
+    daemon = start_daemon(params={**IDENTITY})
+    jpeg = bytearray(codec.encode_jpeg(make_image(16, 16), 90))
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5:sof + 7] = (9000).to_bytes(2, "big")  # claims 9000 rows
+    with ws_connect(daemon) as ws:
+        ws.send(header_frame(bytes(12), PixelFormat.RGB8, 9000, 1))
+        assert "width 9000 exceeds 8192" in recv_json(ws, "error")["message"]
+        ws.send(bytes(jpeg))
+        assert "larger than 8192" in recv_json(ws, "error")["message"]
+        ws.send(codec.encode_jpeg(make_image(), 90))
+        assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
+
+
+def test_frames_pass_through_while_no_engine_can_serve(start_daemon, tmp_path):
+    """The stream never stops: with a model that cannot load, the input comes back, flagged."""
+    daemon = start_daemon(params={"engine": "diffusion", "model": str(tmp_path / "missing"), "width": 64,
+                                  "height": 64})
+    image = make_image(64, 64)
+    with ws_connect(daemon) as ws:
+        error = recv_json(ws, "error", timeout=30)
+        assert error["code"] == "model_not_found"
+        ws.send(codec.encode_png(image))
+        out = codec.decode_image(recv_frame(ws))
+    assert np.abs(out.astype(int) - image.astype(int)).mean() < 8  # the input, through JPEG q85
+    stats = daemon.collect_stats()
+    assert stats["passthrough"] is True and stats["engine"]["status"] == "failed"
