@@ -20,6 +20,7 @@ from sdbridge.errors import ConfigError
 
 ENV_PREFIX = "SDBRIDGE_"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Settings:
     taesd: str | None = None
     model_config: str | None = None      # a diffusers folder describing a single-file checkpoint's architecture
     models_dir: str | None = None
+    model_roots: list[str] = field(default_factory=list)  # folders clients may load models from (+ models_dir)
+    vram_budget_mb: int = 0              # 0: no budget; else a model needing more fails to load (as on OOM)
     allow_pickle: bool = False
     token: str | None = None
     allowed_origins: list[str] = field(default_factory=list)
@@ -73,8 +76,9 @@ class Settings:
         if not (self.is_loopback and is_loopback_host(self.effective_osc_host)) and not self.token:
             raise ConfigError(
                 f"listening on {self.host!r} (beyond loopback) requires a token: pass --token or set SDBRIDGE_TOKEN")
-        if self.token is not None and len(self.token) < 8:
-            raise ConfigError(f"token is {len(self.token)} characters long (at least 8)")
+        if self.token is not None and len(self.token.encode()) < MIN_TOKEN_BYTES:
+            raise ConfigError(f"token is {len(self.token.encode())} bytes long; at least {MIN_TOKEN_BYTES} "
+                              f"(128 random bits as URL-safe base64): make one with `sdbridge token`")
         if not self.osc_prefix.startswith("/") or self.osc_prefix.endswith("/") or len(self.osc_prefix) < 2:
             raise ConfigError(f"osc_prefix {self.osc_prefix!r} must start with '/' and not end with it, like '/sd'")
         for network in self.osc_allow:

@@ -8,16 +8,21 @@ leaves the previous engine serving; the same failing choice is not retried until
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
 from sdbridge.engines.device import pick_device, pick_dtype
-from sdbridge.errors import SdbridgeError
+from sdbridge.errors import ModelError, SdbridgeError
+from sdbridge.paths import confine
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,23 @@ class EngineChoice:
 
 
 Notify = Callable[[dict[str, Any]], None]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def module_bytes(engine: Engine) -> int:
+    """Bytes of the weights an engine holds on its device (parameters and buffers)."""
+    parts = getattr(engine, "parts", None)
+    if parts is None:
+        return 0
+    total = 0
+    for module in parts.modules().values():
+        total += sum(t.numel() * t.element_size() for t in module.parameters())
+        total += sum(t.numel() * t.element_size() for t in module.buffers())
+    return total
 
 
 class EngineHost:
@@ -55,6 +77,26 @@ class EngineHost:
         self._told_about_models = False
 
     # --- called by the worker thread ----------------------------------------------------------
+
+    def trusted_models(self) -> set[str]:
+        """Models the operator named (flags, env, config file): loaded from anywhere."""
+        return {m for m in (self.settings.model, self.settings.params.get("model")) if m}
+
+    def model_roots(self) -> list[Path]:
+        from sdbridge.engines.models import default_models_dir
+
+        models_dir = Path(self.settings.models_dir) if self.settings.models_dir else default_models_dir()
+        return [models_dir, *(Path(root) for root in self.settings.model_roots)]
+
+    def client_model_path(self, model: str) -> str:
+        """What to load for a model a client named: a plain name (a pulled model, a hub id) as it is,
+        anything path-like only inside the model folders (PathError otherwise)."""
+        if model in self.trusted_models():
+            return model
+        path_like = any(sep in model for sep in ("/", "\\")) or model.startswith((".", "~")) or "%" in model
+        if (path_like and not _is_hub_id(model)) or Path(model).exists():
+            return str(confine(model, self.model_roots(), what="model"))
+        return model
 
     def choose(self, params: Mapping[str, Any]) -> EngineChoice:
         model = params.get("model") or self.settings.model or None
@@ -131,12 +173,22 @@ class EngineHost:
         log.info("loading engine %s", choice)
         self._notify({"type": "engine", "status": "loading", "engine": choice.engine, "model": choice.model})
         try:
+            source = self.client_model_path(choice.model) if choice.model else None
             engine = create_engine(choice.engine)
             for name in ("allow_pickle", "taesd", "models_dir", "model_config"):
                 if hasattr(engine, name):
                     setattr(engine, name, getattr(self.settings, name))
             device = pick_device(self.settings.device) if engine.needs_model else pick_device("cpu")
-            engine.load(choice.model, device, pick_dtype(device, self.settings.dtype))
+            try:
+                engine.load(source, device, pick_dtype(device, self.settings.dtype))
+            except torch.cuda.OutOfMemoryError as exc:
+                raise ModelError(f"out of device memory loading {choice.model}: {exc}", code="out_of_memory") from exc
+            budget = self.settings.vram_budget_mb * 1024 * 1024
+            needed = module_bytes(engine)
+            if budget and needed > budget:
+                engine.close()
+                raise ModelError(f"{choice.model} needs {needed / 2**20:.1f} MB of device memory, more than the "
+                                 f"{self.settings.vram_budget_mb} MB budget", code="out_of_memory")
         except Exception as exc:  # any failure: report it, keep the previous engine serving
             message = str(exc) if isinstance(exc, SdbridgeError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, SdbridgeError):

@@ -57,6 +57,9 @@ class Flags(enum.IntFlag):
 
 
 _KNOWN_FLAGS = int(Flags.BOTTOM_UP)
+_PIXEL_FORMAT_VALUES = frozenset(int(value) for value in PixelFormat)
+# The integer fields and their widths on the wire (u8, u32, u64, u16).
+_FIELD_BITS = {"channel": 8, "frame_id": 32, "client_ts_us": 64, "width": 16, "height": 16, "payload_length": 32}
 
 
 def _pixel_format(field: str, value: int) -> PixelFormat:
@@ -80,6 +83,16 @@ class FrameHeader:
     width: int
     height: int
     payload_length: int
+
+    def __post_init__(self) -> None:
+        # Plain ints from callers become the enums, so ``str`` and ``is_raw`` work. Unknown values stay as
+        # given, so that ``check``/``serialize`` can quote them in their ProtocolError.
+        for name in ("pixel_format", "reply_format"):
+            value = getattr(self, name)
+            if type(value) is int and value in _PIXEL_FORMAT_VALUES:
+                object.__setattr__(self, name, PixelFormat(value))
+        if type(self.flags) is int and 0 <= self.flags <= _KNOWN_FLAGS:
+            object.__setattr__(self, "flags", Flags(self.flags))
 
     @classmethod
     def parse(cls, data: bytes | bytearray | memoryview) -> tuple[FrameHeader, memoryview]:
@@ -105,17 +118,19 @@ class FrameHeader:
         return header, payload
 
     def check(self) -> None:
-        """Rules across fields."""
-        if self.payload_length > MAX_PAYLOAD:
-            raise ProtocolError(f"payload_length {self.payload_length} exceeds {MAX_PAYLOAD}")
+        """Rules across fields (``parse`` calls it; ``serialize`` does not, so tests can build bad frames)."""
+        self._check_ranges()
         for name in ("width", "height"):
             value = getattr(self, name)
             if value > MAX_DIMENSION:
                 raise ProtocolError(f"{name} {value} exceeds {MAX_DIMENSION}")
+        if self.payload_length > MAX_PAYLOAD:
+            raise ProtocolError(f"payload_length {self.payload_length} exceeds {MAX_PAYLOAD}")
         if self.pixel_format.is_raw:
-            if self.width == 0 or self.height == 0:
-                raise ProtocolError(f"{self.pixel_format.name} frame needs a width and height, got "
-                                    f"{self.width}x{self.height}")
+            for name in ("width", "height"):
+                if getattr(self, name) == 0:
+                    raise ProtocolError(f"{name} 0 is not allowed for {self.pixel_format.name} frames "
+                                        f"(1..{MAX_DIMENSION}; only JPEG/PNG may send 0)")
             needed = self.width * self.height * (self.pixel_format.channels or 0)
             if self.payload_length != needed:
                 raise ProtocolError(f"{self.pixel_format.name} frame {self.width}x{self.height} needs {needed} "
@@ -123,7 +138,23 @@ class FrameHeader:
         elif self.payload_length == 0:
             raise ProtocolError(f"{self.pixel_format.name} frame has an empty payload")
 
+    def _check_ranges(self) -> None:
+        """Each field fits its wire type, so ``serialize`` never lets a ``struct.error`` out."""
+        if self.version != VERSION:
+            raise ProtocolError(f"unsupported version {self.version} (expected {VERSION})")
+        for name in ("pixel_format", "reply_format"):
+            if not isinstance(getattr(self, name), PixelFormat):
+                _pixel_format(name, getattr(self, name))
+        if not isinstance(self.flags, int) or self.flags & ~_KNOWN_FLAGS or self.flags < 0:
+            raise ProtocolError(f"unknown flags {self.flags!r} (only bit 0, BOTTOM_UP, is defined)")
+        for name, bits in _FIELD_BITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 1 << bits:
+                raise ProtocolError(f"{name} {value!r} is not a u{bits} (0..{(1 << bits) - 1})")
+
     def serialize(self) -> bytes:
+        """The 32 header bytes. Checks that each field fits its wire type, not the rules across fields."""
+        self._check_ranges()
         return _LAYOUT.pack(MAGIC, self.version, int(self.pixel_format), int(self.flags), self.channel,
                             int(self.reply_format), self.frame_id, self.client_ts_us, self.width, self.height,
                             self.payload_length)

@@ -8,11 +8,14 @@ sessions' latest-frame slots and at :meth:`Daemon.deliver` (worker -> loop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import signal
 import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +25,15 @@ from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
-from sdbridge.bridge.session import Session, SessionRegistry, Viewer
+from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
-from sdbridge.errors import SdbridgeError
+from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.params import ParamStore, Schema
 
 log = logging.getLogger(__name__)
+
+LAG_PROBE_S = 0.01
 
 
 @dataclass
@@ -48,6 +53,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The daemon handles SIGINT/SIGTERM itself (Daemon.serve_forever): uvicorn's handler would
+        # re-raise the signal after its own shutdown and kill the process before the worker, OSC and
+        # the engine are stopped.
+        yield
 
 
 class Daemon:
@@ -72,6 +86,8 @@ class Daemon:
         self._server: uvicorn.Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._telemetry_task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+        self.loop_lag = RateMeter(samples=2048)  # how late the loop wakes a 10 ms timer: its responsiveness
         self._subscribers: dict[str, set[Viewer]] = {"stats": set(), "params": set()}
         self._middleware: AccessMiddleware | None = None
 
@@ -80,7 +96,11 @@ class Daemon:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         settings = self.settings
-        sock = bind_socket(settings.host, settings.port)
+        try:
+            sock = bind_socket(settings.host, settings.port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; is another "
+                              f"sdbridge or AUTOMATIC1111 running? Stop it or pass --port N") from None
         self.port = sock.getsockname()[1]
         self._middleware = AccessMiddleware(create_app(self), AccessPolicy(settings, self.port))
         config = uvicorn.Config(
@@ -89,7 +109,7 @@ class Daemon:
             ws_per_message_deflate=False, ws_max_size=settings.ws_max_size,
             ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _Server(config)
         self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="sdbridge-http")
         while not self._server.started:
             if self._serve_task.done():
@@ -100,13 +120,20 @@ class Daemon:
         if settings.osc:
             self.osc = OscServer(self.store, prefix=settings.osc_prefix, allowed_sources=settings.osc_allow,
                                  on_error=self._osc_error)
-            await self.osc.start(settings.effective_osc_host, settings.osc_port)
+            try:
+                await self.osc.start(settings.effective_osc_host, settings.osc_port)
+            except OSError as exc:
+                self._server.should_exit = True
+                await asyncio.gather(self._serve_task, return_exceptions=True)
+                raise ConfigError(f"cannot listen for OSC on udp {settings.effective_osc_host}:{settings.osc_port}: "
+                                  f"{exc.strerror or exc}; pass --osc-port N or --no-osc") from None
             self.osc_port = self.osc.port
         if settings.feedback_port:
             self.feedback = OscSender(settings.feedback_host, settings.feedback_port)
             await self.feedback.start()
         self.store.subscribe(self._params_changed)
         self._telemetry_task = asyncio.create_task(self._telemetry(), name="sdbridge-telemetry")
+        self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="sdbridge-loop-lag")
         self.worker.start()
         self.engines.select(self.store.snapshot()[1])
         self.registry.wake.set()
@@ -124,9 +151,10 @@ class Daemon:
             self._server.should_exit = True
         if self._serve_task is not None:
             await asyncio.gather(self._serve_task, return_exceptions=True)
-        if self._telemetry_task is not None:
-            self._telemetry_task.cancel()
-            await asyncio.gather(self._telemetry_task, return_exceptions=True)
+        for task in (self._telemetry_task, self._lag_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self.store.unsubscribe(self._params_changed)
         if self.osc is not None:
             self.osc.close()
@@ -137,12 +165,28 @@ class Daemon:
         self.engines.close()
         log.info("sdbridge stopped")
 
+    def request_stop(self) -> None:
+        """Begin a clean shutdown (the first Ctrl-C or SIGTERM); a second one forces it."""
+        if self._server is None:
+            return
+        if self._server.should_exit:
+            self._server.force_exit = True
+        self._server.should_exit = True
+        log.info("stopping: closing connections, then the worker and the engine")
+
     async def serve_forever(self) -> None:
         await self.start()
+        loop = asyncio.get_running_loop()
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # signal.signal, not loop.add_signal_handler: the latter does not exist on Windows.
+            previous[sig] = signal.signal(sig, lambda *_: loop.call_soon_threadsafe(self.request_stop))
         try:
             await self.wait()
         finally:
             await self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # --- worker -> loop -----------------------------------------------------------------------
 
@@ -215,6 +259,8 @@ class Daemon:
             "connections": self.stats.connections,
             "errors_sent": self.stats.errors_sent,
             "refused_requests": self._middleware.refused if self._middleware else 0,
+            "loop_lag_ms_p50": _round(self.loop_lag.percentile(50)),
+            "loop_lag_ms_p99": _round(self.loop_lag.percentile(99)),
             "worker": {"turns": self.worker.turns, "engine_errors": self.worker.engine_errors,
                        "last_step_ms": round(self.worker.last_step_ms, 2)},
             "osc": dataclasses.asdict(self.osc.stats) if self.osc is not None else None,
@@ -245,6 +291,13 @@ class Daemon:
             except Exception:  # telemetry must never take the daemon down
                 log.exception("telemetry failed")
 
+    async def _watch_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_PROBE_S)
+            self.loop_lag.record(max(0.0, (loop.time() - before - LAG_PROBE_S) * 1000))
+
     async def list_models(self) -> list[dict[str, Any]]:
         from sdbridge.engines import models
 
@@ -264,6 +317,10 @@ def _models_dir(settings: Settings):  # noqa: ANN202 - a Path or None
     from pathlib import Path
 
     return Path(settings.models_dir) if settings.models_dir else None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _url_host(host: str) -> str:

@@ -95,8 +95,9 @@ def resolve_source(source: str, *, models_dir: Path | None = None) -> ModelSourc
         return ModelSource(kind, path, path.name)
     models_dir = models_dir or default_models_dir()
     pulled = models_dir / source.replace("/", "--")
-    if _kind_of_path(pulled) == "diffusers":
-        return ModelSource("diffusers", pulled, source)
+    kind = _kind_of_path(pulled)
+    if kind is not None:
+        return ModelSource(kind, pulled, source)
     manifest = load_manifests().get(source)
     repo_id = manifest.repo_id if manifest else source
     if "/" in repo_id:

@@ -161,7 +161,8 @@ def test_corrupt_model_leaves_the_previous_model_serving(start_daemon, tiny_mode
     shutil.copytree(tiny_model_dir, broken)
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    daemon = start_daemon(params={"model": str(tiny_model_dir), "width": 64, "height": 64})
+    daemon = start_daemon(params={"model": str(tiny_model_dir), "width": 64, "height": 64},
+                          models_dir=str(tmp_path))  # a client may load models from here only
     frame = codec.encode_png(make_image(64, 64, seed=2))
     with ws_connect(daemon) as ws:
         assert wait_for(lambda: daemon.engines.status == "ready", timeout=60)

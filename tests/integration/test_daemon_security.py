@@ -32,7 +32,7 @@ def test_dns_rebinding_host_refused(start_daemon):
 
 
 def test_token_required_when_configured(start_daemon):
-    token = "a-long-stage-token"
+    token = "a-long-stage-token-0123456789"
     daemon = start_daemon(params={"engine": "identity"}, token=token)
     base = f"http://127.0.0.1:{daemon.port}"
     with httpx.Client(base_url=base, trust_env=False) as http:

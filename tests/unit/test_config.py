@@ -30,7 +30,7 @@ def test_env_config_path(tmp_path):
 def test_public_address_requires_a_token():
     with pytest.raises(ConfigError, match="requires a token"):
         load_settings({"host": "0.0.0.0"}, env={})
-    settings = load_settings({"host": "0.0.0.0", "token": "s3cret-token"}, env={})
+    settings = load_settings({"host": "0.0.0.0", "token": "s3cret-stage-token-0123456789"}, env={})
     assert not settings.is_loopback
 
 
@@ -66,3 +66,8 @@ def test_bad_osc_allow_and_prefix():
 def test_loopback_names():
     assert is_loopback_host("127.0.0.2") and is_loopback_host("::1") and is_loopback_host("localhost")
     assert not is_loopback_host("0.0.0.0") and not is_loopback_host("192.168.1.4")
+
+
+def test_token_must_carry_128_bits():
+    with pytest.raises(ConfigError, match="at least 22"):
+        load_settings({"host": "0.0.0.0", "token": "short-token"}, env={})

@@ -38,14 +38,14 @@ def test_configured_origin_allowed():
 
 
 def test_token_forms():
-    policy = AccessPolicy(Settings(host="0.0.0.0", token="s3cret-token"), port=7860)
+    policy = AccessPolicy(Settings(host="0.0.0.0", token="s3cret-stage-token-0123456789"), port=7860)
     assert policy.check_token({}, "") is not None
-    assert policy.check_token({"authorization": "Bearer s3cret-token"}, "") is None
+    assert policy.check_token({"authorization": "Bearer s3cret-stage-token-0123456789"}, "") is None
     assert policy.check_token({"authorization": "Bearer wrong-token"}, "") is not None
-    basic = base64.b64encode(b"user:s3cret-token").decode()
+    basic = base64.b64encode(b"user:s3cret-stage-token-0123456789").decode()
     assert policy.check_token({"authorization": f"Basic {basic}"}, "") is None
     assert policy.check_token({"authorization": "Basic !!!notbase64"}, "") is not None
-    assert policy.check_token({}, "token=s3cret-token") is None
+    assert policy.check_token({}, "token=s3cret-stage-token-0123456789") is None
     assert policy.check_token({}, "token=nope") is not None
     # Beyond loopback with a token, any Host name is accepted (the token is the defence).
     assert policy.check_host("192.168.1.20:7860") is None

@@ -1,0 +1,44 @@
+"""Paths that a client names (a model, a preset, a LoRA, an output) stay inside their folders.
+
+A client on the wire may send ``../../etc/passwd``, an absolute path, a URL-encoded ``%2e%2e/``,
+a Windows ``..\\``, or a name that a symlink inside the folder points out of. :func:`confine`
+resolves the name the way the file system will (symlinks followed) and refuses anything that
+does not land inside one of the allowed roots.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import unquote
+
+from sdbridge.errors import SdbridgeError
+
+
+class PathError(SdbridgeError):
+    code = "forbidden_path"
+
+
+def confine(name: str, roots: Iterable[str | Path], what: str = "path") -> Path:
+    """The resolved path of ``name`` inside one of ``roots``, or PathError naming what was refused."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise PathError(f"{what} {name!r} is not a usable name")
+    decoded = name
+    for _ in range(3):  # %252e%252e -> %2e%2e -> ..
+        decoded = unquote(decoded)
+    if decoded != name:
+        raise PathError(f"{what} {name!r} is URL-encoded; send the plain name")
+    candidate = name.replace("\\", "/")
+    if candidate.startswith("~"):
+        raise PathError(f"{what} {name!r} names a home folder; send a name inside the allowed folders")
+    resolved_roots = [Path(root).expanduser().resolve() for root in roots]
+    if not resolved_roots:
+        raise PathError(f"{what} {name!r} refused: no folder is open to clients")
+    for root in resolved_roots:
+        target = Path(candidate) if os.path.isabs(candidate) else root / candidate
+        real = target.resolve()
+        if real == root or root in real.parents:
+            return real
+    shown = ", ".join(str(root) for root in resolved_roots)
+    raise PathError(f"{what} {name!r} is outside the folders clients may use ({shown})")

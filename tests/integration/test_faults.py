@@ -1,0 +1,167 @@
+"""Faults on stage: a dead client, a failing engine, a model too big, a port in use, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from sdbridge.bridge import codec
+from tests.clients import StalledViewer, make_image, recv_frame, recv_json, ws_connect
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_engine_exception_is_reported_and_the_next_frame_served(start_daemon, monkeypatch):
+    from sdbridge.engines.identity import IdentityEngine
+
+    calls = {"n": 0}
+    original = IdentityEngine.step
+
+    def flaky(self, frames, states):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated CUDA error")
+        return original(self, frames, states)
+
+    monkeypatch.setattr(IdentityEngine, "step", flaky)
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    frame = codec.encode_png(make_image())
+    messages: list = []
+    with ws_connect(daemon) as ws:
+        for _ in range(3):
+            ws.send(frame)
+            while not isinstance(message := ws.recv(timeout=10), bytes):  # every frame gets an answer
+                messages.append(json.loads(message))
+    errors = [m for m in messages if m["type"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["code"] == "engine_failed" and "simulated CUDA error" in errors[0]["message"]
+    stats = daemon.collect_stats()
+    assert stats["worker"]["engine_errors"] == 1 and stats["frames_out"] == 3
+
+
+def test_model_over_the_vram_budget_leaves_the_previous_engine(start_daemon, tiny_model_dir, tmp_path):
+    daemon = start_daemon(params={"engine": "preview", "width": 64, "height": 64}, vram_budget_mb=1,
+                          model_roots=[str(tiny_model_dir.parent)])
+    with ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.status == "ready")
+        ws.send(json.dumps({"type": "set", "params": {"engine": "diffusion", "model": str(tiny_model_dir)}}))
+        error = recv_json(ws, "error", timeout=60)
+        assert error["code"] == "out_of_memory" and "1 MB budget" in error["message"]
+        assert daemon.engines.describe()["engine"] == "preview"
+        ws.send(codec.encode_png(make_image()))
+        assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
+
+
+def test_checkpoint_of_wrong_architecture_leaves_the_previous_engine(start_daemon, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"not.a.unet": torch.zeros(4)}, str(tmp_path / "odd.safetensors"))
+    daemon = start_daemon(params={"engine": "preview"}, models_dir=str(tmp_path))
+    with ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.status == "ready")
+        ws.send(json.dumps({"type": "set", "params": {"engine": "diffusion", "model": "odd.safetensors"}}))
+        error = recv_json(ws, "error", timeout=30)
+    assert error["code"] == "unknown_architecture"
+    assert daemon.engines.describe()["engine"] == "preview"
+
+
+@pytest.mark.parametrize("attempt", ["../../etc", "/etc", "%2e%2e/%2e%2e/etc", "..\\..\\etc"])
+def test_client_cannot_name_a_model_outside_the_model_folders(start_daemon, tmp_path, attempt):
+    daemon = start_daemon(params={"engine": "identity"}, models_dir=str(tmp_path))
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "set", "params": {"engine": "diffusion", "model": attempt}}))
+        error = recv_json(ws, "error", timeout=30)
+    assert error["code"] == "forbidden_path", error
+
+
+def test_vanished_client_is_dropped_within_the_ping_timeout(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"}, ws_ping_interval_s=0.5, ws_ping_timeout_s=0.5)
+    ghost = StalledViewer(daemon.port, "?session=ghost")  # never reads, never answers a ping, never closes
+    try:
+        assert wait_for(lambda: daemon.registry.get("ghost") is not None, timeout=5)
+        started = time.monotonic()
+        assert wait_for(lambda: daemon.registry.get("ghost") is None, timeout=10)
+        dropped_after = time.monotonic() - started
+    finally:
+        ghost.close()
+    assert dropped_after < 10  # ping interval + timeout is 1 s; the bound is 10x looser
+    assert daemon.stats.connections == 0
+
+
+def test_port_in_use_is_refused_with_a_clear_message():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port),
+                                 "--osc-port", str(free_port(socket.SOCK_DGRAM))], capture_output=True, text=True,
+                                timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_osc_port_in_use_is_refused_with_a_clear_message():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        result = subprocess.run([sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(free_port()),
+                                 "--osc-port", str(busy.getsockname()[1])], capture_output=True, text=True,
+                                timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "cannot listen for OSC" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_drains_and_exits_cleanly(tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--osc-port",
+                                str(free_port(socket.SOCK_DGRAM)), "--engine", "identity"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: _healthy(port), timeout=60)
+        with ws_connect(type("D", (), {"port": port})()) as ws:  # a live client while the daemon stops
+            ws.send(codec.encode_png(make_image()))
+            recv_frame(ws)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+            elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = process.stdout.read()
+    assert process.returncode == 0, output
+    assert "sdbridge stopped" in output
+    assert elapsed < 20  # the target is 2 s (benchmarks/RESULTS.md); tests hold bounds 10x looser
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
