@@ -15,6 +15,7 @@ from sdbridge.errors import CodecError
 
 RESIZE_MODES = ("crop", "fit", "stretch")
 _JPEG_END = b"\xff\xd9"
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its (fixed) CRC
 
 
 def _check_size(width: int, height: int, what: str) -> None:
@@ -22,8 +23,12 @@ def _check_size(width: int, height: int, what: str) -> None:
         raise CodecError(f"{what} is {width}x{height}, larger than {MAX_DIMENSION} per side")
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from a JPEG's SOF marker, without decoding (bounds memory before decode)."""
+def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
+    """Width and height from a JPEG's SOF marker, without decoding (bounds memory before decode).
+
+    Walks the marker segments by their lengths (a few steps, whatever the file's size); None when
+    no SOF comes before the image data, which no decodable JPEG does.
+    """
     index = 2
     while index + 9 < len(data):
         if data[index] != 0xFF:
@@ -41,31 +46,49 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes | memoryview) -> np.ndarray:
-    """A JPEG or PNG file -> RGB uint8; CodecError when it cannot be decoded in full."""
-    data = bytes(data)
+def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """A JPEG or PNG file -> RGB uint8 ``[H, W, 3]``, contiguous; CodecError unless it decodes in full.
+
+    Truncation is caught before OpenCV sees the data: libjpeg decodes a cut JPEG "successfully"
+    into a grey lower half, and both libraries print warnings to stderr about it. A file that ends
+    well but is corrupt inside still decodes (with libjpeg's "Corrupt JPEG data" line on stderr,
+    which OpenCV gives no per-call way to silence).
+    """
+    buffer = np.frombuffer(data, np.uint8)  # no copy of a memoryview payload
     kind = sniff(data)
     if kind == "jpeg":
-        # A truncated JPEG decodes "successfully" into a grey lower half: refuse it.
-        if not data.rstrip(b"\x00").endswith(_JPEG_END):
-            raise CodecError(f"JPEG data is truncated ({len(data)} bytes, no end-of-image marker)")
-        size = _jpeg_size(data)
-        if size is not None:
-            _check_size(size[0], size[1], "JPEG")
+        # Encoders may pad after the end-of-image marker with zeros; anything else is a cut file.
+        if not bytes(data[-64:]).rstrip(b"\x00").endswith(_JPEG_END):
+            raise CodecError(f"JPEG data is truncated ({len(buffer)} bytes, no end-of-image marker)")
+        size = _jpeg_size(memoryview(data))
+        if size is None:
+            raise CodecError(f"JPEG data could not be decoded ({len(buffer)} bytes, no frame header before "
+                             f"the image data)")
+        _check_size(size[0], size[1], "JPEG")
     elif kind == "png":
-        if len(data) >= 24:
+        if not bytes(data[-len(_PNG_END):]) == _PNG_END:
+            raise CodecError(f"PNG data is truncated ({len(buffer)} bytes, no IEND chunk at the end)")
+        if len(buffer) >= 24:  # IHDR: width and height, big-endian, at bytes 16..24
             _check_size(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), "PNG")
     else:
-        raise CodecError(f"{len(data)} bytes are neither a JPEG nor a PNG file")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        raise CodecError(f"{len(buffer)} bytes are neither a JPEG nor a PNG file (first bytes "
+                         f"{bytes(data[:4]).hex(' ') or 'none'})")
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise CodecError(f"{kind.upper()} data could not be decoded ({len(buffer)} bytes): "
+                         f"{str(exc).strip().splitlines()[-1][:200]}") from exc
     if image is None or image.size == 0:
-        raise CodecError(f"{kind.upper()} data could not be decoded ({len(data)} bytes)")
+        raise CodecError(f"{kind.upper()} data could not be decoded ({len(buffer)} bytes)")
+    _check_size(image.shape[1], image.shape[0], kind.upper())  # the headers above may not have said
     if image.dtype != np.uint8:  # 16-bit PNG
         image = (image >> 8).astype(np.uint8)
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if image.shape[2] == 2:  # grey + alpha, should OpenCV ever keep it
+        return cv2.cvtColor(np.ascontiguousarray(image[:, :, 0]), cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -86,7 +109,11 @@ def decode_raw(payload: bytes | memoryview, width: int, height: int, pixel_forma
 
 
 def decode_frame(header: FrameHeader | None, payload: bytes | memoryview) -> np.ndarray:
-    """A received frame (bare file when ``header`` is None) -> RGB uint8."""
+    """A received frame (bare file when ``header`` is None) -> RGB uint8 ``[H, W, 3]``.
+
+    For JPEG/PNG the file's own size wins over the header's width and height (0 or a claim).
+    ``BOTTOM_UP`` flips any format, so that a flipped reply matches a flipped input.
+    """
     if header is None or not header.pixel_format.is_raw:
         image = decode_image(payload)
         if header is not None and header.bottom_up:
@@ -95,8 +122,13 @@ def decode_frame(header: FrameHeader | None, payload: bytes | memoryview) -> np.
     return decode_raw(payload, header.width, header.height, header.pixel_format, header.bottom_up)
 
 
+def _check_rgb(image: np.ndarray) -> None:
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, (image.dtype, image.shape)
+
+
 def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
     """RGB -> JPEG, 4:2:0 set explicitly (library defaults differ; 4:4:4 makes 50 % larger files)."""
+    _check_rgb(image)
     bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
     ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality),
                                           cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
@@ -106,6 +138,8 @@ def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
 
 
 def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
+    """RGB -> PNG; compression 1 because speed matters more than size on a live stream."""
+    _check_rgb(image)
     bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
     ok, data = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
@@ -114,6 +148,8 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
 
 
 def encode_raw(image: np.ndarray, pixel_format: PixelFormat, bottom_up: bool = False) -> bytes:
+    """RGB -> raw RGB8 or RGBA8 rows (alpha 255), bottom row first when ``bottom_up``."""
+    _check_rgb(image)
     if bottom_up:
         image = image[::-1]
     if pixel_format == PixelFormat.RGB8:
@@ -140,12 +176,18 @@ def encode_reply(image: np.ndarray, pixel_format: PixelFormat | int, quality: in
 
 
 def fit(image: np.ndarray, width: int, height: int, mode: str = "crop") -> np.ndarray:
-    """Fit ``image`` to ``width``×``height``: crop (cover, centred), fit (contain, black bars) or stretch."""
+    """Fit ``image`` to ``width``×``height``: crop (cover, centred), fit (contain, black bars) or stretch.
+
+    Returns ``image`` itself when it already has the size. INTER_AREA when shrinking (no aliasing),
+    INTER_LINEAR when growing.
+    """
+    if mode not in RESIZE_MODES:
+        raise CodecError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
+    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+        raise CodecError(f"target size {width}x{height} is not within 1..{MAX_DIMENSION} per side")
     in_height, in_width = image.shape[:2]
     if (in_width, in_height) == (width, height):
         return image
-    if mode not in RESIZE_MODES:
-        raise CodecError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
     if mode == "stretch":
         return _resize(image, width, height)
     scale = (max if mode == "crop" else min)(width / in_width, height / in_height)

@@ -1,5 +1,12 @@
+"""The image codec: JPEG/PNG/raw round trips, bad data, row order, and the three resize modes."""
+
+from __future__ import annotations
+
+import cv2
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sdbridge.bridge import codec
 from sdbridge.bridge.protocol import Flags, FrameHeader, PixelFormat
@@ -11,97 +18,245 @@ def gradient(width: int = 64, height: int = 48) -> np.ndarray:
     return np.stack([x * 4 % 256, y * 5 % 256, (x + y) % 256], axis=-1).astype(np.uint8)
 
 
-def test_jpeg_round_trip_is_close_and_420():
+def cv2_png(image: np.ndarray) -> bytes:
+    """A PNG written by OpenCV directly (BGR/BGRA/grey as given), to feed decode_image other layouts."""
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
+JPEG = codec.encode_jpeg(gradient(), 90)
+PNG = codec.encode_png(gradient())
+
+
+# Round trips
+
+
+def test_jpeg_round_trip_is_close_and_rgb():
     image = gradient()
-    data = codec.encode_jpeg(image, 95)
-    assert data[:3] == b"\xff\xd8\xff"
-    decoded = codec.decode_image(data)
-    assert decoded.shape == image.shape and np.abs(decoded.astype(int) - image).mean() < 4
-    # 4:2:0: the SOF0 marker lists the first component with sampling factors 2x2 (0x22).
+    image[:8, :8] = (255, 0, 0)  # a red corner: checks the channel order, not just the size
+    decoded = codec.decode_image(codec.encode_jpeg(image, 95))
+    assert decoded.shape == image.shape and decoded.dtype == np.uint8 and decoded.flags.c_contiguous
+    assert np.abs(decoded.astype(int) - image).mean() < 4
+    assert decoded[2, 2, 0] > 200 and decoded[2, 2, 2] < 60
+
+
+def test_jpeg_is_420():
+    data = codec.encode_jpeg(gradient(), 85)
+    # SOF0: FF C0, length (2), precision (1), height (2), width (2), components (1), then per
+    # component id + sampling factors: the first (Y) is 2x2 = 0x22, the chroma ones 1x1 = 0x11.
     sof = data.index(b"\xff\xc0")
-    assert data[sof + 11] == 0x22
+    assert data[sof + 9] == 3 and data[sof + 11] == 0x22 and data[sof + 14] == 0x11 and data[sof + 17] == 0x11
 
 
-def test_png_round_trip_exact_and_alpha_dropped():
-    import cv2
+def test_jpeg_quality_changes_size():
+    image = gradient(128, 128) + np.random.default_rng(0).integers(0, 30, (128, 128, 3), dtype=np.uint8)
+    assert len(codec.encode_jpeg(image, 30)) < len(codec.encode_jpeg(image, 95))
 
+
+def test_png_round_trip_is_exact():
     image = gradient()
     assert np.array_equal(codec.decode_image(codec.encode_png(image)), image)
-    rgba = np.dstack([image, np.full(image.shape[:2], 7, np.uint8)])
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
-    assert np.array_equal(codec.decode_image(data.tobytes()), image)
-    ok, grey = cv2.imencode(".png", image[:, :, 0])
-    assert codec.decode_image(grey.tobytes()).shape == image.shape
+
+
+def test_png_alpha_is_dropped():
+    image = gradient()
+    bgra = np.dstack([image[:, :, ::-1], np.full(image.shape[:2], 7, np.uint8)])
+    assert np.array_equal(codec.decode_image(cv2_png(bgra)), image)
+
+
+def test_grey_png_and_jpeg_become_rgb():
+    grey = gradient()[:, :, 0]
+    decoded = codec.decode_image(cv2_png(grey))
+    assert decoded.shape == (48, 64, 3) and np.array_equal(decoded[:, :, 1], grey)
+    ok, jpeg = cv2.imencode(".jpg", grey)
+    assert codec.decode_image(jpeg.tobytes()).shape == (48, 64, 3)
+
+
+def test_16_bit_png_becomes_8_bit():
+    image16 = gradient().astype(np.uint16) * 257
+    assert np.array_equal(codec.decode_image(cv2_png(image16[:, :, ::-1])), gradient())
+
+
+def test_decode_image_takes_a_memoryview():
+    message = b"header" + JPEG
+    assert codec.decode_image(memoryview(message)[6:]).shape == (48, 64, 3)
+
+
+def test_jpeg_padded_with_zeros_after_the_end_marker_decodes():
+    assert codec.decode_image(JPEG + bytes(16)).shape == (48, 64, 3)
+
+
+# Bad data
 
 
 @pytest.mark.parametrize("data, message", [
-    (b"", "neither a JPEG nor a PNG"),
-    (b"hello world", "neither a JPEG nor a PNG"),
-    (b"\xff\xd8\xff\xe0" + bytes(50) + b"\xff\xd9", "could not be decoded"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(40), "could not be decoded"),
+    pytest.param(b"", "0 bytes are neither a JPEG nor a PNG file", id="empty"),
+    pytest.param(b"hello world", "11 bytes are neither a JPEG nor a PNG file (first bytes 68 65 6c 6c)",
+                 id="garbage"),
+    pytest.param(b"GIF89a" + bytes(20), "neither a JPEG nor a PNG", id="gif"),
+    pytest.param(b"\xff\xd8\xff\xe0" + bytes(50) + b"\xff\xd9", "JPEG data could not be decoded (56 bytes",
+                 id="jpeg_garbage_inside"),
+    pytest.param(b"\xff\xd8\xff\xd9", "JPEG data could not be decoded (4 bytes", id="jpeg_markers_only"),
+    pytest.param(b"\x89PNG\r\n\x1a\n" + bytes(40) + b"IEND\xaeB`\x82", "PNG data could not be decoded (56 bytes)",
+                 id="png_garbage_inside"),
 ])
 def test_bad_images(data, message):
-    with pytest.raises(CodecError, match=message):
+    with pytest.raises(CodecError, match=message.replace("(", r"\(").replace(")", r"\)")):
         codec.decode_image(data)
 
 
-def test_truncated_jpeg_is_refused():
-    data = codec.encode_jpeg(gradient(), 90)
-    with pytest.raises(CodecError, match="truncated"):
-        codec.decode_image(data[: len(data) // 2])
+@pytest.mark.parametrize("cut", [0.5, 0.9, 0.99])
+def test_truncated_jpeg_is_refused(cut):
+    with pytest.raises(CodecError, match=f"JPEG data is truncated \\({int(len(JPEG) * cut)} bytes"):
+        codec.decode_image(JPEG[: int(len(JPEG) * cut)])
+
+
+def test_truncated_png_is_refused():
+    with pytest.raises(CodecError, match="PNG data is truncated"):
+        codec.decode_image(PNG[: len(PNG) - 5])
 
 
 def test_oversized_jpeg_refused_before_decoding():
     data = bytearray(codec.encode_jpeg(gradient(16, 16), 90))
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = (9000).to_bytes(2, "big") + (16).to_bytes(2, "big")  # height 9000
-    with pytest.raises(CodecError, match="larger than 8192"):
+    with pytest.raises(CodecError, match="JPEG is 16x9000, larger than 8192 per side"):
         codec.decode_image(bytes(data))
 
 
-def test_raw_rgba_bottom_up():
+def test_oversized_png_refused_before_decoding():
+    data = bytearray(codec.encode_png(gradient(16, 16)))
+    data[16:20] = (10000).to_bytes(4, "big")  # IHDR width (its CRC is now wrong too: never reached)
+    with pytest.raises(CodecError, match="PNG is 10000x16, larger than 8192 per side"):
+        codec.decode_image(bytes(data))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(JPEG) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.sampled_from([JPEG, PNG]))
+def test_damaged_files_raise_only_codec_error(changes, original):
+    data = bytearray(original)
+    for index, value in changes:
+        data[index % len(data)] = value
+    try:
+        image = codec.decode_image(bytes(data))
+    except CodecError:
+        return
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3  # corrupt inside, still an image
+
+
+# Raw pixels and row order
+
+
+def test_raw_rgb8_is_a_view():
     image = gradient(4, 3)
-    rgba = np.dstack([image, np.full((3, 4), 255, np.uint8)])[::-1]
-    decoded = codec.decode_raw(rgba.tobytes(), 4, 3, PixelFormat.RGBA8, bottom_up=True)
+    payload = image.tobytes()
+    decoded = codec.decode_raw(memoryview(payload), 4, 3, PixelFormat.RGB8)
+    assert np.array_equal(decoded, image) and np.shares_memory(decoded, np.frombuffer(payload, np.uint8))
+
+
+def test_raw_rgba_bottom_up_drops_alpha_and_flips():
+    image = gradient(4, 3)
+    rgba_bottom_up = np.dstack([image, np.full((3, 4), 9, np.uint8)])[::-1]
+    decoded = codec.decode_raw(rgba_bottom_up.tobytes(), 4, 3, PixelFormat.RGBA8, bottom_up=True)
     assert np.array_equal(decoded, image)
-    assert codec.encode_raw(image, PixelFormat.RGBA8, bottom_up=True) == np.ascontiguousarray(rgba).tobytes()
-    with pytest.raises(CodecError, match="needs 48 bytes"):
+
+
+def test_raw_size_mismatch_and_wrong_format():
+    with pytest.raises(CodecError, match="RGBA8 frame 4x3 needs 48 bytes, got 10"):
         codec.decode_raw(bytes(10), 4, 3, PixelFormat.RGBA8)
+    with pytest.raises(CodecError, match="JPEG is not a raw pixel format"):
+        codec.decode_raw(bytes(12), 2, 2, PixelFormat.JPEG)
+    with pytest.raises(CodecError, match="larger than 8192"):
+        codec.decode_raw(bytes(9000 * 3), 9000, 1, PixelFormat.RGB8)
+
+
+def test_encode_raw_rgba_has_alpha_255_and_bottom_up_rows():
+    image = gradient(4, 3)
+    data = codec.encode_raw(image, PixelFormat.RGBA8, bottom_up=True)
+    rows = np.frombuffer(data, np.uint8).reshape(3, 4, 4)
+    assert np.all(rows[:, :, 3] == 255) and np.array_equal(rows[::-1, :, :3], image)
+    assert codec.decode_raw(data, 4, 3, PixelFormat.RGBA8, bottom_up=True).tolist() == image.tolist()
+    assert codec.encode_raw(image, PixelFormat.RGB8) == image.tobytes()
 
 
 def test_decode_frame_dispatch():
     image = gradient(4, 2)
-    header = FrameHeader(1, PixelFormat.RGB8, Flags.NONE, 0, PixelFormat.JPEG, 1, 0, 4, 2, 24)
-    assert np.array_equal(codec.decode_frame(header, image.tobytes()), image)
-    assert codec.decode_frame(None, codec.encode_png(image)).shape == (2, 4, 3)
-
-
-@pytest.mark.parametrize("mode", ["crop", "fit", "stretch"])
-def test_fit_sizes(mode):
-    out = codec.fit(gradient(100, 50), 64, 64, mode)
-    assert out.shape == (64, 64, 3)
-
-
-def test_fit_bars_are_black_and_crop_keeps_centre():
-    image = np.full((50, 100, 3), 200, np.uint8)
-    image[:, 40:60] = 10  # a dark band in the centre
-    fitted = codec.fit(image, 64, 64, "fit")
-    assert fitted[0].max() == 0 and fitted[-1].max() == 0 and fitted[32, 32].max() < 50
-    cropped = codec.fit(image, 64, 64, "crop")
-    assert cropped[32, 32].max() < 50 and cropped[32, 2].min() > 150
-
-
-def test_fit_same_size_is_a_no_op():
-    image = gradient(64, 64)
-    assert codec.fit(image, 64, 64, "crop") is image
-    with pytest.raises(CodecError, match="resize mode"):
-        codec.fit(image, 32, 32, "zoom")
+    raw = FrameHeader(1, PixelFormat.RGB8, Flags.NONE, 0, PixelFormat.JPEG, 1, 0, 4, 2, 24)
+    assert np.array_equal(codec.decode_frame(raw, image.tobytes()), image)
+    png = codec.encode_png(image)
+    assert np.array_equal(codec.decode_frame(None, png), image)
+    encoded = FrameHeader(1, PixelFormat.PNG, Flags.BOTTOM_UP, 0, PixelFormat.PNG, 1, 0, 0, 0, len(png))
+    assert np.array_equal(codec.decode_frame(encoded, png), image[::-1])  # BOTTOM_UP flips any format
+    flipped = FrameHeader(1, PixelFormat.RGB8, Flags.BOTTOM_UP, 0, PixelFormat.JPEG, 1, 0, 4, 2, 24)
+    assert np.array_equal(codec.decode_frame(flipped, image.tobytes()), image[::-1])
 
 
 def test_encode_reply_formats():
     image = gradient(8, 8)
     assert codec.encode_reply(image, PixelFormat.JPEG)[:3] == b"\xff\xd8\xff"
     assert codec.encode_reply(image, PixelFormat.PNG)[:4] == b"\x89PNG"
-    assert len(codec.encode_reply(image, PixelFormat.RGB8)) == 8 * 8 * 3
+    assert codec.encode_reply(image, PixelFormat.RGB8) == image.tobytes()
+    assert len(codec.encode_reply(image, PixelFormat.RGBA8)) == 8 * 8 * 4
     flipped = codec.decode_image(codec.encode_reply(image, PixelFormat.PNG, bottom_up=True))
     assert np.array_equal(flipped, image[::-1])
+    assert codec.encode_reply(image, int(PixelFormat.RGB8), bottom_up=True) == image[::-1].tobytes()
+
+
+def test_encode_takes_non_contiguous_views():
+    image = gradient(16, 16)[::-1, ::2]
+    assert codec.decode_image(codec.encode_png(image)).tolist() == image.tolist()
+
+
+# Resizing
+
+
+@pytest.mark.parametrize("mode", ["crop", "fit", "stretch"])
+@pytest.mark.parametrize("size", [(64, 64), (100, 30), (7, 300), (512, 512)])
+def test_fit_gives_the_exact_size(mode, size):
+    out = codec.fit(gradient(100, 50), size[0], size[1], mode)
+    assert out.shape == (size[1], size[0], 3) and out.dtype == np.uint8
+
+
+def test_fit_mode_has_black_bars():
+    image = np.full((50, 100, 3), 200, np.uint8)
+    fitted = codec.fit(image, 64, 64, "fit")  # 100x50 -> 64x32, centred: 16 rows of bars above and below
+    assert fitted[:16].max() == 0 and fitted[48:].max() == 0
+    assert fitted[16:48].min() == 200
+
+
+def test_crop_mode_keeps_the_centre():
+    image = np.full((50, 100, 3), 200, np.uint8)
+    image[:, :25] = 10  # dark left quarter: cropped away (100x50 -> 128x64 -> centre 64 columns)
+    image[:, 45:55] = 0  # a black band at the centre
+    cropped = codec.fit(image, 64, 64, "crop")
+    assert cropped[32, 32].max() < 30
+    assert cropped[:, :4].min() > 150 and cropped[:, -4:].min() > 150
+
+
+def test_stretch_mode_keeps_the_corners():
+    image = np.zeros((50, 100, 3), np.uint8)
+    image[:5, :10] = 255
+    stretched = codec.fit(image, 64, 64, "stretch")
+    assert stretched[0, 0].min() == 255 and stretched[-1, -1].max() == 0
+
+
+def test_fit_same_size_is_the_same_object():
+    image = gradient(64, 64)
+    for mode in codec.RESIZE_MODES:
+        assert codec.fit(image, 64, 64, mode) is image
+
+
+def test_fit_refuses_bad_modes_and_sizes():
+    with pytest.raises(CodecError, match="resize mode 'zoom' is not one of"):
+        codec.fit(gradient(), 32, 32, "zoom")
+    with pytest.raises(CodecError, match="target size 0x32"):
+        codec.fit(gradient(), 0, 32, "crop")
+
+
+def test_shrinking_uses_area_interpolation():
+    """INTER_AREA averages a fine checkerboard to grey; INTER_LINEAR would alias it."""
+    checker = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    small = codec.fit(np.dstack([checker] * 3), 16, 16, "stretch")
+    assert np.all(np.abs(small.astype(int) - 128) <= 2)
