@@ -169,12 +169,16 @@ class FrameHeader:
         return bool(self.flags & Flags.BOTTOM_UP)
 
     def __str__(self) -> str:
-        return (f"frame {self.frame_id} {self.pixel_format.name} {self.width}x{self.height} "
-                f"{self.payload_length} B ch{self.channel} reply {self.reply_format.name}"
+        # getattr: a header built with an unknown format still logs (check() is what refuses it).
+        pixel_format, reply_format = (getattr(value, "name", value) for value in (self.pixel_format,
+                                                                                  self.reply_format))
+        return (f"frame {self.frame_id} {pixel_format} {self.width}x{self.height} "
+                f"{self.payload_length} B ch{self.channel} reply {reply_format}"
                 f"{' bottom-up' if self.bottom_up else ''} ts {self.client_ts_us}")
 
 
-def pack_frame(header: FrameHeader, payload: bytes) -> bytes:
+def pack_frame(header: FrameHeader, payload: bytes | bytearray | memoryview) -> bytes:
+    """Header and payload as one binary message."""
     return header.serialize() + bytes(payload)
 
 
@@ -188,3 +192,7 @@ def sniff(data: bytes | bytearray | memoryview) -> str:
     if head.startswith(PNG_MAGIC):
         return "png"
     return "unknown"
+
+
+__all__ = ["HEADER_SIZE", "JPEG_MAGIC", "MAGIC", "MAX_DIMENSION", "MAX_PAYLOAD", "PNG_MAGIC", "VERSION", "Flags",
+           "FrameHeader", "PixelFormat", "pack_frame", "sniff"]

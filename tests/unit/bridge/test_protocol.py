@@ -104,6 +104,7 @@ def test_str_is_one_line():
     text = str(FrameHeader.parse(GOLDEN)[0])
     assert "\n" not in text
     assert text == "frame 7 RGBA8 2x2 16 B ch0 reply RGBA8 bottom-up ts 1000000"
+    assert str(header(pixel_format=9)).startswith("frame 1 9 4x2")  # logs even what check() refuses
 
 
 def test_sniff():
