@@ -61,6 +61,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*")
     parser.add_argument("--write", action="store_true", help="append the summary to benchmarks/RESULTS.md")
+    parser.add_argument("--reports", help="keep wstest's HTML/JSON reports in this folder")
+    parser.add_argument("--ws-impl", default="wsproto", help="uvicorn's WebSocket implementation")
     args = parser.parse_args()
     wstest = ensure_wstest()
     if wstest is None:
@@ -69,7 +71,7 @@ def main() -> int:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--no-osc",
                                "--feedback", "127.0.0.1:0", "--echo-route", "--engine", "identity",
-                               "--log-level", "warning"], cwd=ROOT)
+                               "--log-level", "warning", "--ws-impl", args.ws_impl], cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
@@ -77,7 +79,8 @@ def main() -> int:
                 raise RuntimeError("the daemon did not start")
             time.sleep(0.2)
         with tempfile.TemporaryDirectory() as folder:
-            spec = {"outdir": str(Path(folder) / "reports"),
+            reports = Path(args.reports).resolve() if args.reports else Path(folder) / "reports"
+            spec = {"outdir": str(reports),
                     "servers": [{"agent": "sdbridge", "url": f"ws://127.0.0.1:{port}/echo"}],
                     "cases": args.cases.split(","), "exclude-cases": [], "exclude-agent-cases": {}}
             spec_path = Path(folder) / "fuzzingclient.json"
@@ -86,7 +89,7 @@ def main() -> int:
             subprocess.run([str(wstest), "-m", "fuzzingclient", "-s", str(spec_path)], cwd=folder,
                            stdout=subprocess.DEVNULL, check=True)
             elapsed = time.monotonic() - started
-            index = json.loads((Path(folder) / "reports" / "index.json").read_text())
+            index = json.loads((reports / "index.json").read_text())
     finally:
         server.terminate()
         server.wait(timeout=15)
@@ -94,8 +97,9 @@ def main() -> int:
     behaviour = collections.Counter(case["behavior"] for case in results.values())
     close = collections.Counter(case["behaviorClose"] for case in results.values())
     failed = sorted(case for case, result in results.items()
-                    if result["behavior"] == "FAILED" or result["behaviorClose"] == "FAILED")
-    lines = [f"### autobahn.py — {datetime.date.today()}, cases {args.cases}, {len(results)} cases in {elapsed:.0f} s",
+                    if result["behavior"] == "FAILED" or result["behaviorClose"] in ("FAILED", "WRONG CODE"))
+    lines = [f"### autobahn.py — {datetime.date.today()}, {args.ws_impl}, cases {args.cases}, {len(results)} cases "
+             f"in {elapsed:.0f} s",
              "", "| behaviour | cases | close behaviour | cases |", "|---|---|---|---|"]
     keys = sorted(set(behaviour) | set(close))
     for key in keys:

@@ -55,7 +55,7 @@ ECHO_SERVER = textwrap.dedent("""
                                                     cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
                                                     cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
             await ws.send_bytes(jpeg.tobytes())
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", ws="websockets-sansio",
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", ws=sys.argv[2],
                 ws_per_message_deflate=False, ws_max_size=64 * 1024 * 1024, lifespan="off")
 """)
 
@@ -78,12 +78,12 @@ def wait_listening(port: int, process: subprocess.Popen, timeout: float = 120.0)
     raise TimeoutError(f"nothing listening on {port} after {timeout} s")
 
 
-def start_echo(port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)])
+def start_echo(port: int, ws_impl: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), ws_impl])
 
 
-def start_daemon(port: int, engine: str, size: int, model: str | None = None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--no-osc",
+def start_daemon(port: int, engine: str, size: int, ws_impl: str, model: str | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--no-osc", "--ws-impl", ws_impl,
                "--feedback", "127.0.0.1:0", "--log-level", "warning", "--set", f"width={size}",
                "--set", f"height={size}", "--set", f"engine={engine}", "--set", "steps=1"]
     if model:
@@ -129,7 +129,8 @@ def summarise(times: list[float], seconds: float) -> dict[str, float]:
 def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | None = None,
                clients: int = 1) -> list[dict[str, float]]:
     port = free_port()
-    process = start_echo(port) if kind == "echo" else start_daemon(port, kind, args.size, model)
+    process = start_echo(port, args.ws_impl) if kind == "echo" else start_daemon(port, kind, args.size, args.ws_impl,
+                                                                               model)
     try:
         wait_listening(port, process)
         time.sleep(1.0 if kind != "diffusion" else 5.0)  # let the engine load
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--skip-diffusion", action="store_true")
+    parser.add_argument("--ws-impl", default="wsproto", help="uvicorn's WebSocket implementation, for both servers")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     jpeg = make_jpeg(args.size)
@@ -182,7 +184,7 @@ def main() -> None:
     device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
     lines = [f"### bench_daemon.py — {datetime.date.today()}, commit {commit()}, {device}",
              f"{args.size}×{args.size} JPEG ({len(jpeg) // 1024} KB) in and out, one frame in flight, "
-             f"{args.seconds:g} s per row "
+             f"{args.seconds:g} s per row, WebSocket implementation {args.ws_impl} "
              f"after {args.warmup:g} s warm-up.", "",
              "| server | frames/s | p50 ms | p99 ms |", "|---|---|---|---|"]
     for name, row in rows:

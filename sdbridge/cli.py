@@ -55,6 +55,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)")
     add("--debug-frames", action="store_const", const=True, help="log every frame (with --log-level debug)")
     add("--echo-route", action="store_const", const=True, help=argparse.SUPPRESS)
+    add("--ws-impl", choices=["websockets-sansio", "wsproto"], help="WebSocket implementation (default wsproto)")
     add("--set", action="append", metavar="PARAM=VALUE", default=[],
         help="starting parameter value, e.g. --set prompt='a cat' --set strength=0.6 (repeatable)")
 
@@ -64,7 +65,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "model", "engine", "device", "dtype",
-                 "taesd", "model_config", "models_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route"):
+                 "taesd", "model_config", "models_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts"):
         value = getattr(args, name, None)

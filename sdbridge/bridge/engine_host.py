@@ -72,6 +72,7 @@ class EngineHost:
         self._loading: EngineChoice | None = None
         self._failed: EngineChoice | None = None
         self.last_error: str | None = None
+        self.last_error_code = "bad_model"
         self.loads = 0
         self.load_failures = 0
         self._told_about_models = False
@@ -199,8 +200,8 @@ class EngineHost:
                 self._loading = None
                 self._failed = choice
                 self.last_error = message
+                self.last_error_code = code = getattr(exc, "code", "bad_model")
                 self.load_failures += 1
-            code = getattr(exc, "code", "bad_model")
             self._notify({"type": "error", "code": code, "message": f"loading {choice} failed: {message}"
                           + ("; the previous engine keeps serving" if self._current else "")})
             return

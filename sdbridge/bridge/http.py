@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sdbridge import __version__
 from sdbridge.bridge.websocket import websocket_endpoint
@@ -87,14 +87,17 @@ def create_app(daemon: Daemon) -> FastAPI:
         async def echo(websocket: WebSocket) -> None:
             """Test flag only: echoes every message on the same stack (WebSocket conformance runs)."""
             await websocket.accept()
-            while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                if message.get("bytes") is not None:
-                    await websocket.send_bytes(message["bytes"])
-                elif message.get("text") is not None:
-                    await websocket.send_text(message["text"])
+            try:
+                while True:
+                    message = await websocket.receive()
+                    if message["type"] == "websocket.disconnect":
+                        return
+                    if message.get("bytes") is not None:
+                        await websocket.send_bytes(message["bytes"])
+                    elif message.get("text") is not None:
+                        await websocket.send_text(message["text"])
+            except WebSocketDisconnect:  # the fuzzing client drops connections on purpose
+                return
 
         app.add_api_websocket_route("/echo", echo)
 

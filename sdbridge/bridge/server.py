@@ -104,7 +104,7 @@ class Daemon:
         self.port = sock.getsockname()[1]
         self._middleware = AccessMiddleware(create_app(self), AccessPolicy(settings, self.port))
         config = uvicorn.Config(
-            self._middleware, log_config=None, access_log=False, lifespan="off", ws="websockets-sansio",
+            self._middleware, log_config=None, access_log=False, lifespan="off", ws=settings.ws_impl,
             # Measured (DESIGN.md): permessage-deflate costs ~50x the JPEG time; frames are already compressed.
             ws_per_message_deflate=False, ws_max_size=settings.ws_max_size,
             ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,

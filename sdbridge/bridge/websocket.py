@@ -180,6 +180,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     daemon.stats.connections += 1
     connection.viewer.offer_control({"type": "hello", "session": session.id, "engine": daemon.engines.describe(),
                                      "protocol": 1})
+    if daemon.engines.last_error:
+        # A client that connects after a failed load hears about it too, not only those connected then.
+        connection.viewer.offer_control({"type": "error", "code": daemon.engines.last_error_code,
+                                         "message": f"the last engine load failed: {daemon.engines.last_error}"})
     try:
         await connection.run()
     except WebSocketDisconnect:
