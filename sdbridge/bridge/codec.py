@@ -46,33 +46,43 @@ def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """A JPEG or PNG file -> RGB uint8 ``[H, W, 3]``, contiguous; CodecError unless it decodes in full.
+def check_encoded(data: bytes | bytearray | memoryview) -> str:
+    """"jpeg" or "png" when ``data`` is a whole file of a size we accept; CodecError otherwise.
 
+    Byte checks only, no decoding: cheap enough for the event loop, so that a cut or oversized
+    file is answered when it arrives, even if a newer frame replaces it before the worker decodes.
     Truncation is caught before OpenCV sees the data: libjpeg decodes a cut JPEG "successfully"
-    into a grey lower half, and both libraries print warnings to stderr about it. A file that ends
-    well but is corrupt inside still decodes (with libjpeg's "Corrupt JPEG data" line on stderr,
-    which OpenCV gives no per-call way to silence).
+    into a grey lower half, and both libraries print warnings to stderr about it.
     """
-    buffer = np.frombuffer(data, np.uint8)  # no copy of a memoryview payload
     kind = sniff(data)
     if kind == "jpeg":
         # Encoders may pad after the end-of-image marker with zeros; anything else is a cut file.
         if not bytes(data[-64:]).rstrip(b"\x00").endswith(_JPEG_END):
-            raise CodecError(f"JPEG data is truncated ({len(buffer)} bytes, no end-of-image marker)")
+            raise CodecError(f"JPEG data is truncated ({len(data)} bytes, no end-of-image marker)")
         size = _jpeg_size(memoryview(data))
         if size is None:
-            raise CodecError(f"JPEG data could not be decoded ({len(buffer)} bytes, no frame header before "
+            raise CodecError(f"JPEG data could not be decoded ({len(data)} bytes, no frame header before "
                              f"the image data)")
         _check_size(size[0], size[1], "JPEG")
     elif kind == "png":
         if not bytes(data[-len(_PNG_END):]) == _PNG_END:
-            raise CodecError(f"PNG data is truncated ({len(buffer)} bytes, no IEND chunk at the end)")
-        if len(buffer) >= 24:  # IHDR: width and height, big-endian, at bytes 16..24
+            raise CodecError(f"PNG data is truncated ({len(data)} bytes, no IEND chunk at the end)")
+        if len(data) >= 24:  # IHDR: width and height, big-endian, at bytes 16..24
             _check_size(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), "PNG")
     else:
-        raise CodecError(f"{len(buffer)} bytes are neither a JPEG nor a PNG file (first bytes "
+        raise CodecError(f"{len(data)} bytes are neither a JPEG nor a PNG file (first bytes "
                          f"{bytes(data[:4]).hex(' ') or 'none'})")
+    return kind
+
+
+def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """A JPEG or PNG file -> RGB uint8 ``[H, W, 3]``, contiguous; CodecError unless it decodes in full.
+
+    A file that ends well but is corrupt inside still decodes (with libjpeg's "Corrupt JPEG data"
+    line on stderr, which OpenCV gives no per-call way to silence).
+    """
+    kind = check_encoded(data)
+    buffer = np.frombuffer(data, np.uint8)  # no copy of a memoryview payload
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from sdbridge.bridge import codec
 from sdbridge.bridge.protocol import FrameHeader, sniff
 from sdbridge.bridge.session import InputFrame, Session, Viewer
-from sdbridge.errors import ParamError, ProtocolError, SdbridgeError
+from sdbridge.errors import CodecError, ParamError, ProtocolError, SdbridgeError
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
@@ -31,12 +32,16 @@ MAX_JSON_BYTES = 256 * 1024
 
 
 def parse_frame(data: bytes) -> InputFrame:
-    """A binary message -> an InputFrame, or ProtocolError. No decoding happens here."""
+    """A binary message -> an InputFrame, or ProtocolError/CodecError. No decoding happens here:
+    only byte checks, so that every bad frame is answered even if a newer one replaces it."""
     kind = sniff(data)
     if kind == "header":
         header, payload = FrameHeader.parse(data)
+        if not header.pixel_format.is_raw:
+            codec.check_encoded(payload)
         return InputFrame(data=data, payload=payload, header=header, kind="header")
     if kind in ("jpeg", "png"):
+        codec.check_encoded(data)
         return InputFrame(data=data, payload=memoryview(data), header=None, kind=kind)
     raise ProtocolError(f"binary message of {len(data)} bytes is neither a JPEG, a PNG nor a v1 frame header "
                         f"(starts with {bytes(data[:4]).hex() or 'nothing'})")
@@ -111,7 +116,7 @@ class Connection:
     def _on_binary(self, data: bytes) -> None:
         try:
             frame = parse_frame(data)
-        except ProtocolError as exc:
+        except (ProtocolError, CodecError) as exc:
             self.error(exc)
             return
         if not self.is_sender:
