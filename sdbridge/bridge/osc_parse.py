@@ -1,10 +1,23 @@
-"""OSC datagrams to parameter updates, and values to OSC bytes. Sans-I/O: no sockets, no loop.
+"""OSC datagrams to parameter updates, and values to OSC bytes (docs/protocol.md, "OSC"). Sans-I/O.
 
-python-osc's parsing classes do the byte work, inside a guard: on malformed packets they let
-UnicodeDecodeError, IndexError, struct.error, OverflowError and more escape, and their bundle
-parser recurses once per nesting level. So bundles are walked here, iteratively and with a depth
-bound, and only single messages are handed to ``OscMessage``. Time tags are ignored on purpose:
-a bundle applies at the next frame boundary, never later (DESIGN.md, The wire).
+python-osc 1.10's parsing classes decode the values, but only after this module has checked the
+layout, because on malformed packets they (measured, python-osc 1.10.2):
+
+- let ``UnicodeDecodeError`` escape on a non-UTF-8 address or string, and ``RecursionError`` on
+  deeply nested bundles (``OscBundle`` recurses once per level);
+- loop forever on a bundle element whose size is negative (``OscBundle._parse_contents`` steps
+  back to the same size field and logs a root-logger warning each turn): one 24-byte datagram
+  hangs the loop;
+- pad a truncated ``f`` argument with zeros (a Reaktor quirk) and accept trailing bytes, so a cut
+  packet applies a wrong value instead of being refused;
+- skip type tags they do not decode (``c``, ``I``, ``q``...) with a root-logger warning, so the
+  arguments silently shift;
+- decode ``i`` as a signed int32: 4294967295 sent as ``i`` arrives as -1; ``h`` is a signed int64.
+
+So bundles are walked here, iteratively and with a depth bound, every message's type tags and
+argument sizes are checked to cover its bytes exactly, and only then is ``OscMessage`` run, inside
+a guard that turns any exception into :class:`ProtocolError` (code ``bad_osc``). Time tags are
+ignored on purpose: a bundle applies at the next frame boundary, never later (DESIGN.md, The wire).
 """
 
 from __future__ import annotations
@@ -23,17 +36,23 @@ from sdbridge.errors import ParamError, ProtocolError
 from sdbridge.params import FLOAT32_EXACT_INT_MAX, Schema
 
 BUNDLE_TAG = b"#bundle\x00"
-MAX_DATAGRAM = 65507
+BUNDLE_HEAD_SIZE = 16  # "#bundle\0" + 8-byte NTP time tag
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
 MAX_BUNDLE_DEPTH = 8
 MAX_MESSAGES = 1024
-INT32_MAX = 2**31 - 1
-# Type tags python-osc decodes; it only logs (on the root logger) and skips any other.
-KNOWN_TYPE_TAGS = frozenset("ifdsbhtTFNIcrm[]")
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Bytes each type tag takes, for the tags python-osc 1.10 decodes; None: a string or a blob.
+ARG_SIZES: dict[str, int | None] = {"i": 4, "f": 4, "r": 4, "m": 4, "h": 8, "d": 8, "t": 8,
+                                    "s": None, "S": None, "b": None,
+                                    "T": 0, "F": 0, "N": 0, "[": 0, "]": 0}
+# Addresses under the prefix that are requests, not parameters: handed to the caller's on_command.
+COMMANDS = ("preset", "get", "query", "status")
 
 
 @dataclass(frozen=True)
 class OscCall:
-    """One OSC message: its address and its arguments."""
+    """One OSC message: its address and its arguments as python-osc decodes them."""
 
     address: str
     args: tuple[Any, ...]
@@ -49,94 +68,159 @@ class OscActions:
     ignored: int = 0
 
 
+# --- parsing --------------------------------------------------------------------------------------
+
+
 def _bad(reason: str, data: bytes) -> ProtocolError:
     return ProtocolError(f"malformed OSC packet of {len(data)} bytes: {reason}", code="bad_osc")
 
 
-def _type_tags(data: bytes, whole: bytes) -> bytes:
-    """The message's type tag string (after the ','), checked before python-osc sees it."""
-    end = data.find(b"\x00")
-    if end == -1:
-        raise _bad("address is not terminated", whole)
-    start = (end // 4 + 1) * 4
-    if start >= len(data):
-        return b""  # no type tags: an old-style message without arguments
-    if data[start:start + 1] != b",":
-        raise _bad(f"type tags do not start with ',' (got {data[start:start + 4]!r})", whole)
+def _padded_string_end(data: bytes, start: int, what: str, whole: bytes) -> int:
+    """Index just past the NUL-terminated, 4-byte-padded string starting at ``start``."""
     stop = data.find(b"\x00", start)
     if stop == -1:
-        raise _bad("type tag string is not terminated", whole)
-    tags = data[start + 1:stop]
-    unknown = set(tags.decode("latin-1")) - KNOWN_TYPE_TAGS
-    if unknown:
-        raise _bad(f"unknown type tag(s) {''.join(sorted(unknown))!r}", whole)
-    return tags
+        raise _bad(f"{what} is not terminated", whole)
+    end = (stop // 4 + 1) * 4
+    if end > len(data):
+        raise _bad(f"{what} is not padded to 4 bytes", whole)
+    return end
+
+
+def _check_message(data: bytes, whole: bytes) -> None:
+    """Address, type tags and argument sizes must cover the message's bytes exactly."""
+    if not data.startswith(b"/"):
+        raise _bad(f"element does not start with '/' or '#bundle' (starts with {data[:8]!r})", whole)
+    index = _padded_string_end(data, 0, "address", whole)
+    if index == len(data):
+        return  # no type tags: an old-style message without arguments
+    if data[index:index + 1] != b",":
+        raise _bad(f"type tags do not start with ',' (got {data[index:index + 4]!r})", whole)
+    tags_end = _padded_string_end(data, index, "type tag string", whole)
+    tags = data[index + 1:data.index(b"\x00", index)].decode("latin-1")
+    index = tags_end
+    depth = 0
+    for tag in tags:
+        if tag not in ARG_SIZES:
+            raise _bad(f"unsupported type tag {tag!r} in ',{tags}'", whole)
+        depth += {"[": 1, "]": -1}.get(tag, 0)
+        if depth < 0:
+            raise _bad(f"']' without '[' in type tags ',{tags}'", whole)
+        size = ARG_SIZES[tag]
+        if size is None and tag == "b":
+            if index + 4 > len(data):
+                raise _bad("blob size is truncated", whole)
+            (blob_size,) = struct.unpack_from(">i", data, index)
+            if blob_size < 0:
+                raise _bad(f"blob size {blob_size} is negative", whole)
+            size = 4 + blob_size + (-blob_size % 4)
+        elif size is None:
+            size = _padded_string_end(data, index, f"'{tag}' argument", whole) - index
+        if index + size > len(data):
+            raise _bad(f"'{tag}' argument needs {size} bytes, {len(data) - index} left", whole)
+        index += size
+    if depth:
+        raise _bad(f"'[' without ']' in type tags ',{tags}'", whole)
+    if index != len(data):
+        raise _bad(f"{len(data) - index} bytes after the last argument", whole)
 
 
 def _parse_message(data: bytes, whole: bytes) -> OscCall:
-    if not data.startswith(b"/"):
-        raise _bad(f"element does not start with '/' or '#bundle' (starts with {data[:8]!r})", whole)
-    _type_tags(data, whole)
+    _check_message(data, whole)
     try:
         message = OscMessage(data)
         address = message.address
         args = tuple(message.params)
+    except UnicodeDecodeError:
+        raise _bad("address or string argument is not valid UTF-8", whole) from None
     except Exception as exc:  # python-osc raises many types on bad bytes; all mean "malformed"
         raise _bad(f"{type(exc).__name__}: {str(exc)[:120]}", whole) from None
     return OscCall(address, args)
 
 
 def parse_datagram(data: bytes) -> list[OscCall]:
-    """All messages of a datagram in order, bundles flattened; ProtocolError (code bad_osc) if malformed."""
+    """All messages of a datagram in order, bundles flattened and their time tags ignored.
+
+    Raises :class:`ProtocolError` (code ``bad_osc``) naming the fault and the packet's size.
+    """
     if not data:
         raise _bad("empty datagram", data)
     if len(data) > MAX_DATAGRAM:
         raise _bad(f"larger than {MAX_DATAGRAM} bytes", data)
+    data = bytes(data)
     calls: list[OscCall] = []
-    # A stack of (element bytes, depth) walked iteratively: no recursion, bounded depth.
+    # A stack of (element, depth) walked iteratively: no recursion, bounded depth, document order.
     stack: list[tuple[bytes, int]] = [(data, 0)]
     while stack:
         element, depth = stack.pop()
         if not element.startswith(BUNDLE_TAG):
             calls.append(_parse_message(element, data))
-        else:
-            if depth >= MAX_BUNDLE_DEPTH:
-                raise _bad(f"bundles nested deeper than {MAX_BUNDLE_DEPTH}", data)
-            if len(element) < 16:
-                raise _bad("bundle shorter than its 16-byte head", data)
-            children: list[bytes] = []
-            index = 16  # "#bundle\0" + 8-byte time tag, ignored on purpose
-            while index < len(element):
-                if index + 4 > len(element):
-                    raise _bad("bundle element size is truncated", data)
-                (size,) = struct.unpack_from(">i", element, index)
-                index += 4
-                if size <= 0 or size % 4 or index + size > len(element):
-                    raise _bad(f"bundle element size {size} does not fit the {len(element) - index} bytes left",
-                               data)
-                children.append(element[index:index + size])
-                index += size
-            stack.extend((child, depth + 1) for child in reversed(children))
-        if len(calls) > MAX_MESSAGES:
-            raise _bad(f"more than {MAX_MESSAGES} messages", data)
+            if len(calls) > MAX_MESSAGES:
+                raise _bad(f"more than {MAX_MESSAGES} messages", data)
+            continue
+        if depth >= MAX_BUNDLE_DEPTH:
+            raise _bad(f"bundles nested deeper than {MAX_BUNDLE_DEPTH}", data)
+        if len(element) < BUNDLE_HEAD_SIZE:
+            raise _bad(f"bundle shorter than its {BUNDLE_HEAD_SIZE}-byte head", data)
+        children: list[bytes] = []
+        index = BUNDLE_HEAD_SIZE  # the time tag is skipped on purpose: never wait for it
+        while index < len(element):
+            if index + 4 > len(element):
+                raise _bad("bundle element size is truncated", data)
+            (size,) = struct.unpack_from(">i", element, index)
+            index += 4
+            if size <= 0 or size % 4 or index + size > len(element):
+                raise _bad(f"bundle element size {size} does not fit the {len(element) - index} bytes left", data)
+            children.append(element[index:index + size])
+            index += size
+        stack.extend((child, depth + 1) for child in reversed(children))
     return calls
 
 
-def _value_of(call: OscCall, name: str) -> Any:
+# --- mapping onto parameters ----------------------------------------------------------------------
+
+
+def _one_value(call: OscCall, name: str) -> Any:
     if len(call.args) != 1:
         raise ParamError(f"{call.address} needs exactly one argument, got {len(call.args)}", name=name,
                          value=list(call.args)[:4])
     value = call.args[0]
-    if isinstance(value, (bytes, bytearray)) or value is None or isinstance(value, (tuple, list)):
-        raise ParamError(f"{call.address} got {type(value).__name__}, expected a number or a string", name=name,
-                         value=value)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ParamError(f"{call.address} {value} is not a finite number", name=name, value=value)
+    if value is None or isinstance(value, (bytes, bytearray, tuple, list)):
+        raise ParamError(f"{call.address} {_shown(value)} is a {type(value).__name__}, expected a number or a string",
+                         name=name, value=value)
     return value
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _value_for(call: OscCall, schema: Schema, name: str) -> Any:
+    spec = schema.get(name)  # unknown parameter: ParamError naming it (code unknown_param)
+    value = _one_value(call, name)
+    if spec.kind == "int" and not isinstance(value, bool):
+        big = spec.maximum is not None and spec.maximum > FLOAT32_EXACT_INT_MAX
+        if isinstance(value, float) and big and abs(value) > FLOAT32_EXACT_INT_MAX:
+            # A float32 cannot hold every integer above 2^24: 123456789 arrives as 123456792.
+            raise ParamError(f"{call.address} {value!r} is beyond float32's exact integers (2^24); "
+                             "send it as int64 ('h') or a string", name=name, value=value)
+        if isinstance(value, int) and INT32_MIN <= value < 0 and (spec.minimum or 0) >= 0 \
+                and spec.maximum is not None and spec.maximum > INT32_MAX:
+            # python-osc decodes 'i' as a signed int32: a sender that packs 4294967295 as 'i' gives -1.
+            raise ParamError(f"{call.address} {value} is negative; an int32 ('i') wraps values above {INT32_MAX} "
+                             f"(was it {value + 2**32}?): send int64 ('h') or a string", name=name, value=value)
+    return spec.validate(value)
+
+
 def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/sd") -> OscActions:
-    """Map messages under ``prefix`` onto parameter updates; the rest become commands or are ignored."""
+    """Map messages under ``prefix`` onto validated parameter updates.
+
+    ``<prefix>/<param>``, ``<prefix>/plugin/<name>/<param>`` (``plugin.<name>.<param>``) and
+    ``<prefix>/norm/<param>`` (0–1 onto the range) become ``updates``, to be applied in one
+    ``ParamStore.update`` (a later message for the same parameter wins); bad ones become
+    ``errors`` naming address and value while the rest still apply; ``<prefix>/preset``,
+    ``/get``, ``/query``, ``/status`` become ``commands``; other addresses are counted in ``ignored``.
+    """
     actions = OscActions()
     head = prefix.rstrip("/") + "/"
     for call in calls:
@@ -147,65 +231,81 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
         try:
             if path.startswith("norm/"):
                 name = Schema.name_from_osc_path(path[len("norm/"):])
-                if name not in schema:
-                    schema.get(name)  # raises unknown parameter
-                fraction = _value_of(call, name)
-                if isinstance(fraction, str) or isinstance(fraction, bool):
-                    raise ParamError(f"{call.address} {fraction!r} is not a number in [0, 1]", name=name,
+                spec = schema.get(name)
+                fraction = _one_value(call, name)
+                if isinstance(fraction, (str, bool)):
+                    raise ParamError(f"{call.address} {_shown(fraction)} is not a number in [0, 1]", name=name,
                                      value=fraction)
-                actions.updates[name] = schema.get(name).denormalize(float(fraction))
+                actions.updates[name] = spec.validate(spec.denormalize(float(fraction)))
                 continue
             name = Schema.name_from_osc_path(path)
-            if name not in schema:
-                if path.split("/", 1)[0] in ("status", "get", "preset", "query"):
-                    actions.commands.append(call)
-                    continue
-                schema.get(name)  # raises unknown parameter
-            spec = schema.get(name)
-            value = _value_of(call, name)
-            if spec.kind == "int" and isinstance(value, float) and abs(value) > FLOAT32_EXACT_INT_MAX \
-                    and not float(value).is_integer():
-                raise ParamError(f"{call.address} {value} lost precision as a float; send int64 ('h') or a string",
-                                 name=name, value=value)
-            actions.updates[name] = spec.validate(value)
+            if name not in schema and path.split("/", 1)[0] in COMMANDS:
+                actions.commands.append(call)
+                continue
+            actions.updates[name] = _value_for(call, schema, name)
         except ParamError as exc:
-            actions.errors.append(exc)
+            actions.errors.append(_at(call.address, exc))
     return actions
+
+
+def _at(address: str, exc: ParamError) -> ParamError:
+    """The error with the OSC address in front, unless it already names it."""
+    if str(exc).startswith(address):
+        return exc
+    error = ParamError(f"{address}: {exc}", name=exc.name, value=exc.value, code=exc.code)
+    error.__cause__ = exc
+    return error
+
+
+# --- encoding -------------------------------------------------------------------------------------
 
 
 def _add(builder: OscMessageBuilder, value: Any) -> None:
     if isinstance(value, bool):
         builder.add_arg(value, OscMessageBuilder.ARG_TYPE_TRUE if value else OscMessageBuilder.ARG_TYPE_FALSE)
     elif isinstance(value, int):
-        in_int32 = -INT32_MAX - 1 <= value <= INT32_MAX
-        builder.add_arg(value, OscMessageBuilder.ARG_TYPE_INT if in_int32 else OscMessageBuilder.ARG_TYPE_INT64)
+        if INT32_MIN <= value <= INT32_MAX:
+            builder.add_arg(value, OscMessageBuilder.ARG_TYPE_INT)
+        elif INT64_MIN <= value <= INT64_MAX:
+            builder.add_arg(value, OscMessageBuilder.ARG_TYPE_INT64)
+        else:
+            builder.add_arg(str(value), OscMessageBuilder.ARG_TYPE_STRING)  # beyond int64: exact as text
     elif isinstance(value, float):
-        builder.add_arg(value, OscMessageBuilder.ARG_TYPE_FLOAT)
+        builder.add_arg(value, OscMessageBuilder.ARG_TYPE_FLOAT)  # float32, as controllers expect
+    elif value is None:
+        builder.add_arg(None, OscMessageBuilder.ARG_TYPE_NIL)
+    elif isinstance(value, (bytes, bytearray)):
+        builder.add_arg(bytes(value), OscMessageBuilder.ARG_TYPE_BLOB)
     else:
         builder.add_arg(str(value), OscMessageBuilder.ARG_TYPE_STRING)
 
 
-def encode_message(address: str, *args: Any) -> bytes:
+def _build(address: str, args: Iterable[Any]):
+    if not address.startswith("/"):
+        raise ValueError(f"OSC address {address!r} does not start with '/'")
     builder = OscMessageBuilder(address)
     for value in args:
         _add(builder, value)
-    return builder.build().dgram
+    return builder.build()
+
+
+def encode_message(address: str, *args: Any) -> bytes:
+    """One OSC message: float → f (float32), int → i (h beyond int32), str → s, bool → T/F, None → N."""
+    return _build(address, args).dgram
 
 
 def encode_bundles(messages: Iterable[tuple[str, tuple[Any, ...]]], max_size: int = 1400) -> list[bytes]:
-    """Messages packed into as few bundles as fit ``max_size`` bytes (one Ethernet MTU: no fragments)."""
+    """Messages packed in order into as few bundles as fit ``max_size`` bytes (default: one Ethernet
+    MTU, so no IP fragments). A message too big for a bundle of ``max_size`` gets a bundle of its own."""
     out: list[bytes] = []
-    builder, size = OscBundleBuilder(IMMEDIATELY), 16
+    builder, size = OscBundleBuilder(IMMEDIATELY), BUNDLE_HEAD_SIZE
     for address, args in messages:
-        message = OscMessageBuilder(address)
-        for value in args:
-            _add(message, value)
-        built = message.build()
-        if size + 4 + built.size > max_size and size > 16:
+        built = _build(address, args)
+        if size + 4 + built.size > max_size and size > BUNDLE_HEAD_SIZE:
             out.append(builder.build().dgram)
-            builder, size = OscBundleBuilder(IMMEDIATELY), 16
+            builder, size = OscBundleBuilder(IMMEDIATELY), BUNDLE_HEAD_SIZE
         builder.add_content(built)
         size += 4 + built.size
-    if size > 16:
+    if size > BUNDLE_HEAD_SIZE:
         out.append(builder.build().dgram)
     return out

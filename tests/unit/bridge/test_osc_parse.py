@@ -1,22 +1,39 @@
-"""OSC parsing and mapping, sans-I/O: literal packets, every malformed case, property tests."""
+"""OSC parsing and mapping, sans-I/O: literal packets, every malformed case, mapping rules, property tests."""
 
 from __future__ import annotations
 
+import logging
 import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from sdbridge.bridge.osc_parse import OscCall, calls_to_updates, encode_bundles, encode_message, parse_datagram
-from sdbridge.errors import ProtocolError
-from sdbridge.params import Schema
+from sdbridge.bridge.osc_parse import (MAX_BUNDLE_DEPTH, MAX_DATAGRAM, OscActions, OscCall, calls_to_updates,
+                                       encode_bundles, encode_message, parse_datagram)
+from sdbridge.errors import ParamError, ProtocolError
+from sdbridge.params import ParamSpec, Schema
 
 SCHEMA = Schema()
-# What a TouchDesigner CHOP sends for strength 0.5: "/sd/strength", ",f", float32 0.5.
-TD_FLOAT = b"/sd/strength\x00\x00\x00\x00,f\x00\x00\x3f\x00\x00\x00"
+SCHEMA.add(ParamSpec("plugin.flow.enabled", "bool", False, "on/off", group="plugin"))
+SCHEMA.add(ParamSpec("plugin.flow.amount", "float", 0.0, "how much", minimum=0.0, maximum=2.0, group="plugin"))
+
+# --- golden packets, byte by byte -------------------------------------------------------------------
+# What a TouchDesigner OSC Out CHOP sends for strength 0.5: address padded to 16, ",f" padded to 4, float32.
+TD_FLOAT = b"/sd/strength\x00\x00\x00\x00" + b",f\x00\x00" + b"\x3f\x00\x00\x00"
+PROMPT = b"/sd/prompt\x00\x00" + b",s\x00\x00" + b"a cat\x00\x00\x00"
+SEED_I = b"/sd/seed\x00\x00\x00\x00" + b",f\x00\x00" + b"\x40\xe0\x00\x00"  # 7.0 as float32
+IMMEDIATE = b"\x00\x00\x00\x00\x00\x00\x00\x01"  # NTP time tag 1: "immediately"
+FAR_FUTURE = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # year 2036, the end of NTP era 0
+
+
+def element(data: bytes) -> bytes:
+    return struct.pack(">i", len(data)) + data
+
+
+def bundle(*elements: bytes, time_tag: bytes = IMMEDIATE) -> bytes:
+    return b"#bundle\x00" + time_tag + b"".join(element(e) for e in elements)
 
 
 def message(address: str, *args, types: str | None = None) -> bytes:
@@ -26,15 +43,9 @@ def message(address: str, *args, types: str | None = None) -> bytes:
     return builder.build().dgram
 
 
-def bundle(*elements: bytes, timestamp: float = IMMEDIATELY) -> bytes:
-    data = b"#bundle\x00" + struct.pack(">Q", 1 if timestamp == IMMEDIATELY else int(timestamp))
-    for element in elements:
-        data += struct.pack(">i", len(element)) + element
-    return data
-
-
-def updates(data: bytes):
-    return calls_to_updates(parse_datagram(data), SCHEMA)
+def updates(*elements: bytes, schema: Schema = SCHEMA) -> OscActions:
+    data = elements[0] if len(elements) == 1 else bundle(*elements)
+    return calls_to_updates(parse_datagram(data), schema)
 
 
 def test_touchdesigner_float():
@@ -42,120 +53,285 @@ def test_touchdesigner_float():
     assert updates(TD_FLOAT).updates == {"strength": 0.5}
 
 
-def test_string_and_bundle_in_order():
-    data = bundle(message("/sd/prompt", "a cat"), message("/sd/seed", 7.0))
-    assert [c.address for c in parse_datagram(data)] == ["/sd/prompt", "/sd/seed"]
+def test_string_prompt():
+    assert parse_datagram(PROMPT) == [OscCall("/sd/prompt", ("a cat",))]
+
+
+def test_bundle_of_two_in_order():
+    data = b"#bundle\x00" + IMMEDIATE + b"\x00\x00\x00\x18" + PROMPT + b"\x00\x00\x00\x14" + SEED_I
+    assert data == bundle(PROMPT, SEED_I)
+    assert parse_datagram(data) == [OscCall("/sd/prompt", ("a cat",)), OscCall("/sd/seed", (7.0,))]
     assert updates(data).updates == {"prompt": "a cat", "seed": 7}
 
 
-def test_nested_bundle_and_far_future_time_tag_apply_now():
-    far_future = (0xFFFF0000 << 32)  # NTP seconds near the end of the era: parsing never waits on it
-    data = bundle(bundle(message("/sd/steps", 3.0)), message("/sd/strength", 0.2), timestamp=far_future)
-    assert updates(data).updates == {"steps": 3, "strength": pytest.approx(0.2)}
+def test_nested_bundle_is_flattened_in_document_order():
+    data = bundle(TD_FLOAT, bundle(PROMPT, bundle(SEED_I)), message("/sd/steps", 3.0))
+    assert [c.address for c in parse_datagram(data)] == ["/sd/strength", "/sd/prompt", "/sd/seed", "/sd/steps"]
+
+
+def test_far_future_time_tag_is_ignored():
+    # Parsing is synchronous and never looks at the tag: the values come back now.
+    data = bundle(PROMPT, TD_FLOAT, time_tag=FAR_FUTURE)
+    assert updates(data).updates == {"prompt": "a cat", "strength": 0.5}
+
+
+def test_message_without_type_tags_and_empty_bundle():
+    assert parse_datagram(b"/sd/get\x00") == [OscCall("/sd/get", ())]
+    assert parse_datagram(bundle()) == []
+
+
+def test_nesting_up_to_the_bound_is_fine():
+    data = TD_FLOAT
+    for _ in range(MAX_BUNDLE_DEPTH):
+        data = bundle(data)
+    assert parse_datagram(data) == [OscCall("/sd/strength", (0.5,))]
+    with pytest.raises(ProtocolError, match="nested deeper than 8"):
+        parse_datagram(bundle(data))
+
+
+# --- malformed packets --------------------------------------------------------------------------------
+
+NEGATIVE_SIZE = bundle() + struct.pack(">i", -4) + TD_FLOAT  # python-osc's OscBundle loops forever on this
+
+
+def nested(depth: int) -> bytes:
+    data = TD_FLOAT
+    for _ in range(depth):
+        data = bundle(data)
+    return data
 
 
 @pytest.mark.parametrize("data, reason", [
     (b"", "empty datagram"),
-    (TD_FLOAT[:13], "malformed"),
-    (b"/sd/strength\x00\x00\x00\x00,q\x00\x00\x00\x00\x00\x00", "malformed"),   # unknown type tag
-    (b"/sd/\xff\xfe\x00\x00,f\x00\x00\x3f\x00\x00\x00", "malformed"),          # bad UTF-8 address
-    (b"/sd/prompt\x00\x00,s\x00\x00\xff\xfe\x00\x00", "malformed"),              # bad UTF-8 string
+    (TD_FLOAT[:-1], r"'f' argument needs 4 bytes, 3 left"),
+    (TD_FLOAT[:-2], r"'f' argument needs 4 bytes, 2 left"),  # python-osc would pad it to 0.5 and say nothing
+    (TD_FLOAT[:10], "address is not terminated"),
+    (TD_FLOAT[:18], "type tag string is not terminated"),
+    (TD_FLOAT[:19], "type tag string is not padded"),
+    (PROMPT[:-2], "'s' argument is not padded"),
+    (TD_FLOAT + b"junk", "4 bytes after the last argument"),
+    (b"/sd/strength\x00\x00\x00\x00,q\x00\x00\x00\x00\x00\x00", "unsupported type tag 'q'"),
+    (b"/sd/strength\x00\x00\x00\x00,I\x00\x00", "unsupported type tag 'I'"),  # python-osc skips it silently
+    (b"/sd/strength\x00\x00\x00\x00xf\x00\x00\x3f\x00\x00\x00", "type tags do not start with ','"),
+    (b"/sd/x\x00\x00\x00,]\x00\x00", r"'\]' without '\['"),
+    (b"/sd/x\x00\x00\x00,[f\x00\x00\x00\x00\x00", r"'\[' without '\]'"),
+    (b"/sd/x\x00\x00\x00,b\x00\x00" + struct.pack(">i", 1000) + b"ab\x00\x00", "'b' argument needs 1004 bytes"),
+    (b"/sd/x\x00\x00\x00,b\x00\x00" + struct.pack(">i", -8) + b"abcd", "blob size -8 is negative"),
+    (b"/sd/\xff\xfe\x00\x00,f\x00\x00\x3f\x00\x00\x00", "not valid UTF-8"),  # UnicodeDecodeError in python-osc
+    (b"/sd/prompt\x00\x00,s\x00\x00\xff\xfe\x00\x00", "not valid UTF-8"),
     (b"#bundle\x00" + bytes(4), "shorter than its 16-byte head"),
-    (b"#bundle\x00" + bytes(8) + struct.pack(">i", 400) + TD_FLOAT, "does not fit"),
-    (b"#bundle\x00" + bytes(8) + struct.pack(">i", -4) + TD_FLOAT, "does not fit"),
-    (b"garbage", "does not start with '/'"),
-    (bytes(70000), "larger than"),
+    (bundle() + b"\x00\x00", "element size is truncated"),
+    (bundle() + struct.pack(">i", 400) + TD_FLOAT, "element size 400 does not fit the 24 bytes left"),
+    (NEGATIVE_SIZE, "element size -4 does not fit"),
+    (bundle() + struct.pack(">i", 0), "element size 0"),
+    (bundle() + struct.pack(">i", 6) + TD_FLOAT, "element size 6"),
+    (nested(500), "nested deeper than 8"),  # python-osc: RecursionError
+    (b"garbage", "does not start with '/' or '#bundle'"),
+    (bundle(b"xyz\x00"), "does not start with '/'"),
+    (bytes(MAX_DATAGRAM + 1), "larger than 65507 bytes"),
+    (bundle(*[b"/a\x00\x00"] * 1025), "more than 1024 messages"),
 ])
-def test_malformed(data, reason):
-    with pytest.raises(ProtocolError, match=reason) as info:
+def test_malformed(data, reason, caplog):
+    with caplog.at_level(logging.DEBUG), pytest.raises(ProtocolError, match=reason) as info:
         parse_datagram(data)
     assert info.value.code == "bad_osc"
+    assert f"malformed OSC packet of {len(data)} bytes: " in str(info.value)
+    assert not caplog.records  # python-osc's root-logger warnings never run
 
 
-def test_deeply_nested_bundle_is_refused_not_recursed():
-    data = message("/sd/steps", 2.0)
-    for _ in range(500):
-        data = bundle(data)
-    with pytest.raises(ProtocolError, match="nested deeper"):
-        parse_datagram(data)
+# --- mapping onto parameters ------------------------------------------------------------------------
 
 
-def test_int_parameters_from_floats():
+def test_int_parameter_from_integral_float():
     result = updates(message("/sd/steps", 4.0))
-    assert result.updates == {"steps": 4} and isinstance(result.updates["steps"], int)
+    assert result.updates == {"steps": 4} and type(result.updates["steps"]) is int
+
+
+def test_non_integral_float_for_int_parameter_is_an_error():
     result = updates(message("/sd/steps", 4.5))
-    assert not result.updates and "steps 4.5 is not an integer" in str(result.errors[0])
+    assert not result.updates
+    [error] = result.errors
+    assert isinstance(error, ParamError) and error.code == "bad_param"
+    assert str(error) == "/sd/steps: steps 4.5 is not an integer"
+    assert error.name == "steps" and error.value == 4.5
 
 
-def test_seed_beyond_float32_and_int32():
+@pytest.mark.parametrize("value, expected", [(0.0, False), (1.0, True), (0, False), (1, True), (True, True),
+                                             (False, False), ("on", True)])
+def test_bool_from_zero_one_and_true_false(value, expected):
+    assert updates(message("/sd/plugin/flow/enabled", value)).updates == {"plugin.flow.enabled": expected}
+
+
+def test_bool_out_of_range_is_an_error():
+    [error] = updates(message("/sd/plugin/flow/enabled", 0.5)).errors
+    assert "/sd/plugin/flow/enabled: plugin.flow.enabled 0.5 is not a boolean" in str(error)
+
+
+def test_enum_by_index_and_by_name():
+    assert updates(message("/sd/resize_mode", 1.0)).updates == {"resize_mode": "fit"}
+    assert updates(message("/sd/resize_mode", 2)).updates == {"resize_mode": "stretch"}
+    assert updates(message("/sd/resize_mode", "fit")).updates == {"resize_mode": "fit"}
+    [error] = updates(message("/sd/resize_mode", 3.0)).errors
+    assert "is not an index into" in str(error)
+
+
+def test_seed_at_2_to_the_32_minus_1_via_int64_and_string():
     assert updates(message("/sd/seed", 4294967295, types="h")).updates == {"seed": 4294967295}
     assert updates(message("/sd/seed", "4294967295")).updates == {"seed": 4294967295}
-    # An int32 sender wraps 2^32-1 to -1: that is refused, never silently used.
-    wrapped = updates(message("/sd/seed", -1, types="i"))
-    assert not wrapped.updates and "seed -1 not in" in str(wrapped.errors[0])
 
 
-def test_bool_enum_norm_and_plugin_paths():
-    from sdbridge.params import ParamSpec
+def test_seed_wrapped_by_an_int32_sender_is_refused_not_used():
+    # 4294967295 packed as 'i' is ff ff ff ff; python-osc decodes 'i' signed, so it arrives as -1.
+    packet = b"/sd/seed\x00\x00\x00\x00,i\x00\x00\xff\xff\xff\xff"
+    assert parse_datagram(packet) == [OscCall("/sd/seed", (-1,))]
+    result = updates(packet)
+    assert not result.updates
+    assert "int32 ('i') wraps values above 2147483647 (was it 4294967295?)" in str(result.errors[0])
+    # Seeds up to 2^31-1 fit an int32 and are fine.
+    assert updates(message("/sd/seed", 2**31 - 1, types="i")).updates == {"seed": 2**31 - 1}
 
-    schema = Schema()
-    schema.add(ParamSpec("plugin.flow.enabled", "bool", False, "on/off", group="plugin"))
-    calls = parse_datagram(bundle(message("/sd/plugin/flow/enabled", 1.0), message("/sd/resize_mode", 1.0),
-                                  message("/sd/engine", "preview"), message("/sd/norm/strength", 0.25),
-                                  message("/sd/norm/steps", 1.0)))
-    result = calls_to_updates(calls, schema)
-    assert result.updates == {"plugin.flow.enabled": True, "resize_mode": "fit", "engine": "preview",
-                              "strength": 0.25, "steps": 50}
+
+def test_seed_beyond_float32_exact_integers_is_refused():
+    # 123456789 as float32 is 123456792.0: an integral float, but not what was meant.
+    result = updates(message("/sd/seed", 123456789.0, types="f"))
+    assert not result.updates and "beyond float32's exact integers" in str(result.errors[0])
+    assert updates(message("/sd/seed", float(2**24), types="f")).updates == {"seed": 2**24}
+
+
+def test_norm_maps_onto_the_range():
+    result = updates(message("/sd/norm/strength", 0.25), message("/sd/norm/steps", 1.0),
+                     message("/sd/norm/guidance", 0.5), message("/sd/norm/plugin/flow/amount", 0.5))
+    assert result.updates == {"strength": 0.25, "steps": 50, "guidance": 15.0, "plugin.flow.amount": 1.0}
     assert not result.errors
+    errors = updates(message("/sd/norm/strength", 1.5), message("/sd/norm/prompt", 0.5),
+                     message("/sd/norm/strength", "half")).errors
+    assert [str(e) for e in errors] == ["/sd/norm/strength: norm/strength 1.5 not in [0, 1]",
+                                        "/sd/norm/prompt: prompt has no range to map a fader onto",
+                                        "/sd/norm/strength 'half' is not a number in [0, 1]"]
 
 
-def test_errors_name_address_and_value_and_others_still_apply():
-    result = updates(bundle(message("/sd/nope", 1.0), message("/sd/strength", 4.0), message("/sd/guidance", 2.0),
-                            message("/sd/prompt"), message("/sd/norm/strength", 3.0)))
-    assert result.updates == {"guidance": 2.0}
-    texts = [str(error) for error in result.errors]
-    assert any("unknown parameter 'nope'" in t for t in texts)
-    assert any("strength 4.0 not in [0, 1]" in t for t in texts)
-    assert any("/sd/prompt needs exactly one argument, got 0" in t for t in texts)
-    assert any("norm/strength 3.0 not in [0, 1]" in t for t in texts)
+def test_plugin_path():
+    assert updates(message("/sd/plugin/flow/amount", 1.5)).updates == {"plugin.flow.amount": 1.5}
 
 
-def test_other_prefixes_ignored_commands_kept():
-    result = updates(bundle(message("/other/strength", 0.1), message("/sd/status/ping", 1.0)))
-    assert result.ignored == 1 and result.commands == [OscCall("/sd/status/ping", (1.0,))]
+def test_unknown_parameter_is_an_error_with_its_name():
+    [error] = updates(message("/sd/strenght", 0.5)).errors
+    assert str(error) == "/sd/strenght: unknown parameter 'strenght'" and error.name == "strenght"
+    [error] = updates(message("/sd/norm/nope", 0.5)).errors
+    assert "unknown parameter 'nope'" in str(error)
 
 
-def test_encode_round_trip():
-    data = encode_message("/sd/seed", 4294967295, 0.5, "text", True)
-    assert parse_datagram(data) == [OscCall("/sd/seed", (4294967295, 0.5, "text", True))]
+def test_out_of_range_names_address_and_value():
+    [error] = updates(message("/sd/strength", 4.0)).errors
+    assert str(error) == "/sd/strength: strength 4.0 not in [0, 1]"
+    assert error.code == "bad_param" and error.value == 4.0
+
+
+def test_wrong_arity_and_type():
+    errors = updates(message("/sd/prompt"), message("/sd/strength", 0.1, 0.2), message("/sd/strength", None),
+                     message("/sd/strength", b"\x01", types="b"), message("/sd/strength", float("nan"))).errors
+    texts = [str(e) for e in errors]
+    assert texts[0] == "/sd/prompt needs exactly one argument, got 0"
+    assert texts[1] == "/sd/strength needs exactly one argument, got 2"
+    assert texts[2] == "/sd/strength None is a NoneType, expected a number or a string"
+    assert texts[3] == "/sd/strength b'\\x01' is a bytes, expected a number or a string"
+    assert texts[4] == "/sd/strength: strength nan is not a finite number"
+    assert all(e.code == "bad_param" for e in errors)
+
+
+def test_bad_values_do_not_stop_the_good_ones():
+    result = updates(message("/sd/nope", 1.0), message("/sd/strength", 4.0), message("/sd/guidance", 2.0),
+                     message("/sd/prompt", "a fox"))
+    assert result.updates == {"guidance": 2.0, "prompt": "a fox"}
+    assert len(result.errors) == 2
+
+
+def test_commands_and_other_prefixes():
+    result = updates(message("/other/strength", 0.1), message("/sd/preset", "dusk"),
+                     message("/sd/get/strength"), message("/sd"), message("/sdx/strength", 0.1))
+    assert result.ignored == 3 and not result.updates and not result.errors
+    assert result.commands == [OscCall("/sd/preset", ("dusk",)), OscCall("/sd/get/strength", ())]
+
+
+def test_another_prefix():
+    calls = parse_datagram(message("/live/strength", 0.75))
+    assert calls_to_updates(calls, SCHEMA, prefix="/live").updates == {"strength": 0.75}
+    assert calls_to_updates(calls, SCHEMA).ignored == 1
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def test_encode_message_types():
+    data = encode_message("/sd/status/x", 0.5, 7, 4294967295, "text", True, False, None)
+    assert data == (b"/sd/status/x\x00\x00\x00\x00" + b",fihsTFN\x00\x00\x00\x00"
+                    + b"\x3f\x00\x00\x00" + b"\x00\x00\x00\x07" + b"\x00\x00\x00\x00\xff\xff\xff\xff" + b"text\x00\x00\x00\x00")
+    assert parse_datagram(data) == [OscCall("/sd/status/x", (0.5, 7, 4294967295, "text", True, False, None))]
+    assert parse_datagram(encode_message("/a", -(2**31) - 1, 2**70)) == [OscCall("/a", (-(2**31) - 1, str(2**70)))]
+    with pytest.raises(ValueError, match="does not start with '/'"):
+        encode_message("sd/strength", 1.0)
+
+
+def test_encode_bundles_split_at_max_size_in_order():
     many = [(f"/sd/status/v{i}", (float(i),)) for i in range(200)]
     datagrams = encode_bundles(many, max_size=1400)
     assert len(datagrams) > 1 and all(len(d) <= 1400 for d in datagrams)
     assert [c.address for d in datagrams for c in parse_datagram(d)] == [a for a, _ in many]
+    assert encode_bundles([]) == []
+    [one] = encode_bundles([("/sd/prompt", ("x" * 2000,))])  # too big for max_size: a bundle of its own
+    assert parse_datagram(one) == [OscCall("/sd/prompt", ("x" * 2000,))]
 
 
-@settings(max_examples=1000)
-@given(st.binary(max_size=200))
-def test_arbitrary_bytes_raise_only_protocol_error(data):
+# --- properties: nothing but ProtocolError escapes ------------------------------------------------
+
+
+def parse_only_protocol_errors(data: bytes) -> None:
     try:
-        parse_datagram(data)
-    except ProtocolError:
-        pass
+        calls = parse_datagram(data)
+    except ProtocolError as exc:
+        assert exc.code == "bad_osc"
+        return
+    calls_to_updates(calls, SCHEMA)  # never raises: errors are collected
 
 
-VALID = [TD_FLOAT, message("/sd/prompt", "a cat"), bundle(message("/sd/seed", 7.0), message("/sd/prompt", "x")),
-         bundle(bundle(message("/sd/steps", 2.0)))]
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_protocol_error(data):
+    parse_only_protocol_errors(data)
 
 
-@settings(max_examples=1000)
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from([b"/sd/strength\x00\x00\x00\x00,", b"#bundle\x00" + IMMEDIATE, b"/sd/x\x00\x00\x00"]),
+       st.binary(max_size=200))
+def test_plausible_heads_with_arbitrary_tails_raise_only_protocol_error(head, tail):
+    parse_only_protocol_errors(head + tail)
+
+
+VALID = [TD_FLOAT, PROMPT, bundle(PROMPT, SEED_I), nested(3), bundle(message("/sd/x", b"blob", "s", 1, types="bsh")),
+         message("/sd/m", [1.0, [2, "x"]], True)]
+
+
+@settings(max_examples=1000, deadline=None)
 @given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
-       st.integers(0, 200))
+       st.integers(1, 200))
 def test_mutated_valid_packets_raise_only_protocol_error(packet, flips, cut):
     data = bytearray(packet)
     for index, value in flips:
         if index < len(data):
             data[index] = value
-    try:
-        calls_to_updates(parse_datagram(bytes(data[: max(cut, 1)] if cut < len(data) else data)), SCHEMA)
-    except ProtocolError:
-        pass
+    parse_only_protocol_errors(bytes(data[:cut]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.builds(OscCall, st.sampled_from(["/sd/strength", "/sd/seed", "/sd/steps", "/sd/norm/width",
+                                                    "/sd/engine", "/sd/plugin/flow/enabled", "/sd/norm/engine",
+                                                    "/sd/nope", "/sd/preset", "/x"]),
+                          st.lists(st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
+                                             st.floats(), st.text(max_size=10), st.binary(max_size=4)),
+                                   max_size=2).map(tuple)), max_size=5))
+def test_mapping_never_raises(calls):
+    actions = calls_to_updates(calls, SCHEMA)
+    # Each call ends up in exactly one place (a later update of the same parameter replaces an earlier one).
+    assert len(actions.errors) + len(actions.commands) + actions.ignored + len(actions.updates) <= len(calls)
+    good, errors = SCHEMA.validate(actions.updates)
+    assert not errors and good == actions.updates  # what comes back is already valid
