@@ -1,13 +1,16 @@
 """OSC over UDP on the daemon's event loop: parameters in, feedback and telemetry out.
 
 Our own asyncio datagram protocol around :mod:`sdbridge.bridge.osc_parse` rather than
-python-osc's servers, whose dispatcher sleeps until a bundle's time tag (freezing the loop) and
-whose parser lets exceptions escape. A bad packet is counted and logged (rate-limited), never fatal.
+python-osc's servers: their dispatcher sleeps until a bundle's time tag (``strict_timing``
+defaults to True, freezing the loop) and their parser lets exceptions escape or hangs on some
+malformed packets. Here a bad packet is counted and logged (rate-limited), never fatal, and a
+bundle applies at once, in one ``ParamStore.update``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -15,13 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdbridge.bridge.osc_parse import OscCall, calls_to_updates, encode_bundles, encode_message, parse_datagram
+from sdbridge.bridge.osc_parse import (MAX_DATAGRAM, OscCall, calls_to_updates, encode_bundles, encode_message,
+                                       parse_datagram)
 from sdbridge.errors import ProtocolError, SdbridgeError
 from sdbridge.params import ParamStore
 
 log = logging.getLogger(__name__)
 
 LOG_SUMMARY_EVERY_S = 5.0
+SEND_BUFFER_LIMIT = 256 * 1024  # bytes queued in the transport before the sender drops instead
 
 ErrorHandler = Callable[[SdbridgeError, Any], None]
 CommandHandler = Callable[[OscCall, Any], None]
@@ -29,8 +34,11 @@ CommandHandler = Callable[[OscCall, Any], None]
 
 @dataclass
 class OscStats:
+    """Counters of OSC in. Every datagram is counted once in datagrams, and once in exactly one
+    of good, malformed and rejected_source."""
+
     datagrams: int = 0
-    messages: int = 0
+    messages: int = 0  # messages in good datagrams
     good: int = 0
     malformed: int = 0
     rejected_source: int = 0
@@ -38,25 +46,64 @@ class OscStats:
     internal_errors: int = 0
 
 
-class _RateLimitedLog:
-    """The first problem is logged in full; then one summary line every few seconds."""
+@dataclass
+class OscSenderStats:
+    sent: int = 0
+    dropped: int = 0
 
-    def __init__(self) -> None:
-        self._last = 0.0
+
+class _ProblemLog:
+    """Logs the first problem in full, then at most one summary line every ``every_s`` seconds."""
+
+    def __init__(self, stats: OscStats, every_s: float = LOG_SUMMARY_EVERY_S) -> None:
+        self._stats = stats
+        self._every_s = every_s
+        self._last = -float("inf")
         self._suppressed = 0
+        self._counts_at_last = dataclasses.asdict(stats)
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def warning(self, message: str, *args: Any) -> None:
         now = time.monotonic()
-        if now - self._last >= LOG_SUMMARY_EVERY_S:
-            if self._suppressed:
-                log.warning("... and %d more OSC problems in the last %.0f s", self._suppressed, now - self._last)
+        if now - self._last >= self._every_s:
+            self.flush()
             log.warning(message, *args)
-            self._last, self._suppressed = now, 0
-        else:
-            self._suppressed += 1
+            self._last = now
+            self._counts_at_last = dataclasses.asdict(self._stats)
+            return
+        self._suppressed += 1
+        if self._flush_handle is None:
+            try:  # the summary comes even if the flood stops
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._flush_handle = loop.call_later(self._last + self._every_s - now, self.flush)
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._suppressed:
+            return
+        now_counts = dataclasses.asdict(self._stats)
+        kinds = ", ".join(f"{key} +{now_counts[key] - self._counts_at_last[key]}"
+                          for key in ("malformed", "rejected_source", "param_errors", "internal_errors")
+                          if now_counts[key] != self._counts_at_last[key])
+        log.warning("OSC: %d more problems not logged (%s)", self._suppressed, kinds or "counters unchanged")
+        self._suppressed = 0
+        self._last = time.monotonic()
+        self._counts_at_last = now_counts
 
 
 class OscServer(asyncio.DatagramProtocol):
+    """OSC in: parameters under ``prefix``, applied to ``store`` one datagram at a time.
+
+    ``on_error(error, source)`` gets each :class:`ProtocolError` (bad_osc) and :class:`ParamError`;
+    ``on_command(call, source)`` each command address (``<prefix>/preset``, ``/get/...``). Both run
+    on the event loop and must not block. Datagrams from outside ``allowed_sources`` (networks or
+    addresses) are counted and dropped unparsed.
+    """
+
     def __init__(self, store: ParamStore, *, prefix: str = "/sd",
                  allowed_sources: Sequence[str] = ("127.0.0.0/8", "::1"),
                  on_error: ErrorHandler | None = None, on_command: CommandHandler | None = None) -> None:
@@ -68,9 +115,13 @@ class OscServer(asyncio.DatagramProtocol):
         self.stats = OscStats()
         self.transport: asyncio.DatagramTransport | None = None
         self.port: int | None = None
-        self._log = _RateLimitedLog()
+        self._log = _ProblemLog(self.stats)
+        self._traceback_logged = False
 
     async def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` (UDP); port 0 takes a free one, then ``self.port`` tells it."""
+        if self.transport is not None:
+            raise RuntimeError(f"OscServer is already listening on port {self.port}")
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host.strip("[]"), port))
         self.transport = transport
@@ -80,88 +131,121 @@ class OscServer(asyncio.DatagramProtocol):
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        self._log.flush()
 
-    def _source_allowed(self, address: Any) -> bool:
+    def source_allowed(self, source: Any) -> bool:
         try:
-            ip = ipaddress.ip_address(address[0].split("%", 1)[0])
-        except (ValueError, TypeError, IndexError):
+            ip = ipaddress.ip_address(source[0].split("%", 1)[0])
+        except (ValueError, TypeError, IndexError, AttributeError):
             return False
         if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+            ip = ip.ipv4_mapped  # a dual-stack socket shows IPv4 senders as ::ffff:a.b.c.d
         return any(ip in network for network in self.allowed)
 
+    # --- the datagram path ------------------------------------------------------------------------
+
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        try:
-            self._handle(data, addr)
-        except Exception:  # never let one datagram take the loop's protocol down
-            self.stats.internal_errors += 1
-            log.exception("OSC datagram from %s could not be handled", addr)
-
-    def _handle(self, data: bytes, addr: Any) -> None:
         self.stats.datagrams += 1
-        if not self._source_allowed(addr):
-            self.stats.rejected_source += 1
-            self._log.warning("OSC from %s refused: not in the allowed sources (--osc-allow)", addr)
+        classified = False
+        try:
+            # 1. Who sent it: a refused source is counted, never parsed.
+            if not self.source_allowed(addr):
+                self.stats.rejected_source += 1
+                classified = True
+                self._log.warning("OSC from %s refused: not in the allowed sources (--osc-allow)", addr)
+                return
+            # 2. Parse: all or nothing per datagram.
+            try:
+                calls = parse_datagram(data)
+            except ProtocolError as exc:
+                self.stats.malformed += 1
+                classified = True
+                self._log.warning("OSC from %s: %s", addr, exc)
+                self._call(self.on_error, exc, addr)
+                return
+            self.stats.good += 1
+            self.stats.messages += len(calls)
+            classified = True
+            # 3. Map and apply: one update call for the whole datagram, so a bundle lands in one frame.
+            actions = calls_to_updates(calls, self.store.schema, self.prefix)
+            if actions.updates:
+                _, errors = self.store.update(actions.updates)
+                actions.errors.extend(errors)
+            # 4. Report errors and hand on commands.
+            for error in actions.errors:
+                self.stats.param_errors += 1
+                self._log.warning("OSC from %s: %s", addr, error)
+                self._call(self.on_error, error, addr)
+            for call in actions.commands:
+                self._call(self.on_command, call, addr)
+        except Exception:  # never let one datagram take the protocol down
+            if not classified:
+                self.stats.malformed += 1
+            self._internal_error(addr)
+
+    def _call(self, handler: Callable[[Any, Any], None] | None, value: Any, addr: Any) -> None:
+        """A failing callback is ours to count, and must not stop the others."""
+        if handler is None:
             return
         try:
-            calls = parse_datagram(data)
-        except ProtocolError as exc:
-            self.stats.malformed += 1
-            self._log.warning("OSC from %s: %s", addr, exc)
-            self._report(exc, addr)
-            return
-        self.stats.good += 1
-        self.stats.messages += len(calls)
-        actions = calls_to_updates(calls, self.store.schema, self.prefix)
-        if actions.updates:
-            # One update call for the whole datagram: a bundle's values land at the same frame.
-            _, errors = self.store.update(actions.updates)
-            actions.errors.extend(errors)
-        for error in actions.errors:
-            self.stats.param_errors += 1
-            self._log.warning("OSC from %s: %s", addr, error)
-            self._report(error, addr)
-        if self.on_command is not None:
-            for call in actions.commands:
-                self.on_command(call, addr)
+            handler(value, addr)
+        except Exception:
+            self._internal_error(addr)
 
-    def _report(self, exc: SdbridgeError, addr: Any) -> None:
-        if self.on_error is not None:
-            self.on_error(exc, addr)
+    def _internal_error(self, addr: Any) -> None:
+        self.stats.internal_errors += 1
+        if not self._traceback_logged:
+            self._traceback_logged = True
+            log.exception("OSC datagram from %s could not be handled (later ones only counted)", addr)
+        else:
+            self._log.warning("OSC datagram from %s could not be handled (internal error)", addr)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("OSC socket error: %s", exc)
 
 
 class OscSender:
-    """OSC out to one host:port (feedback and telemetry); never blocks, drops on error."""
+    """OSC out to one host:port (feedback and telemetry). Never blocks: drops and counts instead."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
         self.transport: asyncio.DatagramTransport | None = None
-        self.sent = 0
-        self.dropped = 0
+        self.stats = OscSenderStats()
+
+    @property
+    def sent(self) -> int:
+        return self.stats.sent
+
+    @property
+    def dropped(self) -> int:
+        return self.stats.dropped
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.transport, _ = await loop.create_datagram_endpoint(
-            asyncio.DatagramProtocol, remote_addr=(self.host.strip("[]"), self.port))
+            _SenderProtocol, remote_addr=(self.host.strip("[]"), self.port))
 
     def _send(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            self.dropped += 1
+        transport = self.transport
+        # asyncio queues what the socket refuses, without bound: a receiver that cannot keep up
+        # must cost us datagrams, not memory.
+        if transport is None or transport.is_closing() or len(data) > MAX_DATAGRAM \
+                or transport.get_write_buffer_size() > SEND_BUFFER_LIMIT:
+            self.stats.dropped += 1
             return
         try:
-            self.transport.sendto(data)
-            self.sent += 1
-        except OSError:
-            self.dropped += 1
+            transport.sendto(data)
+            self.stats.sent += 1
+        except (OSError, RuntimeError):
+            self.stats.dropped += 1
 
     def send(self, address: str, *args: Any) -> None:
+        """One message, as one datagram."""
         self._send(encode_message(address, *args))
 
     def send_many(self, messages: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        """Messages as one bundle if they fit one MTU-sized datagram, else as several, in order."""
         for datagram in encode_bundles(messages):
             self._send(datagram)
 
@@ -169,3 +253,9 @@ class OscSender:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+
+
+class _SenderProtocol(asyncio.DatagramProtocol):
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable when nothing listens on the feedback port: normal, not worth a warning.
+        log.debug("OSC out: %s", exc)

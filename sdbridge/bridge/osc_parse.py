@@ -22,7 +22,6 @@ ignored on purpose: a bundle applies at the next frame boundary, never later (DE
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field

@@ -265,7 +265,8 @@ def test_another_prefix():
 def test_encode_message_types():
     data = encode_message("/sd/status/x", 0.5, 7, 4294967295, "text", True, False, None)
     assert data == (b"/sd/status/x\x00\x00\x00\x00" + b",fihsTFN\x00\x00\x00\x00"
-                    + b"\x3f\x00\x00\x00" + b"\x00\x00\x00\x07" + b"\x00\x00\x00\x00\xff\xff\xff\xff" + b"text\x00\x00\x00\x00")
+                    + b"\x3f\x00\x00\x00" + b"\x00\x00\x00\x07" + b"\x00\x00\x00\x00\xff\xff\xff\xff"
+                    + b"text\x00\x00\x00\x00")
     assert parse_datagram(data) == [OscCall("/sd/status/x", (0.5, 7, 4294967295, "text", True, False, None))]
     assert parse_datagram(encode_message("/a", -(2**31) - 1, 2**70)) == [OscCall("/a", (-(2**31) - 1, str(2**70)))]
     with pytest.raises(ValueError, match="does not start with '/'"):
