@@ -41,9 +41,10 @@ MAX_BUNDLE_DEPTH = 8
 MAX_MESSAGES = 1024
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Bytes each type tag takes, for the tags python-osc 1.10 decodes; None: a string or a blob.
+# Bytes each type tag takes, for the tags python-osc 1.10 decodes (not 'S', 'c', 'I': it skips
+# them with a warning, so they are refused); None: a string or a blob, sized from the packet.
 ARG_SIZES: dict[str, int | None] = {"i": 4, "f": 4, "r": 4, "m": 4, "h": 8, "d": 8, "t": 8,
-                                    "s": None, "S": None, "b": None,
+                                    "s": None, "b": None,
                                     "T": 0, "F": 0, "N": 0, "[": 0, "]": 0}
 # Addresses under the prefix that are requests, not parameters: handed to the caller's on_command.
 COMMANDS = ("preset", "get", "query", "status")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from sdbridge.bridge.osc_parse import (MAX_BUNDLE_DEPTH, MAX_DATAGRAM, OscActions, OscCall, calls_to_updates,
+from sdbridge.bridge.osc_parse import (ARG_SIZES, MAX_BUNDLE_DEPTH, MAX_DATAGRAM, OscActions, OscCall, calls_to_updates,
                                        encode_bundles, encode_message, parse_datagram)
 from sdbridge.errors import ParamError, ProtocolError
 from sdbridge.params import ParamSpec, Schema
@@ -112,6 +112,8 @@ def nested(depth: int) -> bytes:
     (TD_FLOAT + b"junk", "4 bytes after the last argument"),
     (b"/sd/strength\x00\x00\x00\x00,q\x00\x00\x00\x00\x00\x00", "unsupported type tag 'q'"),
     (b"/sd/strength\x00\x00\x00\x00,I\x00\x00", "unsupported type tag 'I'"),  # python-osc skips it silently
+    (b"/sd/x\x00\x00\x00,S\x00\x00ab\x00\x00", "unsupported type tag 'S'"),
+    (b"/sd/x\x00\x00\x00,c\x00\x00\x00\x00\x00a", "unsupported type tag 'c'"),
     (b"/sd/strength\x00\x00\x00\x00xf\x00\x00\x3f\x00\x00\x00", "type tags do not start with ','"),
     (b"/sd/x\x00\x00\x00,]\x00\x00", r"'\]' without '\['"),
     (b"/sd/x\x00\x00\x00,[f\x00\x00\x00\x00\x00", r"'\[' without '\]'"),
@@ -137,6 +139,19 @@ def test_malformed(data, reason, caplog):
     assert info.value.code == "bad_osc"
     assert f"malformed OSC packet of {len(data)} bytes: " in str(info.value)
     assert not caplog.records  # python-osc's root-logger warnings never run
+
+
+def test_every_accepted_type_tag_is_decoded_by_python_osc_without_a_warning(caplog):
+    tags = "".join(tag for tag in ARG_SIZES if tag not in "[]")
+    payload = {"i": b"\x00\x00\x00\x01", "f": b"\x3f\x80\x00\x00", "r": b"\x01\x02\x03\x04",
+               "m": b"\x00\x90\x40\x7f", "h": bytes(7) + b"\x02", "d": b"\x3f\xf0" + bytes(6),
+               "t": bytes(7) + b"\x01", "s": b"ab\x00\x00", "b": b"\x00\x00\x00\x01z\x00\x00\x00"}
+    tag_string = b",[" + tags.encode() + b"]\x00"
+    data = b"/sd/x\x00\x00\x00" + tag_string + bytes(-len(tag_string) % 4)
+    data += b"".join(payload.get(tag, b"") for tag in tags)
+    with caplog.at_level(logging.DEBUG):
+        [call] = parse_datagram(data)
+    assert len(call.args[0]) == len(tags) and not caplog.records
 
 
 # --- mapping onto parameters ------------------------------------------------------------------------
