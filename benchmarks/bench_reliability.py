@@ -291,7 +291,7 @@ def flow(frames: int = 400) -> dict[str, Any]:
             time.sleep(1.0)
             done.set()
             thread.join()
-        flood_session = daemon.stats()["sessions"]
+            flood_session = daemon.stats()["sessions"]  # before the session closes with the connection
     finally:
         daemon.stop()
     flooded = next((s for s in flood_session if s["id"] == "flood"), None)
