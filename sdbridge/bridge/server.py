@@ -30,6 +30,7 @@ from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
 from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.params import ParamStore, Schema
+from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,20 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         settings.check()
         self.settings = settings
-        initial = dict(settings.params)
+        initial = {k: v for k, v in settings.params.items() if not k.startswith("plugin.")}
         if settings.engine != "auto":
             initial.setdefault("engine", settings.engine)
         self.store = ParamStore(Schema(), initial=initial)
         self.registry = SessionRegistry()
+        # Plugins register their parameters before the starting values are applied.
+        self.plugins = PluginManager(self.store, report=self._plugin_report)
+        plugin_values = {k: v for k, v in settings.params.items() if k.startswith("plugin.")}
+        if plugin_values:
+            _, errors = self.store.update(plugin_values)
+            if errors:
+                raise errors[0]
         self.engines = EngineHost(settings, notify=self._engine_event)
-        self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report,
+        self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report, plugins=self.plugins,
                              decode_threads=settings.decode_threads, debug_frames=settings.debug_frames)
         self.stats = DaemonStats()
         self.started = time.monotonic()
@@ -200,6 +208,16 @@ class Daemon:
         assert self._loop is not None
         self.stats.errors_sent += 1
         self._loop.call_soon_threadsafe(session.broadcast, message)
+
+    def _plugin_report(self, session_id: str, message: dict[str, Any]) -> None:
+        """Worker thread: a plugin was turned off for a session: tell its clients and the OSC target."""
+        session = self.registry.get(session_id)
+        if session is not None:
+            self.report(session, message)
+        loop = self._loop
+        if self.feedback is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.feedback.send, f"{self.settings.osc_prefix}/status/error", message["code"],
+                                      message["message"][:200])
 
     def _engine_event(self, event: dict[str, Any]) -> None:
         """Any thread: engine loading news and failures go to every client."""

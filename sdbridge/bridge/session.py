@@ -158,6 +158,7 @@ class Session:
         self.frames_out = 0
         self.errors = 0
         self.passthrough_frames = 0
+        self.skipped_frames = 0  # answered by a plugin (the similarity filter) without the engine
         self.created = time.monotonic()
         self.next_generated_at = 0.0  # txt2img pacing, worker-owned
         self._on_input = on_input
@@ -190,6 +191,7 @@ class Session:
             "frames_dropped": self.input.dropped,
             "frames_out": self.frames_out,
             "passthrough_frames": self.passthrough_frames,
+            "skipped_frames": self.skipped_frames,
             "errors": self.errors,
             "fps": round(self.output_meter.rate(), 2),
             "latency_ms_p50": None if p50 is None else round(p50, 2),

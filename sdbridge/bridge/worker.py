@@ -6,8 +6,10 @@ Each turn of the loop reads top to bottom:
 2. the engine to run (a newly loaded one is swapped in here, on this thread);
 3. the newest frame of every session (older ones were dropped at the slot, never decoded);
 4. decode and fit to the engine's resolution, in the CPU pool;
-5. one batched engine step (or the input passed through while no engine serves);
-6. fit to the reply size, encode in the CPU pool, hand each session's reply to the event loop.
+5. plugins before the step (a plugin may skip a frame, reusing an output);
+6. one batched engine step for the rest (or the input passed through while no engine serves),
+   with the plugins' latent hooks inside it, then the plugins after the step;
+7. fit to the reply size, encode in the CPU pool, hand each session's reply to the event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
 from sdbridge.errors import SdbridgeError
 from sdbridge.params import ParamStore
+from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +49,25 @@ class Job:
     input_size: tuple[int, int] | None = None  # (width, height) as received
     output: np.ndarray | None = None
     passthrough: bool = False
+    skipped: bool = False
 
 
 class Worker(threading.Thread):
     def __init__(self, registry: SessionRegistry, store: ParamStore, engines: EngineHost, deliver: Deliver,
-                 report: Report, *, decode_threads: int = 2, debug_frames: bool = False) -> None:
+                 report: Report, *, plugins: PluginManager | None = None, decode_threads: int = 2,
+                 debug_frames: bool = False) -> None:
         super().__init__(name="sdbridge-worker", daemon=True)
         self.registry = registry
         self.store = store
         self.engines = engines
         self.deliver = deliver
         self.report = report
+        self.plugins = plugins
         self.debug_frames = debug_frames
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="sdbridge-codec")
         self._stop_event = threading.Event()
         self._prepared: tuple[int, int] | None = None  # (params version, id(engine)) last prepared
+        self._plugins_version = -1
         self.params: dict[str, Any] = store.snapshot()[1]
         self.turns = 0
         self.engine_errors = 0
@@ -97,12 +104,16 @@ class Worker(threading.Thread):
         version, params = self.store.snapshot()
         self.params = params
 
-        # 2. The engine to run, prepared for these parameters.
+        # 2. The engine to run and the plugins, prepared for these parameters.
         self.engines.select(params)
         engine = self.engines.active()
         if engine is not None and self._prepared != (version, id(engine)):
             engine.prepare(params)
             self._prepared = (version, id(engine))
+        plugins = self.plugins
+        if plugins is not None and self._plugins_version != version:
+            plugins.prepare(params)
+            self._plugins_version = version
 
         # 3. The newest frame of every session.
         jobs = self._collect(params)
@@ -118,10 +129,27 @@ class Worker(threading.Thread):
         if not jobs:
             return 0
 
-        # 5. One batched engine step; the input passes through while no engine serves.
-        self._step(engine, jobs)
+        # 5. Plugins before the step: a skipped frame reuses an output and costs no engine time.
+        if plugins is not None and plugins.active:
+            for job in jobs:
+                if job.image is not None:
+                    job.output = plugins.before(job.session.id, job.session.state.data, job.image)
+                    job.skipped = job.output is not None
+                    job.session.skipped_frames += job.skipped
 
-        # 6. Fit to the reply size, encode, hand over to the event loop.
+        # 6. One batched engine step for the rest (the input passes through while no engine serves),
+        #    the plugins' latent hooks inside it, the plugins' after hooks on its output.
+        to_run = [job for job in jobs if not job.skipped]
+        if to_run:
+            if engine is not None:
+                engine.latent_hook = self._latent_hook if plugins is not None and plugins.has("on_latents") else None
+            self._step(engine, to_run)
+            if plugins is not None and plugins.active:
+                for job in to_run:
+                    assert job.output is not None
+                    job.output = plugins.after(job.session.id, job.session.state.data, job.image, job.output)
+
+        # 7. Fit to the reply size, encode, hand over to the event loop.
         for job, message in zip(jobs, self.pool.map(lambda j: self._encode(j, params), jobs)):
             if message is not None:
                 self._record(job)
@@ -181,6 +209,10 @@ class Worker(threading.Thread):
         self.last_step_ms = (time.perf_counter() - started) * 1000
         for job, image in zip(jobs, out):
             job.output = image
+
+    def _latent_hook(self, latents: torch.Tensor, states: list) -> torch.Tensor:
+        assert self.plugins is not None
+        return self.plugins.on_latents(latents, [s.session_id for s in states], [s.data for s in states])
 
     @staticmethod
     def _pass_through(jobs: list[Job]) -> None:

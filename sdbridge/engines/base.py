@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,6 +43,9 @@ class Engine(abc.ABC):
         self.dtype = torch.float32
         self.resolution: tuple[int, int] = (512, 512)  # (width, height)
         self.source: str | None = None
+        # Set by the worker while plugins with an on_latents hook are on: (latents, states) -> latents,
+        # called on the denoised latents [B, 4, h, w] just before decoding.
+        self.latent_hook: Callable[[torch.Tensor, Sequence[StreamState]], torch.Tensor] | None = None
 
     def load(self, source: str | None, device: torch.device, dtype: torch.dtype) -> None:
         """Load weights (if any) onto ``device``; raise ModelError with the reason on failure."""

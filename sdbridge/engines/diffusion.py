@@ -224,7 +224,9 @@ class DiffusionEngine(Engine):
                 noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)
             latents = self.scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
 
-        # 5. Decode.
+        # 5. Latent plugins (feedback, feature banks), then decode.
+        if self.latent_hook is not None:
+            latents = self.latent_hook(latents, states)
         return self.decode(latents)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""The plugin interface: hooks around the engine step, per-session state, declared parameters.
+
+A plugin is a class registered in the entry-point group ``sdbridge.plugins`` (the built-ins
+too, in sdbridge's own pyproject.toml). Each declares its parameters as :class:`ParamSpec` s
+under ``plugin.<name>.<param>``; OSC (``/sd/plugin/<name>/<param>``), WebSocket, HTTP and presets
+reach them with no extra code. Every plugin also gets ``plugin.<name>.enabled`` and
+``plugin.<name>.order`` (lower runs first). See docs/plugins.md.
+
+Hooks, all optional, called by the worker thread:
+
+- ``before(ctx)``: the decoded input frame ``ctx.image`` (uint8 ``[H, W, 3]``, numpy) is there;
+  return None to go on, or an image to use as this frame's output instead of running the
+  engine (the frame is then *skipped*);
+- ``on_latents(latents, ctx)``: the denoised latents ``[1, 4, h, w]`` (torch, on the device)
+  just before decoding; return the latents to decode;
+- ``after(ctx)``: ``ctx.output`` holds the output frame; return the frame to send.
+
+``ctx.state`` is a dict private to this plugin and session; ``ctx.params`` are this plugin's
+parameter values without the ``plugin.<name>.`` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sdbridge.params import ParamSpec
+
+
+def param(plugin: str, name: str, kind: str, default: Any, doc: str, **kwargs: Any) -> ParamSpec:
+    """A plugin's parameter: ``plugin.<plugin>.<name>``, OSC ``/sd/plugin/<plugin>/<name>``."""
+    return ParamSpec(f"plugin.{plugin}.{name}", kind, default, doc, group=f"plugin.{plugin}", **kwargs)
+
+
+@dataclass
+class PluginContext:
+    """One session's frame as a plugin sees it."""
+
+    session_id: str
+    params: Mapping[str, Any]
+    state: dict[str, Any]
+    image: np.ndarray | None = None      # the input at the engine's resolution, uint8 [H, W, 3]
+    output: np.ndarray | None = None     # the output, uint8 [H, W, 3] (after the engine step)
+    last_output: np.ndarray | None = None  # this session's previous output, after every plugin
+    info: dict[str, Any] = field(default_factory=dict)  # what a plugin reports (skipped, ...)
+
+
+class Plugin:
+    """Subclass this; set ``name``, ``doc`` and ``params``, and override the hooks you need."""
+
+    name: ClassVar[str]
+    doc: ClassVar[str] = ""
+    params: ClassVar[tuple[ParamSpec, ...]] = ()
+    enabled_by_default: ClassVar[bool] = False
+    default_order: ClassVar[int] = 50
+
+    def before(self, ctx: PluginContext) -> np.ndarray | None:
+        return None
+
+    def on_latents(self, latents: Any, ctx: PluginContext) -> Any:
+        return latents
+
+    def after(self, ctx: PluginContext) -> np.ndarray | None:
+        return None
+
+    def reset(self, state: dict[str, Any]) -> None:
+        """Forget this session's history (called when the plugin is turned on again)."""
+        state.clear()
+
+    # --- helpers for subclasses ----------------------------------------------------------------
+
+    @classmethod
+    def all_params(cls) -> tuple[ParamSpec, ...]:
+        return (
+            param(cls.name, "enabled", "bool", cls.enabled_by_default, f"Turn the {cls.name} plugin on or off."),
+            param(cls.name, "order", "int", cls.default_order, "Where it runs among the plugins: lower runs first.",
+                  minimum=0, maximum=100),
+            *cls.params,
+        )
+
+    def overrides(self, hook: str) -> bool:
+        return getattr(type(self), hook) is not getattr(Plugin, hook)

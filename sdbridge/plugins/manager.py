@@ -1,0 +1,180 @@
+"""Finding plugins (entry points only), registering their parameters, and running their hooks.
+
+Plugins load only through installed entry points of the group ``sdbridge.plugins``: never from
+a path or a name a client sends. A plugin that raises, or returns NaN latents, is turned off for
+that session with a message to its clients (WebSocket) and the log (OSC feedback carries it as
+``/sd/status/error``); the stream goes on. Turning the plugin off and on again re-arms it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import numpy as np
+
+from sdbridge.params import ParamStore
+from sdbridge.plugins.base import Plugin, PluginContext
+
+log = logging.getLogger(__name__)
+
+GROUP = "sdbridge.plugins"
+LAST_OUTPUT = "plugins.last_output"  # in the session's state: the previous frame's final output
+
+Report = Callable[[str, dict[str, Any]], None]  # (session id, error message)
+
+
+def discover(group: str = GROUP) -> dict[str, type[Plugin]]:
+    """Plugin classes from installed entry points; a broken one is logged and left out."""
+    found: dict[str, type[Plugin]] = {}
+    for entry in sorted(entry_points(group=group), key=lambda e: e.name):
+        try:
+            cls = entry.load()
+        except Exception:  # a broken third-party package must not stop the daemon
+            log.exception("plugin entry point %s (%s) failed to load; left out", entry.name, entry.value)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+            log.error("plugin entry point %s is %r, not a sdbridge Plugin subclass; left out", entry.name, cls)
+            continue
+        if cls.name != entry.name:
+            log.error("plugin entry point %s names class %s whose name is %r; left out", entry.name,
+                      cls.__qualname__, cls.name)
+            continue
+        found[cls.name] = cls
+    return found
+
+
+@dataclass
+class _Active:
+    plugin: Plugin
+    params: dict[str, Any]
+
+
+class PluginManager:
+    def __init__(self, store: ParamStore, classes: Mapping[str, type[Plugin]] | None = None,
+                 report: Report | None = None) -> None:
+        self.store = store
+        self.classes = dict(discover() if classes is None else classes)
+        self.plugins: dict[str, Plugin] = {}
+        for name, cls in self.classes.items():
+            for spec in cls.all_params():
+                store.add_spec(spec)
+            self.plugins[name] = cls()
+        self.report = report or (lambda session_id, message: None)
+        self.active: list[_Active] = []
+        self.failures = 0
+        # Bumped each time a plugin is turned on: a session's state from before is reset (and a
+        # plugin that failed for a session is re-armed) on its next frame. Worker thread only.
+        self._generation = {name: 0 for name in self.plugins}
+        self._was_enabled: dict[str, bool] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.plugins)
+
+    def prepare(self, params: Mapping[str, Any]) -> None:
+        """At a frame boundary: the enabled plugins in order, each with its own parameters."""
+        active = []
+        for name, plugin in self.plugins.items():
+            prefix = f"plugin.{name}."
+            own = {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
+            enabled = bool(own.get("enabled"))
+            if enabled and not self._was_enabled.get(name):
+                self._generation[name] += 1
+            self._was_enabled[name] = enabled
+            if enabled:
+                active.append(_Active(plugin, own))
+        active.sort(key=lambda item: (item.params.get("order", 50), item.plugin.name))
+        self.active = active
+
+    def has(self, hook: str) -> bool:
+        return any(item.plugin.overrides(hook) for item in self.active)
+
+    # --- hooks ------------------------------------------------------------------------------------
+
+    def _context(self, item: _Active, session_state: dict[str, Any], session_id: str) -> PluginContext | None:
+        name = item.plugin.name
+        state = session_state.setdefault(f"plugin.{name}", {})
+        if state.get("_generation") != self._generation[name]:
+            item.plugin.reset(state)
+            state["_generation"] = self._generation[name]
+        if state.get("_failed"):
+            return None
+        return PluginContext(session_id=session_id, params=item.params, state=state,
+                             last_output=session_state.get(LAST_OUTPUT))
+
+    def _fail(self, item: _Active, ctx: PluginContext, reason: str) -> None:
+        self.failures += 1
+        generation = ctx.state.get("_generation")
+        ctx.state.clear()
+        ctx.state.update(_failed=reason, _generation=generation)
+        log.error("plugin %s turned off for session %s: %s", item.plugin.name, ctx.session_id, reason)
+        self.report(ctx.session_id, {"type": "error", "code": "plugin_failed",
+                                     "message": f"plugin {item.plugin.name} turned off for this session: {reason}; "
+                                                f"the stream goes on without it (turn it off and on to retry)",
+                                     "plugin": item.plugin.name})
+
+    def before(self, session_id: str, session_state: dict[str, Any], image: np.ndarray) -> np.ndarray | None:
+        """An output to use instead of running the engine (a skipped frame), or None."""
+        for item in self.active:
+            if not item.plugin.overrides("before"):
+                continue
+            ctx = self._context(item, session_state, session_id)
+            if ctx is None:
+                continue
+            ctx.image = image
+            try:
+                replacement = item.plugin.before(ctx)
+            except Exception as exc:
+                log.debug("plugin %s failed in before", item.plugin.name, exc_info=True)
+                self._fail(item, ctx, f"{type(exc).__name__}: {exc}")
+                continue
+            if replacement is not None:
+                return replacement
+        return None
+
+    def on_latents(self, latents: Any, session_ids: list[str], session_states: list[dict[str, Any]]) -> Any:
+        """Latents [B, 4, h, w]: each plugin sees one session's slice."""
+        import torch
+
+        for item in self.active:
+            if not item.plugin.overrides("on_latents"):
+                continue
+            for index, (session_id, state) in enumerate(zip(session_ids, session_states)):
+                ctx = self._context(item, state, session_id)
+                if ctx is None:
+                    continue
+                try:
+                    result = item.plugin.on_latents(latents[index:index + 1], ctx)
+                    if not bool(torch.isfinite(result).all()):
+                        raise FloatingPointError("returned NaN or infinite latents")
+                except Exception as exc:
+                    self._fail(item, ctx, f"{type(exc).__name__}: {exc}")
+                    continue
+                latents = torch.cat([latents[:index], result.to(latents.dtype), latents[index + 1:]])
+        return latents
+
+    def after(self, session_id: str, session_state: dict[str, Any], image: np.ndarray | None,
+              output: np.ndarray) -> np.ndarray:
+        for item in self.active:
+            if not item.plugin.overrides("after"):
+                continue
+            ctx = self._context(item, session_state, session_id)
+            if ctx is None:
+                continue
+            ctx.image, ctx.output = image, output
+            try:
+                result = item.plugin.after(ctx)
+            except Exception as exc:
+                self._fail(item, ctx, f"{type(exc).__name__}: {exc}")
+                continue
+            if result is not None:
+                if result.shape != output.shape or result.dtype != np.uint8:
+                    self._fail(item, ctx, f"returned an image of shape {result.shape} {result.dtype}, expected "
+                                          f"{output.shape} uint8")
+                    continue
+                output = result
+        session_state[LAST_OUTPUT] = output
+        return output

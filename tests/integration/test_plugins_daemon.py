@@ -1,0 +1,95 @@
+"""Plugins in the running daemon: a third-party package installed with pip, driven over OSC;
+the similarity filter skipping frames; a failing plugin turned off with the stream going on."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from pythonosc.udp_client import SimpleUDPClient
+
+from sdbridge.bridge import codec
+from tests.clients import make_image, recv_frame, recv_json, ws_connect
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_pip_installed_plugin_appears_and_answers_osc(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT / "examples" / "plugin-invert")], check=True, timeout=300)
+    port, osc_port = free_port(), free_port(socket.SOCK_DGRAM)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    process = subprocess.Popen([sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--osc-port",
+                                str(osc_port), "--engine", "identity", "--set", "width=64", "--set", "height=64"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                params = http.get("/params").json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+        names = {spec["name"] for spec in params["schema"]}
+        assert {"plugin.invert.enabled", "plugin.invert.amount"} <= names
+        osc = SimpleUDPClient("127.0.0.1", osc_port)
+        osc.send_message("/sd/plugin/invert/enabled", 1.0)
+        osc.send_message("/sd/plugin/invert/amount", 1.0)
+        while http.get("/params").json()["values"]["plugin.invert.enabled"] is not True:
+            time.sleep(0.05)
+        image = make_image(64, 64)
+        with ws_connect(type("D", (), {"port": port})()) as ws:
+            ws.send(codec.encode_png(image))
+            out = codec.decode_image(recv_frame(ws))
+        assert np.abs(out.astype(int) - (255 - image.astype(int))).mean() < 8  # inverted (through JPEG)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_similarity_filter_skips_still_frames(start_daemon):
+    daemon = start_daemon(params={"engine": "preview", "width": 64, "height": 64,
+                                  "plugin.similarity.enabled": True, "plugin.similarity.max_skips": 100})
+    frame = codec.encode_png(make_image(64, 64))
+    with ws_connect(daemon, "?session=still") as ws:
+        for _ in range(10):
+            ws.send(frame)
+            recv_frame(ws)
+        stats = daemon.registry.get("still").stats()
+    assert stats["frames_out"] == 10 and stats["skipped_frames"] == 9
+
+
+def test_a_failing_plugin_is_turned_off_and_the_stream_goes_on(start_daemon, monkeypatch):
+    from sdbridge.plugins.flow_warp import FlowWarp
+
+    def broken(self, ctx):
+        raise RuntimeError("flow exploded")
+
+    monkeypatch.setattr(FlowWarp, "after", broken)
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64, "plugin.flow_warp.enabled": True})
+    frame = codec.encode_png(make_image(64, 64))
+    messages = []
+    with ws_connect(daemon) as ws:
+        for _ in range(3):
+            ws.send(frame)
+            while not isinstance(message := ws.recv(timeout=10), bytes):
+                messages.append(json.loads(message))
+    failures = [m for m in messages if m.get("code") == "plugin_failed"]
+    assert len(failures) == 1 and "flow exploded" in failures[0]["message"]
+    assert daemon.plugins.failures == 1

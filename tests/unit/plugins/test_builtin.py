@@ -1,0 +1,78 @@
+"""The built-in temporal plugins, each on frames made in code."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sdbridge.params import ParamStore, Schema
+from sdbridge.plugins.flow_warp import FlowWarp
+from sdbridge.plugins.latent_feedback import LatentFeedback
+from sdbridge.plugins.manager import PluginManager
+from sdbridge.plugins.similarity import SimilarityFilter
+
+
+def texture(shift: int = 0, size: int = 128) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (size, size + 32, 3), dtype=np.uint8)
+    import cv2
+
+    base = cv2.GaussianBlur(base, (0, 0), 2)
+    return np.ascontiguousarray(base[:, 16 - shift:16 - shift + size])
+
+
+def manager_with(cls, **values):
+    store = ParamStore(Schema())
+    manager = PluginManager(store, {cls.name: cls})
+    store.update({f"plugin.{cls.name}.enabled": True, **{f"plugin.{cls.name}.{k}": v for k, v in values.items()}})
+    manager.prepare(store.snapshot()[1])
+    return manager
+
+
+def test_similarity_skips_a_still_input_and_runs_on_change():
+    manager = manager_with(SimilarityFilter, threshold=0.98, max_skips=3)
+    state: dict = {}
+    still = texture()
+    assert manager.before("s", state, still) is None          # first frame runs
+    manager.after("s", state, still, still + 1)               # its output is remembered
+    skipped = manager.before("s", state, still.copy())
+    assert skipped is not None and (skipped == still + 1).all()
+    assert manager.before("s", state, 255 - still) is None    # a real change runs
+    # A still input is refreshed after max_skips frames.
+    manager.after("s", state, still, still)
+    results = [manager.before("s", state, 255 - still) is None for _ in range(5)]
+    assert results == [False, False, False, True, False]
+
+
+def test_latent_feedback_blends_with_the_previous_frame():
+    manager = manager_with(LatentFeedback, strength=0.25)
+    state: dict = {}
+    first = manager.on_latents(torch.zeros(1, 4, 2, 2), ["s"], [state])
+    assert torch.equal(first, torch.zeros(1, 4, 2, 2))
+    second = manager.on_latents(torch.ones(1, 4, 2, 2), ["s"], [state])
+    assert torch.allclose(second, torch.full((1, 4, 2, 2), 0.75))
+
+
+def test_flow_warp_carries_the_previous_output_along_the_motion():
+    manager = manager_with(FlowWarp, strength=0.9, occlusion=40.0)
+    state: dict = {}
+    previous_input, current_input = texture(0), texture(4)       # the scene pans right by 4 px
+    previous_output = 255 - previous_input                       # some stylised output
+    manager.after("s", state, previous_input, previous_output)
+    fresh_output = np.full_like(previous_output, 128)            # a new output that ignores the past
+    out = manager.after("s", state, current_input, fresh_output)
+    expected = 255 - current_input                               # the old output, moved with the scene
+    inner = (slice(16, -16), slice(16, -16))
+    error_moved = np.abs(out[inner].astype(int) - (0.9 * expected[inner] + 0.1 * 128)).mean()
+    error_unmoved = np.abs(out[inner].astype(int) - (0.9 * previous_output[inner] + 0.1 * 128)).mean()
+    assert error_moved < error_unmoved / 2
+
+
+def test_flow_warp_keeps_the_new_output_where_the_scene_cut():
+    manager = manager_with(FlowWarp, strength=0.9, occlusion=10.0)
+    state: dict = {}
+    manager.after("s", state, texture(0), np.zeros((128, 128, 3), np.uint8))
+    cut = np.full((128, 128, 3), 255, np.uint8)                  # a hard cut: nothing matches
+    new_output = np.full((128, 128, 3), 200, np.uint8)
+    out = manager.after("s", state, cut, new_output)
+    assert np.abs(out.astype(int) - 200).mean() < 5
