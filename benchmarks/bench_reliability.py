@@ -32,6 +32,7 @@ from typing import Any
 import cv2
 import httpx
 import numpy as np
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,14 +128,17 @@ class Streamer(threading.Thread):
 
     def run(self) -> None:
         jpeg = webcam_jpeg()
-        with ws(self.daemon_ref, self.query) as conn:
-            while not self.stop_event.is_set():
-                started = time.monotonic()
-                conn.send(jpeg)
-                while isinstance(conn.recv(timeout=30), str):
-                    pass
-                self.frames += 1
-                time.sleep(max(0.0, 1 / self.fps - (time.monotonic() - started)))
+        try:
+            with ws(self.daemon_ref, self.query) as conn:
+                while not self.stop_event.is_set():
+                    started = time.monotonic()
+                    conn.send(jpeg)
+                    while isinstance(conn.recv(timeout=30), str):
+                        pass
+                    self.frames += 1
+                    time.sleep(max(0.0, 1 / self.fps - (time.monotonic() - started)))
+        except (ConnectionClosed, TimeoutError, OSError):
+            pass  # the daemon went away (the SIGTERM run stops it under the client on purpose)
 
 
 # --- 1. OSC fuzz -----------------------------------------------------------------------------------
