@@ -19,7 +19,8 @@ BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table (as in the CLIP/GPT-2 BPE)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     codes = printable[:]
@@ -47,7 +48,7 @@ def build_vocabulary(bpe_path: Path | None = None) -> tuple[dict[str, int], list
     """(token -> id, merges) exactly as CLIP's SimpleTokenizer builds them."""
     lines = gzip.open(bpe_path or find_bpe_file()).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]  # as in CLIP's SimpleTokenizer: 48,894 merges
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [ch + "</w>" for ch in alphabet]
     tokens += ["".join(merge.split()) for merge in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]

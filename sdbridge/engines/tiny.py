@@ -14,22 +14,10 @@ from pathlib import Path
 
 import torch
 
+from sdbridge.engines.clip_vocab import bytes_to_unicode
+
 TINY_TEXT_DIM = 32
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable character table (as in the CLIP/GPT-2 BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
 
 
 def write_tiny_tokenizer(folder: Path) -> int:
@@ -38,7 +26,7 @@ def write_tiny_tokenizer(folder: Path) -> int:
     Returns the vocabulary size.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [ch + "</w>" for ch in alphabet] + list(SPECIAL_TOKENS)
     vocab = {token: index for index, token in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

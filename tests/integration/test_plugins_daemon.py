@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,8 +30,9 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 def test_pip_installed_plugin_appears_and_answers_osc(tmp_path):
     target = tmp_path / "site"
+    source = shutil.copytree(ROOT / "examples" / "plugin-invert", tmp_path / "plugin-invert")  # builds leave files
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "examples" / "plugin-invert")], check=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, timeout=300)
     port, osc_port = free_port(), free_port(socket.SOCK_DGRAM)
     env = {**os.environ, "PYTHONPATH": str(target)}
     process = subprocess.Popen([sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--osc-port",
