@@ -13,14 +13,12 @@ one. ``--json`` prints the figures as JSON (the test suite runs short versions t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
 import random
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys

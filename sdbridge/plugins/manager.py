@@ -9,7 +9,7 @@ that session with a message to its clients (WebSocket) and the log (OSC feedback
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any

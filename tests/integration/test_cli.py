@@ -13,13 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.clients import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sdbridge(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import numpy as np
@@ -13,16 +12,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.udp_client import SimpleUDPClient
 
 from sdbridge.bridge import codec
-from tests.clients import UdpReceiver, make_image, recv_frame, recv_json, ws_connect
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
+from tests.clients import UdpReceiver, make_image, recv_frame, recv_json, wait_for, ws_connect
 
 
 def test_osc_float_sets_strength_and_bundle_applies_together(start_daemon):

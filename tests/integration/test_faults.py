@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,28 +11,12 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from sdbridge.bridge import codec
-from tests.clients import StalledViewer, make_image, recv_frame, recv_json, ws_connect
+from tests.clients import StalledViewer, free_port, make_image, recv_frame, recv_json, wait_for, ws_connect
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_engine_exception_is_reported_and_the_next_frame_served(start_daemon, monkeypatch):

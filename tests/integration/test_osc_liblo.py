@@ -10,17 +10,10 @@ import time
 
 import pytest
 
+from tests.clients import wait_for
+
 pytestmark = pytest.mark.skipif(shutil.which("oscsend") is None or shutil.which("oscdump") is None,
                                 reason="liblo-tools is not installed (make test-deps)")
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def oscsend(port: int, address: str, types: str, *values: str) -> None:

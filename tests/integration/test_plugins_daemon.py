@@ -17,15 +17,9 @@ import numpy as np
 from pythonosc.udp_client import SimpleUDPClient
 
 from sdbridge.bridge import codec
-from tests.clients import make_image, recv_frame, recv_json, ws_connect
+from tests.clients import free_port, make_image, recv_frame, ws_connect
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_pip_installed_plugin_appears_and_answers_osc(tmp_path):
