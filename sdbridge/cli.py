@@ -47,6 +47,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--model-config", help="a diffusers folder whose configs describe a single-file checkpoint of an "
         "unusual architecture")
     add("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
+    add("--model-roots", help="comma-separated folders clients may load models from, besides --models-dir")
+    add("--vram-budget-mb", type=int, help="refuse models needing more device memory than this (0: no budget)")
     add("--allow-pickle", action="store_const", const=True,
         help="allow .ckpt/.pt files (loaded with torch.load(weights_only=True))")
     add("--token", help="access token; required when listening beyond loopback")
@@ -65,9 +67,9 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "model", "engine", "device", "dtype",
-                 "taesd", "model_config", "models_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+                 "taesd", "model_config", "models_dir", "vram_budget_mb", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
-    for name in ("osc_allow", "allowed_origins", "allowed_hosts"):
+    for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)
         flags[name] = [item.strip() for item in value.split(",") if item.strip()] if value else None
     if getattr(args, "feedback", None):
