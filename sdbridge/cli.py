@@ -47,6 +47,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--model-config", help="a diffusers folder whose configs describe a single-file checkpoint of an "
         "unusual architecture")
     add("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
+    add("--presets-dir", help="your presets (default ~/.config/sdbridge/presets)")
     add("--model-roots", help="comma-separated folders clients may load models from, besides --models-dir")
     add("--vram-budget-mb", type=int, help="refuse models needing more device memory than this (0: no budget)")
     add("--allow-pickle", action="store_const", const=True,
@@ -67,7 +68,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "model", "engine", "device", "dtype",
-                 "taesd", "model_config", "models_dir", "vram_budget_mb", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+                 "taesd", "model_config", "models_dir", "vram_budget_mb", "presets_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)
@@ -142,6 +143,33 @@ def _jsonable(item: Any) -> dict[str, Any]:
             for key, value in data.items()}
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from sdbridge.presets import PresetLibrary, dump
+
+    library = PresetLibrary(Path(args.presets_dir).expanduser() if args.presets_dir else None)
+    if args.action == "list":
+        for preset in library.list():
+            where = "shipped" if preset.shipped else "yours"
+            print(f"{preset.name:20} {where:8} glide {preset.glide_s:4.1f} s  {preset.description}")
+        return 0
+    if args.action == "show":
+        print(dump(library.get(args.name)), end="")
+        return 0
+    if args.action == "save":
+        import httpx
+
+        response = httpx.post(f"{args.url.rstrip('/')}/presets", trust_env=False, timeout=10,
+                              json={"name": args.name, "description": args.description, "glide_s": args.glide_s},
+                              headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
+        body = response.json()
+        if response.status_code != 201:
+            print(f"sdbridge: {body.get('message', response.text)}", file=sys.stderr)
+            return 2
+        print(f"saved preset {body['name']} from the daemon at {args.url}")
+        return 0
+    raise AssertionError(args.action)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from sdbridge.doctor import ERROR, Finding, run_checks
 
@@ -178,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     models.set_defaults(run=cmd_models)
+
+    presets = commands.add_parser("presets", help="list, show or save presets")
+    presets.add_argument("--presets-dir", help="your presets (default ~/.config/sdbridge/presets)")
+    preset_actions = presets.add_subparsers(dest="action", required=True)
+    preset_actions.add_parser("list", help="shipped and saved presets")
+    show = preset_actions.add_parser("show", help="print a preset's TOML")
+    show.add_argument("name")
+    save = preset_actions.add_parser("save", help="save a running daemon's current look as a preset")
+    save.add_argument("name")
+    save.add_argument("--description", default="")
+    save.add_argument("--glide-s", type=float, default=0.0)
+    save.add_argument("--url", default="http://127.0.0.1:7860")
+    save.add_argument("--token")
+    presets.set_defaults(run=cmd_presets)
 
     doctor = commands.add_parser("doctor", help="check this set-up and say what is wrong")
     _add_settings_flags(doctor)

@@ -44,6 +44,7 @@ class Settings:
     taesd: str | None = None
     model_config: str | None = None      # a diffusers folder describing a single-file checkpoint's architecture
     models_dir: str | None = None
+    presets_dir: str | None = None       # the user's presets (default ~/.config/sdbridge/presets)
     model_roots: list[str] = field(default_factory=list)  # folders clients may load models from (+ models_dir)
     vram_budget_mb: int = 0              # 0: no budget; else a model needing more fails to load (as on OOM)
     allow_pickle: bool = False

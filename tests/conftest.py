@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def start_daemon() -> Iterator[Callable[..., object]]:
+def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., object]]:
     """Start a daemon in a background thread: ``daemon = start_daemon(engine="identity", ...)``."""
     from sdbridge.bridge.server import DaemonThread
     from sdbridge.config import Settings
@@ -32,7 +32,8 @@ def start_daemon() -> Iterator[Callable[..., object]]:
 
     def start(params: dict | None = None, **overrides: object):
         values: dict = {"port": 0, "osc_port": 0, "feedback_port": 0, "telemetry_hz": 10.0,
-                        "ws_ping_interval_s": 5.0, "ws_ping_timeout_s": 5.0}
+                        "ws_ping_interval_s": 5.0, "ws_ping_timeout_s": 5.0,
+                        "presets_dir": str(tmp_path_factory.mktemp("presets"))}
         values.update(overrides)
         settings = Settings(**values)
         settings.params = dict(params or {})

@@ -71,6 +71,43 @@ def create_app(daemon: Daemon) -> FastAPI:
         applied, _ = daemon.store.update(params)
         return JSONResponse({"applied": applied, "values": daemon.store.snapshot()[1]})
 
+    @app.get("/presets")
+    async def presets() -> dict[str, Any]:
+        """Shipped and saved presets."""
+        return {"presets": [preset.to_json() for preset in daemon.presets.list()]}
+
+    @app.get("/presets/{name}")
+    async def preset(name: str) -> JSONResponse:
+        try:
+            return JSONResponse(daemon.presets.get(name).to_json())
+        except SdbridgeError as exc:
+            return error_response(404 if exc.code == "unknown_preset" else 400, exc)
+
+    @app.post("/presets/{name}/recall")
+    async def recall(name: str, glide_s: float | None = None) -> JSONResponse:
+        """Recall a preset; numeric values glide over its glide_s (or this one)."""
+        try:
+            applied, errors = daemon.recall_preset(name, glide_s)
+        except SdbridgeError as exc:
+            return error_response(404 if exc.code == "unknown_preset" else 400, exc)
+        return JSONResponse({"applied": applied, "errors": [e.to_json() for e in errors]})
+
+    @app.post("/presets")
+    async def save(request: Request) -> JSONResponse:
+        """Save the current look: {"name": "mine", "description": "...", "glide_s": 1.0}."""
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return JSONResponse({"type": "error", "code": "bad_json", "message": "body must be a JSON object"},
+                                status_code=400)
+        try:
+            preset = daemon.save_preset(body.get("name"), body.get("description", ""), body.get("glide_s", 0.0))
+        except SdbridgeError as exc:
+            return error_response(400, exc)
+        return JSONResponse(preset.to_json(), status_code=201)
+
     @app.get("/models")
     async def models() -> dict[str, Any]:
         """Models on this machine (and known ones not yet pulled), and the one serving."""

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,9 @@ from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
 from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
-from sdbridge.errors import ConfigError, SdbridgeError
+from sdbridge.bridge.glide import Glider
+from sdbridge.errors import ConfigError, ParamError, SdbridgeError
+from sdbridge.presets import PresetLibrary
 from sdbridge.params import ParamStore, Schema
 from sdbridge.plugins.manager import PluginManager
 
@@ -81,6 +84,8 @@ class Daemon:
             _, errors = self.store.update(plugin_values)
             if errors:
                 raise errors[0]
+        self.presets = PresetLibrary(Path(settings.presets_dir).expanduser() if settings.presets_dir else None)
+        self.glider = Glider(self.store)
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report, plugins=self.plugins,
                              decode_threads=settings.decode_threads, debug_frames=settings.debug_frames)
@@ -127,7 +132,7 @@ class Daemon:
 
         if settings.osc:
             self.osc = OscServer(self.store, prefix=settings.osc_prefix, allowed_sources=settings.osc_allow,
-                                 on_error=self._osc_error)
+                                 on_error=self._osc_error, on_command=self._osc_command)
             try:
                 await self.osc.start(settings.effective_osc_host, settings.osc_port)
             except OSError as exc:
@@ -164,6 +169,7 @@ class Daemon:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self.store.unsubscribe(self._params_changed)
+        self.glider.close()
         if self.osc is not None:
             self.osc.close()
         if self.feedback is not None:
@@ -229,6 +235,43 @@ class Daemon:
     def _broadcast_all(self, message: dict[str, Any]) -> None:
         for session in self.registry.sessions():
             session.broadcast(message)
+
+    def recall_preset(self, name: str, glide_s: float | None = None) -> tuple[dict[str, Any], list[SdbridgeError]]:
+        """Loop thread: apply a preset, gliding its numeric values over its (or the given) time."""
+        preset = self.presets.get(name)
+        duration = preset.glide_s if glide_s is None else glide_s
+        if not isinstance(duration, (int, float)) or not 0 <= duration <= 600:
+            raise ParamError(f"glide_s {duration!r} not in [0, 600]", name="glide_s", value=duration)
+        applied, errors = self.glider.start(preset.params, float(duration))
+        log.info("preset %s recalled (glide %.1f s)%s", name, duration,
+                 f"; {len(errors)} value(s) refused" if errors else "")
+        return applied, list(errors)
+
+    def save_preset(self, name: Any, description: Any = "", glide_s: Any = 0.0) -> Any:
+        """Loop thread: save the current look (not the model or the stream's size) as a user preset."""
+        from sdbridge.presets import savable
+
+        if not isinstance(description, str) or len(description) > 500:
+            raise ParamError("description must be a string of at most 500 characters", name="description")
+        if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not 0 <= glide_s <= 600:
+            raise ParamError(f"glide_s {glide_s!r} not in [0, 600]", name="glide_s", value=glide_s)
+        return self.presets.save(name, savable(self.store.snapshot()[1]), description, float(glide_s))
+
+    def _osc_command(self, call: Any, source: Any) -> None:
+        if call.address != f"{self.settings.osc_prefix}/preset":
+            return
+        try:
+            if not call.args or not isinstance(call.args[0], str):
+                raise ParamError(f"{call.address} needs a preset name (s), then an optional glide time (f)",
+                                 name="preset", value=list(call.args))
+            glide = call.args[1] if len(call.args) > 1 else None
+            if glide is not None and (isinstance(glide, bool) or not isinstance(glide, (int, float))):
+                raise ParamError(f"{call.address} glide time {glide!r} is not a number", name="glide_s", value=glide)
+            _, errors = self.recall_preset(call.args[0], glide)
+        except SdbridgeError as exc:
+            errors = [exc]
+        for exc in errors:
+            self._osc_error(exc, source)
 
     def _osc_error(self, exc: SdbridgeError, source: tuple[str, int] | Any = None) -> None:
         if self.feedback is not None:

@@ -134,7 +134,7 @@ class Connection:
             handler = getattr(self, f"_json_{message['type']}", None)
             if handler is None:
                 raise ProtocolError(f"unknown message type {message['type']!r}"[:200]
-                                    + " (known: set, get, subscribe, ping)", code="bad_json")
+                                    + " (known: set, get, subscribe, preset, save_preset, ping)", code="bad_json")
             handler(message)
         except SdbridgeError as exc:
             request_id = message.get("id") if message else None
@@ -167,6 +167,19 @@ class Connection:
                 self.daemon.subscribe(topic, self.viewer, value)
         self._reply(message, {"type": "subscribed", "stats": self.daemon.is_subscribed("stats", self.viewer),
                               "params": self.daemon.is_subscribed("params", self.viewer)})
+
+    def _json_preset(self, message: dict[str, Any]) -> None:
+        """{"type": "preset", "name": "neon", "glide_s": 2}: recall (glide_s is optional)."""
+        applied, errors = self.daemon.recall_preset(message.get("name"), message.get("glide_s"))
+        for exc in errors:
+            self.error(exc)
+        self._reply(message, {"type": "preset", "name": message.get("name"), "applied": applied})
+
+    def _json_save_preset(self, message: dict[str, Any]) -> None:
+        """{"type": "save_preset", "name": "mine", "description": "...", "glide_s": 1}: the current look."""
+        preset = self.daemon.save_preset(message.get("name"), message.get("description", ""),
+                                         message.get("glide_s", 0.0))
+        self._reply(message, {"type": "preset_saved", **preset.to_json()})
 
     def _json_ping(self, message: dict[str, Any]) -> None:
         self._reply(message, {"type": "pong", "t": message.get("t")})

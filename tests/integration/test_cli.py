@@ -104,3 +104,22 @@ def test_doctor_cpu_torch_with_and_without_nvidia(which_result, expected):
     assert gpu.level == expected
     if expected == "error":
         assert "CPU build" in gpu.message
+
+
+def test_presets_list_show_and_save_from_a_running_daemon(tmp_path):
+    listing = sdbridge("presets", "--presets-dir", str(tmp_path), "list")
+    assert listing.returncode == 0 and "watercolor" in listing.stdout and "shipped" in listing.stdout
+    shown = sdbridge("presets", "show", "neon")
+    assert shown.returncode == 0 and "[params]" in shown.stdout
+    missing = sdbridge("presets", "show", "nope")
+    assert missing.returncode == 2 and "no preset called 'nope'" in missing.stderr
+
+    from sdbridge.bridge.server import DaemonThread
+    from sdbridge.config import Settings
+
+    settings = Settings(port=0, osc_port=0, feedback_port=0, presets_dir=str(tmp_path))
+    with DaemonThread(settings) as daemon:
+        daemon.store.update({"strength": 0.33})
+        saved = sdbridge("presets", "save", "stage", "--url", f"http://127.0.0.1:{daemon.port}")
+    assert saved.returncode == 0, saved.stderr
+    assert "\"strength\" = 0.33" in (tmp_path / "stage.toml").read_text()

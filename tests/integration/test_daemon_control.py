@@ -165,3 +165,34 @@ def test_corrupt_model_leaves_the_previous_model_serving(start_daemon, tiny_mode
         ws.send(frame)
         assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
         assert daemon.collect_stats()["sessions"][0]["passthrough_frames"] == 0
+
+
+def test_presets_over_osc_websocket_and_http(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/preset", ["neon", 0.0])
+    assert wait_for(lambda: daemon.store.get("effect") == "edges")
+    assert daemon.store.get("strength") == 0.7
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "preset", "id": 1, "name": "calm", "glide_s": 0.3}))
+        reply = recv_json(ws, "preset")
+        assert reply["applied"]["strength"] == 0.35
+        assert wait_for(lambda: daemon.store.get("strength") == 0.35, timeout=5)
+        assert daemon.store.get("plugin.flow_warp.enabled") is True
+        ws.send(json.dumps({"type": "preset", "name": "../../etc/passwd"}))
+        assert recv_json(ws, "error")["code"] == "bad_preset"
+        ws.send(json.dumps({"type": "set", "params": {"strength": 0.42}}))
+        ws.send(json.dumps({"type": "save_preset", "id": 2, "name": "mine", "description": "stage look"}))
+        saved = recv_json(ws, "preset_saved")
+        assert saved["params"]["strength"] == 0.42 and "model" not in saved["params"]
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+        names = {p["name"] for p in http.get("/presets").json()["presets"]}
+        assert {"mine", "neon", "calm", "watercolor"} <= names
+        assert http.get("/presets/nope").status_code == 404
+        assert http.post("/presets/neon/recall", params={"glide_s": 0}).status_code == 200
+        assert daemon.store.get("strength") == 0.7
+        created = http.post("/presets", json={"name": "from-http", "glide_s": 1.0})
+        assert created.status_code == 201 and created.json()["glide_s"] == 1.0
+    # A bad preset name over OSC is reported, not fatal.
+    SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/preset", "nope")
+    SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/strength", 0.11)
+    assert wait_for(lambda: abs(daemon.store.get("strength") - 0.11) < 1e-6)  # float32 on the wire

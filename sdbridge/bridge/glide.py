@@ -1,0 +1,82 @@
+"""Glides: numeric parameters move to new values over a time instead of jumping.
+
+A preset recall with ``glide_s`` > 0 hands its numeric targets to :class:`Glider`, which steps
+them on the event loop at ``rate_hz`` (each step one ParamStore update, so the worker sees a
+consistent set at every frame boundary, and OSC feedback echoes the applied values as they move).
+Text and switches apply at once. A new glide of a parameter replaces the one in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from sdbridge.params import ParamStore
+
+
+def smoothstep(t: float) -> float:
+    """Ease in and out: no jolt at either end of a glide."""
+    t = min(max(t, 0.0), 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+class Glider:
+    def __init__(self, store: ParamStore, rate_hz: float = 60.0) -> None:
+        self.store = store
+        self.period_s = 1.0 / rate_hz
+        self._targets: dict[str, tuple[float, float, float, float]] = {}  # name -> start, end, t0, duration
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, values: Mapping[str, Any], duration_s: float) -> tuple[dict[str, Any], list]:
+        """Apply ``values``: numeric ones glide over ``duration_s``, the rest at once."""
+        good, errors = self.store.schema.validate(values)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        immediate: dict[str, Any] = {}
+        _, current = self.store.snapshot()
+        for name, target in good.items():
+            spec = self.store.schema.get(name)
+            if duration_s > 0 and spec.numeric and isinstance(current.get(name), (int, float)):
+                self._targets[name] = (float(current[name]), float(target), now, duration_s)
+            else:
+                self._targets.pop(name, None)
+                immediate[name] = target
+        if immediate:
+            self.store.update(immediate)
+        if self._targets and (self._task is None or self._task.done()):
+            self._task = loop.create_task(self._run(), name="sdbridge-glide")
+        return good, errors
+
+    def cancel(self, names: Any = None) -> None:
+        for name in list(self._targets) if names is None else names:
+            self._targets.pop(name, None)
+
+    @property
+    def active(self) -> list[str]:
+        return sorted(self._targets)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._targets:
+            now = loop.time()
+            step: dict[str, Any] = {}
+            for name, (start, end, t0, duration) in list(self._targets.items()):
+                t = (now - t0) / duration
+                value = end if t >= 1.0 else start + (end - start) * smoothstep(t)
+                if self.store.schema.get(name).kind == "int":
+                    value = int(math.floor(value + 0.5))
+                    spec = self.store.schema.get(name)
+                    if spec.multiple_of:
+                        value = int(round(value / spec.multiple_of) * spec.multiple_of)
+                step[name] = value
+                if t >= 1.0:
+                    del self._targets[name]
+            self.store.update(step)
+            await asyncio.sleep(self.period_s)
+
+    def close(self) -> None:
+        self._targets.clear()
+        if self._task is not None:
+            self._task.cancel()
