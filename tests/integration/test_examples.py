@@ -1,0 +1,66 @@
+"""The examples, run against the real daemon: OSC control, webcam script, TouchDesigner helper."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tests.clients import recv_frame, wait_for, ws_connect
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_osc_control_set_sweep_and_preset(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    port = str(daemon.osc_port)
+    assert run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "set", "prompt", "a heron").returncode == 0
+    assert wait_for(lambda: daemon.store.get("prompt") == "a heron")
+    result = run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "sweep", "strength", "0.1", "0.9",
+                         "--seconds", "0.5")
+    assert result.returncode == 0
+    assert wait_for(lambda: abs(daemon.store.get("strength") - 0.9) < 1e-6)
+    assert run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "preset", "neon", "--glide", "0").returncode == 0
+    assert wait_for(lambda: daemon.store.get("effect") == "edges")
+
+
+def test_webcam_script_on_a_video_file(start_daemon, tmp_path):
+    daemon = start_daemon(params={"engine": "preview", "width": 128, "height": 128})
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (160, 120))
+    for index in range(20):
+        frame = np.full((120, 160, 3), index * 10, np.uint8)
+        cv2.circle(frame, (20 + index * 6, 60), 15, (0, 0, 255), -1)
+        writer.write(frame)
+    writer.release()
+    result = run_example(str(EXAMPLES / "webcam.py"), "--url", f"ws://127.0.0.1:{daemon.port}/ws", "--source",
+                         str(video), "--size", "128", "--frames", "30", "--no-window")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("30 frames")
+    assert daemon.collect_stats()["frames_out"] >= 30
+
+
+def test_touchdesigner_helper_round_trips_raw_rgba(start_daemon):
+    sys.path.insert(0, str(EXAMPLES / "touchdesigner"))
+    try:
+        import sdbridge_td
+    finally:
+        sys.path.pop(0)
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    rng = np.random.default_rng(0)
+    top = rng.random((64, 64, 4), dtype=np.float32)  # what TOP.numpyArray() gives: float RGBA, bottom-up
+    top[:, :, 3] = 1.0
+    with ws_connect(daemon) as ws:
+        ws.send(sdbridge_td.pack_top(top, frame_id=12, client_ts_us=3_000_000))
+        frame_id, client_ts_us, pixels = sdbridge_td.unpack_reply(recv_frame(ws))
+    assert (frame_id, client_ts_us) == (12, 3_000_000)
+    assert pixels.shape == (64, 64, 4)
+    assert np.abs(pixels - top).max() <= 1 / 255 + 1e-6  # identity engine: the same picture, same row order
