@@ -36,6 +36,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--osc-host", help="OSC input address (default: --host)")
     add("--no-osc", dest="osc", action="store_const", const=False, help="turn OSC input off")
     add("--osc-prefix", help="OSC address prefix (default /sd)")
+    add("--oscquery-port", type=int, help="OSCQuery (HTTP JSON namespace) port (default 9002; -1 off)")
+    add("--oscquery-advertise", action="store_const", const=True, help="announce OSCQuery over mDNS (zeroconf)")
     add("--osc-allow", help="comma-separated source networks OSC is accepted from (default loopback)")
     add("--feedback", metavar="HOST:PORT", help="where OSC feedback and telemetry go (default 127.0.0.1:9001; "
         "port 0 turns it off)")
@@ -67,7 +69,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
     from sdbridge.config import load_settings
 
     flags: dict[str, Any] = {}
-    for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "model", "engine", "device", "dtype",
+    for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise", "model", "engine", "device", "dtype",
                  "taesd", "model_config", "models_dir", "vram_budget_mb", "presets_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):

@@ -37,6 +37,8 @@ class Settings:
     feedback_host: str = "127.0.0.1"
     feedback_port: int = 9001            # 0 turns OSC feedback and telemetry off
     telemetry_hz: float = 2.0
+    oscquery_port: int = 9002            # the OSCQuery namespace over HTTP; -1 turns it off, 0 a free port
+    oscquery_advertise: bool = False     # announce it over mDNS (needs the zeroconf package)
     model: str | None = None
     engine: str = "auto"
     device: str = "auto"
@@ -74,10 +76,11 @@ class Settings:
 
     def check(self) -> None:
         """Rules across fields; raises ConfigError naming the setting and value."""
-        for name in ("port", "osc_port", "feedback_port"):
+        for name in ("port", "osc_port", "feedback_port", "oscquery_port"):
             value = getattr(self, name)
-            if not 0 <= value <= 65535:
-                raise ConfigError(f"{name} {value} not in [0, 65535]")
+            lowest = -1 if name == "oscquery_port" else 0
+            if not lowest <= value <= 65535:
+                raise ConfigError(f"{name} {value} not in [{lowest}, 65535]")
         if not (self.is_loopback and is_loopback_host(self.effective_osc_host)) and not self.token:
             raise ConfigError(
                 f"listening on {self.host!r} (beyond loopback) requires a token: pass --token or set SDBRIDGE_TOKEN")

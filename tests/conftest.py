@@ -31,7 +31,7 @@ def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     running: list[DaemonThread] = []
 
     def start(params: dict | None = None, **overrides: object):
-        values: dict = {"port": 0, "osc_port": 0, "feedback_port": 0, "telemetry_hz": 10.0,
+        values: dict = {"port": 0, "osc_port": 0, "oscquery_port": 0, "feedback_port": 0, "telemetry_hz": 10.0,
                         "ws_ping_interval_s": 5.0, "ws_ping_timeout_s": 5.0,
                         "presets_dir": str(tmp_path_factory.mktemp("presets"))}
         values.update(overrides)

@@ -25,6 +25,8 @@ import uvicorn
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.osc import OscSender, OscServer
+from sdbridge.bridge.osc_parse import encode_message
+from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
 from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
 from sdbridge.bridge.worker import Worker
@@ -94,6 +96,7 @@ class Daemon:
         self.port: int | None = None
         self.osc_port: int | None = None
         self.osc: OscServer | None = None
+        self.oscquery: OscQueryServer | None = None
         self.feedback: OscSender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: uvicorn.Server | None = None
@@ -141,6 +144,20 @@ class Daemon:
                 raise ConfigError(f"cannot listen for OSC on udp {settings.effective_osc_host}:{settings.osc_port}: "
                                   f"{exc.strerror or exc}; pass --osc-port N or --no-osc") from None
             self.osc_port = self.osc.port
+        if self.osc is not None and settings.oscquery_port >= 0:
+            self.oscquery = OscQueryServer(self.store.schema, lambda: self.store.snapshot()[1], settings.osc_prefix,
+                                           settings.effective_osc_host, self.osc.port or 0)
+            try:
+                await self.oscquery.start(settings.effective_osc_host, settings.oscquery_port)
+            except OSError as exc:
+                log.warning("OSCQuery not served on %s:%d: %s (pass --oscquery-port N or -1)",
+                            settings.effective_osc_host, settings.oscquery_port, exc.strerror or exc)
+                self.oscquery = None
+            if self.oscquery is not None and settings.oscquery_advertise:
+                try:
+                    self.oscquery.advertise()
+                except Exception as exc:  # optional: a missing zeroconf must not stop the daemon
+                    log.warning("OSCQuery not advertised over mDNS: %s", exc)
         if settings.feedback_port:
             self.feedback = OscSender(settings.feedback_host, settings.feedback_port)
             await self.feedback.start()
@@ -172,6 +189,8 @@ class Daemon:
         self.glider.close()
         if self.osc is not None:
             self.osc.close()
+        if self.oscquery is not None:
+            self.oscquery.close()
         if self.feedback is not None:
             self.feedback.close()
         self.worker.stop()
@@ -258,6 +277,19 @@ class Daemon:
         return self.presets.save(name, savable(self.store.snapshot()[1]), description, float(glide_s))
 
     def _osc_command(self, call: Any, source: Any) -> None:
+        get_prefix = f"{self.settings.osc_prefix}/get/"
+        if call.address.startswith(get_prefix):
+            # A query: the current value goes back to the sender's address and port, on the
+            # parameter's own address (OSC has no replies; this is the usual convention).
+            path = call.address[len(get_prefix):]
+            name = Schema.name_from_osc_path(path)
+            if name in self.store.schema and self.osc is not None and self.osc.transport is not None:
+                self.osc.transport.sendto(encode_message(f"{self.settings.osc_prefix}/{path}", self.store.get(name)),
+                                          source)
+            else:
+                self._osc_error(ParamError(f"{call.address}: unknown parameter {name!r}", name=name,
+                                           code="unknown_param"), source)
+            return
         if call.address != f"{self.settings.osc_prefix}/preset":
             return
         try:

@@ -196,3 +196,24 @@ def test_presets_over_osc_websocket_and_http(start_daemon):
     SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/preset", "nope")
     SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/strength", 0.11)
     assert wait_for(lambda: abs(daemon.store.get("strength") - 0.11) < 1e-6)  # float32 on the wire
+
+
+def test_oscquery_namespace_and_osc_get(start_daemon):
+    import socket
+
+    from sdbridge.bridge.osc_parse import encode_message, parse_datagram
+
+    daemon = start_daemon(params={"engine": "identity", "strength": 0.25})
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.oscquery.port}", trust_env=False) as http:
+        info = http.get("/", params="HOST_INFO").json()
+        assert info["OSC_PORT"] == daemon.osc_port and info["OSC_TRANSPORT"] == "UDP"
+        tree = http.get("/").json()
+        assert tree["CONTENTS"]["sd"]["CONTENTS"]["strength"]["RANGE"] == [{"MIN": 0.0, "MAX": 1.0}]
+        assert "plugin" in tree["CONTENTS"]["sd"]["CONTENTS"]  # plugins' parameters too
+        assert http.get("/sd/strength?VALUE").json() == {"VALUE": [0.25]}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        sock.sendto(encode_message("/sd/get/strength"), ("127.0.0.1", daemon.osc_port))
+        reply = parse_datagram(sock.recv(65536))
+    assert reply[0].address == "/sd/strength" and reply[0].args == (0.25,)
