@@ -106,8 +106,11 @@ class OscServer(asyncio.DatagramProtocol):
 
     def __init__(self, store: ParamStore, *, prefix: str = "/sd",
                  allowed_sources: Sequence[str] = ("127.0.0.0/8", "::1"),
-                 on_error: ErrorHandler | None = None, on_command: CommandHandler | None = None) -> None:
+                 on_error: ErrorHandler | None = None, on_command: CommandHandler | None = None,
+                 apply: Callable[[dict[str, Any]], tuple[dict[str, Any], list]] | None = None) -> None:
         self.store = store
+        # How validated updates are applied: the store directly, or the daemon's slew (faders glide).
+        self.apply = apply or store.update
         self.prefix = prefix
         self.allowed = [ipaddress.ip_network(net, strict=False) for net in allowed_sources]
         self.on_error = on_error
@@ -169,7 +172,7 @@ class OscServer(asyncio.DatagramProtocol):
             # 3. Map and apply: one update call for the whole datagram, so a bundle lands in one frame.
             actions = calls_to_updates(calls, self.store.schema, self.prefix)
             if actions.updates:
-                _, errors = self.store.update(actions.updates)
+                _, errors = self.apply(actions.updates)
                 actions.errors.extend(errors)
             # 4. Report errors and hand on commands.
             for error in actions.errors:

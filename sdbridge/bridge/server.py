@@ -105,6 +105,8 @@ class Daemon:
         self._lag_task: asyncio.Task[None] | None = None
         self.loop_lag = RateMeter(samples=2048)  # how late the loop wakes a 10 ms timer: its responsiveness
         self._subscribers: dict[str, set[Viewer]] = {"stats": set(), "params": set()}
+        self._echo_pending: dict[str, Any] = {}
+        self._last_echo = -1e9
         self._middleware: AccessMiddleware | None = None
 
     # --- start and stop -----------------------------------------------------------------------
@@ -135,7 +137,7 @@ class Daemon:
 
         if settings.osc:
             self.osc = OscServer(self.store, prefix=settings.osc_prefix, allowed_sources=settings.osc_allow,
-                                 on_error=self._osc_error, on_command=self._osc_command)
+                                 on_error=self._osc_error, on_command=self._osc_command, apply=self._apply_live)
             try:
                 await self.osc.start(settings.effective_osc_host, settings.osc_port)
             except OSError as exc:
@@ -255,6 +257,13 @@ class Daemon:
         for session in self.registry.sessions():
             session.broadcast(message)
 
+    def _apply_live(self, updates: dict[str, Any]) -> tuple[dict[str, Any], list]:
+        """Loop thread: a controller's values, slewed when ``slew_s`` is set (numeric ones glide)."""
+        slew = float(self.store.get("slew_s"))
+        if slew <= 0 or "slew_s" in updates:
+            return self.store.update(updates)
+        return self.glider.start(updates, slew)
+
     def recall_preset(self, name: str, glide_s: float | None = None) -> tuple[dict[str, Any], list[SdbridgeError]]:
         """Loop thread: apply a preset, gliding its numeric values over its (or the given) time."""
         preset = self.presets.get(name)
@@ -331,9 +340,21 @@ class Daemon:
         for viewer in list(self._subscribers["params"]):
             viewer.offer_control({"type": "params", "values": changed})
         if self.feedback is not None:
-            # The applied value goes back on its own address, so a controller's fader follows.
-            prefix = self.settings.osc_prefix
-            self.feedback.send_many([(f"{prefix}/{Schema.osc_path(name)}", (value,)) for name, value in changed.items()])
+            # The applied value goes back on its own address, so a controller's fader follows; a
+            # glide changes values 60 times a second, so echoes are coalesced to feedback_hz.
+            first = not self._echo_pending
+            self._echo_pending.update(changed)
+            if first and self._loop is not None:
+                delay = max(0.0, self._last_echo + 1.0 / self.settings.feedback_hz - self._loop.time())
+                self._loop.call_later(delay, self._flush_echo)
+
+    def _flush_echo(self) -> None:
+        pending, self._echo_pending = self._echo_pending, {}
+        if self.feedback is None or not pending or self._loop is None:
+            return
+        self._last_echo = self._loop.time()
+        prefix = self.settings.osc_prefix
+        self.feedback.send_many([(f"{prefix}/{Schema.osc_path(name)}", (value,)) for name, value in pending.items()])
 
     def collect_stats(self) -> dict[str, Any]:
         sessions = [session.stats() for session in self.registry.sessions()]

@@ -217,3 +217,34 @@ def test_oscquery_namespace_and_osc_get(start_daemon):
         sock.sendto(encode_message("/sd/get/strength"), ("127.0.0.1", daemon.osc_port))
         reply = parse_datagram(sock.recv(65536))
     assert reply[0].address == "/sd/strength" and reply[0].args == (0.25,)
+
+
+def test_slew_glides_a_stepping_fader_and_the_echo_follows(start_daemon):
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity", "slew_s": 0.5, "strength": 0.0},
+                              feedback_port=receiver.port)
+        seen = []
+        daemon.store.subscribe(lambda changed: seen.append(changed.get("strength")))
+        SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/strength", 1.0)
+        messages = receiver.messages(1.2)
+    finally:
+        receiver.close()
+    values = [v for v in seen if v is not None]
+    assert values[-1] == 1.0 and len(values) >= 10  # many small steps, not one jump
+    assert values == sorted(values)
+    echoes = [args[0] for address, args in messages if address == "/sd/strength"]
+    assert 3 <= len(echoes) <= 60  # the fader's own address follows the glide, at most ~30 Hz
+    assert abs(echoes[-1] - 1.0) < 1e-6 and echoes == sorted(echoes)
+
+
+def test_width_change_changes_the_next_reply_size(start_daemon):
+    daemon = start_daemon(params={"engine": "preview", "width": 64, "height": 64})
+    frame = codec.encode_png(make_image(64, 64))
+    with ws_connect(daemon) as ws:
+        ws.send(frame)
+        assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
+        SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/width", 128.0)
+        assert wait_for(lambda: daemon.store.get("width") == 128)
+        ws.send(frame)
+        assert codec.decode_image(recv_frame(ws)).shape == (64, 128, 3)
