@@ -74,12 +74,12 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.get("/presets")
     async def presets() -> dict[str, Any]:
         """Shipped and saved presets."""
-        return {"presets": [preset.to_json() for preset in daemon.presets.list()]}
+        return {"presets": [preset.to_json() for preset in daemon.control.presets.list()]}
 
     @app.get("/presets/{name}")
     async def preset(name: str) -> JSONResponse:
         try:
-            return JSONResponse(daemon.presets.get(name).to_json())
+            return JSONResponse(daemon.control.presets.get(name).to_json())
         except SdbridgeError as exc:
             return error_response(404 if exc.code == "unknown_preset" else 400, exc)
 
@@ -87,7 +87,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def recall(name: str, glide_s: float | None = None) -> JSONResponse:
         """Recall a preset; numeric values glide over its glide_s (or this one)."""
         try:
-            applied, errors = daemon.recall_preset(name, glide_s)
+            applied, errors = daemon.control.recall_preset(name, glide_s)
         except SdbridgeError as exc:
             return error_response(404 if exc.code == "unknown_preset" else 400, exc)
         return JSONResponse({"applied": applied, "errors": [e.to_json() for e in errors]})
@@ -103,7 +103,7 @@ def create_app(daemon: Daemon) -> FastAPI:
             return JSONResponse({"type": "error", "code": "bad_json", "message": "body must be a JSON object"},
                                 status_code=400)
         try:
-            preset = daemon.save_preset(body.get("name"), body.get("description", ""), body.get("glide_s", 0.0))
+            preset = daemon.control.save_preset(body.get("name"), body.get("description", ""), body.get("glide_s", 0.0))
         except SdbridgeError as exc:
             return error_response(400, exc)
         return JSONResponse(preset.to_json(), status_code=201)

@@ -25,14 +25,13 @@ import uvicorn
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.osc import OscSender, OscServer
-from sdbridge.bridge.osc_parse import encode_message
 from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
 from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
-from sdbridge.bridge.glide import Glider
-from sdbridge.errors import ConfigError, ParamError, SdbridgeError
+from sdbridge.bridge.control import Control
+from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.presets import PresetLibrary
 from sdbridge.params import ParamStore, Schema
 from sdbridge.plugins.manager import PluginManager
@@ -86,8 +85,8 @@ class Daemon:
             _, errors = self.store.update(plugin_values)
             if errors:
                 raise errors[0]
-        self.presets = PresetLibrary(Path(settings.presets_dir).expanduser() if settings.presets_dir else None)
-        self.glider = Glider(self.store)
+        self.control = Control(self, PresetLibrary(Path(settings.presets_dir).expanduser()
+                                                   if settings.presets_dir else None))
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report, plugins=self.plugins,
                              decode_threads=settings.decode_threads, debug_frames=settings.debug_frames)
@@ -137,7 +136,8 @@ class Daemon:
 
         if settings.osc:
             self.osc = OscServer(self.store, prefix=settings.osc_prefix, allowed_sources=settings.osc_allow,
-                                 on_error=self._osc_error, on_command=self._osc_command, apply=self._apply_live)
+                                 on_error=self.report_osc_error, on_command=self.control.osc_command,
+                                 apply=self.control.apply_live)
             try:
                 await self.osc.start(settings.effective_osc_host, settings.osc_port)
             except OSError as exc:
@@ -188,7 +188,7 @@ class Daemon:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self.store.unsubscribe(self._params_changed)
-        self.glider.close()
+        self.control.close()
         if self.osc is not None:
             self.osc.close()
         if self.oscquery is not None:
@@ -257,64 +257,7 @@ class Daemon:
         for session in self.registry.sessions():
             session.broadcast(message)
 
-    def _apply_live(self, updates: dict[str, Any]) -> tuple[dict[str, Any], list]:
-        """Loop thread: a controller's values, slewed when ``slew_s`` is set (numeric ones glide)."""
-        slew = float(self.store.get("slew_s"))
-        if slew <= 0 or "slew_s" in updates:
-            return self.store.update(updates)
-        return self.glider.start(updates, slew)
-
-    def recall_preset(self, name: str, glide_s: float | None = None) -> tuple[dict[str, Any], list[SdbridgeError]]:
-        """Loop thread: apply a preset, gliding its numeric values over its (or the given) time."""
-        preset = self.presets.get(name)
-        duration = preset.glide_s if glide_s is None else glide_s
-        if not isinstance(duration, (int, float)) or not 0 <= duration <= 600:
-            raise ParamError(f"glide_s {duration!r} not in [0, 600]", name="glide_s", value=duration)
-        applied, errors = self.glider.start(preset.params, float(duration))
-        log.info("preset %s recalled (glide %.1f s)%s", name, duration,
-                 f"; {len(errors)} value(s) refused" if errors else "")
-        return applied, list(errors)
-
-    def save_preset(self, name: Any, description: Any = "", glide_s: Any = 0.0) -> Any:
-        """Loop thread: save the current look (not the model or the stream's size) as a user preset."""
-        from sdbridge.presets import savable
-
-        if not isinstance(description, str) or len(description) > 500:
-            raise ParamError("description must be a string of at most 500 characters", name="description")
-        if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not 0 <= glide_s <= 600:
-            raise ParamError(f"glide_s {glide_s!r} not in [0, 600]", name="glide_s", value=glide_s)
-        return self.presets.save(name, savable(self.store.snapshot()[1]), description, float(glide_s))
-
-    def _osc_command(self, call: Any, source: Any) -> None:
-        get_prefix = f"{self.settings.osc_prefix}/get/"
-        if call.address.startswith(get_prefix):
-            # A query: the current value goes back to the sender's address and port, on the
-            # parameter's own address (OSC has no replies; this is the usual convention).
-            path = call.address[len(get_prefix):]
-            name = Schema.name_from_osc_path(path)
-            if name in self.store.schema and self.osc is not None and self.osc.transport is not None:
-                self.osc.transport.sendto(encode_message(f"{self.settings.osc_prefix}/{path}", self.store.get(name)),
-                                          source)
-            else:
-                self._osc_error(ParamError(f"{call.address}: unknown parameter {name!r}", name=name,
-                                           code="unknown_param"), source)
-            return
-        if call.address != f"{self.settings.osc_prefix}/preset":
-            return
-        try:
-            if not call.args or not isinstance(call.args[0], str):
-                raise ParamError(f"{call.address} needs a preset name (s), then an optional glide time (f)",
-                                 name="preset", value=list(call.args))
-            glide = call.args[1] if len(call.args) > 1 else None
-            if glide is not None and (isinstance(glide, bool) or not isinstance(glide, (int, float))):
-                raise ParamError(f"{call.address} glide time {glide!r} is not a number", name="glide_s", value=glide)
-            _, errors = self.recall_preset(call.args[0], glide)
-        except SdbridgeError as exc:
-            errors = [exc]
-        for exc in errors:
-            self._osc_error(exc, source)
-
-    def _osc_error(self, exc: SdbridgeError, source: tuple[str, int] | Any = None) -> None:
+    def report_osc_error(self, exc: SdbridgeError, source: tuple[str, int] | Any = None) -> None:
         if self.feedback is not None:
             self.feedback.send(f"{self.settings.osc_prefix}/status/error", exc.code, str(exc)[:200])
 

@@ -170,14 +170,14 @@ class Connection:
 
     def _json_preset(self, message: dict[str, Any]) -> None:
         """{"type": "preset", "name": "neon", "glide_s": 2}: recall (glide_s is optional)."""
-        applied, errors = self.daemon.recall_preset(message.get("name"), message.get("glide_s"))
+        applied, errors = self.daemon.control.recall_preset(message.get("name"), message.get("glide_s"))
         for exc in errors:
             self.error(exc)
         self._reply(message, {"type": "preset", "name": message.get("name"), "applied": applied})
 
     def _json_save_preset(self, message: dict[str, Any]) -> None:
         """{"type": "save_preset", "name": "mine", "description": "...", "glide_s": 1}: the current look."""
-        preset = self.daemon.save_preset(message.get("name"), message.get("description", ""),
+        preset = self.daemon.control.save_preset(message.get("name"), message.get("description", ""),
                                          message.get("glide_s", 0.0))
         self._reply(message, {"type": "preset_saved", **preset.to_json()})
 

@@ -1,0 +1,93 @@
+"""The control plane on the event loop: how values from controllers are applied (slew), presets
+recalled and saved, and OSC commands (``/sd/preset``, ``/sd/get/<param>``) answered.
+
+Kept out of the daemon's wiring (server.py) so that each reads on its own; everything here runs
+on the loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sdbridge.bridge.glide import Glider
+from sdbridge.bridge.osc_parse import encode_message
+from sdbridge.errors import ParamError, SdbridgeError
+from sdbridge.params import Schema
+from sdbridge.presets import PresetLibrary, savable
+
+if TYPE_CHECKING:
+    from sdbridge.bridge.server import Daemon
+
+log = logging.getLogger(__name__)
+
+MAX_GLIDE_S = 600
+
+
+class Control:
+    def __init__(self, daemon: Daemon, presets: PresetLibrary) -> None:
+        self.daemon = daemon
+        self.presets = presets
+        self.glider = Glider(daemon.store)
+
+    def close(self) -> None:
+        self.glider.close()
+
+    def apply_live(self, updates: dict[str, Any]) -> tuple[dict[str, Any], list]:
+        """Loop thread: a controller's values, slewed when ``slew_s`` is set (numeric ones glide)."""
+        slew = float(self.daemon.store.get("slew_s"))
+        if slew <= 0 or "slew_s" in updates:
+            return self.daemon.store.update(updates)
+        return self.glider.start(updates, slew)
+
+    def recall_preset(self, name: str, glide_s: float | None = None) -> tuple[dict[str, Any], list[SdbridgeError]]:
+        """Loop thread: apply a preset, gliding its numeric values over its (or the given) time."""
+        preset = self.presets.get(name)
+        duration = preset.glide_s if glide_s is None else glide_s
+        if not isinstance(duration, (int, float)) or not 0 <= duration <= MAX_GLIDE_S:
+            raise ParamError(f"glide_s {duration!r} not in [0, {MAX_GLIDE_S}]", name="glide_s", value=duration)
+        applied, errors = self.glider.start(preset.params, float(duration))
+        log.info("preset %s recalled (glide %.1f s)%s", name, duration,
+                 f"; {len(errors)} value(s) refused" if errors else "")
+        return applied, list(errors)
+
+    def save_preset(self, name: Any, description: Any = "", glide_s: Any = 0.0) -> Any:
+        """Loop thread: save the current look (not the model or the stream's size) as a user preset."""
+        if not isinstance(description, str) or len(description) > 500:
+            raise ParamError("description must be a string of at most 500 characters", name="description")
+        if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not 0 <= glide_s <= MAX_GLIDE_S:
+            raise ParamError(f"glide_s {glide_s!r} not in [0, {MAX_GLIDE_S}]", name="glide_s", value=glide_s)
+        return self.presets.save(name, savable(self.daemon.store.snapshot()[1]), description, float(glide_s))
+
+    def osc_command(self, call: Any, source: Any) -> None:
+        prefix = self.daemon.settings.osc_prefix
+        if call.address.startswith(f"{prefix}/get/"):
+            self._osc_get(call, source, call.address[len(f"{prefix}/get/"):])
+            return
+        if call.address != f"{prefix}/preset":
+            return
+        try:
+            if not call.args or not isinstance(call.args[0], str):
+                raise ParamError(f"{call.address} needs a preset name (s), then an optional glide time (f)",
+                                 name="preset", value=list(call.args))
+            glide = call.args[1] if len(call.args) > 1 else None
+            if glide is not None and (isinstance(glide, bool) or not isinstance(glide, (int, float))):
+                raise ParamError(f"{call.address} glide time {glide!r} is not a number", name="glide_s", value=glide)
+            _, errors = self.recall_preset(call.args[0], glide)
+        except SdbridgeError as exc:
+            errors = [exc]
+        for exc in errors:
+            self.daemon.report_osc_error(exc, source)
+
+    def _osc_get(self, call: Any, source: Any, path: str) -> None:
+        """A query: the current value goes back to the sender's address and port, on the
+        parameter's own address (OSC has no replies; this is the usual convention)."""
+        daemon = self.daemon
+        name = Schema.name_from_osc_path(path)
+        if name not in daemon.store.schema:
+            daemon.report_osc_error(ParamError(f"{call.address}: unknown parameter {name!r}", name=name,
+                                               code="unknown_param"), source)
+            return
+        if daemon.osc is not None and daemon.osc.transport is not None:
+            message = encode_message(f"{daemon.settings.osc_prefix}/{path}", daemon.store.get(name))
+            daemon.osc.transport.sendto(message, source)
