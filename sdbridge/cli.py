@@ -69,8 +69,9 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
     from sdbridge.config import load_settings
 
     flags: dict[str, Any] = {}
-    for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise", "model", "engine", "device", "dtype",
-                 "taesd", "model_config", "models_dir", "vram_budget_mb", "presets_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+    for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
+                 "model", "engine", "device", "dtype", "taesd", "model_config", "models_dir", "vram_budget_mb",
+                 "presets_dir", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)

@@ -197,7 +197,8 @@ ENGINE_CHOICES = ("auto", "diffusion", "preview", "identity")
 PREVIEW_EFFECTS = ("cartoon", "stylize", "edges", "grade", "sketch")
 
 CORE_PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("prompt", "str", "a vivid watercolor painting, high detail", "What to generate (plain text; weights and LoRA tags arrive with the prompt-syntax work)."),
+    ParamSpec("prompt", "str", "a vivid watercolor painting, high detail",
+              "What to generate (plain text; weights and LoRA tags arrive with the prompt-syntax work)."),
     ParamSpec("negative_prompt", "str", "", "What to steer away from (used when guidance > 1)."),
     ParamSpec("strength", "float", 0.5, "How far img2img moves from the input: 0 keeps it, 1 ignores it.",
               minimum=0.0, maximum=1.0),
