@@ -232,8 +232,12 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
 class Schema:
     """The set of known parameters; plugins add theirs with :meth:`add`."""
 
-    def __init__(self, specs: Iterable[ParamSpec] = CORE_PARAMS) -> None:
+    def __init__(self, specs: Iterable[ParamSpec] | None = None) -> None:
         self._specs: dict[str, ParamSpec] = {}
+        if specs is None:
+            from sdbridge.modulation import lfo_params
+
+            specs = (*CORE_PARAMS, *lfo_params())
         for spec in specs:
             self.add(spec)
 

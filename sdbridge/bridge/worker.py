@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdbridge import modulation
 from sdbridge.bridge import codec
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.protocol import PixelFormat
@@ -68,6 +69,8 @@ class Worker(threading.Thread):
         self._stop_event = threading.Event()
         self._prepared: tuple[int, int] | None = None  # (params version, id(engine)) last prepared
         self._plugins_version = -1
+        self._modulated = 0
+        self.clock_origin = time.monotonic()  # the LFOs' time zero
         self.params: dict[str, Any] = store.snapshot()[1]
         self.turns = 0
         self.engine_errors = 0
@@ -100,8 +103,12 @@ class Worker(threading.Thread):
 
     def turn(self) -> int:
         """Run one batch; returns how many sessions got a frame."""
-        # 1. Parameters at the frame boundary.
+        # 1. Parameters at the frame boundary; LFOs move their targets for this frame's time.
         version, params = self.store.snapshot()
+        if modulation.active(params):
+            params = modulation.modulate(params, self.store.schema, time.monotonic() - self.clock_origin)
+            self._modulated += 1
+            version = -self._modulated  # a new set every frame: prepare again (cheap: prompts are cached)
         self.params = params
 
         # 2. The engine to run and the plugins, prepared for these parameters.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import numpy as np
@@ -248,3 +249,19 @@ def test_width_change_changes_the_next_reply_size(start_daemon):
         assert wait_for(lambda: daemon.store.get("width") == 128)
         ws.send(frame)
         assert codec.decode_image(recv_frame(ws)).shape == (64, 128, 3)
+
+
+def test_an_lfo_moves_what_the_engine_sees_not_the_stored_value(start_daemon):
+    daemon = start_daemon(params={"engine": "preview", "width": 64, "height": 64, "effect": "grade",
+                                  "strength": 0.5, "lfo1.target": "strength", "lfo1.shape": "square",
+                                  "lfo1.depth": 0.5, "lfo1.rate_hz": 2.0})
+    frame = codec.encode_png(make_image(64, 64))
+    seen = set()
+    with ws_connect(daemon) as ws:
+        for _ in range(40):
+            ws.send(frame)
+            recv_frame(ws)
+            seen.add(daemon.worker.params["strength"])
+            time.sleep(0.02)
+    assert seen == {0.0, 1.0}  # a square wave between the clamped ends
+    assert daemon.store.get("strength") == 0.5

@@ -114,7 +114,7 @@ def test_plugin_param_osc_path():
 def test_markdown_table_lists_every_parameter(schema):
     table = markdown_table(schema)
     for spec in schema:
-        assert f"`/sd/{spec.name}`" in table
+        assert f"`/sd/{Schema.osc_path(spec.name)}`" in table
 
 
 def test_docs_parameter_table_matches_the_code():

@@ -11,7 +11,11 @@ def test_namespace_from_the_schema():
     assert find(tree, "/sd/resize_mode")["RANGE"] == [{"VALS": ["crop", "fit", "stretch"]}]
     assert find(tree, "/sd/seed")["TYPE"] == "i"
     assert find(tree, "/sd")["FULL_PATH"] == "/sd" and find(tree, "/nope") is None
-    assert len(find(tree, "/sd")["CONTENTS"]) == len(schema)
+    def leaves(node):
+        return sum(leaves(child) for child in node["CONTENTS"].values()) if "CONTENTS" in node else 1
+
+    assert leaves(find(tree, "/sd")) == len(schema)
+    assert find(tree, "/sd/lfo1/target")["TYPE"] == "s"
 
 
 def test_responses():

@@ -1,0 +1,87 @@
+"""LFOs on numeric parameters, free-running or synced to a tempo. Sans-I/O: time is an argument.
+
+Two LFO slots, each a set of ordinary parameters (so OSC, WebSocket, HTTP and presets reach
+them): ``lfo1.target`` names a numeric parameter (``strength``, ``guidance``, a plugin's ...),
+``lfo1.shape``, ``lfo1.depth`` (a fraction of the target's range), and either ``lfo1.rate_hz``
+or, with ``lfo1.sync`` on, ``lfo1.beats`` per cycle at ``bpm``. The LFO moves the value the
+engine sees around the stored one (the base), clamped to the range; the stored value stays what
+the artist set, so turning the LFO off returns to it.
+
+The worker applies :func:`modulate` at each frame boundary with the frame's time, so the phase
+of every frame is exact for that time (a beat-synced LFO's phase error is only the frame
+boundary's own jitter).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from sdbridge.params import ParamSpec, Schema
+
+SLOTS = ("lfo1", "lfo2")
+SHAPES = ("sine", "triangle", "saw", "square")
+
+
+def lfo_params() -> tuple[ParamSpec, ...]:
+    specs: list[ParamSpec] = [ParamSpec("bpm", "float", 120.0, "Tempo for beat-synced LFOs and glides.",
+                                        minimum=20.0, maximum=300.0, group="modulation")]
+    for slot in SLOTS:
+        specs += [
+            ParamSpec(f"{slot}.target", "str", "", "The numeric parameter this LFO moves ('' for none), "
+                      "e.g. strength or plugin.flow_warp.strength.", max_length=128, group="modulation"),
+            ParamSpec(f"{slot}.shape", "enum", "sine", "Wave shape.", choices=SHAPES, group="modulation"),
+            ParamSpec(f"{slot}.depth", "float", 0.1, "How far it swings either way, as a fraction of the "
+                      "target's range.", minimum=0.0, maximum=1.0, group="modulation"),
+            ParamSpec(f"{slot}.rate_hz", "float", 0.25, "Cycles per second when not synced.", minimum=0.001,
+                      maximum=20.0, group="modulation"),
+            ParamSpec(f"{slot}.sync", "bool", False, "Sync to bpm: one cycle every `beats` beats.",
+                      group="modulation"),
+            ParamSpec(f"{slot}.beats", "float", 4.0, "Beats per cycle when synced.", minimum=0.125, maximum=64.0,
+                      group="modulation"),
+        ]
+    return tuple(specs)
+
+
+def wave(shape: str, phase: float) -> float:
+    """-1..1 at ``phase`` in cycles (0 = start of a cycle, rising through 0 for sine and triangle)."""
+    phase %= 1.0
+    if shape == "sine":
+        return math.sin(2 * math.pi * phase)
+    if shape == "triangle":
+        return 4 * phase if phase < 0.25 else (2 - 4 * phase if phase < 0.75 else 4 * phase - 4)
+    if shape == "saw":
+        return 2 * phase if phase < 0.5 else 2 * phase - 2  # rises from 0 to 1, wraps to -1 at mid-cycle
+    return 1.0 if phase < 0.5 else -1.0
+
+
+def phase_at(params: Mapping[str, Any], slot: str, t: float) -> float:
+    """The LFO's phase in cycles at time ``t`` seconds (from the modulation clock's origin)."""
+    if params[f"{slot}.sync"]:
+        return t * float(params["bpm"]) / 60.0 / float(params[f"{slot}.beats"])
+    return t * float(params[f"{slot}.rate_hz"])
+
+
+def active(params: Mapping[str, Any]) -> bool:
+    return any(params.get(f"{slot}.target") for slot in SLOTS)
+
+
+def modulate(params: Mapping[str, Any], schema: Schema, t: float) -> dict[str, Any]:
+    """The parameters the engine should use at time ``t``: each LFO's target moved around its base."""
+    out = dict(params)
+    for slot in SLOTS:
+        target = params.get(f"{slot}.target")
+        if not target or target not in schema:
+            continue
+        spec = schema.get(target)
+        if not spec.numeric or spec.minimum is None or spec.maximum is None:
+            continue
+        swing = float(params[f"{slot}.depth"]) * (spec.maximum - spec.minimum)
+        value = float(out[target]) + swing * wave(params[f"{slot}.shape"], phase_at(params, slot, t))
+        value = min(max(value, spec.minimum), spec.maximum)
+        if spec.kind == "int":
+            step = spec.multiple_of or 1
+            value = int(min(max(round(value / step) * step, spec.minimum), spec.maximum))
+        out[target] = value
+    return out
