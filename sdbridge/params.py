@@ -235,9 +235,10 @@ class Schema:
     def __init__(self, specs: Iterable[ParamSpec] | None = None) -> None:
         self._specs: dict[str, ParamSpec] = {}
         if specs is None:
+            from sdbridge.bridge.ladder import LADDER_PARAMS
             from sdbridge.modulation import lfo_params
 
-            specs = (*CORE_PARAMS, *lfo_params())
+            specs = (*CORE_PARAMS, *lfo_params(), *LADDER_PARAMS)
         for spec in specs:
             self.add(spec)
 

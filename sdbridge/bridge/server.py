@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from sdbridge.bridge.engine_host import EngineHost
+from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.oscquery import OscQueryServer
@@ -88,6 +89,7 @@ class Daemon:
         self.control = Control(self, PresetLibrary(Path(settings.presets_dir).expanduser()
                                                    if settings.presets_dir else None))
         self.engines = EngineHost(settings, notify=self._engine_event)
+        self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report, plugins=self.plugins,
                              decode_threads=settings.decode_threads, debug_frames=settings.debug_frames)
         self.stats = DaemonStats()
@@ -236,6 +238,15 @@ class Daemon:
         self.stats.errors_sent += 1
         self._loop.call_soon_threadsafe(session.broadcast, message)
 
+    def _engine_capacity_fps(self) -> float | None:
+        step_ms = self.worker.step_ms_ema
+        return None if not step_ms else 1000.0 / step_ms
+
+    def _ladder_event(self, event: dict[str, Any]) -> None:
+        self._broadcast_all(event)
+        if self.feedback is not None:
+            self.feedback.send(f"{self.settings.osc_prefix}/status/ladder", int(event["rung"]), event["direction"])
+
     def _plugin_report(self, session_id: str, message: dict[str, Any]) -> None:
         """Worker thread: a plugin was turned off for a session: tell its clients and the OSC target."""
         session = self.registry.get(session_id)
@@ -316,6 +327,7 @@ class Daemon:
             "connections": self.stats.connections,
             "errors_sent": self.stats.errors_sent,
             "refused_requests": self._middleware.refused if self._middleware else 0,
+            "ladder": self.ladder.describe(),
             "loop_lag_ms_p50": _round(self.loop_lag.percentile(50)),
             "loop_lag_ms_p99": _round(self.loop_lag.percentile(99)),
             "worker": {"turns": self.worker.turns, "engine_errors": self.worker.engine_errors,
@@ -330,6 +342,7 @@ class Daemon:
         while True:
             await asyncio.sleep(period)
             try:
+                self.ladder.check()
                 stats = self.collect_stats()
                 if self._subscribers["stats"]:
                     message = {"type": "stats", **stats}
@@ -344,6 +357,7 @@ class Daemon:
                         (f"{prefix}/sessions", (len(stats["sessions"]),)),
                         (f"{prefix}/engine", (str(stats["engine"].get("engine", "none")),)),
                         (f"{prefix}/engine_status", (str(stats["engine"]["status"]),)),
+                        (f"{prefix}/ladder", (int(stats["ladder"]["rung"]),)),
                     ])
             except Exception:  # telemetry must never take the daemon down
                 log.exception("telemetry failed")

@@ -75,6 +75,7 @@ class Worker(threading.Thread):
         self.turns = 0
         self.engine_errors = 0
         self.last_step_ms = 0.0
+        self.step_ms_ema: float | None = None  # per frame of the batch: what the engine can do
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -214,6 +215,8 @@ class Worker(threading.Thread):
             self._pass_through(jobs)
             return
         self.last_step_ms = (time.perf_counter() - started) * 1000
+        per_frame = self.last_step_ms / len(jobs)
+        self.step_ms_ema = per_frame if self.step_ms_ema is None else 0.8 * self.step_ms_ema + 0.2 * per_frame
         for job, image in zip(jobs, out):
             job.output = image
 

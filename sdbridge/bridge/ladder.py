@@ -1,0 +1,99 @@
+"""The quality ladder: hold a target frame rate by trading steps, resolution and skipped frames.
+
+With ``ladder_fps`` set, the ladder watches what the engine can do (the worker's step time,
+smoothed) and, when it falls short of the target, steps down one rung at a time; when there is
+clear headroom again it steps back up. Each rung is a set of parameter values derived from
+what the artist had set (rung 0):
+
+1. fewer denoising steps (half, at least 1);
+2. and the resolution at 3/4;
+3. and the resolution at 1/2;
+4. and the similarity filter on (unchanged input skips the engine).
+
+Every change is an ordinary parameter update (the engine re-prepares at a frame boundary, OSC
+feedback echoes it), and the current rung goes out in telemetry (``/sd/status/ladder``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sdbridge.params import ParamSpec, ParamStore
+
+log = logging.getLogger(__name__)
+
+LADDER_PARAMS = (
+    ParamSpec("ladder_fps", "float", 0.0, "Frame rate the quality ladder holds by lowering steps, resolution and "
+              "skipping still frames (0: off).", minimum=0.0, maximum=240.0, group="control"),
+)
+DOWN_BELOW = 0.9   # step down when capacity < 90 % of the target ...
+UP_ABOVE = 1.6     # ... and back up when it exceeds 160 % (the rung above costs more)
+PATIENCE = 2       # checks in a row before moving, so one slow frame moves nothing
+
+
+def _scaled(value: int, factor: float) -> int:
+    return max(64, int(value * factor) // 8 * 8)
+
+
+def rungs(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rung 0 is what the artist set; each next rung is cheaper."""
+    steps = max(1, int(base["steps"]) // 2)
+    width, height = int(base["width"]), int(base["height"])
+    return [
+        {"steps": base["steps"], "width": width, "height": height,
+         "plugin.similarity.enabled": base.get("plugin.similarity.enabled", False)},
+        {"steps": steps, "width": width, "height": height},
+        {"steps": steps, "width": _scaled(width, 0.75), "height": _scaled(height, 0.75)},
+        {"steps": steps, "width": _scaled(width, 0.5), "height": _scaled(height, 0.5)},
+        {"steps": steps, "width": _scaled(width, 0.5), "height": _scaled(height, 0.5),
+         "plugin.similarity.enabled": True},
+    ]
+
+
+class QualityLadder:
+    def __init__(self, store: ParamStore, capacity_fps: Callable[[], float | None],
+                 report: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.store = store
+        self.capacity_fps = capacity_fps
+        self.report = report or (lambda event: None)
+        self.rung = 0
+        self.base: dict[str, Any] | None = None
+        self._low = self._high = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"rung": self.rung, "target_fps": self.store.get("ladder_fps"),
+                "changed": rungs(self.base)[self.rung] if self.base and self.rung else {}}
+
+    def check(self) -> None:
+        """Called periodically on the loop."""
+        target = float(self.store.get("ladder_fps"))
+        if target <= 0:
+            if self.rung:
+                self._move(0)
+                self.base = None
+            return
+        capacity = self.capacity_fps()
+        if capacity is None:
+            return
+        if self.base is None:
+            _, values = self.store.snapshot()
+            self.base = {key: values.get(key) for key in ("steps", "width", "height", "plugin.similarity.enabled")}
+        self._low = self._low + 1 if capacity < target * DOWN_BELOW else 0
+        self._high = self._high + 1 if capacity > target * UP_ABOVE else 0
+        if self._low >= PATIENCE and self.rung < len(rungs(self.base)) - 1:
+            self._move(self.rung + 1, capacity, target)
+        elif self._high >= PATIENCE and self.rung > 0:
+            self._move(self.rung - 1, capacity, target)
+
+    def _move(self, rung: int, capacity: float | None = None, target: float | None = None) -> None:
+        assert self.base is not None
+        direction = "down" if rung > self.rung else "up"
+        values = {key: value for key, value in rungs(self.base)[rung].items() if key in self.store.schema}
+        self.store.update(values)
+        self.rung = rung
+        self._low = self._high = 0
+        log.info("quality ladder %s to rung %d (engine %.1f fps, target %s): %s", direction, rung, capacity or 0.0,
+                 target, values)
+        self.report({"type": "ladder", "direction": direction, **self.describe()})

@@ -1,0 +1,55 @@
+"""The quality ladder against an engine slowed on purpose: it steps down, then back up."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from sdbridge.bridge import codec
+from tests.clients import make_image, recv_json, wait_for, ws_connect
+
+
+def test_ladder_steps_down_under_load_and_back_up(start_daemon, monkeypatch):
+    from sdbridge.engines.identity import IdentityEngine
+
+    original = IdentityEngine.step
+
+    def slow(self, frames, states):
+        # Cost grows with the pixels, as a real engine's does: 40 ms at 128x128.
+        time.sleep(0.040 * frames.shape[1] * frames.shape[2] / (128 * 128))
+        return original(self, frames, states)
+
+    monkeypatch.setattr(IdentityEngine, "step", slow)
+    daemon = start_daemon(params={"engine": "identity", "width": 128, "height": 128, "steps": 4},
+                          telemetry_hz=8.0)
+    stop = threading.Event()
+
+    def stream():
+        frame = codec.encode_png(make_image(128, 128))
+        with ws_connect(daemon) as ws:
+            while not stop.is_set():
+                ws.send(frame)
+                while isinstance(ws.recv(timeout=10), str):
+                    pass
+
+    sender = threading.Thread(target=stream, daemon=True)
+    sender.start()
+    try:
+        with ws_connect(daemon) as watcher:
+            watcher.send(json.dumps({"type": "set", "params": {"ladder_fps": 50.0}}))  # 25 fps now: too slow
+            event = recv_json(watcher, "ladder", timeout=20)
+            assert event["direction"] == "down" and event["rung"] == 1
+            # Down until the engine can hold 50 fps: 3/4 resolution gives 44 fps (not enough), half 100.
+            assert wait_for(lambda: daemon.store.get("width") == 64, timeout=30)
+            assert daemon.store.get("steps") == 2
+            rung_at_bottom = daemon.ladder.rung
+            # A lower target gives headroom: the ladder climbs back to the artist's settings.
+            watcher.send(json.dumps({"type": "set", "params": {"ladder_fps": 10.0}}))
+            assert wait_for(lambda: daemon.ladder.rung == 0, timeout=40)
+            assert daemon.store.get("width") == 128 and daemon.store.get("steps") == 4
+    finally:
+        stop.set()
+        sender.join(timeout=10)
+    assert rung_at_bottom >= 3
+    assert daemon.collect_stats()["ladder"]["rung"] == 0
