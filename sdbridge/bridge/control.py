@@ -7,7 +7,9 @@ on the loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from sdbridge.bridge.glide import Glider
@@ -22,6 +24,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_GLIDE_S = 600
+
+
+def until_next_beat(clock_s: float, bpm: float) -> float:
+    """Seconds from ``clock_s`` to the next beat at ``bpm`` (beats at whole multiples of 60/bpm)."""
+    beat_s = 60.0 / bpm
+    return (-clock_s) % beat_s
 
 
 class Control:
@@ -40,16 +48,34 @@ class Control:
             return self.daemon.store.update(updates)
         return self.glider.start(updates, slew)
 
-    def recall_preset(self, name: str, glide_s: float | None = None) -> tuple[dict[str, Any], list[SdbridgeError]]:
-        """Loop thread: apply a preset, gliding its numeric values over its (or the given) time."""
+    def recall_preset(self, name: str, glide_s: float | None = None, glide_beats: float | None = None,
+                      on_beat: bool = False) -> tuple[dict[str, Any], list[SdbridgeError]]:
+        """Loop thread: apply a preset, gliding its numeric values over its (or the given) time.
+
+        ``glide_beats`` gives the time in beats at the current ``bpm``; ``on_beat`` starts the
+        recall on the next beat of the worker's clock (the one the LFOs follow), so a preset lands
+        with the music.
+        """
         preset = self.presets.get(name)
+        bpm = float(self.daemon.store.get("bpm"))
+        if glide_beats is not None:
+            if isinstance(glide_beats, bool) or not isinstance(glide_beats, (int, float)) or glide_beats < 0:
+                raise ParamError(f"glide_beats {glide_beats!r} is not a number of beats >= 0", name="glide_beats",
+                                 value=glide_beats)
+            glide_s = glide_beats * 60.0 / bpm
         duration = preset.glide_s if glide_s is None else glide_s
-        if not isinstance(duration, (int, float)) or not 0 <= duration <= MAX_GLIDE_S:
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration <= MAX_GLIDE_S:
             raise ParamError(f"glide_s {duration!r} not in [0, {MAX_GLIDE_S}]", name="glide_s", value=duration)
-        applied, errors = self.glider.start(preset.params, float(duration))
-        log.info("preset %s recalled (glide %.1f s)%s", name, duration,
+        good, errors = self.daemon.store.schema.validate(preset.params)
+        if on_beat:
+            loop = asyncio.get_running_loop()
+            delay = until_next_beat(time.monotonic() - self.daemon.worker.clock_origin, bpm)
+            loop.call_later(delay, self.glider.start, preset.params, float(duration))
+        else:
+            self.glider.start(preset.params, float(duration))
+        log.info("preset %s recalled (glide %.2f s%s)%s", name, duration, ", on the next beat" if on_beat else "",
                  f"; {len(errors)} value(s) refused" if errors else "")
-        return applied, list(errors)
+        return good, list(errors)
 
     def save_preset(self, name: Any, description: Any = "", glide_s: Any = 0.0) -> Any:
         """Loop thread: save the current look (not the model or the stream's size) as a user preset."""

@@ -169,8 +169,12 @@ class Connection:
                               "params": self.daemon.is_subscribed("params", self.viewer)})
 
     def _json_preset(self, message: dict[str, Any]) -> None:
-        """{"type": "preset", "name": "neon", "glide_s": 2}: recall (glide_s is optional)."""
-        applied, errors = self.daemon.control.recall_preset(message.get("name"), message.get("glide_s"))
+        """{"type": "preset", "name": "neon", "glide_s": 2}: recall; or "glide_beats": 4 and "on_beat": true."""
+        on_beat = message.get("on_beat", False)
+        if not isinstance(on_beat, bool):
+            raise ParamError(f"on_beat {on_beat!r} is not true or false", name="on_beat", value=on_beat)
+        applied, errors = self.daemon.control.recall_preset(message.get("name"), message.get("glide_s"),
+                                                            message.get("glide_beats"), on_beat)
         for exc in errors:
             self.error(exc)
         self._reply(message, {"type": "preset", "name": message.get("name"), "applied": applied})

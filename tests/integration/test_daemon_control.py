@@ -265,3 +265,18 @@ def test_an_lfo_moves_what_the_engine_sees_not_the_stored_value(start_daemon):
             time.sleep(0.02)
     assert seen == {0.0, 1.0}  # a square wave between the clamped ends
     assert daemon.store.get("strength") == 0.5
+
+
+def test_preset_in_beats_lands_on_the_beat(start_daemon):
+    daemon = start_daemon(params={"engine": "identity", "bpm": 120.0, "strength": 0.1})
+    changes = []
+    daemon.store.subscribe(lambda changed: changes.append((time.monotonic(), changed)))
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "preset", "id": 1, "name": "neon", "glide_beats": 1, "on_beat": True}))
+        recv_json(ws, "preset")
+        assert wait_for(lambda: daemon.store.get("strength") == 0.7, timeout=5)
+    first = next(t for t, changed in changes if "effect" in changed)  # the text/enum part applies at the start
+    last = next(t for t, changed in reversed(changes) if changed.get("strength") == 0.7)
+    beat_phase = ((first - daemon.worker.clock_origin) * 2.0) % 1.0  # in beats at 120 bpm
+    assert min(beat_phase, 1 - beat_phase) < 0.1  # starts within a tenth of a beat of a beat (timer jitter)
+    assert 0.3 < last - first < 1.0  # one beat = 0.5 s of glide (10x loose above)
