@@ -69,6 +69,7 @@ class Worker(threading.Thread):
         self._stop_event = threading.Event()
         self._prepared: tuple[int, int] | None = None  # (params version, id(engine)) last prepared
         self._plugins_version = -1
+        self._prepare_failed: int | None = None
         self._modulated = 0
         self.clock_origin = time.monotonic()  # the LFOs' time zero
         self.params: dict[str, Any] = store.snapshot()[1]
@@ -116,8 +117,19 @@ class Worker(threading.Thread):
         self.engines.select(params)
         engine = self.engines.active()
         if engine is not None and self._prepared != (version, id(engine)):
-            engine.prepare(params)
-            self._prepared = (version, id(engine))
+            try:
+                engine.prepare(params)
+                self._prepared = (version, id(engine))
+            except Exception as exc:  # the stream never stops: these frames pass through, the error is told
+                engine = None
+                if self._prepare_failed != version:
+                    self._prepare_failed = version
+                    self.engine_errors += 1
+                    log.exception("engine could not take the new parameters")
+                    for session in self.registry.sessions():
+                        self.report(session, {"type": "error", "code": "engine_failed",
+                                              "message": f"the engine could not take the new parameters: "
+                                                         f"{type(exc).__name__}: {exc}; frames pass through"})
         plugins = self.plugins
         if plugins is not None and self._plugins_version != version:
             plugins.prepare(params)

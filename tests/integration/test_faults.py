@@ -148,3 +148,28 @@ def _healthy(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_engine_refusing_new_parameters_keeps_the_stream_going(start_daemon, monkeypatch):
+    from sdbridge.engines.identity import IdentityEngine
+
+    def picky(self, params):
+        if params["prompt"] == "poison":
+            raise ValueError("cannot encode this prompt")
+        self.resolution = (int(params["width"]), int(params["height"]))
+
+    monkeypatch.setattr(IdentityEngine, "prepare", picky)
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    frame = codec.encode_png(make_image())
+    errors = []
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "set", "params": {"prompt": "poison"}}))
+        ws.send(frame)
+        while isinstance(message := ws.recv(timeout=10), str):
+            errors += [m for m in [json.loads(message)] if m["type"] == "error"]
+        assert message[:3] == b"\xff\xd8\xff"  # passed through
+        ws.send(json.dumps({"type": "set", "params": {"prompt": "fine"}}))
+        ws.send(frame)
+        assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
+    assert len(errors) == 1 and "cannot encode this prompt" in errors[0]["message"]
+    assert daemon.collect_stats()["worker"]["engine_errors"] == 1
