@@ -49,6 +49,11 @@ class Settings:
     models_dir: str | None = None
     presets_dir: str | None = None       # the user's presets (default ~/.config/sdbridge/presets)
     model_roots: list[str] = field(default_factory=list)  # folders clients may load models from (+ models_dir)
+    lora_dir: str | None = None          # LoRAs clients may name (default: <models_dir>/lora)
+    embeddings_dir: str | None = None    # textual inversions (default: <models_dir>/embeddings)
+    outputs_dir: str = "outputs"         # where the HTTP API saves images when asked (A1111's layout)
+    save_outputs: bool = False           # save every HTTP API image, as A1111's samples_save does
+    styles_file: str | None = None       # A1111's styles.csv (default: ~/.config/sdbridge/styles.csv)
     vram_budget_mb: int = 0              # 0: no budget; else a model needing more fails to load (as on OOM)
     allow_pickle: bool = False
     token: str | None = None

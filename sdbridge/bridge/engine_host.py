@@ -141,6 +141,16 @@ class EngineHost:
                     log.exception("closing engine %s failed", old.name)
         return self._current
 
+    def active_engine(self) -> Engine | None:
+        """The engine serving now, without swapping (for readers off the worker thread)."""
+        return self._current
+
+    def loaded_source(self) -> str | None:
+        """The source of the engine serving now or about to be swapped in."""
+        with self._lock:
+            engine = self._ready[1] if self._ready is not None else self._current
+        return engine.source if engine is not None else None
+
     @property
     def status(self) -> str:
         if self._loading is not None:

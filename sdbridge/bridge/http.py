@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sdbridge import __version__
+from sdbridge.bridge.a1111 import create_router
 from sdbridge.bridge.websocket import websocket_endpoint
 from sdbridge.errors import SdbridgeError
 
@@ -119,6 +120,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         return HTMLResponse(html)
 
     app.add_api_websocket_route("/ws", websocket_endpoint)
+    app.include_router(create_router(daemon))
 
     if daemon.settings.echo_route:
         async def echo(websocket: WebSocket) -> None:

@@ -109,6 +109,7 @@ class Daemon:
         self._echo_pending: dict[str, Any] = {}
         self._last_echo = -1e9
         self._middleware: AccessMiddleware | None = None
+        self.a1111: Any = None  # the AUTOMATIC1111 API's state, set by bridge/a1111.py
 
     # --- start and stop -----------------------------------------------------------------------
 

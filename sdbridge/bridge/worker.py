@@ -15,10 +15,11 @@ Each turn of the loop reads top to bottom:
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from sdbridge.bridge import codec
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
+from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest
 from sdbridge.errors import SdbridgeError
 from sdbridge.params import ParamStore
 from sdbridge.plugins.manager import PluginManager
@@ -51,6 +53,28 @@ class Job:
     output: np.ndarray | None = None
     passthrough: bool = False
     skipped: bool = False
+
+
+class GenerationTask:
+    """A one-shot request (the A1111 API) waiting for, or taking, its share of the worker."""
+
+    def __init__(self, request: GenerationRequest, kind: str = "txt2img") -> None:
+        self.request = request
+        self.kind = kind
+        self.future: Future[Generation] = Future()
+        self.generation: Generation | None = None
+        self.steps: Iterator[None] | None = None
+        self.queued_at = time.monotonic()
+        self.interrupted = False  # before it starts
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        if self.generation is not None:
+            self.generation.progress.interrupted = True
+
+    def skip(self) -> None:
+        if self.generation is not None:
+            self.generation.progress.skipped = True
 
 
 class Worker(threading.Thread):
@@ -77,6 +101,15 @@ class Worker(threading.Thread):
         self.engine_errors = 0
         self.last_step_ms = 0.0
         self.step_ms_ema: float | None = None  # per frame of the batch: what the engine can do
+        self.tasks: queue.SimpleQueue[GenerationTask] = queue.SimpleQueue()
+        self.task: GenerationTask | None = None  # the one-shot request being run
+        self.tasks_done = 0
+
+    def submit(self, task: GenerationTask) -> Future[Generation]:
+        """Queue a one-shot request; it runs between stream frames (see :meth:`_advance_task`)."""
+        self.tasks.put(task)
+        self.registry.wake.set()
+        return task.future
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -85,16 +118,81 @@ class Worker(threading.Thread):
     def run(self) -> None:
         log.debug("worker started")
         while not self._stop_event.is_set():
-            self.registry.wake.wait(timeout=self._idle_timeout())
+            busy = self.task is not None or not self.tasks.empty()
+            self.registry.wake.wait(timeout=0 if busy else self._idle_timeout())
             self.registry.wake.clear()
             if self._stop_event.is_set():
                 break
+            started = time.perf_counter()
             try:
-                self.turn()
+                served = self.turn()
             except Exception:  # the stream never stops: log, count, carry on with the next frame
+                served = 1
                 self.engine_errors += 1
                 log.exception("worker turn failed")
+            if busy:
+                self._advance_task(time.perf_counter() - started if served else None)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        while self.task is not None or not self.tasks.empty():
+            task = self.task or self.tasks.get_nowait()
+            self.task = None
+            if not task.future.done():
+                task.future.set_exception(GenerationError("the daemon is stopping", code="stopping"))
+
+    # --- one-shot requests, between stream frames ---------------------------------------------------
+
+    def _advance_task(self, budget_s: float | None) -> None:
+        """Give the current request its share: after a stream turn, as long as that turn took
+        (the stream keeps at least half of the device, so its frame time at most doubles, plus
+        one UNet step); with no stream frame served, until a frame arrives."""
+        if self.task is None:
+            self.task = self._start_task()
+            if self.task is None:
+                return
+        task = self.task
+        assert task.steps is not None
+        deadline = time.perf_counter() + budget_s if budget_s is not None else None
+        try:
+            while True:
+                next(task.steps)
+                if self._stop_event.is_set():
+                    return
+                if deadline is not None:
+                    if time.perf_counter() >= deadline:
+                        return
+                elif self.registry.wake.is_set():
+                    return
+        except StopIteration:
+            self.task = None
+            self.tasks_done += 1
+            task.future.set_result(task.generation)
+        except Exception as exc:
+            self.task = None
+            log.exception("one-shot %s request failed", task.kind)
+            task.future.set_exception(exc)
+
+    def _start_task(self) -> GenerationTask | None:
+        while True:
+            try:
+                task = self.tasks.get_nowait()
+            except queue.Empty:
+                return None
+            if task.interrupted:
+                task.future.set_exception(GenerationError("interrupted before it started", code="interrupted"))
+                continue
+            engine = self.engines.active()
+            if engine is None or getattr(engine, "parts", None) is None:
+                task.future.set_exception(GenerationError(
+                    "no diffusion model is loaded (the preview engine serves the stream): start the daemon "
+                    "with --model PATH, or set sd_model_checkpoint in /sdapi/v1/options", code="no_model"))
+                continue
+            try:
+                task.generation = Generation(engine, task.request)  # type: ignore[arg-type]
+            except Exception as exc:
+                task.future.set_exception(exc)
+                continue
+            task.steps = task.generation.run()
+            return task
 
     def _idle_timeout(self) -> float:
         if self.params.get("mode") == "txt2img":

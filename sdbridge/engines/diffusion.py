@@ -143,6 +143,10 @@ class DiffusionEngine(Engine):
             self._prompt_cache.popitem(last=False)
         return embeddings
 
+    def encode_prompt_pair(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) embeddings of equal length for guidance, each [1, L, D] (one-shot requests)."""
+        return self._encode_prompt(prompt), self._encode_prompt(negative_prompt)
+
     def _timesteps(self) -> tuple[torch.Tensor, int]:
         """This frame's timesteps, as diffusers' img2img ``get_timesteps`` picks them.
 

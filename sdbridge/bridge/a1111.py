@@ -1,0 +1,696 @@
+"""AUTOMATIC1111's HTTP API (``/sdapi/v1/...``), so the tools that drive its web UI drive us.
+
+Field names, defaults and response shapes follow A1111's ``modules/api/models.py`` as its
+clients (Krita and Photoshop plugins, TouchDesigner workshop tools, chat front ends) send and
+read them. Requests run on the model that already serves the live stream: the route queues a
+:class:`~sdbridge.bridge.worker.GenerationTask` and the worker runs it between stream frames.
+
+What differs from A1111, on purpose (docs/a1111-api.md): noise is drawn on the CPU (A1111's
+"RNG source: CPU"), so a seed gives the same image on every device; ``restore_faces`` and
+``tiling`` are accepted and ignored; the model hash is A1111's legacy 8-digit quick hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import csv
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sdbridge import __version__
+from sdbridge.bridge import pnginfo
+from sdbridge.bridge.worker import GenerationTask
+from sdbridge.engines import samplers
+from sdbridge.engines.generate import Generation, GenerationRequest
+from sdbridge.errors import SdbridgeError
+
+if TYPE_CHECKING:
+    from sdbridge.bridge.server import Daemon
+
+log = logging.getLogger(__name__)
+
+MAX_SIDE = 2048
+MODEL_LOAD_WAIT_S = 600.0
+
+
+def _multiple_of_8(value: int, name: str) -> int:
+    if value % 8:
+        raise ValueError(f"{name} {value} is not a multiple of 8 (try {max(64, round(value / 8) * 8)})")
+    return value
+
+
+class _Request(BaseModel):
+    """What txt2img and img2img share, with A1111's names and defaults."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field("", max_length=20000)
+    negative_prompt: str = Field("", max_length=20000)
+    styles: list[str] = Field(default_factory=list, max_length=32)
+    seed: int = Field(-1, ge=-1, le=2**32 - 1)
+    subseed: int = Field(-1, ge=-1, le=2**32 - 1)
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = Field(None, description="an A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'")
+    sampler_index: str | None = Field(None, description="the older name of sampler_name")
+    scheduler: str | None = Field(None, description="schedule type: Automatic, Uniform, Karras, Exponential")
+    batch_size: int = Field(1, ge=1, le=8)
+    n_iter: int = Field(1, ge=1, le=100)
+    steps: int = Field(50, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    width: int = Field(512, ge=64, le=MAX_SIDE)
+    height: int = Field(512, ge=64, le=MAX_SIDE)
+    restore_faces: bool | None = Field(None, description="accepted and ignored (no face restorer is shipped)")
+    tiling: bool | None = Field(None, description="accepted and ignored")
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("width")
+    @classmethod
+    def _width(cls, value: int) -> int:
+        return _multiple_of_8(value, "width")
+
+    @field_validator("height")
+    @classmethod
+    def _height(cls, value: int) -> int:
+        return _multiple_of_8(value, "height")
+
+    @field_validator("sampler_name", "sampler_index")
+    @classmethod
+    def _sampler(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                samplers.resolve(value)
+            except SdbridgeError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                samplers.resolve("Euler", value)
+            except SdbridgeError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    def sampler(self) -> str:
+        return self.sampler_name or self.sampler_index or "Euler a"
+
+
+class Txt2ImgRequest(_Request):
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_upscaler: str | None = Field(None, description="Latent, Latent (nearest), Lanczos, Nearest or None")
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE * 2)
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE * 2)
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+
+
+class Img2ImgRequest(_Request):
+    init_images: list[str] = Field(default_factory=list, max_length=8,
+                                   description="base64 images (PNG, JPEG or WebP; data: URLs accepted)")
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, "
+                             "3 just resize (latent upscale)")
+    mask: str | None = Field(None, description="base64 mask image: white is repainted")
+    mask_blur: int | None = Field(None, ge=0, le=64)
+    mask_blur_x: int = Field(4, ge=0, le=64)
+    mask_blur_y: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(True, description="inpaint the masked area only, at full resolution")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    include_init_images: bool = False
+
+
+class OptionsUpdate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = Field(None, max_length=1024)
+    samples_save: bool | None = None
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(..., description="a base64 image (data: URLs accepted)")
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] | None
+    parameters: dict[str, Any]
+    info: str
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def decode_b64_image(data: str, what: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """A base64 (or data: URL) PNG/JPEG/WebP -> RGB uint8 (or grey with IMREAD_GRAYSCALE); 422 when bad."""
+    raw = _b64_bytes(data, what)
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
+    if image is None:
+        raise HTTPException(422, f"{what}: not a decodable PNG, JPEG or WebP image ({len(raw)} bytes)")
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def _b64_bytes(data: str, what: str) -> bytes:
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, f"{what}: not valid base64") from None
+
+
+def _mask(data: str) -> np.ndarray:
+    """A1111 masks: white repaints; an RGBA mask whose colour is empty uses its alpha (as Krita sends)."""
+    raw = _b64_bytes(data, "mask")
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise HTTPException(422, f"mask: not a decodable PNG, JPEG or WebP image ({len(raw)} bytes)")
+    if image.ndim == 2:
+        return image.astype(np.uint8) if image.dtype == np.uint8 else (image / 257).astype(np.uint8)
+    if image.shape[2] == 4 and not image[..., :3].any():
+        return image[..., 3]
+    return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
+
+
+def quick_hash(source: str | None) -> str | None:
+    """A1111's legacy model hash: sha256 of 64 KiB at 1 MiB into the weights file, 8 hex digits."""
+    if not source:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        candidates = sorted(path.glob("unet/*.safetensors")) or sorted(path.glob("*.safetensors"))
+        if not candidates:
+            return None
+        path = candidates[0]
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        handle.seek(0x100000)
+        chunk = handle.read(0x10000)
+        if not chunk:  # a small (tiny) file: hash what there is
+            handle.seek(0)
+            chunk = handle.read(0x10000)
+    return hashlib.sha256(chunk).hexdigest()[:8]
+
+
+def model_title(source: str | None) -> str | None:
+    if not source:
+        return None
+    name = Path(source).name
+    return name.rsplit(".", 1)[0] if name.endswith((".safetensors", ".ckpt")) else name
+
+
+# --- styles --------------------------------------------------------------------------------------
+
+
+def load_styles(path: Path | None) -> dict[str, tuple[str, str]]:
+    """A1111's styles.csv: name, prompt, negative_prompt."""
+    if path is None or not path.is_file():
+        return {}
+    styles: dict[str, tuple[str, str]] = {}
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        for row in csv.DictReader(handle):
+            name = (row.get("name") or "").strip()
+            if name:
+                styles[name] = ((row.get("prompt") or "").strip(), (row.get("negative_prompt") or "").strip())
+    return styles
+
+
+def apply_style(text: str, style: str) -> str:
+    """A1111: a style with ``{prompt}`` wraps the prompt; any other is appended after a comma."""
+    if not style:
+        return text
+    if "{prompt}" in style:
+        return style.replace("{prompt}", text)
+    return f"{text}, {style}" if text else style
+
+
+# --- the router ----------------------------------------------------------------------------------
+
+
+class A1111Api:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.options: dict[str, Any] = {}
+        self._save_counter: dict[Path, int] = {}
+        self._hash_cache: dict[str, str | None] = {}
+
+    # --- settings ---
+
+    @property
+    def settings(self) -> Any:
+        return self.daemon.settings
+
+    def lora_dir(self) -> Path:
+        return Path(self.settings.lora_dir).expanduser() if self.settings.lora_dir else self._models_dir() / "lora"
+
+    def embeddings_dir(self) -> Path:
+        if self.settings.embeddings_dir:
+            return Path(self.settings.embeddings_dir).expanduser()
+        return self._models_dir() / "embeddings"
+
+    def styles_path(self) -> Path:
+        if self.settings.styles_file:
+            return Path(self.settings.styles_file).expanduser()
+        return Path.home() / ".config" / "sdbridge" / "styles.csv"
+
+    def _models_dir(self) -> Path:
+        from sdbridge.engines.models import default_models_dir
+
+        return Path(self.settings.models_dir).expanduser() if self.settings.models_dir else default_models_dir()
+
+    def current_model(self) -> str | None:
+        engine = self.daemon.engines.active_engine()
+        return engine.source if engine is not None and getattr(engine, "parts", None) is not None else None
+
+    def model_hash(self, source: str | None) -> str | None:
+        if source not in self._hash_cache:
+            self._hash_cache[source or ""] = quick_hash(source)
+        return self._hash_cache.get(source or "")
+
+    # --- requests ---
+
+    def build(self, body: _Request, kind: str) -> GenerationRequest:
+        prompt, negative = body.prompt, body.negative_prompt
+        if body.styles:
+            styles = load_styles(self.styles_path())
+            for name in body.styles:
+                if name not in styles:
+                    known = ", ".join(sorted(styles)) or f"none: {self.styles_path()} has none"
+                    raise HTTPException(422, f"unknown style {name!r} (known: {known})")
+                prompt = apply_style(prompt, styles[name][0])
+                negative = apply_style(negative, styles[name][1])
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative, seed=body.seed, subseed=body.subseed,
+            subseed_strength=body.subseed_strength, sampler_name=body.sampler(),
+            scheduler=body.scheduler or "automatic", steps=body.steps, cfg_scale=body.cfg_scale, width=body.width,
+            height=body.height, batch_size=body.batch_size, n_iter=body.n_iter, eta=body.eta)
+        if isinstance(body, Txt2ImgRequest):
+            request.enable_hr = body.enable_hr
+            request.hr_scale = body.hr_scale
+            request.hr_upscaler = body.hr_upscaler or "Latent"
+            request.hr_second_pass_steps = body.hr_second_pass_steps
+            request.hr_resize_x, request.hr_resize_y = body.hr_resize_x, body.hr_resize_y
+            request.denoising_strength = body.denoising_strength if body.denoising_strength is not None else 0.7
+            if body.enable_hr:
+                width, height = request.hires_size()
+                if not (64 <= width <= MAX_SIDE * 2 and 64 <= height <= MAX_SIDE * 2):
+                    raise HTTPException(422, f"hires size {width}x{height} is outside 64..{MAX_SIDE * 2}")
+        elif isinstance(body, Img2ImgRequest):
+            if not body.init_images:
+                raise HTTPException(422, "img2img needs init_images: a list of base64 images")
+            request.init_images = [decode_b64_image(image, f"init_images[{index}]")
+                                   for index, image in enumerate(body.init_images)]
+            request.denoising_strength = body.denoising_strength if body.denoising_strength is not None else 0.75
+            request.resize_mode = body.resize_mode
+            if body.mask:
+                request.mask = _mask(body.mask)
+                request.mask_blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x,
+                                                                                          body.mask_blur_y)
+                request.inpainting_fill = body.inpainting_fill
+                request.inpaint_full_res = body.inpaint_full_res
+                request.inpaint_full_res_padding = body.inpaint_full_res_padding
+                request.inpainting_mask_invert = bool(body.inpainting_mask_invert)
+        return request
+
+    async def run(self, body: _Request, kind: str) -> dict[str, Any]:
+        if body.alwayson_scripts.get("controlnet") or body.alwayson_scripts.get("ControlNet"):
+            raise HTTPException(422, "ControlNet units are not supported yet by sdbridge's A1111 API "
+                                     "(see the ControlNet issue); send the request without alwayson_scripts.controlnet")
+        request = await asyncio.to_thread(self.build, body, kind)
+        task = GenerationTask(request, kind)
+        started = time.perf_counter()
+        try:
+            generation = await asyncio.wrap_future(self.daemon.worker.submit(task))
+        except SdbridgeError as exc:
+            status = 503 if exc.code in ("no_model", "stopping") else 422
+            raise HTTPException(status, str(exc)) from None
+        except Exception as exc:  # a bug, not the client's fault: say what failed, keep serving
+            raise HTTPException(500, f"{kind} failed: {type(exc).__name__}: {exc}") from None
+        log.info("%s: %d image(s) %dx%d, %d steps, in %.2f s", kind, len(generation.images), request.width,
+                 request.height, request.steps, time.perf_counter() - started)
+        return await asyncio.to_thread(self.respond, body, kind, generation)
+
+    def infotexts(self, generation: Generation, kind: str) -> list[str]:
+        request = generation.request
+        model = self.current_model() or generation.engine.source
+        texts = []
+        for index, seed in enumerate(generation.used_seeds):
+            params: dict[str, Any] = {
+                "Steps": request.steps, "Sampler": request.sampler_name,
+                "Schedule type": None if request.scheduler == "automatic" else samplers.resolve(
+                    request.sampler_name, request.scheduler)[1].label,
+                "CFG scale": _num(request.cfg_scale), "Seed": seed, "Size": f"{request.width}x{request.height}",
+                "Model hash": self.model_hash(model), "Model": model_title(model),
+                "Denoising strength": _num(request.denoising_strength)
+                if kind == "img2img" or request.enable_hr else None,
+                "Variation seed": generation.subseeds[index] if request.subseed_strength > 0 else None,
+                "Variation seed strength": _num(request.subseed_strength) if request.subseed_strength > 0 else None,
+            }
+            if kind == "txt2img" and request.enable_hr:
+                params.update({"Hires upscale": _num(request.hr_scale), "Hires steps": request.hr_second_pass_steps
+                               or None, "Hires upscaler": request.hr_upscaler})
+            if request.mask is not None:
+                params["Mask blur"] = request.mask_blur
+            params["Version"] = f"sdbridge {__version__}"
+            texts.append(pnginfo.infotext(request.prompt, request.negative_prompt, params))
+        return texts
+
+    def respond(self, body: _Request, kind: str, generation: Generation) -> dict[str, Any]:
+        request = generation.request
+        texts = self.infotexts(generation, kind)
+        save = body.save_images or bool(self.options.get("samples_save", self.settings.save_outputs))
+        images = []
+        for index, (image, text) in enumerate(zip(generation.images, texts)):
+            png = pnginfo.encode_png(image, text)
+            if save:
+                self.save(png, kind, generation.used_seeds[index])
+            if body.send_images:
+                images.append(base64.b64encode(png).decode("ascii"))
+        model = self.current_model() or generation.engine.source
+        info = {
+            "prompt": request.prompt, "all_prompts": [request.prompt] * len(texts),
+            "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * len(texts),
+            "seed": request.seed, "all_seeds": generation.used_seeds, "subseed": request.subseed,
+            "all_subseeds": generation.subseeds[: len(texts)], "subseed_strength": request.subseed_strength,
+            "width": request.width, "height": request.height, "sampler_name": request.sampler_name,
+            "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
+            "restore_faces": False, "face_restoration_model": None, "sd_model_name": model_title(model),
+            "sd_model_hash": self.model_hash(model), "sd_vae_name": None, "sd_vae_hash": None,
+            "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": request.denoising_strength,
+            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": body.styles,
+            "job_timestamp": dt.datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
+            "is_using_inpainting_conditioning": False, "version": f"sdbridge {__version__}",
+            "interrupted": generation.progress.interrupted,
+        }
+        parameters = body.model_dump()
+        if isinstance(body, Img2ImgRequest):
+            parameters["init_images"] = None
+            parameters["mask"] = None
+        if body.send_images is False:
+            images = []
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+    def save(self, png: bytes, kind: str, seed: int) -> Path:
+        """outputs/<kind>-images/YYYY-MM-DD/NNNNN-SEED.png, numbered on from what is there (A1111's layout)."""
+        folder = Path(self.settings.outputs_dir).expanduser() / f"{kind}-images" / dt.date.today().isoformat()
+        folder.mkdir(parents=True, exist_ok=True)
+        number = self._save_counter.get(folder)
+        if number is None:
+            existing = [int(p.name.split("-", 1)[0]) for p in folder.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
+            number = max(existing, default=-1) + 1
+        path = folder / f"{number:05d}-{seed}.png"
+        path.write_bytes(png)
+        self._save_counter[folder] = number + 1
+        return path
+
+    # --- progress ---
+
+    def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        worker = self.daemon.worker
+        task = worker.task
+        state = ProgressState()
+        if task is None or task.generation is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state.model_dump(), "current_image": None,
+                    "textinfo": None}
+        progress = task.generation.progress
+        state = ProgressState(skipped=progress.skipped, interrupted=progress.interrupted, job=task.kind,
+                              job_count=progress.job_count, job_no=progress.job_no,
+                              job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(time.time())),
+                              sampling_step=progress.sampling_step, sampling_steps=progress.sampling_steps)
+        fraction = progress.fraction
+        elapsed = time.monotonic() - progress.started
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        current = None
+        if not skip_current_image:
+            task.generation.request_preview()
+            if progress.preview is not None:
+                current = base64.b64encode(pnginfo.encode_png(progress.preview)).decode("ascii")
+        return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "state": state.model_dump(),
+                "current_image": current, "textinfo": None}
+
+    # --- options and models ---
+
+    def get_options(self) -> dict[str, Any]:
+        model = self.current_model()
+        title = model_title(model)
+        hash_ = self.model_hash(model)
+        out = {
+            "sd_model_checkpoint": f"{title} [{hash_}]" if title and hash_ else title,
+            "sd_checkpoint_hash": hash_, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+            "samples_save": bool(self.settings.save_outputs), "samples_format": "png",
+            "outdir_samples": "", "outdir_txt2img_samples": str(Path(self.settings.outputs_dir) / "txt2img-images"),
+            "outdir_img2img_samples": str(Path(self.settings.outputs_dir) / "img2img-images"),
+            "live_previews_enable": True, "show_progress_every_n_steps": 1, "randn_source": "CPU",
+            "sdbridge_version": __version__,
+        }
+        out.update(self.options)
+        return out
+
+    async def set_options(self, body: OptionsUpdate) -> None:
+        values = body.model_dump(exclude_none=True)
+        checkpoint = values.pop("sd_model_checkpoint", None)
+        self.options.update(values)
+        if checkpoint is None:
+            return
+        name = checkpoint.rsplit(" [", 1)[0] if checkpoint.endswith("]") else checkpoint
+        name = await asyncio.to_thread(self.checkpoint_source, name)
+        engines = self.daemon.engines
+        if name == self.current_model():
+            return
+        applied, errors = self.daemon.store.update({"model": name, "engine": "diffusion"})
+        if errors:
+            raise HTTPException(422, str(errors[0]))
+        # A1111 answers once the checkpoint is loaded; so do we (the stream keeps serving meanwhile).
+        deadline = time.monotonic() + MODEL_LOAD_WAIT_S
+        await asyncio.sleep(0.05)
+        while time.monotonic() < deadline:
+            if engines.status != "loading":
+                if self.current_model() == name or engines.loaded_source() == name:
+                    return
+                if engines.last_error:
+                    raise HTTPException(422, f"sd_model_checkpoint {checkpoint!r} could not be loaded: "
+                                             f"{engines.last_error}; the previous model keeps serving")
+            await asyncio.sleep(0.05)
+        raise HTTPException(504, f"sd_model_checkpoint {checkpoint!r} is still loading")
+
+    def checkpoint_source(self, name: str) -> str:
+        """A title from sd-models, a pulled model's name, or a path (confined like any client path)."""
+        for item in self.sd_models():
+            if name in (item["title"], item["model_name"], item["filename"]):
+                return item["filename"]
+        try:
+            return self.daemon.engines.client_model_path(name)
+        except SdbridgeError as exc:
+            raise HTTPException(422, f"sd_model_checkpoint: {exc}") from None
+
+    def sd_models(self) -> list[dict[str, Any]]:
+        from sdbridge.engines import models
+
+        out = []
+        sources = [info.path for info in models.list_models(self._models_dir()) if info.pulled
+                   and info.kind in ("diffusers", "single_file")]
+        current = self.current_model()
+        if current and current not in sources:
+            sources.insert(0, current)
+        for source in sources:
+            title, hash_ = model_title(source), self.model_hash(source)
+            out.append({"title": f"{title} [{hash_}]" if hash_ else title, "model_name": title, "hash": hash_,
+                        "sha256": None, "filename": source, "config": None})
+        return out
+
+    def loras(self) -> list[dict[str, Any]]:
+        folder = self.lora_dir()
+        if not folder.is_dir():
+            return []
+        out = []
+        for path in sorted(folder.rglob("*.safetensors")):
+            out.append({"name": path.stem, "alias": path.stem, "path": str(path), "metadata": _metadata(path)})
+        return out
+
+    def embeddings(self) -> dict[str, Any]:
+        engine = self.daemon.engines.active_engine()
+        inversions = getattr(engine, "textual_inversions", None)
+        if inversions is not None and hasattr(inversions, "a1111_listing"):
+            return inversions.a1111_listing()
+        return {"loaded": {}, "skipped": {}}
+
+
+def _metadata(path: Path) -> dict[str, Any]:
+    """A safetensors file's ``__metadata__`` header, read without loading a tensor."""
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if size <= 0 or size > 100 * 1024 * 1024:
+                return {}
+            header = json.loads(handle.read(size))
+        meta = header.get("__metadata__", {})
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _num(value: float | None) -> float | int | None:
+    if value is None:
+        return None
+    return int(value) if float(value).is_integer() else round(float(value), 4)
+
+
+UPSCALERS = [
+    {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
+    {"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
+    {"name": "Nearest", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
+]
+LATENT_UPSCALE_MODES = [{"name": "Latent"}, {"name": "Latent (nearest)"}]
+
+
+def create_router(daemon: Daemon) -> APIRouter:
+    api = A1111Api(daemon)
+    daemon.a1111 = api
+    router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
+
+    @router.post("/txt2img", response_model=GenerationResponse)
+    async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
+        """Text to image, as A1111's web UI does it, on the model serving the live stream."""
+        return await api.run(body, "txt2img")
+
+    @router.post("/img2img", response_model=GenerationResponse)
+    async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
+        """Image to image and inpainting (``mask``), as A1111's web UI does it."""
+        return await api.run(body, "img2img")
+
+    @router.get("/progress", response_model=ProgressResponse)
+    async def progress(skip_current_image: bool = Query(False)) -> dict[str, Any]:
+        """The running request's progress, with a preview of its current image."""
+        return api.progress(skip_current_image)
+
+    @router.post("/interrupt")
+    async def interrupt() -> None:
+        """Stop the running request (its finished images are returned) and drop the queued ones."""
+        worker = daemon.worker
+        if worker.task is not None:
+            worker.task.interrupt()
+
+    @router.post("/skip")
+    async def skip() -> None:
+        """Skip the current batch of the running request."""
+        if daemon.worker.task is not None:
+            daemon.worker.task.skip()
+
+    @router.get("/options")
+    async def get_options() -> dict[str, Any]:
+        return api.get_options()
+
+    @router.post("/options")
+    async def set_options(body: OptionsUpdate) -> None:
+        """Set options; ``sd_model_checkpoint`` loads that model (answering once it serves)."""
+        await api.set_options(body)
+
+    @router.get("/sd-models")
+    async def sd_models() -> list[dict[str, Any]]:
+        return await asyncio.to_thread(api.sd_models)
+
+    @router.post("/refresh-checkpoints")
+    async def refresh_checkpoints() -> None:
+        """Models are listed fresh on every call; kept for clients that call it."""
+        api._hash_cache.clear()
+
+    @router.get("/samplers")
+    async def list_samplers() -> list[dict[str, Any]]:
+        return samplers.a1111_samplers()
+
+    @router.get("/schedulers")
+    async def list_schedulers() -> list[dict[str, Any]]:
+        return samplers.a1111_schedulers()
+
+    @router.get("/upscalers")
+    async def upscalers() -> list[dict[str, Any]]:
+        return UPSCALERS
+
+    @router.get("/latent-upscale-modes")
+    async def latent_upscale_modes() -> list[dict[str, Any]]:
+        return LATENT_UPSCALE_MODES
+
+    @router.get("/sd-vae")
+    async def sd_vae() -> list[dict[str, Any]]:
+        return []
+
+    @router.get("/loras")
+    async def loras() -> list[dict[str, Any]]:
+        return await asyncio.to_thread(api.loras)
+
+    @router.post("/refresh-loras")
+    async def refresh_loras() -> None:
+        return None
+
+    @router.get("/embeddings")
+    async def embeddings() -> dict[str, Any]:
+        return api.embeddings()
+
+    @router.get("/prompt-styles")
+    async def prompt_styles() -> list[dict[str, Any]]:
+        styles = await asyncio.to_thread(load_styles, api.styles_path())
+        return [{"name": name, "prompt": prompt, "negative_prompt": negative}
+                for name, (prompt, negative) in styles.items()]
+
+    @router.post("/png-info", response_model=PngInfoResponse)
+    async def png_info(body: PngInfoRequest) -> dict[str, Any]:
+        """The generation parameters a PNG carries, as text and parsed."""
+        raw = _b64_bytes(body.image, "image")
+        try:
+            text, items = await asyncio.to_thread(pnginfo.read_info, raw)
+        except SdbridgeError as exc:
+            raise HTTPException(422, f"image: {exc}") from None
+        return {"info": text or "", "items": items, "parameters": pnginfo.parse_infotext(text) if text else {}}
+
+    return router
+

@@ -1,0 +1,119 @@
+"""Generation parameters in PNG files, in AUTOMATIC1111's "infotext" format.
+
+A1111 writes a ``parameters`` text chunk::
+
+    a cat in a hat
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x512, Model: sd-turbo, Version: ...
+
+Other tools (its own PNG Info tab, Civitai, ComfyUI importers) read that format back, so ours
+writes it byte for byte the same way and :func:`parse_infotext` reads it back as A1111 does:
+values with commas are quoted JSON strings; ``Size: 512x512`` also gives ``Size-1``/``Size-2``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from sdbridge.errors import CodecError
+
+# key: value, where value is a quoted string (with escapes) or runs to the next comma.
+_PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text and '"' not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any]) -> str:
+    """A1111's text: the prompt, the negative prompt line, then ``Key: value`` pairs (None skipped)."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    pairs = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
+    lines.append(pairs)
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Infotext -> a dict of its fields (``Prompt``, ``Negative prompt`` and each pair), as A1111 reads it."""
+    out: dict[str, Any] = {}
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines else ""
+    if len(_PARAM.findall(last)) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
+        lines.append(last := "")
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines[:-1]:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    out["Prompt"] = "\n".join(prompt_lines)
+    out["Negative prompt"] = "\n".join(negative_lines)
+    for key, value in _PARAM.findall(last):
+        key = key.strip()
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = value[1:-1]
+        size = _SIZE.match(value) if isinstance(value, str) else None
+        if size:
+            out[f"{key}-1"], out[f"{key}-2"] = size.group(1), size.group(2)
+        out[key] = value
+    return out
+
+
+def encode_png(image: np.ndarray, info: str | None = None) -> bytes:
+    """RGB uint8 [H, W, 3] -> PNG bytes, with the ``parameters`` chunk when ``info`` is given."""
+    metadata = None
+    if info is not None:
+        metadata = PngImagePlugin.PngInfo()
+        metadata.add_text("parameters", info)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=metadata, compress_level=4)
+    return buffer.getvalue()
+
+
+def read_info(data: bytes) -> tuple[str | None, dict[str, Any]]:
+    """(the ``parameters`` text, the other text chunks) of a PNG, JPEG or WebP file's bytes."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises many types for bad files
+        raise CodecError(f"not a readable image ({len(data)} bytes): {exc}", code="bad_image") from exc
+    items = {key: value for key, value in image.info.items() if isinstance(value, str)}
+    text = items.pop("parameters", None)
+    if text is None and "exif" in image.info:
+        text = _exif_comment(image)
+    return text, items
+
+
+def _exif_comment(image: Image.Image) -> str | None:
+    """A1111 stores JPEG/WebP parameters in the EXIF UserComment."""
+    try:
+        comment = image.getexif().get_ifd(0x8769).get(0x9286)
+    except Exception:
+        return None
+    if isinstance(comment, bytes):
+        body = comment[8:]  # the 8-byte character-code prefix
+        for encoding in ("utf-16-be", "utf-8"):
+            try:
+                return body.decode(encoding).rstrip("\x00")
+            except UnicodeDecodeError:
+                continue
+    return comment if isinstance(comment, str) else None

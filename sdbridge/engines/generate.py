@@ -1,0 +1,431 @@
+"""One-shot generation as AUTOMATIC1111 does it: txt2img, img2img, inpainting, hires fix.
+
+The live stream and these requests share one model on one device, so a request must never hold
+the device for long: :meth:`Generation.run` is a generator that yields after every UNet step,
+and the worker advances it between stream frames (see bridge/worker.py). A request never
+touches the stream's scheduler or prompt state: it builds its own scheduler from the model's
+config and keeps its own embeddings.
+
+Seeds follow A1111: image ``i`` of a request gets ``seed + i`` (and ``subseed + i``), its
+starting noise drawn on the CPU from that seed alone, blended with the subseed's noise by
+``subseed_strength`` (spherical interpolation), so an image does not depend on its batch
+position. Ancestral samplers draw their per-step noise from a generator per image, for the
+same reason.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdbridge.bridge import codec
+from sdbridge.engines import samplers
+from sdbridge.errors import SdbridgeError
+
+if TYPE_CHECKING:
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+MAX_SEED = 2**32 - 1
+RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", 3: "stretch"}  # A1111: just resize, crop, fill, latent
+FILL_MODES = ("fill", "original", "latent noise", "latent nothing")
+
+
+class GenerationError(SdbridgeError):
+    code = "bad_request"
+
+
+@dataclass
+class GenerationRequest:
+    """A txt2img or img2img request in A1111's terms (already validated by the API layer)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    sampler_name: str = "Euler a"
+    scheduler: str = "automatic"
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: float | None = None
+    # img2img
+    init_images: list[np.ndarray] = field(default_factory=list)  # RGB uint8, any size
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    mask: np.ndarray | None = None         # uint8 [H, W]: white is repainted
+    mask_blur: int = 4
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+    # hires fix (txt2img)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+
+    @property
+    def is_img2img(self) -> bool:
+        return bool(self.init_images)
+
+    def resolve_seeds(self) -> tuple[list[int], list[int]]:
+        """Every image's seed and subseed; -1 draws one at random, as A1111 does."""
+        count = self.batch_size * self.n_iter
+        seed = self.seed if self.seed >= 0 else random.randrange(MAX_SEED)
+        subseed = self.subseed if self.subseed >= 0 else random.randrange(MAX_SEED)
+        self.seed, self.subseed = seed, subseed
+        return ([(seed + i) % (MAX_SEED + 1) for i in range(count)],
+                [(subseed + i) % (MAX_SEED + 1) for i in range(count)])
+
+    def hires_size(self) -> tuple[int, int]:
+        if self.hr_resize_x or self.hr_resize_y:
+            width = self.hr_resize_x or round(self.width * self.hr_resize_y / self.height)
+            height = self.hr_resize_y or round(self.height * self.hr_resize_x / self.width)
+        else:
+            width, height = round(self.width * self.hr_scale), round(self.height * self.hr_scale)
+        return width // 8 * 8, height // 8 * 8
+
+
+@dataclass
+class Progress:
+    """What ``/sdapi/v1/progress`` reports; written by the worker thread, read by the loop."""
+
+    job_count: int = 0
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    started: float = field(default_factory=time.monotonic)
+    interrupted: bool = False
+    skipped: bool = False
+    preview_wanted: bool = False
+    preview: np.ndarray | None = None
+
+    @property
+    def fraction(self) -> float:
+        if not self.job_count or not self.sampling_steps:
+            return 0.0
+        per_job = 1.0 / self.job_count
+        return min(1.0, self.job_no * per_job + per_job * self.sampling_step / self.sampling_steps)
+
+
+def slerp(weight: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two noise tensors, as A1111's subseed blend does it."""
+    low_norm = low / torch.norm(low)
+    high_norm = high / torch.norm(high)
+    dot = (low_norm * high_norm).sum()
+    if dot.abs() > 0.9995:
+        return low * (1 - weight) + high * weight
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - weight) * omega) / so) * low + (torch.sin(weight * omega) / so) * high
+
+
+def image_noise(seed: int, subseed: int, subseed_strength: float, shape: Sequence[int]) -> torch.Tensor:
+    """One image's starting noise [C, h, w], on the CPU in fp32 (the same on every device)."""
+    noise = torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
+    if subseed_strength > 0:
+        sub = torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(subseed))
+        noise = slerp(subseed_strength, noise, sub)
+    return noise
+
+
+class Generation:
+    """One request, run step by step on the worker thread."""
+
+    def __init__(self, engine: DiffusionEngine, request: GenerationRequest) -> None:
+        if engine.parts is None:
+            raise GenerationError("no diffusion model is loaded", code="no_model")
+        self.engine = engine
+        self.parts = engine.parts
+        self.request = request
+        self.seeds, self.subseeds = request.resolve_seeds()
+        self.progress = Progress(job_count=request.n_iter)
+        self.images: list[np.ndarray] = []
+        self.used_seeds: list[int] = []
+        self.device = engine.device
+        self.dtype = engine.dtype
+        self.scale = engine.vae_scale_factor
+        self._latents: torch.Tensor | None = None
+        # Checked here so that a bad name fails before any work, with the name in the message.
+        samplers.resolve(request.sampler_name, request.scheduler)
+
+    # --- the request --------------------------------------------------------------------------
+
+    def run(self) -> Iterator[None]:
+        """Yields after every UNet step; ``images`` holds the results when it ends."""
+        request = self.request
+        cond, uncond = self.engine.encode_prompt_pair(request.prompt, request.negative_prompt)
+        for batch_no in range(request.n_iter):
+            if self.progress.interrupted:
+                break
+            self.progress.job_no = batch_no
+            self.progress.skipped = False
+            first = batch_no * request.batch_size
+            seeds = self.seeds[first:first + request.batch_size]
+            subseeds = self.subseeds[first:first + request.batch_size]
+            if request.is_img2img:
+                images = yield from self._img2img_batch(seeds, subseeds, cond, uncond, first)
+            else:
+                images = yield from self._txt2img_batch(seeds, subseeds, cond, uncond)
+            self.images.extend(images)
+            self.used_seeds.extend(seeds[: len(images)])
+
+    def request_preview(self) -> None:
+        self.progress.preview_wanted = True
+
+    # --- txt2img ------------------------------------------------------------------------------
+
+    def _txt2img_batch(self, seeds: list[int], subseeds: list[int], cond: torch.Tensor,
+                       uncond: torch.Tensor) -> Iterator[None]:
+        request = self.request
+        noise = self._noise(seeds, subseeds, request.width, request.height)
+        scheduler = self._scheduler(seeds)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        latents = noise * scheduler.init_noise_sigma
+        latents = yield from self._denoise(scheduler, scheduler.timesteps, latents, cond, uncond, seeds)
+        if request.enable_hr and not self.progress.interrupted:
+            latents = yield from self._hires(latents, seeds, subseeds, cond, uncond)
+        yield
+        return self._to_uint8(self._decode(latents))
+
+    def _hires(self, latents: torch.Tensor, seeds: list[int], subseeds: list[int], cond: torch.Tensor,
+               uncond: torch.Tensor) -> Iterator[None]:
+        """Upscale the first pass, then an img2img pass at the new size (A1111's hires fix)."""
+        request = self.request
+        width, height = request.hires_size()
+        upscaler = request.hr_upscaler or "Latent"
+        if upscaler.lower().startswith("latent"):
+            mode = "nearest" if "nearest" in upscaler.lower() else "bilinear"
+            init = F.interpolate(latents.float(), size=(height // self.scale, width // self.scale), mode=mode)
+            init = init.to(self.dtype)
+        else:
+            yield
+            pixels = self._decode(latents)
+            pixels = F.interpolate(pixels.float(), size=(height, width), mode="bicubic", antialias=True)
+            init = self._encode(pixels.clamp(0, 1).to(self.dtype) * 2 - 1)
+        steps = request.hr_second_pass_steps or request.steps
+        noise = self._noise(seeds, subseeds, width, height)
+        scheduler = self._scheduler(seeds)
+        timesteps = self._img2img_timesteps(scheduler, steps, request.denoising_strength)
+        start = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(seeds)))
+        return (yield from self._denoise(scheduler, timesteps, start, cond, uncond, seeds))
+
+    # --- img2img and inpainting ---------------------------------------------------------------
+
+    def _img2img_batch(self, seeds: list[int], subseeds: list[int], cond: torch.Tensor, uncond: torch.Tensor,
+                       first: int) -> Iterator[None]:
+        request = self.request
+        width, height = request.width, request.height
+        originals = [request.init_images[(first + i) % len(request.init_images)] for i in range(len(seeds))]
+        mask = self._mask(width, height) if request.mask is not None else None
+        crop = None
+        if mask is not None and request.inpaint_full_res:
+            crop = _mask_crop(mask, request.inpaint_full_res_padding, width, height)
+        inits = []
+        for original in originals:
+            fitted = codec.fit(original, width, height, RESIZE_MODES.get(request.resize_mode, "stretch"))
+            inits.append(fitted)
+        work = inits
+        work_mask = mask
+        if crop is not None:
+            work = [_crop_resize(image, crop, width, height) for image in inits]
+            assert mask is not None
+            work_mask = _crop_resize(mask, crop, width, height)
+        if work_mask is not None and request.inpainting_fill == 0:
+            work = [cv2.inpaint(image, (work_mask > 127).astype(np.uint8), 8, cv2.INPAINT_TELEA)
+                    for image in work]
+        pixels = torch.from_numpy(np.stack(work)).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
+        yield
+        init_latents = self._encode(pixels)
+        noise = self._noise(seeds, subseeds, width, height)
+        latent_mask = None
+        if work_mask is not None:
+            small = cv2.resize(work_mask, (width // self.scale, height // self.scale), interpolation=cv2.INTER_AREA)
+            latent_mask = torch.from_numpy(np.around(small / 255.0)).to(self.device, self.dtype)[None, None]
+            if request.inpainting_fill == 2:
+                init_latents = init_latents * (1 - latent_mask) + noise * latent_mask
+            elif request.inpainting_fill == 3:
+                init_latents = init_latents * (1 - latent_mask)
+        scheduler = self._scheduler(seeds)
+        timesteps = self._img2img_timesteps(scheduler, request.steps, request.denoising_strength)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(len(seeds)))
+        keep = None
+        if latent_mask is not None:
+            keep = (init_latents, noise, latent_mask)
+        latents = yield from self._denoise(scheduler, timesteps, latents, cond, uncond, seeds, keep=keep)
+        yield
+        images = self._to_uint8(self._decode(latents))
+        if mask is None:
+            return images
+        out = []
+        for image, original in zip(images, inits):
+            if crop is not None:
+                image = _uncrop(image, original, crop)
+            out.append(_overlay(image, original, mask))
+        return out
+
+    def _mask(self, width: int, height: int) -> np.ndarray:
+        """The blurred mask at the output size, white = repaint (latent mask and overlay both use it)."""
+        request = self.request
+        assert request.mask is not None
+        mask = request.mask
+        if request.inpainting_mask_invert:
+            mask = 255 - mask
+        mode = RESIZE_MODES.get(request.resize_mode, "stretch")
+        mask = codec.fit(np.repeat(mask[..., None], 3, axis=2), width, height, mode)[..., 0]
+        blurred = mask
+        if request.mask_blur > 0:
+            size = 2 * int(2.5 * request.mask_blur + 0.5) + 1
+            blurred = cv2.GaussianBlur(mask, (size, size), request.mask_blur)
+        return blurred
+
+    # --- the shared loop ----------------------------------------------------------------------
+
+    def _denoise(self, scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor, seeds: list[int],
+                 keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Iterator[None]:
+        """The UNet steps with classifier-free guidance; yields after each one."""
+        request = self.request
+        unet = self.parts.unet
+        batch = latents.shape[0]
+        guided = request.cfg_scale > 1.0
+        embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)]) if guided \
+            else cond.expand(batch, -1, -1)
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        accepted = _step_params(scheduler)
+        extra: dict[str, Any] = {"generator": generators} if "generator" in accepted else {}
+        if request.eta is not None and "eta" in accepted:
+            extra["eta"] = request.eta
+        self.progress.sampling_steps = len(timesteps)
+        for index, t in enumerate(timesteps):
+            if self.progress.interrupted or self.progress.skipped:
+                break
+            with torch.inference_mode():
+                model_input = torch.cat([latents] * 2) if guided else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+                if guided:
+                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + request.cfg_scale * (noise_cond - noise_uncond)
+                latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+                if keep is not None:
+                    init_latents, noise, mask = keep
+                    known = init_latents
+                    if index + 1 < len(timesteps):
+                        known = scheduler.add_noise(init_latents, noise, timesteps[index + 1:index + 2].repeat(batch))
+                    latents = known * (1 - mask) + latents * mask
+            self._latents = latents
+            self.progress.sampling_step = index + 1
+            if self.progress.preview_wanted:
+                self.progress.preview_wanted = False
+                self.progress.preview = self._to_uint8(self._decode(latents, fast=True))[0]
+            yield
+        return latents
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    def _scheduler(self, seeds: list[int]) -> Any:
+        request = self.request
+        scheduler = samplers.make_scheduler(self.engine.scheduler.config, request.sampler_name, request.scheduler)
+        if type(scheduler).__name__ == "DPMSolverSDEScheduler":
+            scheduler.register_to_config(noise_sampler_seed=seeds[0])
+            scheduler.noise_sampler_seed = seeds[0]
+        return scheduler
+
+    def _img2img_timesteps(self, scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+        """diffusers' img2img rule: of ``steps`` timesteps, run the last ``steps * strength``."""
+        scheduler.set_timesteps(steps, device=self.device)
+        init_timestep = max(1, min(int(steps * strength), steps))
+        t_start = max(steps - init_timestep, 0)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        return scheduler.timesteps[t_start * scheduler.order:]
+
+    def _noise(self, seeds: list[int], subseeds: list[int], width: int, height: int) -> torch.Tensor:
+        shape = (self.parts.unet.config.in_channels, height // self.scale, width // self.scale)
+        noise = [image_noise(seed, subseed, self.request.subseed_strength, shape)
+                 for seed, subseed in zip(seeds, subseeds)]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.parts.vae
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+        return latents.to(self.dtype) * float(vae.config.scaling_factor)
+
+    @torch.inference_mode()
+    def _decode(self, latents: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """Latents -> [0, 1] pixels; ``fast`` uses TAESD when the model has it (progress previews)."""
+        if fast and self.parts.taesd is not None:
+            return self.engine.decode(latents)
+        vae = self.parts.vae
+        image = vae.decode(latents.to(vae.dtype) / float(vae.config.scaling_factor), return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def _to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:
+        array = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return list(array)
+
+
+def _step_params(scheduler: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+def _mask_crop(mask: np.ndarray, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The mask's bounding box plus padding, grown to the output's aspect ratio (A1111's "only masked")."""
+    ys, xs = np.nonzero(mask > 0)
+    if len(xs) == 0:
+        return 0, 0, mask.shape[1], mask.shape[0]
+    x1, y1 = max(0, xs.min() - padding), max(0, ys.min() - padding)
+    x2, y2 = min(mask.shape[1], xs.max() + 1 + padding), min(mask.shape[0], ys.max() + 1 + padding)
+    ratio = width / height
+    box_w, box_h = x2 - x1, y2 - y1
+    if box_w / box_h < ratio:
+        grow = math.ceil(box_h * ratio) - box_w
+        x1, x2 = x1 - grow // 2, x2 + grow - grow // 2
+    else:
+        grow = math.ceil(box_w / ratio) - box_h
+        y1, y2 = y1 - grow // 2, y2 + grow - grow // 2
+    # Shift back inside the image, then clip.
+    if x1 < 0:
+        x1, x2 = 0, x2 - x1
+    if y1 < 0:
+        y1, y2 = 0, y2 - y1
+    x2, y2 = min(mask.shape[1], x2), min(mask.shape[0], y2)
+    return int(x1), int(y1), int(x2), int(y2)
+
+
+def _crop_resize(image: np.ndarray, crop: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
+    x1, y1, x2, y2 = crop
+    return cv2.resize(image[y1:y2, x1:x2], (width, height), interpolation=cv2.INTER_LANCZOS4)
+
+
+def _uncrop(image: np.ndarray, original: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:
+    x1, y1, x2, y2 = crop
+    out = original.copy()
+    out[y1:y2, x1:x2] = cv2.resize(image, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LANCZOS4)
+    return out
+
+
+def _overlay(image: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The generated image inside the (blurred) mask, the original outside it, as A1111 pastes it."""
+    alpha = (mask.astype(np.float32) / 255.0)[..., None]
+    return (image.astype(np.float32) * alpha + original.astype(np.float32) * (1 - alpha)).round().astype(np.uint8)

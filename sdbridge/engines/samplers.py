@@ -1,0 +1,142 @@
+"""AUTOMATIC1111's sampler and schedule names, mapped onto diffusers schedulers.
+
+A1111 names a sampler ("DPM++ 2M") and, since 1.9, a schedule type ("Karras") separately; older
+clients still send the combined name ("DPM++ 2M Karras"). Both forms resolve here to one
+diffusers scheduler class and its config overrides, following the table in diffusers' docs
+("Schedulers: A1111 / k-diffusion equivalents"). The model's own scheduler config (betas,
+prediction type, timestep spacing) is kept; only the solver and the sigma schedule change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdbridge.errors import SdbridgeError
+
+
+class SamplerError(SdbridgeError):
+    code = "unknown_sampler"
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str                      # as AUTOMATIC1111 shows it
+    scheduler: str                 # the diffusers class
+    aliases: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    stochastic: bool = False       # draws noise at each step (seeded per image)
+
+
+SAMPLERS: tuple[Sampler, ...] = (
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral"), stochastic=True),
+    Sampler("Euler", "EulerDiscreteScheduler", ("k_euler",)),
+    Sampler("LMS", "LMSDiscreteScheduler", ("k_lms",)),
+    Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",)),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", ("k_dpm_2",)),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("k_dpm_2_a",), stochastic=True),
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", ("k_dpmpp_2m",)),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", ("k_dpmpp_sde",), stochastic=True),
+    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde",),
+            {"algorithm_type": "sde-dpmsolver++"}, stochastic=True),
+    Sampler("DDIM", "DDIMScheduler", ("ddim",)),
+    Sampler("PLMS", "PNDMScheduler", ("plms",), {"skip_prk_steps": True}),
+    Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
+    Sampler("LCM", "LCMScheduler", ("lcm",), stochastic=True),
+)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str                      # A1111's key
+    label: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    default_rho: float = -1.0
+
+
+SCHEDULES: tuple[Schedule, ...] = (
+    Schedule("automatic", "Automatic"),
+    Schedule("uniform", "Uniform"),
+    Schedule("karras", "Karras", {"use_karras_sigmas": True}, default_rho=7.0),
+    Schedule("exponential", "Exponential", {"use_exponential_sigmas": True}),
+)
+
+_BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
+_SCHEDULE_BY_NAME = {key.lower(): s for s in SCHEDULES for key in (s.name, s.label, *s.aliases)}
+# Schedules that only k-diffusion-style (sigma) schedulers take.
+_SIGMA_SCHEDULERS = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                     "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                     "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "UniPCMultistepScheduler"}
+
+
+def resolve(sampler_name: str | None, scheduler: str | None = None) -> tuple[Sampler, Schedule]:
+    """A1111's sampler (and schedule) names -> ours; the combined "DPM++ 2M Karras" form works too."""
+    name = (sampler_name or "Euler a").strip()
+    schedule_name = (scheduler or "automatic").strip()
+    sampler = _BY_NAME.get(name.lower())
+    if sampler is None:
+        for schedule in SCHEDULES[1:]:
+            suffix = " " + schedule.label.lower()
+            if name.lower().endswith(suffix) and name[: -len(suffix)].lower() in _BY_NAME:
+                sampler, schedule_name = _BY_NAME[name[: -len(suffix)].lower()], schedule.name
+                break
+    if sampler is None:
+        raise SamplerError(f"unknown sampler {sampler_name!r} (known: {', '.join(names())})")
+    schedule = _SCHEDULE_BY_NAME.get(schedule_name.lower())
+    if schedule is None:
+        raise SamplerError(f"unknown scheduler {scheduler!r} (known: {', '.join(s.label for s in SCHEDULES)})",
+                           code="unknown_scheduler")
+    if schedule.options and sampler.scheduler not in _SIGMA_SCHEDULERS:
+        raise SamplerError(f"sampler {sampler.name!r} does not take the {schedule.label} schedule",
+                           code="unknown_scheduler")
+    return sampler, schedule
+
+
+def names() -> list[str]:
+    """Every name a client may send, A1111's combined Karras forms included."""
+    out = [s.name for s in SAMPLERS]
+    out += [f"{s.name} Karras" for s in SAMPLERS if s.scheduler in _SIGMA_SCHEDULERS]
+    return out
+
+
+def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, scheduler: str | None = None) -> Any:
+    """A fresh diffusers scheduler for these names, built on the model's own scheduler config."""
+    import diffusers
+
+    sampler, schedule = resolve(sampler_name, scheduler)
+    cls = getattr(diffusers, sampler.scheduler)
+    config = dict(base_config)
+    # Options another solver left in the config must not leak into this one.
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "algorithm_type"):
+        config.pop(key, None)
+    config.update(sampler.options)
+    config.update(schedule.options)
+    if sampler.scheduler == "DPMSolverSDEScheduler":
+        _require_torchsde(sampler.name)
+    return cls.from_config(config)
+
+
+def _require_torchsde(name: str) -> None:
+    try:
+        import torchsde  # noqa: F401
+    except ImportError as exc:
+        raise SamplerError(f"sampler {name!r} needs the torchsde package: pip install torchsde") from exc
+
+
+def a1111_samplers() -> list[dict[str, Any]]:
+    """``/sdapi/v1/samplers``: name, aliases, options, as A1111 lists them."""
+    out = []
+    for sampler in SAMPLERS:
+        options: dict[str, str] = {"scheduler": "True"} if sampler.scheduler in _SIGMA_SCHEDULERS else {}
+        if sampler.stochastic:
+            options["brownian_noise" if "SDE" in sampler.name else "eta"] = "True"
+        out.append({"name": sampler.name, "aliases": list(sampler.aliases), "options": options})
+    return out
+
+
+def a1111_schedulers() -> list[dict[str, Any]]:
+    """``/sdapi/v1/schedulers``."""
+    return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None,
+             "default_rho": s.default_rho, "need_inner_model": False} for s in SCHEDULES]
