@@ -9,6 +9,7 @@ prediction type, timestep spacing) is kept; only the solver and the sigma schedu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,8 +80,9 @@ def resolve(sampler_name: str | None, scheduler: str | None = None) -> tuple[Sam
     if sampler is None:
         for schedule in SCHEDULES[1:]:
             suffix = " " + schedule.label.lower()
-            if name.lower().endswith(suffix) and name[: -len(suffix)].lower() in _BY_NAME:
-                sampler, schedule_name = _BY_NAME[name[: -len(suffix)].lower()], schedule.name
+            base = _BY_NAME.get(name[: -len(suffix)].lower()) if name.lower().endswith(suffix) else None
+            if base is not None and base.scheduler in _SIGMA_SCHEDULERS:
+                sampler, schedule_name = base, schedule.name
                 break
     if sampler is None:
         raise SamplerError(f"unknown sampler {sampler_name!r} (known: {', '.join(names())})")
@@ -111,11 +113,16 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     # Options another solver left in the config must not leak into this one.
     for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "algorithm_type"):
         config.pop(key, None)
-    config.update(sampler.options)
-    config.update(schedule.options)
+    # Overrides go in as keyword arguments: diffusers drops config keys it lists in
+    # ``_use_default_values``, so a value merely put into the dict may be ignored.
+    overrides = {**sampler.options, **schedule.options}
+    # DDIM's class default clips x0 to [-1, 1], which is wrong for SD latents; diffusers' SD
+    # pipelines force it off in the same way.
+    if "clip_sample" in inspect.signature(cls.__init__).parameters:
+        overrides["clip_sample"] = False
     if sampler.scheduler == "DPMSolverSDEScheduler":
         _require_torchsde(sampler.name)
-    return cls.from_config(config)
+    return cls.from_config(config, **overrides)
 
 
 def _require_torchsde(name: str) -> None:

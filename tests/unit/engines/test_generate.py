@@ -1,0 +1,153 @@
+"""One-shot generation (the A1111 API's txt2img/img2img) against diffusers, and its A1111 rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.generate import Generation, GenerationRequest, image_noise
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.engines.samplers import make_scheduler
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> DiffusionEngine:
+    return DiffusionEngine.from_parts(load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32))
+
+
+def run(engine: DiffusionEngine, **fields) -> Generation:
+    values = dict(prompt="a red fox", steps=3, width=64, height=64, seed=11, cfg_scale=5.0, sampler_name="Euler")
+    values.update(fields)
+    generation = Generation(engine, GenerationRequest(**values))
+    steps = sum(1 for _ in generation.run())
+    assert steps >= 1
+    return generation
+
+
+@pytest.mark.parametrize("sampler, cls", [("Euler", "EulerDiscreteScheduler"),
+                                          ("DPM++ 2M Karras", "DPMSolverMultistepScheduler"),
+                                          ("DDIM", "DDIMScheduler"), ("UniPC", "UniPCMultistepScheduler")])
+def test_txt2img_matches_the_diffusers_pipeline(engine, sampler, cls):
+    """Same weights, same starting noise, same scheduler: our float output equals StableDiffusionPipeline's."""
+    import diffusers
+
+    parts = engine.parts
+    request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
+                                cfg_scale=4.0, sampler_name=sampler)
+    generation = Generation(engine, request)
+    decoded: list[torch.Tensor] = []
+    original = generation._decode
+    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
+    for _ in generation.run():
+        pass
+    scheduler = make_scheduler(parts.scheduler.config, sampler)
+    assert type(scheduler).__name__ == cls
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    latents = image_noise(7, 0, 0.0, (4, 8, 8))[None]
+    theirs = pipe(prompt="a red fox", negative_prompt="blur", num_inference_steps=4, guidance_scale=4.0,
+                  height=64, width=64, latents=latents, output_type="pt").images
+    ours = decoded[-1]
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert error <= 1e-4, f"{sampler}: relative error {error}"
+
+
+def test_seeds_follow_a1111_and_do_not_depend_on_batch_position(engine):
+    batch = run(engine, seed=100, batch_size=3, sampler_name="Euler a")
+    assert batch.used_seeds == [100, 101, 102]
+    alone = run(engine, seed=101, batch_size=1, sampler_name="Euler a")
+    difference = np.abs(batch.images[1].astype(int) - alone.images[0].astype(int)).max()
+    assert difference <= 1, difference
+    again = run(engine, seed=100, batch_size=1, sampler_name="Euler a")
+    assert np.array_equal(again.images[0], batch.images[0]) or \
+        np.abs(again.images[0].astype(int) - batch.images[0].astype(int)).max() <= 1
+    assert not np.array_equal(batch.images[0], batch.images[1])
+
+
+def test_n_iter_and_random_seed(engine):
+    generation = run(engine, seed=-1, batch_size=2, n_iter=2)
+    assert len(generation.images) == 4
+    first = generation.used_seeds[0]
+    assert generation.used_seeds == [first, first + 1, first + 2, first + 3]
+    assert generation.progress.job_count == 2
+
+
+def test_variation_seed_moves_the_image_by_its_strength(engine):
+    base = run(engine, seed=5, subseed=9, subseed_strength=0.0).images[0].astype(int)
+    slight = run(engine, seed=5, subseed=9, subseed_strength=0.1).images[0].astype(int)
+    strong = run(engine, seed=5, subseed=9, subseed_strength=0.9).images[0].astype(int)
+    assert np.abs(base - slight).mean() < np.abs(base - strong).mean()
+    assert np.abs(base - slight).mean() > 0
+
+
+def test_hires_fix_gives_the_upscaled_size(engine):
+    latent = run(engine, enable_hr=True, hr_scale=1.5, denoising_strength=0.5).images[0]
+    assert latent.shape == (96, 96, 3)
+    pixel = run(engine, enable_hr=True, hr_resize_x=128, hr_resize_y=80, hr_upscaler="Lanczos").images[0]
+    assert pixel.shape == (80, 128, 3)
+
+
+def test_img2img_resize_modes_and_strength(engine):
+    rng = np.random.default_rng(1)
+    source = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    for mode in (0, 1, 2):
+        image = run(engine, init_images=[source], denoising_strength=0.5, resize_mode=mode).images[0]
+        assert image.shape == (64, 64, 3)
+    smooth = np.zeros((64, 64, 3), np.uint8)
+    smooth[:, :32] = (200, 40, 40)
+    weak = run(engine, init_images=[smooth], denoising_strength=0.2, steps=10).images[0].astype(int)
+    strong = run(engine, init_images=[smooth], denoising_strength=1.0, steps=10).images[0].astype(int)
+    vae_only = Generation(engine, GenerationRequest(width=64, height=64))
+    pixels = torch.from_numpy(smooth).permute(2, 0, 1)[None].float() / 127.5 - 1
+    roundtrip = vae_only._to_uint8(vae_only._decode(vae_only._encode(pixels)))[0].astype(int)
+    # A low denoising strength stays near the input (through the VAE); full strength does not.
+    assert np.abs(weak - roundtrip).mean() < np.abs(strong - roundtrip).mean()
+
+
+@pytest.mark.parametrize("fill", [0, 1, 2, 3])
+@pytest.mark.parametrize("full_res", [False, True])
+def test_inpainting_keeps_the_pixels_outside_the_mask(engine, fill, full_res):
+    rng = np.random.default_rng(2)
+    source = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 20:44] = 255
+    generation = run(engine, init_images=[source], mask=mask, mask_blur=2, inpainting_fill=fill,
+                     inpaint_full_res=full_res, inpaint_full_res_padding=4, denoising_strength=0.9)
+    out = generation.images[0].astype(int)
+    outside = np.ones((64, 64), bool)
+    outside[10:46, 14:50] = False          # the mask grown by more than its blur
+    assert np.abs(out - source.astype(int))[outside].max() <= 1
+    inside = np.abs(out - source.astype(int))[20:36, 24:40].mean()
+    assert inside > 5, "the masked area was repainted"
+    inverted = run(engine, init_images=[source], mask=mask, mask_blur=0, inpainting_mask_invert=True,
+                   inpaint_full_res=False, denoising_strength=0.9).images[0].astype(int)
+    assert np.abs(inverted - source.astype(int))[18:38, 22:42].max() <= 1
+
+
+def test_interrupt_stops_between_steps_and_keeps_finished_images(engine):
+    generation = Generation(engine, GenerationRequest(prompt="x", steps=6, width=64, height=64, n_iter=3, seed=1))
+    steps = generation.run()
+    for _ in range(8):      # the first batch's six steps, its decode, and one step of the second
+        next(steps)
+    generation.progress.interrupted = True
+    for _ in steps:
+        pass
+    assert len(generation.images) in (1, 2)
+    assert generation.progress.sampling_step < 6 or len(generation.images) == 1
+
+
+def test_progress_preview_comes_from_the_current_latents(engine):
+    generation = Generation(engine, GenerationRequest(prompt="x", steps=4, width=64, height=64, seed=1))
+    steps = generation.run()
+    next(steps)
+    assert generation.progress.preview is None
+    generation.request_preview()
+    next(steps)
+    assert generation.progress.preview is not None and generation.progress.preview.shape == (64, 64, 3)
+    assert 0 < generation.progress.fraction < 1

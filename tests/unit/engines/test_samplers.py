@@ -1,0 +1,69 @@
+"""A1111 sampler and schedule names -> diffusers schedulers."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdbridge.engines import samplers
+from sdbridge.engines.samplers import SamplerError
+from sdbridge.engines.tiny import build_tiny_components
+
+BASE = build_tiny_components()["scheduler"].config
+
+CASES = [
+    ("Euler a", None, "EulerAncestralDiscreteScheduler", {}),
+    ("Euler", None, "EulerDiscreteScheduler", {"use_karras_sigmas": False}),
+    ("LMS", None, "LMSDiscreteScheduler", {}),
+    ("Heun", None, "HeunDiscreteScheduler", {}),
+    ("DPM++ 2M", None, "DPMSolverMultistepScheduler", {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"}),
+    ("DPM++ 2M Karras", None, "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("DPM++ 2M", "Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("DPM++ 2M", "karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("DPM++ SDE Karras", None, "DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    ("DPM++ 2M SDE", None, "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("DDIM", None, "DDIMScheduler", {}),
+    ("PLMS", None, "PNDMScheduler", {"skip_prk_steps": True}),
+    ("UniPC", None, "UniPCMultistepScheduler", {}),
+    ("LCM", None, "LCMScheduler", {}),
+    ("k_euler_a", None, "EulerAncestralDiscreteScheduler", {}),
+    ("euler A", None, "EulerAncestralDiscreteScheduler", {}),
+    ("Euler", "Exponential", "EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "schedule", "cls", "config"), CASES)
+def test_names_map_to_schedulers(name: str, schedule: str | None, cls: str, config: dict) -> None:
+    scheduler = samplers.make_scheduler(BASE, name, schedule)
+    assert type(scheduler).__name__ == cls
+    for key, value in config.items():
+        assert scheduler.config[key] == value, key
+    # The model's own betas and spacing are kept.
+    assert scheduler.config["beta_schedule"] == BASE["beta_schedule"]
+    assert scheduler.config["timestep_spacing"] == BASE["timestep_spacing"]
+
+
+def test_a_karras_model_config_does_not_leak_into_a_plain_sampler() -> None:
+    karras = samplers.make_scheduler(BASE, "DPM++ 2M Karras")
+    plain = samplers.make_scheduler(karras.config, "DPM++ 2M")
+    assert plain.config["use_karras_sigmas"] is False
+
+
+@pytest.mark.parametrize(("name", "schedule", "code"), [
+    ("Nope", None, "unknown_sampler"),
+    ("DDIM Karras", None, "unknown_sampler"),    # DDIM has no sigma schedule
+    ("DDIM", "Karras", "unknown_scheduler"),
+    ("Euler", "Wobbly", "unknown_scheduler"),
+])
+def test_unknown_names_are_refused_with_the_list(name: str, schedule: str | None, code: str) -> None:
+    with pytest.raises(SamplerError) as caught:
+        samplers.resolve(name, schedule)
+    assert caught.value.code == code
+    assert repr(schedule or name) in str(caught.value) or name in str(caught.value)
+
+
+def test_every_listed_name_resolves() -> None:
+    listed = samplers.a1111_samplers()
+    assert {"name", "aliases", "options"} <= set(listed[0])
+    for name in samplers.names():
+        samplers.make_scheduler(BASE, name)
+    assert [s["name"] for s in samplers.a1111_schedulers()][:3] == ["automatic", "uniform", "karras"]
