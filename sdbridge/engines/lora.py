@@ -1,0 +1,493 @@
+"""Live LoRA: low-rank updates fused into the UNet and text encoder, reweighted between frames.
+
+A LoRA file holds, per target layer, a pair ``down`` ``[rank, in]`` (``[rank, in, kh, kw]`` for a
+convolution) and ``up`` ``[out, rank]`` (``[out, rank, 1, 1]``), with an optional ``alpha``. At
+weight ``w`` the layer's weight becomes ``W0 + w * alpha / rank * (up @ down)``.
+
+Two file layouts are read, safetensors only (never pickle):
+
+- kohya / AUTOMATIC1111: ``lora_unet_<module path with _>.lora_down.weight``, ``.lora_up.weight``,
+  ``.alpha``; ``lora_te_`` (or ``lora_te1_``) for the text encoder; LoCon convolutions (3x3 or 1x1
+  ``down``). Module paths in diffusers spelling (``down_blocks_0_attentions_0_...``) or in the
+  original LDM spelling (``input_blocks_1_1_proj_in``, ``middle_block_1_...``,
+  ``output_blocks_3_1_...``), the latter mapped for SD1.x-shaped UNets.
+- diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and ``text_encoder.<module>``;
+  the older ``<module>.lora.down.weight`` / ``lora.up.weight``, ``lora_linear_layer.*`` and
+  attention-processor ``processor.to_q_lora.*`` spellings. Alpha from ``<module>.alpha`` keys or
+  from diffusers' ``lora_adapter_metadata`` header (``unet.lora_alpha``, ``unet.r``, patterns).
+
+:class:`LoraStack` keeps, for each layer a loaded LoRA touches, a copy of the original weight
+(taken once, lazily) and rewrites the layer in place from that copy whenever weights change, so
+weights never drift and weight 0 gives back the original bits. Nothing is re-read from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdbridge.errors import ModelError, ParamError
+from sdbridge.paths import confine
+
+log = logging.getLogger(__name__)
+
+LORA_SUFFIX = ".safetensors"
+KOHYA_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
+# Suffix of a key -> (role, how many characters to cut to get the layer's base name).
+KEY_ROLES = (
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),                  # kohya
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),                      # PEFT
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),                  # diffusers < 0.20
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),                  # attention processors
+    (".alpha", "alpha"),
+)
+# Attention-processor spellings (``attn1.processor.to_q_lora``) -> module names.
+PROCESSOR_NAMES = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+                   "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One low-rank update to one layer: ``W += weight * scale * (up @ down)``."""
+
+    component: str       # "unet", "text_encoder"
+    module: str          # the layer's name inside that component
+    down: torch.Tensor   # [rank, in] or [rank, in, kh, kw]
+    up: torch.Tensor     # [out, rank] or [out, rank, 1, 1]
+    scale: float         # alpha / rank (1 without alpha)
+
+    @property
+    def target(self) -> tuple[str, str]:
+        return self.component, self.module
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file read and matched to the layers of the model it will be fused into."""
+
+    name: str
+    path: Path
+    layout: str                       # "kohya" or "peft"
+    layers: tuple[LoraLayer, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    unmatched_keys: tuple[str, ...] = ()
+
+    @property
+    def components(self) -> frozenset[str]:
+        return frozenset(layer.component for layer in self.layers)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header, without loading any tensor."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises SafetensorError, OSError or ValueError
+        raise ModelError(f"LoRA file {str(path)!r} is not a readable safetensors file: {exc}") from exc
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if path.suffix.lower() != LORA_SUFFIX:
+        raise ModelError(f"LoRA file {str(path)!r} is not {LORA_SUFFIX}; pickled LoRAs are never loaded")
+    if not path.is_file():
+        raise ModelError(f"LoRA file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # a truncated or corrupt file: SafetensorError, OSError, ValueError
+        raise ModelError(f"LoRA file {str(path)!r} is corrupt or truncated: {exc}") from exc
+    return tensors, metadata
+
+
+def fusable_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The layers a LoRA may target: every ``nn.Linear`` and ``nn.Conv2d``, by module name."""
+    return {name: child for name, child in module.named_modules() if isinstance(child, (nn.Linear, nn.Conv2d))}
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suffix, role in KEY_ROLES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _ldm_to_diffusers(path: str, unet: nn.Module) -> str | None:
+    """``input_blocks_1_1_proj_in`` -> ``down_blocks_0_attentions_0_proj_in`` (SD1.x UNet layout), else None.
+
+    The LDM UNet numbers its blocks flat: ``input_blocks_0`` is ``conv_in``, then per down block
+    ``layers_per_block`` (resnet, attention) pairs and a downsampler; ``output_blocks`` hold
+    ``layers_per_block + 1`` per up block with the upsampler after the last.
+    """
+    down_blocks = getattr(unet, "down_blocks", None)
+    up_blocks = getattr(unet, "up_blocks", None)
+    if down_blocks is None or up_blocks is None or not len(down_blocks):
+        return None
+    per_block = len(down_blocks[0].resnets)
+    simple = {"time_embed_0_": "time_embedding_linear_1_", "time_embed_2_": "time_embedding_linear_2_",
+              "input_blocks_0_0_": "conv_in_", "out_2_": "conv_out_"}
+    for old, new in simple.items():
+        if (path + "_").startswith(old):
+            return (new + path[len(old):]).rstrip("_")
+    match = re.match(r"(input_blocks|middle_block|output_blocks)_(\d+)_(?:(\d+)_)?(.+)$", path)
+    if match is None:
+        return None
+    kind, first, second, rest = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+    if kind == "middle_block":
+        prefix = {0: "mid_block_resnets_0", 1: "mid_block_attentions_0", 2: "mid_block_resnets_1"}.get(first)
+    elif second is None:
+        return None
+    elif kind == "input_blocks":
+        block, layer = divmod(first - 1, per_block + 1)
+        if block >= len(down_blocks):
+            return None
+        if layer == per_block:
+            prefix, rest = f"down_blocks_{block}_downsamplers_0", rest.replace("op", "conv", 1)
+        else:
+            prefix = f"down_blocks_{block}_{('resnets', 'attentions')[int(second)]}_{layer}"
+    else:
+        block, layer = divmod(first, per_block + 1)
+        if block >= len(up_blocks):
+            return None
+        has_attention = hasattr(up_blocks[block], "attentions")
+        parts = ("resnets", "attentions", "upsamplers") if has_attention else ("resnets", "upsamplers")
+        index = int(second)
+        if index >= len(parts):
+            return None
+        prefix = f"up_blocks_{block}_{parts[index]}_{0 if parts[index] == 'upsamplers' else layer}"
+    if prefix is None:
+        return None
+    for old, new in (("in_layers_2", "conv1"), ("out_layers_3", "conv2"), ("emb_layers_1", "time_emb_proj"),
+                     ("skip_connection", "conv_shortcut")):
+        if rest == old:
+            rest = new
+    return f"{prefix}_{rest}"
+
+
+def _kohya_table(components: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
+    """``lora_unet_down_blocks_0_..._to_q`` -> ("unet", "down_blocks.0....to_q") for every fusable layer."""
+    table: dict[str, tuple[str, str]] = {}
+    for component, module in components.items():
+        for name in fusable_layers(module):
+            for prefix in KOHYA_PREFIXES.get(component, ()):
+                table.setdefault(prefix + name.replace(".", "_"), (component, name))
+    return table
+
+
+def _peft_target(base: str, layers: Mapping[str, Mapping[str, nn.Module]]) -> tuple[str, str] | None:
+    component, _, name = base.partition(".")
+    if component not in layers:      # attention-processor files from diffusers < 0.17 carry no prefix
+        component, name = "unet", base
+        if component not in layers:
+            return None
+    match = re.search(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)$", name)
+    if match is not None and name not in layers[component]:
+        name = name[: match.start()] + "." + PROCESSOR_NAMES.get(component, PROCESSOR_NAMES["unet"])[match.group(1)]
+    return (component, name) if name in layers[component] else None
+
+
+def _peft_scales(metadata: Mapping[str, str]) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata``: {"unet": {"r": 4, "lora_alpha": 8, ...}, "text_encoder": {...}}."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError:
+        log.warning("LoRA lora_adapter_metadata is not JSON; alpha taken as the rank")
+        return {}
+    configs: dict[str, dict] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        component, _, option = key.partition(".")
+        configs.setdefault(component, {})[option] = value
+    return configs
+
+
+def _config_scale(config: Mapping, module: str, rank: int) -> float | None:
+    if "lora_alpha" not in config:
+        return None
+    alpha = config["lora_alpha"]
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
+            alpha = value
+    root = math.sqrt(rank) if config.get("use_rslora") else rank
+    return float(alpha) / root
+
+
+def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str | None = None) -> LoraFile:
+    """Read a LoRA file and match its keys to the layers of ``components`` ({"unet": ..., "text_encoder": ...}).
+
+    Keys that match no layer are counted in a warning; a file where no key matches, one whose
+    pairs do not fit the layers' shapes, or a corrupt one raises ModelError naming the file.
+    Tensors stay on the CPU in the file's dtype.
+    """
+    path = Path(path)
+    tensors, metadata = _read_tensors(path)
+    layers = {component: fusable_layers(module) for component, module in components.items()}
+    kohya = _kohya_table(components)
+    layout = "kohya" if any(key.startswith("lora_") for key in tensors) else "peft"
+    peft_configs = _peft_scales(metadata)
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched: list[str] = []
+    for key, tensor in tensors.items():
+        split = _split_key(key)
+        if split is None:
+            unmatched.append(key)
+            continue
+        groups.setdefault(split[0], {})[split[1]] = tensor
+
+    matched: list[LoraLayer] = []
+    mismatched: list[str] = []
+    for base, group in groups.items():
+        keys = [f"{base}[{role}]" for role in group]
+        target = None
+        if base.startswith("lora_"):
+            target = kohya.get(base)
+            if target is None and base.startswith("lora_unet_") and "unet" in components:
+                diffusers_path = _ldm_to_diffusers(base[len("lora_unet_"):], components["unet"])
+                target = kohya.get("lora_unet_" + diffusers_path) if diffusers_path else None
+        else:
+            target = _peft_target(base, layers)
+        if target is None or "down" not in group or "up" not in group:
+            unmatched.extend(keys)
+            continue
+        down, up = group["down"], group["up"]
+        weight = layers[target[0]][target[1]].weight
+        rank = down.shape[0]
+        if (down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != rank or up.shape[0] != weight.shape[0]
+                or down[0].numel() != weight[0].numel() or up[0].numel() != rank):
+            mismatched.append(f"{base} (down {tuple(down.shape)}, up {tuple(up.shape)}, layer {tuple(weight.shape)})")
+            continue
+        if "alpha" in group:
+            scale = float(group["alpha"].float().item()) / rank
+        else:
+            scale = _config_scale(peft_configs.get(target[0], {}), target[1], rank)
+            scale = 1.0 if scale is None else scale  # PEFT's default: lora_alpha = r
+        matched.append(LoraLayer(target[0], target[1], down, up, scale))
+
+    if mismatched:
+        raise ModelError(f"LoRA file {str(path)!r} does not fit this model: {len(mismatched)} layers have other "
+                         f"shapes (a LoRA for another base model?), first: {mismatched[0]}")
+    if not matched:
+        raise ModelError(f"LoRA file {str(path)!r}: none of its {len(tensors)} keys matches a layer of "
+                         f"{', '.join(components)} (first key: {next(iter(tensors), 'none')!r})")
+    if unmatched:
+        log.warning("LoRA %s: %d of %d keys match no layer and are ignored (first: %s)",
+                    path.name, len(unmatched), len(tensors), ", ".join(sorted(unmatched)[:3]))
+    return LoraFile(name=name or path.stem, path=path, layout=layout, layers=tuple(matched), metadata=metadata,
+                    unmatched_keys=tuple(unmatched))
+
+
+# --- fusing --------------------------------------------------------------------------------------
+
+class LoraStack:
+    """Several LoRAs fused into a model's layers, each at its own weight, changed in place.
+
+    ``components`` maps a component name to its module: ``{"unet": unet, "text_encoder": te}``.
+    For every layer a loaded LoRA touches, the original weight is copied once (to
+    ``original_device``, default: the weight's own device; ``"cpu"`` saves GPU memory at the cost
+    of a host copy per change) and the layer is rewritten as
+    ``W = W0 + sum_i w_i * scale_i * (up_i @ down_i)``, the sum in fp32, the result cast to the
+    layer's dtype. When all weights on a layer are 0 the copy is put back, bit for bit.
+
+    Not thread-safe, and needs none: the worker thread calls it between frames, never during a
+    forward pass. The weights are written in place (same storage), so a compiled module or a
+    captured CUDA graph sees the new values without recompiling.
+    """
+
+    def __init__(self, components: Mapping[str, nn.Module], original_device: str | torch.device | None = None) -> None:
+        self.components = dict(components)
+        self.original_device = torch.device(original_device) if original_device is not None else None
+        self._layers = {component: fusable_layers(module) for component, module in self.components.items()}
+        self._loras: dict[str, LoraFile] = {}
+        self._weights: dict[str, float] = {}
+        self._originals: dict[tuple[str, str], torch.Tensor] = {}
+        self._by_target: dict[tuple[str, str], list[tuple[str, LoraLayer]]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._loras)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._loras
+
+    def get(self, name: str) -> LoraFile:
+        return self._loras[name]
+
+    def add(self, name: str, lora: str | Path | LoraFile, weight: float = 0.0) -> frozenset[str]:
+        """Load ``lora`` (a path or a :func:`load_lora` result) as ``name`` at ``weight``; returns the changed components.
+
+        A name already loaded is replaced (its old layers restored first).
+        """
+        if not isinstance(lora, LoraFile):
+            lora = load_lora(lora, self.components, name=name)
+        changed: set[str] = set()
+        if name in self._loras:
+            changed |= self.remove(name)
+        layers = []
+        for layer in lora.layers:
+            if layer.component not in self._layers or layer.module not in self._layers[layer.component]:
+                raise ModelError(f"LoRA {name!r} targets {layer.component}.{layer.module}, not in this model")
+            device = self._layers[layer.component][layer.module].weight.device
+            layers.append(LoraLayer(layer.component, layer.module, layer.down.to(device), layer.up.to(device),
+                                    layer.scale))
+        lora = LoraFile(lora.name, lora.path, lora.layout, tuple(layers), lora.metadata, lora.unmatched_keys)
+        self._loras[name] = lora
+        self._weights[name] = 0.0
+        for layer in lora.layers:
+            self._by_target.setdefault(layer.target, []).append((name, layer))
+        return frozenset(changed | self.set_weights({name: weight}))
+
+    def remove(self, name: str) -> frozenset[str]:
+        """Unfuse and forget ``name``; returns the components whose weights changed."""
+        self._check_names([name])
+        lora = self._loras.pop(name)
+        self._weights.pop(name)
+        targets = {layer.target for layer in lora.layers}
+        for target in targets:
+            self._by_target[target] = [entry for entry in self._by_target[target] if entry[0] != name]
+        self._refresh(targets)
+        for target in targets:
+            if not self._by_target[target]:
+                del self._by_target[target]
+                self._originals.pop(target, None)
+        return frozenset(component for component, _ in targets)
+
+    def clear(self) -> frozenset[str]:
+        """Unfuse every LoRA: the model holds its original weights again."""
+        changed: set[str] = set()
+        for name in list(self._loras):
+            changed |= self.remove(name)
+        return frozenset(changed)
+
+    def set_weights(self, weights: Mapping[str, float]) -> frozenset[str]:
+        """Set the weights of the named LoRAs (others keep theirs) and refuse the model's layers.
+
+        Returns the components whose weights changed (``"text_encoder"`` in it means cached
+        prompt embeddings are stale). Only layers touched by a LoRA whose weight changed are
+        recomputed.
+        """
+        self._check_names(weights)
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ParamError(f"LoRA weight {value!r} for {name!r} is not a finite number", name=name, value=value)
+        changed = {name for name, value in weights.items() if float(value) != self._weights[name]}
+        self._weights.update({name: float(weights[name]) for name in changed})
+        targets = {layer.target for name in changed for layer in self._loras[name].layers}
+        self._refresh(targets)
+        return frozenset(component for component, _ in targets)
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self._loras:
+                loaded = ", ".join(sorted(self._loras)) or "none"
+                raise ParamError(f"LoRA {name!r} is not loaded (loaded: {loaded})", name="lora", value=name)
+
+    def _refresh(self, targets: Iterable[tuple[str, str]]) -> None:
+        # inference_mode: the parameters may be inference tensors when the engine loaded under it.
+        with torch.inference_mode():
+            for target in targets:
+                weight = self._layers[target[0]][target[1]].weight
+                active = [(self._weights[name] * layer.scale, layer)
+                          for name, layer in self._by_target.get(target, ()) if self._weights[name] != 0.0]
+                original = self._originals.get(target)
+                if not active:
+                    if original is not None:
+                        weight.copy_(original)
+                    continue
+                if original is None:
+                    original = weight.detach().to(self.original_device or weight.device, copy=True)
+                    self._originals[target] = original
+                delta = torch.zeros(weight.shape[0], weight[0].numel(), dtype=torch.float32, device=weight.device)
+                for factor, layer in active:
+                    # [out, rank] @ [rank, in * kh * kw]
+                    delta.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=factor)
+                fused = original.to(weight.device, torch.float32) + delta.view(weight.shape)
+                weight.copy_(fused)
+
+
+# --- the LoRA folder -----------------------------------------------------------------------------
+
+def lora_path(folder: str | Path, name: str) -> Path:
+    """The file of LoRA ``name`` (a stem, or a relative path with or without ``.safetensors``) inside ``folder``.
+
+    Names that leave the folder raise PathError; a name with no file raises ModelError.
+    """
+    candidate = name if name.lower().endswith(LORA_SUFFIX) else name + LORA_SUFFIX
+    path = confine(candidate, [folder], what="LoRA")
+    if not path.is_file():
+        found = find_loras(folder)
+        if name in found:
+            return found[name]
+        raise ModelError(f"LoRA {name!r} not found in {str(folder)!r} ({len(found)} LoRAs there)")
+    return path
+
+
+def find_loras(folder: str | Path) -> dict[str, Path]:
+    """Every ``.safetensors`` under ``folder`` by file stem; files reached through links out of it are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*" + LORA_SUFFIX)):
+        relative = path.relative_to(folder).as_posix()
+        try:
+            real = confine(relative, [folder], what="LoRA")
+        except Exception as exc:  # PathError: a symlink pointing out of the folder
+            log.warning("LoRA %s skipped: %s", relative, exc)
+            continue
+        if path.stem in found:
+            log.warning("LoRA %s skipped: the name %r is already %s", relative, path.stem, found[path.stem])
+            continue
+        found[path.stem] = real
+    return found
+
+
+def _parse_metadata(metadata: Mapping[str, str]) -> dict[str, object]:
+    # kohya writes JSON objects as strings (ss_tag_frequency, ss_dataset_dirs); A1111 shows them parsed.
+    parsed: dict[str, object] = {}
+    for key, value in metadata.items():
+        if isinstance(value, str) and value[:1] in ("{", "["):
+            try:
+                parsed[key] = json.loads(value)
+            except ValueError:  # not JSON after all: keep the string
+                parsed[key] = value
+        else:
+            parsed[key] = value
+    return parsed
+
+
+def list_loras(folder: str | Path) -> list[dict[str, object]]:
+    """Entries shaped as A1111's ``/sdapi/v1/loras``: ``{"name", "alias", "path", "metadata"}``."""
+    entries = []
+    for name, path in find_loras(folder).items():
+        try:
+            metadata = _parse_metadata(read_metadata(path))
+        except ModelError as exc:
+            log.warning("LoRA %s: %s", name, exc)
+            metadata = {}
+        alias = metadata.get("ss_output_name")
+        entries.append({"name": name, "alias": alias if isinstance(alias, str) and alias else name,
+                        "path": str(path), "metadata": metadata})
+    return entries
