@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from sdbridge.errors import ModelError, ParamError
-from sdbridge.paths import confine
+from sdbridge.paths import PathError, confine
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,11 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def fusable_layers(module: nn.Module) -> dict[str, nn.Module]:
-    """The layers a LoRA may target: every ``nn.Linear`` and ``nn.Conv2d``, by module name."""
+    """The layers a LoRA may target: every ``nn.Linear`` and ``nn.Conv2d``, by module name.
+
+    A ``torch.compile``d module is looked through, so names carry no ``_orig_mod.`` prefix.
+    """
+    module = getattr(module, "_orig_mod", module)
     return {name: child for name, child in module.named_modules() if isinstance(child, (nn.Linear, nn.Conv2d))}
 
 
@@ -239,6 +243,11 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
     """
     path = Path(path)
     tensors, metadata = _read_tensors(path)
+    # DoRA rescales each output row by a learned magnitude: fusing only up @ down would be wrong.
+    dora = [key for key in tensors if key.endswith(("dora_scale", "lora_magnitude_vector", "magnitude_vector.weight"))]
+    if dora:
+        raise ModelError(f"LoRA file {str(path)!r} is a DoRA ({len(dora)} magnitude keys, first: {dora[0]!r}); "
+                         "DoRA is not supported")
     layers = {component: fusable_layers(module) for component, module in components.items()}
     kohya = _kohya_table(components)
     layout = "kohya" if any(key.startswith("lora_") for key in tensors) else "peft"
@@ -261,7 +270,8 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
         if base.startswith("lora_"):
             target = kohya.get(base)
             if target is None and base.startswith("lora_unet_") and "unet" in components:
-                diffusers_path = _ldm_to_diffusers(base[len("lora_unet_"):], components["unet"])
+                unet = getattr(components["unet"], "_orig_mod", components["unet"])
+                diffusers_path = _ldm_to_diffusers(base[len("lora_unet_"):], unet)
                 target = kohya.get("lora_unet_" + diffusers_path) if diffusers_path else None
         else:
             target = _peft_target(base, layers)
@@ -287,7 +297,8 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
                          f"shapes (a LoRA for another base model?), first: {mismatched[0]}")
     if not matched:
         raise ModelError(f"LoRA file {str(path)!r}: none of its {len(tensors)} keys matches a layer of "
-                         f"{', '.join(components)} (first key: {next(iter(tensors), 'none')!r})")
+                         f"{', '.join(components)} (first key: {next(iter(tensors), 'none')!r}); read are kohya "
+                         "lora_down/lora_up and PEFT lora_A/lora_B pairs, not LoHa or LoKr")
     if unmatched:
         log.warning("LoRA %s: %d of %d keys match no layer and are ignored (first: %s)",
                     path.name, len(unmatched), len(tensors), ", ".join(sorted(unmatched)[:3]))
@@ -336,9 +347,10 @@ class LoraStack:
         return self._loras[name]
 
     def add(self, name: str, lora: str | Path | LoraFile, weight: float = 0.0) -> frozenset[str]:
-        """Load ``lora`` (a path or a :func:`load_lora` result) as ``name`` at ``weight``; returns the changed components.
+        """Load ``lora`` (a path or a :func:`load_lora` result) as ``name`` at ``weight``.
 
-        A name already loaded is replaced (its old layers restored first).
+        Returns the components whose weights changed. A name already loaded is replaced, its old
+        layers restored first.
         """
         if not isinstance(lora, LoraFile):
             lora = load_lora(lora, self.components, name=name)
@@ -434,7 +446,7 @@ def lora_path(folder: str | Path, name: str) -> Path:
 
     Names that leave the folder raise PathError; a name with no file raises ModelError.
     """
-    candidate = name if name.lower().endswith(LORA_SUFFIX) else name + LORA_SUFFIX
+    candidate = name if not isinstance(name, str) or name.lower().endswith(LORA_SUFFIX) else name + LORA_SUFFIX
     path = confine(candidate, [folder], what="LoRA")
     if not path.is_file():
         found = find_loras(folder)
@@ -454,7 +466,7 @@ def find_loras(folder: str | Path) -> dict[str, Path]:
         relative = path.relative_to(folder).as_posix()
         try:
             real = confine(relative, [folder], what="LoRA")
-        except Exception as exc:  # PathError: a symlink pointing out of the folder
+        except PathError as exc:  # a symlink pointing out of the folder
             log.warning("LoRA %s skipped: %s", relative, exc)
             continue
         if path.stem in found:

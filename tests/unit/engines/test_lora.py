@@ -286,6 +286,27 @@ def test_half_precision_layer_sums_in_float32(tmp_path):
     assert torch.equal(holder.proj.weight.detach(), expected)
 
 
+def test_a_compiled_module_is_looked_through(tmp_path):
+    holder = nn.Module()
+    holder.proj = nn.Linear(8, 8)
+    compiled = nn.Module()
+    compiled._orig_mod = holder  # what torch.compile's OptimizedModule wraps
+    base = holder.proj.weight.detach().clone()
+    path = tmp_path / "plain.safetensors"
+    save_file({"lora_unet_proj.lora_down.weight": torch.ones(2, 8), "lora_unet_proj.lora_up.weight": torch.ones(8, 2),
+               "lora_unet_proj.alpha": torch.tensor(1.0)}, str(path))
+    LoraStack({"unet": compiled}).add("plain", path, weight=1.0)
+    torch.testing.assert_close(holder.proj.weight.detach(), base + 1.0)  # 1/2 * (ones @ ones) = 1
+
+
+def test_dora_is_refused(files, tmp_path):
+    tensors = _read(files["kohya"])
+    tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.dora_scale"] = torch.ones(1, 32)
+    save_file(tensors, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(ModelError, match="dora.safetensors.*DoRA is not supported"):
+        load_lora(tmp_path / "dora.safetensors", fresh_model())
+
+
 def test_unknown_keys_are_counted_in_a_warning(files, model, tmp_path, caplog):
     tensors = {key: value for key, value in _read(files["kohya"]).items()}
     tensors["lora_unet_no_such_layer.lora_down.weight"] = torch.zeros(RANK, 4)
