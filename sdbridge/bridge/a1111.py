@@ -329,10 +329,11 @@ class A1111Api:
                     raise HTTPException(422, f"unknown style {name!r} (known: {known})")
                 prompt = apply_style(prompt, styles[name][0])
                 negative = apply_style(negative, styles[name][1])
+        # "DPM++ 2M Karras" becomes "DPM++ 2M" with the Karras schedule, as A1111 1.9+ records it.
+        sampler, schedule = samplers.resolve(body.sampler(), body.scheduler)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative, seed=body.seed, subseed=body.subseed,
-            subseed_strength=body.subseed_strength, sampler_name=body.sampler(),
-            scheduler=body.scheduler or "automatic", steps=body.steps, cfg_scale=body.cfg_scale, width=body.width,
+            subseed_strength=body.subseed_strength, sampler_name=sampler.name, scheduler=schedule.name, steps=body.steps, cfg_scale=body.cfg_scale, width=body.width,
             height=body.height, batch_size=body.batch_size, n_iter=body.n_iter, eta=body.eta)
         if isinstance(body, Txt2ImgRequest):
             request.enable_hr = body.enable_hr
@@ -515,9 +516,9 @@ class A1111Api:
         await asyncio.sleep(0.05)
         while time.monotonic() < deadline:
             if engines.status != "loading":
-                if self.current_model() == name or engines.loaded_source() == name:
+                if self.current_model() == name:  # swapped in by the worker: it serves now
                     return
-                if engines.last_error:
+                if engines.last_error and engines.loaded_source() != name:
                     raise HTTPException(422, f"sd_model_checkpoint {checkpoint!r} could not be loaded: "
                                              f"{engines.last_error}; the previous model keeps serving")
             await asyncio.sleep(0.05)

@@ -1,0 +1,289 @@
+"""The AUTOMATIC1111 API, driven over plain HTTP exactly as its clients send requests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdbridge.engines.tiny import write_tiny_model
+from tests.clients import make_image, recv_frame, wait_for, ws_connect
+
+SMALL = {"width": 64, "height": 64, "steps": 3}
+
+
+def b64_png(image: np.ndarray) -> str:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image)
+    assert ok
+    return base64.b64encode(data.tobytes()).decode()
+
+
+def from_b64(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+@pytest.fixture
+def api(start_daemon, tiny_model_dir, tmp_path):
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nnoir,"{prompt}, film noir, high contrast",colour\n'
+                      "oil,oil painting,photo\n", encoding="utf-8")
+    daemon = start_daemon(model=str(tiny_model_dir), outputs_dir=str(tmp_path / "outputs"),
+                          models_dir=str(tmp_path / "models"), styles_file=str(styles),
+                          lora_dir=str(tmp_path / "lora"))
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120)
+    wait_for(lambda: client.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+    client.daemon = daemon  # type: ignore[attr-defined]
+    client.tmp = tmp_path  # type: ignore[attr-defined]
+    yield client
+    client.close()
+
+
+def test_txt2img_answers_with_a1111_shape(api):
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "negative_prompt": "dog", "seed": 40,
+                                                     "batch_size": 2, "n_iter": 2, "cfg_scale": 5,
+                                                     "sampler_name": "Euler a", **SMALL})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"images", "parameters", "info"}
+    assert len(body["images"]) == 4
+    assert all(from_b64(image).shape == (64, 64, 3) for image in body["images"])
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [40, 41, 42, 43]
+    assert info["seed"] == 40 and info["sampler_name"] == "Euler a" and info["sd_model_name"] == "tiny-sd"
+    assert info["infotexts"][1].startswith("a cat\nNegative prompt: dog\nSteps: 3, Sampler: Euler a, CFG scale: 5, "
+                                           "Seed: 41, Size: 64x64")
+    assert body["parameters"]["prompt"] == "a cat" and body["parameters"]["steps"] == 3
+
+
+def test_png_info_round_trips(api):
+    image = api.post("/sdapi/v1/txt2img", json={"prompt": "a (red:1.2) fox, at night", "seed": 7,
+                                                  "sampler_name": "DPM++ 2M Karras", **SMALL}).json()["images"][0]
+    info = api.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + image})
+    assert info.status_code == 200
+    parsed = info.json()["parameters"]
+    assert parsed["Prompt"] == "a (red:1.2) fox, at night"
+    assert parsed["Seed"] == "7" and parsed["Steps"] == "3" and parsed["Size-1"] == "64"
+    assert parsed["Sampler"] == "DPM++ 2M" and parsed["Schedule type"] == "Karras"
+    assert info.json()["info"].startswith("a (red:1.2) fox, at night\nSteps: 3")
+
+
+def test_same_seed_same_image_across_calls_and_batch_positions(api):
+    request = {"prompt": "a lighthouse", "seed": 1234, "sampler_name": "Euler a", **SMALL}
+    first = from_b64(api.post("/sdapi/v1/txt2img", json=request).json()["images"][0]).astype(int)
+    second = from_b64(api.post("/sdapi/v1/txt2img", json=request).json()["images"][0]).astype(int)
+    assert np.abs(first - second).max() == 0
+    batch = api.post("/sdapi/v1/txt2img", json={**request, "seed": 1233, "batch_size": 3}).json()["images"]
+    assert np.abs(from_b64(batch[1]).astype(int) - first).max() <= 1   # seed 1234 in position 1
+
+
+def test_every_listed_sampler_generates(api):
+    names = [s["name"] for s in api.get("/sdapi/v1/samplers").json()]
+    assert {"Euler a", "Euler", "DPM++ 2M", "DPM++ SDE", "DDIM", "LMS", "Heun", "UniPC", "LCM"} <= set(names)
+    seen = set()
+    for name in names + ["DPM++ 2M Karras", "DPM++ SDE Karras"]:
+        response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 3, "sampler_name": name,
+                                                         "width": 64, "height": 64, "steps": 2})
+        assert response.status_code == 200, (name, response.text)
+        seen.add(from_b64(response.json()["images"][0]).tobytes())
+    assert len(seen) >= 5, "different samplers give different images"
+
+
+def test_img2img_and_inpainting_keep_pixels_outside_the_mask(api):
+    source = make_image(64, 64, seed=3)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:44, 20:44] = 255
+    response = api.post("/sdapi/v1/img2img", json={
+        "init_images": [b64_png(source)], "mask": b64_png(mask), "prompt": "a flower", "denoising_strength": 0.9,
+        "mask_blur": 2, "inpainting_fill": 1, "inpaint_full_res": False, "seed": 9, **SMALL})
+    assert response.status_code == 200, response.text
+    out = from_b64(response.json()["images"][0]).astype(int)
+    outside = np.ones((64, 64), bool)
+    outside[14:50, 14:50] = False
+    assert np.abs(out - source.astype(int))[outside].max() <= 1
+    assert np.abs(out - source.astype(int))[24:40, 24:40].mean() > 5
+    assert response.json()["parameters"]["init_images"] is None
+    plain = api.post("/sdapi/v1/img2img", json={"init_images": [b64_png(make_image(80, 48))], "resize_mode": 1,
+                                                  "denoising_strength": 0.5, **SMALL})
+    assert plain.status_code == 200 and from_b64(plain.json()["images"][0]).shape == (64, 64, 3)
+
+
+def test_hires_fix_and_styles(api):
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "a boat", "styles": ["noir", "oil"], "enable_hr": True,
+                                                     "hr_scale": 1.5, "hr_second_pass_steps": 2,
+                                                     "denoising_strength": 0.5, **SMALL})
+    assert response.status_code == 200, response.text
+    assert from_b64(response.json()["images"][0]).shape == (96, 96, 3)
+    info = json.loads(response.json()["info"])
+    assert info["prompt"] == "a boat, film noir, high contrast, oil painting"
+    assert info["negative_prompt"] == "colour, photo"
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent" in info["infotexts"][0]
+    styles = api.get("/sdapi/v1/prompt-styles").json()
+    assert [s["name"] for s in styles] == ["noir", "oil"]
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"sampler_name": "Euler Z"}, "unknown sampler 'Euler Z'"),
+    ({"width": 500}, "width 500 is not a multiple of 8"),
+    ({"steps": -1}, "greater than or equal to 1"),
+    ({"styles": ["nope"]}, "unknown style 'nope'"),
+    ({"scheduler": "Wobbly"}, "unknown scheduler 'Wobbly'"),
+])
+def test_bad_txt2img_requests_get_422_with_a_reason(api, body, words):
+    response = api.post("/sdapi/v1/txt2img", json={**SMALL, **body})
+    assert response.status_code == 422
+    assert words in response.text
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"init_images": ["not base64!"]}, "init_images[0]: not valid base64"),
+    ({"init_images": [base64.b64encode(b"\xff\xd8\xff garbage").decode()]}, "not a decodable"),
+    ({"init_images": []}, "img2img needs init_images"),
+    ({"init_images": [b64_png(make_image())], "mask": "%%%"}, "mask: not valid base64"),
+])
+def test_bad_img2img_requests_get_422_with_a_reason(api, body, words):
+    response = api.post("/sdapi/v1/img2img", json={**SMALL, **body})
+    assert response.status_code == 422
+    assert words in response.text
+    assert api.post("/sdapi/v1/txt2img", json=SMALL).status_code == 200  # and the daemon serves on
+
+
+def test_progress_preview_and_interrupt(api):
+    result: dict = {}
+
+    def long_request() -> None:
+        result["response"] = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 150, "n_iter": 20,
+                                                                   "width": 128, "height": 128})
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    progress = {}
+
+    def preview_ready() -> bool:
+        progress.update(api.get("/sdapi/v1/progress").json())
+        return progress["current_image"] is not None
+
+    wait_for(preview_ready, timeout=60)
+    assert progress["state"]["job"] == "txt2img" and progress["state"]["sampling_steps"] == 150
+    assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+    assert from_b64(progress["current_image"]).shape == (128, 128, 3)
+    assert api.post("/sdapi/v1/interrupt").status_code == 200
+    thread.join(60)
+    assert not thread.is_alive()
+    response = result["response"]
+    assert response.status_code == 200
+    assert json.loads(response.json()["info"])["interrupted"] is True
+    assert len(response.json()["images"]) < 20
+    idle = api.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+
+
+def test_listing_endpoints(api):
+    models = api.get("/sdapi/v1/sd-models").json()
+    assert models[0]["model_name"] == "tiny-sd" and models[0]["title"].startswith("tiny-sd [")
+    options = api.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == models[0]["title"]
+    assert [s["name"] for s in api.get("/sdapi/v1/schedulers").json()][:3] == ["automatic", "uniform", "karras"]
+    assert api.get("/sdapi/v1/upscalers").json()[0]["name"] == "None"
+    assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert api.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    assert api.post("/sdapi/v1/skip").status_code == 200
+    lora_dir = api.tmp / "lora"
+    lora_dir.mkdir()
+    from safetensors.torch import save_file
+    import torch
+    save_file({"x": torch.zeros(1)}, str(lora_dir / "detail.safetensors"), metadata={"ss_network_dim": "4"})
+    loras = api.get("/sdapi/v1/loras").json()
+    assert loras == [{"name": "detail", "alias": "detail", "path": str(lora_dir / "detail.safetensors"),
+                      "metadata": {"ss_network_dim": "4"}}]
+    schema = api.get("/openapi.json").json()
+    for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/options",
+                 "/sdapi/v1/png-info", "/sdapi/v1/interrupt"):
+        assert path in schema["paths"], path
+    assert api.get("/docs").status_code == 200
+
+
+def test_options_switch_the_checkpoint_and_a_bad_one_keeps_the_old(api):
+    second = write_tiny_model(api.tmp / "models" / "other-sd", seed=1)
+    titles = [m["title"] for m in api.get("/sdapi/v1/sd-models").json()]
+    other = next(t for t in titles if t.startswith("other-sd"))
+    before = api.post("/sdapi/v1/txt2img", json={"seed": 1, **SMALL}).json()["images"][0]
+    assert api.post("/sdapi/v1/options", json={"sd_model_checkpoint": other}).status_code == 200
+    assert api.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == other
+    after = api.post("/sdapi/v1/txt2img", json={"seed": 1, **SMALL}).json()["images"][0]
+    assert before != after
+    assert json.loads(api.post("/sdapi/v1/txt2img", json=SMALL).json()["info"])["sd_model_name"] == second.name
+    broken = api.tmp / "models" / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    response = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken.safetensors"})
+    assert response.status_code == 422 and "previous model keeps serving" in response.text
+    assert api.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == other
+    outside = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "../../etc/passwd"})
+    assert outside.status_code == 422 and "outside the folders" in outside.text
+    assert api.post("/sdapi/v1/txt2img", json=SMALL).status_code == 200
+
+
+def test_saved_images_follow_a1111_layout(api):
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "saved", "seed": 77, "batch_size": 2,
+                                                     "save_images": True, **SMALL})
+    assert response.status_code == 200
+    folders = list((api.tmp / "outputs" / "txt2img-images").iterdir())
+    assert len(folders) == 1 and len(folders[0].name) == 10            # YYYY-MM-DD
+    names = sorted(p.name for p in folders[0].iterdir())
+    assert names == ["00000-77.png", "00001-78.png"]
+    saved = Image.open(folders[0] / "00000-77.png")
+    assert saved.info["parameters"].startswith("saved\nSteps: 3")
+
+
+def test_a_request_runs_while_the_stream_keeps_flowing(api):
+    daemon = api.daemon
+    frames = 0
+    result: dict = {}
+
+    def request() -> None:
+        result["response"] = api.post("/sdapi/v1/txt2img", json={"steps": 40, "width": 128, "height": 128})
+
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "set", "params": {"width": 64, "height": 64, "steps": 1}}))
+        thread = threading.Thread(target=request)
+        thread.start()
+        ok, jpeg = cv2.imencode(".jpg", make_image(64, 64))
+        while thread.is_alive() and frames < 500:
+            ws.send(jpeg.tobytes())
+            recv_frame(ws)
+            frames += 1
+        thread.join(60)
+    assert result["response"].status_code == 200
+    assert frames >= 3, "stream frames were served while the request ran"
+
+
+def test_basic_auth_with_the_token(start_daemon, tiny_model_dir):
+    token = "A" * 32
+    daemon = start_daemon(model=str(tiny_model_dir), token=token)
+    base = f"http://127.0.0.1:{daemon.port}/sdapi/v1/samplers"
+    assert httpx.get(base).status_code == 401
+    assert httpx.get(base, auth=("user", "wrong-password-wrong-password")).status_code == 401
+    assert httpx.get(base, auth=("anyone", token)).status_code == 200   # A1111's --api-auth user:password
+    assert httpx.get(base, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_without_a_model_generation_says_how_to_get_one(start_daemon):
+    daemon = start_daemon(engine="preview")
+    response = httpx.post(f"http://127.0.0.1:{daemon.port}/sdapi/v1/txt2img", json=SMALL, timeout=30)
+    assert response.status_code == 503
+    assert "no diffusion model is loaded" in response.text
+
+
+def test_sd_models_lists_pulled_models(api):
+    write_tiny_model(api.tmp / "models" / "pulled-sd", seed=2)
+    names = [m["model_name"] for m in api.get("/sdapi/v1/sd-models").json()]
+    assert "pulled-sd" in names and "tiny-sd" in names
+    assert Path(api.get("/sdapi/v1/sd-models").json()[0]["filename"]).exists()
