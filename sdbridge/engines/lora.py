@@ -184,13 +184,23 @@ def _ldm_to_diffusers(path: str, unet: nn.Module) -> str | None:
     return f"{prefix}_{rest}"
 
 
+def _spellings(component: str, name: str) -> tuple[str, ...]:
+    """The names a file may use for a layer: CLIP's ``text_model.`` wrapper, gone in transformers 5, or not."""
+    if not component.startswith("text_encoder"):
+        return (name,)
+    if name.startswith("text_model."):
+        return name, name[len("text_model."):]
+    return name, "text_model." + name
+
+
 def _kohya_table(components: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
     """``lora_unet_down_blocks_0_..._to_q`` -> ("unet", "down_blocks.0....to_q") for every fusable layer."""
     table: dict[str, tuple[str, str]] = {}
     for component, module in components.items():
         for name in fusable_layers(module):
             for prefix in KOHYA_PREFIXES.get(component, ()):
-                table.setdefault(prefix + name.replace(".", "_"), (component, name))
+                for spelling in _spellings(component, name):
+                    table.setdefault(prefix + spelling.replace(".", "_"), (component, name))
     return table
 
 
@@ -203,7 +213,10 @@ def _peft_target(base: str, layers: Mapping[str, Mapping[str, nn.Module]]) -> tu
     match = re.search(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)$", name)
     if match is not None and name not in layers[component]:
         name = name[: match.start()] + "." + PROCESSOR_NAMES.get(component, PROCESSOR_NAMES["unet"])[match.group(1)]
-    return (component, name) if name in layers[component] else None
+    for spelling in _spellings(component, name):
+        if spelling in layers[component]:
+            return component, spelling
+    return None
 
 
 def _peft_scales(metadata: Mapping[str, str]) -> dict[str, dict]:

@@ -71,12 +71,19 @@ def random_lora(model: dict[str, nn.Module], seed: int) -> dict[tuple[str, str],
     return pairs
 
 
+def file_name(component: str, name: str) -> str:
+    """Files name CLIP layers ``text_model.encoder...``, the spelling of transformers < 5, whatever is installed."""
+    if component == "text_encoder" and not name.startswith("text_model."):
+        return "text_model." + name
+    return name
+
+
 def write_kohya(path: Path, pairs, ldm: bool = False) -> Path:
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     to_ldm = {diffusers: old for old, diffusers in LDM_NAMES.items()}
     tensors = {}
     for (component, name), (down, up) in pairs.items():
-        flat = name.replace(".", "_")
+        flat = file_name(component, name).replace(".", "_")
         if ldm and component == "unet":
             flat = to_ldm[flat]
         base = prefixes[component] + flat
@@ -89,7 +96,8 @@ def write_kohya(path: Path, pairs, ldm: bool = False) -> Path:
 
 def write_peft(path: Path, pairs, old_style: bool = False) -> Path:
     tensors = {}
-    for (component, name), (down, up) in pairs.items():
+    for (component, live_name), (down, up) in pairs.items():
+        name = file_name(component, live_name)
         if old_style:  # diffusers before PEFT: lora.down / lora.up, alpha per layer
             tensors[f"{component}.{name}.lora.down.weight"] = down.contiguous()
             tensors[f"{component}.{name}.lora.up.weight"] = up.contiguous()
@@ -100,7 +108,8 @@ def write_peft(path: Path, pairs, old_style: bool = False) -> Path:
     # What diffusers' save_lora_weights writes: each component's LoraConfig, keys prefixed.
     metadata = {}
     for component in ("unet", "text_encoder"):
-        modules = sorted(name for owner, name in pairs if owner == component)
+        # Suffixes, as trainers write them (peft matches a module by its name's end).
+        modules = sorted({".".join(name.split(".")[-2:]) for owner, name in pairs if owner == component})
         adapter = {"r": RANK, "lora_alpha": ALPHA, "target_modules": modules}
         metadata.update({f"{component}.{key}": value for key, value in adapter.items()})
     save_file(tensors, str(path), metadata=None if old_style else {"lora_adapter_metadata": json.dumps(metadata)})
@@ -167,6 +176,30 @@ def test_fused_weight_is_the_low_rank_update(files, model):
     touched = {f"{component}.{name}.weight" for component, name in files["pairs"]}
     assert_states_equal({k: v for k, v in fused.items() if k not in touched},
                         {k: v for k, v in base.items() if k not in touched})
+
+
+def test_attention_processor_files_of_old_diffusers(files, model, tmp_path):
+    # diffusers < 0.17 saved attention processors: no prefix, attn1.processor.to_q_lora.down.weight.
+    spelled = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
+    tensors, expected = {}, {}
+    for (component, name), (down, up) in files["pairs"].items():
+        owner, _, leaf = name.rpartition(".attn1.")
+        if component != "unet" or leaf not in spelled:
+            continue
+        base = f"{owner}.attn1.processor.{spelled[leaf]}_lora"
+        tensors[base + ".down.weight"], tensors[base + ".up.weight"] = down, up
+        expected[("unet", name)] = (down, up)
+    text_layer = next(name for component, name in files["pairs"] if name.endswith("layers.1.self_attn.out_proj"))
+    down, up = files["pairs"][("text_encoder", text_layer)]
+    spelled_text = file_name("text_encoder", text_layer).replace(".out_proj", ".to_out_lora")
+    tensors[f"text_encoder.{spelled_text}.down.weight"] = down
+    tensors[f"text_encoder.{spelled_text}.up.weight"] = up
+    expected[("text_encoder", text_layer)] = (down, up)
+    save_file(tensors, str(tmp_path / "processors.safetensors"))
+    lora = load_lora(tmp_path / "processors.safetensors", model)
+    assert {layer.target for layer in lora.layers} == set(expected) and not lora.unmatched_keys
+    assert len(expected) == 4 * 4 + 1  # q, k, v, out of attn1 in four transformer blocks; one text layer
+    assert {layer.scale for layer in lora.layers} == {1.0}
 
 
 def test_ldm_names_map_to_the_same_layers(files, tmp_path):
@@ -258,6 +291,9 @@ def test_two_loras_add_up(files, model):
     expected = {key: base[key] + (only_a[key] - base[key]) + (only_b[key] - base[key]) for key in base}
     assert_states_equal(both, expected, atol=1e-6)
     assert stack.weights == {"a": 0.6, "b": -0.3}
+    stack.add("a", files["second"], weight=0.0)  # the same name again: replaced, not added
+    assert_states_equal(state(model), only_b)
+    assert stack.names == ["b", "a"]
 
 
 def test_set_weights_names_the_changed_components(files, model, tmp_path):
