@@ -266,19 +266,18 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
     layout = "kohya" if any(key.startswith("lora_") for key in tensors) else "peft"
     peft_configs = _peft_scales(metadata)
 
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, dict[str, str]] = {}   # base name -> {"down" | "up" | "alpha": key}
     unmatched: list[str] = []
-    for key, tensor in tensors.items():
+    for key in tensors:
         split = _split_key(key)
         if split is None:
             unmatched.append(key)
             continue
-        groups.setdefault(split[0], {})[split[1]] = tensor
+        groups.setdefault(split[0], {})[split[1]] = key
 
     matched: list[LoraLayer] = []
     mismatched: list[str] = []
     for base, group in groups.items():
-        keys = [f"{base}[{role}]" for role in group]
         target = None
         if base.startswith("lora_"):
             target = kohya.get(base)
@@ -289,9 +288,9 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
         else:
             target = _peft_target(base, layers)
         if target is None or "down" not in group or "up" not in group:
-            unmatched.extend(keys)
+            unmatched.extend(group.values())
             continue
-        down, up = group["down"], group["up"]
+        down, up = tensors[group["down"]], tensors[group["up"]]
         weight = layers[target[0]][target[1]].weight
         rank = down.shape[0]
         if (down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != rank or up.shape[0] != weight.shape[0]
@@ -299,7 +298,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
             mismatched.append(f"{base} (down {tuple(down.shape)}, up {tuple(up.shape)}, layer {tuple(weight.shape)})")
             continue
         if "alpha" in group:
-            scale = float(group["alpha"].float().item()) / rank
+            scale = float(tensors[group["alpha"]].float().item()) / rank
         else:
             scale = _config_scale(peft_configs.get(target[0], {}), target[1], rank)
             scale = 1.0 if scale is None else scale  # PEFT's default: lora_alpha = r
