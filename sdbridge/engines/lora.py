@@ -406,7 +406,7 @@ class LoraStack:
         return frozenset(changed)
 
     def set_weights(self, weights: Mapping[str, float]) -> frozenset[str]:
-        """Set the weights of the named LoRAs (others keep theirs) and refuse the model's layers.
+        """Set the weights of the named LoRAs (others keep theirs) and fuse the changed layers again.
 
         Returns the components whose weights changed (``"text_encoder"`` in it means cached
         prompt embeddings are stale). Only layers touched by a LoRA whose weight changed are
