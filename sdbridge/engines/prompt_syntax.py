@@ -1,0 +1,232 @@
+"""AUTOMATIC1111's prompt syntax: attention weights, BREAK and ``<lora:...>`` tags.
+
+What A1111 users write, and what it means here (as in A1111's ``modules/prompt_parser.py`` and
+``modules/extra_networks.py``):
+
+- ``(word)`` multiplies the weight of ``word`` by 1.1, ``((word))`` by 1.1², ``[word]`` divides it
+  by 1.1, ``(word:1.3)`` multiplies it by 1.3; brackets left open apply to the end of the prompt;
+- ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``\\\\`` are the literal characters;
+- ``BREAK`` (a whole word, in capitals) starts a new 75-token chunk;
+- ``<lora:name>``, ``<lora:name:0.8>`` (``<lyco:...>`` too) are taken out of the text and returned
+  as LoRAs to apply; other ``<kind:...>`` tags (hypernetworks) are taken out and reported.
+
+:func:`parse_prompt_attention` gives exactly A1111's pairs (its docstring examples are in
+tests/unit/engines/test_prompt_syntax.py). One deliberate difference, in :func:`parse_prompt`
+only: a ``BREAK`` inside brackets still breaks (A1111 multiplies its marker weight -1 by the
+bracket and then reads the word "BREAK" as text).
+
+Pure: no torch, no tokenizer. Nothing here raises on any string: problems (a tag weight that is
+not a number) are reported in :attr:`ParsedPrompt.errors` for the engine to raise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+ROUND_MULTIPLIER = 1.1
+SQUARE_MULTIPLIER = 1 / 1.1
+BREAK = "BREAK"
+LORA_KINDS = ("lora", "lyco")
+
+# A1111's tokeniser of attention syntax, alternative by alternative (prompt_parser.re_attention).
+RE_ATTENTION = re.compile(r"""
+\\\(|
+\\\)|
+\\\[|
+\\]|
+\\\\|
+\\|
+\(|
+\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|
+]|
+[^\\()\[\]:]+|
+:
+""", re.X)
+RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+# A1111's extra-network tag (extra_networks.re_extra_net): <kind:arguments>.
+RE_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A ``<lora:name:weight>`` tag: ``weight`` applies to the UNet and the text encoder alike."""
+
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PromptPiece:
+    """A run of text at one weight; ``is_break`` marks a BREAK (its text and weight unused)."""
+
+    text: str
+    weight: float = 1.0
+    is_break: bool = False
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    pieces: tuple[PromptPiece, ...]
+    loras: tuple[LoraRef, ...] = ()
+    other_networks: tuple[str, ...] = ()      # tags of kinds we do not run, as written ("<hypernet:x:1>")
+    errors: tuple[str, ...] = ()
+
+    @property
+    def plain(self) -> bool:
+        """True when the prompt is one piece at weight 1: it encodes exactly as diffusers does."""
+        return len(self.pieces) == 1 and self.pieces[0].weight == 1.0 and not self.pieces[0].is_break
+
+    def lora_weights(self) -> dict[str, float]:
+        """{name: weight}; a LoRA named twice gets the sum of its weights."""
+        weights: dict[str, float] = {}
+        for ref in self.loras:
+            weights[ref.name] = weights.get(ref.name, 0.0) + ref.weight
+        return weights
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """A1111's ``parse_prompt_attention``: (text, weight) pairs, BREAK as ("BREAK", -1.0).
+
+    >>> parse_prompt_attention('an (important) word')
+    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+    """
+    return [(piece.text, piece.weight) if not piece.is_break else (BREAK, -1.0)
+            for piece in _parse_attention(text, a1111_breaks=True)]
+
+
+def _parse_attention(text: str, a1111_breaks: bool = False) -> list[PromptPiece]:
+    res: list[list] = []   # [text, weight, is_break]
+    round_brackets: list[int] = []
+    square_brackets: list[int] = []
+
+    def multiply_range(start: int, multiplier: float) -> None:
+        for position in range(start, len(res)):
+            if a1111_breaks or not res[position][2]:
+                res[position][1] *= multiplier
+
+    for match in RE_ATTENTION.finditer(text):
+        token = match.group(0)
+        weight = match.group(1)
+        if token.startswith("\\"):
+            res.append([token[1:], 1.0, False])
+        elif token == "(":
+            round_brackets.append(len(res))
+        elif token == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            try:
+                multiplier = float(weight)
+            except ValueError:  # "(a:1.2.3)": the regex admits it, float() does not; A1111 raises here
+                multiplier = 1.0
+            multiply_range(round_brackets.pop(), multiplier)
+        elif token == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), ROUND_MULTIPLIER)
+        elif token == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), SQUARE_MULTIPLIER)
+        else:
+            for index, part in enumerate(RE_BREAK.split(token)):
+                if index > 0:
+                    res.append([BREAK, -1.0, True])
+                res.append([part, 1.0, False])
+
+    for position in round_brackets:
+        multiply_range(position, ROUND_MULTIPLIER)
+    for position in square_brackets:
+        multiply_range(position, SQUARE_MULTIPLIER)
+    if a1111_breaks:
+        # A1111 tells a BREAK by its weight alone: one inside brackets is text from here on.
+        for item in res:
+            item[2] = item[2] and item[1] == -1.0
+    if not res:
+        res = [["", 1.0, False]]
+
+    # Merge runs of equal weight (A1111 merges a BREAK only with a BREAK, which has no effect on chunks).
+    merged: list[list] = [res[0]]
+    for item in res[1:]:
+        last = merged[-1]
+        if item[1] == last[1] and item[2] == last[2] and not item[2]:
+            last[0] += item[0]
+        elif item[1] == last[1] and a1111_breaks:
+            last[0] += item[0]
+        else:
+            merged.append(item)
+    return [PromptPiece(text=item[0], weight=item[1], is_break=item[2]) for item in merged]
+
+
+def extract_networks(text: str) -> tuple[str, tuple[LoraRef, ...], tuple[str, ...], tuple[str, ...]]:
+    """Take every ``<kind:...>`` tag out of ``text``: (text without tags, LoRAs, other tags, errors)."""
+    loras: list[LoraRef] = []
+    others: list[str] = []
+    errors: list[str] = []
+
+    def found(match: re.Match) -> str:
+        kind, arguments = match.group(1), match.group(2)
+        if kind.lower() not in LORA_KINDS:
+            others.append(match.group(0))
+            return ""
+        items = arguments.split(":")
+        name = items[0].strip()
+        # A1111: <lora:name:te:unet>, positional or as te=/unet=/dyn=; a weight for all is the common form.
+        positional = [item.strip() for item in items[1:] if "=" not in item]
+        named = dict(item.strip().split("=", 1) for item in items[1:] if "=" in item)
+        weight_text = named.get("te", positional[0] if positional else "1")
+        unet_text = named.get("unet", positional[1] if len(positional) > 1 else weight_text)
+        if not name:
+            errors.append(f"LoRA tag {match.group(0)!r} has no name")
+            return ""
+        try:
+            weight, unet_weight = float(weight_text), float(unet_text)
+        except ValueError:
+            errors.append(f"LoRA tag {match.group(0)!r}: weight {weight_text!r} is not a number")
+            return ""
+        if not (math.isfinite(weight) and math.isfinite(unet_weight)):
+            errors.append(f"LoRA tag {match.group(0)!r}: weight {weight_text!r} is not a finite number")
+        elif weight != unet_weight:
+            errors.append(f"LoRA tag {match.group(0)!r}: separate text-encoder ({weight_text}) and UNet "
+                          f"({unet_text}) weights are not supported; give one weight")
+        else:
+            loras.append(LoraRef(name, weight))
+        return ""
+
+    stripped = RE_EXTRA_NETWORK.sub(found, text)
+    return stripped, tuple(loras), tuple(others), tuple(errors)
+
+
+def parse_prompt(text: str) -> ParsedPrompt:
+    """The pieces with their weights (BREAKs marked), and the LoRA tags taken out of the text."""
+    stripped, loras, others, errors = extract_networks(text)
+    return ParsedPrompt(pieces=tuple(_parse_attention(stripped)), loras=loras, other_networks=others,
+                        errors=errors)
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """The ``loras`` live parameter: ``"name:0.8, other:0.5"`` (a name alone is 1.0)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> LoraWeights:
+        """Raises ValueError naming the bad entry; names may hold ':' only before the weight."""
+        weights: dict[str, float] = {}
+        for entry in text.split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            name, separator, weight_text = entry.rpartition(":")
+            if not separator:
+                name, weight_text = entry, "1"
+            name = name.strip()
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise ValueError(f"LoRA entry {entry!r}: weight {weight_text.strip()!r} is not a number "
+                                 f"(write name:0.8)") from None
+            if not name or not math.isfinite(weight):
+                raise ValueError(f"LoRA entry {entry!r} is not name:weight with a finite weight")
+            weights[name] = weights.get(name, 0.0) + weight
+        return cls(weights)

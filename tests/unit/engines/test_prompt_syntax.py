@@ -1,0 +1,155 @@
+"""AUTOMATIC1111's prompt syntax: its documented examples, our table of cases, properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdbridge.engines.prompt_syntax import (
+    BREAK,
+    LoraRef,
+    LoraWeights,
+    PromptPiece,
+    extract_networks,
+    parse_prompt,
+    parse_prompt_attention,
+)
+
+# parse_prompt_attention's docstring in A1111's modules/prompt_parser.py, outputs as written there.
+A1111_DOCSTRING = [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", [
+        ("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+        (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+]
+
+
+@pytest.mark.parametrize("text, expected", A1111_DOCSTRING, ids=[case[0] for case in A1111_DOCSTRING])
+def test_a1111_docstring_examples_exactly(text, expected):
+    assert parse_prompt_attention(text) == expected
+
+
+CASES = [
+    ("", [("", 1.0)]),
+    ("((word))", [("word", 1.1 * 1.1)]),
+    ("[word]", [("word", 1 / 1.1)]),
+    ("[[word]]", [("word", (1 / 1.1) * (1 / 1.1))]),
+    ("(word:1.3)", [("word", 1.3)]),
+    ("(word: 0.25 )", [("word", 0.25)]),
+    ("(word:-1.5)", [("word", -1.5)]),
+    ("a:b", [("a:b", 1.0)]),                              # a colon outside brackets is text
+    ("\\\\", [("\\", 1.0)]),
+    ("\\(x\\)", [("(x)", 1.0)]),
+    ("x]", [("x]", 1.0)]),                               # a stray closer is text
+    ("(a [b] c)", [("a ", 1.1), ("b", 1.0), (" c", 1.1)]),
+    ("a BREAK b", [("a", 1.0), (BREAK, -1.0), ("b", 1.0)]),
+    ("BREAKfast", [("BREAKfast", 1.0)]),                 # only the whole word
+    ("a break b", [("a break b", 1.0)]),                 # only in capitals
+]
+
+
+@pytest.mark.parametrize("text, expected", CASES, ids=[case[0] or "empty" for case in CASES])
+def test_table_of_cases(text, expected):
+    got = parse_prompt_attention(text)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected], rel=1e-12)
+
+
+def test_break_inside_brackets_still_breaks_in_parse_prompt():
+    # A1111 reads it as the text "BREAK" at weight -1.1; we keep it a break (module docstring).
+    assert parse_prompt_attention("(a BREAK b)") == [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]
+    pieces = parse_prompt("(a BREAK b)").pieces
+    assert pieces == (PromptPiece("a", 1.1), PromptPiece(BREAK, -1.0, is_break=True), PromptPiece("b", 1.1))
+
+
+def test_plain_prompt_is_one_piece():
+    parsed = parse_prompt("a red fox, in snow")
+    assert parsed.plain and parsed.pieces == (PromptPiece("a red fox, in snow"),)
+    assert not parse_prompt("a (red) fox").plain
+    assert not parse_prompt("a BREAK fox").plain
+
+
+@pytest.mark.parametrize("text, stripped, loras", [
+    ("a fox <lora:ink:0.5>", "a fox ", (LoraRef("ink", 0.5),)),
+    ("<lora:ink>a fox", "a fox", (LoraRef("ink", 1.0),)),
+    ("<lyco:paper:0.3>, <lora:ink:1.2>", ", ", (LoraRef("paper", 0.3), LoraRef("ink", 1.2))),
+    ("<lora:ink:te=0.7>", "", (LoraRef("ink", 0.7),)),
+    ("<lora:ink:0.6:0.6>", "", (LoraRef("ink", 0.6),)),
+    ("<lora:sub dir/ink:-0.5>", "", (LoraRef("sub dir/ink", -0.5),)),
+])
+def test_lora_tags_are_taken_out(text, stripped, loras):
+    got = extract_networks(text)
+    assert got[0] == stripped and got[1] == loras and got[3] == ()
+
+
+def test_lora_tag_inside_brackets_leaves_the_weights_alone():
+    parsed = parse_prompt("a (fox <lora:ink:0.5>:1.2)")
+    assert parsed.loras == (LoraRef("ink", 0.5),)
+    assert parsed.pieces == (PromptPiece("a ", 1.0), PromptPiece("fox ", 1.2))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<lora:ink:lots>", "'lots' is not a number"),
+    ("<lora:ink:0.5:1.0>", "separate text-encoder"),
+    ("<lora::0.5>", "has no name"),
+    ("<lora:ink:nan>", "not a finite number"),
+])
+def test_bad_lora_tags_are_reported_not_raised(text, message):
+    parsed = parse_prompt(text)
+    assert parsed.loras == ()
+    assert len(parsed.errors) == 1 and message in parsed.errors[0]
+
+
+def test_other_network_tags_are_taken_out_and_reported():
+    parsed = parse_prompt("a fox <hypernet:anime:1>")
+    assert parsed.pieces == (PromptPiece("a fox "),)
+    assert parsed.other_networks == ("<hypernet:anime:1>",)
+
+
+def test_a_lora_named_twice_adds_up():
+    assert parse_prompt("<lora:a:0.5> x <lora:a:0.25> <lora:b>").lora_weights() == {"a": 0.75, "b": 1.0}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", {}), ("ink", {"ink": 1.0}), ("ink:0.8, paper:0.5", {"ink": 0.8, "paper": 0.5}),
+    (" ink : -0.5 ,", {"ink": -0.5}), ("a:1,a:2", {"a": 3.0}),
+])
+def test_lora_weights_parameter(text, expected):
+    assert LoraWeights.parse(text).weights == expected
+
+
+@pytest.mark.parametrize("text, message", [("ink:lots", "'lots' is not a number"), (":0.5", "not name:weight"),
+                                           ("ink:inf", "finite")])
+def test_lora_weights_parameter_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        LoraWeights.parse(text)
+
+
+syntax_text = st.text(alphabet=st.sampled_from(list("ab ():[]\\<>.,:-+0123456789BREAKlora")), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=80), syntax_text))
+def test_never_raises_and_keeps_the_words(text):
+    parsed = parse_prompt(text)
+    attention = parse_prompt_attention(text)
+    assert parsed.pieces and attention
+    for piece in parsed.pieces:
+        assert piece.is_break or piece.weight == piece.weight  # not NaN from our own multipliers
+    # Outside brackets, escapes, tags and BREAK, the text comes back unchanged.
+    if not any(ch in text for ch in "()[]\\<:") and "BREAK" not in text:
+        assert [(p.text, p.weight) for p in parsed.pieces] == [(text, 1.0)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters="()[]\\:<>"), max_size=30),
+       st.floats(min_value=-10, max_value=10, allow_nan=False).map(lambda x: round(x, 3)))
+def test_explicit_weight_round_trips(word, weight):
+    if "BREAK" in word or not word:
+        return
+    assert parse_prompt_attention(f"({word}:{weight})") == [(word, weight)]
