@@ -1,0 +1,151 @@
+"""Weighted, chunked CLIP encoding of a prompt, as AUTOMATIC1111 does it.
+
+A1111's ``FrozenCLIPEmbedderWithCustomWordsBase`` (modules/sd_hijack_clip.py), step by step:
+
+1. each piece of the parsed prompt (prompt_syntax.py) is tokenised alone, with no BOS/EOS;
+2. tokens fill chunks of 75; BREAK closes the current chunk; a chunk that fills up within 20
+   tokens after a comma moves the words after that comma to the next chunk (A1111's
+   ``comma_padding_backtrack`` default); each chunk becomes BOS + 75 + EOS = 77 tokens, padded
+   after the EOS with the tokenizer's pad token (EOS for SD 1.x, "!" for SD 2.x, as A1111's
+   SD 2 path and diffusers both do);
+3. the chunks go through the text encoder separately (here: as one batch) and are concatenated
+   along the sequence: ``[1, 77 * k, D]``;
+4. "Original" emphasis: each token's embedding is multiplied by its weight, then the chunk is
+   scaled so that its mean is the unweighted mean again.
+
+A prompt with no syntax and at most 75 tokens gives one chunk, tokenised whole, and skips step 4:
+the embeddings equal diffusers' ``StableDiffusionPipeline.encode_prompt`` bit for bit
+(tests/unit/engines/test_prompt_encode.py). For guidance, cond and uncond are padded to the same
+number of chunks with the empty prompt's chunk, as A1111's ``pad_cond`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdbridge.engines.prompt_syntax import ParsedPrompt, PromptPiece, parse_prompt
+
+CHUNK_TOKENS = 75                        # words per chunk; + BOS + EOS = 77, CLIP's context
+CHUNK_LENGTH = CHUNK_TOKENS + 2
+COMMA_BACKTRACK = 20                     # A1111's comma_padding_backtrack default
+
+
+@dataclass
+class Chunk:
+    """77 token ids, their weights, and how many of them are BOS + words + EOS (the rest is padding)."""
+
+    tokens: list[int]
+    multipliers: list[float]
+    length: int
+
+
+def build_chunks(pieces: Sequence[PromptPiece], tokenizer: Any, convert: Callable[[str], str] | None = None,
+                 comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+    """The chunks of a parsed prompt (step 2 above); ``convert`` rewrites a piece's text before
+    tokenising (multi-vector textual inversions: ``name`` -> ``name name_1 name_2``)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    comma = tokenizer.get_vocab().get(",</w>")
+    texts = [convert(piece.text) if convert else piece.text for piece in pieces if not piece.is_break]
+    tokenized = iter(tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"] if texts else [])
+
+    chunks: list[Chunk] = []
+    tokens: list[int] = []
+    multipliers: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal tokens, multipliers, last_comma
+        fill = CHUNK_TOKENS - len(tokens)
+        chunks.append(Chunk([bos, *tokens, eos] + [pad] * fill, [1.0, *multipliers, 1.0] + [1.0] * fill,
+                            len(tokens) + 2))
+        tokens, multipliers, last_comma = [], [], -1
+
+    for piece in pieces:
+        if piece.is_break:
+            close()
+            continue
+        for token in next(tokenized):
+            if token == comma:
+                last_comma = len(tokens)
+            elif (comma_backtrack and len(tokens) == CHUNK_TOKENS and last_comma != -1
+                  and len(tokens) - last_comma <= comma_backtrack):
+                keep = last_comma + 1
+                moved_tokens, moved_multipliers = tokens[keep:], multipliers[keep:]
+                tokens, multipliers = tokens[:keep], multipliers[:keep]
+                close()
+                tokens, multipliers = moved_tokens, moved_multipliers
+            if len(tokens) == CHUNK_TOKENS:
+                close()
+            tokens.append(token)
+            multipliers.append(piece.weight)
+    if tokens or not chunks:
+        close()
+    return chunks
+
+
+def encode_chunks(chunks: Sequence[Chunk], text_encoder: Any, device: torch.device,
+                  clip_skip: int = 0) -> torch.Tensor:
+    """Steps 3 and 4: ``[1, 77 * len(chunks), D]`` in the text encoder's dtype.
+
+    ``clip_skip`` counts as diffusers does (A1111's "Clip skip" minus 1): the hidden state that
+    many layers before the last, through the final layer norm.
+    """
+    ids = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=device)  # [k, 77]
+    attention_mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        # 1 on BOS, the words and EOS (what the tokenizer's own mask holds), 0 on the padding.
+        attention_mask = torch.zeros_like(ids)
+        for row, chunk in enumerate(chunks):
+            attention_mask[row, :chunk.length] = 1
+    if clip_skip > 0:
+        output = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = output.hidden_states[-(clip_skip + 1)]
+        # transformers 5 dropped CLIPTextModel's text_model wrapper (diffusers' clip_skip still reaches for it).
+        z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+    else:
+        z = text_encoder(ids, attention_mask=attention_mask)[0]                             # [k, 77, D]
+    weights = torch.tensor([chunk.multipliers for chunk in chunks], dtype=torch.float32, device=device)
+    if bool((weights != 1.0).any()):
+        z32 = z.float()
+        original_mean = z32.mean(dim=(1, 2), keepdim=True)
+        z32 = z32 * weights.unsqueeze(-1)
+        z32 = z32 * (original_mean / z32.mean(dim=(1, 2), keepdim=True))
+        z = z32.to(z.dtype)
+    return z.reshape(1, -1, z.shape[-1])
+
+
+def encode_prompt(prompt: str | ParsedPrompt, tokenizer: Any, text_encoder: Any, device: torch.device,
+                  convert: Callable[[str], str] | None = None, clip_skip: int = 0) -> torch.Tensor:
+    """A prompt in A1111's syntax -> ``[1, 77 * k, D]``; LoRA tags are ignored here (the caller applies them)."""
+    parsed = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    return encode_chunks(build_chunks(parsed.pieces, tokenizer, convert), text_encoder, device, clip_skip)
+
+
+def pad_chunks(embeddings: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch.Tensor:
+    """``[1, 77 * n, D]`` -> ``[1, 77 * chunks, D]`` by appending the empty prompt's chunk ``[1, 77, D]``."""
+    have = embeddings.shape[1] // CHUNK_LENGTH
+    assert embeddings.shape[1] % CHUNK_LENGTH == 0 and have <= chunks, (tuple(embeddings.shape), chunks)
+    if have == chunks:
+        return embeddings
+    return torch.cat([embeddings, empty.to(embeddings.dtype).repeat(1, chunks - have, 1)], dim=1)
+
+
+def match_lengths(first: torch.Tensor, second: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both padded to the larger number of chunks (cond and uncond for guidance)."""
+    chunks = max(first.shape[1], second.shape[1]) // CHUNK_LENGTH
+    return pad_chunks(first, chunks, empty), pad_chunks(second, chunks, empty)
+
+
+def blend(first: torch.Tensor, second: torch.Tensor, weight: float, empty: torch.Tensor) -> torch.Tensor:
+    """A live mix of two prompts: ``(1 - weight) * first + weight * second``, padded to equal length."""
+    if weight <= 0.0:
+        return first
+    first, second = match_lengths(first, second, empty)
+    if weight >= 1.0:
+        return second
+    return torch.lerp(first, second, weight)

@@ -1,0 +1,138 @@
+"""Chunked, weighted CLIP encoding against diffusers' encode_prompt and A1111's formula (tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.engines.prompt_encode import (
+    CHUNK_LENGTH,
+    blend,
+    build_chunks,
+    encode_chunks,
+    encode_prompt,
+    match_lengths,
+)
+from sdbridge.engines.prompt_syntax import parse_prompt
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    return load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def pipe(parts):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def encode(parts, prompt, **kwargs):
+    with torch.inference_mode():
+        return encode_prompt(prompt, parts.tokenizer, parts.text_encoder, CPU, **kwargs)
+
+
+@pytest.mark.parametrize("prompt, negative", [("a red fox", "blurry"), ("", ""), ("x" * 60 + ", a cat", "z")])
+def test_plain_prompt_equals_diffusers_exactly(parts, pipe, prompt, negative):
+    with torch.inference_mode():
+        theirs, theirs_negative = pipe.encode_prompt(prompt, CPU, 1, True, negative)
+    assert torch.equal(encode(parts, prompt), theirs)
+    assert torch.equal(encode(parts, negative), theirs_negative)
+
+
+def test_clip_skip_is_the_earlier_layer_through_the_final_norm(parts):
+    """As diffusers' encode_prompt(clip_skip=1) computes it (which itself fails on transformers 5: no text_model)."""
+    ids = parts.tokenizer("a red fox", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    encoder = parts.text_encoder
+    with torch.inference_mode():
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
+        theirs = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
+    ours = encode(parts, "a red fox", clip_skip=1)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, encode(parts, "a red fox"))
+
+
+def test_150_tokens_give_two_chunks(parts):
+    prompt = "a " * 150
+    chunks = build_chunks(parse_prompt(prompt).pieces, parts.tokenizer)
+    assert [chunk.length for chunk in chunks] == [77, 77]
+    embeddings = encode(parts, prompt)
+    assert embeddings.shape == (1, 154, 32)
+    # Each chunk is encoded alone: the second is the first again (same 75 words).
+    assert torch.allclose(embeddings[:, :77], embeddings[:, 77:], atol=1e-6)
+    assert torch.allclose(embeddings[:, :77], encode(parts, "a " * 75), atol=1e-6)
+
+
+@pytest.mark.parametrize("words, chunks", [(75, 1), (76, 2), (0, 1)])
+def test_chunk_boundary(parts, words, chunks):
+    assert encode(parts, "a " * words).shape[1] == CHUNK_LENGTH * chunks
+
+
+def test_break_starts_a_new_chunk(parts):
+    embeddings = encode(parts, "a red fox BREAK in snow")
+    assert embeddings.shape == (1, 154, 32)
+    assert torch.allclose(embeddings[:, :77], encode(parts, "a red fox"), atol=1e-6)
+    assert torch.allclose(embeddings[:, 77:], encode(parts, "in snow"), atol=1e-6)
+
+
+def test_comma_backtrack_moves_the_last_words(parts):
+    prompt = "a" * 70 + ", " + "b" * 10          # one token a character: 70 + comma + 10 = 81
+    chunks = build_chunks(parse_prompt(prompt).pieces, parts.tokenizer)
+    assert [chunk.length for chunk in chunks] == [71 + 2, 10 + 2]
+    comma = parts.tokenizer.get_vocab()[",</w>"]
+    assert chunks[0].tokens[71] == comma and chunks[0].tokens[72] == parts.tokenizer.eos_token_id
+    assert build_chunks(parse_prompt(prompt).pieces, parts.tokenizer, comma_backtrack=0)[0].length == 77
+
+
+def test_weights_follow_a1111_formula(parts):
+    """(fox:1.5): the fox tokens' vectors × 1.5, then the chunk rescaled to its unweighted mean."""
+    ours = encode(parts, "a (fox:1.5)")
+    chunks = build_chunks(parse_prompt("a fox").pieces, parts.tokenizer)
+    with torch.inference_mode():
+        z = parts.text_encoder(torch.tensor([chunks[0].tokens]))[0]
+    fox = len(parts.tokenizer("a ", add_special_tokens=False)["input_ids"])  # tokens before "fox"
+    n_fox = len(parts.tokenizer("fox", add_special_tokens=False)["input_ids"])
+    weights = torch.ones(1, 77, 1)
+    weights[:, 1 + fox:1 + fox + n_fox] = 1.5
+    expected = z * weights
+    expected = expected * (z.mean() / expected.mean())
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert not torch.allclose(ours, z, atol=1e-3)
+    assert torch.allclose(ours.mean(), z.mean(), atol=1e-6)
+
+
+def test_weight_one_in_brackets_is_the_plain_prompt(parts):
+    assert torch.equal(encode(parts, "a (fox:1.0)"), encode(parts, "a fox"))
+
+
+def test_cond_and_uncond_padded_with_the_empty_chunk(parts):
+    cond, uncond, empty = encode(parts, "a " * 100), encode(parts, "blurry"), encode(parts, "")
+    padded_cond, padded_uncond = match_lengths(cond, uncond, empty)
+    assert padded_cond.shape == padded_uncond.shape == (1, 154, 32)
+    assert torch.equal(padded_cond, cond)
+    assert torch.equal(padded_uncond[:, :77], uncond) and torch.equal(padded_uncond[:, 77:], empty)
+
+
+def test_blend(parts):
+    first, second, empty = encode(parts, "a red fox"), encode(parts, "a " * 80), encode(parts, "")
+    assert torch.equal(blend(first, second, 0.0, empty), first)
+    assert torch.equal(blend(first, second, 1.0, empty), second)
+    half = blend(first, second, 0.5, empty)
+    assert half.shape == (1, 154, 32)
+    padded_first = torch.cat([first, empty], dim=1)
+    assert torch.allclose(half, (padded_first + second) / 2, atol=1e-6)
+
+
+def test_chunks_batch_equals_chunks_alone(parts):
+    chunks = build_chunks(parse_prompt("a red BREAK (fox) BREAK in [snow]").pieces, parts.tokenizer)
+    with torch.inference_mode():
+        together = encode_chunks(chunks, parts.text_encoder, CPU)
+        alone = torch.cat([encode_chunks([chunk], parts.text_encoder, CPU) for chunk in chunks], dim=1)
+    assert together.shape == (1, 231, 32)
+    assert torch.allclose(together, alone, atol=1e-6)
