@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdbridge.engines.base import Engine, StreamState
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.errors import ModelError
+
+if TYPE_CHECKING:
+    from sdbridge.engines.controlnet import ControlNets
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ class DiffusionEngine(Engine):
         self._strength = 0.5
         self.text_encoder_calls = 0
         self.last_nan: torch.Tensor | None = None      # a device flag, read a frame later: no host sync
+        # ControlNet slots (engines/controlnet.py), made at the first prepare; the host sets the folder and notify.
+        self.controlnet_dir: str | None = None
+        self.notify: Callable[[dict[str, Any]], None] | None = None
+        self.controlnets: ControlNets | None = None
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -114,6 +121,9 @@ class DiffusionEngine(Engine):
         self._seed = int(params["seed"])
         self._num_inference_steps = int(params["steps"])
         self._strength = float(params["strength"])
+        if self.controlnets is None:
+            self.controlnets = self._make_controlnets()
+        self.controlnets.prepare(params)
         cond = self._encode_prompt(str(params["prompt"]))
         if self._guided:
             uncond = self._encode_prompt(str(params["negative_prompt"]))
@@ -219,10 +229,12 @@ class DiffusionEngine(Engine):
         else:
             embeddings = embeddings.expand(batch, -1, -1)
         generators = self._step_generators(states)
-        for t in timesteps:
+        controls = self.controlnets.for_batch(states, self._guided) if self.controlnets is not None else None
+        for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if self._guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            extra = controls(model_input, t, embeddings, index, len(timesteps)) if controls is not None else {}
+            noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
             if self._guided:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)
@@ -232,6 +244,16 @@ class DiffusionEngine(Engine):
         if self.latent_hook is not None:
             latents = self.latent_hook(latents, states)
         return self.decode(latents)
+
+    def _make_controlnets(self) -> ControlNets:
+        from pathlib import Path
+
+        from sdbridge.engines.controlnet import ControlNets
+
+        assert self.parts is not None
+        folder = Path(self.controlnet_dir).expanduser() if self.controlnet_dir else None
+        return ControlNets(self.parts.unet, self.device, self.dtype, folder, allow_pickle=self.allow_pickle,
+                           notify=self.notify)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[-1, 1] pixels -> scaled latents; the distribution's mode, not a sample (deterministic)."""
