@@ -53,6 +53,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--model-roots", help="comma-separated folders clients may load models from, besides --models-dir")
     add("--lora-dir", help="LoRA .safetensors files clients may use (default <models-dir>/lora)")
     add("--embeddings-dir", help="textual inversion embeddings (default <models-dir>/embeddings)")
+    add("--controlnet-dir", help="ControlNet folders and .safetensors files clients may use "
+        "(default <models-dir>/controlnet; a depth model for the depth preprocessor in annotators/depth/)")
     add("--outputs-dir", help="where the HTTP API saves images (default ./outputs, A1111's layout)")
     add("--save-outputs", action="store_const", const=True, help="save every image the HTTP API makes")
     add("--styles-file", help="AUTOMATIC1111 styles.csv (default ~/.config/sdbridge/styles.csv)")
@@ -76,7 +78,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
                  "model", "engine", "device", "dtype", "taesd", "model_config", "models_dir", "vram_budget_mb",
-                 "presets_dir", "lora_dir", "embeddings_dir", "outputs_dir", "save_outputs", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+                 "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir", "outputs_dir", "save_outputs", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)

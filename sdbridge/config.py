@@ -51,6 +51,7 @@ class Settings:
     model_roots: list[str] = field(default_factory=list)  # folders clients may load models from (+ models_dir)
     lora_dir: str | None = None          # LoRAs clients may name (default: <models_dir>/lora)
     embeddings_dir: str | None = None    # textual inversions (default: <models_dir>/embeddings)
+    controlnet_dir: str | None = None    # ControlNets clients may name (default: <models_dir>/controlnet)
     outputs_dir: str = "outputs"         # where the HTTP API saves images when asked (A1111's layout)
     save_outputs: bool = False           # save every HTTP API image, as A1111's samples_save does
     styles_file: str | None = None       # A1111's styles.csv (default: ~/.config/sdbridge/styles.csv)

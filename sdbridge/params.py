@@ -229,6 +229,38 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
 )
 
 
+CONTROLNET_SLOTS = 3
+PREPROCESSORS = ("none", "invert", "canny", "softedge", "lineart", "depth")  # engines/preprocessors.py
+
+
+def controlnet_params(slots: int = CONTROLNET_SLOTS) -> list[ParamSpec]:
+    """``controlnet_<n>_*``: fixed ControlNet slots (engines/controlnet.py); scale 0 turns one off at no cost."""
+    specs = []
+    for n in range(1, slots + 1):
+        prefix, group = f"controlnet_{n}_", "controlnet"
+        specs += [
+            ParamSpec(prefix + "model", "str", "", f"ControlNet of slot {n}: a name in the ControlNet folder; empty "
+                      "is off. A new one loads in the background while the slot keeps the old.", max_length=1024,
+                      group=group),
+            ParamSpec(prefix + "scale", "float", 1.0, f"Conditioning scale of slot {n}; 0 turns it off.",
+                      minimum=0.0, maximum=2.0, group=group),
+            ParamSpec(prefix + "start", "float", 0.0, f"Slot {n} acts from this fraction of the steps.",
+                      minimum=0.0, maximum=1.0, group=group),
+            ParamSpec(prefix + "end", "float", 1.0, f"Slot {n} acts up to this fraction of the steps.",
+                      minimum=0.0, maximum=1.0, group=group),
+            ParamSpec(prefix + "preprocessor", "enum", "none", f"What turns slot {n}'s source into its condition.",
+                      choices=PREPROCESSORS, group=group),
+            ParamSpec(prefix + "channel", "int", 0, f"Slot {n}'s source: 0 the input frame, 1-255 the latest frame "
+                      "sent on that channel of the frame header (a depth or edge pass).", minimum=0, maximum=255,
+                      group=group),
+            ParamSpec(prefix + "low_threshold", "int", 100, f"Slot {n}'s canny low threshold.", minimum=0,
+                      maximum=255, group=group),
+            ParamSpec(prefix + "high_threshold", "int", 200, f"Slot {n}'s canny high threshold.", minimum=0,
+                      maximum=255, group=group),
+        ]
+    return specs
+
+
 class Schema:
     """The set of known parameters; plugins add theirs with :meth:`add`."""
 
@@ -238,7 +270,7 @@ class Schema:
             from sdbridge.bridge.ladder import LADDER_PARAMS
             from sdbridge.modulation import lfo_params
 
-            specs = (*CORE_PARAMS, *lfo_params(), *LADDER_PARAMS)
+            specs = (*CORE_PARAMS, *controlnet_params(), *lfo_params(), *LADDER_PARAMS)
         for spec in specs:
             self.add(spec)
 

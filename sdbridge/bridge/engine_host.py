@@ -89,6 +89,11 @@ class EngineHost:
         models_dir = Path(self.settings.models_dir) if self.settings.models_dir else default_models_dir()
         return [models_dir, *(Path(root) for root in self.settings.model_roots)]
 
+    def controlnet_dir(self) -> Path:
+        if self.settings.controlnet_dir:
+            return Path(self.settings.controlnet_dir).expanduser()
+        return self.model_roots()[0] / "controlnet"
+
     def client_model_path(self, model: str) -> str:
         """What to load for a model a client named: a plain name (a pulled model, a hub id) as it is,
         anything path-like only inside the model folders (PathError otherwise)."""
@@ -189,6 +194,9 @@ class EngineHost:
             for name in ("allow_pickle", "taesd", "models_dir", "model_config"):
                 if hasattr(engine, name):
                     setattr(engine, name, getattr(self.settings, name))
+            if hasattr(engine, "controlnet_dir"):
+                engine.controlnet_dir = str(self.controlnet_dir())
+                engine.notify = self._notify
             device = pick_device(self.settings.device) if engine.needs_model else pick_device("cpu")
             try:
                 engine.load(source, device, pick_dtype(device, self.settings.dtype))

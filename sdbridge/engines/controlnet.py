@@ -1,0 +1,424 @@
+"""ControlNet: loading ControlNetModels, live slots, and the residuals added to each UNet call.
+
+A ControlNet comes from the ControlNet folder (``Settings.controlnet_dir``, by default
+``<models_dir>/controlnet``): a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+or a single ``.safetensors`` file, in diffusers' key layout or the original (LDM, ``control_model.``)
+one that A1111 users download. A single file without a ``<name>.json`` config beside it takes its
+architecture from the loaded model's UNet, as every ControlNet of a family shares it
+(``ControlNetModel.from_unet``). Pickle files (``.pth``) only with ``allow_pickle``, through
+``torch.load(weights_only=True)``.
+
+Live use (docs/protocol.md, "ControlNet"): :data:`SLOTS` fixed slots, each with its own model,
+conditioning scale, guidance start/end (fractions of this frame's steps), preprocessor and
+condition source (0: the input frame; 1..255: the latest frame the client sent on that channel).
+Scale 0, an empty model or a start >= end turn a slot off and cost nothing. A model named in a
+slot loads in a background thread while the slot keeps serving the model it had; a model that
+fails to load is reported and the old one serves on.
+
+The residuals follow diffusers' ``StableDiffusionControlNetImg2ImgPipeline``: the condition image
+in [0, 1], doubled with classifier-free guidance; the step kept when
+``not (i / n < start or (i + 1) / n > end)``; several ControlNets' residuals summed in slot order.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdbridge.engines.preprocessors import Options, Preprocessors
+from sdbridge.errors import ModelError, SdbridgeError
+from sdbridge.params import CONTROLNET_SLOTS as SLOTS
+from sdbridge.paths import confine
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = "conditions"                 # session state: channel -> latest condition frame, uint8 [H, W, 3]
+SLOT_IMAGES = "controlnet.images"         # session state: slot -> this frame's condition image, uint8 [H, W, 3]
+WEIGHT_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+CONTROL_MODES = ("balanced", "prompt", "controlnet")  # A1111: Balanced, My prompt / ControlNet is more important
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def list_controlnets(folder: Path | None) -> list[str]:
+    """The names clients may use: folders with a config.json and single weight files, sorted."""
+    if folder is None or not folder.is_dir():
+        return []
+    names = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and (entry / "config.json").is_file():
+            names.append(entry.name)
+        elif entry.is_file() and entry.suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES:
+            names.append(entry.stem)
+    return names
+
+
+def resolve_controlnet(name: str, folder: Path | None) -> Path:
+    """A name (``canny``, ``canny.safetensors``, A1111's ``canny [abcd1234]``) -> a path inside ``folder``."""
+    name = _HASH_SUFFIX.sub("", name.strip())
+    if folder is None:
+        raise ModelError(f"controlnet {name!r}: no ControlNet folder is set (controlnet_dir)", code="model_not_found")
+    path = confine(name, [folder], what="controlnet")
+    if path.exists():
+        return path
+    for suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES:
+        candidate = path.with_name(path.name + suffix)
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(list_controlnets(folder)) or "none"
+    raise ModelError(f"controlnet {name!r} not found in {folder} (known: {known})", code="model_not_found")
+
+
+def load_controlnet(path: Path, unet: Any, device: torch.device, dtype: torch.dtype, *,
+                    allow_pickle: bool = False) -> Any:
+    """A ControlNetModel for ``unet``'s family, on ``device`` in ``dtype``; ModelError says what is wrong."""
+    from diffusers import ControlNetModel
+
+    from sdbridge.engines.models import _check_safetensors
+
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: a ControlNet folder needs config.json")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise ModelError(f"{path}: no .safetensors weights (pickle weights load only with --allow-pickle)")
+        for file in weights:
+            _check_safetensors(file)
+        try:
+            model = ControlNetModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        except Exception as exc:
+            raise ModelError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    else:
+        model = _load_single_file(path, unet, dtype, allow_pickle)
+    _check_family(path, model, unet)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_single_file(path: Path, unet: Any, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    from sdbridge.engines.models import _check_safetensors
+
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to load "
+                             f"it (through torch.load(weights_only=True)), or convert it to .safetensors",
+                             code="pickle_refused")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    elif path.suffix in WEIGHT_SUFFIXES:
+        from safetensors.torch import load_file
+
+        _check_safetensors(path)
+        state = load_file(str(path))
+    else:
+        raise ModelError(f"{path} is not a ControlNet (expected a folder with config.json, or a .safetensors file)")
+    sidecar = path.with_suffix(".json")
+    try:
+        if sidecar.is_file():
+            config = dict(ControlNetModel.load_config(sidecar))
+        else:
+            config = dict(ControlNetModel.from_unet(unet, load_weights_from_unet=False).config)
+        if "time_embedding.linear_1.weight" not in state:  # the original LDM layout
+            state = convert_controlnet_checkpoint(state, config)
+        model = ControlNetModel.from_config(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{path}: not a ControlNet for this model ({type(exc).__name__}: {str(exc)[:300]})") from exc
+    if missing or unexpected:
+        raise ModelError(f"{path}: not a ControlNet for this model: {len(missing)} weights missing "
+                         f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+    return model.to(dtype)
+
+
+def _check_family(path: Path, model: Any, unet: Any) -> None:
+    ours, theirs = unet.config.cross_attention_dim, model.config.cross_attention_dim
+    if ours != theirs or list(unet.config.block_out_channels) != list(model.config.block_out_channels):
+        raise ModelError(f"{path}: a ControlNet for another model family (text width {theirs}, blocks "
+                         f"{list(model.config.block_out_channels)}; the loaded model has {ours}, "
+                         f"{list(unet.config.block_out_channels)})", code="model_mismatch")
+
+
+# --- the residuals ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet applied to a batch: its model, condition image and schedule."""
+
+    model: Any
+    image: torch.Tensor                  # [B, 3, H, W] in [0, 1], the model's dtype, on its device
+    scale: float | torch.Tensor          # a float, or per image [B, 1, 1, 1] (0 where a session has no condition)
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+
+    def keeps(self, index: int, count: int) -> bool:
+        return not (index / count < self.start or (index + 1) / count > self.end)
+
+
+class ControlStack:
+    """The UNet's extra arguments for one step: ``stack(model_input, t, embeddings, index, count)``."""
+
+    def __init__(self, units: Sequence[ControlUnit], guided: bool) -> None:
+        self.units = list(units)
+        self.guided = guided
+        self._images = [torch.cat([unit.image] * 2) if guided else unit.image for unit in self.units]
+
+    def __call__(self, model_input: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, index: int,
+                 count: int) -> dict[str, Any]:
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for unit, image in zip(self.units, self._images):
+            if not unit.keeps(index, count):
+                continue
+            scale = unit.scale if isinstance(unit.scale, float) else 1.0
+            unit_down, unit_mid = unit.model(model_input, t, encoder_hidden_states=embeddings, controlnet_cond=image,
+                                             conditioning_scale=scale, guess_mode=False, return_dict=False)
+            unit_down, unit_mid = self._weigh(unit, list(unit_down), unit_mid)
+            if down is None or mid is None:
+                down, mid = unit_down, unit_mid
+            else:
+                down = [before + after for before, after in zip(down, unit_down)]
+                mid = mid + unit_mid
+        if down is None:
+            return {}
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def _weigh(self, unit: ControlUnit, down: list[torch.Tensor],
+               mid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        weight: torch.Tensor | None = None
+        if isinstance(unit.scale, torch.Tensor):
+            weight = torch.cat([unit.scale] * 2) if self.guided else unit.scale
+        if unit.mode == "controlnet" and self.guided:
+            # sd-webui-controlnet's "ControlNet is more important": the control acts on the conditional half only.
+            half = mid.shape[0] // 2
+            mask = torch.cat([torch.zeros(half), torch.ones(half)]).to(mid.device, mid.dtype)[:, None, None, None]
+            weight = mask if weight is None else weight * mask
+        if weight is not None:
+            down = [sample * weight for sample in down]
+            mid = mid * weight
+        if unit.mode == "prompt":
+            # "My prompt is more important": deeper residuals weigh more, 0.825 ** (12 - i) over SD's 13.
+            count = len(down) + 1
+            down = [sample * 0.825 ** (count - 1 - i) for i, sample in enumerate(down)]
+        return down, mid
+
+
+# --- live slots ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One slot's live parameters (``controlnet_<n>_*``)."""
+
+    model: str = ""
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocessor: str = "none"
+    channel: int = 0
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+    @property
+    def active(self) -> bool:
+        return bool(self.model) and self.scale > 0 and self.end > self.start
+
+    @property
+    def options(self) -> Options:
+        return Options(self.low_threshold, self.high_threshold)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], number: int) -> Slot:
+        prefix = f"controlnet_{number}_"
+        return cls(model=str(params.get(prefix + "model", "")).strip(), scale=float(params.get(prefix + "scale", 1.0)),
+                   start=float(params.get(prefix + "start", 0.0)), end=float(params.get(prefix + "end", 1.0)),
+                   preprocessor=str(params.get(prefix + "preprocessor", "none")),
+                   channel=int(params.get(prefix + "channel", 0)),
+                   low_threshold=int(params.get(prefix + "low_threshold", 100)),
+                   high_threshold=int(params.get(prefix + "high_threshold", 200)))
+
+
+Notify = Callable[[dict[str, Any]], None]
+
+
+class ControlNets:
+    """The engine's ControlNet slots: live parameters, models loaded in the background, residuals per batch.
+
+    The worker thread calls :meth:`prepare` (parameters), :meth:`condition` (per session, in the CPU
+    pool: the condition images) and :meth:`for_batch` (inside the engine step). A loader thread only
+    ever hands finished models over through ``_ready`` under the lock.
+    """
+
+    def __init__(self, unet: Any, device: torch.device, dtype: torch.dtype, folder: Path | None, *,
+                 allow_pickle: bool = False, notify: Notify | None = None) -> None:
+        self.unet = unet
+        self.device = device
+        self.dtype = dtype
+        self.folder = folder
+        self.allow_pickle = allow_pickle
+        self.notify = notify or (lambda event: None)
+        self.preprocessors = Preprocessors(folder / "annotators" if folder else None, device)
+        self.slots: tuple[Slot, ...] = tuple(Slot() for _ in range(SLOTS))
+        self.models: dict[str, Any] = {}           # name -> ControlNetModel, worker thread only
+        self.serving: list[str | None] = [None] * SLOTS   # the model each slot runs now (the old one while loading)
+        self.failed: dict[str, str] = {}           # name -> why it did not load; not retried until renamed
+        self.errors: dict[int, str] = {}           # slot -> a preprocessing error already reported
+        self._lock = threading.Lock()
+        self._loading: set[str] = set()
+        self._ready: dict[str, Any] = {}           # loaded, waiting for the worker to take them
+        self._ready_failed: dict[str, str] = {}
+        self.loads = 0
+
+    # --- parameters and models (worker thread) ---
+
+    def prepare(self, params: Mapping[str, Any]) -> None:
+        self.slots = tuple(Slot.from_params(params, number) for number in range(1, SLOTS + 1))
+        wanted = {slot.model for slot in self.slots if slot.model}
+        self.failed = {name: why for name, why in self.failed.items() if name in wanted}
+        self.errors.clear()
+        self.refresh()
+        with self._lock:
+            missing = sorted(wanted - set(self.models) - self._loading - set(self._ready) - set(self.failed))
+            self._loading.update(missing)
+        if missing:
+            threading.Thread(target=self._load, args=(missing,), name="sdbridge-controlnet-load", daemon=True).start()
+
+    def refresh(self) -> None:
+        """Take finished loads; point each slot at its model once loaded, keeping the old one until then."""
+        with self._lock:
+            ready, self._ready = self._ready, {}
+            failed, self._ready_failed = self._ready_failed, {}
+        self.models.update(ready)
+        self.failed.update(failed)
+        for index, slot in enumerate(self.slots):
+            if not slot.model:
+                self.serving[index] = None
+            elif slot.model in self.models:
+                self.serving[index] = slot.model
+        keep = set(self.serving) | {slot.model for slot in self.slots}
+        for name in [name for name in self.models if name not in keep]:
+            del self.models[name]
+
+    def wait(self, timeout_s: float = 60.0) -> None:
+        """Until no load is running, then take the results (tests, one-shot requests)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._loading:
+                    break
+            time.sleep(0.01)
+        self.refresh()
+
+    def model(self, name: str) -> Any:
+        """A model by name, loaded now on the calling thread when it is not loaded (one-shot requests)."""
+        with self._lock:
+            loaded = self.models.get(name) or self._ready.get(name)
+        if loaded is not None:
+            return loaded
+        return load_controlnet(resolve_controlnet(name, self.folder), self.unet, self.device, self.dtype,
+                               allow_pickle=self.allow_pickle)
+
+    def _load(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                model = self.model(name)
+            except Exception as exc:  # any failure: report it, the slot keeps its old model
+                message = str(exc) if isinstance(exc, SdbridgeError) else f"{type(exc).__name__}: {exc}"
+                code = getattr(exc, "code", "bad_model")
+                if not isinstance(exc, SdbridgeError):
+                    log.exception("controlnet %s failed to load", name)
+                else:
+                    log.error("controlnet %s failed to load: %s", name, message)
+                with self._lock:
+                    self._ready_failed[name] = message
+                    self._loading.discard(name)
+                self.notify({"type": "error", "code": code,
+                             "message": f"controlnet {name!r} could not be loaded: {message}; "
+                                        f"its slot keeps the ControlNet it had"})
+                continue
+            with self._lock:
+                self._ready[name] = model
+                self._loading.discard(name)
+                self.loads += 1
+            log.info("controlnet %s loaded", name)
+            self.notify({"type": "controlnet", "status": "ready", "model": name})
+
+    # --- condition images (CPU pool, per session) ---
+
+    def condition(self, data: dict[str, Any], image: np.ndarray | None) -> None:
+        """This frame's condition image for each active slot, into ``data[SLOT_IMAGES]``.
+
+        ``image`` is the input frame at the engine's resolution; ``data[CONDITIONS]`` holds the
+        latest frame of each condition channel. A slot whose source has no frame yet gets none,
+        and adds nothing for this session.
+        """
+        images: dict[int, np.ndarray] = {}
+        streams = data.get(CONDITIONS, {})
+        for index, slot in enumerate(self.slots):
+            if not slot.active or self.serving[index] is None:
+                continue
+            source = image if slot.channel == 0 else streams.get(slot.channel)
+            if source is None:
+                continue
+            if image is not None and source.shape != image.shape:
+                import cv2
+
+                source = cv2.resize(source, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
+            try:
+                images[index] = self.preprocessors.run(slot.preprocessor, source, slot.options)
+            except SdbridgeError as exc:
+                if index not in self.errors:  # once per parameter change, not per frame
+                    self.errors[index] = str(exc)
+                    self.notify({**exc.to_json(), "message": f"controlnet slot {index + 1}: {exc}; the slot adds "
+                                                             f"nothing until this is fixed"})
+        data[SLOT_IMAGES] = images
+
+    # --- the batch (engine step) ---
+
+    def for_batch(self, states: Sequence[Any], guided: bool) -> ControlStack | None:
+        """The residual hook for this batch, or None when no slot is active (no work at all)."""
+        self.refresh()
+        units = []
+        for index, slot in enumerate(self.slots):
+            name = self.serving[index]
+            if not slot.active or name is None:
+                continue
+            images = [state.data.get(SLOT_IMAGES, {}).get(index) for state in states]
+            present = [item is not None for item in images]
+            if not any(present):
+                continue
+            shape = next(item for item in images if item is not None).shape
+            stacked = np.stack([item if item is not None else np.zeros(shape, np.uint8) for item in images])
+            tensor = torch.from_numpy(stacked).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0
+            scale: float | torch.Tensor = slot.scale
+            if not all(present):
+                scale = torch.tensor([slot.scale if p else 0.0 for p in present], device=self.device,
+                                     dtype=self.dtype)[:, None, None, None]
+            units.append(ControlUnit(self.models[name], tensor, scale, slot.start, slot.end))
+        return ControlStack(units, guided) if units else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"slots": [{"model": slot.model, "serving": name, "scale": slot.scale, "active": slot.active}
+                          for slot, name in zip(self.slots, self.serving)],
+                "loading": sorted(self._loading), "failed": dict(self.failed), "loads": self.loads}

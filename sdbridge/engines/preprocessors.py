@@ -1,0 +1,194 @@
+"""ControlNet preprocessors: an image in, the condition image a ControlNet expects out.
+
+Every preprocessor takes and returns RGB uint8 ``[H, W, 3]`` (numpy) at the same size. The
+built-ins:
+
+- ``none``: the image as it is (a depth or edge pass rendered elsewhere, TouchDesigner's usual way);
+- ``invert``: 255 - image (white-background line art to the black-background lines ControlNets want);
+- ``canny``: OpenCV's Canny edges, thresholds ``low_threshold`` / ``high_threshold`` (A1111's threshold_a/b);
+- ``softedge``: a soft edge map, the Sobel gradient magnitude of a blurred grey image, normalised;
+- ``lineart``: XDoG line art (a difference of Gaussians, soft-thresholded), white lines on black;
+- ``depth``: a depth model loaded from local weights (any transformers depth-estimation model in a
+  folder, e.g. Intel/dpt-hybrid-midas or a Depth Anything, safetensors only), near is bright.
+
+Others are added through the entry-point group ``sdbridge.preprocessors`` (a callable class taking
+``(image, options)``), like plugins: never from a name or a path that a client sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from sdbridge.errors import ModelError, ParamError
+
+log = logging.getLogger(__name__)
+
+GROUP = "sdbridge.preprocessors"
+
+
+@dataclass(frozen=True)
+class Options:
+    low_threshold: int = 100
+    high_threshold: int = 200
+    resolution: int = 0   # run at this short side, then back to the image's size (A1111's processor_res); 0: as is
+
+
+Preprocess = Callable[[np.ndarray, Options], np.ndarray]
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def _rgb(grey: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+
+
+def none(image: np.ndarray, options: Options) -> np.ndarray:
+    return image
+
+
+def invert(image: np.ndarray, options: Options) -> np.ndarray:
+    return 255 - image
+
+
+def canny(image: np.ndarray, options: Options) -> np.ndarray:
+    if not 0 <= options.low_threshold <= options.high_threshold:
+        raise ParamError(f"canny thresholds {options.low_threshold}, {options.high_threshold}: the low one must be "
+                         f"in [0, high]", name="low_threshold", value=options.low_threshold)
+    return _rgb(cv2.Canny(_grey(image), options.low_threshold, options.high_threshold))
+
+
+def softedge(image: np.ndarray, options: Options) -> np.ndarray:
+    grey = cv2.GaussianBlur(_grey(image).astype(np.float32), (0, 0), 1.5)
+    magnitude = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
+    peak = float(magnitude.max())
+    if peak <= 0:
+        return np.zeros_like(image)
+    return _rgb(np.clip(magnitude * (255.0 / peak), 0, 255).astype(np.uint8))
+
+
+def lineart(image: np.ndarray, options: Options) -> np.ndarray:
+    """XDoG (Winnemöller et al. 2012): sharpened difference of Gaussians, soft-thresholded."""
+    grey = _grey(image).astype(np.float32) / 255.0
+    sigma, k, p, epsilon, phi = 0.8, 1.6, 20.0, 0.1, 10.0
+    g1 = cv2.GaussianBlur(grey, (0, 0), sigma)
+    g2 = cv2.GaussianBlur(grey, (0, 0), sigma * k)
+    sharpened = (1 + p) * g1 - p * g2
+    lines = np.where(sharpened >= epsilon, 1.0, 1.0 + np.tanh(phi * (sharpened - epsilon)))
+    return _rgb(np.clip((1.0 - lines) * 255.0, 0, 255).astype(np.uint8))  # white lines on black
+
+
+class DepthPreprocessor:
+    """A depth-estimation model from ``<folder>`` (config.json + *.safetensors), loaded on first use."""
+
+    def __init__(self, folder: Path | None, device: Any = "cpu") -> None:
+        self.folder = folder
+        self.device = device
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                self._model = self._load()
+            return self._model
+
+    def _load(self) -> Any:
+        import torch
+        from transformers import AutoModelForDepthEstimation
+
+        from sdbridge.engines.models import _check_safetensors
+
+        folder = self.folder
+        if folder is None or not (folder / "config.json").is_file():
+            raise ModelError(f"the depth preprocessor needs a depth model in {folder}: a folder with config.json and "
+                             f"model.safetensors (a transformers depth-estimation model such as Intel/dpt-hybrid-midas)",
+                             code="model_not_found")
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            raise ModelError(f"{folder}: no .safetensors weights for the depth preprocessor")
+        for file in weights:
+            _check_safetensors(file)
+        try:
+            model = AutoModelForDepthEstimation.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+        except Exception as exc:
+            raise ModelError(f"depth model at {folder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def __call__(self, image: np.ndarray, options: Options) -> np.ndarray:
+        import torch
+
+        model = self.load()
+        height, width = image.shape[:2]
+        size = int(getattr(model.config, "image_size", 0) or 384)
+        patch = int(getattr(model.config, "patch_size", 0) or 16)
+        size = max(patch, size // patch * patch)
+        # The DPT/MiDaS normalisation (mean = std = 0.5); models trained otherwise still rank depth.
+        pixels = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 127.5 - 1.0
+        batch = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(self.device)
+        with torch.inference_mode():
+            depth = model(pixel_values=batch).predicted_depth  # [1, h, w]
+        depth = depth[0].float().cpu().numpy()
+        low, high = float(depth.min()), float(depth.max())
+        depth = (depth - low) / (high - low) if high > low else np.zeros_like(depth)
+        return _rgb(cv2.resize((depth * 255).round().astype(np.uint8), (width, height),
+                               interpolation=cv2.INTER_LINEAR))
+
+
+BUILTIN: dict[str, Preprocess] = {"none": none, "invert": invert, "canny": canny, "softedge": softedge,
+                                  "lineart": lineart}
+
+
+class Preprocessors:
+    """The built-ins, ``depth`` from ``annotators_dir/depth``, and those installed as entry points."""
+
+    def __init__(self, annotators_dir: Path | None = None, device: Any = "cpu") -> None:
+        self.table: dict[str, Preprocess] = dict(BUILTIN)
+        self.table["depth"] = DepthPreprocessor(annotators_dir / "depth" if annotators_dir else None, device)
+        for entry in entry_points(group=GROUP):
+            if entry.name in self.table:
+                continue
+            try:
+                self.table[entry.name] = entry.load()()
+            except Exception:  # a broken third-party package must not stop the daemon
+                log.exception("preprocessor entry point %s (%s) failed to load; left out", entry.name, entry.value)
+
+    def names(self) -> list[str]:
+        return list(self.table)
+
+    def get(self, name: str) -> Preprocess:
+        try:
+            return self.table[name]
+        except KeyError:
+            raise ParamError(f"unknown preprocessor {name!r} (known: {', '.join(self.table)})", name="preprocessor",
+                             value=name, code="unknown_preprocessor") from None
+
+    def run(self, name: str, image: np.ndarray, options: Options | None = None) -> np.ndarray:
+        """RGB uint8 [H, W, 3] in, the condition image RGB uint8 [H, W, 3] out, same size."""
+        options = options or Options()
+        preprocess = self.get(name)
+        if name == "none":
+            return image
+        height, width = image.shape[:2]
+        work = image
+        if options.resolution and options.resolution != min(height, width):
+            scale = options.resolution / min(height, width)
+            work = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
+                              interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+        out = preprocess(work, options)
+        if out.shape[:2] != (height, width):
+            out = cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
+        if out.shape != image.shape or out.dtype != np.uint8:
+            raise ModelError(f"preprocessor {name} returned {out.shape} {out.dtype}, expected {image.shape} uint8",
+                             code="preprocessor_failed")
+        return out

@@ -1,0 +1,295 @@
+"""ControlNet slots against diffusers' StableDiffusionControlNetImg2ImgPipeline; loading, live changes, failures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.controlnet import CONDITIONS, load_controlnet, resolve_controlnet
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.errors import ModelError
+from sdbridge.params import Schema
+
+CPU = torch.device("cpu")
+
+
+def params(**overrides) -> dict:
+    values = Schema().defaults()
+    values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=3, prompt="a red fox")
+    values.update(overrides)
+    return values
+
+
+def tiny_controlnet(unet, seed: int):
+    """ControlNetModel.from_unet, with its zero-initialised convolutions made random so that it does something."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    model = ControlNetModel.from_unet(unet)
+    zero_modules = [*model.controlnet_down_blocks, model.controlnet_mid_block,
+                    model.controlnet_cond_embedding.conv_out]
+    for module in zero_modules:
+        torch.nn.init.normal_(module.weight, std=0.3)
+        torch.nn.init.normal_(module.bias, std=0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    loaded.taesd = None  # the full VAE, as the reference pipeline decodes
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(parts, tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("controlnet")
+    tiny_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
+    tiny_controlnet(parts.unet, seed=2).save_pretrained(folder / "depth", safe_serialization=True)
+    state = {key: value.contiguous() for key, value in tiny_controlnet(parts.unet, seed=3).state_dict().items()}
+    save_file(state, folder / "single.safetensors")
+    (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    return folder
+
+
+@pytest.fixture
+def frame() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def condition() -> np.ndarray:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48] = 255
+    return image
+
+
+def make_engine(parts, controlnet_dir) -> DiffusionEngine:
+    engine = DiffusionEngine.from_parts(parts)
+    engine.controlnet_dir = str(controlnet_dir)
+    return engine
+
+
+def run(engine: DiffusionEngine, frame: np.ndarray, state: StreamState, **overrides) -> torch.Tensor:
+    """prepare, wait for any ControlNet load, condition the session, one frame: [1, 3, H, W] floats."""
+    engine.prepare(params(**overrides))
+    assert engine.controlnets is not None
+    engine.controlnets.wait()
+    engine.controlnets.condition(state.data, frame)
+    return engine.step_float(torch.from_numpy(frame)[None], [state])
+
+
+def reference(parts, controlnets, frame: np.ndarray, control: np.ndarray, *, steps: int, strength: float,
+              guidance: float, scales, starts, ends) -> torch.Tensor:
+    import diffusers
+
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    controlnet = controlnets[0] if len(controlnets) == 1 else diffusers.models.controlnets.MultiControlNetModel(
+        controlnets)
+    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        controlnet=controlnet, scheduler=parts.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pixels = torch.from_numpy(frame)[None].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.inference_mode():
+        latents = DiffusionEngine.from_parts(parts).encode(pixels)
+    control_image = torch.from_numpy(control)[None].permute(0, 3, 1, 2).float() / 255.0
+    one = len(controlnets) == 1
+    return pipe(prompt="a red fox", negative_prompt="blurry" if guidance > 1 else None, image=latents,
+                control_image=control_image if one else [control_image] * len(controlnets),
+                strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                controlnet_conditioning_scale=scales[0] if one else list(scales),
+                control_guidance_start=starts[0] if one else list(starts),
+                control_guidance_end=ends[0] if one else list(ends),
+                generator=torch.Generator().manual_seed(3), output_type="pt").images
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
+
+
+@pytest.mark.parametrize("steps, strength, guidance, scale, start, end", [
+    (2, 1.0, 1.0, 1.0, 0.0, 1.0), (4, 0.75, 1.0, 0.7, 0.0, 1.0), (4, 1.0, 3.0, 1.3, 0.0, 1.0),
+    (4, 1.0, 1.0, 1.0, 0.25, 0.75), (4, 0.5, 3.0, 0.5, 0.0, 0.5)])
+def test_parity_with_diffusers_controlnet_img2img(parts, controlnet_dir, frame, steps, strength, guidance, scale,
+                                                  start, end):
+    """Same weights, same noise: one ControlNet slot matches StableDiffusionControlNetImg2ImgPipeline (fp32, CPU)."""
+    engine = make_engine(parts, controlnet_dir)
+    state = StreamState("s")
+    ours = run(engine, frame, state, steps=steps, strength=strength, guidance=guidance, negative_prompt="blurry",
+               controlnet_1_model="edges", controlnet_1_scale=scale, controlnet_1_start=start, controlnet_1_end=end)
+    model = engine.controlnets.models["edges"]
+    theirs = reference(parts, [model], frame, frame, steps=steps, strength=strength, guidance=guidance,
+                       scales=[scale], starts=[start], ends=[end])
+    error = relative_error(ours, theirs)
+    assert error <= 1e-4, f"relative error {error:.2e}"
+    base = run(make_engine(parts, controlnet_dir), frame, StreamState("s"), steps=steps, strength=strength,
+               guidance=guidance, negative_prompt="blurry")
+    assert (ours - base).abs().max() > 1e-3  # the ControlNet did something
+
+
+def test_two_slots_parity_with_multi_controlnet(parts, controlnet_dir, frame, condition):
+    """Two slots, one on the input frame, one on a condition stream (channel 1), sum as MultiControlNetModel."""
+    engine = make_engine(parts, controlnet_dir)
+    state = StreamState("s")
+    state.data[CONDITIONS] = {1: condition}
+    ours = run(engine, frame, state, steps=4, strength=1.0, controlnet_1_model="edges", controlnet_1_scale=0.8,
+               controlnet_2_model="depth", controlnet_2_scale=1.2, controlnet_2_channel=1, controlnet_2_start=0.5)
+    models = [engine.controlnets.models["edges"], engine.controlnets.models["depth"]]
+    import diffusers
+
+    multi = diffusers.models.controlnets.MultiControlNetModel(models)
+    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, controlnet=multi,
+        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pixels = torch.from_numpy(frame)[None].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.inference_mode():
+        latents = engine.encode(pixels)
+    images = [torch.from_numpy(image)[None].permute(0, 3, 1, 2).float() / 255.0 for image in (frame, condition)]
+    theirs = pipe(prompt="a red fox", image=latents, control_image=images, strength=1.0, num_inference_steps=4,
+                  guidance_scale=1.0, controlnet_conditioning_scale=[0.8, 1.2], control_guidance_start=[0.0, 0.5],
+                  control_guidance_end=[1.0, 1.0], generator=torch.Generator().manual_seed(3),
+                  output_type="pt").images
+    assert relative_error(ours, theirs) <= 1e-4
+
+
+def test_scale_zero_is_exactly_the_base_output_and_runs_no_controlnet(parts, controlnet_dir, frame):
+    base = run(make_engine(parts, controlnet_dir), frame, StreamState("s"))
+    engine = make_engine(parts, controlnet_dir)
+    run(engine, frame, StreamState("s"), controlnet_1_model="edges")  # loaded and used once
+    calls = []
+    handle = engine.controlnets.models["edges"].register_forward_hook(lambda *args: calls.append(1))
+    off = run(engine, frame, StreamState("s"), controlnet_1_model="edges", controlnet_1_scale=0.0)
+    handle.remove()
+    assert torch.equal(off, base)
+    assert calls == []
+
+
+def test_changing_scale_live_changes_the_next_frame(parts, controlnet_dir, frame):
+    engine = make_engine(parts, controlnet_dir)
+    state = StreamState("s")
+    first = run(engine, frame, state, controlnet_1_model="edges", controlnet_1_scale=0.5)
+    again = run(engine, frame, state, controlnet_1_model="edges", controlnet_1_scale=0.5)
+    stronger = run(engine, frame, state, controlnet_1_model="edges", controlnet_1_scale=1.5)
+    assert torch.equal(first, again)
+    assert (stronger - first).abs().max() > 1e-3
+    assert engine.controlnets.loads == 1  # a scale change reloads nothing
+
+
+def test_single_safetensors_file_takes_its_architecture_from_the_unet(parts, controlnet_dir, frame):
+    model = load_controlnet(resolve_controlnet("single", controlnet_dir), parts.unet, CPU, torch.float32)
+    from safetensors.torch import load_file
+
+    saved = load_file(controlnet_dir / "single.safetensors")
+    assert torch.equal(model.state_dict()["controlnet_mid_block.weight"], saved["controlnet_mid_block.weight"])
+    engine = make_engine(parts, controlnet_dir)
+    assert not torch.equal(run(engine, frame, StreamState("s"), controlnet_1_model="single"),
+                           run(engine, frame, StreamState("s")))
+
+
+def test_a1111_name_with_hash_resolves(controlnet_dir):
+    assert resolve_controlnet("edges [0123abcd]", controlnet_dir) == (controlnet_dir / "edges").resolve()
+    assert resolve_controlnet("single.safetensors", controlnet_dir).name == "single.safetensors"
+
+
+@pytest.mark.parametrize("name, code, words", [("missing", "model_not_found", "not found"),
+                                                ("corrupt", "bad_model", "corrupt.safetensors")])
+def test_missing_or_corrupt_file_is_a_clear_model_error(parts, controlnet_dir, name, code, words):
+    with pytest.raises(ModelError, match=words) as caught:
+        load_controlnet(resolve_controlnet(name, controlnet_dir), parts.unet, CPU, torch.float32)
+    assert caught.value.code == code
+
+
+def test_path_outside_the_folder_is_refused(controlnet_dir):
+    from sdbridge.paths import PathError
+
+    with pytest.raises(PathError, match="outside"):
+        resolve_controlnet("../../etc/passwd", controlnet_dir)
+
+
+def test_pickle_refused_without_allow_pickle(parts, controlnet_dir, tmp_path):
+    (tmp_path / "old.pth").write_bytes(b"not even a pickle")
+    with pytest.raises(ModelError, match="--allow-pickle") as caught:
+        load_controlnet(tmp_path / "old.pth", parts.unet, CPU, torch.float32)
+    assert caught.value.code == "pickle_refused"
+
+
+@pytest.mark.parametrize("bad", ["missing", "corrupt"])
+def test_failed_swap_keeps_the_previous_controlnet_serving_and_reports(parts, controlnet_dir, frame, bad):
+    events: list[dict] = []
+    engine = make_engine(parts, controlnet_dir)
+    engine.notify = events.append
+    state = StreamState("s")
+    before = run(engine, frame, state, controlnet_1_model="edges")
+    after = run(engine, frame, state, controlnet_1_model=bad)
+    assert torch.equal(after, before)  # the slot still runs "edges"
+    assert engine.controlnets.serving[0] == "edges"
+    assert bad in engine.controlnets.failed
+    errors = [event for event in events if event["type"] == "error"]
+    assert len(errors) == 1 and bad in errors[0]["message"] and "keeps" in errors[0]["message"]
+    # Not retried frame after frame; a good name afterwards swaps in.
+    run(engine, frame, state, controlnet_1_model=bad, controlnet_1_scale=0.9)
+    assert len([event for event in events if event["type"] == "error"]) == 1
+    run(engine, frame, state, controlnet_1_model="depth")
+    assert engine.controlnets.serving[0] == "depth"
+
+
+def test_swap_loads_in_the_background_while_the_old_model_serves(parts, controlnet_dir, frame):
+    """While the new ControlNet loads, frames keep coming with the old one; then the new one serves."""
+    from sdbridge.engines import controlnet as module
+
+    engine = make_engine(parts, controlnet_dir)
+    state = StreamState("s")
+    with_edges = run(engine, frame, state, controlnet_1_model="edges")
+    release = __import__("threading").Event()
+    original = module.load_controlnet
+
+    def slow_load(*args, **kwargs):
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    module.load_controlnet = slow_load
+    try:
+        engine.prepare(params(controlnet_1_model="depth"))
+        engine.controlnets.condition(state.data, frame)
+        started = time.perf_counter()
+        during = engine.step_float(torch.from_numpy(frame)[None], [state])
+        assert time.perf_counter() - started < 5  # the frame did not wait for the load
+        assert torch.equal(during, with_edges)
+        assert engine.controlnets.describe()["loading"] == ["depth"]
+    finally:
+        release.set()
+        module.load_controlnet = original
+    engine.controlnets.wait()
+    engine.controlnets.condition(state.data, frame)
+    after = engine.step_float(torch.from_numpy(frame)[None], [state])
+    assert engine.controlnets.serving[0] == "depth"
+    assert not torch.equal(after, with_edges)
+    assert "edges" not in engine.controlnets.models  # the old one is freed once nothing names it
+
+
+def test_session_without_its_condition_stream_gets_the_base_output(parts, controlnet_dir, frame, condition):
+    """A batch where only one session has sent a channel-1 frame: the other is as without ControlNet."""
+    engine = make_engine(parts, controlnet_dir)
+    base = run(make_engine(parts, controlnet_dir), frame, StreamState("b"))
+    engine.prepare(params(controlnet_1_model="edges", controlnet_1_channel=1))
+    engine.controlnets.wait()
+    with_stream, without = StreamState("a"), StreamState("b")
+    with_stream.data[CONDITIONS] = {1: condition}
+    for state in (with_stream, without):
+        engine.controlnets.condition(state.data, frame)
+    out = engine.step_float(torch.from_numpy(np.stack([frame, frame])), [with_stream, without])
+    assert (out[1] - base[0]).abs().max() <= 1e-5
+    assert (out[0] - base[0]).abs().max() > 1e-3
