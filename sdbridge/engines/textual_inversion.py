@@ -1,0 +1,238 @@
+"""Textual inversion: learned word vectors, used in prompts by their trigger word (the file's stem).
+
+Files read (what AUTOMATIC1111 and diffusers write):
+
+- ``.safetensors``: A1111's ``emb_params`` ``[n, D]``; diffusers' one key ``<token>`` -> ``[D]`` or
+  ``[n, D]``; A1111's ``string_to_param.*`` (a .pt flattened by converters);
+- ``.pt`` / ``.bin`` (A1111's ``{"string_to_param": {"*": ...}, "step", "sd_checkpoint", ...}``,
+  diffusers' ``learned_embeds.bin``): pickles, read only when the user passed ``--allow-pickle``,
+  and then only through ``torch.load(weights_only=True)``.
+
+An embedding of ``n`` vectors becomes the tokens ``name``, ``name_1`` ... ``name_{n-1}``, added to
+the tokenizer and to the text encoder's token table (``resize_token_embeddings``), exactly as
+diffusers' ``load_textual_inversion`` does; :meth:`TextualInversions.convert` spells a prompt's
+``name`` as the ``n`` tokens, as diffusers' ``maybe_convert_prompt`` does. So a prompt that uses
+one encodes as it does in diffusers (tests/unit/engines/test_textual_inversion.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdbridge.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".bin")
+
+
+class EmbeddingError(ModelError):
+    code = "bad_embedding"
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One textual inversion as read from its file."""
+
+    name: str                          # the trigger word
+    path: Path
+    vectors: torch.Tensor              # [n, D], on the CPU
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.vectors.shape[-1])
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def tokens(self) -> list[str]:
+        return [self.name] + [f"{self.name}_{index}" for index in range(1, self.count)]
+
+    def a1111(self) -> dict[str, Any]:
+        return {"step": self.step, "sd_checkpoint": self.sd_checkpoint, "sd_checkpoint_name": self.sd_checkpoint_name,
+                "shape": self.width, "vectors": self.count}
+
+
+def _vectors(value: Any, path: Path, key: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in (1, 2) \
+            or value.numel() == 0:
+        shown = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise EmbeddingError(f"embedding {str(path)!r}: {key!r} is {shown}, not a float tensor [D] or [n, D]")
+    return value.detach().reshape(-1, value.shape[-1]).to("cpu", torch.float32).clone()
+
+
+def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
+    """Read one embedding file; EmbeddingError (a ModelError) names the file and what is wrong."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise EmbeddingError(f"embedding {str(path)!r} is a pickle ({suffix}); it is read only with "
+                                 f"--allow-pickle (and then through torch.load(weights_only=True)); "
+                                 f"prefer .safetensors", code="pickle_refused")
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for a forbidden global, EOFError, RuntimeError for corrupt zips
+            raise EmbeddingError(f"embedding {str(path)!r} could not be read safely: {type(exc).__name__}: {exc}") \
+                from exc
+    elif suffix in SAFE_SUFFIXES:
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(path), device="cpu")
+        except Exception as exc:  # SafetensorError, OSError
+            raise EmbeddingError(f"embedding {str(path)!r} is not a readable safetensors file: {exc}") from exc
+    else:
+        raise EmbeddingError(f"embedding {str(path)!r}: unknown file type {suffix!r} "
+                             f"(read are {', '.join(SAFE_SUFFIXES + PICKLE_SUFFIXES)})")
+
+    meta: dict[str, Any] = {}
+    if isinstance(data, torch.Tensor):
+        vectors = _vectors(data, path, "tensor")
+    elif not isinstance(data, dict) or not data:
+        raise EmbeddingError(f"embedding {str(path)!r} holds {type(data).__name__}, not a dict of tensors")
+    elif isinstance(data.get("string_to_param"), dict):          # A1111 .pt
+        params = data["string_to_param"]
+        if "*" not in params:
+            raise EmbeddingError(f"embedding {str(path)!r}: string_to_param has keys {sorted(params)}, not '*'")
+        vectors = _vectors(params["*"], path, "string_to_param.*")
+        meta = {key: data.get(key) for key in ("step", "sd_checkpoint", "sd_checkpoint_name")}
+    elif "string_to_param.*" in data:                            # the same, flattened into safetensors
+        vectors = _vectors(data["string_to_param.*"], path, "string_to_param.*")
+    elif "emb_params" in data:                                   # A1111 .safetensors
+        vectors = _vectors(data["emb_params"], path, "emb_params")
+    elif len(data) == 1:                                         # diffusers: {token: vectors}
+        key, value = next(iter(data.items()))
+        vectors = _vectors(value, path, str(key))
+    else:
+        keys = sorted(str(key) for key in data)
+        hint = " (an SDXL embedding: SDXL is not supported yet)" if {"clip_l", "clip_g"} <= set(keys) else ""
+        raise EmbeddingError(f"embedding {str(path)!r} has keys {keys[:6]}; expected emb_params, string_to_param "
+                             f"or a single token{hint}")
+    step = meta.get("step")
+    return Embedding(name=path.stem, path=path, vectors=vectors,
+                     step=int(step) if isinstance(step, int) else None,
+                     sd_checkpoint=meta.get("sd_checkpoint") if isinstance(meta.get("sd_checkpoint"), str) else None,
+                     sd_checkpoint_name=meta.get("sd_checkpoint_name")
+                     if isinstance(meta.get("sd_checkpoint_name"), str) else None)
+
+
+class TextualInversions:
+    """The embeddings added to one tokenizer and text encoder.
+
+    ``version`` changes whenever the token table changes, so cached prompt embeddings can be keyed
+    by it. Tokens are never removed (diffusers' unload rebuilds the table); a file changed on disk
+    with the same number of vectors is rewritten in place by :meth:`load_folder`.
+    """
+
+    def __init__(self, tokenizer: Any, text_encoder: Any) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.loaded: dict[str, Embedding] = {}
+        self.skipped: dict[str, Embedding] = {}
+        self.failed: dict[str, str] = {}        # name -> why it could not be read
+        self.version = 0
+
+    @property
+    def width(self) -> int:
+        return int(self.text_encoder.get_input_embeddings().weight.shape[-1])
+
+    def add(self, embedding: Embedding) -> None:
+        """Add (or, with the same vector count, replace) ``embedding``; EmbeddingError when it does not fit."""
+        if embedding.width != self.width:
+            raise EmbeddingError(f"embedding {str(embedding.path)!r} has vectors of width {embedding.width}; this "
+                                 f"model's text encoder takes {self.width} (an embedding for another base model?)",
+                                 code="embedding_mismatch")
+        previous = self.loaded.get(embedding.name)
+        if previous is not None and previous.count != embedding.count:
+            raise EmbeddingError(f"embedding {str(embedding.path)!r} now has {embedding.count} vectors, "
+                                 f"{previous.count} when loaded; reload the model to take it")
+        vocabulary = self.tokenizer.get_vocab()
+        if previous is None:
+            taken = [token for token in embedding.tokens if token in vocabulary]
+            if taken:
+                raise EmbeddingError(f"embedding {str(embedding.path)!r}: trigger token {taken[0]!r} is already in "
+                                     f"the tokenizer's vocabulary; rename the file", code="embedding_mismatch")
+            self.tokenizer.add_tokens(embedding.tokens)
+            # mean_resizing=False: the new rows are written below; transformers' default samples them.
+            self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        ids = self.tokenizer.convert_tokens_to_ids(embedding.tokens)
+        weight = self.text_encoder.get_input_embeddings().weight
+        with torch.inference_mode():  # the table may hold inference tensors when the model loaded under it
+            weight[ids] = embedding.vectors.to(weight.device, weight.dtype)
+        self.loaded[embedding.name] = embedding
+        self.skipped.pop(embedding.name, None)
+        self.version += 1
+
+    def load_file(self, path: str | Path, allow_pickle: bool = False) -> Embedding:
+        embedding = read_embedding(path, allow_pickle)
+        self.add(embedding)
+        return embedding
+
+    def load_folder(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
+        """Add every embedding file under ``folder`` (again when asked: new files and changed ones).
+
+        As A1111 does, one that does not fit this model is listed as skipped and one that cannot be
+        read is logged; neither stops the others. Returns the names added or replaced.
+        """
+        from sdbridge.paths import PathError, confine
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            return []
+        suffixes = SAFE_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())
+        changed: list[str] = []
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES):
+            name = path.stem
+            try:
+                confine(path.relative_to(folder).as_posix(), [folder], what="embedding")
+                if path.suffix.lower() not in suffixes:
+                    raise EmbeddingError(f"embedding {str(path)!r} is a pickle; pass --allow-pickle to read it",
+                                         code="pickle_refused")
+                previous = self.loaded.get(name)
+                if previous is not None and previous.path != path:
+                    raise EmbeddingError(f"embedding {str(path)!r}: the name {name!r} is already {previous.path}")
+                embedding = read_embedding(path, allow_pickle)
+                if previous is not None and torch.equal(previous.vectors, embedding.vectors):
+                    continue
+                try:
+                    self.add(embedding)
+                except EmbeddingError as exc:
+                    if exc.code != "embedding_mismatch":
+                        raise
+                    self.skipped[name] = embedding
+                    log.warning("%s", exc)
+                    continue
+            except (EmbeddingError, PathError) as exc:
+                self.failed[name] = str(exc)
+                log.warning("embedding %s not loaded: %s", path.name, exc)
+                continue
+            self.failed.pop(name, None)
+            changed.append(name)
+        return changed
+
+    def convert(self, text: str) -> str:
+        """``name`` -> ``name name_1 ...`` for multi-vector embeddings (diffusers' maybe_convert_prompt)."""
+        multi = {e.name: e for e in self.loaded.values() if e.count > 1}
+        if not multi:
+            return text
+        for token in set(self.tokenizer.tokenize(text)):
+            if token in multi:
+                text = text.replace(token, " ".join(multi[token].tokens))
+        return text
+
+    def a1111_listing(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``/sdapi/v1/embeddings``: ``{"loaded": {name: {...}}, "skipped": {name: {...}}}`` as A1111 answers."""
+        return {"loaded": {name: e.a1111() for name, e in sorted(self.loaded.items())},
+                "skipped": {name: e.a1111() for name, e in sorted(self.skipped.items())}}

@@ -1,0 +1,167 @@
+"""Textual inversion: real file formats written here, loaded through our code, compared with diffusers'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.engines.prompt_encode import encode_prompt
+from sdbridge.engines.textual_inversion import EmbeddingError, TextualInversions, read_embedding
+
+CPU = torch.device("cpu")
+WIDTH = 32  # the tiny text encoder's
+
+
+@pytest.fixture
+def parts(tiny_model_dir):
+    return load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)  # fresh: embeddings change it
+
+
+def vectors(count: int, width: int = WIDTH, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, width, generator=torch.Generator().manual_seed(seed))
+
+
+def write(path, kind: str, data: torch.Tensor):
+    if kind == "a1111_safetensors":
+        save_file({"emb_params": data.contiguous()}, str(path))
+    elif kind == "diffusers_safetensors":
+        save_file({"<learned>": data.contiguous()}, str(path))
+    elif kind == "a1111_pt":
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": data}, "name": path.stem, "step": 3000,
+                    "sd_checkpoint": "abcd1234", "sd_checkpoint_name": "v1-5"}, str(path))
+    elif kind == "diffusers_bin":
+        torch.save({"<learned>": data}, str(path))
+    return path
+
+
+def encode(parts, text, inversions=None):
+    with torch.inference_mode():
+        return encode_prompt(text, parts.tokenizer, parts.text_encoder, CPU,
+                             convert=inversions.convert if inversions else None)
+
+
+@pytest.mark.parametrize("kind, suffix", [("a1111_safetensors", ".safetensors"),
+                                          ("diffusers_safetensors", ".safetensors"),
+                                          ("a1111_pt", ".pt"), ("diffusers_bin", ".bin")])
+@pytest.mark.parametrize("count", [1, 3])
+def test_formats_read(tmp_path, kind, suffix, count):
+    data = vectors(count)
+    embedding = read_embedding(write(tmp_path / f"inkstyle{suffix}", kind, data), allow_pickle=True)
+    assert embedding.name == "inkstyle" and embedding.count == count and embedding.width == WIDTH
+    assert torch.equal(embedding.vectors, data)
+    assert embedding.tokens == ["inkstyle"] + [f"inkstyle_{i}" for i in range(1, count)]
+    if kind == "a1111_pt":
+        assert (embedding.step, embedding.sd_checkpoint, embedding.sd_checkpoint_name) == (3000, "abcd1234", "v1-5")
+
+
+def test_a_single_vector_of_shape_d(tmp_path):
+    save_file({"<learned>": vectors(1)[0].contiguous()}, str(tmp_path / "dot.safetensors"))
+    assert read_embedding(tmp_path / "dot.safetensors").vectors.shape == (1, WIDTH)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_parity_with_diffusers_load_textual_inversion(tiny_model_dir, tmp_path, count):
+    from diffusers import StableDiffusionPipeline
+
+    path = write(tmp_path / "inkstyle.safetensors", "a1111_safetensors", vectors(count, seed=count))
+    ours_parts, their_parts = (load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32) for _ in range(2))
+    inversions = TextualInversions(ours_parts.tokenizer, ours_parts.text_encoder)
+    inversions.load_file(path)
+    pipe = StableDiffusionPipeline(vae=their_parts.vae, text_encoder=their_parts.text_encoder,
+                                   tokenizer=their_parts.tokenizer, unet=their_parts.unet,
+                                   scheduler=their_parts.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.load_textual_inversion(str(path), token="inkstyle")
+    prompt = "a fox, inkstyle, in snow"
+    with torch.inference_mode():
+        theirs, _ = pipe.encode_prompt(prompt, CPU, 1, False)
+    assert torch.equal(encode(ours_parts, prompt, inversions), theirs)
+    assert len(ours_parts.tokenizer) == len(their_parts.tokenizer)
+
+
+def test_trigger_word_changes_the_embeddings(parts, tmp_path):
+    before = encode(parts, "a fox, inkstyle")
+    inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
+    inversions.load_file(write(tmp_path / "inkstyle.safetensors", "a1111_safetensors", vectors(2)))
+    after = encode(parts, "a fox, inkstyle", inversions)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.equal(encode(parts, "a red fox", inversions), encode(parts, "a red fox"))  # others untouched
+    ids = parts.tokenizer.convert_tokens_to_ids(["inkstyle", "inkstyle_1"])
+    assert torch.equal(parts.text_encoder.get_input_embeddings().weight[ids], vectors(2))
+    assert inversions.convert("a fox, inkstyle") == "a fox, inkstyle inkstyle_1"
+
+
+def test_width_mismatch_names_file_and_both_sizes(parts, tmp_path):
+    path = write(tmp_path / "sdxl_style.safetensors", "a1111_safetensors", vectors(1, width=16))
+    inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
+    with pytest.raises(EmbeddingError, match=r"sdxl_style\.safetensors.*width 16.*takes 32") as info:
+        inversions.load_file(path)
+    assert info.value.code == "embedding_mismatch"
+    assert "sdxl_style" not in parts.tokenizer.get_vocab()
+
+
+def test_pickle_refused_without_allow_pickle(tmp_path):
+    path = write(tmp_path / "old.pt", "a1111_pt", vectors(1))
+    with pytest.raises(EmbeddingError, match="--allow-pickle") as info:
+        read_embedding(path)
+    assert info.value.code == "pickle_refused"
+
+
+def test_pickle_with_code_refused_even_with_allow_pickle(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.getpid, ())
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"string_to_param": {"*": Evil()}}))
+    with pytest.raises(EmbeddingError, match="could not be read safely"):
+        read_embedding(path, allow_pickle=True)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"clip_l": vectors(1, 768), "clip_g": vectors(1, 1280)}, "SDXL"),
+    ({"emb_params": torch.zeros(2, 2, 2)}, "not a float tensor"),
+    ({"emb_params": torch.zeros(2, 32, dtype=torch.int32)}, "not a float tensor"),
+])
+def test_bad_files(tmp_path, tensors, message):
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(EmbeddingError, match=message):
+        read_embedding(tmp_path / "bad.safetensors")
+
+
+def test_trigger_already_a_word(parts, tmp_path):
+    inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
+    with pytest.raises(EmbeddingError, match="already in the tokenizer"):
+        inversions.load_file(write(tmp_path / "x.safetensors", "a1111_safetensors", vectors(1)))
+
+
+def test_folder_scan_listing_and_rescan(parts, tmp_path):
+    folder = tmp_path / "embeddings"
+    (folder / "sub").mkdir(parents=True)
+    write(folder / "inkstyle.safetensors", "a1111_safetensors", vectors(2))
+    write(folder / "sub" / "wide.safetensors", "a1111_safetensors", vectors(1, width=16))
+    write(folder / "old.pt", "a1111_pt", vectors(1))
+    (folder / "broken.safetensors").write_bytes(b"not safetensors")
+    inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
+    assert inversions.load_folder(folder) == ["inkstyle"]
+    listing = inversions.a1111_listing()
+    assert listing == {
+        "loaded": {"inkstyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 32,
+                                "vectors": 2}},
+        "skipped": {"wide": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 16,
+                             "vectors": 1}}}
+    assert set(inversions.failed) == {"old", "broken"}
+    version = inversions.version
+    assert inversions.load_folder(folder) == [] and inversions.version == version  # nothing new
+    write(folder / "paper.safetensors", "diffusers_safetensors", vectors(1, seed=5))
+    write(folder / "inkstyle.safetensors", "a1111_safetensors", vectors(2, seed=9))  # changed on disk
+    assert inversions.load_folder(folder, allow_pickle=True) == ["inkstyle", "old", "paper"]
+    assert inversions.version > version
+    ids = parts.tokenizer.convert_tokens_to_ids(["inkstyle", "inkstyle_1"])
+    assert torch.equal(parts.text_encoder.get_input_embeddings().weight[ids], vectors(2, seed=9))
+    assert inversions.a1111_listing()["loaded"]["old"]["step"] == 3000
