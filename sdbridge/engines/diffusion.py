@@ -106,6 +106,8 @@ class DiffusionEngine(Engine):
         if self.parts is not None:
             out.update(architecture=self.parts.architecture, vae="taesd" if self.uses_taesd else "vae",
                        scheduler=type(self.scheduler).__name__)
+        if self.controlnets is not None:
+            out["controlnet"] = self.controlnets.describe()
         return out
 
     # --- parameters -----------------------------------------------------------------------------
