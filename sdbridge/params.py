@@ -198,8 +198,14 @@ PREVIEW_EFFECTS = ("cartoon", "stylize", "edges", "grade", "sketch")
 
 CORE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("prompt", "str", "a vivid watercolor painting, high detail",
-              "What to generate (plain text; weights and LoRA tags arrive with the prompt-syntax work)."),
-    ParamSpec("negative_prompt", "str", "", "What to steer away from (used when guidance > 1)."),
+              "What to generate, in AUTOMATIC1111's syntax: (word) ×1.1, [word] ÷1.1, (word:1.3), BREAK, "
+              "<lora:name:0.8>, textual-inversion trigger words; past 75 tokens in chunks."),
+    ParamSpec("negative_prompt", "str", "", "What to steer away from (used when guidance > 1); same syntax."),
+    ParamSpec("loras", "str", "", "LoRAs from the LoRA folder and their weights, 'name:0.8, other:0.5', on top of "
+              "the prompt's <lora:...> tags; weights change live, without reloading.", max_length=1024),
+    ParamSpec("blend_prompt", "str", "", "A second prompt, mixed into the prompt by prompt_blend."),
+    ParamSpec("prompt_blend", "float", 0.0, "0: the prompt alone, 1: blend_prompt alone; in between a live mix "
+              "of their embeddings.", minimum=0.0, maximum=1.0),
     ParamSpec("strength", "float", 0.5, "How far img2img moves from the input: 0 keeps it, 1 ignores it.",
               minimum=0.0, maximum=1.0),
     ParamSpec("guidance", "float", 1.0, "Classifier-free guidance scale; 1 or less turns guidance off (turbo models).",
