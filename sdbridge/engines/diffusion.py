@@ -6,7 +6,9 @@ What makes a frame cheap here, following what real-time work has shown:
   img2img pipeline chooses them, so the output matches it (tests/unit/engines/test_diffusion.py);
 - fixed noise per session and seed, made once and kept in the session's state, so a still input
   gives a still output and only real changes in the input move the image;
-- prompt embeddings encoded once per prompt and cached (artists flip between a few prompts);
+- prompt embeddings encoded once per prompt and cached (artists flip between a few prompts), in
+  AUTOMATIC1111's syntax (prompt_encode.py); LoRAs from ``<lora:...>`` tags and the ``loras``
+  parameter reweighted in place, textual inversions from the embeddings folder (conditioning.py);
 - TAESD as the autoencoder when the model has one (``taesd/``), the full VAE otherwise;
 - pre- and post-processing on the device: uint8 in, uint8 out, no host sync inside the step.
 """
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdbridge.engines.base import Engine, StreamState
+from sdbridge.engines.conditioning import TextConditioning
 from sdbridge.engines.parts import PipelineParts
+from sdbridge.engines.prompt_encode import blend, match_lengths
 from sdbridge.errors import ModelError
 
 if TYPE_CHECKING:
@@ -43,8 +48,12 @@ class DiffusionEngine(Engine):
         self.models_dir: str | None = None
         self.model_config: str | None = None
         self.parts: PipelineParts | None = None
-        self._prompt_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-        self._embeddings: torch.Tensor | None = None   # [B_cfg, 77, D]: uncond+cond with guidance, else cond
+        self._prompt_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._embeddings: torch.Tensor | None = None   # [B_cfg, 77*k, D]: uncond+cond with guidance, else cond
+        # LoRAs and textual inversions (conditioning.py); the host sets the folders (None: <models_dir>/lora, ...).
+        self.lora_dir: str | None = None
+        self.embeddings_dir: str | None = None
+        self.conditioning: TextConditioning | None = None
         self._guided = False
         self._guidance = 1.0
         self._txt2img = False
@@ -93,6 +102,31 @@ class DiffusionEngine(Engine):
         self.vae_scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         self.scaling_factor = float(self.autoencoder.config.scaling_factor)
         self._prompt_cache.clear()
+        self.conditioning = self._make_conditioning(parts)
+
+    def _make_conditioning(self, parts: PipelineParts) -> TextConditioning:
+        """LoRA stack and textual inversions for this model; embeddings read from their folder now."""
+        from pathlib import Path
+
+        from sdbridge.engines.models import default_models_dir
+
+        models_dir = Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
+        conditioning = TextConditioning(
+            parts, lora_dir=Path(self.lora_dir).expanduser() if self.lora_dir else models_dir / "lora",
+            embeddings_dir=Path(self.embeddings_dir).expanduser() if self.embeddings_dir else models_dir / "embeddings",
+            allow_pickle=self.allow_pickle)
+        conditioning.load_embeddings()
+        return conditioning
+
+    @property
+    def textual_inversions(self) -> Any:
+        """The loaded embeddings (``a1111_listing()`` for /sdapi/v1/embeddings), None before a model."""
+        return self.conditioning.inversions if self.conditioning is not None else None
+
+    def rescan_embeddings(self) -> list[str]:
+        """Read new and changed files in the embeddings folder (between frames); returns their names."""
+        assert self.conditioning is not None, "load() before rescan_embeddings()"
+        return self.conditioning.load_embeddings()
 
     def close(self) -> None:
         self.parts = None
@@ -126,38 +160,61 @@ class DiffusionEngine(Engine):
         if self.controlnets is None:
             self.controlnets = self._make_controlnets()
         self.controlnets.prepare(params)
-        cond = self._encode_prompt(str(params["prompt"]))
+        # LoRAs first: one on the text encoder changes the embeddings. An unknown name raises
+        # ParamError (code unknown_lora) before any weight moves; the worker tells the client.
+        prompt = str(params["prompt"])
+        assert self.conditioning is not None
+        self.conditioning.apply(self.conditioning.wanted(prompt, str(params.get("loras", ""))))
+        cond = self._encode_prompt(prompt)
+        blend_weight = float(params.get("prompt_blend", 0.0))
+        if blend_weight > 0.0 and params.get("blend_prompt"):
+            cond = blend(cond, self._encode_prompt(str(params["blend_prompt"])), blend_weight, self._encode_prompt(""))
         if self._guided:
             uncond = self._encode_prompt(str(params["negative_prompt"]))
+            cond, uncond = match_lengths(cond, uncond, self._encode_prompt(""))
             self._embeddings = torch.cat([uncond, cond])
         else:
             self._embeddings = cond
 
     @torch.inference_mode()
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        """[1, 77, D] text embeddings, from the cache when this prompt was seen recently."""
-        cached = self._prompt_cache.get(prompt)
+        """[1, 77 * k, D] text embeddings (A1111 syntax, chunks of 75 tokens), from the cache when
+        this prompt was seen recently with the same text-encoder LoRAs and embeddings."""
+        assert self.parts is not None and self.conditioning is not None
+        key = self.conditioning.cache_key(prompt)
+        cached = self._prompt_cache.get(key)
         if cached is not None:
-            self._prompt_cache.move_to_end(prompt)
+            self._prompt_cache.move_to_end(key)
             return cached
-        assert self.parts is not None
-        tokenizer, text_encoder = self.parts.tokenizer, self.parts.text_encoder
-        tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
-        attention_mask = None
-        if getattr(text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(self.device)
-        embeddings = text_encoder(tokens.input_ids.to(self.device), attention_mask=attention_mask)[0]
-        embeddings = embeddings.to(self.dtype)
+        embeddings = self.conditioning.encode(prompt, self.device).to(self.dtype)
         self.text_encoder_calls += 1
-        self._prompt_cache[prompt] = embeddings
+        self._prompt_cache[key] = embeddings
         if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         return embeddings
 
     def encode_prompt_pair(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) embeddings of equal length for guidance, each [1, L, D] (one-shot requests)."""
-        return self._encode_prompt(prompt), self._encode_prompt(negative_prompt)
+        """(cond, uncond) embeddings of equal length for guidance, each [1, 77 * k, D] (one-shot requests).
+
+        The prompt's ``<lora:...>`` tags apply while encoding; the weights are the stream's again
+        afterwards (run the UNet inside :meth:`lora_scope` for the request's LoRAs).
+        """
+        with self.lora_scope(self.prompt_loras(prompt)):
+            cond, uncond = self._encode_prompt(prompt), self._encode_prompt(negative_prompt)
+            return match_lengths(cond, uncond, self._encode_prompt(""))
+
+    def prompt_loras(self, prompt: str) -> dict[str, float]:
+        """{name: weight} of a prompt's ``<lora:...>`` tags; ParamError for a malformed tag."""
+        assert self.conditioning is not None
+        return self.conditioning.wanted(prompt)
+
+    @contextlib.contextmanager
+    def lora_scope(self, weights: Mapping[str, float]) -> Iterator[None]:
+        """Exactly these LoRA weights inside the block, the stream's after it (one-shot requests,
+        which run between stream frames). Cheap when they are the same."""
+        assert self.conditioning is not None
+        with self.conditioning.scope(weights):
+            yield
 
     def _timesteps(self) -> tuple[torch.Tensor, int]:
         """This frame's timesteps, as diffusers' img2img ``get_timesteps`` picks them.

@@ -1,0 +1,134 @@
+"""A loaded model's LoRAs and textual inversions, and what a prompt asks of them.
+
+The diffusion engine keeps one :class:`TextConditioning` per model. A prompt's ``<lora:name:w>``
+tags and the ``loras`` live parameter (``"name:0.8, other:0.5"``) say which LoRAs run at which
+weight; :meth:`TextConditioning.apply` loads a LoRA the first time it is named (from the LoRA
+folder, names confined to it) and from then on only reweights it in place (LoraStack): a LoRA no
+longer named stays loaded at weight 0, so naming it again costs one reweight, not a file read.
+LoRAs apply before the prompt is encoded, because a LoRA on the text encoder changes the
+embeddings; :meth:`cache_key` says which text-encoder state an encoding belongs to, so cached
+embeddings are never reused across a LoRA or embedding change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdbridge.engines.lora import LoraStack, find_loras, lora_path
+from sdbridge.engines.parts import PipelineParts
+from sdbridge.engines.prompt_encode import encode_prompt
+from sdbridge.engines.prompt_syntax import LoraWeights, parse_prompt
+from sdbridge.engines.textual_inversion import TextualInversions
+from sdbridge.errors import ModelError, ParamError
+from sdbridge.paths import PathError
+
+log = logging.getLogger(__name__)
+
+
+class TextConditioning:
+    def __init__(self, parts: PipelineParts, lora_dir: str | Path | None = None,
+                 embeddings_dir: str | Path | None = None, allow_pickle: bool = False) -> None:
+        self.parts = parts
+        self.lora_dir = Path(lora_dir) if lora_dir else None
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
+        self.allow_pickle = allow_pickle
+        self.clip_skip = 0
+        self.loras = LoraStack({"unet": parts.unet, "text_encoder": parts.text_encoder})
+        self.inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
+        self._warned_networks: set[str] = set()
+
+    # --- textual inversion ----------------------------------------------------------------------
+
+    def load_embeddings(self) -> list[str]:
+        """(Re)scan the embeddings folder: new and changed files are taken; returns their names."""
+        if self.embeddings_dir is None:
+            return []
+        names = self.inversions.load_folder(self.embeddings_dir, allow_pickle=self.allow_pickle)
+        if names:
+            log.info("textual inversions loaded: %s", ", ".join(names))
+        return names
+
+    # --- LoRA -----------------------------------------------------------------------------------
+
+    def wanted(self, prompt: str, loras: str = "") -> dict[str, float]:
+        """The LoRA weights a prompt's tags and the ``loras`` parameter ask for (summed by name).
+
+        Raises ParamError (code ``bad_lora``) for a malformed tag or parameter; names are checked
+        by :meth:`apply`.
+        """
+        parsed = parse_prompt(prompt)
+        if parsed.errors:
+            raise ParamError(parsed.errors[0], name="prompt", value=prompt[:80], code="bad_lora")
+        for tag in parsed.other_networks:
+            if tag not in self._warned_networks:
+                self._warned_networks.add(tag)
+                log.warning("prompt tag %s ignored: only <lora:...> and <lyco:...> networks run here", tag)
+        weights = parsed.lora_weights()
+        try:
+            extra = LoraWeights.parse(loras).weights
+        except ValueError as exc:
+            raise ParamError(f"loras {loras!r}: {exc}", name="loras", value=loras, code="bad_lora") from None
+        for name, weight in extra.items():
+            weights[name] = weights.get(name, 0.0) + weight
+        return weights
+
+    def _load(self, name: str) -> None:
+        folder = self.lora_dir
+        if folder is None or not folder.is_dir():
+            raise ParamError(f"LoRA {name!r} not found: no LoRA folder ({str(folder) if folder else 'none set'}; "
+                             f"set lora_dir)", name="loras", value=name, code="unknown_lora")
+        try:
+            path = lora_path(folder, name)
+        except PathError as exc:
+            raise ParamError(f"LoRA {name!r} refused: {exc}", name="loras", value=name, code="unknown_lora") from None
+        except ModelError:
+            known = ", ".join(sorted(find_loras(folder))[:20]) or "none"
+            raise ParamError(f"LoRA {name!r} not found in {str(folder)!r} (there: {known})", name="loras",
+                             value=name, code="unknown_lora") from None
+        self.loras.add(name, path, weight=0.0)
+        log.info("LoRA %s loaded from %s", name, path)
+
+    def apply(self, weights: Mapping[str, float]) -> frozenset[str]:
+        """Run exactly these LoRAs at these weights (every other loaded one at 0).
+
+        Unknown names raise ParamError (code ``unknown_lora``) before any weight changes.
+        Returns the components whose weights changed.
+        """
+        for name in weights:
+            if name not in self.loras:
+                self._load(name)
+        full = {name: float(weights.get(name, 0.0)) for name in self.loras.names}
+        return self.loras.set_weights(full)
+
+    def current(self) -> dict[str, float]:
+        return {name: weight for name, weight in self.loras.weights.items() if weight != 0.0}
+
+    @contextlib.contextmanager
+    def scope(self, weights: Mapping[str, float]) -> Iterator[None]:
+        """These LoRA weights inside the block, the previous ones after it (one-shot requests)."""
+        previous = self.current()
+        self.apply(weights)
+        try:
+            yield
+        finally:
+            self.apply(previous)
+
+    # --- encoding -------------------------------------------------------------------------------
+
+    def cache_key(self, prompt: str) -> tuple[Any, ...]:
+        """What an encoding of ``prompt`` depends on besides the text: text-encoder LoRAs, embeddings, clip skip."""
+        text_loras = tuple(sorted((name, weight) for name, weight in self.current().items()
+                                  if "text_encoder" in self.loras.get(name).components))
+        return prompt, text_loras, self.inversions.version, self.clip_skip
+
+    def encode(self, prompt: str, device: torch.device) -> torch.Tensor:
+        """``[1, 77 * k, D]`` for a prompt in A1111's syntax (its LoRA tags are not applied here)."""
+        parts = self.parts
+        return encode_prompt(prompt, parts.tokenizer, parts.text_encoder, device,
+                             convert=self.inversions.convert, clip_skip=self.clip_skip)
