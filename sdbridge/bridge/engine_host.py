@@ -191,7 +191,7 @@ class EngineHost:
         try:
             source = self.client_model_path(choice.model) if choice.model else None
             engine = create_engine(choice.engine)
-            for name in ("allow_pickle", "taesd", "models_dir", "model_config"):
+            for name in ("allow_pickle", "taesd", "models_dir", "model_config", "lora_dir", "embeddings_dir"):
                 if hasattr(engine, name):
                     setattr(engine, name, getattr(self.settings, name))
             if hasattr(engine, "controlnet_dir"):
