@@ -1,0 +1,515 @@
+"""The compiled engine: the diffusion engine's maths on a device-resident, batched, compiled path.
+
+Same weights, same noise, same timesteps as :class:`DiffusionEngine` (and so as diffusers'
+img2img pipeline: tests/unit/engines/test_compiled.py); what changes is how a frame travels:
+
+- uint8 frames go to the device once, through pinned host buffers and non-blocking copies
+  when they come from the host; resize, normalise, encode, denoise, decode and quantise all
+  run there, and nothing inside a frame waits for the host (the NaN flag is read a frame late);
+- the scheduler is reduced in ``prepare`` to per-step coefficients (StreamDiffusion's recipe):
+  for a memoryless first-order scheduler (Euler, DDIM) one step is
+  ``x_next = sample_coef * x + eps_coef * eps``, found by probing the scheduler itself, so the
+  maths stay diffusers' own;
+- stream batch: with N denoising steps a rolling latent buffer per session holds the frames in
+  flight, so one UNet call denoises N consecutive frames, each at its own timestep; a frame
+  comes out N - 1 frames after it went in (see "Warm start" below);
+- residual (self-negative) guidance: the uncond prediction is replaced by the noise the latent
+  is known to carry, so guidance does not double the UNet batch (see :func:`residual_cfg_bound`);
+- torch.compile (Inductor; CUDA graphs on CUDA), channels_last, SDPA; static shapes, one
+  compiled callable per (part, resolution, batch, guidance mode), and Inductor's on-disk cache
+  under the user cache folder so that a restart skips most of the compile.
+
+Warm start (issue 6, item 5): StreamDiffusion starts the buffer from zeros, so the first N - 1
+outputs are brown and the first real frame arrives N - 1 frames late. Here the first frame of a
+session (or the first after a change of seed, steps, strength or resolution) fills the
+pipeline: the stream call runs N - 1 extra times on that frame, so that on return every slot
+holds that frame at its own stage and the very first output is that frame fully denoised. The
+steady-state delay of N - 1 frames is what batching the steps costs; ``stream_batch = False``
+runs the N steps of each frame in sequence instead (no delay, N UNet calls a frame).
+
+Schedulers whose step is not linear and memoryless (multistep solvers, ancestral and LCM
+samplers, which draw noise) run the eager engine's exact path instead: nothing is faked.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.parts import PipelineParts
+
+log = logging.getLogger(__name__)
+
+# Schedulers whose step is x_next = a * x + b * eps with no noise drawn and no history kept
+# (checked again numerically by probe_linear_schedule).
+LINEAR_SCHEDULERS = ("EulerDiscreteScheduler", "DDIMScheduler")
+STREAM_KEY = "compiled.stream"
+# Dynamo keeps one cache per code object: every (resolution, batch) is a recompile of the same
+# functions, and its default limit (8) would silently fall back to eager after a few sizes.
+RECOMPILE_LIMIT = 64
+
+
+def compile_cache_dir() -> Path:
+    """Where Inductor keeps compiled kernels between runs: ``$SDBRIDGE_CACHE_DIR/inductor``."""
+    base = os.environ.get("SDBRIDGE_CACHE_DIR")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "sdbridge") / "inductor"
+
+
+def configure_compile_cache(folder: Path | None = None) -> Path:
+    """Point Inductor's caches at ``folder`` (unless the user set TORCHINDUCTOR_CACHE_DIR) and turn them on.
+
+    Called at load, never at import: importing sdbridge must not change torch's global settings.
+    """
+    folder = folder or compile_cache_dir()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    if hasattr(inductor_config, "autotune_local_cache"):
+        inductor_config.autotune_local_cache = True
+    limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit_name, max(getattr(dynamo_config, limit_name), RECOMPILE_LIMIT))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+@dataclass(frozen=True)
+class LinearSchedule:
+    """One frame's denoising as per-step coefficients, found once in ``prepare``.
+
+    The frame enters at ``x_0 = entry_coef * latents + noise_coef * noise`` (add_noise at t_0;
+    ``entry_coef`` is 0 in txt2img), then for each step i::
+
+        eps_i      = unet(input_scale[i] * x_i, timesteps[i])
+        x_{i + 1}  = sample_coef[i] * x_i + eps_coef[i] * eps_i
+    """
+
+    timesteps: torch.Tensor     # [N], the scheduler's dtype
+    input_scale: torch.Tensor   # [N] float32
+    sample_coef: torch.Tensor   # [N] float32
+    eps_coef: torch.Tensor      # [N] float32
+    entry_coef: torch.Tensor    # [] model dtype
+    noise_coef: torch.Tensor    # [] model dtype
+
+    @property
+    def steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def tiled(self, sessions: int) -> tuple[torch.Tensor, ...]:
+        """(timesteps, input_scale, sample_coef, eps_coef) for a stream batch: [sessions * N], step-minor."""
+        return tuple(t.repeat(sessions) for t in (self.timesteps, self.input_scale, self.sample_coef, self.eps_coef))
+
+
+def probe_linear_schedule(scheduler: Any, timesteps: torch.Tensor, txt2img: bool,
+                          dtype: torch.dtype) -> LinearSchedule | None:
+    """Reduce the scheduler's steps over ``timesteps`` to coefficients, or None where it is not linear.
+
+    ``scheduler`` is as the eager engine left it after ``_timesteps()`` (timesteps set, begin
+    index set); a copy is probed, so the engine's own scheduler is untouched. Each step is probed
+    with one batch of three: (x=1, eps=0) gives the sample coefficient, (x=0, eps=1) the eps
+    coefficient, and a random pair checks that the step really is that linear map.
+    """
+    if type(scheduler).__name__ not in LINEAR_SCHEDULERS or getattr(scheduler, "order", 1) != 1:
+        return None
+    probe = copy.deepcopy(scheduler)
+    device = timesteps.device
+    one = torch.ones((1, 1, 1, 1), device=device, dtype=dtype)
+    if txt2img:
+        entry_coef = torch.zeros((), device=device, dtype=dtype)
+        noise_coef = (one * probe.init_noise_sigma).reshape(())
+    else:
+        start = timesteps[:1]
+        entry_coef = probe.add_noise(one, torch.zeros_like(one), start).reshape(())
+        noise_coef = probe.add_noise(torch.zeros_like(one), one, start).reshape(())
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    check_x, check_eps = torch.randn(2, generator=generator).tolist()
+    scales, sample_coefs, eps_coefs = [], [], []
+    for t in timesteps:
+        scales.append(probe.scale_model_input(torch.ones((1, 1, 1, 1), device=device), t).reshape(()))
+        sample = torch.tensor([1.0, 0.0, check_x], device=device).view(3, 1, 1, 1)
+        model_output = torch.tensor([0.0, 1.0, check_eps], device=device).view(3, 1, 1, 1)
+        out = probe.step(model_output, t, sample, return_dict=False)[0].flatten().float()
+        expected = out[0] * check_x + out[1] * check_eps
+        if not torch.allclose(out[2], expected, rtol=1e-5, atol=1e-6):
+            log.info("%s is not linear at t=%s: the exact eager path runs", type(scheduler).__name__, float(t))
+            return None
+        sample_coefs.append(out[0])
+        eps_coefs.append(out[1])
+    return LinearSchedule(timesteps=timesteps.clone(), input_scale=torch.stack(scales).float(),
+                          sample_coef=torch.stack(sample_coefs), eps_coef=torch.stack(eps_coefs),
+                          entry_coef=entry_coef, noise_coef=noise_coef)
+
+
+def residual_cfg_bound(guidance: float, eps_coef: float, residual_gap: float) -> float:
+    """The largest change residual guidance makes to a latent in one step, against exact CFG.
+
+    Exact CFG takes ``eps = g * eps_cond + (1 - g) * eps_uncond``; residual CFG puts the known
+    residual noise ``r`` in place of ``eps_uncond``. The step being linear, the two latents
+    differ by exactly ``eps_coef * (1 - g) * (r - eps_uncond)``, so per element at most
+    ``|eps_coef| * |g - 1| * max|r - eps_uncond|``: zero at g = 1, growing linearly in g - 1.
+    """
+    return abs(eps_coef) * abs(guidance - 1.0) * residual_gap
+
+
+@dataclass
+class _StreamSlot:
+    """One session's frames in flight: slot j holds a frame with j + 1 steps done."""
+
+    key: tuple
+    latents: torch.Tensor              # [N - 1, 4, h, w] model dtype
+    residual: torch.Tensor | None      # [N - 1, 4, h, w] the noise each slot carries (residual CFG)
+
+
+class CompiledEngine(DiffusionEngine):
+    """The fast engine: see the module docstring. Settings are attributes, set before ``load``."""
+
+    name = "compiled"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compile = True                      # Settings.compile: torch.compile where it pays (CUDA)
+        self.compile_backend: str | None = None  # None: inductor on CUDA, no compile elsewhere; set to force
+        self.compile_mode: str | None = None     # None: "reduce-overhead" (CUDA graphs) on CUDA, default elsewhere
+        self.stream_batch = True                 # batch the N steps of N consecutive frames in one UNet call
+        self.residual_cfg = False                # self-negative guidance: one UNet pass, not two
+        self.channels_last: bool | None = None   # None: on CUDA only
+        self.warmup_on_load = True
+        self.nan_frames = 0
+        self.compile_s = 0.0
+        self._compiled: dict[tuple, Callable[..., Any]] = {}
+        self._schedule: LinearSchedule | None = None
+        self._schedule_key: tuple | None = None
+        self._cfg = "none"                       # none | exact | residual, settled in prepare
+        self._guidance_tensor: torch.Tensor | None = None
+        self._pinned: dict[tuple, list[tuple[torch.Tensor, Any]]] = {}
+        self._pinned_turn = 0
+        self._nan_pending: tuple[torch.Tensor, list[StreamState]] | None = None
+
+    # --- loading --------------------------------------------------------------------------------
+
+    @property
+    def compile_active(self) -> bool:
+        return self.compile and (self.compile_backend is not None or self.device.type == "cuda")
+
+    def load(self, source: str | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().load(source, device, dtype)
+        if self.compile_active and self.warmup_on_load:
+            from sdbridge.params import Schema
+
+            self.warmup(Schema().defaults())
+
+    def _adopt(self, parts: PipelineParts) -> None:
+        super()._adopt(parts)
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        # SDPA (flash / memory-efficient kernels on CUDA). diffusers picks it by default on
+        # torch 2; a model loaded with another processor is switched, LoRA weights are fused in
+        # place and do not depend on the processor.
+        for module in (parts.unet, self.autoencoder):
+            processors = getattr(module, "attn_processors", None)
+            if processors and not all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
+                module.set_attn_processor(AttnProcessor2_0())
+        channels_last = self.channels_last if self.channels_last is not None else self.device.type == "cuda"
+        if channels_last:
+            for module in (parts.unet, self.autoencoder):
+                module.to(memory_format=torch.channels_last)
+        self._compiled.clear()
+        self._schedule_key = None
+        if self.compile_active:
+            configure_compile_cache()
+
+    def close(self) -> None:
+        self._compiled.clear()
+        self._pinned.clear()
+        super().close()
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update(compiled=self.compile_active, graphs=len(self._compiled), cfg=self._cfg,
+                   path=self._path_name(), stream_steps=self._schedule.steps if self._schedule else None,
+                   nan_frames=self.nan_frames)
+        return out
+
+    def _path_name(self) -> str:
+        if self._schedule is None:
+            return "eager"
+        return "stream" if self.stream_batch and self._schedule.steps > 1 else "sequential"
+
+    def warmup(self, params: Mapping[str, Any], sessions: Sequence[int] = (1,), runs: int = 3) -> float:
+        """Compile (or load from the disk cache) the graphs for ``params`` and these session counts.
+
+        Three runs: the first compiles, CUDA graphs record on the next ones. Returns seconds.
+        """
+        import time
+
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        self.prepare(params)
+        width, height = self.resolution
+        with tqdm(total=len(sessions) * runs, desc=f"compiling {width}x{height}", unit="run", leave=False) as bar:
+            for count in sessions:
+                frames = torch.zeros((count, height, width, 3), dtype=torch.uint8, device=self.device)
+                states = [StreamState(f"warmup-{i}") for i in range(count)]
+                for _ in range(runs):
+                    self.step(frames, states)
+                    bar.update()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # warm-up is timed apart from frames: a sync is fine here
+        self.compile_s = time.perf_counter() - started
+        self._nan_pending = None
+        log.info("compiled engine warm for %dx%d, sessions %s, in %.1f s", width, height, list(sessions),
+                 self.compile_s)
+        return self.compile_s
+
+    # --- parameters -----------------------------------------------------------------------------
+
+    def prepare(self, params: Mapping[str, Any]) -> None:
+        super().prepare(params)
+        key = (self._num_inference_steps, self._strength, self._txt2img, id(self.scheduler),
+               type(self.scheduler).__name__, self.dtype, str(self.device))
+        if key != self._schedule_key:
+            timesteps, _ = self._timesteps()
+            self._schedule = probe_linear_schedule(self.scheduler, timesteps, self._txt2img, self.dtype)
+            self._schedule_key = key
+        if not self._guided:
+            self._cfg = "none"
+        elif self.residual_cfg and self.scheduler.config.get("prediction_type", "epsilon") == "epsilon":
+            self._cfg = "residual"
+        else:
+            self._cfg = "exact"
+        self._guidance_tensor = torch.tensor(self._guidance, device=self.device, dtype=torch.float32)
+
+    # --- the frame ------------------------------------------------------------------------------
+
+    def step(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
+        # 0. The previous frame's NaN flag, a frame late: it finished when its output was copied out.
+        self._read_previous_nan()
+        frames = self.fit(self.upload(frames)) if frames is not None else None
+        image = self.step_float(frames, states)  # [B, 3, H, W] in [0, 1]
+        width, height = self.resolution
+        fallback = frames if frames is not None else torch.zeros(
+            (len(states), height, width, 3), dtype=torch.uint8, device=self.device)
+        # 6. uint8 out; a frame with a NaN is replaced by its input on the device (no host sync).
+        out, nan = self._part("quantize", len(states), _quantize)(image, fallback)
+        self.last_nan = nan.any()
+        self._nan_pending = (nan, list(states))
+        return out
+
+    @torch.inference_mode()
+    def step_float(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
+        """The frame leaving the pipeline before quantisation: [B, 3, H, W] in [0, 1]."""
+        schedule = self._schedule
+        if schedule is None or self._controlnet_active():
+            # A scheduler that is not linear, or ControlNet residuals (not in the compiled graphs
+            # yet): the eager engine's exact path.
+            return super().step_float(frames, states)
+        assert self._embeddings is not None, "prepare() before step()"
+        if self.compile_active and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        batch = len(states)
+        width, height = self.resolution
+        latent_shape = (1, self.parts.unet.config.in_channels, height // self.vae_scale_factor,
+                        width // self.vae_scale_factor)
+
+        # 1. uint8 [B, H, W, 3] on the device at the engine's resolution.
+        if frames is not None and not self._txt2img:
+            frames = self.fit(self.upload(frames))
+        # 2. Encode and noise at t_0: the entry latents [B, 4, h, w].
+        noise = torch.cat([self._noise(state, latent_shape) for state in states])
+        if self._txt2img or frames is None:
+            entry = (noise * schedule.noise_coef).to(self.dtype)
+        else:
+            entry = self._part("entry", batch, self._entry)(frames, noise, schedule.entry_coef, schedule.noise_coef)
+
+        # 3. Denoise: one UNet call over [B * N] (stream) or N calls over [B] (sequential).
+        if self.stream_batch and schedule.steps > 1:
+            latents = self._denoise_stream(entry, noise, states, schedule)
+        else:
+            latents = self._denoise_sequential(entry, noise, schedule)
+
+        # 4. Latent plugins, then decode.
+        if self.latent_hook is not None:
+            latents = self.latent_hook(latents, states)
+        return self._part("decode", batch, self.decode)(latents)
+
+    def _denoise_sequential(self, x: torch.Tensor, noise: torch.Tensor, schedule: LinearSchedule) -> torch.Tensor:
+        batch = x.shape[0]
+        residual = noise if self._cfg == "residual" else None
+        for i in range(schedule.steps):
+            x, eps = self._unet_step(x, schedule.timesteps[i:i + 1].expand(batch), schedule.input_scale[i:i + 1],
+                                     schedule.sample_coef[i:i + 1], schedule.eps_coef[i:i + 1], residual)
+            residual = eps if residual is not None else None
+        return x
+
+    def _denoise_stream(self, entry: torch.Tensor, noise: torch.Tensor, states: Sequence[StreamState],
+                        schedule: LinearSchedule) -> torch.Tensor:
+        steps, batch = schedule.steps, len(states)
+        slots = [self._stream_slot(state, entry[i:i + 1], noise[i:i + 1], schedule) for i, state in enumerate(states)]
+        # [B * N, 4, h, w]: session-major, step-minor; element (s, i) is at timesteps[i].
+        x = torch.cat([torch.cat([entry[i:i + 1], slot.latents]) for i, slot in enumerate(slots)])
+        residual = None
+        if self._cfg == "residual":
+            residual = torch.cat([torch.cat([noise[i:i + 1], slot.residual]) for i, slot in enumerate(slots)])
+        y, eps = self._stream_call(x, residual, batch, schedule)
+        y = y.view(batch, steps, *y.shape[1:])
+        eps = eps.view(batch, steps, *eps.shape[1:])
+        for i, slot in enumerate(slots):
+            # Clone: under CUDA graphs the outputs live in the graph's pool and the next replay overwrites them.
+            slot.latents = y[i, :-1].clone()
+            slot.residual = eps[i, :-1].clone() if residual is not None else None
+        return y[:, -1]  # [B, 4, h, w], the frames that entered N - 1 calls ago, fully denoised
+
+    def _stream_call(self, x: torch.Tensor, residual: torch.Tensor | None, batch: int,
+                     schedule: LinearSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._unet_step(x, *schedule.tiled(batch), residual)
+
+    def _unet_step(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
+                   sample_coef: torch.Tensor, eps_coef: torch.Tensor,
+                   residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._embeddings is not None and self._guidance_tensor is not None
+        if self._guided:
+            uncond, cond = self._embeddings.chunk(2)
+        else:
+            uncond, cond = None, self._embeddings
+        denoise = self._part(f"denoise-{self._cfg}", x.shape[0], self._denoise)
+        return denoise(x, timesteps, input_scale, sample_coef, eps_coef, residual, cond,
+                       uncond if self._cfg == "exact" else None, self._guidance_tensor, self._cfg)
+
+    def _stream_slot(self, state: StreamState, entry: torch.Tensor, noise: torch.Tensor,
+                     schedule: LinearSchedule) -> _StreamSlot:
+        """This session's buffer; a new one is filled from this frame (warm start, module docstring)."""
+        key = (self._seed, self._schedule_key, self.resolution, self._cfg == "residual")
+        slot = state.data.get(STREAM_KEY)
+        if slot is not None and slot.key == key:
+            return slot
+        steps = schedule.steps
+        latents = entry.expand(steps - 1, -1, -1, -1).clone()   # placeholders, pushed out by the fill
+        residual = noise.expand(steps - 1, -1, -1, -1).clone() if self._cfg == "residual" else None
+        for _ in range(steps - 1):
+            x = torch.cat([entry, latents])
+            res = torch.cat([noise, residual]) if residual is not None else None
+            y, eps = self._stream_call(x, res, 1, schedule)
+            latents = y[:-1].clone()
+            residual = eps[:-1].clone() if residual is not None else None
+        slot = _StreamSlot(key=key, latents=latents, residual=residual)
+        state.data[STREAM_KEY] = slot
+        return slot
+
+    # --- the parts that are compiled --------------------------------------------------------------
+
+    def _part(self, part: str, batch: int, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """The callable for one part at this resolution and batch; compiled once, then cached."""
+        key = (part, self.resolution, batch)
+        found = self._compiled.get(key)
+        if found is None:
+            found = fn
+            if self.compile_active:
+                backend = self.compile_backend or "inductor"
+                mode = self.compile_mode
+                if mode is None and backend == "inductor" and self.device.type == "cuda":
+                    mode = "reduce-overhead"
+                log.info("compiling %s for %dx%d, batch %d (%s, %s)", part, *self.resolution, batch, backend, mode)
+                found = torch.compile(fn, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+            self._compiled[key] = found
+        return found
+
+    def _entry(self, frames: torch.Tensor, noise: torch.Tensor, entry_coef: torch.Tensor,
+               noise_coef: torch.Tensor) -> torch.Tensor:
+        # frames [B, H, W, 3] uint8 -> [-1, 1] [B, 3, H, W] -> latents [B, 4, h, w] noised at t_0
+        pixels = frames.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
+        return entry_coef * self.encode(pixels) + noise_coef * noise
+
+    def _denoise(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
+                 sample_coef: torch.Tensor, eps_coef: torch.Tensor, residual: torch.Tensor | None,
+                 cond: torch.Tensor, uncond: torch.Tensor | None, guidance: torch.Tensor,
+                 cfg: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UNet call and the scheduler's step. x [M, 4, h, w]; timesteps [M]; coefficients [M] or [1];
+        cond, uncond [1, L, D]; guidance []. Everything that changes live is an argument, so that a new
+        prompt or guidance value is new input to the same graph, never a recompile."""
+        assert self.parts is not None
+        unet, batch = self.parts.unet, x.shape[0]
+        model_input = (x * input_scale.view(-1, 1, 1, 1)).to(x.dtype)
+        if cfg == "exact":
+            assert uncond is not None
+            embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+            noise_pred = unet(torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]),
+                              encoder_hidden_states=embeddings, return_dict=False)[0]
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            eps = noise_uncond + guidance * (noise_cond - noise_uncond)
+        else:
+            eps = unet(model_input, timesteps, encoder_hidden_states=cond.expand(batch, -1, -1), return_dict=False)[0]
+            if cfg == "residual":
+                assert residual is not None
+                eps = residual + guidance * (eps - residual)
+        # The scheduler's arithmetic in float32, as diffusers' Euler step upcasts.
+        x_next = sample_coef.view(-1, 1, 1, 1) * x.float() + eps_coef.view(-1, 1, 1, 1) * eps.float()
+        return x_next.to(x.dtype), eps
+
+    def _controlnet_active(self) -> bool:
+        controlnets = getattr(self, "controlnets", None)
+        return controlnets is not None and any(slot.active for slot in controlnets.slots)
+
+    # --- frames in ------------------------------------------------------------------------------
+
+    def upload(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames onto the device; from host memory through a pinned buffer, without blocking."""
+        if frames.device == self.device or (frames.device.type == self.device.type == "cpu"):
+            return frames
+        if self.device.type != "cuda" or frames.device.type != "cpu":
+            return frames.to(self.device)
+        shape = tuple(frames.shape)
+        ring = self._pinned.get(shape)
+        if ring is None:
+            # Two buffers: the copy of frame k may still be in flight while frame k + 1 is staged.
+            ring = [(torch.empty(shape, dtype=torch.uint8).pin_memory(), torch.cuda.Event()) for _ in range(2)]
+            self._pinned[shape] = ring
+        self._pinned_turn ^= 1
+        host, done = ring[self._pinned_turn]
+        done.synchronize()  # the copy from two frames ago: long finished, no wait in practice
+        host.copy_(frames)
+        out = host.to(self.device, non_blocking=True)
+        done.record()
+        return out
+
+    def fit(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames of another size stretched to the engine's resolution on the device (the worker crops or
+        letterboxes already; this covers callers that hand frames straight to the engine)."""
+        width, height = self.resolution
+        if frames.shape[1:3] == (height, width):
+            return frames
+        pixels = frames.permute(0, 3, 1, 2).float()
+        pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    # --- NaN, a frame late ------------------------------------------------------------------------
+
+    def _read_previous_nan(self) -> None:
+        pending, self._nan_pending = self._nan_pending, None
+        if pending is None:
+            return
+        flags, states = pending
+        bad = [state for state, flag in zip(states, flags.tolist()) if flag]
+        if bad:
+            self.nan_frames += len(bad)
+            log.warning("NaN in the output of %d session(s) (%s): their input was sent instead; their stream "
+                        "buffers are refilled", len(bad), ", ".join(s.session_id for s in bad))
+            for state in bad:
+                state.data.pop(STREAM_KEY, None)
+
+
+def _quantize(image: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]; a frame holding a NaN becomes ``fallback``. -> (out, nan [B])"""
+    nan = torch.isnan(image).flatten(1).any(dim=1)
+    out = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return torch.where(nan.view(-1, 1, 1, 1), fallback, out).contiguous(), nan
