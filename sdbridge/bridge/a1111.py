@@ -504,24 +504,31 @@ class A1111Api:
         if checkpoint is None:
             return
         name = checkpoint.rsplit(" [", 1)[0] if checkpoint.endswith("]") else checkpoint
+        if not name.strip():
+            raise HTTPException(422, "sd_model_checkpoint is empty: name a model from /sdapi/v1/sd-models")
         name = await asyncio.to_thread(self.checkpoint_source, name)
         engines = self.daemon.engines
         if name == self.current_model():
             return
+        failures = engines.load_failures
         applied, errors = self.daemon.store.update({"model": name, "engine": "diffusion"})
         if errors:
             raise HTTPException(422, str(errors[0]))
         # A1111 answers once the checkpoint is loaded; so do we (the stream keeps serving meanwhile).
-        deadline = time.monotonic() + MODEL_LOAD_WAIT_S
-        await asyncio.sleep(0.05)
-        while time.monotonic() < deadline:
-            if engines.status != "loading":
-                if self.current_model() == name:  # swapped in by the worker: it serves now
-                    return
-                if engines.last_error and engines.loaded_source() != name:
-                    raise HTTPException(422, f"sd_model_checkpoint {checkpoint!r} could not be loaded: "
-                                             f"{engines.last_error}; the previous model keeps serving")
+        # The worker starts the load at its next turn (< 0.25 s); after `settle` with no load
+        # running, this choice is one that failed before and is not retried until it changes.
+        started = time.monotonic()
+        settle = started + 2.0
+        while time.monotonic() < started + MODEL_LOAD_WAIT_S:
             await asyncio.sleep(0.05)
+            if self.current_model() == name:  # swapped in by the worker: it serves now
+                return
+            if engines.status == "loading":
+                continue
+            if engines.load_failures != failures or time.monotonic() > settle:
+                reason = engines.last_error or "it did not load"
+                raise HTTPException(422, f"sd_model_checkpoint {checkpoint!r} could not be loaded: {reason}; "
+                                         f"the previous model keeps serving")
         raise HTTPException(504, f"sd_model_checkpoint {checkpoint!r} is still loading")
 
     def checkpoint_source(self, name: str) -> str:
@@ -550,13 +557,10 @@ class A1111Api:
         return out
 
     def loras(self) -> list[dict[str, Any]]:
-        folder = self.lora_dir()
-        if not folder.is_dir():
-            return []
-        out = []
-        for path in sorted(folder.rglob("*.safetensors")):
-            out.append({"name": path.stem, "alias": path.stem, "path": str(path), "metadata": _metadata(path)})
-        return out
+        """The LoRA folder as A1111 lists it; the names are what ``<lora:name:w>`` takes."""
+        from sdbridge.engines.lora import list_loras
+
+        return list_loras(self.lora_dir())
 
     def embeddings(self) -> dict[str, Any]:
         engine = self.daemon.engines.active_engine()
@@ -564,20 +568,6 @@ class A1111Api:
         if inversions is not None and hasattr(inversions, "a1111_listing"):
             return inversions.a1111_listing()
         return {"loaded": {}, "skipped": {}}
-
-
-def _metadata(path: Path) -> dict[str, Any]:
-    """A safetensors file's ``__metadata__`` header, read without loading a tensor."""
-    try:
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if size <= 0 or size > 100 * 1024 * 1024:
-                return {}
-            header = json.loads(handle.read(size))
-        meta = header.get("__metadata__", {})
-        return meta if isinstance(meta, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _num(value: float | None) -> float | int | None:
