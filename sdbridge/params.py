@@ -221,6 +221,8 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               choices=ENGINE_CHOICES),
     ParamSpec("model", "str", "", "Model to load: a diffusers folder, a .safetensors file or a hub id in the cache. "
               "The previous model keeps serving until the new one is ready.", max_length=1024),
+    ParamSpec("crossfade_s", "float", 0.5, "When a newly loaded model takes over, its frames dissolve in from the "
+              "previous model's last frame over this long (0: cut).", minimum=0.0, maximum=10.0),
     ParamSpec("mode", "enum", "img2img", "img2img stylises input frames; txt2img streams generated frames to viewers.",
               choices=("img2img", "txt2img")),
     ParamSpec("effect", "enum", "cartoon", "The preview engine's effect.", choices=PREVIEW_EFFECTS, group="preview"),

@@ -21,6 +21,7 @@ import torch
 from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
 from sdbridge.engines.device import pick_device, pick_dtype
+from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
 from sdbridge.errors import ModelError, SdbridgeError
 from sdbridge.paths import confine
 
@@ -198,8 +199,14 @@ class EngineHost:
                 engine.controlnet_dir = str(self.controlnet_dir())
                 engine.notify = self._notify
             device = pick_device(self.settings.device) if engine.needs_model else pick_device("cpu")
+            dtype = pick_dtype(device, self.settings.dtype)
+            if source and engine.needs_model:
+                # The old engine serves on while this one loads: both must fit at once.
+                free, needed = free_device_bytes(device), model_bytes(source, dtype)
+                if free is not None and needed is not None:
+                    check_fits(needed, free, what=str(choice.model), device=str(device))
             try:
-                engine.load(source, device, pick_dtype(device, self.settings.dtype))
+                engine.load(source, device, dtype)
             except torch.cuda.OutOfMemoryError as exc:
                 raise ModelError(f"out of device memory loading {choice.model}: {exc}", code="out_of_memory") from exc
             budget = self.settings.vram_budget_mb * 1024 * 1024
