@@ -419,5 +419,21 @@ def markdown_table(schema: Schema, prefix: str = "/sd") -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m sdbridge.params: the table for docs/protocol.md
-    print(markdown_table(Schema()), end="")
+def rewrite_docs_table(doc: str, table: str) -> str:
+    """``doc`` with its parameter table (from the header row to the first blank line) replaced."""
+    header = table.splitlines()[0]
+    start = doc.index(header)
+    end = doc.find("\n\n", start)
+    return doc[:start] + table + (doc[end + 1:] if end >= 0 else "")
+
+
+if __name__ == "__main__":  # python -m sdbridge.params [--write docs/protocol.md]
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        target = Path(sys.argv[2])
+        target.write_text(rewrite_docs_table(target.read_text(encoding="utf-8"), markdown_table(Schema())),
+                          encoding="utf-8")
+    else:
+        print(markdown_table(Schema()), end="")

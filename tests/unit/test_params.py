@@ -121,4 +121,4 @@ def test_docs_parameter_table_matches_the_code():
     from pathlib import Path
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
-    assert markdown_table(Schema()) in docs, "regenerate the table: python -m sdbridge.params"
+    assert markdown_table(Schema()) in docs, "regenerate the table: python -m sdbridge.params --write docs/protocol.md"
