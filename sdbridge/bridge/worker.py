@@ -31,6 +31,7 @@ from sdbridge.bridge import codec
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
+from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest
 from sdbridge.errors import SdbridgeError
 from sdbridge.params import ParamStore
@@ -243,7 +244,7 @@ class Worker(threading.Thread):
         width, height = int(params["width"]), int(params["height"])
         if engine is not None:
             width, height = engine.resolution
-        jobs = [job for job in self.pool.map(lambda j: self._decode(j, width, height, params), jobs) if job]
+        jobs = [job for job in self.pool.map(lambda j: self._decode(j, width, height, params, engine), jobs) if job]
         if not jobs:
             return 0
 
@@ -287,19 +288,39 @@ class Worker(threading.Thread):
                 jobs.append(Job(session, None))
         return jobs
 
-    def _decode(self, job: Job, width: int, height: int, params: dict[str, Any]) -> Job | None:
+    def _decode(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> Job | None:
         if job.frame is None:
             job.input_size = (width, height)
-            return job
-        try:
-            image = codec.decode_frame(job.frame.header, job.frame.payload)
-        except SdbridgeError as exc:
-            job.session.errors += 1
-            self.report(job.session, {**exc.to_json(), **_frame_ref(job.frame)})
-            return None
-        job.input_size = (image.shape[1], image.shape[0])
-        job.image = codec.fit(image, width, height, params["resize_mode"])
+        else:
+            try:
+                image = codec.decode_frame(job.frame.header, job.frame.payload)
+            except SdbridgeError as exc:
+                job.session.errors += 1
+                self.report(job.session, {**exc.to_json(), **_frame_ref(job.frame)})
+                return None
+            job.input_size = (image.shape[1], image.shape[0])
+            job.image = codec.fit(image, width, height, params["resize_mode"])
+        self._condition(job, width, height, params, engine)
         return job
+
+    def _condition(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> None:
+        """Condition streams (channel > 0): each one's latest frame stays with the session for its next
+        frames (docs/protocol.md, "Condition streams"); then the ControlNet slots' images for this frame."""
+        session = job.session
+        streams = session.state.data.setdefault(CONDITIONS, {})
+        for channel, slot in list(session.conditions.items()):
+            frame = slot.take()
+            if frame is None:
+                continue
+            try:
+                streams[channel] = codec.fit(codec.decode_frame(frame.header, frame.payload), width, height,
+                                             params["resize_mode"])
+            except SdbridgeError as exc:  # the previous condition frame of this channel stays
+                session.errors += 1
+                self.report(session, {**exc.to_json(), **_frame_ref(frame)})
+        controlnets = getattr(engine, "controlnets", None)
+        if controlnets is not None:
+            controlnets.condition(session.state.data, job.image)
 
     def _step(self, engine: Any, jobs: list[Job]) -> None:
         generated = jobs[0].frame is None

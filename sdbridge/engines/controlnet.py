@@ -376,7 +376,7 @@ class ControlNets:
         images: dict[int, np.ndarray] = {}
         streams = data.get(CONDITIONS, {})
         for index, slot in enumerate(self.slots):
-            if not slot.active or self.serving[index] is None:
+            if not slot.active:
                 continue
             source = image if slot.channel == 0 else streams.get(slot.channel)
             if source is None:
@@ -419,6 +419,12 @@ class ControlNets:
         return ControlStack(units, guided) if units else None
 
     def describe(self) -> dict[str, Any]:
-        return {"slots": [{"model": slot.model, "serving": name, "scale": slot.scale, "active": slot.active}
-                          for slot, name in zip(self.slots, self.serving)],
-                "loading": sorted(self._loading), "failed": dict(self.failed), "loads": self.loads}
+        """For /health and /stats (any thread): what each slot runs from its next frame on."""
+        with self._lock:
+            loaded = set(self.models) | set(self._ready)
+            loading = sorted(self._loading)
+            failed = {**self.failed, **self._ready_failed}
+        serving = [slot.model if slot.model in loaded else name for slot, name in zip(self.slots, self.serving)]
+        return {"slots": [{"model": slot.model, "serving": name or None, "scale": slot.scale, "active": slot.active}
+                          for slot, name in zip(self.slots, serving)],
+                "loading": loading, "failed": failed, "loads": self.loads}
