@@ -161,6 +161,7 @@ class Generation:
         self.dtype = engine.dtype
         self.scale = engine.vae_scale_factor
         self._latents: torch.Tensor | None = None
+        self.loras: dict[str, float] = {}
         # Checked here so that a bad name fails before any work, with the name in the message.
         samplers.resolve(request.sampler_name, request.scheduler)
 
@@ -169,6 +170,9 @@ class Generation:
     def run(self) -> Iterator[None]:
         """Yields after every UNet step; ``images`` holds the results when it ends."""
         request = self.request
+        # The prompt's <lora:...> tags: applied while encoding and around each UNet step, the
+        # stream's weights back in between (the stream runs between this request's steps).
+        self.loras = self.engine.prompt_loras(request.prompt)
         cond, uncond = self.engine.encode_prompt_pair(request.prompt, request.negative_prompt)
         for batch_no in range(request.n_iter):
             if self.progress.interrupted:
@@ -315,7 +319,7 @@ class Generation:
         for index, t in enumerate(timesteps):
             if self.progress.interrupted or self.progress.skipped:
                 break
-            with torch.inference_mode():
+            with torch.inference_mode(), self.engine.lora_scope(self.loras):
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]

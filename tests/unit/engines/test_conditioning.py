@@ -1,0 +1,167 @@
+"""LoRAs, textual inversions and A1111 prompts through the diffusion engine (tiny model, real files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.lora import LoraStack
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.errors import ParamError
+from sdbridge.params import Schema
+from tests.unit.engines.test_lora import random_lora, write_kohya
+
+CPU = torch.device("cpu")
+
+
+def params(**overrides) -> dict:
+    values = Schema().defaults()
+    values.update(width=64, height=64, steps=2, strength=0.9, guidance=1.0, seed=3, prompt="a red fox")
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("lora")
+    parts = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    model = {"unet": parts.unet, "text_encoder": parts.text_encoder}
+    write_kohya(folder / "ink.safetensors", random_lora(model, seed=1))
+    (folder / "styles").mkdir()
+    write_kohya(folder / "styles" / "paper.safetensors", random_lora(model, seed=2))
+    return folder
+
+
+@pytest.fixture
+def engine(tiny_model_dir, lora_dir):
+    engine = DiffusionEngine.from_parts(load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32))
+    assert engine.conditioning is not None
+    engine.conditioning.lora_dir = lora_dir
+    return engine
+
+
+@pytest.fixture
+def frame() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8))
+
+
+def run(engine, frame, **overrides) -> torch.Tensor:
+    engine.prepare(params(**overrides))
+    return engine.step_float(frame, [StreamState("s")])
+
+
+def test_lora_at_weight_zero_gives_the_base_output(engine, frame):
+    base = run(engine, frame)
+    assert torch.equal(run(engine, frame, loras="ink:0"), base)
+    assert "ink" in engine.conditioning.loras  # loaded, at 0
+
+
+def test_changing_the_weight_live_changes_the_next_frame_and_back(engine, frame):
+    base = run(engine, frame)
+    strong = run(engine, frame, loras="ink:4")
+    assert (strong - base).abs().max() > 1e-3
+    weaker = run(engine, frame, loras="ink:2")
+    assert not torch.equal(weaker, strong) and not torch.equal(weaker, base)
+    assert torch.equal(run(engine, frame, loras=""), base)           # unfused: the original bits
+    assert engine.conditioning.loras.names == ["ink"]                 # never re-read: kept at weight 0
+
+
+def test_prompt_tag_equals_the_stack_weight_set_directly(tiny_model_dir, lora_dir, engine, frame):
+    tagged = run(engine, frame, prompt="a red fox <lora:ink:0.5>")
+    parts = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    LoraStack({"unet": parts.unet, "text_encoder": parts.text_encoder}).add("ink", lora_dir / "ink.safetensors", 0.5)
+    direct = DiffusionEngine.from_parts(parts)
+    direct.prepare(params(prompt="a red fox "))
+    assert torch.equal(tagged, direct.step_float(frame, [StreamState("s")]))
+
+
+def test_tag_and_parameter_add_up_and_subfolder_names(engine, frame):
+    both = run(engine, frame, prompt="a red fox <lora:ink:0.25>", loras="ink:0.25, styles/paper:1")
+    assert engine.conditioning.loras.weights == {"ink": 0.5, "styles/paper": 1.0}
+    assert torch.equal(both, run(engine, frame, prompt="a red fox", loras="ink:0.5,styles/paper:1"))
+
+
+def test_text_encoder_lora_re_encodes_and_cache_is_keyed_by_it(engine):
+    engine.prepare(params())
+    plain = engine._embeddings.clone()
+    calls = engine.text_encoder_calls
+    engine.prepare(params(loras="ink:2"))
+    assert not torch.allclose(engine._embeddings, plain, atol=1e-4)  # the text encoder's weights moved
+    assert engine.text_encoder_calls == calls + 1
+    engine.prepare(params())  # back: the cached plain embeddings, no new encoding
+    assert torch.equal(engine._embeddings, plain) and engine.text_encoder_calls == calls + 1
+
+
+@pytest.mark.parametrize("overrides, code, message", [
+    ({"loras": "nosuch:1"}, "unknown_lora", "'nosuch' not found in .*there: ink, paper"),
+    ({"prompt": "a fox <lora:nosuch:1>"}, "unknown_lora", "'nosuch' not found"),
+    ({"loras": "../../etc/passwd:1"}, "unknown_lora", "refused"),
+    ({"prompt": "a fox <lora:ink:lots>"}, "bad_lora", "'lots' is not a number"),
+    ({"loras": "ink:lots"}, "bad_lora", "'lots' is not a number"),
+])
+def test_bad_lora_is_a_param_error_and_nothing_moves(engine, frame, overrides, code, message):
+    before = run(engine, frame, loras="ink:1")
+    with pytest.raises(ParamError, match=message) as info:
+        engine.prepare(params(**{"loras": "ink:3", **overrides}))
+    assert info.value.code == code
+    assert engine.conditioning.loras.weights == {"ink": 1.0}
+    assert torch.equal(engine.step_float(frame, [StreamState("s")]), before)  # the stream goes on
+
+
+def test_weights_and_break_in_the_engine(engine, frame):
+    engine.prepare(params(prompt="a red (fox:1.4)"))
+    weighted = engine._embeddings.clone()
+    engine.prepare(params(prompt="a red fox"))
+    assert not torch.allclose(weighted, engine._embeddings, atol=1e-4)
+    engine.prepare(params(prompt="a red BREAK fox"))
+    assert engine._embeddings.shape == (1, 154, 32)
+
+
+def test_150_token_prompt_with_guidance(engine, frame):
+    out = run(engine, frame, prompt="a " * 150, guidance=3.0, negative_prompt="blurry")
+    assert engine._embeddings.shape == (2, 154, 32)   # uncond padded to cond's two chunks
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    cond, uncond = engine.encode_prompt_pair("a " * 150, "blurry")
+    assert cond.shape == uncond.shape == (1, 154, 32)
+
+
+def test_prompt_blend(engine, frame):
+    fox = run(engine, frame, prompt="a red fox")
+    whale = run(engine, frame, prompt="a blue whale")
+    assert torch.equal(run(engine, frame, blend_prompt="a blue whale", prompt_blend=0.0), fox)
+    assert torch.equal(run(engine, frame, blend_prompt="a blue whale", prompt_blend=1.0), whale)
+    engine.prepare(params(blend_prompt="a blue whale", prompt_blend=0.25))
+    mixed = engine._embeddings
+    engine.prepare(params(prompt="a red fox"))
+    fox_embeddings = engine._embeddings
+    engine.prepare(params(prompt="a blue whale"))
+    assert torch.allclose(mixed, 0.75 * fox_embeddings + 0.25 * engine._embeddings, atol=1e-6)
+
+
+def test_textual_inversion_trigger_changes_the_embeddings(engine, tmp_path):
+    engine.prepare(params(prompt="a fox, inkstyle"))
+    before = engine._embeddings.clone()
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+              str(folder / "inkstyle.safetensors"))
+    engine.conditioning.embeddings_dir = folder
+    assert engine.rescan_embeddings() == ["inkstyle"]
+    engine.prepare(params(prompt="a fox, inkstyle"))           # same text, new token table: re-encoded
+    assert not torch.allclose(engine._embeddings, before, atol=1e-3)
+    listing = engine.textual_inversions.a1111_listing()
+    assert listing["loaded"]["inkstyle"]["vectors"] == 2 and listing["loaded"]["inkstyle"]["shape"] == 32
+
+
+def test_one_shot_lora_scope_restores_the_stream(engine, frame):
+    stream = run(engine, frame, loras="ink:1")
+    cond, _ = engine.encode_prompt_pair("a red fox <lora:ink:3> <lora:styles/paper:1>", "")
+    assert engine.conditioning.loras.weights == {"ink": 1.0, "styles/paper": 0.0}   # the stream's again
+    with engine.lora_scope({"ink": 3.0}):
+        assert engine.conditioning.loras.weights["ink"] == 3.0
+    assert torch.equal(engine.step_float(frame, [StreamState("s")]), stream)
