@@ -287,3 +287,48 @@ def test_sd_models_lists_pulled_models(api):
     names = [m["model_name"] for m in api.get("/sdapi/v1/sd-models").json()]
     assert "pulled-sd" in names and "tiny-sd" in names
     assert Path(api.get("/sdapi/v1/sd-models").json()[0]["filename"]).exists()
+
+
+def test_prompt_syntax_loras_and_embeddings(start_daemon, tiny_model_dir, tmp_path):
+    """A1111 prompts: weights, BREAK, long prompts, <lora:...> tags and embeddings, and the listings."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdbridge.engines.models import load_pipeline_parts
+    from tests.unit.engines.test_lora import random_lora, write_kohya
+
+    lora_dir, embeddings_dir = tmp_path / "lora", tmp_path / "embeddings"
+    lora_dir.mkdir()
+    embeddings_dir.mkdir()
+    parts = load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    write_kohya(lora_dir / "ink.safetensors", random_lora({"unet": parts.unet, "text_encoder": parts.text_encoder}, 1))
+    save_file({"emb_params": torch.randn(2, 32)}, str(embeddings_dir / "inkstyle.safetensors"))
+    save_file({"emb_params": torch.randn(1, 16)}, str(embeddings_dir / "wide.safetensors"))
+    daemon = start_daemon(model=str(tiny_model_dir), models_dir=str(tmp_path / "models"), lora_dir=str(lora_dir),
+                          embeddings_dir=str(embeddings_dir))
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120)
+    wait_for(lambda: client.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+
+    entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    assert client.get("/sdapi/v1/embeddings").json() == {
+        "loaded": {"inkstyle": {**entry, "shape": 32, "vectors": 2}},
+        "skipped": {"wide": {**entry, "shape": 16, "vectors": 1}}}
+    loras = client.get("/sdapi/v1/loras").json()
+    assert [(lora["name"], lora["alias"]) for lora in loras] == [("ink", "tiny style")]
+    assert loras[0]["metadata"]["ss_tag_frequency"] == {"a": {"b": 1}}
+
+    def txt2img(prompt: str, **extra) -> httpx.Response:
+        return client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "seed": 5, "cfg_scale": 1, **SMALL, **extra})
+
+    base = txt2img("a cat, inkstyle")
+    assert base.status_code == 200, base.text
+    tagged = txt2img("a cat, inkstyle <lora:ink:4>")
+    assert tagged.status_code == 200, tagged.text
+    assert not np.array_equal(from_b64(tagged.json()["images"][0]), from_b64(base.json()["images"][0]))
+    again = txt2img("a cat, inkstyle")  # the LoRA's weights are back to the stream's (none)
+    assert np.array_equal(from_b64(again.json()["images"][0]), from_b64(base.json()["images"][0]))
+    long = txt2img("(a cat:1.2) [on] a hill BREAK " + "b " * 100, negative_prompt="blurry", cfg_scale=5)
+    assert long.status_code == 200, long.text
+    unknown = txt2img("a cat <lora:nosuch:1>")
+    assert unknown.status_code == 422 and "'nosuch' not found" in unknown.json()["detail"]
+    client.close()
