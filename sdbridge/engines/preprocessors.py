@@ -7,7 +7,7 @@ built-ins:
 - ``invert``: 255 - image (white-background line art to the black-background lines ControlNets want);
 - ``canny``: OpenCV's Canny edges, thresholds ``low_threshold`` / ``high_threshold`` (A1111's threshold_a/b);
 - ``softedge``: a soft edge map, the Sobel gradient magnitude of a blurred grey image, normalised;
-- ``lineart``: XDoG line art (a difference of Gaussians, soft-thresholded), white lines on black;
+- ``lineart``: thin lines from a difference of Gaussians, soft-thresholded as XDoG does, white on black;
 - ``depth``: a depth model loaded from local weights (any transformers depth-estimation model in a
   folder, e.g. Intel/dpt-hybrid-midas or a Depth Anything, safetensors only), near is bright.
 
@@ -78,14 +78,12 @@ def softedge(image: np.ndarray, options: Options) -> np.ndarray:
 
 
 def lineart(image: np.ndarray, options: Options) -> np.ndarray:
-    """XDoG (Winnemöller et al. 2012): sharpened difference of Gaussians, soft-thresholded."""
+    """Thin lines from a difference of Gaussians, soft-thresholded as XDoG does (Winnemöller et al. 2012)."""
     grey = _grey(image).astype(np.float32) / 255.0
-    sigma, k, p, epsilon, phi = 0.8, 1.6, 20.0, 0.1, 10.0
-    g1 = cv2.GaussianBlur(grey, (0, 0), sigma)
-    g2 = cv2.GaussianBlur(grey, (0, 0), sigma * k)
-    sharpened = (1 + p) * g1 - p * g2
-    lines = np.where(sharpened >= epsilon, 1.0, 1.0 + np.tanh(phi * (sharpened - epsilon)))
-    return _rgb(np.clip((1.0 - lines) * 255.0, 0, 255).astype(np.uint8))  # white lines on black
+    sigma, k, phi = 0.8, 1.6, 20.0
+    dog = np.abs(cv2.GaussianBlur(grey, (0, 0), sigma) - cv2.GaussianBlur(grey, (0, 0), sigma * k))
+    lines = np.tanh(phi * np.maximum(dog - 0.01, 0.0))  # flat areas (dog ~ 0) stay black
+    return _rgb(np.clip(lines * 255.0, 0, 255).astype(np.uint8))  # white lines on black
 
 
 class DepthPreprocessor:
@@ -111,9 +109,9 @@ class DepthPreprocessor:
 
         folder = self.folder
         if folder is None or not (folder / "config.json").is_file():
-            raise ModelError(f"the depth preprocessor needs a depth model in {folder}: a folder with config.json and "
-                             f"model.safetensors (a transformers depth-estimation model such as Intel/dpt-hybrid-midas)",
-                             code="model_not_found")
+            raise ModelError(f"the depth preprocessor needs a depth model in {folder}: a folder with config.json "
+                             f"and model.safetensors (a transformers depth-estimation model such as "
+                             f"Intel/dpt-hybrid-midas)", code="model_not_found")
         weights = sorted(folder.glob("*.safetensors"))
         if not weights:
             raise ModelError(f"{folder}: no .safetensors weights for the depth preprocessor")

@@ -1,0 +1,106 @@
+"""ControlNet preprocessors: shapes and dtypes, canny on a known edge, depth from a tiny random model on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdbridge.engines.preprocessors import Options, Preprocessors
+from sdbridge.errors import ModelError, ParamError
+from sdbridge.params import PREPROCESSORS
+
+
+@pytest.fixture(scope="module")
+def annotators(tmp_path_factory):
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    torch.manual_seed(0)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
+                       patch_size=8, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+                       backbone_out_indices=[0, 1, 2, 3])
+    folder = tmp_path_factory.mktemp("annotators")
+    DPTForDepthEstimation(config).save_pretrained(folder / "depth", safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def registry(annotators) -> Preprocessors:
+    return Preprocessors(annotators)
+
+
+def step_edge(width: int = 64, height: int = 48) -> np.ndarray:
+    """Black on the left, white from column 32 on: one vertical edge."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, 32:] = 255
+    return image
+
+
+def test_schema_choices_are_the_registry(registry):
+    assert set(PREPROCESSORS) <= set(registry.names())
+
+
+@pytest.mark.parametrize("name", PREPROCESSORS)
+def test_every_preprocessor_keeps_shape_and_dtype(registry, name):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out = registry.run(name, image)
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+
+
+def test_canny_finds_the_edge_and_nothing_else(registry):
+    out = registry.run("canny", step_edge())
+    columns = np.nonzero(out[..., 0].any(axis=0))[0]
+    assert set(columns) <= {31, 32} and len(columns) >= 1
+    assert set(np.unique(out)) == {0, 255}
+    assert (out[..., 0] == out[..., 1]).all()  # grey edges in RGB
+
+
+def test_canny_thresholds_matter(registry):
+    faint = np.full((48, 64, 3), 100, np.uint8)
+    faint[:, 32:] = 130  # a step of 30 grey levels
+    assert registry.run("canny", faint, Options(20, 40)).any()
+    assert not registry.run("canny", faint, Options(200, 250)).any()
+    with pytest.raises(ParamError, match="low one"):
+        registry.run("canny", faint, Options(200, 100))
+
+
+def test_softedge_and_lineart_peak_at_the_edge(registry):
+    for name in ("softedge", "lineart"):
+        out = registry.run(name, step_edge())[..., 0].astype(int)
+        profile = out.mean(axis=0)
+        assert profile[28:36].max() > 100, name
+        assert profile[:20].max() < 10 and profile[44:].max() < 10, name
+
+
+def test_invert_and_none(registry):
+    image = step_edge()
+    assert registry.run("none", image) is image
+    assert np.array_equal(registry.run("invert", image), 255 - image)
+
+
+def test_processor_resolution_runs_smaller_and_returns_the_same_size(registry):
+    out = registry.run("canny", step_edge(128, 96), Options(resolution=48))
+    assert out.shape == (96, 128, 3)
+    assert out[:, 28:38].any() and not out[:, 44:].any() and not out[:, :24].any()
+
+
+def test_depth_from_a_tiny_random_model(registry):
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out = registry.run("depth", image)
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+    assert out.min() == 0 and out.max() >= 250  # normalised to the full range
+    assert np.array_equal(out, registry.run("depth", image))
+
+
+def test_depth_without_a_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="depth model") as caught:
+        Preprocessors(tmp_path).run("depth", step_edge())
+    assert caught.value.code == "model_not_found"
+
+
+def test_unknown_preprocessor(registry):
+    with pytest.raises(ParamError, match="unknown preprocessor 'pose'") as caught:
+        registry.run("pose", step_edge())
+    assert caught.value.code == "unknown_preprocessor"
