@@ -224,9 +224,14 @@ class Worker(threading.Thread):
                 if self._prepare_failed != version:
                     self._prepare_failed = version
                     self.engine_errors += 1
-                    log.exception("engine could not take the new parameters")
+                    # A client's mistake (an unknown LoRA: ParamError) keeps its code and needs no traceback.
+                    code = exc.code if isinstance(exc, SdbridgeError) else "engine_failed"
+                    if isinstance(exc, SdbridgeError):
+                        log.warning("engine could not take the new parameters: %s", exc)
+                    else:
+                        log.exception("engine could not take the new parameters")
                     for session in self.registry.sessions():
-                        self.report(session, {"type": "error", "code": "engine_failed",
+                        self.report(session, {"type": "error", "code": code,
                                               "message": f"the engine could not take the new parameters: "
                                                          f"{type(exc).__name__}: {exc}; frames pass through"})
         plugins = self.plugins

@@ -1,0 +1,48 @@
+"""LoRA weights changed live over the WebSocket; an unknown LoRA is told to the client, the stream goes on."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from sdbridge.bridge import codec
+from sdbridge.engines.models import load_pipeline_parts
+from tests.clients import make_image, wait_for, ws_connect
+from tests.unit.engines.test_lora import random_lora, write_kohya
+
+
+def frames_and_messages(ws, frame: bytes, count: int) -> tuple[list[bytes], list[dict]]:
+    """Send ``count`` frames, one at a time; every frame gets an answer, messages are collected."""
+    replies, messages = [], []
+    for _ in range(count):
+        ws.send(frame)
+        while not isinstance(message := ws.recv(timeout=30), bytes):
+            messages.append(json.loads(message))
+        replies.append(message)
+    return replies, messages
+
+
+def test_live_lora_weights_and_an_unknown_name(start_daemon, tiny_model_dir, tmp_path):
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    parts = load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    write_kohya(lora_dir / "ink.safetensors", random_lora({"unet": parts.unet, "text_encoder": parts.text_encoder}, 1))
+    daemon = start_daemon(model=str(tiny_model_dir), lora_dir=str(lora_dir),
+                          params={"width": 64, "height": 64, "steps": 2, "strength": 0.9})
+    frame = codec.encode_png(make_image())
+    with ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.status == "ready", timeout=60)
+        (base,), _ = frames_and_messages(ws, frame, 1)
+        ws.send(json.dumps({"type": "set", "params": {"loras": "ink:4"}}))
+        (with_lora,), _ = frames_and_messages(ws, frame, 1)
+        assert with_lora != base
+        ws.send(json.dumps({"type": "set", "params": {"loras": "nosuch:1"}}))
+        replies, messages = frames_and_messages(ws, frame, 2)
+        errors = [m for m in messages if m["type"] == "error"]
+        assert len(errors) == 1 and errors[0]["code"] == "unknown_lora"
+        assert "'nosuch' not found" in errors[0]["message"] and "there: ink" in errors[0]["message"]
+        assert all(reply[:3] == b"\xff\xd8\xff" for reply in replies)   # frames keep coming (passed through)
+        ws.send(json.dumps({"type": "set", "params": {"loras": ""}}))
+        (back,), messages = frames_and_messages(ws, frame, 1)
+        assert back == base and not [m for m in messages if m["type"] == "error"]
