@@ -206,6 +206,8 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("blend_prompt", "str", "", "A second prompt, mixed into the prompt by prompt_blend."),
     ParamSpec("prompt_blend", "float", 0.0, "0: the prompt alone, 1: blend_prompt alone; in between a live mix "
               "of their embeddings.", minimum=0.0, maximum=1.0),
+    ParamSpec("clip_skip", "int", 0, "Text-encoder layers skipped from the end, as diffusers counts (A1111's "
+              "'Clip skip' minus 1; 1 for many anime models).", minimum=0, maximum=4),
     ParamSpec("strength", "float", 0.5, "How far img2img moves from the input: 0 keeps it, 1 ignores it.",
               minimum=0.0, maximum=1.0),
     ParamSpec("guidance", "float", 1.0, "Classifier-free guidance scale; 1 or less turns guidance off (turbo models).",

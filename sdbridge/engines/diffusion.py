@@ -165,6 +165,7 @@ class DiffusionEngine(Engine):
         prompt = str(params["prompt"])
         assert self.conditioning is not None
         self.conditioning.apply(self.conditioning.wanted(prompt, str(params.get("loras", ""))))
+        self.conditioning.clip_skip = int(params.get("clip_skip", 0))
         cond = self._encode_prompt(prompt)
         blend_weight = float(params.get("prompt_blend", 0.0))
         if blend_weight > 0.0 and params.get("blend_prompt"):
