@@ -165,3 +165,15 @@ def test_one_shot_lora_scope_restores_the_stream(engine, frame):
     with engine.lora_scope({"ink": 3.0}):
         assert engine.conditioning.loras.weights["ink"] == 3.0
     assert torch.equal(engine.step_float(frame, [StreamState("s")]), stream)
+
+
+def test_clip_skip_parameter(engine):
+    from sdbridge.engines.prompt_encode import encode_prompt
+
+    engine.prepare(params())
+    plain = engine._embeddings.clone()
+    engine.prepare(params(clip_skip=1))
+    parts = engine.parts
+    with torch.inference_mode():
+        expected = encode_prompt("a red fox", parts.tokenizer, parts.text_encoder, CPU, clip_skip=1)
+    assert torch.equal(engine._embeddings, expected) and not torch.allclose(engine._embeddings, plain, atol=1e-3)
