@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sdbridge import __version__
 from sdbridge.bridge import pnginfo
+from sdbridge.bridge.a1111_controlnet import infotext_params
 from sdbridge.bridge.worker import GenerationTask
 from sdbridge.engines import samplers
 from sdbridge.engines.generate import Generation, GenerationRequest
@@ -364,10 +365,11 @@ class A1111Api:
         return request
 
     async def run(self, body: _Request, kind: str) -> dict[str, Any]:
-        if body.alwayson_scripts.get("controlnet") or body.alwayson_scripts.get("ControlNet"):
-            raise HTTPException(422, "ControlNet units are not supported yet by sdbridge's A1111 API "
-                                     "(see the ControlNet issue); send the request without alwayson_scripts.controlnet")
         request = await asyncio.to_thread(self.build, body, kind)
+        if body.alwayson_scripts.get("controlnet") or body.alwayson_scripts.get("ControlNet"):
+            # sd-webui-controlnet's units (bridge/a1111_controlnet.py): models loaded, conditions made, off the loop.
+            request.controlnet = await asyncio.to_thread(self.daemon.controlnet_api.units, body.alwayson_scripts,
+                                                         request)
         task = GenerationTask(request, kind)
         started = time.perf_counter()
         try:
@@ -402,6 +404,7 @@ class A1111Api:
                                or None, "Hires upscaler": request.hr_upscaler})
             if request.mask is not None:
                 params["Mask blur"] = request.mask_blur
+            params.update(infotext_params(request.controlnet))
             params["Version"] = f"sdbridge {__version__}"
             texts.append(pnginfo.infotext(request.prompt, request.negative_prompt, params))
         return texts

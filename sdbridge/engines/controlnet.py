@@ -222,6 +222,38 @@ class ControlStack:
         return down, mid
 
 
+@dataclass
+class RequestUnit:
+    """One ControlNet unit of a one-shot request (A1111's alwayson_scripts.controlnet), condition ready."""
+
+    model: Any
+    image: np.ndarray                    # the condition, RGB uint8 [H, W, 3] at the request's size
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    name: str = ""
+    module: str = "none"
+
+
+def request_stack(units: Sequence[RequestUnit], batch: int, height: int, width: int, device: torch.device,
+                  dtype: torch.dtype, guided: bool) -> ControlStack | None:
+    """The residual hook of a one-shot pass at ``width`` x ``height`` pixels (hires passes are larger)."""
+    import cv2
+
+    built = []
+    for unit in units:
+        if unit.weight <= 0 or unit.end <= unit.start:
+            continue
+        image = unit.image
+        if image.shape[:2] != (height, width):
+            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].to(dtype) / 255.0
+        built.append(ControlUnit(unit.model, tensor.expand(batch, -1, -1, -1), float(unit.weight), unit.start,
+                                 unit.end, unit.mode))
+    return ControlStack(built, guided) if built else None
+
+
 # --- live slots ------------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from sdbridge.bridge import codec
 from sdbridge.engines import samplers
+from sdbridge.engines.controlnet import RequestUnit, request_stack
 from sdbridge.errors import SdbridgeError
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class GenerationRequest:
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
+    # ControlNet units (engines/controlnet.py), conditions at width x height
+    controlnet: list[RequestUnit] = field(default_factory=list)
 
     @property
     def is_img2img(self) -> bool:
@@ -316,13 +319,17 @@ class Generation:
         if request.eta is not None and "eta" in accepted:
             extra["eta"] = request.eta
         self.progress.sampling_steps = len(timesteps)
+        height, width = latents.shape[-2] * self.scale, latents.shape[-1] * self.scale
+        controls = request_stack(request.controlnet, batch, height, width, self.device, self.dtype,
+                                 guided) if request.controlnet else None
         for index, t in enumerate(timesteps):
             if self.progress.interrupted or self.progress.skipped:
                 break
             with torch.inference_mode(), self.engine.lora_scope(self.loras):
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = scheduler.scale_model_input(model_input, t)
-                noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+                residuals = controls(model_input, t, embeddings, index, len(timesteps)) if controls is not None else {}
+                noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **residuals)[0]
                 if guided:
                     noise_uncond, noise_cond = noise_pred.chunk(2)
                     noise_pred = noise_uncond + request.cfg_scale * (noise_cond - noise_uncond)

@@ -1,0 +1,258 @@
+"""sd-webui-controlnet's API, as A1111 clients send it: units in ``alwayson_scripts.controlnet.args``
+of txt2img/img2img, and ``/controlnet/version``, ``model_list``, ``module_list``, ``detect``.
+
+A unit's fields and defaults follow the extension's ``ControlNetUnit`` (its API, 1.1.4xx):
+``input_image`` (or ``image``, a base64 string or ``{"image": ..., "mask": ...}``), ``module``,
+``model``, ``weight``, ``guidance_start``, ``guidance_end``, ``control_mode`` (0/"Balanced",
+1/"My prompt is more important", 2/"ControlNet is more important"), ``resize_mode`` (0/"Just
+Resize", 1/"Crop and Resize", 2/"Resize and Fill"), ``pixel_perfect``, ``processor_res``,
+``threshold_a``/``threshold_b`` (canny's low/high thresholds), ``enabled``. A unit without an
+image uses the img2img init image, as the extension does. Modules map onto sdbridge's
+preprocessors (engines/preprocessors.py): the extension's names for the same kind of map
+(``depth_midas``, ``softedge_pidinet``, ``lineart_realistic``, ...) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sdbridge.bridge import codec, pnginfo
+from sdbridge.engines.controlnet import RequestUnit, list_controlnets, load_controlnet, resolve_controlnet
+from sdbridge.engines.preprocessors import Options, Preprocessors
+from sdbridge.errors import SdbridgeError
+
+if TYPE_CHECKING:
+    from sdbridge.bridge.server import Daemon
+    from sdbridge.engines.generate import GenerationRequest
+
+API_VERSION = 2
+# The extension's module names -> sdbridge's preprocessors.
+MODULES: dict[str, str] = {
+    "none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
+    "softedge": "softedge", "softedge_hed": "softedge", "softedge_hedsafe": "softedge", "softedge_pidinet": "softedge",
+    "softedge_pidisafe": "softedge", "lineart": "lineart", "lineart_realistic": "lineart",
+    "lineart_coarse": "lineart", "lineart_standard (from white bg & black line)": "lineart", "depth": "depth",
+    "depth_midas": "depth", "depth_leres": "depth", "depth_zoe": "depth", "depth_anything": "depth",
+}
+CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "controlnet", "balanced": "balanced",
+                 "my prompt is more important": "prompt", "controlnet is more important": "controlnet"}
+RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", "just resize": "stretch", "crop and resize": "crop",
+                "resize and fill": "fit", "envelope (outer fit)": "fit", "inner fit (scale to fit)": "crop"}
+THRESHOLDED = {"canny": ("Low Threshold", "High Threshold", 100, 200)}
+
+
+class ControlNetUnitArgs(BaseModel):
+    """One unit of ``alwayson_scripts.controlnet.args``; unknown fields (lowvram, guessmode, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    enabled: bool = True
+    input_image: str | dict[str, Any] | None = None
+    image: str | dict[str, Any] | None = None
+    module: str = "none"
+    model: str = "None"
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+    control_mode: int | str = 0
+    resize_mode: int | str = 1
+    pixel_perfect: bool = False
+    processor_res: int = Field(-1, ge=-1, le=4096)
+    threshold_a: float = -1
+    threshold_b: float = -1
+
+
+class DetectRequest(BaseModel):
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list, max_length=8)
+    controlnet_processor_res: int = Field(512, ge=-1, le=4096)
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+
+
+def module_name(module: str) -> str:
+    """The preprocessor for an extension module name; 422 naming the known ones otherwise."""
+    key = module.strip().lower()
+    if key not in MODULES:
+        raise HTTPException(422, f"controlnet module {module!r} is not known (known: {', '.join(MODULES)})")
+    return MODULES[key]
+
+
+def _choice(table: dict[Any, str], value: int | str, what: str) -> str:
+    key = value.strip().lower() if isinstance(value, str) else value
+    if key not in table:
+        shown = ", ".join(str(item) for item in table)
+        raise HTTPException(422, f"controlnet {what} {value!r} is not one of {shown}")
+    return table[key]
+
+
+def _options(module: str, threshold_a: float, threshold_b: float, resolution: int) -> Options:
+    defaults = THRESHOLDED.get(module)
+    low = int(threshold_a) if threshold_a >= 0 else (defaults[2] if defaults else 100)
+    high = int(threshold_b) if threshold_b >= 0 else (defaults[3] if defaults else 200)
+    if not (0 <= low <= 255 and 0 <= high <= 255):
+        raise HTTPException(422, f"controlnet thresholds {threshold_a}, {threshold_b} not in [0, 255]")
+    return Options(low, high, max(0, resolution))
+
+
+class ControlNetApi:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._preprocessors: Preprocessors | None = None
+
+    def folder(self) -> Path:
+        return self.daemon.engines.controlnet_dir()
+
+    def preprocessors(self) -> Preprocessors:
+        controlnets = getattr(self.daemon.engines.active_engine(), "controlnets", None)
+        if controlnets is not None:
+            return controlnets.preprocessors
+        if self._preprocessors is None:
+            self._preprocessors = Preprocessors(self.folder() / "annotators")
+        return self._preprocessors
+
+    def model_list(self) -> list[str]:
+        from sdbridge.bridge.a1111 import quick_hash
+
+        out = []
+        for name in list_controlnets(self.folder()):
+            path = resolve_controlnet(name, self.folder())
+            hash_ = quick_hash(str(path))
+            out.append(f"{name} [{hash_}]" if hash_ else name)
+        return out
+
+    def module_detail(self) -> dict[str, Any]:
+        detail = {}
+        for module in MODULES:
+            sliders: list[dict[str, Any]] = [{"name": "Preprocessor Resolution", "value": 512, "min": 64,
+                                              "max": 2048}]
+            thresholds = THRESHOLDED.get(MODULES[module])
+            if thresholds:
+                sliders += [{"name": thresholds[0], "value": thresholds[2], "min": 1, "max": 255},
+                            {"name": thresholds[1], "value": thresholds[3], "min": 1, "max": 255}]
+            detail[module] = {"model_free": False, "sliders": sliders}
+        return detail
+
+    def detect(self, body: DetectRequest) -> dict[str, Any]:
+        from sdbridge.bridge.a1111 import decode_b64_image
+
+        name = module_name(body.controlnet_module)
+        if not body.controlnet_input_images:
+            raise HTTPException(422, "controlnet_input_images is empty: send at least one base64 image")
+        options = _options(name, body.controlnet_threshold_a, body.controlnet_threshold_b,
+                           body.controlnet_processor_res)
+        images = []
+        for index, data in enumerate(body.controlnet_input_images):
+            image = decode_b64_image(data, f"controlnet_input_images[{index}]")
+            try:
+                out = self.preprocessors().run(name, image, options)
+            except SdbridgeError as exc:
+                raise HTTPException(422, f"controlnet module {body.controlnet_module!r}: {exc}") from None
+            images.append(base64.b64encode(pnginfo.encode_png(out)).decode("ascii"))
+        return {"images": images, "info": "Success"}
+
+    # --- units of a generation request ---
+
+    def units(self, scripts: dict[str, Any], request: GenerationRequest) -> list[RequestUnit]:
+        """``alwayson_scripts.controlnet`` -> loaded models and condition images at the request's size."""
+        from sdbridge.bridge.a1111 import decode_b64_image
+
+        script = scripts.get("controlnet") or scripts.get("ControlNet") or {}
+        args = script.get("args") if isinstance(script, dict) else script
+        if not isinstance(args, list):
+            raise HTTPException(422, "alwayson_scripts.controlnet must be {\"args\": [unit, ...]}")
+        units = []
+        for index, raw in enumerate(args):
+            where = f"alwayson_scripts.controlnet.args[{index}]"
+            if not isinstance(raw, dict):
+                raise HTTPException(422, f"{where} is not an object with the unit's fields")
+            try:
+                unit = ControlNetUnitArgs.model_validate(raw)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(part) for part in first["loc"])
+                raise HTTPException(422, f"{where}.{field}: {first['msg']}") from None
+            if not unit.enabled or unit.model.strip() in ("", "None", "none"):
+                continue
+            module = module_name(unit.module)
+            mode = _choice(CONTROL_MODES, unit.control_mode, "control_mode")
+            fit = _choice(RESIZE_MODES, unit.resize_mode, "resize_mode")
+            data = unit.input_image if unit.input_image is not None else unit.image
+            if isinstance(data, dict):
+                data = data.get("image")
+            if data:
+                image = decode_b64_image(str(data), f"{where}.input_image")
+            elif request.init_images:
+                image = request.init_images[0]
+            else:
+                raise HTTPException(422, f"{where} has no input_image (txt2img needs one for each unit)")
+            image = codec.fit(image, request.width, request.height, fit)
+            resolution = min(request.width, request.height) if unit.pixel_perfect else unit.processor_res
+            options = _options(module, unit.threshold_a, unit.threshold_b, resolution)
+            try:
+                condition = self.preprocessors().run(module, image, options)
+                model = self.model(unit.model)
+            except SdbridgeError as exc:
+                raise HTTPException(422, f"{where}: {exc}") from None
+            units.append(RequestUnit(model, condition, unit.weight, unit.guidance_start, unit.guidance_end, mode,
+                                     name=unit.model, module=unit.module))
+        return units
+
+    def model(self, name: str) -> Any:
+        """The live slots' copy when loaded there, else loaded now (on this request's thread)."""
+        engine = self.daemon.engines.active_engine()
+        if engine is None or getattr(engine, "parts", None) is None:
+            raise HTTPException(503, "no diffusion model is loaded: ControlNet needs one (start the daemon with "
+                                     "--model PATH)")
+        controlnets = getattr(engine, "controlnets", None)
+        if controlnets is not None:
+            return controlnets.model(name)
+        return load_controlnet(resolve_controlnet(name, self.folder()), engine.parts.unet, engine.device,
+                               engine.dtype, allow_pickle=self.daemon.settings.allow_pickle)
+
+
+def infotext_params(units: list[RequestUnit]) -> dict[str, str]:
+    """The extension's ``ControlNet N`` entries of the PNG infotext."""
+    return {f"ControlNet {index}": f"Module: {unit.module}, Model: {unit.name}, Weight: {unit.weight:g}, "
+                                   f"Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}"
+            for index, unit in enumerate(units)}
+
+
+def create_controlnet_router(daemon: Daemon) -> APIRouter:
+    api = ControlNetApi(daemon)
+    daemon.controlnet_api = api
+    router = APIRouter(prefix="/controlnet", tags=["ControlNet (sd-webui-controlnet API)"])
+
+    @router.get("/version")
+    async def version() -> dict[str, int]:
+        return {"version": API_VERSION}
+
+    @router.get("/model_list")
+    async def model_list(update: bool = Query(True)) -> dict[str, list[str]]:
+        """ControlNets in the ControlNet folder, as ``name [hash]``."""
+        return {"model_list": await asyncio.to_thread(api.model_list)}
+
+    @router.get("/module_list")
+    async def module_list(alias_names: bool = Query(False)) -> dict[str, Any]:
+        """The preprocessors, by the extension's module names."""
+        return {"module_list": list(MODULES), "module_detail": api.module_detail()}
+
+    @router.get("/control_types")
+    async def control_types() -> dict[str, Any]:
+        kinds = sorted(set(MODULES.values()))
+        return {"control_types": {kind.capitalize(): {"module_list": [m for m, k in MODULES.items() if k == kind],
+                                                      "model_list": ["None"], "default_option": kind,
+                                                      "default_model": "None"} for kind in kinds}}
+
+    @router.post("/detect")
+    async def detect(body: DetectRequest) -> dict[str, Any]:
+        """Run a preprocessor on images: the condition images, base64 PNG."""
+        return await asyncio.to_thread(api.detect, body)
+
+    return router

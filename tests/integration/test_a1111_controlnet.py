@@ -1,0 +1,179 @@
+"""sd-webui-controlnet's API on the A1111 endpoints, over plain HTTP as its clients send it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.clients import make_image, wait_for
+
+SMALL = {"width": 64, "height": 64, "steps": 3, "seed": 11, "cfg_scale": 3, "sampler_name": "Euler"}
+
+
+def b64_png(image: np.ndarray) -> str:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    return base64.b64encode(data.tobytes()).decode()
+
+
+def from_b64(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+def step_edge() -> np.ndarray:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, 32:] = 255
+    return image
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tiny_model_dir, tmp_path_factory):
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("controlnet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    torch.manual_seed(1)
+    model = ControlNetModel.from_unet(unet)
+    for module in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
+        torch.nn.init.normal_(module.weight, std=1.0)
+        torch.nn.init.normal_(module.bias, std=0.3)
+    model.save_pretrained(folder / "edges", safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def api(start_daemon, tiny_model_dir, controlnet_dir, tmp_path):
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
+                          models_dir=str(tmp_path / "models"), outputs_dir=str(tmp_path / "outputs"))
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120)
+    wait_for(lambda: client.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+    yield client
+    client.close()
+
+
+def unit(**fields) -> dict:
+    values = {"input_image": b64_png(step_edge()), "module": "canny", "model": "edges", "weight": 1.5,
+              "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": 0, "resize_mode": 1, "pixel_perfect": False,
+              "processor_res": 64, "threshold_a": 100, "threshold_b": 200, "enabled": True}
+    values.update(fields)
+    return values
+
+
+def txt2img(api, *units, **fields) -> httpx.Response:
+    body = {"prompt": "a house", **SMALL, **fields}
+    if units:
+        body["alwayson_scripts"] = {"controlnet": {"args": list(units)}}
+    return api.post("/sdapi/v1/txt2img", json=body)
+
+
+def test_version_model_and_module_lists(api):
+    assert api.get("/controlnet/version").json() == {"version": 2}
+    models = api.get("/controlnet/model_list").json()["model_list"]
+    assert len(models) == 1 and models[0].startswith("edges [") and models[0].endswith("]")
+    modules = api.get("/controlnet/module_list").json()
+    assert {"none", "canny", "depth_midas", "softedge_pidinet", "lineart_realistic"} <= set(modules["module_list"])
+    sliders = modules["module_detail"]["canny"]["sliders"]
+    assert [slider["name"] for slider in sliders] == ["Preprocessor Resolution", "Low Threshold", "High Threshold"]
+
+
+def test_detect_runs_the_preprocessor(api):
+    response = api.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_processor_res": 64,
+                                                     "controlnet_input_images": [b64_png(step_edge())],
+                                                     "controlnet_threshold_a": 100, "controlnet_threshold_b": 200})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["info"] == "Success" and len(body["images"]) == 1
+    edges = from_b64(body["images"][0])
+    columns = set(np.nonzero(edges[..., 0].any(axis=0))[0])
+    assert columns and columns <= {31, 32}
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"controlnet_module": "openpose_full", "controlnet_input_images": ["AAAA"]}, "not known"),
+    ({"controlnet_module": "canny", "controlnet_input_images": ["not base64!"]}, "not valid base64"),
+    ({"controlnet_module": "canny", "controlnet_input_images": []}, "empty"),
+    ({"controlnet_module": "depth_midas", "controlnet_input_images": [b64_png(step_edge())]}, "depth model"),
+])
+def test_detect_bad_requests_are_422(api, body, words):
+    response = api.post("/controlnet/detect", json=body)
+    assert response.status_code == 422
+    assert words in response.json()["detail"]
+
+
+def test_txt2img_unit_changes_the_image_and_weight_0_does_not(api):
+    plain = txt2img(api)
+    assert plain.status_code == 200, plain.text
+    controlled = txt2img(api, unit())
+    assert controlled.status_code == 200, controlled.text
+    again = txt2img(api, unit())
+    weight_0 = txt2img(api, unit(weight=0))
+    disabled = txt2img(api, unit(enabled=False))
+    image = lambda response: from_b64(response.json()["images"][0]).astype(int)  # noqa: E731
+    assert np.abs(image(controlled) - image(plain)).max() >= 2
+    assert np.array_equal(image(controlled), image(again))
+    assert np.array_equal(image(weight_0), image(plain))
+    assert np.array_equal(image(disabled), image(plain))
+    info = json.loads(controlled.json()["info"])
+    assert "ControlNet 0: \"Module: canny, Model: edges" in info["infotexts"][0]
+
+
+def test_control_modes_and_guidance_window_differ(api):
+    images = {}
+    for name, fields in {"balanced": {}, "prompt": {"control_mode": "My prompt is more important"},
+                         "controlnet": {"control_mode": 2}, "late": {"guidance_start": 0.5}}.items():
+        response = txt2img(api, unit(**fields))
+        assert response.status_code == 200, response.text
+        images[name] = from_b64(response.json()["images"][0])
+    for name in ("prompt", "controlnet", "late"):
+        assert not np.array_equal(images[name], images["balanced"]), name
+
+
+def test_img2img_unit_without_image_uses_the_init_image(api):
+    init = b64_png(make_image(64, 64, seed=4))
+    body = {"prompt": "a house", "init_images": [init], "denoising_strength": 0.8, **SMALL}
+    plain = api.post("/sdapi/v1/img2img", json=body)
+    with_unit = api.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+        unit(input_image=None, module="none", resize_mode="Just Resize")]}}})
+    with_image = api.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+        unit(input_image=init, module="none", resize_mode="Just Resize")]}}})
+    assert plain.status_code == with_unit.status_code == 200, with_unit.text
+    a, b, c = (from_b64(r.json()["images"][0]) for r in (plain, with_unit, with_image))
+    assert not np.array_equal(a, b)
+    assert np.array_equal(b, c)
+
+
+def test_hires_pass_takes_the_unit_too(api):
+    response = txt2img(api, unit(), enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6)
+    assert response.status_code == 200, response.text
+    assert from_b64(response.json()["images"][0]).shape == (96, 96, 3)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"model": "nowhere"}, "not found"),
+    ({"model": "../../etc/passwd"}, "outside"),
+    ({"module": "openpose"}, "not known"),
+    ({"input_image": "%%%"}, "not valid base64"),
+    ({"input_image": None}, "no input_image"),
+    ({"control_mode": 7}, "control_mode"),
+    ({"resize_mode": "sideways"}, "resize_mode"),
+    ({"weight": -1}, "weight"),
+])
+def test_bad_units_are_422_and_the_api_keeps_serving(api, fields, words):
+    response = txt2img(api, unit(**fields))
+    assert response.status_code == 422, response.text
+    assert words in response.json()["detail"]
+    assert txt2img(api).status_code == 200
+
+
+def test_controlnet_args_must_be_a_list(api):
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL,
+                                                     "alwayson_scripts": {"controlnet": {"args": "edges"}}})
+    assert response.status_code == 422 and "args" in response.json()["detail"]
