@@ -131,4 +131,4 @@ class TextConditioning:
         """``[1, 77 * k, D]`` for a prompt in A1111's syntax (its LoRA tags are not applied here)."""
         parts = self.parts
         return encode_prompt(prompt, parts.tokenizer, parts.text_encoder, device,
-                             convert=self.inversions.convert, clip_skip=self.clip_skip)
+                             expand=self.inversions.expand, clip_skip=self.clip_skip)

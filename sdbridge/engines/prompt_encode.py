@@ -43,15 +43,18 @@ class Chunk:
     length: int
 
 
-def build_chunks(pieces: Sequence[PromptPiece], tokenizer: Any, convert: Callable[[str], str] | None = None,
+def build_chunks(pieces: Sequence[PromptPiece], tokenizer: Any,
+                 expand: Callable[[list[int]], list[int]] | None = None,
                  comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
-    """The chunks of a parsed prompt (step 2 above); ``convert`` rewrites a piece's text before
-    tokenising (multi-vector textual inversions: ``name`` -> ``name name_1 name_2``)."""
+    """The chunks of a parsed prompt (step 2 above); ``expand`` rewrites a piece's token ids
+    (multi-vector textual inversions: the id of ``name`` -> the ids of ``name name_1 name_2``)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     comma = tokenizer.get_vocab().get(",</w>")
-    texts = [convert(piece.text) if convert else piece.text for piece in pieces if not piece.is_break]
+    texts = [piece.text for piece in pieces if not piece.is_break]
     tokenized = iter(tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"] if texts else [])
+    if expand is not None:
+        tokenized = iter([expand(ids) for ids in tokenized])
 
     chunks: list[Chunk] = []
     tokens: list[int] = []
@@ -120,10 +123,10 @@ def encode_chunks(chunks: Sequence[Chunk], text_encoder: Any, device: torch.devi
 
 
 def encode_prompt(prompt: str | ParsedPrompt, tokenizer: Any, text_encoder: Any, device: torch.device,
-                  convert: Callable[[str], str] | None = None, clip_skip: int = 0) -> torch.Tensor:
+                  expand: Callable[[list[int]], list[int]] | None = None, clip_skip: int = 0) -> torch.Tensor:
     """A prompt in A1111's syntax -> ``[1, 77 * k, D]``; LoRA tags are ignored here (the caller applies them)."""
     parsed = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    return encode_chunks(build_chunks(parsed.pieces, tokenizer, convert), text_encoder, device, clip_skip)
+    return encode_chunks(build_chunks(parsed.pieces, tokenizer, expand), text_encoder, device, clip_skip)
 
 
 def pad_chunks(embeddings: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,12 @@ Files read (what AUTOMATIC1111 and diffusers write):
 
 An embedding of ``n`` vectors becomes the tokens ``name``, ``name_1`` ... ``name_{n-1}``, added to
 the tokenizer and to the text encoder's token table (``resize_token_embeddings``), exactly as
-diffusers' ``load_textual_inversion`` does; :meth:`TextualInversions.convert` spells a prompt's
-``name`` as the ``n`` tokens, as diffusers' ``maybe_convert_prompt`` does. So a prompt that uses
-one encodes as it does in diffusers (tests/unit/engines/test_textual_inversion.py).
+diffusers' ``load_textual_inversion`` does; :meth:`TextualInversions.expand` turns the token of
+``name`` into the ``n`` tokens, as diffusers' ``maybe_convert_prompt`` does on the text. So a
+prompt that uses one encodes as it does in diffusers (tests/unit/engines/test_textual_inversion.py).
+The match is on token ids, so it ignores case as CLIP's tokenizer does (``InkStyle.safetensors``
+answers to ``inkstyle``); diffusers' text replacement misses a multi-vector name written in
+capitals.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class TextualInversions:
         self.loaded: dict[str, Embedding] = {}
         self.skipped: dict[str, Embedding] = {}
         self.failed: dict[str, str] = {}        # name -> why it could not be read
+        self._multi: dict[int, tuple[int, ...]] = {}  # trigger id -> ids of all its vectors
         self.version = 0
 
     @property
@@ -172,6 +176,8 @@ class TextualInversions:
         with torch.inference_mode():  # the table may hold inference tensors when the model loaded under it
             weight[ids] = embedding.vectors.to(weight.device, weight.dtype)
         self.loaded[embedding.name] = embedding
+        if embedding.count > 1:
+            self._multi[ids[0]] = tuple(ids)
         self.skipped.pop(embedding.name, None)
         self.version += 1
 
@@ -222,15 +228,14 @@ class TextualInversions:
             changed.append(name)
         return changed
 
-    def convert(self, text: str) -> str:
-        """``name`` -> ``name name_1 ...`` for multi-vector embeddings (diffusers' maybe_convert_prompt)."""
-        multi = {e.name: e for e in self.loaded.values() if e.count > 1}
-        if not multi:
-            return text
-        for token in set(self.tokenizer.tokenize(text)):
-            if token in multi:
-                text = text.replace(token, " ".join(multi[token].tokens))
-        return text
+    def expand(self, ids: list[int]) -> list[int]:
+        """Token ids with each multi-vector trigger's id followed by its other vectors' ids."""
+        if not self._multi:
+            return ids
+        out: list[int] = []
+        for token_id in ids:
+            out.extend(self._multi.get(token_id, (token_id,)))
+        return out
 
     def a1111_listing(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``/sdapi/v1/embeddings``: ``{"loaded": {name: {...}}, "skipped": {name: {...}}}`` as A1111 answers."""

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from sdbridge.engines.models import load_pipeline_parts
-from sdbridge.engines.prompt_encode import encode_prompt
+from sdbridge.engines.prompt_encode import build_chunks, encode_prompt
+from sdbridge.engines.prompt_syntax import parse_prompt
 from sdbridge.engines.textual_inversion import EmbeddingError, TextualInversions, read_embedding
 
 CPU = torch.device("cpu")
@@ -39,7 +40,7 @@ def write(path, kind: str, data: torch.Tensor):
 def encode(parts, text, inversions=None):
     with torch.inference_mode():
         return encode_prompt(text, parts.tokenizer, parts.text_encoder, CPU,
-                             convert=inversions.convert if inversions else None)
+                             expand=inversions.expand if inversions else None)
 
 
 @pytest.mark.parametrize("kind, suffix", [("a1111_safetensors", ".safetensors"),
@@ -90,7 +91,17 @@ def test_trigger_word_changes_the_embeddings(parts, tmp_path):
     assert torch.equal(encode(parts, "a red fox", inversions), encode(parts, "a red fox"))  # others untouched
     ids = parts.tokenizer.convert_tokens_to_ids(["inkstyle", "inkstyle_1"])
     assert torch.equal(parts.text_encoder.get_input_embeddings().weight[ids], vectors(2))
-    assert inversions.convert("a fox, inkstyle") == "a fox, inkstyle inkstyle_1"
+    assert inversions.expand([320, ids[0], 321]) == [320, *ids, 321]
+
+
+def test_trigger_ignores_case_as_clip_does(parts, tmp_path):
+    inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
+    inversions.load_file(write(tmp_path / "InkStyle.safetensors", "a1111_safetensors", vectors(3)))
+    assert inversions.a1111_listing()["loaded"]["InkStyle"]["vectors"] == 3
+    lower, upper = encode(parts, "a fox, inkstyle", inversions), encode(parts, "a fox, INKSTYLE", inversions)
+    assert torch.equal(lower, upper)
+    chunk = build_chunks(parse_prompt("inkstyle").pieces, parts.tokenizer, inversions.expand)[0]
+    assert chunk.length == 2 + 3  # BOS, the three vectors, EOS
 
 
 def test_width_mismatch_names_file_and_both_sizes(parts, tmp_path):
