@@ -42,7 +42,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--feedback", metavar="HOST:PORT", help="where OSC feedback and telemetry go (default 127.0.0.1:9001; "
         "port 0 turns it off)")
     add("--model", help="a diffusers folder, a .safetensors checkpoint, or a pulled model's name")
-    add("--engine", choices=["auto", "diffusion", "preview", "identity"], help="engine (default auto)")
+    add("--engine", choices=["auto", "diffusion", "animatediff", "preview", "identity"], help="engine (default auto)")
     add("--device", help="auto, cuda, cuda:N, mps or cpu (default auto)")
     add("--dtype", help="auto, float16, bfloat16 or float32 (default auto: fp16 on GPUs)")
     add("--taesd", help="a TAESD folder to use as the fast autoencoder")
@@ -55,6 +55,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--embeddings-dir", help="textual inversion embeddings (default <models-dir>/embeddings)")
     add("--controlnet-dir", help="ControlNet folders and .safetensors files clients may use "
         "(default <models-dir>/controlnet; a depth model for the depth preprocessor in annotators/depth/)")
+    add("--motion-dir", help="motion adapters (AnimateDiff) clients may use (default <models-dir>/motion)")
+    add("--motion-adapter", help="the animatediff engine's motion adapter: a folder or .safetensors file, or a name "
+        "in --motion-dir")
     add("--outputs-dir", help="where the HTTP API saves images (default ./outputs, A1111's layout)")
     add("--save-outputs", action="store_const", const=True, help="save every image the HTTP API makes")
     add("--styles-file", help="AUTOMATIC1111 styles.csv (default ~/.config/sdbridge/styles.csv)")
@@ -78,7 +81,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
                  "model", "engine", "device", "dtype", "taesd", "model_config", "models_dir", "vram_budget_mb",
-                 "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir", "outputs_dir", "save_outputs", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+                 "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)

@@ -52,6 +52,8 @@ class Settings:
     lora_dir: str | None = None          # LoRAs clients may name (default: <models_dir>/lora)
     embeddings_dir: str | None = None    # textual inversions (default: <models_dir>/embeddings)
     controlnet_dir: str | None = None    # ControlNets clients may name (default: <models_dir>/controlnet)
+    motion_dir: str | None = None        # motion adapters clients may name (default: <models_dir>/motion)
+    motion_adapter: str | None = None    # the animatediff engine's adapter: a path, or a name in motion_dir
     outputs_dir: str = "outputs"         # where the HTTP API saves images when asked (A1111's layout)
     save_outputs: bool = False           # save every HTTP API image, as A1111's samples_save does
     styles_file: str | None = None       # A1111's styles.csv (default: ~/.config/sdbridge/styles.csv)

@@ -193,7 +193,7 @@ def _fmt(number: float | None) -> str:
     return f"{number:g}"
 
 
-ENGINE_CHOICES = ("auto", "diffusion", "preview", "identity")
+ENGINE_CHOICES = ("auto", "diffusion", "animatediff", "preview", "identity")
 PREVIEW_EFFECTS = ("cartoon", "stylize", "edges", "grade", "sketch")
 
 CORE_PARAMS: tuple[ParamSpec, ...] = (
@@ -271,6 +271,22 @@ def controlnet_params(slots: int = CONTROLNET_SLOTS) -> list[ParamSpec]:
     return specs
 
 
+MOTION_WINDOW_MAX = 16  # engines/animatediff.py keeps this many frames per session
+
+MOTION_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("motion_adapter", "str", "", "The animatediff engine's motion adapter: a name in the motion-adapter "
+              "folder (<models_dir>/motion); empty: the --motion-adapter setting. A new one loads in the background "
+              "while the old one keeps serving.", max_length=1024, group="animatediff"),
+    ParamSpec("motion_window", "int", 8, "AnimateDiff: frames denoised together, the new one and the session's "
+              "previous ones (1: the new frame alone, still through the motion modules).", minimum=1,
+              maximum=MOTION_WINDOW_MAX, group="animatediff"),
+    ParamSpec("motion_overlap", "int", 0, "AnimateDiff: how many of the window's most recent previous frames start "
+              "from the denoised latents the last frame's window gave them (the rest are re-noised from their "
+              "inputs); 0: video-to-video over the last inputs; capped at motion_window - 1.", minimum=0,
+              maximum=MOTION_WINDOW_MAX - 1, group="animatediff"),
+)
+
+
 class Schema:
     """The set of known parameters; plugins add theirs with :meth:`add`."""
 
@@ -280,7 +296,7 @@ class Schema:
             from sdbridge.bridge.ladder import LADDER_PARAMS
             from sdbridge.modulation import lfo_params
 
-            specs = (*CORE_PARAMS, *controlnet_params(), *lfo_params(), *LADDER_PARAMS)
+            specs = (*CORE_PARAMS, *controlnet_params(), *MOTION_PARAMS, *lfo_params(), *LADDER_PARAMS)
         for spec in specs:
             self.add(spec)
 

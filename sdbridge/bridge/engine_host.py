@@ -43,6 +43,7 @@ class EngineChoice:
 
 
 Notify = Callable[[dict[str, Any]], None]
+MODEL_ENGINES = ("diffusion", "animatediff")  # engines that load the model parameter
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -116,7 +117,7 @@ class EngineHost:
             if engine == "diffusion" and self._failed == EngineChoice("diffusion", model) and self._current is None:
                 # Auto falls back so that a stage never stays dark behind a broken model.
                 engine = "preview"
-        return EngineChoice(engine, model if engine == "diffusion" else None)
+        return EngineChoice(engine, model if engine in MODEL_ENGINES else None)
 
     def select(self, params: Mapping[str, Any]) -> None:
         choice = self.choose(params)
@@ -192,7 +193,8 @@ class EngineHost:
         try:
             source = self.client_model_path(choice.model) if choice.model else None
             engine = create_engine(choice.engine)
-            for name in ("allow_pickle", "taesd", "models_dir", "model_config", "lora_dir", "embeddings_dir"):
+            for name in ("allow_pickle", "taesd", "models_dir", "model_config", "lora_dir", "embeddings_dir", "motion_dir",
+                         "motion_adapter"):
                 if hasattr(engine, name):
                     setattr(engine, name, getattr(self.settings, name))
             if hasattr(engine, "controlnet_dir"):

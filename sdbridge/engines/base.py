@@ -75,6 +75,7 @@ _ENGINES: dict[str, str] = {
     "identity": "sdbridge.engines.identity:IdentityEngine",
     "preview": "sdbridge.engines.preview:PreviewEngine",
     "diffusion": "sdbridge.engines.diffusion:DiffusionEngine",
+    "animatediff": "sdbridge.engines.animatediff:AnimateDiffEngine",
     "compiled": "sdbridge.engines.compiled:CompiledEngine",
 }
 

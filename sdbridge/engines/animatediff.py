@@ -1,0 +1,489 @@
+"""AnimateDiff per frame: the UNet run over a rolling window of each session's last frames.
+
+A motion adapter (diffusers ``MotionAdapter``: AnimateDiff v1.5 v2/v3, AnimateLCM, AnimateDiff-Lightning,
+...) adds temporal attention to the model's UNet (``UNetMotionModel``). Each new frame is denoised
+together with the session's previous ``motion_window - 1`` frames, so the temporal attention sees
+where the image came from and motion context carries from frame to frame (docs/animatediff.md).
+
+The window, oldest frame first, newest last, for one session and one frame:
+
+- the newest frame's latents are its encoded input (the autoencoder's mode, as the diffusion engine
+  encodes), noised to this frame's first timestep with the session's fixed noise: exactly the
+  plain img2img start;
+- each previous frame starts from its latents noised to the same timestep with the fixed noise of
+  its place in the window. ``motion_overlap`` = K says from which latents: the K most recent previous
+  frames (at most ``motion_window - 1``) start from the **denoised latents they got in the last call**
+  (what was shown, or what the last window made of them), the older ones from their **input latents**
+  (re-noised from the input, as if seen for the first time). K = 0 is AnimateDiff video-to-video over
+  the last N input frames; a larger K feeds the outputs back and holds the look steadier;
+- all N frames are denoised jointly (one UNet call per step, ``[B, 4, N, h, w]``); only the newest is
+  decoded and sent; every frame's denoised latents are kept for the next call;
+- warm start: before a session has N frames, its oldest frame (the first one at the start) fills
+  the missing places, so output begins with the first frame. A previous frame with no denoised latents
+  yet (the first frame's copies) starts from its input latents.
+
+Noise: the newest place uses the diffusion engine's session noise (seed), the older places the
+draws that follow it from the same generator, so ``motion_window`` 1 starts exactly where plain img2img
+starts. Window 1 still differs from the plain engine's output: the temporal attention over one frame
+is not the identity (its value and output projections act), unless the adapter's output projections
+are zero (tests/unit/engines/test_animatediff.py checks both).
+
+The motion UNet shares every spatial module with the model's UNet (no copy of its weights: LoRAs
+reweighted in place reach it too) and takes the adapter's temporal modules. A new adapter loads in a
+background thread while the old one keeps serving; a missing or broken one is reported and the old
+one serves on. Until an adapter is loaded the engine serves plain img2img frames.
+
+Not here yet: ControlNet slots (their residuals are per frame; the window needs the past frames'
+conditions) are not applied by this engine: TODO issue 7.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.errors import ModelError, ParamError, SdbridgeError
+from sdbridge.params import MOTION_WINDOW_MAX  # frames kept per session; adapters hold 24 or 32
+from sdbridge.paths import confine
+
+log = logging.getLogger(__name__)
+
+HISTORY = "animatediff.history"   # session state: _History
+NOISE = "animatediff.noise"       # session state: (key, noise of the places before the newest [MAX-1, 4, h, w])
+WEIGHT_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def list_motion_adapters(folder: Path | None) -> list[str]:
+    """Names clients may use: folders with a config.json and single weight files, sorted."""
+    if folder is None or not folder.is_dir():
+        return []
+    names = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and (entry / "config.json").is_file():
+            names.append(entry.name)
+        elif entry.is_file() and entry.suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES:
+            names.append(entry.stem)
+    return names
+
+
+def resolve_motion_adapter(name: str, folder: Path | None, *, trusted: bool = False) -> Path:
+    """A name -> a path. Client names stay inside ``folder`` (PathError otherwise); a ``trusted`` name
+    (the operator's, from the settings) may be any existing path."""
+    name = name.strip()
+    if trusted and Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    if folder is None:
+        raise ModelError(f"motion adapter {name!r}: no motion-adapter folder is set (motion_dir)",
+                         code="model_not_found")
+    path = confine(name, [folder], what="motion adapter")
+    if path.exists():
+        return path
+    for suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES:
+        candidate = path.with_name(path.name + suffix)
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(list_motion_adapters(folder)) or "none"
+    raise ModelError(f"motion adapter {name!r} not found in {folder} (known: {known})", code="model_not_found")
+
+
+def load_motion_adapter(path: Path, unet_config: Mapping[str, Any], dtype: torch.dtype, *,
+                        allow_pickle: bool = False) -> Any:
+    """A MotionAdapter from a diffusers folder (config.json + safetensors) or a single weight file.
+
+    A single file takes its config from ``<name>.json`` beside it, else from the model's UNet and the
+    file's keys (block channels, layers, mid block, positions; 8 heads and 32 groups, as every released
+    SD 1.5 adapter has). Original (AnimateDiff repository) key names are converted. ModelError says
+    what is wrong.
+    """
+    from diffusers import MotionAdapter
+
+    from sdbridge.engines.models import _check_safetensors
+
+    if not path.exists():
+        raise ModelError(f"motion adapter {path} does not exist", code="model_not_found")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: a motion-adapter folder needs config.json")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise ModelError(f"{path}: no .safetensors weights (pickle weights load only with --allow-pickle)")
+        for file in weights:
+            _check_safetensors(file)
+        try:
+            adapter = MotionAdapter.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        except Exception as exc:
+            raise ModelError(f"{path}: not a motion adapter ({type(exc).__name__}: {str(exc)[:300]})") from exc
+    else:
+        adapter = _load_single_file(path, unet_config, dtype, allow_pickle)
+    _check_family(path, adapter.config, unet_config)
+    return adapter.eval().requires_grad_(False)
+
+
+def _load_single_file(path: Path, unet_config: Mapping[str, Any], dtype: torch.dtype, allow_pickle: bool) -> Any:
+    from diffusers import MotionAdapter
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    from sdbridge.engines.models import _check_safetensors
+
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to load "
+                             f"it (through torch.load(weights_only=True)), or convert it to .safetensors",
+                             code="pickle_refused")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    elif path.suffix in WEIGHT_SUFFIXES:
+        from safetensors.torch import load_file
+
+        _check_safetensors(path)
+        state = load_file(str(path))
+    else:
+        raise ModelError(f"{path} is not a motion adapter (expected a folder with config.json, or a .safetensors "
+                         f"file)")
+    if not isinstance(state, dict) or not state:
+        raise ModelError(f"{path}: no tensors in the file")
+    if any(".temporal_transformer." in key or ".attention_blocks." in key for key in state):
+        state = convert_animatediff_checkpoint_to_diffusers(state)   # the AnimateDiff repository's names
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    sidecar = path.with_suffix(".json")
+    try:
+        config = dict(MotionAdapter.load_config(sidecar)) if sidecar.is_file() else _infer_config(state, unet_config)
+        adapter = MotionAdapter.from_config(config)
+    except Exception as exc:
+        raise ModelError(f"{path}: no usable motion-adapter config ({type(exc).__name__}: {str(exc)[:300]})") from exc
+    missing, unexpected = adapter.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("pos_embed.pe")]   # computed, not learnt
+    if missing or unexpected:
+        raise ModelError(f"{path}: does not fit a motion adapter for this model ({len(missing)} missing keys, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    return adapter.to(dtype)
+
+
+def _infer_config(state: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any]) -> dict[str, Any]:
+    layers = {int(key.split(".")[3]) for key in state if key.startswith("down_blocks.0.motion_modules.")}
+    positions = next((value.shape[1] for key, value in state.items() if key.endswith("pos_embed.pe")), 32)
+    return {"block_out_channels": list(unet_config["block_out_channels"]),
+            "motion_layers_per_block": max(layers) + 1 if layers else unet_config["layers_per_block"],
+            "use_motion_mid_block": any(key.startswith("mid_block.") for key in state),
+            "motion_max_seq_length": int(positions)}
+
+
+def _check_family(path: Path, adapter_config: Mapping[str, Any], unet_config: Mapping[str, Any]) -> None:
+    ours, theirs = list(adapter_config["block_out_channels"]), list(unet_config["block_out_channels"])
+    if ours != theirs:
+        raise ModelError(f"{path}: motion adapter for UNet channels {ours}, the model's are {theirs} (an adapter "
+                         f"of another model family)", code="incompatible_model")
+    if adapter_config.get("conv_in_channels"):
+        raise ModelError(f"{path}: PIA-style adapters (conv_in_channels) are not supported", code="incompatible_model")
+
+
+def motion_unet(unet: Any, adapter: Any) -> Any:
+    """A UNetMotionModel made of ``unet``'s own spatial modules (shared, not copied) and ``adapter``'s
+    temporal modules. It computes what ``UNetMotionModel.from_unet2d(unet, adapter)`` computes."""
+    from diffusers import UNetMotionModel
+
+    adapter.to(unet.device)
+    try:
+        with torch.device("meta"):  # the skeleton only: every tensor is replaced below
+            model = UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
+    except ValueError as exc:   # layers per block or block count differ
+        raise ModelError(f"motion adapter does not fit the model's UNet: {exc}", code="incompatible_model") from exc
+    for name in ("conv_in", "time_proj", "time_embedding", "conv_norm_out", "conv_act", "conv_out"):
+        setattr(model, name, getattr(unet, name))
+    for ours, theirs, motion in ((model.down_blocks, unet.down_blocks, adapter.down_blocks),
+                                 (model.up_blocks, unet.up_blocks, adapter.up_blocks)):
+        for index, block in enumerate(ours):
+            for part in ("resnets", "attentions", "downsamplers", "upsamplers"):
+                if getattr(block, part, None) is not None:
+                    setattr(block, part, getattr(theirs[index], part))
+            block.motion_modules = motion[index].motion_modules
+    model.mid_block.resnets = unet.mid_block.resnets
+    model.mid_block.attentions = unet.mid_block.attentions
+    if hasattr(model.mid_block, "motion_modules"):
+        model.mid_block.motion_modules = adapter.mid_block.motion_modules
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    assert not left, f"motion UNet tensors not taken from the UNet or adapter: {left[:4]}"
+    return model.eval().requires_grad_(False)
+
+
+# --- per-session history ------------------------------------------------------------------------
+
+
+@dataclass
+class _Frame:
+    inputs: torch.Tensor                  # [4, h, w] encoded input, scaled
+    denoised: torch.Tensor | None = None  # [4, h, w] what the last window made of it
+
+
+@dataclass
+class _History:
+    key: tuple
+    frames: deque[_Frame]                 # previous frames, oldest first, at most MOTION_WINDOW_MAX - 1
+
+
+@dataclass
+class _Motion:
+    name: str
+    path: Path
+    adapter: Any
+    unet: Any                             # UNetMotionModel sharing the model's spatial modules
+
+    @property
+    def max_window(self) -> int:
+        return int(self.adapter.config["motion_max_seq_length"])
+
+
+class AnimateDiffEngine(DiffusionEngine):
+    name = "animatediff"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Set by the host from the settings: the operator's adapter (any path) and the folder
+        # clients name adapters in (None: <models_dir>/motion).
+        self.motion_adapter: str | None = None
+        self.motion_dir: str | None = None
+        self.motion: _Motion | None = None
+        self._window = 8
+        self._overlap = 0
+        self._motion_lock = threading.Lock()
+        self._motion_wanted = ""
+        self._motion_loading: str | None = None
+        self._motion_ready: _Motion | None = None
+        self._motion_failed: tuple[str, str] | None = None  # (name, message)
+        self.motion_error: str | None = None
+        self.motion_loads = 0
+
+    # --- loading --------------------------------------------------------------------------------
+
+    def motion_folder(self) -> Path | None:
+        from sdbridge.engines.models import default_models_dir
+
+        if self.motion_dir:
+            return Path(self.motion_dir).expanduser()
+        return (Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()) / "motion"
+
+    def load(self, source: str | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().load(source, device, dtype)
+        if self.motion_adapter:   # the operator's adapter: a failure fails the engine's load
+            self.motion = self.load_motion(self.motion_adapter)
+            self._motion_wanted = self.motion.name
+
+    def load_motion(self, name: str) -> _Motion:
+        """Resolve, load and attach an adapter (slow: call it off the frame path); ModelError on failure."""
+        assert self.parts is not None, "load() before load_motion()"
+        trusted = name == self.motion_adapter
+        path = resolve_motion_adapter(name, self.motion_folder(), trusted=trusted)
+        adapter = load_motion_adapter(path, self.parts.unet.config, self.dtype, allow_pickle=self.allow_pickle)
+        unet = motion_unet(self.parts.unet, adapter)
+        log.info("motion adapter %s loaded from %s (%d positions)", name, path,
+                 adapter.config["motion_max_seq_length"])
+        return _Motion(name, path, adapter, unet)
+
+    def _want_motion(self, name: str) -> None:
+        """Start loading ``name`` in the background unless it serves, loads or failed already."""
+        with self._motion_lock:
+            self._motion_wanted = name
+            serving = self.motion.name if self.motion is not None else ""
+            if name == serving or name == self._motion_loading:
+                return
+            if self._motion_ready is not None and self._motion_ready.name == name:
+                return
+            if self._motion_failed is not None and self._motion_failed[0] == name:
+                return
+            if not name:    # back to no adapter: plain img2img from the next frame
+                self._motion_ready = None
+                self.motion = None
+                return
+            self._motion_loading = name
+        threading.Thread(target=self._load_motion_thread, args=(name,), name="sdbridge-load-motion",
+                         daemon=True).start()
+
+    def _load_motion_thread(self, name: str) -> None:
+        try:
+            motion = self.load_motion(name)
+        except Exception as exc:  # reported; the adapter serving now serves on
+            message = str(exc) if isinstance(exc, SdbridgeError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, SdbridgeError):
+                log.exception("motion adapter %s failed to load", name)
+            else:
+                log.error("motion adapter %s failed to load: %s", name, message)
+            with self._motion_lock:
+                self._motion_loading = None
+                self._motion_failed = (name, message)
+                self.motion_error = message
+            if self.notify is not None:
+                keeps = f"; {self.motion.name} keeps serving" if self.motion is not None else ""
+                self.notify({"type": "error", "code": getattr(exc, "code", "bad_model"),
+                             "message": f"loading motion adapter {name!r} failed: {message}{keeps}"})
+            return
+        with self._motion_lock:
+            self._motion_loading = None
+            self._motion_failed = None
+            self.motion_error = None
+            if self._motion_wanted == name:
+                self._motion_ready = motion
+            self.motion_loads += 1
+
+    def _refresh_motion(self) -> None:
+        """At a frame boundary: swap in an adapter that finished loading."""
+        with self._motion_lock:
+            ready, self._motion_ready = self._motion_ready, None
+        if ready is not None:
+            self.motion = ready
+            if self.notify is not None:
+                self.notify({"type": "engine", "status": "ready", "motion_adapter": ready.name})
+
+    def wait_for_motion(self, timeout_s: float = 60.0) -> None:
+        """Block until no adapter is loading (tests, benchmarks; never the frame path)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while self._motion_loading is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._refresh_motion()
+
+    def close(self) -> None:
+        self.motion = self._motion_ready = None
+        super().close()
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["motion"] = {"adapter": self.motion.name if self.motion is not None else None,
+                         "window": self._window, "overlap": self._effective_overlap(),
+                         "loading": self._motion_loading, "error": self.motion_error}
+        return out
+
+    # --- parameters -----------------------------------------------------------------------------
+
+    def prepare(self, params: Mapping[str, Any]) -> None:
+        super().prepare(params)
+        window = int(params.get("motion_window", self._window))
+        motion = self.motion
+        if motion is not None and window > motion.max_window:
+            raise ParamError(f"motion_window {window} is more than the adapter {motion.name!r} holds "
+                             f"({motion.max_window} frames)", name="motion_window", value=window)
+        self._window = window
+        self._overlap = int(params.get("motion_overlap", self._overlap))
+        self._want_motion(str(params.get("motion_adapter") or self.motion_adapter or ""))
+
+    def _effective_overlap(self) -> int:
+        return min(self._overlap, self._window - 1)
+
+    # --- per-session noise and history ----------------------------------------------------------
+
+    def _window_noise(self, state: StreamState, shape: tuple[int, ...], window: int) -> torch.Tensor:
+        """[window, 4, h, w], oldest place first; the newest place is the diffusion engine's session noise."""
+        newest = self._noise(state, shape)                 # [1, 4, h, w]
+        key = (self._seed, shape, self.device, self.dtype)
+        cached = state.data.get(NOISE)
+        if cached is None or cached[0] != key:
+            generator = torch.Generator(device="cpu").manual_seed(self._seed)
+            torch.randn(shape, generator=generator)        # the newest place's draw, as _noise makes it
+            older = torch.randn((MOTION_WINDOW_MAX - 1, *shape[1:]), generator=generator)
+            cached = (key, older.to(self.device, self.dtype))   # [MAX-1, 4, h, w], 1 frame back first
+            state.data[NOISE] = cached
+        return torch.cat([cached[1][:window - 1].flip(0), newest])
+
+    def _history(self, state: StreamState, key: tuple) -> _History:
+        history = state.data.get(HISTORY)
+        if history is None or history.key != key:   # a new session, resolution or dtype: start over
+            history = _History(key, deque(maxlen=MOTION_WINDOW_MAX - 1))
+            state.data[HISTORY] = history
+        return history
+
+    # --- the frame ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step_float(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
+        self._refresh_motion()
+        motion = self.motion
+        if motion is None:   # no adapter yet: plain img2img
+            return super().step_float(frames, states)
+        assert self.parts is not None and self._embeddings is not None, "prepare() before step()"
+        batch, window, overlap = len(states), self._window, self._effective_overlap()
+        width, height = self.resolution
+        latent_shape = (1, self.parts.unet.config.in_channels, height // self.vae_scale_factor,
+                        width // self.vae_scale_factor)
+        timesteps, _ = self._timesteps()
+        txt2img = self._txt2img or frames is None
+
+        # 1.-2. The new frames: uint8 [B, H, W, 3] -> [-1, 1] [B, 3, H, W] -> latents [B, 4, h, w]
+        if txt2img:
+            new_inputs = torch.zeros((batch, *latent_shape[1:]), device=self.device, dtype=self.dtype)
+        else:
+            new_inputs = self.encode(frames.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0)
+
+        # 3. Each session's window, oldest first: previous frames (padded with the oldest: warm start),
+        #    each from its denoised latents (the K most recent) or its inputs, then the new frame.
+        key = (latent_shape, self.device, self.dtype)
+        starts, noises, previous_frames = [], [], []
+        for index, state in enumerate(states):
+            history = self._history(state, key)
+            previous = list(history.frames)[-(window - 1):] if window > 1 else []
+            previous_frames.append(previous)
+            filler = previous[0] if previous else _Frame(new_inputs[index])
+            padded = [filler] * (window - 1 - len(previous)) + previous
+            keep_from = window - 1 - overlap
+            for place, frame in enumerate(padded):
+                use_denoised = place >= keep_from and frame.denoised is not None
+                starts.append(frame.denoised if use_denoised else frame.inputs)
+            starts.append(new_inputs[index])
+            noises.append(self._window_noise(state, latent_shape, window))
+        noise = torch.cat(noises)                                      # [B * N, 4, h, w]
+        if txt2img:
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            clean = torch.stack(starts)                                # [B * N, 4, h, w]
+            latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch * window))
+        # [B * N, 4, h, w] -> [B, 4, N, h, w], the motion UNet's layout
+        latents = latents.reshape(batch, window, *latent_shape[1:]).permute(0, 2, 1, 3, 4)
+
+        # 4. Denoise the windows together; embeddings repeated per frame, batch-major as the UNet flattens.
+        embeddings = self._embeddings
+        if self._guided:
+            uncond, cond = embeddings.chunk(2)
+            embeddings = torch.cat([uncond.expand(batch * window, -1, -1), cond.expand(batch * window, -1, -1)])
+        else:
+            embeddings = embeddings.expand(batch * window, -1, -1)
+        generators = self._step_generators(states)
+        for t in timesteps:
+            model_input = torch.cat([latents] * 2) if self._guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = motion.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            if self._guided:
+                noise_uncond, noise_cond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
+
+        # 5. Keep what each frame became; the new frame joins the history.
+        for index, state in enumerate(states):
+            previous = previous_frames[index]
+            first = window - 1 - len(previous)    # the place of the oldest real previous frame
+            for offset, frame in enumerate(previous):
+                frame.denoised = latents[index, :, first + offset].clone()
+            if not txt2img:
+                state.data[HISTORY].frames.append(_Frame(new_inputs[index].clone(),
+                                                         latents[index, :, -1].clone()))
+        newest = latents[:, :, -1]                                     # [B, 4, h, w]
+
+        # 6. Latent plugins, then decode the newest frame only.
+        if self.latent_hook is not None:
+            newest = self.latent_hook(newest, states)
+        return self.decode(newest)
