@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.prompt_encode import (
@@ -136,3 +138,15 @@ def test_chunks_batch_equals_chunks_alone(parts):
         alone = torch.cat([encode_chunks([chunk], parts.text_encoder, CPU) for chunk in chunks], dim=1)
     assert together.shape == (1, 231, 32)
     assert torch.allclose(together, alone, atol=1e-6)
+
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(list("ab ,():[]\\.0123456789") + [" BREAK ", "a" * 40]), max_size=40).map("".join))
+def test_any_prompt_encodes_to_whole_chunks(parts, text):
+    chunks = build_chunks(parse_prompt(text).pieces, parts.tokenizer)
+    assert chunks and all(len(c.tokens) == len(c.multipliers) == CHUNK_LENGTH for c in chunks)
+    assert all(c.tokens[0] == parts.tokenizer.bos_token_id and c.tokens[c.length - 1] == parts.tokenizer.eos_token_id
+               for c in chunks)
+    embeddings = encode(parts, text)
+    assert embeddings.shape == (1, CHUNK_LENGTH * len(chunks), 32) and torch.isfinite(embeddings).all()
