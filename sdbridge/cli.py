@@ -46,6 +46,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--device", help="auto, cuda, cuda:N, mps or cpu (default auto)")
     add("--dtype", help="auto, float16, bfloat16 or float32 (default auto: fp16 on GPUs)")
     add("--taesd", help="a TAESD folder to use as the fast autoencoder")
+    add("--compile", dest="compile", action="store_const", const=True,
+        help="compiled engine: torch.compile its graphs on CUDA (default; cached under ~/.cache/sdbridge/inductor)")
+    add("--no-compile", dest="compile", action="store_const", const=False,
+        help="compiled engine: run its data path eagerly (no compile wait; for debugging)")
     add("--model-config", help="a diffusers folder whose configs describe a single-file checkpoint of an "
         "unusual architecture")
     add("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
@@ -61,6 +65,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--outputs-dir", help="where the HTTP API saves images (default ./outputs, A1111's layout)")
     add("--save-outputs", action="store_const", const=True, help="save every image the HTTP API makes")
     add("--styles-file", help="AUTOMATIC1111 styles.csv (default ~/.config/sdbridge/styles.csv)")
+    add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION]",
+        help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR (repeatable)")
     add("--vram-budget-mb", type=int, help="refuse models needing more device memory than this (0: no budget)")
     add("--allow-pickle", action="store_const", const=True,
         help="allow .ckpt/.pt files (loaded with torch.load(weights_only=True))")
@@ -80,12 +86,13 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
-                 "model", "engine", "device", "dtype", "taesd", "model_config", "models_dir", "vram_budget_mb",
+                 "model", "engine", "device", "dtype", "taesd", "compile", "model_config", "models_dir", "vram_budget_mb",
                  "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)
         flags[name] = [item.strip() for item in value.split(",") if item.strip()] if value else None
+    flags["outputs"] = getattr(args, "outputs", None) or None
     if getattr(args, "feedback", None):
         host, _, port = args.feedback.rpartition(":")
         try:

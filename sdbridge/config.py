@@ -45,6 +45,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     taesd: str | None = None
+    compile: bool = True                 # the compiled engine: torch.compile on CUDA; off runs its data path eagerly
     model_config: str | None = None      # a diffusers folder describing a single-file checkpoint's architecture
     models_dir: str | None = None
     presets_dir: str | None = None       # the user's presets (default ~/.config/sdbridge/presets)
@@ -57,6 +58,7 @@ class Settings:
     outputs_dir: str = "outputs"         # where the HTTP API saves images when asked (A1111's layout)
     save_outputs: bool = False           # save every HTTP API image, as A1111's samples_save does
     styles_file: str | None = None       # A1111's styles.csv (default: ~/.config/sdbridge/styles.csv)
+    outputs: list[str] = field(default_factory=list)  # --output: ndi:NAME, virtualcam, record:DIR (sdbridge/outputs)
     vram_budget_mb: int = 0              # 0: no budget; else a model needing more fails to load (as on OOM)
     allow_pickle: bool = False
     token: str | None = None

@@ -132,6 +132,20 @@ def check_codec() -> list[Finding]:
     return [Finding(OK, "codec", "OpenCV JPEG encode/decode works")]
 
 
+def check_outputs(settings: Settings) -> list[Finding]:
+    from sdbridge.outputs.base import OutputError, create_output, parse_spec
+
+    findings = []
+    for text in settings.outputs:
+        try:
+            create_output(parse_spec(text))
+        except OutputError as exc:
+            findings.append(Finding(ERROR, "outputs", str(exc), "install what it names, or drop that --output"))
+        else:
+            findings.append(Finding(OK, "outputs", f"{text}: its library is installed"))
+    return findings
+
+
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
     findings: list[Finding] = []
     findings += check_python()
@@ -140,4 +154,5 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_model(settings)
     findings += check_clip_vocab()
     findings += check_ports(settings)
+    findings += check_outputs(settings)
     return findings

@@ -35,6 +35,7 @@ from sdbridge.bridge.control import Control
 from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.presets import PresetLibrary
 from sdbridge.params import ParamStore, Schema
+from sdbridge.outputs.hub import OutputHub
 from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,11 @@ class Daemon:
                                                    if settings.presets_dir else None))
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
+        # A bad --output (unknown kind, library missing) stops the start-up with its reason.
+        self.outputs = OutputHub(settings.outputs, notify=self._engine_event) if settings.outputs else None
         self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report, plugins=self.plugins,
-                             decode_threads=settings.decode_threads, debug_frames=settings.debug_frames)
+                             decode_threads=settings.decode_threads, debug_frames=settings.debug_frames,
+                             outputs=self.outputs)
         self.stats = DaemonStats()
         self.started = time.monotonic()
         self.port: int | None = None
@@ -169,6 +173,8 @@ class Daemon:
         self.store.subscribe(self._params_changed)
         self._telemetry_task = asyncio.create_task(self._telemetry(), name="sdbridge-telemetry")
         self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="sdbridge-loop-lag")
+        if self.outputs is not None:
+            self.outputs.start()
         self.worker.start()
         self.engines.select(self.store.snapshot()[1])
         self.registry.wake.set()
@@ -200,6 +206,8 @@ class Daemon:
             self.feedback.close()
         self.worker.stop()
         await asyncio.to_thread(self.worker.join, 10)
+        if self.outputs is not None:
+            await asyncio.to_thread(self.outputs.stop)
         self.engines.close()
         log.info("sdbridge stopped")
 
@@ -334,6 +342,7 @@ class Daemon:
             "worker": {"turns": self.worker.turns, "engine_errors": self.worker.engine_errors,
                        "last_step_ms": round(self.worker.last_step_ms, 2)},
             "osc": dataclasses.asdict(self.osc.stats) if self.osc is not None else None,
+            "outputs": self.outputs.stats() if self.outputs is not None else [],
             "sessions": sessions,
         }
 

@@ -28,12 +28,14 @@ import torch
 
 from sdbridge import modulation
 from sdbridge.bridge import codec
+from sdbridge.bridge.crossfade import Crossfade
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
 from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest
 from sdbridge.errors import SdbridgeError
+from sdbridge.outputs.hub import OutputHub
 from sdbridge.params import ParamStore
 from sdbridge.plugins.manager import PluginManager
 
@@ -81,7 +83,7 @@ class GenerationTask:
 class Worker(threading.Thread):
     def __init__(self, registry: SessionRegistry, store: ParamStore, engines: EngineHost, deliver: Deliver,
                  report: Report, *, plugins: PluginManager | None = None, decode_threads: int = 2,
-                 debug_frames: bool = False) -> None:
+                 debug_frames: bool = False, outputs: OutputHub | None = None) -> None:
         super().__init__(name="sdbridge-worker", daemon=True)
         self.registry = registry
         self.store = store
@@ -89,6 +91,8 @@ class Worker(threading.Thread):
         self.deliver = deliver
         self.report = report
         self.plugins = plugins
+        self.outputs = outputs
+        self.crossfade = Crossfade()
         self.debug_frames = debug_frames
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="sdbridge-codec")
         self._stop_event = threading.Event()
@@ -273,11 +277,22 @@ class Worker(threading.Thread):
                     assert job.output is not None
                     job.output = plugins.after(job.session.id, job.session.state.data, job.image, job.output)
 
-        # 7. Fit to the reply size, encode, hand over to the event loop.
+        # 7. After an engine swap, the old engine's last frame dissolves into the new one's.
+        now = time.monotonic()
+        self.crossfade.swap(engine, now, float(params.get("crossfade_s", 0.0)))
+        for job in jobs:
+            if job.output is not None and not job.passthrough:
+                job.output = self.crossfade.apply(job.session.id, job.output, now)
+
+        # 8. Fit to the reply size, encode, hand over to the event loop and the outputs (NDI, ...).
         for job, message in zip(jobs, self.pool.map(lambda j: self._encode(j, params), jobs)):
             if message is not None:
                 self._record(job)
                 self.deliver(job.session, message)
+                if self.outputs is not None and job.output is not None:
+                    self.outputs.publish(job.session.id, job.output)
+        if self.turns % 256 == 0:
+            self.crossfade.forget({session.id for session in self.registry.sessions()})
         return len(jobs)
 
     def _collect(self, params: dict[str, Any]) -> list[Job]:

@@ -123,3 +123,12 @@ def test_presets_list_show_and_save_from_a_running_daemon(tmp_path):
         saved = sdbridge("presets", "save", "stage", "--url", f"http://127.0.0.1:{daemon.port}")
     assert saved.returncode == 0, saved.stderr
     assert "\"strength\" = 0.33" in (tmp_path / "stage.toml").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Spout installs on Windows")
+def test_outputs_doctor_names_a_missing_library_and_serve_refuses_a_bad_spec():
+    doctor = sdbridge("doctor", "--port", "0", "--output", "spout:stage", "--output", "record:/tmp/sdbridge-rec")
+    assert doctor.returncode == 1
+    assert "Windows only" in doctor.stdout and "record:/tmp/sdbridge-rec: its library is installed" in doctor.stdout
+    serve = sdbridge("serve", "--port", "0", "--no-osc", "--output", "hdmi:1")
+    assert serve.returncode == 2 and "unknown output 'hdmi'" in serve.stderr

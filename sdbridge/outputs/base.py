@@ -1,0 +1,95 @@
+"""The output interface: a sink that takes RGB frames, and the ``--output`` spec that names one.
+
+A spec is ``KIND[:TARGET][@SESSION]``: ``ndi:sdbridge`` (an NDI source called sdbridge),
+``virtualcam`` or ``virtualcam:/dev/video10``, ``spout:sdbridge`` (Windows), ``syphon:sdbridge``
+(macOS), ``record:DIR`` (numbered PNGs, to keep a show). ``@SESSION`` sends only that session's
+frames; without it an output shows whichever session made the latest frame, which is the one
+sender of a usual rig.
+
+Each library is an optional extra; a missing one is reported with the pip command that installs it.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdbridge.errors import SdbridgeError
+
+
+class OutputError(SdbridgeError):
+    code = "output_failed"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    kind: str
+    target: str | None = None
+    session: str | None = None
+
+    def __str__(self) -> str:
+        text = self.kind + (f":{self.target}" if self.target else "")
+        return text + (f"@{self.session}" if self.session else "")
+
+
+class Output(abc.ABC):
+    """A frame sink. ``open`` is called with the first frame's size and again when it changes."""
+
+    kind: str
+
+    def __init__(self, target: str | None) -> None:
+        self.target = target
+
+    @abc.abstractmethod
+    def open(self, width: int, height: int, fps: float) -> None:
+        """Start sending frames of this size."""
+
+    @abc.abstractmethod
+    def send(self, frame: np.ndarray) -> None:
+        """One RGB frame, uint8 ``[H, W, 3]`` at the size given to ``open``."""
+
+    def close(self) -> None:
+        """Stop; ``open`` may be called again."""
+
+
+# Lazy, as the engines are: each pulls its own library only when used.
+_OUTPUTS: dict[str, tuple[str, str]] = {
+    "ndi": ("sdbridge.outputs.ndi:NdiOutput", "pip install 'sdbridge[ndi]' (cyndilib)"),
+    "virtualcam": ("sdbridge.outputs.virtualcam:VirtualCamOutput",
+                   "pip install 'sdbridge[virtualcam]' (pyvirtualcam; on Linux also the v4l2loopback module)"),
+    "spout": ("sdbridge.outputs.spout:SpoutOutput", "pip install 'sdbridge[spout]' (SpoutGL, Windows only)"),
+    "syphon": ("sdbridge.outputs.syphon:SyphonOutput", "pip install 'sdbridge[syphon]' (syphon-python, macOS only)"),
+    "record": ("sdbridge.outputs.record:RecordOutput", ""),
+}
+_SPEC = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<target>[^@]+))?(?:@(?P<session>[A-Za-z0-9_.-]{1,64}))?$")
+
+
+def output_kinds() -> list[str]:
+    return list(_OUTPUTS)
+
+
+def parse_spec(text: str) -> OutputSpec:
+    match = _SPEC.match(text.strip())
+    if match is None:
+        raise OutputError(f"output {text!r} is not KIND[:TARGET][@SESSION] (e.g. ndi:sdbridge, virtualcam, "
+                          f"record:shows/tonight)", code="bad_output")
+    kind = match["kind"]
+    if kind not in _OUTPUTS:
+        raise OutputError(f"unknown output {kind!r} in {text!r} (known: {', '.join(_OUTPUTS)})", code="bad_output")
+    return OutputSpec(kind, match["target"], match["session"])
+
+
+def create_output(spec: OutputSpec) -> Output:
+    """The sink for a spec; OutputError (code output_unavailable) when its library is missing."""
+    target, install = _OUTPUTS[spec.kind]
+    module_name, class_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise OutputError(f"output {spec.kind} needs a library that is not installed ({exc.name or exc}): "
+                          f"{install}", code="output_unavailable") from exc
+    return getattr(module, class_name)(spec.target)

@@ -1,0 +1,129 @@
+"""The outputs the daemon feeds: one thread each, behind a latest-frame slot.
+
+The worker hands every output frame to :meth:`OutputHub.publish`, which only swaps a reference
+and never waits: an output that stalls (a virtual camera nobody reads, an NDI receiver on a slow
+network, a full disk) drops its own frames and nothing else slows down, the same rule the
+WebSocket viewers follow. An output that fails is reported, closed, and retried after a pause,
+so a camera plugged in mid-show starts receiving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from sdbridge.outputs.base import Output, OutputError, OutputSpec, create_output, parse_spec
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 5.0
+Notify = Callable[[dict[str, Any]], None]
+
+
+class OutputThread(threading.Thread):
+    def __init__(self, spec: OutputSpec, output: Output, fps: float, notify: Notify) -> None:
+        super().__init__(name=f"sdbridge-output-{spec.kind}", daemon=True)
+        self.spec = spec
+        self.output = output
+        self.fps = fps
+        self.notify = notify
+        self._frame: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop_event = threading.Event()
+        self.size: tuple[int, int] | None = None
+        self.published = self.sent = self.dropped = self.failures = 0
+        self.last_error: str | None = None
+
+    def offer(self, frame: np.ndarray) -> None:
+        with self._lock:
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+            self.published += 1
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        retry_at = 0.0
+        while not self._stop_event.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                frame, self._frame = self._frame, None
+            if frame is None or self._stop_event.is_set():
+                continue
+            if time.monotonic() < retry_at:
+                with self._lock:
+                    self.dropped += 1
+                continue
+            try:
+                size = (frame.shape[1], frame.shape[0])
+                if size != self.size:
+                    self.output.open(size[0], size[1], self.fps)
+                    self.size = size
+                    log.info("output %s open at %dx%d", self.spec, *size)
+                self.output.send(frame)
+                self.sent += 1
+            except Exception as exc:  # an output never takes the daemon down: report, close, retry later
+                self.failures += 1
+                self.last_error = str(exc) if isinstance(exc, OutputError) else f"{type(exc).__name__}: {exc}"
+                log.error("output %s failed: %s; retrying in %.0f s", self.spec, self.last_error, RETRY_S)
+                self.notify({"type": "error", "code": getattr(exc, "code", "output_failed"),
+                             "message": f"output {self.spec} failed: {self.last_error}; retrying in {RETRY_S:.0f} s"})
+                self._close()
+                retry_at = time.monotonic() + RETRY_S
+        self._close()
+
+    def _close(self) -> None:
+        self.size = None
+        try:
+            self.output.close()
+        except Exception:
+            log.exception("closing output %s failed", self.spec)
+
+    def stats(self) -> dict[str, Any]:
+        return {"output": str(self.spec), "size": list(self.size) if self.size else None, "published": self.published,
+                "sent": self.sent, "dropped": self.dropped, "failures": self.failures, "last_error": self.last_error}
+
+
+class OutputHub:
+    """Every configured output; ``publish`` is what the worker calls per output frame."""
+
+    def __init__(self, specs: Iterable[str], *, fps: float = 30.0, notify: Notify | None = None) -> None:
+        """Raises OutputError for a bad spec or a missing library, before anything starts."""
+        self.threads: list[OutputThread] = []
+        for text in specs:
+            spec = parse_spec(text)
+            self.threads.append(OutputThread(spec, create_output(spec), fps, notify or (lambda event: None)))
+
+    def __bool__(self) -> bool:
+        return bool(self.threads)
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def publish(self, session_id: str, frame: np.ndarray) -> None:
+        """One output frame, uint8 RGB ``[H, W, 3]``; returns at once."""
+        for thread in self.threads:
+            if thread.spec.session is None or thread.spec.session == session_id:
+                thread.offer(frame)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for thread in self.threads:
+            thread.stop()
+        for thread in self.threads:
+            if thread.is_alive():
+                thread.join(timeout)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [thread.stats() for thread in self.threads]
