@@ -19,12 +19,14 @@ def controlnet_dir(tiny_model_dir, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("controlnet")
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    torch.manual_seed(1)
-    model = ControlNetModel.from_unet(unet)
-    for module in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
-        torch.nn.init.normal_(module.weight, std=1.0)
-        torch.nn.init.normal_(module.bias, std=0.3)
-    model.save_pretrained(folder / "edges", safe_serialization=True)
+    for seed, name in ((1, "edges"), (2, "lines")):
+        torch.manual_seed(seed)
+        model = ControlNetModel.from_unet(unet)
+        for module in [*model.controlnet_down_blocks, model.controlnet_mid_block,
+                       model.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(module.weight, std=1.0)
+            torch.nn.init.normal_(module.bias, std=0.3)
+        model.save_pretrained(folder / name, safe_serialization=True)
     return folder
 
 
@@ -106,3 +108,43 @@ def test_missing_controlnet_is_reported_and_frames_keep_coming(start_daemon, tin
         assert error["code"] == "model_not_found" and "nowhere" in error["message"]
         ws.send(raw(make_image(64, 64), frame_id=2))
         assert FrameHeader.parse(recv_frame(ws))[0].frame_id in (1, 2)
+
+
+def test_swapping_the_controlnet_mid_stream_drops_no_frame(start_daemon, tiny_model_dir, controlnet_dir):
+    """Frames sent one at a time while the slot switches edges -> lines -> a broken name -> edges: every one is
+    answered by the engine (none passed through), and each model's frames are its own."""
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
+                          params={"width": 64, "height": 64, "steps": 2, "strength": 1.0, "controlnet_1_scale": 2.0,
+                                  "controlnet_1_model": "edges"})
+    (controlnet_dir / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30)
+
+    def serving(name: str) -> bool:
+        engine = client.get("/health").json()["engine"]
+        return engine.get("controlnet", {}).get("slots", [{}])[0].get("serving") == name
+
+    assert wait_for(lambda: serving("edges"), timeout=60)
+    frame = make_image(64, 64, seed=2)
+    outputs: dict[str, list[np.ndarray]] = {}
+    frame_id = 0
+    with ws_connect(daemon, "?session=swap") as ws:
+        for model in ("edges", "lines", "broken", "edges"):
+            ws.send(json.dumps({"type": "set", "params": {"controlnet_1_model": model}}))
+            for _ in range(6):
+                frame_id += 1
+                ws.send(raw(frame, frame_id=frame_id))
+                message = recv_frame(ws)
+                assert FrameHeader.parse(message)[0].frame_id == frame_id
+                outputs.setdefault(model, []).append(reply_image(message))
+            if model == "lines":
+                assert wait_for(lambda: serving("lines"), timeout=30)
+            if model == "broken":
+                failed = client.get("/health").json()["engine"]["controlnet"]["failed"]
+                assert "safetensors" in failed["broken"] and serving("lines")
+        stats = daemon.registry.get("swap").stats()
+    assert stats["frames_out"] == frame_id and stats["passthrough_frames"] == 0
+    edges, lines = outputs["edges"][0], outputs["lines"][-1]
+    assert not np.array_equal(edges, lines)
+    assert all(np.array_equal(image, lines) for image in outputs["broken"])  # the old model kept serving
+    assert np.array_equal(outputs["edges"][-1], edges)
+    (controlnet_dir / "broken.safetensors").unlink()
