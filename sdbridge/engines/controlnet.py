@@ -323,10 +323,12 @@ class ControlNets:
     # --- parameters and models (worker thread) ---
 
     def prepare(self, params: Mapping[str, Any]) -> None:
-        self.slots = tuple(Slot.from_params(params, number) for number in range(1, SLOTS + 1))
+        slots = tuple(Slot.from_params(params, number) for number in range(1, SLOTS + 1))
+        if slots != self.slots:  # LFOs prepare every frame: a preprocessing error is told once per real change
+            self.errors.clear()
+        self.slots = slots
         wanted = {slot.model for slot in self.slots if slot.model}
         self.failed = {name: why for name, why in self.failed.items() if name in wanted}
-        self.errors.clear()
         self.refresh()
         with self._lock:
             missing = sorted(wanted - set(self.models) - self._loading - set(self._ready) - set(self.failed))

@@ -293,3 +293,36 @@ def test_session_without_its_condition_stream_gets_the_base_output(parts, contro
     out = engine.step_float(torch.from_numpy(np.stack([frame, frame])), [with_stream, without])
     assert (out[1] - base[0]).abs().max() <= 1e-5
     assert (out[0] - base[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("weight, start, end", [(1.0, 0.0, 1.0), (0.6, 0.25, 0.75)])
+def test_one_shot_txt2img_matches_diffusers_controlnet_pipeline(parts, controlnet_dir, condition, weight, start, end):
+    """The A1111 path (engines/generate.py) with a ControlNet unit equals StableDiffusionControlNetPipeline."""
+    import diffusers
+
+    from sdbridge.engines.controlnet import RequestUnit
+    from sdbridge.engines.generate import Generation, GenerationRequest, image_noise
+    from sdbridge.engines.samplers import make_scheduler
+
+    model = load_controlnet(resolve_controlnet("edges", controlnet_dir), parts.unet, CPU, torch.float32)
+    engine = DiffusionEngine.from_parts(parts)
+    request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
+                                cfg_scale=4.0, sampler_name="Euler",
+                                controlnet=[RequestUnit(model, condition, weight, start, end)])
+    generation = Generation(engine, request)
+    decoded: list[torch.Tensor] = []
+    original = generation._decode
+    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
+    for _ in generation.run():
+        pass
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        controlnet=model, scheduler=make_scheduler(parts.scheduler.config, "Euler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    control_image = torch.from_numpy(condition)[None].permute(0, 3, 1, 2).float() / 255.0
+    theirs = pipe(prompt="a red fox", negative_prompt="blur", image=control_image, num_inference_steps=4,
+                  guidance_scale=4.0, height=64, width=64, latents=image_noise(7, 0, 0.0, (4, 8, 8))[None],
+                  controlnet_conditioning_scale=weight, control_guidance_start=start, control_guidance_end=end,
+                  output_type="pt").images
+    assert relative_error(decoded[-1], theirs) <= 1e-4
