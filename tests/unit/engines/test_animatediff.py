@@ -1,0 +1,323 @@
+"""The AnimateDiff engine on a tiny random model and MotionAdapter, written to disk and loaded back.
+
+Parity: the engine's frames are compared with ``AnimateDiffVideoToVideoPipeline`` run on the same
+weights. The pipeline samples the VAE's latent distribution and draws its own noise, so it is handed
+its start instead (``latents=``, which it denoises as given): each window's frames encoded with the
+VAE's mode, noised to the first timestep with the window's noise (re-derived here from the seed),
+the K most recent previous frames from the denoised latents the previous call of the *reference*
+gave them. The reference thus replays the documented window rules (warm start, overlap) with the
+pipeline as the denoiser; its last frame is compared with the engine's frame, every frame.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sdbridge.engines.animatediff import AnimateDiffEngine, load_motion_adapter, motion_unet
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.errors import ModelError, ParamError
+from sdbridge.params import MOTION_WINDOW_MAX, Schema
+from sdbridge.paths import PathError
+
+CPU = torch.device("cpu")
+SEED = 3
+
+
+def tiny_adapter(seed: int = 1, max_positions: int = 16, zero_out: bool = False):
+    """A MotionAdapter that fits tiny.py's UNet: channels (32, 64), 1 layer per block, 32 groups."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=32, motion_max_seq_length=max_positions)
+    if zero_out:   # every temporal module's output projection zero: the motion modules are the identity
+        for name, module in adapter.named_modules():
+            if name.endswith("proj_out"):
+                torch.nn.init.zeros_(module.weight)
+                torch.nn.init.zeros_(module.bias)
+    return adapter.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machines more threads thrash (0.9 s a tiny frame
+    instead of 0.03 s measured with the load of other test runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def motion_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("motion")
+    tiny_adapter(seed=1).save_pretrained(folder / "tiny-motion", safe_serialization=True)
+    tiny_adapter(seed=2).save_pretrained(folder / "other-motion", safe_serialization=True)
+    tiny_adapter(seed=1, max_positions=8, zero_out=True).save_pretrained(folder / "zero-motion",
+                                                                         safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    loaded.taesd = None  # the pipeline decodes with the VAE: so does the engine here
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def frames() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))   # [F, H, W, 3]
+
+
+def params(**overrides) -> dict:
+    values = Schema().defaults()
+    values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=SEED, prompt="a red fox",
+                  motion_adapter="tiny-motion", motion_window=4, motion_overlap=0)
+    values.update(overrides)
+    return values
+
+
+def engine_for(parts, motion_dir, **overrides) -> AnimateDiffEngine:
+    engine = AnimateDiffEngine.from_parts(parts)
+    engine.motion_dir = str(motion_dir)
+    engine.prepare(params(**overrides))
+    engine.wait_for_motion()
+    assert engine.motion is not None, engine.motion_error
+    return engine
+
+
+def run(engine, frames, state=None) -> list[torch.Tensor]:
+    state = state or StreamState("s")
+    return [engine.step_float(frames[index:index + 1], [state]) for index in range(len(frames))]
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def test_adapter_round_trips_through_the_loader(parts, motion_dir, tmp_path):
+    original = tiny_adapter(seed=1).state_dict()
+    folder = load_motion_adapter(motion_dir / "tiny-motion", parts.unet.config, torch.float32)
+    # a single .safetensors with its config beside it, and the same in the AnimateDiff repository's key names
+    from safetensors.torch import save_file
+
+    shutil.copy(motion_dir / "tiny-motion" / "diffusion_pytorch_model.safetensors", tmp_path / "single.safetensors")
+    shutil.copy(motion_dir / "tiny-motion" / "config.json", tmp_path / "single.json")
+    single = load_motion_adapter(tmp_path / "single.safetensors", parts.unet.config, torch.float32)
+    renamed = {}
+    for key, value in original.items():
+        if key.endswith("pos_embed.pe"):
+            continue   # the original files keep no positional table here (computed)
+        head, _, tail = key.partition(".motion_modules.")
+        index, _, rest = tail.partition(".")
+        rest = (rest.replace(".attn1", ".attention_blocks.0").replace(".attn2", ".attention_blocks.1")
+                .replace(".norm1", ".norms.0").replace(".norm2", ".norms.1").replace(".norm3", ".ff_norm"))
+        renamed[f"{head}.motion_modules.{index}.temporal_transformer.{rest}"] = value.contiguous()
+    save_file(renamed, str(tmp_path / "original.safetensors"))
+    shutil.copy(motion_dir / "tiny-motion" / "config.json", tmp_path / "original.json")
+    converted = load_motion_adapter(tmp_path / "original.safetensors", parts.unet.config, torch.float32)
+    for adapter in (folder, single, converted):
+        loaded = adapter.state_dict()
+        assert set(loaded) == set(original)
+        assert all(torch.equal(loaded[key], original[key]) for key in original)
+
+
+def test_motion_unet_shares_the_models_weights(parts, motion_dir):
+    adapter = load_motion_adapter(motion_dir / "tiny-motion", parts.unet.config, torch.float32)
+    model = motion_unet(parts.unet, adapter)
+    spatial = {tensor.data_ptr() for tensor in parts.unet.parameters()}
+    temporal = {tensor.data_ptr() for tensor in adapter.parameters()}
+    ours = {tensor.data_ptr() for tensor in model.parameters()}
+    assert spatial <= ours and temporal <= ours and ours == spatial | temporal   # no copy of either
+
+
+def test_bad_adapters_give_model_errors(parts, motion_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(motion_dir / "tiny-motion", broken)
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelError, match="truncated"):
+        load_motion_adapter(broken, parts.unet.config, torch.float32)
+    (tmp_path / "noconfig").mkdir()
+    with pytest.raises(ModelError, match="needs config.json"):
+        load_motion_adapter(tmp_path / "noconfig", parts.unet.config, torch.float32)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ModelError):
+        load_motion_adapter(tmp_path / "junk.safetensors", parts.unet.config, torch.float32)
+    (tmp_path / "mm.ckpt").write_bytes(b"not read")
+    with pytest.raises(ModelError, match="allow-pickle"):
+        load_motion_adapter(tmp_path / "mm.ckpt", parts.unet.config, torch.float32)
+    wrong = tmp_path / "wrong-family"
+    from diffusers import MotionAdapter
+
+    MotionAdapter(block_out_channels=(32, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                  motion_max_seq_length=8).save_pretrained(wrong, safe_serialization=True)
+    with pytest.raises(ModelError, match=r"channels \[32, 32\]"):
+        load_motion_adapter(wrong, parts.unet.config, torch.float32)
+    engine = AnimateDiffEngine.from_parts(parts)
+    engine.motion_dir = str(motion_dir)
+    with pytest.raises(ModelError, match="not found"):
+        engine.load_motion("no-such-adapter")
+    with pytest.raises(PathError):
+        engine.load_motion("../" + tmp_path.name + "/broken")
+
+
+# --- parity ------------------------------------------------------------------------------------------
+
+
+def reference_stream(parts, frames, *, window, overlap, steps, strength, guidance, negative_prompt=""):
+    """Each frame's image from AnimateDiffVideoToVideoPipeline, the window rules replayed around it."""
+    from diffusers import AnimateDiffVideoToVideoPipeline
+
+    adapter = tiny_adapter(seed=1)
+    scheduler = copy.deepcopy(parts.scheduler)
+    pipe = AnimateDiffVideoToVideoPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                           unet=parts.unet, motion_adapter=adapter, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    # The window's noise: the newest place the session's draw, then the following draws, 1 frame back first.
+    generator = torch.Generator().manual_seed(SEED)
+    newest = torch.randn((1, 4, 8, 8), generator=generator)
+    older = torch.randn((MOTION_WINDOW_MAX - 1, 4, 8, 8), generator=generator)
+    noise = torch.cat([older[:window - 1].flip(0), newest])              # [N, 4, 8, 8]
+    scheduler.set_timesteps(steps)
+    t_start = steps - max(1, min(int(steps * strength), steps))
+    first_t = scheduler.timesteps[t_start:t_start + 1]
+    with torch.inference_mode():
+        inputs = parts.vae.encode(frames.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mode()
+    inputs = inputs * parts.vae.config.scaling_factor                     # [F, 4, 8, 8]
+    denoised: dict[int, torch.Tensor] = {}
+    images = []
+    for k in range(len(frames)):
+        real = list(range(max(0, k - window + 1), k))                      # previous frames in the window
+        pad = window - 1 - len(real)
+        places = [real[0] if real else k] * pad + real
+        starts = [denoised[j] if place >= window - 1 - overlap and j in denoised else inputs[j]
+                  for place, j in enumerate(places)] + [inputs[k]]
+        scheduler.set_timesteps(steps)
+        noisy = scheduler.add_noise(torch.stack(starts), noise, first_t.repeat(window))
+        captured = {}
+
+        def keep(pipeline, i, t, tensors):
+            captured["latents"] = tensors["latents"]
+            return {}
+
+        out = pipe(prompt="a red fox", negative_prompt=negative_prompt or None,
+                   latents=noisy.permute(1, 0, 2, 3)[None], strength=strength, num_inference_steps=steps,
+                   guidance_scale=guidance, output_type="pt", callback_on_step_end=keep).frames   # [1, N, 3, H, W]
+        for place, j in enumerate(places + [k]):
+            if place >= pad:
+                denoised[j] = captured["latents"][0, :, place]
+        images.append(out[:, -1])
+    return images
+
+
+@pytest.mark.parametrize("window, overlap, steps, strength, guidance", [(4, 0, 2, 0.5, 1.0), (3, 2, 4, 0.75, 3.0)])
+def test_parity_with_animatediff_video2video(parts, motion_dir, frames, window, overlap, steps, strength, guidance):
+    """Five frames through the engine (warm start, then a rolling window) against the pipeline, fp32 CPU."""
+    negative = "blurry" if guidance > 1 else ""
+    engine = engine_for(parts, motion_dir, motion_window=window, motion_overlap=overlap, steps=steps,
+                        strength=strength, guidance=guidance, negative_prompt=negative)
+    ours = run(engine, frames[:5])
+    theirs = reference_stream(parts, frames[:5], window=window, overlap=overlap, steps=steps, strength=strength,
+                              guidance=guidance, negative_prompt=negative)
+    for index, (mine, reference) in enumerate(zip(ours, theirs)):
+        error = relative_error(mine, reference)
+        assert error <= 1e-4, f"frame {index}: relative error {error:.2e}"
+
+
+# --- motion context ------------------------------------------------------------------------------
+
+
+def test_earlier_frames_change_the_output_only_inside_the_window(parts, motion_dir, frames):
+    changed = frames.clone()
+    changed[0] = 255 - changed[0]
+    for window, should_change in ((4, True), (2, False)):
+        engine = engine_for(parts, motion_dir, motion_window=window)
+        last = run(engine, frames[:4])[-1]
+        last_changed = run(engine, changed[:4], StreamState("other"))[-1]
+        moved = float((last - last_changed).abs().max())
+        assert (moved > 1e-3) == should_change, f"window {window}: frame 0 moved frame 3 by {moved}"
+
+
+def test_window_one_against_the_plain_engine(parts, motion_dir, frames):
+    """The temporal modules act on a single frame too (not the identity); with zero output projections
+    they are, and every window gives the plain engine's frame (same noise at the newest place)."""
+    plain = DiffusionEngine.from_parts(parts)
+    plain.prepare(params())
+    expected = run(plain, frames[:3])[-1]
+    random = engine_for(parts, motion_dir, motion_window=1)
+    assert relative_error(run(random, frames[:3])[-1], expected) > 1e-2
+    for window in (1, 4):
+        zero = engine_for(parts, motion_dir, motion_adapter="zero-motion", motion_window=window)
+        assert relative_error(run(zero, frames[:3])[-1], expected) <= 1e-5
+
+
+def test_window_and_overlap_take_effect_at_the_next_frame(parts, motion_dir, frames):
+    engine = engine_for(parts, motion_dir, motion_window=4)
+    state = StreamState("s")
+    run(engine, frames[:4], state)
+    engine.prepare(params(motion_window=2))
+    switched = engine.step_float(frames[4:5], [state])
+    # Window 2, overlap 0 depends on the last two inputs only: a stream at window 2 all along agrees.
+    steady = run(engine_for(parts, motion_dir, motion_window=2), frames[:5])[-1]
+    stayed = run(engine_for(parts, motion_dir, motion_window=4), frames[:5])[-1]
+    assert relative_error(switched, steady) <= 1e-5
+    assert relative_error(switched, stayed) > 1e-3
+    engine.prepare(params(motion_window=2, motion_overlap=1))
+    with_overlap = engine.step_float(frames[5:6], [state])
+    engine.prepare(params(motion_window=2, motion_overlap=0))
+    without = engine.step_float(frames[5:6], [state])
+    assert relative_error(with_overlap, without) > 1e-3
+
+
+def test_window_beyond_the_adapter_is_refused(parts, motion_dir):
+    engine = engine_for(parts, motion_dir, motion_adapter="zero-motion", motion_window=8)
+    with pytest.raises(ParamError, match=r"motion_window 12 .* \(8 frames\)"):
+        engine.prepare(params(motion_adapter="zero-motion", motion_window=12))
+
+
+def test_adapter_swap_in_the_background_and_a_failing_one_keeps_the_old(parts, motion_dir, frames, tmp_path):
+    folder = tmp_path / "motion"
+    shutil.copytree(motion_dir, folder)
+    corrupt = folder / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text(json.dumps(dict(tiny_adapter().config)))
+    (corrupt / "diffusion_pytorch_model.safetensors").write_bytes(b"\xff" * 64)
+    events = []
+    engine = engine_for(parts, folder)
+    engine.notify = events.append
+    before = engine.step_float(frames[:1], [StreamState("probe")])
+    engine.prepare(params(motion_adapter="corrupt"))
+    assert engine.motion.name == "tiny-motion"     # serving on while the other loads
+    engine.wait_for_motion()
+    assert engine.motion.name == "tiny-motion" and "corrupt" in engine.motion_error
+    assert any(event["type"] == "error" and "keeps serving" in event["message"] for event in events)
+    engine.prepare(params(motion_adapter="other-motion"))
+    engine.wait_for_motion()
+    assert engine.motion.name == "other-motion" and engine.motion_error is None
+    after = engine.step_float(frames[:1], [StreamState("probe")])
+    assert relative_error(after, before) > 1e-3
+
+
+def test_sessions_keep_their_own_windows(parts, motion_dir, frames):
+    engine = engine_for(parts, motion_dir, motion_window=3)
+    a, b = StreamState("a"), StreamState("b")
+    flipped = torch.flip(frames, dims=[1])
+    together = [engine.step_float(torch.cat([frames[i:i + 1], flipped[i:i + 1]]), [a, b]) for i in range(3)][-1]
+    alone_a = run(engine, frames[:3])[-1]
+    alone_b = run(engine, flipped[:3])[-1]
+    assert relative_error(together[0:1], alone_a) <= 1e-4
+    assert relative_error(together[1:2], alone_b) <= 1e-4
