@@ -1,0 +1,338 @@
+"""The engines side by side: plain diffusers, our eager engine, our compiled engine (issue 4).
+
+    python benchmarks/bench_engine.py --device cuda [--size 512] [--json out.json] [--write]
+    python benchmarks/bench_engine.py --tiny            # CPU smoke check: tiny random model, seconds
+
+One run builds one set of random weights in code (no network, no weights on disk): sd-turbo's
+architecture (the SD 2.1 UNet, VAE and OpenCLIP text encoder from ``sdbridge/data/configs/sd21``,
+plus a default-size TAESD), or with ``--tiny`` the test suite's tiny model. The compute is the
+real models'; only the weights are random. Then, on the same weights and the same input frames,
+one after another:
+
+- plain diffusers ``StableDiffusionImg2ImgPipeline`` as a user calls it (prompt string, pixels
+  in, ``output_type="pt"``), with the full VAE and with TAESD;
+- our eager ``DiffusionEngine`` (TAESD);
+- our ``CompiledEngine``: batch 1, four sessions batched, and stream batch (the 4 steps of 4
+  consecutive frames in one UNet call) against the same 4 steps in plain diffusers and eager.
+
+Every row times frame in host memory -> frame in host memory, with a device sync after each
+call (benchmarks may sync; the engines never do inside a frame). Compile time and peak device
+memory are reported; before timing, each of our rows is checked against diffusers with TAESD on
+the float output (stream batch: its first output, which the warm start makes equal to frame 0's):
+<= 1e-2 relative in fp16, <= 1e-4 in fp32. A failed check is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+PROMPT = "a watercolor painting of a fox in a forest"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_parts(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
+    """PipelineParts with random weights: sd-turbo's architecture, or the tiny test model."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sdbridge.engines.parts import PipelineParts
+    from sdbridge.engines.single_file import shipped_config_dir
+    from sdbridge.engines.tiny import build_tiny_components, write_tiny_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="sdbridge-bench-"))
+    vocab_size = write_tiny_tokenizer(folder / "tokenizer")  # byte-level: any prompt tokenises
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    torch.manual_seed(0)
+    if tiny:
+        components = build_tiny_components(seed=0, vocab_size=vocab_size)
+        architecture = "sd15"
+    else:
+        configs = shipped_config_dir("sd21")
+        # Built on the device: random init of 865 M UNet parameters takes a while on a CPU.
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+            taesd = AutoencoderTiny()  # TAESD's own default configuration
+            text_config = CLIPTextConfig.from_pretrained(configs / "text_encoder")
+            text_config.vocab_size = max(text_config.vocab_size, vocab_size)
+            text_config.bos_token_id, text_config.eos_token_id = vocab_size - 2, vocab_size - 1
+            text_config.pad_token_id = vocab_size - 1
+            text_encoder = CLIPTextModel(text_config)
+        scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler"))
+        components = {"unet": unet, "vae": vae, "taesd": taesd, "text_encoder": text_encoder, "scheduler": scheduler}
+        architecture = "sd21"
+    for name in ("unet", "vae", "taesd", "text_encoder"):
+        components[name] = components[name].to(device, dtype).eval()
+    return PipelineParts(architecture=architecture, source="random weights", unet=components["unet"],
+                         vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=tokenizer,
+                         scheduler=components["scheduler"], taesd=components["taesd"])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def engine_params(size: int, steps: int, strength: float) -> dict[str, Any]:
+    from sdbridge.params import Schema
+
+    values = Schema().defaults()
+    values.update(width=size, height=size, steps=steps, strength=strength, guidance=1.0, seed=7, prompt=PROMPT)
+    return values
+
+
+class Row:
+    """One line of the table: a callable that turns a list of host uint8 frames into host frames."""
+
+    def __init__(self, name: str, run: Callable[[list[np.ndarray]], Any], frames_per_call: int, steps: int,
+                 baseline: str | None) -> None:
+        self.name, self.run, self.frames_per_call, self.steps, self.baseline = name, run, frames_per_call, steps, baseline
+        self.result: dict[str, Any] = {"name": name, "steps": steps, "frames_per_call": frames_per_call}
+
+
+def time_row(row: Row, inputs: list[np.ndarray], device: torch.device, warmup: int, calls: int) -> dict[str, Any]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_call = row.frames_per_call
+    for i in range(warmup):
+        row.run([inputs[(i + j) % len(inputs)] for j in range(per_call)])
+    sync(device)
+    times = []
+    started = time.perf_counter()
+    for i in range(calls):
+        batch = [inputs[(i * per_call + j) % len(inputs)] for j in range(per_call)]
+        t0 = time.perf_counter()
+        row.run(batch)
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1000 / per_call)  # ms per frame
+    total = time.perf_counter() - started
+    times.sort()
+    out = {"fps": calls * per_call / total, "ms_p50": statistics.median(times),
+           "ms_p95": times[min(len(times) - 1, int(0.95 * len(times)))],
+           "ms_p99": times[min(len(times) - 1, int(0.99 * len(times)))]}
+    if device.type == "cuda":
+        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    ours, theirs = ours.float().cpu(), theirs.float().cpu()
+    if not torch.isfinite(ours).all() or not torch.isfinite(theirs).all():
+        return float("nan")
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random model (CPU smoke check)")
+    parser.add_argument("--size", type=int, default=None, help="frame size (default 512; 64 with --tiny)")
+    parser.add_argument("--calls", type=int, default=None, help="timed calls per row (default 100; 20 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default 10; 3 with --tiny)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend for the compiled rows: inductor (default on CUDA), aot_eager, or "
+                             "none (default on CPU: Inductor takes minutes there; the rows then time the compiled "
+                             "engine's data path run eagerly)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default reduce-overhead on CUDA)")
+    parser.add_argument("--skip-diffusers", action="store_true", help="leave out the plain diffusers rows")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    tolerance = 1e-2 if dtype == torch.float16 else 1e-4
+    size = args.size or (64 if args.tiny else 512)
+    calls = args.calls or (20 if args.tiny else 100)
+    warmup = args.warmup or (3 if args.tiny else 10)
+    backend = args.compile_backend or ("inductor" if device.type == "cuda" else "none")
+    backend = None if backend == "none" else backend
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from sdbridge.engines.base import StreamState
+    from sdbridge.engines.compiled import CompiledEngine, configure_compile_cache
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    started = time.perf_counter()
+    parts = build_parts(args.tiny, device, dtype)
+    build_s = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
+    first = torch.from_numpy(inputs[0])[None]  # [1, H, W, 3]
+
+    # --- plain diffusers -----------------------------------------------------------------------
+    def make_pipe(vae: Any) -> Any:
+        pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                              unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
+                                              feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def diffusers_run(pipe: Any, steps: int, strength: float) -> Callable[[list[np.ndarray]], Any]:
+        def run(frames: list[np.ndarray]) -> Any:
+            image = torch.from_numpy(frames[0]).permute(2, 0, 1)[None].to(device).float() / 255  # [1, 3, H, W]
+            out = pipe(prompt=PROMPT, image=image, strength=strength, num_inference_steps=steps, guidance_scale=1.0,
+                       generator=torch.Generator().manual_seed(7), output_type="pt").images
+            return out.cpu()
+        return run
+
+    def diffusers_float(pipe: Any, steps: int, strength: float) -> torch.Tensor:
+        with torch.inference_mode():
+            image = first.permute(0, 3, 1, 2).to(device).float() / 255
+            return pipe(prompt=PROMPT, image=image, strength=strength, num_inference_steps=steps, guidance_scale=1.0,
+                        generator=torch.Generator().manual_seed(7), output_type="pt").images
+
+    taesd_pipe = make_pipe(parts.taesd)
+    references = {1: diffusers_float(taesd_pipe, 1, 1.0), 4: diffusers_float(taesd_pipe, 4, 1.0)}
+
+    # --- ours --------------------------------------------------------------------------------------
+    def engine_run(engine: Any, sessions: int) -> Callable[[list[np.ndarray]], Any]:
+        states = [StreamState(f"s{i}") for i in range(sessions)]
+
+        def run(frames: list[np.ndarray]) -> Any:
+            with torch.inference_mode():
+                batch = torch.from_numpy(np.stack(frames))  # [B, H, W, 3] uint8 in host memory
+                if not isinstance(engine, CompiledEngine):
+                    batch = batch.to(device, non_blocking=True)  # as the worker hands frames over
+                return engine.step(batch, states).cpu()
+        return run
+
+    def check(engine: Any, steps: int) -> float:
+        with torch.inference_mode():
+            ours = engine.step_float(first.to(device) if not isinstance(engine, CompiledEngine) else first,
+                                     [StreamState("check")])
+        return relative_error(ours, references[steps])
+
+    def compiled_engine(steps: int, stream_batch: bool = True) -> CompiledEngine:
+        engine = CompiledEngine.from_parts(parts)
+        engine.compile_backend = backend
+        engine.compile_mode = args.compile_mode
+        engine.compile = backend is not None
+        engine.stream_batch = stream_batch
+        if backend is not None:
+            configure_compile_cache()
+        engine.prepare(engine_params(size, steps, 1.0))
+        return engine
+
+    rows: list[Row] = []
+    if not args.skip_diffusers:
+        full_pipe = make_pipe(parts.vae)
+        rows.append(Row("diffusers img2img, full VAE", diffusers_run(full_pipe, 1, 1.0), 1, 1, None))
+        rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 1, 1.0), 1, 1, None))
+        rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 4, 1.0), 1, 4, None))
+    results: list[dict[str, Any]] = []
+
+    def measure(row: Row, engine: Any = None, compile_s: float | None = None) -> None:
+        print(f"  {row.name} ({row.steps} step{'s' * (row.steps > 1)}) ...", file=sys.stderr, flush=True)
+        if engine is not None:
+            row.result["parity_rel_error"] = error = check(engine, row.steps)
+            row.result["parity_ok"] = bool(error <= tolerance)
+        if compile_s is not None:
+            row.result["compile_s"] = compile_s
+        row.result.update(time_row(row, inputs, device, warmup, calls))
+        results.append(row.result)
+
+    for row in rows:
+        measure(row)
+    eager = DiffusionEngine.from_parts(parts)
+    eager.prepare(engine_params(size, 1, 1.0))
+    measure(Row("eager engine (TAESD)", engine_run(eager, 1), 1, 1, None), eager)
+    eager4 = DiffusionEngine.from_parts(parts)
+    eager4.prepare(engine_params(size, 4, 1.0))
+    measure(Row("eager engine (TAESD)", engine_run(eager4, 1), 1, 4, None), eager4)
+    # Built after the plain rows: the compiled engine turns the shared UNet channels_last on CUDA.
+    label = f"compiled engine ({backend or 'not compiled'})"
+    for name, steps, sessions, stream in ((f"{label}, batch 1", 1, 1, True),
+                                          (f"{label}, 4 sessions", 1, 4, True),
+                                          (f"{label}, stream batch", 4, 1, True),
+                                          (f"{label}, 4 steps in sequence", 4, 1, False)):
+        engine = compiled_engine(steps, stream)
+        compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) if backend else None
+        measure(Row(name, engine_run(engine, sessions), sessions, steps, None), engine, compile_s)
+        del engine
+
+    # Ratios: frames/s against plain diffusers with its default (full) VAE at the same step count,
+    # or with TAESD where the full-VAE row was not run at that step count.
+    by_steps: dict[int, dict[str, Any]] = {}
+    for result in results:
+        if result["name"].startswith("diffusers"):
+            by_steps.setdefault(result["steps"], result)
+    for result in results:
+        base = by_steps.get(result["steps"])
+        if base is not None:
+            result["vs_diffusers"] = result["fps"] / base["fps"]
+            result["vs"] = base["name"]
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+    header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
+              f"torch {torch.__version__}\n"
+              f"{'tiny random model' if args.tiny else 'sd-turbo architecture (SD 2.1 UNet + TAESD), random weights'}, "
+              f"{size}×{size} img2img at strength 1, {str(dtype).replace('torch.', '')}, {calls} timed calls per row "
+              f"after {warmup}; built in {build_s:.1f} s; parity tolerance {tolerance:g} against diffusers + TAESD\n")
+    lines = [header, "| row | steps | frames/s | p50 ms | p99 ms | vs diffusers | parity (rel. error) | compile s |"
+             + (" peak MB |" if device.type == "cuda" else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
+    for r in results:
+        parity = "" if "parity_rel_error" not in r else \
+            f"{r['parity_rel_error']:.1e} {'ok' if r['parity_ok'] else 'FAILED'}"
+        ratio = f"{r['vs_diffusers']:.2f}×" if "vs_diffusers" in r else ""
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+        line = (f"| {r['name']} | {r['steps']} | {r['fps']:.1f} | {r['ms_p50']:.2f} | {r['ms_p99']:.2f} | {ratio} | "
+                f"{parity} | {compile_s} |")
+        if device.type == "cuda":
+            line += f" {r.get('peak_mb', 0):.0f} |"
+        lines.append(line)
+    table = "\n".join(lines)
+    print(table)
+    report = {"device": device_name, "date": str(datetime.date.today()), "commit": commit(),
+              "torch": torch.__version__, "tiny": args.tiny, "size": size, "dtype": str(dtype),
+              "compile_backend": backend, "tolerance": tolerance, "rows": results}
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if args.write:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as out:
+            out.write("\n" + table + "\n")
+    failed = [r["name"] for r in results if r.get("parity_ok") is False]
+    if failed:
+        print(f"parity FAILED for: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
