@@ -112,13 +112,17 @@ def encode_chunks(chunks: Sequence[Chunk], text_encoder: Any, device: torch.devi
         z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
     else:
         z = text_encoder(ids, attention_mask=attention_mask)[0]                             # [k, 77, D]
-    weights = torch.tensor([chunk.multipliers for chunk in chunks], dtype=torch.float32, device=device)
-    if bool((weights != 1.0).any()):
+    weights = torch.tensor([chunk.multipliers for chunk in chunks], dtype=torch.float32, device=device)  # [k, 77]
+    weighted = (weights != 1.0).any(dim=1)                                                              # [k]
+    if bool(weighted.any()):  # at prepare time, not per frame: the host sync is fine
         z32 = z.float()
         original_mean = z32.mean(dim=(1, 2), keepdim=True)
-        z32 = z32 * weights.unsqueeze(-1)
-        z32 = z32 * (original_mean / z32.mean(dim=(1, 2), keepdim=True))
-        z = z32.to(z.dtype)
+        scaled = z32 * weights.unsqueeze(-1)
+        new_mean = scaled.mean(dim=(1, 2), keepdim=True)
+        # A chunk whose weighted mean is exactly 0 (a layer norm without bias) keeps its scale: A1111 gives NaN.
+        scaled = scaled * torch.where(new_mean != 0, original_mean / new_mean, torch.ones_like(new_mean))
+        # Chunks with no weight other than 1 stay bit for bit as the text encoder gave them.
+        z = torch.where(weighted.view(-1, 1, 1), scaled, z32).to(z.dtype)
     return z.reshape(1, -1, z.shape[-1])
 
 

@@ -150,3 +150,15 @@ def test_any_prompt_encodes_to_whole_chunks(parts, text):
                for c in chunks)
     embeddings = encode(parts, text)
     assert embeddings.shape == (1, CHUNK_LENGTH * len(chunks), 32) and torch.isfinite(embeddings).all()
+
+
+def test_a_chunk_without_weights_stays_exact_beside_a_weighted_one(parts):
+    together = encode(parts, "a red fox BREAK in (snow:1.3)")
+    assert torch.equal(together[:, :77], encode(parts, "a red fox"))
+    # Found by the property test: the tiny CLIP's final layer norm has no bias, and this first chunk's
+    # mean is exactly 0; A1111's formula alone gives 0 / 0 = NaN there.
+    text = "a" * 40 + "1" + "a" * 40 + "(a"
+    chunks = build_chunks(parse_prompt(text).pieces, parts.tokenizer)
+    with torch.inference_mode():
+        assert float(parts.text_encoder(torch.tensor([chunks[0].tokens]))[0].mean()) == 0.0
+    assert torch.isfinite(encode(parts, text)).all()
