@@ -65,6 +65,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--outputs-dir", help="where the HTTP API saves images (default ./outputs, A1111's layout)")
     add("--save-outputs", action="store_const", const=True, help="save every image the HTTP API makes")
     add("--styles-file", help="AUTOMATIC1111 styles.csv (default ~/.config/sdbridge/styles.csv)")
+    add("--link", action="store_const", const=True, help="join the Ableton Link session on the network: LFOs and "
+        "on-beat preset recalls follow its beat, bpm its tempo")
     add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION]",
         help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR (repeatable)")
     add("--vram-budget-mb", type=int, help="refuse models needing more device memory than this (0: no budget)")
@@ -87,7 +89,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
                  "model", "engine", "device", "dtype", "taesd", "compile", "model_config", "models_dir", "vram_budget_mb",
-                 "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+                 "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)

@@ -58,6 +58,7 @@ class Settings:
     outputs_dir: str = "outputs"         # where the HTTP API saves images when asked (A1111's layout)
     save_outputs: bool = False           # save every HTTP API image, as A1111's samples_save does
     styles_file: str | None = None       # A1111's styles.csv (default: ~/.config/sdbridge/styles.csv)
+    link: bool = False                   # join the Ableton Link session (tempo and beat for LFOs, recalls)
     outputs: list[str] = field(default_factory=list)  # --output: ndi:NAME, virtualcam, record:DIR (sdbridge/outputs)
     vram_budget_mb: int = 0              # 0: no budget; else a model needing more fails to load (as on OOM)
     allow_pickle: bool = False

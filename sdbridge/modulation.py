@@ -56,10 +56,13 @@ def wave(shape: str, phase: float) -> float:
     return 1.0 if phase < 0.5 else -1.0
 
 
-def phase_at(params: Mapping[str, Any], slot: str, t: float) -> float:
-    """The LFO's phase in cycles at time ``t`` seconds (from the modulation clock's origin)."""
+def phase_at(params: Mapping[str, Any], slot: str, t: float, beat: float | None = None) -> float:
+    """The LFO's phase in cycles at time ``t`` seconds (from the modulation clock's origin); synced
+    LFOs follow ``beat`` when given (an Ableton Link session's), else ``t`` at ``bpm``."""
     if params[f"{slot}.sync"]:
-        return t * float(params["bpm"]) / 60.0 / float(params[f"{slot}.beats"])
+        if beat is None:
+            beat = t * float(params["bpm"]) / 60.0
+        return beat / float(params[f"{slot}.beats"])
     return t * float(params[f"{slot}.rate_hz"])
 
 
@@ -67,8 +70,9 @@ def active(params: Mapping[str, Any]) -> bool:
     return any(params.get(f"{slot}.target") for slot in SLOTS)
 
 
-def modulate(params: Mapping[str, Any], schema: Schema, t: float) -> dict[str, Any]:
-    """The parameters the engine should use at time ``t``: each LFO's target moved around its base."""
+def modulate(params: Mapping[str, Any], schema: Schema, t: float, beat: float | None = None) -> dict[str, Any]:
+    """The parameters the engine should use at time ``t`` (and ``beat``, see :func:`phase_at`): each
+    LFO's target moved around its base."""
     out = dict(params)
     for slot in SLOTS:
         target = params.get(f"{slot}.target")
@@ -78,7 +82,7 @@ def modulate(params: Mapping[str, Any], schema: Schema, t: float) -> dict[str, A
         if not spec.numeric or spec.minimum is None or spec.maximum is None:
             continue
         swing = float(params[f"{slot}.depth"]) * (spec.maximum - spec.minimum)
-        value = float(out[target]) + swing * wave(params[f"{slot}.shape"], phase_at(params, slot, t))
+        value = float(out[target]) + swing * wave(params[f"{slot}.shape"], phase_at(params, slot, t, beat))
         value = min(max(value, spec.minimum), spec.maximum)
         if spec.kind == "int":
             step = spec.multiple_of or 1

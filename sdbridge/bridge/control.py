@@ -26,12 +26,6 @@ log = logging.getLogger(__name__)
 MAX_GLIDE_S = 600
 
 
-def until_next_beat(clock_s: float, bpm: float) -> float:
-    """Seconds from ``clock_s`` to the next beat at ``bpm`` (beats at whole multiples of 60/bpm)."""
-    beat_s = 60.0 / bpm
-    return (-clock_s) % beat_s
-
-
 class Control:
     def __init__(self, daemon: Daemon, presets: PresetLibrary) -> None:
         self.daemon = daemon
@@ -69,7 +63,7 @@ class Control:
         good, errors = self.daemon.store.schema.validate(preset.params)
         if on_beat:
             loop = asyncio.get_running_loop()
-            delay = until_next_beat(time.monotonic() - self.daemon.worker.clock_origin, bpm)
+            delay = self.daemon.worker.clock.until_next_beat(time.monotonic(), bpm)
             loop.call_later(delay, self.glider.start, preset.params, float(duration))
         else:
             self.glider.start(preset.params, float(duration))

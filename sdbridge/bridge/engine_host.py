@@ -204,7 +204,11 @@ class EngineHost:
             dtype = pick_dtype(device, self.settings.dtype)
             if source and engine.needs_model:
                 # The old engine serves on while this one loads: both must fit at once.
-                free, needed = free_device_bytes(device), model_bytes(source, dtype)
+                free = free_device_bytes(device)
+                try:
+                    needed = model_bytes(source, dtype) if free is not None else None
+                except ModelError:  # a broken file: the loader reports it in its own words
+                    needed = None
                 if free is not None and needed is not None:
                     check_fits(needed, free, what=str(choice.model), device=str(device))
             try:

@@ -35,6 +35,7 @@ from sdbridge.bridge.control import Control
 from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.presets import PresetLibrary
 from sdbridge.params import ParamStore, Schema
+from sdbridge.bridge.link import LinkSync
 from sdbridge.outputs.hub import OutputHub
 from sdbridge.plugins.manager import PluginManager
 
@@ -114,6 +115,7 @@ class Daemon:
         self._last_echo = -1e9
         self._middleware: AccessMiddleware | None = None
         self.a1111: Any = None  # the AUTOMATIC1111 API's state, set by bridge/a1111.py
+        self.link: LinkSync | None = None
 
     # --- start and stop -----------------------------------------------------------------------
 
@@ -173,6 +175,9 @@ class Daemon:
         self.store.subscribe(self._params_changed)
         self._telemetry_task = asyncio.create_task(self._telemetry(), name="sdbridge-telemetry")
         self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="sdbridge-loop-lag")
+        if settings.link:
+            self.link = LinkSync(self.store, self.worker.clock)
+            await self.link.start()
         if self.outputs is not None:
             self.outputs.start()
         self.worker.start()
@@ -197,6 +202,8 @@ class Daemon:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self.store.unsubscribe(self._params_changed)
+        if self.link is not None:
+            await self.link.stop()
         self.control.close()
         if self.osc is not None:
             self.osc.close()
@@ -343,6 +350,7 @@ class Daemon:
                        "last_step_ms": round(self.worker.last_step_ms, 2)},
             "osc": dataclasses.asdict(self.osc.stats) if self.osc is not None else None,
             "outputs": self.outputs.stats() if self.outputs is not None else [],
+            "link": self.link.describe() if self.link is not None else {"enabled": False},
             "sessions": sessions,
         }
 

@@ -28,6 +28,7 @@ import torch
 
 from sdbridge import modulation
 from sdbridge.bridge import codec
+from sdbridge.bridge.beat_clock import BeatClock
 from sdbridge.bridge.crossfade import Crossfade
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.protocol import PixelFormat
@@ -101,6 +102,7 @@ class Worker(threading.Thread):
         self._prepare_failed: int | None = None
         self._modulated = 0
         self.clock_origin = time.monotonic()  # the LFOs' time zero
+        self.clock = BeatClock(self.clock_origin)  # their beat: our own, or Ableton Link's (bridge/link.py)
         self.params: dict[str, Any] = store.snapshot()[1]
         self.turns = 0
         self.engine_errors = 0
@@ -211,7 +213,9 @@ class Worker(threading.Thread):
         # 1. Parameters at the frame boundary; LFOs move their targets for this frame's time.
         version, params = self.store.snapshot()
         if modulation.active(params):
-            params = modulation.modulate(params, self.store.schema, time.monotonic() - self.clock_origin)
+            now = time.monotonic()
+            params = modulation.modulate(params, self.store.schema, now - self.clock_origin,
+                                         self.clock.beat(now, float(params["bpm"])))
             self._modulated += 1
             version = -self._modulated  # a new set every frame: prepare again (cheap: prompts are cached)
         self.params = params

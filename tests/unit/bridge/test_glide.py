@@ -52,11 +52,3 @@ def test_a_new_glide_replaces_the_one_in_flight():
 
     value, active = asyncio.run(scenario())
     assert value == 0.0 and active == []
-
-
-def test_until_next_beat():
-    from sdbridge.bridge.control import until_next_beat
-
-    assert abs(until_next_beat(0.0, 120) - 0.0) < 1e-12
-    assert abs(until_next_beat(0.1, 120) - 0.4) < 1e-12     # beats every 0.5 s
-    assert abs(until_next_beat(10.49, 120) - 0.01) < 1e-9
