@@ -3,7 +3,10 @@
 A preset recall with ``glide_s`` > 0 hands its numeric targets to :class:`Glider`, which steps
 them on the event loop at ``rate_hz`` (each step one ParamStore update, so the worker sees a
 consistent set at every frame boundary, and OSC feedback echoes the applied values as they move).
-Text and switches apply at once. A new glide of a parameter replaces the one in flight.
+Text and switches apply at once, but for the prompt: a new prompt glides through the engine's
+prompt blend (``blend_prompt`` takes the new text, ``prompt_blend`` glides 0 → 1, and at the end
+one update makes the new text the prompt and sets the blend back to 0, which encodes the same
+embeddings, so the hand-over shows nothing). A new glide of a parameter replaces the one in flight.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Glider:
         self.period_s = 1.0 / rate_hz
         self._targets: dict[str, tuple[float, float, float, float]] = {}  # name -> start, end, t0, duration
         self._task: asyncio.Task[None] | None = None
+        self._finish: dict[str, dict[str, Any]] = {}  # name -> one update applied when its glide lands
 
     def start(self, values: Mapping[str, Any], duration_s: float) -> tuple[dict[str, Any], list]:
         """Apply ``values``: numeric ones glide over ``duration_s``, the rest at once."""
@@ -35,8 +39,22 @@ class Glider:
         loop = asyncio.get_running_loop()
         now = loop.time()
         immediate: dict[str, Any] = {}
+        if self._finish:  # a prompt glide in flight lands at once: the new one starts from its end
+            for name, finish in list(self._finish.items()):
+                self._targets.pop(name, None)
+                self.store.update(finish)
+            self._finish.clear()
         _, current = self.store.snapshot()
-        for name, target in good.items():
+        targets = dict(good)
+        prompt = targets.get("prompt")
+        if (duration_s > 0 and isinstance(prompt, str) and prompt != current.get("prompt")
+                and "prompt_blend" in self.store.schema and not {"blend_prompt", "prompt_blend"} & targets.keys()
+                and float(current.get("prompt_blend", 0.0)) == 0.0):
+            del targets["prompt"]
+            immediate["blend_prompt"] = prompt
+            self._targets["prompt_blend"] = (0.0, 1.0, now, duration_s)
+            self._finish["prompt_blend"] = {"prompt": prompt, "blend_prompt": "", "prompt_blend": 0.0}
+        for name, target in targets.items():
             spec = self.store.schema.get(name)
             if duration_s > 0 and spec.numeric and isinstance(current.get(name), (int, float)):
                 self._targets[name] = (float(current[name]), float(target), now, duration_s)
@@ -52,6 +70,9 @@ class Glider:
     def cancel(self, names: Any = None) -> None:
         for name in list(self._targets) if names is None else names:
             self._targets.pop(name, None)
+            finish = self._finish.pop(name, None)
+            if finish is not None:  # a prompt glide stopped half way lands on its new prompt
+                self.store.update(finish)
 
     @property
     def active(self) -> list[str]:
@@ -73,10 +94,12 @@ class Glider:
                 step[name] = value
                 if t >= 1.0:
                     del self._targets[name]
+                    step.update(self._finish.pop(name, {}))
             self.store.update(step)
             await asyncio.sleep(self.period_s)
 
     def close(self) -> None:
         self._targets.clear()
+        self._finish.clear()
         if self._task is not None:
             self._task.cancel()

@@ -22,13 +22,13 @@ def test_glide_follows_the_curve_and_lands_exactly():
         samples = []
         store.subscribe(lambda changed: samples.append((loop.time(), dict(changed))))
         started = loop.time()
-        glider.start({"strength": 0.8, "steps": 4, "prompt": "now"}, duration_s=0.5)
+        glider.start({"strength": 0.8, "steps": 4, "effect": "edges"}, duration_s=0.5)
         await asyncio.sleep(0.8)
         return store, samples, started
 
     store, samples, started = asyncio.run(scenario())
-    assert store.get("strength") == 0.8 and store.get("steps") == 4 and store.get("prompt") == "now"
-    assert samples[0][1].get("prompt") == "now"  # text applies at once
+    assert store.get("strength") == 0.8 and store.get("steps") == 4 and store.get("effect") == "edges"
+    assert samples[0][1].get("effect") == "edges"  # switches apply at once
     strengths = [(t - started, values["strength"]) for t, values in samples if "strength" in values]
     assert len(strengths) >= 10  # it moved in steps, it did not jump
     values = [v for _, v in strengths]
@@ -52,3 +52,47 @@ def test_a_new_glide_replaces_the_one_in_flight():
 
     value, active = asyncio.run(scenario())
     assert value == 0.0 and active == []
+
+
+def test_a_new_prompt_glides_through_the_prompt_blend_and_lands_as_the_prompt():
+    async def scenario():
+        store = ParamStore()
+        store.update({"prompt": "a forest"})
+        glider = Glider(store, rate_hz=100)
+        loop = asyncio.get_running_loop()
+        seen = []
+        store.subscribe(lambda changed: seen.append((loop.time(), dict(changed))))
+        started = loop.time()
+        glider.start({"prompt": "a city at night", "strength": 0.9}, duration_s=0.4)
+        await asyncio.sleep(0.1)
+        middle = store.snapshot()[1]
+        await asyncio.sleep(0.5)
+        return store, seen, started, middle
+
+    store, seen, started, middle = asyncio.run(scenario())
+    # Half way: the old prompt is still the prompt, the new one blended in part of the way.
+    assert middle["prompt"] == "a forest" and middle["blend_prompt"] == "a city at night"
+    assert 0.0 < middle["prompt_blend"] < 1.0
+    blends = [values["prompt_blend"] for _, values in seen if "prompt_blend" in values]
+    assert len(blends) >= 5 and blends[:-1] == sorted(blends[:-1])  # 0 -> 1, in steps
+    # The landing is one update: the new text becomes the prompt as the blend returns to 0.
+    last = [values for _, values in seen if "prompt" in values][-1]
+    assert last["prompt"] == "a city at night" and last["prompt_blend"] == 0.0 and last["blend_prompt"] == ""
+    assert store.get("prompt") == "a city at night" and store.get("prompt_blend") == 0.0
+
+
+def test_a_recall_during_a_prompt_glide_lands_the_first_then_glides_on():
+    async def scenario():
+        store = ParamStore()
+        store.update({"prompt": "one"})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"prompt": "two"}, duration_s=1.0)
+        await asyncio.sleep(0.1)
+        glider.start({"prompt": "three"}, duration_s=0.2)
+        after_second_start = store.snapshot()[1]
+        await asyncio.sleep(0.4)
+        return store, after_second_start
+
+    store, mid = asyncio.run(scenario())
+    assert mid["prompt"] == "two" and mid["blend_prompt"] == "three"
+    assert store.get("prompt") == "three" and store.get("prompt_blend") == 0.0
