@@ -303,7 +303,8 @@ class CompiledEngine(DiffusionEngine):
         # 6. uint8 out; a frame with a NaN is replaced by its input on the device (no host sync).
         out, nan = self._part("quantize", len(states), _quantize)(image, fallback)
         self.last_nan = nan.any()
-        self._nan_pending = (nan, list(states))
+        # A copy: under CUDA graphs ``nan`` lives in the graph's pool, which the next frame reuses.
+        self._nan_pending = (nan.clone(), list(states))
         return out
 
     @torch.inference_mode()
