@@ -269,6 +269,7 @@ class AnimateDiffEngine(DiffusionEngine):
         self._motion_failed: tuple[str, str] | None = None  # (name, message)
         self.motion_error: str | None = None
         self.motion_loads = 0
+        self._told_controlnet = False
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -296,9 +297,19 @@ class AnimateDiffEngine(DiffusionEngine):
                  adapter.config["motion_max_seq_length"])
         return _Motion(name, path, adapter, unet)
 
+    def attach_motion(self, name: str, adapter: Any) -> None:
+        """Serve an adapter built in code (benchmarks); a ``motion_adapter`` parameter of ``name`` keeps it."""
+        assert self.parts is not None, "load() before attach_motion()"
+        _check_family(Path(name), adapter.config, self.parts.unet.config)
+        with self._motion_lock:
+            self.motion = _Motion(name, Path(name), adapter, motion_unet(self.parts.unet, adapter))
+            self._motion_wanted = name
+
     def _want_motion(self, name: str) -> None:
         """Start loading ``name`` in the background unless it serves, loads or failed already."""
         with self._motion_lock:
+            if self._motion_failed is not None and self._motion_failed[0] != name:
+                self._motion_failed = None   # asked for another: the failed one may be retried later
             self._motion_wanted = name
             serving = self.motion.name if self.motion is not None else ""
             if name == serving or name == self._motion_loading:
@@ -417,7 +428,14 @@ class AnimateDiffEngine(DiffusionEngine):
         if motion is None:   # no adapter yet: plain img2img
             return super().step_float(frames, states)
         assert self.parts is not None and self._embeddings is not None, "prepare() before step()"
-        batch, window, overlap = len(states), self._window, self._effective_overlap()
+        # An adapter swapped in with fewer positions than the window asks for serves its most.
+        window = min(self._window, motion.max_window)
+        batch, overlap = len(states), min(self._overlap, window - 1)
+        if self.controlnets is not None and self.controlnets.for_batch(states, self._guided) is not None \
+                and not self._told_controlnet:
+            self._told_controlnet = True
+            log.warning("ControlNet slots are not applied by the animatediff engine yet (issue 7); "
+                        "the diffusion engine applies them")
         width, height = self.resolution
         latent_shape = (1, self.parts.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
