@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
     parser.add_argument("--tiny", action="store_true", help="the tiny random model (CPU smoke check)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU in minutes: the tiny model compiled with Inductor, then sd-turbo's architecture at "
+                             "128x128 uncompiled (compiling it on a CPU takes many minutes)")
     parser.add_argument("--size", type=int, default=None, help="frame size (default 512; 64 with --tiny)")
     parser.add_argument("--calls", type=int, default=None, help="timed calls per row (default 100; 20 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default 10; 3 with --tiny)")
@@ -172,13 +176,55 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if args.quick:
+        sections = [Section(device, tiny=True, size=64, calls=20, warmup=3, backend="inductor"),
+                    Section(device, tiny=False, size=128, calls=3, warmup=1, backend=None)]
+    else:
+        backend = args.compile_backend or ("inductor" if device.type == "cuda" else "none")
+        sections = [Section(device, tiny=args.tiny, size=args.size or (64 if args.tiny else 512),
+                            calls=args.calls or (20 if args.tiny else 100),
+                            warmup=args.warmup or (3 if args.tiny else 10),
+                            backend=None if backend == "none" else backend)]
+    tables, reports = [], []
+    for section in sections:
+        section.compile_mode = args.compile_mode
+        section.skip_diffusers = args.skip_diffusers
+        table, report = run_section(section)
+        print(table, flush=True)
+        tables.append(table)
+        reports.append(report)
+    print(json.dumps(reports if len(reports) > 1 else reports[0], indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=1) + "\n",
+                             encoding="utf-8")
+    if args.write:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as out:
+            out.write("".join("\n" + table + "\n" for table in tables))
+    failed = [r["name"] for report in reports for r in report["rows"] if r.get("parity_ok") is False]
+    if failed:
+        print(f"parity FAILED for: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@dataclass
+class Section:
+    """One table: one set of weights, one size, every row."""
+
+    device: torch.device
+    tiny: bool
+    size: int
+    calls: int
+    warmup: int
+    backend: str | None
+    compile_mode: str | None = None
+    skip_diffusers: bool = False
+
+
+def run_section(section: Section) -> tuple[str, dict[str, Any]]:
+    device, size, calls, warmup, backend = section.device, section.size, section.calls, section.warmup, section.backend
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     tolerance = 1e-2 if dtype == torch.float16 else 1e-4
-    size = args.size or (64 if args.tiny else 512)
-    calls = args.calls or (20 if args.tiny else 100)
-    warmup = args.warmup or (3 if args.tiny else 10)
-    backend = args.compile_backend or ("inductor" if device.type == "cuda" else "none")
-    backend = None if backend == "none" else backend
 
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -187,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdbridge.engines.diffusion import DiffusionEngine
 
     started = time.perf_counter()
-    parts = build_parts(args.tiny, device, dtype)
+    parts = build_parts(section.tiny, device, dtype)
     build_s = time.perf_counter() - started
     rng = np.random.default_rng(0)
     inputs = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
@@ -239,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     def compiled_engine(steps: int, stream_batch: bool = True) -> CompiledEngine:
         engine = CompiledEngine.from_parts(parts)
         engine.compile_backend = backend
-        engine.compile_mode = args.compile_mode
+        engine.compile_mode = section.compile_mode
         engine.compile = backend is not None
         engine.stream_batch = stream_batch
         if backend is not None:
@@ -248,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return engine
 
     rows: list[Row] = []
-    if not args.skip_diffusers:
+    if not section.skip_diffusers:
         full_pipe = make_pipe(parts.vae)
         rows.append(Row("diffusers img2img, full VAE", diffusers_run(full_pipe, 1, 1.0), 1, 1, None))
         rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 1, 1.0), 1, 1, None))
@@ -296,11 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             result["vs_diffusers"] = result["fps"] / base["fps"]
             result["vs"] = base["name"]
 
+    # CPU figures swing with whatever else runs on the machine: the load average goes with them.
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+        (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU, load average "
+         f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
     header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
               f"torch {torch.__version__}\n"
-              f"{'tiny random model' if args.tiny else 'sd-turbo architecture (SD 2.1 UNet + TAESD), random weights'}, "
+              f"{'tiny random model' if section.tiny else 'sd-turbo architecture (SD 2.1 UNet + TAESD), random weights'}, "
               f"{size}×{size} img2img at strength 1, {str(dtype).replace('torch.', '')}, {calls} timed calls per row "
               f"after {warmup}; built in {build_s:.1f} s; parity tolerance {tolerance:g} against diffusers + TAESD\n")
     lines = [header, "| row | steps | frames/s | p50 ms | p99 ms | vs diffusers | parity (rel. error) | compile s |"
@@ -317,21 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             line += f" {r.get('peak_mb', 0):.0f} |"
         lines.append(line)
     table = "\n".join(lines)
-    print(table)
     report = {"device": device_name, "date": str(datetime.date.today()), "commit": commit(),
-              "torch": torch.__version__, "tiny": args.tiny, "size": size, "dtype": str(dtype),
-              "compile_backend": backend, "tolerance": tolerance, "rows": results}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as out:
-            out.write("\n" + table + "\n")
-    failed = [r["name"] for r in results if r.get("parity_ok") is False]
-    if failed:
-        print(f"parity FAILED for: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+              "torch": torch.__version__, "tiny": section.tiny, "size": size, "dtype": str(dtype),
+              "compile_backend": backend, "tolerance": tolerance, "build_s": build_s, "rows": results}
+    return table, report
 
 
 if __name__ == "__main__":
