@@ -344,8 +344,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
 
     # CPU figures swing with whatever else runs on the machine: the load average goes with them.
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU, load average "
-         f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU" + \
+        (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
     header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
               f"torch {torch.__version__}\n"
               f"{'tiny random model' if section.tiny else 'sd-turbo architecture (SD 2.1 UNet + TAESD), random weights'}, "
