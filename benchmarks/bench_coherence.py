@@ -48,6 +48,9 @@ CONFIGS = {
     "latent_feedback 0.5 + flow_warp 0.6": {"plugin.latent_feedback.enabled": True,
                                             "plugin.latent_feedback.strength": 0.5,
                                             "plugin.flow_warp.enabled": True, "plugin.flow_warp.strength": 0.6},
+    "feature_bank 1.0": {"plugin.feature_bank.enabled": True, "plugin.feature_bank.strength": 1.0},
+    "feature_bank 1.0 + flow_warp 0.6": {"plugin.feature_bank.enabled": True, "plugin.feature_bank.strength": 1.0,
+                                         "plugin.flow_warp.enabled": True, "plugin.flow_warp.strength": 0.6},
 }
 
 
@@ -106,7 +109,11 @@ def run(engine: DiffusionEngine, inputs: list[np.ndarray], plugin_values: dict, 
         output = plugins.before("bench", state.data, image) if plugins.active else None
         if output is None:
             frame = torch.from_numpy(image[None]).to(engine.device)
-            output = engine.step(frame, [state])[0].cpu().numpy()
+            plugins.before_step(engine, ["bench"])
+            try:
+                output = engine.step(frame, [state])[0].cpu().numpy()
+            finally:
+                plugins.after_step()
             if plugins.active:
                 output = plugins.after("bench", state.data, image, output)
         else:
@@ -114,6 +121,8 @@ def run(engine: DiffusionEngine, inputs: list[np.ndarray], plugin_values: dict, 
         times.append(time.perf_counter() - started)
         outputs.append(output)
     engine.latent_hook = None
+    plugins.prepare({**params, **{f"plugin.{name}.enabled": False for name in plugins.names()}})
+    plugins.before_step(engine, [])  # engine plugins (the feature bank) take their processors out
     return outputs, statistics.median(times) * 1000, skipped
 
 

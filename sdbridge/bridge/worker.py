@@ -358,7 +358,13 @@ class Worker(threading.Thread):
                 if not generated:
                     batch = np.stack([job.image for job in jobs])  # [B, H, W, 3] uint8
                     frames = torch.from_numpy(batch).to(engine.device, non_blocking=True)
-                out = engine.step(frames, [job.session.state for job in jobs])
+                if self.plugins is not None:
+                    self.plugins.before_step(engine, [job.session.id for job in jobs])
+                try:
+                    out = engine.step(frames, [job.session.state for job in jobs])
+                finally:
+                    if self.plugins is not None:
+                        self.plugins.after_step()
                 out = out.cpu().numpy()  # the one host sync of the frame
         except Exception as exc:
             self.engine_errors += 1

@@ -15,6 +15,11 @@ Hooks, all optional, called by the worker thread:
   just before decoding; return the latents to decode;
 - ``after(ctx)``: ``ctx.output`` holds the output frame; return the frame to send.
 
+Plugins that work inside the engine (attention processors, say) override
+``before_step(engine, session_ids, params)``, called before every engine step with the engine
+about to run and the sessions of its batch, or with ``None`` while the plugin is off (undo what
+was done to the engine then); ``after_step()`` after it; ``turned_on()`` when it is switched on.
+
 ``ctx.state`` is a dict private to this plugin and session; ``ctx.params`` are this plugin's
 parameter values without the ``plugin.<name>.`` prefix.
 """
@@ -64,6 +69,15 @@ class Plugin:
         return latents
 
     def after(self, ctx: PluginContext) -> np.ndarray | None:
+        return None
+
+    def before_step(self, engine: Any | None, session_ids: list[str], params: Mapping[str, Any]) -> None:
+        return None
+
+    def after_step(self) -> None:
+        return None
+
+    def turned_on(self) -> None:
         return None
 
     def reset(self, state: dict[str, Any]) -> None:

@@ -70,6 +70,8 @@ class PluginManager:
         # plugin that failed for a session is re-armed) on its next frame. Worker thread only.
         self._generation = {name: 0 for name in self.plugins}
         self._was_enabled: dict[str, bool] = {}
+        self._engine_generation: dict[str, int] = {}   # the generation each engine plugin last saw
+        self._engine_failed: dict[str, int] = {}       # engine plugins off after a failure, until toggled
 
     def names(self) -> list[str]:
         return sorted(self.plugins)
@@ -93,6 +95,42 @@ class PluginManager:
         return any(item.plugin.overrides(hook) for item in self.active)
 
     # --- hooks ------------------------------------------------------------------------------------
+
+    def before_step(self, engine: Any, session_ids: list[str]) -> None:
+        """Plugins that work inside the engine get the engine about to run (None while they are off)."""
+        active = {item.plugin.name: item for item in self.active}
+        for name, plugin in self.plugins.items():
+            if not plugin.overrides("before_step"):
+                continue
+            item = active.get(name)
+            generation = self._generation[name]
+            if item is not None and self._engine_generation.get(name) != generation:
+                self._engine_generation[name] = generation
+                self._engine_failed.pop(name, None)
+                plugin.turned_on()
+            on = item is not None and name not in self._engine_failed
+            try:
+                plugin.before_step(engine if on else None, session_ids if on else [], item.params if on else {})
+            except Exception as exc:
+                self.failures += 1
+                self._engine_failed[name] = generation
+                log.exception("plugin %s failed inside the engine; turned off", name)
+                for session_id in session_ids:
+                    self.report(session_id, {"type": "error", "code": "plugin_failed", "plugin": name,
+                                             "message": f"plugin {name} turned off: {type(exc).__name__}: {exc}; "
+                                                        f"the stream goes on without it (turn it off and on to retry)"})
+                try:
+                    plugin.before_step(None, [], {})
+                except Exception:
+                    log.exception("plugin %s could not undo its engine changes", name)
+
+    def after_step(self) -> None:
+        for name, plugin in self.plugins.items():
+            if plugin.overrides("after_step"):
+                try:
+                    plugin.after_step()
+                except Exception:
+                    log.exception("plugin %s failed after the engine step", name)
 
     def _context(self, item: _Active, session_state: dict[str, Any], session_id: str) -> PluginContext | None:
         name = item.plugin.name
