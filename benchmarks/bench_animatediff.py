@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| engine | ms/frame (median) | p90 ms | frames/s | added ms/frame | × plain |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['row']} | {row['ms']:.1f} | {row['p90_ms']:.1f} | {row['fps']:.1f} | {row['added_ms']:+.1f} | {row['ratio']:.2f} |")
+        print(f"| {row['row']} | {row['ms']:.1f} | {row['p90_ms']:.1f} | {row['fps']:.1f} | "
+              f"{row['added_ms']:+.1f} | {row['ratio']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "size": size, "dtype": str(dtype), "steps": args.steps,
                                                "rows": rows}, indent=2), encoding="utf-8")

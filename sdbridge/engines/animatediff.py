@@ -39,7 +39,6 @@ conditions) are not applied by this engine: TODO issue 7.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import deque
