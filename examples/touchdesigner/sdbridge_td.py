@@ -17,13 +17,14 @@ JPEG, RGB8, RGBA8, PNG = 0, 1, 2, 3
 BOTTOM_UP = 1
 
 
-def pack_top(rgba: np.ndarray, frame_id: int, client_ts_us: int, reply: int = RGBA8) -> bytes:
-    """A TOP's pixels (float32 0-1 or uint8, [H, W, 4], bottom-up) as one sdbridge frame."""
+def pack_top(rgba: np.ndarray, frame_id: int, client_ts_us: int, reply: int = RGBA8, channel: int = 0) -> bytes:
+    """A TOP's pixels (float32 0-1 or uint8, [H, W, 4], bottom-up) as one sdbridge frame; channel 1
+    sends a condition pass (depth, edges) for the ControlNet instead of a frame to stylise."""
     if rgba.dtype != np.uint8:
         rgba = (np.clip(rgba, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     height, width = rgba.shape[:2]
     payload = np.ascontiguousarray(rgba[:, :, :4]).tobytes()
-    header = LAYOUT.pack(b"SDBF", 1, RGBA8, BOTTOM_UP, 0, reply, frame_id & 0xFFFFFFFF, client_ts_us, width, height,
+    header = LAYOUT.pack(b"SDBF", 1, RGBA8, BOTTOM_UP, channel, reply, frame_id & 0xFFFFFFFF, client_ts_us, width, height,
                          len(payload))
     return header + payload
 
