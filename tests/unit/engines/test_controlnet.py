@@ -88,31 +88,26 @@ def run(engine: DiffusionEngine, frame: np.ndarray, state: StreamState, **overri
     return engine.step_float(torch.from_numpy(frame)[None], [state])
 
 
-def reference(parts, controlnets, frame: np.ndarray, control: np.ndarray, *, steps: int, strength: float,
-              guidance: float, scales, starts, ends) -> torch.Tensor:
+def reference(parts, controlnets, frame: np.ndarray, controls, *, steps: int, strength: float, guidance: float,
+              scales, starts, ends) -> torch.Tensor:
+    """diffusers' StableDiffusionControlNetImg2ImgPipeline on our encoded latents and the session's seed."""
     import diffusers
 
-    from sdbridge.engines.diffusion import DiffusionEngine
-
-    controlnet = controlnets[0] if len(controlnets) == 1 else diffusers.models.controlnets.MultiControlNetModel(
-        controlnets)
+    one = len(controlnets) == 1
     pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        controlnet=controlnet, scheduler=parts.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        controlnet=controlnets[0] if one else diffusers.models.controlnets.MultiControlNetModel(controlnets),
+        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pixels = torch.from_numpy(frame)[None].permute(0, 3, 1, 2).float() / 127.5 - 1.0
     with torch.inference_mode():
         latents = DiffusionEngine.from_parts(parts).encode(pixels)
-    control_image = torch.from_numpy(control)[None].permute(0, 3, 1, 2).float() / 255.0
-    one = len(controlnets) == 1
+    images = [torch.from_numpy(control)[None].permute(0, 3, 1, 2).float() / 255.0 for control in controls]
+    pick = (lambda values: values[0]) if one else list
     return pipe(prompt="a red fox", negative_prompt="blurry" if guidance > 1 else None, image=latents,
-                control_image=control_image if one else [control_image] * len(controlnets),
-                strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-                controlnet_conditioning_scale=scales[0] if one else list(scales),
-                control_guidance_start=starts[0] if one else list(starts),
-                control_guidance_end=ends[0] if one else list(ends),
-                generator=torch.Generator().manual_seed(3), output_type="pt").images
+                control_image=pick(images), strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                controlnet_conditioning_scale=pick(scales), control_guidance_start=pick(starts),
+                control_guidance_end=pick(ends), generator=torch.Generator().manual_seed(3), output_type="pt").images
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -130,7 +125,7 @@ def test_parity_with_diffusers_controlnet_img2img(parts, controlnet_dir, frame, 
     ours = run(engine, frame, state, steps=steps, strength=strength, guidance=guidance, negative_prompt="blurry",
                controlnet_1_model="edges", controlnet_1_scale=scale, controlnet_1_start=start, controlnet_1_end=end)
     model = engine.controlnets.models["edges"]
-    theirs = reference(parts, [model], frame, frame, steps=steps, strength=strength, guidance=guidance,
+    theirs = reference(parts, [model], frame, [frame], steps=steps, strength=strength, guidance=guidance,
                        scales=[scale], starts=[start], ends=[end])
     error = relative_error(ours, theirs)
     assert error <= 1e-4, f"relative error {error:.2e}"
@@ -147,21 +142,8 @@ def test_two_slots_parity_with_multi_controlnet(parts, controlnet_dir, frame, co
     ours = run(engine, frame, state, steps=4, strength=1.0, controlnet_1_model="edges", controlnet_1_scale=0.8,
                controlnet_2_model="depth", controlnet_2_scale=1.2, controlnet_2_channel=1, controlnet_2_start=0.5)
     models = [engine.controlnets.models["edges"], engine.controlnets.models["depth"]]
-    import diffusers
-
-    multi = diffusers.models.controlnets.MultiControlNetModel(models)
-    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, controlnet=multi,
-        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pixels = torch.from_numpy(frame)[None].permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    with torch.inference_mode():
-        latents = engine.encode(pixels)
-    images = [torch.from_numpy(image)[None].permute(0, 3, 1, 2).float() / 255.0 for image in (frame, condition)]
-    theirs = pipe(prompt="a red fox", image=latents, control_image=images, strength=1.0, num_inference_steps=4,
-                  guidance_scale=1.0, controlnet_conditioning_scale=[0.8, 1.2], control_guidance_start=[0.0, 0.5],
-                  control_guidance_end=[1.0, 1.0], generator=torch.Generator().manual_seed(3),
-                  output_type="pt").images
+    theirs = reference(parts, models, frame, [frame, condition], steps=4, strength=1.0, guidance=1.0,
+                       scales=[0.8, 1.2], starts=[0.0, 0.5], ends=[1.0, 1.0])
     assert relative_error(ours, theirs) <= 1e-4
 
 
