@@ -12,6 +12,7 @@ from typing import Any
 
 from sdbridge import __version__
 from sdbridge.errors import ConfigError, SdbridgeError
+from sdbridge.params import ENGINE_CHOICES
 
 log = logging.getLogger("sdbridge")
 
@@ -42,7 +43,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--feedback", metavar="HOST:PORT", help="where OSC feedback and telemetry go (default 127.0.0.1:9001; "
         "port 0 turns it off)")
     add("--model", help="a diffusers folder, a .safetensors checkpoint, or a pulled model's name")
-    add("--engine", choices=["auto", "diffusion", "animatediff", "preview", "identity"], help="engine (default auto)")
+    add("--engine", choices=list(ENGINE_CHOICES), help="engine (default auto)")
     add("--device", help="auto, cuda, cuda:N, mps or cpu (default auto)")
     add("--dtype", help="auto, float16, bfloat16 or float32 (default auto: fp16 on GPUs)")
     add("--taesd", help="a TAESD folder to use as the fast autoencoder")

@@ -193,7 +193,7 @@ def _fmt(number: float | None) -> str:
     return f"{number:g}"
 
 
-ENGINE_CHOICES = ("auto", "diffusion", "animatediff", "preview", "identity")
+ENGINE_CHOICES = ("auto", "diffusion", "compiled", "animatediff", "preview", "identity")
 PREVIEW_EFFECTS = ("cartoon", "stylize", "edges", "grade", "sketch")
 
 CORE_PARAMS: tuple[ParamSpec, ...] = (

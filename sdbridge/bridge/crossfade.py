@@ -1,4 +1,5 @@
-"""A dissolve across an engine swap, so that a new model (or LoRA set) fades in instead of cutting.
+"""A dissolve across an engine swap, so that a new model (or LoRA set, or ControlNet set) fades in
+instead of cutting.
 
 When the worker swaps in a freshly loaded engine, each session's last output of the old one is
 held and dissolved into the new engine's frames over ``crossfade_s`` seconds. Holding a frame,
@@ -28,11 +29,13 @@ class Crossfade:
         self._last: dict[str, np.ndarray] = {}
         self._fades: dict[str, _Fade] = {}
 
-    def swap(self, engine: object | None, now: float, duration: float) -> None:
-        """Tell which engine made this turn's frames; a change starts a fade for every session."""
-        if engine is self._engine:
+    def swap(self, look: object | None, now: float, duration: float) -> None:
+        """Tell what made this turn's frames (the engine, and what it loaded: its LoRA set, its
+        ControlNets); a change starts a fade for every session. None: frames passed through."""
+        if look == self._engine:
             return
-        previous, self._engine = self._engine, engine
+        previous, self._engine = self._engine, look
+        engine = look
         self._fades.clear()
         if previous is None or engine is None or duration <= 0:
             return  # from nothing (start-up, pass-through) there is nothing to fade from

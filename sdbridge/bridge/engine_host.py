@@ -43,7 +43,7 @@ class EngineChoice:
 
 
 Notify = Callable[[dict[str, Any]], None]
-MODEL_ENGINES = ("diffusion", "animatediff")  # engines that load the model parameter
+MODEL_ENGINES = ("diffusion", "compiled", "animatediff")  # engines that load the model parameter
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

@@ -281,9 +281,11 @@ class Worker(threading.Thread):
                     assert job.output is not None
                     job.output = plugins.after(job.session.id, job.session.state.data, job.image, job.output)
 
-        # 7. After an engine swap, the old engine's last frame dissolves into the new one's.
+        # 7. After a change of model (or of what it loaded: LoRAs, a ControlNet set, a motion adapter),
+        #    the last frame before it dissolves into the new frames.
         now = time.monotonic()
-        self.crossfade.swap(engine, now, float(params.get("crossfade_s", 0.0)))
+        look = None if engine is None else (id(engine), params.get("loras", ""), getattr(engine, "look_version", 0))
+        self.crossfade.swap(look, now, float(params.get("crossfade_s", 0.0)))
         for job in jobs:
             if job.output is not None and not job.passthrough:
                 job.output = self.crossfade.apply(job.session.id, job.output, now)
