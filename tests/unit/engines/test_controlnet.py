@@ -308,3 +308,70 @@ def test_one_shot_txt2img_matches_diffusers_controlnet_pipeline(parts, controlne
                   controlnet_conditioning_scale=weight, control_guidance_start=start, control_guidance_end=end,
                   output_type="pt").images
     assert relative_error(decoded[-1], theirs) <= 1e-4
+
+
+def to_ldm_layout(state: dict, layers_per_block: int) -> dict:
+    """A diffusers ControlNet state dict in the original layout (``control_model.input_blocks...``), as A1111
+    users download it: the inverse of diffusers' convert_controlnet_checkpoint, written out for the test."""
+    import re
+
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["controlnet"]["layers"]
+    resnet = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+              ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+    out = {}
+    for key, value in state.items():
+        ldm = fixed.get(key)
+        if ldm is None and (match := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)):
+            block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
+            index = 1 + block * (layers_per_block + 1) + layer
+            if kind == "resnets":
+                for new, old in resnet:
+                    rest = rest.replace(new, old)
+            ldm = f"input_blocks.{index}.{0 if kind == 'resnets' else 1}.{rest}"
+        elif ldm is None and (match := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key)):
+            ldm = f"input_blocks.{1 + int(match[1]) * (layers_per_block + 1) + layers_per_block}.0.op.{match[2]}"
+        elif ldm is None and (match := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key)):
+            rest = match[2]
+            for new, old in resnet:
+                rest = rest.replace(new, old)
+            ldm = f"middle_block.{2 * int(match[1])}.{rest}"
+        elif ldm is None and (match := re.match(r"mid_block\.attentions\.0\.(.*)", key)):
+            ldm = f"middle_block.1.{match[1]}"
+        elif ldm is None and (match := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", key)):
+            ldm = f"zero_convs.{match[1]}.0.{match[2]}"
+        elif ldm is None and (match := re.match(r"controlnet_mid_block\.(.*)", key)):
+            ldm = f"middle_block_out.0.{match[1]}"
+        elif ldm is None and (match := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.*)", key)):
+            ldm = f"input_hint_block.{2 * (int(match[1]) + 1)}.{match[2]}"
+        assert ldm is not None, key
+        out["control_model." + ldm] = value.contiguous()
+    return out
+
+
+def test_original_ldm_layout_single_file_loads_as_the_same_model(parts, controlnet_dir, tmp_path, frame):
+    """A1111's ControlNet files (control_model.* keys) load through diffusers' conversion, weights intact."""
+    from safetensors.torch import save_file
+
+    reference_model = load_controlnet(controlnet_dir / "edges", parts.unet, CPU, torch.float32)
+    state = reference_model.state_dict()
+    save_file(to_ldm_layout(state, parts.unet.config.layers_per_block), tmp_path / "control_edges_ldm.safetensors")
+    loaded = load_controlnet(resolve_controlnet("control_edges_ldm", tmp_path), parts.unet, CPU, torch.float32)
+    assert set(loaded.state_dict()) == set(state)
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in state.items())
+    engine = make_engine(parts, tmp_path)
+    ours = run(engine, frame, StreamState("s"), controlnet_1_model="control_edges_ldm")
+    theirs = run(make_engine(parts, controlnet_dir), frame, StreamState("s"), controlnet_1_model="edges")
+    assert torch.equal(ours, theirs)
+
+
+def test_controlnet_of_another_family_is_refused(parts, tmp_path):
+    from diffusers import ControlNetModel
+
+    other = ControlNetModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                            layers_per_block=1, cross_attention_dim=48, attention_head_dim=8, norm_num_groups=32)
+    other.save_pretrained(tmp_path / "wide", safe_serialization=True)
+    with pytest.raises(ModelError, match="another model family") as caught:
+        load_controlnet(tmp_path / "wide", parts.unet, CPU, torch.float32)
+    assert caught.value.code == "model_mismatch"
