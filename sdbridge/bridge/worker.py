@@ -284,8 +284,7 @@ class Worker(threading.Thread):
         # 7. After a change of model (or of what it loaded: LoRAs, a ControlNet set, a motion adapter),
         #    the last frame before it dissolves into the new frames.
         now = time.monotonic()
-        look = None if engine is None else (id(engine), params.get("loras", ""), getattr(engine, "look_version", 0))
-        self.crossfade.swap(look, now, float(params.get("crossfade_s", 0.0)))
+        self.crossfade.swap(_look(engine, params), now, float(params.get("crossfade_s", 0.0)))
         for job in jobs:
             if job.output is not None and not job.passthrough:
                 job.output = self.crossfade.apply(job.session.id, job.output, now)
@@ -427,6 +426,16 @@ class Worker(threading.Thread):
         if self.debug_frames and log.isEnabledFor(logging.DEBUG):
             log.debug("session %s frame %s out in %.1f ms", session.id,
                       job.frame.frame_id if job.frame else "-", latency_ms or 0.0)
+
+
+def _look(engine: Any, params: dict[str, Any]) -> tuple | None:
+    """What made a frame, as far as a dissolve cares: the engine, its LoRA set, its motion adapter
+    and the ControlNets it holds (each of which swaps in when its background load finishes)."""
+    if engine is None:
+        return None
+    motion = getattr(engine, "motion", None)
+    controlnets = getattr(getattr(engine, "controlnets", None), "models", None) or {}
+    return (id(engine), params.get("loras", ""), getattr(motion, "name", None), tuple(sorted(controlnets)))
 
 
 def _frame_ref(frame: InputFrame | None) -> dict[str, Any]:
