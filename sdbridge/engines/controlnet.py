@@ -85,8 +85,13 @@ def load_controlnet(path: Path, unet: Any, device: torch.device, dtype: torch.dt
     """A ControlNetModel for ``unet``'s family, on ``device`` in ``dtype``; ModelError says what is wrong."""
     from diffusers import ControlNetModel
 
+    from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
     from sdbridge.engines.models import _check_safetensors
 
+    free = free_device_bytes(device)  # the running model serves on: the ControlNet must fit beside it
+    needed = model_bytes(path, dtype) if free is not None else None
+    if free is not None and needed is not None:
+        check_fits(needed, free, what=f"controlnet {path.name}", device=str(device))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: a ControlNet folder needs config.json")
@@ -102,7 +107,10 @@ def load_controlnet(path: Path, unet: Any, device: torch.device, dtype: torch.dt
     else:
         model = _load_single_file(path, unet, dtype, allow_pickle)
     _check_family(path, model, unet)
-    return model.to(device).eval().requires_grad_(False)
+    try:
+        return model.to(device).eval().requires_grad_(False)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelError(f"out of device memory loading controlnet {path.name}: {exc}", code="out_of_memory") from exc
 
 
 def _load_single_file(path: Path, unet: Any, dtype: torch.dtype, allow_pickle: bool) -> Any:
