@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from sdbridge.engines.generate import GenerationRequest
 
 API_VERSION = 2
+REQUEST_CACHE_SIZE = 2
 # The extension's module names -> sdbridge's preprocessors.
 MODULES: dict[str, str] = {
     "none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
@@ -105,6 +108,10 @@ class ControlNetApi:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self._preprocessors: Preprocessors | None = None
+        # ControlNets a request loaded that no live slot holds, for the next requests (a client sends the
+        # same units again and again): (engine id, name) -> model, the most recent REQUEST_CACHE_SIZE.
+        self._cache: collections.OrderedDict[tuple[int, str], Any] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def folder(self) -> Path:
         return self.daemon.engines.controlnet_dir()
@@ -210,11 +217,23 @@ class ControlNetApi:
         if engine is None or getattr(engine, "parts", None) is None:
             raise HTTPException(503, "no diffusion model is loaded: ControlNet needs one (start the daemon with "
                                      "--model PATH)")
+        key = (id(engine), name)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         controlnets = getattr(engine, "controlnets", None)
         if controlnets is not None:
-            return controlnets.model(name)
-        return load_controlnet(resolve_controlnet(name, self.folder()), engine.parts.unet, engine.device,
-                               engine.dtype, allow_pickle=self.daemon.settings.allow_pickle)
+            model = controlnets.model(name)
+        else:
+            model = load_controlnet(resolve_controlnet(name, self.folder()), engine.parts.unet, engine.device,
+                                    engine.dtype, allow_pickle=self.daemon.settings.allow_pickle)
+        with self._cache_lock:
+            self._cache = collections.OrderedDict((k, v) for k, v in self._cache.items() if k[0] == id(engine))
+            self._cache[key] = model
+            while len(self._cache) > REQUEST_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return model
 
 
 def infotext_params(units: list[RequestUnit]) -> dict[str, str]:

@@ -318,7 +318,7 @@ class ControlNets:
         self.notify = notify or (lambda event: None)
         self.preprocessors = Preprocessors(folder / "annotators" if folder else None, device)
         self.slots: tuple[Slot, ...] = tuple(Slot() for _ in range(SLOTS))
-        self.models: dict[str, Any] = {}           # name -> ControlNetModel, worker thread only
+        self.models: dict[str, Any] = {}           # name -> ControlNetModel, written by the worker thread only
         self.serving: list[str | None] = [None] * SLOTS   # the model each slot runs now (the old one while loading)
         self.failed: dict[str, str] = {}           # name -> why it did not load; not retried until renamed
         self.errors: dict[int, str] = {}           # slot -> a preprocessing error already reported

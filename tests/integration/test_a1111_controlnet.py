@@ -177,3 +177,15 @@ def test_controlnet_args_must_be_a_list(api):
     response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL,
                                                      "alwayson_scripts": {"controlnet": {"args": "edges"}}})
     assert response.status_code == 422 and "args" in response.json()["detail"]
+
+
+def test_a_units_model_loads_once_for_many_requests(api, controlnet_dir):
+    first = txt2img(api, unit())
+    assert first.status_code == 200
+    (controlnet_dir / "edges" / "diffusion_pytorch_model.safetensors").rename(controlnet_dir / "moved.bin")
+    try:
+        again = txt2img(api, unit())  # served from the loaded copy: the file is not read again
+    finally:
+        (controlnet_dir / "moved.bin").rename(controlnet_dir / "edges" / "diffusion_pytorch_model.safetensors")
+    assert again.status_code == 200, again.text
+    assert again.json()["images"] == first.json()["images"]
