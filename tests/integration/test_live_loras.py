@@ -29,7 +29,8 @@ def test_live_lora_weights_and_an_unknown_name(start_daemon, tiny_model_dir, tmp
     parts = load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     write_kohya(lora_dir / "ink.safetensors", random_lora({"unet": parts.unet, "text_encoder": parts.text_encoder}, 1))
     daemon = start_daemon(model=str(tiny_model_dir), lora_dir=str(lora_dir),
-                          params={"width": 64, "height": 64, "steps": 2, "strength": 0.9})
+                          params={"width": 64, "height": 64, "steps": 2, "strength": 0.9,
+                                  "crossfade_s": 0.0})  # a LoRA set change would dissolve over frames
     frame = codec.encode_png(make_image())
     with ws_connect(daemon) as ws:
         assert wait_for(lambda: daemon.engines.status == "ready", timeout=60)
