@@ -435,7 +435,10 @@ def _look(engine: Any, params: dict[str, Any]) -> tuple | None:
         return None
     motion = getattr(engine, "motion", None)
     controlnets = getattr(getattr(engine, "controlnets", None), "models", None) or {}
-    return (id(engine), params.get("loras", ""), getattr(motion, "name", None), tuple(sorted(controlnets)))
+    # The set of LoRAs, not their weights: a weight on a fader moves smoothly by itself and must not
+    # restart a dissolve at every step.
+    loras = tuple(sorted({part.split(":", 1)[0].strip() for part in str(params.get("loras", "")).split(",")} - {""}))
+    return (id(engine), loras, getattr(motion, "name", None), tuple(sorted(controlnets)))
 
 
 def _frame_ref(frame: InputFrame | None) -> dict[str, Any]:
