@@ -191,6 +191,7 @@ class CompiledEngine(DiffusionEngine):
         self._schedule_key: tuple | None = None
         self._cfg = "none"                       # none | exact | residual, settled in prepare
         self._guidance_tensor: torch.Tensor | None = None
+        self._guidance_value: float | None = None
         self._pinned: dict[tuple, list[tuple[torch.Tensor, Any]]] = {}
         self._pinned_turn = 0
         self._nan_pending: tuple[torch.Tensor, list[StreamState]] | None = None
@@ -225,6 +226,7 @@ class CompiledEngine(DiffusionEngine):
                 module.to(memory_format=torch.channels_last)
         self._compiled.clear()
         self._schedule_key = None
+        self._guidance_tensor = None  # made again on this model's device
         if self.compile_active:
             configure_compile_cache()
 
@@ -288,7 +290,10 @@ class CompiledEngine(DiffusionEngine):
             self._cfg = "residual"
         else:
             self._cfg = "exact"
-        self._guidance_tensor = torch.tensor(self._guidance, device=self.device, dtype=torch.float32)
+        if self._guidance_tensor is None or self._guidance_value != self._guidance:
+            # A graph input (never a constant baked into a graph): a new value is no recompile.
+            self._guidance_tensor = torch.tensor(self._guidance, device=self.device, dtype=torch.float32)
+            self._guidance_value = self._guidance
 
     # --- the frame ------------------------------------------------------------------------------
 

@@ -120,6 +120,7 @@ def test_compiled_graphs_parity_and_no_recompile_on_live_changes(vae_parts):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # measured 5+ minutes of compiling on 2 shared cores
 @pytest.mark.skipif(os.environ.get("SDBRIDGE_SLOW") != "1", reason="Inductor compiles the tiny UNet in over a "
                     "minute on 2 CPU cores; SDBRIDGE_SLOW=1 runs it")
 def test_inductor_parity_with_diffusers(vae_parts, tmp_path, monkeypatch):
@@ -142,7 +143,7 @@ def test_stream_batch_delays_each_frame_by_n_minus_one(parts, steps, strength, g
     reference.prepare(params(steps=steps, strength=strength, guidance=guidance))
     n = stream._schedule.steps
     assert n == int(steps * strength)
-    frames = make_frames(n + 3)
+    frames = make_frames(n + 2)
     expected = [reference.step_float(frame, [StreamState("s")]) for frame in frames]
     state = StreamState("s")
     for k, frame in enumerate(frames):
@@ -158,7 +159,7 @@ def test_stream_batch_delays_each_frame_by_n_minus_one(parts, steps, strength, g
 def test_stream_batch_sessions_together_equal_each_alone(parts):
     together = engine(parts, steps=3, strength=1.0)
     alone = engine(parts, steps=3, strength=1.0)
-    a_frames, b_frames = make_frames(4, seed=1), make_frames(4, seed=2)
+    a_frames, b_frames = make_frames(3, seed=1), make_frames(3, seed=2)
     a, b = StreamState("a"), StreamState("b")
     a_alone, b_alone = StreamState("a"), StreamState("b")
     for fa, fb in zip(a_frames, b_frames):
@@ -233,7 +234,7 @@ def _latents_of(ours: CompiledEngine, frame: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
-@pytest.mark.parametrize("guidance", [1.5, 3.0, 7.5])
+@pytest.mark.parametrize("guidance", [1.5, 7.5])
 def test_residual_cfg_one_step_within_its_bound(parts, guidance):
     """One step: residual and exact CFG latents differ by exactly eps_coef * (1 - g) * (r - eps_uncond),
     so within residual_cfg_bound; the bound is reached (it is tight), and the UNet batch is not doubled."""
@@ -327,7 +328,7 @@ def test_txt2img_matches_the_eager_engine(parts):
     reference.prepare(params(steps=2, mode="txt2img"))
     expected = reference.step_float(None, [StreamState("s")])
     state = StreamState("s")
-    for _ in range(3):
+    for _ in range(2):
         assert relative_error(ours.step_float(None, [state]), expected) <= TOLERANCE
 
 
@@ -344,3 +345,15 @@ def test_registered_and_compile_cache_configured(tmp_path, monkeypatch):
     # A folder the user chose is kept.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert configure_compile_cache() == tmp_path / "mine"
+
+
+def test_load_from_a_model_folder_and_warm_up(tiny_model_dir):
+    """The real loading code, then a warm-up at the given parameters (no compile on the CPU by default)."""
+    ours = create_engine("compiled")
+    ours.load(str(tiny_model_dir), CPU, torch.float32)
+    assert not ours.compile_active  # CPU, no backend forced: the data path runs eagerly
+    seconds = ours.warmup(params(steps=2, strength=1.0), sessions=(1, 2), runs=2)
+    assert seconds > 0 and ours._compiled  # parts cached per (resolution, batch), uncompiled
+    assert {key[2] for key in ours._compiled} >= {1, 2}
+    out = ours.step(make_frames(1)[0], [StreamState("s")])
+    assert out.shape == (1, 64, 64, 3) and not bool(ours.last_nan)
