@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -73,7 +74,8 @@ def main() -> None:
         "1 slot, half the steps (end 0.5)": {"controlnet_1_model": "a", "controlnet_1_end": 0.5},
         "2 slots": {"controlnet_1_model": "a", "controlnet_2_model": "b"},
     }
-    print(f"### bench_controlnet.py — {datetime.date.today()}, commit {commit()}, {platform.machine()}, "
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"### bench_controlnet.py — {datetime.date.today()}, commit {commit()}, {platform.machine()}{load}, "
           f"{device.type}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"{'tiny random model' if args.tiny else 'sd-turbo architecture, random weights'}, {size}×{size}, "
           f"{args.steps} steps, {args.dtype}; rows interleaved, {args.rounds} rounds × {args.frames} frames, "
