@@ -300,6 +300,7 @@ class CompiledEngine(DiffusionEngine):
     def step(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
         # 0. The previous frame's NaN flag, a frame late: it finished when its output was copied out.
         self._read_previous_nan()
+        self._new_frame()
         frames = self.fit(self.upload(frames)) if frames is not None else None
         image = self.step_float(frames, states)  # [B, 3, H, W] in [0, 1]
         width, height = self.resolution
@@ -321,8 +322,7 @@ class CompiledEngine(DiffusionEngine):
             # yet): the eager engine's exact path.
             return super().step_float(frames, states)
         assert self._embeddings is not None, "prepare() before step()"
-        if self.compile_active and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
+        self._new_frame()
         batch = len(states)
         width, height = self.resolution
         latent_shape = (1, self.parts.unet.config.in_channels, height // self.vae_scale_factor,
@@ -461,6 +461,12 @@ class CompiledEngine(DiffusionEngine):
         # The scheduler's arithmetic in float32, as diffusers' Euler step upcasts.
         x_next = sample_coef.view(-1, 1, 1, 1) * x.float() + eps_coef.view(-1, 1, 1, 1) * eps.float()
         return x_next.to(x.dtype), eps
+
+    def _new_frame(self) -> None:
+        # CUDA graph trees: outputs of the previous frame may be overwritten from here on (the
+        # stream buffers and NaN flags that outlive a frame are copies).
+        if self.compile_active and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _controlnet_active(self) -> bool:
         controlnets = getattr(self, "controlnets", None)
