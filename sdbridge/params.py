@@ -240,7 +240,7 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
 
 
 CONTROLNET_SLOTS = 3
-PREPROCESSORS = ("none", "invert", "canny", "softedge", "lineart", "depth")  # engines/preprocessors.py
+PREPROCESSORS = ("none", "invert", "canny", "softedge", "lineart", "depth", "pose")  # engines/preprocessors.py
 
 
 def controlnet_params(slots: int = CONTROLNET_SLOTS) -> list[ParamSpec]:

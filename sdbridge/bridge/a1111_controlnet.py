@@ -42,6 +42,7 @@ MODULES: dict[str, str] = {
     "softedge_pidisafe": "softedge", "lineart": "lineart", "lineart_realistic": "lineart",
     "lineart_coarse": "lineart", "lineart_standard (from white bg & black line)": "lineart", "depth": "depth",
     "depth_midas": "depth", "depth_leres": "depth", "depth_zoe": "depth", "depth_anything": "depth",
+    "openpose": "pose", "dw_openpose": "pose",
 }
 CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "controlnet", "balanced": "balanced",
                  "my prompt is more important": "prompt", "controlnet is more important": "controlnet"}

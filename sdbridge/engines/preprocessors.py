@@ -9,7 +9,9 @@ built-ins:
 - ``softedge``: a soft edge map, the Sobel gradient magnitude of a blurred grey image, normalised;
 - ``lineart``: thin lines from a difference of Gaussians, soft-thresholded as XDoG does, white on black;
 - ``depth``: a depth model loaded from local weights (any transformers depth-estimation model in a
-  folder, e.g. Intel/dpt-hybrid-midas or a Depth Anything, safetensors only), near is bright.
+  folder, e.g. Intel/dpt-hybrid-midas or a Depth Anything, safetensors only), near is bright;
+- ``pose``: body keypoints from a ViTPose model in a local folder (transformers' VitPoseForPoseEstimation,
+  e.g. usyd-community/vitpose-base-simple), drawn as OpenPose draws its 18 points; body only (no hands, face).
 
 Others are added through the entry-point group ``sdbridge.preprocessors`` (a callable class taking
 ``(image, options)``), like plugins: never from a name or a path that a client sends.
@@ -86,8 +88,12 @@ def lineart(image: np.ndarray, options: Options) -> np.ndarray:
     return _rgb(np.clip(lines * 255.0, 0, 255).astype(np.uint8))  # white lines on black
 
 
-class DepthPreprocessor:
-    """A depth-estimation model from ``<folder>`` (config.json + *.safetensors), loaded on first use."""
+class ModelPreprocessor:
+    """A preprocessor whose model lives in ``<folder>`` (config.json + *.safetensors), loaded on first use."""
+
+    kind = ""
+    model_class = ""       # the transformers class that loads the folder
+    example = ""           # a model a user can put there
 
     def __init__(self, folder: Path | None, device: Any = "cpu") -> None:
         self.folder = folder
@@ -103,25 +109,33 @@ class DepthPreprocessor:
 
     def _load(self) -> Any:
         import torch
-        from transformers import AutoModelForDepthEstimation
+        import transformers
 
         from sdbridge.engines.models import _check_safetensors
 
         folder = self.folder
         if folder is None or not (folder / "config.json").is_file():
-            raise ModelError(f"the depth preprocessor needs a depth model in {folder}: a folder with config.json "
-                             f"and model.safetensors (a transformers depth-estimation model such as "
-                             f"Intel/dpt-hybrid-midas)", code="model_not_found")
+            raise ModelError(f"the {self.kind} preprocessor needs its model in {folder}: a folder with config.json "
+                             f"and model.safetensors ({self.example})", code="model_not_found")
         weights = sorted(folder.glob("*.safetensors"))
         if not weights:
-            raise ModelError(f"{folder}: no .safetensors weights for the depth preprocessor")
+            raise ModelError(f"{folder}: no .safetensors weights for the {self.kind} preprocessor")
         for file in weights:
             _check_safetensors(file)
         try:
-            model = AutoModelForDepthEstimation.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+            model = getattr(transformers, self.model_class).from_pretrained(folder, use_safetensors=True,
+                                                                            dtype=torch.float32)
         except Exception as exc:
-            raise ModelError(f"depth model at {folder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+            raise ModelError(f"{self.kind} model at {folder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
         return model.to(self.device).eval().requires_grad_(False)
+
+
+class DepthPreprocessor(ModelPreprocessor):
+    """Depth, near is bright, from any transformers depth-estimation model (DPT, Depth Anything, ...)."""
+
+    kind = "depth"
+    model_class = "AutoModelForDepthEstimation"
+    example = "a transformers depth-estimation model such as Intel/dpt-hybrid-midas"
 
     def __call__(self, image: np.ndarray, options: Options) -> np.ndarray:
         import torch
@@ -143,6 +157,72 @@ class DepthPreprocessor:
                                interpolation=cv2.INTER_LINEAR))
 
 
+# OpenPose's 18 body points from COCO's 17 (the neck is the shoulders' midpoint), and its drawing: the
+# limbs (1-based pairs) and colours of controlnet_aux's draw_bodypose, which OpenPose ControlNets were
+# trained on. OpenPose order: nose, neck, right shoulder/elbow/wrist, left shoulder/elbow/wrist, right
+# hip/knee/ankle, left hip/knee/ankle, right eye, left eye, right ear, left ear.
+COCO_TO_OPENPOSE = (0, None, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3)
+OPENPOSE_LIMBS = ((2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12), (12, 13),
+                  (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18))
+OPENPOSE_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+                    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+                    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
+
+
+class PosePreprocessor(ModelPreprocessor):
+    """Body pose drawn as OpenPose draws it, from a ViTPose model. Top-down on the whole frame: one
+    performer filling the frame, the stage's usual case (no person detector runs first)."""
+
+    kind = "pose"
+    model_class = "VitPoseForPoseEstimation"
+    example = "a ViTPose model such as usyd-community/vitpose-base-simple"
+    threshold = 0.3  # a keypoint whose heatmap peak is lower is not drawn
+
+    def keypoints(self, image: np.ndarray) -> list[tuple[float, float] | None]:
+        """The 18 OpenPose points in pixels of ``image`` (None where not found)."""
+        import torch
+
+        model = self.load()
+        height, width = image.shape[:2]
+        model_h, model_w = (int(v) for v in model.config.backbone_config.image_size)
+        # ViTPose's ImageNet normalisation.
+        pixels = cv2.resize(image, (model_w, model_h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        pixels = (pixels - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+        batch = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(self.device)
+        with torch.inference_mode():
+            heatmaps = model(pixel_values=batch).heatmaps[0].float().cpu().numpy()  # [17, h, w]
+        count, map_h, map_w = heatmaps.shape
+        flat = heatmaps.reshape(count, -1)
+        peaks = flat.max(axis=1)
+        ys, xs = np.unravel_index(flat.argmax(axis=1), (map_h, map_w))
+        coco = [((x + 0.5) * width / map_w, (y + 0.5) * height / map_h) if peak >= self.threshold else None
+                for x, y, peak in zip(xs, ys, peaks)]
+        points: list[tuple[float, float] | None] = []
+        for index in COCO_TO_OPENPOSE:
+            if index is not None:
+                points.append(coco[index] if index < len(coco) else None)
+            elif coco[5] is not None and coco[6] is not None:
+                points.append(((coco[5][0] + coco[6][0]) / 2, (coco[5][1] + coco[6][1]) / 2))
+            else:
+                points.append(None)
+        return points
+
+    def __call__(self, image: np.ndarray, options: Options) -> np.ndarray:
+        points = self.keypoints(image)
+        canvas = np.zeros_like(image)
+        stick = max(2, round(4 * min(image.shape[:2]) / 512))
+        for (first, second), colour in zip(OPENPOSE_LIMBS, OPENPOSE_COLOURS):
+            a, b = points[first - 1], points[second - 1]
+            if a is not None and b is not None:
+                limb = np.zeros_like(image)
+                cv2.line(limb, (round(a[0]), round(a[1])), (round(b[0]), round(b[1])), colour, stick * 2)
+                canvas = cv2.addWeighted(canvas, 1.0, limb, 0.6, 0)
+        for point, colour in zip(points, OPENPOSE_COLOURS):
+            if point is not None:
+                cv2.circle(canvas, (round(point[0]), round(point[1])), stick, colour, -1)
+        return canvas
+
+
 BUILTIN: dict[str, Preprocess] = {"none": none, "invert": invert, "canny": canny, "softedge": softedge,
                                   "lineart": lineart}
 
@@ -152,7 +232,8 @@ class Preprocessors:
 
     def __init__(self, annotators_dir: Path | None = None, device: Any = "cpu") -> None:
         self.table: dict[str, Preprocess] = dict(BUILTIN)
-        self.table["depth"] = DepthPreprocessor(annotators_dir / "depth" if annotators_dir else None, device)
+        for kind, cls in (("depth", DepthPreprocessor), ("pose", PosePreprocessor)):
+            self.table[kind] = cls(annotators_dir / kind if annotators_dir else None, device)
         for entry in entry_points(group=GROUP):
             if entry.name in self.table:
                 continue

@@ -100,7 +100,7 @@ def test_detect_runs_the_preprocessor(api):
     ({"controlnet_module": "openpose_full", "controlnet_input_images": ["AAAA"]}, "not known"),
     ({"controlnet_module": "canny", "controlnet_input_images": ["not base64!"]}, "not valid base64"),
     ({"controlnet_module": "canny", "controlnet_input_images": []}, "empty"),
-    ({"controlnet_module": "depth_midas", "controlnet_input_images": [b64_png(step_edge())]}, "depth model"),
+    ({"controlnet_module": "depth_midas", "controlnet_input_images": [b64_png(step_edge())]}, "needs its model"),
 ])
 def test_detect_bad_requests_are_422(api, body, words):
     response = api.post("/controlnet/detect", json=body)

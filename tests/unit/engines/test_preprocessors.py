@@ -12,8 +12,10 @@ from sdbridge.params import PREPROCESSORS
 
 @pytest.fixture(scope="module")
 def annotators(tmp_path_factory):
+    """Tiny random depth (DPT) and pose (ViTPose) models, saved as their users would put them there."""
     import torch
-    from transformers import DPTConfig, DPTForDepthEstimation
+    from transformers import (DPTConfig, DPTForDepthEstimation, VitPoseBackboneConfig, VitPoseConfig,
+                              VitPoseForPoseEstimation)
 
     torch.manual_seed(0)
     config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
@@ -21,6 +23,10 @@ def annotators(tmp_path_factory):
                        backbone_out_indices=[0, 1, 2, 3])
     folder = tmp_path_factory.mktemp("annotators")
     DPTForDepthEstimation(config).save_pretrained(folder / "depth", safe_serialization=True)
+    backbone = VitPoseBackboneConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=[64, 48],
+                                     patch_size=[8, 8], mlp_ratio=2, out_indices=[2], part_features=8)
+    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=17, use_simple_decoder=True)
+                             ).save_pretrained(folder / "pose", safe_serialization=True)
     return folder
 
 
@@ -95,12 +101,59 @@ def test_depth_from_a_tiny_random_model(registry):
 
 
 def test_depth_without_a_model_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelError, match="depth model") as caught:
+    with pytest.raises(ModelError, match="depth preprocessor needs its model") as caught:
         Preprocessors(tmp_path).run("depth", step_edge())
     assert caught.value.code == "model_not_found"
 
 
 def test_unknown_preprocessor(registry):
-    with pytest.raises(ParamError, match="unknown preprocessor 'pose'") as caught:
-        registry.run("pose", step_edge())
+    with pytest.raises(ParamError, match="unknown preprocessor 'segmentation'") as caught:
+        registry.run("segmentation", step_edge())
     assert caught.value.code == "unknown_preprocessor"
+
+
+def test_openpose_order_from_coco():
+    from sdbridge.engines.preprocessors import COCO_TO_OPENPOSE
+
+    coco = ["nose", "l_eye", "r_eye", "l_ear", "r_ear", "l_shoulder", "r_shoulder", "l_elbow", "r_elbow", "l_wrist",
+            "r_wrist", "l_hip", "r_hip", "l_knee", "r_knee", "l_ankle", "r_ankle"]
+    openpose = ["nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_shoulder", "l_elbow", "l_wrist", "r_hip",
+                "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "r_eye", "l_eye", "r_ear", "l_ear"]
+    assert [None if index is None else coco[index] for index in COCO_TO_OPENPOSE] == [
+        None if name == "neck" else name for name in openpose]
+
+
+def test_pose_from_a_tiny_random_vitpose_is_drawn_in_openpose_colours(registry):
+    from sdbridge.engines.preprocessors import OPENPOSE_COLOURS
+
+    pose = registry.get("pose")
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    out = registry.run("pose", image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    pose.threshold = -np.inf  # every point found: all 18 drawn, the neck between the shoulders
+    try:
+        points = pose.keypoints(image)
+        drawn = registry.run("pose", image)
+    finally:
+        pose.threshold = 0.3
+    assert len(points) == 18 and all(point is not None for point in points)
+    neck, right, left = points[1], points[2], points[5]
+    assert neck == ((right[0] + left[0]) / 2, (right[1] + left[1]) / 2)
+    stick = 2  # at this size
+    checked = 0
+    for index, (point, colour) in enumerate(zip(points, OPENPOSE_COLOURS)):
+        later = points[index + 1:]
+        if any(abs(p[0] - point[0]) <= 2 * stick + 1 and abs(p[1] - point[1]) <= 2 * stick + 1 for p in later):
+            continue  # a later point's dot covers this one
+        x, y = min(round(point[0]), 127), min(round(point[1]), 95)
+        assert tuple(int(v) for v in drawn[y, x]) == colour, index
+        checked += 1
+    assert checked >= 3
+    assert (drawn == 0).all(axis=2).mean() > 0.3  # a black background
+
+
+def test_openpose_module_in_the_a1111_list():
+    from sdbridge.bridge.a1111_controlnet import MODULES
+
+    assert MODULES["openpose"] == "pose"
