@@ -49,6 +49,17 @@ PROMPT = "a watercolor painting of a fox in a forest"
 
 
 def commit() -> str:
+    """HEAD when the run started (read once: other commits may land while a long run goes on)."""
+    global _COMMIT
+    if _COMMIT is None:
+        _COMMIT = _read_commit()
+    return _COMMIT
+
+
+_COMMIT: str | None = None
+
+
+def _read_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -110,9 +121,8 @@ def engine_params(size: int, steps: int, strength: float) -> dict[str, Any]:
 class Row:
     """One line of the table: a callable that turns a list of host uint8 frames into host frames."""
 
-    def __init__(self, name: str, run: Callable[[list[np.ndarray]], Any], frames_per_call: int, steps: int,
-                 baseline: str | None) -> None:
-        self.name, self.run, self.frames_per_call, self.steps, self.baseline = name, run, frames_per_call, steps, baseline
+    def __init__(self, name: str, run: Callable[[list[np.ndarray]], Any], frames_per_call: int, steps: int) -> None:
+        self.name, self.run, self.frames_per_call, self.steps = name, run, frames_per_call, steps
         self.result: dict[str, Any] = {"name": name, "steps": steps, "frames_per_call": frames_per_call}
 
 
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    commit()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if args.quick:
@@ -296,9 +307,9 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     rows: list[Row] = []
     if not section.skip_diffusers:
         full_pipe = make_pipe(parts.vae)
-        rows.append(Row("diffusers img2img, full VAE", diffusers_run(full_pipe, 1, 1.0), 1, 1, None))
-        rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 1, 1.0), 1, 1, None))
-        rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 4, 1.0), 1, 4, None))
+        rows.append(Row("diffusers img2img, full VAE", diffusers_run(full_pipe, 1, 1.0), 1, 1))
+        rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 1, 1.0), 1, 1))
+        rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 4, 1.0), 1, 4))
     results: list[dict[str, Any]] = []
 
     def measure(row: Row, engine: Any = None, compile_s: float | None = None) -> None:
@@ -315,10 +326,10 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         measure(row)
     eager = DiffusionEngine.from_parts(parts)
     eager.prepare(engine_params(size, 1, 1.0))
-    measure(Row("eager engine (TAESD)", engine_run(eager, 1), 1, 1, None), eager)
+    measure(Row("eager engine (TAESD)", engine_run(eager, 1), 1, 1), eager)
     eager4 = DiffusionEngine.from_parts(parts)
     eager4.prepare(engine_params(size, 4, 1.0))
-    measure(Row("eager engine (TAESD)", engine_run(eager4, 1), 1, 4, None), eager4)
+    measure(Row("eager engine (TAESD)", engine_run(eager4, 1), 1, 4), eager4)
     # Built after the plain rows: the compiled engine turns the shared UNet channels_last on CUDA.
     label = f"compiled engine ({backend or 'not compiled'})"
     for name, steps, sessions, stream in ((f"{label}, batch 1", 1, 1, True),
@@ -327,7 +338,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
                                           (f"{label}, 4 steps in sequence", 4, 1, False)):
         engine = compiled_engine(steps, stream)
         compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) if backend else None
-        measure(Row(name, engine_run(engine, sessions), sessions, steps, None), engine, compile_s)
+        measure(Row(name, engine_run(engine, sessions), sessions, steps), engine, compile_s)
         del engine
 
     # Ratios: frames/s against plain diffusers with its default (full) VAE at the same step count,
@@ -348,7 +359,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
     header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
               f"torch {torch.__version__}\n"
-              f"{'tiny random model' if section.tiny else 'sd-turbo architecture (SD 2.1 UNet + TAESD), random weights'}, "
+              f"{'tiny random model' if section.tiny else 'sd-turbo architecture (SD 2.1 + TAESD), random weights'}, "
               f"{size}×{size} img2img at strength 1, {str(dtype).replace('torch.', '')}, {calls} timed calls per row "
               f"after {warmup}; built in {build_s:.1f} s; parity tolerance {tolerance:g} against diffusers + TAESD\n")
     lines = [header, "| row | steps | frames/s | p50 ms | p99 ms | vs diffusers | parity (rel. error) | compile s |"
