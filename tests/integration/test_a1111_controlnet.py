@@ -159,7 +159,7 @@ def test_hires_pass_takes_the_unit_too(api):
 @pytest.mark.parametrize("fields, words", [
     ({"model": "nowhere"}, "not found"),
     ({"model": "../../etc/passwd"}, "outside"),
-    ({"module": "openpose"}, "not known"),
+    ({"module": "openpose_full"}, "not known"),
     ({"input_image": "%%%"}, "not valid base64"),
     ({"input_image": None}, "no input_image"),
     ({"control_mode": 7}, "control_mode"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import numpy as np
@@ -30,6 +31,12 @@ def controlnet_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
+def serving(client: httpx.Client, name: str) -> bool:
+    """Whether ControlNet slot 1 runs ``name`` from the next frame on (/health)."""
+    engine = client.get("/health").json()["engine"]
+    return engine.get("controlnet", {}).get("slots", [{}])[0].get("serving") == name
+
+
 def raw(image: np.ndarray, channel: int = 0, frame_id: int = 1) -> bytes:
     height, width = image.shape[:2]
     return header_frame(image.tobytes(), PixelFormat.RGB8, width, height, frame_id=frame_id,
@@ -45,14 +52,10 @@ def test_condition_frame_on_channel_1_drives_the_controlnet(start_daemon, tiny_m
     daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
                           params={"width": 64, "height": 64, "steps": 2, "strength": 1.0,
                                   "controlnet_1_model": "edges", "controlnet_1_channel": 1,
-                                  "controlnet_1_scale": 2.0})
+                                  "controlnet_1_scale": 2.0, "crossfade_s": 0.0})
     client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30)
 
-    def serving() -> bool:
-        engine = client.get("/health").json()["engine"]
-        return engine.get("controlnet", {}).get("slots", [{}])[0].get("serving") == "edges"
-
-    assert wait_for(serving, timeout=60)
+    assert wait_for(lambda: serving(client, "edges"), timeout=60)
     frame = make_image(64, 64, seed=2)
     square = np.zeros((64, 64, 3), np.uint8)
     square[16:48, 16:48] = 255
@@ -115,15 +118,11 @@ def test_swapping_the_controlnet_mid_stream_drops_no_frame(start_daemon, tiny_mo
     answered by the engine (none passed through), and each model's frames are its own."""
     daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
                           params={"width": 64, "height": 64, "steps": 2, "strength": 1.0, "controlnet_1_scale": 2.0,
-                                  "controlnet_1_model": "edges"})
+                                  "controlnet_1_model": "edges", "crossfade_s": 0.0})  # exact frames, no dissolve
     (controlnet_dir / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30)
 
-    def serving(name: str) -> bool:
-        engine = client.get("/health").json()["engine"]
-        return engine.get("controlnet", {}).get("slots", [{}])[0].get("serving") == name
-
-    assert wait_for(lambda: serving("edges"), timeout=60)
+    assert wait_for(lambda: serving(client, "edges"), timeout=60)
     frame = make_image(64, 64, seed=2)
     outputs: dict[str, list[np.ndarray]] = {}
     frame_id = 0
@@ -137,10 +136,10 @@ def test_swapping_the_controlnet_mid_stream_drops_no_frame(start_daemon, tiny_mo
                 assert FrameHeader.parse(message)[0].frame_id == frame_id
                 outputs.setdefault(model, []).append(reply_image(message))
             if model == "lines":
-                assert wait_for(lambda: serving("lines"), timeout=30)
+                assert wait_for(lambda: serving(client, "lines"), timeout=30)
             if model == "broken":
                 failed = client.get("/health").json()["engine"]["controlnet"]["failed"]
-                assert "safetensors" in failed["broken"] and serving("lines")
+                assert "safetensors" in failed["broken"] and serving(client, "lines")
         stats = daemon.registry.get("swap").stats()
     assert stats["frames_out"] == frame_id and stats["passthrough_frames"] == 0
     edges, lines = outputs["edges"][0], outputs["lines"][-1]
@@ -148,3 +147,31 @@ def test_swapping_the_controlnet_mid_stream_drops_no_frame(start_daemon, tiny_mo
     assert all(np.array_equal(image, lines) for image in outputs["broken"])  # the old model kept serving
     assert np.array_equal(outputs["edges"][-1], edges)
     (controlnet_dir / "broken.safetensors").unlink()
+
+
+def test_a_controlnet_swap_dissolves_instead_of_cutting(start_daemon, tiny_model_dir, controlnet_dir):
+    """With crossfade_s, the frames after the new ControlNet takes over blend from the old one's last frame."""
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
+                          params={"width": 64, "height": 64, "steps": 2, "strength": 1.0, "controlnet_1_scale": 2.0,
+                                  "controlnet_1_model": "edges", "crossfade_s": 1.0})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30)
+
+    assert wait_for(lambda: serving(client, "edges"), timeout=60)
+    frame = make_image(64, 64, seed=2)
+    with ws_connect(daemon, "?session=fade") as ws:
+        def one(frame_id: int) -> np.ndarray:
+            ws.send(raw(frame, frame_id=frame_id))
+            return reply_image(recv_frame(ws)).astype(float)
+
+        one(1)
+        time.sleep(1.2)  # past the fade of the start-up load
+        old = one(2)
+        ws.send(json.dumps({"type": "set", "params": {"controlnet_1_model": "lines"}}))
+        assert wait_for(lambda: serving(client, "lines"), timeout=30)
+        during = one(3)
+        time.sleep(1.2)
+        new = one(4)
+    full = np.abs(new - old).mean()
+    assert full > 0.5
+    assert np.abs(during - old).mean() < 0.8 * full  # part of the way, not a cut
+    assert np.abs(during - new).mean() > 0.1 * full
