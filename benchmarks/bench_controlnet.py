@@ -31,16 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import build_parts, commit, engine_params, sync  # noqa: E402
 
 
-def random_controlnet(unet, seed: int):
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
-    for module in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
-        torch.nn.init.normal_(module.weight, std=0.02)
-    return model.to(unet.device, unet.dtype).eval().requires_grad_(False)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny random model (CPU smoke check)")
@@ -53,6 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     from sdbridge.engines.base import StreamState
     from sdbridge.engines.diffusion import DiffusionEngine
+    from sdbridge.engines.tiny import random_controlnet
 
     device = torch.device(args.device)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -61,7 +52,7 @@ def main() -> None:
     engine = DiffusionEngine.from_parts(parts)
     folder = Path(tempfile.mkdtemp(prefix="sdbridge-bench-controlnet-"))
     for seed, name in ((1, "a"), (2, "b")):  # through the real loader
-        random_controlnet(parts.unet, seed).save_pretrained(folder / name, safe_serialization=True)
+        random_controlnet(parts.unet, seed, std=0.02).save_pretrained(folder / name, safe_serialization=True)
     engine.controlnet_dir = str(folder)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -96,3 +96,19 @@ def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
     parts["taesd"].save_pretrained(folder / "taesd", safe_serialization=True)
     return folder
+
+
+def random_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.3):  # noqa: ANN201 - ControlNetModel
+    """A ControlNet for ``unet``'s family (``ControlNetModel.from_unet``), random but seeded.
+
+    A new ControlNet's output convolutions start at zero, so it would add nothing; a trained one's
+    are not zero, and neither are these (normal with ``std``), so that tests see it act.
+    """
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    model = ControlNetModel.from_unet(unet)
+    for module in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
+        torch.nn.init.normal_(module.weight, std=std)
+        torch.nn.init.normal_(module.bias, std=std / 3)
+    return model.eval()

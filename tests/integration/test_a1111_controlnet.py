@@ -35,17 +35,13 @@ def step_edge() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tiny_model_dir, tmp_path_factory):
-    import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    from sdbridge.engines.tiny import random_controlnet
 
     folder = tmp_path_factory.mktemp("controlnet")
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    torch.manual_seed(1)
-    model = ControlNetModel.from_unet(unet)
-    for module in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
-        torch.nn.init.normal_(module.weight, std=1.0)
-        torch.nn.init.normal_(module.bias, std=0.3)
-    model.save_pretrained(folder / "edges", safe_serialization=True)
+    random_controlnet(unet, 1, std=1.0).save_pretrained(folder / "edges", safe_serialization=True)
     return folder
 
 

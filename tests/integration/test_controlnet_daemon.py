@@ -15,19 +15,14 @@ from tests.clients import header_frame, make_image, recv_frame, recv_json, wait_
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tiny_model_dir, tmp_path_factory):
-    import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    from sdbridge.engines.tiny import random_controlnet
 
     folder = tmp_path_factory.mktemp("controlnet")
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
     for seed, name in ((1, "edges"), (2, "lines")):
-        torch.manual_seed(seed)
-        model = ControlNetModel.from_unet(unet)
-        for module in [*model.controlnet_down_blocks, model.controlnet_mid_block,
-                       model.controlnet_cond_embedding.conv_out]:
-            torch.nn.init.normal_(module.weight, std=1.0)
-            torch.nn.init.normal_(module.bias, std=0.3)
-        model.save_pretrained(folder / name, safe_serialization=True)
+        random_controlnet(unet, seed, std=1.0).save_pretrained(folder / name, safe_serialization=True)
     return folder
 
 

@@ -13,6 +13,7 @@ from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import CONDITIONS, load_controlnet, resolve_controlnet
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.engines.tiny import random_controlnet
 from sdbridge.errors import ModelError
 from sdbridge.params import Schema
 
@@ -24,20 +25,6 @@ def params(**overrides) -> dict:
     values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=3, prompt="a red fox")
     values.update(overrides)
     return values
-
-
-def tiny_controlnet(unet, seed: int):
-    """ControlNetModel.from_unet, with its zero-initialised convolutions made random so that it does something."""
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    model = ControlNetModel.from_unet(unet)
-    zero_modules = [*model.controlnet_down_blocks, model.controlnet_mid_block,
-                    model.controlnet_cond_embedding.conv_out]
-    for module in zero_modules:
-        torch.nn.init.normal_(module.weight, std=0.3)
-        torch.nn.init.normal_(module.bias, std=0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +39,9 @@ def controlnet_dir(parts, tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     folder = tmp_path_factory.mktemp("controlnet")
-    tiny_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
-    tiny_controlnet(parts.unet, seed=2).save_pretrained(folder / "depth", safe_serialization=True)
-    state = {key: value.contiguous() for key, value in tiny_controlnet(parts.unet, seed=3).state_dict().items()}
+    random_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
+    random_controlnet(parts.unet, seed=2).save_pretrained(folder / "depth", safe_serialization=True)
+    state = {key: value.contiguous() for key, value in random_controlnet(parts.unet, seed=3).state_dict().items()}
     save_file(state, folder / "single.safetensors")
     (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     return folder
