@@ -429,11 +429,17 @@ class ControlNets:
                 source = cv2.resize(source, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
             try:
                 images[index] = self.preprocessors.run(slot.preprocessor, source, slot.options)
-            except SdbridgeError as exc:
+            except Exception as exc:  # a failing preprocessor costs its slot, never the frame
                 if index not in self.errors:  # once per parameter change, not per frame
                     self.errors[index] = str(exc)
-                    self.notify({**exc.to_json(), "message": f"controlnet slot {index + 1}: {exc}; the slot adds "
-                                                             f"nothing until this is fixed"})
+                    if isinstance(exc, SdbridgeError):
+                        code, reason = exc.code, str(exc)
+                    else:
+                        log.exception("preprocessor %s failed", slot.preprocessor)
+                        code, reason = "preprocessor_failed", f"{type(exc).__name__}: {exc}"
+                    self.notify({"type": "error", "code": code, "message": f"controlnet slot {index + 1}: "
+                                                                           f"{reason}; the slot adds nothing until "
+                                                                           f"this is fixed"})
         data[SLOT_IMAGES] = images
 
     # --- the batch (engine step) ---

@@ -362,3 +362,19 @@ def test_controlnet_of_another_family_is_refused(parts, tmp_path):
     with pytest.raises(ModelError, match="another model family") as caught:
         load_controlnet(tmp_path / "wide", parts.unet, CPU, torch.float32)
     assert caught.value.code == "model_mismatch"
+
+
+def test_a_slot_whose_preprocessor_has_no_model_adds_nothing_and_is_told_once(parts, controlnet_dir, frame):
+    """depth without its model: a clear error once, the frame as without the slot, the other slot unharmed."""
+    events: list[dict] = []
+    engine = make_engine(parts, controlnet_dir)
+    engine.notify = events.append
+    state = StreamState("s")
+    only_edges = run(engine, frame, state, controlnet_1_model="edges")
+    for _ in range(3):
+        both = run(engine, frame, state, controlnet_1_model="edges", controlnet_2_model="depth",
+                   controlnet_2_preprocessor="depth")
+    assert torch.equal(both, only_edges)
+    errors = [event for event in events if event["type"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["code"] == "model_not_found" and errors[0]["message"].startswith("controlnet slot 2:")
