@@ -61,23 +61,23 @@ class ControlNetUnitArgs(BaseModel):
     image: str | dict[str, Any] | None = None
     module: str = "none"
     model: str = "None"
-    weight: float = Field(1.0, ge=0.0, le=2.0)
-    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
-    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+    weight: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False)
     control_mode: int | str = 0
     resize_mode: int | str = 1
     pixel_perfect: bool = False
     processor_res: int = Field(-1, ge=-1, le=4096)
-    threshold_a: float = -1
-    threshold_b: float = -1
+    threshold_a: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
+    threshold_b: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
 
 
 class DetectRequest(BaseModel):
     controlnet_module: str = "none"
     controlnet_input_images: list[str] = Field(default_factory=list, max_length=8)
     controlnet_processor_res: int = Field(512, ge=-1, le=4096)
-    controlnet_threshold_a: float = -1
-    controlnet_threshold_b: float = -1
+    controlnet_threshold_a: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
+    controlnet_threshold_b: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
 
 
 def module_name(module: str) -> str:

@@ -35,6 +35,7 @@ from sdbridge.errors import ModelError, ParamError
 log = logging.getLogger(__name__)
 
 GROUP = "sdbridge.preprocessors"
+MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,8 @@ class Preprocessors:
         height, width = image.shape[:2]
         work = image
         if options.resolution and options.resolution != min(height, width):
-            scale = options.resolution / min(height, width)
+            # The short side at the resolution asked, the long side never past MAX_SIDE (a 64x1 strip at 4096 ...).
+            scale = min(options.resolution / min(height, width), MAX_SIDE / max(height, width))
             work = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
                               interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         out = preprocess(work, options)

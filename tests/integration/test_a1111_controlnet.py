@@ -185,3 +185,12 @@ def test_a_units_model_loads_once_for_many_requests(api, controlnet_dir):
         (controlnet_dir / "moved.bin").rename(controlnet_dir / "edges" / "diffusion_pytorch_model.safetensors")
     assert again.status_code == 200, again.text
     assert again.json()["images"] == first.json()["images"]
+
+
+@pytest.mark.parametrize("body", [
+    {"controlnet_module": "canny", "controlnet_input_images": [b64_png(step_edge())], "controlnet_threshold_a": "inf"},
+    {"controlnet_module": "canny", "controlnet_input_images": [b64_png(step_edge())], "controlnet_threshold_b": 1e9},
+    {"controlnet_module": "canny", "controlnet_input_images": [b64_png(step_edge())], "controlnet_processor_res": 1e6},
+])
+def test_detect_out_of_range_numbers_are_422(api, body):
+    assert api.post("/controlnet/detect", json=body).status_code == 422

@@ -157,3 +157,11 @@ def test_openpose_module_in_the_a1111_list():
     from sdbridge.bridge.a1111_controlnet import MODULES
 
     assert MODULES["openpose"] == "pose"
+
+
+def test_processor_resolution_never_makes_a_side_past_the_limit(registry):
+    from sdbridge.engines.preprocessors import MAX_SIDE
+
+    strip = np.zeros((2, 600, 3), np.uint8)  # 4096 on the short side would make it 1,228,800 wide
+    assert registry.run("canny", strip, Options(resolution=4096)).shape == (2, 600, 3)
+    assert MAX_SIDE == 4096
