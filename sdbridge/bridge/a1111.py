@@ -204,9 +204,12 @@ def _b64_bytes(data: str, what: str) -> bytes:
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
-        return base64.b64decode(data, validate=True)
+        raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPException(422, f"{what}: not valid base64") from None
+    if not raw:  # OpenCV asserts on an empty buffer (a 500): say what it is
+        raise HTTPException(422, f"{what}: empty (no image data)")
+    return raw
 
 
 def _mask(data: str) -> np.ndarray:

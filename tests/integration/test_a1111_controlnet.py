@@ -194,3 +194,36 @@ def test_a_units_model_loads_once_for_many_requests(api, controlnet_dir):
 ])
 def test_detect_out_of_range_numbers_are_422(api, body):
     assert api.post("/controlnet/detect", json=body).status_code == 422
+
+
+def test_controlnet_endpoints_never_answer_with_a_server_error(api):
+    """Schemathesis on the /controlnet/ part of the OpenAPI schema, as test_a1111_schema_fuzz.py does for /sdapi/."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(str(api.base_url) + "/openapi.json")
+    operations = [result.ok() for result in schema.include(path_regex="^/controlnet/").get_all_operations()]
+    assert len(operations) == 5
+    failures: list[str] = []
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=30, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case) -> None:
+            response = case.call(timeout=60)
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.path}: {response.status_code} {response.text[:300]} "
+                                f"body={str(case.body)[:300]}")
+
+        check()
+    assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": [""]}),
+    ("/sdapi/v1/img2img", {"init_images": [""], **SMALL}),
+    ("/sdapi/v1/png-info", {"image": ""}),
+])
+def test_empty_image_data_is_422(api, path, body):
+    response = api.post(path, json=body)
+    assert response.status_code == 422 and "empty" in response.json()["detail"]
