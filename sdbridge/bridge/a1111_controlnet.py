@@ -97,11 +97,15 @@ def _choice(table: dict[Any, str], value: int | str, what: str) -> str:
 
 
 def _options(module: str, threshold_a: float, threshold_b: float, resolution: int) -> Options:
+    """The preprocessor's options; thresholds matter (and are checked) only for the modules that take them,
+    since the extension sends its sliders' values for every module (depth_leres' 0-100, tile's 1-8, ...)."""
     defaults = THRESHOLDED.get(module)
-    low = int(threshold_a) if threshold_a >= 0 else (defaults[2] if defaults else 100)
-    high = int(threshold_b) if threshold_b >= 0 else (defaults[3] if defaults else 200)
+    if defaults is None:
+        return Options(resolution=max(0, resolution))
+    low = int(threshold_a) if threshold_a >= 0 else defaults[2]
+    high = int(threshold_b) if threshold_b >= 0 else defaults[3]
     if not (0 <= low <= 255 and 0 <= high <= 255):
-        raise HTTPException(422, f"controlnet thresholds {threshold_a}, {threshold_b} not in [0, 255]")
+        raise HTTPException(422, f"controlnet thresholds {threshold_a}, {threshold_b} not in [0, 255] for {module}")
     return Options(low, high, max(0, resolution))
 
 

@@ -227,3 +227,12 @@ def test_controlnet_endpoints_never_answer_with_a_server_error(api):
 def test_empty_image_data_is_422(api, path, body):
     response = api.post(path, json=body)
     assert response.status_code == 422 and "empty" in response.json()["detail"]
+
+
+def test_thresholds_are_checked_only_where_they_mean_something(api):
+    ok = api.post("/controlnet/detect", json={"controlnet_module": "softedge_pidinet", "controlnet_threshold_a": 512,
+                                               "controlnet_input_images": [b64_png(step_edge())]})
+    assert ok.status_code == 200, ok.text
+    bad = api.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_threshold_a": 512,
+                                                "controlnet_input_images": [b64_png(step_edge())]})
+    assert bad.status_code == 422 and "[0, 255]" in bad.json()["detail"]
