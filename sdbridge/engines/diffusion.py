@@ -130,6 +130,7 @@ class DiffusionEngine(Engine):
 
     def close(self) -> None:
         self.parts = None
+        self.controlnets = None
         self._prompt_cache.clear()
         self._embeddings = None
         if self.device.type == "cuda":
