@@ -188,6 +188,9 @@ class Session:
             "viewers": len(self.viewers),
             "senders": self.senders,
             "frames_in": self.input.accepted,
+            # Condition frames (channel > 0) per channel: how many came, how many a newer one replaced unused.
+            "condition_frames": {channel: {"in": slot.accepted, "dropped": slot.dropped}
+                                 for channel, slot in list(self.conditions.items())},
             "frames_dropped": self.input.dropped,
             "frames_out": self.frames_out,
             "passthrough_frames": self.passthrough_frames,

@@ -72,6 +72,9 @@ def test_condition_frame_on_channel_1_drives_the_controlnet(start_daemon, tiny_m
         ws.send(json.dumps({"type": "set", "params": {"controlnet_1_scale": 0}}))
         ws.send(raw(frame, frame_id=7))
         off = reply_image(recv_frame(ws))
+        session = daemon.registry.get("cn").stats()
+    assert session["frames_in"] == 5  # condition frames are counted apart
+    assert session["condition_frames"] == {1: {"in": 2, "dropped": 0}}
     # The tiny random model's TAESD gives dim frames: a few levels of difference is the ControlNet's doing,
     # since everything else is deterministic (the same frame with the same condition gives the same bytes).
     assert np.abs(with_square.astype(int) - base.astype(int)).max() >= 2
