@@ -330,7 +330,7 @@ class Worker(threading.Thread):
 
     def _condition(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> None:
         """Condition streams (channel > 0): each one's latest frame stays with the session for its next
-        frames (docs/protocol.md, "Condition streams"); then the ControlNet slots' images for this frame."""
+        frames (docs/protocol.md, "ControlNet and condition streams"); then the ControlNet slots' images."""
         session = job.session
         streams = session.state.data.setdefault(CONDITIONS, {})
         for channel, slot in list(session.conditions.items()):

@@ -8,9 +8,10 @@ architecture from the loaded model's UNet, as every ControlNet of a family share
 (``ControlNetModel.from_unet``). Pickle files (``.pth``) only with ``allow_pickle``, through
 ``torch.load(weights_only=True)``.
 
-Live use (docs/protocol.md, "ControlNet"): :data:`SLOTS` fixed slots, each with its own model,
-conditioning scale, guidance start/end (fractions of this frame's steps), preprocessor and
-condition source (0: the input frame; 1..255: the latest frame the client sent on that channel).
+Live use (docs/protocol.md, "ControlNet and condition streams"): :data:`SLOTS` fixed slots, each
+with its own model, conditioning scale, guidance start/end (fractions of this frame's steps),
+preprocessor and condition source (0: the input frame; 1..255: the latest frame the client sent
+on that channel).
 Scale 0, an empty model or a start >= end turn a slot off and cost nothing. A model named in a
 slot loads in a background thread while the slot keeps serving the model it had; a model that
 fails to load is reported and the old one serves on.
