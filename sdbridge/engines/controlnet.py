@@ -338,20 +338,24 @@ class ControlNets:
         self.slots = slots
         wanted = {slot.model for slot in self.slots if slot.model}
         self.failed = {name: why for name, why in self.failed.items() if name in wanted}
-        self.refresh()
         with self._lock:
             missing = sorted(wanted - set(self.models) - self._loading - set(self._ready) - set(self.failed))
             self._loading.update(missing)
         if missing:
             threading.Thread(target=self._load, args=(missing,), name="sdbridge-controlnet-load", daemon=True).start()
+        self.refresh()  # after the loads are registered: slots whose model is here wait for the rest of the set
 
     def refresh(self) -> None:
-        """Take finished loads; point each slot at its model once loaded, keeping the old one until then."""
+        """Take finished loads; once none is running, point the slots at their models together (a set changes
+        at once, never half old, half new), each keeping its old model if its new one failed."""
         with self._lock:
             ready, self._ready = self._ready, {}
             failed, self._ready_failed = self._ready_failed, {}
+            loading = bool(self._loading)
         self.models.update(ready)
         self.failed.update(failed)
+        if loading:
+            return
         for index, slot in enumerate(self.slots):
             if not slot.model:
                 self.serving[index] = None
@@ -473,7 +477,9 @@ class ControlNets:
             loaded = set(self.models) | set(self._ready)
             loading = sorted(self._loading)
             failed = {**self.failed, **self._ready_failed}
-        serving = [slot.model if slot.model in loaded else name for slot, name in zip(self.slots, self.serving)]
+        serving = list(self.serving)
+        if not loading:
+            serving = [slot.model if slot.model in loaded else name for slot, name in zip(self.slots, serving)]
         return {"slots": [{"model": slot.model, "serving": name or None, "scale": slot.scale, "active": slot.active}
                           for slot, name in zip(self.slots, serving)],
                 "loading": loading, "failed": failed, "loads": self.loads}

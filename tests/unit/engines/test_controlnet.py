@@ -378,3 +378,39 @@ def test_a_slot_whose_preprocessor_has_no_model_adds_nothing_and_is_told_once(pa
     errors = [event for event in events if event["type"] == "error"]
     assert len(errors) == 1
     assert errors[0]["code"] == "model_not_found" and errors[0]["message"].startswith("controlnet slot 2:")
+
+
+def test_a_set_of_two_changes_at_once_not_slot_by_slot(parts, controlnet_dir, frame, condition):
+    """Slots 1 and 2 both change; the first new model is ready long before the second: until both have
+    loaded, both slots keep their old models, then they switch together."""
+    import threading
+
+    from sdbridge.engines import controlnet as module
+
+    engine = make_engine(parts, controlnet_dir)
+    state = StreamState("s")
+    state.data[CONDITIONS] = {1: condition}
+    old_set = dict(controlnet_1_model="edges", controlnet_2_model="depth", controlnet_2_channel=1)
+    new_set = dict(controlnet_1_model="depth", controlnet_2_model="single", controlnet_2_channel=1)
+    before = run(engine, frame, state, **old_set)
+    release = threading.Event()
+    original = module.load_controlnet
+
+    def gated(path, *args, **kwargs):  # the real loader; "single" waits for the test's word
+        if path.name.startswith("single"):
+            release.wait(10)
+        return original(path, *args, **kwargs)
+
+    module.load_controlnet = gated
+    try:
+        engine.prepare(params(**new_set))
+        engine.controlnets.condition(state.data, frame)
+        during = engine.step_float(torch.from_numpy(frame)[None], [state])
+        assert engine.controlnets.serving == ["edges", "depth", None]
+        assert torch.equal(during, before)
+    finally:
+        release.set()
+        module.load_controlnet = original
+    after = run(engine, frame, state, **new_set)
+    assert engine.controlnets.serving == ["depth", "single", None]
+    assert not torch.equal(after, before)
