@@ -357,3 +357,41 @@ def test_load_from_a_model_folder_and_warm_up(tiny_model_dir):
     assert {key[2] for key in ours._compiled} >= {1, 2}
     out = ours.step(make_frames(1)[0], [StreamState("s")])
     assert out.shape == (1, 64, 64, 3) and not bool(ours.last_nan)
+
+
+def test_channels_last_keeps_parity(tiny_model_dir):
+    """channels_last (on by default on CUDA) changes memory layout only: same output as the eager engine."""
+    fresh = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    ours = CompiledEngine.from_parts(fresh)
+    ours.channels_last = True
+    ours._adopt(fresh)
+    assert fresh.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    ours.prepare(params(steps=4, strength=0.5, guidance=2.0))
+    reference = DiffusionEngine.from_parts(fresh)
+    reference.prepare(params(steps=4, strength=0.5, guidance=2.0))
+    frame = make_frames(1)[0]
+    error = relative_error(ours.step_float(frame, [StreamState("s")]), reference.step_float(frame, [StreamState("s")]))
+    assert error <= TOLERANCE, f"relative error {error:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_fp16_parity_from_host_frames(tiny_model_dir):
+    """On a GPU: Inductor with CUDA graphs, fp16, frames handed over from host memory (pinned upload),
+    a stream of frames against the eager engine within the issue's fp16 bound (1e-2)."""
+    cuda = torch.device("cuda")
+    gpu_parts = load_pipeline_parts(str(tiny_model_dir), cuda, torch.float16)
+    ours = CompiledEngine.from_parts(gpu_parts)
+    assert ours.compile_active and ours.compile_mode is None  # inductor, reduce-overhead
+    ours.prepare(params(steps=4, strength=0.5, guidance=2.0))
+    reference = DiffusionEngine.from_parts(gpu_parts)
+    reference.prepare(params(steps=4, strength=0.5, guidance=2.0))
+    frames = make_frames(4)
+    state = StreamState("s")
+    for k, frame in enumerate(frames):
+        out = ours.step(frame, [state])  # host frame in
+        image = ours.step_float(frame.to(cuda), [StreamState(f"check-{k}")])
+        expected = reference.step_float(frame.to(cuda), [StreamState("r")])
+        assert out.device.type == "cuda" and out.shape == (1, 64, 64, 3)
+        assert relative_error(image.float(), expected.float()) <= 1e-2
+    assert not bool(ours.last_nan)
