@@ -126,29 +126,52 @@ class Row:
         self.result: dict[str, Any] = {"name": name, "steps": steps, "frames_per_call": frames_per_call}
 
 
-def time_row(row: Row, inputs: list[np.ndarray], device: torch.device, warmup: int, calls: int) -> dict[str, Any]:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def warm_row(row: Row, inputs: list[np.ndarray], device: torch.device, warmup: int) -> None:
     per_call = row.frames_per_call
     for i in range(warmup):
         row.run([inputs[(i + j) % len(inputs)] for j in range(per_call)])
     sync(device)
+
+
+def timed_calls(row: Row, inputs: list[np.ndarray], device: torch.device, calls: int,
+                first: int = 0) -> tuple[list[float], float]:
+    """(ms per frame of each call, seconds in all) for ``calls`` calls from input ``first`` on."""
+    per_call = row.frames_per_call
     times = []
     started = time.perf_counter()
-    for i in range(calls):
+    for i in range(first, first + calls):
         batch = [inputs[(i * per_call + j) % len(inputs)] for j in range(per_call)]
         t0 = time.perf_counter()
         row.run(batch)
         sync(device)
-        times.append((time.perf_counter() - t0) * 1000 / per_call)  # ms per frame
-    total = time.perf_counter() - started
-    times.sort()
-    out = {"fps": calls * per_call / total, "ms_p50": statistics.median(times),
+        times.append((time.perf_counter() - t0) * 1000 / per_call)
+    return times, time.perf_counter() - started
+
+
+def summarise(row: Row, times: list[float], total_s: float, calls: int, device: torch.device) -> dict[str, Any]:
+    times = sorted(times)
+    out = {"fps": calls * row.frames_per_call / total_s, "ms_p50": statistics.median(times),
            "ms_p95": times[min(len(times) - 1, int(0.95 * len(times)))],
            "ms_p99": times[min(len(times) - 1, int(0.99 * len(times)))]}
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def interleave(rows: list[Row], inputs: list[np.ndarray], device: torch.device, calls: int, rounds: int) -> None:
+    """Time the rows round-robin, ``calls / rounds`` calls each per round: a load spike from other
+    jobs on a shared machine then lands on every row alike instead of on whichever ran at the time."""
+    per_round = max(1, calls // rounds)
+    times: dict[int, list[float]] = {id(row): [] for row in rows}
+    totals = dict.fromkeys(times, 0.0)
+    for index in range(rounds):
+        for row in rows:
+            got, seconds = timed_calls(row, inputs, device, per_round, first=index * per_round)
+            times[id(row)] += got
+            totals[id(row)] += seconds
+    for row in rows:
+        row.result.update(summarise(row, times[id(row)], totals[id(row)], per_round * rounds, device))
+        row.result["rounds"] = rounds
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -173,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                              "none (default on CPU: Inductor takes minutes there; the rows then time the compiled "
                              "engine's data path run eagerly)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default reduce-overhead on CUDA)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="time the rows interleaved in this many rounds (default 1 on CUDA, where rows run in "
+                             "order, each right after its build; 5 on CPU, where other jobs' load comes and goes)")
     parser.add_argument("--skip-diffusers", action="store_true", help="leave out the plain diffusers rows")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -198,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                             backend=None if backend == "none" else backend)]
     tables, reports = [], []
     for section in sections:
+        # On CUDA the compiled engine turns the shared UNet channels_last when it is built, so
+        # the plain rows are timed before it: in order, one round.
+        section.rounds = args.rounds or (1 if device.type == "cuda" else 5)
         section.compile_mode = args.compile_mode
         section.skip_diffusers = args.skip_diffusers
         table, report = run_section(section)
@@ -230,6 +259,7 @@ class Section:
     backend: str | None
     compile_mode: str | None = None
     skip_diffusers: bool = False
+    rounds: int = 1
 
 
 def run_section(section: Section) -> tuple[str, dict[str, Any]]:
@@ -311,6 +341,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 1, 1.0), 1, 1))
         rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 4, 1.0), 1, 4))
     results: list[dict[str, Any]] = []
+    pending: list[Row] = []
 
     def measure(row: Row, engine: Any = None, compile_s: float | None = None) -> None:
         print(f"  {row.name} ({row.steps} step{'s' * (row.steps > 1)}) ...", file=sys.stderr, flush=True)
@@ -319,7 +350,14 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
             row.result["parity_ok"] = bool(error <= tolerance)
         if compile_s is not None:
             row.result["compile_s"] = compile_s
-        row.result.update(time_row(row, inputs, device, warmup, calls))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warm_row(row, inputs, device, warmup)
+        if section.rounds > 1:
+            pending.append(row)  # timed below, all rows interleaved
+        else:
+            times, seconds = timed_calls(row, inputs, device, calls)
+            row.result.update(summarise(row, times, seconds, calls, device))
         results.append(row.result)
 
     for row in rows:
@@ -339,7 +377,10 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         engine = compiled_engine(steps, stream)
         compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) if backend else None
         measure(Row(name, engine_run(engine, sessions), sessions, steps), engine, compile_s)
-        del engine
+        del engine  # still held by its row while rows are interleaved
+    if pending:
+        print(f"  timing {len(pending)} rows interleaved, {section.rounds} rounds ...", file=sys.stderr, flush=True)
+        interleave(pending, inputs, device, calls, section.rounds)
 
     # Ratios: frames/s against plain diffusers with its default (full) VAE at the same step count,
     # or with TAESD where the full-VAE row was not run at that step count.
@@ -357,11 +398,14 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU" + \
         (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+    timed = max(1, calls // section.rounds) * section.rounds if section.rounds > 1 else calls
+    interleaved = f", interleaved in {section.rounds} rounds" if section.rounds > 1 else ""
     header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
               f"torch {torch.__version__}\n"
               f"{'tiny random model' if section.tiny else 'sd-turbo architecture (SD 2.1 + TAESD), random weights'}, "
-              f"{size}×{size} img2img at strength 1, {str(dtype).replace('torch.', '')}, {calls} timed calls per row "
-              f"after {warmup}; built in {build_s:.1f} s; parity tolerance {tolerance:g} against diffusers + TAESD\n")
+              f"{size}×{size} img2img at strength 1, {str(dtype).replace('torch.', '')}, {timed} timed calls per row "
+              f"after {warmup}{interleaved}; built in {build_s:.1f} s; parity tolerance {tolerance:g} "
+              f"against diffusers + TAESD\n")
     lines = [header, "| row | steps | frames/s | p50 ms | p99 ms | vs diffusers | parity (rel. error) | compile s |"
              + (" peak MB |" if device.type == "cuda" else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
