@@ -97,7 +97,7 @@ def test_img2img_parity_with_diffusers(vae_parts, stream_batch, steps, strength,
 
 def test_compiled_graphs_parity_and_no_recompile_on_live_changes(vae_parts):
     """torch.compile (aot_eager) over the stream path with exact CFG: same output as diffusers, one
-    graph per part and shape; a new prompt and guidance are graph inputs, never a recompile."""
+    graph per part and shape; a new prompt, guidance or in-place weights (LoRA) are no recompile."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -117,6 +117,18 @@ def test_compiled_graphs_parity_and_no_recompile_on_live_changes(vae_parts):
     after = ours.step_float(frame, [state])
     assert counters["stats"]["unique_graphs"] == graphs
     assert relative_error(after, before) > 1e-3  # the new prompt and guidance did reach the graph
+    # Weights changed in place (how LoRAs are fused) reach the graph too, again without a recompile.
+    bias = vae_parts.unet.conv_in.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias.add_(0.5)
+    try:
+        changed = ours.step_float(frame, [state])
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert relative_error(changed, after) > 1e-3
 
 
 @pytest.mark.slow
