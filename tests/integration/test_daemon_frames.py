@@ -207,3 +207,21 @@ def test_frames_pass_through_while_no_engine_can_serve(start_daemon, tmp_path):
     assert np.abs(out.astype(int) - image.astype(int)).mean() < 8  # the input, through JPEG q85
     stats = daemon.collect_stats()
     assert stats["passthrough"] is True and stats["engine"]["status"] == "failed"
+
+
+def test_the_compiled_engine_serves_the_stream(start_daemon, tiny_model_dir):
+    """engine=compiled, as a user picks it: it loads the model and answers every frame."""
+    import httpx
+
+    from tests.clients import wait_for
+
+    daemon = start_daemon(params={"engine": "compiled", "width": 64, "height": 64, "steps": 2},
+                          model=str(tiny_model_dir))
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "ready", timeout=60)
+    with ws_connect(daemon) as ws:
+        for seed in range(3):
+            ws.send(codec.encode_jpeg(make_image(64, 64, seed=seed), 90))
+            assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
+    engine = httpx.get(base + "/health").json()["engine"]
+    assert engine["engine"] == "compiled" and engine["nan_frames"] == 0
