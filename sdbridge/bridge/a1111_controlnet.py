@@ -18,6 +18,7 @@ import asyncio
 import base64
 import collections
 import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,8 +115,9 @@ class ControlNetApi:
         self.daemon = daemon
         self._preprocessors: Preprocessors | None = None
         # ControlNets a request loaded that no live slot holds, for the next requests (a client sends the
-        # same units again and again): (engine id, name) -> model, the most recent REQUEST_CACHE_SIZE.
-        self._cache: collections.OrderedDict[tuple[int, str], Any] = collections.OrderedDict()
+        # same units again and again): (engine id, name) -> (the engine, weakly, model), the most recent
+        # REQUEST_CACHE_SIZE; a model swap leaves them behind with their engine.
+        self._cache: collections.OrderedDict[tuple[int, str], tuple[weakref.ref, Any]] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
     def folder(self) -> Path:
@@ -224,9 +226,10 @@ class ControlNetApi:
                                      "--model PATH)")
         key = (id(engine), name)
         with self._cache_lock:
-            if key in self._cache:
+            cached = self._cache.get(key)
+            if cached is not None and cached[0]() is engine:  # not another engine that took a freed id
                 self._cache.move_to_end(key)
-                return self._cache[key]
+                return cached[1]
         controlnets = getattr(engine, "controlnets", None)
         if controlnets is not None:
             model = controlnets.model(name)
@@ -234,8 +237,8 @@ class ControlNetApi:
             model = load_controlnet(resolve_controlnet(name, self.folder()), engine.parts.unet, engine.device,
                                     engine.dtype, allow_pickle=self.daemon.settings.allow_pickle)
         with self._cache_lock:
-            self._cache = collections.OrderedDict((k, v) for k, v in self._cache.items() if k[0] == id(engine))
-            self._cache[key] = model
+            self._cache = collections.OrderedDict((k, v) for k, v in self._cache.items() if v[0]() is engine)
+            self._cache[key] = (weakref.ref(engine), model)
             while len(self._cache) > REQUEST_CACHE_SIZE:
                 self._cache.popitem(last=False)
         return model
