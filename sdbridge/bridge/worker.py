@@ -159,6 +159,9 @@ class Worker(threading.Thread):
         task = self.task
         assert task.steps is not None
         deadline = time.perf_counter() + budget_s if budget_s is not None else None
+        # With a stream live, guidance splits into two UNet calls so a frame waits for one at most.
+        if task.generation is not None:
+            task.generation.split_guidance = budget_s is not None
         try:
             while True:
                 next(task.steps)

@@ -165,6 +165,10 @@ class Generation:
         self.scale = engine.vae_scale_factor
         self._latents: torch.Tensor | None = None
         self.loras: dict[str, float] = {}
+        # Set by the worker while a live stream shares the device: guidance runs as two UNet calls
+        # (uncond, then cond) with a yield between, so a stream frame never waits for more than
+        # one single-batch UNet call (benchmarks/bench_api_share.py).
+        self.split_guidance = False
         # Checked here so that a bad name fails before any work, with the name in the message.
         samplers.resolve(request.sampler_name, request.scheduler)
 
@@ -325,14 +329,30 @@ class Generation:
         for index, t in enumerate(timesteps):
             if self.progress.interrupted or self.progress.skipped:
                 break
+            noise_uncond = None
+            if guided and controls is None and self.split_guidance:
+                # The uncond half now, the cond half after the stream's next turn. The request's
+                # LoRA scope is left before the yield: the stream runs with its own weights.
+                with torch.inference_mode(), self.engine.lora_scope(self.loras):
+                    half_input = scheduler.scale_model_input(latents, t)
+                    noise_uncond = unet(half_input, t, encoder_hidden_states=embeddings[:batch], return_dict=False)[0]
+                yield
+                if self.progress.interrupted or self.progress.skipped:
+                    break
             with torch.inference_mode(), self.engine.lora_scope(self.loras):
-                model_input = torch.cat([latents] * 2) if guided else latents
-                model_input = scheduler.scale_model_input(model_input, t)
-                residuals = controls(model_input, t, embeddings, index, len(timesteps)) if controls is not None else {}
-                noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **residuals)[0]
-                if guided:
-                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                if noise_uncond is not None:
+                    noise_cond = unet(half_input, t, encoder_hidden_states=embeddings[batch:], return_dict=False)[0]
                     noise_pred = noise_uncond + request.cfg_scale * (noise_cond - noise_uncond)
+                else:
+                    model_input = torch.cat([latents] * 2) if guided else latents
+                    model_input = scheduler.scale_model_input(model_input, t)
+                    residuals = controls(model_input, t, embeddings, index, len(timesteps)) if controls is not None \
+                        else {}
+                    noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False,
+                                      **residuals)[0]
+                    if guided:
+                        noise_uncond, noise_cond = noise_pred.chunk(2)
+                        noise_pred = noise_uncond + request.cfg_scale * (noise_cond - noise_uncond)
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                 if keep is not None:
                     init_latents, noise, mask = keep

@@ -151,3 +151,22 @@ def test_progress_preview_comes_from_the_current_latents(engine):
     next(steps)
     assert generation.progress.preview is not None and generation.progress.preview.shape == (64, 64, 3)
     assert 0 < generation.progress.fraction < 1
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras"])
+def test_split_guidance_gives_the_same_image_in_twice_the_yields(engine, sampler):
+    """With a stream live, guidance runs as two half-batch UNet calls with a yield between (the
+    stream's turn): the same image, and no yield longer than one single-batch UNet call."""
+    def generate(split: bool) -> tuple[Generation, int]:
+        request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64,
+                                    seed=7, cfg_scale=5.0, sampler_name=sampler, batch_size=2)
+        generation = Generation(engine, request)
+        generation.split_guidance = split
+        yields = sum(1 for _ in generation.run())
+        return generation, yields
+
+    whole, whole_yields = generate(False)
+    split, split_yields = generate(True)
+    assert split_yields == whole_yields + 4          # one more yield per step: between the halves
+    for ours, theirs in zip(split.images, whole.images):
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
