@@ -149,9 +149,10 @@ class Worker(threading.Thread):
     # --- one-shot requests, between stream frames ---------------------------------------------------
 
     def _advance_task(self, budget_s: float | None) -> None:
-        """Give the current request its share: after a stream turn, as long as that turn took
-        (the stream keeps at least half of the device, so its frame time at most doubles, plus
-        one UNet step); with no stream frame served, until a frame arrives."""
+        """Give the current request its share: after a stream turn, steps until a new frame arrives or
+        for as long as that turn took, whichever comes first; with no stream frame served, until a
+        frame arrives. A frame waits for one step at most, and with a stream live a guided step is
+        split in two (Generation.split_guidance), so that is one single-batch UNet call."""
         if self.task is None:
             self.task = self._start_task()
             if self.task is None:
@@ -167,10 +168,8 @@ class Worker(threading.Thread):
                 next(task.steps)
                 if self._stop_event.is_set():
                     return
-                if deadline is not None:
-                    if time.perf_counter() >= deadline:
-                        return
-                elif self.registry.wake.is_set():
+                # A frame that arrives ends the request's share at once: it waits for one step at most.
+                if self.registry.wake.is_set() or (deadline is not None and time.perf_counter() >= deadline):
                     return
         except StopIteration:
             self.task = None
