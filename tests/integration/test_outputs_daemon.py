@@ -64,8 +64,9 @@ def test_an_engine_swap_dissolves_over_crossfade_s(start_daemon) -> None:
     assert len(fades) >= 3, "frames between the two engines"
     alphas = [alpha for alpha, _ in fades]
     assert all(0.0 < alpha < 1.0 for alpha in alphas)
-    # Each one a mix of the two frames (within rounding: the preview engine wobbles by a level or two).
-    assert all(residual <= 4.0 for _, residual in fades), [f for f in fades if f[1] > 4]
+    # Each one a mix of the two frames: within a few levels (the preview engine's output wobbles by a
+    # few levels from frame to frame), where the two frames differ by more than 60 somewhere.
+    assert all(residual <= 8.0 for _, residual in fades), [f for f in fades if f[1] > 8]
     assert alphas == sorted(alphas)                           # and it moves one way
 
 
