@@ -568,6 +568,16 @@ class A1111Api:
 
         return list_loras(self.lora_dir())
 
+    def rescan_embeddings(self) -> list[str]:
+        """Run on the worker thread (which owns the engine): new and changed files in the embeddings
+        folder are read; returns their names. With no diffusion model there is nothing to rescan:
+        the next model reads the folder when it loads."""
+        engine = self.daemon.engines.active_engine()
+        if engine is None or getattr(engine, "parts", None) is None:
+            return []
+        names: list[str] = engine.rescan_embeddings()  # type: ignore[attr-defined]
+        return names
+
     def embeddings(self) -> dict[str, Any]:
         engine = self.daemon.engines.active_engine()
         inversions = getattr(engine, "textual_inversions", None)
@@ -672,6 +682,11 @@ def create_router(daemon: Daemon) -> APIRouter:
     @router.get("/embeddings")
     async def embeddings() -> dict[str, Any]:
         return api.embeddings()
+
+    @router.post("/refresh-embeddings")
+    async def refresh_embeddings() -> None:
+        """Read the embeddings folder again (new and changed files); answers once they are in use."""
+        await asyncio.wrap_future(daemon.worker.call(api.rescan_embeddings))
 
     @router.get("/prompt-styles")
     async def prompt_styles() -> list[dict[str, Any]]:

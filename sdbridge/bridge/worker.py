@@ -111,6 +111,17 @@ class Worker(threading.Thread):
         self.tasks: queue.SimpleQueue[GenerationTask] = queue.SimpleQueue()
         self.task: GenerationTask | None = None  # the one-shot request being run
         self.tasks_done = 0
+        # Small jobs that must run on the thread that owns the engine (a rescan of the embeddings
+        # folder), run between turns: see :meth:`call`.
+        self.calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+
+    def call(self, function: Callable[[], Any]) -> Future[Any]:
+        """Run ``function`` on this thread after the current turn (it owns the engine); the future
+        holds its result or its exception. For short work only: a frame waits for it."""
+        future: Future[Any] = Future()
+        self.calls.put((function, future))
+        self.registry.wake.set()
+        return future
 
     def submit(self, task: GenerationTask) -> Future[Generation]:
         """Queue a one-shot request; it runs between stream frames (see :meth:`_advance_task`)."""
@@ -137,14 +148,34 @@ class Worker(threading.Thread):
                 served = 1
                 self.engine_errors += 1
                 log.exception("worker turn failed")
+            self._run_calls()
             if busy:
                 self._advance_task(time.perf_counter() - started if served else None)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        while not self.calls.empty():
+            self.calls.get_nowait()[1].set_exception(GenerationError("the daemon is stopping", code="stopping"))
         while self.task is not None or not self.tasks.empty():
             task = self.task or self.tasks.get_nowait()
             self.task = None
             if not task.future.done():
                 task.future.set_exception(GenerationError("the daemon is stopping", code="stopping"))
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                function, future = self.calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            # A call may change what prepare reads (a rescan adds embeddings a prompt names): the
+            # next turn prepares again, so the stream uses it too (cheap: prompts are cached).
+            self._prepared = None
+            try:
+                future.set_result(function())
+            except Exception as exc:  # the caller gets it; the worker serves on
+                log.exception("worker call %s failed", getattr(function, "__qualname__", function))
+                future.set_exception(exc)
 
     # --- one-shot requests, between stream frames ---------------------------------------------------
 

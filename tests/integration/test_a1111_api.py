@@ -332,3 +332,29 @@ def test_prompt_syntax_loras_and_embeddings(start_daemon, tiny_model_dir, tmp_pa
     unknown = txt2img("a cat <lora:nosuch:1>")
     assert unknown.status_code == 422 and "'nosuch' not found" in unknown.json()["detail"]
     client.close()
+
+
+def test_refresh_embeddings_takes_a_file_added_after_start(api):
+    import torch
+    from safetensors.torch import save_file
+
+    def txt2img() -> np.ndarray:
+        response = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat, inkstyle", "seed": 5, "cfg_scale": 1,
+                                                         **SMALL})
+        assert response.status_code == 200, response.text
+        return from_b64(response.json()["images"][0])
+
+    before = txt2img()  # "inkstyle" is plain words: no such embedding yet
+    folder = api.tmp / "models" / "embeddings"
+    folder.mkdir(parents=True)
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+              str(folder / "inkstyle.safetensors"))
+    assert api.get("/sdapi/v1/embeddings").json()["loaded"] == {}  # not read until asked
+    assert api.post("/sdapi/v1/refresh-embeddings").status_code == 200
+    loaded = api.get("/sdapi/v1/embeddings").json()["loaded"]
+    assert loaded == {"inkstyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                   "shape": 32, "vectors": 2}}
+    after = txt2img()
+    assert not np.array_equal(after, before), "the prompt's trigger word now uses the embedding"
+    assert api.post("/sdapi/v1/refresh-embeddings").status_code == 200  # nothing new: the same image
+    assert np.array_equal(txt2img(), after)
