@@ -149,6 +149,8 @@ class OptionsUpdate(BaseModel):
 
     sd_model_checkpoint: str | None = Field(None, max_length=1024)
     samples_save: bool | None = None
+    CLIP_stop_at_last_layers: int | None = Field(None, ge=1, description="A1111's clip skip (1: the last layer); "
+                                                 "sets the live clip_skip parameter to one less")
 
 
 class PngInfoRequest(BaseModel):
@@ -339,6 +341,9 @@ class A1111Api:
             prompt=prompt, negative_prompt=negative, seed=body.seed, subseed=body.subseed,
             subseed_strength=body.subseed_strength, sampler_name=sampler.name, scheduler=schedule.name, steps=body.steps, cfg_scale=body.cfg_scale, width=body.width,
             height=body.height, batch_size=body.batch_size, n_iter=body.n_iter, eta=body.eta)
+        clip_stop = body.override_settings.get("CLIP_stop_at_last_layers")
+        if clip_stop is not None:  # this request only, as A1111 restores it afterwards
+            request.clip_skip = self.clip_skip(clip_stop, "override_settings.CLIP_stop_at_last_layers")
         if isinstance(body, Txt2ImgRequest):
             request.enable_hr = body.enable_hr
             request.hr_scale = body.hr_scale
@@ -366,6 +371,15 @@ class A1111Api:
                 request.inpaint_full_res_padding = body.inpaint_full_res_padding
                 request.inpainting_mask_invert = bool(body.inpainting_mask_invert)
         return request
+
+    def clip_skip(self, value: Any, field: str) -> int:
+        """A1111's CLIP_stop_at_last_layers (1: the last layer, 2: the one before) -> the live
+        ``clip_skip`` parameter's count (layers skipped: 0, 1); 422 outside that parameter's range."""
+        top = int(self.daemon.store.schema.get("clip_skip").maximum or 0) + 1
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+                or not 1 <= value <= top:
+            raise HTTPException(422, f"{field} {value!r} is not an integer in 1..{top} (1: the last layer)")
+        return int(value) - 1
 
     async def run(self, body: _Request, kind: str) -> dict[str, Any]:
         request = await asyncio.to_thread(self.build, body, kind)
@@ -401,6 +415,7 @@ class A1111Api:
                 if kind == "img2img" or request.enable_hr else None,
                 "Variation seed": generation.subseeds[index] if request.subseed_strength > 0 else None,
                 "Variation seed strength": _num(request.subseed_strength) if request.subseed_strength > 0 else None,
+                "Clip skip": generation.clip_skip + 1 if generation.clip_skip > 0 else None,  # A1111 omits 1
             }
             if kind == "txt2img" and request.enable_hr:
                 params.update({"Hires upscale": _num(request.hr_scale), "Hires steps": request.hr_second_pass_steps
@@ -435,7 +450,7 @@ class A1111Api:
             "sd_model_hash": self.model_hash(model), "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": request.denoising_strength,
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": body.styles,
-            "job_timestamp": dt.datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
+            "job_timestamp": dt.datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": generation.clip_skip + 1,
             "is_using_inpainting_conditioning": False, "version": f"sdbridge {__version__}",
             "interrupted": generation.progress.interrupted,
         }
@@ -493,7 +508,8 @@ class A1111Api:
         hash_ = self.model_hash(model)
         out = {
             "sd_model_checkpoint": f"{title} [{hash_}]" if title and hash_ else title,
-            "sd_checkpoint_hash": hash_, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+            "sd_checkpoint_hash": hash_, "sd_vae": "Automatic",
+            "CLIP_stop_at_last_layers": int(self.daemon.store.get("clip_skip")) + 1,
             "samples_save": bool(self.settings.save_outputs), "samples_format": "png",
             "outdir_samples": "", "outdir_txt2img_samples": str(Path(self.settings.outputs_dir) / "txt2img-images"),
             "outdir_img2img_samples": str(Path(self.settings.outputs_dir) / "img2img-images"),
@@ -506,6 +522,12 @@ class A1111Api:
     async def set_options(self, body: OptionsUpdate) -> None:
         values = body.model_dump(exclude_none=True)
         checkpoint = values.pop("sd_model_checkpoint", None)
+        clip_stop = values.pop("CLIP_stop_at_last_layers", None)
+        if clip_stop is not None:  # the live parameter: the stream and later requests use it
+            clip_skip = self.clip_skip(clip_stop, "CLIP_stop_at_last_layers")
+            _, errors = self.daemon.store.update({"clip_skip": clip_skip})
+            if errors:
+                raise HTTPException(422, f"CLIP_stop_at_last_layers: {errors[0]}")
         self.options.update(values)
         if checkpoint is None:
             return

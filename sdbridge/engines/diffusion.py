@@ -195,15 +195,30 @@ class DiffusionEngine(Engine):
             self._prompt_cache.popitem(last=False)
         return embeddings
 
-    def encode_prompt_pair(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt_pair(self, prompt: str, negative_prompt: str,
+                           clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond) embeddings of equal length for guidance, each [1, 77 * k, D] (one-shot requests).
 
         The prompt's ``<lora:...>`` tags apply while encoding; the weights are the stream's again
-        afterwards (run the UNet inside :meth:`lora_scope` for the request's LoRAs).
+        afterwards (run the UNet inside :meth:`lora_scope` for the request's LoRAs). ``clip_skip``
+        (layers skipped, as the live parameter counts) applies to this pair only; None: the live value.
         """
-        with self.lora_scope(self.prompt_loras(prompt)):
-            cond, uncond = self._encode_prompt(prompt), self._encode_prompt(negative_prompt)
-            return match_lengths(cond, uncond, self._encode_prompt(""))
+        assert self.conditioning is not None
+        live_clip_skip = self.conditioning.clip_skip
+        if clip_skip is not None:
+            self.conditioning.clip_skip = clip_skip
+        try:
+            with self.lora_scope(self.prompt_loras(prompt)):
+                cond, uncond = self._encode_prompt(prompt), self._encode_prompt(negative_prompt)
+                return match_lengths(cond, uncond, self._encode_prompt(""))
+        finally:
+            self.conditioning.clip_skip = live_clip_skip
+
+    @property
+    def clip_skip(self) -> int:
+        """Text-encoder layers skipped now (the live ``clip_skip`` parameter, from the last prepare)."""
+        assert self.conditioning is not None
+        return self.conditioning.clip_skip
 
     def prompt_loras(self, prompt: str) -> dict[str, float]:
         """{name: weight} of a prompt's ``<lora:...>`` tags; ParamError for a malformed tag."""

@@ -62,6 +62,7 @@ class GenerationRequest:
     batch_size: int = 1
     n_iter: int = 1
     eta: float | None = None
+    clip_skip: int | None = None  # text-encoder layers skipped (A1111's clip skip - 1); None: the live value
     # img2img
     init_images: list[np.ndarray] = field(default_factory=list)  # RGB uint8, any size
     denoising_strength: float = 0.75
@@ -165,6 +166,8 @@ class Generation:
         self.scale = engine.vae_scale_factor
         self._latents: torch.Tensor | None = None
         self.loras: dict[str, float] = {}
+        # Made on the worker thread after a turn's prepare: the live value is the current one.
+        self.clip_skip = request.clip_skip if request.clip_skip is not None else engine.clip_skip
         # Set by the worker while a live stream shares the device: guidance runs as two UNet calls
         # (uncond, then cond) with a yield between, so a stream frame never waits for more than
         # one single-batch UNet call (benchmarks/bench_api_share.py).
@@ -180,7 +183,7 @@ class Generation:
         # The prompt's <lora:...> tags: applied while encoding and around each UNet step, the
         # stream's weights back in between (the stream runs between this request's steps).
         self.loras = self.engine.prompt_loras(request.prompt)
-        cond, uncond = self.engine.encode_prompt_pair(request.prompt, request.negative_prompt)
+        cond, uncond = self.engine.encode_prompt_pair(request.prompt, request.negative_prompt, self.clip_skip)
         for batch_no in range(request.n_iter):
             if self.progress.interrupted:
                 break

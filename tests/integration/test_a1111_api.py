@@ -358,3 +358,38 @@ def test_refresh_embeddings_takes_a_file_added_after_start(api):
     assert not np.array_equal(after, before), "the prompt's trigger word now uses the embedding"
     assert api.post("/sdapi/v1/refresh-embeddings").status_code == 200  # nothing new: the same image
     assert np.array_equal(txt2img(), after)
+
+
+def test_clip_skip_per_request_and_through_options(api):
+    def txt2img(**extra) -> tuple[np.ndarray, dict]:
+        response = api.post("/sdapi/v1/txt2img", json={"prompt": "a red fox", "seed": 11, **SMALL, **extra})
+        assert response.status_code == 200, response.text
+        return from_b64(response.json()["images"][0]), json.loads(response.json()["info"])
+
+    assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+    live, _ = txt2img()
+    last, info_last = txt2img(override_settings={"CLIP_stop_at_last_layers": 1})
+    skipped, info_skipped = txt2img(override_settings={"CLIP_stop_at_last_layers": 2})
+    assert np.array_equal(last, live)
+    assert not np.array_equal(skipped, last), "one layer before the last gives another image"
+    assert "Clip skip" not in info_last["infotexts"][0] and info_last["clip_skip"] == 1  # A1111 omits 1
+    assert "Model: tiny-sd, Clip skip: 2, Version: sdbridge" in info_skipped["infotexts"][0]
+    assert info_skipped["clip_skip"] == 2
+    assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1  # that request only
+
+    # Through /options it is the live parameter: requests without an override use it.
+    assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2}).status_code == 200
+    assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+    assert api.daemon.store.get("clip_skip") == 1
+    now_live, info_live = txt2img()
+    assert np.array_equal(now_live, skipped) and "Clip skip: 2" in info_live["infotexts"][0]
+    back, _ = txt2img(override_settings={"CLIP_stop_at_last_layers": 1})
+    assert np.array_equal(back, last)
+    assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+
+    bad = api.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"CLIP_stop_at_last_layers": 9}})
+    assert bad.status_code == 422
+    assert "override_settings.CLIP_stop_at_last_layers 9 is not an integer in 1..5" in bad.text
+    assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0}).status_code == 422
+    assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 7}).status_code == 422
+    assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
