@@ -214,8 +214,7 @@ class Generation:
         latents = yield from self._denoise(scheduler, scheduler.timesteps, latents, cond, uncond, seeds)
         if request.enable_hr and not self.progress.interrupted:
             latents = yield from self._hires(latents, seeds, subseeds, cond, uncond)
-        yield
-        return self._to_uint8(self._decode(latents))
+        return (yield from self._decode_each(latents))
 
     def _hires(self, latents: torch.Tensor, seeds: list[int], subseeds: list[int], cond: torch.Tensor,
                uncond: torch.Tensor) -> Iterator[None]:
@@ -282,8 +281,7 @@ class Generation:
         if latent_mask is not None:
             keep = (init_latents, noise, latent_mask)
         latents = yield from self._denoise(scheduler, timesteps, latents, cond, uncond, seeds, keep=keep)
-        yield
-        images = self._to_uint8(self._decode(latents))
+        images = yield from self._decode_each(latents)
         if mask is None:
             return images
         out = []
@@ -401,6 +399,15 @@ class Generation:
         vae = self.parts.vae
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
         return latents.to(self.dtype) * float(vae.config.scaling_factor)
+
+    def _decode_each(self, latents: torch.Tensor) -> Iterator[None]:
+        """The batch's final decode, image by image with a yield before each: a stream frame waits
+        for one image's VAE decode at most, not the whole batch's. Returns uint8 [H, W, 3] images."""
+        images: list[np.ndarray] = []
+        for index in range(latents.shape[0]):
+            yield
+            images.extend(self._to_uint8(self._decode(latents[index:index + 1])))  # [1, 4, h, w]
+        return images
 
     @torch.inference_mode()
     def _decode(self, latents: torch.Tensor, fast: bool = False) -> torch.Tensor:
