@@ -27,6 +27,15 @@ holds that frame at its own stage and the very first output is that frame fully 
 steady-state delay of N - 1 frames is what batching the steps costs; ``stream_batch = False``
 runs the N steps of each frame in sequence instead (no delay, N UNet calls a frame).
 
+ControlNet (issue 7): the ControlNet slots run on this path too. The UNet graph always takes
+ControlNet residuals as inputs, zeros while no slot acts, so a slot turning on or off is new
+input to the same graph; each slot's ControlNet runs as its own compiled graph (one per model
+and shape) whose conditioning scale is a per-row tensor, so a new scale is new input too, and
+a row outside its slot's start/end window gets scale 0 (in stream batch each row is at its own
+step). Windows are settled outside the graphs; a step where no row of a slot is inside its
+window does not run that ControlNet. Each session's current condition image serves all its rows,
+as the current prompt and scale do: frames in flight take the newest condition.
+
 Schedulers whose step is not linear and memoryless (multistep solvers, ancestral and LCM
 samplers, which draw noise) run the eager engine's exact path instead: nothing is faked.
 """
@@ -34,6 +43,7 @@ samplers, which draw noise) run the eager engine's exact path instead: nothing i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from sdbridge.engines.base import StreamState
+from sdbridge.engines.controlnet import ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.parts import PipelineParts
 
@@ -161,6 +172,25 @@ def residual_cfg_bound(guidance: float, eps_coef: float, residual_gap: float) ->
     return abs(eps_coef) * abs(guidance - 1.0) * residual_gap
 
 
+def residual_shapes(unet_config: Any, latent_height: int,
+                    latent_width: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+    """The shapes (per batch row) of the ControlNet residuals ``unet`` takes at this latent size:
+    (down: conv_in's output, each resnet's and each downsampler's, in order; mid), as
+    ``ControlNetModel`` makes them. Used for the zeros that stand for "no slot acts"."""
+    channels = list(unet_config.block_out_channels)
+    layers = unet_config.layers_per_block
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    height, width = latent_height, latent_width
+    down = [(channels[0], height, width)]
+    for index, (width_c, count) in enumerate(zip(channels, layers)):
+        down.extend([(width_c, height, width)] * count)
+        if index < len(channels) - 1:
+            # A stride-2 convolution with padding 1: ceil(n / 2).
+            height, width = (height + 1) // 2, (width + 1) // 2
+            down.append((width_c, height, width))
+    return down, (channels[-1], height, width)
+
+
 @dataclass
 class _StreamSlot:
     """One session's frames in flight: slot j holds a frame with j + 1 steps done."""
@@ -195,6 +225,8 @@ class CompiledEngine(DiffusionEngine):
         self._pinned: dict[tuple, list[tuple[torch.Tensor, Any]]] = {}
         self._pinned_turn = 0
         self._nan_pending: tuple[torch.Tensor, list[StreamState]] | None = None
+        self._zero_residuals: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._window_masks: dict[tuple, torch.Tensor] = {}
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -225,6 +257,8 @@ class CompiledEngine(DiffusionEngine):
             for module in (parts.unet, self.autoencoder):
                 module.to(memory_format=torch.channels_last)
         self._compiled.clear()
+        self._zero_residuals.clear()
+        self._window_masks.clear()
         self._schedule_key = None
         self._guidance_tensor = None  # made again on this model's device
         if self.compile_active:
@@ -233,6 +267,7 @@ class CompiledEngine(DiffusionEngine):
     def close(self) -> None:
         self._compiled.clear()
         self._pinned.clear()
+        self._zero_residuals.clear()
         super().close()
 
     def describe(self) -> dict[str, Any]:
@@ -317,9 +352,8 @@ class CompiledEngine(DiffusionEngine):
     def step_float(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
         """The frame leaving the pipeline before quantisation: [B, 3, H, W] in [0, 1]."""
         schedule = self._schedule
-        if schedule is None or self._controlnet_active():
-            # A scheduler that is not linear, or ControlNet residuals (not in the compiled graphs
-            # yet): the eager engine's exact path.
+        if schedule is None:
+            # A scheduler that is not linear: the eager engine's exact path.
             return super().step_float(frames, states)
         assert self._embeddings is not None, "prepare() before step()"
         self._new_frame()
@@ -338,36 +372,42 @@ class CompiledEngine(DiffusionEngine):
         else:
             entry = self._part("entry", batch, self._entry)(frames, noise, schedule.entry_coef, schedule.noise_coef)
 
-        # 3. Denoise: one UNet call over [B * N] (stream) or N calls over [B] (sequential).
-        if self.stream_batch and schedule.steps > 1:
-            latents = self._denoise_stream(entry, noise, states, schedule)
-        else:
-            latents = self._denoise_sequential(entry, noise, schedule)
+        # 3. This batch's active ControlNet slots (condition images [B, 3, H, W], scales).
+        controls = self.controlnets.units(states) if self.controlnets is not None else []
 
-        # 4. Latent plugins, then decode.
+        # 4. Denoise: one UNet call over [B * N] (stream) or N calls over [B] (sequential).
+        if self.stream_batch and schedule.steps > 1:
+            latents = self._denoise_stream(entry, noise, states, schedule, controls)
+        else:
+            latents = self._denoise_sequential(entry, noise, schedule, controls)
+
+        # 5. Latent plugins, then decode.
         if self.latent_hook is not None:
             latents = self.latent_hook(latents, states)
         return self._part("decode", batch, self.decode)(latents)
 
-    def _denoise_sequential(self, x: torch.Tensor, noise: torch.Tensor, schedule: LinearSchedule) -> torch.Tensor:
+    def _denoise_sequential(self, x: torch.Tensor, noise: torch.Tensor, schedule: LinearSchedule,
+                            controls: Sequence[ControlUnit]) -> torch.Tensor:
         batch = x.shape[0]
         residual = noise if self._cfg == "residual" else None
         for i in range(schedule.steps):
             x, eps = self._unet_step(x, schedule.timesteps[i:i + 1].expand(batch), schedule.input_scale[i:i + 1],
-                                     schedule.sample_coef[i:i + 1], schedule.eps_coef[i:i + 1], residual)
+                                     schedule.sample_coef[i:i + 1], schedule.eps_coef[i:i + 1], residual,
+                                     controls, (i,), schedule.steps)
             residual = eps if residual is not None else None
         return x
 
     def _denoise_stream(self, entry: torch.Tensor, noise: torch.Tensor, states: Sequence[StreamState],
-                        schedule: LinearSchedule) -> torch.Tensor:
+                        schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> torch.Tensor:
         steps, batch = schedule.steps, len(states)
-        slots = [self._stream_slot(state, entry[i:i + 1], noise[i:i + 1], schedule) for i, state in enumerate(states)]
+        slots = [self._stream_slot(state, entry[i:i + 1], noise[i:i + 1], schedule, _session_controls(controls, i))
+                 for i, state in enumerate(states)]
         # [B * N, 4, h, w]: session-major, step-minor; element (s, i) is at timesteps[i].
         x = torch.cat([torch.cat([entry[i:i + 1], slot.latents]) for i, slot in enumerate(slots)])
         residual = None
         if self._cfg == "residual":
             residual = torch.cat([torch.cat([noise[i:i + 1], slot.residual]) for i, slot in enumerate(slots)])
-        y, eps = self._stream_call(x, residual, batch, schedule)
+        y, eps = self._stream_call(x, residual, batch, schedule, controls)
         y = y.view(batch, steps, *y.shape[1:])
         eps = eps.view(batch, steps, *eps.shape[1:])
         for i, slot in enumerate(slots):
@@ -376,24 +416,88 @@ class CompiledEngine(DiffusionEngine):
             slot.residual = eps[i, :-1].clone() if residual is not None else None
         return y[:, -1]  # [B, 4, h, w], the frames that entered N - 1 calls ago, fully denoised
 
-    def _stream_call(self, x: torch.Tensor, residual: torch.Tensor | None, batch: int,
-                     schedule: LinearSchedule) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._unet_step(x, *schedule.tiled(batch), residual)
+    def _stream_call(self, x: torch.Tensor, residual: torch.Tensor | None, batch: int, schedule: LinearSchedule,
+                     controls: Sequence[ControlUnit]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._unet_step(x, *schedule.tiled(batch), residual, controls, range(schedule.steps), schedule.steps)
 
     def _unet_step(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
-                   sample_coef: torch.Tensor, eps_coef: torch.Tensor,
-                   residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   sample_coef: torch.Tensor, eps_coef: torch.Tensor, residual: torch.Tensor | None,
+                   controls: Sequence[ControlUnit], row_steps: Sequence[int],
+                   steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UNet call over x [M, 4, h, w], M = sessions * len(row_steps); ``row_steps`` is the step
+        index of each of a session's rows (its N steps in stream batch, this step in sequence)."""
         assert self._embeddings is not None and self._guidance_tensor is not None
         if self._guided:
             uncond, cond = self._embeddings.chunk(2)
         else:
             uncond, cond = None, self._embeddings
+        uncond = uncond if self._cfg == "exact" else None
+        down, mid = self._control_residuals(x, timesteps, input_scale, cond, uncond, controls, row_steps, steps)
         denoise = self._part(f"denoise-{self._cfg}", x.shape[0], self._denoise)
-        return denoise(x, timesteps, input_scale, sample_coef, eps_coef, residual, cond,
-                       uncond if self._cfg == "exact" else None, self._guidance_tensor, self._cfg)
+        return denoise(x, timesteps, input_scale, sample_coef, eps_coef, residual, cond, uncond,
+                       self._guidance_tensor, self._cfg, down, mid)
+
+    def _control_residuals(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
+                           cond: torch.Tensor, uncond: torch.Tensor | None, controls: Sequence[ControlUnit],
+                           row_steps: Sequence[int], steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The ControlNet residuals for one UNet call, summed over slots in slot order; zeros when no
+        slot acts on any row. Each [M, C, h', w'], or [2M, ...] with exact guidance (uncond, cond)."""
+        rows = x.shape[0]
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for unit in controls:
+            scale = self._row_scales(unit, row_steps, steps, rows)
+            if scale is None:
+                continue  # no row inside this slot's window: the ControlNet does not run
+            control = self._part(f"control{unit.slot + 1}-{self._cfg}", rows, self._control)
+            unit_down, unit_mid = control(unit.model, x, timesteps, input_scale, cond, uncond, unit.image, scale,
+                                          self._cfg)
+            if down is None or mid is None:
+                down, mid = list(unit_down), unit_mid
+            else:
+                down = [before + after for before, after in zip(down, unit_down)]
+                mid = mid + unit_mid
+        if down is None or mid is None:
+            return self._zeros_for(rows * (2 if self._cfg == "exact" else 1))
+        return down, mid
+
+    def _row_scales(self, unit: ControlUnit, row_steps: Sequence[int], steps: int,
+                    rows: int) -> torch.Tensor | None:
+        """[M] float32: the slot's scale for each row, 0 for a row whose step is outside the slot's
+        start/end window or whose session has no condition image; None when no row is inside.
+
+        The window is settled here on the host (a tuple of bools per session's rows, a mask made once
+        per pattern); the scale multiplies that mask on the device, so a new scale, even every frame
+        from an LFO, is a new tensor to the same graph and never a host-to-device copy."""
+        keep = tuple(unit.keeps(step, steps) for step in row_steps)
+        if not any(keep):
+            return None
+        sessions = rows // len(keep)
+        mask = self._window_masks.get((keep, sessions))
+        if mask is None:
+            mask = torch.tensor(keep * sessions, dtype=torch.float32, device=self.device)  # session-major
+            self._window_masks[(keep, sessions)] = mask
+        if isinstance(unit.scale, torch.Tensor):  # [B, 1, 1, 1]: 0 for a session without its condition
+            return mask * unit.scale.reshape(-1).float().repeat_interleave(len(keep))
+        return mask * float(unit.scale)
+
+    def _zeros_for(self, rows: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Zero residuals for a UNet batch of ``rows``, made once per (rows, resolution): x + 0 is x, so
+        the UNet's output is bit for bit the output without residuals (tests: scale 0 equals the base)."""
+        key = (rows, self.resolution)
+        found = self._zero_residuals.get(key)
+        if found is None:
+            assert self.parts is not None
+            width, height = self.resolution
+            shapes, mid_shape = residual_shapes(self.parts.unet.config, height // self.vae_scale_factor,
+                                                width // self.vae_scale_factor)
+            found = ([torch.zeros((rows, *shape), device=self.device, dtype=self.dtype) for shape in shapes],
+                     torch.zeros((rows, *mid_shape), device=self.device, dtype=self.dtype))
+            self._zero_residuals[key] = found
+        return found
 
     def _stream_slot(self, state: StreamState, entry: torch.Tensor, noise: torch.Tensor,
-                     schedule: LinearSchedule) -> _StreamSlot:
+                     schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> _StreamSlot:
         """This session's buffer; a new one is filled from this frame (warm start, module docstring)."""
         key = (self._seed, self._schedule_key, self.resolution, self._cfg == "residual")
         slot = state.data.get(STREAM_KEY)
@@ -405,7 +509,7 @@ class CompiledEngine(DiffusionEngine):
         for _ in range(steps - 1):
             x = torch.cat([entry, latents])
             res = torch.cat([noise, residual]) if residual is not None else None
-            y, eps = self._stream_call(x, res, 1, schedule)
+            y, eps = self._stream_call(x, res, 1, schedule, controls)
             latents = y[:-1].clone()
             residual = eps[:-1].clone() if residual is not None else None
         slot = _StreamSlot(key=key, latents=latents, residual=residual)
@@ -439,10 +543,17 @@ class CompiledEngine(DiffusionEngine):
     def _denoise(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
                  sample_coef: torch.Tensor, eps_coef: torch.Tensor, residual: torch.Tensor | None,
                  cond: torch.Tensor, uncond: torch.Tensor | None, guidance: torch.Tensor,
-                 cfg: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 cfg: str, down: list[torch.Tensor], mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call and the scheduler's step. x [M, 4, h, w]; timesteps [M]; coefficients [M] or [1];
-        cond, uncond [1, L, D]; guidance []. Everything that changes live is an argument, so that a new
-        prompt or guidance value is new input to the same graph, never a recompile."""
+        cond, uncond [1, L, D]; guidance []; ControlNet residuals ``down``, ``mid`` [M or 2M, C, h', w'].
+        Everything that changes live is an argument, so that a new prompt, guidance value or ControlNet
+        scale is new input to the same graph, never a recompile.
+
+        The residuals are always inputs, zeros when no ControlNet slot acts, rather than a second
+        graph variant "with residuals": with two variants the first frame after a slot turns on would
+        compile (or, warmed up front, every graph would exist twice in memory, CUDA graph pools
+        included); with one, on/off is only a change of input, and the cost of the zeros is one
+        elementwise add per skip connection, nothing next to the convolutions around it."""
         assert self.parts is not None
         unet, batch = self.parts.unet, x.shape[0]
         model_input = (x * input_scale.view(-1, 1, 1, 1)).to(x.dtype)
@@ -450,11 +561,14 @@ class CompiledEngine(DiffusionEngine):
             assert uncond is not None
             embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
             noise_pred = unet(torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]),
-                              encoder_hidden_states=embeddings, return_dict=False)[0]
+                              encoder_hidden_states=embeddings, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid, return_dict=False)[0]
             noise_uncond, noise_cond = noise_pred.chunk(2)
             eps = noise_uncond + guidance * (noise_cond - noise_uncond)
         else:
-            eps = unet(model_input, timesteps, encoder_hidden_states=cond.expand(batch, -1, -1), return_dict=False)[0]
+            eps = unet(model_input, timesteps, encoder_hidden_states=cond.expand(batch, -1, -1),
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                       return_dict=False)[0]
             if cfg == "residual":
                 assert residual is not None
                 eps = residual + guidance * (eps - residual)
@@ -462,15 +576,35 @@ class CompiledEngine(DiffusionEngine):
         x_next = sample_coef.view(-1, 1, 1, 1) * x.float() + eps_coef.view(-1, 1, 1, 1) * eps.float()
         return x_next.to(x.dtype), eps
 
+    def _control(self, model: Any, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
+                 cond: torch.Tensor, uncond: torch.Tensor | None, image: torch.Tensor, scale: torch.Tensor,
+                 cfg: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One ControlNet over the rows of one UNet call. x, timesteps, input_scale, cond, uncond as in
+        :meth:`_denoise`; image [B, 3, H, W] in [0, 1], one per session (its M / B rows share it); scale
+        [M] float32 per row. -> (down, mid) residuals, [M or 2M, C, h', w'] each, contiguous (the UNet
+        graph is specialised on its inputs' strides). The model's own conditioning_scale stays 1.0, a
+        constant; the live scale is this tensor, so changing it is no recompile."""
+        batch = x.shape[0]
+        model_input = (x * input_scale.view(-1, 1, 1, 1)).to(x.dtype)
+        image = image.repeat_interleave(batch // image.shape[0], dim=0)
+        embeddings = cond.expand(batch, -1, -1)
+        if cfg == "exact":  # the condition doubled with the batch, as diffusers' pipeline does
+            assert uncond is not None
+            model_input = torch.cat([model_input, model_input])
+            timesteps = torch.cat([timesteps, timesteps])
+            embeddings = torch.cat([uncond.expand(batch, -1, -1), embeddings])
+            image = torch.cat([image, image])
+            scale = torch.cat([scale, scale])
+        down, mid = model(model_input, timesteps, encoder_hidden_states=embeddings, controlnet_cond=image,
+                          conditioning_scale=1.0, guess_mode=False, return_dict=False)
+        weight = scale.to(mid.dtype).view(-1, 1, 1, 1)
+        return [(sample * weight).contiguous() for sample in down], (mid * weight).contiguous()
+
     def _new_frame(self) -> None:
         # CUDA graph trees: outputs of the previous frame may be overwritten from here on (the
         # stream buffers and NaN flags that outlive a frame are copies).
         if self.compile_active and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-
-    def _controlnet_active(self) -> bool:
-        controlnets = getattr(self, "controlnets", None)
-        return controlnets is not None and any(slot.active for slot in controlnets.slots)
 
     # --- frames in ------------------------------------------------------------------------------
 
@@ -518,6 +652,13 @@ class CompiledEngine(DiffusionEngine):
                         "buffers are refilled", len(bad), ", ".join(s.session_id for s in bad))
             for state in bad:
                 state.data.pop(STREAM_KEY, None)
+
+
+def _session_controls(controls: Sequence[ControlUnit], index: int) -> list[ControlUnit]:
+    """The units restricted to session ``index`` of the batch (the warm start fills one session)."""
+    return [dataclasses.replace(unit, image=unit.image[index:index + 1],
+                                scale=unit.scale[index:index + 1] if isinstance(unit.scale, torch.Tensor)
+                                else unit.scale) for unit in controls]
 
 
 def _quantize(image: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,24 +87,14 @@ def load_controlnet(path: Path, unet: Any, device: torch.device, dtype: torch.dt
     from diffusers import ControlNetModel
 
     from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
-    from sdbridge.engines.models import _check_safetensors
+    from sdbridge.engines.models import load_pretrained_folder
 
     free = free_device_bytes(device)  # the running model serves on: the ControlNet must fit beside it
     needed = model_bytes(path, dtype) if free is not None else None
     if free is not None and needed is not None:
         check_fits(needed, free, what=f"controlnet {path.name}", device=str(device))
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: a ControlNet folder needs config.json")
-        weights = sorted(path.glob("*.safetensors"))
-        if not weights:
-            raise ModelError(f"{path}: no .safetensors weights (pickle weights load only with --allow-pickle)")
-        for file in weights:
-            _check_safetensors(file)
-        try:
-            model = ControlNetModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
-        except Exception as exc:
-            raise ModelError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        model = load_pretrained_folder(path, ControlNetModel, dtype, "ControlNet")
     else:
         model = _load_single_file(path, unet, dtype, allow_pickle)
     _check_family(path, model, unet)
@@ -118,25 +108,9 @@ def _load_single_file(path: Path, unet: Any, dtype: torch.dtype, allow_pickle: b
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    from sdbridge.engines.models import _check_safetensors
+    from sdbridge.engines.models import load_weight_file
 
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to load "
-                             f"it (through torch.load(weights_only=True)), or convert it to .safetensors",
-                             code="pickle_refused")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    elif path.suffix in WEIGHT_SUFFIXES:
-        from safetensors.torch import load_file
-
-        _check_safetensors(path)
-        state = load_file(str(path))
-    else:
-        raise ModelError(f"{path} is not a ControlNet (expected a folder with config.json, or a .safetensors file)")
+    state = load_weight_file(path, "ControlNet", allow_pickle=allow_pickle)
     sidecar = path.with_suffix(".json")
     try:
         if sidecar.is_file():
@@ -178,6 +152,7 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     mode: str = "balanced"
+    slot: int = 0                        # the live slot it serves (0-based); the compiled engine keys graphs by it
 
     def keeps(self, index: int, count: int) -> bool:
         return not (index / count < self.start or (index + 1) / count > self.end)
@@ -451,6 +426,13 @@ class ControlNets:
 
     def for_batch(self, states: Sequence[Any], guided: bool) -> ControlStack | None:
         """The residual hook for this batch, or None when no slot is active (no work at all)."""
+        units = self.units(states)
+        return ControlStack(units, guided) if units else None
+
+    def units(self, states: Sequence[Any]) -> list[ControlUnit]:
+        """This batch's active slots in slot order, each with its condition images [B, 3, H, W] and scale
+        (a float, or [B, 1, 1, 1] with 0 for a session that has no condition image); the compiled engine
+        runs them itself (engines/compiled.py), the eager one through :meth:`for_batch`."""
         self.refresh()
         units = []
         for index, slot in enumerate(self.slots):
@@ -468,8 +450,8 @@ class ControlNets:
             if not all(present):
                 scale = torch.tensor([slot.scale if p else 0.0 for p in present], device=self.device,
                                      dtype=self.dtype)[:, None, None, None]
-            units.append(ControlUnit(self.models[name], tensor, scale, slot.start, slot.end))
-        return ControlStack(units, guided) if units else None
+            units.append(ControlUnit(self.models[name], tensor, scale, slot.start, slot.end, slot=index))
+        return units
 
     def describe(self) -> dict[str, Any]:
         """For /health and /stats (any thread): what each slot runs from its next frame on."""

@@ -1,0 +1,186 @@
+"""ControlNet slots on the compiled engine's fast path: parity with the eager engine and diffusers'
+StableDiffusionControlNetImg2ImgPipeline, per-row scales in stream batch, and no recompile when a
+slot turns on, changes scale or turns off (torch.compile's aot_eager backend, as test_compiled.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.compiled import CompiledEngine, residual_shapes
+from sdbridge.engines.controlnet import CONDITIONS
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.engines.tiny import random_controlnet
+from sdbridge.params import Schema
+
+CPU = torch.device("cpu")
+TOLERANCE = 1e-4  # relative, fp32 (issue 4)
+
+
+def params(**overrides) -> dict:
+    values = Schema().defaults()
+    values.update(width=64, height=64, steps=4, strength=1.0, guidance=1.0, seed=3, prompt="a red fox",
+                  negative_prompt="blurry")
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    loaded.taesd = None  # the full VAE, as the reference pipeline decodes
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(parts, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("controlnet")
+    random_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
+    random_controlnet(parts.unet, seed=2).save_pretrained(folder / "depth", safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def frame() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def condition() -> np.ndarray:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48] = 255
+    return image
+
+
+def make(cls, parts, controlnet_dir, stream_batch: bool = True, backend: str | None = None):
+    engine = cls.from_parts(parts)
+    engine.controlnet_dir = str(controlnet_dir)
+    if isinstance(engine, CompiledEngine):
+        engine.stream_batch = stream_batch
+        engine.compile_backend = backend
+    return engine
+
+
+def run(engine: DiffusionEngine, frames: np.ndarray, states: list[StreamState], **overrides) -> torch.Tensor:
+    """prepare, wait for ControlNet loads, condition each session, one step: [B, 3, H, W] floats."""
+    engine.prepare(params(**overrides))
+    engine.controlnets.wait()
+    for image, state in zip(frames, states):
+        engine.controlnets.condition(state.data, image)
+    return engine.step_float(torch.from_numpy(np.ascontiguousarray(frames)), states)
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
+
+
+def diffusers_controlnet_img2img(parts, model, frame: np.ndarray, *, steps: int, strength: float, guidance: float,
+                                 scale: float, start: float, end: float) -> torch.Tensor:
+    import diffusers
+
+    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, controlnet=model,
+        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pixels = torch.from_numpy(frame)[None].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.inference_mode():
+        latents = DiffusionEngine.from_parts(parts).encode(pixels)
+    control = torch.from_numpy(frame)[None].permute(0, 3, 1, 2).float() / 255.0
+    return pipe(prompt="a red fox", negative_prompt="blurry" if guidance > 1 else None, image=latents,
+                control_image=control, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
+                generator=torch.Generator().manual_seed(3), output_type="pt").images
+
+
+def test_zero_residual_shapes_are_a_controlnets_shapes(parts):
+    model = random_controlnet(parts.unet, seed=1)
+    with torch.inference_mode():
+        down, mid = model(torch.zeros(1, 4, 8, 8), torch.tensor([10]), encoder_hidden_states=torch.zeros(1, 77, 32),
+                          controlnet_cond=torch.zeros(1, 3, 64, 64), return_dict=False)
+    shapes, mid_shape = residual_shapes(parts.unet.config, 8, 8)
+    assert [tuple(sample.shape[1:]) for sample in down] == shapes
+    assert tuple(mid.shape[1:]) == mid_shape
+
+
+@pytest.mark.parametrize("stream_batch, steps, strength, guidance, scale, start, end", [
+    (True, 4, 1.0, 3.0, 1.3, 0.25, 0.75),    # stream rows in and out of the window; condition doubled
+    (False, 4, 0.5, 1.0, 0.7, 0.0, 0.5),     # in sequence: the second of two steps outside the window
+])
+def test_parity_with_eager_engine_and_diffusers(parts, controlnet_dir, frame, stream_batch, steps, strength,
+                                                guidance, scale, start, end):
+    """The first frame of a stream (warm start) with one slot: as the eager engine and as diffusers make it."""
+    values = dict(steps=steps, strength=strength, guidance=guidance, controlnet_1_model="edges",
+                  controlnet_1_scale=scale, controlnet_1_start=start, controlnet_1_end=end)
+    ours = make(CompiledEngine, parts, controlnet_dir, stream_batch)
+    image = run(ours, frame[None], [StreamState("s")], **values)
+    assert ours.describe()["path"] == ("stream" if stream_batch else "sequential")
+    eager = run(make(DiffusionEngine, parts, controlnet_dir), frame[None], [StreamState("s")], **values)
+    assert relative_error(image, eager) <= TOLERANCE, f"against eager: {relative_error(image, eager):.2e}"
+    theirs = diffusers_controlnet_img2img(parts, ours.controlnets.models["edges"], frame, steps=steps,
+                                          strength=strength, guidance=guidance, scale=scale, start=start, end=end)
+    assert relative_error(image, theirs) <= TOLERANCE, f"against diffusers: {relative_error(image, theirs):.2e}"
+    base = run(make(CompiledEngine, parts, controlnet_dir, stream_batch), frame[None], [StreamState("s")],
+               steps=steps, strength=strength, guidance=guidance)
+    assert (image - base).abs().max() > 1e-3  # the ControlNet did something
+
+
+def test_two_slots_and_a_session_without_its_condition_in_one_stream_batch(parts, controlnet_dir, frame, condition):
+    """Two slots summed (the second on condition channel 1, from half-way), two sessions batched, only the
+    first has sent a channel-1 frame: per-row scales give each session what the eager engine gives it."""
+    values = dict(steps=4, strength=1.0, guidance=2.0, controlnet_1_model="edges", controlnet_1_scale=0.8,
+                  controlnet_2_model="depth", controlnet_2_scale=1.2, controlnet_2_channel=1, controlnet_2_start=0.5)
+    with_stream, without = StreamState("a"), StreamState("b")
+    with_stream.data[CONDITIONS] = {1: condition}
+    ours = run(make(CompiledEngine, parts, controlnet_dir), np.stack([frame, frame]), [with_stream, without],
+               **values)
+    eager = make(DiffusionEngine, parts, controlnet_dir)
+    alone = StreamState("a")
+    alone.data[CONDITIONS] = {1: condition}
+    expected_a = run(eager, frame[None], [alone], **values)
+    expected_b = run(eager, frame[None], [StreamState("b")], **values)
+    assert relative_error(ours[:1], expected_a) <= TOLERANCE
+    assert relative_error(ours[1:], expected_b) <= TOLERANCE
+    assert (expected_a - expected_b).abs().max() > 1e-3  # the channel-1 slot did act on the first session
+
+
+def test_slot_on_scale_change_off_and_on_again_recompile_nothing(parts, controlnet_dir, frame):
+    """aot_eager graphs, stream batch, exact guidance: the ControlNet's graph compiles once, at its first
+    use; then scale changes, a window change, off (scale 0: exactly the base output) and on again run the
+    same graphs, and each change reaches the output."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ours = make(CompiledEngine, parts, controlnet_dir, backend="aot_eager")
+    state = StreamState("s")
+
+    def settled(**values) -> torch.Tensor:
+        # Two steps: the second call returns the frame that entered with these values (stream batch).
+        for _ in range(2):
+            out = run(ours, frame[None], [state], steps=2, guidance=3.0, controlnet_1_model="edges", **values)
+        return out
+
+    base = settled(controlnet_1_scale=0.0)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3 and {key[0] for key in ours._compiled} == {"entry", "denoise-exact", "decode"}
+
+    on = settled(controlnet_1_scale=0.8)
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # the ControlNet's graph; the UNet's is reused
+    assert "control1-exact" in {key[0] for key in ours._compiled}
+    graphs += 1
+    eager = run(make(DiffusionEngine, parts, controlnet_dir), frame[None], [StreamState("s")], steps=2,
+                guidance=3.0, controlnet_1_model="edges", controlnet_1_scale=0.8)
+    assert relative_error(on, eager) <= TOLERANCE
+    stronger = settled(controlnet_1_scale=1.6)
+    windowed = settled(controlnet_1_scale=1.6, controlnet_1_end=0.5)
+    off = settled(controlnet_1_scale=0.0)
+    again = settled(controlnet_1_scale=0.8)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert (stronger - on).abs().max() > 1e-3 and (windowed - stronger).abs().max() > 1e-3
+    assert torch.equal(off, base)
+    assert torch.equal(again, on)
