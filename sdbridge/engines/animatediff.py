@@ -110,22 +110,12 @@ def load_motion_adapter(path: Path, unet_config: Mapping[str, Any], dtype: torch
     """
     from diffusers import MotionAdapter
 
-    from sdbridge.engines.models import _check_safetensors
+    from sdbridge.engines.models import load_pretrained_folder
 
     if not path.exists():
         raise ModelError(f"motion adapter {path} does not exist", code="model_not_found")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: a motion-adapter folder needs config.json")
-        weights = sorted(path.glob("*.safetensors"))
-        if not weights:
-            raise ModelError(f"{path}: no .safetensors weights (pickle weights load only with --allow-pickle)")
-        for file in weights:
-            _check_safetensors(file)
-        try:
-            adapter = MotionAdapter.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
-        except Exception as exc:
-            raise ModelError(f"{path}: not a motion adapter ({type(exc).__name__}: {str(exc)[:300]})") from exc
+        adapter = load_pretrained_folder(path, MotionAdapter, dtype, "motion adapter")
     else:
         adapter = _load_single_file(path, unet_config, dtype, allow_pickle)
     _check_family(path, adapter.config, unet_config)
@@ -136,28 +126,9 @@ def _load_single_file(path: Path, unet_config: Mapping[str, Any], dtype: torch.d
     from diffusers import MotionAdapter
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 
-    from sdbridge.engines.models import _check_safetensors
+    from sdbridge.engines.models import load_weight_file
 
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to load "
-                             f"it (through torch.load(weights_only=True)), or convert it to .safetensors",
-                             code="pickle_refused")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    elif path.suffix in WEIGHT_SUFFIXES:
-        from safetensors.torch import load_file
-
-        _check_safetensors(path)
-        state = load_file(str(path))
-    else:
-        raise ModelError(f"{path} is not a motion adapter (expected a folder with config.json, or a .safetensors "
-                         f"file)")
-    if not isinstance(state, dict) or not state:
-        raise ModelError(f"{path}: no tensors in the file")
+    state = load_weight_file(path, "motion adapter", allow_pickle=allow_pickle)
     if any(".temporal_transformer." in key or ".attention_blocks." in key for key in state):
         state = convert_animatediff_checkpoint_to_diffusers(state)   # the AnimateDiff repository's names
     state = {key.removeprefix("module."): value for key, value in state.items()}

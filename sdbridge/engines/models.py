@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -165,6 +166,51 @@ def _check_safetensors(file: Path) -> None:
         raise
     except Exception as exc:
         raise ModelError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+# --- add-on models (ControlNets, motion adapters): a diffusers folder or one weight file -----------
+
+
+def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, what: str) -> Any:
+    """``model_class.from_pretrained`` on a diffusers folder (config.json and safetensors weights,
+    each checked first); ModelError names the folder and what it should hold."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: a {what} folder needs config.json")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"{path}: no .safetensors weights (pickle weights load only with --allow-pickle)")
+    for file in weights:
+        _check_safetensors(file)
+    try:
+        return model_class.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a {what} ({type(exc).__name__}: {str(exc)[:300]})") from exc
+
+
+def load_weight_file(path: Path, what: str, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """One weight file's tensors on the CPU: a .safetensors file (checked first), or a pickle only
+    with ``allow_pickle`` and then through ``torch.load(weights_only=True)``; a checkpoint's
+    ``state_dict`` is unwrapped. ModelError (code ``pickle_refused`` for a refused pickle) otherwise."""
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to load "
+                             f"it (through torch.load(weights_only=True)), or convert it to .safetensors",
+                             code="pickle_refused")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        _check_safetensors(path)
+        state = load_file(str(path))
+    else:
+        raise ModelError(f"{path} is not a {what} (expected a folder with config.json, or a .safetensors file)")
+    if not isinstance(state, dict) or not state:
+        raise ModelError(f"{path}: no tensors in the file")
+    return state
 
 
 def architecture_of(unet_config: dict) -> str:

@@ -145,3 +145,32 @@ def test_manifests_and_listing(tmp_path, tiny_model_dir):
     assert listing["my-model"].size_bytes > 100_000
     assert not listing["sd-turbo"].pulled
     assert resolve_source("my-model", models_dir=tmp_path).kind == "diffusers"
+
+
+def test_weight_files_and_folders_of_add_on_models(tmp_path):
+    """The loading ControlNets and motion adapters share: errors name the file and what it should be."""
+    from safetensors.torch import save_file
+
+    from sdbridge.engines.models import load_pretrained_folder, load_weight_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "one.safetensors"))
+    assert torch.equal(load_weight_file(tmp_path / "one.safetensors", "ControlNet", allow_pickle=False)["w"],
+                       torch.ones(2))
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "old.ckpt")
+    with pytest.raises(ModelError) as refused:
+        load_weight_file(tmp_path / "old.ckpt", "ControlNet", allow_pickle=False)
+    assert refused.value.code == "pickle_refused"
+    assert torch.equal(load_weight_file(tmp_path / "old.ckpt", "ControlNet", allow_pickle=True)["w"], torch.zeros(3))
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(ModelError, match="no tensors in the file"):
+        load_weight_file(tmp_path / "empty.safetensors", "ControlNet", allow_pickle=False)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ModelError, match=r"notes.txt is not a motion adapter \(expected a folder"):
+        load_weight_file(tmp_path / "notes.txt", "motion adapter", allow_pickle=False)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    with pytest.raises(ModelError, match="a motion adapter folder needs config.json"):
+        load_pretrained_folder(folder, object, torch.float32, "motion adapter")
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"no \.safetensors weights"):
+        load_pretrained_folder(folder, object, torch.float32, "motion adapter")
