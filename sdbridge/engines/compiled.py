@@ -446,6 +446,7 @@ class CompiledEngine(DiffusionEngine):
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         for unit in controls:
+            assert unit.mode == "balanced", unit.mode  # live slots have no control mode (one-shot requests do)
             scale = self._row_scales(unit, row_steps, steps, rows)
             if scale is None:
                 continue  # no row inside this slot's window: the ControlNet does not run

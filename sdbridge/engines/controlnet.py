@@ -19,6 +19,9 @@ fails to load is reported and the old one serves on.
 The residuals follow diffusers' ``StableDiffusionControlNetImg2ImgPipeline``: the condition image
 in [0, 1], doubled with classifier-free guidance; the step kept when
 ``not (i / n < start or (i + 1) / n > end)``; several ControlNets' residuals summed in slot order.
+The eager engine applies them through :class:`ControlStack`; the compiled engine takes the slots'
+:meth:`ControlNets.units` and runs each ControlNet as a graph of its own with a per-row scale tensor
+(engines/compiled.py, docs/speed.md "ControlNet slots").
 """
 
 from __future__ import annotations
