@@ -51,6 +51,7 @@ import torch
 
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.models import find_add_on_model, list_add_on_models
 from sdbridge.errors import ModelError, ParamError, SdbridgeError
 from sdbridge.params import MOTION_WINDOW_MAX  # frames kept per session; adapters hold 24 or 32
 from sdbridge.paths import confine
@@ -59,8 +60,6 @@ log = logging.getLogger(__name__)
 
 HISTORY = "animatediff.history"   # session state: _History
 NOISE = "animatediff.noise"       # session state: (key, noise of the places before the newest [MAX-1, 4, h, w])
-WEIGHT_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -68,15 +67,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 def list_motion_adapters(folder: Path | None) -> list[str]:
     """Names clients may use: folders with a config.json and single weight files, sorted."""
-    if folder is None or not folder.is_dir():
-        return []
-    names = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_dir() and (entry / "config.json").is_file():
-            names.append(entry.name)
-        elif entry.is_file() and entry.suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES:
-            names.append(entry.stem)
-    return names
+    return list_add_on_models(folder)
 
 
 def resolve_motion_adapter(name: str, folder: Path | None, *, trusted: bool = False) -> Path:
@@ -89,12 +80,9 @@ def resolve_motion_adapter(name: str, folder: Path | None, *, trusted: bool = Fa
         raise ModelError(f"motion adapter {name!r}: no motion-adapter folder is set (motion_dir)",
                          code="model_not_found")
     path = confine(name, [folder], what="motion adapter")
-    if path.exists():
-        return path
-    for suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES:
-        candidate = path.with_name(path.name + suffix)
-        if candidate.is_file():
-            return candidate
+    found = find_add_on_model(path)
+    if found is not None:
+        return found
     known = ", ".join(list_motion_adapters(folder)) or "none"
     raise ModelError(f"motion adapter {name!r} not found in {folder} (known: {known})", code="model_not_found")
 

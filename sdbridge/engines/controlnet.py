@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdbridge.engines.models import find_add_on_model, list_add_on_models
 from sdbridge.engines.preprocessors import Options, Preprocessors
 from sdbridge.errors import ModelError, SdbridgeError
 from sdbridge.params import CONTROLNET_SLOTS as SLOTS
@@ -46,8 +47,6 @@ log = logging.getLogger(__name__)
 
 CONDITIONS = "conditions"                 # session state: channel -> latest condition frame, uint8 [H, W, 3]
 SLOT_IMAGES = "controlnet.images"         # session state: slot -> this frame's condition image, uint8 [H, W, 3]
-WEIGHT_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 CONTROL_MODES = ("balanced", "prompt", "controlnet")  # A1111: Balanced, My prompt / ControlNet is more important
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
 
@@ -57,15 +56,7 @@ _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
 
 def list_controlnets(folder: Path | None) -> list[str]:
     """The names clients may use: folders with a config.json and single weight files, sorted."""
-    if folder is None or not folder.is_dir():
-        return []
-    names = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_dir() and (entry / "config.json").is_file():
-            names.append(entry.name)
-        elif entry.is_file() and entry.suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES:
-            names.append(entry.stem)
-    return names
+    return list_add_on_models(folder)
 
 
 def resolve_controlnet(name: str, folder: Path | None) -> Path:
@@ -74,12 +65,9 @@ def resolve_controlnet(name: str, folder: Path | None) -> Path:
     if folder is None:
         raise ModelError(f"controlnet {name!r}: no ControlNet folder is set (controlnet_dir)", code="model_not_found")
     path = confine(name, [folder], what="controlnet")
-    if path.exists():
-        return path
-    for suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES:
-        candidate = path.with_name(path.name + suffix)
-        if candidate.is_file():
-            return candidate
+    found = find_add_on_model(path)
+    if found is not None:
+        return found
     known = ", ".join(list_controlnets(folder)) or "none"
     raise ModelError(f"controlnet {name!r} not found in {folder} (known: {known})", code="model_not_found")
 

@@ -171,6 +171,32 @@ def _check_safetensors(file: Path) -> None:
 # --- add-on models (ControlNets, motion adapters): a diffusers folder or one weight file -----------
 
 
+def list_add_on_models(folder: Path | None) -> list[str]:
+    """The names clients may use in an add-on folder: sub-folders with a config.json and single
+    weight files (by stem), sorted."""
+    if folder is None or not folder.is_dir():
+        return []
+    names = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and (entry / "config.json").is_file():
+            names.append(entry.name)
+        elif entry.is_file() and entry.suffix in (".safetensors",) + PICKLE_SUFFIXES:
+            names.append(entry.stem)
+    return names
+
+
+def find_add_on_model(path: Path) -> Path | None:
+    """``path`` as given, or with a weight suffix added (``canny`` -> ``canny.safetensors``); None
+    when neither exists."""
+    if path.exists():
+        return path
+    for suffix in (".safetensors",) + PICKLE_SUFFIXES:
+        candidate = path.with_name(path.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, what: str) -> Any:
     """``model_class.from_pretrained`` on a diffusers folder (config.json and safetensors weights,
     each checked first); ModelError names the folder and what it should hold."""
