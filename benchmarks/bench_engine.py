@@ -13,7 +13,13 @@ one after another:
   in, ``output_type="pt"``), with the full VAE and with TAESD;
 - our eager ``DiffusionEngine`` (TAESD);
 - our ``CompiledEngine``: batch 1, four sessions batched, and stream batch (the 4 steps of 4
-  consecutive frames in one UNet call) against the same 4 steps in plain diffusers and eager.
+  consecutive frames in one UNet call) against the same 4 steps in plain diffusers and eager;
+- ControlNet (issue 7): the eager engine and the compiled engine's stream batch with one slot on
+  (a random ControlNet of the UNet's family, conditioned on each input frame, scale 0.8): what a
+  ControlNet adds per frame. These rows are checked against the eager engine with the same slot,
+  as diffusers' img2img pipeline has no ControlNet (the parity with its ControlNet pipeline is in
+  tests/unit/engines/test_compiled_controlnet.py). Their compile time leaves out the ControlNet's
+  graph, which compiles in the untimed warm-up calls (its first conditioned frame).
 
 Every row times frame in host memory -> frame in host memory, with a device sync after each
 call (benchmarks may sync; the engines never do inside a frame). Compile time and peak device
@@ -306,22 +312,39 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     references = {1: diffusers_float(taesd_pipe, 1, 1.0), 4: diffusers_float(taesd_pipe, 4, 1.0)}
 
     # --- ours --------------------------------------------------------------------------------------
-    def engine_run(engine: Any, sessions: int) -> Callable[[list[np.ndarray]], Any]:
+    def engine_run(engine: Any, sessions: int, condition: bool = False) -> Callable[[list[np.ndarray]], Any]:
         states = [StreamState(f"s{i}") for i in range(sessions)]
 
         def run(frames: list[np.ndarray]) -> Any:
             with torch.inference_mode():
+                if condition:  # the ControlNet slots' condition images (the worker's CPU pool does this)
+                    for frame, state in zip(frames, states):
+                        engine.controlnets.condition(state.data, frame)
                 batch = torch.from_numpy(np.stack(frames))  # [B, H, W, 3] uint8 in host memory
                 if not isinstance(engine, CompiledEngine):
                     batch = batch.to(device, non_blocking=True)  # as the worker hands frames over
                 return engine.step(batch, states).cpu()
         return run
 
-    def check(engine: Any, steps: int) -> float:
+    def check(engine: Any, steps: int, reference: torch.Tensor | None = None) -> float:
+        state = StreamState("check")
+        if reference is not None:  # a ControlNet row: its slot conditioned on the first frame
+            engine.controlnets.condition(state.data, inputs[0])
         with torch.inference_mode():
-            ours = engine.step_float(first.to(device) if not isinstance(engine, CompiledEngine) else first,
-                                     [StreamState("check")])
-        return relative_error(ours, references[steps])
+            ours = engine.step_float(first.to(device) if not isinstance(engine, CompiledEngine) else first, [state])
+        return relative_error(ours, references[steps] if reference is None else reference)
+
+    from sdbridge.engines.tiny import random_controlnet
+
+    controlnet = random_controlnet(parts.unet, seed=1).to(device, dtype)
+    controlnet_slot = {"controlnet_1_model": "bench", "controlnet_1_scale": 0.8}
+
+    def with_controlnet(engine: Any, steps: int) -> Any:
+        """The engine with slot 1 serving ``controlnet``, handed over as a finished load would be."""
+        engine.prepare(engine_params(size, steps, 1.0))  # makes the slots
+        engine.controlnets.models["bench"] = controlnet
+        engine.prepare({**engine_params(size, steps, 1.0), **controlnet_slot})
+        return engine
 
     def compiled_engine(steps: int, stream_batch: bool = True) -> CompiledEngine:
         engine = CompiledEngine.from_parts(parts)
@@ -343,10 +366,11 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     results: list[dict[str, Any]] = []
     pending: list[Row] = []
 
-    def measure(row: Row, engine: Any = None, compile_s: float | None = None) -> None:
+    def measure(row: Row, engine: Any = None, compile_s: float | None = None,
+                reference: torch.Tensor | None = None) -> None:
         print(f"  {row.name} ({row.steps} step{'s' * (row.steps > 1)}) ...", file=sys.stderr, flush=True)
         if engine is not None:
-            row.result["parity_rel_error"] = error = check(engine, row.steps)
+            row.result["parity_rel_error"] = error = check(engine, row.steps, reference)
             row.result["parity_ok"] = bool(error <= tolerance)
         if compile_s is not None:
             row.result["compile_s"] = compile_s
@@ -368,6 +392,13 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     eager4 = DiffusionEngine.from_parts(parts)
     eager4.prepare(engine_params(size, 4, 1.0))
     measure(Row("eager engine (TAESD)", engine_run(eager4, 1), 1, 4), eager4)
+    eager_controlnet = with_controlnet(DiffusionEngine.from_parts(parts), 4)
+    controlnet_state = StreamState("reference")
+    eager_controlnet.controlnets.condition(controlnet_state.data, inputs[0])
+    with torch.inference_mode():
+        controlnet_reference = eager_controlnet.step_float(first.to(device), [controlnet_state])
+    measure(Row("eager engine (TAESD) + ControlNet", engine_run(eager_controlnet, 1, condition=True), 1, 4),
+            eager_controlnet, reference=controlnet_reference)
     # Built after the plain rows: the compiled engine turns the shared UNet channels_last on CUDA.
     label = f"compiled engine ({backend or 'not compiled'})"
     for name, steps, sessions, stream in ((f"{label}, batch 1", 1, 1, True),
@@ -378,6 +409,11 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) if backend else None
         measure(Row(name, engine_run(engine, sessions), sessions, steps), engine, compile_s)
         del engine  # still held by its row while rows are interleaved
+    engine = with_controlnet(compiled_engine(4), 4)
+    compile_s = engine.warmup({**engine_params(size, 4, 1.0), **controlnet_slot}) if backend else None
+    measure(Row(f"{label}, stream batch + ControlNet", engine_run(engine, 1, condition=True), 1, 4), engine,
+            compile_s, reference=controlnet_reference)
+    del engine
     if pending:
         print(f"  timing {len(pending)} rows interleaved, {section.rounds} rounds ...", file=sys.stderr, flush=True)
         interleave(pending, inputs, device, calls, section.rounds)
