@@ -33,8 +33,9 @@ input to the same graph; each slot's ControlNet runs as its own compiled graph (
 and shape) whose conditioning scale is a per-row tensor, so a new scale is new input too, and
 a row outside its slot's start/end window gets scale 0 (in stream batch each row is at its own
 step). Windows are settled outside the graphs; a step where no row of a slot is inside its
-window does not run that ControlNet. Each session's current condition image serves all its rows,
-as the current prompt and scale do: frames in flight take the newest condition.
+window does not run that ControlNet. In stream batch each frame in flight keeps the condition
+image it entered with, so each frame comes out as the eager engine makes it (the scale, window
+and prompt in force are the current ones, as for the rest of the stream).
 
 Schedulers whose step is not linear and memoryless (multistep solvers, ancestral and LCM
 samplers, which draw noise) run the eager engine's exact path instead: nothing is faked.
@@ -198,6 +199,8 @@ class _StreamSlot:
     key: tuple
     latents: torch.Tensor              # [N - 1, 4, h, w] model dtype
     residual: torch.Tensor | None      # [N - 1, 4, h, w] the noise each slot carries (residual CFG)
+    # ControlNet slot -> [N - 1, 3, H, W]: the condition image each frame in flight entered with
+    conditions: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class CompiledEngine(DiffusionEngine):
@@ -407,6 +410,7 @@ class CompiledEngine(DiffusionEngine):
         residual = None
         if self._cfg == "residual":
             residual = torch.cat([torch.cat([noise[i:i + 1], slot.residual]) for i, slot in enumerate(slots)])
+        controls = _in_flight_conditions(controls, slots, steps)  # images [B * N, 3, H, W], like x
         y, eps = self._stream_call(x, residual, batch, schedule, controls)
         y = y.view(batch, steps, *y.shape[1:])
         eps = eps.view(batch, steps, *eps.shape[1:])
@@ -414,6 +418,7 @@ class CompiledEngine(DiffusionEngine):
             # Clone: under CUDA graphs the outputs live in the graph's pool and the next replay overwrites them.
             slot.latents = y[i, :-1].clone()
             slot.residual = eps[i, :-1].clone() if residual is not None else None
+            slot.conditions = _held_conditions(controls, i, steps)
         return y[:, -1]  # [B, 4, h, w], the frames that entered N - 1 calls ago, fully denoised
 
     def _stream_call(self, x: torch.Tensor, residual: torch.Tensor | None, batch: int, schedule: LinearSchedule,
@@ -507,13 +512,16 @@ class CompiledEngine(DiffusionEngine):
         steps = schedule.steps
         latents = entry.expand(steps - 1, -1, -1, -1).clone()   # placeholders, pushed out by the fill
         residual = noise.expand(steps - 1, -1, -1, -1).clone() if self._cfg == "residual" else None
+        # Every row of the fill is this frame, and so is its condition image: [N, 3, H, W] (contiguous,
+        # the same layout as a steady call's, so the ControlNet graph is the same one).
+        controls = [dataclasses.replace(unit, image=unit.image.repeat(steps, 1, 1, 1)) for unit in controls]
         for _ in range(steps - 1):
             x = torch.cat([entry, latents])
             res = torch.cat([noise, residual]) if residual is not None else None
             y, eps = self._stream_call(x, res, 1, schedule, controls)
             latents = y[:-1].clone()
             residual = eps[:-1].clone() if residual is not None else None
-        slot = _StreamSlot(key=key, latents=latents, residual=residual)
+        slot = _StreamSlot(key=key, latents=latents, residual=residual, conditions=_held_conditions(controls, 0, steps))
         state.data[STREAM_KEY] = slot
         return slot
 
@@ -581,13 +589,11 @@ class CompiledEngine(DiffusionEngine):
                  cond: torch.Tensor, uncond: torch.Tensor | None, image: torch.Tensor, scale: torch.Tensor,
                  cfg: str) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One ControlNet over the rows of one UNet call. x, timesteps, input_scale, cond, uncond as in
-        :meth:`_denoise`; image [B, 3, H, W] in [0, 1], one per session (its M / B rows share it); scale
-        [M] float32 per row. -> (down, mid) residuals, [M or 2M, C, h', w'] each, contiguous (the UNet
+        :meth:`_denoise`; image [M, 3, H, W] in [0, 1], each row's condition; scale [M] float32 per row. -> (down, mid) residuals, [M or 2M, C, h', w'] each, contiguous (the UNet
         graph is specialised on its inputs' strides). The model's own conditioning_scale stays 1.0, a
         constant; the live scale is this tensor, so changing it is no recompile."""
         batch = x.shape[0]
         model_input = (x * input_scale.view(-1, 1, 1, 1)).to(x.dtype)
-        image = image.repeat_interleave(batch // image.shape[0], dim=0)
         embeddings = cond.expand(batch, -1, -1)
         if cfg == "exact":  # the condition doubled with the batch, as diffusers' pipeline does
             assert uncond is not None
@@ -660,6 +666,33 @@ def _session_controls(controls: Sequence[ControlUnit], index: int) -> list[Contr
     return [dataclasses.replace(unit, image=unit.image[index:index + 1],
                                 scale=unit.scale[index:index + 1] if isinstance(unit.scale, torch.Tensor)
                                 else unit.scale) for unit in controls]
+
+
+def _in_flight_conditions(controls: Sequence[ControlUnit], slots: Sequence[_StreamSlot],
+                          steps: int) -> list[ControlUnit]:
+    """Each unit with one condition image per stream row, [B * N, 3, H, W] session-major like the
+    latents: the new frame's, then the ones the frames in flight entered with; the new frame's stands
+    in where none is held (a slot just turned on, a buffer just filled)."""
+    out = []
+    for unit in controls:
+        rows = []
+        for i, slot in enumerate(slots):
+            current = unit.image[i:i + 1]
+            held = slot.conditions.get(unit.slot)
+            if held is None or held.shape[1:] != current.shape[1:]:
+                held = current.expand(steps - 1, -1, -1, -1)
+            rows.append(torch.cat([current, held]))
+        out.append(dataclasses.replace(unit, image=torch.cat(rows)))
+    return out
+
+
+def _held_conditions(controls: Sequence[ControlUnit], session: int, steps: int) -> dict[int, torch.Tensor]:
+    """What session ``session`` keeps of this call's rows for the next: the first N - 1 rows' images.
+
+    Nothing is kept for a unit where some session had no condition image (its scale is then a tensor,
+    0 for that session): frames in flight then take the newest image instead of a stand-in zero one."""
+    return {unit.slot: unit.image[session * steps:(session + 1) * steps - 1] for unit in controls
+            if not isinstance(unit.scale, torch.Tensor)}
 
 
 def _quantize(image: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
