@@ -214,3 +214,25 @@ def test_stream_of_frames_each_keeps_its_own_condition(parts, controlnet_dir, fr
         assert relative_error(out, expected[source]) <= 5e-6, f"call {k} against frame {source}"
         # The conditions move the tiny model's output little (5e-4 apart, measured), still 5 times the tolerance.
         assert min(relative_error(out, other) for j, other in enumerate(expected) if j != source) > 2 * TOLERANCE
+
+
+def test_residual_guidance_runs_the_controlnet_once_on_the_conditional_rows(parts, controlnet_dir, frame):
+    """Residual CFG has no uncond pass: the ControlNet sees the stream's rows once (not doubled), with the
+    prompt's embeddings; at scale 0 the output is exactly residual CFG's without a ControlNet."""
+    values = dict(steps=4, guidance=2.0, controlnet_1_model="edges")
+    ours = make(CompiledEngine, parts, controlnet_dir)
+    ours.residual_cfg = True
+    base = run(ours, frame[None], [StreamState("a")], **values, controlnet_1_scale=0.0)
+    assert ours.describe()["cfg"] == "residual"
+    calls: list[tuple[int, torch.Tensor]] = []
+    handle = ours.controlnets.models["edges"].register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0].shape[0], kwargs["encoder_hidden_states"])),
+        with_kwargs=True)
+    try:
+        on = run(ours, frame[None], [StreamState("b")], **values, controlnet_1_scale=1.0)
+    finally:
+        handle.remove()
+    assert [batch for batch, _ in calls] == [4] * 4  # the warm start's 3 fills and the frame: N rows each
+    assert torch.equal(calls[-1][1], ours._embeddings.chunk(2)[1].expand(4, -1, -1))
+    assert (on - base).abs().max() > 1e-3
+    assert torch.equal(run(ours, frame[None], [StreamState("c")], **values, controlnet_1_scale=0.0), base)
