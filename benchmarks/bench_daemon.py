@@ -1,6 +1,6 @@
 """The bridge's own cost: the whole daemon over loopback WebSocket, against a bare echo server.
 
-    python benchmarks/bench_daemon.py [--seconds 10] [--size 512] [--write]
+    python benchmarks/bench_daemon.py [--seconds 10] [--size 512] [--device cuda] [--model PATH] [--write]
 
 Each server runs in its own process; this process is the client: one frame in flight, a
 512×512 JPEG sent, the reply received but not decoded. Measured side by side in one run:
@@ -8,7 +8,9 @@ Each server runs in its own process; this process is the client: one frame in fl
 - echo: the same WebSocket stack (FastAPI on uvicorn, deflate off) with an OpenCV JPEG decode +
   encode per frame and nothing else: what any bridge must pay;
 - the daemon with the identity engine (decode, slot, worker, encode, send), the preview engine,
-  and the tiny random diffusion model;
+  the diffusion and compiled engines on the tiny random model (or ``--model`` with ``--device
+  cuda`` on a GPU machine: no network needed), and the compiled engine with four clients whose
+  frames it batches;
 - four clients at once on the identity engine: each one's share of the frames.
 
 The figure that holds across machines is the ratio identity / echo.
@@ -82,8 +84,10 @@ def start_echo(port: int, ws_impl: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), ws_impl])
 
 
-def start_daemon(port: int, engine: str, size: int, ws_impl: str, model: str | None = None) -> subprocess.Popen:
+def start_daemon(port: int, engine: str, size: int, ws_impl: str, model: str | None = None,
+                 device: str = "auto") -> subprocess.Popen:
     command = [sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--no-osc", "--ws-impl", ws_impl,
+               "--device", device,
                "--feedback", "127.0.0.1:0", "--log-level", "warning", "--set", f"width={size}",
                "--set", f"height={size}", "--set", f"engine={engine}", "--set", "steps=1"]
     if model:
@@ -130,10 +134,14 @@ def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | No
                clients: int = 1) -> list[dict[str, float]]:
     port = free_port()
     process = start_echo(port, args.ws_impl) if kind == "echo" else start_daemon(port, kind, args.size, args.ws_impl,
-                                                                               model)
+                                                                               model, args.device)
     try:
         wait_listening(port, process)
-        time.sleep(1.0 if kind != "diffusion" else 5.0)  # let the engine load
+        if model:  # the engine loads (and the compiled one compiles) before the clock starts
+            deadline = time.monotonic() + 900
+            while _engine_status(port) != "ready" and time.monotonic() < deadline:
+                time.sleep(0.5)
+        time.sleep(1.0)
 
         async def run_all() -> list[list[float]]:
             return await asyncio.gather(*(client(port, jpeg, args.seconds, args.warmup) for _ in range(clients)))
@@ -145,6 +153,17 @@ def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | No
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def _engine_status(port: int) -> str | None:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return json.load(response)["engine"]["status"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def commit() -> str:
@@ -161,6 +180,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--skip-diffusion", action="store_true")
+    parser.add_argument("--device", default="auto", help="the daemon's device (cuda on a GPU machine)")
+    parser.add_argument("--model", help="a model folder or file (default: the tiny random model, written in code)")
     parser.add_argument("--ws-impl", default="wsproto", help="uvicorn's WebSocket implementation, for both servers")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -176,12 +197,22 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             from sdbridge.engines.tiny import write_tiny_model
 
-            model = str(write_tiny_model(Path(folder) / "tiny"))
-            rows.append(("daemon, tiny random diffusion model (1 step)",
+            model = args.model or str(write_tiny_model(Path(folder) / "tiny"))
+            label = "model" if args.model else "tiny random model"
+            rows.append((f"daemon, diffusion engine, {label} (1 step)",
                          run_server("diffusion", args, jpeg, model=model)[0]))
+            rows.append((f"daemon, compiled engine, {label} (1 step)",
+                         run_server("compiled", args, jpeg, model=model)[0]))
+            together = run_server("compiled", args, jpeg, model=model, clients=4)
+            rows.append((f"daemon, compiled engine, {label}, 4 clients batched (sum)",
+                         {"fps": sum(r["fps"] for r in together), "p50": max(r["p50"] for r in together),
+                          "p99": max(r["p99"] for r in together)}))
     shares = run_server("identity", args, jpeg, clients=4)
 
-    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+    import torch
+
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available()
+              else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU")
     lines = [f"### bench_daemon.py — {datetime.date.today()}, commit {commit()}, {device}",
              f"{args.size}×{args.size} JPEG ({len(jpeg) // 1024} KB) in and out, one frame in flight, "
              f"{args.seconds:g} s per row, WebSocket implementation {args.ws_impl} "
