@@ -75,11 +75,10 @@ def _read_commit() -> str:
 
 def build_parts(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     """PipelineParts with random weights: sd-turbo's architecture, or the tiny test model."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from sdbridge.engines.parts import PipelineParts
-    from sdbridge.engines.single_file import shipped_config_dir
+    from sdbridge.engines.random_model import build_random_components
     from sdbridge.engines.tiny import build_tiny_components, write_tiny_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="sdbridge-bench-"))
@@ -90,19 +89,7 @@ def build_parts(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
         components = build_tiny_components(seed=0, vocab_size=vocab_size)
         architecture = "sd15"
     else:
-        configs = shipped_config_dir("sd21")
-        # Built on the device: random init of 865 M UNet parameters takes a while on a CPU.
-        with torch.device(device):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
-            taesd = AutoencoderTiny()  # TAESD's own default configuration
-            text_config = CLIPTextConfig.from_pretrained(configs / "text_encoder")
-            text_config.vocab_size = max(text_config.vocab_size, vocab_size)
-            text_config.bos_token_id, text_config.eos_token_id = vocab_size - 2, vocab_size - 1
-            text_config.pad_token_id = vocab_size - 1
-            text_encoder = CLIPTextModel(text_config)
-        scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler"))
-        components = {"unet": unet, "vae": vae, "taesd": taesd, "text_encoder": text_encoder, "scheduler": scheduler}
+        components = build_random_components("sd21", vocab_size, device=device)
         architecture = "sd21"
     for name in ("unet", "vae", "taesd", "text_encoder"):
         components[name] = components[name].to(device, dtype).eval()

@@ -155,6 +155,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"wrote a tiny random model to {path} (random weights: its frames are noise-like, its speed is real)")
         print(f"run it: sdbridge serve --model {path}")
         return 0
+    if args.action == "random":
+        from sdbridge.engines.random_model import write_random_model
+
+        print(f"building {args.arch} with random weights (a minute or two on a CPU) ...", flush=True)
+        path = write_random_model(Path(args.dir), args.arch, seed=args.seed)
+        print(f"wrote a full-size random {args.arch} model to {path} (fp16: frames mean nothing, speed is real)")
+        print(f"time it: python benchmarks/bench_daemon.py --model {path} --device cuda")
+        return 0
     raise AssertionError(args.action)
 
 
@@ -228,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = actions.add_parser("tiny", help="write a tiny random model to try the pipeline without weights")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    random_model = actions.add_parser("random", help="write a full-size model with random weights (fp16, about "
+                                      "2.5 GB) to time the real architecture offline")
+    random_model.add_argument("dir")
+    random_model.add_argument("--arch", choices=["sd21", "sd15"], default="sd21")
+    random_model.add_argument("--seed", type=int, default=0)
     models.set_defaults(run=cmd_models)
 
     presets = commands.add_parser("presets", help="list, show or save presets")

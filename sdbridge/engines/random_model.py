@@ -1,0 +1,73 @@
+"""Full-size models with random weights: the real architectures, for true speed figures offline.
+
+Random weights make frames that mean nothing to the eye, but every layer, shape and FLOP is the
+real model's, so a benchmark on them times what a real checkpoint costs. The architectures come
+from the configs shipped in ``sdbridge/data/configs`` (the same ones single-file checkpoints load
+with); TAESD uses its own default configuration. The tokenizer is the byte-level one of the tiny
+model (any prompt tokenises), so nothing is downloaded.
+
+``sdbridge models random DIR [--arch sd21]`` writes one to disk as a diffusers folder, for
+``bench_daemon.py --model DIR --device cuda`` and for trying the daemon at full size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdbridge.errors import ModelError
+
+ARCHITECTURES = ("sd21", "sd15")
+
+
+def build_random_components(architecture: str, vocab_size: int, device: torch.device | str = "cpu",
+                            seed: int = 0) -> dict[str, Any]:
+    """unet, vae, taesd, text_encoder and scheduler of ``architecture`` with random weights."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdbridge.engines.single_file import shipped_config_dir
+
+    if architecture not in ARCHITECTURES:
+        raise ModelError(f"no random model for architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})",
+                         code="bad_model")
+    configs = shipped_config_dir(architecture)
+    torch.manual_seed(seed)
+    # Built on the device: random init of ~865 M UNet parameters takes a while on a CPU.
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+        taesd = AutoencoderTiny()  # TAESD's own default configuration
+        text_config = CLIPTextConfig.from_pretrained(configs / "text_encoder")
+        text_config.vocab_size = max(text_config.vocab_size, vocab_size)
+        text_config.bos_token_id, text_config.eos_token_id = vocab_size - 2, vocab_size - 1
+        text_config.pad_token_id = vocab_size - 1
+        text_encoder = CLIPTextModel(text_config)
+    scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler"))
+    return {"unet": unet, "vae": vae, "taesd": taesd, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def write_random_model(folder: str | Path, architecture: str = "sd21", dtype: torch.dtype = torch.float16,
+                       seed: int = 0) -> Path:
+    """Write a full-size random model as a diffusers folder (+ ``taesd/``) in ``dtype``; its path."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from sdbridge.engines.tiny import write_tiny_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tiny_tokenizer(folder / "tokenizer")
+    parts = build_random_components(architecture, vocab_size, seed=seed)
+    for name in ("unet", "vae", "taesd", "text_encoder"):
+        parts[name] = parts[name].to(dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer, unet=parts["unet"],
+        scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    parts["taesd"].save_pretrained(folder / "taesd", safe_serialization=True)
+    return folder
