@@ -18,7 +18,7 @@ def test_an_unknown_architecture_is_refused_by_name() -> None:
 
 
 @pytest.mark.skipif(os.environ.get("SDBRIDGE_SLOW") != "1",
-                    reason="writes 2.5 GB of random sd-turbo weights (minutes on 2 CPU cores); SDBRIDGE_SLOW=1 runs it")
+                    reason="writes 2.5 GB of random sd-turbo weights to disk; SDBRIDGE_SLOW=1 runs it")
 def test_a_written_random_sd21_loads_through_the_real_loader_at_full_size(tmp_path: Path) -> None:
     from sdbridge.engines.models import load_pipeline_parts
     from sdbridge.engines.random_model import write_random_model
