@@ -24,9 +24,7 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_daemon import commit  # noqa: E402
 from sdbridge.engines.animatediff import AnimateDiffEngine  # noqa: E402
 from sdbridge.engines.base import StreamState  # noqa: E402
 from sdbridge.engines.diffusion import DiffusionEngine  # noqa: E402
@@ -45,48 +44,17 @@ from sdbridge.params import Schema  # noqa: E402
 PROMPT = "a watercolor painting of a fox running through snow"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def build_parts(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
-    """PipelineParts with random weights: SD 1.5's architecture, or the tiny test model."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """PipelineParts with random weights: SD 1.5's architecture (trailing timesteps, as few-step
+    motion models are run), or the tiny test model."""
+    from diffusers import EulerDiscreteScheduler
 
-    from sdbridge.engines.parts import PipelineParts
-    from sdbridge.engines.single_file import shipped_config_dir
-    from sdbridge.engines.tiny import build_tiny_components, write_tiny_tokenizer
+    from sdbridge.engines.random_model import random_parts
 
-    folder = Path(tempfile.mkdtemp(prefix="sdbridge-bench-"))
-    vocab_size = write_tiny_tokenizer(folder / "tokenizer")   # byte-level: any prompt tokenises
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    if tiny:
-        components = build_tiny_components(seed=0, vocab_size=vocab_size)
-    else:
-        configs = shipped_config_dir("sd15")
-        with torch.device(device):   # random init of 860 M parameters is slow on a CPU
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
-            taesd = AutoencoderTiny()   # TAESD's own configuration
-            text_config = CLIPTextConfig.from_pretrained(configs / "text_encoder")
-            text_config.vocab_size = max(text_config.vocab_size, vocab_size)
-            text_config.bos_token_id, text_config.eos_token_id = vocab_size - 2, vocab_size - 1
-            text_config.pad_token_id = vocab_size - 1
-            text_encoder = CLIPTextModel(text_config)
-        scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler"),
-                                                       timestep_spacing="trailing")
-        components = {"unet": unet, "vae": vae, "taesd": taesd, "text_encoder": text_encoder, "scheduler": scheduler}
-    for name in ("unet", "vae", "taesd", "text_encoder"):
-        components[name] = components[name].to(device, dtype).eval().requires_grad_(False)
-    return PipelineParts(architecture="sd15", source="random weights", unet=components["unet"],
-                         vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=tokenizer,
-                         scheduler=components["scheduler"], taesd=components["taesd"])
+    parts = random_parts("tiny" if tiny else "sd15", device, dtype)
+    if not tiny:
+        parts.scheduler = EulerDiscreteScheduler.from_config(parts.scheduler.config, timestep_spacing="trailing")
+    return parts
 
 
 def build_adapter(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:

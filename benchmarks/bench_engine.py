@@ -38,7 +38,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,27 +74,9 @@ def _read_commit() -> str:
 
 def build_parts(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     """PipelineParts with random weights: sd-turbo's architecture, or the tiny test model."""
-    from transformers import CLIPTokenizer
+    from sdbridge.engines.random_model import random_parts
 
-    from sdbridge.engines.parts import PipelineParts
-    from sdbridge.engines.random_model import build_random_components
-    from sdbridge.engines.tiny import build_tiny_components, write_tiny_tokenizer
-
-    folder = Path(tempfile.mkdtemp(prefix="sdbridge-bench-"))
-    vocab_size = write_tiny_tokenizer(folder / "tokenizer")  # byte-level: any prompt tokenises
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    if tiny:
-        components = build_tiny_components(seed=0, vocab_size=vocab_size)
-        architecture = "sd15"
-    else:
-        components = build_random_components("sd21", vocab_size, device=device)
-        architecture = "sd21"
-    for name in ("unet", "vae", "taesd", "text_encoder"):
-        components[name] = components[name].to(device, dtype).eval()
-    return PipelineParts(architecture=architecture, source="random weights", unet=components["unet"],
-                         vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=tokenizer,
-                         scheduler=components["scheduler"], taesd=components["taesd"])
+    return random_parts("tiny" if tiny else "sd21", device, dtype)
 
 
 def sync(device: torch.device) -> None:

@@ -12,11 +12,13 @@ model (any prompt tokenises), so nothing is downloaded.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdbridge.engines.parts import PipelineParts
 from sdbridge.errors import ModelError
 
 ARCHITECTURES = ("sd21", "sd15")
@@ -49,13 +51,31 @@ def build_random_components(architecture: str, vocab_size: int, device: torch.de
     return {"unet": unet, "vae": vae, "taesd": taesd, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
+def random_parts(architecture: str, device: torch.device, dtype: torch.dtype) -> PipelineParts:
+    """PipelineParts with random weights, in memory: ``architecture`` is sd21, sd15 or ``tiny``
+    (the test model), for benchmarks that time the real layers without writing them to disk."""
+    from transformers import CLIPTokenizer
+
+    from sdbridge.engines.tiny import build_tiny_components, write_tiny_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="sdbridge-random-"))
+    vocab_size = write_tiny_tokenizer(folder / "tokenizer")  # byte-level: any prompt tokenises
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    if architecture == "tiny":
+        components = build_tiny_components(seed=0, vocab_size=vocab_size)
+    else:
+        components = build_random_components(architecture, vocab_size, device=device)
+    for name in ("unet", "vae", "taesd", "text_encoder"):
+        components[name] = components[name].to(device, dtype).eval().requires_grad_(False)
+    return PipelineParts(architecture="sd15" if architecture == "tiny" else architecture, source="random weights",
+                         unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
+                         tokenizer=tokenizer, scheduler=components["scheduler"], taesd=components["taesd"])
+
+
 def write_random_model(folder: str | Path, architecture: str = "sd21", dtype: torch.dtype = torch.float16,
                        seed: int = 0) -> Path:
     """Write a full-size random model as a diffusers folder (+ ``taesd/``) in ``dtype``; its path."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    from sdbridge.engines.tiny import write_tiny_tokenizer
+    from sdbridge.engines.tiny import write_components, write_tiny_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,11 +83,4 @@ def write_random_model(folder: str | Path, architecture: str = "sd21", dtype: to
     parts = build_random_components(architecture, vocab_size, seed=seed)
     for name in ("unet", "vae", "taesd", "text_encoder"):
         parts[name] = parts[name].to(dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer, unet=parts["unet"],
-        scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    parts["taesd"].save_pretrained(folder / "taesd", safe_serialization=True)
-    return folder
+    return write_components(folder, parts)

@@ -81,13 +81,17 @@ def build_tiny_components(seed: int = 0, vocab_size: int = 514 + len(SPECIAL_TOK
 
 def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny random SD model as a diffusers folder (+ ``taesd/``) and return its path."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tiny_tokenizer(folder / "tokenizer")
-    parts = build_tiny_components(seed=seed, vocab_size=vocab_size)
+    return write_components(folder, build_tiny_components(seed=seed, vocab_size=vocab_size))
+
+
+def write_components(folder: Path, parts: dict[str, object]) -> Path:
+    """unet, vae, text_encoder, scheduler and taesd saved as a diffusers folder beside ``folder/tokenizer``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     pipe = StableDiffusionPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer, unet=parts["unet"],
