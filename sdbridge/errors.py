@@ -6,6 +6,8 @@ messages) and a human sentence naming the bad value and what is allowed.
 
 from __future__ import annotations
 
+import logging
+
 
 class SdbridgeError(Exception):
     """Base class: ``code`` is stable and documented in docs/protocol.md."""
@@ -65,3 +67,15 @@ class ConfigError(SdbridgeError):
     """Settings that cannot work together (a public address without a token, say)."""
 
     code = "bad_config"
+
+
+def load_failure(log: logging.Logger, what: str, exc: BaseException) -> str:
+    """Log a background load that failed and return the sentence to tell clients: our own errors
+    in one line (they say what is wrong), anything else with its traceback (a bug to find)."""
+    if isinstance(exc, SdbridgeError):
+        message = str(exc)
+        log.error("%s failed to load: %s", what, message)
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+        log.exception("%s failed to load", what)
+    return message

@@ -22,7 +22,7 @@ from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
 from sdbridge.engines.device import pick_device, pick_dtype
 from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
-from sdbridge.errors import ModelError, SdbridgeError
+from sdbridge.errors import ModelError, load_failure
 from sdbridge.paths import confine
 
 log = logging.getLogger(__name__)
@@ -222,11 +222,7 @@ class EngineHost:
                 raise ModelError(f"{choice.model} needs {needed / 2**20:.1f} MB of device memory, more than the "
                                  f"{self.settings.vram_budget_mb} MB budget", code="out_of_memory")
         except Exception as exc:  # any failure: report it, keep the previous engine serving
-            message = str(exc) if isinstance(exc, SdbridgeError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, SdbridgeError):
-                log.exception("engine %s failed to load", choice)
-            else:
-                log.error("engine %s failed to load: %s", choice, message)
+            message = load_failure(log, f"engine {choice}", exc)
             with self._lock:
                 self._loading = None
                 self._failed = choice

@@ -51,10 +51,9 @@ import torch
 
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.models import find_add_on_model, list_add_on_models
-from sdbridge.errors import ModelError, ParamError, SdbridgeError
+from sdbridge.engines.models import list_add_on_models, resolve_add_on_model
+from sdbridge.errors import ModelError, ParamError, load_failure
 from sdbridge.params import MOTION_WINDOW_MAX  # frames kept per session; adapters hold 24 or 32
-from sdbridge.paths import confine
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +75,7 @@ def resolve_motion_adapter(name: str, folder: Path | None, *, trusted: bool = Fa
     name = name.strip()
     if trusted and Path(name).expanduser().exists():
         return Path(name).expanduser()
-    if folder is None:
-        raise ModelError(f"motion adapter {name!r}: no motion-adapter folder is set (motion_dir)",
-                         code="model_not_found")
-    path = confine(name, [folder], what="motion adapter")
-    found = find_add_on_model(path)
-    if found is not None:
-        return found
-    known = ", ".join(list_motion_adapters(folder)) or "none"
-    raise ModelError(f"motion adapter {name!r} not found in {folder} (known: {known})", code="model_not_found")
+    return resolve_add_on_model(name, folder, what="motion adapter", setting="motion_dir")
 
 
 def load_motion_adapter(path: Path, unet_config: Mapping[str, Any], dtype: torch.dtype, *,
@@ -288,11 +279,7 @@ class AnimateDiffEngine(DiffusionEngine):
         try:
             motion = self.load_motion(name)
         except Exception as exc:  # reported; the adapter serving now serves on
-            message = str(exc) if isinstance(exc, SdbridgeError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, SdbridgeError):
-                log.exception("motion adapter %s failed to load", name)
-            else:
-                log.error("motion adapter %s failed to load: %s", name, message)
+            message = load_failure(log, f"motion adapter {name}", exc)
             with self._motion_lock:
                 self._motion_loading = None
                 self._motion_failed = (name, message)

@@ -37,11 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdbridge.engines.models import find_add_on_model, list_add_on_models
+from sdbridge.engines.models import list_add_on_models, resolve_add_on_model
 from sdbridge.engines.preprocessors import Options, Preprocessors
-from sdbridge.errors import ModelError, SdbridgeError
+from sdbridge.errors import ModelError, SdbridgeError, load_failure
 from sdbridge.params import CONTROLNET_SLOTS as SLOTS
-from sdbridge.paths import confine
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,7 @@ def list_controlnets(folder: Path | None) -> list[str]:
 def resolve_controlnet(name: str, folder: Path | None) -> Path:
     """A name (``canny``, ``canny.safetensors``, A1111's ``canny [abcd1234]``) -> a path inside ``folder``."""
     name = _HASH_SUFFIX.sub("", name.strip())
-    if folder is None:
-        raise ModelError(f"controlnet {name!r}: no ControlNet folder is set (controlnet_dir)", code="model_not_found")
-    path = confine(name, [folder], what="controlnet")
-    found = find_add_on_model(path)
-    if found is not None:
-        return found
-    known = ", ".join(list_controlnets(folder)) or "none"
-    raise ModelError(f"controlnet {name!r} not found in {folder} (known: {known})", code="model_not_found")
+    return resolve_add_on_model(name, folder, what="controlnet", setting="controlnet_dir")
 
 
 def load_controlnet(path: Path, unet: Any, device: torch.device, dtype: torch.dtype, *,
@@ -357,12 +349,8 @@ class ControlNets:
             try:
                 model = self.model(name)
             except Exception as exc:  # any failure: report it, the slot keeps its old model
-                message = str(exc) if isinstance(exc, SdbridgeError) else f"{type(exc).__name__}: {exc}"
+                message = load_failure(log, f"controlnet {name}", exc)
                 code = getattr(exc, "code", "bad_model")
-                if not isinstance(exc, SdbridgeError):
-                    log.exception("controlnet %s failed to load", name)
-                else:
-                    log.error("controlnet %s failed to load: %s", name, message)
                 with self._lock:
                     self._ready_failed[name] = message
                     self._loading.discard(name)

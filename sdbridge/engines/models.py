@@ -197,6 +197,21 @@ def find_add_on_model(path: Path) -> Path | None:
     return None
 
 
+def resolve_add_on_model(name: str, folder: Path | None, *, what: str, setting: str) -> Path:
+    """A client's name for an add-on (a ControlNet, a motion adapter) -> its path inside ``folder``;
+    ModelError (model_not_found) naming what is there when it is not, PathError outside the folder."""
+    from sdbridge.paths import confine
+
+    if folder is None:
+        raise ModelError(f"{what} {name!r}: no {what} folder is set ({setting})", code="model_not_found")
+    path = confine(name, [folder], what=what)
+    found = find_add_on_model(path)
+    if found is not None:
+        return found
+    known = ", ".join(list_add_on_models(folder)) or "none"
+    raise ModelError(f"{what} {name!r} not found in {folder} (known: {known})", code="model_not_found")
+
+
 def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, what: str) -> Any:
     """``model_class.from_pretrained`` on a diffusers folder (config.json and safetensors weights,
     each checked first); ModelError names the folder and what it should hold."""
