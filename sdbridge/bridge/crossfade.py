@@ -25,19 +25,18 @@ class Crossfade:
     """Per session: the last output, and a fade in progress after an engine swap."""
 
     def __init__(self) -> None:
-        self._engine: object | None = None
+        self._look: object | None = None
         self._last: dict[str, np.ndarray] = {}
         self._fades: dict[str, _Fade] = {}
 
     def swap(self, look: object | None, now: float, duration: float) -> None:
         """Tell what made this turn's frames (the engine, and what it loaded: its LoRA set, its
         ControlNets); a change starts a fade for every session. None: frames passed through."""
-        if look == self._engine:
+        if look == self._look:
             return
-        previous, self._engine = self._engine, look
-        engine = look
+        previous, self._look = self._look, look
         self._fades.clear()
-        if previous is None or engine is None or duration <= 0:
+        if previous is None or look is None or duration <= 0:
             return  # from nothing (start-up, pass-through) there is nothing to fade from
         for session_id, frame in self._last.items():
             self._fades[session_id] = _Fade(frame, now, duration)

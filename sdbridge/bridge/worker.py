@@ -35,6 +35,7 @@ from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
 from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest
+from sdbridge.engines.prompt_syntax import LoraWeights
 from sdbridge.errors import SdbridgeError
 from sdbridge.outputs.hub import OutputHub
 from sdbridge.params import ParamStore
@@ -470,7 +471,10 @@ def _look(engine: Any, params: dict[str, Any]) -> tuple | None:
     controlnets = getattr(getattr(engine, "controlnets", None), "models", None) or {}
     # The set of LoRAs, not their weights: a weight on a fader moves smoothly by itself and must not
     # restart a dissolve at every step.
-    loras = tuple(sorted({part.split(":", 1)[0].strip() for part in str(params.get("loras", "")).split(",")} - {""}))
+    try:
+        loras: object = tuple(sorted(LoraWeights.parse(str(params.get("loras", ""))).weights))
+    except ValueError:  # refused by prepare too: the frames pass through
+        loras = params.get("loras")
     return (id(engine), loras, getattr(motion, "name", None), tuple(sorted(controlnets)))
 
 
