@@ -31,18 +31,19 @@ class BeatClock:
     def linked(self) -> bool:
         return self._sample is not None
 
-    def beat(self, now: float, bpm: float) -> float:
-        """The beat at monotonic time ``now``."""
+    def _beat_and_tempo(self, now: float, bpm: float) -> tuple[float, float]:
         with self._lock:
             sample = self._sample
         if sample is not None:
             beat, at, tempo = sample
-            return beat + (now - at) * tempo / 60.0
-        return (now - self.origin) * bpm / 60.0
+            return beat + (now - at) * tempo / 60.0, tempo
+        return (now - self.origin) * bpm / 60.0, bpm
+
+    def beat(self, now: float, bpm: float) -> float:
+        """The beat at monotonic time ``now``."""
+        return self._beat_and_tempo(now, bpm)[0]
 
     def until_next_beat(self, now: float, bpm: float) -> float:
         """Seconds from ``now`` to the next whole beat (0 when ``now`` is on one)."""
-        beat = self.beat(now, bpm)
-        with self._lock:
-            tempo = self._sample[2] if self._sample is not None else bpm
+        beat, tempo = self._beat_and_tempo(now, bpm)  # one sample: a new one may land meanwhile
         return (math.ceil(beat) - beat) * 60.0 / tempo

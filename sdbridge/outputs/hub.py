@@ -105,9 +105,6 @@ class OutputHub:
             spec = parse_spec(text)
             self.threads.append(OutputThread(spec, create_output(spec), fps, notify or (lambda event: None)))
 
-    def __bool__(self) -> bool:
-        return bool(self.threads)
-
     def start(self) -> None:
         for thread in self.threads:
             thread.start()
