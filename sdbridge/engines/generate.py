@@ -343,7 +343,6 @@ class Generation:
             with torch.inference_mode(), self.engine.lora_scope(self.loras):
                 if noise_uncond is not None:
                     noise_cond = unet(half_input, t, encoder_hidden_states=embeddings[batch:], return_dict=False)[0]
-                    noise_pred = noise_uncond + request.cfg_scale * (noise_cond - noise_uncond)
                 else:
                     model_input = torch.cat([latents] * 2) if guided else latents
                     model_input = scheduler.scale_model_input(model_input, t)
@@ -353,7 +352,8 @@ class Generation:
                                       **residuals)[0]
                     if guided:
                         noise_uncond, noise_cond = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + request.cfg_scale * (noise_cond - noise_uncond)
+                if guided:
+                    noise_pred = noise_uncond + request.cfg_scale * (noise_cond - noise_uncond)
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                 if keep is not None:
                     init_latents, noise, mask = keep
