@@ -9,8 +9,6 @@ the engine will load in.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import torch
@@ -21,22 +19,13 @@ from sdbridge.errors import ModelError
 # SD 1.5/2.1 at 512² batch 4 peaks near 1.2 GiB above its weights in fp16.
 HEADROOM_BYTES = 1536 * 2**20
 HEADROOM_FACTOR = 1.1
-_MAX_HEADER = 100 * 2**20
 
 
 def safetensors_elements(file: Path) -> int:
     """Number of elements in a safetensors file, from its JSON header."""
-    with file.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ModelError(f"{file}: truncated safetensors file ({len(raw)} bytes)", code="bad_model")
-        (length,) = struct.unpack("<Q", raw)
-        if length <= 0 or length > _MAX_HEADER:
-            raise ModelError(f"{file}: corrupt safetensors header (length {length})", code="bad_model")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as exc:
-            raise ModelError(f"{file}: corrupt safetensors header ({exc})", code="bad_model") from exc
+    from sdbridge.engines.models import read_safetensors_header
+
+    _length, header = read_safetensors_header(file)
     total = 0
     for name, entry in header.items():
         if name == "__metadata__" or not isinstance(entry, dict):

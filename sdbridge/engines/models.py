@@ -142,19 +142,32 @@ def _load_component(cls, folder: Path, name: str, dtype: torch.dtype, allow_pick
         raise ModelError(f"{subfolder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, header) of a safetensors file, read without touching a tensor; ModelError
+    naming the file when the header cannot be."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if header_length <= 1 or header_length > 100_000_000:
+            raise ModelError(f"{file}: corrupt safetensors header (length {header_length})")
+        if 8 + header_length > size:
+            raise ModelError(f"{file}: truncated ({size} bytes, its header alone needs {8 + header_length})")
+        try:
+            header = json.loads(handle.read(header_length))
+        except ValueError as exc:
+            raise ModelError(f"{file}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelError(f"{file}: corrupt safetensors header (not a JSON object)")
+    return header_length, header
+
+
 def _check_safetensors(file: Path) -> None:
     """A truncated or scribbled-over safetensors file fails here with its name, not deep in a loader."""
     from safetensors import safe_open
 
     try:
         size = file.stat().st_size
-        with file.open("rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            if header_length <= 1 or header_length > 100_000_000:
-                raise ModelError(f"{file}: corrupt safetensors header (length {header_length})")
-            if 8 + header_length > size:
-                raise ModelError(f"{file}: truncated ({size} bytes, its header alone needs {8 + header_length})")
-            header = json.loads(handle.read(header_length))
+        header_length, header = read_safetensors_header(file)
         data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
                        default=0)
         if 8 + header_length + data_end != size:
