@@ -33,8 +33,13 @@ reweighted in place reach it too) and takes the adapter's temporal modules. A ne
 background thread while the old one keeps serving; a missing or broken one is reported and the old
 one serves on. Until an adapter is loaded the engine serves plain img2img frames.
 
-Not here yet: ControlNet slots (their residuals are per frame; the window needs the past frames'
-conditions) are not applied by this engine: TODO issue 7.
+ControlNet slots apply to the whole window, laid out as diffusers' ``AnimateDiffVideoToVideoControlNetPipeline``
+lays them out: the ControlNet runs over the window's frames flattened ``[B * N, 4, h, w]`` (session-major,
+oldest first; doubled with guidance as ``[uncond..., cond...]``), each frame with **the condition image it
+came in with** (kept in the session's history per slot), and its residuals go into the motion UNet. A
+previous frame with no image for a slot (the slot was just turned on, or the session's condition stream
+started later) uses the newest frame's. A session without a condition for a slot this frame gets scale 0
+over its whole window, as the diffusion engine gives it for its one frame.
 """
 
 from __future__ import annotations
@@ -43,13 +48,14 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdbridge.engines.base import StreamState
+from sdbridge.engines.controlnet import SLOT_IMAGES, ControlStack, ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import list_add_on_models, resolve_add_on_model
 from sdbridge.errors import ModelError, ParamError, load_failure
@@ -179,6 +185,8 @@ def motion_unet(unet: Any, adapter: Any) -> Any:
 class _Frame:
     inputs: torch.Tensor                  # [4, h, w] encoded input, scaled
     denoised: torch.Tensor | None = None  # [4, h, w] what the last window made of it
+    # ControlNet slot -> the condition image this frame came in with, [3, H, W] in [0, 1]
+    conditions: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,6 +205,13 @@ class _Motion:
     @property
     def max_window(self) -> int:
         return int(self.adapter.config["motion_max_seq_length"])
+
+
+def _conditions(units: Sequence[ControlUnit], state: StreamState, index: int) -> dict[int, torch.Tensor]:
+    """The condition images session ``index`` came in with this frame, by slot; a slot with no image
+    for it (a zero placeholder in the unit) is left out, so the window later uses the newest one."""
+    present = state.data.get(SLOT_IMAGES, {})
+    return {unit.slot: unit.image[index].clone() for unit in units if unit.slot in present}
 
 
 class AnimateDiffEngine(DiffusionEngine):
@@ -218,7 +233,6 @@ class AnimateDiffEngine(DiffusionEngine):
         self._motion_failed: tuple[str, str] | None = None  # (name, message)
         self.motion_error: str | None = None
         self.motion_loads = 0
-        self._told_controlnet = False
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -342,6 +356,28 @@ class AnimateDiffEngine(DiffusionEngine):
     def _effective_overlap(self) -> int:
         return min(self._overlap, self._window - 1)
 
+    # --- ControlNet over the window ---------------------------------------------------------------
+
+    def _window_controls(self, units: Sequence[ControlUnit], padded_frames: Sequence[Sequence[_Frame]],
+                         window: int) -> ControlStack | None:
+        """The slots' residual hook for the windows: per slot, each frame's condition image
+        [B * N, 3, H, W] (session-major, oldest first: the frames' layout in the motion UNet) and the
+        session's scale repeated over its window. None when no slot is active (no work at all)."""
+        if not units:
+            return None
+        window_units = []
+        for unit in units:
+            images = []
+            for index, padded in enumerate(padded_frames):
+                newest = unit.image[index]                                   # [3, H, W]
+                images.extend(frame.conditions.get(unit.slot, newest) for frame in padded)
+                images.append(newest)
+            scale = unit.scale
+            if isinstance(scale, torch.Tensor):                               # [B, 1, 1, 1] -> [B * N, 1, 1, 1]
+                scale = scale.repeat_interleave(window, dim=0)
+            window_units.append(replace(unit, image=torch.stack(images), scale=scale))
+        return ControlStack(window_units, self._guided)
+
     # --- per-session noise and history ----------------------------------------------------------
 
     def _window_noise(self, state: StreamState, shape: tuple[int, ...], window: int) -> torch.Tensor:
@@ -376,11 +412,7 @@ class AnimateDiffEngine(DiffusionEngine):
         # An adapter swapped in with fewer positions than the window asks for serves its most.
         window = min(self._window, motion.max_window)
         batch, overlap = len(states), min(self._overlap, window - 1)
-        if self.controlnets is not None and self.controlnets.for_batch(states, self._guided) is not None \
-                and not self._told_controlnet:
-            self._told_controlnet = True
-            log.warning("ControlNet slots are not applied by the animatediff engine yet (issue 7); "
-                        "the diffusion engine applies them")
+        units = self.controlnets.units(states) if self.controlnets is not None else []
         width, height = self.resolution
         latent_shape = (1, self.parts.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
@@ -396,13 +428,14 @@ class AnimateDiffEngine(DiffusionEngine):
         # 3. Each session's window, oldest first: previous frames (padded with the oldest: warm start),
         #    each from its denoised latents (the K most recent) or its inputs, then the new frame.
         key = (latent_shape, self.device, self.dtype)
-        starts, noises, previous_frames = [], [], []
+        starts, noises, previous_frames, padded_frames = [], [], [], []
         for index, state in enumerate(states):
             history = self._history(state, key)
             previous = list(history.frames)[-(window - 1):] if window > 1 else []
             previous_frames.append(previous)
             filler = previous[0] if previous else _Frame(new_inputs[index])
             padded = [filler] * (window - 1 - len(previous)) + previous
+            padded_frames.append(padded)
             keep_from = window - 1 - overlap
             for place, frame in enumerate(padded):
                 use_denoised = place >= keep_from and frame.denoised is not None
@@ -426,10 +459,14 @@ class AnimateDiffEngine(DiffusionEngine):
         else:
             embeddings = embeddings.expand(batch * window, -1, -1)
         generators = self._step_generators(states)
-        for t in timesteps:
+        controls = self._window_controls(units, padded_frames, window)
+        for step_index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if self._guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = motion.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            extra: dict[str, Any] = {}
+            if controls is not None:   # the ControlNet sees frames: [B_cfg, 4, N, h, w] -> [B_cfg * N, 4, h, w]
+                extra = controls(model_input.transpose(1, 2).flatten(0, 1), t, embeddings, step_index, len(timesteps))
+            noise_pred = motion.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
             if self._guided:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)
@@ -442,8 +479,8 @@ class AnimateDiffEngine(DiffusionEngine):
             for offset, frame in enumerate(previous):
                 frame.denoised = latents[index, :, first + offset].clone()
             if not txt2img:
-                state.data[HISTORY].frames.append(_Frame(new_inputs[index].clone(),
-                                                         latents[index, :, -1].clone()))
+                state.data[HISTORY].frames.append(_Frame(new_inputs[index].clone(), latents[index, :, -1].clone(),
+                                                         _conditions(units, state, index)))
         newest = latents[:, :, -1]                                     # [B, 4, h, w]
 
         # 6. Latent plugins, then decode the newest frame only.
