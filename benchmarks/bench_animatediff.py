@@ -12,9 +12,13 @@ engines/tiny.py's model and a MotionAdapter that fits it.
 Each row times ``engine.step`` for its own session, uint8 frame on the device in and out, all rows in
 one run, taking turns frame by frame: the plain diffusion engine and the animatediff engine at each
 ``--windows`` size (``--overlap``
-does not change the work: every window frame is denoised either way). A device sync after each
-frame (benchmarks may sync); the median over ``--frames`` after ``--warmup`` frames, which also fill
-the window. The added ms is the row's median minus the plain engine's.
+does not change the work: every window frame is denoised either way), then the same with one
+ControlNet slot on (a random ControlNet of the model's family, ``ControlNetModel.from_unet``, written
+to a temporary folder and loaded as a slot loads it; the condition is the input frame; ``--no-controlnet``
+leaves these rows out). A device sync after each frame (benchmarks may sync); the median over
+``--frames`` after ``--warmup`` frames, which also fill the window. The added ms is the row's median
+minus the plain engine's; a ControlNet row's "ControlNet ms" is its median minus the same row's
+without the slot.
 """
 
 from __future__ import annotations
@@ -70,6 +74,27 @@ def build_adapter(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     return adapter.to(device, dtype).eval().requires_grad_(False)
 
 
+def write_controlnet(parts: Any, dtype: torch.dtype) -> Path:
+    """A random ControlNet for the model's UNet in a temporary ControlNet folder, as ``<folder>/random``."""
+    import tempfile
+
+    from sdbridge.engines.tiny import random_controlnet
+
+    folder = Path(tempfile.mkdtemp(prefix="sdbridge-bench-controlnet-"))
+    random_controlnet(parts.unet, seed=1).to(dtype).save_pretrained(folder / "random", safe_serialization=True)
+    return folder
+
+
+def with_controlnet(engine: Any, folder: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """Slot 1 on ``random`` from ``folder`` (loaded now, off the timings); the row's values."""
+    engine.controlnet_dir = str(folder)
+    values = {**values, "controlnet_1_model": "random", "controlnet_1_scale": 1.0, "controlnet_1_channel": 0}
+    engine.prepare(values)
+    engine.controlnets.wait(timeout_s=600)
+    assert engine.controlnets.serving[0] == "random", engine.controlnets.describe()
+    return values
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -81,10 +106,13 @@ def time_rows(rows: list[tuple[str, Any, dict[str, Any]]], frames: torch.Tensor,
     as on shared machines, then weighs on every row alike); each row keeps its own session."""
     states = {name: StreamState(name) for name, _, _ in rows}
     times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+    images = frames.cpu().numpy()    # the ControlNet condition comes from the CPU pool in the daemon
     for index in range(warmup + count):
         frame = frames[index % len(frames)][None]
         for name, engine, values in rows:
             engine.prepare(values)     # between frames, untimed; cheap (cached prompt)
+            if engine.controlnets is not None:   # the worker's CPU-pool step: this frame's condition images
+                engine.controlnets.condition(states[name].data, images[index % len(frames)])
             sync(device)
             started = time.perf_counter()
             engine.step(frame, [states[name]])
@@ -104,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strength", type=float, default=1.0, help="1.0: every step runs")
     parser.add_argument("--windows", default="4,8,16")
     parser.add_argument("--overlap", type=int, default=0)
+    parser.add_argument("--no-controlnet", action="store_true", help="leave out the rows with one ControlNet slot")
     parser.add_argument("--frames", type=int, default=20, help="timed frames per row")
     parser.add_argument("--warmup", type=int, default=None, help="untimed frames per row (default: largest window)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on the CPU: shared "
@@ -134,14 +163,26 @@ def main(argv: list[str] | None = None) -> int:
     motion.attach_motion("random", adapter)
     configs = [("diffusion (no motion)", plain, values)]
     configs += [(f"animatediff window {window}", motion, {**values, "motion_window": window}) for window in windows]
+    if not args.no_controlnet:   # engines of their own: a slot's model stays loaded only while a slot names it
+        folder = write_controlnet(parts, dtype)
+        plain_cn = DiffusionEngine.from_parts(parts)
+        motion_cn = AnimateDiffEngine.from_parts(parts)
+        motion_cn.attach_motion("random", adapter)
+        configs += [(f"{name} + ControlNet", engine, with_controlnet(engine, folder, config))
+                    for name, engine, config in [(configs[0][0], plain_cn, values), *[
+                        (f"animatediff window {window}", motion_cn, {**values, "motion_window": window})
+                        for window in windows]]]
     times = time_rows(configs, frames, warmup, args.frames, device)
     rows: list[dict[str, Any]] = [{"row": name, "ms": statistics.median(times[name]),
                                    "p90_ms": float(np.percentile(times[name], 90))} for name, _, _ in configs]
     base = rows[0]["ms"]
+    by_name = {row["row"]: row["ms"] for row in rows}
     for row in rows:
         row["fps"] = 1000.0 / row["ms"]
         row["added_ms"] = row["ms"] - base
         row["ratio"] = row["ms"] / base
+        without = by_name.get(row["row"].removesuffix(" + ControlNet")) if row["row"].endswith(" + ControlNet") else None
+        row["controlnet_ms"] = row["ms"] - without if without is not None else None
 
     kind = "tiny random model" if args.tiny else "SD 1.5-size UNet + MotionAdapter v1.5-size, random weights"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
@@ -150,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{kind}; {size}×{size}, {str(dtype).replace('torch.', '')}, {args.steps} steps at strength "
           f"{args.strength}, TAESD; overlap {args.overlap}; median of {args.frames} frames after {warmup} "
           f"(models built in {built_s:.1f} s)\n")
-    print("| engine | ms/frame (median) | p90 ms | frames/s | added ms/frame | × plain |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | ms/frame (median) | p90 ms | frames/s | added ms/frame | × plain | ControlNet ms/frame |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
+        controlnet = f"{row['controlnet_ms']:+.1f}" if row["controlnet_ms"] is not None else ""
         print(f"| {row['row']} | {row['ms']:.1f} | {row['p90_ms']:.1f} | {row['fps']:.1f} | "
-              f"{row['added_ms']:+.1f} | {row['ratio']:.2f} |")
+              f"{row['added_ms']:+.1f} | {row['ratio']:.2f} | {controlnet} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "size": size, "dtype": str(dtype), "steps": args.steps,
                                                "rows": rows}, indent=2), encoding="utf-8")
