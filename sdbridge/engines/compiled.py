@@ -37,6 +37,15 @@ window does not run that ControlNet. In stream batch each frame in flight keeps 
 image it entered with, so each frame comes out as the eager engine makes it (the scale, window
 and prompt in force are the current ones, as for the rest of the stream).
 
+Compiling off the frame path (engines/background_compile.py): the load's warm-up compiles the
+default resolution's graphs in the call (the cold start, with a progress bar); after that, a call
+that no ready graph fits (a new resolution, another number of sessions, a longer prompt) runs the
+same function uncompiled while its graph compiles in a worker thread, and a ControlNet of an
+architecture without a graph is compiled on its loader's thread before it serves, so the old set
+serves until then. ControlNets of one architecture share a graph (their weights are its inputs).
+The feature bank's attention keeps tensors between calls in Python, which no static graph holds:
+while it is on, the UNet runs uncompiled.
+
 Schedulers whose step is not linear and memoryless (multistep solvers, ancestral and LCM
 samplers, which draw noise) run the eager engine's exact path instead: nothing is faked.
 """
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -55,9 +65,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sdbridge.engines.background_compile import BackgroundCompiler, ModuleSpec, TensorSpec
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.feature_bank import attached_bank
 from sdbridge.engines.parts import PipelineParts
 
 log = logging.getLogger(__name__)
@@ -217,9 +229,13 @@ class CompiledEngine(DiffusionEngine):
         self.residual_cfg = False                # self-negative guidance: one UNet pass, not two
         self.channels_last: bool | None = None   # None: on CUDA only
         self.warmup_on_load = True
+        self.background_compile = True           # new shapes and ControlNets compile off the frame path
         self.nan_frames = 0
         self.compile_s = 0.0
-        self._compiled: dict[tuple, Callable[..., Any]] = {}
+        self._compiled: dict[tuple, Callable[..., Any]] = {}   # (part, resolution, batch) -> torch.compile'd
+        self._dispatch: dict[tuple, Callable[..., Any]] = {}
+        self._compiler = BackgroundCompiler()
+        self._told_bank = False
         self._schedule: LinearSchedule | None = None
         self._schedule_key: tuple | None = None
         self._cfg = "none"                       # none | exact | residual, settled in prepare
@@ -260,6 +276,8 @@ class CompiledEngine(DiffusionEngine):
             for module in (parts.unet, self.autoencoder):
                 module.to(memory_format=torch.channels_last)
         self._compiled.clear()
+        self._dispatch.clear()
+        self._compiler.clear()
         self._zero_residuals.clear()
         self._window_masks.clear()
         self._schedule_key = None
@@ -269,6 +287,8 @@ class CompiledEngine(DiffusionEngine):
 
     def close(self) -> None:
         self._compiled.clear()
+        self._dispatch.clear()
+        self._compiler.close()
         self._pinned.clear()
         self._zero_residuals.clear()
         super().close()
@@ -276,6 +296,7 @@ class CompiledEngine(DiffusionEngine):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out.update(compiled=self.compile_active, graphs=len(self._compiled), cfg=self._cfg,
+                   compiling=self._compiler.pending, compile_failed=len(self._compiler.failed),
                    path=self._path_name(), stream_steps=self._schedule.steps if self._schedule else None,
                    nan_frames=self.nan_frames)
         return out
@@ -297,7 +318,8 @@ class CompiledEngine(DiffusionEngine):
         started = time.perf_counter()
         self.prepare(params)
         width, height = self.resolution
-        with tqdm(total=len(sessions) * runs, desc=f"compiling {width}x{height}", unit="run", leave=False) as bar:
+        with tqdm(total=len(sessions) * runs, desc=f"compiling {width}x{height}", unit="run", leave=False) as bar, \
+                self._compiler.inline():
             for count in sessions:
                 frames = torch.zeros((count, height, width, 3), dtype=torch.uint8, device=self.device)
                 states = [StreamState(f"warmup-{i}") for i in range(count)]
@@ -439,6 +461,13 @@ class CompiledEngine(DiffusionEngine):
         uncond = uncond if self._cfg == "exact" else None
         down, mid = self._control_residuals(x, timesteps, input_scale, cond, uncond, controls, row_steps, steps)
         denoise = self._part(f"denoise-{self._cfg}", x.shape[0], self._denoise)
+        if self.compile_active and attached_bank(self.parts.unet) is not None:
+            # The feature bank's attention keeps per-session tensors in Python between calls, which no
+            # static graph holds: the UNet runs uncompiled while it is on (the rest stays compiled).
+            if not self._told_bank:
+                self._told_bank = True
+                log.warning("feature bank on: the compiled engine runs its UNet uncompiled while it is on")
+            denoise = self._denoise
         return denoise(x, timesteps, input_scale, sample_coef, eps_coef, residual, cond, uncond,
                        self._guidance_tensor, self._cfg, down, mid)
 
@@ -528,9 +557,13 @@ class CompiledEngine(DiffusionEngine):
     # --- the parts that are compiled --------------------------------------------------------------
 
     def _part(self, part: str, batch: int, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """The callable for one part at this resolution and batch; compiled once, then cached."""
+        """The callable for one part at this resolution and batch.
+
+        Uncompiled: ``fn``. Compiled: a torch.compile'd ``fn`` behind the background compiler
+        (engines/background_compile.py), so that a call whose graph is not ready yet runs ``fn`` while
+        the graph compiles off the frame path (with ``background_compile`` off: compiled in the call)."""
         key = (part, self.resolution, batch)
-        found = self._compiled.get(key)
+        found = self._dispatch.get(key)
         if found is None:
             found = fn
             if self.compile_active:
@@ -538,10 +571,37 @@ class CompiledEngine(DiffusionEngine):
                 mode = self.compile_mode
                 if mode is None and backend == "inductor" and self.device.type == "cuda":
                     mode = "reduce-overhead"
-                log.info("compiling %s for %dx%d, batch %d (%s, %s)", part, *self.resolution, batch, backend, mode)
-                found = torch.compile(fn, backend=backend, mode=mode, fullgraph=True, dynamic=False)
-            self._compiled[key] = found
+                log.info("graph %s for %dx%d, batch %d (%s, %s)", part, *self.resolution, batch, backend, mode)
+                compiled = torch.compile(fn, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+                self._compiled[key] = compiled
+                found = functools.partial(self._compiler.call, key, fn, compiled) if self.background_compile \
+                    else compiled
+            else:
+                self._compiled[key] = fn
+            self._dispatch[key] = found
         return found
+
+    def wait_compiled(self, timeout_s: float = 600.0) -> bool:
+        """Until no graph is compiling in the background (tests, benchmarks; never the frame path)."""
+        return self._compiler.wait(timeout_s)
+
+    def _make_controlnets(self) -> Any:
+        controlnets = super()._make_controlnets()
+        controlnets.warm = self._warm_controlnet
+        return controlnets
+
+    def _warm_controlnet(self, model: Any) -> None:
+        """On the ControlNet loader's thread, before the new model serves: compile its graph for every
+        shape a ControlNet graph serves now, so that the old set serves until it is ready and the first
+        frame with the new one compiles nothing. A ControlNet of an architecture already compiled has
+        its graph (Dynamo takes the weights as inputs): nothing to do."""
+        if not (self.compile_active and self.background_compile):
+            return
+        for key, args, (inference, grad) in list(self._compiler.ready):
+            if not (isinstance(key, tuple) and str(key[0]).startswith("control") and key in self._compiled):
+                continue
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                self._compiler.prime(key, self._compiled[key], *_materialize(args, model))
 
     def _entry(self, frames: torch.Tensor, noise: torch.Tensor, entry_coef: torch.Tensor,
                noise_coef: torch.Tensor) -> torch.Tensor:
@@ -659,6 +719,18 @@ class CompiledEngine(DiffusionEngine):
                         "buffers are refilled", len(bad), ", ".join(s.session_id for s in bad))
             for state in bad:
                 state.data.pop(STREAM_KEY, None)
+
+
+def _materialize(spec: Any, module: torch.nn.Module) -> Any:
+    """Arguments rebuilt from a compile signature: zero tensors of each layout, ``module`` for each module."""
+    if isinstance(spec, TensorSpec):
+        return spec.make()
+    if isinstance(spec, ModuleSpec):
+        return module
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] in ("tuple", "list"):
+        items = [_materialize(item, module) for item in spec[1]]
+        return items if spec[0] == "list" else tuple(items)
+    return spec
 
 
 def _session_controls(controls: Sequence[ControlUnit], index: int) -> list[ControlUnit]:

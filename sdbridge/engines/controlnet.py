@@ -286,6 +286,9 @@ class ControlNets:
         self._ready: dict[str, Any] = {}           # loaded, waiting for the worker to take them
         self._ready_failed: dict[str, str] = {}
         self.loads = 0
+        # Called on the loader thread with each new model before it is handed over (the compiled engine
+        # compiles its graphs there, so the old set serves until the new one is ready to run fast).
+        self.warm: Callable[[Any], None] | None = None
 
     # --- parameters and models (worker thread) ---
 
@@ -358,6 +361,11 @@ class ControlNets:
                              "message": f"controlnet {name!r} could not be loaded: {message}; "
                                         f"its slot keeps the ControlNet it had"})
                 continue
+            if self.warm is not None:
+                try:
+                    self.warm(model)
+                except Exception:  # the model still serves, uncompiled
+                    log.exception("readying controlnet %s for the compiled engine failed", name)
             with self._lock:
                 self._ready[name] = model
                 self._loading.discard(name)

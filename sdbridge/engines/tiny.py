@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,8 +103,9 @@ def write_components(folder: Path, parts: dict[str, object]) -> Path:
     return folder
 
 
-def random_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.3):  # noqa: ANN201 - ControlNetModel
-    """A ControlNet for ``unet``'s family (``ControlNetModel.from_unet``), random but seeded.
+def random_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.3,  # noqa: ANN201 - ControlNetModel
+                      **config: Any):
+    """A ControlNet for ``unet``'s family (``ControlNetModel.from_unet``, ``config`` passed on), random but seeded.
 
     A new ControlNet's output convolutions start at zero, so it would add nothing; a trained one's
     are not zero, and neither are these (normal with ``std``), so that tests see it act.
@@ -111,7 +113,7 @@ def random_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.3):  
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
-    model = ControlNetModel.from_unet(unet)
+    model = ControlNetModel.from_unet(unet, **config)
     for module in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
         torch.nn.init.normal_(module.weight, std=std)
         torch.nn.init.normal_(module.bias, std=std / 3)

@@ -1,0 +1,271 @@
+"""Compiling off the frame path: a new shape or a new ControlNet never freezes the stream.
+
+torch.compile compiles on the first call that misses its cache: a new resolution, a new number of
+sessions, a prompt past 75 tokens, a ControlNet of another architecture. On the frame path that
+first call would hold the stream for the whole compile (about a minute for the SD UNet with CUDA
+graphs on an H100, seconds with Inductor's disk cache warm). Here a call is first reduced to its
+*signature* (every tensor argument's shape, strides, dtype and device, every module argument's
+architecture, every other argument's value: what the compiled graph is specialised on). A call
+whose signature has a finished graph runs it; any other call runs the same function uncompiled
+(the same maths, proven by the engines' parity tests) and hands the compile to one worker thread,
+which calls the compiled function once on zero-filled stand-ins of the same signature. From the
+first call after that finishes, the graph serves.
+
+A compile that fails (a graph break, an Inductor error) is logged once and its signature keeps
+the uncompiled path: slower, never wrong, never a dead stream.
+
+Thread safety: Dynamo's frame hook is per thread, so the frame path running a function uncompiled
+is not traced while the worker traces it; Dynamo serialises its own compiles; torch 2.13's CUDA
+graph trees keep a tree manager per thread and serialise captures across threads
+(torch/_inductor/cudagraph_trees.py), so the worker's one call records in its own pool and the
+frame path records its own graph on its next call (milliseconds, not a compile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a compiled graph is specialised on for one tensor argument."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    inference: bool     # an inference-mode tensor has other dispatch keys, which Dynamo guards on
+
+    def make(self) -> torch.Tensor:
+        """A zero tensor of exactly this shape and layout (strides of 0 included: an expanded tensor)."""
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride) if size > 0)
+        if any(size == 0 for size in self.shape):
+            extent = 0
+        with torch.inference_mode(self.inference):
+            storage = torch.zeros(max(extent, 0), dtype=self.dtype, device=self.device)
+            return storage.as_strided(self.shape, self.stride)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A module argument by architecture: two ControlNets of one config share a graph (Dynamo inlines
+    modules and takes their weights as inputs), two of different configs do not."""
+
+    kind: str
+    config: str
+
+
+_module_specs: weakref.WeakKeyDictionary[torch.nn.Module, ModuleSpec] = weakref.WeakKeyDictionary()
+
+
+def _module_spec(module: torch.nn.Module) -> ModuleSpec:
+    found = _module_specs.get(module)
+    if found is None:
+        config = getattr(module, "config", None)
+        # A module without a config is known only by identity: a new one is a new graph.
+        described = repr(sorted(dict(config).items())) if isinstance(config, Mapping) else f"id={id(module)}"
+        found = ModuleSpec(f"{type(module).__module__}.{type(module).__qualname__}", described)
+        _module_specs[module] = found
+    return found
+
+
+def signature(value: Any) -> Hashable:
+    """The hashable signature of a call's arguments (tensors by layout, modules by architecture)."""
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.is_inference())
+    if isinstance(value, torch.nn.Module):
+        return _module_spec(value)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(signature(item) for item in value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"no compile signature for an argument of type {type(value).__name__}")
+
+
+def stand_ins(args: tuple[Any, ...], modules: Mapping[ModuleSpec, torch.nn.Module] | None = None) -> tuple[Any, ...]:
+    """Arguments with every tensor replaced by zeros of the same layout (the compile needs shapes, not
+    the frame's data, which the frame path goes on using); modules replaced from ``modules`` if given."""
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return signature(value).make()  # type: ignore[union-attr]
+        if isinstance(value, torch.nn.Module) and modules is not None:
+            return modules.get(_module_spec(value), value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(swap(item) for item in value)
+        return value
+
+    return swap(args)  # type: ignore[no-any-return]
+
+
+def _grad_modes() -> tuple[bool, bool]:
+    return torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+
+Signature = tuple[Hashable, Hashable, tuple[bool, bool]]   # (part key, arguments, grad modes)
+
+
+@dataclass
+class _Job:
+    key: Signature
+    compiled: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+class BackgroundCompiler:
+    """Serves each call compiled where its graph is ready, uncompiled otherwise; compiles in a thread.
+
+    ``inline`` (a context) compiles on the calling thread instead: the warm-up at load, whose wait is
+    the cold start, shown with a progress bar.
+    """
+
+    def __init__(self, name: str = "sdbridge-compile") -> None:
+        self.name = name
+        self.ready: set[Signature] = set()
+        self.failed: dict[Signature, str] = {}
+        self.compiles = 0
+        self.compile_s = 0.0
+        self._pending: set[Signature] = set()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._inline = threading.local()
+        self._gate = threading.Event()
+        self._gate.set()
+        self._idle = threading.Condition(self._lock)
+
+    # --- the frame path -------------------------------------------------------------------------
+
+    def call(self, key: Hashable, fn: Callable[..., Any], compiled: Callable[..., Any], *args: Any) -> Any:
+        """``compiled(*args)`` when its graph for these arguments is ready, else ``fn(*args)`` and a compile
+        queued (inside :meth:`inline`: the compile runs now, on this thread)."""
+        sig = (key, signature(args), _grad_modes())
+        if sig in self.ready:
+            return compiled(*args)
+        if getattr(self._inline, "on", False) and sig not in self.failed:
+            done, out = self._compile(sig, compiled, args)
+            return out if done else fn(*args)
+        with self._lock:
+            queued = sig in self._pending or sig in self.failed
+            if not queued:
+                self._pending.add(sig)
+        if not queued:
+            log.info("compiling %s in the background; the uncompiled path serves until it is ready", key)
+            self._submit(_Job(sig, compiled, stand_ins(args)))
+        return fn(*args)
+
+    def prime(self, key: Hashable, compiled: Callable[..., Any], *args: Any) -> bool:
+        """Compile for these arguments on the calling thread unless ready (a loader thread readying a new
+        ControlNet before it serves). -> True when the graph is ready afterwards."""
+        sig = (key, signature(args), _grad_modes())
+        if sig in self.ready:
+            return True
+        if sig in self.failed:
+            return False
+        self._gate.wait()
+        self._compile(sig, compiled, stand_ins(args))
+        return sig in self.ready
+
+    @contextlib.contextmanager
+    def inline(self) -> Iterator[None]:
+        """Inside: compiles happen on this thread, in the call (the load's warm-up)."""
+        self._inline.on = True
+        try:
+            yield
+        finally:
+            self._inline.on = False
+
+    # --- control ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No background compile starts inside, on the worker or in :meth:`prime` (tests see the uncompiled
+        path, or the old ControlNet set, serve while a compile is due)."""
+        self._gate.clear()
+        try:
+            yield
+        finally:
+            self._gate.set()
+
+    def wait(self, timeout_s: float = 600.0) -> bool:
+        """Until nothing is queued or compiling (tests, benchmarks; never the frame path). -> idle?"""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def clear(self) -> None:
+        """Forget every graph (a new model: its graphs are new). Queued jobs still run, harmlessly."""
+        self.ready.clear()
+        self.failed.clear()
+
+    def close(self) -> None:
+        self.clear()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread = None
+
+    # --- the worker -----------------------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        self._queue.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            self._gate.wait()
+            try:
+                self._compile(job.key, job.compiled, job.args)
+            finally:
+                with self._idle:
+                    self._pending.discard(job.key)
+                    self._idle.notify_all()
+
+    def _compile(self, sig: Signature, compiled: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        """One call of ``compiled`` (which compiles it for these arguments). -> (done, its output)"""
+        started = time.perf_counter()
+        inference, grad = sig[2]
+        try:
+            # The caller's grad mode: Dynamo guards on it (the frame path runs in inference mode).
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                out = compiled(*args)
+            if isinstance(out, torch.Tensor) and out.is_cuda:
+                torch.cuda.synchronize(out.device)  # off the frame path: the compile is done when this returns
+        except Exception as exc:
+            key = sig[0]
+            self.failed[sig] = f"{type(exc).__name__}: {exc}"
+            log.warning("compiling %s failed (%s: %s); it runs uncompiled", key, type(exc).__name__,
+                        str(exc).splitlines()[0][:300] if str(exc) else "")
+            return False, None
+        seconds = time.perf_counter() - started
+        self.ready.add(sig)
+        self.compiles += 1
+        self.compile_s += seconds
+        log.info("compiled %s in %.1f s", sig[0], seconds)
+        return True, out

@@ -1,0 +1,277 @@
+"""Compiling off the frame path (engines/background_compile.py): signatures, the uncompiled path serving
+while a graph compiles, failures, and the compiled engine meeting a new resolution and a ControlNet of a
+new architecture without compiling on the frame path (torch.compile's aot_eager backend on the CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdbridge.engines.background_compile import BackgroundCompiler, ModuleSpec, TensorSpec, signature, stand_ins
+from sdbridge.engines.base import StreamState
+from sdbridge.engines.compiled import CompiledEngine
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.models import load_pipeline_parts
+from sdbridge.engines.tiny import random_controlnet
+from sdbridge.params import Schema
+
+CPU = torch.device("cpu")
+TOLERANCE = 1e-4
+
+
+def params(**overrides) -> dict:
+    values = Schema().defaults()
+    values.update(width=64, height=64, steps=2, strength=1.0, guidance=1.0, seed=3, prompt="a red fox",
+                  negative_prompt="blurry")
+    values.update(overrides)
+    return values
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+# --- signatures -------------------------------------------------------------------------------------
+
+
+def test_signature_holds_layout_and_stand_ins_match_it():
+    base = torch.randn(2, 3, 4)
+    expanded = torch.randn(1, 5).expand(4, 5)
+    args = (base, base.permute(0, 2, 1), expanded, [base[0], None], "exact", 2)
+    sig = signature(args)
+    copies = stand_ins(args)
+    assert signature(copies) == sig
+    assert all(float(t.abs().sum()) == 0 for t in (copies[0], copies[1], copies[2], copies[3][0]))
+    assert copies[2].stride() == (0, 1) and copies[1].stride() == base.permute(0, 2, 1).stride()
+    assert copies[4:] == ("exact", 2) and copies[3][1] is None
+    # Each of these is another graph to torch.compile, so another signature.
+    assert signature((torch.randn(2, 4, 3),)) != signature((base,))
+    assert signature((base.half(),)) != signature((base,))
+    assert signature((base.contiguous().permute(0, 2, 1).contiguous(),)) != signature((base.permute(0, 2, 1),))
+    assert signature((base, "residual")) != signature((base, "exact"))
+    with torch.inference_mode():
+        inference = torch.randn(2, 3, 4)
+    assert signature((inference,)) != signature((base,))  # other dispatch keys: Dynamo guards on them
+    assert signature(stand_ins((inference,))) == signature((inference,))
+
+
+def test_modules_by_architecture():
+    from diffusers import ControlNetModel
+
+    def small(**config):
+        return ControlNetModel(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4, layers_per_block=1,
+                               conditioning_embedding_out_channels=(4, 8), **config)
+
+    one, two, other = small(), small(), small(conditioning_channels=1)
+    assert isinstance(signature(one), ModuleSpec)
+    assert signature(one) == signature(two)          # same config: one graph, the weights are inputs
+    assert signature(one) != signature(other)
+    plain = torch.nn.Linear(2, 2)                    # no config: known by identity
+    assert signature(plain) != signature(torch.nn.Linear(2, 2))
+    assert stand_ins((one, torch.ones(1)), {signature(one): two})[0] is two
+    with pytest.raises(TypeError, match="dict"):
+        signature(({"a": 1},))
+
+
+# --- the compiler ------------------------------------------------------------------------------------
+
+
+def scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x * scale).relu() + 1
+
+
+def test_serves_uncompiled_until_ready_then_compiled():
+    torch._dynamo.reset()
+    compiler = BackgroundCompiler("test-compile")
+    compiled = torch.compile(scaled, backend="aot_eager", fullgraph=True, dynamic=False)
+    x, scale = torch.randn(4, 8), torch.tensor(2.0)
+    before = graphs()
+    with compiler.paused():
+        for _ in range(3):  # the worker holds: every call runs uncompiled, and one compile is queued
+            out = compiler.call("part", scaled, compiled, x, scale)
+            assert torch.equal(out, scaled(x, scale))
+        assert compiler.pending == 1 and graphs() == before and not compiler.ready
+    assert compiler.wait(120)
+    assert graphs() == before + 1 and len(compiler.ready) == 1 and compiler.compiles == 1
+    other = torch.randn(4, 8)
+    assert torch.allclose(compiler.call("part", scaled, compiled, other, scale), scaled(other, scale))
+    assert graphs() == before + 1                     # the ready graph served: no compile on this thread
+    compiler.call("part", scaled, compiled, torch.randn(2, 8), scale)   # a new shape: queued again
+    assert compiler.wait(120) and graphs() == before + 2 and compiler.compiles == 2
+    compiler.close()
+
+
+def test_inline_compiles_in_the_call():
+    torch._dynamo.reset()
+    compiler = BackgroundCompiler("test-compile")
+    compiled = torch.compile(scaled, backend="aot_eager", fullgraph=True, dynamic=False)
+    before = graphs()
+    with compiler.inline():
+        compiler.call("part", scaled, compiled, torch.randn(3, 3), torch.tensor(1.0))
+    assert graphs() == before + 1 and compiler.pending == 0 and len(compiler.ready) == 1
+
+
+def breaks_graph(x: torch.Tensor) -> torch.Tensor:
+    if float(x.sum()) > 1e9:  # data-dependent Python control flow: no full graph
+        return x
+    return x * 3
+
+
+def test_a_failed_compile_keeps_the_uncompiled_path(caplog):
+    compiler = BackgroundCompiler("test-compile")
+    compiled = torch.compile(breaks_graph, backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.ones(2, 2)
+    assert torch.equal(compiler.call("bad", breaks_graph, compiled, x), x * 3)
+    assert compiler.wait(120)
+    assert len(compiler.failed) == 1 and not compiler.ready
+    assert "compiling bad failed" in caplog.text
+    for _ in range(2):  # served uncompiled from now on, and not queued again
+        assert torch.equal(compiler.call("bad", breaks_graph, compiled, x), x * 3)
+    assert compiler.pending == 0 and compiler.compiles == 0
+    with compiler.inline():  # a failure inside the warm-up falls back too
+        assert torch.equal(compiler.call("bad", breaks_graph, compiled, x), x * 3)
+
+
+# --- the compiled engine -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    loaded.taesd = None
+    return loaded
+
+
+def frames(width: int, height: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8))
+
+
+def test_new_resolution_serves_uncompiled_while_it_compiles(parts):
+    """After the load's warm-up at 64x64, the stream moves to 96x64: its frames come from the uncompiled
+    path (the eager engine's output) with no compile on the frame path; once the background compile is
+    done, the graphs serve and nothing compiles again."""
+    torch._dynamo.reset()
+    ours = CompiledEngine.from_parts(parts)
+    ours.compile_backend = "aot_eager"
+    ours.warmup(params(), runs=2)                     # inline: the cold start's compile
+    warm = graphs()
+    assert warm >= 3 and ours.describe()["compiling"] == 0
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(width=96))
+    expected = reference.step_float(frames(96, 64), [StreamState("r")])
+    state = StreamState("s")
+    ours.prepare(params(width=96))
+    with ours._compiler.paused():
+        for _ in range(2):
+            out = ours.step_float(frames(96, 64), [state])
+            assert relative_error(out, expected) <= TOLERANCE
+        assert graphs() == warm and ours.describe()["compiling"] >= 3   # entry, denoise, decode queued
+    assert ours.wait_compiled(300)
+    compiled_graphs = graphs()
+    assert compiled_graphs >= warm + 3
+    out = ours.step_float(frames(96, 64), [state])
+    assert relative_error(out, expected) <= TOLERANCE
+    assert graphs() == compiled_graphs and ours.describe()["compiling"] == 0
+    ours.prepare(params())                            # back to 64x64: its graphs are still there
+    ours.step_float(frames(64, 64), [StreamState("t")])
+    assert graphs() == compiled_graphs and ours.describe()["compiling"] == 0
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(parts, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("controlnet")
+    random_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
+    random_controlnet(parts.unet, seed=2, conditioning_embedding_out_channels=(8, 16, 32, 64)).save_pretrained(
+        folder / "slim", safe_serialization=True)
+    return folder
+
+
+def test_a_controlnet_of_a_new_architecture_compiles_before_it_serves(parts, controlnet_dir):
+    """A ControlNet whose architecture has no graph yet (another conditioning embedding) is compiled on
+    its loader's thread: the old ControlNet serves until that is done, and the first frames with the new
+    one compile nothing on the frame path."""
+    torch._dynamo.reset()
+    ours = CompiledEngine.from_parts(parts)
+    ours.compile_backend = "aot_eager"
+    ours.controlnet_dir = str(controlnet_dir)
+    ours.stream_batch = False
+    frame = frames(64, 64)
+    image = frame[0].numpy()
+    state = StreamState("s")
+
+    def run(model: str) -> torch.Tensor:
+        ours.prepare(params(controlnet_1_model=model, controlnet_1_scale=1.5))
+        ours.controlnets.condition(state.data, image)
+        return ours.step_float(frame, [state])
+
+    def eager(model: str) -> torch.Tensor:
+        reference = DiffusionEngine.from_parts(parts)
+        reference.controlnet_dir = str(controlnet_dir)
+        reference.prepare(params(controlnet_1_model=model, controlnet_1_scale=1.5))
+        reference.controlnets.wait()
+        fresh = StreamState("r")
+        reference.controlnets.condition(fresh.data, image)
+        return reference.step_float(frame, [fresh])
+
+    ours.prepare(params(controlnet_1_model="edges", controlnet_1_scale=1.5))
+    ours.controlnets.wait()
+    run("edges")
+    assert ours.wait_compiled(300)
+    with_edges = run("edges")
+    assert relative_error(with_edges, eager("edges")) <= TOLERANCE
+    before = graphs()
+
+    with ours._compiler.paused():                     # the new ControlNet's compile cannot start
+        loaded = run("slim")
+        assert relative_error(loaded, with_edges) <= TOLERANCE   # the old ControlNet still serves
+        assert ours.controlnets.describe()["loading"] == ["slim"]
+    ours.controlnets.wait(300)
+    assert graphs() > before                          # compiled on the loader's thread
+    compiled = graphs()
+    with_slim = run("slim")
+    assert ours.controlnets.serving[0] == "slim"
+    assert relative_error(with_slim, eager("slim")) <= TOLERANCE
+    assert relative_error(with_slim, with_edges) > 1e-3
+    assert graphs() == compiled and ours.describe()["compiling"] == 0
+    run("edges")                                      # back to an architecture with a graph: nothing compiles
+    ours.controlnets.wait(300)
+    assert relative_error(run("edges"), with_edges) <= TOLERANCE and graphs() == compiled
+
+
+def test_feature_bank_runs_the_unet_uncompiled(parts, caplog):
+    """The feature bank's attention keeps tensors between calls that no static graph holds: with it on,
+    the compiled engine's UNet runs uncompiled (said once in the log) and matches the eager engine with
+    the same bank, frame after frame."""
+    from sdbridge.engines import feature_bank as bank_ops
+
+    ours = CompiledEngine.from_parts(parts)
+    ours.compile_backend = "aot_eager"
+    ours.stream_batch = False
+    reference = DiffusionEngine.from_parts(parts)
+    ours.prepare(params())
+    reference.prepare(params())
+    bank = bank_ops.FeatureBank(strength=1.0)
+    bank_ops.attach(parts.unet, bank)
+    try:
+        for seed in range(3):
+            outputs = []
+            for engine in (ours, reference):
+                bank.begin_frame([f"{engine.name}"])
+                outputs.append(engine.step_float(frames(64, 64, seed), [StreamState(engine.name)]))
+                bank.end_frame()
+            assert relative_error(*outputs) <= TOLERANCE, f"frame {seed}"
+        assert len(bank) > 0
+    finally:
+        bank_ops.detach(parts.unet)
+    assert caplog.text.count("feature bank on") == 1
