@@ -396,7 +396,7 @@ def test_cuda_graphs_fp16_parity_from_host_frames(tiny_model_dir):
     gpu_parts = load_pipeline_parts(str(tiny_model_dir), cuda, torch.float16)
     ours = CompiledEngine.from_parts(gpu_parts)
     assert ours.compile_active and ours.compile_mode is None  # inductor, reduce-overhead
-    ours.prepare(params(steps=4, strength=0.5, guidance=2.0))
+    ours.warmup(params(steps=4, strength=0.5, guidance=2.0), runs=2)  # compiled in the call, as at load
     reference = DiffusionEngine.from_parts(gpu_parts)
     reference.prepare(params(steps=4, strength=0.5, guidance=2.0))
     frames = make_frames(4)
@@ -408,3 +408,17 @@ def test_cuda_graphs_fp16_parity_from_host_frames(tiny_model_dir):
         assert out.device.type == "cuda" and out.shape == (1, 64, 64, 3)
         assert relative_error(image.float(), expected.float()) <= 1e-2
     assert not bool(ours.last_nan)
+    assert ours.describe()["compiling"] == 0 and ours.describe()["compile_failed"] == 0
+    # A new resolution: uncompiled frames while its graphs compile in the background thread (CUDA graph
+    # trees keep one tree per thread), then the graphs serve, within the same bound.
+    ours.prepare(params(width=96, steps=4, strength=0.5, guidance=2.0))
+    reference.prepare(params(width=96, steps=4, strength=0.5, guidance=2.0))
+    wide = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8))
+    expected = reference.step_float(wide.to(cuda), [StreamState("r")])
+    for _ in range(2):
+        image = ours.step_float(wide.to(cuda), [StreamState("wide")])
+        assert relative_error(image.float(), expected.float()) <= 1e-2
+    assert ours.wait_compiled(600) and ours.describe()["compile_failed"] == 0
+    for _ in range(3):  # warm-up and recording on this thread, then replays
+        image = ours.step_float(wide.to(cuda), [StreamState("wide")])
+        assert relative_error(image.float(), expected.float()) <= 1e-2
