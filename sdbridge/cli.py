@@ -25,6 +25,10 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for noisy in ("diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # With the fp8 extra, diffusers imports torchao on every model load: its CUDA extensions that a CPU
+    # build cannot load (unused by --fp8) and its pytree registrations each log a warning.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +55,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help="compiled engine: torch.compile its graphs on CUDA (default; cached under ~/.cache/sdbridge/inductor)")
     add("--no-compile", dest="compile", action="store_const", const=False,
         help="compiled engine: run its data path eagerly (no compile wait; for debugging)")
+    add("--fp8", action="store_const", const=True,
+        help="compiled engine: the UNet's Linear layers in fp8 (needs torchao: pip install 'sdbridge[fp8]', and a CUDA "
+        "GPU of compute capability 8.9+); undone at load when the UNet's output moves more than 5%% (docs/speed.md)")
     add("--model-config", help="a diffusers folder whose configs describe a single-file checkpoint of an "
         "unusual architecture")
     add("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
@@ -89,7 +96,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
-                 "model", "engine", "device", "dtype", "taesd", "compile", "model_config", "models_dir", "vram_budget_mb",
+                 "model", "engine", "device", "dtype", "taesd", "compile", "fp8", "model_config", "models_dir", "vram_budget_mb",
                  "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):

@@ -46,6 +46,7 @@ class Settings:
     dtype: str = "auto"
     taesd: str | None = None
     compile: bool = True                 # the compiled engine: torch.compile on CUDA; off runs its data path eagerly
+    fp8: bool = False                    # compiled engine: UNet Linear layers in fp8 (torchao, CUDA 8.9+), parity-gated
     model_config: str | None = None      # a diffusers folder describing a single-file checkpoint's architecture
     models_dir: str | None = None
     presets_dir: str | None = None       # the user's presets (default ~/.config/sdbridge/presets)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbridge.config import Settings
+from sdbridge.errors import ConfigError
 
 OK, WARN, ERROR = "ok", "warn", "error"
 
@@ -146,6 +147,24 @@ def check_outputs(settings: Settings) -> list[Finding]:
     return findings
 
 
+def check_fp8(settings: Settings) -> list[Finding]:
+    """Whether --fp8 can run here (torchao importable, a CUDA GPU of capability 8.9+): an error when
+    it is asked for and cannot run (the engine would refuse to load), a note otherwise."""
+    from sdbridge.engines.device import pick_device
+    from sdbridge.engines.fp8 import fp8_status
+
+    try:
+        device = pick_device(settings.device)
+    except ConfigError as exc:  # check_torch names a missing device; here it only means no fp8
+        return [Finding(WARN, "fp8", f"not checked: {exc}")]
+    available, sentence, fix = fp8_status(device)
+    if available:
+        return [Finding(OK, "fp8", sentence)]
+    if not settings.fp8:
+        return [Finding(OK, "fp8", f"off; it could not run here: {sentence}")]
+    return [Finding(ERROR, "fp8", f"--fp8 is set and cannot run here: {sentence}", fix)]
+
+
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
     findings: list[Finding] = []
     findings += check_python()
@@ -155,4 +174,5 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_clip_vocab()
     findings += check_ports(settings)
     findings += check_outputs(settings)
+    findings += check_fp8(settings)
     return findings

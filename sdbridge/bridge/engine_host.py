@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ class EngineChoice:
 
 Notify = Callable[[dict[str, Any]], None]
 MODEL_ENGINES = ("diffusion", "compiled", "animatediff")  # engines that load the model parameter
+FP8_ENGINES = ("compiled",)  # --fp8 applies to these (sdbridge/engines/fp8.py)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -78,6 +80,7 @@ class EngineHost:
         self.loads = 0
         self.load_failures = 0
         self._told_about_models = False
+        self._fp8_reports: weakref.WeakKeyDictionary[Engine, Any] = weakref.WeakKeyDictionary()
 
     # --- called by the worker thread ----------------------------------------------------------
 
@@ -172,6 +175,9 @@ class EngineHost:
             out.update(self._current.describe())
         if self._loading is not None:
             out["loading"] = str(self._loading)
+        fp8 = self._fp8_reports.get(self._current) if self._current is not None else None
+        if fp8 is not None:
+            out["fp8"] = fp8.to_json()
         if self.last_error:
             out["last_error"] = self.last_error
         return out
@@ -185,6 +191,24 @@ class EngineHost:
                 item.close()
 
     # --- the loader thread --------------------------------------------------------------------
+
+    def _apply_fp8(self, engine: Any) -> Any:
+        """--fp8 on a loaded compiled engine: quantise its UNet, probed with the starting prompt's embeddings
+        (real CLIP outputs, whose outliers are what a per-tensor fp8 scale can miss), then the warm-up compile
+        that load skipped. Returns the Fp8Report; Fp8Unavailable (the engine closed) where fp8 cannot run."""
+        from sdbridge.engines.fp8 import apply_fp8
+        from sdbridge.params import Schema
+
+        defaults = Schema().defaults()
+        try:
+            cond, _ = engine.encode_prompt_pair(str(self.settings.params.get("prompt") or defaults["prompt"]), "")
+            report = apply_fp8(engine.parts.unet, engine.device, encoder_hidden_states=cond)
+        except Exception:
+            engine.close()
+            raise
+        if engine.compile_active:
+            engine.warmup(defaults)
+        return report
 
     def _load(self, choice: EngineChoice) -> None:
         started = time.perf_counter()
@@ -211,10 +235,18 @@ class EngineHost:
                     needed = None
                 if free is not None and needed is not None:
                     check_fits(needed, free, what=str(choice.model), device=str(device))
+            fp8 = self.settings.fp8 and choice.engine in FP8_ENGINES
+            if fp8:
+                engine.warmup_on_load = False  # compiled after quantising (below): the graphs capture the weights
+            elif self.settings.fp8 and engine.needs_model:
+                log.warning("--fp8 applies to the %s engine only; %s runs unquantised", "/".join(FP8_ENGINES),
+                            choice.engine)
             try:
                 engine.load(source, device, dtype)
             except torch.cuda.OutOfMemoryError as exc:
                 raise ModelError(f"out of device memory loading {choice.model}: {exc}", code="out_of_memory") from exc
+            if fp8:
+                self._fp8_reports[engine] = self._apply_fp8(engine)
             budget = self.settings.vram_budget_mb * 1024 * 1024
             needed = module_bytes(engine)
             if budget and needed > budget:
