@@ -20,6 +20,11 @@ one after another:
   as diffusers' img2img pipeline has no ControlNet (the parity with its ControlNet pipeline is in
   tests/unit/engines/test_compiled_controlnet.py). Their compile time leaves out the ControlNet's
   graph, which compiles in the untimed warm-up calls (its first conditioned frame).
+- with ``--fp8``: the compiled engine with its UNet's Linear layers in fp8 (engines/fp8.py), on a
+  copy of the UNet, batch 1 and stream batch, after the parity gate kept it (the gate's report is
+  in the JSON). On CUDA 8.9+ through ``apply_fp8``; on a CPU the same fp8 maths without the GPU
+  check (``torch._scaled_mm`` runs there), which says nothing about speed: a smoke check only.
+  These rows' frames are checked against diffusers at ``FP8_TOLERANCE``, not the fp16 tolerance.
 
 Every row times frame in host memory -> frame in host memory, with a device sync after each
 call (benchmarks may sync; the engines never do inside a frame). Compile time and peak device
@@ -51,6 +56,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 PROMPT = "a watercolor painting of a fox in a forest"
+# The fp8 rows' frame parity against diffusers (max abs error / max abs value of the float frame):
+# the UNet gate's bound (engines/fp8.py, 5 % relative L2 of the noise prediction) carried to the frame.
+FP8_TOLERANCE = 5e-2
 
 
 def commit() -> str:
@@ -174,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="time the rows interleaved in this many rounds (default 1 on CUDA, where rows run in "
                              "order, each right after its build; 5 on CPU, where other jobs' load comes and goes)")
     parser.add_argument("--skip-diffusers", action="store_true", help="leave out the plain diffusers rows")
+    parser.add_argument("--fp8", action="store_true",
+                        help="add compiled-engine rows with the UNet's Linear layers in fp8 (torchao: pip install "
+                             "'sdbridge[fp8]'; CUDA 8.9+, on a CPU the maths only)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         section.rounds = args.rounds or (1 if device.type == "cuda" else 5)
         section.compile_mode = args.compile_mode
         section.skip_diffusers = args.skip_diffusers
+        section.fp8 = args.fp8
         table, report = run_section(section)
         print(table, flush=True)
         tables.append(table)
@@ -234,6 +246,7 @@ class Section:
     compile_mode: str | None = None
     skip_diffusers: bool = False
     rounds: int = 1
+    fp8: bool = False
 
 
 def run_section(section: Section) -> tuple[str, dict[str, Any]]:
@@ -314,8 +327,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         engine.prepare({**engine_params(size, steps, 1.0), **controlnet_slot})
         return engine
 
-    def compiled_engine(steps: int, stream_batch: bool = True) -> CompiledEngine:
-        engine = CompiledEngine.from_parts(parts)
+    def compiled_engine(steps: int, stream_batch: bool = True, source: Any = parts) -> CompiledEngine:
+        engine = CompiledEngine.from_parts(source)
         engine.compile_backend = backend
         engine.compile_mode = section.compile_mode
         engine.compile = backend is not None
@@ -335,11 +348,13 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     pending: list[Row] = []
 
     def measure(row: Row, engine: Any = None, compile_s: float | None = None,
-                reference: torch.Tensor | None = None) -> None:
+                reference: torch.Tensor | None = None, row_tolerance: float | None = None) -> None:
         print(f"  {row.name} ({row.steps} step{'s' * (row.steps > 1)}) ...", file=sys.stderr, flush=True)
         if engine is not None:
             row.result["parity_rel_error"] = error = check(engine, row.steps, reference)
-            row.result["parity_ok"] = bool(error <= tolerance)
+            row.result["parity_ok"] = bool(error <= (row_tolerance or tolerance))
+            if row_tolerance is not None:
+                row.result["parity_tolerance"] = row_tolerance
         if compile_s is not None:
             row.result["compile_s"] = compile_s
         if device.type == "cuda":
@@ -382,6 +397,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     measure(Row(f"{label}, stream batch + ControlNet", engine_run(engine, 1, condition=True), 1, 4), engine,
             compile_s, reference=controlnet_reference)
     del engine
+    fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size) if section.fp8 else None
     if pending:
         print(f"  timing {len(pending)} rows interleaved, {section.rounds} rounds ...", file=sys.stderr, flush=True)
         interleave(pending, inputs, device, calls, section.rounds)
@@ -427,7 +443,36 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     report = {"device": device_name, "date": str(datetime.date.today()), "commit": commit(),
               "torch": torch.__version__, "tiny": section.tiny, "size": size, "dtype": str(dtype),
               "compile_backend": backend, "tolerance": tolerance, "build_s": build_s, "rows": results}
+    if fp8_report is not None:
+        report["fp8"] = fp8_report
     return table, report
+
+
+def fp8_rows(parts: Any, compiled_engine: Callable[..., Any], engine_run: Callable[..., Any],
+             measure: Callable[..., None], label: str, size: int) -> dict[str, Any]:
+    """The compiled engine with an fp8 UNet (a copy: quantising changes weights in place), batch 1 and
+    stream batch, as the daemon's --fp8 does it: quantised, gated on the prompt's embeddings, then
+    compiled. Returns the gate's report; no rows when the gate undid fp8."""
+    import copy
+    import dataclasses
+
+    from sdbridge.engines.fp8 import apply_fp8, quantise_with_parity
+
+    fp8_parts = dataclasses.replace(parts, unet=copy.deepcopy(parts.unet))
+    device = fp8_parts.unet.device
+    cond, _ = compiled_engine(1, source=fp8_parts).encode_prompt_pair(PROMPT, "")
+    if device.type == "cuda":
+        report = apply_fp8(fp8_parts.unet, device, encoder_hidden_states=cond)
+    else:  # the maths only: apply_fp8 refuses a CPU, where _scaled_mm is ~20x slower than fp32 (tiny, measured)
+        report = quantise_with_parity(fp8_parts.unet, encoder_hidden_states=cond)
+    print(f"  {report}", file=sys.stderr, flush=True)
+    if report.kept:
+        for name, steps in ((f"{label}, fp8, batch 1", 1), (f"{label}, fp8, stream batch", 4)):
+            engine = compiled_engine(steps, source=fp8_parts)
+            compile_s = engine.warmup(engine_params(size, steps, 1.0)) if engine.compile_active else None
+            measure(Row(name, engine_run(engine, 1), 1, steps), engine, compile_s, row_tolerance=FP8_TOLERANCE)
+            del engine
+    return report.to_json()
 
 
 if __name__ == "__main__":
