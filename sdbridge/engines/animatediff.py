@@ -29,7 +29,8 @@ is not the identity (its value and output projections act), unless the adapter's
 are zero (tests/unit/engines/test_animatediff.py checks both).
 
 The motion UNet shares every spatial module with the model's UNet (no copy of its weights: LoRAs
-reweighted in place reach it too) and takes the adapter's temporal modules. A new adapter loads in a
+reweighted in place reach it too, and so do the feature bank's attention processors, one entry per
+window place: engines/feature_bank.py) and takes the adapter's temporal modules. A new adapter loads in a
 background thread while the old one keeps serving; a missing or broken one is reported and the old
 one serves on. Until an adapter is loaded the engine serves plain img2img frames.
 

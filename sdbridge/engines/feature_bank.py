@@ -14,8 +14,18 @@ duplicated keys, which leaves the output unchanged (tests/unit/engines/test_feat
 It goes in through diffusers' attention-processor interface (``set_attn_processor``), so it
 works on any UNet with diffusers attention; :func:`attach` keeps the processors it replaced and
 :func:`detach` puts them back. Which session each batch row belongs to comes from
-``FeatureBank.sessions``, set before each frame; the step index from a forward pre-hook on the
-UNet, so the engine's own loop needs no change.
+``FeatureBank.sessions``, set before each frame; the step index and the UNet call's batch from a
+forward pre-hook on the UNet's time embedding, so the engine's own loop needs no change.
+
+The time embedding, not the UNet itself, because AnimateDiff's motion UNet (engines/animatediff.py)
+shares it with the model's UNet, as it shares the spatial attention layers the processors sit in:
+the bank works in both without knowing which one runs. Both call it once per UNet call with one row
+per guidance half and session; the motion UNet then repeats each row for its N window frames, so
+its attention layers see ``batch = call batch × N`` rows, session-major, oldest frame first. Each
+window place has its own entry, keyed by the session and how many frames back from the newest it
+is: at the next frame the place k back holds the frame after the one it held, so its entry is that
+frame's previous frame's keys and values, StreamV2V's meaning. The newest place uses the plain
+engine's key (``session``), so the bank carries over when the engine falls back to plain img2img.
 """
 
 from __future__ import annotations
@@ -36,12 +46,19 @@ class FeatureBank:
     def __init__(self, strength: float = 1.0) -> None:
         self.strength = strength
         self.sessions: list[str] = []       # one per frame of the batch, set before the UNet runs
-        self.step = -1                      # bumped by the UNet's pre-hook: the denoising step of this frame
+        self.step = -1                      # bumped by the time embedding's pre-hook: the denoising step
+        self.call_batch: int | None = None  # rows of this UNet call (guidance half × session), from the same hook
         self._store: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin_frame(self, sessions: list[str]) -> None:
         self.sessions = list(sessions)
         self.step = -1
+        self.call_batch = None
+
+    def begin_call(self, call_batch: int) -> None:
+        """A UNet call starts (the pre-hook): the next denoising step, with ``call_batch`` rows before frames."""
+        self.step += 1
+        self.call_batch = call_batch
 
     def forget(self, keep: set[str] | None = None) -> None:
         """Drop the bank (of sessions not in ``keep``)."""
@@ -56,15 +73,23 @@ class FeatureBank:
         self.sessions = []
 
     def rows(self, batch: int) -> list[str] | None:
-        """The session key of each row (guidance doubles the batch as [uncond..., cond...]); None outside a frame."""
+        """The bank key of each of an attention layer's ``batch`` rows; None outside a frame.
+
+        Rows are [guidance half, session, window frame], flattened: guidance doubles the call's rows as
+        [uncond..., cond...], a motion UNet repeats each for its frames, oldest first (one frame: the
+        2D UNet's layout).
+        """
         sessions = self.sessions
         if not sessions:
             return None
-        if batch == len(sessions):
-            return sessions
-        if batch == 2 * len(sessions):
-            return [f"{s}/uncond" for s in sessions] + [f"{s}/cond" for s in sessions]
-        return [f"row{i}" for i in range(batch)]  # an unknown layout: one bank per row, never mixed
+        call_batch = self.call_batch or batch         # no call seen (a direct test of the layout): one frame
+        frames, spare = divmod(batch, call_batch)
+        halves, spare_halves = divmod(call_batch, len(sessions))
+        if spare or spare_halves or halves not in (1, 2):
+            return [f"row{i}" for i in range(batch)]  # an unknown layout: one bank per row, never mixed
+        suffixes = [""] if halves == 1 else ["/uncond", "/cond"]
+        return [window_key(session, frames - 1 - place) + suffix
+                for suffix in suffixes for session in sessions for place in range(frames)]
 
     def take(self, rows: list[str], layer: str) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [self._store.get((row, layer, self.step)) for row in rows]
@@ -73,8 +98,18 @@ class FeatureBank:
         for i, row in enumerate(rows):
             self._store[(row, layer, self.step)] = (key[i].detach(), value[i].detach())
 
+    def row_keys(self) -> set[str]:
+        """The rows that hold entries: a session's, or one window place's of a session (``window_key``)."""
+        return {row for row, _layer, _step in self._store}
+
     def __len__(self) -> int:
         return len(self._store)
+
+
+def window_key(session: str, back: int) -> str:
+    """A window place's bank key: the session's own for the newest frame (the 2D engines' only one),
+    ``<session>/back<k>`` for the frame k back (forget() reads the session before the first ``/``)."""
+    return session if back == 0 else f"{session}/back{back}"
 
 
 class BankAttnProcessor:
@@ -147,7 +182,8 @@ def _unwrap(unet: nn.Module) -> nn.Module:
 
 
 def attach(unet: nn.Module, bank: FeatureBank) -> None:
-    """Put the bank into every self-attention layer of ``unet``; the old processors are kept."""
+    """Put the bank into every self-attention layer of ``unet``; the old processors are kept.
+    A motion UNet made of ``unet``'s modules (engines/animatediff.py) has the bank too."""
     unet = _unwrap(unet)
     if getattr(unet, ATTACHED, None) is not None:
         detach(unet)
@@ -156,10 +192,10 @@ def attach(unet: nn.Module, bank: FeatureBank) -> None:
                   for name, processor in previous.items()}
     unet.set_attn_processor(processors)
 
-    def count_step(module: nn.Module, args: Any) -> None:
-        bank.step += 1
+    def count_call(module: nn.Module, args: Any) -> None:
+        bank.begin_call(int(args[0].shape[0]))   # t_emb: [call batch, C], before any per-frame repeat
 
-    handle = unet.register_forward_pre_hook(count_step)
+    handle = unet.time_embedding.register_forward_pre_hook(count_call)
     setattr(unet, ATTACHED, (bank, previous, handle))
 
 

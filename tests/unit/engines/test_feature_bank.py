@@ -82,3 +82,43 @@ def test_outside_a_frame_and_after_detach_the_unet_is_itself() -> None:
     assert {name: type(p) for name, p in unet.attn_processors.items()} == before
     assert fb.attached_bank(unet) is None
     assert torch.equal(run(unet, latents, text), plain)
+
+
+def test_rows_of_a_motion_unet_call_are_per_session_and_window_place() -> None:
+    """A motion UNet's call of 2 sessions with guidance (4 rows at the time embedding) reaches the
+    attention layers as 4 × N rows: [half, session, frame], oldest frame first."""
+    bank = fb.FeatureBank()
+    bank.begin_frame(["a", "b"])
+    bank.begin_call(4)
+    assert bank.step == 0
+    assert bank.rows(12) == ["a/back2/uncond", "a/back1/uncond", "a/uncond", "b/back2/uncond", "b/back1/uncond",
+                             "b/uncond", "a/back2/cond", "a/back1/cond", "a/cond", "b/back2/cond", "b/back1/cond",
+                             "b/cond"]
+    bank.begin_call(2)                                     # no guidance: the sessions' own keys for the newest
+    assert bank.step == 1
+    assert bank.rows(4) == ["a/back1", "a", "b/back1", "b"]
+    assert bank.rows(5) == [f"row{i}" for i in range(5)]   # not a multiple of the call: never mixed
+    bank.begin_frame(["a", "b"])
+    assert bank.rows(2) == ["a", "b"]                      # no call seen yet: the 2D layout
+
+
+def test_the_step_counts_calls_of_a_motion_unet_sharing_the_time_embedding() -> None:
+    from diffusers import MotionAdapter
+
+    from sdbridge.engines.animatediff import motion_unet
+
+    unet, latents, text, _ = unet_and_inputs()
+    torch.manual_seed(0)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=32, motion_max_seq_length=8).eval()
+    motion = motion_unet(unet, adapter)
+    bank = fb.FeatureBank(strength=1.0)
+    fb.attach(unet, bank)
+    bank.begin_frame(["s"])
+    window = torch.stack([latents[0]] * 3, dim=1)[None]     # [1, 4, 3, 16, 16]
+    with torch.inference_mode():
+        for _ in range(2):
+            motion(window, 500, encoder_hidden_states=text.expand(3, -1, -1), return_dict=False)
+    assert bank.step == 1 and bank.call_batch == 1
+    assert bank.row_keys() == {"s", "s/back1", "s/back2"}
+    fb.detach(unet)
