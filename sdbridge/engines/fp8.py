@@ -168,7 +168,6 @@ def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 def _float8_weight(weight: torch.Tensor) -> torch.Tensor:
     """The weight as torchao builds it for Float8DynamicActivationFloat8WeightConfig(PerTensor)."""
-    import_torchao()
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerTensor
     from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs
 
@@ -182,12 +181,19 @@ def _float8_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantise_layers(layers: dict[str, nn.Linear]) -> dict[str, nn.Parameter]:
-    """Give each layer an fp8 weight; returns the original weights by name, for :func:`restore_layers`."""
+    """Give each layer an fp8 weight; returns the original weights by name, for :func:`restore_layers`.
+    All or nothing: a failure part-way puts back the layers already done."""
+    import_torchao()
     originals: dict[str, nn.Parameter] = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            originals[name] = layer.weight
-            layer.weight = nn.Parameter(_float8_weight(layer.weight), requires_grad=False)
+    try:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                quantised = nn.Parameter(_float8_weight(layer.weight), requires_grad=False)
+                originals[name] = layer.weight
+                layer.weight = quantised
+    except BaseException:
+        restore_layers(layers, originals)
+        raise
     return originals
 
 
@@ -238,8 +244,12 @@ def quantise_with_parity(unet: Any, bound: float = MAX_RELATIVE_ERROR,
     # 2. Quantise what qualifies, keeping the originals.
     layers, skipped = select_layers(unet)
     originals = quantise_layers(layers)
-    # 3. Measure, then keep or undo.
-    error = relative_error(reference, _unet_output(unet, inputs))
+    # 3. Measure, then keep or undo (a failing fp8 call undoes too, then raises).
+    try:
+        error = relative_error(reference, _unet_output(unet, inputs))
+    except BaseException:
+        restore_layers(layers, originals)
+        raise
     kept = error <= bound
     if not kept:
         restore_layers(layers, originals)
