@@ -114,6 +114,23 @@ def test_the_gate_probes_with_a_real_prompt_embedding_when_given_one(tiny_model_
     assert report.kept and 0 < report.relative_error <= MAX_RELATIVE_ERROR
 
 
+def test_a_failure_part_way_puts_back_the_layers_already_quantised(unet, monkeypatch):
+    chosen, _ = select_layers(unet)
+    originals = {name: layer.weight for name, layer in chosen.items()}
+    real, calls = fp8._float8_weight, []
+
+    def fails_on_the_third(weight):  # fault injection: the third layer's quantising raises
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (injected)")
+        return real(weight)
+
+    monkeypatch.setattr(fp8, "_float8_weight", fails_on_the_third)
+    with pytest.raises(RuntimeError, match="injected"):
+        quantise_with_parity(unet)
+    assert all(layer.weight is originals[name] for name, layer in chosen.items())
+
+
 def test_relative_error_of_a_non_finite_output_is_infinite():
     reference = torch.ones(4)
     assert relative_error(reference, torch.tensor([1.0, float("nan"), 1.0, 1.0])) == float("inf")
