@@ -23,6 +23,7 @@ frame path records its own graph on its next call (milliseconds, not a compile).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import queue
@@ -36,6 +37,15 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+
+IDLE_EXIT_S = 2.0   # the worker thread ends after this long without a job (and starts again on the next)
+
+
+def _stop_at_exit(ref: weakref.ref[BackgroundCompiler]) -> None:
+    compiler = ref()
+    if compiler is not None:
+        compiler._stop()
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,7 @@ class BackgroundCompiler:
         self._gate = threading.Event()
         self._gate.set()
         self._idle = threading.Condition(self._lock)
+        self._atexit = False
 
     # --- the frame path -------------------------------------------------------------------------
 
@@ -222,21 +233,39 @@ class BackgroundCompiler:
 
     def close(self) -> None:
         self.clear()
-        if self._thread is not None:
+        self._stop()
+
+    def _stop(self, timeout_s: float = 10.0) -> None:
+        """Let the worker end (a compile under way finishes first, up to ``timeout_s``). A thread of
+        torch's still alive when the interpreter exits can abort it (std::terminate, status 134)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
             self._queue.put(None)
-            self._thread = None
+            thread.join(timeout_s)
 
     # --- the worker -----------------------------------------------------------------------------
 
     def _submit(self, job: _Job) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
-        self._queue.put(job)
+        with self._lock:
+            self._queue.put(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+                if not self._atexit:
+                    self._atexit = True
+                    atexit.register(_stop_at_exit, weakref.ref(self))
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            try:
+                # An idle worker ends: no thread of torch's lingers to the interpreter's exit.
+                job = self._queue.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
             if job is None:
                 return
             self._gate.wait()

@@ -108,6 +108,16 @@ def test_serves_uncompiled_until_ready_then_compiled():
     assert graphs() == before + 1                     # the ready graph served: no compile on this thread
     compiler.call("part", scaled, compiled, torch.randn(2, 8), scale)   # a new shape: queued again
     assert compiler.wait(120) and graphs() == before + 2 and compiler.compiles == 2
+    # An idle worker ends (a torch thread alive at the interpreter's exit can abort it), and comes back.
+    import threading
+    import time
+
+    from sdbridge.engines import background_compile
+
+    time.sleep(background_compile.IDLE_EXIT_S + 1.0)
+    assert "test-compile" not in {thread.name for thread in threading.enumerate()}
+    compiler.call("part", scaled, compiled, torch.randn(5, 8), scale)
+    assert compiler.wait(120) and compiler.compiles == 3
     compiler.close()
 
 
