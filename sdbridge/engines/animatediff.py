@@ -58,7 +58,7 @@ import torch
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import SLOT_IMAGES, ControlStack, ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.models import list_add_on_models, resolve_add_on_model
+from sdbridge.engines.models import list_add_on_models, resolve_add_on_model, serialized_load
 from sdbridge.errors import ModelError, ParamError, load_failure
 from sdbridge.params import MOTION_WINDOW_MAX  # frames kept per session; adapters hold 24 or 32
 
@@ -85,6 +85,7 @@ def resolve_motion_adapter(name: str, folder: Path | None, *, trusted: bool = Fa
     return resolve_add_on_model(name, folder, what="motion adapter", setting="motion_dir")
 
 
+@serialized_load
 def load_motion_adapter(path: Path, unet_config: Mapping[str, Any], dtype: torch.dtype, *,
                         allow_pickle: bool = False) -> Any:
     """A MotionAdapter from a diffusers folder (config.json + safetensors) or a single weight file.
@@ -150,6 +151,7 @@ def _check_family(path: Path, adapter_config: Mapping[str, Any], unet_config: Ma
         raise ModelError(f"{path}: PIA-style adapters (conv_in_channels) are not supported", code="incompatible_model")
 
 
+@serialized_load
 def motion_unet(unet: Any, adapter: Any) -> Any:
     """A UNetMotionModel made of ``unet``'s own spatial modules (shared, not copied) and ``adapter``'s
     temporal modules. It computes what ``UNetMotionModel.from_unet2d(unet, adapter)`` computes."""

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdbridge.engines.models import list_add_on_models, resolve_add_on_model
+from sdbridge.engines.models import list_add_on_models, resolve_add_on_model, serialized_load
 from sdbridge.engines.preprocessors import Options, Preprocessors
 from sdbridge.errors import ModelError, SdbridgeError, load_failure
 from sdbridge.params import CONTROLNET_SLOTS as SLOTS
@@ -64,6 +64,7 @@ def resolve_controlnet(name: str, folder: Path | None) -> Path:
     return resolve_add_on_model(name, folder, what="controlnet", setting="controlnet_dir")
 
 
+@serialized_load
 def load_controlnet(path: Path, unet: Any, device: torch.device, dtype: torch.dtype, *,
                     allow_pickle: bool = False) -> Any:
     """A ControlNetModel for ``unet``'s family, on ``device`` in ``dtype``; ModelError says what is wrong."""

@@ -5,10 +5,13 @@ with ``allow_pickle`` and then only through ``torch.load(weights_only=True)``. S
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import threading
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +21,24 @@ import torch
 
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.errors import ModelError
+
+# Building modules while a model loads is not thread-safe: accelerate's init_empty_weights (which
+# diffusers' and transformers' from_pretrained use) patches nn.Module.register_parameter for the whole
+# process, so a module built on another thread meanwhile gets meta tensors, and every load after that
+# fails ("Cannot copy out of meta tensor"). Loads run on background threads (hot-swap, ControlNet
+# slots, motion adapters, preprocessors), so each holds this lock; the frame path builds no module.
+LOAD_LOCK = threading.RLock()
+
+
+def serialized_load(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` under :data:`LOAD_LOCK`: one model load at a time in the process."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with LOAD_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +246,7 @@ def resolve_add_on_model(name: str, folder: Path | None, *, what: str, setting: 
     raise ModelError(f"{what} {name!r} not found in {folder} (known: {known})", code="model_not_found")
 
 
+@serialized_load
 def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, what: str) -> Any:
     """``model_class.from_pretrained`` on a diffusers folder (config.json and safetensors weights,
     each checked first); ModelError names the folder and what it should hold."""
@@ -329,6 +351,7 @@ def _load_taesd(folder: Path, dtype: torch.dtype):  # noqa: ANN202 - Autoencoder
         raise ModelError(f"TAESD at {folder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
+@serialized_load
 def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                         models_dir: Path | None = None, taesd: str | None = None,
                         config_dir: str | Path | None = None) -> PipelineParts:

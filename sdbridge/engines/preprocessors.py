@@ -112,7 +112,7 @@ class ModelPreprocessor:
         import torch
         import transformers
 
-        from sdbridge.engines.models import _check_safetensors
+        from sdbridge.engines.models import LOAD_LOCK, _check_safetensors
 
         folder = self.folder
         if folder is None or not (folder / "config.json").is_file():
@@ -124,8 +124,9 @@ class ModelPreprocessor:
         for file in weights:
             _check_safetensors(file)
         try:
-            model = getattr(transformers, self.model_class).from_pretrained(folder, use_safetensors=True,
-                                                                            dtype=torch.float32)
+            with LOAD_LOCK:
+                model = getattr(transformers, self.model_class).from_pretrained(folder, use_safetensors=True,
+                                                                                dtype=torch.float32)
         except Exception as exc:
             raise ModelError(f"{self.kind} model at {folder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
         return model.to(self.device).eval().requires_grad_(False)

@@ -174,3 +174,44 @@ def test_weight_files_and_folders_of_add_on_models(tmp_path):
     (folder / "config.json").write_text("{}")
     with pytest.raises(ModelError, match=r"no \.safetensors weights"):
         load_pretrained_folder(folder, object, torch.float32, "motion adapter")
+
+
+def test_loads_on_several_threads_at_once_all_get_real_weights(parts, tmp_path):
+    """Hot-swaps, ControlNet slots and motion adapters load on their own threads. accelerate's
+    init_empty_weights, inside from_pretrained, patches module construction for the whole process, so
+    two loads at once used to leave meta tensors behind ("Cannot copy out of meta tensor" on every
+    later load); the loaders take one lock (models.LOAD_LOCK)."""
+    import threading
+
+    from sdbridge.engines.controlnet import load_controlnet
+    from sdbridge.engines.models import load_pretrained_folder
+    from sdbridge.engines.tiny import random_controlnet
+
+    for index in range(2):
+        random_controlnet(parts.unet, seed=index).save_pretrained(tmp_path / f"cn{index}", safe_serialization=True)
+    from diffusers import ControlNetModel
+
+    errors: list[BaseException] = []
+    loaded: list[torch.nn.Module] = []
+
+    def load(index: int) -> None:
+        try:
+            for _ in range(4):
+                if index % 2:
+                    loaded.append(load_controlnet(tmp_path / "cn1", parts.unet, CPU, torch.float32))
+                else:
+                    loaded.append(load_pretrained_folder(tmp_path / "cn0", ControlNetModel, torch.float32, "ControlNet"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[0]
+    assert len(loaded) == 16
+    for model in loaded:
+        assert not any(tensor.is_meta for tensor in model.parameters())
+    # Modules built afterwards on this thread are real too.
+    assert not any(tensor.is_meta for tensor in random_controlnet(parts.unet, seed=3).parameters())
