@@ -4,7 +4,7 @@
 #   benchmarks/offline_wheels.sh PYTHON_VERSION DIR      # e.g. 3.12 /tmp/wheels (run where pip can download)
 #
 # The versions are the ones this checkout's .venv resolved (make install), so the GPU machine runs
-# what the tests ran. torch, triton and the nvidia-* packages are left out: the GPU machine keeps
+# what the tests ran. torch itself, triton and the nvidia-* packages are left out (torchsde and torchao stay): the GPU machine keeps
 # its own CUDA build of torch (pyproject.toml takes a range). There, with the repository copied:
 #
 #   python -m pip install --no-index --find-links DIR -r DIR/requirements.txt
@@ -17,7 +17,7 @@ DIR=${2:?usage: offline_wheels.sh PYTHON_VERSION DIR}
 VENV_PYTHON=${VENV_PYTHON:-.venv/bin/python}
 PLATFORM=${PLATFORM:-x86_64}
 mkdir -p "$DIR"
-FROZEN=$("$VENV_PYTHON" -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|sdbridge|-e )')
+FROZEN=$("$VENV_PYTHON" -m pip freeze --exclude-editable | grep -viE '^(torch==|torch @|triton|nvidia-|sdbridge|-e )')
 # open_clip goes in without its dependencies, as the Makefile installs it (its torchvision would replace torch).
 echo "$FROZEN" | grep -viE '^open.clip' > "$DIR/requirements.txt"
 echo "$FROZEN" | grep -iE '^open.clip' > "$DIR/no-deps.txt" || true
