@@ -197,6 +197,14 @@ def quantise_layers(layers: dict[str, nn.Linear]) -> dict[str, nn.Parameter]:
     return originals
 
 
+def requantise_into(weight: torch.Tensor, values: torch.Tensor) -> None:
+    """Quantise ``values`` into the fp8 ``weight`` in place: its data and scale keep their storage, so a
+    compiled graph or a captured CUDA graph sees new weights (a LoRA fused live) without a recompile."""
+    fresh = _float8_weight(values.to(weight.dtype))
+    weight.qdata.copy_(fresh.qdata)
+    weight.scale.copy_(fresh.scale)
+
+
 def restore_layers(layers: dict[str, nn.Linear], originals: dict[str, nn.Parameter]) -> None:
     """Put the original weights back (the very tensors: no copy, no rounding)."""
     for name, weight in originals.items():

@@ -30,6 +30,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -438,17 +439,54 @@ class LoraStack:
                 original = self._originals.get(target)
                 if not active:
                     if original is not None:
-                        weight.copy_(original)
+                        _restore(weight, original)
                     continue
                 if original is None:
-                    original = weight.detach().to(self.original_device or weight.device, copy=True)
+                    original = _keep(weight, self.original_device or weight.device)
                     self._originals[target] = original
-                delta = torch.zeros(weight.shape[0], weight[0].numel(), dtype=torch.float32, device=weight.device)
+                delta = torch.zeros(weight.shape[0], math.prod(weight.shape[1:]), dtype=torch.float32,
+                                    device=weight.device)
                 for factor, layer in active:
                     # [out, rank] @ [rank, in * kh * kw]
                     delta.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=factor)
-                fused = original.to(weight.device, torch.float32) + delta.view(weight.shape)
-                weight.copy_(fused)
+                fused = _high_precision(original).to(weight.device, torch.float32) + delta.view(weight.shape)
+                _write(weight, fused)
+
+
+# An fp8 weight (engines/fp8.py: a torchao Float8Tensor with ``qdata`` and ``scale``) is fused through its
+# high-precision values and written back quantised into its own storage, so compiled graphs and CUDA graphs
+# see the change as for any other weight; its original is kept as the fp8 pair, restored bit for bit.
+
+
+def _is_fp8(weight: torch.Tensor) -> bool:
+    return hasattr(weight, "qdata") and hasattr(weight, "scale")
+
+
+def _keep(weight: torch.Tensor, device: torch.device) -> Any:
+    if _is_fp8(weight):
+        return (weight.qdata.to(device, copy=True), weight.scale.to(device, copy=True), weight.dequantize())
+    return weight.detach().to(device, copy=True)
+
+
+def _high_precision(original: Any) -> torch.Tensor:
+    return original[2] if isinstance(original, tuple) else original
+
+
+def _restore(weight: torch.Tensor, original: Any) -> None:
+    if isinstance(original, tuple):
+        weight.qdata.copy_(original[0])
+        weight.scale.copy_(original[1])
+    else:
+        weight.copy_(original)
+
+
+def _write(weight: torch.Tensor, values: torch.Tensor) -> None:
+    if _is_fp8(weight):
+        from sdbridge.engines.fp8 import requantise_into
+
+        requantise_into(weight, values)
+    else:
+        weight.copy_(values)
 
 
 # --- the LoRA folder -----------------------------------------------------------------------------

@@ -423,3 +423,34 @@ def test_list_loras_has_the_a1111_shape(files):
     assert kohya["alias"] == "tiny style" and kohya["path"] == str(files["kohya"].resolve())
     assert kohya["metadata"]["ss_tag_frequency"] == {"a": {"b": 1}}
     assert entries["old_style"]["alias"] == "old_style" and entries["old_style"]["metadata"] == {}
+
+
+def test_loras_fuse_into_fp8_weights_in_place(files, model):
+    """With --fp8 (engines/fp8.py) the UNet's Linear weights are torchao Float8Tensors: a LoRA is fused
+    through their high-precision values and quantised back into the same storage (so compiled graphs
+    see it), lands within fp8's rounding of the plain fused weight, and weight 0 restores the fp8 bits."""
+    pytest.importorskip("torchao")
+    from sdbridge.engines import fp8
+
+    plain = fresh_model()
+    LoraStack(plain).add("style", files["kohya"], weight=0.8)
+    layers, _skipped = fp8.select_layers(model["unet"])
+    fp8.quantise_layers(layers)
+    name, layer = next((name, layer) for name, layer in layers.items() if "attentions" in name)
+    qdata, scale = layer.weight.qdata, layer.weight.scale
+    base_bits, base_scale = qdata.clone(), scale.clone()
+    stack = LoraStack(model)
+    stack.add("style", files["kohya"], weight=0.8)
+    assert layer.weight.qdata is qdata and layer.weight.scale is scale          # written in place
+    assert not torch.equal(qdata.view(torch.uint8), base_bits.view(torch.uint8))
+    expected = dict(plain["unet"].named_modules())[name].weight
+    error = float((layer.weight.dequantize() - expected).abs().max() / expected.abs().max())
+    assert error < 0.07, f"{name}: fp8 fused weight {error:.3f} from the plain fused one"  # e4m3: 3 mantissa bits
+    stack.set_weights({"style": 0.0})
+    assert torch.equal(qdata.view(torch.uint8), base_bits.view(torch.uint8)) and torch.equal(scale, base_scale)
+    stack.set_weights({"style": 0.8})
+    with torch.inference_mode():  # the fp8 UNet still runs with the LoRA in
+        sample = torch.randn(1, 4, 8, 8)
+        text = torch.randn(1, 77, model["unet"].config.cross_attention_dim)
+        out = model["unet"](sample, 10, encoder_hidden_states=text).sample
+    assert torch.isfinite(out).all()
