@@ -391,8 +391,10 @@ class Worker(threading.Thread):
             with torch.inference_mode():
                 frames = None
                 if not generated:
-                    batch = np.stack([job.image for job in jobs])  # [B, H, W, 3] uint8
-                    frames = torch.from_numpy(batch).to(engine.device, non_blocking=True)
+                    batch = torch.from_numpy(np.stack([job.image for job in jobs]))  # [B, H, W, 3] uint8
+                    # The compiled engine uploads through its pinned buffers (a truly asynchronous copy).
+                    upload = getattr(engine, "upload", None)
+                    frames = upload(batch) if upload is not None else batch.to(engine.device, non_blocking=True)
                 if self.plugins is not None:
                     self.plugins.before_step(engine, [job.session.id for job in jobs])
                 try:
