@@ -52,12 +52,13 @@ samplers, which draw noise) run the eager engine's exact path instead: nothing i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ from sdbridge.engines.background_compile import BackgroundCompiler, ModuleSpec, 
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.feature_bank import attached_bank
+from sdbridge.engines.feature_bank import attached_bank, window_key
 from sdbridge.engines.parts import PipelineParts
 
 log = logging.getLogger(__name__)
@@ -433,7 +434,8 @@ class CompiledEngine(DiffusionEngine):
         if self._cfg == "residual":
             residual = torch.cat([torch.cat([noise[i:i + 1], slot.residual]) for i, slot in enumerate(slots)])
         controls = _in_flight_conditions(controls, slots, steps)  # images [B * N, 3, H, W], like x
-        y, eps = self._stream_call(x, residual, batch, schedule, controls)
+        with self._bank_rows([state.session_id for state in states], steps):
+            y, eps = self._stream_call(x, residual, batch, schedule, controls)
         y = y.view(batch, steps, *y.shape[1:])
         eps = eps.view(batch, steps, *eps.shape[1:])
         for i, slot in enumerate(slots):
@@ -442,6 +444,24 @@ class CompiledEngine(DiffusionEngine):
             slot.residual = eps[i, :-1].clone() if residual is not None else None
             slot.conditions = _held_conditions(controls, i, steps)
         return y[:, -1]  # [B, 4, h, w], the frames that entered N - 1 calls ago, fully denoised
+
+    @contextlib.contextmanager
+    def _bank_rows(self, session_ids: Sequence[str], steps: int) -> Iterator[None]:
+        """The feature bank's rows for one stream call: a session's row j holds the frame that entered
+        j calls ago, at step j, so it keys as that window place (``window_key``); next call the same row
+        holds the next frame at the same step: "the previous frame's features", as in the other engines.
+        Each stream call is the bank's step 0 (the fill's calls too: its frame then counts as repeated)."""
+        bank = attached_bank(self.parts.unet) if self.parts is not None else None
+        if bank is None or not bank.sessions:
+            yield
+            return
+        saved = bank.sessions
+        bank.sessions = [window_key(session, back) for session in session_ids for back in range(steps)]
+        bank.step = -1
+        try:
+            yield
+        finally:
+            bank.sessions = saved
 
     def _stream_call(self, x: torch.Tensor, residual: torch.Tensor | None, batch: int, schedule: LinearSchedule,
                      controls: Sequence[ControlUnit]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,7 +567,8 @@ class CompiledEngine(DiffusionEngine):
         for _ in range(steps - 1):
             x = torch.cat([entry, latents])
             res = torch.cat([noise, residual]) if residual is not None else None
-            y, eps = self._stream_call(x, res, 1, schedule, controls)
+            with self._bank_rows([state.session_id], steps):
+                y, eps = self._stream_call(x, res, 1, schedule, controls)
             latents = y[:-1].clone()
             residual = eps[:-1].clone() if residual is not None else None
         slot = _StreamSlot(key=key, latents=latents, residual=residual, conditions=_held_conditions(controls, 0, steps))
