@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for noisy in ("diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+        # Their own logging sets their root logger's level when they are first imported, which may be
+        # later than this: the variable they read then says the same.
+        os.environ.setdefault(f"{noisy.upper()}_VERBOSITY", "error")
     # With the fp8 extra, diffusers imports torchao on every model load: its CUDA extensions that a CPU
     # build cannot load (unused by --fp8) and its pytree registrations each log a warning.
     for noisy in ("torchao", "torch.utils._pytree"):
