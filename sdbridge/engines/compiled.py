@@ -359,6 +359,10 @@ class CompiledEngine(DiffusionEngine):
     # --- the frame ------------------------------------------------------------------------------
 
     def step(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
+        with self._compiler.frame():   # a background compile yields the CPU while this frame launches
+            return self._step(frames, states)
+
+    def _step(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
         # 0. The previous frame's NaN flag, a frame late: it finished when its output was copied out.
         self._read_previous_nan()
         self._new_frame()

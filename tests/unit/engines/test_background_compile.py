@@ -131,6 +131,81 @@ def test_inline_compiles_in_the_call():
     assert graphs() == before + 1 and compiler.pending == 0 and len(compiler.ready) == 1
 
 
+def test_a_ready_graph_is_not_run_while_another_compiles():
+    """Dynamo is not made for concurrent use: while a compile runs on another thread, a call whose graph is
+    ready runs uncompiled (guards evaluated meanwhile misfired: spurious recompiles on the frame path)."""
+    import threading
+
+    compiler = BackgroundCompiler("test-compile")
+    runs: list[str] = []
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        runs.append("plain")
+        return x + 1
+
+    def graph(x: torch.Tensor) -> torch.Tensor:
+        runs.append("graph")
+        return x + 1
+
+    x = torch.zeros(2)
+    with compiler.inline():
+        compiler.call("part", plain, graph, x)          # "compiled" in the call: ready from now on
+    assert runs == ["graph"] and len(compiler.ready) == 1
+    started, finish = threading.Event(), threading.Event()
+
+    def slow_graph(y: torch.Tensor) -> torch.Tensor:    # a compile under way on the worker
+        started.set()
+        finish.wait(30)
+        return y
+
+    compiler.call("other", lambda y: y, slow_graph, torch.zeros(3))
+    assert started.wait(30)
+    runs.clear()
+    assert torch.equal(compiler.call("part", plain, graph, x), x + 1)
+    assert runs == ["plain"]
+    finish.set()
+    assert compiler.wait(30)
+    compiler.call("part", plain, graph, x)
+    assert runs == ["plain", "graph"]
+    compiler.close()
+
+
+def test_compiles_yield_to_frames_but_are_never_starved(monkeypatch):
+    """While a frame is being launched (``frame()``), a compile on the worker waits; frames back to back
+    hold it at most FRAME_HOLD_S at a time before it gets a slice, so it still finishes."""
+    import threading
+    import time
+
+    from sdbridge.engines import background_compile
+
+    monkeypatch.setattr(background_compile, "FRAME_HOLD_S", 1.0)  # a hold long enough to look inside
+    compiler = BackgroundCompiler("test-compile")
+    progress: list[float] = []
+
+    def python_heavy(x: torch.Tensor) -> torch.Tensor:   # many Python calls, as Dynamo's tracing makes
+        def step(value: int) -> int:
+            return value + 1
+
+        total = 0
+        for _ in range(200_000):
+            total = step(total)
+            if total % 20_000 == 0:
+                progress.append(time.monotonic())
+        return x + total
+
+    held = threading.Event()
+    with compiler.frame():                               # one long frame: the compile may not run...
+        compiler.call("heavy", lambda x: x, python_heavy, torch.zeros(1))
+        time.sleep(0.2)
+        before = len(progress)
+        time.sleep(0.3)
+        assert len(progress) == before                   # ...within a hold it made no progress
+        held.set()
+        assert compiler.wait(60)                         # ...but slices let it finish under the frame
+    assert held.is_set() and len(progress) == 10 and len(compiler.ready) == 1
+    compiler.close()
+
+
 def breaks_graph(x: torch.Tensor) -> torch.Tensor:
     if float(x.sum()) > 1e9:  # data-dependent Python control flow: no full graph
         return x
