@@ -22,10 +22,10 @@ import torch
 from sdbridge.engines.animatediff import AnimateDiffEngine, load_motion_adapter, motion_unet
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.errors import ModelError, ParamError
-from sdbridge.params import MOTION_WINDOW_MAX, Schema
+from sdbridge.params import MOTION_WINDOW_MAX
 from sdbridge.paths import PathError
+from tests.unit.engines.common import engine_params, relative_error
 
 CPU = torch.device("cpu")
 SEED = 3
@@ -67,10 +67,8 @@ def motion_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-    loaded.taesd = None  # the pipeline decodes with the VAE: so does the engine here
-    return loaded
+def parts(vae_parts):
+    return vae_parts  # the full VAE, as the reference pipelines decode
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +78,7 @@ def frames() -> torch.Tensor:
 
 
 def params(**overrides) -> dict:
-    values = Schema().defaults()
-    values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=SEED, prompt="a red fox",
-                  motion_adapter="tiny-motion", motion_window=4, motion_overlap=0)
-    values.update(overrides)
-    return values
+    return engine_params(dict(seed=SEED, motion_adapter="tiny-motion", motion_window=4, motion_overlap=0), **overrides)
 
 
 def engine_for(parts, motion_dir, **overrides) -> AnimateDiffEngine:
@@ -99,10 +93,6 @@ def engine_for(parts, motion_dir, **overrides) -> AnimateDiffEngine:
 def run(engine, frames, state=None) -> list[torch.Tensor]:
     state = state or StreamState("s")
     return [engine.step_float(frames[index:index + 1], [state]) for index in range(len(frames))]
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
 
 
 # --- loading ---------------------------------------------------------------------------------------

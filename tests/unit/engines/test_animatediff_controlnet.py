@@ -18,10 +18,10 @@ import torch
 from sdbridge.engines.animatediff import AnimateDiffEngine
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import CONDITIONS
-from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.tiny import random_controlnet
-from sdbridge.params import MOTION_WINDOW_MAX, Schema
-from tests.unit.engines.test_animatediff import SEED, relative_error, tiny_adapter
+from sdbridge.params import MOTION_WINDOW_MAX
+from tests.unit.engines.common import engine_params, relative_error
+from tests.unit.engines.test_animatediff import SEED, tiny_adapter
 
 CPU = torch.device("cpu")
 CHANNEL = 1   # the condition stream the slot reads: images apart from the input frames
@@ -37,10 +37,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-    loaded.taesd = None  # the pipeline decodes with the VAE: so does the engine here
-    return loaded
+def parts(vae_parts):
+    return vae_parts  # the full VAE, as the reference pipelines decode
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +71,8 @@ def conditions() -> np.ndarray:
 
 
 def params(**overrides) -> dict:
-    values = Schema().defaults()
-    values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=SEED, prompt="a red fox",
-                  motion_adapter="tiny-motion", motion_window=4, motion_overlap=0,
-                  controlnet_1_model="edges", controlnet_1_channel=CHANNEL)
-    values.update(overrides)
-    return values
+    return engine_params(dict(seed=SEED, motion_adapter="tiny-motion", motion_window=4, motion_overlap=0,
+                              controlnet_1_model="edges", controlnet_1_channel=CHANNEL), **overrides)
 
 
 def engine_for(parts, motion_dir, controlnet_dir, **overrides) -> AnimateDiffEngine:

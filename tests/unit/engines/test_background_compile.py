@@ -14,24 +14,15 @@ from sdbridge.engines.background_compile import BackgroundCompiler, ModuleSpec, 
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.compiled import CompiledEngine
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.tiny import random_controlnet
-from sdbridge.params import Schema
+from tests.unit.engines.common import engine_params, relative_error
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4
 
 
 def params(**overrides) -> dict:
-    values = Schema().defaults()
-    values.update(width=64, height=64, steps=2, strength=1.0, guidance=1.0, seed=3, prompt="a red fox",
-                  negative_prompt="blurry")
-    values.update(overrides)
-    return values
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
+    return engine_params(dict(strength=1.0, negative_prompt="blurry"), **overrides)
 
 
 def graphs() -> int:
@@ -231,10 +222,8 @@ def test_a_failed_compile_keeps_the_uncompiled_path(caplog):
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-    loaded.taesd = None
-    return loaded
+def parts(vae_parts):
+    return vae_parts  # the full VAE, as the reference pipelines decode
 
 
 def frames(width: int, height: int, seed: int = 0) -> torch.Tensor:

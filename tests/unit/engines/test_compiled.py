@@ -20,39 +20,19 @@ from sdbridge.engines.compiled import (STREAM_KEY, CompiledEngine, configure_com
                                        residual_cfg_bound)
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import load_pipeline_parts
-from sdbridge.params import Schema
+from tests.unit.engines.common import engine_params, relative_error
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
 
 
 def params(**overrides) -> dict:
-    values = Schema().defaults()
-    values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=3, prompt="a red fox",
-                  negative_prompt="blurry")
-    values.update(overrides)
-    return values
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def vae_parts(tiny_model_dir):
-    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-    loaded.taesd = None  # the full-VAE path, which the diffusers pipeline uses
-    return loaded
+    return engine_params(dict(negative_prompt="blurry"), **overrides)
 
 
 def make_frames(count: int, size: tuple[int, int] = (64, 64), seed: int = 0) -> list[torch.Tensor]:
     rng = np.random.default_rng(seed)
     return [torch.from_numpy(rng.integers(0, 256, (1, size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
 
 
 def engine(parts, stream_batch: bool = True, backend: str | None = None, **values) -> CompiledEngine:

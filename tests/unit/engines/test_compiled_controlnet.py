@@ -14,27 +14,19 @@ from sdbridge.engines.base import StreamState
 from sdbridge.engines.compiled import CompiledEngine, residual_shapes
 from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.tiny import random_controlnet
-from sdbridge.params import Schema
+from tests.unit.engines.common import engine_params, relative_error
 
-CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
 
 
 def params(**overrides) -> dict:
-    values = Schema().defaults()
-    values.update(width=64, height=64, steps=4, strength=1.0, guidance=1.0, seed=3, prompt="a red fox",
-                  negative_prompt="blurry")
-    values.update(overrides)
-    return values
+    return engine_params(dict(steps=4, strength=1.0, negative_prompt="blurry"), **overrides)
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-    loaded.taesd = None  # the full VAE, as the reference pipeline decodes
-    return loaded
+def parts(vae_parts):
+    return vae_parts  # the full VAE, as the reference pipelines decode
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +65,6 @@ def run(engine: DiffusionEngine, frames: np.ndarray, states: list[StreamState], 
     for image, state in zip(frames, states):
         engine.controlnets.condition(state.data, image)
     return engine.step_float(torch.from_numpy(np.ascontiguousarray(frames)), states)
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
 
 
 def diffusers_controlnet_img2img(parts, model, frame: np.ndarray, *, steps: int, strength: float, guidance: float,

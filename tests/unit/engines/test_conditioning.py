@@ -12,17 +12,14 @@ from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.lora import LoraStack
 from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.errors import ParamError
-from sdbridge.params import Schema
+from tests.unit.engines.common import engine_params
 from tests.unit.engines.test_lora import random_lora, write_kohya
 
 CPU = torch.device("cpu")
 
 
 def params(**overrides) -> dict:
-    values = Schema().defaults()
-    values.update(width=64, height=64, steps=2, strength=0.9, guidance=1.0, seed=3, prompt="a red fox")
-    values.update(overrides)
-    return values
+    return engine_params(dict(strength=0.9), **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -12,26 +12,20 @@ import torch
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import CONDITIONS, load_controlnet, resolve_controlnet
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.tiny import random_controlnet
 from sdbridge.errors import ModelError
-from sdbridge.params import Schema
+from tests.unit.engines.common import engine_params, relative_error
 
 CPU = torch.device("cpu")
 
 
 def params(**overrides) -> dict:
-    values = Schema().defaults()
-    values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=3, prompt="a red fox")
-    values.update(overrides)
-    return values
+    return engine_params(**overrides)
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-    loaded.taesd = None  # the full VAE, as the reference pipeline decodes
-    return loaded
+def parts(vae_parts):
+    return vae_parts  # the full VAE, as the reference pipelines decode
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +89,6 @@ def reference(parts, controlnets, frame: np.ndarray, controls, *, steps: int, st
                 control_image=pick(images), strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                 controlnet_conditioning_scale=pick(scales), control_guidance_start=pick(starts),
                 control_guidance_end=pick(ends), generator=torch.Generator().manual_seed(3), output_type="pt").images
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
 
 
 @pytest.mark.parametrize("steps, strength, guidance, scale, start, end", [

@@ -8,29 +8,13 @@ import torch
 
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.models import load_pipeline_parts
-from sdbridge.params import Schema
+from tests.unit.engines.common import engine_params, relative_error
 
 CPU = torch.device("cpu")
 
 
 def params(**overrides) -> dict:
-    values = Schema().defaults()
-    values.update(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=3, prompt="a red fox")
-    values.update(overrides)
-    return values
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def vae_parts(tiny_model_dir):
-    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-    loaded.taesd = None  # the full-VAE path
-    return loaded
+    return engine_params(**overrides)
 
 
 @pytest.fixture
@@ -47,10 +31,6 @@ def reference_pipeline(parts, cls_name: str = "StableDiffusionImg2ImgPipeline"):
                scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
 
 
 @pytest.mark.parametrize("steps, strength, guidance", [(1, 1.0, 1.0), (2, 0.5, 1.0), (4, 0.75, 1.0),

@@ -19,11 +19,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
-
-
-@pytest.fixture(scope="module")
 def checkpoint(parts, tmp_path_factory) -> Path:
     return save_single_file(parts, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 

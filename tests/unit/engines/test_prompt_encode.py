@@ -7,7 +7,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.prompt_encode import (
     CHUNK_LENGTH,
     blend,
@@ -19,11 +18,6 @@ from sdbridge.engines.prompt_encode import (
 from sdbridge.engines.prompt_syntax import parse_prompt
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
 
 
 @pytest.fixture(scope="module")

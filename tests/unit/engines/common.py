@@ -1,0 +1,26 @@
+"""What the engine tests share: parameters around the tiny model, and how far two outputs are apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sdbridge.params import Schema
+
+# The tiny model at 64x64 (8x8 latents): small enough for the CPU, large enough for every block.
+BASE = dict(width=64, height=64, steps=2, strength=0.5, guidance=1.0, seed=3, prompt="a red fox")
+
+
+def engine_params(module_defaults: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """The schema's defaults, then :data:`BASE`, then a test module's own defaults, then the test's."""
+    values = Schema().defaults()
+    values.update(BASE)
+    values.update(module_defaults or {})
+    values.update(overrides)
+    return values
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """The largest difference, relative to the reference's largest value (the issues' parity measure)."""
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
