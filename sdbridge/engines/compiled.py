@@ -483,7 +483,9 @@ class CompiledEngine(DiffusionEngine):
         else:
             uncond, cond = None, self._embeddings
         uncond = uncond if self._cfg == "exact" else None
-        down, mid = self._control_residuals(x, timesteps, input_scale, cond, uncond, controls, row_steps, steps)
+        added = self._added_for_call()
+        down, mid = self._control_residuals(x, timesteps, input_scale, cond, uncond, added, controls, row_steps,
+                                            steps)
         denoise = self._part(f"denoise-{self._cfg}", x.shape[0], self._denoise)
         if self.compile_active and attached_bank(self.parts.unet) is not None:
             # The feature bank's attention keeps per-session tensors in Python between calls, which no
@@ -492,11 +494,23 @@ class CompiledEngine(DiffusionEngine):
                 self._told_bank = True
                 log.warning("feature bank on: the compiled engine runs its UNet uncompiled while it is on")
             denoise = self._denoise
-        return denoise(x, timesteps, input_scale, sample_coef, eps_coef, residual, cond, uncond,
+        return denoise(x, timesteps, input_scale, sample_coef, eps_coef, residual, cond, uncond, added,
                        self._guidance_tensor, self._cfg, down, mid)
 
+    def _added_for_call(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """SDXL's added conditioning for this guidance mode: (text_embeds [R, D], time_ids [R, 6]), R = 2
+        (uncond, cond) with exact guidance, else 1 (cond); None for SD 1.x/2.x."""
+        added = getattr(self, "_added_cond", None)
+        if not added:
+            return None
+        text_embeds, time_ids = added["text_embeds"], added["time_ids"]
+        if self._cfg != "exact" and text_embeds.shape[0] == 2:
+            text_embeds, time_ids = text_embeds[1:], time_ids[1:]
+        return text_embeds, time_ids
+
     def _control_residuals(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
-                           cond: torch.Tensor, uncond: torch.Tensor | None, controls: Sequence[ControlUnit],
+                           cond: torch.Tensor, uncond: torch.Tensor | None,
+                           added: tuple[torch.Tensor, torch.Tensor] | None, controls: Sequence[ControlUnit],
                            row_steps: Sequence[int], steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The ControlNet residuals for one UNet call, summed over slots in slot order; zeros when no
         slot acts on any row. Each [M, C, h', w'], or [2M, ...] with exact guidance (uncond, cond)."""
@@ -509,8 +523,8 @@ class CompiledEngine(DiffusionEngine):
             if scale is None:
                 continue  # no row inside this slot's window: the ControlNet does not run
             control = self._part(f"control{unit.slot + 1}-{self._cfg}", rows, self._control)
-            unit_down, unit_mid = control(unit.model, x, timesteps, input_scale, cond, uncond, unit.image, scale,
-                                          self._cfg)
+            unit_down, unit_mid = control(unit.model, x, timesteps, input_scale, cond, uncond, added, unit.image,
+                                          scale, self._cfg)
             if down is None or mid is None:
                 down, mid = list(unit_down), unit_mid
             else:
@@ -636,10 +650,13 @@ class CompiledEngine(DiffusionEngine):
 
     def _denoise(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
                  sample_coef: torch.Tensor, eps_coef: torch.Tensor, residual: torch.Tensor | None,
-                 cond: torch.Tensor, uncond: torch.Tensor | None, guidance: torch.Tensor,
-                 cfg: str, down: list[torch.Tensor], mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 cond: torch.Tensor, uncond: torch.Tensor | None, added: tuple[torch.Tensor, torch.Tensor] | None,
+                 guidance: torch.Tensor, cfg: str, down: list[torch.Tensor],
+                 mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call and the scheduler's step. x [M, 4, h, w]; timesteps [M]; coefficients [M] or [1];
-        cond, uncond [1, L, D]; guidance []; ControlNet residuals ``down``, ``mid`` [M or 2M, C, h', w'].
+        cond, uncond [1, L, D]; ``added``: SDXL's (text_embeds, time_ids) per guidance half (see
+        :meth:`_added_for_call`), None otherwise; guidance []; ControlNet residuals ``down``, ``mid``
+        [M or 2M, C, h', w'].
         Everything that changes live is an argument, so that a new prompt, guidance value or ControlNet
         scale is new input to the same graph, never a recompile.
 
@@ -656,13 +673,14 @@ class CompiledEngine(DiffusionEngine):
             embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
             noise_pred = unet(torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]),
                               encoder_hidden_states=embeddings, down_block_additional_residuals=down,
-                              mid_block_additional_residual=mid, return_dict=False)[0]
+                              mid_block_additional_residual=mid, added_cond_kwargs=_added_kwargs(added, batch),
+                              return_dict=False)[0]
             noise_uncond, noise_cond = noise_pred.chunk(2)
             eps = noise_uncond + guidance * (noise_cond - noise_uncond)
         else:
             eps = unet(model_input, timesteps, encoder_hidden_states=cond.expand(batch, -1, -1),
                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                       return_dict=False)[0]
+                       added_cond_kwargs=_added_kwargs(added, batch), return_dict=False)[0]
             if cfg == "residual":
                 assert residual is not None
                 eps = residual + guidance * (eps - residual)
@@ -671,10 +689,11 @@ class CompiledEngine(DiffusionEngine):
         return x_next.to(x.dtype), eps
 
     def _control(self, model: Any, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
-                 cond: torch.Tensor, uncond: torch.Tensor | None, image: torch.Tensor, scale: torch.Tensor,
-                 cfg: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """One ControlNet over the rows of one UNet call. x, timesteps, input_scale, cond, uncond as in
-        :meth:`_denoise`; image [M, 3, H, W] in [0, 1], each row's condition; scale [M] float32 per row. -> (down, mid) residuals, [M or 2M, C, h', w'] each, contiguous (the UNet
+                 cond: torch.Tensor, uncond: torch.Tensor | None, added: tuple[torch.Tensor, torch.Tensor] | None,
+                 image: torch.Tensor, scale: torch.Tensor, cfg: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One ControlNet over the rows of one UNet call. x, timesteps, input_scale, cond, uncond, added as in
+        :meth:`_denoise`; image [M, 3, H, W] in [0, 1], each row's condition; scale [M] float32 per row.
+        -> (down, mid) residuals, [M or 2M, C, h', w'] each, contiguous (the UNet
         graph is specialised on its inputs' strides). The model's own conditioning_scale stays 1.0, a
         constant; the live scale is this tensor, so changing it is no recompile."""
         batch = x.shape[0]
@@ -688,7 +707,8 @@ class CompiledEngine(DiffusionEngine):
             image = torch.cat([image, image])
             scale = torch.cat([scale, scale])
         down, mid = model(model_input, timesteps, encoder_hidden_states=embeddings, controlnet_cond=image,
-                          conditioning_scale=1.0, guess_mode=False, return_dict=False)
+                          conditioning_scale=1.0, guess_mode=False, added_cond_kwargs=_added_kwargs(added, batch),
+                          return_dict=False)
         weight = scale.to(mid.dtype).view(-1, 1, 1, 1)
         return [(sample * weight).contiguous() for sample in down], (mid * weight).contiguous()
 
@@ -744,6 +764,16 @@ class CompiledEngine(DiffusionEngine):
                         "buffers are refilled", len(bad), ", ".join(s.session_id for s in bad))
             for state in bad:
                 state.data.pop(STREAM_KEY, None)
+
+
+def _added_kwargs(added: tuple[torch.Tensor, torch.Tensor] | None, batch: int) -> dict[str, torch.Tensor] | None:
+    """SDXL's ``added_cond_kwargs`` for a call of ``batch`` rows per guidance half: each half's row repeated,
+    uncond rows then cond rows, as the embeddings are laid out."""
+    if added is None:
+        return None
+    text_embeds, time_ids = added
+    return {"text_embeds": text_embeds.repeat_interleave(batch, dim=0),
+            "time_ids": time_ids.repeat_interleave(batch, dim=0)}
 
 
 def _materialize(spec: Any, module: torch.nn.Module) -> Any:
