@@ -21,14 +21,15 @@ import torch
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.errors import ModelError
 
-ARCHITECTURES = ("sd21", "sd15")
+ARCHITECTURES = ("sd21", "sd15", "sdxl")
+COMPONENTS = ("unet", "vae", "taesd", "text_encoder", "text_encoder_2")
 
 
 def build_random_components(architecture: str, vocab_size: int, device: torch.device | str = "cpu",
                             seed: int = 0) -> dict[str, Any]:
-    """unet, vae, taesd, text_encoder and scheduler of ``architecture`` with random weights."""
+    """unet, vae, taesd, text_encoder (and SDXL's text_encoder_2) and scheduler of ``architecture``, random."""
     from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from sdbridge.engines.single_file import shipped_config_dir
 
@@ -41,14 +42,23 @@ def build_random_components(architecture: str, vocab_size: int, device: torch.de
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
-        taesd = AutoencoderTiny()  # TAESD's own default configuration
-        text_config = CLIPTextConfig.from_pretrained(configs / "text_encoder")
-        text_config.vocab_size = max(text_config.vocab_size, vocab_size)
-        text_config.bos_token_id, text_config.eos_token_id = vocab_size - 2, vocab_size - 1
-        text_config.pad_token_id = vocab_size - 1
-        text_encoder = CLIPTextModel(text_config)
-    scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler"))
-    return {"unet": unet, "vae": vae, "taesd": taesd, "text_encoder": text_encoder, "scheduler": scheduler}
+        taesd = AutoencoderTiny()  # TAESD's (and TAESDXL's) own default configuration
+        out = {"unet": unet, "vae": vae, "taesd": taesd,
+               "text_encoder": CLIPTextModel(_text_config(configs / "text_encoder", vocab_size))}
+        if (configs / "text_encoder_2").is_dir():  # SDXL: OpenCLIP bigG with its projection
+            out["text_encoder_2"] = CLIPTextModelWithProjection(_text_config(configs / "text_encoder_2", vocab_size))
+    out["scheduler"] = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler"))
+    return out
+
+
+def _text_config(folder: Path, vocab_size: int) -> Any:
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig.from_pretrained(folder)
+    config.vocab_size = max(config.vocab_size, vocab_size)
+    config.bos_token_id, config.eos_token_id = vocab_size - 2, vocab_size - 1
+    config.pad_token_id = vocab_size - 1
+    return config
 
 
 def random_parts(architecture: str, device: torch.device, dtype: torch.dtype) -> PipelineParts:
@@ -65,11 +75,14 @@ def random_parts(architecture: str, device: torch.device, dtype: torch.dtype) ->
         components = build_tiny_components(seed=0, vocab_size=vocab_size)
     else:
         components = build_random_components(architecture, vocab_size, device=device)
-    for name in ("unet", "vae", "taesd", "text_encoder"):
-        components[name] = components[name].to(device, dtype).eval().requires_grad_(False)
+    for name in COMPONENTS:
+        if name in components:
+            components[name] = components[name].to(device, dtype).eval().requires_grad_(False)
     return PipelineParts(architecture="sd15" if architecture == "tiny" else architecture, source="random weights",
                          unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
-                         tokenizer=tokenizer, scheduler=components["scheduler"], taesd=components["taesd"])
+                         tokenizer=tokenizer, scheduler=components["scheduler"], taesd=components["taesd"],
+                         text_encoder_2=components.get("text_encoder_2"),
+                         tokenizer_2=tokenizer if "text_encoder_2" in components else None)
 
 
 def write_random_model(folder: str | Path, architecture: str = "sd21", dtype: torch.dtype = torch.float16,
@@ -81,6 +94,7 @@ def write_random_model(folder: str | Path, architecture: str = "sd21", dtype: to
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tiny_tokenizer(folder / "tokenizer")
     parts = build_random_components(architecture, vocab_size, seed=seed)
-    for name in ("unet", "vae", "taesd", "text_encoder"):
-        parts[name] = parts[name].to(dtype)
+    for name in COMPONENTS:
+        if name in parts:
+            parts[name] = parts[name].to(dtype)
     return write_components(folder, parts)
