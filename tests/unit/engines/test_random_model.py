@@ -13,8 +13,19 @@ from sdbridge.errors import ModelError
 
 
 def test_an_unknown_architecture_is_refused_by_name() -> None:
-    with pytest.raises(ModelError, match="'sdxl'.*known: sd21, sd15"):
-        build_random_components("sdxl", vocab_size=516)
+    with pytest.raises(ModelError, match="'sd3'.*known: sd21, sd15, sdxl"):
+        build_random_components("sd3", vocab_size=516)
+
+
+def test_sdxl_has_the_real_sizes() -> None:
+    """SDXL built on the meta device (no memory, no time): the published parameter counts."""
+    parts = build_random_components("sdxl", vocab_size=516, device="meta")
+    millions = {name: round(sum(p.numel() for p in module.parameters()) / 1e6)
+                for name, module in parts.items() if name != "scheduler"}
+    assert millions["unet"] == 2567 and millions["text_encoder_2"] == 695 and millions["vae"] == 84
+    assert parts["unet"].config.addition_embed_type == "text_time"
+    assert parts["unet"].config.cross_attention_dim == (parts["text_encoder"].config.hidden_size
+                                                        + parts["text_encoder_2"].config.hidden_size)
 
 
 @pytest.mark.skipif(os.environ.get("SDBRIDGE_SLOW") != "1",
