@@ -22,6 +22,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL (two text encoders, "text_time" UNet) as a diffusers folder with ``taesd/``."""
+    from sdbridge.engines.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", architecture="sdxl")
+
+
 @pytest.fixture
 def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., object]]:
     """Start a daemon in a background thread: ``daemon = start_daemon(engine="identity", ...)``."""

@@ -8,6 +8,10 @@ longer named stays loaded at weight 0, so naming it again costs one reweight, no
 LoRAs apply before the prompt is encoded, because a LoRA on the text encoder changes the
 embeddings; :meth:`cache_key` says which text-encoder state an encoding belongs to, so cached
 embeddings are never reused across a LoRA or embedding change.
+
+SDXL has two text encoders: LoRAs reach both (kohya ``lora_te1_``/``lora_te2_``), prompts are
+encoded by both with the pooled embeds beside (prompt_encode.encode_prompt_sdxl). Its textual
+inversions (``clip_l``/``clip_g`` files) are not supported yet: the embeddings folder is not read.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from sdbridge.engines.lora import LoraStack, find_loras, lora_path
 from sdbridge.engines.parts import PipelineParts
-from sdbridge.engines.prompt_encode import encode_prompt
+from sdbridge.engines.prompt_encode import encode_prompt, encode_prompt_sdxl
 from sdbridge.engines.prompt_syntax import LoraWeights, parse_prompt
 from sdbridge.engines.textual_inversion import TextualInversions
 from sdbridge.errors import ModelError, ParamError
@@ -39,15 +43,27 @@ class TextConditioning:
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
         self.allow_pickle = allow_pickle
         self.clip_skip = 0
-        self.loras = LoraStack({"unet": parts.unet, "text_encoder": parts.text_encoder})
+        components = {"unet": parts.unet, "text_encoder": parts.text_encoder}
+        if parts.text_encoder_2 is not None:  # SDXL
+            components["text_encoder_2"] = parts.text_encoder_2
+        self.loras = LoraStack(components)
         self.inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
         self._warned_networks: set[str] = set()
+        self._warned_sdxl_embeddings = False
 
     # --- textual inversion ----------------------------------------------------------------------
 
     def load_embeddings(self) -> list[str]:
         """(Re)scan the embeddings folder: new and changed files are taken; returns their names."""
         if self.embeddings_dir is None:
+            return []
+        if self.parts.text_encoder_2 is not None:
+            # An SD 1.x embedding fits SDXL's first encoder but not its second; SDXL's own files
+            # hold a clip_l and a clip_g table, which TextualInversions does not take yet.
+            if self.embeddings_dir.is_dir() and not self._warned_sdxl_embeddings:
+                self._warned_sdxl_embeddings = True
+                log.warning("textual inversions in %s not loaded: not supported for SDXL models yet",
+                            self.embeddings_dir)
             return []
         names = self.inversions.load_folder(self.embeddings_dir, allow_pickle=self.allow_pickle)
         if names:
@@ -124,11 +140,21 @@ class TextConditioning:
     def cache_key(self, prompt: str) -> tuple[Any, ...]:
         """What an encoding of ``prompt`` depends on besides the text: text-encoder LoRAs, embeddings, clip skip."""
         text_loras = tuple(sorted((name, weight) for name, weight in self.current().items()
-                                  if "text_encoder" in self.loras.get(name).components))
+                                  if any(component.startswith("text_encoder")
+                                         for component in self.loras.get(name).components)))
         return prompt, text_loras, self.inversions.version, self.clip_skip
 
     def encode(self, prompt: str, device: torch.device) -> torch.Tensor:
         """``[1, 77 * k, D]`` for a prompt in A1111's syntax (its LoRA tags are not applied here)."""
+        return self.encode_pooled(prompt, device)[0]
+
+    def encode_pooled(self, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([1, 77 * k, D], pooled)``: SDXL's pooled text embeds ``[1, D_pool]``, None for SD 1.x/2.x;
+        for SDXL ``D`` is both encoders' widths together."""
         parts = self.parts
-        return encode_prompt(prompt, parts.tokenizer, parts.text_encoder, device,
-                             expand=self.inversions.expand, clip_skip=self.clip_skip)
+        if parts.text_encoder_2 is None:
+            return encode_prompt(prompt, parts.tokenizer, parts.text_encoder, device,
+                                 expand=self.inversions.expand, clip_skip=self.clip_skip), None
+        tokenizers = (parts.tokenizer, parts.tokenizer_2 if parts.tokenizer_2 is not None else parts.tokenizer)
+        return encode_prompt_sdxl(prompt, tokenizers, (parts.text_encoder, parts.text_encoder_2), device,
+                                  expand=self.inversions.expand, clip_skip=self.clip_skip)

@@ -115,7 +115,15 @@ def _load_single_file(path: Path, unet: Any, dtype: torch.dtype, allow_pickle: b
     return model.to(dtype)
 
 
+def _family(config: Any) -> str:
+    return "SDXL" if config.get("addition_embed_type") == "text_time" else "SD 1.x/2.x"
+
+
 def _check_family(path: Path, model: Any, unet: Any) -> None:
+    ours, theirs = _family(unet.config), _family(model.config)
+    if ours != theirs:
+        raise ModelError(f"{path}: an {theirs} ControlNet cannot run on the loaded {ours} model",
+                         code="model_mismatch")
     ours, theirs = unet.config.cross_attention_dim, model.config.cross_attention_dim
     if ours != theirs or list(unet.config.block_out_channels) != list(model.config.block_out_channels):
         raise ModelError(f"{path}: a ControlNet for another model family (text width {theirs}, blocks "
@@ -143,7 +151,11 @@ class ControlUnit:
 
 
 class ControlStack:
-    """The UNet's extra arguments for one step: ``stack(model_input, t, embeddings, index, count)``."""
+    """The UNet's extra arguments for one step: ``stack(model_input, t, embeddings, index, count, added_cond)``.
+
+    ``added_cond`` is SDXL's ``{"text_embeds", "time_ids"}`` with the batch's rows (None for SD 1.x/2.x):
+    an SDXL ControlNet takes the same added conditioning as its UNet.
+    """
 
     def __init__(self, units: Sequence[ControlUnit], guided: bool) -> None:
         self.units = list(units)
@@ -151,15 +163,17 @@ class ControlStack:
         self._images = [torch.cat([unit.image] * 2) if guided else unit.image for unit in self.units]
 
     def __call__(self, model_input: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, index: int,
-                 count: int) -> dict[str, Any]:
+                 count: int, added_cond: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
+        extra = {"added_cond_kwargs": added_cond} if added_cond is not None else {}
         for unit, image in zip(self.units, self._images):
             if not unit.keeps(index, count):
                 continue
             scale = unit.scale if isinstance(unit.scale, float) else 1.0
             unit_down, unit_mid = unit.model(model_input, t, encoder_hidden_states=embeddings, controlnet_cond=image,
-                                             conditioning_scale=scale, guess_mode=False, return_dict=False)
+                                             conditioning_scale=scale, guess_mode=False, return_dict=False,
+                                             **extra)
             unit_down, unit_mid = self._weigh(unit, list(unit_down), unit_mid)
             if down is None or mid is None:
                 down, mid = unit_down, unit_mid

@@ -10,6 +10,9 @@ What makes a frame cheap here, following what real-time work has shown:
   AUTOMATIC1111's syntax (prompt_encode.py); LoRAs from ``<lora:...>`` tags and the ``loras``
   parameter reweighted in place, textual inversions from the embeddings folder (conditioning.py);
 - TAESD as the autoencoder when the model has one (``taesd/``), the full VAE otherwise;
+- SDXL (and SDXL-turbo): two text encoders, and the UNet's added conditioning (pooled text embeds
+  and size ids) made once in ``prepare`` as :attr:`DiffusionEngine._added_cond`, as diffusers'
+  ``StableDiffusionXLImg2ImgPipeline`` makes it (tests/unit/engines/test_sdxl.py);
 - pre- and post-processing on the device: uint8 in, uint8 out, no host sync inside the step.
 """
 
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 PROMPT_CACHE_SIZE = 8
 
+Encoded = tuple[torch.Tensor, "torch.Tensor | None"]   # [1, 77*k, D] and SDXL's pooled [1, D_pool] (None: SD)
+
 
 class DiffusionEngine(Engine):
     name = "diffusion"
@@ -48,8 +53,12 @@ class DiffusionEngine(Engine):
         self.models_dir: str | None = None
         self.model_config: str | None = None
         self.parts: PipelineParts | None = None
-        self._prompt_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._prompt_cache: collections.OrderedDict[tuple, Encoded] = collections.OrderedDict()
         self._embeddings: torch.Tensor | None = None   # [B_cfg, 77*k, D]: uncond+cond with guidance, else cond
+        # SDXL's UNet (and ControlNet) extra input, rows as _embeddings: {"text_embeds": [B_cfg, D_pool],
+        # "time_ids": [B_cfg, 6]}; None for SD 1.x/2.x. The compiled engine reads it: keep name and layout.
+        self._added_cond: dict[str, torch.Tensor] | None = None
+        self._sdxl = False
         # LoRAs and textual inversions (conditioning.py); the host sets the folders (None: <models_dir>/lora, ...).
         self.lora_dir: str | None = None
         self.embeddings_dir: str | None = None
@@ -92,9 +101,10 @@ class DiffusionEngine(Engine):
         return engine
 
     def _adopt(self, parts: PipelineParts) -> None:
-        if parts.architecture == "sdxl":
-            raise ModelError(f"{parts.source}: SDXL models are not supported by the diffusion engine yet "
-                             f"(SD 1.x and 2.x are)")
+        self._sdxl = parts.architecture == "sdxl"
+        if self._sdxl and parts.text_encoder_2 is None:
+            raise ModelError(f"{parts.source}: an SDXL model needs its second text encoder (text_encoder_2), "
+                             f"and none was loaded")
         self.parts = parts
         self.scheduler = parts.scheduler
         self.autoencoder = parts.taesd if parts.taesd is not None else parts.vae
@@ -133,6 +143,7 @@ class DiffusionEngine(Engine):
         self.controlnets = None
         self._prompt_cache.clear()
         self._embeddings = None
+        self._added_cond = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -167,33 +178,65 @@ class DiffusionEngine(Engine):
         assert self.conditioning is not None
         self.conditioning.apply(self.conditioning.wanted(prompt, str(params.get("loras", ""))))
         self.conditioning.clip_skip = int(params.get("clip_skip", 0))
-        cond = self._encode_prompt(prompt)
+        cond, cond_pooled = self._encode_prompt_pooled(prompt)
         blend_weight = float(params.get("prompt_blend", 0.0))
         if blend_weight > 0.0 and params.get("blend_prompt"):
-            cond = blend(cond, self._encode_prompt(str(params["blend_prompt"])), blend_weight, self._encode_prompt(""))
+            other, other_pooled = self._encode_prompt_pooled(str(params["blend_prompt"]))
+            cond = blend(cond, other, blend_weight, self._encode_prompt(""))
+            if cond_pooled is not None and other_pooled is not None:
+                # As blend() does with the hidden states: past 1 the second prompt alone.
+                cond_pooled = other_pooled if blend_weight >= 1.0 else torch.lerp(cond_pooled, other_pooled,
+                                                                                   blend_weight)
+        pooled = cond_pooled
         if self._guided:
-            uncond = self._encode_prompt(str(params["negative_prompt"]))
+            uncond, uncond_pooled = self._negative(str(params["negative_prompt"]), cond, cond_pooled)
             cond, uncond = match_lengths(cond, uncond, self._encode_prompt(""))
             self._embeddings = torch.cat([uncond, cond])
+            if cond_pooled is not None and uncond_pooled is not None:
+                pooled = torch.cat([uncond_pooled, cond_pooled])
         else:
             self._embeddings = cond
+        self._added_cond = self._make_added_cond(pooled) if self._sdxl else None
 
-    @torch.inference_mode()
+    def _negative(self, negative_prompt: str, cond: torch.Tensor,
+                  cond_pooled: torch.Tensor | None) -> Encoded:
+        """The unconditional embeddings: zeros for an empty negative prompt on a model whose
+        ``force_zeros_for_empty_prompt`` holds (SDXL's default, as diffusers' SDXL pipelines), else encoded."""
+        assert self.parts is not None
+        if self._sdxl and cond_pooled is not None and not negative_prompt.strip() and self.parts.zero_empty_negative:
+            return torch.zeros_like(cond), torch.zeros_like(cond_pooled)
+        return self._encode_prompt_pooled(negative_prompt)
+
+    def _make_added_cond(self, pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """SDXL's added conditioning for ``pooled`` [B_cfg, D_pool]: the pooled embeds and the time ids
+        (original size, crop top-left, target size) = (H, W, 0, 0, H, W) at the engine's resolution, as
+        diffusers' SDXL img2img ``_get_add_time_ids`` makes them without an aesthetic score."""
+        assert pooled is not None, "SDXL encodings carry pooled embeds"
+        width, height = self.resolution
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        return {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
+
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         """[1, 77 * k, D] text embeddings (A1111 syntax, chunks of 75 tokens), from the cache when
         this prompt was seen recently with the same text-encoder LoRAs and embeddings."""
+        return self._encode_prompt_pooled(prompt)[0]
+
+    @torch.inference_mode()
+    def _encode_prompt_pooled(self, prompt: str) -> Encoded:
+        """The text embeddings and SDXL's pooled embeds [1, D_pool] (None for SD 1.x/2.x), cached together."""
         assert self.parts is not None and self.conditioning is not None
         key = self.conditioning.cache_key(prompt)
         cached = self._prompt_cache.get(key)
         if cached is not None:
             self._prompt_cache.move_to_end(key)
             return cached
-        embeddings = self.conditioning.encode(prompt, self.device).to(self.dtype)
+        embeddings, pooled = self.conditioning.encode_pooled(prompt, self.device)
+        encoded = embeddings.to(self.dtype), pooled.to(self.dtype) if pooled is not None else None
         self.text_encoder_calls += 1
-        self._prompt_cache[key] = embeddings
+        self._prompt_cache[key] = encoded
         if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
-        return embeddings
+        return encoded
 
     def encode_prompt_pair(self, prompt: str, negative_prompt: str,
                            clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +247,9 @@ class DiffusionEngine(Engine):
         (layers skipped, as the live parameter counts) applies to this pair only; None: the live value.
         """
         assert self.conditioning is not None
+        if self._sdxl:
+            raise ModelError(f"{self.source}: one-shot generation (the A1111 API) does not support SDXL models "
+                             f"yet; the live stream does", code="not_supported")
         live_clip_skip = self.conditioning.clip_skip
         if clip_skip is not None:
             self.conditioning.clip_skip = clip_skip
@@ -298,19 +344,20 @@ class DiffusionEngine(Engine):
             latents = self.scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
 
         # 4. Denoise: UNet + scheduler for each timestep, guidance batched with the frame.
-        embeddings = self._embeddings
-        if self._guided:
-            uncond, cond = embeddings.chunk(2)
-            embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
-        else:
-            embeddings = embeddings.expand(batch, -1, -1)
+        embeddings = self._for_batch(self._embeddings, batch)
+        added: dict[str, torch.Tensor] | None = None
+        unet_kwargs: dict[str, Any] = {}
+        if self._added_cond is not None:   # SDXL: pooled text embeds and time ids, rows as the embeddings
+            added = {name: self._for_batch(value, batch) for name, value in self._added_cond.items()}
+            unet_kwargs["added_cond_kwargs"] = added
         generators = self._step_generators(states)
         controls = self.controlnets.for_batch(states, self._guided) if self.controlnets is not None else None
         for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if self._guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            extra = controls(model_input, t, embeddings, index, len(timesteps)) if controls is not None else {}
-            noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
+            extra = controls(model_input, t, embeddings, index, len(timesteps), added) if controls is not None else {}
+            noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **unet_kwargs,
+                              **extra)[0]
             if self._guided:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)
@@ -320,6 +367,13 @@ class DiffusionEngine(Engine):
         if self.latent_hook is not None:
             latents = self.latent_hook(latents, states)
         return self.decode(latents)
+
+    def _for_batch(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """[B_cfg, ...] (uncond, cond rows with guidance) -> [B_cfg * batch, ...]: uncond rows, then cond rows."""
+        if self._guided:
+            uncond, cond = rows.chunk(2)
+            return torch.cat([uncond.expand(batch, *uncond.shape[1:]), cond.expand(batch, *cond.shape[1:])])
+        return rows.expand(batch, *rows.shape[1:])
 
     def _make_controlnets(self) -> ControlNets:
         from pathlib import Path

@@ -337,7 +337,9 @@ def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype
     for module in parts.values():
         if isinstance(module, torch.nn.Module):
             module.to(device).eval().requires_grad_(False)
-    return PipelineParts(architecture=architecture, source=source or str(folder), **parts)
+    force_zeros = index.get("force_zeros_for_empty_prompt")
+    return PipelineParts(architecture=architecture, source=source or str(folder),
+                         force_zeros_for_empty_prompt=bool(force_zeros) if force_zeros is not None else None, **parts)
 
 
 def _load_taesd(folder: Path, dtype: torch.dtype):  # noqa: ANN202 - AutoencoderTiny

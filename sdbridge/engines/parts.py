@@ -26,6 +26,16 @@ class PipelineParts:
     taesd: Any | None = None     # diffusers.AutoencoderTiny
     text_encoder_2: Any | None = None
     tokenizer_2: Any | None = None
+    # model_index.json's flag: an empty negative prompt is zeros, not the empty prompt's encoding
+    # (diffusers' SDXL pipelines). None: the architecture's default, see zero_empty_negative.
+    force_zeros_for_empty_prompt: bool | None = None
+
+    @property
+    def zero_empty_negative(self) -> bool:
+        """Whether guidance uses zeros for an empty negative prompt (True for SDXL unless the model says not)."""
+        if self.force_zeros_for_empty_prompt is not None:
+            return self.force_zeros_for_empty_prompt
+        return self.architecture == "sdxl"
 
     def modules(self) -> dict[str, Any]:
         names = ("unet", "vae", "text_encoder", "taesd", "text_encoder_2")

@@ -17,6 +17,10 @@ A prompt with no syntax and at most 75 tokens gives one chunk, tokenised whole, 
 the embeddings equal diffusers' ``StableDiffusionPipeline.encode_prompt`` bit for bit
 (tests/unit/engines/test_prompt_encode.py). For guidance, cond and uncond are padded to the same
 number of chunks with the empty prompt's chunk, as A1111's ``pad_cond`` does.
+
+SDXL (:func:`encode_prompt_sdxl`) runs steps 1–4 for each of its two encoders, on the penultimate
+hidden state as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` takes it, concatenates them
+on the feature axis, and adds text_encoder_2's pooled embeds of the first chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 
 from sdbridge.engines.prompt_syntax import ParsedPrompt, PromptPiece, parse_prompt
+from sdbridge.errors import ModelError
 
 CHUNK_TOKENS = 75                        # words per chunk; + BOS + EOS = 77, CLIP's context
 CHUNK_LENGTH = CHUNK_TOKENS + 2
@@ -91,13 +96,9 @@ def build_chunks(pieces: Sequence[PromptPiece], tokenizer: Any,
     return chunks
 
 
-def encode_chunks(chunks: Sequence[Chunk], text_encoder: Any, device: torch.device,
-                  clip_skip: int = 0) -> torch.Tensor:
-    """Steps 3 and 4: ``[1, 77 * len(chunks), D]`` in the text encoder's dtype.
-
-    ``clip_skip`` counts as diffusers does (A1111's "Clip skip" minus 1): the hidden state that
-    many layers before the last, through the final layer norm.
-    """
+def _chunk_inputs(chunks: Sequence[Chunk], text_encoder: Any,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids [k, 77] and, for encoders that use one, the attention mask [k, 77]."""
     ids = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=device)  # [k, 77]
     attention_mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
@@ -105,13 +106,11 @@ def encode_chunks(chunks: Sequence[Chunk], text_encoder: Any, device: torch.devi
         attention_mask = torch.zeros_like(ids)
         for row, chunk in enumerate(chunks):
             attention_mask[row, :chunk.length] = 1
-    if clip_skip > 0:
-        output = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=True)
-        hidden = output.hidden_states[-(clip_skip + 1)]
-        # transformers 5 dropped CLIPTextModel's text_model wrapper (diffusers' clip_skip still reaches for it).
-        z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
-    else:
-        z = text_encoder(ids, attention_mask=attention_mask)[0]                             # [k, 77, D]
+    return ids, attention_mask
+
+
+def emphasise(z: torch.Tensor, chunks: Sequence[Chunk], device: torch.device) -> torch.Tensor:
+    """Step 4 on one encoder's hidden states ``[k, 77, D]`` -> ``[1, 77 * k, D]``."""
     weights = torch.tensor([chunk.multipliers for chunk in chunks], dtype=torch.float32, device=device)  # [k, 77]
     weighted = (weights != 1.0).any(dim=1)                                                              # [k]
     if bool(weighted.any()):  # at prepare time, not per frame: the host sync is fine
@@ -126,11 +125,72 @@ def encode_chunks(chunks: Sequence[Chunk], text_encoder: Any, device: torch.devi
     return z.reshape(1, -1, z.shape[-1])
 
 
+def encode_chunks(chunks: Sequence[Chunk], text_encoder: Any, device: torch.device,
+                  clip_skip: int = 0) -> torch.Tensor:
+    """Steps 3 and 4: ``[1, 77 * len(chunks), D]`` in the text encoder's dtype.
+
+    ``clip_skip`` counts as diffusers does (A1111's "Clip skip" minus 1): the hidden state that
+    many layers before the last, through the final layer norm.
+    """
+    ids, attention_mask = _chunk_inputs(chunks, text_encoder, device)
+    if clip_skip > 0:
+        output = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = output.hidden_states[-(clip_skip + 1)]
+        # transformers 5 dropped CLIPTextModel's text_model wrapper (diffusers' clip_skip still reaches for it).
+        z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+    else:
+        z = text_encoder(ids, attention_mask=attention_mask)[0]                             # [k, 77, D]
+    return emphasise(z, chunks, device)
+
+
+def encode_chunks_sdxl(chunks: Sequence[Chunk], text_encoder: Any, device: torch.device,
+                       clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One SDXL encoder: ``[1, 77 * k, D]`` hidden states and, from an encoder with a projection
+    (text_encoder_2), the pooled ``text_embeds`` of the first chunk ``[1, D_pool]`` (None otherwise).
+
+    As diffusers' ``StableDiffusionXLPipeline.encode_prompt``: the hidden state ``clip_skip + 2``
+    from the end (the penultimate by default) with no final layer norm; the pooled embeds are
+    taken before emphasis, as A1111 takes them.
+    """
+    ids, attention_mask = _chunk_inputs(chunks, text_encoder, device)
+    output = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=True)
+    z = output.hidden_states[-(clip_skip + 2)]                                              # [k, 77, D]
+    pooled = getattr(output, "text_embeds", None)                                           # [k, D_pool]
+    return emphasise(z, chunks, device), (pooled[:1] if pooled is not None else None)
+
+
 def encode_prompt(prompt: str | ParsedPrompt, tokenizer: Any, text_encoder: Any, device: torch.device,
                   expand: Callable[[list[int]], list[int]] | None = None, clip_skip: int = 0) -> torch.Tensor:
     """A prompt in A1111's syntax -> ``[1, 77 * k, D]``; LoRA tags are ignored here (the caller applies them)."""
     parsed = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     return encode_chunks(build_chunks(parsed.pieces, tokenizer, expand), text_encoder, device, clip_skip)
+
+
+def encode_prompt_sdxl(prompt: str | ParsedPrompt, tokenizers: Sequence[Any], text_encoders: Sequence[Any],
+                       device: torch.device, expand: Callable[[list[int]], list[int]] | None = None,
+                       clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt for SDXL's two encoders -> (``[1, 77 * k, D1 + D2]``, pooled ``[1, D_pool]``).
+
+    Each encoder gets the prompt's chunks from its own tokenizer (their pad tokens differ: EOS
+    and "!" in SDXL), weights and BREAK applied to both; the hidden states are concatenated on
+    the feature axis, as diffusers and A1111 do.
+    """
+    parsed = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    hidden: list[torch.Tensor] = []
+    pooled: torch.Tensor | None = None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        z, encoder_pooled = encode_chunks_sdxl(build_chunks(parsed.pieces, tokenizer, expand), text_encoder,
+                                               device, clip_skip)
+        hidden.append(z)
+        pooled = encoder_pooled if encoder_pooled is not None else pooled
+    if len({z.shape[1] for z in hidden}) != 1:
+        # Both SDXL tokenizers share CLIP's vocabulary, so a prompt makes as many chunks in each.
+        raise ModelError(f"the two SDXL tokenizers split a prompt into different numbers of tokens: "
+                         f"{[z.shape[1] for z in hidden]} (they should share CLIP's vocabulary)")
+    if pooled is None:
+        raise ModelError(f"no SDXL text encoder gave pooled embeds (text_encoder_2 must be a "
+                         f"CLIPTextModelWithProjection, not {type(text_encoders[-1]).__name__})")
+    return torch.cat(hidden, dim=-1), pooled
 
 
 def pad_chunks(embeddings: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch.Tensor:

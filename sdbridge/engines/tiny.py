@@ -5,6 +5,11 @@ these and load it back through the real loading code (``sdbridge models tiny DIR
 The layout is a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``) plus ``taesd/`` (an AutoencoderTiny), all weights in safetensors.
 The VAE and TAESD both downsample by 8, as the real ones do, so a 64×64 frame gives 8×8 latents.
+
+``write_tiny_model(folder, architecture="sdxl")`` writes a tiny SDXL instead: two text encoders
+(``text_encoder/`` a CLIPTextModel, ``text_encoder_2/`` a CLIPTextModelWithProjection, the same
+tiny tokenizer in ``tokenizer/`` and ``tokenizer_2/``) and a UNet with SDXL's "text_time" added
+conditioning (pooled text embeds + six size/crop ids).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 from sdbridge.engines.clip_vocab import bytes_to_unicode
 
 TINY_TEXT_DIM = 32
+TINY_SDXL_TIME_DIM = 8                   # addition_time_embed_dim: each of the six time ids embeds to this width
+TINY_ARCHITECTURES = ("sd15", "sdxl")
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -80,11 +87,16 @@ def build_tiny_components(seed: int = 0, vocab_size: int = 514 + len(SPECIAL_TOK
     return {"unet": unet, "vae": vae, "taesd": taesd, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random SD model as a diffusers folder (+ ``taesd/``) and return its path."""
+def write_tiny_model(folder: str | Path, seed: int = 0, architecture: str = "sd15") -> Path:
+    """Write a tiny random model (``sd15`` or ``sdxl``) as a diffusers folder (+ ``taesd/``) and return its path."""
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"tiny architecture {architecture!r} not in {TINY_ARCHITECTURES}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tiny_tokenizer(folder / "tokenizer")
+    if architecture == "sdxl":
+        write_tiny_tokenizer(folder / "tokenizer_2")
+        return write_sdxl_components(folder, build_tiny_sdxl_components(seed=seed, vocab_size=vocab_size))
     return write_components(folder, build_tiny_components(seed=seed, vocab_size=vocab_size))
 
 
@@ -97,6 +109,57 @@ def write_components(folder: Path, parts: dict[str, object]) -> Path:
     pipe = StableDiffusionPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer, unet=parts["unet"],
         scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    parts["taesd"].save_pretrained(folder / "taesd", safe_serialization=True)
+    return folder
+
+
+def build_tiny_sdxl_components(seed: int = 0, vocab_size: int = 514 + len(SPECIAL_TOKENS)) -> dict[str, object]:
+    """A tiny SDXL's parts, random but seeded: the SD parts' VAE, TAESD and scheduler, SDXL's UNet and encoders."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    parts = build_tiny_components(seed=seed, vocab_size=vocab_size)
+    torch.manual_seed(seed + 1)
+    pooled_dim = TINY_TEXT_DIM       # text_encoder_2's projection_dim
+    # SDXL's layout shrunk: no attention in the first block, more transformer layers deeper down,
+    # linear projections, and the "text_time" embedding of pooled text + 6 time ids.
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+        cross_attention_dim=2 * TINY_TEXT_DIM, addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * TINY_SDXL_TIME_DIM,
+    )
+    text_config = dict(
+        vocab_size=vocab_size, hidden_size=TINY_TEXT_DIM, intermediate_size=37, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=pooled_dim,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    # OpenCLIP ViT-bigG, SDXL's second encoder, uses exact GELU (the first, OpenAI's CLIP-L, quick GELU).
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, hidden_act="gelu"))
+    for module in (unet, text_encoder, text_encoder_2):
+        module.eval()
+    # SDXL's VAE latents are scaled by 0.13025 (SD 1.x/2.x: 0.18215).
+    parts["vae"].register_to_config(scaling_factor=0.13025)
+    parts.update(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    return parts
+
+
+def write_sdxl_components(folder: Path, parts: dict[str, object]) -> Path:
+    """A tiny SDXL's parts saved as a diffusers folder beside ``folder/tokenizer`` and ``folder/tokenizer_2``."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    pipe = StableDiffusionXLPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), unet=parts["unet"],
+        scheduler=parts["scheduler"], force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     parts["taesd"].save_pretrained(folder / "taesd", safe_serialization=True)
