@@ -10,8 +10,8 @@ embeddings; :meth:`cache_key` says which text-encoder state an encoding belongs 
 embeddings are never reused across a LoRA or embedding change.
 
 SDXL has two text encoders: LoRAs reach both (kohya ``lora_te1_``/``lora_te2_``), prompts are
-encoded by both with the pooled embeds beside (prompt_encode.encode_prompt_sdxl). Its textual
-inversions (``clip_l``/``clip_g`` files) are not supported yet: the embeddings folder is not read.
+encoded by both with the pooled embeds beside (prompt_encode.encode_prompt_sdxl), and textual
+inversions (``clip_l``/``clip_g`` files) add a table to each.
 """
 
 from __future__ import annotations
@@ -47,23 +47,15 @@ class TextConditioning:
         if parts.text_encoder_2 is not None:  # SDXL
             components["text_encoder_2"] = parts.text_encoder_2
         self.loras = LoraStack(components)
-        self.inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
+        self.inversions = TextualInversions(parts.tokenizer, parts.text_encoder, parts.tokenizer_2,
+                                            parts.text_encoder_2)
         self._warned_networks: set[str] = set()
-        self._warned_sdxl_embeddings = False
 
     # --- textual inversion ----------------------------------------------------------------------
 
     def load_embeddings(self) -> list[str]:
         """(Re)scan the embeddings folder: new and changed files are taken; returns their names."""
         if self.embeddings_dir is None:
-            return []
-        if self.parts.text_encoder_2 is not None:
-            # An SD 1.x embedding fits SDXL's first encoder but not its second; SDXL's own files
-            # hold a clip_l and a clip_g table, which TextualInversions does not take yet.
-            if self.embeddings_dir.is_dir() and not self._warned_sdxl_embeddings:
-                self._warned_sdxl_embeddings = True
-                log.warning("textual inversions in %s not loaded: not supported for SDXL models yet",
-                            self.embeddings_dir)
             return []
         names = self.inversions.load_folder(self.embeddings_dir, allow_pickle=self.allow_pickle)
         if names:
@@ -157,4 +149,5 @@ class TextConditioning:
                                  expand=self.inversions.expand, clip_skip=self.clip_skip), None
         tokenizers = (parts.tokenizer, parts.tokenizer_2 if parts.tokenizer_2 is not None else parts.tokenizer)
         return encode_prompt_sdxl(prompt, tokenizers, (parts.text_encoder, parts.text_encoder_2), device,
-                                  expand=self.inversions.expand, clip_skip=self.clip_skip)
+                                  expands=(self.inversions.expand, self.inversions.expand_2),
+                                  clip_skip=self.clip_skip)

@@ -167,18 +167,20 @@ def encode_prompt(prompt: str | ParsedPrompt, tokenizer: Any, text_encoder: Any,
 
 
 def encode_prompt_sdxl(prompt: str | ParsedPrompt, tokenizers: Sequence[Any], text_encoders: Sequence[Any],
-                       device: torch.device, expand: Callable[[list[int]], list[int]] | None = None,
+                       device: torch.device, expands: Sequence[Callable[[list[int]], list[int]] | None] = (),
                        clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A prompt for SDXL's two encoders -> (``[1, 77 * k, D1 + D2]``, pooled ``[1, D_pool]``).
 
     Each encoder gets the prompt's chunks from its own tokenizer (their pad tokens differ: EOS
     and "!" in SDXL), weights and BREAK applied to both; the hidden states are concatenated on
-    the feature axis, as diffusers and A1111 do.
+    the feature axis, as diffusers and A1111 do. ``expands`` holds each tokenizer's textual-inversion
+    expansion (:func:`build_chunks`), in encoder order.
     """
     parsed = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     hidden: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+    for index, (tokenizer, text_encoder) in enumerate(zip(tokenizers, text_encoders)):
+        expand = expands[index] if index < len(expands) else None
         z, encoder_pooled = encode_chunks_sdxl(build_chunks(parsed.pieces, tokenizer, expand), text_encoder,
                                                device, clip_skip)
         hidden.append(z)

@@ -4,6 +4,7 @@ Files read (what AUTOMATIC1111 and diffusers write):
 
 - ``.safetensors``: A1111's ``emb_params`` ``[n, D]``; diffusers' one key ``<token>`` -> ``[D]`` or
   ``[n, D]``; A1111's ``string_to_param.*`` (a .pt flattened by converters);
+- SDXL ``.safetensors``: ``clip_l`` ``[n, D1]`` and ``clip_g`` ``[n, D2]``, one table per text encoder;
 - ``.pt`` / ``.bin`` (A1111's ``{"string_to_param": {"*": ...}, "step", "sd_checkpoint", ...}``,
   diffusers' ``learned_embeds.bin``): pickles, read only when the user passed ``--allow-pickle``,
   and then only through ``torch.load(weights_only=True)``.
@@ -16,6 +17,11 @@ prompt that uses one encodes as it does in diffusers (tests/unit/engines/test_te
 The match is on token ids, so it ignores case as CLIP's tokenizer does (``InkStyle.safetensors``
 answers to ``inkstyle``); diffusers' text replacement misses a multi-vector name written in
 capitals.
+
+An SDXL model has two tokenizers and text encoders: an SDXL file's ``clip_l`` table goes to the first,
+``clip_g`` to the second, each as diffusers' ``load_textual_inversion`` does with ``text_encoder=`` and
+``tokenizer=`` named; :meth:`TextualInversions.expand_2` expands for the second tokenizer. An SD 1.x/2.x
+file does not fit an SDXL model, nor an SDXL file an SD one (listed as skipped, as A1111 does).
 """
 
 from __future__ import annotations
@@ -45,10 +51,11 @@ class Embedding:
 
     name: str                          # the trigger word
     path: Path
-    vectors: torch.Tensor              # [n, D], on the CPU
+    vectors: torch.Tensor              # [n, D], on the CPU (SDXL: the clip_l table)
     step: int | None = None
     sd_checkpoint: str | None = None
     sd_checkpoint_name: str | None = None
+    vectors_2: torch.Tensor | None = None   # SDXL's clip_g table [n, D2]; None for SD 1.x/2.x files
 
     @property
     def width(self) -> int:
@@ -115,14 +122,20 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
         vectors = _vectors(data["string_to_param.*"], path, "string_to_param.*")
     elif "emb_params" in data:                                   # A1111 .safetensors
         vectors = _vectors(data["emb_params"], path, "emb_params")
+    elif {"clip_l", "clip_g"} <= set(data):                     # SDXL: one table per text encoder
+        vectors = _vectors(data["clip_l"], path, "clip_l")
+        vectors_2 = _vectors(data["clip_g"], path, "clip_g")
+        if vectors.shape[0] != vectors_2.shape[0]:
+            raise EmbeddingError(f"embedding {str(path)!r}: clip_l has {vectors.shape[0]} vectors, clip_g "
+                                 f"{vectors_2.shape[0]}; an SDXL embedding has as many in each")
+        return Embedding(name=path.stem, path=path, vectors=vectors, vectors_2=vectors_2)
     elif len(data) == 1:                                         # diffusers: {token: vectors}
         key, value = next(iter(data.items()))
         vectors = _vectors(value, path, str(key))
     else:
         keys = sorted(str(key) for key in data)
-        hint = " (an SDXL embedding: SDXL is not supported yet)" if {"clip_l", "clip_g"} <= set(keys) else ""
-        raise EmbeddingError(f"embedding {str(path)!r} has keys {keys[:6]}; expected emb_params, string_to_param "
-                             f"or a single token{hint}")
+        raise EmbeddingError(f"embedding {str(path)!r} has keys {keys[:6]}; expected emb_params, string_to_param, "
+                             f"clip_l and clip_g (SDXL) or a single token")
     step = meta.get("step")
     return Embedding(name=path.stem, path=path, vectors=vectors,
                      step=int(step) if isinstance(step, int) else None,
@@ -139,45 +152,73 @@ class TextualInversions:
     with the same number of vectors is rewritten in place by :meth:`load_folder`.
     """
 
-    def __init__(self, tokenizer: Any, text_encoder: Any) -> None:
+    def __init__(self, tokenizer: Any, text_encoder: Any, tokenizer_2: Any | None = None,
+                 text_encoder_2: Any | None = None) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        # SDXL: the second tokenizer and encoder take each file's clip_g table.
+        self._pairs = [(tokenizer, text_encoder)]
+        if text_encoder_2 is not None:
+            self._pairs.append((tokenizer_2 if tokenizer_2 is not None else tokenizer, text_encoder_2))
         self.loaded: dict[str, Embedding] = {}
         self.skipped: dict[str, Embedding] = {}
         self.failed: dict[str, str] = {}        # name -> why it could not be read
-        self._multi: dict[int, tuple[int, ...]] = {}  # trigger id -> ids of all its vectors
+        # Per tokenizer: trigger id -> ids of all its vectors.
+        self._multis: list[dict[int, tuple[int, ...]]] = [{} for _ in self._pairs]
         self.version = 0
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self._pairs) == 2
 
     @property
     def width(self) -> int:
         return int(self.text_encoder.get_input_embeddings().weight.shape[-1])
 
+    def _tables(self, embedding: Embedding) -> list[torch.Tensor]:
+        """The file's table for each text encoder; EmbeddingError (embedding_mismatch) when it is for another family."""
+        path = str(embedding.path)
+        if self.sdxl and embedding.vectors_2 is None:
+            raise EmbeddingError(f"embedding {path!r} is for SD 1.x/2.x (one table of width {embedding.width}); "
+                                 f"this SDXL model takes files with clip_l and clip_g tables", code="embedding_mismatch")
+        if not self.sdxl and embedding.vectors_2 is not None:
+            raise EmbeddingError(f"embedding {path!r} is an SDXL embedding (clip_l and clip_g tables); this model "
+                                 f"is SD 1.x/2.x", code="embedding_mismatch")
+        tables = [embedding.vectors] + ([embedding.vectors_2] if embedding.vectors_2 is not None else [])
+        for (_, text_encoder), table in zip(self._pairs, tables):
+            width = int(text_encoder.get_input_embeddings().weight.shape[-1])
+            if int(table.shape[-1]) != width:
+                raise EmbeddingError(f"embedding {path!r} has vectors of width {int(table.shape[-1])}; this model's "
+                                     f"text encoder takes {width} (an embedding for another base model?)",
+                                     code="embedding_mismatch")
+        return tables
+
     def add(self, embedding: Embedding) -> None:
         """Add (or, with the same vector count, replace) ``embedding``; EmbeddingError when it does not fit."""
-        if embedding.width != self.width:
-            raise EmbeddingError(f"embedding {str(embedding.path)!r} has vectors of width {embedding.width}; this "
-                                 f"model's text encoder takes {self.width} (an embedding for another base model?)",
-                                 code="embedding_mismatch")
+        tables = self._tables(embedding)
         previous = self.loaded.get(embedding.name)
         if previous is not None and previous.count != embedding.count:
             raise EmbeddingError(f"embedding {str(embedding.path)!r} now has {embedding.count} vectors, "
                                  f"{previous.count} when loaded; reload the model to take it")
-        vocabulary = self.tokenizer.get_vocab()
-        if previous is None:
-            taken = [token for token in embedding.tokens if token in vocabulary]
-            if taken:
-                raise EmbeddingError(f"embedding {str(embedding.path)!r}: trigger token {taken[0]!r} is already in "
-                                     f"the tokenizer's vocabulary; rename the file", code="embedding_mismatch")
-            self.tokenizer.add_tokens(embedding.tokens)
-            # mean_resizing=False: the new rows are written below; transformers' default samples them.
-            self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        ids = self.tokenizer.convert_tokens_to_ids(embedding.tokens)
-        weight = self.text_encoder.get_input_embeddings().weight
-        with torch.inference_mode():  # the table may hold inference tensors when the model loaded under it
-            weight[ids] = embedding.vectors.to(weight.device, weight.dtype)
+        if previous is None:  # every tokenizer checked before any changes
+            for tokenizer, _ in self._pairs:
+                vocabulary = tokenizer.get_vocab()
+                taken = [token for token in embedding.tokens if token in vocabulary]
+                if taken:
+                    raise EmbeddingError(f"embedding {str(embedding.path)!r}: trigger token {taken[0]!r} is already "
+                                         f"in the tokenizer's vocabulary; rename the file", code="embedding_mismatch")
+        for (tokenizer, text_encoder), table, multi in zip(self._pairs, tables, self._multis):
+            if previous is None:
+                tokenizer.add_tokens(embedding.tokens)
+                # mean_resizing=False: the new rows are written below; transformers' default samples them.
+                text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            ids = tokenizer.convert_tokens_to_ids(embedding.tokens)
+            weight = text_encoder.get_input_embeddings().weight
+            with torch.inference_mode():  # the table may hold inference tensors when the model loaded under it
+                weight[ids] = table.to(weight.device, weight.dtype)
+            if embedding.count > 1:
+                multi[ids[0]] = tuple(ids)
         self.loaded[embedding.name] = embedding
-        if embedding.count > 1:
-            self._multi[ids[0]] = tuple(ids)
         self.skipped.pop(embedding.name, None)
         self.version += 1
 
@@ -230,14 +271,22 @@ class TextualInversions:
 
     def expand(self, ids: list[int]) -> list[int]:
         """Token ids with each multi-vector trigger's id followed by its other vectors' ids."""
-        if not self._multi:
-            return ids
-        out: list[int] = []
-        for token_id in ids:
-            out.extend(self._multi.get(token_id, (token_id,)))
-        return out
+        return _expand(self._multis[0], ids)
+
+    def expand_2(self, ids: list[int]) -> list[int]:
+        """:meth:`expand` for SDXL's second tokenizer (the first's on an SD model)."""
+        return _expand(self._multis[-1], ids)
 
     def a1111_listing(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``/sdapi/v1/embeddings``: ``{"loaded": {name: {...}}, "skipped": {name: {...}}}`` as A1111 answers."""
         return {"loaded": {name: e.a1111() for name, e in sorted(self.loaded.items())},
                 "skipped": {name: e.a1111() for name, e in sorted(self.skipped.items())}}
+
+
+def _expand(multi: dict[int, tuple[int, ...]], ids: list[int]) -> list[int]:
+    if not multi:
+        return ids
+    out: list[int] = []
+    for token_id in ids:
+        out.extend(multi.get(token_id, (token_id,)))
+    return out

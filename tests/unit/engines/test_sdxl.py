@@ -259,6 +259,66 @@ def test_a_kohya_lora_on_text_encoder_2_changes_the_embeddings(sdxl_parts, tmp_p
     assert torch.equal(engine._embeddings, before[0])
 
 
+# --- textual inversion -------------------------------------------------------------------------------
+
+def sdxl_embedding(path: Path, count: int, seed: int = 0) -> Path:
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    save_file({"clip_l": torch.randn(count, 32, generator=generator),
+               "clip_g": torch.randn(count, 32, generator=generator)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_sdxl_textual_inversion_matches_diffusers(tiny_sdxl_dir, tmp_path, count):
+    """clip_l to the first encoder, clip_g to the second, as diffusers' load_textual_inversion with
+    text_encoder= and tokenizer= named; the prompt encodes as diffusers' SDXL encode_prompt then does."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from sdbridge.engines.models import load_pipeline_parts
+
+    path = sdxl_embedding(tmp_path / "inkstyle.safetensors", count)
+    ours = load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float32)   # fresh: embeddings change the encoders
+    engine = DiffusionEngine.from_parts(ours)
+    engine.conditioning.embeddings_dir = tmp_path
+    assert engine.rescan_embeddings() == ["inkstyle"]
+    engine.prepare(engine_params(prompt="a inkstyle fox"))
+
+    theirs = load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float32)
+    pipe = StableDiffusionXLPipeline(**sdxl_components(theirs), add_watermarker=False)
+    tables = load_file(str(path))
+    pipe.load_textual_inversion(tables["clip_l"], token="inkstyle", text_encoder=theirs.text_encoder,
+                                tokenizer=theirs.tokenizer)
+    pipe.load_textual_inversion(tables["clip_g"], token="inkstyle", text_encoder=theirs.text_encoder_2,
+                                tokenizer=theirs.tokenizer_2)
+    with torch.inference_mode():
+        embeds, _, pooled, _ = pipe.encode_prompt("a inkstyle fox", device=CPU, do_classifier_free_guidance=False)
+        plain, _, _, _ = pipe.encode_prompt("a fox", device=CPU, do_classifier_free_guidance=False)
+    assert relative_error(engine._embeddings, embeds) <= 1e-6
+    assert relative_error(engine._added_cond["text_embeds"], pooled) <= 1e-6
+    assert (embeds[:, :8] - plain[:, :8]).abs().max() > 1e-3   # the trigger word did something
+
+
+def test_embeddings_of_the_other_family_are_skipped(sdxl_parts, parts, tmp_path):
+    from safetensors.torch import save_file
+
+    from sdbridge.engines.textual_inversion import EmbeddingError, TextualInversions, read_embedding
+
+    save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "sdstyle.safetensors"))
+    sdxl_file = sdxl_embedding(tmp_path / "xlstyle.safetensors", 1)
+    with pytest.raises(EmbeddingError, match="is for SD 1.x/2.x .* this SDXL model") as caught:
+        TextualInversions(sdxl_parts.tokenizer, sdxl_parts.text_encoder, sdxl_parts.tokenizer_2,
+                          sdxl_parts.text_encoder_2).add(read_embedding(tmp_path / "sdstyle.safetensors"))
+    assert caught.value.code == "embedding_mismatch"
+    with pytest.raises(EmbeddingError, match="is an SDXL embedding .* SD 1.x/2.x") as caught:
+        TextualInversions(parts.tokenizer, parts.text_encoder).add(read_embedding(sdxl_file))
+    assert caught.value.code == "embedding_mismatch"
+    # Nothing was added to either tokenizer by the refusals.
+    assert "sdstyle" not in sdxl_parts.tokenizer.get_vocab() and "xlstyle" not in parts.tokenizer.get_vocab()
+
+
 def test_one_shot_generation_refuses_sdxl_clearly(sdxl_parts):
     engine = DiffusionEngine.from_parts(sdxl_parts)
     engine.prepare(engine_params())

@@ -135,7 +135,7 @@ def test_pickle_with_code_refused_even_with_allow_pickle(tmp_path):
 
 
 @pytest.mark.parametrize("tensors, message", [
-    ({"clip_l": vectors(1, 768), "clip_g": vectors(1, 1280)}, "SDXL"),
+    ({"clip_l": vectors(1, 768), "clip_g": vectors(2, 1280)}, "clip_l has 1 vectors, clip_g 2"),
     ({"emb_params": torch.zeros(2, 2, 2)}, "not a float tensor"),
     ({"emb_params": torch.zeros(2, 32, dtype=torch.int32)}, "not a float tensor"),
 ])
