@@ -219,6 +219,9 @@ def _conditions(units: Sequence[ControlUnit], state: StreamState, index: int) ->
 
 class AnimateDiffEngine(DiffusionEngine):
     name = "animatediff"
+    # The motion UNet's calls carry no SDXL added conditioning (and SDXL motion adapters are another
+    # family): an SDXL model is refused at load, with the reason, instead of failing at its first frame.
+    supports_sdxl = False
 
     def __init__(self) -> None:
         super().__init__()
