@@ -5,7 +5,9 @@
 
 One run builds one set of random weights in code (no network, no weights on disk): sd-turbo's
 architecture (the SD 2.1 UNet, VAE and OpenCLIP text encoder from ``sdbridge/data/configs/sd21``,
-plus a default-size TAESD), or with ``--tiny`` the test suite's tiny model. The compute is the
+plus a default-size TAESD), ``--arch sdxl`` SDXL-turbo's (the SDXL UNet, CLIP-L + bigG, from
+``sdbridge/data/configs/sdxl``; its plain row is ``StableDiffusionXLImg2ImgPipeline``; run it at ``--size 512``
+and ``--size 1024``), ``--arch sd15`` SD 1.5's, or with ``--tiny`` the test suite's tiny model of that family. The compute is the
 real models'; only the weights are random. Then, on the same weights and the same input frames,
 one after another:
 
@@ -56,6 +58,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 PROMPT = "a watercolor painting of a fox in a forest"
+ARCH_LABELS = {  # (full size, tiny)
+    "sd21": ("sd-turbo architecture (SD 2.1 + TAESD), random weights", "tiny random model"),
+    "sd15": ("SD 1.5 architecture + TAESD, random weights", "tiny random model"),
+    "sdxl": ("SDXL-turbo architecture (SDXL UNet, two text encoders + TAESD), random weights", "tiny random SDXL"),
+}
 # The fp8 rows' frame parity against diffusers (max abs error / max abs value of the float frame):
 # the UNet gate's bound (engines/fp8.py, 5 % relative L2 of the noise prediction) carried to the frame.
 FP8_TOLERANCE = 5e-2
@@ -80,11 +87,14 @@ def _read_commit() -> str:
         return "unknown"
 
 
-def build_parts(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
-    """PipelineParts with random weights: sd-turbo's architecture, or the tiny test model."""
+def build_parts(tiny: bool, device: torch.device, dtype: torch.dtype, arch: str = "sd21") -> Any:
+    """PipelineParts with random weights: ``arch``'s architecture (sd21: sd-turbo's; sdxl: SDXL-turbo's), or the
+    tiny test model of that family."""
     from sdbridge.engines.random_model import random_parts
 
-    return random_parts("tiny" if tiny else "sd21", device, dtype)
+    if tiny:
+        return random_parts("tiny-sdxl" if arch == "sdxl" else "tiny", device, dtype)
+    return random_parts(arch, device, dtype)
 
 
 def sync(device: torch.device) -> None:
@@ -167,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
     parser.add_argument("--tiny", action="store_true", help="the tiny random model (CPU smoke check)")
+    parser.add_argument("--arch", choices=["sd21", "sd15", "sdxl"], default="sd21",
+                        help="sd21: sd-turbo's architecture (default); sd15; sdxl: SDXL-turbo's (try --size 512 and "
+                             "1024); with --tiny, the tiny model of that family")
     parser.add_argument("--quick", action="store_true",
                         help="CPU in minutes: the tiny model compiled with Inductor, then sd-turbo's architecture at "
                              "128x128 uncompiled (compiling it on a CPU takes many minutes)")
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         section.compile_mode = args.compile_mode
         section.skip_diffusers = args.skip_diffusers
         section.fp8 = args.fp8
+        section.arch = args.arch
         table, report = run_section(section)
         print(table, flush=True)
         tables.append(table)
@@ -247,6 +261,7 @@ class Section:
     skip_diffusers: bool = False
     rounds: int = 1
     fp8: bool = False
+    arch: str = "sd21"
 
 
 def run_section(section: Section) -> tuple[str, dict[str, Any]]:
@@ -261,7 +276,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     from sdbridge.engines.diffusion import DiffusionEngine
 
     started = time.perf_counter()
-    parts = build_parts(section.tiny, device, dtype)
+    parts = build_parts(section.tiny, device, dtype, section.arch)
     build_s = time.perf_counter() - started
     rng = np.random.default_rng(0)
     inputs = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
@@ -269,9 +284,17 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
 
     # --- plain diffusers -----------------------------------------------------------------------
     def make_pipe(vae: Any) -> Any:
-        pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                              unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
-                                              feature_extractor=None, requires_safety_checker=False)
+        if parts.architecture == "sdxl":  # SDXL-turbo's: no aesthetic score, zeros for an empty negative prompt
+            from diffusers import StableDiffusionXLImg2ImgPipeline
+
+            pipe = StableDiffusionXLImg2ImgPipeline(
+                vae=vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+                tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=parts.scheduler,
+                requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False)
+        else:
+            pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                                  unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
+                                                  feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -422,7 +445,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     interleaved = f", interleaved in {section.rounds} rounds" if section.rounds > 1 else ""
     header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
               f"torch {torch.__version__}\n"
-              f"{'tiny random model' if section.tiny else 'sd-turbo architecture (SD 2.1 + TAESD), random weights'}, "
+              f"{ARCH_LABELS[section.arch][section.tiny]}, "
               f"{size}×{size} img2img at strength 1, {str(dtype).replace('torch.', '')}, {timed} timed calls per row "
               f"after {warmup}{interleaved}; built in {build_s:.1f} s; parity tolerance {tolerance:g} "
               f"against diffusers + TAESD\n")

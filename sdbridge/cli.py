@@ -247,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = actions.add_parser("tiny", help="write a tiny random model to try the pipeline without weights")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    random_model = actions.add_parser("random", help="write a full-size model with random weights (fp16, about "
-                                      "2.5 GB) to time the real architecture offline")
+    random_model = actions.add_parser("random", help="write a full-size model with random weights (fp16: about "
+                                      "2.5 GB for sd21, 7 GB for sdxl) to time the real architecture offline")
     random_model.add_argument("dir")
-    random_model.add_argument("--arch", choices=["sd21", "sd15"], default="sd21")
+    random_model.add_argument("--arch", choices=["sd21", "sd15", "sdxl"], default="sd21")
     random_model.add_argument("--seed", type=int, default=0)
     models.set_defaults(run=cmd_models)
 

@@ -62,23 +62,26 @@ def _text_config(folder: Path, vocab_size: int) -> Any:
 
 
 def random_parts(architecture: str, device: torch.device, dtype: torch.dtype) -> PipelineParts:
-    """PipelineParts with random weights, in memory: ``architecture`` is sd21, sd15 or ``tiny``
-    (the test model), for benchmarks that time the real layers without writing them to disk."""
+    """PipelineParts with random weights, in memory: ``architecture`` is sd21, sd15, sdxl, or ``tiny`` /
+    ``tiny-sdxl`` (the test models), for benchmarks that time the real layers without writing them to disk."""
     from transformers import CLIPTokenizer
 
-    from sdbridge.engines.tiny import build_tiny_components, write_tiny_tokenizer
+    from sdbridge.engines.tiny import build_tiny_components, build_tiny_sdxl_components, write_tiny_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="sdbridge-random-"))
     vocab_size = write_tiny_tokenizer(folder / "tokenizer")  # byte-level: any prompt tokenises
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     if architecture == "tiny":
         components = build_tiny_components(seed=0, vocab_size=vocab_size)
+    elif architecture == "tiny-sdxl":
+        components = build_tiny_sdxl_components(seed=0, vocab_size=vocab_size)
     else:
         components = build_random_components(architecture, vocab_size, device=device)
     for name in COMPONENTS:
         if name in components:
             components[name] = components[name].to(device, dtype).eval().requires_grad_(False)
-    return PipelineParts(architecture="sd15" if architecture == "tiny" else architecture, source="random weights",
+    architecture = {"tiny": "sd15", "tiny-sdxl": "sdxl"}.get(architecture, architecture)
+    return PipelineParts(architecture=architecture, source="random weights",
                          unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
                          tokenizer=tokenizer, scheduler=components["scheduler"], taesd=components["taesd"],
                          text_encoder_2=components.get("text_encoder_2"),
@@ -88,7 +91,7 @@ def random_parts(architecture: str, device: torch.device, dtype: torch.dtype) ->
 def write_random_model(folder: str | Path, architecture: str = "sd21", dtype: torch.dtype = torch.float16,
                        seed: int = 0) -> Path:
     """Write a full-size random model as a diffusers folder (+ ``taesd/``) in ``dtype``; its path."""
-    from sdbridge.engines.tiny import write_components, write_tiny_tokenizer
+    from sdbridge.engines.tiny import write_components, write_sdxl_components, write_tiny_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,4 +100,7 @@ def write_random_model(folder: str | Path, architecture: str = "sd21", dtype: to
     for name in COMPONENTS:
         if name in parts:
             parts[name] = parts[name].to(dtype)
+    if "text_encoder_2" in parts:
+        write_tiny_tokenizer(folder / "tokenizer_2")
+        return write_sdxl_components(folder, parts)
     return write_components(folder, parts)
