@@ -45,6 +45,9 @@ Encoded = tuple[torch.Tensor, "torch.Tensor | None"]   # [1, 77*k, D] and SDXL's
 class DiffusionEngine(Engine):
     name = "diffusion"
     needs_model = True
+    # Whether this engine runs SDXL (added conditioning in its UNet calls); a subclass whose step does
+    # not pass _added_cond sets False, and an SDXL model is then refused at load, not at the first frame.
+    supports_sdxl = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,6 +105,9 @@ class DiffusionEngine(Engine):
 
     def _adopt(self, parts: PipelineParts) -> None:
         self._sdxl = parts.architecture == "sdxl"
+        if self._sdxl and not self.supports_sdxl:
+            raise ModelError(f"{parts.source}: SDXL models are not supported by the {self.name} engine yet "
+                             f"(the diffusion engine runs them)")
         if self._sdxl and parts.text_encoder_2 is None:
             raise ModelError(f"{parts.source}: an SDXL model needs its second text encoder (text_encoder_2), "
                              f"and none was loaded")
@@ -109,6 +115,12 @@ class DiffusionEngine(Engine):
         self.scheduler = parts.scheduler
         self.autoencoder = parts.taesd if parts.taesd is not None else parts.vae
         self.uses_taesd = parts.taesd is not None
+        # SDXL's VAE overflows in fp16 (black or NaN frames); its config says force_upcast, and diffusers'
+        # SDXL pipelines then run it in fp32, as we do. TAESDXL and the fp16-fix VAE need no upcast.
+        if (self._sdxl and not self.uses_taesd and self.dtype == torch.float16
+                and getattr(parts.vae.config, "force_upcast", False)):
+            parts.vae.to(torch.float32)
+        self.autoencoder_dtype = self.autoencoder.dtype
         self.vae_scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         self.scaling_factor = float(self.autoencoder.config.scaling_factor)
         self._prompt_cache.clear()
@@ -387,14 +399,15 @@ class DiffusionEngine(Engine):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[-1, 1] pixels -> scaled latents; the distribution's mode, not a sample (deterministic)."""
-        output = self.autoencoder.encode(pixels)
+        output = self.autoencoder.encode(pixels.to(self.autoencoder_dtype))
         if hasattr(output, "latents"):       # AutoencoderTiny
             latents = output.latents
         else:                                # AutoencoderKL
             latents = output.latent_dist.mode()
-        return latents * self.scaling_factor
+        return (latents * self.scaling_factor).to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> [0, 1] pixels [B, 3, H, W]."""
-        image = self.autoencoder.decode(latents / self.scaling_factor, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
+        image = self.autoencoder.decode((latents / self.scaling_factor).to(self.autoencoder_dtype),
+                                        return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1).to(self.dtype)

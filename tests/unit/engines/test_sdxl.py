@@ -385,3 +385,37 @@ def test_sdxl_controlnet_single_file_takes_its_architecture_from_the_unet(sdxl_p
     assert single.config.addition_embed_type == "text_time"
     for key, value in model.state_dict().items():
         assert torch.equal(single.state_dict()[key], value), key
+
+
+def test_sdxl_vae_runs_in_fp32_under_an_fp16_model(tiny_sdxl_dir, frame):
+    """SDXL's VAE overflows in fp16; with force_upcast in its config it runs in fp32, as diffusers' SDXL
+    pipelines run it, and the frame comes out in the model's dtype."""
+    from sdbridge.engines.models import load_pipeline_parts
+
+    half = load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float16)
+    half.taesd = None
+    assert half.vae.config.force_upcast
+    engine = DiffusionEngine.from_parts(half)
+    assert engine.autoencoder_dtype == torch.float32 and half.vae.dtype == torch.float32
+    assert half.unet.dtype == torch.float16
+    image = run(engine, frame, steps=2, strength=0.5)
+    assert image.dtype == torch.float16 and bool(torch.isfinite(image).all())
+    full = run(DiffusionEngine.from_parts(_fp32(tiny_sdxl_dir)), frame, steps=2, strength=0.5)
+    assert relative_error(image.float(), full) <= 5e-2   # fp16 UNet and text encoders, fp32 VAE
+
+
+def _fp32(folder):
+    from sdbridge.engines.models import load_pipeline_parts
+
+    loaded = load_pipeline_parts(str(folder), CPU, torch.float32)
+    loaded.taesd = None
+    return loaded
+
+
+def test_an_engine_without_sdxl_support_refuses_it_at_load(sdxl_parts):
+    class NoSdxl(DiffusionEngine):
+        name = "no-sdxl"
+        supports_sdxl = False
+
+    with pytest.raises(ModelError, match="not supported by the no-sdxl engine"):
+        NoSdxl.from_parts(sdxl_parts)
