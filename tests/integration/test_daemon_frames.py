@@ -225,3 +225,35 @@ def test_the_compiled_engine_serves_the_stream(start_daemon, tiny_model_dir):
             assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
     engine = httpx.get(base + "/health").json()["engine"]
     assert engine["engine"] == "compiled" and engine["nan_frames"] == 0
+
+
+@pytest.mark.parametrize("engine", ["diffusion", "compiled"])
+def test_an_sdxl_model_serves_the_stream(start_daemon, tiny_sdxl_dir, engine):
+    """An SDXL diffusers folder through the daemon's real loading path: each frame comes back, and the
+    engine says it runs SDXL; the animatediff engine refuses it at load with the reason and passes through."""
+    import httpx
+
+    from tests.clients import wait_for
+
+    daemon = start_daemon(params={"engine": engine, "width": 64, "height": 64, "steps": 2, "guidance": 2.0,
+                                  "negative_prompt": ""}, model=str(tiny_sdxl_dir))
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "ready", timeout=60)
+    with ws_connect(daemon) as ws:
+        for seed in range(3):
+            ws.send(codec.encode_jpeg(make_image(64, 64, seed=seed), 90))
+            assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
+    described = httpx.get(base + "/health").json()["engine"]
+    assert described["engine"] == engine and described["architecture"] == "sdxl"
+
+
+def test_the_animatediff_engine_refuses_an_sdxl_model(start_daemon, tiny_sdxl_dir):
+    import httpx
+
+    from tests.clients import wait_for
+
+    daemon = start_daemon(params={"engine": "animatediff", "width": 64, "height": 64}, model=str(tiny_sdxl_dir))
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "failed", timeout=60)
+    engine = httpx.get(base + "/health").json()["engine"]
+    assert "SDXL" in engine["last_error"] and "animatediff engine" in engine["last_error"]
