@@ -162,8 +162,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "tiny":
         from sdbridge.engines.tiny import write_tiny_model
 
-        path = write_tiny_model(Path(args.dir), seed=args.seed)
-        print(f"wrote a tiny random model to {path} (random weights: its frames are noise-like, its speed is real)")
+        path = write_tiny_model(Path(args.dir), seed=args.seed, architecture=args.arch)
+        print(f"wrote a tiny random {args.arch} model to {path} (random weights: its frames are noise-like, "
+              f"its speed is real)")
         print(f"run it: sdbridge serve --model {path}")
         return 0
     if args.action == "random":
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = actions.add_parser("tiny", help="write a tiny random model to try the pipeline without weights")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15",
+                      help="sd15 (default), or sdxl: two text encoders and SDXL's added conditioning")
     random_model = actions.add_parser("random", help="write a full-size model with random weights (fp16: about "
                                       "2.5 GB for sd21, 7 GB for sdxl) to time the real architecture offline")
     random_model.add_argument("dir")

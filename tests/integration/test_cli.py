@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tests.clients import free_port
 
@@ -63,6 +64,19 @@ def test_models_tiny_then_list(tmp_path):
     listing = sdbridge("models", "--models-dir", str(tmp_path / "empty"), "list")
     assert listing.returncode == 0, listing.stderr
     assert "sd-turbo" in listing.stdout  # known models are listed even before they are pulled
+
+
+def test_models_tiny_sdxl_loads_as_sdxl(tmp_path):
+    import json
+
+    from sdbridge.engines.models import load_pipeline_parts
+
+    result = sdbridge("models", "tiny", str(tmp_path / "xl"), "--arch", "sdxl")
+    assert result.returncode == 0, result.stderr
+    assert "tiny random sdxl model" in result.stdout
+    index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    assert load_pipeline_parts(str(tmp_path / "xl"), "cpu", torch.float32).architecture == "sdxl"
 
 
 def test_doctor_reports_a_busy_port_and_a_missing_model(tmp_path):
