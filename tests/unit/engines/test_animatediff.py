@@ -46,14 +46,7 @@ def tiny_adapter(seed: int = 1, max_positions: int = 16, zero_out: bool = False)
     return adapter.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machines more threads thrash (0.9 s a tiny frame
-    instead of 0.03 s measured with the load of other test runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +161,22 @@ def test_bad_adapters_give_model_errors(parts, motion_dir, tmp_path):
 # --- parity ------------------------------------------------------------------------------------------
 
 
+def reference_window_noise(window: int) -> torch.Tensor:
+    """[N, 4, 8, 8]: the window's noise as the engine draws it: the newest place the session's draw, then the
+    following draws, 1 frame back first."""
+    generator = torch.Generator().manual_seed(SEED)
+    newest = torch.randn((1, 4, 8, 8), generator=generator)
+    older = torch.randn((MOTION_WINDOW_MAX - 1, 4, 8, 8), generator=generator)
+    return torch.cat([older[:window - 1].flip(0), newest])
+
+
+def reference_first_timestep(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """[1]: the first timestep of img2img at this strength, as diffusers' pipelines choose it."""
+    scheduler.set_timesteps(steps)
+    t_start = steps - max(1, min(int(steps * strength), steps))
+    return scheduler.timesteps[t_start:t_start + 1]
+
+
 def reference_stream(parts, frames, *, window, overlap, steps, strength, guidance, negative_prompt=""):
     """Each frame's image from AnimateDiffVideoToVideoPipeline, the window rules replayed around it."""
     from diffusers import AnimateDiffVideoToVideoPipeline
@@ -177,14 +186,8 @@ def reference_stream(parts, frames, *, window, overlap, steps, strength, guidanc
     pipe = AnimateDiffVideoToVideoPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                            unet=parts.unet, motion_adapter=adapter, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    # The window's noise: the newest place the session's draw, then the following draws, 1 frame back first.
-    generator = torch.Generator().manual_seed(SEED)
-    newest = torch.randn((1, 4, 8, 8), generator=generator)
-    older = torch.randn((MOTION_WINDOW_MAX - 1, 4, 8, 8), generator=generator)
-    noise = torch.cat([older[:window - 1].flip(0), newest])              # [N, 4, 8, 8]
-    scheduler.set_timesteps(steps)
-    t_start = steps - max(1, min(int(steps * strength), steps))
-    first_t = scheduler.timesteps[t_start:t_start + 1]
+    noise = reference_window_noise(window)
+    first_t = reference_first_timestep(scheduler, steps, strength)
     with torch.inference_mode():
         inputs = parts.vae.encode(frames.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mode()
     inputs = inputs * parts.vae.config.scaling_factor                     # [F, 4, 8, 8]

@@ -19,21 +19,15 @@ from sdbridge.engines.animatediff import AnimateDiffEngine
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.tiny import random_controlnet
-from sdbridge.params import MOTION_WINDOW_MAX
 from tests.unit.engines.common import engine_params, relative_error
-from tests.unit.engines.test_animatediff import SEED, tiny_adapter
+from tests.unit.engines.test_animatediff import (SEED, reference_first_timestep, reference_window_noise,
+                                                 tiny_adapter)
 
 CPU = torch.device("cpu")
 CHANNEL = 1   # the condition stream the slot reads: images apart from the input frames
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: more thrash on the shared 2-core machines (see test_animatediff.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +112,8 @@ def reference_stream(parts, controlnet, frames, conditions, *, window, overlap, 
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         motion_adapter=tiny_adapter(seed=1), controlnet=controlnet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(SEED)
-    newest = torch.randn((1, 4, 8, 8), generator=generator)
-    older = torch.randn((MOTION_WINDOW_MAX - 1, 4, 8, 8), generator=generator)
-    noise = torch.cat([older[:window - 1].flip(0), newest])              # [N, 4, 8, 8]
-    scheduler.set_timesteps(steps)
-    t_start = steps - max(1, min(int(steps * strength), steps))
-    first_t = scheduler.timesteps[t_start:t_start + 1]
+    noise = reference_window_noise(window)
+    first_t = reference_first_timestep(scheduler, steps, strength)
     with torch.inference_mode():
         inputs = parts.vae.encode(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1)
     inputs = inputs.latent_dist.mode() * parts.vae.config.scaling_factor  # [F, 4, 8, 8]

@@ -26,13 +26,7 @@ ENGINE_PARAMS = {"prompt": "a", "negative_prompt": "", "guidance": 1.0, "mode": 
                  "motion_window": WINDOW, "motion_overlap": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: more thrash on the shared 2-core machines (see test_animatediff.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
