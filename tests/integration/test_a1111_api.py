@@ -393,3 +393,26 @@ def test_clip_skip_per_request_and_through_options(api):
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0}).status_code == 422
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 7}).status_code == 422
     assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+
+
+def test_an_sdxl_model_refuses_one_shot_generation_clearly_and_keeps_streaming(start_daemon, tiny_sdxl_dir, tmp_path):
+    """One-shot generation does not run SDXL yet: the API says so (a code and a sentence, never a 500 or a
+    hang), and the live stream on the same model goes on."""
+    from sdbridge.bridge import codec
+    from tests.clients import make_image, recv_frame, ws_connect
+
+    daemon = start_daemon(params={"width": 64, "height": 64, "steps": 2}, model=str(tiny_sdxl_dir),
+                          outputs_dir=str(tmp_path / "outputs"))
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120)
+    assert wait_for(lambda: client.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+    for route in ("txt2img", "img2img"):
+        body = {"prompt": "a cat", **SMALL}
+        if route == "img2img":
+            body["init_images"] = [b64_png(make_image(64, 64, seed=1))]
+        response = client.post(f"/sdapi/v1/{route}", json=body)
+        assert 400 <= response.status_code < 500 or response.status_code == 501, (route, response.status_code)
+        assert "SDXL" in response.text and "not support" in response.text
+    with ws_connect(daemon) as ws:
+        ws.send(codec.encode_jpeg(make_image(64, 64, seed=2), 90))
+        assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
+    client.close()
