@@ -63,11 +63,9 @@ class TensorSpec:
 
     def make(self) -> torch.Tensor:
         """A zero tensor of exactly this shape and layout (strides of 0 included: an expanded tensor)."""
-        extent = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride) if size > 0)
-        if any(size == 0 for size in self.shape):
-            extent = 0
+        extent = 0 if 0 in self.shape else 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
         with torch.inference_mode(self.inference):
-            storage = torch.zeros(max(extent, 0), dtype=self.dtype, device=self.device)
+            storage = torch.zeros(extent, dtype=self.dtype, device=self.device)
             return storage.as_strided(self.shape, self.stride)
 
 
@@ -107,20 +105,31 @@ def signature(value: Any) -> Hashable:
     raise TypeError(f"no compile signature for an argument of type {type(value).__name__}")
 
 
-def stand_ins(args: tuple[Any, ...], modules: Mapping[ModuleSpec, torch.nn.Module] | None = None) -> tuple[Any, ...]:
+def stand_ins(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Arguments with every tensor replaced by zeros of the same layout (the compile needs shapes, not
-    the frame's data, which the frame path goes on using); modules replaced from ``modules`` if given."""
+    the frame's data, which the frame path goes on using)."""
 
     def swap(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return signature(value).make()  # type: ignore[union-attr]
-        if isinstance(value, torch.nn.Module) and modules is not None:
-            return modules.get(_module_spec(value), value)
         if isinstance(value, (list, tuple)):
             return type(value)(swap(item) for item in value)
         return value
 
     return swap(args)  # type: ignore[no-any-return]
+
+
+def materialize(spec: Hashable, module: torch.nn.Module) -> Any:
+    """Arguments rebuilt from their :func:`signature`: zero tensors of each layout, ``module`` for each
+    module (a new ControlNet compiled for the shapes its predecessor serves)."""
+    if isinstance(spec, TensorSpec):
+        return spec.make()
+    if isinstance(spec, ModuleSpec):
+        return module
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] in ("tuple", "list"):
+        items = [materialize(item, module) for item in spec[1]]
+        return items if spec[0] == "list" else tuple(items)
+    return spec
 
 
 def _grad_modes() -> tuple[bool, bool]:

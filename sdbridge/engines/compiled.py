@@ -66,7 +66,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sdbridge.engines.background_compile import BackgroundCompiler, ModuleSpec, TensorSpec
+from sdbridge.engines.background_compile import BackgroundCompiler, materialize
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
@@ -500,7 +500,7 @@ class CompiledEngine(DiffusionEngine):
     def _added_for_call(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """SDXL's added conditioning for this guidance mode: (text_embeds [R, D], time_ids [R, 6]), R = 2
         (uncond, cond) with exact guidance, else 1 (cond); None for SD 1.x/2.x."""
-        added = getattr(self, "_added_cond", None)
+        added = self._added_cond
         if not added:
             return None
         text_embeds, time_ids = added["text_embeds"], added["time_ids"]
@@ -640,7 +640,7 @@ class CompiledEngine(DiffusionEngine):
             if not (isinstance(key, tuple) and str(key[0]).startswith("control") and key in self._compiled):
                 continue
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                self._compiler.prime(key, self._compiled[key], *_materialize(args, model))
+                self._compiler.prime(key, self._compiled[key], *materialize(args, model))
 
     def _entry(self, frames: torch.Tensor, noise: torch.Tensor, entry_coef: torch.Tensor,
                noise_coef: torch.Tensor) -> torch.Tensor:
@@ -774,18 +774,6 @@ def _added_kwargs(added: tuple[torch.Tensor, torch.Tensor] | None, batch: int) -
     text_embeds, time_ids = added
     return {"text_embeds": text_embeds.repeat_interleave(batch, dim=0),
             "time_ids": time_ids.repeat_interleave(batch, dim=0)}
-
-
-def _materialize(spec: Any, module: torch.nn.Module) -> Any:
-    """Arguments rebuilt from a compile signature: zero tensors of each layout, ``module`` for each module."""
-    if isinstance(spec, TensorSpec):
-        return spec.make()
-    if isinstance(spec, ModuleSpec):
-        return module
-    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] in ("tuple", "list"):
-        items = [_materialize(item, module) for item in spec[1]]
-        return items if spec[0] == "list" else tuple(items)
-    return spec
 
 
 def _session_controls(controls: Sequence[ControlUnit], index: int) -> list[ControlUnit]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdbridge.engines.background_compile import BackgroundCompiler, ModuleSpec, TensorSpec, signature, stand_ins
+from sdbridge.engines.background_compile import BackgroundCompiler, ModuleSpec, materialize, signature, stand_ins
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.compiled import CompiledEngine
 from sdbridge.engines.diffusion import DiffusionEngine
@@ -69,7 +69,8 @@ def test_modules_by_architecture():
     assert signature(one) != signature(other)
     plain = torch.nn.Linear(2, 2)                    # no config: known by identity
     assert signature(plain) != signature(torch.nn.Linear(2, 2))
-    assert stand_ins((one, torch.ones(1)), {signature(one): two})[0] is two
+    rebuilt = materialize(signature((one, [torch.ones(2, 3)], "exact")), two)  # a new module, the same shapes
+    assert rebuilt[0] is two and rebuilt[1][0].shape == (2, 3) and rebuilt[2] == "exact"
     with pytest.raises(TypeError, match="dict"):
         signature(({"a": 1},))
 
