@@ -246,17 +246,24 @@ def resolve_add_on_model(name: str, folder: Path | None, *, what: str, setting: 
     raise ModelError(f"{what} {name!r} not found in {folder} (known: {known})", code="model_not_found")
 
 
+def check_safetensors_folder(path: Path, what: str) -> None:
+    """Every ``.safetensors`` file in ``path`` checked (header, size) before a loader opens it; ModelError
+    when there is none."""
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"{path}: no .safetensors weights for the {what} (pickle weights load only with "
+                         f"--allow-pickle)")
+    for file in weights:
+        _check_safetensors(file)
+
+
 @serialized_load
 def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, what: str) -> Any:
     """``model_class.from_pretrained`` on a diffusers folder (config.json and safetensors weights,
     each checked first); ModelError names the folder and what it should hold."""
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: a {what} folder needs config.json")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise ModelError(f"{path}: no .safetensors weights (pickle weights load only with --allow-pickle)")
-    for file in weights:
-        _check_safetensors(file)
+    check_safetensors_folder(path, what)
     try:
         return model_class.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
     except Exception as exc:

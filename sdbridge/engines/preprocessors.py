@@ -112,17 +112,13 @@ class ModelPreprocessor:
         import torch
         import transformers
 
-        from sdbridge.engines.models import LOAD_LOCK, _check_safetensors
+        from sdbridge.engines.models import LOAD_LOCK, check_safetensors_folder
 
         folder = self.folder
         if folder is None or not (folder / "config.json").is_file():
             raise ModelError(f"the {self.kind} preprocessor needs its model in {folder}: a folder with config.json "
                              f"and model.safetensors ({self.example})", code="model_not_found")
-        weights = sorted(folder.glob("*.safetensors"))
-        if not weights:
-            raise ModelError(f"{folder}: no .safetensors weights for the {self.kind} preprocessor")
-        for file in weights:
-            _check_safetensors(file)
+        check_safetensors_folder(folder, f"{self.kind} preprocessor")
         try:
             with LOAD_LOCK:
                 model = getattr(transformers, self.model_class).from_pretrained(folder, use_safetensors=True,
