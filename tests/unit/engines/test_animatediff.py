@@ -177,6 +177,45 @@ def reference_first_timestep(scheduler, steps: int, strength: float) -> torch.Te
     return scheduler.timesteps[t_start:t_start + 1]
 
 
+def replay_window(scheduler, inputs: torch.Tensor, run_pipe, *, window: int, overlap: int, steps: int,
+                  strength: float) -> list[torch.Tensor]:
+    """The engine's window rules replayed around a diffusers pipeline, frame by frame: frame k's places are
+    the previous frames in the window (padded with the oldest: warm start), then k; each previous frame
+    starts from the latents the last window made of it (the ``overlap`` most recent) or its input latents,
+    all noised to the first timestep. ``run_pipe(latents [1, 4, N, h, w], places)`` runs the pipeline and
+    returns (frames [1, N, 3, H, W], its final latents [1, 4, N, h, w]). -> each frame's image."""
+    noise = reference_window_noise(window)
+    first_t = reference_first_timestep(scheduler, steps, strength)
+    denoised: dict[int, torch.Tensor] = {}
+    images = []
+    for k in range(len(inputs)):
+        real = list(range(max(0, k - window + 1), k))                      # previous frames in the window
+        pad = window - 1 - len(real)
+        places = [real[0] if real else k] * pad + real + [k]
+        starts = [denoised[j] if place >= window - 1 - overlap and j in denoised else inputs[j]
+                  for place, j in enumerate(places[:-1])] + [inputs[k]]
+        scheduler.set_timesteps(steps)
+        noisy = scheduler.add_noise(torch.stack(starts), noise, first_t.repeat(window))
+        out, latents = run_pipe(noisy.permute(1, 0, 2, 3)[None], places)
+        for place, j in enumerate(places):
+            if place >= pad:
+                denoised[j] = latents[0, :, place]
+        images.append(out[:, -1])
+    return images
+
+
+def frames_and_final_latents(pipe, **call) -> tuple[torch.Tensor, torch.Tensor]:
+    """An AnimateDiff pipeline's frames [1, N, 3, H, W] and the latents they were decoded from."""
+    captured = {}
+
+    def keep(pipeline, i, t, tensors):
+        captured["latents"] = tensors["latents"]
+        return {}
+
+    out = pipe(**call, output_type="pt", callback_on_step_end=keep).frames
+    return out, captured["latents"]
+
+
 def reference_stream(parts, frames, *, window, overlap, steps, strength, guidance, negative_prompt=""):
     """Each frame's image from AnimateDiffVideoToVideoPipeline, the window rules replayed around it."""
     from diffusers import AnimateDiffVideoToVideoPipeline
@@ -186,35 +225,16 @@ def reference_stream(parts, frames, *, window, overlap, steps, strength, guidanc
     pipe = AnimateDiffVideoToVideoPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                            unet=parts.unet, motion_adapter=adapter, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    noise = reference_window_noise(window)
-    first_t = reference_first_timestep(scheduler, steps, strength)
     with torch.inference_mode():
         inputs = parts.vae.encode(frames.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mode()
     inputs = inputs * parts.vae.config.scaling_factor                     # [F, 4, 8, 8]
-    denoised: dict[int, torch.Tensor] = {}
-    images = []
-    for k in range(len(frames)):
-        real = list(range(max(0, k - window + 1), k))                      # previous frames in the window
-        pad = window - 1 - len(real)
-        places = [real[0] if real else k] * pad + real
-        starts = [denoised[j] if place >= window - 1 - overlap and j in denoised else inputs[j]
-                  for place, j in enumerate(places)] + [inputs[k]]
-        scheduler.set_timesteps(steps)
-        noisy = scheduler.add_noise(torch.stack(starts), noise, first_t.repeat(window))
-        captured = {}
 
-        def keep(pipeline, i, t, tensors):
-            captured["latents"] = tensors["latents"]
-            return {}
+    def run_pipe(latents: torch.Tensor, places: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return frames_and_final_latents(pipe, prompt="a red fox", negative_prompt=negative_prompt or None,
+                                        latents=latents, strength=strength, num_inference_steps=steps,
+                                        guidance_scale=guidance)
 
-        out = pipe(prompt="a red fox", negative_prompt=negative_prompt or None,
-                   latents=noisy.permute(1, 0, 2, 3)[None], strength=strength, num_inference_steps=steps,
-                   guidance_scale=guidance, output_type="pt", callback_on_step_end=keep).frames   # [1, N, 3, H, W]
-        for place, j in enumerate(places + [k]):
-            if place >= pad:
-                denoised[j] = captured["latents"][0, :, place]
-        images.append(out[:, -1])
-    return images
+    return replay_window(scheduler, inputs, run_pipe, window=window, overlap=overlap, steps=steps, strength=strength)
 
 
 @pytest.mark.parametrize("window, overlap, steps, strength, guidance", [(4, 0, 2, 0.5, 1.0), (3, 2, 4, 0.75, 3.0)])

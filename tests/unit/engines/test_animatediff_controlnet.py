@@ -20,8 +20,7 @@ from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.tiny import random_controlnet
 from tests.unit.engines.common import engine_params, relative_error
-from tests.unit.engines.test_animatediff import (SEED, reference_first_timestep, reference_window_noise,
-                                                 tiny_adapter)
+from tests.unit.engines.test_animatediff import SEED, frames_and_final_latents, replay_window, tiny_adapter
 
 CPU = torch.device("cpu")
 CHANNEL = 1   # the condition stream the slot reads: images apart from the input frames
@@ -112,37 +111,19 @@ def reference_stream(parts, controlnet, frames, conditions, *, window, overlap, 
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         motion_adapter=tiny_adapter(seed=1), controlnet=controlnet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    noise = reference_window_noise(window)
-    first_t = reference_first_timestep(scheduler, steps, strength)
     with torch.inference_mode():
         inputs = parts.vae.encode(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1)
     inputs = inputs.latent_dist.mode() * parts.vae.config.scaling_factor  # [F, 4, 8, 8]
-    denoised: dict[int, torch.Tensor] = {}
-    images = []
-    for k in range(len(frames)):
-        real = list(range(max(0, k - window + 1), k))
-        pad = window - 1 - len(real)
-        places = [real[0] if real else k] * pad + real + [k]
-        starts = [denoised[j] if place >= window - 1 - overlap and j in denoised else inputs[j]
-                  for place, j in enumerate(places[:-1])] + [inputs[k]]
-        scheduler.set_timesteps(steps)
-        noisy = scheduler.add_noise(torch.stack(starts), noise, first_t.repeat(window))
-        captured = {}
 
-        def keep(pipeline, i, t, tensors):
-            captured["latents"] = tensors["latents"]
-            return {}
+    def run_pipe(latents: torch.Tensor, places: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # each place's own condition image: the window's frames, as the engine keeps them
+        return frames_and_final_latents(
+            pipe, prompt="a red fox", negative_prompt=negative_prompt or None, height=64, width=64, latents=latents,
+            strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+            conditioning_frames=[Image.fromarray(conditions[j]) for j in places], controlnet_conditioning_scale=scale,
+            control_guidance_start=start, control_guidance_end=end)
 
-        out = pipe(prompt="a red fox", negative_prompt=negative_prompt or None, height=64, width=64,
-                   latents=noisy.permute(1, 0, 2, 3)[None], strength=strength, num_inference_steps=steps,
-                   guidance_scale=guidance, conditioning_frames=[Image.fromarray(conditions[j]) for j in places],
-                   controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
-                   output_type="pt", callback_on_step_end=keep).frames                  # [1, N, 3, H, W]
-        for place, j in enumerate(places):
-            if place >= pad:
-                denoised[j] = captured["latents"][0, :, place]
-        images.append(out[:, -1])
-    return images
+    return replay_window(scheduler, inputs, run_pipe, window=window, overlap=overlap, steps=steps, strength=strength)
 
 
 @pytest.mark.parametrize("window, overlap, steps, strength, guidance, scale, start, end", [
