@@ -209,34 +209,19 @@ def test_frames_pass_through_while_no_engine_can_serve(start_daemon, tmp_path):
     assert stats["passthrough"] is True and stats["engine"]["status"] == "failed"
 
 
-def test_the_compiled_engine_serves_the_stream(start_daemon, tiny_model_dir):
-    """engine=compiled, as a user picks it: it loads the model and answers every frame."""
+@pytest.mark.parametrize("model, engine, architecture, extra", [
+    ("tiny_model_dir", "compiled", "sd15", {}),
+    ("tiny_sdxl_dir", "diffusion", "sdxl", {"guidance": 2.0, "negative_prompt": ""}),
+    ("tiny_sdxl_dir", "compiled", "sdxl", {"guidance": 2.0, "negative_prompt": ""})])
+def test_a_model_engine_serves_the_stream(request, start_daemon, model, engine, architecture, extra):
+    """A model folder through the daemon's real loading path, on the engine a user picks (the compiled
+    one; SDXL on both): it loads the model, answers every frame, and says what it runs."""
     import httpx
 
     from tests.clients import wait_for
 
-    daemon = start_daemon(params={"engine": "compiled", "width": 64, "height": 64, "steps": 2},
-                          model=str(tiny_model_dir))
-    base = f"http://127.0.0.1:{daemon.port}"
-    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "ready", timeout=60)
-    with ws_connect(daemon) as ws:
-        for seed in range(3):
-            ws.send(codec.encode_jpeg(make_image(64, 64, seed=seed), 90))
-            assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
-    engine = httpx.get(base + "/health").json()["engine"]
-    assert engine["engine"] == "compiled" and engine["nan_frames"] == 0
-
-
-@pytest.mark.parametrize("engine", ["diffusion", "compiled"])
-def test_an_sdxl_model_serves_the_stream(start_daemon, tiny_sdxl_dir, engine):
-    """An SDXL diffusers folder through the daemon's real loading path: each frame comes back, and the
-    engine says it runs SDXL; the animatediff engine refuses it at load with the reason and passes through."""
-    import httpx
-
-    from tests.clients import wait_for
-
-    daemon = start_daemon(params={"engine": engine, "width": 64, "height": 64, "steps": 2, "guidance": 2.0,
-                                  "negative_prompt": ""}, model=str(tiny_sdxl_dir))
+    daemon = start_daemon(params={"engine": engine, "width": 64, "height": 64, "steps": 2, **extra},
+                          model=str(request.getfixturevalue(model)))
     base = f"http://127.0.0.1:{daemon.port}"
     assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "ready", timeout=60)
     with ws_connect(daemon) as ws:
@@ -244,7 +229,9 @@ def test_an_sdxl_model_serves_the_stream(start_daemon, tiny_sdxl_dir, engine):
             ws.send(codec.encode_jpeg(make_image(64, 64, seed=seed), 90))
             assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
     described = httpx.get(base + "/health").json()["engine"]
-    assert described["engine"] == engine and described["architecture"] == "sdxl"
+    assert described["engine"] == engine and described["architecture"] == architecture
+    if engine == "compiled":
+        assert described["nan_frames"] == 0
 
 
 def test_the_animatediff_engine_refuses_an_sdxl_model(start_daemon, tiny_sdxl_dir):
