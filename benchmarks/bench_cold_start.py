@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))                       # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_daemon import _engine_status, commit, free_port, make_jpeg  # noqa: E402
+from bench_daemon import _engine_status, commit, free_port, make_jpeg, publish, stop  # noqa: E402
 
 
 async def first_engine_frame(port: int, jpeg: bytes, launched: float, process: subprocess.Popen,
@@ -80,11 +79,7 @@ def one_run(args: argparse.Namespace, model: str, cache: Path, jpeg: bytes) -> d
     try:
         return asyncio.run(first_engine_frame(port, jpeg, launched, process, args.timeout))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, timeout_s=30)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,13 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     heading = (f"### bench_cold_start.py — {datetime.date.today()}, commit {commit()}, {name}, "
                f"{'--model ' + Path(args.model).name if args.model else 'tiny random model'}, {args.size}², "
                f"engine compiled")
-    text = heading + "\n\n" + "\n".join(rows) + "\n"
-    print("\n" + text)
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "commit": commit(), "runs": runs}, indent=2))
-    if args.write:
-        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as out:
-            out.write("\n" + text)
+    publish(heading + "\n\n" + "\n".join(rows) + "\n", write=args.write, json_path=args.json,
+            record={"device": name, "commit": commit(), "runs": runs})
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import platform
 import socket
@@ -148,15 +149,19 @@ def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | No
 
         return [summarise(times, args.seconds) for times in asyncio.run(run_all())]
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM (the daemon drains and exits), then SIGKILL if it has not after ``timeout_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def _engine_status(port: int) -> str | None:
-    import json
     import urllib.request
 
     try:
@@ -164,6 +169,16 @@ def _engine_status(port: int) -> str | None:
             return json.load(response)["engine"]["status"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def publish(text: str, *, write: bool, json_path: Path | None = None, record: object = None) -> None:
+    """Print a result table; append it to benchmarks/RESULTS.md with ``write``; ``record`` as JSON to ``json_path``."""
+    print("\n" + text)
+    if json_path is not None:
+        json_path.write_text(json.dumps(record, indent=2))
+    if write:
+        with (ROOT / "benchmarks" / "RESULTS.md").open("a", encoding="utf-8") as handle:
+            handle.write("\n" + text)
 
 
 def commit() -> str:
@@ -224,12 +239,7 @@ def main() -> None:
     lines += ["", f"identity / echo: **{identity['fps'] / echo['fps']:.2f}×** frames/s", "",
               "four clients at once (identity): " + ", ".join(f"{s['frames'] / total:.0%} ({s['fps']:.0f} fps)"
                                                               for s in shares)]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        results = ROOT / "benchmarks" / "RESULTS.md"
-        with results.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + table)
+    publish("\n".join(lines) + "\n", write=args.write)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))                       # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_engine import commit  # noqa: E402
+from bench_daemon import commit, publish  # noqa: E402
 
 CHANGES = ("resolution", "second session", "controlnet on", "controlnet of another architecture")
 
@@ -184,13 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{'sd-turbo architecture' if cuda else 'tiny random model'}, {args.size}² → "
                f"{args.size + args.grow}×{args.size}, input at {args.fps:g} fps, {args.compile_backend}, "
                f"torch {torch.__version__}")
-    text = f"{heading}\n\n{table(results)}\n"
-    print("\n" + text)
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "commit": commit(), "results": results}, indent=2))
-    if args.write:
-        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as out:
-            out.write("\n" + text)
+    publish(f"{heading}\n\n{table(results)}\n", write=args.write, json_path=args.json,
+            record={"device": name, "commit": commit(), "results": results})
     return 0
 
 
