@@ -201,8 +201,8 @@ class EngineHost:
 
         defaults = Schema().defaults()
         try:
-            cond, _ = engine.encode_prompt_pair(str(self.settings.params.get("prompt") or defaults["prompt"]), "")
-            report = apply_fp8(engine.parts.unet, engine.device, encoder_hidden_states=cond)
+            cond, added = engine.unet_conditioning(str(self.settings.params.get("prompt") or defaults["prompt"]))
+            report = apply_fp8(engine.parts.unet, engine.device, encoder_hidden_states=cond, added_cond=added)
         except Exception:
             engine.close()
             raise

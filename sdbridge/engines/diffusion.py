@@ -250,6 +250,13 @@ class DiffusionEngine(Engine):
             self._prompt_cache.popitem(last=False)
         return encoded
 
+    def unet_conditioning(self, prompt: str) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """One prompt's UNet conditioning as the stream makes it: hidden states [1, L, D] and, for SDXL,
+        the added conditioning (pooled embeds, time ids at the engine's resolution); None otherwise.
+        For probes of the UNet (the fp8 gate), which must see what frames will give it."""
+        hidden, pooled = self._encode_prompt_pooled(prompt)
+        return hidden, self._make_added_cond(pooled) if self._sdxl else None
+
     def encode_prompt_pair(self, prompt: str, negative_prompt: str,
                            clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond) embeddings of equal length for guidance, each [1, 77 * k, D] (one-shot requests).

@@ -213,10 +213,12 @@ def restore_layers(layers: dict[str, nn.Linear], originals: dict[str, nn.Paramet
 
 # --- the parity gate ----------------------------------------------------------------------------
 
-def probe_inputs(unet: Any, encoder_hidden_states: torch.Tensor | None = None,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def probe_inputs(unet: Any, encoder_hidden_states: torch.Tensor | None = None, seed: int = 0,
+                 added_cond: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """One fixed UNet input at the model's own latent size: seeded noise, a mid-schedule timestep, and
-    ``encoder_hidden_states`` [1, L, D] (a real prompt's, when the caller has one) or seeded noise."""
+    ``encoder_hidden_states`` [1, L, D] (a real prompt's, when the caller has one) or seeded noise. An SDXL
+    UNet (text_time) also takes ``added_cond_kwargs``: ``added_cond`` (the prompt's pooled embeds and time
+    ids) or seeded pooled embeds with the time ids of its native size."""
     from sdbridge.engines.onnx_export import example_inputs
 
     size = int(unet.config.sample_size)
@@ -224,7 +226,18 @@ def probe_inputs(unet: Any, encoder_hidden_states: torch.Tensor | None = None,
     if encoder_hidden_states is not None:
         hidden = encoder_hidden_states[:1].to(unet.device, unet.dtype)
     timestep = torch.full((1,), float(PROBE_TIMESTEP), device=unet.device)
-    return {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+    inputs: dict[str, Any] = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+    if unet.config.get("addition_embed_type") == "text_time":
+        if added_cond is None:
+            pooled = (unet.config.projection_class_embeddings_input_dim
+                      - 6 * unet.config.addition_time_embed_dim)
+            generator = torch.Generator().manual_seed(seed + 1)
+            pixels = size * 8
+            added_cond = {"text_embeds": torch.randn((1, pooled), generator=generator),
+                          "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]])}
+        inputs["added_cond_kwargs"] = {name: value[-1:].to(unet.device, unet.dtype)
+                                       for name, value in added_cond.items()}
+    return inputs
 
 
 def relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
@@ -238,16 +251,17 @@ def relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
 @torch.inference_mode()
 def _unet_output(unet: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                return_dict=False)[0]
+                added_cond_kwargs=inputs.get("added_cond_kwargs"), return_dict=False)[0]
 
 
 def quantise_with_parity(unet: Any, bound: float = MAX_RELATIVE_ERROR,
-                         encoder_hidden_states: torch.Tensor | None = None) -> Fp8Report:
+                         encoder_hidden_states: torch.Tensor | None = None,
+                         added_cond: dict[str, torch.Tensor] | None = None) -> Fp8Report:
     """Quantise the UNet's Linear layers to fp8 and keep them only if the noise prediction on the
     probe input stays within ``bound`` (relative L2) of the unquantised one; else undo. Any device
     with ``torch._scaled_mm`` (CUDA >= 8.9, and the CPU for tests); :func:`apply_fp8` checks the GPU."""
     # 1. The reference, before any weight changes.
-    inputs = probe_inputs(unet, encoder_hidden_states)
+    inputs = probe_inputs(unet, encoder_hidden_states, added_cond=added_cond)
     reference = _unet_output(unet, inputs)
     # 2. Quantise what qualifies, keeping the originals.
     layers, skipped = select_layers(unet)
@@ -268,12 +282,13 @@ def quantise_with_parity(unet: Any, bound: float = MAX_RELATIVE_ERROR,
 
 
 def apply_fp8(unet: Any, device: torch.device, bound: float = MAX_RELATIVE_ERROR,
-              encoder_hidden_states: torch.Tensor | None = None) -> Fp8Report:
+              encoder_hidden_states: torch.Tensor | None = None,
+              added_cond: dict[str, torch.Tensor] | None = None) -> Fp8Report:
     """fp8 for a loaded UNet on ``device``: Fp8Unavailable without torchao or without fp8 matmuls on
     the device; otherwise :func:`quantise_with_parity`. Call before compiling (the graphs capture the weights)."""
     import_torchao()
     check_fp8_device(device)
-    return quantise_with_parity(unet, bound, encoder_hidden_states)
+    return quantise_with_parity(unet, bound, encoder_hidden_states, added_cond)
 
 
 def fp8_status(device: torch.device) -> tuple[bool, str, str]:

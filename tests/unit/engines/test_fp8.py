@@ -107,11 +107,39 @@ def test_the_gate_probes_with_a_real_prompt_embedding_when_given_one(tiny_model_
 
     engine = create_engine("compiled")
     engine.load(str(tiny_model_dir), CPU, torch.float32)
-    cond, _ = engine.encode_prompt_pair("a red fox", "")  # [1, 77, 32]
+    cond, added = engine.unet_conditioning("a red fox")  # [1, 77, 32]; no added conditioning on SD
+    assert added is None
     unet = engine.parts.unet
     assert torch.equal(probe_inputs(unet, cond)["encoder_hidden_states"], cond)
     report = quantise_with_parity(unet, encoder_hidden_states=cond)
     assert report.kept and 0 < report.relative_error <= MAX_RELATIVE_ERROR
+
+
+def test_the_gate_gives_an_sdxl_unet_its_added_conditioning(tiny_sdxl_dir):
+    """An SDXL UNet needs pooled embeds and time ids in every call: the host hands the prompt's (as the
+    stream makes them), and a probe without them makes its own, so the gate runs on SDXL too."""
+    from sdbridge.engines.base import create_engine
+
+    engine = create_engine("compiled")
+    engine.load(str(tiny_sdxl_dir), CPU, torch.float32)
+    cond, added = engine.unet_conditioning("a red fox")
+    assert added is not None and set(added) == {"text_embeds", "time_ids"}
+    unet = engine.parts.unet
+    inputs = probe_inputs(unet, cond, added_cond=added)
+    assert torch.equal(inputs["added_cond_kwargs"]["text_embeds"], added["text_embeds"][-1:])
+    assert set(probe_inputs(unet)["added_cond_kwargs"]) == {"text_embeds", "time_ids"}
+    before = _unet_out_added(unet, inputs)
+    report = quantise_with_parity(unet, encoder_hidden_states=cond, added_cond=added)
+    assert report.quantised > 0 and 0 < report.relative_error < float("inf")
+    assert report.kept == (report.relative_error <= MAX_RELATIVE_ERROR)
+    assert relative_error(before, _unet_out_added(unet, inputs)) == pytest.approx(
+        report.relative_error if report.kept else 0.0, rel=1e-3, abs=1e-9)
+
+
+def _unet_out_added(unet, inputs):
+    with torch.inference_mode():
+        return unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                    added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)[0]
 
 
 def test_a_failure_part_way_puts_back_the_layers_already_quantised(unet, monkeypatch):
