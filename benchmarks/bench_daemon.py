@@ -1,9 +1,11 @@
 """The bridge's own cost: the whole daemon over loopback WebSocket, against a bare echo server.
 
-    python benchmarks/bench_daemon.py [--seconds 10] [--size 512] [--device cuda] [--model PATH] [--write]
+    python benchmarks/bench_daemon.py [--seconds 10] [--size 512] [--device cuda] [--model PATH] [--json F] [--write]
 
-Each server runs in its own process; this process is the client: one frame in flight, a
-512×512 JPEG sent, the reply received but not decoded. Measured side by side in one run:
+Each server runs in its own process; this process is the client: one frame in flight (or, in the
+rows that say so, two: a source that sends without waiting, which the worker's pipeline serves by
+encoding one reply while the next frame runs), a 512×512 JPEG sent, the reply received but not
+decoded. Measured side by side in one run:
 
 - echo: the same WebSocket stack (FastAPI on uvicorn, deflate off) with an OpenCV JPEG decode +
   encode per frame and nothing else: what any bridge must pay;
@@ -107,19 +109,42 @@ def make_jpeg(size: int) -> bytes:
     return jpeg.tobytes()
 
 
-async def client(port: int, jpeg: bytes, seconds: float, warmup_s: float) -> list[float]:
-    """One frame in flight; returns the round-trip times (s) after warm-up."""
+async def client(port: int, jpeg: bytes, seconds: float, warmup_s: float, in_flight: int = 1,
+                 ids: bool = False) -> list[float]:
+    """Keeps ``in_flight`` frames ahead of the replies (1: send, wait for the reply, send again; 2 or
+    more: a source that does not wait, as a camera feeding a busy daemon); returns the round-trip times
+    (s) after warm-up. With more than one in flight each frame carries a v1 header whose frame id the
+    reply echoes: the daemon may drop a frame for a newer one (its newest-frame slot) and never answer
+    it, so a reply to frame k settles every frame up to k (``ids``). The echo server answers every bare
+    JPEG in order."""
+    from sdbridge.bridge.protocol import FrameHeader, PixelFormat, pack_frame
+
     times: list[float] = []
+    sent_at: dict[int, float] = {}
+    next_id, settled = 0, -1
     async with connect(f"ws://127.0.0.1:{port}/ws", compression=None, max_size=None, proxy=None) as ws:
         started = time.perf_counter()
-        while (now := time.perf_counter()) - started < warmup_s + seconds:
-            await ws.send(jpeg)
-            while True:
-                reply = await ws.recv()
-                if isinstance(reply, bytes):
-                    break
+        while time.perf_counter() - started < warmup_s + seconds:
+            while next_id - 1 - settled < in_flight:
+                message = jpeg
+                if ids:
+                    header = FrameHeader(version=1, pixel_format=PixelFormat.JPEG, flags=0, channel=0,
+                                         reply_format=PixelFormat.JPEG, frame_id=next_id, client_ts_us=0,
+                                         width=0, height=0, payload_length=len(jpeg))
+                    message = pack_frame(header, jpeg)
+                sent_at[next_id] = time.perf_counter()
+                await ws.send(message)
+                next_id += 1
+            reply = await asyncio.wait_for(ws.recv(), 60)
+            if not isinstance(reply, bytes):
+                continue
+            now = time.perf_counter()
+            frame_id = FrameHeader.parse(reply)[0].frame_id if ids else settled + 1
+            for dropped in range(settled + 1, frame_id):
+                sent_at.pop(dropped, None)
+            settled = frame_id
             if now - started >= warmup_s:
-                times.append(time.perf_counter() - now)
+                times.append(now - sent_at.pop(frame_id))
     return times
 
 
@@ -132,7 +157,7 @@ def summarise(times: list[float], seconds: float) -> dict[str, float]:
 
 
 def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | None = None,
-               clients: int = 1) -> list[dict[str, float]]:
+               clients: int = 1, in_flight: int = 1) -> list[dict[str, float]]:
     port = free_port()
     process = start_echo(port, args.ws_impl) if kind == "echo" else start_daemon(port, kind, args.size, args.ws_impl,
                                                                                model, args.device)
@@ -145,7 +170,9 @@ def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | No
         time.sleep(1.0)
 
         async def run_all() -> list[list[float]]:
-            return await asyncio.gather(*(client(port, jpeg, args.seconds, args.warmup) for _ in range(clients)))
+            return await asyncio.gather(*(client(port, jpeg, args.seconds, args.warmup, in_flight,
+                                                 ids=in_flight > 1 and kind != "echo")
+                                          for _ in range(clients)))
 
         return [summarise(times, args.seconds) for times in asyncio.run(run_all())]
     finally:
@@ -198,16 +225,26 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="the daemon's device (cuda on a GPU machine)")
     parser.add_argument("--model", help="a model folder or file (default: the tiny random model, written in code)")
     parser.add_argument("--ws-impl", default="wsproto", help="uvicorn's WebSocket implementation, for both servers")
+    parser.add_argument("--in-flight", type=int, default=2,
+                        help="rows with this many frames ahead of the replies as well (1: none)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     jpeg = make_jpeg(args.size)
 
     rows: list[tuple[str, dict[str, float]]] = []
+    ahead = args.in_flight
     echo = run_server("echo", args, jpeg)[0]
     rows.append(("bare echo (WebSocket + JPEG decode/encode)", echo))
     identity = run_server("identity", args, jpeg)[0]
     rows.append(("daemon, identity engine", identity))
     rows.append(("daemon, preview engine (cartoon)", run_server("preview", args, jpeg)[0]))
+    if ahead > 1:
+        rows.append((f"bare echo, {ahead} frames in flight", run_server("echo", args, jpeg, in_flight=ahead)[0]))
+        rows.append((f"daemon, identity engine, {ahead} frames in flight",
+                     run_server("identity", args, jpeg, in_flight=ahead)[0]))
+        rows.append((f"daemon, preview engine, {ahead} frames in flight",
+                     run_server("preview", args, jpeg, in_flight=ahead)[0]))
     if not args.skip_diffusion:
         with tempfile.TemporaryDirectory() as folder:
             from sdbridge.engines.tiny import write_tiny_model
@@ -218,6 +255,9 @@ def main() -> None:
                          run_server("diffusion", args, jpeg, model=model)[0]))
             rows.append((f"daemon, compiled engine, {label} (1 step)",
                          run_server("compiled", args, jpeg, model=model)[0]))
+            if ahead > 1:
+                rows.append((f"daemon, compiled engine, {label} (1 step), {ahead} frames in flight",
+                             run_server("compiled", args, jpeg, model=model, in_flight=ahead)[0]))
             together = run_server("compiled", args, jpeg, model=model, clients=4)
             rows.append((f"daemon, compiled engine, {label}, 4 clients batched (sum)",
                          {"fps": sum(r["fps"] for r in together), "p50": max(r["p50"] for r in together),
@@ -229,9 +269,9 @@ def main() -> None:
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available()
               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU")
     lines = [f"### bench_daemon.py — {datetime.date.today()}, commit {commit()}, {device}",
-             f"{args.size}×{args.size} JPEG ({len(jpeg) // 1024} KB) in and out, one frame in flight, "
-             f"{args.seconds:g} s per row, WebSocket implementation {args.ws_impl} "
-             f"after {args.warmup:g} s warm-up.", "",
+             f"{args.size}×{args.size} JPEG ({len(jpeg) // 1024} KB) in and out, one frame in flight unless a row "
+             f"says more (a source that sends without waiting), {args.seconds:g} s per row after {args.warmup:g} s "
+             f"warm-up, WebSocket implementation {args.ws_impl}.", "",
              "| server | frames/s | p50 ms | p99 ms |", "|---|---|---|---|"]
     for name, row in rows:
         lines.append(f"| {name} | {row['fps']:.1f} | {row['p50']:.2f} | {row['p99']:.2f} |")
@@ -239,8 +279,12 @@ def main() -> None:
     lines += ["", f"identity / echo: **{identity['fps'] / echo['fps']:.2f}×** frames/s", "",
               "four clients at once (identity): " + ", ".join(f"{s['frames'] / total:.0%} ({s['fps']:.0f} fps)"
                                                               for s in shares)]
-    publish("\n".join(lines) + "\n", write=args.write)
-
+    record = {"benchmark": "bench_daemon", "date": str(datetime.date.today()), "commit": commit(), "device": device,
+              "size": args.size, "jpeg_bytes": len(jpeg), "seconds": args.seconds,
+              "rows": [{"name": name, **row} for name, row in rows],
+              "identity_over_echo": identity["fps"] / echo["fps"],
+              "four_client_shares": [s["frames"] / total for s in shares]}
+    publish("\n".join(lines) + "\n", write=args.write, json_path=args.json, record=record)
 
 if __name__ == "__main__":
     main()

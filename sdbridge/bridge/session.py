@@ -68,6 +68,11 @@ class LatestSlot(Generic[T]):
             item, self._item = self._item, None
             return item
 
+    def discard(self) -> None:
+        """Count an item that was taken but superseded by a newer one before it was used."""
+        with self._lock:
+            self.dropped += 1
+
     @property
     def pending(self) -> bool:
         return self._item is not None

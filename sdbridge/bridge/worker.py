@@ -9,7 +9,11 @@ Each turn of the loop reads top to bottom:
 5. plugins before the step (a plugin may skip a frame, reusing an output);
 6. one batched engine step for the rest (or the input passed through while no engine serves),
    with the plugins' latent hooks inside it, then the plugins after the step;
-7. fit to the reply size, encode in the CPU pool, hand each session's reply to the event loop.
+7. fit to the reply size, encode in the CPU pool and hand each session's reply to the event loop.
+
+The turns overlap where the hardware allows: while the device computes a step (its launches return at
+once), the frames that came in meanwhile are taken and decoded for the next turn; and a turn's replies
+encode in the pool while the next turn runs. A newer frame still wins over one decoded ahead.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +59,7 @@ class Job:
     frame: InputFrame | None             # None: a generated (txt2img) frame
     image: np.ndarray | None = None      # [H, W, 3] uint8 at the engine's resolution
     input_size: tuple[int, int] | None = None  # (width, height) as received
+    fitted: tuple[int, int, str] | None = None  # (width, height, resize mode) ``image`` was fitted for
     output: np.ndarray | None = None
     passthrough: bool = False
     skipped: bool = False
@@ -98,6 +103,9 @@ class Worker(threading.Thread):
         self.debug_frames = debug_frames
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="sdbridge-codec")
         self._stop_event = threading.Event()
+        self._sending: list[Future[None]] = []  # the last turn's replies, encoding in the pool
+        self._ahead: list[tuple[Job, Future[bool]]] = []  # frames taken during the last step, decoding
+        self.decoded_ahead = 0
         self._prepared: tuple[int, int] | None = None  # (params version, id(engine)) last prepared
         self._plugins_version = -1
         self._prepare_failed: int | None = None
@@ -309,7 +317,7 @@ class Worker(threading.Thread):
         if to_run:
             if engine is not None:
                 engine.latent_hook = self._latent_hook if plugins is not None and plugins.has("on_latents") else None
-            self._step(engine, to_run)
+            self._step(engine, to_run, width, height, params)
             if plugins is not None and plugins.active:
                 for job in to_run:
                     assert job.output is not None
@@ -323,13 +331,12 @@ class Worker(threading.Thread):
             if job.output is not None and not job.passthrough:
                 job.output = self.crossfade.apply(job.session.id, job.output, now)
 
-        # 8. Fit to the reply size, encode, hand over to the event loop and the outputs (NDI, ...).
-        for job, message in zip(jobs, self.pool.map(lambda j: self._encode(j, params), jobs)):
-            if message is not None:
-                self._record(job)
-                self.deliver(job.session, message)
-                if self.outputs is not None and job.output is not None:
-                    self.outputs.publish(job.session.id, job.output)
+        # 8. Fit to the reply size, encode, hand over to the event loop and the outputs (NDI, ...), in the
+        #    pool while the next turn decodes and steps. The last turn's replies finish first: a session's
+        #    replies leave in order, and a slow encode (PNG, a large reply size) holds the worker back by
+        #    one turn at most instead of piling up.
+        wait(self._sending)
+        self._sending = [self.pool.submit(self._send, job, params) for job in jobs]
         if self.turns % 256 == 0:
             self.crossfade.forget({session.id for session in self.registry.sessions()})
         return len(jobs)
@@ -338,8 +345,16 @@ class Worker(threading.Thread):
         jobs: list[Job] = []
         txt2img = params.get("mode") == "txt2img"
         now = time.monotonic()
+        # Frames decoded ahead, during the last step: each stands unless a newer one has come since.
+        ahead = {job.session.id: job for job, decoded in self._take_ahead() if decoded.result()}
         for session in self.registry.sessions():
             frame = session.input.take()
+            early = ahead.get(session.id)
+            if early is not None and not txt2img:
+                if frame is None:
+                    jobs.append(early)
+                    continue
+                session.input.discard()  # superseded before it ran: dropped, as at the slot
             if frame is not None and not txt2img:
                 jobs.append(Job(session, frame))
             elif txt2img and session.viewers and now >= session.next_generated_at:
@@ -347,20 +362,45 @@ class Worker(threading.Thread):
                 jobs.append(Job(session, None))
         return jobs
 
+    def _take_ahead(self) -> list[tuple[Job, Future[bool]]]:
+        ahead, self._ahead = self._ahead, []
+        return ahead
+
+    def _decode_ahead(self, width: int, height: int, params: dict[str, Any]) -> None:
+        """While the device runs a step: take the frames that came in meanwhile and decode them in the pool."""
+        if params.get("mode") == "txt2img":
+            return
+        for session in self.registry.sessions():
+            frame = session.input.take()
+            if frame is not None:
+                job = Job(session, frame)
+                self._ahead.append((job, self.pool.submit(self._decode_frame, job, (width, height,
+                                                                                   params["resize_mode"]))))
+                self.decoded_ahead += 1
+
     def _decode(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> Job | None:
         if job.frame is None:
             job.input_size = (width, height)
-        else:
-            try:
-                image = codec.decode_frame(job.frame.header, job.frame.payload)
-            except SdbridgeError as exc:
-                job.session.errors += 1
-                self.report(job.session, {**exc.to_json(), **_frame_ref(job.frame)})
+        elif job.fitted != (width, height, params["resize_mode"]):  # not decoded ahead, or for another size
+            if not self._decode_frame(job, (width, height, params["resize_mode"])):
                 return None
-            job.input_size = (image.shape[1], image.shape[0])
-            job.image = codec.fit(image, width, height, params["resize_mode"])
         self._condition(job, width, height, params, engine)
         return job
+
+    def _decode_frame(self, job: Job, fit: tuple[int, int, str]) -> bool:
+        """Decode ``job``'s frame and fit it to ``fit`` (width, height, resize mode); False, with the error
+        told to its session, if it cannot be decoded."""
+        assert job.frame is not None
+        try:
+            image = codec.decode_frame(job.frame.header, job.frame.payload)
+        except SdbridgeError as exc:
+            job.session.errors += 1
+            self.report(job.session, {**exc.to_json(), **_frame_ref(job.frame)})
+            return False
+        job.input_size = (image.shape[1], image.shape[0])
+        job.image = codec.fit(image, fit[0], fit[1], fit[2])
+        job.fitted = fit
+        return True
 
     def _condition(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> None:
         """Condition streams (channel > 0): each one's latest frame stays with the session for its next
@@ -381,7 +421,7 @@ class Worker(threading.Thread):
         if controlnets is not None:
             controlnets.condition(session.state.data, job.image)
 
-    def _step(self, engine: Any, jobs: list[Job]) -> None:
+    def _step(self, engine: Any, jobs: list[Job], width: int, height: int, params: dict[str, Any]) -> None:
         generated = jobs[0].frame is None
         if engine is None:
             self._pass_through(jobs)
@@ -402,6 +442,9 @@ class Worker(threading.Thread):
                 finally:
                     if self.plugins is not None:
                         self.plugins.after_step()
+                # The device computes while the next frames decode (on a CPU the step has already run).
+                if not generated:
+                    self._decode_ahead(width, height, params)
                 out = out.cpu().numpy()  # the one host sync of the frame
         except Exception as exc:
             self.engine_errors += 1
@@ -432,6 +475,20 @@ class Worker(threading.Thread):
             else:  # txt2img with nothing to generate yet: hold the last frame sent or a grey one
                 width, height = job.input_size or (64, 64)
                 job.output = np.full((height, width, 3), 128, np.uint8)
+
+    def _send(self, job: Job, params: dict[str, Any]) -> None:
+        """Codec pool: one reply encoded and handed over. Never raises: the stream goes on."""
+        try:
+            message = self._encode(job, params)
+            if message is None:
+                return
+            self._record(job)
+            self.deliver(job.session, message)
+            if self.outputs is not None and job.output is not None:
+                self.outputs.publish(job.session.id, job.output)
+        except Exception:
+            self.engine_errors += 1
+            log.exception("reply to session %s failed", job.session.id)
 
     def _encode(self, job: Job, params: dict[str, Any]) -> bytes | None:
         image = job.output
