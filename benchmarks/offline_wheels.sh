@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Wheels of every dependency but torch, for a GPU machine with no network and its own Python.
+# The device machine lent here: device_wheels.sh + gpu_session.sh (docs/speed.md, "Taking the GPU figures in one device call").
 #
 #   benchmarks/offline_wheels.sh PYTHON_VERSION DIR      # e.g. 3.12 /tmp/wheels (run where pip can download)
 #

@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# Every GPU figure of the project in one device call (docs/speed.md, "Taking the GPU figures in one
+# device call"). Here, once: benchmarks/device_wheels.sh (wheels into .whl); then the device call:
+#
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#
+# It installs .whl/*.whl into /tmp/site (no network there), runs the checkout as it is
+# (PYTHONPATH=/tmp/site:$PWD, its entry points registered from pyproject.toml), writes the
+# full-size random model once, then runs the benchmarks in priority order, each under `timeout`
+# with its own budget, a step skipped when fewer seconds are left before the deadline than it needs
+# to show anything; a failed step never stops the rest. What comes back, in $OUT: session.log
+# (everything, with each step's header, wall time and exit status) and results.json (each step's
+# status and its benchmark's JSON, rewritten after every step, so a call cut short keeps them).
+#
+# Settings (environment):
+#   SDBRIDGE_SESSION_DEADLINE_S  seconds from the start after which no step runs on (default 560:
+#                                the device call's 600 s less the time to stop)
+#   SDBRIDGE_SESSION_DEVICE      cuda (default), or cpu: the dry run on a machine without a GPU
+#                                (tiny models and few calls; every step's imports and start)
+#   SDBRIDGE_SESSION_OUT         where the files go when OUT is unset (default /tmp/gpu_session_out)
+#   SDBRIDGE_SESSION_WHEELS      the wheel folder (default .whl); PYTHON: the interpreter (python3)
+#   SDBRIDGE_SESSION_STEPS       only these steps, space-separated (default: all, in order)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+START_S=$(date +%s)
+DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
+DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
+OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
+WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
+ONLY_STEPS=${SDBRIDGE_SESSION_STEPS:-}
+PYTHON=${PYTHON:-python3}
+SITE=/tmp/site
+MODEL=/tmp/sd21
+WORK=/tmp/gpu_session_work  # the benchmarks' JSON before results.json takes it in
+mkdir -p "$OUT_DIR" "$WORK"
+rm -f "$WORK"/*.json "$WORK/steps.txt"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$SITE:$ROOT
+# One Inductor cache for every step (bench_cold_start.py's step alone runs without it, below).
+export TORCHINDUCTOR_CACHE_DIR=/tmp/sdbridge-inductor
+export SDBRIDGE_CACHE_DIR=/tmp/sdbridge-cache
+exec > >(tee -a "$OUT_DIR/session.log") 2>&1
+TEE_PID=$!
+
+elapsed() { echo $(($(date +%s) - START_S)); }
+left() { echo $((DEADLINE_S - $(elapsed))); }
+echo "=== gpu_session.sh: $(date -u +%FT%TZ), device $DEVICE, deadline ${DEADLINE_S} s, commit" \
+     "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
+
+STATUS=()  # one "name status wall_s budget_s json" line per step, for results.json
+merge_results() {
+  printf '%s\n' "${STATUS[@]}" > "$WORK/steps.txt"
+  "$PYTHON" - "$WORK" "$OUT_DIR/results.json" "$DEVICE" "$DEADLINE_S" <<'PY'
+import json, sys
+from pathlib import Path
+
+work, target, device, deadline = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+steps = {}
+for line in (work / "steps.txt").read_text(encoding="utf-8").splitlines():
+    if not line.strip():
+        continue
+    name, status, wall_s, budget_s, json_name = line.split()
+    step = {"status": status, "wall_s": int(wall_s), "budget_s": int(budget_s)}
+    path = work / json_name
+    if json_name != "-" and path.is_file():
+        try:
+            step["result"] = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            step["result_error"] = f"{path.name}: {exc}"
+    steps[name] = step
+versions = work / "versions.json"
+record = {"device": device, "deadline_s": deadline, "steps": steps,
+          "versions": json.loads(versions.read_text()) if versions.is_file() else None}
+target.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+PY
+}
+
+# step NAME MIN_S BUDGET_S JSON COMMAND...: COMMAND under `timeout` for BUDGET_S (less if the
+# deadline comes first), skipped when fewer than MIN_S seconds are left. JSON: the file in $WORK
+# that the command writes, or -. `timeout` signals the command's whole process group, so the
+# daemons a benchmark started go with it.
+step() {
+  local name=$1 min_s=$2 budget_s=$3 json=$4
+  shift 4
+  if [ -n "$ONLY_STEPS" ] && [[ " $ONLY_STEPS " != *" $name "* ]]; then
+    return 0
+  fi
+  local remaining limit rc started wall status
+  remaining=$(left)
+  echo
+  if [ "$remaining" -lt "$min_s" ]; then
+    echo "=== SKIP $name: ${remaining} s left before the deadline, it needs ${min_s} s at least"
+    STATUS+=("$name skipped 0 $budget_s -")
+    merge_results
+    return 0
+  fi
+  limit=$((budget_s < remaining ? budget_s : remaining))
+  echo "=== STEP $name at $(elapsed) s: timeout ${limit} s (budget ${budget_s} s, ${remaining} s left): $*"
+  started=$(date +%s)
+  if declare -F "$1" >/dev/null; then  # a function below: `timeout` runs programs, so through bash
+    timeout --kill-after=15 "$limit" bash -c '"$@"' "$1" "$@"
+  else
+    timeout --kill-after=15 "$limit" "$@"
+  fi
+  rc=$?
+  wall=$(($(date +%s) - started))
+  case $rc in
+    0) status=ok ;;
+    124|137) status=timeout ;;
+    "$UNAVAILABLE") status=unavailable ;;
+    *) status=failed ;;
+  esac
+  echo "=== END $name: $status (exit $rc) after ${wall} s; $(elapsed) s since the start"
+  if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
+    echo "    GPU memory in use after it: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>&1)"
+  fi
+  STATUS+=("$name $status $wall $budget_s $json")
+  merge_results
+}
+
+# --- 0. set-up: wheels, entry points, versions --------------------------------------------------
+setup_site() {
+  local stamp=$SITE/.wheels
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(ls "$WHEELS"/*.whl 2>/dev/null)" ]; then
+    echo "wheels already in $SITE (a warm machine)"
+  else
+    ls "$WHEELS"/*.whl >/dev/null || { echo "no wheels in $WHEELS: run benchmarks/device_wheels.sh here first"; return 1; }
+    rm -rf "$SITE"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$WHEELS"/*.whl || return 1
+    ls "$WHEELS"/*.whl > "$stamp"
+  fi
+  # The checkout runs from PYTHONPATH, not installed: its entry points (the built-in plugins, the
+  # console script) come from a dist-info written here from pyproject.toml.
+  "$PYTHON" - "$SITE" <<'PY'
+import sys, tomllib
+from pathlib import Path
+
+project = tomllib.loads(Path("pyproject.toml").read_text(encoding="utf-8"))["project"]
+info = Path(sys.argv[1]) / f"sdbridge-{project['version']}.dist-info"
+info.mkdir(parents=True, exist_ok=True)
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sdbridge\nVersion: {project['version']}\n")
+groups = dict(project.get("entry-points", {}), console_scripts=project.get("scripts", {}))
+(info / "entry_points.txt").write_text("".join(
+    f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in entries.items()) + "\n"
+    for group, entries in groups.items()))
+PY
+}
+
+versions() {
+  "$PYTHON" - "$WORK/versions.json" <<'PY'
+import importlib.metadata as metadata, json, platform, sys
+
+import torch
+
+names = ["torch", "triton", "diffusers", "transformers", "huggingface-hub", "tokenizers", "safetensors",
+         "accelerate", "numpy", "torchao", "fastapi", "uvicorn", "websockets", "opencv-python-headless", "pillow",
+         "open-clip-torch", "sdbridge"]
+record = {"python": sys.version.split()[0], "platform": platform.platform()}
+for name in names:
+    try:
+        record[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        record[name] = None
+record["cuda_available"] = torch.cuda.is_available()
+if torch.cuda.is_available():
+    record["gpu"] = torch.cuda.get_device_name(0)
+    record["capability"] = list(torch.cuda.get_device_capability(0))
+    record["torch_cuda"] = torch.version.cuda
+print(json.dumps(record, indent=1))
+with open(sys.argv[1], "w", encoding="utf-8") as handle:
+    json.dump(record, handle)
+import sdbridge.cli, sdbridge.engines.compiled  # noqa: E401,F401  the checkout imports
+try:
+    import torchao  # noqa: F401
+    print(f"torchao {torchao.__version__} imports")
+except Exception as exc:  # the fp8 rows then fail alone, in their own step
+    print(f"torchao does not import: {exc!r}; the fp8 step will say so")
+PY
+}
+
+model() {
+  if [ -f "$MODEL/model_index.json" ]; then
+    echo "$MODEL is there already (a warm machine)"
+  else
+    "$PYTHON" -m sdbridge.cli models random "$MODEL"
+  fi
+  du -sh "$MODEL"
+}
+
+# bench_cold_start.py's first run must meet a cold cache: its own (SDBRIDGE_CACHE_DIR, a temporary
+# folder) rather than the one the steps before it filled.
+cold_start() {
+  env -u TORCHINDUCTOR_CACHE_DIR "$PYTHON" benchmarks/bench_cold_start.py "$@"
+}
+
+# fp8 first asks whether it can run at all: torchao imports and the GPU has fp8 matmuls (8.9+);
+# if not, its step says so and ends with UNAVAILABLE.
+UNAVAILABLE=3
+fp8() {
+  if ! "$PYTHON" -c "
+import sys, torch
+from sdbridge.engines.fp8 import MIN_CAPABILITY, import_torchao
+import_torchao()
+if torch.cuda.is_available() and torch.cuda.get_device_capability() < MIN_CAPABILITY:
+    sys.exit(f'GPU capability {torch.cuda.get_device_capability()} < {MIN_CAPABILITY}')
+"; then
+    echo "SKIP the fp8 rows: torchao or the GPU cannot run them (above)"
+    return "$UNAVAILABLE"
+  fi
+  "$PYTHON" benchmarks/bench_engine.py "$@"
+}
+
+export PYTHON MODEL WORK UNAVAILABLE
+export -f model cold_start fp8
+
+echo
+echo "=== set-up at $(elapsed) s"
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi || echo "nvidia-smi failed"
+fi
+"$PYTHON" --version
+setup_site || echo "SET-UP FAILED: the wheels did not install; the steps run on what the image has"
+versions || echo "VERSIONS FAILED: see the traceback above; the steps run and fail alone"
+echo "=== set-up done at $(elapsed) s"
+
+# --- the steps, in priority order ---------------------------------------------------------------
+# name, at least (s), cap (s), JSON, command. The caps are guesses for an H200 (sd-turbo's
+# architecture at 512²: Inductor's first compile of each graph dominates), ceilings rather than
+# reservations: the headline's is generous, since a benchmark cut off writes no table, only the
+# lines it printed before.
+P=$PYTHON
+DAEMON_JSON=()  # bench_daemon.py writes JSON only in versions that have --json
+if "$P" benchmarks/bench_daemon.py --help 2>/dev/null | grep -q -- '--json'; then
+  DAEMON_JSON=(--json "$WORK/daemon.json")
+fi
+if [ "$DEVICE" = cuda ]; then
+  step engine 120 420 engine.json $P benchmarks/bench_engine.py --device cuda --calls 50 --warmup 5 \
+    --json "$WORK/engine.json"
+  step engine_fp8 100 240 engine_fp8.json fp8 --device cuda --fp8 --skip-diffusers --calls 30 --warmup 5 \
+    --json "$WORK/engine_fp8.json"
+  step model 40 120 - model
+  step daemon 120 260 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cuda --seconds 5 \
+    --warmup 1 "${DAEMON_JSON[@]}"
+  step cold_start 90 260 cold_start.json cold_start --device cuda --model "$MODEL" --runs 2 --timeout 200 \
+    --json "$WORK/cold_start.json"
+  step controlnet 45 120 - $P benchmarks/bench_controlnet.py --device cuda --dtype fp16 --frames 10 --rounds 3
+  step animatediff 60 150 animatediff.json $P benchmarks/bench_animatediff.py --device cuda --frames 20 \
+    --json "$WORK/animatediff.json"
+  step engine_sdxl 150 300 engine_sdxl.json $P benchmarks/bench_engine.py --device cuda --arch sdxl --size 1024 \
+    --calls 30 --warmup 5 --json "$WORK/engine_sdxl.json"
+  step switch 200 400 switch.json $P benchmarks/bench_switch.py --device cuda --steady 5 --after 5 --timeout 120 \
+    --json "$WORK/switch.json"
+else  # the dry run: the same steps on the CPU, tiny models and few calls, to prove imports and starts
+  step engine 30 300 engine.json $P benchmarks/bench_engine.py --device cpu --tiny --calls 3 --warmup 1 \
+    --rounds 1 --json "$WORK/engine.json"
+  step engine_fp8 30 300 engine_fp8.json fp8 --device cpu --tiny --fp8 --skip-diffusers --calls 3 --warmup 1 \
+    --rounds 1 --json "$WORK/engine_fp8.json"
+  step model 30 400 - model
+  step daemon 30 400 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cpu --size 64 \
+    --seconds 2 --warmup 1 "${DAEMON_JSON[@]}"
+  step cold_start 30 300 cold_start.json cold_start --device cpu --model "$MODEL" --size 64 --runs 1 \
+    --timeout 250 --json "$WORK/cold_start.json"
+  step controlnet 30 200 - $P benchmarks/bench_controlnet.py --device cpu --tiny --frames 2 --rounds 1
+  step animatediff 30 200 animatediff.json $P benchmarks/bench_animatediff.py --device cpu --tiny --frames 2 \
+    --windows 4 --warmup 1 --json "$WORK/animatediff.json"
+  step engine_sdxl 30 300 engine_sdxl.json $P benchmarks/bench_engine.py --device cpu --tiny --arch sdxl \
+    --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_sdxl.json"
+  step switch 30 400 switch.json $P benchmarks/bench_switch.py --device cpu --steady 2 --after 2 --timeout 120 \
+    --json "$WORK/switch.json"
+fi
+echo
+echo "=== done at $(elapsed) s; in $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
+printf '    %s\n' "${STATUS[@]}"
+exec >&- 2>&-  # let tee see the end of its input, and wait for it to write the log out
+wait "$TEE_PID" 2>/dev/null
