@@ -18,6 +18,11 @@ from typing import Any
 
 from sdbridge.errors import ParamError
 
+# A1111's sampler names (engines/samplers.py, where each maps to its diffusers scheduler), kept here
+# so that reading the schema imports no engine code; a test holds the two lists together.
+STREAM_SAMPLERS = ("Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
+                   "DDIM", "PLMS", "UniPC", "LCM")
+
 SEED_MAX = 2**32 - 1
 FLOAT32_EXACT_INT_MAX = 2**24  # integers above this lose precision in an OSC float32
 STR_MAX_LENGTH = 4096
@@ -215,6 +220,9 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("seed", "int", 42, "Noise seed; the noise stays fixed per session until the seed changes.",
               minimum=0, maximum=SEED_MAX),
     ParamSpec("steps", "int", 2, "Denoising steps per frame (1–4 for turbo/LCM models).", minimum=1, maximum=50),
+    ParamSpec("sampler", "enum", "model", "The stream's sampler: the model's own scheduler, or an A1111 sampler "
+              "(LCM with an LCM-LoRA). Euler, Euler a, DDIM and LCM run on the compiled engine's fast path.",
+              choices=("model", *STREAM_SAMPLERS)),
     ParamSpec("width", "int", 512, "Engine resolution, pixels; a multiple of 8.", minimum=64, maximum=2048,
               multiple_of=8),
     ParamSpec("height", "int", 512, "Engine resolution, pixels; a multiple of 8.", minimum=64, maximum=2048,

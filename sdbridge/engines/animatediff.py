@@ -406,6 +406,11 @@ class AnimateDiffEngine(DiffusionEngine):
             state.data[HISTORY] = history
         return history
 
+    def _step_generators(self, states: Sequence[StreamState], shape: tuple[int, ...]) -> list[torch.Generator]:
+        """A window's step noise, alike at every frame, from the seed (its entry noise is drawn per window
+        place, so no pipeline's draw order applies): one generator per session, the whole window from it."""
+        return [torch.Generator(device=self.device).manual_seed(self._seed + 1) for _ in states]
+
     # --- the frame ------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -464,7 +469,7 @@ class AnimateDiffEngine(DiffusionEngine):
             embeddings = torch.cat([uncond.expand(batch * window, -1, -1), cond.expand(batch * window, -1, -1)])
         else:
             embeddings = embeddings.expand(batch * window, -1, -1)
-        generators = self._step_generators(states)
+        step_kwargs = self._step_kwargs(states, latent_shape)
         controls = self._window_controls(units, padded_frames, window)
         for step_index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if self._guided else latents
@@ -476,7 +481,7 @@ class AnimateDiffEngine(DiffusionEngine):
             if self._guided:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
 
         # 5. Keep what each frame became; the new frame joins the history.
         for index, state in enumerate(states):

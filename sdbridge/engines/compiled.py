@@ -46,8 +46,11 @@ serves until then. ControlNets of one architecture share a graph (their weights 
 The feature bank's attention keeps tensors between calls in Python, which no static graph holds:
 while it is on, the UNet runs uncompiled.
 
-Schedulers whose step is not linear and memoryless (multistep solvers, ancestral and LCM
-samplers, which draw noise) run the eager engine's exact path instead: nothing is faked.
+Schedulers whose step is affine and memoryless run compiled: Euler and DDIM (``x_next = a·x + b·eps``),
+and the samplers that draw noise at each step, LCM and Euler a, whose draw the eager engine seeds the
+same at every frame (``DiffusionEngine._step_generators``), so that each step adds a fixed term
+(``x_next = a·x + b·eps + k_i``, ``k_i`` a graph input). The others (multistep solvers, which keep a
+history; DPM++ SDE, whose noise is a Brownian tree) run the eager engine's exact path: nothing is faked.
 """
 
 from __future__ import annotations
@@ -75,9 +78,9 @@ from sdbridge.engines.parts import PipelineParts
 
 log = logging.getLogger(__name__)
 
-# Schedulers whose step is x_next = a * x + b * eps with no noise drawn and no history kept
-# (checked again numerically by probe_linear_schedule).
-LINEAR_SCHEDULERS = ("EulerDiscreteScheduler", "DDIMScheduler")
+# Schedulers whose step is x_next = a * x + b * eps (+ a drawn noise term, the same at every frame:
+# module docstring) with no history kept (checked again numerically by probe_linear_schedule).
+LINEAR_SCHEDULERS = ("EulerDiscreteScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
 STREAM_KEY = "compiled.stream"
 # Dynamo keeps one cache per code object: every (resolution, batch) is a recompile of the same
 # functions, and its default limit (8) would silently fall back to eager after a few sizes.
@@ -116,7 +119,12 @@ class LinearSchedule:
     ``entry_coef`` is 0 in txt2img), then for each step i::
 
         eps_i      = unet(input_scale[i] * x_i, timesteps[i])
-        x_{i + 1}  = sample_coef[i] * x_i + eps_coef[i] * eps_i
+        x_{i + 1}  = sample_coef[i] * x_i + eps_coef[i] * eps_i  (+ step_noise[i])
+
+    ``step_noise`` [N, C, h, w] (model dtype) is the term a sampler that draws noise adds at each step
+    (LCM's re-noising, Euler a's ancestral noise), drawn as the eager engine draws it; None for Euler
+    and DDIM. ``noisy`` says the scheduler draws (the probe saw a term), before the term is drawn
+    for a seed and resolution (:func:`draw_step_noise`).
     """
 
     timesteps: torch.Tensor     # [N], the scheduler's dtype
@@ -125,6 +133,8 @@ class LinearSchedule:
     eps_coef: torch.Tensor      # [N] float32
     entry_coef: torch.Tensor    # [] model dtype
     noise_coef: torch.Tensor    # [] model dtype
+    noisy: bool = False
+    step_noise: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -134,6 +144,10 @@ class LinearSchedule:
         """(timesteps, input_scale, sample_coef, eps_coef) for a stream batch: [sessions * N], step-minor."""
         return tuple(t.repeat(sessions) for t in (self.timesteps, self.input_scale, self.sample_coef, self.eps_coef))
 
+    def noise_rows(self, sessions: int) -> torch.Tensor | None:
+        """``step_noise`` for a stream batch: [sessions * N, C, h, w], step-minor like :meth:`tiled`."""
+        return None if self.step_noise is None else self.step_noise.repeat(sessions, 1, 1, 1)
+
 
 def probe_linear_schedule(scheduler: Any, timesteps: torch.Tensor, txt2img: bool,
                           dtype: torch.dtype) -> LinearSchedule | None:
@@ -141,11 +155,15 @@ def probe_linear_schedule(scheduler: Any, timesteps: torch.Tensor, txt2img: bool
 
     ``scheduler`` is as the eager engine left it after ``_timesteps()`` (timesteps set, begin
     index set); a copy is probed, so the engine's own scheduler is untouched. Each step is probed
-    with one batch of three: (x=1, eps=0) gives the sample coefficient, (x=0, eps=1) the eps
-    coefficient, and a random pair checks that the step really is that linear map.
+    with one batch of four rows, each drawing the same noise (if the scheduler draws any): (x=0,
+    eps=0) gives the drawn term, (x=1, eps=0) and (x=0, eps=1) less that term the sample and eps
+    coefficients, and a random pair checks that the step really is that affine map.
     """
     if type(scheduler).__name__ not in LINEAR_SCHEDULERS or getattr(scheduler, "order", 1) != 1:
         return None
+    if scheduler.config.get("thresholding") or (type(scheduler).__name__ == "LCMScheduler"
+                                                and scheduler.config.get("clip_sample")):
+        return None  # the denoised sample is clipped: not affine (a probe near 0 may not show it)
     probe = copy.deepcopy(scheduler)
     device = timesteps.device
     one = torch.ones((1, 1, 1, 1), device=device, dtype=dtype)
@@ -159,20 +177,36 @@ def probe_linear_schedule(scheduler: Any, timesteps: torch.Tensor, txt2img: bool
     generator = torch.Generator(device="cpu").manual_seed(0)
     check_x, check_eps = torch.randn(2, generator=generator).tolist()
     scales, sample_coefs, eps_coefs = [], [], []
+    noisy = False
     for t in timesteps:
         scales.append(probe.scale_model_input(torch.ones((1, 1, 1, 1), device=device), t).reshape(()))
-        sample = torch.tensor([1.0, 0.0, check_x], device=device).view(3, 1, 1, 1)
-        model_output = torch.tensor([0.0, 1.0, check_eps], device=device).view(3, 1, 1, 1)
-        out = probe.step(model_output, t, sample, return_dict=False)[0].flatten().float()
-        expected = out[0] * check_x + out[1] * check_eps
-        if not torch.allclose(out[2], expected, rtol=1e-5, atol=1e-6):
+        sample = torch.tensor([0.0, 1.0, 0.0, check_x], device=device).view(4, 1, 1, 1)
+        model_output = torch.tensor([0.0, 0.0, 1.0, check_eps], device=device).view(4, 1, 1, 1)
+        # One generator per row, all seeded alike: every row draws the same noise, which row 0 shows.
+        rows = [torch.Generator(device=device).manual_seed(0) for _ in range(4)]
+        out = probe.step(model_output, t, sample, generator=rows, return_dict=False)[0].flatten().float()
+        drawn = out[0]
+        expected = (out[1] - drawn) * check_x + (out[2] - drawn) * check_eps + drawn
+        if not torch.allclose(out[3], expected, rtol=1e-5, atol=1e-6):
             log.info("%s is not linear at t=%s: the exact eager path runs", type(scheduler).__name__, float(t))
             return None
-        sample_coefs.append(out[0])
-        eps_coefs.append(out[1])
+        noisy = noisy or bool(drawn != 0)
+        sample_coefs.append(out[1] - drawn)
+        eps_coefs.append(out[2] - drawn)
     return LinearSchedule(timesteps=timesteps.clone(), input_scale=torch.stack(scales).float(),
                           sample_coef=torch.stack(sample_coefs), eps_coef=torch.stack(eps_coefs),
-                          entry_coef=entry_coef, noise_coef=noise_coef)
+                          entry_coef=entry_coef, noise_coef=noise_coef, noisy=noisy)
+
+
+def draw_step_noise(scheduler: Any, timesteps: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                    generators: list[torch.Generator]) -> torch.Tensor:
+    """[N, C, h, w]: what each step of a noise-drawing scheduler adds, drawn from ``generators`` (one,
+    made as the eager engine makes a session's) exactly as its step draws it: stepping x = 0, eps = 0
+    leaves only that term. ``scheduler`` as for :func:`probe_linear_schedule` (copied, untouched)."""
+    probe = copy.deepcopy(scheduler)
+    zeros = torch.zeros(shape, device=timesteps.device, dtype=dtype)
+    return torch.cat([probe.step(zeros, t, zeros, generator=generators, return_dict=False)[0].to(dtype)
+                      for t in timesteps])
 
 
 def residual_cfg_bound(guidance: float, eps_coef: float, residual_gap: float) -> float:
@@ -239,6 +273,7 @@ class CompiledEngine(DiffusionEngine):
         self._told_bank = False
         self._schedule: LinearSchedule | None = None
         self._schedule_key: tuple | None = None
+        self._step_noise_key: tuple | None = None
         self._cfg = "none"                       # none | exact | residual, settled in prepare
         self._guidance_tensor: torch.Tensor | None = None
         self._guidance_value: float | None = None
@@ -345,9 +380,23 @@ class CompiledEngine(DiffusionEngine):
             timesteps, _ = self._timesteps()
             self._schedule = probe_linear_schedule(self.scheduler, timesteps, self._txt2img, self.dtype)
             self._schedule_key = key
+            self._step_noise_key = None
+        schedule = self._schedule
+        if schedule is not None and schedule.noisy and self._step_noise_key != (self._seed, self.resolution):
+            # The eager engine seeds each session's draw alike at every frame: one term per step, for all.
+            assert self.parts is not None
+            width, height = self.resolution
+            shape = (1, self.parts.unet.config.in_channels, height // self.vae_scale_factor,
+                     width // self.vae_scale_factor)
+            self._timesteps()  # the scheduler as the eager engine steps it (begin index set)
+            self._schedule = dataclasses.replace(schedule, step_noise=draw_step_noise(
+                self.scheduler, schedule.timesteps, shape, self.dtype, self._step_generators([StreamState("")], shape)))
+            self._step_noise_key = (self._seed, self.resolution)
         if not self._guided:
             self._cfg = "none"
-        elif self.residual_cfg and self.scheduler.config.get("prediction_type", "epsilon") == "epsilon":
+        elif (self.residual_cfg and self.scheduler.config.get("prediction_type", "epsilon") == "epsilon"
+              and not (schedule is not None and schedule.noisy)):
+            # Residual guidance stands on the noise the latent carries; a step that adds fresh noise breaks it.
             self._cfg = "residual"
         else:
             self._cfg = "exact"
@@ -421,8 +470,9 @@ class CompiledEngine(DiffusionEngine):
         batch = x.shape[0]
         residual = noise if self._cfg == "residual" else None
         for i in range(schedule.steps):
+            drawn = schedule.step_noise[i:i + 1].expand(batch, -1, -1, -1) if schedule.step_noise is not None else None
             x, eps = self._unet_step(x, schedule.timesteps[i:i + 1].expand(batch), schedule.input_scale[i:i + 1],
-                                     schedule.sample_coef[i:i + 1], schedule.eps_coef[i:i + 1], residual,
+                                     schedule.sample_coef[i:i + 1], schedule.eps_coef[i:i + 1], drawn, residual,
                                      controls, (i,), schedule.steps)
             residual = eps if residual is not None else None
         return x
@@ -469,11 +519,12 @@ class CompiledEngine(DiffusionEngine):
 
     def _stream_call(self, x: torch.Tensor, residual: torch.Tensor | None, batch: int, schedule: LinearSchedule,
                      controls: Sequence[ControlUnit]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._unet_step(x, *schedule.tiled(batch), residual, controls, range(schedule.steps), schedule.steps)
+        return self._unet_step(x, *schedule.tiled(batch), schedule.noise_rows(batch), residual, controls,
+                               range(schedule.steps), schedule.steps)
 
     def _unet_step(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
-                   sample_coef: torch.Tensor, eps_coef: torch.Tensor, residual: torch.Tensor | None,
-                   controls: Sequence[ControlUnit], row_steps: Sequence[int],
+                   sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
+                   residual: torch.Tensor | None, controls: Sequence[ControlUnit], row_steps: Sequence[int],
                    steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call over x [M, 4, h, w], M = sessions * len(row_steps); ``row_steps`` is the step
         index of each of a session's rows (its N steps in stream batch, this step in sequence)."""
@@ -494,7 +545,7 @@ class CompiledEngine(DiffusionEngine):
                 self._told_bank = True
                 log.warning("feature bank on: the compiled engine runs its UNet uncompiled while it is on")
             denoise = self._denoise
-        return denoise(x, timesteps, input_scale, sample_coef, eps_coef, residual, cond, uncond, added,
+        return denoise(x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, cond, uncond, added,
                        self._guidance_tensor, self._cfg, down, mid)
 
     def _added_for_call(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -649,11 +700,13 @@ class CompiledEngine(DiffusionEngine):
         return entry_coef * self.encode(pixels) + noise_coef * noise
 
     def _denoise(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
-                 sample_coef: torch.Tensor, eps_coef: torch.Tensor, residual: torch.Tensor | None,
+                 sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
+                 residual: torch.Tensor | None,
                  cond: torch.Tensor, uncond: torch.Tensor | None, added: tuple[torch.Tensor, torch.Tensor] | None,
                  guidance: torch.Tensor, cfg: str, down: list[torch.Tensor],
                  mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call and the scheduler's step. x [M, 4, h, w]; timesteps [M]; coefficients [M] or [1];
+        ``drawn`` [M, 4, h, w], the noise a sampler that draws adds (LinearSchedule.step_noise), or None;
         cond, uncond [1, L, D]; ``added``: SDXL's (text_embeds, time_ids) per guidance half (see
         :meth:`_added_for_call`), None otherwise; guidance []; ControlNet residuals ``down``, ``mid``
         [M or 2M, C, h', w'].
@@ -686,6 +739,8 @@ class CompiledEngine(DiffusionEngine):
                 eps = residual + guidance * (eps - residual)
         # The scheduler's arithmetic in float32, as diffusers' Euler step upcasts.
         x_next = sample_coef.view(-1, 1, 1, 1) * x.float() + eps_coef.view(-1, 1, 1, 1) * eps.float()
+        if drawn is not None:
+            x_next = x_next + drawn.float()
         return x_next.to(x.dtype), eps
 
     def _control(self, model: Any, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,

@@ -19,13 +19,15 @@ What makes a frame cheap here, following what real-time work has shown:
 from __future__ import annotations
 
 import collections
-import logging
 import contextlib
+import inspect
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sdbridge.engines import samplers
 from sdbridge.engines.base import Engine, StreamState
 from sdbridge.engines.conditioning import TextConditioning
 from sdbridge.engines.parts import PipelineParts
@@ -70,6 +72,7 @@ class DiffusionEngine(Engine):
         self._guidance = 1.0
         self._txt2img = False
         self._seed = 0
+        self._step_generator_state: tuple[tuple, torch.Tensor] | None = None  # (seed, shape), after the entry draw
         self._num_inference_steps = 1
         self._strength = 0.5
         self.text_encoder_calls = 0
@@ -112,7 +115,8 @@ class DiffusionEngine(Engine):
             raise ModelError(f"{parts.source}: an SDXL model needs its second text encoder (text_encoder_2), "
                              f"and none was loaded")
         self.parts = parts
-        self.scheduler = parts.scheduler
+        self.scheduler = parts.scheduler   # the model's own, until a ``sampler`` parameter picks another
+        self._sampler = "model"
         self.autoencoder = parts.taesd if parts.taesd is not None else parts.vae
         self.uses_taesd = parts.taesd is not None
         # SDXL's VAE overflows in fp16 (black or NaN frames); its config says force_upcast, and diffusers'
@@ -181,6 +185,13 @@ class DiffusionEngine(Engine):
         self._seed = int(params["seed"])
         self._num_inference_steps = int(params["steps"])
         self._strength = float(params["strength"])
+        sampler = str(params.get("sampler", "model"))
+        if sampler != self._sampler:
+            # Built on the model's scheduler config (its timestep spacing, betas, prediction type).
+            assert self.parts is not None
+            self.scheduler = self.parts.scheduler if sampler == "model" else samplers.make_scheduler(
+                self.parts.scheduler.config, sampler)
+            self._sampler = sampler
         if self.controlnets is None:
             self.controlnets = self._make_controlnets()
         self.controlnets.prepare(params)
@@ -330,9 +341,30 @@ class DiffusionEngine(Engine):
             return noise
         return cached[1]
 
-    def _step_generators(self, states: Sequence[StreamState]) -> list[torch.Generator]:
-        """Ancestral and LCM schedulers draw noise at each step: seeded per session and frame."""
-        return [torch.Generator(device=self.device).manual_seed(self._seed + 1) for _ in states]
+    def _step_kwargs(self, states: Sequence[StreamState], shape: tuple[int, ...]) -> dict[str, Any]:
+        """What ``scheduler.step`` takes to draw its noise: generators (:meth:`_step_generators`), or none
+        for a scheduler whose step takes none (DPM++ SDE seeds its own Brownian tree: with the seed)."""
+        scheduler = self.scheduler
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            return {"generator": self._step_generators(states, shape)}
+        if hasattr(scheduler, "noise_sampler_seed"):
+            scheduler.noise_sampler_seed = self._seed
+        return {}
+
+    def _step_generators(self, states: Sequence[StreamState], shape: tuple[int, ...]) -> list[torch.Generator]:
+        """For the samplers that draw noise at each step (Euler a, LCM): one generator per session, which
+        draws as diffusers' pipelines draw from theirs, seeded with the seed: after the entry noise (see
+        :meth:`_noise`, ``shape`` its shape), each step's noise in turn. Every frame draws alike (a
+        stream does not flicker with fresh noise), and a frame equals diffusers' image for that seed."""
+        key = (self._seed, shape)
+        if self._step_generator_state is None or self._step_generator_state[0] != key:
+            generator = torch.Generator(device="cpu").manual_seed(self._seed)
+            torch.randn(shape, generator=generator, dtype=torch.float32)  # the entry noise's draw
+            self._step_generator_state = (key, generator.get_state())
+        generators = [torch.Generator(device="cpu") for _ in states]
+        for generator in generators:
+            generator.set_state(self._step_generator_state[1])
+        return generators
 
     # --- the frame ------------------------------------------------------------------------------
 
@@ -369,7 +401,7 @@ class DiffusionEngine(Engine):
         if self._added_cond is not None:   # SDXL: pooled text embeds and time ids, rows as the embeddings
             added = {name: self._for_batch(value, batch) for name, value in self._added_cond.items()}
             unet_kwargs["added_cond_kwargs"] = added
-        generators = self._step_generators(states)
+        step_kwargs = self._step_kwargs(states, latent_shape)
         controls = self.controlnets.for_batch(states, self._guided) if self.controlnets is not None else None
         for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if self._guided else latents
@@ -380,7 +412,7 @@ class DiffusionEngine(Engine):
             if self._guided:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
 
         # 5. Latent plugins (feedback, feature banks), then decode.
         if self.latent_hook is not None:

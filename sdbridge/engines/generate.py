@@ -373,7 +373,8 @@ class Generation:
 
     def _scheduler(self, seeds: list[int]) -> Any:
         request = self.request
-        scheduler = samplers.make_scheduler(self.engine.scheduler.config, request.sampler_name, request.scheduler)
+        scheduler = samplers.make_scheduler(self.engine.parts.scheduler.config, request.sampler_name,
+                                           request.scheduler)
         if type(scheduler).__name__ == "DPMSolverSDEScheduler":
             scheduler.register_to_config(noise_sampler_seed=seeds[0])
             scheduler.noise_sampler_seed = seeds[0]

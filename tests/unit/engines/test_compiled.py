@@ -9,6 +9,7 @@ cores, so the Inductor test is marked slow (SDBRIDGE_SLOW=1); the benchmark runs
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import numpy as np
@@ -183,10 +184,13 @@ def test_stream_refills_when_the_schedule_changes(parts):
     ("DDIMScheduler", {"clip_sample": False}, True),   # as samplers.make_scheduler builds it
     ("DDIMScheduler", {"clip_sample": True}, False),   # x0 clipped: not linear, the probe sees it
     ("DPMSolverMultistepScheduler", {}, False),        # keeps history
-    ("LCMScheduler", {}, False),                       # draws noise
+    ("LCMScheduler", {}, True),                        # draws noise: the same term at every frame
+    ("LCMScheduler", {"clip_sample": True}, False),    # x0 clipped
+    ("EulerAncestralDiscreteScheduler", {}, True),     # likewise
+    ("DPMSolverSDEScheduler", {}, False),              # a Brownian tree of noise
 ])
 def test_schedulers_linear_or_exact_fallback(parts, scheduler_name, options, linear):
-    """Linear schedulers run the compiled path; the others the eager exact path. Both match eager."""
+    """Affine schedulers run the compiled path; the others the eager exact path. Both match eager."""
     import diffusers
 
     scheduler = getattr(diffusers, scheduler_name).from_config(parts.scheduler.config, **options)
@@ -201,6 +205,57 @@ def test_schedulers_linear_or_exact_fallback(parts, scheduler_name, options, lin
     frame = make_frames(1)[0]
     error = relative_error(ours.step_float(frame, [StreamState("s")]),
                            reference.step_float(frame, [StreamState("s")]))
+    assert error <= TOLERANCE, f"{scheduler_name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("sampler", ["LCM", "Euler a"])
+@pytest.mark.parametrize("stream_batch, steps, strength, guidance", [
+    (False, 4, 0.5, 1.0), (False, 4, 1.0, 2.0), (True, 4, 0.75, 1.0), (True, 6, 0.5, 2.0)])
+def test_noise_drawing_samplers_compiled_match_eager(parts, sampler, stream_batch, steps, strength, guidance):
+    """LCM (the real-time SD 1.5 sampler, with an LCM-LoRA) and Euler a draw noise at each step, the same
+    at every frame: their step is affine with a fixed term, so they run the compiled (and stream) path.
+    Each frame of a stream equals the eager engine's, N - 1 calls late in stream batch; with another seed
+    the drawn term differs, and the compiled engine follows it."""
+    values = dict(sampler=sampler, steps=steps, strength=strength, guidance=guidance)
+    ours = engine(parts, stream_batch, **values)
+    schedule = ours._schedule
+    assert schedule is not None and schedule.noisy and ours._cfg != "residual"
+    n = schedule.steps
+    assert schedule.step_noise is not None and schedule.step_noise.shape[0] == n
+    assert bool(schedule.step_noise[:-1].abs().sum() > 0) and (sampler != "LCM" or not schedule.step_noise[-1].any())
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(**values))
+    frames = make_frames(n + 1)
+    expected = [reference.step_float(frame, [StreamState("s")]) for frame in frames]
+    state = StreamState("s")
+    for k, frame in enumerate(frames):
+        source = max(0, k - n + 1) if stream_batch and n > 1 else k
+        error = relative_error(ours.step_float(frame, [state]), expected[source])
+        assert error <= TOLERANCE, f"{sampler}, call {k}: relative error {error:.2e}"
+    # Another seed: another drawn term, followed.
+    ours.prepare(params(seed=11, **values))
+    reference.prepare(params(seed=11, **values))
+    assert not torch.equal(ours._schedule.step_noise, schedule.step_noise)
+    error = relative_error(ours.step_float(frames[0], [StreamState("t")]),
+                           reference.step_float(frames[0], [StreamState("t")]))
+    assert error <= TOLERANCE, f"{sampler}, seed 11: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("scheduler_name", ["LCMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_noise_drawing_samplers_compiled_graph_matches_diffusers(vae_parts, scheduler_name):
+    """Through torch.compile (aot_eager), against StableDiffusionImg2ImgPipeline with that scheduler (as an
+    LCM-LoRA runs in diffusers: guidance 1, 4 steps): the step noise is drawn as the pipeline draws it
+    from its generator, after the entry noise, so the frame is the pipeline's image for that seed."""
+    import diffusers
+
+    scheduler = getattr(diffusers, scheduler_name).from_config(vae_parts.scheduler.config)
+    parts = dataclasses.replace(vae_parts, scheduler=scheduler)
+    ours = engine(parts, stream_batch=False, backend="aot_eager", steps=4, strength=0.75, guidance=1.0)
+    assert ours.compile_active and ours._schedule.noisy
+    frame = make_frames(1)[0]
+    image = ours.step_float(frame, [StreamState("s")])
+    theirs = diffusers_img2img(parts, frame, 4, 0.75, 1.0)
+    error = relative_error(image, theirs)
     assert error <= TOLERANCE, f"{scheduler_name}: relative error {error:.2e}"
 
 

@@ -67,3 +67,11 @@ def test_every_listed_name_resolves() -> None:
     for name in samplers.names():
         samplers.make_scheduler(BASE, name)
     assert [s["name"] for s in samplers.a1111_schedulers()][:3] == ["automatic", "uniform", "karras"]
+
+
+def test_the_stream_parameter_lists_every_sampler() -> None:
+    """The live ``sampler`` parameter's choices (params.py keeps them without importing engines) are these."""
+    from sdbridge.engines.samplers import SAMPLERS
+    from sdbridge.params import STREAM_SAMPLERS
+
+    assert STREAM_SAMPLERS == tuple(sampler.name for sampler in SAMPLERS)
