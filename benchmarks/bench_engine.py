@@ -7,7 +7,8 @@ One run builds one set of random weights in code (no network, no weights on disk
 architecture (the SD 2.1 UNet, VAE and OpenCLIP text encoder from ``sdbridge/data/configs/sd21``,
 plus a default-size TAESD), ``--arch sdxl`` SDXL-turbo's (the SDXL UNet, CLIP-L + bigG, from
 ``sdbridge/data/configs/sdxl``; its plain row is ``StableDiffusionXLImg2ImgPipeline``; run it at ``--size 512``
-and ``--size 1024``), ``--arch sd15`` SD 1.5's, or with ``--tiny`` the test suite's tiny model of that family. The compute is the
+and ``--size 1024``), ``--arch sd15`` SD 1.5's (``--sampler LCM``: with an LCM-LoRA's sampler, every row),
+or with ``--tiny`` the test suite's tiny model of that family. The compute is the
 real models'; only the weights are random. Then, on the same weights and the same input frames,
 one after another:
 
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8", action="store_true",
                         help="add compiled-engine rows with the UNet's Linear layers in fp8 (torchao: pip install "
                              "'sdbridge[fp8]'; CUDA 8.9+, on a CPU the maths only)")
+    parser.add_argument("--sampler", default=None,
+                        help="an A1111 sampler name for every row, diffusers' included (default: the architecture's "
+                             "scheduler); --arch sd15 --sampler LCM is SD 1.5 with an LCM-LoRA's sampler")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -229,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         section.skip_diffusers = args.skip_diffusers
         section.fp8 = args.fp8
         section.arch = args.arch
+        section.sampler = args.sampler
         table, report = run_section(section)
         print(table, flush=True)
         tables.append(table)
@@ -262,6 +267,7 @@ class Section:
     rounds: int = 1
     fp8: bool = False
     arch: str = "sd21"
+    sampler: str | None = None
 
 
 def run_section(section: Section) -> tuple[str, dict[str, Any]]:
@@ -277,6 +283,10 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
 
     started = time.perf_counter()
     parts = build_parts(section.tiny, device, dtype, section.arch)
+    if section.sampler:  # diffusers' pipeline and our engines (the model's own scheduler) alike
+        from sdbridge.engines.samplers import make_scheduler
+
+        parts.scheduler = make_scheduler(parts.scheduler.config, section.sampler)
     build_s = time.perf_counter() - started
     rng = np.random.default_rng(0)
     inputs = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
@@ -445,7 +455,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     interleaved = f", interleaved in {section.rounds} rounds" if section.rounds > 1 else ""
     header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
               f"torch {torch.__version__}\n"
-              f"{ARCH_LABELS[section.arch][section.tiny]}, "
+              f"{ARCH_LABELS[section.arch][section.tiny]}, {type(parts.scheduler).__name__}, "
               f"{size}×{size} img2img at strength 1, {str(dtype).replace('torch.', '')}, {timed} timed calls per row "
               f"after {warmup}{interleaved}; built in {build_s:.1f} s; parity tolerance {tolerance:g} "
               f"against diffusers + TAESD\n")
@@ -465,6 +475,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     table = "\n".join(lines)
     report = {"device": device_name, "date": str(datetime.date.today()), "commit": commit(),
               "torch": torch.__version__, "tiny": section.tiny, "size": size, "dtype": str(dtype),
+              "arch": section.arch, "scheduler": type(parts.scheduler).__name__,
               "compile_backend": backend, "tolerance": tolerance, "build_s": build_s, "rows": results}
     if fp8_report is not None:
         report["fp8"] = fp8_report
