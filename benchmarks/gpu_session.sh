@@ -48,7 +48,7 @@ left() { echo $((DEADLINE_S - $(elapsed))); }
 echo "=== gpu_session.sh: $(date -u +%FT%TZ), device $DEVICE, deadline ${DEADLINE_S} s, commit" \
      "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
 
-STATUS=()  # one "name status wall_s budget_s json" line per step, for results.json
+STATUS=()  # one "name status wall_s cap_s limit_s json" line per step, for results.json
 merge_results() {
   printf '%s\n' "${STATUS[@]}" > "$WORK/steps.txt"
   "$PYTHON" - "$WORK" "$OUT_DIR/results.json" "$DEVICE" "$DEADLINE_S" <<'PY'
@@ -60,8 +60,8 @@ steps = {}
 for line in (work / "steps.txt").read_text(encoding="utf-8").splitlines():
     if not line.strip():
         continue
-    name, status, wall_s, budget_s, json_name = line.split()
-    step = {"status": status, "wall_s": int(wall_s), "budget_s": int(budget_s)}
+    name, status, wall_s, cap_s, limit_s, json_name = line.split()
+    step = {"status": status, "wall_s": int(wall_s), "cap_s": int(cap_s), "limit_s": int(limit_s)}
     path = work / json_name
     if json_name != "-" and path.is_file():
         try:
@@ -76,12 +76,12 @@ target.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 PY
 }
 
-# step NAME MIN_S BUDGET_S JSON COMMAND...: COMMAND under `timeout` for BUDGET_S (less if the
-# deadline comes first), skipped when fewer than MIN_S seconds are left. JSON: the file in $WORK
+# step NAME MIN_S CAP_S JSON COMMAND...: COMMAND under `timeout` for CAP_S (less if the deadline
+# comes first: limit_s in results.json), skipped when fewer than MIN_S seconds are left. JSON: the file in $WORK
 # that the command writes, or -. `timeout` signals the command's whole process group, so the
 # daemons a benchmark started go with it.
 step() {
-  local name=$1 min_s=$2 budget_s=$3 json=$4
+  local name=$1 min_s=$2 cap_s=$3 json=$4
   shift 4
   if [ -n "$ONLY_STEPS" ] && [[ " $ONLY_STEPS " != *" $name "* ]]; then
     return 0
@@ -91,12 +91,12 @@ step() {
   echo
   if [ "$remaining" -lt "$min_s" ]; then
     echo "=== SKIP $name: ${remaining} s left before the deadline, it needs ${min_s} s at least"
-    STATUS+=("$name skipped 0 $budget_s -")
+    STATUS+=("$name skipped 0 $cap_s 0 -")
     merge_results
     return 0
   fi
-  limit=$((budget_s < remaining ? budget_s : remaining))
-  echo "=== STEP $name at $(elapsed) s: timeout ${limit} s (budget ${budget_s} s, ${remaining} s left): $*"
+  limit=$((cap_s < remaining ? cap_s : remaining))
+  echo "=== STEP $name at $(elapsed) s: timeout ${limit} s (cap ${cap_s} s, ${remaining} s left): $*"
   started=$(date +%s)
   if declare -F "$1" >/dev/null; then  # a function below: `timeout` runs programs, so through bash
     timeout --kill-after=15 "$limit" bash -c '"$@"' "$1" "$@"
@@ -115,7 +115,7 @@ step() {
   if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
     echo "    GPU memory in use after it: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>&1)"
   fi
-  STATUS+=("$name $status $wall $budget_s $json")
+  STATUS+=("$name $status $wall $cap_s $limit $json")
   merge_results
 }
 
@@ -267,7 +267,7 @@ else  # the dry run: the same steps on the CPU, tiny models and few calls, to pr
     --windows 4 --warmup 1 --json "$WORK/animatediff.json"
   step engine_sdxl 30 300 engine_sdxl.json $P benchmarks/bench_engine.py --device cpu --tiny --arch sdxl \
     --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_sdxl.json"
-  step switch 30 400 switch.json $P benchmarks/bench_switch.py --device cpu --steady 2 --after 2 --timeout 120 \
+  step switch 30 400 switch.json $P benchmarks/bench_switch.py --device cpu --steady 2 --after 2 --fps 10 --timeout 120 \
     --json "$WORK/switch.json"
 fi
 echo
