@@ -14,8 +14,17 @@
 # wheels must bring it as they must there.
 set -euo pipefail
 VENV=${1:-/tmp/devsim}
-PYTHON312=${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}
-"$PYTHON312" -m venv "$VENV"
+PYTHON312=${PYTHON312:-}
+if [ -z "$PYTHON312" ]; then  # the first that runs (pyenv's shim only says where 3.12 is)
+  for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      PYTHON312=$candidate
+      break
+    fi
+  done
+fi
+[ -n "$PYTHON312" ] || { echo "no Python 3.12 here: set PYTHON312" >&2; exit 1; }
+"$PYTHON312" -m venv --clear "$VENV"
 "$VENV/bin/python" -m pip install -q torch==2.11.0
 "$VENV/bin/python" -m pip install -q transformers==5.17.0 huggingface_hub==1.33.0 numpy==2.5.2 tokenizers==0.23.2 \
   accelerate==1.15.0 safetensors==0.8.0 onnx==1.23.1 onnxruntime==1.30.0 opencv-python-headless pillow scipy \
