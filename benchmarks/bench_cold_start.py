@@ -53,8 +53,12 @@ async def first_engine_frame(port: int, jpeg: bytes, launched: float, process: s
     ready = None
     async with ws:
         while time.perf_counter() < deadline:
-            if ready is None and await asyncio.to_thread(_engine_status, port) == "ready":
-                ready = time.perf_counter() - launched
+            if ready is None:
+                status = await asyncio.to_thread(_engine_status, port)
+                if status == "ready":
+                    ready = time.perf_counter() - launched
+                elif status == "failed":  # the load failed (the daemon's log says why): no frame will come
+                    raise RuntimeError("the daemon's engine failed to load")
             sent = time.perf_counter()
             await ws.send(jpeg)
             while True:

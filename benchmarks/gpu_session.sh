@@ -19,7 +19,8 @@
 #                                (tiny models and few calls; every step's imports and start)
 #   SDBRIDGE_SESSION_OUT         where the files go when OUT is unset (default /tmp/gpu_session_out)
 #   SDBRIDGE_SESSION_WHEELS      the wheel folder (default .whl); PYTHON: the interpreter (python3)
-#   SDBRIDGE_SESSION_STEPS       only these steps, space-separated (default: all, in order)
+#   SDBRIDGE_SESSION_STEPS       these steps in this order, space-separated (default: all, the order
+#                                below); model comes in before daemon or cold_start when left out
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,11 +29,14 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-ONLY_STEPS=${SDBRIDGE_SESSION_STEPS:-}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine engine_fp8 model daemon cold_start controlnet animatediff engine_sdxl switch}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
 WORK=/tmp/gpu_session_work  # the benchmarks' JSON before results.json takes it in
+if [[ " $STEPS " != *" model "* ]]; then  # daemon and cold_start run on the random model
+  STEPS=$(echo " $STEPS " | sed -E 's/ (daemon|cold_start) / model \1 /')
+fi
 mkdir -p "$OUT_DIR" "$WORK"
 rm -f "$WORK"/*.json "$WORK/steps.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -83,9 +87,6 @@ PY
 step() {
   local name=$1 min_s=$2 cap_s=$3 json=$4
   shift 4
-  if [ -n "$ONLY_STEPS" ] && [[ " $ONLY_STEPS " != *" $name "* ]]; then
-    return 0
-  fi
   local remaining limit rc started wall status
   remaining=$(left)
   echo
@@ -224,52 +225,111 @@ fi
 setup_site || echo "SET-UP FAILED: the wheels did not install; the steps run on what the image has"
 versions || echo "VERSIONS FAILED: see the traceback above; the steps run and fail alone"
 echo "=== set-up done at $(elapsed) s"
+merge_results  # results.json from the start: the versions, then each step as it ends
 
 # --- the steps, in priority order ---------------------------------------------------------------
-# name, at least (s), cap (s), JSON, command. The caps are guesses for an H200 (sd-turbo's
-# architecture at 512²: Inductor's first compile of each graph dominates), ceilings rather than
-# reservations: the headline's is generous, since a benchmark cut off writes no table, only the
-# lines it printed before.
+# name, at least (s), cap (s), JSON, command. Guesses for an H200, where Inductor's first compile of
+# each graph dominates (sd-turbo's UNet: about a minute or more a graph). A benchmark cut off writes
+# no table, only the lines it printed before, so "at least" is about what a step needs to finish: one
+# that cannot is skipped and leaves its time to the smaller steps after it. The caps are ceilings,
+# not reservations; the headline's is the whole call. engine_fp8 re-runs every row but the plain
+# diffusers ones (bench_engine.py has no option to run the fp8 rows alone), hence its minimum.
 P=$PYTHON
 DAEMON_JSON=()  # bench_daemon.py writes JSON only in versions that have --json
 if "$P" benchmarks/bench_daemon.py --help 2>/dev/null | grep -q -- '--json'; then
   DAEMON_JSON=(--json "$WORK/daemon.json")
 fi
-if [ "$DEVICE" = cuda ]; then
-  step engine 120 420 engine.json $P benchmarks/bench_engine.py --device cuda --calls 50 --warmup 5 \
-    --json "$WORK/engine.json"
-  step engine_fp8 100 240 engine_fp8.json fp8 --device cuda --fp8 --skip-diffusers --calls 30 --warmup 5 \
-    --json "$WORK/engine_fp8.json"
-  step model 40 120 - model
-  step daemon 120 260 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cuda --seconds 5 \
-    --warmup 1 "${DAEMON_JSON[@]}"
-  step cold_start 90 260 cold_start.json cold_start --device cuda --model "$MODEL" --runs 2 --timeout 200 \
-    --json "$WORK/cold_start.json"
-  step controlnet 45 120 - $P benchmarks/bench_controlnet.py --device cuda --dtype fp16 --frames 10 --rounds 3
-  step animatediff 60 150 animatediff.json $P benchmarks/bench_animatediff.py --device cuda --frames 20 \
-    --json "$WORK/animatediff.json"
-  step engine_sdxl 150 300 engine_sdxl.json $P benchmarks/bench_engine.py --device cuda --arch sdxl --size 1024 \
-    --calls 30 --warmup 5 --json "$WORK/engine_sdxl.json"
-  step switch 200 400 switch.json $P benchmarks/bench_switch.py --device cuda --steady 5 --after 5 --timeout 120 \
-    --json "$WORK/switch.json"
-else  # the dry run: the same steps on the CPU, tiny models and few calls, to prove imports and starts
-  step engine 30 300 engine.json $P benchmarks/bench_engine.py --device cpu --tiny --calls 3 --warmup 1 \
-    --rounds 1 --json "$WORK/engine.json"
-  step engine_fp8 30 300 engine_fp8.json fp8 --device cpu --tiny --fp8 --skip-diffusers --calls 3 --warmup 1 \
-    --rounds 1 --json "$WORK/engine_fp8.json"
-  step model 30 400 - model
-  step daemon 30 400 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cpu --size 64 \
-    --seconds 2 --warmup 1 "${DAEMON_JSON[@]}"
-  step cold_start 30 300 cold_start.json cold_start --device cpu --model "$MODEL" --size 64 --runs 1 \
-    --timeout 250 --json "$WORK/cold_start.json"
-  step controlnet 30 200 - $P benchmarks/bench_controlnet.py --device cpu --tiny --frames 2 --rounds 1
-  step animatediff 30 200 animatediff.json $P benchmarks/bench_animatediff.py --device cpu --tiny --frames 2 \
-    --windows 4 --warmup 1 --json "$WORK/animatediff.json"
-  step engine_sdxl 30 300 engine_sdxl.json $P benchmarks/bench_engine.py --device cpu --tiny --arch sdxl \
-    --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_sdxl.json"
-  step switch 30 400 switch.json $P benchmarks/bench_switch.py --device cpu --steady 2 --after 2 --fps 10 --timeout 120 \
-    --json "$WORK/switch.json"
+# One function a step: the device's command, then the dry run's (the same steps on the CPU, tiny
+# models and few calls, to prove imports and starts).
+step_engine() {
+  if [ "$DEVICE" = cuda ]; then
+    step engine 120 540 engine.json $P benchmarks/bench_engine.py --device cuda --calls 50 --warmup 5 \
+      --json "$WORK/engine.json"
+  else
+    step engine 30 300 engine.json $P benchmarks/bench_engine.py --device cpu --tiny --calls 3 --warmup 1 \
+      --rounds 1 --json "$WORK/engine.json"
+  fi
+}
+step_engine_fp8() {
+  if [ "$DEVICE" = cuda ]; then
+    step engine_fp8 250 330 engine_fp8.json fp8 --device cuda --fp8 --skip-diffusers --calls 30 --warmup 5 \
+      --json "$WORK/engine_fp8.json"
+  else
+    step engine_fp8 30 300 engine_fp8.json fp8 --device cpu --tiny --fp8 --skip-diffusers --calls 3 --warmup 1 \
+      --rounds 1 --json "$WORK/engine_fp8.json"
+  fi
+}
+step_model() {
+  if [ "$DEVICE" = cuda ]; then
+    step model 40 120 - model
+  else
+    step model 30 400 - model
+  fi
+}
+step_daemon() {
+  if [ "$DEVICE" = cuda ]; then
+    step daemon 150 260 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cuda --seconds 5 \
+      --warmup 1 "${DAEMON_JSON[@]}"
+  else
+    step daemon 30 400 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cpu --size 64 \
+      --seconds 2 --warmup 1 "${DAEMON_JSON[@]}"
+  fi
+}
+step_cold_start() {
+  if [ "$DEVICE" = cuda ]; then
+    step cold_start 150 260 cold_start.json cold_start --device cuda --model "$MODEL" --runs 2 --timeout 200 \
+      --json "$WORK/cold_start.json"
+  else
+    step cold_start 30 300 cold_start.json cold_start --device cpu --model "$MODEL" --size 64 --runs 1 \
+      --timeout 250 --json "$WORK/cold_start.json"
+  fi
+}
+step_controlnet() {
+  if [ "$DEVICE" = cuda ]; then
+    step controlnet 45 120 - $P benchmarks/bench_controlnet.py --device cuda --dtype fp16 --frames 10 --rounds 3
+  else
+    step controlnet 30 200 - $P benchmarks/bench_controlnet.py --device cpu --tiny --frames 2 --rounds 1
+  fi
+}
+step_animatediff() {
+  if [ "$DEVICE" = cuda ]; then
+    step animatediff 90 150 animatediff.json $P benchmarks/bench_animatediff.py --device cuda --frames 20 \
+      --json "$WORK/animatediff.json"
+  else
+    step animatediff 30 200 animatediff.json $P benchmarks/bench_animatediff.py --device cpu --tiny --frames 2 \
+      --windows 4 --warmup 1 --json "$WORK/animatediff.json"
+  fi
+}
+step_engine_sdxl() {
+  if [ "$DEVICE" = cuda ]; then
+    step engine_sdxl 300 400 engine_sdxl.json $P benchmarks/bench_engine.py --device cuda --arch sdxl --size 1024 \
+      --calls 30 --warmup 5 --json "$WORK/engine_sdxl.json"
+  else
+    step engine_sdxl 30 300 engine_sdxl.json $P benchmarks/bench_engine.py --device cpu --tiny --arch sdxl \
+      --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_sdxl.json"
+  fi
+}
+step_switch() {
+  if [ "$DEVICE" = cuda ]; then
+    step switch 400 540 switch.json $P benchmarks/bench_switch.py --device cuda --steady 5 --after 5 --timeout 120 \
+      --json "$WORK/switch.json"
+  else
+    step switch 30 400 switch.json $P benchmarks/bench_switch.py --device cpu --steady 2 --after 2 --fps 10 --timeout 120 \
+      --json "$WORK/switch.json"
+  fi
+}
+if [ "$DEVICE" = cuda ] && ! "$P" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "=== NO CUDA: this torch sees no GPU (above); every step would fail, so none runs"
+  STEPS=""
 fi
+echo "=== steps: $STEPS"
+for name in $STEPS; do
+  if declare -F "step_$name" >/dev/null; then
+    "step_$name"
+  else
+    echo "=== SKIP $name: no such step (known: $(declare -F | sed -n 's/^declare -f step_//p' | tr '\n' ' '))"
+  fi
+done
 echo
 echo "=== done at $(elapsed) s; in $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
 printf '    %s\n' "${STATUS[@]}"
