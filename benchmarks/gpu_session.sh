@@ -156,8 +156,9 @@ import importlib.metadata as metadata, json, platform, sys
 import torch
 
 names = ["torch", "triton", "diffusers", "transformers", "huggingface-hub", "tokenizers", "safetensors",
-         "accelerate", "numpy", "torchao", "fastapi", "uvicorn", "websockets", "opencv-python-headless", "pillow",
-         "open-clip-torch", "sdbridge"]
+         "accelerate", "numpy", "torchao", "fastapi", "starlette", "pydantic", "uvicorn", "websockets", "wsproto",
+         "h11", "anyio", "click", "regex", "typing-extensions", "opencv-python-headless", "pillow", "scipy",
+         "open-clip-torch", "sdbridge"]  # the image's unread versions among them show here
 record = {"python": sys.version.split()[0], "platform": platform.platform()}
 for name in names:
     try:
