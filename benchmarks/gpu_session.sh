@@ -7,8 +7,8 @@
 # It installs .whl/*.whl into /tmp/site (no network there), runs the checkout as it is
 # (PYTHONPATH=/tmp/site:$PWD, its entry points registered from pyproject.toml), writes the
 # full-size random model once, then runs the benchmarks in priority order, each under `timeout`
-# with its own budget, a step skipped when fewer seconds are left before the deadline than it needs
-# to show anything; a failed step never stops the rest. What comes back, in $OUT: session.log
+# with its own cap, a step skipped when fewer seconds are left before the deadline than it needs to
+# finish; a failed step never stops the rest. What comes back, in $OUT: session.log
 # (everything, with each step's header, wall time and exit status) and results.json (each step's
 # status and its benchmark's JSON, rewritten after every step, so a call cut short keeps them).
 #
@@ -44,13 +44,17 @@ export PYTHONPATH=$SITE:$ROOT
 # One Inductor cache for every step (bench_cold_start.py's step alone runs without it, below).
 export TORCHINDUCTOR_CACHE_DIR=/tmp/sdbridge-inductor
 export SDBRIDGE_CACHE_DIR=/tmp/sdbridge-cache
-exec > >(tee -a "$OUT_DIR/session.log") 2>&1
+exec > >(tee "$OUT_DIR/session.log") 2>&1
 TEE_PID=$!
 
 elapsed() { echo $(($(date +%s) - START_S)); }
 left() { echo $((DEADLINE_S - $(elapsed))); }
-echo "=== gpu_session.sh: $(date -u +%FT%TZ), device $DEVICE, deadline ${DEADLINE_S} s, commit" \
-     "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
+if commit=$(git rev-parse --short HEAD 2>/dev/null); then  # the device's copy may come without .git
+  git diff --quiet HEAD 2>/dev/null || commit+=" (+ uncommitted changes)"
+else
+  commit=unknown
+fi
+echo "=== gpu_session.sh: $(date -u +%FT%TZ), device $DEVICE, deadline ${DEADLINE_S} s, commit $commit"
 
 STATUS=()  # one "name status wall_s cap_s limit_s json" line per step, for results.json
 merge_results() {
