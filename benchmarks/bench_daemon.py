@@ -165,7 +165,9 @@ def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | No
         wait_listening(port, process)
         if model:  # the engine loads (and the compiled one compiles) before the clock starts
             deadline = time.monotonic() + 900
-            while _engine_status(port) != "ready" and time.monotonic() < deadline:
+            while (status := _engine_status(port)) != "ready" and time.monotonic() < deadline:
+                if status == "failed":  # told at once, not after the whole wait
+                    raise RuntimeError(f"the {kind} engine could not load {model} (the daemon's log says why)")
                 time.sleep(0.5)
         time.sleep(1.0)
 

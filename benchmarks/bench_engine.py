@@ -103,6 +103,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def controlnet_slot() -> dict[str, Any]:
+    """Slot 1 serving the benchmark's random ControlNet."""
+    return {"controlnet_1_model": "bench", "controlnet_1_scale": 0.8}
+
+
 def engine_params(size: int, steps: int, strength: float) -> dict[str, Any]:
     from sdbridge.params import Schema
 
@@ -199,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8", action="store_true",
                         help="add compiled-engine rows with the UNet's Linear layers in fp8 (torchao: pip install "
                              "'sdbridge[fp8]'; CUDA 8.9+, on a CPU the maths only)")
+    parser.add_argument("--fp8-only", action="store_true",
+                        help="the fp8 rows (and plain diffusers') without the eager and fp16 compiled rows: --fp8 "
+                             "after a run that took those")
     parser.add_argument("--sampler", default=None,
                         help="an A1111 sampler name for every row, diffusers' included (default: the architecture's "
                              "scheduler); --arch sd15 --sampler LCM is SD 1.5 with an LCM-LoRA's sampler")
@@ -231,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         section.rounds = args.rounds or (1 if device.type == "cuda" else 5)
         section.compile_mode = args.compile_mode
         section.skip_diffusers = args.skip_diffusers
-        section.fp8 = args.fp8
+        section.fp8 = args.fp8 or args.fp8_only
+        section.fp8_only = args.fp8_only
         section.arch = args.arch
         section.sampler = args.sampler
         table, report = run_section(section)
@@ -266,6 +275,7 @@ class Section:
     skip_diffusers: bool = False
     rounds: int = 1
     fp8: bool = False
+    fp8_only: bool = False
     arch: str = "sd21"
     sampler: str | None = None
 
@@ -279,7 +289,6 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
 
     from sdbridge.engines.base import StreamState
     from sdbridge.engines.compiled import CompiledEngine, configure_compile_cache
-    from sdbridge.engines.diffusion import DiffusionEngine
 
     started = time.perf_counter()
     parts = build_parts(section.tiny, device, dtype, section.arch)
@@ -351,13 +360,12 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     from sdbridge.engines.tiny import random_controlnet
 
     controlnet = random_controlnet(parts.unet, seed=1).to(device, dtype)
-    controlnet_slot = {"controlnet_1_model": "bench", "controlnet_1_scale": 0.8}
 
     def with_controlnet(engine: Any, steps: int) -> Any:
         """The engine with slot 1 serving ``controlnet``, handed over as a finished load would be."""
         engine.prepare(engine_params(size, steps, 1.0))  # makes the slots
         engine.controlnets.models["bench"] = controlnet
-        engine.prepare({**engine_params(size, steps, 1.0), **controlnet_slot})
+        engine.prepare({**engine_params(size, steps, 1.0), **controlnet_slot()})
         return engine
 
     def compiled_engine(steps: int, stream_batch: bool = True, source: Any = parts) -> CompiledEngine:
@@ -402,34 +410,9 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
 
     for row in rows:
         measure(row)
-    eager = DiffusionEngine.from_parts(parts)
-    eager.prepare(engine_params(size, 1, 1.0))
-    measure(Row("eager engine (TAESD)", engine_run(eager, 1), 1, 1), eager)
-    eager4 = DiffusionEngine.from_parts(parts)
-    eager4.prepare(engine_params(size, 4, 1.0))
-    measure(Row("eager engine (TAESD)", engine_run(eager4, 1), 1, 4), eager4)
-    eager_controlnet = with_controlnet(DiffusionEngine.from_parts(parts), 4)
-    controlnet_state = StreamState("reference")
-    eager_controlnet.controlnets.condition(controlnet_state.data, inputs[0])
-    with torch.inference_mode():
-        controlnet_reference = eager_controlnet.step_float(first.to(device), [controlnet_state])
-    measure(Row("eager engine (TAESD) + ControlNet", engine_run(eager_controlnet, 1, condition=True), 1, 4),
-            eager_controlnet, reference=controlnet_reference)
-    # Built after the plain rows: the compiled engine turns the shared UNet channels_last on CUDA.
     label = f"compiled engine ({backend or 'not compiled'})"
-    for name, steps, sessions, stream in ((f"{label}, batch 1", 1, 1, True),
-                                          (f"{label}, 4 sessions", 1, 4, True),
-                                          (f"{label}, stream batch", 4, 1, True),
-                                          (f"{label}, 4 steps in sequence", 4, 1, False)):
-        engine = compiled_engine(steps, stream)
-        compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) if backend else None
-        measure(Row(name, engine_run(engine, sessions), sessions, steps), engine, compile_s)
-        del engine  # still held by its row while rows are interleaved
-    engine = with_controlnet(compiled_engine(4), 4)
-    compile_s = engine.warmup({**engine_params(size, 4, 1.0), **controlnet_slot}) if backend else None
-    measure(Row(f"{label}, stream batch + ControlNet", engine_run(engine, 1, condition=True), 1, 4), engine,
-            compile_s, reference=controlnet_reference)
-    del engine
+    if not section.fp8_only:
+        fp16_rows(parts, section, engine_run, measure, with_controlnet, compiled_engine, label, inputs, first)
     fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size) if section.fp8 else None
     if pending:
         print(f"  timing {len(pending)} rows interleaved, {section.rounds} rounds ...", file=sys.stderr, flush=True)
@@ -482,6 +465,43 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     return table, report
 
 
+def fp16_rows(parts: Any, section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],
+              with_controlnet: Callable[..., Any], compiled_engine: Callable[..., Any], label: str,
+              inputs: list[np.ndarray], first: torch.Tensor) -> None:
+    """Our engines in the model's dtype: eager, compiled (batch 1, 4 sessions, stream batch, sequence),
+    each with a ControlNet slot too."""
+    from sdbridge.engines.base import StreamState
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    device, size, backend = section.device, section.size, section.backend
+    eager = DiffusionEngine.from_parts(parts)
+    eager.prepare(engine_params(size, 1, 1.0))
+    measure(Row("eager engine (TAESD)", engine_run(eager, 1), 1, 1), eager)
+    eager4 = DiffusionEngine.from_parts(parts)
+    eager4.prepare(engine_params(size, 4, 1.0))
+    measure(Row("eager engine (TAESD)", engine_run(eager4, 1), 1, 4), eager4)
+    eager_controlnet = with_controlnet(DiffusionEngine.from_parts(parts), 4)
+    controlnet_state = StreamState("reference")
+    eager_controlnet.controlnets.condition(controlnet_state.data, inputs[0])
+    with torch.inference_mode():
+        controlnet_reference = eager_controlnet.step_float(first.to(device), [controlnet_state])
+    measure(Row("eager engine (TAESD) + ControlNet", engine_run(eager_controlnet, 1, condition=True), 1, 4),
+            eager_controlnet, reference=controlnet_reference)
+    # Built after the plain rows: the compiled engine turns the shared UNet channels_last on CUDA.
+    for name, steps, sessions, stream in ((f"{label}, batch 1", 1, 1, True),
+                                          (f"{label}, 4 sessions", 1, 4, True),
+                                          (f"{label}, stream batch", 4, 1, True),
+                                          (f"{label}, 4 steps in sequence", 4, 1, False)):
+        engine = compiled_engine(steps, stream)
+        compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) if backend else None
+        measure(Row(name, engine_run(engine, sessions), sessions, steps), engine, compile_s)
+        del engine  # still held by its row while rows are interleaved
+    engine = with_controlnet(compiled_engine(4), 4)
+    compile_s = engine.warmup({**engine_params(size, 4, 1.0), **controlnet_slot()}) if backend else None
+    measure(Row(f"{label}, stream batch + ControlNet", engine_run(engine, 1, condition=True), 1, 4), engine,
+            compile_s, reference=controlnet_reference)
+
+
 def fp8_rows(parts: Any, compiled_engine: Callable[..., Any], engine_run: Callable[..., Any],
              measure: Callable[..., None], label: str, size: int) -> dict[str, Any]:
     """The compiled engine with an fp8 UNet (a copy: quantising changes weights in place), batch 1 and
@@ -501,10 +521,13 @@ def fp8_rows(parts: Any, compiled_engine: Callable[..., Any], engine_run: Callab
         report = quantise_with_parity(fp8_parts.unet, encoder_hidden_states=cond)
     print(f"  {report}", file=sys.stderr, flush=True)
     if report.kept:
-        for name, steps in ((f"{label}, fp8, batch 1", 1), (f"{label}, fp8, stream batch", 4)):
+        for name, steps, sessions in ((f"{label}, fp8, batch 1", 1, 1), (f"{label}, fp8, 4 sessions", 1, 4),
+                                      (f"{label}, fp8, stream batch", 4, 1)):
             engine = compiled_engine(steps, source=fp8_parts)
-            compile_s = engine.warmup(engine_params(size, steps, 1.0)) if engine.compile_active else None
-            measure(Row(name, engine_run(engine, 1), 1, steps), engine, compile_s, row_tolerance=FP8_TOLERANCE)
+            compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) \
+                if engine.compile_active else None
+            measure(Row(name, engine_run(engine, sessions), sessions, steps), engine, compile_s,
+                    row_tolerance=FP8_TOLERANCE)
             del engine
     return report.to_json()
 

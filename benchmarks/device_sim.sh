@@ -28,7 +28,7 @@ fi
 "$VENV/bin/python" -m pip install -q torch==2.11.0
 "$VENV/bin/python" -m pip install -q transformers==5.17.0 huggingface_hub==1.33.0 numpy==2.5.2 tokenizers==0.23.2 \
   accelerate==1.15.0 safetensors==0.8.0 onnx==1.23.1 onnxruntime==1.30.0 opencv-python-headless pillow scipy \
-  requests tqdm pyyaml packaging filelock click anyio h11 typer annotated-doc zipp psutil httpx fsspec jinja2 hf-xet
+  requests tqdm pyyaml packaging filelock click anyio h11 typer annotated-doc zipp psutil httpx fsspec jinja2 hf-xet pytest pytest-timeout hypothesis
 "$VENV/bin/python" -m pip uninstall -q -y pydantic pydantic-core annotated-types typing-inspection
 # Anything here that the image lacks would hide a missing wheel: say so.
 "$VENV/bin/python" -m pip list --format=freeze | "$VENV/bin/python" -c "

@@ -29,7 +29,7 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-STEPS=${SDBRIDGE_SESSION_STEPS:-engine engine_fp8 model daemon cold_start controlnet animatediff engine_sdxl switch}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_sdxl switch}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
@@ -238,7 +238,7 @@ merge_results  # results.json from the start: the versions, then each step as it
 # no table, only the lines it printed before, so "at least" is about what a step needs to finish: one
 # that cannot is skipped and leaves its time to the smaller steps after it. The caps are ceilings,
 # not reservations; the headline's is the whole call. engine_fp8 re-runs every row but the plain
-# diffusers ones (bench_engine.py has no option to run the fp8 rows alone), hence its minimum.
+# diffusers ones unless --fp8-only, which it takes (the headline took those rows).
 P=$PYTHON
 DAEMON_JSON=()  # bench_daemon.py writes JSON only in versions that have --json
 if "$P" benchmarks/bench_daemon.py --help 2>/dev/null | grep -q -- '--json'; then
@@ -257,10 +257,10 @@ step_engine() {
 }
 step_engine_fp8() {
   if [ "$DEVICE" = cuda ]; then
-    step engine_fp8 250 330 engine_fp8.json fp8 --device cuda --fp8 --skip-diffusers --calls 30 --warmup 5 \
+    step engine_fp8 150 330 engine_fp8.json fp8 --device cuda --fp8-only --skip-diffusers --calls 30 --warmup 5 \
       --json "$WORK/engine_fp8.json"
   else
-    step engine_fp8 30 300 engine_fp8.json fp8 --device cpu --tiny --fp8 --skip-diffusers --calls 3 --warmup 1 \
+    step engine_fp8 30 300 engine_fp8.json fp8 --device cpu --tiny --fp8-only --skip-diffusers --calls 3 --warmup 1 \
       --rounds 1 --json "$WORK/engine_fp8.json"
   fi
 }
@@ -312,6 +312,22 @@ step_engine_sdxl() {
   else
     step engine_sdxl 30 300 engine_sdxl.json $P benchmarks/bench_engine.py --device cpu --tiny --arch sdxl \
       --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_sdxl.json"
+  fi
+}
+step_gpu_tests() {  # the suite's CUDA-only tests (CUDA graphs, fp16 parity, LCM's drawn term)
+  if [ "$DEVICE" = cuda ]; then
+    step gpu_tests 60 200 - $P -m pytest -q -p no:cacheprovider -m gpu --timeout 600 tests/unit/engines/test_compiled.py
+  else
+    step gpu_tests 10 100 - $P -m pytest -q -p no:cacheprovider -m gpu --timeout 600 tests/unit/engines/test_compiled.py
+  fi
+}
+step_engine_lcm() {  # SD 1.5 with an LCM-LoRA's sampler (StreamDiffusion's usual set-up)
+  if [ "$DEVICE" = cuda ]; then
+    step engine_lcm 120 400 engine_lcm.json $P benchmarks/bench_engine.py --device cuda --arch sd15 --sampler LCM \
+      --calls 30 --warmup 5 --json "$WORK/engine_lcm.json"
+  else
+    step engine_lcm 30 300 engine_lcm.json $P benchmarks/bench_engine.py --device cpu --tiny --arch sd15 \
+      --sampler LCM --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_lcm.json"
   fi
 }
 step_switch() {

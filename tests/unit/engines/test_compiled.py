@@ -457,3 +457,22 @@ def test_cuda_graphs_fp16_parity_from_host_frames(tiny_model_dir):
     for _ in range(3):  # warm-up and recording on this thread, then replays
         image = ours.step_float(wide.to(cuda), [StreamState("wide")])
         assert relative_error(image.float(), expected.float()) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_fp16_lcm_parity(tiny_model_dir):
+    """On a GPU: LCM (its step noise a graph input) under Inductor with CUDA graphs, fp16, against the
+    eager engine within the fp16 bound; the drawn term lives on the device, not in the graph's pool."""
+    cuda = torch.device("cuda")
+    gpu_parts = load_pipeline_parts(str(tiny_model_dir), cuda, torch.float16)
+    values = dict(sampler="LCM", steps=4, strength=0.75, guidance=1.0)
+    ours = CompiledEngine.from_parts(gpu_parts)
+    ours.warmup(params(**values), runs=2)
+    assert ours._schedule is not None and ours._schedule.step_noise.device.type == "cuda"
+    reference = DiffusionEngine.from_parts(gpu_parts)
+    reference.prepare(params(**values))
+    for k, frame in enumerate(make_frames(3)):
+        image = ours.step_float(frame.to(cuda), [StreamState(f"check-{k}")])
+        expected = reference.step_float(frame.to(cuda), [StreamState("r")])
+        assert relative_error(image.float(), expected.float()) <= 1e-2
