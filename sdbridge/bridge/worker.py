@@ -13,7 +13,7 @@ Each turn of the loop reads top to bottom:
 
 The turns overlap where the hardware allows: while the device computes a step (its launches return at
 once), the frames that came in meanwhile are taken and decoded for the next turn; and a turn's replies
-encode in the pool while the next turn runs. A newer frame still wins over one decoded ahead.
+encode in the pool while the next turn runs.
 """
 
 from __future__ import annotations
@@ -345,16 +345,21 @@ class Worker(threading.Thread):
         jobs: list[Job] = []
         txt2img = params.get("mode") == "txt2img"
         now = time.monotonic()
-        # Frames decoded ahead, during the last step: each stands unless a newer one has come since.
+        # Frames decoded during the last step run now. One that came in since waits in its slot (newer
+        # ones still replace it there) and is decoded during this turn's step: discarding the decoded
+        # frame for it would answer fewer frames and gain no latency, as it would be decoded serially.
         ahead = {job.session.id: job for job, decoded in self._take_ahead() if decoded.result()}
         for session in self.registry.sessions():
-            frame = session.input.take()
             early = ahead.get(session.id)
-            if early is not None and not txt2img:
-                if frame is None:
+            if early is not None:
+                if txt2img:
+                    session.input.discard()  # the mode changed under it: dropped, as at the slot
+                else:
                     jobs.append(early)
+                    if session.input.pending:
+                        self.registry.wake.set()  # the next turn, even where this one decodes nothing ahead
                     continue
-                session.input.discard()  # superseded before it ran: dropped, as at the slot
+            frame = session.input.take()
             if frame is not None and not txt2img:
                 jobs.append(Job(session, frame))
             elif txt2img and session.viewers and now >= session.next_generated_at:

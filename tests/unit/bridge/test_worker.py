@@ -105,7 +105,7 @@ def test_a_reply_encodes_while_the_next_frame_runs(worker):
 
 def test_a_flood_is_decoded_ahead_and_answered_in_order(worker):
     """A source that sends without waiting: frames that come in while the engine runs are taken and
-    decoded for the next turn, a newer frame still wins over one decoded ahead, and every frame is
+    decoded for the next turn (where they run: one that comes after waits in its slot), and every frame is
     either answered once, in order, or counted as dropped."""
     worker, session, replies = worker
     out_before, dropped_before = session.frames_out, session.input.dropped
