@@ -244,3 +244,38 @@ def test_the_animatediff_engine_refuses_an_sdxl_model(start_daemon, tiny_sdxl_di
     assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "failed", timeout=60)
     engine = httpx.get(base + "/health").json()["engine"]
     assert "SDXL" in engine["last_error"] and "animatediff engine" in engine["last_error"]
+
+
+def test_the_sampler_changes_live_over_osc(start_daemon, tiny_model_dir):
+    """``/sd/sampler "LCM"`` switches the compiled engine's sampler between frames: the stream keeps
+    answering, LCM runs on the engine's fast path (the stream batch, not the eager fallback), and the
+    same input gives another frame; an unknown sampler is refused with a code and the stream goes on."""
+    import json
+
+    import httpx
+    from pythonosc.udp_client import SimpleUDPClient
+
+    from tests.clients import recv_json, wait_for
+
+    daemon = start_daemon(params={"engine": "compiled", "width": 64, "height": 64, "steps": 4, "strength": 0.75},
+                          model=str(tiny_model_dir))
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "ready", timeout=60)
+    jpeg = codec.encode_jpeg(make_image(64, 64, seed=4), 95)
+    with ws_connect(daemon) as ws:
+        ws.send(jpeg)
+        before = codec.decode_image(recv_frame(ws)).astype(int)
+        assert httpx.get(base + "/health").json()["engine"]["scheduler"] != "LCMScheduler"
+        SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/sampler", "LCM")
+        assert wait_for(lambda: daemon.store.get("sampler") == "LCM")
+        ws.send(jpeg)
+        after = codec.decode_image(recv_frame(ws)).astype(int)
+        described = httpx.get(base + "/health").json()["engine"]
+        assert described["scheduler"] == "LCMScheduler" and described["path"] == "stream"
+        assert np.abs(after - before).mean() > 1.0
+        ws.send(json.dumps({"type": "set", "params": {"sampler": "Nope"}}))
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_param" and "Nope" in error["message"]
+        ws.send(jpeg)
+        assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
+    assert daemon.store.get("sampler") == "LCM"
