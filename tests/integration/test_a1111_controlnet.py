@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.clients import make_image, wait_for
+from tests.support.controlnets import controlnet_folder
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "seed": 11, "cfg_scale": 3, "sampler_name": "Euler"}
 
@@ -37,12 +38,8 @@ def step_edge() -> np.ndarray:
 def controlnet_dir(tiny_model_dir, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
-    from sdbridge.engines.tiny import random_controlnet
-
-    folder = tmp_path_factory.mktemp("controlnet")
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    random_controlnet(unet, 1, std=1.0).save_pretrained(folder / "edges", safe_serialization=True)
-    return folder
+    return controlnet_folder(tmp_path_factory.mktemp("controlnet"), unet, edges={"seed": 1, "std": 1.0})
 
 
 @pytest.fixture

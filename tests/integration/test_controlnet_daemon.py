@@ -11,19 +11,16 @@ import pytest
 
 from sdbridge.bridge.protocol import FrameHeader, PixelFormat
 from tests.clients import header_frame, make_image, recv_frame, recv_json, wait_for, ws_connect
+from tests.support.controlnets import controlnet_folder
 
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tiny_model_dir, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
-    from sdbridge.engines.tiny import random_controlnet
-
-    folder = tmp_path_factory.mktemp("controlnet")
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    for seed, name in ((1, "edges"), (2, "lines")):
-        random_controlnet(unet, seed, std=1.0).save_pretrained(folder / name, safe_serialization=True)
-    return folder
+    return controlnet_folder(tmp_path_factory.mktemp("controlnet"), unet, edges={"seed": 1, "std": 1.0},
+                             lines={"seed": 2, "std": 1.0})
 
 
 def serving(client: httpx.Client, name: str) -> bool:

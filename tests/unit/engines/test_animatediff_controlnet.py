@@ -18,7 +18,7 @@ import torch
 from sdbridge.engines.animatediff import AnimateDiffEngine
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import CONDITIONS
-from sdbridge.engines.tiny import random_controlnet
+from tests.support.controlnets import controlnet_folder
 from tests.unit.engines.common import engine_params, relative_error
 from tests.unit.engines.test_animatediff import SEED, frames_and_final_latents, replay_window, tiny_adapter
 
@@ -43,9 +43,7 @@ def motion_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def controlnet_dir(parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("controlnet")
-    random_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
-    return folder
+    return controlnet_folder(tmp_path_factory.mktemp("controlnet"), parts.unet, edges=1)
 
 
 @pytest.fixture(scope="module")

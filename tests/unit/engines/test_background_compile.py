@@ -14,7 +14,7 @@ from sdbridge.engines.background_compile import BackgroundCompiler, ModuleSpec, 
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.compiled import CompiledEngine
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.tiny import random_controlnet
+from tests.support.controlnets import controlnet_folder
 from tests.unit.engines.common import engine_params, relative_error
 
 CPU = torch.device("cpu")
@@ -265,11 +265,8 @@ def test_new_resolution_serves_uncompiled_while_it_compiles(parts):
 
 @pytest.fixture(scope="module")
 def controlnet_dir(parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("controlnet")
-    random_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
-    random_controlnet(parts.unet, seed=2, conditioning_embedding_out_channels=(8, 16, 32, 64)).save_pretrained(
-        folder / "slim", safe_serialization=True)
-    return folder
+    return controlnet_folder(tmp_path_factory.mktemp("controlnet"), parts.unet, edges=1,
+                             slim={"seed": 2, "conditioning_embedding_out_channels": (8, 16, 32, 64)})
 
 
 def test_a_controlnet_of_a_new_architecture_compiles_before_it_serves(parts, controlnet_dir):

@@ -15,6 +15,7 @@ from sdbridge.engines.compiled import CompiledEngine, residual_shapes
 from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.tiny import random_controlnet
+from tests.support.controlnets import controlnet_folder
 from tests.unit.engines.common import engine_params, relative_error
 
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
@@ -31,10 +32,7 @@ def parts(vae_parts):
 
 @pytest.fixture(scope="module")
 def controlnet_dir(parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("controlnet")
-    random_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
-    random_controlnet(parts.unet, seed=2).save_pretrained(folder / "depth", safe_serialization=True)
-    return folder
+    return controlnet_folder(tmp_path_factory.mktemp("controlnet"), parts.unet, edges=1, depth=2)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.compiled import CompiledEngine
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.tiny import random_controlnet
+from tests.support.controlnets import controlnet_folder
 from tests.unit.engines.common import engine_params, relative_error
 from tests.unit.engines.test_sdxl import diffusers_sdxl_img2img
 
@@ -32,9 +32,7 @@ def sdxl_parts(tiny_sdxl_dir):
 
 @pytest.fixture(scope="module")
 def controlnet_dir(sdxl_parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sdxl-controlnet")
-    random_controlnet(sdxl_parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
-    return folder
+    return controlnet_folder(tmp_path_factory.mktemp("sdxl-controlnet"), sdxl_parts.unet, edges=1)
 
 
 @pytest.fixture

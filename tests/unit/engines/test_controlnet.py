@@ -14,6 +14,7 @@ from sdbridge.engines.controlnet import CONDITIONS, load_controlnet, resolve_con
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.tiny import random_controlnet
 from sdbridge.errors import ModelError
+from tests.support.controlnets import controlnet_folder
 from tests.unit.engines.common import engine_params, relative_error
 
 CPU = torch.device("cpu")
@@ -32,9 +33,7 @@ def parts(vae_parts):
 def controlnet_dir(parts, tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
-    folder = tmp_path_factory.mktemp("controlnet")
-    random_controlnet(parts.unet, seed=1).save_pretrained(folder / "edges", safe_serialization=True)
-    random_controlnet(parts.unet, seed=2).save_pretrained(folder / "depth", safe_serialization=True)
+    folder = controlnet_folder(tmp_path_factory.mktemp("controlnet"), parts.unet, edges=1, depth=2)
     state = {key: value.contiguous() for key, value in random_controlnet(parts.unet, seed=3).state_dict().items()}
     save_file(state, folder / "single.safetensors")
     (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")

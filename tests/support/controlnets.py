@@ -1,0 +1,17 @@
+"""Folders of random ControlNets, as the ControlNet tests and daemon tests need them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def controlnet_folder(folder: Path, unet: Any, **models: int | dict[str, Any]) -> Path:
+    """``folder`` with one random ControlNet of ``unet``'s family per keyword, in the diffusers layout
+    (safetensors): ``name=seed``, or ``name={"seed": ..., **random_controlnet's options}``."""
+    from sdbridge.engines.tiny import random_controlnet
+
+    for name, spec in models.items():
+        options = dict(spec) if isinstance(spec, dict) else {"seed": spec}
+        random_controlnet(unet, **options).save_pretrained(folder / name, safe_serialization=True)
+    return folder
