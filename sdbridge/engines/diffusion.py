@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -345,7 +346,7 @@ class DiffusionEngine(Engine):
         """What ``scheduler.step`` takes to draw its noise: generators (:meth:`_step_generators`), or none
         for a scheduler whose step takes none (DPM++ SDE seeds its own Brownian tree: with the seed)."""
         scheduler = self.scheduler
-        if "generator" in inspect.signature(scheduler.step).parameters:
+        if _step_takes_generator(type(scheduler)):
             return {"generator": self._step_generators(states, shape)}
         if hasattr(scheduler, "noise_sampler_seed"):
             scheduler.noise_sampler_seed = self._seed
@@ -450,3 +451,9 @@ class DiffusionEngine(Engine):
         image = self.autoencoder.decode((latents / self.scaling_factor).to(self.autoencoder_dtype),
                                         return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1).to(self.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _step_takes_generator(scheduler_type: type) -> bool:
+    """Whether a scheduler's ``step`` takes a generator (read once per class, not every frame)."""
+    return "generator" in inspect.signature(scheduler_type.step).parameters
