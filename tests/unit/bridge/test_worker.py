@@ -15,6 +15,7 @@ from sdbridge.bridge.websocket import parse_frame
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
 from sdbridge.params import ParamStore, Schema
+from tests.clients import wait_for
 
 
 def frame(frame_id: int, size: int = 64) -> bytes:
@@ -28,12 +29,7 @@ def frame(frame_id: int, size: int = 64) -> bytes:
 
 
 def wait_until(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return False
+    return wait_for(condition, timeout=timeout, interval=0.005)
 
 
 class Replies:
