@@ -144,6 +144,7 @@ class _Job:
     key: Signature
     compiled: Callable[..., Any]
     args: tuple[Any, ...]
+    wanted: Callable[[], bool] | None = None
 
 
 class BackgroundCompiler:
@@ -175,9 +176,15 @@ class BackgroundCompiler:
 
     # --- the frame path -------------------------------------------------------------------------
 
-    def call(self, key: Hashable, fn: Callable[..., Any], compiled: Callable[..., Any], *args: Any) -> Any:
+    def call(self, key: Hashable, fn: Callable[..., Any], compiled: Callable[..., Any], *args: Any,
+             wanted: Callable[[], bool] | None = None) -> Any:
         """``compiled(*args)`` when its graph for these arguments is ready, else ``fn(*args)`` and a compile
-        queued (inside :meth:`inline`: the compile runs now, on this thread)."""
+        queued (inside :meth:`inline`: the compile runs now, on this thread).
+
+        ``wanted``: whether the graph is still worth compiling when its turn comes, and whether a failed
+        compile means anything. A graph that traces state the frame path can take away (the feature
+        bank's processors) is dropped instead of failing for good when that state went meanwhile; the
+        next call that needs it queues it again."""
         sig = (key, signature(args), _grad_modes())
         if sig in self.ready:
             # Not while another thread compiles: Dynamo is not made for concurrent use, and guards run
@@ -198,7 +205,7 @@ class BackgroundCompiler:
                 self._pending.add(sig)
         if not queued:
             log.info("compiling %s in the background; the uncompiled path serves until it is ready", key)
-            self._submit(_Job(sig, compiled, stand_ins(args)))
+            self._submit(_Job(sig, compiled, stand_ins(args), wanted))
         return fn(*args)
 
     def prime(self, key: Hashable, compiled: Callable[..., Any], *args: Any) -> bool:
@@ -325,13 +332,15 @@ class BackgroundCompiler:
                 return
             self._gate.wait()
             try:
-                self._compile(job.key, job.compiled, job.args)
+                if job.wanted is None or job.wanted():
+                    self._compile(job.key, job.compiled, job.args, job.wanted)
             finally:
                 with self._idle:
                     self._pending.discard(job.key)
                     self._idle.notify_all()
 
-    def _compile(self, sig: Signature, compiled: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    def _compile(self, sig: Signature, compiled: Callable[..., Any], args: tuple[Any, ...],
+                 wanted: Callable[[], bool] | None = None) -> tuple[bool, Any]:
         """One call of ``compiled`` (which compiles it for these arguments). -> (done, its output)"""
         started = time.perf_counter()
         inference, grad = sig[2]
@@ -343,6 +352,9 @@ class BackgroundCompiler:
                 torch.cuda.synchronize(out.device)  # off the frame path: the compile is done when this returns
         except Exception as exc:
             key = sig[0]
+            if wanted is not None and not wanted():
+                log.info("compiling %s stopped: no longer wanted (%s)", key, type(exc).__name__)
+                return False, None
             self.failed[sig] = f"{type(exc).__name__}: {exc}"
             log.warning("compiling %s failed (%s: %s); it runs uncompiled", key, type(exc).__name__,
                         str(exc).splitlines()[0][:300] if str(exc) else "")

@@ -73,7 +73,7 @@ from sdbridge.engines.background_compile import BackgroundCompiler, materialize
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.feature_bank import attached_bank, window_key
+from sdbridge.engines.feature_bank import BankFeed, FeatureBank, attached_bank, window_key
 from sdbridge.engines.parts import PipelineParts
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ class CompiledEngine(DiffusionEngine):
         self._compiled: dict[tuple, Callable[..., Any]] = {}   # (part, resolution, batch) -> torch.compile'd
         self._dispatch: dict[tuple, Callable[..., Any]] = {}
         self._compiler = BackgroundCompiler()
-        self._told_bank = False
+        self._bank_shapes: dict[tuple[int, int], dict[str, torch.Size]] = {}  # resolution -> layer -> [H, T, D]
         self._schedule: LinearSchedule | None = None
         self._schedule_key: tuple | None = None
         self._step_noise_key: tuple | None = None
@@ -298,6 +298,7 @@ class CompiledEngine(DiffusionEngine):
 
     def _adopt(self, parts: PipelineParts) -> None:
         super()._adopt(parts)
+        self._bank_shapes.clear()  # another UNet's layers
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         # SDPA (flash / memory-efficient kernels on CUDA). diffusers picks it by default on
@@ -537,16 +538,51 @@ class CompiledEngine(DiffusionEngine):
         added = self._added_for_call()
         down, mid = self._control_residuals(x, timesteps, input_scale, cond, uncond, added, controls, row_steps,
                                             steps)
-        denoise = self._part(f"denoise-{self._cfg}", x.shape[0], self._denoise)
-        if self.compile_active and attached_bank(self.parts.unet) is not None:
-            # The feature bank's attention keeps per-session tensors in Python between calls, which no
-            # static graph holds: the UNet runs uncompiled while it is on (the rest stays compiled).
-            if not self._told_bank:
-                self._told_bank = True
-                log.warning("feature bank on: the compiled engine runs its UNet uncompiled while it is on")
-            denoise = self._denoise
-        return denoise(x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, cond, uncond, added,
-                       self._guidance_tensor, self._cfg, down, mid)
+        args = (x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, cond, uncond, added,
+                self._guidance_tensor, self._cfg, down, mid)
+        bank = attached_bank(self.parts.unet) if self.compile_active else None
+        if bank is not None and bank.sessions:
+            return self._banked_step(bank, args)
+        return self._part(f"denoise-{self._cfg}", x.shape[0], self._denoise)(*args)
+
+    def _banked_step(self, bank: FeatureBank, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UNet call with the feature bank on, compiled: the rows' stored keys and values go into the
+        graph as inputs and the new ones come out (engines/feature_bank.py), the same entries the eager
+        path reads and writes. The first call at a resolution runs the eager path, which learns each
+        layer's shape there (so that an entry from another resolution counts as missing, as it does eagerly)."""
+        x = args[0]
+        call_rows = x.shape[0] * (2 if self._cfg == "exact" else 1)  # exact guidance: [uncond rows, cond rows]
+        shapes = self._bank_shapes.get(self.resolution)
+        if shapes is None:
+            out = self._denoise(*args)
+            rows = bank.rows(call_rows)
+            if rows:
+                self._bank_shapes[self.resolution] = bank.shapes(rows[0])
+            return out
+        bank.begin_call(call_rows)
+        rows = bank.rows(call_rows)
+        assert rows is not None
+        layers = tuple(shapes)
+        past, bias = bank.feed(rows, shapes, self.dtype, self.device)
+        with bank.graph_call():
+            banked = self._part(f"denoise-{self._cfg}-bank", x.shape[0], self._denoise_banked, self._bank_on)
+            x_next, eps, fresh = banked(*args, layers, past, bias)
+        bank.put_fresh(rows, list(layers), fresh)
+        return x_next, eps
+
+    def _bank_on(self) -> bool:
+        """The bank's processors are in the UNet: a banked graph traced now has them (a plugin turned off
+        while its graph waited to compile would otherwise leave a failed compile behind)."""
+        return self.parts is not None and attached_bank(self.parts.unet) is not None
+
+    def _denoise_banked(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+        """:meth:`_denoise` with the bank's entries as inputs and outputs: ``args`` are its arguments, then
+        the bank's layer names, their (keys, values) and the rows' bias (FeatureBank.feed). Returns
+        (x_next, eps, each layer's new (keys, values))."""
+        *denoise_args, layers, past, bias = args
+        fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        x_next, eps = self._denoise(*denoise_args, feed=BankFeed(dict(zip(layers, past)), bias, fresh))
+        return x_next, eps, tuple(fresh[layer] for layer in layers)
 
     def _added_for_call(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """SDXL's added conditioning for this guidance mode: (text_embeds [R, D], time_ids [R, 6]), R = 2
@@ -646,12 +682,14 @@ class CompiledEngine(DiffusionEngine):
 
     # --- the parts that are compiled --------------------------------------------------------------
 
-    def _part(self, part: str, batch: int, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _part(self, part: str, batch: int, fn: Callable[..., Any],
+              wanted: Callable[[], bool] | None = None) -> Callable[..., Any]:
         """The callable for one part at this resolution and batch.
 
         Uncompiled: ``fn``. Compiled: a torch.compile'd ``fn`` behind the background compiler
         (engines/background_compile.py), so that a call whose graph is not ready yet runs ``fn`` while
-        the graph compiles off the frame path (with ``background_compile`` off: compiled in the call)."""
+        the graph compiles off the frame path (with ``background_compile`` off: compiled in the call).
+        ``wanted``: BackgroundCompiler.call's."""
         key = (part, self.resolution, batch)
         found = self._dispatch.get(key)
         if found is None:
@@ -664,8 +702,8 @@ class CompiledEngine(DiffusionEngine):
                 log.info("graph %s for %dx%d, batch %d (%s, %s)", part, *self.resolution, batch, backend, mode)
                 compiled = torch.compile(fn, backend=backend, mode=mode, fullgraph=True, dynamic=False)
                 self._compiled[key] = compiled
-                found = functools.partial(self._compiler.call, key, fn, compiled) if self.background_compile \
-                    else compiled
+                found = functools.partial(self._compiler.call, key, fn, compiled, wanted=wanted) \
+                    if self.background_compile else compiled
             else:
                 self._compiled[key] = fn
             self._dispatch[key] = found
@@ -704,7 +742,7 @@ class CompiledEngine(DiffusionEngine):
                  residual: torch.Tensor | None,
                  cond: torch.Tensor, uncond: torch.Tensor | None, added: tuple[torch.Tensor, torch.Tensor] | None,
                  guidance: torch.Tensor, cfg: str, down: list[torch.Tensor],
-                 mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 mid: torch.Tensor, feed: BankFeed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call and the scheduler's step. x [M, 4, h, w]; timesteps [M]; coefficients [M] or [1];
         ``drawn`` [M, 4, h, w], the noise a sampler that draws adds (LinearSchedule.step_noise), or None;
         cond, uncond [1, L, D]; ``added``: SDXL's (text_embeds, time_ids) per guidance half (see
@@ -717,9 +755,12 @@ class CompiledEngine(DiffusionEngine):
         graph variant "with residuals": with two variants the first frame after a slot turns on would
         compile (or, warmed up front, every graph would exist twice in memory, CUDA graph pools
         included); with one, on/off is only a change of input, and the cost of the zeros is one
-        elementwise add per skip connection, nothing next to the convolutions around it."""
+        elementwise add per skip connection, nothing next to the convolutions around it.
+
+        ``feed``: the feature bank's entries for this call (:meth:`_denoise_banked`)."""
         assert self.parts is not None
         unet, batch = self.parts.unet, x.shape[0]
+        attention = {"bank_feed": feed} if feed is not None else None
         model_input = (x * input_scale.view(-1, 1, 1, 1)).to(x.dtype)
         if cfg == "exact":
             assert uncond is not None
@@ -727,13 +768,14 @@ class CompiledEngine(DiffusionEngine):
             noise_pred = unet(torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]),
                               encoder_hidden_states=embeddings, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid, added_cond_kwargs=_added_kwargs(added, batch),
-                              return_dict=False)[0]
+                              cross_attention_kwargs=attention, return_dict=False)[0]
             noise_uncond, noise_cond = noise_pred.chunk(2)
             eps = noise_uncond + guidance * (noise_cond - noise_uncond)
         else:
             eps = unet(model_input, timesteps, encoder_hidden_states=cond.expand(batch, -1, -1),
                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                       added_cond_kwargs=_added_kwargs(added, batch), return_dict=False)[0]
+                       added_cond_kwargs=_added_kwargs(added, batch), cross_attention_kwargs=attention,
+                       return_dict=False)[0]
             if cfg == "residual":
                 assert residual is not None
                 eps = residual + guidance * (eps - residual)

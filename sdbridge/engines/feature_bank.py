@@ -26,12 +26,21 @@ window place has its own entry, keyed by the session and how many frames back fr
 is: at the next frame the place k back holds the frame after the one it held, so its entry is that
 frame's previous frame's keys and values, StreamV2V's meaning. The newest place uses the plain
 engine's key (``session``), so the bank carries over when the engine falls back to plain img2img.
+
+Inside a compiled graph (engines/compiled.py) no Python dict can be read or written per call, so
+there the bank's entries travel as the graph's own inputs and outputs: the engine stacks each
+layer's stored keys and values for the call's rows (:meth:`FeatureBank.feed`), hands them to the
+UNet through ``cross_attention_kwargs`` as a :class:`BankFeed`, and stores what the layers
+computed (:meth:`FeatureBank.put_fresh`). The maths is the same as the eager path's; the entries
+are the same entries, so the two paths take over from each other at any frame.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +57,25 @@ class FeatureBank:
         self.sessions: list[str] = []       # one per frame of the batch, set before the UNet runs
         self.step = -1                      # bumped by the time embedding's pre-hook: the denoising step
         self.call_batch: int | None = None  # rows of this UNet call (guidance half × session), from the same hook
+        self.in_graph = False               # a compiled call counts its own step (the hook would count at trace)
         self._store: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._biases: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def begin_frame(self, sessions: list[str]) -> None:
         self.sessions = list(sessions)
         self.step = -1
         self.call_batch = None
+
+    def count_call(self, module: nn.Module, args: Any) -> None:
+        """The UNet's time embedding's pre-hook (a method of the bank, the same object at each attach, so
+        that a compiled graph's guards on the hook hold when the bank is attached again).
+
+        Not inside a compiled graph (it would count once, at trace), nor in a compiled call's eager
+        stand-in: there the engine counts the call itself (:meth:`graph_call`). Dynamo's own flag, not
+        ``torch.compiler.is_compiling()``, which is a process-wide flag that a compile on another thread
+        sets while this thread runs eagerly."""
+        if not (torch.compiler.is_dynamo_compiling() or self.in_graph):
+            self.begin_call(int(args[0].shape[0]))   # t_emb: [call batch, C], before any per-frame repeat
 
     def begin_call(self, call_batch: int) -> None:
         """A UNet call starts (the pre-hook): the next denoising step, with ``call_batch`` rows before frames."""
@@ -98,6 +120,64 @@ class FeatureBank:
         for i, row in enumerate(rows):
             self._store[(row, layer, self.step)] = (key[i].detach(), value[i].detach())
 
+    def feed(self, rows: list[str], shapes: Mapping[str, torch.Size], dtype: torch.dtype,
+             device: torch.device) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], torch.Tensor]:
+        """A compiled call's inputs at this step: per layer of ``shapes``, in its order, the rows' keys and
+        values [R, H, T, D] stacked (zeros for a row without them), and the bias [R] on those logits: ``log(strength)``,
+        or -inf for a row whose entries are missing or of another shape (``shapes``: each layer's
+        [H, T, D] at this resolution) and for strength 0, which is exactly that row's plain attention.
+
+        A row counts as present only with every layer's entry, as the eager path puts them."""
+        present = tuple(all((entry := self._store.get((row, layer, self.step))) is not None
+                            and entry[0].shape == shape for layer, shape in shapes.items()) for row in rows)
+        past = []
+        for layer, shape in shapes.items():
+            zeros = None
+            keys, values = [], []
+            for row, here in zip(rows, present):
+                if here:
+                    key, value = self._store[(row, layer, self.step)]
+                else:
+                    zeros = torch.zeros(shape, dtype=dtype, device=device) if zeros is None else zeros
+                    key = value = zeros
+                keys.append(key)
+                values.append(value)
+            past.append((torch.stack(keys), torch.stack(values)))
+        return tuple(past), self._bias(present, dtype, device)
+
+    def _bias(self, present: tuple[bool, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        # Made once per pattern and strength: a steady stream copies nothing to the device per call.
+        key = (present, self.strength, dtype, str(device))
+        found = self._biases.get(key)
+        if found is None:
+            on = math.log(self.strength) if self.strength > 0 else -math.inf
+            found = torch.tensor([on if here else -math.inf for here in present], dtype=dtype, device=device)
+            if len(self._biases) > 64:  # a strength swept live: keep the cache small
+                self._biases.clear()
+            self._biases[key] = found
+        return found
+
+    def put_fresh(self, rows: list[str], layers: list[str],
+                  fresh: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> None:
+        """Store a compiled call's keys and values per layer (copied: a CUDA graph's next replay
+        overwrites its outputs)."""
+        for layer, (key, value) in zip(layers, fresh):
+            self.put(rows, layer, key.clone(), value.clone())
+
+    def shapes(self, row: str) -> dict[str, torch.Size]:
+        """Each layer's key shape [H, T, D] in ``row``'s entries at this step."""
+        return {layer: entry[0].shape for (key, layer, step), entry in self._store.items()
+                if key == row and step == self.step}
+
+    @contextlib.contextmanager
+    def graph_call(self) -> Iterator[None]:
+        """A compiled call: the engine has counted the step; the UNet's hook must not count it again."""
+        self.in_graph = True
+        try:
+            yield
+        finally:
+            self.in_graph = False
+
     def row_keys(self) -> set[str]:
         """The rows that hold entries: a session's, or one window place's of a session (``window_key``)."""
         return {row for row, _layer, _step in self._store}
@@ -112,6 +192,15 @@ def window_key(session: str, back: int) -> str:
     return session if back == 0 else f"{session}/back{back}"
 
 
+class BankFeed(NamedTuple):
+    """The bank inside a compiled UNet call: ``past`` per layer (keys, values) [R, H, T, D] and
+    ``bias`` [R] from :meth:`FeatureBank.feed`; the layers write their new keys and values into ``fresh``."""
+
+    past: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    bias: torch.Tensor
+    fresh: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 class BankAttnProcessor:
     """Self-attention over the frame's tokens plus the bank's (SDPA), for one ``attn1`` layer."""
 
@@ -121,7 +210,7 @@ class BankAttnProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
+                 bank_feed: BankFeed | None = None, **kwargs: Any) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -145,8 +234,17 @@ class BankAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        rows = self.bank.rows(batch)
         mask = attention_mask
+        if bank_feed is not None:  # a compiled call: the entries are the graph's inputs and outputs
+            past_key, past_value = bank_feed.past[self.layer]
+            bank_feed.fresh[self.layer] = (key, value)
+            tokens = key.shape[2]
+            mask = torch.cat([torch.zeros(batch, 1, 1, tokens, dtype=query.dtype, device=query.device),
+                              bank_feed.bias.to(query.dtype).view(batch, 1, 1, 1).expand(batch, 1, 1, tokens)], dim=-1)
+            key = torch.cat([key, past_key.to(key.dtype)], dim=2)
+            value = torch.cat([value, past_value.to(value.dtype)], dim=2)
+            return self._attend(attn, query, key, value, mask, residual, input_ndim, batch, head_dim)
+        rows = self.bank.rows(batch)
         stored: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         if rows is not None:
             stored = self.bank.take(rows, self.layer)
@@ -165,16 +263,35 @@ class BankAttnProcessor:
             key = torch.cat([key, bank_key], dim=2)
             value = torch.cat([value, bank_value], dim=2)
             mask = bias
+        return self._attend(attn, query, key, value, mask, residual, input_ndim, batch, head_dim)
+
+    @staticmethod
+    def _attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                residual: torch.Tensor, input_ndim: int, batch: int, head_dim: int) -> torch.Tensor:
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
                                                        is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if input_ndim == 4:  # back to the layer's input layout [B, C, H, W]
+            hidden_states = hidden_states.transpose(-1, -2).reshape(residual.shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class FeedPassing:
+    """Another attention layer's processor, unchanged: it takes the :class:`BankFeed` that the UNet hands
+    to every attention layer of a compiled call (diffusers passes ``cross_attention_kwargs`` to all of
+    them, and would warn on each call of a processor that does not name it) and leaves it alone."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                 bank_feed: BankFeed | None = None, **kwargs: Any) -> torch.Tensor:
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
 def _unwrap(unet: nn.Module) -> nn.Module:
@@ -188,14 +305,10 @@ def attach(unet: nn.Module, bank: FeatureBank) -> None:
     if getattr(unet, ATTACHED, None) is not None:
         detach(unet)
     previous = dict(unet.attn_processors)
-    processors = {name: BankAttnProcessor(bank, name) if ".attn1." in name else processor
+    processors = {name: BankAttnProcessor(bank, name) if ".attn1." in name else FeedPassing(processor)
                   for name, processor in previous.items()}
     unet.set_attn_processor(processors)
-
-    def count_call(module: nn.Module, args: Any) -> None:
-        bank.begin_call(int(args[0].shape[0]))   # t_emb: [call batch, C], before any per-frame repeat
-
-    handle = unet.time_embedding.register_forward_pre_hook(count_call)
+    handle = unet.time_embedding.register_forward_pre_hook(bank.count_call)
     setattr(unet, ATTACHED, (bank, previous, handle))
 
 

@@ -461,6 +461,47 @@ def test_cuda_graphs_fp16_parity_from_host_frames(tiny_model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_fp16_feature_bank_parity(tiny_model_dir):
+    """On a GPU: the feature bank inside the UNet graph under CUDA graphs, fp16, frame after frame
+    against the same engine's eager path with its own bank, within the fp16 bound (the stored keys and
+    values must be copies: views into the graph's pool would be overwritten by the next replay)."""
+    from sdbridge.engines import feature_bank as bank_ops
+
+    cuda = torch.device("cuda")
+    gpu_parts = load_pipeline_parts(str(tiny_model_dir), cuda, torch.float16)
+    values = params(steps=2, strength=1.0, guidance=1.0)
+
+    def run(engine: CompiledEngine, bank: bank_ops.FeatureBank) -> list[torch.Tensor]:
+        state = StreamState("s")
+        bank_ops.attach(gpu_parts.unet, bank)
+        try:
+            outputs = []
+            for frame in make_frames(5):
+                bank.begin_frame(["s"])
+                outputs.append(engine.step_float(frame.to(cuda), [state]).float())
+                bank.end_frame()
+            return outputs
+        finally:
+            bank_ops.detach(gpu_parts.unet)
+
+    ours = CompiledEngine.from_parts(gpu_parts)
+    ours.background_compile = False   # compiled in the call: every frame after the first is the graph's
+    ours.prepare(values)
+    reference = CompiledEngine.from_parts(gpu_parts)
+    reference.compile = False
+    reference.prepare(values)
+    graph_bank, eager_bank = bank_ops.FeatureBank(strength=0.8), bank_ops.FeatureBank(strength=0.8)
+    got, expected = run(ours, graph_bank), run(reference, eager_bank)
+    assert any(key[0].endswith("-bank") for key in ours._compiled)
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert relative_error(a, b) <= 1e-2, f"frame {k}"
+    for key, (k, v) in graph_bank._store.items():
+        assert relative_error(k, eager_bank._store[key][0]) <= 1e-2
+        assert relative_error(v, eager_bank._store[key][1]) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_fp16_lcm_parity(tiny_model_dir):
     """On a GPU: LCM (its step noise a graph input) under Inductor with CUDA graphs, fp16, against the
     eager engine within the fp16 bound; the drawn term lives on the device, not in the graph's pool."""

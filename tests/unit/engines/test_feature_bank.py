@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sdbridge.engines import feature_bank as fb
@@ -122,3 +124,58 @@ def test_the_step_counts_calls_of_a_motion_unet_sharing_the_time_embedding() -> 
     assert bank.step == 1 and bank.call_batch == 1
     assert bank.row_keys() == {"s", "s/back1", "s/back2"}
     fb.detach(unet)
+
+
+@torch.inference_mode()
+def run_fed(unet, latents, text, bank: fb.FeatureBank, sessions: list[str], shapes) -> torch.Tensor:
+    """One UNet call as the compiled engine makes it: the bank's entries in and out through a BankFeed."""
+    bank.begin_frame(sessions)
+    bank.begin_call(latents.shape[0])
+    rows = bank.rows(latents.shape[0])
+    past, bias = bank.feed(rows, shapes, latents.dtype, latents.device)
+    fresh: dict = {}
+    with bank.graph_call():
+        out = unet(latents, 500, encoder_hidden_states=text, return_dict=False,
+                   cross_attention_kwargs={"bank_feed": fb.BankFeed(dict(zip(shapes, past)), bias, fresh)})[0]
+    bank.put_fresh(rows, list(shapes), tuple(fresh[layer] for layer in shapes))
+    bank.end_frame()
+    return out
+
+
+def test_the_feed_equals_the_eager_bank_and_stores_the_same_entries(caplog) -> None:
+    """The compiled engine's way in (entries stacked as inputs, new ones written to the feed) is the eager
+    bank's maths: the same outputs and entries frame after frame, a session without a past is exactly
+    plain, an entry of another shape counts as missing, the hook does not count the call twice, and no
+    other attention layer complains about the feed (diffusers warns on a kwarg a processor lacks)."""
+    unet, latents, text, generator = unet_and_inputs(batch=2)
+    frames = [torch.randn(latents.shape, generator=generator) for _ in range(3)]
+    eager, fed = fb.FeatureBank(strength=0.6), fb.FeatureBank(strength=0.6)
+    fb.attach(unet, eager)
+    run(unet, frames[0][:1], text[:1], eager, ["a"])
+    shapes = eager.shapes("a")
+    assert len(shapes) == len([name for name in unet.attn_processors if ".attn1." in name]) > 0
+    expected = [run(unet, frame, text, eager, ["a", "b"]) for frame in frames[1:]]
+    fb.attach(unet, fed)
+    run(unet, frames[0][:1], text[:1], fed, ["a"])
+    got = [run_fed(unet, frame, text, fed, ["a", "b"], shapes) for frame in frames[1:]]
+    fb.detach(unet)
+    plain = run(unet, frames[1], text)
+    for ours, theirs in zip(got, expected):
+        assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert (got[0][0] - plain[0]).abs().max() > 1e-3          # a remembers its frame 0
+    assert torch.allclose(got[0][1], plain[1], atol=1e-5)     # b had no past: its plain attention
+    assert fed._store.keys() == eager._store.keys() and {step for _, _, step in fed._store} == {0}
+    for key, (k, v) in eager._store.items():
+        assert torch.allclose(fed._store[key][0], k, atol=1e-5) and torch.allclose(fed._store[key][1], v, atol=1e-5)
+    assert "not expected" not in caplog.text
+
+    # An entry of another resolution is no entry: zeros, and -inf on its logits.
+    fed.begin_frame(["a"])
+    fed.begin_call(1)
+    wrong = {layer: torch.Size([shape[0], shape[1] + 1, shape[2]]) for layer, shape in shapes.items()}
+    past, bias = fed.feed(["a"], wrong, torch.float32, torch.device("cpu"))
+    assert bias.tolist() == [float("-inf")] and all(float(k.abs().sum()) == 0 for k, _ in past)
+    past, bias = fed.feed(["a", "new"], shapes, torch.float32, torch.device("cpu"))
+    assert torch.allclose(bias, torch.tensor([math.log(0.6), float("-inf")]))
+    fed.strength = 0.0
+    assert fed.feed(["a"], shapes, torch.float32, torch.device("cpu"))[1].tolist() == [float("-inf")]
