@@ -219,6 +219,40 @@ def test_a_failed_compile_keeps_the_uncompiled_path(caplog):
         assert torch.equal(compiler.call("bad", breaks_graph, compiled, x), x * 3)
 
 
+def test_a_compile_no_longer_wanted_is_dropped_not_failed(caplog):
+    """A graph whose traced state went while it waited (the feature bank turned off) is not compiled, and
+    one that failed because that state went mid-compile is not marked failed: the next call that needs
+    it queues it again, and then it compiles."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="sdbridge.engines.background_compile")
+    compiler = BackgroundCompiler("test-compile")
+    compiled = torch.compile(breaks_graph, backend="aot_eager", fullgraph=True, dynamic=False)
+    wanted = [False]
+    x = torch.ones(2, 2)
+    with compiler.paused():                           # turned off before the job's turn comes
+        assert torch.equal(compiler.call("bank", breaks_graph, compiled, x, wanted=lambda: wanted[0]), x * 3)
+    assert compiler.wait(120)
+    assert not compiler.failed and not compiler.ready and compiler.compiles == 0
+    wanted[0] = True                                  # it fails while wanted: failed for good
+    compiler.call("bank", breaks_graph, compiled, x, wanted=lambda: wanted[0])
+    assert compiler.wait(120) and len(compiler.failed) == 1
+    compiler.failed.clear()
+
+    def goes_away(value: torch.Tensor) -> torch.Tensor:   # the state leaves during the compile
+        wanted[0] = False
+        return compiled(value)
+
+    wanted[0] = True
+    compiler.call("bank", breaks_graph, goes_away, x, wanted=lambda: wanted[0])
+    assert compiler.wait(120) and not compiler.failed and "no longer wanted" in caplog.text
+    wanted[0] = True
+    ok = torch.compile(scaled, backend="aot_eager", fullgraph=True, dynamic=False)
+    compiler.call("bank", scaled, ok, x, torch.tensor(2.0), wanted=lambda: wanted[0])
+    assert compiler.wait(120) and len(compiler.ready) == 1
+    compiler.close()
+
+
 # --- the compiled engine -------------------------------------------------------------------------------
 
 
