@@ -303,9 +303,12 @@ class CompiledEngine(DiffusionEngine):
 
         # SDPA (flash / memory-efficient kernels on CUDA). diffusers picks it by default on
         # torch 2; a model loaded with another processor is switched, LoRA weights are fused in
-        # place and do not depend on the processor.
+        # place and do not depend on the processor. A UNet that holds the feature bank keeps its
+        # processors (SDPA too): switching them would take the bank out behind the plugin's back.
         for module in (parts.unet, self.autoencoder):
             processors = getattr(module, "attn_processors", None)
+            if module is parts.unet and attached_bank(module) is not None:
+                continue
             if processors and not all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
                 module.set_attn_processor(AttnProcessor2_0())
         channels_last = self.channels_last if self.channels_last is not None else self.device.type == "cuda"

@@ -486,3 +486,20 @@ def test_feature_bank_in_stream_batch_keeps_each_session_and_step_apart(parts, g
     # two runs without it).
     assert relative_error(alone_a[-1], without[-1]) > 5e-6
     assert torch.equal(stream(["a"], seeds, None)[-1], without[-1])
+
+
+def test_an_engine_built_on_a_banked_unet_keeps_the_bank(parts):
+    """The compiled engine switches a model's attention processors to SDPA when it adopts it, but not a
+    UNet that holds the feature bank: that would take the bank out while the plugin thinks it is on."""
+    from sdbridge.engines import feature_bank as bank_ops
+
+    bank = bank_ops.FeatureBank()
+    bank_ops.attach(parts.unet, bank)
+    try:
+        CompiledEngine.from_parts(parts)
+        processors = parts.unet.attn_processors
+        banked = [name for name, processor in processors.items() if isinstance(processor, bank_ops.BankAttnProcessor)]
+        assert banked and banked == [name for name in processors if ".attn1." in name]
+        assert bank_ops.attached_bank(parts.unet) is bank
+    finally:
+        bank_ops.detach(parts.unet)
