@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-only", action="store_true",
                         help="the fp8 rows (and plain diffusers') without the eager and fp16 compiled rows: --fp8 "
                              "after a run that took those")
+    parser.add_argument("--feature-bank", action="store_true",
+                        help="the feature bank's rows (its cost): the eager engine and the compiled stream batch "
+                             "with the bank at the plugin's default strength, beside the compiled stream batch "
+                             "without it, instead of the fp16 rows")
     parser.add_argument("--sampler", default=None,
                         help="an A1111 sampler name for every row, diffusers' included (default: the architecture's "
                              "scheduler); --arch sd15 --sampler LCM is SD 1.5 with an LCM-LoRA's sampler")
@@ -224,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if args.quick:
+        # The real architecture's rows prove parity (their CPU timings are reported, not targeted): two
+        # timed calls each, so that the whole run stays within minutes on 2 cores with the cache cold.
         sections = [Section(device, tiny=True, size=64, calls=20, warmup=3, backend="inductor"),
-                    Section(device, tiny=False, size=128, calls=3, warmup=1, backend=None)]
+                    Section(device, tiny=False, size=128, calls=2, warmup=1, backend=None, rounds=2)]
     else:
         backend = args.compile_backend or ("inductor" if device.type == "cuda" else "none")
         sections = [Section(device, tiny=args.tiny, size=args.size or (64 if args.tiny else 512),
@@ -236,11 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     for section in sections:
         # On CUDA the compiled engine turns the shared UNet channels_last when it is built, so
         # the plain rows are timed before it: in order, one round.
-        section.rounds = args.rounds or (1 if device.type == "cuda" else 5)
+        section.rounds = args.rounds or section.rounds or (1 if device.type == "cuda" else 5)
         section.compile_mode = args.compile_mode
         section.skip_diffusers = args.skip_diffusers
         section.fp8 = args.fp8 or args.fp8_only
         section.fp8_only = args.fp8_only
+        section.feature_bank = args.feature_bank
         section.arch = args.arch
         section.sampler = args.sampler
         table, report = run_section(section)
@@ -273,9 +280,10 @@ class Section:
     backend: str | None
     compile_mode: str | None = None
     skip_diffusers: bool = False
-    rounds: int = 1
+    rounds: int = 0  # 0: the device's default
     fp8: bool = False
     fp8_only: bool = False
+    feature_bank: bool = False
     arch: str = "sd21"
     sampler: str | None = None
 
@@ -411,7 +419,9 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     for row in rows:
         measure(row)
     label = f"compiled engine ({backend or 'not compiled'})"
-    if not section.fp8_only:
+    if section.feature_bank:
+        bank_rows(parts, section, engine_run, measure, compiled_engine, label, inputs, relative_error)
+    elif not section.fp8_only:
         fp16_rows(parts, section, engine_run, measure, with_controlnet, compiled_engine, label, inputs, first)
     fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size) if section.fp8 else None
     if pending:
@@ -500,6 +510,74 @@ def fp16_rows(parts: Any, section: Section, engine_run: Callable[..., Any], meas
     compile_s = engine.warmup({**engine_params(size, 4, 1.0), **controlnet_slot()}) if backend else None
     measure(Row(f"{label}, stream batch + ControlNet", engine_run(engine, 1, condition=True), 1, 4), engine,
             compile_s, reference=controlnet_reference)
+
+
+BANK_STRENGTH = 0.7  # the feature_bank plugin's default
+
+
+def bank_rows(parts: Any, section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],
+              compiled_engine: Callable[..., Any], label: str, inputs: list[np.ndarray],
+              relative_error: Callable[[torch.Tensor, torch.Tensor], float]) -> None:
+    """The feature bank's cost: the compiled stream batch without and with the bank (its entries as graph
+    inputs and outputs), and the eager engine with it, each frame driven as the plugin drives it. Parity:
+    the compiled engine with the bank against its own uncompiled path with the bank, over the same 4 frames
+    (the last frame's float output: by then each row attends to the previous frame's entries).
+
+    The bank stays attached to the UNet for the whole section (rows are timed interleaved, after this
+    returns); a row without it simply never begins a bank frame, which is the plain attention. Each row
+    keys its own session, so no row reads another's entries."""
+    from sdbridge.engines import feature_bank as bank_ops
+    from sdbridge.engines.base import StreamState
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    size, backend = section.size, section.backend
+    bank = bank_ops.FeatureBank(BANK_STRENGTH)
+    bank_ops.attach(parts.unet, bank)
+
+    def banked(engine: Any, session: str) -> Callable[[list[np.ndarray]], Any]:
+        run = engine_run(engine, 1)
+
+        def step(frames: list[np.ndarray]) -> Any:
+            bank.begin_frame([session])
+            try:
+                return run(frames)
+            finally:
+                bank.end_frame()
+        return step
+
+    def last_frame(engine: Any, session: str) -> torch.Tensor:
+        state = StreamState(session)
+        with torch.inference_mode():
+            for frame in inputs[:4]:
+                bank.begin_frame([session])
+                out = engine.step_float(torch.from_numpy(frame)[None], [state])
+                bank.end_frame()
+        return out
+
+    reference = compiled_engine(4)
+    reference.compile = False          # its eager path: the bank as Python state, the exact maths
+    reference.prepare(engine_params(size, 4, 1.0))
+    expected = last_frame(reference, "parity-reference")
+
+    plain = compiled_engine(4)
+    compile_s = plain.warmup(engine_params(size, 4, 1.0)) if backend else None
+    measure(Row(f"{label}, stream batch", engine_run(plain, 1), 1, 4), plain, compile_s)
+    del plain
+    eager = DiffusionEngine.from_parts(parts)
+    eager.prepare(engine_params(size, 4, 1.0))
+    measure(Row("eager engine (TAESD) + feature bank", banked(eager, "eager"), 1, 4))
+    engine = compiled_engine(4)
+    started = time.perf_counter()
+    got = last_frame(engine, "parity-first")   # queues the banked graph's compile (the first call learns shapes)
+    if backend:
+        engine.wait_compiled()
+        got = last_frame(engine, "parity")     # the banked graph serves
+    compile_s = time.perf_counter() - started if backend else None
+    row = Row(f"{label}, stream batch + feature bank", banked(engine, "stream"), 1, 4)
+    row.result["parity_rel_error"] = error = relative_error(got, expected)
+    row.result["parity_ok"] = bool(error <= (1e-2 if engine.dtype == torch.float16 else 1e-4))
+    row.result["parity_against"] = "the compiled engine's uncompiled path with the bank"
+    measure(row, compile_s=compile_s)
 
 
 def fp8_rows(parts: Any, compiled_engine: Callable[..., Any], engine_run: Callable[..., Any],

@@ -29,7 +29,7 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_sdxl switch}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank engine_sdxl switch}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
@@ -314,7 +314,7 @@ step_engine_sdxl() {
       --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_sdxl.json"
   fi
 }
-step_gpu_tests() {  # the suite's CUDA-only tests (CUDA graphs, fp16 parity, LCM's drawn term)
+step_gpu_tests() {  # the suite's CUDA-only tests (CUDA graphs, fp16 parity, LCM's drawn term, the feature bank)
   if [ "$DEVICE" = cuda ]; then
     step gpu_tests 60 200 - $P -m pytest -q -p no:cacheprovider -m gpu --timeout 600 tests/unit/engines/test_compiled.py
   else
@@ -328,6 +328,15 @@ step_engine_lcm() {  # SD 1.5 with an LCM-LoRA's sampler (StreamDiffusion's usua
   else
     step engine_lcm 30 300 engine_lcm.json $P benchmarks/bench_engine.py --device cpu --tiny --arch sd15 \
       --sampler LCM --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_lcm.json"
+  fi
+}
+step_engine_bank() {  # the feature bank inside the compiled graph: its cost beside the plain stream batch
+  if [ "$DEVICE" = cuda ]; then
+    step engine_bank 150 400 engine_bank.json $P benchmarks/bench_engine.py --device cuda --feature-bank \
+      --skip-diffusers --calls 30 --warmup 5 --json "$WORK/engine_bank.json"
+  else
+    step engine_bank 30 300 engine_bank.json $P benchmarks/bench_engine.py --device cpu --tiny --feature-bank \
+      --skip-diffusers --compile-backend aot_eager --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_bank.json"
   fi
 }
 step_switch() {
