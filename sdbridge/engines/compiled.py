@@ -43,8 +43,8 @@ that no ready graph fits (a new resolution, another number of sessions, a longer
 same function uncompiled while its graph compiles in a worker thread, and a ControlNet of an
 architecture without a graph is compiled on its loader's thread before it serves, so the old set
 serves until then. ControlNets of one architecture share a graph (their weights are its inputs).
-The feature bank's attention keeps tensors between calls in Python, which no static graph holds:
-while it is on, the UNet runs uncompiled.
+The feature bank runs inside the UNet's graph: the keys and values it keeps between calls are that
+graph's inputs and outputs, stacked in and stored back by the engine (``_banked_step``).
 
 Schedulers whose step is affine and memoryless run compiled: Euler and DDIM (``x_next = a·x + b·eps``),
 and the samplers that draw noise at each step, LCM and Euler a, whose draw the eager engine seeds the
@@ -559,8 +559,9 @@ class CompiledEngine(DiffusionEngine):
         if shapes is None:
             out = self._denoise(*args)
             rows = bank.rows(call_rows)
-            if rows:
-                self._bank_shapes[self.resolution] = bank.shapes(rows[0])
+            learned = bank.shapes(rows[0]) if rows else {}
+            if learned:
+                self._bank_shapes[self.resolution] = learned
             return out
         bank.begin_call(call_rows)
         rows = bank.rows(call_rows)
