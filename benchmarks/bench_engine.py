@@ -78,6 +78,7 @@ def commit() -> str:
 
 
 _COMMIT: str | None = None
+STARTED = time.perf_counter()  # the progress lines say when each row starts
 
 
 def _read_commit() -> str:
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         # The real architecture's rows prove parity (their CPU timings are reported, not targeted): two
         # timed calls each, so that the whole run stays within minutes on 2 cores with the cache cold.
-        sections = [Section(device, tiny=True, size=64, calls=20, warmup=3, backend="inductor"),
+        sections = [Section(device, tiny=True, size=64, calls=10, warmup=3, backend="inductor"),
                     Section(device, tiny=False, size=128, calls=2, warmup=1, backend=None, rounds=2)]
     else:
         backend = args.compile_backend or ("inductor" if device.type == "cuda" else "none")
@@ -398,7 +399,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
 
     def measure(row: Row, engine: Any = None, compile_s: float | None = None,
                 reference: torch.Tensor | None = None, row_tolerance: float | None = None) -> None:
-        print(f"  {row.name} ({row.steps} step{'s' * (row.steps > 1)}) ...", file=sys.stderr, flush=True)
+        print(f"  [{time.perf_counter() - STARTED:.0f} s] {row.name} ({row.steps} step{'s' * (row.steps > 1)}) ...",
+              file=sys.stderr, flush=True)
         if engine is not None:
             row.result["parity_rel_error"] = error = check(engine, row.steps, reference)
             row.result["parity_ok"] = bool(error <= (row_tolerance or tolerance))
@@ -408,7 +410,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
             row.result["compile_s"] = compile_s
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        warm_row(row, inputs, device, warmup)
+        # The parity check ran the engine once: that call counts as one of the row's warm-up calls.
+        warm_row(row, inputs, device, max(0, warmup - 1) if engine is not None else warmup)
         if section.rounds > 1:
             pending.append(row)  # timed below, all rows interleaved
         else:
