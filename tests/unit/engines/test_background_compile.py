@@ -503,3 +503,26 @@ def test_an_engine_built_on_a_banked_unet_keeps_the_bank(parts):
         assert bank_ops.attached_bank(parts.unet) is bank
     finally:
         bank_ops.detach(parts.unet)
+
+
+@pytest.fixture(scope="module")
+def sdxl_parts(tiny_sdxl_dir):
+    from sdbridge.engines.models import load_pipeline_parts
+
+    return load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float32)
+
+
+def test_feature_bank_in_the_graph_on_sdxl(sdxl_parts):
+    """SDXL's UNet (its added text embeds and time ids beside the hidden states) with the bank in the
+    compiled graph, guided: equal to the eager path with the bank, outputs and entries."""
+    from sdbridge.engines import feature_bank as bank_ops
+
+    seeds = [0, 1, 2]
+    eager_bank, graph_bank = bank_ops.FeatureBank(strength=0.7), bank_ops.FeatureBank(strength=0.7)
+    expected = banked_run(sdxl_parts, bank_engine(sdxl_parts, False, True, 2.0), eager_bank, seeds)
+    ours = bank_engine(sdxl_parts, True, True, 2.0)
+    got = banked_run(sdxl_parts, ours, graph_bank, seeds)
+    assert ("denoise-exact-bank", (64, 64), 2) in ours._compiled
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert relative_error(a, b) <= TOLERANCE, f"frame {k}"
+    assert graph_bank._store.keys() == eager_bank._store.keys() and len(graph_bank) > 0
