@@ -526,3 +526,32 @@ def test_feature_bank_in_the_graph_on_sdxl(sdxl_parts):
     for k, (a, b) in enumerate(zip(got, expected)):
         assert relative_error(a, b) <= TOLERANCE, f"frame {k}"
     assert graph_bank._store.keys() == eager_bank._store.keys() and len(graph_bank) > 0
+
+
+def test_feature_bank_in_the_graph_across_a_resolution_change(parts):
+    """A new resolution mid-stream with the bank on: the entries of the old size count as missing (as they
+    do eagerly), the new size learns its shapes on its first call and then runs its own banked graph,
+    all equal to the eager path doing the same."""
+    from sdbridge.engines import feature_bank as bank_ops
+
+    def stream(engine: CompiledEngine, bank: bank_ops.FeatureBank) -> list[torch.Tensor]:
+        state = StreamState("a")
+        bank_ops.attach(parts.unet, bank)
+        try:
+            outputs = []
+            for width, seed in ((64, 0), (64, 1), (96, 2), (96, 3), (96, 4)):
+                engine.prepare(params(steps=2, guidance=1.0, width=width))
+                bank.begin_frame(["a"])
+                with torch.inference_mode():
+                    outputs.append(engine.step_float(frames(width, 64, seed), [state]))
+                bank.end_frame()
+            return outputs
+        finally:
+            bank_ops.detach(parts.unet)
+
+    ours = bank_engine(parts, True, True, 1.0)
+    got = stream(ours, bank_ops.FeatureBank(strength=1.0))
+    expected = stream(bank_engine(parts, False, True, 1.0), bank_ops.FeatureBank(strength=1.0))
+    assert {key[1] for key in ours._compiled if key[0] == "denoise-none-bank"} == {(64, 64), (96, 64)}
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert a.shape == b.shape and relative_error(a, b) <= TOLERANCE, f"frame {k}"
