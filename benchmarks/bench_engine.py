@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default=None,
                         help="an A1111 sampler name for every row, diffusers' included (default: the architecture's "
                              "scheduler); --arch sd15 --sampler LCM is SD 1.5 with an LCM-LoRA's sampler")
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--json", type=Path,
+                        help="write the results as JSON here (with rows timed in order, as on CUDA, also after "
+                             "each row, marked partial, so that a run cut short keeps what it finished)")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
 
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         section.fp8 = args.fp8 or args.fp8_only
         section.fp8_only = args.fp8_only
         section.feature_bank = args.feature_bank
+        section.partial_json = args.json if len(sections) == 1 else None
         section.arch = args.arch
         section.sampler = args.sampler
         table, report = run_section(section)
@@ -286,6 +289,7 @@ class Section:
     fp8: bool = False
     fp8_only: bool = False
     feature_bank: bool = False
+    partial_json: Path | None = None  # rewritten after each timed row (--json with one section)
     arch: str = "sd21"
     sampler: str | None = None
 
@@ -426,7 +430,15 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         else:
             times, seconds = timed_calls(row, inputs, device, calls)
             row.result.update(summarise(row, times, seconds, calls, device))
+            print(f"    {row.result['fps']:.1f} frames/s, p50 {row.result['ms_p50']:.2f} ms", file=sys.stderr, flush=True)
         results.append(row.result)
+        if section.partial_json is not None and section.rounds <= 1:
+            # Rewritten after each timed row: a run cut short (a device session's time limit) keeps
+            # the rows it finished. The complete report replaces it at the end.
+            section.partial_json.write_text(json.dumps(
+                {"partial": True, "device": str(device), "arch": section.arch, "tiny": section.tiny, "size": size,
+                 "dtype": str(dtype), "compile_backend": backend, "commit": commit(), "rows": results},
+                indent=1) + "\n", encoding="utf-8")
 
     for row in rows:
         measure(row)

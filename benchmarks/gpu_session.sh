@@ -235,7 +235,8 @@ merge_results  # results.json from the start: the versions, then each step as it
 # --- the steps, in priority order ---------------------------------------------------------------
 # name, at least (s), cap (s), JSON, command. Guesses for an H200, where Inductor's first compile of
 # each graph dominates (sd-turbo's UNet: about a minute or more a graph). A benchmark cut off writes
-# no table, only the lines it printed before, so "at least" is about what a step needs to finish: one
+# no table, only the lines it printed before (bench_engine.py: each row's figure, and its JSON rewritten
+# after each row, marked partial), so "at least" is about what a step needs to finish: one
 # that cannot is skipped and leaves its time to the smaller steps after it. The caps are ceilings,
 # not reservations; the headline's is the whole call. engine_fp8 re-runs every row but the plain
 # diffusers ones unless --fp8-only, which it takes (the headline took those rows).
