@@ -1,0 +1,33 @@
+"""benchmarks/bench_engine.py, the command a lent GPU runs first, proven to run here: the feature bank's
+rows (its newest) on the tiny model through torch.compile's aot_eager backend, with the banked row's
+parity within bound and each row's figure in the log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(tmp_path: Path, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "engine.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--tiny", "--skip-diffusers",
+                          "--calls", "2", "--warmup", "1", "--rounds", "1", "--json", str(out), *args],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run, out
+
+
+def test_the_feature_bank_rows_run_with_parity(tmp_path):
+    run, out = bench(tmp_path, "--feature-bank", "--compile-backend", "aot_eager")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert "partial" not in report
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["compiled engine (aot_eager), stream batch", "eager engine (TAESD) + feature bank",
+                     "compiled engine (aot_eager), stream batch + feature bank"]
+    banked = report["rows"][-1]
+    assert banked["parity_ok"] is True and banked["parity_rel_error"] <= 1e-4 and banked["fps"] > 0
+    assert "frames/s, p50" in run.stderr   # each row's figure in the log as it ends
