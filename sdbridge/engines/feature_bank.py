@@ -60,6 +60,11 @@ class FeatureBank:
         self.in_graph = False               # a compiled call counts its own step (the hook would count at trace)
         self._store: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._biases: dict[tuple[Any, ...], torch.Tensor] = {}
+        # step -> the last compiled call's (rows, layers, keys and values per layer), kept whole rather than
+        # split into _store's per-row entries: the next call over the same rows at that step takes them
+        # as its inputs with no stack and no per-row bookkeeping (a steady stream). Split into _store
+        # (_flush) before anything else reads or writes the entries.
+        self._chains: dict[int, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[torch.Tensor, torch.Tensor], ...]]] = {}
 
     def begin_frame(self, sessions: list[str]) -> None:
         self.sessions = list(sessions)
@@ -84,6 +89,7 @@ class FeatureBank:
 
     def forget(self, keep: set[str] | None = None) -> None:
         """Drop the bank (of sessions not in ``keep``)."""
+        self._flush()
         if keep is None:
             self._store.clear()
             return
@@ -114,9 +120,11 @@ class FeatureBank:
                 for suffix in suffixes for session in sessions for place in range(frames)]
 
     def take(self, rows: list[str], layer: str) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        self._flush()
         return [self._store.get((row, layer, self.step)) for row in rows]
 
     def put(self, rows: list[str], layer: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._flush()
         for i, row in enumerate(rows):
             self._store[(row, layer, self.step)] = (key[i].detach(), value[i].detach())
 
@@ -127,7 +135,14 @@ class FeatureBank:
         or -inf for a row whose entries are missing or of another shape (``shapes``: each layer's
         [H, T, D] at this resolution) and for strength 0, which is exactly that row's plain attention.
 
-        A row counts as present only with every layer's entry, as the eager path puts them."""
+        A row counts as present only with every layer's entry, as the eager path puts them. When the
+        last compiled call at this step had the same rows and layers, its outputs are the inputs as they
+        are: the same values a stack of their per-row entries would give."""
+        chain = self._chains.get(self.step)
+        if chain is not None and chain[0] == tuple(rows) and chain[1] == tuple(shapes) and all(
+                key.shape[1:] == shape for (key, _), shape in zip(chain[2], shapes.values())):
+            return chain[2], self._bias((True,) * len(rows), dtype, device)
+        self._flush()
         present = tuple(all((entry := self._store.get((row, layer, self.step))) is not None
                             and entry[0].shape == shape for layer, shape in shapes.items()) for row in rows)
         past = []
@@ -160,12 +175,35 @@ class FeatureBank:
     def put_fresh(self, rows: list[str], layers: list[str],
                   fresh: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> None:
         """Store a compiled call's keys and values per layer (copied: a CUDA graph's next replay
-        overwrites its outputs)."""
-        for layer, (key, value) in zip(layers, fresh):
-            self.put(rows, layer, key.clone(), value.clone())
+        overwrites its outputs), kept whole as this step's chain (see ``_chains``)."""
+        previous = self._chains.get(self.step)
+        if previous is not None and previous[0] != tuple(rows):
+            self._flush()  # its rows that this call does not overwrite keep their entries
+        # Contiguous copies: the layer's keys are a transposed view, and a graph input of another layout
+        # than the stacked one would be another graph (a recompile each time the path changes).
+        contiguous = torch.contiguous_format
+        self._chains[self.step] = (tuple(rows), tuple(layers),
+                                   tuple((key.clone(memory_format=contiguous), value.clone(memory_format=contiguous))
+                                         for key, value in fresh))
+
+    def _flush(self) -> None:
+        """Split the chains into _store's per-row entries."""
+        if not self._chains:
+            return
+        chains, self._chains = self._chains, {}
+        for step, (rows, layers, fresh) in chains.items():
+            for layer, (key, value) in zip(layers, fresh):
+                for i, row in enumerate(rows):
+                    self._store[(row, layer, step)] = (key[i], value[i])
+
+    def entries(self) -> dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]]:
+        """Every entry, (row, layer, step) -> (keys, values) [H, T, D] (tests, inspection)."""
+        self._flush()
+        return self._store
 
     def shapes(self, row: str) -> dict[str, torch.Size]:
         """Each layer's key shape [H, T, D] in ``row``'s entries at this step."""
+        self._flush()
         return {layer: entry[0].shape for (key, layer, step), entry in self._store.items()
                 if key == row and step == self.step}
 
@@ -180,9 +218,11 @@ class FeatureBank:
 
     def row_keys(self) -> set[str]:
         """The rows that hold entries: a session's, or one window place's of a session (``window_key``)."""
+        self._flush()
         return {row for row, _layer, _step in self._store}
 
     def __len__(self) -> int:
+        self._flush()
         return len(self._store)
 
 

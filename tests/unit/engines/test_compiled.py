@@ -495,9 +495,9 @@ def test_cuda_graphs_fp16_feature_bank_parity(tiny_model_dir):
     assert any(key[0].endswith("-bank") for key in ours._compiled)
     for k, (a, b) in enumerate(zip(got, expected)):
         assert relative_error(a, b) <= 1e-2, f"frame {k}"
-    for key, (k, v) in graph_bank._store.items():
-        assert relative_error(k, eager_bank._store[key][0]) <= 1e-2
-        assert relative_error(v, eager_bank._store[key][1]) <= 1e-2
+    for key, (k, v) in graph_bank.entries().items():
+        assert relative_error(k, eager_bank.entries()[key][0]) <= 1e-2
+        assert relative_error(v, eager_bank.entries()[key][1]) <= 1e-2
 
 
 @pytest.mark.gpu

@@ -164,9 +164,16 @@ def test_the_feed_equals_the_eager_bank_and_stores_the_same_entries(caplog) -> N
         assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
     assert (got[0][0] - plain[0]).abs().max() > 1e-3          # a remembers its frame 0
     assert torch.allclose(got[0][1], plain[1], atol=1e-5)     # b had no past: its plain attention
-    assert fed._store.keys() == eager._store.keys() and {step for _, _, step in fed._store} == {0}
-    for key, (k, v) in eager._store.items():
-        assert torch.allclose(fed._store[key][0], k, atol=1e-5) and torch.allclose(fed._store[key][1], v, atol=1e-5)
+    # A steady stream: the next call over the same rows takes the last call's outputs as they are, no stack.
+    fed.begin_frame(["a", "b"])
+    fed.begin_call(2)
+    chained, bias = fed.feed(fed.rows(2), shapes, torch.float32, torch.device("cpu"))
+    assert all(k is last_k and v is last_v for (k, v), (last_k, last_v) in zip(chained, fed._chains[0][2]))
+    assert torch.allclose(bias, torch.full((2,), math.log(0.6)))
+    fed.end_frame()
+    assert fed.entries().keys() == eager.entries().keys() and {step for _, _, step in fed.entries()} == {0}
+    for key, (k, v) in eager.entries().items():
+        assert torch.allclose(fed.entries()[key][0], k, atol=1e-5) and torch.allclose(fed.entries()[key][1], v, atol=1e-5)
     assert "not expected" not in caplog.text
 
     # An entry of another resolution is no entry: zeros, and -inf on its logits.
