@@ -29,7 +29,7 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank engine_sdxl switch}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
@@ -338,6 +338,13 @@ step_engine_bank() {  # the feature bank inside the compiled graph: its cost bes
   else
     step engine_bank 30 300 engine_bank.json $P benchmarks/bench_engine.py --device cpu --tiny --feature-bank \
       --skip-diffusers --compile-backend aot_eager --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_bank.json"
+  fi
+}
+step_bank_feed() {  # the feature bank's per-call bookkeeping around the graph, stacked against chained inputs
+  if [ "$DEVICE" = cuda ]; then
+    step bank_feed 20 90 - $P benchmarks/bench_bank_feed.py --device cuda --size 512 --calls 200
+  else
+    step bank_feed 10 90 - $P benchmarks/bench_bank_feed.py --device cpu --size 64 --calls 20
   fi
 }
 step_switch() {
