@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -210,7 +211,10 @@ def publish(text: str, *, write: bool, json_path: Path | None = None, record: ob
             handle.write("\n" + text)
 
 
+@functools.cache
 def commit() -> str:
+    """HEAD when first asked, which a benchmark does as it starts: read once, as other commits may land
+    while a long run goes on."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +58,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from bench_daemon import commit  # noqa: E402  (this folder is on sys.path when a benchmark runs)
+
 PROMPT = "a watercolor painting of a fox in a forest"
 ARCH_LABELS = {  # (full size, tiny)
     "sd21": ("sd-turbo architecture (SD 2.1 + TAESD), random weights", "tiny random model"),
@@ -68,26 +69,7 @@ ARCH_LABELS = {  # (full size, tiny)
 # The fp8 rows' frame parity against diffusers (max abs error / max abs value of the float frame):
 # the UNet gate's bound (engines/fp8.py, 5 % relative L2 of the noise prediction) carried to the frame.
 FP8_TOLERANCE = 5e-2
-
-
-def commit() -> str:
-    """HEAD when the run started (read once: other commits may land while a long run goes on)."""
-    global _COMMIT
-    if _COMMIT is None:
-        _COMMIT = _read_commit()
-    return _COMMIT
-
-
-_COMMIT: str | None = None
 STARTED = time.perf_counter()  # the progress lines say when each row starts
-
-
-def _read_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def build_parts(tiny: bool, device: torch.device, dtype: torch.dtype, arch: str = "sd21") -> Any:
