@@ -571,7 +571,7 @@ class CompiledEngine(DiffusionEngine):
         with bank.graph_call():
             banked = self._part(f"denoise-{self._cfg}-bank", x.shape[0], self._denoise_banked, self._bank_on)
             x_next, eps, fresh = banked(*args, layers, past, bias)
-        bank.put_fresh(rows, list(layers), fresh)
+        bank.put_fresh(rows, layers, fresh)
         return x_next, eps
 
     def _bank_on(self) -> bool:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -125,8 +125,11 @@ class FeatureBank:
 
     def put(self, rows: list[str], layer: str, key: torch.Tensor, value: torch.Tensor) -> None:
         self._flush()
+        self._put_rows(rows, layer, self.step, key.detach(), value.detach())
+
+    def _put_rows(self, rows: Sequence[str], layer: str, step: int, key: torch.Tensor, value: torch.Tensor) -> None:
         for i, row in enumerate(rows):
-            self._store[(row, layer, self.step)] = (key[i].detach(), value[i].detach())
+            self._store[(row, layer, step)] = (key[i], value[i])
 
     def feed(self, rows: list[str], shapes: Mapping[str, torch.Size], dtype: torch.dtype,
              device: torch.device) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], torch.Tensor]:
@@ -172,7 +175,7 @@ class FeatureBank:
             self._biases[key] = found
         return found
 
-    def put_fresh(self, rows: list[str], layers: list[str],
+    def put_fresh(self, rows: list[str], layers: Sequence[str],
                   fresh: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> None:
         """Store a compiled call's keys and values per layer (copied: a CUDA graph's next replay
         overwrites its outputs), kept whole as this step's chain (see ``_chains``)."""
@@ -193,8 +196,7 @@ class FeatureBank:
         chains, self._chains = self._chains, {}
         for step, (rows, layers, fresh) in chains.items():
             for layer, (key, value) in zip(layers, fresh):
-                for i, row in enumerate(rows):
-                    self._store[(row, layer, step)] = (key[i], value[i])
+                self._put_rows(rows, layer, step, key, value)
 
     def entries(self) -> dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]]:
         """Every entry, (row, layer, step) -> (keys, values) [H, T, D] (tests, inspection)."""
