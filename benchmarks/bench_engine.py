@@ -156,6 +156,14 @@ def interleave(rows: list[Row], inputs: list[np.ndarray], device: torch.device, 
         row.result["rounds"] = rounds
 
 
+def device_label(device: torch.device) -> str:
+    # CPU figures swing with whatever else runs on the machine: the load average goes with them.
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU" + \
+        (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+
+
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     ours, theirs = ours.float().cpu(), theirs.float().cpu()
     if not torch.isfinite(ours).all() or not torch.isfinite(theirs).all():
@@ -384,6 +392,12 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     results: list[dict[str, Any]] = []
     pending: list[Row] = []
 
+    def make_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"device": device_label(device), "date": str(datetime.date.today()), "commit": commit(),
+                "torch": torch.__version__, "tiny": section.tiny, "size": size, "dtype": str(dtype),
+                "arch": section.arch, "scheduler": type(parts.scheduler).__name__,
+                "compile_backend": backend, "tolerance": tolerance, "build_s": build_s, "rows": rows}
+
     def measure(row: Row, engine: Any = None, compile_s: float | None = None,
                 reference: torch.Tensor | None = None, row_tolerance: float | None = None) -> None:
         print(f"  [{time.perf_counter() - STARTED:.0f} s] {row.name} ({row.steps} step{'s' * (row.steps > 1)}) ...",
@@ -417,16 +431,14 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         if section.partial_json is not None and section.rounds <= 1:
             # Rewritten after each timed row: a run cut short (a device session's time limit) keeps
             # the rows it finished. The complete report replaces it at the end.
-            section.partial_json.write_text(json.dumps(
-                {"partial": True, "device": str(device), "arch": section.arch, "tiny": section.tiny, "size": size,
-                 "dtype": str(dtype), "compile_backend": backend, "commit": commit(), "rows": results},
-                indent=1) + "\n", encoding="utf-8")
+            section.partial_json.write_text(json.dumps({"partial": True, **make_report(results)}, indent=1) + "\n",
+                                            encoding="utf-8")
 
     for row in rows:
         measure(row)
     label = f"compiled engine ({backend or 'not compiled'})"
     if section.feature_bank:
-        bank_rows(parts, section, engine_run, measure, compiled_engine, label, inputs, relative_error)
+        bank_rows(parts, section, engine_run, measure, compiled_engine, label, inputs, tolerance)
     elif not section.fp8_only:
         fp16_rows(parts, section, engine_run, measure, with_controlnet, compiled_engine, label, inputs, first)
     fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size) if section.fp8 else None
@@ -446,10 +458,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
             result["vs_diffusers"] = result["fps"] / base["fps"]
             result["vs"] = base["name"]
 
-    # CPU figures swing with whatever else runs on the machine: the load average goes with them.
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU" + \
-        (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+    device_name = device_label(device)
     timed = max(1, calls // section.rounds) * section.rounds if section.rounds > 1 else calls
     interleaved = f", interleaved in {section.rounds} rounds" if section.rounds > 1 else ""
     header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
@@ -472,10 +481,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
             line += f" {r.get('peak_mb', 0):.0f} |"
         lines.append(line)
     table = "\n".join(lines)
-    report = {"device": device_name, "date": str(datetime.date.today()), "commit": commit(),
-              "torch": torch.__version__, "tiny": section.tiny, "size": size, "dtype": str(dtype),
-              "arch": section.arch, "scheduler": type(parts.scheduler).__name__,
-              "compile_backend": backend, "tolerance": tolerance, "build_s": build_s, "rows": results}
+    report = make_report(results)
     if fp8_report is not None:
         report["fp8"] = fp8_report
     return table, report
@@ -522,8 +528,7 @@ BANK_STRENGTH = 0.7  # the feature_bank plugin's default
 
 
 def bank_rows(parts: Any, section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],
-              compiled_engine: Callable[..., Any], label: str, inputs: list[np.ndarray],
-              relative_error: Callable[[torch.Tensor, torch.Tensor], float]) -> None:
+              compiled_engine: Callable[..., Any], label: str, inputs: list[np.ndarray], tolerance: float) -> None:
     """The feature bank's cost: the compiled stream batch without and with the bank (its entries as graph
     inputs and outputs), and the eager engine with it, each frame driven as the plugin drives it. Parity:
     the compiled engine with the bank against its own uncompiled path with the bank, over the same 4 frames
@@ -581,7 +586,7 @@ def bank_rows(parts: Any, section: Section, engine_run: Callable[..., Any], meas
     compile_s = time.perf_counter() - started if backend else None
     row = Row(f"{label}, stream batch + feature bank", banked(engine, "stream"), 1, 4)
     row.result["parity_rel_error"] = error = relative_error(got, expected)
-    row.result["parity_ok"] = bool(error <= (1e-2 if engine.dtype == torch.float16 else 1e-4))
+    row.result["parity_ok"] = bool(error <= tolerance)
     row.result["parity_against"] = "the compiled engine's uncompiled path with the bank"
     measure(row, compile_s=compile_s)
 
