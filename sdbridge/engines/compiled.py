@@ -144,6 +144,18 @@ class LinearSchedule:
         """(timesteps, input_scale, sample_coef, eps_coef) for a stream batch: [sessions * N], step-minor."""
         return tuple(t.repeat(sessions) for t in (self.timesteps, self.input_scale, self.sample_coef, self.eps_coef))
 
+    def at(self, step: int, sessions: int) -> tuple[torch.Tensor, ...]:
+        """(timesteps, input_scale, sample_coef, eps_coef) of one step for ``sessions`` rows: [sessions],
+        laid out as :meth:`tiled`'s. One step over 4 sessions and a stream batch of 4 steps are then the
+        same graph (with a broadcast [1] or a stride-0 expand the first would be a second graph, compiled
+        for minutes on a CPU, tens of seconds on a GPU)."""
+        return tuple(t[step:step + 1].repeat(sessions)
+                     for t in (self.timesteps, self.input_scale, self.sample_coef, self.eps_coef))
+
+    def noise_at(self, step: int, sessions: int) -> torch.Tensor | None:
+        """``step_noise`` of one step for ``sessions`` rows, laid out as :meth:`noise_rows`'s."""
+        return None if self.step_noise is None else self.step_noise[step:step + 1].repeat(sessions, 1, 1, 1)
+
     def noise_rows(self, sessions: int) -> torch.Tensor | None:
         """``step_noise`` for a stream batch: [sessions * N, C, h, w], step-minor like :meth:`tiled`."""
         return None if self.step_noise is None else self.step_noise.repeat(sessions, 1, 1, 1)
@@ -467,17 +479,18 @@ class CompiledEngine(DiffusionEngine):
         # 5. Latent plugins, then decode.
         if self.latent_hook is not None:
             latents = self.latent_hook(latents, states)
-        return self._part("decode", batch, self.decode)(latents)
+        # One layout whichever path made the latents (the stream batch's are a strided view of its
+        # output, and a graph guards every stride, a batch of one's too): one decode graph for both.
+        # A copy of [B, 4, h, w] latents, nothing next to the decode.
+        return self._part("decode", batch, self.decode)(latents.clone(memory_format=torch.channels_last))
 
     def _denoise_sequential(self, x: torch.Tensor, noise: torch.Tensor, schedule: LinearSchedule,
                             controls: Sequence[ControlUnit]) -> torch.Tensor:
         batch = x.shape[0]
         residual = noise if self._cfg == "residual" else None
         for i in range(schedule.steps):
-            drawn = schedule.step_noise[i:i + 1].expand(batch, -1, -1, -1) if schedule.step_noise is not None else None
-            x, eps = self._unet_step(x, schedule.timesteps[i:i + 1].expand(batch), schedule.input_scale[i:i + 1],
-                                     schedule.sample_coef[i:i + 1], schedule.eps_coef[i:i + 1], drawn, residual,
-                                     controls, (i,), schedule.steps)
+            x, eps = self._unet_step(x, *schedule.at(i, batch), schedule.noise_at(i, batch), residual, controls, (i,),
+                                     schedule.steps)
             residual = eps if residual is not None else None
         return x
 

@@ -177,6 +177,32 @@ def test_stream_refills_when_the_schedule_changes(parts):
     assert state.data[STREAM_KEY].latents.shape[0] == 1
 
 
+def test_one_step_over_four_sessions_and_a_four_step_stream_batch_share_their_graphs(parts):
+    """Both are one UNet call over 4 rows, and a decode of the last rows: the same graphs, so that a
+    change from one to the other compiles nothing (on a CPU, a new UNet graph is minutes of Inductor).
+    The shared graphs still give the stream batch's own frames."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ours = engine(parts, True, backend="aot_eager", steps=1, strength=1.0)
+    ours.background_compile = False  # compiled in the call: every frame below runs the graphs
+    frames = make_frames(4)
+    ours.step_float(frames[0], [StreamState("one")])  # entry, denoise, decode at batch 1
+    ours.step_float(torch.cat(frames), [StreamState(f"s{i}") for i in range(4)])  # the same at batch 4
+    graphs = counters["stats"]["unique_graphs"]
+    assert {key[0] for key in ours._compiled} == {"entry", "denoise-none", "decode"}
+
+    ours.prepare(params(steps=4, strength=1.0))
+    reference = engine(parts, True, steps=4, strength=1.0)  # uncompiled
+    state, expected = StreamState("stream"), StreamState("stream")
+    for frame in frames:
+        out = ours.step_float(frame, [state])
+        assert relative_error(out, reference.step_float(frame, [expected])) <= TOLERANCE
+    assert ours.describe()["path"] == "stream"
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 # --- schedulers -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheduler_name, options, linear", [
