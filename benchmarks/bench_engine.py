@@ -16,7 +16,7 @@ one after another:
   in, ``output_type="pt"``), with the full VAE and with TAESD;
 - our eager ``DiffusionEngine`` (TAESD);
 - our ``CompiledEngine``: batch 1, four sessions batched, and stream batch (the 4 steps of 4
-  consecutive frames in one UNet call) against the same 4 steps in plain diffusers and eager;
+  consecutive frames in one UNet call; ``--steps``) against the same 4 steps in plain diffusers and eager;
 - ControlNet (issue 7): the eager engine and the compiled engine's stream batch with one slot on
   (a random ControlNet of the UNet's family, conditioned on each input frame, scale 0.8): what a
   ControlNet adds per frame. These rows are checked against the eager engine with the same slot,
@@ -183,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                              "1024); with --tiny, the tiny model of that family")
     parser.add_argument("--quick", action="store_true",
                         help="CPU in minutes: the tiny model compiled with Inductor, then sd-turbo's architecture at "
-                             "128x128 uncompiled (compiling it on a CPU takes many minutes)")
+                             "128x128 uncompiled, its multi-step rows at 2 steps (compiling it on a CPU takes many "
+                             "minutes)")
     parser.add_argument("--size", type=int, default=None, help="frame size (default 512; 64 with --tiny)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="the multi-step rows' steps (stream batch, in sequence, ControlNet): default 4")
     parser.add_argument("--calls", type=int, default=None, help="timed calls per row (default 100; 20 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default 10; 3 with --tiny)")
     parser.add_argument("--compile-backend", default=None,
@@ -226,15 +229,16 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     if args.quick:
         # The real architecture's rows prove parity (their CPU timings are reported, not targeted): two
-        # timed calls each, so that the whole run stays within minutes on 2 cores with the cache cold.
+        # timed calls each, and 2 steps where the others take 4 (a stream batch of 2 is the stream path
+        # all the same), so that the whole run stays within 5 minutes on 2 cores with the cache cold.
         sections = [Section(device, tiny=True, size=64, calls=10, warmup=3, backend="inductor"),
-                    Section(device, tiny=False, size=128, calls=2, warmup=1, backend=None, rounds=2)]
+                    Section(device, tiny=False, size=128, calls=2, warmup=1, backend=None, rounds=2, steps=2)]
     else:
         backend = args.compile_backend or ("inductor" if device.type == "cuda" else "none")
         sections = [Section(device, tiny=args.tiny, size=args.size or (64 if args.tiny else 512),
                             calls=args.calls or (20 if args.tiny else 100),
                             warmup=args.warmup or (3 if args.tiny else 10),
-                            backend=None if backend == "none" else backend)]
+                            backend=None if backend == "none" else backend, steps=args.steps)]
     tables, reports = [], []
     for section in sections:
         # On CUDA the compiled engine turns the shared UNet channels_last when it is built, so
@@ -285,6 +289,7 @@ class Section:
     partial_json: Path | None = None  # rewritten after each timed row (--json with one section)
     arch: str = "sd21"
     sampler: str | None = None
+    steps: int = 4  # the multi-step rows' (stream batch, in sequence, ControlNet)
 
 
 def run_section(section: Section) -> tuple[str, dict[str, Any]]:
@@ -339,7 +344,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
                         generator=torch.Generator().manual_seed(7), output_type="pt").images
 
     taesd_pipe = make_pipe(parts.taesd)
-    references = {1: diffusers_float(taesd_pipe, 1, 1.0), 4: diffusers_float(taesd_pipe, 4, 1.0)}
+    n = section.steps
+    references = {1: diffusers_float(taesd_pipe, 1, 1.0), n: diffusers_float(taesd_pipe, n, 1.0)}
 
     # --- ours --------------------------------------------------------------------------------------
     def engine_run(engine: Any, sessions: int, condition: bool = False) -> Callable[[list[np.ndarray]], Any]:
@@ -393,7 +399,7 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         full_pipe = make_pipe(parts.vae)
         rows.append(Row("diffusers img2img, full VAE", diffusers_run(full_pipe, 1, 1.0), 1, 1))
         rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 1, 1.0), 1, 1))
-        rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, 4, 1.0), 1, 4))
+        rows.append(Row("diffusers img2img, TAESD", diffusers_run(taesd_pipe, n, 1.0), 1, n))
     results: list[dict[str, Any]] = []
     pending: list[Row] = []
 
@@ -447,7 +453,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         bank_rows(parts, section, engine_run, measure, compiled_engine, label, inputs, tolerance)
     elif not section.fp8_only:
         fp16_rows(parts, section, engine_run, measure, with_controlnet, compiled_engine, label, inputs, first)
-    fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size) if section.fp8 else None
+    fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size, section.steps) \
+        if section.fp8 else None
     if pending:
         print(f"  timing {len(pending)} rows interleaved, {section.rounds} rounds ...", file=sys.stderr, flush=True)
         interleave(pending, inputs, device, calls, section.rounds)
@@ -501,32 +508,32 @@ def fp16_rows(parts: Any, section: Section, engine_run: Callable[..., Any], meas
     from sdbridge.engines.base import StreamState
     from sdbridge.engines.diffusion import DiffusionEngine
 
-    device, size, backend = section.device, section.size, section.backend
+    device, size, backend, n = section.device, section.size, section.backend, section.steps
     eager = DiffusionEngine.from_parts(parts)
     eager.prepare(engine_params(size, 1, 1.0))
     measure(Row("eager engine (TAESD)", engine_run(eager, 1), 1, 1), eager)
-    eager4 = DiffusionEngine.from_parts(parts)
-    eager4.prepare(engine_params(size, 4, 1.0))
-    measure(Row("eager engine (TAESD)", engine_run(eager4, 1), 1, 4), eager4)
-    eager_controlnet = with_controlnet(DiffusionEngine.from_parts(parts), 4)
+    eager_n = DiffusionEngine.from_parts(parts)
+    eager_n.prepare(engine_params(size, n, 1.0))
+    measure(Row("eager engine (TAESD)", engine_run(eager_n, 1), 1, n), eager_n)
+    eager_controlnet = with_controlnet(DiffusionEngine.from_parts(parts), n)
     controlnet_state = StreamState("reference")
     eager_controlnet.controlnets.condition(controlnet_state.data, inputs[0])
     with torch.inference_mode():
         controlnet_reference = eager_controlnet.step_float(first.to(device), [controlnet_state])
-    measure(Row("eager engine (TAESD) + ControlNet", engine_run(eager_controlnet, 1, condition=True), 1, 4),
+    measure(Row("eager engine (TAESD) + ControlNet", engine_run(eager_controlnet, 1, condition=True), 1, n),
             eager_controlnet, reference=controlnet_reference)
     # Built after the plain rows: the compiled engine turns the shared UNet channels_last on CUDA.
     for name, steps, sessions, stream in ((f"{label}, batch 1", 1, 1, True),
                                           (f"{label}, 4 sessions", 1, 4, True),
-                                          (f"{label}, stream batch", 4, 1, True),
-                                          (f"{label}, 4 steps in sequence", 4, 1, False)):
+                                          (f"{label}, stream batch", n, 1, True),
+                                          (f"{label}, {n} steps in sequence", n, 1, False)):
         engine = compiled_engine(steps, stream)
         compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) if backend else None
         measure(Row(name, engine_run(engine, sessions), sessions, steps), engine, compile_s)
         del engine  # still held by its row while rows are interleaved
-    engine = with_controlnet(compiled_engine(4), 4)
-    compile_s = engine.warmup({**engine_params(size, 4, 1.0), **controlnet_slot()}) if backend else None
-    measure(Row(f"{label}, stream batch + ControlNet", engine_run(engine, 1, condition=True), 1, 4), engine,
+    engine = with_controlnet(compiled_engine(n), n)
+    compile_s = engine.warmup({**engine_params(size, n, 1.0), **controlnet_slot()}) if backend else None
+    measure(Row(f"{label}, stream batch + ControlNet", engine_run(engine, 1, condition=True), 1, n), engine,
             compile_s, reference=controlnet_reference)
 
 
@@ -547,7 +554,7 @@ def bank_rows(parts: Any, section: Section, engine_run: Callable[..., Any], meas
     from sdbridge.engines.base import StreamState
     from sdbridge.engines.diffusion import DiffusionEngine
 
-    size, backend = section.size, section.backend
+    size, backend, n = section.size, section.backend, section.steps
     bank = bank_ops.FeatureBank(BANK_STRENGTH)
     bank_ops.attach(parts.unet, bank)
 
@@ -571,26 +578,26 @@ def bank_rows(parts: Any, section: Section, engine_run: Callable[..., Any], meas
                 bank.end_frame()
         return out
 
-    reference = compiled_engine(4)
+    reference = compiled_engine(n)
     reference.compile = False          # its eager path: the bank as Python state, the exact maths
-    reference.prepare(engine_params(size, 4, 1.0))
+    reference.prepare(engine_params(size, n, 1.0))
     expected = last_frame(reference, "parity-reference")
 
-    plain = compiled_engine(4)
-    compile_s = plain.warmup(engine_params(size, 4, 1.0)) if backend else None
-    measure(Row(f"{label}, stream batch", engine_run(plain, 1), 1, 4), plain, compile_s)
+    plain = compiled_engine(n)
+    compile_s = plain.warmup(engine_params(size, n, 1.0)) if backend else None
+    measure(Row(f"{label}, stream batch", engine_run(plain, 1), 1, n), plain, compile_s)
     del plain
     eager = DiffusionEngine.from_parts(parts)
-    eager.prepare(engine_params(size, 4, 1.0))
-    measure(Row("eager engine (TAESD) + feature bank", banked(eager, "eager"), 1, 4))
-    engine = compiled_engine(4)
+    eager.prepare(engine_params(size, n, 1.0))
+    measure(Row("eager engine (TAESD) + feature bank", banked(eager, "eager"), 1, n))
+    engine = compiled_engine(n)
     started = time.perf_counter()
     got = last_frame(engine, "parity-first")   # queues the banked graph's compile (the first call learns shapes)
     if backend:
         engine.wait_compiled()
         got = last_frame(engine, "parity")     # the banked graph serves
     compile_s = time.perf_counter() - started if backend else None
-    row = Row(f"{label}, stream batch + feature bank", banked(engine, "stream"), 1, 4)
+    row = Row(f"{label}, stream batch + feature bank", banked(engine, "stream"), 1, n)
     row.result["parity_rel_error"] = error = relative_error(got, expected)
     row.result["parity_ok"] = bool(error <= tolerance)
     row.result["parity_against"] = "the compiled engine's uncompiled path with the bank"
@@ -598,7 +605,7 @@ def bank_rows(parts: Any, section: Section, engine_run: Callable[..., Any], meas
 
 
 def fp8_rows(parts: Any, compiled_engine: Callable[..., Any], engine_run: Callable[..., Any],
-             measure: Callable[..., None], label: str, size: int) -> dict[str, Any]:
+             measure: Callable[..., None], label: str, size: int, n: int) -> dict[str, Any]:
     """The compiled engine with an fp8 UNet (a copy: quantising changes weights in place), batch 1 and
     stream batch, as the daemon's --fp8 does it: quantised, gated on the prompt's embeddings, then
     compiled. Returns the gate's report; no rows when the gate undid fp8."""
@@ -617,7 +624,7 @@ def fp8_rows(parts: Any, compiled_engine: Callable[..., Any], engine_run: Callab
     print(f"  {report}", file=sys.stderr, flush=True)
     if report.kept:
         for name, steps, sessions in ((f"{label}, fp8, batch 1", 1, 1), (f"{label}, fp8, 4 sessions", 1, 4),
-                                      (f"{label}, fp8, stream batch", 4, 1)):
+                                      (f"{label}, fp8, stream batch", n, 1)):
             engine = compiled_engine(steps, source=fp8_parts)
             compile_s = engine.warmup(engine_params(size, steps, 1.0), sessions=(sessions,)) \
                 if engine.compile_active else None
