@@ -1,6 +1,6 @@
 """benchmarks/bench_engine.py, the command a lent GPU runs first, proven to run here: the feature bank's
-rows (its newest) on the tiny model through torch.compile's aot_eager backend, with the banked row's
-parity within bound and each row's figure in the log."""
+rows on the tiny model through torch.compile's aot_eager backend, with the banked row's parity within
+bound and each row's figure in the log; and the fp16 rows at another step count (``--steps``)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,18 @@ def test_the_feature_bank_rows_run_with_parity(tmp_path):
     banked = report["rows"][-1]
     assert banked["parity_ok"] is True and banked["parity_rel_error"] <= 1e-4 and banked["fps"] > 0
     assert "frames/s, p50" in run.stderr   # each row's figure in the log as it ends
+
+
+def test_the_fp16_rows_at_another_step_count_keep_parity(tmp_path):
+    """``--steps 2`` (what --quick's sd-turbo section takes): the multi-step rows run at 2 steps, and every row of
+    ours is checked against diffusers (its float output, computed whether or not its rows are timed) at its own
+    step count."""
+    run, out = bench(tmp_path, "--steps", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    steps = {row["name"]: row["steps"] for row in rows}
+    assert steps["compiled engine (not compiled), 2 steps in sequence"] == 2
+    assert steps["compiled engine (not compiled), stream batch"] == 2
+    assert steps["compiled engine (not compiled), batch 1"] == 1
+    assert sorted(row["steps"] for row in rows) == [1, 1, 1, 2, 2, 2, 2, 2]
+    assert all(row["parity_ok"] and row["parity_rel_error"] <= 1e-4 for row in rows)
