@@ -100,14 +100,37 @@ def engine_params(size: int, steps: int, strength: float) -> dict[str, Any]:
     return values
 
 
+class EngineRun:
+    """Host frames through one of our engines, as the worker hands them over. Its sessions' states last
+    from call to call (a stream batch's frames in flight); the row's parity check runs as the first
+    session's first frame, so that a stream batch's fill (N - 1 calls' worth of UNet work) is behind
+    the warm-up, not in the first timed call."""
+
+    def __init__(self, engine: Any, sessions: int, device: torch.device, condition: bool = False) -> None:
+        from sdbridge.engines.base import StreamState
+
+        self.engine, self.device, self.condition = engine, device, condition
+        self.states = [StreamState(f"s{i}") for i in range(sessions)]
+
+    def __call__(self, frames: list[np.ndarray]) -> Any:
+        from sdbridge.engines.compiled import CompiledEngine
+
+        with torch.inference_mode():
+            if self.condition:  # the ControlNet slots' condition images (the worker's CPU pool does this)
+                for frame, state in zip(frames, self.states):
+                    self.engine.controlnets.condition(state.data, frame)
+            batch = torch.from_numpy(np.stack(frames))  # [B, H, W, 3] uint8 in host memory
+            if not isinstance(self.engine, CompiledEngine):
+                batch = batch.to(self.device, non_blocking=True)  # as the worker hands frames over
+            return self.engine.step(batch, self.states).cpu()
+
+
 class Row:
     """One line of the table: a callable that turns a list of host uint8 frames into host frames."""
 
     def __init__(self, name: str, run: Callable[[list[np.ndarray]], Any], frames_per_call: int, steps: int) -> None:
         self.name, self.run, self.frames_per_call, self.steps = name, run, frames_per_call, steps
-        # The sessions our engine's rows stream through; the parity check runs as the first's first
-        # frame, so that a stream batch's fill (N - 1 calls' worth of UNet work) is behind its warm-up.
-        self.states: list[Any] = list(getattr(run, "states", []))
+        self.states: list[Any] = run.states if isinstance(run, EngineRun) else []
         self.result: dict[str, Any] = {"name": name, "steps": steps, "frames_per_call": frames_per_call}
 
 
@@ -348,20 +371,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     references = {1: diffusers_float(taesd_pipe, 1, 1.0), n: diffusers_float(taesd_pipe, n, 1.0)}
 
     # --- ours --------------------------------------------------------------------------------------
-    def engine_run(engine: Any, sessions: int, condition: bool = False) -> Callable[[list[np.ndarray]], Any]:
-        states = [StreamState(f"s{i}") for i in range(sessions)]
-
-        def run(frames: list[np.ndarray]) -> Any:
-            with torch.inference_mode():
-                if condition:  # the ControlNet slots' condition images (the worker's CPU pool does this)
-                    for frame, state in zip(frames, states):
-                        engine.controlnets.condition(state.data, frame)
-                batch = torch.from_numpy(np.stack(frames))  # [B, H, W, 3] uint8 in host memory
-                if not isinstance(engine, CompiledEngine):
-                    batch = batch.to(device, non_blocking=True)  # as the worker hands frames over
-                return engine.step(batch, states).cpu()
-        run.states = states  # type: ignore[attr-defined]
-        return run
+    def engine_run(engine: Any, sessions: int, condition: bool = False) -> EngineRun:
+        return EngineRun(engine, sessions, device, condition)
 
     def check(engine: Any, steps: int, reference: torch.Tensor | None = None, state: Any = None) -> float:
         """The float output of the first frame through the row's first session, against the reference."""
