@@ -452,7 +452,8 @@ def test_channels_last_keeps_parity(tiny_model_dir):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_fp16_parity_from_host_frames(tiny_model_dir):
     """On a GPU: Inductor with CUDA graphs, fp16, frames handed over from host memory (pinned upload),
-    a stream of frames against the eager engine within the issue's fp16 bound (1e-2)."""
+    a stream of frames against the eager engine within the issue's fp16 bound (1e-2); one step over as many
+    sessions as the stream has rows reuses its UNet graph; a new resolution compiles in the background."""
     cuda = torch.device("cuda")
     gpu_parts = load_pipeline_parts(str(tiny_model_dir), cuda, torch.float16)
     ours = CompiledEngine.from_parts(gpu_parts)
@@ -470,6 +471,23 @@ def test_cuda_graphs_fp16_parity_from_host_frames(tiny_model_dir):
         assert relative_error(image.float(), expected.float()) <= 1e-2
     assert not bool(ours.last_nan)
     assert ours.describe()["compiling"] == 0 and ours.describe()["compile_failed"] == 0
+    # The stream above runs 2 steps (4 at strength 0.5): one UNet call over a session's 2 rows. One step over
+    # 2 sessions is one call over 2 rows too: its UNet graph serves again under CUDA graphs, and only the
+    # entry, decode and quantize compile at batch 2.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    one_step = params(steps=2, strength=0.5, guidance=2.0)
+    ours.prepare(one_step)
+    reference.prepare(one_step)
+    two = torch.cat(frames[:2])
+    ours.step(two, [StreamState(f"two-{i}") for i in range(2)])  # uncompiled while batch 2 compiles
+    assert ours.wait_compiled(600) and ours.describe()["compile_failed"] == 0
+    assert counters["stats"]["unique_graphs"] == graphs + 3, "the UNet graph compiled again for 2 sessions"
+    expected = reference.step_float(two.to(cuda), [StreamState(f"r{i}") for i in range(2)])
+    for _ in range(3):  # warm-up and recording on this thread, then replays
+        image = ours.step_float(two.to(cuda), [StreamState(f"two-{i}") for i in range(2)])
+        assert relative_error(image.float(), expected.float()) <= 1e-2
     # A new resolution: uncompiled frames while its graphs compile in the background thread (CUDA graph
     # trees keep one tree per thread), then the graphs serve, within the same bound.
     ours.prepare(params(width=96, steps=4, strength=0.5, guidance=2.0))
