@@ -546,6 +546,10 @@ class CompiledEngine(DiffusionEngine):
         """One UNet call over x [M, 4, h, w], M = sessions * len(row_steps); ``row_steps`` is the step
         index of each of a session's rows (its N steps in stream batch, this step in sequence)."""
         assert self._embeddings is not None and self._guidance_tensor is not None
+        # One layout whichever path stacked the rows (the stream's torch.cat of entry and in-flight latents,
+        # or the entry graph's output), so that both reach one graph: a no-op where the rows already are.
+        x = x.contiguous(memory_format=torch.channels_last)
+        residual = residual.contiguous(memory_format=torch.channels_last) if residual is not None else None
         if self._guided:
             uncond, cond = self._embeddings.chunk(2)
         else:
