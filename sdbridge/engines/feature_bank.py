@@ -49,6 +49,14 @@ from torch import nn
 ATTACHED = "_sdbridge_feature_bank"
 
 
+class Chain(NamedTuple):
+    """A compiled call's new keys and values, kept whole (see ``FeatureBank._chains``)."""
+
+    rows: tuple[str, ...]
+    layers: tuple[str, ...]
+    fresh: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer: [rows, H, T, D] keys and values
+
+
 class FeatureBank:
     """Keys and values per (session row, layer, step) from the last frame, and the next frame's rows."""
 
@@ -64,7 +72,7 @@ class FeatureBank:
         # split into _store's per-row entries: the next call over the same rows at that step takes them
         # as its inputs with no stack and no per-row bookkeeping (a steady stream). Split into _store
         # (_flush) before anything else reads or writes the entries.
-        self._chains: dict[int, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[torch.Tensor, torch.Tensor], ...]]] = {}
+        self._chains: dict[int, Chain] = {}
 
     def begin_frame(self, sessions: list[str]) -> None:
         self.sessions = list(sessions)
@@ -142,9 +150,9 @@ class FeatureBank:
         last compiled call at this step had the same rows and layers, its outputs are the inputs as they
         are: the same values a stack of their per-row entries would give."""
         chain = self._chains.get(self.step)
-        if chain is not None and chain[0] == tuple(rows) and chain[1] == tuple(shapes) and all(
-                key.shape[1:] == shape for (key, _), shape in zip(chain[2], shapes.values())):
-            return chain[2], self._bias((True,) * len(rows), dtype, device)
+        if chain is not None and chain.rows == tuple(rows) and chain.layers == tuple(shapes) and all(
+                key.shape[1:] == shape for (key, _), shape in zip(chain.fresh, shapes.values())):
+            return chain.fresh, self._bias((True,) * len(rows), dtype, device)
         self._flush()
         present = tuple(all((entry := self._store.get((row, layer, self.step))) is not None
                             and entry[0].shape == shape for layer, shape in shapes.items()) for row in rows)
@@ -180,14 +188,14 @@ class FeatureBank:
         """Store a compiled call's keys and values per layer (copied: a CUDA graph's next replay
         overwrites its outputs), kept whole as this step's chain (see ``_chains``)."""
         previous = self._chains.get(self.step)
-        if previous is not None and previous[0] != tuple(rows):
+        if previous is not None and previous.rows != tuple(rows):
             self._flush()  # its rows that this call does not overwrite keep their entries
         # Contiguous copies: the layer's keys are a transposed view, and a graph input of another layout
         # than the stacked one would be another graph (a recompile each time the path changes).
         contiguous = torch.contiguous_format
-        self._chains[self.step] = (tuple(rows), tuple(layers),
-                                   tuple((key.clone(memory_format=contiguous), value.clone(memory_format=contiguous))
-                                         for key, value in fresh))
+        self._chains[self.step] = Chain(tuple(rows), tuple(layers),
+                                        tuple((key.clone(memory_format=contiguous),
+                                               value.clone(memory_format=contiguous)) for key, value in fresh))
 
     def _flush(self) -> None:
         """Split the chains into _store's per-row entries."""
