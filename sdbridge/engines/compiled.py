@@ -479,10 +479,8 @@ class CompiledEngine(DiffusionEngine):
         # 5. Latent plugins, then decode.
         if self.latent_hook is not None:
             latents = self.latent_hook(latents, states)
-        # One layout whichever path made the latents (the stream batch's are a strided view of its
-        # output, and a graph guards every stride, a batch of one's too): one decode graph for both.
-        # A copy of [B, 4, h, w] latents, nothing next to the decode.
-        return self._part("decode", batch, self.decode)(latents.clone(memory_format=torch.channels_last))
+        # The stream batch's latents are a strided view of its output: one layout for one decode graph.
+        return self._part("decode", batch, self.decode)(_one_layout(latents))
 
     def _denoise_sequential(self, x: torch.Tensor, noise: torch.Tensor, schedule: LinearSchedule,
                             controls: Sequence[ControlUnit]) -> torch.Tensor:
@@ -546,10 +544,9 @@ class CompiledEngine(DiffusionEngine):
         """One UNet call over x [M, 4, h, w], M = sessions * len(row_steps); ``row_steps`` is the step
         index of each of a session's rows (its N steps in stream batch, this step in sequence)."""
         assert self._embeddings is not None and self._guidance_tensor is not None
-        # One layout whichever path stacked the rows (the stream's torch.cat of entry and in-flight latents,
-        # or the entry graph's output), so that both reach one graph: a no-op where the rows already are.
-        x = x.contiguous(memory_format=torch.channels_last)
-        residual = residual.contiguous(memory_format=torch.channels_last) if residual is not None else None
+        # The stream's torch.cat of entry and in-flight latents, or the entry graph's output: one layout.
+        x = _one_layout(x)
+        residual = _one_layout(residual) if residual is not None else None
         if self._guided:
             uncond, cond = self._embeddings.chunk(2)
         else:
@@ -882,6 +879,16 @@ class CompiledEngine(DiffusionEngine):
                         "buffers are refilled", len(bad), ", ".join(s.session_id for s in bad))
             for state in bad:
                 state.data.pop(STREAM_KEY, None)
+
+
+def _one_layout(latents: torch.Tensor) -> torch.Tensor:
+    """``latents`` [B, C, h, w] with the strides a new channels_last tensor of its shape has, copied only
+    where they differ. A graph guards every stride (a dimension of size 1's too), so latents that two
+    paths laid out differently reach one graph rather than one each."""
+    _, channels, height, width = latents.shape
+    if latents.stride() == (channels * height * width, 1, width * channels, channels):
+        return latents
+    return latents.clone(memory_format=torch.channels_last)
 
 
 def _added_kwargs(added: tuple[torch.Tensor, torch.Tensor] | None, batch: int) -> dict[str, torch.Tensor] | None:
