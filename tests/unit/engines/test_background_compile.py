@@ -410,10 +410,10 @@ def test_feature_bank_runs_inside_the_compiled_graph(parts, stream, guidance, ca
     assert not [key for key in ours._compiled if key[0] == f"denoise-{cfg}"]   # the UNet never ran outside it
     for k, (a, b) in enumerate(zip(got, expected)):
         assert relative_error(a, b) <= TOLERANCE, f"frame {k}"
-    assert graph_bank.entries().keys() == eager_bank.entries().keys() and len(graph_bank) > 0
-    for key, (graph_kv, eager_kv) in ((key, (graph_bank.entries()[key], eager_bank.entries()[key]))
-                                      for key in eager_bank.entries()):
-        for ours_t, theirs in zip(graph_kv, eager_kv):
+    graph_entries, eager_entries = graph_bank.entries(), eager_bank.entries()
+    assert graph_entries.keys() == eager_entries.keys() and len(graph_bank) > 0
+    for key, eager_kv in eager_entries.items():
+        for ours_t, theirs in zip(graph_entries[key], eager_kv):
             assert relative_error(ours_t, theirs) <= TOLERANCE, key
     # The bank acts: the last frame differs from the same frames without it (the tiny model's decoder
     # shrinks latent changes: about 1e-6 here), by far more than the graph differs from the eager path.
