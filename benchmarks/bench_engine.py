@@ -482,7 +482,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
             result["vs_diffusers"] = result["fps"] / base["fps"]
             result["vs"] = base["name"]
 
-    device_name = device_label(device)
+    report = make_report(results)
+    device_name = report["device"]  # one reading of the load average for the table and the JSON
     timed = max(1, calls // section.rounds) * section.rounds if section.rounds > 1 else calls
     interleaved = f", interleaved in {section.rounds} rounds" if section.rounds > 1 else ""
     header = (f"### bench_engine.py — {datetime.date.today()}, commit {commit()}, {device_name}, "
@@ -505,7 +506,6 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
             line += f" {r.get('peak_mb', 0):.0f} |"
         lines.append(line)
     table = "\n".join(lines)
-    report = make_report(results)
     if fp8_report is not None:
         report["fp8"] = fp8_report
     return table, report
