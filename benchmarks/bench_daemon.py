@@ -89,9 +89,11 @@ def start_echo(port: int, ws_impl: str) -> subprocess.Popen:
 
 
 def start_daemon(port: int, engine: str, size: int, ws_impl: str, model: str | None = None,
-                 device: str = "auto") -> subprocess.Popen:
+                 device: str = "auto", sessions: int = 1) -> subprocess.Popen:
+    # --warm-sessions: the compiled engine's graphs for every batch the clients make are compiled before
+    # the clock starts (otherwise batches of 2 to 4 would run uncompiled while they compile, in the timed rows).
     command = [sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--no-osc", "--ws-impl", ws_impl,
-               "--device", device,
+               "--device", device, "--warm-sessions", str(sessions),
                "--feedback", "127.0.0.1:0", "--log-level", "warning", "--set", f"width={size}",
                "--set", f"height={size}", "--set", f"engine={engine}", "--set", "steps=1"]
     if model:
@@ -161,7 +163,7 @@ def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | No
                clients: int = 1, in_flight: int = 1) -> list[dict[str, float]]:
     port = free_port()
     process = start_echo(port, args.ws_impl) if kind == "echo" else start_daemon(port, kind, args.size, args.ws_impl,
-                                                                               model, args.device)
+                                                                               model, args.device, clients)
     try:
         wait_listening(port, process)
         if model:  # the engine loads (and the compiled one compiles) before the clock starts

@@ -59,6 +59,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help="compiled engine: torch.compile its graphs on CUDA (default; cached under ~/.cache/sdbridge/inductor)")
     add("--no-compile", dest="compile", action="store_const", const=False,
         help="compiled engine: run its data path eagerly (no compile wait; for debugging)")
+    add("--warm-sessions", type=int, metavar="N", help="compiled engine: compile the graphs for up to N sessions at "
+        "load, so that the first frames of N sessions together compile nothing (default 1)")
     add("--fp8", action="store_const", const=True,
         help="compiled engine: the UNet's Linear layers in fp8 (needs torchao: pip install 'sdbridge[fp8]', and a CUDA "
         "GPU of compute capability 8.9+); undone at load when the UNet's output moves more than 5%% (docs/speed.md)")
@@ -100,8 +102,10 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
-                 "model", "engine", "device", "dtype", "taesd", "compile", "fp8", "model_config", "models_dir", "vram_budget_mb",
-                 "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file", "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+                 "model", "engine", "device", "dtype", "taesd", "compile", "warm_sessions", "fp8", "model_config",
+                 "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir",
+                 "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file", "allow_pickle",
+                 "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)

@@ -20,6 +20,7 @@ from sdbridge.errors import ConfigError
 
 ENV_PREFIX = "SDBRIDGE_"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+MAX_WARM_SESSIONS = 64  # a warm-up of more compiles graphs for minutes that no rig of sessions will use
 MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
 
 
@@ -46,6 +47,7 @@ class Settings:
     dtype: str = "auto"
     taesd: str | None = None
     compile: bool = True                 # the compiled engine: torch.compile on CUDA; off runs its data path eagerly
+    warm_sessions: int = 1               # compiled engine: the load compiles the graphs for 1..this many sessions
     fp8: bool = False                    # compiled engine: UNet Linear layers in fp8 (torchao, CUDA 8.9+), parity-gated
     model_config: str | None = None      # a diffusers folder describing a single-file checkpoint's architecture
     models_dir: str | None = None
@@ -107,6 +109,8 @@ class Settings:
                 ipaddress.ip_network(network, strict=False)
             except ValueError as exc:
                 raise ConfigError(f"osc_allow entry {network!r} is not an address or network") from exc
+        if not 1 <= self.warm_sessions <= MAX_WARM_SESSIONS:
+            raise ConfigError(f"warm_sessions {self.warm_sessions} not in [1, {MAX_WARM_SESSIONS}]")
         if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
 

@@ -37,6 +37,13 @@ window does not run that ControlNet. In stream batch each frame in flight keeps 
 image it entered with, so each frame comes out as the eager engine makes it (the scale, window
 and prompt in force are the current ones, as for the rest of the stream).
 
+Batch buckets: the worker batches whichever sessions have a frame waiting, so with several sessions the
+batch changes from one frame to the next (1, 3, 2, 4, ...), and each size would be its own set of graphs:
+compiled for tens of seconds each on a GPU, each with its CUDA graphs' memory. A batch is padded up to the
+next bucket (1, 2, 4, 8, then multiples of 8: :func:`batch_bucket`) with copies of its last session's
+rows, which are computed and thrown away; 3 sessions run the graphs of 4. vLLM pads its CUDA graph
+batches the same way. The real rows are the rows an unpadded call gives (tests: test_compiled.py).
+
 Compiling off the frame path (engines/background_compile.py): the load's warm-up compiles the
 default resolution's graphs in the call (the cold start, with a progress bar); after that, a call
 that no ready graph fits (a new resolution, another number of sessions, a longer prompt) runs the
@@ -82,9 +89,20 @@ log = logging.getLogger(__name__)
 # module docstring) with no history kept (checked again numerically by probe_linear_schedule).
 LINEAR_SCHEDULERS = ("EulerDiscreteScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
 STREAM_KEY = "compiled.stream"
+PAD_ROW = "~pad"  # the feature bank's key of a padded call's extra rows (batch buckets, module docstring)
 # Dynamo keeps one cache per code object: every (resolution, batch) is a recompile of the same
 # functions, and its default limit (8) would silently fall back to eager after a few sizes.
 RECOMPILE_LIMIT = 64
+
+
+def batch_bucket(sessions: int) -> int:
+    """The batch a compiled call over ``sessions`` sessions runs at: the next power of two up to 8, then the
+    next multiple of 8 (9 sessions run at 16 rows' cost otherwise)."""
+    if sessions < 1:
+        raise ValueError(f"a batch of {sessions} sessions")
+    if sessions <= 8:
+        return 1 << (sessions - 1).bit_length()
+    return -(-sessions // 8) * 8
 
 
 def compile_cache_dir() -> Path:
@@ -276,6 +294,8 @@ class CompiledEngine(DiffusionEngine):
         self.residual_cfg = False                # self-negative guidance: one UNet pass, not two
         self.channels_last: bool | None = None   # None: on CUDA only
         self.warmup_on_load = True
+        self.warm_sessions = 1                   # Settings.warm_sessions: the load's warm-up covers 1..this many
+        self.pad_batches = True                  # compiled: a batch runs at its bucket (batch_bucket), padded
         self.background_compile = True           # new shapes and ControlNets compile off the frame path
         self.nan_frames = 0
         self.compile_s = 0.0
@@ -348,6 +368,7 @@ class CompiledEngine(DiffusionEngine):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out.update(compiled=self.compile_active, graphs=len(self._compiled), cfg=self._cfg,
+                   batch_sizes=self.batch_sizes(self.warm_sessions),
                    compiling=self._compiler.pending, compile_failed=len(self._compiler.failed),
                    path=self._path_name(), stream_steps=self._schedule.steps if self._schedule else None,
                    nan_frames=self.nan_frames)
@@ -358,8 +379,17 @@ class CompiledEngine(DiffusionEngine):
             return "eager"
         return "stream" if self.stream_batch and self._schedule.steps > 1 else "sequential"
 
-    def warmup(self, params: Mapping[str, Any], sessions: Sequence[int] = (1,), runs: int = 3) -> float:
-        """Compile (or load from the disk cache) the graphs for ``params`` and these session counts.
+    def bucket(self, sessions: int) -> int:
+        """The batch that ``sessions`` sessions run at: their bucket where graphs are compiled and padded."""
+        return batch_bucket(sessions) if self.pad_batches and self.compile_active else sessions
+
+    def batch_sizes(self, sessions: int) -> list[int]:
+        """The batches that 1 to ``sessions`` sessions run at: the graphs a warm-up for them compiles."""
+        return sorted({self.bucket(count) for count in range(1, sessions + 1)})
+
+    def warmup(self, params: Mapping[str, Any], sessions: Sequence[int] | None = None, runs: int = 3) -> float:
+        """Compile (or load from the disk cache) the graphs for ``params`` and these session counts
+        (default: the batches of 1 to ``warm_sessions`` sessions).
 
         Three runs: the first compiles, CUDA graphs record on the next ones. Returns seconds.
         """
@@ -368,6 +398,7 @@ class CompiledEngine(DiffusionEngine):
         from tqdm import tqdm
 
         started = time.perf_counter()
+        sessions = list(sessions) if sessions is not None else self.batch_sizes(self.warm_sessions)
         self.prepare(params)
         width, height = self.resolution
         with tqdm(total=len(sessions) * runs, desc=f"compiling {width}x{height}", unit="run", leave=False) as bar, \
@@ -424,20 +455,22 @@ class CompiledEngine(DiffusionEngine):
     # --- the frame ------------------------------------------------------------------------------
 
     def step(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
-        with self._compiler.frame():   # a background compile yields the CPU while this frame launches
+        # Inference mode whoever calls (the worker does; a warm-up, a benchmark or a test may not): a graph
+        # guards the grad mode it was traced in, so the warm-up's graphs are the frames' graphs.
+        with self._compiler.frame(), torch.inference_mode():   # a background compile yields the CPU meanwhile
             return self._step(frames, states)
 
     def _step(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
         # 0. The previous frame's NaN flag, a frame late: it finished when its output was copied out.
         self._read_previous_nan()
         self._new_frame()
-        frames = self.fit(self.upload(frames)) if frames is not None else None
+        frames = _inference(self.fit(self.upload(frames))) if frames is not None else None
         image = self.step_float(frames, states)  # [B, 3, H, W] in [0, 1]
         width, height = self.resolution
         fallback = frames if frames is not None else torch.zeros(
             (len(states), height, width, 3), dtype=torch.uint8, device=self.device)
         # 6. uint8 out; a frame with a NaN is replaced by its input on the device (no host sync).
-        out, nan = self._part("quantize", len(states), _quantize)(image, fallback)
+        out, nan = self._padded("quantize", len(states), _quantize)(image, fallback)
         self.last_nan = nan.any()
         # A copy: under CUDA graphs ``nan`` lives in the graph's pool, which the next frame reuses.
         self._nan_pending = (nan.clone(), list(states))
@@ -459,13 +492,13 @@ class CompiledEngine(DiffusionEngine):
 
         # 1. uint8 [B, H, W, 3] on the device at the engine's resolution.
         if frames is not None and not self._txt2img:
-            frames = self.fit(self.upload(frames))
+            frames = _inference(self.fit(self.upload(frames)))
         # 2. Encode and noise at t_0: the entry latents [B, 4, h, w].
         noise = torch.cat([self._noise(state, latent_shape) for state in states])
         if self._txt2img or frames is None:
             entry = (noise * schedule.noise_coef).to(self.dtype)
         else:
-            entry = self._part("entry", batch, self._entry)(frames, noise, schedule.entry_coef, schedule.noise_coef)
+            entry = self._padded("entry", batch, self._entry)(frames, noise, schedule.entry_coef, schedule.noise_coef)
 
         # 3. This batch's active ControlNet slots (condition images [B, 3, H, W], scales).
         controls = self.controlnets.units(states) if self.controlnets is not None else []
@@ -480,7 +513,7 @@ class CompiledEngine(DiffusionEngine):
         if self.latent_hook is not None:
             latents = self.latent_hook(latents, states)
         # The stream batch's latents are a strided view of its output: one layout for one decode graph.
-        return self._part("decode", batch, self.decode)(_one_layout(latents))
+        return self._padded("decode", batch, self.decode)(_one_layout(latents))
 
     def _denoise_sequential(self, x: torch.Tensor, noise: torch.Tensor, schedule: LinearSchedule,
                             controls: Sequence[ControlUnit]) -> torch.Tensor:
@@ -542,7 +575,47 @@ class CompiledEngine(DiffusionEngine):
                    residual: torch.Tensor | None, controls: Sequence[ControlUnit], row_steps: Sequence[int],
                    steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call over x [M, 4, h, w], M = sessions * len(row_steps); ``row_steps`` is the step
-        index of each of a session's rows (its N steps in stream batch, this step in sequence)."""
+        index of each of a session's rows (its N steps in stream batch, this step in sequence).
+
+        The call runs at the sessions' bucket (:meth:`bucket`): every per-row input gets the last session's
+        rows again up to it, and the outputs are cut back to M rows."""
+        rows = x.shape[0]
+        sessions = rows // len(row_steps)
+        padded = self.bucket(sessions)
+        if padded == sessions:
+            return self._unet_call(x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, controls,
+                                   row_steps, steps)
+
+        def pad(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return _pad_sessions(tensor, sessions, padded)
+
+        controls = [dataclasses.replace(unit, image=pad(unit.image), scale=pad(unit.scale)
+                                        if isinstance(unit.scale, torch.Tensor) else unit.scale) for unit in controls]
+        with self._bank_padded(rows, padded * len(row_steps)):
+            x_next, eps = self._unet_call(pad(x), pad(timesteps), pad(input_scale), pad(sample_coef), pad(eps_coef),
+                                          pad(drawn), pad(residual), controls, row_steps, steps)
+        return x_next[:rows], eps[:rows]
+
+    @contextlib.contextmanager
+    def _bank_padded(self, rows: int, padded: int) -> Iterator[None]:
+        """The feature bank's rows for a padded call: the pad rows keyed apart (``PAD_ROW``), so that they
+        never read or overwrite a session's entries. Their own entries go with the next ``forget``."""
+        bank = attached_bank(self.parts.unet) if self.parts is not None else None
+        if bank is None or len(bank.sessions) != rows:  # off, or not one key per row: rows() keys them apart
+            yield
+            return
+        saved = bank.sessions
+        bank.sessions = saved + [f"{PAD_ROW}{i}" for i in range(padded - rows)]
+        try:
+            yield
+        finally:
+            bank.sessions = saved
+
+    def _unet_call(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
+                   sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
+                   residual: torch.Tensor | None, controls: Sequence[ControlUnit], row_steps: Sequence[int],
+                   steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_unet_step` at the batch it runs at."""
         assert self._embeddings is not None and self._guidance_tensor is not None
         # The stream's torch.cat of entry and in-flight latents, or the entry graph's output: one layout.
         x = _one_layout(x)
@@ -727,6 +800,21 @@ class CompiledEngine(DiffusionEngine):
             self._dispatch[key] = found
         return found
 
+    def _padded(self, part: str, sessions: int, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """:meth:`_part` for a part whose per-session arguments and outputs are [sessions, ...]: it runs at the
+        bucket of ``sessions``, each such argument padded with its last row, each output cut back."""
+        padded = self.bucket(sessions)
+        call = self._part(part, padded, fn)
+        if padded == sessions:
+            return call
+
+        def run(*args: Any) -> Any:
+            out = call(*(_pad_sessions(arg, sessions, padded) if isinstance(arg, torch.Tensor) and arg.dim()
+                         and arg.shape[0] == sessions else arg for arg in args))
+            return tuple(item[:sessions] for item in out) if isinstance(out, tuple) else out[:sessions]
+
+        return run
+
     def wait_compiled(self, timeout_s: float = 600.0) -> bool:
         """Until no graph is compiling in the background (tests, benchmarks; never the frame path)."""
         return self._compiler.wait(timeout_s)
@@ -879,6 +967,26 @@ class CompiledEngine(DiffusionEngine):
                         "buffers are refilled", len(bad), ", ".join(s.session_id for s in bad))
             for state in bad:
                 state.data.pop(STREAM_KEY, None)
+
+
+def _inference(frames: torch.Tensor) -> torch.Tensor:
+    """``frames`` as an inference tensor, copied if made outside inference mode (in it: the copy is one).
+    A graph guards its inputs' dispatch keys, which tell the two apart: the worker's frames are inference
+    tensors, a caller's from outside would be a second graph of the same part."""
+    return frames if frames.is_inference() else frames.clone()
+
+
+def _pad_sessions(tensor: Any, sessions: int, padded: int) -> Any:
+    """``tensor`` [sessions * k, ...] -> [padded * k, ...], its last session's k rows repeated, in its own
+    memory format (a channels_last input stays channels_last: the graph guards its inputs' strides).
+    None stays None."""
+    if tensor is None or padded == sessions:
+        return tensor
+    rows = tensor.shape[0] // sessions
+    out = torch.cat([tensor, *[tensor[-rows:]] * (padded - sessions)])
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _one_layout(latents: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,12 @@ def test_serve_refuses_public_address_without_token():
     assert "requires a token" in result.stderr
 
 
+def test_serve_refuses_a_warm_up_for_no_sessions():
+    result = sdbridge("serve", "--warm-sessions", "0", "--port", str(free_port()))
+    assert result.returncode == 2
+    assert "warm_sessions 0 not in [1, 64]" in result.stderr
+
+
 def test_models_tiny_then_list(tmp_path):
     result = sdbridge("models", "tiny", str(tmp_path / "tiny"))
     assert result.returncode == 0, result.stderr

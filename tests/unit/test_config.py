@@ -51,6 +51,13 @@ def test_bad_config_file(tmp_path, text, message):
         load_settings({}, env={}, config_path=config)
 
 
+def test_warm_sessions_from_the_environment_and_its_range():
+    assert load_settings({}, env={"SDBRIDGE_WARM_SESSIONS": "4"}).warm_sessions == 4
+    for bad in (0, 65):
+        with pytest.raises(ConfigError, match=f"warm_sessions {bad} not in \\[1, 64\\]"):
+            load_settings({"warm_sessions": bad}, env={})
+
+
 def test_bad_env_value():
     with pytest.raises(ConfigError, match="environment SDBRIDGE_PORT"):
         load_settings({}, env={"SDBRIDGE_PORT": "seventy"})

@@ -430,6 +430,34 @@ def test_feature_bank_runs_inside_the_compiled_graph(parts, stream, guidance, ca
     assert "uncompiled" not in caplog.text
 
 
+@pytest.mark.parametrize(("stream", "guidance"), [(True, 2.5), (False, 1.0)])
+def test_feature_bank_in_a_padded_batch_keeps_the_pad_rows_apart(parts, stream, guidance):
+    """3 sessions run the banked graph of 4 (batch buckets): the pad row reads and writes its own entries
+    (``PAD_ROW``), never a session's, so each session's outputs and entries are the eager path's, and the
+    pad's entries go with the next forget."""
+    from sdbridge.engines import feature_bank as bank_ops
+    from sdbridge.engines.compiled import PAD_ROW
+
+    seeds, sessions = [0, 1, 2], ("a", "b", "c")
+    eager_bank, graph_bank = bank_ops.FeatureBank(strength=0.7), bank_ops.FeatureBank(strength=0.7)
+    expected = banked_run(parts, bank_engine(parts, False, stream, guidance), eager_bank, seeds, sessions=sessions)
+    ours = bank_engine(parts, True, stream, guidance)
+    got = banked_run(parts, ours, graph_bank, seeds, sessions=sessions)
+    rows = 2 if stream else 1
+    banked = {key[2] for key in ours._compiled if key[0].endswith("-bank")}
+    assert 4 * rows in banked and 3 * rows not in banked  # (a stream's warm start fills one session: rows)
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert a.shape[0] == 3 and relative_error(a, b) <= TOLERANCE, f"frame {k}"
+    entries = graph_bank.entries()
+    pads = {key for key in entries if key[0].startswith(PAD_ROW)}
+    assert pads and {key for key in entries if key not in pads} == eager_bank.entries().keys()
+    for key, eager_kv in eager_bank.entries().items():
+        for ours_t, theirs in zip(entries[key], eager_kv):
+            assert relative_error(ours_t, theirs) <= TOLERANCE, key
+    graph_bank.forget(keep=set(sessions))
+    assert graph_bank.entries().keys() == eager_bank.entries().keys()
+
+
 def test_feature_bank_graph_compiles_in_the_background(parts):
     """The banked UNet graph compiles off the frame path like any other: the first frames run its eager
     stand-in (which must neither count the bank's step twice nor lose an entry), then the graph serves,

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from sdbridge.engines.base import StreamState, create_engine
-from sdbridge.engines.compiled import (STREAM_KEY, CompiledEngine, configure_compile_cache, probe_linear_schedule,
-                                       residual_cfg_bound)
+from sdbridge.engines.compiled import (STREAM_KEY, CompiledEngine, batch_bucket, configure_compile_cache,
+                                       probe_linear_schedule, residual_cfg_bound)
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import load_pipeline_parts
 from tests.unit.engines.common import engine_params, relative_error
@@ -201,6 +201,71 @@ def test_one_step_over_four_sessions_and_a_four_step_stream_batch_share_their_gr
         assert relative_error(out, reference.step_float(frame, [expected])) <= TOLERANCE
     assert ours.describe()["path"] == "stream"
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+# --- batch buckets ----------------------------------------------------------------------------------
+
+def test_batch_bucket_ladder():
+    assert [batch_bucket(n) for n in range(1, 18)] == [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 24]
+    with pytest.raises(ValueError, match="0 sessions"):
+        batch_bucket(0)
+
+
+@pytest.mark.parametrize("stream_batch, guidance", [(True, 1.0), (False, 2.0)])
+def test_three_sessions_run_the_graphs_of_four_and_get_their_own_frames(parts, stream_batch, guidance):
+    """The worker batches whichever sessions have a frame: 3 sessions run at 4 rows, padded with the last
+    session's rows. No graph of 3 is compiled, and frame after frame each session's output is the unpadded
+    path's (a pad row never reaches a stream buffer), the uint8 frames included."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ours = engine(parts, stream_batch, backend="aot_eager", steps=2, strength=1.0, guidance=guidance)
+    ours.background_compile = False  # compiled in the call: every frame below runs the graphs
+    reference = engine(parts, stream_batch, steps=2, strength=1.0, guidance=guidance)  # uncompiled: unpadded
+    assert (ours.bucket(3), reference.bucket(3), ours.batch_sizes(5)) == (4, 3, [1, 2, 4, 8])
+    ours.step(torch.cat(make_frames(4, seed=9)), [StreamState(f"w{i}") for i in range(4)])
+    graphs = counters["stats"]["unique_graphs"]
+
+    states, expected = [StreamState(name) for name in "abc"], [StreamState(name) for name in "abc"]
+    for seed in range(3):
+        batch = torch.cat(make_frames(3, seed=seed))
+        out = ours.step_float(batch, states)
+        assert out.shape[0] == 3
+        assert relative_error(out, reference.step_float(batch, expected)) <= TOLERANCE, f"frame {seed}"
+    batch = torch.cat(make_frames(3, seed=5))
+    frames_out = ours.step(batch, states)
+    assert frames_out.shape == (3, 64, 64, 3)
+    assert (frames_out.int() - reference.step(batch, expected).int()).abs().max() <= 1
+    assert counters["stats"]["unique_graphs"] == graphs, "a batch of 3 compiled graphs of its own"
+    rows = 2 if stream_batch else 1  # a stream call holds each session's 2 frames in flight
+    assert not [key for key in ours._compiled if key[2] in (3, 3 * rows)]
+    if stream_batch:
+        assert all(state.data[STREAM_KEY].latents.shape[0] == 1 for state in states)
+
+
+def test_warm_up_compiles_what_the_frames_run(parts):
+    """warm_sessions = 3 warms batches 1, 2 and 4, and those are the graphs the frames run: a batch of 3 as
+    the worker sends it (made and stepped in inference mode), and a batch from a caller outside inference
+    mode, compile nothing. (A graph guards the grad mode and its inputs' dispatch keys: the warm-up ran
+    outside inference mode, so the worker's first frame compiled the entry and quantise graphs again.)"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ours = engine(parts, False, backend="aot_eager", steps=1, strength=1.0)
+    ours.background_compile = False
+    ours.warm_sessions = 3
+    ours.warmup(params(steps=1, strength=1.0), runs=1)
+    assert {key[2] for key in ours._compiled} == {1, 2, 4}
+    assert ours.describe()["batch_sizes"] == [1, 2, 4]
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        batch = torch.from_numpy(np.ascontiguousarray(torch.cat(make_frames(3)).numpy()))
+        ours.step(batch, [StreamState(name) for name in "abc"])
+    ours.step(make_frames(1)[0], [StreamState("plain")])
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert {key[2] for key in ours._compiled} == {1, 2, 4}
 
 
 # --- schedulers -------------------------------------------------------------------------------------

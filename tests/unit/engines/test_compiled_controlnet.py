@@ -134,6 +134,31 @@ def test_two_slots_and_a_session_without_its_condition_in_one_stream_batch(parts
     assert (expected_a - expected_b).abs().max() > 1e-3  # the channel-1 slot did act on the first session
 
 
+@pytest.mark.parametrize("stream_batch", [True, False])
+def test_three_sessions_with_two_slots_run_the_graphs_of_four(parts, controlnet_dir, frame, condition, stream_batch):
+    """Batch buckets with ControlNets: 3 sessions (the last without its channel-1 condition, so the second
+    slot's scale is per session) run the ControlNet and UNet graphs of 4, padded with the last session's
+    rows, condition images and scales; each session gets what the eager engine gives it alone."""
+    values = dict(steps=2, strength=1.0, guidance=2.0, controlnet_1_model="edges", controlnet_1_scale=0.8,
+                  controlnet_2_model="depth", controlnet_2_scale=1.2, controlnet_2_channel=1)
+    states = [StreamState(name) for name in "abc"]
+    for state in states[:2]:
+        state.data[CONDITIONS] = {1: condition}
+    ours = make(CompiledEngine, parts, controlnet_dir, stream_batch, backend="aot_eager")
+    ours.background_compile = False
+    got = run(ours, np.stack([frame, frame[::-1], frame[:, ::-1]]), states, **values)
+    rows = 2 if stream_batch else 1
+    assert {key[0] for key in ours._compiled} >= {"control1-exact", "control2-exact", "denoise-exact"}
+    assert not [key for key in ours._compiled if key[2] == 3 * rows]
+    eager = make(DiffusionEngine, parts, controlnet_dir)
+    for index, (image, state) in enumerate(zip([frame, frame[::-1], frame[:, ::-1]], states)):
+        alone = StreamState(state.session_id)
+        if CONDITIONS in state.data:
+            alone.data[CONDITIONS] = {1: condition}
+        expected = run(eager, np.ascontiguousarray(image)[None], [alone], **values)
+        assert relative_error(got[index:index + 1], expected) <= TOLERANCE, state.session_id
+
+
 def test_slot_on_scale_change_off_and_on_again_recompile_nothing(parts, controlnet_dir, frame):
     """aot_eager graphs, stream batch, exact guidance: the ControlNet's graph compiles once, in the
     background after its first use; then scale changes, a window change, off (scale 0: exactly the base
