@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the feature bank's rows (its cost): the eager engine and the compiled stream batch "
                              "with the bank at the plugin's default strength, beside the compiled stream batch "
                              "without it, instead of the fp16 rows")
+    parser.add_argument("--padding", action="store_true",
+                        help="batch buckets' cost and gain, instead of the fp16 rows: the compiled engine at 4 "
+                             "sessions, and at 3 sessions run at the graphs of 4 (padded, the default) and at their "
+                             "own (unpadded: another set of graphs to compile), with the two's frames compared")
     parser.add_argument("--sampler", default=None,
                         help="an A1111 sampler name for every row, diffusers' included (default: the architecture's "
                              "scheduler); --arch sd15 --sampler LCM is SD 1.5 with an LCM-LoRA's sampler")
@@ -272,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         section.fp8 = args.fp8 or args.fp8_only
         section.fp8_only = args.fp8_only
         section.feature_bank = args.feature_bank
+        section.padding = args.padding
         section.partial_json = args.json if len(sections) == 1 else None
         section.arch = args.arch
         section.sampler = args.sampler
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as out:
             out.write("".join("\n" + table + "\n" for table in tables))
-    failed = [r["name"] for report in reports for r in report["rows"] if r.get("parity_ok") is False]
+    failed = [r["name"] for report in reports for r in report["rows"]
+              if r.get("parity_ok") is False or r.get("padded_vs_unpadded_ok") is False]
     if failed:
         print(f"parity FAILED for: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -309,6 +315,7 @@ class Section:
     fp8: bool = False
     fp8_only: bool = False
     feature_bank: bool = False
+    padding: bool = False
     partial_json: Path | None = None  # rewritten after each timed row (--json with one section)
     arch: str = "sd21"
     sampler: str | None = None
@@ -462,6 +469,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
     label = f"compiled engine ({backend or 'not compiled'})"
     if section.feature_bank:
         bank_rows(parts, section, engine_run, measure, compiled_engine, label, inputs, tolerance)
+    elif section.padding:
+        padding_rows(section, engine_run, measure, compiled_engine, label, inputs, tolerance)
     elif not section.fp8_only:
         fp16_rows(parts, section, engine_run, measure, with_controlnet, compiled_engine, label, inputs, first)
     fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size, section.steps) \
@@ -505,6 +514,11 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         if device.type == "cuda":
             line += f" {r.get('peak_mb', 0):.0f} |"
         lines.append(line)
+    for r in results:
+        if "padded_vs_unpadded_rel_error" in r:
+            lines.append(f"\n3 sessions run at 4 (padded) against unpadded, the same frames: relative error "
+                         f"{r['padded_vs_unpadded_rel_error']:.1e} "
+                         f"{'ok' if r['padded_vs_unpadded_ok'] else 'FAILED'} (tolerance {tolerance:g})")
     table = "\n".join(lines)
     if fp8_report is not None:
         report["fp8"] = fp8_report
@@ -613,6 +627,38 @@ def bank_rows(parts: Any, section: Section, engine_run: Callable[..., Any], meas
     row.result["parity_ok"] = bool(error <= tolerance)
     row.result["parity_against"] = "the compiled engine's uncompiled path with the bank"
     measure(row, compile_s=compile_s)
+
+
+def padding_rows(section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],
+                 compiled_engine: Callable[..., Any], label: str, inputs: list[np.ndarray], tolerance: float) -> None:
+    """Batch buckets (engines/compiled.py): 3 sessions run the graphs of 4 with a pad row, or their own. The
+    padded row's frames/s against the unpadded one's is the pad row's cost; its compile time against the
+    unpadded one's is what a batch size that comes and goes costs without buckets (on CUDA, with the graphs of
+    4 in Inductor's cache from the row before). Both rows' frames are the same frames: compared here."""
+    from sdbridge.engines.base import StreamState
+
+    size = section.size
+    frames = torch.from_numpy(np.stack(inputs[:3]))
+
+    def three_frames(engine: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return engine.step_float(frames, [StreamState(f"compare{i}") for i in range(3)])
+
+    outputs = []
+    for name, sessions, pad in ((f"{label}, 4 sessions", 4, True), (f"{label}, 3 sessions, run at 4", 3, True),
+                                (f"{label}, 3 sessions, unpadded", 3, False)):
+        engine = compiled_engine(1)
+        engine.pad_batches = pad
+        compile_s = engine.warmup(engine_params(size, 1, 1.0), sessions=(sessions,)) if section.backend else None
+        row = Row(name, engine_run(engine, sessions), sessions, 1)
+        row.result["runs_at"] = engine.bucket(sessions)
+        if sessions == 3:
+            outputs.append(three_frames(engine))
+        if len(outputs) == 2:
+            row.result["padded_vs_unpadded_rel_error"] = error = relative_error(outputs[0], outputs[1])
+            row.result["padded_vs_unpadded_ok"] = bool(error <= tolerance)
+        measure(row, engine, compile_s)
+        del engine
 
 
 def fp8_rows(parts: Any, compiled_engine: Callable[..., Any], engine_run: Callable[..., Any],

@@ -29,7 +29,7 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
@@ -274,7 +274,8 @@ step_model() {
 }
 step_daemon() {
   if [ "$DEVICE" = cuda ]; then
-    step daemon 150 260 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cuda --seconds 5 \
+    # 330 s: the 4-client row's daemon warms the graphs of 1, 2 and 4 sessions up (--warm-sessions 4).
+    step daemon 180 330 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cuda --seconds 5 \
       --warmup 1 "${DAEMON_JSON[@]}"
   else
     step daemon 30 400 daemon.json $P benchmarks/bench_daemon.py --model "$MODEL" --device cpu --size 64 \
@@ -345,6 +346,15 @@ step_bank_feed() {  # the feature bank's per-call bookkeeping around the graph, 
     step bank_feed 20 90 - $P benchmarks/bench_bank_feed.py --device cuda --size 512 --calls 200
   else
     step bank_feed 10 90 - $P benchmarks/bench_bank_feed.py --device cpu --size 64 --calls 20
+  fi
+}
+step_engine_padding() {  # batch buckets: 3 sessions at the graphs of 4 (padded) against their own
+  if [ "$DEVICE" = cuda ]; then
+    step engine_padding 150 330 engine_padding.json $P benchmarks/bench_engine.py --device cuda --padding \
+      --skip-diffusers --calls 50 --warmup 5 --json "$WORK/engine_padding.json"
+  else
+    step engine_padding 30 300 engine_padding.json $P benchmarks/bench_engine.py --device cpu --tiny --padding \
+      --skip-diffusers --compile-backend aot_eager --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_padding.json"
   fi
 }
 step_switch() {
