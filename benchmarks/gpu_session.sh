@@ -316,11 +316,14 @@ step_engine_sdxl() {
       --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_sdxl.json"
   fi
 }
-step_gpu_tests() {  # the suite's CUDA-only tests (CUDA graphs, fp16 parity, LCM's drawn term, the feature bank)
+step_gpu_tests() {  # the suite's CUDA-only tests (CUDA graphs, fp16 parity, LCM's drawn term, the feature bank,
+                    # no host sync in a frame under live changes)
   if [ "$DEVICE" = cuda ]; then
-    step gpu_tests 60 200 - $P -m pytest -q -p no:cacheprovider -m gpu --timeout 600 tests/unit/engines/test_compiled.py
+    step gpu_tests 60 260 - $P -m pytest -q -p no:cacheprovider -m gpu --timeout 600 tests/unit/engines/test_compiled.py \
+      tests/unit/engines/test_compiled_controlnet.py
   else
-    step gpu_tests 10 100 - $P -m pytest -q -p no:cacheprovider -m gpu --timeout 600 tests/unit/engines/test_compiled.py
+    step gpu_tests 10 100 - $P -m pytest -q -p no:cacheprovider -m gpu --timeout 600 tests/unit/engines/test_compiled.py \
+      tests/unit/engines/test_compiled_controlnet.py
   fi
 }
 step_engine_lcm() {  # SD 1.5 with an LCM-LoRA's sampler (StreamDiffusion's usual set-up)

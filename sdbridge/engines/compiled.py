@@ -21,7 +21,7 @@ img2img pipeline: tests/unit/engines/test_compiled.py); what changes is how a fr
 
 Warm start (issue 6, item 5): StreamDiffusion starts the buffer from zeros, so the first N - 1
 outputs are brown and the first real frame arrives N - 1 frames late. Here the first frame of a
-session (or the first after a change of seed, steps, strength or resolution) fills the
+session (or the first after a change of seed, sampler, timesteps or resolution) fills the
 pipeline: the stream call runs N - 1 extra times on that frame, so that on return every slot
 holds that frame at its own stage and the very first output is that frame fully denoised. The
 steady-state delay of N - 1 frames is what batching the steps costs; ``stream_batch = False``
@@ -421,7 +421,9 @@ class CompiledEngine(DiffusionEngine):
 
     def prepare(self, params: Mapping[str, Any]) -> None:
         super().prepare(params)
-        key = (self._num_inference_steps, self._strength, self._txt2img, id(self.scheduler),
+        # The timesteps, not the strength: a strength moved live (an LFO, a fader) between two multiples of
+        # 1 / steps runs the same schedule, and a new key would refill every session's stream on each frame.
+        key = (self._num_inference_steps, self._denoising_steps(), self._txt2img, id(self.scheduler),
                type(self.scheduler).__name__, self.dtype, str(self.device))
         if key != self._schedule_key:
             timesteps, _ = self._timesteps()
@@ -448,8 +450,10 @@ class CompiledEngine(DiffusionEngine):
         else:
             self._cfg = "exact"
         if self._guidance_tensor is None or self._guidance_value != self._guidance:
-            # A graph input (never a constant baked into a graph): a new value is no recompile.
-            self._guidance_tensor = torch.tensor(self._guidance, device=self.device, dtype=torch.float32)
+            # A graph input (never a constant baked into a graph): a new value is no recompile. Filled on the
+            # device: torch.tensor(value, device=...) copies from the host and, on CUDA, waits for the work
+            # queued before it, on every frame of an LFO on guidance.
+            self._guidance_tensor = torch.full((), self._guidance, device=self.device, dtype=torch.float32)
             self._guidance_value = self._guidance
 
     # --- the frame ------------------------------------------------------------------------------
@@ -822,6 +826,7 @@ class CompiledEngine(DiffusionEngine):
     def _make_controlnets(self) -> Any:
         controlnets = super()._make_controlnets()
         controlnets.warm = self._warm_controlnet
+        controlnets.upload = self.upload  # condition images through the pinned buffers, as the frames
         return controlnets
 
     def _warm_controlnet(self, model: Any) -> None:

@@ -304,6 +304,10 @@ class ControlNets:
         # Called on the loader thread with each new model before it is handed over (the compiled engine
         # compiles its graphs there, so the old set serves until the new one is ready to run fast).
         self.warm: Callable[[Any], None] | None = None
+        # uint8 host frames onto the device (the compiled engine's: a pinned buffer, no wait for the stream);
+        # None: a plain copy, which on CUDA waits for the work queued before it.
+        self.upload: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._present_masks: dict[tuple[bool, ...], torch.Tensor] = {}
 
     # --- parameters and models (worker thread) ---
 
@@ -446,14 +450,26 @@ class ControlNets:
             if not any(present):
                 continue
             shape = next(item for item in images if item is not None).shape
-            stacked = np.stack([item if item is not None else np.zeros(shape, np.uint8) for item in images])
-            tensor = torch.from_numpy(stacked).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0
+            stacked = torch.from_numpy(np.stack([item if item is not None else np.zeros(shape, np.uint8)
+                                                 for item in images]))
+            on_device = self.upload(stacked) if self.upload is not None else stacked.to(self.device)
+            tensor = on_device.permute(0, 3, 1, 2).to(self.dtype) / 255.0
             scale: float | torch.Tensor = slot.scale
             if not all(present):
-                scale = torch.tensor([slot.scale if p else 0.0 for p in present], device=self.device,
-                                     dtype=self.dtype)[:, None, None, None]
+                scale = self._present_mask(tuple(present)) * slot.scale
             units.append(ControlUnit(self.models[name], tensor, scale, slot.start, slot.end, slot=index))
         return units
+
+    def _present_mask(self, present: tuple[bool, ...]) -> torch.Tensor:
+        """[B, 1, 1, 1]: 1 for a session with its condition image, 0 without; copied to the device once per
+        pattern, so that a scale moved live (an LFO) is a multiply on the device, not a copy from the host."""
+        mask = self._present_masks.get(present)
+        if mask is None:
+            if len(self._present_masks) > 64:
+                self._present_masks.clear()
+            mask = torch.tensor(present, dtype=self.dtype, device=self.device)[:, None, None, None]
+            self._present_masks[present] = mask
+        return mask
 
     def describe(self) -> dict[str, Any]:
         """For /health and /stats (any thread): what each slot runs from its next frame on."""

@@ -64,6 +64,7 @@ class DiffusionEngine(Engine):
         # SDXL's UNet (and ControlNet) extra input, rows as _embeddings: {"text_embeds": [B_cfg, D_pool],
         # "time_ids": [B_cfg, 6]}; None for SD 1.x/2.x. The compiled engine reads it: keep name and layout.
         self._added_cond: dict[str, torch.Tensor] | None = None
+        self._time_ids: tuple[tuple, torch.Tensor] | None = None  # SDXL's, for one resolution
         self._sdxl = False
         # LoRAs and textual inversions (conditioning.py); the host sets the folders (None: <models_dir>/lora, ...).
         self.lora_dir: str | None = None
@@ -237,8 +238,13 @@ class DiffusionEngine(Engine):
         diffusers' SDXL img2img ``_get_add_time_ids`` makes them without an aesthetic score."""
         assert pooled is not None, "SDXL encodings carry pooled embeds"
         width, height = self.resolution
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
-        return {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
+        # Copied to the device once per resolution: prepare runs every frame under an LFO, and a copy from the
+        # host waits (on CUDA) for the work queued before it.
+        key = (height, width, self.dtype, str(self.device))
+        if self._time_ids is None or self._time_ids[0] != key:
+            self._time_ids = (key, torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype,
+                                                device=self.device))
+        return {"text_embeds": pooled, "time_ids": self._time_ids[1].repeat(pooled.shape[0], 1)}
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         """[1, 77 * k, D] text embeddings (A1111 syntax, chunks of 75 tokens), from the cache when
@@ -310,6 +316,13 @@ class DiffusionEngine(Engine):
         with self.conditioning.scope(weights):
             yield
 
+    def _denoising_steps(self) -> int:
+        """How many of the schedule's steps a frame runs: in img2img ``int(steps × strength)``, as diffusers'
+        ``get_timesteps`` (so strengths between two multiples of 1 / steps give the same timesteps), and never
+        fewer than 1: live use never errors on a low strength, the last (least noisy) step runs."""
+        steps = self._num_inference_steps
+        return steps if self._txt2img else max(1, min(int(steps * self._strength), steps))
+
     def _timesteps(self) -> tuple[torch.Tensor, int]:
         """This frame's timesteps, as diffusers' img2img ``get_timesteps`` picks them.
 
@@ -321,9 +334,7 @@ class DiffusionEngine(Engine):
         scheduler.set_timesteps(steps, device=self.device)
         if self._txt2img:
             return scheduler.timesteps, 0
-        # Live use never errors on a low strength: at least the last (least noisy) step runs.
-        init_timestep = max(1, min(int(steps * self._strength), steps))
-        t_start = max(steps - init_timestep, 0)
+        t_start = max(steps - self._denoising_steps(), 0)
         timesteps = scheduler.timesteps[t_start * scheduler.order:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)

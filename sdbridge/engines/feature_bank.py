@@ -152,7 +152,7 @@ class FeatureBank:
         chain = self._chains.get(self.step)
         if chain is not None and chain.rows == tuple(rows) and chain.layers == tuple(shapes) and all(
                 key.shape[1:] == shape for (key, _), shape in zip(chain.fresh, shapes.values())):
-            return chain.fresh, self._bias((True,) * len(rows), dtype, device)
+            return chain.fresh, self.bias((True,) * len(rows), dtype, device)
         self._flush()
         present = tuple(all((entry := self._store.get((row, layer, self.step))) is not None
                             and entry[0].shape == shape for layer, shape in shapes.items()) for row in rows)
@@ -169,15 +169,23 @@ class FeatureBank:
                 keys.append(key)
                 values.append(value)
             past.append((torch.stack(keys), torch.stack(values)))
-        return tuple(past), self._bias(present, dtype, device)
+        return tuple(past), self.bias(present, dtype, device)
 
-    def _bias(self, present: tuple[bool, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        # Made once per pattern and strength: a steady stream copies nothing to the device per call.
+    def bias(self, present: tuple[bool, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[R]: the bias on each row's bank logits, ``log(strength)``, or -inf for a row without entries
+        (``present`` False) and for strength 0.
+
+        Made once per pattern and strength, from a pattern of 0 and -inf copied to the device once: a new
+        strength (swept live: the plugin follows the ``strength`` parameter) is an add on the device, not a
+        copy from the host, which on CUDA would wait for the work queued before it, layer after layer."""
         key = (present, self.strength, dtype, str(device))
         found = self._biases.get(key)
         if found is None:
-            on = math.log(self.strength) if self.strength > 0 else -math.inf
-            found = torch.tensor([on if here else -math.inf for here in present], dtype=dtype, device=device)
+            pattern = self._biases.get((present, dtype, str(device)))
+            if pattern is None:
+                pattern = torch.tensor([0.0 if here else -math.inf for here in present], dtype=dtype, device=device)
+                self._biases[(present, dtype, str(device))] = pattern
+            found = pattern + (math.log(self.strength) if self.strength > 0 else -math.inf)
             if len(self._biases) > 64:  # a strength swept live: keep the cache small
                 self._biases.clear()
             self._biases[key] = found
@@ -307,9 +315,7 @@ class BankAttnProcessor:
             bank_value = torch.stack([s[1] if ok else torch.zeros_like(value[0]) for s, ok in zip(stored, usable)])
             tokens = key.shape[2]
             bias = torch.zeros(batch, 1, 1, 2 * tokens, dtype=query.dtype, device=query.device)
-            row_bias = torch.tensor([math.log(strength) if ok else -math.inf for ok in usable], dtype=query.dtype,
-                                    device=query.device)
-            bias[..., tokens:] = row_bias.view(batch, 1, 1, 1)
+            bias[..., tokens:] = self.bank.bias(tuple(usable), query.dtype, query.device).view(batch, 1, 1, 1)
             key = torch.cat([key, bank_key], dim=2)
             value = torch.cat([value, bank_value], dim=2)
             mask = bias

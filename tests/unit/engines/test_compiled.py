@@ -162,6 +162,44 @@ def test_stream_batch_sessions_together_equal_each_alone(parts):
         assert relative_error(both[1:], alone.step_float(fb, [b_alone])) <= TOLERANCE
 
 
+def test_a_strength_moved_live_refills_only_where_the_timesteps_change(parts):
+    """An LFO on strength: a new value every frame. At 8 steps every strength from 0.5 to 0.62 runs the same
+    4 timesteps (int(steps × strength), as diffusers' img2img), so the frames in flight go on: one UNet call a
+    frame, each output the eager engine's, no new graph. 0.7 runs 5 steps: that frame refills (N - 1 calls)."""
+    from torch._dynamo.utils import counters
+
+    strengths = [0.5, 0.53, 0.56, 0.59, 0.62, 0.6, 0.55, 0.7]
+    torch._dynamo.reset()
+    counters.clear()
+    stream = engine(parts, True, backend="aot_eager", steps=8, strength=strengths[0])
+    stream.background_compile = False
+    frames = make_frames(len(strengths))
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(steps=8, strength=0.5))
+    expected = [reference.step_float(frame, [StreamState("s")]) for frame in frames]
+    state, calls = StreamState("s"), []
+    stream_call = stream._stream_call
+
+    def counted(*args, **kwargs):  # (a hook on the UNet would be traced into its graph)
+        calls.append(args[0].shape[0])
+        return stream_call(*args, **kwargs)
+
+    stream._stream_call = counted
+    for k, (frame, strength) in enumerate(zip(frames[:-1], strengths[:-1])):
+        stream.prepare(params(steps=8, strength=strength))
+        out = stream.step_float(frame, [state])
+        if k == 0:
+            graphs = counters["stats"]["unique_graphs"]
+        source = max(0, k - 3)
+        assert relative_error(out, expected[source]) <= TOLERANCE, f"call {k} against frame {source}"
+    assert calls == [4] * (3 + len(strengths) - 1)   # the first frame's fill (3 calls), then one a frame
+    assert counters["stats"]["unique_graphs"] == graphs
+    stream.prepare(params(steps=8, strength=strengths[-1]))
+    calls.clear()
+    stream.step_float(frames[-1], [state])
+    assert calls == [5] * 5 and state.data[STREAM_KEY].latents.shape[0] == 4
+
+
 def test_stream_refills_when_the_schedule_changes(parts):
     stream = engine(parts, steps=3, strength=1.0)
     state = StreamState("s")

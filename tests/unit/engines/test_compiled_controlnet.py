@@ -252,3 +252,44 @@ def test_residual_guidance_runs_the_controlnet_once_on_the_conditional_rows(part
     assert torch.equal(calls[-1][1], ours._embeddings.chunk(2)[1].expand(4, -1, -1))
     assert (on - base).abs().max() > 1e-3
     assert torch.equal(run(ours, frame[None], [StreamState("c")], **values, controlnet_1_scale=0.0), base)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_frame_under_live_changes_waits_for_nothing_on_cuda(tiny_model_dir, controlnet_dir, frame, condition):
+    """Issue 4: no host sync inside a frame. With CUDA's sync debug mode set to "error", any call that waits
+    for the device raises. Steady frames are run under it, each after a prepare, as the worker runs them
+    under an LFO: a new guidance and ControlNet scale every frame, and 3 sessions (padded to 4) of which one
+    has no condition image. A host-to-device copy of a new value would wait for the stream: torch.tensor(x,
+    device="cuda") for the guidance, the scale mask or the bank bias, or a pageable condition image."""
+    from sdbridge.engines.models import load_pipeline_parts
+
+    cuda = torch.device("cuda")
+    ours = make(CompiledEngine, load_pipeline_parts(str(tiny_model_dir), cuda, torch.float16), controlnet_dir)
+    states = [StreamState(name) for name in "abc"]
+    for state in states[:2]:
+        state.data[CONDITIONS] = {1: condition}
+    images = [frame, frame[::-1].copy(), frame[:, ::-1].copy()]
+
+    def live_frame(k: int) -> torch.Tensor:
+        ours.prepare(params(steps=2, strength=1.0, guidance=2.0 + 0.1 * k, controlnet_1_model="edges",
+                            controlnet_1_channel=1, controlnet_1_scale=0.8 + 0.05 * k))
+        for image, state in zip(images, states):
+            ours.controlnets.condition(state.data, image)
+        return ours.step_float(ours.upload(torch.from_numpy(np.stack(images))), states)
+
+    live_frame(0)
+    ours.controlnets.wait()
+    for k in range(1, 4):  # the first frames run uncompiled while their graphs compile in the background
+        live_frame(k)
+    assert ours.wait_compiled(600) and ours.describe()["compile_failed"] == 0
+    for k in range(4, 8):  # CUDA graphs: warm-up and recording, then replays
+        live_frame(k)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(8, 11):
+            out = live_frame(k)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.shape == (3, 3, 64, 64) and bool(torch.isfinite(out).all())
