@@ -29,7 +29,7 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding live_changes}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
@@ -358,6 +358,15 @@ step_engine_padding() {  # batch buckets: 3 sessions at the graphs of 4 (padded)
   else
     step engine_padding 30 300 engine_padding.json $P benchmarks/bench_engine.py --device cpu --tiny --padding \
       --skip-diffusers --compile-backend aot_eager --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_padding.json"
+  fi
+}
+step_live_changes() {  # a prepare before every frame, values moved as an LFO moves them, against a steady stream
+  if [ "$DEVICE" = cuda ]; then
+    step live_changes 120 300 live_changes.json $P benchmarks/bench_live_changes.py --device cuda --controlnet \
+      --calls 90 --json "$WORK/live_changes.json"
+  else
+    step live_changes 20 200 live_changes.json $P benchmarks/bench_live_changes.py --device cpu --tiny --controlnet \
+      --calls 6 --rounds 2 --warmup 2 --json "$WORK/live_changes.json"
   fi
 }
 step_switch() {
