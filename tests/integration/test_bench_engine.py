@@ -49,12 +49,13 @@ def test_the_fp16_rows_at_another_step_count_keep_parity(tmp_path):
 
 
 def test_the_padding_rows_run_and_compare_the_padded_frames(tmp_path):
-    """``--padding`` (the GPU session's engine_padding step): 4 sessions, 3 run at 4 and 3 unpadded, through
-    aot_eager graphs; the padded and unpadded rows' frames agree and each row says the batch it ran at."""
-    run, out = bench(tmp_path, "--padding", "--compile-backend", "aot_eager")
+    """``--padding`` (the GPU session's engine_padding step) runs its rows and compares the two 3-session rows'
+    frames. Uncompiled here, where nothing is padded (each row says the batch it ran at): the padding itself is
+    proven in tests/unit/engines (frames, graphs), and compiling would add half a minute to the suite."""
+    run, out = bench(tmp_path, "--padding", "--compile-backend", "none")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["frames_per_call"], row["runs_at"]) for row in rows] == [(4, 4), (3, 4), (3, 3)]
+    assert [(row["frames_per_call"], row["runs_at"]) for row in rows] == [(4, 4), (3, 3), (3, 3)]
     assert rows[-1]["padded_vs_unpadded_ok"] is True and rows[-1]["padded_vs_unpadded_rel_error"] <= 1e-4
     assert all(row["parity_ok"] and row["fps"] > 0 for row in rows)
-    assert "3 sessions run at 4 (padded) against unpadded" in run.stdout
+    assert "3 sessions with padding on (run at 3) against off" in run.stdout

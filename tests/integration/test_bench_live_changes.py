@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_live_change_rows_run_with_a_controlnet(tmp_path):
     out = tmp_path / "live.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_live_changes.py"), "--tiny", "--controlnet",
-                          "--calls", "4", "--rounds", "2", "--warmup", "2", "--json", str(out)],
+                          "--calls", "2", "--rounds", "1", "--warmup", "1", "--json", str(out)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]

@@ -1,6 +1,7 @@
 """ControlNet slots on the compiled engine's fast path: parity with the eager engine and diffusers'
 StableDiffusionControlNetImg2ImgPipeline, per-row scales in stream batch, and no recompile when a
-slot turns on, changes scale or turns off (torch.compile's aot_eager backend, as test_compiled.py)."""
+slot turns on, changes scale or turns off (through Dynamo's graphs: its plain eager backend, where which
+graph runs is what a test checks, as it is the cheapest to trace)."""
 
 from __future__ import annotations
 
@@ -134,22 +135,22 @@ def test_two_slots_and_a_session_without_its_condition_in_one_stream_batch(parts
     assert (expected_a - expected_b).abs().max() > 1e-3  # the channel-1 slot did act on the first session
 
 
-@pytest.mark.parametrize("stream_batch", [True, False])
-def test_three_sessions_with_two_slots_run_the_graphs_of_four(parts, controlnet_dir, frame, condition, stream_batch):
+def test_three_sessions_with_two_slots_run_the_graphs_of_four(parts, controlnet_dir, frame, condition):
     """Batch buckets with ControlNets: 3 sessions (the last without its channel-1 condition, so the second
     slot's scale is per session) run the ControlNet and UNet graphs of 4, padded with the last session's
     rows, condition images and scales; each session gets what the eager engine gives it alone."""
-    values = dict(steps=2, strength=1.0, guidance=2.0, controlnet_1_model="edges", controlnet_1_scale=0.8,
+    values = dict(steps=1, strength=1.0, guidance=2.0, controlnet_1_model="edges", controlnet_1_scale=0.8,
                   controlnet_2_model="depth", controlnet_2_scale=1.2, controlnet_2_channel=1)
     states = [StreamState(name) for name in "abc"]
     for state in states[:2]:
         state.data[CONDITIONS] = {1: condition}
-    ours = make(CompiledEngine, parts, controlnet_dir, stream_batch, backend="aot_eager")
+    # One step (the stream batch pads its rows per session the same way: test_compiled.py); Dynamo's plain
+    # eager backend, as padding is outside the graphs and Dynamo's guards say which graph runs.
+    ours = make(CompiledEngine, parts, controlnet_dir, backend="eager")
     ours.background_compile = False
     got = run(ours, np.stack([frame, frame[::-1], frame[:, ::-1]]), states, **values)
-    rows = 2 if stream_batch else 1
     assert {key[0] for key in ours._compiled} >= {"control1-exact", "control2-exact", "denoise-exact"}
-    assert not [key for key in ours._compiled if key[2] == 3 * rows]
+    assert {key[2] for key in ours._compiled} == {4}
     eager = make(DiffusionEngine, parts, controlnet_dir)
     for index, (image, state) in enumerate(zip([frame, frame[::-1], frame[:, ::-1]], states)):
         alone = StreamState(state.session_id)
@@ -160,14 +161,15 @@ def test_three_sessions_with_two_slots_run_the_graphs_of_four(parts, controlnet_
 
 
 def test_slot_on_scale_change_off_and_on_again_recompile_nothing(parts, controlnet_dir, frame):
-    """aot_eager graphs, stream batch, exact guidance: the ControlNet's graph compiles once, in the
-    background after its first use; then scale changes, a window change, off (scale 0: exactly the base
-    output) and on again run the same graphs, and each change reaches the output."""
+    """Dynamo graphs (its plain eager backend: which graph runs is what counts), stream batch, exact guidance:
+    the ControlNet's graph compiles once, in the background after its first use; then scale changes, a window
+    change, off (scale 0: exactly the base output) and on again run the same graphs, and each change reaches
+    the output."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    ours = make(CompiledEngine, parts, controlnet_dir, backend="aot_eager")
+    ours = make(CompiledEngine, parts, controlnet_dir, backend="eager")
     state = StreamState("s")
 
     def settled(**values) -> torch.Tensor:
