@@ -67,7 +67,8 @@ class FeatureBank:
         self.call_batch: int | None = None  # rows of this UNet call (guidance half × session), from the same hook
         self.in_graph = False               # a compiled call counts its own step (the hook would count at trace)
         self._store: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._biases: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._biases: dict[tuple[Any, ...], torch.Tensor] = {}    # (present, strength, dtype, device) -> [R]
+        self._patterns: dict[tuple[Any, ...], torch.Tensor] = {}  # (present, dtype, device) -> [R] of 0 and -inf
         # step -> the last compiled call's (rows, layers, keys and values per layer), kept whole rather than
         # split into _store's per-row entries: the next call over the same rows at that step takes them
         # as its inputs with no stack and no per-row bookkeeping (a steady stream). Split into _store
@@ -181,12 +182,12 @@ class FeatureBank:
         key = (present, self.strength, dtype, str(device))
         found = self._biases.get(key)
         if found is None:
-            pattern = self._biases.get((present, dtype, str(device)))
+            pattern = self._patterns.get((present, dtype, str(device)))
             if pattern is None:
                 pattern = torch.tensor([0.0 if here else -math.inf for here in present], dtype=dtype, device=device)
-                self._biases[(present, dtype, str(device))] = pattern
+                self._patterns[(present, dtype, str(device))] = pattern
             found = pattern + (math.log(self.strength) if self.strength > 0 else -math.inf)
-            if len(self._biases) > 64:  # a strength swept live: keep the cache small
+            if len(self._biases) > 64:  # a strength swept live: keep the cache small (the patterns stay)
                 self._biases.clear()
             self._biases[key] = found
         return found
