@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_daemon import commit  # noqa: E402
-from bench_engine import build_parts, device_label, engine_params, sync  # noqa: E402
+from bench_engine import build_parts, device_label, engine_params, summarise, sync  # noqa: E402
 
 STEPS, STRENGTH = 8, 0.5  # 4 denoising steps: a stream batch of 4 rows
 STRENGTHS = (0.5, 0.53, 0.56, 0.59, 0.62)  # every one of them int(8 × s) = 4
@@ -45,6 +45,8 @@ STRENGTHS = (0.5, 0.53, 0.56, 0.59, 0.62)  # every one of them int(8 × s) = 4
 
 class LiveRow:
     """One session on the shared engine, prepared before each call with ``values(k)`` for call k."""
+
+    frames_per_call = 1  # bench_engine.summarise's row
 
     def __init__(self, name: str, engine: Any, values: Any, inputs: list[np.ndarray]) -> None:
         from sdbridge.engines.base import StreamState
@@ -141,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for row in live:
-        times = sorted(row.times)
-        results.append({"name": row.name, "fps": len(times) / row.seconds, "ms_p50": times[len(times) // 2],
-                        "ms_p99": times[min(len(times) - 1, int(0.99 * len(times)))]})
+        results.append({"name": row.name, **summarise(row, row.times, row.seconds, len(row.times), device)})
     steady = results[0]["fps"]
     for result in results:
         result["vs_steady"] = result["fps"] / steady
