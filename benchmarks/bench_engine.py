@@ -644,7 +644,7 @@ def padding_rows(section: Section, engine_run: Callable[..., Any], measure: Call
         with torch.inference_mode():
             return engine.step_float(frames, [StreamState(f"compare{i}") for i in range(3)])
 
-    outputs, padded_runs_at = [], 0
+    outputs: list[tuple[int, torch.Tensor]] = []  # the 3-session rows': (batch run at, frames)
     for name, sessions, pad in ((f"{label}, 4 sessions", 4, True), (f"{label}, 3 sessions, padding on", 3, True),
                                 (f"{label}, 3 sessions, padding off", 3, False)):
         engine = compiled_engine(1)
@@ -652,13 +652,11 @@ def padding_rows(section: Section, engine_run: Callable[..., Any], measure: Call
         compile_s = engine.warmup(engine_params(size, 1, 1.0), sessions=(sessions,)) if section.backend else None
         row = Row(name, engine_run(engine, sessions), sessions, 1)
         row.result["runs_at"] = engine.bucket(sessions)  # uncompiled (--compile-backend none), nothing is padded
-        if sessions == 3 and pad:
-            padded_runs_at = engine.bucket(sessions)
         if sessions == 3:
-            outputs.append(three_frames(engine))
+            outputs.append((engine.bucket(sessions), three_frames(engine)))
         if len(outputs) == 2:
-            row.result["padded_runs_at"] = padded_runs_at
-            row.result["padded_vs_unpadded_rel_error"] = error = relative_error(outputs[0], outputs[1])
+            (row.result["padded_runs_at"], padded), (_, unpadded) = outputs
+            row.result["padded_vs_unpadded_rel_error"] = error = relative_error(padded, unpadded)
             row.result["padded_vs_unpadded_ok"] = bool(error <= tolerance)
         measure(row, engine, compile_s)
         del engine
