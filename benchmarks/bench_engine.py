@@ -456,7 +456,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         else:
             times, seconds = timed_calls(row, inputs, device, calls)
             row.result.update(summarise(row, times, seconds, calls, device))
-            print(f"    {row.result['fps']:.1f} frames/s, p50 {row.result['ms_p50']:.2f} ms", file=sys.stderr, flush=True)
+            print(f"    {row.result['fps']:.1f} frames/s, p50 {row.result['ms_p50']:.2f} ms", file=sys.stderr,
+                  flush=True)
         results.append(row.result)
         if section.partial_json is not None and section.rounds <= 1:
             # Rewritten after each timed row: a run cut short (a device session's time limit) keeps

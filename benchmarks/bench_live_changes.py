@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         result["vs_steady"] = result["fps"] / steady
     label = device_label(device)
-    lines = [f"### bench_live_changes.py — {datetime.date.today()}, commit {commit()}, {label}, torch {torch.__version__}",
+    lines = [f"### bench_live_changes.py — {datetime.date.today()}, commit {commit()}, {label}, "
+             f"torch {torch.__version__}",
              f"{'tiny random model' if args.tiny else 'sd-turbo architecture, random weights'}, {size}×{size}, "
              f"{str(dtype).replace('torch.', '')}, {STEPS} steps × strength {STRENGTH} (a stream batch of 4), "
              f"guidance 2{' + ControlNet slot 1' if args.controlnet else ''}, compile backend {backend}; "
