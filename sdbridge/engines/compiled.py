@@ -25,7 +25,9 @@ session (or the first after a change of seed, sampler, timesteps or resolution) 
 pipeline: the stream call runs N - 1 extra times on that frame, so that on return every slot
 holds that frame at its own stage and the very first output is that frame fully denoised. The
 steady-state delay of N - 1 frames is what batching the steps costs; ``stream_batch = False``
-runs the N steps of each frame in sequence instead (no delay, N UNet calls a frame).
+runs the N steps of each frame in sequence instead (no delay, N UNet calls a frame). A strength moved
+across a multiple of 1 / steps changes N but not the schedule the timesteps are cut from: the frames in
+flight are then carried over to their places in the new schedule (``_reslot``), with no extra UNet call.
 
 ControlNet (issue 7): the ControlNet slots run on this path too. The UNet graph always takes
 ControlNet residuals as inputs, zeros while no slot acts, so a slot turning on or off is new
@@ -155,6 +157,7 @@ class LinearSchedule:
     noise_coef: torch.Tensor    # [] model dtype
     noisy: bool = False
     step_noise: torch.Tensor | None = None
+    timestep_values: tuple[float, ...] = ()   # ``timesteps`` on the host, read once in the probe
 
     @property
     def steps(self) -> int:
@@ -227,7 +230,8 @@ def probe_linear_schedule(scheduler: Any, timesteps: torch.Tensor, txt2img: bool
         eps_coefs.append(out[2] - drawn)
     return LinearSchedule(timesteps=timesteps.clone(), input_scale=torch.stack(scales).float(),
                           sample_coef=torch.stack(sample_coefs), eps_coef=torch.stack(eps_coefs),
-                          entry_coef=entry_coef, noise_coef=noise_coef, noisy=noisy)
+                          entry_coef=entry_coef, noise_coef=noise_coef, noisy=noisy,
+                          timestep_values=tuple(float(t) for t in timesteps.tolist()))
 
 
 def draw_step_noise(scheduler: Any, timesteps: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
@@ -280,6 +284,7 @@ class _StreamSlot:
     residual: torch.Tensor | None      # [N - 1, 4, h, w] the noise each slot carries (residual CFG)
     # ControlNet slot -> [N - 1, 3, H, W]: the condition image each frame in flight entered with
     conditions: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    timesteps: tuple[float, ...] = ()  # the schedule's (LinearSchedule.timestep_values): slot j is at [j + 1]
 
 
 class CompiledEngine(DiffusionEngine):
@@ -488,6 +493,7 @@ class CompiledEngine(DiffusionEngine):
         schedule = self._schedule
         if schedule is None:
             # A scheduler that is not linear: the eager engine's exact path.
+            _drop_streams(states)
             return super().step_float(frames, states)
         assert self._embeddings is not None, "prepare() before step()"
         self._new_frame()
@@ -513,6 +519,7 @@ class CompiledEngine(DiffusionEngine):
         if self.stream_batch and schedule.steps > 1:
             latents = self._denoise_stream(entry, noise, states, schedule, controls)
         else:
+            _drop_streams(states)
             latents = self._denoise_sequential(entry, noise, schedule, controls)
 
         # 5. Latent plugins, then decode.
@@ -755,11 +762,17 @@ class CompiledEngine(DiffusionEngine):
 
     def _stream_slot(self, state: StreamState, entry: torch.Tensor, noise: torch.Tensor,
                      schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> _StreamSlot:
-        """This session's buffer; a new one is filled from this frame (warm start, module docstring)."""
+        """This session's buffer; a new one is filled from this frame (warm start, module docstring), or
+        carried over from the old one where only the number of steps changed (:meth:`_reslot`)."""
         key = (self._seed, self._schedule_key, self.resolution, self._cfg == "residual")
         slot = state.data.get(STREAM_KEY)
         if slot is not None and slot.key == key:
             return slot
+        if slot is not None and _only_the_steps_differ(slot.key, key):
+            slot = self._reslot(slot, key, entry, noise, schedule, controls)
+            if slot is not None:
+                state.data[STREAM_KEY] = slot
+                return slot
         steps = schedule.steps
         latents = entry.expand(steps - 1, -1, -1, -1).clone()   # placeholders, pushed out by the fill
         residual = noise.expand(steps - 1, -1, -1, -1).clone() if self._cfg == "residual" else None
@@ -773,9 +786,54 @@ class CompiledEngine(DiffusionEngine):
                 y, eps = self._stream_call(x, res, 1, schedule, controls)
             latents = y[:-1].clone()
             residual = eps[:-1].clone() if residual is not None else None
-        slot = _StreamSlot(key=key, latents=latents, residual=residual, conditions=_held_conditions(controls, 0, steps))
+        slot = _StreamSlot(key=key, latents=latents, residual=residual, conditions=_held_conditions(controls, 0, steps),
+                           timesteps=schedule.timestep_values)
         state.data[STREAM_KEY] = slot
         return slot
+
+    def _reslot(self, old: _StreamSlot, key: tuple, entry: torch.Tensor, noise: torch.Tensor,
+                schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> _StreamSlot | None:
+        """The frames in flight carried over to a schedule of another length, with no UNet call.
+
+        A strength moved across a multiple of 1 / steps (a fader, an LFO) changes how many steps a frame runs,
+        and img2img takes its timesteps as a tail of the same schedule: each frame in flight whose next
+        timestep is still in the schedule goes on from it, at its new place; the others (the new schedule
+        is shorter) are dropped, and the output skips ahead by as many frames as the delay shrank. Where the
+        new schedule is longer, its first places have no frame at their timesteps: they take this frame,
+        advanced to each by the schedule's own steps with the noise it carries as the prediction (exact for
+        an epsilon-predicting model: a deterministic step then lands on the same frame at the next noise
+        level), so each comes out with at least as many steps as the old schedule ran. A refill
+        instead costs N - 1 UNet calls at a batch of one session, inside one frame: a stall on every crossing.
+
+        None where a place has no frame and the model does not predict the noise (the fill then runs)."""
+        where = {t: j for j, t in enumerate(old.timesteps[1:])}
+        rows = [where.get(t) for t in schedule.timestep_values[1:]]
+        missing = [j for j, row in enumerate(rows) if row is None]
+        if missing and self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            return None
+        ahead: list[torch.Tensor] = []
+        x = entry.float()
+        for j in range(max(missing, default=-1) + 1):
+            x = schedule.sample_coef[j] * x + schedule.eps_coef[j] * noise.float()
+            if schedule.step_noise is not None:
+                x = x + schedule.step_noise[j:j + 1].float()
+            ahead.append(x.to(old.latents.dtype))
+        latents = _like(torch.cat([old.latents[row:row + 1] if row is not None else ahead[j]
+                                   for j, row in enumerate(rows)]), old.latents)
+        residual = None
+        if old.residual is not None:
+            residual = _like(torch.cat([old.residual[row:row + 1] if row is not None else noise
+                                        for row in rows]), old.residual)
+        conditions = {}
+        for unit in controls:
+            held = old.conditions.get(unit.slot)
+            if held is not None and held.shape[1:] == unit.image.shape[1:]:
+                conditions[unit.slot] = torch.cat([held[row:row + 1] if row is not None else unit.image
+                                                   for row in rows])
+        log.debug("stream of %d steps carried over to %d (%d frames advanced from this one)",
+                  len(old.timesteps), schedule.steps, len(missing))
+        return _StreamSlot(key=key, latents=latents, residual=residual, conditions=conditions,
+                           timesteps=schedule.timestep_values)
 
     # --- the parts that are compiled --------------------------------------------------------------
 
@@ -981,6 +1039,28 @@ def _inference(frames: torch.Tensor) -> torch.Tensor:
     A graph guards its inputs' dispatch keys, which tell the two apart: the worker's frames are inference
     tensors, a caller's from outside would be a second graph of the same part."""
     return frames if frames.is_inference() else frames.clone()
+
+
+def _drop_streams(states: Sequence[StreamState]) -> None:
+    """These sessions' frames in flight, dropped where a frame of theirs runs another path (one step, the
+    exact path): they would be stale when the stream runs again (the same key after 0.5 -> 0.1 -> 0.5
+    on strength), and its first outputs frames from that long ago."""
+    for state in states:
+        state.data.pop(STREAM_KEY, None)
+
+
+def _only_the_steps_differ(old: tuple, new: tuple) -> bool:
+    """Two stream slots' keys (seed, schedule key, resolution, residual) that differ only in the schedule key's
+    number of denoising steps (``CompiledEngine.prepare``): the same sampler over the same schedule, cut
+    at another strength."""
+    return old[0] == new[0] and old[2:] == new[2:] and old[1][0] == new[1][0] and old[1][2:] == new[1][2:]
+
+
+def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in ``reference``'s memory format (the graphs guard their inputs' strides)."""
+    if reference.is_contiguous() or not reference.is_contiguous(memory_format=torch.channels_last):
+        return tensor.contiguous()
+    return tensor.contiguous(memory_format=torch.channels_last)
 
 
 def _pad_sessions(tensor: Any, sessions: int, padded: int) -> Any:

@@ -162,10 +162,11 @@ def test_stream_batch_sessions_together_equal_each_alone(parts):
         assert relative_error(both[1:], alone.step_float(fb, [b_alone])) <= TOLERANCE
 
 
-def test_a_strength_moved_live_refills_only_where_the_timesteps_change(parts):
+def test_a_strength_moved_live_runs_one_unet_call_a_frame(parts):
     """An LFO on strength: a new value every frame. At 8 steps every strength from 0.5 to 0.62 runs the same
     4 timesteps (int(steps × strength), as diffusers' img2img), so the frames in flight go on: one UNet call a
-    frame, each output the eager engine's, no new graph. 0.7 runs 5 steps: that frame refills (N - 1 calls)."""
+    frame, each output the eager engine's, no new graph. 0.7 runs 5 steps: the frames in flight are carried
+    over to the longer schedule, still one call (a refill was N - 1 more, inside that frame)."""
     from torch._dynamo.utils import counters
 
     strengths = [0.5, 0.53, 0.56, 0.59, 0.62, 0.6, 0.55, 0.7]
@@ -197,7 +198,125 @@ def test_a_strength_moved_live_refills_only_where_the_timesteps_change(parts):
     stream.prepare(params(steps=8, strength=strengths[-1]))
     calls.clear()
     stream.step_float(frames[-1], [state])
-    assert calls == [5] * 5 and state.data[STREAM_KEY].latents.shape[0] == 4
+    assert calls == [5] and state.data[STREAM_KEY].latents.shape[0] == 4
+
+
+def _counted(stream: CompiledEngine) -> list[int]:
+    """The rows of each stream call ``stream`` makes from now on (a hook on the UNet would be traced)."""
+    calls: list[int] = []
+    stream_call = stream._stream_call
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return stream_call(*args, **kwargs)
+
+    stream._stream_call = counted
+    return calls
+
+
+def _eager(parts, strength: float, frame: torch.Tensor) -> torch.Tensor:
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(steps=8, strength=strength))
+    return reference.step_float(frame, [StreamState("s")])
+
+
+def test_a_strength_crossing_to_fewer_steps_carries_the_frames_in_flight_on(parts):
+    """4 steps -> 2 (8 steps, strength 0.5 -> 0.25): the frame in flight whose next timestep is in the new
+    schedule goes on from there (it comes out as it would have with no change), the two newer ones are
+    dropped (the delay shrinks by 2 frames), and the next frame is the eager engine's at the new strength.
+    One UNet call a frame throughout: no refill inside the crossing's frame."""
+    frames = make_frames(6)
+    steady = engine(parts, steps=8, strength=0.5)
+    moved = engine(parts, steps=8, strength=0.5)
+    a, b = StreamState("s"), StreamState("s")
+    for frame in frames[:4]:
+        unchanged = steady.step_float(frame, [a])
+        moved.step_float(frame, [b])
+    calls = _counted(moved)
+    moved.prepare(params(steps=8, strength=0.25))
+    out = moved.step_float(frames[4], [b])
+    # Frame 1 (entered 3 calls ago) was at the 4-step schedule's last timestep: the 2-step schedule's too.
+    assert relative_error(out, steady.step_float(frames[4], [a])) <= TOLERANCE
+    assert relative_error(out, _eager(parts, 0.5, frames[1])) <= TOLERANCE
+    assert relative_error(unchanged, out) > 10 * TOLERANCE   # (not the output before it)
+    assert relative_error(moved.step_float(frames[5], [b]), _eager(parts, 0.25, frames[4])) <= TOLERANCE
+    assert calls == [2, 2] and b.data[STREAM_KEY].latents.shape[0] == 1
+
+
+def test_a_strength_crossing_to_more_steps_carries_the_frames_in_flight_on(parts):
+    """2 steps -> 4 (strength 0.25 -> 0.5): the frame in flight finishes as before the change; the places the
+    new schedule adds take the crossing's frame, advanced to their timesteps with the noise it carries, so
+    it comes out at 2, 3 and then 4 steps (the delay grows by 2 frames, as a refill's would) and then the
+    stream goes on: each output the eager engine's at that many steps, one UNet call a frame."""
+    frames = make_frames(5)
+    stream = engine(parts, steps=8, strength=0.25)
+    state = StreamState("s")
+    for frame in frames[:2]:
+        stream.step_float(frame, [state])
+    calls = _counted(stream)
+    stream.prepare(params(steps=8, strength=0.5))
+    outs = [stream.step_float(frame, [state]) for frame in frames[2:]] + [stream.step_float(frames[4], [state])]
+    expected = [_eager(parts, 0.25, frames[1]), _eager(parts, 0.25, frames[2]), _eager(parts, 0.375, frames[2]),
+                _eager(parts, 0.5, frames[2])]
+    for k, (out, want) in enumerate(zip(outs, expected)):
+        assert relative_error(out, want) <= TOLERANCE, f"output {k} after the crossing"
+    assert calls == [4] * 4 and state.data[STREAM_KEY].latents.shape[0] == 3
+
+
+def test_a_strength_crossing_carries_the_residual_and_stays_one_call(parts):
+    """Residual guidance keeps the noise each frame in flight carries: carried over with its frame."""
+    stream = engine(parts, steps=8, strength=0.5, guidance=2.0)
+    stream.residual_cfg = True
+    stream.prepare(params(steps=8, strength=0.5, guidance=2.0))
+    state = StreamState("s")
+    frames = make_frames(4)
+    for frame in frames[:2]:
+        stream.step_float(frame, [state])
+    before = state.data[STREAM_KEY]
+    assert before.residual is not None
+    calls = _counted(stream)
+    stream.prepare(params(steps=8, strength=0.25, guidance=2.0))
+    out = stream.step_float(frames[2], [state])
+    after = state.data[STREAM_KEY]
+    assert calls == [2] and after.residual.shape[0] == 1 and torch.isfinite(out).all()
+    # The 2-step schedule's one place is the 4-step one's last: that frame and its residual went on.
+    stream.prepare(params(steps=8, strength=0.5, guidance=2.0))
+    stream.step_float(frames[3], [state])
+    assert calls == [2, 4] and state.data[STREAM_KEY].residual.shape[0] == 3
+
+
+def test_a_stream_left_for_one_step_is_not_picked_up_stale(parts):
+    """0.5 -> 0.1 -> 0.5 on strength: 0.1 runs one step, outside the stream. Back at 0.5 the schedule's key
+    is the old one again, but the frames in flight then are long gone: the stream starts from this frame."""
+    frames = make_frames(5)
+    stream = engine(parts, steps=8, strength=0.5)
+    state = StreamState("s")
+    for frame in frames[:3]:
+        stream.step_float(frame, [state])
+    stream.prepare(params(steps=8, strength=0.1))
+    stream.step_float(frames[3], [state])
+    stream.prepare(params(steps=8, strength=0.5))
+    assert relative_error(stream.step_float(frames[4], [state]), _eager(parts, 0.5, frames[4])) <= TOLERANCE
+
+
+def test_a_crossing_to_more_steps_refills_where_the_model_predicts_no_noise(tiny_model_dir):
+    """v-prediction: the noise a frame carries is not the model's output, so no place is advanced with it;
+    the new places are filled (N - 1 calls). A crossing to fewer steps needs no advance and carries over."""
+    from diffusers import EulerDiscreteScheduler
+
+    loaded = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    loaded.scheduler = EulerDiscreteScheduler.from_config(loaded.scheduler.config, prediction_type="v_prediction")
+    stream = engine(loaded, steps=8, strength=0.25)
+    state = StreamState("s")
+    frames = make_frames(3)
+    stream.step_float(frames[0], [state])
+    calls = _counted(stream)
+    stream.prepare(params(steps=8, strength=0.5))
+    stream.step_float(frames[1], [state])
+    assert calls == [4] * 4
+    stream.prepare(params(steps=8, strength=0.25))
+    stream.step_float(frames[2], [state])
+    assert calls[4:] == [2]
 
 
 def test_stream_refills_when_the_schedule_changes(parts):

@@ -234,6 +234,42 @@ def test_stream_of_frames_each_keeps_its_own_condition(parts, controlnet_dir, fr
         assert min(relative_error(out, other) for j, other in enumerate(expected) if j != source) > 2 * TOLERANCE
 
 
+def test_a_strength_crossing_carries_each_frame_in_flight_on_with_its_own_condition(parts, controlnet_dir, frame):
+    """Strength 0.25 -> 0.5 -> 0.25 at 8 steps (2 steps, 4, 2) with a condition stream that changes every
+    frame: the frames in flight are carried over with the condition image each entered with, the places a
+    longer schedule adds take the crossing's frame and condition, and every output is the eager engine's
+    for that frame, condition and number of steps (see test_compiled.py's crossing tests)."""
+    values = dict(steps=8, guidance=1.0, controlnet_1_model="edges", controlnet_1_scale=3.0, controlnet_1_channel=1)
+    conditions = []
+    for k in range(8):
+        image = np.zeros((64, 64, 3), np.uint8)
+        image[4 + 4 * k:28 + 4 * k, 2 + 5 * k:26 + 5 * k] = 255
+        conditions.append(image)
+
+    def with_condition(state: StreamState, k: int) -> StreamState:
+        state.data[CONDITIONS] = {1: conditions[k]}
+        return state
+
+    eager = make(DiffusionEngine, parts, controlnet_dir)
+
+    def expected(k: int, strength: float) -> torch.Tensor:
+        return run(eager, frame[None], [with_condition(StreamState("e"), k)], **values, strength=strength)
+
+    strengths = [0.25, 0.25, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]
+    # (condition, strength) of each output: frame 2 comes out at 2, 3 and 4 steps as the schedule grows.
+    wanted = [(0, 0.25), (0, 0.25), (1, 0.25), (2, 0.25), (2, 0.375), (2, 0.5), (3, 0.5), (6, 0.25)]
+    ours = make(CompiledEngine, parts, controlnet_dir)
+    state = StreamState("s")
+    for k, (strength, (source, at)) in enumerate(zip(strengths, wanted)):
+        out = run(ours, frame[None], [with_condition(state, k)], **values, strength=strength)
+        assert relative_error(out, expected(source, at)) <= 5e-6, f"call {k} against frame {source} at {at}"
+        if k == 1:
+            calls = []
+            stream_call = ours._stream_call
+            ours._stream_call = lambda *args: calls.append(args[0].shape[0]) or stream_call(*args)
+    assert calls == [4, 4, 4, 4, 2, 2]
+
+
 def test_residual_guidance_runs_the_controlnet_once_on_the_conditional_rows(parts, controlnet_dir, frame):
     """Residual CFG has no uncond pass: the ControlNet sees the stream's rows once (not doubled), with the
     prompt's embeddings; at scale 0 the output is exactly residual CFG's without a ControlNet."""
