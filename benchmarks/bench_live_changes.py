@@ -14,6 +14,7 @@ same engine (the same graphs) and prepares before every call as the worker does,
   frame. Its calls average 3 rows where the steady row's have 4, so with nothing else to pay it runs faster
   than steady; the cost to look at is its worst frames (p99, max). Until 2026-11-29 each crossing refilled the
   stream: N - 1 more UNet calls inside the crossing's frame;
+- a new seed every 8 frames (a beat at 240 BPM and 30 frames/s): until 2026-11-29 a refill each time too;
 - guidance LFO: guidance swept from 2 to 3;
 - ControlNet scale LFO (``--controlnet``): slot 1 on, its scale swept, and the steady row with it on.
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("steady", lambda k: base),
             ("strength LFO (one step count)", lambda k: {**base, "strength": STRENGTHS[k % len(STRENGTHS)]}),
             ("strength LFO across step counts", lambda k: {**base, "strength": CROSSING[k % len(CROSSING)]}),
+            ("a new seed every 8 frames", lambda k: {**base, "seed": 1000 + k // 8}),
             ("guidance LFO", lambda k: {**base, "guidance": lfo(k, 2.0, 3.0)})]
     if args.controlnet:
         rows.append(("ControlNet scale LFO", lambda k: {**base, "controlnet_1_scale": lfo(k, 0.5, 1.2)}))

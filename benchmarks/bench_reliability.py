@@ -326,8 +326,9 @@ def sigterm() -> dict[str, Any]:
 # --- 5. Soak ---------------------------------------------------------------------------------------
 
 
-def soak(minutes: float, warmup_s: float = 20.0) -> dict[str, Any]:
-    """A steady stream with parameter changes and reconnections; memory, descriptors and threads."""
+def soak(minutes: float, warmup_s: float = 20.0, reconnect_s: float = 5.0) -> dict[str, Any]:
+    """A steady stream with parameter changes and a reconnection every ``reconnect_s``; memory, descriptors
+    and threads."""
     daemon = Daemon(engine="preview")
     osc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rng = random.Random(1)
@@ -342,7 +343,7 @@ def soak(minutes: float, warmup_s: float = 20.0) -> dict[str, Any]:
                 baseline = {"rss": daemon.rss_mb(), "fds": daemon.fds(), "threads": daemon.threads()}
             with ws(daemon, f"?session=soak{reconnects % 3}") as conn:
                 reconnects += 1
-                until = time.monotonic() + 5
+                until = time.monotonic() + reconnect_s
                 while time.monotonic() < min(until, deadline):
                     conn.send(jpegs[frames % len(jpegs)])
                     while isinstance(conn.recv(timeout=30), str):

@@ -21,13 +21,14 @@ img2img pipeline: tests/unit/engines/test_compiled.py); what changes is how a fr
 
 Warm start (issue 6, item 5): StreamDiffusion starts the buffer from zeros, so the first N - 1
 outputs are brown and the first real frame arrives N - 1 frames late. Here the first frame of a
-session (or the first after a change of seed, sampler, timesteps or resolution) fills the
+session (or the first after a change of sampler, number of steps or resolution) fills the
 pipeline: the stream call runs N - 1 extra times on that frame, so that on return every slot
 holds that frame at its own stage and the very first output is that frame fully denoised. The
 steady-state delay of N - 1 frames is what batching the steps costs; ``stream_batch = False``
 runs the N steps of each frame in sequence instead (no delay, N UNet calls a frame). A strength moved
 across a multiple of 1 / steps changes N but not the schedule the timesteps are cut from: the frames in
-flight are then carried over to their places in the new schedule (``_reslot``), with no extra UNet call.
+flight are then carried over to their places in the new schedule (``_reslot``), with no extra UNet call;
+so are they on a new seed (each keeps the noise it entered with): a fader or a beat never stalls a frame.
 
 ControlNet (issue 7): the ControlNet slots run on this path too. The UNet graph always takes
 ControlNet residuals as inputs, zeros while no slot acts, so a slot turning on or off is new
@@ -768,7 +769,7 @@ class CompiledEngine(DiffusionEngine):
         slot = state.data.get(STREAM_KEY)
         if slot is not None and slot.key == key:
             return slot
-        if slot is not None and _only_the_steps_differ(slot.key, key):
+        if slot is not None and _carries_over(slot.key, key):
             slot = self._reslot(slot, key, entry, noise, schedule, controls)
             if slot is not None:
                 state.data[STREAM_KEY] = slot
@@ -793,7 +794,8 @@ class CompiledEngine(DiffusionEngine):
 
     def _reslot(self, old: _StreamSlot, key: tuple, entry: torch.Tensor, noise: torch.Tensor,
                 schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> _StreamSlot | None:
-        """The frames in flight carried over to a schedule of another length, with no UNet call.
+        """The frames in flight carried over to a schedule of another length (or another seed: :func:`_carries_over`),
+        with no UNet call.
 
         A strength moved across a multiple of 1 / steps (a fader, an LFO) changes how many steps a frame runs,
         and img2img takes its timesteps as a tail of the same schedule: each frame in flight whose next
@@ -1049,11 +1051,14 @@ def _drop_streams(states: Sequence[StreamState]) -> None:
         state.data.pop(STREAM_KEY, None)
 
 
-def _only_the_steps_differ(old: tuple, new: tuple) -> bool:
-    """Two stream slots' keys (seed, schedule key, resolution, residual) that differ only in the schedule key's
-    number of denoising steps (``CompiledEngine.prepare``): the same sampler over the same schedule, cut
-    at another strength."""
-    return old[0] == new[0] and old[2:] == new[2:] and old[1][0] == new[1][0] and old[1][2:] == new[1][2:]
+def _carries_over(old: tuple, new: tuple) -> bool:
+    """Two stream slots' keys (seed, schedule key, resolution, residual) whose frames in flight can go on
+    (``CompiledEngine._reslot``): the same sampler over the same schedule, maybe cut at another strength
+    (the schedule key's number of denoising steps: ``CompiledEngine.prepare``), maybe another seed. A frame
+    in flight keeps the noise it entered with, as it keeps its condition image; the next frame enters with
+    the new seed's, so a new seed shows with the frame after it, as a new frame does, and never stalls. (A
+    sampler that draws noise at each step, LCM or Euler a, draws a frame's remaining steps from the new seed.)"""
+    return old[2:] == new[2:] and old[1][0] == new[1][0] and old[1][2:] == new[1][2:]
 
 
 def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ def test_the_live_change_rows_run_with_a_controlnet(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [row["name"] for row in rows] == ["steady", "strength LFO (one step count)",
-                                             "strength LFO across step counts", "guidance LFO", "ControlNet scale LFO"]
+                                             "strength LFO across step counts", "a new seed every 8 frames",
+                                             "guidance LFO", "ControlNet scale LFO"]
     assert all(row["ms_max"] >= row["ms_p99"] for row in rows)
     assert rows[0]["vs_steady"] == 1.0 and all(row["fps"] > 0 and row["vs_steady"] > 0 for row in rows)
     assert "| strength LFO (one step count) |" in run.stdout

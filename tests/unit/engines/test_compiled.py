@@ -299,6 +299,29 @@ def test_a_stream_left_for_one_step_is_not_picked_up_stale(parts):
     assert relative_error(stream.step_float(frames[4], [state]), _eager(parts, 0.5, frames[4])) <= TOLERANCE
 
 
+def test_a_new_seed_goes_on_with_the_frames_in_flight(parts):
+    """A new seed (a beat, a button) carries the stream over: each frame in flight finishes with the noise it
+    entered with, the next frame enters with the new seed's, one UNet call a frame (a refill was N - 1 more
+    inside the seed's frame). Each output is the eager engine's for its frame and the seed it entered with."""
+    def eager(seed: int, frame: torch.Tensor) -> torch.Tensor:
+        reference = DiffusionEngine.from_parts(parts)
+        reference.prepare(params(steps=8, strength=0.5, seed=seed))
+        return reference.step_float(frame, [StreamState("s")])
+
+    frames = make_frames(7)
+    stream = engine(parts, steps=8, strength=0.5, seed=3)
+    state = StreamState("s")
+    for frame in frames[:3]:
+        stream.step_float(frame, [state])
+    calls = _counted(stream)
+    stream.prepare(params(steps=8, strength=0.5, seed=4))
+    outs = [stream.step_float(frame, [state]) for frame in frames[3:]]
+    for k, (out, (seed, source)) in enumerate(zip(outs, [(3, 0), (3, 1), (3, 2), (4, 3)])):
+        assert relative_error(out, eager(seed, frames[source])) <= TOLERANCE, f"call {k + 3}: frame {source}"
+    assert relative_error(outs[-1], eager(3, frames[3])) > 10 * TOLERANCE   # (the seed shows)
+    assert calls == [4] * 4
+
+
 def test_a_crossing_to_more_steps_refills_where_the_model_predicts_no_noise(tiny_model_dir):
     """v-prediction: the noise a frame carries is not the model's output, so no place is advanced with it;
     the new places are filled (N - 1 calls). A crossing to fewer steps needs no advance and carries over."""
