@@ -314,6 +314,12 @@ class CompiledEngine(DiffusionEngine):
         self._schedule: LinearSchedule | None = None
         self._schedule_key: tuple | None = None
         self._step_noise_key: tuple | None = None
+        # Schedules probed for this scheduler object (held: its id is in the keys), by schedule key and, for a
+        # sampler that draws noise, seed and resolution: a strength moved back and forth across a multiple of
+        # 1 / steps probes each schedule once (a probe is a copy of the scheduler and a step per timestep,
+        # about 2 ms of host work on the CPU, each read back from the device on a GPU).
+        self._probed: dict[tuple, LinearSchedule | None] = {}
+        self._probed_for: Any = None
         self._cfg = "none"                       # none | exact | residual, settled in prepare
         self._guidance_tensor: torch.Tensor | None = None
         self._guidance_value: float | None = None
@@ -361,6 +367,7 @@ class CompiledEngine(DiffusionEngine):
         self._zero_residuals.clear()
         self._window_masks.clear()
         self._schedule_key = None
+        self._probed.clear()
         self._guidance_tensor = None  # made again on this model's device
         if self.compile_active:
             configure_compile_cache()
@@ -433,21 +440,30 @@ class CompiledEngine(DiffusionEngine):
         # 1 / steps runs the same schedule, and a new key would refill every session's stream on each frame.
         key = (self._num_inference_steps, self._denoising_steps(), self._txt2img, id(self.scheduler),
                type(self.scheduler).__name__, self.dtype, str(self.device))
+        if self._probed_for is not self.scheduler or len(self._probed) > 64:
+            self._probed = {}
+            self._probed_for = self.scheduler
         if key != self._schedule_key:
-            timesteps, _ = self._timesteps()
-            self._schedule = probe_linear_schedule(self.scheduler, timesteps, self._txt2img, self.dtype)
+            if key not in self._probed:
+                timesteps, _ = self._timesteps()
+                self._probed[key] = probe_linear_schedule(self.scheduler, timesteps, self._txt2img, self.dtype)
+            self._schedule = self._probed[key]
             self._schedule_key = key
             self._step_noise_key = None
         schedule = self._schedule
         if schedule is not None and schedule.noisy and self._step_noise_key != (self._seed, self.resolution):
-            # The eager engine seeds each session's draw alike at every frame: one term per step, for all.
-            assert self.parts is not None
-            width, height = self.resolution
-            shape = (1, self.parts.unet.config.in_channels, height // self.vae_scale_factor,
-                     width // self.vae_scale_factor)
-            self._timesteps()  # the scheduler as the eager engine steps it (begin index set)
-            self._schedule = dataclasses.replace(schedule, step_noise=draw_step_noise(
-                self.scheduler, schedule.timesteps, shape, self.dtype, self._step_generators([StreamState("")], shape)))
+            noised_key = (key, self._seed, self.resolution)
+            if noised_key not in self._probed:
+                # The eager engine seeds each session's draw alike at every frame: one term per step, for all.
+                assert self.parts is not None
+                width, height = self.resolution
+                shape = (1, self.parts.unet.config.in_channels, height // self.vae_scale_factor,
+                         width // self.vae_scale_factor)
+                self._timesteps()  # the scheduler as the eager engine steps it (begin index set)
+                self._probed[noised_key] = dataclasses.replace(schedule, step_noise=draw_step_noise(
+                    self.scheduler, schedule.timesteps, shape, self.dtype,
+                    self._step_generators([StreamState("")], shape)))
+            self._schedule = self._probed[noised_key]
             self._step_noise_key = (self._seed, self.resolution)
         if not self._guided:
             self._cfg = "none"

@@ -322,6 +322,30 @@ def test_a_new_seed_goes_on_with_the_frames_in_flight(parts):
     assert calls == [4] * 4
 
 
+def test_a_strength_moved_back_and_forth_probes_each_schedule_once(parts, monkeypatch):
+    """A probe is a copy of the scheduler and a step per timestep, read back from the device: once per schedule
+    (and, for a sampler that draws noise, per seed), not at every crossing; a new scheduler is probed anew."""
+    import diffusers
+
+    from sdbridge.engines import compiled
+
+    probes, draws = [], []
+    real_probe, real_draw = compiled.probe_linear_schedule, compiled.draw_step_noise
+    monkeypatch.setattr(compiled, "probe_linear_schedule", lambda *args: probes.append(1) or real_probe(*args))
+    monkeypatch.setattr(compiled, "draw_step_noise", lambda *args: draws.append(1) or real_draw(*args))
+    stream = engine(parts, steps=8, strength=0.5)
+    first = stream._schedule
+    for strength in (0.375, 0.5, 0.375, 0.5, 0.4):
+        stream.prepare(params(steps=8, strength=strength))
+    assert len(probes) == 2 and stream._schedule is not first and stream._schedule.steps == 3
+    stream.prepare(params(steps=8, strength=0.5))
+    assert stream._schedule is first
+    stream.scheduler = diffusers.LCMScheduler.from_config(parts.scheduler.config)
+    for strength, seed in ((0.5, 1), (0.375, 1), (0.5, 1), (0.5, 2), (0.5, 1)):
+        stream.prepare(params(steps=8, strength=strength, seed=seed))
+    assert len(probes) == 4 and len(draws) == 3 and stream._schedule.step_noise is not None
+
+
 def test_a_crossing_to_more_steps_refills_where_the_model_predicts_no_noise(tiny_model_dir):
     """v-prediction: the noise a frame carries is not the model's output, so no place is advanced with it;
     the new places are filled (N - 1 calls). A crossing to fewer steps needs no advance and carries over."""
