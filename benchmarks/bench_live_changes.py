@@ -10,10 +10,10 @@ same engine (the same graphs) and prepares before every call as the worker does,
 - steady: the same parameters every frame;
 - strength LFO: strength swept across values that select the same timesteps (8 steps × 0.5 to 0.62: 4 steps,
   as diffusers' img2img takes ``int(steps × strength)``);
-- strength LFO across step counts: strength swept from 0.25 to 0.5 (2, 3 and 4 steps), a crossing every other
-  frame. Its calls average 3 rows where the steady row's have 4, so with nothing else to pay it runs faster
-  than steady; the cost to look at is its worst frames (p99, max). Until 2026-11-29 each crossing refilled the
-  stream: N - 1 more UNet calls inside the crossing's frame;
+- strength LFO across step counts: strength 0.5, 0.5, 0.25, 0.25, ... (4 steps, then 2: one more set of graphs,
+  for 2 rows, compiled in the warm-up), a crossing every other frame. Its calls average 3 rows where the steady
+  row's have 4, so with nothing else to pay it runs faster than steady; the cost to look at is its worst frames
+  (p99, max). Until 2026-11-29 each crossing refilled the stream: N - 1 more UNet calls inside its frame;
 - a new seed every 8 frames (a beat at 240 BPM and 30 frames/s): until 2026-11-29 a refill each time too;
 - guidance LFO: guidance swept from 2 to 3;
 - ControlNet scale LFO (``--controlnet``): slot 1 on, its scale swept, and the steady row with it on.
@@ -46,7 +46,7 @@ from bench_engine import build_parts, device_label, engine_params, summarise, sy
 
 STEPS, STRENGTH = 8, 0.5  # 4 denoising steps: a stream batch of 4 rows
 STRENGTHS = (0.5, 0.53, 0.56, 0.59, 0.62)  # every one of them int(8 × s) = 4
-CROSSING = (0.5, 0.5, 0.375, 0.375, 0.25, 0.25, 0.375, 0.375)  # 4, 3, 2, 3 steps: a crossing every other frame
+CROSSING = (0.5, 0.5, 0.25, 0.25)  # 4 steps, then 2: a crossing every other frame
 
 
 class LiveRow:

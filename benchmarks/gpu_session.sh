@@ -362,7 +362,7 @@ step_engine_padding() {  # batch buckets: 3 sessions at the graphs of 4 (padded)
 }
 step_live_changes() {  # a prepare before every frame, values moved as an LFO moves them, against a steady stream
   if [ "$DEVICE" = cuda ]; then
-    step live_changes 120 300 live_changes.json $P benchmarks/bench_live_changes.py --device cuda --controlnet \
+    step live_changes 180 420 live_changes.json $P benchmarks/bench_live_changes.py --device cuda --controlnet \
       --calls 90 --json "$WORK/live_changes.json"
   else
     step live_changes 20 200 live_changes.json $P benchmarks/bench_live_changes.py --device cpu --tiny --controlnet \
