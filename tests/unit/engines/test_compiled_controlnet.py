@@ -66,6 +66,24 @@ def run(engine: DiffusionEngine, frames: np.ndarray, states: list[StreamState], 
     return engine.step_float(torch.from_numpy(np.ascontiguousarray(frames)), states)
 
 
+def moving_square(count: int, spacing: int) -> list[np.ndarray]:
+    """A condition stream: a white square on black, ``spacing`` pixels further down (and 5/4 of it across)
+    each frame."""
+    images = []
+    for k in range(count):
+        image = np.zeros((64, 64, 3), np.uint8)
+        top, left = spacing * (k + 1), spacing // 2 + spacing * 5 // 4 * k
+        image[top:top + 24, left:left + 24] = 255
+        images.append(image)
+    return images
+
+
+def conditioned(state: StreamState, image: np.ndarray) -> StreamState:
+    """``state`` with ``image`` as slot 1's condition (the frame's own, not one made from its input)."""
+    state.data[CONDITIONS] = {1: image}
+    return state
+
+
 def diffusers_controlnet_img2img(parts, model, frame: np.ndarray, *, steps: int, strength: float, guidance: float,
                                  scale: float, start: float, end: float) -> torch.Tensor:
     import diffusers
@@ -212,22 +230,13 @@ def test_stream_of_frames_each_keeps_its_own_condition(parts, controlnet_dir, fr
     moves the output by only about 2e-5 here (the later steps weigh little on the tiny model), while
     the exact path measures 7e-7 from the eager engine."""
     values = dict(steps=3, guidance=1.0, controlnet_1_model="edges", controlnet_1_scale=3.0, controlnet_1_channel=1)
-    conditions = []
-    for k in range(5):  # a white square moving across a black image
-        image = np.zeros((64, 64, 3), np.uint8)
-        image[8 + 8 * k:32 + 8 * k, 4 + 10 * k:28 + 10 * k] = 255
-        conditions.append(image)
-
-    def with_condition(state: StreamState, k: int) -> StreamState:
-        state.data[CONDITIONS] = {1: conditions[k]}
-        return state
-
+    conditions = moving_square(5, 8)
     eager = make(DiffusionEngine, parts, controlnet_dir)
-    expected = [run(eager, frame[None], [with_condition(StreamState("e"), k)], **values) for k in range(5)]
+    expected = [run(eager, frame[None], [conditioned(StreamState("e"), image)], **values) for image in conditions]
     ours = make(CompiledEngine, parts, controlnet_dir)
     state = StreamState("s")
     for k in range(5):
-        out = run(ours, frame[None], [with_condition(state, k)], **values)
+        out = run(ours, frame[None], [conditioned(state, conditions[k])], **values)
         source = max(0, k - 2)
         assert relative_error(out, expected[source]) <= 5e-6, f"call {k} against frame {source}"
         # The conditions move the tiny model's output little (5e-4 apart, measured), still 5 times the tolerance.
@@ -240,20 +249,11 @@ def test_a_strength_crossing_carries_each_frame_in_flight_on_with_its_own_condit
     longer schedule adds take the crossing's frame and condition, and every output is the eager engine's
     for that frame, condition and number of steps (see test_compiled.py's crossing tests)."""
     values = dict(steps=8, guidance=1.0, controlnet_1_model="edges", controlnet_1_scale=3.0, controlnet_1_channel=1)
-    conditions = []
-    for k in range(8):
-        image = np.zeros((64, 64, 3), np.uint8)
-        image[4 + 4 * k:28 + 4 * k, 2 + 5 * k:26 + 5 * k] = 255
-        conditions.append(image)
-
-    def with_condition(state: StreamState, k: int) -> StreamState:
-        state.data[CONDITIONS] = {1: conditions[k]}
-        return state
-
+    conditions = moving_square(8, 4)
     eager = make(DiffusionEngine, parts, controlnet_dir)
 
     def expected(k: int, strength: float) -> torch.Tensor:
-        return run(eager, frame[None], [with_condition(StreamState("e"), k)], **values, strength=strength)
+        return run(eager, frame[None], [conditioned(StreamState("e"), conditions[k])], **values, strength=strength)
 
     strengths = [0.25, 0.25, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]
     # (condition, strength) of each output: frame 2 comes out at 2, 3 and 4 steps as the schedule grows.
@@ -261,7 +261,7 @@ def test_a_strength_crossing_carries_each_frame_in_flight_on_with_its_own_condit
     ours = make(CompiledEngine, parts, controlnet_dir)
     state = StreamState("s")
     for k, (strength, (source, at)) in enumerate(zip(strengths, wanted)):
-        out = run(ours, frame[None], [with_condition(state, k)], **values, strength=strength)
+        out = run(ours, frame[None], [conditioned(state, conditions[k])], **values, strength=strength)
         assert relative_error(out, expected(source, at)) <= 5e-6, f"call {k} against frame {source} at {at}"
         if k == 1:
             calls = []
