@@ -437,7 +437,7 @@ class CompiledEngine(DiffusionEngine):
     def prepare(self, params: Mapping[str, Any]) -> None:
         super().prepare(params)
         # The timesteps, not the strength: a strength moved live (an LFO, a fader) between two multiples of
-        # 1 / steps runs the same schedule, and a new key would refill every session's stream on each frame.
+        # 1 / steps runs the same schedule, under the same key, and the streams go on untouched.
         key = (self._num_inference_steps, self._denoising_steps(), self._txt2img, id(self.scheduler),
                type(self.scheduler).__name__, self.dtype, str(self.device))
         if self._probed_for is not self.scheduler or len(self._probed) > 64:
@@ -510,7 +510,7 @@ class CompiledEngine(DiffusionEngine):
         schedule = self._schedule
         if schedule is None:
             # A scheduler that is not linear: the eager engine's exact path.
-            _drop_streams(states)
+            self._drop_streams(states)
             return super().step_float(frames, states)
         assert self._embeddings is not None, "prepare() before step()"
         self._new_frame()
@@ -536,7 +536,7 @@ class CompiledEngine(DiffusionEngine):
         if self.stream_batch and schedule.steps > 1:
             latents = self._denoise_stream(entry, noise, states, schedule, controls)
         else:
-            _drop_streams(states)
+            self._drop_streams(states)
             latents = self._denoise_sequential(entry, noise, schedule, controls)
 
         # 5. Latent plugins, then decode.
@@ -785,6 +785,8 @@ class CompiledEngine(DiffusionEngine):
         slot = state.data.get(STREAM_KEY)
         if slot is not None and slot.key == key:
             return slot
+        if slot is not None:
+            self._forget_places(state.session_id, schedule.steps, slot.latents.shape[0] + 1)
         if slot is not None and _carries_over(slot.key, key):
             slot = self._reslot(slot, key, entry, noise, schedule, controls)
             if slot is not None:
@@ -807,6 +809,23 @@ class CompiledEngine(DiffusionEngine):
                            timesteps=schedule.timestep_values)
         state.data[STREAM_KEY] = slot
         return slot
+
+    def _drop_streams(self, states: Sequence[StreamState]) -> None:
+        """These sessions' frames in flight, dropped where a frame of theirs runs another path (one step, the
+        exact path): they would be stale when the stream runs again (the same key after 0.5 -> 0.1 -> 0.5
+        on strength), and its first outputs frames from that long ago. So would the feature bank's entries
+        of their window places past the newest."""
+        for state in states:
+            slot = state.data.pop(STREAM_KEY, None)
+            if slot is not None:
+                self._forget_places(state.session_id, 1, slot.latents.shape[0] + 1)
+
+    def _forget_places(self, session_id: str, start: int, stop: int) -> None:
+        """The feature bank's entries of a session's window places ``start`` to ``stop`` - 1, which a stream
+        cut shorter no longer writes: when it grows again they would hold features from that long ago."""
+        bank = attached_bank(self.parts.unet) if self.parts is not None else None
+        if bank is not None and start < stop:
+            bank.forget_rows({window_key(session_id, back) for back in range(start, stop)})
 
     def _reslot(self, old: _StreamSlot, key: tuple, entry: torch.Tensor, noise: torch.Tensor,
                 schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> _StreamSlot | None:
@@ -1057,14 +1076,6 @@ def _inference(frames: torch.Tensor) -> torch.Tensor:
     A graph guards its inputs' dispatch keys, which tell the two apart: the worker's frames are inference
     tensors, a caller's from outside would be a second graph of the same part."""
     return frames if frames.is_inference() else frames.clone()
-
-
-def _drop_streams(states: Sequence[StreamState]) -> None:
-    """These sessions' frames in flight, dropped where a frame of theirs runs another path (one step, the
-    exact path): they would be stale when the stream runs again (the same key after 0.5 -> 0.1 -> 0.5
-    on strength), and its first outputs frames from that long ago."""
-    for state in states:
-        state.data.pop(STREAM_KEY, None)
 
 
 def _carries_over(old: tuple, new: tuple) -> bool:

@@ -105,6 +105,12 @@ class FeatureBank:
         for key in [key for key in self._store if key[0].split("/", 1)[0] not in keep]:
             del self._store[key]
 
+    def forget_rows(self, rows: set[str]) -> None:
+        """Drop these rows' entries (window places a stream no longer has: ``window_key``)."""
+        self._flush()
+        for key in [key for key in self._store if key[0] in rows]:
+            del self._store[key]
+
     def end_frame(self) -> None:
         """Outside a stream frame (a one-shot API request on the same UNet) the bank is neither read nor fed."""
         self.sessions = []

@@ -595,22 +595,28 @@ def test_feature_bank_in_the_graph_across_a_resolution_change(parts):
 def test_feature_bank_stream_across_a_strength_crossing_matches_the_eager_path(parts):
     """The stream carried over to 2, 4, then 2 steps (8 steps, strength 0.25 -> 0.5 -> 0.25) with the bank on:
     the banked graph's rows change with the stream's length, its entries go on keyed by window place, and
-    every frame is the uncompiled path's with its own bank, one UNet call a frame after the first."""
+    every frame is the uncompiled path's with its own bank, one UNet call a frame after the first. The
+    places a shorter stream no longer has lose their entries (they would be stale when it grows again), and
+    a frame of one step, outside the stream, leaves only the newest place's."""
     from sdbridge.engines import feature_bank as bank_ops
+    from sdbridge.engines.feature_bank import window_key
 
-    def banked(compiled: bool) -> tuple[list[torch.Tensor], list[int]]:
+    def banked(compiled: bool) -> tuple[list[torch.Tensor], list[int], list[set[str]]]:
         engine = bank_engine(parts, compiled, stream=True, guidance=1.0, backend="eager")
         bank, state, calls = bank_ops.FeatureBank(strength=0.7), StreamState("a"), []
         stream_call = engine._stream_call
         engine._stream_call = lambda *args: calls.append(args[0].shape[0]) or stream_call(*args)
-        outputs = []
-        for k, strength in enumerate([0.25, 0.25, 0.5, 0.5, 0.5, 0.25, 0.25]):
+        outputs, rows = [], []
+        for k, strength in enumerate([0.25, 0.25, 0.5, 0.5, 0.5, 0.25, 0.25, 0.1]):
             engine.prepare(params(steps=8, strength=strength))
             outputs += banked_run(parts, engine, bank, [k], states=[state])
-        return outputs, calls
+            rows.append(bank.row_keys())
+        return outputs, calls, rows
 
-    got, calls = banked(True)
-    expected, _ = banked(False)
+    got, calls, rows = banked(True)
+    expected, _, _ = banked(False)
     assert calls == [2, 2, 2, 4, 4, 4, 2, 2]   # the first frame fills (1 more call), then one a frame
     for k, (a, b) in enumerate(zip(got, expected)):
         assert relative_error(a, b) <= TOLERANCE, f"frame {k}"
+    places = [{window_key("a", back) for back in range(n)} for n in (1, 2, 4)]
+    assert rows == [places[1]] * 2 + [places[2]] * 3 + [places[1]] * 2 + [places[0]]
