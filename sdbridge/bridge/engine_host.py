@@ -46,6 +46,11 @@ class EngineChoice:
 Notify = Callable[[dict[str, Any]], None]
 MODEL_ENGINES = ("diffusion", "compiled", "animatediff")  # engines that load the model parameter
 FP8_ENGINES = ("compiled",)  # --fp8 applies to these (sdbridge/engines/fp8.py)
+# The values a load's warm-up runs at (CompiledEngine.warm_params): those that decide which graphs a frame
+# runs (its size, the stream's number of steps, guidance's rows, the sampler's inputs, the prompt's length)
+# and the LoRAs it prepares, taken from the daemon's values when it asked for the engine.
+WARM_PARAMS = ("width", "height", "mode", "steps", "strength", "guidance", "sampler", "seed", "prompt",
+               "negative_prompt", "blend_prompt", "prompt_blend", "loras", "clip_skip")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -130,7 +135,8 @@ class EngineHost:
             if self._ready is not None and self._ready[0] == choice:
                 return
             self._loading = choice
-        thread = threading.Thread(target=self._load, args=(choice,), name=f"sdbridge-load-{choice.engine}",
+        warm = {name: params[name] for name in WARM_PARAMS if name in params}
+        thread = threading.Thread(target=self._load, args=(choice, warm), name=f"sdbridge-load-{choice.engine}",
                                   daemon=True)
         thread.start()
 
@@ -207,20 +213,22 @@ class EngineHost:
             engine.close()
             raise
         if engine.compile_active:
-            engine.warmup(defaults)
+            engine.warmup_for_start()
         return report
 
-    def _load(self, choice: EngineChoice) -> None:
+    def _load(self, choice: EngineChoice, warm: Mapping[str, Any] | None = None) -> None:
         started = time.perf_counter()
         log.info("loading engine %s", choice)
         self._notify({"type": "engine", "status": "loading", "engine": choice.engine, "model": choice.model})
         try:
             source = self.client_model_path(choice.model) if choice.model else None
             engine = create_engine(choice.engine)
-            for name in ("allow_pickle", "taesd", "models_dir", "model_config", "lora_dir", "embeddings_dir", "motion_dir",
-                         "motion_adapter", "compile", "warm_sessions"):
+            for name in ("allow_pickle", "taesd", "models_dir", "model_config", "lora_dir", "embeddings_dir",
+                         "motion_dir", "motion_adapter", "compile", "warm_sessions"):
                 if hasattr(engine, name):
                     setattr(engine, name, getattr(self.settings, name))
+            if hasattr(engine, "warm_params"):
+                engine.warm_params = warm
             if hasattr(engine, "controlnet_dir"):
                 engine.controlnet_dir = str(self.controlnet_dir())
                 engine.notify = self._notify

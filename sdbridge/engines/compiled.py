@@ -303,6 +303,8 @@ class CompiledEngine(DiffusionEngine):
         self.channels_last: bool | None = None   # None: on CUDA only
         self.warmup_on_load = True
         self.warm_sessions = 1                   # Settings.warm_sessions: the load's warm-up covers 1..this many
+        self.warm_params: Mapping[str, Any] | None = None  # the load's warm-up runs these over the defaults
+        self.warmed_for: dict[str, Any] | None = None       # what the last warm-up compiled (describe)
         self.pad_batches = True                  # compiled: a batch runs at its bucket (batch_bucket), padded
         self.background_compile = True           # new shapes and ControlNets compile off the frame path
         self.nan_frames = 0
@@ -338,9 +340,24 @@ class CompiledEngine(DiffusionEngine):
     def load(self, source: str | None, device: torch.device, dtype: torch.dtype) -> None:
         super().load(source, device, dtype)
         if self.compile_active and self.warmup_on_load:
-            from sdbridge.params import Schema
+            self.warmup_for_start()
 
-            self.warmup(Schema().defaults())
+    def warmup_for_start(self) -> float:
+        """The load's warm-up, at the parameters the first frames will run (``warm_params``: the daemon's
+        values when it asked for this engine, its starting ``--set`` values or a preset's): a stream of
+        4 steps, a long prompt or another size are other graphs than the defaults'. Where those values
+        cannot be prepared (a prompt naming a LoRA that is gone, say), the schema's defaults: the frames
+        then say what is wrong, and the load still serves."""
+        from sdbridge.params import Schema
+
+        defaults = Schema().defaults()
+        if self.warm_params:
+            try:
+                return self.warmup({**defaults, **self.warm_params})
+            except Exception as exc:  # noqa: BLE001 - any failure of a value; the defaults' warm-up says its own
+                log.warning("warm-up at the starting parameters failed (%s: %s); warming up at the defaults",
+                            type(exc).__name__, exc)
+        return self.warmup(defaults)
 
     def _adopt(self, parts: PipelineParts) -> None:
         super()._adopt(parts)
@@ -386,7 +403,7 @@ class CompiledEngine(DiffusionEngine):
                    batch_sizes=self.batch_sizes(self.warm_sessions),
                    compiling=self._compiler.pending, compile_failed=len(self._compiler.failed),
                    path=self._path_name(), stream_steps=self._schedule.steps if self._schedule else None,
-                   nan_frames=self.nan_frames)
+                   nan_frames=self.nan_frames, warmed_for=self.warmed_for)
         return out
 
     def _path_name(self) -> str:
@@ -428,6 +445,8 @@ class CompiledEngine(DiffusionEngine):
             torch.cuda.synchronize(self.device)  # warm-up is timed apart from frames: a sync is fine here
         self.compile_s = time.perf_counter() - started
         self._nan_pending = None
+        self.warmed_for = {"width": width, "height": height, "sessions": list(sessions),
+                           "stream_steps": self._schedule.steps if self._schedule else None, "cfg": self._cfg}
         log.info("compiled engine warm for %dx%d, sessions %s, in %.1f s", width, height, list(sessions),
                  self.compile_s)
         return self.compile_s

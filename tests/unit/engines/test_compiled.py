@@ -704,6 +704,31 @@ def test_load_from_a_model_folder_and_warm_up(tiny_model_dir):
     assert out.shape == (1, 64, 64, 3) and not bool(ours.last_nan)
 
 
+def test_the_load_warms_up_at_the_starting_parameters(tiny_model_dir, caplog):
+    """The load's warm-up runs the values the daemon will run (``warm_params``): 8 steps at strength 0.5 is
+    a stream of 4, other graphs than the defaults' one step, so the first frames compile nothing. Values
+    that cannot be prepared (a LoRA that is not there) fall back to the defaults' warm-up, and the engine
+    still loads."""
+    ours = create_engine("compiled")
+    ours.load(str(tiny_model_dir), CPU, torch.float32)   # the CPU: no compile, so no warm-up in the load
+    assert ours.warmed_for is None
+    # What the load runs where it compiles; the parts it sets up (uncompiled here) are its graphs' keys.
+    ours.warm_params = dict(steps=8, strength=0.5, width=64, height=64, prompt="a red fox")
+    ours.warmup_for_start()
+    assert ours.describe()["warmed_for"] == {"width": 64, "height": 64, "sessions": [1], "stream_steps": 4,
+                                             "cfg": "none"}
+    graphs = set(ours._compiled)
+    assert ("denoise-none", (64, 64), 4) in graphs
+    ours.prepare(params(steps=8, strength=0.5, guidance=1.0))
+    with torch.inference_mode():
+        ours.step(torch.from_numpy(make_frames(1)[0].numpy()), [StreamState("s")])
+    assert set(ours._compiled) == graphs
+    ours.warm_params = dict(steps=8, strength=0.5, prompt="<lora:not-there:1> a red fox")
+    ours.warmup_for_start()   # as the next load would
+    assert ours.describe()["warmed_for"]["stream_steps"] == 1   # the defaults: 2 steps at strength 0.5
+    assert "warm-up at the starting parameters failed (ParamError" in caplog.text
+
+
 def test_channels_last_keeps_parity(tiny_model_dir):
     """channels_last (on by default on CUDA) changes memory layout only: same output as the eager engine."""
     fresh = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
