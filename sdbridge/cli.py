@@ -61,6 +61,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help="compiled engine: run its data path eagerly (no compile wait; for debugging)")
     add("--warm-sessions", type=int, metavar="N", help="compiled engine: compile the graphs for up to N sessions at "
         "load, so that the first frames of N sessions together compile nothing (default 1)")
+    add("--warm-steps", metavar="all|N,M", help="compiled engine: also compile at load the stream of these numbers "
+        "of denoising steps (all: every one the steps parameter allows), so that strength moved live across a "
+        "multiple of 1/steps runs compiled at once; each is its own set of graphs, compiled for about a minute "
+        "on a GPU the first time, seconds from the cache")
     add("--fp8", action="store_const", const=True,
         help="compiled engine: the UNet's Linear layers in fp8 (needs torchao: pip install 'sdbridge[fp8]', and a CUDA "
         "GPU of compute capability 8.9+); undone at load when the UNet's output moves more than 5%% (docs/speed.md)")
@@ -102,8 +106,8 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
-                 "model", "engine", "device", "dtype", "taesd", "compile", "warm_sessions", "fp8", "model_config",
-                 "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir",
+                 "model", "engine", "device", "dtype", "taesd", "compile", "warm_sessions", "warm_steps", "fp8",
+                 "model_config", "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir",
                  "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file", "allow_pickle",
                  "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)

@@ -21,6 +21,7 @@ from sdbridge.errors import ConfigError
 ENV_PREFIX = "SDBRIDGE_"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_WARM_SESSIONS = 64  # a warm-up of more compiles graphs for minutes that no rig of sessions will use
+MAX_STEPS = 50  # the steps parameter's maximum (params.py)
 MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
 
 
@@ -48,6 +49,7 @@ class Settings:
     taesd: str | None = None
     compile: bool = True                 # the compiled engine: torch.compile on CUDA; off runs its data path eagerly
     warm_sessions: int = 1               # compiled engine: the load compiles the graphs for 1..this many sessions
+    warm_steps: str = ""                 # compiled engine: and for these stream lengths too ("all", "1,2,4")
     fp8: bool = False                    # compiled engine: UNet Linear layers in fp8 (torchao, CUDA 8.9+), parity-gated
     model_config: str | None = None      # a diffusers folder describing a single-file checkpoint's architecture
     models_dir: str | None = None
@@ -111,8 +113,20 @@ class Settings:
                 raise ConfigError(f"osc_allow entry {network!r} is not an address or network") from exc
         if not 1 <= self.warm_sessions <= MAX_WARM_SESSIONS:
             raise ConfigError(f"warm_sessions {self.warm_sessions} not in [1, {MAX_WARM_SESSIONS}]")
+        check_warm_steps(self.warm_steps)
         if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
+
+
+def check_warm_steps(spec: str) -> None:
+    """``warm_steps``: empty, "all", or step counts such as "1,2,4" (each 1 to the steps parameter's maximum)."""
+    text = spec.strip()
+    if text in ("", "all"):
+        return
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and 1 <= int(part) <= MAX_STEPS for part in parts):
+        raise ConfigError(f"warm_steps {spec!r} is not 'all' or a list of step counts from 1 to {MAX_STEPS} "
+                          f"such as 1,2,4")
 
 
 def is_loopback_host(host: str) -> bool:

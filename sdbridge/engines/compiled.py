@@ -100,6 +100,16 @@ PAD_ROW = "~pad"
 RECOMPILE_LIMIT = 64
 
 
+def warm_step_counts(spec: str, steps: int) -> list[int]:
+    """The stream lengths ``--warm-steps`` names at ``steps`` steps: "" none, "all" 1 to ``steps``, or a list
+    such as "1,2,4" (config.check_warm_steps has read it), those above ``steps`` left out."""
+    spec = spec.strip()
+    if not spec:
+        return []
+    counts = range(1, steps + 1) if spec == "all" else (int(part) for part in spec.split(","))
+    return sorted({count for count in counts if 1 <= count <= steps})
+
+
 def batch_bucket(sessions: int) -> int:
     """The batch a compiled call over ``sessions`` sessions runs at: the next power of two up to 8, then the
     next multiple of 8 (9 sessions run at 16 rows' cost otherwise)."""
@@ -304,6 +314,7 @@ class CompiledEngine(DiffusionEngine):
         self.warmup_on_load = True
         self.warm_sessions = 1                   # Settings.warm_sessions: the load's warm-up covers 1..this many
         self.warm_params: Mapping[str, Any] | None = None  # the load's warm-up runs these over the defaults
+        self.warm_steps = ""                     # Settings.warm_steps: more stream lengths to warm ("all", "1,2,4")
         self.warmed_for: dict[str, Any] | None = None       # what the last warm-up compiled (describe)
         self.pad_batches = True                  # compiled: a batch runs at its bucket (batch_bucket), padded
         self.background_compile = True           # new shapes and ControlNets compile off the frame path
@@ -351,13 +362,33 @@ class CompiledEngine(DiffusionEngine):
         from sdbridge.params import Schema
 
         defaults = Schema().defaults()
+        start: Mapping[str, Any] = defaults
+        seconds: float | None = None
         if self.warm_params:
             try:
-                return self.warmup({**defaults, **self.warm_params})
+                start = {**defaults, **self.warm_params}
+                seconds = self.warmup(start)
             except Exception as exc:  # noqa: BLE001 - any failure of a value; the defaults' warm-up says its own
                 log.warning("warm-up at the starting parameters failed (%s: %s); warming up at the defaults",
                             type(exc).__name__, exc)
-        return self.warmup(defaults)
+                start = defaults
+        if seconds is None:
+            seconds = self.warmup(start)
+        # --warm-steps: the stream at other lengths too, so that a strength moved live across a multiple of
+        # 1 / steps runs compiled graphs from the first crossing (each length is its own set: the rows).
+        first = self.warmed_for
+        assert first is not None
+        if self._schedule is not None and not self._txt2img:
+            steps = int(start["steps"])
+            for count in warm_step_counts(self.warm_steps, steps):
+                if count not in first["stream_steps"]:
+                    seconds += self.warmup({**start, "strength": min(1.0, (count + 0.5) / steps)})
+                    first["stream_steps"] += self.warmed_for["stream_steps"]
+        if self.warmed_for is not first:
+            self.prepare(start)
+            self.warmed_for = {**first, "stream_steps": sorted(first["stream_steps"])}
+        self.compile_s = seconds
+        return seconds
 
     def _adopt(self, parts: PipelineParts) -> None:
         super()._adopt(parts)
@@ -433,8 +464,9 @@ class CompiledEngine(DiffusionEngine):
         sessions = list(sessions) if sessions is not None else self.batch_sizes(self.warm_sessions)
         self.prepare(params)
         width, height = self.resolution
-        with tqdm(total=len(sessions) * runs, desc=f"compiling {width}x{height}", unit="run", leave=False) as bar, \
-                self._compiler.inline():
+        stream = self._schedule.steps if self._schedule else None
+        desc = f"compiling {width}x{height}" + (f", {stream} steps" if stream else "")
+        with tqdm(total=len(sessions) * runs, desc=desc, unit="run", leave=False) as bar, self._compiler.inline():
             for count in sessions:
                 frames = torch.zeros((count, height, width, 3), dtype=torch.uint8, device=self.device)
                 states = [StreamState(f"warmup-{i}") for i in range(count)]
@@ -446,7 +478,7 @@ class CompiledEngine(DiffusionEngine):
         self.compile_s = time.perf_counter() - started
         self._nan_pending = None
         self.warmed_for = {"width": width, "height": height, "sessions": list(sessions),
-                           "stream_steps": self._schedule.steps if self._schedule else None, "cfg": self._cfg}
+                           "stream_steps": [stream] if stream else [], "cfg": self._cfg}
         log.info("compiled engine warm for %dx%d, sessions %s, in %.1f s", width, height, list(sessions),
                  self.compile_s)
         return self.compile_s

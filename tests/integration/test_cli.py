@@ -56,10 +56,13 @@ def test_serve_refuses_public_address_without_token():
     assert "requires a token" in result.stderr
 
 
-def test_serve_refuses_a_warm_up_for_no_sessions():
-    result = sdbridge("serve", "--warm-sessions", "0", "--port", str(free_port()))
+@pytest.mark.parametrize("flag, value, message", [
+    ("--warm-sessions", "0", "warm_sessions 0 not in [1, 64]"),
+    ("--warm-steps", "0,2", "warm_steps '0,2' is not 'all' or a list of step counts from 1 to 50")])
+def test_serve_refuses_a_warm_up_of_nothing(flag, value, message):
+    result = sdbridge("serve", flag, value, "--port", str(free_port()))
     assert result.returncode == 2
-    assert "warm_sessions 0 not in [1, 64]" in result.stderr
+    assert message in result.stderr
 
 
 def test_models_tiny_then_list(tmp_path):

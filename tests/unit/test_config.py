@@ -58,6 +58,15 @@ def test_warm_sessions_from_the_environment_and_its_range():
             load_settings({"warm_sessions": bad}, env={})
 
 
+def test_warm_steps_all_a_list_or_nothing():
+    assert load_settings({}, env={"SDBRIDGE_WARM_STEPS": "1, 2,4"}).warm_steps == "1, 2,4"
+    assert load_settings({"warm_steps": "all"}, env={}).warm_steps == "all"
+    assert load_settings({}, env={}).warm_steps == ""
+    for bad in ("0", "51", "1,,2", "some", "2-4"):
+        with pytest.raises(ConfigError, match=f"warm_steps '{bad}' is not 'all' or a list of step counts"):
+            load_settings({"warm_steps": bad}, env={})
+
+
 def test_bad_env_value():
     with pytest.raises(ConfigError, match="environment SDBRIDGE_PORT"):
         load_settings({}, env={"SDBRIDGE_PORT": "seventy"})

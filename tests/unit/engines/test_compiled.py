@@ -715,7 +715,7 @@ def test_the_load_warms_up_at_the_starting_parameters(tiny_model_dir, caplog):
     # What the load runs where it compiles; the parts it sets up (uncompiled here) are its graphs' keys.
     ours.warm_params = dict(steps=8, strength=0.5, width=64, height=64, prompt="a red fox")
     ours.warmup_for_start()
-    assert ours.describe()["warmed_for"] == {"width": 64, "height": 64, "sessions": [1], "stream_steps": 4,
+    assert ours.describe()["warmed_for"] == {"width": 64, "height": 64, "sessions": [1], "stream_steps": [4],
                                              "cfg": "none"}
     graphs = set(ours._compiled)
     assert ("denoise-none", (64, 64), 4) in graphs
@@ -725,8 +725,22 @@ def test_the_load_warms_up_at_the_starting_parameters(tiny_model_dir, caplog):
     assert set(ours._compiled) == graphs
     ours.warm_params = dict(steps=8, strength=0.5, prompt="<lora:not-there:1> a red fox")
     ours.warmup_for_start()   # as the next load would
-    assert ours.describe()["warmed_for"]["stream_steps"] == 1   # the defaults: 2 steps at strength 0.5
+    assert ours.describe()["warmed_for"]["stream_steps"] == [1]   # the defaults: 2 steps at strength 0.5
     assert "warm-up at the starting parameters failed (ParamError" in caplog.text
+
+
+@pytest.mark.parametrize("spec, lengths", [("all", [1, 2, 3, 4]), ("2,4,9", [2, 3, 4]), ("", [3])])
+def test_warm_steps_warms_the_stream_at_other_lengths_too(parts, spec, lengths):
+    """--warm-steps: the stream's graphs at the other lengths a strength can select at the starting steps
+    (4 steps at strength 0.75 starts at 3), those beyond the steps left out; the engine is then prepared
+    at the starting values again."""
+    ours = engine(parts)
+    ours.warm_steps = spec
+    ours.warm_params = dict(steps=4, strength=0.75, width=64, height=64)
+    ours.warmup_for_start()
+    assert ours.describe()["warmed_for"]["stream_steps"] == lengths
+    assert sorted(key[2] for key in ours._compiled if key[0].startswith("denoise")) == lengths
+    assert ours._schedule.steps == 3 and ours.compile_s > 0
 
 
 def test_channels_last_keeps_parity(tiny_model_dir):
