@@ -378,7 +378,7 @@ class CompiledEngine(DiffusionEngine):
         # 1 / steps runs compiled graphs from the first crossing (each length is its own set: the rows).
         first = self.warmed_for
         assert first is not None
-        if self._schedule is not None and not self._txt2img:
+        if self._schedule is not None and self.stream_batch and not self._txt2img:  # (in sequence: the same graphs)
             steps = int(start["steps"])
             for count in warm_step_counts(self.warm_steps, steps):
                 if count not in first["stream_steps"]:
@@ -831,7 +831,7 @@ class CompiledEngine(DiffusionEngine):
     def _stream_slot(self, state: StreamState, entry: torch.Tensor, noise: torch.Tensor,
                      schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> _StreamSlot:
         """This session's buffer; a new one is filled from this frame (warm start, module docstring), or
-        carried over from the old one where only the number of steps changed (:meth:`_reslot`)."""
+        carried over from the old one where only the number of steps or the seed changed (:meth:`_reslot`)."""
         key = (self._seed, self._schedule_key, self.resolution, self._cfg == "residual")
         slot = state.data.get(STREAM_KEY)
         if slot is not None and slot.key == key:
