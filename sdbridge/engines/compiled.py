@@ -909,9 +909,10 @@ class CompiledEngine(DiffusionEngine):
         latents = _like(torch.cat([old.latents[row:row + 1] if row is not None else ahead[j]
                                    for j, row in enumerate(rows)]), old.latents)
         residual = None
-        if old.residual is not None:
-            residual = _like(torch.cat([old.residual[row:row + 1] if row is not None else noise
-                                        for row in rows]), old.residual)
+        if key[3]:  # residual guidance: each frame's noise where it carries none (a place added, guidance just on)
+            held = old.residual
+            residual = _like(torch.cat([held[row:row + 1] if held is not None and row is not None else noise
+                                        for row in rows]), held if held is not None else old.latents)
         conditions = {}
         for unit in controls:
             held = old.conditions.get(unit.slot)
@@ -1132,11 +1133,13 @@ def _inference(frames: torch.Tensor) -> torch.Tensor:
 def _carries_over(old: tuple, new: tuple) -> bool:
     """Two stream slots' keys (seed, schedule key, resolution, residual) whose frames in flight can go on
     (``CompiledEngine._reslot``): the same sampler over the same schedule, maybe cut at another strength
-    (the schedule key's number of denoising steps: ``CompiledEngine.prepare``), maybe another seed. A frame
-    in flight keeps the noise it entered with, as it keeps its condition image; the next frame enters with
-    the new seed's, so a new seed shows with the frame after it, as a new frame does, and never stalls. (A
-    sampler that draws noise at each step, LCM or Euler a, draws a frame's remaining steps from the new seed.)"""
-    return old[2:] == new[2:] and old[1][0] == new[1][0] and old[1][2:] == new[1][2:]
+    (the schedule key's number of denoising steps: ``CompiledEngine.prepare``), maybe another seed, maybe
+    with residual guidance turned on or off (a guidance fader crossing 1: the frames in flight take their
+    noise as the residual, as a frame's first step does). A frame in flight keeps the noise it entered with,
+    as it keeps its condition image; the next frame enters with the new seed's, so a new seed shows with the
+    frame after it, as a new frame does, and never stalls. (A sampler that draws noise at each step, LCM or
+    Euler a, draws a frame's remaining steps from the new seed.)"""
+    return old[2] == new[2] and old[1][0] == new[1][0] and old[1][2:] == new[1][2:]
 
 
 def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -285,6 +285,35 @@ def test_a_strength_crossing_carries_the_residual_and_stays_one_call(parts):
     assert calls == [2, 4] and state.data[STREAM_KEY].residual.shape[0] == 3
 
 
+def test_guidance_crossing_1_with_residual_guidance_carries_the_stream_over(parts):
+    """Residual guidance runs only where guidance is above 1, so a guidance fader crossing 1 turns it on and
+    off: the frames in flight go on (taking their noise as the residual where they carry none), one UNet call
+    a frame. A frame that entered after the change comes out as a steady stream at that guidance makes it."""
+    def residual_engine() -> CompiledEngine:
+        ours = engine(parts, steps=8, strength=0.5)
+        ours.residual_cfg = True
+        return ours
+
+    frames = make_frames(8)
+    steady, moved = residual_engine(), residual_engine()
+    a, b = StreamState("s"), StreamState("s")
+    steady.prepare(params(steps=8, strength=0.5, guidance=2.0))
+    moved.prepare(params(steps=8, strength=0.5, guidance=1.0))
+    calls = _counted(moved)
+    for k, frame in enumerate(frames):
+        if k in (3, 7):
+            moved.prepare(params(steps=8, strength=0.5, guidance=2.0 if k == 3 else 1.0))
+        assert moved._cfg == ("residual" if 3 <= k < 7 else "none")
+        out = moved.step_float(frame, [b])
+        expected = steady.step_float(frame, [a])
+        if k == 6:   # frame 3, the first to enter at guidance 2: all its steps ran with it
+            assert relative_error(out, expected) <= TOLERANCE
+        elif k == 5:   # frame 2 took its first step at guidance 1
+            assert relative_error(out, expected) > 10 * TOLERANCE
+    assert calls == [4] * 3 + [4] * 8    # the first frame's fill, then one call a frame
+    assert b.data[STREAM_KEY].residual is None
+
+
 def test_a_stream_left_for_one_step_is_not_picked_up_stale(parts):
     """0.5 -> 0.1 -> 0.5 on strength: 0.1 runs one step, outside the stream. Back at 0.5 the schedule's key
     is the old one again, but the frames in flight then are long gone: the stream starts from this frame."""
