@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from sdbridge.errors import ConfigError
+from sdbridge.params import Schema
 
 ENV_PREFIX = "SDBRIDGE_"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_WARM_SESSIONS = 64  # a warm-up of more compiles graphs for minutes that no rig of sessions will use
-MAX_STEPS = 50  # the steps parameter's maximum (params.py)
 MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
 
 
@@ -123,9 +123,9 @@ def check_warm_steps(spec: str) -> None:
     text = spec.strip()
     if text in ("", "all"):
         return
-    parts = text.split(",")
-    if not all(part.strip().isdigit() and 1 <= int(part) <= MAX_STEPS for part in parts):
-        raise ConfigError(f"warm_steps {spec!r} is not 'all' or a list of step counts from 1 to {MAX_STEPS} "
+    most = Schema().get("steps").maximum
+    if not all(part.strip().isdigit() and 1 <= int(part) <= most for part in text.split(",")):
+        raise ConfigError(f"warm_steps {spec!r} is not 'all' or a list of step counts from 1 to {most:g} "
                           f"such as 1,2,4")
 
 

@@ -297,6 +297,11 @@ class _StreamSlot:
     conditions: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     timesteps: tuple[float, ...] = ()  # the schedule's (LinearSchedule.timestep_values): slot j is at [j + 1]
 
+    @property
+    def steps(self) -> int:
+        """The stream's length N (its schedule's steps)."""
+        return self.latents.shape[0] + 1
+
 
 class CompiledEngine(DiffusionEngine):
     """The fast engine: see the module docstring. Settings are attributes, set before ``load``."""
@@ -362,31 +367,31 @@ class CompiledEngine(DiffusionEngine):
         from sdbridge.params import Schema
 
         defaults = Schema().defaults()
-        start: Mapping[str, Any] = defaults
-        seconds: float | None = None
-        if self.warm_params:
-            try:
-                start = {**defaults, **self.warm_params}
-                seconds = self.warmup(start)
-            except Exception as exc:  # noqa: BLE001 - any failure of a value; the defaults' warm-up says its own
-                log.warning("warm-up at the starting parameters failed (%s: %s); warming up at the defaults",
-                            type(exc).__name__, exc)
-                start = defaults
-        if seconds is None:
+        start = {**defaults, **(self.warm_params or {})}
+        try:
+            seconds = self.warmup(start)
+        except Exception as exc:  # noqa: BLE001 - any failure of a value; the defaults' warm-up says its own
+            if not self.warm_params:
+                raise
+            log.warning("warm-up at the starting parameters failed (%s: %s); warming up at the defaults",
+                        type(exc).__name__, exc)
+            start = defaults
             seconds = self.warmup(start)
         # --warm-steps: the stream at other lengths too, so that a strength moved live across a multiple of
         # 1 / steps runs compiled graphs from the first crossing (each length is its own set: the rows).
-        first = self.warmed_for
-        assert first is not None
-        if self._schedule is not None and self.stream_batch and not self._txt2img:  # (in sequence: the same graphs)
-            steps = int(start["steps"])
-            for count in warm_step_counts(self.warm_steps, steps):
-                if count not in first["stream_steps"]:
-                    seconds += self.warmup({**start, "strength": min(1.0, (count + 0.5) / steps)})
-                    first["stream_steps"] += self.warmed_for["stream_steps"]
-        if self.warmed_for is not first:
+        warmed = self.warmed_for
+        assert warmed is not None
+        steps = int(start["steps"])
+        streamed = self._schedule is not None and self.stream_batch and not self._txt2img  # (in sequence: one set)
+        more = [count for count in warm_step_counts(self.warm_steps, steps) if streamed
+                and count not in warmed["stream_steps"]]
+        lengths = list(warmed["stream_steps"])
+        for count in more:
+            seconds += self.warmup({**start, "strength": min(1.0, (count + 0.5) / steps)})
+            lengths += self.warmed_for["stream_steps"]
+        if more:
             self.prepare(start)
-            self.warmed_for = {**first, "stream_steps": sorted(first["stream_steps"])}
+            self.warmed_for = {**warmed, "stream_steps": sorted(lengths)}
         self.compile_s = seconds
         return seconds
 
@@ -837,7 +842,7 @@ class CompiledEngine(DiffusionEngine):
         if slot is not None and slot.key == key:
             return slot
         if slot is not None:
-            self._forget_places(state.session_id, schedule.steps, slot.latents.shape[0] + 1)
+            self._forget_places(state.session_id, schedule.steps, slot.steps)
         if slot is not None and _carries_over(slot.key, key):
             slot = self._reslot(slot, key, entry, noise, schedule, controls)
             if slot is not None:
@@ -869,7 +874,7 @@ class CompiledEngine(DiffusionEngine):
         for state in states:
             slot = state.data.pop(STREAM_KEY, None)
             if slot is not None:
-                self._forget_places(state.session_id, 1, slot.latents.shape[0] + 1)
+                self._forget_places(state.session_id, 1, slot.steps)
 
     def _forget_places(self, session_id: str, start: int, stop: int) -> None:
         """The feature bank's entries of a session's window places ``start`` to ``stop`` - 1, which a stream
@@ -906,21 +911,18 @@ class CompiledEngine(DiffusionEngine):
             if schedule.step_noise is not None:
                 x = x + schedule.step_noise[j:j + 1].float()
             ahead.append(x.to(old.latents.dtype))
-        latents = _like(torch.cat([old.latents[row:row + 1] if row is not None else ahead[j]
-                                   for j, row in enumerate(rows)]), old.latents)
+        latents = _like(_carried(old.latents, rows, ahead.__getitem__), old.latents)
         residual = None
         if key[3]:  # residual guidance: each frame's noise where it carries none (a place added, guidance just on)
-            held = old.residual
-            residual = _like(torch.cat([held[row:row + 1] if held is not None and row is not None else noise
-                                        for row in rows]), held if held is not None else old.latents)
+            residual = _like(_carried(old.residual, rows, lambda j: noise),
+                             old.residual if old.residual is not None else old.latents)
         conditions = {}
         for unit in controls:
             held = old.conditions.get(unit.slot)
             if held is not None and held.shape[1:] == unit.image.shape[1:]:
-                conditions[unit.slot] = torch.cat([held[row:row + 1] if row is not None else unit.image
-                                                   for row in rows])
+                conditions[unit.slot] = _carried(held, rows, lambda j, image=unit.image: image)
         log.debug("stream of %d steps carried over to %d (%d frames advanced from this one)",
-                  len(old.timesteps), schedule.steps, len(missing))
+                  old.steps, schedule.steps, len(missing))
         return _StreamSlot(key=key, latents=latents, residual=residual, conditions=conditions,
                            timesteps=schedule.timestep_values)
 
@@ -1140,6 +1142,13 @@ def _carries_over(old: tuple, new: tuple) -> bool:
     frame after it, as a new frame does, and never stalls. (A sampler that draws noise at each step, LCM or
     Euler a, draws a frame's remaining steps from the new seed.)"""
     return old[2] == new[2] and old[1][0] == new[1][0] and old[1][2:] == new[1][2:]
+
+
+def _carried(held: torch.Tensor | None, rows: Sequence[int | None],
+             stand_in: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """A new slot's rows: place j takes ``held``'s row ``rows[j]``, or ``stand_in(j)`` where it has none."""
+    return torch.cat([held[row:row + 1] if held is not None and row is not None else stand_in(j)
+                      for j, row in enumerate(rows)])
 
 
 def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -24,3 +24,17 @@ def engine_params(module_defaults: dict[str, Any] | None = None, **overrides: An
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """The largest difference, relative to the reference's largest value (the issues' parity measure)."""
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))
+
+
+def count_stream_calls(engine: Any) -> list[int]:
+    """The rows of each stream call a compiled ``engine`` makes from now on, filled in as it makes them. Its
+    ``_stream_call`` is wrapped: a hook on the UNet would be traced into the compiled graph."""
+    calls: list[int] = []
+    stream_call = engine._stream_call
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0].shape[0])
+        return stream_call(*args, **kwargs)
+
+    engine._stream_call = counted
+    return calls

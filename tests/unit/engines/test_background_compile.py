@@ -15,7 +15,7 @@ from sdbridge.engines.base import StreamState
 from sdbridge.engines.compiled import CompiledEngine
 from sdbridge.engines.diffusion import DiffusionEngine
 from tests.support.controlnets import controlnet_folder
-from tests.unit.engines.common import engine_params, relative_error
+from tests.unit.engines.common import count_stream_calls, engine_params, relative_error
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4
@@ -603,9 +603,7 @@ def test_feature_bank_stream_across_a_strength_crossing_matches_the_eager_path(p
 
     def banked(compiled: bool) -> tuple[list[torch.Tensor], list[int], list[set[str]]]:
         engine = bank_engine(parts, compiled, stream=True, guidance=1.0, backend="eager")
-        bank, state, calls = bank_ops.FeatureBank(strength=0.7), StreamState("a"), []
-        stream_call = engine._stream_call
-        engine._stream_call = lambda *args: calls.append(args[0].shape[0]) or stream_call(*args)
+        bank, state, calls = bank_ops.FeatureBank(strength=0.7), StreamState("a"), count_stream_calls(engine)
         outputs, rows = [], []
         for k, strength in enumerate([0.25, 0.25, 0.5, 0.5, 0.5, 0.25, 0.25, 0.1]):
             engine.prepare(params(steps=8, strength=strength))

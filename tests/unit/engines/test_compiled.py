@@ -21,7 +21,7 @@ from sdbridge.engines.compiled import (STREAM_KEY, CompiledEngine, batch_bucket,
                                        probe_linear_schedule, residual_cfg_bound)
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import load_pipeline_parts
-from tests.unit.engines.common import engine_params, relative_error
+from tests.unit.engines.common import count_stream_calls, engine_params, relative_error
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
@@ -178,14 +178,7 @@ def test_a_strength_moved_live_runs_one_unet_call_a_frame(parts):
     reference = DiffusionEngine.from_parts(parts)
     reference.prepare(params(steps=8, strength=0.5))
     expected = [reference.step_float(frame, [StreamState("s")]) for frame in frames]
-    state, calls = StreamState("s"), []
-    stream_call = stream._stream_call
-
-    def counted(*args, **kwargs):  # (a hook on the UNet would be traced into its graph)
-        calls.append(args[0].shape[0])
-        return stream_call(*args, **kwargs)
-
-    stream._stream_call = counted
+    state, calls = StreamState("s"), count_stream_calls(stream)
     for k, (frame, strength) in enumerate(zip(frames[:-1], strengths[:-1])):
         stream.prepare(params(steps=8, strength=strength))
         out = stream.step_float(frame, [state])
@@ -199,19 +192,6 @@ def test_a_strength_moved_live_runs_one_unet_call_a_frame(parts):
     calls.clear()
     stream.step_float(frames[-1], [state])
     assert calls == [5] and state.data[STREAM_KEY].latents.shape[0] == 4
-
-
-def _counted(stream: CompiledEngine) -> list[int]:
-    """The rows of each stream call ``stream`` makes from now on (a hook on the UNet would be traced)."""
-    calls: list[int] = []
-    stream_call = stream._stream_call
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return stream_call(*args, **kwargs)
-
-    stream._stream_call = counted
-    return calls
 
 
 def _eager(parts, strength: float, frame: torch.Tensor) -> torch.Tensor:
@@ -232,7 +212,7 @@ def test_a_strength_crossing_to_fewer_steps_carries_the_frames_in_flight_on(part
     for frame in frames[:4]:
         unchanged = steady.step_float(frame, [a])
         moved.step_float(frame, [b])
-    calls = _counted(moved)
+    calls = count_stream_calls(moved)
     moved.prepare(params(steps=8, strength=0.25))
     out = moved.step_float(frames[4], [b])
     # Frame 1 (entered 3 calls ago) was at the 4-step schedule's last timestep: the 2-step schedule's too.
@@ -253,7 +233,7 @@ def test_a_strength_crossing_to_more_steps_carries_the_frames_in_flight_on(parts
     state = StreamState("s")
     for frame in frames[:2]:
         stream.step_float(frame, [state])
-    calls = _counted(stream)
+    calls = count_stream_calls(stream)
     stream.prepare(params(steps=8, strength=0.5))
     outs = [stream.step_float(frame, [state]) for frame in frames[2:]] + [stream.step_float(frames[4], [state])]
     expected = [_eager(parts, 0.25, frames[1]), _eager(parts, 0.25, frames[2]), _eager(parts, 0.375, frames[2]),
@@ -274,7 +254,7 @@ def test_a_strength_crossing_carries_the_residual_and_stays_one_call(parts):
         stream.step_float(frame, [state])
     before = state.data[STREAM_KEY]
     assert before.residual is not None
-    calls = _counted(stream)
+    calls = count_stream_calls(stream)
     stream.prepare(params(steps=8, strength=0.25, guidance=2.0))
     out = stream.step_float(frames[2], [state])
     after = state.data[STREAM_KEY]
@@ -299,7 +279,7 @@ def test_guidance_crossing_1_with_residual_guidance_carries_the_stream_over(part
     a, b = StreamState("s"), StreamState("s")
     steady.prepare(params(steps=8, strength=0.5, guidance=2.0))
     moved.prepare(params(steps=8, strength=0.5, guidance=1.0))
-    calls = _counted(moved)
+    calls = count_stream_calls(moved)
     for k, frame in enumerate(frames):
         if k in (3, 7):
             moved.prepare(params(steps=8, strength=0.5, guidance=2.0 if k == 3 else 1.0))
@@ -342,7 +322,7 @@ def test_a_new_seed_goes_on_with_the_frames_in_flight(parts):
     state = StreamState("s")
     for frame in frames[:3]:
         stream.step_float(frame, [state])
-    calls = _counted(stream)
+    calls = count_stream_calls(stream)
     stream.prepare(params(steps=8, strength=0.5, seed=4))
     outs = [stream.step_float(frame, [state]) for frame in frames[3:]]
     for k, (out, (seed, source)) in enumerate(zip(outs, [(3, 0), (3, 1), (3, 2), (4, 3)])):
@@ -386,7 +366,7 @@ def test_a_crossing_to_more_steps_refills_where_the_model_predicts_no_noise(tiny
     state = StreamState("s")
     frames = make_frames(3)
     stream.step_float(frames[0], [state])
-    calls = _counted(stream)
+    calls = count_stream_calls(stream)
     stream.prepare(params(steps=8, strength=0.5))
     stream.step_float(frames[1], [state])
     assert calls == [4] * 4

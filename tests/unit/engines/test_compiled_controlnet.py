@@ -17,7 +17,7 @@ from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.tiny import random_controlnet
 from tests.support.controlnets import controlnet_folder
-from tests.unit.engines.common import engine_params, relative_error
+from tests.unit.engines.common import count_stream_calls, engine_params, relative_error
 
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
 
@@ -264,9 +264,7 @@ def test_a_strength_crossing_carries_each_frame_in_flight_on_with_its_own_condit
         out = run(ours, frame[None], [conditioned(state, conditions[k])], **values, strength=strength)
         assert relative_error(out, expected(source, at)) <= 5e-6, f"call {k} against frame {source} at {at}"
         if k == 1:
-            calls = []
-            stream_call = ours._stream_call
-            ours._stream_call = lambda *args: calls.append(args[0].shape[0]) or stream_call(*args)
+            calls = count_stream_calls(ours)
     assert calls == [4, 4, 4, 4, 2, 2]
 
 
