@@ -166,6 +166,8 @@ class Session:
         self.skipped_frames = 0  # answered by a plugin (the similarity filter) without the engine
         self.created = time.monotonic()
         self.next_generated_at = 0.0  # txt2img pacing, worker-owned
+        self.last_frame_at: float | None = None  # when the worker last took a frame of it (monotonic)
+        self.resumes = 0  # times its frames came back after a pause (the stream then starts afresh)
         self._on_input = on_input
 
     def put_frame(self, frame: InputFrame) -> None:
@@ -200,6 +202,7 @@ class Session:
             "frames_out": self.frames_out,
             "passthrough_frames": self.passthrough_frames,
             "skipped_frames": self.skipped_frames,
+            "resumes": self.resumes,
             "errors": self.errors,
             "fps": round(self.output_meter.rate(), 2),
             "latency_ms_p50": None if p50 is None else round(p50, 2),

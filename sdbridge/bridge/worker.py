@@ -4,7 +4,8 @@ Each turn of the loop reads top to bottom:
 
 1. parameters at the frame boundary (a snapshot; an OSC bundle's values arrive together);
 2. the engine to run (a newly loaded one is swapped in here, on this thread);
-3. the newest frame of every session (older ones were dropped at the slot, never decoded);
+3. the newest frame of every session (older ones were dropped at the slot, never decoded); a session
+   back after a pause starts its stream afresh;
 4. decode and fit to the engine's resolution, in the CPU pool;
 5. plugins before the step (a plugin may skip a frame, reusing an output);
 6. one batched engine step for the rest (or the input passed through while no engine serves),
@@ -37,7 +38,7 @@ from sdbridge.bridge.crossfade import Crossfade
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
-from sdbridge.engines.controlnet import CONDITIONS
+from sdbridge.engines.base import CONDITIONS
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest
 from sdbridge.engines.prompt_syntax import LoraWeights
 from sdbridge.errors import SdbridgeError
@@ -46,6 +47,11 @@ from sdbridge.params import ParamStore
 from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
+
+# A session's frames are back after a pause when none came for this long and for this many of the
+# engine's steps (Worker._resume).
+PAUSE_S = 1.0
+PAUSE_STEPS = 8
 
 Deliver = Callable[[Session, bytes], None]
 Report = Callable[[Session, dict[str, Any]], None]
@@ -365,7 +371,27 @@ class Worker(threading.Thread):
             elif txt2img and session.viewers and now >= session.next_generated_at:
                 session.next_generated_at = now + 1.0 / float(params["max_fps"])
                 jobs.append(Job(session, None))
+        for job in jobs:
+            self._resume(job.session, now)
         return jobs
+
+    def _resume(self, session: Session, now: float) -> None:
+        """Cut a session's stream where its frames come back after a pause (:meth:`StreamState.cut`).
+
+        Otherwise what the engine holds from before the pause shows after it: a stream batch's N - 1 frames
+        in flight come out first, a motion window or a feedback frame blends the scene from before in. A
+        pause is a gap longer than PAUSE_S and than PAUSE_STEPS of the engine's steps: a slow engine's own
+        pace (a real model on a CPU) is not one. A client that sends a frame now and then gets each one
+        back, rather than the one it sent N - 1 frames ago."""
+        last, session.last_frame_at = session.last_frame_at, now
+        if last is None or now - last <= max(PAUSE_S, PAUSE_STEPS * self.last_step_ms / 1000):
+            return
+        if session.state.data:
+            log.debug("session %s resumed after %.1f s: its stream starts afresh", session.id, now - last)
+        session.state.cut()
+        if self.plugins is not None:
+            self.plugins.cut(session.id)
+        session.resumes += 1
 
     def _take_ahead(self) -> list[tuple[Job, Future[bool]]]:
         ahead, self._ahead = self._ahead, []

@@ -23,12 +23,26 @@ import torch
 from sdbridge.errors import ModelError
 
 
+#: Session-state keys (``StreamState.data``) that hold a session's inputs rather than its past frames.
+CONDITIONS = "conditions"                 # channel -> latest condition frame, uint8 [H, W, 3]
+SLOT_IMAGES = "controlnet.images"         # ControlNet slot -> this frame's condition image, uint8 [H, W, 3]
+INPUT_KEYS = frozenset({CONDITIONS, SLOT_IMAGES})
+
+
 @dataclass
 class StreamState:
     """What one session's stream keeps between frames: engines and plugins own keys in ``data``."""
 
     session_id: str
     data: dict[str, Any] = field(default_factory=dict)
+
+    def cut(self) -> None:
+        """The stream resumed after a pause: drop what the engine and plugins keep of its earlier frames
+        (the frames in flight, a motion window, a feedback frame), so that nothing from before the pause
+        shows after it, as for a session that has just joined. Its inputs stay: a condition frame sent once
+        still holds."""
+        for key in [key for key in self.data if key not in INPUT_KEYS]:
+            del self.data[key]
 
 
 class Engine(abc.ABC):

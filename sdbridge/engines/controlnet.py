@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdbridge.engines.base import CONDITIONS, SLOT_IMAGES
 from sdbridge.engines.models import list_add_on_models, resolve_add_on_model, serialized_load
 from sdbridge.engines.preprocessors import Options, Preprocessors
 from sdbridge.errors import ModelError, SdbridgeError, load_failure
@@ -44,8 +45,6 @@ from sdbridge.params import CONTROLNET_SLOTS as SLOTS
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = "conditions"                 # session state: channel -> latest condition frame, uint8 [H, W, 3]
-SLOT_IMAGES = "controlnet.images"         # session state: slot -> this frame's condition image, uint8 [H, W, 3]
 CONTROL_MODES = ("balanced", "prompt", "controlnet")  # A1111: Balanced, My prompt / ControlNet is more important
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
 

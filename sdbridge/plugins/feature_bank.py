@@ -61,5 +61,10 @@ class FeatureBankPlugin(Plugin):
     def after_step(self) -> None:
         self.bank.end_frame()
 
+    def cut(self, session_id: str) -> None:
+        # Back after a pause: its first frame attends to no features from before it.
+        self._seen.pop(session_id, None)
+        self.bank.forget(keep=set(self._seen))
+
     def turned_on(self) -> None:
         self.bank.forget()

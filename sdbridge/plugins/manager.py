@@ -124,6 +124,16 @@ class PluginManager:
                 except Exception:
                     log.exception("plugin %s could not undo its engine changes", name)
 
+    def cut(self, session_id: str) -> None:
+        """A session's frames are back after a pause: plugins forget what they hold of its earlier frames
+        (its ``ctx.state`` went with the session's, :meth:`StreamState.cut`)."""
+        for name, plugin in self.plugins.items():
+            if plugin.overrides("cut"):
+                try:
+                    plugin.cut(session_id)
+                except Exception:
+                    log.exception("plugin %s failed to forget session %s's earlier frames", name, session_id)
+
     def after_step(self) -> None:
         for name, plugin in self.plugins.items():
             if plugin.overrides("after_step"):

@@ -12,8 +12,10 @@ from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.protocol import FrameHeader, PixelFormat, pack_frame
 from sdbridge.bridge.session import SessionRegistry
 from sdbridge.bridge.websocket import parse_frame
+from sdbridge.bridge import worker as worker_module
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
+from sdbridge.engines.base import CONDITIONS
 from sdbridge.params import ParamStore, Schema
 from tests.clients import wait_for
 
@@ -114,3 +116,44 @@ def test_a_flood_is_decoded_ahead_and_answered_in_order(worker):
     assert session.frames_out - out_before == len(replies.ids)
     assert len(replies.ids) + session.input.dropped - dropped_before == sent
     assert worker.decoded_ahead > 0
+
+
+def test_a_session_back_after_a_pause_starts_its_stream_afresh(worker, monkeypatch):
+    """What the engine and plugins hold of a session's earlier frames (a stream batch's frames in flight) is
+    dropped when its frames come back after a pause, and kept from one frame to the next; its condition
+    frames are kept either way."""
+    worker, session, replies = worker
+    monkeypatch.setattr(worker_module, "PAUSE_S", 60.0)
+    session.state.data.update({"compiled.stream": "frames in flight", CONDITIONS: {1: "depth"}})
+    put(session, 1)
+    assert wait_until(lambda: replies.ids[-1:] == [1])
+    assert session.state.data["compiled.stream"] == "frames in flight" and session.resumes == 0
+    monkeypatch.setattr(worker_module, "PAUSE_S", 0.2)
+    time.sleep(1.0)  # also far more than PAUSE_STEPS of the preview engine's steps
+    put(session, 2)
+    assert wait_until(lambda: replies.ids[-1:] == [2])
+    assert "compiled.stream" not in session.state.data and session.state.data[CONDITIONS] == {1: "depth"}
+    assert session.resumes == 1 and session.stats()["resumes"] == 1
+
+
+def test_a_slow_engine_s_pace_is_no_pause():
+    """A gap is a pause only when it is longer than PAUSE_S and than PAUSE_STEPS of the engine's steps: a
+    real model on a CPU, seconds a frame, keeps its stream from frame to frame."""
+    store = ParamStore(Schema(), initial={"engine": "preview"})
+    registry = SessionRegistry()
+    worker = Worker(registry, store, EngineHost(Settings(engine="preview", device="cpu")), lambda s, m: None,
+                    lambda s, m: None)
+    session = registry.open("slow")
+    worker.last_step_ms = 2500.0
+    times = [100.0, 102.5, 105.0, 119.0, 140.0, 142.5, 163.0]
+    kept = []
+    for now in times:
+        session.state.data["compiled.stream"] = now
+        worker._resume(session, now)
+        kept.append("compiled.stream" in session.state.data)
+    # Under 8 steps of 2.5 s (14 s too) is the engine's pace; 21 s and 20.5 s are pauses.
+    assert kept == [True, True, True, True, False, True, False] and session.resumes == 2
+    worker.last_step_ms = 5.0
+    worker._resume(session, 164.4)  # 1.4 s: a pause for an engine of 5 ms a step
+    assert session.resumes == 3
+    worker.pool.shutdown()

@@ -51,6 +51,10 @@ def test_on_it_changes_frames_after_the_first_off_it_leaves_the_engine_as_it_was
     assert fb.attached_bank(engine.parts.unet) is not None
     assert torch.allclose(banked[0], plain[0], atol=1e-6)          # the first frame has no past
     assert (banked[1] - plain[1]).abs().max() > 5e-5                # the next ones attend to it
+    # Back after a pause (the worker cuts the stream): the first frame attends to nothing from before it.
+    manager.cut("s")
+    resumed = stream(engine, manager, store, inputs[:2])
+    assert torch.allclose(resumed[0], plain[0], atol=1e-6) and torch.allclose(resumed[1], banked[1], atol=1e-6)
 
     store.update({"plugin.feature_bank.enabled": False})
     after = stream(engine, manager, store, inputs)
