@@ -25,7 +25,6 @@ def malformed_corpus() -> list[str | bytes]:
         '{"type": "set", "params": {"strength": 9}}', '{"type": "set", "params": {"no_such": 1}}',
         '{"type": "set", "params": {"seed": -1}}', '{"type": "set", "params": {"width": 65}}',
         '{"type": "subscribe", "stats": "yes"}', json.dumps({"type": "set", "params": {"prompt": "x" * 10_000}}),
-        "[" * 100_000, "x" * 300_000,
         good_raw[:HEADER_SIZE] + bytes(10),                    # header lies about its size
         good_raw[:HEADER_SIZE - 4],                            # truncated header
         jpeg[: len(jpeg) // 2],                                # truncated JPEG
@@ -35,11 +34,18 @@ def malformed_corpus() -> list[str | bytes]:
     ]
 
 
+def huge_corpus() -> list[str]:
+    """Messages of hundreds of kilobytes: a few hundred of them say as much as thousands (and cost seconds each
+    thousand on the loopback)."""
+    return ["[" * 100_000, "x" * 300_000]
+
+
+HUGE_EVERY = 250  # one message in this many is a huge one
 WINDOW = 32  # messages in flight; the daemon keeps up to 64 unsent control messages per client
 
 
 async def hammer(port: int) -> tuple[int, int, bytes]:
-    corpus = malformed_corpus()
+    corpus, huge = malformed_corpus(), huge_corpus()
     rng = random.Random(0)
     received = {"errors": 0}
     window = asyncio.Semaphore(WINDOW)
@@ -55,9 +61,9 @@ async def hammer(port: int) -> tuple[int, int, bytes]:
                         done.set()
 
         task = asyncio.create_task(reader())
-        for _ in range(COUNT):
+        for i in range(COUNT):
             await window.acquire()
-            await ws.send(rng.choice(corpus))
+            await ws.send(rng.choice(huge if i % HUGE_EVERY == 0 else corpus))
         await asyncio.wait_for(done.wait(), timeout=240)
         task.cancel()
     async with connect(f"ws://127.0.0.1:{port}/ws", compression=None, max_size=None, proxy=None) as ws:
