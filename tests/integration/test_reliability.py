@@ -43,11 +43,11 @@ def test_flow_control(bench):
     assert result["flood_latency_p99_ms"] < 500
 
 
-def test_soak_one_minute_no_leaks(bench):
-    # A minute, reconnecting every 2.5 s: as many reconnections as two minutes at the benchmark's 5 s
-    # (the benchmark's own soak runs an hour: RESULTS.md).
-    result = bench.soak(minutes=1, warmup_s=10, reconnect_s=2.5)
-    assert result["frames"] > 500 and result["reconnections"] >= 20
+def test_soak_forty_seconds_no_leaks(bench):
+    # 40 s, reconnecting every 1.5 s: more reconnections than two minutes at the benchmark's 5 s, where a
+    # leak of each client's shows (the benchmark's own soak runs an hour: RESULTS.md).
+    result = bench.soak(minutes=40 / 60, warmup_s=10, reconnect_s=1.5)
+    assert result["frames"] > 350 and result["reconnections"] >= 25
     assert result["rss_growth_mb"] < 32
     assert result["fds_end"] == result["fds_start"]
     assert result["threads_end"] == result["threads_start"]
