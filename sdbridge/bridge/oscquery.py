@@ -6,23 +6,36 @@ where to send OSC. The namespace is built from the params schema (:func:`namespa
 :class:`OscQueryServer` serves it on its own port with asyncio streams. mDNS advertising
 (``_oscjson._tcp``) uses zeroconf when it is installed and ``--oscquery-advertise`` is given;
 tests never advertise (no multicast).
+
+Access: every request passes the daemon's own :class:`~sdbridge.bridge.security.AccessPolicy`
+before it is answered, as on the main HTTP port: a ``Host`` the daemon does not serve (DNS
+rebinding) or a foreign ``Origin`` gets 403, and with a token configured (required beyond
+loopback) a request without it gets 401, each with the JSON body ``{"type": "error", "code":
+"forbidden" | "unauthorized", "message": ...}``. The token goes as ``Authorization: Bearer TOKEN``,
+as the password of HTTP Basic, or as one more query pair beside OSCQuery's attribute, in any
+order: ``/sd/prompt?VALUE&token=TOKEN``, ``/?token=TOKEN&HOST_INFO``, ``/?token=TOKEN`` for the tree.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from sdbridge.bridge.security import AccessPolicy
 from sdbridge.params import ParamSpec, Schema
 
 log = logging.getLogger(__name__)
 
 TYPE_TAGS = {"float": "f", "int": "i", "bool": "T", "str": "s", "enum": "s"}
 ACCESS_READ_WRITE = 3
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed"}
 
 
 def _node(spec: ParamSpec, address: str, value: Any) -> dict[str, Any]:
@@ -64,15 +77,52 @@ def host_info(name: str, osc_host: str, osc_port: int) -> dict[str, Any]:
                            "LISTEN": False}}
 
 
+def attribute_query(query: str) -> str:
+    """The OSCQuery attribute of a query string, without the access token.
+
+    ``VALUE&token=T`` -> ``VALUE``; ``token=T&HOST_INFO=`` -> ``HOST_INFO`` (some clients send
+    ``?HOST_INFO=``); ``token=T`` -> ``""``, the whole node. Only ``token=`` pairs are dropped,
+    matching what :meth:`AccessPolicy.check_token` reads from the same string.
+    """
+    kept = [part.rstrip("=") for part in query.split("&") if part and not part.startswith("token=")]
+    return "&".join(kept)
+
+
+def parse_headers(request: bytes) -> dict[str, str]:
+    """The header lines of an HTTP request head, names lower-case (the policy reads ``host``...)."""
+    headers: dict[str, str] = {}
+    for line in request.split(b"\r\n")[1:]:
+        name, colon, value = line.decode("latin-1").partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def reached_address(sockname: Any) -> str | None:
+    """The local address a client connected to; an IPv4-mapped one (``::ffff:a.b.c.d``) as IPv4."""
+    if not isinstance(sockname, tuple) or not sockname:
+        return None
+    try:
+        address = ipaddress.ip_address(sockname[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(sockname[0])
+
+
 class OscQueryServer:
     """A minimal HTTP/1.1 server (GET only) for the OSCQuery JSON; one request per connection."""
 
     def __init__(self, schema: Schema, values: Any, prefix: str, osc_host: str, osc_port: int,
-                 name: str = "sdbridge") -> None:
+                 policy: AccessPolicy, name: str = "sdbridge") -> None:
         self.schema = schema
         self.values = values  # a callable returning the current values
         self.prefix = prefix
+        self.osc_host = osc_host
         self.info = host_info(name, osc_host, osc_port)
+        self.policy = policy
+        self.refused = 0
         self.server: asyncio.base_events.Server | None = None
         self.port: int | None = None
         self._zeroconf: Any = None
@@ -82,28 +132,42 @@ class OscQueryServer:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        extra: list[tuple[bytes, bytes]] = []
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
             line = request.split(b"\r\n", 1)[0].decode("latin-1")
             method, target, _ = (line.split(" ") + ["", ""])[:3]
-            status, body = self.respond(method, target)
+            # 1. Who asks: the main port's policy, before anything is read from the namespace.
+            refusal = self.policy.check(parse_headers(request), urlsplit(target).query)
+            if refusal is not None:
+                self.refused += 1
+                log.warning("refused OSCQuery %s from %s: %s", target[:100], writer.get_extra_info("peername"),
+                            refusal.reason)
+                status, data = refusal.status, refusal.body()
+                extra = [(name, value) for name, value in refusal.headers() if name == b"www-authenticate"]
+            else:  # 2. What they ask for.
+                status, body = self.respond(method, target, reached_address(writer.get_extra_info("sockname")))
+                data = json.dumps(body).encode()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
-            status, body = 400, {"error": "bad request"}
-        data = json.dumps(body).encode()
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}[status]
-        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
-                     f"\r\nConnection: close\r\n\r\n".encode() + data)
+            status, data = 400, json.dumps({"error": "bad request"}).encode()
+        head = "".join(f"\r\n{name.decode()}: {value.decode()}" for name, value in extra)
+        writer.write(f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}{head}\r\nConnection: close\r\n\r\n".encode() + data)
         try:
             await writer.drain()
         finally:
             writer.close()
 
-    def respond(self, method: str, target: str) -> tuple[int, Any]:
+    def respond(self, method: str, target: str, local_address: str | None = None) -> tuple[int, Any]:
+        """The answer to an allowed request; ``local_address``: where the client reached us."""
         if method != "GET":
             return 405, {"error": f"method {method[:20]!r} not allowed"}
         parts = urlsplit(target)
-        query = parts.query.rstrip("=")  # some clients send ?HOST_INFO=
+        query = attribute_query(parts.query)
         if query == "HOST_INFO":
+            if self.osc_host.strip("[]") in WILDCARD_HOSTS and local_address:
+                # 0.0.0.0 is no address to send to; the one this client reached us on is (OSC listens there too).
+                return 200, {**self.info, "OSC_IP": local_address}
             return 200, self.info
         node = find(namespace(self.schema, self.values(), self.prefix), unquote(parts.path))
         if node is None:

@@ -9,6 +9,11 @@ API, so every request is checked before it reaches a route:
 - with a token configured (required beyond loopback), the request must carry it as
   ``Authorization: Bearer``, as the password of HTTP Basic (what AUTOMATIC1111 clients send) or
   as ``?token=`` (browsers cannot set WebSocket headers). Compared in constant time.
+
+A refusal is 403 (host or origin) or 401 (token) with a JSON body ``{"type": "error", "code":
+"forbidden" | "unauthorized", "message": ...}``: on HTTP, on a refused WebSocket handshake (through
+the ASGI ``websocket.http.response`` extension, which every uvicorn WebSocket implementation
+offers) and on the OSCQuery port (:mod:`sdbridge.bridge.oscquery`), which applies the same policy.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import binascii
 import hmac
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -36,6 +42,28 @@ def _split_host(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request is refused, and the HTTP answer that says so."""
+
+    status: int  # 403: host or origin; 401: token
+    reason: str
+
+    @property
+    def code(self) -> str:
+        return "forbidden" if self.status == 403 else "unauthorized"
+
+    def body(self) -> bytes:
+        return json.dumps({"type": "error", "code": self.code, "message": self.reason}).encode()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body())).encode())]
+        if self.status == 401:
+            # Basic: browsers then ask for it, and the token as its password passes (AUTOMATIC1111 clients).
+            headers.append((b"www-authenticate", b'Basic realm="sdbridge"'))
+        return headers
+
+
 class AccessPolicy:
     """The checks, free of ASGI so that they are easy to test one by one."""
 
@@ -51,6 +79,16 @@ class AccessPolicy:
         if settings.host not in ("0.0.0.0", "::", "") and settings.host not in LOOPBACK_NAMES:
             origins.add(f"http://{settings.host}:{port}")
         self.origins = origins | {o.rstrip("/").lower() for o in settings.allowed_origins}
+
+    def check(self, headers: Mapping[str, str], query: str) -> Refusal | None:
+        """Every check in turn: None when allowed. ``headers`` have lower-case names."""
+        reason = self.check_host(headers.get("host"))
+        if reason is None:
+            reason = self.check_origin(headers.get("origin"))
+        if reason is not None:
+            return Refusal(403, reason)
+        reason = self.check_token(headers, query)
+        return None if reason is None else Refusal(401, reason)
 
     def check_host(self, host: str | None) -> str | None:
         """None when allowed, else the reason."""
@@ -70,14 +108,15 @@ class AccessPolicy:
                     f"(the daemon's own page is {sorted(self.origins)[0]})")
         return None
 
-    def check_token(self, headers: dict[str, str], query: str) -> str | None:
+    def check_token(self, headers: Mapping[str, str], query: str) -> str | None:
         if not self.token:
             return None
         offered = _offered_tokens(headers.get("authorization"), query)
         expected = self.token.encode()
         if any(hmac.compare_digest(candidate.encode(), expected) for candidate in offered):
             return None
-        return "a token is required: send Authorization: Bearer TOKEN, HTTP Basic with the token as password, or ?token="
+        return ("a token is required: send Authorization: Bearer TOKEN, HTTP Basic with the token as password, "
+                "or ?token=")
 
 
 def _offered_tokens(authorization: str | None, query: str) -> Iterable[str]:
@@ -109,26 +148,17 @@ class AccessMiddleware:
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         query = scope.get("query_string", b"").decode("latin-1")
-        status, reason = 403, self.policy.check_host(headers.get("host"))
-        if reason is None:
-            reason = self.policy.check_origin(headers.get("origin"))
-        if reason is None:
-            status, reason = 401, self.policy.check_token(headers, query)
-        if reason is None:
+        refusal = self.policy.check(headers, query)
+        if refusal is None:
             await self.app(scope, receive, send)
             return
         self.refused += 1
         client = scope.get("client")
-        log.warning("refused %s %s from %s: %s", scope["type"], scope.get("path"), client, reason)
-        if scope["type"] == "websocket":
-            # Before accept: uvicorn answers the handshake with HTTP 403.
-            await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+        log.warning("refused %s %s from %s: %s", scope["type"], scope.get("path"), client, refusal.reason)
+        if scope["type"] == "websocket" and "websocket.http.response" not in (scope.get("extensions") or {}):
+            # A server without the extension answers a handshake closed before accept with a bare 403.
+            await send({"type": "websocket.close", "code": 1008, "reason": refusal.reason[:120]})
             return
-        body = json.dumps({"type": "error", "code": "forbidden" if status == 403 else "unauthorized",
-                           "message": reason}).encode()
-        response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if status == 401:
-            response_headers.append((b"www-authenticate", b'Basic realm="sdbridge"'))
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
-        await send({"type": "http.response.body", "body": body})
-
+        prefix = "websocket." if scope["type"] == "websocket" else ""
+        await send({"type": f"{prefix}http.response.start", "status": refusal.status, "headers": refusal.headers()})
+        await send({"type": f"{prefix}http.response.body", "body": refusal.body()})

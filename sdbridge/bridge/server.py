@@ -156,8 +156,10 @@ class Daemon:
                                   f"{exc.strerror or exc}; pass --osc-port N or --no-osc") from None
             self.osc_port = self.osc.port
         if self.osc is not None and settings.oscquery_port >= 0:
+            # The main port's policy, for the address OSCQuery listens on (--osc-host may differ from --host).
+            policy = AccessPolicy(dataclasses.replace(settings, host=settings.effective_osc_host), self.port)
             self.oscquery = OscQueryServer(self.store.schema, lambda: self.store.snapshot()[1], settings.osc_prefix,
-                                           settings.effective_osc_host, self.osc.port or 0)
+                                           settings.effective_osc_host, self.osc.port or 0, policy)
             try:
                 await self.oscquery.start(settings.effective_osc_host, settings.oscquery_port)
             except OSError as exc:

@@ -1,5 +1,12 @@
-from sdbridge.bridge.oscquery import OscQueryServer, find, namespace
+from sdbridge.bridge.oscquery import OscQueryServer, attribute_query, find, namespace, parse_headers, reached_address
+from sdbridge.bridge.security import AccessPolicy
+from sdbridge.config import Settings
 from sdbridge.params import Schema
+
+
+def _server(osc_host: str = "127.0.0.1") -> OscQueryServer:
+    return OscQueryServer(Schema(), lambda: {"strength": 0.5}, "/sd", osc_host, 9000,
+                          AccessPolicy(Settings(), port=7860))
 
 
 def test_namespace_from_the_schema():
@@ -19,8 +26,39 @@ def test_namespace_from_the_schema():
 
 
 def test_responses():
-    server = OscQueryServer(Schema(), lambda: {"strength": 0.5}, "/sd", "127.0.0.1", 9000)
+    server = _server()
     assert server.respond("GET", "/?HOST_INFO")[1]["OSC_PORT"] == 9000
     assert server.respond("GET", "/sd/strength?VALUE") == (200, {"VALUE": [0.5]})
     assert server.respond("GET", "/sd/nope")[0] == 404
     assert server.respond("POST", "/")[0] == 405
+
+
+def test_the_token_is_no_attribute():
+    assert attribute_query("VALUE&token=T") == "VALUE"
+    assert attribute_query("token=T&HOST_INFO=") == "HOST_INFO"
+    assert attribute_query("token=T") == ""
+    assert attribute_query("HOST_INFO") == "HOST_INFO"
+    assert attribute_query("VALUE&other=1") == "VALUE&other=1"  # anything else stays, and is no attribute
+    server = _server()
+    assert server.respond("GET", "/sd/strength?VALUE&token=T") == (200, {"VALUE": [0.5]})
+    assert server.respond("GET", "/sd/strength?token=T&RANGE") == (200, {"RANGE": [{"MIN": 0.0, "MAX": 1.0}]})
+    assert server.respond("GET", "/?token=T&HOST_INFO")[1]["OSC_PORT"] == 9000
+    assert server.respond("GET", "/sd/strength?token=T")[1]["FULL_PATH"] == "/sd/strength"
+    assert server.respond("GET", "/sd/strength?VALUE&other=1")[0] == 404
+
+
+def test_host_info_names_the_reached_address_when_bound_to_all():
+    assert _server("0.0.0.0").respond("GET", "/?HOST_INFO", "192.168.1.20")[1]["OSC_IP"] == "192.168.1.20"
+    assert _server("::").respond("GET", "/?HOST_INFO", "fe80::1")[1]["OSC_IP"] == "fe80::1"
+    # A named bind address is where OSC listens, whatever the client reached.
+    assert _server("10.0.0.5").respond("GET", "/?HOST_INFO", "10.0.0.5")[1]["OSC_IP"] == "10.0.0.5"
+    assert _server("127.0.0.1").respond("GET", "/?HOST_INFO", "127.0.0.2")[1]["OSC_IP"] == "127.0.0.1"
+    assert reached_address(("::ffff:192.168.1.20", 9002, 0, 0)) == "192.168.1.20"
+    assert reached_address(("::1", 9002, 0, 0)) == "::1"
+    assert reached_address(("10.1.2.3", 9002)) == "10.1.2.3"
+    assert reached_address(None) is None
+
+
+def test_parse_headers():
+    request = b"GET /?VALUE HTTP/1.1\r\nHost: evil.example:9002\r\nAuthorization:  Bearer T \r\nbroken\r\n\r\n"
+    assert parse_headers(request) == {"host": "evil.example:9002", "authorization": "Bearer T"}

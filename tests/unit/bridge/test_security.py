@@ -1,8 +1,9 @@
 import base64
+import json
 
 import pytest
 
-from sdbridge.bridge.security import AccessPolicy
+from sdbridge.bridge.security import AccessPolicy, Refusal
 from sdbridge.config import Settings
 
 
@@ -49,3 +50,26 @@ def test_token_forms():
     assert policy.check_token({}, "token=nope") is not None
     # Beyond loopback with a token, any Host name is accepted (the token is the defence).
     assert policy.check_host("192.168.1.20:7860") is None
+
+
+def test_check_refuses_host_and_origin_with_403_token_with_401():
+    policy = AccessPolicy(Settings(token="s3cret-stage-token-0123456789"), port=7860)
+    token = {"authorization": "Bearer s3cret-stage-token-0123456789"}
+    assert policy.check({"host": "127.0.0.1:7860", **token}, "") is None
+    assert policy.check({"host": "127.0.0.1:7860"}, "token=s3cret-stage-token-0123456789") is None
+    # The host is checked first: a rebinding page learns nothing about the token.
+    assert policy.check({"host": "evil.example"}, "").status == 403
+    assert policy.check({"host": "localhost", "origin": "https://evil.example", **token}, "").status == 403
+    refused = policy.check({"host": "localhost"}, "token=wrong")
+    assert refused is not None and refused.status == 401 and "token" in refused.reason
+
+
+def test_refusal_answer():
+    forbidden = Refusal(403, "host 'evil.example' is not served here")
+    assert json.loads(forbidden.body()) == {"type": "error", "code": "forbidden",
+                                            "message": "host 'evil.example' is not served here"}
+    assert dict(forbidden.headers())[b"content-length"] == str(len(forbidden.body())).encode()
+    assert b"www-authenticate" not in dict(forbidden.headers())
+    unauthorized = Refusal(401, "a token is required")
+    assert json.loads(unauthorized.body())["code"] == "unauthorized"
+    assert dict(unauthorized.headers())[b"www-authenticate"].startswith(b"Basic")

@@ -1,0 +1,93 @@
+"""The OSCQuery port under the main port's policy, and refused WebSocket handshakes that say why."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.clients import recv_json, ws_connect
+
+TOKEN = "a-long-stage-token-0123456789"
+
+
+def _oscquery(daemon, host: str = "127.0.0.1") -> httpx.Client:
+    return httpx.Client(base_url=f"http://{host}:{daemon.oscquery.port}", trust_env=False, timeout=10)
+
+
+def test_oscquery_refuses_a_host_it_does_not_serve(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with _oscquery(daemon) as http:
+        rebound = http.get("/", headers={"Host": "evil.example"})
+        assert rebound.status_code == 403
+        assert rebound.json()["type"] == "error" and rebound.json()["code"] == "forbidden"
+        assert "evil.example" in rebound.json()["message"]
+        assert http.get("/sd/prompt?VALUE", headers={"Origin": "https://evil.example"}).status_code == 403
+        assert http.get("/", headers={"Host": f"localhost:{daemon.oscquery.port}"}).status_code == 200
+        assert http.get("/?HOST_INFO").json()["OSC_IP"] == "127.0.0.1"
+    assert daemon.oscquery.refused == 2
+
+
+def test_oscquery_needs_the_token_when_one_is_set(start_daemon):
+    daemon = start_daemon(params={"engine": "identity", "prompt": "a red fox"}, token=TOKEN)
+    with _oscquery(daemon) as http:
+        refused = http.get("/sd/prompt?VALUE")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+        assert refused.json()["code"] == "unauthorized" and "a red fox" not in refused.text
+        assert http.get("/?HOST_INFO").status_code == 401
+        assert http.get("/sd/prompt?VALUE&token=wrong-token-here").status_code == 401
+        # The token beside OSCQuery's attribute, either order, or as a header.
+        assert http.get(f"/sd/prompt?VALUE&token={TOKEN}").json() == {"VALUE": ["a red fox"]}
+        assert http.get(f"/?token={TOKEN}&HOST_INFO").json()["OSC_PORT"] == daemon.osc_port
+        assert http.get(f"/?token={TOKEN}").json()["CONTENTS"]["sd"]["FULL_PATH"] == "/sd"
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        assert http.get("/sd/prompt?VALUE", headers=bearer).json() == {"VALUE": ["a red fox"]}
+        # The main port refuses with the same body.
+        main = httpx.get(f"http://127.0.0.1:{daemon.port}/params", trust_env=False)
+        assert main.status_code == 401 and main.json().keys() == refused.json().keys()
+
+
+def test_oscquery_beyond_loopback(start_daemon):
+    # Bound to all interfaces; 127.0.0.2 stands for the LAN address a controller reaches (Linux routes 127/8 to lo).
+    daemon = start_daemon(params={"engine": "identity", "prompt": "a red fox"}, host="0.0.0.0", token=TOKEN)
+    with _oscquery(daemon, "127.0.0.2") as http:
+        assert http.get("/sd/prompt?VALUE").status_code == 401  # QA's repro: the prompt for anyone
+        info = http.get("/?HOST_INFO&token=" + TOKEN).json()
+        assert info["OSC_IP"] == "127.0.0.2" and info["OSC_PORT"] == daemon.osc_port
+        # Beyond loopback the token is the defence, so a LAN name in Host passes with it.
+        lan = {"Host": f"studio-pc.local:{daemon.oscquery.port}", "Authorization": f"Bearer {TOKEN}"}
+        assert http.get("/sd/prompt?VALUE", headers=lan).json() == {"VALUE": ["a red fox"]}
+
+
+def _refused_handshake(uri: str, port: int, **kwargs) -> InvalidStatus:
+    """Open the handshake to 127.0.0.1:``port`` while ``uri`` names the Host (a rebinding page's name)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with pytest.raises(InvalidStatus) as info:
+        connect(uri, sock=sock, proxy=None, compression=None, open_timeout=10, **kwargs)
+    sock.close()
+    return info.value
+
+
+@pytest.mark.filterwarnings("ignore:The `websockets` implementation is deprecated")  # uvicorn 0.54's, still offered
+@pytest.mark.parametrize("ws_impl", ["wsproto", "websockets", "websockets-sansio"])
+def test_refused_handshake_says_why(start_daemon, ws_impl):
+    daemon = start_daemon(params={"engine": "identity"}, token=TOKEN, ws_impl=ws_impl)
+    no_token = _refused_handshake(f"ws://127.0.0.1:{daemon.port}/ws", daemon.port)
+    assert no_token.response.status_code == 401
+    body = json.loads(no_token.response.body)
+    assert body["type"] == "error" and body["code"] == "unauthorized" and "token" in body["message"]
+    wrong = _refused_handshake(f"ws://127.0.0.1:{daemon.port}/ws?token=wrong-token-here", daemon.port)
+    assert wrong.response.status_code == 401
+    rebound = _refused_handshake(f"ws://evil.example:{daemon.port}/ws?token={TOKEN}", daemon.port)
+    assert rebound.response.status_code == 403
+    assert json.loads(rebound.response.body)["code"] == "forbidden"
+    assert "evil.example" in json.loads(rebound.response.body)["message"]
+    foreign = _refused_handshake(f"ws://127.0.0.1:{daemon.port}/ws?token={TOKEN}", daemon.port,
+                                 origin="https://evil.example")
+    assert foreign.response.status_code == 403 and b"evil.example" in foreign.response.body
+    with ws_connect(daemon, f"?token={TOKEN}") as ws:
+        assert recv_json(ws, "hello")
