@@ -2,7 +2,10 @@
 
 The worker thread calls :meth:`EngineHost.select` with the parameters at every frame boundary
 and :meth:`EngineHost.active` for the engine to run. A model that fails to load is reported and
-leaves the previous engine serving; the same failing choice is not retried until it changes.
+leaves the previous engine serving; the parameters that asked for it go back to those of the engine
+serving (:meth:`EngineHost.take_revert`), so that they say what serves and the next switch (of engine,
+say) starts from a model that loads. Where nothing serves, the same failing choice is not retried until
+it changes.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ FP8_ENGINES = ("compiled",)  # --fp8 applies to these (sdbridge/engines/fp8.py)
 # The values a load's warm-up runs at (CompiledEngine.warm_params): those that decide which graphs a frame
 # runs (its size, the stream's number of steps, guidance's rows, the sampler's inputs, the prompt's length)
 # and the LoRAs it prepares, taken from the daemon's values when it asked for the engine.
+REQUEST_PARAMS = ("engine", "model")  # the parameters that choose the engine (EngineHost.choose)
 WARM_PARAMS = ("width", "height", "mode", "steps", "strength", "guidance", "sampler", "seed", "prompt",
                "negative_prompt", "blend_prompt", "prompt_blend", "loras", "clip_skip")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -80,6 +84,9 @@ class EngineHost:
         self._ready: tuple[EngineChoice, Engine] | None = None   # loaded, waiting for the worker to swap it in
         self._loading: EngineChoice | None = None
         self._failed: EngineChoice | None = None
+        self._auto_failed: str | None = None  # the model that failed under engine "auto" with nothing serving
+        self._serving_request: dict[str, Any] | None = None  # REQUEST_PARAMS of the last engine that loaded
+        self._revert: dict[str, Any] = {}  # REQUEST_PARAMS to set back after a failed load (take_revert)
         self.last_error: str | None = None
         self.last_error_code = "bad_model"
         self.loads = 0
@@ -117,13 +124,16 @@ class EngineHost:
     def choose(self, params: Mapping[str, Any]) -> EngineChoice:
         model = params.get("model") or self.settings.model or None
         engine = params.get("engine", "auto")
+        if self._auto_failed is not None and model != self._auto_failed:
+            self._auto_failed = None  # another model: coming back to that one tries it again
         if engine == "auto":
             engine = "diffusion" if model else "preview"
             if engine == "preview" and not self._told_about_models:
                 self._told_about_models = True
                 log.info(HOW_TO_GET_A_MODEL)
-            if engine == "diffusion" and self._failed == EngineChoice("diffusion", model) and self._current is None:
-                # Auto falls back so that a stage never stays dark behind a broken model.
+            if engine == "diffusion" and model == self._auto_failed:
+                # Auto falls back so that a stage never stays dark behind a broken model; once, not after
+                # every load of the preview engine.
                 engine = "preview"
         return EngineChoice(engine, model if engine in MODEL_ENGINES else None)
 
@@ -136,9 +146,19 @@ class EngineHost:
                 return
             self._loading = choice
         warm = {name: params[name] for name in WARM_PARAMS if name in params}
-        thread = threading.Thread(target=self._load, args=(choice, warm), name=f"sdbridge-load-{choice.engine}",
-                                  daemon=True)
+        request = {name: params.get(name) for name in REQUEST_PARAMS}
+        thread = threading.Thread(target=self._load, args=(choice, warm, request),
+                                  name=f"sdbridge-load-{choice.engine}", daemon=True)
         thread.start()
+
+    def take_revert(self) -> dict[str, Any]:
+        """After a failed load while another engine serves: the request parameters to set back to the
+        serving engine's (empty when there are none). The failed choice may be tried again once they are."""
+        with self._lock:
+            revert, self._revert = self._revert, {}
+            if revert:
+                self._failed = None
+        return revert
 
     def active(self) -> Engine | None:
         """The engine to run now; swaps in a freshly loaded one (on the worker's thread)."""
@@ -166,6 +186,12 @@ class EngineHost:
         with self._lock:
             engine = self._ready[1] if self._ready is not None else self._current
         return engine.source if engine is not None else None
+
+    @property
+    def failing(self) -> bool:
+        """Whether the engine the parameters ask for failed to load and does not serve (not once they were
+        set back to what serves: ``last_error`` still tells of it)."""
+        return self._failed is not None
 
     @property
     def status(self) -> str:
@@ -216,7 +242,8 @@ class EngineHost:
             engine.warmup_for_start()
         return report
 
-    def _load(self, choice: EngineChoice, warm: Mapping[str, Any] | None = None) -> None:
+    def _load(self, choice: EngineChoice, warm: Mapping[str, Any] | None = None,
+              request: Mapping[str, Any] | None = None) -> None:
         started = time.perf_counter()
         log.info("loading engine %s", choice)
         self._notify({"type": "engine", "status": "loading", "engine": choice.engine, "model": choice.model})
@@ -269,6 +296,11 @@ class EngineHost:
                 self.last_error = message
                 self.last_error_code = code = getattr(exc, "code", "bad_model")
                 self.load_failures += 1
+                serving = self._serving_request if (self._current or self._ready) else None
+                if serving is not None and request is not None:
+                    self._revert = {name: value for name, value in serving.items() if request.get(name) != value}
+                elif choice.engine == "diffusion":
+                    self._auto_failed = choice.model
             self._notify({"type": "error", "code": code, "message": f"loading {choice} failed: {message}"
                           + ("; the previous engine keeps serving" if self._current else "")})
             return
@@ -277,5 +309,6 @@ class EngineHost:
             self._failed = None
             self.last_error = None
             self._ready = (choice, engine)
+            self._serving_request = dict(request) if request is not None else None
             self.loads += 1
         log.info("engine %s loaded in %.1f s", choice, time.perf_counter() - started)

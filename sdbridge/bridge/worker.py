@@ -268,8 +268,13 @@ class Worker(threading.Thread):
             version = -self._modulated  # a new set every frame: prepare again (cheap: prompts are cached)
         self.params = params
 
-        # 2. The engine to run and the plugins, prepared for these parameters.
+        # 2. The engine to run and the plugins, prepared for these parameters. After a failed load the
+        #    parameters that asked for it go back to what serves (the next frame's snapshot has them).
         self.engines.select(params)
+        revert = self.engines.take_revert()
+        if revert:
+            log.info("parameters back to the engine serving: %s", revert)
+            self.store.update(revert)
         engine = self.engines.active()
         if engine is not None and self._prepared != (version, id(engine)):
             try:

@@ -27,3 +27,47 @@ def test_a_load_is_handed_the_values_the_daemon_runs_for_its_warm_up(tiny_model_
         assert warm["steps"] == 4 and warm["width"] == 96 and "engine" not in warm
     finally:
         engine.close()
+
+
+def settle(host: EngineHost, params: dict, timeout: float = 60.0) -> None:
+    """Select as the worker does, every turn, until no load runs (and a loaded engine is swapped in)."""
+    deadline = time.monotonic() + timeout
+    host.select(params)
+    while host.status == "loading" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    host.active()
+
+
+def test_a_failed_load_sets_the_request_back_to_what_serves(tmp_path):
+    """A model that does not load leaves the engine serving and sets the parameters that asked for it back to
+    those of the engine serving, so that they say what serves and the next switch starts from there; asked
+    for again, it is tried again (and reported again), not silently ignored."""
+    host = EngineHost(load_settings({"models_dir": str(tmp_path)}, env={}))
+    params = {**Schema().defaults(), "width": 64, "height": 64}
+    settle(host, params)
+    assert host.active_engine().name == "preview" and host.take_revert() == {}
+    asked = {**params, "engine": "diffusion", "model": "nosuch"}
+    settle(host, asked)
+    assert host.load_failures == 1 and host.failing and "nosuch" in host.last_error
+    assert host.active_engine().name == "preview"            # the previous engine keeps serving
+    assert host.take_revert() == {"engine": "auto", "model": ""}
+    assert not host.failing and host.take_revert() == {}
+    settle(host, params)                                      # the worker's next snapshot, set back
+    assert host.loads == 1 and host.load_failures == 1
+    settle(host, asked)
+    assert host.load_failures == 2 and host.take_revert() == {"engine": "auto", "model": ""}
+    host.close()
+
+
+def test_a_broken_model_at_start_is_tried_once_then_the_preview_serves(tmp_path):
+    """Engine auto with a model that does not load and nothing serving: the preview engine serves (a stage
+    never stays dark), and the broken model is not loaded again behind it at every turn."""
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    host = EngineHost(load_settings({"model": str(broken)}, env={}))
+    params = {**Schema().defaults(), "width": 64, "height": 64}
+    for _ in range(4):
+        settle(host, params)
+    assert host.load_failures == 1 and host.active_engine().name == "preview"
+    assert host.take_revert() == {} and host.status == "ready"
+    host.close()
