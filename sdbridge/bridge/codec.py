@@ -75,6 +75,16 @@ def check_encoded(data: bytes | bytearray | memoryview) -> str:
     return kind
 
 
+def encoded_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """(width, height) of a JPEG or PNG file from its header bytes (no decoding); None if they do not say."""
+    kind = sniff(data)
+    if kind == "jpeg":
+        return _jpeg_size(memoryview(data))
+    if kind == "png" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
 def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     """A JPEG or PNG file -> RGB uint8 ``[H, W, 3]``, contiguous; CodecError unless it decodes in full.
 

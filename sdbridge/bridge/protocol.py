@@ -117,6 +117,15 @@ class FrameHeader:
         header.check()
         return header, payload
 
+    @staticmethod
+    def peek_frame_id(data: bytes | bytearray | memoryview) -> int | None:
+        """The frame_id of a v1 header at the start of ``data``, whatever else is wrong with the frame (so that
+        its error can name it); None where there is no v1 header to read it from."""
+        view = memoryview(data)
+        if len(view) < HEADER_SIZE or bytes(view[:4]) != MAGIC or view[4] != VERSION:
+            return None
+        return int(_LAYOUT.unpack_from(view)[6])
+
     def check(self) -> None:
         """Rules across fields (``parse`` calls it; ``serialize`` does not, so tests can build bad frames)."""
         self._check_ranges()

@@ -39,6 +39,11 @@ def parse_frame(data: bytes) -> InputFrame:
         header, payload = FrameHeader.parse(data)
         if not header.pixel_format.is_raw:
             codec.check_encoded(payload)
+            size = codec.encoded_size(payload)
+            if header.width and header.height and size is not None and size != (header.width, header.height):
+                raise ProtocolError(f"header says {header.width}x{header.height} but its "
+                                    f"{header.pixel_format.name} is {size[0]}x{size[1]} (send 0x0 to read the size "
+                                    f"from the file)")
         return InputFrame(data=data, payload=payload, header=header, kind="header")
     if kind in ("jpeg", "png"):
         codec.check_encoded(data)
@@ -62,6 +67,12 @@ def parse_control(text: str) -> dict[str, Any]:
     if not isinstance(kind, str):
         raise ProtocolError(f"JSON message needs a string 'type', got {kind!r}"[:200], code="bad_json")
     return message
+
+
+def _request_id(message: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"id": ...}`` to echo in a reply or an error about a request that carried one, else nothing."""
+    request_id = message.get("id") if message else None
+    return {"id": request_id} if isinstance(request_id, (int, str)) else {}
 
 
 class Connection:
@@ -117,7 +128,8 @@ class Connection:
         try:
             frame = parse_frame(data)
         except (ProtocolError, CodecError) as exc:
-            self.error(exc)
+            frame_id = FrameHeader.peek_frame_id(data)
+            self.error(exc, **({"frame_id": frame_id} if frame_id is not None else {}))
             return
         if not self.is_sender:
             self.is_sender = True
@@ -137,13 +149,10 @@ class Connection:
                                     + " (known: set, get, subscribe, preset, save_preset, ping)", code="bad_json")
             handler(message)
         except SdbridgeError as exc:
-            request_id = message.get("id") if message else None
-            self.error(exc, **({"id": request_id} if isinstance(request_id, (int, str)) else {}))
+            self.error(exc, **_request_id(message))
 
     def _reply(self, request: dict[str, Any], message: dict[str, Any]) -> None:
-        if isinstance(request.get("id"), (int, str)):
-            message["id"] = request["id"]
-        self.viewer.offer_control(message)
+        self.viewer.offer_control({**message, **_request_id(request)})
 
     def _json_set(self, message: dict[str, Any]) -> None:
         params = message.get("params")
@@ -151,7 +160,7 @@ class Connection:
             raise ProtocolError(f"'set' needs an object 'params', got {type(params).__name__}", code="bad_json")
         applied, errors = self.daemon.store.update(params)
         for exc in errors:
-            self.error(exc)
+            self.error(exc, **_request_id(message))
         if "id" in message:
             self._reply(message, {"type": "ack", "applied": applied})
 
@@ -176,7 +185,7 @@ class Connection:
         applied, errors = self.daemon.control.recall_preset(message.get("name"), message.get("glide_s"),
                                                             message.get("glide_beats"), on_beat)
         for exc in errors:
-            self.error(exc)
+            self.error(exc, **_request_id(message))
         self._reply(message, {"type": "preset", "name": message.get("name"), "applied": applied})
 
     def _json_save_preset(self, message: dict[str, Any]) -> None:
@@ -202,8 +211,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     daemon.stats.connections += 1
     connection.viewer.offer_control({"type": "hello", "session": session.id, "engine": daemon.engines.describe(),
                                      "protocol": 1})
-    if daemon.engines.last_error:
-        # A client that connects after a failed load hears about it too, not only those connected then.
+    if daemon.engines.failing and daemon.engines.last_error:
+        # A client that connects while a failed load stands hears about it too, not only those connected then.
         connection.viewer.offer_control({"type": "error", "code": daemon.engines.last_error_code,
                                          "message": f"the last engine load failed: {daemon.engines.last_error}"})
     try:

@@ -90,7 +90,7 @@ def test_bad_condition_frame_is_an_error_and_the_stream_goes_on(start_daemon, ti
         ws.send(bad_jpeg)
         ws.send(raw(make_image(64, 64), frame_id=10))
         error = recv_json(ws, "error")
-        assert error["code"] == "bad_image" and "JPEG" in error["message"]
+        assert error["code"] == "bad_image" and "JPEG" in error["message"] and error["frame_id"] == 9
         assert FrameHeader.parse(recv_frame(ws))[0].frame_id == 10
 
 

@@ -71,6 +71,11 @@ def test_ws_json_set_get_and_errors(start_daemon):
             error = recv_json(ws, "error")
             assert error["code"] == code, (bad, error)
             assert error["message"]
+        # A request's errors carry its id, as its ack does.
+        ws.send(json.dumps({"type": "set", "id": 7, "params": {"strength": 7, "seed": 3}}))
+        error, ack = recv_json(ws, "error"), recv_json(ws, "ack")
+        assert error["id"] == 7 and error["code"] == "bad_param" and ack == {"type": "ack", "applied": {"seed": 3},
+                                                                             "id": 7}
         # The connection is still up and frames still work.
         ws.send(codec.encode_jpeg(make_image(), 90))
         assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
@@ -163,6 +168,9 @@ def test_corrupt_model_leaves_the_previous_model_serving(start_daemon, tiny_mode
         assert "previous engine keeps serving" in error["message"]
         described = daemon.engines.describe()
         assert described["engine"] == "diffusion" and described["model"] == str(tiny_model_dir)
+        # The parameter says what serves again, so that the next switch does not start from the broken model.
+        assert wait_for(lambda: daemon.store.get("model") == str(tiny_model_dir), timeout=5)
+        assert not daemon.engines.failing and daemon.engines.load_failures == 1
         ws.send(frame)
         assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
         assert daemon.collect_stats()["sessions"][0]["passthrough_frames"] == 0

@@ -159,13 +159,21 @@ def test_bad_frames_get_an_error_and_the_next_frame_works(start_daemon, message,
 
 
 def test_header_that_lies_about_its_size(start_daemon):
+    """A header frame's error names its frame_id: a payload of another length, a JPEG of another size."""
     daemon = start_daemon(params={**IDENTITY})
-    good = header_frame(bytes(64 * 64 * 3), PixelFormat.RGB8, 64, 64)
+    good = header_frame(bytes(64 * 64 * 3), PixelFormat.RGB8, 64, 64, frame_id=7)
     lying = good[:HEADER_SIZE] + bytes(100)  # header says 12288 payload bytes
+    jpeg = codec.encode_jpeg(make_image(64, 48), 90)
     with ws_connect(daemon) as ws:
         ws.send(lying)
         error = recv_json(ws, "error")
-        assert error["code"] == "bad_frame" and "12288" in error["message"]
+        assert error["code"] == "bad_frame" and "12288" in error["message"] and error["frame_id"] == 7
+        ws.send(header_frame(jpeg, PixelFormat.JPEG, 100, 100, frame_id=8))
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_frame" and error["frame_id"] == 8
+        assert "header says 100x100 but its JPEG is 64x48" in error["message"]
+        ws.send(header_frame(jpeg, PixelFormat.JPEG, 64, 48, frame_id=9))
+        assert FrameHeader.parse(recv_frame(ws))[0].frame_id == 9
         ws.send(good)
         assert FrameHeader.parse(recv_frame(ws))[0].payload_length > 0
 
