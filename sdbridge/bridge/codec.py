@@ -228,5 +228,5 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
                       interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-__all__ = ["JPEG_MAGIC", "PNG_MAGIC", "RESIZE_MODES", "decode_frame", "decode_image", "decode_raw", "encode_jpeg", "encode_png",
-           "encode_raw", "encode_reply", "fit"]
+__all__ = ["JPEG_MAGIC", "PNG_MAGIC", "RESIZE_MODES", "check_encoded", "decode_frame", "decode_image", "decode_raw",
+           "encode_jpeg", "encode_png", "encode_raw", "encode_reply", "encoded_size", "fit"]

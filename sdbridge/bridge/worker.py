@@ -49,9 +49,9 @@ from sdbridge.plugins.manager import PluginManager
 log = logging.getLogger(__name__)
 
 # A session's frames are back after a pause when none came for this long and for this many of the
-# engine's steps (Worker._resume).
+# engine's frame times (its last batch's step: Worker._resume).
 PAUSE_S = 1.0
-PAUSE_STEPS = 8
+PAUSE_FRAMES = 8
 
 Deliver = Callable[[Session, bytes], None]
 Report = Callable[[Session, dict[str, Any]], None]
@@ -385,11 +385,11 @@ class Worker(threading.Thread):
 
         Otherwise what the engine holds from before the pause shows after it: a stream batch's N - 1 frames
         in flight come out first, a motion window or a feedback frame blends the scene from before in. A
-        pause is a gap longer than PAUSE_S and than PAUSE_STEPS of the engine's steps: a slow engine's own
-        pace (a real model on a CPU) is not one. A client that sends a frame now and then gets each one
-        back, rather than the one it sent N - 1 frames ago."""
+        pause is a gap longer than PAUSE_S and than PAUSE_FRAMES of the engine's frame times: a slow
+        engine's own pace (a real model on a CPU) is not one. A client that sends a frame now and then
+        gets each one back, rather than the one it sent N - 1 frames ago."""
         last, session.last_frame_at = session.last_frame_at, now
-        if last is None or now - last <= max(PAUSE_S, PAUSE_STEPS * self.last_step_ms / 1000):
+        if last is None or now - last <= max(PAUSE_S, PAUSE_FRAMES * self.last_step_ms / 1000):
             return
         if session.state.data:
             log.debug("session %s resumed after %.1f s: its stream starts afresh", session.id, now - last)

@@ -129,7 +129,7 @@ def test_a_session_back_after_a_pause_starts_its_stream_afresh(worker, monkeypat
     assert wait_until(lambda: replies.ids[-1:] == [1])
     assert session.state.data["compiled.stream"] == "frames in flight" and session.resumes == 0
     monkeypatch.setattr(worker_module, "PAUSE_S", 0.2)
-    time.sleep(1.0)  # also far more than PAUSE_STEPS of the preview engine's steps
+    time.sleep(1.0)  # also far more than PAUSE_FRAMES of the preview engine's frame times
     put(session, 2)
     assert wait_until(lambda: replies.ids[-1:] == [2])
     assert "compiled.stream" not in session.state.data and session.state.data[CONDITIONS] == {1: "depth"}
@@ -137,7 +137,7 @@ def test_a_session_back_after_a_pause_starts_its_stream_afresh(worker, monkeypat
 
 
 def test_a_slow_engine_s_pace_is_no_pause():
-    """A gap is a pause only when it is longer than PAUSE_S and than PAUSE_STEPS of the engine's steps: a
+    """A gap is a pause only when it is longer than PAUSE_S and than PAUSE_FRAMES of the engine's frames: a
     real model on a CPU, seconds a frame, keeps its stream from frame to frame."""
     store = ParamStore(Schema(), initial={"engine": "preview"})
     registry = SessionRegistry()
