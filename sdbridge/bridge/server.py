@@ -344,7 +344,9 @@ class Daemon:
             "passthrough": self.engines.status != "ready",
             "connections": self.stats.connections,
             "errors_sent": self.stats.errors_sent,
-            "refused_requests": self._middleware.refused if self._middleware else 0,
+            # The main port's and the OSCQuery port's, which apply the same access policy.
+            "refused_requests": (self._middleware.refused if self._middleware else 0)
+            + (self.oscquery.refused if self.oscquery is not None else 0),
             "ladder": self.ladder.describe(),
             "loop_lag_ms_p50": _round(self.loop_lag.percentile(50)),
             "loop_lag_ms_p99": _round(self.loop_lag.percentile(99)),

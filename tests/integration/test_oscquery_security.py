@@ -29,7 +29,7 @@ def test_oscquery_refuses_a_host_it_does_not_serve(start_daemon):
         assert http.get("/sd/prompt?VALUE", headers={"Origin": "https://evil.example"}).status_code == 403
         assert http.get("/", headers={"Host": f"localhost:{daemon.oscquery.port}"}).status_code == 200
         assert http.get("/?HOST_INFO").json()["OSC_IP"] == "127.0.0.1"
-    assert daemon.oscquery.refused == 2
+    assert daemon.oscquery.refused == 2 and daemon.collect_stats()["refused_requests"] == 2
 
 
 def test_oscquery_needs_the_token_when_one_is_set(start_daemon):
