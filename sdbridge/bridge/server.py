@@ -341,7 +341,7 @@ class Daemon:
             "frames_received": self.stats.frames_received,
             "frames_out": self.registry.retired["frames_out"] + sum(s["frames_out"] for s in sessions),
             "frames_dropped": self.registry.retired["frames_dropped"] + sum(s["frames_dropped"] for s in sessions),
-            "passthrough": self.engines.status != "ready",
+            "passthrough": self.engines.status != "ready" or self.worker.prepare_error is not None,
             "connections": self.stats.connections,
             "errors_sent": self.stats.errors_sent,
             # The main port's and the OSCQuery port's, which apply the same access policy.

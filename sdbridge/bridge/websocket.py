@@ -215,6 +215,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         # A client that connects while a failed load stands hears about it too, not only those connected then.
         connection.viewer.offer_control({"type": "error", "code": daemon.engines.last_error_code,
                                          "message": f"the last engine load failed: {daemon.engines.last_error}"})
+    elif daemon.worker.prepare_error is not None:  # frames pass through until the parameters change
+        connection.viewer.offer_control(dict(daemon.worker.prepare_error))
     try:
         await connection.run()
     except WebSocketDisconnect:

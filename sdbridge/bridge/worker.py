@@ -115,6 +115,7 @@ class Worker(threading.Thread):
         self._prepared: tuple[int, int] | None = None  # (params version, id(engine)) last prepared
         self._plugins_version = -1
         self._prepare_failed: int | None = None
+        self.prepare_error: dict[str, Any] | None = None  # the error while the engine cannot take the parameters
         self._modulated = 0
         self.clock_origin = time.monotonic()  # the LFOs' time zero
         self.clock = BeatClock(self.clock_origin)  # their beat: our own, or Ableton Link's (bridge/link.py)
@@ -280,6 +281,7 @@ class Worker(threading.Thread):
             try:
                 engine.prepare(params)
                 self._prepared = (version, id(engine))
+                self.prepare_error = None
             except Exception as exc:  # the stream never stops: these frames pass through, the error is told
                 engine = None
                 if self._prepare_failed != version:
@@ -291,10 +293,12 @@ class Worker(threading.Thread):
                         log.warning("engine could not take the new parameters: %s", exc)
                     else:
                         log.exception("engine could not take the new parameters")
+                    # Kept while it stands: /stats says the frames pass through, a client that connects hears why.
+                    self.prepare_error = {"type": "error", "code": code,
+                                          "message": f"the engine could not take the new parameters: "
+                                                     f"{type(exc).__name__}: {exc}; frames pass through"}
                     for session in self.registry.sessions():
-                        self.report(session, {"type": "error", "code": code,
-                                              "message": f"the engine could not take the new parameters: "
-                                                         f"{type(exc).__name__}: {exc}; frames pass through"})
+                        self.report(session, dict(self.prepare_error))
         plugins = self.plugins
         if plugins is not None and self._plugins_version != version:
             plugins.prepare(params)

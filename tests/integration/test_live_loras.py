@@ -8,7 +8,7 @@ import torch
 
 from sdbridge.bridge import codec
 from sdbridge.engines.models import load_pipeline_parts
-from tests.clients import make_image, wait_for, ws_connect
+from tests.clients import make_image, recv_json, wait_for, ws_connect
 from tests.unit.engines.test_lora import random_lora, write_kohya
 
 
@@ -44,6 +44,10 @@ def test_live_lora_weights_and_an_unknown_name(start_daemon, tiny_model_dir, tmp
         assert len(errors) == 1 and errors[0]["code"] == "unknown_lora"
         assert "'nosuch' not found" in errors[0]["message"] and "there: ink" in errors[0]["message"]
         assert all(reply[:3] == b"\xff\xd8\xff" for reply in replies)   # frames keep coming (passed through)
+        assert daemon.collect_stats()["passthrough"] is True
+        with ws_connect(daemon) as late:  # a client that connects meanwhile hears why its frames pass through
+            assert recv_json(late, "error")["code"] == "unknown_lora"
         ws.send(json.dumps({"type": "set", "params": {"loras": ""}}))
         (back,), messages = frames_and_messages(ws, frame, 1)
         assert back == base and not [m for m in messages if m["type"] == "error"]
+        assert daemon.collect_stats()["passthrough"] is False
