@@ -2,29 +2,79 @@
 
     python examples/osc_control.py set strength 0.6
     python examples/osc_control.py set prompt "a neon city at night"
-    python examples/osc_control.py sweep strength 0.2 0.9 --seconds 4      # a fader moving
+    python examples/osc_control.py set seed 4000000000                       # an int64: exact
+    python examples/osc_control.py set prompt 2024 --type str                # a number as text
+    python examples/osc_control.py sweep strength 0.2 0.9 --seconds 4        # a fader moving
     python examples/osc_control.py preset calm --glide 3
     python examples/osc_control.py listen                                    # print the daemon's feedback
 
 Needs only python-osc. OSC has no replies: ``listen`` binds the feedback port (9001 by default)
 and prints what the daemon sends there (applied values and /sd/status/... telemetry).
+
+``set`` sends the value with the OSC type the parameter needs: an integer as int32 (``i``), or
+int64 (``h``) beyond int32 (a seed goes up to 2**32 - 1), never as float32, which is exact only up
+to 2**24 (16777217 would arrive as 16777216); a decimal number as float32 (``f``); anything else
+as a string (``s``). Which one comes from, in order: ``--type int|float|str``; else the parameter's
+type in the daemon's ``GET /params`` (``--http``, default ``http://HOST:7860``), so that
+``set prompt 2024`` sends the text "2024"; else, when that does not answer, the look of the value
+(``2024`` an int, ``0.6`` a float), with a note on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+import urllib.request
 
 from pythonosc.dispatcher import Dispatcher
 from pythonosc.osc_server import BlockingOSCUDPServer
 from pythonosc.udp_client import SimpleUDPClient
 
+INT64_RANGE = (-(2**63), 2**63 - 1)
+# The parameter types (GET /params "type") sent as themselves: python-osc tags a Python int 'i', or
+# 'h' past 31 bits, a float 'f', a str 's'. bool and enum values go as they look: "on", 1, a
+# choice's name or its index, all of which the daemon takes.
+SENT_AS_THEMSELVES = ("int", "float", "str")
 
-def number_or_text(value: str) -> float | str:
+
+def guess_type(text: str) -> str:
+    """int, float or str, from how ``text`` looks: 2024 is an int, 0.6 and 1e3 floats."""
+    for kind, convert in (("int", int), ("float", float)):
+        try:
+            convert(text)
+        except ValueError:
+            continue
+        return kind
+    return "str"
+
+
+def param_type(http_url: str, name: str) -> str | None:
+    """int, float or str: the parameter's type from the daemon's GET /params; None when the daemon
+    does not answer, for a bool or an enum, or for an unknown name (the daemon then names it)."""
     try:
-        return float(value)
-    except ValueError:
-        return value
+        with urllib.request.urlopen(f"{http_url.rstrip('/')}/params", timeout=2) as response:
+            schema = json.load(response)["schema"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"could not read the parameter types from {http_url}/params ({exc}): sending {name}'s value as it "
+              f"looks; --type int|float|str says it", file=sys.stderr)
+        return None
+    kind = next((spec.get("type") for spec in schema if spec.get("name") == name), None)
+    return kind if kind in SENT_AS_THEMSELVES else None
+
+
+def osc_value(text: str, kind: str) -> int | float | str:
+    """``text`` as the Python value python-osc sends with ``kind``'s OSC tag; ValueError naming the
+    value when it is not one (e.g. --type int 0.5, or an int past int64)."""
+    if kind == "str":
+        return text
+    if kind == "float":
+        return float(text)
+    number = int(text)
+    if not INT64_RANGE[0] <= number <= INT64_RANGE[1]:
+        raise ValueError(f"{number} does not fit an OSC int64 ([-2**63, 2**63 - 1])")
+    return number
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     set_ = commands.add_parser("set")
     set_.add_argument("param")
     set_.add_argument("value")
+    set_.add_argument("--type", choices=["int", "float", "str"], help="send the value as this OSC type "
+                      "(default: the parameter's type from the daemon's GET /params)")
+    set_.add_argument("--http", help="the daemon's HTTP address, to read parameter types from "
+                      "(default http://HOST:7860)")
     sweep = commands.add_parser("sweep")
     sweep.add_argument("param")
     sweep.add_argument("start", type=float)
@@ -53,7 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     client = SimpleUDPClient(args.host, args.port)
     address = lambda name: f"{args.prefix}/{name.replace('.', '/')}"  # noqa: E731 - plugin.x.y -> plugin/x/y
     if args.command == "set":
-        client.send_message(address(args.param), number_or_text(args.value))
+        kind = (args.type or param_type(args.http or f"http://{args.host}:7860", args.param)
+                or guess_type(args.value))
+        try:
+            value = osc_value(args.value, kind)
+        except ValueError as exc:
+            parser.error(f"{args.param} {args.value!r} cannot be sent as {kind}: {exc}")
+        client.send_message(address(args.param), value)
     elif args.command == "sweep":
         steps = max(1, int(args.seconds * args.rate))
         for index in range(steps + 1):

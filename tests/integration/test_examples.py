@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tests.clients import recv_frame, wait_for, ws_connect
+from tests.clients import free_port, recv_frame, wait_for, ws_connect
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -22,14 +22,41 @@ def run_example(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def test_osc_control_set_sweep_and_preset(start_daemon):
     daemon = start_daemon(params={"engine": "identity"})
     port = str(daemon.osc_port)
-    assert run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "set", "prompt", "a heron").returncode == 0
+    assert run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "set", "prompt", "a heron",
+                       "--http", f"http://127.0.0.1:{daemon.port}").returncode == 0
     assert wait_for(lambda: daemon.store.get("prompt") == "a heron")
     result = run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "sweep", "strength", "0.1", "0.9",
                          "--seconds", "0.5")
     assert result.returncode == 0
     assert wait_for(lambda: abs(daemon.store.get("strength") - 0.9) < 1e-6)
-    assert run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "preset", "neon", "--glide", "0").returncode == 0
+    result = run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "preset", "neon", "--glide", "0")
+    assert result.returncode == 0, result.stderr
     assert wait_for(lambda: daemon.store.get("effect") == "edges")
+
+
+def test_osc_control_sends_each_value_as_its_parameter_type(start_daemon):
+    """Integers as OSC ints (int64 past int32), never float32, which cannot hold 16777217 or a seed
+    of 4000000000; a str parameter gets text even when it looks like a number."""
+    daemon = start_daemon(params={"engine": "identity"})
+    osc = [str(EXAMPLES / "osc_control.py"), "--port", str(daemon.osc_port)]
+    http = ["--http", f"http://127.0.0.1:{daemon.port}"]
+    for param, text, expected in [("seed", "4000000000", 4000000000), ("seed", "16777217", 16777217),
+                                  ("prompt", "2024", "2024"), ("strength", "0.25", 0.25), ("steps", "3", 3)]:
+        result = run_example(*osc, "set", param, text, *http)
+        assert result.returncode == 0, result.stderr
+        assert wait_for(lambda: daemon.store.get(param) == expected), (param, text, daemon.store.get(param))
+        assert type(daemon.store.get(param)) is type(expected)
+    # No daemon on --http: the value goes as it looks (an int stays exact), and --type says otherwise.
+    closed = ["--http", f"http://127.0.0.1:{free_port()}"]
+    result = run_example(*osc, "set", "seed", "16777219", *closed)
+    assert result.returncode == 0 and "could not read the parameter types" in result.stderr
+    assert wait_for(lambda: daemon.store.get("seed") == 16777219), daemon.store.get("seed")
+    assert run_example(*osc, "set", "prompt", "2025", "--type", "str", *closed).returncode == 0
+    assert wait_for(lambda: daemon.store.get("prompt") == "2025"), daemon.store.get("prompt")
+    too_big = run_example(*osc, "set", "seed", str(2**64), "--type", "int")
+    assert too_big.returncode == 2 and f"seed '{2**64}' cannot be sent as int" in too_big.stderr
+    assert "does not fit an OSC int64" in too_big.stderr
+    assert daemon.store.get("seed") == 16777219
 
 
 def test_webcam_script_on_a_video_file(start_daemon, tmp_path):
