@@ -107,7 +107,8 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
                  "model", "engine", "device", "dtype", "taesd", "compile", "warm_sessions", "warm_steps", "fp8",
-                 "model_config", "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir", "controlnet_dir",
+                 "model_config", "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir",
+                 "controlnet_dir",
                  "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file", "allow_pickle",
                  "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
@@ -237,6 +238,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _add_folder_flag(action: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+    """``flag`` after the action too (``models list --models-dir X``), as well as before it.
+
+    SUPPRESS as the default: argparse copies a sub-parser's defaults over what the parent parsed,
+    so a None default here would erase ``models --models-dir X list``'s X."""
+    action.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdbridge", description="Real-time Stable Diffusion bridge for live visuals.")
     parser.add_argument("--version", action="version", version=f"sdbridge {__version__}")
@@ -246,13 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve)
     serve.set_defaults(run=cmd_serve)
 
+    models_dir_help = "where pulled models live (default ~/.cache/sdbridge/models)"
     models = commands.add_parser("models", help="list, pull or make models")
-    models.add_argument("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
+    models.add_argument("--models-dir", help=models_dir_help)
     actions = models.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="models on this machine, and known ones to pull")
     listing.add_argument("--json", action="store_true")
     pull = actions.add_parser("pull", help="download a model (needs internet)")
     pull.add_argument("name", help="a known name (sd-turbo, sdxl-turbo, taesd, ...) or a hub id org/name")
+    for action in (listing, pull):
+        _add_folder_flag(action, "--models-dir", models_dir_help)
     tiny = actions.add_parser("tiny", help="write a tiny random model to try the pipeline without weights")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -265,12 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     random_model.add_argument("--seed", type=int, default=0)
     models.set_defaults(run=cmd_models)
 
+    presets_dir_help = "your presets (default ~/.config/sdbridge/presets)"
     presets = commands.add_parser("presets", help="list, show or save presets")
-    presets.add_argument("--presets-dir", help="your presets (default ~/.config/sdbridge/presets)")
+    presets.add_argument("--presets-dir", help=presets_dir_help)
     preset_actions = presets.add_subparsers(dest="action", required=True)
-    preset_actions.add_parser("list", help="shipped and saved presets")
+    preset_list = preset_actions.add_parser("list", help="shipped and saved presets")
     show = preset_actions.add_parser("show", help="print a preset's TOML")
     show.add_argument("name")
+    for action in (preset_list, show):
+        _add_folder_flag(action, "--presets-dir", presets_dir_help)
     save = preset_actions.add_parser("save", help="save a running daemon's current look as a preset")
     save.add_argument("name")
     save.add_argument("--description", default="")

@@ -80,7 +80,14 @@ def check_model(settings: Settings) -> list[Finding]:
         source = models.resolve_source(settings.model, models_dir=models_dir)
     except ModelError as exc:
         return [Finding(ERROR, "model", str(exc), "check the path, or pull the model: sdbridge models pull NAME")]
-    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}")]
+    # A model folder can be whole in its layout and broken in its bytes (a copy cut short): the
+    # loader's own header checks, run here, say so before ``serve`` fails on it.
+    problems = models.weight_problems(source, allow_pickle=settings.allow_pickle)
+    if problems:
+        return [Finding(ERROR, "model", str(problem), "copy or pull the model again (sdbridge models pull NAME): "
+                        "a damaged file does not load") for problem in problems]
+    checked = "" if source.kind == "pickle_file" else ", weight files whole"
+    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}{checked}")]
 
 
 def check_clip_vocab() -> list[Finding]:
@@ -90,11 +97,24 @@ def check_clip_vocab() -> list[Finding]:
     return [Finding(OK, "tokenizer", "CLIP vocabulary for single-file checkpoints is available")]
 
 
-def _port_free(host: str, port: int, kind: int) -> str | None:
+def port_problem(host: str, port: int, kind: int) -> str | None:
+    """Why the daemon could not bind ``host:port`` (``kind``: SOCK_STREAM or SOCK_DGRAM), or None.
+
+    Bound the way the daemon binds it, so that the answer is the daemon's. TCP as
+    :func:`sdbridge.bridge.server.bind_socket` does: SO_REUSEADDR on POSIX (not on Windows, where it
+    would let a second server take a port in use), then listen; a just-stopped daemon's TIME-WAIT
+    connections do not stop that, while a plain bind calls the port busy. UDP as the OSC server's
+    ``create_datagram_endpoint`` binds it: without SO_REUSEADDR (UDP has no TIME-WAIT). Not that
+    function itself: doctor has to run where the server's imports fail, to say what is wrong."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, kind) as sock:
         try:
+            if kind == socket.SOCK_STREAM and hasattr(socket, "SO_REUSEADDR") \
+                    and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host.strip("[]"), port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(1)  # two sockets with SO_REUSEADDR may both bind; only one may listen
         except OSError as exc:
             return exc.strerror or str(exc)
     return None
@@ -102,7 +122,7 @@ def _port_free(host: str, port: int, kind: int) -> str | None:
 
 def check_ports(settings: Settings) -> list[Finding]:
     findings = []
-    problem = _port_free(settings.host, settings.port, socket.SOCK_STREAM)
+    problem = port_problem(settings.host, settings.port, socket.SOCK_STREAM)
     if problem:
         findings.append(Finding(ERROR, "ports", f"HTTP/WebSocket port {settings.host}:{settings.port} is not free "
                                 f"({problem}); another sdbridge or AUTOMATIC1111 may be running",
@@ -110,7 +130,7 @@ def check_ports(settings: Settings) -> list[Finding]:
     else:
         findings.append(Finding(OK, "ports", f"HTTP/WebSocket port {settings.host}:{settings.port} is free"))
     if settings.osc:
-        problem = _port_free(settings.effective_osc_host, settings.osc_port, socket.SOCK_DGRAM)
+        problem = port_problem(settings.effective_osc_host, settings.osc_port, socket.SOCK_DGRAM)
         if problem:
             findings.append(Finding(ERROR, "ports", f"OSC port udp {settings.effective_osc_host}:{settings.osc_port} "
                                     f"is not free ({problem})", "stop what uses it, or pass --osc-port N"))

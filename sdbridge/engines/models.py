@@ -110,10 +110,7 @@ def resolve_source(source: str, *, models_dir: Path | None = None) -> ModelSourc
     if path.exists():
         kind = _kind_of_path(path)
         if kind is None:
-            if path.is_dir():
-                raise ModelError(f"{source!r} is a folder without model_index.json: not a diffusers model folder")
-            raise ModelError(f"{source!r} is not a model file (expected .safetensors, or {', '.join(PICKLE_SUFFIXES)} "
-                             f"with --allow-pickle)")
+            raise _not_a_model(source, path)
         return ModelSource(kind, path, path.name)
     models_dir = models_dir or default_models_dir()
     pulled = models_dir / source.replace("/", "--")
@@ -131,6 +128,10 @@ def resolve_source(source: str, *, models_dir: Path | None = None) -> ModelSourc
                 return ModelSource("diffusers", cached, source)
         except Exception:  # not in the cache: fall through to the clear error below
             pass
+    if pulled.exists():
+        # Something by that name is in the models folder (an empty or half-copied folder, a stray
+        # file): "not found" would send the user to pull a model they think they already have.
+        raise _not_a_model(source, pulled)
     if source.startswith(("/", "~", ".", "\\")) or path.drive or "\\" in source:
         raise ModelError(f"model path {source!r} does not exist", code="model_not_found")
     raise ModelError(f"model {source!r} not found: no such file or folder, not pulled to {models_dir}, not in the "
@@ -138,14 +139,23 @@ def resolve_source(source: str, *, models_dir: Path | None = None) -> ModelSourc
                      f"--model PATH", code="model_not_found")
 
 
+def _not_a_model(source: str, path: Path) -> ModelError:
+    """Why ``path`` (which exists) is not a model, naming it and what it would need; code ``bad_model``
+    (something is there, unlike ``model_not_found``)."""
+    if path.is_dir():
+        weights = sorted(file.name for file in path.glob("*.safetensors"))
+        hint = (f"; it holds {', '.join(weights[:3])}: name that file for a single-file checkpoint" if weights
+                else "; it holds no .safetensors weights either")
+        return ModelError(f"model {source!r}: the folder {path} exists but is not a model: it has no model_index.json "
+                          f"(a diffusers model folder needs one, beside unet/, vae/, text_encoder/ ...){hint}")
+    return ModelError(f"model {source!r}: {path} is not a model file (expected .safetensors, or "
+                      f"{', '.join(PICKLE_SUFFIXES)} with --allow-pickle)")
+
+
 def _load_component(cls, folder: Path, name: str, dtype: torch.dtype, allow_pickle: bool):  # noqa: ANN001, ANN202
     """One component with its class's from_pretrained, safetensors only unless pickle is allowed."""
     subfolder = folder / name
-    if not subfolder.is_dir():
-        raise ModelError(f"{folder}: the model has no {name}/ folder")
-    weights = list(subfolder.glob("*.safetensors"))
-    if not weights and not allow_pickle and not name.startswith(("tokenizer", "scheduler")):
-        raise ModelError(f"{subfolder}: no .safetensors weights (pickle weights load only with --allow-pickle)")
+    weights = _component_weights(folder, name, allow_pickle)
     for file in weights:
         _check_safetensors(file)
     # Hub repos often hold only the fp16 variant (model.fp16.safetensors).
@@ -161,6 +171,18 @@ def _load_component(cls, folder: Path, name: str, dtype: torch.dtype, allow_pick
         raise
     except Exception as exc:
         raise ModelError(f"{subfolder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _component_weights(folder: Path, name: str, allow_pickle: bool) -> list[Path]:
+    """The .safetensors files of a diffusers folder's part ``name``; ModelError when its folder is
+    missing, or when it has none (a tokenizer and a scheduler have no weights) and pickle is not allowed."""
+    subfolder = folder / name
+    if not subfolder.is_dir():
+        raise ModelError(f"{folder}: the model has no {name}/ folder")
+    weights = sorted(subfolder.glob("*.safetensors"))
+    if not weights and not allow_pickle and not name.startswith(("tokenizer", "scheduler")):
+        raise ModelError(f"{subfolder}: no .safetensors weights (pickle weights load only with --allow-pickle)")
+    return weights
 
 
 def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
@@ -313,6 +335,41 @@ def find_taesd(folder: Path | None, architecture: str, models_dir: Path | None) 
     return pulled if (pulled / "config.json").is_file() else None
 
 
+# The parts of a diffusers folder the loader reads, when model_index.json names them.
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+
+
+def weight_problems(source: ModelSource, *, allow_pickle: bool = False) -> list[ModelError]:
+    """What in ``source``'s weight files would stop it loading, found as the loader finds it
+    (:func:`_check_safetensors`: header, size against the largest tensor's end) without reading a
+    tensor: one ModelError per bad file or part, naming it; [] when all are whole. For ``sdbridge
+    doctor``, which would otherwise say ok to a model that ``serve`` then fails to load."""
+    if source.kind == "pickle_file":
+        return []  # no header to check without unpickling; the loader's own checks apply
+    files: list[Path] = [source.path] if source.kind == "single_file" else []
+    problems: list[ModelError] = []
+    if source.kind == "diffusers":
+        try:
+            index = json.loads((source.path / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return [ModelError(f"{source.path}/model_index.json is unreadable: {exc}")]
+        for name in COMPONENTS:
+            entry = index.get(name) if isinstance(index, dict) else None
+            if not entry or entry[0] is None:
+                continue
+            try:
+                files += _component_weights(source.path, name, allow_pickle)
+            except ModelError as exc:
+                problems.append(exc)
+        files += sorted((source.path / "taesd").glob("*.safetensors"))
+    for file in files:
+        try:
+            _check_safetensors(file)
+        except ModelError as exc:
+            problems.append(exc)
+    return problems
+
+
 def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                           taesd: Path | None = None, source: str | None = None,
                           models_dir: Path | None = None) -> PipelineParts:
@@ -324,7 +381,7 @@ def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{folder}/model_index.json is unreadable: {exc}") from exc
     parts: dict[str, object] = {}
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"):
+    for name in COMPONENTS:
         entry = index.get(name)
         if not entry or entry[0] is None:
             continue

@@ -66,13 +66,30 @@ def test_serve_refuses_a_warm_up_of_nothing(flag, value, message):
 
 
 def test_models_tiny_then_list(tmp_path):
-    result = sdbridge("models", "tiny", str(tmp_path / "tiny"))
+    result = sdbridge("models", "tiny", str(tmp_path / "models" / "tiny"))
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "tiny" / "model_index.json").is_file()
-    assert (tmp_path / "tiny" / "taesd" / "config.json").is_file()
+    assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()
+    assert (tmp_path / "models" / "tiny" / "taesd" / "config.json").is_file()
     listing = sdbridge("models", "--models-dir", str(tmp_path / "empty"), "list")
     assert listing.returncode == 0, listing.stderr
     assert "sd-turbo" in listing.stdout  # known models are listed even before they are pulled
+    assert "tiny" not in listing.stdout
+    # --models-dir before the action or after it, the same listing: the tiny model, then known ones.
+    before = sdbridge("models", "--models-dir", str(tmp_path / "models"), "list")
+    after = sdbridge("models", "list", "--models-dir", str(tmp_path / "models"))
+    assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
+    assert before.stdout == after.stdout
+    assert before.stdout.startswith("tiny ") and str(tmp_path / "models" / "tiny") in before.stdout
+
+
+def test_presets_dir_before_or_after_the_action(tmp_path):
+    (tmp_path / "mine.toml").write_text('description = "my own look"\n\n[params]\nstrength = 0.4\n')
+    before = sdbridge("presets", "--presets-dir", str(tmp_path), "show", "mine")
+    after = sdbridge("presets", "show", "mine", "--presets-dir", str(tmp_path))
+    assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
+    assert before.stdout == after.stdout and "strength" in after.stdout
+    listing = sdbridge("presets", "list", "--presets-dir", str(tmp_path))
+    assert listing.returncode == 0 and "mine" in listing.stdout and "yours" in listing.stdout
 
 
 def test_models_tiny_sdxl_loads_as_sdxl(tmp_path):
@@ -99,6 +116,29 @@ def test_doctor_reports_a_busy_port_and_a_missing_model(tmp_path):
     assert f"127.0.0.1:{port} is not free" in result.stdout
     assert "no-such-model" in result.stdout
     assert "ERROR" in result.stdout
+
+
+def test_doctor_names_a_truncated_weight_file_that_serve_would_fail_on(tmp_path, tiny_model_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = sdbridge("doctor", "--port", str(free_port()), "--osc-port", str(free_port(socket.SOCK_DGRAM)),
+                      "--model", str(broken))
+    assert result.returncode == 1, result.stdout
+    assert f"[ERROR] model: {weights}: truncated (1000 bytes, its header alone needs" in result.stdout
+    assert "1 problem(s) found" in result.stdout
+
+
+def test_doctor_says_an_empty_folder_in_the_models_dir_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = sdbridge("doctor", "--port", str(free_port()), "--osc-port", str(free_port(socket.SOCK_DGRAM)),
+                      "--models-dir", str(tmp_path), "--model", "empty")
+    assert result.returncode == 1
+    assert f"model 'empty': the folder {tmp_path / 'empty'} exists but is not a model" in result.stdout
+    assert "no model_index.json" in result.stdout and "not pulled" not in result.stdout
 
 
 def test_doctor_all_good_on_a_clean_setup(tmp_path, tiny_model_dir):

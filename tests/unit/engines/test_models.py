@@ -73,11 +73,49 @@ def test_missing_and_unknown_sources(tmp_path):
         resolve_source("no-such-model", models_dir=tmp_path)
     assert info.value.code == "model_not_found"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="without model_index.json"):
+    with pytest.raises(ModelError, match="exists but is not a model: it has no model_index.json") as info:
         resolve_source(str(tmp_path / "empty"))
+    assert info.value.code == "bad_model"
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ModelError, match="not a model file"):
         resolve_source(str(tmp_path / "notes.txt"))
+
+
+def test_a_folder_in_the_models_dir_that_is_not_a_model_is_named(tmp_path):
+    """Not "not found, pull it": the folder is there, and the message says what it lacks."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError) as info:
+        resolve_source("empty", models_dir=tmp_path)
+    assert str(info.value) == (f"model 'empty': the folder {tmp_path / 'empty'} exists but is not a model: it has no "
+                               f"model_index.json (a diffusers model folder needs one, beside unet/, vae/, "
+                               f"text_encoder/ ...); it holds no .safetensors weights either")
+    assert info.value.code == "bad_model"
+    (tmp_path / "empty" / "dreamy.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="it holds dreamy.safetensors: name that file"):
+        resolve_source("empty", models_dir=tmp_path)
+    with pytest.raises(ModelError, match="not pulled to") as missing:
+        resolve_source("elsewhere", models_dir=tmp_path)
+    assert missing.value.code == "model_not_found"
+
+
+def test_weight_problems_from_the_headers_alone(tiny_model_dir, tmp_path):
+    from sdbridge.engines.models import weight_problems
+
+    assert weight_problems(resolve_source(str(tiny_model_dir))) == []
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    unet = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:1000])
+    taesd = next((broken / "taesd").glob("*.safetensors"))
+    taesd.write_bytes(taesd.read_bytes() + b"\0" * 8)
+    problems = [str(problem) for problem in weight_problems(resolve_source(str(broken)))]
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{unet}: truncated (1000 bytes, its header alone needs ")
+    assert problems[1].startswith(f"{taesd}: truncated or padded (")
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(unet.read_bytes())
+    assert [str(p) for p in weight_problems(resolve_source(str(single)))] == [problems[0].replace(str(unet),
+                                                                                                  str(single))]
 
 
 def test_pickle_refused_unless_allowed(parts, tmp_path, tiny_model_dir):
@@ -195,7 +233,8 @@ def test_loads_on_several_threads_at_once_all_get_real_weights(parts, tmp_path):
                 if index % 2:
                     loaded.append(load_controlnet(tmp_path / "cn1", parts.unet, CPU, torch.float32))
                 else:
-                    loaded.append(load_pretrained_folder(tmp_path / "cn0", ControlNetModel, torch.float32, "ControlNet"))
+                    loaded.append(load_pretrained_folder(tmp_path / "cn0", ControlNetModel, torch.float32,
+                                                         "ControlNet"))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

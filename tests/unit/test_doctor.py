@@ -1,0 +1,105 @@
+"""sdbridge/doctor.py: its port and model checks on real sockets and real model folders."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdbridge.config import Settings
+from sdbridge.doctor import ERROR, OK, check_model, check_ports, port_problem
+
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def _time_wait_port() -> int:
+    """A loopback port nothing listens on, left in TIME-WAIT as a stopped daemon leaves it: the
+    server side closes an accepted connection first, so the TIME-WAIT is on the server's port. The
+    listener has SO_REUSEADDR, as the daemon's has: Linux lets a new socket bind beside a TIME-WAIT
+    connection only when both sockets have it, and the connection inherits it from its listener."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            connection, _ = listener.accept()
+            connection.close()  # the server's FIN first: the active closer keeps the TIME-WAIT
+            assert client.recv(1) == b""
+    return port
+
+
+@pytest.mark.parametrize("reuse_address", [False, True])
+def test_a_listening_port_is_busy(reuse_address):
+    # With SO_REUSEADDR too, as uvicorn and the daemon bind: it does not let a second socket listen.
+    with socket.socket() as listener:
+        if reuse_address:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        problem = port_problem("127.0.0.1", port, socket.SOCK_STREAM)
+        findings = check_ports(Settings(port=port, osc=False))
+    assert problem is not None and "in use" in problem
+    assert findings[0].level == ERROR and f"127.0.0.1:{port} is not free" in findings[0].message
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows binds beside TIME-WAIT without SO_REUSEADDR")
+def test_a_port_in_time_wait_is_free_as_the_daemon_binds_it():
+    port = _time_wait_port()
+    # The set-up is what QA saw: a plain bind (doctor's old check) is refused...
+    with socket.socket() as plain, pytest.raises(OSError) as refused:
+        plain.bind(("127.0.0.1", port))
+    assert refused.value.errno == errno.EADDRINUSE
+    # ... while the daemon's bind (SO_REUSEADDR) would start, and doctor now says so.
+    assert port_problem("127.0.0.1", port, socket.SOCK_STREAM) is None
+    findings = check_ports(Settings(port=port, osc=False))
+    assert [(f.level, f.message) for f in findings] == [(OK, f"HTTP/WebSocket port 127.0.0.1:{port} is free")]
+
+
+def test_a_bound_udp_port_is_busy_and_a_free_one_free():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as osc:
+        osc.bind(("127.0.0.1", 0))
+        port = osc.getsockname()[1]
+        assert port_problem("127.0.0.1", port, socket.SOCK_DGRAM) is not None
+    assert port_problem("127.0.0.1", port, socket.SOCK_DGRAM) is None
+
+
+def test_model_with_a_truncated_weight_file_is_an_error_naming_it(tiny_model_dir, tmp_path):
+    whole = check_model(Settings(model=str(tiny_model_dir)))
+    assert [f.level for f in whole] == [OK] and "weight files whole" in whole[0].message
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / UNET_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:1000])
+    findings = check_model(Settings(model=str(broken)))
+    assert [f.level for f in findings] == [ERROR]
+    assert f"{weights}: truncated (1000 bytes, its header alone needs" in findings[0].message
+    assert "again" in findings[0].fix
+
+
+def test_model_with_weights_cut_after_the_header_and_a_missing_part(tiny_model_dir, tmp_path):
+    """The header is whole but the tensors end early: the largest tensor end is past the file's end."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / UNET_WEIGHTS
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-4])
+    shutil.rmtree(broken / "vae")
+    findings = check_model(Settings(model=str(broken)))
+    messages = [f.message for f in findings]  # the missing part first, then each bad file
+    assert [f.level for f in findings] == [ERROR, ERROR]
+    assert messages[0] == f"{broken}: the model has no vae/ folder"
+    assert messages[1] == f"{weights}: truncated or padded ({len(data) - 4} bytes, its header says {len(data)})"
+
+
+def test_an_empty_folder_in_the_models_dir_is_named_as_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    findings = check_model(Settings(model="empty", models_dir=str(tmp_path)))
+    assert [f.level for f in findings] == [ERROR]
+    assert f"the folder {tmp_path / 'empty'} exists but is not a model" in findings[0].message
+    assert "no model_index.json" in findings[0].message and "not pulled" not in findings[0].message
