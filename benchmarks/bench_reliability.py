@@ -2,7 +2,7 @@
 
     python benchmarks/bench_reliability.py osc-fuzz [--count 1000000]
     python benchmarks/bench_reliability.py flow
-    python benchmarks/bench_reliability.py sigterm
+    python benchmarks/bench_reliability.py sigterm [--model DIR]
     python benchmarks/bench_reliability.py soak [--minutes 60]
     python benchmarks/bench_reliability.py all [--write]
 
@@ -309,8 +309,11 @@ def flow(frames: int = 400) -> dict[str, Any]:
 # --- 6. SIGTERM ------------------------------------------------------------------------------------
 
 
-def sigterm() -> dict[str, Any]:
-    daemon = Daemon(engine="preview")
+def sigterm(model: str | None = None) -> dict[str, Any]:
+    """SIGTERM while a client streams: the preview engine, or ``model`` on the diffusion engine (a model's
+    process has more to tear down: torch's modules, the weights)."""
+    daemon = Daemon(*(("--model", model) if model else ()), engine="diffusion" if model else "preview",
+                    size=64 if model else 256)
     streamer = Streamer(daemon, fps=60)
     streamer.start()
     time.sleep(2)
@@ -320,7 +323,8 @@ def sigterm() -> dict[str, Any]:
     elapsed = time.monotonic() - started
     streamer.stop_event.set()
     daemon.http.close()
-    return {"exit_s": round(elapsed, 3), "exit_code": code, "frames_before": streamer.frames}
+    return {"engine": "diffusion" if model else "preview", "exit_s": round(elapsed, 3), "exit_code": code,
+            "frames_before": streamer.frames}
 
 
 # --- 5. Soak ---------------------------------------------------------------------------------------
@@ -373,6 +377,7 @@ def main() -> None:
     parser.add_argument("what", choices=["osc-fuzz", "flow", "sigterm", "soak", "all"])
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--model", help="sigterm: on the diffusion engine with this model (sdbridge models tiny DIR)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -382,7 +387,7 @@ def main() -> None:
     if args.what in ("flow", "all"):
         results["flow"] = flow()
     if args.what in ("sigterm", "all"):
-        results["sigterm"] = sigterm()
+        results["sigterm"] = sigterm(args.model)
     if args.what in ("soak", "all"):
         results["soak"] = soak(args.minutes)
     if args.json:
