@@ -137,6 +137,16 @@ def check_ports(settings: Settings) -> list[Finding]:
         else:
             findings.append(Finding(OK, "ports", f"OSC port udp {settings.effective_osc_host}:{settings.osc_port} "
                                     "is free"))
+        # OSCQuery (controllers discover the parameters there) binds like the HTTP port; the daemon starts
+        # without it when it is taken, so a warning.
+        if settings.oscquery_port > 0:
+            where = f"{settings.effective_osc_host}:{settings.oscquery_port}"
+            problem = port_problem(settings.effective_osc_host, settings.oscquery_port, socket.SOCK_STREAM)
+            if problem:
+                findings.append(Finding(WARN, "ports", f"OSCQuery port {where} is not free ({problem}): the daemon "
+                                        "would serve without it", "pass --oscquery-port N, or -1 to turn it off"))
+            else:
+                findings.append(Finding(OK, "ports", f"OSCQuery port {where} is free"))
     return findings
 
 

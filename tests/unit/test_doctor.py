@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sdbridge.config import Settings
-from sdbridge.doctor import ERROR, OK, check_model, check_ports, port_problem
+from sdbridge.doctor import ERROR, OK, WARN, check_model, check_ports, port_problem
 
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 
@@ -103,3 +103,15 @@ def test_an_empty_folder_in_the_models_dir_is_named_as_not_a_model(tmp_path):
     assert [f.level for f in findings] == [ERROR]
     assert f"the folder {tmp_path / 'empty'} exists but is not a model" in findings[0].message
     assert "no model_index.json" in findings[0].message and "not pulled" not in findings[0].message
+
+
+def test_a_taken_oscquery_port_is_a_warning():
+    """The daemon starts without OSCQuery when its port is taken: doctor warns, it does not call it an error."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        taken = listener.getsockname()[1]
+        findings = check_ports(Settings(port=0, osc_port=0, oscquery_port=taken))
+    oscquery = [f for f in findings if "OSCQuery" in f.message]
+    assert [f.level for f in oscquery] == [WARN] and f"127.0.0.1:{taken} is not free" in oscquery[0].message
+    assert all(f.level == OK for f in findings if f not in oscquery)
