@@ -20,22 +20,26 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sdbridge import __version__
 from sdbridge.bridge import pnginfo
-from sdbridge.bridge.a1111_controlnet import infotext_params
 from sdbridge.bridge.worker import GenerationTask
 from sdbridge.engines import samplers
-from sdbridge.engines.generate import Generation, GenerationRequest
-from sdbridge.errors import SdbridgeError
+from sdbridge.engines.generate import HIRES_UPSCALERS, Generation, GenerationError, GenerationRequest, hires_upscaler
+from sdbridge.errors import ModelError, SdbridgeError
+from sdbridge.paths import PathError
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
@@ -46,13 +50,82 @@ MAX_SIDE = 2048
 MODEL_LOAD_WAIT_S = 600.0
 
 
+# --- JSON that is not JSON: NaN and Infinity --------------------------------------------------------
+# Python's json reads the tokens NaN, Infinity and -Infinity, so a client may send them; no A1111 field
+# takes them, and the 422's own body would fail to encode them (a 500), as FastAPI echoes the input.
+
+
+def _json_number(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite number in a parsed JSON value, with its path (``a.b[2]``); None if none."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = non_finite(item, where)
+        if found is not None:
+            return found
+    return None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with each non-finite float as its JSON token in a string ("NaN"), so it encodes as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _json_number(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+class FiniteBody(BaseModel):
+    """A request body whose numbers, free-form dicts (override_settings, alwayson_scripts) included, are
+    finite: one sentence naming the field and the value, before any field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data: Any) -> Any:
+        kept = data
+        if isinstance(data, dict) and cls.model_config.get("extra") == "ignore":
+            # Fields dropped unread may hold anything, as A1111 clients send many we do not take.
+            kept = {key: value for key, value in data.items() if key in cls.model_fields}
+        found = non_finite(kept)
+        if found is not None:
+            raise ValueError(f"{found[0] or 'body'} {_json_number(found[1])} is not a finite number")
+        return data
+
+
+class A1111Route(APIRoute):
+    """FastAPI's route, with the input a validation error echoes made JSON-safe (see json_safe)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:  # the app's handler answers it, now encodable
+                raise RequestValidationError(json_safe(exc.errors()), body=json_safe(exc.body)) from None
+
+        return route
+
+
 def _multiple_of_8(value: int, name: str) -> int:
     if value % 8:
         raise ValueError(f"{name} {value} is not a multiple of 8 (try {max(64, round(value / 8) * 8)})")
     return value
 
 
-class _Request(BaseModel):
+class _Request(FiniteBody):
     """What txt2img and img2img share, with A1111's names and defaults."""
 
     model_config = ConfigDict(extra="ignore")
@@ -120,12 +193,24 @@ class _Request(BaseModel):
 class Txt2ImgRequest(_Request):
     enable_hr: bool = False
     hr_scale: float = Field(2.0, ge=1.0, le=4.0)
-    hr_upscaler: str | None = Field(None, description="Latent, Latent (nearest), Lanczos, Nearest or None")
+    hr_upscaler: str | None = Field(None, description="one of /upscalers or /latent-upscale-modes "
+                                    f"({', '.join(HIRES_UPSCALERS)}); default Latent")
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE * 2)
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE * 2)
     firstphase_width: int = 0
     firstphase_height: int = 0
+
+    @model_validator(mode="after")
+    def _upscaler(self) -> Txt2ImgRequest:
+        # Checked only with enable_hr, as A1111 reads it only then: clients send their default
+        # ("R-ESRGAN 4x+") in requests without the hires fix.
+        if self.enable_hr and self.hr_upscaler is not None:
+            try:
+                self.hr_upscaler = hires_upscaler(self.hr_upscaler)
+            except GenerationError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 class Img2ImgRequest(_Request):
@@ -144,7 +229,7 @@ class Img2ImgRequest(_Request):
     include_init_images: bool = False
 
 
-class OptionsUpdate(BaseModel):
+class OptionsUpdate(FiniteBody):
     model_config = ConfigDict(extra="allow")
 
     sd_model_checkpoint: str | None = Field(None, max_length=1024)
@@ -153,7 +238,7 @@ class OptionsUpdate(BaseModel):
                                                  "sets the live clip_skip parameter to one less")
 
 
-class PngInfoRequest(BaseModel):
+class PngInfoRequest(FiniteBody):
     image: str = Field(..., description="a base64 image (data: URLs accepted)")
 
 
@@ -289,6 +374,7 @@ class A1111Api:
         self.options: dict[str, Any] = {}
         self._save_counter: dict[Path, int] = {}
         self._hash_cache: dict[str, str | None] = {}
+        self._listed_cache: dict[str, str] = {}
 
     # --- settings ---
 
@@ -318,6 +404,34 @@ class A1111Api:
         engine = self.daemon.engines.active_engine()
         return engine.source if engine is not None and getattr(engine, "parts", None) is not None else None
 
+    def loaded_model(self) -> str | None:
+        """The serving model as sd-models lists it: a pulled model loaded by its name (the ``model``
+        parameter may be ``good``) is its folder, so that it has one entry, one title and its hash."""
+        source = self.current_model()
+        if source is None:
+            return None
+        if source not in self._listed_cache:
+            self._listed_cache[source] = self._listed_path(source)
+        return self._listed_cache[source]
+
+    def _listed_path(self, source: str) -> str:
+        from sdbridge.engines.models import resolve_source
+
+        path = source
+        if not Path(source).expanduser().exists():
+            try:
+                path = str(resolve_source(source, models_dir=self._models_dir()).path)
+            except SdbridgeError:
+                return source
+        # A hub id resolved into the hub cache is listed nowhere: it keeps its name as its title.
+        return next((listed for listed in self._listed_sources() if _same_file(listed, path)), source)
+
+    def _listed_sources(self) -> list[str]:
+        from sdbridge.engines import models
+
+        return [info.path for info in models.list_models(self._models_dir()) if info.pulled
+                and info.kind in ("diffusers", "single_file")]
+
     def model_hash(self, source: str | None) -> str | None:
         if source not in self._hash_cache:
             self._hash_cache[source or ""] = quick_hash(source)
@@ -335,12 +449,14 @@ class A1111Api:
                     raise HTTPException(422, f"unknown style {name!r} (known: {known})")
                 prompt = apply_style(prompt, styles[name][0])
                 negative = apply_style(negative, styles[name][1])
+        self.check_loras(prompt, kind)
         # "DPM++ 2M Karras" becomes "DPM++ 2M" with the Karras schedule, as A1111 1.9+ records it.
         sampler, schedule = samplers.resolve(body.sampler(), body.scheduler)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative, seed=body.seed, subseed=body.subseed,
-            subseed_strength=body.subseed_strength, sampler_name=sampler.name, scheduler=schedule.name, steps=body.steps, cfg_scale=body.cfg_scale, width=body.width,
-            height=body.height, batch_size=body.batch_size, n_iter=body.n_iter, eta=body.eta)
+            subseed_strength=body.subseed_strength, sampler_name=sampler.name, scheduler=schedule.name,
+            steps=body.steps, cfg_scale=body.cfg_scale, width=body.width, height=body.height,
+            batch_size=body.batch_size, n_iter=body.n_iter, eta=body.eta)
         clip_stop = body.override_settings.get("CLIP_stop_at_last_layers")
         if clip_stop is not None:  # this request only, as A1111 restores it afterwards
             request.clip_skip = self.clip_skip(clip_stop, "override_settings.CLIP_stop_at_last_layers")
@@ -372,6 +488,29 @@ class A1111Api:
                 request.inpainting_mask_invert = bool(body.inpainting_mask_invert)
         return request
 
+    def check_loras(self, prompt: str, kind: str) -> None:
+        """The prompt's ``<lora:...>`` tags checked before the request queues: a client's typo answers
+        422 with one warning line, where the worker would log a failed request with its traceback."""
+        from sdbridge.engines.lora import lora_path
+        from sdbridge.engines.prompt_syntax import parse_prompt
+
+        parsed = parse_prompt(prompt)
+        problem = parsed.errors[0] if parsed.errors else None
+        folder = self.lora_dir()
+        for name in parsed.lora_weights() if problem is None else ():
+            if not folder.is_dir():
+                problem = (f"LoRA {name!r} not found: no LoRA folder {str(folder)!r} "
+                           f"(set --lora-dir, or lora_dir in sdbridge.toml)")
+                break
+            try:
+                lora_path(folder, name)
+            except (ModelError, PathError) as exc:
+                problem = str(exc)
+                break
+        if problem is not None:
+            log.warning("%s refused: %s", kind, problem)
+            raise HTTPException(422, problem)
+
     def clip_skip(self, value: Any, field: str) -> int:
         """A1111's CLIP_stop_at_last_layers (1: the last layer, 2: the one before) -> the live
         ``clip_skip`` parameter's count (layers skipped: 0, 1); 422 outside that parameter's range."""
@@ -401,8 +540,10 @@ class A1111Api:
         return await asyncio.to_thread(self.respond, body, kind, generation)
 
     def infotexts(self, generation: Generation, kind: str) -> list[str]:
+        from sdbridge.bridge.a1111_controlnet import infotext_params  # it imports this module
+
         request = generation.request
-        model = self.current_model() or generation.engine.source
+        model = self.loaded_model() or generation.engine.source
         texts = []
         for index, seed in enumerate(generation.used_seeds):
             params: dict[str, Any] = {
@@ -438,7 +579,7 @@ class A1111Api:
                 self.save(png, kind, generation.used_seeds[index])
             if body.send_images:
                 images.append(base64.b64encode(png).decode("ascii"))
-        model = self.current_model() or generation.engine.source
+        model = self.loaded_model() or generation.engine.source
         info = {
             "prompt": request.prompt, "all_prompts": [request.prompt] * len(texts),
             "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * len(texts),
@@ -503,7 +644,7 @@ class A1111Api:
     # --- options and models ---
 
     def get_options(self) -> dict[str, Any]:
-        model = self.current_model()
+        model = self.loaded_model()
         title = model_title(model)
         hash_ = self.model_hash(model)
         out = {
@@ -536,7 +677,7 @@ class A1111Api:
             raise HTTPException(422, "sd_model_checkpoint is empty: name a model from /sdapi/v1/sd-models")
         name = await asyncio.to_thread(self.checkpoint_source, name)
         engines = self.daemon.engines
-        if name == self.current_model():
+        if name in (self.current_model(), await asyncio.to_thread(self.loaded_model)):
             return
         failures = engines.load_failures
         applied, errors = self.daemon.store.update({"model": name, "engine": "diffusion"})
@@ -570,13 +711,11 @@ class A1111Api:
             raise HTTPException(422, f"sd_model_checkpoint: {exc}") from None
 
     def sd_models(self) -> list[dict[str, Any]]:
-        from sdbridge.engines import models
-
         out = []
-        sources = [info.path for info in models.list_models(self._models_dir()) if info.pulled
-                   and info.kind in ("diffusers", "single_file")]
-        current = self.current_model()
-        if current and current not in sources:
+        sources = self._listed_sources()
+        current = self.loaded_model()
+        # One entry per model: the loaded one is the listed one it resolves to (a relative path, a link).
+        if current and all(not _same_file(current, source) for source in sources):
             sources.insert(0, current)
         for source in sources:
             title, hash_ = model_title(source), self.model_hash(source)
@@ -608,24 +747,29 @@ class A1111Api:
         return {"loaded": {}, "skipped": {}}
 
 
+def _same_file(first: str, second: str) -> bool:
+    try:
+        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+    except OSError:  # a link loop: not the same as anything listed
+        return False
+
+
 def _num(value: float | None) -> float | int | None:
     if value is None:
         return None
     return int(value) if float(value).is_integer() else round(float(value), 4)
 
 
-UPSCALERS = [
-    {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
-    {"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
-    {"name": "Nearest", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
-]
-LATENT_UPSCALE_MODES = [{"name": "Latent"}, {"name": "Latent (nearest)"}]
+# What hr_upscaler takes, listed where A1111 lists it: pixel upscalers here, latent modes apart.
+UPSCALERS = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+             for name, (space, _, _) in HIRES_UPSCALERS.items() if space == "pixel"]
+LATENT_UPSCALE_MODES = [{"name": name} for name, (space, _, _) in HIRES_UPSCALERS.items() if space == "latent"]
 
 
 def create_router(daemon: Daemon) -> APIRouter:
     api = A1111Api(daemon)
     daemon.a1111 = api
-    router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
+    router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=A1111Route)
 
     @router.post("/txt2img", response_model=GenerationResponse)
     async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
@@ -657,7 +801,7 @@ def create_router(daemon: Daemon) -> APIRouter:
 
     @router.get("/options")
     async def get_options() -> dict[str, Any]:
-        return api.get_options()
+        return await asyncio.to_thread(api.get_options)  # the first call for a model lists the models folder
 
     @router.post("/options")
     async def set_options(body: OptionsUpdate) -> None:
@@ -672,6 +816,7 @@ def create_router(daemon: Daemon) -> APIRouter:
     async def refresh_checkpoints() -> None:
         """Models are listed fresh on every call; kept for clients that call it."""
         api._hash_cache.clear()
+        api._listed_cache.clear()
 
     @router.get("/samplers")
     async def list_samplers() -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdbridge.bridge import codec, pnginfo
+from sdbridge.bridge.a1111 import A1111Route, FiniteBody, decode_b64_image, quick_hash
 from sdbridge.engines.controlnet import RequestUnit, list_controlnets, load_controlnet, resolve_controlnet
 from sdbridge.engines.preprocessors import Options, Preprocessors
 from sdbridge.errors import SdbridgeError
@@ -73,7 +74,7 @@ class ControlNetUnitArgs(BaseModel):
     threshold_b: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
 
 
-class DetectRequest(BaseModel):
+class DetectRequest(FiniteBody):
     controlnet_module: str = "none"
     controlnet_input_images: list[str] = Field(default_factory=list, max_length=8)
     controlnet_processor_res: int = Field(512, ge=-1, le=4096)
@@ -132,8 +133,6 @@ class ControlNetApi:
         return self._preprocessors
 
     def model_list(self) -> list[str]:
-        from sdbridge.bridge.a1111 import quick_hash
-
         out = []
         for name in list_controlnets(self.folder()):
             path = resolve_controlnet(name, self.folder())
@@ -154,8 +153,6 @@ class ControlNetApi:
         return detail
 
     def detect(self, body: DetectRequest) -> dict[str, Any]:
-        from sdbridge.bridge.a1111 import decode_b64_image
-
         name = module_name(body.controlnet_module)
         if not body.controlnet_input_images:
             raise HTTPException(422, "controlnet_input_images is empty: send at least one base64 image")
@@ -175,8 +172,6 @@ class ControlNetApi:
 
     def units(self, scripts: dict[str, Any], request: GenerationRequest) -> list[RequestUnit]:
         """``alwayson_scripts.controlnet`` -> loaded models and condition images at the request's size."""
-        from sdbridge.bridge.a1111 import decode_b64_image
-
         script = scripts.get("controlnet") or scripts.get("ControlNet") or {}
         args = script.get("args") if isinstance(script, dict) else script
         if not isinstance(args, list):
@@ -254,7 +249,7 @@ def infotext_params(units: list[RequestUnit]) -> dict[str, str]:
 def create_controlnet_router(daemon: Daemon) -> APIRouter:
     api = ControlNetApi(daemon)
     daemon.controlnet_api = api
-    router = APIRouter(prefix="/controlnet", tags=["ControlNet (sd-webui-controlnet API)"])
+    router = APIRouter(prefix="/controlnet", tags=["ControlNet (sd-webui-controlnet API)"], route_class=A1111Route)
 
     @router.get("/version")
     async def version() -> dict[str, int]:

@@ -38,10 +38,35 @@ if TYPE_CHECKING:
 MAX_SEED = 2**32 - 1
 RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", 3: "stretch"}  # A1111: just resize, crop, fill, latent
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")
+# The hires fix's upscalers -> (where it scales, F.interpolate mode, antialias). The latent modes are
+# A1111's ``shared.latent_upscale_modes``; "None" is A1111's plain resize (Lanczos there, bicubic with
+# antialias here: on the device, no trip through the CPU). No model upscaler (R-ESRGAN, ...) is shipped.
+HIRES_UPSCALERS: dict[str, tuple[str, str, bool]] = {
+    "Latent": ("latent", "bilinear", False),
+    "Latent (antialiased)": ("latent", "bilinear", True),
+    "Latent (bicubic)": ("latent", "bicubic", False),
+    "Latent (bicubic antialiased)": ("latent", "bicubic", True),
+    "Latent (nearest)": ("latent", "nearest", False),
+    "Latent (nearest-exact)": ("latent", "nearest-exact", False),
+    "None": ("pixel", "bicubic", True),
+    "Lanczos": ("pixel", "bicubic", True),
+    "Nearest": ("pixel", "nearest", False),
+}
+_UPSCALER_BY_NAME = {name.lower(): name for name in HIRES_UPSCALERS}
 
 
 class GenerationError(SdbridgeError):
     code = "bad_request"
+
+
+def hires_upscaler(name: str) -> str:
+    """A client's hires upscaler name (any case) -> its name in HIRES_UPSCALERS; GenerationError
+    naming the ones that exist otherwise."""
+    found = _UPSCALER_BY_NAME.get(name.strip().lower())
+    if found is None:
+        raise GenerationError(f"unknown hr_upscaler {name!r} (known: {', '.join(HIRES_UPSCALERS)})",
+                              code="unknown_upscaler")
+    return found
 
 
 @dataclass
@@ -174,6 +199,8 @@ class Generation:
         self.split_guidance = False
         # Checked here so that a bad name fails before any work, with the name in the message.
         samplers.resolve(request.sampler_name, request.scheduler)
+        if request.enable_hr:
+            hires_upscaler(request.hr_upscaler)
 
     # --- the request --------------------------------------------------------------------------
 
@@ -221,15 +248,15 @@ class Generation:
         """Upscale the first pass, then an img2img pass at the new size (A1111's hires fix)."""
         request = self.request
         width, height = request.hires_size()
-        upscaler = request.hr_upscaler or "Latent"
-        if upscaler.lower().startswith("latent"):
-            mode = "nearest" if "nearest" in upscaler.lower() else "bilinear"
-            init = F.interpolate(latents.float(), size=(height // self.scale, width // self.scale), mode=mode)
+        space, mode, antialias = HIRES_UPSCALERS[hires_upscaler(request.hr_upscaler)]
+        if space == "latent":
+            init = F.interpolate(latents.float(), size=(height // self.scale, width // self.scale), mode=mode,
+                                 antialias=antialias)
             init = init.to(self.dtype)
         else:
             yield
             pixels = self._decode(latents)
-            pixels = F.interpolate(pixels.float(), size=(height, width), mode="bicubic", antialias=True)
+            pixels = F.interpolate(pixels.float(), size=(height, width), mode=mode, antialias=antialias)
             init = self._encode(pixels.clamp(0, 1).to(self.dtype) * 2 - 1)
         steps = request.hr_second_pass_steps or request.steps
         noise = self._noise(seeds, subseeds, width, height)

@@ -416,3 +416,69 @@ def test_an_sdxl_model_refuses_one_shot_generation_clearly_and_keeps_streaming(s
         ws.send(codec.encode_jpeg(make_image(64, 64, seed=2), 90))
         assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
     client.close()
+
+
+def test_a_model_loaded_by_its_name_is_listed_once_with_its_title(start_daemon, tmp_path):
+    """A1111 clients find the checkpoint by matching options' sd_model_checkpoint against the sd-models titles;
+    the ``model`` parameter takes a pulled model's name, as `sdbridge models pull` names them."""
+    models = tmp_path / "models"
+    write_tiny_model(models / "good")
+    daemon = start_daemon(params={"model": "good"}, models_dir=str(models), outputs_dir=str(tmp_path / "out"))
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120)
+    assert wait_for(lambda: client.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+    listed = client.get("/sdapi/v1/sd-models").json()
+    assert [(m["model_name"], m["filename"]) for m in listed] == [("good", str(models / "good"))], listed
+    title = listed[0]["title"]
+    assert title == f"good [{listed[0]['hash']}]" and listed[0]["hash"]
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == title and options["sd_checkpoint_hash"] == listed[0]["hash"]
+    engine = daemon.engines.active_engine()
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": title}).status_code == 200
+    assert daemon.engines.active_engine() is engine, "choosing the serving model again does not reload it"
+    info = json.loads(client.post("/sdapi/v1/txt2img", json=SMALL).json()["info"])
+    assert (info["sd_model_name"], info["sd_model_hash"]) == ("good", listed[0]["hash"])
+    assert f"Model hash: {listed[0]['hash']}, Model: good" in info["infotexts"][0]
+    client.close()
+
+
+def test_hires_upscalers_listed_are_exactly_those_accepted(api):
+    pixel = [u["name"] for u in api.get("/sdapi/v1/upscalers").json()]
+    latent = [m["name"] for m in api.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert pixel == ["None", "Lanczos", "Nearest"] and "Latent" in latent and "Latent (nearest)" in latent
+    hires = {**SMALL, "steps": 1, "enable_hr": True, "hr_scale": 1.0, "hr_second_pass_steps": 1}
+    for name in pixel + latent:
+        response = api.post("/sdapi/v1/txt2img", json={**hires, "hr_upscaler": name})
+        assert response.status_code == 200, (name, response.text)
+        assert f"Hires upscaler: {name}," in json.loads(response.json()["info"])["infotexts"][0]
+    lower = api.post("/sdapi/v1/txt2img", json={**hires, "hr_upscaler": "lanczos"})
+    assert "Hires upscaler: Lanczos," in json.loads(lower.json()["info"])["infotexts"][0]  # A1111's spelling
+    unknown = api.post("/sdapi/v1/txt2img", json={**hires, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert unknown.status_code == 422
+    message = unknown.json()["detail"][0]["msg"]
+    assert "hr_upscaler 'R-ESRGAN 4x+'" in message and all(name in message for name in pixel + latent), message
+    # Without the hires fix A1111 never reads it, and clients send their default there.
+    plain = api.post("/sdapi/v1/txt2img", json={**SMALL, "steps": 1, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert plain.status_code == 200, plain.text
+
+
+def test_an_unknown_lora_is_a_422_and_one_warning_line_without_traceback(api, caplog):
+    import logging
+
+    def txt2img() -> httpx.Response:
+        return api.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:nosuch:0.5>", **SMALL, "steps": 1})
+
+    with caplog.at_level(logging.WARNING):
+        no_folder = txt2img()
+        (api.tmp / "lora").mkdir()
+        from safetensors.torch import save_file
+        import torch
+        save_file({"x": torch.zeros(1)}, str(api.tmp / "lora" / "detail.safetensors"))
+        not_there = txt2img()
+        bad_tag = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:detail:lots>", **SMALL})
+    assert no_folder.status_code == 422 and "'nosuch' not found" in no_folder.json()["detail"]
+    assert "--lora-dir" in no_folder.json()["detail"] and "lora_dir in sdbridge.toml" in no_folder.json()["detail"]
+    assert not_there.status_code == 422 and "'nosuch' not found" in not_there.json()["detail"]
+    assert bad_tag.status_code == 422 and "lots" in bad_tag.text
+    records = [r for r in caplog.records if r.name.startswith("sdbridge")]
+    assert [r.levelname for r in records] == ["WARNING"] * 3, [(r.name, r.levelname, r.message) for r in records]
+    assert all(r.exc_info is None and ("nosuch" in r.message or "lots" in r.message) for r in records)

@@ -2,12 +2,16 @@
 
 Generation is bounded (sizes, steps, batches clamped before each call) so that the fuzzing
 explores the request space, not the CPU's patience; every other field goes in as generated.
+The fuzzer draws only JSON's own numbers, so NaN and Infinity (which Python's json reads, and
+clients built on it write) are swept apart, through every numeric field of every request body.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -25,8 +29,11 @@ LIMITS = {"width": 128, "height": 128, "steps": 3, "batch_size": 2, "n_iter": 2,
           "hr_resize_x": 128, "hr_resize_y": 128}
 
 
+NON_FINITE = ("NaN", "Infinity", "-Infinity")
+
+
 @pytest.fixture(scope="module")
-def a1111_schema(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def base_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import httpx
 
     tmp = tmp_path_factory.mktemp("fuzz")
@@ -37,8 +44,13 @@ def a1111_schema(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     daemon = thread.start()
     base = f"http://127.0.0.1:{daemon.port}"
     wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "ready", timeout=60)
-    yield schemathesis.openapi.from_url(base + "/openapi.json")
+    yield base
     thread.stop()
+
+
+@pytest.fixture(scope="module")
+def a1111_schema(base_url: str) -> object:
+    return schemathesis.openapi.from_url(base_url + "/openapi.json")
 
 
 def _clamp(path: str, body: object) -> None:
@@ -72,3 +84,63 @@ def test_a1111_api_never_answers_with_a_server_error(a1111_schema) -> None:
 
         check()
     assert not failures, "\n".join(failures[:10])
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(token: str) -> None:
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _numeric_fields(schema: dict[str, Any], body: dict[str, Any]) -> list[str]:
+    """The number and integer fields of a request body's schema (``anyOf`` with null included)."""
+    if "$ref" in body:
+        body = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    fields = []
+    for name, field in body.get("properties", {}).items():
+        kinds = {option.get("type") for option in field.get("anyOf", [field])}
+        if kinds & {"number", "integer"}:
+            fields.append(name)
+    return fields
+
+
+def test_nan_and_infinity_in_any_numeric_field_answer_422_naming_field_and_value(base_url: str) -> None:
+    import httpx
+
+    schema = httpx.get(base_url + "/openapi.json").json()
+    cases: list[tuple[str, str, str]] = []  # (path, JSON text of the body, the field as the message names it)
+    for path, operations in schema["paths"].items():
+        body = operations.get("post", {}).get("requestBody", {}).get("content", {}).get("application/json")
+        if body is None or not path.startswith(("/sdapi/v1/", "/controlnet/")):
+            continue
+        for field in _numeric_fields(schema, body["schema"]):
+            cases += [(path, f'{{"{field}": {token}}}', field) for token in NON_FINITE]
+    fields = {field for _, _, field in cases}
+    assert {"cfg_scale", "denoising_strength", "hr_scale", "subseed_strength", "eta", "steps",
+            "CLIP_stop_at_last_layers", "controlnet_threshold_a"} <= fields, fields
+    # The free-form parts: A1111 settings and scripts' arguments nest numbers the schema does not type.
+    cases += [("/sdapi/v1/txt2img", '{"override_settings": {"CLIP_stop_at_last_layers": NaN}}',
+               "override_settings.CLIP_stop_at_last_layers"),
+              ("/sdapi/v1/txt2img", '{"alwayson_scripts": {"controlnet": {"args": [{"weight": 1}, '
+               '{"weight": -Infinity}]}}}', "alwayson_scripts.controlnet.args[1].weight"),
+              ("/sdapi/v1/options", '{"some_a1111_setting": Infinity}', "some_a1111_setting")]
+    failures = []
+    with httpx.Client(base_url=base_url, timeout=30, headers={"content-type": "application/json"}) as client:
+        # A field dropped unread (A1111's s_tmax, not taken here) may hold one: the request runs.
+        ignored = client.post("/sdapi/v1/txt2img", content='{"s_tmax": Infinity, "steps": 1, "width": 64, '
+                                                            '"height": 64}')
+        assert ignored.status_code == 200, ignored.text
+        for path, text, field in cases:
+            response = client.post(path, content=text)
+            token = next(token for token in NON_FINITE[::-1] if token in text)  # -Infinity before Infinity
+            try:
+                message = json.dumps(_strict_json(response.text))
+            except ValueError as exc:
+                failures.append(f"{path} {text}: {response.status_code}, not JSON ({exc}): {response.text[:200]}")
+                continue
+            if response.status_code != 422 or f"{field} {token} is not a finite number" not in message:
+                failures.append(f"{path} {text}: {response.status_code} {response.text[:200]}")
+        options = client.get("/sdapi/v1/options")  # nothing non-finite was stored for later readers
+        assert options.status_code == 200 and "some_a1111_setting" not in _strict_json(options.text)
+    assert not failures, "\n".join(failures)

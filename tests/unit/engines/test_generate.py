@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.generate import Generation, GenerationRequest, image_noise
+from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest, hires_upscaler, image_noise
 from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.samplers import make_scheduler
 
@@ -91,6 +91,18 @@ def test_hires_fix_gives_the_upscaled_size(engine):
     assert latent.shape == (96, 96, 3)
     pixel = run(engine, enable_hr=True, hr_resize_x=128, hr_resize_y=80, hr_upscaler="Lanczos").images[0]
     assert pixel.shape == (80, 128, 3)
+
+
+def test_hires_upscalers_are_a1111s_names_and_each_one_runs_its_own_resize(engine):
+    assert hires_upscaler(" latent (Nearest-Exact) ") == "Latent (nearest-exact)"
+    with pytest.raises(GenerationError, match=r"unknown hr_upscaler 'R-ESRGAN 4x\+' \(known: Latent, .*Nearest\)"):
+        Generation(engine, GenerationRequest(enable_hr=True, hr_upscaler="R-ESRGAN 4x+"))
+    Generation(engine, GenerationRequest(hr_upscaler="R-ESRGAN 4x+"))  # not read without the hires fix
+    images = {name: run(engine, enable_hr=True, hr_scale=1.5, hr_upscaler=name, denoising_strength=0.3).images[0]
+              for name in ("Lanczos", "Nearest", "Latent", "Latent (nearest)")}
+    assert all(image.shape == (96, 96, 3) for image in images.values())
+    assert not np.array_equal(images["Lanczos"], images["Nearest"])
+    assert not np.array_equal(images["Latent"], images["Latent (nearest)"])
 
 
 def test_img2img_resize_modes_and_strength(engine):
