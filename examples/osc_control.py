@@ -5,6 +5,7 @@
     python examples/osc_control.py set seed 4000000000                       # an int64: exact
     python examples/osc_control.py set prompt 2024 --type str                # a number as text
     python examples/osc_control.py sweep strength 0.2 0.9 --seconds 4        # a fader moving
+    python examples/osc_control.py sweep steps 1 8 --seconds 4               # an int parameter: whole steps
     python examples/osc_control.py preset calm --glide 3
     python examples/osc_control.py listen                                    # print the daemon's feedback
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("end", type=float)
     sweep.add_argument("--seconds", type=float, default=4.0)
     sweep.add_argument("--rate", type=float, default=30.0, help="messages per second, as a fader sends")
+    sweep.add_argument("--http", help="the daemon's HTTP address: an int parameter is swept in whole numbers "
+                       "(default http://HOST:7860)")
     preset = commands.add_parser("preset")
     preset.add_argument("name")
     preset.add_argument("--glide", type=float)
@@ -115,9 +118,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{args.param} {args.value!r} cannot be sent as {kind}: {exc}")
         client.send_message(address(args.param), value)
     elif args.command == "sweep":
-        steps = max(1, int(args.seconds * args.rate))
+        # An int parameter (steps, seed) refuses 2.5: it moves in whole numbers, each sent once.
+        whole = param_type(args.http or f"http://{args.host}:7860", args.param) == "int"
+        steps, last = max(1, int(args.seconds * args.rate)), None
         for index in range(steps + 1):
-            client.send_message(address(args.param), args.start + (args.end - args.start) * index / steps)
+            value = args.start + (args.end - args.start) * index / steps
+            if whole and (value := round(value)) == last:
+                continue
+            client.send_message(address(args.param), value)
+            last = value
             time.sleep(1 / args.rate)
     elif args.command == "preset":
         client.send_message(f"{args.prefix}/preset", [args.name] + ([args.glide] if args.glide is not None else []))

@@ -29,6 +29,11 @@ def test_osc_control_set_sweep_and_preset(start_daemon):
                          "--seconds", "0.5")
     assert result.returncode == 0
     assert wait_for(lambda: abs(daemon.store.get("strength") - 0.9) < 1e-6)
+    errors = daemon.osc.stats.param_errors
+    result = run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "sweep", "steps", "1", "4",
+                         "--seconds", "0.3", "--http", f"http://127.0.0.1:{daemon.port}")
+    assert result.returncode == 0
+    assert wait_for(lambda: daemon.store.get("steps") == 4) and daemon.osc.stats.param_errors == errors
     result = run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "preset", "neon", "--glide", "0")
     assert result.returncode == 0, result.stderr
     assert wait_for(lambda: daemon.store.get("effect") == "edges")
