@@ -224,7 +224,10 @@ class Worker(threading.Thread):
             task.future.set_result(task.generation)
         except Exception as exc:
             self.task = None
-            log.exception("one-shot %s request failed", task.kind)
+            if isinstance(exc, SdbridgeError):  # a request the engine refuses (a broken LoRA, SDXL): its caller's
+                log.warning("one-shot %s request refused: %s", task.kind, exc)
+            else:
+                log.exception("one-shot %s request failed", task.kind)
             task.future.set_exception(exc)
 
     def _start_task(self) -> GenerationTask | None:

@@ -90,7 +90,8 @@ class TextConditioning:
         folder = self.lora_dir
         if folder is None or not folder.is_dir():
             raise ParamError(f"LoRA {name!r} not found: no LoRA folder ({str(folder) if folder else 'none set'}; "
-                             f"set lora_dir)", name="loras", value=name, code="unknown_lora")
+                             f"set --lora-dir, or lora_dir in sdbridge.toml)", name="loras", value=name,
+                             code="unknown_lora")
         try:
             path = lora_path(folder, name)
         except PathError as exc:

@@ -18,9 +18,9 @@ Hooks, all optional, called by the worker thread:
 Plugins that work inside the engine (attention processors, say) override
 ``before_step(engine, session_ids, params)``, called before every engine step with the engine
 about to run and the sessions of its batch, or with ``None`` while the plugin is off (undo what
-was done to the engine then); ``after_step()`` after it; ``turned_on()`` when it is switched on; ``cut(session_id)`` when a
-session's frames come back after a pause (forget what you hold of its earlier frames outside
-``ctx.state``, which is cleared then).
+was done to the engine then); ``after_step()`` after it; ``turned_on()`` when it is switched on;
+``cut(session_id)`` when a session's frames come back after a pause (forget what you hold of its
+earlier frames outside ``ctx.state``, which is cleared then).
 
 ``ctx.state`` is a dict private to this plugin and session; ``ctx.params`` are this plugin's
 parameter values without the ``plugin.<name>.`` prefix.

@@ -475,10 +475,14 @@ def test_an_unknown_lora_is_a_422_and_one_warning_line_without_traceback(api, ca
         save_file({"x": torch.zeros(1)}, str(api.tmp / "lora" / "detail.safetensors"))
         not_there = txt2img()
         bad_tag = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:detail:lots>", **SMALL})
+        # A file that is there but is no LoRA: refused by the engine on the worker, one warning line there too.
+        not_a_lora = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:detail:0.5>", **SMALL, "steps": 1})
+    assert not_a_lora.status_code == 422 and "detail" in not_a_lora.json()["detail"]
     assert no_folder.status_code == 422 and "'nosuch' not found" in no_folder.json()["detail"]
     assert "--lora-dir" in no_folder.json()["detail"] and "lora_dir in sdbridge.toml" in no_folder.json()["detail"]
     assert not_there.status_code == 422 and "'nosuch' not found" in not_there.json()["detail"]
     assert bad_tag.status_code == 422 and "lots" in bad_tag.text
     records = [r for r in caplog.records if r.name.startswith("sdbridge")]
-    assert [r.levelname for r in records] == ["WARNING"] * 3, [(r.name, r.levelname, r.message) for r in records]
-    assert all(r.exc_info is None and ("nosuch" in r.message or "lots" in r.message) for r in records)
+    assert [r.levelname for r in records] == ["WARNING"] * 4, [(r.name, r.levelname, r.message) for r in records]
+    assert all(r.exc_info is None and ("nosuch" in r.message or "lots" in r.message or "detail" in r.message)
+               for r in records)
