@@ -108,9 +108,8 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
                  "model", "engine", "device", "dtype", "taesd", "compile", "warm_sessions", "warm_steps", "fp8",
                  "model_config", "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir",
-                 "controlnet_dir",
-                 "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file", "allow_pickle",
-                 "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+                 "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file",
+                 "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)
