@@ -87,6 +87,7 @@ class EngineHost:
         self._auto_failed: str | None = None  # the model that failed under engine "auto" with nothing serving
         self._serving_request: dict[str, Any] | None = None  # REQUEST_PARAMS of the last engine that loaded
         self._revert: dict[str, Any] = {}  # REQUEST_PARAMS to set back after a failed load (take_revert)
+        self._unannounced: Engine | None = None  # swapped in, its "ready" news not yet sent (announce)
         self.last_error: str | None = None
         self.last_error_code = "bad_model"
         self.loads = 0
@@ -168,14 +169,21 @@ class EngineHost:
             choice, engine = ready
             old = self._current
             self._current, self._current_choice = engine, choice
+            self._unannounced = engine
             log.info("engine %s serving on %s", choice, engine.device)
-            self._notify({"type": "engine", "status": "ready", **engine.describe()})
             if old is not None and old is not engine:
                 try:
                     old.close()
                 except Exception:  # a failing close must not stop the new engine
                     log.exception("closing engine %s failed", old.name)
         return self._current
+
+    def announce(self, engine: Engine | None) -> None:
+        """Tell the clients a newly swapped-in engine serves, once the worker has prepared it for the
+        parameters: before that its ``describe()`` holds its defaults (a resolution of 512x512)."""
+        if engine is not None and self._unannounced is engine:
+            self._unannounced = None
+            self._notify({"type": "engine", "status": "ready", **engine.describe()})
 
     def active_engine(self) -> Engine | None:
         """The engine serving now, without swapping (for readers off the worker thread)."""

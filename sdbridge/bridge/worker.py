@@ -302,6 +302,7 @@ class Worker(threading.Thread):
                                                      f"{type(exc).__name__}: {exc}; frames pass through"}
                     for session in self.registry.sessions():
                         self.report(session, dict(self.prepare_error))
+            self.engines.announce(self.engines.active_engine())  # "ready", with the resolution it serves
         plugins = self.plugins
         if plugins is not None and self._plugins_version != version:
             plugins.prepare(params)

@@ -288,3 +288,17 @@ def test_preset_in_beats_lands_on_the_beat(start_daemon):
     beat_phase = ((first - daemon.worker.clock_origin) * 2.0) % 1.0  # in beats at 120 bpm
     assert min(beat_phase, 1 - beat_phase) < 0.1  # starts within a tenth of a beat of a beat (timer jitter)
     assert 0.3 < last - first < 1.0  # one beat = 0.5 s of glide (10x loose above)
+
+
+def test_the_engine_ready_news_has_the_resolution_it_serves(start_daemon):
+    """A newly loaded engine is announced once the worker has prepared it: its news has the stream's size,
+    not the engine's default 512x512."""
+    daemon = start_daemon(params={"engine": "preview", "width": 96, "height": 64})
+    with ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.status == "ready", timeout=30)
+        ws.send(json.dumps({"type": "set", "params": {"engine": "identity"}}))
+        news = recv_json(ws, "engine", timeout=30)
+        while (news["status"], news.get("engine")) != ("ready", "identity"):
+            assert news["status"] != "ready" or news["resolution"] == [96, 64], news   # (the preview's, if heard)
+            news = recv_json(ws, "engine", timeout=30)
+    assert news["resolution"] == [96, 64]
