@@ -72,12 +72,16 @@ class Control:
         return good, list(errors)
 
     def save_preset(self, name: Any, description: Any = "", glide_s: Any = 0.0) -> Any:
-        """Loop thread: save the current look (not the model or the stream's size) as a user preset."""
+        """Loop thread: save the current look (not the model or the stream's size) as a user preset.
+
+        While the quality ladder is stepped down, the store holds its reduced steps; the preset gets
+        the artist's values it will give back instead."""
         if not isinstance(description, str) or len(description) > 500:
             raise ParamError("description must be a string of at most 500 characters", name="description")
         if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not 0 <= glide_s <= MAX_GLIDE_S:
             raise ParamError(f"glide_s {glide_s!r} not in [0, {MAX_GLIDE_S}]", name="glide_s", value=glide_s)
-        return self.presets.save(name, savable(self.daemon.store.snapshot()[1]), description, float(glide_s))
+        values = {**self.daemon.store.snapshot()[1], **self.daemon.ladder.originals()}
+        return self.presets.save(name, savable(values), description, float(glide_s))
 
     def osc_command(self, call: Any, source: Any) -> None:
         prefix = self.daemon.settings.osc_prefix

@@ -12,6 +12,14 @@ what the artist had set (rung 0):
 
 Every change is an ordinary parameter update (the engine re-prepares at a frame boundary, OSC
 feedback echoes it), and the current rung goes out in telemetry (``/sd/status/ladder``).
+
+Rung 0 is read from the store at the moment the ladder first steps down from it, never before:
+what the artist changes while the ladder is on but on rung 0 is theirs. While stepped down, a
+laddered value that differs from what the ladder wrote was set by someone else (a controller, a
+preset): it stays as set and becomes the value given back at rung 0, and the next rung is derived
+from it. Back on rung 0 (climbing up, or ``ladder_fps`` set to 0) the store holds exactly the
+artist's values again, and the ladder forgets them. :meth:`QualityLadder.originals` gives those
+values while stepped down, so a preset saved then saves the artist's look, not the reduced one.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from sdbridge.params import ParamSpec, ParamStore
 
 log = logging.getLogger(__name__)
 
+LADDERED = ("steps", "width", "height", "plugin.similarity.enabled")
 LADDER_PARAMS = (
     ParamSpec("ladder_fps", "float", 0.0, "Frame rate the quality ladder holds by lowering steps, resolution and "
               "skipping still frames (0: off).", minimum=0.0, maximum=240.0, group="control"),
@@ -38,15 +47,18 @@ def _scaled(value: int, factor: float) -> int:
 
 
 def rungs(base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rung 0 is what the artist set; each next rung is cheaper."""
+    """Rung 0 is what the artist set; each next rung is cheaper. Every rung sets all of
+    :data:`LADDERED`, so climbing from rung 4 to 3 turns the similarity filter back to the artist's."""
     steps = max(1, int(base["steps"]) // 2)
     width, height = int(base["width"]), int(base["height"])
+    similarity = base.get("plugin.similarity.enabled", False)
     return [
-        {"steps": base["steps"], "width": width, "height": height,
-         "plugin.similarity.enabled": base.get("plugin.similarity.enabled", False)},
-        {"steps": steps, "width": width, "height": height},
-        {"steps": steps, "width": _scaled(width, 0.75), "height": _scaled(height, 0.75)},
-        {"steps": steps, "width": _scaled(width, 0.5), "height": _scaled(height, 0.5)},
+        {"steps": base["steps"], "width": width, "height": height, "plugin.similarity.enabled": similarity},
+        {"steps": steps, "width": width, "height": height, "plugin.similarity.enabled": similarity},
+        {"steps": steps, "width": _scaled(width, 0.75), "height": _scaled(height, 0.75),
+         "plugin.similarity.enabled": similarity},
+        {"steps": steps, "width": _scaled(width, 0.5), "height": _scaled(height, 0.5),
+         "plugin.similarity.enabled": similarity},
         {"steps": steps, "width": _scaled(width, 0.5), "height": _scaled(height, 0.5),
          "plugin.similarity.enabled": True},
     ]
@@ -59,27 +71,48 @@ class QualityLadder:
         self.capacity_fps = capacity_fps
         self.report = report or (lambda event: None)
         self.rung = 0
-        self.base: dict[str, Any] | None = None
+        self.base: dict[str, Any] | None = None  # the artist's values (rung 0), kept only while stepped down
+        self._written: dict[str, Any] = {}  # what the ladder last wrote, to tell a client's change from its own
         self._low = self._high = 0
 
     def describe(self) -> dict[str, Any]:
         return {"rung": self.rung, "target_fps": self.store.get("ladder_fps"),
                 "changed": rungs(self.base)[self.rung] if self.base and self.rung else {}}
 
+    def originals(self) -> dict[str, Any]:
+        """The artist's values of the laddered parameters the ladder has replaced ({} on rung 0)."""
+        if not self.rung:
+            return {}
+        self._adopt_changes()
+        assert self.base is not None
+        return {key: value for key, value in self.base.items() if key in self._written}
+
+    def _adopt_changes(self) -> None:
+        """While stepped down: a laddered value someone else set becomes the artist's value."""
+        if not self.rung or self.base is None:
+            return
+        _, values = self.store.snapshot()
+        for key, written in self._written.items():
+            if key in values and values[key] != written:
+                log.info("quality ladder: %s set to %r on rung %d; it is given back at rung 0", key, values[key],
+                         self.rung)
+                self.base[key] = self._written[key] = values[key]
+
     def check(self) -> None:
         """Called periodically on the loop."""
+        self._adopt_changes()
         target = float(self.store.get("ladder_fps"))
         if target <= 0:
             if self.rung:
                 self._move(0)
-                self.base = None
             return
         capacity = self.capacity_fps()
         if capacity is None:
             return
-        if self.base is None:
+        if self.rung == 0:  # rung 0 is the store as it is now
             _, values = self.store.snapshot()
-            self.base = {key: values.get(key) for key in ("steps", "width", "height", "plugin.similarity.enabled")}
+            self.base = {key: values.get(key) for key in LADDERED}
+        assert self.base is not None
         self._low = self._low + 1 if capacity < target * DOWN_BELOW else 0
         self._high = self._high + 1 if capacity > target * UP_ABOVE else 0
         if self._low >= PATIENCE and self.rung < len(rungs(self.base)) - 1:
@@ -93,7 +126,10 @@ class QualityLadder:
         values = {key: value for key, value in rungs(self.base)[rung].items() if key in self.store.schema}
         self.store.update(values)
         self.rung = rung
+        self._written = values if rung else {}
         self._low = self._high = 0
         log.info("quality ladder %s to rung %d (engine %.1f fps, target %s): %s", direction, rung, capacity or 0.0,
                  target, values)
         self.report({"type": "ladder", "direction": direction, **self.describe()})
+        if not rung:
+            self.base = None  # given back: the next step down reads the store afresh

@@ -53,3 +53,54 @@ def test_ladder_steps_down_under_load_and_back_up(start_daemon, monkeypatch):
         sender.join(timeout=10)
     assert rung_at_bottom >= 3
     assert daemon.collect_stats()["ladder"]["rung"] == 0
+
+
+def test_the_ladder_steps_down_from_the_values_of_the_moment_and_gives_them_back(start_daemon, monkeypatch):
+    # QA repro: the ladder on at rung 0, the artist raises steps and size, then a target the engine misses.
+    from sdbridge.engines.identity import IdentityEngine
+
+    original = IdentityEngine.step
+
+    def slow(self, frames, states):
+        time.sleep(0.005 * frames.shape[1] * frames.shape[2] / (64 * 64))  # 200 fps at 64x64: short of 240
+        return original(self, frames, states)
+
+    monkeypatch.setattr(IdentityEngine, "step", slow)
+    daemon = start_daemon(params={"engine": "identity", "steps": 2, "width": 64, "height": 64},
+                          telemetry_hz=10.0)
+    stop = threading.Event()
+
+    def stream():
+        frame = codec.encode_png(make_image(128, 128))
+        with ws_connect(daemon) as ws:
+            while not stop.is_set():
+                ws.send(frame)
+                while isinstance(ws.recv(timeout=10), str):
+                    pass
+
+    sender = threading.Thread(target=stream, daemon=True)
+    sender.start()
+    try:
+        with ws_connect(daemon) as control:
+            def send(params):
+                control.send(json.dumps({"type": "set", "params": params}))
+
+            send({"ladder_fps": 1.0})
+            time.sleep(1.0)
+            assert daemon.ladder.rung == 0
+            send({"steps": 20, "width": 256, "height": 256})
+            assert wait_for(lambda: daemon.store.get("width") == 256)
+            time.sleep(0.5)
+            send({"ladder_fps": 240.0})
+            assert wait_for(lambda: daemon.ladder.rung >= 2, timeout=20)
+            assert daemon.store.get("steps") == 10 and daemon.store.get("width") < 256
+            # A preset saved now has the artist's steps, not the ladder's.
+            control.send(json.dumps({"type": "save_preset", "id": 1, "name": "while-laddered"}))
+            assert recv_json(control, "preset_saved")["params"]["steps"] == 20
+            send({"ladder_fps": 0.0})
+            assert wait_for(lambda: daemon.ladder.rung == 0, timeout=10)
+            assert wait_for(lambda: daemon.store.get("width") == 256)
+            assert (daemon.store.get("steps"), daemon.store.get("height")) == (20, 256)
+    finally:
+        stop.set()
+        sender.join(timeout=10)
