@@ -7,6 +7,12 @@ or, with ``lfo1.sync`` on, ``lfo1.beats`` per cycle at ``bpm``. The LFO moves th
 engine sees around the stored one (the base), clamped to the range; the stored value stays what
 the artist set, so turning the LFO off returns to it.
 
+A target must be a numeric parameter with a range that moves the picture by degrees (see
+:func:`check_target`): not a stepped one (:data:`STEPPED`: a seed, a size, a step count, whose
+neighbouring values are no nearer to each other than any two), and not a control of the bridge
+itself (``bpm``, the LFOs' own settings, ``slew_s``, ``ladder_fps``), which the LFO would not move
+anyway: those are read from the store, not from the frame's modulated copy.
+
 The worker applies :func:`modulate` at each frame boundary with the frame's time, so the phase
 of every frame is exact for that time (a beat-synced LFO's phase error is only the frame
 boundary's own jitter).
@@ -15,13 +21,45 @@ boundary's own jitter).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from sdbridge.errors import ParamError
 from sdbridge.params import ParamSpec, Schema
 
 SLOTS = ("lfo1", "lfo2")
 SHAPES = ("sine", "triangle", "saw", "square")
+
+# Integer parameters whose in-between values are no quantity: seed 43 is as far from 42 as any
+# other; a new width or height re-opens the outputs and re-sizes the engine; steps, clip_skip and
+# motion_window re-prepare the engine (a new schedule, a new text-encoder layer, a new batch). An
+# LFO may not move them (a new one every frame: flicker, and outputs re-opened at every frame), and
+# a glide changes them in one step at its start (bridge/glide.py).
+STEPPED = frozenset({"seed", "width", "height", "steps", "clip_skip", "motion_window"})
+_STEPPED_PATTERN = re.compile(r"^controlnet_\d+_channel$")  # a source channel, not an amount
+NOT_TARGETS_GROUPS = ("modulation", "control")  # bpm, the LFOs' own settings, slew_s, ladder_fps
+
+
+def stepped(name: str) -> bool:
+    return name in STEPPED or bool(_STEPPED_PATTERN.match(name))
+
+
+def targetable(spec: ParamSpec) -> bool:
+    """Whether an LFO may move ``spec``: numeric, with a range, by degrees, part of the picture."""
+    return (spec.numeric and spec.minimum is not None and spec.maximum is not None
+            and not stepped(spec.name) and spec.group not in NOT_TARGETS_GROUPS)
+
+
+def check_target(spec: ParamSpec, value: Any, schema: Schema) -> None:
+    """``lfoN.target`` (``spec``): '' (off) or the name of a parameter :func:`targetable` allows."""
+    if value == "" or (value in schema and targetable(schema.get(value))):
+        return
+    allowed = ", ".join(spec.name for spec in schema if targetable(spec))
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    reason = "is not a parameter" if value not in schema else "is not a parameter an LFO can move"
+    raise ParamError(f"{spec.name} {shown!r} {reason} (allowed: '' for none, or {allowed})", name=spec.name,
+                     value=value)
 
 
 def lfo_params() -> tuple[ParamSpec, ...]:
@@ -30,7 +68,8 @@ def lfo_params() -> tuple[ParamSpec, ...]:
     for slot in SLOTS:
         specs += [
             ParamSpec(f"{slot}.target", "str", "", "The numeric parameter this LFO moves ('' for none), "
-                      "e.g. strength or plugin.flow_warp.strength.", max_length=128, group="modulation"),
+                      "e.g. strength or plugin.flow_warp.strength; not seed, width, height, steps, clip_skip.",
+                      max_length=128, group="modulation", check=check_target),
             ParamSpec(f"{slot}.shape", "enum", "sine", "Wave shape.", choices=SHAPES, group="modulation"),
             ParamSpec(f"{slot}.depth", "float", 0.1, "How far it swings either way, as a fraction of the "
                       "target's range.", minimum=0.0, maximum=1.0, group="modulation"),
@@ -76,11 +115,10 @@ def modulate(params: Mapping[str, Any], schema: Schema, t: float, beat: float | 
     out = dict(params)
     for slot in SLOTS:
         target = params.get(f"{slot}.target")
-        if not target or target not in schema:
-            continue
+        if not target or target not in schema or not targetable(schema.get(target)):
+            continue  # the store refuses these (check_target); a plugin's parameter may be gone
         spec = schema.get(target)
-        if not spec.numeric or spec.minimum is None or spec.maximum is None:
-            continue
+        assert spec.minimum is not None and spec.maximum is not None
         swing = float(params[f"{slot}.depth"]) * (spec.maximum - spec.minimum)
         value = float(out[target]) + swing * wave(params[f"{slot}.shape"], phase_at(params, slot, t, beat))
         value = min(max(value, spec.minimum), spec.maximum)

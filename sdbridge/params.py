@@ -44,6 +44,9 @@ class ParamSpec:
     multiple_of: int | None = None
     max_length: int = STR_MAX_LENGTH
     group: str = "core"
+    # A rule across parameters, run by Schema.validate after the value's own checks (it needs the
+    # schema: an LFO's target must name a numeric parameter, plugins' included); raises ParamError.
+    check: Callable[[ParamSpec, Any, Schema], None] | None = None
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
@@ -340,7 +343,11 @@ class Schema:
             try:
                 if not isinstance(name, str):
                     raise ParamError(f"parameter name {name!r} is not a string", name=str(name))
-                good[name] = self.get(name).validate(value)
+                spec = self.get(name)
+                checked = spec.validate(value)
+                if spec.check is not None:
+                    spec.check(spec, checked, self)
+                good[name] = checked
             except ParamError as exc:
                 errors.append(exc)
         return good, errors

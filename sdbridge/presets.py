@@ -134,9 +134,11 @@ class PresetLibrary:
         return preset
 
 
-# What a preset saves of the current state: the look, not where the model comes from or how the
-# stream is sized and encoded.
-NOT_SAVED = ("model", "engine", "width", "height", "jpeg_quality", "max_fps", "output_size", "mode")
+# What a preset saves of the current state: the look, not where the model comes from, how the
+# stream is sized and encoded, or the rig's tempo and frame-rate target (a recalled bpm would glide
+# the tempo, and with Ableton Link on, move the whole Link session's; ladder_fps is the machine's).
+NOT_SAVED = ("model", "engine", "width", "height", "jpeg_quality", "max_fps", "output_size", "mode", "bpm",
+             "ladder_fps")
 
 
 def savable(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,16 @@ Text and switches apply at once, but for the prompt: a new prompt glides through
 prompt blend (``blend_prompt`` takes the new text, ``prompt_blend`` glides 0 → 1, and at the end
 one update makes the new text the prompt and sets the blend back to 0, which encodes the same
 embeddings, so the hand-over shows nothing). A new glide of a parameter replaces the one in flight.
+
+Stepped integers (``modulation.STEPPED``: seed, width, height, steps, clip_skip, ...) apply at
+once, at the start of the glide: the values between are no quantity, a seed gliding 7 → 1234
+would be a new noise at every step.
+
+A value someone sets while it glides (a controller over OSC, WebSocket or HTTP, the quality
+ladder) wins: at each step the glider checks that the stored value is still the one it last
+wrote, and drops the parameter if not; the others glide on. So no transport needs to know about
+glides. During a prompt glide, a new ``prompt`` from a client ends the blend at once (the client's
+prompt alone); a client's ``blend_prompt`` or ``prompt_blend`` leaves the blend in its hands.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from sdbridge.modulation import stepped
 from sdbridge.params import ParamStore
 
 
@@ -32,6 +43,8 @@ class Glider:
         self._targets: dict[str, tuple[float, float, float, float]] = {}  # name -> start, end, t0, duration
         self._task: asyncio.Task[None] | None = None
         self._finish: dict[str, dict[str, Any]] = {}  # name -> one update applied when its glide lands
+        self._written: dict[str, Any] = {}  # name -> the value the store should hold unless a client set it
+        self._watch: dict[str, dict[str, Any]] = {}  # prompt glide: the texts it set, which a client may replace
 
     def start(self, values: Mapping[str, Any], duration_s: float) -> tuple[dict[str, Any], list]:
         """Apply ``values``: numeric ones glide over ``duration_s``, the rest at once."""
@@ -41,9 +54,8 @@ class Glider:
         immediate: dict[str, Any] = {}
         if self._finish:  # a prompt glide in flight lands at once: the new one starts from its end
             for name, finish in list(self._finish.items()):
-                self._targets.pop(name, None)
+                self._drop(name)
                 self.store.update(finish)
-            self._finish.clear()
         _, current = self.store.snapshot()
         targets = dict(good)
         prompt = targets.get("prompt")
@@ -53,13 +65,17 @@ class Glider:
             del targets["prompt"]
             immediate["blend_prompt"] = prompt
             self._targets["prompt_blend"] = (0.0, 1.0, now, duration_s)
+            self._written["prompt_blend"] = current.get("prompt_blend")
             self._finish["prompt_blend"] = {"prompt": prompt, "blend_prompt": "", "prompt_blend": 0.0}
+            self._watch["prompt_blend"] = {"prompt": current.get("prompt"), "blend_prompt": prompt}
         for name, target in targets.items():
             spec = self.store.schema.get(name)
-            if duration_s > 0 and spec.numeric and isinstance(current.get(name), (int, float)):
+            if (duration_s > 0 and spec.numeric and not stepped(name)
+                    and isinstance(current.get(name), (int, float))):
                 self._targets[name] = (float(current[name]), float(target), now, duration_s)
+                self._written[name] = current[name]
             else:
-                self._targets.pop(name, None)
+                self._drop(name)
                 immediate[name] = target
         if immediate:
             self.store.update(immediate)
@@ -69,10 +85,27 @@ class Glider:
 
     def cancel(self, names: Any = None) -> None:
         for name in list(self._targets) if names is None else names:
-            self._targets.pop(name, None)
-            finish = self._finish.pop(name, None)
+            finish = self._finish.get(name)
+            self._drop(name)
             if finish is not None:  # a prompt glide stopped half way lands on its new prompt
                 self.store.update(finish)
+
+    def _drop(self, name: str) -> None:
+        for table in (self._targets, self._finish, self._written, self._watch):
+            table.pop(name, None)
+
+    def _taken_over(self, current: Mapping[str, Any]) -> dict[str, Any]:
+        """Drop each glide whose value a client set since the last step; the update that ends
+        a prompt blend whose prompt a client replaced."""
+        landing: dict[str, Any] = {}
+        for name in list(self._targets):
+            watch = self._watch.get(name, {})
+            if current.get(name) == self._written.get(name) and all(current.get(k) == v for k, v in watch.items()):
+                continue
+            if current.get(name) == self._written.get(name) and current.get("prompt") != watch.get("prompt"):
+                landing.update({"blend_prompt": "", "prompt_blend": 0.0})  # the client's prompt alone
+            self._drop(name)
+        return landing
 
     @property
     def active(self) -> list[str]:
@@ -82,7 +115,7 @@ class Glider:
         loop = asyncio.get_running_loop()
         while self._targets:
             now = loop.time()
-            step: dict[str, Any] = {}
+            step = self._taken_over(self.store.snapshot()[1])
             for name, (start, end, t0, duration) in list(self._targets.items()):
                 t = (now - t0) / duration
                 value = end if t >= 1.0 else start + (end - start) * smoothstep(t)
@@ -93,13 +126,17 @@ class Glider:
                         value = int(round(value / spec.multiple_of) * spec.multiple_of)
                 step[name] = value
                 if t >= 1.0:
-                    del self._targets[name]
-                    step.update(self._finish.pop(name, {}))
-            self.store.update(step)
+                    finish = self._finish.get(name, {})
+                    self._drop(name)
+                    step.update(finish)
+                else:
+                    self._written[name] = value
+            if step:
+                self.store.update(step)
             await asyncio.sleep(self.period_s)
 
     def close(self) -> None:
-        self._targets.clear()
-        self._finish.clear()
+        for table in (self._targets, self._finish, self._written, self._watch):
+            table.clear()
         if self._task is not None:
             self._task.cancel()

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from sdbridge.modulation import SHAPES, active, modulate, phase_at, wave
-from sdbridge.params import Schema
+from sdbridge.modulation import SHAPES, active, modulate, phase_at, targetable, wave
+from sdbridge.params import ParamStore, Schema
+from sdbridge.plugins.manager import PluginManager
 
 SCHEMA = Schema()
 
@@ -46,9 +47,31 @@ def test_free_running_rate_and_clamping():
 
 
 def test_int_targets_and_inactive():
-    values = params(target="steps", depth=0.1, shape="sine")
-    values["steps"] = 4
-    out = modulate(values, SCHEMA, 0.5)  # rate 0.25 Hz: phase 0.125
-    assert isinstance(out["steps"], int) and 1 <= out["steps"] <= 50
+    values = params(target="controlnet_1_low_threshold", depth=0.1, shape="sine")
+    values["controlnet_1_low_threshold"] = 100
+    out = modulate(values, SCHEMA, 0.5)  # rate 0.25 Hz: phase 0.125, sin = 0.707: 100 + 25.5 * 0.707
+    assert out["controlnet_1_low_threshold"] == 118
     assert not active(SCHEMA.defaults())
     assert modulate(params(target="prompt"), SCHEMA, 1.0)["prompt"] == SCHEMA.get("prompt").default
+
+
+@pytest.mark.parametrize("target", ["nonexistent", "prompt", "lfo1.depth", "lfo2.target", "bpm", "width",
+                                    "height", "seed", "steps", "clip_skip", "controlnet_2_channel", "ladder_fps",
+                                    "strenght"])
+def test_a_target_an_lfo_cannot_move_is_refused_naming_the_ones_it_can(target):
+    store = ParamStore()
+    applied, errors = store.update({"lfo1.target": target})
+    assert applied == {} and store.get("lfo1.target") == ""
+    assert len(errors) == 1 and errors[0].code == "bad_param" and errors[0].name == "lfo1.target"
+    message = str(errors[0])
+    assert f"lfo1.target {target!r}" in message and "strength, guidance" in message
+    assert "seed" not in message.split("allowed")[1] and "width" not in message.split("allowed")[1]
+
+
+def test_numeric_targets_plugins_included_and_off_are_accepted():
+    store = ParamStore()
+    PluginManager(store)
+    applied, errors = store.update({"lfo1.target": "plugin.flow_warp.strength", "lfo2.target": "guidance"})
+    assert errors == [] and applied == {"lfo1.target": "plugin.flow_warp.strength", "lfo2.target": "guidance"}
+    assert store.update({"lfo1.target": ""}) == ({"lfo1.target": ""}, [])
+    assert targetable(store.schema.get("strength")) and not targetable(store.schema.get("seed"))

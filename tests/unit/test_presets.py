@@ -53,3 +53,9 @@ def test_unknown_and_broken(library, tmp_path):
 def test_savable_leaves_out_the_stream_and_the_model():
     values = {"prompt": "x", "model": "/models/a", "width": 512, "strength": 0.5, "engine": "diffusion"}
     assert savable(values) == {"prompt": "x", "strength": 0.5}
+
+
+def test_savable_leaves_out_the_tempo_and_the_ladder_target():
+    # A recalled bpm would glide the tempo (and, with Ableton Link, the whole session's).
+    values = {"prompt": "x", "bpm": 128.0, "ladder_fps": 30.0, "seed": 7, "steps": 4}
+    assert savable(values) == {"prompt": "x", "seed": 7, "steps": 4}

@@ -16,18 +16,19 @@ def test_smoothstep_ends_and_middle():
 def test_glide_follows_the_curve_and_lands_exactly():
     async def scenario():
         store = ParamStore()
-        store.update({"strength": 0.2, "steps": 1})
+        store.update({"strength": 0.2, "controlnet_1_low_threshold": 10})
         glider = Glider(store, rate_hz=100)
         loop = asyncio.get_running_loop()
         samples = []
         store.subscribe(lambda changed: samples.append((loop.time(), dict(changed))))
         started = loop.time()
-        glider.start({"strength": 0.8, "steps": 4, "effect": "edges"}, duration_s=0.5)
+        glider.start({"strength": 0.8, "controlnet_1_low_threshold": 40, "effect": "edges"}, duration_s=0.5)
         await asyncio.sleep(0.8)
         return store, samples, started
 
     store, samples, started = asyncio.run(scenario())
-    assert store.get("strength") == 0.8 and store.get("steps") == 4 and store.get("effect") == "edges"
+    assert store.get("strength") == 0.8 and store.get("controlnet_1_low_threshold") == 40
+    assert store.get("effect") == "edges"
     assert samples[0][1].get("effect") == "edges"  # switches apply at once
     strengths = [(t - started, values["strength"]) for t, values in samples if "strength" in values]
     assert len(strengths) >= 10  # it moved in steps, it did not jump
@@ -36,8 +37,80 @@ def test_glide_follows_the_curve_and_lands_exactly():
     for elapsed, value in strengths:
         expected = 0.2 + 0.6 * smoothstep(elapsed / 0.5)
         assert abs(value - expected) < 0.15  # timer jitter on a busy machine; the curve itself is exact
-    steps = [values["steps"] for _, values in samples if "steps" in values]
-    assert all(isinstance(s, int) for s in steps) and steps[-1] == 4
+    thresholds = [values["controlnet_1_low_threshold"] for _, values in samples
+                  if "controlnet_1_low_threshold" in values]
+    assert len(thresholds) >= 10 and all(isinstance(v, int) for v in thresholds)  # whole values, in steps
+    assert thresholds == sorted(thresholds) and thresholds[-1] == 40
+
+
+def test_stepped_integers_change_once_at_the_start():
+    # A seed gliding 7 -> 1234 was a new noise at every step; a size, a new engine resolution each step.
+    async def scenario():
+        store = ParamStore()
+        store.update({"seed": 7, "steps": 20, "strength": 0.2})
+        glider = Glider(store, rate_hz=100)
+        seen = []
+        store.subscribe(lambda changed: seen.append(dict(changed)))
+        glider.start({"seed": 1234, "steps": 2, "width": 256, "clip_skip": 2, "strength": 0.8}, duration_s=0.3)
+        at_start = store.snapshot()[1]
+        await asyncio.sleep(0.5)
+        return seen, at_start, glider.active
+
+    seen, at_start, active = asyncio.run(scenario())
+    assert (at_start["seed"], at_start["steps"], at_start["width"], at_start["clip_skip"]) == (1234, 2, 256, 2)
+    for name in ("seed", "steps", "width", "clip_skip"):
+        assert sum(name in changed for changed in seen) == 1, name
+    assert sum("strength" in changed for changed in seen) >= 5 and active == []
+
+
+def test_a_value_a_client_sets_during_a_glide_wins_and_the_others_glide_on():
+    async def scenario():
+        store = ParamStore()
+        store.update({"strength": 0.2, "guidance": 1.0})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"strength": 0.35, "guidance": 5.0}, duration_s=0.4)
+        await asyncio.sleep(0.12)
+        store.update({"strength": 0.99})  # a client's set (WebSocket, HTTP and OSC all end in store.update)
+        await asyncio.sleep(0.05)
+        middle = (store.get("strength"), glider.active)
+        await asyncio.sleep(0.5)
+        return store, middle
+
+    store, (strength_after_set, active_after_set) = asyncio.run(scenario())
+    assert strength_after_set == 0.99 and active_after_set == ["guidance"]
+    assert store.get("strength") == 0.99 and store.get("guidance") == 5.0
+
+
+def test_a_clients_prompt_during_a_prompt_glide_ends_the_blend():
+    async def scenario():
+        store = ParamStore()
+        store.update({"prompt": "a forest"})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"prompt": "a city"}, duration_s=0.4)
+        await asyncio.sleep(0.1)
+        store.update({"prompt": "the sea"})
+        await asyncio.sleep(0.5)
+        return store.snapshot()[1], glider.active
+
+    values, active = asyncio.run(scenario())
+    assert (values["prompt"], values["blend_prompt"], values["prompt_blend"]) == ("the sea", "", 0.0)
+    assert active == []
+
+
+def test_a_clients_blend_during_a_prompt_glide_is_left_in_its_hands():
+    async def scenario():
+        store = ParamStore()
+        store.update({"prompt": "a forest"})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"prompt": "a city"}, duration_s=0.4)
+        await asyncio.sleep(0.1)
+        store.update({"prompt_blend": 0.25})
+        await asyncio.sleep(0.5)
+        return store.snapshot()[1], glider.active
+
+    values, active = asyncio.run(scenario())
+    assert (values["prompt"], values["blend_prompt"], values["prompt_blend"]) == ("a forest", "a city", 0.25)
+    assert active == []
 
 
 def test_a_new_glide_replaces_the_one_in_flight():

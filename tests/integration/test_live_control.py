@@ -1,0 +1,66 @@
+"""Glides, presets and LFO targets through the real daemon, as QA drove them: a client's value
+during a preset glide, what a save leaves out, a seed in a recall, and LFO targets refused."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+from pythonosc.udp_client import SimpleUDPClient
+
+from tests.clients import recv_json, wait_for, ws_connect
+
+
+def test_a_set_during_a_preset_glide_wins_over_the_glide(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "set", "params": {"strength": 0.2, "guidance": 3.0}}))
+        assert wait_for(lambda: daemon.store.get("strength") == 0.2)
+        ws.send(json.dumps({"type": "preset", "name": "calm", "glide_s": 1.0}))  # strength 0.35, guidance 1
+        recv_json(ws, "preset")
+        time.sleep(0.3)
+        ws.send(json.dumps({"type": "set", "id": "m", "params": {"strength": 0.99}}))
+        time.sleep(1.2)  # past the glide's end
+    assert daemon.store.get("strength") == 0.99
+    assert daemon.store.get("guidance") == 1.0  # the other value glided on to the preset's
+
+
+def test_a_save_leaves_out_bpm_and_a_recall_changes_the_seed_in_one_step(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "set", "params": {"seed": 1234, "bpm": 140.0, "strength": 0.8}}))
+        ws.send(json.dumps({"type": "save_preset", "id": 1, "name": "seeded"}))
+        saved = recv_json(ws, "preset_saved")
+        assert saved["params"]["seed"] == 1234 and "bpm" not in saved["params"]
+        assert "ladder_fps" not in saved["params"]
+        ws.send(json.dumps({"type": "set", "params": {"seed": 7, "bpm": 100.0, "strength": 0.2}}))
+        assert wait_for(lambda: daemon.store.get("seed") == 7)
+        seeds: list[int] = []
+        daemon.store.subscribe(lambda changed: seeds.append(changed["seed"]) if "seed" in changed else None)
+        ws.send(json.dumps({"type": "preset", "name": "seeded", "glide_s": 0.5}))
+        recv_json(ws, "preset")
+        assert wait_for(lambda: daemon.store.get("strength") == 0.8, timeout=5)
+    assert seeds == [1234]  # one change, at the start: not a new noise at every step of the glide
+    assert daemon.store.get("bpm") == 100.0
+
+
+def test_an_lfo_target_it_cannot_move_is_a_bad_param_error(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+        for target in ("nonexistent", "prompt", "lfo1.depth", "width", "seed"):
+            reply = http.post("/params", json={"lfo1.target": target})
+            assert reply.status_code == 400, target
+            body = reply.json()
+            assert body["code"] == "bad_param" and "strength" in body["message"] and repr(target) in body["message"]
+        assert http.post("/params", json={"lfo1.target": "guidance"}).json()["applied"] == {"lfo1.target": "guidance"}
+        assert http.post("/params", json={"lfo1.target": ""}).json()["applied"] == {"lfo1.target": ""}
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "set", "id": 1, "params": {"lfo2.target": "height"}}))
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_param" and "lfo2.target 'height'" in error["message"]
+    osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+    osc.send_message("/sd/lfo1/target", "strenght")
+    osc.send_message("/sd/strength", 0.25)  # processed after the target: once it lands, the target was refused
+    assert wait_for(lambda: abs(daemon.store.get("strength") - 0.25) < 1e-6)
+    assert daemon.store.get("lfo1.target") == ""
