@@ -72,18 +72,25 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _is_lfo_target(name: str) -> bool:
+    return name.startswith("lfo") and name.endswith(".target")
+
+
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         settings.check()
         self.settings = settings
-        initial = {k: v for k, v in settings.params.items() if not k.startswith("plugin.")}
+        # After the plugins: their parameters, and an LFO's target (which may be one: it is checked against
+        # the schema), exist only once the plugins have registered them.
+        late = {k: v for k, v in settings.params.items() if k.startswith("plugin.") or _is_lfo_target(k)}
+        initial = {k: v for k, v in settings.params.items() if k not in late}
         if settings.engine != "auto":
             initial.setdefault("engine", settings.engine)
         self.store = ParamStore(Schema(), initial=initial)
         self.registry = SessionRegistry()
         # Plugins register their parameters before the starting values are applied.
         self.plugins = PluginManager(self.store, report=self._plugin_report)
-        plugin_values = {k: v for k, v in settings.params.items() if k.startswith("plugin.")}
+        plugin_values = late
         if plugin_values:
             _, errors = self.store.update(plugin_values)
             if errors:

@@ -64,3 +64,9 @@ def test_an_lfo_target_it_cannot_move_is_a_bad_param_error(start_daemon):
     osc.send_message("/sd/strength", 0.25)  # processed after the target: once it lands, the target was refused
     assert wait_for(lambda: abs(daemon.store.get("strength") - 0.25) < 1e-6)
     assert daemon.store.get("lfo1.target") == ""
+
+
+def test_a_starting_lfo_target_may_be_a_plugin_parameter(start_daemon):
+    """--set lfo1.target=plugin.flow_warp.strength: checked once the plugins have registered their parameters."""
+    daemon = start_daemon(params={"engine": "identity", "lfo1.target": "plugin.flow_warp.strength"})
+    assert daemon.store.get("lfo1.target") == "plugin.flow_warp.strength"
