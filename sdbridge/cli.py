@@ -215,10 +215,22 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.action == "save":
         import httpx
 
-        response = httpx.post(f"{args.url.rstrip('/')}/presets", trust_env=False, timeout=10,
-                              json={"name": args.name, "description": args.description, "glide_s": args.glide_s},
-                              headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
-        body = response.json()
+        try:
+            response = httpx.post(f"{args.url.rstrip('/')}/presets", trust_env=False, timeout=10,
+                                  json={"name": args.name, "description": args.description, "glide_s": args.glide_s},
+                                  headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
+        except httpx.ConnectError:
+            print(f"sdbridge: no daemon at {args.url} (start one, or pass --url)", file=sys.stderr)
+            return 2
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a timeout, a dropped connection, a malformed --url
+            print(f"sdbridge: could not reach a daemon at {args.url}: {str(exc) or type(exc).__name__}", file=sys.stderr)
+            return 2
+        try:
+            body = response.json()
+        except ValueError:  # something else listens there (another web server, AUTOMATIC1111's UI)
+            print(f"sdbridge: {args.url} answered HTTP {response.status_code} without JSON: is it an sdbridge "
+                  f"daemon? (pass --url)", file=sys.stderr)
+            return 2
         if response.status_code != 201:
             print(f"sdbridge: {body.get('message', response.text)}", file=sys.stderr)
             return 2

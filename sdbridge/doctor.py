@@ -165,15 +165,24 @@ def check_codec() -> list[Finding]:
 
 def check_outputs(settings: Settings) -> list[Finding]:
     from sdbridge.outputs.base import OutputError, create_output, parse_spec
+    from sdbridge.outputs.hub import check_output
 
     findings = []
     for text in settings.outputs:
         try:
-            create_output(parse_spec(text))
+            output = create_output(parse_spec(text))
         except OutputError as exc:
             findings.append(Finding(ERROR, "outputs", str(exc), "install what it names, or drop that --output"))
+            continue
+        # The start-up check serve runs (a record folder created, a probe file written and removed).
+        try:
+            check_output(output)
+        except OutputError as exc:
+            findings.append(Finding(ERROR, "outputs", f"{text}: {exc}",
+                                    "pick a folder this user can write (with free space), or fix its permissions"))
         else:
-            findings.append(Finding(OK, "outputs", f"{text}: its library is installed"))
+            ready = "its folder is writable" if output.kind == "record" else "its library is installed"
+            findings.append(Finding(OK, "outputs", f"{text}: {ready}"))
     return findings
 
 

@@ -95,15 +95,28 @@ class OutputThread(threading.Thread):
                 "sent": self.sent, "dropped": self.dropped, "failures": self.failures, "last_error": self.last_error}
 
 
+def check_output(output: Output) -> None:
+    """What an output can know before its first frame: OutputError when it cannot work here.
+
+    Only outputs whose failure is a set-up mistake have a ``check`` (record: a folder it cannot
+    write); a device that is missing now may be plugged in mid-show, so those are retried instead."""
+    check = getattr(output, "check", None)
+    if check is not None:
+        check()
+
+
 class OutputHub:
     """Every configured output; ``publish`` is what the worker calls per output frame."""
 
     def __init__(self, specs: Iterable[str], *, fps: float = 30.0, notify: Notify | None = None) -> None:
-        """Raises OutputError for a bad spec or a missing library, before anything starts."""
+        """Raises OutputError for a bad spec, a missing library, or an output that can tell now that
+        it cannot work (a record folder it cannot write), before anything starts."""
         self.threads: list[OutputThread] = []
         for text in specs:
             spec = parse_spec(text)
-            self.threads.append(OutputThread(spec, create_output(spec), fps, notify or (lambda event: None)))
+            output = create_output(spec)
+            check_output(output)
+            self.threads.append(OutputThread(spec, output, fps, notify or (lambda event: None)))
 
     def start(self) -> None:
         for thread in self.threads:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -18,11 +20,21 @@ class RecordOutput(Output):
         self.folder = Path(target or "recordings").expanduser()
         self.count = 0
 
-    def open(self, width: int, height: int, fps: float) -> None:
+    def check(self) -> None:
+        """Create the folder and write (then remove) a probe file in it: OutputError naming the
+        folder and the OS's reason when it cannot hold a recording. Called at start-up (serve,
+        doctor) so that a folder nobody can write is found before the show, not at its first frame."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            # A hidden name that is no *.png: a probe left by a crash never shifts the numbering.
+            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".sdbridge-probe-") as probe:
+                probe.write(b"sdbridge")
+                probe.flush()
         except OSError as exc:
             raise OutputError(f"cannot record into {self.folder}: {exc.strerror or exc}") from exc
+
+    def open(self, width: int, height: int, fps: float) -> None:
+        self.check()
         # Numbered on from what is there, so a restart never overwrites the first half of a show.
         existing = [int(p.stem) for p in self.folder.glob("*.png") if p.stem.isdigit()]
         self.count = max(existing, default=-1) + 1
@@ -30,6 +42,25 @@ class RecordOutput(Output):
     def send(self, frame: np.ndarray) -> None:
         path = self.folder / f"{self.count:06d}.png"
         # Fast PNG (level 1): at 512² about 4 ms a frame, lossless.
-        if not cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-            raise OutputError(f"could not write {path}")
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise OutputError(f"could not encode frame {self.count} ({frame.shape}, {frame.dtype}) as PNG")
+        # Written by Python, not cv2.imwrite: a failed write then says why (ENOSPC: "No space left on
+        # device") where libpng only returns False and prints "Write Error" to stderr.
+        try:
+            with open(path, "wb") as file:
+                file.write(encoded.data)
+        except OSError as exc:
+            # A partial file would be a broken frame and would push the numbering on at the retry.
+            path.unlink(missing_ok=True)
+            raise OutputError(f"could not write {path}: {exc.strerror or exc}{_free_space(self.folder)}") from exc
         self.count += 1
+
+
+def _free_space(folder: Path) -> str:
+    """'; N MB free there' for the error message: a full disk shows as what it is."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" ({free / 1e6:.1f} MB free there)"

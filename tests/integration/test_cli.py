@@ -192,6 +192,31 @@ def test_presets_list_show_and_save_from_a_running_daemon(tmp_path):
 def test_outputs_doctor_names_a_missing_library_and_serve_refuses_a_bad_spec():
     doctor = sdbridge("doctor", "--port", "0", "--output", "spout:stage", "--output", "record:/tmp/sdbridge-rec")
     assert doctor.returncode == 1
-    assert "Windows only" in doctor.stdout and "record:/tmp/sdbridge-rec: its library is installed" in doctor.stdout
+    assert "Windows only" in doctor.stdout and "record:/tmp/sdbridge-rec: its folder is writable" in doctor.stdout
     serve = sdbridge("serve", "--port", "0", "--no-osc", "--output", "hdmi:1")
     assert serve.returncode == 2 and "unknown output 'hdmi'" in serve.stderr
+
+
+def test_an_unwritable_record_folder_is_a_doctor_error_and_serve_refuses_it(tmp_path):
+    # As root a read-only folder is still writable: a folder under a regular file is not, for anyone.
+    (tmp_path / "afile").write_text("a file, not a folder")
+    folder = tmp_path / "afile" / "sub"
+    doctor = sdbridge("doctor", "--port", str(free_port()), "--no-osc", "--output", f"record:{folder}")
+    assert doctor.returncode == 1
+    assert f"[ERROR] outputs: record:{folder}: cannot record into {folder}: Not a directory" in doctor.stdout
+    assert "all good" not in doctor.stdout
+    serve = sdbridge("serve", "--port", str(free_port()), "--no-osc", "--output", f"record:{folder}")
+    assert serve.returncode == 2
+    assert serve.stderr.strip().splitlines()[-1] == f"sdbridge: cannot record into {folder}: Not a directory"
+    assert "Traceback" not in serve.stderr
+
+
+def test_presets_save_with_no_daemon_is_one_line(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    saved = sdbridge("presets", "--presets-dir", str(tmp_path), "save", "stage", "--url", url)
+    assert saved.returncode == 2
+    assert saved.stderr == f"sdbridge: no daemon at {url} (start one, or pass --url)\n"
+    assert list(tmp_path.iterdir()) == []
+    bad_url = sdbridge("presets", "save", "stage", "--url", "ftp://127.0.0.1")
+    assert bad_url.returncode == 2 and bad_url.stderr.startswith("sdbridge: could not reach a daemon at ftp://")
+    assert len(bad_url.stderr.splitlines()) == 1

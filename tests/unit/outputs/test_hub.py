@@ -86,9 +86,10 @@ def test_a_session_filter_and_a_slow_output_that_drops_instead_of_stalling(tmp_p
 
 def test_a_failing_output_is_reported_retried_and_harms_nothing(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the recording folder should be")
     events: list[dict] = []
-    hub = OutputHub([f"record:{blocker}"], notify=events.append)
+    hub = OutputHub([f"record:{blocker}"], notify=events.append)  # writable at start-up (the check passes) ...
+    blocker.rmdir()
+    blocker.write_text("a file where the recording folder should be")  # ... and not at the first frame
     hub.start()
     try:
         hub.publish("s", frame(1))
