@@ -223,7 +223,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
             print(f"sdbridge: no daemon at {args.url} (start one, or pass --url)", file=sys.stderr)
             return 2
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a timeout, a dropped connection, a malformed --url
-            print(f"sdbridge: could not reach a daemon at {args.url}: {str(exc) or type(exc).__name__}", file=sys.stderr)
+            reason = str(exc) or type(exc).__name__
+            print(f"sdbridge: could not reach a daemon at {args.url}: {reason}", file=sys.stderr)
             return 2
         try:
             body = response.json()
