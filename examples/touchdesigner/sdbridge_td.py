@@ -17,15 +17,27 @@ JPEG, RGB8, RGBA8, PNG = 0, 1, 2, 3
 BOTTOM_UP = 1
 
 
-def pack_top(rgba: np.ndarray, frame_id: int, client_ts_us: int, reply: int = RGBA8, channel: int = 0) -> bytes:
-    """A TOP's pixels (float32 0-1 or uint8, [H, W, 4], bottom-up) as one sdbridge frame; channel 1
-    sends a condition pass (depth, edges) for the ControlNet instead of a frame to stylise."""
-    if rgba.dtype != np.uint8:
-        rgba = (np.clip(rgba, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    height, width = rgba.shape[:2]
-    payload = np.ascontiguousarray(rgba[:, :, :4]).tobytes()
-    header = LAYOUT.pack(b"SDBF", 1, RGBA8, BOTTOM_UP, channel, reply, frame_id & 0xFFFFFFFF, client_ts_us, width, height,
-                         len(payload))
+def pack_top(pixels: np.ndarray, frame_id: int, client_ts_us: int, reply: int = RGBA8, channel: int = 0) -> bytes:
+    """A TOP's pixels (float 0-1 or uint8, bottom-up) as one sdbridge frame; channel 1 sends a
+    condition pass (depth, edges) for the ControlNet instead of a frame to stylise.
+
+    [H, W, 4] goes as RGBA8, [H, W, 3] as RGB8; one channel ([H, W] or [H, W, 1], a depth pass
+    from a single-channel TOP) goes as grey RGB8, the protocol having no one-channel format."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, np.newaxis]
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
+        raise ValueError(f"pixels of shape {pixels.shape} are not [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]")
+    if pixels.dtype != np.uint8 and not np.issubdtype(pixels.dtype, np.floating):
+        raise ValueError(f"pixels of dtype {pixels.dtype} are neither float (0-1) nor uint8")
+    if pixels.dtype != np.uint8:
+        pixels = (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    pixel_format = RGBA8 if pixels.shape[2] == 4 else RGB8
+    height, width = pixels.shape[:2]
+    payload = np.ascontiguousarray(pixels).tobytes()
+    header = LAYOUT.pack(b"SDBF", 1, pixel_format, BOTTOM_UP, channel, reply, frame_id & 0xFFFFFFFF, client_ts_us,
+                         width, height, len(payload))
     return header + payload
 
 

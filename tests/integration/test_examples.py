@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from tests.clients import free_port, recv_frame, wait_for, ws_connect
 
@@ -66,13 +67,7 @@ def test_osc_control_sends_each_value_as_its_parameter_type(start_daemon):
 
 def test_webcam_script_on_a_video_file(start_daemon, tmp_path):
     daemon = start_daemon(params={"engine": "preview", "width": 128, "height": 128})
-    video = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (160, 120))
-    for index in range(20):
-        frame = np.full((120, 160, 3), index * 10, np.uint8)
-        cv2.circle(frame, (20 + index * 6, 60), 15, (0, 0, 255), -1)
-        writer.write(frame)
-    writer.release()
+    video = write_clip(tmp_path / "clip.avi")
     result = run_example(str(EXAMPLES / "webcam.py"), "--url", f"ws://127.0.0.1:{daemon.port}/ws", "--source",
                          str(video), "--size", "128", "--frames", "30", "--no-window")
     assert result.returncode == 0, result.stderr
@@ -80,12 +75,67 @@ def test_webcam_script_on_a_video_file(start_daemon, tmp_path):
     assert daemon.collect_stats()["frames_out"] >= 30
 
 
-def test_touchdesigner_helper_round_trips_raw_rgba(start_daemon):
-    sys.path.insert(0, str(EXAMPLES / "touchdesigner"))
+def import_example(folder: Path, name: str):  # noqa: ANN201 - the example's module
+    sys.path.insert(0, str(folder))
     try:
-        import sdbridge_td
+        return __import__(name)
     finally:
         sys.path.pop(0)
+
+
+def write_clip(path: Path, frames: int = 20) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (160, 120))
+    for index in range(frames):
+        frame = np.full((120, 160, 3), index * 10, np.uint8)
+        cv2.circle(frame, (20 + index * 6, 60), 15, (0, 0, 255), -1)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_webcam_script_prints_the_daemons_errors_as_they_come(start_daemon, tmp_path):
+    folder = tmp_path / "rec"
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64}, outputs=[f"record:{folder}"])
+    folder.rmdir()
+    folder.write_text("the recording folder, gone: its output fails at the first frame and tells every client")
+    result = run_example(str(EXAMPLES / "webcam.py"), "--url", f"ws://127.0.0.1:{daemon.port}/ws", "--source",
+                         str(write_clip(tmp_path / "clip.avi")), "--size", "64", "--frames", "6", "--no-window")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("6 frames")
+    assert f"sdbridge: output_failed: output record:{folder} failed: cannot record into {folder}: File exists" \
+        in result.stderr
+
+
+def test_webcam_script_sends_a_virtual_camera_frames_at_its_own_size(start_daemon, tmp_path, monkeypatch, capsys):
+    """The reply comes at the engine's size (64²); the camera was opened at --size (96²). No v4l2loopback
+    device here: pyvirtualcam's Camera is replaced by one that keeps what it is sent."""
+    webcam = import_example(EXAMPLES, "webcam")
+    assert webcam.fit_to(np.zeros((64, 48, 3), np.uint8), 96, 80).shape == (80, 96, 3)
+    same = np.zeros((96, 96, 3), np.uint8)
+    assert webcam.fit_to(same, 96, 96) is same
+    sent: list[np.ndarray] = []
+
+    class KeepingCamera:
+        def __init__(self, width: int, height: int, fps: float) -> None:
+            self.width, self.height = width, height
+
+        def send(self, frame: np.ndarray) -> None:
+            sent.append(frame)
+
+    pyvirtualcam = pytest.importorskip("pyvirtualcam")
+    monkeypatch.setattr(pyvirtualcam, "Camera", KeepingCamera)
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    figures = webcam.main(["--url", f"ws://127.0.0.1:{daemon.port}/ws", "--source",
+                           str(write_clip(tmp_path / "clip.avi")), "--size", "96", "--frames", "3", "--no-window",
+                           "--virtual-camera"])
+    assert figures["frames"] == 3 and len(sent) == 3
+    assert all(frame.shape == (96, 96, 3) and frame.dtype == np.uint8 for frame in sent)
+    # RGB order for the camera: the clip's red circle (BGR (0, 0, 255)) is red, not blue.
+    assert sent[-1][..., 0].max() > 200 and sent[-1][..., 2].max() < 100
+
+
+def test_touchdesigner_helper_round_trips_raw_rgba(start_daemon):
+    sdbridge_td = import_example(EXAMPLES / "touchdesigner", "sdbridge_td")
     daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
     rng = np.random.default_rng(0)
     top = rng.random((64, 64, 4), dtype=np.float32)  # what TOP.numpyArray() gives: float RGBA, bottom-up
@@ -96,3 +146,37 @@ def test_touchdesigner_helper_round_trips_raw_rgba(start_daemon):
     assert (frame_id, client_ts_us) == (12, 3_000_000)
     assert pixels.shape == (64, 64, 4)
     assert np.abs(pixels - top).max() <= 1 / 255 + 1e-6  # identity engine: the same picture, same row order
+
+
+def test_touchdesigner_helper_sends_one_and_three_channel_tops(start_daemon):
+    """A depth pass from a single-channel TOP ([H, W] or [H, W, 1]) goes as grey RGB8, an RGB array as
+    RGB8: the daemon takes each and the identity engine answers the same picture."""
+    sdbridge_td = import_example(EXAMPLES / "touchdesigner", "sdbridge_td")
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    rng = np.random.default_rng(1)
+    grey = rng.random((64, 64), dtype=np.float32)
+    colour = rng.integers(0, 256, (64, 64, 3), np.uint8)
+    cases = [(grey, np.repeat(grey[:, :, None], 3, axis=2)), (grey[:, :, None], np.repeat(grey[:, :, None], 3, axis=2)),
+             ((grey * 255 + 0.5).astype(np.uint8), np.repeat(grey[:, :, None], 3, axis=2)),
+             (colour, colour.astype(np.float32) / 255)]
+    with ws_connect(daemon) as ws:
+        for frame_id, (pixels, expected) in enumerate(cases):
+            message = sdbridge_td.pack_top(pixels, frame_id=frame_id, client_ts_us=1000 + frame_id)
+            assert message[5] == sdbridge_td.RGB8 and len(message) == 32 + 64 * 64 * 3
+            ws.send(message)
+            got_id, _, reply = sdbridge_td.unpack_reply(recv_frame(ws))
+            assert got_id == frame_id and reply.shape == (64, 64, 4)
+            assert np.abs(reply[:, :, :3] - expected).max() <= 1 / 255 + 1e-6, frame_id
+            assert (reply[:, :, 3] == 1.0).all()
+
+
+@pytest.mark.parametrize("shape, dtype, message", [
+    ((64, 64, 2), np.float32, r"shape \(64, 64, 2\) are not \[H, W\], \[H, W, 1\], \[H, W, 3\] or \[H, W, 4\]"),
+    ((64,), np.float32, r"shape \(64,\) are not"),
+    ((2, 64, 64, 4), np.uint8, r"shape \(2, 64, 64, 4\) are not"),
+    ((64, 64, 4), np.int32, "dtype int32 are neither float"),
+])
+def test_touchdesigner_helper_refuses_other_arrays_by_shape_and_dtype(shape, dtype, message):
+    sdbridge_td = import_example(EXAMPLES / "touchdesigner", "sdbridge_td")
+    with pytest.raises(ValueError, match=message):
+        sdbridge_td.pack_top(np.zeros(shape, dtype), frame_id=0, client_ts_us=0)
