@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 from sdbridge.bridge import codec
 from tests.clients import make_image, recv_json, wait_for, ws_connect
 
 
-def test_ladder_steps_down_under_load_and_back_up(start_daemon, monkeypatch):
+def slow_identity(monkeypatch, seconds_at_128: float) -> None:
+    """The identity engine, made to cost ``seconds_at_128`` a frame at 128x128, in proportion to the pixels
+    as a real engine's cost grows."""
     from sdbridge.engines.identity import IdentityEngine
 
     original = IdentityEngine.step
 
     def slow(self, frames, states):
-        # Cost grows with the pixels, as a real engine's does: 40 ms at 128x128.
-        time.sleep(0.040 * frames.shape[1] * frames.shape[2] / (128 * 128))
+        time.sleep(seconds_at_128 * frames.shape[1] * frames.shape[2] / (128 * 128))
         return original(self, frames, states)
 
     monkeypatch.setattr(IdentityEngine, "step", slow)
-    daemon = start_daemon(params={"engine": "identity", "width": 128, "height": 128, "steps": 4},
-                          telemetry_hz=8.0)
+
+
+@contextlib.contextmanager
+def streaming(daemon) -> Iterator[None]:
+    """A client sending frames one after the other, each when the last came back, while the block runs."""
     stop = threading.Event()
 
     def stream():
@@ -36,6 +42,17 @@ def test_ladder_steps_down_under_load_and_back_up(start_daemon, monkeypatch):
     sender = threading.Thread(target=stream, daemon=True)
     sender.start()
     try:
+        yield
+    finally:
+        stop.set()
+        sender.join(timeout=10)
+
+
+def test_ladder_steps_down_under_load_and_back_up(start_daemon, monkeypatch):
+    slow_identity(monkeypatch, 0.040)  # 25 fps at 128x128
+    daemon = start_daemon(params={"engine": "identity", "width": 128, "height": 128, "steps": 4},
+                          telemetry_hz=8.0)
+    with streaming(daemon):
         with ws_connect(daemon) as watcher:
             watcher.send(json.dumps({"type": "set", "params": {"ladder_fps": 50.0}}))  # 25 fps now: too slow
             event = recv_json(watcher, "ladder", timeout=20)
@@ -48,39 +65,16 @@ def test_ladder_steps_down_under_load_and_back_up(start_daemon, monkeypatch):
             watcher.send(json.dumps({"type": "set", "params": {"ladder_fps": 10.0}}))
             assert wait_for(lambda: daemon.ladder.rung == 0, timeout=40)
             assert daemon.store.get("width") == 128 and daemon.store.get("steps") == 4
-    finally:
-        stop.set()
-        sender.join(timeout=10)
     assert rung_at_bottom >= 3
     assert daemon.collect_stats()["ladder"]["rung"] == 0
 
 
 def test_the_ladder_steps_down_from_the_values_of_the_moment_and_gives_them_back(start_daemon, monkeypatch):
     # QA repro: the ladder on at rung 0, the artist raises steps and size, then a target the engine misses.
-    from sdbridge.engines.identity import IdentityEngine
-
-    original = IdentityEngine.step
-
-    def slow(self, frames, states):
-        time.sleep(0.005 * frames.shape[1] * frames.shape[2] / (64 * 64))  # 200 fps at 64x64: short of 240
-        return original(self, frames, states)
-
-    monkeypatch.setattr(IdentityEngine, "step", slow)
+    slow_identity(monkeypatch, 0.020)  # 200 fps at 64x64: short of 240
     daemon = start_daemon(params={"engine": "identity", "steps": 2, "width": 64, "height": 64},
                           telemetry_hz=10.0)
-    stop = threading.Event()
-
-    def stream():
-        frame = codec.encode_png(make_image(128, 128))
-        with ws_connect(daemon) as ws:
-            while not stop.is_set():
-                ws.send(frame)
-                while isinstance(ws.recv(timeout=10), str):
-                    pass
-
-    sender = threading.Thread(target=stream, daemon=True)
-    sender.start()
-    try:
+    with streaming(daemon):
         with ws_connect(daemon) as control:
             def send(params):
                 control.send(json.dumps({"type": "set", "params": params}))
@@ -101,6 +95,3 @@ def test_the_ladder_steps_down_from_the_values_of_the_moment_and_gives_them_back
             assert wait_for(lambda: daemon.ladder.rung == 0, timeout=10)
             assert wait_for(lambda: daemon.store.get("width") == 256)
             assert (daemon.store.get("steps"), daemon.store.get("height")) == (20, 256)
-    finally:
-        stop.set()
-        sender.join(timeout=10)
