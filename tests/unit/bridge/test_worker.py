@@ -69,7 +69,17 @@ def worker():
 
     assert wait_until(serving)
     put(session, 0)
-    assert wait_until(lambda: replies.ids[-1:] == [0] and not session.input.pending and worker.last_step_ms > 0)
+
+    def quiet() -> bool:  # no frame 0 of the loop above still on its way: taken, decoded ahead or encoding
+        return (replies.ids[-1:] == [0] and not session.input.pending and worker.last_step_ms > 0
+                and not worker._ahead and all(future.done() for future in worker._sending))
+
+    def settled() -> bool:  # quiet, and no turn ran meanwhile (one may have held a frame mid-step)
+        turns, answered = worker.turns, len(replies.ids)
+        time.sleep(0.1)
+        return quiet() and worker.turns == turns and len(replies.ids) == answered
+
+    assert wait_until(settled)
     replies.ids.clear()
     yield worker, session, replies
     replies.gate.set()
