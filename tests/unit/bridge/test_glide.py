@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from sdbridge.bridge.glide import Glider, smoothstep
 from sdbridge.params import ParamStore
 
@@ -81,35 +83,23 @@ def test_a_value_a_client_sets_during_a_glide_wins_and_the_others_glide_on():
     assert store.get("strength") == 0.99 and store.get("guidance") == 5.0
 
 
-def test_a_clients_prompt_during_a_prompt_glide_ends_the_blend():
+@pytest.mark.parametrize("client, expected", [
+    ({"prompt": "the sea"}, ("the sea", "", 0.0)),            # a client's prompt ends the blend: it alone
+    ({"prompt_blend": 0.25}, ("a forest", "a city", 0.25)),   # a client's blend is left in its hands
+])
+def test_a_clients_change_during_a_prompt_glide(client, expected):
     async def scenario():
         store = ParamStore()
         store.update({"prompt": "a forest"})
         glider = Glider(store, rate_hz=100)
         glider.start({"prompt": "a city"}, duration_s=0.4)
         await asyncio.sleep(0.1)
-        store.update({"prompt": "the sea"})
+        store.update(client)
         await asyncio.sleep(0.5)
         return store.snapshot()[1], glider.active
 
     values, active = asyncio.run(scenario())
-    assert (values["prompt"], values["blend_prompt"], values["prompt_blend"]) == ("the sea", "", 0.0)
-    assert active == []
-
-
-def test_a_clients_blend_during_a_prompt_glide_is_left_in_its_hands():
-    async def scenario():
-        store = ParamStore()
-        store.update({"prompt": "a forest"})
-        glider = Glider(store, rate_hz=100)
-        glider.start({"prompt": "a city"}, duration_s=0.4)
-        await asyncio.sleep(0.1)
-        store.update({"prompt_blend": 0.25})
-        await asyncio.sleep(0.5)
-        return store.snapshot()[1], glider.active
-
-    values, active = asyncio.run(scenario())
-    assert (values["prompt"], values["blend_prompt"], values["prompt_blend"]) == ("a forest", "a city", 0.25)
+    assert (values["prompt"], values["blend_prompt"], values["prompt_blend"]) == expected
     assert active == []
 
 
