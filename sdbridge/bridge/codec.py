@@ -67,8 +67,9 @@ def check_encoded(data: bytes | bytearray | memoryview) -> str:
     elif kind == "png":
         if not bytes(data[-len(_PNG_END):]) == _PNG_END:
             raise CodecError(f"PNG data is truncated ({len(data)} bytes, no IEND chunk at the end)")
-        if len(data) >= 24:  # IHDR: width and height, big-endian, at bytes 16..24
-            _check_size(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), "PNG")
+        size = encoded_size(data)
+        if size is not None:
+            _check_size(size[0], size[1], "PNG")
     else:
         raise CodecError(f"{len(data)} bytes are neither a JPEG nor a PNG file (first bytes "
                          f"{bytes(data[:4]).hex(' ') or 'none'})")
@@ -80,7 +81,7 @@ def encoded_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None
     kind = sniff(data)
     if kind == "jpeg":
         return _jpeg_size(memoryview(data))
-    if kind == "png" and len(data) >= 24:
+    if kind == "png" and len(data) >= 24:  # IHDR: width and height, big-endian, at bytes 16..24
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     return None
 
