@@ -8,6 +8,7 @@ has each problem.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import platform
 import shutil
 import socket
@@ -204,6 +205,26 @@ def check_fp8(settings: Settings) -> list[Finding]:
     return [Finding(ERROR, "fp8", f"--fp8 is set and cannot run here: {sentence}", fix)]
 
 
+def check_mdns(settings: Settings, installed: Callable[[str], object] = importlib.util.find_spec) -> list[Finding]:
+    """Whether ``--oscquery-advertise`` can announce, and on which addresses (nothing to say when it is off)."""
+    if not settings.oscquery_advertise:
+        return []
+    if installed("zeroconf") is None:
+        return [Finding(WARN, "mdns", "--oscquery-advertise is set but zeroconf is not installed: the daemon "
+                        "serves unannounced", 'pip install "sdbridge[mdns]"')]
+    from sdbridge.bridge.mdns import WILDCARDS, advert_addresses, interface_addresses
+
+    host = settings.effective_osc_host
+    try:
+        addresses = advert_addresses(host, interface_addresses() if host.strip("[]") in WILDCARDS else ())
+    except ValueError as exc:
+        return [Finding(ERROR, "mdns", f"cannot announce OSC bound to {host!r}: {exc}", "pass --osc-host ADDRESS")]
+    if all(ipaddress.ip_address(address).is_loopback for address in addresses):
+        return [Finding(OK, "mdns", "announced on loopback only: controllers on this machine find it",
+                        "to be found from the network: --osc-host 0.0.0.0 --token TOKEN")]
+    return [Finding(OK, "mdns", f"announced on {', '.join(addresses)}")]
+
+
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
     findings: list[Finding] = []
     findings += check_python()
@@ -214,4 +235,5 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_ports(settings)
     findings += check_outputs(settings)
     findings += check_fp8(settings)
+    findings += check_mdns(settings)
     return findings

@@ -3,9 +3,8 @@
 TouchOSC, Chataigne, Vezér and other OSCQuery clients fetch ``/`` for the namespace (each
 parameter's OSC address, type tag, range, current value and description) and ``/?HOST_INFO`` for
 where to send OSC. The namespace is built from the params schema (:func:`namespace`, sans-I/O);
-:class:`OscQueryServer` serves it on its own port with asyncio streams. mDNS advertising
-(``_oscjson._tcp``) uses zeroconf when it is installed and ``--oscquery-advertise`` is given;
-tests never advertise (no multicast).
+:class:`OscQueryServer` serves it on its own port with asyncio streams. ``--oscquery-advertise``
+announces it over mDNS (:mod:`sdbridge.bridge.mdns`).
 
 Access: every request passes the daemon's own :class:`~sdbridge.bridge.security.AccessPolicy`
 before it is answered, as on the main HTTP port: a ``Host`` the daemon does not serve (DNS
@@ -125,7 +124,6 @@ class OscQueryServer:
         self.refused = 0
         self.server: asyncio.base_events.Server | None = None
         self.port: int | None = None
-        self._zeroconf: Any = None
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.start_server(self._handle, host.strip("[]"), port)
@@ -179,20 +177,6 @@ class OscQueryServer:
             return 200, {attribute: node[attribute]}
         return 200, node
 
-    def advertise(self) -> None:
-        """Announce ``_oscjson._tcp`` over mDNS (zeroconf); never called by the tests."""
-        import socket
-
-        from zeroconf import ServiceInfo, Zeroconf  # optional: pip install zeroconf
-
-        assert self.port is not None
-        info = ServiceInfo("_oscjson._tcp.local.", f"{self.info['NAME']}._oscjson._tcp.local.",
-                           addresses=[socket.inet_aton("127.0.0.1")], port=self.port)
-        self._zeroconf = Zeroconf()
-        self._zeroconf.register_service(info)
-
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
-        if self._zeroconf is not None:
-            self._zeroconf.close()

@@ -26,6 +26,7 @@ from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.osc import OscSender, OscServer
+from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
 from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
@@ -110,6 +111,7 @@ class Daemon:
         self.osc_port: int | None = None
         self.osc: OscServer | None = None
         self.oscquery: OscQueryServer | None = None
+        self.mdns: MdnsAdvert | None = None
         self.feedback: OscSender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: uvicorn.Server | None = None
@@ -174,10 +176,7 @@ class Daemon:
                             settings.effective_osc_host, settings.oscquery_port, exc.strerror or exc)
                 self.oscquery = None
             if self.oscquery is not None and settings.oscquery_advertise:
-                try:
-                    self.oscquery.advertise()
-                except Exception as exc:  # optional: a missing zeroconf must not stop the daemon
-                    log.warning("OSCQuery not advertised over mDNS: %s", exc)
+                await self._advertise(settings.effective_osc_host)
         if settings.feedback_port:
             self.feedback = OscSender(settings.feedback_host, settings.feedback_port)
             await self.feedback.start()
@@ -201,6 +200,20 @@ class Daemon:
         if self._serve_task is not None:
             await self._serve_task
 
+    async def _advertise(self, host: str) -> None:
+        """Announce OSCQuery and OSC over mDNS; without zeroconf or multicast the daemon serves on, unannounced."""
+        assert self.oscquery is not None and self.oscquery.port is not None and self.osc_port is not None
+        try:
+            advert = MdnsAdvert(host, self.oscquery.port, self.osc_port)
+            await advert.start()
+        except ImportError:
+            log.warning("OSCQuery not announced over mDNS: zeroconf is not installed (pip install \"sdbridge[mdns]\")")
+            return
+        except Exception as exc:
+            log.warning("OSCQuery not announced over mDNS: %s", exc)
+            return
+        self.mdns = advert
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
@@ -216,6 +229,8 @@ class Daemon:
         self.control.close()
         if self.osc is not None:
             self.osc.close()
+        if self.mdns is not None:
+            await self.mdns.close()
         if self.oscquery is not None:
             self.oscquery.close()
         if self.feedback is not None:

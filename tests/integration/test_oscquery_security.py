@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -91,3 +93,68 @@ def test_refused_handshake_says_why(start_daemon, ws_impl):
     assert foreign.response.status_code == 403 and b"evil.example" in foreign.response.body
     with ws_connect(daemon, f"?token={TOKEN}") as ws:
         assert recv_json(ws, "hello")
+
+
+
+class _Browser:
+    """An mDNS browser on loopback: ``found`` maps each service name to its info, or to None once withdrawn."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        from zeroconf import IPVersion, ServiceBrowser, Zeroconf
+
+        self.found: dict[str, object] = {}
+        self.changed = threading.Event()
+        self.zeroconf = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+        self.browser = ServiceBrowser(self.zeroconf, kinds, self)
+
+    def add_service(self, zc, kind, name):
+        self.found[name] = zc.get_service_info(kind, name, timeout=3000)
+        self.changed.set()
+
+    def update_service(self, zc, kind, name):
+        self.add_service(zc, kind, name)
+
+    def remove_service(self, zc, kind, name):
+        self.found[name] = None
+        self.changed.set()
+
+    def wait(self, until, timeout_s: float = 10.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout_s
+        while not until(self.found) and time.monotonic() < deadline:
+            self.changed.wait(0.2)
+            self.changed.clear()
+        return dict(self.found)
+
+    def close(self) -> None:
+        self.browser.cancel()
+        self.zeroconf.close()
+
+
+def test_oscquery_and_osc_are_announced_over_mdns_and_withdrawn_on_stop(tmp_path):
+    pytest.importorskip("zeroconf")  # in the test extras; the daemon itself runs without it
+    from sdbridge.bridge.server import DaemonThread
+    from sdbridge.config import Settings
+
+    settings = Settings(port=0, osc_port=0, oscquery_port=0, feedback_port=0, oscquery_advertise=True,
+                        presets_dir=str(tmp_path))
+    settings.params = {"engine": "identity"}
+    thread = DaemonThread(settings)
+    daemon = thread.start()
+    browser = _Browser(["_oscjson._tcp.local.", "_osc._udp.local."])
+    try:
+        found = browser.wait(lambda f: sum(info is not None for info in f.values()) == 2)
+        ports = {name.split(".", 1)[1]: info.port for name, info in found.items() if info is not None}
+        assert ports == {"_oscjson._tcp.local.": daemon.oscquery.port, "_osc._udp.local.": daemon.osc_port}
+        for name, info in found.items():
+            assert name.startswith("sdbridge on ")
+            assert info.parsed_addresses() == ["127.0.0.1"]  # bound to loopback: loopback is all it names
+        # What the advert points at answers: the namespace over OSCQuery.
+        namespace = httpx.get(f"http://127.0.0.1:{ports['_oscjson._tcp.local.']}/", trust_env=False, timeout=10)
+        assert namespace.json()["CONTENTS"]["sd"]["FULL_PATH"] == "/sd"
+
+        thread.stop()  # sends goodbyes: a browser that was listening sees both services go
+        gone = browser.wait(lambda f: all(info is None for info in f.values()))
+        assert sorted(gone) == sorted(found) and all(info is None for info in gone.values()), gone
+    finally:
+        browser.close()
+        thread.stop()

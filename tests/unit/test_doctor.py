@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sdbridge.config import Settings
-from sdbridge.doctor import ERROR, OK, WARN, check_model, check_ports, port_problem
+from sdbridge.doctor import ERROR, OK, WARN, check_mdns, check_model, check_ports, port_problem
 
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 
@@ -115,3 +115,13 @@ def test_a_taken_oscquery_port_is_a_warning():
     oscquery = [f for f in findings if "OSCQuery" in f.message]
     assert [f.level for f in oscquery] == [WARN] and f"127.0.0.1:{taken} is not free" in oscquery[0].message
     assert all(f.level == OK for f in findings if f not in oscquery)
+
+
+def test_mdns_is_checked_only_when_asked_for_and_names_what_is_missing():
+    assert check_mdns(Settings()) == []
+    [missing] = check_mdns(Settings(oscquery_advertise=True), installed=lambda name: None)
+    assert missing.level == WARN and "zeroconf" in missing.message and "sdbridge[mdns]" in missing.fix
+    [loopback] = check_mdns(Settings(oscquery_advertise=True))
+    assert loopback.level == OK and "loopback only" in loopback.message and "--osc-host 0.0.0.0" in loopback.fix
+    [named] = check_mdns(Settings(oscquery_advertise=True, osc_host="192.168.1.20", token="t" * 16))
+    assert named.level == OK and named.message == "announced on 192.168.1.20"
