@@ -275,27 +275,29 @@ class DiffusionEngine(Engine):
         hidden, pooled = self._encode_prompt_pooled(prompt)
         return hidden, self._make_added_cond(pooled) if self._sdxl else None
 
-    def encode_prompt_pair(self, prompt: str, negative_prompt: str,
-                           clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) embeddings of equal length for guidance, each [1, 77 * k, D] (one-shot requests).
+    def encode_prompt_pair(self, prompt: str, negative_prompt: str, clip_skip: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(cond, uncond, pooled) for guidance (one-shot requests): embeddings of equal length, each
+        [1, 77 * k, D], and for SDXL the pooled embeds (uncond, cond), each [1, D_pool] (None otherwise).
+        An empty negative prompt on SDXL is zeros, as the stream (and A1111, and diffusers) make it.
 
         The prompt's ``<lora:...>`` tags apply while encoding; the weights are the stream's again
         afterwards (run the UNet inside :meth:`lora_scope` for the request's LoRAs). ``clip_skip``
         (layers skipped, as the live parameter counts) applies to this pair only; None: the live value.
         """
         assert self.conditioning is not None
-        if self._sdxl:
-            raise ModelError(f"{self.source}: one-shot generation (the A1111 API) does not support SDXL models "
-                             f"yet; the live stream does", code="not_supported")
         live_clip_skip = self.conditioning.clip_skip
         if clip_skip is not None:
             self.conditioning.clip_skip = clip_skip
         try:
             with self.lora_scope(self.prompt_loras(prompt)):
-                cond, uncond = self._encode_prompt(prompt), self._encode_prompt(negative_prompt)
-                return match_lengths(cond, uncond, self._encode_prompt(""))
+                cond, cond_pooled = self._encode_prompt_pooled(prompt)
+                uncond, uncond_pooled = self._negative(negative_prompt, cond, cond_pooled)
+                cond, uncond = match_lengths(cond, uncond, self._encode_prompt(""))
         finally:
             self.conditioning.clip_skip = live_clip_skip
+        pooled = (uncond_pooled, cond_pooled) if cond_pooled is not None and uncond_pooled is not None else None
+        return cond, uncond, pooled
 
     @property
     def clip_skip(self) -> int:

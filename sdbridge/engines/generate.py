@@ -191,6 +191,7 @@ class Generation:
         self.scale = engine.vae_scale_factor
         self._latents: torch.Tensor | None = None
         self.loras: dict[str, float] = {}
+        self.pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # SDXL's (uncond, cond) pooled embeds
         # Made on the worker thread after a turn's prepare: the live value is the current one.
         self.clip_skip = request.clip_skip if request.clip_skip is not None else engine.clip_skip
         # Set by the worker while a live stream shares the device: guidance runs as two UNet calls
@@ -210,7 +211,8 @@ class Generation:
         # The prompt's <lora:...> tags: applied while encoding and around each UNet step, the
         # stream's weights back in between (the stream runs between this request's steps).
         self.loras = self.engine.prompt_loras(request.prompt)
-        cond, uncond = self.engine.encode_prompt_pair(request.prompt, request.negative_prompt, self.clip_skip)
+        cond, uncond, self.pooled = self.engine.encode_prompt_pair(request.prompt, request.negative_prompt,
+                                                                   self.clip_skip)
         for batch_no in range(request.n_iter):
             if self.progress.interrupted:
                 break
@@ -345,13 +347,17 @@ class Generation:
         guided = request.cfg_scale > 1.0
         embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)]) if guided \
             else cond.expand(batch, -1, -1)
+        height, width = latents.shape[-2] * self.scale, latents.shape[-1] * self.scale
+        added = self._added_cond(batch, height, width, guided)
+        added_halves = ({"added_cond_kwargs": {k: v[:batch] for k, v in added.items()}},
+                        {"added_cond_kwargs": {k: v[-batch:] for k, v in added.items()}}) if added else ({}, {})
+        added_both = {"added_cond_kwargs": added} if added else {}
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         accepted = _step_params(scheduler)
         extra: dict[str, Any] = {"generator": generators} if "generator" in accepted else {}
         if request.eta is not None and "eta" in accepted:
             extra["eta"] = request.eta
         self.progress.sampling_steps = len(timesteps)
-        height, width = latents.shape[-2] * self.scale, latents.shape[-1] * self.scale
         controls = request_stack(request.controlnet, batch, height, width, self.device, self.dtype,
                                  guided) if request.controlnet else None
         for index, t in enumerate(timesteps):
@@ -363,20 +369,22 @@ class Generation:
                 # LoRA scope is left before the yield: the stream runs with its own weights.
                 with torch.inference_mode(), self.engine.lora_scope(self.loras):
                     half_input = scheduler.scale_model_input(latents, t)
-                    noise_uncond = unet(half_input, t, encoder_hidden_states=embeddings[:batch], return_dict=False)[0]
+                    noise_uncond = unet(half_input, t, encoder_hidden_states=embeddings[:batch], return_dict=False,
+                                        **added_halves[0])[0]
                 yield
                 if self.progress.interrupted or self.progress.skipped:
                     break
             with torch.inference_mode(), self.engine.lora_scope(self.loras):
                 if noise_uncond is not None:
-                    noise_cond = unet(half_input, t, encoder_hidden_states=embeddings[batch:], return_dict=False)[0]
+                    noise_cond = unet(half_input, t, encoder_hidden_states=embeddings[batch:], return_dict=False,
+                                      **added_halves[1])[0]
                 else:
                     model_input = torch.cat([latents] * 2) if guided else latents
                     model_input = scheduler.scale_model_input(model_input, t)
-                    residuals = controls(model_input, t, embeddings, index, len(timesteps)) if controls is not None \
-                        else {}
+                    residuals = controls(model_input, t, embeddings, index, len(timesteps), added) \
+                        if controls is not None else {}
                     noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False,
-                                      **residuals)[0]
+                                      **residuals, **added_both)[0]
                     if guided:
                         noise_uncond, noise_cond = noise_pred.chunk(2)
                 if guided:
@@ -397,6 +405,17 @@ class Generation:
         return latents
 
     # --- pieces -------------------------------------------------------------------------------
+
+    def _added_cond(self, batch: int, height: int, width: int, guided: bool) -> dict[str, torch.Tensor] | None:
+        """SDXL's added conditioning for a pass at ``width`` x ``height``: the pooled embeds, uncond rows
+        first when guided, and the time ids (original size, crop top-left, target size) = (H, W, 0, 0, H, W),
+        as A1111 and diffusers' SDXL pipelines make them with no crop. None for SD 1.x/2.x."""
+        if self.pooled is None:
+            return None
+        uncond, cond = self.pooled
+        pooled = torch.cat([uncond.expand(batch, -1), cond.expand(batch, -1)]) if guided else cond.expand(batch, -1)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
 
     def _scheduler(self, seeds: list[int]) -> Any:
         request = self.request

@@ -395,23 +395,29 @@ def test_clip_skip_per_request_and_through_options(api):
     assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
 
 
-def test_an_sdxl_model_refuses_one_shot_generation_clearly_and_keeps_streaming(start_daemon, tiny_sdxl_dir, tmp_path):
-    """One-shot generation does not run SDXL yet: the API says so (a code and a sentence, never a 500 or a
-    hang), and the live stream on the same model goes on."""
+def test_an_sdxl_model_generates_through_the_api_while_it_streams(start_daemon, tiny_sdxl_dir, tmp_path):
+    """txt2img and img2img on an SDXL model (its pooled embeds and time ids with every UNet call), the seed
+    giving the same image twice, and the live stream on the same model going on."""
     from sdbridge.bridge import codec
-    from tests.clients import make_image, recv_frame, ws_connect
 
     daemon = start_daemon(params={"width": 64, "height": 64, "steps": 2}, model=str(tiny_sdxl_dir),
                           outputs_dir=str(tmp_path / "outputs"))
     client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120)
     assert wait_for(lambda: client.get("/health").json()["engine"]["status"] == "ready", timeout=60)
-    for route in ("txt2img", "img2img"):
-        body = {"prompt": "a cat", **SMALL}
+    images = {}
+    for route in ("txt2img", "img2img", "txt2img"):
+        body = {"prompt": "a cat", "seed": 5, "cfg_scale": 3.0, **SMALL}
         if route == "img2img":
             body["init_images"] = [b64_png(make_image(64, 64, seed=1))]
         response = client.post(f"/sdapi/v1/{route}", json=body)
-        assert 400 <= response.status_code < 500 or response.status_code == 501, (route, response.status_code)
-        assert "SDXL" in response.text and "not support" in response.text
+        assert response.status_code == 200, (route, response.text)
+        image = from_b64(response.json()["images"][0])
+        assert image.shape == (64, 64, 3) and image.std() > 0
+        assert json.loads(response.json()["info"])["seed"] == 5
+        if route in images:
+            assert np.array_equal(images[route], image)  # the same seed, the same image
+        images[route] = image
+    assert not np.array_equal(images["txt2img"], images["img2img"])
     with ws_connect(daemon) as ws:
         ws.send(codec.encode_jpeg(make_image(64, 64, seed=2), 90))
         assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)

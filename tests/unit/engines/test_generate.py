@@ -207,3 +207,71 @@ def test_final_decode_yields_between_images_and_gives_the_batch_decode(engine, k
     for ours, theirs in zip(batch.images, reference):
         assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     assert np.abs(batch.images[0].astype(int) - single.images[0].astype(int)).max() <= 1
+
+
+# --- SDXL ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_engine(tiny_sdxl_dir) -> DiffusionEngine:
+    """The tiny SDXL, decoding with its full VAE (as A1111 and diffusers' pipelines do)."""
+    parts = load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float32)
+    parts.taesd = None
+    return DiffusionEngine.from_parts(parts)
+
+
+def _decoded_run(engine: DiffusionEngine, request: GenerationRequest) -> torch.Tensor:
+    """The request's float output before it is quantised (the last decode)."""
+    generation = Generation(engine, request)
+    decoded: list[torch.Tensor] = []
+    original = generation._decode
+    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
+    for _ in generation.run():
+        pass
+    return decoded[-1]
+
+
+@pytest.mark.parametrize("negative", ["blur", ""])
+def test_sdxl_txt2img_matches_the_diffusers_pipeline(sdxl_engine, negative):
+    """SDXL's pooled embeds and time ids go with each UNet call; an empty negative prompt is zeros (A1111's rule
+    for SDXL, sd_models_xl; diffusers zeros a missing one). Same weights, same starting noise: the output of
+    StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = sdxl_engine.parts
+    request = GenerationRequest(prompt="a red fox", negative_prompt=negative, steps=3, width=64, height=48, seed=7,
+                                cfg_scale=4.0, sampler_name="Euler")
+    ours = _decoded_run(sdxl_engine, request)
+    pipe = StableDiffusionXLPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=make_scheduler(parts.scheduler.config, "Euler"),
+        add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    scale = sdxl_engine.vae_scale_factor
+    latents = image_noise(7, 0, 0.0, (4, 48 // scale, 64 // scale))[None]
+    theirs = pipe(prompt="a red fox", negative_prompt=negative or None, num_inference_steps=3, guidance_scale=4.0,
+                  height=48, width=64, latents=latents, output_type="pt").images
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert error <= 1e-4, f"negative {negative!r}: relative error {error}"
+
+
+def test_sdxl_img2img_hires_and_split_guidance_run_with_their_own_sizes(sdxl_engine):
+    """img2img and the hires fix's second pass (time ids at its size), and guidance split in two halves
+    around the stream's turn: the same image as in one call."""
+    init = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    img2img = run(sdxl_engine, init_images=[init], denoising_strength=0.6, cfg_scale=3.0)
+    assert img2img.images[0].shape == (64, 64, 3)
+    hires = run(sdxl_engine, width=32, height=32, enable_hr=True, hr_scale=2.0, hr_upscaler="Latent",
+                denoising_strength=0.5)
+    assert hires.images[0].shape == (64, 64, 3)
+
+    def generate(split: bool) -> np.ndarray:
+        generation = Generation(sdxl_engine, GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=3,
+                                                               width=64, height=64, seed=3, cfg_scale=5.0,
+                                                               sampler_name="Euler", batch_size=2))
+        generation.split_guidance = split
+        for _ in generation.run():
+            pass
+        return np.stack(generation.images).astype(int)
+
+    assert np.abs(generate(True) - generate(False)).max() <= 1
