@@ -24,8 +24,10 @@ from PIL import Image, PngImagePlugin
 
 from sdbridge.errors import CodecError
 
-# key: value, where value is a quoted string (with escapes) or runs to the next comma.
-_PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# key: value, where value is a quoted string (with escapes) or runs to the next comma. A key starts
+# with a word character and may hold spaces, '-' and '/' (extensions write "ADetailer x-offset",
+# "CFG-Rescale phi"), as A1111's infotext_utils.re_param_code reads it.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 

@@ -68,3 +68,15 @@ def test_a_png_without_parameters_and_a_bad_file() -> None:
     assert pnginfo.read_info(plain) == (None, {})
     with pytest.raises(CodecError):
         pnginfo.read_info(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+
+
+def test_keys_with_hyphens_and_slashes() -> None:
+    # Extension keys as ADetailer and CFG Rescale write them; A1111's re_param_code takes '-' and '/'.
+    text = ("a cat\nSteps: 20, ADetailer x-offset: 0, CFG-Rescale phi: 0.7, Hires/upscaler: Latent, "
+            "Seed: 1")
+    parsed = pnginfo.parse_infotext(text)
+    assert parsed["ADetailer x-offset"] == "0"
+    assert parsed["CFG-Rescale phi"] == "0.7"
+    assert parsed["Hires/upscaler"] == "Latent"
+    assert "offset" not in parsed and "Rescale phi" not in parsed
+    assert parsed["Seed"] == "1"
