@@ -83,21 +83,21 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
 def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                      taesd: Path | None = None, models_dir: Path | None = None, source: str | None = None,
                      config_dir: Path | None = None) -> PipelineParts:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from sdbridge.engines.models import _load_taesd, architecture_of, find_taesd
 
     shapes, readable, temporary = _read_keys(path, allow_pickle)
     try:
+        detected = detect_architecture(set(shapes), shapes) if config_dir is None else \
+            ("sdxl" if any(key.startswith("conditioner.embedders.1.") for key in shapes) else "sd")
         if config_dir is None:
-            architecture = detect_architecture(set(shapes), shapes)
-            if architecture == "sdxl":
-                raise ModelError(f"{path}: SDXL single-file checkpoints are not supported yet (SD 1.x and 2.x are)")
-            config_dir = prepared_config_dir(architecture)
+            config_dir = prepared_config_dir(detected)
+        pipeline_class = StableDiffusionXLPipeline if detected == "sdxl" else StableDiffusionPipeline
+        extra = {} if detected == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(readable), config=str(config_dir), local_files_only=True, torch_dtype=dtype,
-                safety_checker=None, requires_safety_checker=False)
+            pipe = pipeline_class.from_single_file(str(readable), config=str(config_dir), local_files_only=True,
+                                                   torch_dtype=dtype, **extra)
         except ModelError:
             raise
         except Exception as exc:
@@ -110,7 +110,10 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, al
     taesd_folder = taesd or find_taesd(None, architecture, models_dir)
     parts = PipelineParts(architecture=architecture, source=source or str(path), unet=pipe.unet, vae=pipe.vae,
                           text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
-                          taesd=_load_taesd(taesd_folder, dtype) if taesd_folder else None)
+                          taesd=_load_taesd(taesd_folder, dtype) if taesd_folder else None,
+                          text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                          tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                          force_zeros_for_empty_prompt=getattr(pipe.config, "force_zeros_for_empty_prompt", None))
     for module in parts.modules().values():
         module.to(device).eval().requires_grad_(False)
     return parts
@@ -125,9 +128,14 @@ def prepared_config_dir(architecture: str) -> Path:
     if not (shipped / "model_index.json").is_file():
         raise ModelError(f"no shipped configs for architecture {architecture!r}")
     target = default_models_dir().parent / "configs" / architecture
-    if not (target / "tokenizer" / "vocab.json").is_file():
+    # OpenCLIP's tokenizers pad with "!" (SD 2.x's, SDXL's second); CLIP ViT-L's with its end token.
+    tokenizers = {"tokenizer": "!" if architecture == "sd21" else "<|endoftext|>"}
+    if architecture == "sdxl":
+        tokenizers["tokenizer_2"] = "!"
+    if not all((target / name / "vocab.json").is_file() for name in tokenizers):
         shutil.copytree(shipped, target, dirs_exist_ok=True)
-        write_clip_tokenizer(target / "tokenizer", pad_token="!" if architecture == "sd21" else "<|endoftext|>")
+        for name, pad_token in tokenizers.items():
+            write_clip_tokenizer(target / name, pad_token=pad_token)
     return target
 
 
@@ -157,6 +165,8 @@ def _unet_key_map(config: dict) -> list[tuple[str, str]]:
             pairs.append((f"output_blocks.{i * (layers + 1) + layers}.{slot}.", f"up_blocks.{i}.upsamplers.0."))
     pairs += [("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
               ("middle_block.2.", "mid_block.resnets.1.")]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text and size ids
+        pairs += [("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
     return pairs
 
 
@@ -222,17 +232,68 @@ def _convert_vae(state: dict[str, torch.Tensor], config: dict) -> dict[str, torc
     return out
 
 
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+# CLIPTextModel's names -> OpenCLIP's, inside a transformer layer (diffusers' convert_open_clip_checkpoint, reversed).
+_OPEN_CLIP_LAYER = [("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                    ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+
+
+def _text_model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text model's state with the "text_model." level, which transformers 5 drops from its keys."""
+    return {(key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key): value
+            for key, value in state.items()}
+
+
+def _convert_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's state in OpenCLIP's layout (SDXL's second encoder in a checkpoint):
+    q, k and v packed as ``in_proj``, the projection transposed."""
+    state = _text_model_keys(state)
+    out: dict[str, torch.Tensor] = {
+        "token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
+        "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
+        "text_projection": state.pop("text_projection.weight").T.contiguous(),
+    }
+    state.pop("text_model.embeddings.position_ids", None)
+    layer_prefix = "text_model.encoder.layers."
+    layers = sorted({int(key[len(layer_prefix):].split(".", 1)[0]) for key in state if key.startswith(layer_prefix)})
+    for i in layers:
+        here, there = f"{layer_prefix}{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{there}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{here}self_attn.{name}_proj.{kind}") for name in ("q", "k", "v")])
+        for key in [key for key in state if key.startswith(here)]:
+            rest = key[len(here):]
+            for hf_name, clip_name in _OPEN_CLIP_LAYER:
+                if rest.startswith(hf_name):
+                    out[there + clip_name + rest[len(hf_name):]] = state.pop(key)
+                    break
+            else:
+                raise ModelError(f"text encoder key {key!r} has no place in OpenCLIP's layout")
+    if state:
+        raise ModelError(f"text encoder keys with no place in OpenCLIP's layout: {sorted(state)[:3]}")
+    return out
+
+
 def save_single_file(parts: PipelineParts, path: Path) -> Path:
-    """Write an SD 1.x-layout checkpoint (UNet, VAE, CLIP text encoder) as one .safetensors file."""
+    """Write a checkpoint in the original layout (UNet, VAE, text encoders) as one .safetensors file:
+    SD 1.x's (CompVis) or, for SDXL, Stability's generative-models layout (``conditioner.embedders``)."""
     from safetensors.torch import save_file
 
-    if parts.architecture == "sdxl" or parts.text_encoder_2 is not None:
-        raise ModelError("saving SDXL as a single file is not supported")
     state: dict[str, torch.Tensor] = {}
     state.update(_convert_unet(parts.unet.state_dict(), dict(parts.unet.config)))
     state.update(_convert_vae(parts.vae.state_dict(), dict(parts.vae.config)))
-    for key, value in parts.text_encoder.state_dict().items():
-        # transformers 5 drops the "text_model." level from CLIPTextModel's keys; the layout keeps it.
-        state[CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    if parts.architecture == "sdxl":
+        if parts.text_encoder_2 is None:
+            raise ModelError("an SDXL model without text_encoder_2 cannot be saved as a checkpoint")
+        for key, value in _text_model_keys(parts.text_encoder.state_dict()).items():
+            state[SDXL_CLIP_PREFIX + key] = value
+        for key, value in _convert_open_clip(parts.text_encoder_2.state_dict()).items():
+            state[SDXL_OPEN_CLIP_PREFIX + key] = value
+    else:
+        for key, value in _text_model_keys(parts.text_encoder.state_dict()).items():
+            state[CLIP_PREFIX + key] = value
     save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path))
     return path

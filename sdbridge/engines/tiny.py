@@ -23,6 +23,9 @@ import torch
 from sdbridge.engines.clip_vocab import bytes_to_unicode
 
 TINY_TEXT_DIM = 32
+# SDXL's second encoder is wider than its first (OpenCLIP bigG 1280, CLIP-L 768), and diffusers' single-file
+# loader tells the two apart by width: the tiny one is too, so that its checkpoint loads as a real one does.
+TINY_SDXL_TEXT2_DIM = 48
 TINY_SDXL_TIME_DIM = 8                   # addition_time_embed_dim: each of the six time ids embeds to this width
 TINY_ARCHITECTURES = ("sd15", "sdxl")
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
@@ -122,7 +125,7 @@ def build_tiny_sdxl_components(seed: int = 0, vocab_size: int = 514 + len(SPECIA
 
     parts = build_tiny_components(seed=seed, vocab_size=vocab_size)
     torch.manual_seed(seed + 1)
-    pooled_dim = TINY_TEXT_DIM       # text_encoder_2's projection_dim
+    pooled_dim = TINY_SDXL_TEXT2_DIM  # text_encoder_2's projection_dim
     # SDXL's layout shrunk: no attention in the first block, more transformer layers deeper down,
     # linear projections, and the "text_time" embedding of pooled text + 6 time ids.
     unet = UNet2DConditionModel(
@@ -130,18 +133,19 @@ def build_tiny_sdxl_components(seed: int = 0, vocab_size: int = 514 + len(SPECIA
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
-        cross_attention_dim=2 * TINY_TEXT_DIM, addition_embed_type="text_time",
+        cross_attention_dim=TINY_TEXT_DIM + TINY_SDXL_TEXT2_DIM, addition_embed_type="text_time",
         addition_time_embed_dim=TINY_SDXL_TIME_DIM,
         projection_class_embeddings_input_dim=pooled_dim + 6 * TINY_SDXL_TIME_DIM,
     )
     text_config = dict(
-        vocab_size=vocab_size, hidden_size=TINY_TEXT_DIM, intermediate_size=37, num_hidden_layers=3,
+        vocab_size=vocab_size, intermediate_size=37, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=pooled_dim,
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config, hidden_size=TINY_TEXT_DIM))
     # OpenCLIP ViT-bigG, SDXL's second encoder, uses exact GELU (the first, OpenAI's CLIP-L, quick GELU).
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, hidden_act="gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, hidden_size=TINY_SDXL_TEXT2_DIM,
+                                                                hidden_act="gelu"))
     for module in (unet, text_encoder, text_encoder_2):
         module.eval()
     # SDXL's VAE latents are scaled by 0.13025 (SD 1.x/2.x: 0.18215).

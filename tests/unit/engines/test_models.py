@@ -142,6 +142,43 @@ def test_pickle_with_code_is_refused_even_when_allowed(tmp_path, tiny_model_dir)
         load_pipeline_parts(str(evil), CPU, torch.float32, config_dir=tiny_model_dir, allow_pickle=True)
 
 
+def test_sdxl_single_file_gives_the_same_weights_and_output(tiny_sdxl_dir, tmp_path):
+    """An SDXL checkpoint in Stability's layout (``conditioner.embedders.0`` CLIP-L, ``.1`` OpenCLIP bigG with q, k
+    and v packed, the UNet's ``label_emb``), as A1111 users have them, loads with both encoders and runs."""
+    from safetensors import safe_open
+
+    folder = load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float32)
+    checkpoint = save_single_file(folder, tmp_path / "tiny-xl.safetensors")
+    with safe_open(str(checkpoint), framework="pt") as tensors:
+        keys = set(tensors.keys())
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert not any(key.startswith("cond_stage_model.") for key in keys)
+    loaded = load_pipeline_parts(str(checkpoint), CPU, torch.float32, config_dir=tiny_sdxl_dir,
+                                 taesd=str(tiny_sdxl_dir / "taesd"))
+    assert loaded.architecture == "sdxl" and loaded.zero_empty_negative
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(folder, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[key], theirs[key].reshape(ours[key].shape)) for key in ours), name
+    assert torch.equal(run_engine(folder), run_engine(loaded))
+
+
+def test_prepared_sdxl_configs_have_both_tokenizers(tmp_path, monkeypatch):
+    """A checkpoint holds no tokenizer: both are built from CLIP's vocabulary, the second (OpenCLIP's) padding
+    with "!" as SDXL's tokenizer_2 does."""
+    from transformers import CLIPTokenizer
+
+    from sdbridge.engines.single_file import prepared_config_dir
+
+    monkeypatch.setenv("SDBRIDGE_MODELS_DIR", str(tmp_path / "models"))
+    target = prepared_config_dir("sdxl")
+    first, second = CLIPTokenizer.from_pretrained(target / "tokenizer"), CLIPTokenizer.from_pretrained(
+        target / "tokenizer_2")
+    assert (first.pad_token, second.pad_token) == ("<|endoftext|>", "!")
+    assert first("a red fox").input_ids == second("a red fox").input_ids == [49406, 320, 736, 3240, 49407]
+
+
 def test_checkpoint_of_unknown_architecture(tmp_path):
     from safetensors.torch import save_file
 
@@ -151,22 +188,40 @@ def test_checkpoint_of_unknown_architecture(tmp_path):
         load_pipeline_parts(str(odd), CPU, torch.float32)
 
 
-@pytest.mark.parametrize("arch, expected, count", [("sd15", "sd15", 859_520_964), ("sd21", "sd21", 865_910_724)])
+@pytest.mark.parametrize("arch, expected, count", [("sd15", "sd15", 859_520_964), ("sd21", "sd21", 865_910_724),
+                                                   ("sdxl", "sdxl", 2_567_463_684)])
 def test_shipped_configs_describe_the_real_architectures(arch, expected, count):
-    """The shipped UNet configs build the real networks (on the meta device: no memory), and a
-    checkpoint in the original layout written from them is recognised as that architecture."""
+    """The shipped UNet configs build the real networks (on the meta device: no memory), a checkpoint in the
+    original layout written from them is recognised as that architecture, and diffusers' own converter takes
+    its UNet keys back to the network's."""
     from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from sdbridge.engines.single_file import _convert_open_clip
 
     config = UNet2DConditionModel.load_config(shipped_config_dir(arch) / "unet")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     parameters = sum(p.numel() for p in unet.parameters())
-    assert parameters == count  # the published UNets: SD 1.5 859.5 M, SD 2.1 865.9 M parameters
+    assert parameters == count  # the published UNets: SD 1.5 859.5 M, SD 2.1 865.9 M, SDXL 2567.5 M parameters
     keys = _convert_unet(unet.state_dict(), dict(unet.config))
-    clip = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    key_set = set(keys) | ({clip} if arch == "sd15" else {"cond_stage_model.model.token_embedding.weight"})
+    assert set(convert_ldm_unet_checkpoint(keys, dict(unet.config))) == set(unet.state_dict())
     shapes = {key: tuple(value.shape) for key, value in keys.items()}
-    assert detect_architecture(key_set, shapes) == expected
+    if arch == "sdxl":
+        # OpenCLIP bigG as SDXL checkpoints hold it: 32 layers, q, k and v packed, the projection transposed.
+        with torch.device("meta"):
+            second = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(shipped_config_dir(arch) /
+                                                                               "text_encoder_2"))
+        open_clip = _convert_open_clip(second.state_dict())
+        assert tuple(open_clip["transformer.resblocks.31.attn.in_proj_weight"].shape) == (3840, 1280)
+        assert shapes["model.diffusion_model.label_emb.0.0.weight"] == (1280, 2816)
+        shapes.update({"conditioner.embedders.1.model." + key: tuple(value.shape) for key, value in open_clip.items()})
+    elif arch == "sd15":
+        shapes["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = (49408, 768)
+    else:
+        shapes["cond_stage_model.model.token_embedding.weight"] = (49408, 1024)
+    assert detect_architecture(set(shapes), shapes) == expected
 
 
 def test_manifests_and_listing(tmp_path, tiny_model_dir):
