@@ -7,7 +7,9 @@ A1111's ``FrozenCLIPEmbedderWithCustomWordsBase`` (modules/sd_hijack_clip.py), s
    tokens after a comma moves the words after that comma to the next chunk (A1111's
    ``comma_padding_backtrack`` default); each chunk becomes BOS + 75 + EOS = 77 tokens, padded
    after the EOS with the tokenizer's pad token (EOS for SD 1.x, "!" for SD 2.x, as A1111's
-   SD 2 path and diffusers both do);
+   SD 2 path and diffusers both do); a multi-vector textual inversion is placed whole: when it
+   does not fit in what is left of the chunk, the chunk is closed and the embedding starts the
+   next one (A1111's ``tokenize_line``);
 3. the chunks go through the text encoder separately (here: as one batch) and are concatenated
    along the sequence: ``[1, 77 * k, D]``;
 4. "Original" emphasis: each token's embedding is multiplied by its weight, then the chunk is
@@ -25,7 +27,7 @@ on the feature axis, and adds text_encoder_2's pooled embeds of the first chunk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,16 @@ from sdbridge.errors import ModelError
 CHUNK_TOKENS = 75                        # words per chunk; + BOS + EOS = 77, CLIP's context
 CHUNK_LENGTH = CHUNK_TOKENS + 2
 COMMA_BACKTRACK = 20                     # A1111's comma_padding_backtrack default
+
+
+class ExpandedIds(list[int]):
+    """A piece's token ids after textual-inversion expansion (what ``expand`` returns), with
+    ``embeddings``: the ``(start, count)`` of each multi-vector embedding in them, which chunking
+    keeps in one chunk. It is a list of ints, so callers that only read the ids need not know."""
+
+    def __init__(self, ids: Iterable[int] = (), embeddings: Iterable[tuple[int, int]] = ()) -> None:
+        super().__init__(ids)
+        self.embeddings = list(embeddings)
 
 
 @dataclass
@@ -52,7 +64,8 @@ def build_chunks(pieces: Sequence[PromptPiece], tokenizer: Any,
                  expand: Callable[[list[int]], list[int]] | None = None,
                  comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
     """The chunks of a parsed prompt (step 2 above); ``expand`` rewrites a piece's token ids
-    (multi-vector textual inversions: the id of ``name`` -> the ids of ``name name_1 name_2``)."""
+    (textual inversions: the trigger's ids -> the ids of ``name name_1 name_2``); when it returns
+    :class:`ExpandedIds`, each multi-vector embedding in them is kept in one chunk."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     comma = tokenizer.get_vocab().get(",</w>")
@@ -77,8 +90,8 @@ def build_chunks(pieces: Sequence[PromptPiece], tokenizer: Any,
         if piece.is_break:
             close()
             continue
-        for token in next(tokenized):
-            if token == comma:
+        for unit in _units(next(tokenized)):
+            if unit[0] == comma:
                 last_comma = len(tokens)
             elif (comma_backtrack and len(tokens) == CHUNK_TOKENS and last_comma != -1
                   and len(tokens) - last_comma <= comma_backtrack):
@@ -89,11 +102,29 @@ def build_chunks(pieces: Sequence[PromptPiece], tokenizer: Any,
                 tokens, multipliers = moved_tokens, moved_multipliers
             if len(tokens) == CHUNK_TOKENS:
                 close()
-            tokens.append(token)
-            multipliers.append(piece.weight)
+            if len(tokens) + len(unit) > CHUNK_TOKENS:  # an embedding that does not fit starts the next chunk
+                close()
+            tokens.extend(unit)
+            multipliers.extend([piece.weight] * len(unit))
     if tokens or not chunks:
         close()
     return chunks
+
+
+def _units(ids: Sequence[int]) -> list[list[int]]:
+    """A piece's ids as chunking places them: one token, or all of a multi-vector embedding's ids.
+
+    An embedding of more than 75 vectors fits no chunk (A1111 then builds a chunk longer than CLIP's
+    77 positions, which fails); its ids are placed one by one, filling chunks in turn.
+    """
+    whole = {start: count for start, count in getattr(ids, "embeddings", ()) if count <= CHUNK_TOKENS}
+    units: list[list[int]] = []
+    position = 0
+    while position < len(ids):
+        count = whole.get(position, 1)
+        units.append(list(ids[position:position + count]))
+        position += count
+    return units
 
 
 def _chunk_inputs(chunks: Sequence[Chunk], text_encoder: Any,

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sdbridge.engines.prompt_encode import ExpandedIds
 from sdbridge.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,10 @@ class TextualInversions:
 def _expand(multi: dict[int, tuple[int, ...]], ids: list[int]) -> list[int]:
     if not multi:
         return ids
-    out: list[int] = []
+    out = ExpandedIds()
     for token_id in ids:
-        out.extend(multi.get(token_id, (token_id,)))
+        vectors = multi.get(token_id, (token_id,))
+        if len(vectors) > 1:  # chunking keeps these together (prompt_encode.build_chunks)
+            out.embeddings.append((len(out), len(vectors)))
+        out.extend(vectors)
     return out

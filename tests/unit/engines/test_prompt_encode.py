@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from sdbridge.engines.prompt_encode import (
     CHUNK_LENGTH,
+    ExpandedIds,
     blend,
     build_chunks,
     encode_chunks,
@@ -156,3 +157,30 @@ def test_a_chunk_without_weights_stays_exact_beside_a_weighted_one(parts):
     with torch.inference_mode():
         assert float(parts.text_encoder(torch.tensor([chunks[0].tokens]))[0].mean()) == 0.0
     assert torch.isfinite(encode(parts, text)).all()
+
+
+def test_expanded_embeddings_are_placed_whole_and_oversized_ones_spill(parts):
+    """``expand`` marks multi-vector embeddings (ExpandedIds); one of up to 75 vectors starts a new chunk
+    when it does not fit, one of more fills chunks in turn (no chunk can hold it)."""
+    word = parts.tokenizer("a", add_special_tokens=False)["input_ids"][0]
+    trigger = parts.tokenizer("z", add_special_tokens=False)["input_ids"][0]
+
+    def expand(count: int):
+        def rewrite(ids: list[int]) -> list[int]:
+            out = ExpandedIds()
+            for token in ids:
+                if token == trigger:
+                    out.embeddings.append((len(out), count))
+                    out.extend(range(1000, 1000 + count))
+                else:
+                    out.append(token)
+            return out
+        return rewrite
+
+    pieces = parse_prompt("a " * 70 + "z a").pieces
+    chunks = build_chunks(pieces, parts.tokenizer, expand(10))
+    assert [chunk.length for chunk in chunks] == [72, 13]
+    assert chunks[1].tokens[1:12] == [*range(1000, 1010), word]
+    spilled = build_chunks(pieces, parts.tokenizer, expand(80))
+    assert [chunk.length for chunk in spilled] == [77, 77, 3]   # 70 + 80 + 1 tokens
+    assert spilled[0].tokens[71:76] == list(range(1000, 1005))

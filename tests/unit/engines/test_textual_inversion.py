@@ -176,3 +176,21 @@ def test_folder_scan_listing_and_rescan(parts, tmp_path):
     ids = parts.tokenizer.convert_tokens_to_ids(["inkstyle", "inkstyle_1"])
     assert torch.equal(parts.text_encoder.get_input_embeddings().weight[ids], vectors(2, seed=9))
     assert inversions.a1111_listing()["loaded"]["old"]["step"] == 3000
+
+
+@pytest.mark.parametrize("words, lengths", [(72, [77]), (73, [75, 5]), (74, [76, 5])])
+def test_a_multi_vector_embedding_never_straddles_chunks(parts, tmp_path, words, lengths):
+    """As A1111's tokenize_line: an embedding that does not fit in what is left of the chunk closes it
+    (padded) and starts the next one; 72 words + 3 vectors fill one chunk exactly."""
+    inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
+    inversions.load_file(write(tmp_path / "inkstyle.safetensors", "a1111_safetensors", vectors(3)))
+    ids = parts.tokenizer.convert_tokens_to_ids(["inkstyle", "inkstyle_1", "inkstyle_2"])
+    prompt = "a " * words + "(inkstyle:1.2)"
+    chunks = build_chunks(parse_prompt(prompt).pieces, parts.tokenizer, inversions.expand)
+    assert [chunk.length for chunk in chunks] == lengths
+    last = chunks[-1]
+    assert last.tokens[last.length - 4:last.length - 1] == ids
+    assert last.multipliers[last.length - 4:last.length - 1] == [1.2] * 3
+    if len(chunks) == 2:
+        # The second chunk is the embedding alone, so it encodes as the prompt "(inkstyle:1.2)" does.
+        assert torch.equal(encode(parts, prompt, inversions)[:, 77:], encode(parts, "(inkstyle:1.2)", inversions))
