@@ -10,13 +10,22 @@ Files read (what AUTOMATIC1111 and diffusers write):
   and then only through ``torch.load(weights_only=True)``.
 
 An embedding of ``n`` vectors becomes the tokens ``name``, ``name_1`` ... ``name_{n-1}``, added to
-the tokenizer and to the text encoder's token table (``resize_token_embeddings``), exactly as
-diffusers' ``load_textual_inversion`` does; :meth:`TextualInversions.expand` turns the token of
-``name`` into the ``n`` tokens, as diffusers' ``maybe_convert_prompt`` does on the text. So a
-prompt that uses one encodes as it does in diffusers (tests/unit/engines/test_textual_inversion.py).
-The match is on token ids, so it ignores case as CLIP's tokenizer does (``InkStyle.safetensors``
-answers to ``inkstyle``); diffusers' text replacement misses a multi-vector name written in
-capitals.
+the tokenizer and to the text encoder's token table (``resize_token_embeddings``), as diffusers'
+``load_textual_inversion`` does, so their ids and rows are diffusers' ones.
+
+A prompt fires an embedding as A1111 does (``EmbeddingDatabase.find_embedding_at_position``): where
+its token ids hold the name's own ids, as the tokenizer spells the name, longest name first;
+:meth:`TextualInversions.expand` puts the ``n`` vector ids there. So ``myemb`` (``mye mb</w>``) does
+not fire inside ``myembroidery`` (``mye mb ro i dery</w>``), and the match ignores case as CLIP's
+tokenizer does (``InkStyle.safetensors`` answers to ``inkstyle``). The added tokens match whole
+words only (``single_word``): diffusers' plain added tokens would also split ``myembroidery``.
+A prompt that uses a name as a word gives the ids diffusers gives
+(tests/unit/engines/test_textual_inversion.py).
+
+A name that is a vocabulary word (``style.safetensors``) loads too, and the embedding takes the
+word's place wherever the word stands, as in A1111. Its rows then hold the tokens ``<style>``,
+``<style_1>`` ...: adding ``style`` itself would overwrite the word's own row and split every word
+that contains it. That is the one departure from diffusers, which cannot load such a file.
 
 An SDXL model has two tokenizers and text encoders: an SDXL file's ``clip_l`` table goes to the first,
 ``clip_g`` to the second, each as diffusers' ``load_textual_inversion`` does with ``text_encoder=`` and
@@ -32,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import AddedToken
 
 from sdbridge.engines.prompt_encode import ExpandedIds
 from sdbridge.errors import ModelError
@@ -164,8 +174,9 @@ class TextualInversions:
         self.loaded: dict[str, Embedding] = {}
         self.skipped: dict[str, Embedding] = {}
         self.failed: dict[str, str] = {}        # name -> why it could not be read
-        # Per tokenizer: trigger id -> ids of all its vectors.
-        self._multis: list[dict[int, tuple[int, ...]]] = [{} for _ in self._pairs]
+        self._rows: dict[str, list[str]] = {}   # name -> the tokens whose rows hold its vectors
+        # Per tokenizer: the first id of a trigger -> the triggers starting with it, longest first.
+        self._triggers: list[dict[int, list[Trigger]]] = [{} for _ in self._pairs]
         self.version = 0
 
     @property
@@ -181,7 +192,8 @@ class TextualInversions:
         path = str(embedding.path)
         if self.sdxl and embedding.vectors_2 is None:
             raise EmbeddingError(f"embedding {path!r} is for SD 1.x/2.x (one table of width {embedding.width}); "
-                                 f"this SDXL model takes files with clip_l and clip_g tables", code="embedding_mismatch")
+                                 f"this SDXL model takes files with clip_l and clip_g tables",
+                                 code="embedding_mismatch")
         if not self.sdxl and embedding.vectors_2 is not None:
             raise EmbeddingError(f"embedding {path!r} is an SDXL embedding (clip_l and clip_g tables); this model "
                                  f"is SD 1.x/2.x", code="embedding_mismatch")
@@ -201,24 +213,25 @@ class TextualInversions:
         if previous is not None and previous.count != embedding.count:
             raise EmbeddingError(f"embedding {str(embedding.path)!r} now has {embedding.count} vectors, "
                                  f"{previous.count} when loaded; reload the model to take it")
-        if previous is None:  # every tokenizer checked before any changes
-            for tokenizer, _ in self._pairs:
-                vocabulary = tokenizer.get_vocab()
-                taken = [token for token in embedding.tokens if token in vocabulary]
-                if taken:
-                    raise EmbeddingError(f"embedding {str(embedding.path)!r}: trigger token {taken[0]!r} is already "
-                                         f"in the tokenizer's vocabulary; rename the file", code="embedding_mismatch")
-        for (tokenizer, text_encoder), table, multi in zip(self._pairs, tables, self._multis):
+        if previous is None:  # every tokenizer checked, and the name spelled, before any changes
+            rows = _row_tokens(embedding, [tokenizer for tokenizer, _ in self._pairs])
+            spellings = [_spelling(tokenizer, embedding.name) for tokenizer, _ in self._pairs]
+        else:
+            rows = self._rows[embedding.name]
+        for index, ((tokenizer, text_encoder), table) in enumerate(zip(self._pairs, tables)):
             if previous is None:
-                tokenizer.add_tokens(embedding.tokens)
+                tokenizer.add_tokens([AddedToken(token, single_word=True) for token in rows])
                 # mean_resizing=False: the new rows are written below; transformers' default samples them.
                 text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            ids = tokenizer.convert_tokens_to_ids(embedding.tokens)
+            ids = tuple(tokenizer.convert_tokens_to_ids(rows))
             weight = text_encoder.get_input_embeddings().weight
             with torch.inference_mode():  # the table may hold inference tensors when the model loaded under it
-                weight[ids] = table.to(weight.device, weight.dtype)
-            if embedding.count > 1:
-                multi[ids[0]] = tuple(ids)
+                weight[list(ids)] = table.to(weight.device, weight.dtype)
+            if previous is None:
+                # The name as the vocabulary spells it (A1111's match), and as a whole word (its added token).
+                _register(self._triggers[index], Trigger(spellings[index], ids))
+                _register(self._triggers[index], Trigger(ids[:1], ids))
+        self._rows[embedding.name] = rows
         self.loaded[embedding.name] = embedding
         self.skipped.pop(embedding.name, None)
         self.version += 1
@@ -271,12 +284,12 @@ class TextualInversions:
         return changed
 
     def expand(self, ids: list[int]) -> list[int]:
-        """Token ids with each multi-vector trigger's id followed by its other vectors' ids."""
-        return _expand(self._multis[0], ids)
+        """Token ids with each trigger replaced by its embedding's vector ids (ExpandedIds)."""
+        return _expand(self._triggers[0], ids)
 
     def expand_2(self, ids: list[int]) -> list[int]:
         """:meth:`expand` for SDXL's second tokenizer (the first's on an SD model)."""
-        return _expand(self._multis[-1], ids)
+        return _expand(self._triggers[-1], ids)
 
     def a1111_listing(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``/sdapi/v1/embeddings``: ``{"loaded": {name: {...}}, "skipped": {name: {...}}}`` as A1111 answers."""
@@ -284,13 +297,60 @@ class TextualInversions:
                 "skipped": {name: e.a1111() for name, e in sorted(self.skipped.items())}}
 
 
-def _expand(multi: dict[int, tuple[int, ...]], ids: list[int]) -> list[int]:
-    if not multi:
+@dataclass(frozen=True)
+class Trigger:
+    """Token ids that fire an embedding in a prompt, and the ids of its vectors' rows."""
+
+    words: tuple[int, ...]
+    rows: tuple[int, ...]
+
+
+def _row_tokens(embedding: Embedding, tokenizers: list[Any]) -> list[str]:
+    """The tokens to add for ``embedding``'s rows: diffusers' ``name``, ``name_1`` ..., or ``<name>``,
+    ``<name_1>`` ... when one of those is already a token (a vocabulary word such as ``style``)."""
+    vocabularies = [tokenizer.get_vocab() for tokenizer in tokenizers]
+    for tokens in (embedding.tokens, [f"<{token}>" for token in embedding.tokens]):
+        taken = [token for token in tokens if any(token in vocabulary for vocabulary in vocabularies)]
+        if not taken:
+            return tokens
+    raise EmbeddingError(f"embedding {str(embedding.path)!r}: the tokens {embedding.tokens[0]!r} and {taken[0]!r} "
+                         f"are both already in the tokenizer; rename the file", code="embedding_mismatch")
+
+
+def _spelling(tokenizer: Any, name: str) -> tuple[int, ...]:
+    """The ids the tokenizer gives ``name`` in a prompt, as A1111 registers an embedding."""
+    return tuple(tokenizer(name, add_special_tokens=False)["input_ids"])
+
+
+def _register(triggers: dict[int, list[Trigger]], trigger: Trigger) -> None:
+    if not trigger.words or trigger.words == trigger.rows:  # an empty name; a single row needs no rewrite
+        return
+    found = triggers.setdefault(trigger.words[0], [])
+    if trigger not in found:
+        found.append(trigger)
+        found.sort(key=lambda known: len(known.words), reverse=True)  # the longest name wins, as in A1111
+
+
+def _trigger_at(triggers: dict[int, list[Trigger]], ids: list[int], position: int) -> Trigger | None:
+    for trigger in triggers.get(ids[position], ()):
+        if tuple(ids[position:position + len(trigger.words)]) == trigger.words:
+            return trigger
+    return None
+
+
+def _expand(triggers: dict[int, list[Trigger]], ids: list[int]) -> list[int]:
+    if not triggers:
         return ids
     out = ExpandedIds()
-    for token_id in ids:
-        vectors = multi.get(token_id, (token_id,))
-        if len(vectors) > 1:  # chunking keeps these together (prompt_encode.build_chunks)
-            out.embeddings.append((len(out), len(vectors)))
-        out.extend(vectors)
+    position = 0
+    while position < len(ids):
+        trigger = _trigger_at(triggers, ids, position)
+        if trigger is None:
+            out.append(ids[position])
+            position += 1
+            continue
+        if len(trigger.rows) > 1:  # chunking keeps these together (prompt_encode.build_chunks)
+            out.embeddings.append((len(out), len(trigger.rows)))
+        out.extend(trigger.rows)
+        position += len(trigger.words)
     return out

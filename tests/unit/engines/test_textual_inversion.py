@@ -145,10 +145,62 @@ def test_bad_files(tmp_path, tensors, message):
         read_embedding(tmp_path / "bad.safetensors")
 
 
-def test_trigger_already_a_word(parts, tmp_path):
+def test_a_vocabulary_word_loads_and_takes_the_words_place(parts, tmp_path):
+    """As in A1111, x.safetensors fires on the word x (x</w>); its rows are the tokens <x>, <x_1>, since
+    adding x itself would overwrite the letter's own row and split every word holding it."""
+    plain_x, plain_xy = encode(parts, "a x"), encode(parts, "a xy")
+    word_row = parts.text_encoder.get_input_embeddings().weight[parts.tokenizer.convert_tokens_to_ids("x</w>")].clone()
     inversions = TextualInversions(parts.tokenizer, parts.text_encoder)
-    with pytest.raises(EmbeddingError, match="already in the tokenizer"):
-        inversions.load_file(write(tmp_path / "x.safetensors", "a1111_safetensors", vectors(1)))
+    inversions.load_file(write(tmp_path / "x.safetensors", "a1111_safetensors", vectors(2)))
+    rows = parts.tokenizer.convert_tokens_to_ids(["<x>", "<x_1>"])
+    assert torch.equal(parts.text_encoder.get_input_embeddings().weight[rows], vectors(2))
+    assert torch.equal(parts.text_encoder.get_input_embeddings().weight[parts.tokenizer.convert_tokens_to_ids("x</w>")],
+                       word_row)
+    word = parts.tokenizer("a x,", add_special_tokens=False)["input_ids"]
+    assert inversions.expand(word) == [word[0], *rows, word[-1]]
+    assert not torch.allclose(encode(parts, "a x", inversions), plain_x, atol=1e-3)
+    assert torch.equal(encode(parts, "a xy", inversions), plain_xy)      # x inside a word is not the word x
+    assert torch.equal(encode(parts, "a <x>", inversions), encode(parts, "a x", inversions))
+
+
+@pytest.fixture(scope="module")
+def clip_parts(tmp_path_factory):
+    """CLIP's real BPE vocabulary (clip_vocab) before a tiny random text encoder: words split as in SD."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sdbridge.engines.clip_vocab import write_clip_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path_factory.mktemp("clip") / "tokenizer"))
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=37, num_hidden_layers=1,
+                            num_attention_heads=4, max_position_embeddings=77)
+    torch.manual_seed(0)
+    return tokenizer, CLIPTextModel(config).eval()
+
+
+def spelled(tokenizer, text: str) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_triggers_match_the_names_own_tokens_in_clips_vocabulary(clip_parts, tmp_path):
+    """A1111 matches an embedding where the prompt's ids hold the name's own ids: myemb (mye mb</w>) does
+    not fire inside myembroidery (mye mb ro i dery</w>); style, a vocabulary word, fires on style."""
+    tokenizer, text_encoder = clip_parts
+    inversions = TextualInversions(tokenizer, text_encoder)
+    inversions.load_file(write(tmp_path / "myemb.safetensors", "a1111_safetensors", vectors(1)))
+    inversions.load_file(write(tmp_path / "style.safetensors", "a1111_safetensors", vectors(3, seed=1)))
+    assert spelled(tokenizer, "myemb") == ["myemb"] and spelled(tokenizer, "myembroidery")[:2] == ["mye", "mb"]
+    myemb = tokenizer.convert_tokens_to_ids("myemb")
+    style = tokenizer.convert_tokens_to_ids(["<style>", "<style_1>", "<style_2>"])
+
+    def expanded(text: str) -> list[int]:
+        return inversions.expand(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for text in ("myembroidery", "tomyemb", "stylesheet", "styles", "a red fox"):
+        assert expanded(text) == tokenizer(text, add_special_tokens=False)["input_ids"], text
+    assert expanded("MyEmb, myemb") == [myemb, tokenizer.convert_tokens_to_ids(",</w>"), myemb]
+    assert expanded("myemb2")[0] == myemb             # mye mb</w> 2</w>: the name's ids, then 2, as in A1111
+    assert expanded("in style") == [tokenizer.convert_tokens_to_ids("in</w>"), *style]
+    assert expanded("(style)").embeddings == [(1, 3)]
 
 
 def test_folder_scan_listing_and_rescan(parts, tmp_path):
