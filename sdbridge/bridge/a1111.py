@@ -136,8 +136,8 @@ class _Request(FiniteBody):
     seed: int = Field(-1, ge=-1, le=2**32 - 1)
     subseed: int = Field(-1, ge=-1, le=2**32 - 1)
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = Field(-1, ge=-1, le=MAX_SIDE * 2, description="with _w: the seed's noise at that size")
+    seed_resize_from_w: int = Field(-1, ge=-1, le=MAX_SIDE * 2)
     sampler_name: str | None = Field(None, description="an A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'")
     sampler_index: str | None = Field(None, description="the older name of sampler_name")
     scheduler: str | None = Field(None, description="schedule type: Automatic, Uniform, Karras, Exponential")
@@ -187,7 +187,7 @@ class _Request(FiniteBody):
         return value
 
     def sampler(self) -> str:
-        return self.sampler_name or self.sampler_index or "Euler a"
+        return self.sampler_name or self.sampler_index or "Euler"  # A1111's API default (sampler_index)
 
 
 class Txt2ImgRequest(_Request):
@@ -456,7 +456,8 @@ class A1111Api:
             prompt=prompt, negative_prompt=negative, seed=body.seed, subseed=body.subseed,
             subseed_strength=body.subseed_strength, sampler_name=sampler.name, scheduler=schedule.name,
             steps=body.steps, cfg_scale=body.cfg_scale, width=body.width, height=body.height,
-            batch_size=body.batch_size, n_iter=body.n_iter, eta=body.eta)
+            batch_size=body.batch_size, n_iter=body.n_iter, eta=body.eta,
+            seed_resize_from_w=max(body.seed_resize_from_w, 0), seed_resize_from_h=max(body.seed_resize_from_h, 0))
         clip_stop = body.override_settings.get("CLIP_stop_at_last_layers")
         if clip_stop is not None:  # this request only, as A1111 restores it afterwards
             request.clip_skip = self.clip_skip(clip_stop, "override_settings.CLIP_stop_at_last_layers")
@@ -466,7 +467,8 @@ class A1111Api:
             request.hr_upscaler = body.hr_upscaler or "Latent"
             request.hr_second_pass_steps = body.hr_second_pass_steps
             request.hr_resize_x, request.hr_resize_y = body.hr_resize_x, body.hr_resize_y
-            request.denoising_strength = body.denoising_strength if body.denoising_strength is not None else 0.7
+            # 0.75 is the API's default (StableDiffusionProcessingTxt2Img); 0.7 only the web UI slider's.
+            request.denoising_strength = body.denoising_strength if body.denoising_strength is not None else 0.75
             if body.enable_hr:
                 width, height = request.hires_size()
                 if not (64 <= width <= MAX_SIDE * 2 and 64 <= height <= MAX_SIDE * 2):
@@ -556,7 +558,10 @@ class A1111Api:
                 if kind == "img2img" or request.enable_hr else None,
                 "Variation seed": generation.subseeds[index] if request.subseed_strength > 0 else None,
                 "Variation seed strength": _num(request.subseed_strength) if request.subseed_strength > 0 else None,
+                "Seed resize from": "{}x{}".format(*request.seed_resize) if request.seed_resize else None,
                 "Clip skip": generation.clip_skip + 1 if generation.clip_skip > 0 else None,  # A1111 omits 1
+                # A1111 reads a missing RNG as GPU: without it, its PNG Info would regenerate with other noise.
+                "RNG": "CPU",
             }
             if kind == "txt2img" and request.enable_hr:
                 params.update({"Hires upscale": _num(request.hr_scale), "Hires steps": request.hr_second_pass_steps
@@ -589,7 +594,8 @@ class A1111Api:
             "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": model_title(model),
             "sd_model_hash": self.model_hash(model), "sd_vae_name": None, "sd_vae_hash": None,
-            "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": request.denoising_strength,
+            "seed_resize_from_w": request.seed_resize_from_w or -1,
+            "seed_resize_from_h": request.seed_resize_from_h or -1, "denoising_strength": request.denoising_strength,
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": body.styles,
             "job_timestamp": dt.datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": generation.clip_skip + 1,
             "is_using_inpainting_conditioning": False, "version": f"sdbridge {__version__}",

@@ -6,11 +6,13 @@ and the worker advances it between stream frames (see bridge/worker.py). A reque
 touches the stream's scheduler or prompt state: it builds its own scheduler from the model's
 config and keeps its own embeddings.
 
-Seeds follow A1111: image ``i`` of a request gets ``seed + i`` (and ``subseed + i``), its
-starting noise drawn on the CPU from that seed alone, blended with the subseed's noise by
-``subseed_strength`` (spherical interpolation), so an image does not depend on its batch
-position. Ancestral samplers draw their per-step noise from a generator per image, for the
-same reason.
+Seeds follow A1111 with its RNG source on the CPU (modules/rng.py ``ImageRNG``): image ``i`` of a
+request gets ``seed + i`` (the same seed for every image when a variation seed blends in, so that a
+batch is variations of one image) and ``subseed + i``. Its starting noise is drawn on the CPU from a
+generator of that seed alone, blended with the subseed's noise by ``subseed_strength`` (A1111's
+slerp), and with ``seed_resize_from_w/h`` drawn at that size and pasted centred. Ancestral samplers
+draw their per-step noise from the same generator, after the starting noise, and on the CPU too:
+an image does not depend on its batch position, nor on the device.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class GenerationRequest:
     n_iter: int = 1
     eta: float | None = None
     clip_skip: int | None = None  # text-encoder layers skipped (A1111's clip skip - 1); None: the live value
+    seed_resize_from_w: int = 0   # > 0 with _h: the noise a seed gives at that size, pasted centred
+    seed_resize_from_h: int = 0
     # img2img
     init_images: list[np.ndarray] = field(default_factory=list)  # RGB uint8, any size
     denoising_strength: float = 0.75
@@ -113,13 +117,23 @@ class GenerationRequest:
         return bool(self.init_images)
 
     def resolve_seeds(self) -> tuple[list[int], list[int]]:
-        """Every image's seed and subseed; -1 draws one at random, as A1111 does."""
+        """Every image's seed and subseed; -1 draws one at random, as A1111 does. With a variation
+        seed blending in, every image keeps the seed and only the subseed steps (A1111's
+        ``process_images_inner``): the batch is variations of one image."""
         count = self.batch_size * self.n_iter
         seed = self.seed if self.seed >= 0 else random.randrange(MAX_SEED)
         subseed = self.subseed if self.subseed >= 0 else random.randrange(MAX_SEED)
         self.seed, self.subseed = seed, subseed
-        return ([(seed + i) % (MAX_SEED + 1) for i in range(count)],
+        seed_step = 0 if self.subseed_strength > 0 else 1
+        return ([(seed + i * seed_step) % (MAX_SEED + 1) for i in range(count)],
                 [(subseed + i) % (MAX_SEED + 1) for i in range(count)])
+
+    @property
+    def seed_resize(self) -> tuple[int, int] | None:
+        """(width, height) the noise is drawn at, or None."""
+        if self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0:
+            return self.seed_resize_from_w, self.seed_resize_from_h
+        return None
 
     def hires_size(self) -> tuple[int, int]:
         if self.hr_resize_x or self.hr_resize_y:
@@ -153,24 +167,53 @@ class Progress:
 
 
 def slerp(weight: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of two noise tensors, as A1111's subseed blend does it."""
-    low_norm = low / torch.norm(low)
-    high_norm = high / torch.norm(high)
-    dot = (low_norm * high_norm).sum()
-    if dot.abs() > 0.9995:
-        return low * (1 - weight) + high * weight
+    """A1111's subseed blend (modules/rng.py ``slerp``) of two [C, H, W] noises: one spherical
+    interpolation per channel and column (norms along H), and its near-parallel fallback as it is."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * weight + high * (1 - weight)
     omega = torch.acos(dot)
     so = torch.sin(omega)
-    return (torch.sin((1.0 - weight) * omega) / so) * low + (torch.sin(weight * omega) / so) * high
+    return (torch.sin((1.0 - weight) * omega) / so).unsqueeze(1) * low + (torch.sin(weight * omega) / so).unsqueeze(1) \
+        * high
 
 
-def image_noise(seed: int, subseed: int, subseed_strength: float, shape: Sequence[int]) -> torch.Tensor:
-    """One image's starting noise [C, h, w], on the CPU in fp32 (the same on every device)."""
-    noise = torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
+def _cpu_randn(shape: Sequence[int], seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=generator or torch.Generator("cpu").manual_seed(int(seed or 0)))
+
+
+def image_rng(seed: int, subseed: int, subseed_strength: float, shape: Sequence[int],
+              resize_from: tuple[int, int] | None = None, scale: int = 8) -> tuple[torch.Tensor, torch.Generator]:
+    """One image's starting noise [C, h, w] (CPU, fp32: the same on every device) and the generator that
+    drew it, whose next draws are the sampler's step noise (A1111's ``ImageRNG.first``, RNG source CPU).
+
+    ``resize_from`` (width, height): the noise this seed gives at that size, pasted centred into the
+    seed's noise at this size (cropped when larger), so that a composition survives a change of size.
+    """
+    shape = tuple(shape)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    noise_shape = shape if resize_from is None else (shape[0], resize_from[1] // scale, resize_from[0] // scale)
+    noise = _cpu_randn(shape, generator=generator) if noise_shape == shape else _cpu_randn(noise_shape, seed)
     if subseed_strength > 0:
-        sub = torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(subseed))
-        noise = slerp(subseed_strength, noise, sub)
-    return noise
+        noise = slerp(subseed_strength, noise, _cpu_randn(noise_shape, subseed))
+    if noise_shape != shape:
+        full = _cpu_randn(shape, generator=generator)
+        dx, dy = (shape[2] - noise_shape[2]) // 2, (shape[1] - noise_shape[1]) // 2
+        w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
+        h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
+        tx, ty = max(dx, 0), max(dy, 0)
+        sx, sy = max(-dx, 0), max(-dy, 0)
+        full[:, ty:ty + h, tx:tx + w] = noise[:, sy:sy + h, sx:sx + w]
+        noise = full
+    return noise, generator
+
+
+def image_noise(seed: int, subseed: int, subseed_strength: float, shape: Sequence[int],
+                resize_from: tuple[int, int] | None = None) -> torch.Tensor:
+    """One image's starting noise [C, h, w], on the CPU in fp32 (the same on every device)."""
+    return image_rng(seed, subseed, subseed_strength, shape, resize_from)[0]
 
 
 class Generation:
@@ -192,6 +235,8 @@ class Generation:
         self._latents: torch.Tensor | None = None
         self.loras: dict[str, float] = {}
         self.pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # SDXL's (uncond, cond) pooled embeds
+        # Each image's CPU generator, past its starting noise: the sampler's step noise comes next from it.
+        self._generators: list[torch.Generator] = []
         # Made on the worker thread after a turn's prepare: the live value is the current one.
         self.clip_skip = request.clip_skip if request.clip_skip is not None else engine.clip_skip
         # Set by the worker while a live stream shares the device: guidance runs as two UNet calls
@@ -344,7 +389,7 @@ class Generation:
         request = self.request
         unet = self.parts.unet
         batch = latents.shape[0]
-        guided = request.cfg_scale > 1.0
+        guided = request.cfg_scale != 1.0  # below 1 too: A1111 blends towards the negative prompt there
         embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)]) if guided \
             else cond.expand(batch, -1, -1)
         height, width = latents.shape[-2] * self.scale, latents.shape[-1] * self.scale
@@ -352,8 +397,10 @@ class Generation:
         added_halves = ({"added_cond_kwargs": {k: v[:batch] for k, v in added.items()}},
                         {"added_cond_kwargs": {k: v[-batch:] for k, v in added.items()}}) if added else ({}, {})
         added_both = {"added_cond_kwargs": added} if added else {}
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         accepted = _step_params(scheduler)
+        # CPU generators: diffusers draws on them and moves the noise to the device, as A1111 does with RNG on the CPU.
+        generators = self._generators if len(self._generators) == batch else [
+            torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         extra: dict[str, Any] = {"generator": generators} if "generator" in accepted else {}
         if request.eta is not None and "eta" in accepted:
             extra["eta"] = request.eta
@@ -436,10 +483,12 @@ class Generation:
         return scheduler.timesteps[t_start * scheduler.order:]
 
     def _noise(self, seeds: list[int], subseeds: list[int], width: int, height: int) -> torch.Tensor:
+        """The batch's starting noise at this pass's size; the generators that drew it serve the pass's steps."""
         shape = (self.parts.unet.config.in_channels, height // self.scale, width // self.scale)
-        noise = [image_noise(seed, subseed, self.request.subseed_strength, shape)
+        drawn = [image_rng(seed, subseed, self.request.subseed_strength, shape, self.request.seed_resize, self.scale)
                  for seed, subseed in zip(seeds, subseeds)]
-        return torch.stack(noise).to(self.device, self.dtype)
+        self._generators = [generator for _, generator in drawn]
+        return torch.stack([noise for noise, _ in drawn]).to(self.device, self.dtype)
 
     @torch.inference_mode()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,25 @@ def test_txt2img_answers_with_a1111_shape(api):
     assert body["parameters"]["prompt"] == "a cat" and body["parameters"]["steps"] == 3
 
 
+def test_a1111_defaults_variation_batches_and_seed_resize(api):
+    """What A1111's API does by default: sampler Euler, `RNG: CPU` in the infotext (A1111 reads a missing one as
+    GPU); a variation batch keeps its seed and steps the subseed; seed_resize_from_w/h is taken and recorded."""
+    plain = json.loads(api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "seed": 3, **SMALL}).json()["info"])
+    assert plain["sampler_name"] == "Euler" and "Sampler: Euler, " in plain["infotexts"][0]
+    assert ", RNG: CPU, " in plain["infotexts"][0] and plain["seed_resize_from_w"] == -1
+    varied = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "seed": 3, "subseed": 90, "subseed_strength": 0.4,
+                                                 "batch_size": 2, "seed_resize_from_w": 128,
+                                                 "seed_resize_from_h": 96, **SMALL}).json()
+    info = json.loads(varied["info"])
+    assert info["all_seeds"] == [3, 3] and info["all_subseeds"] == [90, 91]
+    assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (128, 96)
+    assert "Variation seed: 91, Variation seed strength: 0.4, Seed resize from: 128x96" in info["infotexts"][1]
+    first, second = (from_b64(image) for image in varied["images"])
+    assert not np.array_equal(first, second)  # two variations of one seed
+    assert api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "seed_resize_from_w": 10 ** 6,
+                                               **SMALL}).status_code == 422
+
+
 def test_png_info_round_trips(api):
     image = api.post("/sdapi/v1/txt2img", json={"prompt": "a (red:1.2) fox, at night", "seed": 7,
                                                   "sampler_name": "DPM++ 2M Karras", **SMALL}).json()["images"][0]
@@ -373,7 +392,7 @@ def test_clip_skip_per_request_and_through_options(api):
     assert np.array_equal(last, live)
     assert not np.array_equal(skipped, last), "one layer before the last gives another image"
     assert "Clip skip" not in info_last["infotexts"][0] and info_last["clip_skip"] == 1  # A1111 omits 1
-    assert "Model: tiny-sd, Clip skip: 2, Version: sdbridge" in info_skipped["infotexts"][0]
+    assert "Model: tiny-sd, Clip skip: 2, RNG: CPU, Version: sdbridge" in info_skipped["infotexts"][0]
     assert info_skipped["clip_skip"] == 2
     assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1  # that request only
 

@@ -275,3 +275,76 @@ def test_sdxl_img2img_hires_and_split_guidance_run_with_their_own_sizes(sdxl_eng
         return np.stack(generation.images).astype(int)
 
     assert np.abs(generate(True) - generate(False)).max() <= 1
+
+
+# --- A1111's RNG ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM2 a"])
+def test_ancestral_step_noise_continues_the_seed_s_generator(engine, sampler):
+    """A1111 (RNG source CPU) draws the starting noise and then each step's noise from one CPU generator per
+    image, as diffusers' pipeline does with a CPU generator: the same image. A generator seeded afresh for the
+    steps would add the starting noise back at the first step."""
+    import diffusers
+
+    parts = engine.parts
+    request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
+                                cfg_scale=4.0, sampler_name=sampler)
+    ours = _decoded_run(engine, request)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=make_scheduler(parts.scheduler.config, sampler), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt="a red fox", negative_prompt="blur", num_inference_steps=4, guidance_scale=4.0, height=64,
+                  width=64, generator=torch.Generator("cpu").manual_seed(7), output_type="pt").images
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert error <= 1e-4, f"{sampler}: relative error {error}"
+
+
+def test_variation_seeds_keep_the_seed_across_a_batch():
+    """A1111's process_images_inner: with a variation seed blending in, the batch is variations of one image."""
+    varied = GenerationRequest(seed=100, subseed=500, subseed_strength=0.3, batch_size=2, n_iter=2)
+    assert varied.resolve_seeds() == ([100] * 4, [500, 501, 502, 503])
+    plain = GenerationRequest(seed=100, subseed=500, batch_size=2, n_iter=2)
+    assert plain.resolve_seeds() == ([100, 101, 102, 103], [500, 501, 502, 503])
+
+
+def test_the_subseed_blend_is_a_slerp_per_channel_and_column():
+    """A1111's rng.slerp on [C, H, W] noise: each (channel, column) vector interpolated on its own sphere."""
+    from sdbridge.engines.generate import slerp
+
+    low = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(1))
+    high = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(2))
+    blended = slerp(0.3, low, high)
+    for c in range(4):
+        for x in range(5):
+            a, b = low[c, :, x], high[c, :, x]
+            omega = torch.acos(torch.dot(a / a.norm(), b / b.norm()))
+            expected = (torch.sin(0.7 * omega) * a + torch.sin(0.3 * omega) * b) / torch.sin(omega)
+            assert torch.allclose(blended[c, :, x], expected, atol=1e-5)
+
+
+def test_seed_resize_pastes_the_noise_of_the_other_size_centred():
+    """seed_resize_from_w/h (A1111's ImageRNG.first): the seed's noise at that size, in the middle; the seed's
+    own noise at this size around it (smaller) or a centred crop (larger)."""
+    def fresh(shape):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(9))
+
+    smaller = image_noise(9, 0, 0.0, (4, 8, 8), resize_from=(32, 32))
+    assert torch.equal(smaller[:, 2:6, 2:6], fresh((4, 4, 4)))
+    outside = torch.ones(4, 8, 8, dtype=torch.bool)
+    outside[:, 2:6, 2:6] = False
+    assert torch.equal(smaller[outside], fresh((4, 8, 8))[outside])
+    larger = image_noise(9, 0, 0.0, (4, 8, 8), resize_from=(128, 96))
+    assert torch.equal(larger, fresh((4, 12, 16))[:, 2:10, 4:12])
+    assert torch.equal(image_noise(9, 0, 0.0, (4, 8, 8), resize_from=(64, 64)), fresh((4, 8, 8)))
+
+
+def test_a_cfg_scale_below_one_guides_towards_the_negative_prompt(engine):
+    """A1111 computes uncond + scale * (cond - uncond) for any scale: at 0 the negative prompt's image."""
+    at_zero = run(engine, prompt="a red fox", negative_prompt="a blue car", cfg_scale=0.0)
+    negative_alone = run(engine, prompt="a blue car", negative_prompt="", cfg_scale=1.0)
+    positive_alone = run(engine, prompt="a red fox", negative_prompt="a blue car", cfg_scale=1.0)
+    assert np.abs(at_zero.images[0].astype(int) - negative_alone.images[0].astype(int)).max() <= 1
+    assert np.abs(at_zero.images[0].astype(int) - positive_alone.images[0].astype(int)).max() > 2
