@@ -69,10 +69,7 @@ class ParamSpec:
         return self._validate_str(value)
 
     def _fail(self, value: Any, allowed: str) -> ParamError:
-        shown = repr(value) if isinstance(value, str) else value
-        if isinstance(shown, str) and len(shown) > 80:
-            shown = shown[:77] + "...'"
-        return ParamError(f"{self.name} {shown} {allowed}", name=self.name, value=value)
+        return ParamError(f"{self.name} {shown_value(value)} {allowed}", name=self.name, value=value)
 
     def _range_text(self) -> str:
         return f"[{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
@@ -92,7 +89,12 @@ class ParamSpec:
                     raise self._fail(value, "is not a number") from None
             else:
                 raise self._fail(value, "is not a number")
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            # An integer beyond float's range (JSON allows 400 digits): out of any range this schema has.
+            raise self._fail(value, f"not in {self._range_text()}" if self.minimum is not None
+                             or self.maximum is not None else "is not a finite number") from None
         if not math.isfinite(number):
             raise self._fail(value, "is not a finite number")
         self._check_range(number, value)
@@ -129,8 +131,8 @@ class ParamSpec:
 
     def _validate_enum(self, value: Any) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            # A controller can pick a choice by its index.
-            if float(value).is_integer() and 0 <= int(value) < len(self.choices):
+            # A controller can pick a choice by its index (an int is compared as is: float() overflows).
+            if (isinstance(value, int) or value.is_integer()) and 0 <= value < len(self.choices):
                 return self.choices[int(value)]
             raise self._fail(value, f"is not an index into {list(self.choices)}")
         if not isinstance(value, str) or value not in self.choices:
@@ -145,7 +147,7 @@ class ParamSpec:
                 f"{self.name} is {len(value)} characters long (at most {self.max_length})",
                 name=self.name, value=value[:80],
             )
-        return value
+        return check_text(value, self.name)
 
     # --- fader mapping ----------------------------------------------------------------------
 
@@ -155,10 +157,12 @@ class ParamSpec:
 
     def denormalize(self, fraction: float) -> Any:
         """Map 0–1 from a fader onto the parameter's range (``/sd/norm/<param>``)."""
-        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not math.isfinite(fraction):
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) \
+                or (isinstance(fraction, float) and not math.isfinite(fraction)):
             raise self._fail(fraction, "is not a number in [0, 1]")
         if not 0.0 <= fraction <= 1.0:
-            raise ParamError(f"norm/{self.name} {fraction} not in [0, 1]", name=self.name, value=fraction)
+            raise ParamError(f"norm/{self.name} {shown_value(fraction)} not in [0, 1]", name=self.name,
+                             value=fraction)
         if self.kind == "bool":
             return fraction >= 0.5
         if self.kind == "enum":
@@ -191,6 +195,38 @@ class ParamSpec:
         if self.kind == "str":
             out["max_length"] = self.max_length
         return out
+
+
+def check_text(value: str, what: str, *, name: str | None = None, code: str = "bad_param") -> str:
+    """``value`` when it encodes as UTF-8; else ParamError naming ``what`` and the first bad code point.
+
+    A JSON string may carry a lone UTF-16 surrogate (``"\\ud800"``) and Python keeps it in a str; every
+    later encode of it (a JSON reply, an OSC echo, a preset file, the tokenizer) then fails, for every
+    client. Such a string is refused where it enters. Only surrogates fail UTF-8 encoding in a str."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        point = ord(value[exc.start])
+        raise ParamError(f"{what} contains an unpaired surrogate (U+{point:04X}), not valid text", name=name or what,
+                         value=value[:80].encode("utf-8", "backslashreplace").decode("utf-8"), code=code) from None
+    return value
+
+
+def shown_value(value: Any, limit: int = 80) -> str:
+    """``value`` for an error sentence: strings as repr (control characters and surrogates escaped),
+    cut at ``limit``; integers of many digits shortened (past 4300 digits str() itself raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        sign = "-" if value < 0 else ""
+        try:
+            digits = str(abs(value))
+        except ValueError:
+            return f"{sign}an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+        return digits if len(digits) <= 20 else f"{sign}{digits[:10]}… ({len(digits)} digits)"
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit - 3] + "...'"
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _fmt(number: float | None) -> str:

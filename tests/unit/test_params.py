@@ -122,3 +122,63 @@ def test_docs_parameter_table_matches_the_code():
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
     assert markdown_table(Schema()) in docs, "regenerate the table: python -m sdbridge.params --write docs/protocol.md"
+
+
+# --- hostile values (QA 3, findings 2 and 4) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["prompt", "negative_prompt", "model", "loras", "controlnet_1_model"])
+@pytest.mark.parametrize("text, point", [("\ud800 evil", "U+D800"), ("ok \udcff", "U+DCFF"), ("\udfff", "U+DFFF")])
+def test_a_lone_surrogate_is_not_text(schema, name, text, point):
+    # Applied, it broke GET /params, the OSC echo, presets and the engines for every client.
+    with pytest.raises(ParamError) as info:
+        schema.get(name).validate(text)
+    assert info.value.code == "bad_param" and info.value.name == name
+    assert str(info.value).startswith(f"{name} ") and point in str(info.value)
+    str(info.value).encode("utf-8")  # the sentence itself must be sendable
+    info.value.value.encode("utf-8")
+
+
+def test_text_outside_the_ascii_range_is_still_text(schema):
+    for text in ("ünïcode 猫 🐈", "\u202eRTL", "nul\x00inside", "\U0010ffff"):
+        assert schema.get("prompt").validate(text) == text
+
+
+def test_a_store_refuses_a_surrogate_and_keeps_its_value():
+    store = ParamStore(Schema())
+    applied, errors = store.update({"prompt": "\ud800", "strength": 0.3})
+    assert applied == {"strength": 0.3} and [e.name for e in errors] == ["prompt"]
+    assert store.get("prompt") == Schema().defaults()["prompt"]
+
+
+@pytest.mark.parametrize("name", ["strength", "guidance", "crossfade_s"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_huge_integer_for_a_float_is_out_of_range(schema, name, sign):
+    # float(10**400) raises OverflowError, which killed the WebSocket connection.
+    value = sign * 10**400
+    with pytest.raises(ParamError, match=rf"^{name} -?1000000000.*\(401 digits\) not in \[") as info:
+        schema.get(name).validate(value)
+    assert info.value.code == "bad_param" and len(str(info.value)) < 200
+
+
+def test_a_huge_integer_for_an_unbounded_float_is_not_finite():
+    spec = ParamSpec("free", "float", 0.0, "no range")
+    with pytest.raises(ParamError, match="is not a finite number"):
+        spec.validate(10**400)
+
+
+def test_a_huge_integer_for_an_int_or_an_enum_or_a_fader_is_refused(schema):
+    with pytest.raises(ParamError, match=r"^seed .*\(401 digits\) not in \[0, 4294967295\]"):
+        schema.get("seed").validate(10**400)
+    with pytest.raises(ParamError, match=r"is not an index into"):
+        schema.get("sampler").validate(10**400)
+    with pytest.raises(ParamError, match=r"^norm/strength 1000000000… \(401 digits\) not in \[0, 1\]"):
+        schema.get("strength").denormalize(10**400)
+    with pytest.raises(ParamError, match=r"is not a boolean"):
+        ParamSpec("flag", "bool", False, "a flag").validate(10**400)
+
+
+def test_an_integer_too_long_to_print_is_still_a_clear_error(schema):
+    # Past Python's 4300-digit limit str(int) itself raises ValueError.
+    with pytest.raises(ParamError, match=r"^strength an integer of about \d+ digits not in \[0, 1\]"):
+        schema.get("strength").validate(10**5000)
