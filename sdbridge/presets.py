@@ -17,6 +17,8 @@ where saves go. A name a client sends is confined to those folders.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import tomllib
@@ -27,9 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from sdbridge.errors import ParamError
-from sdbridge.paths import confine
+from sdbridge.params import check_text, shown_value
+from sdbridge.paths import PathError, confine
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")  # matched whole (fullmatch): "$" lets "abc\n" through
+# A preset is a few hundred bytes; a larger file is refused unread, so that listing the presets (on the
+# event loop) never parses megabytes (a 50 MB file stalled every client for 6.5 s).
+MAX_FILE_BYTES = 1024 * 1024
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ParamError(f"preset name {shown_value(name)} is not 1-64 of letters, digits, space, _ . -",
+                         name="preset", value=name, code="bad_preset")
+    return name
 
 
 def default_user_dir() -> Path:
@@ -76,6 +91,9 @@ class PresetLibrary:
     def __init__(self, user_dir: Path | None = None, shipped: Path | None = None) -> None:
         self.user_dir = user_dir or default_user_dir()
         self.shipped = shipped or shipped_dir()
+        # Broken files already warned about, with their modification time: a client that polls the list
+        # gets one warning per file, and another once the file changes.
+        self._warned: dict[Path, float | None] = {}
 
     def _folders(self) -> list[tuple[Path, bool]]:
         return [(self.user_dir, False), (self.shipped, True)]
@@ -88,18 +106,31 @@ class PresetLibrary:
         return sorted(found)
 
     def list(self) -> list[Preset]:
+        """Every preset that reads; a broken file is left out (one warning naming it) and reported with its
+        reason when it is asked for by name: one bad file must not hide all the others."""
         out = []
         for name in self.names():
             try:
                 out.append(self.get(name))
-            except ParamError:
-                continue  # a broken file is reported when it is recalled
+            except (ParamError, PathError) as exc:
+                self._warn_skipped(name, exc)
         return out
 
+    def _warn_skipped(self, name: str, exc: Exception) -> None:
+        for folder, _ in self._folders():
+            path = folder / f"{name}.toml"
+            try:
+                stamp: float | None = path.lstat().st_mtime
+            except OSError:
+                continue
+            if self._warned.get(path, -1.0) != stamp:
+                self._warned[path] = stamp
+                # %r: a file name is not ours to trust in a log line (a newline would forge one).
+                log.warning("preset file %r left out of the list: %s", str(path), shown_value(str(exc), 300))
+            return
+
     def get(self, name: str) -> Preset:
-        if not isinstance(name, str) or not NAME.match(name):
-            raise ParamError(f"preset name {name!r} is not 1-64 of letters, digits, space, _ . -", name="preset",
-                             value=name, code="bad_preset")
+        _check_name(name)
         for folder, shipped in self._folders():
             path = confine(f"{name}.toml", [folder], what="preset")
             if path.is_file():
@@ -109,28 +140,63 @@ class PresetLibrary:
 
     @staticmethod
     def _read(name: str, path: Path, shipped: bool) -> Preset:
+        def bad(what: str) -> ParamError:
+            return ParamError(f"preset {name!r} ({path}) {what}", name="preset", value=name, code="bad_preset")
+
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ParamError(f"preset {name!r} ({path}) is not valid TOML: {exc}", name="preset", value=name,
-                             code="bad_preset") from exc
+            with path.open("rb") as handle:
+                raw = handle.read(MAX_FILE_BYTES + 1)  # read no more than the limit, whatever stat said
+            if len(raw) > MAX_FILE_BYTES:
+                raise bad(f"is larger than {MAX_FILE_BYTES // 2**20} MB; a preset is a few hundred bytes")
+            # ValueError covers TOMLDecodeError, UnicodeDecodeError and an integer past 4300 digits;
+            # RecursionError: tomllib recurses once per level of nested arrays or tables.
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise bad(f"is not valid TOML: {shown_value(str(exc), 200)[1:-1]}") from exc
         params = data.get("params", {})
+        if not isinstance(params, dict):
+            raise bad("needs a [params] table")
         glide = data.get("glide_s", 0.0)
-        if not isinstance(params, dict) or not isinstance(glide, (int, float)) or glide < 0:
-            raise ParamError(f"preset {name!r} ({path}) needs a [params] table and glide_s >= 0", name="preset",
-                             value=name, code="bad_preset")
-        return Preset(name, dict(params), float(glide), str(data.get("description", "")), str(path), shipped)
+        if isinstance(glide, bool) or not isinstance(glide, (int, float)) or not math.isfinite(glide) or glide < 0:
+            raise bad(f"glide_s {shown_value(glide)} is not a finite number of seconds >= 0")
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise bad(f"description {shown_value(description)} is not a string")
+        for key, value in params.items():
+            # Only what a parameter can hold: a date, a table or nan would break the JSON of every listing.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f"[params] {key} {value} is not a finite number")
+            if not isinstance(value, (str, int, float, bool)):
+                raise bad(f"[params] {key} {shown_value(value)} is a {type(value).__name__}, "
+                          "not a string, a number or a boolean")
+        return Preset(name, dict(params), float(glide), description, str(path), shipped)
 
     def save(self, name: str, params: Mapping[str, Any], description: str = "", glide_s: float = 0.0) -> Preset:
-        if not isinstance(name, str) or not NAME.match(name):
-            raise ParamError(f"preset name {name!r} is not 1-64 of letters, digits, space, _ . -", name="preset",
-                             value=name, code="bad_preset")
+        _check_name(name)
+        if not isinstance(description, str):
+            raise ParamError(f"description {shown_value(description)} is not a string", name="description",
+                             value=description)
+        check_text(description, "description")
+        for key, value in params.items():
+            check_text(str(key), f"parameter name {shown_value(str(key))}", name=str(key))
+            if isinstance(value, str):
+                check_text(value, str(key))
+        if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not math.isfinite(glide_s) \
+                or glide_s < 0:
+            raise ParamError(f"glide_s {shown_value(glide_s)} is not a finite number of seconds >= 0",
+                             name="glide_s", value=glide_s)
         self.user_dir.mkdir(parents=True, exist_ok=True)
         path = confine(f"{name}.toml", [self.user_dir], what="preset")
         preset = Preset(name, dict(params), float(glide_s), description, str(path))
+        data = dump(preset).encode("utf-8")  # encoded before any file is opened: the checks above make it safe
         temporary = path.with_suffix(".toml.tmp")
-        temporary.write_text(dump(preset), encoding="utf-8")
-        temporary.replace(path)  # atomic: a crash never leaves half a preset
+        try:
+            temporary.write_bytes(data)
+            temporary.replace(path)  # atomic: a crash never leaves half a preset
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)  # a full disk or a read-only folder leaves no .tmp behind
+            raise ParamError(f"preset {name!r} could not be saved to {self.user_dir}: {exc.strerror or exc}",
+                             name="preset", value=name, code="bad_preset") from exc
         return preset
 
 

@@ -59,3 +59,160 @@ def test_savable_leaves_out_the_tempo_and_the_ladder_target():
     # A recalled bpm would glide the tempo (and, with Ableton Link, the whole session's).
     values = {"prompt": "x", "bpm": 128.0, "ladder_fps": 30.0, "seed": 7, "steps": 4}
     assert savable(values) == {"prompt": "x", "seed": 7, "steps": 4}
+
+
+# --- hostile files and values (QA 3, findings 2 and 7) --------------------------------------------
+
+
+def _user(library):
+    library.user_dir.mkdir(parents=True, exist_ok=True)
+    return library.user_dir
+
+
+def _names(library):
+    return [preset.name for preset in library.list()]
+
+
+def test_one_bad_file_is_skipped_in_the_list_with_one_warning_each(library, tmp_path, caplog):
+    import json
+    import logging
+
+    user = _user(library)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept.toml").write_text('glide_s = 1.0\n[params]\nstrength = 0.3\n')
+    (user / "outside.toml").symlink_to(elsewhere / "kept.toml")
+    (user / "passwd.toml").symlink_to("/etc/passwd")
+    (user / "deep.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    (user / "latin1.toml").write_bytes(b'description = "caf\xe9"\n[params]\n')
+    (user / "nan.toml").write_text("glide_s = nan\n[params]\n")
+    (user / "nanparam.toml").write_text("[params]\nstrength = nan\n")
+    (user / "date.toml").write_text("[params]\nprompt = 1979-05-27\n")
+    (user / "digits.toml").write_text("[params]\nseed = " + "1" * 5000 + "\n")
+    (user / "good.toml").write_text('description = "fine"\n[params]\nstrength = 0.4\n')
+    with caplog.at_level(logging.WARNING, logger="sdbridge.presets"):
+        names = _names(library)
+        _names(library)  # asked again (a browser polls): no second warning for the same file
+    assert "good" in names and {"watercolor", "neon", "calm"} <= set(names)
+    bad = {"outside", "passwd", "deep", "latin1", "nan", "nanparam", "date", "digits"}
+    assert not bad & set(names)
+    warned = [record.getMessage() for record in caplog.records]
+    assert len(warned) == len(bad), warned
+    for name in bad:
+        assert sum(f"{name}.toml" in line for line in warned) == 1, (name, warned)
+    assert all("\n" not in line for line in warned)
+    for preset in library.list():
+        json.dumps(preset.to_json(), allow_nan=False)  # every listed preset is a valid JSON reply
+
+
+def test_a_symlink_out_of_the_folder_is_refused_by_name(library, tmp_path):
+    # The folder confinement is the security rule; a symlinked preset elsewhere is named, not followed.
+    user = _user(library)
+    (user / "passwd.toml").symlink_to("/etc/passwd")
+    with pytest.raises(PathError, match="outside the folders") as info:
+        library.get("passwd")
+    assert info.value.code == "forbidden_path"
+
+
+def test_a_symlink_inside_the_folder_works(library):
+    user = _user(library)
+    (user / "real.toml").write_text("glide_s = 2.0\n[params]\nstrength = 0.6\n")
+    (user / "alias.toml").symlink_to(user / "real.toml")
+    assert library.get("alias").params == {"strength": 0.6}
+    assert {"real", "alias"} <= set(_names(library))
+
+
+def test_a_folder_that_is_a_symlink_works(tmp_path):
+    # A presets folder kept in a synced folder: the folder itself is the root, so its files are inside.
+    synced = tmp_path / "Dropbox" / "presets"
+    synced.mkdir(parents=True)
+    (synced / "mine.toml").write_text("[params]\nstrength = 0.7\n")
+    (tmp_path / "link").symlink_to(synced)
+    assert PresetLibrary(tmp_path / "link").get("mine").params == {"strength": 0.7}
+
+
+@pytest.mark.parametrize("content, words", [
+    ("x = " + "[" * 5000 + "]" * 5000, "not valid TOML"),
+    ("[params]\nseed = " + "1" * 5000, "not valid TOML"),
+    ("glide_s = nan\n[params]", "glide_s"),
+    ("glide_s = inf\n[params]", "glide_s"),
+    ("glide_s = 1e400\n[params]", "glide_s"),
+    ("glide_s = -1.0\n[params]", "glide_s"),
+    ("glide_s = true\n[params]", "glide_s"),
+    ('glide_s = "2"\n[params]', "glide_s"),
+    ("description = 5\n[params]", "description"),
+    ("description = [1]\n[params]", "description"),
+    ("params = 5", "[params]"),
+    ("[params]\nstrength = nan", "strength"),
+    ("[params]\nstrength = -inf", "strength"),
+    ("[params]\nprompt = 1979-05-27", "prompt"),
+    ("[params.plugin]\nx = 1", "plugin"),
+    ("[params]\nseeds = [1, 2]", "seeds"),
+])
+def test_a_bad_file_is_a_bad_preset_naming_what_is_wrong(library, content, words):
+    (_user(library) / "bad.toml").write_text(content + "\n")
+    with pytest.raises(ParamError) as info:
+        library.get("bad")
+    assert info.value.code == "bad_preset" and words in str(info.value) and "'bad'" in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_a_bad_preset(library):
+    (_user(library) / "latin1.toml").write_bytes(b'description = "caf\xe9"\n[params]\n')
+    with pytest.raises(ParamError, match="not valid TOML") as info:
+        library.get("latin1")
+    assert info.value.code == "bad_preset"
+
+
+def test_a_very_large_file_is_refused_before_it_is_parsed(library, monkeypatch):
+    import tomllib
+
+    from sdbridge import presets
+
+    (_user(library) / "huge.toml").write_text("[params]\n" + "# padding\n" * 120_000 + "strength = 0.5\n")
+    parsed = []
+    monkeypatch.setattr(presets.tomllib, "loads", lambda text: parsed.append(text) or tomllib.loads(text))
+    with pytest.raises(ParamError, match=r"larger than 1 MB") as info:
+        library.get("huge")
+    assert info.value.code == "bad_preset" and not parsed
+    assert "huge" not in _names(library)
+
+
+@pytest.mark.parametrize("name", ["abc\n", "neon\n", "x\r"])
+def test_a_name_with_a_trailing_newline_is_refused(library, name):
+    # re's $ matches before a final newline: "abc\n" passed the name check and was saved as such a file.
+    with pytest.raises(ParamError, match="is not 1-64"):
+        library.save(name, {"strength": 0.5})
+    with pytest.raises(ParamError, match="is not 1-64"):
+        library.get(name)
+    assert not library.user_dir.exists() or not list(library.user_dir.iterdir())
+
+
+@pytest.mark.parametrize("description, params", [
+    ("\udcff", {"strength": 0.5}),
+    ("ok", {"prompt": "\ud800 evil"}),
+    ("ok", {"\ud800": 1}),
+])
+def test_a_save_with_a_surrogate_is_refused_and_leaves_no_file(library, description, params):
+    with pytest.raises(ParamError, match=r"unpaired surrogate \(U\+D[89A-F][0-9A-F]{2}\)") as info:
+        library.save("surr", params, description)
+    assert info.value.code == "bad_param"
+    assert not library.user_dir.exists() or not list(library.user_dir.iterdir())
+
+
+def test_a_save_that_fails_to_write_removes_its_temporary_file(library, monkeypatch):
+    from pathlib import Path
+
+    def full_disk(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    with pytest.raises(ParamError, match="could not be saved.*No space left") as info:
+        library.save("mine", {"strength": 0.5})
+    assert info.value.code == "bad_preset"
+    assert list(library.user_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("glide", [float("nan"), float("inf"), -1.0, True])
+def test_a_save_with_a_glide_that_is_not_a_time_is_refused(library, glide):
+    with pytest.raises(ParamError, match="glide_s"):
+        library.save("mine", {"strength": 0.5}, "", glide)
