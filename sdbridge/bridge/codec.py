@@ -200,7 +200,9 @@ def fit(image: np.ndarray, width: int, height: int, mode: str = "crop") -> np.nd
     """Fit ``image`` to ``width``×``height``: crop (cover, centred), fit (contain, black bars) or stretch.
 
     Returns ``image`` itself when it already has the size. INTER_AREA when shrinking (no aliasing),
-    INTER_LINEAR when growing.
+    INTER_LINEAR when growing. Crop cuts the centred region in the input's own pixels before it resizes:
+    resizing the whole input first would blow a 4096x1 frame up to 2097152x512 pixels (gigabytes and
+    seconds, for every session waiting on the worker) only to throw nearly all of it away.
     """
     if mode not in RESIZE_MODES:
         raise CodecError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
@@ -211,12 +213,15 @@ def fit(image: np.ndarray, width: int, height: int, mode: str = "crop") -> np.nd
         return image
     if mode == "stretch":
         return _resize(image, width, height)
-    scale = (max if mode == "crop" else min)(width / in_width, height / in_height)
+    if mode == "crop":
+        scale = max(width / in_width, height / in_height)
+        crop_width = min(in_width, max(1, round(width / scale)))
+        crop_height = min(in_height, max(1, round(height / scale)))
+        left, top = (in_width - crop_width) // 2, (in_height - crop_height) // 2
+        return _resize(image[top:top + crop_height, left:left + crop_width], width, height)
+    scale = min(width / in_width, height / in_height)
     new_width, new_height = max(1, round(in_width * scale)), max(1, round(in_height * scale))
     resized = _resize(image, new_width, new_height)
-    if mode == "crop":
-        left, top = (new_width - width) // 2, (new_height - height) // 2
-        return np.ascontiguousarray(resized[top:top + height, left:left + width])
     out = np.zeros((height, width, 3), np.uint8)
     left, top = (width - new_width) // 2, (height - new_height) // 2
     out[top:top + new_height, left:left + new_width] = resized

@@ -156,6 +156,9 @@ class Session:
         self.input: LatestSlot[InputFrame] = LatestSlot()
         # Condition streams (channel byte > 0: a depth or edge pass for ControlNet).
         self.conditions: dict[int, LatestSlot[InputFrame]] = {}
+        # Worker-owned: each channel's latest frame, still encoded, and the one its decoded image came from.
+        self.condition_latest: dict[int, InputFrame] = {}
+        self.condition_decoded: dict[int, InputFrame] = {}
         self.viewers: set[Viewer] = set()
         self.senders = 0
         self.state = StreamState(session_id)

@@ -448,20 +448,32 @@ class Worker(threading.Thread):
 
     def _condition(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> None:
         """Condition streams (channel > 0): each one's latest frame stays with the session for its next
-        frames (docs/protocol.md, "ControlNet and condition streams"); then the ControlNet slots' images."""
+        frames (docs/protocol.md, "ControlNet and condition streams"); then the ControlNet slots' images.
+
+        A channel is decoded only while a slot reads it, and kept encoded otherwise: 255 channels of tiny
+        JPEGs then cost what was sent, not 255 frames decoded at the engine's size (up to 12 MB each)."""
         session = job.session
-        streams = session.state.data.setdefault(CONDITIONS, {})
+        controlnets = getattr(engine, "controlnets", None)
+        read = controlnets.channels() if controlnets is not None else frozenset()
         for channel, slot in list(session.conditions.items()):
             frame = slot.take()
-            if frame is None:
+            if frame is not None:
+                session.condition_latest[channel] = frame
+        streams = session.state.data.setdefault(CONDITIONS, {})
+        for channel in [channel for channel in streams if channel not in read]:
+            del streams[channel]  # decoded again from its latest frame if a slot reads it again
+            session.condition_decoded.pop(channel, None)
+        for channel in read:
+            frame = session.condition_latest.get(channel)
+            if frame is None or session.condition_decoded.get(channel) is frame:
                 continue
+            session.condition_decoded[channel] = frame  # tried once, whether it decodes or not
             try:
                 streams[channel] = codec.fit(codec.decode_frame(frame.header, frame.payload), width, height,
                                              params["resize_mode"])
             except SdbridgeError as exc:  # the previous condition frame of this channel stays
                 session.errors += 1
                 self.report(session, {**exc.to_json(), **_frame_ref(frame)})
-        controlnets = getattr(engine, "controlnets", None)
         if controlnets is not None:
             controlnets.condition(session.state.data, job.image)
 

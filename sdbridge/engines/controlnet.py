@@ -393,6 +393,10 @@ class ControlNets:
 
     # --- condition images (CPU pool, per session) ---
 
+    def channels(self) -> frozenset[int]:
+        """The condition channels (> 0) that active slots read: the worker decodes only those."""
+        return frozenset(slot.channel for slot in self.slots if slot.active and slot.channel > 0)
+
     def condition(self, data: dict[str, Any], image: np.ndarray | None) -> None:
         """This frame's condition image for each active slot, into ``data[SLOT_IMAGES]``.
 

@@ -80,6 +80,49 @@ def test_condition_frame_on_channel_1_drives_the_controlnet(start_daemon, tiny_m
     assert np.array_equal(off, base)
 
 
+def test_only_the_channels_a_slot_reads_are_decoded(start_daemon, tiny_model_dir, controlnet_dir):
+    """QA: 255 channels of tiny frames were each kept decoded at the engine's size (900x what was sent, no slot
+    reading them). Now a channel is decoded while a slot reads it; its latest frame waits encoded till then."""
+    from sdbridge.bridge import codec
+    from sdbridge.engines.base import CONDITIONS
+
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
+                          params={"width": 64, "height": 64, "steps": 1, "strength": 1.0, "crossfade_s": 0.0,
+                                  "controlnet_1_model": "edges", "controlnet_1_channel": 1,
+                                  "controlnet_1_scale": 2.0})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30)
+    assert wait_for(lambda: serving(client, "edges"), timeout=60)
+    frame = make_image(64, 64, seed=2)
+    square = np.zeros((64, 64, 3), np.uint8)
+    square[16:48, 16:48] = 255
+    small = codec.encode_jpeg(make_image(16, 16, seed=3), 80)
+    with ws_connect(daemon, "?session=many") as ws:
+        for channel in range(2, 256):
+            ws.send(header_frame(small, PixelFormat.JPEG, 16, 16, frame_id=channel, channel=channel))
+        ws.send(raw(square, channel=40, frame_id=300))
+        ws.send(raw(frame, frame_id=301))
+        assert FrameHeader.parse(recv_frame(ws))[0].frame_id == 301
+        session = daemon.registry.get("many")
+        assert wait_for(lambda: len(session.condition_latest) == 254)
+        assert set(session.state.data.get(CONDITIONS, {})) <= {1}  # channel 1 has no frame: nothing decoded
+        # The slot turns to channel 40: the square sent before is decoded now and drives it.
+        ws.send(json.dumps({"type": "set", "params": {"controlnet_1_channel": 40}}))
+        ws.send(raw(frame, frame_id=302))
+        assert FrameHeader.parse(recv_frame(ws))[0].frame_id == 302
+        ws.send(raw(frame, frame_id=303))
+        via_40 = reply_image(recv_frame(ws))
+        assert set(session.state.data[CONDITIONS]) == {40}
+        ws.send(raw(square, channel=1, frame_id=304))
+        ws.send(json.dumps({"type": "set", "params": {"controlnet_1_channel": 1}}))
+        ws.send(raw(frame, frame_id=305))
+        recv_frame(ws)
+        ws.send(raw(frame, frame_id=306))
+        via_1 = reply_image(recv_frame(ws))
+        assert set(session.state.data[CONDITIONS]) == {1}
+    assert np.array_equal(via_40, via_1)  # the same square on either channel: the same image
+    client.close()
+
+
 def test_bad_condition_frame_is_an_error_and_the_stream_goes_on(start_daemon, tiny_model_dir, controlnet_dir):
     daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
                           params={"width": 64, "height": 64, "steps": 1})

@@ -260,3 +260,25 @@ def test_shrinking_uses_area_interpolation():
     checker = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
     small = codec.fit(np.dstack([checker] * 3), 16, 16, "stretch")
     assert np.all(np.abs(small.astype(int) - 128) <= 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 4096), (4096, 1), (2, 8000)])
+def test_crop_of_an_extreme_aspect_ratio_costs_what_the_output_does(shape):
+    """A 92-byte 4096x1 PNG used to be resized whole to 2097152x512 before the crop (3.6 GB, 10 s: every
+    session waited). The centre is cut in the input's pixels first: the output's memory, the centre's colour."""
+    import tracemalloc
+
+    long_axis = int(np.argmax(shape))
+    ramp = np.arange(shape[long_axis]) * 255 // shape[long_axis]  # the colour tells where along the long side
+    image = np.zeros((*shape, 3), np.uint8)
+    image[..., 0] = np.expand_dims(ramp, 1 - long_axis)
+    tracemalloc.start()
+    try:
+        out = codec.fit(image, 512, 512, "crop")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (512, 512, 3)
+    assert peak < 8 * 512 * 512 * 3  # a few output-sized buffers; the old path took about 3 GB here
+    centre = image[shape[0] // 2, shape[1] // 2, 0]
+    assert abs(int(out[256, 256, 0]) - int(centre)) <= 2
