@@ -9,7 +9,7 @@
     6      1    flags          Flags: bit 0 BOTTOM_UP (rows bottom-up, as TouchDesigner's raw TOP bytes)
     7      1    channel        0 = the image; 1..255 condition streams (a depth pass for ControlNet)
     8      1    reply_format   PixelFormat of the reply
-    9      3    reserved       zero
+    9      3    reserved       zero (anything else is refused, so a future use cannot be misread as v1)
     12     4    frame_id       u32, echoed in the reply
     16     8    client_ts_us   u64, echoed in the reply
     24     2    width          u16; raw formats 1..8192, encoded formats 0 (read from the file) or the size
@@ -108,6 +108,11 @@ class FrameHeader:
             raise ProtocolError(f"unsupported version {version} (expected {VERSION})")
         if flags & ~_KNOWN_FLAGS:
             raise ProtocolError(f"unknown flags 0x{flags:02x} (only bit 0, BOTTOM_UP, is defined)")
+        reserved = bytes(view[9:12])
+        if reserved != bytes(3):
+            # Refused rather than ignored: a later header revision may give these bytes a meaning, and a
+            # v1 daemon must not silently misread such a frame.
+            raise ProtocolError(f"reserved header bytes 9-11 are {reserved.hex(' ')} (must be 00 00 00)")
         header = cls(version, _pixel_format("pixel_format", pixel_format), Flags(flags), channel,
                      _pixel_format("reply_format", reply_format), frame_id, client_ts_us, width, height,
                      payload_length)

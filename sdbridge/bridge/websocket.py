@@ -13,11 +13,15 @@ import asyncio
 import json
 import logging
 import re
+import sys
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sdbridge.bridge import codec
+from sdbridge.bridge.osc import ProblemLog
 from sdbridge.bridge.protocol import FrameHeader, sniff
 from sdbridge.bridge.session import InputFrame, Session, Viewer
 from sdbridge.errors import CodecError, ParamError, ProtocolError, SdbridgeError
@@ -61,6 +65,11 @@ def parse_control(text: str) -> dict[str, Any]:
         message = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"text message is not JSON: {str(exc)[:120]}", code="bad_json") from None
+    except ValueError:
+        # int() refuses a number of more than sys.get_int_max_str_digits() digits (4300) with a plain
+        # ValueError; it must be a client's error like any other, not the end of the connection.
+        raise ProtocolError(f"text message holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+                            f"too long to read", code="bad_json") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"JSON message must be an object, got {type(message).__name__}", code="bad_json")
     kind = message.get("type")
@@ -85,12 +94,18 @@ class Connection:
         self.viewer = Viewer(name=f"{session.id}/{id(self):x}")
         self.sent_frame = False
         self.is_sender = False
+        # Errors by code, for the log's summary. Every error is answered, but only the first, then a summary
+        # every few seconds, is logged: one client sending garbage in a loop must not flood the log.
+        self.error_codes: Counter[str] = Counter()
+        self._problems = ProblemLog(log, f"client {self.viewer.name}", lambda: self.error_codes,
+                                    level=logging.INFO, noun="errors")
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
         try:
             await self._receive_loop()
         finally:
+            self._problems.flush()  # what this client did that was not logged, now that it is gone
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
 
@@ -119,7 +134,8 @@ class Connection:
 
     def error(self, exc: SdbridgeError, **extra: Any) -> None:
         self.daemon.stats.errors_sent += 1
-        log.info("client %s: %s (%s)", self.viewer.name, exc, exc.code)
+        self.error_codes[exc.code] += 1
+        self._problems.log("client %s: %s (%s)", self.viewer.name, exc, exc.code)
         self.viewer.offer_control({**exc.to_json(), **extra})
 
     # --- binary: frames ------------------------------------------------------------------------
@@ -198,11 +214,27 @@ class Connection:
         self._reply(message, {"type": "pong", "t": message.get("t")})
 
 
+def _quoted(value: str, limit: int = 80) -> str:
+    """A client's string for an error sentence: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+async def _refuse_handshake(websocket: WebSocket, status: int, exc: SdbridgeError) -> None:
+    """Refuse the handshake with ``status`` and the JSON error body that HTTP errors and the access checks send
+    (security.py), so the client reads a code and a sentence, not a bare status."""
+    if "websocket.http.response" in (websocket.scope.get("extensions") or {}):
+        await websocket.send_denial_response(JSONResponse(exc.to_json(), status_code=status))
+    else:  # a server without the extension: a bare 403, the reason only in the close frame it cannot send
+        await websocket.close(code=1008, reason=str(exc)[:120])
+
+
 async def websocket_endpoint(websocket: WebSocket) -> None:
     daemon: Daemon = websocket.app.state.daemon
     name = websocket.query_params.get("session")
     if name is not None and not SESSION_NAME.match(name):
-        await websocket.close(code=1008, reason="session name must be 1-64 of A-Z a-z 0-9 _ . -")
+        await _refuse_handshake(websocket, 403, ProtocolError(
+            f"session name {_quoted(name)} must be 1-64 of A-Z a-z 0-9 _ . -", code="bad_session"))
         return
     await websocket.accept()
     session = daemon.registry.open(name)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
+import time
 
 from websockets.asyncio.client import connect
 
 from sdbridge.bridge import codec
-from sdbridge.bridge.protocol import HEADER_SIZE, PixelFormat
-from tests.clients import header_frame, make_image
+from sdbridge.bridge.protocol import HEADER_SIZE, FrameHeader, PixelFormat
+from tests.clients import header_frame, make_image, recv_frame, recv_json, ws_connect
 
 COUNT = 100_000
 
@@ -80,3 +82,58 @@ def test_hundred_thousand_malformed_messages_each_get_an_error(start_daemon):
     assert reply[:3] == b"\xff\xd8\xff"  # the daemon still serves frames
     stats = daemon.collect_stats()
     assert stats["errors_sent"] >= sent
+
+
+# --- QA 3 findings: each bad message answered, the connection kept, the log bounded ---------------------------
+
+
+def test_an_error_flood_logs_the_first_error_then_a_summary(start_daemon, caplog):
+    """Every bad message is answered, but one client's flood is one log line and a summary, not a line each."""
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    count = 400
+    with caplog.at_level(logging.INFO, logger="sdbridge.bridge.websocket"):
+        with ws_connect(daemon) as ws:
+            recv_json(ws, "hello")
+            codes = []
+            for start in range(0, count, 20):  # in windows: a client is kept at most 64 unsent messages
+                for index in range(start, start + 20):
+                    ws.send(b"\x00garbage" if index % 2 else '{"type":"set","params":{"strength":5}}')
+                codes += [recv_json(ws, "error")["code"] for _ in range(20)]
+        assert codes.count("bad_param") == codes.count("bad_frame") == count // 2  # the client still hears each
+        deadline = time.monotonic() + 10
+
+        def client_lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "sdbridge.bridge.websocket"
+                    and r.getMessage().startswith("client ")]
+
+        while not any("not logged" in line for line in client_lines()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the summary is flushed when the server sees the connection close
+    lines = client_lines()
+    assert len(lines) == 2, lines
+    assert "strength 5" in lines[0] and "(bad_param)" in lines[0]
+    assert f"{count - 1} more errors not logged (bad_param +{count // 2 - 1}, bad_frame +{count // 2})" in lines[1]
+
+
+def test_a_5000_digit_integer_is_bad_json_and_the_connection_stays(start_daemon):
+    daemon = start_daemon(params={"engine": "identity"})
+    with ws_connect(daemon) as ws:
+        recv_json(ws, "hello")
+        ws.send('{"type":"ping","id":1,"t":' + "1" * 5000 + "}")
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_json" and "integer of more than 4300 digits" in error["message"]
+        ws.send('{"type":"ping","id":2,"t":3}')
+        assert recv_json(ws, "pong") == {"type": "pong", "t": 3, "id": 2}
+
+
+def test_non_zero_reserved_header_bytes_are_a_bad_frame(start_daemon):
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    frame = bytearray(header_frame(bytes(8 * 8 * 3), PixelFormat.RGB8, 8, 8, frame_id=42))
+    frame[9:12] = b"\xff\xff\xff"
+    with ws_connect(daemon) as ws:
+        recv_json(ws, "hello")
+        ws.send(bytes(frame))
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_frame" and error["frame_id"] == 42
+        assert "reserved header bytes 9-11 are ff ff ff" in error["message"]
+        ws.send(header_frame(bytes(8 * 8 * 3), PixelFormat.RGB8, 8, 8, frame_id=43))
+        assert FrameHeader.parse(recv_frame(ws))[0].frame_id == 43  # the same connection still serves frames

@@ -127,6 +127,9 @@ def test_sniff():
     pytest.param(patched(GOLDEN, 5, b"\x09"), "unknown pixel_format 9", id="pixel_format"),
     pytest.param(patched(GOLDEN, 6, b"\x82"), "unknown flags 0x82", id="flags"),
     pytest.param(patched(GOLDEN, 8, b"\x07"), "unknown reply_format 7", id="reply_format"),
+    pytest.param(patched(GOLDEN, 9, b"\xff\xff\xff"), "reserved header bytes 9-11 are ff ff ff (must be 00 00 00)",
+                 id="reserved"),
+    pytest.param(patched(GOLDEN, 11, b"\x01"), "reserved header bytes 9-11 are 00 00 01", id="reserved_last"),
     pytest.param(GOLDEN + b"extra", "payload is 21 bytes but the header says 16", id="payload_long"),
     pytest.param(GOLDEN[:-1], "payload is 15 bytes but the header says 16", id="payload_short"),
     pytest.param(patched(GOLDEN, 24, b"\x00\x00"), "width 0 is not allowed for RGBA8 frames", id="width_0"),
@@ -214,7 +217,7 @@ def test_serialize_of_parse_is_identity(tail):
         parsed, payload = FrameHeader.parse(data)
     except ProtocolError:
         return
-    # The reserved bytes are not kept; everything else is.
+    # Every byte is kept: a header that parses has zero reserved bytes.
     assert parsed.serialize() == data[:9] + bytes(3) + data[12:HEADER_SIZE]
     assert bytes(payload) == data[HEADER_SIZE:]
 
