@@ -56,6 +56,9 @@ class OscCall:
 
     address: str
     args: tuple[Any, ...]
+    # The type tags without the comma: python-osc decodes 'r' (an RGBA colour) as a plain int, so only the
+    # tag tells a colour from a number. Not compared: a call is its address and values.
+    tags: str = field(default="", compare=False)
 
 
 @dataclass
@@ -86,13 +89,13 @@ def _padded_string_end(data: bytes, start: int, what: str, whole: bytes) -> int:
     return end
 
 
-def _check_message(data: bytes, whole: bytes) -> None:
-    """Address, type tags and argument sizes must cover the message's bytes exactly."""
+def _check_message(data: bytes, whole: bytes) -> str:
+    """Address, type tags and argument sizes must cover the message's bytes exactly; returns the tags."""
     if not data.startswith(b"/"):
         raise _bad(f"element does not start with '/' or '#bundle' (starts with {data[:8]!r})", whole)
     index = _padded_string_end(data, 0, "address", whole)
     if index == len(data):
-        return  # no type tags: an old-style message without arguments
+        return ""  # no type tags: an old-style message without arguments
     if data[index:index + 1] != b",":
         raise _bad(f"type tags do not start with ',' (got {data[index:index + 4]!r})", whole)
     tags_end = _padded_string_end(data, index, "type tag string", whole)
@@ -122,10 +125,11 @@ def _check_message(data: bytes, whole: bytes) -> None:
         raise _bad(f"'[' without ']' in type tags ',{tags}'", whole)
     if index != len(data):
         raise _bad(f"{len(data) - index} bytes after the last argument", whole)
+    return tags
 
 
 def _parse_message(data: bytes, whole: bytes) -> OscCall:
-    _check_message(data, whole)
+    tags = _check_message(data, whole)
     try:
         message = OscMessage(data)
         address = message.address
@@ -134,7 +138,7 @@ def _parse_message(data: bytes, whole: bytes) -> OscCall:
         raise _bad("address or string argument is not valid UTF-8", whole) from None
     except Exception as exc:  # python-osc raises many types on bad bytes; all mean "malformed"
         raise _bad(f"{type(exc).__name__}: {str(exc)[:120]}", whole) from None
-    return OscCall(address, args)
+    return OscCall(address, args, tags)
 
 
 def parse_datagram(data: bytes) -> list[OscCall]:
@@ -184,6 +188,10 @@ def _one_value(call: OscCall, name: str) -> Any:
         raise ParamError(f"{call.address} needs exactly one argument, got {len(call.args)}", name=name,
                          value=list(call.args)[:4])
     value = call.args[0]
+    if call.tags == "r":
+        # A colour is four bytes, not a count: /sd/seed ,r ffffffff would set 4294967295 without a word.
+        raise ParamError(f"{call.address} is an RGBA colour ('r'), expected a number or a string", name=name,
+                         value=value)
     if value is None or isinstance(value, (bytes, bytearray, tuple, list)):
         raise ParamError(f"{call.address} {_shown(value)} is a {type(value).__name__}, expected a number or a string",
                          name=name, value=value)

@@ -351,3 +351,36 @@ def test_mapping_never_raises(calls):
     assert len(actions.errors) + len(actions.commands) + actions.ignored + len(actions.updates) <= len(calls)
     good, errors = SCHEMA.validate(actions.updates)
     assert not errors and good == actions.updates  # what comes back is already valid
+
+
+# --- the RGBA colour tag (QA 3, finding 13) ---------------------------------------------------------
+
+
+def _raw(address: str, tags: str, payload: bytes) -> bytes:
+    def padded(text: str) -> bytes:
+        raw = text.encode() + b"\x00"
+        return raw + bytes(-len(raw) % 4)
+
+    return padded(address) + padded("," + tags) + payload
+
+
+@pytest.mark.parametrize("address, name, payload", [
+    ("/sd/steps", "steps", b"\x00\x00\x00\x05"),
+    ("/sd/seed", "seed", b"\xff\xff\xff\xff"),
+    ("/sd/strength", "strength", b"\x00\x00\x00\x00"),
+    ("/sd/prompt", "prompt", b"\x00\x00\x00\x01"),
+    ("/sd/norm/strength", "strength", b"\x00\x00\x00\x01"),
+])
+def test_an_rgba_colour_is_not_a_parameter_value(address, name, payload):
+    # python-osc decodes 'r' as a plain int: /sd/steps ,r 00000005 set steps to 5, silently.
+    result = updates(_raw(address, "r", payload))
+    assert not result.updates
+    [error] = result.errors
+    assert error.code == "bad_param" and error.name == name
+    assert str(error) == f"{address} is an RGBA colour ('r'), expected a number or a string"
+
+
+def test_a_colour_still_parses_as_an_argument_of_other_addresses():
+    # Not a parameter: a command or another prefix may carry one; parsing itself still accepts the tag.
+    [call] = parse_datagram(_raw("/other/colour", "r", b"\x01\x02\x03\x04"))
+    assert call == OscCall("/other/colour", (0x01020304,)) and call.tags == "r"
