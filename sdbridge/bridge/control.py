@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sdbridge.bridge.glide import Glider
 from sdbridge.bridge.osc_parse import encode_message
 from sdbridge.errors import ParamError, SdbridgeError
-from sdbridge.params import Schema
+from sdbridge.params import Schema, shown_value
 from sdbridge.presets import PresetLibrary, savable
 
 if TYPE_CHECKING:
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_GLIDE_S = 600
+# 600 s at the fastest tempo bpm allows (300): checked before the beats are turned into seconds, so that
+# a huge integer from JSON is refused by comparison instead of overflowing float().
+MAX_GLIDE_BEATS = 3000
 
 
 class Control:
@@ -53,13 +56,19 @@ class Control:
         preset = self.presets.get(name)
         bpm = float(self.daemon.store.get("bpm"))
         if glide_beats is not None:
-            if isinstance(glide_beats, bool) or not isinstance(glide_beats, (int, float)) or glide_beats < 0:
-                raise ParamError(f"glide_beats {glide_beats!r} is not a number of beats >= 0", name="glide_beats",
-                                 value=glide_beats)
+            # "not 0 <= x <= max" also refuses nan; the comparisons never convert a huge int to float.
+            if isinstance(glide_beats, bool) or not isinstance(glide_beats, (int, float)) \
+                    or not 0 <= glide_beats <= MAX_GLIDE_BEATS:
+                raise ParamError(f"glide_beats {shown_value(glide_beats)} is not a number of beats in "
+                                 f"[0, {MAX_GLIDE_BEATS}]", name="glide_beats", value=glide_beats)
             glide_s = glide_beats * 60.0 / bpm
+            if glide_s > MAX_GLIDE_S:
+                raise ParamError(f"glide_beats {shown_value(glide_beats)} at {bpm:g} bpm is {glide_s:.0f} s, more "
+                                 f"than {MAX_GLIDE_S} s", name="glide_beats", value=glide_beats)
         duration = preset.glide_s if glide_s is None else glide_s
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration <= MAX_GLIDE_S:
-            raise ParamError(f"glide_s {duration!r} not in [0, {MAX_GLIDE_S}]", name="glide_s", value=duration)
+            raise ParamError(f"glide_s {shown_value(duration)} not in [0, {MAX_GLIDE_S}]", name="glide_s",
+                             value=duration)
         good, errors = self.daemon.store.schema.validate(preset.params)
         if on_beat:
             loop = asyncio.get_running_loop()
@@ -79,7 +88,8 @@ class Control:
         if not isinstance(description, str) or len(description) > 500:
             raise ParamError("description must be a string of at most 500 characters", name="description")
         if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not 0 <= glide_s <= MAX_GLIDE_S:
-            raise ParamError(f"glide_s {glide_s!r} not in [0, {MAX_GLIDE_S}]", name="glide_s", value=glide_s)
+            raise ParamError(f"glide_s {shown_value(glide_s)} not in [0, {MAX_GLIDE_S}]", name="glide_s",
+                             value=glide_s)
         values = {**self.daemon.store.snapshot()[1], **self.daemon.ladder.originals()}
         return self.presets.save(name, savable(values), description, float(glide_s))
 
