@@ -159,7 +159,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if isinstance(default, int):
         try:
             return int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) from a TOML "port = inf"
             raise ConfigError(f"{source}: {name} {value!r} is not an integer") from None
     if isinstance(default, float):
         try:
@@ -181,9 +181,19 @@ def load_config_file(path: Path) -> dict[str, Any]:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    except OSError as exc:  # a folder, no permission: the same one line as a syntax error, not a traceback
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        # TOMLDecodeError, UnicodeDecodeError (tomllib decodes the bytes as UTF-8) and an integer of more
+        # than 4300 digits are all ValueErrors.
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib recurses once per level of nested arrays or inline tables.
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: arrays or tables nested too deeply") \
+            from None
     section = data.get("sdbridge", data)
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"config file {str(path)!r}: [sdbridge] must be a table, got {section!r}")
     out: dict[str, Any] = {}
     for key, value in section.items():
         key = key.replace("-", "_")

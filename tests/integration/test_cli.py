@@ -56,6 +56,22 @@ def test_serve_refuses_public_address_without_token():
     assert "requires a token" in result.stderr
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"port = \n", "is not valid TOML"),  # a syntax error: what the others must look like
+    (bytes(range(256)) * 2, "is not valid TOML"),  # random bytes, not UTF-8 (QA 3, finding 10)
+    (b"x = " + b"[" * 3000 + b"]" * 3000 + b"\n", "is not valid TOML: arrays or tables nested too deeply"),
+    (b"port = inf\n", "port inf is not an integer"),
+])
+def test_serve_refuses_a_hostile_config_file_in_one_line(tmp_path, content, message):
+    config = tmp_path / "c.toml"
+    config.write_bytes(content)
+    result = sdbridge("serve", "--config", str(config), "--port", str(free_port()))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sdbridge: config file {str(config)!r}") and message in lines[0]
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--warm-sessions", "0", "warm_sessions 0 not in [1, 64]"),
     ("--warm-steps", "0,2", "warm_steps '0,2' is not 'all' or a list of step counts from 1 to 50")])

@@ -87,3 +87,28 @@ def test_loopback_names():
 def test_token_must_carry_128_bits():
     with pytest.raises(ConfigError, match="at least 22"):
         load_settings({"host": "0.0.0.0", "token": "short-token"}, env={})
+
+
+# --- hostile config files (QA 3, finding 10) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"port = 7000\nmodel = \"caf\xe9\"\n", "not valid TOML.*utf-8"),
+    (b"\xff\xfe\x00garbage", "not valid TOML"),
+    (b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", "not valid TOML.*nested too deeply"),
+    (b"port = " + b"1" * 5000 + b"\n", "not valid TOML.*digits"),
+    (b"port = inf\n", "port inf is not an integer"),
+    (b"port = nan\n", "port nan is not an integer"),
+    (b"sdbridge = 5\n", r"\[sdbridge\] must be a table"),
+])
+def test_a_hostile_config_file_is_one_config_error(tmp_path, content, message):
+    config = tmp_path / "c.toml"
+    config.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings({}, env={}, config_path=config)
+    assert "c.toml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_config_path_that_is_a_folder_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings({}, env={}, config_path=tmp_path)
