@@ -26,7 +26,7 @@ from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
 from sdbridge.engines.device import pick_device, pick_dtype
 from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
-from sdbridge.errors import ModelError, load_failure
+from sdbridge.errors import ModelError, SdbridgeError
 from sdbridge.paths import confine
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,17 @@ HOW_TO_GET_A_MODEL = ("no model configured: serving the CPU preview engine. For 
                       "`sdbridge models pull sd-turbo` on a machine with internet, or pass --model PATH "
                       "(a diffusers folder or a .safetensors checkpoint; `sdbridge models tiny DIR` writes a tiny "
                       "random one to try the pipeline)")
+
+
+# What must not reach a log line raw: C0 and C1 controls (a newline forges a line, ESC drives the terminal,
+# NUL makes grep call the log binary), DEL, the Unicode line and paragraph separators, lone surrogates.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: object) -> str:
+    """``text`` for a log line, with what could break the line escaped as Python would (``\\n``, ``\\x1b``);
+    other characters kept, so a path with accents stays readable. For client text: a model's name."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,19 @@ def module_bytes(engine: Engine) -> int:
         total += sum(t.numel() * t.element_size() for t in module.parameters())
         total += sum(t.numel() * t.element_size() for t in module.buffers())
     return total
+
+
+def _load_failure(choice: EngineChoice, exc: BaseException) -> str:
+    """errors.load_failure with the client's text escaped in the log line; the sentence returned for
+    clients (sent as JSON, where it is safe) keeps it as it is. Our own errors in one line, anything
+    else with its traceback (a bug to find)."""
+    if isinstance(exc, SdbridgeError):
+        message = str(exc)
+        log.error("engine %s failed to load: %s", printable(choice), printable(message))
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("engine %s failed to load: %s", printable(choice), printable(message), exc_info=exc)
+    return message
 
 
 class EngineHost:
@@ -170,7 +194,7 @@ class EngineHost:
             old = self._current
             self._current, self._current_choice = engine, choice
             self._unannounced = engine
-            log.info("engine %s serving on %s", choice, engine.device)
+            log.info("engine %s serving on %s", printable(choice), engine.device)
             if old is not None and old is not engine:
                 try:
                     old.close()
@@ -253,7 +277,7 @@ class EngineHost:
     def _load(self, choice: EngineChoice, warm: Mapping[str, Any] | None = None,
               request: Mapping[str, Any] | None = None) -> None:
         started = time.perf_counter()
-        log.info("loading engine %s", choice)
+        log.info("loading engine %s", printable(choice))  # the model's name is a client's text
         self._notify({"type": "engine", "status": "loading", "engine": choice.engine, "model": choice.model})
         try:
             source = self.client_model_path(choice.model) if choice.model else None
@@ -297,7 +321,7 @@ class EngineHost:
                 raise ModelError(f"{choice.model} needs {needed / 2**20:.1f} MB of device memory, more than the "
                                  f"{self.settings.vram_budget_mb} MB budget", code="out_of_memory")
         except Exception as exc:  # any failure: report it, keep the previous engine serving
-            message = load_failure(log, f"engine {choice}", exc)
+            message = _load_failure(choice, exc)
             with self._lock:
                 self._loading = None
                 self._failed = choice
@@ -319,4 +343,4 @@ class EngineHost:
             self._ready = (choice, engine)
             self._serving_request = dict(request) if request is not None else None
             self.loads += 1
-        log.info("engine %s loaded in %.1f s", choice, time.perf_counter() - started)
+        log.info("engine %s loaded in %.1f s", printable(choice), time.perf_counter() - started)

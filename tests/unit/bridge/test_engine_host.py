@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
-from sdbridge.bridge.engine_host import WARM_PARAMS, EngineHost
+import pytest
+
+from sdbridge.bridge.engine_host import WARM_PARAMS, EngineHost, printable
 from sdbridge.config import load_settings
 from sdbridge.params import Schema
 
@@ -71,3 +74,30 @@ def test_a_broken_model_at_start_is_tried_once_then_the_preview_serves(tmp_path)
     assert host.load_failures == 1 and host.active_engine().name == "preview"
     assert host.take_revert() == {} and host.status == "ready"
     host.close()
+
+
+# --- client text in the log (QA 3, finding 8) -------------------------------------------------------
+
+FORGED = "x\n20:06:00 ERROR   sdbridge.bridge.server: FAKE: daemon compromised\x1b[31mRED\x00\x85\u2028end"
+
+
+@pytest.mark.parametrize("model", [FORGED, "/tmp/" + FORGED, "sub/" + FORGED])
+def test_a_model_name_cannot_forge_a_log_line(tmp_path, caplog, model):
+    """A newline, an ANSI escape, a NUL or a Unicode line separator in a client's model name is escaped in
+    every log line that carries it: one record is one line, and a terminal shows no colour change."""
+    host = EngineHost(load_settings({"models_dir": str(tmp_path)}, env={}))
+    with caplog.at_level(logging.DEBUG, logger="sdbridge"):
+        settle(host, {**Schema().defaults(), "width": 64, "height": 64, "engine": "diffusion", "model": model})
+    assert host.load_failures == 1
+    lines = [record.getMessage() for record in caplog.records if record.name == "sdbridge.bridge.engine_host"]
+    assert any("loading engine" in line for line in lines) and any("failed to load" in line for line in lines)
+    for line in lines:
+        assert not set(line) & {"\n", "\r", "\x1b", "\x00", "\x85", "\u2028"}, line
+    assert any("\\n20:06:00 ERROR" in line and "\\x1b[31mRED\\x00" in line for line in lines), lines
+    host.close()
+
+
+def test_printable_escapes_only_what_breaks_a_line():
+    assert printable("ünïcode 猫 /models/sd-turbo") == "ünïcode 猫 /models/sd-turbo"
+    assert printable("a\nb\rc\td\x1b[0m\x00\x7f\x9b\u2029\ud800") == \
+        "a\\nb\\rc\\td\\x1b[0m\\x00\\x7f\\x9b\\u2029\\ud800"
