@@ -469,8 +469,10 @@ class Generation:
         scheduler = samplers.make_scheduler(self.engine.parts.scheduler.config, request.sampler_name,
                                            request.scheduler)
         if type(scheduler).__name__ == "DPMSolverSDEScheduler":
+            # A Brownian tree per image, each from its own seed (A1111's create_noise_sampler passes the batch's
+            # seeds): an image does not depend on its batch position. The config keeps the first, a number.
             scheduler.register_to_config(noise_sampler_seed=seeds[0])
-            scheduler.noise_sampler_seed = seeds[0]
+            scheduler.noise_sampler_seed = list(seeds)
         return scheduler
 
     def _img2img_timesteps(self, scheduler: Any, steps: int, strength: float) -> torch.Tensor:

@@ -348,3 +348,10 @@ def test_a_cfg_scale_below_one_guides_towards_the_negative_prompt(engine):
     positive_alone = run(engine, prompt="a red fox", negative_prompt="a blue car", cfg_scale=1.0)
     assert np.abs(at_zero.images[0].astype(int) - negative_alone.images[0].astype(int)).max() <= 1
     assert np.abs(at_zero.images[0].astype(int) - positive_alone.images[0].astype(int)).max() > 2
+
+
+def test_dpm_sde_images_do_not_depend_on_their_batch_position(engine):
+    """DPM++ SDE's Brownian tree is seeded per image (A1111's create_noise_sampler), not by the batch's first seed."""
+    alone = run(engine, sampler_name="DPM++ SDE", seed=11, steps=3)
+    second = run(engine, sampler_name="DPM++ SDE", seed=10, batch_size=2, steps=3)
+    assert np.abs(alone.images[0].astype(int) - second.images[1].astype(int)).max() <= 1
