@@ -21,8 +21,10 @@ import hashlib
 import json
 import logging
 import math
+import re
+import reprlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 2048
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 MODEL_LOAD_WAIT_S = 600.0
 
 
@@ -104,8 +107,31 @@ class FiniteBody(BaseModel):
         return data
 
 
+# A 422 names the bad field's input; echoed whole, a 5 MB body came back as a 5 MB 422 (QA 3).
+MAX_ECHOED_INPUT = 200
+_INPUT_REPR = reprlib.Repr()
+_INPUT_REPR.maxlevel, _INPUT_REPR.maxstring, _INPUT_REPR.maxother = 3, MAX_ECHOED_INPUT, MAX_ECHOED_INPUT
+_INPUT_REPR.maxlist = _INPUT_REPR.maxdict = 8
+
+
+def short_input(value: Any) -> Any:
+    """A validation error's ``input``: itself (JSON-safe) when a number or a short string, else a repr of at most
+    MAX_ECHOED_INPUT characters. reprlib bounds the work on a huge or deep value, not only the result."""
+    if value is None or isinstance(value, (bool, float)) or isinstance(value, str) and len(value) <= MAX_ECHOED_INPUT:
+        return json_safe(value)
+    if isinstance(value, int) and abs(value) < 10 ** MAX_ECHOED_INPUT:
+        return value
+    text = _INPUT_REPR.repr(value)
+    return text if len(text) <= MAX_ECHOED_INPUT else text[:MAX_ECHOED_INPUT - 3] + "..."
+
+
+def _short_errors(errors: Sequence[Any]) -> list[Any]:
+    return [{**error, "input": short_input(error["input"])} if isinstance(error, dict) and "input" in error
+            else json_safe(error) for error in errors]
+
+
 class A1111Route(APIRoute):
-    """FastAPI's route, with the input a validation error echoes made JSON-safe (see json_safe)."""
+    """FastAPI's route, with the input a validation error echoes made JSON-safe (see json_safe) and short."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -114,7 +140,7 @@ class A1111Route(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:  # the app's handler answers it, now encodable
-                raise RequestValidationError(json_safe(exc.errors()), body=json_safe(exc.body)) from None
+                raise RequestValidationError(_short_errors(exc.errors()), body=json_safe(exc.body)) from None
 
         return route
 
@@ -874,7 +900,9 @@ def create_router(daemon: Daemon) -> APIRouter:
         try:
             text, items = await asyncio.to_thread(pnginfo.read_info, raw)
         except SdbridgeError as exc:
-            raise HTTPException(422, f"image: {exc}") from None
+            # PIL names the file it could not identify by its repr, here "<_io.BytesIO object at 0x7f...>":
+            # an address in our memory, and no help to the client.
+            raise HTTPException(422, f"image: {_OBJECT_REPR.sub('', str(exc))}") from None
         return {"info": text or "", "items": items, "parameters": pnginfo.parse_infotext(text) if text else {}}
 
     return router

@@ -6,12 +6,15 @@ parameter listeners then fire on the loop's thread like those of OSC and WebSock
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sdbridge import __version__
@@ -23,9 +26,45 @@ from sdbridge.errors import SdbridgeError
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
 
+log = logging.getLogger(__name__)
+
+
+# The daemon's own JSON bodies (parameters, a preset) are a few kilobytes; without a limit a client could make
+# it hold any size in memory. The A1111 routes carry base64 images and keep FastAPI's own reading.
+MAX_JSON_BODY = 1024 * 1024
+
 
 def error_response(status: int, exc: SdbridgeError, **extra: Any) -> JSONResponse:
     return JSONResponse({**exc.to_json(), **extra}, status_code=status)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"type": "error", "code": code, "message": message}, status_code=status)
+
+
+async def read_json_body(request: Request, limit: int = MAX_JSON_BODY) -> Any:
+    """The request's body parsed as JSON, or the JSONResponse that refuses it: 413 ``too_large`` over ``limit``
+    bytes (told by Content-Length or counted as it streams in), 400 ``bad_json`` for a body that is not JSON,
+    nested too deep or holding an integer too long to read. A client gone mid-body gets a 400 it will not read,
+    and no traceback in the log: it is the client's doing, not the daemon's."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return _error(413, "too_large", f"request body of {int(declared)} bytes is too large (at most {limit})")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return _error(413, "too_large", f"request body of more than {limit} bytes is too large")
+    except ClientDisconnect:
+        log.debug("%s %s: the client disconnected before its body ended", request.method, request.url.path)
+        return _error(400, "bad_json", "the client disconnected before the request body ended")
+    try:
+        return json.loads(body)
+    except RecursionError:
+        return _error(400, "bad_json", "request body is not JSON: nested too deep")
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        return _error(400, "bad_json", f"request body is not JSON: {str(exc)[:120]}")
 
 
 def create_app(daemon: Daemon) -> FastAPI:
@@ -53,11 +92,9 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.post("/params")
     async def set_params(request: Request) -> JSONResponse:
         """Set parameters from a JSON object; nothing is applied when any value is bad."""
-        try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"type": "error", "code": "bad_json", "message": "request body is not JSON"},
-                                status_code=400)
+        body = await read_json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         if not isinstance(body, dict):
             return JSONResponse({"type": "error", "code": "bad_json",
                                  "message": f"request body must be a JSON object, got {type(body).__name__}"},
@@ -97,13 +134,11 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.post("/presets")
     async def save(request: Request) -> JSONResponse:
         """Save the current look: {"name": "mine", "description": "...", "glide_s": 1.0}."""
-        try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError
-        except ValueError:
-            return JSONResponse({"type": "error", "code": "bad_json", "message": "body must be a JSON object"},
-                                status_code=400)
+        body = await read_json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        if not isinstance(body, dict):
+            return _error(400, "bad_json", f"request body must be a JSON object, got {type(body).__name__}")
         try:
             preset = daemon.control.save_preset(body.get("name"), body.get("description", ""), body.get("glide_s", 0.0))
         except SdbridgeError as exc:
