@@ -28,6 +28,7 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
     stochastic: bool = False       # draws noise at each step (seeded per image)
+    spaced: bool = True            # takes timestep_spacing (LCM keeps its own skipping schedule)
 
 
 SAMPLERS: tuple[Sampler, ...] = (
@@ -44,7 +45,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DDIM", "DDIMScheduler", ("ddim",)),
     Sampler("PLMS", "PNDMScheduler", ("plms",), {"skip_prk_steps": True}),
     Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
-    Sampler("LCM", "LCMScheduler", ("lcm",), stochastic=True),
+    Sampler("LCM", "LCMScheduler", ("lcm",), stochastic=True, spaced=False),
 )
 
 
@@ -55,13 +56,19 @@ class Schedule:
     options: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     default_rho: float = -1.0
+    sigmas: bool = False           # a sigma schedule, which only k-diffusion-style schedulers take
 
 
 SCHEDULES: tuple[Schedule, ...] = (
     Schedule("automatic", "Automatic"),
     Schedule("uniform", "Uniform"),
-    Schedule("karras", "Karras", {"use_karras_sigmas": True}, default_rho=7.0),
-    Schedule("exponential", "Exponential", {"use_exponential_sigmas": True}),
+    Schedule("karras", "Karras", {"use_karras_sigmas": True}, default_rho=7.0, sigmas=True),
+    Schedule("exponential", "Exponential", {"use_exponential_sigmas": True}, sigmas=True),
+    # Timesteps evenly spaced down from the last one, the choice for turbo, Lightning and Hyper models: A1111's
+    # "Simple" picks exactly diffusers' trailing timesteps; its "SGM Uniform" spaces them by 999/n rather than
+    # 1000/n, a fraction of a timestep apart.
+    Schedule("sgm_uniform", "SGM Uniform", {"timestep_spacing": "trailing"}, aliases=("sgm uniform",)),
+    Schedule("simple", "Simple", {"timestep_spacing": "trailing"}),
 )
 
 _BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
@@ -90,7 +97,8 @@ def resolve(sampler_name: str | None, scheduler: str | None = None) -> tuple[Sam
     if schedule is None:
         raise SamplerError(f"unknown scheduler {scheduler!r} (known: {', '.join(s.label for s in SCHEDULES)})",
                            code="unknown_scheduler")
-    if schedule.options and sampler.scheduler not in _SIGMA_SCHEDULERS:
+    if (schedule.sigmas and sampler.scheduler not in _SIGMA_SCHEDULERS) or (
+            "timestep_spacing" in schedule.options and not sampler.spaced):
         raise SamplerError(f"sampler {sampler.name!r} does not take the {schedule.label} schedule",
                            code="unknown_scheduler")
     return sampler, schedule

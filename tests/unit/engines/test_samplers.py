@@ -75,3 +75,22 @@ def test_the_stream_parameter_lists_every_sampler() -> None:
     from sdbridge.params import STREAM_SAMPLERS
 
     assert STREAM_SAMPLERS == tuple(sampler.name for sampler in SAMPLERS)
+
+
+@pytest.mark.parametrize("schedule", ["SGM Uniform", "sgm_uniform", "Simple"])
+@pytest.mark.parametrize("name", ["Euler", "DPM++ 2M", "DDIM", "UniPC", "Euler a"])
+def test_sgm_uniform_and_simple_space_timesteps_down_from_the_last(name: str, schedule: str) -> None:
+    """A1111's schedule types for turbo and Lightning models: every sampler takes them, a model whose config
+    spaces its timesteps otherwise ("leading", as SD 1.5's) included."""
+    leading = {**BASE, "timestep_spacing": "leading"}
+    scheduler = samplers.make_scheduler(leading, name, schedule)
+    scheduler.set_timesteps(4)
+    assert scheduler.config["timestep_spacing"] == "trailing"
+    assert [round(float(t)) for t in scheduler.timesteps[::scheduler.order]][:4] == [999, 749, 499, 249]
+    assert samplers.make_scheduler(leading, name).config["timestep_spacing"] == "leading"
+
+
+def test_lcm_keeps_its_own_timesteps_and_says_so() -> None:
+    assert {"sgm_uniform", "simple"} <= {schedule["name"] for schedule in samplers.a1111_schedulers()}
+    with pytest.raises(SamplerError, match="'LCM' does not take the SGM Uniform schedule"):
+        samplers.resolve("LCM", "SGM Uniform")
