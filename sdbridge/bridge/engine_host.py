@@ -66,11 +66,11 @@ FP8_ENGINES = ("compiled",)  # --fp8 applies to these (sdbridge/engines/fp8.py)
 REQUEST_PARAMS = ("engine", "model")  # the parameters that choose the engine (EngineHost.choose)
 WARM_PARAMS = ("width", "height", "mode", "steps", "strength", "guidance", "sampler", "seed", "prompt",
                "negative_prompt", "blend_prompt", "prompt_blend", "loras", "clip_skip")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: "$" allows "\n"
 
 
 def _is_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and ".." not in name
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
 
 
 def module_bytes(engine: Engine) -> int:

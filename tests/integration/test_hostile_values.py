@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import socket
+import struct
 
 import httpx
 import pytest

@@ -101,3 +101,9 @@ def test_printable_escapes_only_what_breaks_a_line():
     assert printable("ünïcode 猫 /models/sd-turbo") == "ünïcode 猫 /models/sd-turbo"
     assert printable("a\nb\rc\td\x1b[0m\x00\x7f\x9b\u2029\ud800") == \
         "a\\nb\\rc\\td\\x1b[0m\\x00\\x7f\\x9b\\u2029\\ud800"
+
+
+def test_a_hub_id_with_a_trailing_newline_is_not_a_hub_id():
+    from sdbridge.bridge.engine_host import _is_hub_id
+
+    assert _is_hub_id("stabilityai/sd-turbo") and not _is_hub_id("stabilityai/sd-turbo\n")
