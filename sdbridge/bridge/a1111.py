@@ -79,12 +79,24 @@ def non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
     return None
 
 
+def _text_safe(value: str) -> str:
+    """``value`` with each lone surrogate (JSON's "\\ud800", which UTF-8 cannot carry) as that escape."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def json_safe(value: Any) -> Any:
-    """``value`` with each non-finite float as its JSON token in a string ("NaN"), so it encodes as JSON."""
+    """``value`` with each non-finite float as its JSON token in a string ("NaN") and each lone surrogate
+    escaped, so it encodes as JSON (pydantic refuses such a string, and its 422 echoes it)."""
     if isinstance(value, float) and not math.isfinite(value):
         return _json_number(value)
+    if isinstance(value, str):
+        return _text_safe(value)
     if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
+        return {_text_safe(key) if isinstance(key, str) else key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(item) for item in value]
     return value

@@ -99,3 +99,12 @@ def test_png_info_error_names_no_python_object(http):
     detail = response.json()["detail"]
     assert "not a readable image (19 bytes)" in detail and "cannot identify image file" in detail
     assert "object at 0x" not in detail and "BytesIO" not in detail
+
+
+def test_a1111_422_about_a_lone_surrogate_is_encodable(http):
+    """pydantic refuses the string; its 422 echoes it, escaped (it was a 500 and a reset connection)."""
+    response = http.post("/sdapi/v1/txt2img", content=b'{"prompt": "\\ud800 evil", "\\udcff": 1}',
+                         headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "prompt"] and error["input"] == "\\ud800 evil"
