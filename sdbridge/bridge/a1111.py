@@ -602,8 +602,11 @@ class A1111Api:
                 "RNG": "CPU",
             }
             if kind == "txt2img" and request.enable_hr:
-                params.update({"Hires upscale": _num(request.hr_scale), "Hires steps": request.hr_second_pass_steps
-                               or None, "Hires upscaler": request.hr_upscaler})
+                resize = request.hr_resize_x or request.hr_resize_y
+                params.update({"Hires resize" if resize else "Hires upscale":
+                               f"{request.hr_resize_x}x{request.hr_resize_y}" if resize else _num(request.hr_scale),
+                               "Hires steps": request.hr_second_pass_steps or None,
+                               "Hires upscaler": request.hr_upscaler})
             if request.mask is not None:
                 params["Mask blur"] = request.mask_blur
             params.update(infotext_params(request.controlnet))

@@ -136,12 +136,27 @@ class GenerationRequest:
         return None
 
     def hires_size(self) -> tuple[int, int]:
-        if self.hr_resize_x or self.hr_resize_y:
-            width = self.hr_resize_x or round(self.width * self.hr_resize_y / self.height)
-            height = self.hr_resize_y or round(self.height * self.hr_resize_x / self.width)
+        """The hires pass's (width, height): the output's size."""
+        return self.hires_plan()[0]
+
+    def hires_plan(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((width, height) out, (width, height) the first pass is scaled to), as A1111's
+        ``calculate_target_resolution``: ``hr_resize_x/y`` of another aspect ratio scale to cover the target,
+        keeping the first pass's shape, and the excess is cropped from the middle (never stretched)."""
+        if not (self.hr_resize_x or self.hr_resize_y):
+            size = (round(self.width * self.hr_scale) // 8 * 8, round(self.height * self.hr_scale) // 8 * 8)
+            return size, size
+        if not self.hr_resize_y:
+            target = _eight((self.hr_resize_x, self.hr_resize_x * self.height // self.width))
+            return target, target
+        if not self.hr_resize_x:
+            target = _eight((self.hr_resize_y * self.width // self.height, self.hr_resize_y))
+            return target, target
+        if self.width / self.height < self.hr_resize_x / self.hr_resize_y:
+            cover = (self.hr_resize_x, self.hr_resize_x * self.height // self.width)
         else:
-            width, height = round(self.width * self.hr_scale), round(self.height * self.hr_scale)
-        return width // 8 * 8, height // 8 * 8
+            cover = (self.hr_resize_y * self.width // self.height, self.hr_resize_y)
+        return _eight((self.hr_resize_x, self.hr_resize_y)), _eight(cover)
 
 
 @dataclass
@@ -294,17 +309,18 @@ class Generation:
                uncond: torch.Tensor) -> Iterator[None]:
         """Upscale the first pass, then an img2img pass at the new size (A1111's hires fix)."""
         request = self.request
-        width, height = request.hires_size()
+        (width, height), (cover_width, cover_height) = request.hires_plan()
         space, mode, antialias = HIRES_UPSCALERS[hires_upscaler(request.hr_upscaler)]
         if space == "latent":
-            init = F.interpolate(latents.float(), size=(height // self.scale, width // self.scale), mode=mode,
-                                 antialias=antialias)
+            init = F.interpolate(latents.float(), size=(cover_height // self.scale, cover_width // self.scale),
+                                 mode=mode, antialias=antialias)
             init = init.to(self.dtype)
         else:
             yield
             pixels = self._decode(latents)
-            pixels = F.interpolate(pixels.float(), size=(height, width), mode=mode, antialias=antialias)
+            pixels = F.interpolate(pixels.float(), size=(cover_height, cover_width), mode=mode, antialias=antialias)
             init = self._encode(pixels.clamp(0, 1).to(self.dtype) * 2 - 1)
+        init = _crop_centre(init, height // self.scale, width // self.scale)
         steps = request.hr_second_pass_steps or request.steps
         noise = self._noise(seeds, subseeds, width, height)
         scheduler = self._scheduler(seeds)
@@ -520,6 +536,16 @@ class Generation:
     def _to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:
         array = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(array)
+
+
+def _eight(size: tuple[int, int]) -> tuple[int, int]:
+    return size[0] // 8 * 8, size[1] // 8 * 8
+
+
+def _crop_centre(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The middle ``height`` x ``width`` of [B, C, H, W] (A1111's hires truncation: the odd one off the end)."""
+    top, left = (latents.shape[-2] - height) // 2, (latents.shape[-1] - width) // 2
+    return latents[..., top:top + height, left:left + width]
 
 
 def _step_params(scheduler: Any) -> set[str]:

@@ -145,6 +145,10 @@ def test_hires_fix_and_styles(api):
     assert info["prompt"] == "a boat, film noir, high contrast, oil painting"
     assert info["negative_prompt"] == "colour, photo"
     assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent" in info["infotexts"][0]
+    resized = api.post("/sdapi/v1/txt2img", json={"prompt": "a boat", "enable_hr": True, "hr_resize_x": 128,
+                                                    "hr_resize_y": 64, "denoising_strength": 0.5, **SMALL})
+    assert from_b64(resized.json()["images"][0]).shape == (64, 128, 3)
+    assert "Hires resize: 128x64, Hires upscaler: Latent" in json.loads(resized.json()["info"])["infotexts"][0]
     styles = api.get("/sdapi/v1/prompt-styles").json()
     assert [s["name"] for s in styles] == ["noir", "oil"]
 

@@ -355,3 +355,18 @@ def test_dpm_sde_images_do_not_depend_on_their_batch_position(engine):
     alone = run(engine, sampler_name="DPM++ SDE", seed=11, steps=3)
     second = run(engine, sampler_name="DPM++ SDE", seed=10, batch_size=2, steps=3)
     assert np.abs(alone.images[0].astype(int) - second.images[1].astype(int)).max() <= 1
+
+
+def test_hires_resize_of_another_aspect_covers_and_crops_as_a1111(engine):
+    """hr_resize_x/y (A1111's calculate_target_resolution): scale to cover the target keeping the first pass's
+    shape, crop the middle; one side alone keeps the aspect ratio."""
+    plan = GenerationRequest(width=64, height=64, enable_hr=True, hr_resize_x=128, hr_resize_y=64).hires_plan()
+    assert plan == ((128, 64), (128, 128))
+    assert GenerationRequest(width=96, height=64, hr_resize_x=128).hires_plan() == ((128, 80), (128, 80))
+    assert GenerationRequest(width=64, height=96, hr_resize_y=128).hires_plan() == ((80, 128), (80, 128))
+    assert GenerationRequest(width=64, height=64, hr_scale=1.5).hires_plan() == ((96, 96), (96, 96))
+    # Both kinds of upscaler (in pixels, in latents) cover, then crop to the target.
+    for upscaler in ("Nearest", "Latent"):
+        generation = run(engine, width=64, height=64, enable_hr=True, hr_upscaler=upscaler, hr_resize_x=128,
+                         hr_resize_y=64, denoising_strength=0.5, steps=2)
+        assert generation.images[0].shape == (64, 128, 3)
