@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.config import LOOPBACK_NAMES, Settings
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,9 @@ class AccessMiddleware:
         self.app = app
         self.policy = policy
         self.refused = 0
+        # A scanner or a misconfigured client refused in a loop: the first refusal in full, then summaries.
+        self.refusals: dict[str, int] = {}
+        self._log = ProblemLog(log, "access", lambda: self.refusals, noun="refused requests")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -153,8 +157,9 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         self.refused += 1
+        self.refusals[refusal.code] = self.refusals.get(refusal.code, 0) + 1
         client = scope.get("client")
-        log.warning("refused %s %s from %s: %s", scope["type"], scope.get("path"), client, refusal.reason)
+        self._log.warning("refused %s %r from %s: %s", scope["type"], scope.get("path"), client, refusal.reason)
         if scope["type"] == "websocket" and "websocket.http.response" not in (scope.get("extensions") or {}):
             # A server without the extension answers a handshake closed before accept with a bare 403.
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.reason[:120]})

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sdbridge.bridge import codec
-from sdbridge.bridge.osc import ProblemLog
+from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.bridge.protocol import FrameHeader, sniff
 from sdbridge.bridge.session import InputFrame, Session, Viewer
 from sdbridge.errors import CodecError, ParamError, ProtocolError, SdbridgeError
@@ -232,7 +232,7 @@ async def _refuse_handshake(websocket: WebSocket, status: int, exc: SdbridgeErro
 async def websocket_endpoint(websocket: WebSocket) -> None:
     daemon: Daemon = websocket.app.state.daemon
     name = websocket.query_params.get("session")
-    if name is not None and not SESSION_NAME.match(name):
+    if name is not None and not SESSION_NAME.fullmatch(name):
         await _refuse_handshake(websocket, 403, ProtocolError(
             f"session name {_quoted(name)} must be 1-64 of A-Z a-z 0-9 _ . -", code="bad_session"))
         return

@@ -24,6 +24,21 @@ def test_foreign_origin_websocket_refused_own_page_allowed(start_daemon):
     assert daemon.collect_stats()["refused_requests"] >= 1
 
 
+def test_a_refusal_flood_logs_the_first_then_a_summary(start_daemon, caplog):
+    """A scanner refused in a loop must not fill the log: each refusal answered, the first logged in full."""
+    import logging
+
+    daemon = start_daemon(params={"engine": "identity"})
+    with caplog.at_level(logging.INFO, logger="sdbridge.bridge.security"), httpx.Client(trust_env=False) as http:
+        for _ in range(200):
+            response = http.get(f"http://127.0.0.1:{daemon.port}/params", headers={"Host": "attacker.example"})
+            assert response.status_code == 403
+    lines = [r.getMessage() for r in caplog.records if r.name == "sdbridge.bridge.security"]
+    assert "attacker.example" in lines[0], lines
+    assert len(lines) <= 4 and all("more refused requests not logged (forbidden +" in line for line in lines[1:])
+    assert daemon.collect_stats()["refused_requests"] == 200
+
+
 def test_dns_rebinding_host_refused(start_daemon):
     daemon = start_daemon(params={"engine": "identity"})
     with httpx.Client(trust_env=False) as http:
@@ -62,3 +77,11 @@ def test_bad_session_name_is_refused_with_a_code_and_a_sentence(start_daemon, na
     assert "must be 1-64 of A-Z a-z 0-9 _ . -" in body["message"] and name[:40] in body["message"]
     with ws_connect(daemon, "?session=good_name-1.2") as ws:  # a good name still opens its session
         assert recv_json(ws, "hello")["session"] == "good_name-1.2"
+
+
+def test_a_session_name_with_a_trailing_newline_is_refused(start_daemon):
+    """'^...$' lets "name\n" through re.match; the name is matched whole."""
+    daemon = start_daemon(params={"engine": "identity"})
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(daemon, "?session=stage%0A")
+    assert info.value.response.status_code == 403 and json.loads(info.value.response.body)["code"] == "bad_session"
