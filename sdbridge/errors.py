@@ -7,6 +7,7 @@ messages) and a human sentence naming the bad value and what is allowed.
 from __future__ import annotations
 
 import logging
+import re
 
 
 class SdbridgeError(Exception):
@@ -71,11 +72,24 @@ class ConfigError(SdbridgeError):
 
 def load_failure(log: logging.Logger, what: str, exc: BaseException) -> str:
     """Log a background load that failed and return the sentence to tell clients: our own errors
-    in one line (they say what is wrong), anything else with its traceback (a bug to find)."""
+    in one line (they say what is wrong), anything else with its traceback (a bug to find).
+    ``what`` names a client's choice (a ControlNet's name): it is logged through :func:`printable`."""
     if isinstance(exc, SdbridgeError):
         message = str(exc)
-        log.error("%s failed to load: %s", what, message)
+        log.error("%s failed to load: %s", printable(what), printable(message))
     else:
         message = f"{type(exc).__name__}: {exc}"
-        log.exception("%s failed to load", what)
+        log.exception("%s failed to load", printable(what))
     return message
+
+
+# What must not reach a log line raw: C0 and C1 controls (a newline forges a line, ESC drives the terminal,
+# NUL makes grep call the log binary), DEL, the Unicode line and paragraph separators, lone surrogates.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: object) -> str:
+    """``text`` for a log line, with what could break the line escaped as Python would (``\\n``, ``\\x1b``);
+    other characters kept, so a path with accents stays readable. For client text: a model's name."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text))
+

@@ -26,7 +26,7 @@ from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
 from sdbridge.engines.device import pick_device, pick_dtype
 from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
-from sdbridge.errors import ModelError, SdbridgeError
+from sdbridge.errors import ModelError, SdbridgeError, printable
 from sdbridge.paths import confine
 
 log = logging.getLogger(__name__)
@@ -35,17 +35,6 @@ HOW_TO_GET_A_MODEL = ("no model configured: serving the CPU preview engine. For 
                       "`sdbridge models pull sd-turbo` on a machine with internet, or pass --model PATH "
                       "(a diffusers folder or a .safetensors checkpoint; `sdbridge models tiny DIR` writes a tiny "
                       "random one to try the pipeline)")
-
-
-# What must not reach a log line raw: C0 and C1 controls (a newline forges a line, ESC drives the terminal,
-# NUL makes grep call the log binary), DEL, the Unicode line and paragraph separators, lone surrogates.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def printable(text: object) -> str:
-    """``text`` for a log line, with what could break the line escaped as Python would (``\\n``, ``\\x1b``);
-    other characters kept, so a path with accents stays readable. For client text: a model's name."""
-    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 @dataclass(frozen=True)

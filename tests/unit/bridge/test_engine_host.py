@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from sdbridge.bridge.engine_host import WARM_PARAMS, EngineHost, printable
+from sdbridge.bridge.engine_host import WARM_PARAMS, EngineHost
+from sdbridge.errors import printable
 from sdbridge.config import load_settings
 from sdbridge.params import Schema
 

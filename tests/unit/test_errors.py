@@ -1,0 +1,19 @@
+"""Errors and how client text reaches the log."""
+
+from __future__ import annotations
+
+import logging
+
+from sdbridge.errors import ModelError, load_failure, printable
+
+
+def test_a_failed_load_of_a_client_named_part_logs_one_clean_line(caplog):
+    """A ControlNet or motion adapter name comes from a client: a newline in it must not forge a log line."""
+    log = logging.getLogger("sdbridge.test_errors")
+    name = "edges\n12:00:00 ERROR   sdbridge: forged\x1b[31m"
+    with caplog.at_level(logging.ERROR, logger=log.name):
+        message = load_failure(log, f"controlnet {name}", ModelError(f"{name!r} not found"))
+    [line] = [record.getMessage() for record in caplog.records]
+    assert "\n" not in line and "\x1b" not in line and "\\n12:00:00" in line
+    assert message == ModelError(f"{name!r} not found").args[0]  # the client's sentence is as it was
+    assert printable("Ünïcode path/ok") == "Ünïcode path/ok"
