@@ -1,0 +1,97 @@
+"""Prompt editing, alternation and AND against AUTOMATIC1111's prompt_parser (its docstring examples,
+and tricky cases whose answers were taken from its lark parser, 1.6+ defaults)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable, uses_composable
+
+ALTERNATE_10 = [(step, "a" if step % 2 else "(b:1.1)") for step in range(1, 11)]
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    # get_learned_conditioning_prompt_schedules's docstring, 10 steps.
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", ALTERNATE_10),
+    ("[fe|]male", [(step, "female" if step % 2 else "male") for step in range(1, 11)]),
+    ("[fe|||]male", [(step, "female" if step % 4 == 1 else "male") for step in range(1, 11)]),
+])
+def test_a1111_docstring_examples(prompt, expected):
+    assert prompt_schedules(prompt, 10) == expected
+
+
+def test_a1111_hires_examples():
+    # The hires pass (10 steps after 10): 1.5 is half-way through it, .5 is before it began.
+    assert prompt_schedules("a [b:.5] c", 10, hires_steps=10) == [(10, "a b c")]
+    assert prompt_schedules("a [b:1.5] c", 10, hires_steps=10) == [(5, "a  c"), (10, "a b c")]
+    assert prompt_schedules("a [b:15] c", 10, hires_steps=10) == [(5, "a  c"), (10, "a b c")]
+
+
+@pytest.mark.parametrize("prompt, steps, expected", [
+    ("[a:b:0.5]", 10, [(5, "a"), (10, "b")]),
+    ("[a:b:0]", 10, [(10, "b")]),                 # step 0 is before the first: "to" throughout
+    ("[a:b:1]", 10, [(1, "a"), (10, "b")]),
+    ("[a:b:1.0]", 10, [(10, "a")]),               # with a "." it is a fraction: the whole run
+    ("[a:b:10]", 4, [(4, "a")]),                  # past the last step: "from" throughout
+    ("[a:b:-1]", 10, [(10, "b")]),
+    ("[a:b:3 ]", 10, [(3, "a"), (10, "b")]),
+    ("[a:b:1e999]", 10, [(10, "a")]),             # A1111 fails on int(inf); past the end is the end
+    ("[a::3] c", 10, [(3, "a c"), (10, " c")]),
+    ("[[a|b]:c:0.5]", 4, [(1, "a"), (2, "b"), (3, "c"), (4, "c")]),
+    ("a BREAK [b:c:2] <lora:x:0.5>", 10, [(2, "a BREAK b <lora:x:0.5>"), (10, "a BREAK c <lora:x:0.5>")]),
+    ("((a [b:c:0.5]))", 10, [(5, "((a b))"), (10, "((a c))")]),
+    ("(a [b:c:0.5]:1.2)", 10, [(5, "(a b:1.2)"), (10, "(a c:1.2)")]),
+    # Left as text for the attention parser: emphasis, weights, escapes, a "when" that is no number.
+    ("[a]", 10, [(10, "[a]")]),
+    ("(a:1.2)", 10, [(10, "(a:1.2)")]),
+    ("[a:1.2]", 10, [(10, "")]),                  # a schedule: "a" from 12 of 10 steps, so never
+    ("\\[a:b:3\\]", 10, [(10, "\\[a:b:3\\]")]),
+    ("[a:b:c]", 10, [(10, "[a:b:c]")]),
+    # Not A1111's grammar at all (a "|" outside brackets, a trailing "\"): the prompt, unchanged.
+    ("a | b [c:3]", 10, [(10, "a | b [c:3]")]),
+    # The docstring says [(5, "a  c"), (10, "a {b|d{ c")] ("not handling this right now"); its parser
+    # gives this, as here.
+    ("a [{b|d{:.5] c", 10, [(10, "a [{b|d{:.5] c")]),
+    ("a [b:3] \\", 10, [(10, "a [b:3] \\")]),
+])
+def test_tricky_prompts_as_a1111_parses_them(prompt, steps, expected):
+    assert prompt_schedules(prompt, steps) == expected
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("[a:b:0.25]", [(2, "a"), (10, "b")]),
+    ("[a:b:1.0]", [(1, "a"), (10, "b")]),          # below 1 a fraction, else a step
+    ("[a:1.2]", [(1, ""), (10, "a")]),
+])
+def test_old_prompt_editing_timelines(prompt, expected):
+    assert prompt_schedules(prompt, 10, old_scheduling=True) == expected
+
+
+def test_bad_steps_name_the_value():
+    with pytest.raises(ValueError, match="steps 0"):
+        prompt_schedules("a", 0)
+
+
+@pytest.mark.parametrize("prompt, uses, parts", [
+    ("a cat AND a dog:0.5", True, [("a cat", 1.0), (" a dog", 0.5)]),
+    ("a cat AND a dog : -1.5 ", True, [("a cat", 1.0), (" a dog", -1.5)]),
+    ("a,AND,b", True, [("a,", 1.0), (",b", 1.0)]),
+    ("a cat and a dog", False, [("a cat and a dog", 1.0)]),   # in capitals only
+    ("SANDY beach, ANDROID", False, [("SANDY beach, ANDROID", 1.0)]),
+    ("a cat:1.5", False, [("a cat", 1.5)]),                    # A1111 reads the weight without AND too
+    ("(a cat:1.5)", False, [("(a cat:1.5)", 1.0)]),
+    ("line one\nline two AND x", True, [("line one\nline two", 1.0), (" x", 1.0)]),
+])
+def test_composable_and(prompt, uses, parts):
+    assert uses_composable(prompt) is uses
+    assert split_composable(prompt) == parts
