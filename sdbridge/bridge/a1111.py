@@ -600,6 +600,7 @@ class A1111Api:
                 "Clip skip": generation.clip_skip + 1 if generation.clip_skip > 0 else None,  # A1111 omits 1
                 # A1111 reads a missing RNG as GPU: without it, its PNG Info would regenerate with other noise.
                 "RNG": "CPU",
+                "Pad conds": "True" if generation.padded_conds else None,
             }
             if kind == "txt2img" and request.enable_hr:
                 resize = request.hr_resize_x or request.hr_resize_y

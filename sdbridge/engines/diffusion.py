@@ -275,10 +275,11 @@ class DiffusionEngine(Engine):
         hidden, pooled = self._encode_prompt_pooled(prompt)
         return hidden, self._make_added_cond(pooled) if self._sdxl else None
 
-    def encode_prompt_pair(self, prompt: str, negative_prompt: str, clip_skip: int | None = None
+    def encode_prompt_pair(self, prompt: str, negative_prompt: str, clip_skip: int | None = None, pad: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """(cond, uncond, pooled) for guidance (one-shot requests): embeddings of equal length, each
-        [1, 77 * k, D], and for SDXL the pooled embeds (uncond, cond), each [1, D_pool] (None otherwise).
+        """(cond, uncond, pooled) for guidance (one-shot requests): embeddings [1, 77 * k, D], each as long as
+        its own prompt (``pad``: the shorter padded with the empty prompt's chunks), and for SDXL the pooled
+        embeds (uncond, cond), each [1, D_pool] (None otherwise).
         An empty negative prompt on SDXL is zeros, as the stream (and A1111, and diffusers) make it.
 
         The prompt's ``<lora:...>`` tags apply while encoding; the weights are the stream's again
@@ -293,7 +294,8 @@ class DiffusionEngine(Engine):
             with self.lora_scope(self.prompt_loras(prompt)):
                 cond, cond_pooled = self._encode_prompt_pooled(prompt)
                 uncond, uncond_pooled = self._negative(negative_prompt, cond, cond_pooled)
-                cond, uncond = match_lengths(cond, uncond, self._encode_prompt(""))
+                if pad:
+                    cond, uncond = match_lengths(cond, uncond, self._encode_prompt(""))
         finally:
             self.conditioning.clip_skip = live_clip_skip
         pooled = (uncond_pooled, cond_pooled) if cond_pooled is not None and uncond_pooled is not None else None

@@ -250,6 +250,7 @@ class Generation:
         self._latents: torch.Tensor | None = None
         self.loras: dict[str, float] = {}
         self.pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # SDXL's (uncond, cond) pooled embeds
+        self.padded_conds = False  # the shorter prompt padded to the longer (with ControlNet units)
         # Each image's CPU generator, past its starting noise: the sampler's step noise comes next from it.
         self._generators: list[torch.Generator] = []
         # Made on the worker thread after a turn's prepare: the live value is the current one.
@@ -271,8 +272,11 @@ class Generation:
         # The prompt's <lora:...> tags: applied while encoding and around each UNet step, the
         # stream's weights back in between (the stream runs between this request's steps).
         self.loras = self.engine.prompt_loras(request.prompt)
+        # ControlNet units take one batch, so the shorter prompt is padded to the longer (A1111's "Pad conds");
+        # otherwise prompts of different lengths run as two UNet calls, as A1111 does by default.
+        self.padded_conds = bool(request.controlnet)
         cond, uncond, self.pooled = self.engine.encode_prompt_pair(request.prompt, request.negative_prompt,
-                                                                   self.clip_skip)
+                                                                   self.clip_skip, pad=self.padded_conds)
         for batch_no in range(request.n_iter):
             if self.progress.interrupted:
                 break
@@ -406,8 +410,12 @@ class Generation:
         unet = self.parts.unet
         batch = latents.shape[0]
         guided = request.cfg_scale != 1.0  # below 1 too: A1111 blends towards the negative prompt there
-        embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)]) if guided \
-            else cond.expand(batch, -1, -1)
+        # Prompts of different lengths (one past 75 tokens) run as two UNet calls, as A1111 does by default
+        # (pad_cond_uncond off): padding the shorter with the empty prompt would change the image.
+        separate = guided and cond.shape[1] != uncond.shape[1]
+        embeddings = cond.expand(batch, -1, -1) if not guided else None if separate else \
+            torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+        halves = (uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1))
         height, width = latents.shape[-2] * self.scale, latents.shape[-1] * self.scale
         added = self._added_cond(batch, height, width, guided)
         added_halves = ({"added_cond_kwargs": {k: v[:batch] for k, v in added.items()}},
@@ -427,19 +435,20 @@ class Generation:
             if self.progress.interrupted or self.progress.skipped:
                 break
             noise_uncond = None
-            if guided and controls is None and self.split_guidance:
+            if guided and controls is None and (self.split_guidance or separate):
                 # The uncond half now, the cond half after the stream's next turn. The request's
                 # LoRA scope is left before the yield: the stream runs with its own weights.
                 with torch.inference_mode(), self.engine.lora_scope(self.loras):
                     half_input = scheduler.scale_model_input(latents, t)
-                    noise_uncond = unet(half_input, t, encoder_hidden_states=embeddings[:batch], return_dict=False,
+                    noise_uncond = unet(half_input, t, encoder_hidden_states=halves[0], return_dict=False,
                                         **added_halves[0])[0]
-                yield
+                if self.split_guidance:
+                    yield
                 if self.progress.interrupted or self.progress.skipped:
                     break
             with torch.inference_mode(), self.engine.lora_scope(self.loras):
                 if noise_uncond is not None:
-                    noise_cond = unet(half_input, t, encoder_hidden_states=embeddings[batch:], return_dict=False,
+                    noise_cond = unet(half_input, t, encoder_hidden_states=halves[1], return_dict=False,
                                       **added_halves[1])[0]
                 else:
                     model_input = torch.cat([latents] * 2) if guided else latents

@@ -370,3 +370,23 @@ def test_hires_resize_of_another_aspect_covers_and_crops_as_a1111(engine):
         generation = run(engine, width=64, height=64, enable_hr=True, hr_upscaler=upscaler, hr_resize_x=128,
                          hr_resize_y=64, denoising_strength=0.5, steps=2)
         assert generation.images[0].shape == (64, 128, 3)
+
+
+def test_a_long_prompt_and_a_short_negative_run_as_two_unet_calls_unpadded(engine, monkeypatch):
+    """A1111's default (pad_cond_uncond off): a cond of several 77-token chunks and an uncond of one go through
+    the UNet apart, the shorter not padded with the empty prompt (which would change the image)."""
+    long_prompt = ", ".join(["a red fox in the snow"] * 20)
+    calls: list[int] = []
+    hook = engine.parts.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        apart = run(engine, prompt=long_prompt, negative_prompt="blur", steps=2)
+    finally:
+        hook.remove()
+    assert len(calls) == 4 and calls[0] == 77 and calls[1] > 77  # each step: the uncond call, then the cond call
+    assert not apart.padded_conds
+    original = engine.encode_prompt_pair
+    monkeypatch.setattr(engine, "encode_prompt_pair",
+                        lambda *args, **kwargs: original(*args, **{**kwargs, "pad": True}))
+    padded = run(engine, prompt=long_prompt, negative_prompt="blur", steps=2)
+    assert not np.array_equal(padded.images[0], apart.images[0])  # padding is not neutral: A1111 does not pad
