@@ -275,14 +275,16 @@ class DiffusionEngine(Engine):
         hidden, pooled = self._encode_prompt_pooled(prompt)
         return hidden, self._make_added_cond(pooled) if self._sdxl else None
 
-    def encode_prompt_pair(self, prompt: str, negative_prompt: str, clip_skip: int | None = None, pad: bool = False
+    def encode_prompt_pair(self, prompt: str, negative_prompt: str, clip_skip: int | None = None, pad: bool = False,
+                           loras: Mapping[str, float] | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """(cond, uncond, pooled) for guidance (one-shot requests): embeddings [1, 77 * k, D], each as long as
         its own prompt (``pad``: the shorter padded with the empty prompt's chunks), and for SDXL the pooled
         embeds (uncond, cond), each [1, D_pool] (None otherwise).
         An empty negative prompt on SDXL is zeros, as the stream (and A1111, and diffusers) make it.
 
-        The prompt's ``<lora:...>`` tags apply while encoding; the weights are the stream's again
+        The prompt's ``<lora:...>`` tags (or ``loras``, {name: weight}, when given: a scheduled prompt's
+        text may lack the tags of the whole) apply while encoding; the weights are the stream's again
         afterwards (run the UNet inside :meth:`lora_scope` for the request's LoRAs). ``clip_skip``
         (layers skipped, as the live parameter counts) applies to this pair only; None: the live value.
         """
@@ -291,7 +293,7 @@ class DiffusionEngine(Engine):
         if clip_skip is not None:
             self.conditioning.clip_skip = clip_skip
         try:
-            with self.lora_scope(self.prompt_loras(prompt)):
+            with self.lora_scope(self.prompt_loras(prompt) if loras is None else loras):
                 cond, cond_pooled = self._encode_prompt_pooled(prompt)
                 uncond, uncond_pooled = self._negative(negative_prompt, cond, cond_pooled)
                 if pad:

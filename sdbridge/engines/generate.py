@@ -17,6 +17,7 @@ an image does not depend on its batch position, nor on the device.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -32,10 +33,13 @@ import torch.nn.functional as F
 from sdbridge.bridge import codec
 from sdbridge.engines import samplers
 from sdbridge.engines.controlnet import RequestUnit, request_stack
+from sdbridge.engines.prompt_schedule import prompt_schedules, uses_composable
 from sdbridge.errors import SdbridgeError
 
 if TYPE_CHECKING:
     from sdbridge.engines.diffusion import DiffusionEngine
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
 RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", 3: "stretch"}  # A1111: just resize, crop, fill, latent
@@ -231,6 +235,33 @@ def image_noise(seed: int, subseed: int, subseed_strength: float, shape: Sequenc
     return image_rng(seed, subseed, subseed_strength, shape, resize_from)[0]
 
 
+@dataclass(frozen=True)
+class PromptStep:
+    """The conditioning of the sampler's steps while its counter (from 0) is at most ``end``, after the
+    previous entry's (A1111's ``end_at_step``: ``[a:b:0.5]`` at 10 steps is ``a`` for 6 steps, as there):
+    prompt editing ``[from:to:when]`` and alternation ``[a|b]`` change it between steps."""
+
+    end: int
+    cond: torch.Tensor                                  # [1, 77 * k, D]
+    uncond: torch.Tensor                                # [1, 77 * j, D]; j may differ from k
+    pooled: tuple[torch.Tensor, torch.Tensor] | None    # SDXL's (uncond, cond) pooled embeds
+
+    @staticmethod
+    def at(schedule: Sequence[PromptStep], step: int) -> PromptStep:
+        return next((entry for entry in schedule if step <= entry.end), schedule[-1])
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    """One PromptStep's UNet inputs for a pass: the guided batch, or its two halves."""
+
+    embeddings: torch.Tensor | None      # [uncond; cond] rows, or cond alone unguided; None when apart
+    halves: tuple[torch.Tensor, torch.Tensor]
+    added: dict[str, torch.Tensor] | None
+    added_halves: tuple[dict[str, Any], dict[str, Any]]
+    separate: bool                       # prompts of different lengths: two UNet calls
+
+
 class Generation:
     """One request, run step by step on the worker thread."""
 
@@ -249,7 +280,6 @@ class Generation:
         self.scale = engine.vae_scale_factor
         self._latents: torch.Tensor | None = None
         self.loras: dict[str, float] = {}
-        self.pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # SDXL's (uncond, cond) pooled embeds
         self.padded_conds = False  # the shorter prompt padded to the longer (with ControlNet units)
         # Each image's CPU generator, past its starting noise: the sampler's step noise comes next from it.
         self._generators: list[torch.Generator] = []
@@ -275,8 +305,7 @@ class Generation:
         # ControlNet units take one batch, so the shorter prompt is padded to the longer (A1111's "Pad conds");
         # otherwise prompts of different lengths run as two UNet calls, as A1111 does by default.
         self.padded_conds = bool(request.controlnet)
-        cond, uncond, self.pooled = self.engine.encode_prompt_pair(request.prompt, request.negative_prompt,
-                                                                   self.clip_skip, pad=self.padded_conds)
+        prompts = self._prompt_schedule()
         for batch_no in range(request.n_iter):
             if self.progress.interrupted:
                 break
@@ -286,31 +315,49 @@ class Generation:
             seeds = self.seeds[first:first + request.batch_size]
             subseeds = self.subseeds[first:first + request.batch_size]
             if request.is_img2img:
-                images = yield from self._img2img_batch(seeds, subseeds, cond, uncond, first)
+                images = yield from self._img2img_batch(seeds, subseeds, prompts, first)
             else:
-                images = yield from self._txt2img_batch(seeds, subseeds, cond, uncond)
+                images = yield from self._txt2img_batch(seeds, subseeds, prompts)
             self.images.extend(images)
             self.used_seeds.extend(seeds[: len(images)])
 
     def request_preview(self) -> None:
         self.progress.preview_wanted = True
 
+    def _prompt_schedule(self, hires_steps: int | None = None) -> list[PromptStep]:
+        """The prompts' conditioning per step: A1111's prompt editing and alternation on both prompts, each
+        distinct pair encoded once. ``hires_steps``: the hires pass's schedule (``when`` counts on from the
+        first pass). The prompt's LoRA tags hold for every step, as A1111 strips them before scheduling."""
+        request = self.request
+        if uses_composable(request.prompt):
+            log.warning("txt2img/img2img: the prompt's AND (composable diffusion) is read as plain text")
+        positive = prompt_schedules(request.prompt, request.steps, hires_steps)
+        negative = prompt_schedules(request.negative_prompt, request.steps, hires_steps)
+        encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, Any]] = {}
+        schedule = []
+        for end in sorted({end for end, _ in positive} | {end for end, _ in negative}):
+            texts = (next(text for last, text in positive if end <= last), next(text for last, text in negative
+                                                                                if end <= last))
+            if texts not in encoded:
+                encoded[texts] = self.engine.encode_prompt_pair(*texts, self.clip_skip, pad=self.padded_conds,
+                                                                loras=self.loras)
+            schedule.append(PromptStep(end, *encoded[texts]))
+        return schedule
+
     # --- txt2img ------------------------------------------------------------------------------
 
-    def _txt2img_batch(self, seeds: list[int], subseeds: list[int], cond: torch.Tensor,
-                       uncond: torch.Tensor) -> Iterator[None]:
+    def _txt2img_batch(self, seeds: list[int], subseeds: list[int], prompts: list[PromptStep]) -> Iterator[None]:
         request = self.request
         noise = self._noise(seeds, subseeds, request.width, request.height)
         scheduler = self._scheduler(seeds)
         scheduler.set_timesteps(request.steps, device=self.device)
         latents = noise * scheduler.init_noise_sigma
-        latents = yield from self._denoise(scheduler, scheduler.timesteps, latents, cond, uncond, seeds)
+        latents = yield from self._denoise(scheduler, scheduler.timesteps, latents, prompts, seeds)
         if request.enable_hr and not self.progress.interrupted:
-            latents = yield from self._hires(latents, seeds, subseeds, cond, uncond)
+            latents = yield from self._hires(latents, seeds, subseeds)
         return (yield from self._decode_each(latents))
 
-    def _hires(self, latents: torch.Tensor, seeds: list[int], subseeds: list[int], cond: torch.Tensor,
-               uncond: torch.Tensor) -> Iterator[None]:
+    def _hires(self, latents: torch.Tensor, seeds: list[int], subseeds: list[int]) -> Iterator[None]:
         """Upscale the first pass, then an img2img pass at the new size (A1111's hires fix)."""
         request = self.request
         (width, height), (cover_width, cover_height) = request.hires_plan()
@@ -330,11 +377,12 @@ class Generation:
         scheduler = self._scheduler(seeds)
         timesteps = self._img2img_timesteps(scheduler, steps, request.denoising_strength)
         start = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(seeds)))
-        return (yield from self._denoise(scheduler, timesteps, start, cond, uncond, seeds))
+        prompts = self._prompt_schedule(hires_steps=steps)
+        return (yield from self._denoise(scheduler, timesteps, start, prompts, seeds))
 
     # --- img2img and inpainting ---------------------------------------------------------------
 
-    def _img2img_batch(self, seeds: list[int], subseeds: list[int], cond: torch.Tensor, uncond: torch.Tensor,
+    def _img2img_batch(self, seeds: list[int], subseeds: list[int], prompts: list[PromptStep],
                        first: int) -> Iterator[None]:
         request = self.request
         width, height = request.width, request.height
@@ -374,7 +422,7 @@ class Generation:
         keep = None
         if latent_mask is not None:
             keep = (init_latents, noise, latent_mask)
-        latents = yield from self._denoise(scheduler, timesteps, latents, cond, uncond, seeds, keep=keep)
+        latents = yield from self._denoise(scheduler, timesteps, latents, prompts, seeds, keep=keep)
         images = yield from self._decode_each(latents)
         if mask is None:
             return images
@@ -402,25 +450,16 @@ class Generation:
 
     # --- the shared loop ----------------------------------------------------------------------
 
-    def _denoise(self, scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor, cond: torch.Tensor,
-                 uncond: torch.Tensor, seeds: list[int],
+    def _denoise(self, scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor, prompts: list[PromptStep],
+                 seeds: list[int],
                  keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Iterator[None]:
         """The UNet steps with classifier-free guidance; yields after each one."""
         request = self.request
         unet = self.parts.unet
         batch = latents.shape[0]
         guided = request.cfg_scale != 1.0  # below 1 too: A1111 blends towards the negative prompt there
-        # Prompts of different lengths (one past 75 tokens) run as two UNet calls, as A1111 does by default
-        # (pad_cond_uncond off): padding the shorter with the empty prompt would change the image.
-        separate = guided and cond.shape[1] != uncond.shape[1]
-        embeddings = cond.expand(batch, -1, -1) if not guided else None if separate else \
-            torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
-        halves = (uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1))
         height, width = latents.shape[-2] * self.scale, latents.shape[-1] * self.scale
-        added = self._added_cond(batch, height, width, guided)
-        added_halves = ({"added_cond_kwargs": {k: v[:batch] for k, v in added.items()}},
-                        {"added_cond_kwargs": {k: v[-batch:] for k, v in added.items()}}) if added else ({}, {})
-        added_both = {"added_cond_kwargs": added} if added else {}
+        inputs = {id(step): self._step_inputs(step, batch, height, width, guided) for step in prompts}
         accepted = _step_params(scheduler)
         # CPU generators: diffusers draws on them and moves the noise to the device, as A1111 does with RNG on the CPU.
         generators = self._generators if len(self._generators) == batch else [
@@ -434,8 +473,12 @@ class Generation:
         for index, t in enumerate(timesteps):
             if self.progress.interrupted or self.progress.skipped:
                 break
+            # The step counter as A1111's prompt schedules count it (model calls from 0; img2img starts at 0 too).
+            now = inputs[id(PromptStep.at(prompts, index))]
+            embeddings, halves, added, added_halves = now.embeddings, now.halves, now.added, now.added_halves
+            added_both = {"added_cond_kwargs": added} if added else {}
             noise_uncond = None
-            if guided and controls is None and (self.split_guidance or separate):
+            if guided and controls is None and (self.split_guidance or now.separate):
                 # The uncond half now, the cond half after the stream's next turn. The request's
                 # LoRA scope is left before the yield: the stream runs with its own weights.
                 with torch.inference_mode(), self.engine.lora_scope(self.loras):
@@ -478,13 +521,28 @@ class Generation:
 
     # --- pieces -------------------------------------------------------------------------------
 
-    def _added_cond(self, batch: int, height: int, width: int, guided: bool) -> dict[str, torch.Tensor] | None:
+    @staticmethod
+    def _step_inputs(step: PromptStep, batch: int, height: int, width: int, guided: bool) -> _StepInputs:
+        # Prompts of different lengths (one past 75 tokens) run as two UNet calls, as A1111 does by default
+        # (pad_cond_uncond off): padding the shorter with the empty prompt would change the image.
+        separate = guided and step.cond.shape[1] != step.uncond.shape[1]
+        cond, uncond = step.cond.expand(batch, -1, -1), step.uncond.expand(batch, -1, -1)
+        embeddings = cond if not guided else None if separate else torch.cat([uncond, cond])
+        added = Generation._added_cond(step.pooled, batch, height, width, guided)
+        added_halves: tuple[dict[str, Any], dict[str, Any]] = (
+            {"added_cond_kwargs": {k: v[:batch] for k, v in added.items()}},
+            {"added_cond_kwargs": {k: v[-batch:] for k, v in added.items()}}) if added else ({}, {})
+        return _StepInputs(embeddings, (uncond, cond), added, added_halves, separate)
+
+    @staticmethod
+    def _added_cond(pooled_pair: tuple[torch.Tensor, torch.Tensor] | None, batch: int, height: int, width: int,
+                    guided: bool) -> dict[str, torch.Tensor] | None:
         """SDXL's added conditioning for a pass at ``width`` x ``height``: the pooled embeds, uncond rows
         first when guided, and the time ids (original size, crop top-left, target size) = (H, W, 0, 0, H, W),
         as A1111 and diffusers' SDXL pipelines make them with no crop. None for SD 1.x/2.x."""
-        if self.pooled is None:
+        if pooled_pair is None:
             return None
-        uncond, cond = self.pooled
+        uncond, cond = pooled_pair
         pooled = torch.cat([uncond.expand(batch, -1), cond.expand(batch, -1)]) if guided else cond.expand(batch, -1)
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
         return {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}

@@ -390,3 +390,29 @@ def test_a_long_prompt_and_a_short_negative_run_as_two_unet_calls_unpadded(engin
                         lambda *args, **kwargs: original(*args, **{**kwargs, "pad": True}))
     padded = run(engine, prompt=long_prompt, negative_prompt="blur", steps=2)
     assert not np.array_equal(padded.images[0], apart.images[0])  # padding is not neutral: A1111 does not pad
+
+
+def test_prompt_editing_and_alternation_change_the_prompt_between_steps(engine):
+    """A1111's [from:to:when] and [a|b] (prompt_schedule.py): the UNet sees each prompt at A1111's steps."""
+    fox, _, _ = engine.encode_prompt_pair("a red fox", "")
+    car, _, _ = engine.encode_prompt_pair("a blue car", "")
+    seen: list[str] = []
+
+    def record(module, args, kwargs):
+        states = kwargs["encoder_hidden_states"][-1:]  # the cond row (the uncond row first when guided)
+        seen.append("fox" if torch.equal(states, fox) else "car" if torch.equal(states, car) else "?")
+
+    hook = engine.parts.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        edited = run(engine, prompt="[a red fox:a blue car:0.5]", negative_prompt="", steps=4)
+        edit_seen, seen[:] = list(seen), []
+        run(engine, prompt="[a red fox|a blue car]", negative_prompt="", steps=4)
+        alternate_seen = list(seen)
+    finally:
+        hook.remove()
+    assert edit_seen == ["fox", "fox", "fox", "car"]  # A1111: the counter 0..2 is <= 2 (0.5 of 4 steps)
+    assert alternate_seen == ["fox", "fox", "car", "fox"]  # A1111's end steps 1, 2, 3, 4 against a counter from 0
+    never = run(engine, prompt="[a red fox:a blue car:10]", negative_prompt="", steps=4)
+    plain = run(engine, prompt="a red fox", negative_prompt="", steps=4)
+    assert np.array_equal(never.images[0], plain.images[0])
+    assert not np.array_equal(edited.images[0], plain.images[0])
