@@ -675,7 +675,7 @@ def fp8_rows(parts: Any, compiled_engine: Callable[..., Any], engine_run: Callab
 
     fp8_parts = dataclasses.replace(parts, unet=copy.deepcopy(parts.unet))
     device = fp8_parts.unet.device
-    cond, _ = compiled_engine(1, source=fp8_parts).encode_prompt_pair(PROMPT, "")
+    cond, _, _ = compiled_engine(1, source=fp8_parts).encode_prompt_pair(PROMPT, "")
     if device.type == "cuda":
         report = apply_fp8(fp8_parts.unet, device, encoder_hidden_states=cond)
     else:  # the maths only: apply_fp8 refuses a CPU, where _scaled_mm is ~20x slower than fp32 (tiny, measured)

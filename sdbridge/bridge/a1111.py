@@ -535,7 +535,7 @@ class A1111Api:
         from sdbridge.engines.prompt_syntax import parse_prompt
 
         parsed = parse_prompt(prompt)
-        problem = parsed.errors[0] if parsed.errors else None
+        problem = parsed.weight_error or (parsed.errors[0] if parsed.errors else None)
         folder = self.lora_dir()
         for name in parsed.lora_weights() if problem is None else ():
             if not folder.is_dir():

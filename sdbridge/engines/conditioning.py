@@ -71,6 +71,8 @@ class TextConditioning:
         by :meth:`apply`.
         """
         parsed = parse_prompt(prompt)
+        if parsed.weight_error is not None:
+            raise ParamError(parsed.weight_error, name="prompt", value=prompt[:80], code="bad_param")
         if parsed.errors:
             raise ParamError(parsed.errors[0], name="prompt", value=prompt[:80], code="bad_lora")
         for tag in parsed.other_networks:
@@ -143,7 +145,10 @@ class TextConditioning:
 
     def encode_pooled(self, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``([1, 77 * k, D], pooled)``: SDXL's pooled text embeds ``[1, D_pool]``, None for SD 1.x/2.x;
-        for SDXL ``D`` is both encoders' widths together."""
+        for SDXL ``D`` is both encoders' widths together. ParamError for a weight that would overflow."""
+        parsed = parse_prompt(prompt)
+        if parsed.weight_error is not None:  # the negative prompt too: one inf and every frame is NaN
+            raise ParamError(parsed.weight_error, name="prompt", value=prompt[:80], code="bad_param")
         parts = self.parts
         if parts.text_encoder_2 is None:
             return encode_prompt(prompt, parts.tokenizer, parts.text_encoder, device,

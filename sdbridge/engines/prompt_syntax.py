@@ -74,6 +74,7 @@ class ParsedPrompt:
     loras: tuple[LoraRef, ...] = ()
     other_networks: tuple[str, ...] = ()      # tags of kinds we do not run, as written ("<hypernet:x:1>")
     errors: tuple[str, ...] = ()
+    weight_error: str | None = None           # a weight past MAX_WEIGHT (or not finite): the frame would be NaN
 
     @property
     def plain(self) -> bool:
@@ -199,8 +200,23 @@ def extract_networks(text: str) -> tuple[str, tuple[LoraRef, ...], tuple[str, ..
 def parse_prompt(text: str) -> ParsedPrompt:
     """The pieces with their weights (BREAKs marked), and the LoRA tags taken out of the text."""
     stripped, loras, others, errors = extract_networks(text)
-    return ParsedPrompt(pieces=tuple(_parse_attention(stripped)), loras=loras, other_networks=others,
-                        errors=errors)
+    pieces = tuple(_parse_attention(stripped))
+    return ParsedPrompt(pieces=pieces, loras=loras, other_networks=others, errors=errors,
+                        weight_error=_weight_error(pieces))
+
+
+# A weight scales the text encoder's output (then its mean is restored): past this, in fp16 or even fp32, the
+# embeddings overflow to inf and every frame of every session comes out NaN (black). A1111's prompts stay
+# within a few units; nesting multiplies, so the check is on each piece's product.
+MAX_WEIGHT = 100.0
+
+
+def _weight_error(pieces: tuple[PromptPiece, ...]) -> str | None:
+    for piece in pieces:
+        if not piece.is_break and not (math.isfinite(piece.weight) and abs(piece.weight) <= MAX_WEIGHT):
+            return (f"prompt weight {piece.weight:g} of {piece.text[:40]!r} is out of range: weights, multiplied "
+                    f"through nested brackets, must be finite and within ±{MAX_WEIGHT:g}")
+    return None
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,9 @@ def test_150_token_prompt_with_guidance(engine, frame):
     out = run(engine, frame, prompt="a " * 150, guidance=3.0, negative_prompt="blurry")
     assert engine._embeddings.shape == (2, 154, 32)   # uncond padded to cond's two chunks
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
-    cond, uncond = engine.encode_prompt_pair("a " * 150, "blurry")
+    cond, uncond, _ = engine.encode_prompt_pair("a " * 150, "blurry")
+    assert cond.shape == (1, 154, 32) and uncond.shape == (1, 77, 32)  # one-shot requests run them apart
+    cond, uncond, _ = engine.encode_prompt_pair("a " * 150, "blurry", pad=True)
     assert cond.shape == uncond.shape == (1, 154, 32)
 
 
@@ -157,7 +159,7 @@ def test_textual_inversion_trigger_changes_the_embeddings(engine, tmp_path):
 
 def test_one_shot_lora_scope_restores_the_stream(engine, frame):
     stream = run(engine, frame, loras="ink:1")
-    cond, _ = engine.encode_prompt_pair("a red fox <lora:ink:3> <lora:styles/paper:1>", "")
+    engine.encode_prompt_pair("a red fox <lora:ink:3> <lora:styles/paper:1>", "")
     assert engine.conditioning.loras.weights == {"ink": 1.0, "styles/paper": 0.0}   # the stream's again
     with engine.lora_scope({"ink": 3.0}):
         assert engine.conditioning.loras.weights["ink"] == 3.0

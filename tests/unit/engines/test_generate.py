@@ -416,3 +416,12 @@ def test_prompt_editing_and_alternation_change_the_prompt_between_steps(engine):
     plain = run(engine, prompt="a red fox", negative_prompt="", steps=4)
     assert np.array_equal(never.images[0], plain.images[0])
     assert not np.array_equal(edited.images[0], plain.images[0])
+
+
+def test_a_prompt_weight_that_would_overflow_is_refused(engine):
+    from sdbridge.errors import ParamError
+
+    for fields in ({"prompt": "(a cat:1" + "0" * 40 + ")"}, {"negative_prompt": "(blur:" + "9" * 60 + ")"}):
+        with pytest.raises(ParamError, match="out of range") as caught:
+            run(engine, **fields)
+        assert caught.value.code == "bad_param"

@@ -153,3 +153,17 @@ def test_explicit_weight_round_trips(word, weight):
     if "BREAK" in word or not word:
         return
     assert parse_prompt_attention(f"({word}:{weight})") == [(word, weight)]
+
+
+@pytest.mark.parametrize("prompt", ["(a cat:1" + "0" * 40 + ")", "(a cat:" + "9" * 400 + ")", "(((a cat:20):20))",
+                                    "(a cat:-1000)"])
+def test_a_weight_that_would_overflow_is_an_error(prompt):
+    """QA: (a cat:1 and 40 zeros) overflowed the embeddings to inf: every session's frames black, unreported."""
+    error = parse_prompt(prompt).weight_error
+    assert error is not None and "out of range" in error and "'a cat'" in error
+
+
+@pytest.mark.parametrize("prompt", ["(a cat:1.5)", "((a cat:20))", "(a cat:-2)", "[[[[a cat]]]]", "a BREAK b",
+                                    "(a cat:1e40)"])  # A1111 reads no exponent: "a cat:1e40" is text
+def test_usual_weights_pass(prompt):
+    assert parse_prompt(prompt).weight_error is None
