@@ -28,6 +28,17 @@ def run(engine: DiffusionEngine, **fields) -> Generation:
     return generation
 
 
+def _decoded_run(engine: DiffusionEngine, request: GenerationRequest) -> torch.Tensor:
+    """The request's float output before it is quantised (the last decode)."""
+    generation = Generation(engine, request)
+    decoded: list[torch.Tensor] = []
+    original = generation._decode
+    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
+    for _ in generation.run():
+        pass
+    return decoded[-1]
+
+
 @pytest.mark.parametrize("sampler, cls", [("Euler", "EulerDiscreteScheduler"),
                                           ("DPM++ 2M Karras", "DPMSolverMultistepScheduler"),
                                           ("DDIM", "DDIMScheduler"), ("UniPC", "UniPCMultistepScheduler")])
@@ -38,12 +49,7 @@ def test_txt2img_matches_the_diffusers_pipeline(engine, sampler, cls):
     parts = engine.parts
     request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
                                 cfg_scale=4.0, sampler_name=sampler)
-    generation = Generation(engine, request)
-    decoded: list[torch.Tensor] = []
-    original = generation._decode
-    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
-    for _ in generation.run():
-        pass
+    ours = _decoded_run(engine, request)
     scheduler = make_scheduler(parts.scheduler.config, sampler)
     assert type(scheduler).__name__ == cls
     pipe = diffusers.StableDiffusionPipeline(
@@ -53,7 +59,6 @@ def test_txt2img_matches_the_diffusers_pipeline(engine, sampler, cls):
     latents = image_noise(7, 0, 0.0, (4, 8, 8))[None]
     theirs = pipe(prompt="a red fox", negative_prompt="blur", num_inference_steps=4, guidance_scale=4.0,
                   height=64, width=64, latents=latents, output_type="pt").images
-    ours = decoded[-1]
     error = float((ours - theirs).abs().max() / theirs.abs().max())
     assert error <= 1e-4, f"{sampler}: relative error {error}"
 
@@ -218,17 +223,6 @@ def sdxl_engine(tiny_sdxl_dir) -> DiffusionEngine:
     parts = load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float32)
     parts.taesd = None
     return DiffusionEngine.from_parts(parts)
-
-
-def _decoded_run(engine: DiffusionEngine, request: GenerationRequest) -> torch.Tensor:
-    """The request's float output before it is quantised (the last decode)."""
-    generation = Generation(engine, request)
-    decoded: list[torch.Tensor] = []
-    original = generation._decode
-    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
-    for _ in generation.run():
-        pass
-    return decoded[-1]
 
 
 @pytest.mark.parametrize("negative", ["blur", ""])
