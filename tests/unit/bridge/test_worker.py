@@ -15,16 +15,16 @@ from sdbridge.bridge.websocket import parse_frame
 from sdbridge.bridge import worker as worker_module
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
-from sdbridge.engines.base import CONDITIONS
+from sdbridge.engines.base import CONDITIONS, SLOT_IMAGES
 from sdbridge.params import ParamStore, Schema
 from tests.clients import wait_for
 
 
-def frame(frame_id: int, size: int = 64) -> bytes:
+def frame(frame_id: int, size: int = 64, channel: int = 0) -> bytes:
     image = np.full((size, size, 3), frame_id * 10 % 256, np.uint8)
     ok, jpeg = cv2.imencode(".jpg", image)
     assert ok
-    header = FrameHeader(version=1, pixel_format=PixelFormat.JPEG, flags=0, channel=0,
+    header = FrameHeader(version=1, pixel_format=PixelFormat.JPEG, flags=0, channel=channel,
                          reply_format=PixelFormat.JPEG, frame_id=frame_id, client_ts_us=0, width=size,
                          height=size, payload_length=len(jpeg))
     return pack_frame(header, jpeg.tobytes())
@@ -134,7 +134,9 @@ def test_a_session_back_after_a_pause_starts_its_stream_afresh(worker, monkeypat
     frames are kept either way."""
     worker, session, replies = worker
     monkeypatch.setattr(worker_module, "PAUSE_S", 60.0)
-    session.state.data.update({"compiled.stream": "frames in flight", CONDITIONS: {1: "depth"}})
+    session.state.data.update({"compiled.stream": "frames in flight", SLOT_IMAGES: {0: "edges"}})
+    depth = parse_frame(frame(50, channel=1))  # a condition frame: no slot reads it here
+    session.put_frame(depth)
     put(session, 1)
     assert wait_until(lambda: replies.ids[-1:] == [1])
     assert session.state.data["compiled.stream"] == "frames in flight" and session.resumes == 0
@@ -142,7 +144,8 @@ def test_a_session_back_after_a_pause_starts_its_stream_afresh(worker, monkeypat
     time.sleep(1.0)  # also far more than PAUSE_FRAMES of the preview engine's frame times
     put(session, 2)
     assert wait_until(lambda: replies.ids[-1:] == [2])
-    assert "compiled.stream" not in session.state.data and session.state.data[CONDITIONS] == {1: "depth"}
+    assert "compiled.stream" not in session.state.data and session.state.data[SLOT_IMAGES] == {0: "edges"}
+    assert session.condition_latest[1] is depth and session.state.data[CONDITIONS] == {}  # kept, still encoded
     assert session.resumes == 1 and session.stats()["resumes"] == 1
 
 
