@@ -18,13 +18,15 @@ to 2**24 (16777217 would arrive as 16777216); a decimal number as float32 (``f``
 as a string (``s``). Which one comes from, in order: ``--type int|float|str``; else the parameter's
 type in the daemon's ``GET /params`` (``--http``, default ``http://HOST:7860``), so that
 ``set prompt 2024`` sends the text "2024"; else, when that does not answer, the look of the value
-(``2024`` an int, ``0.6`` a float), with a note on stderr.
+(``2024`` an int, ``0.6`` a float), with a note on stderr. A daemon with a token answers
+``GET /params`` only with it: ``--token`` (or ``$SDBRIDGE_TOKEN``); OSC itself needs none.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -51,11 +53,14 @@ def guess_type(text: str) -> str:
     return "str"
 
 
-def param_type(http_url: str, name: str) -> str | None:
-    """int, float or str: the parameter's type from the daemon's GET /params; None when the daemon
-    does not answer, for a bool or an enum, or for an unknown name (the daemon then names it)."""
+def param_type(http_url: str, name: str, token: str | None = None) -> str | None:
+    """int, float or str: the parameter's type from the daemon's GET /params (``token``: the daemon's, when it
+    has one); None when the daemon does not answer, for a bool or an enum, or for an unknown name (the daemon
+    then names it)."""
+    request = urllib.request.Request(f"{http_url.rstrip('/')}/params",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(f"{http_url.rstrip('/')}/params", timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2) as response:
             schema = json.load(response)["schema"]
     except (OSError, ValueError, KeyError) as exc:
         print(f"could not read the parameter types from {http_url}/params ({exc}): sending {name}'s value as it "
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--prefix", default="/sd")
+    parser.add_argument("--token", default=os.environ.get("SDBRIDGE_TOKEN"),
+                        help="the daemon's token, for reading GET /params (default $SDBRIDGE_TOKEN); OSC needs none")
     commands = parser.add_subparsers(dest="command", required=True)
     set_ = commands.add_parser("set")
     set_.add_argument("param")
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     client = SimpleUDPClient(args.host, args.port)
     address = lambda name: f"{args.prefix}/{name.replace('.', '/')}"  # noqa: E731 - plugin.x.y -> plugin/x/y
     if args.command == "set":
-        kind = (args.type or param_type(args.http or f"http://{args.host}:7860", args.param)
+        kind = (args.type or param_type(args.http or f"http://{args.host}:7860", args.param, args.token)
                 or guess_type(args.value))
         try:
             value = osc_value(args.value, kind)
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         client.send_message(address(args.param), value)
     elif args.command == "sweep":
         # An int parameter (steps, seed) refuses 2.5: it moves in whole numbers, each sent once.
-        whole = param_type(args.http or f"http://{args.host}:7860", args.param) == "int"
+        whole = param_type(args.http or f"http://{args.host}:7860", args.param, args.token) == "int"
         steps, last = max(1, int(args.seconds * args.rate)), None
         for index in range(steps + 1):
             value = args.start + (args.end - args.start) * index / steps

@@ -180,3 +180,20 @@ def test_touchdesigner_helper_refuses_other_arrays_by_shape_and_dtype(shape, dty
     sdbridge_td = import_example(EXAMPLES / "touchdesigner", "sdbridge_td")
     with pytest.raises(ValueError, match=message):
         sdbridge_td.pack_top(np.zeros(shape, dtype), frame_id=0, client_ts_us=0)
+
+
+def test_osc_control_reads_the_types_of_a_daemon_with_a_token(start_daemon):
+    """With a token set, GET /params needs it: --token (or $SDBRIDGE_TOKEN) sends it, and a str parameter
+    that looks like a number goes as text; without it the value goes as it looks, and the daemon refuses it."""
+    token = "a-long-stage-token-0123456789"
+    daemon = start_daemon(params={"engine": "identity"}, token=token)
+    osc = [str(EXAMPLES / "osc_control.py"), "--port", str(daemon.osc_port)]
+    http = ["--http", f"http://127.0.0.1:{daemon.port}"]
+    result = run_example(*osc, "--token", token, "set", "prompt", "2026", *http)
+    assert result.returncode == 0 and "could not read" not in result.stderr, result.stderr
+    assert wait_for(lambda: daemon.store.get("prompt") == "2026"), daemon.store.get("prompt")
+    errors = daemon.osc.stats.param_errors
+    result = run_example(*osc, "set", "prompt", "2027", *http)
+    assert "could not read the parameter types" in result.stderr and "401" in result.stderr
+    assert wait_for(lambda: daemon.osc.stats.param_errors == errors + 1)  # an int for a str parameter: refused
+    assert daemon.store.get("prompt") == "2026"
