@@ -63,8 +63,9 @@ def param_type(http_url: str, name: str, token: str | None = None) -> str | None
         with urllib.request.urlopen(request, timeout=2) as response:
             schema = json.load(response)["schema"]
     except (OSError, ValueError, KeyError) as exc:
-        print(f"could not read the parameter types from {http_url}/params ({exc}): sending {name}'s value as it "
-              f"looks; --type int|float|str says it", file=sys.stderr)
+        hint = " (the daemon has a token: --token or $SDBRIDGE_TOKEN)" if "401" in str(exc) else ""
+        print(f"could not read the parameter types from {http_url}/params ({exc}){hint}: sending {name}'s value as "
+              f"it looks; --type int|float|str says it", file=sys.stderr)
         return None
     kind = next((spec.get("type") for spec in schema if spec.get("name") == name), None)
     return kind if kind in SENT_AS_THEMSELVES else None
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
                       "(default: the parameter's type from the daemon's GET /params)")
     set_.add_argument("--http", help="the daemon's HTTP address, to read parameter types from "
                       "(default http://HOST:7860)")
+    # --token beside --http too (SUPPRESS: given before the command, it is not reset here).
+    set_.add_argument("--token", default=argparse.SUPPRESS, help="the daemon's token, for GET /params")
     sweep = commands.add_parser("sweep")
     sweep.add_argument("param")
     sweep.add_argument("start", type=float)
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--rate", type=float, default=30.0, help="messages per second, as a fader sends")
     sweep.add_argument("--http", help="the daemon's HTTP address: an int parameter is swept in whole numbers "
                        "(default http://HOST:7860)")
+    sweep.add_argument("--token", default=argparse.SUPPRESS, help="the daemon's token, for GET /params")
     preset = commands.add_parser("preset")
     preset.add_argument("name")
     preset.add_argument("--glide", type=float)

@@ -99,11 +99,13 @@ class Settings:
             if not lowest <= value <= 65535:
                 raise ConfigError(f"{name} {value} not in [{lowest}, 65535]")
         if not (self.is_loopback and is_loopback_host(self.effective_osc_host)) and not self.token:
-            raise ConfigError(
-                f"listening on {self.host!r} (beyond loopback) requires a token: pass --token or set SDBRIDGE_TOKEN")
+            where = f"--host {self.host!r}" if not self.is_loopback else f"--osc-host {self.effective_osc_host!r}"
+            raise ConfigError(f"listening on {where} (beyond loopback) requires a token: pass --token or set "
+                              f"SDBRIDGE_TOKEN")
         if self.token is not None and len(self.token.encode()) < MIN_TOKEN_BYTES:
             raise ConfigError(f"token is {len(self.token.encode())} bytes long; at least {MIN_TOKEN_BYTES} "
-                              f"(128 random bits as URL-safe base64): make one with `sdbridge token`")
+                              f"(128 random bits as URL-safe base64): make one with "
+                              f"`python3 -c 'import secrets; print(secrets.token_urlsafe(16))'`")
         if not self.osc_prefix.startswith("/") or self.osc_prefix.endswith("/") or len(self.osc_prefix) < 2:
             raise ConfigError(f"osc_prefix {self.osc_prefix!r} must start with '/' and not end with it, like '/sd'")
         for network in self.osc_allow:

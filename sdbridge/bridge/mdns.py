@@ -81,7 +81,9 @@ class MdnsAdvert:
         self.host = host
         label = host_label(socket.gethostname())
         self.instance = f"{name} on {label}"
-        self.server = f"{label}.local."
+        # A host name of this daemon's own: its address records are the addresses it serves. Two daemons on one
+        # machine under one name would merge them, and a loopback-only one would be announced on the LAN's.
+        self.server = f"{label[:57]}-{oscquery_port}.local."
         self.ports = {OSCQUERY_SERVICE: oscquery_port, OSC_SERVICE: osc_port}
         self._zeroconf: Any = None
         self._task: asyncio.Task[None] | None = None

@@ -192,8 +192,11 @@ def test_osc_control_reads_the_types_of_a_daemon_with_a_token(start_daemon):
     result = run_example(*osc, "--token", token, "set", "prompt", "2026", *http)
     assert result.returncode == 0 and "could not read" not in result.stderr, result.stderr
     assert wait_for(lambda: daemon.store.get("prompt") == "2026"), daemon.store.get("prompt")
+    result = run_example(*osc, "set", "prompt", "2028", *http, "--token", token)  # beside --http, as users write it
+    assert result.returncode == 0 and token not in result.stderr, result.stderr
+    assert wait_for(lambda: daemon.store.get("prompt") == "2028"), daemon.store.get("prompt")
     errors = daemon.osc.stats.param_errors
     result = run_example(*osc, "set", "prompt", "2027", *http)
-    assert "could not read the parameter types" in result.stderr and "401" in result.stderr
+    assert "could not read the parameter types" in result.stderr and "--token or $SDBRIDGE_TOKEN" in result.stderr
     assert wait_for(lambda: daemon.osc.stats.param_errors == errors + 1)  # an int for a str parameter: refused
-    assert daemon.store.get("prompt") == "2026"
+    assert daemon.store.get("prompt") == "2028"

@@ -147,6 +147,7 @@ def test_oscquery_and_osc_are_announced_over_mdns_and_withdrawn_on_stop(tmp_path
         assert ports == {"_oscjson._tcp.local.": daemon.oscquery.port, "_osc._udp.local.": daemon.osc_port}
         for name, info in found.items():
             assert name.startswith("sdbridge on ")
+            assert info.server.endswith(f"-{daemon.oscquery.port}.local.")  # its own host name: its own addresses
             assert info.parsed_addresses() == ["127.0.0.1"]  # bound to loopback: loopback is all it names
         # What the advert points at answers: the namespace over OSCQuery.
         namespace = httpx.get(f"http://127.0.0.1:{ports['_oscjson._tcp.local.']}/", trust_env=False, timeout=10)
