@@ -212,11 +212,11 @@ def check_mdns(settings: Settings, installed: Callable[[str], object] = importli
     if installed("zeroconf") is None:
         return [Finding(WARN, "mdns", "--oscquery-advertise is set but zeroconf is not installed: the daemon "
                         "serves unannounced", 'pip install "sdbridge[mdns]"')]
-    from sdbridge.bridge.mdns import WILDCARDS, advert_addresses, interface_addresses
+    from sdbridge.bridge.mdns import addresses_for
 
     host = settings.effective_osc_host
     try:
-        addresses = advert_addresses(host, interface_addresses() if host.strip("[]") in WILDCARDS else ())
+        addresses = addresses_for(host)
     except ValueError as exc:
         return [Finding(ERROR, "mdns", f"cannot announce OSC bound to {host!r}: {exc}", "pass --osc-host ADDRESS")]
     if all(ipaddress.ip_address(address).is_loopback for address in addresses):

@@ -20,11 +20,12 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from sdbridge.bridge.oscquery import WILDCARD_HOSTS
+
 log = logging.getLogger(__name__)
 
 OSCQUERY_SERVICE = "_oscjson._tcp.local."
 OSC_SERVICE = "_osc._udp.local."
-WILDCARDS = ("0.0.0.0", "::", "")
 REGISTER_TIMEOUT_S = 10.0  # probing and announcing take about 1.5 s; a stuck network must not hold shutdown
 
 
@@ -49,7 +50,7 @@ def advert_addresses(host: str, interfaces: Iterable[str]) -> list[str]:
     bare = host.strip("[]")
     if bare == "localhost":
         return ["127.0.0.1"]
-    if bare not in WILDCARDS:
+    if bare not in WILDCARD_HOSTS:
         return [str(ipaddress.ip_address(bare))]
     chosen: list[str] = []
     for text in interfaces:
@@ -66,6 +67,15 @@ def advert_addresses(host: str, interfaces: Iterable[str]) -> list[str]:
     return chosen or ["127.0.0.1"]
 
 
+def addresses_for(host: str) -> list[str]:
+    """:func:`advert_addresses` for this machine: its interfaces are read only for a wildcard bind."""
+    return advert_addresses(host, interface_addresses() if is_wildcard(host) else ())
+
+
+def is_wildcard(host: str) -> bool:
+    return host.strip("[]") in WILDCARD_HOSTS
+
+
 def host_label(hostname: str) -> str:
     """A DNS label for this machine: mDNS host names take letters, digits and hyphens."""
     label = re.sub(r"[^A-Za-z0-9-]+", "-", hostname.split(".", 1)[0]).strip("-")
@@ -76,7 +86,7 @@ class MdnsAdvert:
     """The two services, registered on start and withdrawn (with goodbye packets) on close."""
 
     def __init__(self, host: str, oscquery_port: int, osc_port: int, name: str = "sdbridge") -> None:
-        self.addresses = advert_addresses(host, interface_addresses() if host.strip("[]") in WILDCARDS else ())
+        self.addresses = addresses_for(host)
         self.loopback_only = all(ipaddress.ip_address(a).is_loopback for a in self.addresses)
         self.host = host
         label = host_label(socket.gethostname())
@@ -101,7 +111,7 @@ class MdnsAdvert:
         from zeroconf.asyncio import AsyncZeroconf
 
         six = any(ipaddress.ip_address(a).version == 6 for a in self.addresses)
-        interfaces: Any = self.addresses if self.host.strip("[]") not in WILDCARDS else InterfaceChoice.All
+        interfaces: Any = InterfaceChoice.All if is_wildcard(self.host) else self.addresses
         self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.All if six else IPVersion.V4Only)
         self._task = asyncio.create_task(self._register(), name="sdbridge-mdns")
 

@@ -25,6 +25,7 @@ from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.bridge.protocol import FrameHeader, sniff
 from sdbridge.bridge.session import InputFrame, Session, Viewer
 from sdbridge.errors import CodecError, ParamError, ProtocolError, SdbridgeError
+from sdbridge.params import shown_value
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
@@ -214,12 +215,6 @@ class Connection:
         self._reply(message, {"type": "pong", "t": message.get("t")})
 
 
-def _quoted(value: str, limit: int = 80) -> str:
-    """A client's string for an error sentence: its repr, cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
 async def _refuse_handshake(websocket: WebSocket, status: int, exc: SdbridgeError) -> None:
     """Refuse the handshake with ``status`` and the JSON error body that HTTP errors and the access checks send
     (security.py), so the client reads a code and a sentence, not a bare status."""
@@ -234,7 +229,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     name = websocket.query_params.get("session")
     if name is not None and not SESSION_NAME.fullmatch(name):
         await _refuse_handshake(websocket, 403, ProtocolError(
-            f"session name {_quoted(name)} must be 1-64 of A-Z a-z 0-9 _ . -", code="bad_session"))
+            f"session name {shown_value(name)} must be 1-64 of A-Z a-z 0-9 _ . -", code="bad_session"))
         return
     await websocket.accept()
     session = daemon.registry.open(name)

@@ -38,3 +38,16 @@ def count_stream_calls(engine: Any) -> list[int]:
 
     engine._stream_call = counted
     return calls
+
+
+def decoded_run(engine: Any, request: Any) -> torch.Tensor:
+    """A one-shot request's float output before it is quantised (its last decode): what parity tests compare."""
+    from sdbridge.engines.generate import Generation
+
+    generation = Generation(engine, request)
+    decoded: list[torch.Tensor] = []
+    original = generation._decode
+    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
+    for _ in generation.run():
+        pass
+    return decoded[-1]

@@ -15,7 +15,7 @@ from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.tiny import random_controlnet
 from sdbridge.errors import ModelError
 from tests.support.controlnets import controlnet_folder
-from tests.unit.engines.common import engine_params, relative_error
+from tests.unit.engines.common import decoded_run, engine_params, relative_error
 
 CPU = torch.device("cpu")
 
@@ -259,7 +259,7 @@ def test_one_shot_txt2img_matches_diffusers_controlnet_pipeline(parts, controlne
     import diffusers
 
     from sdbridge.engines.controlnet import RequestUnit
-    from sdbridge.engines.generate import Generation, GenerationRequest, image_noise
+    from sdbridge.engines.generate import GenerationRequest, image_noise
     from sdbridge.engines.samplers import make_scheduler
 
     model = load_controlnet(resolve_controlnet("edges", controlnet_dir), parts.unet, CPU, torch.float32)
@@ -267,12 +267,7 @@ def test_one_shot_txt2img_matches_diffusers_controlnet_pipeline(parts, controlne
     request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
                                 cfg_scale=4.0, sampler_name="Euler",
                                 controlnet=[RequestUnit(model, condition, weight, start, end)])
-    generation = Generation(engine, request)
-    decoded: list[torch.Tensor] = []
-    original = generation._decode
-    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
-    for _ in generation.run():
-        pass
+    ours = decoded_run(engine, request)
     pipe = diffusers.StableDiffusionControlNetPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         controlnet=model, scheduler=make_scheduler(parts.scheduler.config, "Euler"), safety_checker=None,
@@ -283,7 +278,7 @@ def test_one_shot_txt2img_matches_diffusers_controlnet_pipeline(parts, controlne
                   guidance_scale=4.0, height=64, width=64, latents=image_noise(7, 0, 0.0, (4, 8, 8))[None],
                   controlnet_conditioning_scale=weight, control_guidance_start=start, control_guidance_end=end,
                   output_type="pt").images
-    assert relative_error(decoded[-1], theirs) <= 1e-4
+    assert relative_error(ours, theirs) <= 1e-4
 
 
 def to_ldm_layout(state: dict, layers_per_block: int) -> dict:

@@ -10,6 +10,7 @@ from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest, hires_upscaler, image_noise
 from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.samplers import make_scheduler
+from tests.unit.engines.common import decoded_run
 
 CPU = torch.device("cpu")
 
@@ -28,17 +29,6 @@ def run(engine: DiffusionEngine, **fields) -> Generation:
     return generation
 
 
-def _decoded_run(engine: DiffusionEngine, request: GenerationRequest) -> torch.Tensor:
-    """The request's float output before it is quantised (the last decode)."""
-    generation = Generation(engine, request)
-    decoded: list[torch.Tensor] = []
-    original = generation._decode
-    generation._decode = lambda latents, fast=False: decoded.append(original(latents, fast)) or decoded[-1]
-    for _ in generation.run():
-        pass
-    return decoded[-1]
-
-
 @pytest.mark.parametrize("sampler, cls", [("Euler", "EulerDiscreteScheduler"),
                                           ("DPM++ 2M Karras", "DPMSolverMultistepScheduler"),
                                           ("DDIM", "DDIMScheduler"), ("UniPC", "UniPCMultistepScheduler")])
@@ -49,7 +39,7 @@ def test_txt2img_matches_the_diffusers_pipeline(engine, sampler, cls):
     parts = engine.parts
     request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
                                 cfg_scale=4.0, sampler_name=sampler)
-    ours = _decoded_run(engine, request)
+    ours = decoded_run(engine, request)
     scheduler = make_scheduler(parts.scheduler.config, sampler)
     assert type(scheduler).__name__ == cls
     pipe = diffusers.StableDiffusionPipeline(
@@ -235,7 +225,7 @@ def test_sdxl_txt2img_matches_the_diffusers_pipeline(sdxl_engine, negative):
     parts = sdxl_engine.parts
     request = GenerationRequest(prompt="a red fox", negative_prompt=negative, steps=3, width=64, height=48, seed=7,
                                 cfg_scale=4.0, sampler_name="Euler")
-    ours = _decoded_run(sdxl_engine, request)
+    ours = decoded_run(sdxl_engine, request)
     pipe = StableDiffusionXLPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
         tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=make_scheduler(parts.scheduler.config, "Euler"),
@@ -284,7 +274,7 @@ def test_ancestral_step_noise_continues_the_seed_s_generator(engine, sampler):
     parts = engine.parts
     request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
                                 cfg_scale=4.0, sampler_name=sampler)
-    ours = _decoded_run(engine, request)
+    ours = decoded_run(engine, request)
     pipe = diffusers.StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         scheduler=make_scheduler(parts.scheduler.config, sampler), safety_checker=None, feature_extractor=None,
