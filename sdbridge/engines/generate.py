@@ -281,6 +281,7 @@ class Generation:
         self._latents: torch.Tensor | None = None
         self.loras: dict[str, float] = {}
         self.padded_conds = False  # the shorter prompt padded to the longer (with ControlNet units)
+        self._hires_prompts: list[PromptStep] | None = None
         # Each image's CPU generator, past its starting noise: the sampler's step noise comes next from it.
         self._generators: list[torch.Generator] = []
         # Made on the worker thread after a turn's prepare: the live value is the current one.
@@ -305,6 +306,8 @@ class Generation:
         # ControlNet units take one batch, so the shorter prompt is padded to the longer (A1111's "Pad conds");
         # otherwise prompts of different lengths run as two UNet calls, as A1111 does by default.
         self.padded_conds = bool(request.controlnet)
+        if uses_composable(request.prompt):
+            log.warning("txt2img/img2img: the prompt's AND (composable diffusion) is read as plain text")
         prompts = self._prompt_schedule()
         for batch_no in range(request.n_iter):
             if self.progress.interrupted:
@@ -329,8 +332,6 @@ class Generation:
         distinct pair encoded once. ``hires_steps``: the hires pass's schedule (``when`` counts on from the
         first pass). The prompt's LoRA tags hold for every step, as A1111 strips them before scheduling."""
         request = self.request
-        if uses_composable(request.prompt):
-            log.warning("txt2img/img2img: the prompt's AND (composable diffusion) is read as plain text")
         positive = prompt_schedules(request.prompt, request.steps, hires_steps)
         negative = prompt_schedules(request.negative_prompt, request.steps, hires_steps)
         encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, Any]] = {}
@@ -377,7 +378,9 @@ class Generation:
         scheduler = self._scheduler(seeds)
         timesteps = self._img2img_timesteps(scheduler, steps, request.denoising_strength)
         start = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(seeds)))
-        prompts = self._prompt_schedule(hires_steps=steps)
+        if self._hires_prompts is None:  # the same for every batch of the request
+            self._hires_prompts = self._prompt_schedule(hires_steps=steps)
+        prompts = self._hires_prompts
         return (yield from self._denoise(scheduler, timesteps, start, prompts, seeds))
 
     # --- img2img and inpainting ---------------------------------------------------------------
