@@ -154,12 +154,16 @@ class ControlStack:
 
     ``added_cond`` is SDXL's ``{"text_embeds", "time_ids"}`` with the batch's rows (None for SD 1.x/2.x):
     an SDXL ControlNet takes the same added conditioning as its UNet.
+
+    Guided, the batch is ``copies`` groups of rows, the unconditional group first: two for plain
+    guidance, one more for each further part of a composable (``AND``) prompt.
     """
 
-    def __init__(self, units: Sequence[ControlUnit], guided: bool) -> None:
+    def __init__(self, units: Sequence[ControlUnit], guided: bool, copies: int = 2) -> None:
         self.units = list(units)
         self.guided = guided
-        self._images = [torch.cat([unit.image] * 2) if guided else unit.image for unit in self.units]
+        self.copies = copies if guided else 1
+        self._images = [torch.cat([unit.image] * self.copies) for unit in self.units]
 
     def __call__(self, model_input: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, index: int,
                  count: int, added_cond: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -187,11 +191,12 @@ class ControlStack:
                mid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         weight: torch.Tensor | None = None
         if isinstance(unit.scale, torch.Tensor):
-            weight = torch.cat([unit.scale] * 2) if self.guided else unit.scale
+            weight = torch.cat([unit.scale] * self.copies)
         if unit.mode == "controlnet" and self.guided:
-            # sd-webui-controlnet's "ControlNet is more important": the control acts on the conditional half only.
-            half = mid.shape[0] // 2
-            mask = torch.cat([torch.zeros(half), torch.ones(half)]).to(mid.device, mid.dtype)[:, None, None, None]
+            # sd-webui-controlnet's "ControlNet is more important": the control acts on the conditional rows only.
+            group = mid.shape[0] // self.copies
+            mask = torch.cat([torch.zeros(group), torch.ones(mid.shape[0] - group)])
+            mask = mask.to(mid.device, mid.dtype)[:, None, None, None]
             weight = mask if weight is None else weight * mask
         if weight is not None:
             down = [sample * weight for sample in down]
@@ -218,8 +223,9 @@ class RequestUnit:
 
 
 def request_stack(units: Sequence[RequestUnit], batch: int, height: int, width: int, device: torch.device,
-                  dtype: torch.dtype, guided: bool) -> ControlStack | None:
-    """The residual hook of a one-shot pass at ``width`` x ``height`` pixels (hires passes are larger)."""
+                  dtype: torch.dtype, guided: bool, copies: int = 2) -> ControlStack | None:
+    """The residual hook of a one-shot pass at ``width`` x ``height`` pixels (hires passes are larger);
+    ``copies``: the guided batch's groups of rows (see :class:`ControlStack`)."""
     import cv2
 
     built = []
@@ -232,7 +238,7 @@ def request_stack(units: Sequence[RequestUnit], batch: int, height: int, width: 
         tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].to(dtype) / 255.0
         built.append(ControlUnit(unit.model, tensor.expand(batch, -1, -1, -1), float(unit.weight), unit.start,
                                  unit.end, unit.mode))
-    return ControlStack(built, guided) if built else None
+    return ControlStack(built, guided, copies) if built else None
 
 
 # --- live slots ------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ generator of that seed alone, blended with the subseed's noise by ``subseed_stre
 slerp), and with ``seed_resize_from_w/h`` drawn at that size and pasted centred. Ancestral samplers
 draw their per-step noise from the same generator, after the starting noise, and on the CPU too:
 an image does not depend on its batch position, nor on the device.
+
+The positive prompt is A1111's composable prompt: ``a castle AND a dragon:0.7`` is two prompts whose
+guidance adds up, ``uncond + cfg * sum(weight_i * (cond_i - uncond))`` (modules/prompt_parser.py
+``get_multicond_learned_conditioning``, sd_samplers_cfg_denoiser.py ``combine_denoised``); every
+part runs in the same UNet batch beside the negative prompt. A prompt without ``AND`` is one part of
+weight 1, the plain guidance, unless it ends in ``:weight`` as A1111 reads it too.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import torch.nn.functional as F
 from sdbridge.bridge import codec
 from sdbridge.engines import samplers
 from sdbridge.engines.controlnet import RequestUnit, request_stack
-from sdbridge.engines.prompt_schedule import prompt_schedules, uses_composable
-from sdbridge.errors import SdbridgeError
+from sdbridge.engines.prompt_encode import match_lengths
+from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable
+from sdbridge.engines.prompt_syntax import MAX_WEIGHT
+from sdbridge.errors import ParamError, SdbridgeError
 
 if TYPE_CHECKING:
     from sdbridge.engines.diffusion import DiffusionEngine
@@ -242,9 +250,15 @@ class PromptStep:
     prompt editing ``[from:to:when]`` and alternation ``[a|b]`` change it between steps."""
 
     end: int
-    cond: torch.Tensor                                  # [1, 77 * k, D]
+    cond: torch.Tensor                                  # [parts, 77 * k, D]: each part of an AND
     uncond: torch.Tensor                                # [1, 77 * j, D]; j may differ from k
-    pooled: tuple[torch.Tensor, torch.Tensor] | None    # SDXL's (uncond, cond) pooled embeds
+    pooled: tuple[torch.Tensor, torch.Tensor] | None    # SDXL's pooled embeds: (uncond [1, P], cond [parts, P])
+    weights: tuple[float, ...] = (1.0,)                 # each part's weight
+
+    @property
+    def composed(self) -> bool:
+        """Whether the parts change guidance (two or more, or a weight not 1): then even cfg 1 guides."""
+        return self.weights != (1.0,)
 
     @staticmethod
     def at(schedule: Sequence[PromptStep], step: int) -> PromptStep:
@@ -253,9 +267,9 @@ class PromptStep:
 
 @dataclass(frozen=True)
 class _StepInputs:
-    """One PromptStep's UNet inputs for a pass: the guided batch, or its two halves."""
+    """One PromptStep's UNet inputs for a pass: the guided batch, or its two halves (uncond; the parts)."""
 
-    embeddings: torch.Tensor | None      # [uncond; cond] rows, or cond alone unguided; None when apart
+    embeddings: torch.Tensor | None      # [uncond; part 1; part 2 ...] rows, or cond alone unguided; None when apart
     halves: tuple[torch.Tensor, torch.Tensor]
     added: dict[str, torch.Tensor] | None
     added_halves: tuple[dict[str, Any], dict[str, Any]]
@@ -306,8 +320,6 @@ class Generation:
         # ControlNet units take one batch, so the shorter prompt is padded to the longer (A1111's "Pad conds");
         # otherwise prompts of different lengths run as two UNet calls, as A1111 does by default.
         self.padded_conds = bool(request.controlnet)
-        if uses_composable(request.prompt):
-            log.warning("txt2img/img2img: the prompt's AND (composable diffusion) is read as plain text")
         prompts = self._prompt_schedule()
         for batch_no in range(request.n_iter):
             if self.progress.interrupted:
@@ -328,22 +340,51 @@ class Generation:
         self.progress.preview_wanted = True
 
     def _prompt_schedule(self, hires_steps: int | None = None) -> list[PromptStep]:
-        """The prompts' conditioning per step: A1111's prompt editing and alternation on both prompts, each
-        distinct pair encoded once. ``hires_steps``: the hires pass's schedule (``when`` counts on from the
-        first pass). The prompt's LoRA tags hold for every step, as A1111 strips them before scheduling."""
+        """The prompts' conditioning per step: the positive prompt's AND parts, then A1111's prompt editing
+        and alternation on each part and on the negative prompt, each distinct pair encoded once.
+        ``hires_steps``: the hires pass's schedule (``when`` counts on from the first pass). The prompt's LoRA
+        tags hold for every step, as A1111 strips them before scheduling."""
         request = self.request
-        positive = prompt_schedules(request.prompt, request.steps, hires_steps)
+        # A1111 splits on AND before it parses schedules, so a part's brackets never span an AND.
+        parts = split_composable(request.prompt)
+        weights = tuple(weight for _, weight in parts)
+        for text, weight in parts:
+            if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+                raise ParamError(f"prompt: the AND part {text.strip()[:40]!r} has weight {weight:g}, out of range: "
+                                 f"a part's weight must be within ±{MAX_WEIGHT:g}", name="prompt",
+                                 value=request.prompt[:80], code="bad_param")
+        positives = [prompt_schedules(text, request.steps, hires_steps) for text, _ in parts]
         negative = prompt_schedules(request.negative_prompt, request.steps, hires_steps)
         encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, Any]] = {}
         schedule = []
-        for end in sorted({end for end, _ in positive} | {end for end, _ in negative}):
-            texts = (next(text for last, text in positive if end <= last), next(text for last, text in negative
-                                                                                if end <= last))
-            if texts not in encoded:
-                encoded[texts] = self.engine.encode_prompt_pair(*texts, self.clip_skip, pad=self.padded_conds,
-                                                                loras=self.loras)
-            schedule.append(PromptStep(end, *encoded[texts]))
+        for end in sorted({end for entries in [*positives, negative] for end, _ in entries}):
+            negative_text = _text_until(negative, end)
+            pairs = []
+            for positive in positives:
+                texts = (_text_until(positive, end), negative_text)
+                if texts not in encoded:
+                    encoded[texts] = self.engine.encode_prompt_pair(*texts, self.clip_skip, loras=self.loras)
+                pairs.append(encoded[texts])
+            schedule.append(self._prompt_step(end, pairs, weights))
         return schedule
+
+    def _prompt_step(self, end: int, pairs: list[tuple[torch.Tensor, torch.Tensor, Any]],
+                     weights: tuple[float, ...]) -> PromptStep:
+        """One schedule entry from each part's (cond, uncond, pooled): the parts in one batch."""
+        conds = [cond for cond, _, _ in pairs]
+        longest = max(range(len(conds)), key=lambda i: conds[i].shape[1])
+        length = conds[longest].shape[1]
+        # A1111's reconstruct_multicond_batch: a shorter part repeats its last vector up to the longest.
+        cond = torch.cat([torch.cat([c, c[:, -1:].expand(-1, length - c.shape[1], -1)], dim=1) for c in conds])
+        # The same negative for every part; an empty one on SDXL is zeros shaped like its part's cond.
+        uncond = pairs[longest][1]
+        if self.padded_conds and cond.shape[1] != uncond.shape[1]:
+            empty, _, _ = self.engine.encode_prompt_pair("", "", self.clip_skip, loras=self.loras)
+            cond, uncond = match_lengths(cond, uncond, empty)
+        pooled = None
+        if pairs[0][2] is not None:
+            pooled = (pairs[longest][2][0], torch.cat([part_pooled[1] for _, _, part_pooled in pairs]))
+        return PromptStep(end, cond, uncond, pooled, weights)
 
     # --- txt2img ------------------------------------------------------------------------------
 
@@ -460,7 +501,9 @@ class Generation:
         request = self.request
         unet = self.parts.unet
         batch = latents.shape[0]
-        guided = request.cfg_scale != 1.0  # below 1 too: A1111 blends towards the negative prompt there
+        # Below 1 too: A1111 blends towards the negative prompt there. Weighted parts guide even at 1.
+        guided = request.cfg_scale != 1.0 or prompts[0].composed
+        weights = prompts[0].weights
         height, width = latents.shape[-2] * self.scale, latents.shape[-1] * self.scale
         inputs = {id(step): self._step_inputs(step, batch, height, width, guided) for step in prompts}
         accepted = _step_params(scheduler)
@@ -472,7 +515,7 @@ class Generation:
             extra["eta"] = request.eta
         self.progress.sampling_steps = len(timesteps)
         controls = request_stack(request.controlnet, batch, height, width, self.device, self.dtype,
-                                 guided) if request.controlnet else None
+                                 guided, copies=1 + len(weights)) if request.controlnet else None
         for index, t in enumerate(timesteps):
             if self.progress.interrupted or self.progress.skipped:
                 break
@@ -494,19 +537,22 @@ class Generation:
                     break
             with torch.inference_mode(), self.engine.lora_scope(self.loras):
                 if noise_uncond is not None:
-                    noise_cond = unet(half_input, t, encoder_hidden_states=halves[1], return_dict=False,
-                                      **added_halves[1])[0]
+                    noise_conds = unet(torch.cat([half_input] * len(weights)), t, encoder_hidden_states=halves[1],
+                                       return_dict=False, **added_halves[1])[0].chunk(len(weights))
                 else:
-                    model_input = torch.cat([latents] * 2) if guided else latents
+                    model_input = torch.cat([latents] * (1 + len(weights))) if guided else latents
                     model_input = scheduler.scale_model_input(model_input, t)
                     residuals = controls(model_input, t, embeddings, index, len(timesteps), added) \
                         if controls is not None else {}
                     noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False,
                                       **residuals, **added_both)[0]
                     if guided:
-                        noise_uncond, noise_cond = noise_pred.chunk(2)
+                        noise_uncond, *noise_conds = noise_pred.chunk(1 + len(weights))
                 if guided:
-                    noise_pred = noise_uncond + request.cfg_scale * (noise_cond - noise_uncond)
+                    # A1111's combine_denoised: each part's guidance, by its weight (one part of weight 1: plain CFG).
+                    noise_pred = noise_uncond
+                    for weight, noise_cond in zip(weights, noise_conds):
+                        noise_pred = noise_pred + (request.cfg_scale * weight) * (noise_cond - noise_uncond)
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                 if keep is not None:
                     init_latents, noise, mask = keep
@@ -529,12 +575,13 @@ class Generation:
         # Prompts of different lengths (one past 75 tokens) run as two UNet calls, as A1111 does by default
         # (pad_cond_uncond off): padding the shorter with the empty prompt would change the image.
         separate = guided and step.cond.shape[1] != step.uncond.shape[1]
-        cond, uncond = step.cond.expand(batch, -1, -1), step.uncond.expand(batch, -1, -1)
+        # Part by part, each part's rows for the whole batch: the order noise_pred.chunk takes apart.
+        cond, uncond = step.cond.repeat_interleave(batch, dim=0), step.uncond.expand(batch, -1, -1)
         embeddings = cond if not guided else None if separate else torch.cat([uncond, cond])
         added = Generation._added_cond(step.pooled, batch, height, width, guided)
         added_halves: tuple[dict[str, Any], dict[str, Any]] = (
             {"added_cond_kwargs": {k: v[:batch] for k, v in added.items()}},
-            {"added_cond_kwargs": {k: v[-batch:] for k, v in added.items()}}) if added else ({}, {})
+            {"added_cond_kwargs": {k: v[batch:] for k, v in added.items()}}) if added else ({}, {})
         return _StepInputs(embeddings, (uncond, cond), added, added_halves, separate)
 
     @staticmethod
@@ -546,7 +593,8 @@ class Generation:
         if pooled_pair is None:
             return None
         uncond, cond = pooled_pair
-        pooled = torch.cat([uncond.expand(batch, -1), cond.expand(batch, -1)]) if guided else cond.expand(batch, -1)
+        cond = cond.repeat_interleave(batch, dim=0)
+        pooled = torch.cat([uncond.expand(batch, -1), cond]) if guided else cond
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
         return {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
 
@@ -606,6 +654,11 @@ class Generation:
     def _to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:
         array = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(array)
+
+
+def _text_until(schedule: list[tuple[int, str]], end: int) -> str:
+    """A prompt's text while the step counter is at ``end`` (its schedule's first entry that lasts that long)."""
+    return next(text for last, text in schedule if end <= last)
 
 
 def _eight(size: tuple[int, int]) -> tuple[int, int]:

@@ -227,12 +227,13 @@ def encode_prompt_sdxl(prompt: str | ParsedPrompt, tokenizers: Sequence[Any], te
 
 
 def pad_chunks(embeddings: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch.Tensor:
-    """``[1, 77 * n, D]`` -> ``[1, 77 * chunks, D]`` by appending the empty prompt's chunk ``[1, 77, D]``."""
+    """``[B, 77 * n, D]`` -> ``[B, 77 * chunks, D]`` by appending the empty prompt's chunk ``[1, 77, D]``."""
     have = embeddings.shape[1] // CHUNK_LENGTH
     assert embeddings.shape[1] % CHUNK_LENGTH == 0 and have <= chunks, (tuple(embeddings.shape), chunks)
     if have == chunks:
         return embeddings
-    return torch.cat([embeddings, empty.to(embeddings.dtype).repeat(1, chunks - have, 1)], dim=1)
+    padding = empty.to(embeddings.dtype).repeat(1, chunks - have, 1).expand(embeddings.shape[0], -1, -1)
+    return torch.cat([embeddings, padding], dim=1)
 
 
 def match_lengths(first: torch.Tensor, second: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -241,11 +241,6 @@ def prompt_schedules(prompt: str, steps: int, hires_steps: int | None = None,
     return [(step, _text_at(nodes, step, timeline)) for step in sorted(found)]
 
 
-def uses_composable(prompt: str) -> bool:
-    """Whether ``prompt`` combines prompts with ``AND`` (the word, in capitals), as A1111 splits it."""
-    return _AND.search(prompt) is not None
-
-
 def split_composable(prompt: str) -> list[tuple[str, float]]:
     """A1111's parts of a positive prompt and their weights: ``"a cat AND a dog:0.5"`` ->
     ``[("a cat", 1.0), (" a dog", 0.5)]`` (leading space kept, trailing space dropped, as A1111).

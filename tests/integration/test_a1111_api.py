@@ -159,6 +159,7 @@ def test_hires_fix_and_styles(api):
     ({"steps": -1}, "greater than or equal to 1"),
     ({"styles": ["nope"]}, "unknown style 'nope'"),
     ({"scheduler": "Wobbly"}, "unknown scheduler 'Wobbly'"),
+    ({"prompt": "a cat AND a dog:1" + "0" * 30}, "the AND part 'a dog' has weight 1e+30, out of range"),
 ])
 def test_bad_txt2img_requests_get_422_with_a_reason(api, body, words):
     response = api.post("/sdapi/v1/txt2img", json={**SMALL, **body})

@@ -281,6 +281,32 @@ def test_one_shot_txt2img_matches_diffusers_controlnet_pipeline(parts, controlne
     assert relative_error(ours, theirs) <= 1e-4
 
 
+
+@pytest.mark.parametrize("mode", ["balanced", "controlnet"])
+def test_one_shot_and_prompt_gives_each_part_the_control(parts, controlnet_dir, condition, mode):
+    """A composable prompt (``A AND B:w``) with a unit: every part's rows get the control, and the negative's too
+    unless "ControlNet is more important". One Euler step is affine in the noise prediction, so the latents are A's
+    plus w times what B's guidance adds to the negative prompt's own (cfg 0), as without ControlNet."""
+    from sdbridge.engines.controlnet import RequestUnit
+    from sdbridge.engines.generate import Generation, GenerationRequest
+
+    model = load_controlnet(resolve_controlnet("edges", controlnet_dir), parts.unet, CPU, torch.float32)
+    engine = DiffusionEngine.from_parts(parts)
+
+    def latents(prompt: str, cfg: float = 4.0) -> torch.Tensor:
+        request = GenerationRequest(prompt=prompt, negative_prompt="blur", steps=1, width=64, height=64, seed=7,
+                                    cfg_scale=cfg, sampler_name="Euler",
+                                    controlnet=[RequestUnit(model, condition, 0.8, mode=mode)])
+        generation = Generation(engine, request)
+        for _ in generation.run():
+            pass
+        assert generation._latents is not None
+        return generation._latents
+
+    composed = latents("a red fox AND a blue car:0.5")
+    expected = latents("a red fox") + 0.5 * (latents("a blue car") - latents("a red fox", cfg=0.0))
+    assert relative_error(composed, expected) <= 1e-5
+
 def to_ldm_layout(state: dict, layers_per_block: int) -> dict:
     """A diffusers ControlNet state dict in the original layout (``control_model.input_blocks...``), as A1111
     users download it: the inverse of diffusers' convert_controlnet_checkpoint, written out for the test."""

@@ -10,7 +10,7 @@ from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest, hires_upscaler, image_noise
 from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.samplers import make_scheduler
-from tests.unit.engines.common import decoded_run
+from tests.unit.engines.common import decoded_run, relative_error
 
 CPU = torch.device("cpu")
 
@@ -405,7 +405,80 @@ def test_prompt_editing_and_alternation_change_the_prompt_between_steps(engine):
 def test_a_prompt_weight_that_would_overflow_is_refused(engine):
     from sdbridge.errors import ParamError
 
-    for fields in ({"prompt": "(a cat:1" + "0" * 40 + ")"}, {"negative_prompt": "(blur:" + "9" * 60 + ")"}):
+    for fields in ({"prompt": "(a cat:1" + "0" * 40 + ")"}, {"negative_prompt": "(blur:" + "9" * 60 + ")"},
+                   {"prompt": "a cat AND a dog:1" + "0" * 40}):
         with pytest.raises(ParamError, match="out of range") as caught:
             run(engine, **fields)
         assert caught.value.code == "bad_param"
+
+
+# --- composable prompts (AND) -------------------------------------------------------------------
+
+
+def final_latents(engine: DiffusionEngine, **fields) -> torch.Tensor:
+    generation = run(engine, **fields)
+    assert generation._latents is not None
+    return generation._latents.float()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+@pytest.mark.parametrize("long", [False, True])
+def test_and_adds_each_part_s_guidance_by_its_weight(engine, cfg, long):
+    """A1111's combine_denoised: uncond + cfg * sum(w_i * (cond_i - uncond)). One Euler step is affine in the noise
+    prediction, so the latents of ``A AND B:w`` are those of A, plus w times what B's guidance adds to the negative
+    prompt's own (cfg 0). ``long``: parts of two chunks against a one-chunk negative, run as two UNet calls."""
+    first, second = ("a red fox", "a blue car") if not long else (", ".join(["a red fox"] * 20),
+                                                                  ", ".join(["a blue car"] * 20))
+    common = dict(steps=1, negative_prompt="blur", seed=21, cfg_scale=cfg)
+    composed = final_latents(engine, prompt=f"{first} AND {second}:0.5", **common)
+    alone_first = final_latents(engine, prompt=first, **common)
+    alone_second = final_latents(engine, prompt=second, **common)
+    negative_only = final_latents(engine, prompt=first, **{**common, "cfg_scale": 0.0})
+    expected = alone_first + 0.5 * (alone_second - negative_only)
+    assert relative_error(composed, expected) <= 1e-5
+    assert relative_error(composed, alone_first) > 1e-3  # the second part moved it
+
+
+def test_a_trailing_weight_scales_guidance_and_a_zero_weight_part_adds_nothing(engine):
+    """A1111 reads ``a red fox:2`` as one part of weight 2 (twice the guidance), not as text; a part of weight 0
+    leaves the image of the others."""
+    doubled = run(engine, prompt="a red fox:2", cfg_scale=3.0)
+    twice_the_scale = run(engine, prompt="a red fox", cfg_scale=6.0)
+    assert np.abs(doubled.images[0].astype(int) - twice_the_scale.images[0].astype(int)).max() <= 1
+    silent = run(engine, prompt="a red fox AND a blue car:0", negative_prompt="blur")
+    plain = run(engine, prompt="a red fox", negative_prompt="blur")
+    assert np.abs(silent.images[0].astype(int) - plain.images[0].astype(int)).max() <= 1
+    unguided = run(engine, prompt="a red fox", cfg_scale=1.0)
+    weighted = run(engine, prompt="a red fox:1.5", cfg_scale=1.0)  # a weight guides even at cfg 1
+    assert not np.array_equal(unguided.images[0], weighted.images[0])
+
+
+def test_and_parts_share_one_unet_batch_and_split_guidance_gives_the_same_image(engine):
+    """Three parts and the negative run as one UNet batch of 4 rows per image; split around the stream's turn,
+    the negative first, then the parts: the same latents."""
+    rows: list[int] = []
+    hook = engine.parts.unet.register_forward_pre_hook(lambda module, args, kwargs: rows.append(args[0].shape[0]),
+                                                       with_kwargs=True)
+    prompt = "a red fox AND a blue car:0.7 AND [snow:rain:0.5]:0.3"
+    try:
+        together = run(engine, prompt=prompt, steps=2, batch_size=2)
+    finally:
+        hook.remove()
+    assert rows == [8, 8]
+    request = GenerationRequest(prompt=prompt, steps=2, width=64, height=64, seed=11, cfg_scale=5.0,
+                                sampler_name="Euler", batch_size=2)
+    split = Generation(engine, request)
+    split.split_guidance = True
+    yields = sum(1 for _ in split.run())
+    assert yields >= 4
+    assert relative_error(split._latents, together._latents) <= 1e-5
+
+
+def test_sdxl_and_takes_each_part_s_pooled_embeds(sdxl_engine):
+    """SDXL: each part brings its pooled embeds (and time ids) to its rows: the same affine check as above."""
+    common = dict(steps=1, negative_prompt="blur", seed=21, cfg_scale=4.0, width=64, height=48)
+    composed = final_latents(sdxl_engine, prompt="a red fox AND a blue car:0.5", **common)
+    first = final_latents(sdxl_engine, prompt="a red fox", **common)
+    second = final_latents(sdxl_engine, prompt="a blue car", **common)
+    negative_only = final_latents(sdxl_engine, prompt="a red fox", **{**common, "cfg_scale": 0.0})
+    assert relative_error(composed, first + 0.5 * (second - negative_only)) <= 1e-5

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable, uses_composable
+from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable
 
 ALTERNATE_10 = [(step, "a" if step % 2 else "(b:1.1)") for step in range(1, 11)]
 
@@ -82,16 +82,15 @@ def test_bad_steps_name_the_value():
         prompt_schedules("a", 0)
 
 
-@pytest.mark.parametrize("prompt, uses, parts", [
-    ("a cat AND a dog:0.5", True, [("a cat", 1.0), (" a dog", 0.5)]),
-    ("a cat AND a dog : -1.5 ", True, [("a cat", 1.0), (" a dog", -1.5)]),
-    ("a,AND,b", True, [("a,", 1.0), (",b", 1.0)]),
-    ("a cat and a dog", False, [("a cat and a dog", 1.0)]),   # in capitals only
-    ("SANDY beach, ANDROID", False, [("SANDY beach, ANDROID", 1.0)]),
-    ("a cat:1.5", False, [("a cat", 1.5)]),                    # A1111 reads the weight without AND too
-    ("(a cat:1.5)", False, [("(a cat:1.5)", 1.0)]),
-    ("line one\nline two AND x", True, [("line one\nline two", 1.0), (" x", 1.0)]),
+@pytest.mark.parametrize("prompt, parts", [
+    ("a cat AND a dog:0.5", [("a cat", 1.0), (" a dog", 0.5)]),
+    ("a cat AND a dog : -1.5 ", [("a cat", 1.0), (" a dog", -1.5)]),
+    ("a,AND,b", [("a,", 1.0), (",b", 1.0)]),
+    ("a cat and a dog", [("a cat and a dog", 1.0)]),   # in capitals only
+    ("SANDY beach, ANDROID", [("SANDY beach, ANDROID", 1.0)]),
+    ("a cat:1.5", [("a cat", 1.5)]),                    # A1111 reads the weight without AND too
+    ("(a cat:1.5)", [("(a cat:1.5)", 1.0)]),
+    ("line one\nline two AND x", [("line one\nline two", 1.0), (" x", 1.0)]),
 ])
-def test_composable_and(prompt, uses, parts):
-    assert uses_composable(prompt) is uses
+def test_composable_and(prompt, parts):
     assert split_composable(prompt) == parts
