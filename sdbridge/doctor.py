@@ -74,8 +74,12 @@ def check_model(settings: Settings) -> list[Finding]:
     from sdbridge.errors import ModelError
 
     if not settings.model:
-        return [Finding(WARN, "model", "no model configured: the daemon serves the CPU preview engine",
-                        "sdbridge models pull sd-turbo (with internet), or --model PATH / SDBRIDGE_MODEL")]
+        how = "sdbridge models pull sd-turbo (with internet), or --model PATH / SDBRIDGE_MODEL"
+        if settings.engine in ("identity", "preview"):
+            return [Finding(OK, "model", f"none configured: the {settings.engine} engine needs none")]
+        if settings.engine != "auto":
+            return [Finding(ERROR, "model", f"no model configured: the {settings.engine} engine needs one", how)]
+        return [Finding(WARN, "model", "no model configured: the daemon serves the CPU preview engine", how)]
     models_dir = Path(settings.models_dir) if settings.models_dir else None
     try:
         source = models.resolve_source(settings.model, models_dir=models_dir)

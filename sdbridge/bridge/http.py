@@ -39,7 +39,8 @@ def error_response(status: int, exc: SdbridgeError, **extra: Any) -> JSONRespons
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"type": "error", "code": code, "message": message}, status_code=status)
+    """An error the handler finds itself (no exception raised): the same body as :func:`error_response`'s."""
+    return error_response(status, SdbridgeError(message, code=code))
 
 
 async def read_json_body(request: Request, limit: int = MAX_JSON_BODY) -> Any:
@@ -96,17 +97,13 @@ def create_app(daemon: Daemon) -> FastAPI:
         if isinstance(body, JSONResponse):
             return body
         if not isinstance(body, dict):
-            return JSONResponse({"type": "error", "code": "bad_json",
-                                 "message": f"request body must be a JSON object, got {type(body).__name__}"},
-                                status_code=400)
+            return _error(400, "bad_json", f"request body must be a JSON object, got {type(body).__name__}")
         params = body.get("params", body)
         if not isinstance(params, dict):
-            return JSONResponse({"type": "error", "code": "bad_json", "message": "'params' must be an object"},
-                                status_code=400)
+            return _error(400, "bad_json", "'params' must be an object")
         _, errors = daemon.store.schema.validate(params)
         if errors:
-            return JSONResponse({"type": "error", "code": errors[0].code, "message": str(errors[0]),
-                                 "errors": [e.to_json() for e in errors]}, status_code=400)
+            return error_response(400, errors[0], errors=[e.to_json() for e in errors])
         applied, _ = daemon.store.update(params)
         return JSONResponse({"applied": applied, "values": daemon.store.snapshot()[1]})
 

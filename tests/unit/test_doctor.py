@@ -69,6 +69,16 @@ def test_a_bound_udp_port_is_busy_and_a_free_one_free():
     assert port_problem("127.0.0.1", port, socket.SOCK_DGRAM) is None
 
 
+@pytest.mark.parametrize("engine, level, words", [
+    ("auto", WARN, "serves the CPU preview engine"), ("identity", OK, "the identity engine needs none"),
+    ("preview", OK, "the preview engine needs none"), ("diffusion", ERROR, "the diffusion engine needs one"),
+    ("compiled", ERROR, "the compiled engine needs one")])
+def test_no_model_is_fine_only_for_the_engines_that_need_none(engine, level, words):
+    findings = check_model(Settings(engine=engine))
+    assert [f.level for f in findings] == [level]
+    assert words in findings[0].message
+
+
 def test_model_with_a_truncated_weight_file_is_an_error_naming_it(tiny_model_dir, tmp_path):
     whole = check_model(Settings(model=str(tiny_model_dir)))
     assert [f.level for f in whole] == [OK] and "weight files whole" in whole[0].message
