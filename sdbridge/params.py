@@ -21,7 +21,7 @@ from sdbridge.errors import ParamError
 # A1111's sampler names (engines/samplers.py, where each maps to its diffusers scheduler), kept here
 # so that reading the schema imports no engine code; a test holds the two lists together.
 STREAM_SAMPLERS = ("Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
-                   "DDIM", "PLMS", "UniPC", "LCM")
+                   "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DDIM", "PLMS", "UniPC", "LCM")
 
 SEED_MAX = 2**32 - 1
 FLOAT32_EXACT_INT_MAX = 2**24  # integers above this lose precision in an OSC float32

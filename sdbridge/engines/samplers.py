@@ -42,6 +42,10 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ SDE", "DPMSolverSDEScheduler", ("k_dpmpp_sde",), stochastic=True),
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde",),
             {"algorithm_type": "sde-dpmsolver++"}, stochastic=True),
+    Sampler("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde_heun",),
+            {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, stochastic=True),
+    Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_3m_sde",),
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, stochastic=True),
     Sampler("DDIM", "DDIMScheduler", ("ddim",)),
     Sampler("PLMS", "PNDMScheduler", ("plms",), {"skip_prk_steps": True}),
     Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
@@ -119,7 +123,8 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     cls = getattr(diffusers, sampler.scheduler)
     config = dict(base_config)
     # Options another solver left in the config must not leak into this one.
-    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "algorithm_type"):
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "algorithm_type", "solver_order",
+                "solver_type"):
         config.pop(key, None)
     # Overrides go in as keyword arguments: diffusers drops config keys it lists in
     # ``_use_default_values``, so a value merely put into the dict may be ignored.

@@ -132,3 +132,17 @@ def test_resolution_must_fit_the_vae(parts):
     engine = DiffusionEngine.from_parts(parts)
     with pytest.raises(ModelError, match="multiple of 8"):
         engine.prepare(params(width=68))
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
+def test_the_third_order_and_heun_sde_samplers_run_the_stream(vae_parts, frame, sampler):
+    """A1111's DPM++ 3M SDE and 2M SDE Heun as the stream's sampler: finite frames, the same for the same seed
+    (their step noise is seeded per session), another for another seed."""
+    engine = DiffusionEngine.from_parts(vae_parts)
+    frames = []
+    for seed in (3, 3, 4):
+        engine.prepare(params(sampler=sampler, steps=4, strength=0.75, guidance=2.0, seed=seed))
+        frames.append(engine.step_float(frame, [StreamState("s")]))
+    assert all(bool(torch.isfinite(out).all()) for out in frames)
+    assert relative_error(frames[1], frames[0]) <= 1e-5
+    assert relative_error(frames[2], frames[0]) > 1e-3

@@ -20,7 +20,11 @@ CASES = [
     ("DPM++ 2M", "Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     ("DPM++ 2M", "karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     ("DPM++ SDE Karras", None, "DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    ("DPM++ 2M SDE", None, "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("DPM++ 2M SDE", None, "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    ("DPM++ 2M SDE Heun", None, "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                "solver_type": "heun"}),
+    ("DPM++ 3M SDE", None, "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    ("DPM++ 3M SDE", "Karras", "DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
     ("DDIM", None, "DDIMScheduler", {}),
     ("PLMS", None, "PNDMScheduler", {"skip_prk_steps": True}),
     ("UniPC", None, "UniPCMultistepScheduler", {}),
@@ -46,6 +50,9 @@ def test_a_karras_model_config_does_not_leak_into_a_plain_sampler() -> None:
     karras = samplers.make_scheduler(BASE, "DPM++ 2M Karras")
     plain = samplers.make_scheduler(karras.config, "DPM++ 2M")
     assert plain.config["use_karras_sigmas"] is False
+    third = samplers.make_scheduler(BASE, "DPM++ 3M SDE")
+    second = samplers.make_scheduler(third.config, "DPM++ 2M")  # a model shipped with a third-order config
+    assert (second.config["solver_order"], second.config["algorithm_type"]) == (2, "dpmsolver++")
 
 
 @pytest.mark.parametrize(("name", "schedule", "code"), [
