@@ -36,7 +36,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sdbridge import __version__
-from sdbridge.bridge import pnginfo
+from sdbridge.bridge import codec, pnginfo
+from sdbridge.bridge.protocol import MAX_DIMENSION
 from sdbridge.bridge.worker import GenerationTask
 from sdbridge.engines import samplers
 from sdbridge.engines.generate import HIRES_UPSCALERS, Generation, GenerationError, GenerationRequest, hires_upscaler
@@ -316,12 +317,25 @@ class PngInfoResponse(BaseModel):
 
 def decode_b64_image(data: str, what: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     """A base64 (or data: URL) PNG/JPEG/WebP -> RGB uint8 (or grey with IMREAD_GRAYSCALE); 422 when bad."""
-    raw = _b64_bytes(data, what)
-    image = cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
-    if image is None:
-        raise HTTPException(422, f"{what}: not a decodable PNG, JPEG or WebP image ({len(raw)} bytes)")
+    image = _decoded(data, what, flags)
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def _decoded(data: str, what: str, flags: int) -> np.ndarray:
+    """OpenCV's decode of a base64 image, refused (422) past MAX_DIMENSION per side: before decoding where the
+    header tells the size, since a few hundred KB of PNG can hold hundreds of MB of pixels."""
+    raw = _b64_bytes(data, what)
+    size = codec.encoded_size(raw)
+    if size is not None and max(size) > MAX_DIMENSION:
+        raise HTTPException(422, f"{what}: the image is {size[0]}x{size[1]}, larger than {MAX_DIMENSION} per side")
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
+    if image is None or image.size == 0:
+        raise HTTPException(422, f"{what}: not a decodable PNG, JPEG or WebP image ({len(raw)} bytes)")
+    if max(image.shape[:2]) > MAX_DIMENSION:  # a WebP, whose header is not read above
+        raise HTTPException(422, f"{what}: the image is {image.shape[1]}x{image.shape[0]}, larger than "
+                                 f"{MAX_DIMENSION} per side")
     return image
 
 
@@ -339,10 +353,7 @@ def _b64_bytes(data: str, what: str) -> bytes:
 
 def _mask(data: str) -> np.ndarray:
     """A1111 masks: white repaints; an RGBA mask whose colour is empty uses its alpha (as Krita sends)."""
-    raw = _b64_bytes(data, "mask")
-    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise HTTPException(422, f"mask: not a decodable PNG, JPEG or WebP image ({len(raw)} bytes)")
+    image = _decoded(data, "mask", cv2.IMREAD_UNCHANGED)
     if image.ndim == 2:
         return image.astype(np.uint8) if image.dtype == np.uint8 else (image / 257).astype(np.uint8)
     if image.shape[2] == 4 and not image[..., :3].any():

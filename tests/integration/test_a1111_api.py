@@ -167,11 +167,23 @@ def test_bad_txt2img_requests_get_422_with_a_reason(api, body, words):
     assert words in response.text
 
 
+def huge_png_header() -> str:
+    """A PNG that says it is 12000x9000 (a few hundred KB of zeros could hold that): refused before decoding."""
+    import struct
+    import zlib
+
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 12000, 9000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    return base64.b64encode(png).decode()
+
+
 @pytest.mark.parametrize(("body", "words"), [
     ({"init_images": ["not base64!"]}, "init_images[0]: not valid base64"),
     ({"init_images": [base64.b64encode(b"\xff\xd8\xff garbage").decode()]}, "not a decodable"),
     ({"init_images": []}, "img2img needs init_images"),
     ({"init_images": [b64_png(make_image())], "mask": "%%%"}, "mask: not valid base64"),
+    ({"init_images": [huge_png_header()]}, "init_images[0]: the image is 12000x9000, larger than 8192 per side"),
+    ({"init_images": [b64_png(make_image())], "mask": huge_png_header()}, "mask: the image is 12000x9000"),
 ])
 def test_bad_img2img_requests_get_422_with_a_reason(api, body, words):
     response = api.post("/sdapi/v1/img2img", json={**SMALL, **body})
