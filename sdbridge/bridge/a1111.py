@@ -326,7 +326,7 @@ def decode_b64_image(data: str, what: str, flags: int = cv2.IMREAD_COLOR) -> np.
 def _decoded(data: str, what: str, flags: int) -> np.ndarray:
     """OpenCV's decode of a base64 image, refused (422) past MAX_DIMENSION per side: before decoding where the
     header tells the size, since a few hundred KB of PNG can hold hundreds of MB of pixels."""
-    raw = _b64_bytes(data, what)
+    raw = b64_bytes(data, what)
     size = codec.encoded_size(raw)
     if size is not None and max(size) > MAX_DIMENSION:
         raise HTTPException(422, f"{what}: the image is {size[0]}x{size[1]}, larger than {MAX_DIMENSION} per side")
@@ -339,7 +339,7 @@ def _decoded(data: str, what: str, flags: int) -> np.ndarray:
     return image
 
 
-def _b64_bytes(data: str, what: str) -> bytes:
+def b64_bytes(data: str, what: str) -> bytes:
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
@@ -432,19 +432,19 @@ class A1111Api:
         return self.daemon.settings
 
     def lora_dir(self) -> Path:
-        return Path(self.settings.lora_dir).expanduser() if self.settings.lora_dir else self._models_dir() / "lora"
+        return Path(self.settings.lora_dir).expanduser() if self.settings.lora_dir else self.models_dir() / "lora"
 
     def embeddings_dir(self) -> Path:
         if self.settings.embeddings_dir:
             return Path(self.settings.embeddings_dir).expanduser()
-        return self._models_dir() / "embeddings"
+        return self.models_dir() / "embeddings"
 
     def styles_path(self) -> Path:
         if self.settings.styles_file:
             return Path(self.settings.styles_file).expanduser()
         return Path.home() / ".config" / "sdbridge" / "styles.csv"
 
-    def _models_dir(self) -> Path:
+    def models_dir(self) -> Path:
         from sdbridge.engines.models import default_models_dir
 
         return Path(self.settings.models_dir).expanduser() if self.settings.models_dir else default_models_dir()
@@ -469,7 +469,7 @@ class A1111Api:
         path = source
         if not Path(source).expanduser().exists():
             try:
-                path = str(resolve_source(source, models_dir=self._models_dir()).path)
+                path = str(resolve_source(source, models_dir=self.models_dir()).path)
             except SdbridgeError:
                 return source
         # A hub id resolved into the hub cache is listed nowhere: it keeps its name as its title.
@@ -478,7 +478,7 @@ class A1111Api:
     def _listed_sources(self) -> list[str]:
         from sdbridge.engines import models
 
-        return [info.path for info in models.list_models(self._models_dir()) if info.pulled
+        return [info.path for info in models.list_models(self.models_dir()) if info.pulled
                 and info.kind in ("diffusers", "single_file")]
 
     def model_hash(self, source: str | None) -> str | None:
@@ -923,7 +923,7 @@ def create_router(daemon: Daemon) -> APIRouter:
     @router.post("/png-info", response_model=PngInfoResponse)
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:
         """The generation parameters a PNG carries, as text and parsed."""
-        raw = _b64_bytes(body.image, "image")
+        raw = b64_bytes(body.image, "image")
         try:
             text, items = await asyncio.to_thread(pnginfo.read_info, raw)
         except SdbridgeError as exc:

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from sdbridge import __version__
 from sdbridge.bridge.a1111 import create_router
 from sdbridge.bridge.a1111_controlnet import create_controlnet_router
+from sdbridge.bridge.a1111_extras import create_extras_router
 from sdbridge.bridge.websocket import websocket_endpoint
 from sdbridge.errors import SdbridgeError
 
@@ -155,6 +156,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.add_api_websocket_route("/ws", websocket_endpoint)
     app.include_router(create_router(daemon))
     app.include_router(create_controlnet_router(daemon))
+    app.include_router(create_extras_router(daemon))
 
     if daemon.settings.echo_route:
         async def echo(websocket: WebSocket) -> None:

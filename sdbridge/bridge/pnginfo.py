@@ -80,12 +80,16 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return out
 
 
-def encode_png(image: np.ndarray, info: str | None = None) -> bytes:
-    """RGB uint8 [H, W, 3] -> PNG bytes, with the ``parameters`` chunk when ``info`` is given."""
+def encode_png(image: np.ndarray, info: str | None = None, postprocessing: str | None = None) -> bytes:
+    """RGB uint8 [H, W, 3] -> PNG bytes, with the ``parameters`` chunk when ``info`` is given, and A1111's
+    ``postprocessing`` chunk (what its Extras tab did) when that is."""
     metadata = None
-    if info is not None:
+    if info is not None or postprocessing is not None:
         metadata = PngImagePlugin.PngInfo()
-        metadata.add_text("parameters", info)
+        if info is not None:
+            metadata.add_text("parameters", info)
+        if postprocessing is not None:
+            metadata.add_text("postprocessing", postprocessing)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", pnginfo=metadata, compress_level=4)
     return buffer.getvalue()

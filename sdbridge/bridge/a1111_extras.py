@@ -1,0 +1,222 @@
+"""AUTOMATIC1111's Extras tab over its API: ``/sdapi/v1/extra-single-image`` and ``/extra-batch-images``, and the
+listings its clients read before they send a request (``/cmd-flags``, ``/scripts``, ``/script-info``,
+``/face-restorers``, ``/realesrgan-models``, ``/hypernetworks``).
+
+Extras upscale with the upscalers that exist here, those ``/sdapi/v1/upscalers`` lists: ``None`` (A1111 leaves
+the image as it is), ``Lanczos`` and ``Nearest``, through PIL as A1111's own (``modules/upscaler.py``):
+``do_upscale`` to the scaled size, then Lanczos to that size rounded down to a multiple of 8. ``Scale to``
+(``resize_mode`` 1) scales to cover the target and, with ``upscaling_crop``, crops it centred
+(``scripts/postprocessing_upscale.py``). No model upscaler (R-ESRGAN, ...) and no face restorer
+(GFPGAN, CodeFormer) is shipped: a visibility above 0 for one answers 422 rather than an image without it.
+
+The output PNG keeps the input's generation parameters (its ``parameters`` chunk) and adds A1111's
+``postprocessing`` chunk (``Postprocess upscale by: 2, Postprocess upscaler: Lanczos``), which ``html_info``
+also carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import html
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdbridge.bridge import pnginfo
+from sdbridge.bridge.a1111 import UPSCALERS, A1111Route, FiniteBody, b64_bytes, decode_b64_image
+from sdbridge.bridge.protocol import MAX_DIMENSION
+from sdbridge.config import LOOPBACK_NAMES
+from sdbridge.errors import SdbridgeError
+
+if TYPE_CHECKING:
+    from sdbridge.bridge.server import Daemon
+
+MAX_BATCH = 16
+_RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+_UPSCALER_NAMES = [upscaler["name"] for upscaler in UPSCALERS]
+
+
+class ExtrasOptions(FiniteBody):
+    """The fields of A1111's ExtrasBaseRequest (its defaults); the image fields come with each route's body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    resize_mode: int = Field(0, ge=0, le=1, description="0 scale by upscaling_resize, 1 scale to upscaling_resize_w/h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0.0, ge=0, le=1, description="no face restorer is shipped: above 0 is a 422")
+    codeformer_visibility: float = Field(0.0, ge=0, le=1, description="no face restorer is shipped: above 0 is a 422")
+    codeformer_weight: float = Field(0.0, ge=0, le=1)
+    upscaling_resize: float = Field(2.0, ge=1.0, le=8.0)
+    upscaling_resize_w: int = Field(512, ge=1, le=MAX_DIMENSION)
+    upscaling_resize_h: int = Field(512, ge=1, le=MAX_DIMENSION)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0, le=1)
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasOptions):
+    image: str = Field("", description="a base64 image (data: URLs accepted)")
+
+
+class FileData(BaseModel):
+    data: str = Field(..., description="a base64 image")
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasOptions):
+    imageList: list[FileData] = Field(..., max_length=MAX_BATCH)  # noqa: N815 (A1111's field name)
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str
+    image: str
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+class UpscaleError(SdbridgeError):
+    code = "bad_param"
+
+
+def upscale(image: np.ndarray, options: ExtrasOptions) -> tuple[np.ndarray, dict[str, Any]]:
+    """One image through A1111's upscale step: the result and its ``Postprocess ...`` infotext items."""
+    _check(options)
+    info: dict[str, Any] = {}
+    first = options.upscaler_1
+    if first == "None":  # A1111: no first upscaler, no upscaling at all (the second is not run alone)
+        return image, info
+    picture = Image.fromarray(image)
+    result = _scaled(picture, first, options, info)
+    info["Postprocess upscaler"] = first
+    second = options.upscaler_2
+    if second != "None" and options.extras_upscaler_2_visibility > 0:
+        other = _scaled(picture, second, options, {})
+        result = Image.blend(result, other, options.extras_upscaler_2_visibility)
+        info["Postprocess upscaler 2"] = second
+    return np.asarray(result), info
+
+
+def _check(options: ExtrasOptions) -> None:
+    for field in ("upscaler_1", "upscaler_2"):
+        name = getattr(options, field)
+        if name not in _UPSCALER_NAMES:
+            raise UpscaleError(f"{field}: unknown upscaler {name!r} (known: {', '.join(_UPSCALER_NAMES)}; no model "
+                               "upscalers are shipped)")
+    for field in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(options, field) > 0:
+            raise UpscaleError(f"{field} {getattr(options, field):g}: no face restorer is shipped; send 0")
+
+
+def _scaled(picture: Image.Image, upscaler: str, options: ExtrasOptions, info: dict[str, Any]) -> Image.Image:
+    """A1111's ScriptPostprocessingUpscale.upscale with Upscaler.upscale for a PIL resampling upscaler."""
+    width, height = options.upscaling_resize_w, options.upscaling_resize_h
+    if options.resize_mode == 1:
+        scale = max(width / picture.width, height / picture.height)
+        info["Postprocess upscale to"] = f"{width}x{height}"
+    else:
+        scale = options.upscaling_resize
+        info["Postprocess upscale by"] = options.upscaling_resize
+    target = (int(picture.width * scale) // 8 * 8, int(picture.height * scale) // 8 * 8)
+    if max(target) > MAX_DIMENSION or min(target) < 8:
+        raise UpscaleError(f"a {picture.width}x{picture.height} image scaled by {scale:g} would be "
+                           f"{target[0]}x{target[1]}: each side must be within 8..{MAX_DIMENSION}")
+    result = picture
+    if scale != 1:  # A1111's loop runs do_upscale once for a resampler: it lands on the scaled size at once
+        result = picture.resize((int(picture.width * scale), int(picture.height * scale)), _RESAMPLE[upscaler])
+    if result.size != target:
+        result = result.resize(target, Image.Resampling.LANCZOS)
+    if options.resize_mode == 1 and options.upscaling_crop:
+        cropped = Image.new("RGB", (width, height))
+        cropped.paste(result, box=(width // 2 - result.width // 2, height // 2 - result.height // 2))
+        result = cropped
+        info["Postprocess crop to"] = f"{width}x{height}"
+    return result
+
+
+def _postprocessing_text(info: dict[str, Any]) -> str:
+    return ", ".join(f"{key}: {value}" for key, value in info.items())
+
+
+def _html_info(text: str) -> str:
+    """A1111's plaintext_to_html of the postprocessing infotext."""
+    return f"<div class='infotext'>\n<p>{html.escape(text) or '<br>'}</p>\n</div>" if text else ""
+
+
+def _process(data: str, what: str, options: ExtrasOptions) -> tuple[str, str]:
+    """base64 in -> (base64 PNG out, postprocessing infotext)."""
+    image = decode_b64_image(data, what)
+    try:
+        parameters, _ = pnginfo.read_info(b64_bytes(data, what))
+    except SdbridgeError:
+        parameters = None
+    try:
+        result, info = upscale(image, options)
+    except UpscaleError as exc:
+        raise HTTPException(422, str(exc)) from None
+    text = _postprocessing_text(info)
+    png = pnginfo.encode_png(np.ascontiguousarray(result), parameters or None, postprocessing=text or None)
+    return base64.b64encode(png).decode("ascii"), text
+
+
+def create_extras_router(daemon: Daemon) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=A1111Route)
+
+    @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
+    async def extra_single_image(body: ExtrasSingleImageRequest) -> dict[str, Any]:
+        """Upscale one image as A1111's Extras tab does (on the CPU, off the event loop)."""
+        if not body.image:
+            raise HTTPException(422, "image: empty (no image data)")
+        image, text = await asyncio.to_thread(_process, body.image, "image", body)
+        return {"html_info": _html_info(text), "image": image}
+
+    @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
+    async def extra_batch_images(body: ExtrasBatchImagesRequest) -> dict[str, Any]:
+        """Upscale each image of ``imageList`` as A1111's Extras tab does."""
+        images, texts = [], []
+        for index, item in enumerate(body.imageList):
+            image, text = await asyncio.to_thread(_process, item.data, f"imageList[{index}]", body)
+            images.append(image)
+            texts.append(text)
+        return {"html_info": _html_info(texts[0] if texts else ""), "images": images}
+
+    @router.get("/cmd-flags")
+    async def cmd_flags() -> dict[str, Any]:
+        """A1111's command-line flags that have a meaning here, from the daemon's settings."""
+        settings, api = daemon.settings, daemon.a1111
+        return {"api": True, "nowebui": False, "listen": settings.host not in LOOPBACK_NAMES,
+                "port": settings.port, "ckpt_dir": str(api.models_dir()), "lora_dir": str(api.lora_dir()),
+                "embeddings_dir": str(api.embeddings_dir()), "styles_file": [str(api.styles_path())],
+                "api_auth": None, "gradio_auth": None}
+
+    @router.get("/scripts")
+    async def scripts() -> dict[str, list[str]]:
+        """Scripts by name: ControlNet's units run as A1111's always-on ``controlnet`` script does."""
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
+    @router.get("/script-info")
+    async def script_info() -> list[dict[str, Any]]:
+        return [{"name": "controlnet", "is_alwayson": True, "is_img2img": is_img2img, "args": []}
+                for is_img2img in (False, True)]
+
+    @router.get("/face-restorers")
+    async def face_restorers() -> list[dict[str, Any]]:
+        return []
+
+    @router.get("/realesrgan-models")
+    async def realesrgan_models() -> list[dict[str, Any]]:
+        return []
+
+    @router.get("/hypernetworks")
+    async def hypernetworks() -> list[dict[str, Any]]:
+        return []
+
+    return router
