@@ -1,6 +1,6 @@
 """AUTOMATIC1111's Extras tab over its API: ``/sdapi/v1/extra-single-image`` and ``/extra-batch-images``, and the
 listings its clients read before they send a request (``/cmd-flags``, ``/scripts``, ``/script-info``,
-``/face-restorers``, ``/realesrgan-models``, ``/hypernetworks``).
+``/memory``, ``/face-restorers``, ``/realesrgan-models``, ``/hypernetworks``).
 
 Extras upscale with the upscalers that exist here, those ``/sdapi/v1/upscalers`` lists: ``None`` (A1111 leaves
 the image as it is), ``Lanczos`` and ``Nearest``, through PIL as A1111's own (``modules/upscaler.py``):
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -167,6 +168,34 @@ def _process(data: str, what: str, options: ExtrasOptions) -> tuple[str, str]:
     return base64.b64encode(png).decode("ascii"), text
 
 
+def _ram() -> dict[str, Any]:
+    """As A1111 reports it (psutil there): ``used`` is this process's resident memory, ``free`` the rest of RAM."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            used = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError) as exc:  # no /proc (macOS, Windows)
+        return {"error": f"resident memory is not readable here: {exc}"}
+    return {"free": total - used, "used": used, "total": total}
+
+
+def _cuda() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"error": "unavailable"}
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+
+    def pair(name: str) -> dict[str, int]:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
+            "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
+            "inactive": pair("inactive_split_bytes"),
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+
+
 def create_extras_router(daemon: Daemon) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=A1111Route)
 
@@ -206,6 +235,11 @@ def create_extras_router(daemon: Daemon) -> APIRouter:
     async def script_info() -> list[dict[str, Any]]:
         return [{"name": "controlnet", "is_alwayson": True, "is_img2img": is_img2img, "args": []}
                 for is_img2img in (False, True)]
+
+    @router.get("/memory")
+    async def memory() -> dict[str, Any]:
+        """A1111's memory report: the process's resident memory against the machine's, and CUDA's allocator."""
+        return {"ram": _ram(), "cuda": _cuda()}
 
     @router.get("/face-restorers")
     async def face_restorers() -> list[dict[str, Any]]:

@@ -81,5 +81,14 @@ def test_the_listings_clients_probe(client):
     assert flags["lora_dir"] == str(client.tmp / "lora") and flags["ckpt_dir"] == str(client.tmp / "models")
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     assert [s["is_img2img"] for s in client.get("/sdapi/v1/script-info").json()] == [False, True]
+    memory = client.get("/sdapi/v1/memory").json()
+    ram = memory["ram"]
+    assert 0 < ram["used"] < ram["total"] and ram["free"] == ram["total"] - ram["used"]
+    import torch
+
+    if torch.cuda.is_available():
+        assert memory["cuda"]["system"]["total"] > 0 and "current" in memory["cuda"]["allocated"]
+    else:
+        assert memory["cuda"] == {"error": "unavailable"}
     for path in ("face-restorers", "realesrgan-models", "hypernetworks"):
         assert client.get(f"/sdapi/v1/{path}").json() == []
