@@ -215,6 +215,11 @@ class EngineHost:
         return self._failed is not None
 
     @property
+    def swap_pending(self) -> bool:
+        """Whether a loaded engine waits for the worker's next turn to be swapped in."""
+        return self._ready is not None
+
+    @property
     def status(self) -> str:
         if self._loading is not None:
             return "loading"

@@ -247,6 +247,28 @@ def test_listing_endpoints(api):
     assert api.get("/docs").status_code == 200
 
 
+def test_a_checkpoint_that_loads_slowly_answers_once_it_serves(start_daemon, tmp_path, monkeypatch):
+    """A real checkpoint takes seconds to load: the answer waits through the load and the worker's swap. From the
+    preview engine, a 422 came back in the moment between them, for a model that then served."""
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    load = DiffusionEngine.load
+
+    def slow_load(self, *args, **kwargs):
+        time.sleep(2.5)  # past the 2 s the route waits for a load to start
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionEngine, "load", slow_load)
+    write_tiny_model(tmp_path / "models" / "slow-sd", seed=2)
+    daemon = start_daemon(models_dir=str(tmp_path / "models"))
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120) as client:
+        wait_for(lambda: client.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+        title = next(m["title"] for m in client.get("/sdapi/v1/sd-models").json() if m["title"].startswith("slow-sd"))
+        response = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": title})
+        assert response.status_code == 200, response.text
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == title
+
+
 def test_options_switch_the_checkpoint_and_a_bad_one_keeps_the_old(api):
     second = write_tiny_model(api.tmp / "models" / "other-sd", seed=1)
     titles = [m["title"] for m in api.get("/sdapi/v1/sd-models").json()]
