@@ -207,5 +207,13 @@ NOT_SAVED = ("model", "engine", "width", "height", "jpeg_quality", "max_fps", "o
              "ladder_fps")
 
 
+# The live prompt blend, saved only while it is in use (a crossfader held between two prompts is part of the
+# look): a preset that holds it is applied as written, so one saved with the blend off would cut its prompt on
+# recall instead of gliding it.
+BLEND = ("blend_prompt", "prompt_blend")
+
+
 def savable(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if key not in NOT_SAVED}
+    blending = bool(values.get("blend_prompt")) and float(values.get("prompt_blend") or 0.0) > 0.0
+    left_out = NOT_SAVED if blending else NOT_SAVED + BLEND
+    return {key: value for key, value in values.items() if key not in left_out}

@@ -193,6 +193,13 @@ def test_presets_over_osc_websocket_and_http(start_daemon):
         ws.send(json.dumps({"type": "save_preset", "id": 2, "name": "mine", "description": "stage look"}))
         saved = recv_json(ws, "preset_saved")
         assert saved["params"]["strength"] == 0.42 and "model" not in saved["params"]
+        assert "blend_prompt" not in saved["params"] and "prompt_blend" not in saved["params"]  # the blend is off
+        # So its recall glides the prompt through the blend, as a shipped preset's does, rather than cutting it.
+        ws.send(json.dumps({"type": "set", "params": {"prompt": "a different look"}}))
+        ws.send(json.dumps({"type": "preset", "name": "mine", "glide_s": 5}))
+        assert wait_for(lambda: daemon.store.get("blend_prompt") == saved["params"]["prompt"], timeout=5)
+        assert daemon.store.get("prompt") == "a different look"
+        ws.send(json.dumps({"type": "preset", "name": "mine", "glide_s": 0}))
     with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
         names = {p["name"] for p in http.get("/presets").json()["presets"]}
         assert {"mine", "neon", "calm", "watercolor"} <= names

@@ -55,6 +55,16 @@ def test_savable_leaves_out_the_stream_and_the_model():
     assert savable(values) == {"prompt": "x", "strength": 0.5}
 
 
+def test_savable_keeps_the_prompt_blend_only_while_it_is_in_use():
+    """A blend that is off is left out, so that the recall glides the prompt; one held between two prompts is the
+    look, and is kept."""
+    off = {"prompt": "x", "blend_prompt": "", "prompt_blend": 0.0}
+    assert savable(off) == {"prompt": "x"}
+    assert savable({**off, "blend_prompt": "y"}) == {"prompt": "x"}
+    held = {"prompt": "x", "blend_prompt": "y", "prompt_blend": 0.4}
+    assert savable(held) == held
+
+
 def test_savable_leaves_out_the_tempo_and_the_ladder_target():
     # A recalled bpm would glide the tempo (and, with Ableton Link, the whole session's).
     values = {"prompt": "x", "bpm": 128.0, "ladder_fps": 30.0, "seed": 7, "steps": 4}
