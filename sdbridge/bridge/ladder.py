@@ -71,12 +71,13 @@ class QualityLadder:
         self.capacity_fps = capacity_fps
         self.report = report or (lambda event: None)
         self.rung = 0
+        self.direction = "none"  # the way it last moved: "down", "up" ("none" before it has)
         self.base: dict[str, Any] | None = None  # the artist's values (rung 0), kept only while stepped down
         self._written: dict[str, Any] = {}  # what the ladder last wrote, to tell a client's change from its own
         self._low = self._high = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"rung": self.rung, "target_fps": self.store.get("ladder_fps"),
+        return {"rung": self.rung, "direction": self.direction, "target_fps": self.store.get("ladder_fps"),
                 "changed": rungs(self.base)[self.rung] if self.base and self.rung else {}}
 
     def originals(self) -> dict[str, Any]:
@@ -122,7 +123,7 @@ class QualityLadder:
 
     def _move(self, rung: int, capacity: float | None = None, target: float | None = None) -> None:
         assert self.base is not None
-        direction = "down" if rung > self.rung else "up"
+        self.direction = direction = "down" if rung > self.rung else "up"
         values = {key: value for key, value in rungs(self.base)[rung].items() if key in self.store.schema}
         self.store.update(values)
         self.rung = rung
@@ -130,6 +131,6 @@ class QualityLadder:
         self._low = self._high = 0
         log.info("quality ladder %s to rung %d (engine %.1f fps, target %s): %s", direction, rung, capacity or 0.0,
                  target, values)
-        self.report({"type": "ladder", "direction": direction, **self.describe()})
+        self.report({"type": "ladder", **self.describe()})
         if not rung:
             self.base = None  # given back: the next step down reads the store afresh

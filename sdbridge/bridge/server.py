@@ -401,7 +401,7 @@ class Daemon:
                         (f"{prefix}/sessions", (len(stats["sessions"]),)),
                         (f"{prefix}/engine", (str(stats["engine"].get("engine", "none")),)),
                         (f"{prefix}/engine_status", (str(stats["engine"]["status"]),)),
-                        (f"{prefix}/ladder", (int(stats["ladder"]["rung"]),)),
+                        (f"{prefix}/ladder", (int(stats["ladder"]["rung"]), str(stats["ladder"]["direction"]))),
                     ])
             except Exception:  # telemetry must never take the daemon down
                 log.exception("telemetry failed")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 
 from sdbridge.bridge import codec
-from tests.clients import make_image, recv_json, wait_for, ws_connect
+from tests.clients import UdpReceiver, make_image, recv_json, wait_for, ws_connect
 
 
 def slow_identity(monkeypatch, seconds_at_128: float) -> None:
@@ -48,10 +48,17 @@ def streaming(daemon) -> Iterator[None]:
         sender.join(timeout=10)
 
 
+def ladder_telemetry(receiver: UdpReceiver, seconds: float) -> list[list]:
+    return [args for address, args in receiver.messages(seconds) if address == "/sd/status/ladder"]
+
+
 def test_ladder_steps_down_under_load_and_back_up(start_daemon, monkeypatch):
     slow_identity(monkeypatch, 0.040)  # 25 fps at 128x128
+    receiver = UdpReceiver()
     daemon = start_daemon(params={"engine": "identity", "width": 128, "height": 128, "steps": 4},
-                          telemetry_hz=8.0)
+                          telemetry_hz=8.0, feedback_port=receiver.port)
+    # An OSC In wired for the documented "i s" gets both at the telemetry rate, before any move too.
+    assert ladder_telemetry(receiver, 1.0)[-1] == [0, "none"]
     with streaming(daemon):
         with ws_connect(daemon) as watcher:
             watcher.send(json.dumps({"type": "set", "params": {"ladder_fps": 50.0}}))  # 25 fps now: too slow
@@ -65,6 +72,8 @@ def test_ladder_steps_down_under_load_and_back_up(start_daemon, monkeypatch):
             assert wait_for(lambda: daemon.ladder.rung == 0, timeout=40)
             assert daemon.store.get("width") == 128 and daemon.store.get("steps") == 4
     assert daemon.collect_stats()["ladder"]["rung"] == 0
+    assert ladder_telemetry(receiver, 1.0)[-1] == [0, "up"]
+    receiver.close()
 
 
 def test_the_ladder_steps_down_from_the_values_of_the_moment_and_gives_them_back(start_daemon, monkeypatch):
