@@ -53,7 +53,8 @@ def guess_type(text: str) -> str:
     return "str"
 
 
-def param_type(http_url: str, name: str, token: str | None = None) -> str | None:
+def param_type(http_url: str, name: str, token: str | None = None,
+               instead: str = "--type int|float|str says it") -> str | None:
     """int, float or str: the parameter's type from the daemon's GET /params (``token``: the daemon's, when it
     has one); None when the daemon does not answer, for a bool or an enum, or for an unknown name (the daemon
     then names it)."""
@@ -65,7 +66,7 @@ def param_type(http_url: str, name: str, token: str | None = None) -> str | None
     except (OSError, ValueError, KeyError) as exc:
         hint = " (the daemon has a token: --token or $SDBRIDGE_TOKEN)" if "401" in str(exc) else ""
         print(f"could not read the parameter types from {http_url}/params ({exc}){hint}: sending {name}'s value as "
-              f"it looks; --type int|float|str says it", file=sys.stderr)
+              f"it looks; {instead}", file=sys.stderr)
         return None
     kind = next((spec.get("type") for spec in schema if spec.get("name") == name), None)
     return kind if kind in SENT_AS_THEMSELVES else None
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     set_.add_argument("--token", default=argparse.SUPPRESS, help="the daemon's token, for GET /params")
     sweep = commands.add_parser("sweep")
     sweep.add_argument("param")
-    sweep.add_argument("start", type=float)
-    sweep.add_argument("end", type=float)
+    sweep.add_argument("start")
+    sweep.add_argument("end")
     sweep.add_argument("--seconds", type=float, default=4.0)
     sweep.add_argument("--rate", type=float, default=30.0, help="messages per second, as a fader sends")
     sweep.add_argument("--http", help="the daemon's HTTP address: an int parameter is swept in whole numbers "
@@ -129,11 +130,20 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{args.param} {args.value!r} cannot be sent as {kind}: {exc}")
         client.send_message(address(args.param), value)
     elif args.command == "sweep":
-        # An int parameter (steps, seed) refuses 2.5: it moves in whole numbers, each sent once.
-        whole = param_type(args.http or f"http://{args.host}:7860", args.param, args.token) == "int"
+        # An int parameter (steps, seed) refuses 2.5: it moves in whole numbers, each sent once. Without the types
+        # from the daemon, ends that look whole (1 8) sweep in whole numbers, as set sends a value as it looks.
+        kind = param_type(args.http or f"http://{args.host}:7860", args.param, args.token,
+                          instead="--http names the daemon's HTTP address")
+        if kind is None and {guess_type(args.start), guess_type(args.end)} <= {"int", "float"}:
+            kind = "int" if guess_type(args.start) == guess_type(args.end) == "int" else "float"
+        if kind == "str":
+            parser.error(f"sweep moves a number, and {args.param} is a string")
+        if kind not in ("int", "float"):
+            parser.error(f"sweep needs two numbers: {args.start!r} {args.end!r}")
+        whole, start, end = kind == "int", float(args.start), float(args.end)
         steps, last = max(1, int(args.seconds * args.rate)), None
         for index in range(steps + 1):
-            value = args.start + (args.end - args.start) * index / steps
+            value = start + (end - start) * index / steps
             if whole and (value := round(value)) == last:
                 continue
             client.send_message(address(args.param), value)

@@ -35,6 +35,11 @@ def test_osc_control_set_sweep_and_preset(start_daemon):
                          "--seconds", "0.3", "--http", f"http://127.0.0.1:{daemon.port}")
     assert result.returncode == 0
     assert wait_for(lambda: daemon.store.get("steps") == 4) and daemon.osc.stats.param_errors == errors
+    # Without the types (no daemon on --http), ends that look whole sweep in whole numbers: no value refused.
+    result = run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "sweep", "steps", "1", "5",
+                         "--seconds", "0.3", "--http", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 0 and "--http names the daemon's HTTP address" in result.stderr
+    assert wait_for(lambda: daemon.store.get("steps") == 5) and daemon.osc.stats.param_errors == errors
     result = run_example(str(EXAMPLES / "osc_control.py"), "--port", port, "preset", "neon", "--glide", "0")
     assert result.returncode == 0, result.stderr
     assert wait_for(lambda: daemon.store.get("effect") == "edges")
