@@ -751,7 +751,7 @@ class A1111Api:
             await asyncio.sleep(0.05)
             if self.current_model() == name:  # swapped in by the worker: it serves now
                 return
-            if engines.status == "loading" or engines.swap_pending:  # loaded: it serves from the worker's next turn
+            if engines.settling:  # loading, loaded for the worker's next turn, or after another load
                 continue
             if engines.load_failures != failures or time.monotonic() > settle:
                 reason = engines.last_error or "it did not load"

@@ -96,6 +96,10 @@ class EngineHost:
         self._current_choice: EngineChoice | None = None
         self._ready: tuple[EngineChoice, Engine] | None = None   # loaded, waiting for the worker to swap it in
         self._loading: EngineChoice | None = None
+        # The last choice the parameters asked for. One load runs at a time (two checkpoints loading at once could
+        # not both fit): a choice asked for meanwhile loads after it, and a load no longer wanted when it ends is
+        # closed, never swapped in (an artist who clicks a model and back at once sees no cut).
+        self._wanted: EngineChoice | None = None
         self._failed: EngineChoice | None = None
         self._auto_failed: str | None = None  # the model that failed under engine "auto" with nothing serving
         self._serving_request: dict[str, Any] | None = None  # REQUEST_PARAMS of the last engine that loaded
@@ -152,13 +156,22 @@ class EngineHost:
         return EngineChoice(engine, model if engine in MODEL_ENGINES else None)
 
     def select(self, params: Mapping[str, Any]) -> None:
+        """Worker thread, each turn: start loading the engine the parameters ask for, unless it serves, is
+        loaded, failed, or waits for the load that runs now to end."""
         choice = self.choose(params)
+        stale: Engine | None = None
         with self._lock:
-            if choice in (self._current_choice, self._loading, self._failed):
-                return
-            if self._ready is not None and self._ready[0] == choice:
-                return
-            self._loading = choice
+            self._wanted = choice
+            if self._ready is not None and self._ready[0] != choice:  # loaded, then asked away from
+                stale, self._ready = self._ready[1], None
+            start = (self._loading is None and self._ready is None
+                     and choice not in (self._current_choice, self._failed))
+            if start:
+                self._loading = choice
+        if stale is not None:
+            self._discard(stale)
+        if not start:
+            return
         warm = {name: params[name] for name in WARM_PARAMS if name in params}
         request = {name: params.get(name) for name in REQUEST_PARAMS}
         thread = threading.Thread(target=self._load, args=(choice, warm, request),
@@ -215,9 +228,20 @@ class EngineHost:
         return self._failed is not None
 
     @property
-    def swap_pending(self) -> bool:
-        """Whether a loaded engine waits for the worker's next turn to be swapped in."""
-        return self._ready is not None
+    def settling(self) -> bool:
+        """Whether the engine asked for is still on its way: loading, loaded and waiting for the worker's next
+        turn to be swapped in, or waiting for another load to end."""
+        with self._lock:
+            wanted = self._wanted
+            return (self._loading is not None or self._ready is not None
+                    or (wanted is not None and wanted not in (self._current_choice, self._failed)))
+
+    def _discard(self, engine: Engine) -> None:
+        log.info("engine %s loaded but no longer asked for: closed without serving", engine.name)
+        try:
+            engine.close()
+        except Exception:
+            log.exception("closing engine %s failed", engine.name)
 
     @property
     def status(self) -> str:
@@ -316,25 +340,36 @@ class EngineHost:
                                  f"{self.settings.vram_budget_mb} MB budget", code="out_of_memory")
         except Exception as exc:  # any failure: report it, keep the previous engine serving
             message = _load_failure(choice, exc)
+            code = getattr(exc, "code", "bad_model")
+            # One section: the worker's select must never find this choice neither loading nor failed (it would
+            # load it again), and asked away from while it loaded, there is nothing to set back.
             with self._lock:
                 self._loading = None
-                self._failed = choice
-                self.last_error = message
-                self.last_error_code = code = getattr(exc, "code", "bad_model")
-                self.load_failures += 1
-                serving = self._serving_request if (self._current or self._ready) else None
-                if serving is not None and request is not None:
-                    self._revert = {name: value for name, value in serving.items() if request.get(name) != value}
-                elif choice.engine == "diffusion":
-                    self._auto_failed = choice.model
-            self._notify({"type": "error", "code": code, "message": f"loading {choice} failed: {message}"
-                          + ("; the previous engine keeps serving" if self._current else "")})
+                superseded = self._wanted != choice
+                if not superseded:
+                    self._failed = choice
+                    self.last_error = message
+                    self.last_error_code = code
+                    self.load_failures += 1
+                    serving = self._serving_request if (self._current or self._ready) else None
+                    if serving is not None and request is not None:
+                        self._revert = {name: value for name, value in serving.items()
+                                        if request.get(name) != value}
+                    elif choice.engine == "diffusion":
+                        self._auto_failed = choice.model
+            tail = (" (it was no longer asked for)" if superseded
+                    else "; the previous engine keeps serving" if self._current else "")
+            self._notify({"type": "error", "code": code, "message": f"loading {choice} failed: {message}{tail}"})
             return
         with self._lock:
             self._loading = None
-            self._failed = None
-            self.last_error = None
-            self._ready = (choice, engine)
-            self._serving_request = dict(request) if request is not None else None
             self.loads += 1
+            wanted = self._wanted == choice
+            if wanted:
+                self._failed = None
+                self.last_error = None
+                self._ready = (choice, engine)
+                self._serving_request = dict(request) if request is not None else None
         log.info("engine %s loaded in %.1f s", printable(choice), time.perf_counter() - started)
+        if not wanted:
+            self._discard(engine)

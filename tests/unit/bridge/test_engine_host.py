@@ -108,3 +108,78 @@ def test_a_hub_id_with_a_trailing_newline_is_not_a_hub_id():
     from sdbridge.bridge.engine_host import _is_hub_id
 
     assert _is_hub_id("stabilityai/sd-turbo") and not _is_hub_id("stabilityai/sd-turbo\n")
+
+
+@pytest.fixture
+def slow_loads(monkeypatch) -> dict:
+    """The diffusion engine's load made to take 1 s, counting the loads that run at once (a GPU's memory holds
+    the serving model and one being loaded, not more) and the engines closed."""
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    seen = {"running": 0, "most": 0, "closed": []}
+    load, close = DiffusionEngine.load, DiffusionEngine.close
+
+    def slow_load(self, *args, **kwargs):
+        seen["running"] += 1
+        seen["most"] = max(seen["most"], seen["running"])
+        try:
+            time.sleep(1.0)
+            return load(self, *args, **kwargs)
+        finally:
+            seen["running"] -= 1
+
+    def counted_close(self):
+        seen["closed"].append(self.source)
+        return close(self)
+
+    monkeypatch.setattr(DiffusionEngine, "load", slow_load)
+    monkeypatch.setattr(DiffusionEngine, "close", counted_close)
+    return seen
+
+
+def turns(host: EngineHost, params: dict, seconds: float) -> list[str]:
+    """The worker's turns for ``seconds``: select, then swap in; the names of the engines that served."""
+    served = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        host.select(params)
+        engine = host.active()
+        if engine is not None and (not served or served[-1] != engine.name):
+            served.append(engine.name)
+        time.sleep(0.02)
+    return served
+
+
+def test_a_model_asked_for_and_away_from_at_once_never_serves(tmp_path, tiny_model_dir, slow_loads):
+    """QA: an artist picks a model and goes back at once. The load runs out, is closed, and never goes on stage
+    (it served for a moment, then the preview engine was loaded again: two cuts)."""
+    host = EngineHost(load_settings({"models_dir": str(tiny_model_dir.parent)}, env={}))
+    params = {**Schema().defaults(), "width": 64, "height": 64}
+    settle(host, params)
+    assert host.active_engine().name == "preview"
+    host.select({**params, "engine": "diffusion", "model": str(tiny_model_dir)})
+    assert host.status == "loading" and host.settling
+    assert turns(host, params, 2.5) == ["preview"]
+    assert slow_loads["closed"] == [str(tiny_model_dir)] and not host.settling
+    assert host.loads == 2 and host.load_failures == 0
+
+
+def test_models_picked_one_after_another_load_one_at_a_time_and_the_last_serves(tmp_path, slow_loads):
+    """Scrolling through models: one load at a time; the one asked for last loads when the running one ends, and
+    the one it replaced is closed without serving."""
+    from sdbridge.engines.tiny import write_tiny_model
+
+    first, last = (str(write_tiny_model(tmp_path / name, seed=seed)) for name, seed in (("a", 1), ("b", 2)))
+    host = EngineHost(load_settings({"models_dir": str(tmp_path)}, env={}))
+    params = {**Schema().defaults(), "width": 64, "height": 64}
+    settle(host, params)
+    host.select({**params, "engine": "diffusion", "model": first})
+    time.sleep(0.2)
+    asked = {**params, "engine": "diffusion", "model": last}
+    host.select(asked)
+    assert host.describe()["loading"] == f"diffusion ({first})"  # the second waits for it
+    assert turns(host, asked, 6.0) == ["preview", "diffusion"]
+    assert host.active_engine().source == last
+    assert slow_loads["most"] == 1  # never two at once
+    assert slow_loads["closed"] == [first]  # the first, unserved
+    host.close()
