@@ -21,7 +21,12 @@ log = logging.getLogger("sdbridge")
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # Library chatter would bury ours; their warnings about torchvision and config keys are noise here.
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """For every command (``models tiny`` and ``doctor`` load models too), before any library is imported.
+    Library chatter would bury ours; their warnings about torchvision and config keys are noise here."""
     for noisy in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for noisy in ("diffusers", "transformers"):
@@ -319,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -418,10 +418,22 @@ def _load_taesd(folder: Path, dtype: torch.dtype):  # noqa: ANN202 - Autoencoder
 
 
 @serialized_load
+def _quiet_library_bars() -> None:
+    """transformers draws a "Loading weights" bar for each text encoder: carriage returns with no time stamp in
+    the daemon's log, between its records, at every model switch. Local loads take seconds; the log's "loaded in"
+    line says how many."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                         models_dir: Path | None = None, taesd: str | None = None,
                         config_dir: str | Path | None = None) -> PipelineParts:
     """Load any of the supported layouts onto ``device`` in ``dtype``; ModelError says what is wrong."""
+    _quiet_library_bars()
     resolved = resolve_source(source, models_dir=models_dir)
     taesd_path = Path(taesd).expanduser() if taesd else None
     if resolved.kind == "pickle_file" and not allow_pickle:

@@ -304,3 +304,10 @@ def test_loads_on_several_threads_at_once_all_get_real_weights(parts, tmp_path):
         assert not any(tensor.is_meta for tensor in model.parameters())
     # Modules built afterwards on this thread are real too.
     assert not any(tensor.is_meta for tensor in random_controlnet(parts.unet, seed=3).parameters())
+
+
+def test_loading_draws_no_progress_bar_into_the_log(tiny_model_dir, capsys):
+    """transformers' "Loading weights" bar (carriage returns, no time stamp) came between the daemon's log records
+    at every model switch."""
+    load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    assert "Loading weights" not in capsys.readouterr().err
