@@ -42,6 +42,7 @@ from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
 
+WORKER_STOP_WAIT_S = 10.0  # how long a stop waits for the frame being made (then it stops without it)
 LAG_PROBE_S = 0.01
 
 
@@ -236,7 +237,10 @@ class Daemon:
         if self.feedback is not None:
             self.feedback.close()
         self.worker.stop()
-        await asyncio.to_thread(self.worker.join, 10)
+        # The frame being made finishes first: tens of ms on a GPU, seconds on a CPU at many steps.
+        await asyncio.to_thread(self.worker.join, WORKER_STOP_WAIT_S)
+        if self.worker.is_alive():
+            log.warning("the worker is still making a frame after %.0f s: stopping without it", WORKER_STOP_WAIT_S)
         if self.outputs is not None:
             await asyncio.to_thread(self.outputs.stop)
         self.engines.close()

@@ -173,3 +173,42 @@ def test_engine_refusing_new_parameters_keeps_the_stream_going(start_daemon, mon
         assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
     assert len(errors) == 1 and "cannot encode this prompt" in errors[0]["message"]
     assert daemon.collect_stats()["worker"]["engine_errors"] == 1
+
+
+def test_a_stop_that_outlasts_the_frame_being_made_says_so(monkeypatch, caplog, tmp_path):
+    """SIGTERM waits for the frame being made; one longer than the wait (a CPU at many steps) is left, and the
+    log says why the stop took that long (it was a silent 10 s gap)."""
+    import logging
+    import threading
+
+    from sdbridge.bridge import server
+    from sdbridge.config import Settings
+    from sdbridge.engines.identity import IdentityEngine
+
+    monkeypatch.setattr(server, "WORKER_STOP_WAIT_S", 0.2)
+    in_frame, release = threading.Event(), threading.Event()
+    step = IdentityEngine.step
+
+    def long_step(self, frames, states):
+        in_frame.set()
+        release.wait(10)
+        return step(self, frames, states)
+
+    monkeypatch.setattr(IdentityEngine, "step", long_step)
+    settings = Settings(port=0, osc_port=0, oscquery_port=-1, feedback_port=0, presets_dir=str(tmp_path))
+    settings.params = {"engine": "identity"}
+    thread = server.DaemonThread(settings)
+    daemon = thread.start()
+    try:
+        with ws_connect(daemon) as ws:
+            ws.send(codec.encode_jpeg(make_image(64, 64)))
+            assert in_frame.wait(10)
+        with caplog.at_level(logging.WARNING, logger="sdbridge.bridge.server"):
+            started = time.monotonic()
+            thread.stop()
+            took = time.monotonic() - started
+    finally:
+        release.set()
+        thread.stop()
+    assert took < 8
+    assert "still making a frame after 0 s: stopping without it" in caplog.text
