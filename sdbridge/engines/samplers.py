@@ -73,12 +73,21 @@ SCHEDULES: tuple[Schedule, ...] = (
     # 1000/n, a fraction of a timestep apart.
     Schedule("sgm_uniform", "SGM Uniform", {"timestep_spacing": "trailing"}, aliases=("sgm uniform",)),
     Schedule("simple", "Simple", {"timestep_spacing": "trailing"}),
+    # A1111's Normal spaces the timesteps evenly from the first to the last, as its Uniform does: here, as Uniform,
+    # the model's own spacing. Its DDIM takes every (1000 / n)th timestep from 1 up: diffusers' leading spacing
+    # with an offset of 1, exactly.
+    Schedule("normal", "Normal"),
+    Schedule("ddim", "DDIM", {"timestep_spacing": "leading", "steps_offset": 1}),
+    Schedule("beta", "Beta", {"use_beta_sigmas": True}, sigmas=True),
 )
+# Not here: A1111's KL Optimal, Align Your Steps and Polyexponential, sigma schedules that diffusers' schedulers
+# do not build; naming one answers with the list.
 
 _BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
 _SCHEDULE_BY_NAME = {key.lower(): s for s in SCHEDULES for key in (s.name, s.label, *s.aliases)}
 # Schedules that only k-diffusion-style (sigma) schedulers take.
-_SIGMA_SCHEDULERS = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+# Euler a's diffusers scheduler takes no sigma schedule (it would run its own and say Karras).
+_SIGMA_SCHEDULERS = {"EulerDiscreteScheduler", "LMSDiscreteScheduler",
                      "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
                      "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "UniPCMultistepScheduler"}
 
@@ -149,7 +158,7 @@ def a1111_samplers() -> list[dict[str, Any]]:
     """``/sdapi/v1/samplers``: name, aliases, options, as A1111 lists them."""
     out = []
     for sampler in SAMPLERS:
-        options: dict[str, str] = {"scheduler": "True"} if sampler.scheduler in _SIGMA_SCHEDULERS else {}
+        options: dict[str, str] = {"scheduler": "True"} if sampler.spaced else {}
         if sampler.stochastic:
             options["brownian_noise" if "SDE" in sampler.name else "eta"] = "True"
         out.append({"name": sampler.name, "aliases": list(sampler.aliases), "options": options})

@@ -32,6 +32,10 @@ CASES = [
     ("k_euler_a", None, "EulerAncestralDiscreteScheduler", {}),
     ("euler A", None, "EulerAncestralDiscreteScheduler", {}),
     ("Euler", "Exponential", "EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    ("DPM++ 2M", "Beta", "DPMSolverMultistepScheduler", {"use_beta_sigmas": True}),
+    ("Euler a", "normal", "EulerAncestralDiscreteScheduler", {}),                     # sd-backend-client's default
+    ("DDIM", "ddim", "DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+    ("Euler", "DDIM", "EulerDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
 ]
 
 
@@ -43,7 +47,8 @@ def test_names_map_to_schedulers(name: str, schedule: str | None, cls: str, conf
         assert scheduler.config[key] == value, key
     # The model's own betas and spacing are kept.
     assert scheduler.config["beta_schedule"] == BASE["beta_schedule"]
-    assert scheduler.config["timestep_spacing"] == BASE["timestep_spacing"]
+    if "timestep_spacing" not in config:
+        assert scheduler.config["timestep_spacing"] == BASE["timestep_spacing"]
 
 
 def test_a_karras_model_config_does_not_leak_into_a_plain_sampler() -> None:
@@ -59,6 +64,9 @@ def test_a_karras_model_config_does_not_leak_into_a_plain_sampler() -> None:
     ("Nope", None, "unknown_sampler"),
     ("DDIM Karras", None, "unknown_sampler"),    # DDIM has no sigma schedule
     ("DDIM", "Karras", "unknown_scheduler"),
+    ("Euler a", "Karras", "unknown_scheduler"),  # diffusers' Euler a takes no sigma schedule: it would be ignored
+    ("Euler a Karras", None, "unknown_sampler"),
+    ("Euler", "kl_optimal", "unknown_scheduler"),
     ("Euler", "Wobbly", "unknown_scheduler"),
 ])
 def test_unknown_names_are_refused_with_the_list(name: str, schedule: str | None, code: str) -> None:
@@ -101,3 +109,11 @@ def test_lcm_keeps_its_own_timesteps_and_says_so() -> None:
     assert {"sgm_uniform", "simple"} <= {schedule["name"] for schedule in samplers.a1111_schedulers()}
     with pytest.raises(SamplerError, match="'LCM' does not take the SGM Uniform schedule"):
         samplers.resolve("LCM", "SGM Uniform")
+
+
+def test_a1111s_ddim_schedule_takes_every_nth_timestep_from_1():
+    """A1111's ddim_scheduler: sigmas at timesteps 1, 1 + 1000 // n, ... (its sd_schedulers.py), the first step
+    from the highest of them."""
+    scheduler = samplers.make_scheduler(BASE, "Euler", "DDIM")
+    scheduler.set_timesteps(20)
+    assert [round(float(t)) for t in scheduler.timesteps] == list(range(951, 0, -50))
