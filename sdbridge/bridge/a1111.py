@@ -265,6 +265,9 @@ class Img2ImgRequest(_Request):
     inpaint_full_res: bool = Field(True, description="inpaint the masked area only, at full resolution")
     inpaint_full_res_padding: int = Field(0, ge=0, le=256)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    initial_noise_multiplier: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False,
+                                                   description="the starting noise scaled by this (A1111's "
+                                                   "'Noise multiplier for img2img'; 1 by default)")
     include_init_images: bool = False
 
 
@@ -290,6 +293,7 @@ class GenerationResponse(BaseModel):
 class ProgressState(BaseModel):
     skipped: bool = False
     interrupted: bool = False
+    stopping_generation: bool = False  # A1111 1.8+; clients that validate the state require it
     job: str = ""
     job_count: int = 0
     job_timestamp: str = "0"
@@ -313,6 +317,12 @@ class PngInfoResponse(BaseModel):
 
 
 # --- images --------------------------------------------------------------------------------------
+
+
+def always_on_script(scripts: dict[str, Any], name: str) -> Any:
+    """An ``alwayson_scripts`` entry by its script's name in any case, as A1111 finds it (``controlNet``, as some
+    clients send it, is the ControlNet extension too); None when absent."""
+    return next((value for key, value in scripts.items() if key.lower() == name), None)
 
 
 def decode_b64_image(data: str, what: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
@@ -529,6 +539,8 @@ class A1111Api:
                                    for index, image in enumerate(body.init_images)]
             request.denoising_strength = body.denoising_strength if body.denoising_strength is not None else 0.75
             request.resize_mode = body.resize_mode
+            if body.initial_noise_multiplier is not None:
+                request.initial_noise_multiplier = body.initial_noise_multiplier
             if body.mask:
                 request.mask = _mask(body.mask)
                 request.mask_blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x,
@@ -573,7 +585,7 @@ class A1111Api:
 
     async def run(self, body: _Request, kind: str) -> dict[str, Any]:
         request = await asyncio.to_thread(self.build, body, kind)
-        if body.alwayson_scripts.get("controlnet") or body.alwayson_scripts.get("ControlNet"):
+        if always_on_script(body.alwayson_scripts, "controlnet"):
             # sd-webui-controlnet's units (bridge/a1111_controlnet.py): models loaded, conditions made, off the loop.
             request.controlnet = await asyncio.to_thread(self.daemon.controlnet_api.units, body.alwayson_scripts,
                                                          request)
@@ -612,6 +624,8 @@ class A1111Api:
                 # A1111 reads a missing RNG as GPU: without it, its PNG Info would regenerate with other noise.
                 "RNG": "CPU",
                 "Pad conds": "True" if generation.padded_conds else None,
+                "Noise multiplier": _num(request.initial_noise_multiplier)
+                if kind == "img2img" and request.initial_noise_multiplier != 1.0 else None,
             }
             if kind == "txt2img" and request.enable_hr:
                 resize = request.hr_resize_x or request.hr_resize_y
@@ -650,7 +664,7 @@ class A1111Api:
             "seed_resize_from_w": request.seed_resize_from_w or -1,
             "seed_resize_from_h": request.seed_resize_from_h or -1, "denoising_strength": request.denoising_strength,
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": body.styles,
-            "job_timestamp": dt.datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": generation.clip_skip + 1,
+            "job_timestamp": generation.job_timestamp, "clip_skip": generation.clip_skip + 1,
             "is_using_inpainting_conditioning": False, "version": f"sdbridge {__version__}",
             "interrupted": generation.progress.interrupted,
         }
@@ -687,7 +701,7 @@ class A1111Api:
         progress = task.generation.progress
         state = ProgressState(skipped=progress.skipped, interrupted=progress.interrupted, job=task.kind,
                               job_count=progress.job_count, job_no=progress.job_no,
-                              job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(time.time())),
+                              job_timestamp=task.generation.job_timestamp,
                               sampling_step=progress.sampling_step, sampling_steps=progress.sampling_steps)
         fraction = progress.fraction
         elapsed = time.monotonic() - progress.started

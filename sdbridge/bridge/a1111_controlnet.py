@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Query
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from sdbridge.bridge import codec, pnginfo
-from sdbridge.bridge.a1111 import A1111Route, FiniteBody, decode_b64_image, quick_hash
+from sdbridge.bridge.a1111 import A1111Route, FiniteBody, always_on_script, decode_b64_image, quick_hash
 from sdbridge.engines.controlnet import RequestUnit, list_controlnets, load_controlnet, resolve_controlnet
 from sdbridge.engines.preprocessors import Options, Preprocessors
 from sdbridge.errors import SdbridgeError
@@ -76,7 +76,10 @@ class ControlNetUnitArgs(BaseModel):
 
 class DetectRequest(FiniteBody):
     controlnet_module: str = "none"
-    controlnet_input_images: list[str] = Field(default_factory=list, max_length=8)
+    # webuiapi's controlnet_detect sends controlnet_images: taken too.
+    controlnet_input_images: list[str] = Field(default_factory=list, max_length=8,
+                                               validation_alias=AliasChoices("controlnet_input_images",
+                                                                             "controlnet_images"))
     controlnet_processor_res: int = Field(512, ge=-1, le=4096)
     controlnet_threshold_a: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
     controlnet_threshold_b: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
@@ -143,7 +146,7 @@ class ControlNetApi:
     def module_detail(self) -> dict[str, Any]:
         detail = {}
         for module in MODULES:
-            sliders: list[dict[str, Any]] = [{"name": "Preprocessor Resolution", "value": 512, "min": 64,
+            sliders: list[dict[str, Any]] = [{"name": "Resolution", "value": 512, "min": 64,
                                               "max": 2048}]
             thresholds = THRESHOLDED.get(MODULES[module])
             if thresholds:
@@ -172,7 +175,7 @@ class ControlNetApi:
 
     def units(self, scripts: dict[str, Any], request: GenerationRequest) -> list[RequestUnit]:
         """``alwayson_scripts.controlnet`` -> loaded models and condition images at the request's size."""
-        script = scripts.get("controlnet") or scripts.get("ControlNet") or {}
+        script = always_on_script(scripts, "controlnet") or {}
         args = script.get("args") if isinstance(script, dict) else script
         if not isinstance(args, list):
             raise HTTPException(422, "alwayson_scripts.controlnet must be {\"args\": [unit, ...]}")

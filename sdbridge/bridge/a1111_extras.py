@@ -228,8 +228,11 @@ def create_extras_router(daemon: Daemon) -> APIRouter:
 
     @router.get("/scripts")
     async def scripts() -> dict[str, list[str]]:
-        """Scripts by name: ControlNet's units run as A1111's always-on ``controlnet`` script does."""
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+        """Scripts by name, as A1111 with sd-webui-controlnet lists them: ControlNet's units run as its always-on
+        ``controlnet`` script does. Its selectable ``controlnet m2m`` (not run here, as no ``script_name`` is) is
+        what clients look for: webuiapi, not finding it, keeps sending the last request's units with every
+        later request, where it would send an empty list."""
+        return {"txt2img": ["controlnet m2m", "controlnet"], "img2img": ["controlnet m2m", "controlnet"]}
 
     @router.get("/script-info")
     async def script_info() -> list[dict[str, Any]]:

@@ -114,6 +114,7 @@ class GenerationRequest:
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False
+    initial_noise_multiplier: float = 1.0  # img2img: the starting noise scaled (A1111's "Noise multiplier")
     # hires fix (txt2img)
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -289,6 +290,7 @@ class Generation:
         self.progress = Progress(job_count=request.n_iter)
         self.images: list[np.ndarray] = []
         self.used_seeds: list[int] = []
+        self.job_timestamp = time.strftime("%Y%m%d%H%M%S")  # A1111's: when the job began, local time
         self.device = engine.device
         self.dtype = engine.dtype
         self.scale = engine.vae_scale_factor
@@ -462,6 +464,8 @@ class Generation:
                 init_latents = init_latents * (1 - latent_mask)
         scheduler = self._scheduler(seeds)
         timesteps = self._img2img_timesteps(scheduler, request.steps, request.denoising_strength)
+        if request.initial_noise_multiplier != 1.0:
+            noise = noise * request.initial_noise_multiplier
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(len(seeds)))
         keep = None
         if latent_mask is not None:

@@ -74,7 +74,7 @@ def test_version_model_and_module_lists(api):
     modules = api.get("/controlnet/module_list").json()
     assert {"none", "canny", "depth_midas", "softedge_pidinet", "lineart_realistic"} <= set(modules["module_list"])
     sliders = modules["module_detail"]["canny"]["sliders"]
-    assert [slider["name"] for slider in sliders] == ["Preprocessor Resolution", "Low Threshold", "High Threshold"]
+    assert [slider["name"] for slider in sliders] == ["Resolution", "Low Threshold", "High Threshold"]
 
 
 def test_detect_runs_the_preprocessor(api):

@@ -79,7 +79,8 @@ def test_the_listings_clients_probe(client):
     flags = client.get("/sdapi/v1/cmd-flags").json()
     assert flags["api"] is True and flags["listen"] is False
     assert flags["lora_dir"] == str(client.tmp / "lora") and flags["ckpt_dir"] == str(client.tmp / "models")
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet m2m", "controlnet"],
+                                                      "img2img": ["controlnet m2m", "controlnet"]}
     assert [s["is_img2img"] for s in client.get("/sdapi/v1/script-info").json()] == [False, True]
     memory = client.get("/sdapi/v1/memory").json()
     ram = memory["ram"]

@@ -117,6 +117,31 @@ def test_img2img_resize_modes_and_strength(engine):
     assert np.abs(weak - roundtrip).mean() < np.abs(strong - roundtrip).mean()
 
 
+def test_img2img_noise_multiplier_scales_the_starting_noise(engine):
+    """A1111's initial_noise_multiplier scales the noise img2img starts from: at 0 the UNet's first input is the
+    init's latents alone (Euler scales them, adding sigma * 0 of noise)."""
+    smooth = np.zeros((64, 64, 3), np.uint8)
+    smooth[:, :32] = (200, 40, 40)
+    common = dict(init_images=[smooth], denoising_strength=0.6, steps=1)
+    plain, scaled = (run(engine, initial_noise_multiplier=m, **common) for m in (1.0, 0.5))
+    assert np.array_equal(plain.images[0], run(engine, **common).images[0])  # 1 is the default
+    assert not np.array_equal(plain.images[0], scaled.images[0])
+    quiet = Generation(engine, GenerationRequest(width=64, height=64, initial_noise_multiplier=0.0, steps=1,
+                                                 sampler_name="Euler", cfg_scale=1.0, prompt="a red fox",
+                                                 init_images=[smooth], denoising_strength=0.6))
+    starts: list[torch.Tensor] = []
+    hook = engine.parts.unet.register_forward_pre_hook(lambda module, args: starts.append(args[0].clone()))
+    try:
+        for _ in quiet.run():
+            pass
+    finally:
+        hook.remove()
+    pixels = torch.from_numpy(smooth).permute(2, 0, 1)[None].float() / 127.5 - 1
+    init = quiet._encode(pixels)
+    scale = float((starts[0] / init).flatten().median())  # Euler's scale_model_input: x / sqrt(sigma^2 + 1)
+    assert 0 < scale < 1 and torch.allclose(starts[0], init * scale, rtol=1e-4, atol=1e-5)  # no noise in it
+
+
 @pytest.mark.parametrize("fill", [0, 1, 2, 3])
 @pytest.mark.parametrize("full_res", [False, True])
 def test_inpainting_keeps_the_pixels_outside_the_mask(engine, fill, full_res):
