@@ -36,7 +36,7 @@ SHAPES = ("sine", "triangle", "saw", "square")
 # motion_window re-prepare the engine (a new schedule, a new text-encoder layer, a new batch). An
 # LFO may not move them (a new one every frame: flicker, and outputs re-opened at every frame), and
 # a glide changes them in one step at its start (bridge/glide.py).
-STEPPED = frozenset({"seed", "width", "height", "steps", "clip_skip", "motion_window"})
+STEPPED = frozenset({"seed", "blend_seed", "width", "height", "steps", "clip_skip", "motion_window"})
 _STEPPED_PATTERN = re.compile(r"^controlnet_\d+_channel$")  # a source channel, not an amount
 NOT_TARGETS_GROUPS = ("modulation", "control")  # bpm, the LFOs' own settings, slew_s, ladder_fps
 

@@ -258,6 +258,11 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               minimum=0.0, maximum=30.0),
     ParamSpec("seed", "int", 42, "Noise seed; the noise stays fixed per session until the seed changes.",
               minimum=0, maximum=SEED_MAX),
+    ParamSpec("blend_seed", "int", 0, "A second seed, whose noise mixes into the seed's by seed_blend.",
+              minimum=0, maximum=SEED_MAX),
+    ParamSpec("seed_blend", "float", 0.0, "0: the seed's noise alone, 1: blend_seed's alone; in between a spherical "
+              "mix, so that a seed change can glide (a preset's does) and an LFO can wander between two seeds.",
+              minimum=0.0, maximum=1.0),
     ParamSpec("steps", "int", 2, "Denoising steps per frame (1–4 for turbo/LCM models).", minimum=1, maximum=50),
     ParamSpec("sampler", "enum", "model", "The stream's sampler: the model's own scheduler, or an A1111 sampler "
               "(LCM with an LCM-LoRA). Euler, Euler a, DDIM and LCM run on the compiled engine's fast path.",

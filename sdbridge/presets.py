@@ -207,13 +207,15 @@ NOT_SAVED = ("model", "engine", "width", "height", "jpeg_quality", "max_fps", "o
              "ladder_fps")
 
 
-# The live prompt blend, saved only while it is in use (a crossfader held between two prompts is part of the
-# look): a preset that holds it is applied as written, so one saved with the blend off would cut its prompt on
-# recall instead of gliding it.
-BLEND = ("blend_prompt", "prompt_blend")
+# The live blends (the prompt's, the seed's), each saved only while it is in use (a crossfader held between two
+# prompts is part of the look): a preset that holds one is applied as written, so one saved with the blend off
+# would cut its prompt (or seed) on recall instead of gliding it.
+BLENDS = (("blend_prompt", "prompt_blend"), ("blend_seed", "seed_blend"))
 
 
 def savable(values: Mapping[str, Any]) -> dict[str, Any]:
-    blending = bool(values.get("blend_prompt")) and float(values.get("prompt_blend") or 0.0) > 0.0
-    left_out = NOT_SAVED if blending else NOT_SAVED + BLEND
+    left_out = set(NOT_SAVED)
+    for other, weight in BLENDS:
+        if not float(values.get(weight) or 0.0) > 0.0 or (other == "blend_prompt" and not values.get(other)):
+            left_out.update((other, weight))
     return {key: value for key, value in values.items() if key not in left_out}

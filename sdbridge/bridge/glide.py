@@ -3,20 +3,21 @@
 A preset recall with ``glide_s`` > 0 hands its numeric targets to :class:`Glider`, which steps
 them on the event loop at ``rate_hz`` (each step one ParamStore update, so the worker sees a
 consistent set at every frame boundary, and OSC feedback echoes the applied values as they move).
-Text and switches apply at once, but for the prompt: a new prompt glides through the engine's
-prompt blend (``blend_prompt`` takes the new text, ``prompt_blend`` glides 0 → 1, and at the end
-one update makes the new text the prompt and sets the blend back to 0, which encodes the same
-embeddings, so the hand-over shows nothing). A new glide of a parameter replaces the one in flight.
+Text and switches apply at once, but for the prompt and the seed: each glides through the engine's
+blend of two (:data:`BLENDED`: ``blend_prompt`` takes the new text, ``prompt_blend`` glides 0 → 1,
+and at the end one update makes the new text the prompt and sets the blend back to 0, which
+encodes the same embeddings, so the hand-over shows nothing; ``blend_seed`` and ``seed_blend``
+slerp the noise so). A new glide of a parameter replaces the one in flight.
 
-Stepped integers (``modulation.STEPPED``: seed, width, height, steps, clip_skip, ...) apply at
-once, at the start of the glide: the values between are no quantity, a seed gliding 7 → 1234
-would be a new noise at every step.
+Other stepped integers (``modulation.STEPPED``: width, height, steps, clip_skip, ...) apply at
+once, at the start of the glide: the values between are no quantity.
 
 A value someone sets while it glides (a controller over OSC, WebSocket or HTTP, the quality
 ladder) wins: at each step the glider checks that the stored value is still the one it last
 wrote, and drops the parameter if not; the others glide on. So no transport needs to know about
 glides. During a prompt glide, a new ``prompt`` from a client ends the blend at once (the client's
-prompt alone); a client's ``blend_prompt`` or ``prompt_blend`` leaves the blend in its hands.
+prompt alone); a client's ``blend_prompt`` or ``prompt_blend`` leaves the blend in its hands. The
+same holds for a seed glide and ``seed``, ``blend_seed``, ``seed_blend``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ from typing import Any
 
 from sdbridge.modulation import stepped
 from sdbridge.params import ParamStore
+
+
+# A parameter that glides through the engine's blend of two values -> (the second value, the blend's weight, the
+# second value's resting value once the blend lands).
+BLENDED: dict[str, tuple[str, str, Any]] = {"prompt": ("blend_prompt", "prompt_blend", ""),
+                                            "seed": ("blend_seed", "seed_blend", 0)}
+_BLEND_OF = {weight: (name, other, rest) for name, (other, weight, rest) in BLENDED.items()}
 
 
 def smoothstep(t: float) -> float:
@@ -52,22 +60,22 @@ class Glider:
         loop = asyncio.get_running_loop()
         now = loop.time()
         immediate: dict[str, Any] = {}
-        if self._finish:  # a prompt glide in flight lands at once: the new one starts from its end
+        if self._finish:  # a blend glide in flight lands at once: the new one starts from its end
             for name, finish in list(self._finish.items()):
                 self._drop(name)
                 self.store.update(finish)
         _, current = self.store.snapshot()
         targets = dict(good)
-        prompt = targets.get("prompt")
-        if (duration_s > 0 and isinstance(prompt, str) and prompt != current.get("prompt")
-                and "prompt_blend" in self.store.schema and not {"blend_prompt", "prompt_blend"} & targets.keys()
-                and float(current.get("prompt_blend", 0.0)) == 0.0):
-            del targets["prompt"]
-            immediate["blend_prompt"] = prompt
-            self._targets["prompt_blend"] = (0.0, 1.0, now, duration_s)
-            self._written["prompt_blend"] = current.get("prompt_blend")
-            self._finish["prompt_blend"] = {"prompt": prompt, "blend_prompt": "", "prompt_blend": 0.0}
-            self._watch["prompt_blend"] = {"prompt": current.get("prompt"), "blend_prompt": prompt}
+        for name, (other, weight, rest) in BLENDED.items():
+            value = targets.get(name)
+            if (duration_s > 0 and value is not None and value != current.get(name) and weight in self.store.schema
+                    and not {other, weight} & targets.keys() and float(current.get(weight, 0.0)) == 0.0):
+                del targets[name]
+                immediate[other] = value
+                self._targets[weight] = (0.0, 1.0, now, duration_s)
+                self._written[weight] = current.get(weight)
+                self._finish[weight] = {name: value, other: rest, weight: 0.0}
+                self._watch[weight] = {name: current.get(name), other: value}
         for name, target in targets.items():
             spec = self.store.schema.get(name)
             if (duration_s > 0 and spec.numeric and not stepped(name)
@@ -87,7 +95,7 @@ class Glider:
         for name in list(self._targets) if names is None else names:
             finish = self._finish.get(name)
             self._drop(name)
-            if finish is not None:  # a prompt glide stopped half way lands on its new prompt
+            if finish is not None:  # a blend glide stopped half way lands on its new prompt (or seed)
                 self.store.update(finish)
 
     def _drop(self, name: str) -> None:
@@ -96,14 +104,16 @@ class Glider:
 
     def _taken_over(self, current: Mapping[str, Any]) -> dict[str, Any]:
         """Drop each glide whose value a client set since the last step; the update that ends
-        a prompt blend whose prompt a client replaced."""
+        a blend whose prompt (or seed) a client replaced."""
         landing: dict[str, Any] = {}
         for name in list(self._targets):
             watch = self._watch.get(name, {})
             if current.get(name) == self._written.get(name) and all(current.get(k) == v for k, v in watch.items()):
                 continue
-            if current.get(name) == self._written.get(name) and current.get("prompt") != watch.get("prompt"):
-                landing.update({"blend_prompt": "", "prompt_blend": 0.0})  # the client's prompt alone
+            blended = _BLEND_OF.get(name)
+            if (blended is not None and current.get(name) == self._written.get(name)
+                    and current.get(blended[0]) != watch.get(blended[0])):
+                landing.update({blended[1]: blended[2], name: 0.0})  # the client's prompt (or seed) alone
             self._drop(name)
         return landing
 

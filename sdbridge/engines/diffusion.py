@@ -74,6 +74,8 @@ class DiffusionEngine(Engine):
         self._guidance = 1.0
         self._txt2img = False
         self._seed = 0
+        self._blend_seed = 0
+        self._seed_blend = 0.0  # > 0: the noise slerps towards blend_seed's (a seed change can glide)
         self._step_generator_state: tuple[tuple, torch.Tensor] | None = None  # (seed, shape), after the entry draw
         self._num_inference_steps = 1
         self._strength = 0.5
@@ -185,6 +187,8 @@ class DiffusionEngine(Engine):
         self._guided = self._guidance > 1.0
         self._txt2img = params["mode"] == "txt2img"
         self._seed = int(params["seed"])
+        self._blend_seed = int(params.get("blend_seed", 0))
+        self._seed_blend = float(params.get("seed_blend", 0.0))
         self._num_inference_steps = int(params["steps"])
         self._strength = float(params["strength"])
         sampler = str(params.get("sampler", "model"))
@@ -349,12 +353,16 @@ class DiffusionEngine(Engine):
     # --- per-session noise --------------------------------------------------------------------------
 
     def _noise(self, state: StreamState, shape: tuple[int, ...]) -> torch.Tensor:
-        """This session's fixed noise for the current seed and resolution, [1, 4, h, w]."""
-        key = (self._seed, shape, self.device, self.dtype)
+        """This session's fixed noise for the current seed and resolution, [1, 4, h, w]; with ``seed_blend``
+        above 0, on its way to ``blend_seed``'s (:func:`blend_noise`)."""
+        weight = self._seed_blend
+        key = (self._seed, shape, self.device, self.dtype) + ((self._blend_seed, weight) if weight > 0 else ())
         cached = state.data.get("diffusion.noise")
         if cached is None or cached[0] != key:
-            generator = torch.Generator(device="cpu").manual_seed(self._seed)
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+            noise = seed_noise(self._seed, shape).clone()  # the cache's own tensor stays as drawn
+            if weight > 0:
+                noise = blend_noise(weight, noise, seed_noise(self._blend_seed, shape))
+            noise = noise.to(self.device, self.dtype)
             state.data["diffusion.noise"] = (key, noise)
             return noise
         return cached[1]
@@ -471,6 +479,26 @@ class DiffusionEngine(Engine):
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=8)
+def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A seed's starting noise, as diffusers' pipelines draw it (float32, on the CPU: the same on every device).
+    Cached: while a seed glides, each frame blends the same two."""
+    return torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def blend_noise(weight: float, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``first`` at 0, ``second`` at 1, and between them a spherical mix: two independent noises are nearly
+    orthogonal, so a straight mix half-way would have 0.71 of a noise's norm (a washed-out, blurred frame)."""
+    if weight >= 1.0:
+        return second
+    a, b = first.flatten().double(), second.flatten().double()
+    omega = torch.acos((a @ b / (a.norm() * b.norm())).clamp(-1.0, 1.0))
+    if float(omega) < 1e-4:  # the same noise, or nearly
+        return torch.lerp(first, second, weight)
+    mixed = (torch.sin((1.0 - weight) * omega) * first.double() + torch.sin(weight * omega) * second.double())
+    return (mixed / torch.sin(omega)).to(first.dtype)
+
+
 def _step_takes_generator(scheduler_type: type) -> bool:
     """Whether a scheduler's ``step`` takes a generator (read once per class, not every frame)."""
     return "generator" in inspect.signature(scheduler_type.step).parameters

@@ -65,7 +65,9 @@ def test_a_target_an_lfo_cannot_move_is_refused_naming_the_ones_it_can(target):
     assert len(errors) == 1 and errors[0].code == "bad_param" and errors[0].name == "lfo1.target"
     message = str(errors[0])
     assert f"lfo1.target {target!r}" in message and "strength, guidance" in message
-    assert "seed" not in message.split("allowed")[1] and "width" not in message.split("allowed")[1]
+    allowed = {name.strip(" ()") for name in message.split("allowed")[1].split(",")}
+    assert "seed" not in allowed and "blend_seed" not in allowed and "width" not in allowed
+    assert "seed_blend" in allowed  # the blend between two seeds moves smoothly
 
 
 def test_numeric_targets_plugins_included_and_off_are_accepted():

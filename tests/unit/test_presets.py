@@ -63,6 +63,8 @@ def test_savable_keeps_the_prompt_blend_only_while_it_is_in_use():
     assert savable({**off, "blend_prompt": "y"}) == {"prompt": "x"}
     held = {"prompt": "x", "blend_prompt": "y", "prompt_blend": 0.4}
     assert savable(held) == held
+    assert savable({"seed": 7, "blend_seed": 0, "seed_blend": 0.0}) == {"seed": 7}  # the seed's blend alike
+    assert savable({"seed": 7, "blend_seed": 9, "seed_blend": 0.5}) == {"seed": 7, "blend_seed": 9, "seed_blend": 0.5}
 
 
 def test_savable_leaves_out_the_tempo_and_the_ladder_target():

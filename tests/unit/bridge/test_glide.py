@@ -46,23 +46,45 @@ def test_glide_follows_the_curve_and_lands_exactly():
 
 
 def test_stepped_integers_change_once_at_the_start():
-    # A seed gliding 7 -> 1234 was a new noise at every step; a size, a new engine resolution each step.
+    # A size gliding was a new engine resolution each step: stepped integers change once, at the start.
     async def scenario():
         store = ParamStore()
         store.update({"seed": 7, "steps": 20, "strength": 0.2})
         glider = Glider(store, rate_hz=100)
         seen = []
         store.subscribe(lambda changed: seen.append(dict(changed)))
-        glider.start({"seed": 1234, "steps": 2, "width": 256, "clip_skip": 2, "strength": 0.8}, duration_s=0.3)
+        glider.start({"steps": 2, "width": 256, "clip_skip": 2, "strength": 0.8}, duration_s=0.3)
         at_start = store.snapshot()[1]
         await asyncio.sleep(0.5)
         return seen, at_start, glider.active
 
     seen, at_start, active = asyncio.run(scenario())
-    assert (at_start["seed"], at_start["steps"], at_start["width"], at_start["clip_skip"]) == (1234, 2, 256, 2)
-    for name in ("seed", "steps", "width", "clip_skip"):
+    assert (at_start["steps"], at_start["width"], at_start["clip_skip"]) == (2, 256, 2)
+    for name in ("steps", "width", "clip_skip"):
         assert sum(name in changed for changed in seen) == 1, name
     assert sum("strength" in changed for changed in seen) >= 5 and active == []
+
+
+def test_a_new_seed_glides_through_the_seed_blend_and_lands_on_it():
+    """A seed gliding 7 -> 1234 by its value would be a new noise at every step: blend_seed takes the new seed,
+    seed_blend rises 0 -> 1 (the noise slerps across), and one update lands: the new seed, the blend off."""
+    async def scenario():
+        store = ParamStore()
+        store.update({"seed": 7})
+        glider = Glider(store, rate_hz=100)
+        seen = []
+        store.subscribe(lambda changed: seen.append(dict(changed)))
+        glider.start({"seed": 1234}, duration_s=0.3)
+        at_start = store.snapshot()[1]
+        await asyncio.sleep(0.5)
+        return seen, at_start, store.snapshot()[1]
+
+    seen, at_start, at_end = asyncio.run(scenario())
+    assert (at_start["seed"], at_start["blend_seed"], at_start["seed_blend"]) == (7, 1234, 0.0)
+    weights = [changed["seed_blend"] for changed in seen if "seed_blend" in changed]
+    assert len(weights) >= 5 and weights[:-1] == sorted(weights[:-1]) and 0.9 < weights[-2] <= 1.0
+    assert (at_end["seed"], at_end["blend_seed"], at_end["seed_blend"]) == (1234, 0, 0.0)
+    assert sum("seed" in changed for changed in seen) == 1  # set once, as it lands
 
 
 def test_a_value_a_client_sets_during_a_glide_wins_and_the_others_glide_on():

@@ -880,3 +880,23 @@ def test_cuda_graphs_fp16_lcm_parity(tiny_model_dir):
         image = ours.step_float(frame.to(cuda), [StreamState(f"check-{k}")])
         expected = reference.step_float(frame.to(cuda), [StreamState("r")])
         assert relative_error(image.float(), expected.float()) <= 1e-2
+
+
+def test_a_seed_blend_runs_as_the_eager_engine_and_stays_one_call_a_frame(parts):
+    """A seed glide moves seed_blend every frame: the compiled stream takes each frame's blended noise as it
+    enters (the eager engine's frame for that blend), with no refill."""
+    frames = make_frames(6)
+    stream = engine(parts, steps=4, strength=0.5, seed=3, blend_seed=4, seed_blend=0.0)
+    state = StreamState("s")
+    for frame in frames[:3]:
+        stream.step_float(frame, [state])
+    calls = count_stream_calls(stream)
+    for k, frame in enumerate(frames[3:]):
+        stream.prepare(params(steps=4, strength=0.5, seed=3, blend_seed=4, seed_blend=0.3 * (k + 1)))
+        stream.step_float(frame, [state])
+    assert calls == [2] * 3  # one call a frame (2 steps of 4 at strength 0.5 in flight): no refill
+    single = engine(parts, stream_batch=False, steps=4, strength=0.5, seed=3, blend_seed=4, seed_blend=0.6)
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(steps=4, strength=0.5, seed=3, blend_seed=4, seed_blend=0.6))
+    assert relative_error(single.step_float(frames[0], [StreamState("t")]),
+                          reference.step_float(frames[0], [StreamState("t")])) <= TOLERANCE

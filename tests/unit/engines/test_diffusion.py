@@ -146,3 +146,24 @@ def test_the_third_order_and_heun_sde_samplers_run_the_stream(vae_parts, frame, 
     assert all(bool(torch.isfinite(out).all()) for out in frames)
     assert relative_error(frames[1], frames[0]) <= 1e-5
     assert relative_error(frames[2], frames[0]) > 1e-3
+
+
+def test_seed_blend_slerps_the_starting_noise_from_one_seed_to_the_others(vae_parts, frame):
+    """seed_blend 0 is the seed's frame, 1 blend_seed's, exactly; half-way a frame of its own, from a noise that
+    keeps a noise's norm (a straight mix would have 0.71 of it: a washed-out frame mid-glide)."""
+    from sdbridge.engines.diffusion import blend_noise, seed_noise
+
+    def out(**values) -> torch.Tensor:
+        engine = DiffusionEngine.from_parts(vae_parts)
+        engine.prepare(params(steps=2, strength=0.75, **values))
+        return engine.step_float(frame, [StreamState("s")])
+
+    alone, other = out(seed=3), out(seed=4)
+    assert relative_error(out(seed=3, blend_seed=4, seed_blend=0.0), alone) == 0.0
+    assert relative_error(out(seed=3, blend_seed=4, seed_blend=1.0), other) <= 1e-6
+    middle = out(seed=3, blend_seed=4, seed_blend=0.5)
+    assert relative_error(middle, alone) > 1e-3 and relative_error(middle, other) > 1e-3
+    first, second = seed_noise(3, (1, 4, 32, 32)), seed_noise(4, (1, 4, 32, 32))
+    for weight in (0.25, 0.5, 0.75):
+        assert abs(float(blend_noise(weight, first, second).norm() / first.norm()) - 1.0) < 0.03
+    assert torch.equal(seed_noise(3, (1, 4, 32, 32)), first)  # the cache is not written through
