@@ -256,6 +256,10 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               minimum=0.0, maximum=1.0),
     ParamSpec("guidance", "float", 1.0, "Classifier-free guidance scale; 1 or less turns guidance off (turbo models).",
               minimum=0.0, maximum=30.0),
+    ParamSpec("guidance_mode", "enum", "exact", "Guidance above 1 on the compiled engine: exact runs the negative "
+              "prompt's pass beside the prompt's (twice the UNet rows); residual puts the noise the latent is known to "
+              "carry in its place (StreamDiffusion's self-negative guidance: one pass, within a bound of exact, "
+              "docs/speed.md). Other engines guide exactly.", choices=("exact", "residual")),
     ParamSpec("seed", "int", 42, "Noise seed; the noise stays fixed per session until the seed changes.",
               minimum=0, maximum=SEED_MAX),
     ParamSpec("blend_seed", "int", 0, "A second seed, whose noise mixes into the seed's by seed_blend.",

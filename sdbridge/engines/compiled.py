@@ -314,7 +314,7 @@ class CompiledEngine(DiffusionEngine):
         self.compile_backend: str | None = None  # None: inductor on CUDA, no compile elsewhere; set to force
         self.compile_mode: str | None = None     # None: "reduce-overhead" (CUDA graphs) on CUDA, default elsewhere
         self.stream_batch = True                 # batch the N steps of N consecutive frames in one UNet call
-        self.residual_cfg = False                # self-negative guidance: one UNet pass, not two
+        self.residual_cfg = False                # self-negative guidance: one UNet pass, not two (guidance_mode)
         self.channels_last: bool | None = None   # None: on CUDA only
         self.warmup_on_load = True
         self.warm_sessions = 1                   # Settings.warm_sessions: the load's warm-up covers 1..this many
@@ -521,6 +521,7 @@ class CompiledEngine(DiffusionEngine):
                     self._step_generators([StreamState("")], shape)))
             self._schedule = self._probed[noised_key]
             self._step_noise_key = (self._seed, self.resolution)
+        self.residual_cfg = params.get("guidance_mode", "exact") == "residual"
         if not self._guided:
             self._cfg = "none"
         elif (self.residual_cfg and self.scheduler.config.get("prediction_type", "epsilon") == "epsilon"

@@ -245,9 +245,7 @@ def test_a_strength_crossing_to_more_steps_carries_the_frames_in_flight_on(parts
 
 def test_a_strength_crossing_carries_the_residual_and_stays_one_call(parts):
     """Residual guidance keeps the noise each frame in flight carries: carried over with its frame."""
-    stream = engine(parts, steps=8, strength=0.5, guidance=2.0)
-    stream.residual_cfg = True
-    stream.prepare(params(steps=8, strength=0.5, guidance=2.0))
+    stream = engine(parts, steps=8, strength=0.5, guidance=2.0, guidance_mode="residual")
     state = StreamState("s")
     frames = make_frames(4)
     for frame in frames[:2]:
@@ -255,12 +253,12 @@ def test_a_strength_crossing_carries_the_residual_and_stays_one_call(parts):
     before = state.data[STREAM_KEY]
     assert before.residual is not None
     calls = count_stream_calls(stream)
-    stream.prepare(params(steps=8, strength=0.25, guidance=2.0))
+    stream.prepare(params(steps=8, strength=0.25, guidance=2.0, guidance_mode="residual"))
     out = stream.step_float(frames[2], [state])
     after = state.data[STREAM_KEY]
     assert calls == [2] and after.residual.shape[0] == 1 and torch.isfinite(out).all()
     # The 2-step schedule's one place is the 4-step one's last: that frame and its residual went on.
-    stream.prepare(params(steps=8, strength=0.5, guidance=2.0))
+    stream.prepare(params(steps=8, strength=0.5, guidance=2.0, guidance_mode="residual"))
     stream.step_float(frames[3], [state])
     assert calls == [2, 4] and state.data[STREAM_KEY].residual.shape[0] == 3
 
@@ -270,19 +268,17 @@ def test_guidance_crossing_1_with_residual_guidance_carries_the_stream_over(part
     off: the frames in flight go on (taking their noise as the residual where they carry none), one UNet call
     a frame. A frame that entered after the change comes out as a steady stream at that guidance makes it."""
     def residual_engine() -> CompiledEngine:
-        ours = engine(parts, steps=8, strength=0.5)
-        ours.residual_cfg = True
-        return ours
+        return engine(parts, steps=8, strength=0.5, guidance_mode="residual")
 
     frames = make_frames(8)
     steady, moved = residual_engine(), residual_engine()
     a, b = StreamState("s"), StreamState("s")
-    steady.prepare(params(steps=8, strength=0.5, guidance=2.0))
-    moved.prepare(params(steps=8, strength=0.5, guidance=1.0))
+    steady.prepare(params(steps=8, strength=0.5, guidance=2.0, guidance_mode="residual"))
+    moved.prepare(params(steps=8, strength=0.5, guidance=1.0, guidance_mode="residual"))
     calls = count_stream_calls(moved)
     for k, frame in enumerate(frames):
         if k in (3, 7):
-            moved.prepare(params(steps=8, strength=0.5, guidance=2.0 if k == 3 else 1.0))
+            moved.prepare(params(steps=8, strength=0.5, guidance=2.0 if k == 3 else 1.0, guidance_mode="residual"))
         assert moved._cfg == ("residual" if 3 <= k < 7 else "none")
         out = moved.step_float(frame, [b])
         expected = steady.step_float(frame, [a])
@@ -594,9 +590,7 @@ def test_residual_cfg_one_step_within_its_bound(parts, guidance):
     so within residual_cfg_bound; the bound is reached (it is tight), and the UNet batch is not doubled."""
     frame = make_frames(1)[0]
     exact = engine(parts, steps=1, strength=1.0, guidance=guidance)
-    residual = engine(parts, steps=1, strength=1.0, guidance=guidance)
-    residual.residual_cfg = True
-    residual.prepare(params(steps=1, strength=1.0, guidance=guidance))
+    residual = engine(parts, steps=1, strength=1.0, guidance=guidance, guidance_mode="residual")
     assert residual.describe()["cfg"] == "residual"
     batches = []
     handle = parts.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
@@ -628,9 +622,7 @@ def test_residual_cfg_several_steps_shrinks_with_guidance(parts):
 
     def gap(guidance: float) -> float:
         exact = engine(parts, steps=3, strength=1.0, guidance=guidance)
-        residual = engine(parts, steps=3, strength=1.0, guidance=guidance)
-        residual.residual_cfg = True
-        residual.prepare(params(steps=3, strength=1.0, guidance=guidance))
+        residual = engine(parts, steps=3, strength=1.0, guidance=guidance, guidance_mode="residual")
         return float((residual.step_float(frame, [StreamState("s")])
                       - exact.step_float(frame, [StreamState("s")])).abs().max())
 
@@ -900,3 +892,14 @@ def test_a_seed_blend_runs_as_the_eager_engine_and_stays_one_call_a_frame(parts)
     reference.prepare(params(steps=4, strength=0.5, seed=3, blend_seed=4, seed_blend=0.6))
     assert relative_error(single.step_float(frames[0], [StreamState("t")]),
                           reference.step_float(frames[0], [StreamState("t")])) <= TOLERANCE
+
+
+def test_guidance_mode_turns_residual_guidance_on_and_off_live(parts):
+    """The live parameter (it was an attribute no user could reach): residual above guidance 1, exact again when
+    set back, none at 1; one UNet pass a frame where residual, two rows where exact."""
+    stream = engine(parts, steps=1, strength=1.0, guidance=2.0, guidance_mode="residual")
+    assert stream.describe()["cfg"] == "residual"
+    stream.prepare(params(steps=1, strength=1.0, guidance=2.0, guidance_mode="exact"))
+    assert stream.describe()["cfg"] == "exact"
+    stream.prepare(params(steps=1, strength=1.0, guidance=1.0, guidance_mode="residual"))
+    assert stream.describe()["cfg"] == "none"

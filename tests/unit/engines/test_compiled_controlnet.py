@@ -271,9 +271,8 @@ def test_a_strength_crossing_carries_each_frame_in_flight_on_with_its_own_condit
 def test_residual_guidance_runs_the_controlnet_once_on_the_conditional_rows(parts, controlnet_dir, frame):
     """Residual CFG has no uncond pass: the ControlNet sees the stream's rows once (not doubled), with the
     prompt's embeddings; at scale 0 the output is exactly residual CFG's without a ControlNet."""
-    values = dict(steps=4, guidance=2.0, controlnet_1_model="edges")
+    values = dict(steps=4, guidance=2.0, controlnet_1_model="edges", guidance_mode="residual")
     ours = make(CompiledEngine, parts, controlnet_dir)
-    ours.residual_cfg = True
     base = run(ours, frame[None], [StreamState("a")], **values, controlnet_1_scale=0.0)
     assert ours.describe()["cfg"] == "residual"
     calls: list[tuple[int, torch.Tensor]] = []
