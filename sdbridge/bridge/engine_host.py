@@ -345,7 +345,7 @@ class EngineHost:
             # load it again), and asked away from while it loaded, there is nothing to set back.
             with self._lock:
                 self._loading = None
-                superseded = self._wanted != choice
+                superseded = self._wanted not in (None, choice)
                 if not superseded:
                     self._failed = choice
                     self.last_error = message
@@ -364,7 +364,7 @@ class EngineHost:
         with self._lock:
             self._loading = None
             self.loads += 1
-            wanted = self._wanted == choice
+            wanted = self._wanted in (None, choice)  # None: loaded without a select (a direct load)
             if wanted:
                 self._failed = None
                 self.last_error = None
