@@ -58,8 +58,7 @@ def test_parity_with_the_eager_engine(sdxl_parts, frame, stream_batch, steps, gu
     expected = run(DiffusionEngine.from_parts(sdxl_parts), frame, StreamState("r"), **values)
     ours = CompiledEngine.from_parts(sdxl_parts)
     ours.stream_batch = stream_batch
-    ours.residual_cfg = residual
-    out = run(ours, frame, StreamState("s"), **values)
+    out = run(ours, frame, StreamState("s"), **values, guidance_mode="residual" if residual else "exact")
     if residual:
         assert ours.describe()["cfg"] == "residual"
         assert 0 < relative_error(out, expected) < 0.5  # another guidance on purpose, bounded in test_compiled.py
