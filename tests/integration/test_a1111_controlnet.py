@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.clients import make_image, wait_for
-from tests.support.controlnets import controlnet_folder
+from tests.support.controlnets import edges_folder
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "seed": 11, "cfg_scale": 3, "sampler_name": "Euler"}
 
@@ -36,10 +36,7 @@ def step_edge() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tiny_model_dir, tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    return controlnet_folder(tmp_path_factory.mktemp("controlnet"), unet, edges={"seed": 1, "std": 1.0})
+    return edges_folder(tmp_path_factory.mktemp("controlnet"), tiny_model_dir)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.clients import make_image, wait_for
-from tests.support.controlnets import controlnet_folder
+from tests.support.controlnets import edges_folder
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -42,10 +42,7 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tiny_model_dir, tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    return controlnet_folder(tmp_path_factory.mktemp("controlnet"), unet, edges={"seed": 1, "std": 1.0})
+    return edges_folder(tmp_path_factory.mktemp("controlnet"), tiny_model_dir)
 
 
 @pytest.fixture

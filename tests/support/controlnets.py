@@ -15,3 +15,11 @@ def controlnet_folder(folder: Path, unet: Any, **models: int | dict[str, Any]) -
         options = dict(spec) if isinstance(spec, dict) else {"seed": spec}
         random_controlnet(unet, **options).save_pretrained(folder / name, safe_serialization=True)
     return folder
+
+
+def edges_folder(folder: Path, model_dir: Path) -> Path:
+    """The A1111 tests' ControlNet folder: one strong random ControlNet, "edges", for the model in ``model_dir``."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    return controlnet_folder(folder, unet, edges={"seed": 1, "std": 1.0})
