@@ -191,6 +191,9 @@ class EngineHost:
         """The engine to run now; swaps in a freshly loaded one (on the worker's thread)."""
         with self._lock:
             ready, self._ready = self._ready, None
+        if ready is not None and self._wanted not in (None, ready[0]):  # asked away from since it loaded
+            self._discard(ready[1])
+            ready = None
         if ready is not None:
             choice, engine = ready
             old = self._current
