@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch buckets' cost and gain, instead of the fp16 rows: the compiled engine at 4 "
                              "sessions, and at 3 sessions run at the graphs of 4 (padded, the default) and at their "
                              "own (unpadded: another set of graphs to compile), with the two's frames compared")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guided rows at this guidance (above 1) with a negative prompt, instead of the fp16 rows: "
+                             "the eager engine, and the compiled stream batch with exact guidance (two UNet rows a "
+                             "step) and with residual guidance (one: guidance_mode residual)")
     parser.add_argument("--sampler", default=None,
                         help="an A1111 sampler name for every row, diffusers' included (default: the architecture's "
                              "scheduler); --arch sd15 --sampler LCM is SD 1.5 with an LCM-LoRA's sampler")
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         section.fp8_only = args.fp8_only
         section.feature_bank = args.feature_bank
         section.padding = args.padding
+        section.guidance = args.guidance
         section.partial_json = args.json if len(sections) == 1 else None
         section.arch = args.arch
         section.sampler = args.sampler
@@ -316,6 +321,7 @@ class Section:
     fp8_only: bool = False
     feature_bank: bool = False
     padding: bool = False
+    guidance: float | None = None  # the guided rows (--guidance) instead of the fp16 rows
     partial_json: Path | None = None  # rewritten after each timed row (--json with one section)
     arch: str = "sd21"
     sampler: str | None = None
@@ -472,6 +478,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         bank_rows(parts, section, engine_run, measure, compiled_engine, label, inputs, tolerance)
     elif section.padding:
         padding_rows(section, engine_run, measure, compiled_engine, label, inputs, tolerance)
+    elif section.guidance is not None:
+        guidance_rows(parts, section, engine_run, measure, compiled_engine, label, first, tolerance)
     elif not section.fp8_only:
         fp16_rows(parts, section, engine_run, measure, with_controlnet, compiled_engine, label, inputs, first)
     fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size, section.steps) \
@@ -516,6 +524,10 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
             line += f" {r.get('peak_mb', 0):.0f} |"
         lines.append(line)
     for r in results:
+        if "residual_vs_exact_rel_error" in r:
+            lines.append(f"\n{r['name']}: its first frame against exact guidance's, relative error "
+                         f"{r['residual_vs_exact_rel_error']:.1e} (another guidance on purpose, within its bound: "
+                         f"docs/speed.md)")
         if "padded_vs_unpadded_rel_error" in r:
             lines.append(f"\n3 sessions with padding on (run at {r['padded_runs_at']}) against off, the same frames: "
                          f"relative error {r['padded_vs_unpadded_rel_error']:.1e} "
@@ -628,6 +640,48 @@ def bank_rows(parts: Any, section: Section, engine_run: Callable[..., Any], meas
     row.result["parity_ok"] = bool(error <= tolerance)
     row.result["parity_against"] = "the compiled engine's uncompiled path with the bank"
     measure(row, compile_s=compile_s)
+
+
+def guidance_rows(parts: Any, section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],
+                  compiled_engine: Callable[..., Any], label: str, first: torch.Tensor, tolerance: float) -> None:
+    """Guidance above 1 (``--guidance``), with a negative prompt: the eager engine, and the compiled stream batch
+    with exact guidance (the negative prompt's UNet rows beside the prompt's) and with residual guidance (one pass:
+    issue 4's "guidance does not double the UNet batch"). The exact row's first frame is the eager engine's
+    (parity); the residual row's differs on purpose and by its bound, reported against the exact row's."""
+    from sdbridge.engines.base import StreamState
+    from sdbridge.engines.compiled import CompiledEngine
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    size, n, backend = section.size, section.steps, section.backend
+    assert section.guidance is not None and section.guidance > 1, "--guidance takes a value above 1"
+    values = {**engine_params(size, n, 1.0), "guidance": section.guidance, "negative_prompt": "blurry"}
+
+    def first_frame(engine: Any) -> torch.Tensor:
+        frame = first if isinstance(engine, CompiledEngine) else first.to(section.device)
+        with torch.inference_mode():
+            return engine.step_float(frame, [StreamState("compare")])
+
+    eager = DiffusionEngine.from_parts(parts)
+    eager.prepare(values)
+    reference = first_frame(eager)
+    measure(Row(f"eager engine (TAESD), guidance {section.guidance:g}", engine_run(eager, 1), 1, n))
+    exact_first: torch.Tensor | None = None
+    for mode in ("exact", "residual"):
+        engine = compiled_engine(n)
+        engine.prepare({**values, "guidance_mode": mode})
+        compile_s = engine.warmup({**values, "guidance_mode": mode}) if backend else None
+        out = first_frame(engine)
+        row = Row(f"{label}, stream batch, guidance {section.guidance:g} {mode}", engine_run(engine, 1), 1, n)
+        row.result["cfg"] = engine.describe()["cfg"]
+        if mode == "exact":
+            exact_first = out
+            row.result["parity_rel_error"] = error = relative_error(out, reference)
+            row.result["parity_ok"] = bool(error <= tolerance)
+        else:
+            assert exact_first is not None
+            row.result["residual_vs_exact_rel_error"] = relative_error(out, exact_first)
+        measure(row, None, compile_s)
+        del engine
 
 
 def padding_rows(section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],

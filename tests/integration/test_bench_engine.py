@@ -59,3 +59,16 @@ def test_the_padding_rows_run_and_compare_the_padded_frames(tmp_path):
     assert rows[-1]["padded_vs_unpadded_ok"] is True and rows[-1]["padded_vs_unpadded_rel_error"] <= 1e-4
     assert all(row["parity_ok"] and row["fps"] > 0 for row in rows)
     assert "3 sessions with padding on (run at 3) against off" in run.stdout
+
+
+def test_the_guided_rows_run_exact_with_parity_and_residual_against_it(tmp_path):
+    """``--guidance`` (the GPU session's engine_guidance step): the eager engine and the compiled stream batch with
+    exact and with residual guidance; the exact row's first frame is the eager engine's, the residual row's is
+    reported against it."""
+    run, out = bench(tmp_path, "--guidance", "3", "--steps", "2", "--compile-backend", "none")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row.get("cfg") for row in rows] == [None, "exact", "residual"]
+    assert rows[1]["parity_ok"] is True and rows[1]["parity_rel_error"] <= 1e-4
+    assert 0 < rows[2]["residual_vs_exact_rel_error"] < 1 and all(row["fps"] > 0 for row in rows)
+    assert "its first frame against exact guidance's" in run.stdout
