@@ -21,7 +21,7 @@ from sdbridge.errors import ParamError
 # A1111's sampler names (engines/samplers.py, where each maps to its diffusers scheduler), kept here
 # so that reading the schema imports no engine code; a test holds the two lists together.
 STREAM_SAMPLERS = ("Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
-                   "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DDIM", "PLMS", "UniPC", "LCM")
+                   "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DDIM", "PLMS", "UniPC", "LCM", "TCD")
 
 SEED_MAX = 2**32 - 1
 FLOAT32_EXACT_INT_MAX = 2**24  # integers above this lose precision in an OSC float32
@@ -269,7 +269,8 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               minimum=0.0, maximum=1.0),
     ParamSpec("steps", "int", 2, "Denoising steps per frame (1–4 for turbo/LCM models).", minimum=1, maximum=50),
     ParamSpec("sampler", "enum", "model", "The stream's sampler: the model's own scheduler, or an A1111 sampler "
-              "(LCM with an LCM-LoRA). Euler, Euler a, DDIM and LCM run on the compiled engine's fast path.",
+              "(LCM with an LCM-LoRA, TCD with a TCD or Hyper-SD LoRA). Euler, Euler a, DDIM and LCM run on the "
+              "compiled engine's fast path.",
               choices=("model", *STREAM_SAMPLERS)),
     ParamSpec("width", "int", 512, "Engine resolution, pixels; a multiple of 8.", minimum=64, maximum=2048,
               multiple_of=8),

@@ -50,6 +50,9 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("PLMS", "PNDMScheduler", ("plms",), {"skip_prk_steps": True}),
     Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
     Sampler("LCM", "LCMScheduler", ("lcm",), stochastic=True, spaced=False),
+    # Trajectory Consistency Distillation, for TCD and Hyper-SD LoRAs: LCM's skipping schedule, and a step that
+    # re-noises by its gamma (the step's eta: 0.3, TCD's default, or a request's eta).
+    Sampler("TCD", "TCDScheduler", ("tcd",), stochastic=True, spaced=False),
 )
 
 

@@ -167,3 +167,29 @@ def test_seed_blend_slerps_the_starting_noise_from_one_seed_to_the_others(vae_pa
     for weight in (0.25, 0.5, 0.75):
         assert abs(float(blend_noise(weight, first, second).norm() / first.norm()) - 1.0) < 0.03
     assert torch.equal(seed_noise(3, (1, 4, 32, 32)), first)  # the cache is not written through
+
+
+def test_tcd_runs_the_stream_as_diffusers_img2img_runs_it(vae_parts, frame):
+    """TCD (for TCD and Hyper-SD LoRAs): LCM's skipping timesteps and a step that re-noises by gamma (TCD's 0.3),
+    drawn as the pipeline draws it from its generator after the entry noise: the frame is diffusers' for that seed."""
+    import diffusers
+
+    from sdbridge.engines.samplers import make_scheduler
+
+    engine = DiffusionEngine.from_parts(vae_parts)
+    engine.prepare(params(sampler="TCD", steps=4, strength=0.75))
+    assert type(engine.scheduler).__name__ == "TCDScheduler"
+    ours = engine.step_float(frame, [StreamState("s")])
+    pixels = frame.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.inference_mode():
+        latents = engine.encode(pixels)
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=vae_parts.vae, text_encoder=vae_parts.text_encoder, tokenizer=vae_parts.tokenizer, unet=vae_parts.unet,
+        scheduler=make_scheduler(vae_parts.scheduler.config, "TCD"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt="a red fox", image=latents, strength=0.75, num_inference_steps=4, guidance_scale=1.0, eta=0.3,
+                  generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert relative_error(ours, theirs) <= 1e-4
+    engine.prepare(params(sampler="TCD", steps=4, strength=0.75, seed=4))
+    assert relative_error(engine.step_float(frame, [StreamState("s")]), ours) > 1e-3
