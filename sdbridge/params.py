@@ -318,7 +318,8 @@ def controlnet_params(slots: int = CONTROLNET_SLOTS) -> list[ParamSpec]:
             ParamSpec(prefix + "preprocessor", "enum", "none", f"What turns slot {n}'s source into its condition.",
                       choices=PREPROCESSORS, group=group),
             ParamSpec(prefix + "channel", "int", 0, f"Slot {n}'s source: 0 the input frame, 1-255 the latest frame "
-                      "sent on that channel of the frame header (a depth or edge pass).", minimum=0, maximum=255,
+                      "sent on that channel of the frame header (a depth or edge pass), -1 the session's last output "
+                      "(TemporalNet).", minimum=-1, maximum=255,
                       group=group),
             ParamSpec(prefix + "low_threshold", "int", 100, f"Slot {n}'s canny low threshold.", minimum=0,
                       maximum=255, group=group),

@@ -38,7 +38,7 @@ from sdbridge.bridge.crossfade import Crossfade
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
-from sdbridge.engines.base import CONDITIONS
+from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest
 from sdbridge.engines.prompt_syntax import LoraWeights
 from sdbridge.errors import SdbridgeError
@@ -516,6 +516,7 @@ class Worker(threading.Thread):
         self.step_ms_ema = per_frame if self.step_ms_ema is None else 0.8 * self.step_ms_ema + 0.2 * per_frame
         for job, image in zip(jobs, out):
             job.output = image
+            job.session.state.data[LAST_OUTPUT] = image  # a ControlNet slot's source on channel -1
 
     def _latent_hook(self, latents: torch.Tensor, states: list) -> torch.Tensor:
         assert self.plugins is not None

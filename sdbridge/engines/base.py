@@ -27,6 +27,10 @@ from sdbridge.errors import ModelError
 CONDITIONS = "conditions"                 # channel -> latest condition frame, uint8 [H, W, 3]
 SLOT_IMAGES = "controlnet.images"         # ControlNet slot -> this frame's condition image, uint8 [H, W, 3]
 INPUT_KEYS = frozenset({CONDITIONS, SLOT_IMAGES})
+#: The session's last output, uint8 [H, W, 3]: a past frame (a pause drops it), which a ControlNet slot reads
+#: as its source when its channel is OUTPUT_CHANNEL (TemporalNet-style feedback).
+LAST_OUTPUT = "output.last"
+OUTPUT_CHANNEL = -1
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdbridge.engines.base import CONDITIONS, SLOT_IMAGES
+from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, OUTPUT_CHANNEL, SLOT_IMAGES
 from sdbridge.engines.models import list_add_on_models, resolve_add_on_model, serialized_load
 from sdbridge.engines.preprocessors import Options, Preprocessors
 from sdbridge.errors import ModelError, SdbridgeError, load_failure
@@ -407,15 +407,16 @@ class ControlNets:
         """This frame's condition image for each active slot, into ``data[SLOT_IMAGES]``.
 
         ``image`` is the input frame at the engine's resolution; ``data[CONDITIONS]`` holds the
-        latest frame of each condition channel. A slot whose source has no frame yet gets none,
-        and adds nothing for this session.
+        latest frame of each condition channel, ``data[LAST_OUTPUT]`` the session's last output (channel -1).
+        A slot whose source has no frame yet gets none, and adds nothing for this session.
         """
         images: dict[int, np.ndarray] = {}
         streams = data.get(CONDITIONS, {})
         for index, slot in enumerate(self.slots):
             if not slot.active:
                 continue
-            source = image if slot.channel == 0 else streams.get(slot.channel)
+            source = (image if slot.channel == 0 else data.get(LAST_OUTPUT) if slot.channel == OUTPUT_CHANNEL
+                      else streams.get(slot.channel))
             if source is None:
                 continue
             if image is not None and source.shape != image.shape:

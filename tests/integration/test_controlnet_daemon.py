@@ -213,3 +213,26 @@ def test_a_controlnet_swap_dissolves_instead_of_cutting(start_daemon, tiny_model
     assert full > 0.5
     assert np.abs(during - old).mean() < 0.8 * full  # part of the way, not a cut
     assert np.abs(during - new).mean() > 0.1 * full
+
+
+def test_channel_minus_one_feeds_the_session_s_last_output_back(start_daemon, tiny_model_dir, controlnet_dir):
+    """TemporalNet-style feedback: a slot on channel -1 reads the session's last output. The first frame has none
+    (the slot adds nothing: the frame equals the slot off); the next is conditioned on the first's output."""
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
+                          params={"width": 64, "height": 64, "steps": 2, "strength": 1.0, "crossfade_s": 0.0,
+                                  "controlnet_1_model": "edges", "controlnet_1_channel": -1,
+                                  "controlnet_1_scale": 2.0})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30)
+    assert wait_for(lambda: serving(client, "edges"), timeout=60)
+    frame = make_image(64, 64, seed=2)
+    with ws_connect(daemon, "?session=loop") as ws:
+        ws.send(raw(frame, frame_id=1))
+        first = reply_image(recv_frame(ws))
+        ws.send(raw(frame, frame_id=2))
+        second = reply_image(recv_frame(ws))
+    with ws_connect(daemon, "?session=off") as ws:
+        ws.send(json.dumps({"type": "set", "params": {"controlnet_1_scale": 0}}))
+        ws.send(raw(frame, frame_id=1))
+        off = reply_image(recv_frame(ws))
+    assert np.array_equal(first, off)  # nothing to feed back yet
+    assert np.abs(second.astype(int) - first.astype(int)).max() >= 2  # the first output, fed back, shows
