@@ -326,7 +326,7 @@ class Worker(threading.Thread):
         if plugins is not None and plugins.active:
             for job in jobs:
                 if job.image is not None:
-                    job.output = plugins.before(job.session.id, job.session.state.data, job.image)
+                    job.output, job.image = plugins.before(job.session.id, job.session.state.data, job.image)
                     job.skipped = job.output is not None
                     job.session.skipped_frames += job.skipped
 
@@ -341,6 +341,9 @@ class Worker(threading.Thread):
                 for job in to_run:
                     assert job.output is not None
                     job.output = plugins.after(job.session.id, job.session.state.data, job.image, job.output)
+            for job in to_run:  # after every plugin: what a feedback plugin or a slot on channel -1 reads next
+                if not job.passthrough:
+                    job.session.state.data[LAST_OUTPUT] = job.output
 
         # 7. After a change of model (or of what it loaded: LoRAs, a ControlNet set, a motion adapter),
         #    the last frame before it dissolves into the new frames.
@@ -516,7 +519,6 @@ class Worker(threading.Thread):
         self.step_ms_ema = per_frame if self.step_ms_ema is None else 0.8 * self.step_ms_ema + 0.2 * per_frame
         for job, image in zip(jobs, out):
             job.output = image
-            job.session.state.data[LAST_OUTPUT] = image  # a ControlNet slot's source on channel -1
 
     def _latent_hook(self, latents: torch.Tensor, states: list) -> torch.Tensor:
         assert self.plugins is not None

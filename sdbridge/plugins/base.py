@@ -10,7 +10,8 @@ Hooks, all optional, called by the worker thread:
 
 - ``before(ctx)``: the decoded input frame ``ctx.image`` (uint8 ``[H, W, 3]``, numpy) is there;
   return None to go on, or an image to use as this frame's output instead of running the
-  engine (the frame is then *skipped*);
+  engine (the frame is then *skipped*); set ``ctx.image`` to another array of its shape to
+  change the input the engine runs on (and the later plugins see);
 - ``on_latents(latents, ctx)``: the denoised latents ``[1, 4, h, w]`` (torch, on the device)
   just before decoding; return the latents to decode;
 - ``after(ctx)``: ``ctx.output`` holds the output frame; return the frame to send.

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from sdbridge.engines.base import LAST_OUTPUT  # the session's previous final output (the worker keeps it)
 from sdbridge.params import ParamStore
 from sdbridge.plugins.base import Plugin, PluginContext
 
 log = logging.getLogger(__name__)
 
 GROUP = "sdbridge.plugins"
-LAST_OUTPUT = "plugins.last_output"  # in the session's state: the previous frame's final output
 
 Report = Callable[[str, dict[str, Any]], None]  # (session id, error message)
 
@@ -164,8 +164,11 @@ class PluginManager:
                                                 f"the stream goes on without it (turn it off and on to retry)",
                                      "plugin": item.plugin.name})
 
-    def before(self, session_id: str, session_state: dict[str, Any], image: np.ndarray) -> np.ndarray | None:
-        """An output to use instead of running the engine (a skipped frame), or None."""
+    def before(self, session_id: str, session_state: dict[str, Any],
+               image: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(an output to use instead of running the engine, a skipped frame, or None; the input to run on). A
+        plugin may set ``ctx.image`` to another input of the same shape (a feedback loop mixes in its last output);
+        the plugins after it see that one."""
         for item in self.active:
             if not item.plugin.overrides("before"):
                 continue
@@ -179,9 +182,15 @@ class PluginManager:
                 log.debug("plugin %s failed in before", item.plugin.name, exc_info=True)
                 self._fail(item, ctx, f"{type(exc).__name__}: {exc}")
                 continue
+            if ctx.image is not image:
+                if ctx.image is None or ctx.image.shape != image.shape or ctx.image.dtype != np.uint8:
+                    shape = None if ctx.image is None else (ctx.image.shape, ctx.image.dtype)
+                    self._fail(item, ctx, f"set an input of {shape}, expected {image.shape} uint8")
+                    continue
+                image = ctx.image
             if replacement is not None:
-                return replacement
-        return None
+                return replacement, image
+        return None, image
 
     def on_latents(self, latents: Any, session_ids: list[str], session_states: list[dict[str, Any]]) -> Any:
         """Latents [B, 4, h, w]: each plugin sees one session's slice."""

@@ -89,3 +89,27 @@ def test_a_failing_plugin_is_turned_off_and_the_stream_goes_on(start_daemon, mon
     failures = [m for m in messages if m.get("code") == "plugin_failed"]
     assert len(failures) == 1 and "flow exploded" in failures[0]["message"]
     assert daemon.plugins.failures == 1
+
+
+def test_the_feedback_loop_runs_the_engine_on_the_last_output(start_daemon):
+    """On the identity engine (output = input), strength 1 and no motion: from the second frame on, the engine runs
+    on the last output, so the first frame's picture holds whatever comes in; strength 0 lets the input through."""
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64,
+                                  "plugin.feedback_loop.enabled": True, "plugin.feedback_loop.strength": 1.0,
+                                  "plugin.feedback_loop.zoom": 1.0})
+    first = make_image(64, 64, seed=1)
+    second = 255 - first
+
+    def reply(ws, image) -> np.ndarray:
+        ws.send(codec.encode_png(image))
+        return codec.decode_image(recv_frame(ws))
+
+    with ws_connect(daemon, "?session=loop") as ws:
+        out1 = reply(ws, first)
+        out2 = reply(ws, second)
+        ws.send(json.dumps({"type": "set", "params": {"plugin.feedback_loop.strength": 0.0}}))
+        out3 = reply(ws, second)
+    assert np.abs(out1.astype(int) - first.astype(int)).mean() < 4      # JPEG's loss only
+    assert np.abs(out2.astype(int) - out1.astype(int)).mean() < 4       # the first picture held
+    assert np.abs(out2.astype(int) - second.astype(int)).mean() > 20
+    assert np.abs(out3.astype(int) - second.astype(int)).mean() < 4     # off: the input again

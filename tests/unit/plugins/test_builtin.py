@@ -33,14 +33,14 @@ def test_similarity_skips_a_still_input_and_runs_on_change():
     manager = manager_with(SimilarityFilter, threshold=0.98, max_skips=3)
     state: dict = {}
     still = texture()
-    assert manager.before("s", state, still) is None          # first frame runs
+    assert manager.before("s", state, still)[0] is None       # first frame runs
     manager.after("s", state, still, still + 1)               # its output is remembered
-    skipped = manager.before("s", state, still.copy())
+    skipped, _ = manager.before("s", state, still.copy())
     assert skipped is not None and (skipped == still + 1).all()
-    assert manager.before("s", state, 255 - still) is None    # a real change runs
+    assert manager.before("s", state, 255 - still)[0] is None  # a real change runs
     # A still input is refreshed after max_skips frames.
     manager.after("s", state, still, still)
-    results = [manager.before("s", state, 255 - still) is None for _ in range(5)]
+    results = [manager.before("s", state, 255 - still)[0] is None for _ in range(5)]
     assert results == [False, False, False, True, False]
 
 
@@ -76,3 +76,48 @@ def test_flow_warp_keeps_the_new_output_where_the_scene_cut():
     new_output = np.full((128, 128, 3), 200, np.uint8)
     out = manager.after("s", state, cut, new_output)
     assert np.abs(out.astype(int) - 200).mean() < 5
+
+
+def test_feedback_loop_mixes_the_transformed_last_output_into_the_input():
+    from sdbridge.engines.base import LAST_OUTPUT
+    from sdbridge.plugins.feedback_loop import FeedbackLoop, transform
+
+    manager = manager_with(FeedbackLoop, strength=0.5, zoom=1.0)
+    state: dict = {}
+    camera = texture()
+    skipped, first = manager.before("s", state, camera)
+    assert skipped is None and first is camera                 # a first frame: nothing to feed back yet
+    state[LAST_OUTPUT] = output = 255 - camera
+    _, mixed = manager.before("s", state, camera)
+    assert np.abs(mixed.astype(int) - 127).max() <= 1           # half the input, half its negative
+    manager = manager_with(FeedbackLoop, strength=1.0, zoom=1.0, shift_x=0.25)
+    _, moved = manager.before("s", {LAST_OUTPUT: output}, camera)
+    assert np.array_equal(moved[:, 40:], output[:, 8:-32])      # the output alone, 32 px (a quarter) right
+    square = np.zeros((64, 64, 3), np.uint8)
+    square[24:40, 24:40] = 255
+    area = int((transform(square, 2.0, 0.0, 0.0, 0.0) > 127).sum())
+    assert abs(area / (4 * int((square > 127).sum())) - 1) < 0.1   # zoom 2: 4x the area (to a pixel's edge)
+    turned = transform(square, 1.0, 45.0, 0.0, 0.0)
+    assert turned[32, 32].min() == 255 and turned[24, 24].max() < 128   # a diamond: its old corner is outside
+
+
+def test_a_plugin_that_sets_an_input_of_another_shape_is_turned_off():
+    from sdbridge.plugins.base import Plugin
+
+    class Broken(Plugin):
+        name = "broken"
+
+        def before(self, ctx):
+            ctx.image = ctx.image[:8]
+            return None
+
+    reports = []
+    store = ParamStore(Schema())
+    manager = PluginManager(store, {"broken": Broken}, report=lambda session, message: reports.append(message))
+    store.update({"plugin.broken.enabled": True})
+    manager.prepare(store.snapshot()[1])
+    camera = texture()
+    skipped, image = manager.before("s", {}, camera)
+    assert skipped is None and image is camera  # the input as it came: the plugin is off for this session
+    assert reports and reports[0]["code"] == "plugin_failed"
+    assert "expected (128, 128, 3) uint8" in reports[0]["message"]
