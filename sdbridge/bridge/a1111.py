@@ -225,6 +225,16 @@ class _Request(FiniteBody):
                 raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="after")
+    def _sampler_takes_the_schedule(self) -> _Request:
+        """Each name may be known and the pair still not run (Euler a takes no Karras; LCM no schedule type)."""
+        if self.scheduler is not None:
+            try:
+                samplers.resolve(self.sampler(), self.scheduler)
+            except SdbridgeError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
     def sampler(self) -> str:
         return self.sampler_name or self.sampler_index or "Euler"  # A1111's API default (sampler_index)
 
@@ -486,10 +496,16 @@ class A1111Api:
         return next((listed for listed in self._listed_sources() if _same_file(listed, path)), source)
 
     def _listed_sources(self) -> list[str]:
+        """The models folder's models, then the operator's own (``--model``, which may lie anywhere): listed
+        whether or not it serves, so that a client that switched away can switch back to it by its title."""
         from sdbridge.engines import models
 
-        return [info.path for info in models.list_models(self.models_dir()) if info.pulled
-                and info.kind in ("diffusers", "single_file")]
+        sources = [info.path for info in models.list_models(self.models_dir()) if info.pulled
+                   and info.kind in ("diffusers", "single_file")]
+        for trusted in sorted(self.daemon.engines.trusted_models()):
+            if Path(trusted).exists() and all(not _same_file(trusted, source) for source in sources):
+                sources.append(trusted)
+        return sources
 
     def model_hash(self, source: str | None) -> str | None:
         if source not in self._hash_cache:
@@ -583,12 +599,22 @@ class A1111Api:
             raise HTTPException(422, f"{field} {value!r} is not an integer in 1..{top} (1: the last layer)")
         return int(value) - 1
 
+    async def _wait_for_a_model(self) -> None:
+        """A request sent while no model serves yet but one is on its way (the daemon's start, a switch from the
+        preview engine) waits for it, as A1111's wait for a checkpoint loading; it was a 503 that said to start
+        the daemon with --model, which it had been."""
+        engines = self.daemon.engines
+        deadline = time.monotonic() + MODEL_LOAD_WAIT_S
+        while self.current_model() is None and engines.settling and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
     async def run(self, body: _Request, kind: str) -> dict[str, Any]:
         request = await asyncio.to_thread(self.build, body, kind)
         if always_on_script(body.alwayson_scripts, "controlnet"):
             # sd-webui-controlnet's units (bridge/a1111_controlnet.py): models loaded, conditions made, off the loop.
             request.controlnet = await asyncio.to_thread(self.daemon.controlnet_api.units, body.alwayson_scripts,
                                                          request)
+        await self._wait_for_a_model()
         task = GenerationTask(request, kind)
         started = time.perf_counter()
         try:

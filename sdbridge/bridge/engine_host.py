@@ -94,7 +94,8 @@ class EngineHost:
         self._lock = threading.Lock()
         self._current: Engine | None = None
         self._current_choice: EngineChoice | None = None
-        self._ready: tuple[EngineChoice, Engine] | None = None   # loaded, waiting for the worker to swap it in
+        # Loaded, waiting for the worker to swap it in, with the REQUEST_PARAMS that asked for it.
+        self._ready: tuple[EngineChoice, Engine, dict[str, Any] | None] | None = None
         self._loading: EngineChoice | None = None
         # The last choice the parameters asked for. One load runs at a time (two checkpoints loading at once could
         # not both fit): a choice asked for meanwhile loads after it, and a load no longer wanted when it ends is
@@ -102,8 +103,9 @@ class EngineHost:
         self._wanted: EngineChoice | None = None
         self._failed: EngineChoice | None = None
         self._auto_failed: str | None = None  # the model that failed under engine "auto" with nothing serving
-        self._serving_request: dict[str, Any] | None = None  # REQUEST_PARAMS of the last engine that loaded
+        self._serving_request: dict[str, Any] | None = None  # REQUEST_PARAMS of the engine serving (swapped in)
         self._revert: dict[str, Any] = {}  # REQUEST_PARAMS to set back after a failed load (take_revert)
+        self._revert_for: EngineChoice | None = None  # the failed choice they would undo
         self._unannounced: Engine | None = None  # swapped in, its "ready" news not yet sent (announce)
         self.last_error: str | None = None
         self.last_error_code = "bad_model"
@@ -178,13 +180,17 @@ class EngineHost:
                                   name=f"sdbridge-load-{choice.engine}", daemon=True)
         thread.start()
 
-    def take_revert(self) -> dict[str, Any]:
+    def take_revert(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """After a failed load while another engine serves: the request parameters to set back to the
-        serving engine's (empty when there are none). The failed choice may be tried again once they are."""
+        serving engine's (empty when there are none), unless ``params`` (the worker's snapshot) no longer ask
+        for the failed choice: a client's pick made since stands. The failed choice may be tried again then."""
         with self._lock:
             revert, self._revert = self._revert, {}
+            failed, self._revert_for = self._revert_for, None
             if revert:
                 self._failed = None
+        if revert and self.choose(params) != failed:
+            return {}
         return revert
 
     def active(self) -> Engine | None:
@@ -195,9 +201,10 @@ class EngineHost:
             self._discard(ready[1])
             ready = None
         if ready is not None:
-            choice, engine = ready
+            choice, engine, request = ready
             old = self._current
             self._current, self._current_choice = engine, choice
+            self._serving_request = request
             self._unannounced = engine
             log.info("engine %s serving on %s", printable(choice), engine.device)
             if old is not None and old is not engine:
@@ -354,10 +361,12 @@ class EngineHost:
                     self.last_error = message
                     self.last_error_code = code
                     self.load_failures += 1
-                    serving = self._serving_request if (self._current or self._ready) else None
+                    serving = self._ready[2] if self._ready is not None else \
+                        self._serving_request if self._current is not None else None
                     if serving is not None and request is not None:
                         self._revert = {name: value for name, value in serving.items()
                                         if request.get(name) != value}
+                        self._revert_for = choice
                     elif choice.engine == "diffusion":
                         self._auto_failed = choice.model
             tail = (" (it was no longer asked for)" if superseded
@@ -371,8 +380,7 @@ class EngineHost:
             if wanted:
                 self._failed = None
                 self.last_error = None
-                self._ready = (choice, engine)
-                self._serving_request = dict(request) if request is not None else None
+                self._ready = (choice, engine, dict(request) if request is not None else None)
         log.info("engine %s loaded in %.1f s", printable(choice), time.perf_counter() - started)
         if not wanted:
             self._discard(engine)

@@ -275,7 +275,7 @@ class Worker(threading.Thread):
         # 2. The engine to run and the plugins, prepared for these parameters. After a failed load the
         #    parameters that asked for it go back to what serves (the next frame's snapshot has them).
         self.engines.select(params)
-        revert = self.engines.take_revert()
+        revert = self.engines.take_revert(params)
         if revert:
             log.info("parameters back to the engine serving: %s", revert)
             self.store.update(revert)

@@ -160,6 +160,8 @@ def test_hires_fix_and_styles(api):
     ({"styles": ["nope"]}, "unknown style 'nope'"),
     ({"scheduler": "Wobbly"}, "unknown scheduler 'Wobbly'"),
     ({"prompt": "a cat AND a dog:1" + "0" * 30}, "the AND part 'a dog' has weight 1e+30, out of range"),
+    ({"sampler_name": "Euler a", "scheduler": "Karras"}, "sampler 'Euler a' does not take the Karras schedule"),
+    ({"sampler_name": "LCM", "scheduler": "DDIM"}, "sampler 'LCM' does not take the DDIM schedule"),
 ])
 def test_bad_txt2img_requests_get_422_with_a_reason(api, body, words):
     response = api.post("/sdapi/v1/txt2img", json={**SMALL, **body})
@@ -269,6 +271,19 @@ def test_a_checkpoint_that_loads_slowly_answers_once_it_serves(start_daemon, tmp
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == title
 
 
+def test_a_request_sent_while_the_model_loads_at_start_waits_for_it(start_daemon, tiny_model_dir, monkeypatch):
+    """QA: a txt2img sent while --model was still loading answered 503 "start the daemon with --model PATH"."""
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    load = DiffusionEngine.load
+    monkeypatch.setattr(DiffusionEngine, "load", lambda self, *a, **k: (time.sleep(1.5), load(self, *a, **k))[1])
+    daemon = start_daemon(model=str(tiny_model_dir))
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120) as client:
+        assert client.get("/health").json()["engine"]["status"] in ("starting", "loading")
+        response = client.post("/sdapi/v1/txt2img", json=SMALL)
+    assert response.status_code == 200, response.text
+
+
 def test_options_switch_the_checkpoint_and_a_bad_one_keeps_the_old(api):
     second = write_tiny_model(api.tmp / "models" / "other-sd", seed=1)
     titles = [m["title"] for m in api.get("/sdapi/v1/sd-models").json()]
@@ -287,6 +302,12 @@ def test_options_switch_the_checkpoint_and_a_bad_one_keeps_the_old(api):
     outside = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "../../etc/passwd"})
     assert outside.status_code == 422 and "outside the folders" in outside.text
     assert api.post("/sdapi/v1/txt2img", json=SMALL).status_code == 200
+    # QA: a wrong name, then at once a right one: the failure's set-back must not undo the right one (it was a 422).
+    first = next(t for t in titles if not t.startswith("other-sd"))
+    for name in ("nope", first, "nope", other):
+        response = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})
+        assert response.status_code == (422 if name == "nope" else 200), (name, response.text)
+    assert api.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == other
 
 
 def test_saved_images_follow_a1111_layout(api):

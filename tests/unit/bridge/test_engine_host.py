@@ -49,17 +49,34 @@ def test_a_failed_load_sets_the_request_back_to_what_serves(tmp_path):
     host = EngineHost(load_settings({"models_dir": str(tmp_path)}, env={}))
     params = {**Schema().defaults(), "width": 64, "height": 64}
     settle(host, params)
-    assert host.active_engine().name == "preview" and host.take_revert() == {}
+    assert host.active_engine().name == "preview" and host.take_revert(params) == {}
     asked = {**params, "engine": "diffusion", "model": "nosuch"}
     settle(host, asked)
     assert host.load_failures == 1 and host.failing and "nosuch" in host.last_error
     assert host.active_engine().name == "preview"            # the previous engine keeps serving
-    assert host.take_revert() == {"engine": "auto", "model": ""}
-    assert not host.failing and host.take_revert() == {}
+    assert host.take_revert(asked) == {"engine": "auto", "model": ""}
+    assert not host.failing and host.take_revert(asked) == {}
     settle(host, params)                                      # the worker's next snapshot, set back
     assert host.loads == 1 and host.load_failures == 1
     settle(host, asked)
-    assert host.load_failures == 2 and host.take_revert() == {"engine": "auto", "model": ""}
+    assert host.load_failures == 2 and host.take_revert(asked) == {"engine": "auto", "model": ""}
+    host.close()
+
+
+def test_a_failure_sets_nothing_back_over_a_pick_made_since(tmp_path, tiny_model_dir):
+    """QA: a model that failed, then another picked before the worker set the parameters back: the set-back
+    (computed at the failure) undid the new pick, which was then closed unserved (an A1111 client that named a
+    wrong checkpoint, then the right one, got a 422 for the right one)."""
+    host = EngineHost(load_settings({"models_dir": str(tiny_model_dir.parent)}, env={}))
+    params = {**Schema().defaults(), "width": 64, "height": 64}
+    settle(host, params)
+    settle(host, {**params, "engine": "diffusion", "model": "nosuch"})
+    assert host.load_failures == 1
+    picked = {**params, "engine": "diffusion", "model": str(tiny_model_dir)}
+    host.select(picked)                                       # the worker's next turn: a client picked again
+    assert host.take_revert(picked) == {}                     # nothing set back over it
+    settle(host, picked)
+    assert host.active_engine().name == "diffusion" and host.active_engine().source == str(tiny_model_dir)
     host.close()
 
 
@@ -73,7 +90,7 @@ def test_a_broken_model_at_start_is_tried_once_then_the_preview_serves(tmp_path)
     for _ in range(4):
         settle(host, params)
     assert host.load_failures == 1 and host.active_engine().name == "preview"
-    assert host.take_revert() == {} and host.status == "ready"
+    assert host.take_revert(params) == {} and host.status == "ready"
     host.close()
 
 
