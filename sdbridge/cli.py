@@ -179,7 +179,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"run it: sdbridge serve --model {args.name}")
         return 0
     if args.action == "tiny":
+        import transformers
+
         from sdbridge.engines.tiny import write_tiny_model
+
+        transformers.utils.logging.disable_progress_bar()  # a "Writing model shards" bar per text encoder: noise
 
         path = write_tiny_model(Path(args.dir), seed=args.seed, architecture=args.arch)
         print(f"wrote a tiny random {args.arch} model to {path} (random weights: its frames are noise-like, "

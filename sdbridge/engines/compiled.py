@@ -525,8 +525,9 @@ class CompiledEngine(DiffusionEngine):
         if not self._guided:
             self._cfg = "none"
         elif (self.residual_cfg and self.scheduler.config.get("prediction_type", "epsilon") == "epsilon"
-              and not (schedule is not None and schedule.noisy)):
+              and schedule is not None and not schedule.noisy):
             # Residual guidance stands on the noise the latent carries; a step that adds fresh noise breaks it.
+            # A sampler off the fast path (no schedule: the eager engine's steps) guides exactly.
             self._cfg = "residual"
         else:
             self._cfg = "exact"

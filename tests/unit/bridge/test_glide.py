@@ -181,3 +181,21 @@ def test_a_recall_during_a_prompt_glide_lands_the_first_then_glides_on():
     store, mid = asyncio.run(scenario())
     assert mid["prompt"] == "two" and mid["blend_prompt"] == "three"
     assert store.get("prompt") == "three" and store.get("prompt_blend") == 0.0
+
+
+def test_a_look_without_a_blend_lands_with_a_held_blend_off():
+    """QA: a saved look leaves an unused blend out; recalled over a blend held on a crossfader, the seed (or prompt)
+    jumped and the old blend stayed, so the look was not the saved one. It lands with the blend off."""
+    async def scenario():
+        store = ParamStore()
+        store.update({"seed": 7, "blend_seed": 9, "seed_blend": 0.6, "prompt": "a", "blend_prompt": "b",
+                      "prompt_blend": 0.3})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"seed": 1234, "prompt": "c", "strength": 0.8}, duration_s=0.2)
+        await asyncio.sleep(0.4)
+        return store.snapshot()[1]
+
+    values = asyncio.run(scenario())
+    assert (values["seed"], values["blend_seed"], values["seed_blend"]) == (1234, 0, 0.0)
+    assert (values["prompt"], values["blend_prompt"], values["prompt_blend"]) == ("c", "", 0.0)
+    assert values["strength"] == 0.8

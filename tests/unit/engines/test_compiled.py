@@ -903,3 +903,6 @@ def test_guidance_mode_turns_residual_guidance_on_and_off_live(parts):
     assert stream.describe()["cfg"] == "exact"
     stream.prepare(params(steps=1, strength=1.0, guidance=1.0, guidance_mode="residual"))
     assert stream.describe()["cfg"] == "none"
+    # A sampler off the fast path runs the eager engine's exact guidance: /stats must not say residual (QA).
+    stream.prepare(params(steps=2, strength=1.0, guidance=2.0, guidance_mode="residual", sampler="DPM++ 2M"))
+    assert stream.describe()["cfg"] == "exact"
