@@ -610,11 +610,11 @@ class A1111Api:
 
     async def run(self, body: _Request, kind: str) -> dict[str, Any]:
         request = await asyncio.to_thread(self.build, body, kind)
+        await self._wait_for_a_model()  # before the ControlNet units, which need one too
         if always_on_script(body.alwayson_scripts, "controlnet"):
             # sd-webui-controlnet's units (bridge/a1111_controlnet.py): models loaded, conditions made, off the loop.
             request.controlnet = await asyncio.to_thread(self.daemon.controlnet_api.units, body.alwayson_scripts,
                                                          request)
-        await self._wait_for_a_model()
         task = GenerationTask(request, kind)
         started = time.perf_counter()
         try:

@@ -230,3 +230,20 @@ def test_thresholds_are_checked_only_where_they_mean_something(api):
     bad = api.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_threshold_a": 512,
                                                 "controlnet_input_images": [b64_png(step_edge())]})
     assert bad.status_code == 422 and "[0, 255]" in bad.json()["detail"]
+
+
+def test_a_unit_sent_while_the_model_loads_at_start_waits_for_it(start_daemon, tiny_model_dir, controlnet_dir,
+                                                                 monkeypatch):
+    """QA: a request with a ControlNet unit during the start-up load answered 503 "start the daemon with --model"."""
+    import time
+
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    load = DiffusionEngine.load
+    monkeypatch.setattr(DiffusionEngine, "load", lambda self, *a, **k: (time.sleep(1.5), load(self, *a, **k))[1])
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir))
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120) as client:
+        response = client.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"controlnet": {"args": [
+            unit()]}}})
+    assert response.status_code == 200, response.text
+    assert "ControlNet 0: " in json.loads(response.json()["info"])["infotexts"][0]
