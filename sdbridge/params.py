@@ -451,11 +451,16 @@ class ParamStore:
                 return self.schema.get(name).default
             return self._values[name]
 
-    def update(self, updates: Mapping[str, Any]) -> tuple[dict[str, Any], list[ParamError]]:
-        """Apply the valid updates together; return what was applied and the errors."""
+    def update(self, updates: Mapping[str, Any],
+               expect: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[ParamError]]:
+        """Apply the valid updates together; return what was applied and the errors. ``expect``: apply nothing
+        unless these values are still the stored ones (checked and applied under one lock: a client's set in
+        between wins)."""
         good, errors = self.schema.validate(updates)
         if good:
             with self._lock:
+                if expect is not None and any(self._values.get(k) != v for k, v in expect.items()):
+                    return {}, errors
                 changed = {k: v for k, v in good.items() if self._values.get(k) != v}
                 self._values.update(good)
                 if changed:

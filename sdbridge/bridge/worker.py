@@ -276,9 +276,9 @@ class Worker(threading.Thread):
         #    parameters that asked for it go back to what serves (the next frame's snapshot has them).
         self.engines.select(params)
         revert = self.engines.take_revert(params)
-        if revert:
+        # Only over the values this snapshot holds: a client's pick that came in since wins (QA 4 new, finding 1).
+        if revert and self.store.update(revert, expect={name: params.get(name) for name in revert})[0]:
             log.info("parameters back to the engine serving: %s", revert)
-            self.store.update(revert)
         engine = self.engines.active()
         if engine is not None and self._prepared != (version, id(engine)):
             try:

@@ -182,3 +182,12 @@ def test_an_integer_too_long_to_print_is_still_a_clear_error(schema):
     # Past Python's 4300-digit limit str(int) itself raises ValueError.
     with pytest.raises(ParamError, match=r"^strength an integer of about \d+ digits not in \[0, 1\]"):
         schema.get("strength").validate(10**5000)
+
+
+def test_an_update_that_expects_values_applies_only_while_they_hold():
+    store = ParamStore()
+    store.update({"model": "a", "strength": 0.5})
+    assert store.update({"model": "b"}, expect={"model": "c"}) == ({}, [])
+    assert store.get("model") == "a"
+    applied, errors = store.update({"model": "b"}, expect={"model": "a"})
+    assert applied == {"model": "b"} and not errors and store.get("model") == "b"
