@@ -478,7 +478,6 @@ class DiffusionEngine(Engine):
         return (image / 2 + 0.5).clamp(0, 1).to(self.dtype)
 
 
-@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=8)
 def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     """A seed's starting noise, as diffusers' pipelines draw it (float32, on the CPU: the same on every device).
@@ -499,6 +498,7 @@ def blend_noise(weight: float, first: torch.Tensor, second: torch.Tensor) -> tor
     return (mixed / torch.sin(omega)).to(first.dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _step_takes_generator(scheduler_type: type) -> bool:
     """Whether a scheduler's ``step`` takes a generator (read once per class, not every frame)."""
     return "generator" in inspect.signature(scheduler_type.step).parameters

@@ -417,7 +417,6 @@ def _load_taesd(folder: Path, dtype: torch.dtype):  # noqa: ANN202 - Autoencoder
         raise ModelError(f"TAESD at {folder}: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
-@serialized_load
 def _quiet_library_bars() -> None:
     """transformers draws a "Loading weights" bar for each text encoder: carriage returns with no time stamp in
     the daemon's log, between its records, at every model switch. Local loads take seconds; the log's "loaded in"
@@ -429,6 +428,7 @@ def _quiet_library_bars() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+@serialized_load
 def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                         models_dir: Path | None = None, taesd: str | None = None,
                         config_dir: str | Path | None = None) -> PipelineParts:
