@@ -105,7 +105,7 @@ class EngineHost:
         self._auto_failed: str | None = None  # the model that failed under engine "auto" with nothing serving
         self._serving_request: dict[str, Any] | None = None  # REQUEST_PARAMS of the engine serving (swapped in)
         self._revert: dict[str, Any] = {}  # REQUEST_PARAMS to set back after a failed load (take_revert)
-        self._revert_for: EngineChoice | None = None  # the failed choice they would undo
+        self._revert_expect: dict[str, Any] = {}  # the failed load's REQUEST_PARAMS, which they would undo
         self._unannounced: Engine | None = None  # swapped in, its "ready" news not yet sent (announce)
         self.last_error: str | None = None
         self.last_error_code = "bad_model"
@@ -180,18 +180,17 @@ class EngineHost:
                                   name=f"sdbridge-load-{choice.engine}", daemon=True)
         thread.start()
 
-    def take_revert(self, params: Mapping[str, Any]) -> dict[str, Any]:
+    def take_revert(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """After a failed load while another engine serves: the request parameters to set back to the
-        serving engine's (empty when there are none), unless ``params`` (the worker's snapshot) no longer ask
-        for the failed choice: a client's pick made since stands. The failed choice may be tried again then."""
+        serving engine's (empty when there are none), and the failed load's own, which the store must still
+        hold for them to apply (``ParamStore.update(revert, expect=...)``): a client's pick made since stands.
+        The failed choice may be tried again then."""
         with self._lock:
             revert, self._revert = self._revert, {}
-            failed, self._revert_for = self._revert_for, None
+            expect, self._revert_expect = self._revert_expect, {}
             if revert:
                 self._failed = None
-        if revert and self.choose(params) != failed:
-            return {}
-        return revert
+        return revert, expect
 
     def active(self) -> Engine | None:
         """The engine to run now; swaps in a freshly loaded one (on the worker's thread)."""
@@ -366,7 +365,7 @@ class EngineHost:
                     if serving is not None and request is not None:
                         self._revert = {name: value for name, value in serving.items()
                                         if request.get(name) != value}
-                        self._revert_for = choice
+                        self._revert_expect = dict(request)
                     elif choice.engine == "diffusion":
                         self._auto_failed = choice.model
             tail = (" (it was no longer asked for)" if superseded

@@ -275,9 +275,9 @@ class Worker(threading.Thread):
         # 2. The engine to run and the plugins, prepared for these parameters. After a failed load the
         #    parameters that asked for it go back to what serves (the next frame's snapshot has them).
         self.engines.select(params)
-        revert = self.engines.take_revert(params)
-        # Only over the values this snapshot holds: a client's pick that came in since wins (QA 4 new, finding 1).
-        if revert and self.store.update(revert, expect={name: params.get(name) for name in revert})[0]:
+        revert, expect = self.engines.take_revert()
+        # Only while the store still asks for the failed load: a client's pick made since wins (QA 4 new, finding 1).
+        if revert and self.store.update(revert, expect=expect)[0]:
             log.info("parameters back to the engine serving: %s", revert)
         engine = self.engines.active()
         if engine is not None and self._prepared != (version, id(engine)):

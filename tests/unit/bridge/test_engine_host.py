@@ -10,7 +10,7 @@ import pytest
 from sdbridge.bridge.engine_host import WARM_PARAMS, EngineHost
 from sdbridge.errors import printable
 from sdbridge.config import load_settings
-from sdbridge.params import Schema
+from sdbridge.params import ParamStore, Schema
 
 
 def test_a_load_is_handed_the_values_the_daemon_runs_for_its_warm_up(tiny_model_dir):
@@ -49,17 +49,18 @@ def test_a_failed_load_sets_the_request_back_to_what_serves(tmp_path):
     host = EngineHost(load_settings({"models_dir": str(tmp_path)}, env={}))
     params = {**Schema().defaults(), "width": 64, "height": 64}
     settle(host, params)
-    assert host.active_engine().name == "preview" and host.take_revert(params) == {}
+    assert host.active_engine().name == "preview" and host.take_revert()[0] == {}
     asked = {**params, "engine": "diffusion", "model": "nosuch"}
     settle(host, asked)
     assert host.load_failures == 1 and host.failing and "nosuch" in host.last_error
     assert host.active_engine().name == "preview"            # the previous engine keeps serving
-    assert host.take_revert(asked) == {"engine": "auto", "model": ""}
-    assert not host.failing and host.take_revert(asked) == {}
+    assert host.take_revert() == ({"engine": "auto", "model": ""}, {"engine": "diffusion", "model": "nosuch"})
+    assert not host.failing and host.take_revert()[0] == {}
     settle(host, params)                                      # the worker's next snapshot, set back
     assert host.loads == 1 and host.load_failures == 1
     settle(host, asked)
-    assert host.load_failures == 2 and host.take_revert(asked) == {"engine": "auto", "model": ""}
+    assert host.load_failures == 2
+    assert host.take_revert() == ({"engine": "auto", "model": ""}, {"engine": "diffusion", "model": "nosuch"})
     host.close()
 
 
@@ -73,8 +74,11 @@ def test_a_failure_sets_nothing_back_over_a_pick_made_since(tmp_path, tiny_model
     settle(host, {**params, "engine": "diffusion", "model": "nosuch"})
     assert host.load_failures == 1
     picked = {**params, "engine": "diffusion", "model": str(tiny_model_dir)}
-    host.select(picked)                                       # the worker's next turn: a client picked again
-    assert host.take_revert(picked) == {}                     # nothing set back over it
+    store = ParamStore(Schema(), picked)                      # a client picked again before the worker's turn
+    host.select(picked)
+    revert, expect = host.take_revert()
+    assert revert and store.update(revert, expect=expect) == ({}, [])   # nothing set back over the pick
+    assert store.get("model") == str(tiny_model_dir)
     settle(host, picked)
     assert host.active_engine().name == "diffusion" and host.active_engine().source == str(tiny_model_dir)
     host.close()
@@ -90,7 +94,7 @@ def test_a_broken_model_at_start_is_tried_once_then_the_preview_serves(tmp_path)
     for _ in range(4):
         settle(host, params)
     assert host.load_failures == 1 and host.active_engine().name == "preview"
-    assert host.take_revert(params) == {} and host.status == "ready"
+    assert host.take_revert()[0] == {} and host.status == "ready"
     host.close()
 
 
