@@ -67,15 +67,14 @@ class Glider:
         _, current = self.store.snapshot()
         targets = dict(good)
         for name, (other, weight, rest) in BLENDED.items():
-            if (name in targets and not {other, weight} & targets.keys()
-                    and float(current.get(weight) or 0.0) != 0.0 and weight in self.store.schema):
+            value = targets.get(name)
+            if value is None or {other, weight} & targets.keys() or weight not in self.store.schema:
+                continue  # not set by this look, or its blend set too: applied as written
+            if float(current.get(weight) or 0.0) != 0.0:
                 # A look without a blend recalled over one held (a crossfader, an LFO's base): it lands with the
                 # blend off, at once (a saved look leaves an unused blend out, so it would stay otherwise).
                 immediate.update({other: rest, weight: 0.0})
-        for name, (other, weight, rest) in BLENDED.items():
-            value = targets.get(name)
-            if (duration_s > 0 and value is not None and value != current.get(name) and weight in self.store.schema
-                    and not {other, weight} & targets.keys() and float(current.get(weight, 0.0)) == 0.0):
+            elif duration_s > 0 and value != current.get(name):
                 del targets[name]
                 immediate[other] = value
                 self._targets[weight] = (0.0, 1.0, now, duration_s)
