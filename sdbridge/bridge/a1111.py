@@ -37,11 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sdbridge import __version__
 from sdbridge.bridge import codec, pnginfo
-from sdbridge.bridge.protocol import MAX_DIMENSION
 from sdbridge.bridge.worker import GenerationTask
 from sdbridge.engines import samplers
 from sdbridge.engines.generate import HIRES_UPSCALERS, Generation, GenerationError, GenerationRequest, hires_upscaler
-from sdbridge.errors import ModelError, SdbridgeError
+from sdbridge.errors import CodecError, ModelError, SdbridgeError
 from sdbridge.paths import PathError
 
 if TYPE_CHECKING:
@@ -337,25 +336,30 @@ def always_on_script(scripts: dict[str, Any], name: str) -> Any:
 
 def decode_b64_image(data: str, what: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     """A base64 (or data: URL) PNG/JPEG/WebP -> RGB uint8 (or grey with IMREAD_GRAYSCALE); 422 when bad."""
-    image = _decoded(data, what, flags)
+    return decode_image_bytes(b64_bytes(data, what), what, flags)
+
+
+def decode_image_bytes(raw: bytes, what: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """PNG/JPEG/WebP bytes -> RGB uint8 (as :func:`decode_b64_image`); 422 when bad."""
+    image = _decoded(raw, what, flags)
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return image
 
 
-def _decoded(data: str, what: str, flags: int) -> np.ndarray:
-    """OpenCV's decode of a base64 image, refused (422) past MAX_DIMENSION per side: before decoding where the
-    header tells the size, since a few hundred KB of PNG can hold hundreds of MB of pixels."""
-    raw = b64_bytes(data, what)
-    size = codec.encoded_size(raw)
-    if size is not None and max(size) > MAX_DIMENSION:
-        raise HTTPException(422, f"{what}: the image is {size[0]}x{size[1]}, larger than {MAX_DIMENSION} per side")
-    image = cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
-    if image is None or image.size == 0:
-        raise HTTPException(422, f"{what}: not a decodable PNG, JPEG or WebP image ({len(raw)} bytes)")
-    if max(image.shape[:2]) > MAX_DIMENSION:  # a WebP, whose header is not read above
-        raise HTTPException(422, f"{what}: the image is {image.shape[1]}x{image.shape[0]}, larger than "
-                                 f"{MAX_DIMENSION} per side")
+def _decoded(raw: bytes, what: str, flags: int) -> np.ndarray:
+    """OpenCV's decode of an image, refused (422) past the frames' size limit: before decoding where the header
+    tells the size, since a few hundred KB of PNG can hold hundreds of MB of pixels."""
+    try:
+        size = codec.encoded_size(raw)
+        if size is not None:
+            codec.check_size(size[0], size[1], f"{what}: the image")
+        image = cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
+        if image is None or image.size == 0:
+            raise HTTPException(422, f"{what}: not a decodable PNG, JPEG or WebP image ({len(raw)} bytes)")
+        codec.check_size(image.shape[1], image.shape[0], f"{what}: the image")  # a WebP: no header read above
+    except CodecError as exc:
+        raise HTTPException(422, str(exc)) from None
     return image
 
 
@@ -373,7 +377,7 @@ def b64_bytes(data: str, what: str) -> bytes:
 
 def _mask(data: str) -> np.ndarray:
     """A1111 masks: white repaints; an RGBA mask whose colour is empty uses its alpha (as Krita sends)."""
-    image = _decoded(data, "mask", cv2.IMREAD_UNCHANGED)
+    image = _decoded(b64_bytes(data, "mask"), "mask", cv2.IMREAD_UNCHANGED)
     if image.ndim == 2:
         return image.astype(np.uint8) if image.dtype == np.uint8 else (image / 257).astype(np.uint8)
     if image.shape[2] == 4 and not image[..., :3].any():

@@ -28,7 +28,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdbridge.bridge import pnginfo
-from sdbridge.bridge.a1111 import UPSCALERS, A1111Route, FiniteBody, b64_bytes, decode_b64_image
+from sdbridge.bridge.a1111 import UPSCALERS, A1111Route, FiniteBody, b64_bytes, decode_image_bytes
 from sdbridge.bridge.protocol import MAX_DIMENSION
 from sdbridge.config import LOOPBACK_NAMES
 from sdbridge.errors import SdbridgeError
@@ -154,9 +154,10 @@ def _html_info(text: str) -> str:
 
 def _process(data: str, what: str, options: ExtrasOptions) -> tuple[str, str]:
     """base64 in -> (base64 PNG out, postprocessing infotext)."""
-    image = decode_b64_image(data, what)
+    raw = b64_bytes(data, what)
+    image = decode_image_bytes(raw, what)
     try:
-        parameters, _ = pnginfo.read_info(b64_bytes(data, what))
+        parameters, _ = pnginfo.read_info(raw)
     except SdbridgeError:
         parameters = None
     try:

@@ -18,7 +18,7 @@ _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its (fixed) CRC
 
 
-def _check_size(width: int, height: int, what: str) -> None:
+def check_size(width: int, height: int, what: str) -> None:
     if width > MAX_DIMENSION or height > MAX_DIMENSION:
         raise CodecError(f"{what} is {width}x{height}, larger than {MAX_DIMENSION} per side")
 
@@ -63,13 +63,13 @@ def check_encoded(data: bytes | bytearray | memoryview) -> str:
         if size is None:
             raise CodecError(f"JPEG data could not be decoded ({len(data)} bytes, no frame header before "
                              f"the image data)")
-        _check_size(size[0], size[1], "JPEG")
+        check_size(size[0], size[1], "JPEG")
     elif kind == "png":
         if not bytes(data[-len(_PNG_END):]) == _PNG_END:
             raise CodecError(f"PNG data is truncated ({len(data)} bytes, no IEND chunk at the end)")
         size = encoded_size(data)
         if size is not None:
-            _check_size(size[0], size[1], "PNG")
+            check_size(size[0], size[1], "PNG")
     else:
         raise CodecError(f"{len(data)} bytes are neither a JPEG nor a PNG file (first bytes "
                          f"{bytes(data[:4]).hex(' ') or 'none'})")
@@ -101,7 +101,7 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
                          f"{str(exc).strip().splitlines()[-1][:200]}") from exc
     if image is None or image.size == 0:
         raise CodecError(f"{kind.upper()} data could not be decoded ({len(buffer)} bytes)")
-    _check_size(image.shape[1], image.shape[0], kind.upper())  # the headers above may not have said
+    check_size(image.shape[1], image.shape[0], kind.upper())  # the headers above may not have said
     if image.dtype != np.uint8:  # 16-bit PNG
         image = (image >> 8).astype(np.uint8)
     if image.ndim == 2:
@@ -119,7 +119,7 @@ def decode_raw(payload: bytes | memoryview, width: int, height: int, pixel_forma
     channels = pixel_format.channels
     if channels is None:
         raise CodecError(f"{pixel_format.name} is not a raw pixel format")
-    _check_size(width, height, f"{pixel_format.name} frame")
+    check_size(width, height, f"{pixel_format.name} frame")
     expected = width * height * channels
     if len(payload) != expected:
         raise CodecError(f"{pixel_format.name} frame {width}x{height} needs {expected} bytes, got {len(payload)}")
