@@ -92,6 +92,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         "on-beat preset recalls follow its beat, bpm its tempo")
     add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION]",
         help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR (repeatable)")
+    add("--input", dest="inputs", action="append", metavar="KIND[:TARGET][@SESSION[#CHANNEL]]",
+        help="also take frames from file:PATH (a video or image folder, looping), camera:N, shm:NAME (shared "
+        "memory) or ndi:SOURCE, into SESSION (default: the kind's name); see docs/inputs.md (repeatable)")
     add("--vram-budget-mb", type=int, help="refuse models needing more device memory than this (0: no budget)")
     add("--allow-pickle", action="store_const", const=True,
         help="allow .ckpt/.pt files (loaded with torch.load(weights_only=True))")
@@ -120,6 +123,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
         value = getattr(args, name, None)
         flags[name] = [item.strip() for item in value.split(",") if item.strip()] if value else None
     flags["outputs"] = getattr(args, "outputs", None) or None
+    flags["inputs"] = getattr(args, "inputs", None) or None
     if getattr(args, "feedback", None):
         host, _, port = args.feedback.rpartition(":")
         try:

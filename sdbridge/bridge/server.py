@@ -37,6 +37,7 @@ from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.presets import PresetLibrary
 from sdbridge.params import ParamStore, Schema
 from sdbridge.bridge.link import LinkSync
+from sdbridge.inputs.hub import InputHub
 from sdbridge.outputs.hub import OutputHub
 from sdbridge.plugins.manager import PluginManager
 
@@ -103,6 +104,8 @@ class Daemon:
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
         self.outputs = OutputHub(settings.outputs, notify=self._engine_event) if settings.outputs else None
+        # Likewise a bad --input (a malformed spec, a file that is not there); its threads start with the daemon.
+        self.inputs = InputHub(settings.inputs, notify=self._engine_event) if settings.inputs else None
         self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report, plugins=self.plugins,
                              decode_threads=settings.decode_threads, debug_frames=settings.debug_frames,
                              outputs=self.outputs)
@@ -190,6 +193,8 @@ class Daemon:
         if self.outputs is not None:
             self.outputs.start()
         self.worker.start()
+        if self.inputs is not None:
+            self.inputs.start(self.registry)
         self.engines.select(self.store.snapshot()[1])
         self.registry.wake.set()
         log.info("sdbridge serving on http://%s:%d (WebSocket /ws)%s%s", _url_host(settings.host), self.port,
@@ -236,6 +241,9 @@ class Daemon:
             self.oscquery.close()
         if self.feedback is not None:
             self.feedback.close()
+        if self.inputs is not None:
+            await asyncio.to_thread(self.inputs.stop)
+            self.inputs.release()
         self.worker.stop()
         # The frame being made finishes first: tens of ms on a GPU, seconds on a CPU at many steps.
         await asyncio.to_thread(self.worker.join, WORKER_STOP_WAIT_S)
@@ -364,7 +372,7 @@ class Daemon:
             "fps": round(sum(s["fps"] for s in sessions), 2),
             "latency_ms_p50": max(latencies) if latencies else None,
             "latency_ms_p99": max(p99s) if p99s else None,
-            "frames_received": self.stats.frames_received,
+            "frames_received": self.stats.frames_received + (self.inputs.frames if self.inputs is not None else 0),
             "frames_out": self.registry.retired["frames_out"] + sum(s["frames_out"] for s in sessions),
             "frames_dropped": self.registry.retired["frames_dropped"] + sum(s["frames_dropped"] for s in sessions),
             "passthrough": self.engines.status != "ready" or self.worker.prepare_error is not None,
@@ -380,6 +388,7 @@ class Daemon:
                        "last_step_ms": round(self.worker.last_step_ms, 2)},
             "osc": dataclasses.asdict(self.osc.stats) if self.osc is not None else None,
             "outputs": self.outputs.stats() if self.outputs is not None else [],
+            "inputs": self.inputs.stats() if self.inputs is not None else [],
             "link": self.link.describe() if self.link is not None else {"enabled": False},
             "sessions": sessions,
         }

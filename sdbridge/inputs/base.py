@@ -1,0 +1,187 @@
+"""The input interface: a source that yields RGB(A) frames, and the ``--input`` spec that names one.
+
+A spec is ``KIND[:TARGET][?OPTIONS][@SESSION[#CHANNEL]]`` (docs/inputs.md):
+
+- ``file:clips/rehearsal.mp4`` a video file, an image folder or an OpenCV pattern (``frames/%04d.png``),
+  looping, paced at the file's frame rate;
+- ``camera:0`` a capture device (OpenCV);
+- ``shm:sdbridge`` a shared-memory segment written by another process (:mod:`sdbridge.inputs.shm`);
+- ``ndi:SOURCE`` an NDI source on the network (cyndilib).
+
+``?fps=24&loop=false&reply=png`` sets options; ``@SESSION`` names the session it feeds (by default
+the kind's name, so ``ws://…/ws?session=file`` watches a ``file`` input); ``#CHANNEL`` (1-255) makes
+it a condition stream of that session (a depth pass for a ControlNet slot), as the frame header's
+channel byte does for WebSocket clients.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import re
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdbridge.bridge.protocol import PixelFormat
+from sdbridge.errors import SdbridgeError
+
+
+class InputError(SdbridgeError):
+    code = "input_failed"
+
+
+MAX_CHANNEL = 255
+MAX_FPS = 1000.0
+_SESSION = re.compile(r"^(?P<session>[A-Za-z0-9_.-]{1,64})(?:#(?P<channel>\d{1,3}))?$")
+_KIND = re.compile(r"^[a-z]+$")
+_REPLIES = {"jpeg": PixelFormat.JPEG, "png": PixelFormat.PNG, "rgb8": PixelFormat.RGB8, "rgba8": PixelFormat.RGBA8}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    kind: str
+    target: str | None = None
+    session: str | None = None
+    channel: int = 0
+    fps: float | None = None        # file: instead of the file's own rate; camera: asked of the device
+    loop: bool = True               # file: start again at the end
+    width: int | None = None        # camera: asked of the device
+    height: int | None = None
+    reply: PixelFormat = PixelFormat.JPEG  # what WebSocket viewers of the session get, as a header's reply_format
+
+    @property
+    def session_name(self) -> str:
+        """The session it feeds: ``@SESSION``, else the kind's name."""
+        return self.session or self.kind
+
+    def __str__(self) -> str:
+        text = self.kind + (f":{self.target}" if self.target else "")
+        return text + f"@{self.session_name}" + (f"#{self.channel}" if self.channel else "")
+
+
+class Input(abc.ABC):
+    """A frame source, read by one thread. ``open`` may fail (InputError): the thread retries it."""
+
+    kind: str
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+
+    def check(self) -> None:
+        """At start-up: InputError for a set-up mistake that waiting will not fix (a file that does not exist).
+        A device or a writer that is missing now may come later: those are retried instead."""
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Connect to the source; InputError when it is not there now."""
+
+    @abc.abstractmethod
+    def read(self, stop: threading.Event) -> np.ndarray | None:
+        """The next frame, uint8 ``[H, W, 3 or 4]`` (RGB or RGBA, top row first), paced by the source.
+
+        Owned by the caller until the next ``read``. None when ``stop`` is set or the source has ended (a file
+        that does not loop). Raises InputError (or any error: the thread reports it) when the source fails."""
+
+    def close(self) -> None:
+        """Disconnect; ``open`` may be called again."""
+
+
+# Lazy, as the outputs are: each pulls its own library only when used.
+_INPUTS: dict[str, tuple[str, str, frozenset[str]]] = {
+    "file": ("sdbridge.inputs.file:FileInput", "", frozenset({"fps", "loop", "reply"})),
+    "camera": ("sdbridge.inputs.camera:CameraInput", "", frozenset({"fps", "width", "height", "reply"})),
+    "shm": ("sdbridge.inputs.shm:ShmInput", "", frozenset({"reply"})),
+    "ndi": ("sdbridge.inputs.ndi:NdiInput", "pip install 'sdbridge[ndi]' (cyndilib)", frozenset({"reply"})),
+}
+_FORM = "KIND[:TARGET][?OPTIONS][@SESSION[#CHANNEL]] (e.g. file:clip.mp4@s1, camera:0, shm:sdbridge, ndi:STUDIO)"
+
+
+def input_kinds() -> list[str]:
+    return list(_INPUTS)
+
+
+def _bad(message: str) -> InputError:
+    return InputError(message, code="bad_input")
+
+
+def parse_spec(text: str) -> InputSpec:
+    """An ``--input`` value -> InputSpec; InputError (code bad_input) naming the bad part and what is allowed."""
+    body = text.strip()
+    session = None
+    channel = 0
+    if "@" in body:
+        # The last '@' starts the session: a session name holds no '@', a path may (docs/inputs.md).
+        body, _, tail = body.rpartition("@")
+        match = _SESSION.match(tail)
+        if match is None:
+            raise _bad(f"input {text!r}: session {tail!r} is not 1-64 of A-Z a-z 0-9 _ . - with an optional "
+                       f"#CHANNEL (1-{MAX_CHANNEL}); the form is {_FORM}")
+        session = match["session"]
+        if match["channel"] is not None:
+            channel = int(match["channel"])
+            if not 0 <= channel <= MAX_CHANNEL:
+                raise _bad(f"input {text!r}: channel {channel} not in [0, {MAX_CHANNEL}] (0 is the image, "
+                           f"1-{MAX_CHANNEL} condition streams)")
+    options_text = None
+    if "?" in body:
+        body, _, options_text = body.rpartition("?")
+    kind, sep, target = body.partition(":")
+    if not _KIND.match(kind):
+        raise _bad(f"input {text!r} is not {_FORM}")
+    if kind not in _INPUTS:
+        raise _bad(f"unknown input {kind!r} in {text!r} (known: {', '.join(_INPUTS)})")
+    if sep and not target:
+        raise _bad(f"input {text!r}: empty target after '{kind}:'")
+    values = _options(text, kind, options_text)
+    if kind == "file" and not target:
+        raise _bad(f"input {text!r}: file needs a path (file:clips/rehearsal.mp4 or file:frames/)")
+    return InputSpec(kind, target or None, session, channel, **values)
+
+
+def _options(text: str, kind: str, options_text: str | None) -> dict[str, object]:
+    values: dict[str, object] = {}
+    if options_text is None:
+        return values
+    allowed = _INPUTS[kind][2]
+    for item in options_text.split("&"):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise _bad(f"input {text!r}: option {item!r} is not NAME=VALUE")
+        if name not in allowed:
+            raise _bad(f"input {text!r}: unknown option {name!r} for {kind} (known: {', '.join(sorted(allowed))})")
+        if name == "fps":
+            try:
+                fps = float(value)
+            except ValueError:
+                fps = float("nan")
+            if not 0 < fps <= MAX_FPS:  # also refuses nan
+                raise _bad(f"input {text!r}: fps {value!r} is not a number in (0, {MAX_FPS:g}]")
+            values["fps"] = fps
+        elif name in ("width", "height"):
+            if not value.isdigit() or not 1 <= int(value) <= 8192:
+                raise _bad(f"input {text!r}: {name} {value!r} is not a whole number in [1, 8192]")
+            values[name] = int(value)
+        elif name == "loop":
+            if value.lower() not in _TRUE + _FALSE:
+                raise _bad(f"input {text!r}: loop {value!r} is not true or false")
+            values["loop"] = value.lower() in _TRUE
+        elif name == "reply":
+            if value.lower() not in _REPLIES:
+                raise _bad(f"input {text!r}: reply {value!r} is not one of {', '.join(_REPLIES)}")
+            values["reply"] = _REPLIES[value.lower()]
+    return values
+
+
+def create_input(spec: InputSpec) -> Input:
+    """The source for a spec; InputError (code input_unavailable) when its library is missing."""
+    target, install, _ = _INPUTS[spec.kind]
+    module_name, class_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"input {spec.kind} needs a library that is not installed ({exc.name or exc}): "
+                         f"{install}", code="input_unavailable") from exc
+    return getattr(module, class_name)(spec)

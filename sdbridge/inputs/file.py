@@ -1,0 +1,118 @@
+"""A video file or an image folder as the input, looping and paced at its frame rate: rehearse without the rig.
+
+Video files and OpenCV patterns (``frames/%04d.png``) are read through ``cv2.VideoCapture``; a folder's
+images are read in name order with ``cv2.imdecode`` (from bytes, so any path works on Windows too).
+Frames go out at the file's own rate (``CAP_PROP_FPS``), or ``?fps=N``; a folder or a file that does not
+say its rate plays at 30 fps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from sdbridge.inputs.base import Input, InputError, InputSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FPS = 30.0
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+class FileInput(Input):
+    kind = "file"
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__(spec)
+        assert spec.target is not None  # parse_spec requires a path for file
+        self.path = Path(spec.target).expanduser()
+        self.capture: cv2.VideoCapture | None = None
+        self.images: list[Path] = []
+        self.index = 0
+        self.fps = spec.fps or DEFAULT_FPS
+        self._next_at: float | None = None
+
+    def check(self) -> None:
+        if "%" in self.path.name:  # an OpenCV image-sequence pattern: its first frame is what can be checked
+            if not self.path.parent.is_dir():
+                raise InputError(f"input {self.spec}: folder {self.path.parent} does not exist", code="bad_input")
+            return
+        if not self.path.exists():
+            raise InputError(f"input {self.spec}: {self.path} does not exist", code="bad_input")
+        if self.path.is_dir() and not _images_in(self.path):
+            raise InputError(f"input {self.spec}: folder {self.path} holds no images "
+                             f"({', '.join(sorted(IMAGE_SUFFIXES))})", code="bad_input")
+
+    def open(self) -> None:
+        self.close()
+        self.index = 0
+        self._next_at = None
+        if self.path.is_dir():
+            self.images = _images_in(self.path)
+            if not self.images:
+                raise InputError(f"folder {self.path} holds no images")
+            self.fps = self.spec.fps or DEFAULT_FPS
+            return
+        capture = cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            raise InputError(f"OpenCV cannot open {self.path} as a video (a codec missing, or not a video?)")
+        self.capture = capture
+        file_fps = capture.get(cv2.CAP_PROP_FPS)
+        self.fps = self.spec.fps or (file_fps if 0 < file_fps <= 1000 else DEFAULT_FPS)
+        log.info("input %s: %s at %.3g fps", self.spec, self.path, self.fps)
+
+    def read(self, stop: threading.Event) -> np.ndarray | None:
+        image = self._next_image()
+        if image is None and self.spec.loop and self.index > 0:  # the end: from the start again
+            self.open()
+            image = self._next_image()
+        if image is None:
+            if self.index == 0:
+                raise InputError(f"{self.path} gave no frame")
+            return None
+        self._pace(stop)
+        return None if stop.is_set() else image
+
+    def _next_image(self) -> np.ndarray | None:
+        if self.capture is not None:
+            ok, bgr = self.capture.read()
+            if not ok:
+                return None
+        else:
+            if self.index >= len(self.images):
+                return None
+            path = self.images[self.index]
+            try:
+                bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+            except OSError as exc:
+                raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            if bgr is None:
+                raise InputError(f"{path} is not an image OpenCV can decode")
+        self.index += 1
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def _pace(self, stop: threading.Event) -> None:
+        """Wait for this frame's time: frame n at start + n / fps. Behind by more than a frame (a slow
+        decode, a pause of the machine), the clock starts again from now rather than bursting to catch up."""
+        now = time.monotonic()
+        period = 1.0 / self.fps
+        if self._next_at is None or now - self._next_at > period:
+            self._next_at = now
+        delay = self._next_at - now
+        if delay > 0:
+            stop.wait(delay)
+        self._next_at += period
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.release()
+            self.capture = None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
