@@ -68,8 +68,10 @@ class FileInput(Input):
 
     def read(self, stop: threading.Event) -> np.ndarray | None:
         image = self._next_image()
-        if image is None and self.spec.loop and self.index > 0:  # the end: from the start again
+        if image is None and self.spec.loop and self.index > 0:  # the end: from the start again, in step
+            next_at = self._next_at
             self.open()
+            self._next_at = next_at
             image = self._next_image()
         if image is None:
             if self.index == 0:

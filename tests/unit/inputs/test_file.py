@@ -1,0 +1,87 @@
+"""File input: a clip written with cv2.VideoWriter and an image folder, read in order, looping, paced."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from sdbridge.inputs.base import InputError, create_input, parse_spec
+
+LEVELS = [10 + 20 * i for i in range(8)]  # each frame one grey level, 20 apart: told apart after MJPEG
+
+
+def write_clip(path: Path, fps: float = 25.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (64, 48))
+    assert writer.isOpened()
+    for level in LEVELS:
+        frame = np.full((48, 64, 3), level, np.uint8)
+        frame[:, :, 2] = 255 - level  # red (BGR's last) differs from blue: the reader must give RGB
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def levels(source, count: int) -> tuple[list[int], float]:
+    stop = threading.Event()
+    started = time.monotonic()
+    out = []
+    for _ in range(count):
+        image = source.read(stop)
+        assert image.shape == (48, 64, 3)
+        assert abs(int(image[5, 5, 0]) - (255 - int(image[5, 5, 2]))) <= 6  # R = 255 - B: RGB, not BGR
+        out.append(min(LEVELS, key=lambda level: abs(level - int(image[5, 5, 2]))))
+    return out, time.monotonic() - started
+
+
+def test_a_clip_loops_in_order_at_its_own_frame_rate(tmp_path: Path) -> None:
+    source = create_input(parse_spec(f"file:{write_clip(tmp_path / 'clip.avi')}"))
+    source.check()
+    source.open()
+    try:
+        assert source.fps == pytest.approx(25.0)
+        seen, elapsed_s = levels(source, 20)
+    finally:
+        source.close()
+    assert seen == (LEVELS * 3)[:20]  # to the end, then from the start again
+    # 19 frame times at 25 fps = 0.76 s; the bound is 10x looser above, and below it never runs early.
+    assert 0.7 <= elapsed_s <= 7.6, elapsed_s
+
+
+def test_fps_in_the_spec_wins_and_loop_false_ends(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "clip.avi")
+    source = create_input(parse_spec(f"file:{clip}?fps=100&loop=false"))
+    source.open()
+    try:
+        seen, elapsed_s = levels(source, len(LEVELS))
+        assert seen == LEVELS and elapsed_s <= 0.07 * 10
+        assert source.read(threading.Event()) is None  # the end, no loop
+    finally:
+        source.close()
+
+
+def test_an_image_folder_plays_in_name_order_losslessly(tmp_path: Path) -> None:
+    images = [np.random.default_rng(i).integers(0, 255, (20, 30, 3), np.uint8) for i in range(3)]
+    for i, image in enumerate(images):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = create_input(parse_spec(f"file:{tmp_path}?fps=200"))
+    source.check()
+    source.open()
+    stop = threading.Event()
+    got = [source.read(stop).copy() for _ in range(4)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, images + images[:1]))
+
+
+def test_a_file_that_is_no_video_fails_at_open_with_its_name(tmp_path: Path) -> None:
+    bogus = tmp_path / "clip.mp4"
+    bogus.write_bytes(b"not a video at all" * 100)
+    source = create_input(parse_spec(f"file:{bogus}"))
+    source.check()  # it exists: the set-up check passes, opening says what is wrong
+    with pytest.raises(InputError, match="clip.mp4"):
+        source.open()
+        source.read(threading.Event())

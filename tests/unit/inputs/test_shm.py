@@ -1,0 +1,117 @@
+"""Shared-memory input: the header's literal bytes, its round trip and errors, and a writer in another process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdbridge.inputs.base import InputError, parse_spec
+from sdbridge.inputs.shm import HEADER_SIZE, ShmHeader, ShmInput, ShmWriter
+
+ROOT = Path(__file__).resolve().parents[3]
+
+# version 1, 4 channels, BOTTOM_UP, 640x480, capacity 1228800, sequence 6 (frame 3), timestamp 1000 µs
+GOLDEN = bytes.fromhex("5344424d 01 04 01 00 8002 e001 00c01200 0600000000000000 e803000000000000".replace(" ", ""))
+
+
+def test_the_header_is_the_documented_32_bytes() -> None:
+    header = ShmHeader(1, 4, 1, 640, 480, 640 * 480 * 4, 6, 1000)
+    assert HEADER_SIZE == 32
+    assert header.serialize() == GOLDEN
+    assert ShmHeader.parse(GOLDEN + bytes(header.capacity)) == header
+    assert header.bottom_up and header.frame_bytes == 640 * 480 * 4
+
+
+def test_a_zero_header_is_a_writer_not_started_and_bad_ones_say_why() -> None:
+    assert ShmHeader.parse(bytes(64)) is None
+    with pytest.raises(InputError, match=r"starts with b'JUNK'"):
+        ShmHeader.parse(b"JUNK" + GOLDEN[4:])
+    with pytest.raises(InputError, match="version 2"):
+        ShmHeader.parse(GOLDEN[:4] + b"\x02" + GOLDEN[5:])
+    with pytest.raises(InputError, match="5 channels"):
+        ShmHeader(1, 5, 0, 8, 8, 1000, 2).check()
+    with pytest.raises(InputError, match="needs 192 bytes but the header says the segment holds 100"):
+        ShmHeader(1, 3, 0, 8, 8, 100, 2).check()
+    with pytest.raises(InputError, match="segment has 16"):
+        ShmHeader.parse(GOLDEN + bytes(16))
+
+
+def test_a_missing_segment_is_an_input_that_waits_for_its_writer() -> None:
+    reader = ShmInput(parse_spec(f"shm:sdb-missing-{uuid.uuid4().hex[:8]}"))
+    with pytest.raises(InputError, match="is the writer running") as error:
+        reader.open()
+    assert error.value.code == "input_unavailable"
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from sdbridge.inputs.shm import ShmWriter
+    name, count = sys.argv[1], int(sys.argv[2])
+    with ShmWriter(name, 32, 24, channels=4, bottom_up=True) as writer:
+        print("READY", flush=True)
+        sys.stdin.readline()  # the reader has attached
+        for n in range(1, count + 1):
+            frame = np.zeros((24, 32, 4), np.uint8)
+            frame[..., 0] = n           # red: the frame's number
+            frame[0, :, 1] = 200        # green on the first row written: the bottom row, as bottom_up says
+            writer.write(frame)
+            time.sleep(0.03)
+        sys.stdin.readline()  # hold the segment until the reader is done
+""")
+
+
+def test_a_writer_in_another_process_feeds_frames_in_order_right_side_up() -> None:
+    name = f"sdb-test-{uuid.uuid4().hex[:8]}"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, name, "20"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    reader = ShmInput(parse_spec(f"shm:{name}"))
+    try:
+        assert writer.stdout.readline().strip() == "READY"
+        reader.open()
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        stop, numbers = threading.Event(), []
+        deadline = time.monotonic() + 30
+        while (not numbers or numbers[-1] < 20) and time.monotonic() < deadline:
+            image = reader.read(stop)
+            assert image.shape == (24, 32, 4)
+            assert (image[-1, :, 1] == 200).all() and (image[:-1, :, 1] == 0).all()  # flipped to top row first
+            numbers.append(int(image[0, 0, 0]))
+        assert numbers == sorted(set(numbers)), numbers  # in order, none twice
+        assert numbers[-1] == 20 and len(numbers) >= 10, numbers  # 30 ms apart, polled every 2 ms: few missed
+    finally:
+        reader.close()
+        writer.stdin.write("done\n")
+        writer.stdin.flush()
+        assert writer.wait(timeout=30) == 0
+    # The reader's exit must not have removed the writer's segment (Python's resource tracker would, unasked):
+    # the writer removed it itself, so it is gone now, and a new writer can take the name again.
+    with ShmWriter(name, 4, 4) as again:
+        assert again.write(np.zeros((4, 4, 3), np.uint8)) == 1
+
+
+def test_a_frame_being_written_is_not_read_until_it_is_whole() -> None:
+    name = f"sdb-torn-{uuid.uuid4().hex[:8]}"
+    with ShmWriter(name, 4, 4) as writer:
+        reader = ShmInput(parse_spec(f"shm:{name}"))
+        reader.open()
+        try:
+            writer.write(np.full((4, 4, 3), 9, np.uint8))
+            # A writer caught mid-frame: its sequence odd. Nothing is read until it is whole again.
+            writer.segment.buf[16] = writer.sequence + 1
+            assert reader._try_read(reader.segment.buf) is None
+            writer.segment.buf[16] = writer.sequence
+            assert int(reader._try_read(reader.segment.buf)[0, 0, 0]) == 9
+            assert reader._try_read(reader.segment.buf) is None  # the same frame is not read twice
+        finally:
+            reader.close()
