@@ -229,6 +229,33 @@ def check_mdns(settings: Settings, installed: Callable[[str], object] = importli
     return [Finding(OK, "mdns", f"announced on {', '.join(addresses)}")]
 
 
+def check_safety_filter(settings: Settings) -> list[Finding]:
+    """Whether the safety filter, turned on by a starting parameter, has its checker (nothing to say when it is off):
+    without it the filter turns itself off at the first frame and the stream goes out unfiltered."""
+    from sdbridge.errors import ModelError, ParamError
+    from sdbridge.plugins.safety_filter import SafetyFilter, checker_folder, folder_problem
+
+    enabled = next(spec for spec in SafetyFilter.all_params() if spec.name.endswith(".enabled"))
+    try:
+        if not enabled.validate(settings.params.get(enabled.name, False)):
+            return []
+    except ParamError:
+        return []  # serve refuses the value itself, in its own words
+    folder = checker_folder(settings.models_dir)
+    problem = folder_problem(folder)
+    if problem is None:
+        from sdbridge.engines.models import check_safetensors_folder
+
+        try:
+            check_safetensors_folder(folder, "safety checker")
+        except ModelError as exc:
+            problem = str(exc)
+    if problem is not None:
+        return [Finding(ERROR, "safety filter", problem, "copy the checker's files there (docs/plugins.md, "
+                        "safety filter), or pass --models-dir where they are")]
+    return [Finding(OK, "safety filter", f"checker at {folder}")]
+
+
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
     findings: list[Finding] = []
     findings += check_python()
@@ -240,4 +267,5 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_outputs(settings)
     findings += check_fp8(settings)
     findings += check_mdns(settings)
+    findings += check_safety_filter(settings)
     return findings

@@ -301,3 +301,22 @@ def test_truncated_weights_fail_the_load_and_turn_the_plugin_off(models, tmp_pat
     manager.plugins["safety_filter"].wait_loaded(60)
     assert frame(manager, safe, state) is safe    # the load failed: off for this session, the stream goes on
     assert len(reports) == 1 and "model.safetensors: truncated" in reports[0][1]["message"]
+
+
+def test_doctor_names_a_missing_checker_only_when_the_filter_is_on(models, tmp_path):
+    from sdbridge.config import Settings
+    from sdbridge.doctor import ERROR, OK, check_safety_filter
+
+    assert check_safety_filter(Settings(models_dir=str(tmp_path))) == []  # off: nothing to say
+    missing = check_safety_filter(Settings(models_dir=str(tmp_path), params={"plugin.safety_filter.enabled": "true"}))
+    assert [finding.level for finding in missing] == [ERROR]
+    assert f"{tmp_path / 'safety_checker'} does not exist" in missing[0].message
+    there = check_safety_filter(Settings(models_dir=str(models[0]), params={"plugin.safety_filter.enabled": True}))
+    assert [finding.level for finding in there] == [OK]
+    folder = tmp_path / sf.FOLDER
+    folder.mkdir()
+    for name in sf.FILES:
+        data = (models[0] / sf.FOLDER / name).read_bytes()
+        (folder / name).write_bytes(data[:100] if name.endswith(".safetensors") else data)
+    cut = check_safety_filter(Settings(models_dir=str(tmp_path), params={"plugin.safety_filter.enabled": True}))
+    assert [finding.level for finding in cut] == [ERROR] and "model.safetensors" in cut[0].message
