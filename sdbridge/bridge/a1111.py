@@ -863,7 +863,8 @@ def _num(value: float | None) -> float | int | None:
     return int(value) if float(value).is_integer() else round(float(value), 4)
 
 
-# What hr_upscaler takes, listed where A1111 lists it: pixel upscalers here, latent modes apart.
+# What hr_upscaler takes, listed where A1111 lists it: pixel upscalers here (served with the model upscalers by
+# a1111_extras.py's /upscalers), latent modes apart.
 UPSCALERS = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
              for name, (space, _, _) in HIRES_UPSCALERS.items() if space == "pixel"]
 LATENT_UPSCALE_MODES = [{"name": name} for name, (space, _, _) in HIRES_UPSCALERS.items() if space == "latent"]
@@ -928,10 +929,6 @@ def create_router(daemon: Daemon) -> APIRouter:
     @router.get("/schedulers")
     async def list_schedulers() -> list[dict[str, Any]]:
         return samplers.a1111_schedulers()
-
-    @router.get("/upscalers")
-    async def upscalers() -> list[dict[str, Any]]:
-        return UPSCALERS
 
     @router.get("/latent-upscale-modes")
     async def latent_upscale_modes() -> list[dict[str, Any]]:

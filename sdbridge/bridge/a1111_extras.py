@@ -4,10 +4,12 @@ listings its clients read before they send a request (``/cmd-flags``, ``/scripts
 
 Extras upscale with the upscalers that exist here, those ``/sdapi/v1/upscalers`` lists: ``None`` (A1111 leaves
 the image as it is), ``Lanczos`` and ``Nearest``, through PIL as A1111's own (``modules/upscaler.py``):
-``do_upscale`` to the scaled size, then Lanczos to that size rounded down to a multiple of 8. ``Scale to``
+``do_upscale`` to the scaled size, then Lanczos to that size rounded down to a multiple of 8; and the model
+upscalers (ESRGAN, Real-ESRGAN, SwinIR, ...) found in the models folder's ``ESRGAN/``, ``RealESRGAN/`` and
+``SwinIR/`` (engines/upscalers.py), run until the image covers that size and then Lanczos to it. ``Scale to``
 (``resize_mode`` 1) scales to cover the target and, with ``upscaling_crop``, crops it centred
-(``scripts/postprocessing_upscale.py``). No model upscaler (R-ESRGAN, ...) and no face restorer
-(GFPGAN, CodeFormer) is shipped: a visibility above 0 for one answers 422 rather than an image without it.
+(``scripts/postprocessing_upscale.py``). No face restorer (GFPGAN, CodeFormer) is shipped: a visibility above 0
+for one answers 422 rather than an image without it.
 
 The output PNG keeps the input's generation parameters (its ``parameters`` chunk) and adds A1111's
 ``postprocessing`` chunk (``Postprocess upscale by: 2, Postprocess upscaler: Lanczos``), which ``html_info``
@@ -31,10 +33,11 @@ from sdbridge.bridge import pnginfo
 from sdbridge.bridge.a1111 import UPSCALERS, A1111Route, FiniteBody, b64_bytes, decode_image_bytes
 from sdbridge.bridge.protocol import MAX_DIMENSION
 from sdbridge.config import LOOPBACK_NAMES
-from sdbridge.errors import SdbridgeError
+from sdbridge.errors import ModelError, SdbridgeError
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
+    from sdbridge.engines.upscalers import UpscalerCache
 
 MAX_BATCH = 16
 _RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
@@ -88,37 +91,44 @@ class UpscaleError(SdbridgeError):
     code = "bad_param"
 
 
-def upscale(image: np.ndarray, options: ExtrasOptions) -> tuple[np.ndarray, dict[str, Any]]:
-    """One image through A1111's upscale step: the result and its ``Postprocess ...`` infotext items."""
-    _check(options)
+def upscale(image: np.ndarray, options: ExtrasOptions,
+            models: UpscalerCache | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One image through A1111's upscale step: the result and its ``Postprocess ...`` infotext items. ``models``:
+    the model upscalers that names other than PIL's may pick."""
+    _check(options, models)
     info: dict[str, Any] = {}
     first = options.upscaler_1
     if first == "None":  # A1111: no first upscaler, no upscaling at all (the second is not run alone)
         return image, info
     picture = Image.fromarray(image)
-    result = _scaled(picture, first, options, info)
+    result = _scaled(picture, first, options, info, models)
     info["Postprocess upscaler"] = first
     second = options.upscaler_2
     if second != "None" and options.extras_upscaler_2_visibility > 0:
-        other = _scaled(picture, second, options, {})
+        other = _scaled(picture, second, options, {}, models)
         result = Image.blend(result, other, options.extras_upscaler_2_visibility)
         info["Postprocess upscaler 2"] = second
     return np.asarray(result), info
 
 
-def _check(options: ExtrasOptions) -> None:
+def _check(options: ExtrasOptions, models: UpscalerCache | None) -> None:
     for field in ("upscaler_1", "upscaler_2"):
         name = getattr(options, field)
-        if name not in _UPSCALER_NAMES:
-            raise UpscaleError(f"{field}: unknown upscaler {name!r} (known: {', '.join(_UPSCALER_NAMES)}; no model "
-                               "upscalers are shipped)")
+        if name in _UPSCALER_NAMES or (models is not None and models.find(name) is not None):
+            continue
+        model_names = models.names() if models is not None else []
+        where = (f"model upscalers go in {models.models_dir}'s ESRGAN, RealESRGAN or SwinIR folder" if models
+                 is not None else "no model upscalers here")
+        raise UpscaleError(f"{field}: unknown upscaler {name!r} (known: {', '.join(_UPSCALER_NAMES + model_names)}; "
+                           f"{where})")
     for field in ("gfpgan_visibility", "codeformer_visibility"):
         if getattr(options, field) > 0:
             raise UpscaleError(f"{field} {getattr(options, field):g}: no face restorer is shipped; send 0")
 
 
-def _scaled(picture: Image.Image, upscaler: str, options: ExtrasOptions, info: dict[str, Any]) -> Image.Image:
-    """A1111's ScriptPostprocessingUpscale.upscale with Upscaler.upscale for a PIL resampling upscaler."""
+def _scaled(picture: Image.Image, upscaler: str, options: ExtrasOptions, info: dict[str, Any],
+            models: UpscalerCache | None = None) -> Image.Image:
+    """A1111's ScriptPostprocessingUpscale.upscale with Upscaler.upscale for a PIL resampling upscaler or a model."""
     width, height = options.upscaling_resize_w, options.upscaling_resize_h
     if options.resize_mode == 1:
         scale = max(width / picture.width, height / picture.height)
@@ -131,7 +141,13 @@ def _scaled(picture: Image.Image, upscaler: str, options: ExtrasOptions, info: d
         raise UpscaleError(f"a {picture.width}x{picture.height} image scaled by {scale:g} would be "
                            f"{target[0]}x{target[1]}: each side must be within 8..{MAX_DIMENSION}")
     result = picture
-    if scale != 1:  # A1111's loop runs do_upscale once for a resampler: it lands on the scaled size at once
+    if upscaler not in _RESAMPLE and upscaler != "None":  # a model: _check found it
+        assert models is not None
+        try:
+            result = Image.fromarray(models.upscale_to(upscaler, np.asarray(picture), *target))
+        except ModelError as exc:
+            raise UpscaleError(str(exc), code=exc.code) from exc
+    elif scale != 1:  # A1111's loop runs do_upscale once for a resampler: it lands on the scaled size at once
         result = picture.resize((int(picture.width * scale), int(picture.height * scale)), _RESAMPLE[upscaler])
     if result.size != target:
         result = result.resize(target, Image.Resampling.LANCZOS)
@@ -152,7 +168,7 @@ def _html_info(text: str) -> str:
     return f"<div class='infotext'>\n<p>{html.escape(text) or '<br>'}</p>\n</div>" if text else ""
 
 
-def _process(data: str, what: str, options: ExtrasOptions) -> tuple[str, str]:
+def _process(data: str, what: str, options: ExtrasOptions, models: UpscalerCache | None = None) -> tuple[str, str]:
     """base64 in -> (base64 PNG out, postprocessing infotext)."""
     raw = b64_bytes(data, what)
     image = decode_image_bytes(raw, what)
@@ -161,7 +177,7 @@ def _process(data: str, what: str, options: ExtrasOptions) -> tuple[str, str]:
     except SdbridgeError:
         parameters = None
     try:
-        result, info = upscale(image, options)
+        result, info = upscale(image, options, models)
     except UpscaleError as exc:
         raise HTTPException(422, str(exc)) from None
     text = _postprocessing_text(info)
@@ -197,15 +213,32 @@ def _cuda() -> dict[str, Any]:
             "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
 
 
+def _model_entry(models: UpscalerCache, file: Any) -> dict[str, Any]:
+    return {"name": file.name, "model_name": file.path.stem, "model_path": str(file.path), "model_url": None,
+            "scale": models.scale_of(file)}
+
+
 def create_extras_router(daemon: Daemon) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=A1111Route)
+    made: list[UpscalerCache] = []
+
+    def models() -> UpscalerCache:
+        """The models folder's model upscalers, made on first use (the models folder is the A1111 API's)."""
+        if not made:
+            from sdbridge.engines.device import pick_device
+            from sdbridge.engines.upscalers import UpscalerCache
+
+            settings = daemon.settings
+            made.append(UpscalerCache(daemon.a1111.models_dir(), pick_device(settings.device),
+                                      allow_pickle=settings.allow_pickle))
+        return made[0]
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
     async def extra_single_image(body: ExtrasSingleImageRequest) -> dict[str, Any]:
         """Upscale one image as A1111's Extras tab does (on the CPU, off the event loop)."""
         if not body.image:
             raise HTTPException(422, "image: empty (no image data)")
-        image, text = await asyncio.to_thread(_process, body.image, "image", body)
+        image, text = await asyncio.to_thread(_process, body.image, "image", body, models())
         return {"html_info": _html_info(text), "image": image}
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
@@ -213,7 +246,7 @@ def create_extras_router(daemon: Daemon) -> APIRouter:
         """Upscale each image of ``imageList`` as A1111's Extras tab does."""
         images, texts = [], []
         for index, item in enumerate(body.imageList):
-            image, text = await asyncio.to_thread(_process, item.data, f"imageList[{index}]", body)
+            image, text = await asyncio.to_thread(_process, item.data, f"imageList[{index}]", body, models())
             images.append(image)
             texts.append(text)
         return {"html_info": _html_info(texts[0] if texts else ""), "images": images}
@@ -249,9 +282,20 @@ def create_extras_router(daemon: Daemon) -> APIRouter:
     async def face_restorers() -> list[dict[str, Any]]:
         return []
 
+    @router.get("/upscalers")
+    async def upscalers() -> list[dict[str, Any]]:
+        """PIL's upscalers (what the hires fix takes too), then the model upscalers of the models folder."""
+        cache = models()
+        files = await asyncio.to_thread(cache.files)
+        return UPSCALERS + [_model_entry(cache, file) for file in files]
+
     @router.get("/realesrgan-models")
     async def realesrgan_models() -> list[dict[str, Any]]:
-        return []
+        """The model upscalers in the models folder's RealESRGAN/, as A1111 lists its Real-ESRGAN models."""
+        cache = models()
+        files = await asyncio.to_thread(cache.files)
+        return [{"name": file.name, "path": str(file.path), "scale": cache.scale_of(file)}
+                for file in files if file.folder == "RealESRGAN"]
 
     @router.get("/hypernetworks")
     async def hypernetworks() -> list[dict[str, Any]]:

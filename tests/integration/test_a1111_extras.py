@@ -93,3 +93,97 @@ def test_the_listings_clients_probe(client):
         assert memory["cuda"] == {"error": "unavailable"}
     for path in ("face-restorers", "realesrgan-models", "hypernetworks"):
         assert client.get(f"/sdapi/v1/{path}").json() == []
+
+
+# --- model upscalers (engines/upscalers.py): a tiny ESRGAN of spandrel's own network, random weights ---------------
+
+def _tiny_esrgan(path, scale: int = 4):
+    """A tiny RRDBNet saved to ``path`` (.safetensors, or a .pth pickle)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdbridge.engines import upscalers
+
+    upscalers._import_spandrel()
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(0)
+    state = {key: value.contiguous() for key, value in ESRGAN(num_filters=8, num_blocks=1, scale=scale).state_dict()
+             .items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def _needs_spandrel():
+    from sdbridge.engines import upscalers
+
+    if not upscalers.spandrel_available():
+        pytest.skip(f"spandrel is not installed ({upscalers.INSTALL_HINT})")
+
+
+def test_a_model_upscaler_in_the_models_folder_is_listed_and_upscales(client):
+    _needs_spandrel()
+    import torch
+
+    from sdbridge.engines.upscalers import UpscalerFile, load_upscaler
+
+    path = _tiny_esrgan(client.tmp / "models" / "ESRGAN" / "4x-Tiny.safetensors")
+    listed = client.get("/sdapi/v1/upscalers").json()
+    assert [entry["name"] for entry in listed] == ["None", "Lanczos", "Nearest", "4x-Tiny"]
+    assert listed[3] == {"name": "4x-Tiny", "model_name": "4x-Tiny", "model_path": str(path), "model_url": None,
+                         "scale": 4}
+    image = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    response = client.post("/sdapi/v1/extra-single-image", json={
+        "image": png_b64(image), "upscaler_1": "4x-Tiny", "upscaling_resize": 2})
+    assert response.status_code == 200, response.text
+    out = opened(response.json()["image"])
+    assert out.size == (64, 48)
+    assert out.info["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: 4x-Tiny"
+    # What the model gives here, in this process: the daemon ran the same network (on the CPU, in fp32).
+    expected = load_upscaler(UpscalerFile("4x-Tiny", path, "ESRGAN"), torch.device("cpu")).upscale_to(image, 64, 48)
+    assert np.abs(np.asarray(out.convert("RGB")).astype(int) - expected).max() <= 1
+    lanczos = client.post("/sdapi/v1/extra-single-image", json={
+        "image": png_b64(image), "upscaler_1": "Lanczos", "upscaling_resize": 2}).json()["image"]
+    assert not np.array_equal(np.asarray(opened(lanczos).convert("RGB")), np.asarray(out.convert("RGB")))
+    batch = client.post("/sdapi/v1/extra-batch-images", json={
+        "imageList": [{"data": png_b64(image), "name": "a.png"}], "resize_mode": 1, "upscaling_resize_w": 40,
+        "upscaling_resize_h": 40, "upscaler_1": "4x-Tiny"})
+    assert batch.status_code == 200, batch.text
+    assert opened(batch.json()["images"][0]).size == (40, 40)
+
+
+def test_model_upscaler_files_that_cannot_load_answer_422_naming_the_file(client):
+    _needs_spandrel()
+    pickled = _tiny_esrgan(client.tmp / "models" / "RealESRGAN" / "RealESRGAN_x4plus.pth")
+    cut = client.tmp / "models" / "SwinIR" / "4x-Cut.safetensors"
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes(_tiny_esrgan(client.tmp / "whole.safetensors").read_bytes()[:5000])
+    listed = client.get("/sdapi/v1/realesrgan-models").json()
+    assert listed == [{"name": "R-ESRGAN 4x+", "path": str(pickled), "scale": 4}]
+    image = png_b64(np.zeros((16, 16, 3), np.uint8))
+    refused = client.post("/sdapi/v1/extra-single-image", json={"image": image, "upscaler_1": "R-ESRGAN 4x+"})
+    assert refused.status_code == 422
+    assert str(pickled) in refused.text and "--allow-pickle" in refused.text
+    broken = client.post("/sdapi/v1/extra-single-image", json={"image": image, "upscaler_1": "4x-Cut"})
+    assert broken.status_code == 422 and str(cut) in broken.text and "truncated" in broken.text
+    unknown = client.post("/sdapi/v1/extra-single-image", json={"image": image, "upscaler_1": "4x-Absent"})
+    assert unknown.status_code == 422
+    assert "unknown upscaler '4x-Absent'" in unknown.text and "R-ESRGAN 4x+, 4x-Cut" in unknown.text
+    # The daemon serves on: a PIL upscaler still works.
+    ok = client.post("/sdapi/v1/extra-single-image", json={"image": image, "upscaler_1": "Lanczos"})
+    assert ok.status_code == 200
+
+
+def test_a_pickled_model_upscaler_loads_when_the_daemon_allows_pickle(start_daemon, tmp_path):
+    _needs_spandrel()
+    _tiny_esrgan(tmp_path / "models" / "ESRGAN" / "4x-Pickled.pth")
+    daemon = start_daemon(engine="identity", models_dir=str(tmp_path / "models"), allow_pickle=True)
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=60) as http:
+        response = http.post("/sdapi/v1/extra-single-image", json={
+            "image": png_b64(np.zeros((16, 24, 3), np.uint8)), "upscaler_1": "4x-Pickled", "upscaling_resize": 3})
+        assert response.status_code == 200, response.text
+        assert opened(response.json()["image"]).size == (72, 48)
