@@ -65,7 +65,7 @@ class Settings:
     styles_file: str | None = None       # A1111's styles.csv (default: ~/.config/sdbridge/styles.csv)
     link: bool = False                   # join the Ableton Link session (tempo and beat for LFOs, recalls)
     outputs: list[str] = field(default_factory=list)  # --output: ndi:NAME, virtualcam, record:DIR (sdbridge/outputs)
-    inputs: list[str] = field(default_factory=list)  # --input: file:PATH, camera:N, shm:NAME, ndi:NAME (sdbridge/inputs)
+    inputs: list[str] = field(default_factory=list)  # --input: file:PATH, camera:N, shm:NAME, ndi:SOURCE
     vram_budget_mb: int = 0              # 0: no budget; else a model needing more fails to load (as on OOM)
     allow_pickle: bool = False
     token: str | None = None

@@ -110,8 +110,8 @@ def test_serve_refuses_a_malformed_input_in_one_line(tmp_path: Path) -> None:
 
     result = serve("--input", "file:clip.mp4?fps=fast@s1")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == ("sdbridge: input 'file:clip.mp4?fps=fast@s1': fps 'fast' is not a number in "
-                                     "(0, 1000]")
+    assert result.stderr.strip().splitlines()[-1] == ("sdbridge: input 'file:clip.mp4?fps=fast@s1': fps 'fast' "
+                                                      "is not a number in (0, 1000]")
     (tmp_path / "sdbridge.toml").write_text('inputs = ["file:missing.mp4@s1"]\n')  # the config file's key
     result = serve()
     assert result.returncode == 2 and "file:missing.mp4@s1: missing.mp4 does not exist" in result.stderr
