@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,13 +190,11 @@ class SafetyFilter(Plugin):
     def wait_loaded(self, timeout_s: float) -> None:
         """Block until a load in progress has ended (for tests and tools; the worker never waits)."""
         if self._pending is not None:
-            try:
-                self._pending[1].exception(timeout=timeout_s)
-            except TimeoutError:
-                pass
+            wait([self._pending[1]], timeout=timeout_s)
 
     def _current(self) -> Checker | None:
-        """The checker for where the engine is, or None while it loads; raises when it cannot load."""
+        """The checker for where the engine is (or the one before, while that loads), None while the first loads;
+        raises when it cannot load."""
         key = self._where or (checker_folder(None), torch.device("cpu"))
         if self._checker is not None and self._checker_key == key:
             return self._checker
@@ -207,7 +205,7 @@ class SafetyFilter(Plugin):
             self._pending = (key, self._start_load(*key))
         future = self._pending[1]
         if not future.done():
-            return None
+            return self._checker  # the engine moved (another device or models dir): the old checker serves meanwhile
         # A failed load stays failed (each session is told, once) until the plugin is turned off and on.
         checker = future.result()
         self._checker, self._checker_key, self._pending = checker, key, None

@@ -320,3 +320,31 @@ def test_doctor_names_a_missing_checker_only_when_the_filter_is_on(models, tmp_p
         (folder / name).write_bytes(data[:100] if name.endswith(".safetensors") else data)
     cut = check_safety_filter(Settings(models_dir=str(tmp_path), params={"plugin.safety_filter.enabled": True}))
     assert [finding.level for finding in cut] == [ERROR] and "model.safetensors" in cut[0].message
+
+
+def test_when_the_engine_moves_the_old_checker_serves_while_the_new_one_loads(models, tmp_path):
+    """A new models dir (or device) loads another checker in the background; frames are judged by the old one
+    meanwhile, not blacked out."""
+    import shutil
+
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    models_dir, flagged, safe = models
+    shutil.copytree(models_dir / sf.FOLDER, tmp_path / sf.FOLDER)
+    manager = PluginManager(ParamStore(Schema()), {"safety_filter": sf.SafetyFilter})
+    setting(manager, enabled=True, action="black")
+    engine = DiffusionEngine()
+    engine.models_dir = str(models_dir)
+    manager.before_step(engine, ["s"])
+    state: dict = {}
+    plugin = loaded(manager, state)
+    old = plugin.checker
+    engine.models_dir = str(tmp_path)
+    manager.before_step(engine, ["s"])
+    with LOAD_LOCK:
+        assert frame(manager, safe, state) is safe
+        assert not frame(manager, flagged, state).any()
+        assert plugin.checker is old
+    plugin.wait_loaded(60)
+    assert frame(manager, safe, state) is safe
+    assert plugin.checker is not old and plugin.checker is not None
