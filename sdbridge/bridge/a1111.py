@@ -252,12 +252,13 @@ class Txt2ImgRequest(_Request):
     @model_validator(mode="after")
     def _upscaler(self) -> Txt2ImgRequest:
         # Checked only with enable_hr, as A1111 reads it only then: clients send their default
-        # ("R-ESRGAN 4x+") in requests without the hires fix.
+        # ("R-ESRGAN 4x+") in requests without the hires fix. Another name may be a model upscaler: A1111Api.build
+        # looks for it in the models folder.
         if self.enable_hr and self.hr_upscaler is not None:
             try:
                 self.hr_upscaler = hires_upscaler(self.hr_upscaler)
-            except GenerationError as exc:
-                raise ValueError(str(exc)) from None
+            except GenerationError:
+                pass
         return self
 
 
@@ -448,6 +449,7 @@ class A1111Api:
         self._save_counter: dict[Path, int] = {}
         self._hash_cache: dict[str, str | None] = {}
         self._listed_cache: dict[str, str] = {}
+        self.upscalers: Any = None  # the model upscalers (an UpscalerCache), made by a1111_extras.upscaler_cache
 
     # --- settings ---
 
@@ -548,6 +550,8 @@ class A1111Api:
             request.hr_resize_x, request.hr_resize_y = body.hr_resize_x, body.hr_resize_y
             # 0.75 is the API's default (StableDiffusionProcessingTxt2Img); 0.7 only the web UI slider's.
             request.denoising_strength = body.denoising_strength if body.denoising_strength is not None else 0.75
+            if body.enable_hr and request.hr_upscaler not in HIRES_UPSCALERS:
+                request.hr_model = self.hires_model(request.hr_upscaler)
             if body.enable_hr:
                 width, height = request.hires_size()
                 if not (64 <= width <= MAX_SIDE * 2 and 64 <= height <= MAX_SIDE * 2):
@@ -570,6 +574,23 @@ class A1111Api:
                 request.inpaint_full_res_padding = body.inpaint_full_res_padding
                 request.inpainting_mask_invert = bool(body.inpainting_mask_invert)
         return request
+
+    def hires_model(self, name: str) -> Callable[[np.ndarray, int, int], np.ndarray]:
+        """A model upscaler's name as ``hr_upscaler`` -> the function the hires fix calls. An unknown name is a 422
+        as the field's own validation error (as it always was), naming every upscaler there is; a file that does not
+        load, a 422 naming the file."""
+        from sdbridge.bridge.a1111_extras import upscaler_cache
+
+        models = upscaler_cache(self.daemon)
+        if models.find(name) is None:
+            known = ", ".join([*HIRES_UPSCALERS, *models.names()])
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", "hr_upscaler"), "input": name,
+                                           "msg": f"Value error, unknown hr_upscaler {name!r} (known: {known})"}])
+        try:
+            models.get(name)  # loaded here, off the worker, so that the stream does not wait on the disk
+        except ModelError as exc:
+            raise HTTPException(422, f"hr_upscaler: {exc}") from None
+        return lambda image, width, height: models.upscale_to(name, image, width, height)
 
     def check_loras(self, prompt: str, kind: str) -> None:
         """The prompt's ``<lora:...>`` tags checked before the request queues: a client's typo answers

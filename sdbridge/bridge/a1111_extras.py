@@ -218,20 +218,24 @@ def _model_entry(models: UpscalerCache, file: Any) -> dict[str, Any]:
             "scale": models.scale_of(file)}
 
 
+def upscaler_cache(daemon: Daemon) -> UpscalerCache:
+    """The models folder's model upscalers, for the Extras and the hires fix: made on first use, on the daemon's
+    device, with its --allow-pickle."""
+    api = daemon.a1111
+    if api.upscalers is None:
+        from sdbridge.engines.device import pick_device
+        from sdbridge.engines.upscalers import UpscalerCache
+
+        settings = daemon.settings
+        api.upscalers = UpscalerCache(api.models_dir(), pick_device(settings.device), allow_pickle=settings.allow_pickle)
+    return api.upscalers
+
+
 def create_extras_router(daemon: Daemon) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=A1111Route)
-    made: list[UpscalerCache] = []
 
     def models() -> UpscalerCache:
-        """The models folder's model upscalers, made on first use (the models folder is the A1111 API's)."""
-        if not made:
-            from sdbridge.engines.device import pick_device
-            from sdbridge.engines.upscalers import UpscalerCache
-
-            settings = daemon.settings
-            made.append(UpscalerCache(daemon.a1111.models_dir(), pick_device(settings.device),
-                                      allow_pickle=settings.allow_pickle))
-        return made[0]
+        return upscaler_cache(daemon)
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
     async def extra_single_image(body: ExtrasSingleImageRequest) -> dict[str, Any]:

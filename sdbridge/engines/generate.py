@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +119,9 @@ class GenerationRequest:
     enable_hr: bool = False
     hr_scale: float = 2.0
     hr_upscaler: str = "Latent"
+    # A model upscaler for hr_upscaler (engines/upscalers.py), set by the API when the name is one: uint8 RGB
+    # [H, W, 3] -> uint8 RGB at (width, height). It takes the place of HIRES_UPSCALERS' resize.
+    hr_model: Callable[[np.ndarray, int, int], np.ndarray] | None = None
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
@@ -308,7 +311,7 @@ class Generation:
         self.split_guidance = False
         # Checked here so that a bad name fails before any work, with the name in the message.
         samplers.resolve(request.sampler_name, request.scheduler)
-        if request.enable_hr:
+        if request.enable_hr and request.hr_model is None:
             hires_upscaler(request.hr_upscaler)
 
     # --- the request --------------------------------------------------------------------------
@@ -405,11 +408,22 @@ class Generation:
         """Upscale the first pass, then an img2img pass at the new size (A1111's hires fix)."""
         request = self.request
         (width, height), (cover_width, cover_height) = request.hires_plan()
-        space, mode, antialias = HIRES_UPSCALERS[hires_upscaler(request.hr_upscaler)]
+        if request.hr_model is not None:
+            space, mode, antialias = "model", "", False
+        else:
+            space, mode, antialias = HIRES_UPSCALERS[hires_upscaler(request.hr_upscaler)]
         if space == "latent":
             init = F.interpolate(latents.float(), size=(cover_height // self.scale, cover_width // self.scale),
                                  mode=mode, antialias=antialias)
             init = init.to(self.dtype)
+        elif space == "model":  # as A1111: the decoded image through the model, image by image, then encoded
+            yield
+            upscaled = []
+            for image in self._to_uint8(self._decode(latents)):
+                yield
+                upscaled.append(request.hr_model(image, cover_width, cover_height))
+            pixels = torch.from_numpy(np.stack(upscaled)).to(self.device).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
+            init = self._encode(pixels.to(self.dtype) / 127.5 - 1)
         else:
             yield
             pixels = self._decode(latents)

@@ -187,3 +187,33 @@ def test_a_pickled_model_upscaler_loads_when_the_daemon_allows_pickle(start_daem
             "image": png_b64(np.zeros((16, 24, 3), np.uint8)), "upscaler_1": "4x-Pickled", "upscaling_resize": 3})
         assert response.status_code == 200, response.text
         assert opened(response.json()["image"]).size == (72, 48)
+
+
+def test_hires_fix_runs_the_first_pass_through_a_model_upscaler(start_daemon, tiny_model_dir, tmp_path):
+    _needs_spandrel()
+    import json
+
+    _tiny_esrgan(tmp_path / "models" / "ESRGAN" / "2x-Tiny.safetensors", scale=2)
+    daemon = start_daemon(model=str(tiny_model_dir), models_dir=str(tmp_path / "models"))
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120) as http:
+        wait_for(lambda: http.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+        listed = [entry["name"] for entry in http.get("/sdapi/v1/upscalers").json()]
+        assert listed == ["None", "Lanczos", "Nearest", "2x-Tiny"]
+        hires = {"width": 64, "height": 64, "steps": 1, "seed": 3, "enable_hr": True, "hr_scale": 2,
+                 "hr_second_pass_steps": 10, "denoising_strength": 0.1}  # one step, at the least noise
+        images = {}
+        for name in ("2x-Tiny", "Lanczos"):
+            response = http.post("/sdapi/v1/txt2img", json={**hires, "hr_upscaler": name})
+            assert response.status_code == 200, response.text
+            assert f"Hires upscaler: {name}," in json.loads(response.json()["info"])["infotexts"][0]
+            out = opened(response.json()["images"][0])
+            assert out.size == (128, 128)
+            images[name] = np.asarray(out.convert("RGB")).astype(int)
+        assert np.abs(images["2x-Tiny"] - images["Lanczos"]).mean() > 1, "the model's pixels reached the second pass"
+        unknown = http.post("/sdapi/v1/txt2img", json={**hires, "hr_upscaler": "R-ESRGAN 4x+"})
+        assert unknown.status_code == 422
+        message = unknown.json()["detail"][0]["msg"]
+        assert "hr_upscaler 'R-ESRGAN 4x+'" in message and "Latent (nearest)" in message and "2x-Tiny" in message
+        (tmp_path / "models" / "ESRGAN" / "4x-Bad.safetensors").write_bytes(b"\x00" * 64)
+        bad = http.post("/sdapi/v1/txt2img", json={**hires, "hr_upscaler": "4x-Bad"})
+        assert bad.status_code == 422 and "4x-Bad.safetensors" in bad.text
