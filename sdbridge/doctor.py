@@ -256,6 +256,27 @@ def check_safety_filter(settings: Settings) -> list[Finding]:
     return [Finding(OK, "safety filter", f"checker at {folder}")]
 
 
+def check_upscalers(settings: Settings) -> list[Finding]:
+    """The model upscalers in the models folder (nothing to say when there are none), and what keeps them from
+    loading: spandrel missing, pickle files without --allow-pickle."""
+    from sdbridge.engines.models import default_models_dir
+    from sdbridge.engines.upscalers import INSTALL_HINT, find_upscalers, spandrel_available
+
+    folder = Path(settings.models_dir).expanduser() if settings.models_dir else default_models_dir()
+    files = find_upscalers(folder)
+    if not files:
+        return []
+    names = ", ".join(file.name for file in files)
+    if not spandrel_available():
+        return [Finding(WARN, "upscalers", f"{len(files)} in {folder} ({names}) but spandrel is not installed: "
+                        "the Extras and hires fix refuse them", INSTALL_HINT)]
+    pickles = [file.name for file in files if file.path.suffix != ".safetensors"]
+    if pickles and not settings.allow_pickle:
+        return [Finding(WARN, "upscalers", f"{len(files)} in {folder} ({names}); {', '.join(pickles)} "
+                        f"load only with --allow-pickle", "pass --allow-pickle, or convert them to .safetensors")]
+    return [Finding(OK, "upscalers", f"{len(files)} in {folder}: {names}")]
+
+
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
     findings: list[Finding] = []
     findings += check_python()
@@ -268,4 +289,5 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_fp8(settings)
     findings += check_mdns(settings)
     findings += check_safety_filter(settings)
+    findings += check_upscalers(settings)
     return findings

@@ -218,3 +218,14 @@ def test_on_cuda_it_runs_in_half_precision_close_to_the_cpu(models_dir):
     cpu = load_upscaler(file, CPU).upscale(picture)
     assert out.shape == cpu.shape == (1200, 1040, 3)
     assert np.abs(out.astype(int) - cpu).mean() < 2
+
+
+def test_doctor_lists_the_upscalers_and_warns_of_pickles_without_allow_pickle(models_dir, tmp_path):
+    from sdbridge.config import Settings
+    from sdbridge.doctor import OK, WARN, check_upscalers
+
+    [finding] = check_upscalers(Settings(models_dir=str(models_dir)))
+    assert finding.level == WARN and "4x-Tiny-pickled load only with --allow-pickle" in finding.message
+    [finding] = check_upscalers(Settings(models_dir=str(models_dir), allow_pickle=True))
+    assert finding.level == OK and "4 in" in finding.message and "R-ESRGAN General 4xV3" in finding.message
+    assert check_upscalers(Settings(models_dir=str(tmp_path))) == []
