@@ -227,7 +227,8 @@ def upscaler_cache(daemon: Daemon) -> UpscalerCache:
         from sdbridge.engines.upscalers import UpscalerCache
 
         settings = daemon.settings
-        api.upscalers = UpscalerCache(api.models_dir(), pick_device(settings.device), allow_pickle=settings.allow_pickle)
+        api.upscalers = UpscalerCache(api.models_dir(), pick_device(settings.device),
+                                      allow_pickle=settings.allow_pickle)
     return api.upscalers
 
 

@@ -84,7 +84,7 @@ def find_upscalers(models_dir: Path) -> list[UpscalerFile]:
         if not path.is_dir():
             continue
         for file in sorted(path.iterdir()):
-            if not file.is_file() or file.suffix.lower() not in SUFFIXES:
+            if not file.is_file() or file.suffix not in SUFFIXES:  # the loader's suffixes, in its case
                 continue
             name = REALESRGAN_NAMES.get(file.stem, file.stem) if folder == "RealESRGAN" else file.stem
             if name in found:
@@ -183,7 +183,10 @@ def load_upscaler(file: UpscalerFile, device: torch.device, *, allow_pickle: boo
         raise ModelError(f"{file.path}: takes {descriptor.input_channels} and gives {descriptor.output_channels} "
                          f"channels; only RGB (3 to 3) models upscale here", code="unsupported_model")
     dtype = torch.float16 if device.type == "cuda" and descriptor.supports_half else torch.float32
-    descriptor.to(device=device, dtype=dtype).eval()
+    try:
+        descriptor.to(device=device, dtype=dtype).eval()
+    except torch.OutOfMemoryError as exc:
+        raise ModelError(f"out of device memory loading upscaler {file.path}: {exc}", code="out_of_memory") from exc
     log.info("upscaler %s: %s %dx on %s (%s)", printable(file.name), descriptor.architecture.name, descriptor.scale,
              device, dtype)
     return Upscaler(file, descriptor, device, dtype)
@@ -225,13 +228,21 @@ class Upscaler:
             tile = max(height, width) + 2 * overlap
         source = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]  # [1, 3, H, W]
         out = np.empty((height * scale, width * scale, 3), dtype=np.uint8)
-        with torch.inference_mode():
-            for (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) in _tiles(height, width, tile, overlap):
-                window = source[..., wy0:wy1, wx0:wx1].to(self.device, non_blocking=True).to(self.dtype) / 255
-                result = self.descriptor(window)  # [1, 3, (wy1 - wy0) * scale, (wx1 - wx0) * scale], in [0, 1]
-                kept = result[0, :, (y0 - wy0) * scale:(y1 - wy0) * scale, (x0 - wx0) * scale:(x1 - wx0) * scale]
-                pixels = (kept.float() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-                out[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = pixels.cpu().numpy()
+        tiles = list(_tiles(height, width, tile, overlap))
+        try:
+            with torch.inference_mode():
+                for (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) in tiles:
+                    window = source[..., wy0:wy1, wx0:wx1].to(self.device, non_blocking=True).to(self.dtype) / 255
+                    result = self.descriptor(window)  # [1, 3, (wy1 - wy0) * scale, (wx1 - wx0) * scale], in [0, 1]
+                    kept = result[0, :, (y0 - wy0) * scale:(y1 - wy0) * scale, (x0 - wx0) * scale:(x1 - wx0) * scale]
+                    pixels = (kept.float() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+                    out[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = pixels.cpu().numpy()
+        except torch.OutOfMemoryError as exc:
+            raise ModelError(f"upscaler {self.name!r}: out of device memory on {tile}-pixel tiles of a "
+                             f"{width}x{height} image", code="out_of_memory") from exc
+        except RuntimeError as exc:  # a network that its own weights load into but that cannot run this input
+            raise ModelError(f"upscaler {self.file.path}: the network failed on a {width}x{height} image "
+                             f"({printable(str(exc)[:300])})") from exc
         return out
 
     def upscale_to(self, image: np.ndarray, width: int, height: int, tile: int = TILE_SIZE,
