@@ -329,6 +329,18 @@ def controlnet_params(slots: int = CONTROLNET_SLOTS) -> list[ParamSpec]:
     return specs
 
 
+IP_ADAPTER_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("ip_adapter", "str", "", "IP-Adapter: a style image steers the stream. A name in "
+              "<models_dir>/ip_adapter; empty is off. A new one loads in the background while the old one keeps serving (docs/ip-adapter.md).",
+              max_length=1024, group="ip_adapter"),
+    ParamSpec("ip_adapter_scale", "float", 0.6, "How strongly the style image steers (0 turns it off; about 1 copies "
+              "its content as well as its style).", minimum=0.0, maximum=2.0, group="ip_adapter"),
+    ParamSpec("ip_adapter_channel", "int", 1, "Where the style image comes from: 1-255 the latest frame sent on that "
+              "channel of the frame header (sent once, it holds), 0 the input frame, -1 the session's last output.",
+              minimum=-1, maximum=255, group="ip_adapter"),
+)
+
+
 MOTION_WINDOW_MAX = 16  # engines/animatediff.py keeps this many frames per session
 
 MOTION_PARAMS: tuple[ParamSpec, ...] = (
@@ -354,7 +366,8 @@ class Schema:
             from sdbridge.bridge.ladder import LADDER_PARAMS
             from sdbridge.modulation import lfo_params
 
-            specs = (*CORE_PARAMS, *controlnet_params(), *MOTION_PARAMS, *lfo_params(), *LADDER_PARAMS)
+            specs = (*CORE_PARAMS, *controlnet_params(), *IP_ADAPTER_PARAMS, *MOTION_PARAMS, *lfo_params(),
+                     *LADDER_PARAMS)
         for spec in specs:
             self.add(spec)
 

@@ -457,7 +457,10 @@ class Worker(threading.Thread):
         JPEGs then cost what was sent, not 255 frames decoded at the engine's size (up to 12 MB each)."""
         session = job.session
         controlnets = getattr(engine, "controlnets", None)
+        ip_adapters = getattr(engine, "ip_adapters", None)  # a style image may come on a channel too
         read = controlnets.channels() if controlnets is not None else frozenset()
+        if ip_adapters is not None:
+            read = read | ip_adapters.channels()
         for channel, slot in list(session.conditions.items()):
             frame = slot.take()
             if frame is not None:
@@ -479,6 +482,8 @@ class Worker(threading.Thread):
                 self.report(session, {**exc.to_json(), **_frame_ref(frame)})
         if controlnets is not None:
             controlnets.condition(session.state.data, job.image)
+        if ip_adapters is not None:
+            ip_adapters.condition(session.state.data, job.image)
 
     def _step(self, engine: Any, jobs: list[Job], width: int, height: int, params: dict[str, Any]) -> None:
         generated = jobs[0].frame is None

@@ -566,8 +566,8 @@ class CompiledEngine(DiffusionEngine):
     def step_float(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
         """The frame leaving the pipeline before quantisation: [B, 3, H, W] in [0, 1]."""
         schedule = self._schedule
-        if schedule is None:
-            # A scheduler that is not linear: the eager engine's exact path.
+        if schedule is None or self._image_prompted(states):
+            # A scheduler that is not linear, or a style image (IP-Adapter): the eager engine's exact path.
             self._drop_streams(states)
             return super().step_float(frames, states)
         assert self._embeddings is not None, "prepare() before step()"
@@ -602,6 +602,11 @@ class CompiledEngine(DiffusionEngine):
             latents = self.latent_hook(latents, states)
         # The stream batch's latents are a strided view of its output: one layout for one decode graph.
         return self._padded("decode", batch, self.decode)(_one_layout(latents))
+
+    def _image_prompted(self, states: Sequence[StreamState]) -> bool:
+        """Whether an IP-Adapter acts on one of these sessions: its attention is not in the graphs yet, so such a
+        batch runs the eager path (docs/ip-adapter.md)."""
+        return self.ip_adapters is not None and self.ip_adapters.acts(states)
 
     def _denoise_sequential(self, x: torch.Tensor, noise: torch.Tensor, schedule: LinearSchedule,
                             controls: Sequence[ControlUnit]) -> torch.Tensor:

@@ -37,6 +37,7 @@ from sdbridge.errors import ModelError
 
 if TYPE_CHECKING:
     from sdbridge.engines.controlnet import ControlNets
+    from sdbridge.engines.ip_adapter import IPAdapters
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class DiffusionEngine(Engine):
         self.controlnet_dir: str | None = None
         self.notify: Callable[[dict[str, Any]], None] | None = None
         self.controlnets: ControlNets | None = None
+        self.ip_adapters: IPAdapters | None = None   # engines/ip_adapter.py, made at the first prepare
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class DiffusionEngine(Engine):
     def close(self) -> None:
         self.parts = None
         self.controlnets = None
+        self.ip_adapters = None
         self._prompt_cache.clear()
         self._embeddings = None
         self._added_cond = None
@@ -174,6 +177,8 @@ class DiffusionEngine(Engine):
                        scheduler=type(self.scheduler).__name__)
         if self.controlnets is not None:
             out["controlnet"] = self.controlnets.describe()
+        if self.ip_adapters is not None:
+            out["ip_adapter"] = self.ip_adapters.describe()
         return out
 
     # --- parameters -----------------------------------------------------------------------------
@@ -201,6 +206,9 @@ class DiffusionEngine(Engine):
         if self.controlnets is None:
             self.controlnets = self._make_controlnets()
         self.controlnets.prepare(params)
+        if self.ip_adapters is None:
+            self.ip_adapters = self._make_ip_adapters()
+        self.ip_adapters.prepare(params)
         # LoRAs first: one on the text encoder changes the embeddings. An unknown name raises
         # ParamError (code unknown_lora) before any weight moves; the worker tells the client.
         prompt = str(params["prompt"])
@@ -429,11 +437,14 @@ class DiffusionEngine(Engine):
             unet_kwargs["added_cond_kwargs"] = added
         step_kwargs = self._step_kwargs(states, latent_shape)
         controls = self.controlnets.for_batch(states, self._guided) if self.controlnets is not None else None
+        # The style image's tokens and scale ride with the text to the cross-attention (engines/ip_adapter.py).
+        image_prompt = self.ip_adapters.rows(states, self._guided) if self.ip_adapters is not None else None
+        hidden = (embeddings, *image_prompt) if image_prompt is not None else embeddings
         for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if self._guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             extra = controls(model_input, t, embeddings, index, len(timesteps), added) if controls is not None else {}
-            noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **unet_kwargs,
+            noise_pred = unet(model_input, t, encoder_hidden_states=hidden, return_dict=False, **unet_kwargs,
                               **extra)[0]
             if self._guided:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
@@ -461,6 +472,17 @@ class DiffusionEngine(Engine):
         folder = Path(self.controlnet_dir).expanduser() if self.controlnet_dir else None
         return ControlNets(self.parts.unet, self.device, self.dtype, folder, allow_pickle=self.allow_pickle,
                            notify=self.notify)
+
+    def _make_ip_adapters(self) -> IPAdapters:
+        from pathlib import Path
+
+        from sdbridge.engines.ip_adapter import IPAdapters
+        from sdbridge.engines.models import default_models_dir
+
+        assert self.parts is not None
+        models_dir = Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
+        return IPAdapters(self.parts.unet, self.device, self.dtype, models_dir / "ip_adapter",
+                          allow_pickle=self.allow_pickle, notify=self.notify)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[-1, 1] pixels -> scaled latents; the distribution's mode, not a sample (deterministic)."""

@@ -185,3 +185,36 @@ def random_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.3,  #
         torch.nn.init.normal_(module.weight, std=std)
         torch.nn.init.normal_(module.bias, std=std / 3)
     return model.eval()
+
+
+def write_random_ip_adapter(folder: Path, unet: torch.nn.Module, name: str = "style", seed: int = 0,
+                            std: float = 0.3, encoder: bool = True) -> Path:
+    """A plain IP-Adapter for ``unet``'s family in the published layout (``image_proj.*``, ``ip_adapter.{1,3,..}``,
+    one safetensors file, ``folder/NAME.safetensors``) and, with ``encoder``, a tiny CLIP image encoder in
+    ``folder/image_encoder/``; random but seeded, ``std`` large enough that tests see the adapter act."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from sdbridge.engines.ip_adapter import cross_attention_layers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    projection_dim = 16
+    if encoder:
+        config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=4, projection_dim=projection_dim)
+        CLIPVisionModelWithProjection(config).eval().save_pretrained(folder / "image_encoder", safe_serialization=True)
+    cross = unet.config.cross_attention_dim
+    tokens = 4
+    state = {"image_proj.proj.weight": torch.randn(cross * tokens, projection_dim) * std,
+             "image_proj.proj.bias": torch.randn(cross * tokens) * std,
+             "image_proj.norm.weight": 1.0 + torch.randn(cross) * std / 3,
+             "image_proj.norm.bias": torch.randn(cross) * std / 3}
+    for index, layer in enumerate(cross_attention_layers(unet)):
+        shape = unet.get_submodule(layer).to_k.weight.shape
+        state[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"] = torch.randn(shape) * std
+        state[f"ip_adapter.{2 * index + 1}.to_v_ip.weight"] = torch.randn(shape) * std
+    path = folder / f"{name}.safetensors"
+    save_file({key: value.contiguous() for key, value in state.items()}, path)
+    return path

@@ -412,3 +412,47 @@ def test_an_engine_without_sdxl_support_refuses_it_at_load(sdxl_parts):
 
     with pytest.raises(ModelError, match="not supported by the no-sdxl engine"):
         NoSdxl.from_parts(sdxl_parts)
+
+
+# --- IP-Adapter --------------------------------------------------------------------------------------------
+
+
+def test_ip_adapter_parity_with_diffusers_sdxl_img2img(sdxl_parts, frame, tmp_path):
+    """A style image on SDXL (pooled embeds and time ids beside the image tokens) is diffusers' IP-Adapter."""
+    import copy
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from sdbridge.engines.base import CONDITIONS
+    from sdbridge.engines.tiny import write_random_ip_adapter
+
+    folder = tmp_path / "ip_adapter"
+    write_random_ip_adapter(folder, sdxl_parts.unet, name="style", seed=4)
+    style = np.full((64, 64, 3), (30, 200, 90), np.uint8)
+    engine = DiffusionEngine.from_parts(sdxl_parts)
+    engine.models_dir = str(tmp_path)
+    state = StreamState("s")
+    state.data[CONDITIONS] = {1: style}
+    engine.prepare(engine_params(steps=2, strength=1.0, guidance=3.0, ip_adapter="style", ip_adapter_scale=0.8))
+    engine.ip_adapters.wait()
+    engine.ip_adapters.condition(state.data, frame)
+    ours = engine.step_float(torch.from_numpy(frame)[None], [state])
+
+    components = sdxl_components(sdxl_parts)
+    components["unet"] = copy.deepcopy(sdxl_parts.unet)
+    pipe = StableDiffusionXLImg2ImgPipeline(**components, requires_aesthetics_score=False,
+                                            force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name="style.safetensors",
+                         image_encoder_folder=str(folder / "image_encoder"))
+    size = pipe.image_encoder.config.image_size
+    pipe.feature_extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    pipe.set_ip_adapter_scale(0.8)
+    theirs = pipe(prompt="a red fox", image=encoded(sdxl_parts, frame), ip_adapter_image=Image.fromarray(style),
+                  strength=1.0, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(3),
+                  output_type="pt").images
+    assert relative_error(ours, theirs) <= TOLERANCE
+    base = run(DiffusionEngine.from_parts(sdxl_parts), frame, steps=2, strength=1.0, guidance=3.0)
+    assert (ours - base).abs().max() > 1e-3

@@ -1,0 +1,476 @@
+"""IP-Adapter: an image as a prompt. A style image (a painting, a poster, an album cover) steers the stream.
+
+An IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter") adds to each
+cross-attention layer of the UNet a second attention over a few tokens made from a CLIP image
+embedding: ``out = attn(q, K_text, V_text) + scale · attn(q, W_k·ip, W_v·ip)``. The tokens come
+from the image encoder (CLIPVisionModelWithProjection) through the adapter's projection: the plain
+adapter projects the image embed into 4 tokens, the "plus" adapters resample the encoder's
+penultimate hidden states into 16. Made once per style image and kept: a new image costs one
+encoder pass, a frame with the same image costs the extra attention only.
+
+Files (docs/ip-adapter.md): ``<models_dir>/ip_adapter/NAME.safetensors`` in the layout the
+adapters are published in (``image_proj.*`` and ``ip_adapter.*``; ``.bin`` only with
+``--allow-pickle``), and the image encoder as a transformers folder, ``NAME.image_encoder/``
+beside it or the shared ``image_encoder/``.
+
+The maths is diffusers' (``load_ip_adapter`` and ``IPAdapterAttnProcessor2_0``): the same
+projection modules, the same attention, zeros as the negative image for the plain adapters and
+the encoding of a black image's hidden states for the plus ones, the same scale on both guidance
+halves (tests/unit/engines/test_ip_adapter.py checks the engine against the diffusers pipeline).
+What differs is how the tokens reach the layers: our processor takes them, with a per-row scale,
+in the UNet's ``encoder_hidden_states`` as ``(text, tokens, scale)``, so the UNet itself is left
+as it is (no ``encoder_hid_proj`` installed, the one-shot API paths untouched), a row without a
+style image has scale 0, and a scale moved by an LFO is a new tensor, not a new constant. Given the
+text alone, the processor is the one it replaced, unchanged: with no style image the output is the
+base output bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, OUTPUT_CHANNEL
+from sdbridge.engines.models import list_add_on_models, load_weight_file, resolve_add_on_model, serialized_load
+from sdbridge.errors import ModelError, load_failure
+
+log = logging.getLogger(__name__)
+
+#: Session-state keys: this frame's style image (uint8 [H, W, 3], set while conditioning), and the
+#: tokens made from it: (image, adapter name, tokens [1, T, D]).
+SOURCE = "ip_adapter.source"
+TOKENS = "ip_adapter.tokens"
+INSTALLED = "_sdbridge_ip_adapter"
+Notify = Callable[[dict[str, Any]], None]
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def list_ip_adapters(folder: Path | None) -> list[str]:
+    """The adapter names clients may use: weight files in the folder (the image encoders are not adapters)."""
+    return [name for name in list_add_on_models(folder) if not name.endswith("image_encoder")]
+
+
+def resolve_ip_adapter(name: str, folder: Path | None) -> Path:
+    """A client's name -> the adapter's file in ``folder``; ModelError (model_not_found) naming the adapters there."""
+    name = name.strip()
+    if not name.endswith("image_encoder"):
+        try:
+            return resolve_add_on_model(name, folder, what="ip_adapter", setting="models_dir")
+        except ModelError as exc:
+            if exc.code != "model_not_found" or folder is None:
+                raise
+    known = ", ".join(list_ip_adapters(folder)) or "none"
+    raise ModelError(f"ip_adapter {name!r} not found in {folder} (known: {known})", code="model_not_found")
+
+
+def read_ip_adapter(path: Path, *, allow_pickle: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """{"image_proj": ..., "ip_adapter": ...} from a published adapter file: a flat safetensors file
+    with those prefixes, or (``allow_pickle``) the .bin's nested dict."""
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt") and allow_pickle:
+        nested = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(nested, dict) and {"image_proj", "ip_adapter"} <= set(nested):
+            return {part: dict(nested[part]) for part in ("image_proj", "ip_adapter")}
+    flat = load_weight_file(path, "IP-Adapter", allow_pickle=allow_pickle)
+    parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in parts and rest:
+            parts[prefix][rest] = value
+    if not parts["image_proj"] or not parts["ip_adapter"]:
+        raise ModelError(f"{path}: not an IP-Adapter (it needs image_proj.* and ip_adapter.* weights; "
+                         f"found {', '.join(sorted(flat)[:4])}...)")
+    return parts
+
+
+def cross_attention_layers(unet: Any) -> list[str]:
+    """The UNet's cross-attention layers in the order the adapter's ``ip_adapter.{1,3,5,...}`` weights follow
+    (diffusers' ``_convert_ip_adapter_attn_to_diffusers``): every ``attn2`` outside motion modules."""
+    return [name.removesuffix(".processor") for name in unet.attn_processors
+            if not name.endswith("attn1.processor") and "motion_modules" not in name]
+
+
+@dataclass
+class IPAdapter:
+    """One loaded adapter: the image encoder, the projection into tokens, and each cross-attention layer's
+    key and value weights for them."""
+
+    name: str
+    encoder: Any            # CLIPVisionModelWithProjection
+    processor: Any          # CLIPImageProcessor
+    projection: nn.Module   # ImageProjection or IPAdapterPlusImageProjection (diffusers')
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]   # layer -> (to_k_ip, to_v_ip) weights
+    hidden_states: bool     # the plus adapters read the encoder's penultimate hidden states
+    _negative: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def tokens(self, image: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The style image (uint8 [H, W, 3]) as the adapter's tokens [1, T, D], as diffusers' pipelines make them."""
+        pixels = self.processor(images=image, return_tensors="pt").pixel_values.to(device, self.encoder.dtype)
+        return self._project(pixels)
+
+    @torch.inference_mode()
+    def negative(self, device: torch.device) -> torch.Tensor:
+        """The negative image's tokens [1, T, D] (the guidance's uncond half), made once: the projection of
+        zeros for the plain adapters, of a black image's hidden states for the plus ones."""
+        if self._negative is None:
+            size = self.encoder.config.image_size
+            zeros = torch.zeros((1, 3, size, size), device=device, dtype=self.encoder.dtype)
+            self._negative = self._project(zeros, negative=True)
+        return self._negative
+
+    def _project(self, pixels: torch.Tensor, negative: bool = False) -> torch.Tensor:
+        if self.hidden_states:
+            embeds = self.encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        else:
+            embeds = self.encoder(pixels).image_embeds
+            if negative:
+                embeds = torch.zeros_like(embeds)
+        dtype = next(self.projection.parameters()).dtype
+        tokens = self.projection(embeds.to(dtype))
+        return tokens.reshape(1, -1, tokens.shape[-1])
+
+
+def _find_encoder(path: Path) -> Path:
+    for candidate in (path.with_name(path.stem + ".image_encoder"), path.parent / "image_encoder"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ModelError(f"IP-Adapter {path.stem!r} needs its CLIP image encoder (a transformers folder with config.json "
+                     f"and model.safetensors) at {path.parent / 'image_encoder'} or "
+                     f"{path.with_name(path.stem + '.image_encoder')}", code="model_not_found")
+
+
+@serialized_load
+def load_ip_adapter(path: Path, unet: Any, device: torch.device, dtype: torch.dtype, *,
+                    allow_pickle: bool = False) -> IPAdapter:
+    """An adapter for ``unet``'s family, on ``device`` in ``dtype``; ModelError says what does not fit."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from sdbridge.engines.models import load_pretrained_folder
+
+    state = read_ip_adapter(path, allow_pickle=allow_pickle)
+    encoder = load_pretrained_folder(_find_encoder(path), CLIPVisionModelWithProjection, dtype, "IP-Adapter image "
+                                     "encoder").to(device).eval()
+    try:
+        projection = unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: its image projection is not one this version reads ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from exc
+    projection = projection.to(device, dtype).eval()
+    from diffusers.models.embeddings import ImageProjection
+
+    hidden_states = not isinstance(projection, ImageProjection)
+    wanted = encoder.config.hidden_size if hidden_states else encoder.config.projection_dim
+    proj_in = next((state["image_proj"][key] for key in ("proj.weight", "proj_in.weight", "proj.0.weight")
+                    if key in state["image_proj"]), None)
+    given = proj_in.shape[-1] if proj_in is not None else wanted
+    if given != wanted:
+        raise ModelError(f"{path}: the adapter takes image features of width {given}, and its image encoder gives "
+                         f"{wanted}: pair it with the encoder it was trained with", code="model_mismatch")
+    weights = {}
+    for index, layer in enumerate(cross_attention_layers(unet)):
+        attn = unet.get_submodule(layer)
+        key_id = 2 * index + 1
+        try:
+            to_k = state["ip_adapter"][f"{key_id}.to_k_ip.weight"]
+            to_v = state["ip_adapter"][f"{key_id}.to_v_ip.weight"]
+        except KeyError:
+            raise ModelError(f"{path}: no weights for cross-attention layer {index + 1} ({layer}): an IP-Adapter for "
+                             f"another model family", code="model_mismatch") from None
+        if to_k.shape != attn.to_k.weight.shape:
+            raise ModelError(f"{path}: layer {layer} takes {tuple(attn.to_k.weight.shape)} and the adapter has "
+                             f"{tuple(to_k.shape)}: an IP-Adapter for another model family", code="model_mismatch")
+        weights[layer] = (to_k.to(device, dtype), to_v.to(device, dtype))
+    log.info("ip_adapter %s: %s, %d layers, encoder %s", path.stem, type(projection).__name__, len(weights),
+             type(encoder).__name__)
+    processor = CLIPImageProcessor(size={"shortest_edge": encoder.config.image_size},
+                                   crop_size={"height": encoder.config.image_size,
+                                              "width": encoder.config.image_size})
+    return IPAdapter(path.stem, encoder, processor, projection, weights, hidden_states)
+
+
+# --- the attention -------------------------------------------------------------------------------------------
+
+
+class IPAttnProcessor:
+    """A cross-attention layer's processor with the image prompt added. Given ``(text, tokens, scale)`` as the
+    encoder hidden states (tokens [B, T, D], scale [B, 1, 1]) it attends to both, as diffusers'
+    IPAdapterAttnProcessor2_0; given the text alone it is ``inner``, the processor it replaced."""
+
+    def __init__(self, inner: Any, layer: str, holder: AdapterHolder) -> None:
+        self.inner = inner
+        self.layer = layer
+        self.holder = holder
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                 bank_feed: Any = None, **kwargs: Any) -> torch.Tensor:
+        if bank_feed is not None:
+            kwargs["bank_feed"] = bank_feed
+        if not isinstance(encoder_hidden_states, tuple):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        text, tokens, scale = encoder_hidden_states
+        weights = self.holder.adapter.weights[self.layer] if self.holder.adapter is not None else None
+        if weights is None:
+            return self.inner(attn, hidden_states, text, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        key, value = attn.to_k(text), attn.to_v(text)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query = heads(query)
+        out = F.scaled_dot_product_attention(query, heads(key), heads(value), attn_mask=attention_mask,
+                                             dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        to_k_ip, to_v_ip = weights
+        image = F.scaled_dot_product_attention(query, heads(F.linear(tokens, to_k_ip)),
+                                               heads(F.linear(tokens, to_v_ip)), attn_mask=None, dropout_p=0.0,
+                                               is_causal=False)
+        image = image.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = out + scale.to(out.dtype) * image
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class AdapterHolder:
+    """What the installed processors read: the adapter serving now (None: they pass the text on)."""
+
+    def __init__(self) -> None:
+        self.adapter: IPAdapter | None = None
+
+
+def install(unet: Any, holder: AdapterHolder) -> None:
+    """Our processor into each cross-attention layer, around the one there (kept inside it); again if a feature
+    bank's attach or detach put back processors from before (cheap when they are in place)."""
+    unet = getattr(unet, "_orig_mod", unet)
+    for layer in cross_attention_layers(unet):
+        attn = unet.get_submodule(layer)
+        current = attn.processor
+        inner = getattr(current, "inner", None)
+        if isinstance(current, IPAttnProcessor) or isinstance(inner, IPAttnProcessor):
+            continue
+        attn.set_processor(IPAttnProcessor(current, layer, holder))
+    setattr(unet, INSTALLED, holder)
+
+
+# --- live use ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    model: str = ""
+    scale: float = 0.6
+    channel: int = 1
+
+    @property
+    def active(self) -> bool:
+        return bool(self.model) and self.scale > 0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Setting:
+        return cls(str(params.get("ip_adapter", "")).strip(), float(params.get("ip_adapter_scale", 0.6)),
+                   int(params.get("ip_adapter_channel", 1)))
+
+
+class IPAdapters:
+    """The engine's live IP-Adapter: parameters, the adapter loaded in the background (the one serving keeps
+    serving meanwhile, and when the new one fails), each session's style tokens, and the batch's rows.
+
+    As :class:`~sdbridge.engines.controlnet.ControlNets`: the worker thread calls :meth:`prepare`,
+    :meth:`condition` (per session) and, inside the engine step, :meth:`rows`."""
+
+    def __init__(self, unet: Any, device: torch.device, dtype: torch.dtype, folder: Path | None, *,
+                 allow_pickle: bool = False, notify: Notify | None = None) -> None:
+        self.unet = unet
+        self.device = device
+        self.dtype = dtype
+        self.folder = folder
+        self.allow_pickle = allow_pickle
+        self.notify = notify or (lambda event: None)
+        self.setting = Setting()
+        self.holder = AdapterHolder()
+        self.failed: dict[str, str] = {}
+        self.encodes = 0
+        self._lock = threading.Lock()
+        self._loading: str | None = None
+        self._ready: IPAdapter | None = None
+        self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
+
+    @property
+    def serving(self) -> IPAdapter | None:
+        return self.holder.adapter
+
+    def prepare(self, params: Mapping[str, Any]) -> None:
+        self.setting = Setting.from_params(params)
+        name = self.setting.model
+        self.failed = {key: why for key, why in self.failed.items() if key == name}
+        self.refresh()
+        serving = self.holder.adapter
+        with self._lock:
+            start = (name and (serving is None or serving.name != name) and self._loading is None
+                     and name not in self.failed)
+            if start:
+                self._loading = name
+        if start:
+            threading.Thread(target=self._load, args=(name,), name="sdbridge-ip-adapter-load", daemon=True).start()
+
+    def refresh(self) -> None:
+        """Take a finished load: the new adapter serves from this frame on."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            install(self.unet, self.holder)
+            self.holder.adapter = ready
+
+    def wait(self, timeout_s: float = 60.0) -> None:
+        """Until no load is running, then take it (tests, one-shot requests)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._loading is None:
+                    break
+            time.sleep(0.01)
+        self.refresh()
+
+    def load_now(self, name: str) -> IPAdapter:
+        """The adapter ``name``, loaded on the calling thread unless it serves already (one-shot requests)."""
+        serving = self.holder.adapter
+        if serving is not None and serving.name == name:
+            return serving
+        return load_ip_adapter(resolve_ip_adapter(name, self.folder), self.unet, self.device, self.dtype,
+                               allow_pickle=self.allow_pickle)
+
+    def _load(self, name: str) -> None:
+        try:
+            adapter = self.load_now(name)
+        except Exception as exc:  # any failure: told, and the adapter serving serves on
+            message = load_failure(log, f"ip_adapter {name}", exc)
+            with self._lock:
+                self.failed[name] = message
+                self._loading = None
+            self.notify({"type": "error", "code": getattr(exc, "code", "bad_model"),
+                         "message": f"ip_adapter {name!r} could not be loaded: {message}; the IP-Adapter serving "
+                                    f"before serves on"})
+            return
+        with self._lock:
+            self._ready = adapter
+            self._loading = None
+        log.info("ip_adapter %s loaded", name)
+        self.notify({"type": "ip_adapter", "status": "ready", "model": name})
+
+    # --- condition images (CPU pool, per session) ---
+
+    def channels(self) -> frozenset[int]:
+        """The condition channel (> 0) the style image comes from while the adapter acts."""
+        setting = self.setting
+        return frozenset({setting.channel}) if setting.active and setting.channel > 0 else frozenset()
+
+    def condition(self, data: dict[str, Any], image: np.ndarray | None) -> None:
+        """This frame's style image: the input frame (channel 0), the session's last output (-1) or the latest
+        frame of its channel; none while the adapter is off or its channel has sent nothing."""
+        setting = self.setting
+        if not setting.active:
+            data.pop(SOURCE, None)
+            return
+        channel = setting.channel
+        source = (image if channel == 0 else data.get(LAST_OUTPUT) if channel == OUTPUT_CHANNEL
+                  else data.get(CONDITIONS, {}).get(channel))
+        if source is None:
+            data.pop(SOURCE, None)
+        else:
+            data[SOURCE] = source
+
+    # --- the batch (engine step) ---
+
+    def acts(self, states: Sequence[Any]) -> bool:
+        """Whether the adapter acts on one of these sessions' next frame (it serves, and one has a style image)."""
+        self.refresh()
+        adapter = self.holder.adapter
+        return (adapter is not None and self.setting.active and adapter.name == self.setting.model
+                and any(SOURCE in state.data for state in states))
+
+    def rows(self, states: Sequence[Any], guided: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens, scale) for a UNet call over these sessions, rows laid out as the engine's embeddings
+        (uncond rows then cond rows with guidance): tokens [B_cfg·B, T, D], scale [B_cfg·B, 1, 1] with 0 for a
+        session without a style image. None when no session has one (the UNet then runs without the adapter).
+        A session's tokens are made again only when its style image is a new one."""
+        if not self.acts(states):
+            return None
+        adapter = self.holder.adapter
+        assert adapter is not None
+        tokens = [self._session_tokens(adapter, state.data) for state in states]
+        present = tuple(item is not None for item in tokens)
+        if not any(present):
+            return None
+        install(self.unet, self.holder)  # a feature bank attached or detached since may have put back the old ones
+        negative = adapter.negative(self.device)
+        cond = torch.cat([item if item is not None else negative for item in tokens])
+        scale = self._scale(self.setting.scale, present)
+        if guided:
+            return torch.cat([negative.expand_as(cond), cond]), torch.cat([scale, scale])
+        return cond, scale
+
+    def _session_tokens(self, adapter: IPAdapter, data: dict[str, Any]) -> torch.Tensor | None:
+        source = data.get(SOURCE)
+        if source is None:
+            return None
+        cached = data.get(TOKENS)
+        if cached is not None and cached[0] is source and cached[1] == adapter.name:
+            return cached[2]
+        tokens = adapter.tokens(source, self.device)
+        self.encodes += 1
+        data[TOKENS] = (source, adapter.name, tokens)
+        return tokens
+
+    def _scale(self, scale: float, present: tuple[bool, ...]) -> torch.Tensor:
+        """[B, 1, 1]: the scale for a session with a style image, 0 without. The pattern is copied to the device
+        once; the scale multiplies it there, so a scale moved every frame (an LFO) is no copy from the host."""
+        mask = self._masks.get(present)
+        if mask is None:
+            if len(self._masks) > 64:
+                self._masks.clear()
+            mask = torch.tensor(present, dtype=self.dtype, device=self.device)[:, None, None]
+            self._masks[present] = mask
+        return mask * scale
+
+    def describe(self) -> dict[str, Any]:
+        """For /health and /stats (any thread)."""
+        with self._lock:
+            loading = self._loading
+            serving = self._ready or self.holder.adapter  # a finished load serves from the next frame on
+        return {"model": self.setting.model, "serving": serving.name if serving is not None else None,
+                "scale": self.setting.scale, "channel": self.setting.channel, "loading": loading,
+                "failed": dict(self.failed), "encodes": self.encodes}

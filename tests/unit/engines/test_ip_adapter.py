@@ -1,0 +1,250 @@
+"""IP-Adapter (a style image) against diffusers' own IP-Adapter in its img2img pipeline; live use, failures."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdbridge.engines.base import CONDITIONS, StreamState
+from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.ip_adapter import SOURCE, IPAttnProcessor, load_ip_adapter, read_ip_adapter
+from sdbridge.engines.tiny import write_random_ip_adapter
+from sdbridge.errors import ModelError
+from tests.unit.engines.common import engine_params, relative_error
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def parts(vae_parts):
+    return vae_parts  # the full VAE, as the reference pipeline decodes
+
+
+@pytest.fixture(scope="module")
+def models_dir(parts, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    folder = root / "ip_adapter"
+    write_random_ip_adapter(folder, parts.unet, name="style", seed=1)
+    write_random_ip_adapter(folder, parts.unet, name="other", seed=2, encoder=False)
+    (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    torch.save({"image_proj": {}, "ip_adapter": {}}, folder / "pickled.bin")
+    return root
+
+
+@pytest.fixture
+def frame() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def style() -> np.ndarray:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[8:40, 20:60] = (250, 120, 10)
+    return image
+
+
+def make_engine(parts, models_dir: Path) -> DiffusionEngine:
+    engine = DiffusionEngine.from_parts(parts)
+    engine.models_dir = str(models_dir)
+    return engine
+
+
+def run(engine: DiffusionEngine, frame: np.ndarray, state: StreamState, style: np.ndarray | None = None,
+        **overrides) -> torch.Tensor:
+    """prepare, wait for the adapter's load, condition the session (the style on channel 1), one frame."""
+    engine.prepare(engine_params(**overrides))
+    assert engine.ip_adapters is not None
+    engine.ip_adapters.wait()
+    if style is not None:
+        state.data.setdefault(CONDITIONS, {})[1] = style
+    engine.ip_adapters.condition(state.data, frame)
+    return engine.step_float(torch.from_numpy(frame)[None], [state])
+
+
+def reference(parts, models_dir: Path, frame: np.ndarray, style: np.ndarray, *, scale: float, guidance: float,
+              steps: int, strength: float) -> torch.Tensor:
+    """diffusers' img2img pipeline with its own load_ip_adapter, on a copy of the UNet (it installs its processors)."""
+    import diffusers
+    from PIL import Image
+
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=copy.deepcopy(parts.unet),
+        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    folder = models_dir / "ip_adapter"
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name="style.safetensors",
+                         image_encoder_folder=str(folder / "image_encoder"))
+    size = pipe.image_encoder.config.image_size
+    pipe.feature_extractor = diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    pipe.set_ip_adapter_scale(scale)
+    pixels = torch.from_numpy(frame)[None].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.inference_mode():
+        latents = DiffusionEngine.from_parts(parts).encode(pixels)
+    return pipe(prompt="a red fox", negative_prompt="blurry" if guidance > 1 else None, image=latents,
+                ip_adapter_image=Image.fromarray(style), strength=strength, num_inference_steps=steps,
+                guidance_scale=guidance, generator=torch.Generator().manual_seed(3), output_type="pt").images
+
+
+@pytest.mark.parametrize("steps, strength, guidance, scale", [(2, 1.0, 1.0, 1.0), (4, 0.75, 3.0, 0.6),
+                                                              (2, 0.5, 1.0, 1.7)])
+def test_parity_with_diffusers_ip_adapter(parts, models_dir, frame, style, steps, strength, guidance, scale):
+    """Same weights, same noise, same style image: the stream's frame is diffusers' (fp32, CPU, 1e-4)."""
+    engine = make_engine(parts, models_dir)
+    ours = run(engine, frame, StreamState("s"), style, steps=steps, strength=strength, guidance=guidance,
+               negative_prompt="blurry", ip_adapter="style", ip_adapter_scale=scale)
+    theirs = reference(parts, models_dir, frame, style, scale=scale, guidance=guidance, steps=steps,
+                       strength=strength)
+    error = relative_error(ours, theirs)
+    assert error <= 1e-4, f"relative error {error:.2e}"
+    base = run(make_engine(parts, models_dir), frame, StreamState("s"), steps=steps, strength=strength,
+               guidance=guidance, negative_prompt="blurry")
+    assert (ours - base).abs().max() > 1e-3  # the style image did something
+
+
+def test_off_or_without_a_style_image_is_the_base_output_bit_for_bit(parts, models_dir, frame, style):
+    base = run(make_engine(parts, models_dir), frame, StreamState("s"), steps=2, strength=1.0)
+    engine = make_engine(parts, models_dir)
+    on = run(engine, frame, StreamState("s"), style, steps=2, strength=1.0, ip_adapter="style")
+    assert (on - base).abs().max() > 1e-3
+    # The processors stay installed; scale 0, or no frame on the channel yet, gives the base output exactly.
+    assert any(isinstance(p, IPAttnProcessor) for p in parts.unet.attn_processors.values())
+    assert torch.equal(run(engine, frame, StreamState("s"), style, steps=2, strength=1.0, ip_adapter="style",
+                           ip_adapter_scale=0.0), base)
+    assert torch.equal(run(engine, frame, StreamState("t"), None, steps=2, strength=1.0, ip_adapter="style"), base)
+    assert torch.equal(run(engine, frame, StreamState("s"), style, steps=2, strength=1.0, ip_adapter=""), base)
+
+
+def test_a_style_image_is_encoded_once_and_again_only_when_a_new_one_arrives(parts, models_dir, frame, style):
+    engine = make_engine(parts, models_dir)
+    state = StreamState("s")
+    first = run(engine, frame, state, style, ip_adapter="style")
+    assert engine.ip_adapters.encodes == 1
+    again = run(engine, frame, state, None, ip_adapter="style", ip_adapter_scale=0.9)  # an LFO moves the scale
+    assert engine.ip_adapters.encodes == 1
+    assert not torch.equal(first, again)
+    run(engine, frame, state, 255 - style, ip_adapter="style")  # a new frame on the channel
+    assert engine.ip_adapters.encodes == 2
+
+
+def test_each_session_in_a_batch_has_its_own_style_and_one_without_gets_none(parts, models_dir, frame, style):
+    engine = make_engine(parts, models_dir)
+    alone = run(engine, frame, StreamState("a"), style, steps=2, strength=1.0, guidance=3.0, ip_adapter="style")
+    base = run(make_engine(parts, models_dir), frame, StreamState("b"), None, steps=2, strength=1.0, guidance=3.0)
+    a, b = StreamState("a"), StreamState("b")
+    a.data[CONDITIONS] = {1: style}
+    engine.prepare(engine_params(steps=2, strength=1.0, guidance=3.0, ip_adapter="style"))
+    for state in (a, b):
+        engine.ip_adapters.condition(state.data, frame)
+    assert SOURCE in a.data and SOURCE not in b.data
+    both = engine.step_float(torch.from_numpy(np.stack([frame, frame])), [a, b])
+    assert relative_error(both[:1], alone) <= 1e-5
+    assert relative_error(both[1:], base) <= 1e-5
+
+
+def test_channel_zero_styles_with_the_input_frame(parts, models_dir, frame):
+    engine = make_engine(parts, models_dir)
+    state = StreamState("s")
+    run(engine, frame, state, None, ip_adapter="style", ip_adapter_channel=0)
+    assert state.data[SOURCE] is frame
+    assert engine.ip_adapters.channels() == frozenset()  # nothing to decode: the input frame is the source
+    engine.prepare(engine_params(ip_adapter="style", ip_adapter_channel=7))
+    assert engine.ip_adapters.channels() == {7}
+
+
+def test_a_failed_load_is_told_and_the_serving_adapter_serves_on(parts, models_dir, frame, style):
+    events: list[dict] = []
+    engine = make_engine(parts, models_dir)
+    engine.notify = events.append
+    state = StreamState("s")
+    styled = run(engine, frame, state, style, ip_adapter="style")
+    for bad, code in (("corrupt", "bad_model"), ("missing", "model_not_found"), ("pickled", "pickle_refused")):
+        events.clear()
+        served = run(engine, frame, state, None, ip_adapter=bad)
+        errors = [event for event in events if event.get("type") == "error"]
+        assert errors and errors[0]["code"] == code, events
+        assert bad in errors[0]["message"]
+        # The adapter named is not loaded: the frame runs without the one that is (it is another name).
+        assert engine.ip_adapters.serving.name == "style"
+        assert engine.ip_adapters.describe()["failed"].keys() == {bad}
+        assert not torch.equal(served, styled)
+    back = run(engine, frame, state, None, ip_adapter="style")
+    assert torch.equal(back, styled)
+
+
+def test_an_adapter_without_its_image_encoder_is_a_clear_error(parts, tmp_path):
+    path = write_random_ip_adapter(tmp_path, parts.unet, name="lonely", encoder=False)
+    with pytest.raises(ModelError, match="image encoder") as caught:
+        load_ip_adapter(path, parts.unet, CPU, torch.float32)
+    assert caught.value.code == "model_not_found"
+
+
+def test_an_adapter_for_another_family_is_refused(parts, models_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(parts.unet.config)
+    config["cross_attention_dim"] = 48
+    wide = UNet2DConditionModel.from_config(config)
+    path = write_random_ip_adapter(tmp_path, wide, name="wide", encoder=False)
+    (tmp_path / "image_encoder").symlink_to(models_dir / "ip_adapter" / "image_encoder")
+    with pytest.raises(ModelError, match="another model family") as caught:
+        load_ip_adapter(path, parts.unet, CPU, torch.float32)
+    assert caught.value.code == "model_mismatch"
+
+
+def test_a_file_without_adapter_weights_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
+    with pytest.raises(ModelError, match="not an IP-Adapter"):
+        read_ip_adapter(tmp_path / "lora.safetensors")
+
+
+def test_the_pickled_layout_loads_only_with_allow_pickle(models_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    flat = load_file(models_dir / "ip_adapter" / "style.safetensors")
+    nested = {"image_proj": {k[11:]: v for k, v in flat.items() if k.startswith("image_proj.")},
+              "ip_adapter": {k[11:]: v for k, v in flat.items() if k.startswith("ip_adapter.")}}
+    torch.save(nested, tmp_path / "style.bin")
+    with pytest.raises(ModelError) as caught:
+        read_ip_adapter(tmp_path / "style.bin")
+    assert caught.value.code == "pickle_refused"
+    loaded = read_ip_adapter(tmp_path / "style.bin", allow_pickle=True)
+    assert torch.equal(loaded["ip_adapter"]["1.to_k_ip.weight"], flat["ip_adapter.1.to_k_ip.weight"])
+
+
+def test_the_compiled_engine_runs_a_styled_frame_on_the_exact_path(parts, models_dir, frame, style):
+    """Its graphs do not carry the image prompt yet: a styled batch runs the eager engine's path, equal to it."""
+    from sdbridge.engines.compiled import CompiledEngine
+
+    eager = run(make_engine(parts, models_dir), frame, StreamState("s"), style, steps=4, strength=0.75,
+                ip_adapter="style")
+    compiled = CompiledEngine.from_parts(parts)
+    compiled.models_dir = str(models_dir)
+    ours = run(compiled, frame, StreamState("s"), style, steps=4, strength=0.75, ip_adapter="style")
+    assert relative_error(ours, eager) <= 1e-5
+    plain = run(compiled, frame, StreamState("t"), None, steps=4, strength=0.75, ip_adapter="style")
+    assert not compiled.ip_adapters.acts([StreamState("t")])
+    assert (plain - ours).abs().max() > 1e-3
+
+
+def test_a_feature_bank_attached_or_detached_keeps_the_image_prompt(parts, models_dir, frame, style):
+    from sdbridge.engines import feature_bank as fb
+
+    engine = make_engine(parts, models_dir)
+    styled = run(engine, frame, StreamState("s"), style, steps=2, strength=1.0, ip_adapter="style")
+    bank = fb.FeatureBank(strength=1.0)
+    fb.attach(parts.unet, bank)
+    try:
+        bank.begin_frame(["s"])
+        banked = run(engine, frame, StreamState("s"), style, steps=2, strength=1.0, ip_adapter="style")
+        bank.end_frame()
+    finally:
+        fb.detach(parts.unet)
+    assert relative_error(banked, styled) <= 1e-5  # an empty bank changes nothing; the style still acts
+    assert torch.equal(run(engine, frame, StreamState("s"), style, steps=2, strength=1.0, ip_adapter="style"), styled)
