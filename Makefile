@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 # open_clip ships the CLIP BPE vocabulary that single-file checkpoints need; we read only that
 # file, so it goes in without its dependencies (its torchvision would replace our torch).
 OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
+# spandrel runs the model upscalers (engines/upscalers.py); it requires torchvision, whose PyPI build replaces our
+# torch, and we import it without torchvision: it too goes in without its dependencies (einops is its one other).
+SPANDREL_SPEC ?= spandrel==0.4.2
 STAMP := $(VENV)/.installed
 ARGS ?=
 
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps "$(OPEN_CLIP_SPEC)"
+	$(BIN)/python -m pip install --quiet --no-deps "$(OPEN_CLIP_SPEC)" "$(SPANDREL_SPEC)" "einops>=0.7"
 	touch $(STAMP)
 
 run: $(STAMP)
