@@ -9,7 +9,7 @@
 # its own CUDA build of torch (pyproject.toml takes a range). There, with the repository copied:
 #
 #   python -m pip install --no-index --find-links DIR -r DIR/requirements.txt
-#   python -m pip install --no-index --find-links DIR --no-deps -r DIR/no-deps.txt   # open_clip (see Makefile)
+#   python -m pip install --no-index --find-links DIR --no-deps -r DIR/no-deps.txt   # open_clip, spandrel (Makefile)
 #   python -m pip install --no-index --no-deps -e .
 #   python benchmarks/bench_engine.py --device cuda
 set -euo pipefail
@@ -19,9 +19,10 @@ VENV_PYTHON=${VENV_PYTHON:-.venv/bin/python}
 PLATFORM=${PLATFORM:-x86_64}
 mkdir -p "$DIR"
 FROZEN=$("$VENV_PYTHON" -m pip freeze --exclude-editable | grep -viE '^(torch==|torch @|triton|nvidia-|sdbridge|-e )')
-# open_clip goes in without its dependencies, as the Makefile installs it (its torchvision would replace torch).
-echo "$FROZEN" | grep -viE '^open.clip' > "$DIR/requirements.txt"
-echo "$FROZEN" | grep -iE '^open.clip' > "$DIR/no-deps.txt" || true
+# open_clip and spandrel go in without their dependencies, as the Makefile installs them (their torchvision would
+# replace torch).
+echo "$FROZEN" | grep -viE '^(open.clip|spandrel)' > "$DIR/requirements.txt"
+echo "$FROZEN" | grep -iE '^(open.clip|spandrel)' > "$DIR/no-deps.txt" || true
 missing=()
 while read -r requirement; do
   [ -z "$requirement" ] && continue
