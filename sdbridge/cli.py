@@ -92,6 +92,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         "on-beat preset recalls follow its beat, bpm its tempo")
     add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION]",
         help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR (repeatable)")
+    add("--interpolate", metavar="off|2x|3x|4x", help="outputs show this many frames per engine frame, the "
+        "in-betweens made by optical flow, one engine frame later (default off; ?interpolate=N on an --output "
+        "overrides it; docs/outputs.md)")
     add("--input", dest="inputs", action="append", metavar="KIND[:TARGET][@SESSION[#CHANNEL]]",
         help="also take frames from file:PATH (a video or image folder, looping), camera:N, shm:NAME (shared "
         "memory) or ndi:SOURCE, into SESSION (default: the kind's name); see docs/inputs.md (repeatable)")
@@ -117,7 +120,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
                  "model", "engine", "device", "dtype", "taesd", "compile", "warm_sessions", "warm_steps", "fp8",
                  "model_config", "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir",
                  "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file",
-                 "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl"):
+                 "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl", "interpolate"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)

@@ -65,6 +65,7 @@ class Settings:
     styles_file: str | None = None       # A1111's styles.csv (default: ~/.config/sdbridge/styles.csv)
     link: bool = False                   # join the Ableton Link session (tempo and beat for LFOs, recalls)
     outputs: list[str] = field(default_factory=list)  # --output: ndi:NAME, virtualcam, record:DIR (sdbridge/outputs)
+    interpolate: str = "off"             # outputs' frames per engine frame (off, 2x-4x) unless their spec says
     inputs: list[str] = field(default_factory=list)  # --input: file:PATH, camera:N, shm:NAME, ndi:SOURCE
     vram_budget_mb: int = 0              # 0: no budget; else a model needing more fails to load (as on OOM)
     allow_pickle: bool = False
@@ -119,6 +120,11 @@ class Settings:
         check_warm_steps(self.warm_steps)
         if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
+        from sdbridge.outputs.interpolate import parse_factor  # lazy: OpenCV only for a daemon that checks this
+        try:
+            parse_factor(self.interpolate)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def check_warm_steps(spec: str) -> None:

@@ -39,6 +39,7 @@ from sdbridge.params import ParamStore, Schema
 from sdbridge.bridge.link import LinkSync
 from sdbridge.inputs.hub import InputHub
 from sdbridge.outputs.hub import OutputHub
+from sdbridge.outputs.interpolate import parse_factor
 from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class Daemon:
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
-        self.outputs = OutputHub(settings.outputs, notify=self._engine_event) if settings.outputs else None
+        self.outputs = OutputHub(settings.outputs, notify=self._engine_event,
+                                 interpolate=parse_factor(settings.interpolate)) if settings.outputs else None
         # Likewise a bad --input (a malformed spec, a file that is not there); its threads start with the daemon.
         self.inputs = InputHub(settings.inputs, notify=self._engine_event) if settings.inputs else None
         self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report, plugins=self.plugins,

@@ -1,10 +1,11 @@
 """The output interface: a sink that takes RGB frames, and the ``--output`` spec that names one.
 
-A spec is ``KIND[:TARGET][@SESSION]``: ``ndi:sdbridge`` (an NDI source called sdbridge),
+A spec is ``KIND[:TARGET][@SESSION][?OPTION=VALUE&...]``: ``ndi:sdbridge`` (an NDI source called sdbridge),
 ``virtualcam`` or ``virtualcam:/dev/video10``, ``spout:sdbridge`` (Windows), ``syphon:sdbridge``
 (macOS), ``record:DIR`` (numbered PNGs, to keep a show). ``@SESSION`` sends only that session's
 frames; without it an output shows whichever session made the latest frame, which is the one
-sender of a usual rig.
+sender of a usual rig. The one option is ``interpolate`` (off, 2x, 3x, 4x: frames shown per engine
+frame, made by flow in between; ``ndi:stage?interpolate=2x``); without it the daemon's ``--interpolate``.
 
 Each library is an optional extra; a missing one is reported with the pip command that installs it.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdbridge.errors import SdbridgeError
+from sdbridge.outputs.interpolate import format_factor, parse_factor
 
 
 class OutputError(SdbridgeError):
@@ -30,10 +32,12 @@ class OutputSpec:
     kind: str
     target: str | None = None
     session: str | None = None
+    interpolate: int | None = None  # frames shown per engine frame (1: off); None: the daemon's default
 
     def __str__(self) -> str:
         text = self.kind + (f":{self.target}" if self.target else "")
-        return text + (f"@{self.session}" if self.session else "")
+        text += f"@{self.session}" if self.session else ""
+        return text + (f"?interpolate={format_factor(self.interpolate)}" if self.interpolate is not None else "")
 
 
 class Output(abc.ABC):
@@ -65,7 +69,9 @@ _OUTPUTS: dict[str, tuple[str, str]] = {
     "syphon": ("sdbridge.outputs.syphon:SyphonOutput", "pip install 'sdbridge[syphon]' (syphon-python, macOS only)"),
     "record": ("sdbridge.outputs.record:RecordOutput", ""),
 }
-_SPEC = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<target>[^@]+))?(?:@(?P<session>[A-Za-z0-9_.-]{1,64}))?$")
+_SPEC = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<target>[^@?]+))?(?:@(?P<session>[A-Za-z0-9_.-]{1,64}))?"
+                   r"(?:\?(?P<options>.*))?$")
+_OPTIONS = ("interpolate",)
 
 
 def output_kinds() -> list[str]:
@@ -75,12 +81,28 @@ def output_kinds() -> list[str]:
 def parse_spec(text: str) -> OutputSpec:
     match = _SPEC.match(text.strip())
     if match is None:
-        raise OutputError(f"output {text!r} is not KIND[:TARGET][@SESSION] (e.g. ndi:sdbridge, virtualcam, "
-                          f"record:shows/tonight)", code="bad_output")
+        raise OutputError(f"output {text!r} is not KIND[:TARGET][@SESSION][?interpolate=N] (e.g. ndi:sdbridge, "
+                          f"virtualcam, record:shows/tonight, ndi:stage?interpolate=2x)", code="bad_output")
     kind = match["kind"]
     if kind not in _OUTPUTS:
         raise OutputError(f"unknown output {kind!r} in {text!r} (known: {', '.join(_OUTPUTS)})", code="bad_output")
-    return OutputSpec(kind, match["target"], match["session"])
+    interpolate = None
+    options = match["options"]
+    for option in options.split("&") if options is not None else ():
+        name, _, value = option.partition("=")
+        if name != "interpolate":
+            raise OutputError(f"unknown option {name!r} in output {text!r} (known: {', '.join(_OPTIONS)})",
+                              code="bad_output")
+        interpolate = parse_interpolate(value, f"output {text!r}")
+    return OutputSpec(kind, match["target"], match["session"], interpolate)
+
+
+def parse_interpolate(value: str | int, where: str) -> int:
+    """An ``interpolate`` value (off, 2x, 3x, 4x; 1-4) as frames shown per engine frame; OutputError naming it."""
+    try:
+        return parse_factor(value)
+    except ValueError as exc:
+        raise OutputError(f"{where}: {exc}", code="bad_output") from None
 
 
 def create_output(spec: OutputSpec) -> Output:

@@ -5,6 +5,9 @@ and never waits: an output that stalls (a virtual camera nobody reads, an NDI re
 network, a full disk) drops its own frames and nothing else slows down, the same rule the
 WebSocket viewers follow. An output that fails is reported, closed, and retried after a pause,
 so a camera plugged in mid-show starts receiving.
+
+An output with ``interpolate`` (2x-4x) shows frames made by flow between the engine's, on a clock
+its thread keeps (:class:`~sdbridge.outputs.interpolate.Pacer`); off, each frame is sent as it comes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sdbridge.outputs.base import Output, OutputError, OutputSpec, create_output, parse_spec
+from sdbridge.outputs.interpolate import Pacer, RateMeter, format_factor
 
 log = logging.getLogger(__name__)
 
@@ -26,25 +30,32 @@ Notify = Callable[[dict[str, Any]], None]
 
 
 class OutputThread(threading.Thread):
-    def __init__(self, spec: OutputSpec, output: Output, fps: float, notify: Notify) -> None:
+    def __init__(self, spec: OutputSpec, output: Output, fps: float, notify: Notify, interpolate: int = 1) -> None:
         super().__init__(name=f"sdbridge-output-{spec.kind}", daemon=True)
         self.spec = spec
         self.output = output
         self.fps = fps
         self.notify = notify
         self._frame: np.ndarray | None = None
+        self._frame_at = 0.0  # when it was offered: the pacer's clock counts from the engine, not from this thread
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop_event = threading.Event()
         self.size: tuple[int, int] | None = None
         self.published = self.sent = self.dropped = self.failures = 0
         self.last_error: str | None = None
+        # The spec's own option wins over the daemon's default.
+        self.factor = spec.interpolate if spec.interpolate is not None else interpolate
+        self.pacer = Pacer(self.factor)
+        self._rate_in, self._rate_out = RateMeter(), RateMeter()
 
     def offer(self, frame: np.ndarray) -> None:
         with self._lock:
             if self._frame is not None:
                 self.dropped += 1
             self._frame = frame
+            self._frame_at = time.monotonic()
+            self._rate_in.add(self._frame_at)
             self.published += 1
         self._wake.set()
 
@@ -55,17 +66,24 @@ class OutputThread(threading.Thread):
     def run(self) -> None:
         retry_at = 0.0
         while not self._stop_event.is_set():
-            self._wake.wait()
+            due_s = self.pacer.next_due()
+            self._wake.wait(None if due_s is None else max(0.0, due_s - time.monotonic()))
             self._wake.clear()
             with self._lock:
-                frame, self._frame = self._frame, None
-            if frame is None or self._stop_event.is_set():
+                frame, self._frame, offered_at = self._frame, None, self._frame_at
+            if self._stop_event.is_set():
                 continue
-            if time.monotonic() < retry_at:
-                with self._lock:
-                    self.dropped += 1
-                continue
+            if frame is not None:
+                if time.monotonic() < retry_at:
+                    with self._lock:
+                        self.dropped += 1
+                    continue
+                # Off (factor 1), the frame is due at once and comes back as the same array: unchanged.
+                self.pacer.push(frame, offered_at)
             try:
+                frame = self.pacer.pop_due(time.monotonic())  # an in-between is made here, when it is due
+                if frame is None:
+                    continue
                 size = (frame.shape[1], frame.shape[0])
                 if size != self.size:
                     self.output.open(size[0], size[1], self.fps)
@@ -73,6 +91,8 @@ class OutputThread(threading.Thread):
                     log.info("output %s open at %dx%d", self.spec, *size)
                 self.output.send(frame)
                 self.sent += 1
+                with self._lock:
+                    self._rate_out.add(time.monotonic())
             except Exception as exc:  # an output never takes the daemon down: report, close, retry later
                 self.failures += 1
                 self.last_error = str(exc) if isinstance(exc, OutputError) else f"{type(exc).__name__}: {exc}"
@@ -80,6 +100,7 @@ class OutputThread(threading.Thread):
                 self.notify({"type": "error", "code": getattr(exc, "code", "output_failed"),
                              "message": f"output {self.spec} failed: {self.last_error}; retrying in {RETRY_S:.0f} s"})
                 self._close()
+                self.pacer.reset()  # no in-betweens left over from before the failure
                 retry_at = time.monotonic() + RETRY_S
         self._close()
 
@@ -91,8 +112,17 @@ class OutputThread(threading.Thread):
             log.exception("closing output %s failed", self.spec)
 
     def stats(self) -> dict[str, Any]:
+        """``fps_in``: engine frames offered per second; ``fps_out``: frames sent (in-betweens included).
+        ``sent`` counts in-betweens too; ``skipped``: slots dropped for a newer engine frame or a slow sink."""
+        now = time.monotonic()
+        with self._lock:
+            fps_in, fps_out = self._rate_in.rate(now), self._rate_out.rate(now)
+        pacer = self.pacer
         return {"output": str(self.spec), "size": list(self.size) if self.size else None, "published": self.published,
-                "sent": self.sent, "dropped": self.dropped, "failures": self.failures, "last_error": self.last_error}
+                "sent": self.sent, "dropped": self.dropped, "failures": self.failures, "last_error": self.last_error,
+                "interpolate": format_factor(self.factor), "fps_in": round(fps_in, 2), "fps_out": round(fps_out, 2),
+                "synthesised": pacer.synthesised, "cuts": pacer.cuts, "stalls": pacer.stalls,
+                "skipped": pacer.skipped}
 
 
 def check_output(output: Output) -> None:
@@ -108,15 +138,17 @@ def check_output(output: Output) -> None:
 class OutputHub:
     """Every configured output; ``publish`` is what the worker calls per output frame."""
 
-    def __init__(self, specs: Iterable[str], *, fps: float = 30.0, notify: Notify | None = None) -> None:
+    def __init__(self, specs: Iterable[str], *, fps: float = 30.0, notify: Notify | None = None,
+                 interpolate: int = 1) -> None:
         """Raises OutputError for a bad spec, a missing library, or an output that can tell now that
-        it cannot work (a record folder it cannot write), before anything starts."""
+        it cannot work (a record folder it cannot write), before anything starts. ``interpolate``: frames
+        shown per engine frame for outputs whose spec does not say (1: off)."""
         self.threads: list[OutputThread] = []
         for text in specs:
             spec = parse_spec(text)
             output = create_output(spec)
             check_output(output)
-            self.threads.append(OutputThread(spec, output, fps, notify or (lambda event: None)))
+            self.threads.append(OutputThread(spec, output, fps, notify or (lambda event: None), interpolate))
 
     def start(self) -> None:
         for thread in self.threads:

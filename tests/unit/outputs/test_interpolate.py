@@ -1,0 +1,172 @@
+"""Frame interpolation, alone: in-betweens along flow, cuts, and the pacing clock (times passed in)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from sdbridge.outputs.base import OutputError, OutputSpec, parse_spec
+from sdbridge.outputs.hub import OutputHub
+from sdbridge.outputs.interpolate import FlowInterpolator, Pacer, parse_factor
+from tests.clients import wait_for
+
+SIZE, SQUARE, TOP = 256, 64, 96
+
+
+def texture(size: int, seed: int) -> np.ndarray:
+    """Blurred, contrast-stretched noise: detail at every scale, as a generated frame has."""
+    noise = np.random.default_rng(seed).integers(0, 256, (size, size, 3)).astype(np.float32)
+    return np.clip(cv2.GaussianBlur(noise, (0, 0), 1.5) * 2 - 128, 0, 255).astype(np.uint8)
+
+
+def scene(left: int, size: int = SIZE) -> np.ndarray:
+    """A textured square at x = ``left`` over a colour gradient."""
+    y, x = np.mgrid[0:size, 0:size]
+    image = np.stack([x * 255 // size, y * 255 // size, np.full_like(x, 60)], axis=-1).astype(np.uint8)
+    image[TOP:TOP + SQUARE, left:left + SQUARE] = texture(SQUARE, 1)
+    return image
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+
+
+def around_square(left: int, margin: int = 8) -> tuple[slice, slice]:
+    return slice(TOP - margin, TOP + SQUARE + margin), slice(left - margin, left + SQUARE + margin)
+
+
+@pytest.mark.parametrize("size", [SIZE, 640])  # 640: the flow runs at 320 and is upsampled
+def test_the_middle_frame_is_the_square_moved_halfway_and_beats_a_cross_fade(size: int) -> None:
+    start, end, truth = scene(80, size), scene(88, size), scene(84, size)  # 8 px a frame: 4 px in the middle
+    interpolator = FlowInterpolator()
+    pair = interpolator.pair(start, end)
+    assert pair is not None and not pair.is_cut
+    middle = interpolator.frame(pair, 0.5)
+    assert middle.shape == start.shape and middle.dtype == np.uint8
+    region = around_square(84)
+    fade = ((start.astype(np.uint16) + end) // 2).astype(np.uint8)
+    assert psnr(middle[region], truth[region]) > 25.0
+    assert psnr(middle[region], truth[region]) > psnr(fade[region], truth[region]) + 10.0
+    # A third of the way: the square at 80 + 8/3.
+    third = interpolator.frame(pair, 1 / 3)
+    truth_third = cv2.warpAffine(start, np.float32([[1, 0, 8 / 3], [0, 1, 0]]), (size, size),
+                                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    assert psnr(third[around_square(83)], truth_third[around_square(83)]) > 25.0
+
+
+def test_a_scene_cut_and_a_new_size_give_no_pair_to_blend() -> None:
+    interpolator = FlowInterpolator()
+    cut = interpolator.pair(scene(80), texture(SIZE, 9))
+    assert cut is not None and cut.is_cut, cut.similarity
+    assert interpolator.pair(scene(80), scene(80, 192)) is None
+    # Not a cut: a brightness step, a small move.
+    brighter = np.clip(scene(80).astype(np.int16) + 40, 0, 255).astype(np.uint8)
+    assert not interpolator.pair(scene(80), brighter).is_cut
+    assert not interpolator.pair(scene(80), scene(96)).is_cut
+
+
+def test_factor_values_and_specs() -> None:
+    assert [parse_factor(v) for v in ("off", "1", "2", "2x", "3X", "4x", 3)] == [1, 1, 2, 2, 3, 4, 3]
+    for bad in ("5x", "x", "1.5", "-2", "double"):
+        with pytest.raises(ValueError, match="not off, 2x, 3x or 4x"):
+            parse_factor(bad)
+    assert parse_spec("ndi:stage?interpolate=2") == OutputSpec("ndi", "stage", None, 2)
+    assert parse_spec("record:/tmp/show@cam1?interpolate=3x") == OutputSpec("record", "/tmp/show", "cam1", 3)
+    assert parse_spec("virtualcam?interpolate=off") == OutputSpec("virtualcam", None, None, 1)
+    assert parse_spec("ndi:stage") == OutputSpec("ndi", "stage", None, None)
+    assert str(parse_spec("ndi:stage@cam1?interpolate=2")) == "ndi:stage@cam1?interpolate=2x"
+    with pytest.raises(OutputError, match="'ndi:stage\\?interpolate=9'.*not off, 2x") as error:
+        parse_spec("ndi:stage?interpolate=9")
+    assert error.value.code == "bad_output"
+    with pytest.raises(OutputError, match="unknown option 'fps'"):
+        parse_spec("ndi:stage?fps=60")
+
+
+def run_pacer(pacer: Pacer, frames: list[np.ndarray], period_s: float, tick_s: float = 0.001,
+              arrivals: list[float] | None = None) -> list[tuple[float, np.ndarray]]:
+    """Feed frames at their arrival times on a simulated clock, polling every tick; (time, frame) shown."""
+    arrivals = arrivals if arrivals is not None else [round(i * period_s, 6) for i in range(len(frames))]
+    shown: list[tuple[float, np.ndarray]] = []
+    now, index, end = 0.0, 0, arrivals[-1] + 3 * period_s
+    while now <= end:
+        while index < len(frames) and arrivals[index] <= now + 1e-9:
+            pacer.push(frames[index], arrivals[index])
+            index += 1
+        frame = pacer.pop_due(now)
+        if frame is not None:
+            shown.append((now, frame))
+        now = round(now + tick_s, 6)
+    return shown
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_the_pacer_shows_factor_frames_per_engine_frame_evenly(factor: int) -> None:
+    frames = [scene(40 + 8 * i) for i in range(6)]
+    pacer = Pacer(factor)
+    shown = run_pacer(pacer, frames, period_s=0.1)
+    assert len(shown) == 1 + (len(frames) - 1) * factor
+    assert pacer.synthesised == (len(frames) - 1) * (factor - 1) and pacer.skipped == pacer.cuts == 0
+    gaps = np.diff([t for t, _ in shown[1:]])  # after the first frame, which is shown at once
+    assert np.allclose(gaps, 0.1 / factor, atol=0.0015), gaps
+    # The engine frames appear in order, each one the same array, (factor-1)/factor of a period late.
+    engine = [(t, f) for t, f in shown if any(f is g for g in frames)]
+    assert len(engine) == len(frames) and all(f is g for (_, f), g in zip(engine, frames))
+    assert all(abs(t - (i * 0.1 + (factor - 1) * 0.1 / factor)) < 0.0015 for i, (t, _) in enumerate(engine) if i)
+
+
+def test_off_sends_each_frame_as_it_comes_untouched() -> None:
+    frames = [scene(40 + 8 * i) for i in range(4)]
+    shown = run_pacer(Pacer(1), frames, period_s=0.1)
+    assert [t for t, _ in shown] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert all(f is g for (_, f), g in zip(shown, frames))
+
+
+def test_a_cut_holds_the_old_frame_then_shows_the_new_one() -> None:
+    frames = [scene(40), scene(48), texture(SIZE, 9), texture(SIZE, 9)]
+    pacer = Pacer(2)
+    shown = [f for _, f in run_pacer(pacer, frames, period_s=0.1)]
+    assert pacer.cuts == 1 and len(shown) == 7
+    # Across the cut (frames 1 -> 2) the in-between slot holds frame 1: nothing mixes the two scenes.
+    cut = shown[3:5]
+    assert cut[0] is frames[1] and cut[1] is frames[2]
+
+
+def test_a_stall_shows_the_next_frame_at_once_and_a_faster_engine_skips_slots() -> None:
+    frames = [scene(40 + 8 * i) for i in range(5)]
+    pacer = Pacer(2)
+    # Steady at 0.1 s, then a 0.5 s stall before the last frame.
+    shown = run_pacer(pacer, frames, 0.1, arrivals=[0.0, 0.1, 0.2, 0.3, 0.8])
+    assert pacer.stalls == 1
+    assert shown[-1][1] is frames[-1] and shown[-1][0] == pytest.approx(0.8)
+    assert not any(f is not frames[-1] and t > 0.36 for t, f in shown)  # nothing made between 0.35 and 0.8
+    # Frames coming in faster than the period: the rest of a pair's slots are dropped, never queued.
+    pacer = Pacer(3)
+    run_pacer(pacer, frames, 0.1, arrivals=[0.0, 0.1, 0.2, 0.3, 0.32])
+    assert pacer.skipped >= 1
+
+
+def test_a_hub_with_interpolation_records_the_in_betweens(tmp_path: Path) -> None:
+    hub = OutputHub([f"record:{tmp_path / 'on'}?interpolate=2x", f"record:{tmp_path / 'off'}"])
+    hub.start()
+    frames = [scene(40 + 8 * i, 192) for i in range(5)]
+    try:
+        for frame in frames:
+            hub.publish("s", frame)
+            time.sleep(0.1)
+        assert wait_for(lambda: hub.threads[0].pacer.next_due() is None and hub.stats()[1]["sent"] == 5)
+    finally:
+        hub.stop()
+    on, off = hub.stats()
+    assert on["interpolate"] == "2x" and off["interpolate"] == "off"
+    # Every pair interpolated unless a hiccup of this loaded machine made a gap look like a stall.
+    assert on["stalls"] <= 1 and on["cuts"] == on["skipped"] == 0, on
+    assert on["synthesised"] == 4 - on["stalls"] and on["sent"] == 5 + on["synthesised"], on
+    assert len(list((tmp_path / "on").glob("*.png"))) == on["sent"]
+    assert off["sent"] == 5 and off["synthesised"] == 0
+    recorded_off = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((tmp_path / "off").glob("*"))]
+    assert all(np.array_equal(a, b) for a, b in zip(recorded_off, frames, strict=True))
