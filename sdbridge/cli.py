@@ -90,6 +90,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--styles-file", help="AUTOMATIC1111 styles.csv (default ~/.config/sdbridge/styles.csv)")
     add("--link", action="store_const", const=True, help="join the Ableton Link session on the network: LFOs and "
         "on-beat preset recalls follow its beat, bpm its tempo")
+    add("--midi-in", dest="midi_in", action="append", metavar="PORT|list", help="take MIDI from the input port whose "
+        "name contains PORT (repeatable): CCs and notes through the map, clock as the tempo; 'list' prints the ports "
+        "and exits (needs pip install 'sdbridge[midi]'; docs/midi.md)")
+    add("--midi-map", metavar="FILE", help="the MIDI mapping file (TOML; default ~/.config/sdbridge/midi.toml, else "
+        "the built-in map in docs/midi.md); learned bindings are saved there")
     add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION]",
         help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR (repeatable)")
     add("--interpolate", metavar="off|2x|3x|4x", help="outputs show this many frames per engine frame, the "
@@ -127,6 +132,8 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
         flags[name] = [item.strip() for item in value.split(",") if item.strip()] if value else None
     flags["outputs"] = getattr(args, "outputs", None) or None
     flags["inputs"] = getattr(args, "inputs", None) or None
+    flags["midi_in"] = getattr(args, "midi_in", None) or None
+    flags["midi_map"] = getattr(args, "midi_map", None)
     if getattr(args, "feedback", None):
         host, _, port = args.feedback.rpartition(":")
         try:
@@ -144,6 +151,11 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
+    if "list" in settings.midi_in:
+        from sdbridge.bridge.midi import list_ports
+
+        print("\n".join(list_ports()) or "no MIDI input ports")
+        return 0
     _setup_logging(settings.log_level)
     from sdbridge.bridge.server import Daemon
 

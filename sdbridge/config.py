@@ -64,6 +64,8 @@ class Settings:
     save_outputs: bool = False           # save every HTTP API image, as A1111's samples_save does
     styles_file: str | None = None       # A1111's styles.csv (default: ~/.config/sdbridge/styles.csv)
     link: bool = False                   # join the Ableton Link session (tempo and beat for LFOs, recalls)
+    midi_in: list[str] = field(default_factory=list)  # --midi-in: MIDI input ports, by name substring (docs/midi.md)
+    midi_map: str | None = None          # --midi-map: the MIDI mapping file (default ~/.config/sdbridge/midi.toml)
     outputs: list[str] = field(default_factory=list)  # --output: ndi:NAME, virtualcam, record:DIR (sdbridge/outputs)
     interpolate: str = "off"             # outputs' frames per engine frame (off, 2x-4x) unless their spec says
     inputs: list[str] = field(default_factory=list)  # --input: file:PATH, camera:N, shm:NAME, ndi:SOURCE

@@ -37,6 +37,7 @@ from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.presets import PresetLibrary
 from sdbridge.params import ParamStore, Schema
 from sdbridge.bridge.link import LinkSync
+from sdbridge.bridge.midi import MidiBridge
 from sdbridge.inputs.hub import InputHub
 from sdbridge.outputs.hub import OutputHub
 from sdbridge.outputs.interpolate import parse_factor
@@ -101,6 +102,9 @@ class Daemon:
                 raise errors[0]
         self.control = Control(self, PresetLibrary(Path(settings.presets_dir).expanduser()
                                                    if settings.presets_dir else None))
+        # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
+        # plugins, whose parameters it may name.
+        self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
@@ -192,6 +196,8 @@ class Daemon:
         if settings.link:
             self.link = LinkSync(self.store, self.worker.clock)
             await self.link.start()
+        if self.midi is not None:
+            await self.midi.start()
         if self.outputs is not None:
             self.outputs.start()
         self.worker.start()
@@ -232,6 +238,8 @@ class Daemon:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self.store.unsubscribe(self._params_changed)
+        if self.midi is not None:
+            self.midi.stop()
         if self.link is not None:
             await self.link.stop()
         self.control.close()
@@ -392,6 +400,7 @@ class Daemon:
             "outputs": self.outputs.stats() if self.outputs is not None else [],
             "inputs": self.inputs.stats() if self.inputs is not None else [],
             "link": self.link.describe() if self.link is not None else {"enabled": False},
+            "midi": self.midi.describe() if self.midi is not None else {"enabled": False},
             "sessions": sessions,
         }
 

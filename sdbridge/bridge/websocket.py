@@ -163,7 +163,8 @@ class Connection:
             handler = getattr(self, f"_json_{message['type']}", None)
             if handler is None:
                 raise ProtocolError(f"unknown message type {message['type']!r}"[:200]
-                                    + " (known: set, get, subscribe, preset, save_preset, ping)", code="bad_json")
+                                    + " (known: set, get, subscribe, preset, save_preset, midi_learn, midi_map, ping)",
+                                    code="bad_json")
             handler(message)
         except SdbridgeError as exc:
             self.error(exc, **_request_id(message))
@@ -210,6 +211,27 @@ class Connection:
         preset = self.daemon.control.save_preset(message.get("name"), message.get("description", ""),
                                          message.get("glide_s", 0.0))
         self._reply(message, {"type": "preset_saved", **preset.to_json()})
+
+    def _json_midi_learn(self, message: dict[str, Any]) -> None:
+        """{"type": "midi_learn", "param": "strength"}: the next CC moved is bound to it (null: cancel); then
+        a "midi_learned" reply names the channel and controller (docs/midi.md)."""
+        midi = self._midi()
+        param = message.get("param")
+        midi.learn(param, lambda binding: self._reply(message, {"type": "midi_learned", **binding.to_json()}))
+        self._reply(message, {"type": "midi_learn", "param": param})
+
+    def _json_midi_map(self, message: dict[str, Any]) -> None:
+        """{"type": "midi_map"}: the current map; with "save": true, written to the map file first."""
+        midi = self._midi()
+        saved = str(midi.save()) if message.get("save") is True else None
+        self._reply(message, {"type": "midi_map", "path": str(midi.map_path), "saved": saved,
+                              "learning": midi.mapper.learning, **midi.mapper.map.to_json()})
+
+    def _midi(self) -> Any:
+        if self.daemon.midi is None:
+            raise ProtocolError("MIDI is off: start the daemon with --midi-in PORT or --midi-map FILE",
+                                code="midi_off")
+        return self.daemon.midi
 
     def _json_ping(self, message: dict[str, Any]) -> None:
         self._reply(message, {"type": "pong", "t": message.get("t")})

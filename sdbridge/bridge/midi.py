@@ -1,0 +1,233 @@
+"""MIDI in: a fader box or a DAW's MIDI clock straight into the daemon (docs/midi.md).
+
+On with ``--midi-in PORT`` (a substring of the port's name; repeatable) or ``--midi-map FILE``. The
+ports are mido inputs on the python-rtmidi backend (``pip install 'sdbridge[midi]'``); their callback,
+on rtmidi's thread, only stamps each message with the time it arrived and hands it to the event loop
+through :meth:`MidiBridge.receive`, the one entry point (tests feed it too). On the loop the sans-I/O
+parts decide: :class:`~sdbridge.bridge.midi_map.MidiMapper` (CCs, notes, learn mode) and
+:class:`~sdbridge.bridge.midi_clock.MidiClock` (tempo and beat); this module applies what they say
+through the same paths as OSC (slew, presets) and feeds the worker's
+:class:`~sdbridge.bridge.beat_clock.BeatClock` as Ableton Link does. With ``--link`` on, Link owns the
+tempo and the beat and MIDI clock is counted, not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdbridge.bridge.midi_clock import ClockSample, MidiClock
+from sdbridge.bridge.midi_map import (DEFAULT_MAP_TOML, CcBinding, MidiMap, MidiMapper, load_map, parse_map,
+                                     save_map)
+from sdbridge.bridge.problem_log import ProblemLog
+from sdbridge.errors import ConfigError, SdbridgeError
+
+if TYPE_CHECKING:
+    from sdbridge.bridge.server import Daemon
+
+log = logging.getLogger(__name__)
+
+BPM_STEP = 0.05  # the clock's tempo moves bpm only by at least this much: no store update (and OSC echo) per tick
+LIST = "list"    # --midi-in list: print the ports and exit
+
+
+@dataclass
+class MidiStats:
+    messages: int = 0
+    applied: int = 0        # messages that changed something (a mapped CC or note)
+    unmapped: int = 0
+    errors: int = 0
+    clock_ticks: int = 0
+    clock_ignored: int = 0  # ticks while Ableton Link owns the tempo
+
+
+def default_map_path() -> Path:
+    return Path.home() / ".config" / "sdbridge" / "midi.toml"
+
+
+def _mido() -> Any:
+    try:
+        import mido
+    except ImportError as exc:
+        raise ConfigError("MIDI input needs mido and python-rtmidi: pip install 'sdbridge[midi]'") from exc
+    return mido
+
+
+def list_ports() -> list[str]:
+    """The MIDI input ports' names; ConfigError where the system has no MIDI (no ALSA sequencer, say)."""
+    mido = _mido()
+    try:
+        return list(mido.get_input_names())
+    except ImportError as exc:  # mido without python-rtmidi
+        raise ConfigError(f"MIDI input needs python-rtmidi: pip install 'sdbridge[midi]' ({exc})") from exc
+    except (RuntimeError, OSError) as exc:  # rtmidi's SystemError: no ALSA sequencer (/dev/snd/seq), no CoreMIDI
+        raise ConfigError(f"cannot list MIDI ports: {exc}") from exc
+
+
+def match_port(wanted: str, names: list[str]) -> str:
+    """The port whose name is ``wanted`` or, else, the first that contains it (case-insensitive)."""
+    if wanted in names:
+        return wanted
+    found = [name for name in names if wanted.casefold() in name.casefold()]
+    if not found:
+        raise ConfigError(f"no MIDI input port matches {wanted!r} (ports: {', '.join(map(repr, names)) or 'none'}; "
+                          "`sdbridge serve --midi-in list` lists them)")
+    if len(found) > 1:
+        log.warning("MIDI input %r matches %d ports (%s): using %r", wanted, len(found), ", ".join(found), found[0])
+    return found[0]
+
+
+class MidiBridge:
+    def __init__(self, daemon: Daemon, midi_map: MidiMap, map_path: Path) -> None:
+        self.daemon = daemon
+        self.mapper = MidiMapper(midi_map, daemon.store.schema)
+        self.clock = MidiClock()
+        self.map_path = map_path
+        self.stats = MidiStats()
+        self.ports: list[Any] = []
+        self.following = False  # we fed the worker's BeatClock (so stop() hands it back)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._learn_notify: Callable[[CcBinding], None] | None = None
+        self._log = ProblemLog(log, "MIDI", lambda: {"errors": self.stats.errors})
+
+    @classmethod
+    def from_settings(cls, daemon: Daemon) -> MidiBridge:
+        """The map from ``--midi-map``, else ~/.config/sdbridge/midi.toml, else the default; a bad one: ConfigError."""
+        settings = daemon.settings
+        schema = daemon.store.schema
+        if settings.midi_map:
+            path = Path(settings.midi_map).expanduser()
+            return cls(daemon, load_map(path, schema), path)
+        path = default_map_path()
+        if path.is_file():
+            return cls(daemon, load_map(path, schema), path)
+        return cls(daemon, parse_map(DEFAULT_MAP_TOML, schema, "the default midi map"), path)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        wanted = [name for name in self.daemon.settings.midi_in if name != LIST]
+        if wanted:
+            mido = _mido()
+            names = await asyncio.to_thread(list_ports)
+            for name in dict.fromkeys(match_port(want, names) for want in wanted):
+                try:
+                    self.ports.append(mido.open_input(name, callback=self._on_port_message))
+                except (OSError, RuntimeError) as exc:
+                    self.stop()
+                    raise ConfigError(f"cannot open MIDI input {name!r}: {exc}") from exc
+                log.info("MIDI in from %r", name)
+        missing = [binding.preset for binding in self.mapper.map.notes
+                   if binding.preset and binding.preset not in self.daemon.control.presets.names()]
+        if missing:  # they may be saved later in the show: a warning, not a refusal
+            log.warning("the MIDI map names presets that do not exist yet: %s", ", ".join(sorted(set(missing))))
+
+    def stop(self) -> None:
+        for port in self.ports:
+            try:
+                port.close()
+            except Exception:  # closing a port whose device was unplugged: nothing more to do
+                log.debug("closing MIDI port %r failed", getattr(port, "name", port), exc_info=True)
+        self.ports = []
+        if self.following:
+            self.daemon.worker.clock.unfollow()
+            self.following = False
+        self._log.flush()
+
+    # --- messages in --------------------------------------------------------------------------------
+
+    def _on_port_message(self, message: Any) -> None:
+        """rtmidi's thread: stamp the arrival time now (the loop may be busy for a millisecond), then hand over."""
+        self.receive(message, time.monotonic())
+
+    def receive(self, message: Any, at: float | None = None) -> None:
+        """Any thread: one ``mido.Message``, arrived at monotonic ``at`` (default: now)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._handle, message, time.monotonic() if at is None else at)
+
+    def _handle(self, message: Any, at: float) -> None:
+        """Loop thread."""
+        self.stats.messages += 1
+        try:
+            kind = message.type
+            if kind == "clock":
+                self._tick(at)
+            elif kind in ("start", "stop", "continue", "songpos"):
+                {"start": self.clock.start, "stop": self.clock.stop, "continue": self.clock.resume,
+                 "songpos": lambda: self.clock.song_position(message.pos)}[kind]()
+            else:
+                self._apply(message)
+        except Exception:  # one message must never take MIDI down
+            self.stats.errors += 1
+            log.exception("MIDI message %s could not be handled", message)
+
+    def _apply(self, message: Any) -> None:
+        control = self.daemon.control
+        actions = self.mapper.feed(message, self.daemon.store.get)
+        errors: list[SdbridgeError] = list(actions.errors)
+        if actions.updates:
+            errors += control.apply_live(actions.updates)[1]  # faders slew as OSC's do
+        if actions.jumps:
+            errors += self.daemon.store.update(actions.jumps)[1]
+        for recall in actions.presets:
+            try:
+                errors += control.recall_preset(recall.name, recall.glide_s, recall.glide_beats, recall.on_beat)[1]
+            except SdbridgeError as exc:
+                errors.append(exc)
+        if actions.learned is not None:
+            log.info("MIDI learn: channel %d CC %d -> %s", actions.learned.channel or 0, actions.learned.control,
+                     actions.learned.param)
+            notify, self._learn_notify = self._learn_notify, None
+            if notify is not None:
+                notify(actions.learned)
+        if actions.updates or actions.jumps or actions.presets:
+            self.stats.applied += 1
+        elif actions.learned is None and not errors:
+            self.stats.unmapped += 1
+        for exc in errors:
+            self.stats.errors += 1
+            self._log.warning("MIDI %s: %s", message, exc)
+            self.daemon.report_osc_error(exc)
+
+    def _tick(self, at: float) -> None:
+        self.stats.clock_ticks += 1
+        sample = self.clock.tick(at)
+        if sample is None or not self.mapper.map.clock:
+            return
+        if self.daemon.link is not None:  # Link wins: it is the rig's shared clock
+            self.stats.clock_ignored += 1
+            return
+        self._follow(sample)
+
+    def _follow(self, sample: ClockSample) -> None:
+        if sample.running:
+            self.daemon.worker.clock.follow(sample.beat, sample.at, sample.tempo)
+            self.following = True
+        spec = self.daemon.store.schema.get("bpm")
+        tempo = round(min(max(sample.tempo, spec.minimum), spec.maximum), 2)
+        if abs(tempo - float(self.daemon.store.get("bpm"))) >= BPM_STEP:
+            self.daemon.store.update({"bpm": tempo})
+
+    # --- learn mode and the map ---------------------------------------------------------------------
+
+    def learn(self, param: str | None, notify: Callable[[CcBinding], None] | None = None) -> None:
+        """Bind the next CC moved to ``param``; ``notify`` hears the binding (one waiter: a new request replaces)."""
+        self.mapper.learn(param)
+        self._learn_notify = notify if param is not None else None
+
+    def save(self) -> Path:
+        save_map(self.mapper.map, self.map_path)
+        log.info("MIDI map saved to %s", self.map_path)
+        return self.map_path
+
+    def describe(self) -> dict[str, Any]:
+        return {"enabled": True, "ports": [port.name for port in self.ports], "map": str(self.map_path),
+                "learning": self.mapper.learning, "clock_tempo": None if self.clock.tempo is None
+                else round(self.clock.tempo, 2), "clock_running": self.clock.running,
+                "following_clock": self.following and self.daemon.link is None, **asdict(self.stats)}
