@@ -250,6 +250,17 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("blend_prompt", "str", "", "A second prompt, mixed into the prompt by prompt_blend."),
     ParamSpec("prompt_blend", "float", 0.0, "0: the prompt alone, 1: blend_prompt alone; in between a live mix "
               "of their embeddings.", minimum=0.0, maximum=1.0),
+    ParamSpec("prompt_weight", "float", 1.0, "The prompt's weight (with its blend_prompt mix) in the mix with "
+              "prompt_2..prompt_4. Weights are normalised to sum 1, so only their ratios count; 0 leaves the prompt "
+              "out (all 0: the prompt alone).", minimum=0.0, maximum=10.0),
+    *(spec for slot in (2, 3, 4) for spec in (
+        ParamSpec(f"prompt_{slot}", "str", "", f"A prompt mixed with the prompt by prompt_{slot}_weight (same "
+                  f"syntax; its <lora:...> tags are ignored). Empty, or at weight 0, it is off and costs nothing."),
+        ParamSpec(f"prompt_{slot}_weight", "float", 0.0, f"prompt_{slot}'s weight in the mix (normalised with the "
+                  f"others to sum 1); moving it live costs no text encoding.", minimum=0.0, maximum=10.0))),
+    ParamSpec("prompt_interpolation", "enum", "linear", "How the weighted prompts mix: linear (a weighted sum of "
+              "their embeddings) or slerp (spherical, in order: keeps the embeddings' length, which a linear mix "
+              "of unlike prompts shrinks).", choices=("linear", "slerp")),
     ParamSpec("clip_skip", "int", 0, "Text-encoder layers skipped from the end, as diffusers counts (A1111's "
               "'Clip skip' minus 1; 1 for many anime models).", minimum=0, maximum=4),
     ParamSpec("strength", "float", 0.5, "How far img2img moves from the input: 0 keeps it, 1 ignores it.",

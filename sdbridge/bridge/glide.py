@@ -12,6 +12,12 @@ slerp the noise so). A new glide of a parameter replaces the one in flight.
 Other stepped integers (``modulation.STEPPED``: width, height, steps, clip_skip, ...) apply at
 once, at the start of the glide: the values between are no quantity.
 
+The mixed prompts (:data:`MIXED`: ``prompt_2`` .. ``prompt_4``) are text beside numeric weights: their weights
+glide like any number, so a look fades a prompt in or out. A new text applies at once (at weight 0 it is not
+heard: the weight then glides up from 0), but a text that a look replaces while its weight glides from above 0 to
+0 (a saved look with the slot off) is replaced as the weight lands, so the old prompt fades out. A new text under a
+weight that stays above 0 is a step, as any text.
+
 A value someone sets while it glides (a controller over OSC, WebSocket or HTTP, the quality
 ladder) wins: at each step the glider checks that the stored value is still the one it last
 wrote, and drops the parameter if not; the others glide on. So no transport needs to know about
@@ -36,6 +42,8 @@ from sdbridge.params import ParamStore
 BLENDED: dict[str, tuple[str, str, Any]] = {"prompt": ("blend_prompt", "prompt_blend", ""),
                                             "seed": ("blend_seed", "seed_blend", 0)}
 _BLEND_OF = {weight: (name, other, rest) for name, (other, weight, rest) in BLENDED.items()}
+# The prompts mixed beside the prompt by their weights (engines/prompt_encode.mix) -> the weight.
+MIXED = {f"prompt_{slot}": f"prompt_{slot}_weight" for slot in (2, 3, 4)}
 
 
 def smoothstep(t: float) -> float:
@@ -81,6 +89,15 @@ class Glider:
                 self._written[weight] = current.get(weight)
                 self._finish[weight] = {name: value, other: rest, weight: 0.0}
                 self._watch[weight] = {name: current.get(name), other: value}
+        for name, weight in MIXED.items():
+            value = targets.get(name)
+            if (value is None or duration_s <= 0 or value == current.get(name) or weight not in self.store.schema
+                    or not float(current.get(weight) or 0.0) > 0.0 or float(targets.get(weight, 1.0)) != 0.0):
+                continue  # not a mixed prompt fading out: its text applies at once (unheard at weight 0)
+            # Its weight glides to 0 under the old text, which the look's text replaces as the weight lands.
+            del targets[name]
+            self._finish[weight] = {name: value, weight: 0.0}
+            self._watch[weight] = {name: current.get(name)}
         for name, target in targets.items():
             spec = self.store.schema.get(name)
             if (duration_s > 0 and spec.numeric and not stepped(name)

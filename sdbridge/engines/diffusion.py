@@ -32,7 +32,7 @@ from sdbridge.engines import samplers
 from sdbridge.engines.base import Engine, StreamState
 from sdbridge.engines.conditioning import TextConditioning
 from sdbridge.engines.parts import PipelineParts
-from sdbridge.engines.prompt_encode import blend, match_lengths
+from sdbridge.engines.prompt_encode import blend, extra_prompts, match_lengths, mix
 from sdbridge.errors import ModelError
 
 if TYPE_CHECKING:
@@ -215,15 +215,31 @@ class DiffusionEngine(Engine):
         assert self.conditioning is not None
         self.conditioning.apply(self.conditioning.wanted(prompt, str(params.get("loras", ""))))
         self.conditioning.clip_skip = int(params.get("clip_skip", 0))
-        cond, cond_pooled = self._encode_prompt_pooled(prompt)
-        blend_weight = float(params.get("prompt_blend", 0.0))
-        if blend_weight > 0.0 and params.get("blend_prompt"):
-            other, other_pooled = self._encode_prompt_pooled(str(params["blend_prompt"]))
-            cond = blend(cond, other, blend_weight, self._encode_prompt(""))
-            if cond_pooled is not None and other_pooled is not None:
-                # As blend() does with the hidden states: past 1 the second prompt alone.
-                cond_pooled = other_pooled if blend_weight >= 1.0 else torch.lerp(cond_pooled, other_pooled,
-                                                                                   blend_weight)
+        # The prompt (lerped with blend_prompt by prompt_blend, as before the N-way mix), then, when prompt_2..4
+        # take part, the mix of them all by weight (prompt_encode.mix). A prompt at weight 0 is not encoded; all at
+        # 0: the prompt alone. Encodings are cached per text, so a weight moving every frame encodes nothing.
+        others: list[tuple[Encoded, float]] = [(self._encode_prompt_pooled(text), weight)
+                                               for text, weight in extra_prompts(params)]
+        prompt_weight = float(params.get("prompt_weight", 1.0))
+        if prompt_weight > 0.0 or not others:
+            cond, cond_pooled = self._encode_prompt_pooled(prompt)
+            blend_weight = float(params.get("prompt_blend", 0.0))
+            if blend_weight > 0.0 and params.get("blend_prompt"):
+                other, other_pooled = self._encode_prompt_pooled(str(params["blend_prompt"]))
+                cond = blend(cond, other, blend_weight, self._encode_prompt(""))
+                if cond_pooled is not None and other_pooled is not None:
+                    # As blend() does with the hidden states: past 1 the second prompt alone.
+                    cond_pooled = other_pooled if blend_weight >= 1.0 else torch.lerp(cond_pooled, other_pooled,
+                                                                                       blend_weight)
+            others.insert(0, ((cond, cond_pooled), prompt_weight))
+        if len(others) > 1:
+            weights = [weight for _, weight in others]
+            interpolation = str(params.get("prompt_interpolation", "linear"))
+            cond = mix([hidden for (hidden, _), _ in others], weights, interpolation, self._encode_prompt(""))
+            pooled_parts = [pooled for (_, pooled), _ in others]
+            cond_pooled = None if pooled_parts[0] is None else mix(pooled_parts, weights, interpolation)
+        else:
+            cond, cond_pooled = others[0][0]
         pooled = cond_pooled
         if self._guided:
             uncond, uncond_pooled = self._negative(str(params["negative_prompt"]), cond, cond_pooled)

@@ -23,11 +23,15 @@ number of chunks with the empty prompt's chunk, as A1111's ``pad_cond`` does.
 SDXL (:func:`encode_prompt_sdxl`) runs steps 1–4 for each of its two encoders, on the penultimate
 hidden state as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` takes it, concatenates them
 on the feature axis, and adds text_encoder_2's pooled embeds of the first chunk.
+
+Live mixing (:func:`mix`): the prompt and up to three more (``prompt_2`` .. ``prompt_4``), each by its
+weight, normalised to sum 1, linearly or by spherical interpolation, as StreamDiffusion's weighted
+prompt lists do; each prompt's encoding stays cached, so a moving weight costs no text-encoder call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,3 +254,79 @@ def blend(first: torch.Tensor, second: torch.Tensor, weight: float, empty: torch
     if weight >= 1.0:
         return second
     return torch.lerp(first, second, weight)
+
+
+# --- the N-way mix: prompt_2..prompt_4 beside the prompt -------------------------------------------------------
+
+EXTRA_PROMPTS = ("prompt_2", "prompt_3", "prompt_4")   # each with its "<name>_weight" (params.py)
+INTERPOLATIONS = ("linear", "slerp")
+
+
+def extra_prompts(params: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """``(text, weight)`` of the extra prompts that take part in the mix: a weight above 0 and some text.
+    The others cost nothing: they are not encoded."""
+    found: list[tuple[str, float]] = []
+    for name in EXTRA_PROMPTS:
+        text, weight = str(params.get(name) or ""), float(params.get(f"{name}_weight") or 0.0)
+        if weight > 0.0 and text.strip():
+            found.append((text, weight))
+    return found
+
+
+def mix(tensors: Sequence[torch.Tensor], weights: Sequence[float], interpolation: str = "linear",
+        empty: torch.Tensor | None = None) -> torch.Tensor:
+    """A weighted mix of prompt encodings, the weights normalised to sum 1; a weight of 0 or less leaves its
+    tensor out. One tensor left is returned as it is (bit for bit), so (1, 0, 0) is the first prompt alone.
+
+    Hidden states ``[1, 77 * k, D]`` of different numbers of chunks are padded with ``empty`` (the empty
+    prompt's chunk ``[1, 77, D]``) to the longest, as :func:`match_lengths` pads cond and uncond; pooled
+    embeds ``[1, D_pool]`` need no ``empty``.
+
+    - ``linear``: ``sum(w_i * x_i)``.
+    - ``slerp``: each token's vector (the last axis) in turn, iteratively in the order given:
+      ``x = slerp(x, x_i, w_i / (w_1 + ... + w_i))``, which is the two-prompt slerp for two prompts and gives
+      each prompt its weight's share. Directions move along the sphere and lengths are mixed linearly (see
+      :func:`slerp`), so the mix keeps the weighted mean of the prompts' norms where a linear mix of
+      near-orthogonal vectors shrinks; for three or more prompts the direction depends a little on the order.
+
+    Computed in float32 (fp16 half-way weights would round), returned in the first tensor's dtype.
+    """
+    assert interpolation in INTERPOLATIONS, interpolation
+    assert len(tensors) == len(weights), (len(tensors), len(weights))
+    active = [(tensor, float(weight)) for tensor, weight in zip(tensors, weights) if float(weight) > 0.0]
+    assert active, "mix needs a weight above 0"
+    if len(active) == 1:
+        return active[0][0]
+    if len({tensor.shape for tensor, _ in active}) != 1:
+        assert empty is not None, [tuple(tensor.shape) for tensor, _ in active]
+        chunks = max(tensor.shape[1] for tensor, _ in active) // CHUNK_LENGTH
+        active = [(pad_chunks(tensor, chunks, empty), weight) for tensor, weight in active]
+    dtype = active[0][0].dtype
+    total = sum(weight for _, weight in active)
+    if interpolation == "linear":
+        mixed = sum(tensor.float() * (weight / total) for tensor, weight in active)
+        assert isinstance(mixed, torch.Tensor)
+        return mixed.to(dtype)
+    mixed, so_far = active[0][0].float(), active[0][1]
+    for tensor, weight in active[1:]:
+        so_far += weight
+        mixed = slerp(mixed, tensor.float(), weight / so_far)
+    return mixed.to(dtype)
+
+
+def slerp(first: torch.Tensor, second: torch.Tensor, weight: float, eps: float = 1e-6) -> torch.Tensor:
+    """``first`` at 0, ``second`` at 1, per vector along the last axis: the direction moves along the great
+    circle between the two (spherical), the length from one length to the other (linear). For two vectors of
+    one length this is the textbook slerp; for lengths that differ it keeps the result's length between theirs.
+    Vectors (nearly) parallel or opposite, or of (nearly) zero length, are mixed linearly. No host sync."""
+    first_norm = first.norm(dim=-1, keepdim=True)                 # [..., 1]
+    second_norm = second.norm(dim=-1, keepdim=True)
+    first_unit = first / first_norm.clamp_min(eps)
+    second_unit = second / second_norm.clamp_min(eps)
+    omega = torch.acos((first_unit * second_unit).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0))
+    sin_omega = torch.sin(omega)
+    linear = (sin_omega < 1e-4) | (first_norm < eps) | (second_norm < eps)
+    sin_omega = torch.where(linear, torch.ones_like(sin_omega), sin_omega)
+    direction = (torch.sin((1.0 - weight) * omega) * first_unit + torch.sin(weight * omega) * second_unit) / sin_omega
+    spherical = direction * torch.lerp(first_norm, second_norm, weight)
+    return torch.where(linear, torch.lerp(first, second, weight), spherical)

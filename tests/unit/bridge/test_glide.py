@@ -199,3 +199,66 @@ def test_a_look_without_a_blend_lands_with_a_held_blend_off():
     assert (values["seed"], values["blend_seed"], values["seed_blend"]) == (1234, 0, 0.0)
     assert (values["prompt"], values["blend_prompt"], values["prompt_blend"]) == ("c", "", 0.0)
     assert values["strength"] == 0.8
+
+
+def test_mixed_prompt_weights_glide_and_a_new_text_comes_in_from_weight_zero():
+    """A look that brings in prompt_2: its text applies at once (at weight 0 it is not heard), its weight glides
+    up from 0 as any number does, and the prompt's own weight glides too."""
+    async def scenario():
+        store = ParamStore()
+        store.update({"prompt": "a forest", "prompt_2": "old, unheard", "prompt_2_weight": 0.0})
+        glider = Glider(store, rate_hz=100)
+        seen = []
+        store.subscribe(lambda changed: seen.append(dict(changed)))
+        glider.start({"prompt_2": "a storm", "prompt_2_weight": 2.0, "prompt_weight": 0.5}, duration_s=0.3)
+        at_start = store.snapshot()[1]
+        await asyncio.sleep(0.5)
+        return store, seen, at_start
+
+    store, seen, at_start = asyncio.run(scenario())
+    assert at_start["prompt_2"] == "a storm" and at_start["prompt_2_weight"] == 0.0
+    weights = [changed["prompt_2_weight"] for changed in seen if "prompt_2_weight" in changed]
+    assert len(weights) >= 5 and weights == sorted(weights) and weights[-1] == 2.0
+    assert sum("prompt_weight" in changed for changed in seen) >= 5 and store.get("prompt_weight") == 0.5
+    assert store.get("prompt") == "a forest"  # the main prompt did not change: no prompt glide
+
+
+def test_a_mixed_prompt_fading_out_keeps_its_text_until_its_weight_lands():
+    """A saved look with prompt_2 off ('' at weight 0) recalled over a mix that holds one: replaced at once, the
+    text would cut the prompt out of the mix; it fades out instead, and the text changes as the weight lands."""
+    async def scenario():
+        store = ParamStore()
+        store.update({"prompt_2": "a storm", "prompt_2_weight": 1.5, "prompt_3": "ice", "prompt_3_weight": 1.0})
+        glider = Glider(store, rate_hz=100)
+        seen = []
+        store.subscribe(lambda changed: seen.append(dict(changed)))
+        glider.start({"prompt_2": "", "prompt_2_weight": 0.0, "prompt_3": "fire"}, duration_s=0.3)
+        at_start = store.snapshot()[1]
+        await asyncio.sleep(0.1)
+        middle = store.snapshot()[1]
+        await asyncio.sleep(0.4)
+        return store, seen, at_start, middle
+
+    store, seen, at_start, middle = asyncio.run(scenario())
+    assert middle["prompt_2"] == "a storm" and 0.0 < middle["prompt_2_weight"] < 1.5
+    weights = [changed["prompt_2_weight"] for changed in seen if "prompt_2_weight" in changed]
+    assert len(weights) >= 5 and weights == sorted(weights, reverse=True)
+    last = [changed for changed in seen if "prompt_2" in changed][-1]
+    assert last == {"prompt_2": "", "prompt_2_weight": 0.0}  # one update: the text goes as the weight lands
+    assert store.get("prompt_2") == "" and store.get("prompt_2_weight") == 0.0
+    assert at_start["prompt_3"] == "fire"  # its weight stays above 0: a new text under it is a step, as any text
+
+
+def test_a_client_text_during_a_fade_out_wins():
+    async def scenario():
+        store = ParamStore()
+        store.update({"prompt_2": "a storm", "prompt_2_weight": 1.0})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"prompt_2": "", "prompt_2_weight": 0.0}, duration_s=0.4)
+        await asyncio.sleep(0.1)
+        store.update({"prompt_2": "a bird"})
+        await asyncio.sleep(0.5)
+        return store, glider.active
+
+    store, active = asyncio.run(scenario())
+    assert store.get("prompt_2") == "a bird" and 0.0 < store.get("prompt_2_weight") < 1.0 and active == []

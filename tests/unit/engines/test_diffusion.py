@@ -193,3 +193,98 @@ def test_tcd_runs_the_stream_as_diffusers_img2img_runs_it(vae_parts, frame):
     assert relative_error(ours, theirs) <= 1e-4
     engine.prepare(params(sampler="TCD", steps=4, strength=0.75, seed=4))
     assert relative_error(engine.step_float(frame, [StreamState("s")]), ours) > 1e-3
+
+
+# --- the N-way prompt mix (prompt_2..prompt_4 and their weights) -------------------------------------
+
+def embeddings_of(engine: DiffusionEngine, **overrides) -> torch.Tensor:
+    engine.prepare(params(**overrides))
+    assert engine._embeddings is not None
+    return engine._embeddings.clone()
+
+
+def test_prompt_weights_pick_and_mix_the_prompts(parts):
+    engine = DiffusionEngine.from_parts(parts)
+    fox = embeddings_of(engine, prompt="a red fox")
+    whale = embeddings_of(engine, prompt="a blue whale")
+    calls = engine.text_encoder_calls
+    # Set but at weight 0 (the default), or empty: off and never encoded.
+    assert torch.equal(embeddings_of(engine, prompt_2="a green owl", prompt_3="", prompt_3_weight=1.0), fox)
+    assert engine.text_encoder_calls == calls
+    assert torch.equal(embeddings_of(engine, prompt_2="a blue whale", prompt_2_weight=2.0, prompt_weight=0.0), whale)
+    both = embeddings_of(engine, prompt_2="a blue whale", prompt_2_weight=1.0)
+    assert torch.allclose(both, (fox + whale) / 2, atol=1e-6)
+    # All weights 0: the prompt alone.
+    assert torch.equal(embeddings_of(engine, prompt_weight=0.0, prompt_2="a blue whale"), fox)
+
+
+def test_the_prompt_at_weight_zero_is_not_encoded(parts):
+    engine = DiffusionEngine.from_parts(parts)
+    embeddings_of(engine, prompt="a blue whale")
+    calls = engine.text_encoder_calls
+    embeddings_of(engine, prompt="something never encoded", prompt_weight=0.0, prompt_2="a blue whale",
+                  prompt_2_weight=1.0)
+    assert engine.text_encoder_calls == calls
+
+
+def test_moving_weights_encode_nothing_and_move_the_embeddings(parts):
+    """An LFO or a fader moves a weight every frame: the mix is made from the cached encodings."""
+    engine = DiffusionEngine.from_parts(parts)
+    texts = dict(prompt_2="a blue whale", prompt_3="a " * 100, prompt_4="(ink:1.3) sketch, BREAK paper")
+    for interpolation in ("linear", "slerp"):
+        embeddings_of(engine, prompt_2_weight=1.0, prompt_3_weight=1.0, prompt_4_weight=1.0,
+                      prompt_interpolation=interpolation, **texts)
+    calls = engine.text_encoder_calls
+    seen = []
+    for frame_index in range(24):
+        phase = frame_index / 24 * 2 * torch.pi
+        weights = dict(prompt_weight=1.0 + torch.sin(torch.tensor(phase)).item(), prompt_2_weight=frame_index / 10,
+                       prompt_3_weight=0.5, prompt_4_weight=0.0 if frame_index % 3 else 2.0)
+        seen.append(embeddings_of(engine, prompt_interpolation=("linear", "slerp")[frame_index % 2],
+                                  **texts, **weights))
+    assert engine.text_encoder_calls == calls
+    assert all(frame.shape == (1, 2 * 77, 32) for frame in seen)  # prompt_3's two chunks: the others padded
+    assert all(not torch.equal(first, second) for first, second in zip(seen, seen[1:]))  # each frame its own mix
+
+
+def test_a_longer_prompt_2_pads_the_prompt_and_the_negative(parts):
+    engine = DiffusionEngine.from_parts(parts)
+    fox = embeddings_of(engine)
+    empty = embeddings_of(engine, prompt="")
+    mixed = embeddings_of(engine, prompt_2="a " * 100, prompt_2_weight=1.0, guidance=3.0, negative_prompt="blurry")
+    assert mixed.shape == (2, 2 * 77, 32)  # uncond padded to the mix's two chunks
+    long = embeddings_of(engine, prompt="a " * 100)
+    assert torch.allclose(mixed[1:], (torch.cat([fox, empty], dim=1) + long) / 2, atol=1e-6)
+
+
+def test_blend_prompt_mixes_into_the_prompt_before_the_weights(parts):
+    """prompt_blend lerps the prompt with blend_prompt as before; that mix is the prompt's part, by prompt_weight."""
+    engine = DiffusionEngine.from_parts(parts)
+    blended = embeddings_of(engine, blend_prompt="a blue whale", prompt_blend=0.25)
+    owl = embeddings_of(engine, prompt="a green owl")
+    both = embeddings_of(engine, blend_prompt="a blue whale", prompt_blend=0.25, prompt_2="a green owl",
+                         prompt_2_weight=3.0)
+    assert torch.allclose(both, 0.25 * blended + 0.75 * owl, atol=1e-6)
+
+
+def test_slerp_mix_keeps_the_length_between_the_prompts(parts):
+    engine = DiffusionEngine.from_parts(parts)
+    fox, whale = embeddings_of(engine), embeddings_of(engine, prompt="a blue whale")
+    mixed = embeddings_of(engine, prompt_2="a blue whale", prompt_2_weight=1.0, prompt_interpolation="slerp")
+    norms = fox.norm(dim=-1), whale.norm(dim=-1)
+    assert torch.allclose(mixed.norm(dim=-1), (norms[0] + norms[1]) / 2, rtol=1e-5)
+    linear = embeddings_of(engine, prompt_2="a blue whale", prompt_2_weight=1.0)
+    assert not torch.allclose(mixed, linear, atol=1e-4)
+
+
+def test_prompt_2_changes_the_frame(parts, frame):
+    engine = DiffusionEngine.from_parts(parts)
+
+    def out(**overrides) -> torch.Tensor:
+        engine.prepare(params(strength=0.9, **overrides))
+        return engine.step_float(frame, [StreamState("s")])
+
+    alone = out()
+    assert torch.equal(out(prompt_2="a blue whale"), alone)  # weight 0: the same frame, bit for bit
+    mixed = out(prompt_2="a blue whale", prompt_2_weight=1.0)
+    assert relative_error(mixed, alone) > 1e-3

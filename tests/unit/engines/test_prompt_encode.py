@@ -15,6 +15,8 @@ from sdbridge.engines.prompt_encode import (
     encode_chunks,
     encode_prompt,
     match_lengths,
+    mix,
+    slerp,
 )
 from sdbridge.engines.prompt_syntax import parse_prompt
 
@@ -184,3 +186,76 @@ def test_expanded_embeddings_are_placed_whole_and_oversized_ones_spill(parts):
     spilled = build_chunks(pieces, parts.tokenizer, expand(80))
     assert [chunk.length for chunk in spilled] == [77, 77, 3]   # 70 + 80 + 1 tokens
     assert spilled[0].tokens[71:76] == list(range(1000, 1005))
+
+
+# --- the N-way mix ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interpolation", ["linear", "slerp"])
+def test_a_mix_with_one_weight_above_zero_is_that_prompt_exactly(parts, interpolation):
+    fox, whale, long, empty = (encode(parts, text) for text in ("a red fox", "a blue whale", "a " * 100, ""))
+    assert mix([fox, whale, long], [1.0, 0.0, 0.0], interpolation, empty) is fox
+    assert mix([fox, whale, long], [0.0, 1.0, 0.0], interpolation, empty) is whale
+    assert mix([fox, whale, long], [0.0, 0.0, 0.3], interpolation, empty) is long  # normalised: 0.3 alone is 1
+
+
+def test_linear_mix_is_the_normalised_weighted_sum_padded_to_the_longest(parts):
+    fox, whale, long, empty = (encode(parts, text) for text in ("a red fox", "a blue whale", "a " * 100, ""))
+    assert torch.allclose(mix([fox, whale], [0.5, 0.5], "linear"), (fox + whale) / 2, atol=1e-6)
+    assert torch.allclose(mix([fox, whale], [3.0, 3.0], "linear"), (fox + whale) / 2, atol=1e-6)
+    three = mix([fox, whale, long], [1.0, 2.0, 1.0], "linear", empty)
+    assert three.shape == (1, 2 * CHUNK_LENGTH, 32)  # one chunk, one chunk, two chunks: padded with the empty one
+    padded = [torch.cat([tensor, empty], dim=1) for tensor in (fox, whale)]
+    assert torch.allclose(three, 0.25 * padded[0] + 0.5 * padded[1] + 0.25 * long, atol=1e-6)
+    # The two-prompt case is blend() (what blend_prompt and prompt_blend do).
+    assert torch.allclose(mix([fox, long], [0.7, 0.3], "linear", empty), blend(fox, long, 0.3, empty), atol=1e-6)
+
+
+def test_slerp_keeps_the_length_where_a_linear_mix_of_unlike_vectors_shrinks():
+    """Random vectors in 512 dimensions are near orthogonal, as the embeddings of unlike prompts lean apart:
+    half-way a linear mix has about 0.71 of their length, the spherical one the mean of their lengths."""
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randn(1, 77, 512, generator=generator)
+    second = torch.randn(1, 77, 512, generator=generator) * 2.0
+    norms = first.norm(dim=-1), second.norm(dim=-1)
+    spherical = mix([first, second], [1.0, 1.0], "slerp").norm(dim=-1)
+    linear = mix([first, second], [1.0, 1.0], "linear").norm(dim=-1)
+    assert torch.allclose(spherical, (norms[0] + norms[1]) / 2, rtol=1e-5)
+    assert bool((spherical > torch.minimum(*norms)).all() and (spherical < torch.maximum(*norms)).all())
+    assert bool((linear < 0.8 * spherical).all())
+
+
+def test_slerp_of_two_vectors_of_one_length_is_the_textbook_slerp():
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.randn(2, 5, 64, generator=generator).double().unbind(0)
+    second = second / second.norm(dim=-1, keepdim=True) * first.norm(dim=-1, keepdim=True)
+    omega = torch.acos((first * second).sum(-1, keepdim=True) / first.norm(dim=-1, keepdim=True) ** 2)
+    weight = 0.3
+    textbook = (torch.sin((1 - weight) * omega) * first + torch.sin(weight * omega) * second) / torch.sin(omega)
+    assert torch.allclose(slerp(first, second, weight), textbook, atol=1e-12)
+    assert torch.allclose(slerp(first, second, 0.0), first, atol=1e-12)
+    assert torch.allclose(slerp(first, second, 1.0), second, atol=1e-12)
+
+
+def test_slerp_of_three_is_iterative_in_order_with_the_weighted_mean_length(parts):
+    fox, whale, cat = (encode(parts, text) for text in ("a red fox", "a blue whale", "a cat on a mat"))
+    mixed = mix([fox, whale, cat], [1.0, 2.0, 1.0], "slerp")
+    assert torch.allclose(mixed, slerp(slerp(fox, whale, 2 / 3), cat, 1 / 4), atol=1e-6)
+    mean_norm = (fox.norm(dim=-1) + 2 * whale.norm(dim=-1) + cat.norm(dim=-1)) / 4
+    assert torch.allclose(mixed.norm(dim=-1), mean_norm, rtol=1e-5)
+
+
+def test_slerp_of_parallel_or_zero_vectors_is_linear_and_finite():
+    vector = torch.tensor([[1.0, 2.0, 3.0]])
+    assert torch.allclose(slerp(vector, 3 * vector, 0.5), 2 * vector)          # one direction: the lengths mix
+    zero = torch.zeros_like(vector)
+    assert torch.allclose(slerp(zero, vector, 0.25), 0.25 * vector)            # no direction: linear, not NaN
+    assert torch.isfinite(slerp(vector, -vector, 0.5)).all()
+
+
+def test_mix_keeps_a_half_precision_dtype_and_mixes_in_float32(parts):
+    fox, whale = encode(parts, "a red fox").half(), encode(parts, "a blue whale").half()
+    for interpolation in ("linear", "slerp"):
+        mixed = mix([fox, whale], [1.0, 2.0], interpolation)
+        assert mixed.dtype == torch.float16
+        reference = mix([fox.float(), whale.float()], [1.0, 2.0], interpolation)
+        assert torch.allclose(mixed.float(), reference, atol=2e-3)

@@ -193,6 +193,30 @@ def test_prompt_blend_blends_the_pooled_embeds(sdxl_parts):
     assert torch.allclose(engine._added_cond["text_embeds"], torch.lerp(first, second, 0.25), atol=1e-6)
 
 
+def test_prompt_weights_mix_the_pooled_embeds_as_the_hidden_states(sdxl_parts):
+    from sdbridge.engines.prompt_encode import slerp
+
+    engine = DiffusionEngine.from_parts(sdxl_parts)
+
+    def conditioning(**overrides) -> tuple[torch.Tensor, torch.Tensor]:
+        engine.prepare(engine_params(**overrides))
+        return engine._embeddings.clone(), engine._added_cond["text_embeds"].clone()
+
+    fox, fox_pooled = conditioning(prompt="a red fox")
+    long, long_pooled = conditioning(prompt="a " * 100)
+    empty, _ = conditioning(prompt="")
+    mixed = dict(prompt_2="a " * 100, prompt_2_weight=3.0)
+    only, only_pooled = conditioning(prompt_weight=0.0, **mixed)
+    assert torch.equal(only, long) and torch.equal(only_pooled, long_pooled)
+    hidden, pooled = conditioning(**mixed)
+    assert hidden.shape == long.shape  # two chunks: the fox padded with the empty prompt's
+    assert torch.allclose(hidden, 0.25 * torch.cat([fox, empty], dim=1) + 0.75 * long, atol=1e-5)
+    assert torch.allclose(pooled, 0.25 * fox_pooled + 0.75 * long_pooled, atol=1e-6)
+    _, spherical = conditioning(prompt_interpolation="slerp", **mixed)
+    assert torch.allclose(spherical, slerp(fox_pooled, long_pooled, 0.75), atol=1e-6)
+    assert not torch.allclose(spherical, pooled, atol=1e-4)
+
+
 # --- prompts -----------------------------------------------------------------------------------------
 
 def test_embeddings_match_diffusers_encode_prompt(sdxl_parts):
