@@ -38,6 +38,7 @@ class OutputThread(threading.Thread):
         self.notify = notify
         self._frame: np.ndarray | None = None
         self._frame_at = 0.0  # when it was offered: the pacer's clock counts from the engine, not from this thread
+        self._busy = False    # taking, planning or sending a frame (idle() is false meanwhile)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop_event = threading.Event()
@@ -59,6 +60,11 @@ class OutputThread(threading.Thread):
             self.published += 1
         self._wake.set()
 
+    def idle(self) -> bool:
+        """No engine frame waiting, none being sent and no slot planned: all offered is shown or dropped."""
+        with self._lock:
+            return self._frame is None and not self._busy and self.pacer.next_due() is None
+
     def stop(self) -> None:
         self._stop_event.set()
         self._wake.set()
@@ -71,38 +77,47 @@ class OutputThread(threading.Thread):
             self._wake.clear()
             with self._lock:
                 frame, self._frame, offered_at = self._frame, None, self._frame_at
-            if self._stop_event.is_set():
-                continue
-            if frame is not None:
-                if time.monotonic() < retry_at:
-                    with self._lock:
-                        self.dropped += 1
-                    continue
-                # Off (factor 1), the frame is due at once and comes back as the same array: unchanged.
-                self.pacer.push(frame, offered_at)
+                self._busy = True
             try:
-                frame = self.pacer.pop_due(time.monotonic())  # an in-between is made here, when it is due
-                if frame is None:
-                    continue
-                size = (frame.shape[1], frame.shape[0])
-                if size != self.size:
-                    self.output.open(size[0], size[1], self.fps)
-                    self.size = size
-                    log.info("output %s open at %dx%d", self.spec, *size)
-                self.output.send(frame)
-                self.sent += 1
+                if not self._stop_event.is_set():
+                    retry_at = self._turn(frame, offered_at, retry_at)
+            finally:
                 with self._lock:
-                    self._rate_out.add(time.monotonic())
-            except Exception as exc:  # an output never takes the daemon down: report, close, retry later
-                self.failures += 1
-                self.last_error = str(exc) if isinstance(exc, OutputError) else f"{type(exc).__name__}: {exc}"
-                log.error("output %s failed: %s; retrying in %.0f s", self.spec, self.last_error, RETRY_S)
-                self.notify({"type": "error", "code": getattr(exc, "code", "output_failed"),
-                             "message": f"output {self.spec} failed: {self.last_error}; retrying in {RETRY_S:.0f} s"})
-                self._close()
-                self.pacer.reset()  # no in-betweens left over from before the failure
-                retry_at = time.monotonic() + RETRY_S
+                    self._busy = False
         self._close()
+
+    def _turn(self, frame: np.ndarray | None, offered_at: float, retry_at: float) -> float:
+        """Hand a new engine frame to the pacer, send what is due; the time before which nothing is sent."""
+        if frame is not None:
+            if time.monotonic() < retry_at:
+                with self._lock:
+                    self.dropped += 1
+                return retry_at
+            # Off (factor 1), the frame is due at once and comes back as the same array: unchanged.
+            self.pacer.push(frame, offered_at)
+        try:
+            frame = self.pacer.pop_due(time.monotonic())  # an in-between is made here, when it is due
+            if frame is None:
+                return retry_at
+            size = (frame.shape[1], frame.shape[0])
+            if size != self.size:
+                self.output.open(size[0], size[1], self.fps)
+                self.size = size
+                log.info("output %s open at %dx%d", self.spec, *size)
+            self.output.send(frame)
+            self.sent += 1
+            with self._lock:
+                self._rate_out.add(time.monotonic())
+        except Exception as exc:  # an output never takes the daemon down: report, close, retry later
+            self.failures += 1
+            self.last_error = str(exc) if isinstance(exc, OutputError) else f"{type(exc).__name__}: {exc}"
+            log.error("output %s failed: %s; retrying in %.0f s", self.spec, self.last_error, RETRY_S)
+            self.notify({"type": "error", "code": getattr(exc, "code", "output_failed"),
+                         "message": f"output {self.spec} failed: {self.last_error}; retrying in {RETRY_S:.0f} s"})
+            self._close()
+            self.pacer.reset()  # no in-betweens left over from before the failure
+            return time.monotonic() + RETRY_S
+        return retry_at
 
     def _close(self) -> None:
         self.size = None

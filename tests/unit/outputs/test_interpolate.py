@@ -158,7 +158,7 @@ def test_a_hub_with_interpolation_records_the_in_betweens(tmp_path: Path) -> Non
         for frame in frames:
             hub.publish("s", frame)
             time.sleep(0.1)
-        assert wait_for(lambda: hub.threads[0].pacer.next_due() is None and hub.stats()[1]["sent"] == 5)
+        assert wait_for(lambda: all(thread.idle() for thread in hub.threads) and hub.stats()[1]["sent"] == 5)
     finally:
         hub.stop()
     on, off = hub.stats()
