@@ -4,7 +4,7 @@ monotonic time it arrived.
 
 Tick times jitter (a USB stack, a DAW's MIDI thread: ±2 ms is common, a tenth of a tick at 128 bpm),
 so the tempo is a least-squares line through the last :data:`WINDOW_TICKS` tick times, not the last
-interval: at 128 bpm and ±2 ms over 192 ticks its slope is within about 0.03 bpm (measured over seeds), where one
+interval: at 128 bpm and ±2 ms over 192 ticks its slope is within 0.05 bpm (five seeds measured), where one
 interval's would be off by up to 25 bpm. The same line gives the beat, so the phase jitters no more than
 the tempo. A tempo change restarts the line once :data:`CHANGE_TICKS` ticks in a row drift off it.
 """
@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 PPQN = 24
-WINDOW_TICKS = 192         # eight beats: at 128 bpm and ±2 ms jitter, within 0.03 bpm (96 ticks: 0.08)
+WINDOW_TICKS = 192         # eight beats: at 128 bpm and ±2 ms jitter, within 0.05 bpm (96 ticks: 0.08)
 MIN_TICKS = 12             # half a beat before a tempo is told
 GAP_S = 1.0                # no tick for this long (20 bpm's tick is 0.125 s): the clock stopped; start afresh
 CHANGE_S = 0.006           # a tick this far off the line (3x the usual jitter) ...
