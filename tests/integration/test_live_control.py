@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import numpy as np
 from pythonosc.udp_client import SimpleUDPClient
 
 from tests.clients import recv_json, wait_for, ws_connect
@@ -70,3 +71,39 @@ def test_a_starting_lfo_target_may_be_a_plugin_parameter(start_daemon):
     """--set lfo1.target=plugin.flow_warp.strength: checked once the plugins have registered their parameters."""
     daemon = start_daemon(params={"engine": "identity", "lfo1.target": "plugin.flow_warp.strength"})
     assert daemon.store.get("lfo1.target") == "plugin.flow_warp.strength"
+
+
+def test_a_mixed_prompt_and_its_weight_over_websocket_and_osc_change_the_frames(start_daemon, tiny_model_dir):
+    """prompt_2 at weight 0 is off (the same frame); its weight set over WebSocket, then a fader on /sd/norm,
+    mixes it in; moving the weight encodes nothing (the text's encoding is cached)."""
+    from sdbridge.bridge import codec
+    from tests.clients import make_image, recv_frame
+
+    daemon = start_daemon(params={"model": str(tiny_model_dir), "width": 64, "height": 64, "strength": 0.9,
+                                  "steps": 2, "prompt": "a red fox"})
+    osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+    frame = codec.encode_png(make_image(64, 64, seed=1))
+
+    def output() -> np.ndarray:
+        ws.send(frame)
+        return codec.decode_image(recv_frame(ws))
+
+    with ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.status == "ready", timeout=60)
+        alone = output()
+        ws.send(json.dumps({"type": "set", "id": 1, "params": {"prompt_2": "a blue whale in deep water"}}))
+        recv_json(ws, "ack")
+        off = output()
+        ws.send(json.dumps({"type": "set", "id": 2, "params": {"prompt_2_weight": 3.0}}))
+        recv_json(ws, "ack")
+        mixed = output()
+        engine = daemon.engines.active_engine()
+        calls = engine.text_encoder_calls
+        osc.send_message("/sd/norm/prompt_2_weight", 0.1)  # a fader: 0-1 onto the weight's 0-10
+        assert wait_for(lambda: abs(daemon.store.get("prompt_2_weight") - 1.0) < 1e-5)
+        faded = output()
+        assert engine.text_encoder_calls == calls
+    assert np.array_equal(off, alone)
+    # A tiny random model's frames are dim and low-contrast: compare how many values moved.
+    assert (mixed != alone).mean() > 0.2
+    assert (faded != mixed).mean() > 0.05
