@@ -149,7 +149,10 @@ class MidiBridge:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self._handle, message, time.monotonic() if at is None else at)
+        try:
+            loop.call_soon_threadsafe(self._handle, message, time.monotonic() if at is None else at)
+        except RuntimeError:  # the loop closed between the check and the call: the daemon is stopping
+            log.debug("MIDI %s after the daemon stopped: dropped", message)
 
     def _handle(self, message: Any, at: float) -> None:
         """Loop thread."""

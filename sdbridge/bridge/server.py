@@ -141,6 +141,8 @@ class Daemon:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         settings = self.settings
+        if self.midi is not None:  # first: a port that is not there stops the start before anything listens
+            await self.midi.start()
         try:
             sock = bind_socket(settings.host, settings.port)
         except OSError as exc:
@@ -196,8 +198,6 @@ class Daemon:
         if settings.link:
             self.link = LinkSync(self.store, self.worker.clock)
             await self.link.start()
-        if self.midi is not None:
-            await self.midi.start()
         if self.outputs is not None:
             self.outputs.start()
         self.worker.start()

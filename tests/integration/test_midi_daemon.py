@@ -170,3 +170,16 @@ def test_midi_in_list_prints_the_ports_or_why_there_are_none(capsys):
         assert out.strip()  # the ports, or "no MIDI input ports"
     else:
         assert code == 2 and "cannot list MIDI ports" in err and not out
+
+
+def test_a_port_that_is_not_there_stops_the_start_before_anything_listens(tmp_path):
+    import asyncio
+
+    from sdbridge.bridge.server import Daemon
+
+    daemon = Daemon(Settings(port=0, osc_port=0, feedback_port=0, oscquery_port=-1, midi_in=["no-such-box"],
+                             presets_dir=str(tmp_path)))
+    # No ALSA sequencer here: "cannot list MIDI ports"; where there is one: "no MIDI input port matches".
+    with pytest.raises(ConfigError, match=r"cannot list MIDI ports|no MIDI input port matches 'no-such-box'"):
+        asyncio.run(daemon.start())
+    assert daemon.port is None and daemon.osc is None and not daemon.worker.is_alive()
