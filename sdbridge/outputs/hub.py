@@ -39,6 +39,7 @@ class OutputThread(threading.Thread):
         self._frame: np.ndarray | None = None
         self._frame_at = 0.0  # when it was offered: the pacer's clock counts from the engine, not from this thread
         self._busy = False    # taking, planning or sending a frame (idle() is false meanwhile)
+        self._frame_session: str | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop_event = threading.Event()
@@ -50,11 +51,11 @@ class OutputThread(threading.Thread):
         self.pacer = Pacer(self.factor)
         self._rate_in, self._rate_out = RateMeter(), RateMeter()
 
-    def offer(self, frame: np.ndarray) -> None:
+    def offer(self, frame: np.ndarray, session_id: str | None = None) -> None:
         with self._lock:
             if self._frame is not None:
                 self.dropped += 1
-            self._frame = frame
+            self._frame, self._frame_session = frame, session_id
             self._frame_at = time.monotonic()
             self._rate_in.add(self._frame_at)
             self.published += 1
@@ -76,17 +77,17 @@ class OutputThread(threading.Thread):
             self._wake.wait(None if due_s is None else max(0.0, due_s - time.monotonic()))
             self._wake.clear()
             with self._lock:
-                frame, self._frame, offered_at = self._frame, None, self._frame_at
+                frame, self._frame, offered_at, session_id = self._frame, None, self._frame_at, self._frame_session
                 self._busy = True
             try:
                 if not self._stop_event.is_set():
-                    retry_at = self._turn(frame, offered_at, retry_at)
+                    retry_at = self._turn(frame, offered_at, session_id, retry_at)
             finally:
                 with self._lock:
                     self._busy = False
         self._close()
 
-    def _turn(self, frame: np.ndarray | None, offered_at: float, retry_at: float) -> float:
+    def _turn(self, frame: np.ndarray | None, offered_at: float, session_id: str | None, retry_at: float) -> float:
         """Hand a new engine frame to the pacer, send what is due; the time before which nothing is sent."""
         if frame is not None:
             if time.monotonic() < retry_at:
@@ -94,7 +95,7 @@ class OutputThread(threading.Thread):
                     self.dropped += 1
                 return retry_at
             # Off (factor 1), the frame is due at once and comes back as the same array: unchanged.
-            self.pacer.push(frame, offered_at)
+            self.pacer.push(frame, offered_at, session_id)
         try:
             frame = self.pacer.pop_due(time.monotonic())  # an in-between is made here, when it is due
             if frame is None:
@@ -173,7 +174,7 @@ class OutputHub:
         """One output frame, uint8 RGB ``[H, W, 3]``; returns at once."""
         for thread in self.threads:
             if thread.spec.session is None or thread.spec.session == session_id:
-                thread.offer(frame)
+                thread.offer(frame, session_id)
 
     def stop(self, timeout: float = 5.0) -> None:
         for thread in self.threads:

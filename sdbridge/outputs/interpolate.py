@@ -190,8 +190,9 @@ class Pacer:
     Engine frame B arriving at time T after A: when B came within ``STALL_PERIODS`` engine periods
     of A and is the same size and scene, the frames between A and B are shown at T, T + P/factor,
     ... and B itself at T + (factor-1)·P/factor, P the median engine period; so B is shown that
-    much later than without interpolation. A cut (or a new size) holds A in the in-between slots
-    and shows B at the same time, so the rate stays even and nothing blends two unrelated frames.
+    much later than without interpolation. A cut (or a new size, or another session's frame) holds A
+    in the in-between slots and shows B at the same time, so the rate stays even and nothing blends
+    two unrelated frames.
     After a stall B is shown at once. A frame arriving before the last one's slots are all shown
     drops the rest of them (counted in ``skipped``): the newest engine frame always wins.
     With ``factor`` 1 every frame is due when it arrives, unchanged.
@@ -205,6 +206,7 @@ class Pacer:
         self._pair: Pair | None = None
         self._last: np.ndarray | None = None         # the newest engine frame
         self._last_at: float | None = None
+        self._last_source: str | None = None         # the session that made it
         self._periods: deque[float] = deque(maxlen=PERIOD_SAMPLES)
         self.engine_frames = self.synthesised = self.cuts = self.stalls = self.skipped = 0
 
@@ -220,13 +222,13 @@ class Pacer:
         """Forget the pending slots and the previous frame (an output that failed starts afresh)."""
         self._slots, self._pair, self._last, self._last_at = [], None, None, None
 
-    def push(self, frame: np.ndarray, now_s: float) -> None:
-        """An engine frame arrived at ``now_s``: plan its slots."""
+    def push(self, frame: np.ndarray, now_s: float, source: str | None = None) -> None:
+        """An engine frame arrived at ``now_s`` from session ``source``: plan its slots."""
         self.engine_frames += 1
         self.skipped += len(self._slots)
         self._slots, self._pair = [], None
-        previous, previous_at = self._last, self._last_at
-        self._last, self._last_at = frame, now_s
+        previous, previous_at, previous_source = self._last, self._last_at, self._last_source
+        self._last, self._last_at, self._last_source = frame, now_s, source
         if self.factor == 1 or previous is None or previous_at is None:
             self._slots = [_Slot(now_s, 1.0, frame)]
             return
@@ -240,7 +242,8 @@ class Pacer:
             return
         step_s = (period_s if period_s is not None else gap_s) / self.factor
         assert self.interpolator is not None
-        pair = self.interpolator.pair(previous, frame)
+        # An output that shows whichever session made the latest frame never morphs one session into another.
+        pair = self.interpolator.pair(previous, frame) if source == previous_source else None
         if pair is None or pair.is_cut:
             self.cuts += 1
         else:

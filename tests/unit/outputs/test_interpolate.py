@@ -136,6 +136,16 @@ def test_a_cut_holds_the_old_frame_then_shows_the_new_one() -> None:
     assert cut[0] is frames[1] and cut[1] is frames[2]
 
 
+def test_frames_of_two_sessions_are_never_blended() -> None:
+    pacer = Pacer(2)
+    frames = [scene(40), scene(48)]  # alike enough to interpolate, but from two sessions
+    pacer.push(frames[0], 0.0, "cam1")
+    assert pacer.pop_due(0.0) is frames[0]
+    pacer.push(frames[1], 0.1, "cam2")
+    assert pacer.pop_due(0.1) is frames[0] and pacer.pop_due(0.2) is frames[1]
+    assert pacer.cuts == 1 and pacer.synthesised == 0
+
+
 def test_a_stall_shows_the_next_frame_at_once_and_a_faster_engine_skips_slots() -> None:
     frames = [scene(40 + 8 * i) for i in range(5)]
     pacer = Pacer(2)
@@ -170,3 +180,20 @@ def test_a_hub_with_interpolation_records_the_in_betweens(tmp_path: Path) -> Non
     assert off["sent"] == 5 and off["synthesised"] == 0
     recorded_off = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((tmp_path / "off").glob("*"))]
     assert all(np.array_equal(a, b) for a, b in zip(recorded_off, frames, strict=True))
+
+
+def test_the_daemon_wide_default_from_config_env_and_flags(tmp_path: Path) -> None:
+    from sdbridge.config import load_settings
+    from sdbridge.errors import ConfigError
+
+    assert load_settings({}, env={}).interpolate == "off"
+    assert load_settings({}, env={"SDBRIDGE_INTERPOLATE": "3x"}).interpolate == "3x"
+    config = tmp_path / "sdbridge.toml"
+    config.write_text('interpolate = "2x"\n')
+    assert load_settings({}, env={}, config_path=config).interpolate == "2x"
+    assert load_settings({"interpolate": "4x"}, env={}, config_path=config).interpolate == "4x"
+    with pytest.raises(ConfigError, match="interpolate '5x' is not off, 2x, 3x or 4x"):
+        load_settings({"interpolate": "5x"}, env={})
+    # The default reaches outputs whose spec does not say; a spec's own option wins.
+    hub = OutputHub([f"record:{tmp_path / 'a'}", f"record:{tmp_path / 'b'}?interpolate=off"], interpolate=3)
+    assert [thread.factor for thread in hub.threads] == [3, 1]
