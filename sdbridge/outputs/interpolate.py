@@ -111,6 +111,7 @@ class FlowInterpolator:
         """The flow both ways between two frames; None when they differ in size (nothing to blend)."""
         if start.shape != end.shape:
             return None
+        start, end = np.ascontiguousarray(start), np.ascontiguousarray(end)  # OpenCV refuses negative strides
         height, width = start.shape[:2]
         small_size = self.flow_size(width, height)
         # Grey first, then down: resizing one channel instead of three.
