@@ -33,7 +33,7 @@ from sdbridge.engines.base import Engine, StreamState
 from sdbridge.engines.conditioning import TextConditioning
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.engines.prompt_encode import blend, extra_prompts, match_lengths, mix
-from sdbridge.errors import ModelError
+from sdbridge.errors import ModelError, ParamError
 
 if TYPE_CHECKING:
     from sdbridge.engines.controlnet import ControlNets
@@ -218,8 +218,12 @@ class DiffusionEngine(Engine):
         # The prompt (lerped with blend_prompt by prompt_blend, as before the N-way mix), then, when prompt_2..4
         # take part, the mix of them all by weight (prompt_encode.mix). A prompt at weight 0 is not encoded; all at
         # 0: the prompt alone. Encodings are cached per text, so a weight moving every frame encodes nothing.
-        others: list[tuple[Encoded, float]] = [(self._encode_prompt_pooled(text), weight)
-                                               for text, weight in extra_prompts(params)]
+        others: list[tuple[Encoded, float]] = []
+        for name, text, weight in extra_prompts(params):
+            try:
+                others.append((self._encode_prompt_pooled(text), weight))
+            except ParamError as exc:  # a weight out of range in the text: named as this prompt's
+                raise ParamError(f"{name}: {exc}", name=name, value=text[:80], code=exc.code) from exc
         prompt_weight = float(params.get("prompt_weight", 1.0))
         if prompt_weight > 0.0 or not others:
             cond, cond_pooled = self._encode_prompt_pooled(prompt)

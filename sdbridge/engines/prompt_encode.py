@@ -262,14 +262,14 @@ EXTRA_PROMPTS = ("prompt_2", "prompt_3", "prompt_4")   # each with its "<name>_w
 INTERPOLATIONS = ("linear", "slerp")
 
 
-def extra_prompts(params: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """``(text, weight)`` of the extra prompts that take part in the mix: a weight above 0 and some text.
-    The others cost nothing: they are not encoded."""
-    found: list[tuple[str, float]] = []
+def extra_prompts(params: Mapping[str, Any]) -> list[tuple[str, str, float]]:
+    """``(name, text, weight)`` of the extra prompts that take part in the mix: a weight above 0 and some
+    text. The others cost nothing: they are not encoded."""
+    found: list[tuple[str, str, float]] = []
     for name in EXTRA_PROMPTS:
         text, weight = str(params.get(name) or ""), float(params.get(f"{name}_weight") or 0.0)
         if weight > 0.0 and text.strip():
-            found.append((text, weight))
+            found.append((name, text, weight))
     return found
 
 

@@ -288,3 +288,15 @@ def test_prompt_2_changes_the_frame(parts, frame):
     assert torch.equal(out(prompt_2="a blue whale"), alone)  # weight 0: the same frame, bit for bit
     mixed = out(prompt_2="a blue whale", prompt_2_weight=1.0)
     assert relative_error(mixed, alone) > 1e-3
+
+
+def test_a_bad_weight_in_prompt_3_is_a_param_error_naming_it_and_the_engine_serves_on(parts, frame):
+    from sdbridge.errors import ParamError
+
+    engine = DiffusionEngine.from_parts(parts)
+    fox = embeddings_of(engine)
+    with pytest.raises(ParamError, match=r"prompt_3: prompt weight 1000 of 'ink'") as raised:
+        engine.prepare(params(prompt_3="(ink:1000) sketch", prompt_3_weight=1.0))
+    assert raised.value.name == "prompt_3" and raised.value.code == "bad_param"
+    assert torch.equal(embeddings_of(engine, prompt_3="(ink:1000) sketch"), fox)  # at weight 0 it is not read
+    assert torch.isfinite(engine.step_float(frame, [StreamState("s")])).all()
