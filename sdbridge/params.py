@@ -342,7 +342,8 @@ def controlnet_params(slots: int = CONTROLNET_SLOTS) -> list[ParamSpec]:
 
 IP_ADAPTER_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("ip_adapter", "str", "", "IP-Adapter: a style image steers the stream. A name in "
-              "<models_dir>/ip_adapter; empty is off. A new one loads in the background while the old one keeps serving (docs/ip-adapter.md).",
+              "<models_dir>/ip_adapter; empty is off. A new one loads in the background while the old one keeps "
+              "serving (docs/ip-adapter.md).",
               max_length=1024, group="ip_adapter"),
     ParamSpec("ip_adapter_scale", "float", 0.6, "How strongly the style image steers (0 turns it off; about 1 copies "
               "its content as well as its style).", minimum=0.0, maximum=2.0, group="ip_adapter"),

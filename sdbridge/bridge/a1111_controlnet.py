@@ -10,6 +10,11 @@ Resize", 1/"Crop and Resize", 2/"Resize and Fill"), ``pixel_perfect``, ``process
 image uses the img2img init image, as the extension does. Modules map onto sdbridge's
 preprocessors (engines/preprocessors.py): the extension's names for the same kind of map
 (``depth_midas``, ``softedge_pidinet``, ``lineart_realistic``, ...) are accepted as aliases.
+
+IP-Adapter units (module ``ip-adapter_clip_sd15``, ``ip-adapter_clip_h``, ``ip-adapter-auto``, ...; model an
+adapter's name in ``<models>/ip_adapter``, listed by ``model_list`` with the ControlNets) give the request a
+style image (engines/ip_adapter.py): the unit's image through the adapter's CLIP image encoder, its weight as
+the scale. One per request.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from sdbridge.bridge import codec, pnginfo
 from sdbridge.bridge.a1111 import A1111Route, FiniteBody, always_on_script, decode_b64_image, quick_hash
-from sdbridge.engines.controlnet import RequestUnit, list_controlnets, load_controlnet, resolve_controlnet
+from sdbridge.engines.controlnet import (HASH_SUFFIX, RequestUnit, list_controlnets, load_controlnet,
+                                         resolve_controlnet)
+from sdbridge.engines.ip_adapter import list_ip_adapters, resolve_ip_adapter
 from sdbridge.engines.preprocessors import Options, Preprocessors
 from sdbridge.errors import SdbridgeError
 
@@ -51,6 +58,9 @@ CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "controlnet", "balanced": "balan
 RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", "just resize": "stretch", "crop and resize": "crop",
                 "resize and fill": "fit", "envelope (outer fit)": "fit", "inner fit (scale to fit)": "crop"}
 THRESHOLDED = {"canny": ("Low Threshold", "High Threshold", 100, 200)}
+# The extension's IP-Adapter modules (its CLIP image encoders): the adapter's own encoder runs whichever is named.
+IP_MODULES = ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_h", "ip-adapter_clip_sdxl",
+              "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_g", "ip-adapter_clip_bigg")
 
 
 class ControlNetUnitArgs(BaseModel):
@@ -88,6 +98,9 @@ class DetectRequest(FiniteBody):
 def module_name(module: str) -> str:
     """The preprocessor for an extension module name; 422 naming the known ones otherwise."""
     key = module.strip().lower()
+    if key in IP_MODULES:
+        raise HTTPException(422, f"controlnet module {module!r} is an IP-Adapter's image encoder, not a "
+                                 f"preprocessor: send it in a generation's unit")
     if key not in MODULES:
         raise HTTPException(422, f"controlnet module {module!r} is not known (known: {', '.join(MODULES)})")
     return MODULES[key]
@@ -135,10 +148,15 @@ class ControlNetApi:
             self._preprocessors = Preprocessors(self.folder() / "annotators")
         return self._preprocessors
 
+    def ip_folder(self) -> Path:
+        return self.daemon.engines.ip_adapter_dir()
+
     def model_list(self) -> list[str]:
+        """ControlNets, then IP-Adapters (the extension lists both), as ``name [hash]``."""
         out = []
-        for name in list_controlnets(self.folder()):
-            path = resolve_controlnet(name, self.folder())
+        found = [(name, resolve_controlnet(name, self.folder())) for name in list_controlnets(self.folder())]
+        found += [(name, resolve_ip_adapter(name, self.ip_folder())) for name in list_ip_adapters(self.ip_folder())]
+        for name, path in found:
             hash_ = quick_hash(str(path))
             out.append(f"{name} [{hash_}]" if hash_ else name)
         return out
@@ -192,6 +210,11 @@ class ControlNetApi:
                 raise HTTPException(422, f"{where}.{field}: {first['msg']}") from None
             if not unit.enabled or unit.model.strip() in ("", "None", "none"):
                 continue
+            if unit.module.strip().lower() in IP_MODULES:
+                if request.image_prompt is not None:
+                    raise HTTPException(422, f"{where}: a second IP-Adapter unit; one per request is supported")
+                request.image_prompt = self.image_prompt(unit, where, request)
+                continue
             module = module_name(unit.module)
             mode = _choice(CONTROL_MODES, unit.control_mode, "control_mode")
             fit = _choice(RESIZE_MODES, unit.resize_mode, "resize_mode")
@@ -215,6 +238,39 @@ class ControlNetApi:
             units.append(RequestUnit(model, condition, unit.weight, unit.guidance_start, unit.guidance_end, mode,
                                      name=unit.model, module=unit.module))
         return units
+
+    def image_prompt(self, unit: ControlNetUnitArgs, where: str, request: GenerationRequest) -> Any:
+        """An IP-Adapter unit -> the request's RequestImagePrompt: the adapter (the stream's when it serves that
+        one, else loaded now, on this request's thread) and the unit's image's tokens."""
+        from sdbridge.engines.ip_adapter import AdapterHolder, IPAdapters, RequestImagePrompt, install
+
+        engine = self.daemon.engines.active_engine()
+        if engine is None or getattr(engine, "parts", None) is None:
+            raise HTTPException(503, "no diffusion model is loaded: an IP-Adapter needs one (start the daemon with "
+                                     "--model PATH)")
+        data = unit.input_image if unit.input_image is not None else unit.image
+        if isinstance(data, dict):
+            data = data.get("image")
+        if data:
+            image = decode_b64_image(str(data), f"{where}.input_image")
+        elif request.init_images:
+            image = request.init_images[0]
+        else:
+            raise HTTPException(422, f"{where} has no input_image: an IP-Adapter unit needs its style image")
+        name = HASH_SUFFIX.sub("", unit.model.strip())
+        adapters: IPAdapters | None = getattr(engine, "ip_adapters", None)
+        try:
+            if adapters is not None:
+                adapter = adapters.load_now(name)
+            else:
+                from sdbridge.engines.ip_adapter import load_ip_adapter
+
+                adapter = load_ip_adapter(resolve_ip_adapter(name, self.ip_folder()), engine.parts.unet,
+                                          engine.device, engine.dtype, allow_pickle=self.daemon.settings.allow_pickle)
+        except SdbridgeError as exc:
+            raise HTTPException(422, f"{where}: {exc}") from None
+        install(engine.parts.unet, adapters.holder if adapters is not None else AdapterHolder())
+        return RequestImagePrompt.make(adapter, image, unit.weight, engine.device)
 
     def model(self, name: str) -> Any:
         """The live slots' copy when loaded there, else loaded now (on this request's thread)."""
@@ -266,7 +322,7 @@ def create_controlnet_router(daemon: Daemon) -> APIRouter:
     @router.get("/module_list")
     async def module_list(alias_names: bool = Query(False)) -> dict[str, Any]:
         """The preprocessors, by the extension's module names."""
-        return {"module_list": list(MODULES), "module_detail": api.module_detail()}
+        return {"module_list": [*MODULES, *IP_MODULES], "module_detail": api.module_detail()}
 
     @router.get("/control_types")
     async def control_types() -> dict[str, Any]:

@@ -54,7 +54,9 @@ FP8_ENGINES = ("compiled",)  # --fp8 applies to these (sdbridge/engines/fp8.py)
 # and the LoRAs it prepares, taken from the daemon's values when it asked for the engine.
 REQUEST_PARAMS = ("engine", "model")  # the parameters that choose the engine (EngineHost.choose)
 WARM_PARAMS = ("width", "height", "mode", "steps", "strength", "guidance", "guidance_mode", "sampler", "seed",
-               "prompt", "negative_prompt", "blend_prompt", "prompt_blend", "loras", "clip_skip")
+               "prompt", "negative_prompt", "blend_prompt", "prompt_blend", "prompt_weight", "prompt_2",
+               "prompt_2_weight", "prompt_3", "prompt_3_weight", "prompt_4", "prompt_4_weight",
+               "prompt_interpolation", "loras", "clip_skip")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: "$" allows "\n"
 
 
@@ -130,6 +132,10 @@ class EngineHost:
         if self.settings.controlnet_dir:
             return Path(self.settings.controlnet_dir).expanduser()
         return self.model_roots()[0] / "controlnet"
+
+    def ip_adapter_dir(self) -> Path:
+        """Where IP-Adapters are (engines/ip_adapter.py): the engines look in the same place."""
+        return self.model_roots()[0].expanduser() / "ip_adapter"
 
     def client_model_path(self, model: str) -> str:
         """What to load for a model a client named: a plain name (a pulled model, a hub id) as it is,

@@ -84,6 +84,7 @@ from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.feature_bank import BankFeed, FeatureBank, attached_bank, window_key
+from sdbridge.engines.ip_adapter import ImagePrompt
 from sdbridge.engines.parts import PipelineParts
 
 log = logging.getLogger(__name__)
@@ -566,8 +567,8 @@ class CompiledEngine(DiffusionEngine):
     def step_float(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
         """The frame leaving the pipeline before quantisation: [B, 3, H, W] in [0, 1]."""
         schedule = self._schedule
-        if schedule is None or self._image_prompted(states):
-            # A scheduler that is not linear, or a style image (IP-Adapter): the eager engine's exact path.
+        if schedule is None:
+            # A scheduler that is not linear: the eager engine's exact path.
             self._drop_streams(states)
             return super().step_float(frames, states)
         assert self._embeddings is not None, "prepare() before step()"
@@ -589,13 +590,15 @@ class CompiledEngine(DiffusionEngine):
 
         # 3. This batch's active ControlNet slots (condition images [B, 3, H, W], scales).
         controls = self.controlnets.units(states) if self.controlnets is not None else []
+        # The IP-Adapter's tokens and scale per session (engines/ip_adapter.py), graph inputs while one serves.
+        prompt = self.ip_adapters.prompts(states) if self.ip_adapters is not None else None
 
         # 4. Denoise: one UNet call over [B * N] (stream) or N calls over [B] (sequential).
         if self.stream_batch and schedule.steps > 1:
-            latents = self._denoise_stream(entry, noise, states, schedule, controls)
+            latents = self._denoise_stream(entry, noise, states, schedule, controls, prompt)
         else:
             self._drop_streams(states)
-            latents = self._denoise_sequential(entry, noise, schedule, controls)
+            latents = self._denoise_sequential(entry, noise, schedule, controls, prompt)
 
         # 5. Latent plugins, then decode.
         if self.latent_hook is not None:
@@ -603,25 +606,22 @@ class CompiledEngine(DiffusionEngine):
         # The stream batch's latents are a strided view of its output: one layout for one decode graph.
         return self._padded("decode", batch, self.decode)(_one_layout(latents))
 
-    def _image_prompted(self, states: Sequence[StreamState]) -> bool:
-        """Whether an IP-Adapter acts on one of these sessions: its attention is not in the graphs yet, so such a
-        batch runs the eager path (docs/ip-adapter.md)."""
-        return self.ip_adapters is not None and self.ip_adapters.acts(states)
-
     def _denoise_sequential(self, x: torch.Tensor, noise: torch.Tensor, schedule: LinearSchedule,
-                            controls: Sequence[ControlUnit]) -> torch.Tensor:
+                            controls: Sequence[ControlUnit], prompt: ImagePrompt | None = None) -> torch.Tensor:
         batch = x.shape[0]
         residual = noise if self._cfg == "residual" else None
         for i in range(schedule.steps):
             x, eps = self._unet_step(x, *schedule.at(i, batch), schedule.noise_at(i, batch), residual, controls, (i,),
-                                     schedule.steps)
+                                     schedule.steps, prompt)
             residual = eps if residual is not None else None
         return x
 
     def _denoise_stream(self, entry: torch.Tensor, noise: torch.Tensor, states: Sequence[StreamState],
-                        schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> torch.Tensor:
+                        schedule: LinearSchedule, controls: Sequence[ControlUnit],
+                        prompt: ImagePrompt | None = None) -> torch.Tensor:
         steps, batch = schedule.steps, len(states)
-        slots = [self._stream_slot(state, entry[i:i + 1], noise[i:i + 1], schedule, _session_controls(controls, i))
+        slots = [self._stream_slot(state, entry[i:i + 1], noise[i:i + 1], schedule, _session_controls(controls, i),
+                                   prompt.session(i) if prompt is not None else None)
                  for i, state in enumerate(states)]
         # [B * N, 4, h, w]: session-major, step-minor; element (s, i) is at timesteps[i].
         x = torch.cat([torch.cat([entry[i:i + 1], slot.latents]) for i, slot in enumerate(slots)])
@@ -630,7 +630,7 @@ class CompiledEngine(DiffusionEngine):
             residual = torch.cat([torch.cat([noise[i:i + 1], slot.residual]) for i, slot in enumerate(slots)])
         controls = _in_flight_conditions(controls, slots, steps)  # images [B * N, 3, H, W], like x
         with self._bank_rows([state.session_id for state in states], steps):
-            y, eps = self._stream_call(x, residual, batch, schedule, controls)
+            y, eps = self._stream_call(x, residual, batch, schedule, controls, prompt)
         y = y.view(batch, steps, *y.shape[1:])
         eps = eps.view(batch, steps, *eps.shape[1:])
         for i, slot in enumerate(slots):
@@ -659,16 +659,18 @@ class CompiledEngine(DiffusionEngine):
             bank.sessions = saved
 
     def _stream_call(self, x: torch.Tensor, residual: torch.Tensor | None, batch: int, schedule: LinearSchedule,
-                     controls: Sequence[ControlUnit]) -> tuple[torch.Tensor, torch.Tensor]:
+                     controls: Sequence[ControlUnit],
+                     prompt: ImagePrompt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self._unet_step(x, *schedule.tiled(batch), schedule.noise_rows(batch), residual, controls,
-                               range(schedule.steps), schedule.steps)
+                               range(schedule.steps), schedule.steps, prompt)
 
     def _unet_step(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
                    sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
                    residual: torch.Tensor | None, controls: Sequence[ControlUnit], row_steps: Sequence[int],
-                   steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   steps: int, prompt: ImagePrompt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call over x [M, 4, h, w], M = sessions * len(row_steps); ``row_steps`` is the step
-        index of each of a session's rows (its N steps in stream batch, this step in sequence).
+        index of each of a session's rows (its N steps in stream batch, this step in sequence); ``prompt``
+        the IP-Adapter's per session.
 
         The call runs at the sessions' bucket (:meth:`bucket`): every per-row input gets the last session's
         rows again up to it, and the outputs are cut back to M rows."""
@@ -677,16 +679,19 @@ class CompiledEngine(DiffusionEngine):
         padded = self.bucket(sessions)
         if padded == sessions:
             return self._unet_call(x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, controls,
-                                   row_steps, steps)
+                                   row_steps, steps, prompt)
 
         def pad(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return _pad_sessions(tensor, sessions, padded)
 
         controls = [dataclasses.replace(unit, image=pad(unit.image), scale=pad(unit.scale)
                                         if isinstance(unit.scale, torch.Tensor) else unit.scale) for unit in controls]
+        if prompt is not None:
+            prompt = dataclasses.replace(prompt, tokens=_pad_sessions(prompt.tokens, sessions, padded),
+                                         scale=_pad_sessions(prompt.scale, sessions, padded))
         with self._bank_padded(rows, padded * len(row_steps)):
             x_next, eps = self._unet_call(pad(x), pad(timesteps), pad(input_scale), pad(sample_coef), pad(eps_coef),
-                                          pad(drawn), pad(residual), controls, row_steps, steps)
+                                          pad(drawn), pad(residual), controls, row_steps, steps, prompt)
         return x_next[:rows], eps[:rows]
 
     @contextlib.contextmanager
@@ -707,7 +712,7 @@ class CompiledEngine(DiffusionEngine):
     def _unet_call(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
                    sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
                    residual: torch.Tensor | None, controls: Sequence[ControlUnit], row_steps: Sequence[int],
-                   steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   steps: int, prompt: ImagePrompt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_unet_step` at the batch it runs at."""
         assert self._embeddings is not None and self._guidance_tensor is not None
         # The stream's torch.cat of entry and in-flight latents, or the entry graph's output: one layout.
@@ -721,12 +726,15 @@ class CompiledEngine(DiffusionEngine):
         added = self._added_for_call()
         down, mid = self._control_residuals(x, timesteps, input_scale, cond, uncond, added, controls, row_steps,
                                             steps)
+        # A session's rows share its image prompt: [M, T, D] tokens and [M, 1, 1] scales, session-major as x.
+        ip = None if prompt is None else (prompt.tokens.repeat_interleave(len(row_steps), dim=0), prompt.negative,
+                                          prompt.scale.repeat_interleave(len(row_steps), dim=0))
         args = (x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, cond, uncond, added,
-                self._guidance_tensor, self._cfg, down, mid)
+                self._guidance_tensor, self._cfg, down, mid, ip)
         bank = attached_bank(self.parts.unet) if self.compile_active else None
         if bank is not None and bank.sessions:
             return self._banked_step(bank, args)
-        return self._part(f"denoise-{self._cfg}", x.shape[0], self._denoise)(*args)
+        return self._part(f"denoise-{self._cfg}{_ip_suffix(ip)}", x.shape[0], self._denoise)(*args)
 
     def _banked_step(self, bank: FeatureBank, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call with the feature bank on, compiled: the rows' stored keys and values go into the
@@ -749,7 +757,8 @@ class CompiledEngine(DiffusionEngine):
         layers = tuple(shapes)
         past, bias = bank.feed(rows, shapes, self.dtype, self.device)
         with bank.graph_call():
-            banked = self._part(f"denoise-{self._cfg}-bank", x.shape[0], self._denoise_banked, self._bank_on)
+            banked = self._part(f"denoise-{self._cfg}-bank{_ip_suffix(args[-1])}", x.shape[0], self._denoise_banked,
+                                self._bank_on)
             x_next, eps, fresh = banked(*args, layers, past, bias)
         bank.put_fresh(rows, layers, fresh)
         return x_next, eps
@@ -841,7 +850,8 @@ class CompiledEngine(DiffusionEngine):
         return found
 
     def _stream_slot(self, state: StreamState, entry: torch.Tensor, noise: torch.Tensor,
-                     schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> _StreamSlot:
+                     schedule: LinearSchedule, controls: Sequence[ControlUnit],
+                     prompt: ImagePrompt | None = None) -> _StreamSlot:
         """This session's buffer; a new one is filled from this frame (warm start, module docstring), or
         carried over from the old one where only the number of steps or the seed changed (:meth:`_reslot`)."""
         key = (self._seed, self._schedule_key, self.resolution, self._cfg == "residual")
@@ -865,7 +875,7 @@ class CompiledEngine(DiffusionEngine):
             x = torch.cat([entry, latents])
             res = torch.cat([noise, residual]) if residual is not None else None
             with self._bank_rows([state.session_id], steps):
-                y, eps = self._stream_call(x, res, 1, schedule, controls)
+                y, eps = self._stream_call(x, res, 1, schedule, controls, prompt)
             latents = y[:-1].clone()
             residual = eps[:-1].clone() if residual is not None else None
         slot = _StreamSlot(key=key, latents=latents, residual=residual, conditions=_held_conditions(controls, 0, steps),
@@ -1010,13 +1020,15 @@ class CompiledEngine(DiffusionEngine):
                  sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
                  residual: torch.Tensor | None,
                  cond: torch.Tensor, uncond: torch.Tensor | None, added: tuple[torch.Tensor, torch.Tensor] | None,
-                 guidance: torch.Tensor, cfg: str, down: list[torch.Tensor],
-                 mid: torch.Tensor, feed: BankFeed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 guidance: torch.Tensor, cfg: str, down: list[torch.Tensor], mid: torch.Tensor,
+                 ip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 feed: BankFeed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call and the scheduler's step. x [M, 4, h, w]; timesteps [M]; coefficients [M] or [1];
         ``drawn`` [M, 4, h, w], the noise a sampler that draws adds (LinearSchedule.step_noise), or None;
         cond, uncond [1, L, D]; ``added``: SDXL's (text_embeds, time_ids) per guidance half (see
         :meth:`_added_for_call`), None otherwise; guidance []; ControlNet residuals ``down``, ``mid``
-        [M or 2M, C, h', w'].
+        [M or 2M, C, h', w']; ``ip``: the IP-Adapter's (tokens [M, T, D], negative tokens [1, T, D], scale
+        [M, 1, 1]), or None.
         Everything that changes live is an argument, so that a new prompt, guidance value or ControlNet
         scale is new input to the same graph, never a recompile.
 
@@ -1033,7 +1045,10 @@ class CompiledEngine(DiffusionEngine):
         model_input = (x * input_scale.view(-1, 1, 1, 1)).to(x.dtype)
         if cfg == "exact":
             assert uncond is not None
-            embeddings = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+            embeddings: Any = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+            if ip is not None:  # the text, then the image tokens and scales by the same rows (ip_adapter.py)
+                tokens, negative, scale = ip
+                embeddings = (embeddings, torch.cat([negative.expand_as(tokens), tokens]), torch.cat([scale, scale]))
             noise_pred = unet(torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]),
                               encoder_hidden_states=embeddings, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid, added_cond_kwargs=_added_kwargs(added, batch),
@@ -1041,7 +1056,10 @@ class CompiledEngine(DiffusionEngine):
             noise_uncond, noise_cond = noise_pred.chunk(2)
             eps = noise_uncond + guidance * (noise_cond - noise_uncond)
         else:
-            eps = unet(model_input, timesteps, encoder_hidden_states=cond.expand(batch, -1, -1),
+            hidden: Any = cond.expand(batch, -1, -1)
+            if ip is not None:
+                hidden = (hidden, ip[0], ip[2])
+            eps = unet(model_input, timesteps, encoder_hidden_states=hidden,
                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
                        added_cond_kwargs=_added_kwargs(added, batch), cross_attention_kwargs=attention,
                        return_dict=False)[0]
@@ -1196,6 +1214,11 @@ def _added_kwargs(added: tuple[torch.Tensor, torch.Tensor] | None, batch: int) -
     text_embeds, time_ids = added
     return {"text_embeds": text_embeds.repeat_interleave(batch, dim=0),
             "time_ids": time_ids.repeat_interleave(batch, dim=0)}
+
+
+def _ip_suffix(ip: Any) -> str:
+    """A graph's name with the IP-Adapter's inputs apart from one without: their inputs differ."""
+    return "-ip" if ip is not None else ""
 
 
 def _session_controls(controls: Sequence[ControlUnit], index: int) -> list[ControlUnit]:

@@ -46,7 +46,7 @@ from sdbridge.params import CONTROLNET_SLOTS as SLOTS
 log = logging.getLogger(__name__)
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet")  # A1111: Balanced, My prompt / ControlNet is more important
-_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
+HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def list_controlnets(folder: Path | None) -> list[str]:
 
 def resolve_controlnet(name: str, folder: Path | None) -> Path:
     """A name (``canny``, ``canny.safetensors``, A1111's ``canny [abcd1234]``) -> a path inside ``folder``."""
-    name = _HASH_SUFFIX.sub("", name.strip())
+    name = HASH_SUFFIX.sub("", name.strip())
     return resolve_add_on_model(name, folder, what="controlnet", setting="controlnet_dir")
 
 

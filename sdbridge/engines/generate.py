@@ -127,6 +127,8 @@ class GenerationRequest:
     hr_resize_y: int = 0
     # ControlNet units (engines/controlnet.py), conditions at width x height
     controlnet: list[RequestUnit] = field(default_factory=list)
+    # An IP-Adapter unit (engines/ip_adapter.py's RequestImagePrompt): a style image beside the prompt.
+    image_prompt: Any = None
 
     @property
     def is_img2img(self) -> bool:
@@ -547,23 +549,25 @@ class Generation:
                 # LoRA scope is left before the yield: the stream runs with its own weights.
                 with torch.inference_mode(), self.engine.lora_scope(self.loras):
                     half_input = scheduler.scale_model_input(latents, t)
-                    noise_uncond = unet(half_input, t, encoder_hidden_states=halves[0], return_dict=False,
-                                        **added_halves[0])[0]
+                    noise_uncond = unet(half_input, t, encoder_hidden_states=self._hidden(halves[0], batch),
+                                        return_dict=False, **added_halves[0])[0]
                 if self.split_guidance:
                     yield
                 if self.progress.interrupted or self.progress.skipped:
                     break
             with torch.inference_mode(), self.engine.lora_scope(self.loras):
                 if noise_uncond is not None:
-                    noise_conds = unet(torch.cat([half_input] * len(weights)), t, encoder_hidden_states=halves[1],
-                                       return_dict=False, **added_halves[1])[0].chunk(len(weights))
+                    noise_conds = unet(torch.cat([half_input] * len(weights)), t,
+                                       encoder_hidden_states=self._hidden(halves[1], 0), return_dict=False,
+                                       **added_halves[1])[0].chunk(len(weights))
                 else:
                     model_input = torch.cat([latents] * (1 + len(weights))) if guided else latents
                     model_input = scheduler.scale_model_input(model_input, t)
                     residuals = controls(model_input, t, embeddings, index, len(timesteps), added) \
                         if controls is not None else {}
-                    noise_pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False,
-                                      **residuals, **added_both)[0]
+                    noise_pred = unet(model_input, t, encoder_hidden_states=self._hidden(embeddings,
+                                                                                          batch if guided else 0),
+                                      return_dict=False, **residuals, **added_both)[0]
                     if guided:
                         noise_uncond, *noise_conds = noise_pred.chunk(1 + len(weights))
                 if guided:
@@ -587,6 +591,12 @@ class Generation:
         return latents
 
     # --- pieces -------------------------------------------------------------------------------
+
+    def _hidden(self, text: torch.Tensor, negative_rows: int) -> Any:
+        """The UNet's encoder hidden states: the text, with the request's image prompt when it has one (its
+        first ``negative_rows`` rows are the guidance's uncond half)."""
+        prompt = self.request.image_prompt
+        return text if prompt is None else prompt.hidden(text, negative_rows)
 
     @staticmethod
     def _step_inputs(step: PromptStep, batch: int, height: int, width: int, guided: bool) -> _StepInputs:

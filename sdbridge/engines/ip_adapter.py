@@ -204,8 +204,9 @@ def load_ip_adapter(path: Path, unet: Any, device: torch.device, dtype: torch.dt
 
 class IPAttnProcessor:
     """A cross-attention layer's processor with the image prompt added. Given ``(text, tokens, scale)`` as the
-    encoder hidden states (tokens [B, T, D], scale [B, 1, 1]) it attends to both, as diffusers'
-    IPAdapterAttnProcessor2_0; given the text alone it is ``inner``, the processor it replaced."""
+    encoder hidden states (tokens [B, T, D], scale [B, 1, 1]) it attends to both with the stream's adapter, as
+    diffusers' IPAdapterAttnProcessor2_0; ``(text, tokens, scale, adapter)`` with that adapter (a one-shot
+    request's); given the text alone it is ``inner``, the processor it replaced."""
 
     def __init__(self, inner: Any, layer: str, holder: AdapterHolder) -> None:
         self.inner = inner
@@ -219,8 +220,9 @@ class IPAttnProcessor:
             kwargs["bank_feed"] = bank_feed
         if not isinstance(encoder_hidden_states, tuple):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        text, tokens, scale = encoder_hidden_states
-        weights = self.holder.adapter.weights[self.layer] if self.holder.adapter is not None else None
+        text, tokens, scale, *request = encoder_hidden_states
+        adapter = request[0] if request else self.holder.adapter  # a one-shot request's own, or the stream's
+        weights = adapter.weights[self.layer] if adapter is not None else None
         if weights is None:
             return self.inner(attn, hidden_states, text, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
@@ -277,14 +279,30 @@ def install(unet: Any, holder: AdapterHolder) -> None:
     for layer in cross_attention_layers(unet):
         attn = unet.get_submodule(layer)
         current = attn.processor
-        inner = getattr(current, "inner", None)
-        if isinstance(current, IPAttnProcessor) or isinstance(inner, IPAttnProcessor):
+        ours = current if isinstance(current, IPAttnProcessor) else getattr(current, "inner", None)
+        if isinstance(ours, IPAttnProcessor):
+            ours.holder = holder  # the engine's, where a one-shot request installed them first
             continue
         attn.set_processor(IPAttnProcessor(current, layer, holder))
     setattr(unet, INSTALLED, holder)
 
 
 # --- live use ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """One batch's image prompt, per session: tokens [B, T, D] (the negative's for a session without a style
+    image), the negative image's tokens [1, T, D] (the guidance's uncond rows), scale [B, 1, 1] (0 for a session
+    without one); ``present``: whether any session has one."""
+
+    tokens: torch.Tensor
+    negative: torch.Tensor
+    scale: torch.Tensor
+    present: bool
+
+    def session(self, index: int) -> ImagePrompt:
+        return ImagePrompt(self.tokens[index:index + 1], self.negative, self.scale[index:index + 1], self.present)
 
 
 @dataclass(frozen=True)
@@ -325,6 +343,7 @@ class IPAdapters:
         self._lock = threading.Lock()
         self._loading: str | None = None
         self._ready: IPAdapter | None = None
+        self._spare: IPAdapter | None = None
         self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
 
     @property
@@ -367,11 +386,13 @@ class IPAdapters:
 
     def load_now(self, name: str) -> IPAdapter:
         """The adapter ``name``, loaded on the calling thread unless it serves already (one-shot requests)."""
-        serving = self.holder.adapter
-        if serving is not None and serving.name == name:
-            return serving
-        return load_ip_adapter(resolve_ip_adapter(name, self.folder), self.unet, self.device, self.dtype,
-                               allow_pickle=self.allow_pickle)
+        for loaded in (self.holder.adapter, self._spare):
+            if loaded is not None and loaded.name == name:
+                return loaded
+        adapter = load_ip_adapter(resolve_ip_adapter(name, self.folder), self.unet, self.device, self.dtype,
+                                  allow_pickle=self.allow_pickle)
+        self._spare = adapter  # a client sends the same unit again and again: the last one loaded is kept
+        return adapter
 
     def _load(self, name: str) -> None:
         try:
@@ -422,26 +443,31 @@ class IPAdapters:
         return (adapter is not None and self.setting.active and adapter.name == self.setting.model
                 and any(SOURCE in state.data for state in states))
 
-    def rows(self, states: Sequence[Any], guided: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(tokens, scale) for a UNet call over these sessions, rows laid out as the engine's embeddings
-        (uncond rows then cond rows with guidance): tokens [B_cfg·B, T, D], scale [B_cfg·B, 1, 1] with 0 for a
-        session without a style image. None when no session has one (the UNet then runs without the adapter).
-        A session's tokens are made again only when its style image is a new one."""
-        if not self.acts(states):
-            return None
+    def prompts(self, states: Sequence[Any]) -> ImagePrompt | None:
+        """Each session's tokens and scale for this batch, or None when no adapter acts (none serves, it is off,
+        or it serves another name than the one asked for while that one loads). A session without a style
+        image has the negative tokens at scale 0. A session's tokens are made again only for a new image."""
+        self.refresh()
         adapter = self.holder.adapter
-        assert adapter is not None
-        tokens = [self._session_tokens(adapter, state.data) for state in states]
-        present = tuple(item is not None for item in tokens)
-        if not any(present):
+        if adapter is None or not self.setting.active or adapter.name != self.setting.model:
             return None
         install(self.unet, self.holder)  # a feature bank attached or detached since may have put back the old ones
         negative = adapter.negative(self.device)
-        cond = torch.cat([item if item is not None else negative for item in tokens])
-        scale = self._scale(self.setting.scale, present)
+        tokens = [self._session_tokens(adapter, state.data) for state in states]
+        present = tuple(item is not None for item in tokens)
+        return ImagePrompt(torch.cat([item if item is not None else negative for item in tokens]), negative,
+                           self._scale(self.setting.scale, present), any(present))
+
+    def rows(self, states: Sequence[Any], guided: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens, scale) for one eager UNet call over these sessions, rows laid out as the engine's embeddings
+        (uncond rows then cond rows with guidance): tokens [B_cfg·B, T, D], scale [B_cfg·B, 1, 1]. None when no
+        session has a style image: the UNet then runs as it would without the adapter, bit for bit."""
+        prompt = self.prompts(states) if self.acts(states) else None
+        if prompt is None:
+            return None
         if guided:
-            return torch.cat([negative.expand_as(cond), cond]), torch.cat([scale, scale])
-        return cond, scale
+            return torch.cat([prompt.negative.expand_as(prompt.tokens), prompt.tokens]), prompt.scale.repeat(2, 1, 1)
+        return prompt.tokens, prompt.scale
 
     def _session_tokens(self, adapter: IPAdapter, data: dict[str, Any]) -> torch.Tensor | None:
         source = data.get(SOURCE)
@@ -474,3 +500,32 @@ class IPAdapters:
         return {"model": self.setting.model, "serving": serving.name if serving is not None else None,
                 "scale": self.setting.scale, "channel": self.setting.channel, "loading": loading,
                 "failed": dict(self.failed), "encodes": self.encodes}
+
+
+# --- one-shot requests (the A1111 API's IP-Adapter units) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestImagePrompt:
+    """A request's image prompt: its adapter (not necessarily the stream's), the image's tokens and the negative
+    image's [1, T, D], and the unit's weight."""
+
+    adapter: IPAdapter
+    tokens: torch.Tensor
+    negative: torch.Tensor
+    scale: float
+
+    @classmethod
+    def make(cls, adapter: IPAdapter, image: np.ndarray, scale: float, device: torch.device) -> RequestImagePrompt:
+        return cls(adapter, adapter.tokens(image, device), adapter.negative(device), scale)
+
+    def hidden(self, text: torch.Tensor | None, negative_rows: int) -> Any:
+        """``text`` [R, L, D] as the UNet's encoder hidden states with this image prompt: its first
+        ``negative_rows`` rows (the guidance's uncond half) take the negative image's tokens, the rest the image's."""
+        if text is None:
+            return None
+        rows = text.shape[0]
+        tokens = torch.cat([self.negative.expand(negative_rows, -1, -1),
+                            self.tokens.expand(rows - negative_rows, -1, -1)])
+        scale = torch.full((rows, 1, 1), self.scale, dtype=text.dtype, device=text.device)
+        return text, tokens, scale, self.adapter

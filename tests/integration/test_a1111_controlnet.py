@@ -247,3 +247,64 @@ def test_a_unit_sent_while_the_model_loads_at_start_waits_for_it(start_daemon, t
             unit()]}}})
     assert response.status_code == 200, response.text
     assert "ControlNet 0: " in json.loads(response.json()["info"])["infotexts"][0]
+
+
+# --- IP-Adapter units ---------------------------------------------------------------------------------------------
+
+
+def test_an_ip_adapter_unit_gives_the_request_a_style_image(api, tiny_model_dir, tmp_path):
+    """sd-webui-controlnet's IP-Adapter unit: the model from <models>/ip_adapter (listed with the ControlNets),
+    the unit's image as the style, its weight as the scale; beside a ControlNet unit too."""
+    from diffusers import UNet2DConditionModel
+
+    from sdbridge.engines.tiny import write_random_ip_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    write_random_ip_adapter(tmp_path / "models" / "ip_adapter", unet, name="ip-adapter_sd15", seed=1, std=1.0)
+    listed = api.get("/controlnet/model_list").json()["model_list"]
+    model = next(name for name in listed if name.startswith("ip-adapter_sd15 ["))
+    assert "ip-adapter_clip_sd15" in api.get("/controlnet/module_list").json()["module_list"]
+    style = np.zeros((64, 64, 3), np.uint8)
+    style[:, :40] = (255, 60, 0)
+
+    def ip(**fields) -> dict:
+        return unit(**{"module": "ip-adapter_clip_sd15", "model": model, "input_image": b64_png(style), "weight": 1.0,
+                       **fields})
+
+    image = lambda response: from_b64(response.json()["images"][0]).astype(int)  # noqa: E731
+    plain = txt2img(api)
+    styled = txt2img(api, ip())
+    assert styled.status_code == 200, styled.text
+    again = txt2img(api, ip())
+    weight_0 = txt2img(api, ip(weight=0))
+    both = txt2img(api, ip(), unit())
+    assert both.status_code == 200, both.text
+    assert np.abs(image(styled) - image(plain)).max() >= 2
+    assert np.array_equal(image(styled), image(again))
+    assert np.abs(image(weight_0) - image(plain)).max() <= 1  # the same maths, with nothing added
+    assert np.abs(image(both) - image(styled)).max() >= 2
+    split = txt2img(api, ip(), prompt="a house AND a tree:0.5")  # composable prompts: every cond part styled
+    assert split.status_code == 200, split.text
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"model": "nothing-here"}, "not found"),
+    ({"module": "ip-adapter_clip_h", "input_image": None}, "needs its style image"),
+])
+def test_bad_ip_adapter_units_are_422(api, tiny_model_dir, tmp_path, fields, words):
+    from diffusers import UNet2DConditionModel
+
+    from sdbridge.engines.tiny import write_random_ip_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    write_random_ip_adapter(tmp_path / "models" / "ip_adapter", unet, name="style", seed=1)
+    values = {"module": "ip-adapter_clip_sd15", "model": "style", **fields}
+    response = txt2img(api, unit(**values))
+    assert response.status_code == 422 and words in response.json()["detail"], response.text
+    two = txt2img(api, unit(module="ip-adapter_clip_sd15", model="style"), unit(module="ip-adapter-auto",
+                                                                            model="style"))
+    assert two.status_code == 422 and "one per request" in two.json()["detail"]
+    detect = api.post("/controlnet/detect", json={"controlnet_module": "ip-adapter_clip_sd15",
+                                                  "controlnet_input_images": [b64_png(step_edge())]})
+    assert detect.status_code == 422 and "image encoder" in detect.json()["detail"]
+    assert txt2img(api).status_code == 200

@@ -218,19 +218,69 @@ def test_the_pickled_layout_loads_only_with_allow_pickle(models_dir, tmp_path):
     assert torch.equal(loaded["ip_adapter"]["1.to_k_ip.weight"], flat["ip_adapter.1.to_k_ip.weight"])
 
 
-def test_the_compiled_engine_runs_a_styled_frame_on_the_exact_path(parts, models_dir, frame, style):
-    """Its graphs do not carry the image prompt yet: a styled batch runs the eager engine's path, equal to it."""
+def compiled_engine(parts, models_dir: Path, stream_batch: bool = True, backend: str | None = None):
     from sdbridge.engines.compiled import CompiledEngine
 
-    eager = run(make_engine(parts, models_dir), frame, StreamState("s"), style, steps=4, strength=0.75,
-                ip_adapter="style")
-    compiled = CompiledEngine.from_parts(parts)
-    compiled.models_dir = str(models_dir)
-    ours = run(compiled, frame, StreamState("s"), style, steps=4, strength=0.75, ip_adapter="style")
-    assert relative_error(ours, eager) <= 1e-5
-    plain = run(compiled, frame, StreamState("t"), None, steps=4, strength=0.75, ip_adapter="style")
-    assert not compiled.ip_adapters.acts([StreamState("t")])
-    assert (plain - ours).abs().max() > 1e-3
+    engine = CompiledEngine.from_parts(parts)
+    engine.models_dir = str(models_dir)
+    engine.stream_batch = stream_batch
+    engine.compile_backend = backend
+    return engine
+
+
+@pytest.mark.parametrize("stream_batch, steps, strength, guidance", [(True, 4, 0.75, 3.0), (True, 2, 1.0, 1.0),
+                                                                     (False, 4, 0.5, 3.0)])
+def test_the_compiled_engine_carries_the_image_prompt_in_its_graphs(parts, models_dir, frame, style, stream_batch,
+                                                                     steps, strength, guidance):
+    """The first frame of a stream (warm start) with a style image, and a batch of two sessions of which one has
+    none: as the eager engine gives each (its graphs take the tokens and scales as inputs)."""
+    values = dict(steps=steps, strength=strength, guidance=guidance, negative_prompt="blurry", ip_adapter="style")
+    ours = compiled_engine(parts, models_dir, stream_batch)
+    got = run(ours, frame, StreamState("s"), style, **values)
+    assert ours.describe()["path"] == ("stream" if stream_batch and steps * strength > 1 else "sequential")
+    eager = run(make_engine(parts, models_dir), frame, StreamState("s"), style, **values)
+    assert relative_error(got, eager) <= 1e-4
+    a, b = StreamState("a"), StreamState("b")
+    a.data[CONDITIONS] = {1: style}
+    ours = compiled_engine(parts, models_dir, stream_batch)
+    ours.prepare(engine_params(**values))
+    ours.ip_adapters.wait()
+    for state in (a, b):
+        ours.ip_adapters.condition(state.data, frame)
+    both = ours.step_float(torch.from_numpy(np.stack([frame, frame])), [a, b])
+    base = run(make_engine(parts, models_dir), frame, StreamState("b"), None, **values)
+    assert relative_error(both[:1], eager) <= 1e-4
+    assert relative_error(both[1:], base) <= 1e-4
+    assert (eager - base).abs().max() > 1e-3
+
+
+def test_a_style_image_and_its_scale_change_no_graph(parts, models_dir, frame, style):
+    """Dynamo graphs (its plain eager backend): once the adapter serves, a new style image, a new scale and scale 0
+    run the same graph as before, and each change reaches the output."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ours = compiled_engine(parts, models_dir, backend="eager")
+    ours.background_compile = False
+    state = StreamState("s")
+
+    def settled(image: np.ndarray | None, **values) -> torch.Tensor:
+        for _ in range(2):  # stream batch: the second call returns the frame that entered with these values
+            out = run(ours, frame, state, image, steps=2, guidance=3.0, ip_adapter="style", **values)
+        return out
+
+    first = settled(style, ip_adapter_scale=0.6)
+    graphs = counters["stats"]["unique_graphs"]
+    assert "denoise-exact-ip" in {key[0] for key in ours._compiled}
+    stronger = settled(None, ip_adapter_scale=1.2)
+    other = settled(255 - style, ip_adapter_scale=1.2)
+    off = settled(None, ip_adapter_scale=0.0)  # scale 0: the adapter is off, the graph without it runs
+    back = settled(style, ip_adapter_scale=0.6)
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # only the graph without the adapter, for scale 0
+    assert (stronger - first).abs().max() > 1e-3 and (other - stronger).abs().max() > 1e-3
+    assert (off - first).abs().max() > 1e-3
+    assert relative_error(back, first) <= 1e-5
 
 
 def test_a_feature_bank_attached_or_detached_keeps_the_image_prompt(parts, models_dir, frame, style):
