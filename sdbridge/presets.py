@@ -71,7 +71,8 @@ class Preset:
                 "params": self.params, "shipped": self.shipped}
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A TOML value for a bool, a number or a string (the presets' and the MIDI map's files)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -80,10 +81,10 @@ def _toml_value(value: Any) -> str:
 
 
 def dump(preset: Preset) -> str:
-    lines = [f"description = {_toml_value(preset.description)}", f"glide_s = {_toml_value(float(preset.glide_s))}",
+    lines = [f"description = {toml_value(preset.description)}", f"glide_s = {toml_value(float(preset.glide_s))}",
              "", "[params]"]
     for key, value in preset.params.items():
-        lines.append(f"{json.dumps(key)} = {_toml_value(value)}")
+        lines.append(f"{json.dumps(key)} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -116,6 +116,19 @@ class StalledViewer:
         self.sock.close()
 
 
+def rgb_frame(image: np.ndarray, channel: int = 0, frame_id: int = 1) -> bytes:
+    """A raw RGB frame with the v1 header, asking for a raw RGB reply; ``channel`` > 0 makes it a condition frame."""
+    height, width = image.shape[:2]
+    return header_frame(image.tobytes(), PixelFormat.RGB8, width, height, frame_id=frame_id,
+                        reply=PixelFormat.RGB8, channel=channel)
+
+
+def reply_image(message: bytes) -> np.ndarray:
+    """A raw RGB reply's pixels, uint8 [H, W, 3]."""
+    header, payload = FrameHeader.parse(message)
+    return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` passes; returns its last answer."""
     deadline = time.monotonic() + timeout

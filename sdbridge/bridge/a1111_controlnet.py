@@ -95,6 +95,18 @@ class DetectRequest(FiniteBody):
     controlnet_threshold_b: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
 
 
+def unit_image(unit: ControlNetUnitArgs, where: str, request: GenerationRequest, why: str) -> Any:
+    """A unit's image (uint8 RGB): its own, else img2img's init image; 422 with ``why`` when it has none."""
+    data = unit.input_image if unit.input_image is not None else unit.image
+    if isinstance(data, dict):
+        data = data.get("image")
+    if data:
+        return decode_b64_image(str(data), f"{where}.input_image")
+    if request.init_images:
+        return request.init_images[0]
+    raise HTTPException(422, f"{where} has no input_image: {why}")
+
+
 def module_name(module: str) -> str:
     """The preprocessor for an extension module name; 422 naming the known ones otherwise."""
     key = module.strip().lower()
@@ -218,16 +230,8 @@ class ControlNetApi:
             module = module_name(unit.module)
             mode = _choice(CONTROL_MODES, unit.control_mode, "control_mode")
             fit = _choice(RESIZE_MODES, unit.resize_mode, "resize_mode")
-            data = unit.input_image if unit.input_image is not None else unit.image
-            if isinstance(data, dict):
-                data = data.get("image")
-            if data:
-                image = decode_b64_image(str(data), f"{where}.input_image")
-            elif request.init_images:
-                image = request.init_images[0]
-            else:
-                raise HTTPException(422, f"{where} has no input_image (txt2img needs one for each unit)")
-            image = codec.fit(image, request.width, request.height, fit)
+            image = codec.fit(unit_image(unit, where, request, "txt2img needs one for each unit"), request.width,
+                              request.height, fit)
             resolution = min(request.width, request.height) if unit.pixel_perfect else unit.processor_res
             options = _options(module, unit.threshold_a, unit.threshold_b, resolution)
             try:
@@ -248,15 +252,7 @@ class ControlNetApi:
         if engine is None or getattr(engine, "parts", None) is None:
             raise HTTPException(503, "no diffusion model is loaded: an IP-Adapter needs one (start the daemon with "
                                      "--model PATH)")
-        data = unit.input_image if unit.input_image is not None else unit.image
-        if isinstance(data, dict):
-            data = data.get("image")
-        if data:
-            image = decode_b64_image(str(data), f"{where}.input_image")
-        elif request.init_images:
-            image = request.init_images[0]
-        else:
-            raise HTTPException(422, f"{where} has no input_image: an IP-Adapter unit needs its style image")
+        image = unit_image(unit, where, request, "an IP-Adapter unit needs its style image")
         name = HASH_SUFFIX.sub("", unit.model.strip())
         adapters: IPAdapters | None = getattr(engine, "ip_adapters", None)
         try:

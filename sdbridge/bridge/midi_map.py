@@ -41,7 +41,7 @@ from typing import Any
 
 from sdbridge.errors import ConfigError, ParamError
 from sdbridge.params import Schema, ParamSpec, shown_value
-from sdbridge.presets import NAME as PRESET_NAME
+from sdbridge.presets import NAME as PRESET_NAME, toml_value
 
 MAX_FILE_BYTES = 1024 * 1024
 FOURTEEN_BIT_MAX = 16383  # (127 << 7) | 127
@@ -168,7 +168,7 @@ class NoteBinding:
     def to_toml(self) -> str:
         out = ["[[note]]"]
         for key, value in self.to_json().items():
-            out.append(f"{key} = {_toml_value(value)}")
+            out.append(f"{key} = {toml_value(value)}")
         return "\n".join(out) + "\n"
 
 
@@ -199,7 +199,7 @@ class MidiMap:
     clock: bool = True
 
     def to_toml(self) -> str:
-        parts = [f"clock = {_toml_value(self.clock)}\n"]
+        parts = [f"clock = {toml_value(self.clock)}\n"]
         parts += [binding.to_toml() for binding in self.cc]
         parts += [binding.to_toml() for binding in self.notes]
         return "\n".join(parts)
@@ -208,12 +208,6 @@ class MidiMap:
         return {"clock": self.clock, "cc": [b.to_json() for b in self.cc], "note": [b.to_json() for b in self.notes]}
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
 # --- the file -------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sdbridge.bridge.protocol import FrameHeader, PixelFormat
-from tests.clients import header_frame, make_image, recv_frame, recv_json, wait_for, ws_connect
+from tests.clients import header_frame, make_image, recv_frame, recv_json, reply_image, wait_for, ws_connect
+from tests.clients import rgb_frame as raw
 from tests.support.controlnets import controlnet_folder
 
 
@@ -27,17 +28,6 @@ def serving(client: httpx.Client, name: str) -> bool:
     """Whether ControlNet slot 1 runs ``name`` from the next frame on (/health)."""
     engine = client.get("/health").json()["engine"]
     return engine.get("controlnet", {}).get("slots", [{}])[0].get("serving") == name
-
-
-def raw(image: np.ndarray, channel: int = 0, frame_id: int = 1) -> bytes:
-    height, width = image.shape[:2]
-    return header_frame(image.tobytes(), PixelFormat.RGB8, width, height, frame_id=frame_id,
-                        reply=PixelFormat.RGB8, channel=channel)
-
-
-def reply_image(message: bytes) -> np.ndarray:
-    header, payload = FrameHeader.parse(message)
-    return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
 
 
 def test_condition_frame_on_channel_1_drives_the_controlnet(start_daemon, tiny_model_dir, controlnet_dir):

@@ -7,19 +7,9 @@ import json
 import httpx
 import numpy as np
 
-from sdbridge.bridge.protocol import FrameHeader, PixelFormat
-from tests.clients import header_frame, make_image, recv_frame, recv_json, wait_for, ws_connect
-
-
-def raw(image: np.ndarray, channel: int = 0, frame_id: int = 1) -> bytes:
-    height, width = image.shape[:2]
-    return header_frame(image.tobytes(), PixelFormat.RGB8, width, height, frame_id=frame_id,
-                        reply=PixelFormat.RGB8, channel=channel)
-
-
-def reply_image(message: bytes) -> np.ndarray:
-    header, payload = FrameHeader.parse(message)
-    return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
+from sdbridge.bridge.protocol import FrameHeader
+from tests.clients import make_image, recv_frame, recv_json, reply_image, wait_for, ws_connect
+from tests.clients import rgb_frame as raw
 
 
 def serving(client: httpx.Client) -> str | None:
