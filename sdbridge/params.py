@@ -229,6 +229,52 @@ def shown_value(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+SCHEDULE_MAX_INDICES = 8
+SCHEDULE_MAX_STEPS = 1000
+
+
+def parse_schedule(text: str) -> tuple[tuple[int, ...], int] | None:
+    """``schedule``'s value -> (indices, N), or None for '' (steps × strength decide).
+
+    "32,45@50" (spaces and StreamDiffusion's brackets allowed: "[32, 45] @ 50") picks timesteps 32 and 45
+    of an N = 50 step schedule. Indices strictly increasing (later = less noise), in [0, N), 1 to
+    :data:`SCHEDULE_MAX_INDICES` of them; N in [1, :data:`SCHEDULE_MAX_STEPS`]. Else ParamError."""
+    if not text.strip():
+        return None
+    shown = shown_value(text)
+
+    def fail(reason: str) -> ParamError:
+        return ParamError(f"schedule {shown}: {reason}", name="schedule", value=text[:80])
+
+    head, at, tail = text.partition("@")
+    if not at:
+        raise fail("has no '@N': write the indices, then '@' and the schedule's steps, e.g. '32,45@50'")
+    head = head.strip()
+    if head.startswith("[") and head.endswith("]"):
+        head = head[1:-1]
+    try:
+        count = int(tail.strip())
+        indices = tuple(int(part.strip()) for part in head.split(","))
+    except ValueError:
+        raise fail("is not indices and a step count as '32,45@50' (integers, comma-separated)") from None
+    if not 1 <= count <= SCHEDULE_MAX_STEPS:
+        raise fail(f"has N = {count}, not in [1, {SCHEDULE_MAX_STEPS}]")
+    if len(indices) > SCHEDULE_MAX_INDICES:
+        raise fail(f"has {len(indices)} indices (at most {SCHEDULE_MAX_INDICES})")
+    for index in indices:
+        if not 0 <= index < count:
+            raise fail(f"index {index} is not in [0, {count})")
+    for earlier, later in zip(indices, indices[1:]):
+        if later <= earlier:
+            raise fail(f"indices are not strictly increasing ({earlier} then {later})")
+    return indices, count
+
+
+def check_schedule(spec: ParamSpec, value: str, schema: Schema) -> None:
+    """``schedule``'s rule, run where a value enters (the sampler's part is the engine's, at prepare)."""
+    parse_schedule(value)
+
+
 def _fmt(number: float | None) -> str:
     if number is None:
         return "…"
@@ -279,6 +325,12 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               "mix, so that a seed change can glide (a preset's does) and an LFO can wander between two seeds.",
               minimum=0.0, maximum=1.0),
     ParamSpec("steps", "int", 2, "Denoising steps per frame (1–4 for turbo/LCM models).", minimum=1, maximum=50),
+    ParamSpec("schedule", "str", "", "An explicit timestep schedule, StreamDiffusion's t_index_list: '32,45@50' runs "
+              "timesteps 32 and 45 of the sampler's 50-step schedule (img2img noises the frame at the first); 1 to 8 "
+              "increasing indices below N, N up to 1000. Set, it replaces steps and strength (ignored); '' for them. "
+              "Euler, Heun, DPM++ 2M/3M, LCM and TCD take one; Euler a and DDIM do not (docs/speed.md).",
+              max_length=128,
+              check=check_schedule),
     ParamSpec("sampler", "enum", "model", "The stream's sampler: the model's own scheduler, or an A1111 sampler "
               "(LCM with an LCM-LoRA, TCD with a TCD or Hyper-SD LoRA). Euler, Euler a, DDIM and LCM run on the "
               "compiled engine's fast path.",

@@ -53,8 +53,8 @@ FP8_ENGINES = ("compiled",)  # --fp8 applies to these (sdbridge/engines/fp8.py)
 # runs (its size, the stream's number of steps, guidance's rows, the sampler's inputs, the prompt's length)
 # and the LoRAs it prepares, taken from the daemon's values when it asked for the engine.
 REQUEST_PARAMS = ("engine", "model")  # the parameters that choose the engine (EngineHost.choose)
-WARM_PARAMS = ("width", "height", "mode", "steps", "strength", "guidance", "guidance_mode", "sampler", "seed",
-               "prompt", "negative_prompt", "blend_prompt", "prompt_blend", "prompt_weight", "prompt_2",
+WARM_PARAMS = ("width", "height", "mode", "steps", "strength", "schedule", "guidance", "guidance_mode", "sampler",
+               "seed", "prompt", "negative_prompt", "blend_prompt", "prompt_blend", "prompt_weight", "prompt_2",
                "prompt_2_weight", "prompt_3", "prompt_3_weight", "prompt_4", "prompt_4_weight",
                "prompt_interpolation", "loras", "clip_skip")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: "$" allows "\n"

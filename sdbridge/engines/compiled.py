@@ -494,9 +494,17 @@ class CompiledEngine(DiffusionEngine):
     def prepare(self, params: Mapping[str, Any]) -> None:
         super().prepare(params)
         # The timesteps, not the strength: a strength moved live (an LFO, a fader) between two multiples of
-        # 1 / steps runs the same schedule, under the same key, and the streams go on untouched.
-        key = (self._num_inference_steps, self._denoising_steps(), self._txt2img, id(self.scheduler),
-               type(self.scheduler).__name__, self.dtype, str(self.device))
+        # 1 / steps runs the same schedule, under the same key, and the streams go on untouched. An explicit
+        # ``schedule`` keys on its N and indices instead (steps and strength are then ignored): a moved one is
+        # a new probe, and its frames in flight carry over where N is the same (_carries_over: each frame goes
+        # on from its own timestep). Its coefficients are graph inputs, so the same number of indices is the
+        # same graphs.
+        if self._explicit is not None:
+            length, cut = ("schedule", self._explicit[1]), self._explicit[0]
+        else:
+            length, cut = self._num_inference_steps, self._denoising_steps()
+        key = (length, cut, self._txt2img, id(self.scheduler), type(self.scheduler).__name__, self.dtype,
+               str(self.device))
         if self._probed_for is not self.scheduler or len(self._probed) > 64:
             self._probed = {}
             self._probed_for = self.scheduler

@@ -34,6 +34,7 @@ from sdbridge.engines.conditioning import TextConditioning
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.engines.prompt_encode import blend, extra_prompts, match_lengths, mix
 from sdbridge.errors import ModelError, ParamError
+from sdbridge.params import parse_schedule
 
 if TYPE_CHECKING:
     from sdbridge.engines.controlnet import ControlNets
@@ -80,6 +81,11 @@ class DiffusionEngine(Engine):
         self._step_generator_state: tuple[tuple, torch.Tensor] | None = None  # (seed, shape), after the entry draw
         self._num_inference_steps = 1
         self._strength = 0.5
+        # The ``schedule`` parameter ((indices, N), None: steps × strength), its timesteps as picked from the
+        # scheduler's N-step schedule, and the (spec, scheduler) they were picked for (_prepare_explicit).
+        self._explicit: tuple[tuple[int, ...], int] | None = None
+        self._explicit_timesteps: list[float] | None = None
+        self._explicit_for: tuple[tuple[tuple[int, ...], int], Any] | None = None
         self.text_encoder_calls = 0
         self.last_nan: torch.Tensor | None = None      # a device flag, read a frame later: no host sync
         # ControlNet slots (engines/controlnet.py), made at the first prepare; the host sets the folder and notify.
@@ -203,6 +209,7 @@ class DiffusionEngine(Engine):
             self.scheduler = self.parts.scheduler if sampler == "model" else samplers.make_scheduler(
                 self.parts.scheduler.config, sampler)
             self._sampler = sampler
+        self._prepare_explicit(str(params.get("schedule", "")))
         if self.controlnets is None:
             self.controlnets = self._make_controlnets()
         self.controlnets.prepare(params)
@@ -357,17 +364,59 @@ class DiffusionEngine(Engine):
     def _denoising_steps(self) -> int:
         """How many of the schedule's steps a frame runs: in img2img ``int(steps × strength)``, as diffusers'
         ``get_timesteps`` (so strengths between two multiples of 1 / steps give the same timesteps), and never
-        fewer than 1: live use never errors on a low strength, the last (least noisy) step runs."""
+        fewer than 1: live use never errors on a low strength, the last (least noisy) step runs. With an
+        explicit ``schedule``, its number of indices."""
+        if self._explicit is not None:
+            return len(self._explicit[0])
         steps = self._num_inference_steps
         return steps if self._txt2img else max(1, min(int(steps * self._strength), steps))
 
+    def _prepare_explicit(self, text: str) -> None:
+        """Settle the ``schedule`` parameter (StreamDiffusion's ``t_index_list``): "32,45@50" picks timesteps
+        32 and 45 of the scheduler's ``set_timesteps(50)``, once per spec and scheduler (a device-to-host read
+        here, none per frame). ParamError for a bad spec, or a sampler whose ``set_timesteps`` takes no
+        ``timesteps=`` (or refuses them: Karras sigmas); the engine then keeps what it had."""
+        spec = parse_schedule(text)
+        if spec is None:
+            self._explicit = None
+            return
+        scheduler = self.scheduler
+        if self._explicit_for is not None and self._explicit_for[0] == spec and self._explicit_for[1] is scheduler:
+            self._explicit = spec
+            return
+        sampler = self._sampler if self._sampler != "model" else f"the model's ({type(scheduler).__name__})"
+        if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ParamError(f"schedule {text!r} needs a sampler that takes explicit timesteps, and sampler "
+                             f"{sampler} does not (Euler, LCM, TCD, Heun, DPM++ 2M do)", name="schedule", value=text)
+        indices, count = spec
+        try:
+            scheduler.set_timesteps(count, device=self.device)
+            full = scheduler.timesteps[::scheduler.order]  # a second-order solver's schedule has its points twice
+            if indices[-1] >= len(full):
+                raise ValueError(f"its {count}-step schedule has {len(full)} timesteps")
+            picked = full[list(indices)].tolist()
+            # Once with its warnings (LCM's about timesteps off its distillation schedule); per frame quiet.
+            scheduler.set_timesteps(timesteps=picked, device=self.device)
+        except ValueError as exc:
+            raise ParamError(f"schedule {text!r} cannot run on sampler {sampler}: {exc}", name="schedule",
+                             value=text) from exc
+        self._explicit, self._explicit_timesteps, self._explicit_for = spec, picked, (spec, scheduler)
+
     def _timesteps(self) -> tuple[torch.Tensor, int]:
-        """This frame's timesteps, as diffusers' img2img ``get_timesteps`` picks them.
+        """This frame's timesteps, as diffusers' img2img ``get_timesteps`` picks them; with an explicit
+        ``schedule``, the picked ones, set as diffusers' pipelines set a ``timesteps=`` argument
+        (``retrieve_timesteps``), and all of them run (``get_timesteps`` at strength 1).
 
         The scheduler is reset every frame (its step index and, for multistep solvers, its
         history), which ``set_timesteps`` does; its cost is small next to one UNet call.
         """
         scheduler = self.scheduler
+        if self._explicit is not None:
+            with _quiet(type(scheduler).__module__):
+                scheduler.set_timesteps(timesteps=self._explicit_timesteps, device=self.device)
+            if not self._txt2img and hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
+            return scheduler.timesteps, 0
         steps = self._num_inference_steps
         scheduler.set_timesteps(steps, device=self.device)
         if self._txt2img:
@@ -538,6 +587,26 @@ def blend_noise(weight: float, first: torch.Tensor, second: torch.Tensor) -> tor
         return torch.lerp(first, second, weight)
     mixed = (torch.sin((1.0 - weight) * omega) * first.double() + torch.sin(weight * omega) * second.double())
     return (mixed / torch.sin(omega)).to(first.dtype)
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_BELOW_ERROR = _BelowError()
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """A logger's warnings dropped inside the block: a custom schedule's ``set_timesteps`` runs every frame,
+    and LCM's and TCD's warn at each call that it starts below timestep 999 (said once, at prepare)."""
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(_BELOW_ERROR)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_BELOW_ERROR)
 
 
 @functools.lru_cache(maxsize=None)

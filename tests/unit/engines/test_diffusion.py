@@ -300,3 +300,125 @@ def test_a_bad_weight_in_prompt_3_is_a_param_error_naming_it_and_the_engine_serv
     assert raised.value.name == "prompt_3" and raised.value.code == "bad_param"
     assert torch.equal(embeddings_of(engine, prompt_3="(ink:1000) sketch"), fox)  # at weight 0 it is not read
     assert torch.isfinite(engine.step_float(frame, [StreamState("s")])).all()
+
+
+# --- an explicit timestep schedule (schedule: StreamDiffusion's t_index_list) ---------------------
+
+def picked_timesteps(parts, sampler: str, indices: list[int], count: int) -> list:
+    """The timesteps ``indices`` of ``sampler``'s ``count``-step schedule, picked apart from the engine (Heun's
+    timesteps hold each point after the first twice: its ``count`` points are every second one)."""
+    from sdbridge.engines.samplers import make_scheduler
+
+    scheduler = make_scheduler(parts.scheduler.config, sampler)
+    scheduler.set_timesteps(count)
+    return scheduler.timesteps[::scheduler.order][indices].tolist()
+
+
+def pipeline_with(parts, sampler: str, cls_name: str):
+    from sdbridge.engines.samplers import make_scheduler
+
+    pipe = reference_pipeline(parts, cls_name)
+    pipe.scheduler = make_scheduler(parts.scheduler.config, sampler)
+    return pipe
+
+
+@pytest.mark.parametrize("sampler, spec, indices, guidance", [
+    ("Euler", "32,45@50", [32, 45], 1.0), ("LCM", "32,45@50", [32, 45], 1.0), ("Euler", "5,20,40@50", [5, 20, 40], 3.0),
+    ("TCD", "1,3@4", [1, 3], 1.0), ("DPM++ 2M", "10,30,45@50", [10, 30, 45], 1.0)])
+def test_an_explicit_schedule_is_diffusers_img2img_with_those_timesteps(vae_parts, frame, sampler, spec, indices,
+                                                                        guidance):
+    """schedule "32,45@50": timesteps 32 and 45 of the sampler's 50-step schedule, and the frame equals
+    StableDiffusionImg2ImgPipeline's called with ``timesteps=`` those and strength 1 (steps and strength ignored)."""
+    picked = picked_timesteps(vae_parts, sampler, indices, int(spec.split("@")[1]))
+    engine = DiffusionEngine.from_parts(vae_parts)
+    engine.prepare(params(sampler=sampler, schedule=spec, steps=1, strength=0.1, guidance=guidance,
+                          negative_prompt="blurry"))
+    assert engine._explicit_timesteps == picked and engine._denoising_steps() == len(indices)
+    ours = engine.step_float(frame, [StreamState("s")])
+    pixels = frame.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.inference_mode():
+        latents = engine.encode(pixels)
+    pipe = pipeline_with(vae_parts, sampler, "StableDiffusionImg2ImgPipeline")
+    extra = {"eta": 0.3} if sampler == "TCD" else {}
+    theirs = pipe(prompt="a red fox", negative_prompt="blurry" if guidance > 1 else None, image=latents,
+                  strength=1.0, timesteps=picked, guidance_scale=guidance, generator=torch.Generator().manual_seed(3),
+                  output_type="pt", **extra).images
+    assert relative_error(ours, theirs) <= 1e-4
+    # Steps and strength are ignored while a schedule is set.
+    engine.prepare(params(sampler=sampler, schedule=spec, steps=4, strength=0.9, guidance=guidance,
+                          negative_prompt="blurry"))
+    assert torch.equal(engine.step_float(frame, [StreamState("s")]), ours)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "LCM", "Heun"])
+def test_an_explicit_schedule_in_txt2img_is_diffusers_with_those_timesteps(vae_parts, sampler):
+    picked = picked_timesteps(vae_parts, sampler, [20, 45], 50)
+    engine = DiffusionEngine.from_parts(vae_parts)
+    engine.prepare(params(mode="txt2img", sampler=sampler, schedule="20,45@50"))
+    assert engine._explicit_timesteps == picked
+    ours = engine.step_float(None, [StreamState("s")])
+    pipe = pipeline_with(vae_parts, sampler, "StableDiffusionPipeline")
+    theirs = pipe(prompt="a red fox", height=64, width=64, timesteps=picked, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert relative_error(ours, theirs) <= 1e-4
+
+
+def test_a_schedule_at_the_tail_is_steps_times_strength_and_empty_is_unchanged(vae_parts, frame):
+    """"2,3@4" is the tail that 4 steps at strength 0.5 run: the same frame; back to '' the frame is the one
+    before, bit for bit (the default leaves today's path untouched)."""
+    engine = DiffusionEngine.from_parts(vae_parts)
+    engine.prepare(params(sampler="Euler", steps=4, strength=0.5))
+    before = engine.step_float(frame, [StreamState("s")])
+    engine.prepare(params(sampler="Euler", schedule="2,3@4"))
+    assert relative_error(engine.step_float(frame, [StreamState("s")]), before) <= 1e-5
+    engine.prepare(params(sampler="Euler", schedule="10,45@50"))
+    assert relative_error(engine.step_float(frame, [StreamState("s")]), before) > 1e-3
+    engine.prepare(params(sampler="Euler", steps=4, strength=0.5, schedule=""))
+    assert torch.equal(engine.step_float(frame, [StreamState("s")]), before)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("45,32@50", r"schedule '45,32@50': indices are not strictly increasing \(45 then 32\)"),
+    ("32,50@50", r"schedule '32,50@50': index 50 is not in \[0, 50\)"),
+    ("1,2,3,4,5,6,7,8,9@50", r"9 indices \(at most 8\)"),
+    ("32,45@1001", r"N = 1001, not in \[1, 1000\]"),
+    ("32,45", r"has no '@N'"),
+    ("32;45@50", r"not indices and a step count"),
+])
+def test_a_bad_schedule_is_a_param_error_and_the_engine_serves_on(parts, frame, spec, message):
+    from sdbridge.errors import ParamError
+    from sdbridge.params import Schema
+
+    good, errors = Schema().validate({"schedule": spec})
+    assert not good and errors[0].code == "bad_param" and errors[0].name == "schedule"
+    engine = DiffusionEngine.from_parts(parts)
+    engine.prepare(params(schedule="1,3@4"))
+    with pytest.raises(ParamError, match=message) as raised:
+        engine.prepare(params(schedule=spec))
+    assert raised.value.code == "bad_param" and raised.value.name == "schedule"
+    engine.prepare(params(schedule="0,2@4"))
+    assert torch.isfinite(engine.step_float(frame, [StreamState("s")])).all()
+
+
+@pytest.mark.parametrize("sampler, message", [
+    ("Euler a", "sampler Euler a does not"), ("DDIM", "sampler DDIM does not"),
+    ("LCM", r"cannot run on sampler LCM: .*`num_inference_steps`: 100"),  # LCM: at most its 50 distillation steps
+])
+def test_a_sampler_that_takes_no_or_not_these_timesteps_is_a_param_error_naming_it(parts, frame, sampler, message):
+    from sdbridge.errors import ParamError
+
+    engine = DiffusionEngine.from_parts(parts)
+    with pytest.raises(ParamError, match=message) as raised:
+        engine.prepare(params(sampler=sampler, schedule="32,45@100"))
+    assert raised.value.code == "bad_param" and raised.value.name == "schedule"
+    engine.prepare(params(sampler=sampler))  # the same sampler without a schedule serves
+    assert torch.isfinite(engine.step_float(frame, [StreamState("s")])).all()
+
+
+def test_lcm_warns_of_an_off_schedule_start_once_not_every_frame(parts, frame, caplog):
+    engine = DiffusionEngine.from_parts(parts)
+    with caplog.at_level("WARNING", logger="diffusers.schedulers.scheduling_lcm"):
+        engine.prepare(params(sampler="LCM", schedule="32,45@50"))
+        for _ in range(3):
+            engine.step(frame, [StreamState("s")])
+    assert sum("first timestep" in record.getMessage() for record in caplog.records) == 1
