@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbridge.config import Settings
-from sdbridge.errors import ConfigError
+from sdbridge.errors import ConfigError, SdbridgeError
 
 OK, WARN, ERROR = "ok", "warn", "error"
 
@@ -277,6 +277,39 @@ def check_upscalers(settings: Settings) -> list[Finding]:
     return [Finding(OK, "upscalers", f"{len(files)} in {folder}: {names}")]
 
 
+def check_ip_adapters(settings: Settings) -> list[Finding]:
+    """The IP-Adapters in the models folder (nothing to say when there are none) and whether each finds its CLIP
+    image encoder, which a user downloads apart; pickles without --allow-pickle."""
+    from sdbridge.engines.ip_adapter import find_encoder, list_ip_adapters, resolve_ip_adapter
+    from sdbridge.engines.models import PICKLE_SUFFIXES, check_safetensors_file, default_models_dir
+
+    folder = (Path(settings.models_dir).expanduser() if settings.models_dir else default_models_dir()) / "ip_adapter"
+    names = list_ip_adapters(folder)
+    if not names:
+        return []
+    findings = []
+    for name in names:
+        path = resolve_ip_adapter(name, folder)
+        try:
+            if path.suffix == ".safetensors":
+                check_safetensors_file(path)
+        except SdbridgeError as exc:
+            findings.append(Finding(ERROR, "ip_adapter", str(exc), "download the adapter again"))
+            continue
+        try:
+            encoder = find_encoder(path)
+        except SdbridgeError as exc:
+            findings.append(Finding(ERROR, "ip_adapter", str(exc), "put the adapter's image encoder there "
+                                                                  "(docs/ip-adapter.md)"))
+            continue
+        if path.suffix in PICKLE_SUFFIXES and not settings.allow_pickle:
+            findings.append(Finding(WARN, "ip_adapter", f"{path.name} loads only with --allow-pickle",
+                                    "pass --allow-pickle, or use the adapter's .safetensors release"))
+        else:
+            findings.append(Finding(OK, "ip_adapter", f"{name}: {path.name}, image encoder {encoder}"))
+    return findings
+
+
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
     findings: list[Finding] = []
     findings += check_python()
@@ -290,4 +323,5 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_mdns(settings)
     findings += check_safety_filter(settings)
     findings += check_upscalers(settings)
+    findings += check_ip_adapters(settings)
     return findings

@@ -141,7 +141,8 @@ class IPAdapter:
         return tokens.reshape(1, -1, tokens.shape[-1])
 
 
-def _find_encoder(path: Path) -> Path:
+def find_encoder(path: Path) -> Path:
+    """The adapter's CLIP image encoder folder: ``NAME.image_encoder/`` beside it, else the shared ``image_encoder/``."""
     for candidate in (path.with_name(path.stem + ".image_encoder"), path.parent / "image_encoder"):
         if (candidate / "config.json").is_file():
             return candidate
@@ -159,7 +160,7 @@ def load_ip_adapter(path: Path, unet: Any, device: torch.device, dtype: torch.dt
     from sdbridge.engines.models import load_pretrained_folder
 
     state = read_ip_adapter(path, allow_pickle=allow_pickle)
-    encoder = load_pretrained_folder(_find_encoder(path), CLIPVisionModelWithProjection, dtype, "IP-Adapter image "
+    encoder = load_pretrained_folder(find_encoder(path), CLIPVisionModelWithProjection, dtype, "IP-Adapter image "
                                      "encoder").to(device).eval()
     try:
         projection = unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False)

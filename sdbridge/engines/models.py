@@ -157,7 +157,7 @@ def _load_component(cls, folder: Path, name: str, dtype: torch.dtype, allow_pick
     subfolder = folder / name
     weights = _component_weights(folder, name, allow_pickle)
     for file in weights:
-        _check_safetensors(file)
+        check_safetensors_file(file)
     # Hub repos often hold only the fp16 variant (model.fp16.safetensors).
     variant = "fp16" if weights and all(file.name.endswith(".fp16.safetensors") for file in weights) else None
     try:
@@ -204,7 +204,7 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
     return header_length, header
 
 
-def _check_safetensors(file: Path) -> None:
+def check_safetensors_file(file: Path) -> None:
     """A truncated or scribbled-over safetensors file fails here with its name, not deep in a loader."""
     from safetensors import safe_open
 
@@ -276,7 +276,7 @@ def check_safetensors_folder(path: Path, what: str) -> None:
         raise ModelError(f"{path}: no .safetensors weights for the {what} (pickle weights load only with "
                          f"--allow-pickle)")
     for file in weights:
-        _check_safetensors(file)
+        check_safetensors_file(file)
 
 
 @serialized_load
@@ -309,7 +309,7 @@ def load_weight_file(path: Path, what: str, *, allow_pickle: bool) -> dict[str, 
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        _check_safetensors(path)
+        check_safetensors_file(path)
         state = load_file(str(path))
     else:
         raise ModelError(f"{path} is not a {what} (expected a folder with config.json, or a .safetensors file)")
@@ -341,7 +341,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_enc
 
 def weight_problems(source: ModelSource, *, allow_pickle: bool = False) -> list[ModelError]:
     """What in ``source``'s weight files would stop it loading, found as the loader finds it
-    (:func:`_check_safetensors`: header, size against the largest tensor's end) without reading a
+    (:func:`check_safetensors_file`: header, size against the largest tensor's end) without reading a
     tensor: one ModelError per bad file or part, naming it; [] when all are whole. For ``sdbridge
     doctor``, which would otherwise say ok to a model that ``serve`` then fails to load."""
     if source.kind == "pickle_file":
@@ -364,7 +364,7 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False) -> list[
         files += sorted((source.path / "taesd").glob("*.safetensors"))
     for file in files:
         try:
-            _check_safetensors(file)
+            check_safetensors_file(file)
         except ModelError as exc:
             problems.append(exc)
     return problems
@@ -410,7 +410,7 @@ def _load_taesd(folder: Path, dtype: torch.dtype):  # noqa: ANN202 - Autoencoder
     from diffusers import AutoencoderTiny
 
     for file in folder.glob("*.safetensors"):
-        _check_safetensors(file)
+        check_safetensors_file(file)
     try:
         return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
     except Exception as exc:

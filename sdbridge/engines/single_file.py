@@ -57,10 +57,10 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from sdbridge.engines.models import _check_safetensors
+    from sdbridge.engines.models import check_safetensors_file
 
     if path.suffix == ".safetensors":
-        _check_safetensors(path)
+        check_safetensors_file(path)
         with safe_open(str(path), framework="pt") as tensors:
             shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
         return shapes, path, None

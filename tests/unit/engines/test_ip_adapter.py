@@ -298,3 +298,18 @@ def test_a_feature_bank_attached_or_detached_keeps_the_image_prompt(parts, model
         fb.detach(parts.unet)
     assert relative_error(banked, styled) <= 1e-5  # an empty bank changes nothing; the style still acts
     assert torch.equal(run(engine, frame, StreamState("s"), style, steps=2, strength=1.0, ip_adapter="style"), styled)
+
+
+def test_doctor_lists_the_adapters_and_says_which_lacks_its_image_encoder(parts, models_dir, tmp_path):
+    from sdbridge.config import Settings
+    from sdbridge.doctor import ERROR, OK, WARN, check_ip_adapters
+
+    found = {finding.message.split(":")[0]: finding.level for finding in check_ip_adapters(
+        Settings(models_dir=str(models_dir)))}
+    assert found["style"] == OK and found["other"] == OK  # both find the shared image_encoder/
+    assert any(level == ERROR and "corrupt" in message for message, level in found.items())
+    assert any(level == WARN for level in found.values())  # pickled.bin without --allow-pickle
+    assert check_ip_adapters(Settings(models_dir=str(tmp_path))) == []
+    write_random_ip_adapter(tmp_path / "ip_adapter", parts.unet, name="lonely", encoder=False)
+    [finding] = check_ip_adapters(Settings(models_dir=str(tmp_path)))
+    assert finding.level == ERROR and "image encoder" in finding.message
