@@ -142,7 +142,8 @@ class IPAdapter:
 
 
 def find_encoder(path: Path) -> Path:
-    """The adapter's CLIP image encoder folder: ``NAME.image_encoder/`` beside it, else the shared ``image_encoder/``."""
+    """The adapter's CLIP image encoder folder: ``NAME.image_encoder/`` beside it, else the shared
+    ``image_encoder/``."""
     for candidate in (path.with_name(path.stem + ".image_encoder"), path.parent / "image_encoder"):
         if (candidate / "config.json").is_file():
             return candidate
