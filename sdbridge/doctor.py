@@ -175,7 +175,12 @@ def check_outputs(settings: Settings) -> list[Finding]:
     findings = []
     for text in settings.outputs:
         try:
-            output = create_output(parse_spec(text))
+            spec = parse_spec(text)
+        except OutputError as exc:
+            findings.append(Finding(ERROR, "outputs", str(exc), "fix the spec (docs/outputs.md)"))
+            continue
+        try:
+            output = create_output(spec)
         except OutputError as exc:
             findings.append(Finding(ERROR, "outputs", str(exc), "install what it names, or drop that --output"))
             continue
@@ -188,6 +193,27 @@ def check_outputs(settings: Settings) -> list[Finding]:
         else:
             ready = "its folder is writable" if output.kind == "record" else "its library is installed"
             findings.append(Finding(OK, "outputs", f"{text}: {ready}"))
+    return findings
+
+
+def check_inputs(settings: Settings) -> list[Finding]:
+    """Each --input as serve checks it at start-up: its spec, its library, a file that must exist. A source that
+    is not there yet (a camera, a writer, an NDI sender) is retried while serving, so it is not an error here."""
+    from sdbridge.inputs.base import InputError, create_input, parse_spec
+
+    findings = []
+    for text in settings.inputs:
+        try:
+            spec = parse_spec(text)
+        except InputError as exc:
+            findings.append(Finding(ERROR, "inputs", str(exc), "fix the spec (docs/inputs.md)"))
+            continue
+        try:
+            create_input(spec).check()
+        except InputError as exc:
+            findings.append(Finding(ERROR, "inputs", f"{text}: {exc}", "install what it names, or fix the path"))
+        else:
+            findings.append(Finding(OK, "inputs", f"{text}: ready"))
     return findings
 
 
@@ -319,6 +345,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_clip_vocab()
     findings += check_ports(settings)
     findings += check_outputs(settings)
+    findings += check_inputs(settings)
     findings += check_fp8(settings)
     findings += check_mdns(settings)
     findings += check_safety_filter(settings)

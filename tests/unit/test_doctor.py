@@ -135,3 +135,23 @@ def test_mdns_is_checked_only_when_asked_for_and_names_what_is_missing():
     assert loopback.level == OK and "loopback only" in loopback.message and "--osc-host 0.0.0.0" in loopback.fix
     [named] = check_mdns(Settings(oscquery_advertise=True, osc_host="192.168.1.20", token="t" * 16))
     assert named.level == OK and named.message == "announced on 192.168.1.20"
+
+
+def test_inputs_and_outputs_say_what_is_wrong_with_each_spec(tmp_path):
+    """A malformed spec asks for the spec to be fixed; a missing clip names its path; a good one is ready."""
+    import cv2
+    import numpy as np
+
+    from sdbridge.doctor import ERROR, OK, check_inputs, check_outputs
+
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (16, 16))
+    for value in (0, 128):
+        writer.write(np.full((16, 16, 3), value, np.uint8))
+    writer.release()
+    findings = check_inputs(Settings(inputs=[f"file:{clip}@s1", "file:", f"file:{tmp_path / 'gone.mp4'}"]))
+    assert [finding.level for finding in findings] == [OK, ERROR, ERROR]
+    assert "fix the spec" in findings[1].fix
+    assert "gone.mp4" in findings[2].message
+    [bad] = check_outputs(Settings(outputs=[f"record:{tmp_path}?interpolate=9x"]))
+    assert bad.level == ERROR and "interpolate" in bad.message and "fix the spec" in bad.fix
