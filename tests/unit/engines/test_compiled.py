@@ -906,3 +906,77 @@ def test_guidance_mode_turns_residual_guidance_on_and_off_live(parts):
     # A sampler off the fast path runs the eager engine's exact guidance: /stats must not say residual (QA).
     stream.prepare(params(steps=2, strength=1.0, guidance=2.0, guidance_mode="residual", sampler="DPM++ 2M"))
     assert stream.describe()["cfg"] == "exact"
+
+
+# --- an explicit timestep schedule (schedule: StreamDiffusion's t_index_list) ---------------------
+
+@pytest.mark.parametrize("sampler, schedule, stream_batch, guidance, mode", [
+    ("Euler", "32,45@50", True, 1.0, "img2img"), ("LCM", "32,45@50", True, 1.0, "img2img"),
+    ("LCM", "10,25,40@50", False, 2.0, "img2img"), ("Euler", "5,20,40@50", True, 2.0, "img2img"),
+    ("Euler", "20,45@50", True, 1.0, "txt2img")])
+def test_an_explicit_schedule_runs_compiled_as_the_eager_engine(parts, sampler, schedule, stream_batch, guidance,
+                                                                mode):
+    """The probe runs over the schedule's timesteps (steps and strength ignored): each frame of the stream equals
+    the eager engine's, N - 1 calls late in stream batch."""
+    values = dict(sampler=sampler, schedule=schedule, guidance=guidance, mode=mode, steps=1, strength=0.1)
+    ours = engine(parts, stream_batch, **values)
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(**values))
+    n = schedule.count(",") + 1
+    assert ours._schedule is not None and ours._schedule.steps == n
+    assert list(ours._schedule.timestep_values) == [float(t) for t in reference._explicit_timesteps]
+    frames = make_frames(n + 1) if mode == "img2img" else [None] * 2
+    expected = [reference.step_float(frame, [StreamState("s")]) for frame in frames]
+    state = StreamState("s")
+    for k, frame in enumerate(frames):
+        source = max(0, k - n + 1) if stream_batch and mode == "img2img" else k
+        error = relative_error(ours.step_float(frame, [state]), expected[source])
+        assert error <= TOLERANCE, f"call {k}: relative error {error:.2e}"
+    assert ours.describe()["path"] == ("stream" if stream_batch else "sequential")
+
+
+def test_a_moved_schedule_is_a_new_probe_for_the_same_graphs_and_carries_the_stream_on(parts, monkeypatch):
+    """A "Step Schedule (T Index)" slider: 32,45@50 -> 20,45@50 -> back. Each schedule is probed once; the
+    same number of indices is the same graphs (the coefficients are inputs; Dynamo counts no new graph);
+    the frame in flight at timestep 45 goes on (one UNet call a frame, no refill), and the next frame is the
+    eager engine's at the new schedule."""
+    from torch._dynamo.utils import counters
+
+    from sdbridge.engines import compiled
+
+    probes = []
+    real_probe = compiled.probe_linear_schedule
+    monkeypatch.setattr(compiled, "probe_linear_schedule", lambda *args: probes.append(1) or real_probe(*args))
+    torch._dynamo.reset()
+    counters.clear()
+    stream = engine(parts, True, backend="eager", sampler="Euler", schedule="32,45@50")
+    stream.background_compile = False
+    frames = make_frames(5)
+
+    def eager(schedule: str, frame: torch.Tensor) -> torch.Tensor:
+        reference = DiffusionEngine.from_parts(parts)
+        reference.prepare(params(sampler="Euler", schedule=schedule))
+        return reference.step_float(frame, [StreamState("s")])
+
+    state = StreamState("s")
+    for frame in frames[:2]:
+        stream.step_float(frame, [state])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3 and len(probes) == 1
+    first = stream._schedule
+    calls = count_stream_calls(stream)
+    stream.prepare(params(sampler="Euler", schedule="20,45@50"))
+    assert len(probes) == 2 and stream._schedule is not first
+    out = stream.step_float(frames[2], [state])
+    assert relative_error(out, eager("32,45@50", frames[1])) <= TOLERANCE   # went on from timestep 45
+    out = stream.step_float(frames[3], [state])
+    assert relative_error(out, eager("20,45@50", frames[2])) <= TOLERANCE
+    assert relative_error(out, eager("32,45@50", frames[2])) > 10 * TOLERANCE  # the move reached the frame
+    assert calls == [2, 2] and counters["stats"]["unique_graphs"] == graphs
+    stream.prepare(params(sampler="Euler", schedule="32,45@50"))
+    assert stream._schedule is first and len(probes) == 2
+    stream.step_float(frames[4], [state])
+    assert counters["stats"]["unique_graphs"] == graphs
+    # Off again: steps × strength's own schedule, its own key.
+    stream.prepare(params(sampler="Euler", steps=4, strength=0.5))
+    assert len(probes) == 3 and stream._schedule.timestep_values != first.timestep_values
