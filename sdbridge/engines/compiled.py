@@ -388,7 +388,8 @@ class CompiledEngine(DiffusionEngine):
                 and count not in warmed["stream_steps"]]
         lengths = list(warmed["stream_steps"])
         for count in more:
-            seconds += self.warmup({**start, "strength": min(1.0, (count + 0.5) / steps)})
+            # Without an explicit schedule (it would ignore the strength): a length's graphs serve any schedule.
+            seconds += self.warmup({**start, "strength": min(1.0, (count + 0.5) / steps), "schedule": ""})
             lengths += self.warmed_for["stream_steps"]
         if more:
             self.prepare(start)

@@ -980,3 +980,15 @@ def test_a_moved_schedule_is_a_new_probe_for_the_same_graphs_and_carries_the_str
     # Off again: steps × strength's own schedule, its own key.
     stream.prepare(params(sampler="Euler", steps=4, strength=0.5))
     assert len(probes) == 3 and stream._schedule.timestep_values != first.timestep_values
+
+
+def test_the_load_warms_up_at_the_starting_schedule_and_warm_steps_at_other_lengths(parts):
+    """A rig started with schedule=32,45@50 compiles its 2-step stream at load; --warm-steps adds the other
+    lengths (by steps × strength: a length's graphs serve any schedule of that length), then the schedule again."""
+    ours = engine(parts)
+    ours.warm_steps = "1,3"
+    ours.warm_params = dict(steps=4, strength=0.25, sampler="Euler", schedule="32,45@50", width=64, height=64)
+    ours.warmup_for_start()
+    assert ours.describe()["warmed_for"]["stream_steps"] == [1, 2, 3]
+    assert sorted(key[2] for key in ours._compiled if key[0].startswith("denoise")) == [1, 2, 3]
+    assert ours._schedule.steps == 2 and ours._explicit == ((32, 45), 50)
