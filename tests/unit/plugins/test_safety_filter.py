@@ -297,7 +297,9 @@ def test_truncated_weights_fail_the_load_and_turn_the_plugin_off(models, tmp_pat
     setting(manager, enabled=True, action="black")
     _, safe = flagged_and_safe_frames()
     state: dict = {}
-    assert not frame(manager, safe, state).any()  # loading: obscured
+    # Obscured while the load runs, if it still runs (a truncated file fails at once: the race is the machine's).
+    first = frame(manager, safe, state)
+    assert first is safe or not first.any()
     manager.plugins["safety_filter"].wait_loaded(60)
     assert frame(manager, safe, state) is safe    # the load failed: off for this session, the stream goes on
     assert len(reports) == 1 and "model.safetensors: truncated" in reports[0][1]["message"]
