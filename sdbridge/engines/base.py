@@ -61,6 +61,9 @@ class Engine(abc.ABC):
         self.dtype = torch.float32
         self.resolution: tuple[int, int] = (512, 512)  # (width, height)
         self.source: str | None = None
+        # The operator's models folder (--models-dir; None: the default), set by the host on every engine: plugins
+        # find their models there whatever engine runs (the safety filter's checker with the identity engine too).
+        self.models_dir: str | None = None
         # Set by the worker while plugins with an on_latents hook are on: (latents, states) -> latents,
         # called on the denoised latents [B, 4, h, w] just before decoding.
         self.latent_hook: Callable[[torch.Tensor, Sequence[StreamState]], torch.Tensor] | None = None

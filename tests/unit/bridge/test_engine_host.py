@@ -204,3 +204,19 @@ def test_models_picked_one_after_another_load_one_at_a_time_and_the_last_serves(
     assert slow_loads["most"] == 1  # never two at once
     assert slow_loads["closed"] == [first]  # the first, unserved
     host.close()
+
+
+@pytest.mark.parametrize("engine", ["identity", "preview"])
+def test_every_engine_carries_the_models_dir_for_the_plugins(engine, tmp_path):
+    """QA: the safety filter looked for its checker in the engine's models_dir, which only the diffusion engines had:
+    with the identity or preview engine (make run without a model) it ignored --models-dir and ran unfiltered."""
+    host = EngineHost(load_settings({"models_dir": str(tmp_path), "engine": engine}, env={}))
+    settle(host, {**Schema().defaults(), "engine": engine})
+    loaded = host.active()
+    assert loaded is not None and loaded.name == engine
+    assert loaded.models_dir == str(tmp_path)
+    from sdbridge.plugins.safety_filter import SafetyFilter, checker_folder
+
+    plugin = SafetyFilter()
+    plugin.before_step(loaded, ["s"], {})
+    assert plugin._where[0] == checker_folder(tmp_path)
