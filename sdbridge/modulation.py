@@ -37,7 +37,7 @@ SHAPES = ("sine", "triangle", "saw", "square")
 # LFO may not move them (a new one every frame: flicker, and outputs re-opened at every frame), and
 # a glide changes them in one step at its start (bridge/glide.py).
 STEPPED = frozenset({"seed", "blend_seed", "width", "height", "steps", "clip_skip", "motion_window"})
-_STEPPED_PATTERN = re.compile(r"^controlnet_\d+_channel$")  # a source channel, not an amount
+_STEPPED_PATTERN = re.compile(r"^(controlnet_\d+|ip_adapter)_channel$")  # a source channel, not an amount
 NOT_TARGETS_GROUPS = ("modulation", "control")  # bpm, the LFOs' own settings, slew_s, ladder_fps
 
 

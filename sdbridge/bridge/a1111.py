@@ -686,7 +686,7 @@ class A1111Api:
                                "Hires upscaler": request.hr_upscaler})
             if request.mask is not None:
                 params["Mask blur"] = request.mask_blur
-            params.update(infotext_params(request.controlnet))
+            params.update(infotext_params(request.controlnet, request.image_prompt))
             params["Version"] = f"sdbridge {__version__}"
             texts.append(pnginfo.infotext(request.prompt, request.negative_prompt, params))
         return texts

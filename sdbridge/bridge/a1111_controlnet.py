@@ -36,7 +36,7 @@ from sdbridge.engines.controlnet import (HASH_SUFFIX, RequestUnit, list_controln
                                          resolve_controlnet)
 from sdbridge.engines.ip_adapter import list_ip_adapters, resolve_ip_adapter
 from sdbridge.engines.preprocessors import Options, Preprocessors
-from sdbridge.errors import SdbridgeError
+from sdbridge.errors import SdbridgeError, printable
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
@@ -95,6 +95,11 @@ class DetectRequest(FiniteBody):
     controlnet_threshold_b: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
 
 
+def _with_hash(name: str, path: Path) -> str:
+    hash_ = quick_hash(str(path))
+    return f"{name} [{hash_}]" if hash_ else name
+
+
 def unit_image(unit: ControlNetUnitArgs, where: str, request: GenerationRequest, why: str) -> Any:
     """A unit's image (uint8 RGB): its own, else img2img's init image; 422 with ``why`` when it has none."""
     data = unit.input_image if unit.input_image is not None else unit.image
@@ -107,14 +112,14 @@ def unit_image(unit: ControlNetUnitArgs, where: str, request: GenerationRequest,
     raise HTTPException(422, f"{where} has no input_image: {why}")
 
 
-def module_name(module: str) -> str:
-    """The preprocessor for an extension module name; 422 naming the known ones otherwise."""
+def module_name(module: str, where: str = "controlnet module") -> str:
+    """The preprocessor for an extension module name; 422 naming ``where`` and the known ones otherwise."""
     key = module.strip().lower()
     if key in IP_MODULES:
-        raise HTTPException(422, f"controlnet module {module!r} is an IP-Adapter's image encoder, not a "
-                                 f"preprocessor: send it in a generation's unit")
+        raise HTTPException(422, f"{where} {module!r} is an IP-Adapter's image encoder, not a preprocessor: send "
+                                 f"it in a generation's unit")
     if key not in MODULES:
-        raise HTTPException(422, f"controlnet module {module!r} is not known (known: {', '.join(MODULES)})")
+        raise HTTPException(422, f"{where} {module!r} is not known (known: {', '.join([*MODULES, *IP_MODULES])})")
     return MODULES[key]
 
 
@@ -165,13 +170,12 @@ class ControlNetApi:
 
     def model_list(self) -> list[str]:
         """ControlNets, then IP-Adapters (the extension lists both), as ``name [hash]``."""
-        out = []
-        found = [(name, resolve_controlnet(name, self.folder())) for name in list_controlnets(self.folder())]
-        found += [(name, resolve_ip_adapter(name, self.ip_folder())) for name in list_ip_adapters(self.ip_folder())]
-        for name, path in found:
-            hash_ = quick_hash(str(path))
-            out.append(f"{name} [{hash_}]" if hash_ else name)
-        return out
+        return [_with_hash(name, resolve_controlnet(name, self.folder())) for name in list_controlnets(self.folder())] \
+            + self.ip_model_list()
+
+    def ip_model_list(self) -> list[str]:
+        return [_with_hash(name, resolve_ip_adapter(name, self.ip_folder()))
+                for name in list_ip_adapters(self.ip_folder())]
 
     def module_detail(self) -> dict[str, Any]:
         detail = {}
@@ -183,6 +187,8 @@ class ControlNetApi:
                 sliders += [{"name": thresholds[0], "value": thresholds[2], "min": 1, "max": 255},
                             {"name": thresholds[1], "value": thresholds[3], "min": 1, "max": 255}]
             detail[module] = {"model_free": False, "sliders": sliders}
+        for module in IP_MODULES:  # the image encoder runs at its own size: no slider
+            detail[module] = {"model_free": False, "sliders": []}
         return detail
 
     def detect(self, body: DetectRequest) -> dict[str, Any]:
@@ -219,7 +225,8 @@ class ControlNetApi:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 field = ".".join(str(part) for part in first["loc"])
-                raise HTTPException(422, f"{where}.{field}: {first['msg']}") from None
+                raise HTTPException(422, f"{where}.{field} = {printable(repr(first.get('input')))[:80]}: "
+                                         f"{first['msg']}") from None
             if not unit.enabled or unit.model.strip() in ("", "None", "none"):
                 continue
             if unit.module.strip().lower() in IP_MODULES:
@@ -227,7 +234,7 @@ class ControlNetApi:
                     raise HTTPException(422, f"{where}: a second IP-Adapter unit; one per request is supported")
                 request.image_prompt = self.image_prompt(unit, where, request)
                 continue
-            module = module_name(unit.module)
+            module = module_name(unit.module, f"{where}.module")
             mode = _choice(CONTROL_MODES, unit.control_mode, "control_mode")
             fit = _choice(RESIZE_MODES, unit.resize_mode, "resize_mode")
             image = codec.fit(unit_image(unit, where, request, "txt2img needs one for each unit"), request.width,
@@ -266,7 +273,8 @@ class ControlNetApi:
         except SdbridgeError as exc:
             raise HTTPException(422, f"{where}: {exc}") from None
         install(engine.parts.unet, adapters.holder if adapters is not None else AdapterHolder())
-        return RequestImagePrompt.make(adapter, image, unit.weight, engine.device)
+        return RequestImagePrompt.make(adapter, image, unit.weight, engine.device, start=unit.guidance_start,
+                                       end=unit.guidance_end, name=unit.model, module=unit.module)
 
     def model(self, name: str) -> Any:
         """The live slots' copy when loaded there, else loaded now (on this request's thread)."""
@@ -294,11 +302,13 @@ class ControlNetApi:
         return model
 
 
-def infotext_params(units: list[RequestUnit]) -> dict[str, str]:
-    """The extension's ``ControlNet N`` entries of the PNG infotext."""
-    return {f"ControlNet {index}": f"Module: {unit.module}, Model: {unit.name}, Weight: {unit.weight:g}, "
+def infotext_params(units: list[RequestUnit], image_prompt: Any = None) -> dict[str, str]:
+    """The extension's ``ControlNet N`` entries of the PNG infotext, an IP-Adapter unit after the ControlNets."""
+    entries = [*units, image_prompt] if image_prompt is not None else units
+    return {f"ControlNet {index}": f"Module: {unit.module}, Model: {unit.name}, "
+                                   f"Weight: {unit.weight:g}, "
                                    f"Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}"
-            for index, unit in enumerate(units)}
+            for index, unit in enumerate(entries)}
 
 
 def create_controlnet_router(daemon: Daemon) -> APIRouter:
@@ -323,9 +333,13 @@ def create_controlnet_router(daemon: Daemon) -> APIRouter:
     @router.get("/control_types")
     async def control_types() -> dict[str, Any]:
         kinds = sorted(set(MODULES.values()))
-        return {"control_types": {kind.capitalize(): {"module_list": [m for m, k in MODULES.items() if k == kind],
-                                                      "model_list": ["None"], "default_option": kind,
-                                                      "default_model": "None"} for kind in kinds}}
+        types = {kind.capitalize(): {"module_list": [m for m, k in MODULES.items() if k == kind],
+                                     "model_list": ["None"], "default_option": kind, "default_model": "None"}
+                 for kind in kinds}
+        adapters = ["None", *await asyncio.to_thread(api.ip_model_list)]
+        types["IP-Adapter"] = {"module_list": list(IP_MODULES), "model_list": adapters,
+                               "default_option": IP_MODULES[0], "default_model": adapters[-1]}
+        return {"control_types": types}
 
     @router.post("/detect")
     async def detect(body: DetectRequest) -> dict[str, Any]:

@@ -549,7 +549,8 @@ class Generation:
                 # LoRA scope is left before the yield: the stream runs with its own weights.
                 with torch.inference_mode(), self.engine.lora_scope(self.loras):
                     half_input = scheduler.scale_model_input(latents, t)
-                    noise_uncond = unet(half_input, t, encoder_hidden_states=self._hidden(halves[0], batch),
+                    noise_uncond = unet(half_input, t, encoder_hidden_states=self._hidden(halves[0], batch, index,
+                                                                                           len(timesteps)),
                                         return_dict=False, **added_halves[0])[0]
                 if self.split_guidance:
                     yield
@@ -558,15 +559,16 @@ class Generation:
             with torch.inference_mode(), self.engine.lora_scope(self.loras):
                 if noise_uncond is not None:
                     noise_conds = unet(torch.cat([half_input] * len(weights)), t,
-                                       encoder_hidden_states=self._hidden(halves[1], 0), return_dict=False,
+                                       encoder_hidden_states=self._hidden(halves[1], 0, index, len(timesteps)),
+                                       return_dict=False,
                                        **added_halves[1])[0].chunk(len(weights))
                 else:
                     model_input = torch.cat([latents] * (1 + len(weights))) if guided else latents
                     model_input = scheduler.scale_model_input(model_input, t)
                     residuals = controls(model_input, t, embeddings, index, len(timesteps), added) \
                         if controls is not None else {}
-                    noise_pred = unet(model_input, t, encoder_hidden_states=self._hidden(embeddings,
-                                                                                          batch if guided else 0),
+                    noise_pred = unet(model_input, t, encoder_hidden_states=self._hidden(
+                                          embeddings, batch if guided else 0, index, len(timesteps)),
                                       return_dict=False, **residuals, **added_both)[0]
                     if guided:
                         noise_uncond, *noise_conds = noise_pred.chunk(1 + len(weights))
@@ -592,11 +594,11 @@ class Generation:
 
     # --- pieces -------------------------------------------------------------------------------
 
-    def _hidden(self, text: torch.Tensor, negative_rows: int) -> Any:
-        """The UNet's encoder hidden states: the text, with the request's image prompt when it has one (its
-        first ``negative_rows`` rows are the guidance's uncond half)."""
+    def _hidden(self, text: torch.Tensor, negative_rows: int, index: int, count: int) -> Any:
+        """The UNet's encoder hidden states at step ``index`` of ``count``: the text, with the request's image
+        prompt inside its guidance window (its first ``negative_rows`` rows are the guidance's uncond half)."""
         prompt = self.request.image_prompt
-        return text if prompt is None else prompt.hidden(text, negative_rows)
+        return text if prompt is None or not prompt.keeps(index, count) else prompt.hidden(text, negative_rows)
 
     @staticmethod
     def _step_inputs(step: PromptStep, batch: int, height: int, width: int, guided: bool) -> _StepInputs:

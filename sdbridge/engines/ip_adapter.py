@@ -499,6 +499,8 @@ class IPAdapters:
         with self._lock:
             loading = self._loading
             serving = self._ready or self.holder.adapter  # a finished load serves from the next frame on
+        if not self.setting.model:
+            serving = None  # off: kept loaded for a quick way back, but nothing is served
         return {"model": self.setting.model, "serving": serving.name if serving is not None else None,
                 "scale": self.setting.scale, "channel": self.setting.channel, "loading": loading,
                 "failed": dict(self.failed), "encodes": self.encodes}
@@ -510,16 +512,31 @@ class IPAdapters:
 @dataclass(frozen=True)
 class RequestImagePrompt:
     """A request's image prompt: its adapter (not necessarily the stream's), the image's tokens and the negative
-    image's [1, T, D], and the unit's weight."""
+    image's [1, T, D], the unit's weight and its guidance window (fractions of the steps, as a ControlNet
+    unit's), and its names for the infotext."""
 
     adapter: IPAdapter
     tokens: torch.Tensor
     negative: torch.Tensor
     scale: float
+    start: float = 0.0
+    end: float = 1.0
+    name: str = ""
+    module: str = ""
 
     @classmethod
-    def make(cls, adapter: IPAdapter, image: np.ndarray, scale: float, device: torch.device) -> RequestImagePrompt:
-        return cls(adapter, adapter.tokens(image, device), adapter.negative(device), scale)
+    def make(cls, adapter: IPAdapter, image: np.ndarray, scale: float, device: torch.device,
+             **unit: Any) -> RequestImagePrompt:
+        return cls(adapter, adapter.tokens(image, device), adapter.negative(device), scale, **unit)
+
+    @property
+    def weight(self) -> float:
+        """The unit's weight (the scale), by the name the infotext gives a ControlNet unit's."""
+        return self.scale
+
+    def keeps(self, index: int, count: int) -> bool:
+        """Whether step ``index`` of ``count`` is inside the window (sd-webui-controlnet's rule, as ControlUnit's)."""
+        return not (index / count < self.start or (index + 1) / count > self.end)
 
     def hidden(self, text: torch.Tensor | None, negative_rows: int) -> Any:
         """``text`` [R, L, D] as the UNet's encoder hidden states with this image prompt: its first

@@ -285,6 +285,17 @@ def test_an_ip_adapter_unit_gives_the_request_a_style_image(api, tiny_model_dir,
     assert np.abs(image(both) - image(styled)).max() >= 2
     split = txt2img(api, ip(), prompt="a house AND a tree:0.5")  # composable prompts: every cond part styled
     assert split.status_code == 200, split.text
+    # The guidance window acts as a ControlNet unit's (QA 5: it was ignored); the infotext records the unit.
+    early = txt2img(api, ip(guidance_end=0.5))
+    late = txt2img(api, ip(guidance_start=0.5))
+    outside = txt2img(api, ip(guidance_start=0.9, guidance_end=0.95))  # no step of 3 inside: nothing added
+    assert len({image(r).tobytes() for r in (styled, early, late)}) == 3
+    assert np.array_equal(image(outside), image(plain))
+    info = json.loads(early.json()["info"])["infotexts"][0]
+    assert f'ControlNet 0: "Module: ip-adapter_clip_sd15, Model: {model}, Weight: 1, Guidance Start: 0, ' \
+           f'Guidance End: 0.5"' in info
+    info = json.loads(both.json()["info"])["infotexts"][0]
+    assert "ControlNet 0: \"Module: canny" in info and "ControlNet 1: \"Module: ip-adapter_clip_sd15" in info
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -308,3 +319,27 @@ def test_bad_ip_adapter_units_are_422(api, tiny_model_dir, tmp_path, fields, wor
                                                   "controlnet_input_images": [b64_png(step_edge())]})
     assert detect.status_code == 422 and "image encoder" in detect.json()["detail"]
     assert txt2img(api).status_code == 200
+
+
+def test_unit_errors_name_the_unit_and_the_value_and_the_lists_carry_the_ip_adapters(api, tiny_model_dir, tmp_path):
+    """QA 5: a unit's validation error left out the value, an unknown module's left out the unit and the IP-Adapter
+    modules it accepts; module_detail and control_types had no IP-Adapter entries."""
+    from diffusers import UNet2DConditionModel
+
+    from sdbridge.engines.tiny import write_random_ip_adapter
+
+    response = txt2img(api, unit(weight=2.5))
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("alwayson_scripts.controlnet.args[0].weight = 2.5: ")
+    response = txt2img(api, unit(module="openpose_full"))
+    detail = response.json()["detail"]
+    assert response.status_code == 422 and detail.startswith("alwayson_scripts.controlnet.args[0].module ")
+    assert "ip-adapter_clip_sd15" in detail
+    modules = api.get("/controlnet/module_list").json()
+    assert modules["module_detail"]["ip-adapter_clip_h"] == {"model_free": False, "sliders": []}
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    write_random_ip_adapter(tmp_path / "models" / "ip_adapter", unet, name="ip-adapter_sd15")
+    kinds = api.get("/controlnet/control_types").json()["control_types"]
+    assert kinds["IP-Adapter"]["module_list"][0] == "ip-adapter-auto"
+    assert [name.split(" [")[0] for name in kinds["IP-Adapter"]["model_list"]] == ["None", "ip-adapter_sd15"]
+    assert "edges" not in str(kinds["IP-Adapter"])

@@ -56,8 +56,8 @@ def test_int_targets_and_inactive():
 
 
 @pytest.mark.parametrize("target", ["nonexistent", "prompt", "lfo1.depth", "lfo2.target", "bpm", "width",
-                                    "height", "seed", "steps", "clip_skip", "controlnet_2_channel", "ladder_fps",
-                                    "strenght"])
+                                    "height", "seed", "steps", "clip_skip", "controlnet_2_channel",
+                                    "ip_adapter_channel", "ladder_fps", "strenght"])
 def test_a_target_an_lfo_cannot_move_is_refused_naming_the_ones_it_can(target):
     store = ParamStore()
     applied, errors = store.update({"lfo1.target": target})

@@ -174,6 +174,8 @@ def test_a_failed_load_is_told_and_the_serving_adapter_serves_on(parts, models_d
         assert not torch.equal(served, styled)
     back = run(engine, frame, state, None, ip_adapter="style")
     assert torch.equal(back, styled)
+    run(engine, frame, state, None, ip_adapter="")
+    assert engine.ip_adapters.describe()["serving"] is None  # off: kept loaded, but /health says none serves
 
 
 def test_an_adapter_without_its_image_encoder_is_a_clear_error(parts, tmp_path):
