@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="guided rows at this guidance (above 1) with a negative prompt, instead of the fp16 rows: "
                              "the eager engine, and the compiled stream batch with exact guidance (two UNet rows a "
                              "step) and with residual guidance (one: guidance_mode residual)")
+    parser.add_argument("--ip-adapter", action="store_true",
+                        help="an IP-Adapter's cost (a style image held on every frame), instead of the fp16 rows: "
+                             "the compiled stream batch without and with it, and the eager engine with it")
     parser.add_argument("--sampler", default=None,
                         help="an A1111 sampler name for every row, diffusers' included (default: the architecture's "
                              "scheduler); --arch sd15 --sampler LCM is SD 1.5 with an LCM-LoRA's sampler")
@@ -282,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         section.feature_bank = args.feature_bank
         section.padding = args.padding
         section.guidance = args.guidance
+        section.ip_adapter = args.ip_adapter
         section.partial_json = args.json if len(sections) == 1 else None
         section.arch = args.arch
         section.sampler = args.sampler
@@ -322,6 +326,7 @@ class Section:
     feature_bank: bool = False
     padding: bool = False
     guidance: float | None = None  # the guided rows (--guidance) instead of the fp16 rows
+    ip_adapter: bool = False  # the IP-Adapter's rows (--ip-adapter) instead of the fp16 rows
     partial_json: Path | None = None  # rewritten after each timed row (--json with one section)
     arch: str = "sd21"
     sampler: str | None = None
@@ -480,6 +485,8 @@ def run_section(section: Section) -> tuple[str, dict[str, Any]]:
         padding_rows(section, engine_run, measure, compiled_engine, label, inputs, tolerance)
     elif section.guidance is not None:
         guidance_rows(parts, section, engine_run, measure, compiled_engine, label, first, tolerance)
+    elif section.ip_adapter:
+        ip_adapter_rows(parts, section, engine_run, measure, compiled_engine, label, inputs, tolerance)
     elif not section.fp8_only:
         fp16_rows(parts, section, engine_run, measure, with_controlnet, compiled_engine, label, inputs, first)
     fp8_report = fp8_rows(parts, compiled_engine, engine_run, measure, label, size, section.steps) \
@@ -682,6 +689,68 @@ def guidance_rows(parts: Any, section: Section, engine_run: Callable[..., Any], 
             row.result["residual_vs_exact_rel_error"] = relative_error(out, exact_first)
         measure(row, None, compile_s)
         del engine
+
+
+def ip_adapter_rows(parts: Any, section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],
+                    compiled_engine: Callable[..., Any], label: str, inputs: list[np.ndarray], tolerance: float) -> None:
+    """The IP-Adapter's cost per frame (engines/ip_adapter.py): a random plain adapter for this UNet (4 image tokens
+    in each cross-attention layer, what a frame pays; the image encoder runs once per style image, not per frame,
+    so a tiny one stands in), a style image held on channel 1. Rows: the compiled stream batch without and with it,
+    the eager engine with it. Parity: the compiled engine's first styled frame against the eager engine's."""
+    import tempfile
+
+    from sdbridge.engines.base import CONDITIONS, StreamState
+    from sdbridge.engines.diffusion import DiffusionEngine
+    from sdbridge.engines.tiny import write_random_ip_adapter
+
+    size, n, backend = section.size, section.steps, section.backend
+    folder = Path(tempfile.mkdtemp(prefix="sdbridge-bench-ip-"))
+    write_random_ip_adapter(folder / "ip_adapter", parts.unet, name="bench", std=0.05)
+    values = {**engine_params(size, n, 1.0), "ip_adapter": "bench", "ip_adapter_scale": 0.6}
+    style = inputs[-1]
+
+    def styled(engine: Any) -> Any:
+        """The engine serving the adapter (loaded as the live parameter loads it), ``values`` prepared."""
+        engine.models_dir, engine.ip_adapters = str(folder), None  # made again at the next prepare, here
+        engine.prepare(values)
+        engine.ip_adapters.wait(600)
+        return engine
+
+    def hold_style(engine: Any, states: list[Any]) -> None:
+        for state in states:  # the style frame sent once on channel 1, as a client does
+            state.data[CONDITIONS] = {1: style}
+            engine.ip_adapters.condition(state.data, None)
+
+    def holding_style(run: Any) -> Any:
+        hold_style(run.engine, run.states)
+        return run
+
+    def first_frame(engine: Any) -> torch.Tensor:
+        state = StreamState("compare")
+        hold_style(engine, [state])
+        frame = torch.from_numpy(inputs[0])[None]
+        with torch.inference_mode():
+            return engine.step_float(frame if engine.name == "compiled" else frame.to(section.device), [state])
+
+    plain = compiled_engine(n)
+    compile_s = plain.warmup(engine_params(size, n, 1.0)) if backend else None
+    measure(Row(f"{label}, stream batch", engine_run(plain, 1), 1, n), plain, compile_s)
+    del plain
+    eager = styled(DiffusionEngine.from_parts(parts))
+    reference = first_frame(eager)
+    measure(Row("eager engine (TAESD) + IP-Adapter", holding_style(engine_run(eager, 1)), 1, n))
+    engine = styled(compiled_engine(n))
+    started = time.perf_counter()
+    got = first_frame(engine)  # queues the graph with the adapter's inputs
+    if backend:
+        engine.wait_compiled()
+        got = first_frame(engine)
+    compile_s = time.perf_counter() - started if backend else None
+    row = Row(f"{label}, stream batch + IP-Adapter", holding_style(engine_run(engine, 1)), 1, n)
+    row.result["parity_rel_error"] = error = relative_error(got, reference)
+    row.result["parity_ok"] = bool(error <= tolerance)
+    row.result["parity_against"] = "the eager engine with the IP-Adapter"
+    measure(row, compile_s=compile_s)
 
 
 def padding_rows(section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],

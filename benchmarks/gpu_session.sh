@@ -29,7 +29,7 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding live_changes engine_guidance}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding live_changes engine_guidance engine_ip_adapter}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
@@ -342,6 +342,15 @@ step_engine_guidance() {  # guidance 3 with a negative prompt: exact (two UNet r
   else
     step engine_guidance 30 300 engine_guidance.json $P benchmarks/bench_engine.py --device cpu --tiny --guidance 3 \
       --skip-diffusers --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_guidance.json"
+  fi
+}
+step_engine_ip_adapter() {  # a style image held on every frame: the IP-Adapter's cost beside the plain stream batch
+  if [ "$DEVICE" = cuda ]; then
+    step engine_ip_adapter 120 300 engine_ip_adapter.json $P benchmarks/bench_engine.py --device cuda --ip-adapter \
+      --skip-diffusers --calls 30 --warmup 5 --json "$WORK/engine_ip_adapter.json"
+  else
+    step engine_ip_adapter 30 300 engine_ip_adapter.json $P benchmarks/bench_engine.py --device cpu --tiny \
+      --ip-adapter --skip-diffusers --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_ip_adapter.json"
   fi
 }
 step_engine_bank() {  # the feature bank inside the compiled graph: its cost beside the plain stream batch
