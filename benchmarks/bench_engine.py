@@ -692,7 +692,8 @@ def guidance_rows(parts: Any, section: Section, engine_run: Callable[..., Any], 
 
 
 def ip_adapter_rows(parts: Any, section: Section, engine_run: Callable[..., Any], measure: Callable[..., None],
-                    compiled_engine: Callable[..., Any], label: str, inputs: list[np.ndarray], tolerance: float) -> None:
+                    compiled_engine: Callable[..., Any], label: str, inputs: list[np.ndarray],
+                    tolerance: float) -> None:
     """The IP-Adapter's cost per frame (engines/ip_adapter.py): a random plain adapter for this UNet (4 image tokens
     in each cross-attention layer, what a frame pays; the image encoder runs once per style image, not per frame,
     so a tiny one stands in), a style image held on channel 1. Rows: the compiled stream batch without and with it,
