@@ -95,14 +95,18 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         "and exits (needs pip install 'sdbridge[midi]'; docs/midi.md)")
     add("--midi-map", metavar="FILE", help="the MIDI mapping file (TOML; default ~/.config/sdbridge/midi.toml, else "
         "the built-in map in docs/midi.md); learned bindings are saved there")
-    add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION]",
-        help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR (repeatable)")
+    add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION][?OPTIONS]",
+        help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR; OPTIONS "
+        "is interpolate=off|1-4|2x-4x, before or after @SESSION (record:rec@live?interpolate=2x); see "
+        "docs/outputs.md (repeatable)")
     add("--interpolate", metavar="off|2x|3x|4x", help="outputs show this many frames per engine frame, the "
         "in-betweens made by optical flow, one engine frame later (default off; ?interpolate=N on an --output "
         "overrides it; docs/outputs.md)")
-    add("--input", dest="inputs", action="append", metavar="KIND[:TARGET][@SESSION[#CHANNEL]]",
+    add("--input", dest="inputs", action="append", metavar="KIND[:TARGET][?OPTIONS][@SESSION[#CHANNEL]]",
         help="also take frames from file:PATH (a video or image folder, looping), camera:N, shm:NAME (shared "
-        "memory) or ndi:SOURCE, into SESSION (default: the kind's name); see docs/inputs.md (repeatable)")
+        "memory) or ndi:SOURCE, into SESSION (default: the kind's name); OPTIONS are NAME=VALUE joined by &: fps, "
+        "loop, width, height, reply, before or after @SESSION (file:frames/?fps=24@live); see docs/inputs.md "
+        "(repeatable)")
     add("--vram-budget-mb", type=int, help="refuse models needing more device memory than this (0: no budget)")
     add("--allow-pickle", action="store_const", const=True,
         help="allow .ckpt/.pt files (loaded with torch.load(weights_only=True))")

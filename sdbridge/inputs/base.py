@@ -1,6 +1,7 @@
 """The input interface: a source that yields RGB(A) frames, and the ``--input`` spec that names one.
 
-A spec is ``KIND[:TARGET][?OPTIONS][@SESSION[#CHANNEL]]`` (docs/inputs.md):
+A spec is ``KIND[:TARGET][?OPTIONS][@SESSION[#CHANNEL]]``, or with the options last as outputs write them,
+``KIND[:TARGET][@SESSION[#CHANNEL]][?OPTIONS]`` (docs/inputs.md):
 
 - ``file:clips/rehearsal.mp4`` a video file, an image folder or an OpenCV pattern (``frames/%04d.png``),
   looping, paced at the file's frame rate;
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import abc
 import importlib
+import os
 import re
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -37,6 +40,7 @@ MAX_FPS = 1000.0
 _SESSION = re.compile(r"^(?P<session>[A-Za-z0-9_.-]{1,64})(?:#(?P<channel>\d{1,3}))?$")
 _KIND = re.compile(r"^[a-z]+$")
 _REPLIES = {"jpeg": PixelFormat.JPEG, "png": PixelFormat.PNG, "rgb8": PixelFormat.RGB8, "rgba8": PixelFormat.RGBA8}
+_REPLY_NAMES = {value: name for name, value in _REPLIES.items()}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -58,7 +62,14 @@ class InputSpec:
         return self.session or self.kind
 
     def __str__(self) -> str:
+        """The spec as it is read back: every option that differs from its default, so /stats shows what runs."""
         text = self.kind + (f":{self.target}" if self.target else "")
+        options = [f"fps={self.fps:g}"] if self.fps is not None else []
+        options += [] if self.loop else ["loop=false"]
+        options += [f"{name}={value}" for name, value in (("width", self.width), ("height", self.height))
+                    if value is not None]
+        options += [f"reply={_REPLY_NAMES[self.reply]}"] if self.reply != PixelFormat.JPEG else []
+        text += "?" + "&".join(options) if options else ""
         return text + f"@{self.session_name}" + (f"#{self.channel}" if self.channel else "")
 
 
@@ -96,7 +107,10 @@ _INPUTS: dict[str, tuple[str, str, frozenset[str]]] = {
     "shm": ("sdbridge.inputs.shm:ShmInput", "", frozenset({"reply"})),
     "ndi": ("sdbridge.inputs.ndi:NdiInput", "pip install 'sdbridge[ndi]' (cyndilib)", frozenset({"reply"})),
 }
-_FORM = "KIND[:TARGET][?OPTIONS][@SESSION[#CHANNEL]] (e.g. file:clip.mp4@s1, camera:0, shm:sdbridge, ndi:STUDIO)"
+_FORM = ("KIND[:TARGET][?OPTIONS][@SESSION[#CHANNEL]] or KIND[:TARGET][@SESSION[#CHANNEL]][?OPTIONS] "
+         "(e.g. file:clip.mp4@s1, file:frames/@s1?fps=24, camera:0, shm:sdbridge, ndi:STUDIO)")
+# POSIX shared memory: "/NAME", NAME at most NAME_MAX (255) bytes with no '/'; macOS allows 31 with the slash.
+MAX_SHM_NAME_BYTES = 30 if sys.platform == "darwin" else 255
 
 
 def input_kinds() -> list[str]:
@@ -107,14 +121,28 @@ def _bad(message: str) -> InputError:
     return InputError(message, code="bad_input")
 
 
+def split_spec(text: str) -> tuple[str, str | None, str | None]:
+    """``KIND[:TARGET]``, the options and the session part of an ``--input`` or ``--output`` spec, either order.
+
+    Inputs documented their options before ``@SESSION`` and outputs after it; a rig uses both on one command
+    line, so each takes both. The last ``?`` starts the options; a ``@`` after it ends them (options first),
+    else the last ``@`` before it starts the session. A session name holds neither, a path may hold ``@``."""
+    head, question, options = text.rpartition("?")
+    if not question:
+        head, options = text, None
+    elif "@" in options:
+        options, _, session = options.rpartition("@")
+        return head, options, session
+    body, at, session = head.rpartition("@")
+    return (body, options, session) if at else (head, options, None)
+
+
 def parse_spec(text: str) -> InputSpec:
     """An ``--input`` value -> InputSpec; InputError (code bad_input) naming the bad part and what is allowed."""
-    body = text.strip()
+    body, options_text, tail = split_spec(text.strip())
     session = None
     channel = 0
-    if "@" in body:
-        # The last '@' starts the session: a session name holds no '@', a path may (docs/inputs.md).
-        body, _, tail = body.rpartition("@")
+    if tail is not None:
         match = _SESSION.match(tail)
         if match is None:
             raise _bad(f"input {text!r}: session {tail!r} is not 1-64 of A-Z a-z 0-9 _ . - with an optional "
@@ -125,9 +153,6 @@ def parse_spec(text: str) -> InputSpec:
             if not 0 <= channel <= MAX_CHANNEL:
                 raise _bad(f"input {text!r}: channel {channel} not in [0, {MAX_CHANNEL}] (0 is the image, "
                            f"1-{MAX_CHANNEL} condition streams)")
-    options_text = None
-    if "?" in body:
-        body, _, options_text = body.rpartition("?")
     kind, sep, target = body.partition(":")
     if not _KIND.match(kind):
         raise _bad(f"input {text!r} is not {_FORM}")
@@ -138,7 +163,25 @@ def parse_spec(text: str) -> InputSpec:
     values = _options(text, kind, options_text)
     if kind == "file" and not target:
         raise _bad(f"input {text!r}: file needs a path (file:clips/rehearsal.mp4 or file:frames/)")
+    if kind == "shm" and target:
+        _check_shm_name(text, target)
     return InputSpec(kind, target or None, session, channel, **values)
+
+
+def _check_shm_name(text: str, name: str) -> None:
+    """A name the system can make a shared-memory segment of: checked here, since a name that can never exist
+    would otherwise be retried every 5 s for the whole show (the writer may start later, the name never changes)."""
+    if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        raise _bad(f"input {text!r}: shared memory name {name!r} is not a name a segment can have: no '/', '\\' "
+                   f"or NUL, not '.' or '..' (a POSIX name is /NAME with one word after the slash, e.g. shm:sdbridge)")
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError:
+        raise _bad(f"input {text!r}: shared memory name {name!r} cannot be written in this system's file name "
+                   f"encoding ({sys.getfilesystemencoding()}); use ASCII letters, digits, '_' or '-'") from None
+    if size > MAX_SHM_NAME_BYTES:
+        raise _bad(f"input {text!r}: the shared memory name is {size} bytes long; at most {MAX_SHM_NAME_BYTES} "
+                   f"on this system")
 
 
 def _options(text: str, kind: str, options_text: str | None) -> dict[str, object]:
@@ -152,16 +195,18 @@ def _options(text: str, kind: str, options_text: str | None) -> dict[str, object
             raise _bad(f"input {text!r}: option {item!r} is not NAME=VALUE")
         if name not in allowed:
             raise _bad(f"input {text!r}: unknown option {name!r} for {kind} (known: {', '.join(sorted(allowed))})")
+        if name in values:  # two values: which one was meant is a guess, so neither is taken
+            raise _bad(f"input {text!r}: option {name!r} is given twice")
         if name == "fps":
             try:
-                fps = float(value)
+                fps = float(value) if value.isascii() else float("nan")  # float() would take a full-width '２４'
             except ValueError:
                 fps = float("nan")
             if not 0 < fps <= MAX_FPS:  # also refuses nan
                 raise _bad(f"input {text!r}: fps {value!r} is not a number in (0, {MAX_FPS:g}]")
             values["fps"] = fps
         elif name in ("width", "height"):
-            if not value.isdigit() or not 1 <= int(value) <= 8192:
+            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 8192:
                 raise _bad(f"input {text!r}: {name} {value!r} is not a whole number in [1, 8192]")
             values[name] = int(value)
         elif name == "loop":

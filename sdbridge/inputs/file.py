@@ -40,12 +40,13 @@ class FileInput(Input):
     def check(self) -> None:
         if "%" in self.path.name:  # an OpenCV image-sequence pattern: its first frame is what can be checked
             if not self.path.parent.is_dir():
-                raise InputError(f"input {self.spec}: folder {self.path.parent} does not exist", code="bad_input")
+                raise InputError(f"input {str(self.spec)!r}: folder {self.path.parent} does not exist",
+                                 code="bad_input")
             return
         if not self.path.exists():
-            raise InputError(f"input {self.spec}: {self.path} does not exist", code="bad_input")
+            raise InputError(f"input {str(self.spec)!r}: {self.path} does not exist", code="bad_input")
         if self.path.is_dir() and not _images_in(self.path):
-            raise InputError(f"input {self.spec}: folder {self.path} holds no images "
+            raise InputError(f"input {str(self.spec)!r}: folder {self.path} holds no images "
                              f"({', '.join(sorted(IMAGE_SUFFIXES))})", code="bad_input")
 
     def open(self) -> None:

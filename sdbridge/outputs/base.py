@@ -1,10 +1,11 @@
 """The output interface: a sink that takes RGB frames, and the ``--output`` spec that names one.
 
-A spec is ``KIND[:TARGET][@SESSION][?OPTION=VALUE&...]``: ``ndi:sdbridge`` (an NDI source called sdbridge),
+A spec is ``KIND[:TARGET][@SESSION][?OPTION=VALUE&...]`` (the options may come before ``@SESSION`` too, as
+inputs write them): ``ndi:sdbridge`` (an NDI source called sdbridge),
 ``virtualcam`` or ``virtualcam:/dev/video10``, ``spout:sdbridge`` (Windows), ``syphon:sdbridge``
 (macOS), ``record:DIR`` (numbered PNGs, to keep a show). ``@SESSION`` sends only that session's
 frames; without it an output shows whichever session made the latest frame, which is the one
-sender of a usual rig. The one option is ``interpolate`` (off, 2x, 3x, 4x: frames shown per engine
+sender of a usual rig. The one option is ``interpolate`` (off, 1-4, 2x-4x: frames shown per engine
 frame, made by flow in between; ``ndi:stage?interpolate=2x``); without it the daemon's ``--interpolate``.
 
 Each library is an optional extra; a missing one is reported with the pip command that installs it.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdbridge.errors import SdbridgeError
+from sdbridge.inputs.base import split_spec  # one rule for where options and session go, in and out
 from sdbridge.outputs.interpolate import format_factor, parse_factor
 
 
@@ -69,36 +71,49 @@ _OUTPUTS: dict[str, tuple[str, str]] = {
     "syphon": ("sdbridge.outputs.syphon:SyphonOutput", "pip install 'sdbridge[syphon]' (syphon-python, macOS only)"),
     "record": ("sdbridge.outputs.record:RecordOutput", ""),
 }
-_SPEC = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<target>[^@?]+))?(?:@(?P<session>[A-Za-z0-9_.-]{1,64}))?"
-                   r"(?:\?(?P<options>.*))?$")
+_HEAD = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<target>[^@?]+))?$")
+_SESSION = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _OPTIONS = ("interpolate",)
+_FORM = ("KIND[:TARGET][@SESSION][?interpolate=N] or KIND[:TARGET][?interpolate=N][@SESSION] (e.g. ndi:sdbridge, "
+         "virtualcam, record:shows/tonight, ndi:stage@cam1?interpolate=2x)")
 
 
 def output_kinds() -> list[str]:
     return list(_OUTPUTS)
 
 
+def _bad(message: str) -> OutputError:
+    return OutputError(message, code="bad_output")
+
+
 def parse_spec(text: str) -> OutputSpec:
-    match = _SPEC.match(text.strip())
+    """An ``--output`` value -> OutputSpec; OutputError (code bad_output) naming the bad part and what is allowed."""
+    head, options, session = split_spec(text.strip())
+    match = _HEAD.match(head)
     if match is None:
-        raise OutputError(f"output {text!r} is not KIND[:TARGET][@SESSION][?interpolate=N] (e.g. ndi:sdbridge, "
-                          f"virtualcam, record:shows/tonight, ndi:stage?interpolate=2x)", code="bad_output")
+        raise _bad(f"output {text!r} is not {_FORM}")
     kind = match["kind"]
     if kind not in _OUTPUTS:
-        raise OutputError(f"unknown output {kind!r} in {text!r} (known: {', '.join(_OUTPUTS)})", code="bad_output")
+        raise _bad(f"unknown output {kind!r} in {text!r} (known: {', '.join(_OUTPUTS)})")
+    if session is not None and not _SESSION.match(session):
+        raise _bad(f"output {text!r}: session {session!r} is not 1-64 of A-Z a-z 0-9 _ . -; the form is {_FORM}")
     interpolate = None
-    options = match["options"]
+    seen: set[str] = set()
     for option in options.split("&") if options is not None else ():
-        name, _, value = option.partition("=")
-        if name != "interpolate":
-            raise OutputError(f"unknown option {name!r} in output {text!r} (known: {', '.join(_OPTIONS)})",
-                              code="bad_output")
+        name, sep, value = option.partition("=")
+        if not sep or not name:
+            raise _bad(f"output {text!r}: option {option!r} is not NAME=VALUE (known: {', '.join(_OPTIONS)})")
+        if name not in _OPTIONS:
+            raise _bad(f"unknown option {name!r} in output {text!r} (known: {', '.join(_OPTIONS)})")
+        if name in seen:  # two values: which one was meant is a guess, so neither is taken
+            raise _bad(f"output {text!r}: option {name!r} is given twice")
+        seen.add(name)
         interpolate = parse_interpolate(value, f"output {text!r}")
-    return OutputSpec(kind, match["target"], match["session"], interpolate)
+    return OutputSpec(kind, match["target"], session, interpolate)
 
 
 def parse_interpolate(value: str | int, where: str) -> int:
-    """An ``interpolate`` value (off, 2x, 3x, 4x; 1-4) as frames shown per engine frame; OutputError naming it."""
+    """An ``interpolate`` value (off, 1-4, 2x-4x) as frames shown per engine frame; OutputError naming it."""
     try:
         return parse_factor(value)
     except ValueError as exc:

@@ -31,17 +31,22 @@ MAX_PERIOD_S = 1.0           # engines slower than 1 fps are never interpolated 
 PERIOD_SAMPLES = 8           # engine periods kept for the median that paces the in-betweens
 
 
+FACTOR_FORMS = "off, 1-4 or 2x-4x"  # every documented form (docs/outputs.md), for the error that lists them
+_FACTORS = {"off": 1, **{str(n): n for n in range(1, MAX_FACTOR + 1)}, **{f"{n}x": n for n in range(2, MAX_FACTOR + 1)}}
+
+
 def parse_factor(text: str | int) -> int:
     """``off``, ``1``..``4`` or ``2x``..``4x`` → the number of frames shown per engine frame (1 = off).
 
-    ValueError naming the value when it is none of those (the callers wrap it in their own error)."""
-    value = str(text).strip().lower()
-    if value in ("off", "none", "false", "no", "0"):
-        return 1
-    number = value[:-1] if value.endswith("x") else value
-    if not number.isdigit() or not 1 <= int(number) <= MAX_FACTOR:
-        raise ValueError(f"interpolate {text!r} is not off, 2x, 3x or {MAX_FACTOR}x")
-    return int(number)
+    Only those forms (any case): not ``0``, ``1x`` or a full-width ``２x``, which a looser parse would take
+    for something the docs never promised. ValueError naming the value (the callers wrap it in their own error)."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise ValueError(f"interpolate {text!r} is not {FACTOR_FORMS}")
+    value = str(text).strip()
+    factor = _FACTORS.get(value.lower()) if value.isascii() else None
+    if factor is None:
+        raise ValueError(f"interpolate {text!r} is not {FACTOR_FORMS}")
+    return factor
 
 
 def format_factor(factor: int) -> str:

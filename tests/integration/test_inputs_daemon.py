@@ -46,7 +46,8 @@ def raw_reply(message: bytes) -> tuple[FrameHeader, np.ndarray]:
 def test_a_file_input_reaches_a_websocket_viewer_and_an_output_in_order(start_daemon, tmp_path: Path) -> None:
     clip = write_clip(tmp_path / "clip.avi")
     record = tmp_path / "record"
-    daemon = start_daemon(params=IDENTITY, inputs=[f"file:{tmp_path / 'clip.avi'}?reply=rgb8@s1"],
+    # Options after the session, as outputs write them: the same input as file:…?reply=rgb8@s1.
+    daemon = start_daemon(params=IDENTITY, inputs=[f"file:{tmp_path / 'clip.avi'}@s1?reply=rgb8"],
                           outputs=[f"record:{record}@s1"])
     replies = []
     with ws_connect(daemon, "?session=s1") as ws:
@@ -60,6 +61,7 @@ def test_a_file_input_reaches_a_websocket_viewer_and_an_output_in_order(start_da
     stats = daemon.collect_stats()
     (input_stats,) = stats["inputs"]
     assert input_stats["state"] == "running" and input_stats["session"] == "s1" and input_stats["size"] == [64, 64]
+    assert input_stats["input"] == f"file:{tmp_path / 'clip.avi'}?reply=rgb8@s1"  # its options shown, as outputs'
     assert input_stats["frames"] >= ids[-1] and stats["frames_received"] >= ids[-1]
     session = next(s for s in stats["sessions"] if s["id"] == "s1")
     assert session["frames_in"] >= ids[-1] and session["senders"] == 1
@@ -114,5 +116,7 @@ def test_serve_refuses_a_malformed_input_in_one_line(tmp_path: Path) -> None:
                                                       "is not a number in (0, 1000]")
     (tmp_path / "sdbridge.toml").write_text('inputs = ["file:missing.mp4@s1"]\n')  # the config file's key
     result = serve()
-    assert result.returncode == 2 and "file:missing.mp4@s1: missing.mp4 does not exist" in result.stderr
+    assert result.returncode == 2 and "input 'file:missing.mp4@s1': missing.mp4 does not exist" in result.stderr
+    result = serve("--input", "shm:bad/name@s1")  # a name no segment can have: refused now, not retried forever
+    assert result.returncode == 2 and "shared memory name 'bad/name' is not a name" in result.stderr
     assert "Traceback" not in result.stderr

@@ -71,20 +71,48 @@ def test_a_scene_cut_and_a_new_size_give_no_pair_to_blend() -> None:
 
 
 def test_factor_values_and_specs() -> None:
-    assert [parse_factor(v) for v in ("off", "1", "2", "2x", "3X", "4x", 3)] == [1, 1, 2, 2, 3, 4, 3]
-    for bad in ("5x", "x", "1.5", "-2", "double"):
-        with pytest.raises(ValueError, match="not off, 2x, 3x or 4x"):
+    assert [parse_factor(v) for v in ("off", "1", "2", "2x", "3X", "4x", 3, " OFF ")] == [1, 1, 2, 2, 3, 4, 3, 1]
+    # Only the documented forms: 0, 1x, a full-width digit or a bool are refused, not read as something close.
+    for bad in ("5x", "x", "1.5", "-2", "double", "0", "1x", "\uff12x", "\uff12", "none", "false", "", True, 0):
+        with pytest.raises(ValueError, match="is not off, 1-4 or 2x-4x"):
             parse_factor(bad)
     assert parse_spec("ndi:stage?interpolate=2") == OutputSpec("ndi", "stage", None, 2)
     assert parse_spec("record:/tmp/show@cam1?interpolate=3x") == OutputSpec("record", "/tmp/show", "cam1", 3)
     assert parse_spec("virtualcam?interpolate=off") == OutputSpec("virtualcam", None, None, 1)
     assert parse_spec("ndi:stage") == OutputSpec("ndi", "stage", None, None)
     assert str(parse_spec("ndi:stage@cam1?interpolate=2")) == "ndi:stage@cam1?interpolate=2x"
-    with pytest.raises(OutputError, match="'ndi:stage\\?interpolate=9'.*not off, 2x") as error:
+    with pytest.raises(OutputError, match="'ndi:stage\\?interpolate=9'.*not off, 1-4 or 2x-4x") as error:
         parse_spec("ndi:stage?interpolate=9")
     assert error.value.code == "bad_output"
     with pytest.raises(OutputError, match="unknown option 'fps'"):
         parse_spec("ndi:stage?fps=60")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("record:r?interpolate=0", "interpolate '0' is not off, 1-4 or 2x-4x"),
+    ("record:r?interpolate=\uff12x", "interpolate '\uff12x' is not off, 1-4 or 2x-4x"),
+    ("record:r@s1?interpolate=2x&interpolate=3x", "option 'interpolate' is given twice"),
+    ("record:r?interpolate=2x&interpolate=2x@s1", "option 'interpolate' is given twice"),
+    ("record:r@s1?interpolate", "option 'interpolate' is not NAME=VALUE"),
+    ("record:r@a?interpolate=2x@b", "is not KIND"),  # two sessions
+    ("record:r@bad session!?interpolate=2x", "session 'bad session!' is not"),
+])
+def test_a_malformed_output_spec_says_which_part_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(OutputError, match=message) as error:
+        parse_spec(text)
+    assert error.value.code == "bad_output"
+    assert repr(text) in str(error.value)
+
+
+@pytest.mark.parametrize("options_last, options_first", [
+    ("record:rec@live?interpolate=2x", "record:rec?interpolate=2x@live"),
+    ("ndi:stage left@cam1?interpolate=off", "ndi:stage left?interpolate=off@cam1"),
+    ("virtualcam@s1?interpolate=4", "virtualcam?interpolate=4@s1"),
+])
+def test_options_go_after_or_before_the_session_with_the_same_result(options_last: str, options_first: str) -> None:
+    # Inputs documented options before @SESSION; a rig writes both on one line, so outputs take both orders too.
+    assert parse_spec(options_first) == parse_spec(options_last)
+    assert str(parse_spec(options_first)) == str(parse_spec(options_last))
 
 
 def run_pacer(pacer: Pacer, frames: list[np.ndarray], period_s: float, tick_s: float = 0.001,
@@ -194,7 +222,7 @@ def test_the_daemon_wide_default_from_config_env_and_flags(tmp_path: Path) -> No
     config.write_text('interpolate = "2x"\n')
     assert load_settings({}, env={}, config_path=config).interpolate == "2x"
     assert load_settings({"interpolate": "4x"}, env={}, config_path=config).interpolate == "4x"
-    with pytest.raises(ConfigError, match="interpolate '5x' is not off, 2x, 3x or 4x"):
+    with pytest.raises(ConfigError, match="interpolate '5x' is not off, 1-4 or 2x-4x"):
         load_settings({"interpolate": "5x"}, env={})
     # The default reaches outputs whose spec does not say; a spec's own option wins.
     hub = OutputHub([f"record:{tmp_path / 'a'}", f"record:{tmp_path / 'b'}?interpolate=off"], interpolate=3)
