@@ -188,10 +188,11 @@ def random_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.3,  #
 
 
 def write_random_ip_adapter(folder: Path, unet: torch.nn.Module, name: str = "style", seed: int = 0,
-                            std: float = 0.3, encoder: bool = True) -> Path:
-    """A plain IP-Adapter for ``unet``'s family in the published layout (``image_proj.*``, ``ip_adapter.{1,3,..}``,
+                            std: float = 0.3, encoder: bool = True, plus: bool = False) -> Path:
+    """An IP-Adapter for ``unet``'s family in the published layout (``image_proj.*``, ``ip_adapter.{1,3,..}``,
     one safetensors file, ``folder/NAME.safetensors``) and, with ``encoder``, a tiny CLIP image encoder in
-    ``folder/image_encoder/``; random but seeded, ``std`` large enough that tests see the adapter act."""
+    ``folder/image_encoder/``; random but seeded, ``std`` large enough that tests see the adapter act. ``plus``:
+    an IP-Adapter Plus (the Resampler over the encoder's hidden states, 16 tokens), else a plain one (4 tokens)."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -207,10 +208,11 @@ def write_random_ip_adapter(folder: Path, unet: torch.nn.Module, name: str = "st
         CLIPVisionModelWithProjection(config).eval().save_pretrained(folder / "image_encoder", safe_serialization=True)
     cross = unet.config.cross_attention_dim
     tokens = 4
-    state = {"image_proj.proj.weight": torch.randn(cross * tokens, projection_dim) * std,
-             "image_proj.proj.bias": torch.randn(cross * tokens) * std,
-             "image_proj.norm.weight": 1.0 + torch.randn(cross) * std / 3,
-             "image_proj.norm.bias": torch.randn(cross) * std / 3}
+    state = _random_resampler(cross, 32, std) if plus else {
+        "image_proj.proj.weight": torch.randn(cross * tokens, projection_dim) * std,
+        "image_proj.proj.bias": torch.randn(cross * tokens) * std,
+        "image_proj.norm.weight": 1.0 + torch.randn(cross) * std / 3,
+        "image_proj.norm.bias": torch.randn(cross) * std / 3}
     for index, layer in enumerate(cross_attention_layers(unet)):
         shape = unet.get_submodule(layer).to_k.weight.shape
         state[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"] = torch.randn(shape) * std
@@ -218,3 +220,29 @@ def write_random_ip_adapter(folder: Path, unet: torch.nn.Module, name: str = "st
     path = folder / f"{name}.safetensors"
     save_file({key: value.contiguous() for key, value in state.items()}, path)
     return path
+
+
+def _random_resampler(output_dim: int, embedding_dim: int, std: float, dim: int = 32, queries: int = 16,
+                      depth: int = 4) -> dict[str, torch.Tensor]:
+    """IP-Adapter Plus's image projection (the original repository's Resampler, ``image_proj.*`` keys): ``queries``
+    learned latents attending to the encoder's hidden states (``embedding_dim`` wide) through ``depth`` blocks of
+    one 64-wide head, then out to the UNet's cross-attention width. diffusers reads its depth as 4."""
+    inner, ff = 64, dim * 4
+
+    def norm(prefix: str, width: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": 1.0 + torch.randn(width) * std / 3, f"{prefix}.bias": torch.randn(width) * std / 3}
+
+    state = {"image_proj.latents": torch.randn(1, queries, dim) * std,
+             "image_proj.proj_in.weight": torch.randn(dim, embedding_dim) * std,
+             "image_proj.proj_in.bias": torch.randn(dim) * std,
+             "image_proj.proj_out.weight": torch.randn(output_dim, dim) * std,
+             "image_proj.proj_out.bias": torch.randn(output_dim) * std, **norm("image_proj.norm_out", output_dim)}
+    for i in range(depth):
+        block = f"image_proj.layers.{i}"
+        state.update({**norm(f"{block}.0.norm1", dim), **norm(f"{block}.0.norm2", dim),
+                      f"{block}.0.to_q.weight": torch.randn(inner, dim) * std,
+                      f"{block}.0.to_kv.weight": torch.randn(2 * inner, dim) * std,
+                      f"{block}.0.to_out.weight": torch.randn(dim, inner) * std,
+                      **norm(f"{block}.1.0", dim), f"{block}.1.1.weight": torch.randn(ff, dim) * std,
+                      f"{block}.1.3.weight": torch.randn(dim, ff) * std})
+    return state

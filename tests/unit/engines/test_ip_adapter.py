@@ -30,6 +30,7 @@ def models_dir(parts, tmp_path_factory) -> Path:
     folder = root / "ip_adapter"
     write_random_ip_adapter(folder, parts.unet, name="style", seed=1)
     write_random_ip_adapter(folder, parts.unet, name="other", seed=2, encoder=False)
+    write_random_ip_adapter(folder, parts.unet, name="plus", seed=5, encoder=False, plus=True)
     (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     torch.save({"image_proj": {}, "ip_adapter": {}}, folder / "pickled.bin")
     return root
@@ -66,7 +67,7 @@ def run(engine: DiffusionEngine, frame: np.ndarray, state: StreamState, style: n
 
 
 def reference(parts, models_dir: Path, frame: np.ndarray, style: np.ndarray, *, scale: float, guidance: float,
-              steps: int, strength: float) -> torch.Tensor:
+              steps: int, strength: float, adapter: str = "style") -> torch.Tensor:
     """diffusers' img2img pipeline with its own load_ip_adapter, on a copy of the UNet (it installs its processors)."""
     import diffusers
     from PIL import Image
@@ -76,7 +77,7 @@ def reference(parts, models_dir: Path, frame: np.ndarray, style: np.ndarray, *, 
         scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     folder = models_dir / "ip_adapter"
-    pipe.load_ip_adapter(str(folder), subfolder="", weight_name="style.safetensors",
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=f"{adapter}.safetensors",
                          image_encoder_folder=str(folder / "image_encoder"))
     size = pipe.image_encoder.config.image_size
     pipe.feature_extractor = diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.CLIPImageProcessor(
@@ -90,15 +91,17 @@ def reference(parts, models_dir: Path, frame: np.ndarray, style: np.ndarray, *, 
                 guidance_scale=guidance, generator=torch.Generator().manual_seed(3), output_type="pt").images
 
 
-@pytest.mark.parametrize("steps, strength, guidance, scale", [(2, 1.0, 1.0, 1.0), (4, 0.75, 3.0, 0.6),
-                                                              (2, 0.5, 1.0, 1.7)])
-def test_parity_with_diffusers_ip_adapter(parts, models_dir, frame, style, steps, strength, guidance, scale):
+@pytest.mark.parametrize("adapter, steps, strength, guidance, scale", [
+    ("style", 2, 1.0, 1.0, 1.0), ("style", 4, 0.75, 3.0, 0.6), ("style", 2, 0.5, 1.0, 1.7),
+    ("plus", 2, 1.0, 3.0, 0.8)])  # IP-Adapter Plus: 16 tokens resampled from the encoder's hidden states
+def test_parity_with_diffusers_ip_adapter(parts, models_dir, frame, style, adapter, steps, strength, guidance, scale):
     """Same weights, same noise, same style image: the stream's frame is diffusers' (fp32, CPU, 1e-4)."""
     engine = make_engine(parts, models_dir)
     ours = run(engine, frame, StreamState("s"), style, steps=steps, strength=strength, guidance=guidance,
-               negative_prompt="blurry", ip_adapter="style", ip_adapter_scale=scale)
+               negative_prompt="blurry", ip_adapter=adapter, ip_adapter_scale=scale)
+    assert engine.ip_adapters.serving.hidden_states == (adapter == "plus")
     theirs = reference(parts, models_dir, frame, style, scale=scale, guidance=guidance, steps=steps,
-                       strength=strength)
+                       strength=strength, adapter=adapter)
     error = relative_error(ours, theirs)
     assert error <= 1e-4, f"relative error {error:.2e}"
     base = run(make_engine(parts, models_dir), frame, StreamState("s"), steps=steps, strength=strength,
