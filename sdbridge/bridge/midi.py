@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 BPM_STEP = 0.05  # the clock's tempo moves bpm only by at least this much: no store update (and OSC echo) per tick
 LIST = "list"    # --midi-in list: print the ports and exit
+ALSA_SEQUENCER = Path("/dev/snd/seq")
 
 
 @dataclass
@@ -61,12 +64,34 @@ def _mido() -> Any:
 def list_ports() -> list[str]:
     """The MIDI input ports' names; ConfigError where the system has no MIDI (no ALSA sequencer, say)."""
     mido = _mido()
+    missing = midi_system_missing()
+    if missing:  # asked before rtmidi, which would print ALSA's own line to stderr and raise its own text
+        raise ConfigError(f"cannot list MIDI ports: {missing}")
     try:
         return list(mido.get_input_names())
     except ImportError as exc:  # mido without python-rtmidi
         raise ConfigError(f"MIDI input needs python-rtmidi: pip install 'sdbridge[midi]' ({exc})") from exc
-    except (RuntimeError, OSError) as exc:  # rtmidi's SystemError: no ALSA sequencer (/dev/snd/seq), no CoreMIDI
-        raise ConfigError(f"cannot list MIDI ports: {exc}") from exc
+    except (RuntimeError, OSError) as exc:  # rtmidi's SystemError: the system's MIDI service did not answer
+        log.debug("rtmidi: %s", exc)
+        raise ConfigError(f"cannot list MIDI ports: {_MIDI_SYSTEMS.get(sys.platform, 'the MIDI system')} did not "
+                          f"answer ({exc})") from exc
+
+
+_MIDI_SYSTEMS = {"linux": "the ALSA sequencer", "darwin": "CoreMIDI", "win32": "the Windows MIDI API"}
+
+
+def midi_system_missing(device: Path = ALSA_SEQUENCER) -> str | None:
+    """Why this machine can have no MIDI ports, in words (docs/midi.md), or None. Linux only: MIDI there is the
+    ALSA sequencer's device, and its absence (a container, a server kernel without snd-seq) is the usual case."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if not device.exists():
+        return (f"this machine has no ALSA sequencer ({device} does not exist), so it has no MIDI ports; load it "
+                f"with `sudo modprobe snd-seq` (in a container, also pass the host's /dev/snd to it)")
+    if not os.access(device, os.R_OK | os.W_OK):
+        return (f"{device} is there but this user may not open it; add the user to its group "
+                f"(`sudo usermod -aG audio $USER`, then log in again)")
+    return None
 
 
 def match_port(wanted: str, names: list[str]) -> str:

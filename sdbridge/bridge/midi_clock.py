@@ -37,7 +37,8 @@ class ClockSample:
 
 class MidiClock:
     def __init__(self) -> None:
-        self.running = True     # a device that sends clock without Start runs from its first tick
+        self.running = False    # until a Start, a Continue or a first tick: /stats must not say so before
+        self._transport_seen = False  # a Start, Stop or Continue came: from then on only they set running
         self.ticks = 0          # the song position in ticks: advances only while running (Start: 0)
         self.tempo: float | None = None
         self.ticks_seen = 0
@@ -53,14 +54,17 @@ class MidiClock:
     def start(self) -> None:
         """Start: the next tick is beat 0 (MIDI 1.0: the first clock after Start is the downbeat)."""
         self.running = True
+        self._transport_seen = True
         self._pending_start = True
 
     def stop(self) -> None:
         self.running = False
+        self._transport_seen = True
 
     def resume(self) -> None:
         """Continue: ticks advance the beat again from where Stop left it."""
         self.running = True
+        self._transport_seen = True
 
     def song_position(self, sixteenths: int) -> None:
         """Song position pointer: in MIDI beats (sixteenth notes, 6 ticks each); the next tick plays it."""
@@ -69,6 +73,8 @@ class MidiClock:
     def tick(self, at: float) -> ClockSample | None:
         """A timing message at monotonic ``at``: the beat and tempo once the tempo is known, else None."""
         self.ticks_seen += 1
+        if not self._transport_seen:  # a device that sends clock without Start runs from its first tick
+            self.running = True
         if self._last_at is not None and at - self._last_at > GAP_S:
             self._times.clear()
             self.tempo = None

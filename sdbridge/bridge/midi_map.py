@@ -324,15 +324,19 @@ def parse_map(text: str, schema: Schema, source: str = "midi map") -> MidiMap:
     if not isinstance(clock, bool):
         raise ConfigError(f"{source}: clock {shown_value(clock)} is not true or false")
     result = MidiMap(clock=clock)
+    cc_lines: list[int] = []
     for table, allowed, build, into in (("cc", CC_KEYS, _cc_binding, result.cc),
                                         ("note", NOTE_KEYS, _note_binding, result.notes)):
         entries = data.get(table, [])
         if not isinstance(entries, list):
             raise ConfigError(f"{source}: {table} must be an array of tables, [[{table}]]")
         lines = _entry_lines(text, table)
+        if len(lines) != len(entries):  # an inline array (cc = [{...}]) has no [[cc]] headers to count
+            lines = []
+        if table == "cc":
+            cc_lines = lines
         for index, entry in enumerate(entries):
-            line = f" (line {lines[index]})" if len(lines) == len(entries) else ""
-            where = f"{source}, [[{table}]] #{index + 1}{line}"
+            where = f"{source}, {_entry_name(table, index, lines)}"
             if not isinstance(entry, dict):
                 raise ConfigError(f"{where}: is not a table")
             if "session" in entry:
@@ -343,11 +347,16 @@ def parse_map(text: str, schema: Schema, source: str = "midi map") -> MidiMap:
                 raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(extra))} "
                                   f"(allowed: {', '.join(sorted(allowed))})")
             into.append(build(entry, schema, where))
-    _check_duplicates(result, source)
+    _check_duplicates(result, source, cc_lines)
     return result
 
 
-def _check_duplicates(midi_map: MidiMap, source: str) -> None:
+def _entry_name(table: str, index: int, lines: list[int]) -> str:
+    """``[[cc]] #2 (line 5)``: the entry as a person finds it in the file (no line where it cannot be told)."""
+    return f"[[{table}]] #{index + 1}" + (f" (line {lines[index]})" if lines else "")
+
+
+def _check_duplicates(midi_map: MidiMap, source: str, lines: list[int]) -> None:
     seen: dict[tuple[int | None, int], int] = {}
     for index, binding in enumerate(midi_map.cc):
         for control in (binding.control, binding.lsb):
@@ -355,9 +364,9 @@ def _check_duplicates(midi_map: MidiMap, source: str) -> None:
                 continue
             key = (binding.channel, control)
             if key in seen:
-                raise ConfigError(f"{source}: [[cc]] #{index + 1} uses controller {control}"
+                raise ConfigError(f"{source}, {_entry_name('cc', index, lines)}: uses controller {control}"
                                   f"{'' if binding.channel is None else f' on channel {binding.channel}'}, "
-                                  f"already bound by [[cc]] #{seen[key] + 1}")
+                                  f"already bound by {_entry_name('cc', seen[key], lines)}")
             seen[key] = index
 
 

@@ -223,7 +223,10 @@ class Connection:
     def _json_midi_map(self, message: dict[str, Any]) -> None:
         """{"type": "midi_map"}: the current map; with "save": true, written to the map file first."""
         midi = self._midi()
-        saved = str(midi.save()) if message.get("save") is True else None
+        save = message.get("save", False)
+        if not isinstance(save, bool):  # "yes" or 1 would otherwise be a save silently not done
+            raise ParamError(f"midi_map save {shown_value(save)} is not true or false", name="save", value=save)
+        saved = str(midi.save()) if save else None
         self._reply(message, {"type": "midi_map", "path": str(midi.map_path), "saved": saved,
                               "learning": midi.mapper.learning, **midi.mapper.map.to_json()})
 

@@ -5,6 +5,7 @@ as the tempo, and a virtual port where the system has one."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import httpx
@@ -53,6 +54,8 @@ def midi_daemon(start_daemon, tmp_path):
 
 def test_a_cc_a_14_bit_pair_and_notes_change_the_live_params(midi_daemon):
     daemon = midi_daemon
+    before = httpx.get(f"http://127.0.0.1:{daemon.port}/stats", trust_env=False).json()["midi"]
+    assert before["clock_running"] is False and before["clock_ticks"] == 0  # no clock heard: not running
     daemon.midi.receive(mido.Message("control_change", channel=0, control=1, value=64))
     assert wait_for(lambda: daemon.store.get("strength") == pytest.approx(64 / 127))
     daemon.midi.receive(mido.Message("control_change", channel=5, control=2, value=0x40))
@@ -78,7 +81,7 @@ def test_clock_at_128_bpm_sets_bpm_and_drives_the_worker_beat(midi_daemon):
     assert wait_for(lambda: abs(daemon.store.get("bpm") - 128.0) < 0.1)
     beat = daemon.worker.clock.beat(t0 + (PPQN * 8 - 1) * period, 120.0)
     assert beat == pytest.approx((PPQN * 8 - 1) / PPQN, abs=0.02)
-    assert daemon.midi.describe()["following_clock"]
+    assert daemon.midi.describe()["following_clock"] and daemon.midi.describe()["clock_running"]
 
 
 def test_learn_over_the_websocket_binds_the_next_cc_and_saves_the_map(midi_daemon):
@@ -93,6 +96,12 @@ def test_learn_over_the_websocket_binds_the_next_cc_and_saves_the_map(midi_daemo
         assert wait_for(lambda: daemon.store.get("prompt_blend") == 1.0)
         daemon.midi.receive(mido.Message("control_change", channel=2, control=20, value=0))
         assert wait_for(lambda: daemon.store.get("prompt_blend") == 0.0)
+        for request_id, save in ((10, "yes"), (11, 1), (12, None)):  # not a boolean: an error, not a silent no
+            ws.send(json.dumps({"type": "midi_map", "id": request_id, "save": save}))
+            error = recv_json(ws, "error")
+            assert error["code"] == "bad_param" and error["id"] == request_id
+            assert f"midi_map save {save!r} is not true or false" in error["message"]
+        assert daemon.midi.map_path.read_text(encoding="utf-8") == MAP  # nothing was written
         ws.send(json.dumps({"type": "midi_map", "save": True}))
         reply = recv_json(ws, "midi_map")
         assert {"channel": 3, "control": 20, "lsb": None, "param": "prompt_blend"} in reply["cc"]
@@ -100,6 +109,9 @@ def test_learn_over_the_websocket_binds_the_next_cc_and_saves_the_map(midi_daemo
         ws.send(json.dumps({"type": "midi_learn", "param": "prompt"}))
         error = recv_json(ws, "error")
         assert error["code"] == "bad_param" and "prompt has no range" in error["message"]
+        ws.send(json.dumps({"type": "midi_learn", "param": "strenght"}))  # docs/midi.md: the protocol's own code
+        error = recv_json(ws, "error")
+        assert error["code"] == "unknown_param" and "'strenght'" in error["message"]
     saved = open(reply["path"], encoding="utf-8").read()
     assert 'control = 20\nparam = "prompt_blend"' in saved and "bits" not in saved and "lsb = 34" in saved
 
@@ -161,15 +173,22 @@ def test_link_wins_over_midi_clock(midi_daemon):
     assert daemon.store.get("bpm") == 120.0 and not daemon.worker.clock.linked
 
 
-def test_midi_in_list_prints_the_ports_or_why_there_are_none(capsys):
+def test_midi_in_list_prints_the_ports_or_why_there_are_none(capfd):
+    from sdbridge.bridge.midi import ALSA_SEQUENCER
     from sdbridge.cli import main
 
     code = main(["serve", "--midi-in", "list"])
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()  # the file descriptors: ALSA's C library writes to fd 2 itself
     if code == 0:
         assert out.strip()  # the ports, or "no MIDI input ports"
     else:
         assert code == 2 and "cannot list MIDI ports" in err and not out
+        assert "ALSA lib" not in err and "MidiInAlsa" not in err  # our sentence, not rtmidi's or ALSA's
+        if sys.platform.startswith("linux") and not ALSA_SEQUENCER.exists():
+            assert err.strip().splitlines() == [
+                f"sdbridge: cannot list MIDI ports: this machine has no ALSA sequencer ({ALSA_SEQUENCER} does not "
+                "exist), so it has no MIDI ports; load it with `sudo modprobe snd-seq` (in a container, also pass "
+                "the host's /dev/snd to it)"]
 
 
 def test_a_port_that_is_not_there_stops_the_start_before_anything_listens(tmp_path):

@@ -76,6 +76,22 @@ def test_stop_holds_the_beat_and_continue_resumes_it_while_the_tempo_keeps_being
     assert clock.tick(times[PPQN * 3]).beat == pytest.approx(2.0)
 
 
+def test_the_clock_runs_only_once_a_start_or_a_tick_says_so():
+    # /stats midi.clock_running: false on a daemon that never heard a clock, not true by default.
+    assert not MidiClock().running
+    started = MidiClock()
+    started.start()
+    assert started.running
+    free = MidiClock()  # a device that sends clock without Start runs from its first tick
+    free.tick(0.0)
+    assert free.running
+    stopped = MidiClock()
+    stopped.stop()  # a DAW that sends Stop, then clock while stopped: the ticks do not start it
+    for n in range(PPQN):
+        stopped.tick(n * 0.02)
+    assert not stopped.running
+
+
 def test_song_position_sets_the_beat_of_the_next_tick():
     clock = MidiClock()
     times = list(ticks(120.0, PPQN))

@@ -158,7 +158,11 @@ def test_learn_refuses_an_unknown_param_or_one_without_a_range():
     ('[[cc]]\nchannel = 0\ncontrol = 1\nparam = "strength"\n', r"channel 0 is not an integer in \[1, 16\]"),
     ('[[cc]]\ncontrol = 40\nbits = 14\nparam = "strength"\n', r"a 14-bit MSB is 0-31"),
     ('[[cc]]\ncontrol = 1\nparam = "strength"\n[[cc]]\ncontrol = 1\nparam = "guidance"\n',
-     r"\[\[cc\]\] #2 uses controller 1, already bound by \[\[cc\]\] #1"),
+     r"'x.toml', \[\[cc\]\] #2 \(line 4\): uses controller 1, already bound by \[\[cc\]\] #1 \(line 1\)"),
+    ('[[cc]]\ncontrol = 2\nbits = 14\nparam = "strength"\n\n[[cc]]\ncontrol = 34\nparam = "guidance"\n',
+     r"\[\[cc\]\] #2 \(line 6\): uses controller 34, already bound by \[\[cc\]\] #1 \(line 1\)"),  # the LSB
+    ('cc = [{control = 1, param = "strength"}, {control = 1, param = "guidance"}]\n',
+     r"'x.toml', \[\[cc\]\] #2: uses controller 1, already bound by \[\[cc\]\] #1$"),  # no headers: no lines
     ('[[cc]]\ncontrol = 1\nparam = "strength"\nsession = "a"\n', r"session is not supported"),
     ('[[cc]]\ncontrol = 1\nparam = "strength"\nscale = 2\n', r"unknown key\(s\) scale"),
     ('[[note]]\nnote = 36\n', r"\[\[note\]\] #1 \(line 1\): needs either preset"),
