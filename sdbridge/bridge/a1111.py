@@ -590,7 +590,7 @@ class A1111Api:
             models.get(name)  # loaded here, off the worker, so that the stream does not wait on the disk
         except ModelError as exc:
             raise HTTPException(422, f"hr_upscaler: {exc}") from None
-        return lambda image, width, height: models.upscale_to(name, image, width, height)
+        return lambda image, width, height: models.hires_upscale(name, image, width, height)
 
     def check_loras(self, prompt: str, kind: str) -> None:
         """The prompt's ``<lora:...>`` tags checked before the request queues: a client's typo answers
@@ -917,6 +917,8 @@ def create_router(daemon: Daemon) -> APIRouter:
         worker = daemon.worker
         if worker.task is not None:
             worker.task.interrupt()
+        if api.upscalers is not None:  # a model upscale (Extras, hires fix) ends before its next tile
+            api.upscalers.interrupt()
 
     @router.post("/skip")
     async def skip() -> None:

@@ -14,6 +14,11 @@ for one answers 422 rather than an image without it.
 The output PNG keeps the input's generation parameters (its ``parameters`` chunk) and adds A1111's
 ``postprocessing`` chunk (``Postprocess upscale by: 2, Postprocess upscaler: Lanczos``), which ``html_info``
 also carries.
+
+A model upscale stops before its next tile when ``/sdapi/v1/interrupt`` is called or its client goes away (the
+route polls for the disconnect while the upscale runs in a thread). The interrupted request answers 422 with
+code ``interrupted`` (as a generation interrupted before it started does here); a batch answers with the images
+finished before it, as A1111's postprocessing loop breaks on an interrupt, or 422 when none was.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
+import logging
 import os
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,7 +47,10 @@ if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
     from sdbridge.engines.upscalers import UpscalerCache
 
+log = logging.getLogger(__name__)
+
 MAX_BATCH = 16
+DISCONNECT_POLL_S = 0.25  # how often a running upscale's route asks whether its client is still there
 _RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 _UPSCALER_NAMES = [upscaler["name"] for upscaler in UPSCALERS]
 
@@ -91,21 +102,27 @@ class UpscaleError(SdbridgeError):
     code = "bad_param"
 
 
-def upscale(image: np.ndarray, options: ExtrasOptions,
-            models: UpscalerCache | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+class Interrupted(UpscaleError):
+    """A model upscale stopped by /sdapi/v1/interrupt or its client gone (engines' UpscaleInterrupted)."""
+
+    code = "interrupted"
+
+
+def upscale(image: np.ndarray, options: ExtrasOptions, models: UpscalerCache | None = None,
+            stop: threading.Event | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One image through A1111's upscale step: the result and its ``Postprocess ...`` infotext items. ``models``:
-    the model upscalers that names other than PIL's may pick."""
+    the model upscalers that names other than PIL's may pick; ``stop`` set ends a model's upscale (Interrupted)."""
     _check(options, models)
     info: dict[str, Any] = {}
     first = options.upscaler_1
     if first == "None":  # A1111: no first upscaler, no upscaling at all (the second is not run alone)
         return image, info
     picture = Image.fromarray(image)
-    result = _scaled(picture, first, options, info, models)
+    result = _scaled(picture, first, options, info, models, stop)
     info["Postprocess upscaler"] = first
     second = options.upscaler_2
     if second != "None" and options.extras_upscaler_2_visibility > 0:
-        other = _scaled(picture, second, options, {}, models)
+        other = _scaled(picture, second, options, {}, models, stop)
         result = Image.blend(result, other, options.extras_upscaler_2_visibility)
         info["Postprocess upscaler 2"] = second
     return np.asarray(result), info
@@ -127,7 +144,7 @@ def _check(options: ExtrasOptions, models: UpscalerCache | None) -> None:
 
 
 def _scaled(picture: Image.Image, upscaler: str, options: ExtrasOptions, info: dict[str, Any],
-            models: UpscalerCache | None = None) -> Image.Image:
+            models: UpscalerCache | None = None, stop: threading.Event | None = None) -> Image.Image:
     """A1111's ScriptPostprocessingUpscale.upscale with Upscaler.upscale for a PIL resampling upscaler or a model."""
     width, height = options.upscaling_resize_w, options.upscaling_resize_h
     if options.resize_mode == 1:
@@ -143,8 +160,12 @@ def _scaled(picture: Image.Image, upscaler: str, options: ExtrasOptions, info: d
     result = picture
     if upscaler not in _RESAMPLE and upscaler != "None":  # a model: _check found it
         assert models is not None
+        from sdbridge.engines.upscalers import UpscaleInterrupted
+
         try:
-            result = Image.fromarray(models.upscale_to(upscaler, np.asarray(picture), *target))
+            result = Image.fromarray(models.upscale_to(upscaler, np.asarray(picture), *target, stop=stop))
+        except UpscaleInterrupted as exc:
+            raise Interrupted(str(exc)) from exc
         except ModelError as exc:
             raise UpscaleError(str(exc), code=exc.code) from exc
     elif scale != 1:  # A1111's loop runs do_upscale once for a resampler: it lands on the scaled size at once
@@ -168,8 +189,9 @@ def _html_info(text: str) -> str:
     return f"<div class='infotext'>\n<p>{html.escape(text) or '<br>'}</p>\n</div>" if text else ""
 
 
-def _process(data: str, what: str, options: ExtrasOptions, models: UpscalerCache | None = None) -> tuple[str, str]:
-    """base64 in -> (base64 PNG out, postprocessing infotext)."""
+def _process(data: str, what: str, options: ExtrasOptions, models: UpscalerCache | None = None,
+             stop: threading.Event | None = None) -> tuple[str, str]:
+    """base64 in -> (base64 PNG out, postprocessing infotext); Interrupted passes through to the route."""
     raw = b64_bytes(data, what)
     image = decode_image_bytes(raw, what)
     try:
@@ -177,7 +199,9 @@ def _process(data: str, what: str, options: ExtrasOptions, models: UpscalerCache
     except SdbridgeError:
         parameters = None
     try:
-        result, info = upscale(image, options, models)
+        result, info = upscale(image, options, models, stop)
+    except Interrupted:
+        raise
     except UpscaleError as exc:
         raise HTTPException(422, str(exc)) from None
     text = _postprocessing_text(info)
@@ -232,6 +256,30 @@ def upscaler_cache(daemon: Daemon) -> UpscalerCache:
     return api.upscalers
 
 
+_T = TypeVar("_T")
+
+
+async def _while_connected(request: Request, stop: threading.Event, function: Callable[..., _T], *args: Any) -> _T:
+    """``function(*args)`` in a thread, ``stop`` set once the client is gone (or this route is cancelled), so that
+    a model upscale nobody waits for ends before its next tile instead of holding the one-at-a-time lock."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return work.result()
+            if not stop.is_set() and await request.is_disconnected():
+                log.info("%s: the client went away; its upscale stops before its next tile", request.url.path)
+                stop.set()
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
+def _interrupted(exc: Interrupted) -> HTTPException:
+    return HTTPException(422, f"interrupted: {exc} (/sdapi/v1/interrupt, or the client went away)")
+
+
 def create_extras_router(daemon: Daemon) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=A1111Route)
 
@@ -239,19 +287,32 @@ def create_extras_router(daemon: Daemon) -> APIRouter:
         return upscaler_cache(daemon)
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
-    async def extra_single_image(body: ExtrasSingleImageRequest) -> dict[str, Any]:
-        """Upscale one image as A1111's Extras tab does (on the CPU, off the event loop)."""
+    async def extra_single_image(body: ExtrasSingleImageRequest, request: Request) -> dict[str, Any]:
+        """Upscale one image as A1111's Extras tab does (off the event loop). Interrupted: 422."""
         if not body.image:
             raise HTTPException(422, "image: empty (no image data)")
-        image, text = await asyncio.to_thread(_process, body.image, "image", body, models())
+        stop = threading.Event()
+        try:
+            image, text = await _while_connected(request, stop, _process, body.image, "image", body, models(), stop)
+        except Interrupted as exc:
+            raise _interrupted(exc) from None
         return {"html_info": _html_info(text), "image": image}
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
-    async def extra_batch_images(body: ExtrasBatchImagesRequest) -> dict[str, Any]:
-        """Upscale each image of ``imageList`` as A1111's Extras tab does."""
+    async def extra_batch_images(body: ExtrasBatchImagesRequest, request: Request) -> dict[str, Any]:
+        """Upscale each image of ``imageList`` as A1111's Extras tab does. Interrupted: the images finished before
+        (A1111's loop breaks), or 422 when there are none."""
         images, texts = [], []
+        stop = threading.Event()
         for index, item in enumerate(body.imageList):
-            image, text = await asyncio.to_thread(_process, item.data, f"imageList[{index}]", body, models())
+            try:
+                image, text = await _while_connected(request, stop, _process, item.data, f"imageList[{index}]", body,
+                                                     models(), stop)
+            except Interrupted as exc:
+                if not images:
+                    raise _interrupted(exc) from None
+                log.info("extra-batch-images: %s; answering with the %d image(s) finished", exc, len(images))
+                break
             images.append(image)
             texts.append(text)
         return {"html_info": _html_info(texts[0] if texts else ""), "images": images}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -217,3 +219,108 @@ def test_hires_fix_runs_the_first_pass_through_a_model_upscaler(start_daemon, ti
         (tmp_path / "models" / "ESRGAN" / "4x-Bad.safetensors").write_bytes(b"\x00" * 64)
         bad = http.post("/sdapi/v1/txt2img", json={**hires, "hr_upscaler": "4x-Bad"})
         assert bad.status_code == 422 and "4x-Bad.safetensors" in bad.text
+
+
+# --- stopping an abandoned model upscale (QA5 #3) -------------------------------------------------------------------
+# A 1024x1024 image through a 4x model to 8x is 36 tiles and then 576 (minutes on 2 cores); a 192-pixel tile of the
+# tiny ESRGAN takes about 0.25 s here, so a stopped upscale ends within about a second (bounds 10x that).
+
+BIG = {"upscaler_1": "4x-Tiny", "upscaling_resize": 8}
+STOPPED_WITHIN_S = 10.0
+SMALL_WITHIN_S = 10.0  # a 16x16 upscale alone takes about 0.1 s
+
+
+def _upscaling(daemon) -> bool:
+    """True while a model upscale holds the daemon's upscaler lock: a test's wait, not an assertion."""
+    cache = daemon.a1111.upscalers
+    if cache is None or not cache._lock.acquire(blocking=False):
+        return cache is not None
+    cache._lock.release()
+    return False
+
+
+def _post_in_thread(url: str, path: str, body: dict, timeout_s: float) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def post() -> None:
+        started = time.perf_counter()
+        try:
+            with httpx.Client(base_url=url, timeout=timeout_s) as http:
+                outcome["response"] = http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            outcome["error"] = exc
+        outcome["elapsed_s"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=post, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _small_extras_s(http: httpx.Client) -> float:
+    started = time.perf_counter()
+    response = http.post("/sdapi/v1/extra-single-image", json={
+        "image": png_b64(np.full((16, 16, 3), 90, np.uint8)), "upscaler_1": "4x-Tiny", "upscaling_resize": 2})
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    assert opened(response.json()["image"]).size == (32, 32)
+    return elapsed
+
+
+@pytest.fixture
+def upscaling_daemon(start_daemon, tmp_path):
+    _needs_spandrel()
+    _tiny_esrgan(tmp_path / "models" / "ESRGAN" / "4x-Tiny.safetensors")
+    daemon = start_daemon(engine="identity", models_dir=str(tmp_path / "models"))
+    url = f"http://127.0.0.1:{daemon.port}"
+    with httpx.Client(base_url=url, timeout=SMALL_WITHIN_S) as http:
+        wait_for(lambda: http.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+        _small_extras_s(http)  # the model loaded, so that timings below are upscales only
+        yield daemon, url, http
+
+
+def test_interrupt_stops_a_running_extras_upscale_and_the_next_request_does_not_wait(upscaling_daemon):
+    daemon, url, http = upscaling_daemon
+    big = png_b64(np.random.default_rng(2).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+    thread, outcome = _post_in_thread(url, "/sdapi/v1/extra-single-image", {"image": big, **BIG}, timeout_s=60)
+    wait_for(lambda: _upscaling(daemon), timeout=30)
+    interrupted_at = time.perf_counter()
+    assert http.post("/sdapi/v1/interrupt").status_code == 200
+    thread.join(STOPPED_WITHIN_S)
+    assert not thread.is_alive(), f"the interrupted upscale still ran {STOPPED_WITHIN_S} s after /interrupt"
+    assert time.perf_counter() - interrupted_at < STOPPED_WITHIN_S
+    response = outcome["response"]
+    assert response.status_code == 422
+    assert "interrupted: upscaler '4x-Tiny': interrupted after" in response.json()["detail"]
+    assert _small_extras_s(http) < SMALL_WITHIN_S
+    # /interrupt with nothing running changes nothing for the next request.
+    assert http.post("/sdapi/v1/interrupt").status_code == 200
+    assert _small_extras_s(http) < SMALL_WITHIN_S
+
+
+def test_an_interrupted_batch_answers_with_the_images_finished_before(upscaling_daemon):
+    daemon, url, http = upscaling_daemon
+    small = png_b64(np.full((16, 16, 3), 40, np.uint8))
+    big = png_b64(np.zeros((1024, 1024, 3), np.uint8))
+    body = {"imageList": [{"data": small, "name": "a.png"}, {"data": big, "name": "b.png"}], **BIG}
+    thread, outcome = _post_in_thread(url, "/sdapi/v1/extra-batch-images", body, timeout_s=60)
+    wait_for(lambda: _upscaling(daemon), timeout=30)
+    time.sleep(1.5)  # the 16x16 image (0.1 s) is done; the big one's first pass alone is 36 tiles
+    assert http.post("/sdapi/v1/interrupt").status_code == 200
+    thread.join(STOPPED_WITHIN_S)
+    assert not thread.is_alive()
+    response = outcome["response"]
+    assert response.status_code == 200, response.text
+    [image] = response.json()["images"]  # A1111's postprocessing loop breaks on an interrupt
+    assert opened(image).size == (128, 128)
+
+
+def test_a_client_that_goes_away_stops_its_upscale(upscaling_daemon):
+    daemon, url, http = upscaling_daemon
+    big = png_b64(np.random.default_rng(3).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+    thread, outcome = _post_in_thread(url, "/sdapi/v1/extra-single-image", {"image": big, **BIG}, timeout_s=3)
+    thread.join(30)
+    assert isinstance(outcome.get("error"), httpx.TimeoutException), outcome  # it gave up and closed its socket
+    gone_at = time.perf_counter()
+    wait_for(lambda: not _upscaling(daemon), timeout=STOPPED_WITHIN_S)
+    assert time.perf_counter() - gone_at < STOPPED_WITHIN_S
+    assert _small_extras_s(http) < SMALL_WITHIN_S

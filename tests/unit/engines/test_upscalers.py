@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +231,71 @@ def test_doctor_lists_the_upscalers_and_warns_of_pickles_without_allow_pickle(mo
     [finding] = check_upscalers(Settings(models_dir=str(models_dir), allow_pickle=True))
     assert finding.level == OK and "4 in" in finding.message and "R-ESRGAN General 4xV3" in finding.message
     assert check_upscalers(Settings(models_dir=str(tmp_path))) == []
+
+
+def _run_in_thread(function, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = function(*args, **kwargs)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_until(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+# 640x640 in 192-pixel tiles is 16 tiles of about 0.25 s each here, 4 s in all; a stopped one ends within a tile.
+STOP_WITHIN_S = 2.5  # 10x one tile
+
+
+def test_interrupt_stops_the_running_upscale_before_its_next_tile(models_dir):
+    cache = UpscalerCache(models_dir, CPU)
+    cache.get("4x-Tiny")
+    assert cache.interrupt() is False, "nothing running"
+    thread, outcome = _run_in_thread(cache.upscale_to, "4x-Tiny", image(640, 640), 2560, 2560)
+    _wait_until(lambda: cache._running is not None)
+    time.sleep(0.3)  # a tile or so done
+    stopped_at = time.perf_counter()
+    assert cache.interrupt() is True
+    thread.join(STOP_WITHIN_S)
+    assert not thread.is_alive() and time.perf_counter() - stopped_at < STOP_WITHIN_S
+    error = outcome["error"]
+    assert isinstance(error, upscalers.UpscaleInterrupted) and error.code == "interrupted"
+    assert "'4x-Tiny': interrupted after" in str(error) and "of 16 tiles of a 640x640 image" in str(error)
+    assert cache._running is None
+    # The next upscale runs whole: the interrupt was the stopped one's only.
+    assert cache.upscale_to("4x-Tiny", image(10, 12), 40, 48).shape == (48, 40, 3)
+
+
+def test_a_callers_stop_event_ends_its_upscale_and_one_set_before_it_starts_runs_nothing(models_dir):
+    cache = UpscalerCache(models_dir, CPU)
+    stop = threading.Event()
+    thread, outcome = _run_in_thread(cache.upscale_to, "4x-Tiny", image(640, 640), 2560, 2560, stop=stop)
+    _wait_until(lambda: cache._running is stop)
+    stop.set()
+    thread.join(STOP_WITHIN_S)
+    assert not thread.is_alive() and isinstance(outcome["error"], upscalers.UpscaleInterrupted)
+    with pytest.raises(upscalers.UpscaleInterrupted, match="interrupted before it started"):
+        cache.upscale_to("4x-Tiny", image(8, 8), 32, 32, stop=stop)
+
+
+def test_an_interrupted_hires_upscale_gives_the_lanczos_resize(models_dir):
+    cache = UpscalerCache(models_dir, CPU)
+    picture = image(640, 640, seed=4)
+    thread, outcome = _run_in_thread(cache.hires_upscale, "4x-Tiny", picture, 1280, 1280)
+    _wait_until(lambda: cache._running is not None)
+    cache.interrupt()
+    thread.join(STOP_WITHIN_S)
+    assert not thread.is_alive()
+    expected = np.asarray(Image.fromarray(picture).resize((1280, 1280), Image.Resampling.LANCZOS))
+    assert np.array_equal(outcome["result"], expected)
