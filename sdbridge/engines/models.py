@@ -303,8 +303,11 @@ def load_weight_file(path: Path, what: str, *, allow_pickle: bool) -> dict[str, 
                              code="pickle_refused")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        except Exception as exc:  # torch's own text advises weights_only=False, which is what we refuse on purpose
+            log.debug("torch.load(%s) failed", path, exc_info=True)
+            raise ModelError(f"{path}: refused ({type(exc).__name__}): the file holds objects other than tensors, "
+                             f"or is not a whole torch file; pickles load here only as plain tensors, through "
+                             f"torch.load(weights_only=True) (convert the file to .safetensors)") from exc
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file

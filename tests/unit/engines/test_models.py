@@ -311,3 +311,39 @@ def test_loading_draws_no_progress_bar_into_the_log(tiny_model_dir, capsys):
     at every model switch."""
     load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     assert "Loading weights" not in capsys.readouterr().err
+
+
+class _Planted:
+    """Built on unpickling (its __reduce__ opens a file for writing): weights_only=True must never build it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["instance", "function", "truncated"])
+def test_a_refused_pickle_is_told_in_our_own_sentence_and_nothing_in_it_runs(tmp_path, kind):
+    """QA5 api #6: torch's text (cut mid-sentence) advised weights_only=False, which is refused on purpose."""
+    import os
+
+    from sdbridge.engines.models import load_weight_file
+
+    marker = tmp_path / "PLANTED"
+    path = tmp_path / f"{kind}.pth"
+    payload = {"instance": {"weight": torch.zeros(2), "evil": _Planted(str(marker))},
+               "function": {"weight": torch.zeros(2), "call": os.getcwd},
+               "truncated": {"weight": torch.zeros(64)}}[kind]
+    torch.save(payload, path)
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ModelError) as info:
+        load_weight_file(path, "upscaler model", allow_pickle=True)
+    message = str(info.value)
+    assert message.startswith(f"{path}: refused (")
+    assert "holds objects other than tensors, or is not a whole torch file" in message
+    assert "weights_only=True" in message and "weights_only=False" not in message and "Re-running" not in message
+    if kind != "truncated":
+        assert "(UnpicklingError)" in message
+    assert not marker.exists(), "the pickle's object was built"
