@@ -217,6 +217,18 @@ def check_inputs(settings: Settings) -> list[Finding]:
     return findings
 
 
+def check_audio(settings: Settings) -> list[Finding]:
+    """--audio-in as serve opens it: the WAV file read, or sounddevice, PortAudio and the device found."""
+    if not settings.audio_in:
+        return []
+    from sdbridge.bridge.audio import check_source
+
+    try:
+        return [Finding(OK, "audio", check_source(settings.audio_in))]
+    except ConfigError as exc:
+        return [Finding(ERROR, "audio", str(exc), "fix --audio-in, or install what it names (docs/audio.md)")]
+
+
 def check_fp8(settings: Settings) -> list[Finding]:
     """Whether --fp8 can run here (torchao importable, a CUDA GPU of capability 8.9+): an error when
     it is asked for and cannot run (the engine would refuse to load), a note otherwise."""
@@ -284,23 +296,39 @@ def check_safety_filter(settings: Settings) -> list[Finding]:
 
 def check_upscalers(settings: Settings) -> list[Finding]:
     """The model upscalers in the models folder (nothing to say when there are none), and what keeps them from
-    loading: spandrel missing, pickle files without --allow-pickle."""
-    from sdbridge.engines.models import default_models_dir
+    loading: an empty file, a .safetensors file whose header or size is wrong (checked as the loader checks it,
+    without reading a tensor: one ERROR naming each), spandrel missing, pickle files without --allow-pickle."""
+    from sdbridge.engines.models import check_safetensors_file, default_models_dir
     from sdbridge.engines.upscalers import INSTALL_HINT, find_upscalers, spandrel_available
 
     folder = Path(settings.models_dir).expanduser() if settings.models_dir else default_models_dir()
     files = find_upscalers(folder)
     if not files:
         return []
-    names = ", ".join(file.name for file in files)
+    findings, usable = [], []
+    for file in files:
+        try:
+            if file.path.stat().st_size == 0:
+                raise SdbridgeError(f"{file.path}: empty file (0 bytes)")
+            if file.path.suffix == ".safetensors":
+                check_safetensors_file(file.path)
+        except (OSError, SdbridgeError) as exc:
+            findings.append(Finding(ERROR, "upscalers", f"upscaler {file.name!r} will not load: {exc}",
+                                    "download the file again, or remove it"))
+            continue
+        usable.append(file)
+    if not usable:
+        return findings
+    names = ", ".join(file.name for file in usable)
     if not spandrel_available():
-        return [Finding(WARN, "upscalers", f"{len(files)} in {folder} ({names}) but spandrel is not installed: "
-                        "the Extras and hires fix refuse them", INSTALL_HINT)]
-    pickles = [file.name for file in files if file.path.suffix != ".safetensors"]
+        return findings + [Finding(WARN, "upscalers", f"{len(usable)} in {folder} ({names}) but spandrel is not "
+                                   "installed: the Extras and hires fix refuse them", INSTALL_HINT)]
+    pickles = [file.name for file in usable if file.path.suffix != ".safetensors"]
     if pickles and not settings.allow_pickle:
-        return [Finding(WARN, "upscalers", f"{len(files)} in {folder} ({names}); {', '.join(pickles)} "
-                        f"load only with --allow-pickle", "pass --allow-pickle, or convert them to .safetensors")]
-    return [Finding(OK, "upscalers", f"{len(files)} in {folder}: {names}")]
+        return findings + [Finding(WARN, "upscalers", f"{len(usable)} in {folder} ({names}); {', '.join(pickles)} "
+                                   f"load only with --allow-pickle",
+                                   "pass --allow-pickle, or convert them to .safetensors")]
+    return findings + [Finding(OK, "upscalers", f"{len(usable)} in {folder}: {names}")]
 
 
 def check_ip_adapters(settings: Settings) -> list[Finding]:
@@ -346,6 +374,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_ports(settings)
     findings += check_outputs(settings)
     findings += check_inputs(settings)
+    findings += check_audio(settings)
     findings += check_fp8(settings)
     findings += check_mdns(settings)
     findings += check_safety_filter(settings)

@@ -299,3 +299,25 @@ def test_an_interrupted_hires_upscale_gives_the_lanczos_resize(models_dir):
     assert not thread.is_alive()
     expected = np.asarray(Image.fromarray(picture).resize((1280, 1280), Image.Resampling.LANCZOS))
     assert np.array_equal(outcome["result"], expected)
+
+
+def test_doctor_reports_empty_corrupt_and_truncated_upscaler_files_naming_each(models_dir, tmp_path):
+    """QA5 api #7: these were listed as usable; the Extras then refused them."""
+    from sdbridge.config import Settings
+    from sdbridge.doctor import ERROR, OK, check_upscalers
+
+    root = tmp_path / "models"
+    whole = save(esrgan(4), root / "ESRGAN" / "4x-Whole.safetensors")
+    (root / "ESRGAN" / "4x-Trunc.safetensors").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    (root / "ESRGAN" / "4x-Corrupt.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{not json" + b" " * 60)
+    (root / "ESRGAN" / "4x-Empty.safetensors").write_bytes(b"")
+    (root / "ESRGAN" / "4x-Empty-pickle.pth").write_bytes(b"")
+    findings = check_upscalers(Settings(models_dir=str(root), allow_pickle=True))
+    errors = {finding.message.split("'")[1]: finding for finding in findings if finding.level == ERROR}
+    assert sorted(errors) == ["4x-Corrupt", "4x-Empty", "4x-Empty-pickle", "4x-Trunc"]
+    assert "4x-Trunc.safetensors: truncated or padded" in errors["4x-Trunc"].message
+    assert "4x-Corrupt.safetensors: corrupt safetensors header" in errors["4x-Corrupt"].message
+    assert "4x-Empty.safetensors: empty file (0 bytes)" in errors["4x-Empty"].message
+    assert "4x-Empty-pickle.pth: empty file" in errors["4x-Empty-pickle"].message
+    [usable] = [finding for finding in findings if finding.level != ERROR]
+    assert usable.level == OK and usable.message.endswith(": 4x-Whole")
