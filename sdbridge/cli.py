@@ -95,6 +95,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         "and exits (needs pip install 'sdbridge[midi]'; docs/midi.md)")
     add("--midi-map", metavar="FILE", help="the MIDI mapping file (TOML; default ~/.config/sdbridge/midi.toml, else "
         "the built-in map in docs/midi.md); learned bindings are saved there")
+    add("--audio-in", dest="audio_in", metavar="DEVICE|file:PATH.wav|list", help="sound for the envelope slots "
+        "env1/env2 (the strength breathes with the kick): an input device (index, part of its name, or default; "
+        "needs pip install 'sdbridge[audio]' and PortAudio), or a WAV file played in a loop; 'list' prints the "
+        "devices and exits (docs/audio.md)")
     add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION][?OPTIONS]",
         help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR; OPTIONS "
         "is interpolate=off|1-4|2x-4x, before or after @SESSION (record:rec@live?interpolate=2x); see "
@@ -138,6 +142,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
     flags["inputs"] = getattr(args, "inputs", None) or None
     flags["midi_in"] = getattr(args, "midi_in", None) or None
     flags["midi_map"] = getattr(args, "midi_map", None)
+    flags["audio_in"] = getattr(args, "audio_in", None)
     if getattr(args, "feedback", None):
         host, _, port = args.feedback.rpartition(":")
         try:
@@ -159,6 +164,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from sdbridge.bridge.midi import list_ports
 
         print("\n".join(list_ports()) or "no MIDI input ports")
+        return 0
+    if settings.audio_in == "list":
+        from sdbridge.bridge.audio import list_devices
+
+        print("\n".join(list_devices()) or "no audio input devices")
         return 0
     _setup_logging(settings.log_level)
     from sdbridge.bridge.server import Daemon

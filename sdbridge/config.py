@@ -66,6 +66,7 @@ class Settings:
     link: bool = False                   # join the Ableton Link session (tempo and beat for LFOs, recalls)
     midi_in: list[str] = field(default_factory=list)  # --midi-in: MIDI input ports, by name substring (docs/midi.md)
     midi_map: str | None = None          # --midi-map: the MIDI mapping file (default ~/.config/sdbridge/midi.toml)
+    audio_in: str | None = None          # --audio-in: DEVICE or file:PATH.wav drives env1/env2 (docs/audio.md)
     outputs: list[str] = field(default_factory=list)  # --output: ndi:NAME, virtualcam, record:DIR (sdbridge/outputs)
     interpolate: str = "off"             # outputs' frames per engine frame (off, 2x-4x) unless their spec says
     inputs: list[str] = field(default_factory=list)  # --input: file:PATH, camera:N, shm:NAME, ndi:SOURCE

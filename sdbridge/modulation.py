@@ -16,6 +16,12 @@ anyway: those are read from the store, not from the frame's modulated copy.
 The worker applies :func:`modulate` at each frame boundary with the frame's time, so the phase
 of every frame is exact for that time (a beat-synced LFO's phase error is only the frame
 boundary's own jitter).
+
+Two envelope slots, ``env1`` and ``env2`` (docs/audio.md), move a target the same way from sound: the
+audio input (bridge/audio.py) follows ``envN.band`` of it with ``envN.attack_ms`` / ``release_ms``
+(audio_analysis.py) and hands the worker each slot's level; the target moves by
+``depth * range * clip((level - threshold) * gain, 0, 1)`` from its base, after the LFOs. A slot at
+depth 0, or with no audio input, leaves its target exactly as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from sdbridge.params import ParamSpec, Schema
 
 SLOTS = ("lfo1", "lfo2")
 SHAPES = ("sine", "triangle", "saw", "square")
+ENV_SLOTS = ("env1", "env2")
+ENV_BANDS = ("rms", "low", "mid", "high", "onset")  # audio_analysis.BANDS (not imported: that one needs numpy)
+ON_ONSET = ("none", "seed_step")
 
 # Integer parameters whose in-between values are no quantity: seed 43 is as far from 42 as any
 # other; a new width or height re-opens the outputs and re-sizes the engine; steps, clip_skip and
@@ -83,6 +92,39 @@ def lfo_params() -> tuple[ParamSpec, ...]:
     return tuple(specs)
 
 
+def envelope_params() -> tuple[ParamSpec, ...]:
+    specs: list[ParamSpec] = []
+    for slot in ENV_SLOTS:
+        specs += [
+            ParamSpec(f"{slot}.target", "str", "", "The numeric parameter this audio envelope moves ('' for none); "
+                      "the same ones an LFO may move.", max_length=128, group="modulation", check=check_target),
+            ParamSpec(f"{slot}.band", "enum", "low", "What it follows in the --audio-in sound: rms (all of it), low "
+                      "(under 150 Hz: kicks, bass), mid (150-2000 Hz), high (over 2000 Hz: hats), onset (1 at each "
+                      "transient, decaying with release_ms).", choices=ENV_BANDS, group="modulation"),
+            ParamSpec(f"{slot}.depth", "float", 0.2, "How far the target moves at full level, as a fraction of its "
+                      "range; negative moves it down. 0 leaves it as it is.", minimum=-1.0, maximum=1.0,
+                      group="modulation"),
+            ParamSpec(f"{slot}.gain", "float", 4.0, "The band's level (RMS, a full-scale sine 0.707) is multiplied by "
+                      "this, then clipped to 0-1.", minimum=0.0, maximum=1000.0, group="modulation"),
+            ParamSpec(f"{slot}.threshold", "float", 0.0, "Levels up to this count as silence (a room's hum): "
+                      "subtracted before the gain.", minimum=0.0, maximum=1.0, group="modulation"),
+            ParamSpec(f"{slot}.attack_ms", "float", 10.0, "Rise time: a step in level is followed to 63% in this "
+                      "long (0: at once).", minimum=0.0, maximum=5000.0, group="modulation"),
+            ParamSpec(f"{slot}.release_ms", "float", 200.0, "Fall time: a drop in level is followed to 63% in this "
+                      "long (0: at once).", minimum=0.0, maximum=10000.0, group="modulation"),
+            ParamSpec(f"{slot}.on_onset", "enum", "none", "What each onset (transient) in the sound also does: "
+                      "none, or seed_step (the seed goes up by one: a new picture on every kick).",
+                      choices=ON_ONSET, group="modulation"),
+        ]
+    return tuple(specs)
+
+
+def envelope_amount(params: Mapping[str, Any], slot: str, level: float) -> float:
+    """0..1: how far ``slot``'s ``level`` drives its target, after threshold and gain."""
+    driven = (level - float(params[f"{slot}.threshold"])) * float(params[f"{slot}.gain"])
+    return min(max(driven, 0.0), 1.0)
+
+
 def wave(shape: str, phase: float) -> float:
     """-1..1 at ``phase`` in cycles (0 = start of a cycle, rising through 0 for sine and triangle)."""
     phase %= 1.0
@@ -105,25 +147,53 @@ def phase_at(params: Mapping[str, Any], slot: str, t: float, beat: float | None 
     return t * float(params[f"{slot}.rate_hz"])
 
 
-def active(params: Mapping[str, Any]) -> bool:
-    return any(params.get(f"{slot}.target") for slot in SLOTS)
+def active(params: Mapping[str, Any], envelopes: Mapping[str, float] | None = None) -> bool:
+    """Whether :func:`modulate` may change anything; envelope slots count only with ``envelopes`` (an audio input)."""
+    if any(params.get(f"{slot}.target") for slot in SLOTS):
+        return True
+    return envelopes is not None and any(params.get(f"{slot}.target") and params.get(f"{slot}.depth")
+                                         for slot in ENV_SLOTS)
 
 
-def modulate(params: Mapping[str, Any], schema: Schema, t: float, beat: float | None = None) -> dict[str, Any]:
+def _target_spec(schema: Schema, target: Any) -> ParamSpec | None:
+    if not target or target not in schema or not targetable(schema.get(target)):
+        return None  # the store refuses these (check_target); a plugin's parameter may be gone
+    return schema.get(target)
+
+
+def _moved(spec: ParamSpec, value: float) -> float | int:
+    """``value`` clamped to ``spec``'s range, and on its grid for an int."""
+    assert spec.minimum is not None and spec.maximum is not None
+    value = min(max(value, spec.minimum), spec.maximum)
+    if spec.kind == "int":
+        step = spec.multiple_of or 1
+        return int(min(max(round(value / step) * step, spec.minimum), spec.maximum))
+    return value
+
+
+def modulate(params: Mapping[str, Any], schema: Schema, t: float, beat: float | None = None,
+             envelopes: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The parameters the engine should use at time ``t`` (and ``beat``, see :func:`phase_at`): each
-    LFO's target moved around its base."""
+    LFO's target moved around its base, then each envelope slot's by its level in ``envelopes``
+    ({slot: level}, from the audio input; None: no audio input)."""
     out = dict(params)
     for slot in SLOTS:
-        target = params.get(f"{slot}.target")
-        if not target or target not in schema or not targetable(schema.get(target)):
-            continue  # the store refuses these (check_target); a plugin's parameter may be gone
-        spec = schema.get(target)
+        spec = _target_spec(schema, params.get(f"{slot}.target"))
+        if spec is None:
+            continue
         assert spec.minimum is not None and spec.maximum is not None
         swing = float(params[f"{slot}.depth"]) * (spec.maximum - spec.minimum)
-        value = float(out[target]) + swing * wave(params[f"{slot}.shape"], phase_at(params, slot, t, beat))
-        value = min(max(value, spec.minimum), spec.maximum)
-        if spec.kind == "int":
-            step = spec.multiple_of or 1
-            value = int(min(max(round(value / step) * step, spec.minimum), spec.maximum))
-        out[target] = value
+        out[spec.name] = _moved(spec, float(out[spec.name]) + swing * wave(params[f"{slot}.shape"],
+                                                                           phase_at(params, slot, t, beat)))
+    for slot in ENV_SLOTS:
+        spec = _target_spec(schema, params.get(f"{slot}.target"))
+        level = envelopes.get(slot) if envelopes is not None else None
+        depth = float(params.get(f"{slot}.depth", 0.0))
+        if spec is None or level is None or depth == 0.0:
+            continue
+        assert spec.minimum is not None and spec.maximum is not None
+        amount = envelope_amount(params, slot, level)
+        if amount == 0.0:
+            continue  # silence: the value stays exactly the base (or the LFO's), type and all
+        out[spec.name] = _moved(spec, float(out[spec.name]) + depth * (spec.maximum - spec.minimum) * amount)
     return out

@@ -428,10 +428,10 @@ class Schema:
         self._specs: dict[str, ParamSpec] = {}
         if specs is None:
             from sdbridge.bridge.ladder import LADDER_PARAMS
-            from sdbridge.modulation import lfo_params
+            from sdbridge.modulation import envelope_params, lfo_params
 
             specs = (*CORE_PARAMS, *controlnet_params(), *IP_ADAPTER_PARAMS, *MOTION_PARAMS, *lfo_params(),
-                     *LADDER_PARAMS)
+                     *envelope_params(), *LADDER_PARAMS)
         for spec in specs:
             self.add(spec)
 

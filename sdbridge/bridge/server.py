@@ -22,6 +22,7 @@ from typing import Any
 
 import uvicorn
 
+from sdbridge.bridge.audio import AudioInput
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
@@ -78,7 +79,7 @@ class _Server(uvicorn.Server):
 
 
 def _is_lfo_target(name: str) -> bool:
-    return name.startswith("lfo") and name.endswith(".target")
+    return name.startswith(("lfo", "env")) and name.endswith(".target")  # an LFO's or an audio envelope's
 
 
 class Daemon:
@@ -105,6 +106,8 @@ class Daemon:
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
         # plugins, whose parameters it may name.
         self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None
+        # A bad --audio-in file stops the start-up here; a device is opened in start(), before anything listens.
+        self.audio = AudioInput(settings.audio_in, self.store) if settings.audio_in else None
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
@@ -143,6 +146,14 @@ class Daemon:
         settings = self.settings
         if self.midi is not None:  # first: a port that is not there stops the start before anything listens
             await self.midi.start()
+        if self.audio is not None:  # likewise a device that is not there, or no PortAudio
+            try:
+                self.audio.start()
+            except BaseException:
+                if self.midi is not None:
+                    self.midi.stop()
+                raise
+            self.worker.envelopes = self.audio.levels
         try:
             sock = bind_socket(settings.host, settings.port)
         except OSError as exc:
@@ -240,6 +251,8 @@ class Daemon:
         self.store.unsubscribe(self._params_changed)
         if self.midi is not None:
             self.midi.stop()
+        if self.audio is not None:
+            await asyncio.to_thread(self.audio.stop)
         if self.link is not None:
             await self.link.stop()
         self.control.close()
@@ -401,6 +414,7 @@ class Daemon:
             "inputs": self.inputs.stats() if self.inputs is not None else [],
             "link": self.link.describe() if self.link is not None else {"enabled": False},
             "midi": self.midi.describe() if self.midi is not None else {"enabled": False},
+            "audio": self.audio.describe() if self.audio is not None else {"enabled": False},
             "sessions": sessions,
         }
 
@@ -426,9 +440,18 @@ class Daemon:
                         (f"{prefix}/engine", (str(stats["engine"].get("engine", "none")),)),
                         (f"{prefix}/engine_status", (str(stats["engine"]["status"]),)),
                         (f"{prefix}/ladder", (int(stats["ladder"]["rung"]), str(stats["ladder"]["direction"]))),
+                        *self._audio_status(prefix, stats["audio"]),
                     ])
             except Exception:  # telemetry must never take the daemon down
                 log.exception("telemetry failed")
+
+    @staticmethod
+    def _audio_status(prefix: str, audio: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+        """/sd/status/env/<band> (the meters) and /sd/status/env/<slot> (the amount driving its target)."""
+        if not audio.get("enabled"):
+            return []
+        return ([(f"{prefix}/env/{band}", (float(level),)) for band, level in audio["bands"].items()]
+                + [(f"{prefix}/env/{slot}", (float(env["amount"]),)) for slot, env in audio["envelopes"].items()])
 
     async def _watch_loop_lag(self) -> None:
         loop = asyncio.get_running_loop()

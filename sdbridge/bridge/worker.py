@@ -119,6 +119,7 @@ class Worker(threading.Thread):
         self._modulated = 0
         self.clock_origin = time.monotonic()  # the LFOs' time zero
         self.clock = BeatClock(self.clock_origin)  # their beat: our own, or Ableton Link's (bridge/link.py)
+        self.envelopes: Callable[[], dict[str, float]] | None = None  # the audio input's levels (bridge/audio.py)
         self.params: dict[str, Any] = store.snapshot()[1]
         self.turns = 0
         self.engine_errors = 0
@@ -264,10 +265,11 @@ class Worker(threading.Thread):
         """Run one batch; returns how many sessions got a frame."""
         # 1. Parameters at the frame boundary; LFOs move their targets for this frame's time.
         version, params = self.store.snapshot()
-        if modulation.active(params):
+        envelopes = self.envelopes() if self.envelopes is not None else None
+        if modulation.active(params, envelopes):
             now = time.monotonic()
             params = modulation.modulate(params, self.store.schema, now - self.clock_origin,
-                                         self.clock.beat(now, float(params["bpm"])))
+                                         self.clock.beat(now, float(params["bpm"])), envelopes)
             self._modulated += 1
             version = -self._modulated  # a new set every frame: prepare again (cheap: prompts are cached)
         self.params = params
