@@ -1,0 +1,85 @@
+"""--audio-in file:X.wav through the real daemon: env1 on strength moves what the engine sees with the sound,
+the stored value stays; /stats and the OSC feedback show the envelopes; a bad --audio-in stops the start."""
+
+from __future__ import annotations
+
+import time
+import wave
+
+import httpx
+import numpy as np
+import pytest
+
+from sdbridge.errors import ConfigError
+from tests.clients import UdpReceiver, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+RATE = 48000
+
+
+def pulse_wav(path, loud_s: float = 0.4, quiet_s: float = 0.4):
+    """A 60 Hz tone for ``loud_s``, then silence for ``quiet_s``: one loop of the file."""
+    t = np.arange(int(loud_s * RATE)) / RATE
+    samples = np.concatenate([0.5 * np.sin(2 * np.pi * 60 * t), np.zeros(int(quiet_s * RATE))])
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(RATE)
+        handle.writeframes((samples * 32767).astype("<i2").tobytes())
+    return path
+
+
+def test_env1_on_strength_follows_the_audio_file(start_daemon, tmp_path):
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(
+            params={"engine": "identity", "strength": 0.5, "env1.target": "strength", "env1.band": "low",
+                    "env1.depth": 0.4, "env1.gain": 4.0, "env1.attack_ms": 5.0, "env1.release_ms": 30.0},
+            audio_in=f"file:{pulse_wav(tmp_path / 'pulse.wav')}", feedback_port=receiver.port, telemetry_hz=20.0)
+        seen = []
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # the idle worker takes the parameters every 0.25 s
+            daemon.registry.wake.set()      # and at once when woken: sample the live value often
+            time.sleep(0.02)
+            seen.append(daemon.worker.params["strength"])
+        assert max(seen) > 0.85            # the tone: level 0.35 * gain 4 clips to 1: 0.5 + 0.4
+        assert min(seen) < 0.52            # the silence: back to the base within the release
+        assert daemon.store.get("strength") == 0.5  # the stored value is never written
+        stats = httpx.get(f"http://127.0.0.1:{daemon.port}/stats", trust_env=False).json()["audio"]
+        assert stats["enabled"] and stats["running"] and stats["sample_rate"] == RATE and stats["blocks"] > 50
+        assert stats["envelopes"]["env1"]["target"] == "strength" and stats["envelopes"]["env2"]["target"] == ""
+        assert set(stats["bands"]) == {"rms", "low", "mid", "high", "onset"}
+        assert stats["onsets"] >= 2        # each loop's tone starts with a transient
+        messages = receiver.messages(1.0)
+        lows = [args[0] for address, args in messages if address == "/sd/status/env/low"]
+        assert lows and max(lows) > 0.1 and any(address == "/sd/status/env/env1" for address, _ in messages)
+    finally:
+        receiver.close()
+
+
+def test_depth_0_leaves_the_live_params_as_stored(start_daemon, tmp_path):
+    daemon = start_daemon(params={"engine": "identity", "strength": 0.5, "env1.target": "strength",
+                                  "env1.depth": 0.0, "env1.gain": 100.0},
+                          audio_in=f"file:{pulse_wav(tmp_path / 'pulse.wav')}")
+    assert wait_for(lambda: daemon.audio.blocks > 40)
+    for _ in range(20):
+        daemon.registry.wake.set()
+        time.sleep(0.02)
+        assert daemon.worker.params["strength"] == 0.5
+
+
+def test_env_target_may_be_a_plugins_parameter(start_daemon, tmp_path):
+    """--set env2.target=plugin.flow_warp.strength: checked once the plugins have registered their parameters."""
+    daemon = start_daemon(params={"engine": "identity", "env2.target": "plugin.flow_warp.strength"})
+    assert daemon.store.get("env2.target") == "plugin.flow_warp.strength"
+    stats = httpx.get(f"http://127.0.0.1:{daemon.port}/stats", trust_env=False).json()["audio"]
+    assert stats == {"enabled": False}
+
+
+def test_a_bad_audio_in_stops_the_start_naming_it(start_daemon, tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        start_daemon(params={"engine": "identity"}, audio_in=f"file:{tmp_path / 'gone.wav'}")
+    (tmp_path / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    with pytest.raises(ConfigError, match="not a PCM WAV file"):
+        start_daemon(params={"engine": "identity"}, audio_in=f"file:{tmp_path / 'bad.wav'}")
