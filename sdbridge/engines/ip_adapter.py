@@ -77,11 +77,9 @@ def resolve_ip_adapter(name: str, folder: Path | None) -> Path:
 def read_ip_adapter(path: Path, *, allow_pickle: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """{"image_proj": ..., "ip_adapter": ...} from a published adapter file: a flat safetensors file
     with those prefixes, or (``allow_pickle``) the .bin's nested dict."""
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt") and allow_pickle:
-        nested = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(nested, dict) and {"image_proj", "ip_adapter"} <= set(nested):
-            return {part: dict(nested[part]) for part in ("image_proj", "ip_adapter")}
     flat = load_weight_file(path, "IP-Adapter", allow_pickle=allow_pickle)
+    if all(isinstance(flat.get(part), dict) for part in ("image_proj", "ip_adapter")):  # the .bin's nesting
+        return {part: dict(flat[part]) for part in ("image_proj", "ip_adapter")}
     parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
     for key, value in flat.items():
         prefix, _, rest = key.partition(".")

@@ -292,6 +292,19 @@ def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, wha
         raise ModelError(f"{path}: not a {what} ({type(exc).__name__}: {str(exc)[:300]})") from exc
 
 
+def load_pickle(path: Path, error: type[ModelError] = ModelError) -> Any:
+    """A pickle's tensors (and the plain containers around them) through ``torch.load(weights_only=True)``: nothing
+    else is built, no code runs. ``error`` (a ModelError) says what is wrong in our words: torch's own text advises
+    ``weights_only=False``, which is what we refuse on purpose. The caller has checked ``--allow-pickle``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for a forbidden global, EOFError, RuntimeError for a corrupt zip
+        log.debug("torch.load(%s) failed", path, exc_info=True)
+        raise error(f"{path}: refused ({type(exc).__name__}): the file holds objects other than tensors, or is not "
+                    f"a whole torch file; pickles load here only as plain tensors, through "
+                    f"torch.load(weights_only=True) (convert the file to .safetensors)") from exc
+
+
 def load_weight_file(path: Path, what: str, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """One weight file's tensors on the CPU: a .safetensors file (checked first), or a pickle only
     with ``allow_pickle`` and then through ``torch.load(weights_only=True)``; a checkpoint's
@@ -301,13 +314,7 @@ def load_weight_file(path: Path, what: str, *, allow_pickle: bool) -> dict[str, 
             raise ModelError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to load "
                              f"it (through torch.load(weights_only=True)), or convert it to .safetensors",
                              code="pickle_refused")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch's own text advises weights_only=False, which is what we refuse on purpose
-            log.debug("torch.load(%s) failed", path, exc_info=True)
-            raise ModelError(f"{path}: refused ({type(exc).__name__}): the file holds objects other than tensors, "
-                             f"or is not a whole torch file; pickles load here only as plain tensors, through "
-                             f"torch.load(weights_only=True) (convert the file to .safetensors)") from exc
+        state = load_pickle(path)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file

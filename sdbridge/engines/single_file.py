@@ -57,7 +57,7 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from sdbridge.engines.models import check_safetensors_file
+    from sdbridge.engines.models import check_safetensors_file, load_pickle
 
     if path.suffix == ".safetensors":
         check_safetensors_file(path)
@@ -66,10 +66,7 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
         return shapes, path, None
     if not allow_pickle:
         raise ModelError(f"{path} is a pickle file; pass --allow-pickle to load it", code="pickle_refused")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"{path}: not loadable with torch.load(weights_only=True): {str(exc)[:200]}") from exc
+    state = load_pickle(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ModelError(f"{path}: holds no state dict")

@@ -102,11 +102,9 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
             raise EmbeddingError(f"embedding {str(path)!r} is a pickle ({suffix}); it is read only with "
                                  f"--allow-pickle (and then through torch.load(weights_only=True)); "
                                  f"prefer .safetensors", code="pickle_refused")
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError for a forbidden global, EOFError, RuntimeError for corrupt zips
-            raise EmbeddingError(f"embedding {str(path)!r} could not be read safely: {type(exc).__name__}: {exc}") \
-                from exc
+        from sdbridge.engines.models import load_pickle
+
+        data = load_pickle(path, EmbeddingError)
     elif suffix in SAFE_SUFFIXES:
         from safetensors.torch import load_file
 
