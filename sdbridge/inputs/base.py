@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +138,24 @@ def split_spec(text: str) -> tuple[str, str | None, str | None]:
     return (body, options, session) if at else (head, options, None)
 
 
+def split_options(options_text: str | None, allowed: Iterable[str], what: str,
+                  bad: Callable[[str], Exception]) -> dict[str, str]:
+    """``A=1&B=2`` -> {name: value}, each name one of ``allowed`` and given once; ``bad(sentence)`` is raised
+    otherwise, the sentence naming ``what`` (an input's or an output's spec)."""
+    allowed = sorted(allowed)
+    options: dict[str, str] = {}
+    for item in options_text.split("&") if options_text is not None else ():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise bad(f"{what}: option {item!r} is not NAME=VALUE (known: {', '.join(allowed)})")
+        if name not in allowed:
+            raise bad(f"{what}: unknown option {name!r} (known: {', '.join(allowed)})")
+        if name in options:  # two values: which one was meant is a guess, so neither is taken
+            raise bad(f"{what}: option {name!r} is given twice")
+        options[name] = value
+    return options
+
+
 def parse_spec(text: str) -> InputSpec:
     """An ``--input`` value -> InputSpec; InputError (code bad_input) naming the bad part and what is allowed."""
     body, options_text, tail = split_spec(text.strip())
@@ -186,17 +205,7 @@ def _check_shm_name(text: str, name: str) -> None:
 
 def _options(text: str, kind: str, options_text: str | None) -> dict[str, object]:
     values: dict[str, object] = {}
-    if options_text is None:
-        return values
-    allowed = _INPUTS[kind][2]
-    for item in options_text.split("&"):
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise _bad(f"input {text!r}: option {item!r} is not NAME=VALUE")
-        if name not in allowed:
-            raise _bad(f"input {text!r}: unknown option {name!r} for {kind} (known: {', '.join(sorted(allowed))})")
-        if name in values:  # two values: which one was meant is a guess, so neither is taken
-            raise _bad(f"input {text!r}: option {name!r} is given twice")
+    for name, value in split_options(options_text, _INPUTS[kind][2], f"input {text!r} ({kind})", _bad).items():
         if name == "fps":
             try:
                 fps = float(value) if value.isascii() else float("nan")  # float() would take a full-width '２４'

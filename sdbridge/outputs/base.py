@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdbridge.errors import SdbridgeError
-from sdbridge.inputs.base import split_spec  # one rule for where options and session go, in and out
+from sdbridge.inputs.base import split_options, split_spec  # one rule for both specs, in and out
 from sdbridge.outputs.interpolate import format_factor, parse_factor
 
 
@@ -97,18 +97,8 @@ def parse_spec(text: str) -> OutputSpec:
         raise _bad(f"unknown output {kind!r} in {text!r} (known: {', '.join(_OUTPUTS)})")
     if session is not None and not _SESSION.match(session):
         raise _bad(f"output {text!r}: session {session!r} is not 1-64 of A-Z a-z 0-9 _ . -; the form is {_FORM}")
-    interpolate = None
-    seen: set[str] = set()
-    for option in options.split("&") if options is not None else ():
-        name, sep, value = option.partition("=")
-        if not sep or not name:
-            raise _bad(f"output {text!r}: option {option!r} is not NAME=VALUE (known: {', '.join(_OPTIONS)})")
-        if name not in _OPTIONS:
-            raise _bad(f"unknown option {name!r} in output {text!r} (known: {', '.join(_OPTIONS)})")
-        if name in seen:  # two values: which one was meant is a guess, so neither is taken
-            raise _bad(f"output {text!r}: option {name!r} is given twice")
-        seen.add(name)
-        interpolate = parse_interpolate(value, f"output {text!r}")
+    values = split_options(options, _OPTIONS, f"output {text!r}", _bad)
+    interpolate = parse_interpolate(values["interpolate"], f"output {text!r}") if "interpolate" in values else None
     return OutputSpec(kind, match["target"], session, interpolate)
 
 

@@ -61,7 +61,7 @@ def test_a_shm_name_the_system_takes_is_accepted() -> None:
     ("file:x?fps", "option 'fps' is not NAME=VALUE"),
     ("file:x?loop=maybe", "loop 'maybe' is not true or false"),
     ("file:x?reply=gif", "reply 'gif' is not one of"),
-    ("shm:x?fps=30", "unknown option 'fps' for shm"),
+    ("shm:x?fps=30", r"\(shm\): unknown option 'fps' \(known: reply\)"),
     ("camera:0?width=0", "width '0' is not a whole number"),
     ("camera:0?width=\uff11", "width '\uff11' is not a whole number"),  # a full-width 1: int() would take it
     ("camera:0?width=\u00b2", "width '\u00b2' is not a whole number"),  # a superscript 2: isdigit() says yes
