@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from sdbridge.bridge import codec
-from tests.clients import recv_frame, ws_connect
+from tests.clients import ws_connect
 from tests.unit.plugins.test_safety_filter import build_checker, flagged_and_safe_frames
 
 
