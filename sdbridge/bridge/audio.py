@@ -77,6 +77,9 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     except (wave.Error, EOFError) as exc:  # not RIFF/WAVE, or a float or compressed WAV the wave module refuses
         raise ConfigError(f"--audio-in file:{path}: not a PCM WAV file ({exc}); convert it, e.g. "
                           f"sox IN -b 16 OUT.wav") from None
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:  # a chunk size that lies (a corrupt file)
+        raise ConfigError(f"--audio-in file:{path}: a damaged WAV file ({type(exc).__name__}: {str(exc)[:100]})") \
+            from None
     if width == 1:  # 8-bit WAV is unsigned
         samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 3:  # 24-bit: little-endian triplets, widened to int32
@@ -85,7 +88,8 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         samples = (np.where(values >= 1 << 23, values - (1 << 24), values) / float(1 << 23)).astype(np.float32)
     elif width in (2, 4):
         dtype = np.int16 if width == 2 else np.int32
-        samples = (np.frombuffer(raw, dtype=f"<i{width}").astype(np.float64) / -float(np.iinfo(dtype).min)).astype(
+        whole = raw[:len(raw) - len(raw) % width]  # a data chunk cut inside a sample: the last one dropped
+        samples = (np.frombuffer(whole, dtype=f"<i{width}").astype(np.float64) / -float(np.iinfo(dtype).min)).astype(
             np.float32)
     else:
         raise ConfigError(f"--audio-in file:{path}: {8 * width}-bit samples are not supported (8, 16, 24, 32)")

@@ -147,3 +147,21 @@ def test_a_real_input_device_through_sounddevice():
         assert audio.blocks > 0
     finally:
         audio.stop()
+
+
+def test_damaged_wav_files_are_a_sentence_not_a_traceback(tmp_path):
+    """QA 5: a chunk size that lies raised RuntimeError from the wave module, a data chunk cut inside a 16-bit sample
+    ValueError from numpy: start-up and doctor ended in a traceback."""
+    good = write_wav(tmp_path / "good.wav", 0.5 * np.sin(np.arange(RATE // 10) / 7.0))
+    data = bytearray(good.read_bytes())
+    lying = tmp_path / "lying.wav"
+    lying.write_bytes(bytes(data[:4]) + (0x7FFFFFFF).to_bytes(4, "little") + bytes(data[8:16])
+                      + (0x7FFFFFFF).to_bytes(4, "little") + bytes(data[20:]))
+    with pytest.raises(ConfigError, match="lying.wav"):
+        read_wav(lying)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(bytes(data[:-1]))  # the header still says the whole data chunk
+    samples, rate = read_wav(cut)
+    assert rate == RATE and len(samples) == RATE // 10 - 1
+    [finding] = check_audio(Settings(audio_in=f"file:{lying}"))
+    assert finding.level == ERROR and "lying.wav" in finding.message
