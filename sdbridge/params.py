@@ -253,6 +253,8 @@ def parse_schedule(text: str) -> tuple[tuple[int, ...], int] | None:
     if head.startswith("[") and head.endswith("]"):
         head = head[1:-1]
     try:
+        if not (head + tail).isascii():  # int() would take other scripts' digits ('٣')
+            raise ValueError(text)
         count = int(tail.strip())
         indices = tuple(int(part.strip()) for part in head.split(","))
     except ValueError:

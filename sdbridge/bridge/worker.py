@@ -291,17 +291,20 @@ class Worker(threading.Thread):
                 engine = None
                 if self._prepare_failed != version:
                     self._prepare_failed = version
-                    self.engine_errors += 1
-                    # A client's mistake (an unknown LoRA: ParamError) keeps its code and needs no traceback.
-                    code = exc.code if isinstance(exc, SdbridgeError) else "engine_failed"
-                    if isinstance(exc, SdbridgeError):
+                    # A client's mistake (an unknown LoRA, a schedule the sampler cannot run: ParamError) keeps its
+                    # code and its own sentence, and is no engine error; anything else is a bug to find.
+                    known = isinstance(exc, SdbridgeError)
+                    code = exc.code if known else "engine_failed"
+                    if known:
                         log.warning("engine could not take the new parameters: %s", exc)
                     else:
+                        self.engine_errors += 1
                         log.exception("engine could not take the new parameters")
                     # Kept while it stands: /stats says the frames pass through, a client that connects hears why.
+                    reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
                     self.prepare_error = {"type": "error", "code": code,
                                           "message": f"the engine could not take the new parameters: "
-                                                     f"{type(exc).__name__}: {exc}; frames pass through"}
+                                                     f"{reason}; frames pass through"}
                     for session in self.registry.sessions():
                         self.report(session, dict(self.prepare_error))
             self.engines.announce(self.engines.active_engine())  # "ready", with the resolution it serves

@@ -387,7 +387,8 @@ class DiffusionEngine(Engine):
         sampler = self._sampler if self._sampler != "model" else f"the model's ({type(scheduler).__name__})"
         if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
             raise ParamError(f"schedule {text!r} needs a sampler that takes explicit timesteps, and sampler "
-                             f"{sampler} does not (Euler, LCM, TCD, Heun, DPM++ 2M do)", name="schedule", value=text)
+                             f"{sampler} does not (Euler, LCM, TCD, Heun, DPM++ 2M, 2M SDE, 3M SDE do)",
+                             name="schedule", value=text)
         indices, count = spec
         try:
             scheduler.set_timesteps(count, device=self.device)
@@ -397,8 +398,8 @@ class DiffusionEngine(Engine):
             picked = full[list(indices)].tolist()
             # Once with its warnings (LCM's about timesteps off its distillation schedule); per frame quiet.
             scheduler.set_timesteps(timesteps=picked, device=self.device)
-        except ValueError as exc:
-            raise ParamError(f"schedule {text!r} cannot run on sampler {sampler}: {exc}", name="schedule",
+        except ValueError as exc:  # diffusers' own sentence, cut: it may run long
+            raise ParamError(f"schedule {text!r} cannot run on sampler {sampler}: {str(exc)[:160]}", name="schedule",
                              value=text) from exc
         self._explicit, self._explicit_timesteps, self._explicit_for = spec, picked, (spec, scheduler)
 

@@ -175,6 +175,34 @@ def test_engine_refusing_new_parameters_keeps_the_stream_going(start_daemon, mon
     assert daemon.collect_stats()["worker"]["engine_errors"] == 1
 
 
+def test_a_client_mistake_the_engine_refuses_is_told_in_its_own_words_and_is_no_engine_error(start_daemon,
+                                                                                          monkeypatch):
+    """QA 5: a schedule the sampler cannot run (a ParamError at prepare) was told as "...: ParamError: ..." and
+    counted in /stats as an engine error, though no frame failed."""
+    from sdbridge.engines.identity import IdentityEngine
+    from sdbridge.errors import ParamError
+
+    def picky(self, params):
+        if params["prompt"] == "poison":
+            raise ParamError("schedule '1@2' needs a sampler that takes explicit timesteps", name="schedule")
+        self.resolution = (int(params["width"]), int(params["height"]))
+
+    monkeypatch.setattr(IdentityEngine, "prepare", picky)
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    frame = codec.encode_png(make_image())
+    errors = []
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "set", "params": {"prompt": "poison"}}))
+        ws.send(frame)
+        while isinstance(message := ws.recv(timeout=10), str):
+            errors += [m for m in [json.loads(message)] if m["type"] == "error"]
+        assert message[:3] == b"\xff\xd8\xff"  # passed through
+    assert len(errors) == 1 and errors[0]["code"] == "bad_param"
+    assert errors[0]["message"] == ("the engine could not take the new parameters: schedule '1@2' needs a sampler "
+                                    "that takes explicit timesteps; frames pass through")
+    assert daemon.collect_stats()["worker"]["engine_errors"] == 0
+
+
 def test_a_stop_that_outlasts_the_frame_being_made_says_so(monkeypatch, caplog, tmp_path):
     """SIGTERM waits for the frame being made; one longer than the wait (a CPU at many steps) is left, and the
     log says why the stop took that long (it was a silent 10 s gap)."""

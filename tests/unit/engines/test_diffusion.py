@@ -384,6 +384,7 @@ def test_a_schedule_at_the_tail_is_steps_times_strength_and_empty_is_unchanged(v
     ("32,45@1001", r"N = 1001, not in \[1, 1000\]"),
     ("32,45", r"has no '@N'"),
     ("32;45@50", r"not indices and a step count"),
+    ("\u0663@50", r"not indices and a step count"),  # an Arabic-Indic 3: int() takes it, the schema does not
 ])
 def test_a_bad_schedule_is_a_param_error_and_the_engine_serves_on(parts, frame, spec, message):
     from sdbridge.errors import ParamError
