@@ -48,6 +48,10 @@ ON_ONSET = ("none", "seed_step")
 STEPPED = frozenset({"seed", "blend_seed", "width", "height", "steps", "clip_skip", "motion_window"})
 _STEPPED_PATTERN = re.compile(r"^(controlnet_\d+|ip_adapter)_channel$")  # a source channel, not an amount
 NOT_TARGETS_GROUPS = ("modulation", "control")  # bpm, the LFOs' own settings, slew_s, ladder_fps
+# Numbers that are no part of the picture: the replies' JPEG quality, txt2img's frame-rate cap, a plugin's place
+# in the chain (QA 5: an LFO could move them, re-ordering the plugins every frame).
+NOT_TARGETS = frozenset({"jpeg_quality", "max_fps"})
+_NOT_TARGET_PATTERN = re.compile(r"^plugin\.[^.]+\.order$")
 
 
 def stepped(name: str) -> bool:
@@ -55,9 +59,10 @@ def stepped(name: str) -> bool:
 
 
 def targetable(spec: ParamSpec) -> bool:
-    """Whether an LFO may move ``spec``: numeric, with a range, by degrees, part of the picture."""
+    """Whether an LFO or an envelope may move ``spec``: numeric, with a range, by degrees, part of the picture."""
     return (spec.numeric and spec.minimum is not None and spec.maximum is not None
-            and not stepped(spec.name) and spec.group not in NOT_TARGETS_GROUPS)
+            and not stepped(spec.name) and spec.group not in NOT_TARGETS_GROUPS and spec.name not in NOT_TARGETS
+            and not _NOT_TARGET_PATTERN.match(spec.name))
 
 
 def check_target(spec: ParamSpec, value: Any, schema: Schema) -> None:
@@ -66,7 +71,8 @@ def check_target(spec: ParamSpec, value: Any, schema: Schema) -> None:
         return
     allowed = ", ".join(spec.name for spec in schema if targetable(spec))
     shown = value if len(value) <= 80 else value[:77] + "..."
-    reason = "is not a parameter" if value not in schema else "is not a parameter an LFO can move"
+    mover = "an envelope" if spec.name.startswith("env") else "an LFO"
+    reason = "is not a parameter" if value not in schema else f"is not a parameter {mover} can move"
     raise ParamError(f"{spec.name} {shown!r} {reason} (allowed: '' for none, or {allowed})", name=spec.name,
                      value=value)
 

@@ -57,7 +57,7 @@ def test_int_targets_and_inactive():
 
 @pytest.mark.parametrize("target", ["nonexistent", "prompt", "lfo1.depth", "lfo2.target", "bpm", "width",
                                     "height", "seed", "steps", "clip_skip", "controlnet_2_channel",
-                                    "ip_adapter_channel", "ladder_fps", "strenght"])
+                                    "ip_adapter_channel", "ladder_fps", "strenght", "jpeg_quality", "max_fps"])
 def test_a_target_an_lfo_cannot_move_is_refused_naming_the_ones_it_can(target):
     store = ParamStore()
     applied, errors = store.update({"lfo1.target": target})
@@ -77,3 +77,20 @@ def test_numeric_targets_plugins_included_and_off_are_accepted():
     assert errors == [] and applied == {"lfo1.target": "plugin.flow_warp.strength", "lfo2.target": "guidance"}
     assert store.update({"lfo1.target": ""}) == ({"lfo1.target": ""}, [])
     assert targetable(store.schema.get("strength")) and not targetable(store.schema.get("seed"))
+
+
+def test_a_plugins_place_in_the_chain_is_no_target_and_an_envelope_is_named_as_one():
+    """QA 5: an LFO or an envelope could move plugin.*.order (the chain re-ordered every frame); an envelope's
+    refusal said "an LFO"."""
+    from sdbridge.plugins.manager import PluginManager
+    from sdbridge.plugins.similarity import SimilarityFilter
+
+    store = ParamStore()
+    PluginManager(store, {"similarity": SimilarityFilter})
+    assert "plugin.similarity.order" in store.schema
+    for slot in ("lfo1", "env1"):
+        applied, errors = store.update({f"{slot}.target": "plugin.similarity.order"})
+        assert applied == {} and len(errors) == 1
+        assert ("an envelope" if slot == "env1" else "an LFO") + " can move" in str(errors[0])
+    applied, errors = store.update({"env1.target": "plugin.similarity.threshold"})
+    assert errors == [] and applied == {"env1.target": "plugin.similarity.threshold"}
