@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdbridge.bridge.osc_parse import (MAX_DATAGRAM, OscCall, calls_to_updates, encode_bundles, encode_message,
-                                       parse_datagram)
+from sdbridge.bridge.osc_parse import (MAX_DATAGRAM, OscCall, at_address, calls_to_updates, encode_bundles,
+                                       encode_message, parse_datagram)
 from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.errors import ProtocolError, SdbridgeError
 from sdbridge.params import ParamStore
@@ -131,7 +131,9 @@ class OscServer(asyncio.DatagramProtocol):
             actions = calls_to_updates(calls, self.store.schema, self.prefix)
             if actions.updates:
                 _, errors = self.apply(actions.updates)
-                actions.errors.extend(errors)
+                # A rule the store checks (a schedule's spec, an LFO's target) names its address as the parser's do.
+                actions.errors.extend(at_address(actions.addresses[error.name], error)
+                                      if error.name in actions.addresses else error for error in errors)
             # 4. Report errors and hand on commands.
             for error in actions.errors:
                 self.stats.param_errors += 1

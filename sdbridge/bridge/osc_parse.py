@@ -66,6 +66,7 @@ class OscActions:
     """What one datagram asks for: updates to apply together, errors, and non-parameter commands."""
 
     updates: dict[str, Any] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)  # each update's parameter -> the address it came on
     errors: list[ParamError] = field(default_factory=list)
     commands: list[OscCall] = field(default_factory=list)
     ignored: int = 0
@@ -245,18 +246,20 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
                     raise ParamError(f"{call.address} {_shown(fraction)} is not a number in [0, 1]", name=name,
                                      value=fraction)
                 actions.updates[name] = spec.validate(spec.denormalize(float(fraction)))
+                actions.addresses[name] = call.address
                 continue
             name = Schema.name_from_osc_path(path)
             if name not in schema and path.split("/", 1)[0] in COMMANDS:
                 actions.commands.append(call)
                 continue
             actions.updates[name] = _value_for(call, schema, name)
+            actions.addresses[name] = call.address
         except ParamError as exc:
-            actions.errors.append(_at(call.address, exc))
+            actions.errors.append(at_address(call.address, exc))
     return actions
 
 
-def _at(address: str, exc: ParamError) -> ParamError:
+def at_address(address: str, exc: ParamError) -> ParamError:
     """The error with the OSC address in front, unless it already names it."""
     if str(exc).startswith(address):
         return exc

@@ -177,6 +177,23 @@ def test_errors_and_commands_reach_the_callbacks_and_good_values_still_apply():
     assert commands == [OscCall("/sd/preset", ("dusk",))]
 
 
+def test_a_rule_the_store_checks_names_the_address_too():
+    """QA 5: a schedule's spec and an LFO's target are checked by the store, after the parser; their errors lacked
+    the OSC address the parser's errors start with."""
+    async def scenario():
+        errors = []
+        server, client = await started(on_error=lambda e, s: errors.append(e))
+        client.send(osc_bundle(("/sd/schedule", "45,32@50"), ("/sd/lfo1/target", "seed"), ("/sd/guidance", 2.0)))
+        assert await until(lambda: len(errors) == 2)
+        assert server.store.get("guidance") == 2.0
+        server.close()
+        return errors
+
+    errors = asyncio.run(scenario())
+    assert sorted(str(e).split(": ", 1)[0] for e in errors) == ["/sd/lfo1/target", "/sd/schedule"]
+    assert all(isinstance(e, ParamError) for e in errors)
+
+
 def test_internal_errors_are_counted_logged_once_and_the_server_serves_on(caplog):
     async def scenario():
         server, client = await started(on_command=lambda c, s: 1 / 0)
