@@ -276,17 +276,8 @@ class BankAttnProcessor:
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
                  bank_feed: BankFeed | None = None, **kwargs: Any) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states, residual = attention_in(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
@@ -308,7 +299,7 @@ class BankAttnProcessor:
                               bank_feed.bias.to(query.dtype).view(batch, 1, 1, 1).expand(batch, 1, 1, tokens)], dim=-1)
             key = torch.cat([key, past_key.to(key.dtype)], dim=2)
             value = torch.cat([value, past_value.to(value.dtype)], dim=2)
-            return self._attend(attn, query, key, value, mask, residual, input_ndim, batch, head_dim)
+            return self._attend(attn, query, key, value, mask, residual, batch, head_dim)
         rows = self.bank.rows(batch)
         stored: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         if rows is not None:
@@ -326,21 +317,41 @@ class BankAttnProcessor:
             key = torch.cat([key, bank_key], dim=2)
             value = torch.cat([value, bank_value], dim=2)
             mask = bias
-        return self._attend(attn, query, key, value, mask, residual, input_ndim, batch, head_dim)
+        return self._attend(attn, query, key, value, mask, residual, batch, head_dim)
 
     @staticmethod
     def _attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                residual: torch.Tensor, input_ndim: int, batch: int, head_dim: int) -> torch.Tensor:
+                residual: torch.Tensor, batch: int, head_dim: int) -> torch.Tensor:
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
                                                        is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:  # back to the layer's input layout [B, C, H, W]
-            hidden_states = hidden_states.transpose(-1, -2).reshape(residual.shape)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return attention_out(attn, hidden_states, residual)
+
+
+def attention_in(attn: Any, hidden_states: torch.Tensor,
+                 temb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' AttnProcessor2_0 before its projections, for the processors that replace it (this bank's, the
+    IP-Adapter's): (hidden states as tokens [B, T, C] after the spatial and group norms, the residual as given)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, residual
+
+
+def attention_out(attn: Any, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """diffusers' AttnProcessor2_0 after its attention: the output projection, back to the residual's layout
+    ([B, C, H, W] for a 4-d input), the residual connection and the output rescale."""
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if residual.ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(residual.shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
 
 
 class FeedPassing:

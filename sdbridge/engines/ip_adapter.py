@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, OUTPUT_CHANNEL
+from sdbridge.engines.feature_bank import attention_in, attention_out
 from sdbridge.engines.models import list_add_on_models, load_weight_file, resolve_add_on_model, serialized_load
 from sdbridge.errors import ModelError, load_failure
 
@@ -225,19 +226,11 @@ class IPAttnProcessor:
         weights = adapter.weights[self.layer] if adapter is not None else None
         if weights is None:
             return self.inner(attn, hidden_states, text, attention_mask, temb, *args, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states, residual = attention_in(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
@@ -256,13 +249,7 @@ class IPAttnProcessor:
                                                heads(F.linear(tokens, to_v_ip)), attn_mask=None, dropout_p=0.0,
                                                is_causal=False)
         image = image.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = out + scale.to(out.dtype) * image
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_out(attn, out + scale.to(out.dtype) * image, residual)
 
 
 class AdapterHolder:
