@@ -123,11 +123,18 @@ class Settings:
         check_warm_steps(self.warm_steps)
         if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
-        from sdbridge.outputs.interpolate import parse_factor  # lazy: OpenCV only for a daemon that checks this
-        try:
-            parse_factor(self.interpolate)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_interpolate(self.interpolate, "interpolate")
+
+
+def check_interpolate(value: Any, source: str) -> None:
+    """``interpolate``: off, 1-4 or 2x-4x (any case, no spaces around); ConfigError naming ``source`` (the flag,
+    the environment variable or the config file), as the other settings' errors do."""
+    from sdbridge.outputs.base import OutputError, parse_interpolate  # lazy: OpenCV only for a daemon that checks
+
+    try:
+        parse_interpolate(value, source)
+    except OutputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_warm_steps(spec: str) -> None:
@@ -184,6 +191,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if isinstance(value, list):
             return [str(item) for item in value]
         raise ConfigError(f"{source}: {name} {value!r} is not a list")
+    if name == "interpolate":
+        check_interpolate(value if isinstance(value, str) else str(value), source)
     return None if value in ("", None) else str(value)
 
 
@@ -236,6 +245,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
             continue
         if name not in _FIELDS:
             raise ConfigError(f"unknown setting {name!r}")
+        if name == "interpolate":
+            check_interpolate(value, "--interpolate")
         values[name] = value
     settings = Settings(**values)
     settings.check()

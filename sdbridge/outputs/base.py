@@ -103,7 +103,12 @@ def parse_spec(text: str) -> OutputSpec:
 
 
 def parse_interpolate(value: str | int, where: str) -> int:
-    """An ``interpolate`` value (off, 1-4, 2x-4x) as frames shown per engine frame; OutputError naming it."""
+    """An ``interpolate`` value (off, 1-4, 2x-4x, any case) as frames shown per engine frame; OutputError naming
+    it and ``where`` it came from. Spaces around it are refused, as the other spec options refuse them
+    (``loop= true``): ``?interpolate= 2x`` is a typo more often than a wish."""
+    if isinstance(value, str) and value != value.strip():
+        raise OutputError(f"{where}: interpolate {value!r} has spaces around it; write {value.strip()!r}",
+                          code="bad_output")
     try:
         return parse_factor(value)
     except ValueError as exc:

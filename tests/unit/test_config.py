@@ -121,3 +121,28 @@ def test_a_hostile_config_file_is_one_config_error(tmp_path, content, message):
 def test_a_config_path_that_is_a_folder_is_one_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read"):
         load_settings({}, env={}, config_path=tmp_path)
+
+
+@pytest.mark.parametrize("flags, env, config_text, message", [
+    ({"interpolate": "5x"}, {}, None, r"^--interpolate: interpolate '5x' is not off, 1-4 or 2x-4x$"),
+    ({}, {"SDBRIDGE_INTERPOLATE": "3x3"}, None,
+     r"^environment SDBRIDGE_INTERPOLATE: interpolate '3x3' is not off, 1-4 or 2x-4x$"),
+    ({}, {}, 'interpolate = "6x"\n', r"^config file '.*c\.toml': interpolate '6x' is not off, 1-4 or 2x-4x$"),
+    ({"interpolate": " 2x"}, {}, None, r"^--interpolate: interpolate ' 2x' has spaces around it; write '2x'$"),
+    ({}, {"SDBRIDGE_INTERPOLATE": "2x "}, None, r"^environment SDBRIDGE_INTERPOLATE: interpolate '2x ' has spaces"),
+])
+def test_a_bad_interpolate_names_where_it_came_from(tmp_path, flags, env, config_text, message):
+    config = None
+    if config_text is not None:
+        config = tmp_path / "c.toml"
+        config.write_text(config_text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(flags, env=env, config_path=config)
+
+
+def test_interpolate_takes_any_case_from_every_source(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('interpolate = "OFF"\n')
+    assert load_settings({}, env={}, config_path=config).interpolate == "OFF"
+    assert load_settings({}, env={"SDBRIDGE_INTERPOLATE": "3X"}).interpolate == "3X"
+    assert load_settings({"interpolate": "2X"}, env={}).interpolate == "2X"
