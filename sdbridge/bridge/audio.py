@@ -64,21 +64,32 @@ def list_devices() -> list[str]:
     return lines
 
 
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """A PCM WAV file as float32 ``[N, C]`` in [-1, 1] and its sample rate; ConfigError naming the problem."""
+def wav_path(spec: str) -> Path:
+    """The file a ``file:PATH`` spec names; ConfigError for an empty path, which ``Path('')`` would read as the
+    current folder ("cannot be read: Is a directory", a riddle for a typo)."""
+    text = spec[len(FILE_PREFIX):]
+    if not text.strip():
+        raise ConfigError(f"--audio-in {spec!r}: the path after 'file:' is empty (file:PATH.wav)")
+    return Path(text).expanduser()
+
+
+def read_wav(path: Path, spec: str | None = None) -> tuple[np.ndarray, int]:
+    """A PCM WAV file as float32 ``[N, C]`` in [-1, 1] and its sample rate; ConfigError naming the problem and
+    quoting ``spec``, the ``--audio-in`` argument as typed (default ``file:PATH``)."""
+    label = spec if spec is not None else f"{FILE_PREFIX}{path}"
     try:
         with wave.open(str(path), "rb") as handle:
             rate, channels, width = handle.getframerate(), handle.getnchannels(), handle.getsampwidth()
             raw = handle.readframes(handle.getnframes())
     except FileNotFoundError:
-        raise ConfigError(f"--audio-in file:{path}: no such file") from None
+        raise ConfigError(f"--audio-in {label}: no such file") from None
     except OSError as exc:  # a folder, no permission
-        raise ConfigError(f"--audio-in file:{path}: cannot be read: {exc.strerror or exc}") from None
+        raise ConfigError(f"--audio-in {label}: cannot be read: {exc.strerror or exc}") from None
     except (wave.Error, EOFError) as exc:  # not RIFF/WAVE, or a float or compressed WAV the wave module refuses
-        raise ConfigError(f"--audio-in file:{path}: not a PCM WAV file ({exc}); convert it, e.g. "
+        raise ConfigError(f"--audio-in {label}: not a PCM WAV file ({exc}); convert it, e.g. "
                           f"sox IN -b 16 OUT.wav") from None
     except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:  # a chunk size that lies (a corrupt file)
-        raise ConfigError(f"--audio-in file:{path}: a damaged WAV file ({type(exc).__name__}: {str(exc)[:100]})") \
+        raise ConfigError(f"--audio-in {label}: a damaged WAV file ({type(exc).__name__}: {str(exc)[:100]})") \
             from None
     if width == 1:  # 8-bit WAV is unsigned
         samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
@@ -92,10 +103,10 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         samples = (np.frombuffer(whole, dtype=f"<i{width}").astype(np.float64) / -float(np.iinfo(dtype).min)).astype(
             np.float32)
     else:
-        raise ConfigError(f"--audio-in file:{path}: {8 * width}-bit samples are not supported (8, 16, 24, 32)")
+        raise ConfigError(f"--audio-in {label}: {8 * width}-bit samples are not supported (8, 16, 24, 32)")
     frames = len(samples) // channels
     if frames == 0:
-        raise ConfigError(f"--audio-in file:{path}: has no samples")
+        raise ConfigError(f"--audio-in {label}: has no samples")
     return samples[:frames * channels].reshape(frames, channels), rate
 
 
@@ -116,7 +127,7 @@ def check_source(spec: str) -> str:
     if spec == LIST:
         return f"{len(list_devices())} input device(s)"
     if spec.startswith(FILE_PREFIX):
-        samples, rate = read_wav(Path(spec[len(FILE_PREFIX):]).expanduser())
+        samples, rate = read_wav(wav_path(spec), spec)
         AudioAnalyser(rate)  # the rate's own check
         return f"{spec}: {len(samples) / rate:.1f} s at {rate} Hz, {samples.shape[1]} channel(s), looped"
     _, _, info = query_device(spec)
@@ -142,8 +153,7 @@ class AudioInput:
         self._thread: threading.Thread | None = None
         self._levels: dict[str, float] = {}
         if spec.startswith(FILE_PREFIX):
-            path = Path(spec[len(FILE_PREFIX):]).expanduser()
-            self._file = read_wav(path)  # checked at start-up: a bad file stops it with the reason
+            self._file = read_wav(wav_path(spec), spec)  # checked at start-up: a bad file stops it with the reason
             self.analyser = AudioAnalyser(self._file[1])
         elif not spec or spec == LIST:
             raise ConfigError(f"--audio-in {spec!r} is not a device (an index, part of a name, or default) or "

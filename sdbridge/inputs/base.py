@@ -24,7 +24,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +56,9 @@ class InputSpec:
     width: int | None = None        # camera: asked of the device
     height: int | None = None
     reply: PixelFormat = PixelFormat.JPEG  # what WebSocket viewers of the session get, as a header's reply_format
+    # The argument as typed, for the sentences of errors found after parsing (a file that is not there): str()
+    # is the normalised form /stats shows, which may differ from what the user wrote and would confuse them.
+    text: str = field(default="", compare=False, repr=False)
 
     @property
     def session_name(self) -> str:
@@ -108,6 +111,9 @@ _INPUTS: dict[str, tuple[str, str, frozenset[str]]] = {
     "shm": ("sdbridge.inputs.shm:ShmInput", "", frozenset({"reply"})),
     "ndi": ("sdbridge.inputs.ndi:NdiInput", "pip install 'sdbridge[ndi]' (cyndilib)", frozenset({"reply"})),
 }
+# "?fps=24?loop=true": options joined by a second '?' instead of '&'. The last '?' starts the options, so the
+# first would end up in the path ("frames/?fps=24"), and the error would be a missing file with a rewritten name.
+_SECOND_QUESTION = re.compile(r"\?(?:" + "|".join(sorted(set().union(*(o for _, _, o in _INPUTS.values())))) + r")=")
 _FORM = ("KIND[:TARGET][?OPTIONS][@SESSION[#CHANNEL]] or KIND[:TARGET][@SESSION[#CHANNEL]][?OPTIONS] "
          "(e.g. file:clip.mp4@s1, file:frames/@s1?fps=24, camera:0, shm:sdbridge, ndi:STUDIO)")
 # POSIX shared memory: "/NAME", NAME at most NAME_MAX (255) bytes with no '/'; macOS allows 31 with the slash.
@@ -158,6 +164,9 @@ def split_options(options_text: str | None, allowed: Iterable[str], what: str,
 
 def parse_spec(text: str) -> InputSpec:
     """An ``--input`` value -> InputSpec; InputError (code bad_input) naming the bad part and what is allowed."""
+    if _SECOND_QUESTION.search(text.rpartition("?")[0]):
+        raise _bad(f"input {text!r}: options are joined by '&', not a second '?' (e.g. file:frames/?fps=24&loop=true"
+                   f"@live)")
     body, options_text, tail = split_spec(text.strip())
     session = None
     channel = 0
@@ -184,7 +193,7 @@ def parse_spec(text: str) -> InputSpec:
         raise _bad(f"input {text!r}: file needs a path (file:clips/rehearsal.mp4 or file:frames/)")
     if kind == "shm" and target:
         _check_shm_name(text, target)
-    return InputSpec(kind, target or None, session, channel, **values)
+    return InputSpec(kind, target or None, session, channel, **values, text=text)
 
 
 def _check_shm_name(text: str, name: str) -> None:

@@ -165,3 +165,25 @@ def test_damaged_wav_files_are_a_sentence_not_a_traceback(tmp_path):
     assert rate == RATE and len(samples) == RATE // 10 - 1
     [finding] = check_audio(Settings(audio_in=f"file:{lying}"))
     assert finding.level == ERROR and "lying.wav" in finding.message
+
+
+@pytest.mark.parametrize("spec", ["file:", "file:  "])
+def test_an_empty_file_path_is_said_to_be_empty(spec):
+    # Path("") is the current folder: the old sentence was "file:.: cannot be read: Is a directory".
+    message = f"--audio-in {spec!r}: the path after 'file:' is empty (file:PATH.wav)"
+    with pytest.raises(ConfigError) as error:
+        AudioInput(spec, ParamStore())
+    assert str(error.value) == message
+    with pytest.raises(ConfigError) as error:
+        check_source(spec)
+    assert str(error.value) == message
+
+
+def test_file_errors_quote_the_argument_as_typed(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        AudioInput("file:~/missing.wav", ParamStore())
+    assert str(error.value) == "--audio-in file:~/missing.wav: no such file"  # not the expanded path
+    (tmp_path / "text.wav").write_text("not a wav")
+    with pytest.raises(ConfigError, match=r"^--audio-in file:~/text\.wav: not a PCM WAV file"):
+        check_source("file:~/text.wav")

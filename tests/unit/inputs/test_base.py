@@ -90,3 +90,21 @@ def test_a_file_that_is_not_there_is_a_start_up_error(tmp_path) -> None:
     assert repr(f"file:{tmp_path / 'nope.mp4'}@file") in str(error.value)  # quoted, as every other spec error
     with pytest.raises(InputError, match="holds no images"):
         create_input(parse_spec(f"file:{tmp_path}")).check()
+
+
+@pytest.mark.parametrize("text", ["file:frames/?fps=24?loop=true@live", "file:frames/@live?fps=24?loop=true",
+                                  "camera:0?width=640?height=480"])
+def test_options_joined_by_a_second_question_mark_are_refused_quoting_the_argument(text: str) -> None:
+    # The last '?' starts the options, so the first one's option would be read into the path and the error would
+    # be a missing file under a rewritten spec ('file:frames/?fps=24@live'), the documented valid form.
+    with pytest.raises(InputError, match="options are joined by '&', not a second '\\?'") as error:
+        parse_spec(text)
+    assert str(error.value).startswith(f"input {text!r}: ")
+    assert error.value.code == "bad_input"
+
+
+def test_a_spec_keeps_the_argument_as_typed_for_later_errors() -> None:
+    typed = "file:frames/@live?loop=FALSE&fps=24"
+    spec = parse_spec(f"  {typed} ")
+    assert spec.text == f"  {typed} " and str(spec) == "file:frames/?fps=24&loop=false@live"
+    assert spec == parse_spec("file:frames/?fps=24&loop=false@live")  # the text does not change what it is
