@@ -27,6 +27,7 @@ depth 0, or with no audio input, leaves its target exactly as it is.
 from __future__ import annotations
 
 import math
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -69,12 +70,18 @@ def check_target(spec: ParamSpec, value: Any, schema: Schema) -> None:
     """``lfoN.target`` (``spec``): '' (off) or the name of a parameter :func:`targetable` allows."""
     if value == "" or (value in schema and targetable(schema.get(value))):
         return
-    allowed = ", ".join(spec.name for spec in schema if targetable(spec))
-    shown = value if len(value) <= 80 else value[:77] + "..."
-    mover = "an envelope" if spec.name.startswith("env") else "an LFO"
-    reason = "is not a parameter" if value not in schema else f"is not a parameter {mover} can move"
-    raise ParamError(f"{spec.name} {shown!r} {reason} (allowed: '' for none, or {allowed})", name=spec.name,
-                     value=value)
+    # Short: the OSC feedback copy of an error is cut at 200 characters, and listing all ~50 targets cut it
+    # mid-list (QA 5). A typo gets the closest targets; a parameter that is no target gets the rule; docs/presets.md
+    # lists them all. Worst case ~190 characters with the OSC address in front.
+    shown = value if len(value) <= 32 else value[:29] + "..."
+    if value not in schema:
+        close = difflib.get_close_matches(value, [other.name for other in schema if targetable(other)], n=2)
+        reason = "is not a parameter" + (f"; did you mean {' or '.join(close)}?" if close else "")
+    else:
+        mover = "an envelope" if spec.name.startswith("env") else "an LFO"
+        reason = f"is not a parameter {mover} can move: only numbers that move the picture by degrees"
+    raise ParamError(f"{spec.name} {shown!r} {reason} (targets: docs/presets.md; '' is off)",
+                     name=spec.name, value=value)
 
 
 def lfo_params() -> tuple[ParamSpec, ...]:

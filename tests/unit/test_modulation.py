@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 
@@ -58,16 +60,39 @@ def test_int_targets_and_inactive():
 @pytest.mark.parametrize("target", ["nonexistent", "prompt", "lfo1.depth", "lfo2.target", "bpm", "width",
                                     "height", "seed", "steps", "clip_skip", "controlnet_2_channel",
                                     "ip_adapter_channel", "ladder_fps", "strenght", "jpeg_quality", "max_fps"])
-def test_a_target_an_lfo_cannot_move_is_refused_naming_the_ones_it_can(target):
+def test_a_target_an_lfo_cannot_move_is_refused_in_a_sentence_osc_feedback_keeps_whole(target):
     store = ParamStore()
     applied, errors = store.update({"lfo1.target": target})
     assert applied == {} and store.get("lfo1.target") == ""
     assert len(errors) == 1 and errors[0].code == "bad_param" and errors[0].name == "lfo1.target"
     message = str(errors[0])
-    assert f"lfo1.target {target!r}" in message and "strength, guidance" in message
-    allowed = {name.strip(" ()") for name in message.split("allowed")[1].split(",")}
-    assert "seed" not in allowed and "blend_seed" not in allowed and "width" not in allowed
-    assert "seed_blend" in allowed  # the blend between two seeds moves smoothly
+    assert message.startswith(f"lfo1.target {target!r} is not a parameter")
+    assert message.endswith("(targets: docs/presets.md; '' is off)")
+    # One short sentence: the OSC feedback copy (after "/sd/lfo1/target: ") is cut at 200 characters.
+    assert len("/sd/lfo1/target: " + message) <= 200
+    if target in store.schema:
+        assert "an LFO can move: only numbers that move the picture by degrees" in message
+
+
+def test_a_mistyped_target_is_told_the_closest_names_and_a_long_one_stays_short():
+    store = ParamStore()
+    _, errors = store.update({"env1.target": "strenght"})
+    assert str(errors[0]) == ("env1.target 'strenght' is not a parameter; did you mean strength? "
+                              "(targets: docs/presets.md; '' is off)")
+    _, errors = store.update({"lfo2.target": "controlnet_3_channel"})  # a parameter: the rule, no guesses
+    assert "did you mean" not in str(errors[0]) and "an LFO can move" in str(errors[0])
+    _, errors = store.update({"env2.target": "z" * 128})
+    assert len("/sd/env2/target: " + str(errors[0])) <= 200 and "'" + "z" * 29 + "...'" in str(errors[0])
+
+
+def test_docs_presets_lists_every_built_in_target():
+    store = ParamStore()
+    PluginManager(store)
+    text = (Path(__file__).parents[2] / "docs" / "presets.md").read_text()
+    for spec in store.schema:
+        if targetable(spec):
+            short = re.sub(r"^controlnet_\d_", "controlnet_N_", spec.name)
+            assert f"`{short}`" in text or f"`.{short.rsplit('.', 1)[-1]}`" in text, spec.name
 
 
 def test_numeric_targets_plugins_included_and_off_are_accepted():
