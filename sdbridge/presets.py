@@ -38,6 +38,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")  # matched whole (fullmat
 # A preset is a few hundred bytes; a larger file is refused unread, so that listing the presets (on the
 # event loop) never parses megabytes (a 50 MB file stalled every client for 6.5 s).
 MAX_FILE_BYTES = 1024 * 1024
+TOP_LEVEL = ("description", "glide_s", "params")  # what a preset file holds outside its [params] table
 
 
 def _check_name(name: Any) -> str:
@@ -154,7 +155,15 @@ class PresetLibrary:
             data = tomllib.loads(raw.decode("utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
             raise bad(f"is not valid TOML: {shown_value(str(exc), 200)[1:-1]}") from exc
-        params = data.get("params", {})
+        # A value outside [params] was read as nothing: a recall answered "applied: {}" with no word (QA 5).
+        stray = [key for key in data if key not in TOP_LEVEL]
+        if stray:
+            keys = ", ".join(shown_value(key, 40) for key in stray[:5]) + (", ..." if len(stray) > 5 else "")
+            raise bad(f"has {keys} at the top level: parameter values belong under a [params] table (the top "
+                      f"level holds only description and glide_s; docs/presets.md)")
+        if "params" not in data:
+            raise bad("has no [params] table: a preset's values go under [params] (docs/presets.md)")
+        params = data["params"]
         if not isinstance(params, dict):
             raise bad("needs a [params] table")
         glide = data.get("glide_s", 0.0)

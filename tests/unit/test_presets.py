@@ -228,3 +228,26 @@ def test_a_save_that_fails_to_write_removes_its_temporary_file(library, monkeypa
 def test_a_save_with_a_glide_that_is_not_a_time_is_refused(library, glide):
     with pytest.raises(ParamError, match="glide_s"):
         library.save("mine", {"strength": 0.5}, "", glide)
+
+
+@pytest.mark.parametrize("content, words", [
+    ('"schedule" = "10,20@50"', "has 'schedule' at the top level: parameter values belong under a [params] table"),
+    ('description = "d"\nglide_s = 1.0', "has no [params] table: a preset's values go under [params]"),
+    ("", "has no [params] table"),
+    ('strength = 0.5\n[params]\nprompt = "a"', "has 'strength' at the top level"),
+    ("a = 1\nb = 2\nc = 3\nd = 4\ne = 5\nf = 6", "has 'a', 'b', 'c', 'd', 'e', ... at the top level"),
+])
+def test_values_outside_params_are_refused_not_recalled_as_nothing(library, content, words):
+    """QA 5: a file without [params] recalled as "applied: {}", with no word; its values were simply not read."""
+    path = _user(library) / "x.toml"
+    path.write_text(content + "\n")
+    with pytest.raises(ParamError) as info:
+        library.get("x")
+    assert info.value.code == "bad_preset" and words in str(info.value)
+    assert str(info.value).startswith(f"preset 'x' ({path}) ")
+    assert "x" not in [preset.name for preset in library.list()]
+
+
+def test_an_empty_params_table_is_a_preset_that_sets_nothing(library):
+    (_user(library) / "blank.toml").write_text('description = "nothing yet"\n[params]\n')
+    assert library.get("blank").params == {} and library.get("blank").description == "nothing yet"
