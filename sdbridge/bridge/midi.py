@@ -122,11 +122,22 @@ class MidiBridge:
 
     @classmethod
     def from_settings(cls, daemon: Daemon) -> MidiBridge:
-        """The map from ``--midi-map``, else ~/.config/sdbridge/midi.toml, else the default; a bad one: ConfigError."""
+        """The map from ``--midi-map``, else ~/.config/sdbridge/midi.toml, else the default; a bad one: ConfigError.
+
+        A ``--midi-map`` file that does not exist yet is an empty map, not an error: the first learn-and-save
+        session creates it there (QA 5). One that exists but cannot be read or parsed still stops the start."""
         settings = daemon.settings
         schema = daemon.store.schema
         if settings.midi_map:
             path = Path(settings.midi_map).expanduser()
+            try:
+                path.lstat()  # lstat: a dangling link is a mistake, which load_map names, as it does a folder
+            except FileNotFoundError:
+                log.warning('MIDI map %r does not exist: starting with an empty map; {"type": "midi_map", '
+                            '"save": true} writes it there', str(path))
+                return cls(daemon, MidiMap(), path)
+            except OSError:
+                pass  # no permission, a file where a folder should be: load_map's sentence says which
             return cls(daemon, load_map(path, schema), path)
         path = default_map_path()
         if path.is_file():

@@ -14,6 +14,7 @@ import pytest
 mido = pytest.importorskip("mido", reason="the midi extra (mido) is not installed")
 
 from sdbridge.bridge.midi_clock import PPQN  # noqa: E402
+from sdbridge.bridge.midi_map import MidiMap, load_map  # noqa: E402
 from sdbridge.config import Settings  # noqa: E402
 from sdbridge.errors import ConfigError  # noqa: E402
 from tests.clients import recv_json, wait_for, ws_connect  # noqa: E402
@@ -202,3 +203,37 @@ def test_a_port_that_is_not_there_stops_the_start_before_anything_listens(tmp_pa
     with pytest.raises(ConfigError, match=r"cannot list MIDI ports|no MIDI input port matches 'no-such-box'"):
         asyncio.run(daemon.start())
     assert daemon.port is None and daemon.osc is None and not daemon.worker.is_alive()
+
+
+def test_a_midi_map_file_that_does_not_exist_yet_starts_empty_and_save_creates_it(start_daemon, tmp_path, caplog):
+    """QA 5: docs/midi.md has `save` write --midi-map's file, "then loaded at the next start"; a missing file
+    stopped the start, so the first learn-and-save session needed the file made by hand."""
+    path = tmp_path / "show" / "midi.toml"  # its folder does not exist either: save makes it
+    with caplog.at_level("WARNING", logger="sdbridge.bridge.midi"):
+        daemon = start_daemon(params={"engine": "identity"}, midi_map=str(path))
+    assert any("does not exist: starting with an empty map" in record.getMessage() for record in caplog.records)
+    assert daemon.midi.mapper.map == MidiMap() and not path.exists()
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "midi_learn", "param": "strength"}))
+        recv_json(ws, "midi_learn")
+        daemon.midi.receive(mido.Message("control_change", channel=0, control=7, value=127))
+        recv_json(ws, "midi_learned")
+        ws.send(json.dumps({"type": "midi_map", "save": True}))
+        assert recv_json(ws, "midi_map")["saved"] == str(path)
+    again = load_map(path, daemon.store.schema)
+    assert [(binding.control, binding.param) for binding in again.cc] == [(7, "strength")]
+
+
+@pytest.mark.parametrize("make", ["folder", "dangling link", "not toml"])
+def test_a_midi_map_that_exists_but_cannot_be_read_still_stops_the_start(tmp_path, make):
+    from sdbridge.bridge.server import Daemon
+
+    path = tmp_path / "midi.toml"
+    if make == "folder":
+        path.mkdir()
+    elif make == "dangling link":
+        path.symlink_to(tmp_path / "gone.toml")
+    else:
+        path.write_text("[[cc]\n")
+    with pytest.raises(ConfigError, match=f"midi map {str(path)!r} (cannot be read|is not valid TOML)"):
+        Daemon(Settings(port=0, osc=False, feedback_port=0, oscquery_port=-1, midi_map=str(path)))
