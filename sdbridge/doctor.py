@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdbridge.config import Settings
 from sdbridge.errors import ConfigError, SdbridgeError
@@ -267,6 +268,25 @@ def check_mdns(settings: Settings, installed: Callable[[str], object] = importli
     return [Finding(OK, "mdns", f"announced on {', '.join(addresses)}")]
 
 
+def check_webrtc(import_module: Callable[[str], Any] = importlib.import_module) -> list[Finding]:
+    """Whether /whip and /whep can answer: aiortc's version and video codecs, and an address peers can reach."""
+    try:
+        aiortc = import_module("aiortc")
+        from aioice.ice import get_host_addresses
+        from aiortc.rtcrtpsender import RTCRtpSender
+    except ImportError:
+        return [Finding(OK, "webrtc", "off: aiortc is not installed, /whip and /whep answer 501",
+                        "for OBS's WHIP output and WHEP viewers: pip install 'sdbridge[webrtc]' (docs/webrtc.md)")]
+    codecs = dict.fromkeys(codec.mimeType.split("/")[1] for codec in RTCRtpSender.getCapabilities("video").codecs
+                           if codec.mimeType.lower() != "video/rtx")
+    message = f"aiortc {aiortc.__version__}: WHIP/WHEP video as {', '.join(codecs)}"
+    if not get_host_addresses(use_ipv4=True, use_ipv6=True):
+        # aioice leaves loopback out of its host candidates: with no other interface no peer can connect.
+        return [Finding(WARN, "webrtc", f"{message}, but no network interface other than loopback: no peer can "
+                        "connect", "connect this machine to a network (WebRTC media does not use loopback)")]
+    return [Finding(OK, "webrtc", message)]
+
+
 def check_safety_filter(settings: Settings) -> list[Finding]:
     """Whether the safety filter, turned on by a starting parameter, has its checker (nothing to say when it is off):
     without it the filter turns itself off at the first frame and the stream goes out unfiltered."""
@@ -377,6 +397,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_audio(settings)
     findings += check_fp8(settings)
     findings += check_mdns(settings)
+    findings += check_webrtc()
     findings += check_safety_filter(settings)
     findings += check_upscalers(settings)
     findings += check_ip_adapters(settings)

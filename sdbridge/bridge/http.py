@@ -21,6 +21,7 @@ from sdbridge import __version__
 from sdbridge.bridge.a1111 import create_router
 from sdbridge.bridge.a1111_controlnet import create_controlnet_router
 from sdbridge.bridge.a1111_extras import create_extras_router
+from sdbridge.bridge.webrtc import create_webrtc_router
 from sdbridge.bridge.websocket import websocket_endpoint
 from sdbridge.errors import SdbridgeError
 
@@ -157,6 +158,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(create_router(daemon))
     app.include_router(create_controlnet_router(daemon))
     app.include_router(create_extras_router(daemon))
+    app.include_router(create_webrtc_router(daemon))  # WHIP / WHEP (docs/webrtc.md)
 
     if daemon.settings.echo_route:
         async def echo(websocket: WebSocket) -> None:

@@ -30,6 +30,7 @@ from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
+from sdbridge.bridge.webrtc import WebRtcHub
 from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
@@ -118,6 +119,9 @@ class Daemon:
         self.worker = Worker(self.registry, self.store, self.engines, self.deliver, self.report, plugins=self.plugins,
                              decode_threads=settings.decode_threads, debug_frames=settings.debug_frames,
                              outputs=self.outputs)
+        # WHIP/WHEP peers (aiortc, optional: the routes answer 501 without it); WHEP viewers tap the raw frames.
+        self.webrtc = WebRtcHub(self.registry)
+        self.worker.frame_taps.append(self.webrtc.tap)
         self.stats = DaemonStats()
         self.started = time.monotonic()
         self.port: int | None = None
@@ -244,6 +248,7 @@ class Daemon:
             self._server.should_exit = True
         if self._serve_task is not None:
             await asyncio.gather(self._serve_task, return_exceptions=True)
+        await self.webrtc.close()  # every WHIP/WHEP peer, before the worker whose frames they carry
         for task in (self._telemetry_task, self._lag_task):
             if task is not None:
                 task.cancel()
@@ -395,7 +400,8 @@ class Daemon:
             "fps": round(sum(s["fps"] for s in sessions), 2),
             "latency_ms_p50": max(latencies) if latencies else None,
             "latency_ms_p99": max(p99s) if p99s else None,
-            "frames_received": self.stats.frames_received + (self.inputs.frames if self.inputs is not None else 0),
+            "frames_received": self.stats.frames_received + (self.inputs.frames if self.inputs is not None else 0)
+            + self.webrtc.frames_in,
             "frames_out": self.registry.retired["frames_out"] + sum(s["frames_out"] for s in sessions),
             "frames_dropped": self.registry.retired["frames_dropped"] + sum(s["frames_dropped"] for s in sessions),
             "passthrough": self.engines.status != "ready" or self.worker.prepare_error is not None,
@@ -415,6 +421,7 @@ class Daemon:
             "link": self.link.describe() if self.link is not None else {"enabled": False},
             "midi": self.midi.describe() if self.midi is not None else {"enabled": False},
             "audio": self.audio.describe() if self.audio is not None else {"enabled": False},
+            "webrtc": self.webrtc.stats(),
             "sessions": sessions,
         }
 

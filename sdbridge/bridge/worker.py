@@ -105,6 +105,9 @@ class Worker(threading.Thread):
         self.report = report
         self.plugins = plugins
         self.outputs = outputs
+        # Called with (session id, uint8 RGB [H, W, 3]) for every output frame, beside the outputs: the WHEP
+        # viewers' tap (bridge/webrtc.py). Each must return at once: it runs in the codec pool.
+        self.frame_taps: list[Callable[[str, np.ndarray], None]] = []
         self.crossfade = Crossfade()
         self.debug_frames = debug_frames
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="sdbridge-codec")
@@ -555,6 +558,9 @@ class Worker(threading.Thread):
             self.deliver(job.session, message)
             if self.outputs is not None and job.output is not None:
                 self.outputs.publish(job.session.id, job.output)
+            if job.output is not None:
+                for tap in self.frame_taps:
+                    tap(job.session.id, job.output)
         except Exception:
             self.engine_errors += 1
             log.exception("reply to session %s failed", job.session.id)

@@ -1,0 +1,145 @@
+"""The aiortc side of WHIP / WHEP: one peer connection each, and the tracks between them and the sessions.
+
+Imported only when a WHIP or WHEP request comes (:mod:`sdbridge.bridge.webrtc` turns a missing aiortc into
+a 501), so the daemon starts without it. Frames follow the daemon's one rule: the newest wins.
+
+- In (WHIP): :class:`IngestReader` drains the remote track as fast as aiortc decodes it and keeps only the
+  newest frame; the conversion to RGB and the copy into an InputFrame run in the default executor, and a
+  frame that a newer one replaces first is never converted (counted in ``dropped``).
+- Out (WHEP): :class:`OutputTrack` holds the newest output frame the worker offered; aiortc's sender asks
+  for one when it is free, so a slow viewer (or its encoder) loses its own frames and never blocks the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: F401 - used by webrtc.py
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK_HZ = 90_000  # RTP's video clock (RFC 3551): pts in these units
+TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
+
+
+def new_peer_connection() -> RTCPeerConnection:
+    # iceServers=[]: aiortc's default is Google's public STUN server, which a closed network (a venue's LAN,
+    # these machines) never answers: every answer would wait for its timeout. Host candidates only.
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+def keep_only_video(pc: RTCPeerConnection, video_direction: str) -> None:
+    """Before the answer: video one way, every other section (OBS offers Opus audio) inactive, so no
+    receiver starts for it and no decoded audio queues up unread."""
+    for transceiver in pc.getTransceivers():
+        transceiver.direction = video_direction if transceiver.kind == "video" else "inactive"
+
+
+class IngestReader:
+    """A WHIP peer's video track into its session: ``put(image)`` (an executor thread) gets RGB ``[H, W, 3]``."""
+
+    def __init__(self, track: MediaStreamTrack, put: Callable[[np.ndarray], None]) -> None:
+        self.track = track
+        self.put = put
+        self.frames = 0    # converted and put
+        self.dropped = 0   # replaced by a newer frame before conversion
+        self._latest: av.VideoFrame | None = None
+        self._ready = asyncio.Event()
+        self._ended = False
+
+    async def run(self) -> None:
+        converter = asyncio.create_task(self._convert_loop(), name="sdbridge-whip-convert")
+        try:
+            while True:
+                try:
+                    frame = await self.track.recv()
+                except MediaStreamError:  # the peer stopped sending or closed
+                    return
+                if self._latest is not None:
+                    self.dropped += 1
+                self._latest = frame
+                self._ready.set()
+        finally:
+            self._ended = True
+            converter.cancel()
+            await asyncio.gather(converter, return_exceptions=True)
+
+    async def _convert_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            frame, self._latest = self._latest, None
+            if frame is None:
+                continue
+            try:
+                # yuv420p -> RGB and the InputFrame copy: ~1 ms at 512x512, more at 1080p; off the loop.
+                await loop.run_in_executor(None, self._convert, frame)
+            except Exception:  # one bad frame (an odd format mid-stream) never ends the stream
+                log.exception("WHIP frame %dx%d could not be converted", frame.width, frame.height)
+
+    def _convert(self, frame: av.VideoFrame) -> None:
+        self.put(frame.to_ndarray(format="rgb24"))
+        self.frames += 1
+
+
+class OutputTrack(MediaStreamTrack):
+    """A WHEP viewer's video: the newest output frame of its session, offered from any thread."""
+
+    kind = "video"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._frame: np.ndarray | None = None
+        self._ready = asyncio.Event()
+        self._start_s: float | None = None
+        self._last_pts = -1
+        self.sent = 0
+        self.dropped = 0
+
+    def offer(self, frame: np.ndarray) -> None:
+        """Any thread (the worker's codec pool): replace the waiting frame; returns at once."""
+        with self._lock:
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the loop closed under a frame the worker made while the daemon stopped
+            return
+
+    async def recv(self) -> av.VideoFrame:
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            with self._lock:
+                frame, self._frame = self._frame, None
+            if frame is not None:
+                break
+            # No lost wake-up: offer() sets the event through the loop, which cannot run between take and clear.
+            self._ready.clear()
+            await self._ready.wait()
+        height, width = frame.shape[0] & ~1, frame.shape[1] & ~1  # yuv420p halves each side: even sizes only
+        video = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
+        now = time.monotonic()
+        if self._start_s is None:
+            self._start_s = now
+        # Wall-clock timestamps: the engine's pace varies, and the viewer's jitter buffer plays them as made.
+        self._last_pts = max(int((now - self._start_s) * VIDEO_CLOCK_HZ), self._last_pts + 1)
+        video.pts, video.time_base = self._last_pts, TIME_BASE
+        self.sent += 1
+        return video
+
+    def stop(self) -> None:
+        super().stop()
+        self._ready.set()  # a recv() waiting for a frame sees the track ended

@@ -1,0 +1,116 @@
+"""WHIP / WHEP request checks, sans I/O: content type, body size, the offer's media sections.
+
+What :mod:`sdbridge.bridge.webrtc` refuses before aiortc sees a byte (RFC 9725 for WHIP; WHEP follows it
+for viewers). Only the few SDP lines the checks need are read (``m=``, the direction attributes); aiortc
+parses the whole offer. No sockets, asyncio or aiortc here; every refusal is a :class:`WebRtcError` with
+the HTTP status it is answered with.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sdbridge.errors import SdbridgeError
+
+SDP_CONTENT_TYPE = "application/sdp"
+# A browser's or OBS's offer is 3-10 KB (each codec is a few lines, each candidate one line); 64 KiB leaves
+# room for many interfaces and stops a client from making the daemon hold any size in memory.
+MAX_SDP_BYTES = 64 * 1024
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # as /ws?session=NAME (websocket.py)
+RESOURCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class WebRtcError(SdbridgeError):
+    """A WHIP/WHEP request refused; ``status`` is the HTTP status it gets."""
+
+    code = "bad_webrtc"
+
+    def __init__(self, message: str, *, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class MediaSection:
+    """One ``m=`` section of an offer: what the checks need of it."""
+
+    kind: str         # "video", "audio", "application", ...
+    port: int         # 0: the section is rejected or disabled
+    direction: str    # the offerer's, "sendrecv" when the section does not say
+    candidates: int   # a=candidate lines in it
+
+
+def check_content_type(value: str | None) -> None:
+    """415 unless the request says ``application/sdp`` (parameters such as a charset are allowed)."""
+    media_type = (value or "").split(";", 1)[0].strip().lower()
+    if media_type != SDP_CONTENT_TYPE:
+        shown = repr(value[:80]) if value else "none"
+        raise WebRtcError(f"Content-Type {shown} is not {SDP_CONTENT_TYPE}: send the SDP offer as the body",
+                          status=415, code="unsupported_media_type")
+
+
+def check_session_name(name: str) -> None:
+    if not SESSION_NAME.fullmatch(name):
+        raise WebRtcError(f"session name {name[:80]!r} must be 1-64 of A-Z a-z 0-9 _ . -", code="bad_session")
+
+
+def parse_offer(body: bytes) -> list[MediaSection]:
+    """The offer's media sections, or WebRtcError 400 for a body that is not an SDP offer."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WebRtcError(f"the body is not an SDP offer: byte {exc.start} is not UTF-8 text", code="bad_sdp") from None
+    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not lines or lines[0] != "v=0":
+        first = lines[0][:40] if lines else "nothing"
+        raise WebRtcError(f"the body is not an SDP offer: it starts with {first!r}, not 'v=0'", code="bad_sdp")
+    sections: list[MediaSection] = []
+    session_direction = "sendrecv"
+    current: dict[str, object] | None = None
+    for line in lines[1:]:
+        if line.startswith("m="):
+            if current is not None:
+                sections.append(MediaSection(**current))  # type: ignore[arg-type]
+            fields = line[2:].split()
+            if len(fields) < 3 or not fields[1].split("/")[0].isdigit():
+                raise WebRtcError(f"the offer's media line {line[:80]!r} is not 'm=KIND PORT PROTO FORMATS'",
+                                  code="bad_sdp")
+            current = {"kind": fields[0], "port": int(fields[1].split("/")[0]), "direction": session_direction,
+                       "candidates": 0}
+        elif line.startswith("a="):
+            attribute = line[2:].split(":", 1)[0]
+            if attribute in DIRECTIONS:
+                if current is None:
+                    session_direction = attribute
+                else:
+                    current["direction"] = attribute
+            elif attribute == "candidate" and current is not None:
+                current["candidates"] = int(current["candidates"]) + 1  # type: ignore[call-overload]
+    if current is not None:
+        sections.append(MediaSection(**current))  # type: ignore[arg-type]
+    return sections
+
+
+def check_offer(body: bytes, role: str) -> list[MediaSection]:
+    """An offer's sections, checked for ``role``: "whip" needs a video section the client sends on,
+    "whep" one it receives on. WebRtcError 400 names what is missing."""
+    assert role in ("whip", "whep")
+    sections = parse_offer(body)
+    videos = [section for section in sections if section.kind == "video" and section.port != 0]
+    if not videos:
+        kinds = ", ".join(section.kind for section in sections) or "no media section"
+        raise WebRtcError(f"the offer has no video m-line (it has {kinds}): offer a video track", code="bad_sdp")
+    wanted = ("sendonly", "sendrecv") if role == "whip" else ("recvonly", "sendrecv")
+    if not any(section.direction in wanted for section in videos):
+        verb = "send video to" if role == "whip" else "receive video from"
+        directions = ", ".join(section.direction for section in videos)
+        raise WebRtcError(f"the offer's video is {directions}: a {role.upper()} client must {verb} the daemon "
+                          f"({' or '.join(wanted)})", code="bad_sdp")
+    return sections
+
+
+def resource_path(role: str, session: str, resource_id: str) -> str:
+    """The ``Location`` of a WHIP/WHEP resource: what the client DELETEs to end it."""
+    return f"/{role}/{session}/{resource_id}"

@@ -1,0 +1,235 @@
+"""WHIP in, WHEP out, through a real daemon on loopback and real aiortc peers (docs/webrtc.md).
+
+The media goes over ICE host candidates: aioice leaves out 127.0.0.1, so two peers on one machine meet on
+its first other interface; without one the media tests skip with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+aiortc = pytest.importorskip("aiortc", reason="WebRTC tests need aiortc (pip install 'sdbridge[webrtc]')")
+av = pytest.importorskip("av")
+httpx = pytest.importorskip("httpx")
+
+from aioice.ice import get_host_addresses  # noqa: E402
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack  # noqa: E402
+
+from tests.clients import wait_for  # noqa: E402
+
+needs_interface = pytest.mark.skipif(
+    not get_host_addresses(use_ipv4=True, use_ipv6=False),
+    reason="no non-loopback IPv4 interface: aioice gathers no host candidate on 127.0.0.1, so two local peers "
+           "cannot connect")
+
+SIZE = 64
+RED = (200, 40, 90)
+SDP = {"Content-Type": "application/sdp"}
+PARAMS = {"engine": "identity", "width": SIZE, "height": SIZE}
+
+
+class SolidTrack(VideoStreamTrack):
+    """A synthetic camera: solid-colour frames at 30 fps."""
+
+    def __init__(self, rgb: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.image = np.full((SIZE, SIZE, 3), rgb, np.uint8)
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame.from_ndarray(self.image, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+def new_pc() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: this network reaches nothing
+
+
+async def offer_and_post(http: httpx.AsyncClient, pc: RTCPeerConnection, path: str,
+                         headers: dict[str, str] | None = None) -> httpx.Response:
+    await pc.setLocalDescription(await pc.createOffer())
+    response = await http.post(path, content=pc.localDescription.sdp, headers={**SDP, **(headers or {})})
+    if response.status_code == 201:
+        await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+    return response
+
+
+async def publish(http: httpx.AsyncClient, session: str, rgb: tuple[int, int, int],
+                  headers: dict[str, str] | None = None) -> tuple[RTCPeerConnection, httpx.Response]:
+    pc = new_pc()
+    pc.addTransceiver(SolidTrack(rgb), direction="sendonly")
+    return pc, await offer_and_post(http, pc, f"/whip/{session}", headers)
+
+
+async def view(http: httpx.AsyncClient, session: str) -> tuple[RTCPeerConnection, httpx.Response, asyncio.Future]:
+    pc = new_pc()
+    pc.addTransceiver("video", direction="recvonly")
+    track: asyncio.Future = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda t: track.done() or track.set_result(t))
+    return pc, await offer_and_post(http, pc, f"/whep/{session}"), track
+
+
+def client(daemon: Any, **kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30, **kwargs)
+
+
+def stats(daemon: Any) -> dict[str, Any]:
+    return httpx.get(f"http://127.0.0.1:{daemon.port}/stats", timeout=10).json()
+
+
+@needs_interface
+def test_whip_frames_come_back_through_whep_and_delete_releases_the_session(start_daemon) -> None:
+    daemon = start_daemon(params=PARAMS)
+
+    async def run() -> None:
+        async with client(daemon) as http:
+            sender, posted = await publish(http, "stage", RED)
+            assert posted.status_code == 201, posted.text
+            assert posted.headers["content-type"].startswith("application/sdp")
+            assert posted.headers["location"].startswith("/whip/stage/")
+            assert "a=candidate:" in posted.text  # non-trickle: the answer carries the candidates
+            viewer, watched, track = await view(http, "stage")
+            assert watched.status_code == 201, watched.text
+            assert watched.headers["location"].startswith("/whep/stage/")
+            remote = await asyncio.wait_for(track, 15)
+            frames = [await asyncio.wait_for(remote.recv(), 15) for _ in range(10)]
+            image = frames[-1].to_ndarray(format="rgb24")
+            assert image.shape == (SIZE, SIZE, 3)
+            # VP8 at 64x64 and two colour conversions: within a few levels of the colour sent, per channel.
+            assert np.abs(image.reshape(-1, 3).mean(axis=0) - RED).max() < 10, image.reshape(-1, 3).mean(axis=0)
+
+            live = stats(daemon)["webrtc"]
+            assert (live["peers"], live["whip"], live["whep"]) == (2, 1, 1)
+            assert live["frames_in"] > 0 and live["frames_out"] >= 10
+            assert {c["state"] for c in live["connections"]} == {"connected"}
+            [session] = [s for s in stats(daemon)["sessions"] if s["id"] == "stage"]
+            assert session["senders"] == 1 and session["viewers"] == 1 and session["frames_in"] > 0
+
+            assert (await http.delete(posted.headers["location"])).status_code == 200
+            assert (await http.delete(watched.headers["location"])).status_code == 200
+            assert (await http.delete(watched.headers["location"])).status_code == 404  # once only
+            await asyncio.gather(sender.close(), viewer.close())
+
+    asyncio.run(run())
+    assert daemon.registry.get("stage") is None  # released as a WebSocket close releases it
+    ended = stats(daemon)["webrtc"]
+    assert ended["peers"] == 0 and ended["frames_in"] > 0 and ended["frames_out"] >= 10  # totals survive
+
+
+@needs_interface
+def test_a_peer_that_goes_away_is_cleaned_up_and_stop_closes_the_rest(tmp_path) -> None:
+    from sdbridge.bridge.server import DaemonThread
+    from sdbridge.config import Settings
+
+    settings = Settings(port=0, osc_port=0, oscquery_port=0, feedback_port=0, presets_dir=str(tmp_path))
+    settings.params = dict(PARAMS)
+    thread = DaemonThread(settings)
+    daemon = thread.start()
+
+    async def run() -> None:
+        async with client(daemon) as http:
+            gone, posted = await publish(http, "a", RED)
+            assert posted.status_code == 201, posted.text
+            stays, kept = await publish(http, "b", RED)
+            assert kept.status_code == 201, kept.text
+            await asyncio.to_thread(wait_for, lambda: stats(daemon)["webrtc"]["frames_in"] > 0, 15)
+            await gone.close()  # no DELETE: the daemon hears the DTLS close
+            assert await asyncio.to_thread(wait_for, lambda: daemon.registry.get("a") is None, 15)
+            assert [c["session"] for c in stats(daemon)["webrtc"]["connections"]] == ["b"]
+        [peer] = daemon.webrtc.peers.values()
+        await asyncio.to_thread(thread.stop)
+        assert peer.pc.connectionState == "closed" and daemon.webrtc.peers == {}  # Daemon.stop closed it
+        assert daemon.registry.get("b") is None
+        await stays.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        thread.stop()
+
+
+def test_a_wrong_token_gets_401_and_the_right_one_is_answered(start_daemon) -> None:
+    token = "a-long-stage-token-0123456789"
+    daemon = start_daemon(params=PARAMS, token=token)
+
+    async def run() -> None:
+        async with client(daemon) as http:
+            pc, refused = await publish(http, "stage", RED, {"Authorization": "Bearer wrong-token-0123456789"})
+            assert refused.status_code == 401
+            assert daemon.registry.get("stage") is None
+            await pc.close()
+            pc, answered = await publish(http, "stage", RED, {"Authorization": f"Bearer {token}"})
+            assert answered.status_code == 201, answered.text
+            deleted = await http.delete(answered.headers["location"], headers={"Authorization": f"Bearer {token}"})
+            assert deleted.status_code == 200
+            await pc.close()
+
+    asyncio.run(run())
+
+
+AUDIO_ONLY = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+              "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=sendonly\r\na=rtpmap:111 opus/48000/2\r\n")
+
+
+def test_bad_requests_get_a_status_and_a_sentence(start_daemon) -> None:
+    daemon = start_daemon(params=PARAMS)
+    base = f"http://127.0.0.1:{daemon.port}"
+    with httpx.Client(base_url=base, timeout=10) as http:
+        wrong_type = http.post("/whip/stage", content=AUDIO_ONLY, headers={"Content-Type": "text/plain"})
+        assert wrong_type.status_code == 415 and "application/sdp" in wrong_type.json()["message"]
+        garbage = http.post("/whip/stage", content=b"hello", headers=SDP)
+        assert garbage.status_code == 400 and "'hello'" in garbage.json()["message"]
+        audio = http.post("/whip/stage", content=AUDIO_ONLY, headers=SDP)
+        assert audio.status_code == 400 and "no video m-line" in audio.json()["message"]
+        too_big = http.post("/whip/stage", content=b"v=0\r\n" + b"a=x\r\n" * 20000, headers=SDP)
+        assert too_big.status_code == 413
+        bad_name = http.post("/whep/no%20spaces", content=AUDIO_ONLY, headers=SDP)
+        assert bad_name.status_code == 400 and bad_name.json()["code"] == "bad_session"
+        unknown = http.delete("/whip/stage/nosuchresource")
+        assert unknown.status_code == 404 and "/whip/stage/nosuchresource" in unknown.json()["message"]
+        patch = http.patch("/whip/stage/nosuchresource", content=b"a=candidate", headers=SDP)
+        assert patch.status_code == 405 and "trickle" in patch.json()["message"]
+        assert patch.headers["allow"] == "DELETE"
+    assert daemon.registry.get("stage") is None and daemon.webrtc.stats()["peers"] == 0
+
+
+def test_past_the_cap_a_peer_gets_503(start_daemon) -> None:
+    daemon = start_daemon(params=PARAMS)
+    daemon.webrtc.max_peers = 1
+
+    async def run() -> None:
+        async with client(daemon) as http:
+            first, answered = await publish(http, "one", RED)
+            assert answered.status_code == 201, answered.text
+            second, refused = await publish(http, "two", RED)
+            assert refused.status_code == 503 and "at most 1" in refused.json()["message"]
+            assert daemon.registry.get("two") is None
+            await asyncio.gather(first.close(), second.close())
+
+    asyncio.run(run())
+    assert stats(daemon)["webrtc"]["refused"] == 1
+
+
+def test_without_aiortc_the_routes_answer_501(start_daemon, monkeypatch) -> None:
+    import sys
+
+    daemon = start_daemon(params=PARAMS)
+
+    async def make_offer() -> str:
+        pc = new_pc()
+        pc.addTransceiver(SolidTrack(RED), direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        await pc.close()
+        return pc.localDescription.sdp
+
+    offer = asyncio.run(make_offer())
+    monkeypatch.delitem(sys.modules, "sdbridge.bridge.webrtc_peer", raising=False)
+    monkeypatch.setitem(sys.modules, "aiortc", None)  # what `import aiortc` meets where it is not installed
+    refused = httpx.post(f"http://127.0.0.1:{daemon.port}/whip/stage", content=offer, headers=SDP, timeout=10)
+    assert refused.status_code == 501 and "pip install 'sdbridge[webrtc]'" in refused.json()["message"]
+    assert daemon.registry.get("stage") is None
