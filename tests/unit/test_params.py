@@ -191,3 +191,18 @@ def test_an_update_that_expects_values_applies_only_while_they_hold():
     assert store.get("model") == "a"
     applied, errors = store.update({"model": "b"}, expect={"model": "a"})
     assert applied == {"model": "b"} and not errors and store.get("model") == "b"
+
+
+def test_the_value_rules_docs_protocol_gives_for_every_transport_hold():
+    """QA 5: number-from-string and index-for-choice were described for OSC only; WebSocket and HTTP go through
+    the same ParamStore and do them too. The docs' examples, run."""
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    rules = docs.split("## Parameters", 1)[1].split("Generated from", 1)[0]
+    assert '`{"env1.depth": "0.3"}` is 0.3' in rules and '`{"env1.band": 2}` is\n  `mid`' in rules
+    store = ParamStore()
+    assert store.update({"env1.depth": "0.3", "env1.band": 2, "steps": " 4 ", "lfo1.sync": "On"}) == (
+        {"env1.depth": 0.3, "env1.band": "mid", "steps": 4, "lfo1.sync": True}, [])
+    applied, errors = store.update({"steps": "4.5", "env1.band": "2", "prompt": 5})
+    assert applied == {} and [error.name for error in errors] == ["steps", "env1.band", "prompt"]

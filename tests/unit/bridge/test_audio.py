@@ -187,3 +187,19 @@ def test_file_errors_quote_the_argument_as_typed(tmp_path, monkeypatch):
     (tmp_path / "text.wav").write_text("not a wav")
     with pytest.raises(ConfigError, match=r"^--audio-in file:~/text\.wav: not a PCM WAV file"):
         check_source("file:~/text.wav")
+
+
+def test_a_three_channel_wav_plays_mixed_to_mono_as_docs_audio_says(tmp_path):
+    """QA 5: 3-channel WAVs play where docs/audio.md said "mono or stereo"."""
+    tone = np.sin(np.arange(RATE) * 2 * math.pi * 440 / RATE).astype(np.float32) * 0.5
+    path = write_wav(tmp_path / "ch3.wav", np.stack([tone, tone, np.zeros_like(tone)], axis=1))
+    assert check_source(f"file:{path}").endswith("1.0 s at 48000 Hz, 3 channel(s), looped")
+    store = ParamStore()
+    store.update({"env1.band": "rms"})
+    audio = AudioInput(f"file:{path}", store)
+    samples, _ = read_wav(path)
+    assert samples.shape == (RATE, 3)
+    audio.process(samples[:4096])
+    assert audio.levels()["env1"] > 0.1  # the tone is heard: the channels' mean, 2/3 of its amplitude
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "audio.md").read_text(encoding="utf-8")
+    assert "mono or stereo" not in docs and "any number of channels, mixed to mono" in docs
