@@ -122,6 +122,40 @@ def test_whip_frames_come_back_through_whep_and_delete_releases_the_session(star
 
 
 @needs_interface
+def test_an_obs_like_offer_h264_with_audio_and_no_candidates_feeds_the_session(start_daemon) -> None:
+    """OBS offers H.264 and Opus; a client may also leave its candidates out (the daemon learns its address
+    from its ICE checks). The audio is declined, the H.264 video feeds the session."""
+    from aiortc import AudioStreamTrack
+    from aiortc.rtcrtpsender import RTCRtpSender
+
+    daemon = start_daemon(params=PARAMS)
+
+    async def run() -> None:
+        pc = new_pc()
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        video = pc.addTransceiver(SolidTrack(RED), direction="sendonly")
+        video.setCodecPreferences([codec for codec in RTCRtpSender.getCapabilities("video").codecs
+                                   if codec.mimeType == "video/H264"])
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = "\r\n".join(line for line in pc.localDescription.sdp.split("\r\n")
+                             if not line.startswith(("a=candidate", "a=end-of-candidates")))
+        async with client(daemon) as http:
+            posted = await http.post("/whip/obs", content=offer, headers=SDP)
+            assert posted.status_code == 201, posted.text
+            audio, video_section = posted.text.split("m=video")
+            assert "m=audio" in audio and "a=inactive" in audio
+            assert "a=recvonly" in video_section and "H264/90000" in video_section and "VP8" not in video_section
+            await pc.setRemoteDescription(RTCSessionDescription(posted.text, "answer"))
+            assert await asyncio.to_thread(wait_for, lambda: stats(daemon)["webrtc"]["frames_in"] >= 3, 15)
+            [session] = [s for s in stats(daemon)["sessions"] if s["id"] == "obs"]
+            assert session["frames_in"] >= 3 and session["frames_out"] >= 1
+            await http.delete(posted.headers["location"])
+        await pc.close()
+
+    asyncio.run(run())
+
+
+@needs_interface
 def test_a_peer_that_goes_away_is_cleaned_up_and_stop_closes_the_rest(tmp_path) -> None:
     from sdbridge.bridge.server import DaemonThread
     from sdbridge.config import Settings
