@@ -248,6 +248,20 @@ class Txt2ImgRequest(_Request):
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE * 2)
     firstphase_width: int = 0
     firstphase_height: int = 0
+    hr_prompt: str = Field("", description="the second pass's prompt; empty: the prompt")
+    hr_negative_prompt: str = Field("", description="the second pass's negative prompt; empty: the negative prompt")
+    hr_sampler_name: str | None = Field(None, description="the second pass's sampler; empty or 'Use same "
+                                        "sampler': the sampler")
+    hr_scheduler: str | None = Field(None, description="the second pass's schedule type; empty or 'Use same "
+                                     "scheduler': the scheduler's")
+    hr_checkpoint_name: str | None = Field(None, description="accepted and ignored: the second pass runs on the "
+                                           "loaded model")
+
+    @field_validator("hr_sampler_name", "hr_scheduler")
+    @classmethod
+    def _same(cls, value: str | None) -> str | None:
+        # A1111's UI sends its "Use same sampler" / "Use same scheduler" choices by name.
+        return None if not value or value.strip().lower().startswith("use same") else value
 
     @model_validator(mode="after")
     def _upscaler(self) -> Txt2ImgRequest:
@@ -259,6 +273,15 @@ class Txt2ImgRequest(_Request):
                 self.hr_upscaler = hires_upscaler(self.hr_upscaler)
             except GenerationError:
                 pass
+        return self
+
+    @model_validator(mode="after")
+    def _hires_sampler(self) -> Txt2ImgRequest:
+        if self.enable_hr and (self.hr_sampler_name or self.hr_scheduler):
+            try:
+                samplers.resolve(self.hr_sampler_name or self.sampler(), self.hr_scheduler)
+            except SdbridgeError as exc:
+                raise ValueError(f"hires pass: {exc}") from None
         return self
 
 
@@ -531,6 +554,14 @@ class A1111Api:
                 prompt = apply_style(prompt, styles[name][0])
                 negative = apply_style(negative, styles[name][1])
         self.check_loras(prompt, kind)
+        hires = isinstance(body, Txt2ImgRequest) and body.enable_hr
+        # A1111: an empty hires prompt is the prompt, styles and all; a set one gets the styles too.
+        hr_prompt, hr_negative = (body.hr_prompt, body.hr_negative_prompt) if hires else ("", "")
+        for name in body.styles if hires else ():
+            hr_prompt = apply_style(hr_prompt, styles[name][0]) if hr_prompt else ""
+            hr_negative = apply_style(hr_negative, styles[name][1]) if hr_negative else ""
+        if hr_prompt:
+            self.check_loras(hr_prompt, kind)
         # "DPM++ 2M Karras" becomes "DPM++ 2M" with the Karras schedule, as A1111 1.9+ records it.
         sampler, schedule = samplers.resolve(body.sampler(), body.scheduler)
         request = GenerationRequest(
@@ -548,6 +579,13 @@ class A1111Api:
             request.hr_upscaler = body.hr_upscaler or "Latent"
             request.hr_second_pass_steps = body.hr_second_pass_steps
             request.hr_resize_x, request.hr_resize_y = body.hr_resize_x, body.hr_resize_y
+            request.hr_prompt, request.hr_negative_prompt = hr_prompt, hr_negative
+            if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
+                hr_sampler, hr_schedule = samplers.resolve(body.hr_sampler_name or body.sampler(), body.hr_scheduler)
+                request.hr_sampler_name = hr_sampler.name if body.hr_sampler_name else None
+                # "DPM++ 2M Karras" names its schedule; a bare name leaves it to hires_sampler (the first pass's).
+                named = bool(body.hr_scheduler) or hr_schedule.name != "automatic"
+                request.hr_scheduler = hr_schedule.name if named else None
             # 0.75 is the API's default (StableDiffusionProcessingTxt2Img); 0.7 only the web UI slider's.
             request.denoising_strength = body.denoising_strength if body.denoising_strength is not None else 0.75
             if body.enable_hr and request.hr_upscaler not in HIRES_UPSCALERS:
@@ -684,12 +722,26 @@ class A1111Api:
                                f"{request.hr_resize_x}x{request.hr_resize_y}" if resize else _num(request.hr_scale),
                                "Hires steps": request.hr_second_pass_steps or None,
                                "Hires upscaler": request.hr_upscaler})
+                params.update(self.hires_infotext(request))
             if request.mask is not None:
                 params["Mask blur"] = request.mask_blur
             params.update(infotext_params(request.controlnet, request.image_prompt))
             params["Version"] = f"sdbridge {__version__}"
             texts.append(pnginfo.infotext(request.prompt, request.negative_prompt, params))
         return texts
+
+    @staticmethod
+    def hires_infotext(request: GenerationRequest) -> dict[str, Any]:
+        """The second pass's own settings, each only where it differs from the first's (as A1111 writes them)."""
+        sampler, schedule = request.hires_sampler()
+        schedule_label = samplers.resolve(sampler, schedule)[1].label
+        return {
+            "Hires prompt": request.hr_prompt if request.hr_prompt not in ("", request.prompt) else None,
+            "Hires negative prompt": request.hr_negative_prompt
+            if request.hr_negative_prompt not in ("", request.negative_prompt) else None,
+            "Hires sampler": sampler if sampler != request.sampler_name else None,
+            "Hires schedule type": schedule_label if schedule != request.scheduler else None,
+        }
 
     def respond(self, body: _Request, kind: str, generation: Generation) -> dict[str, Any]:
         request = generation.request

@@ -125,6 +125,11 @@ class GenerationRequest:
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
+    # The second pass's own prompt, negative prompt, sampler and schedule (A1111's hr_*): empty or None, the first's.
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
     # ControlNet units (engines/controlnet.py), conditions at width x height
     controlnet: list[RequestUnit] = field(default_factory=list)
     # An IP-Adapter unit (engines/ip_adapter.py's RequestImagePrompt): a style image beside the prompt.
@@ -152,6 +157,19 @@ class GenerationRequest:
         if self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0:
             return self.seed_resize_from_w, self.seed_resize_from_h
         return None
+
+    def hires_sampler(self) -> tuple[str, str]:
+        """The second pass's (sampler, schedule): ``hr_sampler_name`` (A1111's combined "DPM++ 2M Karras" form
+        too) with ``hr_scheduler``, or else the first pass's schedule where the sampler takes it."""
+        if not self.hr_sampler_name:
+            return self.sampler_name, self.hr_scheduler or self.scheduler
+        if self.hr_scheduler:
+            return self.hr_sampler_name, self.hr_scheduler
+        try:
+            samplers.resolve(self.hr_sampler_name, self.scheduler)
+        except SdbridgeError:
+            return self.hr_sampler_name, "automatic"  # as A1111's fix_p_invalid_sampler_and_scheduler
+        return self.hr_sampler_name, self.scheduler
 
     def hires_size(self) -> tuple[int, int]:
         """The hires pass's (width, height): the output's size."""
@@ -315,6 +333,8 @@ class Generation:
         samplers.resolve(request.sampler_name, request.scheduler)
         if request.enable_hr and request.hr_model is None:
             hires_upscaler(request.hr_upscaler)
+        if request.enable_hr:
+            samplers.resolve(*request.hires_sampler())
 
     # --- the request --------------------------------------------------------------------------
 
@@ -352,16 +372,19 @@ class Generation:
         ``hires_steps``: the hires pass's schedule (``when`` counts on from the first pass). The prompt's LoRA
         tags hold for every step, as A1111 strips them before scheduling."""
         request = self.request
+        prompt, negative_prompt = request.prompt, request.negative_prompt
+        if hires_steps is not None:  # A1111: an empty hires prompt is the first pass's
+            prompt, negative_prompt = request.hr_prompt or prompt, request.hr_negative_prompt or negative_prompt
         # A1111 splits on AND before it parses schedules, so a part's brackets never span an AND.
-        parts = split_composable(request.prompt)
+        parts = split_composable(prompt)
         weights = tuple(weight for _, weight in parts)
         for text, weight in parts:
             if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
                 raise ParamError(f"prompt: the AND part {text.strip()[:40]!r} has weight {weight:g}, out of range: "
                                  f"a part's weight must be within ±{MAX_WEIGHT:g}", name="prompt",
-                                 value=request.prompt[:80], code="bad_param")
+                                 value=prompt[:80], code="bad_param")
         positives = [prompt_schedules(text, request.steps, hires_steps) for text, _ in parts]
-        negative = prompt_schedules(request.negative_prompt, request.steps, hires_steps)
+        negative = prompt_schedules(negative_prompt, request.steps, hires_steps)
         encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, Any]] = {}
         schedule = []
         for end in sorted({end for entries in [*positives, negative] for end, _ in entries}):
@@ -434,13 +457,20 @@ class Generation:
         init = _crop_centre(init, height // self.scale, width // self.scale)
         steps = request.hr_second_pass_steps or request.steps
         noise = self._noise(seeds, subseeds, width, height)
-        scheduler = self._scheduler(seeds)
+        scheduler = self._scheduler(seeds, *request.hires_sampler())
         timesteps = self._img2img_timesteps(scheduler, steps, request.denoising_strength)
         start = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(seeds)))
-        if self._hires_prompts is None:  # the same for every batch of the request
-            self._hires_prompts = self._prompt_schedule(hires_steps=steps)
-        prompts = self._hires_prompts
-        return (yield from self._denoise(scheduler, timesteps, start, prompts, seeds))
+        # The hires prompt's own <lora:...> tags hold for this pass (A1111's hr_extra_network_data), the first
+        # prompt's again for the next batch's first pass.
+        first_loras = self.loras
+        if request.hr_prompt:
+            self.loras = self.engine.prompt_loras(request.hr_prompt)
+        try:
+            if self._hires_prompts is None:  # the same for every batch of the request
+                self._hires_prompts = self._prompt_schedule(hires_steps=steps)
+            return (yield from self._denoise(scheduler, timesteps, start, self._hires_prompts, seeds))
+        finally:
+            self.loras = first_loras
 
     # --- img2img and inpainting ---------------------------------------------------------------
 
@@ -628,10 +658,11 @@ class Generation:
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
         return {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
 
-    def _scheduler(self, seeds: list[int]) -> Any:
+    def _scheduler(self, seeds: list[int], sampler_name: str | None = None, schedule: str | None = None) -> Any:
+        """A fresh scheduler for a pass: the request's sampler and schedule, or the hires pass's own."""
         request = self.request
-        scheduler = samplers.make_scheduler(self.engine.parts.scheduler.config, request.sampler_name,
-                                           request.scheduler)
+        scheduler = samplers.make_scheduler(self.engine.parts.scheduler.config, sampler_name or request.sampler_name,
+                                           schedule or request.scheduler)
         if type(scheduler).__name__ == "DPMSolverSDEScheduler":
             # A Brownian tree per image, each from its own seed (A1111's create_noise_sampler passes the batch's
             # seeds): an image does not depend on its batch position. The config keeps the first, a number.

@@ -153,6 +153,36 @@ def test_hires_fix_and_styles(api):
     assert [s["name"] for s in styles] == ["noir", "oil"]
 
 
+def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
+    hires = {"prompt": "a boat", "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "seed": 3, **SMALL}
+
+    def txt2img(**extra) -> dict:
+        response = api.post("/sdapi/v1/txt2img", json={**hires, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    plain = txt2img()
+    # What webuiapi sends when the hires prompt is left alone: the same image, nothing more in the infotext.
+    same = txt2img(hr_prompt="", hr_negative_prompt="", hr_sampler_name="Use same sampler",
+                   hr_scheduler="Use same scheduler", hr_checkpoint_name="Use same checkpoint")
+    assert same["images"] == plain["images"]
+    assert "Hires prompt" not in json.loads(same["info"])["infotexts"][0]
+    own = txt2img(styles=["oil"], hr_prompt="a ship, at dusk", hr_negative_prompt="fog",
+                  hr_sampler_name="DPM++ 2M Karras")
+    assert own["images"] != plain["images"]
+    text = json.loads(own["info"])["infotexts"][0]
+    assert ('Hires prompt: "a ship, at dusk, oil painting", Hires negative prompt: "fog, photo", '
+            "Hires sampler: DPM++ 2M, Hires schedule type: Karras") in text
+    parsed = api.post("/sdapi/v1/png-info", json={"image": own["images"][0]}).json()["parameters"]
+    assert parsed["Hires prompt"] == "a ship, at dusk, oil painting" and parsed["Hires schedule type"] == "Karras"
+    for body, words in [({"hr_sampler_name": "Euler Z"}, "hires pass: unknown sampler 'Euler Z'"),
+                        ({"hr_sampler_name": "Euler a", "hr_scheduler": "Karras"},
+                         "sampler 'Euler a' does not take the Karras schedule"),
+                        ({"hr_prompt": "a boat <lora:nosuch:1>"}, "'nosuch' not found")]:
+        response = api.post("/sdapi/v1/txt2img", json={**hires, **body})
+        assert response.status_code == 422 and words in response.text, (body, response.text)
+
+
 @pytest.mark.parametrize(("body", "words"), [
     ({"sampler_name": "Euler Z"}, "unknown sampler 'Euler Z'"),
     ({"width": 500}, "width 500 is not a multiple of 8"),
@@ -406,6 +436,18 @@ def test_prompt_syntax_loras_and_embeddings(start_daemon, tiny_model_dir, tmp_pa
     assert not np.array_equal(from_b64(tagged.json()["images"][0]), from_b64(base.json()["images"][0]))
     again = txt2img("a cat, inkstyle")  # the LoRA's weights are back to the stream's (none)
     assert np.array_equal(from_b64(again.json()["images"][0]), from_b64(base.json()["images"][0]))
+    # A hires prompt's LoRA holds for the second pass only; the first prompt's tag, not in the hires prompt, not there.
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "n_iter": 2}
+    plain, hr_lora, first_lora = [[from_b64(image) for image in txt2img(first, hr_prompt=hr, **hires).json()["images"]]
+                                  for first, hr in [("a cat", "a cat"), ("a cat", "a cat <lora:ink:4>"),
+                                                    ("a cat <lora:ink:4>", "a cat")]]
+    assert not np.array_equal(hr_lora[0], plain[0]) and not np.array_equal(first_lora[0], plain[0])
+    assert not np.array_equal(hr_lora[0], first_lora[0])
+    # The second batch's first pass runs without the hires LoRA again: it is the image its seed gives alone.
+    alone = txt2img("a cat", hr_prompt="a cat <lora:ink:4>", **{**hires, "n_iter": 1, "seed": 6}).json()["images"]
+    assert np.array_equal(from_b64(alone[0]), hr_lora[1])
+    assert np.array_equal(from_b64(txt2img("a cat, inkstyle").json()["images"][0]),
+                          from_b64(base.json()["images"][0]))
     long = txt2img("(a cat:1.2) [on] a hill BREAK " + "b " * 100, negative_prompt="blurry", cfg_scale=5)
     assert long.status_code == 200, long.text
     unknown = txt2img("a cat <lora:nosuch:1>")

@@ -10,6 +10,7 @@ from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest, hires_upscaler, image_noise
 from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.engines.samplers import make_scheduler
+from sdbridge.errors import SdbridgeError
 from tests.unit.engines.common import decoded_run, relative_error
 
 CPU = torch.device("cpu")
@@ -98,6 +99,37 @@ def test_hires_upscalers_are_a1111s_names_and_each_one_runs_its_own_resize(engin
     assert all(image.shape == (96, 96, 3) for image in images.values())
     assert not np.array_equal(images["Lanczos"], images["Nearest"])
     assert not np.array_equal(images["Latent"], images["Latent (nearest)"])
+
+
+def test_the_hires_prompt_runs_the_second_pass_as_prompt_editing_at_the_first_pass_s_end(engine):
+    """A1111 counts a hires pass's prompt editing on from the first pass: ``[a:b:3]`` after 3 steps is ``a`` for the
+    first pass and ``b`` for the whole hires pass, which is what ``hr_prompt`` asks for."""
+    hires = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.6, negative_prompt="blurry")
+    plain = run(engine, **hires).images[0]
+    edited = run(engine, **{**hires, "prompt": "[a red fox:a blue bird:3]",
+                            "negative_prompt": "[blurry:ugly, grainy:3]"}).images[0]
+    own = run(engine, **hires, hr_prompt="a blue bird", hr_negative_prompt="ugly, grainy").images[0]
+    np.testing.assert_array_equal(own, edited)
+    assert not np.array_equal(own, plain)
+    # Empty or the same: the first pass's prompt.
+    np.testing.assert_array_equal(run(engine, **hires, hr_prompt="a red fox").images[0], plain)
+    np.testing.assert_array_equal(run(engine, **hires, hr_prompt="", hr_negative_prompt="").images[0], plain)
+
+
+def test_the_hires_sampler_and_schedule_run_the_second_pass_only(engine):
+    hires = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.6)
+    plain = run(engine, **hires)
+    np.testing.assert_array_equal(run(engine, **hires, hr_sampler_name="Euler").images[0], plain.images[0])
+    ddim = run(engine, **hires, hr_sampler_name="DDIM")
+    assert not np.array_equal(ddim.images[0], plain.images[0])
+    assert type(ddim._scheduler([1], *ddim.request.hires_sampler())).__name__ == "DDIMScheduler"
+    assert type(ddim._scheduler([1])).__name__ == "EulerDiscreteScheduler"
+    # A bare hires sampler keeps the first pass's schedule where it takes it, else its own default (A1111's fix-up).
+    assert GenerationRequest(scheduler="karras", hr_sampler_name="DPM++ 2M").hires_sampler() == ("DPM++ 2M", "karras")
+    assert GenerationRequest(scheduler="karras", hr_sampler_name="DDIM").hires_sampler() == ("DDIM", "automatic")
+    assert GenerationRequest(sampler_name="Euler", hr_scheduler="karras").hires_sampler() == ("Euler", "karras")
+    with pytest.raises(SdbridgeError, match="unknown sampler 'nope'"):
+        Generation(engine, GenerationRequest(enable_hr=True, hr_sampler_name="nope"))
 
 
 def test_img2img_resize_modes_and_strength(engine):
