@@ -20,11 +20,12 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from sdbridge.bridge.protocol import PixelFormat
@@ -311,6 +312,11 @@ def create_webrtc_router(daemon: Daemon) -> APIRouter:
             "send the offer once ICE gathering is complete", status=405, code="no_trickle"))
         response.headers["Allow"] = "DELETE"
         return response
+
+    @router.get("/webrtc", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        """A small page that sends the camera through WHIP and watches the output through WHEP."""
+        return HTMLResponse(resources.files("sdbridge.bridge").joinpath("static/webrtc.html").read_text("utf-8"))
 
     @router.post("/whip/{session}")
     async def whip(session: str, request: Request) -> Response:
