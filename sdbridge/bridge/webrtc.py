@@ -115,7 +115,7 @@ class WebRtcHub:
         """Answer a WHIP (``role`` "whip") or WHEP offer: (the answer's SDP, its resource's path)."""
         check_session_name(session_name)
         sections = check_offer(offer, role)
-        peer_module = load_aiortc()
+        peer_module = await asyncio.to_thread(load_aiortc)  # the first import (aiortc, PyAV) takes ~0.5 s
         if self.closed:
             raise WebRtcError("the daemon is stopping", status=503, code="stopping")
         if len(self.peers) + self._opening >= self.max_peers:
@@ -129,6 +129,9 @@ class WebRtcHub:
             peer = await self._start(peer_module, role, session_name, offer.decode("utf-8"))
         finally:
             self._opening -= 1
+        if self.closed:  # the daemon began stopping while the answer was made
+            await self._end(peer, "the daemon stopped")
+            raise WebRtcError("the daemon is stopping", status=503, code="stopping")
         if role == "whip":
             # One sender per session: a newer one (OBS reconnecting before ICE told us the old one is gone)
             # replaces the older, which would otherwise flicker with it in the slot.
