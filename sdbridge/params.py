@@ -30,6 +30,14 @@ STR_MAX_LENGTH = 4096
 KINDS = ("float", "int", "bool", "str", "enum")
 
 
+def _plain_digits(text: str) -> str:
+    """A number typed as text, as the protocol takes it: ASCII only (float() and int() would take '１' and '٣') and
+    no underscores ('1_000' is Python's, not a controller's). ValueError otherwise."""
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    return text
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One live parameter: its type, range, default and documentation."""
@@ -84,7 +92,7 @@ class ParamSpec:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 try:
-                    value = float(value)
+                    value = float(_plain_digits(value))
                 except ValueError:
                     raise self._fail(value, "is not a number") from None
             else:
@@ -105,7 +113,7 @@ class ParamSpec:
             raise self._fail(value, "is not an integer")
         if isinstance(value, str):
             try:
-                value = int(value.strip(), 0)
+                value = int(_plain_digits(value).strip(), 0)
             except ValueError:
                 raise self._fail(value, "is not an integer") from None
         if isinstance(value, float):

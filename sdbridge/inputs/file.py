@@ -38,15 +38,16 @@ class FileInput(Input):
         self._next_at: float | None = None
 
     def check(self) -> None:
+        typed = self.spec.text or str(self.spec)  # the argument as the user wrote it
         if "%" in self.path.name:  # an OpenCV image-sequence pattern: its first frame is what can be checked
             if not self.path.parent.is_dir():
-                raise InputError(f"input {str(self.spec)!r}: folder {self.path.parent} does not exist",
+                raise InputError(f"input {typed!r}: folder {self.path.parent} does not exist",
                                  code="bad_input")
             return
         if not self.path.exists():
-            raise InputError(f"input {str(self.spec)!r}: {self.path} does not exist", code="bad_input")
+            raise InputError(f"input {typed!r}: {self.path} does not exist", code="bad_input")
         if self.path.is_dir() and not _images_in(self.path):
-            raise InputError(f"input {str(self.spec)!r}: folder {self.path} holds no images "
+            raise InputError(f"input {typed!r}: folder {self.path} holds no images "
                              f"({', '.join(sorted(IMAGE_SUFFIXES))})", code="bad_input")
 
     def open(self) -> None:

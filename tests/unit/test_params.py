@@ -19,7 +19,7 @@ def test_float_in_range_and_message_names_value(schema):
     assert info.value.name == "strength" and info.value.value == 1.4
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, "abc", None, [0.5], True])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "abc", None, [0.5], True, "０.5", "0_5", "٠.٥"])
 def test_float_rejects_non_numbers(schema, bad):
     with pytest.raises(ParamError):
         schema.get("strength").validate(bad)
@@ -31,6 +31,9 @@ def test_int_accepts_integral_floats_and_strings(schema):
     assert steps.validate("3") == 3
     with pytest.raises(ParamError, match="steps 4.5 is not an integer"):
         steps.validate(4.5)
+    for typed in ("３", "1_0", "٣"):  # int() takes other scripts' digits and Python's underscores; a controller's not
+        with pytest.raises(ParamError, match="is not an integer"):
+            steps.validate(typed)
 
 
 def test_seed_reaches_two_to_the_32_minus_one(schema):

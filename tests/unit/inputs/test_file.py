@@ -85,3 +85,11 @@ def test_a_file_that_is_no_video_fails_at_open_with_its_name(tmp_path: Path) -> 
     with pytest.raises(InputError, match="clip.mp4"):
         source.open()
         source.read(threading.Event())
+
+
+def test_a_missing_file_is_told_with_the_argument_as_typed(tmp_path: Path) -> None:
+    typed = f"file:{tmp_path}/gone.mp4@live?loop=FALSE"   # options after the session: normalised by the parse
+    source = create_input(parse_spec(typed))
+    with pytest.raises(InputError) as error:
+        source.check()
+    assert str(error.value).startswith(f"input {typed!r}: ") and "does not exist" in str(error.value)
