@@ -129,7 +129,7 @@ class WebRtcHub:
             peer = await self._start(peer_module, role, session_name, offer.decode("utf-8"))
         finally:
             self._opening -= 1
-        if self.closed:  # the daemon began stopping while the answer was made
+        if self.closed or peer.ended:  # the daemon began stopping (or the peer closed) while the answer was made
             await self._end(peer, "the daemon stopped")
             raise WebRtcError("the daemon is stopping", status=503, code="stopping")
         if role == "whip":
@@ -175,6 +175,8 @@ class WebRtcHub:
             peer_module.keep_only_video(pc, "recvonly" if role == "whip" else "sendonly")
             await asyncio.wait_for(pc.setLocalDescription(await pc.createAnswer()), SETUP_TIMEOUT_S)
         except Exception as exc:
+            log.info("%s offer for %s not answered: %r", role.upper(), session_name, exc,
+                     exc_info=log.isEnabledFor(logging.DEBUG))
             await self._end(peer, "no answer")
             if isinstance(exc, asyncio.TimeoutError):
                 raise WebRtcError(f"no answer within {SETUP_TIMEOUT_S:.0f} s (ICE gathering)", status=500,

@@ -7,6 +7,7 @@ its first other interface; without one the media tests skip with that reason.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -206,6 +207,11 @@ def test_a_wrong_token_gets_401_and_the_right_one_is_answered(start_daemon) -> N
     asyncio.run(run())
 
 
+# A well-formed offer whose only video codec is AV1, which aiortc does not have.
+AV1_ONLY = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n"
+            "m=video 9 UDP/TLS/RTP/SAVPF 45\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\na=rtcp-mux\r\n"
+            "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=fingerprint:sha-256 "
+            + ":".join(["AB"] * 32) + "\r\na=setup:actpass\r\na=rtpmap:45 AV1/90000\r\n")
 AUDIO_ONLY = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
               "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=sendonly\r\na=rtpmap:111 opus/48000/2\r\n")
 
@@ -220,6 +226,9 @@ def test_bad_requests_get_a_status_and_a_sentence(start_daemon) -> None:
         assert garbage.status_code == 400 and "'hello'" in garbage.json()["message"]
         audio = http.post("/whip/stage", content=AUDIO_ONLY, headers=SDP)
         assert audio.status_code == 400 and "no video m-line" in audio.json()["message"]
+        av1 = http.post("/whip/stage", content=AV1_ONLY, headers=SDP)
+        assert av1.status_code == 400 and "cannot be answered" in av1.json()["message"]
+        assert "VP8, H.264" in av1.json()["message"]
         too_big = http.post("/whip/stage", content=b"v=0\r\n" + b"a=x\r\n" * 20000, headers=SDP)
         assert too_big.status_code == 413
         bad_name = http.post("/whep/no%20spaces", content=AUDIO_ONLY, headers=SDP)
@@ -230,6 +239,30 @@ def test_bad_requests_get_a_status_and_a_sentence(start_daemon) -> None:
         assert patch.status_code == 405 and "trickle" in patch.json()["message"]
         assert patch.headers["allow"] == "DELETE"
     assert daemon.registry.get("stage") is None and daemon.webrtc.stats()["peers"] == 0
+
+
+def test_a_peer_that_never_connects_is_ended(start_daemon) -> None:
+    daemon = start_daemon(params=PARAMS)
+    daemon.webrtc.connect_timeout_s = 1.0
+
+    async def run() -> None:
+        async with client(daemon) as http:
+            viewer = new_pc()
+            viewer.addTransceiver("video", direction="recvonly")
+            await viewer.setLocalDescription(await viewer.createOffer())
+            # No candidate and no end-of-candidates: the daemon's ICE has no pair to check and waits for more.
+            offer = "\r\n".join(line for line in viewer.localDescription.sdp.split("\r\n")
+                                 if not line.startswith(("a=candidate", "a=end-of-candidates")))
+            posted = await http.post("/whep/nobody", content=offer, headers=SDP)
+            assert posted.status_code == 201, posted.text
+            await viewer.close()  # before it took the answer: no ICE check ever reaches the daemon
+            started = time.monotonic()
+            assert daemon.registry.get("nobody") is not None
+            assert await asyncio.to_thread(wait_for, lambda: daemon.registry.get("nobody") is None, 10)
+            assert 0.8 < time.monotonic() - started < 5  # the watchdog's 1 s, not ICE's own failure
+            assert stats(daemon)["webrtc"]["peers"] == 0
+
+    asyncio.run(run())
 
 
 def test_past_the_cap_a_peer_gets_503(start_daemon) -> None:
