@@ -42,7 +42,7 @@ def parse_factor(text: str | int) -> int:
     for something the docs never promised. ValueError naming the value (the callers wrap it in their own error)."""
     if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise ValueError(f"interpolate {text!r} is not {FACTOR_FORMS}")
-    value = str(text).strip()
+    value = str(text)  # spaces around it are refused, as around any option's value
     factor = _FACTORS.get(value.lower()) if value.isascii() else None
     if factor is None:
         raise ValueError(f"interpolate {text!r} is not {FACTOR_FORMS}")

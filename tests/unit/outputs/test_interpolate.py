@@ -71,9 +71,9 @@ def test_a_scene_cut_and_a_new_size_give_no_pair_to_blend() -> None:
 
 
 def test_factor_values_and_specs() -> None:
-    assert [parse_factor(v) for v in ("off", "1", "2", "2x", "3X", "4x", 3, " OFF ")] == [1, 1, 2, 2, 3, 4, 3, 1]
+    assert [parse_factor(v) for v in ("off", "1", "2", "2x", "3X", "4x", 3, "OFF")] == [1, 1, 2, 2, 3, 4, 3, 1]
     # Only the documented forms: 0, 1x, a full-width digit or a bool are refused, not read as something close.
-    for bad in ("5x", "x", "1.5", "-2", "double", "0", "1x", "\uff12x", "\uff12", "none", "false", "", True, 0):
+    for bad in ("5x", "x", "1.5", "-2", "double", "0", "1x", "\uff12x", "\uff12", "none", "false", "", " 2x", True, 0):
         with pytest.raises(ValueError, match="is not off, 1-4 or 2x-4x"):
             parse_factor(bad)
     assert parse_spec("ndi:stage?interpolate=2") == OutputSpec("ndi", "stage", None, 2)
