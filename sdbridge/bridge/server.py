@@ -30,8 +30,8 @@ from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
-from sdbridge.bridge.webrtc import WebRtcHub
 from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
+from sdbridge.bridge.webrtc import WebRtcHub
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
 from sdbridge.bridge.control import Control

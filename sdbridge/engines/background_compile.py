@@ -45,6 +45,18 @@ FRAME_HOLD_S = 0.2      # a compile waits at most this long for a frame's launch
 COMPILE_SLICE_S = 0.05  # ...then runs this long whatever the frames do (a fifth of a saturated CPU at least)
 
 
+# Every compiler alive, for wait_all: a compile thread outlives the engine a test or benchmark dropped.
+_LIVE: weakref.WeakSet[BackgroundCompiler] = weakref.WeakSet()
+
+
+def wait_all(timeout_s: float = 600.0) -> bool:
+    """Until no live compiler has a compile queued or under way (tests and benchmarks, before
+    ``torch._dynamo.reset()``: it frees the caches and guards that a compiling thread is reading, which
+    crashed a test process with SIGFPE). -> all idle?"""
+    deadline = time.monotonic() + timeout_s
+    return all([compiler.wait(max(0.0, deadline - time.monotonic())) for compiler in list(_LIVE)])
+
+
 def _stop_at_exit(ref: weakref.ref[BackgroundCompiler]) -> None:
     compiler = ref()
     if compiler is not None:
@@ -173,6 +185,7 @@ class BackgroundCompiler:
         self._frame_idle.set()
         self._slice_ends = 0.0
         self._compiling = threading.RLock()   # held by a compile, and by a call of a ready graph
+        _LIVE.add(self)
 
     # --- the frame path -------------------------------------------------------------------------
 

@@ -51,3 +51,12 @@ def decoded_run(engine: Any, request: Any) -> torch.Tensor:
     for _ in generation.run():
         pass
     return decoded[-1]
+
+
+def reset_dynamo() -> None:
+    """``torch._dynamo.reset()`` once no compile thread of an earlier test's engine is running: a reset under a
+    running compile frees what that thread reads (a worker died of SIGFPE so)."""
+    from sdbridge.engines.background_compile import wait_all
+
+    assert wait_all(300), "a background compile did not finish in 300 s"
+    torch._dynamo.reset()

@@ -15,7 +15,7 @@ from sdbridge.engines.base import StreamState
 from sdbridge.engines.compiled import CompiledEngine
 from sdbridge.engines.diffusion import DiffusionEngine
 from tests.support.controlnets import controlnet_folder
-from tests.unit.engines.common import count_stream_calls, engine_params, relative_error
+from tests.unit.engines.common import count_stream_calls, engine_params, relative_error, reset_dynamo
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4
@@ -78,12 +78,35 @@ def test_modules_by_architecture():
 # --- the compiler ------------------------------------------------------------------------------------
 
 
+def test_wait_all_waits_for_every_live_compiler_s_compile_under_way():
+    """What a test waits for before torch._dynamo.reset(): the compile threads of engines it no longer holds."""
+    import threading
+    import time
+
+    from sdbridge.engines import background_compile
+
+    release = threading.Event()
+
+    def slow_compile(x: torch.Tensor) -> torch.Tensor:
+        release.wait(5)
+        return x
+
+    compiler = BackgroundCompiler("test-wait-all")
+    compiler.call("slow", lambda x: x, slow_compile, torch.zeros(2))
+    assert compiler.pending == 1
+    assert not background_compile.wait_all(0.2)      # still compiling
+    threading.Timer(0.2, release.set).start()
+    started = time.monotonic()
+    assert background_compile.wait_all(10) and compiler.pending == 0
+    assert time.monotonic() - started < 10
+
+
 def scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x * scale).relu() + 1
 
 
 def test_serves_uncompiled_until_ready_then_compiled():
-    torch._dynamo.reset()
+    reset_dynamo()
     compiler = BackgroundCompiler("test-compile")
     compiled = torch.compile(scaled, backend="aot_eager", fullgraph=True, dynamic=False)
     x, scale = torch.randn(4, 8), torch.tensor(2.0)
@@ -114,7 +137,7 @@ def test_serves_uncompiled_until_ready_then_compiled():
 
 
 def test_inline_compiles_in_the_call():
-    torch._dynamo.reset()
+    reset_dynamo()
     compiler = BackgroundCompiler("test-compile")
     compiled = torch.compile(scaled, backend="aot_eager", fullgraph=True, dynamic=False)
     before = graphs()
@@ -270,7 +293,7 @@ def test_new_resolution_serves_uncompiled_while_it_compiles(parts):
     """After the load's warm-up at 64x64, the stream moves to 96x64: its frames come from the uncompiled
     path (the eager engine's output) with no compile on the frame path; once the background compile is
     done, the graphs serve and nothing compiles again."""
-    torch._dynamo.reset()
+    reset_dynamo()
     ours = CompiledEngine.from_parts(parts)
     # Dynamo's plain eager backend: which graph serves is Dynamo's; AOTAutograd on the compile thread is the
     # banked and ControlNet tests' (aot_eager), so this one spends its time on the switch, not on tracing.
@@ -309,7 +332,7 @@ def test_a_controlnet_of_a_new_architecture_compiles_before_it_serves(parts, con
     """A ControlNet whose architecture has no graph yet (another conditioning embedding) is compiled on
     its loader's thread: the old ControlNet serves until that is done, and the first frames with the new
     one compile nothing on the frame path."""
-    torch._dynamo.reset()
+    reset_dynamo()
     ours = CompiledEngine.from_parts(parts)
     ours.compile_backend = "aot_eager"
     ours.controlnet_dir = str(controlnet_dir)
@@ -402,7 +425,7 @@ def test_feature_bank_runs_inside_the_compiled_graph(parts, stream, guidance, ca
     eager = bank_engine(parts, False, stream, guidance)
     ours = bank_engine(parts, True, stream, guidance)
     expected = banked_run(parts, eager, eager_bank, seeds)
-    torch._dynamo.reset()   # no graph of an earlier test's engine to reuse or to recompile from
+    reset_dynamo()   # no graph of an earlier test's engine to reuse or to recompile from
     compiled_before = graphs()
     got = banked_run(parts, ours, graph_bank, seeds)
     # One graph a part: the first banked call (entries stacked) and the steady ones (the last call's
@@ -611,7 +634,7 @@ def test_feature_bank_stream_across_a_strength_crossing_matches_the_eager_path(p
             rows.append(bank.row_keys())
         return outputs, calls, rows
 
-    torch._dynamo.reset()   # no earlier test's graphs of the banked code to count against Dynamo's recompile limit
+    reset_dynamo()   # no earlier test's graphs of the banked code to count against Dynamo's recompile limit
     got, calls, rows = banked(True)
     expected, _, _ = banked(False)
     assert calls == [2, 2, 2, 4, 4, 4, 2, 2]   # the first frame fills (1 more call), then one a frame

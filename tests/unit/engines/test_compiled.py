@@ -21,7 +21,7 @@ from sdbridge.engines.compiled import (STREAM_KEY, CompiledEngine, batch_bucket,
                                        probe_linear_schedule, residual_cfg_bound)
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import load_pipeline_parts
-from tests.unit.engines.common import count_stream_calls, engine_params, relative_error
+from tests.unit.engines.common import count_stream_calls, engine_params, relative_error, reset_dynamo
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
@@ -81,7 +81,7 @@ def test_compiled_graphs_parity_and_no_recompile_on_live_changes(vae_parts):
     graph per part and shape; a new prompt, guidance or in-place weights (LoRA) are no recompile."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     ours = engine(vae_parts, True, backend="aot_eager", steps=2, strength=1.0, guidance=3.0)
     frame = make_frames(1)[0]
@@ -119,7 +119,7 @@ def test_compiled_graphs_parity_and_no_recompile_on_live_changes(vae_parts):
                     "minute on 2 CPU cores; SDBRIDGE_SLOW=1 runs it")
 def test_inductor_parity_with_diffusers(vae_parts, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    torch._dynamo.reset()
+    reset_dynamo()
     ours = engine(vae_parts, stream_batch=True, backend="inductor", steps=2, strength=1.0, guidance=1.0)
     frame = make_frames(1)[0]
     theirs = diffusers_img2img(vae_parts, frame, 2, 1.0, 1.0)
@@ -170,7 +170,7 @@ def test_a_strength_moved_live_runs_one_unet_call_a_frame(parts):
     from torch._dynamo.utils import counters
 
     strengths = [0.5, 0.53, 0.56, 0.59, 0.62, 0.6, 0.55, 0.7]
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     stream = engine(parts, True, backend="eager", steps=8, strength=strengths[0])  # Dynamo's guards: enough here
     stream.background_compile = False
@@ -392,7 +392,7 @@ def test_one_step_over_four_sessions_and_a_four_step_stream_batch_share_their_gr
     The shared graphs still give the stream batch's own frames."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     ours = engine(parts, True, backend="aot_eager", steps=1, strength=1.0)
     ours.background_compile = False  # compiled in the call: every frame below runs the graphs
@@ -427,7 +427,7 @@ def test_three_sessions_run_the_graphs_of_four_and_get_their_own_frames(parts, s
     path's (a pad row never reaches a stream buffer), the uint8 frames included."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     # Dynamo's plain eager backend: padding is outside the graphs, and Dynamo's guards say which graph runs.
     ours = engine(parts, stream_batch, backend="eager", steps=2, strength=1.0, guidance=guidance)
@@ -462,7 +462,7 @@ def test_warm_up_compiles_what_the_frames_run(parts):
     this checks, so Dynamo's plain ``eager`` backend does, in a fraction of aot_eager's time."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     ours = engine(parts, False, backend="eager", steps=1, strength=1.0)
     ours.background_compile = False
@@ -947,7 +947,7 @@ def test_a_moved_schedule_is_a_new_probe_for_the_same_graphs_and_carries_the_str
     probes = []
     real_probe = compiled.probe_linear_schedule
     monkeypatch.setattr(compiled, "probe_linear_schedule", lambda *args: probes.append(1) or real_probe(*args))
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     stream = engine(parts, True, backend="eager", sampler="Euler", schedule="32,45@50")
     stream.background_compile = False

@@ -17,7 +17,7 @@ from sdbridge.engines.controlnet import CONDITIONS
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.tiny import random_controlnet
 from tests.support.controlnets import controlnet_folder
-from tests.unit.engines.common import count_stream_calls, engine_params, relative_error
+from tests.unit.engines.common import count_stream_calls, engine_params, relative_error, reset_dynamo
 
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
 
@@ -185,7 +185,7 @@ def test_slot_on_scale_change_off_and_on_again_recompile_nothing(parts, controln
     the output."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     ours = make(CompiledEngine, parts, controlnet_dir, backend="eager")
     state = StreamState("s")

@@ -14,7 +14,7 @@ from sdbridge.engines.base import StreamState
 from sdbridge.engines.compiled import CompiledEngine
 from sdbridge.engines.diffusion import DiffusionEngine
 from tests.support.controlnets import controlnet_folder
-from tests.unit.engines.common import engine_params, relative_error
+from tests.unit.engines.common import engine_params, relative_error, reset_dynamo
 from tests.unit.engines.test_sdxl import diffusers_sdxl_img2img
 
 CPU = torch.device("cpu")
@@ -78,7 +78,7 @@ def test_graphs_take_the_pooled_embeds_as_input(sdxl_parts, frame):
     and a new guidance are new inputs, never a recompile, and they reach the output."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    reset_dynamo()
     ours = CompiledEngine.from_parts(sdxl_parts)
     ours.compile_backend = "aot_eager"
     state = StreamState("s")

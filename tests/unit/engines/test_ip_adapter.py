@@ -14,7 +14,7 @@ from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.ip_adapter import SOURCE, IPAttnProcessor, load_ip_adapter, read_ip_adapter
 from sdbridge.engines.tiny import write_random_ip_adapter
 from sdbridge.errors import ModelError
-from tests.unit.engines.common import engine_params, relative_error
+from tests.unit.engines.common import engine_params, relative_error, reset_dynamo
 
 CPU = torch.device("cpu")
 
@@ -264,7 +264,7 @@ def test_a_style_image_and_its_scale_change_no_graph(parts, models_dir, frame, s
     run the same graph as before, and each change reaches the output."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     ours = compiled_engine(parts, models_dir, backend="eager")
     ours.background_compile = False
