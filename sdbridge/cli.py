@@ -111,6 +111,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         "memory) or ndi:SOURCE, into SESSION (default: the kind's name); OPTIONS are NAME=VALUE joined by &: fps, "
         "loop, width, height, reply, before or after @SESSION (file:frames/?fps=24@live); see docs/inputs.md "
         "(repeatable)")
+    add("--ice-server", dest="ice_servers", action="append", metavar="stun:HOST[:PORT]|turn:USER:PASS@HOST[:PORT]",
+        help="a STUN or TURN server for WebRTC peers beyond the LAN (one of each at most; turns: for TLS); "
+        "without, peers reach each other by host address only (docs/webrtc.md)")
     add("--vram-budget-mb", type=int, help="refuse models needing more device memory than this (0: no budget)")
     add("--allow-pickle", action="store_const", const=True,
         help="allow .ckpt/.pt files (loaded with torch.load(weights_only=True))")
@@ -140,6 +143,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
         flags[name] = [item.strip() for item in value.split(",") if item.strip()] if value else None
     flags["outputs"] = getattr(args, "outputs", None) or None
     flags["inputs"] = getattr(args, "inputs", None) or None
+    flags["ice_servers"] = getattr(args, "ice_servers", None) or None
     flags["midi_in"] = getattr(args, "midi_in", None) or None
     flags["midi_map"] = getattr(args, "midi_map", None)
     flags["audio_in"] = getattr(args, "audio_in", None)

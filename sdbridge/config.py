@@ -70,6 +70,8 @@ class Settings:
     outputs: list[str] = field(default_factory=list)  # --output: ndi:NAME, virtualcam, record:DIR (sdbridge/outputs)
     interpolate: str = "off"             # outputs' frames per engine frame (off, 2x-4x) unless their spec says
     inputs: list[str] = field(default_factory=list)  # --input: file:PATH, camera:N, shm:NAME, ndi:SOURCE
+    # --ice-server: a STUN and a TURN server for WebRTC peers beyond the LAN (docs/webrtc.md); none: host candidates
+    ice_servers: list[str] = field(default_factory=list)
     vram_budget_mb: int = 0              # 0: no budget; else a model needing more fails to load (as on OOM)
     allow_pickle: bool = False
     token: str | None = None
@@ -124,6 +126,17 @@ class Settings:
         if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
         check_interpolate(self.interpolate, "interpolate")
+        check_ice_servers(self.ice_servers, "ice_servers")
+
+
+def check_ice_servers(value: list[str], source: str) -> None:
+    """``ice_servers``: STUN/TURN URLs aiortc can use (bridge/webrtc_sdp.py); ConfigError naming ``source``."""
+    from sdbridge.bridge.webrtc_sdp import check_ice_servers as check  # sans I/O: re and dataclasses only
+
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def check_interpolate(value: Any, source: str) -> None:
@@ -187,10 +200,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {name} {value!r} is not a number") from None
     if isinstance(default, list):
         if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        if isinstance(value, list):
-            return [str(item) for item in value]
-        raise ConfigError(f"{source}: {name} {value!r} is not a list")
+            items = [item.strip() for item in value.split(",") if item.strip()]
+        elif isinstance(value, list):
+            items = [str(item) for item in value]
+        else:
+            raise ConfigError(f"{source}: {name} {value!r} is not a list")
+        if name == "ice_servers":
+            check_ice_servers(items, source)
+        return items
     if name == "interpolate":
         check_interpolate(value if isinstance(value, str) else str(value), source)
     return None if value in ("", None) else str(value)
@@ -247,6 +264,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
             raise ConfigError(f"unknown setting {name!r}")
         if name == "interpolate":
             check_interpolate(value, "--interpolate")
+        if name == "ice_servers":
+            check_ice_servers(value, "--ice-server")
         values[name] = value
     settings = Settings(**values)
     settings.check()

@@ -32,6 +32,7 @@ from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
 from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
 from sdbridge.bridge.webrtc import WebRtcHub
+from sdbridge.bridge.webrtc_sdp import check_ice_servers
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
 from sdbridge.bridge.control import Control
@@ -120,7 +121,7 @@ class Daemon:
                              decode_threads=settings.decode_threads, debug_frames=settings.debug_frames,
                              outputs=self.outputs)
         # WHIP/WHEP peers (aiortc, optional: the routes answer 501 without it); WHEP viewers tap the raw frames.
-        self.webrtc = WebRtcHub(self.registry)
+        self.webrtc = WebRtcHub(self.registry, ice_servers=check_ice_servers(settings.ice_servers))
         self.worker.frame_taps.append(self.webrtc.tap)
         self.stats = DaemonStats()
         self.started = time.monotonic()

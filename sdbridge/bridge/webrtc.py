@@ -19,6 +19,7 @@ import importlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,8 @@ from starlette.requests import ClientDisconnect
 
 from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import Session, SessionRegistry, Viewer
-from sdbridge.bridge.webrtc_sdp import (MAX_SDP_BYTES, RESOURCE_ID, SDP_CONTENT_TYPE, WebRtcError, check_content_type,
-                                        check_offer, check_session_name, resource_path)
+from sdbridge.bridge.webrtc_sdp import (MAX_SDP_BYTES, RESOURCE_ID, SDP_CONTENT_TYPE, IceServer, WebRtcError,
+                                        check_content_type, check_offer, check_session_name, resource_path)
 from sdbridge.inputs.hub import input_frame
 
 if TYPE_CHECKING:
@@ -86,8 +87,9 @@ class WebRtcHub:
     """Every WHIP and WHEP peer; lives on the daemon's loop, except :meth:`tap` (the worker's codec pool)."""
 
     def __init__(self, registry: SessionRegistry, max_peers: int = MAX_PEERS,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, ice_servers: Sequence[IceServer] = ()) -> None:
         self.registry = registry
+        self.ice_servers = tuple(ice_servers)
         self.max_peers = max_peers
         self.connect_timeout_s = connect_timeout_s
         self.peers: dict[str, Peer] = {}
@@ -145,7 +147,7 @@ class WebRtcHub:
 
     async def _start(self, peer_module: Any, role: str, session_name: str, offer_sdp: str) -> Peer:
         loop = asyncio.get_running_loop()
-        pc = peer_module.new_peer_connection()
+        pc = peer_module.new_peer_connection(self.ice_servers)
         session = self.registry.open(session_name)
         peer = Peer(role, session, secrets.token_urlsafe(12), pc)
         if role == "whip":
@@ -258,6 +260,7 @@ class WebRtcHub:
             "dropped": self.retired["dropped"] + sum(p.reader.dropped for p in peers if p.reader is not None)
             + sum(p.track.dropped for p in peers if p.track is not None),
             "refused": self.refused,
+            "ice_servers": [str(server) for server in self.ice_servers],  # never the TURN password
             "connections": [{"role": p.role, "session": p.session.id, "id": p.resource_id,
                              "state": p.pc.connectionState, "age_s": round(time.monotonic() - p.created, 1)}
                             for p in peers],

@@ -17,12 +17,14 @@ import fractions
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: F401 - used by webrtc.py
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription  # noqa: F401
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from sdbridge.bridge.webrtc_sdp import IceServer
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,13 @@ VIDEO_CLOCK_HZ = 90_000  # RTP's video clock (RFC 3551): pts in these units
 TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
 
 
-def new_peer_connection() -> RTCPeerConnection:
-    # iceServers=[]: aiortc's default is Google's public STUN server, which a closed network (a venue's LAN,
-    # these machines) never answers: every answer would wait for its timeout. Host candidates only.
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+def new_peer_connection(ice_servers: Sequence[IceServer] = ()) -> RTCPeerConnection:
+    """A peer gathering through ``ice_servers`` (``--ice-server``). None given: host candidates only, not
+    aiortc's default (Google's public STUN server, which a closed network - a venue's LAN, these machines -
+    never answers: every answer would wait for its timeout)."""
+    servers = [RTCIceServer(urls=server.url, username=server.username, credential=server.credential)
+               for server in ice_servers]
+    return RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
 
 def keep_only_video(pc: RTCPeerConnection, video_direction: str) -> None:

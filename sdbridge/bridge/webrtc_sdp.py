@@ -1,4 +1,5 @@
-"""WHIP / WHEP request checks, sans I/O: content type, body size, the offer's media sections.
+"""WHIP / WHEP request checks, sans I/O: content type, body size, the offer's media sections; and the
+``--ice-server`` URLs (STUN/TURN) the peers gather through.
 
 What :mod:`sdbridge.bridge.webrtc` refuses before aiortc sees a byte (RFC 9725 for WHIP; WHEP follows it
 for viewers). Only the few SDP lines the checks need are read (``m=``, the direction attributes); aiortc
@@ -114,3 +115,72 @@ def check_offer(body: bytes, role: str) -> list[MediaSection]:
 def resource_path(role: str, session: str, resource_id: str) -> str:
     """The ``Location`` of a WHIP/WHEP resource: what the client DELETEs to end it."""
     return f"/{role}/{session}/{resource_id}"
+
+
+ICE_SCHEMES = ("stun", "turn", "turns")
+ICE_PORTS = {"stun": 3478, "turn": 3478, "turns": 5349}
+_ICE_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")  # aiortc's URL form has no room for IPv6 literals
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One STUN or TURN server, as aiortc's RTCIceServer takes it: the URL without credentials, and the TURN
+    user name and password apart (they never go in a log or in /stats)."""
+
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "stun" if self.url.startswith("stun:") else "turn"
+
+    def __str__(self) -> str:
+        return self.url if self.username is None else f"{self.url} (user {self.username!r})"
+
+
+def parse_ice_server(text: str) -> IceServer:
+    """``stun:HOST[:PORT]``, or ``turn:USER:PASSWORD@HOST[:PORT][?transport=udp|tcp]`` (``turns:`` for TLS, over
+    TCP): the form webrtc-streamer and others take on a command line. ValueError with a sentence naming the part
+    (aiortc would skip a server it cannot use without a word)."""
+    shown = repr(text[:120])
+    scheme, colon, rest = text.partition(":")
+    if not colon or scheme.lower() not in ICE_SCHEMES:
+        raise ValueError(f"ICE server {shown} must start with stun:, turn: or turns:")
+    scheme = scheme.lower()
+    rest, _, query = rest.partition("?")
+    if query:
+        allowed = {"stun": (), "turn": ("transport=udp", "transport=tcp"), "turns": ("transport=tcp",)}[scheme]
+        if query not in allowed:
+            takes = " or ".join(allowed) if allowed else "no options"
+            raise ValueError(f"ICE server {shown}: ?{query[:40]} is not an option here ({scheme}: takes {takes})")
+    username = credential = None
+    if "@" in rest:
+        user_part, _, rest = rest.rpartition("@")
+        username, colon, credential = user_part.partition(":")
+        if scheme == "stun":
+            raise ValueError(f"ICE server {shown}: a STUN server takes no user name or password")
+        if not username or not colon or not credential:
+            raise ValueError(f"ICE server {shown}: write the TURN user and password as USER:PASSWORD@HOST")
+    elif scheme != "stun":
+        raise ValueError(f"ICE server {shown}: a TURN server needs USER:PASSWORD@ before its host")
+    host, _, port = rest.partition(":")
+    port = port if _ else str(ICE_PORTS[scheme])
+    if host.startswith("["):
+        raise ValueError(f"ICE server {shown}: aiortc takes no IPv6 address here; give a host name or IPv4 address")
+    if not _ICE_HOST.fullmatch(host):
+        raise ValueError(f"ICE server {shown}: {host[:80]!r} is not a host name or IPv4 address")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"ICE server {shown}: port {port[:12]!r} is not in 1-65535")
+    return IceServer(f"{scheme}:{host}:{int(port)}" + (f"?{query}" if query else ""), username, credential)
+
+
+def check_ice_servers(texts: list[str]) -> list[IceServer]:
+    """Every ``--ice-server``: at most one STUN and one TURN server, as aiortc uses (it skips the rest)."""
+    servers = [parse_ice_server(text) for text in texts]
+    for kind in ("stun", "turn"):
+        same = [str(server) for server in servers if server.kind == kind]
+        if len(same) > 1:
+            raise ValueError(f"{len(same)} {kind.upper()} servers given ({', '.join(same)}): aiortc uses one "
+                             f"STUN and one TURN server; give one of each at most")
+    return servers

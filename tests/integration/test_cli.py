@@ -74,8 +74,10 @@ def test_serve_refuses_a_hostile_config_file_in_one_line(tmp_path, content, mess
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--warm-sessions", "0", "warm_sessions 0 not in [1, 64]"),
-    ("--warm-steps", "0,2", "warm_steps '0,2' is not 'all' or a list of step counts from 1 to 50")])
-def test_serve_refuses_a_warm_up_of_nothing(flag, value, message):
+    ("--warm-steps", "0,2", "warm_steps '0,2' is not 'all' or a list of step counts from 1 to 50"),
+    ("--ice-server", "turn:relay.example", "--ice-server: ICE server 'turn:relay.example': a TURN server needs "
+     "USER:PASSWORD@ before its host")])
+def test_serve_refuses_a_warm_up_of_nothing_or_an_ice_server_aiortc_cannot_use(flag, value, message):
     result = sdbridge("serve", flag, value, "--port", str(free_port()))
     assert result.returncode == 2
     assert message in result.stderr

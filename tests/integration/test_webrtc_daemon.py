@@ -300,3 +300,69 @@ def test_without_aiortc_the_routes_answer_501(start_daemon, monkeypatch) -> None
     refused = httpx.post(f"http://127.0.0.1:{daemon.port}/whip/stage", content=offer, headers=SDP, timeout=10)
     assert refused.status_code == 501 and "pip install 'sdbridge[webrtc]'" in refused.json()["message"]
     assert daemon.registry.get("stage") is None
+
+
+class StunResponder:
+    """A STUN server of one method: every Binding request is answered with ``mapped`` as the address it came
+    from, as a server behind a NAT's public side would see it (RFC 5389)."""
+
+    def __init__(self, host: str, mapped: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.mapped = mapped
+        self.requests: list[tuple[str, int]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.2)
+        self.address = self.sock.getsockname()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="test-stun", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        from aioice import stun
+
+        while not self._stop.is_set():
+            try:
+                data, source = self.sock.recvfrom(2048)
+            except TimeoutError:
+                continue
+            request = stun.parse_message(data)
+            if request.message_method != stun.Method.BINDING or request.message_class != stun.Class.REQUEST:
+                continue
+            self.requests.append(source)
+            response = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                                    transaction_id=request.transaction_id)
+            response.attributes["XOR-MAPPED-ADDRESS"] = self.mapped
+            self.sock.sendto(bytes(response), source)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@needs_interface
+def test_an_ice_server_gives_the_answer_a_server_reflexive_candidate(start_daemon) -> None:
+    """--ice-server stun:HOST:PORT: the daemon asks it for its public address and offers that to the peer
+    (what a remote OBS behind another NAT needs), and /stats names the server."""
+    host = get_host_addresses(use_ipv4=True, use_ipv6=False)[0]
+    stun_server = StunResponder(host, ("203.0.113.7", 40000))
+    try:
+        daemon = start_daemon(params=PARAMS, ice_servers=[f"stun:{host}:{stun_server.address[1]}"])
+
+        async def run() -> None:
+            async with client(daemon) as http:
+                sender, posted = await publish(http, "remote", RED)
+                assert posted.status_code == 201, posted.text
+                srflx = [line for line in posted.text.splitlines() if "typ srflx" in line]
+                assert srflx and all(" 203.0.113.7 40000 " in line for line in srflx), posted.text
+                await http.delete(posted.headers["location"])
+                await sender.close()
+
+        asyncio.run(run())
+        assert stun_server.requests  # the daemon's gatherer asked
+        assert stats(daemon)["webrtc"]["ice_servers"] == [f"stun:{host}:{stun_server.address[1]}"]
+    finally:
+        stun_server.close()

@@ -146,3 +146,27 @@ def test_interpolate_takes_any_case_from_every_source(tmp_path):
     assert load_settings({}, env={}, config_path=config).interpolate == "OFF"
     assert load_settings({}, env={"SDBRIDGE_INTERPOLATE": "3X"}).interpolate == "3X"
     assert load_settings({"interpolate": "2X"}, env={}).interpolate == "2X"
+
+
+@pytest.mark.parametrize("flags, env, config_text, message", [
+    ({"ice_servers": ["stun:[::1]:3478"]}, {}, None,
+     r"^--ice-server: ICE server 'stun:\[::1\]:3478': aiortc takes no IPv6"),
+    ({}, {"SDBRIDGE_ICE_SERVERS": "stun:a.example,stun:b.example"}, None,
+     r"^environment SDBRIDGE_ICE_SERVERS: 2 STUN servers given \(stun:a.example:3478, stun:b.example:3478\)"),
+    ({}, {}, 'ice_servers = ["turn:relay.example"]\n',
+     r"^config file '.*c\.toml': ICE server 'turn:relay.example': a TURN server needs USER:PASSWORD@"),
+])
+def test_a_bad_ice_server_names_where_it_came_from(tmp_path, flags, env, config_text, message):
+    config = None
+    if config_text is not None:
+        config = tmp_path / "c.toml"
+        config.write_text(config_text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(flags, env=env, config_path=config)
+
+
+def test_ice_servers_from_every_source():
+    flagged = load_settings({"ice_servers": ["stun:stun.example:19302"]}, env={})
+    assert flagged.ice_servers == ["stun:stun.example:19302"]
+    both = load_settings({}, env={"SDBRIDGE_ICE_SERVERS": "stun:s.example, turn:u:p@t.example?transport=tcp"})
+    assert both.ice_servers == ["stun:s.example", "turn:u:p@t.example?transport=tcp"]

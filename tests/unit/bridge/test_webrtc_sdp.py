@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from sdbridge.bridge.webrtc_sdp import (MAX_SDP_BYTES, WebRtcError, check_content_type, check_offer,
-                                        check_session_name, parse_offer, resource_path)
+from sdbridge.bridge.webrtc_sdp import (MAX_SDP_BYTES, WebRtcError, check_content_type, check_ice_servers,
+                                        check_offer, check_session_name, parse_ice_server, parse_offer, resource_path)
 
 # What OBS's WHIP output offers, cut to the lines that matter: Opus audio and H.264 video, both sendonly.
 OBS_OFFER = (
@@ -77,3 +79,40 @@ def test_session_names_follow_the_websocket_rule_and_locations_name_the_resource
             check_session_name(bad)
     assert resource_path("whip", "stage", "abc") == "/whip/stage/abc"
     assert 4096 < MAX_SDP_BYTES <= 1024 * 1024
+
+
+@pytest.mark.parametrize("text, url, username, credential", [
+    ("stun:stun.l.google.com:19302", "stun:stun.l.google.com:19302", None, None),
+    ("STUN:10.0.0.1", "stun:10.0.0.1:3478", None, None),
+    ("turn:bob:s3cret@relay.example?transport=tcp", "turn:relay.example:3478?transport=tcp", "bob", "s3cret"),
+    ("turns:bob:p@ss:w@relay.example:443", "turns:relay.example:443", "bob", "p@ss:w"),  # @ and : in a password
+])
+def test_ice_servers_become_aiortc_s_url_and_credentials(text, url, username, credential):
+    server = parse_ice_server(text)
+    assert (server.url, server.username, server.credential) == (url, username, credential)
+    assert credential is None or credential not in str(server)  # what logs and /stats show
+
+
+@pytest.mark.parametrize("text, words", [
+    ("http://relay.example", "must start with stun:, turn: or turns:"),
+    ("stun:", "'' is not a host name"),
+    ("stun:bad host", "'bad host' is not a host name"),
+    ("stun:h:0", "port '0' is not in 1-65535"),
+    ("stun:h:３", "port '３' is not in 1-65535"),
+    ("stun:u:p@h", "a STUN server takes no user name or password"),
+    ("stun:h?transport=udp", "stun: takes no options"),
+    ("turn:relay.example", "a TURN server needs USER:PASSWORD@"),
+    ("turn::p@relay.example", "USER:PASSWORD@HOST"),
+    ("turns:u:p@relay.example?transport=udp", "turns: takes transport=tcp"),  # aiortc would skip it silently
+    ("stun:[2001:db8::1]:3478", "aiortc takes no IPv6 address"),
+])
+def test_an_ice_server_aiortc_cannot_use_is_refused_with_the_part_named(text, words):
+    with pytest.raises(ValueError, match=re.escape(words)) as error:
+        parse_ice_server(text)
+    assert repr(text) in str(error.value)
+
+
+def test_one_stun_and_one_turn_server_at_most():
+    assert [s.kind for s in check_ice_servers(["stun:a.example", "turn:u:p@b.example"])] == ["stun", "turn"]
+    with pytest.raises(ValueError, match=r"2 TURN servers given .*\(user 'u'\).*one STUN and one TURN"):
+        check_ice_servers(["turn:u:p@a.example", "turns:u:p@b.example"])
