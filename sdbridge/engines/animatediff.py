@@ -471,13 +471,20 @@ class AnimateDiffEngine(DiffusionEngine):
             embeddings = embeddings.expand(batch * window, -1, -1)
         step_kwargs = self._step_kwargs(states, latent_shape)
         controls = self._window_controls(units, padded_frames, window)
+        # The style image (engines/ip_adapter.py): a session's tokens and scale over every frame of its window, as
+        # diffusers' motion UNet repeats one image's embeds over the frames. The motion UNet's spatial attention
+        # layers are the model's own, so the processors installed there serve it too.
+        image_prompt = self.ip_adapters.rows(states, self._guided) if self.ip_adapters is not None else None
+        hidden: Any = embeddings
+        if image_prompt is not None:
+            hidden = (embeddings, *(rows.repeat_interleave(window, dim=0) for rows in image_prompt))
         for step_index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if self._guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             extra: dict[str, Any] = {}
             if controls is not None:   # the ControlNet sees frames: [B_cfg, 4, N, h, w] -> [B_cfg * N, 4, h, w]
                 extra = controls(model_input.transpose(1, 2).flatten(0, 1), t, embeddings, step_index, len(timesteps))
-            noise_pred = motion.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
+            noise_pred = motion.unet(model_input, t, encoder_hidden_states=hidden, return_dict=False, **extra)[0]
             if self._guided:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + self._guidance * (noise_cond - noise_uncond)

@@ -334,3 +334,104 @@ def test_sessions_keep_their_own_windows(parts, motion_dir, frames):
     alone_b = run(engine, flipped[:3])[-1]
     assert relative_error(together[0:1], alone_a) <= 1e-4
     assert relative_error(together[1:2], alone_b) <= 1e-4
+
+
+# --- the style image (IP-Adapter) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ip_models(parts, tmp_path_factory):
+    from sdbridge.engines.tiny import write_random_ip_adapter
+
+    root = tmp_path_factory.mktemp("models")
+    write_random_ip_adapter(root / "ip_adapter", parts.unet, name="style", seed=1)
+    return root
+
+
+def styled_run(engine, frames, style, states=None) -> list[torch.Tensor]:
+    """Each frame with the session's style image on channel 1, as the worker conditions a session."""
+    from sdbridge.engines.base import CONDITIONS
+
+    engine.ip_adapters.wait()
+    states = states or [StreamState("s")]
+    out = []
+    for index in range(len(frames)):
+        for state in states:
+            state.data.setdefault(CONDITIONS, {})[1] = style
+            engine.ip_adapters.condition(state.data, frames[index].numpy())
+        out.append(engine.step_float(frames[index:index + 1].expand(len(states), -1, -1, -1), states))
+    return out
+
+
+def test_a_style_image_steers_the_windows_as_in_diffusers_animatediff(parts, motion_dir, ip_models, frames):
+    """The IP-Adapter in the motion UNet: each window's frames attend to the session's style image, against
+    AnimateDiffVideoToVideoPipeline with diffusers' own load_ip_adapter and ip_adapter_image (fp32, CPU, 1e-4)."""
+    import diffusers
+    from diffusers import AnimateDiffVideoToVideoPipeline
+    from PIL import Image
+
+    style = np.zeros((64, 64, 3), np.uint8)
+    style[8:40, 20:60] = (250, 120, 10)
+    window, overlap, steps, strength, guidance, scale = 3, 1, 2, 0.75, 3.0, 0.8
+    engine = AnimateDiffEngine.from_parts(parts)
+    engine.motion_dir, engine.models_dir = str(motion_dir), str(ip_models)
+    engine.prepare(params(motion_window=window, motion_overlap=overlap, steps=steps, strength=strength,
+                          guidance=guidance, negative_prompt="blurry", ip_adapter="style", ip_adapter_scale=scale))
+    engine.wait_for_motion()
+    ours = styled_run(engine, frames[:4], style)
+
+    adapter = tiny_adapter(seed=1)
+    scheduler = copy.deepcopy(parts.scheduler)
+    pipe = AnimateDiffVideoToVideoPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                           unet=parts.unet, motion_adapter=adapter, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    folder = ip_models / "ip_adapter"
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name="style.safetensors",
+                         image_encoder_folder=str(folder / "image_encoder"))
+    size = pipe.image_encoder.config.image_size
+    pipe.feature_extractor = diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    pipe.set_ip_adapter_scale(scale)
+    with torch.inference_mode():
+        inputs = parts.vae.encode(frames[:4].permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mode()
+    inputs = inputs * parts.vae.config.scaling_factor
+
+    def run_pipe(latents: torch.Tensor, places: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return frames_and_final_latents(pipe, prompt="a red fox", negative_prompt="blurry", latents=latents,
+                                        strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                                        ip_adapter_image=Image.fromarray(style))
+
+    theirs = replay_window(scheduler, inputs, run_pipe, window=window, overlap=overlap, steps=steps,
+                           strength=strength)
+    for index, (mine, reference) in enumerate(zip(ours, theirs)):
+        error = relative_error(mine, reference)
+        assert error <= 1e-4, f"frame {index}: relative error {error:.2e}"
+    plain = run(engine_for(parts, motion_dir, motion_window=window, motion_overlap=overlap, steps=steps,
+                           strength=strength, guidance=guidance, negative_prompt="blurry"), frames[:4])
+    assert (ours[-1] - plain[-1]).abs().max() > 1e-3  # the style image did something
+
+
+def test_each_session_s_window_has_its_own_style_image(parts, motion_dir, ip_models, frames):
+    """Two sessions in one batch, one styled and one not: each is the frame it would be alone (the unstyled one
+    the engine's plain output), so the style rows follow their session's window."""
+    style = np.full((64, 64, 3), (250, 120, 10), np.uint8)
+    engine = AnimateDiffEngine.from_parts(parts)
+    engine.motion_dir, engine.models_dir = str(motion_dir), str(ip_models)
+    engine.prepare(params(motion_window=3, guidance=2.0, negative_prompt="blurry", ip_adapter="style",
+                          ip_adapter_scale=1.0))
+    engine.wait_for_motion()
+    engine.ip_adapters.wait()
+    from sdbridge.engines.base import CONDITIONS
+
+    styled, bare = StreamState("styled"), StreamState("bare")
+    together = None
+    for index in range(3):
+        styled.data.setdefault(CONDITIONS, {})[1] = style
+        for state in (styled, bare):
+            engine.ip_adapters.condition(state.data, frames[index].numpy())
+        together = engine.step_float(frames[index:index + 1].expand(2, -1, -1, -1), [styled, bare])
+    alone = styled_run(engine, frames[:3], style)[-1]
+    plain = run(engine, frames[:3])[-1]
+    assert relative_error(together[0:1], alone) <= 1e-4
+    assert relative_error(together[1:2], plain) <= 1e-4
+    assert relative_error(alone, plain) > 1e-3
