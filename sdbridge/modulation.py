@@ -26,10 +26,12 @@ depth 0, or with no audio input, leaves its target exactly as it is.
 
 from __future__ import annotations
 
-import math
 import difflib
+import math
+import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sdbridge.errors import ParamError
@@ -39,7 +41,10 @@ SLOTS = ("lfo1", "lfo2")
 SHAPES = ("sine", "triangle", "saw", "square")
 ENV_SLOTS = ("env1", "env2")
 ENV_BANDS = ("rms", "low", "mid", "high", "onset")  # audio_analysis.BANDS (not imported: that one needs numpy)
-ON_ONSET = ("none", "seed_step")
+ON_ONSET = ("none", "seed_step", "preset_next", "preset_random")
+ONSET_EVERY_MAX = 64
+# presets.NAME, not imported: presets imports params, which imports this module.
+_PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 
 # Integer parameters whose in-between values are no quantity: seed 43 is as far from 42 as any
 # other; a new width or height re-opens the outputs and re-sizes the engine; steps, clip_skip and
@@ -125,11 +130,79 @@ def envelope_params() -> tuple[ParamSpec, ...]:
                       "long (0: at once).", minimum=0.0, maximum=5000.0, group="modulation"),
             ParamSpec(f"{slot}.release_ms", "float", 200.0, "Fall time: a drop in level is followed to 63% in this "
                       "long (0: at once).", minimum=0.0, maximum=10000.0, group="modulation"),
-            ParamSpec(f"{slot}.on_onset", "enum", "none", "What each onset (transient) in the sound also does: "
-                      "none, or seed_step (the seed goes up by one: a new picture on every kick).",
+            ParamSpec(f"{slot}.on_onset", "enum", "none", "What an onset (transient) in the sound also does: "
+                      "none; seed_step (the seed goes up by one: a new picture on every kick); preset_next or "
+                      "preset_random (a preset of `presets` is recalled, with its glide).",
                       choices=ON_ONSET, group="modulation"),
+            ParamSpec(f"{slot}.onset_every", "int", 1, "on_onset acts on every Nth onset only (4: once a bar of "
+                      "four kicks).", minimum=1, maximum=ONSET_EVERY_MAX, group="modulation"),
+            ParamSpec(f"{slot}.presets", "str", "", "The presets preset_next steps through and preset_random picks "
+                      "from, comma-separated in order; empty: every preset, by name.", max_length=1024,
+                      group="modulation", check=check_preset_list),
         ]
     return tuple(specs)
+
+
+def preset_list(value: str) -> list[str]:
+    """``envN.presets`` -> its names, in order (empty: none given)."""
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def check_preset_list(spec: ParamSpec, value: Any, schema: Schema) -> None:
+    """Names a preset may have (whether one exists is told at the recall: presets come and go)."""
+    for name in preset_list(value):
+        if not _PRESET_NAME.fullmatch(name):
+            shown = name if len(name) <= 40 else name[:37] + "..."
+            raise ParamError(f"{spec.name}: {shown!r} is not a preset name (letters, digits, space, _ . -; at most "
+                             f"64)", name=spec.name, value=value)
+
+
+@dataclass
+class OnsetAction:
+    """What a block's onsets do: steps for the seed, and the presets to recall (in order; usually one)."""
+
+    seed_steps: int = 0
+    presets: list[str] = field(default_factory=list)
+
+
+class OnsetActions:
+    """Each envelope slot's ``on_onset``, sans I/O: counts onsets to every ``onset_every``-th, and steps through
+    (``preset_next``) or picks from (``preset_random``, never the one it recalled last) the slot's presets."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._counts = dict.fromkeys(ENV_SLOTS, 0)
+        self._last: dict[str, str | None] = dict.fromkeys(ENV_SLOTS)
+        self._rng = rng or random.Random()
+
+    def feed(self, onsets: int, params: Mapping[str, Any], every_preset: Callable[[], list[str]]) -> OnsetAction:
+        """``onsets`` heard in one block; ``every_preset``: the library's names, for a slot that names none."""
+        action = OnsetAction()
+        for slot in ENV_SLOTS:
+            kind = params[f"{slot}.on_onset"]
+            if kind == "none":
+                self._counts[slot] = 0  # turned on again, it counts from its next onset
+                continue
+            fires, self._counts[slot] = divmod(self._counts[slot] + onsets, int(params[f"{slot}.onset_every"]))
+            if not fires:
+                continue
+            if kind == "seed_step":
+                action.seed_steps += fires
+                continue
+            names = preset_list(params[f"{slot}.presets"]) or every_preset()
+            if names:
+                for _ in range(fires):
+                    name = self._pick(slot, kind, names)
+                action.presets.append(name)  # several in one block: the last is what shows
+        return action
+
+    def _pick(self, slot: str, kind: str, names: list[str]) -> str:
+        last = self._last[slot]
+        if kind == "preset_next":
+            name = names[(names.index(last) + 1) % len(names)] if last in names else names[0]
+        else:
+            name = self._rng.choice([other for other in names if other != last] or names)
+        self._last[slot] = name
+        return name
 
 
 def envelope_amount(params: Mapping[str, Any], slot: str, level: float) -> float:

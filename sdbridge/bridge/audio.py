@@ -9,7 +9,8 @@ This module is the thin I/O shell: one thread takes blocks (from the file, or fr
 callback fills) and hands them to the sans-I/O :class:`~sdbridge.audio_analysis.AudioAnalyser` and
 :class:`~sdbridge.audio_analysis.EnvelopeBank`, with each slot's band, attack and release read from the
 parameter store. The worker reads :meth:`AudioInput.levels` at each frame boundary (modulation.modulate);
-an onset with ``envN.on_onset = seed_step`` steps the stored seed.
+an onset acts as ``envN.on_onset`` says (modulation.OnsetActions): it steps the stored seed, or recalls a preset
+through :attr:`AudioInput.recall`, which the daemon points at its loop.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import queue
 import threading
 import time
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from sdbridge.audio_analysis import AudioAnalyser, EnvelopeBank, SlotSetting
 from sdbridge.errors import ConfigError
-from sdbridge.modulation import ENV_SLOTS, envelope_amount
+from sdbridge.modulation import ENV_SLOTS, OnsetActions, envelope_amount
 from sdbridge.params import ParamStore
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,14 @@ class AudioInput:
         self.blocks = 0
         self.dropped = 0       # device blocks dropped because the analysis thread fell behind
         self.seed_steps = 0
+        self.preset_recalls = 0
+        self.last_preset: str | None = None
         self.errors = 0
+        self.onset_actions = OnsetActions()
+        # Set by the daemon: the preset library's names, and a recall that runs on its loop (this thread must not
+        # glide parameters itself). Without them an onset recalls nothing.
+        self.preset_names: Callable[[], list[str]] = list
+        self.recall: Callable[[str], None] | None = None
         self._file: tuple[np.ndarray, int] | None = None
         self._stream: Any = None
         self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=QUEUE_BLOCKS)
@@ -253,10 +261,15 @@ class AudioInput:
         self.blocks += 1
         onsets = sum(1 for analysis in analyses if analysis.onset)
         if onsets:
-            steps = sum(onsets for slot in ENV_SLOTS if params[f"{slot}.on_onset"] == "seed_step")
-            if steps:
-                self.seed_steps += steps
-                self.store.update({"seed": (int(self.store.get("seed")) + steps) % (SEED_MAX + 1)})
+            action = self.onset_actions.feed(onsets, params, self.preset_names)
+            if action.seed_steps:
+                self.seed_steps += action.seed_steps
+                self.store.update({"seed": (int(self.store.get("seed")) + action.seed_steps) % (SEED_MAX + 1)})
+            for name in action.presets:
+                self.preset_recalls += 1
+                self.last_preset = name
+                if self.recall is not None:
+                    self.recall(name)
 
     def levels(self) -> dict[str, float]:
         """{slot: smoothed band level}: the worker's envelopes for modulation.modulate."""
@@ -276,6 +289,8 @@ class AudioInput:
             "errors": self.errors,
             "onsets": analyser.onsets if analyser is not None else 0,
             "seed_steps": self.seed_steps,
+            "preset_recalls": self.preset_recalls,
+            "last_preset": self.last_preset,
             "bands": {band: round(value, 4) for band, value in self.bank.meter_levels().items()},
             "envelopes": {slot: {"target": params[f"{slot}.target"], "band": params[f"{slot}.band"],
                                  "level": round(levels.get(slot, 0.0), 4),

@@ -159,6 +159,9 @@ class Daemon:
                     self.midi.stop()
                 raise
             self.worker.envelopes = self.audio.levels
+            self.audio.preset_names = self.control.presets.names
+            loop = self._loop
+            self.audio.recall = lambda name: loop.call_soon_threadsafe(self._recall_on_onset, name)
         try:
             sock = bind_socket(settings.host, settings.port)
         except OSError as exc:
@@ -344,6 +347,17 @@ class Daemon:
         if loop is None or loop.is_closed():
             return
         loop.call_soon_threadsafe(self._broadcast_all, event)
+
+    def _recall_on_onset(self, name: str) -> None:
+        """Loop thread: a preset an audio onset asked for (env on_onset preset_next/random); a missing or broken
+        one is told as an OSC error is, and the stream goes on."""
+        try:
+            errors = self.control.recall_preset(name)[1]
+        except SdbridgeError as exc:
+            errors = [exc]
+        for exc in errors:
+            log.warning("audio onset: preset %r: %s", name, exc)
+            self.report_osc_error(exc)
 
     def _broadcast_all(self, message: dict[str, Any]) -> None:
         for session in self.registry.sessions():

@@ -83,3 +83,35 @@ def test_a_bad_audio_in_stops_the_start_naming_it(start_daemon, tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     with pytest.raises(ConfigError, match="not a PCM WAV file"):
         start_daemon(params={"engine": "identity"}, audio_in=f"file:{tmp_path / 'bad.wav'}")
+
+
+def test_every_second_onset_recalls_the_next_preset(start_daemon, tmp_path):
+    """env1.on_onset preset_next, every 2nd onset, through two presets: the pulse file's tones step the stored
+    prompt through them in order, with their glide, while the stream runs; a missing name is told, not fatal."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    for name in ("dawn", "dusk"):
+        (presets / f"{name}.toml").write_text(f'glide_s = 0.0\n\n[params]\nprompt = "a {name} sky"\n')
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity", "env1.on_onset": "preset_next", "env1.onset_every": 2,
+                                      "env1.presets": "dawn, gone, dusk"},
+                              audio_in=f"file:{pulse_wav(tmp_path / 'pulse.wav', 0.2, 0.2)}", presets_dir=str(presets),
+                              feedback_port=receiver.port)
+        prompts: list[str] = []
+
+        def seen_all() -> bool:
+            prompt = daemon.store.get("prompt")
+            if not prompts or prompts[-1] != prompt:
+                prompts.append(prompt)
+            return len(set(prompts) - {""}) >= 2 and daemon.audio.preset_recalls >= 4
+
+        assert wait_for(seen_all, timeout=20, interval=0.01), (prompts, daemon.audio.describe())
+        recalled = [p for p in prompts if p.startswith("a ")]
+        assert recalled[:2] == ["a dawn sky", "a dusk sky"]  # in the list's order, 'gone' skipped with an error
+        errors = [args for address, args in receiver.messages(1.0) if address == "/sd/status/error"]
+        assert any("gone" in str(args) for args in errors), errors
+        stats = httpx.get(f"http://127.0.0.1:{daemon.port}/stats", trust_env=False).json()["audio"]
+        assert stats["preset_recalls"] >= 4 and stats["onsets"] >= 2 * 3  # every 2nd onset acted
+    finally:
+        receiver.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 from pathlib import Path
 
@@ -119,3 +120,47 @@ def test_a_plugins_place_in_the_chain_is_no_target_and_an_envelope_is_named_as_o
         assert ("an envelope" if slot == "env1" else "an LFO") + " can move" in str(errors[0])
     applied, errors = store.update({"env1.target": "plugin.similarity.threshold"})
     assert errors == [] and applied == {"env1.target": "plugin.similarity.threshold"}
+
+
+def onset_params(**slots) -> dict:
+    """The env slots' on_onset settings: ``env1=("preset_next", 2, "a,b,c")``; the other slot off."""
+    params = {}
+    for slot in ("env1", "env2"):
+        kind, every, presets = slots.get(slot, ("none", 1, ""))
+        params.update({f"{slot}.on_onset": kind, f"{slot}.onset_every": every, f"{slot}.presets": presets})
+    return params
+
+
+def test_onsets_act_on_every_nth_and_step_through_the_slot_s_presets():
+    from sdbridge.modulation import OnsetActions
+
+    actions = OnsetActions()
+    params = onset_params(env1=("preset_next", 2, "calm, neon ,watercolor"), env2=("seed_step", 3, ""))
+    fed = [actions.feed(1, params, lambda: ["unused"]) for _ in range(8)]
+    assert [a.presets for a in fed] == [[], ["calm"], [], ["neon"], [], ["watercolor"], [], ["calm"]]
+    assert [a.seed_steps for a in fed] == [0, 0, 1, 0, 0, 1, 0, 0]
+    # 5 onsets at every 2nd: neon then watercolor in one block, the last is what shows; one onset counts on.
+    assert actions.feed(5, params, list).presets == ["watercolor"]
+    assert actions.feed(1, params, list).presets == ["calm"]
+
+
+def test_preset_random_never_repeats_and_an_empty_list_is_every_preset():
+    from sdbridge.modulation import OnsetActions
+
+    actions = OnsetActions(random.Random(5))
+    params = onset_params(env1=("preset_random", 1, ""))
+    picked = [actions.feed(1, params, lambda: ["a", "b", "c"]).presets[0] for _ in range(30)]
+    assert set(picked) == {"a", "b", "c"} and all(x != y for x, y in zip(picked, picked[1:]))
+    assert actions.feed(1, params, list).presets == []  # no preset at all: nothing to recall
+    off = onset_params(env1=("none", 1, ""))
+    assert actions.feed(3, off, lambda: ["a"]).presets == []
+
+
+def test_a_preset_list_takes_names_a_preset_may_have():
+    store = ParamStore()
+    assert store.update({"env1.presets": "calm, Neon-2,water colour.v1"})[1] == []
+    for bad in ("calm,../etc", "calm,,\u00e9t\u00e9", "x" * 65):
+        [error] = store.update({"env1.presets": bad})[1]
+        assert "is not a preset name" in str(error)
+    [error] = store.update({"env1.onset_every": 0})[1]
+    assert "env1.onset_every 0 not in [1, 64]" in str(error)
