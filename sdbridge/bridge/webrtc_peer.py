@@ -18,11 +18,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription  # noqa: F401
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
 
 from sdbridge.bridge.webrtc_sdp import IceServer
 
@@ -43,9 +46,49 @@ def new_peer_connection(ice_servers: Sequence[IceServer] = ()) -> RTCPeerConnect
 
 def keep_only_video(pc: RTCPeerConnection, video_direction: str) -> None:
     """Before the answer: video one way, every other section (OBS offers Opus audio) inactive, so no
-    receiver starts for it and no decoded audio queues up unread."""
+    receiver starts for it and no decoded audio queues up unread. A video receiver gets the
+    :class:`MarkerJitterBuffer`."""
     for transceiver in pc.getTransceivers():
         transceiver.direction = video_direction if transceiver.kind == "video" else "inactive"
+        if transceiver.kind == "video" and video_direction == "recvonly":
+            release_frames_on_marker(transceiver.receiver)
+
+
+class MarkerJitterBuffer(JitterBuffer):
+    """aiortc's video jitter buffer, but a frame goes to the decoder as soon as its last packet is in.
+
+    aiortc's own releases a frame when the first packet of the next one arrives: one frame interval late
+    (33 ms at 30 fps; benchmarks/bench_webrtc.py measured it, RESULTS.md). Senders set the RTP marker bit on a
+    frame's last packet (RFC 7741 for VP8, RFC 6184 for H.264's access units), so a run of packets from the
+    oldest, without a gap, of one timestamp and ending in the marker is a whole frame. Anything else (a gap, a
+    sender without markers) falls back to aiortc's rule."""
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        packets: list[RtpPacket] = []
+        for count in range(self.capacity):
+            packet = self._packets[(self._origin + count) % self.capacity]
+            if packet is None or (packets and packet.timestamp != packets[0].timestamp):
+                break
+            packets.append(packet)
+            if packet.marker:
+                self.remove(count + 1)
+                return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
+        return super()._remove_frame(sequence_number)
+
+
+# aiortc keeps its receiver's jitter buffer in a private attribute: checked here, so that a release that
+# renames it is a test failure (tests/unit/bridge/test_webrtc_peer.py), not a silent loss of a frame of latency.
+_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+
+
+def release_frames_on_marker(receiver: Any) -> bool:
+    """Give a video receiver the :class:`MarkerJitterBuffer` before any packet came. -> whether it took it."""
+    current = getattr(receiver, _JITTER_BUFFER, None)
+    if type(current) is not JitterBuffer or current._origin is not None:
+        log.debug("WebRTC receiver keeps aiortc's jitter buffer (%s)", type(current).__name__)
+        return False
+    setattr(receiver, _JITTER_BUFFER, MarkerJitterBuffer(capacity=current.capacity, is_video=True))
+    return True
 
 
 class IngestReader:

@@ -15,7 +15,11 @@ pytest.importorskip("aiortc", reason="WebRTC tests need aiortc (pip install 'sdb
 import av  # noqa: E402
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack  # noqa: E402
 
-from sdbridge.bridge.webrtc_peer import IngestReader, OutputTrack  # noqa: E402
+from aiortc.jitterbuffer import JitterBuffer  # noqa: E402
+from aiortc.rtp import RtpPacket  # noqa: E402
+
+from sdbridge.bridge.webrtc_peer import (IngestReader, MarkerJitterBuffer, OutputTrack,  # noqa: E402
+                                         keep_only_video, new_peer_connection)
 
 
 def test_a_viewer_that_does_not_take_its_frames_keeps_only_the_newest_and_never_blocks_the_offer() -> None:
@@ -84,3 +88,52 @@ def test_a_slow_conversion_drops_older_frames_before_converting_them() -> None:
     assert reader.frames == len(put) and reader.dropped > 0 and reader.frames + reader.dropped <= 60
     assert put == sorted(put) and len(set(put)) == len(put)  # in order, none twice
     assert len(put) < 30  # most of the 60 were never converted
+
+
+def feed(buffer: JitterBuffer, packets: list[tuple[int, int, bool]]) -> list[tuple[int, bytes] | None]:
+    """(sequence number, timestamp, marker) in arrival order -> what each add released: (timestamp, payload)."""
+    out = []
+    for sequence, timestamp, marker in packets:
+        packet = RtpPacket(sequence_number=sequence, timestamp=timestamp, marker=marker)
+        packet._data = bytes([sequence % 256])
+        frame = buffer.add(packet)[1]
+        out.append(None if frame is None else (frame.timestamp, frame.data))
+    return out
+
+
+def test_a_frame_goes_to_the_decoder_with_its_last_packet_not_with_the_next_frame_s_first() -> None:
+    packets = [(0, 0, False), (1, 0, True), (2, 3000, False), (3, 3000, True)]
+    assert feed(MarkerJitterBuffer(512, is_video=True), packets) == [None, (0, b"\x00\x01"), None,
+                                                                      (3000, b"\x02\x03")]
+    # aiortc's own: each frame one packet (one frame interval) later, the last not yet.
+    assert feed(JitterBuffer(512, is_video=True), packets) == [None, None, (0, b"\x00\x01"), None]
+
+
+def test_out_of_order_wrapped_or_markerless_packets_still_make_whole_frames() -> None:
+    late_middle = [(10, 0, False), (12, 0, True), (11, 0, False), (13, 90, True)]
+    assert feed(MarkerJitterBuffer(512, is_video=True), late_middle) == [None, None, (0, b"\n\x0b\x0c"),
+                                                                          (90, b"\r")]
+    wrapped = [(65534, 7, False), (65535, 7, True), (0, 8, True)]
+    assert feed(MarkerJitterBuffer(512, is_video=True), wrapped) == [None, (7, b"\xfe\xff"), (8, b"\x00")]
+    no_markers = [(0, 0, False), (1, 0, False), (2, 3000, False)]  # a sender that sets none: aiortc's rule
+    assert feed(MarkerJitterBuffer(512, is_video=True), no_markers) == [None, None, (0, b"\x00\x01")]
+
+
+def test_a_whip_answer_s_video_receiver_gets_the_marker_jitter_buffer() -> None:
+    """The buffer sits in aiortc's private receiver attribute: this fails, rather than a frame of latency coming
+    back unseen, if an aiortc release moves it."""
+    from aiortc import RTCSessionDescription
+
+    async def run() -> None:
+        sender, daemon_side = new_peer_connection(), new_peer_connection()
+        sender.addTransceiver("video", direction="sendonly")
+        sender.addTransceiver("audio", direction="sendonly")
+        await sender.setLocalDescription(await sender.createOffer())
+        await daemon_side.setRemoteDescription(RTCSessionDescription(sender.localDescription.sdp, "offer"))
+        keep_only_video(daemon_side, "recvonly")
+        buffers = {t.kind: getattr(t.receiver, "_RTCRtpReceiver__jitter_buffer") for t in daemon_side.getTransceivers()}
+        assert type(buffers["video"]) is MarkerJitterBuffer and buffers["video"].capacity == 512
+        assert type(buffers["audio"]) is JitterBuffer  # audio (answered inactive) keeps aiortc's
+        await asyncio.gather(sender.close(), daemon_side.close())
+
+    asyncio.run(run())
