@@ -87,7 +87,7 @@ def test_a_file_that_is_not_there_is_a_start_up_error(tmp_path) -> None:
     with pytest.raises(InputError, match="does not exist") as error:
         create_input(parse_spec(f"file:{tmp_path / 'nope.mp4'}")).check()
     assert error.value.code == "bad_input"
-    assert repr(f"file:{tmp_path / 'nope.mp4'}@file") in str(error.value)  # quoted, as every other spec error
+    assert repr(f"file:{tmp_path / 'nope.mp4'}") in str(error.value)  # quoted as typed, as every other spec error
     with pytest.raises(InputError, match="holds no images"):
         create_input(parse_spec(f"file:{tmp_path}")).check()
 
