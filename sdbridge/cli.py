@@ -287,7 +287,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from sdbridge.doctor import ERROR, Finding, run_checks
+    from sdbridge.doctor import ERROR, Finding, run_checks, summary
 
     try:
         settings = _settings_from(args)
@@ -297,9 +297,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     findings = run_checks(settings)
     for finding in findings:
         print(finding)
-    errors = sum(1 for f in findings if f.level == ERROR)
-    print(f"\n{errors} problem(s) found" if errors else "\nall good")
-    return 1 if errors else 0
+    print(f"\n{summary(findings)}")
+    return 1 if any(f.level == ERROR for f in findings) else 0
 
 
 def _add_folder_flag(action: argparse.ArgumentParser, flag: str, help_text: str) -> None:

@@ -1,6 +1,7 @@
 """``sdbridge doctor``: what is wrong with this set-up, and how to fix it.
 
-Each check returns :class:`Finding` s; the command prints them and exits 1 when any is an error.
+Each check returns :class:`Finding` s; the command prints them, ends with :func:`summary`, and exits 1 when any
+is an error.
 Checks take their inputs as arguments (settings, PATH lookups) so tests can build a set-up that
 has each problem.
 """
@@ -21,7 +22,9 @@ from typing import Any
 from sdbridge.config import Settings
 from sdbridge.errors import ConfigError, SdbridgeError
 
-OK, WARN, ERROR = "ok", "warn", "error"
+# OFF: an optional part that is not installed, said with how to get it. Neither fine nor a problem, so not "ok"
+# (QA 6 read "[  ok ] webrtc: off" as a contradiction) and not counted in the summary.
+OK, OFF, WARN, ERROR = "ok", "off", "warn", "error"
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Finding:
     fix: str = ""
 
     def __str__(self) -> str:
-        mark = {OK: "  ok ", WARN: "warn ", ERROR: "ERROR"}[self.level]
+        mark = {OK: "  ok ", OFF: " off ", WARN: "warn ", ERROR: "ERROR"}[self.level]
         text = f"[{mark}] {self.topic}: {self.message}"
         return text + (f"\n         fix: {self.fix}" if self.fix else "")
 
@@ -275,7 +278,7 @@ def check_webrtc(import_module: Callable[[str], Any] = importlib.import_module) 
         from aioice.ice import get_host_addresses
         from aiortc.rtcrtpsender import RTCRtpSender
     except ImportError:
-        return [Finding(OK, "webrtc", "off: aiortc is not installed, /whip and /whep answer 501",
+        return [Finding(OFF, "webrtc", "aiortc is not installed: /whip and /whep answer an offer with 501",
                         "for OBS's WHIP output and WHEP viewers: pip install 'sdbridge[webrtc]' (docs/webrtc.md)")]
     codecs = dict.fromkeys(codec.mimeType.split("/")[1] for codec in RTCRtpSender.getCapabilities("video").codecs
                            if codec.mimeType.lower() != "video/rtx")
@@ -382,6 +385,17 @@ def check_ip_adapters(settings: Settings) -> list[Finding]:
         else:
             findings.append(Finding(OK, "ip_adapter", f"{name}: {path.name}, image encoder {encoder}"))
     return findings
+
+
+def summary(findings: list[Finding]) -> str:
+    """The run's last line: the errors, else the warnings, else "all good" (never with a warning above it)."""
+    errors = sum(1 for finding in findings if finding.level == ERROR)
+    warnings = sum(1 for finding in findings if finding.level == WARN)
+    if errors:
+        return f"{errors} problem(s) found" + (f", {warnings} warning(s)" if warnings else "")
+    if warnings:
+        return f"{warnings} warning(s), no errors"
+    return "all good"
 
 
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:

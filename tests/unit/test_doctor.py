@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from sdbridge.config import Settings
-from sdbridge.doctor import ERROR, OK, WARN, check_mdns, check_model, check_ports, port_problem
+from sdbridge.doctor import (ERROR, OFF, OK, WARN, Finding, check_mdns, check_model, check_ports, port_problem,
+                             summary)
 
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 
@@ -155,3 +156,12 @@ def test_inputs_and_outputs_say_what_is_wrong_with_each_spec(tmp_path):
     assert "gone.mp4" in findings[2].message
     [bad] = check_outputs(Settings(outputs=[f"record:{tmp_path}?interpolate=9x"]))
     assert bad.level == ERROR and "interpolate" in bad.message and "fix the spec" in bad.fix
+
+
+def test_the_last_line_says_all_good_only_without_warnings_or_errors():
+    ok, off = Finding(OK, "codec", "works"), Finding(OFF, "webrtc", "aiortc is not installed")
+    warn, error = Finding(WARN, "gpu", "no GPU"), Finding(ERROR, "model", "missing")
+    assert summary([ok, off]) == "all good"  # an optional part that is off is not a warning
+    assert summary([ok, warn, warn]) == "2 warning(s), no errors"  # QA 6: was "all good" under [warn ] lines
+    assert summary([error, warn, ok]) == "1 problem(s) found, 1 warning(s)"
+    assert summary([error]) == "1 problem(s) found"

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from sdbridge.doctor import OK, WARN, check_webrtc
+from sdbridge.doctor import OFF, OK, WARN, check_webrtc
 
 
 def test_with_aiortc_it_names_the_version_and_the_video_codecs() -> None:
@@ -30,4 +30,6 @@ def test_without_aiortc_it_says_the_routes_answer_501_and_what_to_install() -> N
         return importlib.import_module(name)
 
     [finding] = check_webrtc(import_module)
-    assert finding.level == OK and "501" in finding.message and "pip install 'sdbridge[webrtc]'" in finding.fix
+    # Off, not "ok" (QA 6, finding 13): an optional part missing is neither fine nor a problem.
+    assert finding.level == OFF and "501" in finding.message and "pip install 'sdbridge[webrtc]'" in finding.fix
+    assert str(finding).startswith("[ off ] webrtc: aiortc is not installed")
