@@ -1,4 +1,5 @@
-"""The WebRTC page (/webrtc) in Debian's chromium: the fake camera through WHIP, the output through WHEP."""
+"""The WebRTC page (/webrtc) in Debian's chromium: the fake camera through WHIP, the output through WHEP, and what
+the page says when the camera is refused or out of reach, or when nothing feeds the session it watches."""
 
 from __future__ import annotations
 
@@ -25,14 +26,23 @@ SIZE = 128
 ARGS = [*CHROMIUM_ARGS, "--disable-features=WebRtcHideLocalIpsWithMdns"]
 
 
+# A name that reaches the daemon on loopback but is not localhost: over plain http the page is no secure context there.
+OTHER_HOST = "sdbridge.test"
+
+
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield browser
-        browser.close()
+        yield playwright
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+    yield browser
+    browser.close()
 
 
 class LoopThread:
@@ -73,6 +83,14 @@ def shown_mean(page) -> tuple[list[float], list[int]]:
 
 def session_stats(daemon, name: str) -> dict[str, Any] | None:
     return next((s for s in stats(daemon)["sessions"] if s["id"] == name), None)
+
+
+def shown(page) -> dict[str, Any]:
+    """The page's status line, and its hint and error boxes (None while hidden)."""
+    return page.evaluate("""() => {
+        const box = id => { const e = document.getElementById(id); return !e || e.hidden ? null : e.textContent; };
+        return {status: document.getElementById('status').textContent, hint: box('hint'), error: box('error')};
+    }""")
 
 
 def test_the_page_watches_a_session_through_whep_and_sends_its_camera_through_whip(browser, start_daemon) -> None:
@@ -116,6 +134,80 @@ def test_the_page_watches_a_session_through_whep_and_sends_its_camera_through_wh
         page.click("#stop")
         assert wait_for(lambda: daemon.registry.get("cam") is None, 10)
         assert [c["session"] for c in stats(daemon)["webrtc"]["connections"]] == ["red"]
+        assert errors == []
+    finally:
+        page.close()
+        if sender is not None:
+            peer_loop.run(sender.close())
+        peer_loop.run(http.aclose())
+        peer_loop.close()
+
+
+def test_the_page_says_why_the_camera_cannot_be_had(playwright, start_daemon) -> None:
+    # No fake-UI flag: chromium asks for the camera, and this flag answers no, as a user who clicked "Block".
+    args = [arg for arg in ARGS if arg != "--use-fake-ui-for-media-stream"]
+    args += ["--deny-permission-prompts", f"--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1"]
+    daemon = start_daemon(params={"engine": "identity", "width": SIZE, "height": SIZE}, allowed_hosts=[OTHER_HOST])
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+    try:
+        # 1. Refused: the page says so and where to allow it (it said only "Permission denied", status "idle").
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{daemon.port}/webrtc?session=refused")
+        page.click("#send")
+        page.wait_for_function("!document.getElementById('error').hidden", timeout=10_000)
+        state = shown(page)
+        assert state["status"] == "error", state
+        assert "the camera was refused" in state["error"] and "site permissions" in state["error"], state
+        assert stats(daemon)["webrtc"]["whip"] == 0
+
+        # 2. Plain http on a host other than localhost: no navigator.mediaDevices at all. The page names the cause.
+        page = browser.new_page()
+        page.goto(f"http://{OTHER_HOST}:{daemon.port}/webrtc?session=far")
+        assert page.evaluate("navigator.mediaDevices === undefined")  # what a LAN address gives, for real
+        page.click("#send")
+        page.wait_for_function("!document.getElementById('error').hidden", timeout=10_000)
+        state = shown(page)
+        assert state["status"] == "error", state
+        assert "over plain http" in state["error"] and f"on {OTHER_HOST}" in state["error"], state
+        assert f"http://localhost:{daemon.port}/webrtc" in state["error"], state
+    finally:
+        browser.close()
+
+
+def test_watching_a_session_nobody_feeds_hints_why_and_a_success_clears_an_error(browser, start_daemon) -> None:
+    import httpx
+
+    daemon = start_daemon(params={"engine": "identity", "width": SIZE, "height": SIZE})
+    base = f"http://127.0.0.1:{daemon.port}"
+    peer_loop = LoopThread()
+    http = httpx.AsyncClient(base_url=base, timeout=30)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sender = None
+    try:
+        # 1. An error: a session name the daemon refuses.
+        page.goto(f"{base}/webrtc?session=a%20b")
+        page.click("#watch")
+        page.wait_for_function("!document.getElementById('error').hidden", timeout=10_000)
+        state = shown(page)
+        assert state["status"] == "error" and "WHEP 400" in state["error"], state
+
+        # 2. Then a success on a session that has no sender: the old error goes, and after a few seconds
+        # without a frame a hint says what may be missing.
+        page.fill("#session", "empty")
+        page.click("#watch")
+        page.wait_for_function("document.getElementById('status').textContent === 'watching'", timeout=10_000)
+        assert shown(page)["error"] is None
+        page.wait_for_function("!document.getElementById('hint').hidden", timeout=10_000)
+        state = shown(page)
+        assert 'session "empty"' in state["hint"] and "/stats" in state["hint"] and frames_shown(page) == 0, state
+
+        # 3. A sender arrives: frames are shown and the hint goes.
+        sender, posted = peer_loop.run(publish(http, "empty", RED))
+        assert posted.status_code == 201, posted.text
+        page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 1", timeout=30_000)
+        assert shown(page) == {"status": "watching", "hint": None, "error": None}
         assert errors == []
     finally:
         page.close()
