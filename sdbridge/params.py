@@ -38,6 +38,11 @@ def _plain_digits(text: str) -> str:
     return text
 
 
+def number_from_text(text: str) -> float:
+    """A float parameter's value typed as text ('0.3', ' 1e-1 '); ValueError for anything else."""
+    return float(_plain_digits(text))
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One live parameter: its type, range, default and documentation."""
@@ -92,7 +97,7 @@ class ParamSpec:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 try:
-                    value = float(_plain_digits(value))
+                    value = number_from_text(value)
                 except ValueError:
                     raise self._fail(value, "is not a number") from None
             else:
@@ -106,14 +111,14 @@ class ParamSpec:
         if not math.isfinite(number):
             raise self._fail(value, "is not a finite number")
         self._check_range(number, value)
-        return number
+        return number + 0.0  # -0.0 is 0.0: '-0' would otherwise come back as -0.0
 
     def _validate_int(self, value: Any) -> int:
         if isinstance(value, bool):
             raise self._fail(value, "is not an integer")
         if isinstance(value, str):
             try:
-                value = int(_plain_digits(value).strip(), 0)
+                value = int(_plain_digits(value).strip(), 10)  # decimal: '007' is 7, '0x10' is no integer here
             except ValueError:
                 raise self._fail(value, "is not an integer") from None
         if isinstance(value, float):
@@ -165,9 +170,15 @@ class ParamSpec:
 
     def denormalize(self, fraction: float) -> Any:
         """Map 0–1 from a fader onto the parameter's range (``/sd/norm/<param>``)."""
+        if isinstance(fraction, str):  # as a parameter's own value: '0.9' from a controller that sends text
+            try:
+                fraction = number_from_text(fraction)
+            except ValueError:
+                pass
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) \
                 or (isinstance(fraction, float) and not math.isfinite(fraction)):
-            raise self._fail(fraction, "is not a number in [0, 1]")
+            raise ParamError(f"norm/{self.name} {shown_value(fraction)} is not a number in [0, 1]", name=self.name,
+                             value=fraction)
         if not 0.0 <= fraction <= 1.0:
             raise ParamError(f"norm/{self.name} {shown_value(fraction)} not in [0, 1]", name=self.name,
                              value=fraction)

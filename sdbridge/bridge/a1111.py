@@ -561,7 +561,7 @@ class A1111Api:
             hr_prompt = apply_style(hr_prompt, styles[name][0]) if hr_prompt else ""
             hr_negative = apply_style(hr_negative, styles[name][1]) if hr_negative else ""
         if hr_prompt:
-            self.check_loras(hr_prompt, kind)
+            self.check_loras(hr_prompt, kind, "hr_prompt")
         # "DPM++ 2M Karras" becomes "DPM++ 2M" with the Karras schedule, as A1111 1.9+ records it.
         sampler, schedule = samplers.resolve(body.sampler(), body.scheduler)
         request = GenerationRequest(
@@ -630,9 +630,10 @@ class A1111Api:
             raise HTTPException(422, f"hr_upscaler: {exc}") from None
         return lambda image, width, height: models.hires_upscale(name, image, width, height)
 
-    def check_loras(self, prompt: str, kind: str) -> None:
+    def check_loras(self, prompt: str, kind: str, field: str = "prompt") -> None:
         """The prompt's ``<lora:...>`` tags checked before the request queues: a client's typo answers
-        422 with one warning line, where the worker would log a failed request with its traceback."""
+        422 naming ``field``, with one warning line, where the worker would log a failed request with its
+        traceback."""
         from sdbridge.engines.lora import lora_path
         from sdbridge.engines.prompt_syntax import parse_prompt
 
@@ -650,8 +651,8 @@ class A1111Api:
                 problem = str(exc)
                 break
         if problem is not None:
-            log.warning("%s refused: %s", kind, problem)
-            raise HTTPException(422, problem)
+            log.warning("%s refused: %s: %s", kind, field, problem)
+            raise HTTPException(422, f"{field}: {problem}")
 
     def clip_skip(self, value: Any, field: str) -> int:
         """A1111's CLIP_stop_at_last_layers (1: the last layer, 2: the one before) -> the live

@@ -242,10 +242,7 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
                 name = Schema.name_from_osc_path(path[len("norm/"):])
                 spec = schema.get(name)
                 fraction = _one_value(call, name)
-                if isinstance(fraction, (str, bool)):
-                    raise ParamError(f"{call.address} {_shown(fraction)} is not a number in [0, 1]", name=name,
-                                     value=fraction)
-                actions.updates[name] = spec.validate(spec.denormalize(float(fraction)))
+                actions.updates[name] = spec.validate(spec.denormalize(fraction))
                 actions.addresses[name] = call.address
                 continue
             name = Schema.name_from_osc_path(path)

@@ -32,6 +32,12 @@ HEADER_SIZE = _LAYOUT.size  # 32
 MAX_DIMENSION = 8192
 MAX_PAYLOAD = MAX_DIMENSION * MAX_DIMENSION * 4
 
+# A session's name (``/ws?session=NAME``, ``/whip/NAME``, ``--input ...@NAME``, ``--output ...@NAME``): 1-64 of
+# A-Z a-z 0-9 _ . -, but not "." or "..", which URLs resolve as path segments (a WHIP resource at /whip/../ID
+# could not be deleted: QA 6). A pattern to embed, without anchors.
+SESSION_NAME = r"(?!\.\.?(?![A-Za-z0-9_.-]))[A-Za-z0-9_.-]{1,64}"
+SESSION_NAME_RULE = "1-64 of A-Z a-z 0-9 _ . -, not . or .."
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

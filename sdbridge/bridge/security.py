@@ -112,10 +112,12 @@ class AccessPolicy:
     def check_token(self, headers: Mapping[str, str], query: str) -> str | None:
         if not self.token:
             return None
-        offered = _offered_tokens(headers.get("authorization"), query)
+        offered = list(_offered_tokens(headers.get("authorization"), query))
         expected = self.token.encode()
         if any(hmac.compare_digest(candidate.encode(), expected) for candidate in offered):
             return None
+        if any(offered):  # one was sent: a typo in OBS's Bearer Token field is told as one (QA 6)
+            return "the token sent does not match the daemon's --token: check it for a typo"
         return ("a token is required: send Authorization: Bearer TOKEN, HTTP Basic with the token as password, "
                 "or ?token=")
 

@@ -8,7 +8,7 @@
 
 The routes sit behind the daemon's access middleware (Host, Origin, token) like every HTTP route; a WHIP
 client sends the token as ``Authorization: Bearer``. aiortc is optional (``pip install 'sdbridge[webrtc]'``):
-without it the routes answer 501. Peers are capped (503 past :data:`MAX_PEERS`), and one that fails ICE,
+without it an offer is answered 501. Peers are capped (503 past :data:`MAX_PEERS`), and one that fails ICE,
 closes or never connects is cleaned up, its session released as a WebSocket close releases it.
 """
 
@@ -291,7 +291,7 @@ async def read_sdp_body(request: Request, limit: int = MAX_SDP_BYTES) -> bytes:
 
 def _refuse(exc: WebRtcError) -> JSONResponse:
     # The body http.error_response sends (http.py imports this module, so it is not imported back).
-    return JSONResponse(exc.to_json(), status_code=exc.status)
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers={"Allow": exc.allow} if exc.allow else None)
 
 
 def create_webrtc_router(daemon: Daemon) -> APIRouter:
@@ -315,11 +315,9 @@ def create_webrtc_router(daemon: Daemon) -> APIRouter:
         return Response(status_code=200)
 
     def no_trickle() -> JSONResponse:
-        response = _refuse(WebRtcError(
+        return _refuse(WebRtcError(
             "trickle ICE and ICE restarts (PATCH) are not supported: the answer carries every candidate; "
-            "send the offer once ICE gathering is complete", status=405, code="no_trickle"))
-        response.headers["Allow"] = "DELETE"
-        return response
+            "send the offer once ICE gathering is complete", status=405, code="no_trickle", allow="DELETE"))
 
     @router.get("/webrtc", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -352,4 +350,26 @@ def create_webrtc_router(daemon: Daemon) -> APIRouter:
     async def whep_patch(session: str, resource_id: str) -> JSONResponse:
         return no_trickle()
 
+    # Last: any other method or path under /whip and /whep gets the error body the routes above give (FastAPI's
+    # own 404 and 405 are {"detail": ...}; QA 6).
+    @router.api_route("/whip/{rest:path}", methods=OTHER_METHODS)
+    @router.api_route("/whep/{rest:path}", methods=OTHER_METHODS)
+    async def elsewhere(request: Request, rest: str) -> JSONResponse:
+        return _refuse(elsewhere_error(request.method, request.url.path))
+
     return router
+
+
+OTHER_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def elsewhere_error(method: str, path: str) -> WebRtcError:
+    """A request under /whip or /whep that no route takes: 405 naming what the path allows, or 404."""
+    role, _, rest = path.strip("/").partition("/")
+    parts = rest.split("/") if rest else []
+    form = f"POST /{role}/NAME with an SDP offer; DELETE /{role}/NAME/ID ends it"
+    allowed = "POST" if len(parts) == 1 else "DELETE, PATCH" if len(parts) == 2 and all(parts) else None
+    if allowed is None or not all(parts):
+        return WebRtcError(f"nothing at {path[:120]!r}: {form}", status=404, code="not_found")
+    return WebRtcError(f"{method} {path[:120]!r} is not answered: it takes {allowed} ({form})", status=405,
+                       code="method_not_allowed", allow=allowed)

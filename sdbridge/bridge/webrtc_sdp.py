@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sdbridge.bridge.protocol import SESSION_NAME, SESSION_NAME_RULE
 from sdbridge.errors import SdbridgeError
 
 SDP_CONTENT_TYPE = "application/sdp"
@@ -19,7 +20,7 @@ SDP_CONTENT_TYPE = "application/sdp"
 # room for many interfaces and stops a client from making the daemon hold any size in memory.
 MAX_SDP_BYTES = 64 * 1024
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
-SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # as /ws?session=NAME (websocket.py)
+_SESSION = re.compile(rf"^{SESSION_NAME}$")
 RESOURCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -28,9 +29,10 @@ class WebRtcError(SdbridgeError):
 
     code = "bad_webrtc"
 
-    def __init__(self, message: str, *, status: int = 400, code: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int = 400, code: str | None = None, allow: str | None = None) -> None:
         super().__init__(message, code=code)
         self.status = status
+        self.allow = allow  # a 405's Allow header
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,8 @@ def check_content_type(value: str | None) -> None:
 
 
 def check_session_name(name: str) -> None:
-    if not SESSION_NAME.fullmatch(name):
-        raise WebRtcError(f"session name {name[:80]!r} must be 1-64 of A-Z a-z 0-9 _ . -", code="bad_session")
+    if not _SESSION.fullmatch(name):
+        raise WebRtcError(f"session name {name[:80]!r} must be {SESSION_NAME_RULE}", code="bad_session")
 
 
 def parse_offer(body: bytes) -> list[MediaSection]:

@@ -22,7 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sdbridge.bridge import codec
 from sdbridge.bridge.problem_log import ProblemLog
-from sdbridge.bridge.protocol import FrameHeader, sniff
+from sdbridge.bridge.protocol import SESSION_NAME, SESSION_NAME_RULE, FrameHeader, sniff
 from sdbridge.bridge.session import InputFrame, Session, Viewer
 from sdbridge.errors import CodecError, ParamError, ProtocolError, SdbridgeError
 from sdbridge.params import shown_value
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SESSION = re.compile(rf"^{SESSION_NAME}$")
 MAX_JSON_BYTES = 256 * 1024
 
 
@@ -252,9 +252,9 @@ async def _refuse_handshake(websocket: WebSocket, status: int, exc: SdbridgeErro
 async def websocket_endpoint(websocket: WebSocket) -> None:
     daemon: Daemon = websocket.app.state.daemon
     name = websocket.query_params.get("session")
-    if name is not None and not SESSION_NAME.fullmatch(name):
+    if name is not None and not _SESSION.fullmatch(name):
         await _refuse_handshake(websocket, 403, ProtocolError(
-            f"session name {shown_value(name)} must be 1-64 of A-Z a-z 0-9 _ . -", code="bad_session"))
+            f"session name {shown_value(name)} must be {SESSION_NAME_RULE}", code="bad_session"))
         return
     await websocket.accept()
     session = daemon.registry.open(name)

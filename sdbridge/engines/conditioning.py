@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sdbridge.engines.lora import LoraStack, find_loras, lora_path
+from sdbridge.engines.lora import LoraStack, lora_path
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.engines.prompt_encode import encode_prompt, encode_prompt_sdxl
 from sdbridge.engines.prompt_syntax import LoraWeights, parse_prompt
@@ -98,10 +98,8 @@ class TextConditioning:
             path = lora_path(folder, name)
         except PathError as exc:
             raise ParamError(f"LoRA {name!r} refused: {exc}", name="loras", value=name, code="unknown_lora") from None
-        except ModelError:
-            known = ", ".join(sorted(find_loras(folder))[:20]) or "none"
-            raise ParamError(f"LoRA {name!r} not found in {str(folder)!r} (there: {known})", name="loras",
-                             value=name, code="unknown_lora") from None
+        except ModelError as exc:  # its sentence lists the LoRAs there
+            raise ParamError(str(exc), name="loras", value=name, code="unknown_lora") from None
         self.loras.add(name, path, weight=0.0)
         log.info("LoRA %s loaded from %s", name, path)
 

@@ -502,7 +502,8 @@ def lora_path(folder: str | Path, name: str) -> Path:
         found = find_loras(folder)
         if name in found:
             return found[name]
-        raise ModelError(f"LoRA {name!r} not found in {str(folder)!r} ({len(found)} LoRAs there)")
+        known = ", ".join(sorted(found)[:20]) + (", ..." if len(found) > 20 else "") or "none"
+        raise ModelError(f"LoRA {name!r} not found in {str(folder)!r} (there: {known})")
     return path
 
 

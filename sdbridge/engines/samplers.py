@@ -157,11 +157,22 @@ def _require_torchsde(name: str) -> None:
         raise SamplerError(f"sampler {name!r} needs the torchsde package: pip install torchsde") from exc
 
 
+def _takes(sampler: Sampler, schedule: Schedule) -> bool:
+    try:
+        resolve(sampler.name, schedule.name)
+    except SamplerError:
+        return False
+    return True
+
+
 def a1111_samplers() -> list[dict[str, Any]]:
     """``/sdapi/v1/samplers``: name, aliases, options, as A1111 lists them."""
     out = []
     for sampler in SAMPLERS:
-        options: dict[str, str] = {"scheduler": "True"} if sampler.spaced else {}
+        # The schedule types it takes by name (A1111 lists "True"; Euler a then read as taking Karras, which it
+        # refuses: QA 6).
+        takes = [schedule.name for schedule in SCHEDULES[1:] if _takes(sampler, schedule)]
+        options: dict[str, str] = {"scheduler": ", ".join(takes)} if takes else {}
         if sampler.stochastic:
             options["brownian_noise" if "SDE" in sampler.name else "eta"] = "True"
         out.append({"name": sampler.name, "aliases": list(sampler.aliases), "options": options})

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sdbridge.bridge.protocol import PixelFormat
+from sdbridge.bridge.protocol import SESSION_NAME, SESSION_NAME_RULE, PixelFormat
 from sdbridge.errors import SdbridgeError
 
 
@@ -38,7 +38,7 @@ class InputError(SdbridgeError):
 
 MAX_CHANNEL = 255
 MAX_FPS = 1000.0
-_SESSION = re.compile(r"^(?P<session>[A-Za-z0-9_.-]{1,64})(?:#(?P<channel>\d{1,3}))?$")
+_SESSION = re.compile(rf"^(?P<session>{SESSION_NAME})(?:#(?P<channel>\d{{1,3}}))?$")
 _KIND = re.compile(r"^[a-z]+$")
 _REPLIES = {"jpeg": PixelFormat.JPEG, "png": PixelFormat.PNG, "rgb8": PixelFormat.RGB8, "rgba8": PixelFormat.RGBA8}
 _REPLY_NAMES = {value: name for name, value in _REPLIES.items()}
@@ -173,7 +173,7 @@ def parse_spec(text: str) -> InputSpec:
     if tail is not None:
         match = _SESSION.match(tail)
         if match is None:
-            raise _bad(f"input {text!r}: session {tail!r} is not 1-64 of A-Z a-z 0-9 _ . - with an optional "
+            raise _bad(f"input {text!r}: session {tail!r} is not {SESSION_NAME_RULE}, with an optional "
                        f"#CHANNEL (1-{MAX_CHANNEL}); the form is {_FORM}")
         session = match["session"]
         if match["channel"] is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdbridge.bridge.protocol import SESSION_NAME, SESSION_NAME_RULE
 from sdbridge.errors import SdbridgeError
 from sdbridge.inputs.base import split_options, split_spec  # one rule for both specs, in and out
 from sdbridge.outputs.interpolate import format_factor, parse_factor
@@ -72,7 +73,7 @@ _OUTPUTS: dict[str, tuple[str, str]] = {
     "record": ("sdbridge.outputs.record:RecordOutput", ""),
 }
 _HEAD = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<target>[^@?]+))?$")
-_SESSION = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SESSION = re.compile(rf"^{SESSION_NAME}$")
 _OPTIONS = ("interpolate",)
 _FORM = ("KIND[:TARGET][@SESSION][?interpolate=N] or KIND[:TARGET][?interpolate=N][@SESSION] (e.g. ndi:sdbridge, "
          "virtualcam, record:shows/tonight, ndi:stage@cam1?interpolate=2x)")
@@ -96,7 +97,7 @@ def parse_spec(text: str) -> OutputSpec:
     if kind not in _OUTPUTS:
         raise _bad(f"unknown output {kind!r} in {text!r} (known: {', '.join(_OUTPUTS)})")
     if session is not None and not _SESSION.match(session):
-        raise _bad(f"output {text!r}: session {session!r} is not 1-64 of A-Z a-z 0-9 _ . -; the form is {_FORM}")
+        raise _bad(f"output {text!r}: session {session!r} is not {SESSION_NAME_RULE}; the form is {_FORM}")
     values = split_options(options, _OPTIONS, f"output {text!r}", _bad)
     interpolate = parse_interpolate(values["interpolate"], f"output {text!r}") if "interpolate" in values else None
     return OutputSpec(kind, match["target"], session, interpolate)

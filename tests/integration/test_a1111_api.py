@@ -178,7 +178,7 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
     for body, words in [({"hr_sampler_name": "Euler Z"}, "hires pass: unknown sampler 'Euler Z'"),
                         ({"hr_sampler_name": "Euler a", "hr_scheduler": "Karras"},
                          "sampler 'Euler a' does not take the Karras schedule"),
-                        ({"hr_prompt": "a boat <lora:nosuch:1>"}, "'nosuch' not found")]:
+                        ({"hr_prompt": "a boat <lora:nosuch:1>"}, "hr_prompt: LoRA 'nosuch' not found")]:
         response = api.post("/sdapi/v1/txt2img", json={**hires, **body})
         assert response.status_code == 422 and words in response.text, (body, response.text)
 
@@ -452,6 +452,7 @@ def test_prompt_syntax_loras_and_embeddings(start_daemon, tiny_model_dir, tmp_pa
     assert long.status_code == 200, long.text
     unknown = txt2img("a cat <lora:nosuch:1>")
     assert unknown.status_code == 422 and "'nosuch' not found" in unknown.json()["detail"]
+    assert unknown.json()["detail"].startswith("prompt: ") and "(there: ink)" in unknown.json()["detail"]
     client.close()
 
 

@@ -233,8 +233,20 @@ def test_bad_requests_get_a_status_and_a_sentence(start_daemon) -> None:
         assert too_big.status_code == 413
         bad_name = http.post("/whep/no%20spaces", content=AUDIO_ONLY, headers=SDP)
         assert bad_name.status_code == 400 and bad_name.json()["code"] == "bad_session"
+        # A dot segment would give a Location clients resolve away (/whip/../ID -> /ID): never a session (QA 6).
+        for dots in ("%2e", "%2e%2e"):
+            refused = http.post(f"/whip/{dots}", content=AUDIO_ONLY, headers=SDP)
+            assert refused.status_code == 400 and refused.json()["code"] == "bad_session", refused.text
         unknown = http.delete("/whip/stage/nosuchresource")
         assert unknown.status_code == 404 and "/whip/stage/nosuchresource" in unknown.json()["message"]
+        # Any other method or path under /whip and /whep: the same error body, not FastAPI's {"detail": ...}.
+        for method, path, status, allow in [("GET", "/whip/stage", 405, "POST"),
+                                            ("OPTIONS", "/whep/stage", 405, "POST"),
+                                            ("POST", "/whip/stage/id", 405, "DELETE, PATCH"),
+                                            ("POST", "/whip/", 404, None), ("DELETE", "/whep/a/b/c", 404, None)]:
+            other = http.request(method, path, content=AUDIO_ONLY, headers=SDP)
+            assert other.status_code == status and other.json()["type"] == "error", (method, path, other.text)
+            assert other.headers.get("allow") == allow and path in other.json()["message"]
         patch = http.patch("/whip/stage/nosuchresource", content=b"a=candidate", headers=SDP)
         assert patch.status_code == 405 and "trickle" in patch.json()["message"]
         assert patch.headers["allow"] == "DELETE"

@@ -31,9 +31,11 @@ def test_int_accepts_integral_floats_and_strings(schema):
     assert steps.validate("3") == 3
     with pytest.raises(ParamError, match="steps 4.5 is not an integer"):
         steps.validate(4.5)
-    for typed in ("３", "1_0", "٣"):  # int() takes other scripts' digits and Python's underscores; a controller's not
+    for typed in ("３", "1_0", "٣", "0x10", "0o17", "0b11"):  # Python's forms and other scripts' digits: not ours
         with pytest.raises(ParamError, match="is not an integer"):
             steps.validate(typed)
+    assert steps.validate("010") == 10 and steps.validate(" +7 ") == 7  # a zero-padded number from a sheet
+    assert str(schema.get("strength").validate("-0")) == "0.0"  # not -0.0 back in applied and /params
 
 
 def test_seed_reaches_two_to_the_32_minus_one(schema):

@@ -219,10 +219,15 @@ def test_norm_maps_onto_the_range():
     assert result.updates == {"strength": 0.25, "steps": 50, "guidance": 15.0, "plugin.flow.amount": 1.0}
     assert not result.errors
     errors = updates(message("/sd/norm/strength", 1.5), message("/sd/norm/prompt", 0.5),
-                     message("/sd/norm/strength", "half")).errors
+                     message("/sd/norm/strength", "half"), message("/sd/norm/strength", True)).errors
     assert [str(e) for e in errors] == ["/sd/norm/strength: norm/strength 1.5 not in [0, 1]",
                                         "/sd/norm/prompt: prompt has no range to map a fader onto",
-                                        "/sd/norm/strength 'half' is not a number in [0, 1]"]
+                                        "/sd/norm/strength: norm/strength 'half' is not a number in [0, 1]",
+                                        "/sd/norm/strength: norm/strength True is not a number in [0, 1]"]
+    # A number sent as text, as /sd/strength takes one (QA 6): the same rules every way in.
+    assert updates(message("/sd/norm/strength", "0.9"), message("/sd/norm/steps", " 0.5 ")).updates == {
+        "strength": 0.9, "steps": 26}  # steps 1-50: 1 + 0.5 × 49 = 25.5, rounded
+    assert updates(message("/sd/norm/strength", "０.9")).errors
 
 
 def test_plugin_path():

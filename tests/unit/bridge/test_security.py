@@ -61,7 +61,9 @@ def test_check_refuses_host_and_origin_with_403_token_with_401():
     assert policy.check({"host": "evil.example"}, "").status == 403
     assert policy.check({"host": "localhost", "origin": "https://evil.example", **token}, "").status == 403
     refused = policy.check({"host": "localhost"}, "token=wrong")
-    assert refused is not None and refused.status == 401 and "token" in refused.reason
+    assert refused is not None and refused.status == 401 and "does not match" in refused.reason
+    missing = policy.check({"host": "localhost", "authorization": "Bearer "}, "")
+    assert missing is not None and missing.status == 401 and missing.reason.startswith("a token is required")
 
 
 def test_refusal_answer():

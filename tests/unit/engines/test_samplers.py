@@ -79,6 +79,12 @@ def test_unknown_names_are_refused_with_the_list(name: str, schedule: str | None
 def test_every_listed_name_resolves() -> None:
     listed = samplers.a1111_samplers()
     assert {"name", "aliases", "options"} <= set(listed[0])
+    # Each lists the schedule types it takes, each of which it runs (Euler a: no Karras; QA 6).
+    by_name = {entry["name"]: entry["options"].get("scheduler", "") for entry in listed}
+    assert "karras" in by_name["Euler"] and "karras" not in by_name["Euler a"] and "karras" not in by_name["LCM"]
+    for name, takes in by_name.items():
+        for schedule in filter(None, takes.split(", ")):
+            samplers.resolve(name, schedule)
     for name in samplers.names():
         samplers.make_scheduler(BASE, name)
     assert [s["name"] for s in samplers.a1111_schedulers()][:3] == ["automatic", "uniform", "karras"]

@@ -56,6 +56,8 @@ def test_a_shm_name_the_system_takes_is_accepted() -> None:
     ("file:x@bad session!", "session 'bad session!' is not"),
     ("file:x@s1#256", "channel 256 not in"),
     ("file:x@s1#", "session 's1#' is not"),
+    ("file:x@..", "session '..' is not 1-64 of A-Z a-z 0-9 _ . -, not . or .."),
+    ("file:x@.#2", "session '.#2' is not"),
     ("file:x?fps=0", "fps '0' is not a number"),
     ("file:x?fps=nan", "fps 'nan' is not a number"),
     ("file:x?fps", "option 'fps' is not NAME=VALUE"),

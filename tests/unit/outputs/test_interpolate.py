@@ -96,6 +96,7 @@ def test_factor_values_and_specs() -> None:
     ("record:r@s1?interpolate", "option 'interpolate' is not NAME=VALUE"),
     ("record:r@a?interpolate=2x@b", "is not KIND"),  # two sessions
     ("record:r@bad session!?interpolate=2x", "session 'bad session!' is not"),
+    ("ndi:stage@..", "session '..' is not 1-64 of A-Z a-z 0-9 _ . -, not . or .."),
 ])
 def test_a_malformed_output_spec_says_which_part_is_wrong(text: str, message: str) -> None:
     with pytest.raises(OutputError, match=message) as error:
