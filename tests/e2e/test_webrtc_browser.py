@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,35 @@ class LoopThread:
         self.thread.join(5)
 
 
+@pytest.fixture
+def rig(browser, start_daemon):
+    """A daemon on the identity engine, a chromium page (its script errors kept), and an asyncio loop with an HTTP
+    client for aiortc peers beside the page; the peers published through :func:`send_red` are closed after."""
+    import httpx
+
+    daemon = start_daemon(params={"engine": "identity", "width": SIZE, "height": SIZE})
+    base = f"http://127.0.0.1:{daemon.port}"
+    loop = LoopThread()
+    rig = SimpleNamespace(daemon=daemon, base=base, loop=loop, page=browser.new_page(), errors=[], senders=[],
+                          http=httpx.AsyncClient(base_url=base, timeout=30))
+    rig.page.on("pageerror", lambda error: rig.errors.append(str(error)))
+    try:
+        yield rig
+    finally:
+        rig.page.close()
+        for sender in rig.senders:
+            loop.run(sender.close())
+        loop.run(rig.http.aclose())
+        loop.close()
+
+
+def send_red(rig, session: str) -> None:
+    """An aiortc WHIP sender of solid RED frames into ``session``."""
+    sender, posted = rig.loop.run(publish(rig.http, session, RED))
+    rig.senders.append(sender)
+    assert posted.status_code == 201, posted.text
+
+
 def frames_shown(page) -> int:
     return int(page.evaluate("Number(document.getElementById('output').dataset.frames || 0)"))
 
@@ -93,54 +123,35 @@ def shown(page) -> dict[str, Any]:
     }""")
 
 
-def test_the_page_watches_a_session_through_whep_and_sends_its_camera_through_whip(browser, start_daemon) -> None:
-    import httpx
+def test_the_page_watches_a_session_through_whep_and_sends_its_camera_through_whip(rig) -> None:
+    page, daemon, base = rig.page, rig.daemon, rig.base
+    # 1. A solid colour from aiortc comes back into chromium's <video> through WHEP.
+    send_red(rig, "red")
+    page.goto(f"{base}/webrtc?session=red")
+    page.click("#watch")
+    page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 5", timeout=30_000)
+    mean, size = shown_mean(page)
+    assert size == [SIZE, SIZE]  # WHEP sends the engine's frames, at its resolution (the sender's is 64)
+    assert np.abs(np.array(mean) - RED).max() < 10, mean
+    assert stats(daemon)["webrtc"]["whep"] == 1
 
-    daemon = start_daemon(params={"engine": "identity", "width": SIZE, "height": SIZE})
-    base = f"http://127.0.0.1:{daemon.port}"
-    peer_loop = LoopThread()
-    http = httpx.AsyncClient(base_url=base, timeout=30)
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    sender = None
-    try:
-        # 1. A solid colour from aiortc comes back into chromium's <video> through WHEP.
-        sender, posted = peer_loop.run(publish(http, "red", RED))
-        assert posted.status_code == 201, posted.text
-        page.goto(f"{base}/webrtc?session=red")
-        page.click("#watch")
-        page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 5",
-                               timeout=30_000)
-        mean, size = shown_mean(page)
-        assert size == [SIZE, SIZE]  # WHEP sends the engine's frames, at its resolution (the sender's is 64)
-        assert np.abs(np.array(mean) - RED).max() < 10, mean
-        assert stats(daemon)["webrtc"]["whep"] == 1
+    # 2. Chromium's fake camera (640x480) feeds another session through WHIP; the page watches it too.
+    page.goto(f"{base}/webrtc?session=cam")  # pagehide DELETEs the first page's viewer
+    assert wait_for(lambda: stats(daemon)["webrtc"]["whep"] == 0, 10)
+    page.click("#send")
+    assert wait_for(lambda: (session_stats(daemon, "cam") or {}).get("frames_in", 0) >= 3, 30)
+    page.click("#watch")
+    page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 3", timeout=30_000)
+    mean, size = shown_mean(page)
+    assert size == [SIZE, SIZE] and max(mean) > 20  # fitted to the engine, and not a black frame
+    live = stats(daemon)["webrtc"]
+    assert (live["whip"], live["whep"]) == (2, 1) and live["frames_out"] > 0
 
-        # 2. Chromium's fake camera (640x480) feeds another session through WHIP; the page watches it too.
-        page.goto(f"{base}/webrtc?session=cam")  # pagehide DELETEs the first page's viewer
-        assert wait_for(lambda: stats(daemon)["webrtc"]["whep"] == 0, 10)
-        page.click("#send")
-        assert wait_for(lambda: (session_stats(daemon, "cam") or {}).get("frames_in", 0) >= 3, 30)
-        page.click("#watch")
-        page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 3",
-                               timeout=30_000)
-        mean, size = shown_mean(page)
-        assert size == [SIZE, SIZE] and max(mean) > 20  # fitted to the engine, and not a black frame
-        live = stats(daemon)["webrtc"]
-        assert (live["whip"], live["whep"]) == (2, 1) and live["frames_out"] > 0
-
-        # 3. Stop DELETEs both of the page's resources; the session is released.
-        page.click("#stop")
-        assert wait_for(lambda: daemon.registry.get("cam") is None, 10)
-        assert [c["session"] for c in stats(daemon)["webrtc"]["connections"]] == ["red"]
-        assert errors == []
-    finally:
-        page.close()
-        if sender is not None:
-            peer_loop.run(sender.close())
-        peer_loop.run(http.aclose())
-        peer_loop.close()
+    # 3. Stop DELETEs both of the page's resources; the session is released.
+    page.click("#stop")
+    assert wait_for(lambda: daemon.registry.get("cam") is None, 10)
+    assert [c["session"] for c in stats(daemon)["webrtc"]["connections"]] == ["red"]
+    assert rig.errors == []
 
 
 def test_the_page_says_why_the_camera_cannot_be_had(playwright, start_daemon) -> None:
@@ -174,44 +185,27 @@ def test_the_page_says_why_the_camera_cannot_be_had(playwright, start_daemon) ->
         browser.close()
 
 
-def test_watching_a_session_nobody_feeds_hints_why_and_a_success_clears_an_error(browser, start_daemon) -> None:
-    import httpx
+def test_watching_a_session_nobody_feeds_hints_why_and_a_success_clears_an_error(rig) -> None:
+    page = rig.page
+    # 1. An error: a session name the daemon refuses.
+    page.goto(f"{rig.base}/webrtc?session=a%20b")
+    page.click("#watch")
+    page.wait_for_function("!document.getElementById('error').hidden", timeout=10_000)
+    state = shown(page)
+    assert state["status"] == "error" and "WHEP 400" in state["error"], state
 
-    daemon = start_daemon(params={"engine": "identity", "width": SIZE, "height": SIZE})
-    base = f"http://127.0.0.1:{daemon.port}"
-    peer_loop = LoopThread()
-    http = httpx.AsyncClient(base_url=base, timeout=30)
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    sender = None
-    try:
-        # 1. An error: a session name the daemon refuses.
-        page.goto(f"{base}/webrtc?session=a%20b")
-        page.click("#watch")
-        page.wait_for_function("!document.getElementById('error').hidden", timeout=10_000)
-        state = shown(page)
-        assert state["status"] == "error" and "WHEP 400" in state["error"], state
+    # 2. Then a success on a session that has no sender: the old error goes, and after a few seconds
+    # without a frame a hint says what may be missing.
+    page.fill("#session", "empty")
+    page.click("#watch")
+    page.wait_for_function("document.getElementById('status').textContent === 'watching'", timeout=10_000)
+    assert shown(page)["error"] is None
+    page.wait_for_function("!document.getElementById('hint').hidden", timeout=10_000)
+    state = shown(page)
+    assert 'session "empty"' in state["hint"] and "/stats" in state["hint"] and frames_shown(page) == 0, state
 
-        # 2. Then a success on a session that has no sender: the old error goes, and after a few seconds
-        # without a frame a hint says what may be missing.
-        page.fill("#session", "empty")
-        page.click("#watch")
-        page.wait_for_function("document.getElementById('status').textContent === 'watching'", timeout=10_000)
-        assert shown(page)["error"] is None
-        page.wait_for_function("!document.getElementById('hint').hidden", timeout=10_000)
-        state = shown(page)
-        assert 'session "empty"' in state["hint"] and "/stats" in state["hint"] and frames_shown(page) == 0, state
-
-        # 3. A sender arrives: frames are shown and the hint goes.
-        sender, posted = peer_loop.run(publish(http, "empty", RED))
-        assert posted.status_code == 201, posted.text
-        page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 1", timeout=30_000)
-        assert shown(page) == {"status": "watching", "hint": None, "error": None}
-        assert errors == []
-    finally:
-        page.close()
-        if sender is not None:
-            peer_loop.run(sender.close())
-        peer_loop.run(http.aclose())
-        peer_loop.close()
+    # 3. A sender arrives: frames are shown and the hint goes.
+    send_red(rig, "empty")
+    page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 1", timeout=30_000)
+    assert shown(page) == {"status": "watching", "hint": None, "error": None}
+    assert rig.errors == []

@@ -130,8 +130,14 @@ def test_a_config_path_that_is_a_folder_is_one_config_error(tmp_path):
     ({}, {}, 'interpolate = "6x"\n', r"^config file '.*c\.toml': interpolate '6x' is not off, 1-4 or 2x-4x$"),
     ({"interpolate": " 2x"}, {}, None, r"^--interpolate: interpolate ' 2x' has spaces around it; write '2x'$"),
     ({}, {"SDBRIDGE_INTERPOLATE": "2x "}, None, r"^environment SDBRIDGE_INTERPOLATE: interpolate '2x ' has spaces"),
+    ({"ice_servers": ["stun:[::1]:3478"]}, {}, None,
+     r"^--ice-server: ICE server 'stun:\[::1\]:3478': aiortc takes no IPv6"),
+    ({}, {"SDBRIDGE_ICE_SERVERS": "stun:a.example,stun:b.example"}, None,
+     r"^environment SDBRIDGE_ICE_SERVERS: 2 STUN servers given \(stun:a.example:3478, stun:b.example:3478\)"),
+    ({}, {}, 'ice_servers = ["turn:relay.example"]\n',
+     r"^config file '.*c\.toml': ICE server 'turn:relay.example': a TURN server needs USER:PASSWORD@"),
 ])
-def test_a_bad_interpolate_names_where_it_came_from(tmp_path, flags, env, config_text, message):
+def test_a_bad_interpolate_or_ice_server_names_where_it_came_from(tmp_path, flags, env, config_text, message):
     config = None
     if config_text is not None:
         config = tmp_path / "c.toml"
@@ -146,23 +152,6 @@ def test_interpolate_takes_any_case_from_every_source(tmp_path):
     assert load_settings({}, env={}, config_path=config).interpolate == "OFF"
     assert load_settings({}, env={"SDBRIDGE_INTERPOLATE": "3X"}).interpolate == "3X"
     assert load_settings({"interpolate": "2X"}, env={}).interpolate == "2X"
-
-
-@pytest.mark.parametrize("flags, env, config_text, message", [
-    ({"ice_servers": ["stun:[::1]:3478"]}, {}, None,
-     r"^--ice-server: ICE server 'stun:\[::1\]:3478': aiortc takes no IPv6"),
-    ({}, {"SDBRIDGE_ICE_SERVERS": "stun:a.example,stun:b.example"}, None,
-     r"^environment SDBRIDGE_ICE_SERVERS: 2 STUN servers given \(stun:a.example:3478, stun:b.example:3478\)"),
-    ({}, {}, 'ice_servers = ["turn:relay.example"]\n',
-     r"^config file '.*c\.toml': ICE server 'turn:relay.example': a TURN server needs USER:PASSWORD@"),
-])
-def test_a_bad_ice_server_names_where_it_came_from(tmp_path, flags, env, config_text, message):
-    config = None
-    if config_text is not None:
-        config = tmp_path / "c.toml"
-        config.write_text(config_text)
-    with pytest.raises(ConfigError, match=message):
-        load_settings(flags, env=env, config_path=config)
 
 
 def test_ice_servers_from_every_source():
