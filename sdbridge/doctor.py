@@ -247,7 +247,7 @@ def check_fp8(settings: Settings) -> list[Finding]:
     if available:
         return [Finding(OK, "fp8", sentence)]
     if not settings.fp8:
-        return [Finding(OK, "fp8", f"off; it could not run here: {sentence}")]
+        return [Finding(OFF, "fp8", f"not asked for; it could not run here: {sentence}")]
     return [Finding(ERROR, "fp8", f"--fp8 is set and cannot run here: {sentence}", fix)]
 
 

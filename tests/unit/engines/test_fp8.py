@@ -221,12 +221,12 @@ def test_fp8_setting_from_the_flag_and_the_environment():
 
 def test_doctor_is_quiet_about_fp8_unless_it_is_asked_for():
     from sdbridge.config import Settings
-    from sdbridge.doctor import ERROR, OK, check_fp8
+    from sdbridge.doctor import ERROR, OFF, check_fp8
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the findings are for a CPU-only one")
     (off,) = check_fp8(Settings())
-    assert off.level == OK and "off" in off.message and "device cpu" in off.message
+    assert off.level == OFF and "not asked for" in off.message and "device cpu" in off.message
     (asked,) = check_fp8(Settings(fp8=True))
     assert asked.level == ERROR and "--fp8 is set" in asked.message and "drop --fp8" in asked.fix
 
