@@ -378,3 +378,46 @@ def test_an_ice_server_gives_the_answer_a_server_reflexive_candidate(start_daemo
         assert stats(daemon)["webrtc"]["ice_servers"] == [f"stun:{host}:{stun_server.address[1]}"]
     finally:
         stun_server.close()
+
+
+@needs_interface
+def test_peers_that_come_and_go_leave_no_threads_or_files_behind(start_daemon) -> None:
+    """A show's night of OBS restarts and viewers joining: each WHIP/WHEP pair carries frames, then is DELETEd (every
+    other round) or just closed (ICE tells the daemon). After a first round (codec libraries, executor threads
+    warm), eight more leave the process's threads and open files where they were, and no peer behind."""
+    import os
+    import threading
+
+    daemon = start_daemon(params=PARAMS)
+
+    def counts() -> tuple[int, int]:
+        # Threads of bounded pools (the loops' executors, the worker's codec pool) start on demand and stay: not
+        # per peer. aiortc's encoder and decoder threads are per peer, and counted.
+        pools = ("asyncio_", "sdbridge-codec_")
+        threads = [t for t in threading.enumerate() if not t.name.startswith(pools)]
+        return len(threads), len(os.listdir("/proc/self/fd"))
+
+    async def round_trip(http: httpx.AsyncClient, index: int) -> None:
+        sender, posted = await publish(http, "churn", RED)
+        assert posted.status_code == 201, posted.text
+        viewer, watched, track = await view(http, "churn")
+        assert watched.status_code == 201, watched.text
+        remote = await asyncio.wait_for(track, 15)
+        await asyncio.wait_for(remote.recv(), 15)  # a frame went all the way round
+        if index % 2 == 0:
+            for response in (posted, watched):
+                assert (await http.delete(response.headers["location"])).status_code == 200
+        await asyncio.gather(sender.close(), viewer.close())
+
+    async def run(rounds: range) -> None:
+        async with client(daemon) as http:
+            for index in rounds:
+                await round_trip(http, index)
+
+    asyncio.run(run(range(1)))
+    assert wait_for(lambda: stats(daemon)["webrtc"]["peers"] == 0, 15)
+    before = counts()
+    asyncio.run(run(range(1, 9)))
+    assert wait_for(lambda: stats(daemon)["webrtc"]["peers"] == 0, 15), stats(daemon)["webrtc"]
+    assert wait_for(lambda: counts() <= before, 10), (counts(), before, sorted(t.name for t in threading.enumerate()))
+    assert daemon.registry.get("churn") is None
