@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdbridge.engines.background_load import BackgroundLoads
 from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, OUTPUT_CHANNEL, SLOT_IMAGES
 from sdbridge.engines.models import list_add_on_models, resolve_add_on_model, serialized_load
 from sdbridge.engines.preprocessors import Options, Preprocessors
-from sdbridge.errors import ModelError, SdbridgeError, load_failure
+from sdbridge.errors import ModelError, SdbridgeError
 from sdbridge.params import CONTROLNET_SLOTS as SLOTS
 
 log = logging.getLogger(__name__)
@@ -283,8 +283,8 @@ class ControlNets:
     """The engine's ControlNet slots: live parameters, models loaded in the background, residuals per batch.
 
     The worker thread calls :meth:`prepare` (parameters), :meth:`condition` (per session, in the CPU
-    pool: the condition images) and :meth:`for_batch` (inside the engine step). A loader thread only
-    ever hands finished models over through ``_ready`` under the lock.
+    pool: the condition images) and :meth:`for_batch` (inside the engine step). Models load in the
+    background (engines/background_load.py) and are taken at a frame boundary.
     """
 
     def __init__(self, unet: Any, device: torch.device, dtype: torch.dtype, folder: Path | None, *,
@@ -301,14 +301,8 @@ class ControlNets:
         self.serving: list[str | None] = [None] * SLOTS   # the model each slot runs now (the old one while loading)
         self.failed: dict[str, str] = {}           # name -> why it did not load; not retried until renamed
         self.errors: dict[int, str] = {}           # slot -> a preprocessing error already reported
-        self._lock = threading.Lock()
-        self._loading: set[str] = set()
-        self._ready: dict[str, Any] = {}           # loaded, waiting for the worker to take them
-        self._ready_failed: dict[str, str] = {}
-        self.loads = 0
-        # Called on the loader thread with each new model before it is handed over (the compiled engine
-        # compiles its graphs there, so the old set serves until the new one is ready to run fast).
-        self.warm: Callable[[Any], None] | None = None
+        self.loader: BackgroundLoads[Any] = BackgroundLoads("controlnet", self.model, notify=self.notify,
+                                                             keeps="its slot keeps the ControlNet it had")
         # uint8 host frames onto the device (the compiled engine's: a pinned buffer, no wait for the stream);
         # None: a plain copy, which on CUDA waits for the work queued before it.
         self.upload: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -323,23 +317,16 @@ class ControlNets:
         self.slots = slots
         wanted = {slot.model for slot in self.slots if slot.model}
         self.failed = {name: why for name, why in self.failed.items() if name in wanted}
-        with self._lock:
-            missing = sorted(wanted - set(self.models) - self._loading - set(self._ready) - set(self.failed))
-            self._loading.update(missing)
-        if missing:
-            threading.Thread(target=self._load, args=(missing,), name="sdbridge-controlnet-load", daemon=True).start()
+        self.loader.start(sorted(wanted - set(self.models) - set(self.failed)))
         self.refresh()  # after the loads are registered: slots whose model is here wait for the rest of the set
 
     def refresh(self) -> None:
         """Take finished loads; once none is running, point the slots at their models together (a set changes
         at once, never half old, half new), each keeping its old model if its new one failed."""
-        with self._lock:
-            ready, self._ready = self._ready, {}
-            failed, self._ready_failed = self._ready_failed, {}
-            loading = bool(self._loading)
-        self.models.update(ready)
-        self.failed.update(failed)
-        if loading:
+        taken = self.loader.take()
+        self.models.update(taken.ready)
+        self.failed.update(taken.failed)
+        if taken.loading:
             return
         for index, slot in enumerate(self.slots):
             if not slot.model:
@@ -350,52 +337,32 @@ class ControlNets:
         for name in [name for name in self.models if name not in keep]:
             del self.models[name]
 
+    @property
+    def warm(self) -> Callable[[Any], None] | None:
+        """Called on the loader thread with each new model before it is handed over (the compiled engine
+        compiles its graphs there, so the old set serves until the new one is ready to run fast)."""
+        return self.loader.ready_hook
+
+    @warm.setter
+    def warm(self, hook: Callable[[Any], None] | None) -> None:
+        self.loader.ready_hook = hook
+
+    @property
+    def loads(self) -> int:
+        return self.loader.loads
+
     def wait(self, timeout_s: float = 60.0) -> None:
         """Until no load is running, then take the results (tests, one-shot requests)."""
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._loading:
-                    break
-            time.sleep(0.01)
+        self.loader.wait(timeout_s)
         self.refresh()
 
     def model(self, name: str) -> Any:
         """A model by name, loaded now on the calling thread when it is not loaded (one-shot requests)."""
-        with self._lock:
-            loaded = self.models.get(name) or self._ready.get(name)
+        loaded = self.models.get(name) or self.loader.peek(name)
         if loaded is not None:
             return loaded
         return load_controlnet(resolve_controlnet(name, self.folder), self.unet, self.device, self.dtype,
                                allow_pickle=self.allow_pickle)
-
-    def _load(self, names: list[str]) -> None:
-        for name in names:
-            try:
-                model = self.model(name)
-            except Exception as exc:  # any failure: report it, the slot keeps its old model
-                message = load_failure(log, f"controlnet {name}", exc)
-                code = getattr(exc, "code", "bad_model")
-                with self._lock:
-                    self._ready_failed[name] = message
-                    self._loading.discard(name)
-                self.notify({"type": "error", "code": code,
-                             "message": f"controlnet {name!r} could not be loaded: {message}; "
-                                        f"its slot keeps the ControlNet it had"})
-                continue
-            if self.warm is not None:
-                try:
-                    self.warm(model)
-                except Exception:  # the model still serves, uncompiled
-                    log.exception("readying controlnet %s for the compiled engine failed", name)
-            with self._lock:
-                self._ready[name] = model
-                self._loading.discard(name)
-                self.loads += 1
-            log.info("controlnet %s loaded", name)
-            self.notify({"type": "controlnet", "status": "ready", "model": name})
 
     # --- condition images (CPU pool, per session) ---
 
@@ -483,10 +450,10 @@ class ControlNets:
 
     def describe(self) -> dict[str, Any]:
         """For /health and /stats (any thread): what each slot runs from its next frame on."""
-        with self._lock:
-            loaded = set(self.models) | set(self._ready)
-            loading = sorted(self._loading)
-            failed = {**self.failed, **self._ready_failed}
+        pending = self.loader.snapshot()
+        loaded = set(self.models) | set(pending.ready)
+        loading = sorted(self.loader.loading)
+        failed = {**self.failed, **pending.failed}
         serving = list(self.serving)
         if not loading:
             serving = [slot.model if slot.model in loaded else name for slot, name in zip(self.slots, serving)]

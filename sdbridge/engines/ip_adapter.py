@@ -28,7 +28,6 @@ base output bit for bit.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdbridge.engines.background_load import BackgroundLoads
 from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, OUTPUT_CHANNEL
 from sdbridge.engines.feature_bank import attention_in, attention_out
 from sdbridge.engines.models import list_add_on_models, load_weight_file, resolve_add_on_model, serialized_load
-from sdbridge.errors import ModelError, load_failure
+from sdbridge.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -325,12 +325,11 @@ class IPAdapters:
         self.notify = notify or (lambda event: None)
         self.setting = Setting()
         self.holder = AdapterHolder()
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # name -> why it did not load; written by the worker thread only
         self.encodes = 0
-        self._lock = threading.Lock()
-        self._loading: str | None = None
-        self._ready: IPAdapter | None = None
         self._spare: IPAdapter | None = None
+        self.loader: BackgroundLoads[IPAdapter] = BackgroundLoads(
+            "ip_adapter", self.load_now, notify=self.notify, keeps="the IP-Adapter serving before serves on")
         self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
 
     @property
@@ -343,32 +342,22 @@ class IPAdapters:
         self.failed = {key: why for key, why in self.failed.items() if key == name}
         self.refresh()
         serving = self.holder.adapter
-        with self._lock:
-            start = (name and (serving is None or serving.name != name) and self._loading is None
-                     and name not in self.failed)
-            if start:
-                self._loading = name
-        if start:
-            threading.Thread(target=self._load, args=(name,), name="sdbridge-ip-adapter-load", daemon=True).start()
+        # One load at a time: a name asked for while another loads starts when that one is taken.
+        if (name and (serving is None or serving.name != name) and name not in self.failed
+                and not self.loader.loading):
+            self.loader.start([name])
 
     def refresh(self) -> None:
-        """Take a finished load: the new adapter serves from this frame on."""
-        with self._lock:
-            ready, self._ready = self._ready, None
-        if ready is not None:
+        """Take a finished load: the new adapter serves from this frame on (a failed one: told, not retried)."""
+        taken = self.loader.take()
+        self.failed.update(taken.failed)
+        if taken.ready:
             install(self.unet, self.holder)
-            self.holder.adapter = ready
+            self.holder.adapter = list(taken.ready.values())[-1]
 
     def wait(self, timeout_s: float = 60.0) -> None:
         """Until no load is running, then take it (tests, one-shot requests)."""
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._loading is None:
-                    break
-            time.sleep(0.01)
+        self.loader.wait(timeout_s)
         self.refresh()
 
     def load_now(self, name: str) -> IPAdapter:
@@ -380,24 +369,6 @@ class IPAdapters:
                                   allow_pickle=self.allow_pickle)
         self._spare = adapter  # a client sends the same unit again and again: the last one loaded is kept
         return adapter
-
-    def _load(self, name: str) -> None:
-        try:
-            adapter = self.load_now(name)
-        except Exception as exc:  # any failure: told, and the adapter serving serves on
-            message = load_failure(log, f"ip_adapter {name}", exc)
-            with self._lock:
-                self.failed[name] = message
-                self._loading = None
-            self.notify({"type": "error", "code": getattr(exc, "code", "bad_model"),
-                         "message": f"ip_adapter {name!r} could not be loaded: {message}; the IP-Adapter serving "
-                                    f"before serves on"})
-            return
-        with self._lock:
-            self._ready = adapter
-            self._loading = None
-        log.info("ip_adapter %s loaded", name)
-        self.notify({"type": "ip_adapter", "status": "ready", "model": name})
 
     # --- condition images (CPU pool, per session) ---
 
@@ -481,14 +452,15 @@ class IPAdapters:
 
     def describe(self) -> dict[str, Any]:
         """For /health and /stats (any thread)."""
-        with self._lock:
-            loading = self._loading
-            serving = self._ready or self.holder.adapter  # a finished load serves from the next frame on
+        pending = self.loader.snapshot()
+        loading = next(iter(self.loader.loading), None)
+        # A finished load serves from the next frame on.
+        serving = list(pending.ready.values())[-1] if pending.ready else self.holder.adapter
         if not self.setting.model:
             serving = None  # off: kept loaded for a quick way back, but nothing is served
         return {"model": self.setting.model, "serving": serving.name if serving is not None else None,
                 "scale": self.setting.scale, "channel": self.setting.channel, "loading": loading,
-                "failed": dict(self.failed), "encodes": self.encodes}
+                "failed": {**self.failed, **pending.failed}, "encodes": self.encodes}
 
 
 # --- one-shot requests (the A1111 API's IP-Adapter units) ----------------------------------------------------
