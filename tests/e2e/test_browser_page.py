@@ -72,6 +72,7 @@ def test_webcam_page_round_trips_frames_and_controls_reach_the_daemon(browser, s
     try:
         page.goto(f"http://127.0.0.1:{daemon.port}/")
         page.wait_for_selector("#param-strength")  # controls generated from the schema
+        assert page.get_attribute("#webrtc-link", "href") == "/webrtc"  # the WebRTC page is one click away
         assert page.locator("#param-plugin-flow_warp-enabled").count() == 1  # plugins' too
         # Stats before any frame: no latency yet reads "-", never "null".
         page.wait_for_function("document.getElementById('status').textContent.includes('fps')", timeout=10_000)
