@@ -59,7 +59,7 @@ from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import SLOT_IMAGES, ControlStack, ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import list_add_on_models, resolve_add_on_model, serialized_load
-from sdbridge.errors import ModelError, ParamError, load_failure
+from sdbridge.errors import ModelError, load_failure
 from sdbridge.params import MOTION_WINDOW_MAX  # frames kept per session; adapters hold 24 or 32
 
 log = logging.getLogger(__name__)
@@ -280,6 +280,9 @@ class AnimateDiffEngine(DiffusionEngine):
             if self._motion_failed is not None and self._motion_failed[0] != name:
                 self._motion_failed = None   # asked for another: the failed one may be retried later
             self._motion_wanted = name
+            if self._motion_ready is not None and self._motion_ready.name != name:
+                # Loaded for a wish taken back before a frame came (A -> B -> A): never swapped in (QA 7).
+                self._motion_ready = None
             serving = self.motion.name if self.motion is not None else ""
             if name == serving or name == self._motion_loading:
                 return
@@ -341,8 +344,12 @@ class AnimateDiffEngine(DiffusionEngine):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out["motion"] = {"adapter": self.motion.name if self.motion is not None else None,
-                         "window": self._window, "overlap": self._effective_overlap(),
+        motion = self.motion
+        window = min(self._window, motion.max_window) if motion is not None else self._window
+        out["motion"] = {"adapter": motion.name if motion is not None else None,
+                         "window": window, "window_asked": self._window,
+                         "positions": motion.max_window if motion is not None else None,
+                         "overlap": min(self._overlap, window - 1),
                          "loading": self._motion_loading, "error": self.motion_error}
         return out
 
@@ -350,17 +357,12 @@ class AnimateDiffEngine(DiffusionEngine):
 
     def prepare(self, params: Mapping[str, Any]) -> None:
         super().prepare(params)
-        window = int(params.get("motion_window", self._window))
-        motion = self.motion
-        if motion is not None and window > motion.max_window:
-            raise ParamError(f"motion_window {window} is more than the adapter {motion.name!r} holds "
-                             f"({motion.max_window} frames)", name="motion_window", value=window)
-        self._window = window
+        # A window beyond the adapter's positions runs at its positions (step_float), whichever came first, the
+        # window or the adapter: refusing it stopped the stream (frames passed through undiffused) in one order
+        # and not the other (QA 7). /health shows the window that runs.
+        self._window = int(params.get("motion_window", self._window))
         self._overlap = int(params.get("motion_overlap", self._overlap))
         self._want_motion(str(params.get("motion_adapter") or self.motion_adapter or ""))
-
-    def _effective_overlap(self) -> int:
-        return min(self._overlap, self._window - 1)
 
     # --- ControlNet over the window ---------------------------------------------------------------
 

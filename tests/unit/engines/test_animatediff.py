@@ -22,7 +22,7 @@ import torch
 from sdbridge.engines.animatediff import AnimateDiffEngine, load_motion_adapter, motion_unet
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.errors import ModelError, ParamError
+from sdbridge.errors import ModelError
 from sdbridge.params import MOTION_WINDOW_MAX
 from sdbridge.paths import PathError
 from tests.unit.engines.common import engine_params, relative_error
@@ -296,10 +296,20 @@ def test_window_and_overlap_take_effect_at_the_next_frame(parts, motion_dir, fra
     assert relative_error(with_overlap, without) > 1e-3
 
 
-def test_window_beyond_the_adapter_is_refused(parts, motion_dir):
-    engine = engine_for(parts, motion_dir, motion_adapter="zero-motion", motion_window=8)
-    with pytest.raises(ParamError, match=r"motion_window 12 .* \(8 frames\)"):
-        engine.prepare(params(motion_adapter="zero-motion", motion_window=12))
+def test_a_window_beyond_the_adapter_runs_at_its_positions_whichever_came_first(parts, motion_dir, frames):
+    """Asked for 12 with an 8-position adapter: it runs 8, the same frame as asking for 8, and /health says so,
+    whether the window or the adapter came first (the first order used to stop the stream with a bad_param)."""
+    eight = run(engine_for(parts, motion_dir, motion_adapter="zero-motion", motion_window=8), frames[:3])[-1]
+    window_after = engine_for(parts, motion_dir, motion_adapter="zero-motion", motion_window=8)
+    window_after.prepare(params(motion_adapter="zero-motion", motion_window=12))
+    window_first = engine_for(parts, motion_dir, motion_window=12)
+    window_first.prepare(params(motion_adapter="zero-motion", motion_window=12))
+    window_first.wait_for_motion()
+    for engine in (window_after, window_first):
+        assert engine.motion.name == "zero-motion"
+        described = engine.describe()["motion"]
+        assert (described["window"], described["window_asked"], described["positions"]) == (8, 12, 8)
+        assert relative_error(run(engine, frames[:3])[-1], eight) <= 1e-6
 
 
 def test_adapter_swap_in_the_background_and_a_failing_one_keeps_the_old(parts, motion_dir, frames, tmp_path):
@@ -323,6 +333,21 @@ def test_adapter_swap_in_the_background_and_a_failing_one_keeps_the_old(parts, m
     assert engine.motion.name == "other-motion" and engine.motion_error is None
     after = engine.step_float(frames[:1], [StreamState("probe")])
     assert relative_error(after, before) > 1e-3
+
+
+def test_an_adapter_loaded_for_a_wish_taken_back_is_never_swapped_in(parts, motion_dir, frames):
+    """tiny -> other -> tiny with no frame between (QA 7): the other one finishes loading meanwhile, and the next
+    frame still runs tiny-motion, the one asked for."""
+    import time
+
+    engine = engine_for(parts, motion_dir)
+    engine.prepare(params(motion_adapter="other-motion"))
+    deadline = time.monotonic() + 60
+    while engine.describe()["motion"]["loading"] and time.monotonic() < deadline:  # loaded, not yet taken
+        time.sleep(0.01)
+    engine.prepare(params(motion_adapter="tiny-motion"))
+    engine.step_float(frames[:1], [StreamState("probe")])
+    assert engine.motion.name == "tiny-motion" and engine.describe()["motion"]["adapter"] == "tiny-motion"
 
 
 def test_sessions_keep_their_own_windows(parts, motion_dir, frames):
