@@ -266,10 +266,13 @@ class AudioInput:
                 self.seed_steps += action.seed_steps
                 self.store.update({"seed": (int(self.store.get("seed")) + action.seed_steps) % (SEED_MAX + 1)})
             for name in action.presets:
-                self.preset_recalls += 1
-                self.last_preset = name
                 if self.recall is not None:
-                    self.recall(name)
+                    self.recall(name)  # counted by recalled() once it has been recalled
+
+    def recalled(self, name: str) -> None:
+        """The daemon's loop: an onset's preset was recalled (one that failed is not counted)."""
+        self.preset_recalls += 1
+        self.last_preset = name
 
     def levels(self) -> dict[str, float]:
         """{slot: smoothed band level}: the worker's envelopes for modulation.modulate."""

@@ -46,12 +46,12 @@ class Control:
         return self.glider.start(updates, slew)
 
     def recall_preset(self, name: str, glide_s: float | None = None, glide_beats: float | None = None,
-                      on_beat: bool = False) -> tuple[dict[str, Any], list[SdbridgeError]]:
+                      on_beat: bool = False, announce: bool = True) -> tuple[dict[str, Any], list[SdbridgeError]]:
         """Loop thread: apply a preset, gliding its numeric values over its (or the given) time.
 
         ``glide_beats`` gives the time in beats at the current ``bpm``; ``on_beat`` starts the
         recall on the next beat of the worker's clock (the one the LFOs follow), so a preset lands
-        with the music.
+        with the music. ``announce`` False logs the recall at debug level (audio onsets: twice a second).
         """
         preset = self.presets.get(name)
         bpm = float(self.daemon.store.get("bpm"))
@@ -76,8 +76,8 @@ class Control:
             loop.call_later(delay, self.glider.start, preset.params, float(duration))
         else:
             self.glider.start(preset.params, float(duration))
-        log.info("preset %s recalled (glide %.2f s%s)%s", name, duration, ", on the next beat" if on_beat else "",
-                 f"; {len(errors)} value(s) refused" if errors else "")
+        log.log(logging.INFO if announce else logging.DEBUG, "preset %s recalled (glide %.2f s%s)%s", name, duration,
+                ", on the next beat" if on_beat else "", f"; {len(errors)} value(s) refused" if errors else "")
         return good, list(errors)
 
     def save_preset(self, name: Any, description: Any = "", glide_s: Any = 0.0) -> Any:

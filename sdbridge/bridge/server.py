@@ -159,7 +159,8 @@ class Daemon:
                     self.midi.stop()
                 raise
             self.worker.envelopes = self.audio.levels
-            self.audio.preset_names = self.control.presets.names
+            # The presets that read (GET /presets' list): a broken file is no turn of "every preset".
+            self.audio.preset_names = lambda: [preset.name for preset in self.control.presets.list()]
             loop = self._loop
             self.audio.recall = lambda name: loop.call_soon_threadsafe(self._recall_on_onset, name)
         try:
@@ -352,12 +353,16 @@ class Daemon:
         """Loop thread: a preset an audio onset asked for (env on_onset preset_next/random); a missing or broken
         one is told as an OSC error is, and the stream goes on."""
         try:
-            errors = self.control.recall_preset(name)[1]
+            errors = self.control.recall_preset(name, announce=False)[1]
         except SdbridgeError as exc:
             errors = [exc]
-        for exc in errors:
+        else:
+            if self.audio is not None:
+                self.audio.recalled(name)
+        for exc in errors:  # told where every other failure is: OSC feedback and each WebSocket client
             log.warning("audio onset: preset %r: %s", name, exc)
             self.report_osc_error(exc)
+            self._broadcast_all({**exc.to_json(), "message": f"audio onset: preset {name!r}: {exc}"})
 
     def _broadcast_all(self, message: dict[str, Any]) -> None:
         for session in self.registry.sessions():

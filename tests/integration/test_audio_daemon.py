@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sdbridge.errors import ConfigError
-from tests.clients import UdpReceiver, wait_for
+from tests.clients import UdpReceiver, recv_json, wait_for, ws_connect
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,7 +87,8 @@ def test_a_bad_audio_in_stops_the_start_naming_it(start_daemon, tmp_path):
 
 def test_every_second_onset_recalls_the_next_preset(start_daemon, tmp_path):
     """env1.on_onset preset_next, every 2nd onset, through two presets: the pulse file's tones step the stored
-    prompt through them in order, with their glide, while the stream runs; a missing name is told, not fatal."""
+    prompt through them in order, with their glide, while the stream runs; a missing name is told on OSC and to
+    each WebSocket client, and not counted as a recall (QA 7)."""
     presets = tmp_path / "presets"
     presets.mkdir()
     for name in ("dawn", "dusk"):
@@ -106,12 +107,39 @@ def test_every_second_onset_recalls_the_next_preset(start_daemon, tmp_path):
                 prompts.append(prompt)
             return {"a dawn sky", "a dusk sky"} <= set(prompts) and daemon.audio.preset_recalls >= 4
 
-        assert wait_for(seen_all, timeout=20, interval=0.01), (prompts, daemon.audio.describe())
+        with ws_connect(daemon) as ws:
+            assert wait_for(seen_all, timeout=20, interval=0.01), (prompts, daemon.audio.describe())
+            told = recv_json(ws, "error")
+        assert told["code"] == "unknown_preset" and told["message"].startswith("audio onset: preset 'gone'")
         recalled = [p for p in prompts if p in ("a dawn sky", "a dusk sky")]  # not the starting prompt
         assert recalled[:2] == ["a dawn sky", "a dusk sky"]  # in the list's order, 'gone' skipped with an error
         errors = [args for address, args in receiver.messages(1.0) if address == "/sd/status/error"]
         assert any("gone" in str(args) for args in errors), errors
         stats = httpx.get(f"http://127.0.0.1:{daemon.port}/stats", trust_env=False).json()["audio"]
-        assert stats["preset_recalls"] >= 4 and stats["onsets"] >= 2 * 3  # every 2nd onset acted
+        assert stats["preset_recalls"] >= 4 and stats["last_preset"] in ("dawn", "dusk")  # 'gone' never counted
+        assert stats["onsets"] >= 2 * 3  # every 2nd onset acted, a third of them on 'gone'
     finally:
         receiver.close()
+
+
+def test_every_preset_means_every_preset_that_reads(start_daemon, tmp_path):
+    """An empty env1.presets steps through the presets GET /presets lists: a broken file is no turn (QA 7)."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "a-good.toml").write_text('[params]\nprompt = "a good one"\n')
+    (presets / "b-broken.toml").write_text('glide_s = "x"\n[params]\nprompt = "never"\n')
+    daemon = start_daemon(params={"engine": "identity", "env1.on_onset": "preset_next"},
+                          audio_in=f"file:{pulse_wav(tmp_path / 'pulse.wav', 0.2, 0.2)}", presets_dir=str(presets))
+    listed = [preset["name"] for preset in httpx.get(f"http://127.0.0.1:{daemon.port}/presets",
+                                                     trust_env=False).json()["presets"]]
+    assert "a-good" in listed and "b-broken" not in listed  # the shipped ones are there too
+    seen: list[str] = []
+
+    def went_round() -> bool:
+        if daemon.audio.last_preset and (not seen or seen[-1] != daemon.audio.last_preset):
+            seen.append(daemon.audio.last_preset)
+        return len(seen) > len(listed)
+
+    assert wait_for(went_round, timeout=30, interval=0.01), seen
+    assert set(seen) == set(listed) and "b-broken" not in seen  # the broken file has no turn
+    assert all(listed[(listed.index(a) + 1) % len(listed)] == b for a, b in zip(seen, seen[1:]))  # in name order
