@@ -290,6 +290,54 @@ def check_webrtc(import_module: Callable[[str], Any] = importlib.import_module) 
     return [Finding(OK, "webrtc", message)]
 
 
+def check_ice_servers(settings: Settings, timeout_s: float = 2.0) -> list[Finding]:
+    """Each ``--ice-server``: its name resolves (aiortc skips one that does not, without a word), and a STUN server
+    answers a Binding request (one that does not makes every WHIP/WHEP answer wait ~5 s for it). A TURN server is
+    not tried: that takes an allocation with its credentials."""
+    if not settings.ice_servers:
+        return []
+    try:
+        from aioice import stun
+
+        from sdbridge.bridge.webrtc_sdp import check_ice_servers as parse
+        servers = parse(settings.ice_servers)
+    except (ImportError, ValueError):  # aiortc missing (check_webrtc says so) or a bad value (the config check)
+        return []
+    findings = []
+    for server in servers:
+        host, _, port = server.url.split("?")[0].split(":", 1)[1].rpartition(":")
+        try:
+            address = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_DGRAM)[0][4]
+        except OSError as exc:
+            findings.append(Finding(WARN, "webrtc", f"ICE server {server}: {host!r} does not resolve "
+                                    f"({exc.strerror or exc}): aiortc leaves it out", "check the name, or give "
+                                    "an IPv4 address"))
+            continue
+        if server.kind == "turn":
+            findings.append(Finding(OK, "webrtc", f"ICE server {server}: {host} is {address[0]}; a TURN server is "
+                                    f"not tried here"))
+            continue
+        request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout_s)
+            try:
+                sock.sendto(bytes(request), address)
+                while True:  # a stray datagram is not the answer
+                    response = stun.parse_message(sock.recvfrom(2048)[0])
+                    if response.transaction_id == request.transaction_id:
+                        break
+            except (OSError, ValueError) as exc:
+                why = f"did not answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else f"failed: {exc}"
+                findings.append(Finding(WARN, "webrtc", f"ICE server {server} {why}: every WHIP/WHEP answer waits "
+                                        f"about 5 s for it", "check the address and that UDP to it is let through, "
+                                        "or leave --ice-server out on a LAN"))
+                continue
+        mapped = response.attributes.get("XOR-MAPPED-ADDRESS") or response.attributes.get("MAPPED-ADDRESS")
+        seen = f": it sees this machine as {mapped[0]}:{mapped[1]}" if mapped else ""
+        findings.append(Finding(OK, "webrtc", f"ICE server {server} answered{seen}"))
+    return findings
+
+
 def check_safety_filter(settings: Settings) -> list[Finding]:
     """Whether the safety filter, turned on by a starting parameter, has its checker (nothing to say when it is off):
     without it the filter turns itself off at the first frame and the stream goes out unfiltered."""
@@ -412,6 +460,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_fp8(settings)
     findings += check_mdns(settings)
     findings += check_webrtc()
+    findings += check_ice_servers(settings)
     findings += check_safety_filter(settings)
     findings += check_upscalers(settings)
     findings += check_ip_adapters(settings)

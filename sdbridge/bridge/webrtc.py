@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_PEERS = 16           # WHIP and WHEP together: each costs a VP8/H.264 encoder or decoder thread
 CONNECT_TIMEOUT_S = 30.0  # a peer that has not connected by then (a client gone after its POST) is ended
 SETUP_TIMEOUT_S = 20.0    # offer to answer: host candidates only, normally well under a second
+SLOW_GATHERING_S = 3.0    # an answer's gathering longer than this waited for an ICE server
 
 
 def load_aiortc() -> Any:
@@ -100,6 +101,7 @@ class WebRtcHub:
         # Counters of ended peers, so that totals survive them.
         self.retired = {"frames_in": 0, "frames_out": 0, "dropped": 0}
         self.refused = 0
+        self.slow_answers = 0
         self.closed = False
 
     # --- the worker's side --------------------------------------------------------------------
@@ -175,7 +177,9 @@ class WebRtcHub:
                 peer.track = peer_module.OutputTrack(loop)
                 pc.addTrack(peer.track)
             peer_module.keep_only_video(pc, "recvonly" if role == "whip" else "sendonly")
+            gathering = time.monotonic()
             await asyncio.wait_for(pc.setLocalDescription(await pc.createAnswer()), SETUP_TIMEOUT_S)
+            self._note_gathering(time.monotonic() - gathering)
         except Exception as exc:
             log.info("%s offer for %s not answered: %r", role.upper(), session_name, exc,
                      exc_info=log.isEnabledFor(logging.DEBUG))
@@ -189,6 +193,16 @@ class WebRtcHub:
         if peer.track is not None:
             self._tracks = {**self._tracks, session.id: (*self._tracks.get(session.id, ()), peer.track)}
         return peer
+
+    def _note_gathering(self, seconds: float) -> None:
+        """An answer that waited for an ICE server (a STUN server that does not answer holds each one ~5 s): told
+        once in the log, counted in /stats, so that a slow WHIP start has a reason (QA 7)."""
+        if seconds < SLOW_GATHERING_S or not self.ice_servers:
+            return
+        self.slow_answers += 1
+        if self.slow_answers == 1:
+            log.warning("a WebRTC answer waited %.1f s for its ICE candidates: an --ice-server (%s) does not answer; "
+                        "`sdbridge doctor` tries each", seconds, ", ".join(str(server) for server in self.ice_servers))
 
     async def _watch_connect(self, peer: Peer) -> None:
         await asyncio.sleep(self.connect_timeout_s)
@@ -261,6 +275,7 @@ class WebRtcHub:
             + sum(p.track.dropped for p in peers if p.track is not None),
             "refused": self.refused,
             "ice_servers": [str(server) for server in self.ice_servers],  # never the TURN password
+            "slow_answers": self.slow_answers,
             "connections": [{"role": p.role, "session": p.session.id, "id": p.resource_id,
                              "state": p.pc.connectionState, "age_s": round(time.monotonic() - p.created, 1)}
                             for p in peers],

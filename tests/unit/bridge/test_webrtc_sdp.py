@@ -116,3 +116,4 @@ def test_one_stun_and_one_turn_server_at_most():
     assert [s.kind for s in check_ice_servers(["stun:a.example", "turn:u:p@b.example"])] == ["stun", "turn"]
     with pytest.raises(ValueError, match=r"2 TURN servers given .*\(user 'u'\).*one STUN and one TURN"):
         check_ice_servers(["turn:u:p@a.example", "turns:u:p@b.example"])
+
