@@ -6,12 +6,13 @@
     python examples/shm_sender.py --frames 100 --size 640x360 --name td_out
 
 Watch the result at ws://127.0.0.1:7860/ws?session=live, or with --output ndi:sdbridge@live.
-The segment is removed when this script ends (Ctrl-C too).
+The segment is removed when this script ends (Ctrl-C, SIGINT or SIGTERM too).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -29,7 +30,15 @@ def pattern(n: int, width: int, height: int) -> np.ndarray:
     return np.stack([red, green, blue], axis=-1).astype(np.uint8)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGINT and SIGTERM end the loop the same way, so the segment is removed: a shell starts a background job with
+    # SIGINT ignored (this test's sender, under `make test &`, never stopped), and a process manager sends SIGTERM.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", default="sdbridge", help="the segment's name (--input shm:NAME)")
     parser.add_argument("--size", default="512x512", help="WIDTHxHEIGHT of the test pattern")

@@ -100,7 +100,7 @@ def test_a_shm_input_fed_by_the_example_sender_reaches_a_viewer_in_order(start_d
         assert all(step > 0 for step in steps) and sum(steps) < 256, numbers
         assert daemon.collect_stats()["inputs"][0]["state"] == "running"
     finally:
-        sender.send_signal(signal.SIGINT)  # the sender removes its segment on the way out
+        sender.send_signal(signal.SIGTERM)  # as a process manager stops it: it removes its segment on the way out
         assert sender.wait(timeout=30) == 0
 
 
