@@ -305,9 +305,9 @@ def check_ice_servers(settings: Settings, timeout_s: float = 2.0) -> list[Findin
         return []
     findings = []
     for server in servers:
-        host, _, port = server.url.split("?")[0].split(":", 1)[1].rpartition(":")
+        host = server.host
         try:
-            address = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_DGRAM)[0][4]
+            address = socket.getaddrinfo(host, server.port, socket.AF_INET, socket.SOCK_DGRAM)[0][4]
         except OSError as exc:
             findings.append(Finding(WARN, "webrtc", f"ICE server {server}: {host!r} does not resolve "
                                     f"({exc.strerror or exc}): aiortc leaves it out", "check the name, or give "

@@ -126,16 +126,23 @@ _ICE_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")  # aiortc's URL for
 
 @dataclass(frozen=True)
 class IceServer:
-    """One STUN or TURN server, as aiortc's RTCIceServer takes it: the URL without credentials, and the TURN
+    """One STUN or TURN server as parsed; aiortc's RTCIceServer takes :attr:`url` (no credentials) and the TURN
     user name and password apart (they never go in a log or in /stats)."""
 
-    url: str
+    scheme: str                # stun, turn or turns
+    host: str
+    port: int
+    transport: str = ""        # "" or a TURN server's "udp" / "tcp"
     username: str | None = None
     credential: str | None = None
 
     @property
     def kind(self) -> str:
-        return "stun" if self.url.startswith("stun:") else "turn"
+        return "stun" if self.scheme == "stun" else "turn"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}:{self.host}:{self.port}" + (f"?transport={self.transport}" if self.transport else "")
 
     def __str__(self) -> str:
         return self.url if self.username is None else f"{self.url} (user {self.username!r})"
@@ -174,7 +181,7 @@ def parse_ice_server(text: str) -> IceServer:
         raise ValueError(f"ICE server {shown}: {host[:80]!r} is not a host name or IPv4 address")
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"ICE server {shown}: port {port[:12]!r} is not in 1-65535")
-    return IceServer(f"{scheme}:{host}:{int(port)}" + (f"?{query}" if query else ""), username, credential)
+    return IceServer(scheme, host, int(port), query.removeprefix("transport="), username, credential)
 
 
 def check_ice_servers(texts: list[str]) -> list[IceServer]:

@@ -94,7 +94,7 @@ log = logging.getLogger(__name__)
 LINEAR_SCHEDULERS = ("EulerDiscreteScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
 STREAM_KEY = "compiled.stream"
 # The feature bank's key of a padded call's extra rows (batch buckets, module docstring): "~" is in no
-# session name (bridge/websocket.py, SESSION_NAME), so a pad row never reads or writes a session's entries.
+# session name (bridge/protocol.py, SESSION_NAME), so a pad row never reads or writes a session's entries.
 PAD_ROW = "~pad"
 # Dynamo keeps one cache per code object: every (resolution, batch) is a recompile of the same
 # functions, and its default limit (8) would silently fall back to eager after a few sizes.
