@@ -150,24 +150,35 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def test_engine_refusing_new_parameters_keeps_the_stream_going(start_daemon, monkeypatch):
+def refusing_daemon(start_daemon, monkeypatch, refusal: Exception):
+    """An identity daemon whose engine's prepare raises ``refusal`` while the prompt is "poison"."""
     from sdbridge.engines.identity import IdentityEngine
 
     def picky(self, params):
         if params["prompt"] == "poison":
-            raise ValueError("cannot encode this prompt")
+            raise refusal
         self.resolution = (int(params["width"]), int(params["height"]))
 
     monkeypatch.setattr(IdentityEngine, "prepare", picky)
-    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
-    frame = codec.encode_png(make_image())
+    return start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+
+
+def send_poisoned_frame(ws, frame: bytes) -> list[dict]:
+    """Set the poison prompt and send a frame: the error messages before its reply, which passed through."""
     errors = []
+    ws.send(json.dumps({"type": "set", "params": {"prompt": "poison"}}))
+    ws.send(frame)
+    while isinstance(message := ws.recv(timeout=10), str):
+        errors += [m for m in [json.loads(message)] if m["type"] == "error"]
+    assert message[:3] == b"\xff\xd8\xff"  # passed through
+    return errors
+
+
+def test_engine_refusing_new_parameters_keeps_the_stream_going(start_daemon, monkeypatch):
+    daemon = refusing_daemon(start_daemon, monkeypatch, ValueError("cannot encode this prompt"))
+    frame = codec.encode_png(make_image())
     with ws_connect(daemon) as ws:
-        ws.send(json.dumps({"type": "set", "params": {"prompt": "poison"}}))
-        ws.send(frame)
-        while isinstance(message := ws.recv(timeout=10), str):
-            errors += [m for m in [json.loads(message)] if m["type"] == "error"]
-        assert message[:3] == b"\xff\xd8\xff"  # passed through
+        errors = send_poisoned_frame(ws, frame)
         ws.send(json.dumps({"type": "set", "params": {"prompt": "fine"}}))
         ws.send(frame)
         assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
@@ -179,24 +190,12 @@ def test_a_client_mistake_the_engine_refuses_is_told_in_its_own_words_and_is_no_
                                                                                           monkeypatch):
     """QA 5: a schedule the sampler cannot run (a ParamError at prepare) was told as "...: ParamError: ..." and
     counted in /stats as an engine error, though no frame failed."""
-    from sdbridge.engines.identity import IdentityEngine
     from sdbridge.errors import ParamError
 
-    def picky(self, params):
-        if params["prompt"] == "poison":
-            raise ParamError("schedule '1@2' needs a sampler that takes explicit timesteps", name="schedule")
-        self.resolution = (int(params["width"]), int(params["height"]))
-
-    monkeypatch.setattr(IdentityEngine, "prepare", picky)
-    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
-    frame = codec.encode_png(make_image())
-    errors = []
+    daemon = refusing_daemon(start_daemon, monkeypatch, ParamError(
+        "schedule '1@2' needs a sampler that takes explicit timesteps", name="schedule"))
     with ws_connect(daemon) as ws:
-        ws.send(json.dumps({"type": "set", "params": {"prompt": "poison"}}))
-        ws.send(frame)
-        while isinstance(message := ws.recv(timeout=10), str):
-            errors += [m for m in [json.loads(message)] if m["type"] == "error"]
-        assert message[:3] == b"\xff\xd8\xff"  # passed through
+        errors = send_poisoned_frame(ws, codec.encode_png(make_image()))
     assert len(errors) == 1 and errors[0]["code"] == "bad_param"
     assert errors[0]["message"] == ("the engine could not take the new parameters: schedule '1@2' needs a sampler "
                                     "that takes explicit timesteps; frames pass through")
