@@ -11,7 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,21 @@ def check_interpolate(value: Any, source: str) -> None:
         raise ConfigError(str(exc)) from None
 
 
+# Settings checked where their source is known too, so that an error names it (the flag, the environment
+# variable, the config file), as the other settings' errors do: the flag each comes from, and its check.
+_CHECKED_AT_SOURCE: dict[str, tuple[str, Callable[[Any, str], None]]] = {
+    "interpolate": ("--interpolate", check_interpolate),
+    "ice_servers": ("--ice-server", check_ice_servers),
+}
+
+
+def _check_at_source(name: str, value: Any, source: str | None = None) -> None:
+    """``source`` None: the value came from its flag."""
+    if name in _CHECKED_AT_SOURCE:
+        flag, check = _CHECKED_AT_SOURCE[name]
+        check(value, source or flag)
+
+
 def check_warm_steps(spec: str) -> None:
     """``warm_steps``: empty, "all", or step counts such as "1,2,4" (each 1 to the steps parameter's maximum)."""
     text = spec.strip()
@@ -205,11 +220,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             items = [str(item) for item in value]
         else:
             raise ConfigError(f"{source}: {name} {value!r} is not a list")
-        if name == "ice_servers":
-            check_ice_servers(items, source)
+        _check_at_source(name, items, source)
         return items
-    if name == "interpolate":
-        check_interpolate(value if isinstance(value, str) else str(value), source)
+    _check_at_source(name, value if isinstance(value, str) else str(value), source)
     return None if value in ("", None) else str(value)
 
 
@@ -262,10 +275,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
             continue
         if name not in _FIELDS:
             raise ConfigError(f"unknown setting {name!r}")
-        if name == "interpolate":
-            check_interpolate(value, "--interpolate")
-        if name == "ice_servers":
-            check_ice_servers(value, "--ice-server")
+        _check_at_source(name, value)
         values[name] = value
     settings = Settings(**values)
     settings.check()
