@@ -4,6 +4,12 @@ Plugins load only through installed entry points of the group ``sdbridge.plugins
 a path or a name a client sends. A plugin that raises, or returns NaN latents, is turned off for
 that session with a message to its clients (WebSocket) and the log (OSC feedback carries it as
 ``/sd/status/error``); the stream goes on. Turning the plugin off and on again re-arms it.
+
+A plugin whose class sets ``fails_closed = True`` (the safety filter) is not dropped when it fails: from then on
+its ``fallback(ctx)`` makes every frame of that session (of every session, after a failure inside the engine), and
+the message says so. Without the plugin the stream would go out unchecked, which is the failure it exists to
+prevent. ``fallback`` gets ``ctx.output`` and ``ctx.params``; when it raises, or returns a wrong image, the frame
+goes out black.
 """
 
 from __future__ import annotations
@@ -25,6 +31,19 @@ log = logging.getLogger(__name__)
 GROUP = "sdbridge.plugins"
 
 Report = Callable[[str, dict[str, Any]], None]  # (session id, error message)
+
+
+def fails_closed(plugin: Plugin) -> bool:
+    """Whether ``plugin`` declares that a failure must block frames rather than let them through."""
+    return bool(getattr(plugin, "fails_closed", False)) and callable(getattr(plugin, "fallback", None))
+
+
+def _after_failure(plugin: Plugin) -> str:
+    """What the stream does once ``plugin`` failed, for the error sentence."""
+    if fails_closed(plugin):
+        return (f"it fails closed: {getattr(plugin, 'fallback_doc', 'its fallback replaces every frame')} "
+                f"(turn it off and on to retry)")
+    return "the stream goes on without it (turn it off and on to retry)"
 
 
 def discover(group: str = GROUP) -> dict[str, type[Plugin]]:
@@ -118,7 +137,7 @@ class PluginManager:
                 for session_id in session_ids:
                     self.report(session_id, {"type": "error", "code": "plugin_failed", "plugin": name,
                                              "message": f"plugin {name} turned off: {type(exc).__name__}: {exc}; "
-                                                        f"the stream goes on without it (turn it off and on to retry)"})
+                                                        f"{_after_failure(plugin)}"})
                 try:
                     plugin.before_step(None, [], {})
                 except Exception:
@@ -161,7 +180,7 @@ class PluginManager:
         log.error("plugin %s turned off for session %s: %s", item.plugin.name, ctx.session_id, reason)
         self.report(ctx.session_id, {"type": "error", "code": "plugin_failed",
                                      "message": f"plugin {item.plugin.name} turned off for this session: {reason}; "
-                                                f"the stream goes on without it (turn it off and on to retry)",
+                                                f"{_after_failure(item.plugin)}",
                                      "plugin": item.plugin.name})
 
     def before(self, session_id: str, session_state: dict[str, Any],
@@ -213,25 +232,49 @@ class PluginManager:
                 latents = torch.cat([latents[:index], result.to(latents.dtype), latents[index + 1:]])
         return latents
 
+    def _fallback(self, item: _Active, session_id: str, image: np.ndarray | None, output: np.ndarray) -> np.ndarray:
+        """A failed fail-closed plugin's frame: its fallback, or black when that fails too."""
+        ctx = PluginContext(session_id=session_id, params=item.params, state={}, image=image, output=output)
+        try:
+            result = item.plugin.fallback(ctx)  # type: ignore[attr-defined]  # checked by fails_closed
+        except Exception:
+            log.exception("plugin %s's fallback failed; the frame goes out black", item.plugin.name)
+            return np.zeros_like(output)
+        if not isinstance(result, np.ndarray) or result.shape != output.shape or result.dtype != np.uint8:
+            log.error("plugin %s's fallback returned %r, expected %s uint8; the frame goes out black",
+                      item.plugin.name, getattr(result, "shape", result), output.shape)
+            return np.zeros_like(output)
+        return result
+
     def after(self, session_id: str, session_state: dict[str, Any], image: np.ndarray | None,
               output: np.ndarray) -> np.ndarray:
         for item in self.active:
-            if not item.plugin.overrides("after"):
+            closed = fails_closed(item.plugin)
+            if not (item.plugin.overrides("after") or closed):
                 continue
-            ctx = self._context(item, session_state, session_id)
-            if ctx is None:
+            ctx = None if closed and item.plugin.name in self._engine_failed else \
+                self._context(item, session_state, session_id)
+            if ctx is None:  # failed for this session (or inside the engine)
+                if closed:
+                    output = self._fallback(item, session_id, image, output)
+                continue
+            if not item.plugin.overrides("after"):
                 continue
             ctx.image, ctx.output = image, output
             try:
                 result = item.plugin.after(ctx)
             except Exception as exc:
-                self._fail(item, ctx, f"{type(exc).__name__}: {exc}")
+                result, reason = None, f"{type(exc).__name__}: {exc}"
+            else:
+                wrong = result is not None and (result.shape != output.shape or result.dtype != np.uint8)
+                reason = f"returned an image of shape {result.shape} {result.dtype}, expected {output.shape} uint8" \
+                    if wrong else None
+            if reason is not None:
+                self._fail(item, ctx, reason)
+                if closed:  # this frame too: it went through no check
+                    output = self._fallback(item, session_id, image, output)
                 continue
             if result is not None:
-                if result.shape != output.shape or result.dtype != np.uint8:
-                    self._fail(item, ctx, f"returned an image of shape {result.shape} {result.dtype}, expected "
-                                          f"{output.shape} uint8")
-                    continue
                 output = result
         session_state[LAST_OUTPUT] = output
         return output

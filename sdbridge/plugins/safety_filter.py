@@ -8,8 +8,9 @@ docs/plugins.md.
 
 The model lives in ``<models dir>/safety_checker/`` (config.json, model.safetensors, preprocessor_config.json) and
 loads through safetensors only, on a background thread: until it is there, every frame gets the action (the filter
-fails closed while it loads). A missing or broken folder raises on the frame, which turns the plugin off for that
-session with the reason (the plugin manager's error contract); the stream goes on.
+fails closed while it loads). A missing or broken folder raises on the frame; the plugin manager tells the session
+why, and since the class ``fails_closed``, applies :meth:`SafetyFilter.fallback` (the action) to every later frame of
+that session instead of dropping the plugin: nothing unchecked goes out, until the plugin is turned off and on.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ class SafetyFilter(Plugin):
     name = "safety_filter"
     doc = "Stable Diffusion's NSFW checker on every output (or every Nth); a flagged frame is blurred, blacked or held."
     default_order = 100  # last: it judges the frame that is sent, after every other plugin changed it
+    # A kiosk without its checker must show the action, not the raw stream (docs/plugins.md, "Safety filter").
+    fails_closed = True
+    fallback_doc = "every frame gets the action (blur, black; hold shows black) until the checker works"
     params = (
         param("safety_filter", "action", "enum", "blur",
               "What a flagged frame shows: blur (heavily), black, or hold (the last frame checked safe).",
@@ -231,6 +235,11 @@ class SafetyFilter(Plugin):
         return future
 
     # --- the frame ---------------------------------------------------------------------------------
+
+    def fallback(self, ctx: PluginContext) -> np.ndarray:
+        """The frame once the filter failed for the session: the action, with no frame checked safe to hold."""
+        assert ctx.output is not None
+        return obscure(ctx.output, str(ctx.params.get("action", "black")), None)
 
     def after(self, ctx: PluginContext) -> np.ndarray | None:
         assert ctx.output is not None

@@ -1,6 +1,6 @@
 """The safety filter in the running daemon (identity engine: the output is the input): a tiny real safety checker in
 the models dir blacks out the frame it flags and lets the other through, its action changes live; with no checker
-folder the plugin is turned off for the session with the path in the message, and the stream goes on."""
+folder the filter fails closed: every frame gets the action, and each session is told why, with the path."""
 
 from __future__ import annotations
 
@@ -46,16 +46,20 @@ def test_a_flagged_frame_is_blacked_out_and_a_safe_one_passes(start_daemon, tmp_
     assert daemon.plugins.failures == 0
 
 
-def test_without_the_checker_folder_the_plugin_goes_off_and_the_stream_goes_on(start_daemon, tmp_path, monkeypatch):
+def test_without_the_checker_folder_every_frame_gets_the_action_and_the_client_is_told(start_daemon, tmp_path,
+                                                                                        monkeypatch):
+    """qa8 finding 1: a kiosk with no checker must not send its frames out unchecked (docs/plugins.md)."""
     monkeypatch.setenv("SDBRIDGE_MODELS_DIR", str(tmp_path))
-    _, image = flagged_and_safe_frames()  # smooth: JPEG keeps it close (the noise frame it would not)
+    image = np.full((64, 64, 3), (250, 120, 250), np.uint8)  # the QA report's frame
     daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64,
-                                  "plugin.safety_filter.enabled": True})
-    messages: list = []
-    with ws_connect(daemon, "?session=lobby") as ws:
-        outs = [reply(ws, image, messages) for _ in range(3)]
-    assert all(close(out, image) for out in outs)
-    failures = [m for m in messages if m.get("code") == "plugin_failed"]
-    assert len(failures) == 1 and failures[0]["plugin"] == "safety_filter"
-    assert f"{tmp_path / 'safety_checker'} does not exist" in failures[0]["message"]
-    assert daemon.plugins.failures == 1
+                                  "plugin.safety_filter.enabled": True, "plugin.safety_filter.action": "black"})
+    for session in ("lobby", "hall"):  # each new session is filtered and told too
+        messages: list = []
+        with ws_connect(daemon, f"?session={session}") as ws:
+            outs = [reply(ws, image, messages) for _ in range(3)]
+        assert all(not out.any() for out in outs), [out.mean() for out in outs]
+        failures = [m for m in messages if m.get("code") == "plugin_failed"]
+        assert len(failures) == 1 and failures[0]["plugin"] == "safety_filter"
+        assert f"{tmp_path / 'safety_checker'} does not exist" in failures[0]["message"]
+        assert "fails closed: every frame gets the action" in failures[0]["message"]
+    assert daemon.plugins.failures == 2

@@ -115,3 +115,64 @@ def test_wrong_shape_from_after_is_a_failure(manager):
     frame = np.zeros((4, 4, 3), np.uint8)
     assert shrink.after("a", {}, frame, frame).shape == (4, 4, 3)
     assert "shape" in reports[0]["message"]
+
+
+class Guard(Plugin):
+    """Fails closed: once it fails, its fallback (a grey frame) replaces every frame of the session."""
+
+    name = "guard"
+    fails_closed = True
+    fallback_doc = "every frame goes grey"
+    fail_in = "after"
+
+    def on_latents(self, latents, ctx):
+        if Guard.fail_in == "on_latents":
+            raise RuntimeError("no model")
+        return latents
+
+    def after(self, ctx: PluginContext) -> np.ndarray | None:
+        if Guard.fail_in == "after":
+            raise RuntimeError("no model")
+        return None
+
+    def fallback(self, ctx: PluginContext) -> np.ndarray:
+        return np.full_like(ctx.output, 128)
+
+
+@pytest.mark.parametrize("where", ["after", "on_latents"])
+def test_a_plugin_that_fails_closed_replaces_every_frame_with_its_fallback(where):
+    Guard.fail_in = where
+    store = ParamStore(Schema())
+    reports: list = []
+    guard = PluginManager(store, {"guard": Guard}, report=lambda sid, m: reports.append((sid, m)))
+    store.update({"plugin.guard.enabled": True})
+    guard.prepare(store.snapshot()[1])
+    frame = np.full((4, 4, 3), 7, np.uint8)
+    state: dict = {}
+    if where == "on_latents":
+        guard.on_latents(torch.ones(1, 4, 2, 2), ["a"], [state])
+    outs = [guard.after("a", state, frame, frame) for _ in range(3)]
+    assert all((out == 128).all() for out in outs)  # the failing frame too: nothing unchecked goes out
+    assert len(reports) == 1 and reports[0][1]["code"] == "plugin_failed"
+    assert "RuntimeError: no model; it fails closed: every frame goes grey" in reports[0][1]["message"]
+    Guard.fail_in = "nowhere"  # turned off and on, working again: frames go through
+    for enabled in (False, True):
+        store.update({"plugin.guard.enabled": enabled})
+        guard.prepare(store.snapshot()[1])
+    assert guard.after("a", state, frame, frame) is frame
+
+
+def test_a_fail_closed_plugins_broken_fallback_gives_black():
+    class BadFallback(Guard):
+        name = "bad_fallback"
+
+        def fallback(self, ctx):
+            return ctx.output[:1]
+
+    Guard.fail_in = "after"
+    store = ParamStore(Schema())
+    bad = PluginManager(store, {"bad_fallback": BadFallback})
+    store.update({"plugin.bad_fallback.enabled": True})
+    bad.prepare(store.snapshot()[1])
+    frame = np.full((4, 4, 3), 7, np.uint8)
+    assert [bad.after("a", {}, frame, frame).any() for _ in range(2)] == [False, False]

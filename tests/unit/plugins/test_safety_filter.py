@@ -255,24 +255,39 @@ def test_the_checker_follows_the_engine_models_dir_and_stays_on_the_cpu(models, 
     assert plugin.checker is None
 
 
-def test_a_missing_folder_turns_the_plugin_off_for_the_session_with_the_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("action", ["black", "blur", "hold"])
+def test_a_missing_folder_fails_closed_with_the_action_and_tells_the_path(tmp_path, monkeypatch, action):
+    """docs/plugins.md: nothing unchecked goes out. Without a checker every frame gets the action (hold: black, no
+    frame was checked safe), each session is told once why, and turning the plugin off and on retries."""
     monkeypatch.setenv("SDBRIDGE_MODELS_DIR", str(tmp_path))
     reports: list = []
     manager = PluginManager(ParamStore(Schema()), {"safety_filter": sf.SafetyFilter},
                             report=lambda session_id, message: reports.append((session_id, message)))
-    setting(manager, enabled=True)
-    _, safe = flagged_and_safe_frames()
+    setting(manager, enabled=True, action=action)
+    flagged, safe = flagged_and_safe_frames()
     state: dict = {}
-    assert frame(manager, safe, state) is safe  # the stream goes on without the plugin
-    assert frame(manager, safe, state) is safe
+
+    def obscured(out: np.ndarray, image: np.ndarray) -> bool:
+        expected = sf.obscure(image, "blur", None) if action == "blur" else np.zeros_like(image)
+        return out is not image and out.dtype == np.uint8 and np.array_equal(out, expected)
+
+    assert all(obscured(frame(manager, image, state), image) for image in (safe, safe, flagged))
     assert manager.failures == 1 and len(reports) == 1
     message = reports[0][1]
     assert message["code"] == "plugin_failed" and message["plugin"] == "safety_filter"
     assert str(tmp_path / "safety_checker") in message["message"]
     assert "does not exist" in message["message"] and "CompVis/stable-diffusion-safety-checker" in message["message"]
-    other: dict = {}  # another session is told too
-    frame(manager, safe, other, session="t")
+    assert "fails closed: every frame gets the action" in message["message"]
+    assert "goes on without it" not in message["message"]
+    other: dict = {}  # another session is told too, and filtered too
+    assert obscured(frame(manager, safe, other, session="t"), safe)
     assert [sid for sid, _ in reports] == ["s", "t"]
+    build_checker(tmp_path)  # the checker put in place, the plugin turned off and on: it checks again
+    setting(manager, enabled=False)
+    setting(manager, enabled=True)
+    assert obscured(frame(manager, safe, state), safe)  # this frame starts the load: obscured while it runs
+    manager.plugins["safety_filter"].wait_loaded(60)
+    assert frame(manager, safe, state) is safe
 
 
 def test_a_folder_without_its_processor_config_names_the_file(models, tmp_path):
@@ -301,7 +316,8 @@ def test_truncated_weights_fail_the_load_and_turn_the_plugin_off(models, tmp_pat
     first = frame(manager, safe, state)
     assert first is safe or not first.any()
     manager.plugins["safety_filter"].wait_loaded(60)
-    assert frame(manager, safe, state) is safe    # the load failed: off for this session, the stream goes on
+    out = frame(manager, safe, state)
+    assert out is not safe and not out.any()   # the load failed: the filter fails closed, the frame is blacked out
     assert len(reports) == 1 and "model.safetensors: truncated" in reports[0][1]["message"]
 
 
