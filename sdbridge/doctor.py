@@ -89,14 +89,60 @@ def check_model(settings: Settings) -> list[Finding]:
         source = models.resolve_source(settings.model, models_dir=models_dir)
     except ModelError as exc:
         return [Finding(ERROR, "model", str(exc), "check the path, or pull the model: sdbridge models pull NAME")]
+    if source.kind == "pickle_file":
+        # The loader's own refusal (pickle_refused) without --allow-pickle; with it, the loader's own read
+        # (torch.load(weights_only=True), the whole file once), which a junk or non-tensor file fails.
+        try:
+            models.load_weight_file(source.path, "model", allow_pickle=settings.allow_pickle)
+        except ModelError as exc:
+            if exc.code == "pickle_refused":
+                return [Finding(ERROR, "model", f"pickle_refused: {exc}", "pass --allow-pickle (the file is then "
+                                "read through torch.load(weights_only=True)), or convert it to .safetensors")]
+            return [Finding(ERROR, "model", str(exc), "convert the file to .safetensors, or get a whole copy")]
+        return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, read as plain tensors "
+                        "(--allow-pickle)")]
     # A model folder can be whole in its layout and broken in its bytes (a copy cut short): the
     # loader's own header checks, run here, say so before ``serve`` fails on it.
     problems = models.weight_problems(source, allow_pickle=settings.allow_pickle)
     if problems:
         return [Finding(ERROR, "model", str(problem), "copy or pull the model again (sdbridge models pull NAME): "
                         "a damaged file does not load") for problem in problems]
-    checked = "" if source.kind == "pickle_file" else ", weight files whole"
-    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}{checked}")]
+    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, weight files whole")]
+
+
+def check_params(settings: Settings) -> list[Finding]:
+    """The starting values (the config file's [params], ``--set``) checked as serve checks them: against the
+    schema with the installed plugins' parameters, by each parameter's own validation. An unknown name or a
+    value out of range or type stops ``serve`` (exit 2); here each one is an ERROR."""
+    if not settings.params:
+        return []
+    from sdbridge.params import ParamStore, Schema
+    from sdbridge.plugins.manager import PluginManager
+
+    store = ParamStore(Schema())
+    PluginManager(store)  # registers the plugins' parameters, which serve does before applying their values
+    _, errors = store.schema.validate(settings.params)
+    if errors:
+        return [Finding(ERROR, "params", str(error), "fix the name or value in --set or the config file's [params] "
+                        "(docs/protocol.md lists each parameter and its range)") for error in errors]
+    return [Finding(OK, "params", f"{len(settings.params)} starting value(s) valid")]
+
+
+def check_midi(settings: Settings) -> list[Finding]:
+    """Each ``--midi-in`` port as serve finds it at start-up: mido and rtmidi installed, the system's MIDI there,
+    a port whose name matches (nothing to say without --midi-in)."""
+    from sdbridge.bridge.midi import LIST, list_ports, match_port
+
+    wanted = [name for name in settings.midi_in if name != LIST]
+    if not wanted:
+        return []
+    try:
+        names = list_ports()
+        found = [match_port(name, names) for name in wanted]
+    except ConfigError as exc:
+        return [Finding(ERROR, "midi", str(exc), "fix --midi-in (sdbridge serve --midi-in list shows the ports), or "
+                        "leave it out (docs/midi.md)")]
+    return [Finding(OK, "midi", f"--midi-in {want!r}: port {port!r}") for want, port in zip(wanted, found)]
 
 
 def check_clip_vocab() -> list[Finding]:
@@ -452,11 +498,13 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_torch(which)
     findings += check_codec()
     findings += check_model(settings)
+    findings += check_params(settings)
     findings += check_clip_vocab()
     findings += check_ports(settings)
     findings += check_outputs(settings)
     findings += check_inputs(settings)
     findings += check_audio(settings)
+    findings += check_midi(settings)
     findings += check_fp8(settings)
     findings += check_mdns(settings)
     findings += check_webrtc()

@@ -245,3 +245,23 @@ def test_presets_save_with_no_daemon_is_one_line(tmp_path):
     bad_url = sdbridge("presets", "save", "stage", "--url", "ftp://127.0.0.1")
     assert bad_url.returncode == 2 and bad_url.stderr.startswith("sdbridge: could not reach a daemon at ftp://")
     assert len(bad_url.stderr.splitlines()) == 1
+
+
+def test_doctor_fails_what_serve_refuses_params_pickle_and_midi(tmp_path):
+    """QA 8 #4, as QA ran it: a [params] typo, --set out of range, a .ckpt without --allow-pickle and --midi-in
+    with no such port; doctor said "2 warning(s), no errors" and exit 0 while serve exits 2."""
+    config = tmp_path / "c3.toml"
+    config.write_text("[params]\nstrenght = 0.5\n")
+    checkpoint = tmp_path / "m.ckpt"
+    torch.save({"weight": torch.zeros(2)}, checkpoint)
+    args = ("--port", str(free_port()), "--no-osc", "--config", str(config))
+    serve = sdbridge("serve", *args)
+    assert serve.returncode == 2 and "unknown parameter 'strenght'" in serve.stderr
+    doctor = sdbridge("doctor", *args, "--set", "strength=5", "--model", str(checkpoint),
+                      "--midi-in", "no-such-port-sdbridge-test")
+    assert doctor.returncode == 1, doctor.stdout
+    assert "[ERROR] params: unknown parameter 'strenght'" in doctor.stdout
+    assert "[ERROR] params: strength 5.0 not in [0, 1]" in doctor.stdout
+    assert f"[ERROR] model: pickle_refused: {checkpoint} is a pickle file" in doctor.stdout
+    assert "[ERROR] midi: " in doctor.stdout
+    assert "4 problem(s) found" in doctor.stdout

@@ -165,3 +165,43 @@ def test_the_last_line_says_all_good_only_without_warnings_or_errors():
     assert summary([ok, warn, warn]) == "2 warning(s), no errors"  # QA 6: was "all good" under [warn ] lines
     assert summary([error, warn, ok]) == "1 problem(s) found, 1 warning(s)"
     assert summary([error]) == "1 problem(s) found"
+
+
+def test_starting_values_are_checked_as_serve_checks_them():
+    """QA 8 #4: a [params] typo or an out-of-range --set was "no errors" while serve refused it (exit 2)."""
+    from sdbridge.doctor import check_params
+
+    assert check_params(Settings()) == []
+    findings = check_params(Settings(params={"strenght": 0.5, "strength": "5", "steps": 2}))
+    assert [(f.level, f.message) for f in findings] == [(ERROR, "unknown parameter 'strenght'"),
+                                                         (ERROR, "strength 5.0 not in [0, 1]")]
+    assert "[params]" in findings[0].fix
+    # A plugin's parameter is known, as it is to serve once the plugins have registered theirs.
+    [good] = check_params(Settings(params={"plugin.flow_warp.enabled": "true", "strength": "0.4"}))
+    assert good.level == OK and good.message == "2 starting value(s) valid"
+
+
+def test_a_pickle_model_is_refused_without_allow_pickle_and_read_with_it(tmp_path):
+    """QA 8 #4: a .ckpt was "ok" whether or not serve would load it; with --allow-pickle, junk was "ok" too."""
+    import torch
+
+    checkpoint, junk = tmp_path / "m.ckpt", tmp_path / "junk.bin"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, checkpoint)
+    junk.write_bytes(b"xx")
+    [refused] = check_model(Settings(model=str(checkpoint)))
+    assert refused.level == ERROR and refused.message.startswith(f"pickle_refused: {checkpoint} is a pickle file")
+    assert "--allow-pickle" in refused.fix
+    [read] = check_model(Settings(model=str(checkpoint), allow_pickle=True))
+    assert read.level == OK and "pickle_file" in read.message
+    [broken] = check_model(Settings(model=str(junk), allow_pickle=True))
+    assert broken.level == ERROR and broken.message.startswith(f"{junk}: refused (")
+
+
+def test_midi_in_without_a_matching_port_is_an_error():
+    """QA 8 #4: --midi-in had no doctor line at all where serve exits 2 (no ALSA sequencer, no such port)."""
+    from sdbridge.doctor import check_midi
+
+    assert check_midi(Settings()) == [] and check_midi(Settings(midi_in=["list"])) == []
+    [finding] = check_midi(Settings(midi_in=["no-such-port-sdbridge-test"]))
+    assert finding.level == ERROR and "midi" == finding.topic
+    assert "MIDI" in finding.message and "--midi-in list" in finding.fix
