@@ -28,6 +28,7 @@ from sdbridge.errors import ProtocolError
 MAGIC = b"SDBF"
 VERSION = 1
 _LAYOUT = struct.Struct("<4sBBBBB3xIQHHI")
+_FRAME_ID_OFFSET, _FRAME_ID = 12, struct.Struct("<I")  # the frame_id field alone, for errors (peek_frame_id)
 HEADER_SIZE = _LAYOUT.size  # 32
 MAX_DIMENSION = 8192
 MAX_PAYLOAD = MAX_DIMENSION * MAX_DIMENSION * 4
@@ -130,12 +131,14 @@ class FrameHeader:
 
     @staticmethod
     def peek_frame_id(data: bytes | bytearray | memoryview) -> int | None:
-        """The frame_id of a v1 header at the start of ``data``, whatever else is wrong with the frame (so that
-        its error can name it); None where there is no v1 header to read it from."""
+        """The frame_id of a header frame at the start of ``data``, whatever else is wrong with it (so that its error
+        can name it, docs/protocol.md "Errors"): bytes 12-15 after the magic, in any version (a later version keeps
+        them there so that this error can still be matched to its frame) and in a header cut short past them. None
+        where there is no magic, or too few bytes to hold the frame_id."""
         view = memoryview(data)
-        if len(view) < HEADER_SIZE or bytes(view[:4]) != MAGIC or view[4] != VERSION:
+        if len(view) < _FRAME_ID.size + _FRAME_ID_OFFSET or bytes(view[:4]) != MAGIC:
             return None
-        return int(_LAYOUT.unpack_from(view)[6])
+        return int(_FRAME_ID.unpack_from(view, _FRAME_ID_OFFSET)[0])
 
     def check(self) -> None:
         """Rules across fields (``parse`` calls it; ``serialize`` does not, so tests can build bad frames)."""

@@ -137,3 +137,19 @@ def test_non_zero_reserved_header_bytes_are_a_bad_frame(start_daemon):
         assert "reserved header bytes 9-11 are ff ff ff" in error["message"]
         ws.send(header_frame(bytes(8 * 8 * 3), PixelFormat.RGB8, 8, 8, frame_id=43))
         assert FrameHeader.parse(recv_frame(ws))[0].frame_id == 43  # the same connection still serves frames
+
+
+def test_an_unknown_header_version_is_a_bad_frame_with_its_frame_id(start_daemon):
+    """qa8 #12: every error about a header frame carries its frame_id (docs/protocol.md, "Errors"), this one too."""
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    frame = bytearray(header_frame(bytes(8 * 8 * 3), PixelFormat.RGB8, 8, 8, frame_id=44))
+    frame[4] = 2
+    with ws_connect(daemon) as ws:
+        recv_json(ws, "hello")
+        ws.send(bytes(frame))
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_frame" and error["frame_id"] == 44
+        assert "unsupported version 2 (expected 1)" in error["message"]
+        ws.send(bytes(frame[:20]))  # a header cut short, but past its frame_id
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_frame" and error["frame_id"] == 44
