@@ -261,6 +261,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.action == "save":
         import httpx
 
+        args.url, args.token = _daemon_address(args)
         try:
             response = httpx.post(f"{args.url.rstrip('/')}/presets", trust_env=False, timeout=10,
                                   json={"name": args.name, "description": args.description, "glide_s": args.glide_s},
@@ -284,6 +285,24 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"saved preset {body['name']} from the daemon at {args.url}")
         return 0
     raise AssertionError(args.action)
+
+
+def _daemon_address(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The running daemon's URL and token for a command that asks it (``presets save``): ``--url`` and ``--token``
+    when given, else where serve's own settings put it (the config file's host/port/token, SDBRIDGE_HOST,
+    SDBRIDGE_PORT, SDBRIDGE_TOKEN), read by the same loader."""
+    from sdbridge.config import load_settings
+
+    if args.url is not None and args.token is not None:
+        return args.url, args.token  # the settings are not read: a config file the command needs nothing from
+    settings = load_settings(config_path=args.config)
+    url = args.url
+    if url is None:
+        host = settings.host.strip("[]")
+        # A wildcard bind answers on loopback; a client cannot connect to 0.0.0.0 everywhere (Windows refuses it).
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    return url, args.token if args.token is not None else settings.token
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -353,8 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("name")
     save.add_argument("--description", default="")
     save.add_argument("--glide-s", type=float, default=0.0)
-    save.add_argument("--url", default="http://127.0.0.1:7860")
-    save.add_argument("--token")
+    save.add_argument("--url", help="the daemon's URL (default: http://HOST:PORT from the settings serve reads: "
+                      "--config, SDBRIDGE_HOST/SDBRIDGE_PORT, ./sdbridge.toml; else http://127.0.0.1:7860)")
+    save.add_argument("--token", help="the daemon's token (default: SDBRIDGE_TOKEN or the config file's token)")
+    save.add_argument("--config", help="the daemon's TOML config file, for its host, port and token "
+                      "(default: $SDBRIDGE_CONFIG or ./sdbridge.toml)")
     presets.set_defaults(run=cmd_presets)
 
     doctor = commands.add_parser("doctor", help="check this set-up and say what is wrong")

@@ -265,3 +265,33 @@ def test_doctor_fails_what_serve_refuses_params_pickle_and_midi(tmp_path):
     assert f"[ERROR] model: pickle_refused: {checkpoint} is a pickle file" in doctor.stdout
     assert "[ERROR] midi: " in doctor.stdout
     assert "4 problem(s) found" in doctor.stdout
+
+
+def test_presets_save_finds_the_daemon_where_serve_settings_put_it(tmp_path):
+    """QA 8 #5: save always asked 127.0.0.1:7860 and sent no token unless --url/--token were given. It now reads
+    SDBRIDGE_PORT/SDBRIDGE_TOKEN and ./sdbridge.toml as serve does; --url and --token still win."""
+    from sdbridge.bridge.server import DaemonThread
+    from sdbridge.config import Settings
+
+    token = "a-long-stage-token-0123456789"
+    presets, cwd = tmp_path / "presets", tmp_path / "show"
+    cwd.mkdir()
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("SDBRIDGE_")}
+    settings = Settings(port=0, osc_port=0, feedback_port=0, presets_dir=str(presets), token=token)
+    with DaemonThread(settings) as daemon:
+        port = str(daemon.port)
+        by_env = sdbridge("presets", "save", "env", cwd=cwd,
+                          env={**clean, "SDBRIDGE_PORT": port, "SDBRIDGE_TOKEN": token})
+        assert by_env.returncode == 0, by_env.stderr
+        assert by_env.stdout.strip() == f"saved preset env from the daemon at http://127.0.0.1:{port}"
+        (cwd / "sdbridge.toml").write_text(f'host = "0.0.0.0"\nport = {port}\ntoken = "{token}"\n')
+        by_file = sdbridge("presets", "save", "file", cwd=cwd, env=clean)
+        assert by_file.returncode == 0, by_file.stderr
+        # The flags win over both.
+        wrong_token = sdbridge("presets", "save", "x", "--token", "not-the-token-0123456789", cwd=cwd, env=clean)
+        assert wrong_token.returncode == 2 and "token" in wrong_token.stderr
+        elsewhere = f"http://127.0.0.1:{free_port()}"
+        wrong_url = sdbridge("presets", "save", "x", "--url", elsewhere, cwd=cwd,
+                             env={**clean, "SDBRIDGE_PORT": port, "SDBRIDGE_TOKEN": token})
+        assert wrong_url.returncode == 2 and f"no daemon at {elsewhere}" in wrong_url.stderr
+    assert sorted(path.name for path in presets.iterdir()) == ["env.toml", "file.toml"]
