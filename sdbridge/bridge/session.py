@@ -22,11 +22,17 @@ from typing import Any, Generic, TypeVar
 
 from sdbridge.bridge.protocol import FrameHeader
 from sdbridge.engines.base import StreamState
+from sdbridge.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_CONTROL_MESSAGES = 64  # errors/stats waiting for a viewer that does not read; older ones are dropped
+# The newest encoded frame of each condition channel stays with its session (docs/protocol.md, "Condition
+# streams"). QA 9: 255 channels x 64 MiB each, per session, filled 2.6 GB that the allocator never gave back.
+# Four slots read a channel (3 ControlNets and the IP-Adapter), and fit it to the engine's size: four raw
+# 4096x4096 RGBA passes (64 MiB each, the largest WebSocket message) still fit.
+MAX_CONDITION_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -159,6 +165,10 @@ class Session:
         # Worker-owned: each channel's latest frame, still encoded, and the one its decoded image came from.
         self.condition_latest: dict[int, InputFrame] = {}
         self.condition_decoded: dict[int, InputFrame] = {}
+        # Bytes of each channel's newest frame, counted against MAX_CONDITION_BYTES where it arrives (the loop,
+        # or an --input's thread). The worker may still hold the one before it: at most twice the budget.
+        self._condition_bytes: dict[int, int] = {}
+        self._condition_lock = threading.Lock()
         self.viewers: set[Viewer] = set()
         self.senders = 0
         self.state = StreamState(session_id)
@@ -174,8 +184,20 @@ class Session:
         self._on_input = on_input
 
     def put_frame(self, frame: InputFrame) -> None:
+        """Hand a frame to the worker; a condition frame past MAX_CONDITION_BYTES is a ProtocolError
+        (``bad_frame``), and the frames already held stay."""
         if frame.header is not None and frame.header.channel != 0:
-            slot = self.conditions.setdefault(frame.header.channel, LatestSlot())
+            channel = frame.header.channel
+            with self._condition_lock:
+                held = sum(size for other, size in self._condition_bytes.items() if other != channel)
+                if held + len(frame.data) > MAX_CONDITION_BYTES:
+                    raise ProtocolError(
+                        f"condition frame of {len(frame.data)} bytes on channel {channel} would bring this "
+                        f"session's condition frames to {held + len(frame.data)} bytes (at most "
+                        f"{MAX_CONDITION_BYTES}, the newest frame of each channel counted; "
+                        f"{len(self._condition_bytes)} channel(s) hold {sum(self._condition_bytes.values())})")
+                self._condition_bytes[channel] = len(frame.data)
+                slot = self.conditions.setdefault(channel, LatestSlot())
             slot.put(frame)
             return
         self.input.put(frame)
@@ -201,6 +223,7 @@ class Session:
             # Condition frames (channel > 0) per channel: how many came, how many a newer one replaced unused.
             "condition_frames": {channel: {"in": slot.accepted, "dropped": slot.dropped}
                                  for channel, slot in list(self.conditions.items())},
+            "condition_bytes": sum(list(self._condition_bytes.values())),
             "frames_dropped": self.input.dropped,
             "frames_out": self.frames_out,
             "passthrough_frames": self.passthrough_frames,

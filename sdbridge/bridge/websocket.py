@@ -148,11 +148,15 @@ class Connection:
             frame_id = FrameHeader.peek_frame_id(data)
             self.error(exc, **({"frame_id": frame_id} if frame_id is not None else {}))
             return
+        try:
+            self.session.put_frame(frame)
+        except ProtocolError as exc:  # past the session's condition budget: refused, the frames it holds stay
+            self.error(exc, **({"frame_id": frame.frame_id} if frame.frame_id is not None else {}))
+            return
         if not self.is_sender:
             self.is_sender = True
             self.session.senders += 1
         self.daemon.stats.frames_received += 1
-        self.session.put_frame(frame)
 
     # --- text: JSON control --------------------------------------------------------------------
 

@@ -1,6 +1,10 @@
 import asyncio
 
-from sdbridge.bridge.session import InputFrame, LatestSlot, RateMeter, SessionRegistry, Viewer
+import pytest
+
+from sdbridge.bridge.protocol import FrameHeader, PixelFormat
+from sdbridge.bridge.session import MAX_CONDITION_BYTES, InputFrame, LatestSlot, RateMeter, SessionRegistry, Viewer
+from sdbridge.errors import ProtocolError
 
 
 def _frame(data: bytes = b"\xff\xd8\xff") -> InputFrame:
@@ -61,3 +65,37 @@ def test_rate_meter():
         meter.record(latency_ms=float(index), now=100.0 + index * 0.1)
     assert abs(meter.rate(now=102.0) - 10.0) < 0.6
     assert meter.percentile(50) in (9.0, 10.0) and meter.percentile(99) == 19.0
+
+
+def _condition(channel: int, size: int, frame_id: int = 1) -> InputFrame:
+    data = bytes(size)  # zeroed pages: a 64 MiB frame costs nothing until read
+    header = FrameHeader(version=1, pixel_format=PixelFormat.RGBA8, flags=0, channel=channel,
+                         reply_format=PixelFormat.JPEG, frame_id=frame_id, client_ts_us=0, width=0, height=0,
+                         payload_length=size)
+    return InputFrame(data=data, payload=memoryview(data), header=header, kind="header")
+
+
+def test_condition_frames_are_held_within_a_byte_budget_per_session():
+    """QA 9: 255 channels of 4 MB frames per session filled 2.6 GB. The four channels a slot can read (3
+    ControlNets, the IP-Adapter), each a 4096x4095 RGBA raw pass, fit; a fifth is refused and nothing is lost."""
+    registry = SessionRegistry()
+    session = registry.open("stage")
+    largest = 4096 * 4095 * 4 + 32  # the biggest raw frame under the WebSocket's 64 MiB message limit
+    for channel in (1, 2, 3, 4):
+        session.put_frame(_condition(channel, largest))
+    assert session.stats()["condition_bytes"] == 4 * largest <= MAX_CONDITION_BYTES
+    with pytest.raises(ProtocolError) as refused:
+        session.put_frame(_condition(5, largest, frame_id=9))
+    assert refused.value.code == "bad_frame"
+    assert f"condition frame of {largest} bytes on channel 5" in str(refused.value)
+    assert f"at most {MAX_CONDITION_BYTES}" in str(refused.value)
+    assert set(session.conditions) == {1, 2, 3, 4} and all(slot.pending for slot in session.conditions.values())
+    # A newer frame on a channel replaces its older one in the count: a stream of passes goes on.
+    session.put_frame(_condition(4, largest, frame_id=10))
+    session.put_frame(_condition(4, 1000, frame_id=11))
+    session.put_frame(_condition(5, largest - 1000, frame_id=12))  # the room channel 4 gave back
+    assert session.stats()["condition_bytes"] == 4 * largest
+    assert session.conditions[4].take().frame_id == 11 and session.conditions[4].dropped == 2
+    # The image itself (channel 0) is never counted.
+    session.put_frame(_condition(0, largest, frame_id=13))
+    assert session.input.take().frame_id == 13
