@@ -116,7 +116,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         "without, peers reach each other by host address only (docs/webrtc.md)")
     add("--vram-budget-mb", type=int, help="refuse models needing more device memory than this (0: no budget)")
     add("--allow-pickle", action="store_const", const=True,
-        help="allow .ckpt/.pt files (loaded with torch.load(weights_only=True))")
+        help="allow pickle weight files, .ckpt/.pt/.pth/.bin (loaded with torch.load(weights_only=True))")
     add("--token", help="access token; required when listening beyond loopback")
     add("--allowed-origins", help="comma-separated extra browser origins allowed to connect")
     add("--allowed-hosts", help="comma-separated extra Host names the daemon answers to")
