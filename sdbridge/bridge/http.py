@@ -13,8 +13,11 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sdbridge import __version__
@@ -70,10 +73,40 @@ async def read_json_body(request: Request, limit: int = MAX_JSON_BODY) -> Any:
         return _error(400, "bad_json", f"request body is not JSON: {str(exc)[:120]}")
 
 
+# Paths whose errors keep FastAPI's {"detail": ...}: the AUTOMATIC1111 API and its ControlNet extension answer as
+# they do (their clients read "detail"). /whip and /whep have routes of their own for any other path and method.
+A1111_PREFIXES = ("/sdapi/", "/controlnet/")
+_ROUTING_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """No route for a path (404) or a method (405): the daemon's error JSON (docs/protocol.md, "HTTP"), not
+    FastAPI's ``{"detail": "Not Found"}``; the A1111 routes keep FastAPI's answer."""
+    path = request.url.path
+    if path.startswith(A1111_PREFIXES):
+        return await http_exception_handler(request, exc)
+    what, headers = f"{request.method} {path[:120]!r}", exc.headers
+    if exc.status_code == 404:
+        message = (f"no route for {what}: the daemon serves /health, /stats, /params, /presets, /models, /ws, "
+                   f"/sdapi/v1/... and / (docs/protocol.md, HTTP)")
+    elif exc.status_code == 405:
+        # Starlette's Allow names the first route of the path only (GET for /params, which takes POST too).
+        allow = ", ".join(sorted({method for route in request.app.routes
+                                  if route.matches(request.scope)[0] != Match.NONE
+                                  for method in getattr(route, "methods", None) or ()}))
+        headers = {**(headers or {}), "Allow": allow}
+        message = f"{what} is not allowed: this path takes {allow}"
+    else:
+        message = f"{what}: {exc.detail}"
+    code = _ROUTING_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(SdbridgeError(message, code=code).to_json(), status_code=exc.status_code, headers=headers)
+
+
 def create_app(daemon: Daemon) -> FastAPI:
     app = FastAPI(title="sdbridge", version=__version__,
                   description="Real-time Stable Diffusion bridge: see docs/protocol.md for the wire contract.")
     app.state.daemon = daemon
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]  # starlette's typing
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

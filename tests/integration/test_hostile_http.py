@@ -108,3 +108,26 @@ def test_a1111_422_about_a_lone_surrogate_is_encodable(http):
     assert response.status_code == 422
     (error,) = response.json()["detail"]
     assert error["loc"] == ["body", "prompt"] and error["input"] == "\\ud800 evil"
+
+
+@pytest.mark.parametrize("method, path, status, code, words", [
+    ("GET", "/nope", 404, "not_found", "no route for GET '/nope'"),
+    ("POST", "/health", 405, "method_not_allowed", "POST '/health' is not allowed: this path takes GET"),
+    ("DELETE", "/params", 405, "method_not_allowed", "this path takes GET, POST"),
+])
+def test_an_unknown_route_or_method_gets_the_error_json(http, method, path, status, code, words):
+    """qa8 #12: the documented {"type": "error", "code", "message"} (docs/protocol.md, HTTP), not {"detail": ...}."""
+    response = http.request(method, path)
+    assert response.status_code == status
+    body = response.json()
+    assert body["type"] == "error" and body["code"] == code and words in body["message"], body
+    assert "detail" not in body
+
+
+def test_the_a1111_and_webrtc_routes_keep_their_own_error_shapes(http):
+    assert http.get("/sdapi/v1/nope").json() == {"detail": "Not Found"}  # what AUTOMATIC1111 itself answers
+    assert http.get("/controlnet/nope").json() == {"detail": "Not Found"}
+    assert http.post("/sdapi/v1/txt2img", json={"steps": 0}).status_code == 422
+    assert "detail" in http.post("/sdapi/v1/txt2img", json={"steps": 0}).json()
+    whip = http.get("/whip/x")
+    assert whip.status_code == 405 and whip.json()["code"] == "method_not_allowed"
