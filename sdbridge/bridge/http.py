@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -69,8 +70,15 @@ async def read_json_body(request: Request, limit: int = MAX_JSON_BODY) -> Any:
         return json.loads(body)
     except RecursionError:
         return _error(400, "bad_json", "request body is not JSON: nested too deep")
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
-        return _error(400, "bad_json", f"request body is not JSON: {str(exc)[:120]}")
+    except json.JSONDecodeError as exc:  # its msg and position, whole: str(exc) cut short would end mid-word
+        return _error(400, "bad_json", f"request body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    except UnicodeDecodeError as exc:
+        return _error(400, "bad_json", f"request body is not JSON: not UTF-8 ({exc.reason} at byte {exc.start})")
+    except ValueError:
+        # int() refuses a number of more than sys.get_int_max_str_digits() digits (4300) with a long sentence of
+        # its own about sys.set_int_max_str_digits(); the client gets ours, as on the WebSocket.
+        return _error(400, "bad_json", f"request body is not JSON: it holds an integer of more than "
+                                       f"{sys.get_int_max_str_digits()} digits, too long to read")
 
 
 # Paths whose errors keep FastAPI's {"detail": ...}: the AUTOMATIC1111 API and its ControlNet extension answer as
