@@ -137,8 +137,10 @@ class PresetLibrary:
             path = confine(f"{name}.toml", [folder], what="preset")
             if path.is_file():
                 return self._read(name, path, shipped)
-        raise ParamError(f"no preset called {name!r} (known: {', '.join(self.names()) or 'none'})", name="preset",
-                         value=name, code="unknown_preset")
+        # Known: the presets that read, as list() gives them; a broken file named there would be a bad pick (qa8).
+        known = ", ".join(preset.name for preset in self.list()) or "none"
+        raise ParamError(f"no preset called {name!r} (known: {known})", name="preset", value=name,
+                         code="unknown_preset")
 
     @staticmethod
     def _read(name: str, path: Path, shipped: bool) -> Preset:

@@ -50,6 +50,19 @@ def test_unknown_and_broken(library, tmp_path):
     assert "broken" not in [p.name for p in library.list()]
 
 
+def test_unknown_preset_names_only_presets_that_read(library):
+    """qa8 #12: the "known:" list is what list() gives, not the broken files it leaves out."""
+    library.user_dir.mkdir(parents=True)
+    (library.user_dir / "broken.toml").write_text("params = [")
+    (library.user_dir / "stray.toml").write_text("strength = 0.5\n")
+    library.save("mine", {"strength": 0.5})
+    with pytest.raises(ParamError) as info:
+        library.get("nope")
+    known = str(info.value).split("(known: ", 1)[1].rstrip(")").split(", ")
+    assert known == [preset.name for preset in library.list()]
+    assert "mine" in known and "broken" not in known and "stray" not in known
+
+
 def test_savable_leaves_out_the_stream_and_the_model():
     values = {"prompt": "x", "model": "/models/a", "width": 512, "strength": 0.5, "engine": "diffusion"}
     assert savable(values) == {"prompt": "x", "strength": 0.5}
