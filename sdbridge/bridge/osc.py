@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdbridge.bridge.osc_parse import (MAX_DATAGRAM, OscCall, at_address, calls_to_updates, encode_bundles,
-                                       encode_message, parse_datagram)
+                                       encode_message, outside_prefix, parse_datagram)
 from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.errors import ProtocolError, SdbridgeError
 from sdbridge.params import ParamStore
@@ -41,6 +41,7 @@ class OscStats:
     malformed: int = 0
     rejected_source: int = 0
     param_errors: int = 0
+    unknown_address: int = 0  # messages (in good datagrams) to an address outside the prefix: nothing applied
     internal_errors: int = 0
 
 
@@ -50,14 +51,18 @@ class OscSenderStats:
     dropped: int = 0
 
 
-_PROBLEM_KINDS = ("malformed", "rejected_source", "param_errors", "internal_errors")
+_PROBLEM_KINDS = ("malformed", "rejected_source", "param_errors", "unknown_address", "internal_errors")
+# Addresses outside the prefix are reported once each (a controller repeats its address at its frame rate); a
+# sender spraying new ones stops being told after this many, and is only counted.
+MAX_TOLD_ADDRESSES = 256
 
 
 class OscServer(asyncio.DatagramProtocol):
     """OSC in: parameters under ``prefix``, applied to ``store`` one datagram at a time.
 
     ``on_error(error, source)`` gets each :class:`ProtocolError` (bad_osc) and :class:`ParamError`;
-    ``on_command(call, source)`` each command address (``<prefix>/preset``, ``/get/...``). Both run
+    ``on_command(call, source)`` each command address (``<prefix>/preset``, ``/get/...``); an address outside
+    the prefix is counted in ``unknown_address`` and reported to ``on_error`` once per address. Both run
     on the event loop and must not block. Datagrams from outside ``allowed_sources`` (networks or
     addresses) are counted and dropped unparsed.
     """
@@ -78,6 +83,7 @@ class OscServer(asyncio.DatagramProtocol):
         self.port: int | None = None
         self._log = ProblemLog(log, "OSC", lambda: {key: getattr(self.stats, key) for key in _PROBLEM_KINDS})
         self._traceback_logged = False
+        self._told_addresses: set[str] = set()
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (UDP); port 0 takes a free one, then ``self.port`` tells it."""
@@ -134,9 +140,15 @@ class OscServer(asyncio.DatagramProtocol):
                 # A rule the store checks (a schedule's spec, an LFO's target) names its address as the parser's do.
                 actions.errors.extend(at_address(actions.addresses[error.name], error)
                                       if error.name in actions.addresses else error for error in errors)
-            # 4. Report errors and hand on commands.
+            # 4. Report errors and hand on commands. A message outside the prefix is told once per address: a
+            #    TouchDesigner set up for another prefix would otherwise send into silence (qa8 #6).
+            self.stats.unknown_address += len(actions.outside)
+            for address in actions.outside:
+                if address not in self._told_addresses and len(self._told_addresses) < MAX_TOLD_ADDRESSES:
+                    self._told_addresses.add(address)
+                    actions.errors.append(outside_prefix(address, self.prefix))
             for error in actions.errors:
-                self.stats.param_errors += 1
+                self.stats.param_errors += error.code != "unknown_address"
                 self._log.warning("OSC from %s: %s", addr, error)
                 self._call(self.on_error, error, addr)
             for call in actions.commands:

@@ -32,7 +32,7 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from sdbridge.errors import ParamError, ProtocolError
-from sdbridge.params import FLOAT32_EXACT_INT_MAX, Schema
+from sdbridge.params import FLOAT32_EXACT_INT_MAX, Schema, shown_value
 
 BUNDLE_TAG = b"#bundle\x00"
 BUNDLE_HEAD_SIZE = 16  # "#bundle\0" + 8-byte NTP time tag
@@ -69,7 +69,11 @@ class OscActions:
     addresses: dict[str, str] = field(default_factory=dict)  # each update's parameter -> the address it came on
     errors: list[ParamError] = field(default_factory=list)
     commands: list[OscCall] = field(default_factory=list)
-    ignored: int = 0
+    outside: list[str] = field(default_factory=list)  # addresses not under the prefix: nothing applied
+
+    @property
+    def ignored(self) -> int:
+        return len(self.outside)
 
 
 # --- parsing --------------------------------------------------------------------------------------
@@ -228,13 +232,13 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
     ``<prefix>/norm/<param>`` (0–1 onto the range) become ``updates``, to be applied in one
     ``ParamStore.update`` (a later message for the same parameter wins); bad ones become
     ``errors`` naming address and value while the rest still apply; ``<prefix>/preset``,
-    ``/get``, ``/query``, ``/status`` become ``commands``; other addresses are counted in ``ignored``.
+    ``/get``, ``/query``, ``/status`` become ``commands``; addresses outside the prefix go to ``outside``.
     """
     actions = OscActions()
     head = prefix.rstrip("/") + "/"
     for call in calls:
         if not call.address.startswith(head):
-            actions.ignored += 1
+            actions.outside.append(call.address)
             continue
         path = call.address[len(head):]
         try:
@@ -254,6 +258,13 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
         except ParamError as exc:
             actions.errors.append(at_address(call.address, exc))
     return actions
+
+
+def outside_prefix(address: str, prefix: str) -> ParamError:
+    """The error for a message whose address is not under the prefix (a controller set up for another one)."""
+    return ParamError(f"OSC address {shown_value(address, 120)} is not under the prefix {prefix!r}: nothing was "
+                      f"applied; send {prefix.rstrip('/')}/<param> (the daemon's --osc-prefix)",
+                      name="osc_address", value=address, code="unknown_address")
 
 
 def at_address(address: str, exc: ParamError) -> ParamError:

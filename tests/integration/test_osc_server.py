@@ -307,3 +307,50 @@ def test_sender_drops_and_counts_when_not_started_closed_or_nobody_listens():
 
     stats = asyncio.run(scenario())
     assert stats.dropped >= 2 and stats.sent + stats.dropped == 7
+
+
+def test_an_address_outside_the_prefix_is_counted_and_told_once_per_address():
+    """qa8 #6: a controller sending /sd/... to a daemon on /vj applied nothing and heard nothing."""
+    async def scenario():
+        errors = []
+        server, client = await started(prefix="/vj", on_error=lambda e, s: errors.append(e))
+        for _ in range(3):
+            client.send_message("/sd/strength", 0.9)
+        client.send_message("/sd/guidance", 2.0)
+        client.send_message("/vj/guidance", 3.0)
+        assert await until(lambda: server.store.get("guidance") == 3.0)
+        server.close()
+        return server, errors
+
+    server, errors = asyncio.run(scenario())
+    assert server.store.get("strength") != 0.9
+    assert server.stats.unknown_address == 4 and server.stats.param_errors == 0 and server.stats.good == 5
+    assert [e.code for e in errors] == ["unknown_address", "unknown_address"]
+    assert str(errors[0]) == ("OSC address '/sd/strength' is not under the prefix '/vj': nothing was applied; send "
+                              "/vj/<param> (the daemon's --osc-prefix)")
+    assert "'/sd/guidance'" in str(errors[1])
+
+
+def test_the_daemon_shows_an_address_outside_its_prefix_in_stats_and_on_status_error(start_daemon):
+    import httpx
+
+    from tests.clients import UdpReceiver, wait_for
+
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity"}, feedback_port=receiver.port, osc_prefix="/vj")
+        client = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+        for _ in range(3):
+            client.send_message("/sd/strength", 0.9)
+        url = f"http://127.0.0.1:{daemon.port}/stats"
+
+        def osc_stats() -> dict:
+            return httpx.get(url, trust_env=False).json()["osc"]
+
+        assert wait_for(lambda: osc_stats()["unknown_address"] == 3)
+        assert osc_stats()["good"] == 3 and osc_stats()["param_errors"] == 0
+        errors = [args for address, args in receiver.messages(1.0) if address == "/vj/status/error"]
+        assert errors == [["unknown_address", "OSC address '/sd/strength' is not under the prefix '/vj': nothing was "
+                                              "applied; send /vj/<param> (the daemon's --osc-prefix)"]], errors
+    finally:
+        receiver.close()

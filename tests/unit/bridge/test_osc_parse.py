@@ -270,6 +270,7 @@ def test_commands_and_other_prefixes():
     result = updates(message("/other/strength", 0.1), message("/sd/preset", "dusk"),
                      message("/sd/get/strength"), message("/sd"), message("/sdx/strength", 0.1))
     assert result.ignored == 3 and not result.updates and not result.errors
+    assert result.outside == ["/other/strength", "/sd", "/sdx/strength"]
     assert result.commands == [OscCall("/sd/preset", ("dusk",)), OscCall("/sd/get/strength", ())]
 
 
