@@ -81,7 +81,8 @@ class Settings:
     # websockets library answers a close inside a fragmented message with 1002 (case 7.1.5 fails)
     # and is ~10 % faster at 500 frames/s (benchmarks/RESULTS.md).
     ws_impl: str = "wsproto"
-    ws_max_size: int = 64 * 1024 * 1024  # one raw 4096x4096 RGBA frame; the usual 1 MiB closes on 1024² RGBA
+    # One raw 4096x4096 RGBA frame and its 32-byte header; the usual 1 MiB closes on 1024² RGBA.
+    ws_max_size: int = 64 * 1024 * 1024 + 32
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
     decode_threads: int = 2

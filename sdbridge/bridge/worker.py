@@ -6,7 +6,8 @@ Each turn of the loop reads top to bottom:
 2. the engine to run (a newly loaded one is swapped in here, on this thread);
 3. the newest frame of every session (older ones were dropped at the slot, never decoded); a session
    back after a pause starts its stream afresh;
-4. decode and fit to the engine's resolution, in the CPU pool;
+4. decode and fit to the engine's resolution, in the CPU pool; a frame still decoding after the others
+   are done (and a step's time on) joins the next turn instead of holding this one up;
 5. plugins before the step (a plugin may skip a frame, reusing an output);
 6. one batched engine step for the rest (or the input passed through while no engine serves),
    with the plugins' latent hooks inside it, then the plugins after the step;
@@ -24,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 # engine's frame times (its last batch's step: Worker._resume).
 PAUSE_S = 1.0
 PAUSE_FRAMES = 8
+# How long the frames decoded wait for one still decoding (a client's 8000² PNG): at least this, at most
+# the last step's time; past it that frame joins the next turn. Batches split only by a decode slower than a step.
+LATE_DECODE_MIN_S = 0.005
 
 Deliver = Callable[[Session, bytes], None]
 Report = Callable[[Session, dict[str, Any]], None]
@@ -115,6 +119,7 @@ class Worker(threading.Thread):
         self._sending: list[Future[None]] = []  # the last turn's replies, encoding in the pool
         self._ahead: list[tuple[Job, Future[bool]]] = []  # frames taken during the last step, decoding
         self.decoded_ahead = 0
+        self.late_decodes = 0  # frames that missed a turn, still decoding when the others were ready
         self._prepared: tuple[int, int] | None = None  # (params version, id(engine)) last prepared
         self._plugins_version = -1
         self._prepare_failed: int | None = None
@@ -326,7 +331,9 @@ class Worker(threading.Thread):
         width, height = int(params["width"]), int(params["height"])
         if engine is not None:
             width, height = engine.resolution
-        jobs = [job for job in self.pool.map(lambda j: self._decode(j, width, height, params, engine), jobs) if job]
+        jobs = self._decode_ready(jobs, (width, height, params["resize_mode"]))
+        jobs = [job for job in self.pool.map(lambda j: self._condition(j, width, height, params, engine), jobs)
+                if job]
         if not jobs:
             return 0
 
@@ -378,8 +385,10 @@ class Worker(threading.Thread):
         # Frames decoded during the last step run now. One that came in since waits in its slot (newer
         # ones still replace it there) and is decoded during this turn's step: discarding the decoded
         # frame for it would answer fewer frames and gain no latency, as it would be decoded serially.
-        ahead = {job.session.id: job for job, decoded in self._take_ahead() if decoded.result()}
+        ahead, decoding = self._take_ahead()
         for session in self.registry.sessions():
+            if session.id in decoding:
+                continue  # a frame of its own still decoding: it joins a later turn (newer frames wait in the slot)
             early = ahead.get(session.id)
             if early is not None:
                 if txt2img:
@@ -417,30 +426,61 @@ class Worker(threading.Thread):
             self.plugins.cut(session.id)
         session.resumes += 1
 
-    def _take_ahead(self) -> list[tuple[Job, Future[bool]]]:
-        ahead, self._ahead = self._ahead, []
-        return ahead
+    def _take_ahead(self) -> tuple[dict[str, Job], set[str]]:
+        """The frames decoded ahead, by session, and the sessions whose frame is still decoding (kept for later:
+        one slow decode never holds up the other sessions' turn)."""
+        ready: dict[str, Job] = {}
+        still: list[tuple[Job, Future[bool]]] = []
+        for job, decoded in self._ahead:
+            if not decoded.done():
+                still.append((job, decoded))
+            elif decoded.result():
+                ready[job.session.id] = job
+        self._ahead = still
+        return ready, {job.session.id for job, _ in still}
+
+    def _decode_ready(self, jobs: list[Job], fit: tuple[int, int, str]) -> list[Job]:
+        """Decode and fit the jobs not decoded ahead, in the pool. -> the jobs ready to run
+
+        A frame still decoding once the others are ready and the grace (the last step's time) is over is left
+        decoding for the next turn, as a frame decoded ahead is: a client sending huge frames slows its own
+        stream, never another session's (docs/protocol.md). A frame that cannot be decoded is told to its
+        session and dropped."""
+        for job in jobs:
+            if job.frame is None:  # generated (txt2img): made at the engine's size
+                job.input_size = fit[:2]
+        decoding = {self.pool.submit(self._decode_frame, job, fit): job for job in jobs
+                    if job.frame is not None and job.fitted != fit}
+        if not decoding:
+            return jobs
+        if len(decoding) == len(jobs):  # nothing ready yet: until one is, or another session's frame comes
+            waiting = {job.session.id for job in jobs}
+            while not wait(decoding, timeout=LATE_DECODE_MIN_S, return_when=FIRST_COMPLETED)[0]:
+                if any(other.input.pending for other in self.registry.sessions() if other.id not in waiting):
+                    break
+        _, late = wait(decoding, timeout=max(LATE_DECODE_MIN_S, self.last_step_ms / 1000))
+        for future in late:
+            self._ahead.append((decoding[future], future))
+            future.add_done_callback(lambda _: self.registry.wake.set())  # its turn comes when it is done
+            self.late_decodes += 1
+        failed = {id(job) for future, job in decoding.items() if future not in late and not future.result()}
+        lates = {id(decoding[future]) for future in late}
+        return [job for job in jobs if id(job) not in failed and id(job) not in lates]
 
     def _decode_ahead(self, width: int, height: int, params: dict[str, Any]) -> None:
         """While the device runs a step: take the frames that came in meanwhile and decode them in the pool."""
         if params.get("mode") == "txt2img":
             return
+        decoding = {job.session.id for job, _ in self._ahead}
         for session in self.registry.sessions():
+            if session.id in decoding:
+                continue  # one frame decoding per session at most: newer ones wait in the slot, the newest wins
             frame = session.input.take()
             if frame is not None:
                 job = Job(session, frame)
                 self._ahead.append((job, self.pool.submit(self._decode_frame, job, (width, height,
                                                                                    params["resize_mode"]))))
                 self.decoded_ahead += 1
-
-    def _decode(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> Job | None:
-        if job.frame is None:
-            job.input_size = (width, height)
-        elif job.fitted != (width, height, params["resize_mode"]):  # not decoded ahead, or for another size
-            if not self._decode_frame(job, (width, height, params["resize_mode"])):
-                return None
-        self._condition(job, width, height, params, engine)
-        return job
 
     def _decode_frame(self, job: Job, fit: tuple[int, int, str]) -> bool:
         """Decode ``job``'s frame and fit it to ``fit`` (width, height, resize mode); False, with the error
@@ -457,7 +497,7 @@ class Worker(threading.Thread):
         job.fitted = fit
         return True
 
-    def _condition(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> None:
+    def _condition(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> Job:
         """Condition streams (channel > 0): each one's latest frame stays with the session for its next
         frames (docs/protocol.md, "ControlNet and condition streams"); then the ControlNet slots' images.
 
@@ -492,6 +532,7 @@ class Worker(threading.Thread):
             controlnets.condition(session.state.data, job.image)
         if ip_adapters is not None:
             ip_adapters.condition(session.state.data, job.image)
+        return job
 
     def _step(self, engine: Any, jobs: list[Job], width: int, height: int, params: dict[str, Any]) -> None:
         generated = jobs[0].frame is None

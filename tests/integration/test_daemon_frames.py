@@ -52,6 +52,19 @@ def test_raw_rgba_bottom_up_round_trip_is_exact(start_daemon):
     assert bytes(payload) == bottom_up.tobytes()
 
 
+def test_a_raw_4096_square_rgba_frame_fits_one_message(start_daemon):
+    """The largest raw frame the docs promise (RGBA8 4096x4096 and its header) is answered, not closed with 1009
+    (qa8: the limit was exactly 64 MiB, the header 32 bytes over it)."""
+    daemon = start_daemon(params={**IDENTITY})
+    rgba = np.zeros((4096, 4096, 4), np.uint8)
+    rgba[..., 1] = 200
+    with ws_connect(daemon) as ws:
+        ws.send(header_frame(rgba.tobytes(), PixelFormat.RGBA8, 4096, 4096, frame_id=9, reply=PixelFormat.RGB8))
+        header, payload = FrameHeader.parse(recv_frame(ws))
+    assert header.frame_id == 9 and (header.width, header.height) == (64, 64)
+    assert np.frombuffer(payload, np.uint8).reshape(64, 64, 3)[..., 1].min() == 200
+
+
 def test_header_jpeg_reply_rgb8_echoes_ids(start_daemon):
     daemon = start_daemon(params={**IDENTITY})
     jpeg = codec.encode_jpeg(make_image(64, 64), 95)

@@ -170,3 +170,26 @@ def test_a_slow_engine_s_pace_is_no_pause():
     worker._resume(session, 164.4)  # 1.4 s: a pause for an engine of 5 ms a step
     assert session.resumes == 3
     worker.pool.shutdown()
+
+
+def test_a_session_s_slow_decode_never_holds_up_another_session(worker):
+    """A client sending huge (legal) frames slows its own stream only: its frame, still decoding when the other
+    sessions' frames are ready, joins a later turn (qa9 2: one 8000² PNG client cut another session to 1 reply/s)."""
+    worker, session, replies = worker
+    heavy = worker.registry.open("heavy")
+    image = np.zeros((6000, 6000, 3), np.uint8)
+    image[::7, ::5] = 255  # some texture, so that inflating it takes work
+    ok, png = cv2.imencode(".png", image)
+    assert ok
+    header = FrameHeader(version=1, pixel_format=PixelFormat.PNG, flags=0, channel=0, reply_format=PixelFormat.JPEG,
+                         frame_id=10_000, client_ts_us=0, width=6000, height=6000, payload_length=len(png))
+    heavy.put_frame(parse_frame(pack_frame(header, png.tobytes())))
+    good = 0
+    deadline = time.monotonic() + 60
+    while 10_000 not in replies.ids and time.monotonic() < deadline:
+        good += 1
+        put(session, good)
+        assert wait_until(lambda: good in replies.ids or 10_000 in replies.ids)
+    assert 10_000 in replies.ids and worker.late_decodes >= 1
+    # While the heavy frame decoded, the stage's frames went on turn after turn (before: one turn, held).
+    assert good >= 5, good
