@@ -296,6 +296,28 @@ def check_schedule(spec: ParamSpec, value: str, schema: Schema) -> None:
     parse_schedule(value)
 
 
+def check_loras(spec: ParamSpec, value: str, schema: Schema) -> None:
+    """``loras``'s syntax where the value enters (QA 9: a malformed entry was acked, then every session's frames
+    passed through unstylised); only a name missing from the LoRA folder is found later, by the engine."""
+    from sdbridge.engines.prompt_syntax import LoraWeights
+
+    try:
+        LoraWeights.parse(value)
+    except ValueError as exc:
+        raise ParamError(f"loras {value[:80]!r}: {exc}", name=spec.name, value=value[:80], code="bad_lora") from None
+
+
+def check_prompt_syntax(spec: ParamSpec, value: str, schema: Schema) -> None:
+    """A prompt's <lora:...> tags and attention weights, checked as the engine checks them (Conditioning.wanted)."""
+    from sdbridge.engines.prompt_syntax import parse_prompt
+
+    parsed = parse_prompt(value)
+    if parsed.weight_error is not None:
+        raise ParamError(f"{spec.name}: {parsed.weight_error}", name=spec.name, value=value[:80])
+    if parsed.errors:
+        raise ParamError(f"{spec.name}: {parsed.errors[0]}", name=spec.name, value=value[:80], code="bad_lora")
+
+
 def _fmt(number: float | None) -> str:
     if number is None:
         return "…"
@@ -310,10 +332,12 @@ PREVIEW_EFFECTS = ("cartoon", "stylize", "edges", "grade", "sketch")
 CORE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("prompt", "str", "a vivid watercolor painting, high detail",
               "What to generate, in AUTOMATIC1111's syntax: (word) ×1.1, [word] ÷1.1, (word:1.3), BREAK, "
-              "<lora:name:0.8>, textual-inversion trigger words; past 75 tokens in chunks."),
+              "<lora:name:0.8>, textual-inversion trigger words; past 75 tokens in chunks.",
+              check=check_prompt_syntax),
     ParamSpec("negative_prompt", "str", "", "What to steer away from (used when guidance > 1); same syntax."),
     ParamSpec("loras", "str", "", "LoRAs from the LoRA folder and their weights, 'name:0.8, other:0.5', on top of "
-              "the prompt's <lora:...> tags; weights change live, without reloading.", max_length=1024),
+              "the prompt's <lora:...> tags; weights change live, without reloading.", max_length=1024,
+              check=check_loras),
     ParamSpec("blend_prompt", "str", "", "A second prompt, mixed into the prompt by prompt_blend."),
     ParamSpec("prompt_blend", "float", 0.0, "0: the prompt alone, 1: blend_prompt alone; in between a live mix "
               "of their embeddings.", minimum=0.0, maximum=1.0),

@@ -310,11 +310,14 @@ class Worker(threading.Thread):
                         log.exception("engine could not take the new parameters")
                     # Kept while it stands: /stats says the frames pass through, a client that connects hears why.
                     reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
+                    told = self.prepare_error
                     self.prepare_error = {"type": "error", "code": code,
                                           "message": f"the engine could not take the new parameters: "
                                                      f"{reason}; frames pass through"}
-                    for session in self.registry.sessions():
-                        self.report(session, dict(self.prepare_error))
+                    # Told once: each change made while it stands fails the same way, and every client heard it.
+                    if self.prepare_error != told:
+                        for session in self.registry.sessions():
+                            self.report(session, dict(self.prepare_error))
             self.engines.announce(self.engines.active_engine())  # "ready", with the resolution it serves
         plugins = self.plugins
         if plugins is not None and self._plugins_version != version:

@@ -51,3 +51,31 @@ def test_live_lora_weights_and_an_unknown_name(start_daemon, tiny_model_dir, tmp
         (back,), messages = frames_and_messages(ws, frame, 1)
         assert back == base and not [m for m in messages if m["type"] == "error"]
         assert daemon.collect_stats()["passthrough"] is False
+
+
+def test_a_malformed_lora_is_refused_at_the_set_and_a_standing_error_is_told_once(start_daemon, tiny_model_dir,
+                                                                                  tmp_path):
+    """QA 9: a malformed ``loras`` was acked as applied and every session's frames then passed through; and
+    each later change of any parameter told every client the same error again."""
+    daemon = start_daemon(model=str(tiny_model_dir), lora_dir=str(tmp_path),
+                          params={"width": 64, "height": 64, "steps": 1, "crossfade_s": 0.0})
+    frame = codec.encode_png(make_image())
+    with ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.status == "ready", timeout=60)
+        frames_and_messages(ws, frame, 1)
+        for params in ({"loras": "x:abc, :"}, {"prompt": "a <lora:x:zz> cat"}):
+            ws.send(json.dumps({"type": "set", "id": 1, "params": params}))
+            error = recv_json(ws, "error")
+            assert error["code"] == "bad_lora" and ("'zz'" in error["message"] or "'abc'" in error["message"]), error
+        _, messages = frames_and_messages(ws, frame, 2)
+        assert not [m for m in messages if m["type"] == "error"]
+        assert daemon.store.snapshot()[1]["loras"] == "" and daemon.collect_stats()["passthrough"] is False
+        # A name that is not in the folder is found by the engine: told once, not again at each change.
+        ws.send(json.dumps({"type": "set", "params": {"loras": "nosuch:1"}}))
+        _, messages = frames_and_messages(ws, frame, 2)
+        assert [m["code"] for m in messages if m["type"] == "error"] == ["unknown_lora"]
+        for strength in (0.6, 0.7, 0.8):
+            ws.send(json.dumps({"type": "set", "params": {"strength": strength}}))
+            _, messages = frames_and_messages(ws, frame, 1)
+            assert not [m for m in messages if m["type"] == "error"], messages
+        assert daemon.collect_stats()["passthrough"] is True
