@@ -64,6 +64,15 @@ class Plugin:
     params: ClassVar[tuple[ParamSpec, ...]] = ()
     enabled_by_default: ClassVar[bool] = False
     default_order: ClassVar[int] = 50
+    # A plugin whose failure must block frames rather than let them through (the safety filter): once it fails,
+    # :meth:`fallback` makes every frame of the session; ``fallback_doc`` says what, in the error sentence.
+    fails_closed: ClassVar[bool] = False
+    fallback_doc: ClassVar[str] = "every frame goes out black"
+
+    def fallback(self, ctx: PluginContext) -> np.ndarray:
+        """The frame a failed fail-closed plugin sends instead of ``ctx.output`` (black unless overridden)."""
+        assert ctx.output is not None
+        return np.zeros_like(ctx.output)
 
     def before(self, ctx: PluginContext) -> np.ndarray | None:
         return None

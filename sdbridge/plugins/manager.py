@@ -35,13 +35,13 @@ Report = Callable[[str, dict[str, Any]], None]  # (session id, error message)
 
 def fails_closed(plugin: Plugin) -> bool:
     """Whether ``plugin`` declares that a failure must block frames rather than let them through."""
-    return bool(getattr(plugin, "fails_closed", False)) and callable(getattr(plugin, "fallback", None))
+    return plugin.fails_closed
 
 
 def _after_failure(plugin: Plugin) -> str:
     """What the stream does once ``plugin`` failed, for the error sentence."""
     if fails_closed(plugin):
-        return (f"it fails closed: {getattr(plugin, 'fallback_doc', 'its fallback replaces every frame')} "
+        return (f"it fails closed: {plugin.fallback_doc} "
                 f"(turn it off and on to retry)")
     return "the stream goes on without it (turn it off and on to retry)"
 
@@ -236,7 +236,7 @@ class PluginManager:
         """A failed fail-closed plugin's frame: its fallback, or black when that fails too."""
         ctx = PluginContext(session_id=session_id, params=item.params, state={}, image=image, output=output)
         try:
-            result = item.plugin.fallback(ctx)  # type: ignore[attr-defined]  # checked by fails_closed
+            result = item.plugin.fallback(ctx)
         except Exception:
             log.exception("plugin %s's fallback failed; the frame goes out black", item.plugin.name)
             return np.zeros_like(output)
