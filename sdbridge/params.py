@@ -551,6 +551,7 @@ class ParamStore:
         self._lock = threading.Lock()
         self._values = self.schema.defaults()
         self._version = 0
+        self._sets: dict[str, int] = {}  # per name, how many updates set it (to its own value too)
         self._listeners: list[Listener] = []
         if initial:
             good, errors = self.schema.validate(initial)
@@ -585,12 +586,20 @@ class ParamStore:
                     return {}, errors
                 changed = {k: v for k, v in good.items() if self._values.get(k) != v}
                 self._values.update(good)
+                for name in good:
+                    self._sets[name] = self._sets.get(name, 0) + 1
                 if changed:
                     self._version += 1
             if changed:
                 for listener in list(self._listeners):
                     listener(changed)
         return good, errors
+
+    def set_counts(self, names: Iterable[str]) -> dict[str, int]:
+        """How many updates have set each name, whether or not its value changed: who set a value to what it
+        already was (a controller confirming the quality ladder's rung) shows here and in no snapshot."""
+        with self._lock:
+            return {name: self._sets.get(name, 0) for name in names}
 
     def add_spec(self, spec: ParamSpec) -> None:
         self.schema.add(spec)

@@ -15,8 +15,8 @@ feedback echoes it), and the current rung goes out in telemetry (``/sd/status/la
 
 Rung 0 is read from the store at the moment the ladder first steps down from it, never before:
 what the artist changes while the ladder is on but on rung 0 is theirs. While stepped down, a
-laddered value that differs from what the ladder wrote was set by someone else (a controller, a
-preset): it stays as set and becomes the value given back at rung 0, and the next rung is derived
+laddered value set since the ladder wrote it (to another value or the same) was set by someone else (a
+controller, a preset): it stays as set and becomes the value given back at rung 0, and the next rung is derived
 from it. Back on rung 0 (climbing up, or ``ladder_fps`` set to 0) the store holds exactly the
 artist's values again, and the ladder forgets them. :meth:`QualityLadder.originals` gives those
 values while stepped down, so a preset saved then saves the artist's look, not the reduced one.
@@ -74,6 +74,7 @@ class QualityLadder:
         self.direction = "none"  # the way it last moved: "down", "up" ("none" before it has)
         self.base: dict[str, Any] | None = None  # the artist's values (rung 0), kept only while stepped down
         self._written: dict[str, Any] = {}  # what the ladder last wrote, to tell a client's change from its own
+        self._sets: dict[str, int] = {}     # the store's set counts just after that write
         self._low = self._high = 0
 
     def describe(self) -> dict[str, Any]:
@@ -93,11 +94,15 @@ class QualityLadder:
         if not self.rung or self.base is None:
             return
         _, values = self.store.snapshot()
+        sets = self.store.set_counts(self._written)
         for key, written in self._written.items():
-            if key in values and values[key] != written:
+            # Set since the ladder wrote it, to another value or to the same one (QA 8: a controller that set the
+            # laddered value itself lost it at rung 0).
+            if key in values and (values[key] != written or sets[key] != self._sets.get(key)):
                 log.info("quality ladder: %s set to %r on rung %d; it is given back at rung 0", key, values[key],
                          self.rung)
                 self.base[key] = self._written[key] = values[key]
+        self._sets = sets
 
     def check(self) -> None:
         """Called periodically on the loop."""
@@ -128,6 +133,7 @@ class QualityLadder:
         self.store.update(values)
         self.rung = rung
         self._written = values if rung else {}
+        self._sets = self.store.set_counts(self._written)
         self._low = self._high = 0
         log.info("quality ladder %s to rung %d (engine %.1f fps, target %s): %s", direction, rung, capacity or 0.0,
                  target, values)

@@ -65,6 +65,26 @@ def test_a_clients_change_while_stepped_down_stays_and_is_given_back():
     assert ladder.originals() == {}
 
 
+def test_a_clients_set_to_the_laddered_value_itself_stays_too():
+    """QA 8: on the rung at 64², a controller that set width and height 64 (the value the ladder wrote) got 128
+    back when the ladder was turned off; a set to any other value stayed. Either way, it was the controller's."""
+    store, ladder, capacity = make(steps=8, width=128, height=128, ladder_fps=30.0)
+    capacity["fps"] = 5.0
+    checks(ladder, 6)
+    assert ladder.rung == 3 and laddered(store)[1:3] == (64, 64)
+    store.update({"width": 64, "height": 64})
+    store.update({"ladder_fps": 0.0})
+    ladder.check()
+    assert ladder.rung == 0 and laddered(store) == (8, 64, 64, False)
+    # In one message with ladder_fps 0, as the QA's client sent it.
+    store.update({"ladder_fps": 30.0, "width": 128, "height": 128})
+    checks(ladder, 6)
+    assert ladder.rung == 3 and laddered(store)[1:3] == (64, 64)
+    store.update({"ladder_fps": 0.0, "width": 64, "height": 64})
+    ladder.check()
+    assert ladder.rung == 0 and laddered(store) == (8, 64, 64, False)
+
+
 def test_climbing_from_the_last_rung_turns_the_similarity_filter_back_to_the_artists():
     store, ladder, capacity = make(steps=4, width=256, height=256, ladder_fps=60.0)
     capacity["fps"] = 10.0
