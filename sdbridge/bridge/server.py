@@ -175,6 +175,8 @@ class Daemon:
             # Measured (DESIGN.md): permessage-deflate costs ~50x the JPEG time; frames are already compressed.
             ws_per_message_deflate=False, ws_max_size=settings.ws_max_size,
             ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
+            # A request still unanswered this long after a stop (one held by anything but the worker) is cut.
+            timeout_graceful_shutdown=WORKER_STOP_WAIT_S,
         )
         self._server = _Server(config)
         self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="sdbridge-http")
@@ -251,6 +253,9 @@ class Daemon:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
+        # The worker first: it ends a one-shot request at its next step ("stopping"), so the HTTP server, which
+        # waits for every request to be answered, is not held by one that runs for minutes (QA 8: 159 s).
+        self.worker.stop()
         if self._serve_task is not None:
             await asyncio.gather(self._serve_task, return_exceptions=True)
         await self.webrtc.close()  # every WHIP/WHEP peer, before the worker whose frames they carry
@@ -277,7 +282,6 @@ class Daemon:
         if self.inputs is not None:
             await asyncio.to_thread(self.inputs.stop)
             self.inputs.release()
-        self.worker.stop()
         # The frame being made finishes first: tens of ms on a GPU, seconds on a CPU at many steps.
         await asyncio.to_thread(self.worker.join, WORKER_STOP_WAIT_S)
         if self.worker.is_alive():
@@ -294,7 +298,8 @@ class Daemon:
         if self._server.should_exit:
             self._server.force_exit = True
         self._server.should_exit = True
-        log.info("stopping: closing connections, then the worker and the engine")
+        self.worker.stop()  # a one-shot request ends at its next step, not holding the server's close (stop())
+        log.info("stopping: the worker (a request running ends at its next step), connections, the engine")
 
     async def serve_forever(self) -> None:
         await self.start()

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -295,3 +296,53 @@ def test_presets_save_finds_the_daemon_where_serve_settings_put_it(tmp_path):
                              env={**clean, "SDBRIDGE_PORT": port, "SDBRIDGE_TOKEN": token})
         assert wrong_url.returncode == 2 and f"no daemon at {elsewhere}" in wrong_url.stderr
     assert sorted(path.name for path in presets.iterdir()) == ["env.toml", "file.toml"]
+
+
+def test_sigterm_during_an_a1111_request_ends_it_and_exits_in_seconds(tiny_model_dir, tmp_path):
+    """QA 8: a txt2img running when SIGTERM came held the exit until it finished (159 s), with no word; the
+    request now ends at its next step with a 'stopping' error and the process exits as without it."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdbridge.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
+         "--port", str(port), "--no-osc", "--outputs-dir", str(tmp_path / "outputs")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    result: dict = {}
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", trust_env=False, timeout=2).json()["engine"]["status"] == "ready":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+        def long_request() -> None:  # minutes on this CPU: 50 images of 150 steps
+            try:
+                result["response"] = httpx.post(f"{base}/sdapi/v1/txt2img", trust_env=False, timeout=300,
+                                                json={"prompt": "x", "steps": 150, "n_iter": 50,
+                                                      "width": 128, "height": 128})
+            except httpx.HTTPError as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if httpx.get(f"{base}/sdapi/v1/progress", trust_env=False, timeout=5).json()["progress"] > 0:
+                break
+            time.sleep(0.1)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        exit_s = time.monotonic() - started
+        thread.join(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    assert exit_s < 30, (exit_s, output[-2000:])  # target 2 s plus one step; the request alone: minutes
+    response = result.get("response")
+    assert response is not None and response.status_code >= 400 and "stopping" in response.text, (result, output[-2000:])
