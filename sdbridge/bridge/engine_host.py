@@ -105,6 +105,7 @@ class EngineHost:
         self._wanted: EngineChoice | None = None
         self._failed: EngineChoice | None = None
         self._auto_failed: str | None = None  # the model that failed under engine "auto" with nothing serving
+        self._auto_failed_error = ""          # and why: /health says the preview serves in its place
         self._serving_request: dict[str, Any] | None = None  # REQUEST_PARAMS of the engine serving (swapped in)
         self._revert: dict[str, Any] = {}  # REQUEST_PARAMS to set back after a failed load (take_revert)
         self._revert_expect: dict[str, Any] = {}  # the failed load's REQUEST_PARAMS, which they would undo
@@ -277,6 +278,11 @@ class EngineHost:
             out["fp8"] = fp8.to_json()
         if self.last_error:
             out["last_error"] = self.last_error
+        current = self._current
+        if self._auto_failed is not None and current is not None and current.name == "preview":
+            # Not what was asked for: the preview engine keeps the stage lit behind a model that failed (QA 8).
+            out["fallback"] = {"model": self._auto_failed, "error": self._auto_failed_error,
+                               "serving": "preview"}
         return out
 
     def close(self) -> None:
@@ -373,7 +379,7 @@ class EngineHost:
                                         if request.get(name) != value}
                         self._revert_expect = dict(request)
                     elif choice.engine == "diffusion":
-                        self._auto_failed = choice.model
+                        self._auto_failed, self._auto_failed_error = choice.model, message
             tail = (" (it was no longer asked for)" if superseded
                     else "; the previous engine keeps serving" if self._current else "")
             self._notify({"type": "error", "code": code, "message": f"loading {choice} failed: {message}{tail}"})

@@ -118,9 +118,12 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness and the engine's state; 200 while the daemon serves frames (even passed through)."""
-        return {"status": "ok", "version": __version__, "uptime_s": round(time.monotonic() - daemon.started, 1),
-                "engine": daemon.engines.describe()}
+        """Liveness and the engine's state; 200 while the daemon serves frames (even passed through). ``status`` is
+        "degraded" while they are not what was asked for: passed through, or the preview in a failed model's place."""
+        engine = daemon.engines.describe()
+        degraded = "fallback" in engine or engine["status"] == "failed" or daemon.worker.prepare_error is not None
+        return {"status": "degraded" if degraded else "ok", "version": __version__,
+                "uptime_s": round(time.monotonic() - daemon.started, 1), "engine": engine}
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:

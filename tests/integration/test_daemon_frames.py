@@ -9,7 +9,7 @@ import pytest
 
 from sdbridge.bridge import codec
 from sdbridge.bridge.protocol import HEADER_SIZE, FrameHeader, PixelFormat
-from tests.clients import StalledViewer, header_frame, make_image, recv_frame, recv_json, ws_connect
+from tests.clients import StalledViewer, header_frame, make_image, recv_frame, recv_json, wait_for, ws_connect
 
 IDENTITY = {"engine": "identity", "width": 64, "height": 64}
 
@@ -228,6 +228,30 @@ def test_frames_pass_through_while_no_engine_can_serve(start_daemon, tmp_path):
     assert np.abs(out.astype(int) - image.astype(int)).mean() < 8  # the input, through JPEG q85
     stats = daemon.collect_stats()
     assert stats["passthrough"] is True and stats["engine"]["status"] == "failed"
+
+
+def test_health_says_degraded_while_frames_are_not_what_was_asked(start_daemon, tmp_path):
+    """QA 8: an operator --model that failed at start left the preview engine serving while /health said "ok";
+    passed-through frames too said "ok". Both are "degraded" now, with what failed (still 200: it is alive)."""
+    import httpx
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json", encoding="utf-8")
+    daemon = start_daemon(model=str(broken), params={"width": 64, "height": 64})  # engine auto
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"].get("engine") == "preview", timeout=60)
+    health = httpx.get(base + "/health").json()
+    assert health["status"] == "degraded", health
+    assert health["engine"]["fallback"]["model"] == str(broken) and health["engine"]["fallback"]["error"]
+    failed = start_daemon(params={"engine": "diffusion", "model": str(tmp_path / "missing"), "width": 64,
+                                  "height": 64})
+    base = f"http://127.0.0.1:{failed.port}"
+    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] == "failed", timeout=60)
+    assert httpx.get(base + "/health").json()["status"] == "degraded"
+    fine = start_daemon(params={**IDENTITY})
+    assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{fine.port}/health").json()["engine"]["status"] == "ready")
+    assert httpx.get(f"http://127.0.0.1:{fine.port}/health").json()["status"] == "ok"
 
 
 @pytest.mark.parametrize("model, engine, architecture, extra", [
