@@ -434,6 +434,8 @@ class Worker(threading.Thread):
         one slow decode never holds up the other sessions' turn)."""
         ready: dict[str, Job] = {}
         still: list[tuple[Job, Future[bool]]] = []
+        # They have decoded for a step already; a moment more keeps a frame just finishing in this batch.
+        wait([decoded for _, decoded in self._ahead], timeout=LATE_DECODE_MIN_S)
         for job, decoded in self._ahead:
             if not decoded.done():
                 still.append((job, decoded))
