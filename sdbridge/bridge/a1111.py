@@ -32,11 +32,12 @@ import cv2
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi._compat import ModelField
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sdbridge import __version__
-from sdbridge.bridge import codec, pnginfo
+from sdbridge.bridge import a1111_body, codec, pnginfo
 from sdbridge.bridge.worker import GenerationTask
 from sdbridge.engines import samplers
 from sdbridge.engines.generate import HIRES_UPSCALERS, Generation, GenerationError, GenerationRequest, hires_upscaler
@@ -142,15 +143,58 @@ def _short_errors(errors: Sequence[Any]) -> list[Any]:
             else json_safe(error) for error in errors]
 
 
+class _ShapedValidationError(RequestValidationError):
+    """A 422 whose errors are already short and JSON-safe (made off the loop): answered as it is."""
+
+
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI's test for a JSON body: ``application/json`` or ``application/*+json``, parameters aside."""
+    mime = (content_type or "").partition(";")[0].strip().lower()
+    maintype, _, subtype = mime.partition("/")
+    return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _parse_body(chunks: list[bytes], body_field: ModelField | None) -> tuple[bytes, Any]:
+    """Off the loop: the body joined, and parsed and validated as FastAPI would on the loop (its errors, its
+    400), into the model that FastAPI then takes as it is. A 33 MB body held every WebSocket and OSC client for
+    1-1.5 s on the loop (QA 9); here the loop runs on between pieces (a1111_body.loads)."""
+    raw = b"".join(chunks)
+    if body_field is None or not raw:
+        return raw, None
+    try:
+        data = a1111_body.loads(raw)
+    except json.JSONDecodeError as exc:
+        errors = [{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {},
+                   "ctx": {"error": exc.msg}}]
+        raise _ShapedValidationError(_short_errors(errors), body=None) from None
+    except (ValueError, RecursionError):  # not UTF-8, nested too deep, an integer too long: FastAPI's answer
+        raise HTTPException(400, "There was an error parsing the body") from None
+    value, errors = body_field.validate(data, {}, loc=("body",))
+    if errors:
+        raise _ShapedValidationError(_short_errors(errors), body=json_safe(data))
+    return raw, value
+
+
 class A1111Route(APIRoute):
-    """FastAPI's route, with the input a validation error echoes made JSON-safe (see json_safe) and short."""
+    """FastAPI's route, with the input a validation error echoes made JSON-safe (see json_safe) and short, and a
+    POST body read within MAX_BODY_BYTES and parsed off the event loop."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        # One model as the whole body (every A1111 route's shape); anything else FastAPI parses as it does.
+        body_field = None if getattr(self, "_embed_body_fields", True) else self.body_field
 
         async def route(request: Request) -> Response:
             try:
+                if request.method == "POST":
+                    chunks = await a1111_body.read(request)
+                    parsed = body_field if _is_json(request.headers.get("content-type")) else None
+                    request._body, value = await asyncio.to_thread(_parse_body, chunks, parsed)
+                    if value is not None:
+                        request._json = value  # FastAPI reads it as the body and takes the model as it is
                 return await handler(request)
+            except _ShapedValidationError:
+                raise
             except RequestValidationError as exc:  # the app's handler answers it, now encodable
                 raise RequestValidationError(_short_errors(exc.errors()), body=json_safe(exc.body)) from None
 
@@ -387,11 +431,22 @@ def _decoded(raw: bytes, what: str, flags: int) -> np.ndarray:
     return image
 
 
+# Base64 is decoded in pieces of this many characters (a multiple of 4): one call on a 33 MB string holds the GIL
+# for 200 ms, and with it the event loop, even from a thread; a piece is 6 ms, and the loop runs between them.
+B64_PIECE = 1024 * 1024
+
+
 def b64_bytes(data: str, what: str) -> bytes:
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
-        raw = base64.b64decode(data, validate=True)
+        # Every piece but the last is B64_PIECE characters; the last, the rest (at least B64_PIECE, with the
+        # padding). Pieces without "=" decode as the whole string would; with one, the whole string is decoded.
+        starts = range(0, max(len(data) - B64_PIECE, 0) + 1, B64_PIECE)
+        if data.find("=", 0, starts[-1]) != -1:
+            starts = range(1)
+        raw = b"".join(base64.b64decode(data[start:start + B64_PIECE] if start != starts[-1] else data[start:],
+                                        validate=True) for start in starts)
     except (binascii.Error, ValueError):
         raise HTTPException(422, f"{what}: not valid base64") from None
     if not raw:  # OpenCV asserts on an empty buffer (a 500): say what it is
@@ -1040,7 +1095,7 @@ def create_router(daemon: Daemon) -> APIRouter:
     @router.post("/png-info", response_model=PngInfoResponse)
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:
         """The generation parameters a PNG carries, as text and parsed."""
-        raw = b64_bytes(body.image, "image")
+        raw = await asyncio.to_thread(b64_bytes, body.image, "image")  # 33 MB of base64: 50 ms, off the loop
         try:
             text, items = await asyncio.to_thread(pnginfo.read_info, raw)
         except SdbridgeError as exc:
