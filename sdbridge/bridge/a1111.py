@@ -24,9 +24,9 @@ import math
 import re
 import reprlib
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
 import numpy as np
@@ -199,6 +199,31 @@ class A1111Route(APIRoute):
                 raise RequestValidationError(_short_errors(exc.errors()), body=json_safe(exc.body)) from None
 
         return route
+
+
+DISCONNECT_POLL_S = 0.25  # how often a route that waits on long work asks whether its client is still there
+_T = TypeVar("_T")
+
+
+async def while_connected(request: Request, work: Awaitable[_T], stop: Callable[[], None], what: str) -> _T:
+    """``work`` awaited; ``stop`` called once the client is gone, or this route is cancelled, so that work nobody
+    waits for ends (a generation at its next step, an upscale before its next tile). Called again at each poll
+    while the work runs: a request the worker was starting at the first call may have missed it."""
+    future = asyncio.ensure_future(work)
+    gone = False
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return future.result()
+            if gone or await request.is_disconnected():
+                if not gone:
+                    log.info("%s: the client went away; %s", request.url.path, what)
+                gone = True
+                stop()
+    except asyncio.CancelledError:
+        stop()
+        raise
 
 
 def _multiple_of_8(value: int, name: str) -> int:
@@ -727,7 +752,8 @@ class A1111Api:
         while self.current_model() is None and engines.settling and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    async def run(self, body: _Request, kind: str) -> dict[str, Any]:
+    async def run(self, body: _Request, kind: str, http: Request | None = None) -> dict[str, Any]:
+        """Run the request on the worker; with ``http``, interrupted at its next step once that client is gone."""
         request = await asyncio.to_thread(self.build, body, kind)
         await self._wait_for_a_model()  # before the ControlNet units, which need one too
         if always_on_script(body.alwayson_scripts, "controlnet"):
@@ -737,7 +763,9 @@ class A1111Api:
         task = GenerationTask(request, kind)
         started = time.perf_counter()
         try:
-            generation = await asyncio.wrap_future(self.daemon.worker.submit(task))
+            pending = asyncio.wrap_future(self.daemon.worker.submit(task))
+            generation = await (pending if http is None else
+                                while_connected(http, pending, task.interrupt, "its generation ends at its next step"))
         except SdbridgeError as exc:
             status = 503 if exc.code in ("no_model", "stopping") else 422
             raise HTTPException(status, str(exc)) from None
@@ -1005,14 +1033,14 @@ def create_router(daemon: Daemon) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=A1111Route)
 
     @router.post("/txt2img", response_model=GenerationResponse)
-    async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
+    async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
         """Text to image, as A1111's web UI does it, on the model serving the live stream."""
-        return await api.run(body, "txt2img")
+        return await api.run(body, "txt2img", request)
 
     @router.post("/img2img", response_model=GenerationResponse)
-    async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
+    async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
         """Image to image and inpainting (``mask``), as A1111's web UI does it."""
-        return await api.run(body, "img2img")
+        return await api.run(body, "img2img", request)
 
     @router.get("/progress", response_model=ProgressResponse)
     async def progress(skip_current_image: bool = Query(False)) -> dict[str, Any]:

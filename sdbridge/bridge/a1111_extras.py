@@ -38,7 +38,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdbridge.bridge import pnginfo
-from sdbridge.bridge.a1111 import UPSCALERS, A1111Route, FiniteBody, b64_bytes, decode_image_bytes
+from sdbridge.bridge.a1111 import UPSCALERS, A1111Route, FiniteBody, b64_bytes, decode_image_bytes, while_connected
 from sdbridge.bridge.protocol import MAX_DIMENSION
 from sdbridge.config import LOOPBACK_NAMES
 from sdbridge.errors import ModelError, SdbridgeError
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16
-DISCONNECT_POLL_S = 0.25  # how often a running upscale's route asks whether its client is still there
 _RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 _UPSCALER_NAMES = [upscaler["name"] for upscaler in UPSCALERS]
 
@@ -262,18 +261,8 @@ _T = TypeVar("_T")
 async def _while_connected(request: Request, stop: threading.Event, function: Callable[..., _T], *args: Any) -> _T:
     """``function(*args)`` in a thread, ``stop`` set once the client is gone (or this route is cancelled), so that
     a model upscale nobody waits for ends before its next tile instead of holding the one-at-a-time lock."""
-    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return work.result()
-            if not stop.is_set() and await request.is_disconnected():
-                log.info("%s: the client went away; its upscale stops before its next tile", request.url.path)
-                stop.set()
-    except asyncio.CancelledError:
-        stop.set()
-        raise
+    return await while_connected(request, asyncio.to_thread(function, *args), stop.set,
+                                 "its upscale stops before its next tile")
 
 
 def _interrupted(exc: Interrupted) -> HTTPException:
