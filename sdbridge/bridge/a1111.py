@@ -32,7 +32,6 @@ import cv2
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi._compat import ModelField
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,6 +44,8 @@ from sdbridge.errors import CodecError, ModelError, SdbridgeError
 from sdbridge.paths import PathError
 
 if TYPE_CHECKING:
+    from fastapi._compat import ModelField  # FastAPI's own (private) type: only named, never imported at run time
+
     from sdbridge.bridge.server import Daemon
 
 log = logging.getLogger(__name__)
