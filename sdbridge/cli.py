@@ -195,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from sdbridge.engines import models
 
-    models_dir = Path(args.models_dir) if args.models_dir else None
+    models_dir = _configured_folder(args, "models_dir")
     if args.action == "list":
         items = models.list_models(models_dir)
         if args.json:
@@ -246,10 +246,22 @@ def _jsonable(item: Any) -> dict[str, Any]:
             for key, value in data.items()}
 
 
+def _configured_folder(args: argparse.Namespace, name: str) -> Path | None:
+    """A folder the command's flag names, else the one ``serve`` would use: SDBRIDGE_<NAME> or the config file
+    (QA 8: ``presets list`` read neither, and listed other presets than the daemon serves). None: the default."""
+    from sdbridge.config import load_settings
+
+    given = getattr(args, name, None)
+    if given:
+        return Path(given).expanduser()
+    value = getattr(load_settings(config_path=getattr(args, "config", None)), name, None)
+    return Path(value).expanduser() if value else None
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from sdbridge.presets import PresetLibrary, dump
 
-    library = PresetLibrary(Path(args.presets_dir).expanduser() if args.presets_dir else None)
+    library = PresetLibrary(_configured_folder(args, "presets_dir"))
     if args.action == "list":
         for preset in library.list():
             where = "shipped" if preset.shipped else "yours"

@@ -115,6 +115,28 @@ def test_presets_dir_before_or_after_the_action(tmp_path):
     assert listing.returncode == 0 and "mine" in listing.stdout and "yours" in listing.stdout
 
 
+def test_presets_and_models_read_their_folders_where_serve_does(tmp_path):
+    """QA 8: ``presets list``/``show`` ignored SDBRIDGE_PRESETS_DIR and the config file's presets_dir (and ``models
+    list`` the config file's models_dir), so they listed other presets than the daemon serves."""
+    presets, models = tmp_path / "presets", tmp_path / "models"
+    presets.mkdir()
+    (models / "mine-model").mkdir(parents=True)
+    (models / "mine-model" / "model_index.json").write_text("{}")
+    (presets / "mine.toml").write_text('description = "my own look"\n\n[params]\nstrength = 0.4\n')
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SDBRIDGE_")}
+    by_env = sdbridge("presets", "show", "mine", env={**env, "SDBRIDGE_PRESETS_DIR": str(presets)})
+    assert by_env.returncode == 0 and "strength" in by_env.stdout, by_env.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "sdbridge.toml").write_text(f'presets_dir = "{presets}"\nmodels_dir = "{models}"\n')
+    listing = sdbridge("presets", "list", cwd=work, env=env)
+    assert listing.returncode == 0 and "mine" in listing.stdout and "yours" in listing.stdout, listing.stderr
+    assert "mine-model" in sdbridge("models", "list", cwd=work, env=env).stdout
+    elsewhere = tmp_path / "elsewhere"  # the flag still wins
+    elsewhere.mkdir()
+    assert "mine " not in sdbridge("presets", "list", "--presets-dir", str(elsewhere), cwd=work, env=env).stdout
+
+
 def test_models_tiny_sdxl_loads_as_sdxl(tmp_path):
     import json
 
