@@ -10,7 +10,7 @@
 #
 #   python -m pip install --no-index --find-links DIR -r DIR/requirements.txt
 #   python -m pip install --no-index --find-links DIR --no-deps -r DIR/no-deps.txt   # open_clip, spandrel (Makefile)
-#   python -m pip install --no-index --no-deps -e .
+#   python -m pip install --no-index --find-links DIR --no-deps -e .
 #   python benchmarks/bench_engine.py --device cuda
 set -euo pipefail
 PYTHON_VERSION=${1:?usage: offline_wheels.sh PYTHON_VERSION DIR}
@@ -34,6 +34,10 @@ while read -r requirement; do
     missing+=("$requirement")
   fi
 done < <(cat "$DIR/requirements.txt" "$DIR/no-deps.txt")
+# The build backend pyproject.toml names, for pip's isolated build of the checkout there (pip freeze leaves it out).
+BACKEND=$("$VENV_PYTHON" -c \
+  'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')
+"$VENV_PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$DIR" $BACKEND || missing+=("$BACKEND")
 echo "$(ls "$DIR"/*.whl 2>/dev/null | wc -l) wheels in $DIR for Python $PYTHON_VERSION"
 if [ ${#missing[@]} -gt 0 ]; then
   echo "no wheel for Python $PYTHON_VERSION: ${missing[*]} (install those from source there, or pick another version)"
