@@ -87,11 +87,18 @@ class ModelSource:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    kind: str
+    kind: str          # "diffusers", "single_file", "pickle_file", "taesd" or "not pulled"
     path: str
     size_bytes: int
     pulled: bool
     description: str = ""
+    note: str = ""     # what it needs to load, when that is more than being named (a pickle: --allow-pickle)
+
+
+# A pickle file in the models folder is listed (it is on disk, and a user who put it there looks for it), saying
+# what it needs: `GET /models` listed m.ckpt and w.bin like any model, which serve then refused (QA 8 #12).
+PICKLE_NOTE = ("a pickle file: loads only with --allow-pickle (read through torch.load(weights_only=True)); "
+               "or convert it to .safetensors")
 
 
 def _kind_of_path(path: Path) -> str | None:
@@ -467,7 +474,7 @@ def _folder_size(path: Path) -> int:
 
 
 def list_models(models_dir: Path | None = None) -> list[ModelInfo]:
-    """Pulled models, then known ones not yet pulled."""
+    """Pulled models, then known ones not yet pulled; a pickle file with a note that it needs --allow-pickle."""
     models_dir = models_dir or default_models_dir()
     manifests = load_manifests()
     out: list[ModelInfo] = []
@@ -481,7 +488,8 @@ def list_models(models_dir: Path | None = None) -> list[ModelInfo]:
             seen.add(name)
             manifest = manifests.get(name)
             out.append(ModelInfo(name, kind, str(entry), _folder_size(entry), True,
-                                 manifest.description if manifest else ""))
+                                 manifest.description if manifest else "",
+                                 PICKLE_NOTE if kind == "pickle_file" else ""))
     for name, manifest in sorted(manifests.items()):
         if name not in seen:
             out.append(ModelInfo(name, "not pulled", manifest.repo_id, 0, False, manifest.description))

@@ -235,6 +235,31 @@ def test_manifests_and_listing(tmp_path, tiny_model_dir):
     assert resolve_source("my-model", models_dir=tmp_path).kind == "diffusers"
 
 
+def test_a_pickle_file_in_the_models_folder_is_listed_with_what_it_needs(tmp_path, capsys):
+    """QA 8 #12: `GET /models` and `models list` listed m.ckpt and w.bin like any model, which serve then refused
+    without --allow-pickle. Still listed (they are on disk), kind pickle_file, with a note saying so."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from sdbridge.cli import main
+
+    for name in ("m.ckpt", "w.bin", "e.pt", "u.pth"):
+        torch.save({"w": torch.zeros(2)}, tmp_path / name)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "s.safetensors"))
+    listing = {info.name: info for info in list_models(tmp_path)}
+    for name in ("m.ckpt", "w.bin", "e.pt", "u.pth"):
+        assert listing[name].kind == "pickle_file" and listing[name].pulled
+        assert "loads only with --allow-pickle" in listing[name].note
+    assert listing["s.safetensors"].kind == "single_file" and listing["s.safetensors"].note == ""
+    assert listing["sd-turbo"].note == ""
+    # The JSON (what GET /models and `models list --json` give) keeps every key it had and adds "note".
+    assert main(["models", "list", "--models-dir", str(tmp_path), "--json"]) == 0
+    items = {item["name"]: item for item in json.loads(capsys.readouterr().out)}
+    assert set(items["m.ckpt"]) == {"name", "kind", "path", "size_bytes", "pulled", "description", "note"}
+    assert items["m.ckpt"]["kind"] == "pickle_file" and "--allow-pickle" in items["m.ckpt"]["note"]
+
+
 def test_weight_files_and_folders_of_add_on_models(tmp_path):
     """The loading ControlNets and motion adapters share: errors name the file and what it should be."""
     from safetensors.torch import save_file
