@@ -145,6 +145,40 @@ def check_midi(settings: Settings) -> list[Finding]:
     return [Finding(OK, "midi", f"--midi-in {want!r}: port {port!r}") for want, port in zip(wanted, found)]
 
 
+def check_midi_map(settings: Settings) -> list[Finding]:
+    """The MIDI map serve would load (``--midi-map FILE``, else ~/.config/sdbridge/midi.toml with ``--midi-in``),
+    read as serve reads it: ``load_map`` against the schema with the plugins' parameters. One that exists but cannot
+    be read or parsed stops serve; a ``--midi-map`` file that does not exist yet is an empty map there, which the
+    first learn-and-save writes (nothing to say without either flag)."""
+    from sdbridge.bridge.midi import LIST, default_map_path
+    from sdbridge.bridge.midi_map import load_map
+
+    if settings.midi_map:
+        path, flag = Path(settings.midi_map).expanduser(), "--midi-map"
+        try:
+            path.lstat()  # lstat, as serve: a dangling link is a mistake, which load_map names
+        except FileNotFoundError:
+            return [Finding(OK, "midi map", f"--midi-map {str(path)!r} does not exist yet: serve starts with an empty "
+                            'map, and {"type": "midi_map", "save": true} writes it there')]
+        except OSError:
+            pass  # no permission, a file where a folder should be: load_map's sentence says which
+    elif any(name != LIST for name in settings.midi_in) and default_map_path().is_file():
+        path, flag = default_map_path(), "the default map"
+    else:
+        return []
+    from sdbridge.params import ParamStore, Schema
+    from sdbridge.plugins.manager import PluginManager
+
+    store = ParamStore(Schema())
+    PluginManager(store)  # a map may name a plugin's parameter, which serve knows once the plugins registered it
+    try:
+        midi_map = load_map(path, store.schema)
+    except ConfigError as exc:
+        return [Finding(ERROR, "midi map", str(exc), f"fix the file, or leave {flag} out (docs/midi.md)")]
+    return [Finding(OK, "midi map", f"{flag} {str(path)!r}: {len(midi_map.cc)} CC and {len(midi_map.notes)} note "
+                    "binding(s)")]
+
+
 def check_clip_vocab() -> list[Finding]:
     if importlib.util.find_spec("open_clip") is None:
         return [Finding(WARN, "tokenizer", "open_clip_torch is not installed: single-file .safetensors checkpoints "
@@ -505,6 +539,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_inputs(settings)
     findings += check_audio(settings)
     findings += check_midi(settings)
+    findings += check_midi_map(settings)
     findings += check_fp8(settings)
     findings += check_mdns(settings)
     findings += check_webrtc()

@@ -205,3 +205,43 @@ def test_midi_in_without_a_matching_port_is_an_error():
     [finding] = check_midi(Settings(midi_in=["no-such-port-sdbridge-test"]))
     assert finding.level == ERROR and "midi" == finding.topic
     assert "MIDI" in finding.message and "--midi-in list" in finding.fix
+
+
+def test_a_midi_map_is_read_as_serve_reads_it(tmp_path, monkeypatch):
+    """--midi-map had no doctor line where serve refuses a bad file at start-up (exit 2)."""
+    from sdbridge.bridge.midi_map import load_map
+    from sdbridge.doctor import check_midi_map
+    from sdbridge.errors import ConfigError
+    from sdbridge.params import Schema
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.config/sdbridge/midi.toml of the machine's
+    assert check_midi_map(Settings()) == [] and check_midi_map(Settings(midi_in=["nano"])) == []
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[cc]]\ncontrol = 1\nparam = "strength"\n\n[[cc]]\ncontrol = 2\nparam = "strenght"\n')
+    with pytest.raises(ConfigError) as refused:  # serve's sentence, as its loader says it
+        load_map(bad, Schema())
+    [error] = check_midi_map(Settings(midi_map=str(bad)))
+    assert error.level == ERROR and error.topic == "midi map" and error.message == str(refused.value)
+    assert "[[cc]] #2 (line 5)" in error.message and "--midi-map" in error.fix
+    garbled = tmp_path / "garbled.toml"
+    garbled.write_bytes(b"\xff\xfe not utf-8")
+    [error] = check_midi_map(Settings(midi_map=str(garbled)))
+    assert error.level == ERROR and "is not UTF-8 text" in error.message
+    [error] = check_midi_map(Settings(midi_map=str(tmp_path)))  # a folder: serve cannot read it either
+    assert error.level == ERROR and "cannot be read" in error.message
+    # A plugin's parameter is known, as it is to serve once the plugins have registered theirs.
+    good = tmp_path / "good.toml"
+    good.write_text('[[cc]]\ncontrol = 1\nparam = "strength"\n\n[[note]]\nnote = 36\n'
+                    'param = "plugin.flow_warp.enabled"\ntoggle = true\n')
+    [ok] = check_midi_map(Settings(midi_map=str(good)))
+    assert ok.level == OK and ok.message == f"--midi-map {str(good)!r}: 1 CC and 1 note binding(s)"
+    # A file not there yet is an empty map to serve (learn, then save writes it): not an error.
+    [later] = check_midi_map(Settings(midi_map=str(tmp_path / "new" / "midi.toml")))
+    assert later.level == OK and "does not exist yet" in later.message
+    # With --midi-in and no --midi-map, serve reads ~/.config/sdbridge/midi.toml when it exists.
+    default = tmp_path / "home" / ".config" / "sdbridge" / "midi.toml"
+    default.parent.mkdir(parents=True)
+    default.write_text("clock = 3\n")
+    [error] = check_midi_map(Settings(midi_in=["nano"]))
+    assert error.level == ERROR and "clock 3 is not true or false" in error.message
+    assert check_midi_map(Settings(midi_in=["list"])) == []
