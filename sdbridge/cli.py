@@ -208,6 +208,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             size = data.get("size_bytes")
             size_text = f"{size / 1e9:.2f} GB" if size else "-"
             print(f"{data.get('name', '?'):24} {data.get('kind', '?'):12} {size_text:>9}  {data.get('path', '')}")
+            if data.get("note"):
+                print(f"{'':24} {data['note']}")
         return 0
     if args.action == "pull":
         _setup_logging("info")
