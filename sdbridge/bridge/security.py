@@ -5,7 +5,8 @@ API, so every request is checked before it reaches a route:
 
 - ``Host`` must be a name the daemon serves (loopback names, the bind address, configured hosts);
 - ``Origin``, when present (browsers send it; native clients such as TouchDesigner do not), must
-  be the daemon's own page or a configured origin;
+  be the daemon's own page (a loopback name, the bind address, or the very Host the request came to, once that
+  Host passed) or a configured origin;
 - with a token configured (required beyond loopback), the request must carry it as
   ``Authorization: Bearer``, as the password of HTTP Basic (what AUTOMATIC1111 clients send) or
   as ``?token=`` (browsers cannot set WebSocket headers). Compared in constant time.
@@ -85,7 +86,7 @@ class AccessPolicy:
         """Every check in turn: None when allowed. ``headers`` have lower-case names."""
         reason = self.check_host(headers.get("host"))
         if reason is None:
-            reason = self.check_origin(headers.get("origin"))
+            reason = self.check_origin(headers.get("origin"), headers.get("host"))
         if reason is not None:
             return Refusal(403, reason)
         reason = self.check_token(headers, query)
@@ -101,10 +102,16 @@ class AccessPolicy:
             return f"host {host!r} is not served here (allowed: {', '.join(sorted(self.hosts))})"
         return None
 
-    def check_origin(self, origin: str | None) -> str | None:
+    def check_origin(self, origin: str | None, host: str | None = None) -> str | None:
+        """None when allowed, else the reason. ``host``: the request's Host, already allowed by check_host; a page
+        the daemon served under that name is its own (QA 10: on a wildcard bind with a token, the page opened at the
+        machine's LAN address was refused its own WebSocket)."""
         if origin is None:
             return None
-        if origin.rstrip("/").lower() not in self.origins:
+        origin = origin.rstrip("/").lower()
+        if host and origin in (f"http://{host.strip().lower()}", f"https://{host.strip().lower()}"):
+            return None
+        if origin not in self.origins:
             return (f"origin {origin!r} is not allowed; add it with --allowed-origins "
                     f"(the daemon's own page is {sorted(self.origins)[0]})")
         return None

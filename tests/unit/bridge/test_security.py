@@ -38,6 +38,25 @@ def test_configured_origin_allowed():
     assert policy.check_origin("http://my-touchdesigner.local:8080") is None
 
 
+def test_the_page_served_at_the_host_asked_is_the_daemons_own():
+    """QA 10: on a wildcard bind with a token, the page opened at the machine's LAN address was refused its own
+    WebSocket (its Origin is that address). An Origin equal to the Host the request came to is the daemon's page,
+    once that Host is allowed; another port or name on it is not."""
+    token = "s3cret-stage-token-0123456789"
+    lan = AccessPolicy(Settings(host="0.0.0.0", token=token), port=7860)
+    asked = {"host": "192.168.1.20:7860", "authorization": f"Bearer {token}"}
+    assert lan.check({**asked, "origin": "http://192.168.1.20:7860"}, "") is None
+    refused = lan.check({**asked, "origin": "http://192.168.1.20:9999"}, "")
+    assert refused is not None and refused.status == 403
+    assert lan.check({"host": "192.168.1.20:7860", "origin": "http://192.168.1.20:7860"}, "").status == 401
+    named = AccessPolicy(Settings(allowed_hosts=["stage.local"]), port=7860)
+    assert named.check({"host": "stage.local:7860", "origin": "http://stage.local:7860"}, "") is None
+    # Loopback only: a rebinding page's own name fails the Host check before its Origin is looked at.
+    loopback = AccessPolicy(Settings(), port=7860)
+    assert loopback.check({"host": "evil.example:7860", "origin": "http://evil.example:7860"}, "").status == 403
+    assert loopback.check({"host": "127.0.0.1:7860", "origin": "http://127.0.0.1:9999"}, "").status == 403
+
+
 def test_token_forms():
     policy = AccessPolicy(Settings(host="0.0.0.0", token="s3cret-stage-token-0123456789"), port=7860)
     assert policy.check_token({}, "") is not None
