@@ -75,9 +75,10 @@ def test_a_big_body_is_parsed_while_websocket_pings_keep_answering(start_daemon,
     worst_s = pinger.worst_s(started, ended)
     print(f"{path}: {len(body) / 2**20:.0f} MB body answered in {ended - started:.2f} s; ping baseline "
           f"{baseline_s * 1000:.0f} ms, worst while posting {worst_s * 1000:.0f} ms")
-    # Measured here (2 cores): 35-80 ms, against 170-290 ms with the body parsed on the loop (the QA, on a loaded
-    # box: 1-2.5 s). A bound 10x the measure: a frozen loop fails it under load, not an idle box's old code.
-    assert worst_s < 0.8, f"a ping waited {worst_s:.2f} s while a {len(body)} byte body was parsed"
+    # Measured here (2 cores): 35-140 ms, against 170-940 ms with the body parsed on the loop (the QA, on a loaded
+    # box: 1-2.5 s). The bound is 10x the measure, for a shared CI machine: it catches a loop frozen for seconds,
+    # not the old code on an idle machine (the figures are in the commit that made the parse off the loop).
+    assert worst_s < 1.5, f"a ping waited {worst_s:.2f} s while a {len(body)} byte body was parsed"
 
 
 def test_a_body_declared_past_the_limit_is_a_413_before_it_is_read(start_daemon):
