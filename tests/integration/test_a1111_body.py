@@ -15,6 +15,7 @@ import pytest
 from sdbridge.bridge import a1111_body
 from tests.clients import recv_json, ws_connect
 
+
 def big_body(field: str, images: int, megabytes: int) -> bytes:
     """A JSON body whose ``field`` holds ``images`` strings of ``megabytes`` of valid base64 (random bytes, no
     image), encoded once here, so that the client (in this process, beside the daemon) holds the GIL as little as
