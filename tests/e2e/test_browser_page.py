@@ -23,13 +23,18 @@ CHROMIUM_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+        yield playwright
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    yield browser
+    browser.close()
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:
@@ -143,5 +148,202 @@ def test_webcam_page_round_trips_frames_and_controls_reach_the_daemon(browser, s
         # /favicon.ico request (chromium reports that one here, not as a page response), and no failed response.
         assert not [line for line in console if line.startswith(("error", "pageerror"))], console
         assert not failed, failed
+    finally:
+        page.close()
+
+
+# A name that reaches the daemon on loopback but is not localhost: over plain http the page is no secure context there,
+# as on a LAN address.
+OTHER_HOST = "sdbridge.test"
+TOKEN = "e2e-token-e2e-token-e2e-token"
+
+
+def test_the_page_says_why_the_camera_cannot_be_had_and_starts_one_capture(playwright, start_daemon) -> None:
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64}, allowed_hosts=[OTHER_HOST])
+    refusing = [arg for arg in CHROMIUM_ARGS if arg != "--use-fake-ui-for-media-stream"]
+    refusing += ["--deny-permission-prompts", f"--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1"]
+    no_camera = [arg for arg in CHROMIUM_ARGS if arg != "--use-fake-device-for-media-stream"]
+
+    def press_start(browser, host: str) -> tuple[str, list[str]]:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"http://{host}:{daemon.port}/")
+        page.wait_for_selector("#param-strength")
+        page.click("#start")
+        page.wait_for_function("!document.getElementById('error').hidden", timeout=10_000)
+        text = page.inner_text("#error-text")
+        assert page.inner_text("#start") == "start camera"  # it can be pressed again
+        page.close()
+        return text, errors
+
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=refusing)
+    try:
+        # 1. Refused (a user who clicked "Block"): the error box says so and where to allow it; no script error.
+        text, errors = press_start(browser, "127.0.0.1")
+        assert "the camera was refused" in text and "site permissions" in text, text
+        assert errors == []
+        # 2. Plain http on a host other than localhost: no navigator.mediaDevices; the page names the cause.
+        text, errors = press_start(browser, OTHER_HOST)
+        assert "over plain http" in text and f"on {OTHER_HOST}" in text, text
+        assert f"http://localhost:{daemon.port}/" in text and errors == []
+    finally:
+        browser.close()
+    # 3. No camera at all.
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=no_camera)
+    try:
+        text, errors = press_start(browser, "127.0.0.1")
+        assert "no camera was found" in text and errors == [], text
+    finally:
+        browser.close()
+
+    # 4. With a camera: two quick presses start one capture; the button then stops it.
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_page()
+        page.add_init_script("""(() => {
+            window.captures = 0;
+            const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+            navigator.mediaDevices.getUserMedia = (c) => { window.captures += 1; return real(c); };
+        })()""")
+        page.goto(f"http://127.0.0.1:{daemon.port}/")
+        page.wait_for_selector("#param-strength")
+        # Before the first frame the output is an empty box, not a broken-image icon.
+        assert page.is_hidden("#output")
+        assert page.evaluate("document.getElementById('output').parentElement.getBoundingClientRect().width") > 100
+        page.evaluate("() => { const b = document.getElementById('start'); b.click(); b.click(); }")
+        page.wait_for_function("document.getElementById('start').textContent === 'stop camera'", timeout=10_000)
+        page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 3",
+                               timeout=30_000)
+        assert page.evaluate("window.captures") == 1
+        assert page.is_visible("#output")
+        page.click("#start")
+        assert page.evaluate("document.getElementById('camera').srcObject") is None
+        assert page.inner_text("#start") == "start camera"
+        page.wait_for_timeout(500)  # the pump stops: no frame goes out without a camera
+        sent = daemon.stats.frames_received
+        page.wait_for_timeout(500)
+        assert daemon.stats.frames_received == sent
+    finally:
+        browser.close()
+
+
+def test_a_refused_value_goes_back_to_the_daemons_and_texts_have_maxlength(browser, start_daemon) -> None:
+    daemon = start_daemon(params={"engine": "identity", "seed": 42, "prompt": "kept"})
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{daemon.port}/")
+        page.wait_for_selector("#param-seed")
+        # 1. A seed past 2**32-1: the daemon says bad_param and keeps 42; the field shows 42 again, focus or not.
+        page.fill("#param-seed", "99999999999")
+        page.press("#param-seed", "Enter")
+        page.wait_for_function("document.getElementById('error').textContent.includes('bad_param')", timeout=10_000)
+        page.wait_for_function("document.getElementById('param-seed').value === '42'", timeout=10_000)
+        assert page.evaluate("document.activeElement.id") == "param-seed"
+        # 2. An LFO target that is no parameter: back to "".
+        page.fill("#param-lfo1-target", "nonsense_param")
+        page.press("#param-lfo1-target", "Enter")
+        page.wait_for_function("document.getElementById('param-lfo1-target').value === ''", timeout=10_000)
+        assert daemon.store.get("lfo1.target") == "" and daemon.store.get("seed") == 42
+        # 3. Text fields carry the schema's max_length, so a prompt cannot grow past what the daemon accepts.
+        schema = {spec["name"]: spec for spec in page.evaluate("fetch('/params').then(r => r.json())")["schema"]}
+        assert page.get_attribute("#param-prompt", "maxlength") == str(schema["prompt"]["max_length"])
+        page.focus("#param-prompt")
+        page.keyboard.press("End")
+        page.keyboard.insert_text("x" * (schema["prompt"]["max_length"] + 10))
+        assert len(page.input_value("#param-prompt")) == schema["prompt"]["max_length"]
+        # 4. A value the daemon accepts stays.
+        page.fill("#param-seed", "7")
+        page.press("#param-seed", "Enter")
+        assert wait_until(lambda: daemon.store.get("seed") == 7)
+        page.wait_for_timeout(300)
+        assert page.input_value("#param-seed") == "7"
+    finally:
+        page.close()
+
+
+def test_slider_steps_land_on_round_values(browser, start_daemon) -> None:
+    daemon = start_daemon(params={"engine": "identity"})
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{daemon.port}/")
+        page.wait_for_selector("#param-bpm")
+        # 1. Every slider shows the daemon's value exactly: its step is a power of ten with min on the grid.
+        off = page.evaluate("""async () => {
+            const params = await (await fetch('/params')).json();
+            const off = [];
+            for (const spec of params.schema) {
+                const input = document.getElementById('param-' + spec.name.replaceAll('.', '-'));
+                if (!input || input.type !== 'range') continue;
+                const step = Number(input.step), exponent = Math.round(Math.log10(step));
+                if (spec.type === 'int' ? step !== (spec.multiple_of || 1) : Math.abs(step - 10 ** exponent) > 1e-15)
+                    off.push(`${spec.name} step ${input.step}`);
+                if (Math.abs(Number(input.value) - params.values[spec.name]) > 1e-9)
+                    off.push(`${spec.name} ${input.value} != ${params.values[spec.name]}`);
+            }
+            return off;
+        }""")
+        assert off == []
+        # 2. Round values from elsewhere (OSC, a preset) land on the grid, and the label says them plainly.
+        daemon.store.update({"bpm": 128.0, "max_fps": 30.0, "guidance": 1.0, "lfo1.beats": 4.0, "lfo1.rate_hz": 0.0123})
+        page.wait_for_function("document.getElementById('param-bpm').value === '128'", timeout=10_000)
+        shown = page.evaluate("""() => Object.fromEntries(['bpm', 'max_fps', 'guidance', 'lfo1-beats', 'lfo1-rate_hz']
+            .map(n => { const i = document.getElementById('param-' + n);
+                        return [n, [i.value, i.nextElementSibling.textContent]]; }))""")
+        assert shown == {"bpm": ["128", "128"], "max_fps": ["30", "30"], "guidance": ["1", "1"],
+                         "lfo1-beats": ["4", "4"], "lfo1-rate_hz": ["0.012", "0.0123"]}, shown
+        # 3. A keyboard nudge there and back returns to the round value.
+        page.focus("#param-max_fps")
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowLeft")
+        assert wait_until(lambda: daemon.store.get("max_fps") == 30.0)
+        assert page.input_value("#param-max_fps") == "30"
+        # 4. An int slider steps by 1.
+        assert page.get_attribute("#param-steps", "step") == "1"
+    finally:
+        page.close()
+
+
+def test_the_page_fits_a_phone_and_labels_name_their_controls(browser, start_daemon) -> None:
+    daemon = start_daemon(params={"engine": "identity"}, token=TOKEN)
+    overlaps = """() => {
+        const out = [];
+        for (const label of document.querySelectorAll('#controls label')) {
+            const control = document.getElementById(label.htmlFor);
+            if (!control) { out.push(`${label.textContent}: no control`); continue; }
+            if (label.scrollWidth > label.clientWidth + 1) out.push(`${label.textContent}: overflows`);
+            const l = label.getBoundingClientRect(), c = control.getBoundingClientRect();
+            const sameRow = l.top < c.bottom && c.top < l.bottom;
+            if (sameRow && l.right > c.left + 1) out.push(`${label.textContent}: under its control`);
+            if (sameRow && control.type === 'checkbox' && c.left - l.right > 40) out.push(`${label.textContent}: far`);
+        }
+        return out;
+    }"""
+    for width, height in ((1440, 900), (390, 844)):
+        page = browser.new_page(viewport={"width": width, "height": height})
+        try:
+            page.goto(f"http://127.0.0.1:{daemon.port}/?token={TOKEN}")
+            page.wait_for_selector("#param-plugin-safety_filter-sensitivity")
+            page.wait_for_function("document.getElementById('status').textContent.includes('fps')", timeout=10_000)
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
+            assert page.evaluate(overlaps) == []
+            # Each label is its control's accessible name; clicking a checkbox's label toggles it.
+            assert page.get_by_label("plugin.flow_warp.enabled", exact=True).get_attribute("type") == "checkbox"
+            assert page.get_by_label("strength", exact=True).get_attribute("type") == "range"
+            # The links keep the token (the API docs answered 401 without it).
+            assert page.get_attribute("#docs-link", "href") == f"/docs?token={TOKEN}"
+            assert page.get_attribute("#webrtc-link", "href") == f"/webrtc?token={TOKEN}"
+            page.goto(f"http://127.0.0.1:{daemon.port}/webrtc?token={TOKEN}")
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
+            assert page.get_by_label("Session").get_attribute("id") == "session"
+        finally:
+            page.close()
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{daemon.port}/?token={TOKEN}")
+        page.wait_for_selector("#param-plugin-flow_warp-enabled")
+        before = page.is_checked("#param-plugin-flow_warp-enabled")
+        page.click("label[for=param-plugin-flow_warp-enabled]")
+        assert wait_until(lambda: daemon.store.get("plugin.flow_warp.enabled") is (not before))
     finally:
         page.close()

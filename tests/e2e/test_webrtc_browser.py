@@ -209,3 +209,64 @@ def test_watching_a_session_nobody_feeds_hints_why_and_a_success_clears_an_error
     page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 1", timeout=30_000)
     assert shown(page) == {"status": "watching", "hint": None, "error": None}
     assert rig.errors == []
+
+
+def test_the_page_notices_a_lost_connection_and_connects_again(browser) -> None:
+    from sdbridge.bridge.server import DaemonThread
+    from sdbridge.config import Settings
+
+    def daemon_on(port: int) -> tuple[DaemonThread, Any]:
+        settings = Settings(port=port, osc_port=0, oscquery_port=0, feedback_port=0, telemetry_hz=10.0)
+        settings.params = {"engine": "identity", "width": SIZE, "height": SIZE}
+        thread = DaemonThread(settings)
+        return thread, thread.start()
+
+    first, daemon = daemon_on(0)
+    port = daemon.port
+    second = None
+    page = browser.new_page()
+    errors: list[str] = []
+    deletes: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: deletes.append(request.url) if request.method == "DELETE" else None)
+    enabled = "() => ['send', 'watch', 'stop'].map(id => !document.getElementById(id).disabled)"
+    try:
+        page.goto(f"http://127.0.0.1:{port}/webrtc?session=cam")
+        assert page.evaluate(enabled) == [True, True, False]  # nothing to stop yet
+        # 1. Sending and watching: each button is disabled while its peer lives, so a second press opens no second peer.
+        page.click("#send")
+        page.wait_for_function("document.getElementById('status').textContent === 'sending'", timeout=30_000)
+        page.click("#watch")
+        page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 3", timeout=30_000)
+        assert page.evaluate(enabled) == [False, False, True]
+        page.evaluate("() => { document.getElementById('send').click(); document.getElementById('watch').click(); }")
+        live = stats(daemon)["webrtc"]
+        assert (live["whip"], live["whep"]) == (1, 1), live
+
+        # 2. The daemon goes away: both peers are noticed as lost (chromium: "disconnected" after some seconds), the
+        # status says so, and send and watch work again; the lost peers are no longer DELETEd later.
+        first.stop()
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('connection lost') && "
+                               "resources.length === 0", timeout=90_000)
+        assert page.evaluate(enabled) == [True, True, False]
+
+        # 3. The daemon is back on its port: watch and send again connect, with no DELETE of the lost peers.
+        second, daemon = daemon_on(port)
+        page.click("#send")
+        page.wait_for_function("document.getElementById('status').textContent === 'sending'", timeout=30_000)
+        before = frames_shown(page)
+        page.click("#watch")
+        page.wait_for_function(f"Number(document.getElementById('output').dataset.frames || 0) >= {before + 3}",
+                               timeout=30_000)
+        live = stats(daemon)["webrtc"]
+        assert (live["whip"], live["whep"]) == (1, 1), live
+        assert deletes == []
+        page.click("#stop")  # DELETEs the two live peers, one after the other
+        page.wait_for_function("document.getElementById('status').textContent === 'stopped'", timeout=10_000)
+        assert wait_for(lambda: stats(daemon)["webrtc"]["whip"] + stats(daemon)["webrtc"]["whep"] == 0, 10)
+        assert len(deletes) == 2 and errors == [], deletes
+    finally:
+        page.close()
+        first.stop()
+        if second is not None:
+            second.stop()
