@@ -110,18 +110,24 @@ def check_model(settings: Settings) -> list[Finding]:
     return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, weight files whole")]
 
 
+def _schema_with_plugins() -> Any:
+    """The parameter schema as serve has it once the installed plugins registered theirs (a starting value or a MIDI
+    binding may name a plugin's parameter)."""
+    from sdbridge.params import ParamStore, Schema
+    from sdbridge.plugins.manager import PluginManager
+
+    store = ParamStore(Schema())
+    PluginManager(store)
+    return store.schema
+
+
 def check_params(settings: Settings) -> list[Finding]:
     """The starting values (the config file's [params], ``--set``) checked as serve checks them: against the
     schema with the installed plugins' parameters, by each parameter's own validation. An unknown name or a
     value out of range or type stops ``serve`` (exit 2); here each one is an ERROR."""
     if not settings.params:
         return []
-    from sdbridge.params import ParamStore, Schema
-    from sdbridge.plugins.manager import PluginManager
-
-    store = ParamStore(Schema())
-    PluginManager(store)  # registers the plugins' parameters, which serve does before applying their values
-    _, errors = store.schema.validate(settings.params)
+    _, errors = _schema_with_plugins().validate(settings.params)
     if errors:
         return [Finding(ERROR, "params", str(error), "fix the name or value in --set or the config file's [params] "
                         "(docs/protocol.md lists each parameter and its range)") for error in errors]
@@ -166,13 +172,8 @@ def check_midi_map(settings: Settings) -> list[Finding]:
         path, flag = default_map_path(), "the default map"
     else:
         return []
-    from sdbridge.params import ParamStore, Schema
-    from sdbridge.plugins.manager import PluginManager
-
-    store = ParamStore(Schema())
-    PluginManager(store)  # a map may name a plugin's parameter, which serve knows once the plugins registered it
     try:
-        midi_map = load_map(path, store.schema)
+        midi_map = load_map(path, _schema_with_plugins())
     except ConfigError as exc:
         return [Finding(ERROR, "midi map", str(exc), f"fix the file, or leave {flag} out (docs/midi.md)")]
     return [Finding(OK, "midi map", f"{flag} {str(path)!r}: {len(midi_map.cc)} CC and {len(midi_map.notes)} note "
