@@ -133,6 +133,7 @@ def test_webcam_page_round_trips_frames_and_controls_reach_the_daemon(browser, s
             return document.getElementById('status').textContent;
         }""")
         assert "not connected" in status
+        assert "preset neon not sent" in page.inner_text("#error-text")  # it stays after the status line changes
         daemon.store.update({"strength": 0.5})
         page.wait_for_function("Number(document.getElementById('param-strength').value) === 0.5", timeout=15_000)
         page.wait_for_function("document.getElementById('status').textContent.includes('fps')", timeout=10_000)
@@ -345,5 +346,22 @@ def test_the_page_fits_a_phone_and_labels_name_their_controls(browser, start_dae
         before = page.is_checked("#param-plugin-flow_warp-enabled")
         page.click("label[for=param-plugin-flow_warp-enabled]")
         assert wait_until(lambda: daemon.store.get("plugin.flow_warp.enabled") is (not before))
+    finally:
+        page.close()
+
+
+def test_an_error_shows_in_view_while_working_far_down_the_controls(browser, start_daemon) -> None:
+    daemon = start_daemon(params={"engine": "identity"})
+    page = browser.new_page(viewport={"width": 1024, "height": 700})
+    try:
+        page.goto(f"http://127.0.0.1:{daemon.port}/")
+        page.wait_for_selector("#param-plugin-similarity-max_skips")
+        page.locator("#param-plugin-similarity-max_skips").scroll_into_view_if_needed()
+        assert page.evaluate("window.scrollY") > 1000
+        page.evaluate("send({'plugin.similarity.max_skips': 5000})")  # past its max: refused
+        page.wait_for_function("document.getElementById('error').textContent.includes('bad_param')", timeout=10_000)
+        box = page.evaluate("(({top, bottom}) => ({top, bottom}))(document.getElementById('error')"
+                            ".getBoundingClientRect())")
+        assert 0 <= box["top"] and box["bottom"] <= 700, box
     finally:
         page.close()
