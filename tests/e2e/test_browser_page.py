@@ -54,6 +54,12 @@ def output_image(page) -> np.ndarray:
     return codec.decode_image(bytes(data))
 
 
+def open_sections(page, *groups: str) -> None:
+    """Opens the controls' collapsible sections of these schema groups (all of them without any)."""
+    page.evaluate("""(groups) => { for (const d of document.querySelectorAll('#controls details'))
+        if (!groups.length || groups.includes(d.dataset.group)) d.open = true; }""", list(groups))
+
+
 def frames_shown(page) -> int:
     return int(page.evaluate("Number(document.getElementById('output').dataset.frames || 0)"))
 
@@ -242,6 +248,7 @@ def test_a_refused_value_goes_back_to_the_daemons_and_texts_have_maxlength(brows
         page.wait_for_function("document.getElementById('param-seed').value === '42'", timeout=10_000)
         assert page.evaluate("document.activeElement.id") == "param-seed"
         # 2. An LFO target that is no parameter: back to "".
+        page.click("details[data-group=modulation] > summary")  # closed at first
         page.fill("#param-lfo1-target", "nonsense_param")
         page.press("#param-lfo1-target", "Enter")
         page.wait_for_function("document.getElementById('param-lfo1-target').value === ''", timeout=10_000)
@@ -268,7 +275,8 @@ def test_slider_steps_land_on_round_values(browser, start_daemon) -> None:
     page = browser.new_page()
     try:
         page.goto(f"http://127.0.0.1:{daemon.port}/")
-        page.wait_for_selector("#param-bpm")
+        page.wait_for_selector("#param-bpm", state="attached")
+        open_sections(page)
         # 1. Every slider shows the daemon's value exactly: its step is a power of ten with min on the grid.
         off = page.evaluate("""async () => {
             const params = await (await fetch('/params')).json();
@@ -324,8 +332,10 @@ def test_the_page_fits_a_phone_and_labels_name_their_controls(browser, start_dae
         page = browser.new_page(viewport={"width": width, "height": height})
         try:
             page.goto(f"http://127.0.0.1:{daemon.port}/?token={TOKEN}")
-            page.wait_for_selector("#param-plugin-safety_filter-sensitivity")
+            page.wait_for_selector("#param-plugin-safety_filter-sensitivity", state="attached")
             page.wait_for_function("document.getElementById('status').textContent.includes('fps')", timeout=10_000)
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
+            open_sections(page)
             assert page.evaluate("document.documentElement.scrollWidth") <= width
             assert page.evaluate(overlaps) == []
             # Each label is its control's accessible name; clicking a checkbox's label toggles it.
@@ -342,7 +352,8 @@ def test_the_page_fits_a_phone_and_labels_name_their_controls(browser, start_dae
     page = browser.new_page()
     try:
         page.goto(f"http://127.0.0.1:{daemon.port}/?token={TOKEN}")
-        page.wait_for_selector("#param-plugin-flow_warp-enabled")
+        page.wait_for_selector("#param-plugin-flow_warp-enabled", state="attached")
+        open_sections(page, "plugin.flow_warp")
         before = page.is_checked("#param-plugin-flow_warp-enabled")
         page.click("label[for=param-plugin-flow_warp-enabled]")
         assert wait_until(lambda: daemon.store.get("plugin.flow_warp.enabled") is (not before))
@@ -355,7 +366,8 @@ def test_an_error_shows_in_view_while_working_far_down_the_controls(browser, sta
     page = browser.new_page(viewport={"width": 1024, "height": 700})
     try:
         page.goto(f"http://127.0.0.1:{daemon.port}/")
-        page.wait_for_selector("#param-plugin-similarity-max_skips")
+        page.wait_for_selector("#param-plugin-similarity-max_skips", state="attached")
+        open_sections(page)
         page.locator("#param-plugin-similarity-max_skips").scroll_into_view_if_needed()
         assert page.evaluate("window.scrollY") > 1000
         page.evaluate("send({'plugin.similarity.max_skips': 5000})")  # past its max: refused
@@ -363,5 +375,33 @@ def test_an_error_shows_in_view_while_working_far_down_the_controls(browser, sta
         box = page.evaluate("(({top, bottom}) => ({top, bottom}))(document.getElementById('error')"
                             ".getBoundingClientRect())")
         assert 0 <= box["top"] and box["bottom"] <= 700, box
+    finally:
+        page.close()
+
+
+def test_controls_are_grouped_and_the_output_stays_in_view_beside_them(browser, start_daemon) -> None:
+    daemon = start_daemon(params={"engine": "identity"})
+    page = browser.new_page(viewport={"width": 1024, "height": 700})
+    try:
+        page.goto(f"http://127.0.0.1:{daemon.port}/")
+        page.wait_for_selector("#param-strength")
+        # 1. One section per schema group, in the schema's order; core and preview open, the rest closed.
+        sections = page.evaluate("[...document.querySelectorAll('#controls details')]"
+                                 ".map(d => [d.dataset.group, d.open])")
+        assert sections[:2] == [["core", True], ["preview", True]], sections
+        assert ["modulation", False] in sections and ["plugin.flow_warp", False] in sections
+        assert page.is_hidden("#param-bpm") and page.is_visible("#param-strength")
+        # 2. Opened, a section shows its controls, and stays open on a reload (this browser remembers it).
+        page.click("details[data-group=modulation] > summary")
+        assert page.is_visible("#param-bpm")
+        page.reload()
+        page.wait_for_selector("#param-bpm")
+        # 3. At 1024x700 the output stays in view while the controls far down are in use.
+        page.locator("#param-lfo2-beats").scroll_into_view_if_needed()
+        assert page.evaluate("window.scrollY") > 500
+        box = page.evaluate("(({top, bottom}) => ({top, bottom}))(document.getElementById('output')"
+                            ".parentElement.getBoundingClientRect())")
+        assert 0 <= box["top"] and box["bottom"] <= 700, box
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1024
     finally:
         page.close()
