@@ -239,6 +239,7 @@ def test_the_page_notices_a_lost_connection_and_connects_again(browser) -> None:
         page.click("#watch")
         page.wait_for_function("Number(document.getElementById('output').dataset.frames || 0) >= 3", timeout=30_000)
         assert page.evaluate(enabled) == [False, False, True]
+        assert shown(page)["status"] == "sending, watching"  # both, not only the last action
         page.evaluate("() => { document.getElementById('send').click(); document.getElementById('watch').click(); }")
         live = stats(daemon)["webrtc"]
         assert (live["whip"], live["whep"]) == (1, 1), live
