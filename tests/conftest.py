@@ -13,6 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Under xdist (make test: two workers on two cores) each worker, and each daemon or script a test starts, computes
+# on one thread: two workers of two intra-op threads each thrash (measured: the engine-heavy files in 210 and 145 s
+# with torch's default, 101 s with one thread). Read by torch when it is first imported, below this.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="module")
