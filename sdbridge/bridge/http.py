@@ -12,6 +12,7 @@ import sys
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -110,11 +111,43 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     return JSONResponse(SdbridgeError(message, code=code).to_json(), status_code=exc.status_code, headers=headers)
 
 
+# Swagger UI's files that /docs loads, served from the installed swagger-ui-bundle-v2 rather than FastAPI's CDN: a
+# stage network often has no internet, and /docs was a blank page there (QA 10).
+_DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+                "favicon-32x32.png": "image/png"}
+
+
+def add_api_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI of the OpenAPI schema) with its scripts from this daemon. A ``?token=`` the page was
+    opened with is passed on to what it loads, as browsers send no token of their own."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import FileResponse
+    from swagger_ui_bundle import swagger_ui_path
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs(request: Request) -> HTMLResponse:
+        token = request.query_params.get("token")
+        query = f"?{urlencode({'token': token})}" if token else ""
+        return get_swagger_ui_html(openapi_url=f"{app.openapi_url}{query}", title=f"{app.title} - HTTP API",
+                                   swagger_js_url=f"/docs/assets/swagger-ui-bundle.js{query}",
+                                   swagger_css_url=f"/docs/assets/swagger-ui.css{query}",
+                                   swagger_favicon_url=f"/docs/assets/favicon-32x32.png{query}",
+                                   oauth2_redirect_url=None)
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    async def api_docs_asset(name: str) -> Response:
+        if name not in _DOCS_ASSETS:
+            raise StarletteHTTPException(404)
+        return FileResponse(f"{swagger_ui_path}/{name}", media_type=_DOCS_ASSETS[name],
+                            headers={"Cache-Control": "max-age=86400"})
+
+
 def create_app(daemon: Daemon) -> FastAPI:
-    app = FastAPI(title="sdbridge", version=__version__,
+    app = FastAPI(title="sdbridge", version=__version__, docs_url=None,
                   description="Real-time Stable Diffusion bridge: see docs/protocol.md for the wire contract.")
     app.state.daemon = daemon
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]  # starlette's typing
+    add_api_docs(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

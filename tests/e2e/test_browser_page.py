@@ -405,3 +405,30 @@ def test_controls_are_grouped_and_the_output_stays_in_view_beside_them(browser, 
         assert page.evaluate("document.documentElement.scrollWidth") <= 1024
     finally:
         page.close()
+
+
+def test_the_api_docs_render_offline_with_the_token(browser, start_daemon) -> None:
+    """/docs loads Swagger UI from the daemon, not a CDN: with every other host unreachable (a stage network, this
+    machine) it renders the API, and a ?token= it was opened with reaches what it loads (QA 10: a blank page)."""
+    daemon = start_daemon(params={"engine": "identity"}, token=TOKEN)
+    context = browser.new_context()
+    outside: list[str] = []
+
+    def only_the_daemon(route) -> None:
+        if route.request.url.startswith(f"http://127.0.0.1:{daemon.port}/"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_daemon)
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{daemon.port}/docs?token={TOKEN}")
+        page.wait_for_selector(".swagger-ui .info .title", timeout=20_000)
+        assert "sdbridge" in page.inner_text(".swagger-ui .info .title")
+        # The schema came, with the token: its operations are listed.
+        page.wait_for_selector('[data-path="/sdapi/v1/txt2img"]', state="attached", timeout=20_000)
+        assert not outside, outside
+    finally:
+        context.close()
