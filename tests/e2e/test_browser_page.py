@@ -306,7 +306,7 @@ def test_slider_steps_land_on_round_values(browser, start_daemon) -> None:
         page.keyboard.press("ArrowRight")
         page.keyboard.press("ArrowLeft")
         assert wait_until(lambda: daemon.store.get("max_fps") == 30.0)
-        assert page.input_value("#param-max_fps") == "30"
+        assert wait_until(lambda: page.input_value("#param-max_fps") == "30")
         # 4. An int slider steps by 1.
         assert page.get_attribute("#param-steps", "step") == "1"
     finally:
