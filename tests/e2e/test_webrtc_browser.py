@@ -32,14 +32,6 @@ OTHER_HOST = "sdbridge.test"
 
 
 @pytest.fixture(scope="module")
-def playwright():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        yield playwright
-
-
-@pytest.fixture(scope="module")
 def browser(playwright):
     browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
     yield browser
