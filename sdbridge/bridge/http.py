@@ -120,19 +120,29 @@ _DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "te
 def add_api_docs(app: FastAPI) -> None:
     """``/docs`` (Swagger UI of the OpenAPI schema) with its scripts from this daemon. A ``?token=`` the page was
     opened with is passed on to what it loads, as browsers send no token of their own."""
-    from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import FileResponse
     from swagger_ui_bundle import swagger_ui_path
 
     @app.get("/docs", include_in_schema=False)
     async def api_docs(request: Request) -> HTMLResponse:
         token = request.query_params.get("token")
-        query = f"?{urlencode({'token': token})}" if token else ""
-        return get_swagger_ui_html(openapi_url=f"{app.openapi_url}{query}", title=f"{app.title} - HTTP API",
-                                   swagger_js_url=f"/docs/assets/swagger-ui-bundle.js{query}",
-                                   swagger_css_url=f"/docs/assets/swagger-ui.css{query}",
-                                   swagger_favicon_url=f"/docs/assets/favicon-32x32.png{query}",
-                                   oauth2_redirect_url=None)
+        query = f"?{urlencode({'token': token})}" if token else ""  # URL-encoded: safe in the attributes below
+        # "Try it out" sends the page's token as a Bearer header: a browser adds none of its own to a script's
+        # requests, and the daemon's 401 would ask for a login instead (QA 11).
+        return HTMLResponse(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{app.title} - HTTP API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css{query}">
+<link rel="icon" href="/docs/assets/favicon-32x32.png{query}"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js{query}"></script>
+<script>
+const token = new URLSearchParams(location.search).get("token");
+SwaggerUIBundle({{url: "{app.openapi_url}{query}", dom_id: "#swagger-ui", deepLinking: true,
+  requestInterceptor: (request) => {{
+    if (token) request.headers.Authorization = "Bearer " + token;
+    return request;
+  }}}});
+</script></body></html>""")
 
     @app.get("/docs/assets/{name}", include_in_schema=False)
     async def api_docs_asset(name: str) -> Response:

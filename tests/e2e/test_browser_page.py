@@ -367,6 +367,16 @@ def test_an_error_shows_in_view_while_working_far_down_the_controls(browser, sta
         box = page.evaluate("(({top, bottom}) => ({top, bottom}))(document.getElementById('error')"
                             ".getBoundingClientRect())")
         assert 0 <= box["top"] and box["bottom"] <= 700, box
+        # On a phone a long error makes the bar tall: the page still ends above it (QA 11: the last section hid
+        # under a 150 px bar).
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.evaluate("showError('model_not_found: ' + 'a long sentence naming paths and what to do '.repeat(12))")
+        page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+        page.wait_for_timeout(200)  # the bar's height reaches the page's padding through a ResizeObserver
+        page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+        bar_top, end = page.evaluate("""[document.getElementById('error').getBoundingClientRect().top,
+            [...document.querySelectorAll('#controls details')].pop().getBoundingClientRect().bottom]""")
+        assert 844 - bar_top > 96 and end <= bar_top + 1, (bar_top, end)  # taller than the 6rem it had
     finally:
         page.close()
 
@@ -421,6 +431,12 @@ def test_the_api_docs_render_offline_with_the_token(browser, start_daemon) -> No
         assert "sdbridge" in page.inner_text(".swagger-ui .info .title")
         # The schema came, with the token: its operations are listed.
         page.wait_for_selector('[data-path="/sdapi/v1/txt2img"]', state="attached", timeout=20_000)
+        # "Try it out" on GET /health carries the token (QA 11: a 401 asked for a login, the request hung).
+        page.click('[data-path="/health"]')
+        page.click("button.try-out__btn")
+        with page.expect_response(lambda response: response.url.endswith("/health")) as answer:
+            page.click("button.execute")
+        assert answer.value.status == 200
         assert not outside, outside
     finally:
         context.close()

@@ -242,11 +242,15 @@ def test_the_page_notices_a_lost_connection_and_connects_again(browser) -> None:
         page.wait_for_function("document.getElementById('status').textContent.startsWith('connection lost') && "
                                "resources.length === 0", timeout=90_000)
         assert page.evaluate(enabled) == [True, True, False]
+        told = shown(page)["status"]  # both, not only the last one lost (QA 11); the camera released with its peer
+        assert "(WHIP)" in told and "(WHEP)" in told, told
+        assert page.evaluate("document.getElementById('camera').srcObject === null")
 
         # 3. The daemon is back on its port: watch and send again connect, with no DELETE of the lost peers.
         second, daemon = daemon_on(port)
         page.click("#send")
-        page.wait_for_function("document.getElementById('status').textContent === 'sending'", timeout=30_000)
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('sending; connection lost "
+                               "(WHEP)')", timeout=30_000)  # what is still lost is still told
         before = frames_shown(page)
         page.click("#watch")
         page.wait_for_function(f"Number(document.getElementById('output').dataset.frames || 0) >= {before + 3}",
