@@ -233,6 +233,7 @@ def test_a_refused_value_goes_back_to_the_daemons_and_texts_have_maxlength(brows
     try:
         page.goto(f"http://127.0.0.1:{daemon.port}/")
         page.wait_for_selector("#param-seed")
+        page.wait_for_function("isOpen()", timeout=10_000)  # the controls come from /params, before the WebSocket
         # 1. A seed past 2**32-1: the daemon says bad_param and keeps 42; the field shows 42 again, focus or not.
         page.fill("#param-seed", "99999999999")
         page.press("#param-seed", "Enter")
@@ -362,6 +363,7 @@ def test_an_error_shows_in_view_while_working_far_down_the_controls(browser, sta
         open_sections(page)
         page.locator("#param-plugin-similarity-max_skips").scroll_into_view_if_needed()
         assert page.evaluate("window.scrollY") > 1000
+        page.wait_for_function("isOpen()", timeout=10_000)  # the controls come from /params, before the WebSocket
         page.evaluate("send({'plugin.similarity.max_skips': 5000})")  # past its max: refused
         page.wait_for_function("document.getElementById('error').textContent.includes('bad_param')", timeout=10_000)
         box = page.evaluate("(({top, bottom}) => ({top, bottom}))(document.getElementById('error')"
