@@ -335,8 +335,7 @@ class Worker(threading.Thread):
         if engine is not None:
             width, height = engine.resolution
         jobs = self._decode_ready(jobs, (width, height, params["resize_mode"]))
-        jobs = [job for job in self.pool.map(lambda j: self._condition(j, width, height, params, engine), jobs)
-                if job]
+        list(self.pool.map(lambda j: self._condition(j, width, height, params, engine), jobs))
         if not jobs:
             return 0
 
@@ -468,9 +467,9 @@ class Worker(threading.Thread):
             self._ahead.append((decoding[future], future))
             future.add_done_callback(lambda _: self.registry.wake.set())  # its turn comes when it is done
             self.late_decodes += 1
-        failed = {id(job) for future, job in decoding.items() if future not in late and not future.result()}
-        lates = {id(decoding[future]) for future in late}
-        return [job for job in jobs if id(job) not in failed and id(job) not in lates]
+        future_of = {id(job): future for future, job in decoding.items()}
+        return [job for job in jobs if (future := future_of.get(id(job))) is None
+                or (future not in late and future.result())]
 
     def _decode_ahead(self, width: int, height: int, params: dict[str, Any]) -> None:
         """While the device runs a step: take the frames that came in meanwhile and decode them in the pool."""
@@ -502,7 +501,7 @@ class Worker(threading.Thread):
         job.fitted = fit
         return True
 
-    def _condition(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> Job:
+    def _condition(self, job: Job, width: int, height: int, params: dict[str, Any], engine: Any) -> None:
         """Condition streams (channel > 0): each one's latest frame stays with the session for its next
         frames (docs/protocol.md, "ControlNet and condition streams"); then the ControlNet slots' images.
 
@@ -537,7 +536,6 @@ class Worker(threading.Thread):
             controlnets.condition(session.state.data, job.image)
         if ip_adapters is not None:
             ip_adapters.condition(session.state.data, job.image)
-        return job
 
     def _step(self, engine: Any, jobs: list[Job], width: int, height: int, params: dict[str, Any]) -> None:
         generated = jobs[0].frame is None
