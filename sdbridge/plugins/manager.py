@@ -33,14 +33,9 @@ GROUP = "sdbridge.plugins"
 Report = Callable[[str, dict[str, Any]], None]  # (session id, error message)
 
 
-def fails_closed(plugin: Plugin) -> bool:
-    """Whether ``plugin`` declares that a failure must block frames rather than let them through."""
-    return plugin.fails_closed
-
-
 def _after_failure(plugin: Plugin) -> str:
     """What the stream does once ``plugin`` failed, for the error sentence."""
-    if fails_closed(plugin):
+    if plugin.fails_closed:
         return (f"it fails closed: {plugin.fallback_doc} "
                 f"(turn it off and on to retry)")
     return "the stream goes on without it (turn it off and on to retry)"
@@ -249,7 +244,7 @@ class PluginManager:
     def after(self, session_id: str, session_state: dict[str, Any], image: np.ndarray | None,
               output: np.ndarray) -> np.ndarray:
         for item in self.active:
-            closed = fails_closed(item.plugin)
+            closed = item.plugin.fails_closed
             if not (item.plugin.overrides("after") or closed):
                 continue
             ctx = None if closed and item.plugin.name in self._engine_failed else \
