@@ -85,6 +85,11 @@ class Settings:
     ws_max_size: int = 64 * 1024 * 1024 + 32
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
+    # The main port's bounds (bridge/http_guard.py): a slow sender or a flood of idle sockets cannot hold them all.
+    http_head_timeout_s: float = 10.0    # connection (or last response) to a complete request head; else 408
+    http_body_stall_s: float = 30.0      # a request body that sends nothing this long is cut
+    max_connections: int = 512           # open HTTP and WebSocket connections in all; past it 503
+    max_connections_per_client: int = 128  # the same from one address (everything local is 127.0.0.1)
     decode_threads: int = 2
     log_level: str = "info"
     debug_frames: bool = False           # per-frame debug logs
@@ -124,6 +129,12 @@ class Settings:
         if not 1 <= self.warm_sessions <= MAX_WARM_SESSIONS:
             raise ConfigError(f"warm_sessions {self.warm_sessions} not in [1, {MAX_WARM_SESSIONS}]")
         check_warm_steps(self.warm_steps)
+        for name in ("http_head_timeout_s", "http_body_stall_s"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ConfigError(f"{name} {getattr(self, name)} not in (0, 3600] seconds")
+        for name in ("max_connections", "max_connections_per_client"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)} must be at least 1")
         if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
         check_interpolate(self.interpolate, "interpolate")

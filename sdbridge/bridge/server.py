@@ -26,6 +26,7 @@ from sdbridge.bridge.audio import AudioInput
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
+from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol
 from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
@@ -141,6 +142,10 @@ class Daemon:
         self._echo_pending: dict[str, Any] = {}
         self._last_echo = -1e9
         self._middleware: AccessMiddleware | None = None
+        self.http_guard = ConnectionGuard(HttpLimits(
+            head_timeout_s=settings.http_head_timeout_s, body_stall_s=settings.http_body_stall_s,
+            max_connections=settings.max_connections, max_connections_per_client=settings.max_connections_per_client))
+        self._http_guarded = False
         self.a1111: Any = None  # the AUTOMATIC1111 API's state, set by bridge/a1111.py
         self.link: LinkSync | None = None
 
@@ -170,8 +175,11 @@ class Daemon:
                               f"sdbridge or AUTOMATIC1111 running? Stop it or pass --port N") from None
         self.port = sock.getsockname()[1]
         self._middleware = AccessMiddleware(create_app(self), AccessPolicy(settings, self.port))
+        protocol = guarded_protocol(self.http_guard)
+        self._http_guarded = protocol is not None
         config = uvicorn.Config(
             self._middleware, log_config=None, access_log=False, lifespan="off", ws=settings.ws_impl,
+            http=protocol if protocol is not None else "h11",
             # Measured (DESIGN.md): permessage-deflate costs ~50x the JPEG time; frames are already compressed.
             ws_per_message_deflate=False, ws_max_size=settings.ws_max_size,
             ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
@@ -435,6 +443,7 @@ class Daemon:
             # The main port's and the OSCQuery port's, which apply the same access policy.
             "refused_requests": (self._middleware.refused if self._middleware else 0)
             + (self.oscquery.refused if self.oscquery is not None else 0),
+            "http": self.http_guard.describe(self._http_guarded),
             "ladder": self.ladder.describe(),
             "loop_lag_ms_p50": _round(self.loop_lag.percentile(50)),
             "loop_lag_ms_p99": _round(self.loop_lag.percentile(99)),

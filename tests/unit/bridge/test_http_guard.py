@@ -1,0 +1,39 @@
+"""ConnectionGuard's counting and the raw error answer, without a server (the daemon's use: test_http_guard in
+tests/integration)."""
+
+from __future__ import annotations
+
+import json
+
+from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, _supported, error_response
+
+
+def test_admit_counts_per_address_and_in_all_and_release_gives_places_back():
+    guard = ConnectionGuard(HttpLimits(max_connections=3, max_connections_per_client=2))
+    assert guard.admit("10.0.0.5") is None and guard.admit("10.0.0.5") is None
+    reason = guard.admit("10.0.0.5")
+    assert reason is not None and "10.0.0.5 holds 2 connections" in reason and "max_connections_per_client 2" in reason
+    assert guard.admit("10.0.0.6") is None
+    reason = guard.admit("10.0.0.7")
+    assert reason is not None and "holds 3 connections, its limit (max_connections 3)" in reason
+    assert guard.open == 3
+    guard.release("10.0.0.5")
+    assert guard.admit("10.0.0.7") is None  # the place given back is anyone's
+    guard.release("10.0.0.6")
+    guard.release("10.0.0.7")
+    guard.release("10.0.0.5")
+    assert guard.open == 0 and not guard.per_client  # no address is remembered once it holds nothing
+
+
+def test_error_response_is_whole_http_with_the_error_json():
+    raw = error_response(408, "Request Timeout", "request_timeout", "no head within 10 s")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 408 Request Timeout"
+    assert f"content-length: {len(body)}" in lines and "connection: close" in lines
+    assert json.loads(body) == {"type": "error", "code": "request_timeout", "message": "no head within 10 s"}
+
+
+def test_the_installed_uvicorn_has_the_protocol_the_guard_extends():
+    # If this fails, uvicorn moved what http_guard subclasses: the daemon still starts, unguarded (/stats says so).
+    assert _supported()
