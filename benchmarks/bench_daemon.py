@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ECHO_SERVER = textwrap.dedent("""
     import sys, cv2, numpy as np, uvicorn
-    from fastapi import FastAPI, WebSocket
+    from fastapi import FastAPI, WebSocket, WebSocketDisconnect
     app = FastAPI()
     @app.websocket("/ws")
     async def echo(ws: WebSocket):
@@ -60,7 +60,10 @@ ECHO_SERVER = textwrap.dedent("""
             ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85,
                                                     cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
                                                     cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
-            await ws.send_bytes(jpeg.tobytes())
+            try:
+                await ws.send_bytes(jpeg.tobytes())
+            except WebSocketDisconnect:  # the client closed with a frame in flight (rows of 2): not an error
+                return
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", ws=sys.argv[2],
                 ws_per_message_deflate=False, ws_max_size=64 * 1024 * 1024, lifespan="off")
 """)
