@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 from uvicorn.protocols.http.h11_impl import H11Protocol  # uvicorn's own, subclassed; what it uses is checked
 
 REFUSED_LINGER_S = 1.0  # a refused connection stays half-closed this long so the client reads the answer
+FILES_BESIDE_CONNECTIONS = 512  # descriptors the daemon needs besides its sockets: models, threads' pipes, outputs
 
 
 @dataclass
@@ -92,6 +93,34 @@ def error_response(status: int, reason: str, code: str, message: str) -> bytes:
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"connection: close\r\n\r\n")
     return head.encode("ascii") + body
+
+
+def raise_open_file_limit(max_connections: int) -> tuple[int, int] | None:
+    """Raise the soft limit on open files towards the hard one, so that ``max_connections`` can be reached.
+
+    macOS starts programs at 256 and many Linux shells at 1024; past it ``accept`` fails with "Too many open
+    files", and so does opening a model. The hard limit is the system's to set; this only claims what it allows,
+    and warns when that is too few. Returns the (old, new) soft limits; None where nothing changed or there is
+    no such limit (Windows)."""
+    try:
+        import resource
+    except ImportError:  # Windows: no per-process descriptor limit of this kind
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + FILES_BESIDE_CONNECTIONS
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    changed = None
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            changed, soft = (soft, target), target
+        except (ValueError, OSError) as exc:  # macOS refuses more than OPEN_MAX whatever the hard limit says
+            log.debug("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("the open-file limit is %d: with max_connections %d the daemon may run out of descriptors "
+                    "(\"Too many open files\"); raise it (ulimit -n %d) or lower max_connections", soft,
+                    max_connections, needed)
+    return changed
 
 
 def _supported() -> bool:

@@ -26,7 +26,7 @@ from sdbridge.bridge.audio import AudioInput
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
-from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol
+from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol, raise_open_file_limit
 from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
@@ -168,6 +168,9 @@ class Daemon:
             self.audio.preset_names = lambda: [preset.name for preset in self.control.presets.list()]
             loop = self._loop
             self.audio.recall = lambda name: loop.call_soon_threadsafe(self._recall_on_onset, name)
+        raised = raise_open_file_limit(settings.max_connections)
+        if raised is not None:
+            log.debug("open-file limit raised from %d to %d", *raised)
         try:
             sock = bind_socket(settings.host, settings.port)
         except OSError as exc:

@@ -4,6 +4,11 @@ tests/integration)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
 
 from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, _supported, error_response
 
@@ -37,3 +42,22 @@ def test_error_response_is_whole_http_with_the_error_json():
 def test_the_installed_uvicorn_has_the_protocol_the_guard_extends():
     # If this fails, uvicorn moved what http_guard subclasses: the daemon still starts, unguarded (/stats says so).
     assert _supported()
+
+
+def test_the_open_file_limit_is_raised_towards_the_hard_one_in_a_process_started_low():
+    resource = pytest.importorskip("resource")  # not on Windows
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 300:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    script = textwrap.dedent("""
+        import json, resource
+        from sdbridge.bridge.http_guard import FILES_BESIDE_CONNECTIONS, raise_open_file_limit
+        changed = raise_open_file_limit(100)
+        print(json.dumps([changed, resource.getrlimit(resource.RLIMIT_NOFILE)[0], FILES_BESIDE_CONNECTIONS]))
+    """)
+    # A child started at 256, as macOS starts programs.
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    changed, soft, beside = json.loads(result.stdout.strip().splitlines()[-1])
+    wanted = 100 + beside if hard == resource.RLIM_INFINITY else min(100 + beside, hard)
+    assert changed == [256, wanted] and soft == wanted
