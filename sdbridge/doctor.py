@@ -253,6 +253,28 @@ def check_codec() -> list[Finding]:
     return [Finding(OK, "codec", "OpenCV JPEG encode/decode works")]
 
 
+def check_open_files(settings: Settings) -> list[Finding]:
+    """Whether the system lets the daemon hold ``max_connections`` sockets beside its files (it raises its own soft
+    limit at start, up to the hard one: bridge/http_guard.py)."""
+    try:
+        import resource
+    except ImportError:  # Windows has no such limit
+        return []
+    from sdbridge.bridge.http_guard import FILES_BESIDE_CONNECTIONS
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = settings.max_connections + FILES_BESIDE_CONNECTIONS
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        return [Finding(OK, "open files", f"the daemon can hold {settings.max_connections} connections (open-file "
+                                          f"limit {soft}, {shown} allowed; it needs {needed})")]
+    return [Finding(WARN, "open files", f"the hard open-file limit is {hard}, below the {needed} that max_connections "
+                                        f"{settings.max_connections} needs: past about "
+                                        f"{max(hard - FILES_BESIDE_CONNECTIONS, 0)} connections new ones fail",
+                    f"raise it (`ulimit -Hn {needed}` as root, /etc/security/limits.conf, or on macOS "
+                    f"`sudo launchctl limit maxfiles {needed} unlimited`), or set max_connections lower")]
+
+
 def check_outputs(settings: Settings) -> list[Finding]:
     from sdbridge.outputs.base import OutputError, create_output, parse_spec
     from sdbridge.outputs.hub import check_output
@@ -536,6 +558,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_params(settings)
     findings += check_clip_vocab()
     findings += check_ports(settings)
+    findings += check_open_files(settings)
     findings += check_outputs(settings)
     findings += check_inputs(settings)
     findings += check_audio(settings)

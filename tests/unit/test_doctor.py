@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -245,3 +246,23 @@ def test_a_midi_map_is_read_as_serve_reads_it(tmp_path, monkeypatch):
     [error] = check_midi_map(Settings(midi_in=["nano"]))
     assert error.level == ERROR and "clock 3 is not true or false" in error.message
     assert check_midi_map(Settings(midi_in=["list"])) == []
+
+
+def test_open_files_is_a_warning_naming_the_fix_when_the_hard_limit_is_too_low():
+    resource = pytest.importorskip("resource")  # not on Windows
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    from sdbridge.doctor import check_open_files
+
+    [finding] = check_open_files(Settings(max_connections=512))
+    assert finding.level == OK and "512 connections" in finding.message
+    script = ("from sdbridge.config import Settings; from sdbridge.doctor import check_open_files; "
+              "[f] = check_open_files(Settings(max_connections=512)); print(f.level); print(f.message); print(f.fix)")
+    # A child whose hard limit the system set at 300 (lowering one's own hard limit needs no privilege).
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 300)))
+    level, message, fix = result.stdout.strip().splitlines()[-3:]
+    assert level == WARN
+    assert "hard open-file limit is 300, below the 1024 that max_connections 512 needs" in message
+    assert "ulimit -Hn 1024" in fix and "max_connections lower" in fix
