@@ -95,6 +95,10 @@ class Settings:
     debug_frames: bool = False           # per-frame debug logs
     echo_route: bool = False             # test flag: /echo, a bare echo on the same stack (conformance runs)
     params: dict[str, Any] = field(default_factory=dict)
+    # --resume: the look (what a preset saves) is kept in resume_file and applied at the next start (bridge/resume.py)
+    resume: bool = False
+    resume_file: str | None = None       # default $XDG_STATE_HOME/sdbridge/resume-PORT.json (~/.local/state/...)
+    command_line_params: list[str] = field(default_factory=list)  # the names --set gave: they win over a resumed look
 
     @property
     def is_loopback(self) -> bool:

@@ -16,7 +16,7 @@ from sdbridge.bridge.glide import Glider
 from sdbridge.bridge.osc_parse import encode_message
 from sdbridge.errors import ParamError, SdbridgeError
 from sdbridge.params import Schema, shown_value
-from sdbridge.presets import PresetLibrary, savable
+from sdbridge.presets import PresetLibrary
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
@@ -90,8 +90,7 @@ class Control:
         if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not 0 <= glide_s <= MAX_GLIDE_S:
             raise ParamError(f"glide_s {shown_value(glide_s)} not in [0, {MAX_GLIDE_S}]", name="glide_s",
                              value=glide_s)
-        values = {**self.daemon.store.snapshot()[1], **self.daemon.ladder.originals()}
-        return self.presets.save(name, savable(values), description, float(glide_s))
+        return self.presets.save(name, self.daemon.look(), description, float(glide_s))
 
     def osc_command(self, call: Any, source: Any) -> None:
         prefix = self.daemon.settings.osc_prefix

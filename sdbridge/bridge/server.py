@@ -28,6 +28,8 @@ from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol, raise_open_file_limit
 from sdbridge.bridge.osc import OscSender, OscServer
+from sdbridge.bridge.resume import Resume, ResumeFile
+from sdbridge.bridge.resume import default_path as default_resume_path
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
@@ -38,7 +40,7 @@ from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
 from sdbridge.bridge.control import Control
 from sdbridge.errors import ConfigError, SdbridgeError
-from sdbridge.presets import PresetLibrary
+from sdbridge.presets import PresetLibrary, savable
 from sdbridge.params import ParamStore, Schema
 from sdbridge.bridge.link import LinkSync
 from sdbridge.bridge.midi import MidiBridge
@@ -106,6 +108,14 @@ class Daemon:
                 raise errors[0]
         self.control = Control(self, PresetLibrary(Path(settings.presets_dir).expanduser()
                                                    if settings.presets_dir else None))
+        # The look saved by the last run, over the config's values (not over this command line's --set); after the
+        # plugins, whose parameters it holds. It never stops the start: a value no longer taken is logged, skipped.
+        self.resume: Resume | None = None
+        if settings.resume:
+            path = (Path(settings.resume_file).expanduser() if settings.resume_file
+                    else default_resume_path(settings.port))
+            self.resume = Resume(ResumeFile(path), self.look)
+            self.resume.restore(self.store, keep=settings.command_line_params)
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
         # plugins, whose parameters it may name.
         self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None
@@ -150,6 +160,11 @@ class Daemon:
         self.link: LinkSync | None = None
 
     # --- start and stop -----------------------------------------------------------------------
+
+    def look(self) -> dict[str, Any]:
+        """What a preset saves and --resume keeps: the look, with the artist's values where the quality ladder
+        has stepped them down."""
+        return savable({**self.store.snapshot()[1], **self.ladder.originals()})
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -226,6 +241,8 @@ class Daemon:
             self.feedback = OscSender(settings.feedback_host, settings.feedback_port)
             await self.feedback.start()
         self.store.subscribe(self._params_changed)
+        if self.resume is not None:
+            self.resume.start(self.store)
         self._telemetry_task = asyncio.create_task(self._telemetry(), name="sdbridge-telemetry")
         self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="sdbridge-loop-lag")
         if settings.link:
@@ -275,6 +292,8 @@ class Daemon:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self.store.unsubscribe(self._params_changed)
+        if self.resume is not None:
+            await self.resume.close(self.store)  # the last changes, before anything that could fail
         if self.midi is not None:
             self.midi.stop()
         if self.audio is not None:
@@ -460,6 +479,7 @@ class Daemon:
             "midi": self.midi.describe() if self.midi is not None else {"enabled": False},
             "audio": self.audio.describe() if self.audio is not None else {"enabled": False},
             "webrtc": self.webrtc.stats(),
+            "resume": self.resume.describe() if self.resume is not None else {"enabled": False},
             "sessions": sessions,
         }
 

@@ -1,0 +1,162 @@
+"""Resume: the artist's look survives a restart (a crash, a reboot, a stop to change a setting).
+
+A controller sends a value when a fader moves, not again, so a daemon restarted mid-show would run on the config's
+values until every fader had been touched. With ``resume`` on (``--resume``, config ``resume = true``) the daemon
+keeps what a preset would save (:func:`sdbridge.presets.savable`: the look, not the model, the stream's size or the
+tempo; the artist's values while the quality ladder is stepped down) in a JSON file, written a moment after they
+change and at stop, and applies them at start over the config file's ``[params]``. A ``--set`` given on the
+command line wins over them: it is what the operator asked for this time. A value the daemon no longer takes (a
+LoRA since deleted, a plugin not installed) is logged and skipped; the file never stops a start. The file is per
+port, so two daemons on one machine keep their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sdbridge.params import ParamStore
+
+log = logging.getLogger(__name__)
+
+SAVE_AFTER_S = 1.0  # a burst of changes (a fader moved, a preset glided) is written once, this long after it ends
+FORMAT = 1
+
+
+def default_path(port: int) -> Path:
+    """``$XDG_STATE_HOME/sdbridge/resume-PORT.json`` (``~/.local/state`` without it; ``%LOCALAPPDATA%`` on Windows)."""
+    base = os.environ.get("XDG_STATE_HOME") or (os.environ.get("LOCALAPPDATA") if os.name == "nt" else None)
+    root = Path(base) if base else Path.home() / ".local" / "state"
+    return root / "sdbridge" / f"resume-{port}.json"
+
+
+class ResumeFile:
+    """The file: read whole or not at all, written whole (a crash mid-write leaves the previous one)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last_error: str | None = None
+
+    def read(self) -> dict[str, Any]:
+        """The saved values; {} (and a warning) when there are none that can be read."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            log.info("resume: no saved look yet at %s; starting from the configured values", self.path)
+            return {}
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.warning("resume: %s cannot be read (%s); starting from the configured values", self.path, exc)
+            return {}
+        params = data.get("params") if isinstance(data, dict) else None
+        if not isinstance(params, dict):
+            log.warning("resume: %s holds no 'params' object; starting from the configured values", self.path)
+            return {}
+        return params
+
+    def write(self, values: Mapping[str, Any]) -> bool:
+        """Write ``values``; False (and one warning per distinct error) when the disk refuses."""
+        data = json.dumps({"format": FORMAT, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "params": dict(values)}, indent=1, sort_keys=True, ensure_ascii=False)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(data, encoding="utf-8")
+            temporary.replace(self.path)
+        except OSError as exc:
+            try:
+                temporary.unlink(missing_ok=True)
+            except OSError:  # no folder to hold it either
+                pass
+            error = f"{exc.strerror or exc}"
+            if error != self._last_error:  # a full disk would otherwise log at every change
+                log.warning("resume: the look cannot be saved to %s: %s", self.path, error)
+            self._last_error = error
+            return False
+        if self._last_error is not None:
+            log.info("resume: saving to %s works again", self.path)
+        self._last_error = None
+        return True
+
+
+class Resume:
+    """Restores the saved look at start, then saves it a moment after every change and at stop."""
+
+    def __init__(self, file: ResumeFile, look: Callable[[], dict[str, Any]]) -> None:
+        self.file = file
+        self._look = look  # the values to save, read on the event loop (the store and the ladder's originals)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing: asyncio.Future[bool] | None = None
+        self._dirty = False
+        self.restored: list[str] = []
+        self.skipped: list[str] = []
+        self.saves = 0
+
+    def restore(self, store: ParamStore, keep: Iterable[str] = ()) -> dict[str, Any]:
+        """Apply the saved values but those named in ``keep``; what was applied. A bad value is logged, never
+        raised."""
+        kept = set(keep)
+        saved = {name: value for name, value in self.file.read().items() if name not in kept}
+        if not saved:
+            return {}
+        applied, errors = store.update(saved)
+        self.restored = sorted(applied)
+        self.skipped = sorted(str(error.name or "?") for error in errors)
+        for error in errors:
+            log.warning("resume: %s not restored: %s", error.name, error)
+        log.info("resume: restored %d values from %s%s", len(applied), self.file.path,
+                 f" ({len(errors)} skipped)" if errors else "")
+        return applied
+
+    def start(self, store: ParamStore) -> None:
+        self._loop = asyncio.get_running_loop()
+        store.subscribe(self._changed)
+
+    def _changed(self, changed: Mapping[str, Any]) -> None:
+        # Any thread (the worker, the loop): the save is scheduled on the loop.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        self._dirty = True
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer = self._loop.call_later(SAVE_AFTER_S, self._save_soon)
+
+    def _save_soon(self) -> None:
+        self._timer = None
+        if self._writing is not None and not self._writing.done():
+            self._timer = self._loop.call_later(SAVE_AFTER_S, self._save_soon)  # one write at a time, in order
+            return
+        self._dirty = False
+        values = self._look()  # read here, on the loop; the disk is written off it (a slow disk never stalls it)
+        self._writing = self._loop.run_in_executor(None, self._write, values)
+
+    def _write(self, values: Mapping[str, Any]) -> bool:
+        written = self.file.write(values)
+        self.saves += written
+        return written
+
+    async def close(self, store: ParamStore) -> None:
+        """Stop listening and save what changed since the last write."""
+        store.unsubscribe(self._changed)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
+        if self._dirty:
+            self._dirty = False
+            self._write(self._look())
+
+    def describe(self) -> dict[str, Any]:
+        return {"enabled": True, "file": str(self.file.path), "restored": len(self.restored),
+                "skipped": self.skipped, "saves": self.saves}
