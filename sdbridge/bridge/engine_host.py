@@ -99,6 +99,10 @@ class EngineHost:
         # Loaded, waiting for the worker to swap it in, with the REQUEST_PARAMS that asked for it.
         self._ready: tuple[EngineChoice, Engine, dict[str, Any] | None] | None = None
         self._loading: EngineChoice | None = None
+        # Engines a one-shot request runs on (worker thread only): one swapped out meanwhile waits in _retiring and
+        # closes when the last request on it ends; closing it at the swap pulled its parts from under the request.
+        self._holds: dict[int, int] = {}
+        self._retiring: list[Engine] = []
         # The last choice the parameters asked for. One load runs at a time (two checkpoints loading at once could
         # not both fit): a choice asked for meanwhile loads after it, and a load no longer wanted when it ends is
         # closed, never swapped in (an artist who clicks a model and back at once sees no cut).
@@ -214,11 +218,28 @@ class EngineHost:
             self._unannounced = engine
             log.info("engine %s serving on %s", printable(choice), engine.device)
             if old is not None and old is not engine:
-                try:
-                    old.close()
-                except Exception:  # a failing close must not stop the new engine
-                    log.exception("closing engine %s failed", old.name)
+                if self._holds.get(id(old)):
+                    log.info("engine %s closes when the request running on it ends", old.name)
+                    self._retiring.append(old)
+                else:
+                    _close_quietly(old)
         return self._current
+
+    def hold(self, engine: Engine) -> None:
+        """Keep ``engine`` open while a one-shot request runs on it, even if a swap retires it (worker thread)."""
+        self._holds[id(engine)] = self._holds.get(id(engine), 0) + 1
+
+    def release(self, engine: Engine) -> None:
+        """The request that held ``engine`` ended: a retired engine closes with its last one (worker thread)."""
+        count = self._holds.pop(id(engine), 0) - 1
+        if count > 0:
+            self._holds[id(engine)] = count
+            return
+        for index, retiring in enumerate(self._retiring):
+            if retiring is engine:
+                del self._retiring[index]
+                _close_quietly(engine)
+                return
 
     def announce(self, engine: Engine | None) -> None:
         """Tell the clients a newly swapped-in engine serves, once the worker has prepared it for the
@@ -254,10 +275,7 @@ class EngineHost:
 
     def _discard(self, engine: Engine) -> None:
         log.info("engine %s loaded but no longer asked for: closed without serving", engine.name)
-        try:
-            engine.close()
-        except Exception:
-            log.exception("closing engine %s failed", engine.name)
+        _close_quietly(engine)
 
     @property
     def status(self) -> str:
@@ -289,7 +307,8 @@ class EngineHost:
         with self._lock:
             engine, self._current = self._current, None
             ready, self._ready = self._ready, None
-        for item in (engine, ready[1] if ready else None):
+        retiring, self._retiring = self._retiring, []
+        for item in (engine, ready[1] if ready else None, *retiring):
             if item is not None:
                 item.close()
 
@@ -395,3 +414,10 @@ class EngineHost:
         log.info("engine %s loaded in %.1f s", printable(choice), time.perf_counter() - started)
         if not wanted:
             self._discard(engine)
+
+
+def _close_quietly(engine: Engine) -> None:
+    try:
+        engine.close()
+    except Exception:  # a failing close must not stop the engine serving
+        log.exception("closing engine %s failed", engine.name)

@@ -86,6 +86,7 @@ class GenerationTask:
         self.steps: Iterator[None] | None = None
         self.queued_at = time.monotonic()
         self.interrupted = False  # before it starts
+        self.engine: Any = None  # the engine it runs on, held open until it ends (EngineHost.hold)
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -181,7 +182,7 @@ class Worker(threading.Thread):
             self.calls.get_nowait()[1].set_exception(GenerationError("the daemon is stopping", code="stopping"))
         while self.task is not None or not self.tasks.empty():
             task = self.task or self.tasks.get_nowait()
-            self.task = None
+            self._end_task(task)
             if not task.future.done():
                 task.future.set_exception(GenerationError("the daemon is stopping", code="stopping"))
 
@@ -228,11 +229,11 @@ class Worker(threading.Thread):
                 if self.registry.wake.is_set() or (deadline is not None and time.perf_counter() >= deadline):
                     return
         except StopIteration:
-            self.task = None
+            self._end_task(task)
             self.tasks_done += 1
             task.future.set_result(task.generation)
         except Exception as exc:
-            self.task = None
+            self._end_task(task)
             if isinstance(exc, SdbridgeError):  # a request the engine refuses (a broken LoRA, SDXL): its caller's
                 log.warning("one-shot %s request refused: %s", task.kind, exc)
             else:
@@ -260,7 +261,16 @@ class Worker(threading.Thread):
                 task.future.set_exception(exc)
                 continue
             task.steps = task.generation.run()
+            task.engine = engine
+            self.engines.hold(engine)
             return task
+
+    def _end_task(self, task: GenerationTask) -> None:
+        """The request no longer runs: the engine it held may close (if a swap retired it meanwhile)."""
+        self.task = None
+        if task.engine is not None:
+            engine, task.engine = task.engine, None
+            self.engines.release(engine)
 
     def _idle_timeout(self) -> float:
         if self.params.get("mode") == "txt2img":
