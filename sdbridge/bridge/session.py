@@ -180,6 +180,7 @@ class Session:
         self.created = time.monotonic()
         self.next_generated_at = 0.0  # txt2img pacing, worker-owned
         self.last_frame_at: float | None = None  # when the worker last took a frame of it (monotonic)
+        self.last_served_ns: int | None = None  # when its frame was last taken or its reply sent (perf_counter_ns)
         self.resumes = 0  # times its frames came back after a pause (the stream then starts afresh)
         self._on_input = on_input
 

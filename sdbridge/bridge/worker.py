@@ -49,8 +49,8 @@ from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
 
-# A session's frames are back after a pause when none came for this long and for this many of the
-# engine's frame times (its last batch's step: Worker._resume).
+# A session's frames are back after a pause when the client sent none for this long after it was last served (a
+# generated frame's: when none was made for this long and for this many of the engine's frame times; Worker._resume).
 PAUSE_S = 1.0
 PAUSE_FRAMES = 8
 # How long the frames decoded wait for one still decoding (a client's 8000² PNG): at least this, at most
@@ -417,19 +417,28 @@ class Worker(threading.Thread):
                 session.next_generated_at = now + 1.0 / float(params["max_fps"])
                 jobs.append(Job(session, None))
         for job in jobs:
-            self._resume(job.session, now)
+            self._resume(job.session, now, job.frame)
         return jobs
 
-    def _resume(self, session: Session, now: float) -> None:
+    def _resume(self, session: Session, now: float, frame: InputFrame | None = None) -> None:
         """Cut a session's stream where its frames come back after a pause (:meth:`StreamState.cut`).
 
         Otherwise what the engine holds from before the pause shows after it: a stream batch's N - 1 frames
         in flight come out first, a motion window or a feedback frame blends the scene from before in. A
-        pause is a gap longer than PAUSE_S and than PAUSE_FRAMES of the engine's frame times: a slow
-        engine's own pace (a real model on a CPU) is not one. A client that sends a frame now and then
-        gets each one back, rather than the one it sent N - 1 frames ago."""
+        client that sends a frame now and then gets each one back, rather than the one it sent N - 1 frames ago.
+
+        A pause is the client's: its frame arrived more than PAUSE_S after the session was last served (its
+        previous frame taken, or its reply sent). The worker's own pace is none: a slow engine, or a turn held
+        up by a model swap, a request's step or a starved CPU, makes a client waiting on its reply late, not
+        paused (QA 12: a lock-step client was cut 27 times in 459 frames by gaps between turns). A generated
+        frame (txt2img) has no client frame: there a gap between turns longer than PAUSE_S and than
+        PAUSE_FRAMES of the engine's frame times is the pause."""
         last, session.last_frame_at = session.last_frame_at, now
-        if last is None or now - last <= max(PAUSE_S, PAUSE_FRAMES * self.last_step_ms / 1000):
+        if frame is not None:
+            served, session.last_served_ns = session.last_served_ns, time.perf_counter_ns()
+            if served is None or frame.received_ns - served <= PAUSE_S * 1e9:
+                return
+        elif last is None or now - last <= max(PAUSE_S, PAUSE_FRAMES * self.last_step_ms / 1000):
             return
         if session.state.data:
             log.debug("session %s resumed after %.1f s: its stream starts afresh", session.id, now - last)
@@ -641,6 +650,7 @@ class Worker(threading.Thread):
     def _record(self, job: Job) -> None:
         session = job.session
         session.frames_out += 1
+        session.last_served_ns = time.perf_counter_ns()  # a client waiting on this reply sends once it has it
         latency_ms = None
         if job.frame is not None:
             latency_ms = (time.perf_counter_ns() - job.frame.received_ns) / 1e6

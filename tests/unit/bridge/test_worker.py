@@ -1,6 +1,7 @@
 """The worker thread on its own: real sessions, parameter store, engine host and codec pool; the
 replies go to a callback standing where the event loop would."""
 
+import dataclasses
 import threading
 import time
 
@@ -169,6 +170,33 @@ def test_a_slow_engine_s_pace_is_no_pause():
     worker.last_step_ms = 5.0
     worker._resume(session, 164.4)  # 1.4 s: a pause for an engine of 5 ms a step
     assert session.resumes == 3
+    worker.pool.shutdown()
+
+
+def test_a_held_up_worker_is_no_pause_for_a_client_waiting_on_its_reply():
+    """QA 12: a lock-step client (a frame, its reply, the next frame) was cut whenever a turn was held up (a swap,
+    a request's step, a starved CPU) longer than PAUSE_S. The pause is the client's: from when the session was
+    last served to when its frame arrived."""
+    store = ParamStore(Schema(), initial={"engine": "preview"})
+    registry = SessionRegistry()
+    worker = Worker(registry, store, EngineHost(Settings(engine="preview", device="cpu")), lambda s, m: None,
+                    lambda s, m: None)
+    session = registry.open("lockstep")
+    worker.last_step_ms = 20.0  # the engine is fast: the hold-up is the worker's, not the engine's pace
+
+    def arriving(after_served_s: float):
+        message = parse_frame(frame(1))
+        return dataclasses.replace(message, received_ns=session.last_served_ns + int(after_served_s * 1e9))
+
+    worker._resume(session, 100.0, parse_frame(frame(1)))
+    session.state.data["compiled.stream"] = "frames in flight"
+    session.last_served_ns += 3_000_000_000  # its reply went out 3 s after the take: the turn was held up
+    worker._resume(session, 103.3, arriving(0.2))  # the client sent its next frame 0.2 s after that reply
+    assert "compiled.stream" in session.state.data and session.resumes == 0
+    worker._resume(session, 103.5, arriving(0.1))  # streaming on: 0.1 s after its last take
+    assert session.resumes == 0
+    worker._resume(session, 110.0, arriving(5.0))  # it stopped sending for 5 s: a pause, the stream starts afresh
+    assert "compiled.stream" not in session.state.data and session.resumes == 1
     worker.pool.shutdown()
 
 
