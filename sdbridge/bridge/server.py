@@ -459,6 +459,9 @@ class Daemon:
             + self.webrtc.frames_in,
             "frames_out": self.registry.retired["frames_out"] + sum(s["frames_out"] for s in sessions),
             "frames_dropped": self.registry.retired["frames_dropped"] + sum(s["frames_dropped"] for s in sessions),
+            # Frames on a channel above 0 (ControlNet and IP-Adapter images): received, never answered.
+            "condition_frames": self.registry.retired["condition_frames"]
+            + sum(channel["in"] for s in sessions for channel in s["condition_frames"].values()),
             "passthrough": self.engines.status != "ready" or self.worker.prepare_error is not None,
             "connections": self.stats.connections,
             "errors_sent": self.stats.errors_sent,

@@ -180,6 +180,7 @@ class Session:
         self.created = time.monotonic()
         self.next_generated_at = 0.0  # txt2img pacing, worker-owned
         self.last_frame_at: float | None = None  # when the worker last took a frame of it (monotonic)
+        self.closed = False  # released from the registry: its totals are retired (SessionRegistry.count_out)
         self.last_served_ns: int | None = None  # when its frame was last taken or its reply sent (perf_counter_ns)
         self.resumes = 0  # times its frames came back after a pause (the stream then starts afresh)
         self._on_input = on_input
@@ -247,7 +248,7 @@ class SessionRegistry:
         self._counter = itertools.count(1)
         self.wake = threading.Event()  # set when any input arrives; the worker waits on it
         # Counters of sessions that have closed, so that totals survive their sessions.
-        self.retired = {"frames_in": 0, "frames_dropped": 0, "frames_out": 0}
+        self.retired = {"frames_in": 0, "frames_dropped": 0, "frames_out": 0, "condition_frames": 0}
 
     def _notify(self) -> None:
         self.wake.set()
@@ -271,10 +272,22 @@ class SessionRegistry:
         with self._lock:
             if not session.viewers and session.senders <= 0 and self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
+                session.closed = True
                 self.retired["frames_in"] += session.input.accepted
-                self.retired["frames_dropped"] += session.input.dropped
+                # A frame still in its slot when the session closes was never served: dropped, so that the
+                # totals add up (QA 12: frames_received outran frames_out + frames_dropped).
+                self.retired["frames_dropped"] += session.input.dropped + int(session.input.pending)
                 self.retired["frames_out"] += session.frames_out
+                self.retired["condition_frames"] += sum(slot.accepted for slot in list(session.conditions.values()))
                 log.info("session %s closed", session.id)
+
+    def count_out(self, session: Session) -> None:
+        """Count a reply made for ``session``; one made after it closed (its frame was in flight) goes to the
+        retired totals, which were taken without it."""
+        with self._lock:
+            session.frames_out += 1
+            if session.closed:
+                self.retired["frames_out"] += 1
 
     def get(self, name: str) -> Session | None:
         with self._lock:

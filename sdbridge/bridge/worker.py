@@ -649,7 +649,7 @@ class Worker(threading.Thread):
 
     def _record(self, job: Job) -> None:
         session = job.session
-        session.frames_out += 1
+        self.registry.count_out(session)
         session.last_served_ns = time.perf_counter_ns()  # a client waiting on this reply sends once it has it
         latency_ms = None
         if job.frame is not None:

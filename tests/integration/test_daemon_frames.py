@@ -325,3 +325,31 @@ def test_the_sampler_changes_live_over_osc(start_daemon, tiny_model_dir):
         ws.send(jpeg)
         assert codec.decode_image(recv_frame(ws)).shape == (64, 64, 3)
     assert daemon.store.get("sampler") == "LCM"
+
+
+def test_the_stats_totals_add_up_with_condition_frames_and_sessions_closed_mid_stream(start_daemon):
+    """QA 12: frames_received outran frames_out + frames_dropped by the condition frames and by the frames still
+    in a slot when their session closed; each is now counted."""
+    import httpx
+
+    from tests.clients import rgb_frame
+
+    daemon = start_daemon(params={"engine": "identity"})
+    stats_url = f"http://127.0.0.1:{daemon.port}/stats"
+    for round_ in range(3):
+        with ws_connect(daemon) as ws:
+            for frame_id in range(1, 41):  # faster than the replies: some wait in the slot, some are replaced
+                ws.send(rgb_frame(make_image(64, 64, seed=frame_id), frame_id=frame_id))
+                if frame_id % 10 == 0:
+                    ws.send(rgb_frame(make_image(64, 64, seed=99), channel=1, frame_id=1000 + frame_id))
+            recv_frame(ws)
+        # closed without reading the rest: frames may be left in the slot
+
+    def totals() -> dict:
+        return httpx.get(stats_url, trust_env=False, timeout=10).json()
+
+    assert wait_for(lambda: totals()["sessions"] == [], timeout=20)
+    stats = totals()
+    assert stats["condition_frames"] == 12
+    assert stats["frames_received"] == stats["frames_out"] + stats["frames_dropped"] + stats["condition_frames"]
+    assert stats["frames_received"] == 3 * 44
