@@ -58,6 +58,11 @@ class Crossfade:
     def fading(self, session_id: str) -> bool:
         return session_id in self._fades
 
+    def forget_one(self, session_id: str) -> None:
+        """A new session under this name: nothing of an earlier one's frames may fade into its own."""
+        self._last.pop(session_id, None)
+        self._fades.pop(session_id, None)
+
     def forget(self, session_ids: set[str]) -> None:
         """Drop sessions that have gone, so their last frames do not pile up."""
         for session_id in list(self._last):

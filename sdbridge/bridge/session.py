@@ -289,6 +289,14 @@ class SessionRegistry:
             if session.closed:
                 self.retired["frames_out"] += 1
 
+    def count_unserved(self, session: Session) -> None:
+        """A frame of ``session`` taken from its slot but never to be served (its session closed meanwhile)."""
+        with self._lock:
+            if session.closed:
+                self.retired["frames_dropped"] += 1
+            else:
+                session.input.discard()
+
     def get(self, name: str) -> Session | None:
         with self._lock:
             return self._sessions.get(name)

@@ -401,7 +401,12 @@ class Worker(threading.Thread):
         for session in self.registry.sessions():
             if session.id in decoding:
                 continue  # a frame of its own still decoding: it joins a later turn (newer frames wait in the slot)
-            early = ahead.get(session.id)
+            early = ahead.pop(session.id, None)
+            if early is not None and early.session is not session:
+                # A closed session's frame, under a name a new client has taken since: never the new one's (its
+                # output would seed the new session's crossfade and plugins with the old client's picture).
+                self.registry.count_unserved(early.session)
+                early = None
             if early is not None:
                 if txt2img:
                     session.input.discard()  # the mode changed under it: dropped, as at the slot
@@ -416,6 +421,8 @@ class Worker(threading.Thread):
             elif txt2img and session.viewers and now >= session.next_generated_at:
                 session.next_generated_at = now + 1.0 / float(params["max_fps"])
                 jobs.append(Job(session, None))
+        for job in ahead.values():  # decoded for sessions that have closed since
+            self.registry.count_unserved(job.session)
         for job in jobs:
             self._resume(job.session, now, job.frame)
         return jobs
@@ -434,6 +441,12 @@ class Worker(threading.Thread):
         frame (txt2img) has no client frame: there a gap between turns longer than PAUSE_S and than
         PAUSE_FRAMES of the engine's frame times is the pause."""
         last, session.last_frame_at = session.last_frame_at, now
+        if last is None:
+            # A session's first frame. What is kept by name outside the session (a plugin's feature bank, the
+            # crossfade's last frame) may be a closed session's of the same name: a new client starts clean (QA 13).
+            if self.plugins is not None:
+                self.plugins.cut(session.id)
+            self.crossfade.forget_one(session.id)
         if frame is not None:
             served, session.last_served_ns = session.last_served_ns, time.perf_counter_ns()
             if served is None or frame.received_ns - served <= PAUSE_S * 1e9:

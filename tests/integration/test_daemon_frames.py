@@ -353,3 +353,32 @@ def test_the_stats_totals_add_up_with_condition_frames_and_sessions_closed_mid_s
     assert stats["condition_frames"] == 12
     assert stats["frames_received"] == stats["frames_out"] + stats["frames_dropped"] + stats["condition_frames"]
     assert stats["frames_received"] == 3 * 44
+
+
+def test_a_new_client_on_a_reused_session_name_sees_none_of_the_old_ones_frames(start_daemon):
+    """QA 13 F1: the crossfade remembered a closed session's last frame by name, and after a change of engine made
+    while idle, a new client under that name got the old client's picture dissolving into its own."""
+    import httpx
+
+    from tests.clients import reply_image, rgb_frame
+
+    daemon = start_daemon(params={"engine": "identity", "crossfade_s": 10.0})
+    http = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False, timeout=10)
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = 220  # RGB
+    blue = np.zeros((64, 64, 3), np.uint8)
+    blue[..., 2] = 220
+    with ws_connect(daemon, "?session=X") as old:
+        for frame_id in range(1, 4):
+            old.send(rgb_frame(red, frame_id=frame_id))
+            recv_frame(old)
+    assert wait_for(lambda: http.get("/stats").json()["sessions"] == [], timeout=20)
+    assert http.post("/params", json={"engine": "preview"}).status_code == 200
+    assert wait_for(lambda: http.get("/health").json()["engine"].get("engine") == "preview", timeout=30)
+    with ws_connect(daemon, "?session=X") as new, ws_connect(daemon, "?session=Y") as fresh:
+        new.send(rgb_frame(blue, frame_id=1))
+        fresh.send(rgb_frame(blue, frame_id=1))
+        reused, control = reply_image(recv_frame(new)), reply_image(recv_frame(fresh))
+    difference = np.abs(reused.astype(np.int16) - control.astype(np.int16))
+    assert difference.mean() < 8, f"the new client's first frame differs from a fresh session's by {difference.mean()}"
+    http.close()

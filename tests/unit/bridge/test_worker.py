@@ -200,6 +200,40 @@ def test_a_held_up_worker_is_no_pause_for_a_client_waiting_on_its_reply():
     worker.pool.shutdown()
 
 
+def test_a_new_session_under_a_closed_one_s_name_starts_clean_in_the_plugins():
+    """QA 13 F2: what a plugin keeps by session name outside the session's state (the feature bank's cached
+    attention) reached a new client that took a closed session's name. Its first frame cuts it, as a pause does."""
+    from sdbridge.plugins.base import Plugin
+    from sdbridge.plugins.manager import PluginManager
+
+    class Remembers(Plugin):
+        name = "remembers"
+        doc = "keeps something per session name, as the feature bank does"
+
+        def __init__(self) -> None:
+            self.held: dict[str, str] = {}
+
+        def cut(self, session_id: str) -> None:
+            self.held.pop(session_id, None)
+
+    store = ParamStore(Schema(), initial={"engine": "preview"})
+    registry = SessionRegistry()
+    plugins = PluginManager(store, classes={"remembers": Remembers})
+    worker = Worker(registry, store, EngineHost(Settings(engine="preview", device="cpu")), lambda s, m: None,
+                    lambda s, m: None, plugins=plugins)
+    plugin = plugins.plugins["remembers"]
+    first = registry.open("stage")
+    worker._resume(first, 100.0, parse_frame(frame(1)))
+    plugin.held["stage"] = "the first client's features"
+    worker._resume(first, 100.1, parse_frame(frame(2)))  # its next frame keeps them
+    assert plugin.held == {"stage": "the first client's features"}
+    registry.release(first)
+    second = registry.open("stage")  # a new client, the same name
+    worker._resume(second, 100.2, parse_frame(frame(1)))
+    assert plugin.held == {} and second.resumes == 0  # clean, and not counted as a pause
+    worker.pool.shutdown()
+
+
 def test_a_session_s_slow_decode_never_holds_up_another_session(worker):
     """A client sending huge (legal) frames slows its own stream only: its frame, still decoding when the other
     sessions' frames are ready, joins a later turn (qa9 2: one 8000² PNG client cut another session to 1 reply/s)."""
