@@ -92,7 +92,7 @@ def start_echo(port: int, ws_impl: str) -> subprocess.Popen:
 
 
 def start_daemon(port: int, engine: str, size: int, ws_impl: str, model: str | None = None,
-                 device: str = "auto", sessions: int = 1) -> subprocess.Popen:
+                 device: str = "auto", sessions: int = 1, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     # --warm-sessions: the compiled engine's graphs for every batch the clients make are compiled before
     # the clock starts (otherwise batches of 2 to 4 would run uncompiled while they compile, in the timed rows).
     command = [sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--no-osc", "--ws-impl", ws_impl,
@@ -101,7 +101,7 @@ def start_daemon(port: int, engine: str, size: int, ws_impl: str, model: str | N
                "--set", f"height={size}", "--set", f"engine={engine}", "--set", "steps=1"]
     if model:
         command += ["--model", model]
-    return subprocess.Popen(command, cwd=ROOT)
+    return subprocess.Popen([*command, *extra], cwd=ROOT)
 
 
 def make_jpeg(size: int) -> bytes:

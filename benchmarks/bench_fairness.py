@@ -1,10 +1,12 @@
 """One client's huge frames beside another client's stream: does the heavy one slow only itself?
 
-    python benchmarks/bench_fairness.py [--seconds 8] [--heavy 6000] [--engine identity] [--write]
+    python benchmarks/bench_fairness.py [--seconds 8] [--heavy 6000] [--engine identity] [--output-size input]
+                                        [--write]
 
 The daemon in its own process (bench_daemon.py's), two sessions: a "good" client streaming 512² JPEGs one
 frame in flight, and a "heavy" client sending a legal but huge PNG (``--heavy`` pixels a side, under the
-8192 limit) one in flight. Measured side by side in one run: the good client alone, then beside the heavy one.
+8192 limit) one in flight; with ``--output-size input`` its replies are that size too (a huge encode besides
+the huge decode). Measured side by side in one run: the good client alone, then beside the heavy one.
 The figure that carries across machines is the good client's frames/s beside the heavy one over alone: the
 design promises a slow client loses its own frames and never slows another (docs/protocol.md, "Sessions").
 """
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--heavy", type=int, default=6000, help="the heavy client's PNG, pixels a side")
     parser.add_argument("--engine", default="identity")
+    parser.add_argument("--output-size", choices=["engine", "input"], default="engine",
+                        help="the daemon's output_size: input makes the heavy client's replies huge too")
     parser.add_argument("--ws-impl", default="wsproto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -61,7 +65,8 @@ def main() -> None:
 
     jpeg, png = bench_daemon.make_jpeg(args.size), make_png(args.heavy)
     port = bench_daemon.free_port()
-    process = bench_daemon.start_daemon(port, args.engine, args.size, args.ws_impl, device=args.device, sessions=2)
+    process = bench_daemon.start_daemon(port, args.engine, args.size, args.ws_impl, device=args.device, sessions=2,
+                                        extra=("--set", f"output_size={args.output_size}"))
     try:
         bench_daemon.wait_listening(port, process)
         time.sleep(1.0)
@@ -82,7 +87,9 @@ def main() -> None:
         f"### bench_fairness.py — {time.strftime('%Y-%m-%d')}, commit {bench_daemon.commit()}, "
         f"{bench_daemon.platform.machine()}, {bench_daemon.os.cpu_count()} cores, {args.engine} engine",
         f"A {args.size}² JPEG client, one frame in flight, {args.seconds:g} s after {args.warmup:g} s; beside it a "
-        f"client sending a {args.heavy}×{args.heavy} PNG ({len(png) // 1024} KB) one in flight.",
+        f"client sending a {args.heavy}×{args.heavy} PNG ({len(png) // 1024} KB) one in flight, "
+        f"output_size={args.output_size}" + (" (its replies are that size too)." if args.output_size == "input"
+                                              else "."),
         "",
         "| good client | frames/s | p50 ms | p99 ms |",
         "|---|---|---|---|",

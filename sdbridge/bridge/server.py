@@ -473,7 +473,7 @@ class Daemon:
             "loop_lag_ms_p50": _round(self.loop_lag.percentile(50)),
             "loop_lag_ms_p99": _round(self.loop_lag.percentile(99)),
             "worker": {"turns": self.worker.turns, "engine_errors": self.worker.engine_errors,
-                       "late_decodes": self.worker.late_decodes,
+                       "late_decodes": self.worker.late_decodes, "late_encodes": self.worker.late_encodes,
                        "last_step_ms": round(self.worker.last_step_ms, 2)},
             "osc": dataclasses.asdict(self.osc.stats) if self.osc is not None else None,
             "outputs": self.outputs.stats() if self.outputs is not None else [],

@@ -117,7 +117,9 @@ class Worker(threading.Thread):
         self.debug_frames = debug_frames
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="sdbridge-codec")
         self._stop_event = threading.Event()
-        self._sending: list[Future[None]] = []  # the last turn's replies, encoding in the pool
+        # Each session's last reply, encoding in the pool, and whether it waits on the one before it (_send_in_order).
+        self._sending: dict[Session, tuple[Future[None], bool]] = {}
+        self.late_encodes = 0  # replies that followed their session's previous one, still encoding, not held the turn
         self._ahead: list[tuple[Job, Future[bool]]] = []  # frames taken during the last step, decoding
         self.decoded_ahead = 0
         self.late_decodes = 0  # frames that missed a turn, still decoding when the others were ready
@@ -381,14 +383,45 @@ class Worker(threading.Thread):
                 job.output = self.crossfade.apply(job.session.id, job.output, now)
 
         # 8. Fit to the reply size, encode, hand over to the event loop and the outputs (NDI, ...), in the
-        #    pool while the next turn decodes and steps. The last turn's replies finish first: a session's
-        #    replies leave in order, and a slow encode (PNG, a large reply size) holds the worker back by
-        #    one turn at most instead of piling up.
-        wait(self._sending)
-        self._sending = [self.pool.submit(self._send, job, params) for job in jobs]
+        #    pool while the next turn decodes and steps.
+        self._send_in_order(jobs, params)
         if self.turns % 256 == 0:
             self.crossfade.forget({session.id for session in self.registry.sessions()})
         return len(jobs)
+
+    def _send_in_order(self, jobs: list[Job], params: dict[str, Any]) -> None:
+        """Each session's replies leave in order, and one session's slow encode (a huge reply at
+        ``output_size=input``) holds up only its own: a reply whose session's previous one is still encoding once
+        the grace (the last step's time) is over follows it in the pool instead of holding the turn. A session with
+        such a reply waiting sends no frame into a turn (:meth:`_collect`), so at most two of its replies are in
+        flight (QA 13: one 7000² reply stream held every other session's turns, 2.5 s worst round trip)."""
+        previous = {job.session: self._sending[job.session][0] for job in jobs if job.session in self._sending}
+        wait(previous.values(), timeout=max(LATE_DECODE_MIN_S, self.last_step_ms / 1000))
+        for job in jobs:
+            before = previous.get(job.session)
+            if before is None or before.done():
+                self._sending[job.session] = (self.pool.submit(self._send, job, params), False)
+            else:
+                self._sending[job.session] = (self._send_after(before, job, params), True)
+                self.late_encodes += 1
+        for session, (future, _) in list(self._sending.items()):
+            if session.closed and future.done():
+                del self._sending[session]
+
+    def _send_after(self, before: Future[None], job: Job, params: dict[str, Any]) -> Future[None]:
+        """``job``'s reply, encoded in the pool once ``before`` is done."""
+        done: Future[None] = Future()
+
+        def start(_: Future[None]) -> None:
+            try:
+                sent = self.pool.submit(self._send, job, params)
+            except RuntimeError:  # the pool has shut down: the daemon is stopping
+                done.set_result(None)
+                return
+            sent.add_done_callback(lambda _: done.set_result(None))
+
+        before.add_done_callback(start)
+        return done
 
     def _collect(self, params: dict[str, Any]) -> list[Job]:
         jobs: list[Job] = []
@@ -401,6 +434,9 @@ class Worker(threading.Thread):
         for session in self.registry.sessions():
             if session.id in decoding:
                 continue  # a frame of its own still decoding: it joins a later turn (newer frames wait in the slot)
+            sending = self._sending.get(session)
+            if sending is not None and sending[1] and not sending[0].done():
+                continue  # two replies of its own still encoding: its frame waits in the slot (_send_in_order)
             early = ahead.pop(session.id, None)
             if early is not None and early.session is not session:
                 # A closed session's frame, under a name a new client has taken since: never the new one's (its

@@ -73,7 +73,7 @@ def worker():
 
     def quiet() -> bool:  # no frame 0 of the loop above still on its way: taken, decoded ahead or encoding
         return (replies.ids[-1:] == [0] and not session.input.pending and worker.last_step_ms > 0
-                and not worker._ahead and all(future.done() for future in worker._sending))
+                and not worker._ahead and all(future.done() for future, _ in worker._sending.values()))
 
     def settled() -> bool:  # quiet, and no turn ran meanwhile (one may have held a frame mid-step)
         turns, answered = worker.turns, len(replies.ids)
@@ -198,6 +198,55 @@ def test_a_held_up_worker_is_no_pause_for_a_client_waiting_on_its_reply():
     worker._resume(session, 110.0, arriving(5.0))  # it stopped sending for 5 s: a pause, the stream starts afresh
     assert "compiled.stream" not in session.state.data and session.resumes == 1
     worker.pool.shutdown()
+
+
+def test_a_session_s_slow_reply_never_holds_up_another_session():
+    """QA 13 F5: the worker waited for every reply of the last turn before handing out the next, so one session's
+    slow encode (a 7000² reply) held every other session's turns. Its replies now follow each other in the pool;
+    the others' go on turn after turn, and its own stay in order."""
+    store = ParamStore(Schema(), initial={"engine": "preview", "width": 64, "height": 64})
+    registry = SessionRegistry()
+    engines = EngineHost(Settings(engine="preview", device="cpu"))
+    heavy_gate, heavy_waiting = threading.Event(), threading.Event()
+    got: dict[str, list[int]] = {"stage": [], "heavy": []}
+
+    def deliver(session, message: bytes) -> None:
+        if session.id == "heavy" and not heavy_gate.is_set():  # its encode is slow: the codec thread is held
+            heavy_waiting.set()
+            heavy_gate.wait(60)
+        got[session.id].append(FrameHeader.parse(message)[0].frame_id)
+
+    worker = Worker(registry, store, engines, deliver, lambda session, message: None)
+    worker.start()
+    try:
+        stage, heavy = registry.open("stage"), registry.open("heavy")
+
+        def serving() -> bool:  # frames pass through until the engine has loaded
+            put(stage, 0)
+            return engines.active_engine() is not None
+
+        assert wait_until(serving, timeout=60)
+        put(heavy, 1)
+        assert heavy_waiting.wait(20)  # heavy's first reply is encoding (held)
+        put(heavy, 2)                  # its next frame runs; its reply follows the first in the pool
+        answered = 0
+        deadline = time.monotonic() + 30
+        while answered < 8 and time.monotonic() < deadline:
+            frame_id = 100 + answered
+            put(stage, frame_id)
+            if not wait_until(lambda: frame_id in got["stage"], timeout=10):
+                break
+            answered += 1
+            put(heavy, 3 + answered)   # heavy keeps sending; at most two of its replies are in flight
+        assert answered == 8, f"the stage session got {answered} replies while heavy's reply was held"
+        assert got["heavy"] == [] and worker.late_encodes >= 1
+        heavy_gate.set()
+        assert wait_until(lambda: len(got["heavy"]) >= 3)
+        assert got["heavy"] == sorted(got["heavy"]) and got["heavy"][:2] == [1, 2]  # in order, none before another
+    finally:
+        heavy_gate.set()
+        worker.stop()
+        worker.join(10)
 
 
 def test_a_new_session_under_a_closed_one_s_name_starts_clean_in_the_plugins():
