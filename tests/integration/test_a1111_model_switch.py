@@ -45,6 +45,7 @@ def test_a_request_finishes_on_its_model_when_the_stream_switches(start_daemon, 
     streamer = threading.Thread(target=stream, daemon=True)
     streamer.start()
     ok, png = cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))
+    assert ok
     body = {**REQUEST, "init_images": [base64.b64encode(png.tobytes()).decode()]}
     answer: dict = {}
     request = threading.Thread(target=lambda: answer.update(response=http.post("/sdapi/v1/img2img", json=body)))

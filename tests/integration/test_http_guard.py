@@ -69,7 +69,7 @@ def test_a_byte_at_a_time_does_not_stretch_the_head_deadline(daemon):
         try:
             sock.sendall(bytes([byte]))
             answer += sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except (BrokenPipeError, ConnectionResetError):
             break
