@@ -124,6 +124,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--debug-frames", action="store_const", const=True, help="log every frame (with --log-level debug)")
     add("--echo-route", action="store_const", const=True, help=argparse.SUPPRESS)
     add("--ws-impl", choices=["websockets-sansio", "wsproto"], help="WebSocket implementation (default wsproto)")
+    add("--torch-threads", type=int, metavar="N",
+        help="CPU threads torch computes on (default: one per core); fewer leave cores to TouchDesigner or a VJ "
+        "program on the same CPU")
     add("--resume", action="store_const", const=True,
         help="keep the look (what a preset saves) in a file as it changes and start from it next time, over the "
         "config's [params] (--set still wins): a restart mid-show picks up where it was (docs/presets.md)")
@@ -140,7 +143,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
                  "model_config", "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir",
                  "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file",
                  "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl", "interpolate",
-                 "resume"):
+                 "resume", "torch_threads"):
         flags[name] = getattr(args, name, None)
     for name in ("osc_allow", "allowed_origins", "allowed_hosts", "model_roots"):
         value = getattr(args, name, None)

@@ -91,6 +91,9 @@ class Settings:
     max_connections: int = 512           # open HTTP and WebSocket connections in all; past it 503
     max_connections_per_client: int = 128  # the same from one address (everything local is 127.0.0.1)
     decode_threads: int = 2
+    # --torch-threads: torch's CPU threads (0: torch's default, one per core). On a CPU rig beside TouchDesigner, fewer
+    # leave it cores: torch's threads spin waiting for work and take the cores another program needs (QA 12).
+    torch_threads: int = 0
     log_level: str = "info"
     debug_frames: bool = False           # per-frame debug logs
     echo_route: bool = False             # test flag: /echo, a bare echo on the same stack (conformance runs)
@@ -136,6 +139,8 @@ class Settings:
         for name in ("http_head_timeout_s", "http_body_stall_s"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ConfigError(f"{name} {getattr(self, name)} not in (0, 3600] seconds")
+        if not 0 <= self.torch_threads <= 1024:
+            raise ConfigError(f"torch_threads {self.torch_threads} not in [0, 1024] (0: torch's default)")
         for name in ("max_connections", "max_connections_per_client"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)} must be at least 1")

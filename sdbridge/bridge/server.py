@@ -20,6 +20,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import uvicorn
 
 from sdbridge.bridge.audio import AudioInput
@@ -91,6 +92,8 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         settings.check()
         self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)  # process-wide: the engines, the preprocessors
         # After the plugins: their parameters, and an LFO's target (which may be one: it is checked against
         # the schema), exist only once the plugins have registered them.
         late = {k: v for k, v in settings.params.items() if k.startswith("plugin.") or _is_lfo_target(k)}

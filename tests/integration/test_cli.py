@@ -368,3 +368,16 @@ def test_sigterm_during_an_a1111_request_ends_it_and_exits_in_seconds(tiny_model
     assert exit_s < 30, (exit_s, output[-2000:])  # target 2 s plus one step; the request alone: minutes
     response = result.get("response")
     assert response is not None and response.status_code == 503 and "stopping" in response.text, result
+
+
+def test_torch_threads_limits_the_daemon_s_cpu_threads_and_a_bad_count_is_refused(tmp_path):
+    script = ("import torch; from sdbridge.config import load_settings; from sdbridge.bridge.server import Daemon; "
+              "before = torch.get_num_threads(); "
+              "Daemon(load_settings({'torch_threads': 1, 'port': 0, 'osc_port': 0, 'feedback_port': 0})); "
+              "print(before, torch.get_num_threads())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["2", "1"]
+    refused = sdbridge("serve", "--torch-threads", "-1")
+    assert refused.returncode == 2 and "torch_threads -1 not in [0, 1024]" in refused.stderr
