@@ -267,9 +267,11 @@ def check_open_files(settings: Settings) -> list[Finding]:
     shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     if hard == resource.RLIM_INFINITY or hard >= needed:
         return [Finding(OK, "open files", f"the daemon can hold {settings.max_connections} connections (open-file "
-                                          f"limit {soft}, {shown} allowed; it needs {needed})")]
+                                          f"limit {soft}, {shown} allowed; it needs {needed}: "
+                                          f"{settings.max_connections} and {FILES_BESIDE_CONNECTIONS} for its files)")]
     return [Finding(WARN, "open files", f"the hard open-file limit is {hard}, below the {needed} that max_connections "
-                                        f"{settings.max_connections} needs: past about "
+                                        f"{settings.max_connections} needs (and {FILES_BESIDE_CONNECTIONS} for its "
+                                        f"files): past about "
                                         f"{max(hard - FILES_BESIDE_CONNECTIONS, 0)} connections new ones fail",
                     f"raise it (`ulimit -Hn {needed}` as root, /etc/security/limits.conf, or on macOS "
                     f"`sudo launchctl limit maxfiles {needed} unlimited`), or set max_connections lower")]

@@ -7,7 +7,9 @@ socket each, until the daemon runs out of file descriptors and can neither accep
 model file. :func:`guarded_protocol` makes uvicorn's h11 protocol class with three bounds:
 
 * a head timeout: from the connection (or the end of the previous response) to a complete request line and
-  headers; past it the client gets ``408`` with the daemon's error JSON and the connection closes;
+  headers; past it a client that has sent part of a head gets ``408`` with the daemon's error JSON, and the
+  connection closes (one that has sent nothing is closed without a word, as nginx does: a keep-alive client
+  would read an unasked-for 408 as the answer to its next request);
 * a body stall: a request whose body sends nothing for this long is cut (the route sees a disconnect), while
   the daemon itself is not pausing the reading;
 * a connection cap, in all and per client address: past it a new connection gets ``503``
@@ -55,6 +57,7 @@ class ConnectionGuard:
     open: int = 0
     refused: int = 0
     head_timeouts: int = 0
+    idle_closed: int = 0
     body_stalls: int = 0
     problems: ProblemLog = field(init=False)
 
@@ -66,7 +69,7 @@ class ConnectionGuard:
                 "body_stalls": self.body_stalls}
 
     def describe(self, guarded: bool) -> dict[str, Any]:
-        return {"guarded": guarded, "open_connections": self.open, **self.counts()}
+        return {"guarded": guarded, "open_connections": self.open, "idle_closed": self.idle_closed, **self.counts()}
 
     def admit(self, client: str) -> str | None:
         """Count a new connection from ``client``; the reason it is refused, or None."""
@@ -142,6 +145,7 @@ class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc,valid-type]
     guard: ConnectionGuard
 
     _client_key = ""
+    _head_started = False  # bytes of a request head came since the connection or the last response
     _counted = False
     _refused = False
     _timer: asyncio.TimerHandle | None = None
@@ -186,7 +190,8 @@ class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc,valid-type]
         super().data_received(data)
         if self._in_flight():
             self._watch_body()  # bytes came: a new stall window
-        # else still waiting for a head: its deadline runs on from the connection or the last response
+        else:  # part of a head: its deadline runs on from the connection or the last response
+            self._head_started = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start a pipelined request at once
@@ -195,6 +200,7 @@ class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc,valid-type]
         elif self._in_flight():
             self._watch_body()
         else:
+            self._head_started = False
             self._arm(self.guard.limits.head_timeout_s, self._head_timed_out)  # the next request's head
 
     def handle_websocket_upgrade(self, event: Any) -> None:
@@ -241,6 +247,10 @@ class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc,valid-type]
         self._timer = None
         if self.transport.is_closing() or self._in_flight():
             return  # closed, or a request came in the same turn as the timer
+        if not self._head_started:  # idle (kept alive, or opened ahead by a browser): closed without a word
+            self.guard.idle_closed += 1
+            self.transport.close()
+            return
         self.guard.head_timeouts += 1
         limit = self.guard.limits.head_timeout_s
         self.guard.problems.log("closed a connection from %s: no complete request head within %g s",

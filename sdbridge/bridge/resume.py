@@ -3,11 +3,12 @@
 A controller sends a value when a fader moves, not again, so a daemon restarted mid-show would run on the config's
 values until every fader had been touched. With ``resume`` on (``--resume``, config ``resume = true``) the daemon
 keeps what a preset would save (:func:`sdbridge.presets.savable`: the look, not the model, the stream's size or the
-tempo; the artist's values while the quality ladder is stepped down) in a JSON file, written a moment after they
-change and at stop, and applies them at start over the config file's ``[params]``. A ``--set`` given on the
-command line wins over them: it is what the operator asked for this time. A value the daemon no longer takes (a
-LoRA since deleted, a plugin not installed) is logged and skipped; the file never stops a start. The file is per
-port, so two daemons on one machine keep their own.
+tempo; the artist's values while the quality ladder is stepped down) in a JSON file, written at start, at most a
+second after a change (a fader moving for a minute is saved every second of it) and at stop, and applies them at
+the next start over the config file's ``[params]``. A ``--set`` given on the command line wins over them: it is
+what the operator asked for this time, and from then on the running look. A value the daemon no longer takes (a
+LoRA since deleted, whose name would pass every frame through unstyled; a plugin not installed) is logged and
+skipped; the file never stops a start. The file is per port, so two daemons on one machine keep their own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -25,8 +27,50 @@ from sdbridge.params import ParamStore
 
 log = logging.getLogger(__name__)
 
-SAVE_AFTER_S = 1.0  # a burst of changes (a fader moved, a preset glided) is written once, this long after it ends
+SAVE_AFTER_S = 1.0  # changes are written at most this long after the first one not yet saved
 FORMAT = 1
+LORA_PROMPTS = ("prompt", "negative_prompt", "blend_prompt")  # the values whose <lora:...> tags name LoRAs
+
+
+def drop_missing_loras(values: Mapping[str, Any], folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """``values`` without the LoRAs that are not in ``folder`` (in ``loras`` and in the prompts' ``<lora:>`` tags),
+    and what was dropped. Set live, a missing name is told to the client that set it; restored at start, nobody is
+    there to see it, and the engine would pass every frame through unstyled (QA 14)."""
+    from sdbridge.engines.lora import lora_path
+    from sdbridge.engines.prompt_syntax import LORA_KINDS, RE_EXTRA_NETWORK, LoraWeights
+    from sdbridge.errors import SdbridgeError
+
+    def exists(name: str) -> bool:
+        try:
+            lora_path(folder, name)
+        except SdbridgeError:
+            return False
+        return True
+
+    out, dropped = dict(values), []
+    if isinstance(out.get("loras"), str):
+        try:
+            weights = LoraWeights.parse(out["loras"]).weights
+        except ValueError:
+            weights = {}  # malformed: the schema refuses it, named, with the rest
+        missing = [name for name in weights if not exists(name)]
+        if missing:
+            out["loras"] = ", ".join(f"{name}:{weight:g}" for name, weight in weights.items() if name not in missing)
+            dropped += [f"loras {name!r}" for name in missing]
+    for key in LORA_PROMPTS:
+        text = out.get(key)
+        if not isinstance(text, str) or "<" not in text:
+            continue
+
+        def keep(match: re.Match[str], key: str = key) -> str:
+            name = match.group(2).split(":")[0].strip()
+            if match.group(1).lower() in LORA_KINDS and name and not exists(name):
+                dropped.append(f"{key}'s {match.group(0)}")
+                return ""
+            return match.group(0)
+
+        out[key] = RE_EXTRA_NETWORK.sub(keep, text)
+    return out, dropped
 
 
 def default_path(port: int) -> Path:
@@ -57,7 +101,15 @@ class ResumeFile:
         if not isinstance(params, dict):
             log.warning("resume: %s holds no 'params' object; starting from the configured values", self.path)
             return {}
+        if data.get("format") != FORMAT:
+            log.warning("resume: %s is of format %r, not %d (another sdbridge version wrote it): applying the values "
+                        "this version takes", self.path, data.get("format"), FORMAT)
         return params
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last write failed; None once one works."""
+        return self._last_error
 
     def write(self, values: Mapping[str, Any]) -> bool:
         """Write ``values``; False (and one warning per distinct error) when the disk refuses."""
@@ -98,25 +150,36 @@ class Resume:
         self.skipped: list[str] = []
         self.saves = 0
 
-    def restore(self, store: ParamStore, keep: Iterable[str] = ()) -> dict[str, Any]:
-        """Apply the saved values but those named in ``keep``; what was applied. A bad value is logged, never
+    def restore(self, store: ParamStore, keep: Iterable[str] = (),
+                vet: Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]] | None = None) -> dict[str, Any]:
+        """Apply the saved values but those named in ``keep`` (this command line's --set); ``vet`` takes out what
+        the engine would refuse later (:func:`drop_missing_loras`). What was applied; a bad value is logged, never
         raised."""
         kept = set(keep)
-        saved = {name: value for name, value in self.file.read().items() if name not in kept}
+        saved = self.file.read()
+        overridden = sorted(name for name in saved if name in kept)
+        saved = {name: value for name, value in saved.items() if name not in kept}
         if not saved:
             return {}
+        dropped: list[str] = []
+        if vet is not None:
+            saved, dropped = vet(saved)
+        for item in dropped:
+            log.warning("resume: %s not restored: no such LoRA in the LoRA folder", item)
         applied, errors = store.update(saved)
         self.restored = sorted(applied)
-        self.skipped = sorted(str(error.name or "?") for error in errors)
+        self.skipped = sorted([str(error.name or "?") for error in errors] + dropped)
         for error in errors:
             log.warning("resume: %s not restored: %s", error.name, error)
-        log.info("resume: restored %d values from %s%s", len(applied), self.file.path,
-                 f" ({len(errors)} skipped)" if errors else "")
+        log.info("resume: restored %d values from %s%s%s", len(applied), self.file.path,
+                 f" ({len(self.skipped)} skipped)" if self.skipped else "",
+                 f"; --set kept {', '.join(overridden)}" if overridden else "")
         return applied
 
     def start(self, store: ParamStore) -> None:
         self._loop = asyncio.get_running_loop()
         store.subscribe(self._changed)
+        self._schedule()  # the look this run starts with (a --set, the config's values over a missing file)
 
     def _changed(self, changed: Mapping[str, Any]) -> None:
         # Any thread (the worker, the loop): the save is scheduled on the loop.
@@ -127,7 +190,7 @@ class Resume:
     def _schedule(self) -> None:
         self._dirty = True
         if self._timer is not None:
-            self._timer.cancel()
+            return  # a save is already due: a fader that keeps moving is saved every SAVE_AFTER_S, not never
         assert self._loop is not None
         self._timer = self._loop.call_later(SAVE_AFTER_S, self._save_soon)
 
@@ -159,4 +222,4 @@ class Resume:
 
     def describe(self) -> dict[str, Any]:
         return {"enabled": True, "file": str(self.file.path), "restored": len(self.restored),
-                "skipped": self.skipped, "saves": self.saves}
+                "skipped": self.skipped, "saves": self.saves, "save_error": self.file.last_error}

@@ -29,7 +29,7 @@ from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol, raise_open_file_limit
 from sdbridge.bridge.osc import OscSender, OscServer
-from sdbridge.bridge.resume import Resume, ResumeFile
+from sdbridge.bridge.resume import Resume, ResumeFile, drop_missing_loras
 from sdbridge.bridge.resume import default_path as default_resume_path
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
@@ -84,6 +84,15 @@ class _Server(uvicorn.Server):
         yield
 
 
+def lora_folder(settings: Settings) -> Path:
+    """Where the engines find the LoRAs clients name (as DiffusionEngine does)."""
+    if settings.lora_dir:
+        return Path(settings.lora_dir).expanduser()
+    from sdbridge.engines.models import default_models_dir
+
+    return (Path(settings.models_dir).expanduser() if settings.models_dir else default_models_dir()) / "lora"
+
+
 def _is_lfo_target(name: str) -> bool:
     return name.startswith(("lfo", "env")) and name.endswith(".target")  # an LFO's or an audio envelope's
 
@@ -118,7 +127,8 @@ class Daemon:
             path = (Path(settings.resume_file).expanduser() if settings.resume_file
                     else default_resume_path(settings.port))
             self.resume = Resume(ResumeFile(path), self.look)
-            self.resume.restore(self.store, keep=settings.command_line_params)
+            self.resume.restore(self.store, keep=settings.command_line_params,
+                                vet=lambda values: drop_missing_loras(values, lora_folder(settings)))
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
         # plugins, whose parameters it may name.
         self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None

@@ -141,3 +141,18 @@ def test_one_address_cannot_hold_every_socket_and_websockets_count(daemon):
         time.sleep(0.05)
     assert stats["open_connections"] <= 2, stats  # the closed WebSockets gave their places back
     assert stats["refused_connections"] >= 1
+
+
+def test_an_idle_kept_alive_connection_is_closed_without_an_unasked_for_408(daemon):
+    """QA 14: a keep-alive client polling less often than the head timeout read a 408 as the answer to its next
+    request. A connection that has sent nothing since its last response is closed without a word, as nginx does."""
+    sock = open_socket(daemon.port)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    first = b""
+    while b"}" not in first:
+        first += sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    assert read_all(sock) == b""  # closed at the head timeout (or uvicorn's keep-alive), nothing written
+    fresh = open_socket(daemon.port)
+    assert read_all(fresh) == b""  # opened and never used (a browser's preconnect): closed silently too
+    assert http_stats(daemon.port)["idle_closed"] >= 1

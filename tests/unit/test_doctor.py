@@ -264,5 +264,5 @@ def test_open_files_is_a_warning_naming_the_fix_when_the_hard_limit_is_too_low()
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 300)))
     level, message, fix = result.stdout.strip().splitlines()[-3:]
     assert level == WARN
-    assert "hard open-file limit is 300, below the 1024 that max_connections 512 needs" in message
+    assert "hard open-file limit is 300, below the 1024 that max_connections 512 needs (and 512 for" in message
     assert "ulimit -Hn 1024" in fix and "max_connections lower" in fix
