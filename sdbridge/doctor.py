@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
+import os
 import platform
 import shutil
 import socket
@@ -275,6 +277,29 @@ def check_open_files(settings: Settings) -> list[Finding]:
                                         f"{max(hard - FILES_BESIDE_CONNECTIONS, 0)} connections new ones fail",
                     f"raise it (`ulimit -Hn {needed}` as root, /etc/security/limits.conf, or on macOS "
                     f"`sudo launchctl limit maxfiles {needed} unlimited`), or set max_connections lower")]
+
+
+def check_resume(settings: Settings) -> list[Finding]:
+    """With --resume: whether the saved look can be read back and the folder written."""
+    if not settings.resume:
+        return []
+    from sdbridge.bridge.resume import resume_path
+
+    path = resume_path(settings)
+    folder = next((parent for parent in (path.parent, *path.parent.parents) if parent.exists()), None)
+    if path.is_dir() or folder is None or not os.access(folder, os.W_OK):
+        return [Finding(WARN, "resume", f"the look cannot be saved to {path}: "
+                                        f"{'it is a folder' if path.is_dir() else 'the folder is not writable'}",
+                        "set resume_file to a writable place (the daemon serves on without saving)")]
+    if not path.exists():
+        return [Finding(OK, "resume", f"on; nothing saved yet at {path} (the first run saves its look there)")]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        count = len(data["params"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        return [Finding(WARN, "resume", f"{path} cannot be read ({type(exc).__name__}: {exc}): the next start "
+                                        f"runs on the configured values", "delete it; the next run saves a new one")]
+    return [Finding(OK, "resume", f"on; {count} values saved {data.get('saved_at', '')} in {path}")]
 
 
 def check_outputs(settings: Settings) -> list[Finding]:
@@ -561,6 +586,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_clip_vocab()
     findings += check_ports(settings)
     findings += check_open_files(settings)
+    findings += check_resume(settings)
     findings += check_outputs(settings)
     findings += check_inputs(settings)
     findings += check_audio(settings)

@@ -80,6 +80,11 @@ def default_path(port: int) -> Path:
     return root / "sdbridge" / f"resume-{port}.json"
 
 
+def resume_path(settings: Any) -> Path:
+    """The file ``settings`` name (``resume_file``), or the default for its port."""
+    return Path(settings.resume_file).expanduser() if settings.resume_file else default_path(settings.port)
+
+
 class ResumeFile:
     """The file: read whole or not at all, written whole (a crash mid-write leaves the previous one)."""
 

@@ -29,8 +29,7 @@ from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol, raise_open_file_limit
 from sdbridge.bridge.osc import OscSender, OscServer
-from sdbridge.bridge.resume import Resume, ResumeFile, drop_missing_loras
-from sdbridge.bridge.resume import default_path as default_resume_path
+from sdbridge.bridge.resume import Resume, ResumeFile, drop_missing_loras, resume_path
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
@@ -124,9 +123,7 @@ class Daemon:
         # plugins, whose parameters it holds. It never stops the start: a value no longer taken is logged, skipped.
         self.resume: Resume | None = None
         if settings.resume:
-            path = (Path(settings.resume_file).expanduser() if settings.resume_file
-                    else default_resume_path(settings.port))
-            self.resume = Resume(ResumeFile(path), self.look)
+            self.resume = Resume(ResumeFile(resume_path(settings)), self.look)
             self.resume.restore(self.store, keep=settings.command_line_params,
                                 vet=lambda values: drop_missing_loras(values, lora_folder(settings)))
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the

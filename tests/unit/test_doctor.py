@@ -266,3 +266,20 @@ def test_open_files_is_a_warning_naming_the_fix_when_the_hard_limit_is_too_low()
     assert level == WARN
     assert "hard open-file limit is 300, below the 1024 that max_connections 512 needs (and 512 for" in message
     assert "ulimit -Hn 1024" in fix and "max_connections lower" in fix
+
+
+def test_resume_says_what_is_saved_and_warns_on_a_file_it_cannot_read(tmp_path):
+    from sdbridge.doctor import check_resume
+
+    assert check_resume(Settings()) == []  # off: nothing to say
+    state = tmp_path / "resume.json"
+    [finding] = check_resume(Settings(resume=True, resume_file=str(state)))
+    assert finding.level == OK and "nothing saved yet" in finding.message
+    state.write_text('{"format": 1, "saved_at": "2026-11-30T21:00:00+0000", "params": {"prompt": "x", "strength": 1}}')
+    [finding] = check_resume(Settings(resume=True, resume_file=str(state)))
+    assert finding.level == OK and "2 values saved 2026-11-30T21:00:00+0000" in finding.message
+    state.write_text("{not json")
+    [finding] = check_resume(Settings(resume=True, resume_file=str(state)))
+    assert finding.level == WARN and "cannot be read" in finding.message and "delete it" in finding.fix
+    [finding] = check_resume(Settings(resume=True, resume_file=str(tmp_path)))
+    assert finding.level == WARN and "it is a folder" in finding.message
