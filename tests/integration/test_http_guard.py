@@ -39,6 +39,17 @@ def error_of(response: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)
 
 
+def kept_alive(port: int) -> socket.socket:
+    """A connection that has had one answer and stays open (HTTP/1.1 keeps it alive)."""
+    sock = open_socket(port)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    first = b""
+    while b"}" not in first:
+        first += sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    return sock
+
+
 def http_stats(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/stats", trust_env=False, timeout=10).json()["http"]
 
@@ -80,12 +91,7 @@ def test_a_byte_at_a_time_does_not_stretch_the_head_deadline(daemon):
 
 
 def test_the_next_head_on_a_kept_alive_connection_is_timed_too(daemon):
-    sock = open_socket(daemon.port)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    first = b""
-    while b"}" not in first:
-        first += sock.recv(65536)
-    assert first.startswith(b"HTTP/1.1 200")
+    sock = kept_alive(daemon.port)
     sock.sendall(b"GET /health HTTP/1.1\r\n")  # the second request's head never ends
     status, body = error_of(read_all(sock))
     assert status == 408 and body["code"] == "request_timeout"
@@ -146,12 +152,7 @@ def test_one_address_cannot_hold_every_socket_and_websockets_count(daemon):
 def test_an_idle_kept_alive_connection_is_closed_without_an_unasked_for_408(daemon):
     """QA 14: a keep-alive client polling less often than the head timeout read a 408 as the answer to its next
     request. A connection that has sent nothing since its last response is closed without a word, as nginx does."""
-    sock = open_socket(daemon.port)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    first = b""
-    while b"}" not in first:
-        first += sock.recv(65536)
-    assert first.startswith(b"HTTP/1.1 200")
+    sock = kept_alive(daemon.port)
     assert read_all(sock) == b""  # closed at the head timeout (or uvicorn's keep-alive), nothing written
     fresh = open_socket(daemon.port)
     assert read_all(fresh) == b""  # opened and never used (a browser's preconnect): closed silently too
