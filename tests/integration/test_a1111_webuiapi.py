@@ -257,9 +257,11 @@ def test_progress_state_has_a1111s_fields(api):
 
 
 def test_progress_job_timestamp_is_when_the_job_started(api):
+    # Long enough to be running at the second poll on a fast machine (a clean-clone run on a quiet machine finished
+    # 2 x 40 steps in under 1.5 s); the interrupt below ends it at its next step either way.
     results = {}
     worker = threading.Thread(target=lambda: results.update(
-        done=api.txt2img(prompt="x", seed=1, width=128, height=128, steps=40, n_iter=2)))
+        done=api.txt2img(prompt="x", seed=1, width=128, height=128, steps=150, n_iter=10)))
     worker.start()
     try:
         assert wait_for(lambda: api.get_progress()["state"]["job_count"] > 0, timeout=120)
