@@ -536,9 +536,9 @@ def check_ip_adapters(settings: Settings) -> list[Finding]:
     """The IP-Adapters in the models folder (nothing to say when there are none) and whether each finds its CLIP
     image encoder, which a user downloads apart; pickles without --allow-pickle."""
     from sdbridge.engines.ip_adapter import find_encoder, list_ip_adapters, resolve_ip_adapter
-    from sdbridge.engines.models import PICKLE_SUFFIXES, check_safetensors_file, default_models_dir
+    from sdbridge.engines.models import PICKLE_SUFFIXES, check_safetensors_file, models_subfolder
 
-    folder = (Path(settings.models_dir).expanduser() if settings.models_dir else default_models_dir()) / "ip_adapter"
+    folder = models_subfolder(settings.models_dir, "ip_adapter")
     names = list_ip_adapters(folder)
     if not names:
         return []

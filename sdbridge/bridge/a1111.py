@@ -562,12 +562,14 @@ class A1111Api:
         return self.daemon.settings
 
     def lora_dir(self) -> Path:
-        return Path(self.settings.lora_dir).expanduser() if self.settings.lora_dir else self.models_dir() / "lora"
+        from sdbridge.engines.models import models_subfolder
+
+        return models_subfolder(self.settings.models_dir, "lora", self.settings.lora_dir)
 
     def embeddings_dir(self) -> Path:
-        if self.settings.embeddings_dir:
-            return Path(self.settings.embeddings_dir).expanduser()
-        return self.models_dir() / "embeddings"
+        from sdbridge.engines.models import models_subfolder
+
+        return models_subfolder(self.settings.models_dir, "embeddings", self.settings.embeddings_dir)
 
     def styles_path(self) -> Path:
         if self.settings.styles_file:

@@ -38,6 +38,7 @@ from sdbridge.bridge.webrtc import WebRtcHub
 from sdbridge.bridge.webrtc_sdp import check_ice_servers
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
+from sdbridge.engines.models import models_subfolder
 from sdbridge.bridge.control import Control
 from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.presets import PresetLibrary, savable
@@ -83,15 +84,6 @@ class _Server(uvicorn.Server):
         yield
 
 
-def lora_folder(settings: Settings) -> Path:
-    """Where the engines find the LoRAs clients name (as DiffusionEngine does)."""
-    if settings.lora_dir:
-        return Path(settings.lora_dir).expanduser()
-    from sdbridge.engines.models import default_models_dir
-
-    return (Path(settings.models_dir).expanduser() if settings.models_dir else default_models_dir()) / "lora"
-
-
 def _is_lfo_target(name: str) -> bool:
     return name.startswith(("lfo", "env")) and name.endswith(".target")  # an LFO's or an audio envelope's
 
@@ -125,7 +117,8 @@ class Daemon:
         if settings.resume:
             self.resume = Resume(ResumeFile(resume_path(settings)), self.look)
             self.resume.restore(self.store, keep=settings.command_line_params,
-                                vet=lambda values: drop_missing_loras(values, lora_folder(settings)))
+                                vet=lambda values: drop_missing_loras(
+                                    values, models_subfolder(settings.models_dir, "lora", settings.lora_dir)))
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
         # plugins, whose parameters it may name.
         self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None

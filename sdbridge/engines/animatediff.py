@@ -243,11 +243,9 @@ class AnimateDiffEngine(DiffusionEngine):
     # --- loading --------------------------------------------------------------------------------
 
     def motion_folder(self) -> Path | None:
-        from sdbridge.engines.models import default_models_dir
+        from sdbridge.engines.models import models_subfolder
 
-        if self.motion_dir:
-            return Path(self.motion_dir).expanduser()
-        return (Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()) / "motion"
+        return models_subfolder(self.models_dir, "motion", self.motion_dir)
 
     def load(self, source: str | None, device: torch.device, dtype: torch.dtype) -> None:
         super().load(source, device, dtype)

@@ -144,14 +144,11 @@ class DiffusionEngine(Engine):
 
     def _make_conditioning(self, parts: PipelineParts) -> TextConditioning:
         """LoRA stack and textual inversions for this model; embeddings read from their folder now."""
-        from pathlib import Path
+        from sdbridge.engines.models import models_subfolder
 
-        from sdbridge.engines.models import default_models_dir
-
-        models_dir = Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
         conditioning = TextConditioning(
-            parts, lora_dir=Path(self.lora_dir).expanduser() if self.lora_dir else models_dir / "lora",
-            embeddings_dir=Path(self.embeddings_dir).expanduser() if self.embeddings_dir else models_dir / "embeddings",
+            parts, lora_dir=models_subfolder(self.models_dir, "lora", self.lora_dir),
+            embeddings_dir=models_subfolder(self.models_dir, "embeddings", self.embeddings_dir),
             allow_pickle=self.allow_pickle)
         conditioning.load_embeddings()
         return conditioning
@@ -544,14 +541,11 @@ class DiffusionEngine(Engine):
                            notify=self.notify)
 
     def _make_ip_adapters(self) -> IPAdapters:
-        from pathlib import Path
-
         from sdbridge.engines.ip_adapter import IPAdapters
-        from sdbridge.engines.models import default_models_dir
+        from sdbridge.engines.models import models_subfolder
 
         assert self.parts is not None
-        models_dir = Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
-        return IPAdapters(self.parts.unet, self.device, self.dtype, models_dir / "ip_adapter",
+        return IPAdapters(self.parts.unet, self.device, self.dtype, models_subfolder(self.models_dir, "ip_adapter"),
                           allow_pickle=self.allow_pickle, notify=self.notify)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

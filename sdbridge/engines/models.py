@@ -50,6 +50,15 @@ def default_models_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sdbridge" / "models"
 
 
+def models_subfolder(models_dir: str | Path | None, name: str, configured: str | Path | None = None) -> Path:
+    """A folder of the models dir clients name files in (``lora``, ``embeddings``, ``motion``...): ``configured``
+    (its own setting, ``--lora-dir``...) when given, else ``<models_dir>/<name>``, the default models dir without
+    one."""
+    if configured:
+        return Path(configured).expanduser()
+    return (Path(models_dir).expanduser() if models_dir else default_models_dir()) / name
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A known model: where to pull it from and what it is (``sdbridge/data/models/*.toml``)."""

@@ -45,9 +45,9 @@ BLUR_CELLS = 32  # a blurred frame keeps 1/32 of its width and height: colours, 
 
 def checker_folder(models_dir: str | Path | None) -> Path:
     """``<models dir>/safety_checker``: the given folder, else the default (``SDBRIDGE_MODELS_DIR`` or the cache)."""
-    from sdbridge.engines.models import default_models_dir
+    from sdbridge.engines.models import models_subfolder
 
-    return (Path(models_dir).expanduser() if models_dir else default_models_dir()) / FOLDER
+    return models_subfolder(models_dir, FOLDER)
 
 
 def folder_problem(folder: Path) -> str | None:
