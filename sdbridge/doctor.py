@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import json
 import os
 import platform
 import shutil
@@ -283,7 +282,7 @@ def check_resume(settings: Settings) -> list[Finding]:
     """With --resume: whether the saved look can be read back and the folder written."""
     if not settings.resume:
         return []
-    from sdbridge.bridge.resume import resume_path
+    from sdbridge.bridge.resume import ResumeFile, resume_path
 
     path = resume_path(settings)
     folder = next((parent for parent in (path.parent, *path.parent.parents) if parent.exists()), None)
@@ -291,15 +290,14 @@ def check_resume(settings: Settings) -> list[Finding]:
         return [Finding(WARN, "resume", f"the look cannot be saved to {path}: "
                                         f"{'it is a folder' if path.is_dir() else 'the folder is not writable'}",
                         "set resume_file to a writable place (the daemon serves on without saving)")]
-    if not path.exists():
-        return [Finding(OK, "resume", f"on; nothing saved yet at {path} (the first run saves its look there)")]
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        count = len(data["params"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        return [Finding(WARN, "resume", f"{path} cannot be read ({type(exc).__name__}: {exc}): the next start "
-                                        f"runs on the configured values", "delete it; the next run saves a new one")]
-    return [Finding(OK, "resume", f"on; {count} values saved {data.get('saved_at', '')} in {path}")]
+        data = ResumeFile(path).load()
+    except FileNotFoundError:
+        return [Finding(OK, "resume", f"on; nothing saved yet at {path} (the first run saves its look there)")]
+    except ValueError as exc:
+        return [Finding(WARN, "resume", f"{exc}: the next start runs on the configured values",
+                        "delete it; the next run saves a new one")]
+    return [Finding(OK, "resume", f"on; {len(data['params'])} values saved {data.get('saved_at', '')} in {path}")]
 
 
 def check_outputs(settings: Settings) -> list[Finding]:

@@ -92,24 +92,33 @@ class ResumeFile:
         self.path = path
         self._last_error: str | None = None
 
-    def read(self) -> dict[str, Any]:
-        """The saved values; {} (and a warning) when there are none that can be read."""
+    def load(self) -> dict[str, Any]:
+        """The file's object, its ``params`` an object; FileNotFoundError without a file, ValueError naming why one
+        cannot be read (``sdbridge doctor`` says the same before a show)."""
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            raise
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{self.path} cannot be read ({exc})") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
+            raise ValueError(f"{self.path} holds no 'params' object")
+        return data
+
+    def read(self) -> dict[str, Any]:
+        """The saved values; {} (and a warning) when there are none that can be read."""
+        try:
+            data = self.load()
+        except FileNotFoundError:
             log.info("resume: no saved look yet at %s; starting from the configured values", self.path)
             return {}
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            log.warning("resume: %s cannot be read (%s); starting from the configured values", self.path, exc)
-            return {}
-        params = data.get("params") if isinstance(data, dict) else None
-        if not isinstance(params, dict):
-            log.warning("resume: %s holds no 'params' object; starting from the configured values", self.path)
+        except ValueError as exc:
+            log.warning("resume: %s; starting from the configured values", exc)
             return {}
         if data.get("format") != FORMAT:
             log.warning("resume: %s is of format %r, not %d (another sdbridge version wrote it): applying the values "
                         "this version takes", self.path, data.get("format"), FORMAT)
-        return params
+        return data["params"]
 
     @property
     def last_error(self) -> str | None:
