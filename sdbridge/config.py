@@ -101,7 +101,9 @@ class Settings:
     # --resume: the look (what a preset saves) is kept in resume_file and applied at the next start (bridge/resume.py)
     resume: bool = False
     resume_file: str | None = None       # default $XDG_STATE_HOME/sdbridge/resume-PORT.json (~/.local/state/...)
-    command_line_params: list[str] = field(default_factory=list)  # the names --set gave: they win over a resumed look
+    # The names --set gave: they win over a resumed look. The command line's own record, so no config file or
+    # environment variable sets it (_FILE_FIELDS).
+    command_line_params: list[str] = field(default_factory=list, metadata={"command_line_only": True})
 
     @property
     def is_loopback(self) -> bool:
@@ -207,6 +209,8 @@ def is_loopback_host(host: str) -> bool:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+# What a config file and SDBRIDGE_* variables may set: every setting but the command line's own records.
+_FILE_FIELDS = {name: f for name, f in _FIELDS.items() if not f.metadata.get("command_line_only")}
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -271,7 +275,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         key = key.replace("-", "_")
         if key == "sdbridge":
             continue
-        if key not in _FIELDS:
+        if key not in _FILE_FIELDS:
             raise ConfigError(f"config file {str(path)!r}: unknown setting {key!r}")
         out[key] = _coerce(key, value, f"config file {str(path)!r}")
     return out
@@ -287,7 +291,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
         path = "sdbridge.toml"
     if path:
         values.update(load_config_file(Path(path)))
-    for name in _FIELDS:
+    for name in _FILE_FIELDS:
         key = ENV_PREFIX + name.upper()
         if key in env and name != "params":
             values[name] = _coerce(name, env[key], f"environment {key}")

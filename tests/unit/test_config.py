@@ -43,6 +43,8 @@ def test_osc_beyond_loopback_requires_a_token_too():
 @pytest.mark.parametrize("text, message", [
     ("port = 'abc'\n", "port 'abc' is not an integer"),
     ("colour = 1\n", "unknown setting 'colour'"),
+    # The command line's own record of what --set gave (it wins over a resumed look): no file sets it.
+    ("command_line_params = ['prompt']\n", "unknown setting 'command_line_params'"),
     ("port = \n", "not valid TOML"),
 ])
 def test_bad_config_file(tmp_path, text, message):
@@ -50,6 +52,12 @@ def test_bad_config_file(tmp_path, text, message):
     config.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_settings({}, env={}, config_path=config)
+
+
+def test_the_command_line_record_is_not_read_from_the_environment():
+    settings = load_settings({"command_line_params": ["seed"]}, env={"SDBRIDGE_COMMAND_LINE_PARAMS": "prompt"})
+    assert settings.command_line_params == ["seed"]
+    assert load_settings({}, env={"SDBRIDGE_COMMAND_LINE_PARAMS": "prompt"}).command_line_params == []
 
 
 def test_warm_sessions_from_the_environment_and_its_range():
