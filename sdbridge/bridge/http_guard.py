@@ -15,9 +15,9 @@ model file. :func:`guarded_protocol` makes uvicorn's h11 protocol class with thr
 * a connection cap, in all and per client address: past it a new connection gets ``503``
   ``too_many_connections`` and closes. A WebSocket stays counted after its upgrade.
 
-It reaches into uvicorn's ``H11Protocol`` (``cycle``, ``flow``, ``connections``); where the methods it extends
-are missing, :func:`guarded_protocol` returns None and the daemon runs uvicorn's own class, so that a uvicorn that
-moves them cannot stop the daemon from starting (the bounds are then gone, and ``/stats`` says
+It reaches into uvicorn's ``H11Protocol`` (``cycle``, ``flow``, ``connections``); where that class or the methods
+it extends are missing, :func:`guarded_protocol` returns None and the daemon runs uvicorn's own class, so that a
+uvicorn that moves them cannot stop the daemon from starting (the bounds are then gone, and ``/stats`` says
 ``http.guarded: false``).
 """
 
@@ -32,9 +32,12 @@ from typing import Any
 
 from sdbridge.bridge.problem_log import ProblemLog
 
-log = logging.getLogger(__name__)
+try:  # uvicorn's own, subclassed; what it uses is checked (_supported)
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError:  # a uvicorn that has moved it: the daemon runs uvicorn's protocol, unbounded
+    H11Protocol = object  # type: ignore[misc,assignment]
 
-from uvicorn.protocols.http.h11_impl import H11Protocol  # uvicorn's own, subclassed; what it uses is checked
+log = logging.getLogger(__name__)
 
 REFUSED_LINGER_S = 1.0  # a refused connection stays half-closed this long so the client reads the answer
 FILES_BESIDE_CONNECTIONS = 512  # descriptors the daemon needs besides its sockets: models, threads' pipes, outputs
@@ -129,7 +132,7 @@ def raise_open_file_limit(max_connections: int) -> tuple[int, int] | None:
 def _supported() -> bool:
     needed = ("connection_made", "connection_lost", "data_received", "on_response_complete",
               "handle_websocket_upgrade")
-    return all(hasattr(H11Protocol, name) for name in needed)
+    return H11Protocol is not object and all(hasattr(H11Protocol, name) for name in needed)
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol] | None:

@@ -44,6 +44,25 @@ def test_the_installed_uvicorn_has_the_protocol_the_guard_extends():
     assert _supported()
 
 
+def test_a_uvicorn_without_the_h11_module_leaves_the_daemon_importable_and_unguarded():
+    # Where uvicorn has moved h11_impl, importing the daemon must not fail: it runs uvicorn's protocol, unbounded.
+    script = textwrap.dedent("""
+        import sys
+        class Moved:
+            def find_spec(self, name, path=None, target=None):
+                if name == "uvicorn.protocols.http.h11_impl":
+                    raise ModuleNotFoundError(name)
+        sys.meta_path.insert(0, Moved())
+        import sdbridge.bridge.server
+        from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol
+        print(guarded_protocol(ConnectionGuard(HttpLimits())))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"
+    assert "slow or surplus HTTP connections are not bounded" in result.stderr
+
+
 def test_the_open_file_limit_is_raised_towards_the_hard_one_in_a_process_started_low():
     resource = pytest.importorskip("resource")  # not on Windows
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
