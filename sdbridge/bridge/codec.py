@@ -231,18 +231,55 @@ def fit(image: np.ndarray, width: int, height: int, mode: str = "crop") -> np.nd
     if mode == "stretch":
         return _resize(image, width, height)
     if mode == "crop":
-        scale = max(width / in_width, height / in_height)
-        crop_width = min(in_width, max(1, round(width / scale)))
-        crop_height = min(in_height, max(1, round(height / scale)))
-        left, top = (in_width - crop_width) // 2, (in_height - crop_height) // 2
+        left, top, crop_width, crop_height = _crop_box(in_width, in_height, width, height)
         return _resize(image[top:top + crop_height, left:left + crop_width], width, height)
+    left, top, new_width, new_height = _fit_box(in_width, in_height, width, height)
+    out = np.zeros((height, width, 3), np.uint8)
+    out[top:top + new_height, left:left + new_width] = _resize(image, new_width, new_height)
+    return out
+
+
+def unfit(image: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
+    """Undo :func:`fit`: ``image`` (what a ``width``×``height`` input became, fitted with ``mode``) back at the
+    input's size, each of its pixels where the input's pixel it was made from lies (``output_size=input``).
+
+    Stretch stretches back. Fit cuts its bars off and scales the picture back. Crop puts the picture back over the
+    region it was cut from; the sides crop cut off were never made, so they are black, as fit's bars are (scaling
+    the square back over the whole input would draw a circle 1.8 times as wide as high from a 16:9 webcam: QA 16).
+    """
+    if mode not in RESIZE_MODES:
+        raise CodecError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
+    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+        raise CodecError(f"target size {width}x{height} is not within 1..{MAX_DIMENSION} per side")
+    fitted_height, fitted_width = image.shape[:2]
+    if (fitted_width, fitted_height) == (width, height):
+        return image
+    if mode == "stretch":
+        return _resize(image, width, height)
+    if mode == "fit":
+        left, top, inner_width, inner_height = _fit_box(width, height, fitted_width, fitted_height)
+        return _resize(image[top:top + inner_height, left:left + inner_width], width, height)
+    left, top, crop_width, crop_height = _crop_box(width, height, fitted_width, fitted_height)
+    out = np.zeros((height, width, *image.shape[2:]), image.dtype)
+    out[top:top + crop_height, left:left + crop_width] = _resize(image, crop_width, crop_height)
+    return out
+
+
+def _crop_box(in_width: int, in_height: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of the centred region of an ``in_width``×``in_height`` image that crop scales to
+    ``width``×``height``: the largest of that aspect ratio."""
+    scale = max(width / in_width, height / in_height)
+    crop_width = min(in_width, max(1, round(width / scale)))
+    crop_height = min(in_height, max(1, round(height / scale)))
+    return (in_width - crop_width) // 2, (in_height - crop_height) // 2, crop_width, crop_height
+
+
+def _fit_box(in_width: int, in_height: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of where fit puts an ``in_width``×``in_height`` image in ``width``×``height``,
+    centred between the bars."""
     scale = min(width / in_width, height / in_height)
     new_width, new_height = max(1, round(in_width * scale)), max(1, round(in_height * scale))
-    resized = _resize(image, new_width, new_height)
-    out = np.zeros((height, width, 3), np.uint8)
-    left, top = (width - new_width) // 2, (height - new_height) // 2
-    out[top:top + new_height, left:left + new_width] = resized
-    return out
+    return (width - new_width) // 2, (height - new_height) // 2, new_width, new_height
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -252,4 +289,4 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 __all__ = ["JPEG_MAGIC", "PNG_MAGIC", "RESIZE_MODES", "check_encoded", "decode_frame", "decode_image", "decode_raw",
-           "encode_jpeg", "encode_png", "encode_raw", "encode_reply", "encoded_size", "fit"]
+           "encode_jpeg", "encode_png", "encode_raw", "encode_reply", "encoded_size", "fit", "unfit"]

@@ -681,7 +681,9 @@ class Worker(threading.Thread):
         image = job.output
         assert image is not None
         if params["output_size"] == "input" and job.input_size and job.input_size != (image.shape[1], image.shape[0]):
-            image = codec.fit(image, job.input_size[0], job.input_size[1], "stretch")
+            # Back the way the frame was fitted, so the reply's pixels lie over the input's they came from.
+            mode = job.fitted[2] if job.fitted is not None else "stretch"  # a generated frame: fitted by none
+            image = codec.unfit(image, job.input_size[0], job.input_size[1], mode)
         quality = int(params["jpeg_quality"])
         header = job.frame.header if job.frame is not None else None
         try:

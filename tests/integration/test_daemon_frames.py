@@ -34,6 +34,23 @@ def test_png_in_jpeg_out_at_input_size(start_daemon):
     assert image.shape == (60, 100, 3)
 
 
+@pytest.mark.parametrize("mode", ["crop", "fit"])
+def test_a_reply_at_input_size_is_not_stretched(start_daemon, mode):
+    """A 16:9 frame with a square in it comes back at 16:9 with the square square, whatever the resize mode
+    (QA 16: crop and fit replies were stretched back over the whole frame; fit's kept its bars)."""
+    daemon = start_daemon(params={**IDENTITY, "output_size": "input", "resize_mode": mode})
+    image = np.zeros((180, 320, 3), np.uint8)
+    image[50:130, 120:200] = 255  # an 80x80 square at the centre
+    with ws_connect(daemon) as ws:
+        ws.send(codec.encode_png(image))
+        back = codec.decode_image(recv_frame(ws))
+    assert back.shape == (180, 320, 3)
+    rows, columns = np.nonzero(back[..., 0] > 127)
+    width, height = columns.max() - columns.min() + 1, rows.max() - rows.min() + 1
+    assert abs(width - 80) <= 6 and abs(height - 80) <= 6, f"the square came back {width}x{height}"
+    assert abs(columns.mean() - 159.5) <= 3 and abs(rows.mean() - 89.5) <= 3
+
+
 def test_raw_rgba_bottom_up_round_trip_is_exact(start_daemon):
     """TouchDesigner's raw TOP bytes (RGBA, bottom-up rows) come back byte-identical on identity."""
     daemon = start_daemon(params={**IDENTITY})

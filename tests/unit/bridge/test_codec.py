@@ -303,6 +303,66 @@ def test_fit_refuses_bad_modes_and_sizes():
         codec.fit(gradient(), 0, 32, "crop")
 
 
+def _disc(width: int, height: int, radius: int) -> np.ndarray:
+    """A white disc centred on black: its extent after a round trip shows any stretch."""
+    rows, columns = np.indices((height, width))
+    inside = (columns - width / 2 + 0.5) ** 2 + (rows - height / 2 + 0.5) ** 2 <= radius ** 2
+    return np.dstack([inside.astype(np.uint8) * 255] * 3)
+
+
+def _extent(image: np.ndarray) -> tuple[int, int]:
+    rows, columns = np.nonzero(image[..., 0] > 127)
+    return int(columns.max() - columns.min() + 1), int(rows.max() - rows.min() + 1)
+
+
+@pytest.mark.parametrize("mode", ["crop", "fit", "stretch"])
+@pytest.mark.parametrize("size", [(1280, 720), (300, 900), (641, 479)])
+def test_unfit_puts_each_pixel_back_over_the_input_pixel_it_came_from(mode, size):
+    """fit then unfit (output_size=input on an identity engine) keeps the picture's geometry: a disc stays a
+    disc of its size, where it was (QA 16: it came back 1.78 times as wide as high from a 16:9 frame)."""
+    width, height = size
+    radius = min(width, height) // 4
+    image = _disc(width, height, radius)
+    back = codec.unfit(codec.fit(image, 64, 64, mode), width, height, mode)
+    assert back.shape == image.shape and back.dtype == np.uint8
+    extent = _extent(back)
+    if mode == "stretch":  # stretched there and back: the same disc, within the resampling
+        assert all(abs(got - 2 * radius) <= 0.1 * 2 * radius + 4 for got in extent), extent
+    else:
+        assert all(abs(got - 2 * radius) <= 0.1 * 2 * radius + 2 for got in extent), extent
+        assert abs(extent[0] - extent[1]) <= 0.1 * 2 * radius + 2, f"a stretched disc {extent} in {mode}"
+    # Where the input had the disc, so has the reply (within a pixel of the scaling).
+    assert np.mean(np.abs(back.astype(int) - image.astype(int)) > 127) < 0.02
+
+
+def test_unfit_of_crop_leaves_the_sides_crop_cut_off_black():
+    image = np.full((720, 1280, 3), 200, np.uint8)
+    back = codec.unfit(codec.fit(image, 64, 64, "crop"), 1280, 720, "crop")
+    assert back[:, :280].max() == 0 and back[:, 1000:].max() == 0  # 280 columns each side were never made
+    assert back[:, 282:998].min() == 200
+
+
+def test_unfit_of_fit_drops_the_bars():
+    image = np.full((720, 1280, 3), 200, np.uint8)
+    back = codec.unfit(codec.fit(image, 64, 64, "fit"), 1280, 720, "fit")
+    assert back.min() == 200  # no bar in the reply: 401,920 black pixels before
+
+
+def test_unfit_of_an_extreme_strip_keeps_its_picture():
+    strip = np.full((2, 8191, 3), 180, np.uint8)
+    for mode in ("crop", "fit", "stretch"):
+        back = codec.unfit(codec.fit(strip, 512, 512, mode), 8191, 2, mode)
+        assert back.shape == (2, 8191, 3)
+        assert back.max() == 180, mode  # fit's reply was all black
+
+
+def test_unfit_same_size_is_the_same_object_and_refuses_bad_modes():
+    image = gradient(64, 64)
+    assert codec.unfit(image, 64, 64, "crop") is image
+    with pytest.raises(CodecError, match="resize mode 'zoom' is not one of"):
+        codec.unfit(image, 32, 32, "zoom")
+
+
 def test_shrinking_uses_area_interpolation():
     """INTER_AREA averages a fine checkerboard to grey; INTER_LINEAR would alias it."""
     checker = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
