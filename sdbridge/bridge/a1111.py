@@ -227,16 +227,67 @@ async def while_connected(request: Request, work: Awaitable[_T], stop: Callable[
         raise
 
 
-def _multiple_of_8(value: int, name: str) -> int:
-    if value % 8:
-        raise ValueError(f"{name} {value} is not a multiple of 8 (try {max(64, round(value / 8) * 8)})")
-    return value
+def _multiple_of_8(value: int) -> int:
+    """A side rounded down to a multiple of 8, as A1111 makes it: its latents are ``size // 8`` a side, so a 500
+    wide request comes back 496 wide (QA 18: a 422 here refused canvas-sized clients)."""
+    return value // 8 * 8
+
+
+# A1111's samplers that diffusers builds no scheduler for. A request naming one runs SAMPLER_FALLBACK, A1111 1.10's
+# own stand-in for a sampler it does not have (sd_samplers.get_sampler_and_scheduler), with the schedule it names,
+# and its info says so (QA 18: bots hard-code "DPM++ 2S a Karras"). A name neither knows is still a 422.
+A1111_ONLY_SAMPLERS = ("DPM++ 2S a", "DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
+SAMPLER_FALLBACK = "DPM++ 2M"
+
+
+def runnable_sampler(name: str) -> str:
+    """``name``, or for a sampler only A1111 has the fallback with the same schedule ("DPM++ 2S a Karras" ->
+    "DPM++ 2M Karras")."""
+    stripped = name.strip()
+    for only in A1111_ONLY_SAMPLERS:
+        if stripped.lower() == only.lower() or stripped.lower().startswith(only.lower() + " "):
+            return SAMPLER_FALLBACK + stripped[len(only):]
+    return name
+
+
+# What a response's images are encoded as (A1111's samples_format option, per request in override_settings), and
+# the override_settings a request honours; the others are named in its info's "warnings".
+SAMPLE_FORMATS = ("png", "jpg", "jpeg", "webp")
+HONOURED_OVERRIDES = ("CLIP_stop_at_last_layers", "sd_model_checkpoint", "samples_format", "jpeg_quality",
+                      "samples_save")
+
+
+def _sample_format(value: Any, field: str) -> str:
+    if not isinstance(value, str) or value.lower() not in SAMPLE_FORMATS:
+        raise HTTPException(422, f"{field} {value!r} is not one of {', '.join(SAMPLE_FORMATS)}")
+    return value.lower()
+
+
+def _jpeg_quality(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 100:
+        raise HTTPException(422, f"{field} {value!r} is not a quality in 1..100")
+    return int(value)
+
+
+def checkpoint_name(checkpoint: str) -> str:
+    """A checkpoint as clients name it: its title without the " [hash]" that sd-models' titles carry."""
+    return checkpoint.rsplit(" [", 1)[0] if checkpoint.endswith("]") else checkpoint
 
 
 class _Request(FiniteBody):
     """What txt2img and img2img share, with A1111's names and defaults."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        # A1111's request models make every field optional and read null as its default (processing's __post_init__:
+        # styles [], override_settings {}; get_fixed_seed: seed -1). OpenAPI-generated clients send null for each
+        # field they leave unset (QA 18). Every field here that takes None defaults to it, so dropping is the same.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
     prompt: str = Field("", max_length=20000)
     negative_prompt: str = Field("", max_length=20000)
@@ -263,23 +314,19 @@ class _Request(FiniteBody):
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    script_name: str | None = Field(None, description="none is run: a name is a 422, as A1111 answers one it lacks")
 
-    @field_validator("width")
+    @field_validator("width", "height")
     @classmethod
-    def _width(cls, value: int) -> int:
-        return _multiple_of_8(value, "width")
-
-    @field_validator("height")
-    @classmethod
-    def _height(cls, value: int) -> int:
-        return _multiple_of_8(value, "height")
+    def _size(cls, value: int) -> int:
+        return _multiple_of_8(value)
 
     @field_validator("sampler_name", "sampler_index")
     @classmethod
     def _sampler(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                samplers.resolve(value)
+                samplers.resolve(runnable_sampler(value))
             except SdbridgeError as exc:
                 raise ValueError(str(exc)) from None
         return value
@@ -305,7 +352,8 @@ class _Request(FiniteBody):
         return self
 
     def sampler(self) -> str:
-        return self.sampler_name or self.sampler_index or "Euler"  # A1111's API default (sampler_index)
+        """The sampler to run: A1111's API default (sampler_index) is Euler."""
+        return runnable_sampler(self.sampler_name or self.sampler_index or "Euler")
 
 
 class Txt2ImgRequest(_Request):
@@ -349,7 +397,7 @@ class Txt2ImgRequest(_Request):
     def _hires_sampler(self) -> Txt2ImgRequest:
         if self.enable_hr and (self.hr_sampler_name or self.hr_scheduler):
             try:
-                samplers.resolve(self.hr_sampler_name or self.sampler(), self.hr_scheduler)
+                samplers.resolve(runnable_sampler(self.hr_sampler_name or self.sampler()), self.hr_scheduler)
             except SdbridgeError as exc:
                 raise ValueError(f"hires pass: {exc}") from None
         return self
@@ -627,6 +675,12 @@ class A1111Api:
     # --- requests ---
 
     def build(self, body: _Request, kind: str) -> GenerationRequest:
+        if body.script_name:
+            # A1111 answers a script it lacks so (api.script_name_to_index); sdbridge runs none, not even the
+            # `controlnet m2m` that /scripts lists for webuiapi's sake.
+            raise HTTPException(422, f"Script '{body.script_name}' not found: sdbridge runs no scripts (ControlNet "
+                                     f"units run from alwayson_scripts)")
+        self.check_overrides(body.override_settings)
         prompt, negative = body.prompt, body.negative_prompt
         if body.styles:
             styles = load_styles(self.styles_path())
@@ -664,7 +718,8 @@ class A1111Api:
             request.hr_resize_x, request.hr_resize_y = body.hr_resize_x, body.hr_resize_y
             request.hr_prompt, request.hr_negative_prompt = hr_prompt, hr_negative
             if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
-                hr_sampler, hr_schedule = samplers.resolve(body.hr_sampler_name or body.sampler(), body.hr_scheduler)
+                hr_sampler, hr_schedule = samplers.resolve(runnable_sampler(body.hr_sampler_name or body.sampler()),
+                                                           body.hr_scheduler)
                 request.hr_sampler_name = hr_sampler.name if body.hr_sampler_name else None
                 # "DPM++ 2M Karras" names its schedule; a bare name leaves it to hires_sampler (the first pass's).
                 named = bool(body.hr_scheduler) or hr_schedule.name != "automatic"
@@ -678,8 +733,8 @@ class A1111Api:
                 if not (64 <= width <= MAX_SIDE * 2 and 64 <= height <= MAX_SIDE * 2):
                     raise HTTPException(422, f"hires size {width}x{height} is outside 64..{MAX_SIDE * 2}")
         elif isinstance(body, Img2ImgRequest):
-            if not body.init_images:
-                raise HTTPException(422, "img2img needs init_images: a list of base64 images")
+            if not body.init_images:  # A1111's status for it (api.img2imgapi: "Init image not found")
+                raise HTTPException(404, "Init image not found: img2img needs init_images, a list of base64 images")
             request.init_images = [decode_b64_image(image, f"init_images[{index}]")
                                    for index, image in enumerate(body.init_images)]
             request.denoising_strength = body.denoising_strength if body.denoising_strength is not None else 0.75
@@ -695,6 +750,40 @@ class A1111Api:
                 request.inpaint_full_res_padding = body.inpaint_full_res_padding
                 request.inpainting_mask_invert = bool(body.inpainting_mask_invert)
         return request
+
+    def check_overrides(self, overrides: dict[str, Any]) -> None:
+        """The override_settings a request honours, checked before it queues (422 naming the bad one)."""
+        if "samples_format" in overrides:
+            _sample_format(overrides["samples_format"], "override_settings.samples_format")
+        if "jpeg_quality" in overrides:
+            _jpeg_quality(overrides["jpeg_quality"], "override_settings.jpeg_quality")
+        checkpoint = overrides.get("sd_model_checkpoint")
+        if checkpoint:
+            # A1111 loads it for the request; here a request runs on the model serving the live stream, and taking
+            # that away for one request would cut the show. Silently running another model was worse (QA 18).
+            source = self.checkpoint_source(checkpoint_name(str(checkpoint)))
+            if source not in (self.current_model(), self.loaded_model()):
+                raise HTTPException(422, f"override_settings.sd_model_checkpoint {checkpoint!r} is not the loaded "
+                                         f"model ({model_title(self.loaded_model())}): a request runs on the model "
+                                         f"of the live stream; switch it with POST /sdapi/v1/options first")
+
+    @staticmethod
+    def warnings(body: _Request) -> list[str]:
+        """What the request asked that it does not get, for its info (A1111 would have done these)."""
+        out = []
+        asked = [("sampler_name", body.sampler_name or body.sampler_index)]
+        if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+            asked.append(("hr_sampler_name", body.hr_sampler_name))
+        for field, name in asked:
+            if name and runnable_sampler(name) != name:
+                out.append(f"{field} {name!r} has no diffusers scheduler: {runnable_sampler(name)!r} ran in its place, "
+                           f"as A1111 1.10 runs {SAMPLER_FALLBACK} for a sampler it lacks")
+        ignored = sorted(key for key, value in body.override_settings.items() if key not in HONOURED_OVERRIDES
+                         and not (key == "sd_vae" and value in ("Automatic", "None", "")))
+        if ignored:
+            out.append(f"override_settings {', '.join(ignored)} ignored: a request applies "
+                       f"{', '.join(HONOURED_OVERRIDES)}")
+        return out
 
     def hires_model(self, name: str) -> Callable[[np.ndarray, int, int], np.ndarray]:
         """A model upscaler's name as ``hr_upscaler`` -> the function the hires fix calls. An unknown name is a 422
@@ -833,14 +922,21 @@ class A1111Api:
     def respond(self, body: _Request, kind: str, generation: Generation) -> dict[str, Any]:
         request = generation.request
         texts = self.infotexts(generation, kind)
-        save = body.save_images or bool(self.options.get("samples_save", self.settings.save_outputs))
+        options = {**self.options, **body.override_settings}
+        save = body.save_images or bool(options.get("samples_save", self.settings.save_outputs))
+        # A1111 encodes them as its samples_format says, a JPEG's or WebP's parameters in the EXIF UserComment.
+        form = str(options.get("samples_format", "png")).lower()
+        quality = int(options.get("jpeg_quality", 80))
         images = []
         for index, (image, text) in enumerate(zip(generation.images, texts)):
-            png = pnginfo.encode_png(image, text)
+            data = pnginfo.encode_sample(image, text, form, quality)
             if save:
-                self.save(png, kind, generation.used_seeds[index])
+                self.save(data, kind, generation.used_seeds[index], "jpg" if form == "jpeg" else form)
             if body.send_images:
-                images.append(base64.b64encode(png).decode("ascii"))
+                images.append(base64.b64encode(data).decode("ascii"))
+        warnings = self.warnings(body)
+        for warning in warnings:
+            log.warning("%s: %s", kind, warning)
         model = self.loaded_model() or generation.engine.source
         info = {
             "prompt": request.prompt, "all_prompts": [request.prompt] * len(texts),
@@ -858,6 +954,8 @@ class A1111Api:
             "is_using_inpainting_conditioning": False, "version": f"sdbridge {__version__}",
             "interrupted": generation.progress.interrupted,
         }
+        if warnings:
+            info["warnings"] = warnings
         parameters = body.model_dump()
         if isinstance(body, Img2ImgRequest):
             parameters["init_images"] = None
@@ -866,16 +964,17 @@ class A1111Api:
             images = []
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
-    def save(self, png: bytes, kind: str, seed: int) -> Path:
-        """outputs/<kind>-images/YYYY-MM-DD/NNNNN-SEED.png, numbered on from what is there (A1111's layout)."""
+    def save(self, data: bytes, kind: str, seed: int, extension: str = "png") -> Path:
+        """outputs/<kind>-images/YYYY-MM-DD/NNNNN-SEED.png (or .jpg, .webp), numbered on from what is there (A1111's
+        layout)."""
         folder = Path(self.settings.outputs_dir).expanduser() / f"{kind}-images" / dt.date.today().isoformat()
         folder.mkdir(parents=True, exist_ok=True)
         number = self._save_counter.get(folder)
         if number is None:
-            existing = [int(p.name.split("-", 1)[0]) for p in folder.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
+            existing = [int(p.name.split("-", 1)[0]) for p in folder.glob("*.*") if p.name.split("-", 1)[0].isdigit()]
             number = max(existing, default=-1) + 1
-        path = folder / f"{number:05d}-{seed}.png"
-        path.write_bytes(png)
+        path = folder / f"{number:05d}-{seed}.{extension}"
+        path.write_bytes(data)
         self._save_counter[folder] = number + 1
         return path
 
@@ -914,7 +1013,7 @@ class A1111Api:
             "sd_model_checkpoint": f"{title} [{hash_}]" if title and hash_ else title,
             "sd_checkpoint_hash": hash_, "sd_vae": "Automatic",
             "CLIP_stop_at_last_layers": int(self.daemon.store.get("clip_skip")) + 1,
-            "samples_save": bool(self.settings.save_outputs), "samples_format": "png",
+            "samples_save": bool(self.settings.save_outputs), "samples_format": "png", "jpeg_quality": 80,
             "outdir_samples": "", "outdir_txt2img_samples": str(Path(self.settings.outputs_dir) / "txt2img-images"),
             "outdir_img2img_samples": str(Path(self.settings.outputs_dir) / "img2img-images"),
             "live_previews_enable": True, "show_progress_every_n_steps": 1, "randn_source": "CPU",
@@ -925,6 +1024,10 @@ class A1111Api:
 
     async def set_options(self, body: OptionsUpdate) -> None:
         values = body.model_dump(exclude_none=True)
+        if "samples_format" in values:
+            values["samples_format"] = _sample_format(values["samples_format"], "samples_format")
+        if "jpeg_quality" in values:
+            values["jpeg_quality"] = _jpeg_quality(values["jpeg_quality"], "jpeg_quality")
         checkpoint = values.pop("sd_model_checkpoint", None)
         clip_stop = values.pop("CLIP_stop_at_last_layers", None)
         if clip_stop is not None:  # the live parameter: the stream and later requests use it
@@ -935,7 +1038,7 @@ class A1111Api:
         self.options.update(values)
         if checkpoint is None:
             return
-        name = checkpoint.rsplit(" [", 1)[0] if checkpoint.endswith("]") else checkpoint
+        name = checkpoint_name(checkpoint)
         if not name.strip():
             raise HTTPException(422, "sd_model_checkpoint is empty: name a model from /sdapi/v1/sd-models")
         name = await asyncio.to_thread(self.checkpoint_source, name)
@@ -1051,13 +1154,14 @@ def create_router(daemon: Daemon) -> APIRouter:
         return api.progress(skip_current_image)
 
     @router.post("/interrupt")
-    async def interrupt() -> None:
+    async def interrupt() -> dict[str, Any]:
         """Stop the running request (its finished images are returned) and drop the queued ones."""
         worker = daemon.worker
         if worker.task is not None:
             worker.task.interrupt()
         if api.upscalers is not None:  # a model upscale (Extras, hires fix) ends before its next tile
             api.upscalers.interrupt()
+        return {}  # A1111's answer (api.interruptapi)
 
     @router.post("/skip")
     async def skip() -> None:

@@ -14,7 +14,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -82,17 +82,28 @@ async def read_json_body(request: Request, limit: int = MAX_JSON_BODY) -> Any:
                                        f"{sys.get_int_max_str_digits()} digits, too long to read")
 
 
-# Paths whose errors keep FastAPI's {"detail": ...}: the AUTOMATIC1111 API and its ControlNet extension answer as
+# Paths whose errors are A1111's, not the daemon's: the AUTOMATIC1111 API and its ControlNet extension answer as
 # they do (their clients read "detail"). /whip and /whep have routes of their own for any other path and method.
 A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 _ROUTING_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
+def a1111_error(exc: HTTPException) -> JSONResponse:
+    """An error a route raised, in A1111's shape (modules/api/api.py, ``api_middleware``): ``error`` (the exception's
+    type), ``detail``, ``body`` and ``errors``. Clients that validate it require all four (modelfusion's A1111
+    provider; QA 18), where FastAPI's answer has ``detail`` alone."""
+    content = {"error": type(exc).__name__, "detail": exc.detail, "body": "", "errors": str(exc)}
+    return JSONResponse(content, status_code=exc.status_code, headers=exc.headers)
+
+
 async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """No route for a path (404) or a method (405): the daemon's error JSON (docs/protocol.md, "HTTP"), not
-    FastAPI's ``{"detail": "Not Found"}``; the A1111 routes keep FastAPI's answer."""
+    FastAPI's ``{"detail": "Not Found"}``. Under the A1111 routes, a route's own error has A1111's shape and no
+    route is FastAPI's answer, as A1111 gives both."""
     path = request.url.path
     if path.startswith(A1111_PREFIXES):
+        if isinstance(exc, HTTPException):  # raised by a route; Starlette's own (no route) stays FastAPI's
+            return a1111_error(exc)
         return await http_exception_handler(request, exc)
     what, headers = f"{request.method} {path[:120]!r}", exc.headers
     if exc.status_code == 404:

@@ -31,6 +31,9 @@ _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286  # EXIF's sub-IFD and its UserComment tag
+
+
 def _quote(value: Any) -> str:
     text = str(value)
     if "," not in text and "\n" not in text and ":" not in text and '"' not in text:
@@ -95,6 +98,23 @@ def encode_png(image: np.ndarray, info: str | None = None, postprocessing: str |
     return buffer.getvalue()
 
 
+def encode_sample(image: np.ndarray, info: str | None, form: str = "png", quality: int = 80) -> bytes:
+    """RGB uint8 [H, W, 3] -> a file as A1111 writes a sample (its ``samples_format``): a PNG with the
+    ``parameters`` chunk, or a JPEG or WebP (``quality`` 1-100) with them in the EXIF UserComment, as UTF-16
+    behind the ``UNICODE`` character code (piexif's ``UserComment.dump(..., encoding="unicode")``)."""
+    form = form.lower()
+    if form == "png":
+        return encode_png(image, info)
+    if form not in ("jpg", "jpeg", "webp"):
+        raise CodecError(f"image format {form!r} is not one of png, jpg, jpeg, webp")
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\x00" + (info or "").encode("utf-16-be")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="WEBP" if form == "webp" else "JPEG", quality=quality,
+                                exif=exif.tobytes())
+    return buffer.getvalue()
+
+
 def read_info(data: bytes) -> tuple[str | None, dict[str, Any]]:
     """(the ``parameters`` text, the other text chunks) of a PNG, JPEG or WebP file's bytes."""
     try:
@@ -112,7 +132,7 @@ def read_info(data: bytes) -> tuple[str | None, dict[str, Any]]:
 def _exif_comment(image: Image.Image) -> str | None:
     """A1111 stores JPEG/WebP parameters in the EXIF UserComment."""
     try:
-        comment = image.getexif().get_ifd(0x8769).get(0x9286)
+        comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
     except Exception:
         return None
     if isinstance(comment, bytes):

@@ -185,7 +185,9 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
 
 @pytest.mark.parametrize(("body", "words"), [
     ({"sampler_name": "Euler Z"}, "unknown sampler 'Euler Z'"),
-    ({"width": 500}, "width 500 is not a multiple of 8"),
+    ({"script_name": "SD upscale"}, "Script 'SD upscale' not found: sdbridge runs no scripts"),
+    ({"override_settings": {"samples_format": "gif"}}, "override_settings.samples_format 'gif' is not one of"),
+    ({"override_settings": {"sd_model_checkpoint": "nosuch"}}, "sd_model_checkpoint"),
     ({"steps": -1}, "greater than or equal to 1"),
     ({"styles": ["nope"]}, "unknown style 'nope'"),
     ({"scheduler": "Wobbly"}, "unknown scheduler 'Wobbly'"),
@@ -212,7 +214,6 @@ def huge_png_header() -> str:
 @pytest.mark.parametrize(("body", "words"), [
     ({"init_images": ["not base64!"]}, "init_images[0]: not valid base64"),
     ({"init_images": [base64.b64encode(b"\xff\xd8\xff garbage").decode()]}, "not a decodable"),
-    ({"init_images": []}, "img2img needs init_images"),
     ({"init_images": [b64_png(make_image())], "mask": "%%%"}, "mask: not valid base64"),
     ({"init_images": [huge_png_header()]}, "init_images[0]: the image is 12000x9000, larger than 8192 per side"),
     ({"init_images": [b64_png(make_image())], "mask": huge_png_header()}, "mask: the image is 12000x9000"),
@@ -614,3 +615,58 @@ def test_an_unknown_lora_is_a_422_and_one_warning_line_without_traceback(api, ca
     assert [r.levelname for r in records] == ["WARNING"] * 4, [(r.name, r.levelname, r.message) for r in records]
     assert all(r.exc_info is None and ("nosuch" in r.message or "lots" in r.message or "detail" in r.message)
                for r in records)
+
+
+def test_what_a1111_clients_send_that_sdbridge_took_otherwise(api):
+    """QA 18: null fields are their defaults; a side not a multiple of 8 is rounded down, as A1111's output is; a
+    sampler only A1111 has runs its own fallback (DPM++ 2M) and the info says so, as it names the override_settings
+    left unapplied; an error a route raises has A1111's four fields; /interrupt answers {}."""
+    nulls = {"styles": None, "override_settings": None, "alwayson_scripts": None, "seed": None,
+             "negative_prompt": None, "sampler_name": None, "script_name": None}
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", **SMALL, **nulls, "width": 100})
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert from_b64(response.json()["images"][0]).shape == (64, 96, 3) and info["width"] == 96
+    assert info["seed"] >= 0 and info["sampler_name"] == "Euler" and "warnings" not in info
+    asked = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "sampler_name": "DPM++ 2S a Karras", "seed": 5,
+                                                "override_settings": {"sd_vae": "Automatic", "eta_noise_seed_delta": 7},
+                                                **SMALL})
+    assert asked.status_code == 200, asked.text
+    info = json.loads(asked.json()["info"])
+    assert info["sampler_name"] == "DPM++ 2M" and "Sampler: DPM++ 2M, Schedule type: Karras" in info["infotexts"][0]
+    assert len(info["warnings"]) == 2
+    assert info["warnings"][0].startswith("sampler_name 'DPM++ 2S a Karras' has no diffusers scheduler: "
+                                          "'DPM++ 2M Karras' ran in its place")
+    assert info["warnings"][1].startswith("override_settings eta_noise_seed_delta ignored")  # sd_vae Automatic is ours
+    same = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "sampler_name": "DPM++ 2M Karras", "seed": 5,
+                                               **SMALL}).json()
+    assert same["images"] == asked.json()["images"]
+    unknown = api.post("/sdapi/v1/txt2img", json={"sampler_name": "DPM slow", **SMALL})
+    assert unknown.status_code == 422  # a name neither has is still refused
+    missing = api.post("/sdapi/v1/img2img", json={"prompt": "a cat", **SMALL})
+    detail = "Init image not found: img2img needs init_images, a list of base64 images"
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "HTTPException", "detail": detail, "body": "", "errors": f"404: {detail}"}
+    assert api.post("/sdapi/v1/interrupt").json() == {}
+
+
+def test_samples_format_encodes_the_images_with_their_parameters(api):
+    """A1111's samples_format and jpeg_quality options (and per request, in override_settings): JPEG or WebP images
+    with the parameters in the EXIF UserComment, which png-info reads back; saved files take the extension."""
+    body = {"prompt": "a red fox", "seed": 9, "save_images": True, **SMALL}
+    webp = api.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"samples_format": "webp"}}).json()
+    assert base64.b64decode(webp["images"][0])[8:12] == b"WEBP"
+    assert api.post("/sdapi/v1/options", json={"samples_format": "jpg", "jpeg_quality": 95}).status_code == 200
+    options = api.get("/sdapi/v1/options").json()
+    assert (options["samples_format"], options["jpeg_quality"]) == ("jpg", 95)
+    jpeg = api.post("/sdapi/v1/txt2img", json=body).json()
+    data = base64.b64decode(jpeg["images"][0])
+    assert data[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(data)).size == (64, 64)
+    parsed = api.post("/sdapi/v1/png-info", json={"image": jpeg["images"][0]}).json()
+    assert parsed["info"] == json.loads(jpeg["info"])["infotexts"][0] and parsed["parameters"]["Seed"] == "9"
+    saved = sorted(path.suffix for path in (api.tmp / "outputs" / "txt2img-images").rglob("*.*"))
+    assert saved == [".jpg", ".webp"]
+    bad = api.post("/sdapi/v1/options", json={"samples_format": "gif"})
+    assert bad.status_code == 422 and "samples_format 'gif' is not one of png, jpg, jpeg, webp" in bad.json()["detail"]
+    api.post("/sdapi/v1/options", json={"samples_format": "png"})
+    assert base64.b64decode(api.post("/sdapi/v1/txt2img", json=body).json()["images"][0])[:4] == b"\x89PNG"

@@ -96,8 +96,9 @@ def test_a_body_declared_past_the_limit_is_a_413_before_it_is_read(start_daemon)
             response += chunk
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), response[:200]
-    assert json.loads(body) == {"detail": f"request body of {declared} bytes is too large (at most "
-                                          f"{a1111_body.MAX_BODY_BYTES})"}
+    detail = f"request body of {declared} bytes is too large (at most {a1111_body.MAX_BODY_BYTES})"
+    # A1111's error shape (its api_middleware): the exception's type, detail, body and errors.
+    assert json.loads(body) == {"error": "HTTPException", "detail": detail, "body": "", "errors": f"413: {detail}"}
 
 
 def test_a_streamed_body_past_the_limit_is_a_413_and_the_next_request_is_served(start_daemon, monkeypatch):
@@ -113,11 +114,13 @@ def test_a_streamed_body_past_the_limit_is_a_413_and_the_next_request_is_served(
     with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=60) as http:
         response = http.post("/sdapi/v1/png-info", content=chunks(), headers={"content-type": "application/json"})
         assert response.status_code == 413, response.text
-        assert response.json() == {"detail": f"request body of more than {4 * 2**20} bytes is too large (at most "
-                                             f"{4 * 2**20})"}
+        assert response.json()["detail"] == (f"request body of more than {4 * 2**20} bytes is too large (at most "
+                                             f"{4 * 2**20})")
         # Under the limit, the same route answers as before: the body parsed, its error a 422 naming the field.
         small = http.post("/sdapi/v1/png-info", json={"image": "not base64!"})
-        assert small.status_code == 422 and small.json() == {"detail": "image: not valid base64"}
+        assert small.status_code == 422 and small.json() == {
+            "error": "HTTPException", "detail": "image: not valid base64", "body": "",
+            "errors": "422: image: not valid base64"}
         missing = http.post("/sdapi/v1/png-info", json={})
         assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "image"]
         broken = http.post("/sdapi/v1/png-info", content=b'{"image": "AAAA"',

@@ -80,3 +80,22 @@ def test_keys_with_hyphens_and_slashes() -> None:
     assert parsed["Hires/upscaler"] == "Latent"
     assert "offset" not in parsed and "Rescale phi" not in parsed
     assert parsed["Seed"] == "1"
+
+
+@pytest.mark.parametrize("form, magic", [("jpg", b"\xff\xd8\xff"), ("JPEG", b"\xff\xd8\xff"), ("webp", b"RIFF")])
+def test_a_jpeg_or_webp_sample_carries_its_parameters_in_the_exif_user_comment(form, magic) -> None:
+    """As A1111 writes them (piexif's UserComment, UTF-16 behind "UNICODE"), so its png-info reads them back."""
+    image = np.full((16, 24, 3), 120, np.uint8)
+    data = pnginfo.encode_sample(image, A1111_TEXT + ", Note: café ✓", form, 90)
+    assert data.startswith(magic) and Image.open(io.BytesIO(data)).size == (24, 16)
+    comment = Image.open(io.BytesIO(data)).getexif().get_ifd(0x8769)[0x9286]
+    assert comment.startswith(b"UNICODE\x00")
+    assert pnginfo.read_info(data) == (A1111_TEXT + ", Note: café ✓", {})
+
+
+def test_sample_quality_and_format() -> None:
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert len(pnginfo.encode_sample(noisy, "a", "jpg", 95)) > len(pnginfo.encode_sample(noisy, "a", "jpg", 20))
+    assert pnginfo.encode_sample(noisy, "a", "png") == pnginfo.encode_png(noisy, "a")
+    with pytest.raises(CodecError, match="image format 'gif' is not one of png, jpg, jpeg, webp"):
+        pnginfo.encode_sample(noisy, "a", "gif")
