@@ -40,6 +40,7 @@ class Settings:
     feedback_port: int = 9001            # 0 turns OSC feedback and telemetry off
     telemetry_hz: float = 2.0
     feedback_hz: float = 30.0            # applied values echoed to the feedback target at most this often
+    feedback_bundles: bool = True        # several echoes at once as one bundle; off: each a plain message
     oscquery_port: int = 9002            # the OSCQuery namespace over HTTP; -1 turns it off, 0 a free port
     oscquery_advertise: bool = False     # announce it over mDNS (needs the zeroconf package)
     model: str | None = None

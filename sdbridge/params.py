@@ -10,9 +10,10 @@ Sans-I/O: no sockets, no torch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +169,18 @@ class ParamSpec:
     def numeric(self) -> bool:
         return self.kind in ("float", "int")
 
+    def normalize(self, value: Any) -> float | None:
+        """Where ``value`` sits on a 0-1 fader (what ``/sd/norm/<param>`` echoes), such that :meth:`denormalize`
+        gives it back; None for a parameter without a range (a string)."""
+        if self.kind == "bool":
+            return 1.0 if value else 0.0
+        if self.kind == "enum":
+            index = self.choices.index(value) if value in self.choices else 0
+            return (index + 0.5) / len(self.choices)  # the middle of its bin
+        if not self.numeric or self.minimum is None or self.maximum is None or self.maximum == self.minimum:
+            return None
+        return min(1.0, max(0.0, (float(value) - self.minimum) / (self.maximum - self.minimum)))
+
     def denormalize(self, fraction: float) -> Any:
         """Map 0–1 from a fader onto the parameter's range (``/sd/norm/<param>``)."""
         if isinstance(fraction, str):  # as a parameter's own value: '0.9' from a controller that sends text
@@ -194,11 +207,6 @@ class ParamSpec:
             value = int(round(value / step) * step)
             value = int(min(max(value, self.minimum), self.maximum))
         return value
-
-    def normalize(self, value: Any) -> float | None:
-        if not self.numeric or self.minimum is None or self.maximum is None or self.maximum == self.minimum:
-            return None
-        return (float(value) - self.minimum) / (self.maximum - self.minimum)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "type": self.kind, "default": self.default, "doc": self.doc,
@@ -548,7 +556,7 @@ class ParamStore:
 
     def __init__(self, schema: Schema | None = None, initial: Mapping[str, Any] | None = None) -> None:
         self.schema = schema or Schema()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: updates within a transaction()
         self._values = self.schema.defaults()
         self._version = 0
         self._sets: dict[str, int] = {}  # per name, how many updates set it (to its own value too)
@@ -594,6 +602,13 @@ class ParamStore:
                 for listener in list(self._listeners):
                     listener(changed)
         return good, errors
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Several updates from one thread that the worker's snapshot sees all or none of (an OSC bundle that
+        recalls a preset between parameter messages). Listeners run inside it: keep it short."""
+        with self._lock:
+            yield
 
     def set_counts(self, names: Iterable[str]) -> dict[str, int]:
         """How many updates have set each name, whether or not its value changed: who set a value to what it

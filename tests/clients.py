@@ -66,20 +66,23 @@ class UdpReceiver:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
 
-    def messages(self, duration_s: float) -> list[tuple[str, list[Any]]]:
-        from pythonosc.osc_packet import OscPacket
-
-        out: list[tuple[str, list[Any]]] = []
+    def datagrams(self, duration_s: float) -> list[bytes]:
+        """Every datagram that came within ``duration_s``, as sent."""
+        out: list[bytes] = []
         deadline = time.monotonic() + duration_s
         while (left := deadline - time.monotonic()) > 0:
             self.sock.settimeout(left)
             try:
-                data, _ = self.sock.recvfrom(65536)
+                out.append(self.sock.recvfrom(65536)[0])
             except (TimeoutError, socket.timeout):
                 break
-            for item in OscPacket(data).messages:
-                out.append((item.message.address, list(item.message.params)))
         return out
+
+    def messages(self, duration_s: float) -> list[tuple[str, list[Any]]]:
+        from pythonosc.osc_packet import OscPacket
+
+        return [(item.message.address, list(item.message.params))
+                for data in self.datagrams(duration_s) for item in OscPacket(data).messages]
 
     def close(self) -> None:
         self.sock.close()

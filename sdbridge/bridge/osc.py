@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdbridge.bridge.osc_parse import (MAX_DATAGRAM, OscCall, at_address, calls_to_updates, encode_bundles,
+from sdbridge.bridge.osc_parse import (MAX_DATAGRAM, OscCall, at_address, calls_to_updates, encode_bundles, in_order,
                                        encode_message, outside_prefix, parse_datagram)
 from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.errors import ProtocolError, SdbridgeError
@@ -133,30 +133,36 @@ class OscServer(asyncio.DatagramProtocol):
             self.stats.good += 1
             self.stats.messages += len(calls)
             classified = True
-            # 3. Map and apply: one update call for the whole datagram, so a bundle lands in one frame.
-            actions = calls_to_updates(calls, self.store.schema, self.prefix)
-            if actions.updates:
-                _, errors = self.apply(actions.updates)
-                # A rule the store checks (a schedule's spec, an LFO's target) names its address as the parser's do.
-                actions.errors.extend(at_address(actions.addresses[error.name], error)
-                                      if error.name in actions.addresses else error for error in errors)
-            # 4. Report errors and hand on commands. A message outside the prefix is told once per address: a
-            #    TouchDesigner set up for another prefix would otherwise send into silence (qa8 #6).
-            self.stats.unknown_address += len(actions.outside)
-            for address in actions.outside:
-                if address not in self._told_addresses and len(self._told_addresses) < MAX_TOLD_ADDRESSES:
-                    self._told_addresses.add(address)
-                    actions.errors.append(outside_prefix(address, self.prefix))
-            for error in actions.errors:
-                self.stats.param_errors += error.code != "unknown_address"
-                self._log.warning("OSC from %s: %s", addr, error)
-                self._call(self.on_error, error, addr)
-            for call in actions.commands:
-                self._call(self.on_command, call, addr)
+            # 3. Map and apply, in order: the parameters between two commands in one update call, a command (a
+            #    preset recall) in its place, all in one transaction, so that a bundle lands in one frame.
+            with self.store.transaction():
+                for run in in_order(calls, self.store.schema, self.prefix):
+                    self._handle(run, addr)
         except Exception:  # never let one datagram take the protocol down
             if not classified:
                 self.stats.malformed += 1
             self._internal_error(addr)
+
+    def _handle(self, calls: list[OscCall], addr: Any) -> None:
+        actions = calls_to_updates(calls, self.store.schema, self.prefix)
+        if actions.updates:
+            _, errors = self.apply(actions.updates)
+            # A rule the store checks (a schedule's spec, an LFO's target) names its address as the parser's do.
+            actions.errors.extend(at_address(actions.addresses[error.name], error)
+                                  if error.name in actions.addresses else error for error in errors)
+        # Report errors and hand on commands. A message outside the prefix is told once per address: a
+        # TouchDesigner set up for another prefix would otherwise send into silence (qa8 #6).
+        self.stats.unknown_address += len(actions.outside)
+        for address in actions.outside:
+            if address not in self._told_addresses and len(self._told_addresses) < MAX_TOLD_ADDRESSES:
+                self._told_addresses.add(address)
+                actions.errors.append(outside_prefix(address, self.prefix))
+        for error in actions.errors:
+            self.stats.param_errors += error.code != "unknown_address"
+            self._log.warning("OSC from %s: %s", addr, error)
+            self._call(self.on_error, error, addr)
+        for call in actions.commands:
+            self._call(self.on_command, call, addr)
 
     def _call(self, handler: Callable[[Any, Any], None] | None, value: Any, addr: Any) -> None:
         """A failing callback is ours to count, and must not stop the others."""
@@ -182,9 +188,10 @@ class OscServer(asyncio.DatagramProtocol):
 class OscSender:
     """OSC out to one host:port (feedback and telemetry). Never blocks: drops and counts instead."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, bundles: bool = True) -> None:
         self.host = host
         self.port = port
+        self.bundles = bundles
         self.transport: asyncio.DatagramTransport | None = None
         self.stats = OscSenderStats()
 
@@ -220,7 +227,13 @@ class OscSender:
         self._send(encode_message(address, *args))
 
     def send_many(self, messages: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
-        """Messages as one bundle if they fit one MTU-sized datagram, else as several, in order."""
+        """Messages as one bundle if they fit one MTU-sized datagram, else as several, in order; one message, or
+        any number with ``bundles`` off, as plain messages: receivers that parse no bundles (Arduino's
+        OSCMessage, Pd's oscparse, some MIDI-to-OSC bridges) read those (QA 17)."""
+        if len(messages) == 1 or not self.bundles:
+            for address, args in messages:
+                self.send(address, *args)
+            return
         for datagram in encode_bundles(messages):
             self._send(datagram)
 

@@ -23,7 +23,7 @@ ignored on purpose: a bundle applies at the next frame boundary, never later (DE
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,8 +213,9 @@ def _value_for(call: OscCall, schema: Schema, name: str) -> Any:
     value = _one_value(call, name)
     if spec.kind == "int" and not isinstance(value, bool):
         big = spec.maximum is not None and spec.maximum > FLOAT32_EXACT_INT_MAX
-        if isinstance(value, float) and big and abs(value) > FLOAT32_EXACT_INT_MAX:
-            # A float32 cannot hold every integer above 2^24: 123456789 arrives as 123456792.
+        if isinstance(value, float) and call.tags != "d" and big and abs(value) > FLOAT32_EXACT_INT_MAX:
+            # A float32 cannot hold every integer above 2^24: 123456789 arrives as 123456792. A double ('d') holds
+            # every seed exactly (QA 17).
             raise ParamError(f"{call.address} {value!r} is beyond float32's exact integers (2^24); "
                              "send it as int64 ('h') or a string", name=name, value=value)
         if isinstance(value, int) and INT32_MIN <= value < 0 and (spec.minimum or 0) >= 0 \
@@ -223,6 +224,26 @@ def _value_for(call: OscCall, schema: Schema, name: str) -> Any:
             raise ParamError(f"{call.address} {value} is negative; an int32 ('i') wraps values above {INT32_MAX} "
                              f"(was it {value + 2**32}?): send int64 ('h') or a string", name=name, value=value)
     return spec.validate(value)
+
+
+def in_order(calls: Sequence[OscCall], schema: Schema, prefix: str = "/sd") -> list[list[OscCall]]:
+    """A datagram's messages in runs to handle one after another: each command (a preset recall) on its own, between
+    the parameter messages before and after it. OSC handles a bundle's messages in order: "recall a preset, then set
+    strength" keeps that strength, where handling commands last let the preset overwrite it (QA 17)."""
+    runs: list[list[OscCall]] = [[]]
+    head = prefix.rstrip("/") + "/"
+    for call in calls:
+        path = call.address[len(head):] if call.address.startswith(head) else ""
+        if path and _is_command(path, schema):
+            runs += [[call], []]
+        else:
+            runs[-1].append(call)
+    return [run for run in runs if run]
+
+
+def _is_command(path: str, schema: Schema) -> bool:
+    """Whether ``path`` (under the prefix) is a request such as ``preset`` rather than a parameter."""
+    return Schema.name_from_osc_path(path) not in schema and path.split("/", 1)[0] in COMMANDS
 
 
 def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/sd") -> OscActions:
@@ -249,10 +270,10 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
                 actions.updates[name] = spec.validate(spec.denormalize(fraction))
                 actions.addresses[name] = call.address
                 continue
-            name = Schema.name_from_osc_path(path)
-            if name not in schema and path.split("/", 1)[0] in COMMANDS:
+            if _is_command(path, schema):
                 actions.commands.append(call)
                 continue
+            name = Schema.name_from_osc_path(path)
             actions.updates[name] = _value_for(call, schema, name)
             actions.addresses[name] = call.address
         except ParamError as exc:

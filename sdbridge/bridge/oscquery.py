@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from sdbridge.bridge.osc_parse import INT32_MAX
 from sdbridge.bridge.security import AccessPolicy
 from sdbridge.params import ParamSpec, Schema
 
@@ -37,8 +38,16 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            405: "Method Not Allowed"}
 
 
+def _type_tag(spec: ParamSpec) -> str:
+    """The OSC type a client built from the tree sends: an int whose range passes int32's (a seed, to 2^32 - 1) is
+    int64 ('h'), or values above 2^31 - 1 arrive negative and are refused (QA 17)."""
+    if spec.kind == "int" and spec.maximum is not None and spec.maximum > INT32_MAX:
+        return "h"
+    return TYPE_TAGS[spec.kind]
+
+
 def _node(spec: ParamSpec, address: str, value: Any) -> dict[str, Any]:
-    node: dict[str, Any] = {"FULL_PATH": address, "TYPE": TYPE_TAGS[spec.kind], "ACCESS": ACCESS_READ_WRITE,
+    node: dict[str, Any] = {"FULL_PATH": address, "TYPE": _type_tag(spec), "ACCESS": ACCESS_READ_WRITE,
                             "DESCRIPTION": spec.doc, "VALUE": [value]}
     if spec.numeric and spec.minimum is not None and spec.maximum is not None:
         node["RANGE"] = [{"MIN": spec.minimum, "MAX": spec.maximum}]

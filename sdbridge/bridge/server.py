@@ -241,7 +241,7 @@ class Daemon:
             if self.oscquery is not None and settings.oscquery_advertise:
                 await self._advertise(settings.effective_osc_host)
         if settings.feedback_port:
-            self.feedback = OscSender(settings.feedback_host, settings.feedback_port)
+            self.feedback = OscSender(settings.feedback_host, settings.feedback_port, bundles=settings.feedback_bundles)
             await self.feedback.start()
         self.store.subscribe(self._params_changed)
         if self.resume is not None:
@@ -409,6 +409,11 @@ class Daemon:
     def report_osc_error(self, exc: SdbridgeError, source: tuple[str, int] | Any = None) -> None:
         if self.feedback is not None:
             self.feedback.send(f"{self.settings.osc_prefix}/status/error", exc.code, str(exc)[:200])
+            name = getattr(exc, "name", None)
+            if exc.code == "bad_param" and name in self.store.schema:
+                # The value that holds goes back on its address, so a fader left at a refused value snaps back to
+                # it rather than showing what the daemon does not use (QA 17).
+                self._echo({name: self.store.get(name)})
 
     # --- subscriptions, telemetry and feedback ------------------------------------------------
 
@@ -431,14 +436,18 @@ class Daemon:
     def _push_params(self, changed: dict[str, Any]) -> None:
         for viewer in list(self._subscribers["params"]):
             viewer.offer_control({"type": "params", "values": changed})
-        if self.feedback is not None:
-            # The applied value goes back on its own address, so a controller's fader follows; a
-            # glide changes values 60 times a second, so echoes are coalesced to feedback_hz.
-            first = not self._echo_pending
-            self._echo_pending.update(changed)
-            if first and self._loop is not None:
-                delay = max(0.0, self._last_echo + 1.0 / self.settings.feedback_hz - self._loop.time())
-                self._loop.call_later(delay, self._flush_echo)
+        self._echo(changed)
+
+    def _echo(self, values: dict[str, Any]) -> None:
+        """Loop thread: the applied values go back on their own addresses, so a controller's fader follows; a
+        glide changes values 60 times a second, so echoes are coalesced to feedback_hz."""
+        if self.feedback is None:
+            return
+        first = not self._echo_pending
+        self._echo_pending.update(values)
+        if first and self._loop is not None:
+            delay = max(0.0, self._last_echo + 1.0 / self.settings.feedback_hz - self._loop.time())
+            self._loop.call_later(delay, self._flush_echo)
 
     def _flush_echo(self) -> None:
         pending, self._echo_pending = self._echo_pending, {}
@@ -446,7 +455,16 @@ class Daemon:
             return
         self._last_echo = self._loop.time()
         prefix = self.settings.osc_prefix
-        self.feedback.send_many([(f"{prefix}/{Schema.osc_path(name)}", (value,)) for name, value in pending.items()])
+        messages = []
+        for name, value in pending.items():
+            path = Schema.osc_path(name)
+            messages.append((f"{prefix}/{path}", (value,)))
+            # And on its fader's address: a TouchOSC fader (0-1 by default) bound to /sd/norm/<param> follows a
+            # preset, a glide or another controller too (QA 17).
+            fraction = self.store.schema.get(name).normalize(value) if name in self.store.schema else None
+            if fraction is not None:
+                messages.append((f"{prefix}/norm/{path}", (fraction,)))
+        self.feedback.send_many(messages)
 
     def collect_stats(self) -> dict[str, Any]:
         sessions = [session.stats() for session in self.registry.sessions()]

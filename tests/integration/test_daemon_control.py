@@ -128,6 +128,64 @@ def test_telemetry_and_param_echo_over_osc(start_daemon):
     assert echoes and abs(echoes[0][0] - 0.6) < 1e-6
 
 
+def test_echoes_for_plain_receivers_and_norm_faders(start_daemon):
+    """QA 17: a value goes back on its /norm/ address too, so a 0-1 fader follows a preset; a refused value gets the
+    value that holds sent back, so the fader snaps back; one echo alone (a string's) is a plain message."""
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity"}, feedback_port=receiver.port, telemetry_hz=0.5)
+        osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+        osc.send_message("/sd/norm/strength", 0.25)
+        messages = receiver.messages(1.0)
+        assert ("/sd/strength", [0.25]) in messages and ("/sd/norm/strength", [0.25]) in messages
+        osc.send_message("/sd/prompt", "a plain fox")
+        alone = [data for data in receiver.datagrams(1.0) if b"/sd/prompt" in data]
+        assert alone == [b"/sd/prompt\x00\x00,s\x00\x00a plain fox\x00"]
+        osc.send_message("/sd/resize_mode", "stretch")  # an enum's fader value is the middle of its bin
+        osc.send_message("/sd/strength", 1.5)  # refused: the 0.25 that holds goes back
+        messages = receiver.messages(1.0)
+        assert ("/sd/norm/resize_mode", [pytest.approx(5 / 6)]) in messages
+        assert ("/sd/strength", [0.25]) in messages and daemon.store.get("strength") == 0.25
+    finally:
+        receiver.close()
+
+
+def receiver_messages(datagrams):
+    from pythonosc.osc_packet import OscPacket
+
+    return [(item.message.address, list(item.message.params)) for data in datagrams
+            for item in OscPacket(data).messages]
+
+
+def test_feedback_bundles_off_sends_every_echo_plain(start_daemon):
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity"}, feedback_port=receiver.port, telemetry_hz=0.5,
+                              feedback_bundles=False)
+        daemon.store.update({"strength": 0.3, "steps": 3, "prompt": "a fox"})
+        datagrams = receiver.datagrams(1.0)
+    finally:
+        receiver.close()
+    assert len(datagrams) >= 5 and not any(data.startswith(b"#bundle") for data in datagrams)
+    addresses = {address for address, _ in receiver_messages(datagrams)}
+    assert {"/sd/strength", "/sd/norm/strength", "/sd/steps", "/sd/norm/steps", "/sd/prompt"} <= addresses
+    assert "/sd/norm/prompt" not in addresses  # a string has no fader
+
+
+def test_a_bundle_recalling_a_preset_then_setting_a_value_keeps_that_value(start_daemon):
+    """OSC handles a bundle's messages in order: the preset first, then the tweak (QA 17: the preset won)."""
+    daemon = start_daemon(params={"engine": "identity"})
+    bundle = OscBundleBuilder(IMMEDIATELY)
+    for address, args in (("/sd/strength", [0.9]), ("/sd/preset", ["neon", 0.0]), ("/sd/effect", ["grade"])):
+        message = OscMessageBuilder(address)
+        for arg in args:
+            message.add_arg(arg)
+        bundle.add_content(message.build())
+    SimpleUDPClient("127.0.0.1", daemon.osc_port).send(bundle.build())
+    assert wait_for(lambda: daemon.store.get("effect") == "grade")
+    assert daemon.store.get("strength") == 0.7  # the preset's, set after the bundle's first message
+
+
 def test_malformed_osc_counted_daemon_keeps_serving(start_daemon):
     import socket
 

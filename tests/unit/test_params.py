@@ -91,6 +91,35 @@ def test_denormalize_maps_fader_onto_range(schema):
         schema.get("strength").denormalize(1.5)
 
 
+def test_normalize_is_where_denormalize_lands(schema):
+    """What /sd/norm/<param> echoes: a fader position that maps back onto the value (QA 17)."""
+    for name, value in (("strength", 0.25), ("steps", 26), ("width", 1056), ("seed", 4294967295),
+                        ("resize_mode", "fit"), ("resize_mode", "stretch"), ("output_size", "input")):
+        spec = schema.get(name)
+        fraction = spec.normalize(value)
+        assert 0.0 <= fraction <= 1.0 and spec.denormalize(fraction) == value, (name, value, fraction)
+    assert schema.get("resize_mode").normalize("stretch") == pytest.approx(5 / 6)
+    bools = [spec for spec in schema if spec.kind == "bool"]
+    assert bools and all(spec.normalize(True) == 1.0 and spec.normalize(False) == 0.0 for spec in bools)
+    assert schema.get("prompt").normalize("a cat") is None
+
+
+def test_a_transaction_holds_the_snapshot_until_its_updates_are_all_in():
+    import threading
+
+    store = ParamStore()
+    seen = []
+    with store.transaction():
+        store.update({"strength": 0.2})
+        reader = threading.Thread(target=lambda: seen.append(store.snapshot()[1]["steps"]))
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive()  # the worker's snapshot waits
+        store.update({"steps": 3})
+    reader.join(5)
+    assert seen == [3]
+
+
 def test_store_applies_good_values_together_and_reports_bad():
     store = ParamStore()
     seen = []

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from sdbridge.bridge.osc_parse import (ARG_SIZES, MAX_BUNDLE_DEPTH, MAX_DATAGRAM, OscActions, OscCall, calls_to_updates,
-                                       encode_bundles, encode_message, parse_datagram)
+                                       encode_bundles, encode_message, in_order, parse_datagram)
 from sdbridge.errors import ParamError, ProtocolError
 from sdbridge.params import ParamSpec, Schema
 
@@ -264,6 +264,22 @@ def test_bad_values_do_not_stop_the_good_ones():
                      message("/sd/prompt", "a fox"))
     assert result.updates == {"guidance": 2.0, "prompt": "a fox"}
     assert len(result.errors) == 2
+
+
+def test_a_double_carries_every_seed_exactly():
+    # A double holds every integer to 2^53: the float32 rule is for 'f' alone (QA 17: 'd' 4294967295.0 was refused).
+    assert updates(message("/sd/seed", 4294967295.0, types="d")).updates == {"seed": 4294967295}
+    assert updates(message("/sd/seed", 123456789.0, types="d")).updates == {"seed": 123456789}
+
+
+def test_in_order_splits_a_datagram_at_each_command():
+    calls = parse_datagram(bundle(message("/sd/strength", 0.9), message("/sd/preset", "neon"),
+                                  message("/sd/effect", "grade"), message("/sd/steps", 2.0), message("/other/x", 1.0),
+                                  message("/sd/get/strength")))
+    runs = in_order(calls, SCHEMA)
+    assert [[call.address for call in run] for run in runs] == [
+        ["/sd/strength"], ["/sd/preset"], ["/sd/effect", "/sd/steps", "/other/x"], ["/sd/get/strength"]]
+    assert in_order([], SCHEMA) == []
 
 
 def test_commands_and_other_prefixes():

@@ -16,7 +16,9 @@ def test_namespace_from_the_schema():
     assert strength["FULL_PATH"] == "/sd/strength" and strength["TYPE"] == "f"
     assert strength["RANGE"] == [{"MIN": 0.0, "MAX": 1.0}] and strength["VALUE"] == [0.25]
     assert find(tree, "/sd/resize_mode")["RANGE"] == [{"VALS": ["crop", "fit", "stretch"]}]
-    assert find(tree, "/sd/seed")["TYPE"] == "i"
+    # Seeds go to 2^32 - 1: an int32 from a client built from the tree would wrap above 2^31 - 1 (QA 17).
+    assert find(tree, "/sd/seed")["TYPE"] == "h" and find(tree, "/sd/blend_seed")["TYPE"] == "h"
+    assert find(tree, "/sd/steps")["TYPE"] == "i"
     assert find(tree, "/sd")["FULL_PATH"] == "/sd" and find(tree, "/nope") is None
     def leaves(node):
         return sum(leaves(child) for child in node["CONTENTS"].values()) if "CONTENTS" in node else 1
