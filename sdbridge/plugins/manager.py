@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from sdbridge.engines.base import LAST_OUTPUT  # the session's previous final output (the worker keeps it)
-from sdbridge.params import ParamStore
+from sdbridge.params import ParamSpec, ParamStore
 from sdbridge.plugins.base import Plugin, PluginContext
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,33 @@ def discover(group: str = GROUP) -> dict[str, type[Plugin]]:
     return found
 
 
+def _own_params(name: str, cls: type[Plugin], store: ParamStore) -> list[ParamSpec]:
+    """``cls``'s parameters, once checked: each under ``plugin.<name>.``, declared once, and none another's."""
+    specs = list(cls.all_params())
+    seen: dict[str, ParamSpec] = {}
+    for spec in specs:
+        if not spec.name.startswith(f"plugin.{name}."):
+            raise ValueError(f"parameter {spec.name!r} is outside the plugin's own plugin.{name}.* names")
+        known = seen.get(spec.name) or (store.schema.get(spec.name) if spec.name in store.schema else None)
+        if known is not None and known != spec:
+            raise ValueError(f"parameter {spec.name!r} is declared twice")
+        seen[spec.name] = spec
+    return specs
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, np.ndarray) or hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def _image_problem(value: Any, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with ``value`` as a frame of ``shape`` (uint8 RGB, as the engine and encoder take), or None."""
+    if isinstance(value, np.ndarray) and value.shape == shape and value.dtype == np.uint8:
+        return None
+    return f"{_described(value)}, expected an image of shape {shape} uint8"
+
+
 @dataclass
 class _Active:
     plugin: Plugin
@@ -73,10 +100,19 @@ class PluginManager:
         self.store = store
         self.classes = dict(discover() if classes is None else classes)
         self.plugins: dict[str, Plugin] = {}
-        for name, cls in self.classes.items():
-            for spec in cls.all_params():
+        for name, cls in list(self.classes.items()):
+            # A plugin that cannot be made, or whose parameters would clash, is left out as one that does not
+            # import is: it stopped the daemon from starting, with a message that did not name it (QA 15).
+            try:
+                specs = _own_params(name, cls, store)
+                plugin = cls()
+            except Exception as exc:
+                log.error("plugin %s left out: %s: %s", name, type(exc).__name__, exc)
+                del self.classes[name]
+                continue
+            for spec in specs:
                 store.add_spec(spec)
-            self.plugins[name] = cls()
+            self.plugins[name] = plugin
         self.report = report or (lambda session_id, message: None)
         self.active: list[_Active] = []
         self.failures = 0
@@ -149,12 +185,27 @@ class PluginManager:
                     log.exception("plugin %s failed to forget session %s's earlier frames", name, session_id)
 
     def after_step(self) -> None:
+        """Plugins that work inside the engine, after its step. One that raises is turned off as a failure in
+        before_step is (until it is turned on again), rather than logging a traceback every frame (QA 15)."""
         for name, plugin in self.plugins.items():
-            if plugin.overrides("after_step"):
+            if not plugin.overrides("after_step"):
+                continue
+            failed = self._engine_failed.get(name)
+            if failed == self._generation[name]:
+                continue  # failed since it was last turned on
+            if failed is not None:
+                del self._engine_failed[name]  # turned on again since: re-armed
+            try:
+                plugin.after_step()
+            except Exception:
+                self.failures += 1
+                self._engine_failed[name] = self._generation[name]
+                log.exception("plugin %s failed after the engine step; turned off until it is turned on again",
+                              name)
                 try:
-                    plugin.after_step()
+                    plugin.before_step(None, [], {})
                 except Exception:
-                    log.exception("plugin %s failed after the engine step", name)
+                    log.exception("plugin %s could not undo its engine changes", name)
 
     def _context(self, item: _Active, session_state: dict[str, Any], session_id: str) -> PluginContext | None:
         name = item.plugin.name
@@ -196,12 +247,17 @@ class PluginManager:
                 log.debug("plugin %s failed in before", item.plugin.name, exc_info=True)
                 self._fail(item, ctx, f"{type(exc).__name__}: {exc}")
                 continue
-            if ctx.image is not image:
-                if ctx.image is None or ctx.image.shape != image.shape or ctx.image.dtype != np.uint8:
-                    shape = None if ctx.image is None else (ctx.image.shape, ctx.image.dtype)
-                    self._fail(item, ctx, f"set an input of {shape}, expected {image.shape} uint8")
-                    continue
-                image = ctx.image
+            # What a plugin hands back goes on to the engine, the encoder and the clients: anything but an image
+            # of the frame's shape stopped every session's stream (QA 15), or went out at the wrong size.
+            wrong = _image_problem(ctx.image, image.shape) if ctx.image is not image else None
+            wrong = wrong and f"set an input that is {wrong}"
+            if wrong is None and replacement is not None:
+                wrong = _image_problem(replacement, image.shape)
+                wrong = wrong and f"returned an output that is {wrong}"
+            if wrong is not None:
+                self._fail(item, ctx, wrong)
+                continue
+            image = ctx.image
             if replacement is not None:
                 return replacement, image
         return None, image
@@ -219,12 +275,17 @@ class PluginManager:
                     continue
                 try:
                     result = item.plugin.on_latents(latents[index:index + 1], ctx)
+                    if not isinstance(result, torch.Tensor) or result.shape != latents[index:index + 1].shape:
+                        # Checked here: a wrong shape failed in the cat below, the whole batch's step with it (QA 15).
+                        raise ValueError(f"returned {_described(result)}, expected latents of shape "
+                                         f"{tuple(latents[index:index + 1].shape)}")
                     if not bool(torch.isfinite(result).all()):
                         raise FloatingPointError("returned NaN or infinite latents")
+                    result = result.to(latents.device, latents.dtype)
                 except Exception as exc:
                     self._fail(item, ctx, f"{type(exc).__name__}: {exc}")
                     continue
-                latents = torch.cat([latents[:index], result.to(latents.dtype), latents[index + 1:]])
+                latents = torch.cat([latents[:index], result, latents[index + 1:]])
         return latents
 
     def _fallback(self, item: _Active, session_id: str, image: np.ndarray | None, output: np.ndarray) -> np.ndarray:
@@ -261,9 +322,8 @@ class PluginManager:
             except Exception as exc:
                 result, reason = None, f"{type(exc).__name__}: {exc}"
             else:
-                wrong = result is not None and (result.shape != output.shape or result.dtype != np.uint8)
-                reason = f"returned an image of shape {result.shape} {result.dtype}, expected {output.shape} uint8" \
-                    if wrong else None
+                wrong = None if result is None else _image_problem(result, output.shape)
+                reason = f"returned {wrong}" if wrong else None
             if reason is not None:
                 self._fail(item, ctx, reason)
                 if closed:  # this frame too: it went through no check

@@ -37,7 +37,9 @@ class SimilarityFilter(Plugin):
         last = ctx.state.get("signature")
         output = ctx.last_output
         skips = ctx.state.get("skips", 0)
-        if last is not None and output is not None and skips < ctx.params["max_skips"]:
+        # The last output stands in only at this frame's size: after a change of resolution it is another size.
+        if last is not None and output is not None and output.shape == ctx.image.shape \
+                and skips < ctx.params["max_skips"]:
             similarity = float(np.dot(signature, last))
             if similarity >= ctx.params["threshold"]:
                 ctx.state["skips"] = skips + 1

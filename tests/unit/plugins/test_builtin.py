@@ -120,4 +120,4 @@ def test_a_plugin_that_sets_an_input_of_another_shape_is_turned_off():
     skipped, image = manager.before("s", {}, camera)
     assert skipped is None and image is camera  # the input as it came: the plugin is off for this session
     assert reports and reports[0]["code"] == "plugin_failed"
-    assert "expected (128, 128, 3) uint8" in reports[0]["message"]
+    assert "expected an image of shape (128, 128, 3) uint8" in reports[0]["message"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdbridge.params import ParamStore, Schema
+from sdbridge.params import ParamSpec, ParamStore, Schema
 from sdbridge.plugins.base import Plugin, PluginContext, param
 from sdbridge.plugins.manager import PluginManager, discover
 
@@ -117,6 +117,85 @@ def test_wrong_shape_from_after_is_a_failure(manager):
     assert "shape" in reports[0]["message"]
 
 
+class Misbehaving(Plugin):
+    """Hands back what is not a frame, as third-party plugins did in QA 15 (each stopped every session's stream)."""
+
+    name = "misbehaving"
+    case = ""
+
+    def before(self, ctx):
+        if Misbehaving.case == "before_string":
+            return "not an image"
+        if Misbehaving.case == "before_float":
+            return ctx.image.astype(np.float64)
+        if Misbehaving.case == "input_list":
+            ctx.image = ctx.image.tolist()
+        return None
+
+    def after(self, ctx):
+        return [1, 2, 3] if Misbehaving.case == "after_list" else 7 if Misbehaving.case == "after_int" else None
+
+    def on_latents(self, latents, ctx):
+        return latents[:, :2] if Misbehaving.case == "latents_shape" else latents
+
+
+@pytest.mark.parametrize("case", ["before_string", "before_float", "input_list", "after_list", "after_int"])
+def test_a_plugin_handing_back_what_is_not_a_frame_is_turned_off_for_its_session(case):
+    Misbehaving.case = case
+    store = ParamStore(Schema())
+    reports: list = []
+    manager = PluginManager(store, {"misbehaving": Misbehaving}, report=lambda sid, m: reports.append((sid, m)))
+    store.update({"plugin.misbehaving.enabled": True})
+    manager.prepare(store.snapshot()[1])
+    frame = np.full((8, 8, 3), 9, np.uint8)
+    state: dict = {}
+    skipped, image = manager.before("a", state, frame)
+    output = manager.after("a", state, image, frame)
+    assert skipped is None and image is frame and output is frame  # the frame goes on as it was
+    assert len(reports) == 1 and reports[0][0] == "a" and reports[0][1]["code"] == "plugin_failed"
+    assert "expected an image of shape (8, 8, 3) uint8" in reports[0][1]["message"]
+    manager.before("a", state, frame)
+    manager.after("a", state, frame, frame)
+    assert len(reports) == 1  # off for that session: not called again
+
+
+def test_latents_of_another_shape_fail_that_session_only():
+    Misbehaving.case = "latents_shape"
+    store = ParamStore(Schema())
+    reports: list = []
+    manager = PluginManager(store, {"misbehaving": Misbehaving}, report=lambda sid, m: reports.append((sid, m)))
+    store.update({"plugin.misbehaving.enabled": True})
+    manager.prepare(store.snapshot()[1])
+    latents = torch.randn(2, 4, 3, 3)
+    out = manager.on_latents(latents, ["a", "b"], [{}, {}])
+    assert torch.equal(out, latents)  # the batch's step goes on (the cat raised before)
+    assert [sid for sid, _ in reports] == ["a", "b"]
+    assert "expected latents of shape (1, 4, 3, 3)" in reports[0][1]["message"]
+
+
+def test_a_plugin_failing_after_the_step_is_turned_off_not_logged_every_frame(caplog):
+    class AfterStep(Plugin):
+        name = "afterstep"
+        calls = 0
+
+        def after_step(self):
+            AfterStep.calls += 1
+            raise RuntimeError("boom")
+
+    store = ParamStore(Schema())
+    manager = PluginManager(store, {"afterstep": AfterStep})
+    manager.prepare(store.snapshot()[1])
+    for _ in range(5):
+        manager.after_step()
+    assert AfterStep.calls == 1 and manager.failures == 1
+    assert sum("failed after the engine step" in record.message for record in caplog.records) == 1
+    store.update({"plugin.afterstep.enabled": True})  # turned on again: re-armed
+    manager.prepare(store.snapshot()[1])
+    manager.before_step(None, [])
+    manager.after_step()
+    assert AfterStep.calls == 2
+
+
 class Guard(Plugin):
     """Fails closed: once it fails, its fallback (a grey frame) replaces every frame of the session."""
 
@@ -176,3 +255,29 @@ def test_a_fail_closed_plugins_broken_fallback_gives_black():
     bad.prepare(store.snapshot()[1])
     frame = np.full((4, 4, 3), 7, np.uint8)
     assert [bad.after("a", {}, frame, frame).any() for _ in range(2)] == [False, False]
+
+
+def test_a_plugin_whose_parameters_clash_or_that_cannot_be_made_is_left_out(caplog):
+    """The daemon starts without it, and the log names it (QA 15: "parameter 'strength' is declared twice", rc 2)."""
+    class Core(Plugin):
+        name = "core"
+        params = (ParamSpec("strength", "float", 0.9, "a core name", minimum=0.0, maximum=1.0),)
+
+    class Twice(Plugin):
+        name = "twice"
+        params = (param("twice", "x", "float", 0.0, "x"), param("twice", "x", "int", 1, "x again"))
+
+    class Unmade(Plugin):
+        name = "unmade"
+
+        def __init__(self):
+            raise RuntimeError("no GPU here")
+
+    store = ParamStore(Schema())
+    manager = PluginManager(store, {"core": Core, "twice": Twice, "unmade": Unmade, "recorder": Recorder})
+    assert manager.names() == ["recorder"] and "plugin.recorder.gain" in store.schema
+    assert "plugin.twice.x" not in store.schema and store.schema.get("strength").default == 0.5
+    logged = " ".join(record.message for record in caplog.records)
+    assert "plugin core left out: ValueError: parameter 'strength' is outside the plugin's own" in logged
+    assert "plugin twice left out: ValueError: parameter 'plugin.twice.x' is declared twice" in logged
+    assert "plugin unmade left out: RuntimeError: no GPU here" in logged
