@@ -111,7 +111,9 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            # Copied out of the file's mapping: the stack keeps these to reweight, and a file cut short under a
+            # mapped tensor is SIGBUS (models.owned).
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     except Exception as exc:  # a truncated or corrupt file: SafetensorError, OSError, ValueError
         raise ModelError(f"LoRA file {str(path)!r} is corrupt or truncated: {exc}") from exc
     return tensors, metadata

@@ -321,6 +321,13 @@ def load_pickle(path: Path, error: type[ModelError] = ModelError) -> Any:
                     f"torch.load(weights_only=True) (convert the file to .safetensors)") from exc
 
 
+def owned(tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` copied into the process's own memory. safetensors maps the file, and a tensor still backed by
+    the mapping kills the process with SIGBUS (no traceback, no log line) once the file is cut short under it: a
+    LoRA re-exported in place while the daemon holds it, then picked again (QA 15)."""
+    return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in tensors.items()}
+
+
 def load_weight_file(path: Path, what: str, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """One weight file's tensors on the CPU: a .safetensors file (checked first), or a pickle only
     with ``allow_pickle`` and then through ``torch.load(weights_only=True)``; a checkpoint's
@@ -336,7 +343,7 @@ def load_weight_file(path: Path, what: str, *, allow_pickle: bool) -> dict[str, 
         from safetensors.torch import load_file
 
         check_safetensors_file(path)
-        state = load_file(str(path))
+        state = owned(load_file(str(path)))
     else:
         raise ModelError(f"{path} is not a {what} (expected a folder with config.json, or a .safetensors file)")
     if not isinstance(state, dict) or not state:

@@ -108,8 +108,10 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
     elif suffix in SAFE_SUFFIXES:
         from safetensors.torch import load_file
 
+        from sdbridge.engines.models import owned
+
         try:
-            data = load_file(str(path), device="cpu")
+            data = owned(load_file(str(path), device="cpu"))  # kept: never backed by the file's mapping
         except Exception as exc:  # SafetensorError, OSError
             raise EmbeddingError(f"embedding {str(path)!r} is not a readable safetensors file: {exc}") from exc
     else:

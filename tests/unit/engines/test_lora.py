@@ -454,3 +454,31 @@ def test_loras_fuse_into_fp8_weights_in_place(files, model):
         text = torch.randn(1, 77, model["unet"].config.cross_attention_dim)
         out = model["unet"](sample, 10, encoder_hidden_states=text).sample
     assert torch.isfinite(out).all()
+
+
+def test_a_lora_file_cut_short_while_loaded_does_not_kill_the_process(files, tmp_path):
+    """QA 15: its tensors were backed by safetensors' mapping of the file; truncated under it (a LoRA re-exported in
+    place) and then reweighted, the process died of SIGBUS with no log line. They are the process's own now. Run
+    in a child process, since the old code's failure is a signal that would take pytest down."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    copy = tmp_path / "style.safetensors"
+    shutil.copy(files["kohya"], copy)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[3])!r})
+        from tests.unit.engines.test_lora import fresh_model
+        from sdbridge.engines.lora import LoraStack
+        stack = LoraStack(fresh_model())
+        stack.add("style", {str(copy)!r}, 0.8)
+        with open({str(copy)!r}, "r+b") as handle:
+            handle.truncate(2000)
+        stack.set_weights({{"style": 0.5}})
+        print("reweighted")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "reweighted"

@@ -372,3 +372,33 @@ def test_a_refused_pickle_is_told_in_our_own_sentence_and_nothing_in_it_runs(tmp
     if kind != "truncated":
         assert "(UnpicklingError)" in message
     assert not marker.exists(), "the pickle's object was built"
+
+
+@pytest.mark.parametrize("reader", ["weight_file", "embedding"])
+def test_weights_read_are_the_process_own_not_the_files_mapping(tmp_path, reader):
+    """A weight file or an embedding cut short after it was read (a file re-exported in place) leaves what was read
+    intact: a tensor backed by safetensors' mapping would be SIGBUS on its next read (QA 15). A child process, as
+    that signal would take pytest down."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"emb_params": torch.randn(4, 32), "other": torch.randn(256, 256)}, str(path))
+    read = ("from sdbridge.engines.models import load_weight_file\n"
+            f"state = load_weight_file(Path({str(path)!r}), 'test', allow_pickle=False)\n"
+            if reader == "weight_file" else
+            "from sdbridge.engines.textual_inversion import read_embedding\n"
+            f"state = {{'v': read_embedding(Path({str(path)!r})).vectors}}\n")
+    script = "from pathlib import Path\n" + read + textwrap.dedent(f"""
+        with open({str(path)!r}, "r+b") as handle:
+            handle.truncate(100)
+        print(sum(float(value.float().sum()) for value in state.values()) == sum(
+            float(value.float().sum()) for value in state.values()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=str(Path(__file__).resolve().parents[3]))
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "True"
