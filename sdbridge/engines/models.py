@@ -6,6 +6,7 @@ with ``allow_pickle`` and then only through ``torch.load(weights_only=True)``. S
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -303,9 +304,10 @@ def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, wha
         raise ModelError(f"{path}: a {what} folder needs config.json")
     check_safetensors_folder(path, what)
     try:
-        return model_class.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        model = model_class.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
     except Exception as exc:
         raise ModelError(f"{path}: not a {what} ({type(exc).__name__}: {str(exc)[:300]})") from exc
+    return own_weights(model)
 
 
 def load_pickle(path: Path, error: type[ModelError] = ModelError) -> Any:
@@ -474,13 +476,30 @@ def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *
                          f"to load it (through torch.load(weights_only=True)), or convert it to .safetensors",
                          code="pickle_refused")
     if resolved.kind == "diffusers":
-        return load_diffusers_folder(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
-                                     source=source, models_dir=models_dir)
-    from sdbridge.engines.single_file import load_single_file
+        parts = load_diffusers_folder(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
+                                      source=source, models_dir=models_dir)
+    else:
+        from sdbridge.engines.single_file import load_single_file
 
-    return load_single_file(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
-                            models_dir=models_dir, source=source,
-                            config_dir=Path(config_dir).expanduser() if config_dir else None)
+        parts = load_single_file(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
+                                 models_dir=models_dir, source=source,
+                                 config_dir=Path(config_dir).expanduser() if config_dir else None)
+    for module in parts.modules().values():
+        own_weights(module)
+    return parts
+
+
+def own_weights(module: Any) -> Any:
+    """``module`` with the weights it holds in CPU memory copied into the process's own (see :func:`owned`).
+    diffusers leaves them backed by the file's mapping where neither dtype nor device changes them (fp32 on the
+    CPU): a served model's file replaced in place killed the daemon (SIGBUS) at its next frame. On a GPU the
+    weights were copied to the device already: nothing is left on the CPU to copy."""
+    if isinstance(module, torch.nn.Module):
+        with torch.no_grad():
+            for tensor in itertools.chain(module.parameters(), module.buffers()):
+                if tensor.device.type == "cpu":
+                    tensor.data = tensor.data.clone()
+    return module
 
 
 def _folder_size(path: Path) -> int:

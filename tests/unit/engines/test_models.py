@@ -402,3 +402,27 @@ def test_weights_read_are_the_process_own_not_the_files_mapping(tmp_path, reader
                             cwd=str(Path(__file__).resolve().parents[3]))
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.strip() == "True"
+
+
+def test_a_served_models_file_replaced_in_place_does_not_kill_the_process(tiny_model_dir, tmp_path):
+    """fp32 on the CPU: diffusers left the weights backed by the file's mapping, and a model file cut short under
+    the daemon (replaced in place) was SIGBUS at the next frame. A child process, as that signal ends it."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    script = textwrap.dedent(f"""
+        import glob, torch
+        from sdbridge.engines.models import load_pipeline_parts
+        parts = load_pipeline_parts({str(model)!r}, torch.device("cpu"), torch.float32)
+        for path in glob.glob({str(model)!r} + "/*/*.safetensors"):
+            open(path, "r+b").truncate(100)
+        print(all(torch.isfinite(p).all() for m in parts.modules().values() for p in m.parameters()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=str(Path(__file__).resolve().parents[3]))
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip().splitlines()[-1] == "True"
