@@ -842,6 +842,8 @@ class A1111Api:
         engines = self.daemon.engines
         deadline = time.monotonic() + MODEL_LOAD_WAIT_S
         while self.current_model() is None and engines.settling and time.monotonic() < deadline:
+            if self.daemon.worker.stopping:  # answered now: the server waits for every open request (QA 15)
+                raise HTTPException(503, "the daemon is stopping: the request was not run")
             await asyncio.sleep(0.1)
 
     async def run(self, body: _Request, kind: str, http: Request | None = None) -> dict[str, Any]:

@@ -161,6 +161,11 @@ class Worker(threading.Thread):
         self._stop_event.set()
         self.registry.wake.set()
 
+    @property
+    def stopping(self) -> bool:
+        """The daemon is stopping: no request starts from now on."""
+        return self._stop_event.is_set()
+
     def run(self) -> None:
         log.debug("worker started")
         while not self._stop_event.is_set():

@@ -370,6 +370,52 @@ def test_sigterm_during_an_a1111_request_ends_it_and_exits_in_seconds(tiny_model
     assert response is not None and response.status_code == 503 and "stopping" in response.text, result
 
 
+def test_sigterm_while_a_request_waits_for_the_model_answers_it_503_at_once(tiny_model_dir, tmp_path):
+    """QA 15: a txt2img sent while the start-up model loaded, then SIGTERM: the server waited its 10 s grace for it
+    and answered 500 with a CancelledError traceback in the log. The wait ends with a 503 'stopping' now."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdbridge.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
+         "--port", str(port), "--no-osc", "--outputs-dir", str(tmp_path / "outputs")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    result: dict = {}
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline and status is None:
+            try:
+                status = httpx.get(f"{base}/health", trust_env=False, timeout=2).json()["engine"]["status"]
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert status is not None
+
+        def request() -> None:
+            try:
+                result["response"] = httpx.post(f"{base}/sdapi/v1/txt2img", trust_env=False, timeout=120,
+                                                json={"prompt": "x", "steps": 150, "width": 128, "height": 128})
+            except httpx.HTTPError as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        time.sleep(0.3)  # the request waits for the model (or, if it has loaded meanwhile, runs)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        exit_s = time.monotonic() - started
+        thread.join(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    assert exit_s < 8, (exit_s, output[-2000:])  # the server's grace for open requests is 10 s
+    response = result.get("response")
+    assert response is not None and response.status_code == 503 and "stopping" in response.text, result
+    assert "CancelledError" not in output and "Traceback" not in output, output[-3000:]
+
+
 def test_torch_threads_limits_the_daemon_s_cpu_threads_and_a_bad_count_is_refused(tmp_path):
     script = ("import torch; from sdbridge.config import load_settings; from sdbridge.bridge.server import Daemon; "
               "before = torch.get_num_threads(); "
