@@ -20,6 +20,7 @@ from sdbridge.errors import ConfigError
 from sdbridge.params import Schema
 
 ENV_PREFIX = "SDBRIDGE_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_WARM_SESSIONS = 64  # a warm-up of more compiles graphs for minutes that no rig of sessions will use
 MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
@@ -149,6 +150,8 @@ class Settings:
                 raise ConfigError(f"{name} {getattr(self, name)} must be at least 1")
         if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
+        if self.log_level.lower() not in LOG_LEVELS:  # it was read as info without a word (QA 15)
+            raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         check_interpolate(self.interpolate, "interpolate")
         check_ice_servers(self.ice_servers, "ice_servers")
 
@@ -230,11 +233,16 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{source}: {name} {value!r} is not a boolean")
     if isinstance(default, int):
+        # A TOML true is not 1 and 17950.5 is not 17950: int() took both (QA 15: `port = true` served on port 1).
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{source}: {name} {value!r} is not an integer")
         try:
             return int(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) from a TOML "port = inf"
             raise ConfigError(f"{source}: {name} {value!r} is not an integer") from None
     if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} {value!r} is not a number")
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -287,15 +295,19 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
     """Merge the sources; ``flags`` holds only the options the user actually gave (None = not given)."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each value came from, for the rules checked across fields
     path = config_path or env.get(ENV_PREFIX + "CONFIG")
     if path is None and Path("sdbridge.toml").is_file():
         path = "sdbridge.toml"
     if path:
-        values.update(load_config_file(Path(path)))
+        from_file = load_config_file(Path(path))
+        values.update(from_file)
+        sources.update(dict.fromkeys(from_file, f"config file {str(path)!r}"))
     for name in _FILE_FIELDS:
         key = ENV_PREFIX + name.upper()
         if key in env and name != "params":
             values[name] = _coerce(name, env[key], f"environment {key}")
+            sources[name] = f"environment {key}"
     for name, value in (flags or {}).items():
         if value is None:
             continue
@@ -303,6 +315,15 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
             raise ConfigError(f"unknown setting {name!r}")
         _check_at_source(name, value)
         values[name] = value
+        sources.pop(name, None)
     settings = Settings(**values)
-    settings.check()
+    try:
+        settings.check()
+    except ConfigError as exc:
+        # A rule's sentence starts with the setting it names: say where that value came from (QA 15: a bad
+        # SDBRIDGE_PORT was "port 99999 not in [0, 65535]", with no word of the variable).
+        source = sources.get(str(exc).split(" ", 1)[0])
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {exc}") from None
     return settings

@@ -54,6 +54,35 @@ def test_bad_config_file(tmp_path, text, message):
         load_settings({}, env={}, config_path=config)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("port = true\n", "port True is not an integer"),       # QA 15: served on port 1
+    ("osc_port = false\n", "osc_port False is not an integer"),
+    ("port = 17950.5\n", "port 17950.5 is not an integer"),  # was 17950
+    ("feedback_hz = true\n", "feedback_hz True is not a number"),
+    ('log_level = "loud"\n', "log_level 'loud' is not one of debug, info, warning, error"),
+    ("port = 99999\n", "port 99999 not in \\[0, 65535\\]"),
+])
+def test_config_file_values_of_the_wrong_kind_are_refused_naming_the_file(tmp_path, text, message):
+    config = tmp_path / "show.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=f"^config file '{config}': {message}"):
+        load_settings({}, env={}, config_path=config)
+    assert load_settings({}, env={}, config_path=_written(tmp_path, "port = 7000.0\n")).port == 7000
+
+
+def _written(tmp_path, text):
+    path = tmp_path / "ok.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_rule_across_settings_names_the_variable_it_came_from():
+    with pytest.raises(ConfigError, match=r"^environment SDBRIDGE_PORT: port 99999 not in \[0, 65535\]"):
+        load_settings({}, env={"SDBRIDGE_PORT": "99999"})
+    with pytest.raises(ConfigError, match=r"^port 99999 not in"):  # a flag: the sentence alone, as before
+        load_settings({"port": 99999}, env={"SDBRIDGE_PORT": "7000"})
+
+
 def test_the_command_line_record_is_not_read_from_the_environment():
     settings = load_settings({"command_line_params": ["seed"]}, env={"SDBRIDGE_COMMAND_LINE_PARAMS": "prompt"})
     assert settings.command_line_params == ["seed"]
