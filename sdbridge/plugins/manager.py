@@ -57,6 +57,12 @@ def discover(group: str = GROUP) -> dict[str, type[Plugin]]:
             log.error("plugin entry point %s names class %s whose name is %r; left out", entry.name,
                       cls.__qualname__, cls.name)
             continue
+        if cls.name in found and found[cls.name] is not cls:
+            # Two packages under one name (a third party's "similarity" beside the built-in): one was dropped
+            # without a word (QA 15).
+            log.error("plugin %s is installed twice (%s and %s); the second is left out", cls.name,
+                      f"{found[cls.name].__module__}.{found[cls.name].__qualname__}", entry.value)
+            continue
         found[cls.name] = cls
     return found
 

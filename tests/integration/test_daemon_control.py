@@ -109,6 +109,7 @@ def test_http_health_params_stats(start_daemon):
         assert daemon.store.get("strength") == 0.3  # nothing applied from a bad request
         stats = http.get("/stats").json()
         assert "sessions" in stats and "osc" in stats
+        assert stats["plugins"]["failures"] == 0 and "similarity" in stats["plugins"]["installed"]
         assert http.get("/openapi.json").status_code == 200
         page = http.get("/")
         assert page.status_code == 200 and "<html" in page.text

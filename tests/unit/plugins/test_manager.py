@@ -281,3 +281,23 @@ def test_a_plugin_whose_parameters_clash_or_that_cannot_be_made_is_left_out(capl
     assert "plugin core left out: ValueError: parameter 'strength' is outside the plugin's own" in logged
     assert "plugin twice left out: ValueError: parameter 'plugin.twice.x' is declared twice" in logged
     assert "plugin unmade left out: RuntimeError: no GPU here" in logged
+
+
+def test_a_second_plugin_under_a_built_in_name_is_left_out_and_named(tmp_path, monkeypatch, caplog):
+    """A third-party package registering "similarity" beside the built-in: one of them was dropped without a word
+    (QA 15). A real distribution on sys.path, read through importlib.metadata as pip's would be."""
+    package = tmp_path / "qa_similarity.py"
+    package.write_text("from sdbridge.plugins.base import Plugin\n\n\nclass Similarity(Plugin):\n"
+                       "    name = 'similarity'\n")
+    info = tmp_path / "qa_similarity-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qa-similarity\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[sdbridge.plugins]\nsimilarity = qa_similarity:Similarity\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = discover()
+    assert "similarity" in found and "feature_bank" in found
+    assert any("plugin similarity is installed twice" in record.message for record in caplog.records)
+    store = ParamStore(Schema())
+    manager = PluginManager(store, report=lambda sid, m: None)
+    stats_names = manager.names()
+    assert stats_names.count("similarity") == 1 and manager.failures == 0
