@@ -221,10 +221,7 @@ def fit(image: np.ndarray, width: int, height: int, mode: str = "crop") -> np.nd
     resizing the whole input first would blow a 4096x1 frame up to 2097152x512 pixels (gigabytes and
     seconds, for every session waiting on the worker) only to throw nearly all of it away.
     """
-    if mode not in RESIZE_MODES:
-        raise CodecError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
-    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
-        raise CodecError(f"target size {width}x{height} is not within 1..{MAX_DIMENSION} per side")
+    _check_target(width, height, mode)
     in_height, in_width = image.shape[:2]
     if (in_width, in_height) == (width, height):
         return image
@@ -247,10 +244,7 @@ def unfit(image: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
     region it was cut from; the sides crop cut off were never made, so they are black, as fit's bars are (scaling
     the square back over the whole input would draw a circle 1.8 times as wide as high from a 16:9 webcam: QA 16).
     """
-    if mode not in RESIZE_MODES:
-        raise CodecError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
-    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
-        raise CodecError(f"target size {width}x{height} is not within 1..{MAX_DIMENSION} per side")
+    _check_target(width, height, mode)
     fitted_height, fitted_width = image.shape[:2]
     if (fitted_width, fitted_height) == (width, height):
         return image
@@ -263,6 +257,13 @@ def unfit(image: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
     out = np.zeros((height, width, *image.shape[2:]), image.dtype)
     out[top:top + crop_height, left:left + crop_width] = _resize(image, crop_width, crop_height)
     return out
+
+
+def _check_target(width: int, height: int, mode: str) -> None:
+    if mode not in RESIZE_MODES:
+        raise CodecError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
+    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+        raise CodecError(f"target size {width}x{height} is not within 1..{MAX_DIMENSION} per side")
 
 
 def _crop_box(in_width: int, in_height: int, width: int, height: int) -> tuple[int, int, int, int]:

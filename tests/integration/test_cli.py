@@ -320,9 +320,11 @@ def test_presets_save_finds_the_daemon_where_serve_settings_put_it(tmp_path):
     assert sorted(path.name for path in presets.iterdir()) == ["env.toml", "file.toml"]
 
 
-def test_sigterm_during_an_a1111_request_ends_it_and_exits_in_seconds(tiny_model_dir, tmp_path):
-    """QA 8: a txt2img running when SIGTERM came held the exit until it finished (159 s), with no word; the
-    request now ends at its next step with a 'stopping' error and the process exits as without it."""
+def _sigterm_during_a_request(tiny_model_dir: Path, tmp_path: Path, body: dict, *,
+                              wait_for_ready: bool) -> tuple[float, str, dict]:
+    """A real ``serve`` process, a txt2img of ``body`` sent from a thread, then SIGTERM once the request runs (or,
+    with ``wait_for_ready`` off, once the daemon answers at all and the request has had 0.3 s: it waits for the
+    start-up model). -> (seconds from SIGTERM to exit, the process's output, {"response" or "error"})"""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "sdbridge.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
@@ -334,27 +336,29 @@ def test_sigterm_during_an_a1111_request_ends_it_and_exits_in_seconds(tiny_model
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{base}/health", trust_env=False, timeout=2).json()["engine"]["status"] == "ready":
+                status = httpx.get(f"{base}/health", trust_env=False, timeout=2).json()["engine"]["status"]
+                if status == "ready" or not wait_for_ready:
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
 
-        def long_request() -> None:  # minutes on this CPU: 50 images of 150 steps
+        def request() -> None:
             try:
-                result["response"] = httpx.post(f"{base}/sdapi/v1/txt2img", trust_env=False, timeout=300,
-                                                json={"prompt": "x", "steps": 150, "n_iter": 50,
-                                                      "width": 128, "height": 128})
+                result["response"] = httpx.post(f"{base}/sdapi/v1/txt2img", trust_env=False, timeout=300, json=body)
             except httpx.HTTPError as exc:
                 result["error"] = exc
 
-        thread = threading.Thread(target=long_request)
+        thread = threading.Thread(target=request)
         thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if httpx.get(f"{base}/sdapi/v1/progress", trust_env=False, timeout=5).json()["progress"] > 0:
-                break
-            time.sleep(0.1)
+        if wait_for_ready:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if httpx.get(f"{base}/sdapi/v1/progress", trust_env=False, timeout=5).json()["progress"] > 0:
+                    break
+                time.sleep(0.1)
+        else:
+            time.sleep(0.3)  # the request waits for the model (or, if it has loaded meanwhile, runs)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
@@ -365,6 +369,15 @@ def test_sigterm_during_an_a1111_request_ends_it_and_exits_in_seconds(tiny_model
             process.kill()
             process.communicate()
     assert process.returncode == 0, output
+    return exit_s, output, result
+
+
+def test_sigterm_during_an_a1111_request_ends_it_and_exits_in_seconds(tiny_model_dir, tmp_path):
+    """QA 8: a txt2img running when SIGTERM came held the exit until it finished (159 s), with no word; the
+    request now ends at its next step with a 'stopping' error and the process exits as without it."""
+    # Minutes on this CPU: 50 images of 150 steps.
+    body = {"prompt": "x", "steps": 150, "n_iter": 50, "width": 128, "height": 128}
+    exit_s, output, result = _sigterm_during_a_request(tiny_model_dir, tmp_path, body, wait_for_ready=True)
     assert exit_s < 30, (exit_s, output[-2000:])  # target 2 s plus one step; the request alone: minutes
     response = result.get("response")
     assert response is not None and response.status_code == 503 and "stopping" in response.text, result
@@ -373,43 +386,8 @@ def test_sigterm_during_an_a1111_request_ends_it_and_exits_in_seconds(tiny_model
 def test_sigterm_while_a_request_waits_for_the_model_answers_it_503_at_once(tiny_model_dir, tmp_path):
     """QA 15: a txt2img sent while the start-up model loaded, then SIGTERM: the server waited its 10 s grace for it
     and answered 500 with a CancelledError traceback in the log. The wait ends with a 503 'stopping' now."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sdbridge.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
-         "--port", str(port), "--no-osc", "--outputs-dir", str(tmp_path / "outputs")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    result: dict = {}
-    try:
-        deadline = time.monotonic() + 90
-        status = None
-        while time.monotonic() < deadline and status is None:
-            try:
-                status = httpx.get(f"{base}/health", trust_env=False, timeout=2).json()["engine"]["status"]
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        assert status is not None
-
-        def request() -> None:
-            try:
-                result["response"] = httpx.post(f"{base}/sdapi/v1/txt2img", trust_env=False, timeout=120,
-                                                json={"prompt": "x", "steps": 150, "width": 128, "height": 128})
-            except httpx.HTTPError as exc:
-                result["error"] = exc
-
-        thread = threading.Thread(target=request)
-        thread.start()
-        time.sleep(0.3)  # the request waits for the model (or, if it has loaded meanwhile, runs)
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
-        exit_s = time.monotonic() - started
-        thread.join(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, output
+    body = {"prompt": "x", "steps": 150, "width": 128, "height": 128}
+    exit_s, output, result = _sigterm_during_a_request(tiny_model_dir, tmp_path, body, wait_for_ready=False)
     assert exit_s < 8, (exit_s, output[-2000:])  # the server's grace for open requests is 10 s
     response = result.get("response")
     assert response is not None and response.status_code == 503 and "stopping" in response.text, result

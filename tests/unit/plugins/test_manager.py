@@ -49,6 +49,16 @@ def manager():
     return manager
 
 
+def only(plugin_class) -> tuple[PluginManager, list]:
+    """A manager of ``plugin_class`` alone, turned on, and the (session, message) reports it makes."""
+    store = ParamStore(Schema())
+    reports: list = []
+    manager = PluginManager(store, {plugin_class.name: plugin_class}, report=lambda sid, m: reports.append((sid, m)))
+    store.update({f"plugin.{plugin_class.name}.enabled": True})
+    manager.prepare(store.snapshot()[1])
+    return manager, reports
+
+
 def enable(manager, **values):
     manager.store.update(values)
     manager.prepare(manager.store.snapshot()[1])
@@ -142,11 +152,7 @@ class Misbehaving(Plugin):
 @pytest.mark.parametrize("case", ["before_string", "before_float", "input_list", "after_list", "after_int"])
 def test_a_plugin_handing_back_what_is_not_a_frame_is_turned_off_for_its_session(case):
     Misbehaving.case = case
-    store = ParamStore(Schema())
-    reports: list = []
-    manager = PluginManager(store, {"misbehaving": Misbehaving}, report=lambda sid, m: reports.append((sid, m)))
-    store.update({"plugin.misbehaving.enabled": True})
-    manager.prepare(store.snapshot()[1])
+    manager, reports = only(Misbehaving)
     frame = np.full((8, 8, 3), 9, np.uint8)
     state: dict = {}
     skipped, image = manager.before("a", state, frame)
@@ -161,11 +167,7 @@ def test_a_plugin_handing_back_what_is_not_a_frame_is_turned_off_for_its_session
 
 def test_latents_of_another_shape_fail_that_session_only():
     Misbehaving.case = "latents_shape"
-    store = ParamStore(Schema())
-    reports: list = []
-    manager = PluginManager(store, {"misbehaving": Misbehaving}, report=lambda sid, m: reports.append((sid, m)))
-    store.update({"plugin.misbehaving.enabled": True})
-    manager.prepare(store.snapshot()[1])
+    manager, reports = only(Misbehaving)
     latents = torch.randn(2, 4, 3, 3)
     out = manager.on_latents(latents, ["a", "b"], [{}, {}])
     assert torch.equal(out, latents)  # the batch's step goes on (the cat raised before)
@@ -221,11 +223,7 @@ class Guard(Plugin):
 @pytest.mark.parametrize("where", ["after", "on_latents"])
 def test_a_plugin_that_fails_closed_replaces_every_frame_with_its_fallback(where):
     Guard.fail_in = where
-    store = ParamStore(Schema())
-    reports: list = []
-    guard = PluginManager(store, {"guard": Guard}, report=lambda sid, m: reports.append((sid, m)))
-    store.update({"plugin.guard.enabled": True})
-    guard.prepare(store.snapshot()[1])
+    guard, reports = only(Guard)
     frame = np.full((4, 4, 3), 7, np.uint8)
     state: dict = {}
     if where == "on_latents":
@@ -236,8 +234,8 @@ def test_a_plugin_that_fails_closed_replaces_every_frame_with_its_fallback(where
     assert "RuntimeError: no model; it fails closed: every frame goes grey" in reports[0][1]["message"]
     Guard.fail_in = "nowhere"  # turned off and on, working again: frames go through
     for enabled in (False, True):
-        store.update({"plugin.guard.enabled": enabled})
-        guard.prepare(store.snapshot()[1])
+        guard.store.update({"plugin.guard.enabled": enabled})
+        guard.prepare(guard.store.snapshot()[1])
     assert guard.after("a", state, frame, frame) is frame
 
 
