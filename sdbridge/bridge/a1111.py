@@ -778,6 +778,10 @@ class A1111Api:
             if name and runnable_sampler(name) != name:
                 out.append(f"{field} {name!r} has no diffusers scheduler: {runnable_sampler(name)!r} ran in its place, "
                            f"as A1111 1.10 runs {SAMPLER_FALLBACK} for a sampler it lacks")
+        if isinstance(body, Txt2ImgRequest) and body.enable_hr and body.hr_checkpoint_name \
+                and body.hr_checkpoint_name.strip().lower() not in ("", "use same checkpoint"):
+            out.append(f"hr_checkpoint_name {body.hr_checkpoint_name!r} ignored: the second pass runs on the loaded "
+                       f"model")
         ignored = sorted(key for key, value in body.override_settings.items() if key not in HONOURED_OVERRIDES
                          and not (key == "sd_vae" and value in ("Automatic", "None", "")))
         if ignored:

@@ -641,6 +641,10 @@ def test_what_a1111_clients_send_that_sdbridge_took_otherwise(api):
     same = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "sampler_name": "DPM++ 2M Karras", "seed": 5,
                                                **SMALL}).json()
     assert same["images"] == asked.json()["images"]
+    hires = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "enable_hr": True, "hr_scale": 1.5,
+                                                "hr_checkpoint_name": "other.safetensors", **SMALL})
+    assert json.loads(hires.json()["info"])["warnings"] == [
+        "hr_checkpoint_name 'other.safetensors' ignored: the second pass runs on the loaded model"]
     unknown = api.post("/sdapi/v1/txt2img", json={"sampler_name": "DPM slow", **SMALL})
     assert unknown.status_code == 422  # a name neither has is still refused
     missing = api.post("/sdapi/v1/img2img", json={"prompt": "a cat", **SMALL})
