@@ -34,8 +34,17 @@ log = logging.getLogger(__name__)
 TYPE_TAGS = {"float": "f", "int": "i", "bool": "T", "str": "s", "enum": "s"}
 ACCESS_READ_WRITE = 3
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed"}
+REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed"}
+# The node attributes of the OSCQuery proposal: asked of a node that lacks one (VALUE of a container), the answer
+# is 204; any other word is a 400, as the proposal has it for a query it does not know.
+ATTRIBUTES = ("FULL_PATH", "CONTENTS", "TYPE", "VALUE", "RANGE", "ACCESS", "DESCRIPTION", "TAGS", "EXTENDED_TYPE",
+              "UNIT", "CRITICAL", "CLIPMODE", "OVERLOADS")
+
+
+def _error(code: str, message: str) -> dict[str, str]:
+    """The daemon's error JSON (docs/protocol.md), as its own 401 and 403 here are."""
+    return {"type": "error", "code": code, "message": message}
 
 
 def _type_tag(spec: ParamSpec) -> str:
@@ -154,9 +163,9 @@ class OscQueryServer:
                 extra = [(name, value) for name, value in refusal.headers() if name == b"www-authenticate"]
             else:  # 2. What they ask for.
                 status, body = self.respond(method, target, reached_address(writer.get_extra_info("sockname")))
-                data = json.dumps(body).encode()
+                data = b"" if body is None else json.dumps(body).encode()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
-            status, data = 400, json.dumps({"error": "bad request"}).encode()
+            status, data = 400, json.dumps(_error("bad_request", "not an HTTP/1.1 request head")).encode()
         head = "".join(f"\r\n{name.decode()}: {value.decode()}" for name, value in extra)
         writer.write(f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(data)}{head}\r\nConnection: close\r\n\r\n".encode() + data)
@@ -168,7 +177,7 @@ class OscQueryServer:
     def respond(self, method: str, target: str, local_address: str | None = None) -> tuple[int, Any]:
         """The answer to an allowed request; ``local_address``: where the client reached us."""
         if method != "GET":
-            return 405, {"error": f"method {method[:20]!r} not allowed"}
+            return 405, _error("method_not_allowed", f"method {method[:20]!r} not allowed: OSCQuery takes GET")
         parts = urlsplit(target)
         query = attribute_query(parts.query)
         if query == "HOST_INFO":
@@ -178,11 +187,14 @@ class OscQueryServer:
             return 200, self.info
         node = find(namespace(self.schema, self.values(), self.prefix), unquote(parts.path))
         if node is None:
-            return 404, {"error": f"no node {parts.path[:100]!r}"}
+            return 404, _error("not_found", f"no node {parts.path[:100]!r}")
         if query:
             attribute = query.upper()
+            if attribute not in ATTRIBUTES:
+                return 400, _error("bad_request", f"{query[:40]!r} is not an OSCQuery attribute (they are "
+                                                  f"{', '.join(ATTRIBUTES)} and HOST_INFO)")
             if attribute not in node:
-                return 404, {"error": f"node has no attribute {attribute[:20]!r}"}
+                return 204, None  # a container has no VALUE
             return 200, {attribute: node[attribute]}
         return 200, node
 

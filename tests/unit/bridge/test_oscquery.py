@@ -46,7 +46,20 @@ def test_the_token_is_no_attribute():
     assert server.respond("GET", "/sd/strength?token=T&RANGE") == (200, {"RANGE": [{"MIN": 0.0, "MAX": 1.0}]})
     assert server.respond("GET", "/?token=T&HOST_INFO")[1]["OSC_PORT"] == 9000
     assert server.respond("GET", "/sd/strength?token=T")[1]["FULL_PATH"] == "/sd/strength"
-    assert server.respond("GET", "/sd/strength?VALUE&other=1")[0] == 404
+    status, body = server.respond("GET", "/sd/strength?VALUE&other=1")
+    assert status == 400 and body["code"] == "bad_request" and "is not an OSCQuery attribute" in body["message"]
+
+
+def test_errors_as_the_proposal_has_them_in_the_daemon_s_json():
+    """QA 17: an unknown attribute is 400 and a known one a node lacks (VALUE of a container) 204, as the OSCQuery
+    proposal has it (both were 404); error bodies are the daemon's error JSON, as its 401 and 403 here are."""
+    server = _server()
+    assert server.respond("GET", "/sd?VALUE") == (204, None)
+    assert server.respond("GET", "/sd/prompt?RANGE") == (204, None)
+    assert server.respond("GET", "/sd/strength?COLOUR")[0] == 400
+    assert server.respond("GET", "/sd/nope") == (404, {"type": "error", "code": "not_found",
+                                                     "message": "no node '/sd/nope'"})
+    assert server.respond("DELETE", "/")[1]["code"] == "method_not_allowed"
 
 
 def test_host_info_names_the_reached_address_when_bound_to_all():
