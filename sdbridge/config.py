@@ -148,8 +148,11 @@ class Settings:
         for name in ("max_connections", "max_connections_per_client"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)} must be at least 1")
-        if self.telemetry_hz <= 0 or self.telemetry_hz > 60:
+        # "not in" form: NaN fails every comparison (QA 19: telemetry_hz nan flooded the feedback port).
+        if not 0 < self.telemetry_hz <= 60:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
+        if not 0 < self.feedback_hz <= 240:  # 0 divided by zero at the first echo, and no echo went out again
+            raise ConfigError(f"feedback_hz {self.feedback_hz} not in (0, 240]")
         if self.log_level.lower() not in LOG_LEVELS:  # it was read as info without a word (QA 15)
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         check_interpolate(self.interpolate, "interpolate")
@@ -322,7 +325,10 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
     except ConfigError as exc:
         # A rule's sentence starts with the setting it names: say where that value came from (QA 15: a bad
         # SDBRIDGE_PORT was "port 99999 not in [0, 65535]", with no word of the variable).
-        source = sources.get(str(exc).split(" ", 1)[0])
+        named = str(exc).split(" ", 1)[0]
+        if named == "listening":  # the token rule names the address's flag: --host or --osc-host
+            named = "osc_host" if str(exc).startswith("listening on --osc-host") else "host"
+        source = sources.get(named)
         if source is None:
             raise
         raise ConfigError(f"{source}: {exc}") from None

@@ -286,7 +286,11 @@ class _Request(FiniteBody):
         # styles [], override_settings {}; get_fixed_seed: seed -1). OpenAPI-generated clients send null for each
         # field they leave unset (QA 18). Every field here that takes None defaults to it, so dropping is the same.
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
+            kept = {key: value for key, value in data.items() if value is not None}
+            if isinstance(kept.get("override_settings"), dict):  # a null setting is not set, as in /options
+                kept["override_settings"] = {key: value for key, value in kept["override_settings"].items()
+                                             if value is not None and value != ""}
+            return kept
         return data
 
     prompt: str = Field("", max_length=20000)
@@ -328,7 +332,11 @@ class _Request(FiniteBody):
             try:
                 samplers.resolve(runnable_sampler(value))
             except SdbridgeError as exc:
-                raise ValueError(str(exc)) from None
+                if runnable_sampler(value) == value:
+                    raise ValueError(str(exc)) from None
+                # Named as sent: its stand-in's name is not one the client wrote (QA 19).
+                raise ValueError(f"sampler {value!r} runs here as {runnable_sampler(value)!r}, A1111's own stand-in "
+                                 f"for it, which fails: {exc}") from None
         return value
 
     @field_validator("scheduler")

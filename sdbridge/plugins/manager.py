@@ -59,12 +59,18 @@ def discover(group: str = GROUP) -> dict[str, type[Plugin]]:
             continue
         if cls.name in found and found[cls.name] is not cls:
             # Two packages under one name (a third party's "similarity" beside the built-in): one was dropped
-            # without a word (QA 15).
-            log.error("plugin %s is installed twice (%s and %s); the second is left out", cls.name,
-                      f"{found[cls.name].__module__}.{found[cls.name].__qualname__}", entry.value)
+            # without a word (QA 15). The built-in stays, whatever sys.path's order: presets name its parameters.
+            kept, dropped = sorted((found[cls.name], cls), key=lambda c: not c.__module__.startswith("sdbridge."))
+            log.error("plugin %s is installed twice (%s and %s); %s is left out", cls.name, _where(kept),
+                      _where(dropped), _where(dropped))
+            found[cls.name] = kept
             continue
         found[cls.name] = cls
     return found
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _own_params(name: str, cls: type[Plugin], store: ParamStore) -> list[ParamSpec]:
@@ -128,6 +134,8 @@ class PluginManager:
         self._was_enabled: dict[str, bool] = {}
         self._engine_generation: dict[str, int] = {}   # the generation each engine plugin last saw
         self._engine_failed: dict[str, int] = {}       # engine plugins off after a failure, until toggled
+        self._stepping: list[str] = []                 # the plugins that took part in this step (after_step's)
+        self._step_sessions: list[str] = []
 
     def names(self) -> list[str]:
         return sorted(self.plugins)
@@ -155,8 +163,9 @@ class PluginManager:
     def before_step(self, engine: Any, session_ids: list[str]) -> None:
         """Plugins that work inside the engine get the engine about to run (None while they are off)."""
         active = {item.plugin.name: item for item in self.active}
+        self._stepping, self._step_sessions = [], list(session_ids)
         for name, plugin in self.plugins.items():
-            if not plugin.overrides("before_step"):
+            if not (plugin.overrides("before_step") or plugin.overrides("after_step")):
                 continue
             item = active.get(name)
             generation = self._generation[name]
@@ -165,20 +174,32 @@ class PluginManager:
                 self._engine_failed.pop(name, None)
                 plugin.turned_on()
             on = item is not None and name not in self._engine_failed
+            if not plugin.overrides("before_step"):
+                if on:
+                    self._stepping.append(name)
+                continue
             try:
                 plugin.before_step(engine if on else None, session_ids if on else [], item.params if on else {})
             except Exception as exc:
-                self.failures += 1
-                self._engine_failed[name] = generation
-                log.exception("plugin %s failed inside the engine; turned off", name)
-                for session_id in session_ids:
-                    self.report(session_id, {"type": "error", "code": "plugin_failed", "plugin": name,
-                                             "message": f"plugin {name} turned off: {type(exc).__name__}: {exc}; "
-                                                        f"{_after_failure(plugin)}"})
-                try:
-                    plugin.before_step(None, [], {})
-                except Exception:
-                    log.exception("plugin %s could not undo its engine changes", name)
+                self._engine_failure(name, plugin, exc, session_ids)
+                continue
+            if on:
+                self._stepping.append(name)
+
+    def _engine_failure(self, name: str, plugin: Plugin, exc: Exception, session_ids: list[str]) -> None:
+        """A plugin failed inside the engine: off for every session until it is turned on again, told to the
+        sessions of the step, and asked to undo its engine changes."""
+        self.failures += 1
+        self._engine_failed[name] = self._generation[name]
+        log.exception("plugin %s failed inside the engine; turned off", name)
+        for session_id in session_ids:
+            self.report(session_id, {"type": "error", "code": "plugin_failed", "plugin": name,
+                                     "message": f"plugin {name} turned off: {type(exc).__name__}: {exc}; "
+                                                f"{_after_failure(plugin)}"})
+        try:
+            plugin.before_step(None, [], {})
+        except Exception:
+            log.exception("plugin %s could not undo its engine changes", name)
 
     def cut(self, session_id: str) -> None:
         """A session's frames are back after a pause: plugins forget what they hold of its earlier frames
@@ -191,27 +212,18 @@ class PluginManager:
                     log.exception("plugin %s failed to forget session %s's earlier frames", name, session_id)
 
     def after_step(self) -> None:
-        """Plugins that work inside the engine, after its step. One that raises is turned off as a failure in
-        before_step is (until it is turned on again), rather than logging a traceback every frame (QA 15)."""
-        for name, plugin in self.plugins.items():
-            if not plugin.overrides("after_step"):
+        """The plugins that took part in the step, after it. One that raises is turned off for every session
+        (until it is turned on again), as a failure in before_step is: it logged a traceback every frame, and
+        was called while off (QA 15, QA 19)."""
+        for name in self._stepping:
+            plugin = self.plugins[name]
+            if not plugin.overrides("after_step") or name in self._engine_failed:
                 continue
-            failed = self._engine_failed.get(name)
-            if failed == self._generation[name]:
-                continue  # failed since it was last turned on
-            if failed is not None:
-                del self._engine_failed[name]  # turned on again since: re-armed
             try:
                 plugin.after_step()
-            except Exception:
-                self.failures += 1
-                self._engine_failed[name] = self._generation[name]
-                log.exception("plugin %s failed after the engine step; turned off until it is turned on again",
-                              name)
-                try:
-                    plugin.before_step(None, [], {})
-                except Exception:
-                    log.exception("plugin %s could not undo its engine changes", name)
+            except Exception as exc:
+                self._engine_failure(name, plugin, exc, self._step_sessions)
+        self._stepping = []
 
     def _context(self, item: _Active, session_state: dict[str, Any], session_id: str) -> PluginContext | None:
         name = item.plugin.name
@@ -219,8 +231,8 @@ class PluginManager:
         if state.get("_generation") != self._generation[name]:
             item.plugin.reset(state)
             state["_generation"] = self._generation[name]
-        if state.get("_failed"):
-            return None
+        if state.get("_failed") or self._engine_failed.get(name) == self._generation[name]:
+            return None  # off for this session, or for every session after a failure inside the engine
         return PluginContext(session_id=session_id, params=item.params, state=state,
                              last_output=session_state.get(LAST_OUTPUT))
 

@@ -185,6 +185,7 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
 
 @pytest.mark.parametrize(("body", "words"), [
     ({"sampler_name": "Euler Z"}, "unknown sampler 'Euler Z'"),
+    ({"sampler_name": "DPM++ 2S a Align Your Steps"}, "sampler 'DPM++ 2S a Align Your Steps' runs here as"),
     ({"script_name": "SD upscale"}, "Script 'SD upscale' not found: sdbridge runs no scripts"),
     ({"override_settings": {"samples_format": "gif"}}, "override_settings.samples_format 'gif' is not one of"),
     ({"override_settings": {"sd_model_checkpoint": "nosuch"}}, "sd_model_checkpoint"),
@@ -628,9 +629,10 @@ def test_what_a1111_clients_send_that_sdbridge_took_otherwise(api):
     info = json.loads(response.json()["info"])
     assert from_b64(response.json()["images"][0]).shape == (64, 96, 3) and info["width"] == 96
     assert info["seed"] >= 0 and info["sampler_name"] == "Euler" and "warnings" not in info
+    overrides = {"sd_vae": "Automatic", "eta_noise_seed_delta": 7, "samples_format": None, "jpeg_quality": None,
+                 "sd_model_checkpoint": ""}  # null and empty settings are not set (QA 19: 422s)
     asked = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "sampler_name": "DPM++ 2S a Karras", "seed": 5,
-                                                "override_settings": {"sd_vae": "Automatic", "eta_noise_seed_delta": 7},
-                                                **SMALL})
+                                                "override_settings": overrides, **SMALL})
     assert asked.status_code == 200, asked.text
     info = json.loads(asked.json()["info"])
     assert info["sampler_name"] == "DPM++ 2M" and "Sampler: DPM++ 2M, Schedule type: Karras" in info["infotexts"][0]

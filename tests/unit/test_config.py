@@ -60,6 +60,9 @@ def test_bad_config_file(tmp_path, text, message):
     ("port = 17950.5\n", "port 17950.5 is not an integer"),  # was 17950
     ("feedback_hz = true\n", "feedback_hz True is not a number"),
     ('log_level = "loud"\n', "log_level 'loud' is not one of debug, info, warning, error"),
+    ("feedback_hz = 0\n", "feedback_hz 0.0 not in \\(0, 240\\]"),  # QA 19: divided by zero at the first echo
+    ("telemetry_hz = nan\n", "telemetry_hz nan not in \\(0, 60\\]"),  # flooded the feedback port
+    ('host = "0.0.0.0"\n', "listening on --host '0.0.0.0' \\(beyond loopback\\) requires a token"),
     ("port = 99999\n", "port 99999 not in \\[0, 65535\\]"),
 ])
 def test_config_file_values_of_the_wrong_kind_are_refused_naming_the_file(tmp_path, text, message):

@@ -175,26 +175,48 @@ def test_latents_of_another_shape_fail_that_session_only():
     assert "expected latents of shape (1, 4, 3, 3)" in reports[0][1]["message"]
 
 
-def test_a_plugin_failing_after_the_step_is_turned_off_not_logged_every_frame(caplog):
+def test_a_plugin_failing_after_the_step_is_off_for_every_session_until_turned_on_again(caplog):
+    """QA 15: a traceback every frame; QA 19: its after hook still ran on every session and after_step was called
+    while the plugin was off. Now: called only for a step it took part in, and a failure turns it off for every
+    session (its sessions told), as one in before_step does."""
     class AfterStep(Plugin):
         name = "afterstep"
         calls = 0
+        afters = 0
 
         def after_step(self):
             AfterStep.calls += 1
             raise RuntimeError("boom")
 
+        def after(self, ctx):
+            AfterStep.afters += 1
+            return None
+
     store = ParamStore(Schema())
-    manager = PluginManager(store, {"afterstep": AfterStep})
+    reports: list = []
+    manager = PluginManager(store, {"afterstep": AfterStep}, report=lambda sid, m: reports.append((sid, m)))
+    frame = np.zeros((4, 4, 3), np.uint8)
+
+    def frame_through(sessions=("a", "b")):
+        manager.before_step(None, list(sessions))
+        manager.after_step()
+        for session in sessions:
+            manager.after(session, {}, frame, frame)
+
+    manager.prepare(store.snapshot()[1])
+    frame_through()
+    assert AfterStep.calls == 0  # off: not called
+    store.update({"plugin.afterstep.enabled": True})
     manager.prepare(store.snapshot()[1])
     for _ in range(5):
-        manager.after_step()
-    assert AfterStep.calls == 1 and manager.failures == 1
-    assert sum("failed after the engine step" in record.message for record in caplog.records) == 1
-    store.update({"plugin.afterstep.enabled": True})  # turned on again: re-armed
-    manager.prepare(store.snapshot()[1])
-    manager.before_step(None, [])
-    manager.after_step()
+        frame_through()
+    assert AfterStep.calls == 1 and manager.failures == 1 and AfterStep.afters == 0
+    assert [sid for sid, _ in reports] == ["a", "b"] and reports[0][1]["code"] == "plugin_failed"
+    assert sum("failed inside the engine" in record.message for record in caplog.records) == 1
+    for enabled in (False, True):  # turned off and on: re-armed
+        store.update({"plugin.afterstep.enabled": enabled})
+        manager.prepare(store.snapshot()[1])
+    frame_through()
     assert AfterStep.calls == 2
 
 
@@ -283,7 +305,8 @@ def test_a_plugin_whose_parameters_clash_or_that_cannot_be_made_is_left_out(capl
 
 def test_a_second_plugin_under_a_built_in_name_is_left_out_and_named(tmp_path, monkeypatch, caplog):
     """A third-party package registering "similarity" beside the built-in: one of them was dropped without a word
-    (QA 15). A real distribution on sys.path, read through importlib.metadata as pip's would be."""
+    (QA 15), and then the built-in, whose parameters presets name, when the other came first on sys.path (QA 19).
+    A real distribution first on sys.path, read through importlib.metadata as pip's would be."""
     package = tmp_path / "qa_similarity.py"
     package.write_text("from sdbridge.plugins.base import Plugin\n\n\nclass Similarity(Plugin):\n"
                        "    name = 'similarity'\n")
@@ -293,8 +316,9 @@ def test_a_second_plugin_under_a_built_in_name_is_left_out_and_named(tmp_path, m
     (info / "entry_points.txt").write_text("[sdbridge.plugins]\nsimilarity = qa_similarity:Similarity\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     found = discover()
-    assert "similarity" in found and "feature_bank" in found
-    assert any("plugin similarity is installed twice" in record.message for record in caplog.records)
+    assert found["similarity"].__module__ == "sdbridge.plugins.similarity" and "feature_bank" in found
+    assert any("plugin similarity is installed twice" in record.message
+               and record.message.endswith("qa_similarity.Similarity is left out") for record in caplog.records)
     store = ParamStore(Schema())
     manager = PluginManager(store, report=lambda sid, m: None)
     stats_names = manager.names()
