@@ -155,8 +155,6 @@ class EngineHost:
     def choose(self, params: Mapping[str, Any]) -> EngineChoice:
         model = params.get("model") or self.settings.model or None
         engine = params.get("engine", "auto")
-        if self._auto_failed is not None and model != self._auto_failed:
-            self._auto_failed = None  # another model: coming back to that one tries it again
         if engine == "auto":
             engine = "diffusion" if model else "preview"
             if engine == "preview" and not self._told_about_models:
@@ -410,6 +408,11 @@ class EngineHost:
             if wanted:
                 self._failed = None
                 self.last_error = None
+                if choice.engine in MODEL_ENGINES:
+                    # The fallback ends once another model loads: coming back to the broken one tries it again.
+                    # Not before: a client's model that fails sets the parameters back to auto, which tried the
+                    # broken model again (QA 20: two loads, two errors to every client).
+                    self._auto_failed = None
                 self._ready = (choice, engine, dict(request) if request is not None else None)
         log.info("engine %s loaded in %.1f s", printable(choice), time.perf_counter() - started)
         if not wanted:

@@ -567,6 +567,7 @@ class Worker(threading.Thread):
             image = codec.decode_frame(job.frame.header, job.frame.payload)
         except SdbridgeError as exc:
             job.session.errors += 1
+            self.registry.count_unserved(job.session)  # received, never to be answered: /stats totals add up (QA 20)
             self.report(job.session, {**exc.to_json(), **_frame_ref(job.frame)})
             return False
         job.input_size = (image.shape[1], image.shape[0])

@@ -218,7 +218,7 @@ class DiffusionEngine(Engine):
         prompt = str(params["prompt"])
         assert self.conditioning is not None
         self.conditioning.apply(self.conditioning.wanted(prompt, str(params.get("loras", ""))))
-        self.conditioning.clip_skip = int(params.get("clip_skip", 0))
+        self.conditioning.clip_skip = self.checked_clip_skip(int(params.get("clip_skip", 0)))
         # The prompt (lerped with blend_prompt by prompt_blend, as before the N-way mix), then, when prompt_2..4
         # take part, the mix of them all by weight (prompt_encode.mix). A prompt at weight 0 is not encoded; all at
         # 0: the prompt alone. Encodings are cached per text, so a weight moving every frame encodes nothing.
@@ -327,7 +327,7 @@ class DiffusionEngine(Engine):
         assert self.conditioning is not None
         live_clip_skip = self.conditioning.clip_skip
         if clip_skip is not None:
-            self.conditioning.clip_skip = clip_skip
+            self.conditioning.clip_skip = self.checked_clip_skip(clip_skip)
         try:
             with self.lora_scope(self.prompt_loras(prompt) if loras is None else loras):
                 cond, cond_pooled = self._encode_prompt_pooled(prompt)
@@ -338,6 +338,19 @@ class DiffusionEngine(Engine):
             self.conditioning.clip_skip = live_clip_skip
         pooled = (uncond_pooled, cond_pooled) if cond_pooled is not None and uncond_pooled is not None else None
         return cond, uncond, pooled
+
+    def checked_clip_skip(self, clip_skip: int) -> int:
+        """``clip_skip`` if this model's text encoder has the layers to skip, else ParamError naming it: past them
+        the encoder's hidden states ran out, an IndexError on every frame (QA 20: clip_skip 4 on a 2-layer model)."""
+        assert self.parts is not None
+        layers = int(getattr(self.parts.text_encoder.config, "num_hidden_layers", 0) or 0)
+        # SD reads the hidden state clip_skip layers before the last (of layers + 1, the embeddings first); SDXL one
+        # further back.
+        most = layers - (1 if self._sdxl else 0)
+        if layers and not 0 <= clip_skip <= most:
+            raise ParamError(f"clip_skip {clip_skip} is more than this model's text encoder has to skip: "
+                             f"{layers} layers, so at most {most}", name="clip_skip", value=clip_skip)
+        return clip_skip
 
     @property
     def clip_skip(self) -> int:

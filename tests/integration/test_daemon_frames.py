@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -218,6 +219,24 @@ def test_truncated_jpeg_is_an_error(start_daemon):
         assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
 
 
+def test_a_frame_that_cannot_be_decoded_is_counted_so_the_totals_add_up(start_daemon):
+    """QA 20: a whole file that is corrupt inside (found as it decodes) counted as received and never anywhere
+    else, so /stats frames_received stayed above out + dropped + condition frames for good."""
+    daemon = start_daemon(params={**IDENTITY})
+    png = bytearray(codec.encode_png(make_image(64, 64)))
+    data = png.index(b"IDAT") + 8
+    png[data:data + 32] = bytes(value ^ 0x55 for value in png[data:data + 32])  # its CRC and end stay whole
+    with ws_connect(daemon) as ws:
+        for frame_id in range(3):
+            ws.send(header_frame(bytes(png), PixelFormat.PNG, 0, 0, frame_id=frame_id))
+            assert recv_json(ws, "error")["code"] == "bad_image"
+        ws.send(codec.encode_jpeg(make_image(64, 64), 90))
+        assert recv_frame(ws)
+        stats = daemon.collect_stats()
+    assert stats["frames_received"] == 4
+    assert stats["frames_out"] + stats["frames_dropped"] + stats["condition_frames"] == 4, stats
+
+
 def test_oversized_frames_get_an_error_and_the_connection_stays(start_daemon):
     daemon = start_daemon(params={**IDENTITY})
     jpeg = bytearray(codec.encode_jpeg(make_image(16, 16), 90))
@@ -269,6 +288,32 @@ def test_health_says_degraded_while_frames_are_not_what_was_asked(start_daemon, 
     fine = start_daemon(params={**IDENTITY})
     assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{fine.port}/health").json()["engine"]["status"] == "ready")
     assert httpx.get(f"http://127.0.0.1:{fine.port}/health").json()["status"] == "ok"
+
+
+def test_a_client_model_that_fails_while_the_fallback_serves_is_tried_once(start_daemon, tmp_path):
+    """QA 20: with the preview serving for a broken --model, a client's model that failed too set the parameters
+    back to auto, which loaded the broken --model again: two loads, two errors to every client. One now."""
+    import httpx
+
+    for name in ("broken", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{not json", encoding="utf-8")
+    daemon = start_daemon(model=str(tmp_path / "broken"), models_dir=str(tmp_path), params={"width": 64, "height": 64})
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"].get("engine") == "preview", timeout=60)
+    failures = daemon.engines.load_failures
+    with ws_connect(daemon) as ws:
+        recv_json(ws, "hello")
+        ws.send(json.dumps({"type": "set", "params": {"model": "other"}}))
+        error = recv_json(ws, "error", timeout=30)
+        assert "other" in error["message"] and error["code"] == "bad_model"
+        assert wait_for(lambda: daemon.store.get("model") == "", timeout=10)  # set back to what serves
+        time.sleep(1.5)  # a second load would have started and failed by now
+        assert daemon.engines.load_failures == failures + 1
+        ws.send(codec.encode_jpeg(make_image(64, 64), 90))
+        assert recv_frame(ws)  # the preview still serves
+    health = httpx.get(base + "/health").json()
+    assert health["engine"]["engine"] == "preview" and health["engine"]["fallback"]["model"] == str(tmp_path / "broken")
 
 
 @pytest.mark.parametrize("model, engine, architecture, extra", [

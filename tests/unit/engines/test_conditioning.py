@@ -176,3 +176,12 @@ def test_clip_skip_parameter(engine):
     with torch.inference_mode():
         expected = encode_prompt("a red fox", parts.tokenizer, parts.text_encoder, CPU, clip_skip=1)
     assert torch.equal(engine._embeddings, expected) and not torch.allclose(engine._embeddings, plain, atol=1e-3)
+    # More than the encoder has: a ParamError naming it, not an IndexError on every frame (QA 20). The tiny
+    # encoder has 2 layers.
+    layers = parts.text_encoder.config.num_hidden_layers
+    with pytest.raises(ParamError, match=f"clip_skip {layers + 1} is more than .* {layers} layers") as info:
+        engine.prepare(params(clip_skip=layers + 1))
+    assert info.value.code == "bad_param" and info.value.name == "clip_skip"
+    with pytest.raises(ParamError, match="clip_skip"):
+        engine.encode_prompt_pair("a red fox", "", clip_skip=layers + 1)
+    engine.prepare(params(clip_skip=layers))  # the last one there is: still taken
