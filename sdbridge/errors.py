@@ -80,7 +80,8 @@ def load_failure(log: logging.Logger, what: str, exc: BaseException) -> str:
     else:
         message = f"{type(exc).__name__}: {exc}"
         log.exception("%s failed to load", printable(what))
-    return message
+    # One line for the client: torch's size-mismatch messages run over many, with tabs (QA 20).
+    return re.sub(r"\s*[\r\n\t]+\s*", " ", message).strip()
 
 
 # What must not reach a log line raw: C0 and C1 controls (a newline forges a line, ESC drives the terminal,

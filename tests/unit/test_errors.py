@@ -17,3 +17,13 @@ def test_a_failed_load_of_a_client_named_part_logs_one_clean_line(caplog):
     assert "\n" not in line and "\x1b" not in line and "\\n12:00:00" in line
     assert message == ModelError(f"{name!r} not found").args[0]  # the client's sentence is as it was
     assert printable("Ünïcode path/ok") == "Ünïcode path/ok"
+
+
+def test_a_failed_load_tells_the_client_one_line(caplog):
+    """torch's size-mismatch message runs over many lines with tabs: a client's error sentence is one line (QA 20)."""
+    log = logging.getLogger("sdbridge.test_errors")
+    error = RuntimeError("Error(s) in loading state_dict:\n\tsize mismatch for conv.weight: a\n\tsize mismatch for b")
+    with caplog.at_level(logging.ERROR, logger=log.name):
+        message = load_failure(log, "controlnet edges", error)
+    assert message == ("RuntimeError: Error(s) in loading state_dict: size mismatch for conv.weight: a size mismatch "
+                       "for b")
