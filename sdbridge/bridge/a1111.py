@@ -254,7 +254,7 @@ def runnable_sampler(name: str) -> str:
 # the override_settings a request honours; the others are named in its info's "warnings".
 SAMPLE_FORMATS = ("png", "jpg", "jpeg", "webp")
 HONOURED_OVERRIDES = ("CLIP_stop_at_last_layers", "sd_model_checkpoint", "samples_format", "jpeg_quality",
-                      "samples_save")
+                      "samples_save", "control_net_no_detectmap")
 
 
 def _sample_format(value: Any, field: str) -> str:
@@ -948,7 +948,13 @@ class A1111Api:
                 self.save(data, kind, generation.used_seeds[index], "jpg" if form == "jpeg" else form)
             if body.send_images:
                 images.append(base64.b64encode(data).decode("ascii"))
-        warnings = self.warnings(body)
+        # Each ControlNet unit's condition follows the images, as the extension appends its detected maps (clients
+        # take them from the end), unless its control_net_no_detectmap option or the unit's save_detected_map says
+        # not to (QA 21).
+        if body.send_images and not options.get("control_net_no_detectmap", False):
+            images += [base64.b64encode(pnginfo.encode_png(unit.image)).decode("ascii")
+                       for unit in request.controlnet if unit.save_detected_map]
+        warnings = self.warnings(body) + request.warnings
         for warning in warnings:
             log.warning("%s: %s", kind, warning)
         model = self.loaded_model() or generation.engine.source

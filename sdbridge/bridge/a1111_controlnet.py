@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Query
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdbridge.bridge import codec, pnginfo
 from sdbridge.bridge.a1111 import A1111Route, FiniteBody, always_on_script, decode_b64_image, quick_hash
@@ -37,6 +37,7 @@ from sdbridge.engines.controlnet import (HASH_SUFFIX, RequestUnit, list_controln
 from sdbridge.engines.ip_adapter import list_ip_adapters, resolve_ip_adapter
 from sdbridge.engines.preprocessors import Options, Preprocessors
 from sdbridge.errors import SdbridgeError, printable
+from sdbridge.params import CONTROLNET_SLOTS
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
@@ -52,11 +53,22 @@ MODULES: dict[str, str] = {
     "lineart_coarse": "lineart", "lineart_standard (from white bg & black line)": "lineart", "depth": "depth",
     "depth_midas": "depth", "depth_leres": "depth", "depth_zoe": "depth", "depth_anything": "depth",
     "openpose": "pose", "dw_openpose": "pose",
+    # The preprocessors' internal names, which the extension takes beside their labels and its module_list
+    # gives (QA 21: clients send "hed").
+    "hed": "softedge", "hed_safe": "softedge", "pidinet": "softedge", "pidinet_safe": "softedge",
+    "lineart_standard": "lineart",
 }
+# control_types: the extension's type names for ours, the word its models' names carry, and the module it offers.
+CONTROL_TYPES = {"canny": ("Canny", "canny", "canny"), "depth": ("Depth", "depth", "depth_midas"),
+                 "lineart": ("Lineart", "lineart", "lineart_realistic"),
+                 "softedge": ("SoftEdge", "softedge", "softedge_pidinet"),
+                 "pose": ("OpenPose", "openpose", "openpose"),
+                 "invert": ("Scribble/Sketch", "scribble", "invert (from white bg & black line)")}
 CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "controlnet", "balanced": "balanced",
                  "my prompt is more important": "prompt", "controlnet is more important": "controlnet"}
 RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", "just resize": "stretch", "crop and resize": "crop",
-                "resize and fill": "fit", "envelope (outer fit)": "fit", "inner fit (scale to fit)": "crop"}
+                "resize and fill": "fit", "envelope (outer fit)": "fit", "inner fit (scale to fit)": "crop",
+                "scale to fit (inner fit)": "crop", "outer fit (shrink to fit)": "fit"}  # all four old names
 THRESHOLDED = {"canny": ("Low Threshold", "High Threshold", 100, 200)}
 # The extension's IP-Adapter modules (its CLIP image encoders): the adapter's own encoder runs whichever is named.
 IP_MODULES = ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_h", "ip-adapter_clip_sdxl",
@@ -69,8 +81,10 @@ class ControlNetUnitArgs(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     enabled: bool = True
-    input_image: str | dict[str, Any] | None = None
-    image: str | dict[str, Any] | None = None
+    # A list too (QA 21): [image, mask] or [{"image": ...}, ...], as the extension takes; the first image is used.
+    input_image: str | dict[str, Any] | list[Any] | None = None
+    image: str | dict[str, Any] | list[Any] | None = None
+    save_detected_map: bool = True
     module: str = "none"
     model: str = "None"
     weight: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
@@ -82,6 +96,13 @@ class ControlNetUnitArgs(BaseModel):
     processor_res: int = Field(-1, ge=-1, le=4096)
     threshold_a: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
     threshold_b: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _guidance_in_order(self) -> ControlNetUnitArgs:
+        # The extension refuses it (guidance_check); run here, it changed the image on no step's account (QA 21).
+        if self.guidance_start > self.guidance_end:
+            raise ValueError(f"guidance_start {self.guidance_start:g} is after guidance_end {self.guidance_end:g}")
+        return self
 
 
 class DetectRequest(FiniteBody):
@@ -103,6 +124,8 @@ def _with_hash(name: str, path: Path) -> str:
 def unit_image(unit: ControlNetUnitArgs, where: str, request: GenerationRequest, why: str) -> Any:
     """A unit's image (uint8 RGB): its own, else img2img's init image; 422 with ``why`` when it has none."""
     data = unit.input_image if unit.input_image is not None else unit.image
+    if isinstance(data, list):
+        data = data[0] if data else None
     if isinstance(data, dict):
         data = data.get("image")
     if data:
@@ -125,6 +148,8 @@ def module_name(module: str, where: str = "controlnet module") -> str:
 
 def _choice(table: dict[Any, str], value: int | str, what: str) -> str:
     key = value.strip().lower() if isinstance(value, str) else value
+    if what == "resize_mode" and isinstance(key, int) and not isinstance(key, bool) and key >= 3:
+        key = 0  # the extension's resize_mode_from_value: 3 and above are Just Resize
     if key not in table:
         shown = ", ".join(str(item) for item in table)
         raise HTTPException(422, f"controlnet {what} {value!r} is not one of {shown}")
@@ -227,7 +252,12 @@ class ControlNetApi:
                 field = ".".join(str(part) for part in first["loc"])
                 raise HTTPException(422, f"{where}.{field} = {printable(repr(first.get('input')))[:80]}: "
                                          f"{first['msg']}") from None
-            if not unit.enabled or unit.model.strip() in ("", "None", "none"):
+            if not unit.enabled:
+                continue
+            if unit.model.strip() in ("", "None", "none"):
+                # The extension fails such a unit ("You have not selected any ControlNet Model"); skipped here, and
+                # the info says so (QA 21: it was silent).
+                request.warnings.append(f"{where} is enabled but names no model (model {unit.model!r}): skipped")
                 continue
             if unit.module.strip().lower() in IP_MODULES:
                 if request.image_prompt is not None:
@@ -243,11 +273,12 @@ class ControlNetApi:
             options = _options(module, unit.threshold_a, unit.threshold_b, resolution)
             try:
                 condition = self.preprocessors().run(module, image, options)
-                model = self.model(unit.model)
+                name = self.closest_model(unit.model)
+                model = self.model(name)
             except SdbridgeError as exc:
                 raise HTTPException(422, f"{where}: {exc}") from None
             units.append(RequestUnit(model, condition, unit.weight, unit.guidance_start, unit.guidance_end, mode,
-                                     name=unit.model, module=unit.module))
+                                     name=name, module=unit.module, save_detected_map=unit.save_detected_map))
         return units
 
     def image_prompt(self, unit: ControlNetUnitArgs, where: str, request: GenerationRequest) -> Any:
@@ -275,6 +306,16 @@ class ControlNetApi:
         install(engine.parts.unet, adapters.holder if adapters is not None else AdapterHolder())
         return RequestImagePrompt.make(adapter, image, unit.weight, engine.device, start=unit.guidance_start,
                                        end=unit.guidance_end, name=unit.model, module=unit.module)
+
+    def closest_model(self, name: str) -> str:
+        """``name``, or the one ControlNet whose name holds it ("canny" for control_v11p_sd15_canny [hash]), as the
+        extension finds a model (QA 21); ``name`` again where none or several do (the load then says so)."""
+        base = HASH_SUFFIX.sub("", name.strip())
+        names = list_controlnets(self.folder())
+        if base in names:
+            return name
+        found = [candidate for candidate in names if base.strip().lower() in candidate.lower()]
+        return found[0] if len(found) == 1 else name
 
     def model(self, name: str) -> Any:
         """The live slots' copy when loaded there, else loaded now (on this request's thread)."""
@@ -332,14 +373,27 @@ def create_controlnet_router(daemon: Daemon) -> APIRouter:
 
     @router.get("/control_types")
     async def control_types() -> dict[str, Any]:
-        kinds = sorted(set(MODULES.values()))
-        types = {kind.capitalize(): {"module_list": [m for m, k in MODULES.items() if k == kind],
-                                     "model_list": ["None"], "default_option": kind, "default_model": "None"}
-                 for kind in kinds}
-        adapters = ["None", *await asyncio.to_thread(api.ip_model_list)]
-        types["IP-Adapter"] = {"module_list": list(IP_MODULES), "model_list": adapters,
-                               "default_option": IP_MODULES[0], "default_model": adapters[-1]}
+        """As the extension's: "All", then a type per preprocessor kind, each with the models whose names carry
+        its word ("None" first) and a module and model a client may send as they are (QA 21: every type had no
+        model, and Pose's default module was one a unit refused)."""
+        models = await asyncio.to_thread(lambda: [_with_hash(name, resolve_controlnet(name, api.folder()))
+                                                  for name in list_controlnets(api.folder())])
+        adapters = await asyncio.to_thread(api.ip_model_list)
+        types = {"All": {"module_list": [*MODULES, *IP_MODULES], "model_list": ["None", *models, *adapters],
+                         "default_option": "none", "default_model": "None"}}
+        for kind, (title, word, module) in CONTROL_TYPES.items():
+            matching = [model for model in models if word in model.lower()]
+            types[title] = {"module_list": [m for m, k in MODULES.items() if k == kind],
+                            "model_list": ["None", *matching], "default_option": module,
+                            "default_model": matching[0] if matching else "None"}
+        types["IP-Adapter"] = {"module_list": list(IP_MODULES), "model_list": ["None", *adapters],
+                               "default_option": IP_MODULES[0], "default_model": adapters[0] if adapters else "None"}
         return {"control_types": types}
+
+    @router.get("/settings")
+    async def settings() -> dict[str, int]:
+        """The extension's unit count (clients size their unit lists by it): the stream's ControlNet slots."""
+        return {"control_net_unit_count": CONTROLNET_SLOTS}
 
     @router.post("/detect")
     async def detect(body: DetectRequest) -> dict[str, Any]:

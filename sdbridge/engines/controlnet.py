@@ -220,6 +220,7 @@ class RequestUnit:
     mode: str = "balanced"
     name: str = ""
     module: str = "none"
+    save_detected_map: bool = True      # the A1111 API returns the condition beside the images, as the extension
 
 
 def request_stack(units: Sequence[RequestUnit], batch: int, height: int, width: int, device: torch.device,

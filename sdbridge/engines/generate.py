@@ -132,6 +132,7 @@ class GenerationRequest:
     hr_scheduler: str | None = None
     # ControlNet units (engines/controlnet.py), conditions at width x height
     controlnet: list[RequestUnit] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what was asked and not done, for the API's info
     # An IP-Adapter unit (engines/ip_adapter.py's RequestImagePrompt): a style image beside the prompt.
     image_prompt: Any = None
 

@@ -197,7 +197,7 @@ def test_controlnet_endpoints_never_answer_with_a_server_error(api):
 
     schema = schemathesis.openapi.from_url(str(api.base_url) + "/openapi.json")
     operations = [result.ok() for result in schema.include(path_regex="^/controlnet/").get_all_operations()]
-    assert len(operations) == 5
+    assert len(operations) == 6
     failures: list[str] = []
     for operation in operations:
         @given(case=operation.as_strategy())
@@ -343,3 +343,48 @@ def test_unit_errors_name_the_unit_and_the_value_and_the_lists_carry_the_ip_adap
     assert kinds["IP-Adapter"]["module_list"][0] == "ip-adapter-auto"
     assert [name.split(" [")[0] for name in kinds["IP-Adapter"]["model_list"]] == ["None", "ip-adapter_sd15"]
     assert "edges" not in str(kinds["IP-Adapter"])
+
+
+def test_what_the_extension_s_clients_send_that_sdbridge_took_otherwise(start_daemon, tiny_model_dir, controlnet_dir,
+                                                                      tmp_path):
+    """QA 21, against sd-webui-controlnet: /controlnet/settings; control_types whose defaults a unit takes as they
+    are; a model found by a part of its name; the detected maps after the images; the preprocessors' internal
+    names, all four old resize names and resize_mode 3; an image sent as a list; guidance in order; a unit with no
+    model said in info."""
+    import shutil
+
+    folder = tmp_path / "controlnet"
+    shutil.copytree(controlnet_dir, folder)
+    shutil.copytree(folder / "edges", folder / "control_v11p_sd15_canny")
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(folder), models_dir=str(tmp_path / "models"))
+    api = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=120)
+    assert wait_for(lambda: api.get("/health").json()["engine"]["status"] == "ready", timeout=60)
+    assert api.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
+    types = api.get("/controlnet/control_types").json()["control_types"]
+    canny = types["Canny"]
+    assert canny["model_list"][0] == "None" and canny["model_list"][1].startswith("control_v11p_sd15_canny [")
+    assert canny["default_model"] == canny["model_list"][1] and canny["default_option"] == "canny"
+    assert types["OpenPose"]["default_option"] == "openpose" and {"All", "Depth", "SoftEdge"} <= set(types)
+    # A unit made of Canny's defaults, its model named by a part of it: the image, then the detected map.
+    made = txt2img(api, unit(module=canny["default_option"], model="canny", threshold_a=100, threshold_b=200))
+    assert made.status_code == 200, made.text
+    images = made.json()["images"]
+    assert len(images) == 2 and 'Model: control_v11p_sd15_canny' in json.loads(made.json()["info"])["infotexts"][0]
+    edges = from_b64(images[1])
+    assert set(np.nonzero(edges[..., 0].any(axis=0))[0]) <= {31, 32}  # the canny map of the step edge
+    assert len(txt2img(api, unit(save_detected_map=False)).json()["images"]) == 1
+    alone = txt2img(api, unit(), override_settings={"control_net_no_detectmap": True}).json()
+    assert len(alone["images"]) == 1 and "warnings" not in json.loads(alone["info"])
+    for fields in ({"module": "hed"}, {"module": "pidinet_safe"}, {"module": "lineart_standard"},
+                   {"resize_mode": "Scale to Fit (Inner Fit)"}, {"resize_mode": "Outer Fit (Shrink to Fit)"},
+                   {"resize_mode": 3}, {"image": [b64_png(step_edge()), b64_png(step_edge())], "input_image": None},
+                   {"image": [{"image": b64_png(step_edge())}], "input_image": None}):
+        response = txt2img(api, unit(**fields))
+        assert response.status_code == 200, (fields, response.text)
+    backwards = txt2img(api, unit(guidance_start=0.8, guidance_end=0.2))
+    assert backwards.status_code == 422 and "guidance_start 0.8 is after guidance_end 0.2" in backwards.text
+    nameless = txt2img(api, unit(model="None"))
+    assert nameless.status_code == 200 and len(nameless.json()["images"]) == 1
+    assert json.loads(nameless.json()["info"])["warnings"] == [
+        "alwayson_scripts.controlnet.args[0] is enabled but names no model (model 'None'): skipped"]
+    api.close()
