@@ -197,7 +197,13 @@ class PresetLibrary:
                 or glide_s < 0:
             raise ParamError(f"glide_s {shown_value(glide_s)} is not a finite number of seconds >= 0",
                              name="glide_s", value=glide_s)
-        self.user_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # A synced folder unmounted (a dangling link) or a file in the folder's place: told, not a traceback
+            # that closed the client's connection (QA 22).
+            self.user_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ParamError(f"preset {name!r} could not be saved: the presets folder {self.user_dir} cannot be "
+                             f"made ({exc.strerror or exc})", name="preset", value=name, code="bad_preset") from exc
         path = confine(f"{name}.toml", [self.user_dir], what="preset")
         preset = Preset(name, dict(params), float(glide_s), description, str(path))
         data = dump(preset).encode("utf-8")  # encoded before any file is opened: the checks above make it safe

@@ -187,6 +187,27 @@ def test_a_bundle_recalling_a_preset_then_setting_a_value_keeps_that_value(start
     assert daemon.store.get("strength") == 0.7  # the preset's, set after the bundle's first message
 
 
+@pytest.mark.parametrize("gone", ["dangling_link", "a_file"])
+def test_a_preset_save_the_disk_refuses_is_an_error_and_the_connection_stays(start_daemon, tmp_path, gone):
+    """QA 22: the presets folder a dangling link (a synced folder unmounted) or a file: the save's mkdir raised,
+    the WebSocket closed with 1006 (and its frames stopped) and HTTP answered 500."""
+    presets = tmp_path / "presets"
+    if gone == "dangling_link":
+        presets.symlink_to(tmp_path / "unmounted")
+    else:
+        presets.write_text("not a folder")
+    daemon = start_daemon(params={"engine": "identity"}, presets_dir=str(presets))
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "save_preset", "id": 5, "name": "mine"}))
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_preset" and error["id"] == 5 and "could not be saved" in error["message"]
+        ws.send(codec.encode_jpeg(make_image(64, 64), 90))
+        assert recv_frame(ws)  # the connection stays, and its frames go on
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+        response = http.post("/presets", json={"name": "mine"})
+    assert 400 <= response.status_code < 500 and response.json()["code"] == "bad_preset", response.text
+
+
 def test_malformed_osc_counted_daemon_keeps_serving(start_daemon):
     import socket
 
