@@ -47,6 +47,9 @@ class TextConditioning:
         if parts.text_encoder_2 is not None:  # SDXL
             components["text_encoder_2"] = parts.text_encoder_2
         self.loras = LoraStack(components)
+        # Each loaded LoRA's file as it was read (path, mtime, size): a file replaced under its name is read again,
+        # and one deleted is unknown, at the next change of the parameters (QA 22: both served the old weights).
+        self._lora_files: dict[str, tuple[Path, int, int]] = {}
         self.inversions = TextualInversions(parts.tokenizer, parts.text_encoder, parts.tokenizer_2,
                                             parts.text_encoder_2)
         self._warned_networks: set[str] = set()
@@ -100,8 +103,21 @@ class TextConditioning:
             raise ParamError(f"LoRA {name!r} refused: {exc}", name="loras", value=name, code="unknown_lora") from None
         except ModelError as exc:  # its sentence lists the LoRAs there
             raise ParamError(str(exc), name="loras", value=name, code="unknown_lora") from None
+        stat = Path(path).stat()
         self.loras.add(name, path, weight=0.0)
+        self._lora_files[name] = (Path(path), stat.st_mtime_ns, stat.st_size)
         log.info("LoRA %s loaded from %s", name, path)
+
+    def _changed(self, name: str) -> bool:
+        """Whether ``name``'s file is no longer the one loaded (replaced, or gone)."""
+        path, mtime_ns, size = self._lora_files.get(name, (None, 0, 0))
+        if path is None:
+            return False  # added in code (tests, benchmarks), not from the folder
+        try:
+            stat = path.stat()
+        except OSError:
+            return True
+        return (stat.st_mtime_ns, stat.st_size) != (mtime_ns, size)
 
     def apply(self, weights: Mapping[str, float]) -> frozenset[str]:
         """Run exactly these LoRAs at these weights (every other loaded one at 0).
@@ -110,7 +126,7 @@ class TextConditioning:
         Returns the components whose weights changed.
         """
         for name in weights:
-            if name not in self.loras:
+            if name not in self.loras or self._changed(name):
                 self._load(name)
         full = {name: float(weights.get(name, 0.0)) for name in self.loras.names}
         return self.loras.set_weights(full)
@@ -132,7 +148,8 @@ class TextConditioning:
 
     def cache_key(self, prompt: str) -> tuple[Any, ...]:
         """What an encoding of ``prompt`` depends on besides the text: text-encoder LoRAs, embeddings, clip skip."""
-        text_loras = tuple(sorted((name, weight) for name, weight in self.current().items()
+        # The file as read too: a LoRA re-read under its name must not find the old file's encodings.
+        text_loras = tuple(sorted((name, weight, self._lora_files.get(name)) for name, weight in self.current().items()
                                   if any(component.startswith("text_encoder")
                                          for component in self.loras.get(name).components)))
         return prompt, text_loras, self.inversions.version, self.clip_skip

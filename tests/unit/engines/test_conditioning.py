@@ -185,3 +185,33 @@ def test_clip_skip_parameter(engine):
     with pytest.raises(ParamError, match="clip_skip"):
         engine.encode_prompt_pair("a red fox", "", clip_skip=layers + 1)
     engine.prepare(params(clip_skip=layers))  # the last one there is: still taken
+
+
+def test_a_lora_file_replaced_or_deleted_under_its_name_is_seen_at_the_next_change(tiny_model_dir, tmp_path, frame):
+    """QA 22: a LoRA re-exported under its name kept its old weights until the model was reloaded, and a deleted
+    one kept serving (while the API called it unknown). The file is read again when it changed, and one gone is
+    unknown_lora, at the next change of the parameters."""
+    import os
+    import shutil
+
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    parts = load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32)
+    model = {"unet": parts.unet, "text_encoder": parts.text_encoder}
+    write_kohya(tmp_path / "one.safetensors", random_lora(model, seed=1))
+    write_kohya(tmp_path / "two.safetensors", random_lora(model, seed=2))
+    engine = DiffusionEngine.from_parts(load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32))
+    engine.conditioning.lora_dir = folder
+    shutil.copy(tmp_path / "one.safetensors", folder / "look.safetensors")
+    first = run(engine, frame, loras="look:2")
+    shutil.copy(tmp_path / "two.safetensors", folder / "look.safetensors")  # re-exported in place
+    os.utime(folder / "look.safetensors", ns=(1, 1))  # a new mtime even on a coarse clock
+    replaced = run(engine, frame, loras="look:2", seed=43)
+    reference = DiffusionEngine.from_parts(load_pipeline_parts(str(tiny_model_dir), CPU, torch.float32))
+    reference.conditioning.lora_dir = folder
+    assert torch.equal(replaced, run(reference, frame, loras="look:2", seed=43))  # the new file's weights
+    assert not torch.equal(run(engine, frame, loras="look:2"), first)
+    (folder / "look.safetensors").unlink()
+    with pytest.raises(ParamError, match="LoRA 'look' not found") as info:
+        engine.prepare(params(loras="look:1"))
+    assert info.value.code == "unknown_lora"
