@@ -28,6 +28,7 @@ from sdbridge.params import ParamStore
 log = logging.getLogger(__name__)
 
 SAVE_AFTER_S = 1.0  # changes are written at most this long after the first one not yet saved
+RETRY_S = 5.0  # a save the disk refused is tried again this often, until it takes it
 FORMAT = 1
 LORA_PROMPTS = ("prompt", "negative_prompt", "blend_prompt")  # the values whose <lora:...> tags name LoRAs
 
@@ -139,7 +140,7 @@ class ResumeFile:
                 temporary.unlink(missing_ok=True)
             except OSError:  # no folder to hold it either
                 pass
-            error = f"{exc.strerror or exc}"
+            error = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")  # which path
             if error != self._last_error:  # a full disk would otherwise log at every change
                 log.warning("resume: the look cannot be saved to %s: %s", self.path, error)
             self._last_error = error
@@ -216,6 +217,16 @@ class Resume:
         self._dirty = False
         values = self._look()  # read here, on the loop; the disk is written off it (a slow disk never stalls it)
         self._writing = self._loop.run_in_executor(None, self._write, values)
+        self._writing.add_done_callback(self._after_write)
+
+    def _after_write(self, future: asyncio.Future[bool]) -> None:
+        """The loop, after a write: one the disk refused is tried again, so that the change made while it refused
+        is saved once it takes it, not only at the next change (QA 22: a kill -9 then brought back an older look)."""
+        if future.cancelled() or future.exception() is not None or future.result():
+            return
+        self._dirty = True
+        if self._timer is None and self._loop is not None and not self._loop.is_closed():
+            self._timer = self._loop.call_later(RETRY_S, self._save_soon)
 
     def _write(self, values: Mapping[str, Any]) -> bool:
         written = self.file.write(values)

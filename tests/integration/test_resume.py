@@ -118,6 +118,25 @@ def test_an_unwritable_folder_warns_once_and_the_daemon_serves_on(start_daemon, 
     assert len(warnings) == 1, [record.getMessage() for record in warnings]
 
 
+def test_a_save_the_disk_refused_is_tried_again_until_it_takes_it(start_daemon, tmp_path, monkeypatch):
+    """QA 22: a change made while the file could not be written was never saved once the disk was back (until the
+    next change), so a kill -9 brought back an older look; and save_error named no path."""
+    from sdbridge.bridge import resume
+
+    monkeypatch.setattr(resume, "RETRY_S", 0.5)
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the folder should be")
+    daemon = start_daemon(params={"engine": "identity"}, resume=True, resume_file=str(blocker / "resume.json"))
+    post_params(daemon, {"strength": 0.33})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and daemon.collect_stats()["resume"]["save_error"] is None:
+        time.sleep(0.05)
+    assert str(blocker) in daemon.collect_stats()["resume"]["save_error"]
+    blocker.unlink()  # the disk is back; nothing changes from here on
+    saved = wait_for_file(blocker / "resume.json", lambda values: values.get("strength") == 0.33)
+    assert saved["strength"] == 0.33 and daemon.collect_stats()["resume"]["save_error"] is None
+
+
 def test_without_resume_nothing_is_written_or_read(start_daemon, tmp_path):
     state = tmp_path / "resume.json"
     state.write_text(json.dumps({"format": 1, "params": {"prompt": "old show"}}))
