@@ -694,7 +694,9 @@ class A1111Api:
             styles = load_styles(self.styles_path())
             for name in body.styles:
                 if name not in styles:
-                    known = ", ".join(sorted(styles)) or f"none: {self.styles_path()} has none"
+                    path = self.styles_path()
+                    known = ", ".join(sorted(styles)) or (f"none: {path} has none" if path.is_file()
+                                                          else f"none: {path} does not exist")
                     raise HTTPException(422, f"unknown style {name!r} (known: {known})")
                 prompt = apply_style(prompt, styles[name][0])
                 negative = apply_style(negative, styles[name][1])

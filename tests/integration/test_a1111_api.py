@@ -676,3 +676,11 @@ def test_samples_format_encodes_the_images_with_their_parameters(api):
     assert bad.status_code == 422 and "samples_format 'gif' is not one of png, jpg, jpeg, webp" in bad.json()["detail"]
     api.post("/sdapi/v1/options", json={"samples_format": "png"})
     assert base64.b64decode(api.post("/sdapi/v1/txt2img", json=body).json()["images"][0])[:4] == b"\x89PNG"
+
+
+def test_an_unknown_style_with_no_styles_file_says_the_file_is_missing(start_daemon, tmp_path):
+    daemon = start_daemon(params={"engine": "identity"}, styles_file=str(tmp_path / "styles.csv"))
+    response = httpx.post(f"http://127.0.0.1:{daemon.port}/sdapi/v1/txt2img", json={"styles": ["noir"], **SMALL},
+                          timeout=60)
+    assert response.status_code == 422
+    assert f"unknown style 'noir' (known: none: {tmp_path / 'styles.csv'} does not exist)" in response.json()["detail"]
