@@ -208,6 +208,24 @@ def test_a_preset_save_the_disk_refuses_is_an_error_and_the_connection_stays(sta
     assert 400 <= response.status_code < 500 and response.json()["code"] == "bad_preset", response.text
 
 
+def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so(start_daemon, tmp_path):
+    """QA 22: the recall answered success and every frame then passed through unstyled (unknown_lora to the
+    clients sending frames only). The missing LoRA is left out of `loras` and the tags, and the recall says so."""
+    loras, presets = tmp_path / "lora", tmp_path / "presets"
+    loras.mkdir()
+    presets.mkdir()
+    (loras / "kept.safetensors").write_bytes(b"")  # only its name is looked up here
+    (presets / "old.toml").write_text('[params]\nloras = "kept:0.5, gone:1"\nprompt = "a fox <lora:gone:0.8>"\n'
+                                      "strength = 0.6\n")
+    daemon = start_daemon(params={"engine": "identity"}, presets_dir=str(presets), lora_dir=str(loras))
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+        body = http.post("/presets/old/recall", params={"glide_s": 0}).json()
+    assert [error["code"] for error in body["errors"]] == ["unknown_lora", "unknown_lora"]
+    assert "preset 'old' names loras 'gone', which is not in the LoRA folder: left out" in body["errors"][0]["message"]
+    assert daemon.store.get("loras") == "kept:0.5" and "gone" not in daemon.store.get("prompt")
+    assert daemon.store.get("strength") == 0.6
+
+
 def test_malformed_osc_counted_daemon_keeps_serving(start_daemon):
     import socket
 
