@@ -202,8 +202,10 @@ class PresetLibrary:
             # that closed the client's connection (QA 22).
             self.user_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            why = (f"it is a link to {os.readlink(self.user_dir)}, which is not there" if self.user_dir.is_symlink()
+                   else exc.strerror or str(exc))  # "File exists" said nothing of a dangling link (QA 23)
             raise ParamError(f"preset {name!r} could not be saved: the presets folder {self.user_dir} cannot be "
-                             f"made ({exc.strerror or exc})", name="preset", value=name, code="bad_preset") from exc
+                             f"made ({why})", name="preset", value=name, code="bad_preset") from exc
         path = confine(f"{name}.toml", [self.user_dir], what="preset")
         preset = Preset(name, dict(params), float(glide_s), description, str(path))
         data = dump(preset).encode("utf-8")  # encoded before any file is opened: the checks above make it safe

@@ -36,7 +36,7 @@ from sdbridge.engines.controlnet import (HASH_SUFFIX, RequestUnit, list_controln
                                          resolve_controlnet)
 from sdbridge.engines.ip_adapter import list_ip_adapters, resolve_ip_adapter
 from sdbridge.engines.preprocessors import Options, Preprocessors
-from sdbridge.errors import SdbridgeError, printable
+from sdbridge.errors import ModelError, SdbridgeError, printable
 from sdbridge.params import CONTROLNET_SLOTS
 
 if TYPE_CHECKING:
@@ -250,6 +250,8 @@ class ControlNetApi:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 field = ".".join(str(part) for part in first["loc"])
+                if not field:  # a rule across fields (guidance in order): its sentence names them (QA 23)
+                    raise HTTPException(422, f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
                 raise HTTPException(422, f"{where}.{field} = {printable(repr(first.get('input')))[:80]}: "
                                          f"{first['msg']}") from None
             if not unit.enabled:
@@ -315,7 +317,10 @@ class ControlNetApi:
         if base in names:
             return name
         found = [candidate for candidate in names if base.strip().lower() in candidate.lower()]
-        return found[0] if len(found) == 1 else name
+        if len(found) > 1:  # said, rather than "not found" (QA 23)
+            raise ModelError(f"ControlNet {name!r} is part of several names ({', '.join(found)}): name one of them",
+                             code="model_not_found")
+        return found[0] if found else name
 
     def model(self, name: str) -> Any:
         """The live slots' copy when loaded there, else loaded now (on this request's thread)."""

@@ -320,14 +320,18 @@ class Worker(threading.Thread):
                     # code and its own sentence, and is no engine error; anything else is a bug to find.
                     known = isinstance(exc, SdbridgeError)
                     code = exc.code if known else "engine_failed"
-                    if known:
-                        log.warning("engine could not take the new parameters: %s", exc)
-                    else:
-                        self.engine_errors += 1
-                        log.exception("engine could not take the new parameters")
                     # Kept while it stands: /stats says the frames pass through, a client that connects hears why.
                     reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
                     told = self.prepare_error
+                    # Logged once while it stands, as it is told once: an LFO changes the parameters at every tick,
+                    # and each tick failed the same way, a line each (QA 23: 83 lines in 20 s).
+                    again = told is not None and told.get("code") == code and reason in told.get("message", "")
+                    if not known:
+                        self.engine_errors += 1
+                    if known and not again:
+                        log.warning("engine could not take the new parameters: %s", exc)
+                    elif not known and not again:
+                        log.exception("engine could not take the new parameters")
                     self.prepare_error = {"type": "error", "code": code,
                                           "message": f"the engine could not take the new parameters: "
                                                      f"{reason}; frames pass through"}

@@ -382,7 +382,11 @@ def test_what_the_extension_s_clients_send_that_sdbridge_took_otherwise(start_da
         response = txt2img(api, unit(**fields))
         assert response.status_code == 200, (fields, response.text)
     backwards = txt2img(api, unit(guidance_start=0.8, guidance_end=0.2))
-    assert backwards.status_code == 422 and "guidance_start 0.8 is after guidance_end 0.2" in backwards.text
+    assert backwards.status_code == 422 and backwards.json()["detail"] == (
+        "alwayson_scripts.controlnet.args[0]: guidance_start 0.8 is after guidance_end 0.2")
+    shutil.copytree(folder / "edges", folder / "control_v11p_sd15_canny_b")
+    several = txt2img(api, unit(model="canny"))
+    assert several.status_code == 422 and "is part of several names" in several.json()["detail"]
     nameless = txt2img(api, unit(model="None"))
     assert nameless.status_code == 200 and len(nameless.json()["images"]) == 1
     assert json.loads(nameless.json()["info"])["warnings"] == [

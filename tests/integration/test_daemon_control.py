@@ -201,6 +201,8 @@ def test_a_preset_save_the_disk_refuses_is_an_error_and_the_connection_stays(sta
         ws.send(json.dumps({"type": "save_preset", "id": 5, "name": "mine"}))
         error = recv_json(ws, "error")
         assert error["code"] == "bad_preset" and error["id"] == 5 and "could not be saved" in error["message"]
+        if gone == "dangling_link":  # said so, not "File exists" (QA 23)
+            assert f"it is a link to {tmp_path / 'unmounted'}, which is not there" in error["message"]
         ws.send(codec.encode_jpeg(make_image(64, 64), 90))
         assert recv_frame(ws)  # the connection stays, and its frames go on
     with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
@@ -378,6 +380,31 @@ def test_an_lfo_moves_what_the_engine_sees_not_the_stored_value(start_daemon):
             time.sleep(0.02)
     assert seen == {0.0, 1.0}  # a square wave between the clamped ends
     assert daemon.store.get("strength") == 0.5
+
+
+def test_a_refused_value_under_an_lfo_is_logged_once_not_at_every_tick(start_daemon, tiny_model_dir, caplog):
+    """QA 23: an LFO changes the parameters at every tick, and each tick's prepare failed the same way on a value
+    the engine refuses (clip_skip past the tiny encoder's 2 layers): a warning a tick. Told and logged once."""
+    import logging
+
+    daemon = start_daemon(model=str(tiny_model_dir),
+                          params={"width": 64, "height": 64, "steps": 1, "clip_skip": 3, "lfo1.target": "strength",
+                                  "lfo1.shape": "sine", "lfo1.depth": 0.3, "lfo1.rate_hz": 5.0})
+    frame = codec.encode_png(make_image(64, 64))
+    with caplog.at_level(logging.WARNING, logger="sdbridge.bridge.worker"), ws_connect(daemon) as ws:
+        assert wait_for(lambda: daemon.engines.active() is not None, timeout=60)
+        errors = 0
+        for _ in range(15):
+            ws.send(frame)
+            while True:
+                message = ws.recv(timeout=30)
+                if isinstance(message, bytes):
+                    break
+                errors += json.loads(message).get("code") == "bad_param"
+            time.sleep(0.05)
+    lines = [r for r in caplog.records if "could not take the new parameters" in r.getMessage()]
+    assert len(lines) == 1 and "clip_skip 3" in lines[0].getMessage(), [r.getMessage() for r in lines]
+    assert errors == 1
 
 
 def test_preset_in_beats_lands_on_the_beat(start_daemon):
