@@ -876,7 +876,10 @@ class A1111Api:
                                 while_connected(http, pending, task.interrupt, "its generation ends at its next step"))
         except SdbridgeError as exc:
             status = 503 if exc.code in ("no_model", "stopping") else 422
-            raise HTTPException(status, str(exc)) from None
+            message = str(exc)
+            if getattr(exc, "name", None) == "clip_skip":  # in the client's own terms, not only the stream's (QA 23)
+                message = f"CLIP_stop_at_last_layers {int(getattr(exc, 'value', 0) or 0) + 1}: {message}"
+            raise HTTPException(status, message) from None
         except Exception as exc:  # a bug, not the client's fault: say what failed, keep serving
             raise HTTPException(500, f"{kind} failed: {type(exc).__name__}: {exc}") from None
         log.info("%s: %d image(s) %dx%d, %d steps, in %.2f s", kind, len(generation.images), request.width,

@@ -513,6 +513,9 @@ def test_clip_skip_per_request_and_through_options(api):
 
     bad = api.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"CLIP_stop_at_last_layers": 9}})
     assert bad.status_code == 422
+    # Within the parameter's range but past the tiny encoder's 2 layers: said in the client's terms (QA 23).
+    deep = api.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"CLIP_stop_at_last_layers": 5}})
+    assert deep.status_code == 422 and deep.json()["detail"].startswith("CLIP_stop_at_last_layers 5: clip_skip 4 is")
     assert "override_settings.CLIP_stop_at_last_layers 9 is not an integer in 1..5" in bad.text
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0}).status_code == 422
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 7}).status_code == 422
