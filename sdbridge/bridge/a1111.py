@@ -618,9 +618,7 @@ class A1111Api:
         return self.daemon.settings
 
     def lora_dir(self) -> Path:
-        from sdbridge.engines.models import models_subfolder
-
-        return models_subfolder(self.settings.models_dir, "lora", self.settings.lora_dir)
+        return self.daemon.lora_dir()
 
     def embeddings_dir(self) -> Path:
         from sdbridge.engines.models import models_subfolder

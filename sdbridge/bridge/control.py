@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from sdbridge.bridge.glide import Glider
 from sdbridge.bridge.osc_parse import encode_message
-from sdbridge.bridge.resume import LORA_PROMPTS, drop_missing_loras
-from sdbridge.engines.models import models_subfolder
 from sdbridge.errors import ParamError, SdbridgeError
 from sdbridge.params import Schema, shown_value
 from sdbridge.presets import PresetLibrary
@@ -71,7 +69,7 @@ class Control:
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration <= MAX_GLIDE_S:
             raise ParamError(f"glide_s {shown_value(duration)} not in [0, {MAX_GLIDE_S}]", name="glide_s",
                              value=duration)
-        values, missing = self._without_missing_loras(preset.params)
+        values, missing = self.daemon.without_missing_loras(preset.params)  # deleted since it was saved (QA 22)
         good, errors = self.daemon.store.schema.validate(values)
         errors = [*(ParamError(f"preset {name!r} names {what}, which is not in the LoRA folder: left out",
                                name="loras", value=what, code="unknown_lora") for what in missing), *errors]
@@ -84,14 +82,6 @@ class Control:
         log.log(logging.INFO if announce else logging.DEBUG, "preset %s recalled (glide %.2f s%s)%s", name, duration,
                 ", on the next beat" if on_beat else "", f"; {len(errors)} value(s) refused" if errors else "")
         return good, list(errors)
-
-    def _without_missing_loras(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """A preset's values without the LoRAs deleted since it was saved, and what was left out: recalled with
-        them, it said it was applied while every frame passed through unstyled (QA 22)."""
-        if "loras" not in values and not any("<" in str(values.get(key, "")) for key in LORA_PROMPTS):
-            return values, []
-        settings = self.daemon.settings
-        return drop_missing_loras(values, models_subfolder(settings.models_dir, "lora", settings.lora_dir))
 
     def save_preset(self, name: Any, description: Any = "", glide_s: Any = 0.0) -> Any:
         """Loop thread: save the current look (not the model or the stream's size) as a user preset.

@@ -116,9 +116,7 @@ class Daemon:
         self.resume: Resume | None = None
         if settings.resume:
             self.resume = Resume(ResumeFile(resume_path(settings)), self.look)
-            self.resume.restore(self.store, keep=settings.command_line_params,
-                                vet=lambda values: drop_missing_loras(
-                                    values, models_subfolder(settings.models_dir, "lora", settings.lora_dir)))
+            self.resume.restore(self.store, keep=settings.command_line_params, vet=self.without_missing_loras)
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
         # plugins, whose parameters it may name.
         self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None
@@ -163,6 +161,15 @@ class Daemon:
         self.link: LinkSync | None = None
 
     # --- start and stop -----------------------------------------------------------------------
+
+    def lora_dir(self) -> Path:
+        """The folder clients name LoRAs in (``--lora-dir``, else ``<models_dir>/lora``)."""
+        return models_subfolder(self.settings.models_dir, "lora", self.settings.lora_dir)
+
+    def without_missing_loras(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``values`` without the LoRAs that are not in the LoRA folder, and what was left out: a resumed look or a
+        recalled preset that names one would pass every frame through unstyled (resume.drop_missing_loras)."""
+        return drop_missing_loras(values, self.lora_dir())
 
     def look(self) -> dict[str, Any]:
         """What a preset saves and --resume keeps: the look, with the artist's values where the quality ladder

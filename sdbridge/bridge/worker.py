@@ -322,21 +322,18 @@ class Worker(threading.Thread):
                     code = exc.code if known else "engine_failed"
                     # Kept while it stands: /stats says the frames pass through, a client that connects hears why.
                     reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
-                    told = self.prepare_error
-                    # Logged once while it stands, as it is told once: an LFO changes the parameters at every tick,
-                    # and each tick failed the same way, a line each (QA 23: 83 lines in 20 s).
-                    again = told is not None and told.get("code") == code and reason in told.get("message", "")
+                    told, self.prepare_error = self.prepare_error, {
+                        "type": "error", "code": code,
+                        "message": f"the engine could not take the new parameters: {reason}; frames pass through"}
                     if not known:
                         self.engine_errors += 1
-                    if known and not again:
-                        log.warning("engine could not take the new parameters: %s", exc)
-                    elif not known and not again:
-                        log.exception("engine could not take the new parameters")
-                    self.prepare_error = {"type": "error", "code": code,
-                                          "message": f"the engine could not take the new parameters: "
-                                                     f"{reason}; frames pass through"}
-                    # Told once: each change made while it stands fails the same way, and every client heard it.
+                    # Logged and told once while it stands: each change made meanwhile fails the same way (an LFO
+                    # changes the parameters at every tick: QA 23, 83 lines in 20 s), and every client heard it.
                     if self.prepare_error != told:
+                        if known:
+                            log.warning("engine could not take the new parameters: %s", exc)
+                        else:
+                            log.exception("engine could not take the new parameters")
                         for session in self.registry.sessions():
                             self.report(session, dict(self.prepare_error))
             self.engines.announce(self.engines.active_engine())  # "ready", with the resolution it serves
