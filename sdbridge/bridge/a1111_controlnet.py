@@ -195,8 +195,10 @@ class ControlNetApi:
 
     def model_list(self) -> list[str]:
         """ControlNets, then IP-Adapters (the extension lists both), as ``name [hash]``."""
-        return [_with_hash(name, resolve_controlnet(name, self.folder())) for name in list_controlnets(self.folder())] \
-            + self.ip_model_list()
+        return self.controlnet_list() + self.ip_model_list()
+
+    def controlnet_list(self) -> list[str]:
+        return [_with_hash(name, resolve_controlnet(name, self.folder())) for name in list_controlnets(self.folder())]
 
     def ip_model_list(self) -> list[str]:
         return [_with_hash(name, resolve_ip_adapter(name, self.ip_folder()))
@@ -311,7 +313,8 @@ class ControlNetApi:
 
     def closest_model(self, name: str) -> str:
         """``name``, or the one ControlNet whose name holds it ("canny" for control_v11p_sd15_canny [hash]), as the
-        extension finds a model (QA 21); ``name`` again where none or several do (the load then says so)."""
+        extension finds a model (QA 21); ``name`` again where none does (the load then says so), ModelError where
+        several do."""
         base = HASH_SUFFIX.sub("", name.strip())
         names = list_controlnets(self.folder())
         if base in names:
@@ -381,8 +384,7 @@ def create_controlnet_router(daemon: Daemon) -> APIRouter:
         """As the extension's: "All", then a type per preprocessor kind, each with the models whose names carry
         its word ("None" first) and a module and model a client may send as they are (QA 21: every type had no
         model, and Pose's default module was one a unit refused)."""
-        models = await asyncio.to_thread(lambda: [_with_hash(name, resolve_controlnet(name, api.folder()))
-                                                  for name in list_controlnets(api.folder())])
+        models = await asyncio.to_thread(api.controlnet_list)
         adapters = await asyncio.to_thread(api.ip_model_list)
         types = {"All": {"module_list": [*MODULES, *IP_MODULES], "model_list": ["None", *models, *adapters],
                          "default_option": "none", "default_model": "None"}}
