@@ -112,6 +112,11 @@ def test_a_note_recalls_a_preset_from_the_real_store(tmp_path):
         def __init__(self) -> None:
             self.store = store
 
+        def without_missing_loras(self, values):  # the real check, over a LoRA folder of this test's
+            from sdbridge.bridge.resume import drop_missing_loras
+
+            return drop_missing_loras(values, tmp_path / "lora")
+
     async def recall() -> None:
         control = Control(Daemon(), library)  # type: ignore[arg-type]
         control.recall_preset(actions.presets[0].name, actions.presets[0].glide_s)
