@@ -8,9 +8,12 @@ Two file layouts are read, safetensors only (never pickle):
 
 - kohya / AUTOMATIC1111: ``lora_unet_<module path with _>.lora_down.weight``, ``.lora_up.weight``,
   ``.alpha``; ``lora_te_`` (or ``lora_te1_``) for the text encoder; LoCon convolutions (3x3 or 1x1
-  ``down``). Module paths in diffusers spelling (``down_blocks_0_attentions_0_...``) or in the
-  original LDM spelling (``input_blocks_1_1_proj_in``, ``middle_block_1_...``,
-  ``output_blocks_3_1_...``), the latter mapped for SD1.x-shaped UNets.
+  ``down``, or a Tucker ``lora_mid``). Module paths in diffusers spelling (``down_blocks_0_attentions_0_...``)
+  or in the original LDM spelling (``input_blocks_1_1_proj_in``, ``middle_block_1_...``,
+  ``output_blocks_3_1_...``), the latter mapped for SD1.x-shaped UNets. Under the same names, the
+  LyCORIS kinds AUTOMATIC1111 runs too: LoHa (``hada_w1_a`` ... ``hada_w2_b``, Tucker ``hada_t1``/``t2``),
+  LoKr (``lokr_w1`` or ``lokr_w1_a``/``_b``, ``lokr_w2`` or ``lokr_w2_a``/``_b``, Tucker ``lokr_t2``) and
+  full differences (``diff``, ``diff_b`` for the bias), each with A1111's scale (:func:`_lycoris_scale`).
 - diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and ``text_encoder.<module>``;
   the older ``<module>.lora.down.weight`` / ``lora.up.weight``, ``lora_linear_layer.*`` and
   attention-processor ``processor.to_q_lora.*`` spellings. Alpha from ``<module>.alpha`` keys or
@@ -49,8 +52,19 @@ KEY_ROLES = (
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),                  # diffusers < 0.20
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),                  # attention processors
+    (".lora_mid.weight", "mid"),                                               # LoCon with Tucker
     (".alpha", "alpha"),
-)
+) + tuple((f".{role}", role) for role in (                                     # LyCORIS
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "diff", "diff_b"))
+# The roles that make a layer of each kind: one tuple of them must all be present.
+KIND_ROLES = {
+    "lora": (("down", "up"),),
+    "loha": (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),),
+    "lokr": tuple(w1 + w2 for w1 in (("lokr_w1",), ("lokr_w1_a", "lokr_w1_b"))
+                  for w2 in (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b"))),
+    "full": (("diff",),),
+}
 # Attention-processor spellings (``attn1.processor.to_q_lora``) -> module names.
 PROCESSOR_NAMES = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
@@ -58,17 +72,86 @@ PROCESSOR_NAMES = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_
 
 @dataclass(frozen=True)
 class LoraLayer:
-    """One low-rank update to one layer: ``W += weight * scale * (up @ down)``."""
+    """One update to one layer: ``W += weight * scale * delta`` (and the bias, for a full ``diff_b``).
+
+    ``kind`` says how ``tensors`` (the file's tensors for this layer, by role) make the delta:
+    ``lora`` ``up @ down`` (through ``mid`` for a Tucker conv), ``loha`` the elementwise product of
+    two such products, ``lokr`` the Kronecker product of two factors, ``full`` the difference itself.
+    """
 
     component: str       # "unet", "text_encoder"
     module: str          # the layer's name inside that component
-    down: torch.Tensor   # [rank, in] or [rank, in, kh, kw]
-    up: torch.Tensor     # [out, rank] or [out, rank, 1, 1]
+    kind: str            # "lora", "loha", "lokr", "full"
+    tensors: Mapping[str, torch.Tensor]
     scale: float         # alpha / rank (1 without alpha)
 
     @property
     def target(self) -> tuple[str, str]:
         return self.component, self.module
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self.tensors["down"]
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.tensors["up"]
+
+    def delta(self, shape: torch.Size, device: torch.device | str | None = None) -> torch.Tensor:
+        """The update in fp32, shaped as the layer's weight (``shape``); on ``meta`` it costs nothing."""
+        get = {role: tensor.to(device or tensor.device, torch.float32) for role, tensor in self.tensors.items()}.get
+        if self.kind == "lora":
+            up, down, mid = get("up").flatten(1), get("down").flatten(1), get("mid")
+            # Tucker: [rank, rank, kh, kw] between [out, rank] and [rank, in]
+            update = up @ down if mid is None else torch.einsum("n m k l, i n, m j -> i j k l", mid, up, down)
+        elif self.kind == "loha":
+            update = (_product(get("hada_w1_a"), get("hada_w1_b"), get("hada_t1"))
+                      * _product(get("hada_w2_a"), get("hada_w2_b"), get("hada_t2")))
+        elif self.kind == "lokr":
+            w1 = get("lokr_w1")
+            w1 = get("lokr_w1_a") @ get("lokr_w1_b") if w1 is None else w1
+            w2 = get("lokr_w2")
+            if w2 is None:
+                w2 = _product(get("lokr_w2_a"), get("lokr_w2_b"), get("lokr_t2"))
+            while w1.dim() < w2.dim():
+                w1 = w1.unsqueeze(-1)
+            update = torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs
+        else:
+            update = get("diff")
+        # A1111 reshapes by size alone; the output rows must agree too, or a LoRA for the transposed layer would fit.
+        if update.shape[0] != shape[0] or update.numel() != math.prod(shape):
+            raise ValueError(f"a {self.kind} update of shape {tuple(update.shape)} does not fit {tuple(shape)}")
+        return update.reshape(shape)
+
+    def bias_delta(self, device: torch.device | str | None = None) -> torch.Tensor | None:
+        bias = self.tensors.get("diff_b")
+        return None if bias is None else bias.to(device or bias.device, torch.float32).flatten()
+
+
+def _tucker(core: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's Tucker rebuild: ``core`` [r, r, kh, kw] with ``first`` [r, out] and ``second`` [r, in]."""
+    return torch.einsum("i j k l, i p, j q -> p q k l", core, first, second)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, core: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b`` as matrices ([out, r] @ [r, in * kh * kw]), or through a Tucker ``core``."""
+    return a.flatten(1) @ b.flatten(1) if core is None else _tucker(core, a, b)
+
+
+def _lycoris_scale(kind: str, tensors: Mapping[str, torch.Tensor], alpha: float | None) -> float:
+    """AUTOMATIC1111's ``alpha / dim``, where dim is the rank of the factored half (1 when nothing is factored).
+
+    LoHa's rank is ``hada_w1_b``'s; LoKr's is ``lokr_w2_b``'s, else ``lokr_w1_b``'s, and a LoKr of two full
+    halves, like a full difference, has none: its alpha is not applied.
+    """
+    if kind == "loha":
+        dim: int | None = tensors["hada_w1_b"].shape[0]
+    elif kind == "lokr":
+        factored = tensors.get("lokr_w2_b", tensors.get("lokr_w1_b"))
+        dim = None if factored is None else factored.shape[0]
+    else:
+        dim = None
+    return 1.0 if alpha is None or dim is None else alpha / dim
 
 
 @dataclass
@@ -290,22 +373,28 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
                 target = kohya.get("lora_unet_" + diffusers_path) if diffusers_path else None
         else:
             target = _peft_target(base, layers)
-        if target is None or "down" not in group or "up" not in group:
+        kind = _kind(group)
+        if target is None or kind is None:
             unmatched.extend(group.values())
             continue
-        down, up = tensors[group["down"]], tensors[group["up"]]
-        weight = layers[target[0]][target[1]].weight
-        rank = down.shape[0]
-        if (down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != rank or up.shape[0] != weight.shape[0]
-                or down[0].numel() != weight[0].numel() or up[0].numel() != rank):
-            mismatched.append(f"{base} (down {tuple(down.shape)}, up {tuple(up.shape)}, layer {tuple(weight.shape)})")
-            continue
-        if "alpha" in group:
-            scale = float(tensors[group["alpha"]].float().item()) / rank
+        layer_tensors = {role: tensors[key] for role, key in group.items() if role != "alpha"}
+        alpha = float(tensors[group["alpha"]].float().item()) if "alpha" in group else None
+        if kind == "lora":
+            rank = layer_tensors["down"].shape[0]
+            if alpha is not None:
+                scale = alpha / rank
+            else:
+                scale = _config_scale(peft_configs.get(target[0], {}), target[1], rank)
+                scale = 1.0 if scale is None else scale  # PEFT's default: lora_alpha = r
         else:
-            scale = _config_scale(peft_configs.get(target[0], {}), target[1], rank)
-            scale = 1.0 if scale is None else scale  # PEFT's default: lora_alpha = r
-        matched.append(LoraLayer(target[0], target[1], down, up, scale))
+            scale = _lycoris_scale(kind, layer_tensors, alpha)
+        layer = LoraLayer(target[0], target[1], kind, layer_tensors, scale)
+        problem = _misfit(layer, layers[target[0]][target[1]])
+        if problem:
+            shapes = ", ".join(f"{role} {tuple(tensor.shape)}" for role, tensor in layer_tensors.items())
+            mismatched.append(f"{base} ({shapes}, layer {problem})")
+            continue
+        matched.append(layer)
 
     if mismatched:
         raise ModelError(f"LoRA file {str(path)!r} does not fit this model: {len(mismatched)} layers have other "
@@ -313,12 +402,36 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
     if not matched:
         raise ModelError(f"LoRA file {str(path)!r}: none of its {len(tensors)} keys matches a layer of "
                          f"{', '.join(components)} (first key: {next(iter(tensors), 'none')!r}); read are kohya "
-                         "lora_down/lora_up and PEFT lora_A/lora_B pairs, not LoHa or LoKr")
+                         "lora_down/lora_up and PEFT lora_A/lora_B pairs, LoCon, LoHa, LoKr and full differences, "
+                         "not (IA)3, OFT, GLoRA or norm layers")
     if unmatched:
         log.warning("LoRA %s: %d of %d keys match no layer and are ignored (first: %s)",
                     path.name, len(unmatched), len(tensors), ", ".join(sorted(unmatched)[:3]))
     return LoraFile(name=name or path.stem, path=path, layout=layout, layers=tuple(matched), metadata=metadata,
                     unmatched_keys=tuple(unmatched))
+
+
+def _kind(group: Mapping[str, str]) -> str | None:
+    for kind, alternatives in KIND_ROLES.items():
+        if any(all(role in group for role in roles) for roles in alternatives):
+            return kind
+    return None
+
+
+def _misfit(layer: LoraLayer, module: nn.Module) -> str | None:
+    """None when the layer's update fits ``module``'s weight (and bias), else the layer's shape to name.
+
+    The update is built on the meta device, so every rule of :meth:`LoraLayer.delta` is checked for nothing.
+    """
+    weight, bias = module.weight, getattr(module, "bias", None)
+    try:
+        delta = layer.delta(weight.shape, device="meta")
+        bias_delta = layer.bias_delta(device="meta")
+    except (RuntimeError, ValueError, TypeError):  # torch raises RuntimeError for sizes that do not multiply
+        return f"{tuple(weight.shape)}"
+    if delta.shape != weight.shape or (bias_delta is not None and (bias is None or bias_delta.numel() != bias.numel())):
+        return f"{tuple(weight.shape)}"
+    return None
 
 
 # --- fusing --------------------------------------------------------------------------------------
@@ -330,8 +443,9 @@ class LoraStack:
     For every layer a loaded LoRA touches, the original weight is copied once (to
     ``original_device``, default: the weight's own device; ``"cpu"`` saves GPU memory at the cost
     of a host copy per change) and the layer is rewritten as
-    ``W = W0 + sum_i w_i * scale_i * (up_i @ down_i)``, the sum in fp32, the result cast to the
-    layer's dtype. When all weights on a layer are 0 the copy is put back, bit for bit.
+    ``W = W0 + sum_i w_i * scale_i * delta_i`` (``up_i @ down_i`` for a LoRA), the sum in fp32, the result
+    cast to the layer's dtype; a full difference's ``diff_b`` moves the bias the same way. When all weights on
+    a layer are 0 the copies are put back, bit for bit.
 
     Not thread-safe, and needs none: the worker thread calls it between frames, never during a
     forward pass. The weights are written in place (same storage), so a compiled module or a
@@ -345,6 +459,7 @@ class LoraStack:
         self._loras: dict[str, LoraFile] = {}
         self._weights: dict[str, float] = {}
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
+        self._bias_originals: dict[tuple[str, str], torch.Tensor] = {}   # layers a full ``diff_b`` moved
         self._by_target: dict[tuple[str, str], list[tuple[str, LoraLayer]]] = {}
 
     @property
@@ -377,8 +492,8 @@ class LoraStack:
             if layer.component not in self._layers or layer.module not in self._layers[layer.component]:
                 raise ModelError(f"LoRA {name!r} targets {layer.component}.{layer.module}, not in this model")
             device = self._layers[layer.component][layer.module].weight.device
-            layers.append(LoraLayer(layer.component, layer.module, layer.down.to(device), layer.up.to(device),
-                                    layer.scale))
+            layers.append(LoraLayer(layer.component, layer.module, layer.kind,
+                                    {role: tensor.to(device) for role, tensor in layer.tensors.items()}, layer.scale))
         lora = LoraFile(lora.name, lora.path, lora.layout, tuple(layers), lora.metadata, lora.unmatched_keys)
         self._loras[name] = lora
         self._weights[name] = 0.0
@@ -399,6 +514,7 @@ class LoraStack:
             if not self._by_target[target]:
                 del self._by_target[target]
                 self._originals.pop(target, None)
+                self._bias_originals.pop(target, None)
         return frozenset(component for component, _ in targets)
 
     def clear(self) -> frozenset[str]:
@@ -435,24 +551,45 @@ class LoraStack:
         # inference_mode: the parameters may be inference tensors when the engine loaded under it.
         with torch.inference_mode():
             for target in targets:
-                weight = self._layers[target[0]][target[1]].weight
+                module = self._layers[target[0]][target[1]]
+                weight = module.weight
                 active = [(self._weights[name] * layer.scale, layer)
                           for name, layer in self._by_target.get(target, ()) if self._weights[name] != 0.0]
                 original = self._originals.get(target)
                 if not active:
                     if original is not None:
                         _restore(weight, original)
+                    if target in self._bias_originals:
+                        module.bias.copy_(self._bias_originals[target])
                     continue
                 if original is None:
                     original = _keep(weight, self.original_device or weight.device)
                     self._originals[target] = original
-                delta = torch.zeros(weight.shape[0], math.prod(weight.shape[1:]), dtype=torch.float32,
-                                    device=weight.device)
+                delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                bias_delta = None
                 for factor, layer in active:
-                    # [out, rank] @ [rank, in * kh * kw]
-                    delta.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=factor)
-                fused = _high_precision(original).to(weight.device, torch.float32) + delta.view(weight.shape)
+                    if layer.kind == "lora" and "mid" not in layer.tensors:  # the common case, in place
+                        # [out, rank] @ [rank, in * kh * kw]
+                        delta.view(weight.shape[0], -1).addmm_(
+                            layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=factor)
+                    else:
+                        delta.add_(layer.delta(weight.shape), alpha=factor)
+                    extra = layer.bias_delta()
+                    if extra is not None:
+                        bias_delta = extra * factor if bias_delta is None else bias_delta.add_(extra, alpha=factor)
+                fused = _high_precision(original).to(weight.device, torch.float32) + delta
                 _write(weight, fused)
+                if bias_delta is not None or target in self._bias_originals:
+                    self._fuse_bias(target, module.bias, bias_delta)
+
+    def _fuse_bias(self, target: tuple[str, str], bias: torch.Tensor, delta: torch.Tensor | None) -> None:
+        original = self._bias_originals.get(target)
+        if original is None:
+            original = self._bias_originals[target] = bias.detach().to(self.original_device or bias.device, copy=True)
+        if delta is None:
+            bias.copy_(original)
+        else:
+            bias.copy_(original.to(bias.device, torch.float32) + delta)
 
 
 # An fp8 weight (engines/fp8.py: a torchao Float8Tensor with ``qdata`` and ``scale``) is fused through its
