@@ -106,7 +106,8 @@ def run(engine: DiffusionEngine, inputs: list[np.ndarray], plugin_values: dict, 
     outputs, times, skipped = [], [], 0
     for image in inputs:
         started = time.perf_counter()
-        output = plugins.before("bench", state.data, image) if plugins.active else None
+        # before() gives (an output that skips the engine, or None; the input to run on: a plugin may change it)
+        output, image = plugins.before("bench", state.data, image) if plugins.active else (None, image)
         if output is None:
             frame = torch.from_numpy(image[None]).to(engine.device)
             plugins.before_step(engine, ["bench"])

@@ -248,7 +248,8 @@ class SessionRegistry:
         self._counter = itertools.count(1)
         self.wake = threading.Event()  # set when any input arrives; the worker waits on it
         # Counters of sessions that have closed, so that totals survive their sessions.
-        self.retired = {"frames_in": 0, "frames_dropped": 0, "frames_out": 0, "condition_frames": 0}
+        self.retired = {"frames_in": 0, "frames_dropped": 0, "frames_out": 0, "condition_frames": 0,
+                        "frames_skipped": 0}
 
     def _notify(self) -> None:
         self.wake.set()
@@ -278,6 +279,7 @@ class SessionRegistry:
                 # totals add up (QA 12: frames_received outran frames_out + frames_dropped).
                 self.retired["frames_dropped"] += session.input.dropped + int(session.input.pending)
                 self.retired["frames_out"] += session.frames_out
+                self.retired["frames_skipped"] += session.skipped_frames
                 self.retired["condition_frames"] += sum(slot.accepted for slot in list(session.conditions.values()))
                 log.info("session %s closed", session.id)
 
@@ -288,6 +290,13 @@ class SessionRegistry:
             session.frames_out += 1
             if session.closed:
                 self.retired["frames_out"] += 1
+
+    def count_skipped(self, session: Session) -> None:
+        """Count a frame of ``session`` a plugin answered without the engine (the similarity filter)."""
+        with self._lock:
+            session.skipped_frames += 1
+            if session.closed:
+                self.retired["frames_skipped"] += 1
 
     def count_unserved(self, session: Session) -> None:
         """A frame of ``session`` taken from its slot but never to be served (its session closed meanwhile)."""

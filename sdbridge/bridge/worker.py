@@ -363,7 +363,8 @@ class Worker(threading.Thread):
                 if job.image is not None:
                     job.output, job.image = plugins.before(job.session.id, job.session.state.data, job.image)
                     job.skipped = job.output is not None
-                    job.session.skipped_frames += job.skipped
+                    if job.skipped:
+                        self.registry.count_skipped(job.session)
 
         # 6. One batched engine step for the rest (the input passes through while no engine serves),
         #    the plugins' latent hooks inside it, the plugins' after hooks on its output.

@@ -31,6 +31,9 @@ INPUT_KEYS = frozenset({CONDITIONS, SLOT_IMAGES})
 #: as its source when its channel is OUTPUT_CHANNEL (TemporalNet-style feedback).
 LAST_OUTPUT = "output.last"
 OUTPUT_CHANNEL = -1
+#: Marks inside a key's dict that outlive a pause: a plugin turned off for this session after a failure
+#: (plugins/manager.py) stays off, rather than fail again, and again tell the clients, after each pause (QA 26).
+KEPT_MARKS = ("_failed", "_generation")
 
 
 @dataclass
@@ -44,9 +47,13 @@ class StreamState:
         """The stream resumed after a pause: drop what the engine and plugins keep of its earlier frames
         (the frames in flight, a motion window, a feedback frame), so that nothing from before the pause
         shows after it, as for a session that has just joined. Its inputs stay: a condition frame sent once
-        still holds."""
+        still holds, and so does a plugin's failure mark (KEPT_MARKS)."""
         for key in [key for key in self.data if key not in INPUT_KEYS]:
-            del self.data[key]
+            value = self.data[key]
+            if isinstance(value, dict) and value.get(KEPT_MARKS[0]):
+                self.data[key] = {mark: value[mark] for mark in KEPT_MARKS if mark in value}
+            else:
+                del self.data[key]
 
 
 class Engine(abc.ABC):

@@ -53,7 +53,9 @@ class PluginContext:
     image: np.ndarray | None = None      # the input at the engine's resolution, uint8 [H, W, 3]
     output: np.ndarray | None = None     # the output, uint8 [H, W, 3] (after the engine step)
     last_output: np.ndarray | None = None  # this session's previous output, after every plugin
-    info: dict[str, Any] = field(default_factory=dict)  # what a plugin reports (skipped, ...)
+    # What a plugin notes about this frame for the plugins after it, one dict for the frame's ``before`` hooks:
+    # ``feedback`` (True) when the last output was mixed into the input, which then moves by itself.
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Plugin:

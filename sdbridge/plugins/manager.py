@@ -251,7 +251,9 @@ class PluginManager:
                image: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(an output to use instead of running the engine, a skipped frame, or None; the input to run on). A
         plugin may set ``ctx.image`` to another input of the same shape (a feedback loop mixes in its last output);
-        the plugins after it see that one."""
+        the plugins after it see that one, and what it notes in ``ctx.info`` (a feedback loop's mix, which the
+        similarity filter must not skip)."""
+        frame_info: dict[str, Any] = {}
         for item in self.active:
             if not item.plugin.overrides("before"):
                 continue
@@ -259,6 +261,7 @@ class PluginManager:
             if ctx is None:
                 continue
             ctx.image = image
+            ctx.info = frame_info
             try:
                 replacement = item.plugin.before(ctx)
             except Exception as exc:

@@ -68,7 +68,13 @@ def test_similarity_filter_skips_still_frames(start_daemon):
             ws.send(frame)
             recv_frame(ws)
         stats = daemon.registry.get("still").stats()
+        assert daemon.collect_stats()["frames_skipped"] == 9
     assert stats["frames_out"] == 10 and stats["skipped_frames"] == 9
+    deadline = time.monotonic() + 10
+    while daemon.registry.get("still") is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    totals = daemon.collect_stats()   # the session closed: its skipped frames stay in the total
+    assert totals["frames_skipped"] == 9 and totals["frames_out"] == 10
 
 
 def test_a_failing_plugin_is_turned_off_and_the_stream_goes_on(start_daemon, monkeypatch):

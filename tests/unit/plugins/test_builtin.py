@@ -121,3 +121,62 @@ def test_a_plugin_that_sets_an_input_of_another_shape_is_turned_off():
     assert skipped is None and image is camera  # the input as it came: the plugin is off for this session
     assert reports and reports[0]["code"] == "plugin_failed"
     assert "expected an image of shape (128, 128, 3) uint8" in reports[0]["message"]
+
+
+def test_similarity_sees_a_fade_and_a_held_flat_frame():
+    """The pattern alone is blind to brightness: a texture fading to black kept being skipped, and a blackout
+    held still (no pattern at all) was never skipped (QA 26)."""
+    manager = manager_with(SimilarityFilter, threshold=0.98, max_skips=100)
+    state: dict = {}
+    still = texture()
+    assert manager.before("s", state, still)[0] is None
+    manager.after("s", state, still, still)
+    ran = [manager.before("s", state, (still * (1 - step / 20)).astype(np.uint8))[0] is None for step in range(1, 11)]
+    assert sum(ran) >= 4    # a fade to half in 10 frames: 2.5 % of brightness a frame runs the engine
+    low_contrast = (128 + (still.astype(np.int16) - 128) * 0.9).astype(np.uint8)   # the same mean, 10 % less contrast
+    state = {}
+    assert manager.before("s", state, still)[0] is None
+    manager.after("s", state, still, still)
+    assert manager.before("s", state, low_contrast)[0] is None
+    black, grey = np.zeros_like(still), np.full_like(still, 128)
+    state = {}
+    assert manager.before("s", state, black)[0] is None
+    manager.after("s", state, black, black)
+    assert manager.before("s", state, black.copy())[0] is not None   # a blackout held: skipped
+    assert manager.before("s", state, grey)[0] is None                # then a flat grey: a change
+    manager.after("s", state, grey, grey)
+    assert manager.before("s", state, still)[0] is None               # and a picture after it
+
+
+def test_similarity_at_threshold_one_skips_the_same_frame():
+    manager = manager_with(SimilarityFilter, threshold=1.0, max_skips=5)
+    state: dict = {}
+    still = texture()
+    assert manager.before("s", state, still)[0] is None
+    manager.after("s", state, still, still)
+    assert manager.before("s", state, still.copy())[0] is not None    # float32 rounding made it 0.99999994
+    assert manager.before("s", state, texture(shift=1))[0] is None
+
+
+def test_similarity_skips_no_frame_the_feedback_loop_mixed():
+    """A skipped frame leaves the last output as it was, so the next mix was the same and the tunnel stood still
+    for max_skips frames at a time (QA 26: 21 of 23 skipped)."""
+    from sdbridge.engines.base import LAST_OUTPUT
+    from sdbridge.plugins.feedback_loop import FeedbackLoop
+
+    store = ParamStore(Schema())
+    manager = PluginManager(store, {"feedback_loop": FeedbackLoop, "similarity": SimilarityFilter})
+    store.update({"plugin.feedback_loop.enabled": True, "plugin.similarity.enabled": True})
+    manager.prepare(store.snapshot()[1])
+    state: dict = {}
+    camera = texture()
+    skipped = 0
+    for _ in range(12):   # the identity engine: each output is the input it ran on
+        output, image = manager.before("s", state, camera)
+        skipped += output is not None
+        state[LAST_OUTPUT] = manager.after("s", state, image, image if output is None else output)
+    assert skipped == 0
+    store.update({"plugin.feedback_loop.strength": 0.0})   # no mix: a still camera is skipped again
+    manager.prepare(store.snapshot()[1])
+    results = [manager.before("s", state, camera)[0] is not None for _ in range(3)]
+    assert results[1:] == [True, True]

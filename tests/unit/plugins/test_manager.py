@@ -102,6 +102,26 @@ def test_turning_a_plugin_off_and_on_rearms_it(manager):
     assert Recorder.calls.count("broken") == 2
 
 
+def test_a_pause_does_not_rearm_a_failed_plugin(manager):
+    """The failure mark lived in the session's plugin state, which a pause clears: the plugin ran again, failed
+    again and told the clients again after each pause (QA 26)."""
+    from sdbridge.engines.base import StreamState
+
+    enable(manager, **{"plugin.broken.enabled": True})
+    stream = StreamState("a")
+    frame = np.zeros((2, 2, 3), np.uint8)
+    manager.after("a", stream.data, frame, frame)
+    for _ in range(2):
+        stream.cut()
+        manager.cut("a")
+        manager.after("a", stream.data, frame, frame)
+    assert Recorder.calls.count("broken") == 1 and len(manager.reports) == 1 and manager.failures == 1
+    enable(manager, **{"plugin.broken.enabled": False})
+    enable(manager, **{"plugin.broken.enabled": True})   # turning it off and on still re-arms it
+    manager.after("a", stream.data, frame, frame)
+    assert Recorder.calls.count("broken") == 2
+
+
 def test_nan_latents_turn_the_plugin_off(manager):
     enable(manager, **{"plugin.nan.enabled": True})
     latents = torch.ones(2, 4, 2, 2)
