@@ -208,9 +208,27 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def as_typed(value: float) -> float:
+    """The shortest decimal that is the same float32 as ``value``: what the sender typed, or its fader showed.
+
+    A float32 cannot hold 0.2: it arrives as 0.20000000298023224, past a range that ends at 0.2, and a sender could
+    not set a parameter's own bound (QA 26: ``safety_filter.sensitivity`` 0.2 was refused over OSC alone).
+    """
+    if value != value or value in (float("inf"), float("-inf")):
+        return value
+    packed = struct.pack(">f", value)
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack(">f", candidate) == packed:
+            return candidate
+    return value
+
+
 def _value_for(call: OscCall, schema: Schema, name: str) -> Any:
     spec = schema.get(name)  # unknown parameter: ParamError naming it (code unknown_param)
     value = _one_value(call, name)
+    if call.tags == "f" and isinstance(value, float) and spec.kind == "float":
+        value = as_typed(value)
     if spec.kind == "int" and not isinstance(value, bool):
         big = spec.maximum is not None and spec.maximum > FLOAT32_EXACT_INT_MAX
         if isinstance(value, float) and call.tags != "d" and big and abs(value) > FLOAT32_EXACT_INT_MAX:

@@ -406,3 +406,18 @@ def test_a_colour_still_parses_as_an_argument_of_other_addresses():
     # Not a parameter: a command or another prefix may carry one; parsing itself still accepts the tag.
     [call] = parse_datagram(_raw("/other/colour", "r", b"\x01\x02\x03\x04"))
     assert call == OscCall("/other/colour", (0x01020304,)) and call.tags == "r"
+
+
+def test_a_float32_is_read_as_the_decimal_it_was_typed_as():
+    """0.2 as float32 is 0.20000000298023224, past a range that ends at 0.2: a sender could not reach the bound
+    (QA 26: safety_filter.sensitivity ±0.2 was refused over OSC alone)."""
+    schema = Schema()
+    schema.add(ParamSpec("plugin.safety.sensitivity", "float", 0.0, "bias", minimum=-0.2, maximum=0.2,
+                         group="plugin"))
+    for value in (0.2, -0.2):
+        result = updates(message("/sd/plugin/safety/sensitivity", value), schema=schema)
+        assert result.updates == {"plugin.safety.sensitivity": value} and not result.errors
+    assert updates(message("/sd/strength", 0.7)).updates == {"strength": 0.7}   # not 0.699999988079071
+    assert updates(message("/sd/strength", 1 / 3)).updates["strength"] == pytest.approx(1 / 3, abs=1e-7)
+    result = updates(message("/sd/plugin/safety/sensitivity", 0.2000001), schema=schema)
+    assert not result.updates and "0.2000001 not in [-0.2, 0.2]" in str(result.errors[0])   # past it is still past
