@@ -41,7 +41,7 @@ from sdbridge.engines import samplers
 from sdbridge.engines.controlnet import RequestUnit, request_stack
 from sdbridge.engines.prompt_encode import match_lengths
 from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable
-from sdbridge.engines.prompt_syntax import MAX_WEIGHT
+from sdbridge.engines.prompt_syntax import MAX_WEIGHT, extract_networks
 from sdbridge.errors import ParamError, SdbridgeError
 
 if TYPE_CHECKING:
@@ -376,7 +376,10 @@ class Generation:
         prompt, negative_prompt = request.prompt, request.negative_prompt
         if hires_steps is not None:  # A1111: an empty hires prompt is the first pass's
             prompt, negative_prompt = request.hr_prompt or prompt, request.hr_negative_prompt or negative_prompt
-        # A1111 splits on AND before it parses schedules, so a part's brackets never span an AND.
+        # A1111 takes the <lora:...> tags out first (parse_extra_network_prompts, before get_conds): a tag's ':'
+        # inside a [from:to:when] or before an AND weight would break them (QA 24). Then it splits on AND before
+        # it parses schedules, so a part's brackets never span an AND.
+        prompt = extract_networks(prompt)[0]
         parts = split_composable(prompt)
         weights = tuple(weight for _, weight in parts)
         for text, weight in parts:

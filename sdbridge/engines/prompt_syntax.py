@@ -99,7 +99,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             for piece in _parse_attention(text, a1111_breaks=True)]
 
 
-def _parse_attention(text: str, a1111_breaks: bool = False) -> list[PromptPiece]:
+def _parse_attention(text: str, a1111_breaks: bool = False, bad_numbers: list[str] | None = None) -> list[PromptPiece]:
+    """The pieces; each weight that is not a number (``(a:1.2.3)``) is weight 1 and goes into ``bad_numbers``."""
     res: list[list] = []   # [text, weight, is_break]
     round_brackets: list[int] = []
     square_brackets: list[int] = []
@@ -121,8 +122,10 @@ def _parse_attention(text: str, a1111_breaks: bool = False) -> list[PromptPiece]
         elif weight is not None and round_brackets:
             try:
                 multiplier = float(weight)
-            except ValueError:  # "(a:1.2.3)": the regex admits it, float() does not; A1111 raises here
+            except ValueError:  # "(a:1.2.3)": the regex admits it, float() does not; A1111 fails the request
                 multiplier = 1.0
+                if bad_numbers is not None:
+                    bad_numbers.append(token)
             multiply_range(round_brackets.pop(), multiplier)
         elif token == ")" and round_brackets:
             multiply_range(round_brackets.pop(), ROUND_MULTIPLIER)
@@ -200,9 +203,13 @@ def extract_networks(text: str) -> tuple[str, tuple[LoraRef, ...], tuple[str, ..
 def parse_prompt(text: str) -> ParsedPrompt:
     """The pieces with their weights (BREAKs marked), and the LoRA tags taken out of the text."""
     stripped, loras, others, errors = extract_networks(text)
-    pieces = tuple(_parse_attention(stripped))
-    return ParsedPrompt(pieces=pieces, loras=loras, other_networks=others, errors=errors,
-                        weight_error=_weight_error(pieces))
+    bad_numbers: list[str] = []
+    pieces = tuple(_parse_attention(stripped, bad_numbers=bad_numbers))
+    weight_error = _weight_error(pieces)
+    if bad_numbers:  # a typo A1111 fails on; read as weight 1, it would pass unseen
+        weight_error = (f"prompt weight {bad_numbers[0].strip(' :)')!r} (in {bad_numbers[0].strip()!r}) is not a "
+                        "number: write (word:1.2)")
+    return ParsedPrompt(pieces=pieces, loras=loras, other_networks=others, errors=errors, weight_error=weight_error)
 
 
 # A weight scales the text encoder's output (then its mean is restored): past this, in fp16 or even fp32, the

@@ -81,8 +81,10 @@ class Embedding:
         return [self.name] + [f"{self.name}_{index}" for index in range(1, self.count)]
 
     def a1111(self) -> dict[str, Any]:
+        # A1111 gives an SDXL embedding's shape as both tables' widths together (768 + 1280 = 2048).
+        shape = self.width + (int(self.vectors_2.shape[-1]) if self.vectors_2 is not None else 0)
         return {"step": self.step, "sd_checkpoint": self.sd_checkpoint, "sd_checkpoint_name": self.sd_checkpoint_name,
-                "shape": self.width, "vectors": self.count}
+                "shape": shape, "vectors": self.count}
 
 
 def _vectors(value: Any, path: Path, key: str) -> torch.Tensor:
@@ -125,9 +127,12 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
         raise EmbeddingError(f"embedding {str(path)!r} holds {type(data).__name__}, not a dict of tensors")
     elif isinstance(data.get("string_to_param"), dict):          # A1111 .pt
         params = data["string_to_param"]
-        if "*" not in params:
-            raise EmbeddingError(f"embedding {str(path)!r}: string_to_param has keys {sorted(params)}, not '*'")
-        vectors = _vectors(params["*"], path, "string_to_param.*")
+        # A1111 takes the table's one entry, whatever its key ('*' as its trainer writes it, or the token).
+        if len(params) != 1:
+            raise EmbeddingError(f"embedding {str(path)!r}: string_to_param has {len(params)} entries "
+                                 f"({sorted(map(str, params))[:6]}); an embedding has one")
+        key, value = next(iter(params.items()))
+        vectors = _vectors(value, path, f"string_to_param.{key}")
         meta = {key: data.get(key) for key in ("step", "sd_checkpoint", "sd_checkpoint_name")}
     elif "string_to_param.*" in data:                            # the same, flattened into safetensors
         vectors = _vectors(data["string_to_param.*"], path, "string_to_param.*")

@@ -459,6 +459,29 @@ def test_prompt_editing_and_alternation_change_the_prompt_between_steps(engine):
     assert not np.array_equal(edited.images[0], plain.images[0])
 
 
+def test_network_tags_come_out_before_schedules_and_and_weights(engine):
+    """A1111 takes <...:...> tags out before it parses schedules and AND weights; their ':' broke both (QA 24:
+    '[a <lora:foo:0.8>:b:5]' never switched, and 'a cat:1.2 <lora:x:1>' lost its weight)."""
+    fox, _, _ = engine.encode_prompt_pair("a red fox", "")
+    car, _, _ = engine.encode_prompt_pair("a blue car", "")
+    seen: list[str] = []
+
+    def record(module, args, kwargs):
+        states = kwargs["encoder_hidden_states"][-1:]
+        seen.append("fox" if torch.equal(states, fox) else "car" if torch.equal(states, car) else "?")
+
+    hook = engine.parts.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run(engine, prompt="[a red fox <hypernet:x:0.8>:a blue car:0.5]", negative_prompt="", steps=4)
+    finally:
+        hook.remove()
+    assert seen == ["fox", "fox", "fox", "car"]
+    tagged = final_latents(engine, prompt="a red fox:1.5 <hypernet:x:1> AND a blue car", steps=2)
+    weighted = final_latents(engine, prompt="a red fox:1.5 AND a blue car", steps=2)
+    unweighted = final_latents(engine, prompt="a red fox AND a blue car", steps=2)
+    assert torch.equal(tagged, weighted) and not torch.equal(tagged, unweighted)
+
+
 def test_a_prompt_weight_that_would_overflow_is_refused(engine):
     from sdbridge.errors import ParamError
 

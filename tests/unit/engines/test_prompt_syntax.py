@@ -167,3 +167,12 @@ def test_a_weight_that_would_overflow_is_an_error(prompt):
                                     "(a cat:1e40)"])  # A1111 reads no exponent: "a cat:1e40" is text
 def test_usual_weights_pass(prompt):
     assert parse_prompt(prompt).weight_error is None
+
+
+def test_a_weight_that_is_not_a_number_is_an_error():
+    """'(x:1.2.3)': A1111 fails the request at float(); read as weight 1, the typo passed unseen (QA 24)."""
+    for prompt, number in (("a (cat:1.2.3) dog", "1.2.3"), ("(cat:.)", "."), ("((cat:1..5))", "1..5")):
+        error = parse_prompt(prompt).weight_error
+        assert error is not None and f"prompt weight {number!r}" in error and "is not a number" in error
+    assert parse_prompt("a (cat:1.2) dog").weight_error is None
+    assert parse_prompt("cat:1.2.3)").weight_error is None   # no bracket open: text, as in A1111

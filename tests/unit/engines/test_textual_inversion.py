@@ -246,3 +246,23 @@ def test_a_multi_vector_embedding_never_straddles_chunks(parts, tmp_path, words,
     if len(chunks) == 2:
         # The second chunk is the embedding alone, so it encodes as the prompt "(inkstyle:1.2)" does.
         assert torch.equal(encode(parts, prompt, inversions)[:, 77:], encode(parts, "(inkstyle:1.2)", inversions))
+
+
+def test_an_a1111_pt_takes_its_one_entry_whatever_its_key(tmp_path):
+    """A1111 takes string_to_param's single entry (next(iter(...))); a key other than '*' was refused (QA 24)."""
+    data = vectors(2)
+    path = tmp_path / "tokened.pt"
+    torch.save({"string_to_token": {"<tok>": 265}, "string_to_param": {"<tok>": data}, "step": 10}, str(path))
+    embedding = read_embedding(path, allow_pickle=True)
+    assert torch.equal(embedding.vectors, data) and embedding.step == 10
+    torch.save({"string_to_param": {"a": data, "b": data}}, str(tmp_path / "two.pt"))
+    with pytest.raises(EmbeddingError, match="string_to_param has 2 entries"):
+        read_embedding(tmp_path / "two.pt", allow_pickle=True)
+
+
+def test_an_sdxl_embeddings_shape_is_both_widths_as_a1111_lists_it(tmp_path):
+    path = tmp_path / "xl.safetensors"
+    save_file({"clip_l": vectors(2, 32), "clip_g": vectors(2, 64)}, str(path))
+    assert read_embedding(path).a1111()["shape"] == 96   # A1111: clip_g's width + clip_l's (2048 for real files)
+    save_file({"emb_params": vectors(2, 32)}, str(tmp_path / "sd.safetensors"))
+    assert read_embedding(tmp_path / "sd.safetensors").a1111()["shape"] == 32
