@@ -24,7 +24,7 @@ import torch
 
 from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
-from sdbridge.engines.device import pick_device, pick_dtype
+from sdbridge.engines.device import pick_device, pick_dtype, return_freed_memory
 from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
 from sdbridge.errors import ModelError, SdbridgeError, printable
 from sdbridge.paths import confine
@@ -424,3 +424,4 @@ def _close_quietly(engine: Engine) -> None:
         engine.close()
     except Exception:  # a failing close must not stop the engine serving
         log.exception("closing engine %s failed", engine.name)
+    return_freed_memory()

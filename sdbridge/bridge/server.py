@@ -388,11 +388,15 @@ class Daemon:
                                       message["message"][:200])
 
     def _engine_event(self, event: dict[str, Any]) -> None:
-        """Any thread: engine loading news and failures go to every client."""
+        """Any thread: engine loading news and failures go to every client, and failures to the OSC feedback
+        target too: a controller that speaks only OSC was never told that the model it asked for failed (QA 25)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         loop.call_soon_threadsafe(self._broadcast_all, event)
+        if event.get("type") == "error" and self.feedback is not None:
+            loop.call_soon_threadsafe(self.feedback.send, f"{self.settings.osc_prefix}/status/error",
+                                      str(event.get("code", "error")), str(event.get("message", ""))[:200])
 
     def _recall_on_onset(self, name: str) -> None:
         """Loop thread: a preset an audio onset asked for (env on_onset preset_next/random); a missing or broken

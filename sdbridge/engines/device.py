@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
+
 import torch
 
 from sdbridge.errors import ConfigError
@@ -37,3 +41,19 @@ def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
         return DTYPES[preference]
     except KeyError:
         raise ConfigError(f"dtype {preference!r} not one of {sorted(DTYPES)}") from None
+
+
+def return_freed_memory() -> None:
+    """Collect what a closed model left in reference cycles and hand the host memory it freed back to the system.
+
+    glibc keeps freed memory in its heaps (one per thread that allocated: models load on a loader thread), so a
+    daemon's resident size grew with each model switch and never came down (QA 25: 20 switches between a 430 MB
+    model and a tiny one took it from 1.1 to 3.6 GB; ``malloc_trim`` brought it back to 1.1). Elsewhere (musl,
+    macOS, Windows) only the collection runs.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (AttributeError, OSError):  # a libc without malloc_trim (musl)
+            pass

@@ -143,3 +143,22 @@ def test_an_osc_colour_is_not_a_number(start_daemon, no_tracebacks):
         assert ["bad_param", "/sd/steps is an RGBA colour ('r'), expected a number or a string"] in errors, errors
     finally:
         receiver.close()
+
+
+def test_a_model_that_fails_to_load_is_told_to_an_osc_only_controller(start_daemon, tmp_path, no_tracebacks):
+    """A controller that speaks only OSC was never told that the model it asked for failed: the failure went to
+    WebSocket clients alone (QA 25)."""
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity"}, feedback_port=receiver.port)
+        missing = str(tmp_path / "nowhere.safetensors")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(_osc("/sd/model", "s", missing.encode() + b"\x00" * (4 - len(missing) % 4)),
+                        ("127.0.0.1", daemon.osc_port))
+            sock.sendto(_osc("/sd/engine", "s", b"diffusion\x00\x00\x00"), ("127.0.0.1", daemon.osc_port))
+        errors: list = []
+        assert wait_for(lambda: errors.extend(args for address, args in receiver.messages(0.5)
+                                              if address == "/sd/status/error") or errors, timeout=30)
+        assert errors[0][0] == "forbidden_path" and "nowhere.safetensors" in errors[0][1], errors  # outside --model-roots
+    finally:
+        receiver.close()
