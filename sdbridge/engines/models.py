@@ -402,6 +402,14 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False) -> list[
             check_safetensors_file(file)
         except ModelError as exc:
             problems.append(exc)
+    if source.kind == "single_file" and not problems:
+        from sdbridge.engines.single_file import check_servable
+
+        try:  # an inpainting model, a VAE, a checkpoint without its VAE: whole files serve cannot run (QA 25)
+            check_servable(source.path, {key: tuple(entry.get("shape", ())) for key, entry in
+                                         read_safetensors_header(source.path)[1].items() if key != "__metadata__"})
+        except ModelError as exc:
+            problems.append(exc)
     return problems
 
 
@@ -429,6 +437,13 @@ def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype
     for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if required not in parts:
             raise ModelError(f"{folder}: model_index.json names no {required}")
+    inputs, latents = parts["unet"].config.in_channels, parts["vae"].config.latent_channels
+    if inputs != latents:  # it loaded, then failed every frame (QA 25)
+        from sdbridge.engines.single_file import EXTRA_INPUTS
+
+        what = EXTRA_INPUTS.get(inputs, f"a model whose UNet takes {inputs} input channels")
+        raise ModelError(f"{folder} is {what}; the live stream and img2img run models whose UNet takes the "
+                         f"{latents} latent channels: use the model's plain version", code="incompatible_model")
     architecture = architecture_of(dict(parts["unet"].config))
     taesd_folder = taesd or find_taesd(folder, architecture, models_dir)
     if taesd_folder is not None:

@@ -16,8 +16,10 @@ file to carry around and for tests.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -52,6 +54,58 @@ def detect_architecture(keys: set[str], shapes: dict[str, tuple[int, ...]]) -> s
                      f"{sorted(keys)[:3]}", code="unknown_architecture")
 
 
+# UNets whose first convolution takes more than the latents: what the live stream cannot feed.
+EXTRA_INPUTS = {9: "an inpainting model (9 input channels: the latents, a mask and the masked image)",
+                8: "an InstructPix2Pix model (8 input channels: the latents and the input image's)"}
+
+
+def check_servable(path: Path | str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """ModelError naming what the file is when it is not a whole text-to-image checkpoint this stream can run."""
+    keys = set(shapes)
+    if not any(key.startswith(UNET_PREFIX) for key in keys):
+        if any(key.startswith(("decoder.", "encoder.", VAE_PREFIX)) for key in keys) and \
+                not any(key.startswith(("cond_stage_model.", "conditioner.")) for key in keys):
+            raise ModelError(f"{path} is a VAE, not a model: it holds an autoencoder's weights alone "
+                             "(a VAE file goes with a checkpoint that has none, see docs/models.md)",
+                             code="incompatible_model")
+        return  # detect_architecture names what it finds
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] in EXTRA_INPUTS:
+        raise ModelError(f"{path} is {EXTRA_INPUTS[conv_in[1]]}; the live stream and img2img run 4-channel "
+                         "models: use the model's plain version", code="incompatible_model")
+    if not any(key.startswith(VAE_PREFIX) for key in keys):
+        raise ModelError(f"{path} holds no VAE (no {VAE_PREFIX}* keys): a checkpoint saved without its VAE "
+                         "cannot load alone here; use one with the VAE baked in", code="incompatible_model")
+
+
+def v_prediction(path: Path, keys: Iterable[str]) -> str | None:
+    """Why the checkpoint predicts v (velocity) rather than noise, or None: a ``.yaml`` beside it with
+    ``parameterization: "v"`` (how SD 2.x 768-v models ship, and how A1111 is told), or a ``v_pred`` key in it
+    (as v-prediction SDXL fine-tunes mark themselves). Loaded as noise-predicting, such a model gives garbage
+    (QA 25)."""
+    for config in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+        try:
+            text = config.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*(#.*)?$", text, re.M):
+            return f"parameterization v in {config.name}"
+    if "v_pred" in set(keys):
+        return "its v_pred key"
+    return None
+
+
+def old_clip_layout(keys: set[str]) -> bool:
+    """SD 1.x checkpoints from early trainers name CLIP's layers without ``text_model.`` (A1111 renames them)."""
+    return any(key.startswith(CLIP_PREFIX) for key in keys) and \
+        not any(key.startswith(CLIP_PREFIX + "text_model.") for key in keys)
+
+
+def _renamed_clip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {CLIP_PREFIX + "text_model." + key[len(CLIP_PREFIX):] if key.startswith(CLIP_PREFIX) else key: value
+            for key, value in tensors.items()}
+
+
 def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...]], Path, Path | None]:
     """Key -> shape, the safetensors file diffusers should read, and a temporary folder to delete."""
     from safetensors import safe_open
@@ -63,7 +117,16 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
         check_safetensors_file(path)
         with safe_open(str(path), framework="pt") as tensors:
             shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
-        return shapes, path, None
+        check_servable(path, shapes)
+        if not old_clip_layout(set(shapes)):
+            return shapes, path, None
+        log.info("%s names CLIP's layers in the old layout (no text_model.): renamed, as A1111 does", path.name)
+        with safe_open(str(path), framework="pt") as tensors:
+            state = _renamed_clip({key: tensors.get_tensor(key) for key in tensors.keys()})
+        temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
+        converted = temporary / (path.stem + ".safetensors")
+        save_file(state, str(converted))
+        return {key: tuple(value.shape) for key, value in state.items()}, converted, temporary
     if not allow_pickle:
         raise ModelError(f"{path} is a pickle file; pass --allow-pickle to load it", code="pickle_refused")
     state = load_pickle(path)
@@ -71,6 +134,9 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
     if not isinstance(state, dict):
         raise ModelError(f"{path}: holds no state dict")
     tensors = {key: value.contiguous() for key, value in state.items() if isinstance(value, torch.Tensor)}
+    check_servable(path, {key: tuple(value.shape) for key, value in tensors.items()})
+    if old_clip_layout(set(tensors)):
+        tensors = _renamed_clip(tensors)
     temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
     converted = temporary / (path.stem + ".safetensors")
     save_file(tensors, str(converted))
@@ -103,6 +169,12 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, al
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+    prediction = v_prediction(path, shapes)
+    if prediction:
+        log.info("%s: v-prediction (%s)", path.name, prediction)
+        extra_config = {"rescale_betas_zero_snr": True} if "ztsnr" in shapes else {}
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                                          **extra_config)
     architecture = architecture_of(dict(pipe.unet.config))
     taesd_folder = taesd or find_taesd(None, architecture, models_dir)
     parts = PipelineParts(architecture=architecture, source=source or str(path), unet=pipe.unet, vae=pipe.vae,

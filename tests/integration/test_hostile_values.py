@@ -159,6 +159,7 @@ def test_a_model_that_fails_to_load_is_told_to_an_osc_only_controller(start_daem
         errors: list = []
         assert wait_for(lambda: errors.extend(args for address, args in receiver.messages(0.5)
                                               if address == "/sd/status/error") or errors, timeout=30)
-        assert errors[0][0] == "forbidden_path" and "nowhere.safetensors" in errors[0][1], errors  # outside --model-roots
+        # outside the model roots: refused before any load, as a missing or broken file is after one
+        assert errors[0][0] == "forbidden_path" and "nowhere.safetensors" in errors[0][1], errors
     finally:
         receiver.close()

@@ -426,3 +426,88 @@ def test_a_served_models_file_replaced_in_place_does_not_kill_the_process(tiny_m
                             cwd=str(Path(__file__).resolve().parents[3]))
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.strip().splitlines()[-1] == "True"
+
+
+# --- the files artists have (QA 25) -----------------------------------------------------------------
+
+
+def _edited(checkpoint: Path, target: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(checkpoint))
+    save_file(edit(tensors), str(target))
+    return target
+
+
+def test_an_inpainting_or_pix2pix_checkpoint_is_refused_naming_what_it_is(checkpoint, tmp_path):
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    for channels, what in ((9, "an inpainting model"), (8, "an InstructPix2Pix model")):
+        def widen(tensors, channels=channels):
+            weight = tensors[key]
+            tensors[key] = torch.zeros(weight.shape[0], channels, *weight.shape[2:])
+            return tensors
+        path = _edited(checkpoint, tmp_path / f"in{channels}.safetensors", widen)
+        with pytest.raises(ModelError, match=f"is {what} .*use the model's plain version") as caught:
+            load_pipeline_parts(str(path), CPU, torch.float32)
+        assert caught.value.code == "incompatible_model"
+
+
+def test_an_inpainting_diffusers_folder_is_refused_at_load(tiny_model_dir, tmp_path):
+    """It loaded, replaced the serving model, then failed every frame (QA 25)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "inpaint"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["in_channels"] = 9
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["conv_in.weight"] = torch.zeros(tensors["conv_in.weight"].shape[0], 9, 3, 3)
+    save_file(tensors, str(weights))
+    with pytest.raises(ModelError, match="is an inpainting model .*UNet takes the 4 latent channels") as caught:
+        load_pipeline_parts(str(folder), CPU, torch.float32)
+    assert caught.value.code == "incompatible_model"
+
+
+def test_a_vae_file_or_a_checkpoint_without_one_says_so(checkpoint, tmp_path):
+    vae_only = _edited(checkpoint, tmp_path / "vae-ft-mse.safetensors", lambda tensors: {
+        key[len("first_stage_model."):]: value for key, value in tensors.items() if key.startswith("first_stage_model.")})
+    with pytest.raises(ModelError, match="is a VAE, not a model"):
+        load_pipeline_parts(str(vae_only), CPU, torch.float32)
+    from sdbridge.engines.models import weight_problems
+
+    [problem] = weight_problems(resolve_source(str(vae_only)))   # doctor says so too, from the header alone
+    assert "is a VAE, not a model" in str(problem)
+    no_vae = _edited(checkpoint, tmp_path / "novae.safetensors", lambda tensors: {
+        key: value for key, value in tensors.items() if not key.startswith("first_stage_model.")})
+    with pytest.raises(ModelError, match=r"holds no VAE \(no first_stage_model\.\* keys\)"):
+        load_pipeline_parts(str(no_vae), CPU, torch.float32)
+
+
+def test_the_old_clip_key_layout_loads_as_a1111_renames_it(parts, checkpoint, tiny_model_dir, tmp_path):
+    prefix = "cond_stage_model.transformer."
+    old = _edited(checkpoint, tmp_path / "oldclip.safetensors", lambda tensors: {
+        prefix + key[len(prefix + "text_model."):] if key.startswith(prefix + "text_model.") else key: value
+        for key, value in tensors.items()})
+    loaded = load_pipeline_parts(str(old), CPU, torch.float32, config_dir=tiny_model_dir)
+    ours, theirs = parts.text_encoder.state_dict(), loaded.text_encoder.state_dict()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_a_v_prediction_checkpoint_is_told_by_its_yaml_or_its_key(checkpoint, tiny_model_dir, tmp_path):
+    """An SD 2.x 768-v file loaded as noise-predicting gives garbage, with no word (QA 25)."""
+    plain = load_pipeline_parts(str(checkpoint), CPU, torch.float32, config_dir=tiny_model_dir)
+    assert plain.scheduler.config.prediction_type == "epsilon"
+    beside = tmp_path / "sd2v.safetensors"
+    shutil.copy(checkpoint, beside)
+    beside.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n    linear_start: 0.00085\n')
+    loaded = load_pipeline_parts(str(beside), CPU, torch.float32, config_dir=tiny_model_dir)
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    keyed = _edited(checkpoint, tmp_path / "xlv.safetensors", lambda tensors: {**tensors, "v_pred": torch.tensor([]),
+                                                                                 "ztsnr": torch.tensor([])})
+    loaded = load_pipeline_parts(str(keyed), CPU, torch.float32, config_dir=tiny_model_dir)
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.scheduler.config.rescale_betas_zero_snr is True
