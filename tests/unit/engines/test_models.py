@@ -473,8 +473,9 @@ def test_an_inpainting_diffusers_folder_is_refused_at_load(tiny_model_dir, tmp_p
 
 
 def test_a_vae_file_or_a_checkpoint_without_one_says_so(checkpoint, tmp_path):
+    prefix = "first_stage_model."
     vae_only = _edited(checkpoint, tmp_path / "vae-ft-mse.safetensors", lambda tensors: {
-        key[len("first_stage_model."):]: value for key, value in tensors.items() if key.startswith("first_stage_model.")})
+        key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)})
     with pytest.raises(ModelError, match="is a VAE, not a model"):
         load_pipeline_parts(str(vae_only), CPU, torch.float32)
     from sdbridge.engines.models import weight_problems
