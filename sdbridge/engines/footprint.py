@@ -40,7 +40,7 @@ def safetensors_elements(file: Path) -> int:
 def _weight_files(path: Path) -> list[Path]:
     """The files a load reads: one variant per component (an fp16 copy beside a full one counts once)."""
     if path.is_file():
-        return [path] if path.suffix == ".safetensors" else []
+        return [path] if path.suffix.lower() == ".safetensors" else []
     files: list[Path] = []
     for folder in sorted({file.parent for file in path.rglob("*.safetensors")}):
         in_folder = sorted(folder.glob("*.safetensors"))

@@ -111,12 +111,20 @@ PICKLE_NOTE = ("a pickle file: loads only with --allow-pickle (read through torc
                "or convert it to .safetensors")
 
 
+def file_suffix(path: Path) -> str:
+    """``path``'s suffix in lower case (``MODEL.SAFETENSORS``), or its target's for a link named without one."""
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors",) + PICKLE_SUFFIXES and path.is_symlink():
+        suffix = path.resolve().suffix.lower()
+    return suffix
+
+
 def _kind_of_path(path: Path) -> str | None:
     if path.is_dir() and (path / "model_index.json").is_file():
         return "diffusers"
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() and file_suffix(path) == ".safetensors":
         return "single_file"
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+    if path.is_file() and file_suffix(path) in PICKLE_SUFFIXES:
         return "pickle_file"
     return None
 
@@ -206,8 +214,14 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
     """(header length, header) of a safetensors file, read without touching a tensor; ModelError
     naming the file when the header cannot be."""
     size = file.stat().st_size
+    if size == 0:
+        raise ModelError(f"{file}: the file is empty (0 bytes: an interrupted download or copy?)")
     with file.open("rb") as handle:
-        header_length = int.from_bytes(handle.read(8), "little")
+        head = handle.read(8)
+        header_length = int.from_bytes(head, "little")
+        if head.lstrip().lower().startswith((b"<!doc", b"<html", b"<?xml", b"{\"")):
+            raise ModelError(f"{file}: a web page or text ({head.strip()[:5].decode(errors='replace')!r}...), not "
+                             "weights: the download saved a login or error page; download the file again")
         if header_length <= 1 or header_length > 100_000_000:
             raise ModelError(f"{file}: corrupt safetensors header (length {header_length})")
         if 8 + header_length > size:
@@ -253,7 +267,7 @@ def list_add_on_models(folder: Path | None) -> list[str]:
     for entry in sorted(folder.iterdir()):
         if entry.is_dir() and (entry / "config.json").is_file():
             names.append(entry.name)
-        elif entry.is_file() and entry.suffix in (".safetensors",) + PICKLE_SUFFIXES:
+        elif entry.is_file() and file_suffix(entry) in (".safetensors",) + PICKLE_SUFFIXES:
             names.append(entry.stem)
     return names
 
@@ -334,14 +348,14 @@ def load_weight_file(path: Path, what: str, *, allow_pickle: bool) -> dict[str, 
     """One weight file's tensors on the CPU: a .safetensors file (checked first), or a pickle only
     with ``allow_pickle`` and then through ``torch.load(weights_only=True)``; a checkpoint's
     ``state_dict`` is unwrapped. ModelError (code ``pickle_refused`` for a refused pickle) otherwise."""
-    if path.suffix in PICKLE_SUFFIXES:
+    if file_suffix(path) in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise ModelError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to load "
                              f"it (through torch.load(weights_only=True)), or convert it to .safetensors",
                              code="pickle_refused")
         state = load_pickle(path)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-    elif path.suffix == ".safetensors":
+    elif file_suffix(path) == ".safetensors":
         from safetensors.torch import load_file
 
         check_safetensors_file(path)

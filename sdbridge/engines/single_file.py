@@ -111,15 +111,22 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from sdbridge.engines.models import check_safetensors_file, load_pickle
+    from sdbridge.engines.models import check_safetensors_file, file_suffix, load_pickle
 
-    if path.suffix == ".safetensors":
+    if file_suffix(path) == ".safetensors":
         check_safetensors_file(path)
         with safe_open(str(path), framework="pt") as tensors:
             shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
         check_servable(path, shapes)
         if not old_clip_layout(set(shapes)):
-            return shapes, path, None
+            if path.suffix == ".safetensors":
+                return shapes, path, None
+            # diffusers tells safetensors by the name alone, and reads anything else with torch.load:
+            # MODEL.SAFETENSORS, or a link named without a suffix, is handed to it under a name it reads.
+            temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
+            named = temporary / (path.stem + ".safetensors")
+            named.symlink_to(path.resolve())
+            return shapes, named, temporary
         log.info("%s names CLIP's layers in the old layout (no text_model.): renamed, as A1111 does", path.name)
         with safe_open(str(path), framework="pt") as tensors:
             state = _renamed_clip({key: tensors.get_tensor(key) for key in tensors.keys()})

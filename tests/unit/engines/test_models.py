@@ -512,3 +512,24 @@ def test_a_v_prediction_checkpoint_is_told_by_its_yaml_or_its_key(checkpoint, ti
     loaded = load_pipeline_parts(str(keyed), CPU, torch.float32, config_dir=tiny_model_dir)
     assert loaded.scheduler.config.prediction_type == "v_prediction"
     assert loaded.scheduler.config.rescale_betas_zero_snr is True
+
+
+def test_an_upper_case_suffix_or_a_link_without_one_loads(checkpoint, tiny_model_dir, tmp_path):
+    upper = tmp_path / "MODEL.SAFETENSORS"
+    shutil.copy(checkpoint, upper)
+    link = tmp_path / "current"
+    link.symlink_to(checkpoint)
+    for path in (upper, link):
+        assert resolve_source(str(path)).kind == "single_file"
+        assert load_pipeline_parts(str(path), CPU, torch.float32, config_dir=tiny_model_dir).unet is not None
+
+
+def test_an_empty_file_or_a_saved_web_page_says_what_it_is(tmp_path):
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="the file is empty .*interrupted download"):
+        load_pipeline_parts(str(empty), CPU, torch.float32)
+    page = tmp_path / "model.safetensors"
+    page.write_bytes(b"<!DOCTYPE html><html><body>Sign in to download</body></html>" * 20)
+    with pytest.raises(ModelError, match="a web page or text .*not weights"):
+        load_pipeline_parts(str(page), CPU, torch.float32)
