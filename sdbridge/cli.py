@@ -60,6 +60,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add("--device", help="auto, cuda, cuda:N, mps or cpu (default auto)")
     add("--dtype", help="auto, float16, bfloat16 or float32 (default auto: fp16 on GPUs)")
     add("--taesd", help="a TAESD folder to use as the fast autoencoder")
+    add("--vae", help="a VAE to decode with in place of each model's own (A1111's SD VAE): a .safetensors file, a "
+        "diffusers folder, or a name in <models>/VAE; without it, a <checkpoint>.vae.safetensors beside a "
+        "checkpoint is used")
     add("--compile", dest="compile", action="store_const", const=True,
         help="compiled engine: torch.compile its graphs on CUDA (default; cached under ~/.cache/sdbridge/inductor)")
     add("--no-compile", dest="compile", action="store_const", const=False,
@@ -139,7 +142,7 @@ def _settings_from(args: argparse.Namespace):  # noqa: ANN202 - Settings
 
     flags: dict[str, Any] = {}
     for name in ("host", "port", "osc_port", "osc_host", "osc", "osc_prefix", "oscquery_port", "oscquery_advertise",
-                 "model", "engine", "device", "dtype", "taesd", "compile", "warm_sessions", "warm_steps", "fp8",
+                 "model", "engine", "device", "dtype", "taesd", "vae", "compile", "warm_sessions", "warm_steps", "fp8",
                  "model_config", "models_dir", "vram_budget_mb", "presets_dir", "lora_dir", "embeddings_dir",
                  "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "save_outputs", "link", "styles_file",
                  "allow_pickle", "token", "log_level", "debug_frames", "echo_route", "ws_impl", "interpolate",

@@ -49,6 +49,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     taesd: str | None = None
+    vae: str | None = None               # a VAE in place of each model's own: a path, or a name in <models>/VAE
     compile: bool = True                 # the compiled engine: torch.compile on CUDA; off runs its data path eagerly
     warm_sessions: int = 1               # compiled engine: the load compiles the graphs for 1..this many sessions
     warm_steps: str = ""                 # compiled engine: and for these stream lengths too ("all", "1,2,4")

@@ -1034,7 +1034,7 @@ class A1111Api:
         hash_ = self.model_hash(model)
         out = {
             "sd_model_checkpoint": f"{title} [{hash_}]" if title and hash_ else title,
-            "sd_checkpoint_hash": hash_, "sd_vae": "Automatic",
+            "sd_checkpoint_hash": hash_, "sd_vae": self.vae_option(),
             "CLIP_stop_at_last_layers": int(self.daemon.store.get("clip_skip")) + 1,
             "samples_save": bool(self.settings.save_outputs), "samples_format": "png", "jpeg_quality": 80,
             "outdir_samples": "", "outdir_txt2img_samples": str(Path(self.settings.outputs_dir) / "txt2img-images"),
@@ -1045,8 +1045,16 @@ class A1111Api:
         out.update(self.options)
         return out
 
+    def vae_option(self) -> str:
+        """A1111's ``sd_vae``: the --vae file's name, or "Automatic" (each model's own, or one beside it)."""
+        return Path(self.settings.vae).name if self.settings.vae else "Automatic"
+
     async def set_options(self, body: OptionsUpdate) -> None:
         values = body.model_dump(exclude_none=True)
+        vae = values.pop("sd_vae", None)
+        if vae not in (None, "", self.vae_option()) and not (vae == "Automatic" and not self.settings.vae):
+            raise HTTPException(422, f"sd_vae {vae!r}: the VAE is chosen when the daemon starts (--vae, or vae in "
+                                     f"sdbridge.toml); it is {self.vae_option()!r}")
         if "samples_format" in values:
             values["samples_format"] = _sample_format(values["samples_format"], "samples_format")
         if "jpeg_quality" in values:
@@ -1225,7 +1233,10 @@ def create_router(daemon: Daemon) -> APIRouter:
 
     @router.get("/sd-vae")
     async def sd_vae() -> list[dict[str, Any]]:
-        return []
+        from sdbridge.engines.vae_file import list_vaes
+
+        entries = await asyncio.to_thread(list_vaes, api.settings.models_dir)
+        return [{"model_name": entry.name, "filename": str(entry)} for entry in entries]
 
     @router.get("/loras")
     async def loras() -> list[dict[str, Any]]:

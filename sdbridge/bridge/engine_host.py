@@ -338,7 +338,7 @@ class EngineHost:
         try:
             source = self.client_model_path(choice.model) if choice.model else None
             engine = create_engine(choice.engine)
-            for name in ("allow_pickle", "taesd", "models_dir", "model_config", "lora_dir", "embeddings_dir",
+            for name in ("allow_pickle", "taesd", "vae", "models_dir", "model_config", "lora_dir", "embeddings_dir",
                          "motion_dir", "motion_adapter", "compile", "warm_sessions", "warm_steps"):
                 if hasattr(engine, name):
                     setattr(engine, name, getattr(self.settings, name))

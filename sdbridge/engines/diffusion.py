@@ -60,6 +60,7 @@ class DiffusionEngine(Engine):
         self.taesd: str | None = None
         self.models_dir: str | None = None
         self.model_config: str | None = None
+        self.vae: str | None = None   # --vae: a VAE in place of each model's own (engines/vae_file.py)
         self.parts: PipelineParts | None = None
         self._prompt_cache: collections.OrderedDict[tuple, Encoded] = collections.OrderedDict()
         self._embeddings: torch.Tensor | None = None   # [B_cfg, 77*k, D]: uncond+cond with guidance, else cond
@@ -106,7 +107,7 @@ class DiffusionEngine(Engine):
         super().load(source, device, dtype)
         parts = load_pipeline_parts(source, device, dtype, allow_pickle=self.allow_pickle,
                                     models_dir=Path(self.models_dir) if self.models_dir else None, taesd=self.taesd,
-                                    config_dir=self.model_config)
+                                    config_dir=self.model_config, vae=self.vae)
         self._adopt(parts)
 
     @classmethod

@@ -495,8 +495,11 @@ def _quiet_library_bars() -> None:
 @serialized_load
 def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                         models_dir: Path | None = None, taesd: str | None = None,
-                        config_dir: str | Path | None = None) -> PipelineParts:
-    """Load any of the supported layouts onto ``device`` in ``dtype``; ModelError says what is wrong."""
+                        config_dir: str | Path | None = None, vae: str | None = None) -> PipelineParts:
+    """Load any of the supported layouts onto ``device`` in ``dtype``; ModelError says what is wrong.
+
+    ``vae``: a VAE to decode with in place of the model's own (``--vae``: a path or a name in the VAE folder);
+    without it, one beside a single-file checkpoint (``model.vae.safetensors``) is taken (engines/vae_file.py)."""
     _quiet_library_bars()
     resolved = resolve_source(source, models_dir=models_dir)
     taesd_path = Path(taesd).expanduser() if taesd else None
@@ -513,6 +516,11 @@ def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *
         parts = load_single_file(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
                                  models_dir=models_dir, source=source,
                                  config_dir=Path(config_dir).expanduser() if config_dir else None)
+    from sdbridge.engines.vae_file import pick_vae, replace_vae
+
+    vae_path = pick_vae(vae, resolved.path if resolved.kind != "diffusers" else None, models_dir)
+    if vae_path is not None:
+        replace_vae(parts, vae_path, allow_pickle=allow_pickle)
     for module in parts.modules().values():
         own_weights(module)
     return parts

@@ -274,6 +274,15 @@ def test_listing_endpoints(api):
     loras = api.get("/sdapi/v1/loras").json()
     assert loras == [{"name": "detail", "alias": "detail", "path": str(lora_dir / "detail.safetensors"),
                       "metadata": {"ss_network_dim": "4"}}]
+    assert api.get("/sdapi/v1/sd-vae").json() == [] and options["sd_vae"] == "Automatic"
+    vae = api.tmp / "models" / "VAE" / "vae-ft-mse.safetensors"
+    vae.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, str(vae))
+    assert api.get("/sdapi/v1/sd-vae").json() == [{"model_name": "vae-ft-mse.safetensors", "filename": str(vae)}]
+    assert api.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
+    refused = api.post("/sdapi/v1/options", json={"sd_vae": "vae-ft-mse.safetensors"})
+    assert refused.status_code == 422 and "chosen when the daemon starts (--vae" in refused.json()["detail"]
+    assert api.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"
     schema = api.get("/openapi.json").json()
     for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/options",
                  "/sdapi/v1/png-info", "/sdapi/v1/interrupt"):

@@ -1,0 +1,128 @@
+"""A VAE other than the model's own: AUTOMATIC1111's "SD VAE" (``--vae``) and its "Automatic" VAE beside a checkpoint.
+
+Artists decode with a VAE file more often than with the one baked into a checkpoint: ``vae-ft-mse-840000`` for
+SD 1.x, ``sdxl-vae-fp16-fix`` for SDXL, and the checkpoints published without one. The VAE is picked as A1111
+picks it:
+
+- ``--vae`` (``vae`` in sdbridge.toml): a file, a diffusers ``AutoencoderKL`` folder, or a name in the VAE folder
+  (``<models>/VAE``, A1111's ``models/VAE``), for every model loaded;
+- else a file beside a single-file checkpoint named after it, ``<checkpoint>.vae.safetensors`` (A1111's
+  "Automatic");
+- else the model's own.
+
+A file is read in the original (LDM) layout (``encoder.down.0.block.0...``, with or without
+``first_stage_model.``) or in diffusers' (``encoder.down_blocks.0...``), safetensors only unless pickles are
+allowed; it takes the model's VAE config (its scaling factor included, as A1111 keeps the model's), and a VAE of
+another shape is refused naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdbridge.engines.models import (PICKLE_SUFFIXES, check_safetensors_folder, file_suffix, load_weight_file,
+                                     models_subfolder)
+from sdbridge.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+VAE_FOLDER = "VAE"  # A1111's models/VAE
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+BESIDE_SUFFIXES = (".vae.safetensors",) + tuple(".vae" + suffix for suffix in PICKLE_SUFFIXES)
+
+
+def vae_folder(models_dir: str | Path | None) -> Path:
+    return models_subfolder(models_dir, VAE_FOLDER)
+
+
+def list_vaes(models_dir: str | Path | None) -> list[Path]:
+    """The VAE files and folders in the VAE folder, sorted by name (A1111's ``/sd-vae``)."""
+    folder = vae_folder(models_dir)
+    if not folder.is_dir():
+        return []
+    found = [entry for entry in folder.iterdir()
+             if (entry.is_dir() and (entry / "config.json").is_file())
+             or (entry.is_file() and file_suffix(entry) in (".safetensors",) + PICKLE_SUFFIXES)]
+    return sorted(found, key=lambda entry: entry.name.lower())
+
+
+def resolve_vae(name: str, models_dir: str | Path | None) -> Path:
+    """``--vae``'s value: a path, or a file or folder in the VAE folder by its name or stem."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    for entry in list_vaes(models_dir):
+        if name in (entry.name, entry.stem, entry.name.split(".")[0]):
+            return entry
+    known = ", ".join(entry.name for entry in list_vaes(models_dir)) or "none"
+    raise ModelError(f"VAE {name!r} not found: no such file, and not in {vae_folder(models_dir)} (there: {known})",
+                     code="model_not_found")
+
+
+def vae_beside(checkpoint: Path) -> Path | None:
+    """A1111's "Automatic": ``model.vae.safetensors`` beside ``model.safetensors``."""
+    for suffix in BESIDE_SUFFIXES:
+        candidate = checkpoint.with_name(checkpoint.name[: -len(checkpoint.suffix)] + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_vae(path: Path, like: Any, *, allow_pickle: bool = False) -> Any:
+    """The AutoencoderKL in ``path`` with ``like``'s config, on ``like``'s device and dtype; ModelError naming
+    the file when it is not one or does not fit."""
+    from diffusers import AutoencoderKL
+
+    device, dtype = like.device, like.dtype
+    if path.is_dir():
+        check_safetensors_folder(path, "VAE")
+        try:
+            vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        except Exception as exc:
+            raise ModelError(f"VAE {path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        if vae.config.latent_channels != like.config.latent_channels:
+            raise ModelError(f"VAE {path} has {vae.config.latent_channels} latent channels; this model's has "
+                             f"{like.config.latent_channels}", code="model_mismatch")
+        return vae.to(device).eval().requires_grad_(False)
+    state = load_weight_file(path, "VAE", allow_pickle=allow_pickle)
+    state = {key[len("first_stage_model."):] if key.startswith("first_stage_model.") else key: value
+             for key, value in state.items()}
+    state = {key: value for key, value in state.items() if key.startswith(VAE_PARTS)}  # loss.*, model_ema.*: not ours
+    if not state:
+        raise ModelError(f"VAE {path} holds no autoencoder weights (no encoder.*/decoder.* keys)", code="bad_model")
+    if any(".down." in key or ".mid.block_" in key or ".up." in key for key in state):  # the original layout
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        try:
+            state = convert_ldm_vae_checkpoint(state, dict(like.config))
+        except Exception as exc:
+            raise ModelError(f"VAE {path} is not in a layout read here: {type(exc).__name__}: {str(exc)[:200]}",
+                             code="bad_model") from exc
+    vae = AutoencoderKL.from_config(like.config)
+    try:
+        vae.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"VAE {path} does not fit this model's autoencoder (a VAE for another family?): "
+                         f"{str(exc).splitlines()[0][:200]}", code="model_mismatch") from exc
+    return vae.to(device, dtype).eval().requires_grad_(False)
+
+
+def pick_vae(setting: str | None, checkpoint: Path | None, models_dir: str | Path | None) -> Path | None:
+    """The VAE to load in place of the model's own, or None: ``setting`` (``--vae``), else one beside the
+    checkpoint."""
+    if setting:
+        return resolve_vae(setting, models_dir)
+    if checkpoint is not None and checkpoint.is_file():
+        return vae_beside(checkpoint)
+    return None
+
+
+def replace_vae(parts: Any, path: Path, *, allow_pickle: bool = False) -> None:
+    """Put the VAE in ``path`` into ``parts`` in place of the model's own."""
+    with torch.no_grad():
+        parts.vae = load_vae(path, parts.vae, allow_pickle=allow_pickle)
+    log.info("VAE %s in place of the model's own", path)
