@@ -507,6 +507,9 @@ def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *
         raise ModelError(f"{resolved.path} is a pickle file, which can run code when loaded; pass --allow-pickle "
                          f"to load it (through torch.load(weights_only=True)), or convert it to .safetensors",
                          code="pickle_refused")
+    from sdbridge.engines.vae_file import pick_vae, replace_vae
+
+    vae_path = pick_vae(vae, resolved.path if resolved.kind != "diffusers" else None, models_dir)
     if resolved.kind == "diffusers":
         parts = load_diffusers_folder(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
                                       source=source, models_dir=models_dir)
@@ -515,10 +518,8 @@ def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *
 
         parts = load_single_file(resolved.path, device, dtype, allow_pickle=allow_pickle, taesd=taesd_path,
                                  models_dir=models_dir, source=source,
-                                 config_dir=Path(config_dir).expanduser() if config_dir else None)
-    from sdbridge.engines.vae_file import pick_vae, replace_vae
-
-    vae_path = pick_vae(vae, resolved.path if resolved.kind != "diffusers" else None, models_dir)
+                                 config_dir=Path(config_dir).expanduser() if config_dir else None,
+                                 vae_given=vae_path is not None)
     if vae_path is not None:
         replace_vae(parts, vae_path, allow_pickle=allow_pickle)
     for module in parts.modules().values():

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,8 +60,13 @@ EXTRA_INPUTS = {9: "an inpainting model (9 input channels: the latents, a mask a
                 8: "an InstructPix2Pix model (8 input channels: the latents and the input image's)"}
 
 
-def check_servable(path: Path | str, shapes: dict[str, tuple[int, ...]]) -> None:
-    """ModelError naming what the file is when it is not a whole text-to-image checkpoint this stream can run."""
+def has_vae(keys: Iterable[str]) -> bool:
+    return any(key.startswith(VAE_PREFIX) for key in keys)
+
+
+def check_servable(path: Path | str, shapes: dict[str, tuple[int, ...]], vae_given: bool = False) -> None:
+    """ModelError naming what the file is when it is not a whole text-to-image checkpoint this stream can run
+    (``vae_given``: a VAE comes from elsewhere, --vae or one beside the file)."""
     keys = set(shapes)
     if not any(key.startswith(UNET_PREFIX) for key in keys):
         if any(key.startswith(("decoder.", "encoder.", VAE_PREFIX)) for key in keys) and \
@@ -73,9 +79,9 @@ def check_servable(path: Path | str, shapes: dict[str, tuple[int, ...]]) -> None
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] in EXTRA_INPUTS:
         raise ModelError(f"{path} is {EXTRA_INPUTS[conv_in[1]]}; the live stream and img2img run 4-channel "
                          "models: use the model's plain version", code="incompatible_model")
-    if not any(key.startswith(VAE_PREFIX) for key in keys):
-        raise ModelError(f"{path} holds no VAE (no {VAE_PREFIX}* keys): a checkpoint saved without its VAE "
-                         "cannot load alone here; use one with the VAE baked in", code="incompatible_model")
+    if not vae_given and not has_vae(keys):
+        raise ModelError(f"{path} holds no VAE (no {VAE_PREFIX}* keys): a checkpoint saved without its VAE needs "
+                         f"one: --vae FILE, or {Path(path).stem}.vae.safetensors beside it", code="incompatible_model")
 
 
 def v_prediction(path: Path, keys: Iterable[str]) -> str | None:
@@ -106,7 +112,8 @@ def _renamed_clip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for key, value in tensors.items()}
 
 
-def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...]], Path, Path | None]:
+def _read_keys(path: Path, allow_pickle: bool,
+               vae_given: bool = False) -> tuple[dict[str, tuple[int, ...]], Path, Path | None]:
     """Key -> shape, the safetensors file diffusers should read, and a temporary folder to delete."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -117,7 +124,7 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
         check_safetensors_file(path)
         with safe_open(str(path), framework="pt") as tensors:
             shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
-        check_servable(path, shapes)
+        check_servable(path, shapes, vae_given)
         if not old_clip_layout(set(shapes)):
             if path.suffix == ".safetensors":
                 return shapes, path, None
@@ -141,7 +148,7 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
     if not isinstance(state, dict):
         raise ModelError(f"{path}: holds no state dict")
     tensors = {key: value.contiguous() for key, value in state.items() if isinstance(value, torch.Tensor)}
-    check_servable(path, {key: tuple(value.shape) for key, value in tensors.items()})
+    check_servable(path, {key: tuple(value.shape) for key, value in tensors.items()}, vae_given)
     if old_clip_layout(set(tensors)):
         tensors = _renamed_clip(tensors)
     temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
@@ -152,19 +159,22 @@ def _read_keys(path: Path, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...
 
 def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                      taesd: Path | None = None, models_dir: Path | None = None, source: str | None = None,
-                     config_dir: Path | None = None) -> PipelineParts:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+                     config_dir: Path | None = None, vae_given: bool = False) -> PipelineParts:
+    """``vae_given``: the caller puts another VAE in (engines/vae_file.py), so a checkpoint without one loads."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from sdbridge.engines.models import _load_taesd, architecture_of, find_taesd
 
-    shapes, readable, temporary = _read_keys(path, allow_pickle)
+    shapes, readable, temporary = _read_keys(path, allow_pickle, vae_given)
     try:
         detected = detect_architecture(set(shapes), shapes) if config_dir is None else \
             ("sdxl" if any(key.startswith("conditioner.embedders.1.") for key in shapes) else "sd")
         if config_dir is None:
             config_dir = prepared_config_dir(detected)
         pipeline_class = StableDiffusionXLPipeline if detected == "sdxl" else StableDiffusionPipeline
-        extra = {} if detected == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+        extra: dict[str, Any] = {} if detected == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+        if not has_vae(shapes):  # one from elsewhere replaces it: the config's shape until then
+            extra["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae")).to(dtype)
         try:
             pipe = pipeline_class.from_single_file(str(readable), config=str(config_dir), local_files_only=True,
                                                    torch_dtype=dtype, **extra)

@@ -104,3 +104,19 @@ def test_the_engine_decodes_with_it(tiny_model_dir, vae_files):
     weights = load_file(str(vae_files / "diffusers.safetensors"))
     assert torch.equal(engine.parts.vae.decoder.conv_out.weight, weights["decoder.conv_out.weight"])
     assert Path(engine.vae).is_file()
+
+
+def test_a_checkpoint_published_without_its_vae_loads_with_one(parts, other, vae_files, tiny_model_dir, tmp_path):
+    prefix = "first_stage_model."
+    full = load_file(str(save_single_file(parts, tmp_path / "full.safetensors")))
+    bare = tmp_path / "bare.safetensors"
+    save_file({key: value for key, value in full.items() if not key.startswith(prefix)}, str(bare))
+    with pytest.raises(ModelError, match="holds no VAE .*--vae FILE, or bare.vae.safetensors beside it"):
+        load_pipeline_parts(str(bare), CPU, torch.float32, config_dir=tiny_model_dir)
+    given = load_pipeline_parts(str(bare), CPU, torch.float32, config_dir=tiny_model_dir,
+                                vae=str(vae_files / "vae-ft-mse.safetensors"))
+    assert_vae_is(given, other)
+    shutil.copy(vae_files / "vae-ft-mse.safetensors", tmp_path / "bare.vae.safetensors")
+    beside = load_pipeline_parts(str(bare), CPU, torch.float32, config_dir=tiny_model_dir)
+    assert_vae_is(beside, other)
+    assert torch.equal(beside.unet.conv_in.weight, parts.unet.conv_in.weight)
