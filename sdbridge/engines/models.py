@@ -418,10 +418,12 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False) -> list[
             problems.append(exc)
     if source.kind == "single_file" and not problems:
         from sdbridge.engines.single_file import check_servable
+        from sdbridge.engines.vae_file import vae_beside
 
         try:  # an inpainting model, a VAE, a checkpoint without its VAE: whole files serve cannot run (QA 25)
             check_servable(source.path, {key: tuple(entry.get("shape", ())) for key, entry in
-                                         read_safetensors_header(source.path)[1].items() if key != "__metadata__"})
+                                         read_safetensors_header(source.path)[1].items() if key != "__metadata__"},
+                           vae_given=vae_beside(source.path) is not None)
         except ModelError as exc:
             problems.append(exc)
     return problems
