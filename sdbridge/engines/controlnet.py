@@ -76,12 +76,12 @@ def load_controlnet(path: Path, unet: Any, device: torch.device, dtype: torch.dt
     needed = model_bytes(path, dtype) if free is not None else None
     if free is not None and needed is not None:
         check_fits(needed, free, what=f"controlnet {path.name}", device=str(device))
-    if path.is_dir():
-        model = load_pretrained_folder(path, ControlNetModel, dtype, "ControlNet")
-    else:
-        model = _load_single_file(path, unet, dtype, allow_pickle)
-    _check_family(path, model, unet)
     try:
+        if path.is_dir():
+            model = load_pretrained_folder(path, ControlNetModel, dtype, "ControlNet", device=device)
+        else:
+            model = _load_single_file(path, unet, dtype, allow_pickle)
+        _check_family(path, model, unet)
         return model.to(device).eval().requires_grad_(False)
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelError(f"out of device memory loading controlnet {path.name}: {exc}", code="out_of_memory") from exc

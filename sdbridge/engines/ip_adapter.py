@@ -161,7 +161,7 @@ def load_ip_adapter(path: Path, unet: Any, device: torch.device, dtype: torch.dt
 
     state = read_ip_adapter(path, allow_pickle=allow_pickle)
     encoder = load_pretrained_folder(find_encoder(path), CLIPVisionModelWithProjection, dtype, "IP-Adapter image "
-                                     "encoder").to(device).eval()
+                                     "encoder", device=device).eval()
     try:
         projection = unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False)
     except Exception as exc:

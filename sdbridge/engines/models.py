@@ -311,9 +311,13 @@ def check_safetensors_folder(path: Path, what: str) -> None:
 
 
 @serialized_load
-def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, what: str) -> Any:
+def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, what: str,
+                           device: torch.device | None = None) -> Any:
     """``model_class.from_pretrained`` on a diffusers folder (config.json and safetensors weights,
-    each checked first); ModelError names the folder and what it should hold."""
+    each checked first), on ``device`` when given; ModelError names the folder and what it should hold.
+
+    What stays in CPU memory is copied out of the files' mappings (:func:`own_weights`); moved to a GPU first,
+    nothing is left to copy (the copy cost a GPU load time and a model's size of host memory)."""
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: a {what} folder needs config.json")
     check_safetensors_folder(path, what)
@@ -321,7 +325,7 @@ def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, wha
         model = model_class.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
     except Exception as exc:
         raise ModelError(f"{path}: not a {what} ({type(exc).__name__}: {str(exc)[:300]})") from exc
-    return own_weights(model)
+    return own_weights(model.to(device) if device is not None else model)
 
 
 def load_pickle(path: Path, error: type[ModelError] = ModelError) -> Any:

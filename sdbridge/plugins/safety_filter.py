@@ -123,7 +123,7 @@ def load_checker(folder: Path, device: torch.device) -> Checker:
         raise ModelError(problem, code="model_not_found")
     transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would cut into the daemon's log
     device, dtype = (device, torch.float16) if device.type == "cuda" else (torch.device("cpu"), torch.float32)
-    model = load_pretrained_folder(folder, StableDiffusionSafetyChecker, dtype, "safety checker")
+    model = load_pretrained_folder(folder, StableDiffusionSafetyChecker, dtype, "safety checker", device=device)
     # transformers 5 names the numpy/PIL processor CLIPImageProcessorPil (CLIPImageProcessor then wants
     # torchvision, and warns when falling back); 4.x has only CLIPImageProcessor. Same config, same numbers.
     processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
