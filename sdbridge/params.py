@@ -326,6 +326,16 @@ def check_prompt_syntax(spec: ParamSpec, value: str, schema: Schema) -> None:
         raise ParamError(f"{spec.name}: {parsed.errors[0]}", name=spec.name, value=value[:80], code="bad_lora")
 
 
+def check_prompt_weights(spec: ParamSpec, value: str, schema: Schema) -> None:
+    """A mixed or negative prompt's attention weights where the value enters: '(x:1.2.3)' was acked, then every
+    frame passed through (QA 27). Its <lora:...> tags are not run, so only the weights are checked."""
+    from sdbridge.engines.prompt_syntax import parse_prompt
+
+    error = parse_prompt(value).weight_error
+    if error is not None:
+        raise ParamError(f"{spec.name}: {error}", name=spec.name, value=value[:80])
+
+
 def _fmt(number: float | None) -> str:
     if number is None:
         return "…"
@@ -342,11 +352,13 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               "What to generate, in AUTOMATIC1111's syntax: (word) ×1.1, [word] ÷1.1, (word:1.3), BREAK, "
               "<lora:name:0.8>, textual-inversion trigger words; past 75 tokens in chunks.",
               check=check_prompt_syntax),
-    ParamSpec("negative_prompt", "str", "", "What to steer away from (used when guidance > 1); same syntax."),
+    ParamSpec("negative_prompt", "str", "", "What to steer away from (used when guidance > 1); same syntax.",
+              check=check_prompt_weights),
     ParamSpec("loras", "str", "", "LoRAs from the LoRA folder and their weights, 'name:0.8, other:0.5', on top of "
               "the prompt's <lora:...> tags; weights change live, without reloading.", max_length=1024,
               check=check_loras),
-    ParamSpec("blend_prompt", "str", "", "A second prompt, mixed into the prompt by prompt_blend."),
+    ParamSpec("blend_prompt", "str", "", "A second prompt, mixed into the prompt by prompt_blend.",
+              check=check_prompt_weights),
     ParamSpec("prompt_blend", "float", 0.0, "0: the prompt alone, 1: blend_prompt alone; in between a live mix "
               "of their embeddings.", minimum=0.0, maximum=1.0),
     ParamSpec("prompt_weight", "float", 1.0, "The prompt's weight (with its blend_prompt mix) in the mix with "
@@ -354,7 +366,8 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               "out (all 0: the prompt alone).", minimum=0.0, maximum=10.0),
     *(spec for slot in (2, 3, 4) for spec in (
         ParamSpec(f"prompt_{slot}", "str", "", f"A prompt mixed with the prompt by prompt_{slot}_weight (same "
-                  f"syntax; its <lora:...> tags are ignored). Empty, or at weight 0, it is off and costs nothing."),
+                  f"syntax; its <lora:...> tags are ignored). Empty, or at weight 0, it is off and costs nothing.",
+                  check=check_prompt_weights),
         ParamSpec(f"prompt_{slot}_weight", "float", 0.0, f"prompt_{slot}'s weight in the mix (normalised with the "
                   f"others to sum 1); moving it live costs no text encoding.", minimum=0.0, maximum=10.0))),
     ParamSpec("prompt_interpolation", "enum", "linear", "How the weighted prompts mix: linear (a weighted sum of "

@@ -707,6 +707,8 @@ class A1111Api:
             hr_negative = apply_style(hr_negative, styles[name][1]) if hr_negative else ""
         if hr_prompt:
             self.check_loras(hr_prompt, kind, "hr_prompt")
+        for field, text in (("negative_prompt", negative), ("hr_negative_prompt", hr_negative)):
+            self.check_weights(text, kind, field)
         # "DPM++ 2M Karras" becomes "DPM++ 2M" with the Karras schedule, as A1111 1.9+ records it.
         sampler, schedule = samplers.resolve(body.sampler(), body.scheduler)
         request = GenerationRequest(
@@ -813,6 +815,16 @@ class A1111Api:
         except ModelError as exc:
             raise HTTPException(422, f"hr_upscaler: {exc}") from None
         return lambda image, width, height: models.hires_upscale(name, image, width, height)
+
+    def check_weights(self, prompt: str, kind: str, field: str) -> None:
+        """A negative prompt's attention weights checked before the request queues, naming ``field`` (QA 27: the
+        request queued, then failed naming no field)."""
+        from sdbridge.engines.prompt_syntax import parse_prompt
+
+        problem = parse_prompt(prompt).weight_error if prompt else None
+        if problem is not None:
+            log.warning("%s refused: %s: %s", kind, field, problem)
+            raise HTTPException(422, f"{field}: {problem}")
 
     def check_loras(self, prompt: str, kind: str, field: str = "prompt") -> None:
         """The prompt's ``<lora:...>`` tags checked before the request queues: a client's typo answers

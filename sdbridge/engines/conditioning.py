@@ -35,6 +35,9 @@ from sdbridge.paths import PathError
 log = logging.getLogger(__name__)
 
 
+IDLE_LORAS = 4  # LoRAs at weight 0 kept loaded, the most recently used
+
+
 class TextConditioning:
     def __init__(self, parts: PipelineParts, lora_dir: str | Path | None = None,
                  embeddings_dir: str | Path | None = None, allow_pickle: bool = False) -> None:
@@ -50,6 +53,7 @@ class TextConditioning:
         # Each loaded LoRA's file as it was read (path, mtime, size): a file replaced under its name is read again,
         # and one deleted is unknown, at the next change of the parameters (QA 22: both served the old weights).
         self._lora_files: dict[str, tuple[Path, int, int]] = {}
+        self._idle: list[str] = []   # loaded LoRAs at weight 0, the longest idle first
         self.inversions = TextualInversions(parts.tokenizer, parts.text_encoder, parts.tokenizer_2,
                                             parts.text_encoder_2)
         self._warned_networks: set[str] = set()
@@ -129,7 +133,21 @@ class TextConditioning:
             if name not in self.loras or self._changed(name):
                 self._load(name)
         full = {name: float(weights.get(name, 0.0)) for name in self.loras.names}
-        return self.loras.set_weights(full)
+        changed = self.loras.set_weights(full)
+        self._forget_idle(full)
+        return changed
+
+    def _forget_idle(self, weights: Mapping[str, float]) -> None:
+        """Keep the last IDLE_LORAS LoRAs put to weight 0 loaded (back at once, without reading their files), and
+        unload the rest: each holds its tensors, and a full difference is as large as the layers it changes, so
+        every LoRA ever used stayed in memory until the model changed (QA 27). At weight 0 they change nothing."""
+        self._idle = [name for name in self._idle if weights.get(name) == 0.0]
+        self._idle += [name for name, weight in weights.items() if weight == 0.0 and name not in self._idle]
+        while len(self._idle) > IDLE_LORAS:
+            name = self._idle.pop(0)
+            self.loras.remove(name)
+            self._lora_files.pop(name, None)
+            log.info("LoRA %s unloaded: unused, and %d others unused since", name, IDLE_LORAS)
 
     def current(self) -> dict[str, float]:
         return {name: weight for name, weight in self.loras.weights.items() if weight != 0.0}

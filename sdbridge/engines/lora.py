@@ -445,7 +445,7 @@ class LoraStack:
     of a host copy per change) and the layer is rewritten as
     ``W = W0 + sum_i w_i * scale_i * delta_i`` (``up_i @ down_i`` for a LoRA), the sum in fp32, the result
     cast to the layer's dtype; a full difference's ``diff_b`` moves the bias the same way. When all weights on
-    a layer are 0 the copies are put back, bit for bit.
+    a layer are 0 the copies are put back, bit for bit, and dropped.
 
     Not thread-safe, and needs none: the worker thread calls it between frames, never during a
     forward pass. The weights are written in place (same storage), so a compiled module or a
@@ -557,10 +557,12 @@ class LoraStack:
                           for name, layer in self._by_target.get(target, ()) if self._weights[name] != 0.0]
                 original = self._originals.get(target)
                 if not active:
+                    # Put back and forgotten: a copy of every layer a LoRA touched, kept while it sat at weight 0,
+                    # held a model's size of memory per LoRA used (QA 27). The next weight takes a copy again.
                     if original is not None:
-                        _restore(weight, original)
+                        _restore(weight, self._originals.pop(target))
                     if target in self._bias_originals:
-                        module.bias.copy_(self._bias_originals[target])
+                        module.bias.copy_(self._bias_originals.pop(target))
                     continue
                 if original is None:
                     original = _keep(weight, self.original_device or weight.device)

@@ -193,6 +193,7 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
     ({"styles": ["nope"]}, "unknown style 'nope'"),
     ({"scheduler": "Wobbly"}, "unknown scheduler 'Wobbly'"),
     ({"prompt": "a cat AND a dog:1" + "0" * 30}, "the AND part 'a dog' has weight 1e+30, out of range"),
+    ({"negative_prompt": "(blur:1.2.3)"}, "negative_prompt: prompt weight '1.2.3'"),
     ({"sampler_name": "Euler a", "scheduler": "Karras"}, "sampler 'Euler a' does not take the Karras schedule"),
     ({"sampler_name": "LCM", "scheduler": "DDIM"}, "sampler 'LCM' does not take the DDIM schedule"),
 ])

@@ -240,3 +240,13 @@ def test_the_value_rules_docs_protocol_gives_for_every_transport_hold():
         {"env1.depth": 0.3, "env1.band": "mid", "steps": 4, "lfo1.sync": True}, [])
     applied, errors = store.update({"steps": "4.5", "env1.band": "2", "prompt": 5})
     assert applied == {} and [error.name for error in errors] == ["steps", "env1.band", "prompt"]
+
+
+@pytest.mark.parametrize("name", ["prompt", "negative_prompt", "blend_prompt", "prompt_2", "prompt_3", "prompt_4"])
+def test_every_prompt_refuses_a_weight_that_is_not_a_number_where_it_enters(name):
+    """'(x:1.2.3)' in a mixed or negative prompt was acked, then every frame passed through (QA 27)."""
+    store = ParamStore(Schema())
+    applied, errors = store.update({name: "a (cat:1.2.3)"})
+    assert not applied and errors and errors[0].code == "bad_param"
+    assert str(errors[0]).startswith(f"{name}: prompt weight '1.2.3'")
+    assert store.update({name: "a (cat:1.2)"})[0]
