@@ -106,9 +106,18 @@ def check_model(settings: Settings) -> list[Finding]:
     # loader's own header checks, run here, say so before ``serve`` fails on it.
     problems = models.weight_problems(source, allow_pickle=settings.allow_pickle)
     if problems:
-        return [Finding(ERROR, "model", str(problem), "copy or pull the model again (sdbridge models pull NAME): "
-                        "a damaged file does not load") for problem in problems]
-    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, weight files whole")]
+        return [Finding(ERROR, "model", str(problem), "use another model: the files are whole, but not a model the "
+                        "stream runs (docs/models.md)" if problem.code == "incompatible_model" else
+                        "copy or pull the model again (sdbridge models pull NAME): a damaged file does not load")
+                for problem in problems]
+    note = ""
+    if source.kind == "single_file":
+        from sdbridge.engines.single_file import v_prediction
+
+        header = models.read_safetensors_header(source.path)[1]
+        prediction = v_prediction(source.path, header)
+        note = f"; v-prediction ({prediction})" if prediction else ""
+    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, weight files whole{note}")]
 
 
 def _schema_with_plugins() -> Any:

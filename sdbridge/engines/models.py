@@ -116,7 +116,20 @@ def file_suffix(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in (".safetensors",) + PICKLE_SUFFIXES and path.is_symlink():
         suffix = path.resolve().suffix.lower()
+    if suffix not in (".safetensors",) + PICKLE_SUFFIXES and _looks_like_safetensors(path):
+        suffix = ".safetensors"  # a download saved under the page's name ('123?type=Model'): its header tells
     return suffix
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: a little-endian header length, then a JSON object."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 1 < int.from_bytes(head[:8], "little") <= min(size - 8, 10**8)
 
 
 def _kind_of_path(path: Path) -> str | None:
@@ -415,6 +428,18 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False) -> list[
             except ModelError as exc:
                 problems.append(exc)
         files += sorted((source.path / "taesd").glob("*.safetensors"))
+        try:  # an inpainting folder: whole, and refused at load (QA 27: doctor said ok)
+            inputs = json.loads((source.path / "unet" / "config.json").read_text(encoding="utf-8"))["in_channels"]
+            latents = json.loads((source.path / "vae" / "config.json").read_text(encoding="utf-8")).get(
+                "latent_channels", 4)
+        except (OSError, ValueError, KeyError, TypeError):
+            inputs = latents = None
+        if inputs != latents:
+            from sdbridge.engines.single_file import EXTRA_INPUTS
+
+            what = EXTRA_INPUTS.get(inputs, f"a model whose UNet takes {inputs} input channels")
+            problems.append(ModelError(f"{source.path} is {what}; the live stream and img2img run models whose UNet "
+                                       f"takes the {latents} latent channels", code="incompatible_model"))
     for file in files:
         try:
             check_safetensors_file(file)

@@ -226,6 +226,14 @@ def _weight_error(pieces: tuple[PromptPiece, ...]) -> str | None:
     return None
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class LoraWeights:
     """The ``loras`` live parameter: ``"name:0.8, other:0.5"`` (a name alone is 1.0)."""
@@ -251,5 +259,8 @@ class LoraWeights:
                                  f"(write name:0.8)") from None
             if not name or not math.isfinite(weight):
                 raise ValueError(f"LoRA entry {entry!r} is not name:weight with a finite weight")
+            extra = name.rpartition(":")[2].strip()
+            if ":" in name and _is_number(extra):  # 'x:1:2:3' read as a LoRA named 'x:1:2' (QA 27)
+                raise ValueError(f"LoRA entry {entry!r} has several weights; give one (name:0.8)")
             weights[name] = weights.get(name, 0.0) + weight
         return cls(weights)

@@ -283,3 +283,27 @@ def test_resume_says_what_is_saved_and_warns_on_a_file_it_cannot_read(tmp_path):
     assert finding.level == WARN and "cannot be read" in finding.message and "delete it" in finding.fix
     [finding] = check_resume(Settings(resume=True, resume_file=str(tmp_path)))
     assert finding.level == WARN and "it is a folder" in finding.message
+
+
+def test_a_whole_model_the_stream_cannot_run_is_named_with_the_right_fix(tiny_model_dir, tmp_path):
+    """An inpainting folder was ok to doctor and refused by serve; a whole file it refused was advised to be
+    pulled again, as if damaged (QA 27). A v-prediction checkpoint is said to be one."""
+    import json
+
+    import torch
+
+    from sdbridge.engines.models import load_pipeline_parts
+    from sdbridge.engines.single_file import save_single_file
+
+    folder = tmp_path / "inpaint"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    [finding] = check_model(Settings(model=str(folder)))
+    assert finding.level == ERROR and "is an inpainting model" in finding.message
+    assert "the files are whole, but not a model the stream runs" in finding.fix
+    checkpoint = save_single_file(load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32),
+                                  tmp_path / "sd2v.safetensors")
+    checkpoint.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    [finding] = check_model(Settings(model=str(checkpoint)))
+    assert finding.level == OK and "v-prediction (parameterization v in sd2v.yaml)" in finding.message

@@ -519,7 +519,9 @@ def test_an_upper_case_suffix_or_a_link_without_one_loads(checkpoint, tiny_model
     shutil.copy(checkpoint, upper)
     link = tmp_path / "current"
     link.symlink_to(checkpoint)
-    for path in (upper, link):
+    download = tmp_path / "1234?type=Model&format=SafeTensor"   # a download saved under the page's name
+    shutil.copy(checkpoint, download)
+    for path in (upper, link, download):
         assert resolve_source(str(path)).kind == "single_file"
         assert load_pipeline_parts(str(path), CPU, torch.float32, config_dir=tiny_model_dir).unet is not None
 

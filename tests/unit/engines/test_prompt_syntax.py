@@ -124,7 +124,8 @@ def test_lora_weights_parameter(text, expected):
 
 
 @pytest.mark.parametrize("text, message", [("ink:lots", "'lots' is not a number"), (":0.5", "not name:weight"),
-                                           ("ink:inf", "finite")])
+                                           ("ink:inf", "finite"), ("loha:1:2:3", "several weights"),
+                                           ("loha:0.5:1", "several weights")])
 def test_lora_weights_parameter_errors(text, message):
     with pytest.raises(ValueError, match=message):
         LoraWeights.parse(text)
