@@ -15,6 +15,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sdbridge.errors import ParamError
@@ -306,13 +307,28 @@ def check_schedule(spec: ParamSpec, value: str, schema: Schema) -> None:
 
 def check_loras(spec: ParamSpec, value: str, schema: Schema) -> None:
     """``loras``'s syntax where the value enters (QA 9: a malformed entry was acked, then every session's frames
-    passed through unstylised); only a name missing from the LoRA folder is found later, by the engine."""
+    passed through unstylised), and, in the daemon, each LoRA's file (:func:`_check_lora_files`); a file whose
+    tensors do not fit the model is found later, by the engine."""
     from sdbridge.engines.prompt_syntax import LoraWeights
 
     try:
-        LoraWeights.parse(value)
+        names = LoraWeights.parse(value).weights
     except ValueError as exc:
         raise ParamError(f"loras {value[:80]!r}: {exc}", name=spec.name, value=value[:80], code="bad_lora") from None
+    _check_lora_files(spec, value, names, schema)
+
+
+def _check_lora_files(spec: ParamSpec, value: str, names: Iterable[str], schema: Schema) -> None:
+    """Each named LoRA is in the daemon's folder and loads, as far as its file's header tells: a typo or a DoRA was
+    acked and applied, then every frame passed through unstyled (QA 28). Refused, the old value keeps the look."""
+    if schema.lora_dir is None:
+        return
+    from sdbridge.engines.lora import lora_file_problem
+
+    for name in names:
+        problem = lora_file_problem(schema.lora_dir, name)
+        if problem is not None:
+            raise ParamError(f"{spec.name}: {problem[1]}", name=spec.name, value=value[:80], code=problem[0])
 
 
 def check_prompt_syntax(spec: ParamSpec, value: str, schema: Schema) -> None:
@@ -324,6 +340,7 @@ def check_prompt_syntax(spec: ParamSpec, value: str, schema: Schema) -> None:
         raise ParamError(f"{spec.name}: {parsed.weight_error}", name=spec.name, value=value[:80])
     if parsed.errors:
         raise ParamError(f"{spec.name}: {parsed.errors[0]}", name=spec.name, value=value[:80], code="bad_lora")
+    _check_lora_files(spec, value, parsed.lora_weights(), schema)
 
 
 def check_prompt_weights(spec: ParamSpec, value: str, schema: Schema) -> None:
@@ -492,6 +509,9 @@ class Schema:
 
     def __init__(self, specs: Iterable[ParamSpec] | None = None) -> None:
         self._specs: dict[str, ParamSpec] = {}
+        # The daemon's LoRA folder: where set, a LoRA a value names must be there, readable and of a kind that
+        # loads, when the value is set (check_loras); without it (tests, tools), only the syntax is checked.
+        self.lora_dir: Path | None = None
         if specs is None:
             from sdbridge.bridge.ladder import LADDER_PARAMS
             from sdbridge.modulation import envelope_params, lfo_params

@@ -117,6 +117,9 @@ class Daemon:
         if settings.resume:
             self.resume = Resume(ResumeFile(resume_path(settings)), self.look)
             self.resume.restore(self.store, keep=settings.command_line_params, vet=self.without_missing_loras)
+        # From here on a value naming a LoRA is refused when the LoRA is not in the folder or will not load, so the
+        # look in place stays (the starting values above: the engine says so at its first frame).
+        self.store.schema.lora_dir = self.lora_dir()
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
         # plugins, whose parameters it may name.
         self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None

@@ -65,6 +65,8 @@ KIND_ROLES = {
                   for w2 in (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b"))),
     "full": (("diff",),),
 }
+# DoRA rescales each output row by a learned magnitude: fusing only the update would be wrong.
+DORA_KEYS = ("dora_scale", "lora_magnitude_vector", "magnitude_vector.weight")
 # Attention-processor spellings (``attn1.processor.to_q_lora``) -> module names.
 PROCESSOR_NAMES = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
@@ -343,7 +345,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
     path = Path(path)
     tensors, metadata = _read_tensors(path)
     # DoRA rescales each output row by a learned magnitude: fusing only up @ down would be wrong.
-    dora = [key for key in tensors if key.endswith(("dora_scale", "lora_magnitude_vector", "magnitude_vector.weight"))]
+    dora = [key for key in tensors if key.endswith(DORA_KEYS)]
     if dora:
         raise ModelError(f"LoRA file {str(path)!r} is a DoRA ({len(dora)} magnitude keys, first: {dora[0]!r}); "
                          "DoRA is not supported")
@@ -646,6 +648,46 @@ def lora_path(folder: str | Path, name: str) -> Path:
         known = ", ".join(sorted(found)[:20]) + (", ..." if len(found) > 20 else "") or "none"
         raise ModelError(f"LoRA {name!r} not found in {str(folder)!r} (there: {known})")
     return path
+
+
+_HEADER_PROBLEMS: dict[tuple[Path, int, int], str | None] = {}   # (path, mtime, size) -> what its header says
+
+
+def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
+    """(code, sentence) when LoRA ``name`` cannot load from ``folder`` as far as its file's header tells (missing,
+    outside the folder, a pickle, a corrupt header, a DoRA), else None. Read once per version of the file: a
+    fader moving a weight checks a stat."""
+    folder = Path(folder)
+    try:
+        path = lora_path(folder, name)
+    except PathError as exc:
+        return "unknown_lora", f"LoRA {name!r} refused: {exc}"
+    except ModelError as exc:
+        pickled = [folder / (name + suffix) for suffix in (".pt", ".ckpt", ".bin", ".pth")]
+        if any(candidate.is_file() for candidate in pickled):
+            return "bad_model", (f"LoRA {name!r} is a pickle file in {str(folder)!r}; LoRAs load from .safetensors "
+                                 "only (convert it)")
+        return "unknown_lora", str(exc)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        return "unknown_lora", f"LoRA {name!r}: {exc}"
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _HEADER_PROBLEMS:
+        from sdbridge.engines.models import read_safetensors_header
+
+        try:
+            keys = [key for key in read_safetensors_header(path)[1] if key != "__metadata__"]
+        except ModelError as exc:
+            problem: str | None = f"LoRA {name!r}: {exc}"
+        else:
+            dora = [key for key in keys if key.endswith(DORA_KEYS)]
+            problem = f"LoRA {name!r} is a DoRA ({dora[0]!r}); DoRA is not supported" if dora else None
+        if len(_HEADER_PROBLEMS) > 256:
+            _HEADER_PROBLEMS.clear()
+        _HEADER_PROBLEMS[key] = problem
+    problem = _HEADER_PROBLEMS[key]
+    return None if problem is None else ("bad_model", problem)
 
 
 def find_loras(folder: str | Path) -> dict[str, Path]:

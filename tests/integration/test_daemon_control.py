@@ -216,7 +216,10 @@ def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so
     loras, presets = tmp_path / "lora", tmp_path / "presets"
     loras.mkdir()
     presets.mkdir()
-    (loras / "kept.safetensors").write_bytes(b"")  # only its name is looked up here
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(loras / "kept.safetensors"))  # a header
     (presets / "old.toml").write_text('[params]\nloras = "kept:0.5, gone:1"\nprompt = "a fox <lora:gone:0.8>"\n'
                                       "strength = 0.6\n")
     daemon = start_daemon(params={"engine": "identity"}, presets_dir=str(presets), lora_dir=str(loras))

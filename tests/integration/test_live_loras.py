@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 
@@ -38,16 +39,29 @@ def test_live_lora_weights_and_an_unknown_name(start_daemon, tiny_model_dir, tmp
         ws.send(json.dumps({"type": "set", "params": {"loras": "ink:4"}}))
         (with_lora,), _ = frames_and_messages(ws, frame, 1)
         assert with_lora != base
+        # A name not in the folder is refused where it is set (QA 28: it was acked, then every frame passed
+        # through unstyled): the look in place stays.
         ws.send(json.dumps({"type": "set", "params": {"loras": "nosuch:1"}}))
         replies, messages = frames_and_messages(ws, frame, 2)
         errors = [m for m in messages if m["type"] == "error"]
         assert len(errors) == 1 and errors[0]["code"] == "unknown_lora"
         assert "'nosuch' not found" in errors[0]["message"] and "there: ink" in errors[0]["message"]
+        assert replies == [with_lora, with_lora] and daemon.store.get("loras") == "ink:4"
+        assert daemon.collect_stats()["passthrough"] is False
+        # One deleted after it was set is found by the engine at the next change: frames pass through, and say why.
+        shutil.copy(lora_dir / "ink.safetensors", lora_dir / "gone.safetensors")
+        ws.send(json.dumps({"type": "set", "params": {"loras": "gone:1"}}))
+        frames_and_messages(ws, frame, 1)
+        (lora_dir / "gone.safetensors").unlink()
+        ws.send(json.dumps({"type": "set", "params": {"prompt": "another prompt"}}))
+        replies, messages = frames_and_messages(ws, frame, 2)
+        assert [m["code"] for m in messages if m["type"] == "error"] == ["unknown_lora"]
         assert all(reply[:3] == b"\xff\xd8\xff" for reply in replies)   # frames keep coming (passed through)
         assert daemon.collect_stats()["passthrough"] is True
         with ws_connect(daemon) as late:  # a client that connects meanwhile hears why its frames pass through
             assert recv_json(late, "error")["code"] == "unknown_lora"
-        ws.send(json.dumps({"type": "set", "params": {"loras": ""}}))
+        first_prompt = daemon.store.schema.get("prompt").default
+        ws.send(json.dumps({"type": "set", "params": {"loras": "", "prompt": first_prompt}}))
         (back,), messages = frames_and_messages(ws, frame, 1)
         assert back == base and not [m for m in messages if m["type"] == "error"]
         assert daemon.collect_stats()["passthrough"] is False
@@ -70,8 +84,19 @@ def test_a_malformed_lora_is_refused_at_the_set_and_a_standing_error_is_told_onc
         _, messages = frames_and_messages(ws, frame, 2)
         assert not [m for m in messages if m["type"] == "error"]
         assert daemon.store.snapshot()[1]["loras"] == "" and daemon.collect_stats()["passthrough"] is False
-        # A name that is not in the folder is found by the engine: told once, not again at each change.
+        # A name that is not in the folder is refused where it is set, and the look stays.
         ws.send(json.dumps({"type": "set", "params": {"loras": "nosuch:1"}}))
+        _, messages = frames_and_messages(ws, frame, 2)
+        assert [m["code"] for m in messages if m["type"] == "error"] == ["unknown_lora"]
+        assert daemon.store.get("loras") == "" and daemon.collect_stats()["passthrough"] is False
+        # One deleted after it was set is found by the engine: told once, not again at each change.
+        parts = load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+        write_kohya(tmp_path / "gone.safetensors", random_lora({"unet": parts.unet, "text_encoder": parts.text_encoder},
+                                                               1))
+        ws.send(json.dumps({"type": "set", "params": {"loras": "gone:1"}}))
+        frames_and_messages(ws, frame, 1)
+        (tmp_path / "gone.safetensors").unlink()
+        ws.send(json.dumps({"type": "set", "params": {"prompt": "another prompt"}}))   # a change that names it
         _, messages = frames_and_messages(ws, frame, 2)
         assert [m["code"] for m in messages if m["type"] == "error"] == ["unknown_lora"]
         for strength in (0.6, 0.7, 0.8):

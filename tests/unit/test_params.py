@@ -250,3 +250,28 @@ def test_every_prompt_refuses_a_weight_that_is_not_a_number_where_it_enters(name
     assert not applied and errors and errors[0].code == "bad_param"
     assert str(errors[0]).startswith(f"{name}: prompt weight '1.2.3'")
     assert store.update({name: "a (cat:1.2)"})[0]
+
+
+def test_a_lora_that_will_not_load_is_refused_where_it_is_set(tmp_path):
+    """With the daemon's LoRA folder known, a missing, pickled, corrupt or DoRA LoRA is refused when set, in
+    ``loras`` and in a prompt's tag, and the look in place stays (QA 28: acked, then every frame unstyled)."""
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(tmp_path / "ink.safetensors"))
+    save_file({"lora_unet_x.dora_scale": torch.zeros(2)}, str(tmp_path / "dora.safetensors"))
+    (tmp_path / "old.pt").write_bytes(b"\x80\x04")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
+    store = ParamStore(Schema())
+    store.schema.lora_dir = tmp_path
+    assert store.update({"loras": "ink:0.5", "prompt": "a cat <lora:ink:1>"})[0]
+    for value, code, words in (("nosuch:1", "unknown_lora", "'nosuch' not found"),
+                               ("dora:1", "bad_model", "is a DoRA"),
+                               ("old:1", "bad_model", "is a pickle file"),
+                               ("cut:1", "bad_model", "truncated"),
+                               ("../ink:1", "unknown_lora", "refused")):
+        for name, text in (("loras", value), ("prompt", f"a cat <lora:{value}>")):
+            applied, errors = store.update({name: text})
+            assert not applied and errors[0].code == code and words in str(errors[0]), (name, value, errors)
+    assert store.get("loras") == "ink:0.5" and store.get("prompt") == "a cat <lora:ink:1>"
+    assert ParamStore(Schema()).update({"loras": "nosuch:1"})[0]   # no folder known (tools, tests): syntax only
