@@ -74,6 +74,30 @@ def check_torch(which: Callable[[str], str | None] = shutil.which) -> list[Findi
     return findings
 
 
+# Fixes for whole files that do not load, by the loader's code; anything else is damage.
+FIXES = {"incompatible_model": "use another model: the files are whole, but not a model the stream runs "
+                               "(docs/models.md)",
+         "unknown_architecture": "pass --model-config DIR, a diffusers folder whose configs describe the model "
+                                 "(docs/models.md)"}
+
+
+def check_device(settings: Settings) -> list[Finding]:
+    """The --device asked for, against this torch: ``serve`` refuses a device it lacks (and its diffusion engine
+    with it), where the gpu line alone read as "diffusion runs on the CPU" (QA 28)."""
+    from sdbridge.engines.device import pick_device
+    from sdbridge.errors import ConfigError
+
+    if settings.device == "auto":
+        return []
+    try:
+        device = pick_device(settings.device)
+    except ConfigError as exc:
+        return [Finding(ERROR, "device", f"--device {settings.device}: {exc}; serve cannot load a model on it and "
+                        "serves the preview engine", "install the CUDA build of torch (README: GPU install), or "
+                        "--device auto")]
+    return [Finding(OK, "device", f"--device {settings.device}: {device}")]
+
+
 def check_model(settings: Settings) -> list[Finding]:
     from sdbridge.engines import models
     from sdbridge.errors import ModelError
@@ -104,12 +128,19 @@ def check_model(settings: Settings) -> list[Finding]:
                         "(--allow-pickle)")]
     # A model folder can be whole in its layout and broken in its bytes (a copy cut short): the
     # loader's own header checks, run here, say so before ``serve`` fails on it.
-    problems = models.weight_problems(source, allow_pickle=settings.allow_pickle)
+    vae_findings: list[Finding] = []
+    if settings.vae:
+        from sdbridge.engines.vae_file import resolve_vae
+
+        try:
+            vae_findings.append(Finding(OK, "vae", f"--vae {settings.vae}: {resolve_vae(settings.vae, models_dir)}"))
+        except ModelError as exc:
+            return [Finding(ERROR, "vae", str(exc), "check the path, or put the VAE in the VAE folder")]
+    problems = models.weight_problems(source, allow_pickle=settings.allow_pickle, vae_given=bool(settings.vae),
+                                      config_given=bool(settings.model_config))
     if problems:
-        return [Finding(ERROR, "model", str(problem), "use another model: the files are whole, but not a model the "
-                        "stream runs (docs/models.md)" if problem.code == "incompatible_model" else
-                        "copy or pull the model again (sdbridge models pull NAME): a damaged file does not load")
-                for problem in problems]
+        return [Finding(ERROR, "model", str(problem), FIXES.get(problem.code, "copy or pull the model again (sdbridge "
+                        "models pull NAME): a damaged file does not load")) for problem in problems]
     note = ""
     if source.kind == "single_file":
         from sdbridge.engines.single_file import v_prediction
@@ -117,7 +148,8 @@ def check_model(settings: Settings) -> list[Finding]:
         header = models.read_safetensors_header(source.path)[1]
         prediction = v_prediction(source.path, header)
         note = f"; v-prediction ({prediction})" if prediction else ""
-    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, weight files whole{note}")]
+    return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, weight files whole{note}"),
+            *vae_findings]
 
 
 def _schema_with_plugins() -> Any:
@@ -587,6 +619,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings: list[Finding] = []
     findings += check_python()
     findings += check_torch(which)
+    findings += check_device(settings)
     findings += check_codec()
     findings += check_model(settings)
     findings += check_params(settings)

@@ -1058,8 +1058,16 @@ class A1111Api:
         return out
 
     def vae_option(self) -> str:
-        """A1111's ``sd_vae``: the --vae file's name, or "Automatic" (each model's own, or one beside it)."""
-        return Path(self.settings.vae).name if self.settings.vae else "Automatic"
+        """A1111's ``sd_vae``: the --vae file's name as /sd-vae lists it ('myvae' given, 'myvae.safetensors'
+        listed: QA 28), or "Automatic" (each model's own, or one beside it)."""
+        from sdbridge.engines.vae_file import resolve_vae
+
+        if not self.settings.vae:
+            return "Automatic"
+        try:
+            return resolve_vae(self.settings.vae, self.settings.models_dir).name
+        except ModelError:
+            return Path(self.settings.vae).name
 
     async def set_options(self, body: OptionsUpdate) -> None:
         values = body.model_dump(exclude_none=True)

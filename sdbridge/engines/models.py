@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import threading
 import tomllib
 from collections.abc import Callable
@@ -405,7 +406,8 @@ def find_taesd(folder: Path | None, architecture: str, models_dir: Path | None) 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 
 
-def weight_problems(source: ModelSource, *, allow_pickle: bool = False) -> list[ModelError]:
+def weight_problems(source: ModelSource, *, allow_pickle: bool = False, vae_given: bool = False,
+                    config_given: bool = False) -> list[ModelError]:
     """What in ``source``'s weight files would stop it loading, found as the loader finds it
     (:func:`check_safetensors_file`: header, size against the largest tensor's end) without reading a
     tensor: one ModelError per bad file or part, naming it; [] when all are whole. For ``sdbridge
@@ -446,13 +448,15 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False) -> list[
         except ModelError as exc:
             problems.append(exc)
     if source.kind == "single_file" and not problems:
-        from sdbridge.engines.single_file import check_servable
+        from sdbridge.engines.single_file import check_servable, known_architecture
         from sdbridge.engines.vae_file import vae_beside
 
+        shapes = {key: tuple(entry.get("shape", ())) for key, entry in
+                  read_safetensors_header(source.path)[1].items() if key != "__metadata__"}
         try:  # an inpainting model, a VAE, a checkpoint without its VAE: whole files serve cannot run (QA 25)
-            check_servable(source.path, {key: tuple(entry.get("shape", ())) for key, entry in
-                                         read_safetensors_header(source.path)[1].items() if key != "__metadata__"},
-                           vae_given=vae_beside(source.path) is not None)
+            check_servable(source.path, shapes, vae_given=vae_given or vae_beside(source.path) is not None)
+            if not config_given:
+                known_architecture(source.path, shapes)
         except ModelError as exc:
             problems.append(exc)
     return problems
@@ -613,6 +617,7 @@ def pull_model(name: str, models_dir: Path | None = None, *, progress: bool = Tr
                          code="model_not_found")
     repo_id = manifest.repo_id if manifest else name
     target = models_dir / name.replace("/", "--")
+    existed = target.exists()
     target.mkdir(parents=True, exist_ok=True)
     (enable_progress_bars if progress else disable_progress_bars)()
     try:
@@ -620,7 +625,13 @@ def pull_model(name: str, models_dir: Path | None = None, *, progress: bool = Tr
                           allow_patterns=list(manifest.allow_patterns) if manifest else ["*.json", "*.txt",
                                                                                          "*.safetensors"],
                           ignore_patterns=list(manifest.ignore_patterns) if manifest else None)
+        if not any(target.rglob("*.safetensors")):  # offline, the hub answers with the folder as it is
+            raise OSError("no weights came (is the hub reachable, or HF_HUB_OFFLINE set?)")
     except Exception as exc:
+        if not existed and not any(target.rglob("*.safetensors")):
+            # Nothing came: an empty folder by the model's name read as "not a model" where "not pulled" is true
+            # (QA 28). Part of a download stays, for the next pull to finish.
+            shutil.rmtree(target, ignore_errors=True)
         raise ModelError(f"pulling {repo_id} failed: {type(exc).__name__}: {str(exc)[:300]}",
                          code="pull_failed") from exc
     return target

@@ -112,6 +112,22 @@ def _renamed_clip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for key, value in tensors.items()}
 
 
+def known_architecture(path: Path | str, shapes: dict[str, tuple[int, ...]]) -> str:
+    """sd15, sd21 or sdxl, or ModelError (unknown_architecture) naming the file and ``--model-config``, the way to
+    load another (it said "no shipped configs for architecture 'unknown'", QA 28)."""
+    try:
+        architecture = detect_architecture(set(shapes), shapes)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}; a checkpoint of another architecture loads with --model-config DIR, a "
+                         "diffusers folder whose configs describe it", code="unknown_architecture") from None
+    if architecture == "unknown":
+        probe = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", ())
+        raise ModelError(f"{path}: a UNet whose cross-attention takes {probe[1:] or '?'}-wide text, not SD 1.x's "
+                         "768 or SD 2.x's 1024; it loads with --model-config DIR, a diffusers folder whose configs "
+                         "describe it", code="unknown_architecture")
+    return architecture
+
+
 def _read_keys(path: Path, allow_pickle: bool,
                vae_given: bool = False) -> tuple[dict[str, tuple[int, ...]], Path, Path | None]:
     """Key -> shape, the safetensors file diffusers should read, and a temporary folder to delete."""
@@ -167,7 +183,7 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, al
 
     shapes, readable, temporary = _read_keys(path, allow_pickle, vae_given)
     try:
-        detected = detect_architecture(set(shapes), shapes) if config_dir is None else \
+        detected = known_architecture(path, shapes) if config_dir is None else \
             ("sdxl" if any(key.startswith("conditioner.embedders.1.") for key in shapes) else "sd")
         if config_dir is None:
             config_dir = prepared_config_dir(detected)

@@ -697,3 +697,19 @@ def test_an_unknown_style_with_no_styles_file_says_the_file_is_missing(start_dae
                           timeout=60)
     assert response.status_code == 422
     assert f"unknown style 'noir' (known: none: {tmp_path / 'styles.csv'} does not exist)" in response.json()["detail"]
+
+
+def test_the_vae_option_names_the_file_as_sd_vae_lists_it(start_daemon, tmp_path):
+    """--vae given by its stem: /options said 'myvae', /sd-vae 'myvae.safetensors', and posting the listed name
+    back was a 422 (QA 28)."""
+    from safetensors.torch import save_file
+    import torch
+
+    vae = tmp_path / "models" / "VAE" / "myvae.safetensors"
+    vae.parent.mkdir(parents=True)
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, str(vae))
+    daemon = start_daemon(params={"engine": "identity"}, models_dir=str(tmp_path / "models"), vae="myvae")
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+        listed = [entry["model_name"] for entry in http.get("/sdapi/v1/sd-vae").json()]
+        assert listed == ["myvae.safetensors"] == [http.get("/sdapi/v1/options").json()["sd_vae"]]
+        assert http.post("/sdapi/v1/options", json={"sd_vae": "myvae.safetensors"}).status_code == 200

@@ -305,5 +305,37 @@ def test_a_whole_model_the_stream_cannot_run_is_named_with_the_right_fix(tiny_mo
     checkpoint = save_single_file(load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32),
                                   tmp_path / "sd2v.safetensors")
     checkpoint.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
-    [finding] = check_model(Settings(model=str(checkpoint)))
+    [finding] = check_model(Settings(model=str(checkpoint), model_config=str(tiny_model_dir)))
     assert finding.level == OK and "v-prediction (parameterization v in sd2v.yaml)" in finding.message
+    # the tiny model's text width is no known architecture's: without --model-config, serve would refuse it
+    [finding] = check_model(Settings(model=str(checkpoint)))
+    assert finding.level == ERROR and "cross-attention takes (32,)-wide text" in finding.message
+    assert "--model-config" in finding.fix
+
+
+def test_doctor_checks_the_vae_and_the_device_asked_for(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sdbridge.doctor import check_device
+    from sdbridge.engines.models import load_pipeline_parts
+    from sdbridge.engines.single_file import save_single_file
+
+    parts = load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    full = load_file(str(save_single_file(parts, tmp_path / "full.safetensors")))
+    bare = tmp_path / "bare.safetensors"
+    save_file({key: value for key, value in full.items() if not key.startswith("first_stage_model.")}, str(bare))
+    save_file({key[len("first_stage_model."):]: value for key, value in full.items()
+               if key.startswith("first_stage_model.")}, str(tmp_path / "vae.safetensors"))
+    [finding] = check_model(Settings(model=str(bare), model_config=str(tiny_model_dir)))
+    assert finding.level == ERROR and "holds no VAE" in finding.message and "whole" in finding.fix
+    findings = check_model(Settings(model=str(bare), model_config=str(tiny_model_dir),
+                                    vae=str(tmp_path / "vae.safetensors")))
+    assert [f.level for f in findings] == [OK, OK] and findings[1].topic == "vae"
+    [finding] = check_model(Settings(model=str(bare), model_config=str(tiny_model_dir), vae="nosuch"))
+    assert finding.level == ERROR and "VAE 'nosuch' not found" in finding.message
+    assert check_device(Settings()) == []
+    if not torch.cuda.is_available():
+        [finding] = check_device(Settings(device="cuda"))
+        assert finding.level == ERROR and "serves the preview engine" in finding.message
+        assert "README: GPU install" in finding.fix

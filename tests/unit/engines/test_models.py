@@ -535,3 +535,20 @@ def test_an_empty_file_or_a_saved_web_page_says_what_it_is(tmp_path):
     page.write_bytes(b"<!DOCTYPE html><html><body>Sign in to download</body></html>" * 20)
     with pytest.raises(ModelError, match="a web page or text .*not weights"):
         load_pipeline_parts(str(page), CPU, torch.float32)
+
+
+def test_a_pull_that_fails_leaves_no_empty_folder_behind(tmp_path, monkeypatch):
+    """An empty <models>/sd-turbo/ after a failed pull read as "not a model" where "not pulled" was true (QA 28).
+    The hub is offline here (HF_HUB_OFFLINE), as it is on this project's machines."""
+    from sdbridge.engines.models import pull_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError) as caught:
+        pull_model("sd-turbo", tmp_path, progress=False)
+    assert caught.value.code == "pull_failed" and not (tmp_path / "sd-turbo").exists()
+    (tmp_path / "sd-turbo").mkdir()
+    (tmp_path / "sd-turbo" / "unet").mkdir()
+    with pytest.raises(ModelError):
+        pull_model("sd-turbo", tmp_path, progress=False)
+    assert (tmp_path / "sd-turbo" / "unet").is_dir()   # a folder that was there is left as it was
