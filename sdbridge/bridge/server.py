@@ -38,7 +38,7 @@ from sdbridge.bridge.webrtc import WebRtcHub
 from sdbridge.bridge.webrtc_sdp import check_ice_servers
 from sdbridge.bridge.worker import Worker
 from sdbridge.config import Settings
-from sdbridge.engines.models import models_subfolder
+from sdbridge.engines.models import lora_folder
 from sdbridge.bridge.control import Control
 from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.presets import PresetLibrary, savable
@@ -167,7 +167,7 @@ class Daemon:
 
     def lora_dir(self) -> Path:
         """The folder clients name LoRAs in (``--lora-dir``, else ``<models_dir>/lora``)."""
-        return models_subfolder(self.settings.models_dir, "lora", self.settings.lora_dir)
+        return lora_folder(self.settings.models_dir, self.settings.lora_dir)
 
     def without_missing_loras(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """``values`` without the LoRAs that are not in the LoRA folder, and what was left out: a resumed look or a

@@ -145,10 +145,10 @@ class DiffusionEngine(Engine):
 
     def _make_conditioning(self, parts: PipelineParts) -> TextConditioning:
         """LoRA stack and textual inversions for this model; embeddings read from their folder now."""
-        from sdbridge.engines.models import models_subfolder
+        from sdbridge.engines.models import lora_folder, models_subfolder
 
         conditioning = TextConditioning(
-            parts, lora_dir=models_subfolder(self.models_dir, "lora", self.lora_dir),
+            parts, lora_dir=lora_folder(self.models_dir, self.lora_dir),
             embeddings_dir=models_subfolder(self.models_dir, "embeddings", self.embeddings_dir),
             allow_pickle=self.allow_pickle)
         conditioning.load_embeddings()

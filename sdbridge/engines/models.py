@@ -61,6 +61,15 @@ def models_subfolder(models_dir: str | Path | None, name: str, configured: str |
     return (Path(models_dir).expanduser() if models_dir else default_models_dir()) / name
 
 
+def lora_folder(models_dir: str | Path | None, configured: str | Path | None = None) -> Path:
+    """The LoRA folder: ``--lora-dir``, else ``<models>/lora``, or A1111's ``<models>/Lora`` where only that one
+    is there (a copied A1111 models folder found everything but its LoRAs, QA 28)."""
+    folder = models_subfolder(models_dir, "lora", configured)
+    if not configured and not folder.is_dir() and (folder.parent / "Lora").is_dir():
+        return folder.parent / "Lora"
+    return folder
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A known model: where to pull it from and what it is (``sdbridge/data/models/*.toml``)."""

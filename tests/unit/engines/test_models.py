@@ -552,3 +552,14 @@ def test_a_pull_that_fails_leaves_no_empty_folder_behind(tmp_path, monkeypatch):
     with pytest.raises(ModelError):
         pull_model("sd-turbo", tmp_path, progress=False)
     assert (tmp_path / "sd-turbo" / "unet").is_dir()   # a folder that was there is left as it was
+
+
+def test_an_a1111_models_folder_lends_its_lora_folder(tmp_path):
+    from sdbridge.engines.models import lora_folder
+
+    assert lora_folder(tmp_path) == tmp_path / "lora"
+    (tmp_path / "Lora").mkdir()
+    assert lora_folder(tmp_path) == tmp_path / "Lora"          # A1111's name, where only it is there
+    (tmp_path / "lora").mkdir()
+    assert lora_folder(tmp_path) == tmp_path / "lora"
+    assert lora_folder(tmp_path, tmp_path / "mine") == tmp_path / "mine"
