@@ -289,9 +289,23 @@ def load_config_file(path: Path) -> dict[str, Any]:
         if key == "sdbridge":
             continue
         if key not in _FILE_FIELDS:
-            raise ConfigError(f"config file {str(path)!r}: unknown setting {key!r}")
+            raise ConfigError(f"config file {str(path)!r}: unknown setting {key!r}{_did_you_mean(key)}")
         out[key] = _coerce(key, value, f"config file {str(path)!r}")
     return out
+
+
+# Command-line options whose settings in a file are spelled otherwise.
+FILE_SPELLINGS = {"feedback": "feedback_host and feedback_port (--feedback HOST:PORT on the command line)",
+                  "set": "a [params] table (--set on the command line)", "config": "SDBRIDGE_CONFIG or --config"}
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    if key in FILE_SPELLINGS:
+        return f": in a file it is {FILE_SPELLINGS[key]}"
+    close = difflib.get_close_matches(key, sorted(_FILE_FIELDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

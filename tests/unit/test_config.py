@@ -46,6 +46,9 @@ def test_osc_beyond_loopback_requires_a_token_too():
     # The command line's own record of what --set gave (it wins over a resumed look): no file sets it.
     ("command_line_params = ['prompt']\n", "unknown setting 'command_line_params'"),
     ("port = \n", "not valid TOML"),
+    # QA 28: the command line's spelling in a file said only "unknown setting"
+    ("feedback = '127.0.0.1:9000'\n", "unknown setting 'feedback': in a file it is feedback_host and feedback_port"),
+    ("lora_folder = 'x'\n", "unknown setting 'lora_folder' \\(did you mean 'lora_dir'\\?\\)"),
 ])
 def test_bad_config_file(tmp_path, text, message):
     config = tmp_path / "bad.toml"
