@@ -419,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     except SdbridgeError as exc:
         print(f"sdbridge: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `sdbridge models list | head`: the reader has all it wanted (QA 28: a traceback)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
+        return 0
 
 
 if __name__ == "__main__":

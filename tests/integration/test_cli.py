@@ -405,3 +405,16 @@ def test_torch_threads_limits_the_daemon_s_cpu_threads_and_a_bad_count_is_refuse
     assert result.stdout.split()[-2:] == ["2", "1"]
     refused = sdbridge("serve", "--torch-threads", "-1")
     assert refused.returncode == 2 and "torch_threads -1 not in [0, 1024]" in refused.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`sdbridge models list | head -1`: a reader gone before the writer ends made a BrokenPipeError traceback
+    (QA 28)."""
+    read, write = os.pipe()
+    os.close(read)   # the reader has gone before a byte is written
+    try:
+        result = subprocess.run([sys.executable, "-m", "sdbridge.cli", "models", "list", "--models-dir",
+                                 str(tmp_path)], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
