@@ -31,6 +31,7 @@ import torch
 from sdbridge.engines import samplers
 from sdbridge.engines.base import Engine, StreamState
 from sdbridge.engines.conditioning import TextConditioning
+from sdbridge.engines.models import LOAD_LOCK
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.engines.prompt_encode import blend, extra_prompts, match_lengths, mix
 from sdbridge.errors import ModelError, ParamError
@@ -105,10 +106,14 @@ class DiffusionEngine(Engine):
         if not source:
             raise ModelError("the diffusion engine needs a model: pass --model PATH or set the model parameter")
         super().load(source, device, dtype)
-        parts = load_pipeline_parts(source, device, dtype, allow_pickle=self.allow_pickle,
-                                    models_dir=Path(self.models_dir) if self.models_dir else None, taesd=self.taesd,
-                                    config_dir=self.model_config, vae=self.vae)
-        self._adopt(parts)
+        # The lock over the adoption too: it builds modules (the textual inversions' token rows), and a ControlNet
+        # loading meanwhile for the engine still serving patched module building for the whole process, so they
+        # came out on the meta device (QA 29: a switch with a LoRA, ControlNet and IP-Adapter on failed 4 in 5).
+        with LOAD_LOCK:
+            parts = load_pipeline_parts(source, device, dtype, allow_pickle=self.allow_pickle,
+                                        models_dir=Path(self.models_dir) if self.models_dir else None,
+                                        taesd=self.taesd, config_dir=self.model_config, vae=self.vae)
+            self._adopt(parts)
 
     @classmethod
     def from_parts(cls, parts: PipelineParts) -> DiffusionEngine:
@@ -162,7 +167,8 @@ class DiffusionEngine(Engine):
     def rescan_embeddings(self) -> list[str]:
         """Read new and changed files in the embeddings folder (between frames); returns their names."""
         assert self.conditioning is not None, "load() before rescan_embeddings()"
-        return self.conditioning.load_embeddings()
+        with LOAD_LOCK:  # new token rows are modules built: not while another thread loads (models.LOAD_LOCK)
+            return self.conditioning.load_embeddings()
 
     def close(self) -> None:
         self.parts = None

@@ -563,3 +563,46 @@ def test_an_a1111_models_folder_lends_its_lora_folder(tmp_path):
     (tmp_path / "lora").mkdir()
     assert lora_folder(tmp_path) == tmp_path / "lora"
     assert lora_folder(tmp_path, tmp_path / "mine") == tmp_path / "mine"
+
+
+def test_a_load_on_another_thread_cannot_put_a_new_models_modules_on_meta(tiny_model_dir, tmp_path, monkeypatch):
+    """accelerate's init_empty_weights (inside every from_pretrained) patches module building for the whole
+    process. A ControlNet loading for the engine still serving, while a new engine built its textual inversions'
+    token rows, put those on the meta device: the switch failed (QA 29, 4 in 5). The new engine's load holds
+    the load lock through its adoption, so the other load waits."""
+    import threading
+
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    from sdbridge.engines import models
+    from sdbridge.engines.diffusion import DiffusionEngine
+
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    save_file({"emb_params": torch.randn(2, 32)}, str(embeddings / "inkstyle.safetensors"))
+    inside, leave = threading.Event(), threading.Event()
+
+    @models.serialized_load
+    def other_load():  # what load_controlnet does, on its own thread: the lock, then from_pretrained's patch
+        with init_empty_weights():
+            inside.set()
+            leave.wait(10)
+
+    real = models.load_pipeline_parts
+
+    def parts_then_another_load(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        threading.Thread(target=other_load, daemon=True).start()
+        inside.wait(1.0)   # the other load is inside its patch now, unless it waits for the lock
+        return parts
+
+    monkeypatch.setattr(models, "load_pipeline_parts", parts_then_another_load)
+    engine = DiffusionEngine()
+    engine.embeddings_dir = str(embeddings)
+    try:
+        engine.load(str(tiny_model_dir), CPU, torch.float32)
+    finally:
+        leave.set()
+    weight = engine.parts.text_encoder.get_input_embeddings().weight
+    assert weight.device.type == "cpu" and "inkstyle" in engine.conditioning.inversions.loaded
