@@ -54,6 +54,7 @@ class TextConditioning:
         # and one deleted is unknown, at the next change of the parameters (QA 22: both served the old weights).
         self._lora_files: dict[str, tuple[Path, int, int]] = {}
         self._idle: list[str] = []   # loaded LoRAs at weight 0, the longest idle first
+        self.unfit: dict[str, ModelError] = {}   # the last apply's LoRAs left out: their files do not load
         self.inversions = TextualInversions(parts.tokenizer, parts.text_encoder, parts.tokenizer_2,
                                             parts.text_encoder_2)
         self._warned_networks: set[str] = set()
@@ -123,16 +124,25 @@ class TextConditioning:
             return True
         return (stat.st_mtime_ns, stat.st_size) != (mtime_ns, size)
 
-    def apply(self, weights: Mapping[str, float]) -> frozenset[str]:
+    def apply(self, weights: Mapping[str, float], leave_out_unfit: bool = False) -> frozenset[str]:
         """Run exactly these LoRAs at these weights (every other loaded one at 0).
 
-        Unknown names raise ParamError (code ``unknown_lora``) before any weight changes.
-        Returns the components whose weights changed.
+        Unknown names raise ParamError (code ``unknown_lora``) before any weight changes. A file that does not
+        load (made for another model, a DoRA, corrupt) raises ModelError, or with ``leave_out_unfit`` (the live
+        stream) is left out and kept in :attr:`unfit`, so the others still run: after a switch to SDXL an SD LoRA
+        in ``loras`` passed every frame through unstyled (QA 29). Returns the components whose weights changed.
         """
+        unfit: dict[str, ModelError] = {}
         for name in weights:
             if name not in self.loras or self._changed(name):
-                self._load(name)
-        full = {name: float(weights.get(name, 0.0)) for name in self.loras.names}
+                try:
+                    self._load(name)
+                except ModelError as exc:
+                    if not leave_out_unfit:
+                        raise
+                    unfit[name] = exc
+        self.unfit = unfit
+        full = {name: 0.0 if name in unfit else float(weights.get(name, 0.0)) for name in self.loras.names}
         changed = self.loras.set_weights(full)
         self._forget_idle(full)
         return changed

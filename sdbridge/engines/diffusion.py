@@ -74,6 +74,7 @@ class DiffusionEngine(Engine):
         self.lora_dir: str | None = None
         self.embeddings_dir: str | None = None
         self.conditioning: TextConditioning | None = None
+        self._told_unfit: set[str] = set()   # LoRAs left out of the stream whose clients were told
         self._guided = False
         self._guidance = 1.0
         self._txt2img = False
@@ -164,6 +165,19 @@ class DiffusionEngine(Engine):
         """The loaded embeddings (``a1111_listing()`` for /sdapi/v1/embeddings), None before a model."""
         return self.conditioning.inversions if self.conditioning is not None else None
 
+    def _tell_unfit_loras(self) -> None:
+        """Each LoRA left out of the stream (its file does not load for this model), told once while it stays out."""
+        assert self.conditioning is not None
+        unfit = self.conditioning.unfit
+        for name, exc in unfit.items():
+            if name in self._told_unfit:
+                continue
+            message = f"LoRA {name!r} left out: {exc}; the stream goes on without it"
+            log.error("%s", message)
+            if self.notify is not None:
+                self.notify({"type": "error", "code": exc.code, "message": message})
+        self._told_unfit = set(unfit)
+
     def rescan_embeddings(self) -> list[str]:
         """Read new and changed files in the embeddings folder (between frames); returns their names."""
         assert self.conditioning is not None, "load() before rescan_embeddings()"
@@ -224,7 +238,8 @@ class DiffusionEngine(Engine):
         # ParamError (code unknown_lora) before any weight moves; the worker tells the client.
         prompt = str(params["prompt"])
         assert self.conditioning is not None
-        self.conditioning.apply(self.conditioning.wanted(prompt, str(params.get("loras", ""))))
+        self.conditioning.apply(self.conditioning.wanted(prompt, str(params.get("loras", ""))), leave_out_unfit=True)
+        self._tell_unfit_loras()
         self.conditioning.clip_skip = self.checked_clip_skip(int(params.get("clip_skip", 0)))
         # The prompt (lerped with blend_prompt by prompt_blend, as before the N-way mix), then, when prompt_2..4
         # take part, the mix of them all by weight (prompt_encode.mix). A prompt at weight 0 is not encoded; all at

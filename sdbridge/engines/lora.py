@@ -401,6 +401,14 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
     if mismatched:
         raise ModelError(f"LoRA file {str(path)!r} does not fit this model: {len(mismatched)} layers have other "
                          f"shapes (a LoRA for another base model?), first: {mismatched[0]}")
+    for component, count in _components_named(groups).items():
+        # A LoRA whose UNet (or second text encoder) matches nothing here was made for another family; applied,
+        # its text-encoder half alone ran, with no word (QA 29: an SD LoRA on SDXL, CLIP-L shaped alike).
+        if count and not any(layer.component == component for layer in matched) and matched:
+            where = "this model has none" if component not in components else "none is one of this model's"
+            raise ModelError(f"LoRA file {str(path)!r} was made for another model family: it changes {count} "
+                             f"{component} layers and {where} (an SD 1.x LoRA on SDXL, or the reverse?)",
+                             code="model_mismatch")
     if not matched:
         raise ModelError(f"LoRA file {str(path)!r}: none of its {len(tensors)} keys matches a layer of "
                          f"{', '.join(components)} (first key: {next(iter(tensors), 'none')!r}); read are kohya "
@@ -411,6 +419,17 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
                     path.name, len(unmatched), len(tensors), ", ".join(sorted(unmatched)[:3]))
     return LoraFile(name=name or path.stem, path=path, layout=layout, layers=tuple(matched), metadata=metadata,
                     unmatched_keys=tuple(unmatched))
+
+
+def _components_named(groups: Mapping[str, Mapping[str, str]]) -> dict[str, int]:
+    """How many layer groups the file names for the UNet and for SDXL's second text encoder, by their prefixes."""
+    counts = {"unet": 0, "text_encoder_2": 0}
+    for base in groups:
+        if base.startswith(("lora_unet_", "unet.")):
+            counts["unet"] += 1
+        elif base.startswith(("lora_te2_", "text_encoder_2.")):
+            counts["text_encoder_2"] += 1
+    return counts
 
 
 def _kind(group: Mapping[str, str]) -> str | None:

@@ -243,3 +243,25 @@ def test_unused_loras_let_go_of_their_memory(engine, frame, lora_dir, tmp_path):
     finally:
         for index in range(IDLE_LORAS + 2):
             (lora_dir / f"copy{index}.safetensors").unlink()
+
+
+def test_a_lora_that_does_not_fit_is_left_out_of_the_stream_and_told_once(engine, frame, lora_dir):
+    """After a switch to another family an SD LoRA in ``loras`` raised at every prepare and every frame passed
+    through unstyled (QA 29): it is left out, the others run, and the clients are told once."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(lora_dir / "ink.safetensors"))
+    key = next(key for key in tensors if key.endswith("lora_up.weight") and tensors[key].dim() == 2)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, str(lora_dir / "other.safetensors"))
+    told: list[dict] = []
+    engine.notify = told.append
+    try:
+        alone = run(engine, frame, loras="ink:1")
+        both = run(engine, frame, loras="ink:1, other:1")
+        assert torch.equal(both, alone)
+        assert [(m["code"], "LoRA 'other' left out" in m["message"]) for m in told] == [("bad_model", True)]
+        run(engine, frame, loras="ink:1, other:1", strength=0.5)
+        assert len(told) == 1                                  # told once while it stays out
+    finally:
+        (lora_dir / "other.safetensors").unlink()

@@ -482,3 +482,23 @@ def test_a_lora_file_cut_short_while_loaded_does_not_kill_the_process(files, tmp
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.strip() == "reweighted"
+
+
+def test_a_lora_for_another_family_is_refused_not_half_applied(files, model, tmp_path):
+    """Its UNet layers matched none here while its text-encoder half (CLIP-L, shaped alike in SD 1.x and SDXL)
+    fused, with no word (QA 29)."""
+    tensors = _read(files["kohya"])
+    te_only = {key: value for key, value in tensors.items() if key.startswith("lora_te_")}
+    other_unet = {key.replace("lora_unet_", "lora_unet_middle_block_9_", 1): value
+                  for key, value in tensors.items() if key.startswith("lora_unet_")}
+    save_file({**te_only, **other_unet}, str(tmp_path / "xl_unet.safetensors"))
+    with pytest.raises(ModelError, match="made for another model family: it changes .* unet layers and none is one "
+                                         "of this model's") as caught:
+        load_lora(tmp_path / "xl_unet.safetensors", model)
+    assert caught.value.code == "model_mismatch"
+    second = {"lora_te2_" + key[len("lora_te_"):]: value.clone() for key, value in te_only.items()}
+    save_file({**tensors, **second}, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(ModelError, match="text_encoder_2 layers and this model has none"):
+        load_lora(tmp_path / "sdxl.safetensors", model)
+    save_file(te_only, str(tmp_path / "te_only.safetensors"))   # a text-encoder LoRA alone is a LoRA, and loads
+    assert {layer.component for layer in load_lora(tmp_path / "te_only.safetensors", model).layers} == {"text_encoder"}
