@@ -398,16 +398,25 @@ class IPAdapters:
         """Whether the adapter acts on one of these sessions' next frame (it serves, and one has a style image)."""
         self.refresh()
         adapter = self.holder.adapter
-        return (adapter is not None and self.setting.active and adapter.name == self.setting.model
+        return (adapter is not None and self.setting.active and self._asked(adapter)
                 and any(SOURCE in state.data for state in states))
+
+    def _asked(self, adapter: Any) -> bool:
+        """Whether ``adapter`` serves for what is asked: it is the one named, or the one named is loading or failed
+        to load and this one serves on, as docs/ip-adapter.md says (QA 29: it stopped steering, /health naming
+        it)."""
+        return adapter.name == self.setting.model or self.setting.model not in self._loaded_names()
+
+    def _loaded_names(self) -> set[str]:
+        return {loaded.name for loaded in (self.holder.adapter, self._spare) if loaded is not None}
 
     def prompts(self, states: Sequence[Any]) -> ImagePrompt | None:
         """Each session's tokens and scale for this batch, or None when no adapter acts (none serves, it is off,
-        or it serves another name than the one asked for while that one loads). A session without a style
+        or the one asked for is loaded and not yet serving). A session without a style
         image has the negative tokens at scale 0. A session's tokens are made again only for a new image."""
         self.refresh()
         adapter = self.holder.adapter
-        if adapter is None or not self.setting.active or adapter.name != self.setting.model:
+        if adapter is None or not self.setting.active or not self._asked(adapter):
             return None
         install(self.unet, self.holder)  # a feature bank attached or detached since may have put back the old ones
         negative = adapter.negative(self.device)

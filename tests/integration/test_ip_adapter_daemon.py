@@ -46,11 +46,14 @@ def test_a_style_image_on_channel_1_steers_the_stream(start_daemon, tiny_model_d
         ws.send(json.dumps({"type": "set", "params": {"ip_adapter": "missing", "ip_adapter_scale": 1.0}}))
         error = recv_json(ws, "error", timeout=30)
         ws.send(raw(frame, frame_id=6))
-        still = FrameHeader.parse(recv_frame(ws))[0].frame_id
+        reply = recv_frame(ws)
+        still, kept = FrameHeader.parse(reply)[0].frame_id, reply_image(reply)
     assert np.abs(styled.astype(int) - base.astype(int)).max() >= 2
     assert np.array_equal(again, styled)
     assert np.array_equal(off, base)
     assert error["code"] == "model_not_found" and "missing" in error["message"]
     assert "known: style)" in error["message"]  # the image encoder's folder is not an adapter
-    assert still == 6  # the stream goes on
-    assert client.get("/health").json()["engine"]["ip_adapter"]["encodes"] == 1
+    assert still == 6  # the stream goes on, and the adapter serving serves on (docs/ip-adapter.md; QA 29)
+    assert np.abs(kept.astype(int) - base.astype(int)).max() >= 2
+    ip_adapter = client.get("/health").json()["engine"]["ip_adapter"]
+    assert ip_adapter["serving"] == "style" and ip_adapter["encodes"] <= 2   # again only after a pause (> 1 s)

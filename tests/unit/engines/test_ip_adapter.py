@@ -174,10 +174,11 @@ def test_a_failed_load_is_told_and_the_serving_adapter_serves_on(parts, models_d
         errors = [event for event in events if event.get("type") == "error"]
         assert len(errors) == 1 and errors[0]["code"] == code, events
         assert bad in errors[0]["message"]
-        # The adapter named is not loaded: the frame runs without the one that is (it is another name).
+        # The adapter named did not load: the one serving serves on, as docs/ip-adapter.md says (QA 29: it
+        # stopped steering while /health named it).
         assert engine.ip_adapters.serving.name == "style"
         assert engine.ip_adapters.describe()["failed"].keys() == {bad}
-        assert not torch.equal(served, styled)
+        assert torch.equal(served, styled)
     back = run(engine, frame, state, None, ip_adapter="style")
     assert torch.equal(back, styled)
     run(engine, frame, state, None, ip_adapter="")
