@@ -198,7 +198,8 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, al
             raise
         except Exception as exc:
             raise ModelError(f"{path}: does not load as the architecture of {config_dir}: "
-                             f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+                             f"{type(exc).__name__}: {str(exc)[:300]}; a checkpoint of another shape loads with "
+                             f"--model-config DIR, a diffusers folder whose configs describe it") from exc
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -106,8 +106,10 @@ def load_vae(path: Path, like: Any, *, allow_pickle: bool = False) -> Any:
     try:
         vae.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        # torch's message opens with a line of its own; the layer and both shapes are on the next (QA 29).
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3] if line.strip()) or str(exc)
         raise ModelError(f"VAE {path} does not fit this model's autoencoder (a VAE for another family?): "
-                         f"{str(exc).splitlines()[0][:200]}", code="model_mismatch") from exc
+                         f"{detail[:300]}", code="model_mismatch") from exc
     return vae.to(device, dtype).eval().requires_grad_(False)
 
 
