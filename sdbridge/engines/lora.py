@@ -588,19 +588,24 @@ class LoraStack:
                 if original is None:
                     original = _keep(weight, self.original_device or weight.device)
                     self._originals[target] = original
-                delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                if _one_gemm(weight, original, active):
+                    continue
+                # The sum starts from a copy of the original (copy=True: never the kept original itself; contiguous,
+                # whatever the weight's layout, so that it is a matrix) and the updates go into it in place: no
+                # zeroed delta and no second pass over the layer, which a fader moving a weight pays at every change.
+                fused = _high_precision(original).to(weight.device, torch.float32, copy=True,
+                                                     memory_format=torch.contiguous_format)
                 bias_delta = None
                 for factor, layer in active:
                     if layer.kind == "lora" and "mid" not in layer.tensors:  # the common case, in place
                         # [out, rank] @ [rank, in * kh * kw]
-                        delta.view(weight.shape[0], -1).addmm_(
+                        fused.view(weight.shape[0], -1).addmm_(
                             layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=factor)
                     else:
-                        delta.add_(layer.delta(weight.shape), alpha=factor)
+                        fused.add_(layer.delta(weight.shape), alpha=factor)
                     extra = layer.bias_delta()
                     if extra is not None:
                         bias_delta = extra * factor if bias_delta is None else bias_delta.add_(extra, alpha=factor)
-                fused = _high_precision(original).to(weight.device, torch.float32) + delta
                 _write(weight, fused)
                 if bias_delta is not None or target in self._bias_originals:
                     self._fuse_bias(target, module.bias, bias_delta)
@@ -613,6 +618,24 @@ class LoraStack:
             bias.copy_(original)
         else:
             bias.copy_(original.to(bias.device, torch.float32) + delta)
+
+
+def _one_gemm(weight: torch.Tensor, original: Any, active: list[tuple[float, LoraLayer]]) -> bool:
+    """``W = W0 + sum_i f_i * up_i @ down_i`` as one ``addmm`` into the weight, the ranks side by side, where every
+    update is a plain LoRA and the weight is an ordinary tensor of the original's dtype beside it: a fader moving a
+    weight pays one read of W0 and one write of W per layer instead of four passes in fp32. The GEMM accumulates
+    in fp32 and rounds once, as the fp32 path does; on the CPU only fp32 takes it (CPU half GEMMs may not
+    accumulate in fp32). False, having done nothing, where it does not apply."""
+    if _is_fp8(weight) or not isinstance(original, torch.Tensor) or original.dtype != weight.dtype \
+            or original.device != weight.device or (weight.device.type != "cuda" and weight.dtype != torch.float32) \
+            or not (weight.is_contiguous() and original.is_contiguous())  \
+            or any(layer.kind != "lora" or "mid" in layer.tensors for _, layer in active):
+        return False  # (a channels_last convolution, as the compiled engine lays them out, is not a matrix view)
+    dtype = weight.dtype
+    ups = torch.cat([layer.up.flatten(1).to(dtype) * factor for factor, layer in active], dim=1)
+    downs = torch.cat([layer.down.flatten(1).to(dtype) for _, layer in active], dim=0)
+    torch.addmm(original.view(weight.shape[0], -1), ups, downs, out=weight.view(weight.shape[0], -1))
+    return True
 
 
 # An fp8 weight (engines/fp8.py: a torchao Float8Tensor with ``qdata`` and ``scale``) is fused through its

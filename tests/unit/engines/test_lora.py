@@ -502,3 +502,24 @@ def test_a_lora_for_another_family_is_refused_not_half_applied(files, model, tmp
         load_lora(tmp_path / "sdxl.safetensors", model)
     save_file(te_only, str(tmp_path / "te_only.safetensors"))   # a text-encoder LoRA alone is a LoRA, and loads
     assert {layer.component for layer in load_lora(tmp_path / "te_only.safetensors", model).layers} == {"text_encoder"}
+
+
+def test_the_one_gemm_rewrite_equals_the_fp32_sum_in_any_layout(files, model):
+    """A fader's change is one addmm into each plain-LoRA layer (engines/lora._one_gemm); a channels_last
+    convolution (the compiled engine's layout) takes the fp32 path. Both give the fp32 sum."""
+    from sdbridge.engines.lora import _one_gemm
+
+    reference = fresh_model()
+    LoraStack(reference).add("a", files["kohya"], weight=0.7)
+    conv = model["unet"].down_blocks[0].resnets[0].conv1
+    conv.weight.data = conv.weight.data.to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    stack = LoraStack(model)
+    stack.add("a", files["kohya"], weight=0.2)
+    stack.set_weights({"a": 0.7})
+    assert_states_equal(state(model), state(reference), atol=1e-6)
+    linear = model["unet"].down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    layer = next(layer for layer in stack.get("a").layers if layer.module.endswith("attn1.to_q")
+                 and layer.module.startswith("down_blocks.0"))
+    assert _one_gemm(linear.weight.detach(), linear.weight.detach().clone(), [(0.5, layer)])   # it applies here
+    assert not _one_gemm(conv.weight.detach(), conv.weight.detach().clone(), [(0.5, layer)])
