@@ -29,7 +29,7 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding live_changes engine_guidance engine_ip_adapter}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding live_changes engine_guidance engine_ip_adapter lora}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
@@ -351,6 +351,14 @@ step_engine_ip_adapter() {  # a style image held on every frame: the IP-Adapter'
   else
     step engine_ip_adapter 30 300 engine_ip_adapter.json $P benchmarks/bench_engine.py --device cpu --tiny \
       --ip-adapter --skip-diffusers --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_ip_adapter.json"
+  fi
+}
+step_lora() {  # a LoRA weight moved, as a fader moves it: the rewrite of every touched layer, beside a bare copy
+  if [ "$DEVICE" = cuda ]; then
+    step lora 40 120 lora.json $P benchmarks/bench_lora.py --arch sd21 --device cuda --changes 30 \
+      --json "$WORK/lora.json"
+  else
+    step lora 10 120 lora.json $P benchmarks/bench_lora.py --arch tiny --changes 5 --json "$WORK/lora.json"
   fi
 }
 step_engine_bank() {  # the feature bank inside the compiled graph: its cost beside the plain stream batch
