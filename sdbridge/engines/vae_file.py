@@ -66,7 +66,8 @@ def resolve_vae(name: str, models_dir: str | Path | None) -> Path:
 def vae_beside(checkpoint: Path) -> Path | None:
     """A1111's "Automatic": ``model.vae.safetensors`` beside ``model.safetensors``."""
     for suffix in BESIDE_SUFFIXES:
-        candidate = checkpoint.with_name(checkpoint.name[: -len(checkpoint.suffix)] + suffix)
+        # the name less its suffix ([:-0] would be empty for a download saved without one)
+        candidate = checkpoint.with_name(checkpoint.name[: len(checkpoint.name) - len(checkpoint.suffix)] + suffix)
         if candidate.is_file():
             return candidate
     return None

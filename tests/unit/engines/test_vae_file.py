@@ -121,3 +121,15 @@ def test_a_checkpoint_published_without_its_vae_loads_with_one(parts, other, vae
     beside = load_pipeline_parts(str(bare), CPU, torch.float32, config_dir=tiny_model_dir)
     assert_vae_is(beside, other)
     assert torch.equal(beside.unet.conv_in.weight, parts.unet.conv_in.weight)
+
+
+def test_a_checkpoint_without_a_suffix_finds_no_stray_vae(tmp_path):
+    from sdbridge.engines.vae_file import vae_beside
+
+    (tmp_path / ".vae.safetensors").write_bytes(b"x")          # what '[:-0]' would have named
+    (tmp_path / "1234").write_bytes(b"x")
+    assert vae_beside(tmp_path / "1234") is None
+    (tmp_path / "1234.vae.safetensors").write_bytes(b"x")
+    assert vae_beside(tmp_path / "1234") == tmp_path / "1234.vae.safetensors"
+    (tmp_path / "model.vae.safetensors").write_bytes(b"x")
+    assert vae_beside(tmp_path / "model.safetensors") == tmp_path / "model.vae.safetensors"
