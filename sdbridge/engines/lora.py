@@ -719,11 +719,11 @@ def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
         from sdbridge.engines.models import read_safetensors_header
 
         try:
-            keys = [key for key in read_safetensors_header(path)[1] if key != "__metadata__"]
+            tensors = [tensor for tensor in read_safetensors_header(path)[1] if tensor != "__metadata__"]
         except ModelError as exc:
             problem: str | None = f"LoRA {name!r}: {exc}"
         else:
-            dora = [key for key in keys if key.endswith(DORA_KEYS)]
+            dora = [tensor for tensor in tensors if tensor.endswith(DORA_KEYS)]
             problem = f"LoRA {name!r} is a DoRA ({dora[0]!r}); DoRA is not supported" if dora else None
         if len(_HEADER_PROBLEMS) > 256:
             _HEADER_PROBLEMS.clear()
