@@ -122,7 +122,8 @@ def known_architecture(path: Path | str, shapes: dict[str, tuple[int, ...]]) -> 
                          "diffusers folder whose configs describe it", code="unknown_architecture") from None
     if architecture == "unknown":
         probe = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", ())
-        raise ModelError(f"{path}: a UNet whose cross-attention takes {probe[1:] or '?'}-wide text, not SD 1.x's "
+        width = probe[1] if len(probe) > 1 else "?"
+        raise ModelError(f"{path}: a UNet whose cross-attention takes {width}-wide text, not SD 1.x's "
                          "768 or SD 2.x's 1024; it loads with --model-config DIR, a diffusers folder whose configs "
                          "describe it", code="unknown_architecture")
     return architecture

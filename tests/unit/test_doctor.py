@@ -309,7 +309,7 @@ def test_a_whole_model_the_stream_cannot_run_is_named_with_the_right_fix(tiny_mo
     assert finding.level == OK and "v-prediction (parameterization v in sd2v.yaml)" in finding.message
     # the tiny model's text width is no known architecture's: without --model-config, serve would refuse it
     [finding] = check_model(Settings(model=str(checkpoint)))
-    assert finding.level == ERROR and "cross-attention takes (32,)-wide text" in finding.message
+    assert finding.level == ERROR and "cross-attention takes 32-wide text" in finding.message
     assert "--model-config" in finding.fix
 
 
