@@ -81,9 +81,18 @@ FIXES = {"incompatible_model": "use another model: the files are whole, but not 
                                  "(docs/models.md)"}
 
 
+def _fix_for(problem: Any) -> str:
+    if "holds no VAE" in str(problem):
+        return "give it a VAE: --vae FILE, or put NAME.vae.safetensors beside the checkpoint (docs/models.md)"
+    return FIXES.get(problem.code, "copy or pull the model again (sdbridge models pull NAME): a damaged file does "
+                     "not load")
+
+
 def check_device(settings: Settings) -> list[Finding]:
     """The --device asked for, against this torch: ``serve`` refuses a device it lacks (and its diffusion engine
     with it), where the gpu line alone read as "diffusion runs on the CPU" (QA 28)."""
+    import torch
+
     from sdbridge.engines.device import pick_device
     from sdbridge.errors import ConfigError
 
@@ -91,6 +100,9 @@ def check_device(settings: Settings) -> list[Finding]:
         return []
     try:
         device = pick_device(settings.device)
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and (mps is None or not mps.is_available()):  # pick_device takes it on trust
+            raise ConfigError(f"device {settings.device!r} asked for, but Apple's MPS is not available here")
     except ConfigError as exc:
         return [Finding(ERROR, "device", f"--device {settings.device}: {exc}; serve cannot load a model on it and "
                         "serves the preview engine", "install the CUDA build of torch (README: GPU install), or "
@@ -130,17 +142,21 @@ def check_model(settings: Settings) -> list[Finding]:
     # loader's own header checks, run here, say so before ``serve`` fails on it.
     vae_findings: list[Finding] = []
     if settings.vae:
-        from sdbridge.engines.vae_file import resolve_vae
+        from sdbridge.engines.vae_file import resolve_vae, vae_file_problem
 
         try:
-            vae_findings.append(Finding(OK, "vae", f"--vae {settings.vae}: {resolve_vae(settings.vae, models_dir)}"))
+            vae = resolve_vae(settings.vae, models_dir)
         except ModelError as exc:
             return [Finding(ERROR, "vae", str(exc), "check the path, or put the VAE in the VAE folder")]
+        problem = vae_file_problem(vae, allow_pickle=settings.allow_pickle)
+        if problem is not None:  # serve would fail the model's load on it (QA 30: doctor said ok)
+            return [Finding(ERROR, "vae", problem, "pass --allow-pickle, or convert it to .safetensors"
+                            if "pickle" in problem else "use a whole VAE file for this model's family")]
+        vae_findings.append(Finding(OK, "vae", f"--vae {settings.vae}: {vae}"))
     problems = models.weight_problems(source, allow_pickle=settings.allow_pickle, vae_given=bool(settings.vae),
                                       config_given=bool(settings.model_config))
     if problems:
-        return [Finding(ERROR, "model", str(problem), FIXES.get(problem.code, "copy or pull the model again (sdbridge "
-                        "models pull NAME): a damaged file does not load")) for problem in problems]
+        return [Finding(ERROR, "model", str(problem), _fix_for(problem)) for problem in problems]
     note = ""
     if source.kind == "single_file":
         from sdbridge.engines.single_file import v_prediction

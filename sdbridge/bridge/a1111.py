@@ -1256,6 +1256,8 @@ def create_router(daemon: Daemon) -> APIRouter:
         from sdbridge.engines.vae_file import list_vaes
 
         entries = await asyncio.to_thread(list_vaes, api.settings.models_dir)
+        if api.settings.vae and api.vae_option() not in {entry.name for entry in entries}:
+            entries.append(Path(api.settings.vae).expanduser())  # a --vae outside the folder is a VAE there is
         return [{"model_name": entry.name, "filename": str(entry)} for entry in entries]
 
     @router.get("/loras")

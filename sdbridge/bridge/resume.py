@@ -34,19 +34,15 @@ LORA_PROMPTS = ("prompt", "negative_prompt", "blend_prompt")  # the values whose
 
 
 def drop_missing_loras(values: Mapping[str, Any], folder: Path) -> tuple[dict[str, Any], list[str]]:
-    """``values`` without the LoRAs that are not in ``folder`` (in ``loras`` and in the prompts' ``<lora:>`` tags),
-    and what was dropped. Set live, a missing name is told to the client that set it; restored at start, nobody is
-    there to see it, and the engine would pass every frame through unstyled (QA 14)."""
-    from sdbridge.engines.lora import lora_path
+    """``values`` without the LoRAs that are not in ``folder`` or will not load (in ``loras`` and in the prompts'
+    ``<lora:>`` tags), and what was dropped. Set live, a missing name is told to the client that set it; restored at
+    start, nobody is there to see it, and the engine would pass every frame through unstyled (QA 14). A DoRA,
+    corrupt or pickled one is dropped too, as a missing one is: kept, it refused the whole value (QA 30)."""
+    from sdbridge.engines.lora import lora_file_problem
     from sdbridge.engines.prompt_syntax import LORA_KINDS, RE_EXTRA_NETWORK, LoraWeights
-    from sdbridge.errors import SdbridgeError
 
     def exists(name: str) -> bool:
-        try:
-            lora_path(folder, name)
-        except SdbridgeError:
-            return False
-        return True
+        return lora_file_problem(folder, name) is None
 
     out, dropped = dict(values), []
     if isinstance(out.get("loras"), str):

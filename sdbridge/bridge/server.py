@@ -52,6 +52,8 @@ from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
 
+LORA_PARAMS = ("loras", "prompt")  # the values that may name a LoRA and load it
+
 WORKER_STOP_WAIT_S = 10.0  # how long a stop waits for the frame being made (then it stops without it)
 LAG_PROBE_S = 0.01
 
@@ -118,8 +120,13 @@ class Daemon:
             self.resume = Resume(ResumeFile(resume_path(settings)), self.look)
             self.resume.restore(self.store, keep=settings.command_line_params, vet=self.without_missing_loras)
         # From here on a value naming a LoRA is refused when the LoRA is not in the folder or will not load, so the
-        # look in place stays (the starting values above: the engine says so at its first frame).
+        # look in place stays; a starting value (--set, the config's [params]) that does stops the start, naming it,
+        # as a starting strength out of range does (QA 30: it started, and every frame passed through unstyled).
         self.store.schema.lora_dir = self.lora_dir()
+        _, errors = self.store.schema.validate({name: self.store.get(name) for name in LORA_PARAMS
+                                                if name in settings.params})
+        if errors:
+            raise errors[0]
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
         # plugins, whose parameters it may name.
         self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None

@@ -684,14 +684,20 @@ def lora_path(folder: str | Path, name: str) -> Path:
     candidate = name if not isinstance(name, str) or name.lower().endswith(LORA_SUFFIX) else name + LORA_SUFFIX
     path = confine(candidate, [folder], what="LoRA")
     if not path.is_file():
-        found = find_loras(folder)
-        if name in found:
-            return found[name]
-        known = ", ".join(sorted(found)[:20]) + (", ..." if len(found) > 20 else "") or "none"
+        # A name found by its stem in a subfolder (as A1111 lets one be named): the folder's scan is kept and read
+        # again only for a name it lacks or a file gone since, so a fader moving its weight costs a stat, not a
+        # walk of the folder per message (QA 30: 45 -> 4 fps with 300 files beside it).
+        known_files = _FOUND.get(Path(folder))
+        if known_files is None or name not in known_files or not known_files[name].is_file():
+            known_files = _FOUND[Path(folder)] = find_loras(folder)
+        if name in known_files:
+            return known_files[name]
+        known = ", ".join(sorted(known_files)[:20]) + (", ..." if len(known_files) > 20 else "") or "none"
         raise ModelError(f"LoRA {name!r} not found in {str(folder)!r} (there: {known})")
     return path
 
 
+_FOUND: dict[Path, dict[str, Path]] = {}   # the LoRA folder's last scan, by folder (lora_path)
 _HEADER_PROBLEMS: dict[tuple[Path, int, int], str | None] = {}   # (path, mtime, size) -> what its header says
 
 

@@ -63,6 +63,25 @@ def resolve_vae(name: str, models_dir: str | Path | None) -> Path:
                      code="model_not_found")
 
 
+def vae_file_problem(path: Path, *, allow_pickle: bool = False) -> str | None:
+    """What would stop ``path`` loading as a VAE, told from its header (or folder) alone, or None: for doctor."""
+    from sdbridge.engines.models import read_safetensors_header
+
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"VAE {path}: a VAE folder needs config.json"
+    suffix = file_suffix(path)
+    if suffix in PICKLE_SUFFIXES:
+        return None if allow_pickle else f"VAE {path} is a pickle file; it loads only with --allow-pickle"
+    try:
+        keys = read_safetensors_header(path)[1]
+    except ModelError as exc:
+        return str(exc)
+    names = [key[len("first_stage_model."):] if key.startswith("first_stage_model.") else key for key in keys]
+    if not any(name.startswith(VAE_PARTS) for name in names):
+        return f"VAE {path} holds no autoencoder weights (no encoder.*/decoder.* keys)"
+    return None
+
+
 def vae_beside(checkpoint: Path) -> Path | None:
     """A1111's "Automatic": ``model.vae.safetensors`` beside ``model.safetensors``."""
     for suffix in BESIDE_SUFFIXES:

@@ -220,13 +220,16 @@ def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so
     import torch
 
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(loras / "kept.safetensors"))  # a header
-    (presets / "old.toml").write_text('[params]\nloras = "kept:0.5, gone:1"\nprompt = "a fox <lora:gone:0.8>"\n'
-                                      "strength = 0.6\n")
+    # a DoRA is left out as a missing one is (QA 30: it refused the whole loras value and left a mixed look)
+    save_file({"lora_unet_x.dora_scale": torch.zeros(2)}, str(loras / "dora.safetensors"))
+    (presets / "old.toml").write_text('[params]\nloras = "kept:0.5, gone:1, dora:1"\n'
+                                      'prompt = "a fox <lora:gone:0.8>"\nstrength = 0.6\n')
     daemon = start_daemon(params={"engine": "identity"}, presets_dir=str(presets), lora_dir=str(loras))
     with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
         body = http.post("/presets/old/recall", params={"glide_s": 0}).json()
-    assert [error["code"] for error in body["errors"]] == ["unknown_lora", "unknown_lora"]
-    assert "preset 'old' names loras 'gone', which is not in the LoRA folder: left out" in body["errors"][0]["message"]
+    assert [error["code"] for error in body["errors"]] == ["unknown_lora"] * 3
+    assert "preset 'old' names loras 'gone', which is not in the LoRA folder or does not load: left out" in \
+        body["errors"][0]["message"]
     assert daemon.store.get("loras") == "kept:0.5" and "gone" not in daemon.store.get("prompt")
     assert daemon.store.get("strength") == 0.6
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
 from sdbridge.bridge import codec
@@ -104,3 +105,21 @@ def test_a_malformed_lora_is_refused_at_the_set_and_a_standing_error_is_told_onc
             _, messages = frames_and_messages(ws, frame, 1)
             assert not [m for m in messages if m["type"] == "error"], messages
         assert daemon.collect_stats()["passthrough"] is True
+
+
+def test_a_starting_lora_that_will_not_load_stops_the_start_naming_it(tmp_path):
+    """--set loras=nosuch:1 started, and every frame passed through unstyled (QA 30); a starting strength out
+    of range stops the start, and so does this now."""
+    from sdbridge.bridge.server import Daemon
+    from sdbridge.config import Settings
+    from sdbridge.errors import ParamError
+
+    (tmp_path / "lora").mkdir()
+    for params, words in (({"loras": "nosuch:1"}, "'nosuch' not found"),
+                          ({"prompt": "a cat <lora:nosuch:1>"}, "prompt: LoRA 'nosuch' not found")):
+        settings = Settings(port=0, osc_port=0, oscquery_port=0, feedback_port=0, lora_dir=str(tmp_path / "lora"),
+                            presets_dir=str(tmp_path / "presets"))
+        settings.params = params
+        with pytest.raises(ParamError, match=words) as caught:
+            Daemon(settings)
+        assert caught.value.code == "unknown_lora"

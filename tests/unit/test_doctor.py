@@ -328,7 +328,7 @@ def test_doctor_checks_the_vae_and_the_device_asked_for(tiny_model_dir, tmp_path
     save_file({key[len("first_stage_model."):]: value for key, value in full.items()
                if key.startswith("first_stage_model.")}, str(tmp_path / "vae.safetensors"))
     [finding] = check_model(Settings(model=str(bare), model_config=str(tiny_model_dir)))
-    assert finding.level == ERROR and "holds no VAE" in finding.message and "whole" in finding.fix
+    assert finding.level == ERROR and "holds no VAE" in finding.message and "give it a VAE: --vae" in finding.fix
     findings = check_model(Settings(model=str(bare), model_config=str(tiny_model_dir),
                                     vae=str(tmp_path / "vae.safetensors")))
     assert [f.level for f in findings] == [OK, OK] and findings[1].topic == "vae"
@@ -339,3 +339,24 @@ def test_doctor_checks_the_vae_and_the_device_asked_for(tiny_model_dir, tmp_path
         [finding] = check_device(Settings(device="cuda"))
         assert finding.level == ERROR and "serves the preview engine" in finding.message
         assert "README: GPU install" in finding.fix
+
+
+def test_doctor_reads_the_vae_file_as_serve_would(tmp_path):
+    """A pickled VAE without --allow-pickle, or a file with no autoencoder in it, was ok to doctor and failed the
+    model's load in serve (QA 30); MPS asked for where there is none too."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdbridge.doctor import check_device
+    from sdbridge.engines.vae_file import vae_file_problem
+
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "good.safetensors"))
+    save_file({"something.weight": torch.zeros(1)}, str(tmp_path / "odd.safetensors"))
+    torch.save({"decoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "old.pt"))
+    assert vae_file_problem(tmp_path / "good.safetensors") is None
+    assert "holds no autoencoder weights" in vae_file_problem(tmp_path / "odd.safetensors")
+    assert "loads only with --allow-pickle" in vae_file_problem(tmp_path / "old.pt")
+    assert vae_file_problem(tmp_path / "old.pt", allow_pickle=True) is None
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        [finding] = check_device(Settings(device="mps"))
+        assert finding.level == ERROR and "MPS is not available" in finding.message
