@@ -199,7 +199,11 @@ def test_a_saved_lora_that_is_gone_is_dropped_not_passed_to_the_engine(start_dae
     restart (the engine refuses an unknown name, and nobody was there to see the error)."""
     loras = tmp_path / "lora"
     loras.mkdir()
-    (loras / "real.safetensors").write_bytes(b"")  # only its name is looked up at restore
+    from safetensors.torch import save_file
+    import torch
+
+    # only its name and its header are read at restore
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(loras / "real.safetensors"))
     state = tmp_path / "resume.json"
     state.write_text(json.dumps({"format": 1, "params": {
         "loras": "ghost:0.5, real:0.8", "prompt": "a harbour <lora:ghost2:0.7> at dusk <lora:real:1>",
