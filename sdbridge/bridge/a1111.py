@@ -41,7 +41,6 @@ from sdbridge.bridge.worker import GenerationTask
 from sdbridge.engines import samplers
 from sdbridge.engines.generate import HIRES_UPSCALERS, Generation, GenerationError, GenerationRequest, hires_upscaler
 from sdbridge.errors import CodecError, ModelError, SdbridgeError
-from sdbridge.paths import PathError
 
 if TYPE_CHECKING:
     from fastapi._compat import ModelField  # FastAPI's own (private) type: only named, never imported at run time
@@ -830,7 +829,7 @@ class A1111Api:
         """The prompt's ``<lora:...>`` tags checked before the request queues: a client's typo answers
         422 naming ``field``, with one warning line, where the worker would log a failed request with its
         traceback."""
-        from sdbridge.engines.lora import lora_path
+        from sdbridge.engines.lora import lora_file_problem
         from sdbridge.engines.prompt_syntax import parse_prompt
 
         parsed = parse_prompt(prompt)
@@ -841,10 +840,9 @@ class A1111Api:
                 problem = (f"LoRA {name!r} not found: no LoRA folder {str(folder)!r} "
                            f"(set --lora-dir, or lora_dir in sdbridge.toml)")
                 break
-            try:
-                lora_path(folder, name)
-            except (ModelError, PathError) as exc:
-                problem = str(exc)
+            found = lora_file_problem(folder, name)  # as the stream's set checks it (QA 30: a pickle 'not found')
+            if found is not None:
+                problem = found[1]
                 break
         if problem is not None:
             log.warning("%s refused: %s: %s", kind, field, problem)

@@ -465,6 +465,9 @@ def test_prompt_syntax_loras_and_embeddings(start_daemon, tiny_model_dir, tmp_pa
     unknown = txt2img("a cat <lora:nosuch:1>")
     assert unknown.status_code == 422 and "'nosuch' not found" in unknown.json()["detail"]
     assert unknown.json()["detail"].startswith("prompt: ") and "(there: ink)" in unknown.json()["detail"]
+    (lora_dir / "old.pt").write_bytes(b"\x80\x04")   # named as the stream names it (QA 30: it was 'not found')
+    pickled = txt2img("a cat <lora:old:1>")
+    assert pickled.status_code == 422 and "LoRA 'old' is a pickle file" in pickled.json()["detail"]
     client.close()
 
 
