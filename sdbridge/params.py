@@ -343,6 +343,21 @@ def check_prompt_syntax(spec: ParamSpec, value: str, schema: Schema) -> None:
     _check_lora_files(spec, value, parsed.lora_weights(), schema)
 
 
+def check_controlnet(spec: ParamSpec, value: str, schema: Schema) -> None:
+    """In the daemon, a ControlNet name must be in its folder where it is set: a typo was kept as the value, failed
+    its load in the background, and was tried again, and told to every session again, at each model switch
+    (QA 31). Whether the file loads for the model is still the load's to say."""
+    if not value or schema.controlnet_dir is None:
+        return
+    from sdbridge.engines.controlnet import resolve_controlnet
+    from sdbridge.errors import SdbridgeError
+
+    try:
+        resolve_controlnet(value, schema.controlnet_dir)
+    except SdbridgeError as exc:
+        raise ParamError(f"{spec.name}: {exc}", name=spec.name, value=value[:80], code=exc.code) from None
+
+
 def check_prompt_weights(spec: ParamSpec, value: str, schema: Schema) -> None:
     """A mixed or negative prompt's attention weights where the value enters: '(x:1.2.3)' was acked, then every
     frame passed through (QA 27). Its <lora:...> tags are not run, so only the weights are checked."""
@@ -454,7 +469,7 @@ def controlnet_params(slots: int = CONTROLNET_SLOTS) -> list[ParamSpec]:
         specs += [
             ParamSpec(prefix + "model", "str", "", f"ControlNet of slot {n}: a name in the ControlNet folder; empty "
                       "is off. A new one loads in the background while the slot keeps the old.", max_length=1024,
-                      group=group),
+                      group=group, check=check_controlnet),
             ParamSpec(prefix + "scale", "float", 1.0, f"Conditioning scale of slot {n}; 0 turns it off.",
                       minimum=0.0, maximum=2.0, group=group),
             ParamSpec(prefix + "start", "float", 0.0, f"Slot {n} acts from this fraction of the steps.",
@@ -512,6 +527,7 @@ class Schema:
         # The daemon's LoRA folder: where set, a LoRA a value names must be there, readable and of a kind that
         # loads, when the value is set (check_loras); without it (tests, tools), only the syntax is checked.
         self.lora_dir: Path | None = None
+        self.controlnet_dir: Path | None = None   # likewise for the ControlNet slots' names (check_controlnet)
         if specs is None:
             from sdbridge.bridge.ladder import LADDER_PARAMS
             from sdbridge.modulation import envelope_params, lfo_params

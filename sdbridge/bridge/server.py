@@ -133,6 +133,7 @@ class Daemon:
         # A bad --audio-in file stops the start-up here; a device is opened in start(), before anything listens.
         self.audio = AudioInput(settings.audio_in, self.store) if settings.audio_in else None
         self.engines = EngineHost(settings, notify=self._engine_event)
+        self.store.schema.controlnet_dir = self.engines.controlnet_dir()
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
         self.outputs = OutputHub(settings.outputs, notify=self._engine_event,

@@ -139,6 +139,9 @@ def test_missing_controlnet_is_reported_and_frames_keep_coming(start_daemon, tin
         assert error["code"] == "model_not_found" and "nowhere" in error["message"]
         ws.send(raw(make_image(64, 64), frame_id=2))
         assert FrameHeader.parse(recv_frame(ws))[0].frame_id in (1, 2)
+    # Refused where it was set, so the slot's value stays (QA 31: a typo kept as the value was loaded again, and
+    # told to every session again, at each model switch).
+    assert daemon.store.get("controlnet_1_model") == ""
 
 
 def test_swapping_the_controlnet_mid_stream_drops_no_frame(start_daemon, tiny_model_dir, controlnet_dir):
