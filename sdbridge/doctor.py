@@ -104,9 +104,10 @@ def check_device(settings: Settings) -> list[Finding]:
         if device.type == "mps" and (mps is None or not mps.is_available()):  # pick_device takes it on trust
             raise ConfigError(f"device {settings.device!r} asked for, but Apple's MPS is not available here")
     except ConfigError as exc:
+        fix = ("--device auto: MPS is Apple silicon's, on macOS" if settings.device.startswith("mps") else
+               "install the CUDA build of torch (README: GPU install), or --device auto")
         return [Finding(ERROR, "device", f"--device {settings.device}: {exc}; serve cannot load a model on it and "
-                        "serves the preview engine", "install the CUDA build of torch (README: GPU install), or "
-                        "--device auto")]
+                        "serves the preview engine", fix)]
     return [Finding(OK, "device", f"--device {settings.device}: {device}")]
 
 

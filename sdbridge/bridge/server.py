@@ -134,6 +134,7 @@ class Daemon:
         self.audio = AudioInput(settings.audio_in, self.store) if settings.audio_in else None
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.store.schema.controlnet_dir = self.engines.controlnet_dir()
+        self._vet_starting_controlnets(settings)
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
         self.outputs = OutputHub(settings.outputs, notify=self._engine_event,
@@ -172,6 +173,19 @@ class Daemon:
         self.link: LinkSync | None = None
 
     # --- start and stop -----------------------------------------------------------------------
+
+    def _vet_starting_controlnets(self, settings: Settings) -> None:
+        """A ControlNet slot's starting name not in the folder stops the start when --set or the config gave it, as a
+        bad starting LoRA does; one a resumed look brought (its folder moved since) is turned off and logged. Kept,
+        it failed in the background at every model switch (QA 32)."""
+        names = [spec.name for spec in self.store.schema if spec.name.startswith("controlnet_")
+                 and spec.name.endswith("_model") and self.store.get(spec.name)]
+        _, errors = self.store.schema.validate({name: self.store.get(name) for name in names})
+        for error in errors:
+            if error.name in settings.params:
+                raise error
+            log.warning("resumed %s left off: %s", error.name, error)
+            self.store.update({error.name: ""})
 
     def lora_dir(self) -> Path:
         """The folder clients name LoRAs in (``--lora-dir``, else ``<models_dir>/lora``)."""

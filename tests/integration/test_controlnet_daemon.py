@@ -229,3 +229,18 @@ def test_channel_minus_one_feeds_the_session_s_last_output_back(start_daemon, ti
         off = reply_image(recv_frame(ws))
     assert np.array_equal(first, off)  # nothing to feed back yet
     assert np.abs(second.astype(int) - first.astype(int)).max() >= 2  # the first output, fed back, shows
+
+
+def test_a_starting_controlnet_name_not_in_the_folder_stops_the_start(tmp_path, controlnet_dir):
+    """--set controlnet_1_model=nosuch started, and its load failed in the background at every model switch
+    (QA 32), as a bad starting LoRA no longer does."""
+    from sdbridge.bridge.server import Daemon
+    from sdbridge.config import Settings
+    from sdbridge.errors import ParamError
+
+    settings = Settings(port=0, osc_port=0, oscquery_port=0, feedback_port=0, controlnet_dir=str(controlnet_dir),
+                        presets_dir=str(tmp_path / "presets"))
+    settings.params = {"controlnet_1_model": "nosuch"}
+    with pytest.raises(ParamError, match="controlnet_1_model: controlnet 'nosuch' not found") as caught:
+        Daemon(settings)
+    assert caught.value.code == "model_not_found"

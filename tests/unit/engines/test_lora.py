@@ -545,3 +545,8 @@ def test_a_lora_named_by_its_stem_in_a_subfolder_is_found_without_a_walk_per_loo
     (tmp_path / "styles" / "ink.safetensors").unlink()
     with pytest.raises(ModelError, match="'ink' not found"):           # one gone since: not served from the scan
         lora_path(tmp_path, "ink")
+    walked = len(walks)
+    for _ in range(5):   # a name not there, asked again and again (a fader): no walk while no folder changed
+        with pytest.raises(ModelError, match="'nosuch' not found"):
+            lora_path(tmp_path, "nosuch")
+    assert len(walks) == walked
