@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
 import os
 import platform
 import shutil
@@ -81,6 +82,27 @@ FIXES = {"incompatible_model": "use another model: the files are whole, but not 
                                  "(docs/models.md)"}
 
 
+def _vae_config(source: Any, settings: Settings) -> dict[str, Any] | None:
+    """The model's VAE config, as the loader would take it, or None where it cannot be told without loading."""
+    from sdbridge.engines import models
+    from sdbridge.engines.single_file import known_architecture, shipped_config_dir
+
+    try:
+        if source.kind == "diffusers":
+            folder = source.path / "vae"
+        elif settings.model_config:
+            folder = Path(settings.model_config).expanduser() / "vae"
+        elif source.kind == "single_file":
+            header = models.read_safetensors_header(source.path)[1]
+            shapes = {key: tuple(entry.get("shape", ())) for key, entry in header.items() if key != "__metadata__"}
+            folder = shipped_config_dir(known_architecture(source.path, shapes)) / "vae"
+        else:
+            return None
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, models.ModelError):
+        return None
+
+
 def _fix_for(problem: Any) -> str:
     if "holds no VAE" in str(problem):
         return "give it a VAE: --vae FILE, or put NAME.vae.safetensors beside the checkpoint (docs/models.md)"
@@ -150,6 +172,11 @@ def check_model(settings: Settings) -> list[Finding]:
         except ModelError as exc:
             return [Finding(ERROR, "vae", str(exc), "check the path, or put the VAE in the VAE folder")]
         problem = vae_file_problem(vae, allow_pickle=settings.allow_pickle)
+        config = _vae_config(source, settings)
+        if problem is None and config is not None:
+            from sdbridge.engines.vae_file import vae_fit_problem
+
+            problem = vae_fit_problem(vae, config)
         if problem is not None:  # serve would fail the model's load on it (QA 30: doctor said ok)
             return [Finding(ERROR, "vae", problem, "pass --allow-pickle, or convert it to .safetensors"
                             if "pickle" in problem else "use a whole VAE file for this model's family")]

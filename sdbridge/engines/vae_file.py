@@ -82,6 +82,42 @@ def vae_file_problem(path: Path, *, allow_pickle: bool = False) -> str | None:
     return None
 
 
+def vae_fit_problem(path: Path, config: dict[str, Any]) -> str | None:
+    """Whether the VAE file at ``path`` fits an autoencoder of ``config``, told from the header's shapes against the
+    model built on the meta device (no weight read, no memory): for doctor, which said ok to a VAE of another shape
+    that serve then failed on (QA 32). None for a folder or a pickle (their loads say)."""
+    from diffusers import AutoencoderKL
+
+    from sdbridge.engines.models import read_safetensors_header
+
+    if path.is_dir() or file_suffix(path) != ".safetensors":
+        return None
+    header = read_safetensors_header(path)[1]
+    shapes = {}
+    for key, entry in header.items():
+        name = key[len("first_stage_model."):] if key.startswith("first_stage_model.") else key
+        if key != "__metadata__" and name.startswith(VAE_PARTS):
+            shapes[name] = tuple(entry.get("shape", ()))
+    with torch.device("meta"):
+        like = AutoencoderKL.from_config(config)
+        state = {key: torch.empty(shape) for key, shape in shapes.items()}
+        if any(".down." in key or ".mid.block_" in key or ".up." in key for key in state):
+            from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+            try:
+                state = convert_ldm_vae_checkpoint(state, dict(config))
+            except Exception as exc:  # a layout the converter does not take
+                return f"VAE {path} is not in a layout read here: {type(exc).__name__}: {str(exc)[:200]}"
+    expected = {key: tuple(value.shape) for key, value in like.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            return f"VAE {path} does not fit this model's autoencoder: it lacks {key}"
+        if tuple(state[key].shape) != shape:
+            return (f"VAE {path} does not fit this model's autoencoder: {key} is {tuple(state[key].shape)} in the "
+                    f"file, {shape} in the model (a VAE for another family?)")
+    return None
+
+
 def vae_beside(checkpoint: Path) -> Path | None:
     """A1111's "Automatic": ``model.vae.safetensors`` beside ``model.safetensors``."""
     for suffix in BESIDE_SUFFIXES:

@@ -334,6 +334,15 @@ def test_doctor_checks_the_vae_and_the_device_asked_for(tiny_model_dir, tmp_path
     assert [f.level for f in findings] == [OK, OK] and findings[1].topic == "vae"
     [finding] = check_model(Settings(model=str(bare), model_config=str(tiny_model_dir), vae="nosuch"))
     assert finding.level == ERROR and "VAE 'nosuch' not found" in finding.message
+    # a VAE of another shape: serve failed the model's load on it, doctor said ok (QA 32)
+    wide = {key[len("first_stage_model."):]: value for key, value in full.items()
+            if key.startswith("first_stage_model.")}
+    wide["decoder.conv_in.weight"] = torch.zeros(wide["decoder.conv_in.weight"].shape[0] * 2,
+                                                 *wide["decoder.conv_in.weight"].shape[1:])
+    save_file(wide, str(tmp_path / "wide.safetensors"))
+    [finding] = check_model(Settings(model=str(bare), model_config=str(tiny_model_dir),
+                                     vae=str(tmp_path / "wide.safetensors")))
+    assert finding.level == ERROR and "does not fit this model's autoencoder" in finding.message
     assert check_device(Settings()) == []
     if not torch.cuda.is_available():
         [finding] = check_device(Settings(device="cuda"))
