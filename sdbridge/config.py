@@ -288,10 +288,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
         key = key.replace("-", "_")
         if key == "sdbridge":
             continue
+        if isinstance(value, Mapping) and key != "params":  # [server], [osc]: tables the file does not have
+            raise ConfigError(f"config file {str(path)!r}: [{key}] is not a table of sdbridge.toml; settings go "
+                              "at the top or under [sdbridge], starting values under [params]")
         if key not in _FILE_FIELDS:
-            if isinstance(value, Mapping) and key != "params":  # [server], [osc]: tables the file does not have
-                raise ConfigError(f"config file {str(path)!r}: [{key}] is not a table of sdbridge.toml; settings go "
-                                  "at the top or under [sdbridge], starting values under [params]")
             raise ConfigError(f"config file {str(path)!r}: unknown setting {key!r}{_did_you_mean(key)}")
         out[key] = _coerce(key, value, f"config file {str(path)!r}")
     return out

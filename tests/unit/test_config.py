@@ -50,6 +50,7 @@ def test_osc_beyond_loopback_requires_a_token_too():
     ("feedback = '127.0.0.1:9000'\n", "unknown setting 'feedback': in a file it is feedback_host and feedback_port"),
     ("lora_folder = 'x'\n", "unknown setting 'lora_folder' \\(did you mean 'lora_dir'\\?\\)"),
     ("[server]\nport = 1\n", "\\[server\\] is not a table of sdbridge.toml; settings go at the top"),
+    ("[osc]\nport = 1\n", "\\[osc\\] is not a table of sdbridge.toml"),   # a setting's name: 'is not a boolean
 ])
 def test_bad_config_file(tmp_path, text, message):
     config = tmp_path / "bad.toml"
