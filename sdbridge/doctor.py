@@ -93,9 +93,7 @@ def _vae_config(source: Any, settings: Settings) -> dict[str, Any] | None:
         elif settings.model_config:
             folder = Path(settings.model_config).expanduser() / "vae"
         elif source.kind == "single_file":
-            header = models.read_safetensors_header(source.path)[1]
-            shapes = {key: tuple(entry.get("shape", ())) for key, entry in header.items() if key != "__metadata__"}
-            folder = shipped_config_dir(known_architecture(source.path, shapes)) / "vae"
+            folder = shipped_config_dir(known_architecture(source.path, models.header_shapes(source.path))) / "vae"
         else:
             return None
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -189,8 +187,7 @@ def check_model(settings: Settings) -> list[Finding]:
     if source.kind == "single_file":
         from sdbridge.engines.single_file import v_prediction
 
-        header = models.read_safetensors_header(source.path)[1]
-        prediction = v_prediction(source.path, header)
+        prediction = v_prediction(source.path, models.header_shapes(source.path))
         note = f"; v-prediction ({prediction})" if prediction else ""
     return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, weight files whole{note}"),
             *vae_findings]

@@ -739,10 +739,10 @@ def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
         return "unknown_lora", f"LoRA {name!r}: {exc}"
     key = (path, stat.st_mtime_ns, stat.st_size)
     if key not in _HEADER_PROBLEMS:
-        from sdbridge.engines.models import read_safetensors_header
+        from sdbridge.engines.models import header_shapes
 
         try:
-            tensors = [tensor for tensor in read_safetensors_header(path)[1] if tensor != "__metadata__"]
+            tensors = list(header_shapes(path))
         except ModelError as exc:
             problem: str | None = f"LoRA {name!r}: {exc}"
         else:

@@ -258,6 +258,12 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
     return header_length, header
 
 
+def header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape by key, from a safetensors file's header alone (ModelError as read_safetensors_header)."""
+    return {key: tuple(entry.get("shape", ())) for key, entry in read_safetensors_header(file)[1].items()
+            if key != "__metadata__"}
+
+
 def check_safetensors_file(file: Path) -> None:
     """A truncated or scribbled-over safetensors file fails here with its name, not deep in a loader."""
     from safetensors import safe_open
@@ -461,8 +467,7 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False, vae_give
         from sdbridge.engines.single_file import check_servable, known_architecture
         from sdbridge.engines.vae_file import vae_beside
 
-        shapes = {key: tuple(entry.get("shape", ())) for key, entry in
-                  read_safetensors_header(source.path)[1].items() if key != "__metadata__"}
+        shapes = header_shapes(source.path)
         try:  # an inpainting model, a VAE, a checkpoint without its VAE: whole files serve cannot run (QA 25)
             check_servable(source.path, shapes, vae_given=vae_given or vae_beside(source.path) is not None)
             if not config_given:

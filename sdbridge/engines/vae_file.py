@@ -19,16 +19,18 @@ another shape is refused naming the file.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from sdbridge.engines.models import (PICKLE_SUFFIXES, check_safetensors_folder, file_suffix, load_weight_file,
-                                     models_subfolder)
+from sdbridge.engines.models import (PICKLE_SUFFIXES, check_safetensors_folder, file_suffix, header_shapes,
+                                     load_weight_file, models_subfolder)
 from sdbridge.errors import ModelError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 VAE_FOLDER = "VAE"  # A1111's models/VAE
 VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -63,21 +65,39 @@ def resolve_vae(name: str, models_dir: str | Path | None) -> Path:
                      code="model_not_found")
 
 
+def _autoencoder_part(state: Mapping[str, T]) -> dict[str, T]:
+    """The autoencoder's entries of a file, without a checkpoint's ``first_stage_model.`` prefix (``loss.*``,
+    ``model_ema.*``: not ours)."""
+    prefix = "first_stage_model."
+    named = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+    return {key: value for key, value in named.items() if key.startswith(VAE_PARTS)}
+
+
+def _in_diffusers_names(state: dict[str, Any], config: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """``state`` in diffusers' names: the original (LDM) layout converted, diffusers' own as it is."""
+    if not any(".down." in key or ".mid.block_" in key or ".up." in key for key in state):
+        return state
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    try:
+        return convert_ldm_vae_checkpoint(state, dict(config))
+    except Exception as exc:
+        raise ModelError(f"VAE {path} is not in a layout read here: {type(exc).__name__}: {str(exc)[:200]}",
+                         code="bad_model") from exc
+
+
 def vae_file_problem(path: Path, *, allow_pickle: bool = False) -> str | None:
     """What would stop ``path`` loading as a VAE, told from its header (or folder) alone, or None: for doctor."""
-    from sdbridge.engines.models import read_safetensors_header
-
     if path.is_dir():
         return None if (path / "config.json").is_file() else f"VAE {path}: a VAE folder needs config.json"
     suffix = file_suffix(path)
     if suffix in PICKLE_SUFFIXES:
         return None if allow_pickle else f"VAE {path} is a pickle file; it loads only with --allow-pickle"
     try:
-        keys = read_safetensors_header(path)[1]
+        shapes = header_shapes(path)
     except ModelError as exc:
         return str(exc)
-    names = [key[len("first_stage_model."):] if key.startswith("first_stage_model.") else key for key in keys]
-    if not any(name.startswith(VAE_PARTS) for name in names):
+    if not _autoencoder_part(shapes):
         return f"VAE {path} holds no autoencoder weights (no encoder.*/decoder.* keys)"
     return None
 
@@ -88,26 +108,15 @@ def vae_fit_problem(path: Path, config: dict[str, Any]) -> str | None:
     that serve then failed on (QA 32). None for a folder or a pickle (their loads say)."""
     from diffusers import AutoencoderKL
 
-    from sdbridge.engines.models import read_safetensors_header
-
     if path.is_dir() or file_suffix(path) != ".safetensors":
         return None
-    header = read_safetensors_header(path)[1]
-    shapes = {}
-    for key, entry in header.items():
-        name = key[len("first_stage_model."):] if key.startswith("first_stage_model.") else key
-        if key != "__metadata__" and name.startswith(VAE_PARTS):
-            shapes[name] = tuple(entry.get("shape", ()))
     with torch.device("meta"):
         like = AutoencoderKL.from_config(config)
-        state = {key: torch.empty(shape) for key, shape in shapes.items()}
-        if any(".down." in key or ".mid.block_" in key or ".up." in key for key in state):
-            from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-            try:
-                state = convert_ldm_vae_checkpoint(state, dict(config))
-            except Exception as exc:  # a layout the converter does not take
-                return f"VAE {path} is not in a layout read here: {type(exc).__name__}: {str(exc)[:200]}"
+        state = {key: torch.empty(shape) for key, shape in _autoencoder_part(header_shapes(path)).items()}
+        try:
+            state = _in_diffusers_names(state, config, path)
+        except ModelError as exc:
+            return str(exc)
     expected = {key: tuple(value.shape) for key, value in like.state_dict().items()}
     for key, shape in expected.items():
         if key not in state:
@@ -144,20 +153,10 @@ def load_vae(path: Path, like: Any, *, allow_pickle: bool = False) -> Any:
             raise ModelError(f"VAE {path} has {vae.config.latent_channels} latent channels; this model's has "
                              f"{like.config.latent_channels}", code="model_mismatch")
         return vae.to(device).eval().requires_grad_(False)
-    state = load_weight_file(path, "VAE", allow_pickle=allow_pickle)
-    state = {key[len("first_stage_model."):] if key.startswith("first_stage_model.") else key: value
-             for key, value in state.items()}
-    state = {key: value for key, value in state.items() if key.startswith(VAE_PARTS)}  # loss.*, model_ema.*: not ours
+    state = _autoencoder_part(load_weight_file(path, "VAE", allow_pickle=allow_pickle))
     if not state:
         raise ModelError(f"VAE {path} holds no autoencoder weights (no encoder.*/decoder.* keys)", code="bad_model")
-    if any(".down." in key or ".mid.block_" in key or ".up." in key for key in state):  # the original layout
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-        try:
-            state = convert_ldm_vae_checkpoint(state, dict(like.config))
-        except Exception as exc:
-            raise ModelError(f"VAE {path} is not in a layout read here: {type(exc).__name__}: {str(exc)[:200]}",
-                             code="bad_model") from exc
+    state = _in_diffusers_names(state, like.config, path)
     vae = AutoencoderKL.from_config(like.config)
     try:
         vae.load_state_dict(state, strict=True)
