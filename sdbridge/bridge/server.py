@@ -52,7 +52,7 @@ from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
 
-LORA_PARAMS = ("loras", "prompt")  # the values that may name a LoRA and load it
+LORA_PARAMS = ("loras", "prompt")  # the values that may name a LoRA and load it (checked at start)
 
 WORKER_STOP_WAIT_S = 10.0  # how long a stop waits for the frame being made (then it stops without it)
 LAG_PROBE_S = 0.01
@@ -120,13 +120,8 @@ class Daemon:
             self.resume = Resume(ResumeFile(resume_path(settings)), self.look)
             self.resume.restore(self.store, keep=settings.command_line_params, vet=self.without_missing_loras)
         # From here on a value naming a LoRA is refused when the LoRA is not in the folder or will not load, so the
-        # look in place stays; a starting value (--set, the config's [params]) that does stops the start, naming it,
-        # as a starting strength out of range does (QA 30: it started, and every frame passed through unstyled).
+        # look in place stays (the starting values are vetted below, once the ControlNet folder is known too).
         self.store.schema.lora_dir = self.lora_dir()
-        _, errors = self.store.schema.validate({name: self.store.get(name) for name in LORA_PARAMS
-                                                if name in settings.params})
-        if errors:
-            raise errors[0]
         # A bad MIDI map (or one naming an unknown parameter) stops the start-up naming its entry; after the
         # plugins, whose parameters it may name.
         self.midi = MidiBridge.from_settings(self) if settings.midi_in or settings.midi_map else None
@@ -134,7 +129,7 @@ class Daemon:
         self.audio = AudioInput(settings.audio_in, self.store) if settings.audio_in else None
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.store.schema.controlnet_dir = self.engines.controlnet_dir()
-        self._vet_starting_controlnets(settings)
+        self._vet_starting_names(settings)
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
         self.outputs = OutputHub(settings.outputs, notify=self._engine_event,
@@ -174,18 +169,19 @@ class Daemon:
 
     # --- start and stop -----------------------------------------------------------------------
 
-    def _vet_starting_controlnets(self, settings: Settings) -> None:
-        """A ControlNet slot's starting name not in the folder stops the start when --set or the config gave it, as a
-        bad starting LoRA does; one a resumed look brought (its folder moved since) is turned off and logged. Kept,
-        it failed in the background at every model switch (QA 32)."""
-        names = [spec.name for spec in self.store.schema if spec.name.startswith("controlnet_")
-                 and spec.name.endswith("_model") and self.store.get(spec.name)]
-        _, errors = self.store.schema.validate({name: self.store.get(name) for name in names})
+    def _vet_starting_names(self, settings: Settings) -> None:
+        """A starting value naming a LoRA or a ControlNet that will not load stops the start when --set or the
+        config's [params] gave it, naming it, as a starting strength out of range does (QA 30, QA 32: it started,
+        and every frame passed through unstyled, or the ControlNet failed in the background at each model switch);
+        one a resumed look brought (its folder moved since) goes back to its default, logged."""
+        names = [*LORA_PARAMS, *(spec.name for spec in self.store.schema
+                                 if spec.name.startswith("controlnet_") and spec.name.endswith("_model"))]
+        _, errors = self.store.schema.validate({name: self.store.get(name) for name in names if self.store.get(name)})
         for error in errors:
             if error.name in settings.params:
                 raise error
-            log.warning("resumed %s left off: %s", error.name, error)
-            self.store.update({error.name: ""})
+            log.warning("resumed %s left out: %s", error.name, error)
+            self.store.update({error.name: self.store.schema.get(error.name).default})
 
     def lora_dir(self) -> Path:
         """The folder clients name LoRAs in (``--lora-dir``, else ``<models_dir>/lora``)."""
