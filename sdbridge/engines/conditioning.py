@@ -109,8 +109,9 @@ class TextConditioning:
         except ModelError as exc:  # its sentence lists the LoRAs there
             raise ParamError(str(exc), name="loras", value=name, code="unknown_lora") from None
         stat = Path(path).stat()
-        self.loras.add(name, path, weight=0.0)
+        # Noted before the load: a file that does not load is not read again until it changes (see apply).
         self._lora_files[name] = (Path(path), stat.st_mtime_ns, stat.st_size)
+        self.loras.add(name, path, weight=0.0)
         log.info("LoRA %s loaded from %s", name, path)
 
     def _changed(self, name: str) -> bool:
@@ -134,7 +135,13 @@ class TextConditioning:
         """
         unfit: dict[str, ModelError] = {}
         for name in weights:
-            if name not in self.loras or self._changed(name):
+            if name in self.unfit and not self._changed(name):
+                # The file that did not load, unchanged: its refusal stands without reading it again (a prepare runs
+                # before every frame under an LFO, and read the whole file each time to fail the same way).
+                if not leave_out_unfit:
+                    raise self.unfit[name]
+                unfit[name] = self.unfit[name]
+            elif name not in self.loras or self._changed(name):
                 try:
                     self._load(name)
                 except ModelError as exc:

@@ -245,7 +245,7 @@ def test_unused_loras_let_go_of_their_memory(engine, frame, lora_dir, tmp_path):
             (lora_dir / f"copy{index}.safetensors").unlink()
 
 
-def test_a_lora_that_does_not_fit_is_left_out_of_the_stream_and_told_once(engine, frame, lora_dir):
+def test_a_lora_that_does_not_fit_is_left_out_of_the_stream_and_told_once(engine, frame, lora_dir, monkeypatch):
     """After a switch to another family an SD LoRA in ``loras`` raised at every prepare and every frame passed
     through unstyled (QA 29): it is left out, the others run, and the clients are told once."""
     from safetensors.torch import load_file, save_file
@@ -261,7 +261,14 @@ def test_a_lora_that_does_not_fit_is_left_out_of_the_stream_and_told_once(engine
         both = run(engine, frame, loras="ink:1, other:1")
         assert torch.equal(both, alone)
         assert [(m["code"], "LoRA 'other' left out" in m["message"]) for m in told] == [("bad_model", True)]
+        from sdbridge.engines import lora as lora_module
+
+        reads: list = []
+        real = lora_module.load_lora
+        monkeypatch.setattr(lora_module, "load_lora", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
         run(engine, frame, loras="ink:1, other:1", strength=0.5)
+        run(engine, frame, loras="ink:1, other:1", strength=0.6)
         assert len(told) == 1                                  # told once while it stays out
+        assert reads == []                                     # and its file not read again while it is unchanged
     finally:
         (lora_dir / "other.safetensors").unlink()
