@@ -30,6 +30,9 @@ def pick_device(preference: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {preference!r} asked for, but this torch has no CUDA "
                           f"(torch {torch.__version__}); run `sdbridge doctor`")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and (mps is None or not mps.is_available()):
+        raise ConfigError(f"device {preference!r} asked for, but Apple's MPS is not available here")
     return device
 
 
