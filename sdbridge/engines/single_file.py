@@ -135,12 +135,11 @@ def _read_keys(path: Path, allow_pickle: bool,
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from sdbridge.engines.models import check_safetensors_file, file_suffix, load_pickle
+    from sdbridge.engines.models import check_safetensors_file, file_suffix, header_shapes, load_pickle
 
     if file_suffix(path) == ".safetensors":
         check_safetensors_file(path)
-        with safe_open(str(path), framework="pt") as tensors:
-            shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
+        shapes = header_shapes(path)
         check_servable(path, shapes, vae_given)
         if not old_clip_layout(set(shapes)):
             if path.suffix == ".safetensors":
