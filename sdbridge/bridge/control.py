@@ -71,8 +71,8 @@ class Control:
                              value=duration)
         values, missing = self.daemon.without_missing_loras(preset.params)  # deleted since it was saved (QA 22)
         good, errors = self.daemon.store.schema.validate(values)
-        errors = [*(ParamError(f"preset {name!r} names {what}, which is not in the LoRA folder or does not load: "
-                               "left out", name="loras", value=what, code="unknown_lora") for what in missing),
+        errors = [*(ParamError(f"preset {name!r} names {what}, left out: {why}", name="loras", value=what,
+                               code="unknown_lora") for what, why in missing),
                   *errors]
         if on_beat:
             loop = asyncio.get_running_loop()

@@ -33,27 +33,31 @@ FORMAT = 1
 LORA_PROMPTS = ("prompt", "negative_prompt", "blend_prompt")  # the values whose <lora:...> tags name LoRAs
 
 
-def drop_missing_loras(values: Mapping[str, Any], folder: Path) -> tuple[dict[str, Any], list[str]]:
+def drop_missing_loras(values: Mapping[str, Any],
+                       folder: Path) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """``values`` without the LoRAs that are not in ``folder`` or will not load (in ``loras`` and in the prompts'
-    ``<lora:>`` tags), and what was dropped. Set live, a missing name is told to the client that set it; restored at
+    ``<lora:>`` tags), and what was dropped with why (QA 32: "not in the folder or does not load" left the artist
+    to guess which). Set live, a missing name is told to the client that set it; restored at
     start, nobody is there to see it, and the engine would pass every frame through unstyled (QA 14). A DoRA,
     corrupt or pickled one is dropped too, as a missing one is: kept, it refused the whole value (QA 30)."""
     from sdbridge.engines.lora import lora_file_problem
     from sdbridge.engines.prompt_syntax import LORA_KINDS, RE_EXTRA_NETWORK, LoraWeights
 
-    def exists(name: str) -> bool:
-        return lora_file_problem(folder, name) is None
+    def problem(name: str) -> str | None:
+        found = lora_file_problem(folder, name)
+        return None if found is None else found[1]
 
-    out, dropped = dict(values), []
+    out: dict[str, Any] = dict(values)
+    dropped: list[tuple[str, str]] = []
     if isinstance(out.get("loras"), str):
         try:
             weights = LoraWeights.parse(out["loras"]).weights
         except ValueError:
             weights = {}  # malformed: the schema refuses it, named, with the rest
-        missing = [name for name in weights if not exists(name)]
+        missing = {name: why for name in weights if (why := problem(name)) is not None}
         if missing:
             out["loras"] = ", ".join(f"{name}:{weight:g}" for name, weight in weights.items() if name not in missing)
-            dropped += [f"loras {name!r}" for name in missing]
+            dropped += [(f"loras {name!r}", why) for name, why in missing.items()]
     for key in LORA_PROMPTS:
         text = out.get(key)
         if not isinstance(text, str) or "<" not in text:
@@ -61,8 +65,9 @@ def drop_missing_loras(values: Mapping[str, Any], folder: Path) -> tuple[dict[st
 
         def keep(match: re.Match[str], key: str = key) -> str:
             name = match.group(2).split(":")[0].strip()
-            if match.group(1).lower() in LORA_KINDS and name and not exists(name):
-                dropped.append(f"{key}'s {match.group(0)}")
+            why = problem(name) if match.group(1).lower() in LORA_KINDS and name else None
+            if why is not None:
+                dropped.append((f"{key}'s {match.group(0)}", why))
                 return ""
             return match.group(0)
 
@@ -162,7 +167,8 @@ class Resume:
         self.saves = 0
 
     def restore(self, store: ParamStore, keep: Iterable[str] = (),
-                vet: Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]] | None = None) -> dict[str, Any]:
+                vet: Callable[[dict[str, Any]], tuple[dict[str, Any], list[tuple[str, str]]]] | None = None,
+                ) -> dict[str, Any]:
         """Apply the saved values but those named in ``keep`` (this command line's --set); ``vet`` takes out what
         the engine would refuse later (:func:`drop_missing_loras`). What was applied; a bad value is logged, never
         raised."""
@@ -172,14 +178,14 @@ class Resume:
         saved = {name: value for name, value in saved.items() if name not in kept}
         if not saved:
             return {}
-        dropped: list[str] = []
+        dropped: list[tuple[str, str]] = []
         if vet is not None:
             saved, dropped = vet(saved)
-        for item in dropped:
-            log.warning("resume: %s not restored: no such LoRA in the LoRA folder", item)
+        for item, why in dropped:
+            log.warning("resume: %s not restored: %s", item, why)
         applied, errors = store.update(saved)
         self.restored = sorted(applied)
-        self.skipped = sorted([str(error.name or "?") for error in errors] + dropped)
+        self.skipped = sorted([str(error.name or "?") for error in errors] + [item for item, _ in dropped])
         for error in errors:
             log.warning("resume: %s not restored: %s", error.name, error)
         log.info("resume: restored %d values from %s%s%s", len(applied), self.file.path,

@@ -187,7 +187,7 @@ class Daemon:
         """The folder clients name LoRAs in (``--lora-dir``, else ``<models_dir>/lora``)."""
         return lora_folder(self.settings.models_dir, self.settings.lora_dir)
 
-    def without_missing_loras(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    def without_missing_loras(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         """``values`` without the LoRAs that are not in the LoRA folder, and what was left out: a resumed look or a
         recalled preset that names one would pass every frame through unstyled (resume.drop_missing_loras)."""
         return drop_missing_loras(values, self.lora_dir())

@@ -228,8 +228,10 @@ def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so
     with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
         body = http.post("/presets/old/recall", params={"glide_s": 0}).json()
     assert [error["code"] for error in body["errors"]] == ["unknown_lora"] * 3
-    assert "preset 'old' names loras 'gone', which is not in the LoRA folder or does not load: left out" in \
-        body["errors"][0]["message"]
+    messages = [error["message"] for error in body["errors"]]
+    assert messages[0].startswith("preset 'old' names loras 'gone', left out: LoRA 'gone' not found in")
+    # each says why: a DoRA is named one (QA 32: "not in the folder or does not load", whichever it was)
+    assert any("names loras 'dora', left out: LoRA 'dora' is a DoRA" in message for message in messages)
     assert daemon.store.get("loras") == "kept:0.5" and "gone" not in daemon.store.get("prompt")
     assert daemon.store.get("strength") == 0.6
 

@@ -194,7 +194,7 @@ def test_serve_resume_round_trip_through_the_process(tmp_path):
     assert "restored" in output and str(state) in output
 
 
-def test_a_saved_lora_that_is_gone_is_dropped_not_passed_to_the_engine(start_daemon, tmp_path):
+def test_a_saved_lora_that_is_gone_is_dropped_not_passed_to_the_engine(start_daemon, tmp_path, caplog):
     """QA 14: a LoRA named in the saved look but deleted since passed every frame through unstyled after the
     restart (the engine refuses an unknown name, and nobody was there to see the error)."""
     loras = tmp_path / "lora"
@@ -215,6 +215,9 @@ def test_a_saved_lora_that_is_gone_is_dropped_not_passed_to_the_engine(start_dae
     assert values["strength"] == 0.61
     stats = httpx.get(f"http://127.0.0.1:{daemon.port}/stats", trust_env=False, timeout=10).json()["resume"]
     assert stats["skipped"] == ["loras 'ghost'", "prompt's <lora:ghost2:0.7>"]
+    # the log says why each was left out (QA 32: "no such LoRA" for a file there that does not load)
+    warned = "\n".join(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    assert "resume: loras 'ghost' not restored: LoRA 'ghost' not found in" in warned
 
 
 def test_a_fader_that_keeps_moving_is_saved_while_it_moves_and_the_start_is_saved_too(start_daemon, tmp_path):
