@@ -728,10 +728,13 @@ def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
     except PathError as exc:
         return "unknown_lora", f"LoRA {name!r} refused: {exc}"
     except ModelError as exc:
-        pickled = [folder / (name + suffix) for suffix in (".pt", ".ckpt", ".bin", ".pth")]
-        if any(candidate.is_file() for candidate in pickled):
-            return "bad_model", (f"LoRA {name!r} is a pickle file in {str(folder)!r}; LoRAs load from .safetensors "
-                                 "only (convert it)")
+        # the folders of lora_path's scan just made (the folder alone where the name has a path of its own): a
+        # pickle in a subfolder was "not found" (QA 32), and a few stats are cheaper than another walk
+        scanned = _FOUND.get(folder, ({folder: None}, {}))[0] if "/" not in name else {folder: None}
+        for place in scanned:
+            if any((place / (name + suffix)).is_file() for suffix in (".pt", ".ckpt", ".bin", ".pth")):
+                return "bad_model", (f"LoRA {name!r} is a pickle file in {str(place)!r}; LoRAs load from "
+                                     ".safetensors only (convert it)")
         return "unknown_lora", str(exc)
     try:
         stat = path.stat()

@@ -261,6 +261,8 @@ def test_a_lora_that_will_not_load_is_refused_where_it_is_set(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(tmp_path / "ink.safetensors"))
     save_file({"lora_unet_x.dora_scale": torch.zeros(2)}, str(tmp_path / "dora.safetensors"))
     (tmp_path / "old.pt").write_bytes(b"\x80\x04")
+    (tmp_path / "styles").mkdir()  # named by its stem, as one in a subfolder is (QA 32: it was "not found")
+    (tmp_path / "styles" / "older.ckpt").write_bytes(b"\x80\x04")
     (tmp_path / "cut.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
     store = ParamStore(Schema())
     store.schema.lora_dir = tmp_path
@@ -268,6 +270,7 @@ def test_a_lora_that_will_not_load_is_refused_where_it_is_set(tmp_path):
     for value, code, words in (("nosuch:1", "unknown_lora", "'nosuch' not found"),
                                ("dora:1", "bad_model", "is a DoRA"),
                                ("old:1", "bad_model", "is a pickle file"),
+                               ("older:1", "bad_model", f"is a pickle file in {str(tmp_path / 'styles')!r}"),
                                ("cut:1", "bad_model", "truncated"),
                                ("../ink:1", "unknown_lora", "refused")):
         for name, text in (("loras", value), ("prompt", f"a cat <lora:{value}>")):
