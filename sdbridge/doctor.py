@@ -201,11 +201,18 @@ def _schema_with_plugins() -> Any:
 
 def check_params(settings: Settings) -> list[Finding]:
     """The starting values (the config file's [params], ``--set``) checked as serve checks them: against the
-    schema with the installed plugins' parameters, by each parameter's own validation. An unknown name or a
-    value out of range or type stops ``serve`` (exit 2); here each one is an ERROR."""
+    schema with the installed plugins' parameters, by each parameter's own validation (a LoRA or ControlNet name
+    against its folder). An unknown name or a value out of range or type stops ``serve`` (exit 2); here each one
+    is an ERROR."""
+    from sdbridge.engines.models import lora_folder, models_subfolder
+
     if not settings.params:
         return []
-    _, errors = _schema_with_plugins().validate(settings.params)
+    schema = _schema_with_plugins()
+    # the folders serve checks LoRA and ControlNet names in: a typo there stops serve too
+    schema.lora_dir = lora_folder(settings.models_dir, settings.lora_dir)
+    schema.controlnet_dir = models_subfolder(settings.models_dir, "controlnet", settings.controlnet_dir)
+    _, errors = schema.validate(settings.params)
     if errors:
         return [Finding(ERROR, "params", str(error), "fix the name or value in --set or the config file's [params] "
                         "(docs/protocol.md lists each parameter and its range)") for error in errors]

@@ -134,9 +134,9 @@ class EngineHost:
         return [models_dir, *(Path(root) for root in self.settings.model_roots)]
 
     def controlnet_dir(self) -> Path:
-        if self.settings.controlnet_dir:
-            return Path(self.settings.controlnet_dir).expanduser()
-        return self.model_roots()[0] / "controlnet"
+        from sdbridge.engines.models import models_subfolder
+
+        return models_subfolder(self.settings.models_dir, "controlnet", self.settings.controlnet_dir)
 
     def ip_adapter_dir(self) -> Path:
         """Where IP-Adapters are (engines/ip_adapter.py): the engines look in the same place."""

@@ -182,6 +182,28 @@ def test_starting_values_are_checked_as_serve_checks_them():
     assert good.level == OK and good.message == "2 starting value(s) valid"
 
 
+def test_starting_lora_and_controlnet_names_are_checked_against_their_folders(tmp_path):
+    """serve stops on a starting LoRA or ControlNet name that will not load (QA 30, QA 32); doctor said the values
+    were valid (QA 32 low)."""
+    from safetensors.torch import save_file
+    import torch
+
+    from sdbridge.doctor import check_params
+
+    (tmp_path / "lora").mkdir()
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(tmp_path / "lora" / "ink.safetensors"))
+    (tmp_path / "controlnet" / "edges").mkdir(parents=True)
+    (tmp_path / "controlnet" / "edges" / "config.json").write_text("{}")
+    [good] = check_params(Settings(models_dir=str(tmp_path), params={"loras": "ink:0.5",
+                                                                      "controlnet_1_model": "edges"}))
+    assert good.level == OK
+    findings = check_params(Settings(models_dir=str(tmp_path), params={"loras": "inc:0.5",
+                                                                        "controlnet_1_model": "edgs"}))
+    assert [finding.level for finding in findings] == [ERROR, ERROR]
+    assert "LoRA 'inc' not found" in findings[0].message + findings[1].message
+    assert "edgs" in findings[0].message + findings[1].message
+
+
 def test_a_pickle_model_is_refused_without_allow_pickle_and_read_with_it(tmp_path):
     """QA 8 #4: a .ckpt was "ok" whether or not serve would load it; with --allow-pickle, junk was "ok" too."""
     import torch
