@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 SAVE_AFTER_S = 1.0  # changes are written at most this long after the first one not yet saved
 RETRY_S = 5.0  # a save the disk refused is tried again this often, until it takes it
 FORMAT = 1
-LORA_PROMPTS = ("prompt", "negative_prompt", "blend_prompt")  # the values whose <lora:...> tags name LoRAs
+# The values whose <lora:...> tags load LoRAs. A negative or blend prompt's tags are taken out unrun (as the
+# prompt's are in A1111's negative prompt), so a missing one there is nothing to leave out: a preset recall
+# stripped it and told "left out" for a LoRA that was never to load (QA 32 low).
+LORA_PROMPTS = ("prompt",)
 
 
 def drop_missing_loras(values: Mapping[str, Any],

@@ -29,7 +29,7 @@ from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol, raise_open_file_limit
 from sdbridge.bridge.osc import OscSender, OscServer
-from sdbridge.bridge.resume import Resume, ResumeFile, drop_missing_loras, resume_path
+from sdbridge.bridge.resume import LORA_PROMPTS, Resume, ResumeFile, drop_missing_loras, resume_path
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
@@ -52,7 +52,7 @@ from sdbridge.plugins.manager import PluginManager
 
 log = logging.getLogger(__name__)
 
-LORA_PARAMS = ("loras", "prompt")  # the values that may name a LoRA and load it (checked at start)
+LORA_PARAMS = ("loras", *LORA_PROMPTS)  # the values that may name a LoRA and load it (checked at start)
 
 WORKER_STOP_WAIT_S = 10.0  # how long a stop waits for the frame being made (then it stops without it)
 LAG_PROBE_S = 0.01

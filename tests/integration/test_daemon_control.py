@@ -223,7 +223,9 @@ def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so
     # a DoRA is left out as a missing one is (QA 30: it refused the whole loras value and left a mixed look)
     save_file({"lora_unet_x.dora_scale": torch.zeros(2)}, str(loras / "dora.safetensors"))
     (presets / "old.toml").write_text('[params]\nloras = "kept:0.5, gone:1, dora:1"\n'
-                                      'prompt = "a fox <lora:gone:0.8>"\nstrength = 0.6\n')
+                                      'prompt = "a fox <lora:gone:0.8>"\nstrength = 0.6\n'
+                                      # taken out unrun, as live: nothing to leave out (QA 32 low)
+                                      'negative_prompt = "blur <lora:gone:1>"\n')
     daemon = start_daemon(params={"engine": "identity"}, presets_dir=str(presets), lora_dir=str(loras))
     with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
         body = http.post("/presets/old/recall", params={"glide_s": 0}).json()
@@ -234,6 +236,7 @@ def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so
     assert any("names loras 'dora', left out: LoRA 'dora' is a DoRA" in message for message in messages)
     assert daemon.store.get("loras") == "kept:0.5" and "gone" not in daemon.store.get("prompt")
     assert daemon.store.get("strength") == 0.6
+    assert daemon.store.get("negative_prompt") == "blur <lora:gone:1>"
 
 
 def test_malformed_osc_counted_daemon_keeps_serving(start_daemon):
