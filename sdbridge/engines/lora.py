@@ -400,7 +400,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
 
     if mismatched:
         raise ModelError(f"LoRA file {str(path)!r} does not fit this model: {len(mismatched)} layers have other "
-                         f"shapes (a LoRA for another base model?), first: {mismatched[0]}")
+                         f"shapes (a LoRA for another base model?), first: {mismatched[0]}", code="model_mismatch")
     for component, count in _components_named(groups).items():
         # A LoRA whose UNet (or second text encoder) matches nothing here was made for another family; applied,
         # its text-encoder half alone ran, with no word (QA 29: an SD LoRA on SDXL, CLIP-L shaped alike).

@@ -260,7 +260,7 @@ def test_a_lora_that_does_not_fit_is_left_out_of_the_stream_and_told_once(engine
         alone = run(engine, frame, loras="ink:1")
         both = run(engine, frame, loras="ink:1, other:1")
         assert torch.equal(both, alone)
-        assert [(m["code"], "LoRA 'other' left out" in m["message"]) for m in told] == [("bad_model", True)]
+        assert [(m["code"], "LoRA 'other' left out" in m["message"]) for m in told] == [("model_mismatch", True)]
         from sdbridge.engines import lora as lora_module
 
         reads: list = []

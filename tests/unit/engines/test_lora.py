@@ -377,8 +377,10 @@ def test_a_lora_for_other_shapes_is_a_model_error(model, tmp_path):
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file({f"{name}.lora_down.weight": torch.zeros(RANK, 320), f"{name}.lora_up.weight": torch.zeros(320, RANK)},
               str(path))
-    with pytest.raises(ModelError, match="wide.safetensors.*other shapes"):
+    with pytest.raises(ModelError, match="wide.safetensors.*other shapes") as refused:
         load_lora(path, model)
+    # one code for one cause, as a LoRA whose UNet matches no layer (QA 30: bad_model here, model_mismatch there)
+    assert refused.value.code == "model_mismatch"
 
 
 def test_truncated_and_pickled_files_are_model_errors(files, model, tmp_path):
