@@ -24,6 +24,7 @@ import binascii
 import hmac
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +37,15 @@ log = logging.getLogger(__name__)
 
 
 def _split_host(value: str) -> str:
-    """``host:port`` or ``[v6]:port`` -> the host part, lower-case."""
+    """``host:port`` or ``[v6]:port`` -> the host part, lower-case (anything else after ``]`` keeps the whole
+    value, which no served name matches: ``[::1]evil`` passed as ``[::1]``, QA 34)."""
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
-        return value[: end + 1] if end != -1 else value
+        rest = value[end + 1:] if end != -1 else ""
+        if end != -1 and (not rest or (rest[0] == ":" and rest[1:].isdigit())):
+            return value[: end + 1]
+        return value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
@@ -50,6 +55,7 @@ class Refusal:
 
     status: int  # 403: host or origin; 401: token
     reason: str
+    challenge: bool = False  # a 401 that asks a browser for the token (see AccessPolicy.check)
 
     @property
     def code(self) -> str:
@@ -60,7 +66,7 @@ class Refusal:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body())).encode())]
-        if self.status == 401:
+        if self.challenge:
             # Basic: browsers then ask for it, and the token as its password passes (AUTOMATIC1111 clients).
             headers.append((b"www-authenticate", b'Basic realm="sdbridge"'))
         return headers
@@ -90,7 +96,7 @@ class AccessPolicy:
         if reason is not None:
             return Refusal(403, reason)
         reason = self.check_token(headers, query)
-        return None if reason is None else Refusal(401, reason)
+        return None if reason is None else Refusal(401, reason, challenge=_asked_by_a_person(headers))
 
     def check_host(self, host: str | None) -> str | None:
         """None when allowed, else the reason."""
@@ -129,6 +135,36 @@ class AccessPolicy:
                 "or ?token=")
 
 
+def _asked_by_a_person(headers: Mapping[str, str]) -> bool:
+    """Whether a 401 may ask for the token in the browser's sign-in dialog: a request a person made (an address typed
+    or bookmarked, ``Sec-Fetch-Site: none``) or a native client's (no Origin, no Sec-Fetch-Site), never a page's.
+    On a wildcard bind with a token any Host passes, so a DNS-rebinding page's requests reach the token check: asked
+    for Basic, the browser showed "Sign in to evil.test", and a token typed there gave the page the daemon (QA 34)."""
+    return "origin" not in headers and headers.get("sec-fetch-site", "none") == "none"
+
+
+_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']*", re.IGNORECASE)
+
+
+class TokenRedactor(logging.Filter):
+    """Takes ``token=...`` out of a log line: uvicorn logs each WebSocket's path with its query, and the daemon's own
+    page connects with ``?token=`` (QA 34: every connect wrote the token to the log, which gets pasted into reports)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN_IN_TEXT.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+            record.msg = _TOKEN_IN_TEXT.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def redact_tokens(logger: logging.Logger) -> None:
+    """Give ``logger`` a :class:`TokenRedactor`, once."""
+    if not any(isinstance(existing, TokenRedactor) for existing in logger.filters):
+        logger.addFilter(TokenRedactor())
+
+
 def _offered_tokens(authorization: str | None, query: str) -> Iterable[str]:
     if authorization:
         scheme, _, value = authorization.partition(" ")
@@ -163,7 +199,7 @@ class AccessMiddleware:
         query = scope.get("query_string", b"").decode("latin-1")
         refusal = self.policy.check(headers, query)
         if refusal is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _not_framed(send) if scope["type"] == "http" else send)
             return
         self.refused += 1
         self.refusals[refusal.code] = self.refusals.get(refusal.code, 0) + 1
@@ -176,3 +212,17 @@ class AccessMiddleware:
         prefix = "websocket." if scope["type"] == "websocket" else ""
         await send({"type": f"{prefix}http.response.start", "status": refusal.status, "headers": refusal.headers()})
         await send({"type": f"{prefix}http.response.body", "body": refusal.body()})
+
+
+# The daemon's pages work live inside a frame (their WebSocket is same-origin), so another site could frame one
+# unseen and take a click meant for its own bait: "start camera" sent the artist's camera (QA 34).
+NOT_FRAMED = [(b"x-frame-options", b"SAMEORIGIN"), (b"content-security-policy", b"frame-ancestors 'self'")]
+
+
+def _not_framed(send: Any) -> Any:
+    async def send_not_framed(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *NOT_FRAMED]}
+        await send(message)
+
+    return send_not_framed

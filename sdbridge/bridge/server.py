@@ -32,7 +32,7 @@ from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.resume import LORA_PROMPTS, Resume, ResumeFile, drop_missing_loras, resume_path
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
-from sdbridge.bridge.security import AccessMiddleware, AccessPolicy
+from sdbridge.bridge.security import AccessMiddleware, AccessPolicy, redact_tokens
 from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
 from sdbridge.bridge.webrtc import WebRtcHub
 from sdbridge.bridge.webrtc_sdp import check_ice_servers
@@ -224,6 +224,7 @@ class Daemon:
                               f"sdbridge or AUTOMATIC1111 running? Stop it or pass --port N") from None
         self.port = sock.getsockname()[1]
         self._middleware = AccessMiddleware(create_app(self), AccessPolicy(settings, self.port))
+        redact_tokens(logging.getLogger("uvicorn.error"))  # it logs a WebSocket's ?token= with its path
         protocol = guarded_protocol(self.http_guard)
         self._http_guarded = protocol is not None
         config = uvicorn.Config(

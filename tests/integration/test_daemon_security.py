@@ -85,3 +85,40 @@ def test_a_session_name_with_a_trailing_newline_is_refused(start_daemon):
     with pytest.raises(InvalidStatus) as info:
         ws_connect(daemon, "?session=stage%0A")
     assert info.value.response.status_code == 403 and json.loads(info.value.response.body)["code"] == "bad_session"
+
+
+def test_a_rebinding_page_is_not_asked_to_sign_in_and_the_token_stays_out_of_the_log(start_daemon, caplog):
+    """QA 34, on a wildcard bind with a token (any Host passes there): a DNS-rebinding page's requests reached the
+    token check, whose Basic challenge made the browser show "Sign in to evil.test", and a token typed there gave
+    the page the daemon. Only a request a person made (an address typed) or a native client's is challenged.
+    And uvicorn logged every ``?token=`` WebSocket connect, the daemon's own page's too, token and all."""
+    import logging
+
+    token = "a-long-stage-token-0123456789"
+    daemon = start_daemon(params={"engine": "identity"}, host="0.0.0.0", token=token)
+    base = f"http://127.0.0.1:{daemon.port}"
+    rebound = {"Host": f"evil.test:{daemon.port}"}
+    with httpx.Client(base_url=base, trust_env=False) as http:
+        for page in ({"Origin": f"http://evil.test:{daemon.port}", "Sec-Fetch-Site": "same-origin"},
+                     {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate"}):  # its fetch; its reload
+            refused = http.get("/params", headers={**rebound, **page})
+            assert refused.status_code == 401 and "www-authenticate" not in refused.headers, page
+        typed = http.get("/docs", headers={"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"})
+        assert typed.status_code == 401 and typed.headers["www-authenticate"] == 'Basic realm="sdbridge"'
+        assert "www-authenticate" in http.get("/health").headers  # a native client (an A1111 script)
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        with ws_connect(daemon, query=f"?token={token}") as ws:
+            assert recv_json(ws, "hello")
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "WebSocket /ws?token=[redacted]" in logged and token not in logged
+
+
+def test_the_daemons_pages_are_not_framed_by_other_sites(start_daemon):
+    """QA 34: a site framed the daemon's page unseen, and a click on its bait pressed "start camera"."""
+    daemon = start_daemon(params={"engine": "identity"})
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+        for path in ("/", "/webrtc", "/docs"):
+            response = http.get(path)
+            assert response.status_code == 200
+            assert response.headers["x-frame-options"] == "SAMEORIGIN", path
+            assert response.headers["content-security-policy"] == "frame-ancestors 'self'", path

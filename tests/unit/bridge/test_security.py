@@ -57,6 +57,13 @@ def test_the_page_served_at_the_host_asked_is_the_daemons_own():
     assert loopback.check({"host": "127.0.0.1:7860", "origin": "http://127.0.0.1:9999"}, "").status == 403
 
 
+def test_a_bracketed_host_with_anything_after_it_is_not_that_host(loopback):
+    """QA 34: ``[::1]evil`` was read as ``[::1]``."""
+    assert loopback.check_host("[::1]:7860") is None and loopback.check_host("[::1]") is None
+    for host in ("[::1]evil.test:7860", "[::1]:78x0", "[::1]."):
+        assert loopback.check_host(host) is not None, host
+
+
 def test_token_forms():
     policy = AccessPolicy(Settings(host="0.0.0.0", token="s3cret-stage-token-0123456789"), port=7860)
     assert policy.check_token({}, "") is not None
@@ -91,6 +98,7 @@ def test_refusal_answer():
                                             "message": "host 'evil.example' is not served here"}
     assert dict(forbidden.headers())[b"content-length"] == str(len(forbidden.body())).encode()
     assert b"www-authenticate" not in dict(forbidden.headers())
-    unauthorized = Refusal(401, "a token is required")
+    unauthorized = Refusal(401, "a token is required", challenge=True)
     assert json.loads(unauthorized.body())["code"] == "unauthorized"
     assert dict(unauthorized.headers())[b"www-authenticate"].startswith(b"Basic")
+    assert b"www-authenticate" not in dict(Refusal(401, "a token is required").headers())  # a page's request
