@@ -204,14 +204,15 @@ def check_params(settings: Settings) -> list[Finding]:
     schema with the installed plugins' parameters, by each parameter's own validation (a LoRA or ControlNet name
     against its folder). An unknown name or a value out of range or type stops ``serve`` (exit 2); here each one
     is an ERROR."""
-    from sdbridge.engines.models import lora_folder, models_subfolder
+    from sdbridge.bridge.engine_host import EngineHost
+    from sdbridge.engines.models import lora_folder
 
     if not settings.params:
         return []
     schema = _schema_with_plugins()
-    # the folders serve checks LoRA and ControlNet names in: a typo there stops serve too
+    # the folders serve checks LoRA, ControlNet, IP-Adapter and motion-adapter names in: a typo stops serve too
     schema.lora_dir = lora_folder(settings.models_dir, settings.lora_dir)
-    schema.controlnet_dir = models_subfolder(settings.models_dir, "controlnet", settings.controlnet_dir)
+    schema.name_checks = EngineHost(settings).name_checks()
     _, errors = schema.validate(settings.params)
     if errors:
         return [Finding(ERROR, "params", str(error), "fix the name or value in --set or the config file's [params] "

@@ -343,19 +343,26 @@ def check_prompt_syntax(spec: ParamSpec, value: str, schema: Schema) -> None:
     _check_lora_files(spec, value, parsed.lora_weights(), schema)
 
 
-def check_controlnet(spec: ParamSpec, value: str, schema: Schema) -> None:
-    """In the daemon, a ControlNet name must be in its folder where it is set: a typo was kept as the value, failed
-    its load in the background, and was tried again, and told to every session again, at each model switch
-    (QA 31). Whether the file loads for the model is still the load's to say."""
-    if not value or schema.controlnet_dir is None:
+def check_file_name(spec: ParamSpec, value: str, schema: Schema) -> None:
+    """In the daemon, a model, ControlNet, IP-Adapter or motion adapter a client names must be where clients may
+    load from, and an add-on in its folder, when it is set: a ControlNet typo was kept as the value, failed its load
+    in the background, and was tried again, and told to every session again, at each model switch (QA 31); a model
+    path out of the model folders was answered "applied" and refused only by its load (QA 34). Whether the file
+    loads is still the load's to say. ``schema.name_checks`` holds the daemon's resolver for each kind of name."""
+    resolve = schema.name_checks.get(file_kind(spec.name))
+    if not value or resolve is None:
         return
-    from sdbridge.engines.controlnet import resolve_controlnet
     from sdbridge.errors import SdbridgeError
 
     try:
-        resolve_controlnet(value, schema.controlnet_dir)
+        resolve(value)
     except SdbridgeError as exc:
         raise ParamError(f"{spec.name}: {exc}", name=spec.name, value=value[:80], code=exc.code) from None
+
+
+def file_kind(name: str) -> str:
+    """The kind of file a parameter names, the key of ``Schema.name_checks``: every ControlNet slot's is one."""
+    return "controlnet" if name.startswith("controlnet_") and name.endswith("_model") else name
 
 
 def check_prompt_weights(spec: ParamSpec, value: str, schema: Schema) -> None:
@@ -440,7 +447,7 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("engine", "enum", "auto", "Which engine runs: auto picks diffusion when a model is loaded, else preview.",
               choices=ENGINE_CHOICES),
     ParamSpec("model", "str", "", "Model to load: a diffusers folder, a .safetensors file or a hub id in the cache. "
-              "The previous model keeps serving until the new one is ready.", max_length=1024),
+              "The previous model keeps serving until the new one is ready.", max_length=1024, check=check_file_name),
     ParamSpec("crossfade_s", "float", 0.5, "When a newly loaded model takes over, its frames dissolve in from the "
               "previous model's last frame over this long (0: cut).", minimum=0.0, maximum=10.0),
     ParamSpec("mode", "enum", "img2img", "img2img stylises input frames; txt2img streams generated frames to viewers.",
@@ -469,7 +476,7 @@ def controlnet_params(slots: int = CONTROLNET_SLOTS) -> list[ParamSpec]:
         specs += [
             ParamSpec(prefix + "model", "str", "", f"ControlNet of slot {n}: a name in the ControlNet folder; empty "
                       "is off. A new one loads in the background while the slot keeps the old.", max_length=1024,
-                      group=group, check=check_controlnet),
+                      group=group, check=check_file_name),
             ParamSpec(prefix + "scale", "float", 1.0, f"Conditioning scale of slot {n}; 0 turns it off.",
                       minimum=0.0, maximum=2.0, group=group),
             ParamSpec(prefix + "start", "float", 0.0, f"Slot {n} acts from this fraction of the steps.",
@@ -494,7 +501,7 @@ IP_ADAPTER_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("ip_adapter", "str", "", "IP-Adapter: a style image steers the stream. A name in "
               "<models_dir>/ip_adapter; empty is off. A new one loads in the background while the old one keeps "
               "serving (docs/ip-adapter.md).",
-              max_length=1024, group="ip_adapter"),
+              max_length=1024, group="ip_adapter", check=check_file_name),
     ParamSpec("ip_adapter_scale", "float", 0.6, "How strongly the style image steers (0 turns it off; about 1 copies "
               "its content as well as its style).", minimum=0.0, maximum=2.0, group="ip_adapter"),
     ParamSpec("ip_adapter_channel", "int", 1, "Where the style image comes from: 1-255 the latest frame sent on that "
@@ -508,7 +515,7 @@ MOTION_WINDOW_MAX = 16  # engines/animatediff.py keeps this many frames per sess
 MOTION_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("motion_adapter", "str", "", "The animatediff engine's motion adapter: a name in the motion-adapter "
               "folder (<models_dir>/motion); empty: the --motion-adapter setting. A new one loads in the background "
-              "while the old one keeps serving.", max_length=1024, group="animatediff"),
+              "while the old one keeps serving.", max_length=1024, group="animatediff", check=check_file_name),
     ParamSpec("motion_window", "int", 8, "AnimateDiff: frames denoised together, the new one and the session's "
               "previous ones (1: the new frame alone, still through the motion modules).", minimum=1,
               maximum=MOTION_WINDOW_MAX, group="animatediff"),
@@ -527,7 +534,9 @@ class Schema:
         # The daemon's LoRA folder: where set, a LoRA a value names must be there, readable and of a kind that
         # loads, when the value is set (check_loras); without it (tests, tools), only the syntax is checked.
         self.lora_dir: Path | None = None
-        self.controlnet_dir: Path | None = None   # likewise for the ControlNet slots' names (check_controlnet)
+        # Likewise, by file_kind, what resolves a model, ControlNet, IP-Adapter or motion adapter name in the daemon
+        # (check_file_name): an error where the value is set, for a name that is not there or leaves its folder.
+        self.name_checks: dict[str, Callable[[str], object]] = {}
         if specs is None:
             from sdbridge.bridge.ladder import LADDER_PARAMS
             from sdbridge.modulation import envelope_params, lfo_params

@@ -138,9 +138,31 @@ class EngineHost:
 
         return models_subfolder(self.settings.models_dir, "controlnet", self.settings.controlnet_dir)
 
+    def motion_dir(self) -> Path:
+        from sdbridge.engines.models import models_subfolder
+
+        return models_subfolder(self.settings.models_dir, "motion", self.settings.motion_dir)
+
+    def name_checks(self) -> dict[str, Callable[[str], object]]:
+        """What resolves each kind of file name a client sets, where clients may load from (params.check_file_name):
+        it raises, naming what is there, for a name that is not there or leaves its folder."""
+        from sdbridge.engines.animatediff import resolve_motion_adapter
+        from sdbridge.engines.controlnet import resolve_controlnet
+        from sdbridge.engines.ip_adapter import resolve_ip_adapter
+
+        return {
+            "model": self.client_model_path,
+            "controlnet": lambda name: resolve_controlnet(name, self.controlnet_dir()),
+            "ip_adapter": lambda name: resolve_ip_adapter(name, self.ip_adapter_dir()),
+            "motion_adapter": lambda name: resolve_motion_adapter(name, self.motion_dir(),
+                                                                  trusted=name == self.settings.motion_adapter),
+        }
+
     def ip_adapter_dir(self) -> Path:
         """Where IP-Adapters are (engines/ip_adapter.py): the engines look in the same place."""
-        return self.model_roots()[0].expanduser() / "ip_adapter"
+        from sdbridge.engines.models import models_subfolder
+
+        return models_subfolder(self.settings.models_dir, "ip_adapter")
 
     def client_model_path(self, model: str) -> str:
         """What to load for a model a client named: a plain name (a pulled model, a hub id) as it is,

@@ -42,7 +42,7 @@ from sdbridge.engines.models import lora_folder
 from sdbridge.bridge.control import Control
 from sdbridge.errors import ConfigError, SdbridgeError
 from sdbridge.presets import PresetLibrary, savable
-from sdbridge.params import ParamStore, Schema
+from sdbridge.params import ParamStore, Schema, file_kind
 from sdbridge.bridge.link import LinkSync
 from sdbridge.bridge.midi import MidiBridge
 from sdbridge.inputs.hub import InputHub
@@ -128,7 +128,7 @@ class Daemon:
         # A bad --audio-in file stops the start-up here; a device is opened in start(), before anything listens.
         self.audio = AudioInput(settings.audio_in, self.store) if settings.audio_in else None
         self.engines = EngineHost(settings, notify=self._engine_event)
-        self.store.schema.controlnet_dir = self.engines.controlnet_dir()
+        self.store.schema.name_checks = self.engines.name_checks()
         self._vet_starting_names(settings)
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
@@ -175,7 +175,7 @@ class Daemon:
         and every frame passed through unstyled, or the ControlNet failed in the background at each model switch);
         one a resumed look brought (its folder moved since) goes back to its default, logged."""
         names = [*LORA_PARAMS, *(spec.name for spec in self.store.schema
-                                 if spec.name.startswith("controlnet_") and spec.name.endswith("_model"))]
+                                 if file_kind(spec.name) in self.store.schema.name_checks)]
         _, errors = self.store.schema.validate({name: self.store.get(name) for name in names if self.store.get(name)})
         for error in errors:
             if error.name in settings.params:

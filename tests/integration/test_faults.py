@@ -81,6 +81,22 @@ def test_client_cannot_name_a_model_outside_the_model_folders(start_daemon, tmp_
         ws.send(json.dumps({"type": "set", "params": {"engine": "diffusion", "model": attempt}}))
         error = recv_json(ws, "error", timeout=30)
     assert error["code"] == "forbidden_path", error
+    # refused where it is set, naming the parameter (QA 34: answered "applied", then refused by the load)
+    assert error["message"].startswith("model: "), error
+    assert daemon.store.get("model") == ""
+
+
+def test_add_on_names_not_in_their_folders_are_refused_where_they_are_set(start_daemon, tmp_path):
+    """An IP-Adapter or motion adapter a client names is looked for when it is set, as a ControlNet's is (QA 34:
+    "applied", then refused in the background)."""
+    daemon = start_daemon(params={"engine": "identity"}, models_dir=str(tmp_path))
+    with ws_connect(daemon) as ws:
+        for name, value, code in (("ip_adapter", "nope", "model_not_found"),
+                                  ("motion_adapter", "../../etc", "forbidden_path")):
+            ws.send(json.dumps({"type": "set", "params": {name: value}}))
+            error = recv_json(ws, "error", timeout=30)
+            assert error["code"] == code and error["message"].startswith(f"{name}: "), error
+            assert daemon.store.get(name) == ""
 
 
 def test_vanished_client_is_dropped_within_the_ping_timeout(start_daemon):
