@@ -87,6 +87,11 @@ class AccessPolicy:
         if settings.host not in ("0.0.0.0", "::", "") and settings.host not in LOOPBACK_NAMES:
             origins.add(f"http://{settings.host}:{port}")
         self.origins = origins | {o.rstrip("/").lower() for o in settings.allowed_origins}
+        # Pages of the daemon may be framed by its own and by the configured origins (a dashboard), no other site:
+        # framed unseen, a page took a click meant for another site's bait, "start camera" (QA 34). The CSP
+        # directive alone: browsers that read it ignore X-Frame-Options, which cannot name other origins.
+        ancestors = " ".join(["'self'", *sorted({o.rstrip("/") for o in settings.allowed_origins})])
+        self.not_framed = [(b"content-security-policy", f"frame-ancestors {ancestors}".encode("latin-1"))]
 
     def check(self, headers: Mapping[str, str], query: str) -> Refusal | None:
         """Every check in turn: None when allowed. ``headers`` have lower-case names."""
@@ -199,7 +204,8 @@ class AccessMiddleware:
         query = scope.get("query_string", b"").decode("latin-1")
         refusal = self.policy.check(headers, query)
         if refusal is None:
-            await self.app(scope, receive, _not_framed(send) if scope["type"] == "http" else send)
+            await self.app(scope, receive, _with_headers(send, self.policy.not_framed) if scope["type"] == "http"
+                           else send)
             return
         self.refused += 1
         self.refusals[refusal.code] = self.refusals.get(refusal.code, 0) + 1
@@ -214,15 +220,10 @@ class AccessMiddleware:
         await send({"type": f"{prefix}http.response.body", "body": refusal.body()})
 
 
-# The daemon's pages work live inside a frame (their WebSocket is same-origin), so another site could frame one
-# unseen and take a click meant for its own bait: "start camera" sent the artist's camera (QA 34).
-NOT_FRAMED = [(b"x-frame-options", b"SAMEORIGIN"), (b"content-security-policy", b"frame-ancestors 'self'")]
-
-
-def _not_framed(send: Any) -> Any:
-    async def send_not_framed(message: dict[str, Any]) -> None:
+def _with_headers(send: Any, headers: list[tuple[bytes, bytes]]) -> Any:
+    async def send_with_headers(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), *NOT_FRAMED]}
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
         await send(message)
 
-    return send_not_framed
+    return send_with_headers
