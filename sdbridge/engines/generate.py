@@ -426,7 +426,7 @@ class Generation:
         request = self.request
         noise = self._noise(seeds, subseeds, request.width, request.height)
         scheduler = self._scheduler(seeds)
-        scheduler.set_timesteps(request.steps, device=self.device)
+        samplers.set_timesteps(scheduler, request.steps, self.device)
         latents = noise * scheduler.init_noise_sigma
         latents = yield from self._denoise(scheduler, scheduler.timesteps, latents, prompts, seeds)
         if request.enable_hr and not self.progress.interrupted:
@@ -462,7 +462,7 @@ class Generation:
         steps = request.hr_second_pass_steps or request.steps
         noise = self._noise(seeds, subseeds, width, height)
         scheduler = self._scheduler(seeds, *request.hires_sampler())
-        timesteps = self._img2img_timesteps(scheduler, steps, request.denoising_strength)
+        timesteps = self._img2img_timesteps(scheduler, steps, request.denoising_strength, fixed=True)
         start = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(seeds)))
         # The hires prompt's own <lora:...> tags hold for this pass (A1111's hr_extra_network_data), the first
         # prompt's again for the next batch's first pass.
@@ -674,11 +674,17 @@ class Generation:
             scheduler.noise_sampler_seed = list(seeds)
         return scheduler
 
-    def _img2img_timesteps(self, scheduler: Any, steps: int, strength: float) -> torch.Tensor:
-        """diffusers' img2img rule: of ``steps`` timesteps, run the last ``steps * strength``."""
-        scheduler.set_timesteps(steps, device=self.device)
-        init_timestep = max(1, min(int(steps * strength), steps))
-        t_start = max(steps - init_timestep, 0)
+    def _img2img_timesteps(self, scheduler: Any, steps: int, strength: float, fixed: bool = False) -> torch.Tensor:
+        """A1111's img2img steps (modules/sd_samplers_common.py ``setup_img2img_steps``, img2img_fix_steps off):
+        ``t_enc = int(min(strength, 0.999) * steps)``, then the last ``t_enc + 1`` steps of a ``steps``-long
+        schedule, from its sigma at ``steps - t_enc - 1``. ``fixed`` (the hires pass, which names its step count):
+        exactly ``steps`` steps, the last of a schedule ``int(steps / min(strength, 0.999))`` long."""
+        strength = min(strength, 0.999)
+        length, t_enc = steps, int(strength * steps)
+        if fixed and strength > 0:  # A1111 would run a 0-step schedule at strength 0: this rule then
+            length, t_enc = int(steps / strength), steps - 1
+        samplers.set_timesteps(scheduler, length, self.device)
+        t_start = length - t_enc - 1
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         return scheduler.timesteps[t_start * scheduler.order:]

@@ -150,6 +150,11 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     return cls.from_config(config, **overrides)
 
 
+def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
+    """``scheduler.set_timesteps(steps)`` for a one-shot request."""
+    scheduler.set_timesteps(steps, device=device)
+
+
 def _require_torchsde(name: str) -> None:
     try:
         import torchsde  # noqa: F401

@@ -120,10 +120,11 @@ def test_the_hires_sampler_and_schedule_run_the_second_pass_only(engine):
     hires = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.6)
     plain = run(engine, **hires)
     np.testing.assert_array_equal(run(engine, **hires, hr_sampler_name="Euler").images[0], plain.images[0])
-    ddim = run(engine, **hires, hr_sampler_name="DDIM")
-    assert not np.array_equal(ddim.images[0], plain.images[0])
-    assert type(ddim._scheduler([1], *ddim.request.hires_sampler())).__name__ == "DDIMScheduler"
-    assert type(ddim._scheduler([1])).__name__ == "EulerDiscreteScheduler"
+    # Heun, not DDIM: at eta 0 DDIM is Euler's method, and A1111's 3 hires steps from one sigma gave the same pixels.
+    heun = run(engine, **hires, hr_sampler_name="Heun")
+    assert not np.array_equal(heun.images[0], plain.images[0])
+    assert type(heun._scheduler([1], *heun.request.hires_sampler())).__name__ == "HeunDiscreteScheduler"
+    assert type(heun._scheduler([1])).__name__ == "EulerDiscreteScheduler"
     # A bare hires sampler keeps the first pass's schedule where it takes it, else its own default (A1111's fix-up).
     assert GenerationRequest(scheduler="karras", hr_sampler_name="DPM++ 2M").hires_sampler() == ("DPM++ 2M", "karras")
     assert GenerationRequest(scheduler="karras", hr_sampler_name="DDIM").hires_sampler() == ("DDIM", "automatic")
@@ -562,3 +563,53 @@ def test_sdxl_and_takes_each_part_s_pooled_embeds(sdxl_engine):
     second = final_latents(sdxl_engine, prompt="a blue car", **common)
     negative_only = final_latents(sdxl_engine, prompt="a red fox", **{**common, "cfg_scale": 0.0})
     assert relative_error(composed, first + 0.5 * (second - negative_only)) <= 1e-5
+
+
+def a1111_img2img_steps(steps: int, strength: float, fixed: bool = False) -> tuple[int, int, int]:
+    """The oracle: A1111 1.10 modules/sd_samplers_common.py ``setup_img2img_steps`` (img2img_fix_steps off; a
+    named step count, as the hires pass passes, takes its fixed branch), and sd_samplers_kdiffusion.py
+    ``sample_img2img``'s ``sigmas[steps - t_enc - 1:]``. -> (schedule length, steps run, index of the first sigma)."""
+    if fixed:
+        length, t_enc = int(steps / min(strength, 0.999)), steps - 1
+    else:
+        length, t_enc = steps, int(min(strength, 0.999) * steps)
+    return length, t_enc + 1, length - t_enc - 1
+
+
+def unet_calls(engine: DiffusionEngine, **fields) -> tuple[Generation, list[float]]:
+    """A run at cfg 1 (one UNet call a step) and the timestep of each call."""
+    calls: list[float] = []
+    hook = engine.parts.unet.register_forward_pre_hook(lambda module, args: calls.append(float(args[1])))
+    try:
+        return run(engine, cfg_scale=1.0, **fields), calls
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("steps, strength", [(20, 0.5), (10, 0.75), (7, 0.3), (5, 1.0), (4, 0.1)])
+def test_img2img_runs_a1111_s_steps_from_a1111_s_sigma(engine, steps, strength):
+    """QA 33 H4: diffusers' rule ran int(steps * strength) steps from a lower sigma (10 against 11 at 20 and .5)."""
+    source = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    generation, calls = unet_calls(engine, init_images=[source], steps=steps, denoising_strength=strength)
+    length, count, first = a1111_img2img_steps(steps, strength)
+    assert len(calls) == count
+    full = make_scheduler(engine.parts.scheduler.config, "Euler")
+    full.set_timesteps(length)
+    assert calls[0] == pytest.approx(float(full.timesteps[first]))
+    scheduler = generation._scheduler([11])
+    timesteps = generation._img2img_timesteps(scheduler, steps, strength)
+    assert len(timesteps) == count and float(scheduler.sigmas[scheduler.begin_index]) == float(full.sigmas[first])
+
+
+@pytest.mark.parametrize("hr_steps, strength", [(0, 0.7), (4, 0.5), (0, 0.3)])
+def test_the_hires_pass_runs_exactly_its_steps_over_a_longer_schedule(engine, hr_steps, strength):
+    """QA 33 M1: the hires pass names its step count (hr_second_pass_steps or steps), so A1111 runs exactly that
+    many, the last of a schedule int(steps / strength) long; diffusers' rule ran int(steps * strength)."""
+    steps = 6
+    generation, calls = unet_calls(engine, steps=steps, enable_hr=True, hr_scale=1.5, denoising_strength=strength,
+                                   hr_second_pass_steps=hr_steps)
+    length, count, first = a1111_img2img_steps(hr_steps or steps, strength, fixed=True)
+    assert len(calls) == steps + count == steps + (hr_steps or steps)
+    full = make_scheduler(engine.parts.scheduler.config, "Euler")
+    full.set_timesteps(length)
+    assert calls[steps] == pytest.approx(float(full.timesteps[first]))
