@@ -18,6 +18,8 @@ from sdbridge.errors import CodecError
 RESIZE_MODES = ("crop", "fit", "stretch")
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its (fixed) CRC
+# A JPEG decoded straight to RGB (OpenCV >= 4.10), EXIF orientation unapplied as IMREAD_UNCHANGED leaves it.
+_JPEG_TO_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION if hasattr(cv2, "IMREAD_COLOR_RGB") else None
 
 
 def _quiet_opencv_log() -> None:
@@ -111,8 +113,10 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     """
     kind = check_encoded(data)
     buffer = np.frombuffer(data, np.uint8)  # no copy of a memoryview payload
+    # libjpeg writes RGB itself: no BGR -> RGB pass over the frame after it (QA 35)
+    to_rgb = kind == "jpeg" and _JPEG_TO_RGB is not None
     try:
-        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        image = cv2.imdecode(buffer, _JPEG_TO_RGB if to_rgb else cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
         raise CodecError(f"{kind.upper()} data could not be decoded ({len(buffer)} bytes): "
                          f"{str(exc).strip().splitlines()[-1][:200]}") from exc
@@ -121,6 +125,8 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     check_size(image.shape[1], image.shape[0], kind.upper())  # the headers above may not have said
     if image.dtype != np.uint8:  # 16-bit PNG
         image = (image >> 8).astype(np.uint8)
+    if to_rgb:
+        return image
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
@@ -140,10 +146,13 @@ def decode_raw(payload: bytes | memoryview, width: int, height: int, pixel_forma
     expected = width * height * channels
     if len(payload) != expected:
         raise CodecError(f"{pixel_format.name} frame {width}x{height} needs {expected} bytes, got {len(payload)}")
-    image = np.frombuffer(payload, np.uint8).reshape(height, width, channels)[:, :, :3]
-    if bottom_up:
-        image = image[::-1]
-    return image
+    rows = np.frombuffer(payload, np.uint8).reshape(height, width, channels)
+    if channels == 4:
+        # One pass to a contiguous RGB array: the strided [..., :3] view (flipped too) made the batch's np.stack
+        # copy it byte by byte, 1.4 ms a frame at 512x512 and 2.8 ms at 1024x576 (QA 35).
+        image = cv2.cvtColor(rows, cv2.COLOR_RGBA2RGB)
+        return cv2.flip(image, 0, dst=image) if bottom_up else image
+    return cv2.flip(rows, 0) if bottom_up else rows
 
 
 def decode_frame(header: FrameHeader | None, payload: bytes | memoryview) -> np.ndarray:
@@ -185,23 +194,33 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
     return data.tobytes()
 
 
-def encode_raw(image: np.ndarray, pixel_format: PixelFormat, bottom_up: bool = False) -> bytes:
-    """RGB -> raw RGB8 or RGBA8 rows (alpha 255), bottom row first when ``bottom_up``."""
+def encode_raw(image: np.ndarray, pixel_format: PixelFormat, bottom_up: bool = False,
+               prefix: bytes = b"") -> bytearray:
+    """RGB -> raw RGB8 or RGBA8 rows (alpha 255), bottom row first when ``bottom_up``, after ``prefix`` (a reply's
+    header). The pixels are written once, into the message itself: the alpha fill, ``tobytes`` and the header's
+    concatenation each copied the frame again, 1.6 ms at 512x512 and 3.6 ms at 1024x576 (QA 35)."""
     _check_rgb(image)
-    if bottom_up:
-        image = image[::-1]
-    if pixel_format == PixelFormat.RGB8:
-        return np.ascontiguousarray(image).tobytes()
-    if pixel_format == PixelFormat.RGBA8:
-        out = np.empty((*image.shape[:2], 4), np.uint8)
-        out[:, :, :3] = image
-        out[:, :, 3] = 255
-        return out.tobytes()
-    raise CodecError(f"{pixel_format.name} is not a raw pixel format")
+    channels = pixel_format.channels
+    if channels is None:
+        raise CodecError(f"{pixel_format.name} is not a raw pixel format")
+    height, width = image.shape[:2]
+    message = bytearray(len(prefix) + height * width * channels)
+    message[:len(prefix)] = prefix
+    out = np.frombuffer(message, np.uint8, offset=len(prefix)).reshape(height, width, channels)
+    image = np.ascontiguousarray(image)
+    if channels == 4:
+        cv2.cvtColor(image, cv2.COLOR_RGB2RGBA, dst=out)  # alpha 255
+        if bottom_up:
+            cv2.flip(out, 0, dst=out)
+    elif bottom_up:
+        cv2.flip(image, 0, dst=out)
+    else:
+        out[...] = image
+    return message
 
 
 def encode_reply(image: np.ndarray, pixel_format: PixelFormat | int, quality: int = 85,
-                 bottom_up: bool = False) -> bytes:
+                 bottom_up: bool = False) -> bytes | bytearray:
     """The reply payload in the format the sender asked for; rows bottom-up if it sent them so."""
     pixel_format = PixelFormat(pixel_format)
     if pixel_format.is_raw:

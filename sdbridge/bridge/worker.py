@@ -353,7 +353,10 @@ class Worker(threading.Thread):
         if engine is not None:
             width, height = engine.resolution
         jobs = self._decode_ready(jobs, (width, height, params["resize_mode"]))
-        list(self.pool.map(lambda j: self._condition(j, width, height, params, engine), jobs))
+        if len(jobs) == 1:  # the worker would only wait on the pool: a hop per frame for nothing (QA 35)
+            self._condition(jobs[0], width, height, params, engine)
+        else:
+            list(self.pool.map(lambda j: self._condition(j, width, height, params, engine), jobs))
         if not jobs:
             return 0
 
@@ -685,7 +688,7 @@ class Worker(threading.Thread):
             self.engine_errors += 1
             log.exception("reply to session %s failed", job.session.id)
 
-    def _encode(self, job: Job, params: dict[str, Any]) -> bytes | None:
+    def _encode(self, job: Job, params: dict[str, Any]) -> bytes | bytearray | None:
         image = job.output
         assert image is not None
         if params["output_size"] == "input" and job.input_size and job.input_size != (image.shape[1], image.shape[0]):
@@ -698,8 +701,13 @@ class Worker(threading.Thread):
             if header is None:
                 return codec.encode_jpeg(image, quality)
             bottom_up = bool(header.flags & 1)
-            payload = codec.encode_reply(image, header.reply_format, quality, bottom_up)
-            reply = header.reply(PixelFormat(header.reply_format), image.shape[1], image.shape[0], len(payload))
+            reply_format = PixelFormat(header.reply_format)
+            if reply_format.is_raw:  # its size known before: the header, then the pixels written after it
+                length = image.shape[0] * image.shape[1] * (reply_format.channels or 0)
+                reply = header.reply(reply_format, image.shape[1], image.shape[0], length)
+                return codec.encode_raw(image, reply_format, bottom_up, prefix=reply.serialize())
+            payload = codec.encode_reply(image, reply_format, quality, bottom_up)
+            reply = header.reply(reply_format, image.shape[1], image.shape[0], len(payload))
             return reply.serialize() + payload
         except SdbridgeError as exc:
             job.session.errors += 1

@@ -211,6 +211,40 @@ def test_raw_rgba_bottom_up_drops_alpha_and_flips():
     assert np.array_equal(decoded, image)
 
 
+@pytest.mark.parametrize("pixel_format", [PixelFormat.RGB8, PixelFormat.RGBA8])
+@pytest.mark.parametrize("bottom_up", [False, True])
+def test_raw_frames_decode_to_contiguous_rgb_and_encode_after_a_header(pixel_format, bottom_up):
+    """QA 35: a strided view (alpha dropped, rows flipped) made the batch's copy byte by byte, and a reply was
+    copied three times (alpha fill, tobytes, header + payload); the decode is now contiguous, the reply one buffer."""
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (37, 53, 3), np.uint8)  # odd sizes: no row or SIMD-width luck
+    channels = pixel_format.channels
+    sent = np.dstack([image, rng.integers(0, 256, (37, 53, 1), np.uint8)]) if channels == 4 else image
+    decoded = codec.decode_raw((sent[::-1] if bottom_up else sent).tobytes(), 53, 37, pixel_format, bottom_up)
+    assert np.array_equal(decoded, image)
+    if channels == 4 or bottom_up:
+        assert decoded.flags.c_contiguous
+    message = codec.encode_raw(image[:, ::-1][:, ::-1], pixel_format, bottom_up, prefix=b"HEAD")  # a strided view
+    assert message[:4] == b"HEAD" and len(message) == 4 + 37 * 53 * channels
+    rows = np.frombuffer(bytes(message[4:]), np.uint8).reshape(37, 53, channels)
+    assert np.array_equal(rows[::-1] if bottom_up else rows, np.dstack([image, np.full((37, 53), 255, np.uint8)])
+                          if channels == 4 else image)
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_a_jpeg_decoded_straight_to_rgb_is_the_same_as_through_bgr(grey):
+    """QA 35: libjpeg writes RGB itself, where a BGR decode was swapped after; the pixels must not change."""
+    import cv2
+
+    image = cv2.GaussianBlur(np.random.default_rng(3).integers(0, 256, (48, 40, 3), np.uint8), (5, 5), 2)
+    data = codec.encode_jpeg(image) if not grey else cv2.imencode(".jpg", image[:, :, 0])[1].tobytes()
+    through_bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    through_bgr = cv2.cvtColor(through_bgr, cv2.COLOR_GRAY2RGB if grey else cv2.COLOR_BGR2RGB)
+    decoded = codec.decode_image(data)
+    assert decoded.shape == (48, 40, 3) and decoded.flags.c_contiguous
+    assert np.array_equal(decoded, through_bgr)
+
+
 def test_raw_size_mismatch_and_wrong_format():
     with pytest.raises(CodecError, match="RGBA8 frame 4x3 needs 48 bytes, got 10"):
         codec.decode_raw(bytes(10), 4, 3, PixelFormat.RGBA8)
