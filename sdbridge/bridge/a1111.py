@@ -239,6 +239,13 @@ A1111_ONLY_SAMPLERS = ("DPM++ 2S a", "DPM fast", "DPM adaptive", "Restart", "DDI
 SAMPLER_FALLBACK = "DPM++ 2M"
 
 
+def _schedule_label(sampler: str, schedule: str) -> str | None:
+    """The infotext's "Schedule type": the schedule that ran, "Automatic" resolved as A1111 1.10 does (DPM++ 2M's
+    is Karras); None for the uniform one an Automatic runs, which A1111 does not write."""
+    ran = samplers.a1111_schedule(sampler, schedule)
+    return None if schedule == "automatic" and ran.name in ("automatic", "uniform") else ran.label
+
+
 def runnable_sampler(name: str) -> str:
     """``name``, or for a sampler only A1111 has the fallback with the same schedule ("DPM++ 2S a Karras" ->
     "DPM++ 2M Karras")."""
@@ -903,8 +910,7 @@ class A1111Api:
         for index, seed in enumerate(generation.used_seeds):
             params: dict[str, Any] = {
                 "Steps": request.steps, "Sampler": request.sampler_name,
-                "Schedule type": None if request.scheduler == "automatic" else samplers.resolve(
-                    request.sampler_name, request.scheduler)[1].label,
+                "Schedule type": _schedule_label(request.sampler_name, request.scheduler),
                 "CFG scale": _num(request.cfg_scale), "Seed": seed, "Size": f"{request.width}x{request.height}",
                 "Model hash": self.model_hash(model), "Model": model_title(model),
                 "Denoising strength": _num(request.denoising_strength)
@@ -937,13 +943,14 @@ class A1111Api:
     def hires_infotext(request: GenerationRequest) -> dict[str, Any]:
         """The second pass's own settings, each only where it differs from the first's (as A1111 writes them)."""
         sampler, schedule = request.hires_sampler()
-        schedule_label = samplers.resolve(sampler, schedule)[1].label
+        schedule_label = _schedule_label(sampler, schedule) or "Automatic"
         return {
             "Hires prompt": request.hr_prompt if request.hr_prompt not in ("", request.prompt) else None,
             "Hires negative prompt": request.hr_negative_prompt
             if request.hr_negative_prompt not in ("", request.negative_prompt) else None,
             "Hires sampler": sampler if sampler != request.sampler_name else None,
-            "Hires schedule type": schedule_label if schedule != request.scheduler else None,
+            "Hires schedule type": schedule_label
+            if schedule_label != (_schedule_label(request.sampler_name, request.scheduler) or "Automatic") else None,
         }
 
     def respond(self, body: _Request, kind: str, generation: Generation) -> dict[str, Any]:

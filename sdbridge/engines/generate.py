@@ -665,8 +665,9 @@ class Generation:
     def _scheduler(self, seeds: list[int], sampler_name: str | None = None, schedule: str | None = None) -> Any:
         """A fresh scheduler for a pass: the request's sampler and schedule, or the hires pass's own."""
         request = self.request
+        # A1111's schedules (its Automatic per sampler, sigmas over the whole table), not the live stream's spacing.
         scheduler = samplers.make_scheduler(self.engine.parts.scheduler.config, sampler_name or request.sampler_name,
-                                           schedule or request.scheduler)
+                                           schedule or request.scheduler, a1111=True)
         if type(scheduler).__name__ == "DPMSolverSDEScheduler":
             # A Brownian tree per image, each from its own seed (A1111's create_noise_sampler passes the batch's
             # seeds): an image does not depend on its batch position. The config keeps the first, a number.

@@ -29,23 +29,28 @@ class Sampler:
     options: Mapping[str, Any] = field(default_factory=dict)
     stochastic: bool = False       # draws noise at each step (seeded per image)
     spaced: bool = True            # takes timestep_spacing (LCM keeps its own skipping schedule)
+    # A1111 1.10's "Automatic" schedule for a sampler it runs through k-diffusion on sigma schedules
+    # (modules/sd_samplers_kdiffusion.py ``samplers_k_diffusion``'s "scheduler" options); None: not one of those
+    # (DDIM, PLMS and UniPC run A1111's own timesteps, QA 33 M5; LCM and TCD their own).
+    automatic: str | None = None
 
 
 SAMPLERS: tuple[Sampler, ...] = (
-    Sampler("Euler a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral"), stochastic=True),
-    Sampler("Euler", "EulerDiscreteScheduler", ("k_euler",)),
-    Sampler("LMS", "LMSDiscreteScheduler", ("k_lms",)),
-    Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",)),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", ("k_dpm_2",)),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("k_dpm_2_a",), stochastic=True),
-    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", ("k_dpmpp_2m",)),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", ("k_dpmpp_sde",), stochastic=True),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral"), stochastic=True,
+            automatic="uniform"),
+    Sampler("Euler", "EulerDiscreteScheduler", ("k_euler",), automatic="uniform"),
+    Sampler("LMS", "LMSDiscreteScheduler", ("k_lms",), automatic="uniform"),
+    Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",), automatic="uniform"),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", ("k_dpm_2",), automatic="karras"),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("k_dpm_2_a",), stochastic=True, automatic="karras"),
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", ("k_dpmpp_2m",), automatic="karras"),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", ("k_dpmpp_sde",), stochastic=True, automatic="karras"),
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde",),
-            {"algorithm_type": "sde-dpmsolver++"}, stochastic=True),
+            {"algorithm_type": "sde-dpmsolver++"}, stochastic=True, automatic="exponential"),
     Sampler("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde_heun",),
-            {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, stochastic=True),
+            {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, stochastic=True, automatic="exponential"),
     Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_3m_sde",),
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, stochastic=True),
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, stochastic=True, automatic="exponential"),
     Sampler("DDIM", "DDIMScheduler", ("ddim",)),
     Sampler("PLMS", "PNDMScheduler", ("plms",), {"skip_prk_steps": True}),
     Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
@@ -127,11 +132,30 @@ def names() -> list[str]:
     return out
 
 
-def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, scheduler: str | None = None) -> Any:
-    """A fresh diffusers scheduler for these names, built on the model's own scheduler config."""
+def a1111_schedule(sampler_name: str | None, scheduler: str | None = None) -> Schedule:
+    """The schedule A1111 1.10 runs for these names: "Automatic" is the sampler's own default there (Karras for
+    DPM++ 2M, Exponential for DPM++ 2M SDE, else Uniform); a named schedule is itself."""
+    sampler, schedule = resolve(sampler_name, scheduler)
+    if schedule.name == "automatic" and sampler.automatic is not None:
+        return _SCHEDULE_BY_NAME[sampler.automatic]
+    return schedule
+
+
+def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, scheduler: str | None = None,
+                   *, a1111: bool = False) -> Any:
+    """A fresh diffusers scheduler for these names, built on the model's own scheduler config.
+
+    ``a1111``: A1111's schedules, for one-shot requests (the live stream keeps the model's own spacing, "trailing"
+    in the shipped configs, right for turbo models). "Automatic" is the sampler's A1111 default, and a k-diffusion
+    sampler's Uniform, Karras and Exponential schedules span the model's whole sigma table as A1111's get_sigmas
+    does: timesteps from 999 down to 0 ("linspace" spacing; :func:`set_timesteps` mends what diffusers does
+    otherwise), and Karras/Exponential between its first and last sigma. Use :func:`set_timesteps` on it.
+    """
     import diffusers
 
     sampler, schedule = resolve(sampler_name, scheduler)
+    if a1111:
+        schedule = a1111_schedule(sampler_name, scheduler)
     cls = getattr(diffusers, sampler.scheduler)
     config = dict(base_config)
     # Options another solver left in the config must not leak into this one.
@@ -145,14 +169,39 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     # pipelines force it off in the same way.
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
         overrides["clip_sample"] = False
+    kdiffusion = a1111 and sampler.automatic is not None and "timestep_spacing" not in schedule.options
+    if kdiffusion:
+        overrides["timestep_spacing"] = "linspace"
     if sampler.scheduler == "DPMSolverSDEScheduler":
         _require_torchsde(sampler.name)
-    return cls.from_config(config, **overrides)
+    made = cls.from_config(config, **overrides)
+    made.a1111_sigmas = kdiffusion  # read by set_timesteps
+    return made
 
 
 def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
-    """``scheduler.set_timesteps(steps)`` for a one-shot request."""
+    """``scheduler.set_timesteps(steps)``; one made with ``a1111=True`` gets A1111's sigmas where diffusers'
+    "linspace" differs from them."""
+    if not getattr(scheduler, "a1111_sigmas", False):
+        scheduler.set_timesteps(steps, device=device)
+        return
+    # diffusers' linspace puts a 1-step schedule's timestep at 0 (A1111's linspace(999, 0, 1): 999, trailing's).
+    scheduler.register_to_config(timestep_spacing="trailing" if steps == 1 else "linspace")
     scheduler.set_timesteps(steps, device=device)
+    config = scheduler.config
+    sigma_schedule = any(config.get(key) for key in ("use_karras_sigmas", "use_exponential_sigmas",
+                                                     "use_beta_sigmas", "use_lu_lambdas"))
+    if type(scheduler).__name__ == "DPMSolverMultistepScheduler" and not sigma_schedule:
+        import torch
+
+        # Its linspace takes n of n + 1 rounded timesteps, ending at 50 of 1000 for 20 steps: A1111's uniform
+        # schedule (k-diffusion's get_sigmas) goes down to t = 0, then sigma 0.
+        table = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5
+        t = torch.linspace(len(table) - 1, 0, steps)
+        low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
+        sigmas = ((1 - weight) * table.log()[low] + weight * table.log()[high]).exp()
+        scheduler.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+        scheduler.timesteps = t.to(device)  # the fractional timesteps A1111's UNet gets
 
 
 def _require_torchsde(name: str) -> None:

@@ -113,6 +113,14 @@ def test_every_listed_sampler_generates(api):
                                                          "width": 64, "height": 64, "steps": 2})
         assert response.status_code == 200, (name, response.text)
         seen.add(from_b64(response.json()["images"][0]).tobytes())
+        # Automatic is A1111 1.10's per-sampler default, and the infotext names it (QA 33 H3).
+        infotext = json.loads(response.json()["info"])["infotexts"][0]
+        ran = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
+               "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential",
+               "DPM++ 3M SDE": "Exponential"}.get(name.removesuffix(" Karras"))
+        if name.endswith("Karras"):
+            ran = "Karras"
+        assert (f"Schedule type: {ran}," in infotext) if ran else ("Schedule type" not in infotext), (name, infotext)
     assert len(seen) >= 5, "different samplers give different images"
 
 

@@ -9,7 +9,7 @@ import torch
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest, hires_upscaler, image_noise
 from sdbridge.engines.models import load_pipeline_parts
-from sdbridge.engines.samplers import make_scheduler
+from sdbridge.engines.samplers import make_scheduler, set_timesteps
 from sdbridge.errors import SdbridgeError
 from tests.unit.engines.common import decoded_run, relative_error
 
@@ -41,7 +41,7 @@ def test_txt2img_matches_the_diffusers_pipeline(engine, sampler, cls):
     request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
                                 cfg_scale=4.0, sampler_name=sampler)
     ours = decoded_run(engine, request)
-    scheduler = make_scheduler(parts.scheduler.config, sampler)
+    scheduler = make_scheduler(parts.scheduler.config, sampler, a1111=True)  # as a one-shot request's
     assert type(scheduler).__name__ == cls
     pipe = diffusers.StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
@@ -286,8 +286,8 @@ def test_sdxl_txt2img_matches_the_diffusers_pipeline(sdxl_engine, negative):
     ours = decoded_run(sdxl_engine, request)
     pipe = StableDiffusionXLPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
-        tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=make_scheduler(parts.scheduler.config, "Euler"),
-        add_watermarker=False)
+        tokenizer_2=parts.tokenizer_2, unet=parts.unet, add_watermarker=False,
+        scheduler=make_scheduler(parts.scheduler.config, "Euler", a1111=True))
     pipe.set_progress_bar_config(disable=True)
     scale = sdxl_engine.vae_scale_factor
     latents = image_noise(7, 0, 0.0, (4, 48 // scale, 64 // scale))[None]
@@ -335,8 +335,8 @@ def test_ancestral_step_noise_continues_the_seed_s_generator(engine, sampler):
     ours = decoded_run(engine, request)
     pipe = diffusers.StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=make_scheduler(parts.scheduler.config, sampler), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        scheduler=make_scheduler(parts.scheduler.config, sampler, a1111=True), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompt="a red fox", negative_prompt="blur", num_inference_steps=4, guidance_scale=4.0, height=64,
                   width=64, generator=torch.Generator("cpu").manual_seed(7), output_type="pt").images
@@ -593,8 +593,8 @@ def test_img2img_runs_a1111_s_steps_from_a1111_s_sigma(engine, steps, strength):
     generation, calls = unet_calls(engine, init_images=[source], steps=steps, denoising_strength=strength)
     length, count, first = a1111_img2img_steps(steps, strength)
     assert len(calls) == count
-    full = make_scheduler(engine.parts.scheduler.config, "Euler")
-    full.set_timesteps(length)
+    full = make_scheduler(engine.parts.scheduler.config, "Euler", a1111=True)
+    set_timesteps(full, length)
     assert calls[0] == pytest.approx(float(full.timesteps[first]))
     scheduler = generation._scheduler([11])
     timesteps = generation._img2img_timesteps(scheduler, steps, strength)
@@ -610,6 +610,19 @@ def test_the_hires_pass_runs_exactly_its_steps_over_a_longer_schedule(engine, hr
                                    hr_second_pass_steps=hr_steps)
     length, count, first = a1111_img2img_steps(hr_steps or steps, strength, fixed=True)
     assert len(calls) == steps + count == steps + (hr_steps or steps)
-    full = make_scheduler(engine.parts.scheduler.config, "Euler")
-    full.set_timesteps(length)
+    full = make_scheduler(engine.parts.scheduler.config, "Euler", a1111=True)
+    set_timesteps(full, length)
     assert calls[steps] == pytest.approx(float(full.timesteps[first]))
+
+
+def test_txt2img_runs_a1111_s_schedule_on_a_trailing_model(engine):
+    """QA 33 H2/H3: the UNet's timesteps are A1111's (uniform: 999 down to 0; DPM++ 2M's Automatic is Karras), not
+    the shipped config's trailing ones (999 ... 249 at 4 steps) the live stream keeps."""
+    assert engine.parts.scheduler.config["timestep_spacing"] == "trailing"
+    _, calls = unet_calls(engine, steps=4, sampler_name="Euler")
+    assert calls == pytest.approx([999.0, 666.0, 333.0, 0.0])
+    _, one = unet_calls(engine, steps=1, sampler_name="Euler")
+    assert one == [999.0]  # diffusers' own linspace gives a 1-step schedule t = 0
+    generation, karras = unet_calls(engine, steps=4, sampler_name="DPM++ 2M")
+    assert generation._scheduler([1]).config["use_karras_sigmas"] is True
+    assert karras[0] == pytest.approx(999.0) and karras[-1] < 100

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from sdbridge.engines import samplers
 from sdbridge.engines.samplers import SamplerError
@@ -123,3 +126,81 @@ def test_a1111s_ddim_schedule_takes_every_nth_timestep_from_1():
     scheduler = samplers.make_scheduler(BASE, "Euler", "DDIM")
     scheduler.set_timesteps(20)
     assert [round(float(t)) for t in scheduler.timesteps] == list(range(951, 0, -50))
+
+
+# --- The oracle: A1111 1.10's schedules, written out (k-diffusion stays out of our dependencies) -----------------
+
+# modules/sd_samplers_kdiffusion.py ``samplers_k_diffusion``: each sampler's "scheduler" option, its Automatic.
+A1111_AUTOMATIC = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras", "DPM2 a": "karras",
+                   "DPM++ 2M SDE": "exponential", "DPM++ 2M SDE Heun": "exponential", "DPM++ 3M SDE": "exponential"}
+
+
+def a1111_sigma_table(config) -> torch.Tensor:
+    """The model's 1000 discrete sigmas as A1111 holds them: ldm's make_beta_schedule("linear") (float64
+    linspace of sqrt(beta), squared), alphas_cumprod, and k-diffusion CompVisDenoiser's ((1 - a) / a) ** 0.5."""
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
+                           dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def a1111_sigmas(config, schedule: str, n: int) -> torch.Tensor:
+    """modules/sd_samplers_kdiffusion.py ``KDiffusionSampler.get_sigmas``: uniform is k-diffusion's
+    DiscreteSchedule.get_sigmas (t = linspace(999, 0, n), log-sigma interpolated, then 0); Karras and
+    Exponential are k_diffusion.sampling's get_sigmas_karras/_exponential between the table's ends."""
+    table = a1111_sigma_table(config)
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    if schedule == "uniform":
+        t = torch.linspace(len(table) - 1, 0, n)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        sigmas = ((1 - w) * table.log()[low] + w * table.log()[high]).exp()
+    elif schedule == "karras":
+        ramp, rho = torch.linspace(0, 1, n), 7.0
+        sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    else:
+        sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def visited_sigmas(scheduler) -> torch.Tensor:
+    """The sigmas a scheduler steps through, each once (second-order ones hold each twice)."""
+    sigmas = [float(s) for s in scheduler.sigmas]
+    return torch.tensor([s for i, s in enumerate(sigmas) if i == 0 or abs(s - sigmas[i - 1]) > 1e-7])
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20])
+@pytest.mark.parametrize("schedule", ["automatic", "uniform", "karras", "exponential"])
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "LMS", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
+                                  "DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
+def test_a1111_schedules_are_a1111_s_sigmas_on_a_trailing_model(name: str, schedule: str, steps: int) -> None:
+    """QA 33 H2/H3: on the shipped (trailing) configs Automatic and Uniform ended at sigma 0.223 (A1111: 0.0292),
+    Karras/Exponential took that as sigma_min, and Automatic ignored A1111's per-sampler default."""
+    assert BASE["timestep_spacing"] == "trailing"
+    if schedule in ("karras", "exponential") and name == "Euler a":
+        pytest.skip("Euler a takes no sigma schedule (QA 33 M3)")
+    scheduler = samplers.make_scheduler(BASE, name, schedule, a1111=True)
+    samplers.set_timesteps(scheduler, steps)
+    ran = A1111_AUTOMATIC.get(name, "uniform") if schedule == "automatic" else schedule
+    assert samplers.a1111_schedule(name, schedule).name == ran
+    expected = a1111_sigmas(BASE, ran, steps)
+    ours = visited_sigmas(scheduler)
+    assert ours.shape == expected.shape, (ours, expected)
+    torch.testing.assert_close(ours, expected, rtol=2e-4, atol=1e-6)
+
+
+def test_the_live_stream_s_schedulers_keep_the_model_s_spacing() -> None:
+    """The A1111 semantics are an option for one-shot requests: the stream's scheduler is what it was."""
+    for name in ("Euler", "DPM++ 2M", "Euler a"):
+        scheduler = samplers.make_scheduler(BASE, name)
+        samplers.set_timesteps(scheduler, 4)
+        assert scheduler.config["timestep_spacing"] == "trailing"
+        assert [round(float(t)) for t in scheduler.timesteps[::scheduler.order]] == [999, 749, 499, 249]
+    assert samplers.make_scheduler(BASE, "DPM++ 2M").config["use_karras_sigmas"] is False
+
+
+def test_automatic_names_the_schedule_a1111_runs() -> None:
+    assert samplers.a1111_schedule("DPM++ 2M", "automatic").label == "Karras"
+    assert samplers.a1111_schedule("DPM++ 2M SDE", None).label == "Exponential"
+    assert samplers.a1111_schedule("Euler a", "automatic").name == "uniform"
+    assert samplers.a1111_schedule("DPM++ 2M", "sgm_uniform").name == "sgm_uniform"
+    assert samplers.a1111_schedule("DDIM", "automatic").name == "automatic"  # A1111's own timesteps (QA 33 M5)
