@@ -567,6 +567,7 @@ class Generation:
         extra: dict[str, Any] = {"generator": generators} if "generator" in accepted else {}
         if request.eta is not None and "eta" in accepted:
             extra["eta"] = request.eta
+        brownian = _brownian_noise(scheduler, latents.shape, seeds)
         self.progress.sampling_steps = len(timesteps)
         controls = request_stack(request.controlnet, batch, height, width, self.device, self.dtype,
                                  guided, copies=1 + len(weights)) if request.controlnet else None
@@ -611,6 +612,8 @@ class Generation:
                     noise_pred = noise_uncond
                     for weight, noise_cond in zip(weights, noise_conds):
                         noise_pred = noise_pred + (request.cfg_scale * weight) * (noise_cond - noise_uncond)
+                if brownian is not None:
+                    extra["variance_noise"] = brownian(t)
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                 if keep is not None:
                     init_latents, noise, mask = keep
@@ -741,6 +744,33 @@ def _crop_centre(latents: torch.Tensor, height: int, width: int) -> torch.Tensor
     """The middle ``height`` x ``width`` of [B, C, H, W] (A1111's hires truncation: the odd one off the end)."""
     top, left = (latents.shape[-2] - height) // 2, (latents.shape[-1] - width) // 2
     return latents[..., top:top + height, left:left + width]
+
+
+def _brownian_noise(scheduler: Any, shape: Sequence[int],
+                    seeds: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """DPM++ 2M SDE's (and 2M SDE Heun's, 3M SDE's) step noise as A1111 draws it: from a Brownian tree per image,
+    each from its own seed, over the pass's whole schedule (sd_samplers_kdiffusion.py ``create_noise_sampler``:
+    BrownianTreeNoiseSampler(x, sigma_min > 0, sigma_max, seed=the batch's seeds)), noise(sigma, next sigma) at each
+    step. diffusers would draw Gaussian noise from the generator (QA 33 H1). None for any other scheduler."""
+    if type(scheduler).__name__ != "DPMSolverMultistepScheduler" or not str(
+            scheduler.config.algorithm_type).startswith("sde"):
+        return None
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    sigmas = scheduler.sigmas.float().cpu()
+    # On the CPU in fp32, as A1111 with its RNG source on the CPU (it draws torchsde's noise with randn_local).
+    tree = BrownianTreeNoiseSampler(torch.zeros(tuple(shape)), float(sigmas[sigmas > 0].min()), float(sigmas.max()),
+                                    seed=list(seeds))
+
+    def draw(t: torch.Tensor) -> torch.Tensor:
+        index = scheduler.step_index
+        if index is None:
+            index = scheduler.begin_index if scheduler.begin_index is not None else scheduler.index_for_timestep(t)
+        if float(sigmas[index + 1]) == 0:  # the last step adds no noise; k-diffusion draws none there
+            return torch.zeros(tuple(shape))
+        return tree(sigmas[index], sigmas[index + 1])
+
+    return draw
 
 
 def _step_params(scheduler: Any) -> set[str]:

@@ -626,3 +626,37 @@ def test_txt2img_runs_a1111_s_schedule_on_a_trailing_model(engine):
     generation, karras = unet_calls(engine, steps=4, sampler_name="DPM++ 2M")
     assert generation._scheduler([1]).config["use_karras_sigmas"] is True
     assert karras[0] == pytest.approx(999.0) and karras[-1] < 100
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
+@pytest.mark.parametrize("img2img", [False, True])
+def test_dpm_2m_sde_step_noise_comes_from_a_brownian_tree_per_seed(engine, monkeypatch, sampler, img2img):
+    """QA 33 H1: A1111 (sd_samplers_kdiffusion.py create_noise_sampler) draws these samplers' step noise from
+    BrownianTreeNoiseSampler(x, sigma_min > 0, sigma_max, seed=the batch's seeds) over the pass's whole schedule,
+    noise(sigma_i, sigma_i+1) at step i and none into sigma 0; diffusers drew Gaussian noise from the generator.
+    The oracle is diffusers' copy of k-diffusion's BrownianTreeNoiseSampler (the same draws, per QA 33)."""
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    noises: list[tuple[float, float, torch.Tensor | None]] = []
+    step = DPMSolverMultistepScheduler.step
+
+    def spy(self, model_output, timestep, sample, *args, variance_noise=None, **kwargs):
+        index = self.step_index if self.step_index is not None else (self.begin_index or 0)
+        noises.append((self.sigmas, index, variance_noise))
+        return step(self, model_output, timestep, sample, *args, variance_noise=variance_noise, **kwargs)
+
+    monkeypatch.setattr(DPMSolverMultistepScheduler, "step", spy)
+    source = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    run(engine, sampler_name=sampler, seed=20, batch_size=2, steps=5,
+        **(dict(init_images=[source], denoising_strength=0.6) if img2img else {}))
+    sigmas = noises[0][0]
+    tree = BrownianTreeNoiseSampler(torch.zeros(2, 4, 8, 8), float(sigmas[sigmas > 0].min()), float(sigmas.max()),
+                                    seed=[20, 21])
+    assert len(noises) == (4 if img2img else 5)
+    for _, index, noise in noises:
+        assert noise is not None
+        if float(sigmas[index + 1]) == 0:
+            assert not noise.any()
+        else:
+            torch.testing.assert_close(noise, tree(sigmas[index], sigmas[index + 1]), rtol=0, atol=0)
