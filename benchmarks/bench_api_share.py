@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import client, commit, free_port, make_jpeg, start_daemon, summarise, wait_listening  # noqa: E402
+from bench_daemon import client, commit, free_port, make_frame, start_daemon, summarise, wait_listening  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ class RequestLoop(threading.Thread):
 def measure(args: argparse.Namespace, model: str) -> dict[str, object]:
     port = free_port()
     process = start_daemon(port, "diffusion", args.size, "wsproto", model)
-    jpeg = make_jpeg(args.size)
+    jpeg = make_frame(args.size)
     try:
         wait_listening(port, process)
         deadline = time.monotonic() + 300

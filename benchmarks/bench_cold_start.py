@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))                       # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_daemon import _engine_status, commit, free_port, make_jpeg, publish, stop  # noqa: E402
+from bench_daemon import _engine_status, commit, free_port, make_frame, publish, stop  # noqa: E402
 
 
 async def first_engine_frame(port: int, jpeg: bytes, launched: float, process: subprocess.Popen,
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.size = args.size or (512 if cuda else 64)
-    jpeg = make_jpeg(args.size)
+    jpeg = make_frame(args.size)
     with tempfile.TemporaryDirectory() as folder:
         model = args.model
         if model is None:
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
         name = torch.cuda.get_device_name(0)
     rows = ["| run | compile cache | port listening | engine ready | first engine frame |", "|---|---|---|---|---|"]
-    rows += [f"| {i + 1} | {r['cache']} | {r['listening_s']:.1f} s | {r['ready_s']:.1f} s | {r['first_frame_s']:.1f} s |"
-             for i, r in enumerate(runs)]
+    rows += [f"| {i + 1} | {r['cache']} | {r['listening_s']:.1f} s | {r['ready_s']:.1f} s "
+             f"| {r['first_frame_s']:.1f} s |" for i, r in enumerate(runs)]
     heading = (f"### bench_cold_start.py — {datetime.date.today()}, commit {commit()}, {name}, "
                f"{'--model ' + Path(args.model).name if args.model else 'tiny random model'}, {args.size}², "
                f"engine compiled")

@@ -1,6 +1,7 @@
 """The bridge's own cost: the whole daemon over loopback WebSocket, against a bare echo server.
 
-    python benchmarks/bench_daemon.py [--seconds 10] [--size 512] [--device cuda] [--model PATH] [--json F] [--write]
+    python benchmarks/bench_daemon.py [--seconds 10] [--size 512] [--raw] [--device cuda] [--model PATH] [--json F]
+                                      [--write]
 
 Each server runs in its own process; this process is the client: one frame in flight (or, in the
 rows that say so, two: a source that sends without waiting, which the worker's pipeline serves by
@@ -56,6 +57,12 @@ ECHO_SERVER = textwrap.dedent("""
             data = message.get("bytes")
             if data is None:
                 continue
+            if data[:4] == b"SDBF":  # --raw: header and pixels back as they came, what any bridge pays (recv + send)
+                try:
+                    await ws.send_bytes(data)
+                except WebSocketDisconnect:
+                    return
+                continue
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85,
                                                     cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
@@ -104,26 +111,30 @@ def start_daemon(port: int, engine: str, size: int, ws_impl: str, model: str | N
     return subprocess.Popen([*command, *extra], cwd=ROOT)
 
 
-def make_jpeg(size: int) -> bytes:
-    """A webcam-like frame: smooth shapes plus sensor noise, about 50-70 KB at 512² and quality 85."""
+def make_frame(size: int, raw: bool = False) -> bytes:
+    """A webcam-like frame: smooth shapes plus sensor noise, about 50-70 KB at 512² and quality 85; with ``raw``,
+    its RGBA8 rows bottom-up, as TouchDesigner's TOPs give them (1 MB at 512²)."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     image = np.stack([128 + 100 * np.sin(6 * x + 2 * y), 128 + 100 * np.sin(5 * y), 128 + 90 * np.cos(4 * (x - y))],
                      axis=-1)
-    image += rng.normal(0, 12, image.shape)
-    ok, jpeg = cv2.imencode(".jpg", np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    if raw:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)[::-1].tobytes()
+    ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
     return jpeg.tobytes()
 
 
 async def client(port: int, jpeg: bytes, seconds: float, warmup_s: float, in_flight: int = 1,
-                 ids: bool = False) -> list[float]:
+                 ids: bool = False, raw_size: int = 0) -> list[float]:
     """Keeps ``in_flight`` frames ahead of the replies (1: send, wait for the reply, send again; 2 or
     more: a source that does not wait, as a camera feeding a busy daemon); returns the round-trip times
     (s) after warm-up. With more than one in flight each frame carries a v1 header whose frame id the
     reply echoes: the daemon may drop a frame for a newer one (its newest-frame slot) and never answer
     it, so a reply to frame k settles every frame up to k (``ids``). The echo server answers every bare
-    JPEG in order."""
-    from sdbridge.bridge.protocol import FrameHeader, PixelFormat, pack_frame
+    JPEG in order. ``raw_size``: ``jpeg`` is RGBA8 rows of that square size, sent with a header asking for RGBA8
+    rows back (every frame carries a header then)."""
+    from sdbridge.bridge.protocol import Flags, FrameHeader, PixelFormat, pack_frame
 
     times: list[float] = []
     sent_at: dict[int, float] = {}
@@ -133,10 +144,11 @@ async def client(port: int, jpeg: bytes, seconds: float, warmup_s: float, in_fli
         while time.perf_counter() - started < warmup_s + seconds:
             while next_id - 1 - settled < in_flight:
                 message = jpeg
-                if ids:
-                    header = FrameHeader(version=1, pixel_format=PixelFormat.JPEG, flags=0, channel=0,
-                                         reply_format=PixelFormat.JPEG, frame_id=next_id, client_ts_us=0,
-                                         width=0, height=0, payload_length=len(jpeg))
+                if ids or raw_size:
+                    kind = PixelFormat.RGBA8 if raw_size else PixelFormat.JPEG
+                    header = FrameHeader(version=1, pixel_format=kind, flags=Flags.BOTTOM_UP if raw_size else 0,
+                                         channel=0, reply_format=kind, frame_id=next_id, client_ts_us=0,
+                                         width=raw_size, height=raw_size, payload_length=len(jpeg))
                     message = pack_frame(header, jpeg)
                 sent_at[next_id] = time.perf_counter()
                 await ws.send(message)
@@ -179,7 +191,8 @@ def run_server(kind: str, args: argparse.Namespace, jpeg: bytes, model: str | No
 
         async def run_all() -> list[list[float]]:
             return await asyncio.gather(*(client(port, jpeg, args.seconds, args.warmup, in_flight,
-                                                 ids=in_flight > 1 and kind != "echo")
+                                                 ids=in_flight > 1 and kind != "echo",
+                                                 raw_size=args.size if args.raw else 0)
                                           for _ in range(clients)))
 
         return [summarise(times, args.seconds) for times in asyncio.run(run_all())]
@@ -238,15 +251,18 @@ def main() -> None:
     parser.add_argument("--ws-impl", default="wsproto", help="uvicorn's WebSocket implementation, for both servers")
     parser.add_argument("--in-flight", type=int, default=2,
                         help="rows with this many frames ahead of the replies as well (1: none)")
+    parser.add_argument("--raw", action="store_true", help="RGBA8 rows in and out (bottom-up, TouchDesigner's TOPs) "
+                        "rather than JPEG; the echo server sends them back as they came")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    jpeg = make_jpeg(args.size)
+    jpeg = make_frame(args.size, args.raw)
 
     rows: list[tuple[str, dict[str, float]]] = []
     ahead = args.in_flight
     echo = run_server("echo", args, jpeg)[0]
-    rows.append(("bare echo (WebSocket + JPEG decode/encode)", echo))
+    rows.append(("bare echo (WebSocket + JPEG decode/encode)" if not args.raw else "bare echo (WebSocket, raw frames "
+                 "sent back)", echo))
     identity = run_server("identity", args, jpeg)[0]
     rows.append(("daemon, identity engine", identity))
     rows.append(("daemon, preview engine (cartoon)", run_server("preview", args, jpeg)[0]))
@@ -280,7 +296,8 @@ def main() -> None:
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available()
               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU")
     lines = [f"### bench_daemon.py — {datetime.date.today()}, commit {commit()}, {device}",
-             f"{args.size}×{args.size} JPEG ({len(jpeg) // 1024} KB) in and out, one frame in flight unless a row "
+             f"{args.size}×{args.size} {'RGBA8 rows' if args.raw else 'JPEG'} ({len(jpeg) // 1024} KB) in and out, "
+             "one frame in flight unless a row "
              f"says more (a source that sends without waiting), {args.seconds:g} s per row after {args.warmup:g} s "
              f"warm-up, WebSocket implementation {args.ws_impl}.", "",
              "| server | frames/s | p50 ms | p99 ms |", "|---|---|---|---|"]
@@ -291,7 +308,7 @@ def main() -> None:
               "four clients at once (identity): " + ", ".join(f"{s['frames'] / total:.0%} ({s['fps']:.0f} fps)"
                                                               for s in shares)]
     record = {"benchmark": "bench_daemon", "date": str(datetime.date.today()), "commit": commit(), "device": device,
-              "size": args.size, "jpeg_bytes": len(jpeg), "seconds": args.seconds,
+              "size": args.size, "raw": args.raw, "frame_bytes": len(jpeg), "seconds": args.seconds,
               "rows": [{"name": name, **row} for name, row in rows],
               "identity_over_echo": identity["fps"] / echo["fps"],
               "four_client_shares": [s["frames"] / total for s in shares]}

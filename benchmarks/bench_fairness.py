@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
-    jpeg, png = bench_daemon.make_jpeg(args.size), make_png(args.heavy)
+    jpeg, png = bench_daemon.make_frame(args.size), make_png(args.heavy)
     port = bench_daemon.free_port()
     process = bench_daemon.start_daemon(port, args.engine, args.size, args.ws_impl, device=args.device, sessions=2,
                                         extra=("--set", f"output_size={args.output_size}"))

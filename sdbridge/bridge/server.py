@@ -225,6 +225,10 @@ class Daemon:
         self.port = sock.getsockname()[1]
         self._middleware = AccessMiddleware(create_app(self), AccessPolicy(settings, self.port))
         redact_tokens(logging.getLogger("uvicorn.error"))  # it logs a WebSocket's ?token= with its path
+        if settings.ws_impl == "wsproto":
+            from sdbridge.bridge import wsproto_fast
+
+            wsproto_fast.install()  # unmasking and framing in C: 2.4 MB raw frames cost ms less each way (QA 35)
         protocol = guarded_protocol(self.http_guard)
         self._http_guarded = protocol is not None
         config = uvicorn.Config(
