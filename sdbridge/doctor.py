@@ -201,8 +201,8 @@ def _schema_with_plugins() -> Any:
 
 def check_params(settings: Settings) -> list[Finding]:
     """The starting values (the config file's [params], ``--set``) checked as serve checks them: against the
-    schema with the installed plugins' parameters, by each parameter's own validation (a LoRA or ControlNet name
-    against its folder). An unknown name or a value out of range or type stops ``serve`` (exit 2); here each one
+    schema with the installed plugins' parameters, by each parameter's own validation (a LoRA, ControlNet,
+    IP-Adapter or motion-adapter name against its folder). An unknown name or a value out of range or type stops ``serve`` (exit 2); here each one
     is an ERROR."""
     from sdbridge.bridge.engine_host import EngineHost
     from sdbridge.engines.models import lora_folder
