@@ -319,6 +319,11 @@ class _Request(FiniteBody):
     restore_faces: bool | None = Field(None, description="accepted and ignored (no face restorer is shipped)")
     tiling: bool | None = Field(None, description="accepted and ignored")
     eta: float | None = Field(None, ge=0.0, le=1.0)
+    # A1111's sigma churn options; each sampler takes those A1111 passes it (engines/samplers.py A1111_OPTIONS).
+    s_churn: float | None = Field(None, ge=0.0, le=100.0)
+    s_tmin: float | None = Field(None, ge=0.0)
+    s_tmax: float | None = Field(None, ge=0.0, description="0: no limit")
+    s_noise: float | None = Field(None, ge=0.0, le=10.0)
     denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
@@ -722,6 +727,8 @@ class A1111Api:
             subseed_strength=body.subseed_strength, sampler_name=sampler.name, scheduler=schedule.name,
             steps=body.steps, cfg_scale=body.cfg_scale, width=body.width, height=body.height,
             batch_size=body.batch_size, n_iter=body.n_iter, eta=body.eta,
+            **{name: getattr(body, name) for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")
+               if getattr(body, name) is not None},
             seed_resize_from_w=max(body.seed_resize_from_w, 0), seed_resize_from_h=max(body.seed_resize_from_h, 0))
         clip_stop = body.override_settings.get("CLIP_stop_at_last_layers")
         if clip_stop is not None:  # this request only, as A1111 restores it afterwards

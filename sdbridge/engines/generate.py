@@ -101,6 +101,12 @@ class GenerationRequest:
     batch_size: int = 1
     n_iter: int = 1
     eta: float | None = None
+    # A1111's sigma churn options (Euler, Heun, DPM2) and noise scale (those and the ancestral and SDE samplers):
+    # see samplers.A1111_OPTIONS for what each sampler takes here. s_tmax 0 is no limit, as in A1111.
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+    s_noise: float = 1.0
     clip_skip: int | None = None  # text-encoder layers skipped (A1111's clip skip - 1); None: the live value
     seed_resize_from_w: int = 0   # > 0 with _h: the noise a seed gives at that size, pasted centred
     seed_resize_from_h: int = 0
@@ -472,7 +478,8 @@ class Generation:
         try:
             if self._hires_prompts is None:  # the same for every batch of the request
                 self._hires_prompts = self._prompt_schedule(hires_steps=steps)
-            return (yield from self._denoise(scheduler, timesteps, start, self._hires_prompts, seeds))
+            return (yield from self._denoise(scheduler, timesteps, start, self._hires_prompts, seeds,
+                                             sampler_name=request.hires_sampler()[0]))
         finally:
             self.loras = first_loras
 
@@ -549,8 +556,8 @@ class Generation:
     # --- the shared loop ----------------------------------------------------------------------
 
     def _denoise(self, scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor, prompts: list[PromptStep],
-                 seeds: list[int],
-                 keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Iterator[None]:
+                 seeds: list[int], keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 sampler_name: str | None = None) -> Iterator[None]:
         """The UNet steps with classifier-free guidance; yields after each one."""
         request = self.request
         unet = self.parts.unet
@@ -565,9 +572,8 @@ class Generation:
         generators = self._generators if len(self._generators) == batch else [
             torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         extra: dict[str, Any] = {"generator": generators} if "generator" in accepted else {}
-        if request.eta is not None and "eta" in accepted:
-            extra["eta"] = request.eta
         brownian = _brownian_noise(scheduler, latents.shape, seeds)
+        extra.update(self._sampler_options(sampler_name or request.sampler_name, accepted, brownian is not None))
         self.progress.sampling_steps = len(timesteps)
         controls = request_stack(request.controlnet, batch, height, width, self.device, self.dtype,
                                  guided, copies=1 + len(weights)) if request.controlnet else None
@@ -613,7 +619,7 @@ class Generation:
                     for weight, noise_cond in zip(weights, noise_conds):
                         noise_pred = noise_pred + (request.cfg_scale * weight) * (noise_cond - noise_uncond)
                 if brownian is not None:
-                    extra["variance_noise"] = brownian(t)
+                    extra["variance_noise"] = brownian(t) * request.s_noise
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                 if keep is not None:
                     init_latents, noise, mask = keep
@@ -630,6 +636,35 @@ class Generation:
         return latents
 
     # --- pieces -------------------------------------------------------------------------------
+
+    def _sampler_options(self, sampler_name: str, accepted: set[str], brownian: bool) -> dict[str, Any]:
+        """The request's eta and churn options that this pass's scheduler step takes. One A1111 would pass to the
+        sampler, at a value other than A1111's default, that the diffusers step cannot take goes into the request's
+        warnings (QA 33 M4: they were dropped unsaid)."""
+        request = self.request
+        extra: dict[str, Any] = {}
+        if request.eta is not None and "eta" in accepted:
+            extra["eta"] = request.eta
+        sampler = samplers.resolve(sampler_name)[0].name
+        for name in samplers.A1111_OPTIONS.get(sampler, ()):
+            value = getattr(request, name)
+            if value is None or value == samplers.A1111_OPTION_DEFAULTS[name] or name in extra:
+                continue
+            if name in accepted:
+                extra[name] = math.inf if name == "s_tmax" and value == 0 else value
+            elif not (name == "s_noise" and brownian):  # the Brownian noise is scaled by it in _denoise
+                warning = (f"{name} {value:g} ignored: diffusers' {sampler} takes no {name} (A1111's default, "
+                           f"{samplers.A1111_OPTION_DEFAULTS[name]:g}, ran)")
+                if warning not in request.warnings:
+                    request.warnings.append(warning)
+        if "s_churn" in extra and sampler == "Euler":
+            # k-diffusion's sample_euler churns x before the model call and evaluates it at the raised sigma;
+            # diffusers' step churns after it, with the model output at the old sigma (QA 33 oracle: 5.6 apart).
+            warning = (f"s_churn {request.s_churn:g} applied as diffusers' Euler does (noise added after the UNet "
+                       f"call, where A1111 adds it before): not A1111's picture")
+            if warning not in request.warnings:
+                request.warnings.append(warning)
+        return extra
 
     def _hidden(self, text: torch.Tensor, negative_rows: int, index: int, count: int) -> Any:
         """The UNet's encoder hidden states at step ``index`` of ``count``: the text, with the request's image

@@ -132,6 +132,19 @@ def names() -> list[str]:
     return out
 
 
+# The options A1111 1.10 passes each sampler (sd_samplers_kdiffusion.py ``sampler_extra_params``, and eta where the
+# k-diffusion function takes one; its DDIM takes eta too), with A1111's defaults: a value other than these changes
+# its image. diffusers' Euler takes the churn options, DDIM and TCD eta, DPM++ SDE s_noise; our Brownian noise for
+# the 2M/3M SDE samplers takes s_noise. The rest would be dropped: generate.py says so in the request's warnings.
+A1111_OPTION_DEFAULTS: dict[str, float] = {"eta": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+A1111_OPTIONS: dict[str, tuple[str, ...]] = {
+    "Euler": _CHURN, "Heun": _CHURN, "DPM2": _CHURN, "Euler a": ("eta",), "DPM2 a": ("eta", "s_noise"),
+    "DPM++ SDE": ("eta", "s_noise"), "DPM++ 2M SDE": ("eta", "s_noise"), "DPM++ 2M SDE Heun": ("eta", "s_noise"),
+    "DPM++ 3M SDE": ("eta", "s_noise"), "DDIM": ("eta",), "TCD": ("eta",),
+}
+
+
 def a1111_schedule(sampler_name: str | None, scheduler: str | None = None) -> Schedule:
     """The schedule A1111 1.10 runs for these names: "Automatic" is the sampler's own default there (Karras for
     DPM++ 2M, Exponential for DPM++ 2M SDE, else Uniform); a named schedule is itself."""

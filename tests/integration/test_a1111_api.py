@@ -724,3 +724,21 @@ def test_the_vae_option_names_the_file_as_sd_vae_lists_it(start_daemon, tmp_path
         listed = [entry["model_name"] for entry in http.get("/sdapi/v1/sd-vae").json()]
         assert listed == ["myvae.safetensors"] == [http.get("/sdapi/v1/options").json()["sd_vae"]]
         assert http.post("/sdapi/v1/options", json={"sd_vae": "myvae.safetensors"}).status_code == 200
+
+
+def test_churn_options_reach_the_sampler_or_are_named_in_the_warnings(api):
+    """QA 33 M4: s_churn & co. were dropped by the request model (extra fields ignored) and eta unsaid."""
+    def post(**fields):
+        response = api.post("/sdapi/v1/txt2img", json={"prompt": "a fox", "seed": 5, **SMALL, **fields})
+        assert response.status_code == 200, response.text
+        return from_b64(response.json()["images"][0]), json.loads(response.json()["info"]).get("warnings", [])
+
+    plain, none = post(sampler_name="Euler")
+    churned, warned = post(sampler_name="Euler", s_churn=1.0, s_noise=0.9)
+    assert none == [] and warned[0].startswith("s_churn 1 applied as diffusers' Euler does") and len(warned) == 1
+    assert not np.array_equal(plain, churned)
+    _, heun = post(sampler_name="Heun", s_churn=1.0)
+    _, ancestral = post(sampler_name="Euler a", eta=0.5)
+    assert heun == ["s_churn 1 ignored: diffusers' Heun takes no s_churn (A1111's default, 0, ran)"]
+    assert ancestral == ["eta 0.5 ignored: diffusers' Euler a takes no eta (A1111's default, 1, ran)"]
+    assert api.post("/sdapi/v1/txt2img", json={"prompt": "x", "s_churn": -1, **SMALL}).status_code == 422

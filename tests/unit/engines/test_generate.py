@@ -660,3 +660,30 @@ def test_dpm_2m_sde_step_noise_comes_from_a_brownian_tree_per_seed(engine, monke
             assert not noise.any()
         else:
             torch.testing.assert_close(noise, tree(sigmas[index], sigmas[index + 1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampler, options, applied", [
+    ("Euler", {"s_churn": 1.0}, True), ("Euler", {"s_churn": 1.0, "s_tmax": 2.0, "s_noise": 0.5}, True),
+    ("DPM++ 2M SDE", {"s_noise": 0.5}, True), ("DPM++ SDE", {"s_noise": 0.5}, True),
+    ("Heun", {"s_churn": 1.0}, False), ("Euler a", {"eta": 0.5}, False), ("DPM2 a", {"s_noise": 0.5}, False),
+    ("DPM++ 2M SDE", {"eta": 0.3}, False),
+])
+def test_eta_and_churn_options_apply_where_the_step_takes_them_and_warn_where_not(engine, sampler, options, applied):
+    """QA 33 M4: A1111 passes eta, s_churn, s_tmin, s_tmax and s_noise to the samplers its sampler_extra_params
+    name; they were dropped here without a word. Now a diffusers step that takes one gets it, else a warning."""
+    plain = run(engine, sampler_name=sampler, steps=3)
+    asked = run(engine, sampler_name=sampler, steps=3, **options)
+    assert plain.request.warnings == []
+    if applied:
+        churn = [f"s_churn 1 applied as diffusers' Euler does (noise added after the UNet call, where A1111 adds it "
+                 f"before): not A1111's picture"] if "s_churn" in options else []
+        assert asked.request.warnings == churn
+        assert not np.array_equal(asked.images[0], plain.images[0])
+    else:
+        name, value = next(iter(options.items()))
+        assert asked.request.warnings == [f"{name} {value:g} ignored: diffusers' {sampler} takes no {name} "
+                                          f"(A1111's default, {1.0 if name != 's_churn' else 0.0:g}, ran)"]
+        np.testing.assert_array_equal(asked.images[0], plain.images[0])
+    # A1111's defaults change nothing and say nothing.
+    same = run(engine, sampler_name=sampler, steps=3, eta=1.0, s_churn=0.0, s_noise=1.0, s_tmin=0.0, s_tmax=0.0)
+    assert same.request.warnings == [] and np.array_equal(same.images[0], plain.images[0])
