@@ -365,7 +365,7 @@ class _Request(FiniteBody):
         """Each name may be known and the pair still not run (Euler a takes no Karras; LCM no schedule type)."""
         if self.scheduler is not None:
             try:
-                samplers.resolve(self.sampler(), self.scheduler)
+                samplers.resolve(self.sampler(), self.scheduler, a1111=True)
             except SdbridgeError as exc:
                 raise ValueError(str(exc)) from None
         return self
@@ -416,7 +416,8 @@ class Txt2ImgRequest(_Request):
     def _hires_sampler(self) -> Txt2ImgRequest:
         if self.enable_hr and (self.hr_sampler_name or self.hr_scheduler):
             try:
-                samplers.resolve(runnable_sampler(self.hr_sampler_name or self.sampler()), self.hr_scheduler)
+                samplers.resolve(runnable_sampler(self.hr_sampler_name or self.sampler()), self.hr_scheduler,
+                                 a1111=True)
             except SdbridgeError as exc:
                 raise ValueError(f"hires pass: {exc}") from None
         return self
@@ -721,7 +722,7 @@ class A1111Api:
         for field, text in (("negative_prompt", negative), ("hr_negative_prompt", hr_negative)):
             self.check_weights(text, kind, field)
         # "DPM++ 2M Karras" becomes "DPM++ 2M" with the Karras schedule, as A1111 1.9+ records it.
-        sampler, schedule = samplers.resolve(body.sampler(), body.scheduler)
+        sampler, schedule = samplers.resolve(body.sampler(), body.scheduler, a1111=True)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative, seed=body.seed, subseed=body.subseed,
             subseed_strength=body.subseed_strength, sampler_name=sampler.name, scheduler=schedule.name,
@@ -742,7 +743,7 @@ class A1111Api:
             request.hr_prompt, request.hr_negative_prompt = hr_prompt, hr_negative
             if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
                 hr_sampler, hr_schedule = samplers.resolve(runnable_sampler(body.hr_sampler_name or body.sampler()),
-                                                           body.hr_scheduler)
+                                                           body.hr_scheduler, a1111=True)
                 request.hr_sampler_name = hr_sampler.name if body.hr_sampler_name else None
                 # "DPM++ 2M Karras" names its schedule; a bare name leaves it to hires_sampler (the first pass's).
                 named = bool(body.hr_scheduler) or hr_schedule.name != "automatic"

@@ -173,7 +173,7 @@ class GenerationRequest:
         if self.hr_scheduler:
             return self.hr_sampler_name, self.hr_scheduler
         try:
-            samplers.resolve(self.hr_sampler_name, self.scheduler)
+            samplers.resolve(self.hr_sampler_name, self.scheduler, a1111=True)
         except SdbridgeError:
             return self.hr_sampler_name, "automatic"  # as A1111's fix_p_invalid_sampler_and_scheduler
         return self.hr_sampler_name, self.scheduler
@@ -337,11 +337,11 @@ class Generation:
         # one single-batch UNet call (benchmarks/bench_api_share.py).
         self.split_guidance = False
         # Checked here so that a bad name fails before any work, with the name in the message.
-        samplers.resolve(request.sampler_name, request.scheduler)
+        samplers.resolve(request.sampler_name, request.scheduler, a1111=True)
         if request.enable_hr and request.hr_model is None:
             hires_upscaler(request.hr_upscaler)
         if request.enable_hr:
-            samplers.resolve(*request.hires_sampler())
+            samplers.resolve(*request.hires_sampler(), a1111=True)
 
     # --- the request --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ prediction type, timestep spacing) is kept; only the solver and the sigma schedu
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,8 +101,17 @@ _SIGMA_SCHEDULERS = {"EulerDiscreteScheduler", "LMSDiscreteScheduler",
                      "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "UniPCMultistepScheduler"}
 
 
-def resolve(sampler_name: str | None, scheduler: str | None = None) -> tuple[Sampler, Schedule]:
-    """A1111's sampler (and schedule) names -> ours; the combined "DPM++ 2M Karras" form works too."""
+# Schedulers whose sigmas set_timesteps replaces with A1111's for a one-shot request: DPM++ 2M's (its linspace ends at
+# t = 50 of 1000, and its Karras/Exponential timesteps are rounded for the UNet: QA 33 L3) and Euler a's, which
+# builds no Karras or Exponential schedule itself (A1111 runs any schedule with any sampler: QA 33 M3).
+_A1111_SIGMAS = {"DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"}
+_A1111_SCHEDULES = ("uniform", "normal", "karras", "exponential")
+
+
+def resolve(sampler_name: str | None, scheduler: str | None = None,
+            a1111: bool = False) -> tuple[Sampler, Schedule]:
+    """A1111's sampler (and schedule) names -> ours; the combined "DPM++ 2M Karras" form works too. ``a1111``: as
+    a one-shot request runs them (make_scheduler's ``a1111``), where Euler a takes Karras and Exponential too."""
     name = (sampler_name or "Euler a").strip()
     schedule_name = (scheduler or "automatic").strip()
     sampler = _BY_NAME.get(name.lower())
@@ -118,7 +128,8 @@ def resolve(sampler_name: str | None, scheduler: str | None = None) -> tuple[Sam
     if schedule is None:
         raise SamplerError(f"unknown scheduler {scheduler!r} (known: {', '.join(s.label for s in SCHEDULES)})",
                            code="unknown_scheduler")
-    if (schedule.sigmas and sampler.scheduler not in _SIGMA_SCHEDULERS) or (
+    computed = a1111 and sampler.scheduler in _A1111_SIGMAS and schedule.name in _A1111_SCHEDULES
+    if (schedule.sigmas and sampler.scheduler not in _SIGMA_SCHEDULERS and not computed) or (
             "timestep_spacing" in schedule.options and not sampler.spaced):
         raise SamplerError(f"sampler {sampler.name!r} does not take the {schedule.label} schedule",
                            code="unknown_scheduler")
@@ -148,7 +159,7 @@ A1111_OPTIONS: dict[str, tuple[str, ...]] = {
 def a1111_schedule(sampler_name: str | None, scheduler: str | None = None) -> Schedule:
     """The schedule A1111 1.10 runs for these names: "Automatic" is the sampler's own default there (Karras for
     DPM++ 2M, Exponential for DPM++ 2M SDE, else Uniform); a named schedule is itself."""
-    sampler, schedule = resolve(sampler_name, scheduler)
+    sampler, schedule = resolve(sampler_name, scheduler, a1111=True)
     if schedule.name == "automatic" and sampler.automatic is not None:
         return _SCHEDULE_BY_NAME[sampler.automatic]
     return schedule
@@ -166,7 +177,7 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     """
     import diffusers
 
-    sampler, schedule = resolve(sampler_name, scheduler)
+    sampler, schedule = resolve(sampler_name, scheduler, a1111=a1111)
     if a1111:
         schedule = a1111_schedule(sampler_name, scheduler)
     cls = getattr(diffusers, sampler.scheduler)
@@ -185,10 +196,14 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     kdiffusion = a1111 and sampler.automatic is not None and "timestep_spacing" not in schedule.options
     if kdiffusion:
         overrides["timestep_spacing"] = "linspace"
+    if sampler.scheduler not in _SIGMA_SCHEDULERS:  # Euler a: set_timesteps computes the schedule
+        for key in ("use_karras_sigmas", "use_exponential_sigmas"):
+            overrides.pop(key, None)
     if sampler.scheduler == "DPMSolverSDEScheduler":
         _require_torchsde(sampler.name)
     made = cls.from_config(config, **overrides)
     made.a1111_sigmas = kdiffusion  # read by set_timesteps
+    made.a1111_schedule = schedule.name
     return made
 
 
@@ -201,20 +216,38 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
     # diffusers' linspace puts a 1-step schedule's timestep at 0 (A1111's linspace(999, 0, 1): 999, trailing's).
     scheduler.register_to_config(timestep_spacing="trailing" if steps == 1 else "linspace")
     scheduler.set_timesteps(steps, device=device)
-    config = scheduler.config
-    sigma_schedule = any(config.get(key) for key in ("use_karras_sigmas", "use_exponential_sigmas",
-                                                     "use_beta_sigmas", "use_lu_lambdas"))
-    if type(scheduler).__name__ == "DPMSolverMultistepScheduler" and not sigma_schedule:
-        import torch
+    schedule = getattr(scheduler, "a1111_schedule", None)
+    if type(scheduler).__name__ in _A1111_SIGMAS and schedule in _A1111_SCHEDULES:
+        sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps)
+        scheduler.sigmas = sigmas
+        scheduler.timesteps = timesteps.to(device)  # fractional, as A1111's UNet gets them
 
-        # Its linspace takes n of n + 1 rounded timesteps, ending at 50 of 1000 for 20 steps: A1111's uniform
-        # schedule (k-diffusion's get_sigmas) goes down to t = 0, then sigma 0.
-        table = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5
+
+def a1111_sigmas(alphas_cumprod: Any, schedule: str, steps: int) -> tuple[Any, Any]:
+    """A1111's ``steps``-step schedule (its sigmas, then 0) and the UNet's timestep for each step: k-diffusion's
+    DiscreteSchedule over the model's sigma table, as KDiffusionSampler.get_sigmas uses it. Uniform (and Normal):
+    t = linspace(999, 0, n), log-sigma interpolated; Karras and Exponential: get_sigmas_karras/_exponential between
+    the table's first and last sigma, each sigma's t interpolated back (sigma_to_t, unquantized)."""
+    import torch
+
+    table = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float().cpu()
+    log_table = table.log()
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    if schedule in ("uniform", "normal"):
         t = torch.linspace(len(table) - 1, 0, steps)
         low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
-        sigmas = ((1 - weight) * table.log()[low] + weight * table.log()[high]).exp()
-        scheduler.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
-        scheduler.timesteps = t.to(device)  # the fractional timesteps A1111's UNet gets
+        sigmas = ((1 - weight) * log_table[low] + weight * log_table[high]).exp()
+    else:
+        if schedule == "karras":
+            ramp, rho = torch.linspace(0, 1, steps), 7.0
+            sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+        else:
+            sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp()
+        dists = sigmas.log() - log_table[:, None]                                    # [1000, n]
+        low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(table) - 2)
+        weight = ((log_table[low] - sigmas.log()) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
+        t = (1 - weight) * low + weight * (low + 1)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float(), t.float()
 
 
 def _require_torchsde(name: str) -> None:
@@ -226,7 +259,7 @@ def _require_torchsde(name: str) -> None:
 
 def _takes(sampler: Sampler, schedule: Schedule) -> bool:
     try:
-        resolve(sampler.name, schedule.name)
+        resolve(sampler.name, schedule.name, a1111=True)
     except SamplerError:
         return False
     return True

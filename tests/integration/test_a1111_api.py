@@ -184,8 +184,8 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
     parsed = api.post("/sdapi/v1/png-info", json={"image": own["images"][0]}).json()["parameters"]
     assert parsed["Hires prompt"] == "a ship, at dusk, oil painting" and parsed["Hires schedule type"] == "Karras"
     for body, words in [({"hr_sampler_name": "Euler Z"}, "hires pass: unknown sampler 'Euler Z'"),
-                        ({"hr_sampler_name": "Euler a", "hr_scheduler": "Karras"},
-                         "sampler 'Euler a' does not take the Karras schedule"),
+                        ({"hr_sampler_name": "Euler a", "hr_scheduler": "Beta"},
+                         "sampler 'Euler a' does not take the Beta schedule"),
                         ({"hr_prompt": "a boat <lora:nosuch:1>"}, "hr_prompt: LoRA 'nosuch' not found")]:
         response = api.post("/sdapi/v1/txt2img", json={**hires, **body})
         assert response.status_code == 422 and words in response.text, (body, response.text)
@@ -202,7 +202,7 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
     ({"scheduler": "Wobbly"}, "unknown scheduler 'Wobbly'"),
     ({"prompt": "a cat AND a dog:1" + "0" * 30}, "the AND part 'a dog' has weight 1e+30, out of range"),
     ({"negative_prompt": "(blur:1.2.3)"}, "negative_prompt: prompt weight '1.2.3'"),
-    ({"sampler_name": "Euler a", "scheduler": "Karras"}, "sampler 'Euler a' does not take the Karras schedule"),
+    ({"sampler_name": "Euler a", "scheduler": "Beta"}, "sampler 'Euler a' does not take the Beta schedule"),
     ({"sampler_name": "LCM", "scheduler": "DDIM"}, "sampler 'LCM' does not take the DDIM schedule"),
 ])
 def test_bad_txt2img_requests_get_422_with_a_reason(api, body, words):

@@ -84,10 +84,12 @@ def test_every_listed_name_resolves() -> None:
     assert {"name", "aliases", "options"} <= set(listed[0])
     # Each lists the schedule types it takes, each of which it runs (Euler a: no Karras; QA 6).
     by_name = {entry["name"]: entry["options"].get("scheduler", "") for entry in listed}
-    assert "karras" in by_name["Euler"] and "karras" not in by_name["Euler a"] and "karras" not in by_name["LCM"]
+    # /sdapi/v1/samplers is the A1111 API's: Euler a takes Karras there (QA 33 M3), but not Beta nor on the stream.
+    assert "karras" in by_name["Euler"] and "karras" in by_name["Euler a"] and "karras" not in by_name["LCM"]
+    assert "beta" not in by_name["Euler a"]
     for name, takes in by_name.items():
         for schedule in filter(None, takes.split(", ")):
-            samplers.resolve(name, schedule)
+            samplers.resolve(name, schedule, a1111=True)
     for name in samplers.names():
         samplers.make_scheduler(BASE, name)
     assert [s["name"] for s in samplers.a1111_schedulers()][:3] == ["automatic", "uniform", "karras"]
@@ -176,8 +178,6 @@ def test_a1111_schedules_are_a1111_s_sigmas_on_a_trailing_model(name: str, sched
     """QA 33 H2/H3: on the shipped (trailing) configs Automatic and Uniform ended at sigma 0.223 (A1111: 0.0292),
     Karras/Exponential took that as sigma_min, and Automatic ignored A1111's per-sampler default."""
     assert BASE["timestep_spacing"] == "trailing"
-    if schedule in ("karras", "exponential") and name == "Euler a":
-        pytest.skip("Euler a takes no sigma schedule (QA 33 M3)")
     scheduler = samplers.make_scheduler(BASE, name, schedule, a1111=True)
     samplers.set_timesteps(scheduler, steps)
     ran = A1111_AUTOMATIC.get(name, "uniform") if schedule == "automatic" else schedule
@@ -204,3 +204,31 @@ def test_automatic_names_the_schedule_a1111_runs() -> None:
     assert samplers.a1111_schedule("Euler a", "automatic").name == "uniform"
     assert samplers.a1111_schedule("DPM++ 2M", "sgm_uniform").name == "sgm_uniform"
     assert samplers.a1111_schedule("DDIM", "automatic").name == "automatic"  # A1111's own timesteps (QA 33 M5)
+
+
+def a1111_sigma_to_t(config, sigmas: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's DiscreteSchedule.sigma_to_t (A1111's enable_quantization off): the UNet's fractional timestep
+    for each sigma, log-sigma interpolated in the table."""
+    log_table = a1111_sigma_table(config).log()
+    dists = sigmas.log() - log_table[:, None]
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(log_table) - 2)
+    w = ((log_table[low] - sigmas.log()) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+@pytest.mark.parametrize("name", ["Euler a", "DPM++ 2M", "DPM++ 2M SDE"])
+@pytest.mark.parametrize("schedule", ["uniform", "karras", "exponential"])
+def test_euler_a_takes_karras_and_the_unet_gets_a1111_s_fractional_timesteps(name: str, schedule: str) -> None:
+    """QA 33 M3: A1111 runs Euler a on any schedule (it was a 422 here); L3: DPM++ 2M's Karras and Exponential
+    timesteps were rounded for the UNet, A1111 passes sigma_to_t's fractional ones. The stream still refuses."""
+    scheduler = samplers.make_scheduler(BASE, name, schedule, a1111=True)
+    samplers.set_timesteps(scheduler, 10)
+    expected = a1111_sigmas(BASE, schedule, 10)
+    torch.testing.assert_close(scheduler.sigmas, expected, rtol=1e-5, atol=1e-6)
+    t = a1111_sigma_to_t(BASE, expected[:-1]) if schedule != "uniform" else torch.linspace(999, 0, 10)
+    torch.testing.assert_close(scheduler.timesteps.float(), t, rtol=1e-4, atol=1e-3)
+    if schedule != "uniform":  # (999 / 9 apart, uniform's are whole at 10 steps)
+        assert float(scheduler.timesteps[3]) != round(float(scheduler.timesteps[3]))
+    if name == "Euler a" and schedule != "uniform":
+        with pytest.raises(SamplerError):
+            samplers.make_scheduler(BASE, name, schedule)  # the live stream's scheduler: refused as before
