@@ -433,7 +433,7 @@ class Generation:
         noise = self._noise(seeds, subseeds, request.width, request.height)
         scheduler = self._scheduler(seeds)
         samplers.set_timesteps(scheduler, request.steps, self.device)
-        latents = noise * scheduler.init_noise_sigma
+        latents = noise * samplers.initial_noise_scale(scheduler)
         latents = yield from self._denoise(scheduler, scheduler.timesteps, latents, prompts, seeds)
         if request.enable_hr and not self.progress.interrupted:
             latents = yield from self._hires(latents, seeds, subseeds)

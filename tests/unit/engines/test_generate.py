@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -30,8 +32,9 @@ def run(engine: DiffusionEngine, **fields) -> Generation:
     return generation
 
 
-@pytest.mark.parametrize("sampler, cls", [("Euler", "EulerDiscreteScheduler"),
-                                          ("DPM++ 2M Karras", "DPMSolverMultistepScheduler"),
+# Not DPM++ 2M: it runs A1111's fractional timesteps and start (QA 33 L3), where diffusers' pipeline rounds and
+# starts at the noise itself (test_txt2img_s_first_unet_input_is_a1111_s).
+@pytest.mark.parametrize("sampler, cls", [("Euler", "EulerDiscreteScheduler"), ("Heun Karras", "HeunDiscreteScheduler"),
                                           ("DDIM", "DDIMScheduler"), ("UniPC", "UniPCMultistepScheduler")])
 def test_txt2img_matches_the_diffusers_pipeline(engine, sampler, cls):
     """Same weights, same starting noise, same scheduler: our float output equals StableDiffusionPipeline's."""
@@ -687,3 +690,27 @@ def test_eta_and_churn_options_apply_where_the_step_takes_them_and_warn_where_no
     # A1111's defaults change nothing and say nothing.
     same = run(engine, sampler_name=sampler, steps=3, eta=1.0, s_churn=0.0, s_noise=1.0, s_tmin=0.0, s_tmax=0.0)
     assert same.request.warnings == [] and np.array_equal(same.images[0], plain.images[0])
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ 2M SDE", "Euler"])
+def test_txt2img_s_first_unet_input_is_a1111_s(engine, sampler):
+    """QA 33 L3: k-diffusion starts at x = noise * sigma_0 and the UNet gets c_in * x = x / sqrt(sigma_0^2 + 1)
+    (CompVisDenoiser); diffusers' DPM-Solver started at noise itself, 0.09 apart on DPM++ 2M."""
+    inputs: list[torch.Tensor] = []
+    hook = engine.parts.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    try:
+        generation = run(engine, sampler_name=sampler, cfg_scale=1.0, steps=4, seed=21)
+    finally:
+        hook.remove()
+    sigma_0 = float(a1111_table_sigma_max(engine))
+    noise = image_noise(21, generation.subseeds[0], 0.0, (4, 8, 8))[None]
+    torch.testing.assert_close(inputs[0], noise * sigma_0 / math.sqrt(sigma_0 ** 2 + 1), rtol=1e-4, atol=1e-5)
+
+
+def a1111_table_sigma_max(engine: DiffusionEngine) -> float:
+    """The last of the model's sigmas, ((1 - a) / a) ** 0.5 at t = 999: every A1111 schedule here starts there."""
+    config = engine.parts.scheduler.config
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
+                           dtype=torch.float64) ** 2
+    alpha = float(torch.cumprod(1 - betas, 0)[-1])
+    return ((1 - alpha) / alpha) ** 0.5
