@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ ENV_PREFIX = "SDBRIDGE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_WARM_SESSIONS = 64  # a warm-up of more compiles graphs for minutes that no rig of sessions will use
+# A browser's Origin: a scheme, a host (a name, an address, [an IPv6 address]) and an optional port.
+ORIGIN = re.compile(r"https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
 
 
@@ -158,6 +161,13 @@ class Settings:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         check_interpolate(self.interpolate, "interpolate")
         check_ice_servers(self.ice_servers, "ice_servers")
+        for origin in self.allowed_origins:
+            if not ORIGIN.fullmatch(origin.rstrip("/")):
+                # It goes into a header too (the pages' frame-ancestors): a non-ASCII one stopped serve with a
+                # traceback, and "*" let every site frame the page again (QA 36).
+                raise ConfigError(f"allowed_origins entry {origin!r} is not an origin like http://host:port (http or "
+                                  "https, an ASCII host name, an international one in its xn-- form, an optional "
+                                  "port; no wildcard, no path)")
 
 
 def check_ice_servers(value: list[str], source: str) -> None:

@@ -202,8 +202,8 @@ def _schema_with_plugins() -> Any:
 def check_params(settings: Settings) -> list[Finding]:
     """The starting values (the config file's [params], ``--set``) checked as serve checks them: against the
     schema with the installed plugins' parameters, by each parameter's own validation (a LoRA, ControlNet,
-    IP-Adapter or motion-adapter name against its folder). An unknown name or a value out of range or type stops ``serve`` (exit 2); here each one
-    is an ERROR."""
+    IP-Adapter or motion-adapter name against its folder). An unknown name or a value out of range or type stops
+    ``serve`` (exit 2); here each one is an ERROR."""
     from sdbridge.bridge.engine_host import EngineHost
     from sdbridge.engines.models import lora_folder
 
@@ -659,8 +659,20 @@ def summary(findings: list[Finding]) -> str:
     return "all good"
 
 
+def check_settings(settings: Settings) -> list[Finding]:
+    """The rules across settings that serve checks before anything starts (a port out of range, a bind beyond
+    loopback without a token, a malformed --allowed-origins...): doctor said all was well where serve stopped
+    (QA 36)."""
+    try:
+        settings.check()
+    except ConfigError as exc:
+        return [Finding(ERROR, "settings", str(exc), "fix it on the command line or in sdbridge.toml")]
+    return []
+
+
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
     findings: list[Finding] = []
+    findings += check_settings(settings)
     findings += check_python()
     findings += check_torch(which)
     findings += check_device(settings)

@@ -34,6 +34,18 @@ def test_oscquery_refuses_a_host_it_does_not_serve(start_daemon):
     assert daemon.oscquery.refused == 2 and daemon.collect_stats()["refused_requests"] == 2
 
 
+def test_a_refused_oscquery_request_logs_no_token(start_daemon, caplog):
+    """QA 36: the refusal's log line had the request's query, ``?token=`` and all, in clear."""
+    import logging
+
+    daemon = start_daemon(params={"engine": "identity"}, token=TOKEN)
+    with caplog.at_level(logging.WARNING), _oscquery(daemon) as http:
+        assert http.get(f"/sd/prompt?VALUE&token={TOKEN}", headers={"Origin": "https://evil.example"}).status_code \
+            == 403
+    lines = [record.getMessage() for record in caplog.records if "refused OSCQuery" in record.getMessage()]
+    assert lines and "/sd/prompt" in lines[0] and TOKEN not in "\n".join(lines)
+
+
 def test_oscquery_needs_the_token_when_one_is_set(start_daemon):
     daemon = start_daemon(params={"engine": "identity", "prompt": "a red fox"}, token=TOKEN)
     with _oscquery(daemon) as http:

@@ -125,6 +125,17 @@ def test_bad_osc_allow_and_prefix():
         Settings(osc_prefix="sd").check()
 
 
+@pytest.mark.parametrize("origin", ["*", "http://例え.jp", "example.com", "http://stage.local/path", "null",
+                                    "ftp://stage.local", "http://stage.local:8080 'unsafe-inline'"])
+def test_an_allowed_origin_must_be_an_origin(origin):
+    """It goes into the pages' frame-ancestors header too: a non-ASCII one stopped serve with a traceback and '*'
+    let every site frame them (QA 36)."""
+    with pytest.raises(ConfigError, match="allowed_origins entry .* is not an origin like http://host:port"):
+        Settings(allowed_origins=[origin]).check()
+    for good in ("http://stage.local:8080", "https://xn--r8jz45g.jp", "http://[::1]:9000/", "http://10.0.0.5"):
+        Settings(allowed_origins=[good]).check()
+
+
 def test_loopback_names():
     assert is_loopback_host("127.0.0.2") and is_loopback_host("::1") and is_loopback_host("localhost")
     assert not is_loopback_host("0.0.0.0") and not is_loopback_host("192.168.1.4")

@@ -182,6 +182,17 @@ def test_starting_values_are_checked_as_serve_checks_them():
     assert good.level == OK and good.message == "2 starting value(s) valid"
 
 
+def test_the_rules_across_settings_that_stop_serve_are_errors(tmp_path):
+    """QA 36: doctor said all was well for settings serve refuses before it starts."""
+    from sdbridge.doctor import check_settings
+
+    assert check_settings(Settings()) == []
+    [origin] = check_settings(Settings(allowed_origins=["*"]))
+    assert origin.level == ERROR and "allowed_origins entry '*'" in origin.message
+    [bind] = check_settings(Settings(host="0.0.0.0"))
+    assert bind.level == ERROR and "requires a token" in bind.message
+
+
 def test_starting_lora_and_controlnet_names_are_checked_against_their_folders(tmp_path):
     """serve stops on a starting LoRA or ControlNet name that will not load (QA 30, QA 32); doctor said the values
     were valid (QA 32 low)."""
