@@ -80,8 +80,11 @@ class Control:
             loop.call_later(delay, self.glider.start, values, float(duration))
         else:
             self.glider.start(values, float(duration))
-        log.log(logging.INFO if announce else logging.DEBUG, "preset %s recalled (glide %.2f s%s)%s", name, duration,
-                ", on the next beat" if on_beat else "", f"; {len(errors)} value(s) refused" if errors else "")
+        level = logging.WARNING if errors else logging.INFO if announce else logging.DEBUG
+        log.log(level, "preset %s recalled (glide %.2f s%s)%s", name, duration,
+                ", on the next beat" if on_beat else "",
+                # each with why: an OSC or MIDI recall has no client to tell (QA 36)
+                f"; {len(errors)} value(s) refused: " + "; ".join(str(error) for error in errors) if errors else "")
         return good, list(errors)
 
     def save_preset(self, name: Any, description: Any = "", glide_s: Any = 0.0) -> Any:

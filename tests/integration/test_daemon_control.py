@@ -210,7 +210,7 @@ def test_a_preset_save_the_disk_refuses_is_an_error_and_the_connection_stays(sta
     assert 400 <= response.status_code < 500 and response.json()["code"] == "bad_preset", response.text
 
 
-def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so(start_daemon, tmp_path):
+def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so(start_daemon, tmp_path, caplog):
     """QA 22: the recall answered success and every frame then passed through unstyled (unknown_lora to the
     clients sending frames only). The missing LoRA is left out of `loras` and the tags, and the recall says so."""
     loras, presets = tmp_path / "lora", tmp_path / "presets"
@@ -237,6 +237,11 @@ def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so
     assert daemon.store.get("loras") == "kept:0.5" and "gone" not in daemon.store.get("prompt")
     assert daemon.store.get("strength") == 0.6
     assert daemon.store.get("negative_prompt") == "blur <lora:gone:1>"
+    # the log says why too, for a recall no client hears (OSC, MIDI: QA 36 had "3 value(s) refused" alone)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "preset old recalled" in
+              r.getMessage()]
+    assert warned and "3 value(s) refused: preset 'old' names loras 'gone', left out: LoRA 'gone' not found" in \
+        warned[0]
 
 
 def test_malformed_osc_counted_daemon_keeps_serving(start_daemon):
