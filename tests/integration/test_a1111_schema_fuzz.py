@@ -61,7 +61,8 @@ def _clamp(path: str, body: object) -> None:
             body.setdefault(key, value)
     for key, limit in LIMITS.items():
         value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        # Floats too: a JSON 8.0 is a valid batch_size, and 1239.0 an hr_resize_y (batch 8 at 1232x1232 timed out).
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
             body[key] = limit - limit % 8 if key in ("width", "height") else limit
     if isinstance(body.get("hr_scale"), (int, float)) and body["hr_scale"] > 1.0:
         body["hr_scale"] = 1.0
@@ -127,8 +128,8 @@ def test_nan_and_infinity_in_any_numeric_field_answer_422_naming_field_and_value
               ("/sdapi/v1/options", '{"some_a1111_setting": Infinity}', "some_a1111_setting")]
     failures = []
     with httpx.Client(base_url=base_url, timeout=30, headers={"content-type": "application/json"}) as client:
-        # A field dropped unread (A1111's s_tmax, not taken here) may hold one: the request runs.
-        ignored = client.post("/sdapi/v1/txt2img", content='{"s_tmax": Infinity, "steps": 1, "width": 64, '
+        # A field dropped unread (A1111's s_min_uncond, not taken here; s_tmax is read now) may hold one: it runs.
+        ignored = client.post("/sdapi/v1/txt2img", content='{"s_min_uncond": Infinity, "steps": 1, "width": 64, '
                                                             '"height": 64}')
         assert ignored.status_code == 200, ignored.text
         for path, text, field in cases:
