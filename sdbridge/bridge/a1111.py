@@ -40,7 +40,7 @@ from sdbridge.bridge import a1111_body, codec, pnginfo
 from sdbridge.bridge.worker import GenerationTask
 from sdbridge.engines import samplers
 from sdbridge.engines.generate import HIRES_UPSCALERS, Generation, GenerationError, GenerationRequest, hires_upscaler
-from sdbridge.errors import CodecError, ModelError, SdbridgeError
+from sdbridge.errors import CodecError, ModelError, SdbridgeError, printable
 
 if TYPE_CHECKING:
     from fastapi._compat import ModelField  # FastAPI's own (private) type: only named, never imported at run time
@@ -259,6 +259,8 @@ def runnable_sampler(name: str) -> str:
 # What a response's images are encoded as (A1111's samples_format option, per request in override_settings), and
 # the override_settings a request honours; the others are named in its info's "warnings".
 SAMPLE_FORMATS = ("png", "jpg", "jpeg", "webp")
+# A1111's options that say where its files go and how they are named: kept and echoed, never used here
+WHERE_FILES_GO = ("outdir_", "directories_", "samples_filename_pattern", "grid_save", "save_to_dirs")
 HONOURED_OVERRIDES = ("CLIP_stop_at_last_layers", "sd_model_checkpoint", "samples_format", "jpeg_quality",
                       "samples_save", "control_net_no_detectmap")
 
@@ -1092,6 +1094,13 @@ class A1111Api:
             values["samples_format"] = _sample_format(values["samples_format"], "samples_format")
         if "jpeg_quality" in values:
             values["jpeg_quality"] = _jpeg_quality(values["jpeg_quality"], "jpeg_quality")
+        current = self.get_options()
+        for key in sorted(values):
+            # kept and echoed as A1111 does, but files go where the daemon's settings say: a client that moved them
+            # believed its images were there (QA 34)
+            if key.startswith(WHERE_FILES_GO) and values[key] != current.get(key):
+                log.warning("option %s=%r is kept but not used: images are saved under %s (--outputs-dir)", key,
+                            printable(str(values[key])), self.settings.outputs_dir)
         checkpoint = values.pop("sd_model_checkpoint", None)
         clip_stop = values.pop("CLIP_stop_at_last_layers", None)
         if clip_stop is not None:  # the live parameter: the stream and later requests use it

@@ -742,3 +742,19 @@ def test_churn_options_reach_the_sampler_or_are_named_in_the_warnings(api):
     assert heun == ["s_churn 1 ignored: diffusers' Heun takes no s_churn (A1111's default, 0, ran)"]
     assert ancestral == ["eta 0.5 ignored: diffusers' Euler a takes no eta (A1111's default, 1, ran)"]
     assert api.post("/sdapi/v1/txt2img", json={"prompt": "x", "s_churn": -1, **SMALL}).status_code == 422
+
+
+def test_options_saying_where_files_go_are_kept_and_the_log_says_they_are_not_used(api, caplog):
+    """QA 34: a client that moved A1111's output folders believed its images went there; they are kept and echoed,
+    as A1111 does, and the log says where images are saved. A round trip of the options read says nothing."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sdbridge.bridge.a1111"):
+        assert api.post("/sdapi/v1/options", json=api.get("/sdapi/v1/options").json()).status_code == 200
+        assert not [r for r in caplog.records if "kept but not used" in r.getMessage()]
+        moved = {"outdir_txt2img_samples": "/elsewhere/txt", "samples_filename_pattern": "[seed]"}
+        assert api.post("/sdapi/v1/options", json=moved).status_code == 200
+    assert api.get("/sdapi/v1/options").json()["outdir_txt2img_samples"] == "/elsewhere/txt"
+    warned = [r.getMessage() for r in caplog.records if "kept but not used" in r.getMessage()]
+    assert len(warned) == 2 and "outdir_txt2img_samples='/elsewhere/txt'" in warned[0]
+    assert str(api.tmp / "outputs") in warned[0]
