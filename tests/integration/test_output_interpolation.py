@@ -119,4 +119,6 @@ def test_a_cut_is_held_not_blended_and_the_daemon_default_applies(start_daemon, 
         assert stats["skipped"] > 0, stats
     else:
         assert cut_at - 1 in held
-    assert stats["synthesised"] == 3 - stats["stalls"]  # the pairs on each side of the cut still get theirs
+    # The pairs on each side of the cut still get theirs, but those a loaded machine skipped (a slot that came due
+    # with a newer one, or whose next frame came first: counted in skipped, as the clean run at 57dcd90 met).
+    assert 3 - stats["stalls"] - stats["skipped"] <= stats["synthesised"] <= 3 - stats["stalls"], stats

@@ -270,7 +270,9 @@ def test_one_shot_txt2img_matches_diffusers_controlnet_pipeline(parts, controlne
     ours = decoded_run(engine, request)
     pipe = diffusers.StableDiffusionControlNetPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        controlnet=model, scheduler=make_scheduler(parts.scheduler.config, "Euler"), safety_checker=None,
+        # A1111's Euler schedule, as the one-shot path runs it (its sigmas over the whole table, not the live
+        # stream's trailing spacing): for Euler, diffusers' linspace spacing, which the pipeline keeps
+        controlnet=model, scheduler=make_scheduler(parts.scheduler.config, "Euler", a1111=True), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     control_image = torch.from_numpy(condition)[None].permute(0, 3, 1, 2).float() / 255.0
