@@ -432,7 +432,7 @@ class Generation:
         request = self.request
         noise = self._noise(seeds, subseeds, request.width, request.height)
         scheduler = self._scheduler(seeds)
-        samplers.set_timesteps(scheduler, request.steps, self.device)
+        samplers.set_timesteps(scheduler, self._fit_steps(scheduler, request.steps), self.device)
         latents = noise * samplers.initial_noise_scale(scheduler)
         latents = yield from self._denoise(scheduler, scheduler.timesteps, latents, prompts, seeds)
         if request.enable_hr and not self.progress.interrupted:
@@ -719,14 +719,29 @@ class Generation:
         schedule, from its sigma at ``steps - t_enc - 1``. ``fixed`` (the hires pass, which names its step count):
         exactly ``steps`` steps, the last of a schedule ``int(steps / min(strength, 0.999))`` long."""
         strength = min(strength, 0.999)
+        steps = self._fit_steps(scheduler, steps)
         length, t_enc = steps, int(strength * steps)
         if fixed and strength > 0:  # A1111 would run a 0-step schedule at strength 0: this rule then
             length, t_enc = int(steps / strength), steps - 1
+            # DDIM, LCM and TCD take only so many (QA 37: 30 hires steps at strength 0.02 answered 500): the steps
+            # run over the longest schedule they take; a sigma schedule takes any length, as A1111's
+            length = min(length, samplers.most_steps(scheduler) or length)
         samplers.set_timesteps(scheduler, length, self.device)
         t_start = length - t_enc - 1
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         return scheduler.timesteps[t_start * scheduler.order:]
+
+    def _fit_steps(self, scheduler: Any, steps: int) -> int:
+        """``steps``, or the most ``scheduler`` runs (LCM's and TCD's original 50), said in the request's warnings:
+        more answered 500 (QA 37)."""
+        most = samplers.most_steps(scheduler)
+        if most is None or steps <= most:
+            return steps
+        warning = f"{type(scheduler).__name__} runs at most {most} steps: {most} ran of the {steps} asked for"
+        if warning not in self.request.warnings:
+            self.request.warnings.append(warning)
+        return most
 
     def _noise(self, seeds: list[int], subseeds: list[int], width: int, height: int) -> torch.Tensor:
         """The batch's starting noise at this pass's size; the generators that drew it serve the pass's steps."""

@@ -223,6 +223,15 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
         scheduler.timesteps = timesteps.to(device)  # fractional, as A1111's UNet gets them
 
 
+def most_steps(scheduler: Any) -> int | None:
+    """The most steps ``scheduler`` runs: LCM's and TCD's original schedule, DDIM's and the others' the model's
+    timesteps; None for an A1111 sigma schedule, which takes any number, as A1111's does."""
+    if getattr(scheduler, "a1111_sigmas", False):
+        return None
+    original = scheduler.config.get("original_inference_steps")
+    return int(original) if original else int(scheduler.config.num_train_timesteps)
+
+
 def initial_noise_scale(scheduler: Any) -> float:
     """What txt2img's starting noise is multiplied by: the scheduler's ``init_noise_sigma``, except that a
     DPMSolverMultistep scheduler made with ``a1111=True`` starts where A1111 does. k-diffusion starts at

@@ -122,6 +122,24 @@ def test_the_hires_prompt_runs_the_second_pass_as_prompt_editing_at_the_first_pa
     np.testing.assert_array_equal(run(engine, **hires, hr_prompt="", hr_negative_prompt="").images[0], plain)
 
 
+@pytest.mark.parametrize("sampler", ["DDIM", "LCM", "TCD", "Euler"])
+def test_a_hires_pass_longer_than_the_model_s_timesteps_runs_its_steps(engine, sampler):
+    """A1111's hires rule spans int(steps / strength) steps: 25 at 0.02 is 1250, more than DDIM, LCM and TCD take
+    (QA 37: a 500); those run their steps over the model's 1000, a sigma schedule over 1250 as A1111's."""
+    generation = Generation(engine, GenerationRequest(prompt="a red fox", sampler_name=sampler, steps=3, width=64,
+                                                      height=64, enable_hr=True, denoising_strength=0.02,
+                                                      hr_second_pass_steps=25))
+    scheduler = generation._scheduler([1], *generation.request.hires_sampler())
+    timesteps = generation._img2img_timesteps(scheduler, 25, 0.02, fixed=True)
+    assert len(timesteps) == 25, (sampler, len(timesteps))
+    assert generation.request.warnings == []
+    # more steps than LCM's original schedule: the most it runs, said (a txt2img of 60 answered 500 too)
+    if sampler in ("LCM", "TCD"):
+        assert len(generation._img2img_timesteps(scheduler, 60, 0.5)) == 26  # A1111's int(0.5 * 50) + 1
+        assert generation.request.warnings == [f"{sampler}Scheduler runs at most 50 steps: 50 ran of the 60 asked "
+                                               "for"]
+
+
 def test_the_hires_sampler_and_schedule_run_the_second_pass_only(engine):
     hires = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.6)
     plain = run(engine, **hires)
