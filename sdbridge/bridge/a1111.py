@@ -1094,11 +1094,12 @@ class A1111Api:
             values["samples_format"] = _sample_format(values["samples_format"], "samples_format")
         if "jpeg_quality" in values:
             values["jpeg_quality"] = _jpeg_quality(values["jpeg_quality"], "jpeg_quality")
-        current = self.get_options()
-        for key in sorted(values):
+        where = sorted(key for key in values if key.startswith(WHERE_FILES_GO))
+        current = self.get_options() if where else {}
+        for key in where:
             # kept and echoed as A1111 does, but files go where the daemon's settings say: a client that moved them
             # believed its images were there (QA 34)
-            if key.startswith(WHERE_FILES_GO) and values[key] != current.get(key):
+            if values[key] != current.get(key):
                 log.warning("option %s=%r is kept but not used: images are saved under %s (--outputs-dir)", key,
                             printable(str(values[key])), self.settings.outputs_dir)
         checkpoint = values.pop("sd_model_checkpoint", None)
