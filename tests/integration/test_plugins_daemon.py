@@ -45,10 +45,15 @@ def test_pip_installed_plugin_appears_and_answers_osc(tmp_path):
         names = {spec["name"] for spec in params["schema"]}
         assert {"plugin.invert.enabled", "plugin.invert.amount"} <= names
         osc = SimpleUDPClient("127.0.0.1", osc_port)
-        osc.send_message("/sd/plugin/invert/enabled", 1.0)
-        osc.send_message("/sd/plugin/invert/amount", 1.0)
-        while http.get("/params").json()["values"]["plugin.invert.enabled"] is not True:
-            time.sleep(0.05)
+        # The HTTP port answers a moment before the OSC port is bound (serve starts HTTP first): a datagram sent in
+        # that moment is lost, and a single send then waited out the test's timeout on a loaded machine.
+        deadline = time.monotonic() + 60
+        while (values := http.get("/params").json()["values"])["plugin.invert.enabled"] is not True or \
+                values["plugin.invert.amount"] != 1.0:
+            assert time.monotonic() < deadline, values
+            osc.send_message("/sd/plugin/invert/enabled", 1.0)
+            osc.send_message("/sd/plugin/invert/amount", 1.0)
+            time.sleep(0.2)
         image = make_image(64, 64)
         with ws_connect(type("D", (), {"port": port})()) as ws:
             ws.send(codec.encode_png(image))
