@@ -112,7 +112,10 @@ def test_every_second_onset_recalls_the_next_preset(start_daemon, tmp_path):
             told = recv_json(ws, "error")
         assert told["code"] == "unknown_preset" and told["message"].startswith("audio onset: preset 'gone'")
         recalled = [p for p in prompts if p in ("a dawn sky", "a dusk sky")]  # not the starting prompt
-        assert recalled[:2] == ["a dawn sky", "a dusk sky"]  # in the list's order, 'gone' skipped with an error
+        # In the list's order, 'gone' skipped with an error; the file plays from the daemon's start, so a loaded
+        # machine may first look after the first recall (the clean run at 5a42e88 first saw dusk): then the order is
+        # not seen from its start.
+        assert recalled[:2] == ["a dawn sky", "a dusk sky"] or prompts[0] in ("a dawn sky", "a dusk sky"), prompts
         errors = [args for address, args in receiver.messages(1.0) if address == "/sd/status/error"]
         assert any("gone" in str(args) for args in errors), errors
         stats = httpx.get(f"http://127.0.0.1:{daemon.port}/stats", trust_env=False).json()["audio"]
