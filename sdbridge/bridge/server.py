@@ -240,6 +240,28 @@ class Daemon:
             # A request still unanswered this long after a stop (one held by anything but the worker) is cut.
             timeout_graceful_shutdown=WORKER_STOP_WAIT_S,
         )
+        # Everything else listens and runs before HTTP answers: a controller that waits for /health and then sends
+        # OSC at once lost its first datagrams while the OSC port was still to be bound.
+        try:
+            await self._start_osc(settings)
+            self.store.subscribe(self._params_changed)
+            if self.resume is not None:
+                self.resume.start(self.store)
+            self._telemetry_task = asyncio.create_task(self._telemetry(), name="sdbridge-telemetry")
+            self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="sdbridge-loop-lag")
+            if settings.link:
+                self.link = LinkSync(self.store, self.worker.clock)
+                await self.link.start()
+            if self.outputs is not None:
+                self.outputs.start()
+            self.worker.start()
+            if self.inputs is not None:
+                self.inputs.start(self.registry)
+            self.engines.select(self.store.snapshot()[1])
+            self.registry.wake.set()
+        except BaseException:
+            sock.close()
+            raise
         self._server = _Server(config)
         self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="sdbridge-http")
         while not self._server.started:
@@ -248,6 +270,12 @@ class Daemon:
                 raise SdbridgeError(f"HTTP server on {settings.host}:{self.port} stopped while starting")
             await asyncio.sleep(0.01)
 
+        log.info("sdbridge serving on http://%s:%d (WebSocket /ws)%s%s", _url_host(settings.host), self.port,
+                 f", OSC in on udp {settings.effective_osc_host}:{self.osc_port}" if self.osc else "",
+                 f", feedback to {settings.feedback_host}:{settings.feedback_port}" if self.feedback else "")
+
+    async def _start_osc(self, settings: Settings) -> None:
+        """OSC in, OSCQuery (and its mDNS advert) and the OSC feedback target."""
         if settings.osc:
             self.osc = OscServer(self.store, prefix=settings.osc_prefix, allowed_sources=settings.osc_allow,
                                  on_error=self.report_osc_error, on_command=self.control.osc_command,
@@ -255,8 +283,6 @@ class Daemon:
             try:
                 await self.osc.start(settings.effective_osc_host, settings.osc_port)
             except OSError as exc:
-                self._server.should_exit = True
-                await asyncio.gather(self._serve_task, return_exceptions=True)
                 raise ConfigError(f"cannot listen for OSC on udp {settings.effective_osc_host}:{settings.osc_port}: "
                                   f"{exc.strerror or exc}; pass --osc-port N or --no-osc") from None
             self.osc_port = self.osc.port
@@ -276,24 +302,6 @@ class Daemon:
         if settings.feedback_port:
             self.feedback = OscSender(settings.feedback_host, settings.feedback_port, bundles=settings.feedback_bundles)
             await self.feedback.start()
-        self.store.subscribe(self._params_changed)
-        if self.resume is not None:
-            self.resume.start(self.store)
-        self._telemetry_task = asyncio.create_task(self._telemetry(), name="sdbridge-telemetry")
-        self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="sdbridge-loop-lag")
-        if settings.link:
-            self.link = LinkSync(self.store, self.worker.clock)
-            await self.link.start()
-        if self.outputs is not None:
-            self.outputs.start()
-        self.worker.start()
-        if self.inputs is not None:
-            self.inputs.start(self.registry)
-        self.engines.select(self.store.snapshot()[1])
-        self.registry.wake.set()
-        log.info("sdbridge serving on http://%s:%d (WebSocket /ws)%s%s", _url_host(settings.host), self.port,
-                 f", OSC in on udp {settings.effective_osc_host}:{self.osc_port}" if self.osc else "",
-                 f", feedback to {settings.feedback_host}:{settings.feedback_port}" if self.feedback else "")
 
     async def wait(self) -> None:
         """Until the HTTP server stops (Ctrl-C: uvicorn catches the signal and returns)."""

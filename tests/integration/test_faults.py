@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -134,6 +137,36 @@ def test_osc_port_in_use_is_refused_with_a_clear_message():
                                 timeout=60, cwd=ROOT)
     assert result.returncode == 2 and "cannot listen for OSC" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_osc_listens_by_the_time_http_answers(start_daemon, monkeypatch):
+    """A controller waits for /health, then sends its OSC at once: the OSC port was bound some ms after HTTP first
+    answered, and those first datagrams were lost (stop 28's note). The bind is slowed here so that the order shows
+    every time, not in a window of milliseconds."""
+    from sdbridge.bridge.osc import OscServer
+
+    bind = OscServer.start
+
+    async def slow_bind(self, host: str, port: int) -> None:
+        await asyncio.sleep(1.5)
+        await bind(self, host, port)
+
+    monkeypatch.setattr(OscServer, "start", slow_bind)
+    port, osc_port = free_port(), free_port(socket.SOCK_DGRAM)
+    starting = threading.Thread(target=start_daemon, kwargs={"params": {"engine": "identity"}, "port": port,
+                                                             "osc_port": osc_port})
+    starting.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(port):
+            assert time.monotonic() < deadline
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as controller:
+            controller.sendto(b"/sd/strength\x00\x00\x00\x00,f\x00\x00" + struct.pack(">f", 0.25),
+                              ("127.0.0.1", osc_port))  # once, as soon as /health answers, as a controller does
+        assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/params", trust_env=False, timeout=5)
+                        .json()["values"]["strength"] == 0.25, timeout=10)
+    finally:
+        starting.join(timeout=60)
 
 
 def test_sigterm_drains_and_exits_cleanly(tmp_path):
