@@ -148,7 +148,8 @@ def _asked_by_a_person(headers: Mapping[str, str]) -> bool:
     return "origin" not in headers and headers.get("sec-fetch-site", "none") == "none"
 
 
-_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']*", re.IGNORECASE)
+# Any letter of the name may come percent-encoded: parse_qs reads ``?tok%65n=`` as the token too (QA 36).
+_TOKEN_IN_TEXT = re.compile(r"((?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&\s\"']*", re.IGNORECASE)
 
 
 class TokenRedactor(logging.Filter):
@@ -159,7 +160,7 @@ class TokenRedactor(logging.Filter):
         if isinstance(record.args, tuple):
             record.args = tuple(_TOKEN_IN_TEXT.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
                                 for arg in record.args)
-        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+        if isinstance(record.msg, str):
             record.msg = _TOKEN_IN_TEXT.sub(r"\1[redacted]", record.msg)
         return True
 

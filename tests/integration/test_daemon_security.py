@@ -109,8 +109,11 @@ def test_a_rebinding_page_is_not_asked_to_sign_in_and_the_token_stays_out_of_the
     with caplog.at_level(logging.INFO, logger="uvicorn.error"):
         with ws_connect(daemon, query=f"?token={token}") as ws:
             assert recv_json(ws, "hello")
+        with ws_connect(daemon, query=f"?x=1&tok%65n={token}") as ws:  # the name percent-encoded is read too (QA 36)
+            assert recv_json(ws, "hello")
     logged = "\n".join(record.getMessage() for record in caplog.records)
-    assert "WebSocket /ws?token=[redacted]" in logged and token not in logged
+    assert "WebSocket /ws?token=[redacted]" in logged and "/ws?x=1&tok%65n=[redacted]" in logged
+    assert token not in logged
 
 
 def test_the_daemons_pages_are_not_framed_by_other_sites(start_daemon):
