@@ -343,7 +343,7 @@ class _Request(FiniteBody):
     def _sampler(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                samplers.resolve(runnable_sampler(value))
+                samplers.resolve(runnable_sampler(value), a1111=True)
             except SdbridgeError as exc:
                 if runnable_sampler(value) == value:
                     raise ValueError(str(exc)) from None
@@ -357,7 +357,7 @@ class _Request(FiniteBody):
     def _scheduler(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                samplers.resolve("Euler", value)
+                samplers.resolve("Euler", value, a1111=True)
             except SdbridgeError as exc:
                 raise ValueError(str(exc)) from None
         return value

@@ -173,9 +173,11 @@ class GenerationRequest:
         if self.hr_scheduler:
             return self.hr_sampler_name, self.hr_scheduler
         try:
-            samplers.resolve(self.hr_sampler_name, self.scheduler, a1111=True)
+            sampler, schedule = samplers.resolve(self.hr_sampler_name, self.scheduler, a1111=True)
         except SdbridgeError:
             return self.hr_sampler_name, "automatic"  # as A1111's fix_p_invalid_sampler_and_scheduler
+        if samplers.ignored_schedule(sampler, schedule):  # DDIM's own timesteps: no warning for a schedule not named
+            return self.hr_sampler_name, "automatic"
         return self.hr_sampler_name, self.scheduler
 
     def hires_size(self) -> tuple[int, int]:
@@ -633,6 +635,10 @@ class Generation:
                 self.progress.preview_wanted = False
                 self.progress.preview = self._to_uint8(self._decode(latents, fast=True))[0]
             yield
+        scale = samplers.final_latent_scale(scheduler)
+        if scale != 1.0 and getattr(scheduler, "step_index", None) == len(scheduler.timesteps):  # a finished pass
+            latents = latents * scale
+            self._latents = latents
         return latents
 
     # --- pieces -------------------------------------------------------------------------------
@@ -704,8 +710,13 @@ class Generation:
         """A fresh scheduler for a pass: the request's sampler and schedule, or the hires pass's own."""
         request = self.request
         # A1111's schedules (its Automatic per sampler, sigmas over the whole table), not the live stream's spacing.
-        scheduler = samplers.make_scheduler(self.engine.parts.scheduler.config, sampler_name or request.sampler_name,
-                                           schedule or request.scheduler, a1111=True)
+        sampler_name, schedule = sampler_name or request.sampler_name, schedule or request.scheduler
+        scheduler = samplers.make_scheduler(self.engine.parts.scheduler.config, sampler_name, schedule, a1111=True,
+                                           sdxl=self.parts.architecture == "sdxl")
+        # A1111's timestep samplers read no schedule type; LCM runs its own here (QA 37 M1: these were a 422).
+        warning = samplers.schedule_warning(sampler_name, schedule)
+        if warning is not None and warning not in request.warnings:
+            request.warnings.append(warning)
         if type(scheduler).__name__ == "DPMSolverSDEScheduler":
             # A Brownian tree per image, each from its own seed (A1111's create_noise_sampler passes the batch's
             # seeds): an image does not depend on its batch position. The config keeps the first, a number.

@@ -70,6 +70,9 @@ class Schedule:
     aliases: tuple[str, ...] = ()
     default_rho: float = -1.0
     sigmas: bool = False           # a sigma schedule, which only k-diffusion-style schedulers take
+    # A1111's own sigma list, which no diffusers scheduler builds: computed by :func:`a1111_sigmas` for a one-shot
+    # request only (A1111_ONLY_SCHEDULERS take it; the live stream refuses it).
+    a1111_only: bool = False
 
 
 SCHEDULES: tuple[Schedule, ...] = (
@@ -77,10 +80,15 @@ SCHEDULES: tuple[Schedule, ...] = (
     Schedule("uniform", "Uniform"),
     Schedule("karras", "Karras", {"use_karras_sigmas": True}, default_rho=7.0, sigmas=True),
     Schedule("exponential", "Exponential", {"use_exponential_sigmas": True}, sigmas=True),
+    # A1111 1.10's (modules/sd_schedulers.py): k-diffusion's get_sigmas_polyexponential at its default rho 1,
+    # kl_optimal, and get_align_your_steps_sigmas (NVIDIA's fixed lists for SD 1.5 and SDXL).
+    Schedule("polyexponential", "Polyexponential", default_rho=1.0, sigmas=True, a1111_only=True),
     # Timesteps evenly spaced down from the last one, the choice for turbo, Lightning and Hyper models: A1111's
     # "Simple" picks exactly diffusers' trailing timesteps; its "SGM Uniform" spaces them by 999/n rather than
     # 1000/n, a fraction of a timestep apart.
     Schedule("sgm_uniform", "SGM Uniform", {"timestep_spacing": "trailing"}, aliases=("sgm uniform",)),
+    Schedule("kl_optimal", "KL Optimal", sigmas=True, a1111_only=True),
+    Schedule("align_your_steps", "Align Your Steps", sigmas=True, a1111_only=True),
     Schedule("simple", "Simple", {"timestep_spacing": "trailing"}),
     # A1111's Normal spaces the timesteps evenly from the first to the last, as its Uniform does: here, as Uniform,
     # the model's own spacing. Its DDIM takes every (1000 / n)th timestep from 1 up: diffusers' leading spacing
@@ -89,8 +97,6 @@ SCHEDULES: tuple[Schedule, ...] = (
     Schedule("ddim", "DDIM", {"timestep_spacing": "leading", "steps_offset": 1}),
     Schedule("beta", "Beta", {"use_beta_sigmas": True}, sigmas=True),
 )
-# Not here: A1111's KL Optimal, Align Your Steps and Polyexponential, sigma schedules that diffusers' schedulers
-# do not build; naming one answers with the list.
 
 _BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
 _SCHEDULE_BY_NAME = {key.lower(): s for s in SCHEDULES for key in (s.name, s.label, *s.aliases)}
@@ -105,7 +111,15 @@ _SIGMA_SCHEDULERS = {"EulerDiscreteScheduler", "LMSDiscreteScheduler",
 # t = 50 of 1000, and its Karras/Exponential timesteps are rounded for the UNet: QA 33 L3) and Euler a's, which
 # builds no Karras or Exponential schedule itself (A1111 runs any schedule with any sampler: QA 33 M3).
 _A1111_SIGMAS = {"DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"}
-_A1111_SCHEDULES = ("uniform", "normal", "karras", "exponential")
+_A1111_SCHEDULES = ("uniform", "normal", "karras", "exponential", "beta")
+# The first-order schedulers whose sigmas and timesteps set_timesteps can replace outright, so that they take A1111's
+# own sigma lists (Schedule.a1111_only). Heun, DPM2 and DPM++ SDE interleave midpoints diffusers computes itself, and
+# k-diffusion's Heun takes a second-order last step to KL Optimal's non-zero last sigma: not these yet.
+A1111_ONLY_SCHEDULERS = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                         "DPMSolverMultistepScheduler"}
+# Samplers A1111 1.10 runs as its own timestep samplers (modules/sd_samplers_timesteps.py), which never read the
+# schedule type: with one named, they run as with Automatic, and the request's warnings say so.
+_TIMESTEP_SAMPLERS = ("DDIM", "PLMS", "UniPC")
 
 
 def resolve(sampler_name: str | None, scheduler: str | None = None,
@@ -128,12 +142,45 @@ def resolve(sampler_name: str | None, scheduler: str | None = None,
     if schedule is None:
         raise SamplerError(f"unknown scheduler {scheduler!r} (known: {', '.join(s.label for s in SCHEDULES)})",
                            code="unknown_scheduler")
+    if a1111 and ignored_schedule(sampler, schedule):
+        return sampler, schedule
     computed = a1111 and sampler.scheduler in _A1111_SIGMAS and schedule.name in _A1111_SCHEDULES
-    if (schedule.sigmas and sampler.scheduler not in _SIGMA_SCHEDULERS and not computed) or (
+    if schedule.a1111_only:
+        computed = a1111 and sampler.scheduler in A1111_ONLY_SCHEDULERS
+        if not a1111:
+            raise SamplerError(f"scheduler {scheduler or schedule.label!r} runs in one-shot (A1111 API) requests "
+                               f"only, not in the live stream", code="unknown_scheduler")
+    if (schedule.sigmas and (sampler.scheduler not in _SIGMA_SCHEDULERS or schedule.a1111_only) and not computed) or (
             "timestep_spacing" in schedule.options and not sampler.spaced):
         raise SamplerError(f"sampler {sampler.name!r} does not take the {schedule.label} schedule",
                            code="unknown_scheduler")
     return sampler, schedule
+
+
+def ignored_schedule(sampler: Sampler, schedule: Schedule) -> bool:
+    """Whether a one-shot request runs ``sampler`` with its own schedule in place of ``schedule`` (then warned):
+    A1111's timestep samplers (DDIM, PLMS; UniPC for the schedules only A1111 builds) never read the schedule type,
+    and LCM and TCD run diffusers' skipping schedule, where A1111's sample_lcm would take the sigmas (QA 37 M1:
+    these pairs answered 422; A1111 1.10 runs them)."""
+    if schedule.name in ("automatic", "uniform", "normal"):
+        return False
+    if sampler.name in ("DDIM", "PLMS"):
+        return schedule.sigmas
+    if sampler.name == "UniPC":
+        return schedule.a1111_only
+    return not sampler.spaced
+
+
+def schedule_warning(sampler_name: str | None, scheduler: str | None) -> str | None:
+    """The request's warning for a schedule its sampler does not run (:func:`ignored_schedule`), else None."""
+    sampler, schedule = resolve(sampler_name, scheduler, a1111=True)
+    if not ignored_schedule(sampler, schedule):
+        return None
+    if sampler.spaced:
+        return (f"schedule type {schedule.label!r} ignored: {sampler.name} runs its own timesteps, as A1111's "
+                f"{sampler.name} does (it reads no schedule type)")
+    return (f"schedule type {schedule.label!r} ignored: {sampler.name} runs diffusers' {sampler.scheduler} with its "
+            f"own skipping schedule (A1111's k-diffusion {sampler.name} would take the {schedule.label} sigmas)")
 
 
 def names() -> list[str]:
@@ -160,13 +207,15 @@ def a1111_schedule(sampler_name: str | None, scheduler: str | None = None) -> Sc
     """The schedule A1111 1.10 runs for these names: "Automatic" is the sampler's own default there (Karras for
     DPM++ 2M, Exponential for DPM++ 2M SDE, else Uniform); a named schedule is itself."""
     sampler, schedule = resolve(sampler_name, scheduler, a1111=True)
+    if ignored_schedule(sampler, schedule):
+        return SCHEDULES[0]
     if schedule.name == "automatic" and sampler.automatic is not None:
         return _SCHEDULE_BY_NAME[sampler.automatic]
     return schedule
 
 
 def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, scheduler: str | None = None,
-                   *, a1111: bool = False) -> Any:
+                   *, a1111: bool = False, sdxl: bool = False) -> Any:
     """A fresh diffusers scheduler for these names, built on the model's own scheduler config.
 
     ``a1111``: A1111's schedules, for one-shot requests (the live stream keeps the model's own spacing, "trailing"
@@ -174,6 +223,7 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     sampler's Uniform, Karras and Exponential schedules span the model's whole sigma table as A1111's get_sigmas
     does: timesteps from 999 down to 0 ("linspace" spacing; :func:`set_timesteps` mends what diffusers does
     otherwise), and Karras/Exponential between its first and last sigma. Use :func:`set_timesteps` on it.
+    ``sdxl``: the model is SDXL (Align Your Steps takes its SDXL list).
     """
     import diffusers
 
@@ -197,13 +247,16 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     if kdiffusion:
         overrides["timestep_spacing"] = "linspace"
     if sampler.scheduler not in _SIGMA_SCHEDULERS:  # Euler a: set_timesteps computes the schedule
-        for key in ("use_karras_sigmas", "use_exponential_sigmas"):
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
             overrides.pop(key, None)
+    elif kdiffusion and schedule.name == "beta" and sampler.scheduler in _A1111_SIGMAS:
+        overrides.pop("use_beta_sigmas")  # DPM++ 2M: set_timesteps computes A1111's, with unrounded timesteps
     if sampler.scheduler == "DPMSolverSDEScheduler":
         _require_torchsde(sampler.name)
     made = cls.from_config(config, **overrides)
     made.a1111_sigmas = kdiffusion  # read by set_timesteps
     made.a1111_schedule = schedule.name
+    made.a1111_sdxl = sdxl
     return made
 
 
@@ -217,10 +270,17 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
     scheduler.register_to_config(timestep_spacing="trailing" if steps == 1 else "linspace")
     scheduler.set_timesteps(steps, device=device)
     schedule = getattr(scheduler, "a1111_schedule", None)
-    if type(scheduler).__name__ in _A1111_SIGMAS and schedule in _A1111_SCHEDULES:
-        sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps)
+    name = type(scheduler).__name__
+    own = _SCHEDULE_BY_NAME[schedule].a1111_only if schedule in _SCHEDULE_BY_NAME else False
+    if (name in _A1111_SIGMAS and schedule in _A1111_SCHEDULES) or (own and name in A1111_ONLY_SCHEDULERS):
+        sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps,
+                                         sdxl=getattr(scheduler, "a1111_sdxl", False))
         scheduler.sigmas = sigmas
         scheduler.timesteps = timesteps.to(device)  # fractional, as A1111's UNet gets them
+        if name == "DPMSolverMultistepScheduler" and float(sigmas[-1]) > 0:
+            # KL Optimal ends at sigma_min, not 0: k-diffusion's DPM++ 2M takes a full second-order last step there
+            # (it steps down to first order only into sigma 0), where diffusers' would drop to first order.
+            scheduler.register_to_config(lower_order_final=False, final_sigmas_type="sigma_min")
 
 
 def most_steps(scheduler: Any) -> int | None:
@@ -243,31 +303,75 @@ def initial_noise_scale(scheduler: Any) -> float:
     return float(scheduler.init_noise_sigma)
 
 
-def a1111_sigmas(alphas_cumprod: Any, schedule: str, steps: int) -> tuple[Any, Any]:
-    """A1111's ``steps``-step schedule (its sigmas, then 0) and the UNet's timestep for each step: k-diffusion's
-    DiscreteSchedule over the model's sigma table, as KDiffusionSampler.get_sigmas uses it. Uniform (and Normal):
-    t = linspace(999, 0, n), log-sigma interpolated; Karras and Exponential: get_sigmas_karras/_exponential between
-    the table's first and last sigma, each sigma's t interpolated back (sigma_to_t, unquantized)."""
+def final_latent_scale(scheduler: Any) -> float:
+    """What a finished pass's latents are multiplied by to be A1111's: diffusers' DPM-Solver works on
+    x / sqrt(1 + sigma^2), which is x itself only at a last sigma of 0; KL Optimal ends at sigma_min (QA 38: DPM++ 2M
+    0.0245 from A1111 without this, 1e-4 with it)."""
+    if getattr(scheduler, "a1111_sigmas", False) and type(scheduler).__name__ == "DPMSolverMultistepScheduler":
+        last = float(scheduler.sigmas[-1])
+        return math.sqrt(1 + last * last)
+    return 1.0
+
+
+# Align Your Steps' sigmas for 10 steps (A1111 1.10 modules/sd_schedulers.py get_align_your_steps_sigmas, from
+# https://research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), SD 1.5's for any model not SDXL.
+AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
+# A1111's Beta schedule's alpha and beta (its options beta_dist_alpha and beta_dist_beta, at their defaults).
+BETA_ALPHA = BETA_BETA = 0.6
+
+
+def a1111_sigmas(alphas_cumprod: Any, schedule: str, steps: int, sdxl: bool = False) -> tuple[Any, Any]:
+    """A1111's ``steps``-step schedule (its sigmas, then 0, or KL Optimal's sigma_min) and the UNet's timestep for
+    each step: k-diffusion's DiscreteSchedule over the model's sigma table, as KDiffusionSampler.get_sigmas uses it.
+    Uniform (and Normal): t = linspace(999, 0, n), log-sigma interpolated; the others between the table's first and
+    last sigma as A1111 1.10 computes them (k-diffusion's get_sigmas_karras/_exponential/_polyexponential, and
+    modules/sd_schedulers.py's beta_scheduler, kl_optimal, get_align_your_steps_sigmas), each sigma's t interpolated
+    back (sigma_to_t, unquantized)."""
+    import numpy as np
     import torch
 
     table = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float().cpu()
     log_table = table.log()
     sigma_min, sigma_max = float(table[0]), float(table[-1])
+    last = torch.zeros(1)
     if schedule in ("uniform", "normal"):
         t = torch.linspace(len(table) - 1, 0, steps)
         low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
         sigmas = ((1 - weight) * log_table[low] + weight * log_table[high]).exp()
+        return torch.cat([sigmas, last]).float(), t.float()
+    if schedule == "karras":
+        ramp, rho = torch.linspace(0, 1, steps), 7.0
+        sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    elif schedule == "exponential":
+        sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp()
+    elif schedule == "polyexponential":  # rho 1, its default_rho
+        ramp = torch.linspace(1, 0, steps) ** 1.0
+        sigmas = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    elif schedule == "kl_optimal":  # n + 1 sigmas, from sigma_max down to sigma_min itself: no 0 after it
+        alpha_min, alpha_max = torch.arctan(torch.tensor(sigma_min)), torch.arctan(torch.tensor(sigma_max))
+        index = torch.arange(steps + 1)
+        sigmas = torch.tan(index / steps * alpha_min + (1.0 - index / steps) * alpha_max)
+        sigmas, last = sigmas[:-1], sigmas[-1:]
+    elif schedule == "align_your_steps":
+        fixed = np.array(AYS_SDXL if sdxl else AYS_SD15)
+        if steps != len(fixed):  # A1111's loglinear_interp, in float64 as numpy runs it
+            ys = np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(fixed)), np.log(fixed[::-1]))
+            fixed = np.exp(ys)[::-1].copy()
+        sigmas = torch.tensor(fixed, dtype=torch.float32)
+    elif schedule == "beta":
+        from scipy import stats
+
+        ppf = [stats.beta.ppf(x, BETA_ALPHA, BETA_BETA) for x in 1 - np.linspace(0, 1, steps)]
+        sigmas = torch.tensor([sigma_min + x * (sigma_max - sigma_min) for x in ppf], dtype=torch.float32)
     else:
-        if schedule == "karras":
-            ramp, rho = torch.linspace(0, 1, steps), 7.0
-            sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-        else:
-            sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp()
-        dists = sigmas.log() - log_table[:, None]                                    # [1000, n]
-        low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(table) - 2)
-        weight = ((log_table[low] - sigmas.log()) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
-        t = (1 - weight) * low + weight * (low + 1)
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).float(), t.float()
+        raise SamplerError(f"no A1111 sigma schedule {schedule!r}", code="unknown_scheduler")
+    sigmas = sigmas.float()
+    dists = sigmas.log() - log_table[:, None]                                        # [1000, n]
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(table) - 2)
+    weight = ((log_table[low] - sigmas.log()) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
+    t = (1 - weight) * low + weight * (low + 1)
+    return torch.cat([sigmas, last.float()]).float(), t.float()
 
 
 def _require_torchsde(name: str) -> None:
@@ -282,7 +386,7 @@ def _takes(sampler: Sampler, schedule: Schedule) -> bool:
         resolve(sampler.name, schedule.name, a1111=True)
     except SamplerError:
         return False
-    return True
+    return not ignored_schedule(sampler, schedule)  # run, but as Automatic: not listed as taken
 
 
 def a1111_samplers() -> list[dict[str, Any]]:

@@ -184,8 +184,8 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
     parsed = api.post("/sdapi/v1/png-info", json={"image": own["images"][0]}).json()["parameters"]
     assert parsed["Hires prompt"] == "a ship, at dusk, oil painting" and parsed["Hires schedule type"] == "Karras"
     for body, words in [({"hr_sampler_name": "Euler Z"}, "hires pass: unknown sampler 'Euler Z'"),
-                        ({"hr_sampler_name": "Euler a", "hr_scheduler": "Beta"},
-                         "sampler 'Euler a' does not take the Beta schedule"),
+                        ({"hr_sampler_name": "Heun", "hr_scheduler": "KL Optimal"},
+                         "sampler 'Heun' does not take the KL Optimal schedule"),
                         ({"hr_prompt": "a boat <lora:nosuch:1>"}, "hr_prompt: LoRA 'nosuch' not found")]:
         response = api.post("/sdapi/v1/txt2img", json={**hires, **body})
         assert response.status_code == 422 and words in response.text, (body, response.text)
@@ -193,7 +193,7 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
 
 @pytest.mark.parametrize(("body", "words"), [
     ({"sampler_name": "Euler Z"}, "unknown sampler 'Euler Z'"),
-    ({"sampler_name": "DPM++ 2S a Align Your Steps"}, "sampler 'DPM++ 2S a Align Your Steps' runs here as"),
+    ({"sampler_name": "DPM++ 2S a Wobbly"}, "sampler 'DPM++ 2S a Wobbly' runs here as"),
     ({"script_name": "SD upscale"}, "Script 'SD upscale' not found: sdbridge runs no scripts"),
     ({"override_settings": {"samples_format": "gif"}}, "override_settings.samples_format 'gif' is not one of"),
     ({"override_settings": {"sd_model_checkpoint": "nosuch"}}, "sd_model_checkpoint"),
@@ -202,8 +202,9 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
     ({"scheduler": "Wobbly"}, "unknown scheduler 'Wobbly'"),
     ({"prompt": "a cat AND a dog:1" + "0" * 30}, "the AND part 'a dog' has weight 1e+30, out of range"),
     ({"negative_prompt": "(blur:1.2.3)"}, "negative_prompt: prompt weight '1.2.3'"),
-    ({"sampler_name": "Euler a", "scheduler": "Beta"}, "sampler 'Euler a' does not take the Beta schedule"),
-    ({"sampler_name": "LCM", "scheduler": "DDIM"}, "sampler 'LCM' does not take the DDIM schedule"),
+    # A1111 1.10 runs Euler a with Beta and LCM with DDIM (QA 37 M1); Heun, DPM2 and DPM++ SDE with its own lists not
+    # here yet.
+    ({"sampler_name": "DPM2", "scheduler": "Align Your Steps"}, "sampler 'DPM2' does not take the Align Your Steps"),
 ])
 def test_bad_txt2img_requests_get_422_with_a_reason(api, body, words):
     response = api.post("/sdapi/v1/txt2img", json={**SMALL, **body})
@@ -270,7 +271,10 @@ def test_listing_endpoints(api):
     assert models[0]["model_name"] == "tiny-sd" and models[0]["title"].startswith("tiny-sd [")
     options = api.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == models[0]["title"]
-    assert [s["name"] for s in api.get("/sdapi/v1/schedulers").json()][:3] == ["automatic", "uniform", "karras"]
+    # A1111 1.10's list, in its order (QA 37: Polyexponential, KL Optimal and Align Your Steps were missing).
+    assert [s["label"] for s in api.get("/sdapi/v1/schedulers").json()] == [
+        "Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+        "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
     assert api.get("/sdapi/v1/upscalers").json()[0]["name"] == "None"
     assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert api.post("/sdapi/v1/refresh-checkpoints").status_code == 200
@@ -758,3 +762,28 @@ def test_options_saying_where_files_go_are_kept_and_the_log_says_they_are_not_us
     warned = [r.getMessage() for r in caplog.records if "kept but not used" in r.getMessage()]
     assert len(warned) == 2 and "outdir_txt2img_samples='/elsewhere/txt'" in warned[0]
     assert str(api.tmp / "outputs") in warned[0]
+
+
+def test_a1111_s_own_schedules_and_the_pairs_it_runs_generate(api):
+    """QA 37: Polyexponential, KL Optimal and Align Your Steps, Euler a with Beta, and DDIM, PLMS and LCM with a
+    schedule they do not read answered 422; A1111 1.10 runs them all. A schedule not read is named in the warnings."""
+    def post(kind: str = "txt2img", **fields) -> tuple[dict, str]:
+        body = {"prompt": "a fox", "seed": 5, **SMALL, **fields}
+        if kind == "img2img":
+            body.update(init_images=[b64_png(make_image())], denoising_strength=0.5)
+        response = api.post(f"/sdapi/v1/{kind}", json=body)
+        assert response.status_code == 200, (fields, response.text)
+        info = json.loads(response.json()["info"])
+        return info, info["infotexts"][0]
+
+    for kind in ("txt2img", "img2img"):
+        for sampler, schedule in [("Euler", "Polyexponential"), ("DPM++ 2M", "KL Optimal"),
+                                  ("Euler a", "align_your_steps"), ("Euler a", "Beta")]:
+            info, text = post(kind, sampler_name=sampler, scheduler=schedule)
+            label = {"align_your_steps": "Align Your Steps"}.get(schedule, schedule)
+            assert f"Schedule type: {label}" in text and "warnings" not in info
+    info, text = post(sampler_name="DDIM", scheduler="Karras")
+    assert info["warnings"] == ["schedule type 'Karras' ignored: DDIM runs its own timesteps, as A1111's DDIM does "
+                                "(it reads no schedule type)"]
+    info, _ = post(sampler_name="LCM", scheduler="Exponential", cfg_scale=1.0)
+    assert info["warnings"][0].startswith("schedule type 'Exponential' ignored: LCM runs diffusers' LCMScheduler")

@@ -735,3 +735,76 @@ def a1111_table_sigma_max(engine: DiffusionEngine) -> float:
                            dtype=torch.float64) ** 2
     alpha = float(torch.cumprod(1 - betas, 0)[-1])
     return ((1 - alpha) / alpha) ** 0.5
+
+
+# --- A1111 1.10's own sigma lists and the schedules its timestep samplers ignore (QA 37 M1) -------------------------
+
+def kdiffusion_dpmpp_2m(denoise, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The oracle: k_diffusion.sampling.sample_dpmpp_2m, as written (first order from no history or into sigma 0,
+    else the 2M midpoint), over sigmas of any last value."""
+    def t_fn(sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.log().neg()
+
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, i)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised
+        else:
+            r = (t - t_fn(sigmas[i - 1])) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+def test_dpm_2m_on_kl_optimal_ends_where_k_diffusion_s_does(engine):
+    """KL Optimal ends at sigma_min, not 0: k-diffusion's DPM++ 2M then takes a second-order last step and returns x
+    itself, where diffusers' DPM-Solver would step down to first order and return x / sqrt(1 + sigma_min^2) (0.0245
+    from A1111's oracle at 20 steps, QA 38). A 422 before."""
+    calls: list[dict] = []
+    hook = engine.parts.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    try:
+        generation = run(engine, sampler_name="DPM++ 2M", scheduler="kl_optimal", cfg_scale=1.0, steps=4, seed=21)
+    finally:
+        hook.remove()
+    scheduler = generation._scheduler([21])
+    set_timesteps(scheduler, 4)
+    sigmas, timesteps = scheduler.sigmas.double(), scheduler.timesteps
+    assert float(sigmas[-1]) > 0.02 and len(calls) == 4
+
+    @torch.inference_mode()
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:  # CompVisDenoiser: x - sigma * eps(x * c_in, t)
+        sigma = sigmas[i]
+        eps = engine.parts.unet(x.float() / math.sqrt(float(sigma) ** 2 + 1), timesteps[i],
+                                encoder_hidden_states=calls[0]).sample.double()
+        return x - sigma * eps
+
+    noise = image_noise(21, generation.subseeds[0], 0.0, (4, 8, 8))[None].double()
+    expected = kdiffusion_dpmpp_2m(denoise, noise * sigmas[0], sigmas)
+    assert generation.request.warnings == []
+    torch.testing.assert_close(generation._latents.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("sampler, schedule", [("DDIM", "Karras"), ("PLMS", "Beta"), ("LCM", "Exponential"),
+                                               ("UniPC", "KL Optimal")])
+def test_a_schedule_the_sampler_does_not_read_runs_as_automatic_with_a_warning(engine, sampler, schedule):
+    """QA 37 M1: A1111 1.10 runs these (its DDIM, PLMS and UniPC read no schedule type); they were a 422 here."""
+    named = run(engine, sampler_name=sampler, scheduler=schedule, steps=2)
+    plain = run(engine, sampler_name=sampler, scheduler="automatic", steps=2)
+    np.testing.assert_array_equal(named.images[0], plain.images[0])
+    assert plain.request.warnings == []
+    assert len(named.request.warnings) == 1 and named.request.warnings[0].startswith(
+        f"schedule type '{schedule}' ignored: {sampler} runs")
+
+
+def test_align_your_steps_takes_the_sdxl_list_on_an_sdxl_model(engine, sdxl_engine):
+    for model, first in ((engine, 6.475), (sdxl_engine, 6.315)):
+        generation = Generation(model, GenerationRequest(prompt="a", steps=11, sampler_name="Euler",
+                                                         scheduler="align_your_steps"))
+        scheduler = generation._scheduler([1])
+        set_timesteps(scheduler, 11)
+        assert float(scheduler.sigmas[1]) == pytest.approx(first)

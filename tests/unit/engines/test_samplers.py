@@ -84,9 +84,10 @@ def test_every_listed_name_resolves() -> None:
     assert {"name", "aliases", "options"} <= set(listed[0])
     # Each lists the schedule types it takes, each of which it runs (Euler a: no Karras; QA 6).
     by_name = {entry["name"]: entry["options"].get("scheduler", "") for entry in listed}
-    # /sdapi/v1/samplers is the A1111 API's: Euler a takes Karras there (QA 33 M3), but not Beta nor on the stream.
+    # /sdapi/v1/samplers is the A1111 API's: Euler a takes Karras and Beta there (QA 33 M3, QA 37 M1), not on the
+    # stream; LCM runs Karras as Automatic (warned), so it does not list it.
     assert "karras" in by_name["Euler"] and "karras" in by_name["Euler a"] and "karras" not in by_name["LCM"]
-    assert "beta" not in by_name["Euler a"]
+    assert "beta" in by_name["Euler a"] and "karras" not in by_name["DDIM"]
     for name, takes in by_name.items():
         for schedule in filter(None, takes.split(", ")):
             samplers.resolve(name, schedule, a1111=True)
@@ -232,3 +233,112 @@ def test_euler_a_takes_karras_and_the_unet_gets_a1111_s_fractional_timesteps(nam
     if name == "Euler a" and schedule != "uniform":
         with pytest.raises(SamplerError):
             samplers.make_scheduler(BASE, name, schedule)  # the live stream's scheduler: refused as before
+
+
+# --- A1111 1.10's own sigma lists (QA 37: Polyexponential, KL Optimal, Align Your Steps answered 422; Euler a Beta) --
+
+# modules/sd_schedulers.py get_align_your_steps_sigmas: NVIDIA's 10-step lists.
+A1111_AYS = {False: [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+             True: [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
+
+
+def a1111_own_sigmas(config, schedule: str, n: int, sdxl: bool = False) -> torch.Tensor:
+    """The oracle, A1111 1.10 as written (sigma_min, sigma_max: the table's ends, as get_sigmas passes them):
+    k_diffusion.sampling.get_sigmas_polyexponential at Polyexponential's default_rho 1.0; sd_schedulers.py
+    ``kl_optimal`` (n + 1 sigmas, no 0 after them), ``get_align_your_steps_sigmas`` (its loglinear_interp unless
+    n is 11), ``beta_scheduler`` at the beta_dist_alpha/beta defaults 0.6."""
+    import numpy as np
+    from scipy import stats
+
+    table = a1111_sigma_table(config)
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    if schedule == "polyexponential":
+        ramp = torch.linspace(1, 0, n) ** 1.0
+        sigmas = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
+    if schedule == "kl_optimal":
+        alpha_min, alpha_max = torch.arctan(torch.tensor(sigma_min)), torch.arctan(torch.tensor(sigma_max))
+        step_indices = torch.arange(n + 1)
+        return torch.tan(step_indices / n * alpha_min + (1.0 - step_indices / n) * alpha_max)
+    if schedule == "align_your_steps":
+        sigmas = list(A1111_AYS[sdxl])
+        if n != len(sigmas):
+            xs, ys = np.linspace(0, 1, len(sigmas)), np.log(sigmas[::-1])
+            sigmas = np.append(np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1].copy(), [0.0])
+        else:
+            sigmas.append(0.0)
+        return torch.FloatTensor(sigmas)
+    assert schedule == "beta"
+    timesteps = [stats.beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n)]
+    return torch.FloatTensor([sigma_min + x * (sigma_max - sigma_min) for x in timesteps] + [0.0])
+
+
+@pytest.mark.parametrize("steps", [1, 4, 11, 20])
+@pytest.mark.parametrize("schedule", ["polyexponential", "kl_optimal", "align_your_steps", "beta"])
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M SDE"])
+def test_a1111_s_own_sigma_lists_run_with_a1111_s_timesteps(name: str, schedule: str, steps: int) -> None:
+    """No diffusers scheduler builds these: set_timesteps puts A1111's sigmas in, and the UNet's fractional t."""
+    scheduler = samplers.make_scheduler(BASE, name, schedule, a1111=True)
+    samplers.set_timesteps(scheduler, steps)
+    expected = a1111_own_sigmas(BASE, schedule, steps)
+    assert samplers.a1111_schedule(name, schedule).name == schedule
+    torch.testing.assert_close(scheduler.sigmas.float(), expected.float(), rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(scheduler.timesteps.float(), a1111_sigma_to_t(BASE, expected[:steps].float()),
+                               rtol=1e-3, atol=2e-2)
+
+
+def test_align_your_steps_takes_sdxl_s_list_and_11_steps_are_the_list_itself() -> None:
+    for sdxl in (False, True):
+        scheduler = samplers.make_scheduler(BASE, "Euler", "Align Your Steps", a1111=True, sdxl=sdxl)
+        samplers.set_timesteps(scheduler, 11)
+        assert [round(float(s), 3) for s in scheduler.sigmas] == A1111_AYS[sdxl] + [0.0]
+    assert samplers.final_latent_scale(scheduler) == 1.0
+
+
+def test_kl_optimal_ends_at_sigma_min_and_dpm_solver_s_latents_are_scaled_back() -> None:
+    """KL Optimal's last sigma is the table's first, not 0: DPM-Solver's x / sqrt(1 + sigma^2) is then not x."""
+    scheduler = samplers.make_scheduler(BASE, "DPM++ 2M", "KL Optimal", a1111=True)
+    samplers.set_timesteps(scheduler, 5)
+    sigma_min = float(a1111_sigma_table(BASE)[0])
+    assert float(scheduler.sigmas[-1]) == pytest.approx(sigma_min, rel=1e-4)
+    assert samplers.final_latent_scale(scheduler) == pytest.approx(math.sqrt(1 + sigma_min ** 2))
+    assert scheduler.config["final_sigmas_type"] == "sigma_min" and scheduler.config["lower_order_final"] is False
+    karras = samplers.make_scheduler(BASE, "DPM++ 2M", "Karras", a1111=True)
+    samplers.set_timesteps(karras, 5)
+    assert samplers.final_latent_scale(karras) == 1.0 and karras.config["final_sigmas_type"] == "zero"
+
+
+@pytest.mark.parametrize("schedule", ["polyexponential", "KL Optimal", "align_your_steps"])
+def test_a1111_s_own_lists_stay_out_of_the_live_stream_and_the_samplers_not_built(schedule: str) -> None:
+    with pytest.raises(SamplerError, match=f"{schedule!r}.*one-shot"):
+        samplers.resolve("Euler", schedule)
+    with pytest.raises(SamplerError, match="'DPM2' does not take"):  # midpoint samplers: not yet (documented)
+        samplers.resolve("DPM2", schedule, a1111=True)
+    listed = {s["label"] for s in samplers.a1111_schedulers()}
+    assert {"Polyexponential", "KL Optimal", "Align Your Steps"} <= listed
+    taken = {entry["name"]: entry["options"].get("scheduler", "") for entry in samplers.a1111_samplers()}
+    key = samplers.resolve("Euler", schedule, a1111=True)[1].name
+    assert key in taken["Euler a"] and key not in taken["Heun"] and key not in taken["DDIM"]
+
+
+@pytest.mark.parametrize("name, schedule", [
+    ("DDIM", "Karras"), ("DDIM", "Exponential"), ("DDIM", "Beta"), ("PLMS", "Karras"), ("PLMS", "Exponential"),
+    ("PLMS", "Beta"), ("DDIM", "KL Optimal"), ("UniPC", "Align Your Steps"),
+    ("LCM", "Karras"), ("LCM", "Exponential"), ("LCM", "SGM Uniform"), ("LCM", "Simple"), ("LCM", "DDIM"),
+    ("LCM", "Beta"),
+])
+def test_a1111_s_timestep_samplers_and_lcm_run_any_schedule_as_automatic_and_say_so(name: str, schedule: str) -> None:
+    """QA 37 M1: A1111 1.10 runs these pairs (its DDIM, PLMS and UniPC read no schedule type); they were a 422.
+    They run as with Automatic, and the warning names what was not applied. The live stream still refuses them."""
+    sampler, named = samplers.resolve(name, schedule, a1111=True)
+    assert samplers.a1111_schedule(name, schedule).name == "automatic"
+    scheduler = samplers.make_scheduler(BASE, name, schedule, a1111=True)
+    automatic = samplers.make_scheduler(BASE, name, "automatic", a1111=True)
+    samplers.set_timesteps(scheduler, 4)
+    samplers.set_timesteps(automatic, 4)
+    assert torch.equal(scheduler.timesteps, automatic.timesteps)
+    warning = samplers.schedule_warning(name, schedule)
+    assert warning is not None and warning.startswith(f"schedule type {named.label!r} ignored: {name} runs")
+    assert samplers.schedule_warning(name, "automatic") is None and samplers.schedule_warning("Euler", schedule) is None
+    with pytest.raises(SamplerError):
+        samplers.resolve(name, schedule)
