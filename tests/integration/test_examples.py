@@ -175,6 +175,23 @@ def test_touchdesigner_helper_sends_one_and_three_channel_tops(start_daemon):
             assert (reply[:, :, 3] == 1.0).all()
 
 
+def test_touchdesigner_helper_rounds_each_value_as_documented():
+    """pack_top writes each float in place after the header (it runs in TouchDesigner's main thread:
+    benchmarks/bench_td_helper.py): the bytes stay clip(v, 0, 1) * 255 + 0.5, truncated, for values out of range and
+    on the half-steps too; unpack_reply gives the reply's bytes / 255 as float32."""
+    sdbridge_td = import_example(EXAMPLES / "touchdesigner", "sdbridge_td")
+    rng = np.random.default_rng(3)
+    top = (rng.random((16, 24, 4), dtype=np.float32) * 1.4 - 0.2)
+    top.flat[::7] = (np.arange(top.flat[::7].size, dtype=np.float32) + 0.5) / 255 % 1  # the half-steps
+    top[0, 0] = [np.float32(np.inf), -np.float32(np.inf), 1.0, 0.0]
+    message = sdbridge_td.pack_top(top[::-1], frame_id=7, client_ts_us=9)  # a view, as a flipped TOP gives
+    expected = (np.clip(top[::-1], 0, 1) * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+    assert isinstance(message, bytes) and message[32:] == expected.tobytes()
+    frame_id, client_ts_us, pixels = sdbridge_td.unpack_reply(message)
+    assert (frame_id, client_ts_us) == (7, 9) and pixels.dtype == np.float32
+    assert np.array_equal(pixels, expected.astype(np.float32) / np.float32(255))
+
+
 @pytest.mark.parametrize("shape, dtype, message", [
     ((64, 64, 2), np.float32, r"shape \(64, 64, 2\) are not \[H, W\], \[H, W, 1\], \[H, W, 3\] or \[H, W, 4\]"),
     ((64,), np.float32, r"shape \(64,\) are not"),
