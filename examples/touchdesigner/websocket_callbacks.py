@@ -7,7 +7,8 @@
 # Raw form (no JPEG cost, exact pixels), with sdbridge_td.py beside the project:
 #     op('websocket1').sendBinary(mod.sdbridge_td.pack_top(op('camera').numpyArray(delayed=True),
 #                                                          absTime.frame, int(absTime.seconds * 1e6)))
-# and the reply lands in a Script TOP named 'sdbridge_out' (its callback copies mod('sdbridge_out_frame')).
+# and the reply lands in a Script TOP named 'sdbridge_out', whose callbacks (script_top_callbacks.py) copy
+# latest["pixels"] from this DAT (named 'websocket1_callbacks' there).
 
 import json
 
