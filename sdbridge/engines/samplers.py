@@ -113,10 +113,17 @@ _SIGMA_SCHEDULERS = {"EulerDiscreteScheduler", "LMSDiscreteScheduler",
 _A1111_SIGMAS = {"DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"}
 _A1111_SCHEDULES = ("uniform", "normal", "karras", "exponential", "beta")
 # The first-order schedulers whose sigmas and timesteps set_timesteps can replace outright, so that they take A1111's
-# own sigma lists (Schedule.a1111_only). Heun, DPM2 and DPM++ SDE interleave midpoints diffusers computes itself, and
-# k-diffusion's Heun takes a second-order last step to KL Optimal's non-zero last sigma: not these yet.
+# own sigma lists (Schedule.a1111_only).
 A1111_ONLY_SCHEDULERS = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
                          "DPMSolverMultistepScheduler"}
+# The second-order ones, whose midpoints diffusers derives from the sigma list: set_timesteps has it derive them from
+# A1111's (:func:`_derive_from`). Their last step into sigma 0 is an Euler step, one UNet call, as k-diffusion's; KL
+# Optimal's last sigma is not 0, where k-diffusion takes a second-order step diffusers would not: not for these.
+_DERIVING = {"HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+             "DPMSolverSDEScheduler"}
+# A1111 runs DPM2 and DPM2 a on a schedule one step longer with its next-to-last sigma dropped (samplers_k_diffusion's
+# discard_next_to_last_sigma; QA 33 L4): on every sigma schedule here.
+_DISCARDING = {"KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
 # Samplers A1111 1.10 runs as its own timestep samplers (modules/sd_samplers_timesteps.py), which never read the
 # schedule type: with one named, they run as with Automatic, and the request's warnings say so.
 _TIMESTEP_SAMPLERS = ("DDIM", "PLMS", "UniPC")
@@ -146,7 +153,8 @@ def resolve(sampler_name: str | None, scheduler: str | None = None,
         return sampler, schedule
     computed = a1111 and sampler.scheduler in _A1111_SIGMAS and schedule.name in _A1111_SCHEDULES
     if schedule.a1111_only:
-        computed = a1111 and sampler.scheduler in A1111_ONLY_SCHEDULERS
+        computed = a1111 and (sampler.scheduler in A1111_ONLY_SCHEDULERS or (
+            sampler.scheduler in _DERIVING and schedule.name != "kl_optimal"))
         if not a1111:
             raise SamplerError(f"scheduler {scheduler or schedule.label!r} runs in one-shot (A1111 API) requests "
                                f"only, not in the live stream", code="unknown_scheduler")
@@ -272,15 +280,42 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
     schedule = getattr(scheduler, "a1111_schedule", None)
     name = type(scheduler).__name__
     own = _SCHEDULE_BY_NAME[schedule].a1111_only if schedule in _SCHEDULE_BY_NAME else False
+    sdxl = getattr(scheduler, "a1111_sdxl", False)
+    if name in _DISCARDING and schedule in (*_A1111_SCHEDULES, "polyexponential", "align_your_steps") or (
+            own and name in _DERIVING):
+        import torch
+
+        discard = name in _DISCARDING
+        sigmas, _ = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps + discard, sdxl=sdxl)
+        if discard:
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        _derive_from(scheduler, sigmas[:-1], device)
+        return
     if (name in _A1111_SIGMAS and schedule in _A1111_SCHEDULES) or (own and name in A1111_ONLY_SCHEDULERS):
-        sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps,
-                                         sdxl=getattr(scheduler, "a1111_sdxl", False))
+        sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps, sdxl=sdxl)
         scheduler.sigmas = sigmas
         scheduler.timesteps = timesteps.to(device)  # fractional, as A1111's UNet gets them
         if name == "DPMSolverMultistepScheduler" and float(sigmas[-1]) > 0:
             # KL Optimal ends at sigma_min, not 0: k-diffusion's DPM++ 2M takes a full second-order last step there
             # (it steps down to first order only into sigma 0), where diffusers' would drop to first order.
             scheduler.register_to_config(lower_order_final=False, final_sigmas_type="sigma_min")
+
+
+def _derive_from(scheduler: Any, sigmas: Any, device: Any) -> None:
+    """diffusers' own ``set_timesteps`` for a scheduler that derives midpoints (Heun, DPM2, DPM2 a, DPM++ SDE), on
+    ``sigmas`` (A1111's, without the final 0): given through the hook its Exponential schedule calls, so that each
+    derives its interleaved sigmas and sigma_to_t's fractional timesteps from them as from its own."""
+    flags = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+    kept = {key: scheduler.config.get(key, False) for key in flags}
+    scheduler.register_to_config(use_karras_sigmas=False, use_exponential_sigmas=True, use_beta_sigmas=False)
+    scheduler._convert_to_exponential = lambda in_sigmas, num_inference_steps: sigmas.double().numpy()
+    try:
+        scheduler.set_timesteps(len(sigmas), device=device)
+    finally:
+        del scheduler._convert_to_exponential
+        scheduler.register_to_config(**kept)
+    # A diffusers that no longer calls the hook would run its own schedule unsaid.
+    assert abs(float(scheduler.sigmas[0]) - float(sigmas[0])) < 1e-4 * float(sigmas[0]), "diffusers' hook moved"
 
 
 def most_steps(scheduler: Any) -> int | None:

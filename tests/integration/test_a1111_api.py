@@ -202,9 +202,9 @@ def test_the_hires_pass_takes_its_own_prompt_sampler_and_schedule(api):
     ({"scheduler": "Wobbly"}, "unknown scheduler 'Wobbly'"),
     ({"prompt": "a cat AND a dog:1" + "0" * 30}, "the AND part 'a dog' has weight 1e+30, out of range"),
     ({"negative_prompt": "(blur:1.2.3)"}, "negative_prompt: prompt weight '1.2.3'"),
-    # A1111 1.10 runs Euler a with Beta and LCM with DDIM (QA 37 M1); Heun, DPM2 and DPM++ SDE with its own lists not
+    # A1111 1.10 runs Euler a with Beta and LCM with DDIM (QA 37 M1); Heun, DPM2 and DPM++ SDE with KL Optimal not
     # here yet.
-    ({"sampler_name": "DPM2", "scheduler": "Align Your Steps"}, "sampler 'DPM2' does not take the Align Your Steps"),
+    ({"sampler_name": "DPM2", "scheduler": "KL Optimal"}, "sampler 'DPM2' does not take the KL Optimal schedule"),
 ])
 def test_bad_txt2img_requests_get_422_with_a_reason(api, body, words):
     response = api.post("/sdapi/v1/txt2img", json={**SMALL, **body})

@@ -357,10 +357,21 @@ def test_ancestral_step_noise_continues_the_seed_s_generator(engine, sampler):
     request = GenerationRequest(prompt="a red fox", negative_prompt="blur", steps=4, width=64, height=64, seed=7,
                                 cfg_scale=4.0, sampler_name=sampler)
     ours = decoded_run(engine, request)
+    scheduler = make_scheduler(parts.scheduler.config, sampler, a1111=True)
+    diffusers_own = scheduler.set_timesteps
+
+    def a1111_schedule(steps: int, device=None, **_) -> None:
+        """The pipeline's set_timesteps call gets A1111's schedule (DPM2 a's: its next-to-last sigma dropped)."""
+        scheduler.set_timesteps = diffusers_own
+        try:
+            set_timesteps(scheduler, steps, device)
+        finally:
+            scheduler.set_timesteps = a1111_schedule
+
+    scheduler.set_timesteps = a1111_schedule
     pipe = diffusers.StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=make_scheduler(parts.scheduler.config, sampler, a1111=True), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompt="a red fox", negative_prompt="blur", num_inference_steps=4, guidance_scale=4.0, height=64,
                   width=64, generator=torch.Generator("cpu").manual_seed(7), output_type="pt").images

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -309,16 +310,55 @@ def test_kl_optimal_ends_at_sigma_min_and_dpm_solver_s_latents_are_scaled_back()
 
 
 @pytest.mark.parametrize("schedule", ["polyexponential", "KL Optimal", "align_your_steps"])
-def test_a1111_s_own_lists_stay_out_of_the_live_stream_and_the_samplers_not_built(schedule: str) -> None:
+def test_a1111_s_own_lists_stay_out_of_the_live_stream(schedule: str) -> None:
     with pytest.raises(SamplerError, match=f"{schedule!r}.*one-shot"):
         samplers.resolve("Euler", schedule)
-    with pytest.raises(SamplerError, match="'DPM2' does not take"):  # midpoint samplers: not yet (documented)
-        samplers.resolve("DPM2", schedule, a1111=True)
     listed = {s["label"] for s in samplers.a1111_schedulers()}
     assert {"Polyexponential", "KL Optimal", "Align Your Steps"} <= listed
     taken = {entry["name"]: entry["options"].get("scheduler", "") for entry in samplers.a1111_samplers()}
     key = samplers.resolve("Euler", schedule, a1111=True)[1].name
-    assert key in taken["Euler a"] and key not in taken["Heun"] and key not in taken["DDIM"]
+    assert key in taken["Euler a"] and key not in taken["DDIM"]
+    assert (key in taken["Heun"]) == (key != "kl_optimal")
+
+
+@pytest.mark.parametrize("name", ["Heun", "DPM2", "DPM2 a", "DPM++ SDE"])
+def test_kl_optimal_s_last_second_order_step_is_refused_where_diffusers_takes_euler(name: str) -> None:
+    """KL Optimal ends at sigma_min: k-diffusion's Heun, DPM2 and DPM++ SDE then take a second-order last step,
+    diffusers' an Euler one. Not built: a 422 naming the pair (documented)."""
+    with pytest.raises(SamplerError, match=re.escape(f"{name!r} does not take the KL Optimal schedule")):
+        samplers.resolve(name, "kl_optimal", a1111=True)
+
+
+def a1111_get_sigmas(config, name: str, schedule: str, n: int) -> torch.Tensor:
+    """KDiffusionSampler.get_sigmas: for DPM2 and DPM2 a (discard_next_to_last_sigma) one step more, and the
+    next-to-last sigma dropped."""
+    discard = name in ("DPM2", "DPM2 a")
+    ran = A1111_AUTOMATIC.get(name, "uniform") if schedule == "automatic" else schedule
+    n += discard
+    own = ran in ("polyexponential", "kl_optimal", "align_your_steps", "beta")
+    sigmas = a1111_own_sigmas(config, ran, n) if own else a1111_sigmas(config, ran, n)
+    return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+@pytest.mark.parametrize(("name", "schedule"), [
+    (name, schedule) for name in ("DPM2", "DPM2 a")
+    for schedule in ("automatic", "uniform", "karras", "exponential", "polyexponential", "align_your_steps", "beta")
+] + [(name, schedule) for name in ("Heun", "DPM++ SDE") for schedule in ("polyexponential", "align_your_steps")])
+def test_second_order_samplers_run_a1111_s_sigmas_and_dpm2_drops_the_next_to_last(name, schedule, steps) -> None:
+    """QA 33 L4: A1111 runs DPM2 and DPM2 a over steps + 1 sigmas less the next-to-last (0.25 / 1.1 apart from its
+    oracle); the midpoint samplers took none of A1111's own lists (a 422). Heun's and DPM++ SDE's other schedules
+    are diffusers' own (test_a1111_schedules_are_a1111_s_sigmas_on_a_trailing_model)."""
+    scheduler = samplers.make_scheduler(BASE, name, schedule, a1111=True)
+    samplers.set_timesteps(scheduler, steps)
+    expected = a1111_get_sigmas(BASE, name, schedule, steps)
+    ours = visited_sigmas(scheduler)
+    assert ours.shape == expected.shape, (ours, expected)
+    torch.testing.assert_close(ours, expected.float(), rtol=2e-4, atol=1e-6)
+    # the UNet's first timestep: sigma_to_t of the first sigma, unrounded
+    torch.testing.assert_close(scheduler.timesteps[:1].float(), a1111_sigma_to_t(BASE, expected[:1].float()),
+                               rtol=1e-3, atol=2e-2)
+    assert scheduler.config["use_exponential_sigmas"] == (schedule == "exponential" and name in ("DPM2", "DPM2 a"))
 
 
 @pytest.mark.parametrize("name, schedule", [
