@@ -420,8 +420,12 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               minimum=0.0, maximum=30.0),
     ParamSpec("guidance_mode", "enum", "exact", "Guidance above 1 on the compiled engine: exact runs the negative "
               "prompt's pass beside the prompt's (twice the UNet rows); residual puts the noise the latent is known to "
-              "carry in its place (StreamDiffusion's self-negative guidance: one pass, within a bound of exact, "
-              "docs/speed.md). Other engines guide exactly.", choices=("exact", "residual")),
+              "carry in its place (one pass; under LCM it is StreamDiffusion's RCFG, cfg_type 'self', with delta; "
+              "Euler and DDIM use the previous step's prediction; Euler a, the other samplers and v-prediction models "
+              "guide exactly: docs/speed.md). Other engines guide exactly.", choices=("exact", "residual")),
+    ParamSpec("delta", "float", 1.0, "Residual guidance under LCM: the negative is delta times the noise the latent "
+              "carries (StreamDiffusion's delta, default 1; 0 guides against nothing: eps = guidance * cond). No "
+              "effect elsewhere.", minimum=0.0, maximum=2.0),
     ParamSpec("seed", "int", 42, "Noise seed; the noise stays fixed per session until the seed changes.",
               minimum=0, maximum=SEED_MAX),
     ParamSpec("blend_seed", "int", 0, "A second seed, whose noise mixes into the seed's by seed_blend.",

@@ -159,6 +159,10 @@ class LinearSchedule:
     (LCM's re-noising, Euler a's ancestral noise), drawn as the eager engine draws it; None for Euler
     and DDIM. ``noisy`` says the scheduler draws (the probe saw a term), before the term is drawn
     for a seed and resolution (:func:`draw_step_noise`).
+
+    ``noise_level`` [N] float32, LCM's only: sqrt(1 - alphas_cumprod[t_i]), the weight of the noise in
+    ``x_i``. Residual guidance carries the noise a latent holds through LCM's re-noising with it
+    (:func:`carried_noise`).
     """
 
     timesteps: torch.Tensor     # [N], the scheduler's dtype
@@ -170,6 +174,7 @@ class LinearSchedule:
     noisy: bool = False
     step_noise: torch.Tensor | None = None
     timestep_values: tuple[float, ...] = ()   # ``timesteps`` on the host, read once in the probe
+    noise_level: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -194,6 +199,20 @@ class LinearSchedule:
     def noise_rows(self, sessions: int) -> torch.Tensor | None:
         """``step_noise`` for a stream batch: [sessions * N, C, h, w], step-minor like :meth:`tiled`."""
         return None if self.step_noise is None else self.step_noise.repeat(sessions, 1, 1, 1)
+
+    def levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``noise_level``, the next step's) [N] each; after the last step 1, as StreamDiffusion's
+        ``beta_next`` (a frame's last carried noise is thrown away; 1 keeps it finite)."""
+        assert self.noise_level is not None
+        return self.noise_level, torch.cat([self.noise_level[1:], torch.ones_like(self.noise_level[:1])])
+
+    def levels_rows(self, sessions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`levels` for a stream batch: [sessions * N] each, laid out as :meth:`tiled`."""
+        return tuple(level.repeat(sessions) for level in self.levels())
+
+    def levels_at(self, step: int, sessions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`levels` of one step for ``sessions`` rows, laid out as :meth:`at`."""
+        return tuple(level[step:step + 1].repeat(sessions) for level in self.levels())
 
 
 def probe_linear_schedule(scheduler: Any, timesteps: torch.Tensor, txt2img: bool,
@@ -225,6 +244,12 @@ def probe_linear_schedule(scheduler: Any, timesteps: torch.Tensor, txt2img: bool
     check_x, check_eps = torch.randn(2, generator=generator).tolist()
     scales, sample_coefs, eps_coefs = [], [], []
     noisy = False
+    noise_level = None
+    if type(scheduler).__name__ == "LCMScheduler":
+        # The noise's weight at each timestep, as add_noise applies it (StreamDiffusion's beta_prod_t_sqrt).
+        ones = torch.ones((1, 1, 1, 1), device=device)
+        noise_level = torch.stack([probe.add_noise(torch.zeros_like(ones), ones, t.reshape(1)).reshape(())
+                                   for t in timesteps]).float()
     for t in timesteps:
         scales.append(probe.scale_model_input(torch.ones((1, 1, 1, 1), device=device), t).reshape(()))
         sample = torch.tensor([0.0, 1.0, 0.0, check_x], device=device).view(4, 1, 1, 1)
@@ -243,7 +268,7 @@ def probe_linear_schedule(scheduler: Any, timesteps: torch.Tensor, txt2img: bool
     return LinearSchedule(timesteps=timesteps.clone(), input_scale=torch.stack(scales).float(),
                           sample_coef=torch.stack(sample_coefs), eps_coef=torch.stack(eps_coefs),
                           entry_coef=entry_coef, noise_coef=noise_coef, noisy=noisy,
-                          timestep_values=tuple(float(t) for t in timesteps.tolist()))
+                          timestep_values=tuple(float(t) for t in timesteps.tolist()), noise_level=noise_level)
 
 
 def draw_step_noise(scheduler: Any, timesteps: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
@@ -266,6 +291,29 @@ def residual_cfg_bound(guidance: float, eps_coef: float, residual_gap: float) ->
     ``|eps_coef| * |g - 1| * max|r - eps_uncond|``: zero at g = 1, growing linearly in g - 1.
     """
     return abs(eps_coef) * abs(guidance - 1.0) * residual_gap
+
+
+def carried_noise(residual: torch.Tensor, eps: torch.Tensor, drawn: torch.Tensor | None, sample_coef: torch.Tensor,
+                  eps_coef: torch.Tensor, level: torch.Tensor, next_level: torch.Tensor) -> torch.Tensor:
+    """The noise a latent carries after an LCM step, from the noise ``residual`` it carried before (float32).
+
+    StreamDiffusion's RCFG stock noise (pipeline.py:343-365): the latent holds ``level * residual`` of noise;
+    the step maps that part as it maps the latent, with the guided prediction ``eps``, and re-noises it
+    with the step's own draw (``drawn = next_level * n``), so that the next step's latent holds
+    ``next_level * carried``::
+
+        carried = (sample_coef * level * residual + eps_coef * eps + drawn) / next_level
+
+    which is StreamDiffusion's ``init_noise[i + 1] + alpha_next * step(eps, beta * stock) / beta_next`` with
+    the LCM step written as sdbridge's coefficients (``sample_coef = alpha_next (c_out / alpha + c_skip)``,
+    ``eps_coef = -alpha_next c_out beta / alpha``). Coefficients are [M]; tensors [M, C, h, w]."""
+    def view(coef: torch.Tensor) -> torch.Tensor:
+        return coef.view(-1, 1, 1, 1)
+
+    out = view(sample_coef * level) * residual.float() + view(eps_coef) * eps.float()
+    if drawn is not None:
+        out = out + drawn.float()
+    return out / view(next_level)
 
 
 def residual_shapes(unet_config: Any, latent_height: int,
@@ -342,6 +390,10 @@ class CompiledEngine(DiffusionEngine):
         self._cfg = "none"                       # none | exact | residual, settled in prepare
         self._guidance_tensor: torch.Tensor | None = None
         self._guidance_value: float | None = None
+        # Residual guidance under LCM: the carried noise is tracked through its re-noising (carried_noise)
+        self._carry = False
+        self._delta_tensor: torch.Tensor | None = None
+        self._delta_value: float | None = None
         self._pinned: dict[tuple, list[tuple[torch.Tensor, Any]]] = {}
         self._pinned_turn = 0
         self._nan_pending: tuple[torch.Tensor, list[StreamState]] | None = None
@@ -424,6 +476,7 @@ class CompiledEngine(DiffusionEngine):
         self._schedule_key = None
         self._probed.clear()
         self._guidance_tensor = None  # made again on this model's device
+        self._delta_tensor = None
         if self.compile_active:
             configure_compile_cache()
 
@@ -535,12 +588,19 @@ class CompiledEngine(DiffusionEngine):
         if not self._guided:
             self._cfg = "none"
         elif (self.residual_cfg and self.scheduler.config.get("prediction_type", "epsilon") == "epsilon"
-              and schedule is not None and not schedule.noisy):
-            # Residual guidance stands on the noise the latent carries; a step that adds fresh noise breaks it.
-            # A sampler off the fast path (no schedule: the eager engine's steps) guides exactly.
+              and schedule is not None and (not schedule.noisy or schedule.noise_level is not None)):
+            # Residual guidance stands on the noise the latent carries. LCM's re-noise is a fixed term per step
+            # (a graph input), so the carried noise is followed through it (carried_noise, StreamDiffusion's
+            # RCFG); Euler a's ancestral step has no such form here, and guides exactly. A sampler off the fast
+            # path (no schedule: the eager engine's steps) guides exactly.
             self._cfg = "residual"
         else:
             self._cfg = "exact"
+        self._carry = self._cfg == "residual" and schedule is not None and schedule.noise_level is not None
+        delta = float(params.get("delta", 1.0))
+        if self._delta_tensor is None or self._delta_value != delta:
+            self._delta_tensor = torch.full((), delta, device=self.device, dtype=torch.float32)  # as guidance's
+            self._delta_value = delta
         if self._guidance_tensor is None or self._guidance_value != self._guidance:
             # A graph input (never a constant baked into a graph): a new value is no recompile. Filled on the
             # device: torch.tensor(value, device=...) copies from the host and, on CUDA, waits for the work
@@ -620,9 +680,10 @@ class CompiledEngine(DiffusionEngine):
         batch = x.shape[0]
         residual = noise if self._cfg == "residual" else None
         for i in range(schedule.steps):
+            levels = schedule.levels_at(i, batch) if self._carry else None
             x, eps = self._unet_step(x, *schedule.at(i, batch), schedule.noise_at(i, batch), residual, controls, (i,),
-                                     schedule.steps, prompt)
-            residual = eps if residual is not None else None
+                                     schedule.steps, prompt, levels)
+            residual = eps if residual is not None else None  # with levels: the carried noise (_denoise)
         return x
 
     def _denoise_stream(self, entry: torch.Tensor, noise: torch.Tensor, states: Sequence[StreamState],
@@ -670,16 +731,19 @@ class CompiledEngine(DiffusionEngine):
     def _stream_call(self, x: torch.Tensor, residual: torch.Tensor | None, batch: int, schedule: LinearSchedule,
                      controls: Sequence[ControlUnit],
                      prompt: ImagePrompt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = schedule.levels_rows(batch) if self._carry else None
         return self._unet_step(x, *schedule.tiled(batch), schedule.noise_rows(batch), residual, controls,
-                               range(schedule.steps), schedule.steps, prompt)
+                               range(schedule.steps), schedule.steps, prompt, levels)
 
     def _unet_step(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
                    sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
                    residual: torch.Tensor | None, controls: Sequence[ControlUnit], row_steps: Sequence[int],
-                   steps: int, prompt: ImagePrompt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   steps: int, prompt: ImagePrompt | None = None,
+                   levels: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call over x [M, 4, h, w], M = sessions * len(row_steps); ``row_steps`` is the step
         index of each of a session's rows (its N steps in stream batch, this step in sequence); ``prompt``
-        the IP-Adapter's per session.
+        the IP-Adapter's per session; ``levels`` the rows' noise levels where residual guidance carries
+        the noise through LCM's re-noise (LinearSchedule.levels), else None.
 
         The call runs at the sessions' bucket (:meth:`bucket`): every per-row input gets the last session's
         rows again up to it, and the outputs are cut back to M rows."""
@@ -688,7 +752,7 @@ class CompiledEngine(DiffusionEngine):
         padded = self.bucket(sessions)
         if padded == sessions:
             return self._unet_call(x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, controls,
-                                   row_steps, steps, prompt)
+                                   row_steps, steps, prompt, levels)
 
         def pad(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return _pad_sessions(tensor, sessions, padded)
@@ -699,8 +763,9 @@ class CompiledEngine(DiffusionEngine):
             prompt = dataclasses.replace(prompt, tokens=_pad_sessions(prompt.tokens, sessions, padded),
                                          scale=_pad_sessions(prompt.scale, sessions, padded))
         with self._bank_padded(rows, padded * len(row_steps)):
+            levels = None if levels is None else (pad(levels[0]), pad(levels[1]))
             x_next, eps = self._unet_call(pad(x), pad(timesteps), pad(input_scale), pad(sample_coef), pad(eps_coef),
-                                          pad(drawn), pad(residual), controls, row_steps, steps, prompt)
+                                          pad(drawn), pad(residual), controls, row_steps, steps, prompt, levels)
         return x_next[:rows], eps[:rows]
 
     @contextlib.contextmanager
@@ -721,9 +786,10 @@ class CompiledEngine(DiffusionEngine):
     def _unet_call(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
                    sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
                    residual: torch.Tensor | None, controls: Sequence[ControlUnit], row_steps: Sequence[int],
-                   steps: int, prompt: ImagePrompt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   steps: int, prompt: ImagePrompt | None = None,
+                   levels: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_unet_step` at the batch it runs at."""
-        assert self._embeddings is not None and self._guidance_tensor is not None
+        assert self._embeddings is not None and self._guidance_tensor is not None and self._delta_tensor is not None
         # The stream's torch.cat of entry and in-flight latents, or the entry graph's output: one layout.
         x = _one_layout(x)
         residual = _one_layout(residual) if residual is not None else None
@@ -738,12 +804,16 @@ class CompiledEngine(DiffusionEngine):
         # A session's rows share its image prompt: [M, T, D] tokens and [M, 1, 1] scales, session-major as x.
         ip = None if prompt is None else (prompt.tokens.repeat_interleave(len(row_steps), dim=0), prompt.negative,
                                           prompt.scale.repeat_interleave(len(row_steps), dim=0))
-        args = (x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, cond, uncond, added,
+        # The carried noise's inputs: None, or (level, next level, delta); delta scales the residual only where
+        # it is StreamDiffusion's stock noise (Euler's and DDIM's residual graphs stay as they were).
+        carry = None if levels is None or residual is None else (*levels, self._delta_tensor)
+        args = (x, timesteps, input_scale, sample_coef, eps_coef, drawn, residual, carry, cond, uncond, added,
                 self._guidance_tensor, self._cfg, down, mid, ip)
         bank = attached_bank(self.parts.unet) if self.compile_active else None
         if bank is not None and bank.sessions:
             return self._banked_step(bank, args)
-        return self._part(f"denoise-{self._cfg}{_ip_suffix(ip)}", x.shape[0], self._denoise)(*args)
+        return self._part(f"denoise-{self._cfg}{_carry_suffix(carry)}{_ip_suffix(ip)}", x.shape[0],
+                          self._denoise)(*args)
 
     def _banked_step(self, bank: FeatureBank, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call with the feature bank on, compiled: the rows' stored keys and values go into the
@@ -766,8 +836,8 @@ class CompiledEngine(DiffusionEngine):
         layers = tuple(shapes)
         past, bias = bank.feed(rows, shapes, self.dtype, self.device)
         with bank.graph_call():
-            banked = self._part(f"denoise-{self._cfg}-bank{_ip_suffix(args[-1])}", x.shape[0], self._denoise_banked,
-                                self._bank_on)
+            banked = self._part(f"denoise-{self._cfg}{_carry_suffix(args[7])}-bank{_ip_suffix(args[-1])}", x.shape[0],
+                                self._denoise_banked, self._bank_on)
             x_next, eps, fresh = banked(*args, layers, past, bias)
         bank.put_fresh(rows, layers, fresh)
         return x_next, eps
@@ -931,16 +1001,25 @@ class CompiledEngine(DiffusionEngine):
         if missing and self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             return None
         ahead: list[torch.Tensor] = []
-        x = entry.float()
+        carried: list[torch.Tensor] = []   # the noise each advanced frame carries, where LCM's is followed
+        x, r = entry.float(), noise.float()
         for j in range(max(missing, default=-1) + 1):
+            step = schedule.step_noise[j:j + 1] if schedule.step_noise is not None else None
+            if self._carry:
+                r = carried_noise(r, noise, step, *(t[j:j + 1] for t in (schedule.sample_coef, schedule.eps_coef,
+                                                                           *schedule.levels())))
+                carried.append(r.to(noise.dtype))
             x = schedule.sample_coef[j] * x + schedule.eps_coef[j] * noise.float()
-            if schedule.step_noise is not None:
-                x = x + schedule.step_noise[j:j + 1].float()
+            if step is not None:
+                x = x + step.float()
             ahead.append(x.to(old.latents.dtype))
         latents = _like(_carried(old.latents, rows, ahead.__getitem__), old.latents)
         residual = None
         if key[3]:  # residual guidance: each frame's noise where it carries none (a place added, guidance just on)
-            residual = _like(_carried(old.residual, rows, lambda j: noise),
+            def stand_in(j: int) -> torch.Tensor:
+                return carried[j] if carried and rows[j] is None else noise
+
+            residual = _like(_carried(old.residual, rows, stand_in),
                              old.residual if old.residual is not None else old.latents)
         conditions = {}
         for unit in controls:
@@ -1027,13 +1106,16 @@ class CompiledEngine(DiffusionEngine):
 
     def _denoise(self, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
                  sample_coef: torch.Tensor, eps_coef: torch.Tensor, drawn: torch.Tensor | None,
-                 residual: torch.Tensor | None,
+                 residual: torch.Tensor | None, carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                  cond: torch.Tensor, uncond: torch.Tensor | None, added: tuple[torch.Tensor, torch.Tensor] | None,
                  guidance: torch.Tensor, cfg: str, down: list[torch.Tensor], mid: torch.Tensor,
                  ip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  feed: BankFeed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call and the scheduler's step. x [M, 4, h, w]; timesteps [M]; coefficients [M] or [1];
         ``drawn`` [M, 4, h, w], the noise a sampler that draws adds (LinearSchedule.step_noise), or None;
+        ``carry``: (level [M], next level [M], delta []) where residual guidance carries the noise through
+        LCM's re-noise: the residual's negative is ``delta * residual`` (StreamDiffusion's), and the second
+        output is the carried noise (:func:`carried_noise`) rather than the guided prediction; None otherwise;
         cond, uncond [1, L, D]; ``added``: SDXL's (text_embeds, time_ids) per guidance half (see
         :meth:`_added_for_call`), None otherwise; guidance []; ControlNet residuals ``down``, ``mid``
         [M or 2M, C, h', w']; ``ip``: the IP-Adapter's (tokens [M, T, D], negative tokens [1, T, D], scale
@@ -1074,11 +1156,16 @@ class CompiledEngine(DiffusionEngine):
                        return_dict=False)[0]
             if cfg == "residual":
                 assert residual is not None
-                eps = residual + guidance * (eps - residual)
+                negative = residual if carry is None else (residual * carry[2]).to(residual.dtype)
+                eps = negative + guidance * (eps - negative)
         # The scheduler's arithmetic in float32, as diffusers' Euler step upcasts.
         x_next = sample_coef.view(-1, 1, 1, 1) * x.float() + eps_coef.view(-1, 1, 1, 1) * eps.float()
         if drawn is not None:
             x_next = x_next + drawn.float()
+        if carry is not None:
+            assert residual is not None
+            carried = carried_noise(residual, eps, drawn, sample_coef, eps_coef, carry[0], carry[1])
+            return x_next.to(x.dtype), carried.to(x.dtype)
         return x_next.to(x.dtype), eps
 
     def _control(self, model: Any, x: torch.Tensor, timesteps: torch.Tensor, input_scale: torch.Tensor,
@@ -1223,6 +1310,11 @@ def _added_kwargs(added: tuple[torch.Tensor, torch.Tensor] | None, batch: int) -
     text_embeds, time_ids = added
     return {"text_embeds": text_embeds.repeat_interleave(batch, dim=0),
             "time_ids": time_ids.repeat_interleave(batch, dim=0)}
+
+
+def _carry_suffix(carry: Any) -> str:
+    """A residual graph that carries LCM's noise (its inputs differ) apart from one that does not."""
+    return "-carry" if carry is not None else ""
 
 
 def _ip_suffix(ip: Any) -> str:
