@@ -15,6 +15,7 @@ img2img pipeline: tests/unit/engines/test_compiled.py); what changes is how a fr
   comes out N - 1 frames after it went in (see "Warm start" below);
 - residual (self-negative) guidance: the uncond prediction is replaced by the noise the latent
   is known to carry, so guidance does not double the UNet batch (see :func:`residual_cfg_bound`);
+  under LCM that noise is followed through the fixed re-noise, StreamDiffusion's RCFG (:func:`carried_noise`);
 - torch.compile (Inductor; CUDA graphs on CUDA), channels_last, SDPA; static shapes, one
   compiled callable per (part, resolution, batch, guidance mode), and Inductor's on-disk cache
   under the user cache folder so that a restart skips most of the compile.
