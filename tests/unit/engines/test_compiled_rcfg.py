@@ -57,14 +57,14 @@ def streamdiffusion_rcfg(ours: CompiledEngine, frame: torch.Tensor, guidance: fl
     """One frame through StreamDiffusion 0.1.1's LCM step with cfg_type "self", written out from its pipeline.py.
 
     StreamDiffusion runs a frame's steps across the stream batch, one row per step; followed along one frame:
-    - it enters at x_0 = alpha_0 z + beta_0 n_0 (encode_image, l.376-380), its stock noise s_0 = n_0
-      (predict_x0_batch, l.392-394: ``stock_noise = cat(init_noise[0:1], stock_noise[:-1])``);
+    - it enters at x_0 = alpha_0 z + beta_0 n_0 (encode_image, l.380), its stock noise s_0 = n_0
+      (predict_x0_batch, l.396-397: ``stock_noise = cat(init_noise[0:1], stock_noise[:-1])``);
     - each step: ``noise_pred_uncond = stock_noise * delta`` (l.332), ``model_pred = uncond + g (text - uncond)``
-      (l.335-338), ``denoised = c_out (x - beta eps) / alpha + c_skip x`` (scheduler_step_batch, l.277-285);
+      (l.334-336), ``denoised = c_out (x - beta eps) / alpha + c_skip x`` (scheduler_step_batch, l.276-296);
     - the stock noise rides the re-noise (l.343-365): ``delta_x = scheduler_step_batch(model_pred, beta s)``,
       times ``alpha_next`` over ``beta_next``, and ``s_next = init_noise[i + 1] + delta_x``;
-    - x_{i+1} = alpha_{i+1} denoised + beta_{i+1} n_{i+1} (l.398-401); the last step's denoised is the output.
-    Alphas, betas and c_skip/c_out come from the scheduler (prepare, l.200-243); the noise rows n_i are the
+    - x_{i+1} = alpha_{i+1} denoised + beta_{i+1} n_{i+1} (l.403-407); the last step's denoised is the output.
+    Alphas, betas and c_skip/c_out come from the scheduler (prepare, l.206-252); the noise rows n_i are the
     engine's own draws (its entry noise, and each LCM re-noise term over beta_{i+1}), as StreamDiffusion's init_noise.
     """
     schedule = ours._schedule
