@@ -739,6 +739,13 @@ class Generation:
             length = min(length, samplers.most_steps(scheduler) or length)
         samplers.set_timesteps(scheduler, length, self.device)
         t_start = length - t_enc - 1
+        if type(scheduler).__name__ == "LMSDiscreteScheduler":
+            # k-diffusion's sample_lms counts its order from the first sigma it is given, A1111's img2img passes the
+            # schedule from its start sigma; diffusers' LMS counts from the schedule's first (QA 33 M2: a first
+            # img2img step of order 4 on one derivative, 0.17 from A1111). So it gets the schedule from there.
+            scheduler.sigmas = scheduler.sigmas[t_start:]
+            scheduler.timesteps = scheduler.timesteps[t_start:]
+            t_start = 0
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         return scheduler.timesteps[t_start * scheduler.order:]

@@ -819,3 +819,24 @@ def test_align_your_steps_takes_the_sdxl_list_on_an_sdxl_model(engine, sdxl_engi
         scheduler = generation._scheduler([1])
         set_timesteps(scheduler, 11)
         assert float(scheduler.sigmas[1]) == pytest.approx(first)
+
+
+@pytest.mark.parametrize("fields, count", [
+    (dict(init_images=[np.full((64, 64, 3), 90, np.uint8)], denoising_strength=0.5), 5),
+    (dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_second_pass_steps=3), 3)])
+def test_lms_counts_its_order_from_the_img2img_start_as_k_diffusion(engine, fields, count):
+    """QA 33 M2: k-diffusion's sample_lms takes order min(i + 1, 4) with i counted from the sigmas it is given
+    (A1111's img2img and hires pass give it the schedule from the start sigma), so its first step is Euler's;
+    diffusers' LMS counted from the schedule's first sigma (order 4 on one derivative, 0.17 from A1111's oracle)."""
+    def after_first_step(sampler: str) -> torch.Tensor:
+        # The hires pass: an Euler first pass, then the sampler's.
+        names = dict(sampler_name="Euler", hr_sampler_name=sampler) if "enable_hr" in fields else dict(
+            sampler_name=sampler)
+        generation = Generation(engine, GenerationRequest(prompt="a red fox", steps=8, width=64, height=64, seed=4,
+                                                          cfg_scale=3.0, **names, **fields))
+        for _ in generation.run():  # to the first step of the pass of ``count`` steps (img2img's 5, hires' 3)
+            if generation.progress.sampling_steps == count and generation.progress.sampling_step == 1:
+                return generation._latents.clone()
+        raise AssertionError("no such step")
+
+    torch.testing.assert_close(after_first_step("LMS"), after_first_step("Euler"), rtol=1e-5, atol=1e-5)
