@@ -253,6 +253,9 @@ def create_app(daemon: Daemon) -> FastAPI:
         return HTMLResponse(html)
 
     app.add_api_websocket_route("/ws", websocket_endpoint)
+    # And at the root: TouchDesigner's WebSocket DAT has an address and a port but no path, so it connects to "/"
+    # (QA 41: the README's "/ws" could not be typed anywhere, and the handshake got a bare 403).
+    app.add_api_websocket_route("/", websocket_endpoint)
     app.include_router(create_router(daemon))
     app.include_router(create_controlnet_router(daemon))
     app.include_router(create_extras_router(daemon))
@@ -276,4 +279,16 @@ def create_app(daemon: Daemon) -> FastAPI:
 
         app.add_api_websocket_route("/echo", echo)
 
+    app.add_api_websocket_route("/{path:path}", no_websocket_here)  # last: every other WebSocket path
     return app
+
+
+async def no_websocket_here(websocket: WebSocket) -> None:
+    """A WebSocket handshake on a path with no WebSocket: 404 with the daemon's error JSON, as HTTP gets, where
+    Starlette answered a bare 403 that read as a token or origin refusal (QA 41)."""
+    error = SdbridgeError(f"no WebSocket at {websocket.url.path[:120]!r}: frames and parameters go to /ws (or /) "
+                          f"(docs/protocol.md, Sessions and viewers)", code="not_found")
+    if "websocket.http.response" in (websocket.scope.get("extensions") or {}):
+        await websocket.send_denial_response(JSONResponse(error.to_json(), status_code=404))
+    else:
+        await websocket.close(code=1008, reason=str(error)[:120])

@@ -27,6 +27,25 @@ def test_bare_jpeg_in_jpeg_out(start_daemon):
     assert image.shape == (64, 64, 3)  # fitted to the engine's resolution (crop)
 
 
+def test_a_client_without_a_path_is_served_at_the_root_and_a_wrong_path_told_so(start_daemon):
+    """TouchDesigner's WebSocket DAT has an address and a port, no path: it connects to "/" (QA 41: a bare 403, and
+    the README's "/ws" could be typed nowhere). Another path gets 404 with the error JSON, not a bare 403."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    daemon = start_daemon(params={**IDENTITY})
+    with connect(f"ws://127.0.0.1:{daemon.port}", compression=None, proxy=None, open_timeout=10) as ws:
+        assert recv_json(ws, "hello")["session"]
+        ws.send(codec.encode_jpeg(make_image(96, 80), 90))
+        assert recv_frame(ws)[:3] == b"\xff\xd8\xff"
+    for path in ("/ws/", "/WS", "/stream/1"):
+        with pytest.raises(InvalidStatus) as info:
+            connect(f"ws://127.0.0.1:{daemon.port}{path}", proxy=None, open_timeout=10)
+        assert info.value.response.status_code == 404, path
+        error = json.loads(info.value.response.body)
+        assert error["code"] == "not_found" and repr(path) in error["message"] and "/ws (or /)" in error["message"]
+
+
 def test_png_in_jpeg_out_at_input_size(start_daemon):
     daemon = start_daemon(params={**IDENTITY, "output_size": "input"})
     with ws_connect(daemon) as ws:
