@@ -118,7 +118,8 @@ A1111_ONLY_SCHEDULERS = {"EulerDiscreteScheduler", "EulerAncestralDiscreteSchedu
                          "DPMSolverMultistepScheduler"}
 # The second-order ones, whose midpoints diffusers derives from the sigma list: set_timesteps has it derive them from
 # A1111's (:func:`_derive_from`). Their last step into sigma 0 is an Euler step, one UNet call, as k-diffusion's; KL
-# Optimal's last sigma is not 0, where k-diffusion takes a second-order step diffusers would not: not for these.
+# Optimal's last sigma is not 0, where k-diffusion takes a second-order step: diffusers gets that sigma as one more
+# step's, and the run stops before the Euler step from it to 0.
 _DERIVING = {"HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
              "DPMSolverSDEScheduler"}
 # A1111 runs DPM2 and DPM2 a on a schedule one step longer with its next-to-last sigma dropped (samplers_k_diffusion's
@@ -153,8 +154,7 @@ def resolve(sampler_name: str | None, scheduler: str | None = None,
         return sampler, schedule
     computed = a1111 and sampler.scheduler in _A1111_SIGMAS and schedule.name in _A1111_SCHEDULES
     if schedule.a1111_only:
-        computed = a1111 and (sampler.scheduler in A1111_ONLY_SCHEDULERS or (
-            sampler.scheduler in _DERIVING and schedule.name != "kl_optimal"))
+        computed = a1111 and (sampler.scheduler in A1111_ONLY_SCHEDULERS or sampler.scheduler in _DERIVING)
         if not a1111:
             raise SamplerError(f"scheduler {scheduler or schedule.label!r} runs in one-shot (A1111 API) requests "
                                f"only, not in the live stream", code="unknown_scheduler")
@@ -281,15 +281,17 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
     name = type(scheduler).__name__
     own = _SCHEDULE_BY_NAME[schedule].a1111_only if schedule in _SCHEDULE_BY_NAME else False
     sdxl = getattr(scheduler, "a1111_sdxl", False)
-    if name in _DISCARDING and schedule in (*_A1111_SCHEDULES, "polyexponential", "align_your_steps") or (
-            own and name in _DERIVING):
+    if name in _DISCARDING and schedule in (*_A1111_SCHEDULES, *_OWN) or (own and name in _DERIVING):
         import torch
 
         discard = name in _DISCARDING
         sigmas, _ = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps + discard, sdxl=sdxl)
         if discard:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
-        _derive_from(scheduler, sigmas[:-1], device)
+        ends_above_0 = float(sigmas[-1]) > 0  # KL Optimal's sigma_min
+        _derive_from(scheduler, sigmas if ends_above_0 else sigmas[:-1], device)
+        if ends_above_0:  # its last (Euler) step, from sigma_min to the 0 diffusers adds, is not run
+            scheduler.timesteps = scheduler.timesteps[:-1]
         return
     if (name in _A1111_SIGMAS and schedule in _A1111_SCHEDULES) or (own and name in A1111_ONLY_SCHEDULERS):
         sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps, sdxl=sdxl)
@@ -299,6 +301,9 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
             # KL Optimal ends at sigma_min, not 0: k-diffusion's DPM++ 2M takes a full second-order last step there
             # (it steps down to first order only into sigma 0), where diffusers' would drop to first order.
             scheduler.register_to_config(lower_order_final=False, final_sigmas_type="sigma_min")
+
+
+_OWN = tuple(schedule.name for schedule in SCHEDULES if schedule.a1111_only)
 
 
 def _derive_from(scheduler: Any, sigmas: Any, device: Any) -> None:
