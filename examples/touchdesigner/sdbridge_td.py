@@ -23,6 +23,10 @@ def pack_top(pixels: np.ndarray, frame_id: int, client_ts_us: int, reply: int = 
 
     [H, W, 4] goes as RGBA8, [H, W, 3] as RGB8; one channel ([H, W] or [H, W, 1], a depth pass
     from a single-channel TOP) goes as grey RGB8, the protocol having no one-channel format."""
+    if not isinstance(pixels, np.ndarray):
+        # TOP.numpyArray(delayed=True) gives None until its first download is done: skip that frame.
+        raise ValueError(f"pixels are {type(pixels).__name__}, not a numpy array (numpyArray(delayed=True) is None "
+                         f"on its first call: send nothing until it gives an array)")
     if pixels.ndim == 2:
         pixels = pixels[:, :, np.newaxis]
     if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):

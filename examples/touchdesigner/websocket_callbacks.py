@@ -1,22 +1,32 @@
-# Callbacks DAT of a WebSocket DAT (Network Address 127.0.0.1, Port 7860, path /ws) in TouchDesigner.
+# Callbacks DAT of a WebSocket DAT (Network Address 127.0.0.1, Port 7860; it connects to "/", which the daemon
+# serves as /ws) in TouchDesigner.
 #
 # Simplest form (JPEG both ways), no helper needed: in an Execute DAT's onFrameStart,
 #     op('websocket1').sendBinary(op('camera').saveByteArray('.jpg'))
-# and here, onReceiveBinary writes the reply to a file a Movie File In TOP reads, or to a Script TOP.
+# and here, onReceiveBinary writes each JPEG reply to a file that a Movie File In TOP named 'sdbridge_jpeg' reads.
 #
-# Raw form (no JPEG cost, exact pixels), with sdbridge_td.py beside the project:
-#     op('websocket1').sendBinary(mod.sdbridge_td.pack_top(op('camera').numpyArray(delayed=True),
-#                                                          absTime.frame, int(absTime.seconds * 1e6)))
+# Raw form (no JPEG cost, exact pixels), with sdbridge_td.py in a Text DAT named 'sdbridge_td':
+#     pixels = op('camera').numpyArray(delayed=True)  # None until its first download is done
+#     if pixels is not None:
+#         op('websocket1').sendBinary(mod.sdbridge_td.pack_top(pixels, frame, int(absTime.seconds * 1e6)))
 # and the reply lands in a Script TOP named 'sdbridge_out', whose callbacks (script_top_callbacks.py) copy
 # latest["pixels"] from this DAT (named 'websocket1_callbacks' there).
 
 import json
+import os
 
 latest = {"pixels": None, "frame_id": None, "latency_ms": None}
 
 
 def onConnect(dat):
     dat.sendText(json.dumps({"type": "subscribe", "stats": True}))
+    # Each connection is a new session, with no condition frame yet (Active toggled, a restart): a ControlNet that
+    # reads channel 1 adds nothing until one comes, so a depth pass that cooks once is sent again here.
+    depth = op("depth")  # noqa: F821 - TD's op: None when the project has no TOP of that name
+    if depth is not None:
+        pixels = depth.numpyArray()
+        if pixels is not None:
+            dat.sendBinary(mod.sdbridge_td.pack_top(pixels, 0, 0, channel=1))  # noqa: F821 - TD's mod
     return
 
 
@@ -26,6 +36,12 @@ def onReceiveBinary(dat, contents):
         latest.update(pixels=pixels, frame_id=frame_id,
                       latency_ms=absTime.seconds * 1000 - client_ts_us / 1000)  # noqa: F821 - TD's absTime
         op("sdbridge_out").cook(force=True)  # noqa: F821 - TD's op; its Script TOP copies latest["pixels"]
+    elif contents[:3] == b"\xff\xd8\xff":  # a JPEG reply (the simplest form above)
+        path = os.path.join(project.folder, "sdbridge_reply.jpg")  # noqa: F821 - TD's project
+        with open(path + ".part", "wb") as file:
+            file.write(contents)
+        os.replace(path + ".part", path)  # whole: the TOP never reads a half-written file
+        op("sdbridge_jpeg").par.reloadpulse.pulse()  # noqa: F821 - a Movie File In TOP whose File is that path
     return
 
 

@@ -602,6 +602,9 @@ class Worker(threading.Thread):
             session.condition_decoded.pop(channel, None)
         for channel in read:
             frame = session.condition_latest.get(channel)
+            if frame is None and channel not in session.told_no_condition:
+                session.told_no_condition.add(channel)
+                self.report(session, _no_condition(channel, controlnets, ip_adapters))
             if frame is None or session.condition_decoded.get(channel) is frame:
                 continue
             session.condition_decoded[channel] = frame  # tried once, whether it decodes or not
@@ -741,6 +744,20 @@ def _look(engine: Any, params: dict[str, Any]) -> tuple | None:
     except ValueError:  # refused by prepare too: the frames pass through
         loras = params.get("loras")
     return (id(engine), loras, getattr(motion, "name", None), tuple(sorted(controlnets)))
+
+
+def _no_condition(channel: int, controlnets: Any, ip_adapters: Any) -> dict[str, Any]:
+    """Told once per session and channel: a slot reads a channel the session has not sent, so it adds nothing to
+    that session's frames. A reconnect is a new session, and a depth pass that cooked once was never sent again:
+    the ControlNet was off for the rest of the show without a word (QA 41)."""
+    readers = [f"controlnet_{index + 1}" for index, slot in enumerate(getattr(controlnets, "slots", ()))
+               if slot.active and slot.channel == channel]
+    if ip_adapters is not None and channel in ip_adapters.channels():
+        readers.append("the IP-Adapter")
+    return SdbridgeError(f"{' and '.join(readers) or 'a slot'} reads channel {channel}, which this session has not "
+                         f"sent: it adds nothing to this session's frames until a condition frame comes on channel "
+                         f"{channel} (a new connection starts without one: send it again after connecting)",
+                         code="no_condition").to_json()
 
 
 def _frame_ref(frame: InputFrame | None) -> dict[str, Any]:

@@ -70,6 +70,36 @@ def test_condition_frame_on_channel_1_drives_the_controlnet(start_daemon, tiny_m
     assert np.array_equal(off, base)
 
 
+def test_a_session_is_told_once_that_a_slot_reads_a_channel_it_has_not_sent(start_daemon, tiny_model_dir,
+                                                                            controlnet_dir):
+    """A reconnect is a new session, with no condition frame: a depth pass that cooked once was never sent again and
+    the ControlNet was off for the rest of the show without a word (QA 41). Each session is told once per channel."""
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
+                          params={"width": 64, "height": 64, "steps": 1, "strength": 1.0, "crossfade_s": 0.0,
+                                  "controlnet_1_model": "edges", "controlnet_1_channel": 1})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30)
+    assert wait_for(lambda: serving(client, "edges"), timeout=60)
+    frame = make_image(64, 64, seed=2)
+
+    def told(ws, frames: list[bytes]) -> list[dict]:
+        errors = []
+        for message in frames:
+            ws.send(message)
+            while not isinstance(reply := ws.recv(timeout=30), bytes):
+                if json.loads(reply)["type"] == "error":
+                    errors.append(json.loads(reply))
+        return errors
+
+    for connection in range(2):  # the DAT's Active toggled: a new session each time
+        with ws_connect(daemon, "?session=stage") as ws:
+            errors = told(ws, [raw(frame, frame_id=1), raw(frame, frame_id=2), raw(frame, frame_id=3)])
+            assert [error["code"] for error in errors] == ["no_condition"], (connection, errors)
+            assert errors[0]["message"].startswith("controlnet_1 reads channel 1, which this session has not sent")
+            ws.send(raw(frame, channel=1, frame_id=4))
+            assert told(ws, [raw(frame, frame_id=5)]) == []
+        assert wait_for(lambda: daemon.registry.get("stage") is None, timeout=10)
+
+
 def test_only_the_channels_a_slot_reads_are_decoded(start_daemon, tiny_model_dir, controlnet_dir):
     """QA: 255 channels of tiny frames were each kept decoded at the engine's size (900x what was sent, no slot
     reading them). Now a channel is decoded while a slot reads it; its latest frame waits encoded till then."""

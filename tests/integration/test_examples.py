@@ -204,6 +204,14 @@ def test_touchdesigner_helper_refuses_other_arrays_by_shape_and_dtype(shape, dty
         sdbridge_td.pack_top(np.zeros(shape, dtype), frame_id=0, client_ts_us=0)
 
 
+def test_touchdesigner_helper_refuses_none_naming_the_first_delayed_download():
+    """numpyArray(delayed=True) is None on its first call: an AttributeError on 'ndim' was a red error on the
+    Execute DAT at every start (QA 41); a ValueError now, saying what to do."""
+    sdbridge_td = import_example(EXAMPLES / "touchdesigner", "sdbridge_td")
+    with pytest.raises(ValueError, match=r"pixels are NoneType, not a numpy array \(numpyArray\(delayed=True\)"):
+        sdbridge_td.pack_top(None, frame_id=0, client_ts_us=0)
+
+
 def test_osc_control_reads_the_types_of_a_daemon_with_a_token(start_daemon):
     """With a token set, GET /params needs it: --token (or $SDBRIDGE_TOKEN) sends it, and a str parameter
     that looks like a number goes as text; without it the value goes as it looks, and the daemon refuses it."""
