@@ -22,6 +22,7 @@ ignored on purpose: a bundle applies at the next frame boundary, never later (DE
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -224,18 +225,41 @@ def as_typed(value: float) -> float:
     return value
 
 
+# How far past a range's end a float from a fader still counts as the end, as a fraction of the range: float32
+# rounding from a Math or Lag CHOP leaves a fader at 1.0000001 (QA 41: refused at every cook, the fader stuck).
+FADER_SLACK = 1e-6
+
+
+def at_range_end(value: float, low: float | None, high: float | None) -> float:
+    """``value`` snapped onto ``low`` or ``high`` when it misses it by float rounding (:data:`FADER_SLACK`);
+    anything further out is left for the range check to refuse."""
+    span = (high - low) if low is not None and high is not None else max(1.0, abs(low or 0.0), abs(high or 0.0))
+    slack = span * FADER_SLACK
+    if low is not None and low - slack <= value < low:
+        return low
+    if high is not None and high < value <= high + slack:
+        return high
+    return value
+
+
 def _value_for(call: OscCall, schema: Schema, name: str) -> Any:
     spec = schema.get(name)  # unknown parameter: ParamError naming it (code unknown_param)
     value = _one_value(call, name)
-    if call.tags == "f" and isinstance(value, float) and spec.kind == "float":
-        value = as_typed(value)
+    if call.tags in ("f", "d") and isinstance(value, float) and math.isfinite(value):
+        if spec.kind == "float":
+            value = at_range_end(as_typed(value) if call.tags == "f" else value, spec.minimum, spec.maximum)
+        elif spec.kind in ("int", "enum") and abs(value) <= FLOAT32_EXACT_INT_MAX:
+            # A fader or a CHOP sends every number as a float (TouchDesigner's OSC Out CHOP has no other type): a
+            # steps slider at 2.37, or a Math CHOP's 2.9999998, is the nearest whole number (QA 41: refused).
+            value = float(math.floor(value + 0.5))
     if spec.kind == "int" and not isinstance(value, bool):
         big = spec.maximum is not None and spec.maximum > FLOAT32_EXACT_INT_MAX
         if isinstance(value, float) and call.tags != "d" and big and abs(value) > FLOAT32_EXACT_INT_MAX:
             # A float32 cannot hold every integer above 2^24: 123456789 arrives as 123456792. A double ('d') holds
             # every seed exactly (QA 17).
-            raise ParamError(f"{call.address} {value!r} is beyond float32's exact integers (2^24); "
-                             "send it as int64 ('h') or a string", name=name, value=value)
+            raise ParamError(f"{call.address} {value!r} is beyond float32's exact integers (2^24); send it as int64 "
+                             "('h') or a string (an OSC Out CHOP sends float32 only: send it from an OSC Out DAT)",
+                             name=name, value=value)
         if isinstance(value, int) and INT32_MIN <= value < 0 and (spec.minimum or 0) >= 0 \
                 and spec.maximum is not None and spec.maximum > INT32_MAX:
             # python-osc decodes 'i' as a signed int32: a sender that packs 4294967295 as 'i' gives -1.
@@ -285,6 +309,8 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
                 name = Schema.name_from_osc_path(path[len("norm/"):])
                 spec = schema.get(name)
                 fraction = _one_value(call, name)
+                if call.tags in ("f", "d") and isinstance(fraction, float) and math.isfinite(fraction):
+                    fraction = at_range_end(fraction, 0.0, 1.0)
                 actions.updates[name] = spec.validate(spec.denormalize(fraction))
                 actions.addresses[name] = call.address
                 continue

@@ -162,13 +162,28 @@ def test_int_parameter_from_integral_float():
     assert result.updates == {"steps": 4} and type(result.updates["steps"]) is int
 
 
-def test_non_integral_float_for_int_parameter_is_an_error():
-    result = updates(message("/sd/steps", 4.5))
-    assert not result.updates
-    [error] = result.errors
-    assert isinstance(error, ParamError) and error.code == "bad_param"
-    assert str(error) == "/sd/steps: steps 4.5 is not an integer"
-    assert error.name == "steps" and error.value == 4.5
+@pytest.mark.parametrize("value, expected", [(4.5, 5), (2.37, 2), (2.9999998, 3), (-0.4, 0), (1.5, 2)])
+def test_a_float_for_an_int_parameter_is_the_nearest_whole_number(value, expected):
+    """A fader or an OSC Out CHOP sends every number as a float: a steps slider at 2.37 or a Math CHOP's
+    2.9999998 was refused at every cook (QA 41). Over OSC it is the nearest whole number; JSON keeps to integers."""
+    result = updates(message("/sd/seed", value), message("/sd/resize_mode", 1.9999999))
+    assert result.updates == {"seed": expected, "resize_mode": "stretch"} and not result.errors
+    assert type(result.updates["seed"]) is int
+    [error] = updates(message("/sd/steps", 0.4)).errors  # rounded, then out of range: said as sent
+    assert error.code == "bad_param" and "not in [1, 50]" in str(error)
+    with pytest.raises(ParamError, match="is not an integer"):
+        Schema().get("steps").validate(4.5)
+
+
+@pytest.mark.parametrize("address, value, expected", [
+    ("/sd/strength", 1.0000001, 1.0), ("/sd/strength", -1e-7, 0.0), ("/sd/guidance", 30.00001, 30.0),
+    ("/sd/norm/strength", 1.0000001, 1.0), ("/sd/norm/strength", -1e-7, 0.0)])
+def test_a_fader_a_rounding_past_its_end_is_at_its_end(address, value, expected):
+    """float32 rounding from a Lag or Math CHOP leaves a fader just past 1: refused at every cook, the fader stuck
+    short of its end (QA 41). Within a millionth of the range it is the end; further out it is refused."""
+    assert updates(message(address, value)).updates == {"strength" if "strength" in address else "guidance": expected}
+    [error] = updates(message(address, 1.001 if "strength" in address else 30.1)).errors
+    assert error.code == "bad_param" and "not in" in str(error)
 
 
 @pytest.mark.parametrize("value, expected", [(0.0, False), (1.0, True), (0, False), (1, True), (True, True),
@@ -210,6 +225,7 @@ def test_seed_beyond_float32_exact_integers_is_refused():
     # 123456789 as float32 is 123456792.0: an integral float, but not what was meant.
     result = updates(message("/sd/seed", 123456789.0, types="f"))
     assert not result.updates and "beyond float32's exact integers" in str(result.errors[0])
+    assert "OSC Out CHOP sends float32 only" in str(result.errors[0])
     assert updates(message("/sd/seed", float(2**24), types="f")).updates == {"seed": 2**24}
 
 
@@ -419,5 +435,9 @@ def test_a_float32_is_read_as_the_decimal_it_was_typed_as():
         assert result.updates == {"plugin.safety.sensitivity": value} and not result.errors
     assert updates(message("/sd/strength", 0.7)).updates == {"strength": 0.7}   # not 0.699999988079071
     assert updates(message("/sd/strength", 1 / 3)).updates["strength"] == pytest.approx(1 / 3, abs=1e-7)
+    # A float32 rounding past the end is the end (QA 41: test_a_fader_a_rounding_past_its_end_is_at_its_end); past
+    # it by more is still past.
     result = updates(message("/sd/plugin/safety/sensitivity", 0.2000001), schema=schema)
-    assert not result.updates and "0.2000001 not in [-0.2, 0.2]" in str(result.errors[0])   # past it is still past
+    assert result.updates == {"plugin.safety.sensitivity": 0.2} and not result.errors
+    result = updates(message("/sd/plugin/safety/sensitivity", 0.2001), schema=schema)
+    assert not result.updates and "0.2001 not in [-0.2, 0.2]" in str(result.errors[0])
