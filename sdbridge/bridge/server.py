@@ -56,6 +56,9 @@ LORA_PARAMS = ("loras", *LORA_PROMPTS)  # the values that may name a LoRA and lo
 
 WORKER_STOP_WAIT_S = 10.0  # how long a stop waits for the frame being made (then it stops without it)
 LAG_PROBE_S = 0.01
+# A controller's refusal is told to the WebSocket clients at most this often per code and parameter: a fader held
+# at a refused value is refused at every cook (60 a second), which would drown the clients' queues.
+CONTROLLER_ERROR_TOLD_S = 2.0
 
 
 @dataclass
@@ -157,6 +160,7 @@ class Daemon:
         self._lag_task: asyncio.Task[None] | None = None
         self.loop_lag = RateMeter(samples=2048)  # how late the loop wakes a 10 ms timer: its responsiveness
         self._subscribers: dict[str, set[Viewer]] = {"stats": set(), "params": set()}
+        self._controller_errors_told: dict[tuple[str, str | None], float] = {}  # (code, parameter) -> when
         self._echo_pending: dict[str, Any] = {}
         self._last_echo = -1e9
         self._middleware: AccessMiddleware | None = None
@@ -444,7 +448,7 @@ class Daemon:
                 self.audio.recalled(name)
         for exc in errors:  # told where every other failure is: OSC feedback and each WebSocket client
             log.warning("audio onset: preset %r: %s", name, exc)
-            self.report_osc_error(exc)
+            self._tell_feedback(exc)
             self._broadcast_all({**exc.to_json(), "message": f"audio onset: preset {name!r}: {exc}"})
 
     def _broadcast_all(self, message: dict[str, Any]) -> None:
@@ -452,6 +456,19 @@ class Daemon:
             session.broadcast(message)
 
     def report_osc_error(self, exc: SdbridgeError, source: tuple[str, int] | Any = None) -> None:
+        """Any thread: a controller's (OSC, MIDI) refused message, to the OSC feedback target and to every WebSocket
+        client, the latter at most every CONTROLLER_ERROR_TOLD_S per code and parameter: a TouchDesigner rig
+        reads errors from its WebSocket DAT, as its OSC In CHOP drops the feedback's strings (QA 41)."""
+        self._tell_feedback(exc)
+        key, now = (exc.code, getattr(exc, "name", None)), time.monotonic()
+        loop = self._loop
+        if now - self._controller_errors_told.get(key, -CONTROLLER_ERROR_TOLD_S) < CONTROLLER_ERROR_TOLD_S \
+                or loop is None or loop.is_closed():
+            return
+        self._controller_errors_told[key] = now
+        loop.call_soon_threadsafe(self._broadcast_all, exc.to_json())
+
+    def _tell_feedback(self, exc: SdbridgeError) -> None:
         if self.feedback is not None:
             self.feedback.send(f"{self.settings.osc_prefix}/status/error", exc.code, str(exc)[:200])
             name = getattr(exc, "name", None)

@@ -109,3 +109,32 @@ def test_a_mixed_prompt_and_its_weight_over_websocket_and_osc_change_the_frames(
     # A tiny random model's frames are dim and low-contrast: compare how many values moved.
     assert (mixed != alone).mean() > 0.2
     assert (faded != mixed).mean() > 0.05
+
+
+def test_an_osc_refusal_reaches_the_websocket_clients_at_most_every_two_seconds(start_daemon):
+    """A TouchDesigner rig reads errors from its WebSocket DAT: its OSC In CHOP drops the feedback's strings, so a
+    refused OSC value was told nowhere it could see (QA 41). Each code and parameter is told at most every 2 s: a
+    fader held at a refused value is refused at every cook."""
+    daemon = start_daemon(params={"engine": "identity"})
+    osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+    with ws_connect(daemon) as ws:
+        recv_json(ws, "hello")
+        for _ in range(30):  # half a second of a 60 fps cook
+            osc.send_message("/sd/strength", 4.0)
+            time.sleep(1 / 60)
+        osc.send_message("/sd/steps", "many")  # another parameter: told at once
+        told = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                message = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+            except TimeoutError:
+                break
+            if message["type"] == "error":
+                told.append(message)
+        assert [(m["code"], m["message"].split(":")[0]) for m in told] == [("bad_param", "/sd/strength"),
+                                                                             ("bad_param", "/sd/steps")], told
+        assert "strength 4.0 not in [0, 1]" in told[0]["message"]
+        time.sleep(2.1)
+        osc.send_message("/sd/strength", 4.0)  # past the 2 s: told again
+        assert recv_json(ws, "error")["message"].startswith("/sd/strength")
