@@ -241,7 +241,11 @@ SAMPLER_FALLBACK = "DPM++ 2M"
 
 def _schedule_label(sampler: str, schedule: str) -> str | None:
     """The infotext's "Schedule type": the schedule that ran, "Automatic" resolved as A1111 1.10 does (DPM++ 2M's
-    is Karras); None for the uniform one an Automatic runs, which A1111 does not write."""
+    is Karras); None for the uniform one an Automatic runs, which A1111 does not write; the one a request named where
+    its sampler reads none (samplers.ignored_schedule), as A1111 writes it."""
+    resolved, named = samplers.resolve(sampler, schedule, a1111=True)
+    if samplers.ignored_schedule(resolved, named):
+        return named.label  # A1111 writes the one it was sent, which its DDIM or PLMS never read
     ran = samplers.a1111_schedule(sampler, schedule)
     return None if schedule == "automatic" and ran.name in ("automatic", "uniform") else ran.label
 

@@ -781,5 +781,6 @@ def test_a1111_s_own_schedules_and_the_pairs_it_runs_generate(api):
     info, text = post(sampler_name="DDIM", scheduler="Karras")
     assert info["warnings"] == ["schedule type 'Karras' ignored: DDIM runs its own timesteps, as A1111's DDIM does "
                                 "(it reads no schedule type)"]
+    assert "Schedule type: Karras," in text  # as A1111 writes it: the one sent, which its DDIM never read
     info, _ = post(sampler_name="LCM", scheduler="Exponential", cfg_scale=1.0)
     assert info["warnings"][0].startswith("schedule type 'Exponential' ignored: LCM runs diffusers' LCMScheduler")
