@@ -29,7 +29,7 @@ DEADLINE_S=${SDBRIDGE_SESSION_DEADLINE_S:-560}
 DEVICE=${SDBRIDGE_SESSION_DEVICE:-cuda}
 OUT_DIR=${OUT:-${SDBRIDGE_SESSION_OUT:-/tmp/gpu_session_out}}
 WHEELS=${SDBRIDGE_SESSION_WHEELS:-.whl}
-STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding live_changes engine_guidance engine_ip_adapter lora}
+STEPS=${SDBRIDGE_SESSION_STEPS:-engine gpu_tests engine_fp8 model daemon cold_start controlnet animatediff engine_lcm engine_bank bank_feed engine_sdxl switch engine_padding live_changes engine_guidance engine_lcm_rcfg engine_ip_adapter lora}
 PYTHON=${PYTHON:-python3}
 SITE=/tmp/site
 MODEL=/tmp/sd21
@@ -342,6 +342,16 @@ step_engine_guidance() {  # guidance 3 with a negative prompt: exact (two UNet r
   else
     step engine_guidance 30 300 engine_guidance.json $P benchmarks/bench_engine.py --device cpu --tiny --guidance 3 \
       --skip-diffusers --calls 3 --warmup 1 --rounds 1 --json "$WORK/engine_guidance.json"
+  fi
+}
+step_engine_lcm_rcfg() {  # SD 1.5 + LCM at StreamDiffusion's default guidance 1.2: exact against its RCFG (self)
+  if [ "$DEVICE" = cuda ]; then
+    step engine_lcm_rcfg 120 300 engine_lcm_rcfg.json $P benchmarks/bench_engine.py --device cuda --arch sd15 \
+      --sampler LCM --guidance 1.2 --skip-diffusers --calls 30 --warmup 5 --json "$WORK/engine_lcm_rcfg.json"
+  else
+    step engine_lcm_rcfg 30 300 engine_lcm_rcfg.json $P benchmarks/bench_engine.py --device cpu --tiny --arch sd15 \
+      --sampler LCM --guidance 1.2 --skip-diffusers --calls 3 --warmup 1 --rounds 1 \
+      --json "$WORK/engine_lcm_rcfg.json"
   fi
 }
 step_engine_ip_adapter() {  # a style image held on every frame: the IP-Adapter's cost beside the plain stream batch
