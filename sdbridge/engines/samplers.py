@@ -319,8 +319,18 @@ def _derive_from(scheduler: Any, sigmas: Any, device: Any) -> None:
     finally:
         del scheduler._convert_to_exponential
         scheduler.register_to_config(**kept)
-    # A diffusers that no longer calls the hook would run its own schedule unsaid.
-    assert abs(float(scheduler.sigmas[0]) - float(sigmas[0])) < 1e-4 * float(sigmas[0]), "diffusers' hook moved"
+    # A diffusers that no longer calls the hook would run its own schedule unsaid: refused instead (an assert would
+    # be a 500, and nothing under python -O). Every sigma given must be among those it steps through (its midpoints
+    # interleaved): the first alone is sigma_max on every schedule, and says nothing.
+    import torch
+
+    got, given = scheduler.sigmas.float().cpu(), sigmas.float().cpu()
+    if not torch.isclose(got[:, None], given[None, :], rtol=1e-4, atol=0.0).any(dim=0).all():
+        import diffusers
+
+        raise SamplerError(f"diffusers {diffusers.__version__} no longer takes A1111's schedule into "
+                           f"{type(scheduler).__name__} (its Exponential hook moved): pick another sampler or "
+                           f"schedule", code="unknown_scheduler")
 
 
 def most_steps(scheduler: Any) -> int | None:

@@ -378,3 +378,21 @@ def test_a1111_s_timestep_samplers_and_lcm_run_any_schedule_as_automatic_and_say
     assert samplers.schedule_warning(name, "automatic") is None and samplers.schedule_warning("Euler", schedule) is None
     with pytest.raises(SamplerError):
         samplers.resolve(name, schedule)
+
+
+def test_a_diffusers_that_no_longer_takes_the_schedule_hook_is_refused_not_run_unsaid(monkeypatch):
+    """Heun, DPM2 and DPM++ SDE get A1111's sigmas through the hook diffusers' Exponential schedule calls
+    (samplers._derive_from); a diffusers that stops calling it would run its own schedule: a SamplerError, where
+    an assert was (a 500, and nothing at all under python -O)."""
+    scheduler = samplers.make_scheduler(BASE, "Heun", "Polyexponential", a1111=True)
+    own = type(scheduler).set_timesteps
+
+    def without_the_hook(self, *args, **kwargs):
+        self.register_to_config(use_exponential_sigmas=False)  # as a diffusers that no longer reads it
+        return own(self, *args, **kwargs)
+
+    samplers.set_timesteps(scheduler, 8)  # with the hook: A1111's schedule
+    monkeypatch.setattr(type(scheduler), "set_timesteps", without_the_hook)
+    with pytest.raises(SamplerError, match="no longer takes A1111's schedule into HeunDiscreteScheduler") as info:
+        samplers.set_timesteps(samplers.make_scheduler(BASE, "Heun", "Polyexponential", a1111=True), 8)
+    assert info.value.code == "unknown_scheduler"
