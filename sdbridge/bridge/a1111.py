@@ -250,6 +250,18 @@ def _schedule_label(sampler: str, schedule: str) -> str | None:
     return None if schedule == "automatic" and ran.name in ("automatic", "uniform") else ran.label
 
 
+# The samplers whose step takes a request's eta: the infotext field A1111 writes it under (its timestep samplers'
+# "Eta DDIM", k-diffusion's "Eta") and the value the step takes when a request names none (DDIM's 0, A1111's eta_ddim
+# default too; TCD's gamma 0.3). Written when it differs, as A1111 writes it: webuiapi sends eta 1 with every request,
+# and a DDIM image pasted back from its infotext without it came out another (QA 42: up to 143 levels apart).
+_ETA_FIELDS = {"DDIMScheduler": ("Eta DDIM", 0.0), "TCDScheduler": ("Eta", 0.3)}
+
+
+def _eta_field(sampler: str, eta: float | None) -> dict[str, Any]:
+    field = _ETA_FIELDS.get(samplers.resolve(runnable_sampler(sampler), a1111=True)[0].scheduler)
+    return {} if field is None or eta is None or eta == field[1] else {field[0]: _num(eta)}
+
+
 def runnable_sampler(name: str) -> str:
     """``name``, or for a sampler only A1111 has the fallback with the same schedule ("DPM++ 2S a Karras" ->
     "DPM++ 2M Karras")."""
@@ -938,6 +950,7 @@ class A1111Api:
                 "Pad conds": "True" if generation.padded_conds else None,
                 "Noise multiplier": _num(request.initial_noise_multiplier)
                 if kind == "img2img" and request.initial_noise_multiplier != 1.0 else None,
+                **_eta_field(request.sampler_name, request.eta),
             }
             if kind == "txt2img" and request.enable_hr:
                 resize = request.hr_resize_x or request.hr_resize_y

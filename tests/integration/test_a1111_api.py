@@ -784,3 +784,26 @@ def test_a1111_s_own_schedules_and_the_pairs_it_runs_generate(api):
     assert "Schedule type: Karras," in text  # as A1111 writes it: the one sent, which its DDIM never read
     info, _ = post(sampler_name="LCM", scheduler="Exponential", cfg_scale=1.0)
     assert info["warnings"][0].startswith("schedule type 'Exponential' ignored: LCM runs diffusers' LCMScheduler")
+
+
+def test_the_infotext_carries_eta_where_the_sampler_took_it(api):
+    """webuiapi sends eta 1 with every request; DDIM and TCD step with it, and the infotext did not say so: pasted
+    back, a DDIM image came out another (QA 42: up to 143 levels apart). Written as A1111 writes it ("Eta DDIM" for
+    its timestep samplers) where it differs from what the step takes without one."""
+    def infotext(**fields) -> str:
+        response = api.post("/sdapi/v1/txt2img", json={"prompt": "a fox", "seed": 5, **SMALL, **fields})
+        assert response.status_code == 200, response.text
+        return json.loads(response.json()["info"])["infotexts"][0]
+
+    assert "Eta DDIM: 1," in infotext(sampler_name="DDIM", eta=1.0)
+    assert "Eta DDIM: 0.5," in infotext(sampler_name="DDIM", eta=0.5)
+    assert "Eta" not in infotext(sampler_name="DDIM", eta=0.0) and "Eta" not in infotext(sampler_name="DDIM")
+    assert "Eta: 1," in infotext(sampler_name="TCD", eta=1.0, cfg_scale=1.0)
+    assert "Eta" not in infotext(sampler_name="Euler", eta=1.0)  # Euler takes none: nothing to reproduce
+    # Reproduced from the infotext: the eta it names gives the same image.
+    first = api.post("/sdapi/v1/txt2img", json={"prompt": "a fox", "seed": 5, "sampler_name": "DDIM", "eta": 1.0,
+                                                **SMALL}).json()
+    parsed = api.post("/sdapi/v1/png-info", json={"image": first["images"][0]}).json()["parameters"]
+    again = api.post("/sdapi/v1/txt2img", json={"prompt": "a fox", "seed": int(parsed["Seed"]), "sampler_name": "DDIM",
+                                                "eta": float(parsed["Eta DDIM"]), **SMALL}).json()
+    assert again["images"][0] == first["images"][0]

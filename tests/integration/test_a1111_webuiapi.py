@@ -122,14 +122,16 @@ def test_txt2img_styles_schedulers_variations_and_override_settings(api):
 
 
 def test_a1111_schedule_types_the_api_lists_elsewhere_are_taken(api):
-    """A1111 1.10's Normal, DDIM and Beta schedules run (sd-backend-client sends "normal" by default); KL Optimal,
-    which diffusers' schedulers do not build, is refused with the list rather than run as another."""
-    for scheduler, label in (("normal", "Normal"), ("ddim", "DDIM"), ("beta", "Beta")):
+    """A1111 1.10's Normal, DDIM and Beta schedules run (sd-backend-client sends "normal" by default), and its KL
+    Optimal, Align Your Steps and Polyexponential, which diffusers' schedulers do not build (samplers.a1111_sigmas
+    computes them); a schedule A1111 does not have is refused with the list rather than run as another."""
+    for scheduler, label in (("normal", "Normal"), ("ddim", "DDIM"), ("beta", "Beta"), ("kl_optimal", "KL Optimal"),
+                             ("align_your_steps", "Align Your Steps"), ("polyexponential", "Polyexponential")):
         result = api.txt2img(prompt="a cat", seed=3, sampler_name="Euler", scheduler=scheduler, **SMALL)
         assert result.image.size == (64, 64) and f"Schedule type: {label}, " in result.info["infotexts"][0]
-    assert {"normal", "ddim", "beta"} <= {s["name"] for s in api.get_schedulers()}
-    with pytest.raises(RuntimeError, match="unknown scheduler .*kl_optimal"):
-        api.txt2img(prompt="a cat", seed=3, scheduler="kl_optimal", **SMALL)
+    assert {"normal", "ddim", "beta", "kl_optimal", "align_your_steps"} <= {s["name"] for s in api.get_schedulers()}
+    with pytest.raises(RuntimeError, match="unknown scheduler .*turbo_v9"):
+        api.txt2img(prompt="a cat", seed=3, scheduler="turbo_v9", **SMALL)
 
 
 # --- img2img -------------------------------------------------------------------------------------------------------
