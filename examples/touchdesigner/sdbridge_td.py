@@ -31,6 +31,8 @@ def pack_top(pixels: np.ndarray, frame_id: int, client_ts_us: int, reply: int = 
         pixels = pixels[:, :, np.newaxis]
     if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
         raise ValueError(f"pixels of shape {pixels.shape} are not [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]")
+    if 0 in pixels.shape[:2]:
+        raise ValueError(f"pixels of shape {pixels.shape} hold no pixel (a TOP of zero width or height)")
     if pixels.dtype != np.uint8 and not np.issubdtype(pixels.dtype, np.floating):
         raise ValueError(f"pixels of dtype {pixels.dtype} are neither float (0-1) nor uint8")
     height, width, channels = pixels.shape

@@ -248,10 +248,13 @@ def _value_for(call: OscCall, schema: Schema, name: str) -> Any:
     if call.tags in ("f", "d") and isinstance(value, float) and math.isfinite(value):
         if spec.kind == "float":
             value = at_range_end(as_typed(value) if call.tags == "f" else value, spec.minimum, spec.maximum)
-        elif spec.kind in ("int", "enum") and abs(value) <= FLOAT32_EXACT_INT_MAX:
+        elif spec.kind in ("int", "enum"):
             # A fader or a CHOP sends every number as a float (TouchDesigner's OSC Out CHOP has no other type): a
-            # steps slider at 2.37, or a Math CHOP's 2.9999998, is the nearest whole number (QA 41: refused).
+            # steps slider at 2.37, or a Math CHOP's 2.9999998, is the nearest whole number (QA 41: refused). A
+            # float32 past 2^24 is whole already, and a seed there is refused below.
             value = float(math.floor(value + 0.5))
+        elif spec.kind == "bool" and abs(value - round(value)) <= FADER_SLACK and round(value) in (0, 1):
+            value = float(round(value))  # a switch from a Math or Lag CHOP at 0.9999999 (QA 42); 0.5 is refused
     if spec.kind == "int" and not isinstance(value, bool):
         big = spec.maximum is not None and spec.maximum > FLOAT32_EXACT_INT_MAX
         if isinstance(value, float) and call.tags != "d" and big and abs(value) > FLOAT32_EXACT_INT_MAX:

@@ -59,6 +59,7 @@ LAG_PROBE_S = 0.01
 # A controller's refusal is told to the WebSocket clients at most this often per code and parameter: a fader held
 # at a refused value is refused at every cook (60 a second), which would drown the clients' queues.
 CONTROLLER_ERROR_TOLD_S = 2.0
+CONTROLLER_ERRORS_TOLD = 8  # and at most this many in all in that time: 2000 addresses each unknown told 1709 (QA 42)
 
 
 @dataclass
@@ -274,7 +275,7 @@ class Daemon:
                 raise SdbridgeError(f"HTTP server on {settings.host}:{self.port} stopped while starting")
             await asyncio.sleep(0.01)
 
-        log.info("sdbridge serving on http://%s:%d (WebSocket /ws)%s%s", _url_host(settings.host), self.port,
+        log.info("sdbridge serving on http://%s:%d (WebSocket /ws, or /)%s%s", _url_host(settings.host), self.port,
                  f", OSC in on udp {settings.effective_osc_host}:{self.osc_port}" if self.osc else "",
                  f", feedback to {settings.feedback_host}:{settings.feedback_port}" if self.feedback else "")
 
@@ -460,12 +461,13 @@ class Daemon:
         client, the latter at most every CONTROLLER_ERROR_TOLD_S per code and parameter: a TouchDesigner rig
         reads errors from its WebSocket DAT, as its OSC In CHOP drops the feedback's strings (QA 41)."""
         self._tell_feedback(exc)
-        key, now = (exc.code, getattr(exc, "name", None)), time.monotonic()
-        loop = self._loop
-        if now - self._controller_errors_told.get(key, -CONTROLLER_ERROR_TOLD_S) < CONTROLLER_ERROR_TOLD_S \
-                or loop is None or loop.is_closed():
+        key, now, loop = (exc.code, getattr(exc, "name", None)), time.monotonic(), self._loop
+        # Only the last window's entries: one per name a flood of unknown addresses made grew without end (QA 42).
+        told = {k: at for k, at in self._controller_errors_told.items() if now - at < CONTROLLER_ERROR_TOLD_S}
+        self._controller_errors_told = told
+        if key in told or len(told) >= CONTROLLER_ERRORS_TOLD or loop is None or loop.is_closed():
             return
-        self._controller_errors_told[key] = now
+        told[key] = now
         loop.call_soon_threadsafe(self._broadcast_all, exc.to_json())
 
     def _tell_feedback(self, exc: SdbridgeError) -> None:

@@ -754,7 +754,8 @@ def _no_condition(channel: int, controlnets: Any, ip_adapters: Any) -> dict[str,
                if slot.active and slot.channel == channel]
     if ip_adapters is not None and channel in ip_adapters.channels():
         readers.append("the IP-Adapter")
-    return SdbridgeError(f"{' and '.join(readers) or 'a slot'} reads channel {channel}, which this session has not "
+    verb = "read" if len(readers) > 1 else "reads"
+    return SdbridgeError(f"{' and '.join(readers) or 'a slot'} {verb} channel {channel}, which this session has not "
                          f"sent: it adds nothing to this session's frames until a condition frame comes on channel "
                          f"{channel} (a new connection starts without one: send it again after connecting)",
                          code="no_condition").to_json()

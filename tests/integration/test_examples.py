@@ -197,6 +197,7 @@ def test_touchdesigner_helper_rounds_each_value_as_documented():
     ((64,), np.float32, r"shape \(64,\) are not"),
     ((2, 64, 64, 4), np.uint8, r"shape \(2, 64, 64, 4\) are not"),
     ((64, 64, 4), np.int32, "dtype int32 are neither float"),
+    ((0, 0, 4), np.float32, r"shape \(0, 0, 4\) hold no pixel"),
 ])
 def test_touchdesigner_helper_refuses_other_arrays_by_shape_and_dtype(shape, dtype, message):
     sdbridge_td = import_example(EXAMPLES / "touchdesigner", "sdbridge_td")

@@ -138,3 +138,26 @@ def test_an_osc_refusal_reaches_the_websocket_clients_at_most_every_two_seconds(
         time.sleep(2.1)
         osc.send_message("/sd/strength", 4.0)  # past the 2 s: told again
         assert recv_json(ws, "error")["message"].startswith("/sd/strength")
+
+
+def test_a_flood_of_refusals_for_many_names_tells_the_clients_a_few(start_daemon):
+    """The per-name limit let 2000 unknown addresses tell a client 1709 errors, pushing its acks out of a 64-message
+    queue, and kept an entry per name for good (QA 42): at most 8 controller errors every 2 s in all now."""
+    from sdbridge.bridge.server import CONTROLLER_ERRORS_TOLD
+
+    daemon = start_daemon(params={"engine": "identity"})
+    osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+    with ws_connect(daemon) as ws:
+        recv_json(ws, "hello")
+        for index in range(500):
+            osc.send_message(f"/sd/nope_{index}", 1.0)
+            if index % 50 == 49:
+                time.sleep(0.05)  # UDP: a loaded machine's socket buffer drops a burst's tail
+        assert wait_for(lambda: daemon.osc.stats.param_errors >= 300, timeout=30)
+        time.sleep(0.5)  # the rest, if any, arrive within the same 2 s
+        ws.send(json.dumps({"type": "get", "id": 7}))  # answered after whatever was told before it
+        told = []
+        while (message := json.loads(ws.recv(timeout=10)))["type"] != "params":
+            told.append(message)
+    assert 1 <= len(told) <= CONTROLLER_ERRORS_TOLD and {m["code"] for m in told} == {"unknown_param"}
+    assert len(daemon._controller_errors_told) <= CONTROLLER_ERRORS_TOLD

@@ -197,6 +197,18 @@ def test_bool_out_of_range_is_an_error():
     assert "/sd/plugin/flow/enabled: plugin.flow.enabled 0.5 is not a boolean" in str(error)
 
 
+@pytest.mark.parametrize("value, expected", [(0.9999999, True), (1.0000001, True), (-1e-7, False), (1e-7, False)])
+def test_a_switch_a_float_rounding_from_0_or_1_is_that_switch(value, expected):
+    """A Math or Lag CHOP leaves a toggle at 0.9999999: refused as "not a boolean" at every cook, the switch stuck
+    (QA 42), where integers, choices and faders took the rounding (QA 41)."""
+    assert updates(message("/sd/plugin/flow/enabled", value)).updates == {"plugin.flow.enabled": expected}
+
+
+def test_a_double_seed_past_float32s_whole_numbers_is_rounded_too():
+    """A double holds a seed past 2^24 exactly: with a fraction it is the nearest whole number, as below 2^24."""
+    assert updates(message("/sd/seed", 123456789.7, types="d")).updates == {"seed": 123456790}
+
+
 def test_enum_by_index_and_by_name():
     assert updates(message("/sd/resize_mode", 1.0)).updates == {"resize_mode": "fit"}
     assert updates(message("/sd/resize_mode", 2)).updates == {"resize_mode": "stretch"}
