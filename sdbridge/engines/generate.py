@@ -176,7 +176,9 @@ class GenerationRequest:
             sampler, schedule = samplers.resolve(self.hr_sampler_name, self.scheduler, a1111=True)
         except SdbridgeError:
             return self.hr_sampler_name, "automatic"  # as A1111's fix_p_invalid_sampler_and_scheduler
-        if samplers.ignored_schedule(sampler, schedule):  # DDIM's own timesteps: no warning for a schedule not named
+        if samplers.ignored_schedule(sampler, schedule) and sampler.spaced:
+            # DDIM's and PLMS's own timesteps, as A1111's (they read no schedule): nothing to say for one not named.
+            # LCM keeps the schedule, whose warning says it runs its own where A1111's would take it (QA 42 L3).
             return self.hr_sampler_name, "automatic"
         return self.hr_sampler_name, self.scheduler
 

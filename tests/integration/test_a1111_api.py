@@ -784,6 +784,15 @@ def test_a1111_s_own_schedules_and_the_pairs_it_runs_generate(api):
     assert "Schedule type: Karras," in text  # as A1111 writes it: the one sent, which its DDIM never read
     info, _ = post(sampler_name="LCM", scheduler="Exponential", cfg_scale=1.0)
     assert info["warnings"][0].startswith("schedule type 'Exponential' ignored: LCM runs diffusers' LCMScheduler")
+    # A hires pass with the first pass's schedule ("Use same scheduler"): LCM's says so as the first pass's does (QA 42
+    # L3: silent, and its infotext said Automatic); DDIM's, which A1111 runs without one too, says nothing.
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1, "denoising_strength": 0.5,
+             "sampler_name": "Euler", "scheduler": "Align Your Steps"}
+    info, text = post(hr_sampler_name="LCM", **hires)
+    assert [w.split(":")[0] for w in info.get("warnings", [])] == ["schedule type 'Align Your Steps' ignored"], info
+    assert "Hires schedule type" not in text  # the first pass's, as A1111 writes it when they are the same
+    info, text = post(hr_sampler_name="DDIM", **hires)
+    assert "warnings" not in info and "Hires schedule type: Automatic" in text
 
 
 def test_the_infotext_carries_eta_where_the_sampler_took_it(api):
