@@ -167,15 +167,13 @@ def resolve(sampler_name: str | None, scheduler: str | None = None,
 
 def ignored_schedule(sampler: Sampler, schedule: Schedule) -> bool:
     """Whether a one-shot request runs ``sampler`` with its own schedule in place of ``schedule`` (then warned):
-    A1111's timestep samplers (DDIM, PLMS; UniPC for the schedules only A1111 builds) never read the schedule type,
+    A1111's timestep samplers (DDIM, PLMS, UniPC) never read a sigma schedule type (QA 38f: UniPC applied them),
     and LCM and TCD run diffusers' skipping schedule, where A1111's sample_lcm would take the sigmas (QA 37 M1:
     these pairs answered 422; A1111 1.10 runs them)."""
     if schedule.name in ("automatic", "uniform", "normal"):
         return False
-    if sampler.name in ("DDIM", "PLMS"):
+    if sampler.name in _TIMESTEP_SAMPLERS:  # UniPC too: diffusers' would take Karras, Exponential and Beta
         return schedule.sigmas
-    if sampler.name == "UniPC":
-        return schedule.a1111_only
     return not sampler.spaced
 
 

@@ -380,6 +380,23 @@ def test_a1111_s_timestep_samplers_and_lcm_run_any_schedule_as_automatic_and_say
         samplers.resolve(name, schedule)
 
 
+@pytest.mark.parametrize("schedule", ["Karras", "Exponential", "Beta"])
+def test_a1111_s_unipc_reads_no_sigma_schedule_either(schedule: str) -> None:
+    """A1111 1.10's UniPC is one of its timestep samplers, which read no schedule type; ours applied Karras,
+    Exponential and Beta in a one-shot request (QA 38f). It runs as with Automatic there, and says so; the live
+    stream keeps diffusers' UniPC with the schedule, as before."""
+    scheduler = samplers.make_scheduler(BASE, "UniPC", schedule, a1111=True)
+    automatic = samplers.make_scheduler(BASE, "UniPC", "automatic", a1111=True)
+    samplers.set_timesteps(scheduler, 6)
+    samplers.set_timesteps(automatic, 6)
+    assert torch.equal(scheduler.timesteps, automatic.timesteps)
+    assert samplers.schedule_warning("UniPC", schedule).startswith(f"schedule type {schedule!r} ignored: UniPC runs")
+    live, live_automatic = samplers.make_scheduler(BASE, "UniPC", schedule), samplers.make_scheduler(BASE, "UniPC")
+    live.set_timesteps(6)
+    live_automatic.set_timesteps(6)
+    assert not torch.equal(live.timesteps, live_automatic.timesteps)
+
+
 def test_a_diffusers_that_no_longer_takes_the_schedule_hook_is_refused_not_run_unsaid(monkeypatch):
     """Heun, DPM2 and DPM++ SDE get A1111's sigmas through the hook diffusers' Exponential schedule calls
     (samplers._derive_from); a diffusers that stops calling it would run its own schedule: a SamplerError, where
