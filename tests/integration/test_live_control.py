@@ -143,12 +143,13 @@ def test_an_osc_refusal_reaches_the_websocket_clients_at_most_every_two_seconds(
 def test_a_flood_of_refusals_for_many_names_tells_the_clients_a_few(start_daemon):
     """The per-name limit let 2000 unknown addresses tell a client 1709 errors, pushing its acks out of a 64-message
     queue, and kept an entry per name for good (QA 42): at most 8 controller errors every 2 s in all now."""
-    from sdbridge.bridge.server import CONTROLLER_ERRORS_TOLD
+    from sdbridge.bridge.server import CONTROLLER_ERROR_TOLD_S, CONTROLLER_ERRORS_TOLD
 
     daemon = start_daemon(params={"engine": "identity"})
     osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
     with ws_connect(daemon) as ws:
         recv_json(ws, "hello")
+        started = time.monotonic()
         for index in range(500):
             osc.send_message(f"/sd/nope_{index}", 1.0)
             if index % 50 == 49:
@@ -159,5 +160,8 @@ def test_a_flood_of_refusals_for_many_names_tells_the_clients_a_few(start_daemon
         told = []
         while (message := json.loads(ws.recv(timeout=10)))["type"] != "params":
             told.append(message)
-    assert 1 <= len(told) <= CONTROLLER_ERRORS_TOLD and {m["code"] for m in told} == {"unknown_param"}
+        # 8 in each 2 s window the flood spanned (one on an idle machine; a loaded one sends more slowly).
+        windows = 1 + int((time.monotonic() - started) / CONTROLLER_ERROR_TOLD_S)
+    assert 1 <= len(told) <= CONTROLLER_ERRORS_TOLD * windows and {m["code"] for m in told} == {"unknown_param"}
+    assert len(told) < 300 / 4  # against one per name: 1709 of 2000 before
     assert len(daemon._controller_errors_told) <= CONTROLLER_ERRORS_TOLD
