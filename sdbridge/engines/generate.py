@@ -142,6 +142,12 @@ class GenerationRequest:
     # An IP-Adapter unit (engines/ip_adapter.py's RequestImagePrompt): a style image beside the prompt.
     image_prompt: Any = None
 
+    def warn(self, warning: str) -> None:
+        """Add ``warning`` to the info's warnings, once: each pass of a request (a hires pass, a batch's images)
+        meets the same things again."""
+        if warning not in self.warnings:
+            self.warnings.append(warning)
+
     @property
     def is_img2img(self) -> bool:
         return bool(self.init_images)
@@ -661,17 +667,13 @@ class Generation:
             if name in accepted:
                 extra[name] = math.inf if name == "s_tmax" and value == 0 else value
             elif not (name == "s_noise" and brownian):  # the Brownian noise is scaled by it in _denoise
-                warning = (f"{name} {value:g} ignored: diffusers' {sampler} takes no {name} (A1111's default, "
-                           f"{samplers.A1111_OPTION_DEFAULTS[name]:g}, ran)")
-                if warning not in request.warnings:
-                    request.warnings.append(warning)
+                request.warn(f"{name} {value:g} ignored: diffusers' {sampler} takes no {name} (A1111's default, "
+                             f"{samplers.A1111_OPTION_DEFAULTS[name]:g}, ran)")
         if "s_churn" in extra and sampler == "Euler":
             # k-diffusion's sample_euler churns x before the model call and evaluates it at the raised sigma;
             # diffusers' step churns after it, with the model output at the old sigma (QA 33 oracle: 5.6 apart).
-            warning = (f"s_churn {request.s_churn:g} applied as diffusers' Euler does (noise added after the UNet "
-                       f"call, where A1111 adds it before): not A1111's picture")
-            if warning not in request.warnings:
-                request.warnings.append(warning)
+            request.warn(f"s_churn {request.s_churn:g} applied as diffusers' Euler does (noise added after the UNet "
+                         f"call, where A1111 adds it before): not A1111's picture")
         return extra
 
     def _hidden(self, text: torch.Tensor, negative_rows: int, index: int, count: int) -> Any:
@@ -717,8 +719,8 @@ class Generation:
                                            sdxl=self.parts.architecture == "sdxl")
         # A1111's timestep samplers read no schedule type; LCM runs its own here (QA 37 M1: these were a 422).
         warning = samplers.schedule_warning(sampler_name, schedule)
-        if warning is not None and warning not in request.warnings:
-            request.warnings.append(warning)
+        if warning is not None:
+            request.warn(warning)
         if type(scheduler).__name__ == "DPMSolverSDEScheduler":
             # A Brownian tree per image, each from its own seed (A1111's create_noise_sampler passes the batch's
             # seeds): an image does not depend on its batch position. The config keeps the first, a number.
@@ -759,8 +761,7 @@ class Generation:
         if most is None or steps <= most:
             return steps
         warning = f"{type(scheduler).__name__} runs at most {most} steps: {most} ran of the {steps} asked for"
-        if warning not in self.request.warnings:
-            self.request.warnings.append(warning)
+        self.request.warn(warning)
         return most
 
     def _noise(self, seeds: list[int], subseeds: list[int], width: int, height: int) -> torch.Tensor:
