@@ -112,6 +112,8 @@ _SIGMA_SCHEDULERS = {"EulerDiscreteScheduler", "LMSDiscreteScheduler",
 # builds no Karras or Exponential schedule itself (A1111 runs any schedule with any sampler: QA 33 M3).
 _A1111_SIGMAS = {"DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"}
 _A1111_SCHEDULES = ("uniform", "normal", "karras", "exponential", "beta")
+# The config flags by which a diffusers scheduler builds a sigma schedule of its own.
+_SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 # The first-order schedulers whose sigmas and timesteps set_timesteps can replace outright, so that they take A1111's
 # own sigma lists (Schedule.a1111_only).
 A1111_ONLY_SCHEDULERS = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
@@ -239,8 +241,7 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     cls = getattr(diffusers, sampler.scheduler)
     config = dict(base_config)
     # Options another solver left in the config must not leak into this one.
-    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "algorithm_type", "solver_order",
-                "solver_type"):
+    for key in (*_SIGMA_FLAGS, "algorithm_type", "solver_order", "solver_type"):
         config.pop(key, None)
     # Overrides go in as keyword arguments: diffusers drops config keys it lists in
     # ``_use_default_values``, so a value merely put into the dict may be ignored.
@@ -253,7 +254,7 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     if kdiffusion:
         overrides["timestep_spacing"] = "linspace"
     if sampler.scheduler not in _SIGMA_SCHEDULERS:  # Euler a: set_timesteps computes the schedule
-        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        for key in _SIGMA_FLAGS:
             overrides.pop(key, None)
     elif kdiffusion and schedule.name == "beta" and sampler.scheduler in _A1111_SIGMAS:
         overrides.pop("use_beta_sigmas")  # DPM++ 2M: set_timesteps computes A1111's, with unrounded timesteps
@@ -308,8 +309,7 @@ def _derive_from(scheduler: Any, sigmas: Any, device: Any) -> None:
     """diffusers' own ``set_timesteps`` for a scheduler that derives midpoints (Heun, DPM2, DPM2 a, DPM++ SDE), on
     ``sigmas`` (A1111's, without the final 0): given through the hook its Exponential schedule calls, so that each
     derives its interleaved sigmas and sigma_to_t's fractional timesteps from them as from its own."""
-    flags = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-    kept = {key: scheduler.config.get(key, False) for key in flags}
+    kept = {key: scheduler.config.get(key, False) for key in _SIGMA_FLAGS}
     scheduler.register_to_config(use_karras_sigmas=False, use_exponential_sigmas=True, use_beta_sigmas=False)
     scheduler._convert_to_exponential = lambda in_sigmas, num_inference_steps: sigmas.double().numpy()
     try:
