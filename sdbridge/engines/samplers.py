@@ -127,6 +127,8 @@ _DERIVING = {"HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralD
 # A1111 runs DPM2 and DPM2 a on a schedule one step longer with its next-to-last sigma dropped (samplers_k_diffusion's
 # discard_next_to_last_sigma; QA 33 L4): on every sigma schedule here.
 _DISCARDING = {"KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
+# The samplers A1111 1.10 gives discard_next_to_last_sigma: DPM++ 3M SDE too (QA 45f: it ran the whole schedule here).
+_DISCARD_SAMPLERS = ("DPM2", "DPM2 a", "DPM++ 3M SDE")
 # Samplers A1111 1.10 runs as its own timestep samplers (modules/sd_samplers_timesteps.py), which never read the
 # schedule type: with one named, they run as with Automatic, and the request's warnings say so.
 _TIMESTEP_SAMPLERS = ("DDIM", "PLMS", "UniPC")
@@ -260,8 +262,15 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
         overrides.pop("use_beta_sigmas")  # DPM++ 2M: set_timesteps computes A1111's, with unrounded timesteps
     if sampler.scheduler == "DPMSolverSDEScheduler":
         _require_torchsde(sampler.name)
+    if kdiffusion and sampler.name == "DPM++ 3M SDE":
+        # k-diffusion's second step (one earlier output) adds phi_2 D1, diffusers' "heun" term; its "midpoint" adds
+        # phi_1 / 2 D1 (QA 45f).
+        overrides["solver_type"] = "heun"
     made = cls.from_config(config, **overrides)
     made.a1111_sigmas = kdiffusion  # read by set_timesteps
+    made.a1111_discard = kdiffusion and sampler.name in _DISCARD_SAMPLERS
+    if kdiffusion and sampler.name == "DPM++ 3M SDE":
+        made.multistep_dpm_solver_third_order_update = _third_order_sde_update.__get__(made)
     made.a1111_schedule = schedule.name
     made.a1111_sdxl = sdxl
     return made
@@ -293,9 +302,18 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
             scheduler.timesteps = scheduler.timesteps[:-1]
         return
     if (name in _A1111_SIGMAS and schedule in _A1111_SCHEDULES) or (own and name in A1111_ONLY_SCHEDULERS):
-        sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps, sdxl=sdxl)
+        import torch
+
+        discard = getattr(scheduler, "a1111_discard", False)  # DPM++ 3M SDE
+        sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps + discard, sdxl=sdxl)
+        if discard:
+            sigmas, timesteps = torch.cat([sigmas[:-2], sigmas[-1:]]), timesteps[:-1]
         scheduler.sigmas = sigmas
         scheduler.timesteps = timesteps.to(device)  # fractional, as A1111's UNet gets them
+        if name == "DPMSolverMultistepScheduler":
+            # k-diffusion's 3M SDE keeps third order up to its last step into 0; diffusers' drops to second order
+            # a step earlier under 15 steps (2M is second order there either way).
+            scheduler.register_to_config(lower_order_final=False)
         if name == "DPMSolverMultistepScheduler" and float(sigmas[-1]) > 0:
             # KL Optimal ends at sigma_min, not 0: k-diffusion's DPM++ 2M takes a full second-order last step there
             # (it steps down to first order only into sigma 0), where diffusers' would drop to first order.
@@ -303,6 +321,37 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
 
 
 _OWN = tuple(schedule.name for schedule in SCHEDULES if schedule.a1111_only)
+
+
+def _third_order_sde_update(self: Any, model_output_list: list[Any], *args: Any, sample: Any = None,
+                            noise: Any = None, **kwargs: Any) -> Any:
+    """DPM++ 3M SDE's third-order step as k-diffusion's sample_dpmpp_3m_sde takes it (eta 1, so h_eta = 2h), in
+    diffusers' terms: x_t = (sigma_t / sigma_s0) e^-h x + alpha_t (phi_1 D0 + phi_2 D1 - phi_3 D2) + the noise,
+    phi_1 = 1 - e^-2h, phi_2 = 1 - phi_1 / 2h, phi_3 = phi_2 / 2h - 1/2. diffusers 0.42's sde-dpmsolver++ update
+    adds alpha_t (-phi_3 - 1) D2: a whole D2 more, which does not vanish as h -> 0 (QA 45f: 15 to 47 apart from
+    A1111's latents at 20 steps)."""
+    import torch
+
+    i = self.step_index
+    sigma_t, sigma_s0, sigma_s1, sigma_s2 = (self.sigmas[i + 1], self.sigmas[i], self.sigmas[i - 1],
+                                             self.sigmas[i - 2])
+    lambdas = []
+    for sigma in (sigma_t, sigma_s0, sigma_s1, sigma_s2):
+        alpha, vp_sigma = self._sigma_to_alpha_sigma_t(sigma)
+        lambdas.append(torch.log(alpha) - torch.log(vp_sigma))
+    alpha_t, vp_sigma_t = self._sigma_to_alpha_sigma_t(sigma_t)
+    _, vp_sigma_s0 = self._sigma_to_alpha_sigma_t(sigma_s0)
+    h, h_0, h_1 = lambdas[0] - lambdas[1], lambdas[1] - lambdas[2], lambdas[2] - lambdas[3]
+    r0, r1 = h_0 / h, h_1 / h
+    m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi_1 = -torch.expm1(-2.0 * h)
+    phi_2 = 1.0 - phi_1 / (2.0 * h)
+    phi_3 = phi_2 / (2.0 * h) - 0.5
+    return ((vp_sigma_t / vp_sigma_s0 * torch.exp(-h)) * sample + alpha_t * (phi_1 * m0 + phi_2 * d1 - phi_3 * d2)
+            + vp_sigma_t * torch.sqrt(phi_1) * noise)
 
 
 def _derive_from(scheduler: Any, sigmas: Any, device: Any) -> None:

