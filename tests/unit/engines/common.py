@@ -21,6 +21,18 @@ def engine_params(module_defaults: dict[str, Any] | None = None, **overrides: An
     return values
 
 
+def compiled_engine(parts: Any, values: dict[str, Any], *, stream_batch: bool = True,
+                    backend: str | None = None) -> Any:
+    """A CompiledEngine on ``parts`` prepared for ``values``; ``backend`` None runs its eager path (the CPU's)."""
+    from sdbridge.engines.compiled import CompiledEngine
+
+    engine = CompiledEngine.from_parts(parts)
+    engine.stream_batch = stream_batch
+    engine.compile_backend = backend
+    engine.prepare(values)
+    return engine
+
+
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """The largest difference, relative to the reference's largest value (the issues' parity measure)."""
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-8))

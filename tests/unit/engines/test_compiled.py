@@ -21,7 +21,7 @@ from sdbridge.engines.compiled import (STREAM_KEY, CompiledEngine, batch_bucket,
                                        probe_linear_schedule, residual_cfg_bound)
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import load_pipeline_parts
-from tests.unit.engines.common import count_stream_calls, engine_params, relative_error, reset_dynamo
+from tests.unit.engines.common import compiled_engine, count_stream_calls, engine_params, relative_error, reset_dynamo
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
@@ -37,11 +37,7 @@ def make_frames(count: int, size: tuple[int, int] = (64, 64), seed: int = 0) -> 
 
 
 def engine(parts, stream_batch: bool = True, backend: str | None = None, **values) -> CompiledEngine:
-    out = CompiledEngine.from_parts(parts)
-    out.stream_batch = stream_batch
-    out.compile_backend = backend
-    out.prepare(params(**values))
-    return out
+    return compiled_engine(parts, params(**values), stream_batch=stream_batch, backend=backend)
 
 
 def diffusers_img2img(parts, frame: torch.Tensor, steps: int, strength: float, guidance: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from sdbridge.engines.compiled import STREAM_KEY, CompiledEngine, residual_cfg_b
 from sdbridge.engines.models import load_pipeline_parts
 from sdbridge.errors import ParamError
 from sdbridge.params import Schema
-from tests.unit.engines.common import engine_params, relative_error, reset_dynamo
+from tests.unit.engines.common import compiled_engine, engine_params, relative_error, reset_dynamo
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # relative, fp32 (issue 4)
@@ -29,11 +29,7 @@ def params(**overrides) -> dict:
 
 
 def engine(parts, stream_batch: bool = True, backend: str | None = None, **values) -> CompiledEngine:
-    out = CompiledEngine.from_parts(parts)
-    out.stream_batch = stream_batch
-    out.compile_backend = backend
-    out.prepare(params(**values))
-    return out
+    return compiled_engine(parts, params(**values), stream_batch=stream_batch, backend=backend)
 
 
 def make_frames(count: int, seed: int = 0) -> list[torch.Tensor]:
