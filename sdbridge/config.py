@@ -133,7 +133,7 @@ class Settings:
         if self.token is not None and len(self.token.encode()) < MIN_TOKEN_BYTES:
             raise ConfigError(f"token is {len(self.token.encode())} bytes long; at least {MIN_TOKEN_BYTES} "
                               f"(128 random bits as URL-safe base64): make one with "
-                              f"`python3 -c 'import secrets; print(secrets.token_urlsafe(16))'`")
+                              f"`python -c \"import secrets; print(secrets.token_urlsafe(16))\"`")
         if not self.osc_prefix.startswith("/") or self.osc_prefix.endswith("/") or len(self.osc_prefix) < 2:
             raise ConfigError(f"osc_prefix {self.osc_prefix!r} must start with '/' and not end with it, like '/sd'")
         for network in self.osc_allow:
