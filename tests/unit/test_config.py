@@ -149,7 +149,8 @@ def test_token_must_carry_128_bits():
     import subprocess
     import sys
 
-    command = re.search(r"`python3 -c '(.+)'`", str(caught.value)).group(1)
+    # In double quotes, as cmd.exe and PowerShell read them too (QA 44 F6).
+    command = re.search(r'`python -c "(.+)"`', str(caught.value)).group(1)
     token = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, check=True).stdout.strip()
     assert load_settings({"host": "0.0.0.0", "token": token}, env={}).token == token
 
