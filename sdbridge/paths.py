@@ -32,13 +32,27 @@ def confine(name: str, roots: Iterable[str | Path], what: str = "path") -> Path:
     candidate = name.replace("\\", "/")
     if candidate.startswith("~"):
         raise PathError(f"{what} {name!r} names a home folder; send a name inside the allowed folders")
-    resolved_roots = [Path(root).expanduser().resolve() for root in roots]
+    given_roots = [Path(os.path.abspath(Path(root).expanduser())) for root in roots]
+    resolved_roots = [root.resolve() for root in given_roots]
     if not resolved_roots:
         raise PathError(f"{what} {name!r} refused: no folder is open to clients")
+    absolute = os.path.isabs(candidate)
+    if absolute and not any(_lexically_inside(Path(os.path.normpath(candidate)), root)
+                            for root in (*given_roots, *resolved_roots)):
+        # Judged by its text, before the file system is touched: on Windows, resolving \\host\share\x opens an
+        # SMB session to that host, offering the user's credentials, and \\.\pipe\x a local pipe (QA 44 F3).
+        raise PathError(f"{what} {name!r} is outside the folders clients may use ({_shown(resolved_roots)})")
     for root in resolved_roots:
-        target = Path(candidate) if os.path.isabs(candidate) else root / candidate
+        target = Path(candidate) if absolute else root / candidate
         real = target.resolve()
-        if real == root or root in real.parents:
+        if _lexically_inside(real, root):
             return real
-    shown = ", ".join(str(root) for root in resolved_roots)
-    raise PathError(f"{what} {name!r} is outside the folders clients may use ({shown})")
+    raise PathError(f"{what} {name!r} is outside the folders clients may use ({_shown(resolved_roots)})")
+
+
+def _lexically_inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _shown(roots: list[Path]) -> str:
+    return ", ".join(str(root) for root in roots)

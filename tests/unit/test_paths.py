@@ -41,3 +41,29 @@ def test_traversal_corpus_is_refused(root, attempt):
 def test_no_roots_refuses_everything(root):
     with pytest.raises(PathError, match="no folder is open"):
         confine("good", [])
+
+
+@pytest.mark.parametrize("attempt", [
+    "//qa44-host/share/m.safetensors", "\\\\qa44-host\\share\\m.safetensors", "\\\\?\\UNC\\qa44-host\\share\\m",
+    "\\\\.\\pipe\\qa44-host", "/qa44-host/share/m.safetensors",
+])
+def test_absolute_names_outside_the_folders_are_refused_before_the_file_system_is_asked(root, attempt, monkeypatch):
+    """On Windows, stat-ing or resolving \\\\host\\share opens an SMB session to that host with the user's
+    credentials (QA 44 F3: eight stat calls on a client's UNC name came before its refusal). os.stat and os.lstat
+    are watched, still doing their work, to see that no call names the client's host."""
+    asked: list[str] = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path, *a, _real=real, **k: asked.append(str(path)) or _real(path, *a, **k))
+    with pytest.raises(PathError, match="outside the folders"):
+        confine(attempt, [root], what="model")
+    assert not [path for path in asked if "qa44-host" in path]
+
+
+def test_an_absolute_name_inside_a_folder_still_resolves(root):
+    """The text check passes a full path inside a folder, as given or through the folder's symlinks."""
+    assert confine(str(root / "alias" / "model_index.json"), [root]) == (root / "good" / "model_index.json").resolve()
+    linked = root.parent / "linked_models"
+    os.symlink(root, linked)
+    assert confine(str(linked / "good"), [linked]) == (root / "good").resolve()
+    assert confine(str(root / "good"), [linked]) == (root / "good").resolve()
