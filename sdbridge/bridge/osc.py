@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,11 @@ class OscServer(asyncio.DatagramProtocol):
         self._log = ProblemLog(log, "OSC", lambda: {key: getattr(self.stats, key) for key in _PROBLEM_KINDS})
         self._traceback_logged = False
         self._told_addresses: set[str] = set()
+        # Windows' asyncio stops reading a UDP socket after a reset (error_received): listen again there.
+        self.listen_again_on_reset = sys.platform == "win32"
+        self.listened_again = 0
+        self._host = ""
+        self._listening_again: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (UDP); port 0 takes a free one, then ``self.port`` tells it."""
@@ -92,9 +98,13 @@ class OscServer(asyncio.DatagramProtocol):
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host.strip("[]"), port))
         self.transport = transport
+        self._host = host
         self.port = transport.get_extra_info("sockname")[1]
 
     def close(self) -> None:
+        if self._listening_again is not None:
+            self._listening_again.cancel()
+            self._listening_again = None
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -182,7 +192,35 @@ class OscServer(asyncio.DatagramProtocol):
             self._log.warning("OSC datagram from %s could not be handled (internal error)", addr)
 
     def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionResetError) and self.listen_again_on_reset and self.transport is not None:
+            # Windows turns the ICMP "port unreachable" that a datagram sent from this socket drew (an /sd/get
+            # answer to a sender that has closed its port) into a reset on the next receive, and asyncio's
+            # Proactor loop then reads no more (CPython gh-127057): every controller would go unheard until a
+            # restart, while WebSocket and HTTP carry on (QA 44 F2).
+            if self._listening_again is None:
+                log.warning("OSC port %s was reset (%s): listening on it again", self.port, exc)
+                self._listening_again = asyncio.get_running_loop().create_task(self._listen_again())
+            return
         log.debug("OSC socket error: %s", exc)
+
+    async def _listen_again(self, tries: int = 50) -> None:
+        old, self.transport = self.transport, None
+        if old is not None:
+            old.close()
+        error: OSError | None = None
+        try:
+            for attempt in range(tries):
+                await asyncio.sleep(0.02 * attempt)  # the closed socket lets go of the port on the next turn
+                try:
+                    await self.start(self._host, self.port)
+                except OSError as exc:
+                    error = exc
+                    continue
+                self.listened_again += 1
+                return
+            log.error("OSC could not listen on port %s again: %s; restart the daemon to take OSC", self.port, error)
+        finally:
+            self._listening_again = None
 
 
 class OscSender:

@@ -354,3 +354,37 @@ def test_the_daemon_shows_an_address_outside_its_prefix_in_stats_and_on_status_e
                                               "applied; send /vj/<param> (the daemon's --osc-prefix)"]], errors
     finally:
         receiver.close()
+
+
+def test_a_reset_socket_listens_again_on_the_same_port():
+    """Windows reports an ICMP port-unreachable (an /sd/get answer to a one-shot sender) as a reset, after which
+    asyncio's Proactor loop reads the socket no more (CPython gh-127057, QA 44 F2). The reset is handed to the
+    server as that loop hands it (Linux raises none on an unconnected UDP socket); the listening is real."""
+    async def scenario():
+        server, client = await started()
+        server.listen_again_on_reset = True
+        port, old = server.port, server.transport
+        server.error_received(ConnectionResetError(10054, "An existing connection was forcibly closed"))
+        server.error_received(ConnectionResetError(10054, "once more, while it listens again"))
+        assert await until(lambda: server.listened_again == 1)
+        assert server.port == port and server.transport is not old and old.is_closing()
+        client.send_message("/sd/strength", 0.75)
+        assert await until(lambda: server.store.get("strength") == 0.75)
+        server.close()
+        assert server.transport is None
+    asyncio.run(scenario())
+
+
+def test_a_reset_elsewhere_only_logs():
+    """On Linux and macOS the selector loop reads on after an error: the socket stays as it is."""
+    async def scenario():
+        server, client = await started()
+        assert not server.listen_again_on_reset  # this test runs on Linux
+        old = server.transport
+        server.error_received(ConnectionResetError(104, "reset"))
+        await asyncio.sleep(0.05)
+        assert server.transport is old and server.listened_again == 0
+        client.send_message("/sd/strength", 0.5)
+        assert await until(lambda: server.store.get("strength") == 0.5)
+        server.close()
+    asyncio.run(scenario())
