@@ -384,7 +384,8 @@ class Daemon:
         await self.start()
         loop = asyncio.get_running_loop()
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # Windows: Ctrl-Break, and closing the console window, come as SIGBREAK (untested here: Linux has none).
+        for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])):
             # signal.signal, not loop.add_signal_handler: the latter does not exist on Windows.
             previous[sig] = signal.signal(sig, lambda *_: loop.call_soon_threadsafe(self.request_stop))
         try:
