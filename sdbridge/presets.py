@@ -41,10 +41,20 @@ MAX_FILE_BYTES = 1024 * 1024
 TOP_LEVEL = ("description", "glide_s", "params")  # what a preset file holds outside its [params] table
 
 
+# Windows' device names: there, CON.toml (and CON.toml.tmp, the name a save writes first) opens the console, and
+# COM1.toml perhaps a rig's serial DMX box. Refused on every platform, so that a presets folder copies anywhere.
+WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(10))})
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ParamError(f"preset name {shown_value(name)} is not 1-64 of letters, digits, space, _ . -",
                          name="preset", value=name, code="bad_preset")
+    # Windows reads the part before the first dot, less trailing spaces, in any case ("nul .bak" is NUL).
+    if name.partition(".")[0].rstrip(" ").upper() in WINDOWS_DEVICES:
+        raise ParamError(f"preset name {shown_value(name)} is a Windows device name (CON, PRN, AUX, NUL, COM0-9, "
+                         "LPT0-9 in any case, before the first dot): pick another, so the presets folder works on "
+                         "every system", name="preset", value=name, code="bad_preset")
     return name
 
 

@@ -212,6 +212,23 @@ def test_a_name_with_a_trailing_newline_is_refused(library, name):
     assert not library.user_dir.exists() or not list(library.user_dir.iterdir())
 
 
+@pytest.mark.parametrize("name", ["CON", "nul", "Aux", "COM1", "LPT9", "CON.bak", "prn .toml", "com0"])
+def test_a_windows_device_name_is_refused_on_every_platform(library, name):
+    """QA 44 F7: on Windows, saving CON writes to the console (COM1: a serial port); a folder made elsewhere
+    with such a name cannot be read there. Refused everywhere, with the bad-name code, naming the value."""
+    for call in (lambda: library.save(name, {"strength": 0.5}), lambda: library.get(name)):
+        with pytest.raises(ParamError, match="is a Windows device name") as info:
+            call()
+        assert info.value.code == "bad_preset" and repr(name) in str(info.value)
+    assert not library.user_dir.exists() or not list(library.user_dir.iterdir())
+
+
+@pytest.mark.parametrize("name", ["CONSOLE", "con-cert", "COM10", "LPT", "auxiliary.v2", "my nul", "NUL_"])
+def test_a_name_that_only_starts_like_a_device_saves(library, name):
+    library.save(name, {"strength": 0.5})
+    assert library.get(name).params == {"strength": 0.5}
+
+
 @pytest.mark.parametrize("description, params", [
     ("\udcff", {"strength": 0.5}),
     ("ok", {"prompt": "\ud800 evil"}),
