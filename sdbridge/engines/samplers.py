@@ -252,7 +252,8 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     # pipelines force it off in the same way.
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
         overrides["clip_sample"] = False
-    kdiffusion = a1111 and sampler.automatic is not None and "timestep_spacing" not in schedule.options
+    # SGM Uniform, Simple and DDIM too: A1111 computes them as sigma lists (:data:`_SPACED`).
+    kdiffusion = a1111 and sampler.automatic is not None
     if kdiffusion:
         overrides["timestep_spacing"] = "linspace"
     if sampler.scheduler not in _SIGMA_SCHEDULERS:  # Euler a: set_timesteps computes the schedule
@@ -287,7 +288,7 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
     scheduler.set_timesteps(steps, device=device)
     schedule = getattr(scheduler, "a1111_schedule", None)
     name = type(scheduler).__name__
-    own = _SCHEDULE_BY_NAME[schedule].a1111_only if schedule in _SCHEDULE_BY_NAME else False
+    own = schedule in _OWN or schedule in _SPACED
     sdxl = getattr(scheduler, "a1111_sdxl", False)
     if name in _DISCARDING and schedule in (*_A1111_SCHEDULES, *_OWN) or (own and name in _DERIVING):
         import torch
@@ -321,6 +322,12 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
 
 
 _OWN = tuple(schedule.name for schedule in SCHEDULES if schedule.a1111_only)
+# The schedules the live stream runs as diffusers' timestep spacing, which a one-shot request's k-diffusion samplers
+# take as A1111 computes them (QA 45f): SGM Uniform's timesteps 999 / n apart (trailing's are 1000 / n: 0.007 to 0.57
+# from A1111's latents), DPM2's and 3M SDE's one step longer with the next-to-last dropped (trailing cannot), DDIM's
+# every (1000 // n)th from 1 up to 999, which is more than n steps where n does not divide 1000 (31 at 30 steps), and
+# each starting at noise * sigma_max (diffusers' leading spacing starts at sqrt(sigma_max^2 + 1): 0.13 apart).
+_SPACED = ("sgm_uniform", "simple", "ddim")
 
 
 def _third_order_sde_update(self: Any, model_output_list: list[Any], *args: Any, sample: Any = None,
@@ -421,10 +428,12 @@ BETA_ALPHA = BETA_BETA = 0.6
 def a1111_sigmas(alphas_cumprod: Any, schedule: str, steps: int, sdxl: bool = False) -> tuple[Any, Any]:
     """A1111's ``steps``-step schedule (its sigmas, then 0, or KL Optimal's sigma_min) and the UNet's timestep for
     each step: k-diffusion's DiscreteSchedule over the model's sigma table, as KDiffusionSampler.get_sigmas uses it.
-    Uniform (and Normal): t = linspace(999, 0, n), log-sigma interpolated; the others between the table's first and
-    last sigma as A1111 1.10 computes them (k-diffusion's get_sigmas_karras/_exponential/_polyexponential, and
-    modules/sd_schedulers.py's beta_scheduler, kl_optimal, get_align_your_steps_sigmas), each sigma's t interpolated
-    back (sigma_to_t, unquantized)."""
+    Uniform (and Normal): t = linspace(999, 0, n), log-sigma interpolated; SGM Uniform: linspace(999, 0, n + 1)
+    less its last; Simple: the table's sigma at t = 999 - int(i * 1000 / n); DDIM: at t = 1, 1 + 1000 // n, ... up to
+    999, highest first (modules/sd_schedulers.py's sgm_uniform, simple_scheduler, ddim_scheduler); the others
+    between the table's first and last sigma as A1111 1.10 computes them (k-diffusion's
+    get_sigmas_karras/_exponential/_polyexponential, and sd_schedulers.py's beta_scheduler, kl_optimal,
+    get_align_your_steps_sigmas), each sigma's t interpolated back (sigma_to_t, unquantized)."""
     import numpy as np
     import torch
 
@@ -432,8 +441,15 @@ def a1111_sigmas(alphas_cumprod: Any, schedule: str, steps: int, sdxl: bool = Fa
     log_table = table.log()
     sigma_min, sigma_max = float(table[0]), float(table[-1])
     last = torch.zeros(1)
-    if schedule in ("uniform", "normal"):
-        t = torch.linspace(len(table) - 1, 0, steps)
+    if schedule in ("uniform", "normal", "sgm_uniform", "simple", "ddim"):
+        if schedule == "sgm_uniform":
+            t = torch.linspace(len(table) - 1, 0, steps + 1)[:-1]
+        elif schedule == "simple":
+            t = torch.tensor([len(table) - 1 - int(i * (len(table) / steps)) for i in range(steps)]).float()
+        elif schedule == "ddim":
+            t = torch.arange(1, len(table), max(len(table) // steps, 1)).flip(0).float()
+        else:
+            t = torch.linspace(len(table) - 1, 0, steps)
         low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
         sigmas = ((1 - weight) * log_table[low] + weight * log_table[high]).exp()
         return torch.cat([sigmas, last]).float(), t.float()

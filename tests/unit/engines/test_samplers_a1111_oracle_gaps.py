@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sdbridge.engines import samplers
-from tests.unit.engines.test_samplers import BASE, a1111_own_sigmas, a1111_sigma_to_t, a1111_sigmas
+from tests.unit.engines.test_samplers import (BASE, a1111_own_sigmas, a1111_sigma_table, a1111_sigma_to_t, a1111_sigmas,
+                                              visited_sigmas)
 
 
 def eps_model(x: torch.Tensor) -> torch.Tensor:
@@ -107,3 +108,63 @@ def test_the_live_stream_s_3m_sde_is_diffusers_own() -> None:
     samplers.set_timesteps(live, 6)
     assert "multistep_dpm_solver_third_order_update" not in vars(live)
     assert live.config["solver_type"] == "midpoint" and len(live.timesteps) == 6
+
+
+# --- SGM Uniform, Simple and DDIM as A1111 computes them (modules/sd_schedulers.py) ----------------------------------
+
+def a1111_t_to_sigma(t: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's DiscreteSchedule.t_to_sigma: log-sigma interpolated between the table's neighbours."""
+    log_table = a1111_sigma_table(BASE).log()
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_table[low] + w * log_table[high]).exp()
+
+
+def a1111_spaced_sigmas(schedule: str, n: int) -> torch.Tensor:
+    """sd_schedulers.py's sgm_uniform (t = linspace(sigma_to_t(sigma_max), sigma_to_t(sigma_min), n + 1) less its
+    last), simple_scheduler (sigmas[-(1 + int(x * len / n))]) and ddim_scheduler (sigmas[1::len // n], reversed),
+    each then 0."""
+    table = a1111_sigma_table(BASE)
+    if schedule == "sgm_uniform":
+        sigmas = [float(a1111_t_to_sigma(t)) for t in torch.linspace(999, 0, n + 1)[:-1]]
+    elif schedule == "simple":
+        ss = len(table) / n
+        sigmas = [float(table[-(1 + int(x * ss))]) for x in range(n)]
+    else:
+        ss, x, sigmas = max(len(table) // n, 1), 1, []
+        while x < len(table):
+            sigmas.append(float(table[x]))
+            x += ss
+        sigmas = sigmas[::-1]
+    return torch.tensor(sigmas + [0.0])
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20, 30])
+@pytest.mark.parametrize("schedule", ["sgm_uniform", "simple", "ddim"])
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE",
+                                  "DPM++ 2M SDE", "DPM++ 3M SDE"])
+def test_spaced_schedules_are_a1111_s_sigma_lists(name: str, schedule: str, steps: int) -> None:
+    """QA 45f: these ran as diffusers' trailing or leading spacing. A1111's SGM Uniform spaces by 999 / n, not
+    1000 / n; DPM2, DPM2 a and 3M SDE drop the next-to-last of n + 1 sigmas there too; DDIM's every (1000 // n)th
+    timestep from 1 runs 8 steps at 7 (31 at 30); and the first sigma is the run's start (diffusers' leading spacing
+    starts at sqrt(sigma^2 + 1)). 0.007 to 3.5 apart from A1111's latents at 20 steps."""
+    scheduler = samplers.make_scheduler(BASE, name, schedule, a1111=True)
+    samplers.set_timesteps(scheduler, steps)
+    discard = name in ("DPM2", "DPM2 a", "DPM++ 3M SDE")
+    expected = a1111_spaced_sigmas(schedule, steps + discard)
+    if discard:
+        expected = torch.cat([expected[:-2], expected[-1:]])
+    ours = visited_sigmas(scheduler)
+    assert ours.shape == expected.shape, (ours, expected)
+    torch.testing.assert_close(ours, expected, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(scheduler.timesteps[:1].float(), a1111_sigma_to_t(BASE, expected[:1].float()),
+                               rtol=1e-3, atol=2e-2)
+    if name in ("Euler", "LMS", "Heun", "DPM2"):  # txt2img starts at noise * sigmas[0], as A1111's sample()
+        assert samplers.initial_noise_scale(scheduler) == pytest.approx(float(expected[0]), rel=1e-5)
+    assert samplers.most_steps(scheduler) is None
+
+
+def test_the_live_stream_keeps_diffusers_spacing_for_them() -> None:
+    for schedule, first in (("sgm_uniform", 999), ("ddim", 951)):
+        live = samplers.make_scheduler(BASE, "DPM2", schedule)
+        samplers.set_timesteps(live, 20)
+        assert round(float(live.timesteps[0])) == first and len(visited_sigmas(live)) == 21
