@@ -492,7 +492,7 @@ def check_webrtc(import_module: Callable[[str], Any] = importlib.import_module) 
         from aiortc.rtcrtpsender import RTCRtpSender
     except ImportError:
         return [Finding(OFF, "webrtc", "aiortc is not installed: /whip and /whep answer an offer with 501",
-                        "for OBS's WHIP output and WHEP viewers: pip install 'sdbridge[webrtc]' (docs/webrtc.md)")]
+                        "for OBS's WHIP output and WHEP viewers: pip install \"sdbridge[webrtc]\" (docs/webrtc.md)")]
     codecs = dict.fromkeys(codec.mimeType.split("/")[1] for codec in RTCRtpSender.getCapabilities("video").codecs
                            if codec.mimeType.lower() != "video/rtx")
     message = f"aiortc {aiortc.__version__}: WHIP/WHEP video as {', '.join(codecs)}"

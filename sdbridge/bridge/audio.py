@@ -1,6 +1,6 @@
 """Audio in: a microphone or a WAV file drives the envelope slots env1/env2 (docs/audio.md).
 
-``--audio-in DEVICE`` opens an input device through sounddevice (``pip install 'sdbridge[audio]'``; it needs the
+``--audio-in DEVICE`` opens an input device through sounddevice (``pip install "sdbridge[audio]"``; it needs the
 PortAudio library); DEVICE is a device's index, a substring of its name, or ``default``. ``--audio-in
 file:PATH.wav`` plays a WAV file (PCM, read with the stdlib's ``wave``) in a loop, paced in real time: for
 rehearsal without a microphone, and for tests. ``--audio-in list`` prints the input devices.
@@ -47,7 +47,7 @@ def _sounddevice() -> Any:
     try:
         import sounddevice
     except ImportError as exc:
-        raise ConfigError("audio input from a device needs sounddevice: pip install 'sdbridge[audio]'") from exc
+        raise ConfigError("audio input from a device needs sounddevice: pip install \"sdbridge[audio]\"") from exc
     except OSError as exc:  # sounddevice raises OSError("PortAudio library not found") at import
         raise ConfigError(f"audio input from a device needs the PortAudio library, which is missing ({exc}): "
                           f"{PORTAUDIO_FIX}") from exc

@@ -36,7 +36,7 @@ class LinkSync:
         try:
             from aalink import Link
         except ImportError as exc:
-            raise ConfigError("--link needs the aalink package: pip install 'sdbridge[link]'") from exc
+            raise ConfigError("--link needs the aalink package: pip install \"sdbridge[link]\"") from exc
         bpm = float(self.store.get("bpm"))
         self.link = Link(bpm)
         self.link.quantum = 4

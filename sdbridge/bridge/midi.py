@@ -1,7 +1,7 @@
 """MIDI in: a fader box or a DAW's MIDI clock straight into the daemon (docs/midi.md).
 
 On with ``--midi-in PORT`` (a substring of the port's name; repeatable) or ``--midi-map FILE``. The
-ports are mido inputs on the python-rtmidi backend (``pip install 'sdbridge[midi]'``); their callback,
+ports are mido inputs on the python-rtmidi backend (``pip install "sdbridge[midi]"``); their callback,
 on rtmidi's thread, only stamps each message with the time it arrived and hands it to the event loop
 through :meth:`MidiBridge.receive`, the one entry point (tests feed it too). On the loop the sans-I/O
 parts decide: :class:`~sdbridge.bridge.midi_map.MidiMapper` (CCs, notes, learn mode) and
@@ -57,7 +57,7 @@ def _mido() -> Any:
     try:
         import mido
     except ImportError as exc:
-        raise ConfigError("MIDI input needs mido and python-rtmidi: pip install 'sdbridge[midi]'") from exc
+        raise ConfigError("MIDI input needs mido and python-rtmidi: pip install \"sdbridge[midi]\"") from exc
     return mido
 
 
@@ -70,7 +70,7 @@ def list_ports() -> list[str]:
     try:
         return list(mido.get_input_names())
     except ImportError as exc:  # mido without python-rtmidi
-        raise ConfigError(f"MIDI input needs python-rtmidi: pip install 'sdbridge[midi]' ({exc})") from exc
+        raise ConfigError(f"MIDI input needs python-rtmidi: pip install \"sdbridge[midi]\" ({exc})") from exc
     except (RuntimeError, OSError) as exc:  # rtmidi's SystemError: the system's MIDI service did not answer
         log.debug("rtmidi: %s", exc)
         raise ConfigError(f"cannot list MIDI ports: {_MIDI_SYSTEMS.get(sys.platform, 'the MIDI system')} did not "

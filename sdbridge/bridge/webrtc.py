@@ -7,7 +7,7 @@
   worker hands to the ``--output`` s (:meth:`WebRtcHub.tap`), each viewer behind a newest-frame slot of its own.
 
 The routes sit behind the daemon's access middleware (Host, Origin, token) like every HTTP route; a WHIP
-client sends the token as ``Authorization: Bearer``. aiortc is optional (``pip install 'sdbridge[webrtc]'``):
+client sends the token as ``Authorization: Bearer``. aiortc is optional (``pip install "sdbridge[webrtc]"``):
 without it an offer is answered 501. Peers are capped (503 past :data:`MAX_PEERS`), and one that fails ICE,
 closes or never connects is cleaned up, its session released as a WebSocket close releases it.
 """
@@ -52,7 +52,7 @@ def load_aiortc() -> Any:
         return importlib.import_module("sdbridge.bridge.webrtc_peer")
     except ImportError as exc:
         raise WebRtcError(f"WebRTC needs aiortc, which is not installed here ({exc}): "
-                          f"pip install 'sdbridge[webrtc]'", status=501, code="webrtc_unavailable") from None
+                          f"pip install \"sdbridge[webrtc]\"", status=501, code="webrtc_unavailable") from None
 
 
 class WhepViewer(Viewer):

@@ -26,7 +26,7 @@ maths are the same on the CPU, where torch 2.13 has ``_scaled_mm`` too and torch
 refuses to run, so the tests run the real fp8 maths on the tiny UNet. The GPU check is ours
 (:func:`check_fp8_device`) and comes first in :func:`apply_fp8`.
 
-Needs the ``fp8`` extra: ``pip install 'sdbridge[fp8]'`` (torchao).
+Needs the ``fp8`` extra: ``pip install "sdbridge[fp8]"`` (torchao).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from sdbridge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'sdbridge[fp8]'"
+INSTALL_HINT = "pip install \"sdbridge[fp8]\""
 MIN_CAPABILITY = (8, 9)   # torch._scaled_mm's fp8 kernels: Ada (8.9) and Hopper (9.0) and later
 DIM_MULTIPLE = 16         # _scaled_mm: both dims of the weight must be multiples of 16
 # The bound on ||eps_fp8 - eps|| / ||eps|| for the UNet's noise prediction on the probe input.

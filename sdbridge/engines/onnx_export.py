@@ -7,7 +7,7 @@ UNet on the same inputs. Building a TensorRT engine from the file needs TensorRT
 GPU, which no machine of this project has: docs/speed.md says so, and no TensorRT code ships
 untested.
 
-Needs the ``onnx`` extra (``pip install 'sdbridge[onnx]'``: onnx, onnxruntime). The export uses
+Needs the ``onnx`` extra (``pip install "sdbridge[onnx]"``: onnx, onnxruntime). The export uses
 torch's TorchScript-based exporter (``dynamo=False``): the dynamo exporter needs onnxscript,
 and the TorchScript one handles diffusers' UNet at opset 17.
 """
@@ -64,7 +64,7 @@ def export_unet(unet: Any, path: str | Path, latent_size: tuple[int, int], text_
     try:
         import onnx
     except ImportError as exc:
-        raise ModelError("ONNX export needs the onnx package: pip install 'sdbridge[onnx]'",
+        raise ModelError("ONNX export needs the onnx package: pip install \"sdbridge[onnx]\"",
                          code="missing_dependency") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def check_unet_onnx(path: str | Path, unet: Any, batch: int, latent_size: tuple[
     try:
         import onnxruntime
     except ImportError as exc:
-        raise ModelError("checking an ONNX export needs onnxruntime: pip install 'sdbridge[onnx]'",
+        raise ModelError("checking an ONNX export needs onnxruntime: pip install \"sdbridge[onnx]\"",
                          code="missing_dependency") from exc
     sample, timestep, hidden = example_inputs(unet, batch, latent_size, text_length, seed=seed)
     with torch.inference_mode():

@@ -50,7 +50,7 @@ MAX_PASSES = 3      # A1111's Upscaler.upscale: the model runs until the image c
 # The largest side one pass may produce: a pass runs only while the image is below the target (at most 8192 a
 # side), so 4x of just under that; its uint8 result is at most 16384 x 16384 x 3 = 805 MB.
 MAX_OUTPUT_SIDE = 16384
-INSTALL_HINT = "pip install 'sdbridge[upscale]'"
+INSTALL_HINT = "pip install \"sdbridge[upscale]\""
 
 # A1111's names for the Real-ESRGAN models it downloads into models/RealESRGAN (modules/realesrgan_model.py).
 REALESRGAN_NAMES = {

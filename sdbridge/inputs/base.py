@@ -109,7 +109,7 @@ _INPUTS: dict[str, tuple[str, str, frozenset[str]]] = {
     "file": ("sdbridge.inputs.file:FileInput", "", frozenset({"fps", "loop", "reply"})),
     "camera": ("sdbridge.inputs.camera:CameraInput", "", frozenset({"fps", "width", "height", "reply"})),
     "shm": ("sdbridge.inputs.shm:ShmInput", "", frozenset({"reply"})),
-    "ndi": ("sdbridge.inputs.ndi:NdiInput", "pip install 'sdbridge[ndi]' (cyndilib)", frozenset({"reply"})),
+    "ndi": ("sdbridge.inputs.ndi:NdiInput", "pip install \"sdbridge[ndi]\" (cyndilib)", frozenset({"reply"})),
 }
 # "?fps=24?loop=true": options joined by a second '?' instead of '&'. The last '?' starts the options, so the
 # first would end up in the path ("frames/?fps=24"), and the error would be a missing file with a rewritten name.

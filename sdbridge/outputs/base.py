@@ -65,11 +65,11 @@ class Output(abc.ABC):
 
 # Lazy, as the engines are: each pulls its own library only when used.
 _OUTPUTS: dict[str, tuple[str, str]] = {
-    "ndi": ("sdbridge.outputs.ndi:NdiOutput", "pip install 'sdbridge[ndi]' (cyndilib)"),
+    "ndi": ("sdbridge.outputs.ndi:NdiOutput", "pip install \"sdbridge[ndi]\" (cyndilib)"),
     "virtualcam": ("sdbridge.outputs.virtualcam:VirtualCamOutput",
-                   "pip install 'sdbridge[virtualcam]' (pyvirtualcam; on Linux also the v4l2loopback module)"),
-    "spout": ("sdbridge.outputs.spout:SpoutOutput", "pip install 'sdbridge[spout]' (SpoutGL, Windows only)"),
-    "syphon": ("sdbridge.outputs.syphon:SyphonOutput", "pip install 'sdbridge[syphon]' (syphon-python, macOS only)"),
+                   "pip install \"sdbridge[virtualcam]\" (pyvirtualcam; on Linux also the v4l2loopback module)"),
+    "spout": ("sdbridge.outputs.spout:SpoutOutput", "pip install \"sdbridge[spout]\" (SpoutGL, Windows only)"),
+    "syphon": ("sdbridge.outputs.syphon:SyphonOutput", "pip install \"sdbridge[syphon]\" (syphon-python, macOS only)"),
     "record": ("sdbridge.outputs.record:RecordOutput", ""),
 }
 _HEAD = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<target>[^@?]+))?$")

@@ -23,7 +23,7 @@ def browser(playwright):
 
 def test_webrtc_a_watch_that_works_keeps_the_send_error_until_send_works(browser, start_daemon) -> None:
     """QA 11 #5: a watch that succeeded erased why send had failed; each action's error now stays until it works."""
-    pytest.importorskip("aiortc", reason="WebRTC needs aiortc (pip install 'sdbridge[webrtc]')")
+    pytest.importorskip("aiortc", reason="WebRTC needs aiortc (pip install \"sdbridge[webrtc]\")")
     daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
     page = browser.new_page()
     try:

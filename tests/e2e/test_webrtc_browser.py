@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.test_browser_page import CHROMIUM, CHROMIUM_ARGS
 
-pytest.importorskip("aiortc", reason="WebRTC tests need aiortc (pip install 'sdbridge[webrtc]')")
+pytest.importorskip("aiortc", reason="WebRTC tests need aiortc (pip install \"sdbridge[webrtc]\")")
 
 from tests.clients import wait_for  # noqa: E402
 from tests.integration.test_webrtc_daemon import RED, needs_interface, publish, stats  # noqa: E402

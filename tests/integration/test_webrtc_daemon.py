@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-aiortc = pytest.importorskip("aiortc", reason="WebRTC tests need aiortc (pip install 'sdbridge[webrtc]')")
+aiortc = pytest.importorskip("aiortc", reason="WebRTC tests need aiortc (pip install \"sdbridge[webrtc]\")")
 av = pytest.importorskip("av")
 httpx = pytest.importorskip("httpx")
 
@@ -310,7 +310,7 @@ def test_without_aiortc_the_routes_answer_501(start_daemon, monkeypatch) -> None
     monkeypatch.delitem(sys.modules, "sdbridge.bridge.webrtc_peer", raising=False)
     monkeypatch.setitem(sys.modules, "aiortc", None)  # what `import aiortc` meets where it is not installed
     refused = httpx.post(f"http://127.0.0.1:{daemon.port}/whip/stage", content=offer, headers=SDP, timeout=10)
-    assert refused.status_code == 501 and "pip install 'sdbridge[webrtc]'" in refused.json()["message"]
+    assert refused.status_code == 501 and "pip install \"sdbridge[webrtc]\"" in refused.json()["message"]
     assert daemon.registry.get("stage") is None
 
 

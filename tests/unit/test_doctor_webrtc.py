@@ -31,7 +31,7 @@ def test_without_aiortc_it_says_the_routes_answer_501_and_what_to_install() -> N
 
     [finding] = check_webrtc(import_module)
     # Off, not "ok" (QA 6, finding 13): an optional part missing is neither fine nor a problem.
-    assert finding.level == OFF and "501" in finding.message and "pip install 'sdbridge[webrtc]'" in finding.fix
+    assert finding.level == OFF and "501" in finding.message and "pip install \"sdbridge[webrtc]\"" in finding.fix
     assert str(finding).startswith("[ off ] webrtc: aiortc is not installed")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("aiortc", reason="the stamp's codec round trip needs aiortc (pip install 'sdbridge[webrtc]')")
+pytest.importorskip("aiortc", reason="the stamp's codec round trip needs aiortc (pip install \"sdbridge[webrtc]\")")
 
 import av  # noqa: E402
 from aiortc.codecs.h264 import H264Decoder, H264Encoder, h264_depayload  # noqa: E402

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("aiortc", reason="WebRTC tests need aiortc (pip install 'sdbridge[webrtc]')")
+pytest.importorskip("aiortc", reason="WebRTC tests need aiortc (pip install \"sdbridge[webrtc]\")")
 
 import av  # noqa: E402
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack  # noqa: E402

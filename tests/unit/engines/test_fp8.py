@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-pytest.importorskip("torchao", reason="the fp8 extra is not installed (pip install 'sdbridge[fp8]')")
+pytest.importorskip("torchao", reason="the fp8 extra is not installed (pip install \"sdbridge[fp8]\")")
 
 from sdbridge.engines import fp8  # noqa: E402
 from sdbridge.engines.fp8 import (MAX_RELATIVE_ERROR, SKIP_SHAPE, SKIP_TIMESTEP, Fp8Unavailable,  # noqa: E402
@@ -202,7 +202,7 @@ def test_apply_fp8_refuses_a_gpu_below_capability_8_9(unet, monkeypatch):
 
 def test_apply_fp8_without_torchao_says_how_to_install_it(unet, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # "import torchao" raises ImportError
-    with pytest.raises(Fp8Unavailable, match=r"pip install 'sdbridge\[fp8\]'"):
+    with pytest.raises(Fp8Unavailable, match=r'pip install "sdbridge\[fp8\]"'):
         apply_fp8(unet, CPU)
     available, sentence, fix = fp8.fp8_status(CPU)
     assert not available and "torchao" in sentence and fix == fp8.INSTALL_HINT

@@ -7,8 +7,8 @@ import torch
 
 from sdbridge.engines.models import load_pipeline_parts
 
-onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'sdbridge[onnx]')")
-pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sdbridge[onnx]')")
+onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install \"sdbridge[onnx]\")")
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install \"sdbridge[onnx]\")")
 
 from sdbridge.engines.onnx_export import INPUT_NAMES, OUTPUT_NAME, check_unet_onnx, export_unet  # noqa: E402
 
