@@ -281,7 +281,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
             print(f"{preset.name:20} {where:8} glide {preset.glide_s:4.1f} s  {preset.description}")
         return 0
     if args.action == "show":
-        print(dump(library.get(args.name)), end="")
+        _write_utf8(dump(library.get(args.name)))
         return 0
     if args.action == "save":
         import httpx
@@ -310,6 +310,30 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"saved preset {body['name']} from the daemon at {args.url}")
         return 0
     raise AssertionError(args.action)
+
+
+def _write_utf8(text: str) -> None:
+    """A file's text (``presets show NAME > mine.toml``) as UTF-8 bytes, whatever stdout's encoding: on Windows a
+    redirected stdout encodes in the ANSI code page, which wrote a file sdbridge could not read back, or crashed on
+    what the code page lacks (QA 44 F4). TOML is UTF-8."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream put in stdout's place (an embedding program's, a test's)
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    buffer.write(text.encode("utf-8"))
+    buffer.flush()
+
+
+def _tolerant_stdout() -> None:
+    """Listings print user text (preset descriptions, model paths, device names): a character stdout's encoding
+    lacks (a redirected stdout on Windows is in the ANSI code page) is written as an escape, not a traceback."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # a stream that has already been written to in a way that forbids it
+            pass
 
 
 def _daemon_address(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -412,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
+    _tolerant_stdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -418,3 +418,26 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     finally:
         os.close(write)
     assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
+
+
+def test_presets_show_redirected_is_utf8_and_listings_survive_a_narrow_code_page(tmp_path):
+    """QA 44 F4: on Windows a redirected stdout encodes in the ANSI code page (PYTHONIOENCODING=cp1252 stands in for
+    it here): ``presets show NAME > file.toml`` crashed on 東京 and wrote café as byte 0xe9, a file sdbridge could
+    not read back; ``presets list`` crashed on a description the code page lacks."""
+    from sdbridge.presets import PresetLibrary
+
+    presets, exported = tmp_path / "presets", tmp_path / "exported"
+    exported.mkdir()
+    PresetLibrary(presets).save("tokyo", {"prompt": "café, 東京", "strength": 0.4}, "東京 café at night", 1.0)
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    with (exported / "tokyo.toml").open("wb") as target:
+        shown = subprocess.run([sys.executable, "-m", "sdbridge.cli", "presets", "show", "tokyo", "--presets-dir",
+                                str(presets)], stdout=target, stderr=subprocess.PIPE, text=True, timeout=120,
+                               cwd=ROOT, env=env)
+    assert shown.returncode == 0, shown.stderr
+    back = PresetLibrary(exported).get("tokyo")  # sdbridge's own loader reads the exported file
+    assert back.params == {"prompt": "café, 東京", "strength": 0.4} and back.description == "東京 café at night"
+    listing = sdbridge("presets", "list", "--presets-dir", str(presets), env=env, encoding="cp1252")
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stderr
+    line = next(line for line in listing.stdout.splitlines() if line.startswith("tokyo "))
+    assert "café at night" in line and "\\u6771\\u4eac" in line  # 東京 written as an escape, not a crash
