@@ -3,7 +3,8 @@
 #
 # Simplest form (JPEG both ways), no helper needed: in an Execute DAT's onFrameStart,
 #     op('websocket1').sendBinary(op('camera').saveByteArray('.jpg'))
-# and here, onReceiveBinary writes each JPEG reply to a file that a Movie File In TOP named 'sdbridge_jpeg' reads.
+# and here, onReceiveBinary writes each JPEG reply to a file that a Movie File In TOP named 'sdbridge_jpeg' reads
+# (two files in turn; it sets the TOP's File).
 #
 # Raw form (no JPEG cost, exact pixels), with sdbridge_td.py in a Text DAT named 'sdbridge_td':
 #     pixels = op('camera').numpyArray(delayed=True)  # None until its first download is done
@@ -37,11 +38,20 @@ def onReceiveBinary(dat, contents):
                       latency_ms=absTime.seconds * 1000 - client_ts_us / 1000)  # noqa: F821 - TD's absTime
         op("sdbridge_out").cook(force=True)  # noqa: F821 - TD's op; its Script TOP copies latest["pixels"]
     elif contents[:3] == b"\xff\xd8\xff":  # a JPEG reply (the simplest form above)
-        path = os.path.join(project.folder, "sdbridge_reply.jpg")  # noqa: F821 - TD's project
-        with open(path + ".part", "wb") as file:
-            file.write(contents)
-        os.replace(path + ".part", path)  # whole: the TOP never reads a half-written file
-        op("sdbridge_jpeg").par.reloadpulse.pulse()  # noqa: F821 - a Movie File In TOP whose File is that path
+        # Two files in turn, the TOP pointed at each once it is whole: Windows refuses to replace or write a file
+        # the TOP has open, so a reply goes to the file it is not showing, and one that still finds that file
+        # open is skipped (the next comes a frame later) rather than raised as a script error every frame.
+        turn = 1 - latest.get("jpeg_turn", 0)
+        path = os.path.join(project.folder, f"sdbridge_reply_{turn}.jpg")  # noqa: F821 - TD's project
+        try:
+            with open(path, "wb") as file:
+                file.write(contents)
+        except PermissionError:
+            return
+        latest["jpeg_turn"] = turn
+        top = op("sdbridge_jpeg")  # noqa: F821 - a Movie File In TOP
+        top.par.file = path
+        top.par.reloadpulse.pulse()
     return
 
 

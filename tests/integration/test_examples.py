@@ -231,3 +231,56 @@ def test_osc_control_reads_the_types_of_a_daemon_with_a_token(start_daemon):
     assert "could not read the parameter types" in result.stderr and "--token or $SDBRIDGE_TOKEN" in result.stderr
     assert wait_for(lambda: daemon.osc.stats.param_errors == errors + 1)  # an int for a str parameter: refused
     assert daemon.store.get("prompt") == "2028"
+
+
+def touchdesigner_callbacks(folder: Path, jpeg_top: object) -> dict:
+    """examples/touchdesigner/websocket_callbacks.py run with stand-ins for TouchDesigner's globals (no TD here):
+    ``project.folder`` and an ``op`` that knows the Movie File In TOP."""
+    namespace = {"project": type("Project", (), {"folder": str(folder)})(),
+                 "op": lambda name: jpeg_top if name == "sdbridge_jpeg" else None}
+    source = (EXAMPLES / "touchdesigner" / "websocket_callbacks.py").read_text(encoding="utf-8")
+    exec(compile(source, "websocket_callbacks.py", "exec"), namespace)
+    return namespace
+
+
+class MovieFileInTop:
+    """The parameters the callbacks touch, and the file the TOP shows at each reload."""
+
+    def __init__(self) -> None:
+        self.shown: list[bytes] = []
+        top = self
+        self.par = type("Par", (), {"file": ""})()
+        self.par.reloadpulse = type("Pulse", (), {"pulse": lambda _self: top.shown.append(
+            Path(top.par.file).read_bytes())})()
+
+
+def test_touchdesigner_callbacks_show_each_jpeg_reply_whole_and_skip_one_windows_holds(start_daemon, tmp_path):
+    """QA 44 F12: the callbacks replaced, every frame, the file the TOP reads, which Windows refuses while the
+    TOP has it open (a script error a frame). Real JPEG replies from the daemon go through the callbacks; a write
+    refused as Windows refuses it (PermissionError) skips that reply."""
+    daemon = start_daemon(params={"engine": "identity", "width": 64, "height": 64})
+    top = MovieFileInTop()
+    callbacks = touchdesigner_callbacks(tmp_path, top)
+    replies = []
+    with ws_connect(daemon) as ws:
+        for seed in range(3):
+            ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(seed).integers(0, 256, (64, 64, 3), np.uint8))
+            ws.send(jpeg.tobytes())
+            replies.append(recv_frame(ws))
+    assert all(reply[:3] == b"\xff\xd8\xff" for reply in replies)
+    for reply in replies[:2]:
+        callbacks["onReceiveBinary"](None, reply)
+    assert top.shown == replies[:2]
+    assert Path(top.par.file).name in ("sdbridge_reply_0.jpg", "sdbridge_reply_1.jpg")
+    shown_file = top.par.file
+
+    def held_open(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process",
+                              path)
+
+    callbacks["open"] = held_open  # the module's open: Windows' refusal, which Linux never gives
+    callbacks["onReceiveBinary"](None, replies[2])  # no exception: skipped
+    assert top.shown == replies[:2] and top.par.file == shown_file
+    del callbacks["open"]
+    callbacks["onReceiveBinary"](None, replies[2])
+    assert top.shown == replies and top.par.file != shown_file
