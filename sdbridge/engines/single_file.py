@@ -16,10 +16,11 @@ file to carry around and for tests.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -146,16 +147,12 @@ def _read_keys(path: Path, allow_pickle: bool,
                 return shapes, path, None
             # diffusers tells safetensors by the name alone, and reads anything else with torch.load:
             # MODEL.SAFETENSORS, or a link named without a suffix, is handed to it under a name it reads.
-            temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
-            named = temporary / (path.stem + ".safetensors")
-            named.symlink_to(path.resolve())
+            named, temporary = _in_temporary_folder(path, lambda target: _link_or_copy(path.resolve(), target))
             return shapes, named, temporary
         log.info("%s names CLIP's layers in the old layout (no text_model.): renamed, as A1111 does", path.name)
         with safe_open(str(path), framework="pt") as tensors:
             state = _renamed_clip({key: tensors.get_tensor(key) for key in tensors.keys()})
-        temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
-        converted = temporary / (path.stem + ".safetensors")
-        save_file(state, str(converted))
+        converted, temporary = _in_temporary_folder(path, lambda target: save_file(state, str(target)))
         return {key: tuple(value.shape) for key, value in state.items()}, converted, temporary
     if not allow_pickle:
         raise ModelError(f"{path} is a pickle file; pass --allow-pickle to load it", code="pickle_refused")
@@ -167,10 +164,49 @@ def _read_keys(path: Path, allow_pickle: bool,
     check_servable(path, {key: tuple(value.shape) for key, value in tensors.items()}, vae_given)
     if old_clip_layout(set(tensors)):
         tensors = _renamed_clip(tensors)
-    temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
-    converted = temporary / (path.stem + ".safetensors")
-    save_file(tensors, str(converted))
+    converted, temporary = _in_temporary_folder(path, lambda target: save_file(tensors, str(target)))
     return {key: tuple(value.shape) for key, value in tensors.items()}, converted, temporary
+
+
+def _in_temporary_folder(path: Path, write: Callable[[Path], None]) -> tuple[Path, Path]:
+    """``write`` puts the checkpoint at ``<new temporary folder>/<stem>.safetensors``; the folder is removed if it
+    fails (QA 44 F5: a refused symlink left one in %TEMP% per attempt)."""
+    temporary = Path(tempfile.mkdtemp(prefix="sdbridge-ckpt-"))
+    target = temporary / (path.stem + ".safetensors")
+    try:
+        write(target)
+    except BaseException:
+        remove_temporary(temporary)
+        raise
+    return target, temporary
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``source`` under ``target``'s name: a hard link (no privilege needed, same volume only), else a symlink
+    (Windows refuses one without Developer Mode or admin rights: WinError 1314, QA 44 F5), else a copy. The copy
+    comes last: a link costs nothing, a copy the checkpoint's size in time and disk (Linux's /tmp is often
+    another volume, where only the symlink works)."""
+    try:
+        os.link(source, target)
+        return
+    except OSError:  # another volume, FAT32/exFAT, or a file the user may not hard-link (protected_hardlinks)
+        pass
+    try:
+        target.symlink_to(source)
+        return
+    except OSError as exc:
+        log.info("%s: no link possible (%s); copying it under a name diffusers reads (rename it to end in "
+                 ".safetensors, lower case, to skip the copy)", source.name, exc.strerror or exc)
+    try:
+        shutil.copyfile(source, target)
+    except OSError as exc:
+        raise ModelError(f"{source}: could not be handed to diffusers as {target.name} (a hard link, a symbolic "
+                         f"link and a copy in {target.parent.parent} all failed: {exc.strerror or exc}); rename "
+                         "the file to end in .safetensors, lower case") from exc
+
+
+def remove_temporary(temporary: Path) -> None:
+    shutil.rmtree(temporary, ignore_errors=True)
 
 
 def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
@@ -202,7 +238,7 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, al
                              f"--model-config DIR, a diffusers folder whose configs describe it") from exc
     finally:
         if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
+            remove_temporary(temporary)
     prediction = v_prediction(path, shapes)
     if prediction:
         log.info("%s: v-prediction (%s)", path.name, prediction)
