@@ -19,8 +19,9 @@ log = logging.getLogger("sdbridge")
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from sdbridge.log_queue import setup_logging
+
+    setup_logging(level)  # a thread writes the lines: a console that takes none stops no one else (QA 44 F15)
     _quiet_libraries()
 
 
@@ -74,8 +75,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         "multiple of 1/steps runs compiled at once; each is its own set of graphs, compiled for about a minute "
         "on a GPU the first time, seconds from the cache")
     add("--fp8", action="store_const", const=True,
-        help="compiled engine: the UNet's Linear layers in fp8 (needs torchao: pip install 'sdbridge[fp8]', and a CUDA "
-        "GPU of compute capability 8.9+); undone at load when the UNet's output moves more than 5%% (docs/speed.md)")
+        help="compiled engine: the UNet's Linear layers in fp8 (needs torchao: pip install \"sdbridge[fp8]\", and a "
+        "CUDA GPU of compute capability 8.9+); undone at load when the UNet's output moves more than 5%% "
+        "(docs/speed.md)")
     add("--model-config", help="a diffusers folder whose configs describe a single-file checkpoint of an "
         "unusual architecture")
     add("--models-dir", help="where pulled models live (default ~/.cache/sdbridge/models)")
@@ -95,12 +97,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         "on-beat preset recalls follow its beat, bpm its tempo")
     add("--midi-in", dest="midi_in", action="append", metavar="PORT|list", help="take MIDI from the input port whose "
         "name contains PORT (repeatable): CCs and notes through the map, clock as the tempo; 'list' prints the ports "
-        "and exits (needs pip install 'sdbridge[midi]'; docs/midi.md)")
+        "and exits (needs pip install \"sdbridge[midi]\"; docs/midi.md)")
     add("--midi-map", metavar="FILE", help="the MIDI mapping file (TOML; default ~/.config/sdbridge/midi.toml, else "
         "the built-in map in docs/midi.md); learned bindings are saved there")
     add("--audio-in", dest="audio_in", metavar="DEVICE|file:PATH.wav|list", help="sound for the envelope slots "
         "env1/env2 (the strength breathes with the kick): an input device (index, part of its name, or default; "
-        "needs pip install 'sdbridge[audio]' and PortAudio), or a WAV file played in a loop; 'list' prints the "
+        "needs pip install \"sdbridge[audio]\" and PortAudio), or a WAV file played in a loop; 'list' prints the "
         "devices and exits (docs/audio.md)")
     add("--output", dest="outputs", action="append", metavar="KIND[:TARGET][@SESSION][?OPTIONS]",
         help="also send frames to ndi:NAME, virtualcam[:DEVICE], spout:NAME, syphon:NAME or record:DIR; OPTIONS "

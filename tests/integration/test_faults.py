@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import struct
@@ -288,3 +289,29 @@ def test_a_stop_that_outlasts_the_frame_being_made_says_so(monkeypatch, caplog, 
         thread.stop()
     assert took < 8
     assert "still making a frame after 0 s: stopping without it" in caplog.text
+
+
+def test_a_console_that_takes_no_writes_does_not_stop_the_daemon(tmp_path):
+    """QA 44 F15: on Windows a click in the console window (QuickEdit) holds every write to it; the event loop
+    wrote its log lines itself, so HTTP, WebSocket and OSC stopped with it. Here stderr is a pipe nobody reads
+    (64 KB, filled by the lines of 400 connections), Linux's stand-in for that console."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--osc-port",
+                                str(free_port(socket.SOCK_DGRAM)), "--oscquery-port", "-1", "--engine", "identity",
+                                "--log-level", "debug"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: _healthy(port), timeout=60)
+        for _ in range(400):
+            with ws_connect(type("D", (), {"port": port})()):
+                pass
+        started = time.monotonic()
+        answer = httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False, timeout=20)
+        assert answer.status_code == 200 and time.monotonic() - started < 10
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=60)[1].decode()  # the console takes writes again: all of it comes
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    assert len(re.findall(r"session \S+ opened", output)) >= 400 and "sdbridge stopped" in output

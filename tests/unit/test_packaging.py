@@ -74,3 +74,14 @@ def test_readme_windows_steps_paste_into_cmd_and_match_the_makefile():
     for spec in (makefile_spec("OPEN_CLIP_SPEC"), makefile_spec("SPANDREL_SPEC"), "einops>=0.7"):
         assert spec in without_deps, f"{spec} is not installed with --no-deps as the Makefile installs it"
     assert "einops>=0.7" in (ROOT / "Makefile").read_text(encoding="utf-8")
+
+
+def test_install_hints_quote_extras_as_every_shell_reads_them():
+    """`pip install 'sdbridge[spout]'` reached pip with its single quotes from cmd.exe (QA 44 F11): double quotes
+    work in cmd.exe, PowerShell and sh."""
+    texts = [*(ROOT / "sdbridge").rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md",
+             *(ROOT / "examples").rglob("*.md")]
+    single = [f"{path.relative_to(ROOT)}:{number}" for path in texts
+              for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+              if re.search(r"install '[^']*\[", line)]
+    assert not single, "single-quoted extras: " + ", ".join(single)

@@ -1,0 +1,72 @@
+"""Log lines leave the thread that logs them through a bounded queue, and one thread writes them out.
+
+The event loop and the worker log as they serve. Written where they are made, a console that stops taking
+writes stops them too: a click in a Windows console window (QuickEdit holds every write while a selection is
+up), a terminal paused with Ctrl-S, a pipe nobody reads. The whole daemon froze so, HTTP, WebSocket and OSC
+with it (QA 44 F15). Here only the writer thread waits; a full queue drops lines, counts them, and says how
+many once the console takes lines again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import sys
+from logging.handlers import QueueHandler, QueueListener
+from typing import TextIO
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+QUEUE_LINES = 10_000  # about 2 MB of lines: minutes of a busy daemon's log
+
+
+class DroppingQueueHandler(QueueHandler):
+    """A QueueHandler that never waits: a record that finds the queue full is counted, not kept."""
+
+    def __init__(self, records: queue.Queue) -> None:
+        super().__init__(records)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:
+                # Before the next line that fits, how many did not: room for both, or neither goes in.
+                if self.queue.maxsize and self.queue.qsize() > self.queue.maxsize - 2:
+                    raise queue.Full
+                self.queue.put_nowait(self._dropped_record())
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _dropped_record(self) -> logging.LogRecord:
+        return logging.LogRecord("sdbridge", logging.WARNING, __file__, 0,
+                                 f"{self.dropped} log lines dropped while the console took none", None, None)
+
+
+def setup_logging(level: str, stream: TextIO | None = None, capacity: int = QUEUE_LINES) -> QueueListener | None:
+    """The root logger at ``level``, its lines written to ``stream`` (stderr) by a thread of their own.
+    Like ``logging.basicConfig``, nothing changes when the root logger already has a handler (a test harness's,
+    an embedding program's). The listener stops at exit, after writing what is queued."""
+    root = logging.getLogger()
+    if root.handlers:
+        return None
+    writer = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    writer.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+    records: queue.Queue = queue.Queue(capacity)
+    listener = QueueListener(records, writer, respect_handler_level=False)
+    handler = DroppingQueueHandler(records)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    listener.start()
+    atexit.register(_stop, handler, listener)
+    return listener
+
+
+def _stop(handler: DroppingQueueHandler, listener: QueueListener) -> None:
+    """At exit: the count of lines dropped last goes out too (waiting for room now), then what is queued."""
+    logging.getLogger().removeHandler(handler)
+    if handler.dropped:
+        handler.queue.put(handler._dropped_record())
+    listener.stop()

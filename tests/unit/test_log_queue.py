@@ -1,0 +1,63 @@
+"""Logging through the queue: a console that takes no writes holds only the writer thread. Each case runs in a
+Python of its own, as the daemon does: its root logger has no handler there (pytest's has)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+PROGRAM = textwrap.dedent("""
+    import logging, sys, time
+    from sdbridge.log_queue import setup_logging
+    assert setup_logging("info", capacity=1000) is not None
+    log = logging.getLogger("sdbridge.test")
+    started = time.monotonic()
+    for n in range(20_000):           # about 2 MB of lines: far past a pipe's 64 KB
+        log.info("line %05d %s", n, "x" * 80)
+    log.debug("below the level")
+    print(f"{time.monotonic() - started:.3f}", flush=True)
+    sys.stdin.readline()              # the console takes writes again
+    time.sleep(0.5)
+    log.warning("the last line")
+""")
+
+
+def test_a_console_that_takes_no_writes_does_not_hold_the_logging_thread():
+    """stderr is a pipe nobody reads until the program has logged 2 MB: with the lines written where they are
+    made (logging.basicConfig) the program stops at the pipe's 64 KB and never prints its time (QA 44 F15)."""
+    process = subprocess.Popen([sys.executable, "-c", PROGRAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        elapsed = process.stdout.readline()  # stderr unread meanwhile: the console "selected"
+        waited = time.monotonic() - started
+        assert elapsed, "the program printed nothing: its logging blocked"
+        assert waited < 60 and float(elapsed) < 30  # the 20 000 calls take well under a second
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(process.stderr.read)  # the console takes writes again
+            process.stdin.write("go\n")
+            process.stdin.flush()
+            err = reading.result(timeout=60)
+        assert process.wait(timeout=30) == 0, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lines = err.splitlines()
+    dropped = [line for line in lines if "log lines dropped while the console took none" in line]
+    assert dropped and all(" WARNING sdbridge: " in line for line in dropped)
+    told = sum(int(line.split(" WARNING sdbridge: ")[1].split()[0]) for line in dropped)
+    kept = [line for line in lines if " INFO    sdbridge.test: line " in line]
+    assert len(kept) + told == 20_000 and len(kept) >= 1000
+    numbers = [int(line.split(" line ")[1].split()[0]) for line in kept]
+    assert numbers == sorted(numbers) and numbers[0] == 0  # in order; the first ones written
+    assert lines[-1].endswith("WARNING sdbridge.test: the last line")  # written out at exit
+    assert "below the level" not in err
+
+
+def test_a_harness_handler_is_left_alone():
+    program = ("import logging; from sdbridge.log_queue import setup_logging; logging.basicConfig(); "
+               "assert setup_logging('debug') is None; assert len(logging.getLogger().handlers) == 1")
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=60)
