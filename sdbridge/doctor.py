@@ -276,23 +276,17 @@ def check_clip_vocab() -> list[Finding]:
 def port_problem(host: str, port: int, kind: int) -> str | None:
     """Why the daemon could not bind ``host:port`` (``kind``: SOCK_STREAM or SOCK_DGRAM), or None.
 
-    Bound the way the daemon binds it, so that the answer is the daemon's. TCP as
-    :func:`sdbridge.bridge.server.bind_socket` does: SO_REUSEADDR on POSIX (not on Windows, where it
-    would let a second server take a port in use), then listen; a just-stopped daemon's TIME-WAIT
-    connections do not stop that, while a plain bind calls the port busy. UDP as the OSC server's
-    ``create_datagram_endpoint`` binds it: without SO_REUSEADDR (UDP has no TIME-WAIT). Not that
-    function itself: doctor has to run where the server's imports fail, to say what is wrong."""
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    with socket.socket(family, kind) as sock:
-        try:
-            if kind == socket.SOCK_STREAM and hasattr(socket, "SO_REUSEADDR") \
-                    and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host.strip("[]"), port))
+    Bound the way the daemon binds it (:func:`sdbridge.bridge.listen.bound_socket`, which imports nothing
+    heavy: doctor has to run where the server's imports fail), so that the answer is the daemon's; TCP then
+    listens, as a just-stopped daemon's TIME-WAIT connections do not stop, while a plain bind calls the port busy."""
+    from sdbridge.bridge.listen import bound_socket
+
+    try:
+        with bound_socket(host, port, kind) as sock:
             if kind == socket.SOCK_STREAM:
                 sock.listen(1)  # two sockets with SO_REUSEADDR may both bind; only one may listen
-        except OSError as exc:
-            return exc.strerror or str(exc)
+    except OSError as exc:
+        return exc.strerror or str(exc)
     return None
 
 

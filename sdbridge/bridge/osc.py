@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sdbridge.bridge.listen import bound_socket
 from sdbridge.bridge.osc_parse import (MAX_DATAGRAM, OscCall, at_address, calls_to_updates, encode_bundles, in_order,
                                        encode_message, outside_prefix, parse_datagram)
 from sdbridge.bridge.problem_log import ProblemLog
@@ -96,7 +98,9 @@ class OscServer(asyncio.DatagramProtocol):
         if self.transport is not None:
             raise RuntimeError(f"OscServer is already listening on port {self.port}")
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host.strip("[]"), port))
+        sock = bound_socket(host, port, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
         self.transport = transport
         self._host = host
         self.port = transport.get_extra_info("sockname")[1]

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from sdbridge.bridge.listen import bound_socket
 from sdbridge.bridge.osc_parse import INT32_MAX
 from sdbridge.bridge.security import AccessPolicy
 from sdbridge.params import ParamSpec, Schema
@@ -144,7 +145,10 @@ class OscQueryServer:
         self.port: int | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._handle, host.strip("[]"), port)
+        sock = bound_socket(host, port)
+        sock.listen(128)
+        sock.setblocking(False)
+        self.server = await asyncio.start_server(self._handle, sock=sock)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -27,6 +27,7 @@ from sdbridge.bridge.audio import AudioInput
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
+from sdbridge.bridge.listen import bound_socket
 from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol, raise_open_file_limit
 from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.resume import LORA_PROMPTS, Resume, ResumeFile, drop_missing_loras, resume_path
@@ -71,11 +72,7 @@ class DaemonStats:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket; port 0 takes a free one (tests), and we know it before serving."""
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host.strip("[]"), port))
+    sock = bound_socket(host, port)
     sock.listen(128)
     sock.setblocking(False)
     return sock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.clients import recv_json, ws_connect
+from tests.clients import recv_json, wait_for, ws_connect
 
 TOKEN = "a-long-stage-token-0123456789"
 
@@ -171,3 +172,21 @@ def test_oscquery_and_osc_are_announced_over_mdns_and_withdrawn_on_stop(tmp_path
     finally:
         browser.close()
         thread.stop()
+
+
+def test_every_listener_on_the_ipv6_wildcard_takes_ipv4_too(start_daemon):
+    """QA 44 F14: `--host ::` is documented as every interface, but asyncio's server turns dual-stack off, so
+    OSCQuery refused an IPv4 controller (on Windows, whose default is IPv6 only, HTTP and OSC did too)."""
+    daemon = start_daemon(params={"engine": "identity", "prompt": "a red fox"}, host="::", token=TOKEN)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with _oscquery(daemon) as http:
+        assert http.get("/sd/prompt?VALUE", headers=bearer).json() == {"VALUE": ["a red fox"]}
+    assert httpx.get(f"http://127.0.0.1:{daemon.port}/health", headers=bearer, trust_env=False,
+                     timeout=10).status_code == 200
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as controller:
+        controller.sendto(b"/sd/strength\x00\x00\x00\x00,f\x00\x00" + struct.pack(">f", 0.25),
+                          ("127.0.0.1", daemon.osc_port))
+    assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{daemon.port}/params", headers=bearer, trust_env=False,
+                                      timeout=5).json()["values"]["strength"] == 0.25, timeout=10)
+    listeners = [daemon.oscquery.server.sockets[0], daemon.osc.transport.get_extra_info("socket")]
+    assert all(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0 for sock in listeners)

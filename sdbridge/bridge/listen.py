@@ -1,0 +1,40 @@
+"""How every listener of the daemon binds its address: HTTP and WebSocket, OSC in, OSCQuery, and doctor's check.
+
+The wildcard ``::`` listens on IPv4 and IPv6 alike on every platform, as the docs promise: the system default
+is dual-stack on Linux and macOS but IPv6 only on Windows, and asyncio's own servers turn dual-stack off, which
+left OSCQuery on ``--host ::`` refusing IPv4 controllers everywhere (QA 44 F14). No asyncio or other heavy import
+here: doctor binds through it where the server's imports fail.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+
+def bound_socket(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket of ``kind`` (SOCK_STREAM or SOCK_DGRAM) bound to ``host:port``; port 0 takes a free one.
+
+    TCP takes SO_REUSEADDR on POSIX (a just-stopped daemon's TIME-WAIT connections do not hold the port), not on
+    Windows, where it would let a second server take a port in use; UDP has no TIME-WAIT and takes none."""
+    address = host.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM and hasattr(socket, "SO_REUSEADDR") \
+                and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and _is_wildcard(address) and hasattr(socket, "IPV6_V6ONLY"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_wildcard(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
