@@ -202,7 +202,10 @@ class OscServer(asyncio.DatagramProtocol):
             # Proactor loop then reads no more (CPython gh-127057): every controller would go unheard until a
             # restart, while WebSocket and HTTP carry on (QA 44 F2).
             if self._listening_again is None:
-                log.warning("OSC port %s was reset (%s): listening on it again", self.port, exc)
+                # Once a warning: a script that polls /sd/get from a new port each time would repeat it per poll.
+                log.log(logging.DEBUG if self.listened_again else logging.WARNING,
+                        "OSC port %s was reset (%s): listening on it again (later resets logged at debug level)",
+                        self.port, exc)
                 self._listening_again = asyncio.get_running_loop().create_task(self._listen_again())
             return
         log.debug("OSC socket error: %s", exc)

@@ -356,7 +356,7 @@ def test_the_daemon_shows_an_address_outside_its_prefix_in_stats_and_on_status_e
         receiver.close()
 
 
-def test_a_reset_socket_listens_again_on_the_same_port():
+def test_a_reset_socket_listens_again_on_the_same_port(caplog):
     """Windows reports an ICMP port-unreachable (an /sd/get answer to a one-shot sender) as a reset, after which
     asyncio's Proactor loop reads the socket no more (CPython gh-127057, QA 44 F2). The reset is handed to the
     server as that loop hands it (Linux raises none on an unconnected UDP socket); the listening is real."""
@@ -370,9 +370,16 @@ def test_a_reset_socket_listens_again_on_the_same_port():
         assert server.port == port and server.transport is not old and old.is_closing()
         client.send_message("/sd/strength", 0.75)
         assert await until(lambda: server.store.get("strength") == 0.75)
+        server.error_received(ConnectionResetError(10054, "a poller's next answer"))
+        assert await until(lambda: server.listened_again == 2)
+        client.send_message("/sd/strength", 0.5)
+        assert await until(lambda: server.store.get("strength") == 0.5)
         server.close()
         assert server.transport is None
-    asyncio.run(scenario())
+    with caplog.at_level(logging.DEBUG, logger="sdbridge.bridge.osc"):
+        asyncio.run(scenario())
+    resets = [record.levelno for record in caplog.records if "was reset" in record.getMessage()]
+    assert resets == [logging.WARNING, logging.DEBUG]  # a poller's every answer does not warn
 
 
 def test_a_reset_elsewhere_only_logs():
