@@ -199,6 +199,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Stopped in order: connections closed, the worker joined, the engine and the outputs closed, the log
     # written. What is left is the interpreter's teardown of torch's and diffusers' modules and of a model's
     # tensors: one to three seconds here, for nothing, between Ctrl-C (or SIGTERM) and the process's end.
+    from sdbridge.log_queue import stop_logging
+
+    stop_logging()  # os._exit runs no atexit function: the queued lines are written here
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

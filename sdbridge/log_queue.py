@@ -60,13 +60,20 @@ def setup_logging(level: str, stream: TextIO | None = None, capacity: int = QUEU
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     listener.start()
-    atexit.register(_stop, handler, listener)
+    _running.append((handler, listener))
+    atexit.register(stop_logging)
     return listener
 
 
-def _stop(handler: DroppingQueueHandler, listener: QueueListener) -> None:
-    """At exit: the count of lines dropped last goes out too (waiting for room now), then what is queued."""
-    logging.getLogger().removeHandler(handler)
-    if handler.dropped:
-        handler.queue.put(handler._dropped_record())
-    listener.stop()
+_running: list[tuple[DroppingQueueHandler, QueueListener]] = []
+
+
+def stop_logging() -> None:
+    """Write out what is queued, the count of lines dropped last too (waiting for room now), and stop the writer
+    thread; at exit, and before a program ends with ``os._exit``, which runs no atexit function (serve does)."""
+    while _running:
+        handler, listener = _running.pop()
+        logging.getLogger().removeHandler(handler)
+        if handler.dropped:
+            handler.queue.put(handler._dropped_record())
+        listener.stop()

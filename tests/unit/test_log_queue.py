@@ -61,3 +61,20 @@ def test_a_harness_handler_is_left_alone():
     program = ("import logging; from sdbridge.log_queue import setup_logging; logging.basicConfig(); "
                "assert setup_logging('debug') is None; assert len(logging.getLogger().handlers) == 1")
     subprocess.run([sys.executable, "-c", program], check=True, timeout=60)
+
+
+def test_stop_logging_writes_out_the_queue_before_os_exit():
+    """serve ends with os._exit, which runs no atexit function: stop_logging writes the queued lines first (the
+    last of them is serve's "sdbridge stopped")."""
+    program = textwrap.dedent("""
+        import logging, os
+        from sdbridge.log_queue import setup_logging, stop_logging
+        setup_logging("info")
+        for n in range(5000):
+            logging.getLogger("sdbridge.test").info("line %d", n)
+        stop_logging()
+        os._exit(0)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stderr.count(" INFO    sdbridge.test: line ") == 5000 and done.stderr.rstrip().endswith("line 4999")
