@@ -206,7 +206,26 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def remove_temporary(temporary: Path) -> None:
-    shutil.rmtree(temporary, ignore_errors=True)
+    """Removes a temporary checkpoint folder; says so when it cannot (QA 44 F9: Windows refuses to delete a file
+    still mapped, as a CPU model's fp32 weights keep their file, and a converted copy of several GB was left in
+    %TEMP% at every load without a word)."""
+    try:
+        shutil.rmtree(temporary)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        reason = exc
+    shutil.rmtree(temporary, ignore_errors=True)  # what can go, goes
+    if not temporary.exists():
+        return
+    try:
+        size = sum(item.stat().st_size for item in temporary.rglob("*") if item.is_file())
+        held = f" ({size / 1e9:.2f} GB)" if size >= 1e8 else f" ({size / 1e6:.1f} MB)"
+    except OSError:
+        held = ""
+    log.warning("could not remove the temporary folder %s%s: %s; delete it once sdbridge has stopped",
+                str(temporary), held, reason.strerror or reason)
 
 
 def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
