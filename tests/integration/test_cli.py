@@ -323,7 +323,7 @@ def test_presets_save_finds_the_daemon_where_serve_settings_put_it(tmp_path):
 def _sigterm_during_a_request(tiny_model_dir: Path, tmp_path: Path, body: dict, *,
                               wait_for_ready: bool) -> tuple[float, str, dict]:
     """A real ``serve`` process, a txt2img of ``body`` sent from a thread, then SIGTERM once the request runs (or,
-    with ``wait_for_ready`` off, once the daemon answers at all and the request has had 0.3 s: it waits for the
+    with ``wait_for_ready`` off, once the daemon answers at all and the request has had 1 s: it waits for the
     start-up model). -> (seconds from SIGTERM to exit, the process's output, {"response" or "error"})"""
     port = free_port()
     process = subprocess.Popen(
@@ -358,7 +358,9 @@ def _sigterm_during_a_request(tiny_model_dir: Path, tmp_path: Path, body: dict, 
                     break
                 time.sleep(0.1)
         else:
-            time.sleep(0.3)  # the request waits for the model (or, if it has loaded meanwhile, runs)
+            # The request waits for the model (or, if it has loaded meanwhile, runs). 0.3 s was too short on a
+            # loaded machine: the SIGTERM came before the request had reached the server (a reset, no 503).
+            time.sleep(1.0)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
