@@ -195,6 +195,13 @@ class PresetLibrary:
 
     def save(self, name: str, params: Mapping[str, Any], description: str = "", glide_s: float = 0.0) -> Preset:
         _check_name(name)
+        # Windows' and macOS's file systems ignore case: there NEON.toml overwrites neon.toml, and a user's Neon
+        # hides the shipped neon. Refused everywhere, so that a presets folder means the same on each (QA 44 F8).
+        twin = next((other for other in self.names() if other != name and other.casefold() == name.casefold()), None)
+        if twin is not None:
+            raise ParamError(f"preset name {name!r} differs from the preset {twin!r} only by case, and on Windows and "
+                             f"macOS they would be one file: save as {twin!r} to replace it, or pick another name",
+                             name="preset", value=name, code="bad_preset")
         if not isinstance(description, str):
             raise ParamError(f"description {shown_value(description)} is not a string", name="description",
                              value=description)

@@ -281,3 +281,16 @@ def test_values_outside_params_are_refused_not_recalled_as_nothing(library, cont
 def test_an_empty_params_table_is_a_preset_that_sets_nothing(library):
     (_user(library) / "blank.toml").write_text('description = "nothing yet"\n[params]\n')
     assert library.get("blank").params == {} and library.get("blank").description == "nothing yet"
+
+
+def test_a_name_that_differs_only_by_case_is_refused(library):
+    """QA 44 F8: Windows' and macOS's file systems ignore case: NEON.toml overwrote the user's neon.toml there, and
+    a user's Neon hid the shipped neon, while Linux kept both."""
+    library.save("dusk", {"strength": 0.3})
+    for name, twin in (("DUSK", "dusk"), ("Neon", "neon")):
+        with pytest.raises(ParamError, match=f"differs from the preset '{twin}' only by case") as info:
+            library.save(name, {"strength": 0.5})
+        assert info.value.code == "bad_preset"
+    assert library.names().count("dusk") == 1 and "DUSK" not in library.names() and "Neon" not in library.names()
+    assert library.save("neon", {"strength": 0.5}).name == "neon"  # the same name replaces, as before
+    assert library.save("dusk", {"strength": 0.6}).params == {"strength": 0.6}
