@@ -290,11 +290,13 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
     name = type(scheduler).__name__
     own = schedule in _OWN or schedule in _SPACED
     sdxl = getattr(scheduler, "a1111_sdxl", False)
-    if name in _DISCARDING and schedule in (*_A1111_SCHEDULES, *_OWN) or (own and name in _DERIVING):
+    # DPM++ SDE on every schedule: its Brownian tree spans the schedule's ends, which its own are diffusers' table's.
+    kept_own = name in _DISCARDING or name == "DPMSolverSDEScheduler"
+    if name in _DERIVING and (own or (kept_own and schedule in _A1111_SCHEDULES)):
         import torch
 
         discard = name in _DISCARDING
-        sigmas, _ = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps + discard, sdxl=sdxl)
+        sigmas, _ = a1111_sigmas(a1111_alphas_cumprod(scheduler), schedule, steps + discard, sdxl=sdxl)
         if discard:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         ends_above_0 = float(sigmas[-1]) > 0  # KL Optimal's sigma_min
@@ -306,7 +308,7 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
         import torch
 
         discard = getattr(scheduler, "a1111_discard", False)  # DPM++ 3M SDE
-        sigmas, timesteps = a1111_sigmas(scheduler.alphas_cumprod, schedule, steps + discard, sdxl=sdxl)
+        sigmas, timesteps = a1111_sigmas(a1111_alphas_cumprod(scheduler), schedule, steps + discard, sdxl=sdxl)
         if discard:
             sigmas, timesteps = torch.cat([sigmas[:-2], sigmas[-1:]]), timesteps[:-1]
         scheduler.sigmas = sigmas
@@ -322,6 +324,22 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
 
 
 _OWN = tuple(schedule.name for schedule in SCHEDULES if schedule.a1111_only)
+
+
+def a1111_alphas_cumprod(scheduler: Any) -> Any:
+    """The model's alphas_cumprod as A1111 holds it, which its sigma table and schedules come from: ldm's
+    make_beta_schedule("linear") is diffusers' "scaled_linear" in float64, cumprod too, then stored as float32.
+    diffusers computes it in float32: the table's ends come out 1e-7 apart, and the SDE samplers' Brownian trees,
+    which span the schedule's ends, then draw other noise (a Brownian path moves by sqrt(dt): QA 45f, 2M SDE 0.008
+    from A1111's latents, 3M SDE 0.02). A schedule of any other kind (trained betas) is the scheduler's own."""
+    import torch
+
+    config = scheduler.config
+    if config.get("beta_schedule") != "scaled_linear" or config.get("trained_betas") is not None:
+        return scheduler.alphas_cumprod
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
 # The schedules the live stream runs as diffusers' timestep spacing, which a one-shot request's k-diffusion samplers
 # take as A1111 computes them (QA 45f): SGM Uniform's timesteps 999 / n apart (trailing's are 1000 / n: 0.007 to 0.57
 # from A1111's latents), DPM2's and 3M SDE's one step longer with the next-to-last dropped (trailing cannot), DDIM's

@@ -168,3 +168,31 @@ def test_the_live_stream_keeps_diffusers_spacing_for_them() -> None:
         live = samplers.make_scheduler(BASE, "DPM2", schedule)
         samplers.set_timesteps(live, 20)
         assert round(float(live.timesteps[0])) == first and len(visited_sigmas(live)) == 21
+
+
+# --- The sigma table as A1111 holds it: the SDE samplers' Brownian trees span its ends -------------------------------
+
+@pytest.mark.parametrize("schedule", ["automatic", "uniform", "karras", "exponential", "beta", "sgm_uniform"])
+@pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
+def test_the_brownian_samplers_schedule_ends_are_a1111_s_to_the_bit(name: str, schedule: str) -> None:
+    """QA 45f: the schedules came from diffusers' float32 alphas_cumprod, whose sigma_max is a float32 step above the
+    table A1111 builds (ldm's betas and cumprod in float64, stored as float32). create_noise_sampler's Brownian tree
+    spans the schedule's ends, and a Brownian path moves by sqrt(dt): 2M SDE 0.008, 3M SDE 0.02 and DPM++ SDE (which
+    ran diffusers' own Karras, Uniform and Beta) 0.065 from A1111's latents; now 2e-4 at most."""
+    scheduler = samplers.make_scheduler(BASE, name, schedule, a1111=True)
+    samplers.set_timesteps(scheduler, 10)
+    ran = {"DPM++ SDE": "karras"}.get(name, "exponential") if schedule == "automatic" else schedule
+    discard = name == "DPM++ 3M SDE"
+    if ran == "sgm_uniform":
+        expected = a1111_spaced_sigmas(ran, 10 + discard)
+    else:
+        expected = a1111_list(ran, 10, discard=False) if not discard else a1111_list(ran, 11, discard=False)
+    if discard:
+        expected = torch.cat([expected[:-2], expected[-1:]])
+    ours = scheduler.sigmas.float()
+    ours = ours[ours > 0]
+    assert float(ours.max()) == float(expected.max())  # to the bit: the tree's t1
+    assert float(ours.min()) == float(expected[expected > 0].min())  # and its t0
+    table = torch.cumprod(1 - torch.linspace(BASE["beta_start"] ** 0.5, BASE["beta_end"] ** 0.5, 1000,
+                                             dtype=torch.float64) ** 2, 0).float()
+    torch.testing.assert_close(samplers.a1111_alphas_cumprod(scheduler), table, rtol=0, atol=0)
