@@ -470,6 +470,8 @@ def a1111_sigmas(alphas_cumprod: Any, schedule: str, steps: int, sdxl: bool = Fa
             t = torch.linspace(len(table) - 1, 0, steps)
         low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
         sigmas = ((1 - weight) * log_table[low] + weight * log_table[high]).exp()
+        if schedule in ("simple", "ddim"):  # the table's own sigmas, not exp(log) of them (a float32 step apart)
+            sigmas = table[low]
         return torch.cat([sigmas, last]).float(), t.float()
     if schedule == "karras":
         ramp, rho = torch.linspace(0, 1, steps), 7.0

@@ -172,7 +172,8 @@ def test_the_live_stream_keeps_diffusers_spacing_for_them() -> None:
 
 # --- The sigma table as A1111 holds it: the SDE samplers' Brownian trees span its ends -------------------------------
 
-@pytest.mark.parametrize("schedule", ["automatic", "uniform", "karras", "exponential", "beta", "sgm_uniform"])
+@pytest.mark.parametrize("schedule", ["automatic", "uniform", "karras", "exponential", "beta", "sgm_uniform", "simple",
+                                      "ddim"])
 @pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
 def test_the_brownian_samplers_schedule_ends_are_a1111_s_to_the_bit(name: str, schedule: str) -> None:
     """QA 45f: the schedules came from diffusers' float32 alphas_cumprod, whose sigma_max is a float32 step above the
@@ -183,7 +184,7 @@ def test_the_brownian_samplers_schedule_ends_are_a1111_s_to_the_bit(name: str, s
     samplers.set_timesteps(scheduler, 10)
     ran = {"DPM++ SDE": "karras"}.get(name, "exponential") if schedule == "automatic" else schedule
     discard = name == "DPM++ 3M SDE"
-    if ran == "sgm_uniform":
+    if ran in ("sgm_uniform", "simple", "ddim"):  # Simple and DDIM: the table's own sigmas (exp(log) was 1 ulp off)
         expected = a1111_spaced_sigmas(ran, 10 + discard)
     else:
         expected = a1111_list(ran, 10, discard=False) if not discard else a1111_list(ran, 11, discard=False)
