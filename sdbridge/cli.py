@@ -201,10 +201,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # tensors: one to three seconds here, for nothing, between Ctrl-C (or SIGTERM) and the process's end.
     from sdbridge.log_queue import stop_logging
 
-    stop_logging()  # os._exit runs no atexit function: the queued lines are written here
-    logging.shutdown()
+    # os._exit runs no atexit function: the queued lines are written here, unless the console takes none (its
+    # writer holds stderr's lock then, and flushing would wait behind it without end: QA 46).
+    if stop_logging():
+        logging.shutdown()
+        sys.stderr.flush()
     sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(0)
 
 

@@ -13,7 +13,9 @@ import atexit
 import logging
 import queue
 import sys
-from logging.handlers import QueueHandler, QueueListener
+import threading
+import time
+from logging.handlers import QueueHandler
 from typing import TextIO
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -45,35 +47,52 @@ class DroppingQueueHandler(QueueHandler):
                                  f"{self.dropped} log lines dropped while the console took none", None, None)
 
 
-def setup_logging(level: str, stream: TextIO | None = None, capacity: int = QUEUE_LINES) -> QueueListener | None:
-    """The root logger at ``level``, its lines written to ``stream`` (stderr) by a thread of their own.
-    Like ``logging.basicConfig``, nothing changes when the root logger already has a handler (a test harness's,
-    an embedding program's). The listener stops at exit, after writing what is queued."""
+def setup_logging(level: str, stream: TextIO | None = None, capacity: int = QUEUE_LINES) -> threading.Thread | None:
+    """The root logger at ``level``, its lines written to ``stream`` (stderr) by a thread of their own, which this
+    returns. Like ``logging.basicConfig``, nothing changes when the root logger already has a handler (a test
+    harness's, an embedding program's). Python's warnings go the same way (a library's, written straight to
+    stderr, would hold the thread that warned). The writer stops at exit, after writing what is queued."""
     root = logging.getLogger()
     if root.handlers:
         return None
     writer = logging.StreamHandler(stream if stream is not None else sys.stderr)
     writer.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
-    records: queue.Queue = queue.Queue(capacity)
-    listener = QueueListener(records, writer, respect_handler_level=False)
-    handler = DroppingQueueHandler(records)
+    handler = DroppingQueueHandler(queue.Queue(capacity))
+    thread = threading.Thread(target=_write, args=(handler.queue, writer), name="sdbridge-log", daemon=True)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    listener.start()
-    _running.append((handler, listener))
+    logging.captureWarnings(True)
+    thread.start()
+    _running.append((handler, thread))
     atexit.register(stop_logging)
-    return listener
+    return thread
 
 
-_running: list[tuple[DroppingQueueHandler, QueueListener]] = []
+_running: list[tuple[DroppingQueueHandler, threading.Thread]] = []
+_END = None  # put last: the writer stops there
 
 
-def stop_logging() -> None:
-    """Write out what is queued, the count of lines dropped last too (waiting for room now), and stop the writer
-    thread; at exit, and before a program ends with ``os._exit``, which runs no atexit function (serve does)."""
+def _write(records: queue.Queue, writer: logging.Handler) -> None:
+    while (record := records.get()) is not _END:
+        writer.handle(record)
+
+
+def stop_logging(timeout_s: float = 2.0) -> bool:
+    """Write out what is queued, the count of lines dropped last too, and stop the writer thread; at exit, and
+    before a program ends with ``os._exit``, which runs no atexit function (serve does). A console that takes no
+    writes gets ``timeout_s``, no more: a launcher's terminate() must end the program even then (QA 46). False
+    when a writer is still held in a write: flushing stderr then would wait behind it."""
+    deadline = time.monotonic() + timeout_s
+    written = True
     while _running:
-        handler, listener = _running.pop()
+        handler, thread = _running.pop()
         logging.getLogger().removeHandler(handler)
-        if handler.dropped:
-            handler.queue.put(handler._dropped_record())
-        listener.stop()
+        try:
+            if handler.dropped:
+                handler.queue.put(handler._dropped_record(), timeout=max(0.0, deadline - time.monotonic()))
+            handler.queue.put(_END, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            pass  # the writer is held where it writes: it is a daemon thread, and goes with the program
+        thread.join(max(0.0, deadline - time.monotonic()))
+        written = written and not thread.is_alive()
+    return written

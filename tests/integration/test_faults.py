@@ -309,9 +309,11 @@ def test_a_console_that_takes_no_writes_does_not_stop_the_daemon(tmp_path):
         answer = httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False, timeout=20)
         assert answer.status_code == 200 and time.monotonic() - started < 10
         process.send_signal(signal.SIGINT)
-        output = process.communicate(timeout=60)[1].decode()  # the console takes writes again: all of it comes
+        # Still unread: it stops all the same (QA 46 F1: it waited for the console without end, and a launcher's
+        # terminate(); wait() hung), leaving what the console never took.
+        assert process.wait(timeout=60) == 0
+        output = process.stderr.read().decode()
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0
-    assert len(re.findall(r"session \S+ opened", output)) >= 400 and "sdbridge stopped" in output
+    assert len(re.findall(r"session \S+ opened", output)) >= 100  # the lines the pipe took

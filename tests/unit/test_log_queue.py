@@ -78,3 +78,33 @@ def test_stop_logging_writes_out_the_queue_before_os_exit():
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert done.stderr.count(" INFO    sdbridge.test: line ") == 5000 and done.stderr.rstrip().endswith("line 4999")
+
+
+def test_a_console_that_takes_no_writes_does_not_hold_the_exit():
+    """QA 46 F1: with stderr a pipe nobody reads, stop_logging waited for the writer without end, so the daemon
+    ignored SIGTERM and Ctrl-C (a launcher's terminate(); wait() hung). It waits its timeout, then the program
+    ends; what the console never took is lost with it."""
+    program = textwrap.dedent("""
+        import logging, os
+        from sdbridge.log_queue import setup_logging, stop_logging
+        setup_logging("info", capacity=1000)
+        for n in range(20_000):
+            logging.getLogger("sdbridge.test").info("line %05d %s", n, "x" * 80)
+        stop_logging(timeout_s=1.0)
+        os._exit(3)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", program], stderr=subprocess.PIPE)
+    try:
+        assert process.wait(timeout=60) == 3  # stderr never read
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
+def test_python_warnings_go_through_the_queue_as_log_lines():
+    """QA 46 F4: torchsde's warnings (DPM++ 3M SDE) went straight to stderr, unformatted, past the queue."""
+    program = ("import warnings; from sdbridge.log_queue import setup_logging, stop_logging; setup_logging('info'); "
+               "warnings.warn('Should have ta>=t0 but got ta=0.1 and t0=0.2.'); stop_logging()")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    assert " WARNING py.warnings: " in done.stderr and "Should have ta>=t0" in done.stderr
