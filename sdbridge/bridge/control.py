@@ -104,7 +104,15 @@ class Control:
         if call.address.startswith(f"{prefix}/get/"):
             self._osc_get(call, source, call.address[len(f"{prefix}/get/"):])
             return
+        if call.address == f"{prefix}/preset/save":
+            self._osc_save(call, source)
+            return
         if call.address != f"{prefix}/preset":
+            if call.address.startswith(f"{prefix}/preset/"):  # took silently, as if done (QA 46 F6)
+                self.daemon.report_osc_error(ParamError(
+                    f"OSC address {shown_value(call.address, 120)} is no preset command: {prefix}/preset s NAME "
+                    f"recalls one, {prefix}/preset/save s NAME saves the current look", name="osc_address",
+                    value=call.address, code="unknown_address"), source)
             return
         try:
             if not call.args or not isinstance(call.args[0], str):
@@ -118,6 +126,24 @@ class Control:
             errors = [exc]
         for exc in errors:
             self.daemon.report_osc_error(exc, source)
+
+    def _osc_save(self, call: Any, source: Any) -> None:
+        """``/sd/preset/save s NAME [s DESCRIPTION] [f GLIDE_S]``: a controller's button keeps the look the faders
+        found; the saved name goes to the feedback target on ``/sd/status/preset_saved``."""
+        args = list(call.args)
+        try:
+            if not args or not isinstance(args[0], str) or len(args) > 3:
+                raise ParamError(f"{call.address} needs a preset name (s), then an optional description (s) and "
+                                 f"glide time (f)", name="preset", value=args)
+            description = args[1] if len(args) > 1 else ""
+            glide = args[2] if len(args) > 2 else 0.0
+            preset = self.save_preset(args[0], description, glide)
+        except SdbridgeError as exc:
+            self.daemon.report_osc_error(exc, source)
+            return
+        log.info("preset %s saved over OSC", preset.name)
+        if self.daemon.feedback is not None:
+            self.daemon.feedback.send(f"{self.daemon.settings.osc_prefix}/status/preset_saved", preset.name)
 
     def _osc_get(self, call: Any, source: Any, path: str) -> None:
         """A query: the current value goes back to the sender's address and port, on the

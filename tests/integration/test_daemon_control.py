@@ -451,3 +451,27 @@ def test_the_engine_ready_news_has_the_resolution_it_serves(start_daemon):
             assert news["status"] != "ready" or news["resolution"] == [96, 64], news   # (the preview's, if heard)
             news = recv_json(ws, "engine", timeout=30)
     assert news["resolution"] == [96, 64]
+
+
+def test_a_preset_saved_over_osc(start_daemon):
+    """QA 46 F6: /sd/preset/save was taken without a word and saved nothing; a controller's button now keeps the
+    look the faders found, and another address under /sd/preset/ is told as unknown."""
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity"}, feedback_port=receiver.port, telemetry_hz=0.5)
+        osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+        osc.send_message("/sd/strength", 0.375)
+        assert wait_for(lambda: daemon.store.get("strength") == 0.375)
+        osc.send_message("/sd/preset/save", ["faders", "found live", 1.5])
+        osc.send_message("/sd/preset/save", ["CON"])
+        osc.send_message("/sd/preset/store", ["faders"])
+        messages = receiver.messages(2.0)
+        assert ("/sd/status/preset_saved", ["faders"]) in messages
+        errors = [args for address, args in messages if address == "/sd/status/error"]
+        assert any(code == "bad_preset" and "Windows device name" in text for code, text in errors)
+        assert any(code == "unknown_address" and "/sd/preset/store" in text for code, text in errors)
+        saved = daemon.control.presets.get("faders")
+        assert saved.params["strength"] == 0.375 and saved.description == "found live" and saved.glide_s == 1.5
+        assert "CON" not in daemon.control.presets.names()
+    finally:
+        receiver.close()
