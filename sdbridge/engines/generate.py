@@ -584,7 +584,10 @@ class Generation:
         extra: dict[str, Any] = {"generator": generators} if "generator" in accepted else {}
         brownian = _brownian_noise(scheduler, latents.shape, seeds)
         extra.update(self._sampler_options(sampler_name or request.sampler_name, accepted, brownian is not None))
-        self.progress.sampling_steps = len(timesteps)
+        # Steps as A1111 counts them: diffusers' second-order schedulers (Heun, DPM2, DPM2 a, DPM++ SDE) interleave
+        # two UNet calls a step in their timesteps, and showed 15 steps of 8 (QA 46 F3).
+        order = max(1, int(getattr(scheduler, "order", 1)))
+        self.progress.sampling_steps = -(-len(timesteps) // order)
         controls = request_stack(request.controlnet, batch, height, width, self.device, self.dtype,
                                  guided, copies=1 + len(weights)) if request.controlnet else None
         for index, t in enumerate(timesteps):
@@ -638,7 +641,7 @@ class Generation:
                         known = scheduler.add_noise(init_latents, noise, timesteps[index + 1:index + 2].repeat(batch))
                     latents = known * (1 - mask) + latents * mask
             self._latents = latents
-            self.progress.sampling_step = index + 1
+            self.progress.sampling_step = -(-(index + 1) // order)
             if self.progress.preview_wanted:
                 self.progress.preview_wanted = False
                 self.progress.preview = self._to_uint8(self._decode(latents, fast=True))[0]

@@ -840,3 +840,19 @@ def test_lms_counts_its_order_from_the_img2img_start_as_k_diffusion(engine, fiel
         raise AssertionError("no such step")
 
     torch.testing.assert_close(after_first_step("LMS"), after_first_step("Euler"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler, schedule, steps, shown", [
+    ("Heun", "Automatic", 8, 8), ("DPM2", "Karras", 8, 8), ("DPM2 a", "DDIM", 30, 31), ("DPM++ SDE", "Karras", 6, 6),
+    ("Euler", "DDIM", 30, 31), ("DPM++ 2M", "Karras", 8, 8)])
+def test_progress_counts_sampler_steps_as_a1111_shows_them(engine, sampler, schedule, steps, shown):
+    """QA 46 F3: the second-order samplers' two UNet calls a step were counted as steps (Heun at 8 showed 15, DPM2
+    on DDIM at 30 showed 61); A1111's progress counts the sampler's steps (31 on DDIM's schedule at 30)."""
+    generation = Generation(engine, GenerationRequest(prompt="a red fox", steps=steps, width=64, height=64, seed=4,
+                                                      sampler_name=sampler, scheduler=schedule))
+    seen = []
+    for _ in generation.run():
+        seen.append((generation.progress.sampling_step, generation.progress.sampling_steps))
+    assert {total for _, total in seen if total} == {shown}
+    counted = [step for step, total in seen if total]
+    assert counted == sorted(counted) and counted[-1] == shown and counted[0] == 1
