@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdbridge.bridge.listen import host_port
 from sdbridge.config import Settings
 from sdbridge.errors import ConfigError, SdbridgeError
 
@@ -293,24 +294,24 @@ def port_problem(host: str, port: int, kind: int) -> str | None:
 def check_ports(settings: Settings) -> list[Finding]:
     findings = []
     problem = port_problem(settings.host, settings.port, socket.SOCK_STREAM)
+    http = host_port(settings.host, settings.port)
     if problem:
-        findings.append(Finding(ERROR, "ports", f"HTTP/WebSocket port {settings.host}:{settings.port} is not free "
-                                f"({problem}); another sdbridge or AUTOMATIC1111 may be running",
-                                "stop it, or pass --port N"))
+        findings.append(Finding(ERROR, "ports", f"HTTP/WebSocket port {http} is not free ({problem}); another "
+                                f"sdbridge or AUTOMATIC1111 may be running", "stop it, or pass --port N"))
     else:
-        findings.append(Finding(OK, "ports", f"HTTP/WebSocket port {settings.host}:{settings.port} is free"))
+        findings.append(Finding(OK, "ports", f"HTTP/WebSocket port {http} is free"))
     if settings.osc:
         problem = port_problem(settings.effective_osc_host, settings.osc_port, socket.SOCK_DGRAM)
+        osc = host_port(settings.effective_osc_host, settings.osc_port)
         if problem:
-            findings.append(Finding(ERROR, "ports", f"OSC port udp {settings.effective_osc_host}:{settings.osc_port} "
-                                    f"is not free ({problem})", "stop what uses it, or pass --osc-port N"))
+            findings.append(Finding(ERROR, "ports", f"OSC port udp {osc} is not free ({problem})",
+                                    "stop what uses it, or pass --osc-port N"))
         else:
-            findings.append(Finding(OK, "ports", f"OSC port udp {settings.effective_osc_host}:{settings.osc_port} "
-                                    "is free"))
+            findings.append(Finding(OK, "ports", f"OSC port udp {osc} is free"))
         # OSCQuery (controllers discover the parameters there) binds like the HTTP port; the daemon starts
         # without it when it is taken, so a warning.
         if settings.oscquery_port > 0:
-            where = f"{settings.effective_osc_host}:{settings.oscquery_port}"
+            where = host_port(settings.effective_osc_host, settings.oscquery_port)
             problem = port_problem(settings.effective_osc_host, settings.oscquery_port, socket.SOCK_STREAM)
             if problem:
                 findings.append(Finding(WARN, "ports", f"OSCQuery port {where} is not free ({problem}): the daemon "

@@ -38,3 +38,9 @@ def _is_wildcard(address: str) -> bool:
         return ipaddress.ip_address(address).is_unspecified
     except ValueError:
         return False
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as URLs and messages write it: an IPv6 address in brackets (``[::]:9000``, not ``:::9000``)."""
+    address = host.strip("[]")
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from sdbridge.bridge.listen import host_port
 from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.config import LOOPBACK_NAMES, Settings
 
@@ -81,11 +82,13 @@ class AccessPolicy:
         hosts = {name.lower() for name in LOOPBACK_NAMES} | {h.lower() for h in settings.allowed_hosts}
         if settings.host not in ("0.0.0.0", "::", ""):
             hosts.add(settings.host.lower())
+        # An IPv6 address comes in Host (and Origin) in brackets: --host fd00::5 refused every request (QA 46 F8).
+        hosts |= {f"[{name}]" for name in hosts if ":" in name and not name.startswith("[")}
         self.any_host = settings.host in ("0.0.0.0", "::", "") and bool(self.token)
         self.hosts = hosts
         origins = {f"http://{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
         if settings.host not in ("0.0.0.0", "::", "") and settings.host not in LOOPBACK_NAMES:
-            origins.add(f"http://{settings.host}:{port}")
+            origins.add(f"http://{host_port(settings.host.strip('[]'), port)}")
         self.origins = origins | {o.rstrip("/").lower() for o in settings.allowed_origins}
         # Pages of the daemon may be framed by its own and by the configured origins (a dashboard), no other site:
         # framed unseen, a page took a click meant for another site's bait, "start camera" (QA 34). The CSP

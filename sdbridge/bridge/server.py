@@ -27,7 +27,7 @@ from sdbridge.bridge.audio import AudioInput
 from sdbridge.bridge.engine_host import EngineHost
 from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
-from sdbridge.bridge.listen import bound_socket
+from sdbridge.bridge.listen import bound_socket, host_port
 from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol, raise_open_file_limit
 from sdbridge.bridge.osc import OscSender, OscServer
 from sdbridge.bridge.resume import LORA_PROMPTS, Resume, ResumeFile, drop_missing_loras, resume_path
@@ -222,8 +222,8 @@ class Daemon:
         try:
             sock = bind_socket(settings.host, settings.port)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; is another "
-                              f"sdbridge or AUTOMATIC1111 running? Stop it or pass --port N") from None
+            raise ConfigError(f"cannot listen on {host_port(settings.host, settings.port)}: {exc.strerror or exc}; is "
+                              f"another sdbridge or AUTOMATIC1111 running? Stop it or pass --port N") from None
         self.port = sock.getsockname()[1]
         self._middleware = AccessMiddleware(create_app(self), AccessPolicy(settings, self.port))
         redact_tokens(logging.getLogger("uvicorn.error"))  # it logs a WebSocket's ?token= with its path
@@ -269,12 +269,12 @@ class Daemon:
         while not self._server.started:
             if self._serve_task.done():
                 self._serve_task.result()  # raises what stopped it
-                raise SdbridgeError(f"HTTP server on {settings.host}:{self.port} stopped while starting")
+                raise SdbridgeError(f"HTTP server on {host_port(settings.host, self.port)} stopped while starting")
             await asyncio.sleep(0.01)
 
         log.info("sdbridge serving on http://%s:%d (WebSocket /ws, or /)%s%s", _url_host(settings.host), self.port,
-                 f", OSC in on udp {settings.effective_osc_host}:{self.osc_port}" if self.osc else "",
-                 f", feedback to {settings.feedback_host}:{settings.feedback_port}" if self.feedback else "")
+                 f", OSC in on udp {host_port(settings.effective_osc_host, self.osc_port)}" if self.osc else "",
+                 f", feedback to {host_port(settings.feedback_host, settings.feedback_port)}" if self.feedback else "")
 
     async def _start_osc(self, settings: Settings) -> None:
         """OSC in, OSCQuery (and its mDNS advert) and the OSC feedback target."""
@@ -285,8 +285,9 @@ class Daemon:
             try:
                 await self.osc.start(settings.effective_osc_host, settings.osc_port)
             except OSError as exc:
-                raise ConfigError(f"cannot listen for OSC on udp {settings.effective_osc_host}:{settings.osc_port}: "
-                                  f"{exc.strerror or exc}; pass --osc-port N or --no-osc") from None
+                where = host_port(settings.effective_osc_host, settings.osc_port)
+                raise ConfigError(f"cannot listen for OSC on udp {where}: {exc.strerror or exc}; pass --osc-port N or "
+                                  f"--no-osc") from None
             self.osc_port = self.osc.port
         if self.osc is not None and settings.oscquery_port >= 0:
             # The main port's policy, for the address OSCQuery listens on (--osc-host may differ from --host).

@@ -102,3 +102,21 @@ def test_refusal_answer():
     assert json.loads(unauthorized.body())["code"] == "unauthorized"
     assert dict(unauthorized.headers())[b"www-authenticate"].startswith(b"Basic")
     assert b"www-authenticate" not in dict(Refusal(401, "a token is required").headers())  # a page's request
+
+
+@pytest.mark.parametrize("host", ["fd00::5", "[fd00::5]", "FD00::5"])
+def test_a_daemon_on_an_ipv6_address_serves_its_own_bracketed_host_and_page(host):
+    """QA 46 F8: Host and Origin carry an IPv6 address in brackets; --host fd00::5 refused every request 403."""
+    token = "t" * 32
+    policy = AccessPolicy(Settings(host=host, token=token, port=7860), 7860)
+    asked = {"host": "[fd00::5]:7860", "authorization": f"Bearer {token}"}
+    assert policy.check(asked, "") is None
+    assert policy.check({**asked, "origin": "http://[fd00::5]:7860"}, "") is None
+    assert policy.check({**asked, "host": "[fd00::6]:7860"}, "").status == 403
+
+
+def test_host_port_brackets_ipv6():
+    from sdbridge.bridge.listen import host_port
+
+    assert [host_port(h, 9000) for h in ("::", "[::1]", "127.0.0.1", "studio.local")] == [
+        "[::]:9000", "[::1]:9000", "127.0.0.1:9000", "studio.local:9000"]
