@@ -32,9 +32,14 @@ class DroppingQueueHandler(QueueHandler):
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
+            size, room = self.queue.qsize(), self.queue.maxsize
+            # The last tenth of the queue is kept for warnings and errors: a flood of info lines (sessions, frames)
+            # must not push out the line that says what went wrong (QA 46).
+            if room and record.levelno < logging.WARNING and size >= room - room // 10:
+                raise queue.Full
             if self.dropped:
                 # Before the next line that fits, how many did not: room for both, or neither goes in.
-                if self.queue.maxsize and self.queue.qsize() > self.queue.maxsize - 2:
+                if room and size > room - 2:
                     raise queue.Full
                 self.queue.put_nowait(self._dropped_record())
                 self.dropped = 0

@@ -108,3 +108,21 @@ def test_python_warnings_go_through_the_queue_as_log_lines():
                "warnings.warn('Should have ta>=t0 but got ta=0.1 and t0=0.2.'); stop_logging()")
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
     assert " WARNING py.warnings: " in done.stderr and "Should have ta>=t0" in done.stderr
+
+
+def test_a_full_queue_keeps_room_for_warnings_and_errors():
+    """QA 46: once full, the queue dropped lines of every level alike; the last tenth is the warnings' and errors'.
+    A queue no thread empties stands for a console that takes nothing."""
+    import logging
+    import queue
+
+    from sdbridge.log_queue import DroppingQueueHandler
+
+    handler = DroppingQueueHandler(queue.Queue(100))
+    make = lambda level, text: logging.LogRecord("sdbridge", level, __file__, 0, text, None, None)  # noqa: E731
+    for n in range(200):
+        handler.handle(make(logging.INFO, f"info {n}"))
+    handler.handle(make(logging.ERROR, "the engine failed"))
+    kept = [handler.queue.get_nowait().getMessage() for _ in range(handler.queue.qsize())]
+    assert kept[:90] == [f"info {n}" for n in range(90)] and "info 90" not in kept
+    assert kept[-2:] == ["110 log lines dropped while the console took none", "the engine failed"]
