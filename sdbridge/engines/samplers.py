@@ -324,6 +324,12 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
 
 
 _OWN = tuple(schedule.name for schedule in SCHEDULES if schedule.a1111_only)
+# The schedules the live stream runs as diffusers' timestep spacing, which a one-shot request's k-diffusion samplers
+# take as A1111 computes them (QA 45f): SGM Uniform's timesteps 999 / n apart (trailing's are 1000 / n: 0.007 to 0.57
+# from A1111's latents), DPM2's and 3M SDE's one step longer with the next-to-last dropped (trailing cannot), DDIM's
+# every (1000 // n)th from 1 up to 999, which is more than n steps where n does not divide 1000 (31 at 30 steps), and
+# each starting at noise * sigma_max (diffusers' leading spacing starts at sqrt(sigma_max^2 + 1): 0.13 apart).
+_SPACED = ("sgm_uniform", "simple", "ddim")
 
 
 def a1111_alphas_cumprod(scheduler: Any) -> Any:
@@ -340,12 +346,6 @@ def a1111_alphas_cumprod(scheduler: Any) -> Any:
     betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
                            dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
-# The schedules the live stream runs as diffusers' timestep spacing, which a one-shot request's k-diffusion samplers
-# take as A1111 computes them (QA 45f): SGM Uniform's timesteps 999 / n apart (trailing's are 1000 / n: 0.007 to 0.57
-# from A1111's latents), DPM2's and 3M SDE's one step longer with the next-to-last dropped (trailing cannot), DDIM's
-# every (1000 // n)th from 1 up to 999, which is more than n steps where n does not divide 1000 (31 at 30 steps), and
-# each starting at noise * sigma_max (diffusers' leading spacing starts at sqrt(sigma_max^2 + 1): 0.13 apart).
-_SPACED = ("sgm_uniform", "simple", "ddim")
 
 
 def _third_order_sde_update(self: Any, model_output_list: list[Any], *args: Any, sample: Any = None,
@@ -469,9 +469,10 @@ def a1111_sigmas(alphas_cumprod: Any, schedule: str, steps: int, sdxl: bool = Fa
         else:
             t = torch.linspace(len(table) - 1, 0, steps)
         low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
-        sigmas = ((1 - weight) * log_table[low] + weight * log_table[high]).exp()
         if schedule in ("simple", "ddim"):  # the table's own sigmas, not exp(log) of them (a float32 step apart)
             sigmas = table[low]
+        else:
+            sigmas = ((1 - weight) * log_table[low] + weight * log_table[high]).exp()
         return torch.cat([sigmas, last]).float(), t.float()
     if schedule == "karras":
         ramp, rho = torch.linspace(0, 1, steps), 7.0
