@@ -43,8 +43,6 @@ ENV_SLOTS = ("env1", "env2")
 ENV_BANDS = ("rms", "low", "mid", "high", "onset")  # audio_analysis.BANDS (not imported: that one needs numpy)
 ON_ONSET = ("none", "seed_step", "preset_next", "preset_random")
 ONSET_EVERY_MAX = 64
-# presets.NAME, not imported: presets imports params, which imports this module.
-_PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 
 # Integer parameters whose in-between values are no quantity: seed 43 is as far from 42 as any
 # other; a new width or height re-opens the outputs and re-sizes the engine; steps, clip_skip and
@@ -150,11 +148,13 @@ def preset_list(value: str) -> list[str]:
 
 def check_preset_list(spec: ParamSpec, value: Any, schema: Schema) -> None:
     """Names a preset may have (whether one exists is told at the recall: presets come and go)."""
+    from sdbridge.presets import check_name
+
     for name in preset_list(value):
-        if not _PRESET_NAME.fullmatch(name):
-            shown = name if len(name) <= 40 else name[:37] + "..."
-            raise ParamError(f"{spec.name}: {shown!r} is not a preset name (letters, digits, space, _ . -; at most "
-                             f"64)", name=spec.name, value=value)
+        try:
+            check_name(name)  # the presets' own rule (a Windows device name too)
+        except ParamError as exc:
+            raise ParamError(f"{spec.name}: {exc}", name=spec.name, value=value) from None
 
 
 @dataclass

@@ -46,7 +46,8 @@ TOP_LEVEL = ("description", "glide_s", "params")  # what a preset file holds out
 WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(10))})
 
 
-def _check_name(name: Any) -> str:
+def check_name(name: Any) -> str:
+    """``name`` as a preset may be called (ParamError bad_preset naming why not): here, in MIDI maps and envelopes."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ParamError(f"preset name {shown_value(name)} is not 1-64 of letters, digits, space, _ . -",
                          name="preset", value=name, code="bad_preset")
@@ -142,7 +143,7 @@ class PresetLibrary:
             return
 
     def get(self, name: str) -> Preset:
-        _check_name(name)
+        check_name(name)
         for folder, shipped in self._folders():
             path = confine(f"{name}.toml", [folder], what="preset")
             if path.is_file():
@@ -194,7 +195,7 @@ class PresetLibrary:
         return Preset(name, dict(params), float(glide), description, str(path), shipped)
 
     def save(self, name: str, params: Mapping[str, Any], description: str = "", glide_s: float = 0.0) -> Preset:
-        _check_name(name)
+        check_name(name)
         # Windows' and macOS's file systems ignore case: there NEON.toml overwrites neon.toml, and a user's Neon
         # hides the shipped neon. Refused everywhere, so that a presets folder means the same on each (QA 44 F8).
         twin = next((other for other in self.names() if other != name and other.casefold() == name.casefold()), None)

@@ -41,7 +41,7 @@ from typing import Any
 
 from sdbridge.errors import ConfigError, ParamError
 from sdbridge.params import Schema, ParamSpec, shown_value
-from sdbridge.presets import NAME as PRESET_NAME, toml_value
+from sdbridge.presets import check_name as check_preset_name, toml_value
 
 MAX_FILE_BYTES = 1024 * 1024
 FOURTEEN_BIT_MAX = 16383  # (127 << 7) | 127
@@ -272,8 +272,10 @@ def _note_binding(entry: Mapping[str, Any], schema: Schema, where: str) -> NoteB
         raise ConfigError(f"{where}: needs either preset = NAME or param = NAME (with step, toggle or value)")
     if has_preset:
         name = entry["preset"]
-        if not isinstance(name, str) or not PRESET_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: preset {shown_value(name)} is not a preset name")
+        try:
+            check_preset_name(name)  # the presets' own rule: a MIDI map took CON, which no preset may be called
+        except ParamError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         extra = set(entry) & {"step", "toggle", "value", "momentary"}
         if extra:
             raise ConfigError(f"{where}: {', '.join(sorted(extra))} belong to a param entry, not a preset's")

@@ -171,7 +171,8 @@ def test_learn_refuses_an_unknown_param_or_one_without_a_range():
     ('[[cc]]\ncontrol = 1\nparam = "strength"\nsession = "a"\n', r"session is not supported"),
     ('[[cc]]\ncontrol = 1\nparam = "strength"\nscale = 2\n', r"unknown key\(s\) scale"),
     ('[[note]]\nnote = 36\n', r"\[\[note\]\] #1 \(line 1\): needs either preset"),
-    ('[[note]]\nnote = 36\npreset = "../etc"\n', r"preset '../etc' is not a preset name"),
+    ('[[note]]\nnote = 36\npreset = "../etc"\n', r"preset name '../etc' is not 1-64 of letters"),
+    ('[[note]]\nnote = 36\npreset = "CON"\n', r"preset name 'CON' is a Windows device name"),  # presets' own rule
     ('[[note]]\nnote = 36\nparam = "seed"\nstep = 0.5\n', r"step 0.5 does not fit seed \(int\)"),
     ('[[note]]\nnote = 36\nparam = "strength"\nvalue = 2.0\n', r"strength 2(\.0)? not in \[0(\.0)?, 1(\.0)?\]"),
     ('[[note]]\nnote = 36\nparam = "nope"\nvalue = 1\n', r"unknown parameter 'nope'"),
