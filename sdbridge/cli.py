@@ -357,7 +357,9 @@ def _daemon_address(args: argparse.Namespace) -> tuple[str, str | None]:
         host = settings.host.strip("[]")
         # A wildcard bind answers on loopback; a client cannot connect to 0.0.0.0 everywhere (Windows refuses it).
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-        url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+        from sdbridge.bridge.listen import host_port
+
+        url = f"http://{host_port(host, settings.port)}"
     return url, args.token if args.token is not None else settings.token
 
 
