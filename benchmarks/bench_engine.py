@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=None, help="timed calls per row (default 100; 20 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default 10; 3 with --tiny)")
     parser.add_argument("--compile-backend", default=None,
-                        help="torch.compile backend for the compiled rows: inductor (default on CUDA), aot_eager, or "
-                             "none (default on CPU: Inductor takes minutes there; the rows then time the compiled "
-                             "engine's data path run eagerly)")
+                        help="torch.compile backend for the compiled rows: inductor (default on CUDA), aot_eager, "
+                             "eager or none (default on CPU: Inductor takes minutes there; the rows then time the "
+                             "compiled engine's data path run eagerly)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default reduce-overhead on CUDA)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="time the rows interleaved in this many rounds (default 1 on CUDA, where rows run in "

@@ -1,6 +1,7 @@
 """Compiling off the frame path (engines/background_compile.py): signatures, the uncompiled path serving
 while a graph compiles, failures, and the compiled engine meeting a new resolution and a ControlNet of a
-new architecture without compiling on the frame path (torch.compile's aot_eager backend on the CPU)."""
+new architecture without compiling on the frame path (torch.compile's eager and aot_eager backends on the
+CPU: Inductor's C++ compile of the tiny UNet takes minutes here)."""
 
 from __future__ import annotations
 
@@ -296,7 +297,7 @@ def test_new_resolution_serves_uncompiled_while_it_compiles(parts):
     reset_dynamo()
     ours = CompiledEngine.from_parts(parts)
     # Dynamo's plain eager backend: which graph serves is Dynamo's; AOTAutograd on the compile thread is the
-    # banked and ControlNet tests' (aot_eager), so this one spends its time on the switch, not on tracing.
+    # first banked test's (aot_eager), so this one spends its time on the switch, not on tracing.
     ours.compile_backend = "eager"
     ours.warmup(params(), runs=2)                     # inline: the cold start's compile
     warm = graphs()
@@ -334,7 +335,7 @@ def test_a_controlnet_of_a_new_architecture_compiles_before_it_serves(parts, con
     one compile nothing on the frame path."""
     reset_dynamo()
     ours = CompiledEngine.from_parts(parts)
-    ours.compile_backend = "aot_eager"
+    ours.compile_backend = "eager"   # which graph serves, and when it compiles, is Dynamo's: AOTAutograd adds nothing
     ours.controlnet_dir = str(controlnet_dir)
     ours.stream_batch = False
     frame = frames(64, 64)
@@ -403,7 +404,10 @@ def banked_run(parts, engine: CompiledEngine, bank, seeds: list[int], sessions=(
 
 
 def bank_engine(parts, compiled: bool, stream: bool, guidance: float, background: bool = False,
-                backend: str = "aot_eager") -> CompiledEngine:
+                backend: str = "eager") -> CompiledEngine:
+    """``backend``: Dynamo's plain eager backend by default (its guards pick the graph, and the bank's entries go
+    in and out of it as inputs and outputs); aot_eager, which runs the functionalised graph AOTAutograd hands
+    Inductor, where a test says so: it takes about twice as long, and one banked test of it is enough."""
     engine = CompiledEngine.from_parts(parts)
     engine.compile_backend = backend if compiled else None   # None on the CPU: the eager path
     engine.background_compile = background
@@ -412,8 +416,8 @@ def bank_engine(parts, compiled: bool, stream: bool, guidance: float, background
     return engine
 
 
-@pytest.mark.parametrize(("stream", "guidance"), [(True, 2.5), (False, 1.0)])
-def test_feature_bank_runs_inside_the_compiled_graph(parts, stream, guidance, caplog):
+@pytest.mark.parametrize(("stream", "guidance", "backend"), [(True, 2.5, "aot_eager"), (False, 1.0, "eager")])
+def test_feature_bank_runs_inside_the_compiled_graph(parts, stream, guidance, backend, caplog):
     """With the bank on, the compiled engine's UNet stays compiled: each layer's stored keys and values
     go into the graph as inputs and the new ones come out. Frame after frame it matches the eager
     path with the same bank (the outputs and every stored entry), a new strength is a new input to the
@@ -423,7 +427,7 @@ def test_feature_bank_runs_inside_the_compiled_graph(parts, stream, guidance, ca
     seeds = [0, 1, 2, 3]
     eager_bank, graph_bank = bank_ops.FeatureBank(strength=0.7), bank_ops.FeatureBank(strength=0.7)
     eager = bank_engine(parts, False, stream, guidance)
-    ours = bank_engine(parts, True, stream, guidance)
+    ours = bank_engine(parts, True, stream, guidance, backend=backend)
     expected = banked_run(parts, eager, eager_bank, seeds)
     reset_dynamo()   # no graph of an earlier test's engine to reuse or to recompile from
     compiled_before = graphs()
@@ -467,7 +471,7 @@ def test_feature_bank_in_a_padded_batch_keeps_the_pad_rows_apart(parts):
     seeds, sessions, stream, guidance = [0, 1, 2], ("a", "b", "c"), True, 2.5
     eager_bank, graph_bank = bank_ops.FeatureBank(strength=0.7), bank_ops.FeatureBank(strength=0.7)
     expected = banked_run(parts, bank_engine(parts, False, stream, guidance), eager_bank, seeds, sessions=sessions)
-    ours = bank_engine(parts, True, stream, guidance, backend="eager")  # Dynamo's guards pick the graph: enough here
+    ours = bank_engine(parts, True, stream, guidance)
     got = banked_run(parts, ours, graph_bank, seeds, sessions=sessions)
     banked = {key[2] for key in ours._compiled if key[0].endswith("-bank")}
     assert 4 * 2 in banked and 3 * 2 not in banked  # (a stream's warm start fills one session: 2 rows)
@@ -625,7 +629,7 @@ def test_feature_bank_stream_across_a_strength_crossing_matches_the_eager_path(p
     from sdbridge.engines.feature_bank import window_key
 
     def banked(compiled: bool) -> tuple[list[torch.Tensor], list[int], list[set[str]]]:
-        engine = bank_engine(parts, compiled, stream=True, guidance=1.0, backend="eager")
+        engine = bank_engine(parts, compiled, stream=True, guidance=1.0)
         bank, state, calls = bank_ops.FeatureBank(strength=0.7), StreamState("a"), count_stream_calls(engine)
         outputs, rows = [], []
         for k, strength in enumerate([0.25, 0.25, 0.5, 0.5, 0.5, 0.25, 0.25, 0.1]):
