@@ -94,3 +94,9 @@ def printable(text: object) -> str:
     other characters kept, so a path with accents stays readable. For client text: a model's name."""
     return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text))
 
+
+def quoted(text: object) -> str:
+    """``text`` in single quotes for a message, escaped as :func:`printable` escapes it. Not ``repr``: that doubles
+    every backslash, and a Windows path or a share name reads ``'C:\\\\models\\\\x'`` (QA 46 F5)."""
+    return f"'{printable(text)}'"
+

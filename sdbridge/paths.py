@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote
 
-from sdbridge.errors import SdbridgeError
+from sdbridge.errors import SdbridgeError, quoted
 
 
 class PathError(SdbridgeError):
@@ -23,31 +23,31 @@ class PathError(SdbridgeError):
 def confine(name: str, roots: Iterable[str | Path], what: str = "path") -> Path:
     """The resolved path of ``name`` inside one of ``roots``, or PathError naming what was refused."""
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise PathError(f"{what} {name!r} is not a usable name")
+        raise PathError(f"{what} {quoted(name)} is not a usable name")
     decoded = name
     for _ in range(3):  # %252e%252e -> %2e%2e -> ..
         decoded = unquote(decoded)
     if decoded != name:
-        raise PathError(f"{what} {name!r} is URL-encoded; send the plain name")
+        raise PathError(f"{what} {quoted(name)} is URL-encoded; send the plain name")
     candidate = name.replace("\\", "/")
     if candidate.startswith("~"):
-        raise PathError(f"{what} {name!r} names a home folder; send a name inside the allowed folders")
+        raise PathError(f"{what} {quoted(name)} names a home folder; send a name inside the allowed folders")
     given_roots = [Path(os.path.abspath(Path(root).expanduser())) for root in roots]
     resolved_roots = [root.resolve() for root in given_roots]
     if not resolved_roots:
-        raise PathError(f"{what} {name!r} refused: no folder is open to clients")
+        raise PathError(f"{what} {quoted(name)} refused: no folder is open to clients")
     absolute = os.path.isabs(candidate)
     if absolute and not any(_lexically_inside(Path(os.path.normpath(candidate)), root)
                             for root in (*given_roots, *resolved_roots)):
         # Judged by its text, before the file system is touched: on Windows, resolving \\host\share\x opens an
         # SMB session to that host, offering the user's credentials, and \\.\pipe\x a local pipe (QA 44 F3).
-        raise PathError(f"{what} {name!r} is outside the folders clients may use ({_shown(resolved_roots)})")
+        raise PathError(f"{what} {quoted(name)} is outside the folders clients may use ({_shown(resolved_roots)})")
     for root in resolved_roots:
         target = Path(candidate) if absolute else root / candidate
         real = target.resolve()
         if _lexically_inside(real, root):
             return real
-    raise PathError(f"{what} {name!r} is outside the folders clients may use ({_shown(resolved_roots)})")
+    raise PathError(f"{what} {quoted(name)} is outside the folders clients may use ({_shown(resolved_roots)})")
 
 
 def _lexically_inside(path: Path, root: Path) -> bool:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdbridge.errors import ModelError, ParamError
+from sdbridge.errors import ModelError, ParamError, quoted
 from sdbridge.paths import PathError, confine
 
 log = logging.getLogger(__name__)
@@ -183,16 +183,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return dict(handle.metadata() or {})
     except Exception as exc:  # safetensors raises SafetensorError, OSError or ValueError
-        raise ModelError(f"LoRA file {str(path)!r} is not a readable safetensors file: {exc}") from exc
+        raise ModelError(f"LoRA file {quoted(path)} is not a readable safetensors file: {exc}") from exc
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     if path.suffix.lower() != LORA_SUFFIX:
-        raise ModelError(f"LoRA file {str(path)!r} is not {LORA_SUFFIX}; pickled LoRAs are never loaded")
+        raise ModelError(f"LoRA file {quoted(path)} is not {LORA_SUFFIX}; pickled LoRAs are never loaded")
     if not path.is_file():
-        raise ModelError(f"LoRA file {str(path)!r} does not exist")
+        raise ModelError(f"LoRA file {quoted(path)} does not exist")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
@@ -200,7 +200,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             # mapped tensor is SIGBUS (models.owned).
             tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     except Exception as exc:  # a truncated or corrupt file: SafetensorError, OSError, ValueError
-        raise ModelError(f"LoRA file {str(path)!r} is corrupt or truncated: {exc}") from exc
+        raise ModelError(f"LoRA file {quoted(path)} is corrupt or truncated: {exc}") from exc
     return tensors, metadata
 
 
@@ -347,7 +347,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
     # DoRA rescales each output row by a learned magnitude: fusing only up @ down would be wrong.
     dora = [key for key in tensors if key.endswith(DORA_KEYS)]
     if dora:
-        raise ModelError(f"LoRA file {str(path)!r} is a DoRA ({len(dora)} magnitude keys, first: {dora[0]!r}); "
+        raise ModelError(f"LoRA file {quoted(path)} is a DoRA ({len(dora)} magnitude keys, first: {dora[0]!r}); "
                          "DoRA is not supported")
     layers = {component: fusable_layers(module) for component, module in components.items()}
     kohya = _kohya_table(components)
@@ -399,18 +399,18 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
         matched.append(layer)
 
     if mismatched:
-        raise ModelError(f"LoRA file {str(path)!r} does not fit this model: {len(mismatched)} layers have other "
+        raise ModelError(f"LoRA file {quoted(path)} does not fit this model: {len(mismatched)} layers have other "
                          f"shapes (a LoRA for another base model?), first: {mismatched[0]}", code="model_mismatch")
     for component, count in _components_named(groups).items():
         # A LoRA whose UNet (or second text encoder) matches nothing here was made for another family; applied,
         # its text-encoder half alone ran, with no word (QA 29: an SD LoRA on SDXL, CLIP-L shaped alike).
         if count and not any(layer.component == component for layer in matched) and matched:
             where = "this model has none" if component not in components else "none is one of this model's"
-            raise ModelError(f"LoRA file {str(path)!r} was made for another model family: it changes {count} "
+            raise ModelError(f"LoRA file {quoted(path)} was made for another model family: it changes {count} "
                              f"{component} layers and {where} (an SD 1.x LoRA on SDXL, or the reverse?)",
                              code="model_mismatch")
     if not matched:
-        raise ModelError(f"LoRA file {str(path)!r}: none of its {len(tensors)} keys matches a layer of "
+        raise ModelError(f"LoRA file {quoted(path)}: none of its {len(tensors)} keys matches a layer of "
                          f"{', '.join(components)} (first key: {next(iter(tensors), 'none')!r}); read are kohya "
                          "lora_down/lora_up and PEFT lora_A/lora_B pairs, LoCon, LoHa, LoKr and full differences, "
                          "not (IA)3, OFT, GLoRA or norm layers")
@@ -511,7 +511,7 @@ class LoraStack:
         layers = []
         for layer in lora.layers:
             if layer.component not in self._layers or layer.module not in self._layers[layer.component]:
-                raise ModelError(f"LoRA {name!r} targets {layer.component}.{layer.module}, not in this model")
+                raise ModelError(f"LoRA {quoted(name)} targets {layer.component}.{layer.module}, not in this model")
             device = self._layers[layer.component][layer.module].weight.device
             layers.append(LoraLayer(layer.component, layer.module, layer.kind,
                                     {role: tensor.to(device) for role, tensor in layer.tensors.items()}, layer.scale))
@@ -555,7 +555,8 @@ class LoraStack:
         self._check_names(weights)
         for name, value in weights.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ParamError(f"LoRA weight {value!r} for {name!r} is not a finite number", name=name, value=value)
+                raise ParamError(f"LoRA weight {value!r} for {quoted(name)} is not a finite number", name=name,
+                                 value=value)
         changed = {name for name, value in weights.items() if float(value) != self._weights[name]}
         self._weights.update({name: float(weights[name]) for name in changed})
         targets = {layer.target for name in changed for layer in self._loras[name].layers}
@@ -566,7 +567,7 @@ class LoraStack:
         for name in names:
             if name not in self._loras:
                 loaded = ", ".join(sorted(self._loras)) or "none"
-                raise ParamError(f"LoRA {name!r} is not loaded (loaded: {loaded})", name="lora", value=name)
+                raise ParamError(f"LoRA {quoted(name)} is not loaded (loaded: {loaded})", name="lora", value=name)
 
     def _refresh(self, targets: Iterable[tuple[str, str]]) -> None:
         # inference_mode: the parameters may be inference tensors when the engine loaded under it.
@@ -697,7 +698,7 @@ def lora_path(folder: str | Path, name: str) -> Path:
         if name in known_files:
             return known_files[name]
         known = ", ".join(sorted(known_files)[:20]) + (", ..." if len(known_files) > 20 else "") or "none"
-        raise ModelError(f"LoRA {name!r} not found in {str(folder)!r} (there: {known})")
+        raise ModelError(f"LoRA {quoted(name)} not found in {quoted(folder)} (there: {known})")
     return path
 
 
@@ -726,20 +727,20 @@ def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
     try:
         path = lora_path(folder, name)
     except PathError as exc:
-        return "unknown_lora", f"LoRA {name!r} refused: {exc}"
+        return "unknown_lora", f"LoRA {quoted(name)} refused: {exc}"
     except ModelError as exc:
         # the folders of lora_path's scan just made (the folder alone where the name has a path of its own): a
         # pickle in a subfolder was "not found" (QA 32), and a few stats are cheaper than another walk
         scanned = _FOUND.get(folder, ({folder: None}, {}))[0] if "/" not in name else {folder: None}
         for place in scanned:
             if any((place / (name + suffix)).is_file() for suffix in (".pt", ".ckpt", ".bin", ".pth")):
-                return "bad_model", (f"LoRA {name!r} is a pickle file in {str(place)!r}; LoRAs load from "
+                return "bad_model", (f"LoRA {quoted(name)} is a pickle file in {quoted(place)}; LoRAs load from "
                                      ".safetensors only (convert it)")
         return "unknown_lora", str(exc)
     try:
         stat = path.stat()
     except OSError as exc:
-        return "unknown_lora", f"LoRA {name!r}: {exc}"
+        return "unknown_lora", f"LoRA {quoted(name)}: {exc}"
     key = (path, stat.st_mtime_ns, stat.st_size)
     if key not in _HEADER_PROBLEMS:
         from sdbridge.engines.models import header_shapes
@@ -747,10 +748,10 @@ def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
         try:
             tensors = list(header_shapes(path))
         except ModelError as exc:
-            problem: str | None = f"LoRA {name!r}: {exc}"
+            problem: str | None = f"LoRA {quoted(name)}: {exc}"
         else:
             dora = [tensor for tensor in tensors if tensor.endswith(DORA_KEYS)]
-            problem = f"LoRA {name!r} is a DoRA ({dora[0]!r}); DoRA is not supported" if dora else None
+            problem = f"LoRA {quoted(name)} is a DoRA ({dora[0]!r}); DoRA is not supported" if dora else None
         if len(_HEADER_PROBLEMS) > 256:
             _HEADER_PROBLEMS.clear()
         _HEADER_PROBLEMS[key] = problem

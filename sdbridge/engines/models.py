@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sdbridge.engines.parts import PipelineParts
-from sdbridge.errors import ModelError
+from sdbridge.errors import ModelError, quoted
 
 # Building modules while a model loads is not thread-safe: accelerate's init_empty_weights (which
 # diffusers' and transformers' from_pretrained use) patches nn.Module.register_parameter for the whole
@@ -181,9 +181,9 @@ def resolve_source(source: str, *, models_dir: Path | None = None) -> ModelSourc
         # file): "not found" would send the user to pull a model they think they already have.
         raise _not_a_model(source, pulled)
     if source.startswith(("/", "~", ".", "\\")) or path.drive or "\\" in source:
-        raise ModelError(f"model path {source!r} does not exist", code="model_not_found")
-    raise ModelError(f"model {source!r} not found: no such file or folder, not pulled to {models_dir}, not in the "
-                     f"hub cache. Run `sdbridge models pull {source}` on a machine with internet, or pass "
+        raise ModelError(f"model path {quoted(source)} does not exist", code="model_not_found")
+    raise ModelError(f"model {quoted(source)} not found: no such file or folder, not pulled to {models_dir}, not in "
+                     f"the hub cache. Run `sdbridge models pull {source}` on a machine with internet, or pass "
                      f"--model PATH", code="model_not_found")
 
 
@@ -194,9 +194,10 @@ def _not_a_model(source: str, path: Path) -> ModelError:
         weights = sorted(file.name for file in path.glob("*.safetensors"))
         hint = (f"; it holds {', '.join(weights[:3])}: name that file for a single-file checkpoint" if weights
                 else "; it holds no .safetensors weights either")
-        return ModelError(f"model {source!r}: the folder {path} exists but is not a model: it has no model_index.json "
-                          f"(a diffusers model folder needs one, beside unet/, vae/, text_encoder/ ...){hint}")
-    return ModelError(f"model {source!r}: {path} is not a model file (expected .safetensors, or "
+        return ModelError(f"model {quoted(source)}: the folder {path} exists but is not a model: it has no "
+                          f"model_index.json (a diffusers model folder needs one, beside unet/, vae/, "
+                          f"text_encoder/ ...){hint}")
+    return ModelError(f"model {quoted(source)}: {path} is not a model file (expected .safetensors, or "
                       f"{', '.join(PICKLE_SUFFIXES)} with --allow-pickle)")
 
 
@@ -319,13 +320,13 @@ def resolve_add_on_model(name: str, folder: Path | None, *, what: str, setting: 
     from sdbridge.paths import confine
 
     if folder is None:
-        raise ModelError(f"{what} {name!r}: no {what} folder is set ({setting})", code="model_not_found")
+        raise ModelError(f"{what} {quoted(name)}: no {what} folder is set ({setting})", code="model_not_found")
     path = confine(name, [folder], what=what)
     found = find_add_on_model(path)
     if found is not None:
         return found
     known = ", ".join(list_add_on_models(folder)) or "none"
-    raise ModelError(f"{what} {name!r} not found in {folder} (known: {known})", code="model_not_found")
+    raise ModelError(f"{what} {quoted(name)} not found in {folder} (known: {known})", code="model_not_found")
 
 
 def check_safetensors_folder(path: Path, what: str) -> None:
@@ -628,7 +629,7 @@ def pull_model(name: str, models_dir: Path | None = None, *, progress: bool = Tr
     manifest = load_manifests().get(name)
     if manifest is None and "/" not in name:
         known = ", ".join(sorted(load_manifests()))
-        raise ModelError(f"unknown model {name!r}: use a known name ({known}) or a hub id like org/name",
+        raise ModelError(f"unknown model {quoted(name)}: use a known name ({known}) or a hub id like org/name",
                          code="model_not_found")
     repo_id = manifest.repo_id if manifest else name
     target = models_dir / name.replace("/", "--")

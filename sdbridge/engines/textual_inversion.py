@@ -44,7 +44,7 @@ import torch
 from tokenizers import AddedToken
 
 from sdbridge.engines.prompt_encode import ExpandedIds
-from sdbridge.errors import ModelError
+from sdbridge.errors import ModelError, quoted
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _vectors(value: Any, path: Path, key: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in (1, 2) \
             or value.numel() == 0:
         shown = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise EmbeddingError(f"embedding {str(path)!r}: {key!r} is {shown}, not a float tensor [D] or [n, D]")
+        raise EmbeddingError(f"embedding {quoted(path)}: {key!r} is {shown}, not a float tensor [D] or [n, D]")
     return value.detach().reshape(-1, value.shape[-1]).to("cpu", torch.float32).clone()
 
 
@@ -101,7 +101,7 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise EmbeddingError(f"embedding {str(path)!r} is a pickle ({suffix}); it is read only with "
+            raise EmbeddingError(f"embedding {quoted(path)} is a pickle ({suffix}); it is read only with "
                                  f"--allow-pickle (and then through torch.load(weights_only=True)); "
                                  f"prefer .safetensors", code="pickle_refused")
         from sdbridge.engines.models import load_pickle
@@ -115,21 +115,21 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
         try:
             data = owned(load_file(str(path), device="cpu"))  # kept: never backed by the file's mapping
         except Exception as exc:  # SafetensorError, OSError
-            raise EmbeddingError(f"embedding {str(path)!r} is not a readable safetensors file: {exc}") from exc
+            raise EmbeddingError(f"embedding {quoted(path)} is not a readable safetensors file: {exc}") from exc
     else:
-        raise EmbeddingError(f"embedding {str(path)!r}: unknown file type {suffix!r} "
+        raise EmbeddingError(f"embedding {quoted(path)}: unknown file type {suffix!r} "
                              f"(read are {', '.join(SAFE_SUFFIXES + PICKLE_SUFFIXES)})")
 
     meta: dict[str, Any] = {}
     if isinstance(data, torch.Tensor):
         vectors = _vectors(data, path, "tensor")
     elif not isinstance(data, dict) or not data:
-        raise EmbeddingError(f"embedding {str(path)!r} holds {type(data).__name__}, not a dict of tensors")
+        raise EmbeddingError(f"embedding {quoted(path)} holds {type(data).__name__}, not a dict of tensors")
     elif isinstance(data.get("string_to_param"), dict):          # A1111 .pt
         params = data["string_to_param"]
         # A1111 takes the table's one entry, whatever its key ('*' as its trainer writes it, or the token).
         if len(params) != 1:
-            raise EmbeddingError(f"embedding {str(path)!r}: string_to_param has {len(params)} entries "
+            raise EmbeddingError(f"embedding {quoted(path)}: string_to_param has {len(params)} entries "
                                  f"({sorted(map(str, params))[:6]}); an embedding has one")
         key, value = next(iter(params.items()))
         vectors = _vectors(value, path, f"string_to_param.{key}")
@@ -142,7 +142,7 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
         vectors = _vectors(data["clip_l"], path, "clip_l")
         vectors_2 = _vectors(data["clip_g"], path, "clip_g")
         if vectors.shape[0] != vectors_2.shape[0]:
-            raise EmbeddingError(f"embedding {str(path)!r}: clip_l has {vectors.shape[0]} vectors, clip_g "
+            raise EmbeddingError(f"embedding {quoted(path)}: clip_l has {vectors.shape[0]} vectors, clip_g "
                                  f"{vectors_2.shape[0]}; an SDXL embedding has as many in each")
         return Embedding(name=path.stem, path=path, vectors=vectors, vectors_2=vectors_2)
     elif len(data) == 1:                                         # diffusers: {token: vectors}
@@ -150,7 +150,7 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
         vectors = _vectors(value, path, str(key))
     else:
         keys = sorted(str(key) for key in data)
-        raise EmbeddingError(f"embedding {str(path)!r} has keys {keys[:6]}; expected emb_params, string_to_param, "
+        raise EmbeddingError(f"embedding {quoted(path)} has keys {keys[:6]}; expected emb_params, string_to_param, "
                              f"clip_l and clip_g (SDXL) or a single token")
     step = meta.get("step")
     return Embedding(name=path.stem, path=path, vectors=vectors,
@@ -264,11 +264,11 @@ class TextualInversions:
             try:
                 confine(path.relative_to(folder).as_posix(), [folder], what="embedding")
                 if path.suffix.lower() not in suffixes:
-                    raise EmbeddingError(f"embedding {str(path)!r} is a pickle; pass --allow-pickle to read it",
+                    raise EmbeddingError(f"embedding {quoted(path)} is a pickle; pass --allow-pickle to read it",
                                          code="pickle_refused")
                 previous = self.loaded.get(name)
                 if previous is not None and previous.path != path:
-                    raise EmbeddingError(f"embedding {str(path)!r}: the name {name!r} is already {previous.path}")
+                    raise EmbeddingError(f"embedding {quoted(path)}: the name {name!r} is already {previous.path}")
                 embedding = read_embedding(path, allow_pickle)
                 if previous is not None and torch.equal(previous.vectors, embedding.vectors):
                     continue

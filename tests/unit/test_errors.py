@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sdbridge.errors import ModelError, load_failure, printable
+from sdbridge.errors import ModelError, load_failure, printable, quoted
 
 
 def test_a_failed_load_of_a_client_named_part_logs_one_clean_line(caplog):
@@ -27,3 +27,8 @@ def test_a_failed_load_tells_the_client_one_line(caplog):
         message = load_failure(log, "controlnet edges", error)
     assert message == ("RuntimeError: Error(s) in loading state_dict: size mismatch for conv.weight: a size mismatch "
                        "for b")
+
+
+def test_quoted_keeps_backslashes_and_escapes_controls():
+    assert quoted("C:\\models\\x") == "'C:\\models\\x'"   # repr would double each backslash
+    assert quoted("a\x1b[2Jb\u2028") == "'a\\x1b[2Jb\\u2028'"

@@ -60,6 +60,17 @@ def test_absolute_names_outside_the_folders_are_refused_before_the_file_system_i
     assert not [path for path in asked if "qa44-host" in path]
 
 
+def test_a_refused_name_is_quoted_as_the_client_typed_it(root):
+    """Not as its repr, which doubled each backslash of a Windows or share name (QA 46 F5); a control
+    character is still escaped, as a log line needs."""
+    with pytest.raises(PathError) as refused:
+        confine("\\\\host\\share\\m", [root], what="model")
+    assert str(refused.value).startswith("model '\\\\host\\share\\m' is outside the folders")
+    with pytest.raises(PathError) as refused:
+        confine("..\\x\nforged", [root], what="model")
+    assert "'..\\x\\nforged'" in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_an_absolute_name_inside_a_folder_still_resolves(root):
     """The text check passes a full path inside a folder, as given or through the folder's symlinks."""
     assert confine(str(root / "alias" / "model_index.json"), [root]) == (root / "good" / "model_index.json").resolve()
