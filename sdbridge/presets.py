@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sdbridge.errors import ParamError
+from sdbridge.errors import ParamError, quoted
 from sdbridge.params import check_text, shown_value
 from sdbridge.paths import PathError, confine
 
@@ -107,6 +107,7 @@ class PresetLibrary:
         # Broken files already warned about, with their modification time: a client that polls the list
         # gets one warning per file, and another once the file changes.
         self._warned: dict[Path, float | None] = {}
+        self._warned_twins: set[tuple[str, ...]] = set()
 
     def _folders(self) -> list[tuple[Path, bool]]:
         return [(self.user_dir, False), (self.shipped, True)]
@@ -122,12 +123,27 @@ class PresetLibrary:
         """Every preset that reads; a broken file is left out (one warning naming it) and reported with its
         reason when it is asked for by name: one bad file must not hide all the others."""
         out = []
-        for name in self.names():
+        names = self.names()
+        self._warn_twins(names)
+        for name in names:
             try:
                 out.append(self.get(name))
             except (ParamError, PathError) as exc:
                 self._warn_skipped(name, exc)
         return out
+
+    def _warn_twins(self, names: list[str]) -> None:
+        """Names that differ only by case are one file on Windows and macOS (save refuses them), but a folder
+        may hold them from before, or copied by hand: both are listed, with one warning (QA 46 F7)."""
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            groups.setdefault(name.casefold(), []).append(name)
+        for group in groups.values():
+            twins = tuple(group)
+            if len(twins) > 1 and twins not in self._warned_twins:
+                self._warned_twins.add(twins)
+                log.warning("presets %s differ only by case: on Windows and macOS they would be one file (rename "
+                            "one of them to keep both there)", " and ".join(quoted(name) for name in twins))
 
     def _warn_skipped(self, name: str, exc: Exception) -> None:
         for folder, _ in self._folders():

@@ -294,3 +294,18 @@ def test_a_name_that_differs_only_by_case_is_refused(library):
     assert library.names().count("dusk") == 1 and "DUSK" not in library.names() and "Neon" not in library.names()
     assert library.save("neon", {"strength": 0.5}).name == "neon"  # the same name replaces, as before
     assert library.save("dusk", {"strength": 0.6}).params == {"strength": 0.6}
+
+
+def test_case_twins_already_in_the_folder_are_listed_with_one_warning(library, caplog):
+    """QA 46 F7: a NEON.toml from before that rule, or copied by hand, beside the shipped neon: both still read on
+    Linux, and the list says once that Windows and macOS would see one file."""
+    import logging
+
+    (_user(library) / "NEON.toml").write_text('[params]\nstrength = 0.2\n')
+    (library.user_dir / "Dusk.toml").write_text('[params]\nstrength = 0.3\n')
+    with caplog.at_level(logging.WARNING, logger="sdbridge.presets"):
+        names = _names(library)
+        _names(library)  # asked again (a browser polls): no second warning
+    assert {"NEON", "neon", "Dusk"} <= set(names)
+    warned = [record.getMessage() for record in caplog.records]
+    assert len(warned) == 1 and "'NEON' and 'neon' differ only by case" in warned[0], warned
