@@ -3,9 +3,9 @@
 Works inside the engine: it puts :mod:`sdbridge.engines.feature_bank`'s processors into the
 diffusion UNet's self-attention layers while it is on, and takes them out when it is turned off
 or the engine changes. The animatediff engine's motion UNet shares those layers (and the time
-embedding the bank counts steps on), so it runs with the bank too, one entry per window place. Costs one extra set of keys and values per self-attention layer, so
-attention time roughly doubles at the UNet's highest resolution; memory per session is the
-keys and values of one frame per step.
+embedding the bank counts steps on), so it runs with the bank too, one entry per window place.
+Costs one extra set of keys and values per self-attention layer, so attention time roughly doubles
+at the UNet's highest resolution; memory per session is the keys and values of one frame per step.
 """
 
 from __future__ import annotations
