@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         row["fps"] = 1000.0 / row["ms"]
         row["added_ms"] = row["ms"] - base
         row["ratio"] = row["ms"] / base
-        without = by_name.get(row["row"].removesuffix(" + ControlNet")) if row["row"].endswith(" + ControlNet") else None
+        controlled = row["row"].endswith(" + ControlNet")
+        without = by_name.get(row["row"].removesuffix(" + ControlNet")) if controlled else None
         row["controlnet_ms"] = row["ms"] - without if without is not None else None
 
     kind = "tiny random model" if args.tiny else "SD 1.5-size UNet + MotionAdapter v1.5-size, random weights"

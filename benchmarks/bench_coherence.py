@@ -159,7 +159,8 @@ def main() -> None:
     lines = [f"### bench_coherence.py — {datetime.date.today()}, {args.device}, {os.cpu_count()} cores, "
              f"{'tiny random model' if args.model is None else args.model}, {args.size}×{args.size}, "
              f"{args.frames} frames, 2 steps at strength 0.6",
-             "", "| plugins | flicker (÷ input's) | vs none | fidelity (MAE to none, 0-255) | skipped | ms/frame | time vs none |",
+             "", "| plugins | flicker (÷ input's) | vs none | fidelity (MAE to none, 0-255) | skipped | ms/frame "
+                 "| time vs none |",
              "|---|---|---|---|---|---|---|"]
     for name, flicker, fidelity, skipped, ms in rows:
         lines.append(f"| {name} | {flicker:.2f} | {flicker / none_flicker - 1:+.0%} | {fidelity:.1f} | {skipped:.0%} "

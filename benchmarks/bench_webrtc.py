@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import datetime
 import fractions
-import json
 import os
 import platform
 import statistics
@@ -152,7 +151,9 @@ class Row:
         def quantile(q: float) -> float:
             return times[min(len(times) - 1, int(q * len(times)))] * 1000 if times else float("nan")
 
-        per_frame = (lambda cpu_s: cpu_s * 1000 / delivered if cpu_s is not None and delivered else None)
+        def per_frame(cpu_s: float | None) -> float | None:
+            return cpu_s * 1000 / delivered if cpu_s is not None and delivered else None
+
         return {"name": self.name, "path": self.path, "codec": self.codec, "size": self.size,
                 "sent": len(sent), "delivered": delivered, "lost": len(sent) - delivered,
                 "fps": delivered / seconds, "p50": statistics.median(times) * 1000 if times else float("nan"),

@@ -25,7 +25,12 @@ def test_a_recording_output_holds_the_frames_the_client_got(start_daemon, tmp_pa
     images = [make_image(64, 64, seed=seed) for seed in range(3)]
     with ws_connect(daemon) as ws:
         replies = [raw_round_trip(ws, image, i + 1) for i, image in enumerate(images)]
-    assert wait_for(lambda: (lambda s: s["published"] == 3 and s["sent"] + s["dropped"] == 3)(daemon.outputs.stats()[0]))
+
+    def all_published() -> bool:
+        stats = daemon.outputs.stats()[0]
+        return stats["published"] == 3 and stats["sent"] + stats["dropped"] == 3
+
+    assert wait_for(all_published)
     recorded = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(tmp_path.glob("*.png"))]
     # Every recorded frame is one the client got (the slot may drop some under load, never alter them).
     for frame in recorded:

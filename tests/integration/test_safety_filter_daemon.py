@@ -11,7 +11,7 @@ import numpy as np
 
 from sdbridge.bridge import codec
 from tests.clients import ws_connect
-from tests.unit.plugins.test_safety_filter import build_checker, flagged_and_safe_frames
+from tests.unit.plugins.test_safety_filter import build_checker
 
 
 def reply(ws, image: np.ndarray, messages: list | None = None) -> np.ndarray:

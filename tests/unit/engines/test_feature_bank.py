@@ -173,7 +173,8 @@ def test_the_feed_equals_the_eager_bank_and_stores_the_same_entries(caplog) -> N
     fed.end_frame()
     assert fed.entries().keys() == eager.entries().keys() and {step for _, _, step in fed.entries()} == {0}
     for key, (k, v) in eager.entries().items():
-        assert torch.allclose(fed.entries()[key][0], k, atol=1e-5) and torch.allclose(fed.entries()[key][1], v, atol=1e-5)
+        stored_k, stored_v = fed.entries()[key][:2]
+        assert torch.allclose(stored_k, k, atol=1e-5) and torch.allclose(stored_v, v, atol=1e-5)
     assert "not expected" not in caplog.text
 
     # An entry of another resolution is no entry: zeros, and -inf on its logits.

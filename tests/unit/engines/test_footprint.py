@@ -37,7 +37,8 @@ def test_a_single_file_and_a_missing_source(tiny_model_dir: Path, tmp_path: Path
     assert model_bytes("someone/hub-model", torch.float16) is None
 
 
-@pytest.mark.parametrize("content", [b"", b"\x01\x02", (2**40).to_bytes(8, "little"), (5).to_bytes(8, "little") + b"{{{{{"])
+@pytest.mark.parametrize("content", [b"", b"\x01\x02", (2**40).to_bytes(8, "little"),
+                                     (5).to_bytes(8, "little") + b"{{{{{"])
 def test_a_corrupt_header_is_a_model_error(tmp_path: Path, content: bytes) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(content)
