@@ -673,8 +673,10 @@ class A1111Api:
         """The serving model as sd-models lists it: a pulled model loaded by its name (the ``model``
         parameter may be ``good``) is its folder, so that it has one entry, one title and its hash."""
         source = self.current_model()
-        if source is None:
-            return None
+        return self.listed_model(source) if source is not None else None
+
+    def listed_model(self, source: str) -> str:
+        """``source`` (an engine's) as sd-models lists it (loaded_model)."""
         if source not in self._listed_cache:
             self._listed_cache[source] = self._listed_path(source)
         return self._listed_cache[source]
@@ -927,11 +929,17 @@ class A1111Api:
                  request.height, request.steps, time.perf_counter() - started)
         return await asyncio.to_thread(self.respond, body, kind, generation)
 
+    def generation_model(self, generation: Generation) -> str | None:
+        """The model a request ran on, as sd-models lists it: the engine it held, which a switch of the stream's
+        model meanwhile does not change (the label named the model serving when it ended: QA 47 F1)."""
+        source = getattr(generation.engine, "source", None)
+        return self.listed_model(source) if source else self.loaded_model()
+
     def infotexts(self, generation: Generation, kind: str) -> list[str]:
         from sdbridge.bridge.a1111_controlnet import infotext_params  # it imports this module
 
         request = generation.request
-        model = self.loaded_model() or generation.engine.source
+        model = self.generation_model(generation)
         texts = []
         for index, seed in enumerate(generation.used_seeds):
             params: dict[str, Any] = {
@@ -1004,7 +1012,7 @@ class A1111Api:
         warnings = self.warnings(body) + request.warnings
         for warning in warnings:
             log.warning("%s: %s", kind, warning)
-        model = self.loaded_model() or generation.engine.source
+        model = self.generation_model(generation)
         info = {
             "prompt": request.prompt, "all_prompts": [request.prompt] * len(texts),
             "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * len(texts),

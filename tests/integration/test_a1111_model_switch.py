@@ -1,9 +1,11 @@
 """An AUTOMATIC1111 request running when the live model switches finishes on the model it started on (QA 12 #1:
-the swap closed that engine under it, and the request failed with 500 and an AttributeError)."""
+the swap closed that engine under it, and the request failed with 500 and an AttributeError), and its infotext
+names that model (QA 47 F1)."""
 
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import threading
 
@@ -66,5 +68,8 @@ def test_a_request_finishes_on_its_model_when_the_stream_switches(start_daemon, 
     assert response.status_code == 200, response.text
     images = response.json()["images"]
     assert len(images) == 2
+    # Labelled with the model it ran on, not the one serving when it ended (QA 47 F1): PNG Info would remake it.
+    info = json.loads(response.json()["info"])
+    assert info["sd_model_name"] == "first" and all("Model: first" in text for text in info["infotexts"]), info
     assert "second" in str(http.get("/health").json()["engine"].get("model"))  # the stream serves the new model
     http.close()
