@@ -545,6 +545,9 @@ class Daemon:
             "frames_dropped": self.registry.retired["frames_dropped"] + sum(s["frames_dropped"] for s in sessions),
             # Of frames_out, those a plugin answered with the last output, without the engine (the similarity filter).
             "frames_skipped": self.registry.retired["frames_skipped"] + sum(s["skipped_frames"] for s in sessions),
+            # Of frames_out, those made in txt2img mode, for no frame received (QA 47 F4).
+            "frames_generated": self.registry.retired["frames_generated"]
+            + sum(s["generated_frames"] for s in sessions),
             # Frames on a channel above 0 (ControlNet and IP-Adapter images): received, never answered.
             "condition_frames": self.registry.retired["condition_frames"]
             + sum(channel["in"] for s in sessions for channel in s["condition_frames"].values()),

@@ -178,6 +178,7 @@ class Session:
         self.errors = 0
         self.passthrough_frames = 0
         self.skipped_frames = 0  # answered by a plugin (the similarity filter) without the engine
+        self.generated_frames = 0  # of frames_out, made in txt2img mode: no client frame asked for them
         self.created = time.monotonic()
         self.next_generated_at = 0.0  # txt2img pacing, worker-owned
         self.last_frame_at: float | None = None  # when the worker last took a frame of it (monotonic)
@@ -231,6 +232,7 @@ class Session:
             "frames_out": self.frames_out,
             "passthrough_frames": self.passthrough_frames,
             "skipped_frames": self.skipped_frames,
+            "generated_frames": self.generated_frames,
             "resumes": self.resumes,
             "errors": self.errors,
             "fps": round(self.output_meter.rate(), 2),
@@ -250,7 +252,7 @@ class SessionRegistry:
         self.wake = threading.Event()  # set when any input arrives; the worker waits on it
         # Counters of sessions that have closed, so that totals survive their sessions.
         self.retired = {"frames_in": 0, "frames_dropped": 0, "frames_out": 0, "condition_frames": 0,
-                        "frames_skipped": 0}
+                        "frames_skipped": 0, "frames_generated": 0}
 
     def _notify(self) -> None:
         self.wake.set()
@@ -281,16 +283,19 @@ class SessionRegistry:
                 self.retired["frames_dropped"] += session.input.dropped + int(session.input.pending)
                 self.retired["frames_out"] += session.frames_out
                 self.retired["frames_skipped"] += session.skipped_frames
+                self.retired["frames_generated"] += session.generated_frames
                 self.retired["condition_frames"] += sum(slot.accepted for slot in list(session.conditions.values()))
                 log.info("session %s closed", session.id)
 
-    def count_out(self, session: Session) -> None:
-        """Count a reply made for ``session``; one made after it closed (its frame was in flight) goes to the
-        retired totals, which were taken without it."""
+    def count_out(self, session: Session, generated: bool = False) -> None:
+        """Count a reply made for ``session`` (``generated``: a txt2img frame, made for no client frame); one
+        made after it closed (its frame was in flight) goes to the retired totals, which were taken without it."""
         with self._lock:
             session.frames_out += 1
+            session.generated_frames += generated
             if session.closed:
                 self.retired["frames_out"] += 1
+                self.retired["frames_generated"] += generated
 
     def count_skipped(self, session: Session) -> None:
         """Count a frame of ``session`` a plugin answered without the engine (the similarity filter)."""

@@ -441,6 +441,7 @@ class Worker(threading.Thread):
         # ones still replace it there) and is decoded during this turn's step: discarding the decoded
         # frame for it would answer fewer frames and gain no latency, as it would be decoded serially.
         ahead, decoding = self._take_ahead()
+        held: list[Job] = []
         for session in self.registry.sessions():
             if session.id in decoding:
                 continue  # a frame of its own still decoding: it joins a later turn (newer frames wait in the slot)
@@ -453,20 +454,26 @@ class Worker(threading.Thread):
                 # output would seed the new session's crossfade and plugins with the old client's picture).
                 self.registry.count_unserved(early.session)
                 early = None
-            if early is not None:
-                if txt2img:
-                    session.input.discard()  # the mode changed under it: dropped, as at the slot
-                else:
-                    jobs.append(early)
-                    if session.input.pending:
-                        self.registry.wake.set()  # the next turn, even where this one decodes nothing ahead
-                    continue
+            if early is not None and not txt2img:
+                jobs.append(early)
+                if session.input.pending:
+                    self.registry.wake.set()  # the next turn, even where this one decodes nothing ahead
+                continue
+            if txt2img:
+                # A client's own frame waits for img2img, as the newest frame, in the slot or decoded: a client
+                # that sends one frame and waits for its reply was left waiting for good (QA 47 F5).
+                if early is not None and session.input.pending:
+                    session.input.discard()  # a newer frame waits in the slot: the newest wins, as ever
+                elif early is not None:
+                    held.append(early)
+                if session.viewers and now >= session.next_generated_at:
+                    session.next_generated_at = now + 1.0 / float(params["max_fps"])
+                    jobs.append(Job(session, None))
+                continue
             frame = session.input.take()
-            if frame is not None and not txt2img:
+            if frame is not None:
                 jobs.append(Job(session, frame))
-            elif txt2img and session.viewers and now >= session.next_generated_at:
-                session.next_generated_at = now + 1.0 / float(params["max_fps"])
-                jobs.append(Job(session, None))
+        self._ahead.extend((job, _done(True)) for job in held)
         for job in ahead.values():  # decoded for sessions that have closed since
             self.registry.count_unserved(job.session)
         for job in jobs:
@@ -719,7 +726,7 @@ class Worker(threading.Thread):
 
     def _record(self, job: Job) -> None:
         session = job.session
-        self.registry.count_out(session)
+        self.registry.count_out(session, generated=job.frame is None)
         session.last_served_ns = time.perf_counter_ns()  # a client waiting on this reply sends once it has it
         latency_ms = None
         if job.frame is not None:
@@ -759,6 +766,13 @@ def _no_condition(channel: int, controlnets: Any, ip_adapters: Any) -> dict[str,
                          f"sent: it adds nothing to this session's frames until a condition frame comes on channel "
                          f"{channel} (a new connection starts without one: send it again after connecting)",
                          code="no_condition").to_json()
+
+
+def _done(result: bool) -> Future[bool]:
+    """A decode that has ended: a frame decoded ahead and held back meanwhile goes back among them."""
+    future: Future[bool] = Future()
+    future.set_result(result)
+    return future
 
 
 def _frame_ref(frame: InputFrame | None) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import pytest
 
 from sdbridge.bridge import codec
 from sdbridge.bridge.protocol import HEADER_SIZE, FrameHeader, PixelFormat
-from tests.clients import StalledViewer, header_frame, make_image, recv_frame, recv_json, wait_for, ws_connect
+from tests.clients import (StalledViewer, header_frame, make_image, recv_frame, recv_json, rgb_frame, wait_for,
+                           ws_connect)
 
 IDENTITY = {"engine": "identity", "width": 64, "height": 64}
 
@@ -191,6 +192,38 @@ def test_txt2img_streams_to_a_viewer_without_input(start_daemon):
         first = recv_frame(ws, timeout=10)
         second = recv_frame(ws, timeout=10)
     assert first[:3] == b"\xff\xd8\xff" and second[:3] == b"\xff\xd8\xff"
+
+
+def test_a_frame_sent_in_txt2img_is_answered_when_img2img_comes_back(start_daemon):
+    """A client that sends one frame and waits for its reply (docs/protocol.md) sent one while the operator had
+    mode at txt2img: it was taken and never answered, dropped or refused, and the client waited for good (QA 47
+    F5). It waits as the newest frame and is answered on the way back; /stats counts the generated frames apart,
+    so that its totals still add up (QA 47 F4)."""
+    import httpx
+
+    daemon = start_daemon(params={**IDENTITY, "max_fps": 20})
+    http = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30, trust_env=False)
+    image = make_image(64, 64, seed=3)
+    with ws_connect(daemon) as ws:
+        ws.send(rgb_frame(image, frame_id=1))
+        assert FrameHeader.parse(recv_frame(ws))[0].frame_id == 1
+        assert http.post("/params", json={"mode": "txt2img"}).status_code == 200
+        assert recv_frame(ws, timeout=10)[:3] == b"\xff\xd8\xff"   # a generated frame, a bare JPEG
+        ws.send(rgb_frame(image, frame_id=2))
+        for _ in range(3):
+            assert recv_frame(ws, timeout=10)[:3] == b"\xff\xd8\xff"   # still generated frames, no reply yet
+        assert http.post("/params", json={"mode": "img2img"}).status_code == 200
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            message = recv_frame(ws, timeout=20)
+            if message[:4] == b"SDBF":
+                break
+        header, payload = FrameHeader.parse(message)
+        assert header.frame_id == 2 and np.array_equal(np.frombuffer(payload, np.uint8).reshape(64, 64, 3), image)
+        stats = http.get("/stats").json()
+    http.close()
+    assert stats["frames_generated"] >= 4
+    assert stats["frames_received"] == stats["frames_out"] - stats["frames_generated"] + stats["frames_dropped"] == 2
 
 
 @pytest.mark.parametrize("message, code", [
