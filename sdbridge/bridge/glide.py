@@ -143,6 +143,23 @@ class Glider:
     def active(self) -> list[str]:
         return sorted(self._targets)
 
+    def destination(self) -> dict[str, Any]:
+        """Where the glides in flight land: each value's end, and each blend's landing update (the new prompt or
+        seed alone, its blend back at 0)."""
+        landing: dict[str, Any] = {}
+        for name, (_, end, _, _) in self._targets.items():
+            landing[name] = self._value(name, end)
+            landing.update(self._finish.get(name, {}))
+        return landing
+
+    def _value(self, name: str, value: float) -> float | int:
+        """A glided value as the parameter holds it: an integer one rounded (to its multiple, where it has one)."""
+        spec = self.store.schema.get(name)
+        if spec.kind != "int":
+            return value
+        rounded = int(math.floor(value + 0.5))
+        return int(round(rounded / spec.multiple_of) * spec.multiple_of) if spec.multiple_of else rounded
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._targets:
@@ -150,12 +167,7 @@ class Glider:
             step = self._taken_over(self.store.snapshot()[1])
             for name, (start, end, t0, duration) in list(self._targets.items()):
                 t = (now - t0) / duration
-                value = end if t >= 1.0 else start + (end - start) * smoothstep(t)
-                if self.store.schema.get(name).kind == "int":
-                    value = int(math.floor(value + 0.5))
-                    spec = self.store.schema.get(name)
-                    if spec.multiple_of:
-                        value = int(round(value / spec.multiple_of) * spec.multiple_of)
+                value = self._value(name, end if t >= 1.0 else start + (end - start) * smoothstep(t))
                 step[name] = value
                 if t >= 1.0:
                     finish = self._finish.get(name, {})

@@ -118,7 +118,7 @@ class Daemon:
         # plugins, whose parameters it holds. It never stops the start: a value no longer taken is logged, skipped.
         self.resume: Resume | None = None
         if settings.resume:
-            self.resume = Resume(ResumeFile(resume_path(settings)), self.look)
+            self.resume = Resume(ResumeFile(resume_path(settings)), self.resume_look)
             self.resume.restore(self.store, keep=settings.command_line_params, vet=self.without_missing_loras)
         # From here on a value naming a LoRA is refused when the LoRA is not in the folder or will not load, so the
         # look in place stays (the starting values are vetted below, once the ControlNet folder is known too).
@@ -198,6 +198,12 @@ class Daemon:
         """What a preset saves and --resume keeps: the look, with the artist's values where the quality ladder
         has stepped them down."""
         return savable({**self.store.snapshot()[1], **self.ladder.originals()})
+
+    def resume_look(self) -> dict[str, Any]:
+        """What --resume keeps: the look, with a glide in flight at its destination. A preset saved mid-glide keeps
+        the mix it caught (docs/presets.md), but a restart runs no glide: a stop mid-glide brought back the
+        in-between mix of two prompts and seeds for good, a look no fader shows (QA 47 F2)."""
+        return savable({**self.store.snapshot()[1], **self.control.glider.destination(), **self.ladder.originals()})
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

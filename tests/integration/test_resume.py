@@ -233,3 +233,29 @@ def test_a_fader_that_keeps_moving_is_saved_while_it_moves_and_the_start_is_save
         time.sleep(0.2)
         seen_while_moving.add(json.loads(state.read_text())["params"]["strength"])
     assert len(seen_while_moving - {0.3}) >= 2, seen_while_moving  # saved as it moved, about once a second
+
+
+def test_a_stop_during_a_preset_glide_keeps_where_the_glide_lands(tmp_path):
+    """QA 47 F2: the file held the glide's in-between mix (two prompts, two seeds, strength part-way), and a restart,
+    which runs no glide, kept that mix for good. It holds the glide's destination; the look runs on meanwhile."""
+    from sdbridge.bridge.server import DaemonThread
+
+    state = tmp_path / "resume.json"
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "dusk.toml").write_text('[params]\nprompt = "a dusk harbour"\nstrength = 0.8\n'
+                                                    'seed = 500\n', encoding="utf-8")
+    config = {"engine": "identity", "prompt": "a neon harbour", "strength": 0.3, "seed": 7}
+    with DaemonThread(settings(tmp_path, config, resume=True, resume_file=str(state))) as first:
+        url = f"http://127.0.0.1:{first.port}"
+        assert httpx.post(f"{url}/presets/dusk/recall", params={"glide_s": 60}, trust_env=False,
+                          timeout=10).status_code == 200
+        time.sleep(1.5)
+        live = http_params(first)
+        assert 0.3 < live["strength"] < 0.8 and 0 < live["prompt_blend"] < 1   # gliding
+        saved = wait_for_file(state, lambda values: values.get("prompt") == "a dusk harbour")
+    assert saved["strength"] == 0.8 and saved["seed"] == 500
+    assert not saved.get("prompt_blend") and not saved.get("seed_blend")   # no blend: the preset's look alone
+    with DaemonThread(settings(tmp_path, config, resume=True, resume_file=str(state))) as second:
+        values = http_params(second)
+    assert (values["prompt"], values["strength"], values["seed"], values["prompt_blend"]) == \
+        ("a dusk harbour", 0.8, 500, 0.0)
