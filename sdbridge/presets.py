@@ -255,10 +255,11 @@ class PresetLibrary:
 
 
 # What a preset saves of the current state: the look, not where the model comes from, how the
-# stream is sized and encoded, or the rig's tempo and frame-rate target (a recalled bpm would glide
-# the tempo, and with Ableton Link on, move the whole Link session's; ladder_fps is the machine's).
+# stream is sized and encoded, or the rig's tempo, frame-rate target and fader smoothing (a recalled bpm would
+# glide the tempo, and with Ableton Link on, move the whole Link session's; ladder_fps is the machine's; slew_s
+# is the controller's: a recall set it back to the value saved, and a stepping MIDI fader stepped again).
 NOT_SAVED = ("model", "engine", "width", "height", "jpeg_quality", "max_fps", "output_size", "mode", "bpm",
-             "ladder_fps")
+             "ladder_fps", "slew_s")
 
 
 # The live blends (the prompt's, the seed's), each saved only while it is in use (a crossfader held between two

@@ -80,9 +80,10 @@ def test_savable_keeps_the_prompt_blend_only_while_it_is_in_use():
     assert savable({"seed": 7, "blend_seed": 9, "seed_blend": 0.5}) == {"seed": 7, "blend_seed": 9, "seed_blend": 0.5}
 
 
-def test_savable_leaves_out_the_tempo_and_the_ladder_target():
-    # A recalled bpm would glide the tempo (and, with Ableton Link, the whole session's).
-    values = {"prompt": "x", "bpm": 128.0, "ladder_fps": 30.0, "seed": 7, "steps": 4}
+def test_savable_leaves_out_the_tempo_the_ladder_target_and_the_fader_smoothing():
+    # A recalled bpm would glide the tempo (and, with Ableton Link, the whole session's); a recalled slew_s undid the
+    # rig's fader smoothing (QA 47 F8).
+    values = {"prompt": "x", "bpm": 128.0, "ladder_fps": 30.0, "slew_s": 0.0, "seed": 7, "steps": 4}
     assert savable(values) == {"prompt": "x", "seed": 7, "steps": 4}
 
 
