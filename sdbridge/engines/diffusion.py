@@ -23,6 +23,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from sdbridge.engines.conditioning import TextConditioning
 from sdbridge.engines.models import LOAD_LOCK
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.engines.prompt_encode import blend, extra_prompts, match_lengths, mix
-from sdbridge.errors import ModelError, ParamError
+from sdbridge.errors import ModelError, ParamError, quoted
 from sdbridge.params import parse_schedule
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class DiffusionEngine(Engine):
         self.embeddings_dir: str | None = None
         self.conditioning: TextConditioning | None = None
         self._told_unfit: set[str] = set()   # LoRAs left out of the stream whose clients were told
+        self._told_unfit_embeddings: set[str] = set()   # likewise, embeddings of another family a prompt names
         self._guided = False
         self._guidance = 1.0
         self._txt2img = False
@@ -178,6 +180,26 @@ class DiffusionEngine(Engine):
                 self.notify({"type": "error", "code": exc.code, "message": message})
         self._told_unfit = set(unfit)
 
+    def _tell_unfit_embeddings(self, texts: Sequence[str]) -> None:
+        """Each embedding a prompt names that was made for another model family (skipped at load, as A1111 skips
+        it): its name is plain text in the prompt now. Told once while a prompt names it, as a LoRA left out is; it
+        was a log line alone, on a switch to SDXL, while the LoRA and ControlNet beside it were told (QA 47 F3)."""
+        inversions = self.textual_inversions
+        skipped = getattr(inversions, "skipped", None)
+        named: set[str] = set()
+        if skipped:
+            text = " ".join(texts).lower()   # CLIP lowercases, and a trigger ignores case (textual_inversion.py)
+            named = {name for name in skipped
+                     if re.search(rf"(?<![\w-]){re.escape(name.lower())}(?![\w-])", text)}
+        for name in sorted(named - self._told_unfit_embeddings):
+            architecture = self.parts.architecture if self.parts is not None else "this"
+            message = (f"embedding {quoted(name)} left out: it was made for another model family than this "
+                       f"{architecture} model, so its name is plain text in the prompt")
+            log.error("%s", message)
+            if self.notify is not None:
+                self.notify({"type": "error", "code": "embedding_mismatch", "message": message})
+        self._told_unfit_embeddings = named
+
     def rescan_embeddings(self) -> list[str]:
         """Read new and changed files in the embeddings folder (between frames); returns their names."""
         assert self.conditioning is not None, "load() before rescan_embeddings()"
@@ -240,6 +262,8 @@ class DiffusionEngine(Engine):
         assert self.conditioning is not None
         self.conditioning.apply(self.conditioning.wanted(prompt, str(params.get("loras", ""))), leave_out_unfit=True)
         self._tell_unfit_loras()
+        texts = [prompt, str(params.get("negative_prompt", "")), str(params.get("blend_prompt", ""))]
+        self._tell_unfit_embeddings(texts + [text for _, text, _ in extra_prompts(params)])
         self.conditioning.clip_skip = self.checked_clip_skip(int(params.get("clip_skip", 0)))
         # The prompt (lerped with blend_prompt by prompt_blend, as before the N-way mix), then, when prompt_2..4
         # take part, the mix of them all by weight (prompt_encode.mix). A prompt at weight 0 is not encoded; all at

@@ -343,6 +343,27 @@ def test_embeddings_of_the_other_family_are_skipped(sdxl_parts, parts, tmp_path)
     assert "sdstyle" not in sdxl_parts.tokenizer.get_vocab() and "xlstyle" not in parts.tokenizer.get_vocab()
 
 
+def test_a_prompt_naming_an_embedding_of_the_other_family_is_told_once(tiny_sdxl_dir, tmp_path):
+    """QA 47 F3: on a switch to SDXL an SD 1.5 embedding in the prompt was a log line alone, while the LoRA and the
+    ControlNet beside it were told to every client: its name is plain text now, and the clients hear so once while
+    a prompt names it (in any case, as CLIP reads it)."""
+    from safetensors.torch import save_file
+
+    from sdbridge.engines.models import load_pipeline_parts
+
+    save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "sdstyle.safetensors"))
+    engine = DiffusionEngine.from_parts(load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float32))
+    engine.conditioning.embeddings_dir = tmp_path
+    engine.rescan_embeddings()
+    told: list[dict] = []
+    engine.notify = told.append
+    for prompt, negative in (("a SDstyle fox", ""), ("a sdstyle fox", ""), ("a fox", ""), ("a fox", "sdstyle"),
+                             ("a sdstyles fox", "")):
+        engine.prepare(engine_params(prompt=prompt, negative_prompt=negative, guidance=2.0))
+    assert [message["code"] for message in told] == ["embedding_mismatch"] * 2   # at the first, and named again
+    assert "'sdstyle' left out" in told[0]["message"] and "plain text" in told[0]["message"]
+
+
 # --- ControlNet --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
