@@ -121,14 +121,27 @@ class QualityLadder:
         assert self.base is not None
         self._low = self._low + 1 if capacity < target * DOWN_BELOW else 0
         self._high = self._high + 1 if capacity > target * UP_ABOVE else 0
-        if self._low >= PATIENCE and self.rung < len(rungs(self.base)) - 1:
+        last = len(rungs(self.base)) - 1
+        if self._low >= PATIENCE and self.rung < last:
             self._move(self.rung + 1, capacity, target)
+        elif self._low >= PATIENCE and self.rung == last and self._undone():
+            # A client's values (a preset recalled: steps, the filter off) have undone the last rung's savings, and
+            # there is no rung below to derive from them: the last rung again, from the values now given back. It
+            # stayed undone for good, while /stats said the rung still held (QA 47 F6).
+            self._move(last, capacity, target)
         elif self._high >= PATIENCE and self.rung > 0:
             self._move(self.rung - 1, capacity, target)
 
+    def _undone(self) -> bool:
+        """Whether the store no longer holds what this rung sets (a client set one of its values since)."""
+        assert self.base is not None
+        _, values = self.store.snapshot()
+        return any(values.get(key) != value for key, value in rungs(self.base)[self.rung].items()
+                   if key in self.store.schema)
+
     def _move(self, rung: int, capacity: float | None = None, target: float | None = None) -> None:
         assert self.base is not None
-        self.direction = direction = "down" if rung > self.rung else "up"
+        self.direction = direction = "down" if rung >= self.rung and rung else "up"
         values = {key: value for key, value in rungs(self.base)[rung].items() if key in self.store.schema}
         self.store.update(values)
         self.rung = rung

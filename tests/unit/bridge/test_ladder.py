@@ -95,6 +95,27 @@ def test_climbing_from_the_last_rung_turns_the_similarity_filter_back_to_the_art
     assert ladder.rung == 3 and store.get("plugin.similarity.enabled") is False
 
 
+def test_a_client_undoing_the_last_rung_gets_it_again_while_the_target_is_missed():
+    """QA 47 F6: a preset recalled on the last rung set steps and the similarity filter back to the artist's, and with
+    no rung below to derive from them the savings were gone for good, /stats still saying rung 4. The last rung is
+    applied again, derived from the values given back; they come back at rung 0."""
+    store, ladder, capacity = make(steps=4, width=256, height=256, ladder_fps=60.0)
+    capacity["fps"] = 10.0
+    checks(ladder, 8)
+    assert ladder.rung == 4 and laddered(store) == (2, 128, 128, True)
+    store.update({"steps": 6, "plugin.similarity.enabled": False})   # the recall
+    ladder.check()
+    assert laddered(store) == (6, 128, 128, False)   # taken as the artist's, as on any rung
+    checks(ladder, 2)
+    assert ladder.rung == 4 and laddered(store) == (3, 128, 128, True) and ladder.direction == "down"
+    assert ladder.describe()["changed"] == {"steps": 3, "width": 128, "height": 128, "plugin.similarity.enabled": True}
+    checks(ladder, 4)   # nothing undone since: nothing written again
+    assert laddered(store) == (3, 128, 128, True)
+    capacity["fps"] = 1000.0
+    checks(ladder, 10)
+    assert ladder.rung == 0 and laddered(store) == (6, 256, 256, False)
+
+
 def test_turning_the_ladder_off_on_rung_0_leaves_the_values_alone():
     store, ladder, capacity = make(steps=3, width=320, height=192, ladder_fps=30.0)
     checks(ladder, 3)
