@@ -451,7 +451,8 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("engine", "enum", "auto", "Which engine runs: auto picks diffusion when a model is loaded, else preview.",
               choices=ENGINE_CHOICES),
     ParamSpec("model", "str", "", "Model to load: a diffusers folder, a .safetensors file or a hub id in the cache. "
-              "The previous model keeps serving until the new one is ready.", max_length=1024, check=check_file_name),
+              "The previous model keeps serving until the new one is ready. Starts as --model (or the config's model).",
+              max_length=1024, check=check_file_name),
     ParamSpec("crossfade_s", "float", 0.5, "When a newly loaded model takes over, its frames dissolve in from the "
               "previous model's last frame over this long (0: cut).", minimum=0.0, maximum=10.0),
     ParamSpec("mode", "enum", "img2img", "img2img stylises input frames; txt2img streams generated frames to viewers.",

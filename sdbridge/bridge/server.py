@@ -103,6 +103,10 @@ class Daemon:
         initial = {k: v for k, v in settings.params.items() if k not in late}
         if settings.engine != "auto":
             initial.setdefault("engine", settings.engine)
+        if settings.model and not initial.get("model"):
+            # The operator's model, as the parameter: it read "" while --model served, and the path once any switch
+            # had set it back, so a controller's label showed two values for one model (QA 47 F7).
+            initial["model"] = settings.model
         self.store = ParamStore(Schema(), initial=initial)
         self.registry = SessionRegistry()
         # Plugins register their parameters before the starting values are applied.

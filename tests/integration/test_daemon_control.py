@@ -475,3 +475,14 @@ def test_a_preset_saved_over_osc(start_daemon):
         assert "CON" not in daemon.control.presets.names()
     finally:
         receiver.close()
+
+
+def test_the_model_parameter_names_the_operators_model_from_the_start(start_daemon, tiny_model_dir):
+    """QA 47 F7: with --model serving, `model` read "" (a controller's label, OSCQuery, /sd/get/model) until a
+    switch or a failed load set it to the path: two values for one model. It names --model from the start."""
+    daemon = start_daemon(model=str(tiny_model_dir), params={"width": 64, "height": 64})
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert httpx.get(f"{base}/params", trust_env=False, timeout=10).json()["values"]["model"] == str(tiny_model_dir)
+    assert wait_for(lambda: httpx.get(f"{base}/health", trust_env=False).json()["engine"].get("model")
+                    == str(tiny_model_dir), timeout=120)
+    assert daemon.engines.loads == 1   # the parameter chose the model --model loads, not a second load

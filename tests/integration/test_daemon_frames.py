@@ -359,7 +359,9 @@ def test_a_client_model_that_fails_while_the_fallback_serves_is_tried_once(start
         ws.send(json.dumps({"type": "set", "params": {"model": "other"}}))
         error = recv_json(ws, "error", timeout=30)
         assert "other" in error["message"] and error["code"] == "bad_model"
-        assert wait_for(lambda: daemon.store.get("model") == "", timeout=10)  # set back to what serves
+        # Set back to what serves: the operator's --model, behind which the preview serves (QA 47 F7: the parameter
+        # names the --model from the start, as after a switch).
+        assert wait_for(lambda: daemon.store.get("model") == str(tmp_path / "broken"), timeout=10)
         time.sleep(1.5)  # a second load would have started and failed by now
         assert daemon.engines.load_failures == failures + 1
         ws.send(codec.encode_jpeg(make_image(64, 64), 90))
