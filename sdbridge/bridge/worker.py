@@ -473,7 +473,7 @@ class Worker(threading.Thread):
             frame = session.input.take()
             if frame is not None:
                 jobs.append(Job(session, frame))
-        self._ahead.extend((job, _done(True)) for job in held)
+        self._ahead.extend((job, _decoded()) for job in held)
         for job in ahead.values():  # decoded for sessions that have closed since
             self.registry.count_unserved(job.session)
         for job in jobs:
@@ -768,10 +768,10 @@ def _no_condition(channel: int, controlnets: Any, ip_adapters: Any) -> dict[str,
                          code="no_condition").to_json()
 
 
-def _done(result: bool) -> Future[bool]:
-    """A decode that has ended: a frame decoded ahead and held back meanwhile goes back among them."""
+def _decoded() -> Future[bool]:
+    """A decode that has ended well: a frame decoded ahead and held back meanwhile goes back among them."""
     future: Future[bool] = Future()
-    future.set_result(result)
+    future.set_result(True)
     return future
 
 

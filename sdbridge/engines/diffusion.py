@@ -174,7 +174,7 @@ class DiffusionEngine(Engine):
         for name, exc in unfit.items():
             if name in self._told_unfit:
                 continue
-            message = f"LoRA {name!r} left out: {exc}; the stream goes on without it"
+            message = f"LoRA {quoted(name)} left out: {exc}; the stream goes on without it"
             log.error("%s", message)
             if self.notify is not None:
                 self.notify({"type": "error", "code": exc.code, "message": message})
