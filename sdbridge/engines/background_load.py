@@ -38,10 +38,12 @@ class BackgroundLoads(Generic[T]):
     """``load(name)`` on a loader thread for each name started; results wait under a lock until taken.
 
     ``kind`` names the models in logs and events ("controlnet", "ip_adapter"); ``keeps`` ends a failure's
-    sentence with what serves meanwhile; ``ready_hook`` runs on the loader thread with each model before it is
-    handed over (the compiled engine compiles a new ControlNet's graphs there)."""
+    sentence with what serves meanwhile (a callable: given the name that failed, at the failure); ``ready_hook``
+    runs on the loader thread with each model before it is handed over (the compiled engine compiles a new
+    ControlNet's graphs there)."""
 
-    def __init__(self, kind: str, load: Callable[[str], T], *, keeps: str, notify: Notify | None = None) -> None:
+    def __init__(self, kind: str, load: Callable[[str], T], *, keeps: str | Callable[[str], str],
+                 notify: Notify | None = None) -> None:
         self.kind = kind
         self.load = load
         self.keeps = keeps
@@ -103,8 +105,9 @@ class BackgroundLoads(Generic[T]):
                 with self._lock:
                     self._failed[name] = message
                     self._loading.remove(name)
+                keeps = self.keeps(name) if callable(self.keeps) else self.keeps
                 self.notify({"type": "error", "code": getattr(exc, "code", "bad_model"),
-                             "message": f"{self.kind} {name!r} could not be loaded: {message}; {self.keeps}"})
+                             "message": f"{self.kind} {name!r} could not be loaded: {message}; {keeps}"})
                 continue
             if self.ready_hook is not None:
                 try:

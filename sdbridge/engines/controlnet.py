@@ -303,11 +303,21 @@ class ControlNets:
         self.failed: dict[str, str] = {}           # name -> why it did not load; not retried until renamed
         self.errors: dict[int, str] = {}           # slot -> a preprocessing error already reported
         self.loader: BackgroundLoads[Any] = BackgroundLoads("controlnet", self.model, notify=self.notify,
-                                                             keeps="its slot keeps the ControlNet it had")
+                                                             keeps=self._what_serves)
         # uint8 host frames onto the device (the compiled engine's: a pinned buffer, no wait for the stream);
         # None: a plain copy, which on CUDA waits for the work queued before it.
         self.upload: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._present_masks: dict[tuple[bool, ...], torch.Tensor] = {}
+
+    def _what_serves(self, name: str) -> str:
+        """The end of a failed load's sentence: what the slots asking for ``name`` run meanwhile. On a new engine (a
+        model switch: an SD 1.5 ControlNet on SDXL) they had none, and "keeps the ControlNet it had" was untrue
+        (QA 47)."""
+        kept = sorted({self.serving[index] for index, slot in enumerate(self.slots)
+                       if slot.model == name and self.serving[index]})
+        if kept:
+            return f"its slot keeps the ControlNet it had ({', '.join(kept)})"
+        return "its slot runs without a ControlNet"
 
     # --- parameters and models (worker thread) ---
 

@@ -329,7 +329,7 @@ class IPAdapters:
         self.encodes = 0
         self._spare: IPAdapter | None = None
         self.loader: BackgroundLoads[IPAdapter] = BackgroundLoads(
-            "ip_adapter", self.load_now, notify=self.notify, keeps="the IP-Adapter serving before serves on")
+            "ip_adapter", self.load_now, notify=self.notify, keeps=self._what_serves)
         self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
 
     @property
@@ -458,6 +458,12 @@ class IPAdapters:
             mask = torch.tensor(present, dtype=self.dtype, device=self.device)[:, None, None]
             self._masks[present] = mask
         return mask * scale
+
+    def _what_serves(self, name: str) -> str:
+        """The end of a failed load's sentence: on a new engine (a model switch) no adapter served before."""
+        serving = self.holder.adapter
+        return (f"the IP-Adapter serving before ({serving.name}) serves on" if serving is not None
+                else "the stream runs without an IP-Adapter")
 
     def describe(self) -> dict[str, Any]:
         """For /health and /stats (any thread)."""

@@ -34,6 +34,9 @@ def test_results_wait_for_the_taker_and_a_failure_is_told_once_with_what_serves(
     errors = [e for e in events if e["type"] == "error"]
     assert errors == [{"type": "error", "code": "bad_model", "message": "controlnet 'broken' could not be loaded: "
                        "not a ControlNet file; its slot keeps the ControlNet it had"}]
+    told = BackgroundLoads("controlnet", load, keeps=lambda name: f"nothing serves for {name}", notify=events.append)
+    told.start(["broken"])
+    assert told.wait(5) and events[-1]["message"].endswith("not a ControlNet file; nothing serves for broken")
     assert {"type": "controlnet", "status": "ready", "model": "canny"} in events
 
 

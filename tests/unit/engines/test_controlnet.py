@@ -196,12 +196,24 @@ def test_failed_swap_keeps_the_previous_controlnet_serving_and_reports(parts, co
     assert engine.controlnets.serving[0] == "edges"
     assert bad in engine.controlnets.failed
     errors = [event for event in events if event["type"] == "error"]
-    assert len(errors) == 1 and bad in errors[0]["message"] and "keeps" in errors[0]["message"]
+    assert len(errors) == 1 and bad in errors[0]["message"]
+    assert errors[0]["message"].endswith("its slot keeps the ControlNet it had (edges)")
     # Not retried frame after frame; a good name afterwards swaps in.
     run(engine, frame, state, controlnet_1_model=bad, controlnet_1_scale=0.9)
     assert len([event for event in events if event["type"] == "error"]) == 1
     run(engine, frame, state, controlnet_1_model="depth")
     assert engine.controlnets.serving[0] == "depth"
+
+
+def test_a_failed_first_load_says_the_slot_runs_without_a_controlnet(parts, controlnet_dir, frame):
+    """A slot with nothing serving yet (a new engine after a model switch: an SD 1.5 ControlNet on SDXL) kept
+    nothing, though its failure said "its slot keeps the ControlNet it had" (QA 47)."""
+    events: list[dict] = []
+    engine = make_engine(parts, controlnet_dir)
+    engine.notify = events.append
+    run(engine, frame, StreamState("s"), controlnet_1_model="missing")
+    errors = [event for event in events if event["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["message"].endswith("its slot runs without a ControlNet")
 
 
 def test_swap_loads_in_the_background_while_the_old_model_serves(parts, controlnet_dir, frame):
