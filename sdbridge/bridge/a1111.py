@@ -932,7 +932,7 @@ class A1111Api:
     def generation_model(self, generation: Generation) -> str | None:
         """The model a request ran on, as sd-models lists it: the engine it held, which a switch of the stream's
         model meanwhile does not change (the label named the model serving when it ended: QA 47 F1)."""
-        source = getattr(generation.engine, "source", None)
+        source = generation.engine.source
         return self.listed_model(source) if source else self.loaded_model()
 
     def infotexts(self, generation: Generation, kind: str) -> list[str]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sdbridge.errors import load_failure
+from sdbridge.errors import load_failure, quoted
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ class BackgroundLoads(Generic[T]):
     """``load(name)`` on a loader thread for each name started; results wait under a lock until taken.
 
     ``kind`` names the models in logs and events ("controlnet", "ip_adapter"); ``keeps`` ends a failure's
-    sentence with what serves meanwhile (a callable: given the name that failed, at the failure); ``ready_hook``
+    sentence with what serves meanwhile (given the name that failed, asked at the failure); ``ready_hook``
     runs on the loader thread with each model before it is handed over (the compiled engine compiles a new
     ControlNet's graphs there)."""
 
-    def __init__(self, kind: str, load: Callable[[str], T], *, keeps: str | Callable[[str], str],
+    def __init__(self, kind: str, load: Callable[[str], T], *, keeps: Callable[[str], str],
                  notify: Notify | None = None) -> None:
         self.kind = kind
         self.load = load
@@ -105,9 +105,9 @@ class BackgroundLoads(Generic[T]):
                 with self._lock:
                     self._failed[name] = message
                     self._loading.remove(name)
-                keeps = self.keeps(name) if callable(self.keeps) else self.keeps
                 self.notify({"type": "error", "code": getattr(exc, "code", "bad_model"),
-                             "message": f"{self.kind} {name!r} could not be loaded: {message}; {keeps}"})
+                             "message": f"{self.kind} {quoted(name)} could not be loaded: {message}; "
+                                        f"{self.keeps(name)}"})
                 continue
             if self.ready_hook is not None:
                 try:

@@ -18,7 +18,8 @@ def test_results_wait_for_the_taker_and_a_failure_is_told_once_with_what_serves(
             raise ModelError("not a ControlNet file", code="bad_model")
         return f"model:{name}"
 
-    loads = BackgroundLoads("controlnet", load, keeps="its slot keeps the ControlNet it had", notify=events.append)
+    loads = BackgroundLoads("controlnet", load, keeps=lambda name: "its slot keeps the ControlNet it had",
+                            notify=events.append)
     assert loads.start(["canny", "broken", "canny"]) == ["canny", "broken"]  # once each, in order
     assert loads.start(["canny"]) == []  # already loading
     taken = loads.take()
@@ -47,7 +48,7 @@ def test_the_ready_hook_runs_before_the_hand_over_and_its_failure_keeps_the_mode
         seen.append(model)
         raise RuntimeError("no compile")
 
-    loads = BackgroundLoads("ip_adapter", lambda name: name.upper(), keeps="the one serving serves on")
+    loads = BackgroundLoads("ip_adapter", lambda name: name.upper(), keeps=lambda name: "the one serving serves on")
     loads.ready_hook = compile_it
     loads.start(["style"])
     assert loads.wait(5)
@@ -56,7 +57,7 @@ def test_the_ready_hook_runs_before_the_hand_over_and_its_failure_keeps_the_mode
 
 def test_wait_says_when_a_load_is_still_running():
     release = threading.Event()
-    loads = BackgroundLoads("ip_adapter", lambda name: release.wait(5) and name, keeps="-")
+    loads = BackgroundLoads("ip_adapter", lambda name: release.wait(5) and name, keeps=lambda name: "-")
     loads.start(["slow"])
     assert not loads.wait(0.05) and loads.loading == ["slow"]
     release.set()
