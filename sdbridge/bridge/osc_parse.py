@@ -189,6 +189,22 @@ def parse_datagram(data: bytes) -> list[OscCall]:
 # --- mapping onto parameters ----------------------------------------------------------------------
 
 
+NUMBER_TAGS = frozenset("fdih")
+
+
+def newest_sample(call: OscCall) -> OscCall:
+    """A message of several numbers as its last one, the others being older samples of the same control.
+
+    An OSC Out CHOP whose Format is Time Slice sends every sample of the cook's time slice in one message: several
+    whenever TouchDesigner skips a frame or the CHOP runs faster than the timeline. The last is where the fader is
+    now, as the newest frame wins; a message mixing strings or blobs with numbers keeps all its arguments (and is
+    refused by the parameter it names).
+    """
+    if len(call.args) > 1 and len(call.tags) == len(call.args) and set(call.tags) <= NUMBER_TAGS:
+        return OscCall(call.address, call.args[-1:], call.tags[-1])
+    return call
+
+
 def _one_value(call: OscCall, name: str) -> Any:
     if len(call.args) != 1:
         raise ParamError(f"{call.address} needs exactly one argument, got {len(call.args)}", name=name,
@@ -308,6 +324,10 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
             continue
         path = call.address[len(head):]
         try:
+            if _is_command(path, schema):
+                actions.commands.append(call)
+                continue
+            call = newest_sample(call)
             if path.startswith("norm/"):
                 name = Schema.name_from_osc_path(path[len("norm/"):])
                 spec = schema.get(name)
@@ -316,9 +336,6 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
                     fraction = at_range_end(fraction, 0.0, 1.0)
                 actions.updates[name] = spec.validate(spec.denormalize(fraction))
                 actions.addresses[name] = call.address
-                continue
-            if _is_command(path, schema):
-                actions.commands.append(call)
                 continue
             name = Schema.name_from_osc_path(path)
             actions.updates[name] = _value_for(call, schema, name)

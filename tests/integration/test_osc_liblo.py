@@ -32,6 +32,9 @@ def test_oscsend_sets_every_kind_of_parameter(start_daemon):
     assert daemon.store.get("strength") == pytest.approx(0.1, abs=1e-6)  # float32 on the wire
     assert daemon.store.get("steps") == 4
     assert daemon.store.get("seed") == 4294967295
+    # Several samples in one message (an OSC Out CHOP on Format: Time Slice): the newest one.
+    oscsend(daemon.osc_port, "/sd/strength", "fff", "0.2", "0.3", "0.4")
+    assert wait_for(lambda: daemon.store.get("strength") == pytest.approx(0.4, abs=1e-6))
 
 
 def test_oscdump_receives_feedback_and_telemetry(start_daemon):

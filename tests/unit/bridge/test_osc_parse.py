@@ -276,7 +276,7 @@ def test_out_of_range_names_address_and_value():
 
 
 def test_wrong_arity_and_type():
-    errors = updates(message("/sd/prompt"), message("/sd/strength", 0.1, 0.2), message("/sd/strength", None),
+    errors = updates(message("/sd/prompt"), message("/sd/strength", 0.1, "x"), message("/sd/strength", None),
                      message("/sd/strength", b"\x01", types="b"), message("/sd/strength", float("nan"))).errors
     texts = [str(e) for e in errors]
     assert texts[0] == "/sd/prompt needs exactly one argument, got 0"
@@ -285,6 +285,23 @@ def test_wrong_arity_and_type():
     assert texts[3] == "/sd/strength b'\\x01' is a bytes, expected a number or a string"
     assert texts[4] == "/sd/strength: strength nan is not a finite number"
     assert all(e.code == "bad_param" for e in errors)
+
+
+def test_several_samples_in_one_message_are_the_newest_one():
+    # An OSC Out CHOP on Format: Time Slice sends every sample of the cook's slice; the last is the fader now.
+    result = updates(message("/sd/strength", 0.1, 0.2, 0.3), message("/sd/norm/guidance", 0.0, 0.5),
+                     message("/sd/steps", 2.0, 3.2), message("/sd/seed", 7, 4294967295, types="ih"))
+    assert result.updates == {"strength": 0.3, "guidance": 15.0, "steps": 3, "seed": 4294967295}
+    assert not result.errors
+    # The newest sample is checked as a single one would be: past the range, or a float32 seed beyond 2^24.
+    [error] = updates(message("/sd/strength", 0.5, 2.0)).errors
+    assert str(error) == "/sd/strength: strength 2.0 not in [0, 1]"
+    [error] = updates(message("/sd/seed", 1.0, 123456789.0)).errors
+    assert "beyond float32's exact integers" in str(error)
+    # Strings are not samples: two prompts, or a number beside a string, stay refused.
+    errors = updates(message("/sd/prompt", "a", "b"), message("/sd/strength", "0.5", 0.6)).errors
+    assert [str(e) for e in errors] == ["/sd/prompt needs exactly one argument, got 2",
+                                        "/sd/strength needs exactly one argument, got 2"]
 
 
 def test_bad_values_do_not_stop_the_good_ones():
