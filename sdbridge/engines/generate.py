@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sdbridge.bridge import codec
-from sdbridge.engines import samplers
+from sdbridge.engines import a1111_timesteps, samplers
 from sdbridge.engines.controlnet import RequestUnit, request_stack
 from sdbridge.engines.prompt_encode import match_lengths
 from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable
@@ -479,7 +479,7 @@ class Generation:
         noise = self._noise(seeds, subseeds, width, height)
         scheduler = self._scheduler(seeds, *request.hires_sampler())
         timesteps = self._img2img_timesteps(scheduler, steps, request.denoising_strength, fixed=True)
-        start = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(seeds)))
+        start = scheduler.add_noise(init, noise, _noised_at(scheduler, timesteps).repeat(len(seeds)))
         # The hires prompt's own <lora:...> tags hold for this pass (A1111's hr_extra_network_data), the first
         # prompt's again for the next batch's first pass.
         first_loras = self.loras
@@ -533,7 +533,7 @@ class Generation:
         timesteps = self._img2img_timesteps(scheduler, request.steps, request.denoising_strength)
         if request.initial_noise_multiplier != 1.0:
             noise = noise * request.initial_noise_multiplier
-        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(len(seeds)))
+        latents = scheduler.add_noise(init_latents, noise, _noised_at(scheduler, timesteps).repeat(len(seeds)))
         keep = None
         if latent_mask is not None:
             keep = (init_latents, noise, latent_mask)
@@ -744,6 +744,8 @@ class Generation:
             # DDIM, LCM and TCD take only so many (QA 37: 30 hires steps at strength 0.02 answered 500): the steps
             # run over the longest schedule they take; a sigma schedule takes any length, as A1111's
             length = min(length, samplers.most_steps(scheduler) or length)
+        if a1111_timesteps.installed(scheduler):  # DDIM, PLMS: from below the grid point the latent is noised at
+            return a1111_timesteps.run(scheduler, length, top=t_enc, device=self.device)
         samplers.set_timesteps(scheduler, length, self.device)
         t_start = length - t_enc - 1
         if type(scheduler).__name__ == "LMSDiscreteScheduler":
@@ -845,6 +847,14 @@ def _brownian_noise(scheduler: Any, shape: Sequence[int],
         return tree(sigmas[index], sigmas[index + 1])
 
     return draw
+
+
+def _noised_at(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """The timestep img2img noises its latent at: the run's first, but for A1111's DDIM and PLMS, which noise it at
+    the grid point above their first step's (sd_samplers_timesteps.py ``sample_img2img``)."""
+    if a1111_timesteps.installed(scheduler):
+        return torch.tensor([scheduler.a1111_noise_at], device=timesteps.device)
+    return timesteps[:1]
 
 
 def _step_params(scheduler: Any) -> set[str]:

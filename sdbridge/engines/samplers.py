@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdbridge.engines import a1111_timesteps
 from sdbridge.errors import SdbridgeError
 
 
@@ -274,12 +275,17 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
         made.multistep_dpm_solver_third_order_update = _third_order_sde_update.__get__(made)
     made.a1111_schedule = schedule.name
     made.a1111_sdxl = sdxl
+    if a1111 and sampler.name in a1111_timesteps.SAMPLERS:
+        a1111_timesteps.install(made, sampler.name)
     return made
 
 
 def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
     """``scheduler.set_timesteps(steps)``; one made with ``a1111=True`` gets A1111's sigmas where diffusers'
     "linspace" differs from them."""
+    if a1111_timesteps.installed(scheduler):
+        a1111_timesteps.run(scheduler, steps, device=device)
+        return
     if not getattr(scheduler, "a1111_sigmas", False):
         scheduler.set_timesteps(steps, device=device)
         return
