@@ -115,7 +115,7 @@ def envelope_params() -> tuple[ParamSpec, ...]:
             ParamSpec(f"{slot}.target", "str", "", "The numeric parameter this audio envelope moves ('' for none); "
                       "the same ones an LFO may move.", max_length=128, group="modulation", check=check_target),
             ParamSpec(f"{slot}.band", "enum", "low", "What it follows in the --audio-in sound: rms (all of it), low "
-                      "(under 150 Hz: kicks, bass), mid (150-2000 Hz), high (over 2000 Hz: hats), onset (1 at each "
+                      "(20-150 Hz: kicks, bass), mid (150-2000 Hz), high (over 2000 Hz: hats), onset (1 at each "
                       "transient, decaying with release_ms).", choices=ENV_BANDS, group="modulation"),
             ParamSpec(f"{slot}.depth", "float", 0.2, "How far the target moves at full level, as a fraction of its "
                       "range; negative moves it down. 0 leaves it as it is.", minimum=-1.0, maximum=1.0,

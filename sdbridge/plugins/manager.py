@@ -241,9 +241,11 @@ class PluginManager:
         generation = ctx.state.get("_generation")
         ctx.state.clear()
         ctx.state.update(_failed=reason, _generation=generation)
-        log.error("plugin %s turned off for session %s: %s", item.plugin.name, ctx.session_id, reason)
+        # A plugin that fails closed is not off: it keeps replacing every frame (QA 48 F4).
+        state = "failed" if item.plugin.fails_closed else "turned off"
+        log.error("plugin %s %s for session %s: %s", item.plugin.name, state, ctx.session_id, reason)
         self.report(ctx.session_id, {"type": "error", "code": "plugin_failed",
-                                     "message": f"plugin {item.plugin.name} turned off for this session: {reason}; "
+                                     "message": f"plugin {item.plugin.name} {state} for this session: {reason}; "
                                                 f"{_after_failure(item.plugin)}",
                                      "plugin": item.plugin.name})
 

@@ -274,6 +274,8 @@ def test_a_plugin_that_fails_closed_replaces_every_frame_with_its_fallback(where
     assert all((out == 128).all() for out in outs)  # the failing frame too: nothing unchecked goes out
     assert len(reports) == 1 and reports[0][1]["code"] == "plugin_failed"
     assert "RuntimeError: no model; it fails closed: every frame goes grey" in reports[0][1]["message"]
+    # Not "turned off": it keeps replacing every frame (QA 48 F4).
+    assert reports[0][1]["message"].startswith("plugin guard failed for this session: ")
     Guard.fail_in = "nowhere"  # turned off and on, working again: frames go through
     for enabled in (False, True):
         guard.store.update({"plugin.guard.enabled": enabled})
