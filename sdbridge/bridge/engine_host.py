@@ -26,7 +26,7 @@ from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
 from sdbridge.engines.device import pick_device, pick_dtype, return_freed_memory
 from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
-from sdbridge.errors import ModelError, SdbridgeError, printable
+from sdbridge.errors import ModelError, SdbridgeError, printable, quoted
 from sdbridge.paths import confine
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,14 @@ class EngineHost:
         if model in self.trusted_models():
             return model
         path_like = any(sep in model for sep in ("/", "\\")) or model.startswith((".", "~")) or "%" in model
-        if (path_like and not _is_hub_id(model)) or Path(model).exists():
+        if path_like and not _is_hub_id(model):
             return str(confine(model, self.model_roots(), what="model"))
-        return model
+        try:
+            exists = Path(model).exists()
+        except (OSError, ValueError) as exc:  # a name past the file system's 255 bytes raised out of a set (QA 49 F1)
+            raise ModelError(f"model {quoted(model[:80])}{'...' if len(model) > 80 else ''} cannot be a model "
+                             f"here: {getattr(exc, 'strerror', None) or exc}", code="model_not_found") from None
+        return str(confine(model, self.model_roots(), what="model")) if exists else model
 
     def choose(self, params: Mapping[str, Any]) -> EngineChoice:
         model = params.get("model") or self.settings.model or None

@@ -97,6 +97,21 @@ def test_a_400_digit_integer_is_a_bad_param_and_the_connection_stays(start_daemo
         assert recv_json(ws, "preset")["name"] == "neon"
 
 
+def test_a_model_name_past_the_file_system_s_limit_is_model_not_found(start_daemon, no_tracebacks):
+    # 256 bytes, within the schema's 1024: Path.exists raised "File name too long" out of the set (QA 49 F1): the
+    # WebSocket dropped, HTTP answered a plain 500.
+    daemon = start_daemon(params={"engine": "identity"})
+    name = "x" * 256
+    with ws_connect(daemon) as ws, _http(daemon) as http:
+        ws.send(json.dumps({"type": "set", "id": 1, "params": {"model": name}}))
+        error = recv_json(ws, "error")
+        assert error["code"] == "model_not_found" and "too long" in error["message"].lower(), error
+        reply = _post_json(http, "/params", {"model": name})
+        assert reply.status_code == 400 and reply.json()["code"] == "model_not_found"
+        assert http.get("/params").json()["values"]["model"] != name
+        _still_served(ws, http)
+
+
 def test_a_broken_presets_folder_still_lists_the_good_presets(start_daemon, tmp_path, no_tracebacks):
     presets = tmp_path / "presets"
     presets.mkdir()
