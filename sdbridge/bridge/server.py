@@ -483,9 +483,10 @@ class Daemon:
         if self.feedback is not None:
             self.feedback.send(f"{self.settings.osc_prefix}/status/error", exc.code, str(exc)[:200])
             name = getattr(exc, "name", None)
-            if exc.code == "bad_param" and name in self.store.schema:
+            if name in self.store.schema:
                 # The value that holds goes back on its address, so a fader left at a refused value snaps back to
-                # it rather than showing what the daemon does not use (QA 17).
+                # it rather than showing what the daemon does not use (QA 17); a text field left at a refused name
+                # (a ControlNet or LoRA not in its folder: model_not_found, unknown_lora) too (QA 48 F2).
                 self._echo({name: self.store.get(name)})
 
     # --- subscriptions, telemetry and feedback ------------------------------------------------

@@ -147,6 +147,8 @@ def test_echoes_for_plain_receivers_and_norm_faders(start_daemon):
         messages = receiver.messages(1.0)
         assert ("/sd/norm/resize_mode", [pytest.approx(5 / 6)]) in messages
         assert ("/sd/strength", [0.25]) in messages and daemon.store.get("strength") == 0.25
+        osc.send_message("/sd/controlnet_1_model", "no_such_controlnet")  # model_not_found: its "" goes back
+        assert ("/sd/controlnet_1_model", [""]) in receiver.messages(1.0)
     finally:
         receiver.close()
 
