@@ -333,7 +333,8 @@ def calls_to_updates(calls: Iterable[OscCall], schema: Schema, prefix: str = "/s
                 spec = schema.get(name)
                 fraction = _one_value(call, name)
                 if call.tags in ("f", "d") and isinstance(fraction, float) and math.isfinite(fraction):
-                    fraction = at_range_end(fraction, 0.0, 1.0)
+                    # The fader's 0.37, not float32's 0.3700000047683716 (QA 49 F6), as for a value sent itself.
+                    fraction = at_range_end(as_typed(fraction) if call.tags == "f" else fraction, 0.0, 1.0)
                 actions.updates[name] = spec.validate(spec.denormalize(fraction))
                 actions.addresses[name] = call.address
                 continue

@@ -304,6 +304,12 @@ def test_several_samples_in_one_message_are_the_newest_one():
                                         "/sd/strength needs exactly one argument, got 2"]
 
 
+def test_a_norm_fader_s_float32_is_the_decimal_it_showed():
+    # QA 49 F6: /sd/norm/strength f 0.37 read back 0.3700000047683716 where /sd/strength f 0.37 reads 0.37.
+    assert updates(message("/sd/norm/strength", 0.37)).updates == {"strength": 0.37}
+    assert updates(message("/sd/norm/strength", 0.37)).updates == updates(message("/sd/strength", 0.37)).updates
+
+
 def test_bad_values_do_not_stop_the_good_ones():
     result = updates(message("/sd/nope", 1.0), message("/sd/strength", 4.0), message("/sd/guidance", 2.0),
                      message("/sd/prompt", "a fox"))
