@@ -60,6 +60,16 @@ WARM_PARAMS = ("width", "height", "mode", "steps", "strength", "schedule", "guid
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: "$" allows "\n"
 
 
+def _exists(model: str) -> bool:
+    """Whether a file or folder ``model`` is there; a name the file system cannot hold (past 255 bytes) is a
+    ``model_not_found`` where it is set: Path.exists raised "File name too long" out of the set (QA 49 F1)."""
+    try:
+        return Path(model).exists()
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {quoted(model[:80])}{'...' if len(model) > 80 else ''} cannot be a model here: "
+                         f"{getattr(exc, 'strerror', None) or exc}", code="model_not_found") from None
+
+
 def _is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.fullmatch(name)) and ".." not in name
 
@@ -170,14 +180,9 @@ class EngineHost:
         if model in self.trusted_models():
             return model
         path_like = any(sep in model for sep in ("/", "\\")) or model.startswith((".", "~")) or "%" in model
-        if path_like and not _is_hub_id(model):
+        if (path_like and not _is_hub_id(model)) or _exists(model):
             return str(confine(model, self.model_roots(), what="model"))
-        try:
-            exists = Path(model).exists()
-        except (OSError, ValueError) as exc:  # a name past the file system's 255 bytes raised out of a set (QA 49 F1)
-            raise ModelError(f"model {quoted(model[:80])}{'...' if len(model) > 80 else ''} cannot be a model "
-                             f"here: {getattr(exc, 'strerror', None) or exc}", code="model_not_found") from None
-        return str(confine(model, self.model_roots(), what="model")) if exists else model
+        return model
 
     def choose(self, params: Mapping[str, Any]) -> EngineChoice:
         model = params.get("model") or self.settings.model or None
