@@ -23,7 +23,7 @@ from typing import Any
 
 from sdbridge.bridge.listen import host_port
 from sdbridge.config import Settings
-from sdbridge.errors import ConfigError, SdbridgeError
+from sdbridge.errors import ConfigError, ModelError, SdbridgeError
 
 # OFF: an optional part that is not installed, said with how to get it. Neither fine nor a problem, so not "ok"
 # (QA 6 read "[  ok ] webrtc: off" as a contradiction) and not counted in the summary.
@@ -129,7 +129,6 @@ def check_device(settings: Settings) -> list[Finding]:
 
 def check_model(settings: Settings) -> list[Finding]:
     from sdbridge.engines import models
-    from sdbridge.errors import ModelError
 
     if not settings.model:
         how = "sdbridge models pull sd-turbo (with internet), or --model PATH / SDBRIDGE_MODEL"
@@ -643,6 +642,35 @@ def check_ip_adapters(settings: Settings) -> list[Finding]:
     return findings
 
 
+def check_motion_adapter(settings: Settings) -> list[Finding]:
+    """The operator's ``--motion-adapter`` as the animatediff engine finds it at load, short of building it: there,
+    a folder with config.json and whole safetensors weights, a .safetensors file whose header and size agree, a
+    pickle only with --allow-pickle (then read as the loader reads it). One that fails to load leaves plain
+    img2img serving without motion (docs/animatediff.md): an ERROR here, before the show."""
+    from sdbridge.engines.animatediff import resolve_motion_adapter
+    from sdbridge.engines.models import check_safetensors_file, check_safetensors_folder, file_suffix, \
+        load_weight_file, models_subfolder
+
+    name = settings.motion_adapter
+    if not name:
+        return []
+    try:
+        path = resolve_motion_adapter(name, models_subfolder(settings.models_dir, "motion", settings.motion_dir),
+                                      trusted=True)
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelError(f"{path}: a motion adapter folder needs config.json")
+            check_safetensors_folder(path, "motion adapter")
+        elif file_suffix(path) == ".safetensors":
+            check_safetensors_file(path)
+        else:
+            load_weight_file(path, "motion adapter", allow_pickle=settings.allow_pickle)
+    except SdbridgeError as exc:
+        return [Finding(ERROR, "motion_adapter", str(exc), "fix --motion-adapter (a path, or a name in the motion "
+                        "folder): until an adapter loads, the animatediff engine serves plain img2img")]
+    return [Finding(OK, "motion_adapter", f"{name}: {path}")]
+
+
 def summary(findings: list[Finding]) -> str:
     """The run's last line: the errors, else the warnings, else "all good" (never with a warning above it)."""
     errors = sum(1 for finding in findings if finding.level == ERROR)
@@ -690,4 +718,5 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_safety_filter(settings)
     findings += check_upscalers(settings)
     findings += check_ip_adapters(settings)
+    findings += check_motion_adapter(settings)
     return findings

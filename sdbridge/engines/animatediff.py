@@ -58,9 +58,10 @@ import torch
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import SLOT_IMAGES, ControlStack, ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
-from sdbridge.engines.models import list_add_on_models, resolve_add_on_model, serialized_load
-from sdbridge.errors import ModelError, load_failure
+from sdbridge.engines.models import find_add_on_model, list_add_on_models, resolve_add_on_model, serialized_load
+from sdbridge.errors import ModelError, load_failure, quoted
 from sdbridge.params import MOTION_WINDOW_MAX  # frames kept per session; adapters hold 24 or 32
+from sdbridge.paths import PathError
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,15 @@ def resolve_motion_adapter(name: str, folder: Path | None, *, trusted: bool = Fa
     """A name -> a path. Client names stay inside ``folder`` (PathError otherwise); a ``trusted`` name
     (the operator's, from the settings) may be any existing path."""
     name = name.strip()
-    if trusted and Path(name).expanduser().exists():
-        return Path(name).expanduser()
-    return resolve_add_on_model(name, folder, what="motion adapter", setting="motion_dir")
+    if not trusted:
+        return resolve_add_on_model(name, folder, what="motion adapter", setting="motion_dir")
+    found = find_add_on_model(Path(name).expanduser())
+    if found is not None:
+        return found
+    try:
+        return resolve_add_on_model(name, folder, what="motion adapter", setting="motion_dir")
+    except PathError:   # the operator gave a path, not a name in the folder: it is not there, nothing is forbidden
+        raise ModelError(f"motion adapter {quoted(name)} does not exist", code="model_not_found") from None
 
 
 @serialized_load
@@ -249,9 +256,22 @@ class AnimateDiffEngine(DiffusionEngine):
 
     def load(self, source: str | None, device: torch.device, dtype: torch.dtype) -> None:
         super().load(source, device, dtype)
-        if self.motion_adapter:   # the operator's adapter: a failure fails the engine's load
+        if not self.motion_adapter:
+            return
+        # The operator's adapter loads before the first frame, so the stream starts with motion. One that is
+        # missing or broken is reported and plain img2img serves, as for a client's adapter: failing the engine
+        # left frames passing through undiffused (QA 48 F1). A client's motion_adapter may name another.
+        self._motion_wanted = self.motion_adapter
+        try:
             self.motion = self.load_motion(self.motion_adapter)
-            self._motion_wanted = self.motion.name
+        except Exception as exc:
+            message = load_failure(log, f"motion adapter {self.motion_adapter}", exc)
+            self._motion_failed = (self.motion_adapter, message)
+            self.motion_error = message
+            if self.notify is not None:
+                self.notify({"type": "error", "code": getattr(exc, "code", "bad_model"),
+                             "message": f"loading motion adapter {self.motion_adapter!r} failed: {message}; "
+                                        f"plain img2img serves until an adapter loads"})
 
     def load_motion(self, name: str) -> _Motion:
         """Resolve, load and attach an adapter (slow: call it off the frame path); ModelError on failure."""

@@ -408,6 +408,28 @@ def test_the_animatediff_engine_refuses_an_sdxl_model(start_daemon, tiny_sdxl_di
     assert "SDXL" in engine["last_error"] and "animatediff engine" in engine["last_error"]
 
 
+def test_an_operator_motion_adapter_that_is_not_there_leaves_img2img_serving(start_daemon, tiny_model_dir, tmp_path):
+    """QA 48 F1: ``--motion-adapter`` naming nothing failed the animatediff engine and frames passed through
+    undiffused; the engine is ready now, /health says why it has no motion, and frames are diffused."""
+    import httpx
+
+    from tests.clients import wait_for
+
+    daemon = start_daemon(params={"engine": "animatediff", "width": 64, "height": 64, "steps": 2},
+                          model=str(tiny_model_dir), motion_adapter=str(tmp_path / "mm_sd_v15"))
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] not in ("loading", "starting"),
+                    timeout=60)
+    engine = httpx.get(base + "/health").json()["engine"]
+    assert engine["status"] == "ready" and engine["engine"] == "animatediff", engine
+    assert engine["motion"]["adapter"] is None and "mm_sd_v15" in engine["motion"]["error"]
+    image = make_image(64, 64, seed=4)
+    with ws_connect(daemon) as ws:
+        ws.send(codec.encode_jpeg(image, 95))
+        out = codec.decode_image(recv_frame(ws)).astype(int)
+    assert np.abs(out - image.astype(int)).mean() > 5   # diffused, not passed through
+
+
 def test_the_sampler_changes_live_over_osc(start_daemon, tiny_model_dir):
     """``/sd/sampler "LCM"`` switches the compiled engine's sampler between frames: the stream keeps
     answering, LCM runs on the engine's fast path (the stream batch, not the eager fallback), and the

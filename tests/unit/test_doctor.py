@@ -402,3 +402,34 @@ def test_doctor_reads_the_vae_file_as_serve_would(tmp_path):
     if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         [finding] = check_device(Settings(device="mps"))
         assert finding.level == ERROR and "MPS is not available" in finding.message
+
+
+def test_doctor_checks_the_operator_motion_adapter_as_the_engine_loads_it(tmp_path):
+    """A --motion-adapter that will not load leaves the animatediff engine without motion (plain img2img): doctor
+    says so before the show, with the loader's own reason."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdbridge.doctor import check_motion_adapter
+
+    motion = tmp_path / "motion"
+    (motion / "v3").mkdir(parents=True)
+    (motion / "v3" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(motion / "v3" / "diffusion_pytorch_model.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(motion / "single.safetensors"))
+    (motion / "cut.safetensors").write_bytes((motion / "single.safetensors").read_bytes()[:-3])
+    torch.save({"w": torch.zeros(2)}, motion / "mm.ckpt")
+    (motion / "noconfig").mkdir()
+
+    def check(name: str, **overrides) -> Finding:
+        [finding] = check_motion_adapter(Settings(motion_adapter=name, motion_dir=str(motion), **overrides))
+        return finding
+
+    assert check_motion_adapter(Settings()) == []
+    for name in ("v3", "single", str(motion / "single.safetensors"), str(motion / "v3")):
+        assert check(name).level == OK, name
+    assert check("mm", allow_pickle=True).level == OK
+    for name, words in (("v4", "not found"), ("/nowhere/v3", "does not exist"), ("cut", "truncated"),
+                        ("mm", "--allow-pickle"), ("noconfig", "config.json")):
+        finding = check(name)
+        assert finding.level == ERROR and words in finding.message and "plain img2img" in finding.fix, name

@@ -312,6 +312,43 @@ def test_a_window_beyond_the_adapter_runs_at_its_positions_whichever_came_first(
         assert relative_error(run(engine, frames[:3])[-1], eight) <= 1e-6
 
 
+@pytest.mark.parametrize(("adapter", "code"), [("missing", "model_not_found"), ("../gone", "model_not_found"),
+                                               ("empty.safetensors", "bad_model")])
+def test_an_operator_adapter_that_fails_to_load_leaves_plain_img2img_serving(tiny_model_dir, motion_dir, frames,
+                                                                            tmp_path, adapter, code):
+    """QA 48 F1: a --motion-adapter that is not there (a name, a path) or is broken failed the engine's whole load,
+    and frames passed through undiffused. Now it is reported (an error event, /health's motion.error), the frames
+    are the diffusion engine's, and a client's adapter loads over it."""
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    events = []
+    engine = AnimateDiffEngine()
+    engine.motion_dir = str(tmp_path)
+    engine.motion_adapter = str(tmp_path / adapter) if adapter != "missing" else adapter
+    engine.notify = events.append
+    engine.load(str(tiny_model_dir), CPU, torch.float32)
+    assert engine.motion is None and engine.describe()["motion"]["error"]
+    assert [event["type"] for event in events] == ["error"] and "plain img2img serves" in events[0]["message"]
+    assert events[0]["code"] == code   # a path that is not there is not forbidden: the operator's may be anywhere
+    plain = DiffusionEngine()
+    plain.load(str(tiny_model_dir), CPU, torch.float32)
+    for each in (engine, plain):
+        each.prepare(params(motion_adapter=""))
+    assert engine._motion_loading is None   # the operator's failed one is not retried at every set
+    assert relative_error(engine.step_float(frames[:1], [StreamState("s")]),
+                          plain.step_float(frames[:1], [StreamState("s")])) <= 1e-6
+    engine.motion_dir = str(motion_dir)
+    engine.prepare(params(motion_adapter="tiny-motion"))
+    engine.wait_for_motion()
+    assert engine.motion.name == "tiny-motion" and engine.motion_error is None
+
+
+def test_the_operator_adapter_serves_from_the_first_frame(tiny_model_dir, motion_dir):
+    engine = AnimateDiffEngine()
+    engine.motion_adapter = str(motion_dir / "tiny-motion")   # any path: the operator's
+    engine.load(str(tiny_model_dir), CPU, torch.float32)
+    assert engine.motion is not None and engine.motion.name == engine.motion_adapter and engine.motion_error is None
+
+
 def test_adapter_swap_in_the_background_and_a_failing_one_keeps_the_old(parts, motion_dir, frames, tmp_path):
     folder = tmp_path / "motion"
     shutil.copytree(motion_dir, folder)
