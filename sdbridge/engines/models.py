@@ -341,7 +341,6 @@ def check_safetensors_folder(path: Path, what: str) -> None:
 
 
 @serialized_load
-@serialized_load
 def load_pretrained_folder(path: Path, model_class: Any, dtype: torch.dtype, what: str,
                            device: torch.device | None = None) -> Any:
     """``model_class.from_pretrained`` on a diffusers folder (config.json and safetensors weights,
