@@ -465,8 +465,12 @@ class OptionsUpdate(FiniteBody):
 
     sd_model_checkpoint: str | None = Field(None, max_length=1024)
     samples_save: bool | None = None
-    CLIP_stop_at_last_layers: int | None = Field(None, ge=1, description="A1111's clip skip (1: the last layer); "
-                                                 "sets the live clip_skip parameter to one less")
+    # Read by clip_skip(), as override_settings' is: a field typed int took "2" and true (as 1) where a request's
+    # override_settings refused them (QA 49 F2).
+    CLIP_stop_at_last_layers: Any = Field(None, description="A1111's clip skip, an integer (1: the last layer); "
+                                          "sets the live clip_skip parameter to one less",
+                                          json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1},
+                                                                       {"type": "null"}]})
 
 
 class PngInfoRequest(FiniteBody):
@@ -885,8 +889,11 @@ class A1111Api:
 
     def clip_skip(self, value: Any, field: str) -> int:
         """A1111's CLIP_stop_at_last_layers (1: the last layer, 2: the one before) -> the live
-        ``clip_skip`` parameter's count (layers skipped: 0, 1); 422 outside that parameter's range."""
+        ``clip_skip`` parameter's count (layers skipped: 0, 1); 422 outside that parameter's range. One rule for
+        /options and override_settings: a whole number, as a number or as digits in a string (a form field's)."""
         top = int(self.daemon.store.schema.get("clip_skip").maximum or 0) + 1
+        if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,4}\s*", value):
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
                 or not 1 <= value <= top:
             raise HTTPException(422, f"{field} {value!r} is not an integer in 1..{top} (1: the last layer)")

@@ -542,6 +542,17 @@ def test_clip_skip_per_request_and_through_options(api):
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 7}).status_code == 422
     assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
 
+    # One rule for /options and override_settings (QA 49 F2): a whole number, or its digits in a string. /options
+    # took true as 1 and override_settings refused "1".
+    for value in (True, 2.5, "two", "1.5", [1]):
+        for response in (api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": value}),
+                         api.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings":
+                                                             {"CLIP_stop_at_last_layers": value}})):
+            assert response.status_code == 422 and "is not an integer in 1..5" in response.text, (value, response.text)
+    assert np.array_equal(txt2img(override_settings={"CLIP_stop_at_last_layers": " 1"})[0], last)
+    assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": "1"}).status_code == 200
+    assert api.daemon.store.get("clip_skip") == 0
+
 
 def test_an_sdxl_model_generates_through_the_api_while_it_streams(start_daemon, tiny_sdxl_dir, tmp_path):
     """txt2img and img2img on an SDXL model (its pooled embeds and time ids with every UNet call), the seed
