@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sdbridge.params import ParamStore
+from sdbridge.params import ParamStore, Schema
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,15 @@ FORMAT = 1
 LORA_PROMPTS = ("prompt",)
 
 
-def drop_missing_loras(values: Mapping[str, Any],
-                       folder: Path) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+def drop_missing_loras(values: Mapping[str, Any], folder: Path,
+                       schema: Schema | None = None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """``values`` without the LoRAs that are not in ``folder`` or will not load (in ``loras`` and in the prompts'
     ``<lora:>`` tags), and what was dropped with why (QA 32: "not in the folder or does not load" left the artist
     to guess which). Set live, a missing name is told to the client that set it; restored at
     start, nobody is there to see it, and the engine would pass every frame through unstyled (QA 14). A DoRA,
-    corrupt or pickled one is dropped too, as a missing one is: kept, it refused the whole value (QA 30)."""
+    corrupt or pickled one is dropped too, as a missing one is: kept, it refused the whole value (QA 30).
+    With ``schema``, a value longer than its parameter takes is left whole, for the schema to refuse by its length:
+    its names were reported missing instead (QA 49 F4)."""
     from sdbridge.engines.lora import lora_file_problem
     from sdbridge.engines.prompt_syntax import LORA_KINDS, RE_EXTRA_NETWORK, LoraWeights
 
@@ -50,9 +52,14 @@ def drop_missing_loras(values: Mapping[str, Any],
         found = lora_file_problem(folder, name)
         return None if found is None else found[1]
 
+    def readable(key: str) -> bool:
+        text = out.get(key)
+        return isinstance(text, str) and (schema is None or key not in schema
+                                           or len(text) <= schema.get(key).max_length)
+
     out: dict[str, Any] = dict(values)
     dropped: list[tuple[str, str]] = []
-    if isinstance(out.get("loras"), str):
+    if readable("loras"):
         try:
             weights = LoraWeights.parse(out["loras"]).weights
         except ValueError:
@@ -63,7 +70,7 @@ def drop_missing_loras(values: Mapping[str, Any],
             dropped += [(f"loras {name!r}", why) for name, why in missing.items()]
     for key in LORA_PROMPTS:
         text = out.get(key)
-        if not isinstance(text, str) or "<" not in text:
+        if not readable(key) or "<" not in text:
             continue
 
         def keep(match: re.Match[str], key: str = key) -> str:

@@ -196,7 +196,7 @@ class Daemon:
     def without_missing_loras(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         """``values`` without the LoRAs that are not in the LoRA folder, and what was left out: a resumed look or a
         recalled preset that names one would pass every frame through unstyled (resume.drop_missing_loras)."""
-        return drop_missing_loras(values, self.lora_dir())
+        return drop_missing_loras(values, self.lora_dir(), self.store.schema)
 
     def look(self) -> dict[str, Any]:
         """What a preset saves and --resume keeps: the look, with the artist's values where the quality ladder

@@ -246,6 +246,25 @@ def test_a_preset_naming_a_lora_deleted_since_is_recalled_without_it_and_says_so
         warned[0]
 
 
+def test_a_preset_value_past_its_length_is_refused_by_its_length(start_daemon, tmp_path):
+    """QA 49 F4: a hand-edited `loras` over its 1024 characters was answered unknown_lora for every name in it (or a
+    prompt over its length shortened by its missing tags until it fitted): the value is refused, by its length."""
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "presets").mkdir()
+    loras = ", ".join(f"gone{index}:1" for index in range(120))
+    prompt = "a fox <lora:gone:1> " + "x" * 4090
+    (tmp_path / "presets" / "long.toml").write_text(f'[params]\nloras = "{loras}"\nprompt = "{prompt}"\n'
+                                                    'strength = 0.6\n')
+    daemon = start_daemon(params={"engine": "identity"}, presets_dir=str(tmp_path / "presets"),
+                          lora_dir=str(tmp_path / "lora"))
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+        body = http.post("/presets/long/recall", params={"glide_s": 0}).json()
+    assert sorted((error["code"], error["message"].split(" is ")[0]) for error in body["errors"]) == \
+        [("bad_param", "loras"), ("bad_param", "prompt")], body
+    assert all("characters long" in error["message"] for error in body["errors"])
+    assert daemon.store.get("strength") == 0.6 and "gone" not in daemon.store.get("loras")
+
+
 def test_malformed_osc_counted_daemon_keeps_serving(start_daemon):
     import socket
 
