@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -89,6 +90,11 @@ class ParamSpec:
     def _range_text(self) -> str:
         return f"[{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
 
+    def _beyond_float(self, given: Any) -> ParamError:
+        """A number past float's range, as digits or an int: out of any range this schema has."""
+        bounded = self.minimum is not None or self.maximum is not None
+        return self._fail(given, f"not in {self._range_text()}" if bounded else "is not a finite number")
+
     def _check_range(self, number: float, original: Any) -> None:
         if self.minimum is not None and number < self.minimum:
             raise self._fail(original, f"not in {self._range_text()}")
@@ -96,6 +102,7 @@ class ParamSpec:
             raise self._fail(original, f"not in {self._range_text()}")
 
     def _validate_float(self, value: Any) -> float:
+        given = value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 try:
@@ -106,12 +113,12 @@ class ParamSpec:
                 raise self._fail(value, "is not a number")
         try:
             number = float(value)
-        except OverflowError:
-            # An integer beyond float's range (JSON allows 400 digits): out of any range this schema has.
-            raise self._fail(value, f"not in {self._range_text()}" if self.minimum is not None
-                             or self.maximum is not None else "is not a finite number") from None
+        except OverflowError:   # an integer beyond float's range (JSON allows 400 digits)
+            raise self._beyond_float(given) from None
         if not math.isfinite(number):
-            raise self._fail(value, "is not a finite number")
+            if isinstance(given, str) and given.strip().lstrip("+-").lower() not in ("inf", "infinity", "nan"):
+                raise self._beyond_float(given)   # digits past float's range ('1e400'): it said 'inf' (QA 49 F5)
+            raise self._fail(given, "is not a finite number")
         self._check_range(number, value)
         return number + 0.0  # -0.0 is 0.0: '-0' would otherwise come back as -0.0
 
@@ -122,6 +129,8 @@ class ParamSpec:
             try:
                 value = int(_plain_digits(value).strip(), 10)  # decimal: '007' is 7, '0x10' is no integer here
             except ValueError:
+                if re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):   # past int()'s 4300 digits: it said 'not an integer'
+                    raise self._fail(value, f"not in {self._range_text()}") from None
                 raise self._fail(value, "is not an integer") from None
         if isinstance(value, float):
             # Controllers send floats; an integral float is an int (4.0 -> 4), 4.5 is not.

@@ -201,6 +201,26 @@ def test_a_huge_integer_for_an_unbounded_float_is_not_finite():
         spec.validate(10**400)
 
 
+@pytest.mark.parametrize("name", ["strength", "steps", "seed"])
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "9" * 400, "9" * 5000, " -" + "9" * 5000 + " "])
+def test_digits_past_a_number_s_range_are_out_of_range_as_typed(schema, name, text):
+    """QA 49 F5: '1e400' or 400 digits sent as text said 'strength inf is not a finite number', and 5000 digits for
+    an int 'is not an integer' (int() stops at 4300 digits): each is out of range, quoted as it came."""
+    if name != "strength" and "e" in text:
+        pytest.skip("1e400 is no integer's spelling")
+    with pytest.raises(ParamError) as info:
+        schema.get(name).validate(text)
+    message = str(info.value)
+    assert " not in [" in message and "inf" not in message and len(message) < 200, message
+    assert message.startswith(f"{name} ") and (text.strip()[:8] in message or "digits)" in message), message
+
+
+@pytest.mark.parametrize("text", ["inf", "-Infinity", " nan "])
+def test_infinity_typed_as_text_is_not_a_finite_number(schema, text):
+    with pytest.raises(ParamError, match=rf"^strength '{text}' is not a finite number$"):
+        schema.get("strength").validate(text)
+
+
 def test_a_huge_integer_for_an_int_or_an_enum_or_a_fader_is_refused(schema):
     with pytest.raises(ParamError, match=r"^seed .*\(401 digits\) not in \[0, 4294967295\]"):
         schema.get("seed").validate(10**400)
