@@ -633,6 +633,9 @@ class ParamStore:
         self._version = 0
         self._sets: dict[str, int] = {}  # per name, how many updates set it (to its own value too)
         self._listeners: list[Listener] = []
+        # The daemon's check of an update's values against the others held (EngineHost.vet): each error it
+        # returns leaves its parameter out of the update, as a value out of range is.
+        self.vet: Callable[[Mapping[str, Any], Mapping[str, Any]], list[ParamError]] | None = None
         if initial:
             good, errors = self.schema.validate(initial)
             if errors:
@@ -654,16 +657,23 @@ class ParamStore:
                 return self.schema.get(name).default
             return self._values[name]
 
-    def update(self, updates: Mapping[str, Any],
-               expect: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[ParamError]]:
+    def update(self, updates: Mapping[str, Any], expect: Mapping[str, Any] | None = None,
+               all_or_nothing: bool = False) -> tuple[dict[str, Any], list[ParamError]]:
         """Apply the valid updates together; return what was applied and the errors. ``expect``: apply nothing
         unless these values are still the stored ones (checked and applied under one lock: a client's set in
-        between wins)."""
+        between wins). ``all_or_nothing``: apply nothing when any value is refused."""
         good, errors = self.schema.validate(updates)
+        if errors and all_or_nothing:
+            return {}, errors
         if good:
             with self._lock:
                 if expect is not None and any(self._values.get(k) != v for k, v in expect.items()):
                     return {}, errors
+                refused = self.vet(good, self._values) if self.vet is not None else []
+                if refused:
+                    errors = [*errors, *refused]
+                    good = {} if all_or_nothing else \
+                        {k: v for k, v in good.items() if k not in {error.name for error in refused}}
                 changed = {k: v for k, v in good.items() if self._values.get(k) != v}
                 self._values.update(good)
                 for name in good:

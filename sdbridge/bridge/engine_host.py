@@ -26,7 +26,7 @@ from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
 from sdbridge.engines.device import pick_device, pick_dtype, return_freed_memory
 from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
-from sdbridge.errors import ModelError, SdbridgeError, printable, quoted
+from sdbridge.errors import ModelError, ParamError, SdbridgeError, printable, quoted
 from sdbridge.paths import confine
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,19 @@ class EngineHost:
         if (path_like and not _is_hub_id(model)) or _exists(model):
             return str(confine(model, self.model_roots(), what="model"))
         return model
+
+    def vet(self, updates: Mapping[str, Any], held: Mapping[str, Any]) -> list[ParamError]:
+        """A live set that would leave an engine that loads a model with none to load is refused where it is set
+        (ParamStore.vet): it was acked, then set back once the load failed (QA 49 F7)."""
+        if "engine" not in updates and "model" not in updates:
+            return []
+        engine = updates.get("engine", held.get("engine"))
+        if engine not in MODEL_ENGINES or updates.get("model", held.get("model")) or self.settings.model:
+            return []
+        name = "engine" if "engine" in updates else "model"
+        return [ParamError(f"{name} {quoted(updates[name])}: the {engine} engine needs a model; set model (GET "
+                           f"/models lists them) or start the daemon with --model", name=name, value=updates[name],
+                           code="no_model")]
 
     def choose(self, params: Mapping[str, Any]) -> EngineChoice:
         model = params.get("model") or self.settings.model or None

@@ -201,10 +201,9 @@ def create_app(daemon: Daemon) -> FastAPI:
         params = body.get("params", body)
         if not isinstance(params, dict):
             return _error(400, "bad_json", "'params' must be an object")
-        _, errors = daemon.store.schema.validate(params)
+        applied, errors = daemon.store.update(params, all_or_nothing=True)
         if errors:
             return error_response(400, errors[0], errors=[e.to_json() for e in errors])
-        applied, _ = daemon.store.update(params)
         return JSONResponse({"applied": applied, "values": daemon.store.snapshot()[1]})
 
     @app.get("/presets")

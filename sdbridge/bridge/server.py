@@ -134,6 +134,7 @@ class Daemon:
         self.audio = AudioInput(settings.audio_in, self.store) if settings.audio_in else None
         self.engines = EngineHost(settings, notify=self._engine_event)
         self.store.schema.name_checks = self.engines.name_checks()
+        self.store.vet = self.engines.vet
         self._vet_starting_names(settings)
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.

@@ -82,6 +82,33 @@ def test_ws_json_set_get_and_errors(start_daemon):
     assert daemon.store.get("strength") == 0.8
 
 
+def test_an_engine_that_needs_a_model_is_refused_where_it_is_set_without_one(start_daemon, tiny_model_dir):
+    """QA 49 F7: engine=diffusion with no model anywhere was acked, then set back as bad_model once its load failed.
+    It is refused in the set (no_model), the rest of the set applies, and with a model in the same set it loads."""
+    daemon = start_daemon(params={"engine": "identity"}, models_dir=str(tiny_model_dir.parent))
+    with ws_connect(daemon) as ws:
+        for values, name in (({"engine": "diffusion", "strength": 0.3}, "engine"),
+                             ({"engine": "animatediff"}, "engine")):
+            ws.send(json.dumps({"type": "set", "id": 1, "params": values}))
+            error, ack = recv_json(ws, "error"), recv_json(ws, "ack")
+            assert error["code"] == "no_model" and error["message"].startswith(f"{name} ")
+            assert "needs a model" in error["message"] and "engine" not in ack["applied"]
+        assert daemon.store.get("engine") == "identity" and daemon.store.get("strength") == 0.3
+        SimpleUDPClient("127.0.0.1", daemon.osc_port).send_message("/sd/engine", "compiled")
+        assert wait_for(lambda: daemon.osc.stats.param_errors >= 1) and daemon.store.get("engine") == "identity"
+        with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+            body = http.post("/params", json={"engine": "diffusion"}).json()
+            assert [error["code"] for error in body["errors"]] == ["no_model"], body
+            picked = {"engine": "diffusion", "model": tiny_model_dir.name}
+            ws.send(json.dumps({"type": "set", "id": 2, "params": picked}))
+            assert recv_json(ws, "ack")["applied"]["engine"] == "diffusion"
+            assert wait_for(lambda: http.get("/health").json()["engine"].get("engine") == "diffusion", timeout=60)
+            ws.send(json.dumps({"type": "set", "id": 3, "params": {"model": ""}}))
+            error = recv_json(ws, "error")
+            assert error["code"] == "no_model" and error["message"].startswith("model '': the diffusion engine")
+    assert daemon.store.get("model") == tiny_model_dir.name
+
+
 def test_ws_subscribe_stats_and_params(start_daemon):
     daemon = start_daemon(params={"engine": "identity"})
     with ws_connect(daemon) as ws:
