@@ -39,6 +39,16 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")  # matched whole (fullmat
 # event loop) never parses megabytes (a 50 MB file stalled every client for 6.5 s).
 MAX_FILE_BYTES = 1024 * 1024
 TOP_LEVEL = ("description", "glide_s", "params")  # what a preset file holds outside its [params] table
+MAX_GLIDE_S = 600
+
+
+def glide_problem(glide_s: Any) -> str | None:
+    """Why ``glide_s`` is no glide time (a number of seconds in [0, MAX_GLIDE_S]), or None. One rule for a preset's
+    file, its save and a recall's own time: a file's glide_s of 900 read, listed, and then failed every recall."""
+    # "not 0 <= x <= max" refuses nan too; the comparison never converts a huge int to float.
+    if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not 0 <= glide_s <= MAX_GLIDE_S:
+        return f"glide_s {shown_value(glide_s)} is not a number of seconds in [0, {MAX_GLIDE_S}]"
+    return None
 
 
 # Windows' device names: there, CON.toml (and CON.toml.tmp, the name a save writes first) opens the console, and
@@ -196,8 +206,8 @@ class PresetLibrary:
         if not isinstance(params, dict):
             raise bad("needs a [params] table")
         glide = data.get("glide_s", 0.0)
-        if isinstance(glide, bool) or not isinstance(glide, (int, float)) or not math.isfinite(glide) or glide < 0:
-            raise bad(f"glide_s {shown_value(glide)} is not a finite number of seconds >= 0")
+        if (problem := glide_problem(glide)) is not None:
+            raise bad(problem)
         description = data.get("description", "")
         if not isinstance(description, str):
             raise bad(f"description {shown_value(description)} is not a string")
@@ -227,10 +237,8 @@ class PresetLibrary:
             check_text(str(key), f"parameter name {shown_value(str(key))}", name=str(key))
             if isinstance(value, str):
                 check_text(value, str(key))
-        if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not math.isfinite(glide_s) \
-                or glide_s < 0:
-            raise ParamError(f"glide_s {shown_value(glide_s)} is not a finite number of seconds >= 0",
-                             name="glide_s", value=glide_s)
+        if (problem := glide_problem(glide_s)) is not None:
+            raise ParamError(problem, name="glide_s", value=glide_s)
         try:
             # A synced folder unmounted (a dangling link) or a file in the folder's place: told, not a traceback
             # that closed the client's connection (QA 22).

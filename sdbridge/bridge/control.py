@@ -16,14 +16,13 @@ from sdbridge.bridge.glide import Glider
 from sdbridge.bridge.osc_parse import encode_message
 from sdbridge.errors import ParamError, SdbridgeError
 from sdbridge.params import Schema, shown_value
-from sdbridge.presets import PresetLibrary
+from sdbridge.presets import MAX_GLIDE_S, PresetLibrary, glide_problem
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
 
 log = logging.getLogger(__name__)
 
-MAX_GLIDE_S = 600
 # 600 s at the fastest tempo bpm allows (300): checked before the beats are turned into seconds, so that
 # a huge integer from JSON is refused by comparison instead of overflowing float().
 MAX_GLIDE_BEATS = 3000
@@ -66,9 +65,8 @@ class Control:
                 raise ParamError(f"glide_beats {shown_value(glide_beats)} at {bpm:g} bpm is {glide_s:.0f} s, more "
                                  f"than {MAX_GLIDE_S} s", name="glide_beats", value=glide_beats)
         duration = preset.glide_s if glide_s is None else glide_s
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration <= MAX_GLIDE_S:
-            raise ParamError(f"glide_s {shown_value(duration)} not in [0, {MAX_GLIDE_S}]", name="glide_s",
-                             value=duration)
+        if (problem := glide_problem(duration)) is not None:
+            raise ParamError(problem, name="glide_s", value=duration)
         values, missing = self.daemon.without_missing_loras(preset.params)  # deleted since it was saved (QA 22)
         good, errors = self.daemon.store.schema.validate(values)
         errors = [*(ParamError(f"preset {name!r} names {what}, left out: {why}", name="loras", value=what,
@@ -94,9 +92,8 @@ class Control:
         the artist's values it will give back instead."""
         if not isinstance(description, str) or len(description) > 500:
             raise ParamError("description must be a string of at most 500 characters", name="description")
-        if isinstance(glide_s, bool) or not isinstance(glide_s, (int, float)) or not 0 <= glide_s <= MAX_GLIDE_S:
-            raise ParamError(f"glide_s {shown_value(glide_s)} not in [0, {MAX_GLIDE_S}]", name="glide_s",
-                             value=glide_s)
+        if (problem := glide_problem(glide_s)) is not None:
+            raise ParamError(problem, name="glide_s", value=glide_s)
         return self.presets.save(name, self.daemon.look(), description, float(glide_s))
 
     def osc_command(self, call: Any, source: Any) -> None:

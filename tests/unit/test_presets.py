@@ -166,6 +166,8 @@ def test_a_folder_that_is_a_symlink_works(tmp_path):
     ("glide_s = -1.0\n[params]", "glide_s"),
     ("glide_s = true\n[params]", "glide_s"),
     ('glide_s = "2"\n[params]', "glide_s"),
+    # past the 600 s a recall takes: it read, listed, and then failed every recall
+    ("glide_s = 900\n[params]", "glide_s 900 is not a number of seconds in [0, 600]"),
     ("description = 5\n[params]", "description"),
     ("description = [1]\n[params]", "description"),
     ("params = 5", "[params]"),
