@@ -117,6 +117,24 @@ def test_truncated_jpeg_is_refused(cut):
         codec.decode_image(JPEG[: int(len(JPEG) * cut)])
 
 
+def test_a_jpeg_of_endless_markers_is_refused_at_the_marker_bound():
+    """The marker walk runs on the event loop: 64 MiB of two-byte restart markers kept it 3.5 s (QA 51 F1)."""
+    data = b"\xff\xd8" + b"\xff\xd0" * (codec.MAX_JPEG_MARKERS + 5) + JPEG[2:]
+    with pytest.raises(CodecError, match=f"more than {codec.MAX_JPEG_MARKERS} marker segments before its frame "
+                                         f"header \\({len(data)} bytes\\)"):
+        codec.check_encoded(data)
+    with pytest.raises(CodecError, match="marker segments"):
+        codec.encoded_size(data)
+
+
+def test_a_jpeg_with_many_application_segments_still_decodes():
+    """A long ICC profile or XMP packet comes as dozens of 64 KiB APPn segments: within the bound."""
+    segment = b"\xff\xe2" + (65535).to_bytes(2, "big") + bytes(65533)
+    data = JPEG[:2] + segment * 40 + JPEG[2:]
+    assert codec.encoded_size(data) == (64, 48)
+    assert codec.decode_image(data).shape == (48, 64, 3)
+
+
 def test_truncated_png_is_refused():
     with pytest.raises(CodecError, match="PNG data is truncated"):
         codec.decode_image(PNG[: len(PNG) - 5])
