@@ -182,6 +182,7 @@ class Worker(threading.Thread):
                 self.engine_errors += 1
                 log.exception("worker turn failed")
             self._run_calls()
+            self._forget_closed()
             if busy:
                 self._advance_task(time.perf_counter() - started if served else None)
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -414,6 +415,10 @@ class Worker(threading.Thread):
             else:
                 self._sending[job.session] = (self._send_after(before, job, params), True)
                 self.late_encodes += 1
+
+    def _forget_closed(self) -> None:
+        """Closed sessions' last replies, once sent: at every pass of the loop, not only in turns that serve frames,
+        where the last client's session (its pictures and its plugins' state) stayed after it left (QA 51 F2)."""
         for session, (future, _) in list(self._sending.items()):
             if session.closed and future.done():
                 del self._sending[session]

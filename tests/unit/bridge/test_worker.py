@@ -112,6 +112,18 @@ def test_a_reply_encodes_while_the_next_frame_runs(worker):
     assert replies.ids == [1, 2, 3]      # in order, none lost
 
 
+def test_the_last_session_s_reply_is_let_go_once_it_closes(worker):
+    """No turn serves a frame after the last client leaves: its session (pictures, plugin state) was held until
+    one did (QA 51 F2)."""
+    worker, session, replies = worker
+    put(session, 1)
+    assert wait_until(lambda: replies.ids == [1])
+    assert session in worker._sending
+    worker.registry.release(session)
+    assert session.closed
+    assert wait_until(lambda: session not in worker._sending, timeout=5)
+
+
 def test_a_flood_is_decoded_ahead_and_answered_in_order(worker):
     """A source that sends without waiting: frames that come in while the engine runs are taken and
     decoded for the next turn (where they run: one that comes after waits in its slot), and every frame is
