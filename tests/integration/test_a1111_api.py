@@ -262,6 +262,39 @@ def test_progress_preview_and_interrupt(api):
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
 
 
+def test_progress_encodes_each_preview_once_off_the_event_loop(api, monkeypatch):
+    """The preview's PNG took 250-290 ms at 1024x1024 on the event loop at every poll (QA 51 F4): it is encoded in
+    a thread, once per preview however often clients poll."""
+    from sdbridge.bridge import pnginfo
+
+    encoded: list[tuple[np.ndarray, str]] = []
+    real = pnginfo.encode_png
+
+    def recording(image, *args, **kwargs):
+        encoded.append((image, threading.current_thread().name))
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(pnginfo, "encode_png", recording)
+    thread = threading.Thread(target=lambda: api.post("/sdapi/v1/txt2img", json={
+        "prompt": "x", "steps": 150, "n_iter": 20, "width": 128, "height": 128}))
+    thread.start()
+    try:
+        wait_for(lambda: api.get("/sdapi/v1/progress").json()["current_image"] is not None, timeout=60)
+        images = []
+        polls = [threading.Thread(target=lambda: images.extend(
+            api.get("/sdapi/v1/progress").json()["current_image"] for _ in range(10))) for _ in range(4)]
+        for poll in polls:
+            poll.start()
+        for poll in polls:
+            poll.join(60)
+        assert len(images) == 40 and all(image is not None for image in images)
+    finally:
+        api.post("/sdapi/v1/interrupt")
+        thread.join(60)
+    assert encoded and all(name != "sdbridge-loop" for _, name in encoded)
+    assert len({id(image) for image, _ in encoded}) == len(encoded)  # each preview once (all kept alive above)
+
+
 def test_listing_endpoints(api):
     models = api.get("/sdapi/v1/sd-models").json()
     assert models[0]["model_name"] == "tiny-sd" and models[0]["title"].startswith("tiny-sd [")
