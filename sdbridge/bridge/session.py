@@ -27,7 +27,7 @@ from sdbridge.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MAX_CONTROL_MESSAGES = 64  # errors/stats waiting for a viewer that does not read; older ones are dropped
+MAX_CONTROL_MESSAGES = 64  # errors/replies waiting for a viewer that does not read; older ones are dropped
 # The newest encoded frame of each condition channel stays with its session (docs/protocol.md, "Condition
 # streams"). QA 9: 255 channels x 64 MiB each, per session, filled 2.6 GB that the allocator never gave back.
 # Four slots read a channel (3 ControlNets and the IP-Adapter), and fit it to the engine's size: four raw
@@ -107,8 +107,23 @@ class Viewer:
         self._ready.set()
 
     def offer_control(self, message: dict[str, Any]) -> None:
+        """Queue a JSON message. A params push or a stats snapshot joins the one still queued (the newest values
+        are what a client needs): a glide pushes params 60-180 times a second, and a client that read slower
+        than that lost the engine and error messages among them from its queue, unreported (QA 50 F1)."""
+        kind = _pushed_state(message)
+        if kind is not None:
+            for index, queued in enumerate(self._control):
+                if _pushed_state(queued) == kind:
+                    # A new dict: the queued one and the message may be shared with other viewers.
+                    self._control[index] = ({"type": "params", "values": {**queued["values"], **message["values"]}}
+                                            if kind == "params" else message)
+                    self._ready.set()
+                    return
         if len(self._control) == self._control.maxlen:
             self.control_dropped += 1
+            if self.control_dropped == 1:
+                log.warning("viewer %s reads its messages too slowly: the oldest are dropped (/stats: "
+                            "viewer_control_dropped)", self.name or "?")
         self._control.append(message)
         self._ready.set()
 
@@ -126,6 +141,15 @@ class Viewer:
                 return "frame", frame
             self._ready.clear()
             await self._ready.wait()
+
+
+def _pushed_state(message: dict[str, Any]) -> str | None:
+    """"params" or "stats" for a message that only tells the current state (a newer one supersedes it);
+    None for the rest, a reply to a request (it carries its id) included."""
+    kind = message.get("type")
+    if kind in ("params", "stats") and "id" not in message:
+        return kind
+    return None
 
 
 class RateMeter:
@@ -239,6 +263,7 @@ class Session:
             "latency_ms_p50": None if p50 is None else round(p50, 2),
             "latency_ms_p99": None if p99 is None else round(p99, 2),
             "viewer_frames_dropped": sum(v.frames_dropped for v in self.viewers),
+            "viewer_control_dropped": sum(v.control_dropped for v in self.viewers),
         }
 
 

@@ -48,6 +48,47 @@ def test_viewer_control_queue_is_bounded():
     asyncio.run(scenario())
 
 
+def test_a_params_flood_joins_one_message_and_never_crowds_out_the_others():
+    """A glide pushes params 60-180 times a second: a client reading slower lost the engine and error messages
+    among them from its 64-message queue, unreported (QA 50 F1)."""
+    async def scenario():
+        viewer = Viewer()
+        shared = {"strength": 0.0}
+        viewer.offer_control({"type": "params", "values": shared})
+        viewer.offer_control({"type": "engine", "status": "loading"})
+        for step in range(1, 1000):
+            viewer.offer_control({"type": "params", "values": {"strength": step / 1000}})
+            viewer.offer_control({"type": "stats", "fps": step})
+            if step == 500:
+                viewer.offer_control({"type": "params", "values": {"seed": 7}})
+                viewer.offer_control({"type": "error", "code": "bad_param"})
+        viewer.offer_control({"type": "params", "values": {"strength": 1.0}, "id": 3})  # a reply: its own
+        received = [(await viewer.next())[1] for _ in range(5)]
+        assert received == [{"type": "params", "values": {"strength": 0.999, "seed": 7}},
+                            {"type": "engine", "status": "loading"}, {"type": "stats", "fps": 999},
+                            {"type": "error", "code": "bad_param"},
+                            {"type": "params", "values": {"strength": 1.0}, "id": 3}]
+        assert viewer.control_dropped == 0 and shared == {"strength": 0.0}  # other viewers' message untouched
+        assert viewer.buffered_frames == 0 and not viewer._control
+
+    asyncio.run(scenario())
+
+
+def test_dropped_messages_are_counted_in_the_session_s_stats(caplog):
+    async def scenario():
+        registry = SessionRegistry()
+        session = registry.open("stage")
+        viewer = Viewer("stage#1")
+        session.viewers.add(viewer)
+        for index in range(70):
+            viewer.offer_control({"type": "error", "n": index})
+        assert session.stats()["viewer_control_dropped"] == 6
+    with caplog.at_level("WARNING"):
+        asyncio.run(scenario())
+    assert [record.getMessage() for record in caplog.records].count(
+        "viewer stage#1 reads its messages too slowly: the oldest are dropped (/stats: viewer_control_dropped)") == 1
+
+
 def test_registry_join_by_name_and_release():
     registry = SessionRegistry()
     first = registry.open()
