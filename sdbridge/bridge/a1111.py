@@ -149,7 +149,11 @@ class _ShapedValidationError(RequestValidationError):
 
 
 def _is_json(content_type: str | None) -> bool:
-    """FastAPI's test for a JSON body: ``application/json`` or ``application/*+json``, parameters aside."""
+    """FastAPI's test for a JSON body: ``application/json`` or ``application/*+json``, parameters aside; or no
+    Content-Type at all, which A1111's FastAPI (0.94) reads as JSON: ``requests.post(url,
+    data=json.dumps(payload))`` sends none, and such clients got a 422 for every request (QA 52 F1)."""
+    if not content_type:
+        return True
     mime = (content_type or "").partition(";")[0].strip().lower()
     maintype, _, subtype = mime.partition("/")
     return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
@@ -181,6 +185,8 @@ class A1111Route(APIRoute):
     POST body read within MAX_BODY_BYTES and parsed off the event loop."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        if hasattr(self, "strict_content_type"):  # FastAPI >= 0.122: no Content-Type is no JSON unless this
+            self.strict_content_type = False
         handler = super().get_route_handler()
         # One model as the whole body (every A1111 route's shape); anything else FastAPI parses as it does.
         body_field = None if getattr(self, "_embed_body_fields", True) else self.body_field
@@ -554,18 +560,31 @@ B64_PIECE = 1024 * 1024
 
 
 def b64_bytes(data: str, what: str) -> bytes:
+    """Base64 as A1111 reads it: a ``data:`` URL's prefix dropped, whitespace ignored (line breaks every 76
+    characters from ``base64.encodebytes`` or GNU ``base64``, a trailing newline, a space after the comma: each
+    was "not valid base64" here, QA 52 F9); any other stray character is refused, where A1111 skips it."""
     if data.startswith("data:"):
         data = data.partition(",")[2]
+    if data[:8].lower().startswith(("http://", "https://")):
+        raise HTTPException(422, f"{what}: an image URL ({reprlib.repr(data)}); sdbridge fetches no URLs: send the "
+                                 f"image itself, in base64")
+    # Decoded in pieces of B64_PIECE characters, whitespace removed from each (split: C speed, ~1 ms a piece) and
+    # what is left past a multiple of 4 carried to the next. A piece with "=" inside is refused as the whole string
+    # would be (validate=True: no data after the padding).
+    out: list[bytes] = []
+    carry = ""
     try:
-        # Every piece but the last is B64_PIECE characters; the last, the rest (at least B64_PIECE, with the
-        # padding). Pieces without "=" decode as the whole string would; with one, the whole string is decoded.
-        starts = range(0, max(len(data) - B64_PIECE, 0) + 1, B64_PIECE)
-        if data.find("=", 0, starts[-1]) != -1:
-            starts = range(1)
-        raw = b"".join(base64.b64decode(data[start:start + B64_PIECE] if start != starts[-1] else data[start:],
-                                        validate=True) for start in starts)
+        for start in range(0, len(data), B64_PIECE):
+            piece = carry + data[start:start + B64_PIECE]
+            if any(space in piece for space in " \n\r\t\f\v"):
+                piece = "".join(piece.split())
+            last = start + B64_PIECE >= len(data)
+            usable = len(piece) if last else len(piece) - len(piece) % 4
+            out.append(base64.b64decode(piece[:usable], validate=True))
+            carry = piece[usable:]
     except (binascii.Error, ValueError):
         raise HTTPException(422, f"{what}: not valid base64") from None
+    raw = b"".join(out)
     if not raw:  # OpenCV asserts on an empty buffer (a 500): say what it is
         raise HTTPException(422, f"{what}: empty (no image data)")
     return raw

@@ -64,6 +64,21 @@ def test_txt2img_answers_with_a1111_shape(api):
     assert body["parameters"]["prompt"] == "a cat" and body["parameters"]["steps"] == 3
 
 
+def test_a_json_body_sent_without_a_content_type_is_read_as_json(api):
+    """``requests.post(url, data=json.dumps(payload))`` sends no Content-Type; A1111's FastAPI reads the body as
+    JSON, and such clients got a 422 for every request here (QA 52 F1). A body typed as something else is not."""
+    body = json.dumps({"prompt": "a cat", "seed": 5, **SMALL}).encode()
+    response = api.post("/sdapi/v1/txt2img", content=body)
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["info"])["seed"] == 5
+    assert api.post("/sdapi/v1/options", content=json.dumps({"CLIP_stop_at_last_layers": 2}).encode()
+                    ).status_code == 200
+    assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+    typed = api.post("/sdapi/v1/txt2img", content=body, headers={"content-type": "text/plain"})
+    assert typed.status_code == 422
+
+
 def test_a1111_defaults_variation_batches_and_seed_resize(api):
     """What A1111's API does by default: sampler Euler, `RNG: CPU` in the infotext (A1111 reads a missing one as
     GPU); a variation batch keeps its seed and steps the subseed; seed_resize_from_w/h is taken and recorded."""
@@ -224,12 +239,35 @@ def huge_png_header() -> str:
     ({"init_images": [b64_png(make_image())], "mask": "%%%"}, "mask: not valid base64"),
     ({"init_images": [huge_png_header()]}, "init_images[0]: the image is 12000x9000, larger than 8192 per side"),
     ({"init_images": [b64_png(make_image())], "mask": huge_png_header()}, "mask: the image is 12000x9000"),
+    ({"init_images": ["https://example.com/cat.png"]}, "init_images[0]: an image URL ('https://example.com/cat.png'"
+                                                        "); sdbridge fetches no URLs"),
 ])
 def test_bad_img2img_requests_get_422_with_a_reason(api, body, words):
     response = api.post("/sdapi/v1/img2img", json={**SMALL, **body})
     assert response.status_code == 422
     assert words in response.text
     assert api.post("/sdapi/v1/txt2img", json=SMALL).status_code == 200  # and the daemon serves on
+
+
+def mime_base64(image: np.ndarray) -> str:
+    """Base64 with a line break every 76 characters, as base64.encodebytes and GNU base64 write it."""
+    return base64.encodebytes(base64.b64decode(b64_png(image))).decode()
+
+
+@pytest.mark.parametrize("encode", [
+    pytest.param(mime_base64, id="line_breaks"),
+    pytest.param(lambda image: b64_png(image) + "\n", id="trailing_newline"),
+    pytest.param(lambda image: "data:image/png;base64, " + b64_png(image), id="space_after_the_comma"),
+])
+def test_base64_with_whitespace_decodes_as_in_a1111(api, encode):
+    """A1111 decodes base64 without validation, so whitespace in it is skipped: each was 'not valid base64' here
+    (QA 52 F9)."""
+    image = make_image()
+    response = api.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [encode(image)], "denoising_strength": 0,
+                                                   "mask": encode(np.full((64, 64, 3), 255, np.uint8))})
+    assert response.status_code == 200, response.text
+    info = api.post("/sdapi/v1/png-info", json={"image": encode(image)})
+    assert info.status_code == 200, info.text
 
 
 def test_progress_preview_and_interrupt(api):
