@@ -1118,6 +1118,15 @@ class A1111Api:
                 self._preview_png = (preview, base64.b64encode(pnginfo.encode_png(preview)).decode("ascii"))
             return self._preview_png[1]
 
+    def queue_status(self) -> dict[str, Any]:
+        """Gradio 3's ``GET /queue/status``, which A1111's web UI answers beside its API: the Cyanic SD-Krita plugin
+        takes its answer as "connected" and read nothing else while it was a 404 here (QA 52 F3). The queue is
+        the one-shot requests waiting and running."""
+        worker = self.daemon.worker
+        waiting = worker.tasks.qsize() + int(worker.task is not None)
+        return {"msg": "estimation", "rank": None, "queue_size": waiting, "avg_event_process_time": None,
+                "avg_event_concurrent_process_time": None, "rank_eta": None, "queue_eta": 0}
+
     # --- options and models ---
 
     def get_options(self) -> dict[str, Any]:

@@ -258,17 +258,20 @@ class ControlNetApi:
                                          f"{first['msg']}") from None
             if not unit.enabled:
                 continue
+            image_prompt = unit.module.strip().lower() in IP_MODULES
+            # The module first: a reference unit names no model, and was skipped as one naming none, with a 200,
+            # where an unknown module answers 422 (QA 52 F2).
+            module = "" if image_prompt else module_name(unit.module, f"{where}.module")
             if unit.model.strip() in ("", "None", "none"):
                 # The extension fails such a unit ("You have not selected any ControlNet Model"); skipped here, and
                 # the info says so (QA 21: it was silent).
                 request.warnings.append(f"{where} is enabled but names no model (model {unit.model!r}): skipped")
                 continue
-            if unit.module.strip().lower() in IP_MODULES:
+            if image_prompt:
                 if request.image_prompt is not None:
                     raise HTTPException(422, f"{where}: a second IP-Adapter unit; one per request is supported")
                 request.image_prompt = self.image_prompt(unit, where, request)
                 continue
-            module = module_name(unit.module, f"{where}.module")
             mode = _choice(CONTROL_MODES, unit.control_mode, "control_mode")
             fit = _choice(RESIZE_MODES, unit.resize_mode, "resize_mode")
             image = codec.fit(unit_image(unit, where, request, "txt2img needs one for each unit"), request.width,

@@ -246,6 +246,10 @@ def create_app(daemon: Daemon) -> FastAPI:
         """Models on this machine (and known ones not yet pulled), and the one serving."""
         return {"current": daemon.engines.describe(), "models": await daemon.list_models()}
 
+    @app.get("/queue/status", include_in_schema=False)
+    async def queue_status() -> dict[str, Any]:
+        return daemon.a1111.queue_status()
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files("sdbridge.bridge").joinpath("static/index.html").read_text(encoding="utf-8")

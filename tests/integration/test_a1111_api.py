@@ -289,6 +289,9 @@ def test_progress_preview_and_interrupt(api):
     assert progress["state"]["job"] == "txt2img" and progress["state"]["sampling_steps"] == 150
     assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
     assert from_b64(progress["current_image"]).shape == (128, 128, 3)
+    # Gradio's queue status, which the Cyanic SD-Krita plugin takes as "connected" (QA 52 F3: a 404)
+    queue = api.get("/queue/status")
+    assert queue.status_code == 200 and queue.json()["msg"] == "estimation" and queue.json()["queue_size"] == 1
     assert api.post("/sdapi/v1/interrupt").status_code == 200
     thread.join(60)
     assert not thread.is_alive()
@@ -298,6 +301,7 @@ def test_progress_preview_and_interrupt(api):
     assert len(response.json()["images"]) < 20
     idle = api.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    assert api.get("/queue/status").json()["queue_size"] == 0
 
 
 def test_progress_encodes_each_preview_once_off_the_event_loop(api, monkeypatch):

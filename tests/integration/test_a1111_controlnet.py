@@ -391,4 +391,9 @@ def test_what_the_extension_s_clients_send_that_sdbridge_took_otherwise(start_da
     assert nameless.status_code == 200 and len(nameless.json()["images"]) == 1
     assert json.loads(nameless.json()["info"])["warnings"] == [
         "alwayson_scripts.controlnet.args[0] is enabled but names no model (model 'None'): skipped"]
+    # A reference unit names no model: its module is refused, not the unit skipped with a 200 (QA 52 F2).
+    reference = txt2img(api, unit(module="reference_only", model="none"))
+    assert reference.status_code == 422
+    assert reference.json()["detail"].startswith("alwayson_scripts.controlnet.args[0].module 'reference_only' is "
+                                                 "not known")
     api.close()
