@@ -751,6 +751,8 @@ class A1111Api:
         if body.styles:
             styles = load_styles(self.styles_path())
             for name in body.styles:
+                if not name:  # no style, as in A1111: Swagger's "Try it out" body sends [""] (QA 52 F4)
+                    continue
                 if name not in styles:
                     path = self.styles_path()
                     known = ", ".join(sorted(styles)) or (f"none: {path} has none" if path.is_file()
@@ -839,8 +841,7 @@ class A1111Api:
                                          f"model ({model_title(self.loaded_model())}): a request runs on the model "
                                          f"of the live stream; switch it with POST /sdapi/v1/options first")
 
-    @staticmethod
-    def warnings(body: _Request) -> list[str]:
+    def warnings(self, body: _Request) -> list[str]:
         """What the request asked that it does not get, for its info (A1111 would have done these)."""
         out = []
         asked = [("sampler_name", body.sampler_name or body.sampler_index)]
@@ -855,10 +856,14 @@ class A1111Api:
             out.append(f"hr_checkpoint_name {body.hr_checkpoint_name!r} ignored: the second pass runs on the loaded "
                        f"model")
         ignored = sorted(key for key, value in body.override_settings.items() if key not in HONOURED_OVERRIDES
-                         and not (key == "sd_vae" and value in ("Automatic", "None", "")))
+                         and not (key == "sd_vae" and self.vae_unchanged(value)))
         if ignored:
             out.append(f"override_settings {', '.join(ignored)} ignored: a request applies "
                        f"{', '.join(HONOURED_OVERRIDES)}")
+        # ADetailer & co. are sent by default by many clients, whose users got a 200 and no hint (QA 52 F8)
+        scripts = sorted(printable(key)[:60] for key in body.alwayson_scripts if key.lower() != "controlnet")
+        if scripts:
+            out.append(f"alwayson_scripts {', '.join(scripts)} ignored: only ControlNet's units run")
         return out
 
     def hires_model(self, name: str) -> Callable[[np.ndarray, int, int], np.ndarray]:
@@ -1063,7 +1068,7 @@ class A1111Api:
         if warnings:
             info["warnings"] = warnings
         parameters = body.model_dump()
-        if isinstance(body, Img2ImgRequest):
+        if isinstance(body, Img2ImgRequest) and not body.include_init_images:  # A1111 echoes them when asked (QA 52)
             parameters["init_images"] = None
             parameters["mask"] = None
         if body.send_images is False:
@@ -1158,10 +1163,15 @@ class A1111Api:
         except ModelError:
             return Path(self.settings.vae).name
 
+    def vae_unchanged(self, value: Any) -> bool:
+        """An ``sd_vae`` that asks for the VAE in use: its name, nothing, or without --vae "Automatic" or "None" (A1111:
+        each checkpoint's own). /options refused "None", which override_settings took (QA 52 F5)."""
+        return value in (None, "", self.vae_option()) or (value in ("Automatic", "None") and not self.settings.vae)
+
     async def set_options(self, body: OptionsUpdate) -> None:
         values = body.model_dump(exclude_none=True)
         vae = values.pop("sd_vae", None)
-        if vae not in (None, "", self.vae_option()) and not (vae == "Automatic" and not self.settings.vae):
+        if not self.vae_unchanged(vae):
             raise HTTPException(422, f"sd_vae {vae!r}: the VAE is chosen when the daemon starts (--vae, or vae in "
                                      f"sdbridge.toml); it is {self.vae_option()!r}")
         if "samples_format" in values:

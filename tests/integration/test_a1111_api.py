@@ -156,6 +156,10 @@ def test_img2img_and_inpainting_keep_pixels_outside_the_mask(api):
     plain = api.post("/sdapi/v1/img2img", json={"init_images": [b64_png(make_image(80, 48))], "resize_mode": 1,
                                                   "denoising_strength": 0.5, **SMALL})
     assert plain.status_code == 200 and from_b64(plain.json()["images"][0]).shape == (64, 64, 3)
+    assert plain.json()["parameters"]["init_images"] is None
+    sent = [b64_png(source)]
+    echoed = api.post("/sdapi/v1/img2img", json={"init_images": sent, "include_init_images": True, **SMALL})
+    assert echoed.json()["parameters"]["init_images"] == sent  # as A1111 does (QA 52 F10: always null)
 
 
 def test_hires_fix_and_styles(api):
@@ -172,6 +176,10 @@ def test_hires_fix_and_styles(api):
                                                     "hr_resize_y": 64, "denoising_strength": 0.5, **SMALL})
     assert from_b64(resized.json()["images"][0]).shape == (64, 128, 3)
     assert "Hires resize: 128x64, Hires upscaler: Latent" in json.loads(resized.json()["info"])["infotexts"][0]
+    # An empty name is no style, as in A1111 (Swagger's "Try it out" body sends [""]): it was a 422 (QA 52 F4)
+    blank = api.post("/sdapi/v1/txt2img", json={"prompt": "a boat", "styles": ["", "oil"], **SMALL})
+    assert blank.status_code == 200, blank.text
+    assert json.loads(blank.json()["info"])["prompt"] == "a boat, oil painting"
     styles = api.get("/sdapi/v1/prompt-styles").json()
     assert [s["name"] for s in styles] == ["noir", "oil"]
 
@@ -364,6 +372,9 @@ def test_listing_endpoints(api):
     save_file({"decoder.conv_in.weight": torch.zeros(1)}, str(vae))
     assert api.get("/sdapi/v1/sd-vae").json() == [{"model_name": "vae-ft-mse.safetensors", "filename": str(vae)}]
     assert api.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
+    # A1111's "None": each checkpoint's own VAE, what runs without --vae (QA 52 F5: a 422, which override_settings
+    # took; the model switch in the same body failed with it)
+    assert api.post("/sdapi/v1/options", json={"sd_vae": "None"}).status_code == 200
     refused = api.post("/sdapi/v1/options", json={"sd_vae": "vae-ft-mse.safetensors"})
     assert refused.status_code == 422 and "chosen when the daemon starts (--vae" in refused.json()["detail"]
     assert api.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"
@@ -750,6 +761,12 @@ def test_what_a1111_clients_send_that_sdbridge_took_otherwise(api):
     assert info["warnings"][0].startswith("sampler_name 'DPM++ 2S a Karras' has no diffusers scheduler: "
                                           "'DPM++ 2M Karras' ran in its place")
     assert info["warnings"][1].startswith("override_settings eta_noise_seed_delta ignored")  # sd_vae Automatic is ours
+    # Other always-on scripts (ADetailer: many clients send it by default) are named, not dropped unsaid (QA 52 F8)
+    scripts = {"ADetailer": {"args": [{"ad_model": "face_yolov8n.pt"}]}, "controlNet": {"args": []}}
+    detailed = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "alwayson_scripts": scripts, **SMALL})
+    assert detailed.status_code == 200, detailed.text
+    assert json.loads(detailed.json()["info"])["warnings"] == [
+        "alwayson_scripts ADetailer ignored: only ControlNet's units run"]
     same = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "sampler_name": "DPM++ 2M Karras", "seed": 5,
                                                **SMALL}).json()
     assert same["images"] == asked.json()["images"]
@@ -810,6 +827,7 @@ def test_the_vae_option_names_the_file_as_sd_vae_lists_it(start_daemon, tmp_path
         listed = [entry["model_name"] for entry in http.get("/sdapi/v1/sd-vae").json()]
         assert listed == ["myvae.safetensors"] == [http.get("/sdapi/v1/options").json()["sd_vae"]]
         assert http.post("/sdapi/v1/options", json={"sd_vae": "myvae.safetensors"}).status_code == 200
+        assert http.post("/sdapi/v1/options", json={"sd_vae": "None"}).status_code == 422  # not the VAE in use
 
 
 def test_churn_options_reach_the_sampler_or_are_named_in_the_warnings(api):
