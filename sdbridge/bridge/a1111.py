@@ -1402,7 +1402,8 @@ def create_router(daemon: Daemon) -> APIRouter:
             # PIL names the file it could not identify by its repr, here "<_io.BytesIO object at 0x7f...>":
             # an address in our memory, and no help to the client.
             raise HTTPException(422, f"image: {_OBJECT_REPR.sub('', str(exc))}") from None
-        return {"info": text or "", "items": items, "parameters": pnginfo.parse_infotext(text) if text else {}}
+        parameters = await asyncio.to_thread(pnginfo.parse_infotext, text) if text else {}
+        return {"info": text or "", "items": items, "parameters": parameters}
 
     return router
 

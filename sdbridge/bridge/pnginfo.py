@@ -26,8 +26,12 @@ from sdbridge.errors import CodecError
 
 # key: value, where value is a quoted string (with escapes) or runs to the next comma. A key starts
 # with a word character and may hold spaces, '-' and '/' (extensions write "ADetailer x-offset",
-# "CFG-Rescale phi"), as A1111's infotext_utils.re_param_code reads it.
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# "CFG-Rescale phi"), as A1111's infotext_utils.re_param_code reads it, but at most 64 characters long: A1111's
+# unbounded key tried every start of a long line without a colon to its end, O(n^2), 1.9 s for a 20 kB line on the
+# event loop (QA 53 F0); bounded, 64 kB take 40 ms.
+_PARAM = re.compile(r'\s*(\w[\w \-/]{1,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A settings line longer than this is read as part of the prompt, unparsed; A1111's are a few kB at most.
+MAX_SETTINGS_LINE = 64 * 1024
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -56,7 +60,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     lines = text.strip().split("\n")
     last = lines[-1] if lines else ""
-    if len(_PARAM.findall(last)) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
+    if len(last) > MAX_SETTINGS_LINE or len(_PARAM.findall(last)) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
         lines.append(last := "")
     prompt_lines: list[str] = []
     negative_lines: list[str] = []
