@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from fastapi import HTTPException
 from hypothesis import strategies as st
 
 from sdbridge.bridge import a1111_body
@@ -75,3 +76,27 @@ def test_a_96_mb_body_lets_other_threads_run_while_it_is_parsed():
     assert value == json.loads(raw)
     # Measured: 10-15 ms (json.loads: 190 ms). The bound is 10x the measure.
     assert max(gaps_s) < 0.15, f"another thread waited {max(gaps_s) * 1000:.0f} ms"
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(json.dumps({"prompt": "x", "unread": [0] * 600_000}).encode(), id="numbers"),
+    pytest.param(json.dumps({"alwayson_scripts": {"s": {"args": [[i, "a"] for i in range(150_000)]}}}).encode(),
+                 id="many_short_strings"),
+    pytest.param(json.dumps({"prompt": "x", "unread": [0] * 600_000}).encode("utf-16"), id="utf16"),
+])
+def test_fields_past_the_bound_are_refused_before_they_are_parsed(raw, monkeypatch):
+    """The C parser holds the GIL for the whole document left after the images are cut out: 2 s for 64 MB of
+    numbers, every client waiting (QA 53 F1)."""
+    parsed = []
+    monkeypatch.setattr(a1111_body.json, "loads", lambda *args, **kwargs: parsed.append(1))
+    with pytest.raises(HTTPException) as refused:
+        a1111_body.loads(raw)
+    assert refused.value.status_code == 413 and not parsed
+    assert f"is {len(raw)} bytes, more than {a1111_body.MAX_FIELDS_BYTES}" in refused.value.detail
+
+
+def test_images_do_not_count_toward_the_fields_bound():
+    image = base64.b64encode(bytes(3 * a1111_body.MAX_FIELDS_BYTES)).decode()
+    small = [base64.b64encode(bytes(3 * 1024 * i)).decode() for i in range(2, 200)]  # 6-600 KB masks, units
+    raw = json.dumps({"init_images": [image], "units": small, "prompt": "x"}).encode()
+    assert a1111_body.loads(raw) == json.loads(raw)
