@@ -60,7 +60,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     lines = text.strip().split("\n")
     last = lines[-1] if lines else ""
-    if len(last) > MAX_SETTINGS_LINE or len(_PARAM.findall(last)) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
+    # A1111: a last line with fewer than 3 pairs is part of the prompt
+    if len(last) > MAX_SETTINGS_LINE or len(_PARAM.findall(last)) < 3:
         lines.append(last := "")
     prompt_lines: list[str] = []
     negative_lines: list[str] = []
