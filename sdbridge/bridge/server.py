@@ -34,7 +34,7 @@ from sdbridge.bridge.resume import LORA_PROMPTS, Resume, ResumeFile, drop_missin
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
 from sdbridge.bridge.security import AccessMiddleware, AccessPolicy, redact_tokens
-from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, Viewer
+from sdbridge.bridge.session import RateMeter, Session, SessionRegistry, SharedMessage, Viewer
 from sdbridge.bridge.webrtc import WebRtcHub
 from sdbridge.bridge.webrtc_sdp import check_ice_servers
 from sdbridge.bridge.worker import Worker
@@ -509,8 +509,9 @@ class Daemon:
             loop.call_soon_threadsafe(self._push_params, changed)
 
     def _push_params(self, changed: dict[str, Any]) -> None:
+        message = SharedMessage({"type": "params", "values": changed})
         for viewer in list(self._subscribers["params"]):
-            viewer.offer_control({"type": "params", "values": changed})
+            viewer.offer_control(message)
         self._echo(changed)
 
     def _echo(self, values: dict[str, Any]) -> None:
@@ -598,7 +599,7 @@ class Daemon:
                 self.ladder.check()
                 stats = self.collect_stats()
                 if self._subscribers["stats"]:
-                    message = {"type": "stats", **stats}
+                    message = SharedMessage({"type": "stats", **stats})
                     for viewer in list(self._subscribers["stats"]):
                         viewer.offer_control(message)
                 if self.feedback is not None:

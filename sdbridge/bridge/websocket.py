@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from sdbridge.bridge import codec
 from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.bridge.protocol import SESSION_NAME, SESSION_NAME_RULE, FrameHeader, sniff
-from sdbridge.bridge.session import InputFrame, Session, Viewer
+from sdbridge.bridge.session import InputFrame, Session, Viewer, encode_message
 from sdbridge.errors import CodecError, ParamError, ProtocolError, SdbridgeError
 from sdbridge.params import shown_value
 
@@ -129,7 +129,7 @@ class Connection:
                     await self.websocket.send_bytes(payload)
                     self.viewer.frames_sent += 1
                 else:
-                    await self.websocket.send_text(json.dumps(payload, separators=(",", ":")))
+                    await self.websocket.send_text(encode_message(payload))
         except (WebSocketDisconnect, RuntimeError, ConnectionError) as exc:
             log.debug("viewer %s stopped sending: %s", self.viewer.name, exc)
 

@@ -3,7 +3,8 @@ import asyncio
 import pytest
 
 from sdbridge.bridge.protocol import FrameHeader, PixelFormat
-from sdbridge.bridge.session import MAX_CONDITION_BYTES, InputFrame, LatestSlot, RateMeter, SessionRegistry, Viewer
+from sdbridge.bridge.session import (MAX_CONDITION_BYTES, InputFrame, LatestSlot, RateMeter, SessionRegistry,
+                                     SharedMessage, Viewer, encode_message)
 from sdbridge.errors import ProtocolError
 
 
@@ -72,6 +73,26 @@ def test_a_params_flood_joins_one_message_and_never_crowds_out_the_others():
         assert viewer.buffered_frames == 0 and not viewer._control
 
     asyncio.run(scenario())
+
+
+def test_a_message_offered_to_many_viewers_is_serialized_once(monkeypatch):
+    """Each stats subscriber's send loop dumped the stats again: sessions x subscribers a tick (QA 53 F10)."""
+    import json
+
+    dumped = []
+    real = json.dumps
+    monkeypatch.setattr(json, "dumps", lambda value, **kwargs: dumped.append(value) or real(value, **kwargs))
+    message = SharedMessage({"type": "stats", "sessions": [{"id": str(n)} for n in range(3)]})
+
+    async def scenario():
+        viewers = [Viewer(str(n)) for n in range(50)]
+        for viewer in viewers:
+            viewer.offer_control(message)
+        return [encode_message((await viewer.next())[1]) for viewer in viewers]
+
+    texts = asyncio.run(scenario())
+    assert len(dumped) == 1 and set(texts) == {real(message, separators=(",", ":"))}
+    assert encode_message({"type": "error"}) == '{"type":"error"}'
 
 
 def test_dropped_messages_are_counted_in_the_session_s_stats(caplog):
