@@ -537,8 +537,8 @@ def test_a_lora_named_by_its_stem_in_a_subfolder_is_found_without_a_walk_per_loo
     (tmp_path / "styles").mkdir()
     shell.copy(files["kohya"], tmp_path / "styles" / "ink.safetensors")
     walks = []
-    real = lora_module.find_loras
-    monkeypatch.setattr(lora_module, "find_loras", lambda folder: walks.append(folder) or real(folder))
+    real = lora_module._LoraScan
+    monkeypatch.setattr(lora_module, "_LoraScan", lambda folder: walks.append(folder) or real(folder))
     for _ in range(5):
         assert lora_path(tmp_path, "ink") == (tmp_path / "styles" / "ink.safetensors").resolve()
     assert len(walks) == 1

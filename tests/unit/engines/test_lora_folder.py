@@ -1,0 +1,72 @@
+"""The LoRA folder as the event loop reads it when ``loras`` is set: a walk per change, a header within bounds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sdbridge.engines import lora as lora_module
+from sdbridge.engines.lora import find_loras, lora_path
+from sdbridge.errors import ModelError
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Counts of folder listings (os.scandir, which rglob uses too) and of paths resolved (a realpath each)."""
+    counts = {"listings": 0, "resolved": 0}
+    scandir, resolve = os.scandir, Path.resolve
+
+    def counted_scandir(*args, **kwargs):
+        counts["listings"] += 1
+        return scandir(*args, **kwargs)
+
+    def counted_resolve(self, *args, **kwargs):
+        counts["resolved"] += 1
+        return resolve(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", counted_scandir)
+    monkeypatch.setattr(Path, "resolve", counted_resolve)
+    lora_module._FOUND.clear()
+    yield counts
+    lora_module._FOUND.clear()
+
+
+def many_loras(folder: Path, subfolders: int = 6, per_folder: int = 20) -> None:
+    for index in range(subfolders):
+        (folder / f"set{index}").mkdir(parents=True)
+        for number in range(per_folder):
+            (folder / f"set{index}" / f"style{index}_{number}.safetensors").write_bytes(b"")
+
+
+def test_a_name_in_a_subfolder_walks_the_folder_once_and_resolves_only_its_file(tmp_path, spies):
+    """QA 53 F8: a name that is not a top-level file listed every folder twice (two rglobs) and resolved every file
+    (a realpath each), on the event loop: 2.4 s a set with 30,000 LoRAs. One listing per folder now, and only the
+    file asked for is resolved."""
+    many_loras(tmp_path)
+    assert lora_path(tmp_path, "style3_7") == (tmp_path / "set3" / "style3_7.safetensors").resolve()
+    assert spies["listings"] == 7            # the folder and its six subfolders, once each
+    assert spies["resolved"] <= 6            # the top-level candidate, then the one file found (and their root)
+    with pytest.raises(ModelError, match=r"'nosuch' not found .*\(there: style0_0, .*, \.\.\. \(120 in all\)\)"):
+        lora_path(tmp_path, "nosuch")
+    assert spies["listings"] == 7            # nothing changed since: no walk
+    (tmp_path / "set5" / "new.safetensors").write_bytes(b"")
+    assert lora_path(tmp_path, "new").name == "new.safetensors"    # a file added is found at once, by one walk
+    assert spies["listings"] == 14
+
+
+def test_find_loras_keeps_the_first_file_of_a_stem_and_skips_links_out(tmp_path, caplog):
+    many_loras(tmp_path / "loras", subfolders=2, per_folder=2)
+    (tmp_path / "loras" / "set1" / "style0_0.safetensors").write_bytes(b"")      # a second file for one stem
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    (tmp_path / "loras" / "a_escape.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    (tmp_path / "loras" / "set1" / "escape2.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    found = find_loras(tmp_path / "loras")
+    assert list(found) == ["style0_0", "style0_1", "style1_0", "style1_1"]
+    assert found["style0_0"] == (tmp_path / "loras" / "set0" / "style0_0.safetensors").resolve()
+    assert "the name 'style0_0' is already" in caplog.text
+    lora_module._FOUND.clear()
+    assert lora_path(tmp_path / "loras", "style0_0") == found["style0_0"]
+    with pytest.raises(ModelError, match="'escape2' not found"):
+        lora_path(tmp_path / "loras", "escape2")
