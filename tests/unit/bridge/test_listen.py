@@ -38,3 +38,16 @@ def test_a_busy_port_raises_and_closes_its_socket():
         first.listen(1)
         with pytest.raises(OSError):
             bound_socket("127.0.0.1", first.getsockname()[1])
+
+
+def test_a_connection_to_the_daemon_sends_without_nagle(start_daemon):
+    """asyncio sets TCP_NODELAY only where the socket names IPPROTO_TCP: the listener made with 0 left Nagle on,
+    and every keep-alive HTTP answer after the first waited 40 ms between its head and its body (QA 53)."""
+    import httpx
+
+    daemon = start_daemon(params={"engine": "identity"})
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", trust_env=False) as http:
+        assert http.get("/health").status_code == 200
+        sockets = [connection.transport.get_extra_info("socket")
+                   for connection in daemon._server.server_state.connections]
+        assert sockets and all(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in sockets)
