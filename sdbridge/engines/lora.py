@@ -765,12 +765,16 @@ def _mtime(path: Path) -> int | None:
 
 
 _HEADER_PROBLEMS: dict[tuple[Path, int, int], str | None] = {}   # (path, mtime, size) -> what its header says
+# The largest header lora_file_problem parses: a LoRA's tensor list is tens of kB and kohya's metadata (its tag
+# frequencies) a few MB at most, so a header past this is not a LoRA's and is left to the load to tell.
+LORA_HEADER_CHECK_BYTES = 8 * 1024 * 1024
 
 
 def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
     """(code, sentence) when LoRA ``name`` cannot load from ``folder`` as far as its file's header tells (missing,
     outside the folder, a pickle, a corrupt header, a DoRA), else None. Read once per version of the file: a
-    fader moving a weight checks a stat."""
+    fader moving a weight checks a stat. A header longer than LORA_HEADER_CHECK_BYTES is checked for its length
+    only (it runs on the event loop); the load tells the rest."""
     folder = Path(folder)
     try:
         path = lora_path(folder, name)
@@ -792,10 +796,15 @@ def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
         return "unknown_lora", f"LoRA {quoted(name)}: {exc}"
     key = (path, stat.st_mtime_ns, stat.st_size)
     if key not in _HEADER_PROBLEMS:
-        from sdbridge.engines.models import header_shapes
+        from sdbridge.engines.models import header_shapes, safetensors_header_length
 
         try:
-            tensors = list(header_shapes(path))
+            # A header past the bound is not parsed here, on the event loop (82 MB: 4.5 s, QA 53 F5); the worker's
+            # load reads it and reports a corrupt file or a DoRA as for any LoRA.
+            if safetensors_header_length(path) > LORA_HEADER_CHECK_BYTES:
+                tensors: list[str] = []
+            else:
+                tensors = list(header_shapes(path))
         except ModelError as exc:
             problem: str | None = f"LoRA {quoted(name)}: {exc}"
         else:

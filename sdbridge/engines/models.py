@@ -237,19 +237,8 @@ def _component_weights(folder: Path, name: str, allow_pickle: bool) -> list[Path
 def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
     """(header length, header) of a safetensors file, read without touching a tensor; ModelError
     naming the file when the header cannot be."""
-    size = file.stat().st_size
-    if size == 0:
-        raise ModelError(f"{file}: the file is empty (0 bytes: an interrupted download or copy?)")
     with file.open("rb") as handle:
-        head = handle.read(8)
-        header_length = int.from_bytes(head, "little")
-        if head.lstrip().lower().startswith((b"<!doc", b"<html", b"<?xml", b"{\"")):
-            raise ModelError(f"{file}: a web page or text ({head.strip()[:5].decode(errors='replace')!r}...), not "
-                             "weights: the download saved a login or error page; download the file again")
-        if header_length <= 1 or header_length > 100_000_000:
-            raise ModelError(f"{file}: corrupt safetensors header (length {header_length})")
-        if 8 + header_length > size:
-            raise ModelError(f"{file}: truncated ({size} bytes, its header alone needs {8 + header_length})")
+        header_length = _header_length(file, handle)
         try:
             header = json.loads(handle.read(header_length))
         except ValueError as exc:
@@ -257,6 +246,30 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
     if not isinstance(header, dict):
         raise ModelError(f"{file}: corrupt safetensors header (not a JSON object)")
     return header_length, header
+
+
+def safetensors_header_length(file: Path) -> int:
+    """The length of a safetensors file's header, from its first 8 bytes, with read_safetensors_header's checks
+    that need no more (empty, a web page, a length past the file): what a caller reads before deciding whether
+    the header is small enough to parse where it is."""
+    with file.open("rb") as handle:
+        return _header_length(file, handle)
+
+
+def _header_length(file: Path, handle: Any) -> int:
+    size = os.fstat(handle.fileno()).st_size
+    if size == 0:
+        raise ModelError(f"{file}: the file is empty (0 bytes: an interrupted download or copy?)")
+    head = handle.read(8)
+    header_length = int.from_bytes(head, "little")
+    if head.lstrip().lower().startswith((b"<!doc", b"<html", b"<?xml", b"{\"")):
+        raise ModelError(f"{file}: a web page or text ({head.strip()[:5].decode(errors='replace')!r}...), not "
+                         "weights: the download saved a login or error page; download the file again")
+    if header_length <= 1 or header_length > 100_000_000:
+        raise ModelError(f"{file}: corrupt safetensors header (length {header_length})")
+    if 8 + header_length > size:
+        raise ModelError(f"{file}: truncated ({size} bytes, its header alone needs {8 + header_length})")
+    return header_length
 
 
 def header_shapes(file: Path) -> dict[str, tuple[int, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -70,3 +71,31 @@ def test_find_loras_keeps_the_first_file_of_a_stem_and_skips_links_out(tmp_path,
     assert lora_path(tmp_path / "loras", "style0_0") == found["style0_0"]
     with pytest.raises(ModelError, match="'escape2' not found"):
         lora_path(tmp_path / "loras", "escape2")
+
+
+def safetensors(path: Path, keys: list[str], padding: int = 0, truncate: int = 0) -> Path:
+    header = {key: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for key in keys}
+    header["__metadata__"] = {"ss_tag_frequency": "x" * padding}
+    raw = json.dumps(header).encode()
+    path.write_bytes((len(raw).to_bytes(8, "little") + raw + b"\0\0\0\0")[:-truncate or None])
+    return path
+
+
+def test_a_header_past_the_bound_is_not_parsed_where_loras_is_set(tmp_path, monkeypatch):
+    """QA 53 F5: setting ``loras`` json-parsed the file's header on the event loop, up to 100 MB (82 MB: 4.5 s).
+    Past LORA_HEADER_CHECK_BYTES (8 MiB; a real LoRA's is a few MB at most) only its length is checked there."""
+    from sdbridge.engines import models
+
+    parsed = []
+    read = models.read_safetensors_header
+    monkeypatch.setattr(models, "read_safetensors_header", lambda file: parsed.append(file) or read(file))
+    lora_module._HEADER_PROBLEMS.clear()
+    safetensors(tmp_path / "dora.safetensors", ["lora_unet_x.dora_scale"])
+    safetensors(tmp_path / "big.safetensors", ["lora_unet_x.dora_scale"], padding=9 * 1024 * 1024)
+    safetensors(tmp_path / "cut.safetensors", ["lora_unet_x.lora_up.weight"], padding=9 * 1024 * 1024, truncate=9)
+    code, problem = lora_module.lora_file_problem(tmp_path, "dora")
+    assert code == "bad_model" and "is a DoRA" in problem and len(parsed) == 1
+    assert lora_module.lora_file_problem(tmp_path, "big") is None      # the load says it is a DoRA
+    code, problem = lora_module.lora_file_problem(tmp_path, "cut")     # its length still told, from 8 bytes
+    assert code == "bad_model" and "truncated" in problem
+    assert len(parsed) == 1
