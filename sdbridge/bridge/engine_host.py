@@ -113,6 +113,7 @@ class EngineHost:
         # closes when the last request on it ends; closing it at the swap pulled its parts from under the request.
         self._holds: dict[int, int] = {}
         self._retiring: list[Engine] = []
+        self._closed = False  # the daemon stopped: a load that ends after it closes what it made (QA 51 F6)
         # The last choice the parameters asked for. One load runs at a time (two checkpoints loading at once could
         # not both fit): a choice asked for meanwhile loads after it, and a load no longer wanted when it ends is
         # closed, never swapped in (an artist who clicks a model and back at once sees no cut).
@@ -348,6 +349,7 @@ class EngineHost:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             engine, self._current = self._current, None
             ready, self._ready = self._ready, None
         retiring, self._retiring = self._retiring, []
@@ -449,7 +451,9 @@ class EngineHost:
         with self._lock:
             self._loading = None
             self.loads += 1
-            wanted = self._wanted in (None, choice)  # None: loaded without a select (a direct load)
+            # None: loaded without a select (a direct load). Closed: the daemon stopped while it loaded, and nothing
+            # would ever close the engine it made (its memory held until the process ended).
+            wanted = self._wanted in (None, choice) and not self._closed
             if wanted:
                 self._failed = None
                 self.last_error = None

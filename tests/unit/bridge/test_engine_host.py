@@ -185,6 +185,21 @@ def test_a_model_asked_for_and_away_from_at_once_never_serves(tmp_path, tiny_mod
     assert host.loads == 2 and host.load_failures == 0
 
 
+def test_a_load_that_ends_after_the_daemon_stopped_closes_its_engine(tmp_path, tiny_model_dir, slow_loads):
+    """Stopped during a load: the engine it made was handed to a host nobody would close again (QA 51 F6)."""
+    host = EngineHost(load_settings({"models_dir": str(tiny_model_dir.parent)}, env={}))
+    params = {**Schema().defaults(), "width": 64, "height": 64}
+    settle(host, params)
+    host.select({**params, "engine": "diffusion", "model": str(tiny_model_dir)})
+    assert host.status == "loading"
+    host.close()
+    deadline = time.monotonic() + 30
+    while host.status == "loading" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert slow_loads["closed"] == [str(tiny_model_dir)]
+    assert host.active() is None and host.active_engine() is None
+
+
 def test_models_picked_one_after_another_load_one_at_a_time_and_the_last_serves(tmp_path, slow_loads):
     """Scrolling through models: one load at a time; the one asked for last loads when the running one ends, and
     the one it replaced is closed without serving."""
