@@ -73,9 +73,9 @@ def test_find_loras_keeps_the_first_file_of_a_stem_and_skips_links_out(tmp_path,
         lora_path(tmp_path / "loras", "escape2")
 
 
-def safetensors(path: Path, keys: list[str], padding: int = 0, truncate: int = 0) -> Path:
+def safetensors(path: Path, keys: list[str], metadata: str = "", truncate: int = 0) -> Path:
     header = {key: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for key in keys}
-    header["__metadata__"] = {"ss_tag_frequency": "x" * padding}
+    header["__metadata__"] = {"ss_tag_frequency": metadata}
     raw = json.dumps(header).encode()
     path.write_bytes((len(raw).to_bytes(8, "little") + raw + b"\0\0\0\0")[:-truncate or None])
     return path
@@ -91,11 +91,31 @@ def test_a_header_past_the_bound_is_not_parsed_where_loras_is_set(tmp_path, monk
     monkeypatch.setattr(models, "read_safetensors_header", lambda file: parsed.append(file) or read(file))
     lora_module._HEADER_PROBLEMS.clear()
     safetensors(tmp_path / "dora.safetensors", ["lora_unet_x.dora_scale"])
-    safetensors(tmp_path / "big.safetensors", ["lora_unet_x.dora_scale"], padding=9 * 1024 * 1024)
-    safetensors(tmp_path / "cut.safetensors", ["lora_unet_x.lora_up.weight"], padding=9 * 1024 * 1024, truncate=9)
+    safetensors(tmp_path / "big.safetensors", ["lora_unet_x.dora_scale"], metadata="x" * 9 * 1024 * 1024)
+    safetensors(tmp_path / "cut.safetensors", ["lora_unet_x.lora_up.weight"], metadata="x" * 9 * 1024 * 1024,
+                truncate=9)
     code, problem = lora_module.lora_file_problem(tmp_path, "dora")
     assert code == "bad_model" and "is a DoRA" in problem and len(parsed) == 1
     assert lora_module.lora_file_problem(tmp_path, "big") is None      # the load says it is a DoRA
     code, problem = lora_module.lora_file_problem(tmp_path, "cut")     # its length still told, from 8 bytes
     assert code == "bad_model" and "truncated" in problem
     assert len(parsed) == 1
+
+
+def test_a_header_of_more_tensors_than_a_lora_has_is_not_parsed_where_loras_is_set(tmp_path, monkeypatch):
+    """QA 53 F5: under 8 MiB, a header can still list 65,000 tensors (~300 ms of json.loads on the event loop); a
+    real LoRA has under 10,000. Past LORA_HEADER_CHECK_TENSORS they are counted, not parsed."""
+    from sdbridge.engines import models
+
+    parsed = []
+    read = models.read_safetensors_header
+    monkeypatch.setattr(models, "read_safetensors_header", lambda file: parsed.append(file) or read(file))
+    lora_module._HEADER_PROBLEMS.clear()
+    many = [f"lora_unet_{index}.lora_up.weight" for index in range(20_000)]   # 1.4 MB
+    safetensors(tmp_path / "many.safetensors", [*many, "lora_unet_x.dora_scale"])
+    tags = json.dumps({"data_offsets": 1}) * 20_000   # in a string, the quotes are escaped: not tensors
+    safetensors(tmp_path / "tagged.safetensors", ["lora_unet_x.dora_scale"], metadata=tags)
+    assert lora_module.lora_file_problem(tmp_path, "many") is None and parsed == []
+    code, problem = lora_module.lora_file_problem(tmp_path, "tagged")
+    assert code == "bad_model" and "is a DoRA" in problem and len(parsed) == 1
+    assert lora_module.LORA_HEADER_CHECK_TENSORS < 20_000
