@@ -298,3 +298,26 @@ def test_a_lora_that_will_not_load_is_refused_where_it_is_set(tmp_path):
             assert not applied and errors[0].code == code and words in str(errors[0]), (name, value, errors)
     assert store.get("loras") == "ink:0.5" and store.get("prompt") == "a cat <lora:ink:1>"
     assert ParamStore(Schema()).update({"loras": "nosuch:1"})[0]   # no folder known (tools, tests): syntax only
+
+
+def test_an_update_of_many_bad_keys_tells_twenty_errors_and_counts_the_rest(schema, monkeypatch):
+    """QA 53 F6: POST /params or a WebSocket set of 80,000 unknown keys built a ParamError per key on the event loop
+    (1 s) and answered 6 MB of errors. Past the first 20, unknown names are counted, not made errors (nor looked up
+    by Schema.get); a known name among them is still validated and applied."""
+    looked_up = []
+    get = Schema.get
+    monkeypatch.setattr(Schema, "get", lambda self, name: looked_up.append(name) or get(self, name))
+    updates = {f"nosuch{index}": 1 for index in range(1000)}
+    updates["strength"] = 0.25
+    updates["steps"] = -5
+    store = ParamStore(schema)
+    applied, errors = store.update(updates)
+    assert applied == {"strength": 0.25}
+    assert len(errors) == 21 and [error.code for error in errors[:20]] == ["unknown_param"] * 20
+    assert str(errors[20]) == ("981 more of the 1002 parameters in this update were refused (unknown names or bad "
+                               f"values); only the first 20 errors are told, and the daemon has {len(schema)} "
+                               "parameters")
+    assert errors[20].code == "bad_param" and errors[20].name is None
+    assert len(looked_up) == 22           # the first 20 and the two known names
+    applied, errors = store.update({**updates, "strength": 0.5}, all_or_nothing=True)   # POST /params's way
+    assert applied == {} and len(errors) == 21 and store.get("strength") == 0.25
