@@ -289,6 +289,37 @@ def test_weight_files_and_folders_of_add_on_models(tmp_path):
         load_pretrained_folder(folder, object, torch.float32, "motion adapter")
 
 
+def test_a_missing_add_on_name_names_twenty_of_a_big_folder_and_counts_the_rest(tmp_path, monkeypatch):
+    """QA 53 F9: a ControlNet name not in its folder listed the whole folder into the error, on the event loop where
+    the name is set (stats and a header read per entry): 30,000 entries, 0.4 s and a 683 kB message. It names the
+    first 20, as the LoRA error does, and looks at no entry past them."""
+    from sdbridge.engines.models import resolve_add_on_model
+
+    for index in range(150):
+        (tmp_path / f"cn{index:03d}.safetensors").write_bytes(b"")
+        if index % 3 == 0:
+            (tmp_path / f"cn{index:03d}.yaml").write_text("{}")   # A1111's config beside it: not a name
+    for index in range(3):
+        (tmp_path / f"diffusers{index}").mkdir()
+        (tmp_path / f"diffusers{index}" / "config.json").write_text("{}")
+    looked_at = []
+    is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: looked_at.append(self) or is_file(self))
+    with pytest.raises(ModelError) as missing:
+        resolve_add_on_model("canny", tmp_path, what="controlnet", setting="controlnet_dir")
+    shown = ", ".join(f"cn{index:03d}" for index in range(20))
+    assert str(missing.value) == (f"controlnet 'canny' not found in {tmp_path} (known: {shown}, ... (176 more entries "
+                                  "in the folder))")
+    assert missing.value.code == "model_not_found"
+    assert len(looked_at) < 40   # the name's own candidates, then the 27 entries before the 20th name
+    (tmp_path / "few").mkdir()
+    (tmp_path / "few" / "a.safetensors").write_bytes(b"")
+    (tmp_path / "few" / "b").mkdir()
+    (tmp_path / "few" / "b" / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"not found in .*few \(known: a, b\)$"):
+        resolve_add_on_model("canny", tmp_path / "few", what="controlnet", setting="controlnet_dir")
+
+
 def test_loads_on_several_threads_at_once_all_get_real_weights(parts, tmp_path):
     """Hot-swaps, ControlNet slots and motion adapters load on their own threads. accelerate's
     init_empty_weights, inside from_pretrained, patches module construction for the whole process, so
