@@ -119,3 +119,21 @@ def test_a_header_of_more_tensors_than_a_lora_has_is_not_parsed_where_loras_is_s
     code, problem = lora_module.lora_file_problem(tmp_path, "tagged")
     assert code == "bad_model" and "is a DoRA" in problem and len(parsed) == 1
     assert lora_module.LORA_HEADER_CHECK_TENSORS < 20_000
+
+
+def test_a_pickled_lora_in_a_subfolder_is_named_from_the_scan_not_a_stat_per_folder(tmp_path, monkeypatch):
+    """A name not there looked for a pickle of it in every folder of the scan, four stats each, at every set: 12,000
+    stats on the event loop for 3,000 folders (QA 53 F8's 'same set again'). The scan lists them as it walks."""
+    many_loras(tmp_path, subfolders=50, per_folder=1)
+    (tmp_path / "set7" / "old.ckpt").write_bytes(b"\x80\x04")
+    lora_module._FOUND.clear()
+    looked_at = []
+    is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: looked_at.append(self) or is_file(self))
+    for _ in range(3):
+        code, problem = lora_module.lora_file_problem(tmp_path, "old")
+        assert code == "bad_model" and f"is a pickle file in {str(tmp_path / 'set7')!r}" in problem
+        code, problem = lora_module.lora_file_problem(tmp_path, "nosuch")
+        assert code == "unknown_lora" and "'nosuch' not found" in problem
+    assert len(looked_at) <= 12   # the top-level candidate of each lookup; no stat per folder
+    assert lora_module.lora_file_problem(tmp_path, "set7/old")[1].startswith("LoRA 'set7/old' is a pickle file in")
