@@ -35,9 +35,12 @@ from sdbridge.paths import PathError, confine
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")  # matched whole (fullmatch): "$" lets "abc\n" through
-# A preset is a few hundred bytes; a larger file is refused unread, so that listing the presets (on the
-# event loop) never parses megabytes (a 50 MB file stalled every client for 6.5 s).
-MAX_FILE_BYTES = 1024 * 1024
+# A preset is a few hundred bytes (every parameter at its longest, about 34 kB); a larger file is refused unread:
+# a recall parses it on the event loop, and a 1 MB file of 80k keys stalled every client for 2.2 s (QA 53 F4).
+# save() refuses to write one, so that what saves, recalls.
+MAX_FILE_BYTES = 64 * 1024
+# The names an unknown-name error shows: 10,000 of them made a 109 kB answer (QA 53 F3).
+MAX_KNOWN_SHOWN = 20
 TOP_LEVEL = ("description", "glide_s", "params")  # what a preset file holds outside its [params] table
 MAX_GLIDE_S = 600
 
@@ -67,6 +70,15 @@ def check_name(name: Any) -> str:
                          "LPT0-9 in any case, before the first dot): pick another, so the presets folder works on "
                          "every system", name="preset", value=name, code="bad_preset")
     return name
+
+
+def callable_name(name: str) -> bool:
+    """Whether a client may call a preset ``name`` (check_name passes)."""
+    try:
+        check_name(name)
+    except ParamError:
+        return False
+    return True
 
 
 def default_user_dir() -> Path:
@@ -174,9 +186,14 @@ class PresetLibrary:
             path = confine(f"{name}.toml", [folder], what="preset")
             if path.is_file():
                 return self._read(name, path, shipped)
-        # Known: the presets that read, as list() gives them; a broken file named there would be a bad pick (qa8).
-        known = ", ".join(preset.name for preset in self.list()) or "none"
-        raise ParamError(f"no preset called {name!r} (known: {known})", name="preset", value=name,
+        # Known: the files' names, not list()'s presets that read: that parsed every file on the event loop, 1.5 s
+        # at 10,000 presets for each unknown name any client sent (QA 53 F3). A broken file named here says why
+        # when it is recalled. Names no client could call (list() leaves them out too) are not offered.
+        known = [other for other in self.names() if callable_name(other)]
+        shown = ", ".join(known[:MAX_KNOWN_SHOWN]) or "none"
+        if len(known) > MAX_KNOWN_SHOWN:
+            shown += f" and {len(known) - MAX_KNOWN_SHOWN} more"
+        raise ParamError(f"no preset called {name!r} (known: {shown})", name="preset", value=name,
                          code="unknown_preset")
 
     @staticmethod
@@ -188,7 +205,7 @@ class PresetLibrary:
             with path.open("rb") as handle:
                 raw = handle.read(MAX_FILE_BYTES + 1)  # read no more than the limit, whatever stat said
             if len(raw) > MAX_FILE_BYTES:
-                raise bad(f"is larger than {MAX_FILE_BYTES // 2**20} MB; a preset is a few hundred bytes")
+                raise bad(f"is larger than {MAX_FILE_BYTES // 1024} KiB; a preset is a few hundred bytes")
             # ValueError covers TOMLDecodeError, UnicodeDecodeError and an integer past 4300 digits;
             # RecursionError: tomllib recurses once per level of nested arrays or tables.
             data = tomllib.loads(raw.decode("utf-8"))
@@ -251,6 +268,9 @@ class PresetLibrary:
         path = confine(f"{name}.toml", [self.user_dir], what="preset")
         preset = Preset(name, dict(params), float(glide_s), description, str(path))
         data = dump(preset).encode("utf-8")  # encoded before any file is opened: the checks above make it safe
+        if len(data) > MAX_FILE_BYTES:  # a file that would be refused at every recall and left out of the list
+            raise ParamError(f"preset {name!r} would be {len(data)} bytes, more than the {MAX_FILE_BYTES // 1024} "
+                             "KiB a preset file may hold", name="preset", value=name, code="bad_preset")
         temporary = path.with_suffix(".toml.tmp")
         try:
             temporary.write_bytes(data)

@@ -16,7 +16,7 @@ from sdbridge.bridge.glide import Glider
 from sdbridge.bridge.osc_parse import encode_message
 from sdbridge.errors import ParamError, SdbridgeError
 from sdbridge.params import Schema, shown_value
-from sdbridge.presets import MAX_GLIDE_S, PresetLibrary, glide_problem
+from sdbridge.presets import MAX_GLIDE_S, Preset, PresetLibrary, glide_problem
 
 if TYPE_CHECKING:
     from sdbridge.bridge.server import Daemon
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # 600 s at the fastest tempo bpm allows (300): checked before the beats are turned into seconds, so that
 # a huge integer from JSON is refused by comparison instead of overflowing float().
 MAX_GLIDE_BEATS = 3000
+# The LoRAs left out that a recall names, then a count of the rest: each error goes to a WebSocket client as a message
+# of its own (its queue holds 64) and into one log line (QA 53 F4). schema.validate bounds its own errors likewise.
+MAX_MISSING_SHOWN = 20
 
 
 class Control:
@@ -45,14 +48,22 @@ class Control:
         return self.glider.start(updates, slew)
 
     def recall_preset(self, name: str, glide_s: float | None = None, glide_beats: float | None = None,
-                      on_beat: bool = False, announce: bool = True) -> tuple[dict[str, Any], list[SdbridgeError]]:
+                      on_beat: bool = False, announce: bool = True,
+                      preset: Preset | None = None) -> tuple[dict[str, Any], list[SdbridgeError]]:
         """Loop thread: apply a preset, gliding its numeric values over its (or the given) time.
 
         ``glide_beats`` gives the time in beats at the current ``bpm``; ``on_beat`` starts the
         recall on the next beat of the worker's clock (the one the LFOs follow), so a preset lands
         with the music. ``announce`` False logs the recall at debug level (audio onsets: twice a second).
+        ``preset``: the file already read (HTTP reads it in a thread), else it is read here.
         """
-        preset = self.presets.get(name)
+        if preset is None:
+            preset = self.presets.get(name)
+        schema = self.daemon.store.schema
+        if len(preset.params) > len(schema):
+            # Each parameter once at most: more keys is no preset, and validating them all stalled the loop (QA 53 F4).
+            raise ParamError(f"preset {name!r} has {len(preset.params)} values under [params], more than the "
+                             f"{len(schema)} parameters there are", name="preset", value=name, code="bad_preset")
         bpm = float(self.daemon.store.get("bpm"))
         if glide_beats is not None:
             # "not 0 <= x <= max" also refuses nan; the comparisons never convert a huge int to float.
@@ -68,10 +79,14 @@ class Control:
         if (problem := glide_problem(duration)) is not None:
             raise ParamError(problem, name="glide_s", value=duration)
         values, missing = self.daemon.without_missing_loras(preset.params)  # deleted since it was saved (QA 22)
-        good, errors = self.daemon.store.schema.validate(values)
-        errors = [*(ParamError(f"preset {name!r} names {what}, left out: {why}", name="loras", value=what,
-                               code="unknown_lora") for what, why in missing),
-                  *errors]
+        good, errors = schema.validate(values)
+        told = [ParamError(f"preset {name!r} names {what}, left out: {why}", name="loras", value=what,
+                           code="unknown_lora") for what, why in missing[:MAX_MISSING_SHOWN]]
+        if len(missing) > MAX_MISSING_SHOWN:
+            told.append(ParamError(f"preset {name!r} names {len(missing) - MAX_MISSING_SHOWN} more LoRA(s) that are "
+                                   f"not there, left out too (the first {MAX_MISSING_SHOWN} are told)", name="loras",
+                                   value=name, code="unknown_lora"))
+        errors = [*told, *errors]
         if on_beat:
             loop = asyncio.get_running_loop()
             delay = self.daemon.worker.clock.until_next_beat(time.monotonic(), bpm)

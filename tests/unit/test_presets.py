@@ -50,17 +50,35 @@ def test_unknown_and_broken(library, tmp_path):
     assert "broken" not in [p.name for p in library.list()]
 
 
-def test_unknown_preset_names_only_presets_that_read(library):
-    """qa8 #12: the "known:" list is what list() gives, not the broken files it leaves out."""
-    library.user_dir.mkdir(parents=True)
-    (library.user_dir / "broken.toml").write_text("params = [")
-    (library.user_dir / "stray.toml").write_text("strength = 0.5\n")
-    library.save("mine", {"strength": 0.5})
+def test_unknown_preset_names_files_without_parsing_them(library, monkeypatch):
+    """QA 53 F3: the "known:" list came from list(), which parsed every preset file on the event loop for each
+    unknown name (1.5 s at 10,000). Now from the files' names: no file is parsed, a broken one is named (its recall
+    says why), and 20 are shown with a count of the rest."""
+    import tomllib
+
+    from sdbridge import presets
+
+    user = _user(library)
+    (user / "broken.toml").write_text("params = [")
+    (user / "not callable!.toml").write_text("[params]\n")  # no client could ask for it: not offered
+    for index in range(40):
+        (user / f"look{index:02d}.toml").write_text("[params]\nstrength = 0.5\n")
+    parsed = []
+    monkeypatch.setattr(presets.tomllib, "loads", lambda text: parsed.append(text) or tomllib.loads(text))
     with pytest.raises(ParamError) as info:
         library.get("nope")
-    known = str(info.value).split("(known: ", 1)[1].rstrip(")").split(", ")
-    assert known == [preset.name for preset in library.list()]
-    assert "mine" in known and "broken" not in known and "stray" not in known
+    assert info.value.code == "unknown_preset" and not parsed
+    known = str(info.value).split("(known: ", 1)[1]
+    names = library.names()
+    callable_names = [name for name in names if name != "not callable!"]
+    assert known == ", ".join(callable_names[:20]) + f" and {len(callable_names) - 20} more)"
+    assert "broken" in known and "not callable!" not in known
+
+
+def test_unknown_preset_with_few_files_lists_them_all(library):
+    library.save("mine", {"strength": 0.5})
+    with pytest.raises(ParamError, match=r"\(known: calm, mine, neon, watercolor\)$"):
+        library.get("nope")
 
 
 def test_savable_leaves_out_the_stream_and_the_model():
@@ -199,10 +217,36 @@ def test_a_very_large_file_is_refused_before_it_is_parsed(library, monkeypatch):
     (_user(library) / "huge.toml").write_text("[params]\n" + "# padding\n" * 120_000 + "strength = 0.5\n")
     parsed = []
     monkeypatch.setattr(presets.tomllib, "loads", lambda text: parsed.append(text) or tomllib.loads(text))
-    with pytest.raises(ParamError, match=r"larger than 1 MB") as info:
+    with pytest.raises(ParamError, match=r"larger than 64 KiB") as info:
         library.get("huge")
     assert info.value.code == "bad_preset" and not parsed
     assert "huge" not in _names(library)
+
+
+def test_a_preset_file_over_64_kib_is_refused_unparsed(library, monkeypatch):
+    """QA 53 F4: a file up to 1 MB (80k keys) was parsed on the event loop at each recall; a preset is a few
+    hundred bytes, every parameter at its longest about 34 kB."""
+    import tomllib
+
+    from sdbridge import presets
+
+    keys = "".join(f'"k{index:05d}" = 1\n' for index in range(6000))  # 78 kB
+    (_user(library) / "big.toml").write_text("[params]\n" + keys)
+    parsed = []
+    monkeypatch.setattr(presets.tomllib, "loads", lambda text: parsed.append(text) or tomllib.loads(text))
+    with pytest.raises(ParamError, match=r"^preset 'big' \(.*\) is larger than 64 KiB; a preset is a few") as info:
+        library.get("big")
+    assert info.value.code == "bad_preset" and not parsed
+
+
+def test_a_save_the_file_limit_would_refuse_is_refused(library):
+    """What saves, recalls: a file over the limit would answer bad_preset at every recall."""
+    with pytest.raises(ParamError, match=r"^preset 'long' would be \d+ bytes, more than the 64 KiB") as info:
+        library.save("long", {"prompt": "x" * 70_000})
+    assert info.value.code == "bad_preset"
+    assert not (library.user_dir / "long.toml").exists()
+    library.save("fits", {"prompt": "x" * 60_000})  # just under: saved, and it reads back
+    assert library.get("fits").params["prompt"] == "x" * 60_000
 
 
 @pytest.mark.parametrize("name", ["abc\n", "neon\n", "x\r"])
