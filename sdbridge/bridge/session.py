@@ -34,6 +34,25 @@ MAX_CONTROL_MESSAGES = 64  # errors/replies waiting for a viewer that does not r
 # Four slots read a channel (3 ControlNets and the IP-Adapter), and fit it to the engine's size: four raw
 # 4096x4096 RGBA passes (64 MiB each, the largest WebSocket message) still fit.
 MAX_CONDITION_BYTES = 256 * 1024 * 1024
+# And over all sessions: each session's budget alone let N clients hold N x 256 MiB (QA 51 F5).
+MAX_CONDITION_BYTES_TOTAL = 1024 * 1024 * 1024
+
+
+class ConditionBudget:
+    """The bytes of the condition frames every session holds (the newest of each channel), against one limit."""
+
+    def __init__(self, limit: int = MAX_CONDITION_BYTES_TOTAL) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, change: int) -> int | None:
+        """Count ``change`` bytes more (or fewer); None, or what is held when that would pass the limit."""
+        with self._lock:
+            if change > 0 and self.held + change > self.limit:
+                return self.held
+            self.held += change
+            return None
 
 
 @dataclass
@@ -204,7 +223,7 @@ class RateMeter:
 class Session:
     """A named stream: its input slots, its viewers and the engine's per-stream state."""
 
-    def __init__(self, session_id: str, on_input: Callable[[], None]) -> None:
+    def __init__(self, session_id: str, on_input: Callable[[], None], budget: ConditionBudget | None = None) -> None:
         self.id = session_id
         self.input: LatestSlot[InputFrame] = LatestSlot()
         # Condition streams (channel byte > 0: a depth or edge pass for ControlNet).
@@ -217,6 +236,7 @@ class Session:
         # or an --input's thread). The worker may still hold the one before it: at most twice the budget.
         self._condition_bytes: dict[int, int] = {}
         self._condition_lock = threading.Lock()
+        self._budget = budget  # the daemon's, over all sessions; None once this session has given its bytes back
         self.viewers: set[Viewer] = set()
         self.senders = 0
         self.state = StreamState(session_id)
@@ -247,12 +267,26 @@ class Session:
                         f"session's condition frames to {held + len(frame.data)} bytes (at most "
                         f"{MAX_CONDITION_BYTES}, the newest frame of each channel counted; "
                         f"{len(self._condition_bytes)} channel(s) hold {sum(self._condition_bytes.values())})")
+                budget = self._budget
+                if budget is not None:
+                    total = budget.take(len(frame.data) - self._condition_bytes.get(channel, 0))
+                    if total is not None:
+                        raise ProtocolError(
+                            f"condition frame of {len(frame.data)} bytes on channel {channel} would bring the "
+                            f"daemon's condition frames past {budget.limit} bytes over all sessions ({total} held)")
                 self._condition_bytes[channel] = len(frame.data)
                 slot = self.conditions.setdefault(channel, LatestSlot())
             slot.put(frame)
             return
         self.input.put(frame)
         self._on_input()
+
+    def give_back_conditions(self) -> None:
+        """Closed: its condition frames' bytes leave the daemon's budget (a late frame counts in its own only)."""
+        with self._condition_lock:
+            budget, self._budget = self._budget, None
+            if budget is not None:
+                budget.take(-sum(self._condition_bytes.values()))
 
     def publish(self, message: bytes) -> None:
         """Loop side: hand one output frame to every viewer's slot."""
@@ -297,6 +331,7 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._counter = itertools.count(1)
+        self.conditions = ConditionBudget()
         self.wake = threading.Event()  # set when any input arrives; the worker waits on it
         # Counters of sessions that have closed, so that totals survive their sessions.
         self.retired = {"frames_in": 0, "frames_dropped": 0, "frames_out": 0, "condition_frames": 0,
@@ -314,7 +349,7 @@ class SessionRegistry:
                     name = f"s{next(self._counter)}"
             session = self._sessions.get(name)
             if session is None:
-                session = Session(name, self._notify)
+                session = Session(name, self._notify, self.conditions)
                 self._sessions[name] = session
                 log.info("session %s opened", name)
             return session
@@ -325,6 +360,7 @@ class SessionRegistry:
             if not session.viewers and session.senders <= 0 and self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
                 session.closed = True
+                session.give_back_conditions()
                 self.retired["frames_in"] += session.input.accepted
                 # A frame still in its slot when the session closes was never served: dropped, so that the
                 # totals add up (QA 12: frames_received outran frames_out + frames_dropped).

@@ -3,8 +3,8 @@ import asyncio
 import pytest
 
 from sdbridge.bridge.protocol import FrameHeader, PixelFormat
-from sdbridge.bridge.session import (MAX_CONDITION_BYTES, InputFrame, LatestSlot, RateMeter, SessionRegistry,
-                                     SharedMessage, Viewer, encode_message)
+from sdbridge.bridge.session import (MAX_CONDITION_BYTES, ConditionBudget, InputFrame, LatestSlot, RateMeter,
+                                     SessionRegistry, SharedMessage, Viewer, encode_message)
 from sdbridge.errors import ProtocolError
 
 
@@ -135,6 +135,25 @@ def _condition(channel: int, size: int, frame_id: int = 1) -> InputFrame:
                          reply_format=PixelFormat.JPEG, frame_id=frame_id, client_ts_us=0, width=0, height=0,
                          payload_length=size)
     return InputFrame(data=data, payload=memoryview(data), header=header, kind="header")
+
+
+def test_condition_frames_are_held_within_a_budget_over_all_sessions():
+    """Each session's budget alone let N clients hold N x 256 MiB (QA 51 F5)."""
+    registry = SessionRegistry()
+    registry.conditions = ConditionBudget(limit=3000)
+    first, second = registry.open("a"), registry.open("b")
+    first.put_frame(_condition(1, 2000))
+    with pytest.raises(ProtocolError, match="past 3000 bytes over all sessions \\(2000 held\\)") as refused:
+        second.put_frame(_condition(1, 1500))
+    assert refused.value.code == "bad_frame" and not second.conditions
+    second.put_frame(_condition(1, 1000))
+    first.put_frame(_condition(1, 500, frame_id=2))  # a newer frame replaces its channel's in the count
+    assert registry.conditions.held == 1500
+    registry.release(first)  # closed: its bytes go back
+    assert registry.conditions.held == 1000
+    first.put_frame(_condition(2, 2500))  # a late frame of the closed session counts in its own budget only
+    second.put_frame(_condition(2, 2000))
+    assert registry.conditions.held == 3000
 
 
 def test_condition_frames_are_held_within_a_byte_budget_per_session():
