@@ -73,7 +73,7 @@ def test_find_loras_keeps_the_first_file_of_a_stem_and_skips_links_out(tmp_path,
         lora_path(tmp_path / "loras", "escape2")
 
 
-def safetensors(path: Path, keys: list[str], metadata: str = "", truncate: int = 0) -> Path:
+def write_safetensors(path: Path, keys: list[str], metadata: str = "", truncate: int = 0) -> Path:
     header = {key: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for key in keys}
     header["__metadata__"] = {"ss_tag_frequency": metadata}
     raw = json.dumps(header).encode()
@@ -90,9 +90,9 @@ def test_a_header_past_the_bound_is_not_parsed_where_loras_is_set(tmp_path, monk
     read = models.read_safetensors_header
     monkeypatch.setattr(models, "read_safetensors_header", lambda file: parsed.append(file) or read(file))
     lora_module._HEADER_PROBLEMS.clear()
-    safetensors(tmp_path / "dora.safetensors", ["lora_unet_x.dora_scale"])
-    safetensors(tmp_path / "big.safetensors", ["lora_unet_x.dora_scale"], metadata="x" * 9 * 1024 * 1024)
-    safetensors(tmp_path / "cut.safetensors", ["lora_unet_x.lora_up.weight"], metadata="x" * 9 * 1024 * 1024,
+    write_safetensors(tmp_path / "dora.safetensors", ["lora_unet_x.dora_scale"])
+    write_safetensors(tmp_path / "big.safetensors", ["lora_unet_x.dora_scale"], metadata="x" * 9 * 1024 * 1024)
+    write_safetensors(tmp_path / "cut.safetensors", ["lora_unet_x.lora_up.weight"], metadata="x" * 9 * 1024 * 1024,
                 truncate=9)
     code, problem = lora_module.lora_file_problem(tmp_path, "dora")
     assert code == "bad_model" and "is a DoRA" in problem and len(parsed) == 1
@@ -112,9 +112,9 @@ def test_a_header_of_more_tensors_than_a_lora_has_is_not_parsed_where_loras_is_s
     monkeypatch.setattr(models, "read_safetensors_header", lambda file: parsed.append(file) or read(file))
     lora_module._HEADER_PROBLEMS.clear()
     many = [f"lora_unet_{index}.lora_up.weight" for index in range(20_000)]   # 1.4 MB
-    safetensors(tmp_path / "many.safetensors", [*many, "lora_unet_x.dora_scale"])
+    write_safetensors(tmp_path / "many.safetensors", [*many, "lora_unet_x.dora_scale"])
     tags = json.dumps({"data_offsets": 1}) * 20_000   # in a string, the quotes are escaped: not tensors
-    safetensors(tmp_path / "tagged.safetensors", ["lora_unet_x.dora_scale"], metadata=tags)
+    write_safetensors(tmp_path / "tagged.safetensors", ["lora_unet_x.dora_scale"], metadata=tags)
     assert lora_module.lora_file_problem(tmp_path, "many") is None and parsed == []
     code, problem = lora_module.lora_file_problem(tmp_path, "tagged")
     assert code == "bad_model" and "is a DoRA" in problem and len(parsed) == 1
@@ -137,3 +137,24 @@ def test_a_pickled_lora_in_a_subfolder_is_named_from_the_scan_not_a_stat_per_fol
         assert code == "unknown_lora" and "'nosuch' not found" in problem
     assert len(looked_at) <= 12   # the top-level candidate of each lookup; no stat per folder
     assert lora_module.lora_file_problem(tmp_path, "set7/old")[1].startswith("LoRA 'set7/old' is a pickle file in")
+
+
+def test_the_load_refuses_a_header_of_more_tensors_than_any_lora_before_safetensors_parses_it(tmp_path, monkeypatch):
+    """QA 53 F5, the worker's side: with the set path no longer parsing it, an 82 MB header of 800,000 fake tensors
+    still stalled the event loop 2.2 s, from the worker: safetensors parses a header holding the GIL. The load counts
+    the tensors in the header's bytes first."""
+    import safetensors
+
+    opened = []
+    safe_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *args, **kwargs: opened.append(args) or safe_open(*args,
+                                                                                                           **kwargs))
+    many = write_safetensors(tmp_path / "many.safetensors", [f"lora_unet_{index}.lora_up.weight"
+                                                             for index in range(70_000)])
+    with pytest.raises(ModelError, match=r"many.safetensors' lists 70000 tensors, more than any LoRA has"):
+        lora_module.load_lora(many, {})
+    assert opened == []
+    fine = write_safetensors(tmp_path / "fine.safetensors", ["lora_unet_x.dora_scale"], metadata="x" * 10**7)
+    with pytest.raises(ModelError, match="DoRA"):   # a big header of metadata alone is read as before
+        lora_module.load_lora(fine, {})
+    assert len(opened) == 1
