@@ -41,7 +41,8 @@ from torch import nn
 from sdbridge.engines.background_load import BackgroundLoads
 from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, OUTPUT_CHANNEL
 from sdbridge.engines.feature_bank import attention_in, attention_out
-from sdbridge.engines.models import list_add_on_models, load_weight_file, resolve_add_on_model, serialized_load
+from sdbridge.engines.models import (known_add_on_models, list_add_on_models, load_weight_file, resolve_add_on_model,
+                                     serialized_load)
 from sdbridge.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def resolve_ip_adapter(name: str, folder: Path | None) -> Path:
         except ModelError as exc:
             if exc.code != "model_not_found" or folder is None:
                 raise
-    known = ", ".join(list_ip_adapters(folder)) or "none"
+    # The first names only, as for the other add-on models: the whole folder was listed into it (QA 53 F9)
+    known = known_add_on_models(folder, skip=lambda entry: entry.endswith("image_encoder"))
     raise ModelError(f"ip_adapter {name!r} not found in {folder} (known: {known})", code="model_not_found")
 
 

@@ -322,3 +322,19 @@ def test_doctor_lists_the_adapters_and_says_which_lacks_its_image_encoder(parts,
     write_random_ip_adapter(tmp_path / "ip_adapter", parts.unet, name="lonely", encoder=False)
     [finding] = check_ip_adapters(Settings(models_dir=str(tmp_path)))
     assert finding.level == ERROR and "image encoder" in finding.message
+
+
+def test_a_missing_adapter_names_twenty_of_a_big_folder_and_not_the_image_encoder(tmp_path):
+    """As the other add-on models (QA 53 F9): the whole folder was listed into the error, on the event loop."""
+    from sdbridge.engines.ip_adapter import resolve_ip_adapter
+
+    (tmp_path / "image_encoder").mkdir()
+    (tmp_path / "image_encoder" / "config.json").write_text("{}")
+    for index in range(40):
+        (tmp_path / f"ip{index:02d}.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError) as missing:
+        resolve_ip_adapter("style", tmp_path)
+    shown = ", ".join(f"ip{index:02d}" for index in range(20))
+    assert str(missing.value) == (f"ip_adapter 'style' not found in {tmp_path} (known: {shown}, ... (20 more entries "
+                                  "in the folder))")
+    assert missing.value.code == "model_not_found"
