@@ -26,9 +26,9 @@ weights never drift and weight 0 gives back the original bits. Nothing is re-rea
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
-import heapq
 import math
 import os
 import re
