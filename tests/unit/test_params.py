@@ -201,13 +201,13 @@ def test_a_huge_integer_for_an_unbounded_float_is_not_finite():
         spec.validate(10**400)
 
 
-@pytest.mark.parametrize("name", ["strength", "steps", "seed"])
-@pytest.mark.parametrize("text", ["1e400", "-1e400", "9" * 400, "9" * 5000, " -" + "9" * 5000 + " "])
+@pytest.mark.parametrize(("name", "text"), [
+    (name, text) for name in ("strength", "steps", "seed")
+    for text in ("1e400", "-1e400", "9" * 400, "9" * 5000, " -" + "9" * 5000 + " ")
+    if name == "strength" or "e" not in text])  # 1e400 is no integer's spelling
 def test_digits_past_a_number_s_range_are_out_of_range_as_typed(schema, name, text):
     """QA 49 F5: '1e400' or 400 digits sent as text said 'strength inf is not a finite number', and 5000 digits for
     an int 'is not an integer' (int() stops at 4300 digits): each is out of range, quoted as it came."""
-    if name != "strength" and "e" in text:
-        pytest.skip("1e400 is no integer's spelling")
     with pytest.raises(ParamError) as info:
         schema.get(name).validate(text)
     message = str(info.value)
