@@ -22,7 +22,7 @@ from sdbridge.bridge.listen import bound_socket
 from sdbridge.bridge.osc_parse import (MAX_DATAGRAM, OscCall, at_address, calls_to_updates, encode_bundles, in_order,
                                        encode_message, outside_prefix, parse_datagram)
 from sdbridge.bridge.problem_log import ProblemLog
-from sdbridge.errors import ProtocolError, SdbridgeError
+from sdbridge.errors import ParamError, ProtocolError, SdbridgeError
 from sdbridge.params import ParamStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ _PROBLEM_KINDS = ("malformed", "rejected_source", "param_errors", "unknown_addre
 # Addresses outside the prefix are reported once each (a controller repeats its address at its frame rate); a
 # sender spraying new ones stops being told after this many, and is only counted.
 MAX_TOLD_ADDRESSES = 256
+# The errors of one datagram told one by one (logged, sent to the feedback target and to every WebSocket client);
+# the rest are counted and told in one more. A bundle of 1024 refused messages was 1024 of each, 10-20 ms on the
+# event loop per datagram, and a flood of them kept every HTTP answer ~300 ms late (QA 53 F7).
+MAX_ERRORS_TOLD = 8
 
 
 class OscServer(asyncio.DatagramProtocol):
@@ -87,6 +91,8 @@ class OscServer(asyncio.DatagramProtocol):
         self._log = ProblemLog(log, "OSC", lambda: {key: getattr(self.stats, key) for key in _PROBLEM_KINDS})
         self._traceback_logged = False
         self._told_addresses: set[str] = set()
+        self._errors_told = 0  # in the datagram being handled
+        self._errors_untold = 0
         # Windows' asyncio stops reading a UDP socket after a reset (error_received): listen again there.
         self.listen_again_on_reset = sys.platform == "win32"
         self.listened_again = 0
@@ -149,9 +155,13 @@ class OscServer(asyncio.DatagramProtocol):
             classified = True
             # 3. Map and apply, in order: the parameters between two commands in one update call, a command (a
             #    preset recall) in its place, all in one transaction, so that a bundle lands in one frame.
+            self._errors_told = self._errors_untold = 0
             with self.store.transaction():
                 for run in in_order(calls, self.store.schema, self.prefix):
                     self._handle(run, addr)
+            if self._errors_untold:
+                self._tell(ParamError(f"{self._errors_untold} more refused messages in this datagram; only the "
+                                      f"first {MAX_ERRORS_TOLD} are told one by one", code="bad_param"), addr)
         except Exception:  # never let one datagram take the protocol down
             if not classified:
                 self.stats.malformed += 1
@@ -173,10 +183,17 @@ class OscServer(asyncio.DatagramProtocol):
                 actions.errors.append(outside_prefix(address, self.prefix))
         for error in actions.errors:
             self.stats.param_errors += error.code != "unknown_address"
-            self._log.warning("OSC from %s: %s", addr, error)
-            self._call(self.on_error, error, addr)
+            if self._errors_told < MAX_ERRORS_TOLD:
+                self._errors_told += 1
+                self._tell(error, addr)
+            else:
+                self._errors_untold += 1
         for call in actions.commands:
             self._call(self.on_command, call, addr)
+
+    def _tell(self, error: SdbridgeError, addr: Any) -> None:
+        self._log.warning("OSC from %s: %s", addr, error)
+        self._call(self.on_error, error, addr)
 
     def _call(self, handler: Callable[[Any, Any], None] | None, value: Any, addr: Any) -> None:
         """A failing callback is ours to count, and must not stop the others."""

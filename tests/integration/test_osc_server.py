@@ -177,6 +177,30 @@ def test_errors_and_commands_reach_the_callbacks_and_good_values_still_apply():
     assert commands == [OscCall("/sd/preset", ("dusk",))]
 
 
+def test_a_datagram_s_errors_are_told_up_to_a_bound_then_counted():
+    """A bundle of 1024 refused messages was 1024 log lines and 1024 errors to the feedback target and every
+    WebSocket client, 10-20 ms on the event loop per datagram (QA 53 F7)."""
+    from sdbridge.bridge.osc import MAX_ERRORS_TOLD
+
+    async def scenario():
+        errors = []
+        server, client = await started(on_error=lambda e, s: errors.append(e))
+        client.send(osc_bundle(*[(f"/sd/nope{index}", 1.0) for index in range(100)], ("/sd/guidance", 2.0)))
+        assert await until(lambda: server.store.get("guidance") == 2.0 and len(errors) == MAX_ERRORS_TOLD + 1)
+        client.send(osc_bundle(("/sd/strength", 4.0), ("/sd/guidance", 3.0)))  # a new datagram: told again
+        assert await until(lambda: server.store.get("guidance") == 3.0 and len(errors) == MAX_ERRORS_TOLD + 2)
+        server.close()
+        return server, errors
+
+    server, errors = asyncio.run(scenario())
+    assert server.stats.param_errors == 101
+    assert [str(e).split(":")[0] for e in errors[:MAX_ERRORS_TOLD]] == [f"/sd/nope{i}" for i in range(MAX_ERRORS_TOLD)]
+    assert str(errors[MAX_ERRORS_TOLD]) == (f"{100 - MAX_ERRORS_TOLD} more refused messages in this datagram; only "
+                                            f"the first {MAX_ERRORS_TOLD} are told one by one")
+    assert errors[MAX_ERRORS_TOLD].code == "bad_param"
+    assert str(errors[-1]) == "/sd/strength: strength 4.0 not in [0, 1]"
+
+
 def test_a_rule_the_store_checks_names_the_address_too():
     """QA 5: a schedule's spec and an LFO's target are checked by the store, after the parser; their errors lacked
     the OSC address the parser's errors start with."""
