@@ -77,6 +77,7 @@ class OscServer(asyncio.DatagramProtocol):
     def __init__(self, store: ParamStore, *, prefix: str = "/sd",
                  allowed_sources: Sequence[str] = ("127.0.0.0/8", "::1"),
                  on_error: ErrorHandler | None = None, on_command: CommandHandler | None = None,
+                 on_untold_error: ErrorHandler | None = None,
                  apply: Callable[[dict[str, Any]], tuple[dict[str, Any], list]] | None = None) -> None:
         self.store = store
         # How validated updates are applied: the store directly, or the daemon's slew (faders glide).
@@ -85,6 +86,9 @@ class OscServer(asyncio.DatagramProtocol):
         self.allowed = [ipaddress.ip_network(net, strict=False) for net in allowed_sources]
         self.on_error = on_error
         self.on_command = on_command
+        # An error past a datagram's first MAX_ERRORS_TOLD: counted, not told, but still handed here so that the
+        # daemon sends the value that holds back on its address (a fader snaps back: QA 56 F5).
+        self.on_untold_error = on_untold_error
         self.stats = OscStats()
         self.transport: asyncio.DatagramTransport | None = None
         self.port: int | None = None
@@ -188,6 +192,7 @@ class OscServer(asyncio.DatagramProtocol):
                 self._tell(error, addr)
             else:
                 self._errors_untold += 1
+                self._call(self.on_untold_error, error, addr)
         for call in actions.commands:
             self._call(self.on_command, call, addr)
 

@@ -292,6 +292,7 @@ class Daemon:
         if settings.osc:
             self.osc = OscServer(self.store, prefix=settings.osc_prefix, allowed_sources=settings.osc_allow,
                                  on_error=self.report_osc_error, on_command=self.control.osc_command,
+                                 on_untold_error=self.echo_held,
                                  apply=self.control.apply_live)
             try:
                 await self.osc.start(settings.effective_osc_host, settings.osc_port)
@@ -483,12 +484,15 @@ class Daemon:
     def _tell_feedback(self, exc: SdbridgeError) -> None:
         if self.feedback is not None:
             self.feedback.send(f"{self.settings.osc_prefix}/status/error", exc.code, str(exc)[:200])
-            name = getattr(exc, "name", None)
-            if name in self.store.schema:
-                # The value that holds goes back on its address, so a fader left at a refused value snaps back to
-                # it rather than showing what the daemon does not use (QA 17); a text field left at a refused name
-                # (a ControlNet or LoRA not in its folder: model_not_found, unknown_lora) too (QA 48 F2).
-                self._echo({name: self.store.get(name)})
+            self.echo_held(exc)
+
+    def echo_held(self, exc: SdbridgeError, source: Any = None) -> None:
+        """The value that holds goes back on the refused value's address, so a fader left at a refused value snaps
+        back to it rather than showing what the daemon does not use (QA 17); a text field left at a refused name (a
+        ControlNet or LoRA not in its folder: model_not_found, unknown_lora) too (QA 48 F2)."""
+        name = getattr(exc, "name", None)
+        if self.feedback is not None and name in self.store.schema:
+            self._echo({name: self.store.get(name)})
 
     # --- subscriptions, telemetry and feedback ------------------------------------------------
 

@@ -180,6 +180,30 @@ def test_echoes_for_plain_receivers_and_norm_faders(start_daemon):
         receiver.close()
 
 
+def test_every_refused_value_of_a_big_bundle_snaps_back(start_daemon):
+    """Past a datagram's first 8 errors the rest are counted, not told; their faders still get the value that holds
+    sent back (QA 56 F5: 4 of 12 stayed where the controller left them)."""
+    receiver = UdpReceiver()
+    try:
+        daemon = start_daemon(params={"engine": "identity"}, feedback_port=receiver.port, telemetry_hz=0.5)
+        floats = [spec for spec in daemon.store.schema if spec.kind in ("float", "int") and spec.maximum is not None
+                  and spec.maximum < 2**20 and spec.group == "core"][:12]
+        assert len(floats) == 12
+        bundle = OscBundleBuilder(IMMEDIATELY)
+        for spec in floats:
+            message = OscMessageBuilder(f"/sd/{spec.name}")
+            message.add_arg(float(spec.maximum) + 1000.0 if spec.kind == "float" else int(spec.maximum) + 1000)
+            bundle.add_content(message.build())
+        SimpleUDPClient("127.0.0.1", daemon.osc_port).send(bundle.build())
+        echoed: set[str] = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(echoed) < 12:
+            echoed |= {address for address, _ in receiver.messages(0.5)}
+        assert {f"/sd/{spec.name}" for spec in floats} <= echoed
+    finally:
+        receiver.close()
+
+
 def receiver_messages(datagrams):
     from pythonosc.osc_packet import OscPacket
 
