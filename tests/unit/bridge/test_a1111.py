@@ -1,0 +1,47 @@
+"""a1111.b64_bytes: base64 as A1111 reads it, decoded in pieces (made tiny here so every boundary is crossed)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from fastapi import HTTPException
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdbridge.bridge import a1111
+
+
+def decoded(text: str, piece: int = 8) -> bytes | str:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(a1111, "B64_PIECE", piece)
+        try:
+            return a1111.b64_bytes(text, "image")
+        except HTTPException as exc:
+            return exc.detail
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(min_size=1, max_size=64), cuts=st.lists(st.integers(0, 200), max_size=12),
+       spaces=st.lists(st.sampled_from([" ", "\n", "\r\n", "\t"]), min_size=12, max_size=12))
+def test_whitespace_anywhere_decodes_as_without_it(data, cuts, spaces):
+    text = base64.b64encode(data).decode()
+    for cut, space in zip(sorted(cuts, reverse=True), spaces):
+        text = text[:cut] + space + text[cut:]
+    assert decoded(text) == data
+
+
+@pytest.mark.parametrize("text", [
+    "QUI=QUJD",   # padding at the end of a piece, data after it (QA 56 F2: taken when it fell on the boundary)
+    "QUI=" + "QUJD" * 3,
+    "QUJD\u00a0",  # a no-break space is no ASCII whitespace: refused in any piece (QA 56 F3)
+    "QU JD\u00a0",
+    "QUJD!",
+])
+def test_what_a_whole_string_decode_refuses_is_refused_in_pieces(text):
+    assert decoded(text, piece=4) == "image: not valid base64"
+    assert decoded(text, piece=1024) == "image: not valid base64"
+
+
+def test_padding_then_only_whitespace_ends_the_data():
+    assert decoded("QUI=\n\n  ", piece=4) == b"AB"
