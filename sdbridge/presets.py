@@ -35,10 +35,11 @@ from sdbridge.paths import PathError, confine
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")  # matched whole (fullmatch): "$" lets "abc\n" through
-# A preset is a few hundred bytes (every parameter at its longest, about 34 kB); a larger file is refused unread:
-# a recall parses it on the event loop, and a 1 MB file of 80k keys stalled every client for 2.2 s (QA 53 F4).
+# A preset is a few hundred bytes (every text parameter at its longest, about 36,000 characters: 36 kB in ASCII,
+# 144 kB in emoji, which 64 KiB refused: QA 56 F4); a larger file is refused unread: a recall parses it on the event
+# loop, and a 1 MB file of 80k keys stalled every client for 2.2 s (QA 53 F4; the keys are bounded apart).
 # save() refuses to write one, so that what saves, recalls.
-MAX_FILE_BYTES = 64 * 1024
+MAX_FILE_BYTES = 256 * 1024
 # The names an unknown-name error shows: 10,000 of them made a 109 kB answer (QA 53 F3).
 MAX_KNOWN_SHOWN = 20
 TOP_LEVEL = ("description", "glide_s", "params")  # what a preset file holds outside its [params] table

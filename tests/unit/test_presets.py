@@ -214,39 +214,48 @@ def test_a_very_large_file_is_refused_before_it_is_parsed(library, monkeypatch):
 
     from sdbridge import presets
 
-    (_user(library) / "huge.toml").write_text("[params]\n" + "# padding\n" * 120_000 + "strength = 0.5\n")
+    (_user(library) / "huge.toml").write_text("[params]\n" + "# padding\n" * 120_000 + "strength = 0.5\n")  # 1.2 MB
     parsed = []
     monkeypatch.setattr(presets.tomllib, "loads", lambda text: parsed.append(text) or tomllib.loads(text))
-    with pytest.raises(ParamError, match=r"larger than 64 KiB") as info:
+    with pytest.raises(ParamError, match=r"larger than 256 KiB") as info:
         library.get("huge")
     assert info.value.code == "bad_preset" and not parsed
     assert "huge" not in _names(library)
 
 
-def test_a_preset_file_over_64_kib_is_refused_unparsed(library, monkeypatch):
+def test_a_preset_file_over_256_kib_is_refused_unparsed(library, monkeypatch):
     """QA 53 F4: a file up to 1 MB (80k keys) was parsed on the event loop at each recall; a preset is a few
-    hundred bytes, every parameter at its longest about 34 kB."""
+    hundred bytes, every text parameter at its longest about 36,000 characters."""
     import tomllib
 
     from sdbridge import presets
 
-    keys = "".join(f'"k{index:05d}" = 1\n' for index in range(6000))  # 78 kB
+    keys = "".join(f'"k{index:05d}" = 1\n' for index in range(22_000))  # 286 kB
     (_user(library) / "big.toml").write_text("[params]\n" + keys)
     parsed = []
     monkeypatch.setattr(presets.tomllib, "loads", lambda text: parsed.append(text) or tomllib.loads(text))
-    with pytest.raises(ParamError, match=r"^preset 'big' \(.*\) is larger than 64 KiB; a preset is a few") as info:
+    with pytest.raises(ParamError, match=r"^preset 'big' \(.*\) is larger than 256 KiB; a preset is a few") as info:
         library.get("big")
     assert info.value.code == "bad_preset" and not parsed
 
 
 def test_a_save_the_file_limit_would_refuse_is_refused(library):
     """What saves, recalls: a file over the limit would answer bad_preset at every recall."""
-    with pytest.raises(ParamError, match=r"^preset 'long' would be \d+ bytes, more than the 64 KiB") as info:
-        library.save("long", {"prompt": "x" * 70_000})
+    with pytest.raises(ParamError, match=r"^preset 'long' would be \d+ bytes, more than the 256 KiB") as info:
+        library.save("long", {"prompt": "x" * 270_000})
     assert info.value.code == "bad_preset"
     assert not (library.user_dir / "long.toml").exists()
-    library.save("fits", {"prompt": "x" * 60_000})  # just under: saved, and it reads back
-    assert library.get("fits").params["prompt"] == "x" * 60_000
+    library.save("fits", {"prompt": "x" * 250_000})  # just under: saved, and it reads back
+    assert library.get("fits").params["prompt"] == "x" * 250_000
+
+
+def test_every_text_parameter_at_its_longest_in_emoji_saves_and_recalls(library):
+    """QA 56 F4: six prompts of 4096 emoji made an 85 kB file, which the 64 KiB limit refused to save."""
+    from sdbridge.params import Schema
+
+    look = {spec.name: "\U0001F600" * spec.max_length for spec in Schema() if spec.kind == "str"}
+    library.save("emoji", look, description="\U0001F600" * 500)
+    assert library.get("emoji").params == look
 
 
 @pytest.mark.parametrize("name", ["abc\n", "neon\n", "x\r"])
