@@ -582,12 +582,20 @@ def b64_bytes(data: str, what: str) -> bytes:
                     piece = piece.replace(space, "")
             last = start + B64_PIECE >= len(data)
             if not last and "=" in piece:
-                if not data[start + B64_PIECE:].isspace():  # a copy of the rest, only where padding comes early
+                # Padding that a piece's end splits ("A==" | " ="): the rest may hold more of it and whitespace, no
+                # data. A copy of the rest, only where padding comes early.
+                rest = data[start + B64_PIECE:]
+                if rest.strip("= \n\r\t\f\v"):
                     raise binascii.Error("padding before the end")
+                piece += "=" * rest.count("=")
                 last = True
+            if last and not piece.strip("="):
+                break  # padding past the data's end, which a whole-string decode lets pass
             usable = len(piece) if last else len(piece) - len(piece) % 4
             out.append(base64.b64decode(piece[:usable], validate=True))
             carry = piece[usable:]
+            if last:
+                break
     except (binascii.Error, ValueError):
         raise HTTPException(422, f"{what}: not valid base64") from None
     raw = b"".join(out)

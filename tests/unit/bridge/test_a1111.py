@@ -45,3 +45,23 @@ def test_what_a_whole_string_decode_refuses_is_refused_in_pieces(text):
 
 def test_padding_then_only_whitespace_ends_the_data():
     assert decoded("QUI=\n\n  ", piece=4) == b"AB"
+    # padding that a piece's end splits, whitespace between (the property test's case, piece 8)
+    assert decoded(" AAAAAAAAAAAAAA==") == bytes(10)
+    assert decoded("AAAAAAA=\n=") == "image: not valid base64"  # "AAAAAAA==": bad padding, refused whole too
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(min_size=1, max_size=40), inserts=st.lists(
+    st.tuples(st.integers(0, 100), st.sampled_from(["=", "==", "A", "!", " ", "\n", "\t"])), max_size=6),
+    piece=st.sampled_from([4, 8, 12]))
+def test_pieces_decide_as_one_whole_string_decode(data, inserts, piece):
+    """Valid or not: the pieces' answer is the whole string's, whitespace aside (excess padding included, which
+    Python's decode lets pass)."""
+    text = base64.b64encode(data).decode()
+    for at, inserted in inserts:
+        text = text[:at] + inserted + text[at:]
+    try:
+        whole = base64.b64decode("".join(text.split()), validate=True) or "image: empty (no image data)"
+    except ValueError:  # binascii.Error is one
+        whole = "image: not valid base64"
+    assert decoded(text, piece) == whole
