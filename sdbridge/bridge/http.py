@@ -174,9 +174,12 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and the engine's state; 200 while the daemon serves frames (even passed through). ``status`` is
-        "degraded" while they are not what was asked for: passed through, or the preview in a failed model's place."""
+        "degraded" while they are not what was asked for: passed through, the preview in a failed model's place, or
+        plain img2img where a motion adapter failed to load (QA 58 F3)."""
         engine = daemon.engines.describe()
-        degraded = "fallback" in engine or engine["status"] == "failed" or daemon.worker.prepare_error is not None
+        motion_failed = bool((engine.get("motion") or {}).get("error"))
+        degraded = ("fallback" in engine or engine["status"] == "failed" or daemon.worker.prepare_error is not None
+                    or motion_failed)
         return {"status": "degraded" if degraded else "ok", "version": __version__,
                 "uptime_s": round(time.monotonic() - daemon.started, 1), "engine": engine}
 

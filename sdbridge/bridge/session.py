@@ -273,7 +273,9 @@ class Session:
                     if total is not None:
                         raise ProtocolError(
                             f"condition frame of {len(frame.data)} bytes on channel {channel} would bring the "
-                            f"daemon's condition frames past {budget.limit} bytes over all sessions ({total} held)")
+                            f"daemon's condition frames past {budget.limit} bytes ({budget.limit / 2**30:g} GiB) over "
+                            f"all sessions ({total} held): send smaller frames (JPEG, or the engine's size), or "
+                            f"fewer channels")
                 self._condition_bytes[channel] = len(frame.data)
                 slot = self.conditions.setdefault(channel, LatestSlot())
             slot.put(frame)

@@ -420,9 +420,11 @@ def test_an_operator_motion_adapter_that_is_not_there_leaves_img2img_serving(sta
     base = f"http://127.0.0.1:{daemon.port}"
     assert wait_for(lambda: httpx.get(base + "/health").json()["engine"]["status"] not in ("loading", "starting"),
                     timeout=60)
-    engine = httpx.get(base + "/health").json()["engine"]
+    health = httpx.get(base + "/health").json()
+    engine = health["engine"]
     assert engine["status"] == "ready" and engine["engine"] == "animatediff", engine
     assert engine["motion"]["adapter"] is None and "mm_sd_v15" in engine["motion"]["error"]
+    assert health["status"] == "degraded"  # not the frames asked for: no motion (QA 58 F3: "ok")
     image = make_image(64, 64, seed=4)
     with ws_connect(daemon) as ws:
         ws.send(codec.encode_jpeg(image, 95))
