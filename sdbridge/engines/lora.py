@@ -220,9 +220,16 @@ def _tensors_listed(path: Path) -> int:
     the header is too short to hold more than LORA_TENSORS_MAX or is malformed (safe_open tells what is wrong)."""
     with path.open("rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
-        if not 40 * LORA_TENSORS_MAX < length <= 100_000_000:   # an entry takes 40 bytes at the very least
-            return 0
-        # the header's own keys: inside its metadata strings, quotes are escaped (\")
+    if not 40 * LORA_TENSORS_MAX < length <= 100_000_000:   # an entry takes 40 bytes at the very least
+        return 0
+    return _tensors_in_header(path, length)
+
+
+def _tensors_in_header(path: Path, length: int) -> int:
+    """The tensors a safetensors header of ``length`` bytes lists, counted in its bytes, where parsing them is what
+    costs: each has a "data_offsets" key, whose quotes are bare (inside a metadata string they are escaped, \")."""
+    with path.open("rb") as handle:
+        handle.seek(8)
         return handle.read(length).count(b'"data_offsets"')
 
 
@@ -798,12 +805,7 @@ LORA_HEADER_CHECK_TENSORS = 16_384
 
 
 def _header_past_check(path: Path, length: int) -> bool:
-    if length > LORA_HEADER_CHECK_BYTES:
-        return True
-    with path.open("rb") as handle:   # counted in a few ms, where parsing them is what costs
-        handle.seek(8)
-        # a key of the header's own, whose quotes are bare: inside a metadata string they are escaped (\")
-        return handle.read(length).count(b'"data_offsets"') > LORA_HEADER_CHECK_TENSORS
+    return length > LORA_HEADER_CHECK_BYTES or _tensors_in_header(path, length) > LORA_HEADER_CHECK_TENSORS
 
 
 def lora_file_problem(folder: str | Path, name: str) -> tuple[str, str] | None:
