@@ -107,9 +107,7 @@ class Control:
         the artist's values it will give back instead."""
         if not isinstance(description, str) or len(description) > 500:
             raise ParamError("description must be a string of at most 500 characters", name="description")
-        if (problem := glide_problem(glide_s)) is not None:
-            raise ParamError(problem, name="glide_s", value=glide_s)
-        return self.presets.save(name, self.daemon.look(), description, float(glide_s))
+        return self.presets.save(name, self.daemon.look(), description, glide_s)  # which checks glide_s
 
     def osc_command(self, call: Any, source: Any) -> None:
         prefix = self.daemon.settings.osc_prefix
