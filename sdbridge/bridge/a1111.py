@@ -154,7 +154,7 @@ def _is_json(content_type: str | None) -> bool:
     data=json.dumps(payload))`` sends none, and such clients got a 422 for every request (QA 52 F1)."""
     if not content_type:
         return True
-    mime = (content_type or "").partition(";")[0].strip().lower()
+    mime = content_type.partition(";")[0].strip().lower()
     maintype, _, subtype = mime.partition("/")
     return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
 
@@ -554,10 +554,10 @@ def _decoded(raw: bytes, what: str, flags: int) -> np.ndarray:
     return image
 
 
-# Base64 is decoded in pieces of this many characters (a multiple of 4): one call on a 33 MB string holds the GIL
-# for 200 ms, and with it the event loop, even from a thread; a piece is 6 ms, and the loop runs between them.
+# Base64 is decoded in pieces of this many characters: one call on a 33 MB string holds the GIL for 200 ms, and
+# with it the event loop, even from a thread; a piece is 6 ms, and the loop runs between them.
 B64_PIECE = 1024 * 1024
-_B64_SPACES = (" ", "\n", "\r", "\t", "\f", "\v")
+_B64_SPACES = " \n\r\t\f\v"  # ASCII whitespace, skipped as A1111's decode skips it
 
 
 def b64_bytes(data: str, what: str) -> bytes:
@@ -585,7 +585,7 @@ def b64_bytes(data: str, what: str) -> bytes:
                 # Padding that a piece's end splits ("A==" | " ="): the rest may hold more of it and whitespace, no
                 # data. A copy of the rest, only where padding comes early.
                 rest = data[start + B64_PIECE:]
-                if rest.strip("= \n\r\t\f\v"):
+                if rest.strip("=" + _B64_SPACES):
                     raise binascii.Error("padding before the end")
                 piece += "=" * rest.count("=")
                 last = True

@@ -223,7 +223,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.get("/presets/{name}")
     async def preset(name: str) -> JSONResponse:
         try:
-            # In a thread, as the list: a preset file may be 64 KiB of TOML (QA 53 F4).
+            # In a thread, as the list: a preset file may be 256 KiB of TOML (QA 53 F4).
             found = await asyncio.to_thread(daemon.control.presets.get, name)
             return JSONResponse(found.to_json())
         except SdbridgeError as exc:
