@@ -64,6 +64,11 @@ MAX_TOLD_ADDRESSES = 256
 MAX_ERRORS_TOLD = 8
 
 
+class UntoldErrors(ParamError):
+    """The one error that counts a datagram's errors past its first MAX_ERRORS_TOLD: a listener that caps what it
+    tells still tells this one, or a client would hear 8 refusals and never learn of the rest (QA 58 F2)."""
+
+
 class OscServer(asyncio.DatagramProtocol):
     """OSC in: parameters under ``prefix``, applied to ``store`` one datagram at a time.
 
@@ -164,7 +169,7 @@ class OscServer(asyncio.DatagramProtocol):
                 for run in in_order(calls, self.store.schema, self.prefix):
                     self._handle(run, addr)
             if self._errors_untold:
-                self._tell(ParamError(f"{self._errors_untold} more refused messages in this datagram; only the "
+                self._tell(UntoldErrors(f"{self._errors_untold} more refused messages in this datagram; only the "
                                       f"first {MAX_ERRORS_TOLD} are told one by one", code="bad_param"), addr)
         except Exception:  # never let one datagram take the protocol down
             if not classified:

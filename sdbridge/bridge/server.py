@@ -29,7 +29,7 @@ from sdbridge.bridge.ladder import QualityLadder
 from sdbridge.bridge.http import create_app
 from sdbridge.bridge.listen import bound_socket, host_port
 from sdbridge.bridge.http_guard import ConnectionGuard, HttpLimits, guarded_protocol, raise_open_file_limit
-from sdbridge.bridge.osc import OscSender, OscServer
+from sdbridge.bridge.osc import OscSender, OscServer, UntoldErrors
 from sdbridge.bridge.resume import LORA_PROMPTS, Resume, ResumeFile, drop_missing_loras, resume_path
 from sdbridge.bridge.mdns import MdnsAdvert
 from sdbridge.bridge.oscquery import OscQueryServer
@@ -476,7 +476,8 @@ class Daemon:
         # Only the last window's entries: one per name a flood of unknown addresses made grew without end (QA 42).
         told = {k: at for k, at in self._controller_errors_told.items() if now - at < CONTROLLER_ERROR_TOLD_S}
         self._controller_errors_told = told
-        if key in told or len(told) >= CONTROLLER_ERRORS_TOLD or loop is None or loop.is_closed():
+        full = len(told) >= CONTROLLER_ERRORS_TOLD and not isinstance(exc, UntoldErrors)  # the count of the rest
+        if key in told or full or loop is None or loop.is_closed():
             return
         told[key] = now
         loop.call_soon_threadsafe(self._broadcast_all, exc.to_json())

@@ -166,3 +166,32 @@ def test_a_flood_of_refusals_for_many_names_tells_the_clients_a_few(start_daemon
     assert 1 <= len(told) <= CONTROLLER_ERRORS_TOLD * windows and {m["code"] for m in told} == {"unknown_param"}
     assert len(told) < 300 / 4  # against one per name: 1709 of 2000 before
     assert len(daemon._controller_errors_told) <= CONTROLLER_ERRORS_TOLD
+
+
+def test_a_bundle_past_the_told_errors_tells_the_websocket_clients_how_many_more(start_daemon):
+    """A bundle of 12 refused values: its first 8 are told one by one and the rest in one error that counts them,
+    and the WebSocket side's own cap of 8 errors a window dropped that count, so a TouchDesigner rig heard 8
+    refusals and never learnt of the other 4 (QA 58 F2)."""
+    from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    from sdbridge.bridge.osc import MAX_ERRORS_TOLD
+
+    daemon = start_daemon(params={"engine": "identity"})
+    osc = SimpleUDPClient("127.0.0.1", daemon.osc_port)
+    bundle = OscBundleBuilder(IMMEDIATELY)
+    for index in range(MAX_ERRORS_TOLD + 4):
+        message = OscMessageBuilder(f"/sd/nope_{index}")
+        message.add_arg(1.0)
+        bundle.add_content(message.build())
+    with ws_connect(daemon) as ws:
+        recv_json(ws, "hello")
+        osc.send(bundle.build())
+        assert wait_for(lambda: daemon.osc.stats.param_errors >= MAX_ERRORS_TOLD + 4)
+        ws.send(json.dumps({"type": "get", "id": 7}))  # answered after whatever was told before it
+        told = []
+        while (message := json.loads(ws.recv(timeout=10)))["type"] != "params":
+            if message["type"] == "error":
+                told.append(message["message"])
+    assert len(told) == MAX_ERRORS_TOLD + 1, told
+    assert told[-1].startswith("4 more refused messages in this datagram"), told
