@@ -321,3 +321,22 @@ def test_an_update_of_many_bad_keys_tells_twenty_errors_and_counts_the_rest(sche
     assert len(looked_up) == 22           # the first 20 and the two known names
     applied, errors = store.update({**updates, "strength": 0.5}, all_or_nothing=True)   # POST /params's way
     assert applied == {} and len(errors) == 21 and store.get("strength") == 0.25
+
+
+def test_a_huge_list_sent_as_a_value_is_shown_from_its_first_items_only():
+    """The error for a 500,000-item list sent as a prompt made str() of all of it, 60-100 ms on the event loop a
+    request, to keep its first 80 characters. The items it shows are str()'s."""
+    from sdbridge.params import shown_value
+
+    shown = []
+
+    class Item:
+        def __repr__(self) -> str:
+            shown.append(self)
+            return "item"
+
+    errors = ParamStore().update({"prompt": [Item() for _ in range(10_000)]}, all_or_nothing=True)[1]
+    assert errors and str(errors[0]).startswith("prompt [item, item, item") and "is not a str" in str(errors[0])
+    assert len(shown) <= 80
+    assert shown_value([1, "a", {"b": [2.5, None]}]) == str([1, "a", {"b": [2.5, None]}])
+    assert shown_value([[[[[[[[1]]]]]]]]) == "[[[[[[[...]]]]]]]"
