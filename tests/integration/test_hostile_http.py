@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-MAX_JSON_BODY = 1024 * 1024  # the limit docs/protocol.md gives for the daemon's own JSON routes
+MAX_JSON_BODY = 256 * 1024  # the limit docs/protocol.md gives for the daemon's own JSON routes
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
