@@ -1,5 +1,5 @@
-"""AUTOMATIC1111's DDIM and PLMS, which it runs as its own timestep samplers (modules/sd_samplers_timesteps.py and
-sd_samplers_timesteps_impl.py in A1111 1.10), on diffusers' DDIM and PNDM schedulers.
+"""AUTOMATIC1111's DDIM, PLMS and UniPC, which it runs as its own timestep samplers (modules/sd_samplers_timesteps.py
+and sd_samplers_timesteps_impl.py in A1111 1.10), on diffusers' DDIM, PNDM and UniPC schedulers.
 
 A1111 does not take the model's timestep spacing for these: its grid is every ``1000 // n``-th timestep from 1,
 ``t_j = min(1 + j * (1000 // n), 999)``, and a run steps from each grid point to the one below, so its last step
@@ -12,6 +12,12 @@ The step itself is DDIM's (with A1111's eta term) or PLMS's pseudo improved Eule
 orders 2 to 4 on the noise predictions, each prediction taken as noise first (a v-prediction converted at its own
 timestep, as A1111's CompVisTimestepsVDenoiser does; diffusers' PNDM converts the combined one). The schedulers keep
 their classes, so everything that names them still does; only ``step`` and the timesteps are A1111's.
+
+UniPC (modules/models/diffusion/uni_pc/uni_pc.py) takes of the grid only its length, or for img2img its point
+``t_enc - 1``: it steps on model times evenly spaced in continuous time, from 999 (img2img: that grid point) down to
+0, fractional between (949.05 ... at 20 steps), on the model's alphas interpolated as its NoiseScheduleVP does, and
+ends on the latent at model time 0, not the clean one, as DDIM ends at t = 1. Its solver is diffusers' UniPC with
+A1111's default settings (:data:`UNIPC_OPTIONS`); only its timesteps, sigmas and ``add_noise`` are A1111's.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-SAMPLERS = ("DDIM", "PLMS")
+SAMPLERS = ("DDIM", "PLMS", "UniPC")
+# A1111 1.10's UniPC settings (modules/shared_options.py: uni_pc_variant "bh1", uni_pc_order 3,
+# uni_pc_lower_order_final, its time_uniform skip type), in diffusers' names; sigma_min: it ends at model time 0.
+UNIPC_OPTIONS = {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True, "final_sigmas_type": "sigma_min"}
 
 
 def grid(steps: int) -> list[int]:
@@ -35,6 +44,9 @@ def grid(steps: int) -> list[int]:
 def install(scheduler: Any, sampler: str) -> None:
     """Make ``scheduler`` (diffusers' DDIM or PNDM) step as A1111's ``sampler``; :func:`run` sets its timesteps."""
     scheduler.a1111_timesteps = sampler
+    if sampler == "UniPC":  # diffusers' step, on A1111's times; a noise point off them (img2img's) needs its own
+        scheduler.add_noise = _add_noise.__get__(scheduler)
+        return
     scheduler.step = (_ddim_step if sampler == "DDIM" else _plms_step).__get__(scheduler)
 
 
@@ -52,6 +64,8 @@ def run(scheduler: Any, steps: int, top: int | None = None, device: Any = None) 
 
     scheduler.set_timesteps(steps, device=device)  # diffusers' own state: its counters, num_inference_steps
     points = grid(steps)
+    if scheduler.a1111_timesteps == "UniPC":
+        return _unipc_run(scheduler, points, top, device)
     top = len(points) if top is None else min(top, len(points))
     calls = points[top - 1:0:-1] if top > 1 else []
     scheduler.a1111_below = dict(zip(points[1:], points[:-1]))
@@ -63,6 +77,51 @@ def run(scheduler: Any, steps: int, top: int | None = None, device: Any = None) 
         calls = calls[:1] + [scheduler.a1111_below[calls[0]]] + calls[1:]
     scheduler.timesteps = torch.tensor(calls, dtype=torch.long, device=device)
     return scheduler.timesteps
+
+
+def _unipc_run(scheduler: Any, points: list[int], top: int | None, device: Any) -> Any:
+    """sd_samplers_timesteps_impl.unipc and UniPC.sample (time_uniform): ``len(points)`` steps from continuous time 1
+    (model time 999), or for img2img ``top`` (t_enc) steps from grid point ``top - 1``, to time 1/1000 (model time
+    0); the model is called at ``(t - 1/1000) * 1000``, sigmas from the alphas interpolated there."""
+    import torch
+
+    from sdbridge.engines.samplers import a1111_alphas_cumprod
+
+    txt2img = top is None
+    count = len(points) if txt2img else min(top, len(points))
+    scheduler.set_timesteps(max(count, 1), device=device)  # diffusers' own state: its history, counters
+    scheduler.a1111_alphas = a1111_alphas_cumprod(scheduler).double().tolist()
+    scheduler.a1111_noise_at = points[-1] if txt2img else points[min(top, len(points) - 1)]
+    start = 1.0 if txt2img else points[count - 1] / 1000 + 1 / 1000  # A1111: "likely off by a bit"
+    times = torch.linspace(start, 1 / 1000, count + 1, dtype=torch.float64) if count > 0 else torch.zeros(1)
+    model_times = ((times - 1 / 1000) * 1000).clamp(min=0).tolist()
+    alphas = [_alpha_at(scheduler.a1111_alphas, t) for t in model_times]
+    scheduler.sigmas = torch.tensor([math.sqrt((1 - a) / a) for a in alphas], dtype=torch.float32)
+    scheduler.timesteps = torch.tensor(model_times[:-1], dtype=torch.float32, device=device)
+    scheduler.num_inference_steps = count
+    return scheduler.timesteps
+
+
+def _alpha_at(alphas: list[float], t: float) -> float:
+    """alphas_cumprod at model time ``t``, between two timesteps as NoiseScheduleVP("discrete") takes it: its log
+    square root interpolated linearly."""
+    low = min(int(t), len(alphas) - 1)
+    high, fraction = min(low + 1, len(alphas) - 1), t - low
+    if fraction <= 0:
+        return alphas[low]
+    return math.exp((1 - fraction) * math.log(alphas[low]) + fraction * math.log(alphas[high]))
+
+
+def _add_noise(self: Any, original: Any, noise: Any, timesteps: Any) -> Any:
+    """``original`` noised to each of ``timesteps`` (model times, fractional too) on A1111's alphas: UniPC's img2img
+    noises at a grid point none of its steps is at, and inpainting to its fractional times."""
+    import torch
+
+    alphas = torch.tensor([_alpha_at(self.a1111_alphas, float(t)) for t in timesteps.flatten()],
+                          dtype=torch.float64).to(original.device)
+    view = (-1,) + (1,) * (original.dim() - 1)
+    alpha = alphas.view(view)
+    return (alpha.sqrt() * original.double() + (1 - alpha).sqrt() * noise.double()).to(original.dtype)
 
 
 def _eps(scheduler: Any, model_output: Any, sample: Any, alpha: float) -> Any:

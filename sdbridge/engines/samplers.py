@@ -56,7 +56,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DDIM", "DDIMScheduler", ("ddim",)),
     Sampler("PLMS", "PNDMScheduler", ("plms",), {"skip_prk_steps": True}),
     Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
-    Sampler("LCM", "LCMScheduler", ("lcm",), stochastic=True, spaced=False),
+    Sampler("LCM", "LCMScheduler", ("k_lcm", "lcm"), stochastic=True, spaced=False),
     # Trajectory Consistency Distillation, for TCD and Hyper-SD LoRAs: LCM's skipping schedule, and a step that
     # re-noises by its gamma (the step's eta: 0.3, TCD's default, or a request's eta).
     Sampler("TCD", "TCDScheduler", ("tcd",), stochastic=True, spaced=False),
@@ -172,13 +172,15 @@ def resolve(sampler_name: str | None, scheduler: str | None = None,
 
 def ignored_schedule(sampler: Sampler, schedule: Schedule) -> bool:
     """Whether a one-shot request runs ``sampler`` with its own schedule in place of ``schedule`` (then warned):
-    A1111's timestep samplers (DDIM, PLMS, UniPC) never read a sigma schedule type (QA 38f: UniPC applied them),
+    A1111's timestep samplers (DDIM, PLMS, UniPC) read no schedule type (QA 38f: UniPC applied the sigma ones),
     and LCM and TCD run diffusers' skipping schedule, where A1111's sample_lcm would take the sigmas (QA 37 M1:
     these pairs answered 422; A1111 1.10 runs them)."""
-    if schedule.name in ("automatic", "uniform", "normal"):
+    if schedule.name == "automatic":
         return False
-    if sampler.name in _TIMESTEP_SAMPLERS:  # UniPC too: diffusers' would take Karras, Exponential and Beta
-        return schedule.sigmas
+    if sampler.name in _TIMESTEP_SAMPLERS:  # every type: spaced ones changed UniPC's timesteps (QA 60 F4)
+        return True
+    if schedule.name in ("uniform", "normal"):
+        return False
     return not sampler.spaced
 
 
@@ -264,6 +266,8 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
         overrides.pop("use_beta_sigmas")  # DPM++ 2M: set_timesteps computes A1111's, with unrounded timesteps
     if sampler.scheduler == "DPMSolverSDEScheduler":
         _require_torchsde(sampler.name)
+    if a1111 and sampler.name == "UniPC":
+        overrides.update(a1111_timesteps.UNIPC_OPTIONS)
     if kdiffusion and sampler.name == "DPM++ 3M SDE":
         # k-diffusion's second step (one earlier output) adds phi_2 D1, diffusers' "heun" term; its "midpoint" adds
         # phi_1 / 2 D1 (QA 45f).
@@ -537,8 +541,10 @@ def a1111_samplers() -> list[dict[str, Any]]:
         # refuses: QA 6).
         takes = [schedule.name for schedule in SCHEDULES[1:] if _takes(sampler, schedule)]
         options: dict[str, str] = {"scheduler": ", ".join(takes)} if takes else {}
-        if sampler.stochastic:
-            options["brownian_noise" if "SDE" in sampler.name else "eta"] = "True"
+        if sampler.stochastic and "SDE" in sampler.name:
+            options["brownian_noise"] = "True"
+        elif sampler.stochastic and "eta" in A1111_OPTIONS.get(sampler.name, ()):  # LCM draws noise, takes no eta
+            options["eta"] = "True"
         out.append({"name": sampler.name, "aliases": list(sampler.aliases), "options": options})
     return out
 

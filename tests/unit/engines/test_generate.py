@@ -33,10 +33,10 @@ def run(engine: DiffusionEngine, **fields) -> Generation:
 
 
 # Not DPM++ 2M: it runs A1111's fractional timesteps and start (QA 33 L3), where diffusers' pipeline rounds and
-# starts at the noise itself (test_txt2img_s_first_unet_input_is_a1111_s). Nor DDIM and PLMS: A1111's own timestep
-# grid and last step (tests/unit/engines/test_a1111_timesteps.py).
-@pytest.mark.parametrize("sampler, cls", [("Euler", "EulerDiscreteScheduler"), ("Heun Karras", "HeunDiscreteScheduler"),
-                                          ("UniPC", "UniPCMultistepScheduler")])
+# starts at the noise itself (test_txt2img_s_first_unet_input_is_a1111_s). Nor DDIM, PLMS and UniPC: A1111's own
+# timestep grid and last step (tests/unit/engines/test_a1111_timesteps.py).
+@pytest.mark.parametrize("sampler, cls", [("Euler", "EulerDiscreteScheduler"),
+                                          ("Heun Karras", "HeunDiscreteScheduler")])
 def test_txt2img_matches_the_diffusers_pipeline(engine, sampler, cls):
     """Same weights, same starting noise, same scheduler: our float output equals StableDiffusionPipeline's."""
     import diffusers
@@ -202,15 +202,17 @@ def test_img2img_noise_multiplier_scales_the_starting_noise(engine):
     assert 0 < scale < 1 and torch.allclose(starts[0], init * scale, rtol=1e-4, atol=1e-5)  # no noise in it
 
 
-@pytest.mark.parametrize("fill", [0, 1, 2, 3])
-@pytest.mark.parametrize("full_res", [False, True])
-def test_inpainting_keeps_the_pixels_outside_the_mask(engine, fill, full_res):
+@pytest.mark.parametrize("fill, full_res, sampler", [
+    *((fill, full_res, "Euler a") for fill in range(4) for full_res in (False, True)),
+    (1, False, "UniPC")])  # A1111's UniPC noises the known latent to its fractional model times
+def test_inpainting_keeps_the_pixels_outside_the_mask(engine, fill, full_res, sampler):
     rng = np.random.default_rng(2)
     source = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[16:40, 20:44] = 255
     generation = run(engine, init_images=[source], mask=mask, mask_blur=2, inpainting_fill=fill,
-                     inpaint_full_res=full_res, inpaint_full_res_padding=4, denoising_strength=0.9)
+                     inpaint_full_res=full_res, inpaint_full_res_padding=4, denoising_strength=0.9,
+                     sampler_name=sampler)
     out = generation.images[0].astype(int)
     outside = np.ones((64, 64), bool)
     outside[10:46, 14:50] = False          # the mask grown by more than its blur
@@ -804,7 +806,7 @@ def test_dpm_2m_on_kl_optimal_ends_where_k_diffusion_s_does(engine):
 
 
 @pytest.mark.parametrize("sampler, schedule", [("DDIM", "Karras"), ("PLMS", "Beta"), ("LCM", "Exponential"),
-                                               ("UniPC", "KL Optimal")])
+                                               ("UniPC", "KL Optimal"), ("UniPC", "DDIM")])
 def test_a_schedule_the_sampler_does_not_read_runs_as_automatic_with_a_warning(engine, sampler, schedule):
     """QA 37 M1: A1111 1.10 runs these (its DDIM, PLMS and UniPC read no schedule type); they were a 422 here."""
     named = run(engine, sampler_name=sampler, scheduler=schedule, steps=2)
