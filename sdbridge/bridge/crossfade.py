@@ -58,6 +58,10 @@ class Crossfade:
     def fading(self, session_id: str) -> bool:
         return session_id in self._fades
 
+    def held(self) -> int:
+        """How many sessions' last frames are held."""
+        return len(self._last)
+
     def forget_one(self, session_id: str) -> None:
         """A new session under this name: nothing of an earlier one's frames may fade into its own."""
         self._last.pop(session_id, None)

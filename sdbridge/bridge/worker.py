@@ -42,7 +42,7 @@ from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
 from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT
 from sdbridge.engines.generate import Generation, GenerationError, GenerationRequest
 from sdbridge.engines.prompt_syntax import LoraWeights
-from sdbridge.errors import SdbridgeError
+from sdbridge.errors import CodecError, SdbridgeError
 from sdbridge.outputs.hub import OutputHub
 from sdbridge.params import ParamStore
 from sdbridge.plugins.manager import PluginManager
@@ -136,6 +136,7 @@ class Worker(threading.Thread):
         self.engine_errors = 0
         self.last_step_ms = 0.0
         self.step_ms_ema: float | None = None  # per frame of the batch: what the engine can do
+        self.steps_measured = 0  # engine steps timed into it: whether it holds a new measure
         self.tasks: queue.SimpleQueue[GenerationTask] = queue.SimpleQueue()
         self.task: GenerationTask | None = None  # the one-shot request being run
         self.tasks_done = 0
@@ -282,6 +283,11 @@ class Worker(threading.Thread):
 
     def _idle_timeout(self) -> float:
         if self.params.get("mode") == "txt2img":
+            # Until the next generated frame is due (_collect paces them): a whole 1 / max_fps after each turn made
+            # the period the step plus that, 6.6 fps for a max_fps of 10 and a 50 ms step (QA 61 F6).
+            due = [session.next_generated_at for session in self.registry.sessions() if session.viewers]
+            if due:
+                return min(max(0.0, min(due) - time.monotonic()), 0.25)
             return 1.0 / float(self.params.get("max_fps", 30.0))
         return 0.25  # wakes up to swap in a loaded engine even when no frame comes
 
@@ -396,8 +402,6 @@ class Worker(threading.Thread):
         # 8. Fit to the reply size, encode, hand over to the event loop and the outputs (NDI, ...), in the
         #    pool while the next turn decodes and steps.
         self._send_in_order(jobs, params)
-        if self.turns % 256 == 0:
-            self.crossfade.forget({session.id for session in self.registry.sessions()})
         return len(jobs)
 
     def _send_in_order(self, jobs: list[Job], params: dict[str, Any]) -> None:
@@ -418,10 +422,14 @@ class Worker(threading.Thread):
 
     def _forget_closed(self) -> None:
         """Closed sessions' last replies, once sent: at every pass of the loop, not only in turns that serve frames,
-        where the last client's session (its pictures and its plugins' state) stayed after it left (QA 51 F2)."""
+        where the last client's session (its pictures and its plugins' state) stayed after it left (QA 51 F2); and
+        their last frames in the crossfade, held until every 256th turn, for good if none came (QA 61 F4)."""
         for session, (future, _) in list(self._sending.items()):
             if session.closed and future.done():
                 del self._sending[session]
+        sessions = self.registry.sessions()
+        if self.crossfade.held() > len(sessions):
+            self.crossfade.forget({session.id for session in sessions})
 
     def _send_after(self, before: Future[None], job: Job, params: dict[str, Any]) -> Future[None]:
         """``job``'s reply, encoded in the pool once ``before`` is done."""
@@ -450,15 +458,22 @@ class Worker(threading.Thread):
         for session in self.registry.sessions():
             if session.id in decoding:
                 continue  # a frame of its own still decoding: it joins a later turn (newer frames wait in the slot)
-            sending = self._sending.get(session)
-            if sending is not None and sending[1] and not sending[0].done():
-                continue  # two replies of its own still encoding: its frame waits in the slot (_send_in_order)
             early = ahead.pop(session.id, None)
             if early is not None and early.session is not session:
                 # A closed session's frame, under a name a new client has taken since: never the new one's (its
                 # output would seed the new session's crossfade and plugins with the old client's picture).
                 self.registry.count_unserved(early.session)
                 early = None
+            sending = self._sending.get(session)
+            if sending is not None and sending[1] and not sending[0].done():
+                # Two replies of its own still encoding (_send_in_order): its frame waits, in the slot or decoded.
+                # A decoded one was counted dropped as if its session had closed, and it was the newest: nothing
+                # answered it (QA 61 F3). A newer one in the slot replaces it, as ever.
+                if early is not None and session.input.pending:
+                    self.registry.count_unserved(early.session)
+                elif early is not None:
+                    held.append(early)
+                continue
             if early is not None and not txt2img:
                 jobs.append(early)
                 if session.input.pending:
@@ -572,8 +587,11 @@ class Worker(threading.Thread):
             frame = session.input.take()
             if frame is not None:
                 job = Job(session, frame)
-                self._ahead.append((job, self.pool.submit(self._decode_frame, job, (width, height,
-                                                                                   params["resize_mode"]))))
+                decoded = self.pool.submit(self._decode_frame, job, (width, height, params["resize_mode"]))
+                # Its turn comes when it is done, as a late decode's: the put that brought it has spent its wake, and
+                # a decode that outlasted the next turn's grace waited for the idle timeout (QA 61 F1: 200 ms).
+                decoded.add_done_callback(lambda _: self.registry.wake.set())
+                self._ahead.append((job, decoded))
                 self.decoded_ahead += 1
 
     def _decode_frame(self, job: Job, fit: tuple[int, int, str]) -> bool:
@@ -582,7 +600,10 @@ class Worker(threading.Thread):
         assert job.frame is not None
         try:
             image = codec.decode_frame(job.frame.header, job.frame.payload)
-        except SdbridgeError as exc:
+        except Exception as exc:  # anything else too (a MemoryError): a failed future stalled every turn (QA 61 F2)
+            if not isinstance(exc, SdbridgeError):
+                log.exception("session %s: a frame could not be decoded", job.session.id)
+                exc = CodecError(f"the frame could not be decoded: {type(exc).__name__}: {exc}")
             job.session.errors += 1
             self.registry.count_unserved(job.session)  # received, never to be answered: /stats totals add up (QA 20)
             self.report(job.session, {**exc.to_json(), **_frame_ref(job.frame)})
@@ -668,6 +689,7 @@ class Worker(threading.Thread):
         self.last_step_ms = (time.perf_counter() - started) * 1000
         per_frame = self.last_step_ms / len(jobs)
         self.step_ms_ema = per_frame if self.step_ms_ema is None else 0.8 * self.step_ms_ema + 0.2 * per_frame
+        self.steps_measured += 1
         for job, image in zip(jobs, out):
             job.output = image
 
@@ -682,9 +704,13 @@ class Worker(threading.Thread):
             job.session.passthrough_frames += 1
             if job.image is not None:
                 job.output = job.image
-            else:  # txt2img with nothing to generate yet: hold the last frame sent or a grey one
-                width, height = job.input_size or (64, 64)
-                job.output = np.full((height, width, 3), 128, np.uint8)
+                continue
+            # txt2img with nothing to generate (no engine yet, or one that cannot take the parameters): the last
+            # frame made holds, rather than a flash to grey; a grey one before any or at another size.
+            width, height = job.input_size or (64, 64)
+            last = job.session.state.data.get(LAST_OUTPUT)
+            held = last is not None and last.shape == (height, width, 3)
+            job.output = last if held else np.full((height, width, 3), 128, np.uint8)
 
     def _send(self, job: Job, params: dict[str, Any]) -> None:
         """Codec pool: one reply encoded and handed over. Never raises: the stream goes on."""

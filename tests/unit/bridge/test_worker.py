@@ -316,3 +316,130 @@ def test_a_session_s_slow_decode_never_holds_up_another_session(worker):
     assert 10_000 in replies.ids and worker.late_decodes >= 1
     # While the heavy frame decoded, the stage's frames went on turn after turn (before: one turn, held).
     assert good >= 5, good
+
+
+def slow_steps(worker, seconds: float) -> threading.Event:
+    """The serving engine's step made to take ``seconds``; the event is set as each step starts."""
+    engine = worker.engines.active_engine()
+    stepping = threading.Event()
+    real = engine.step
+
+    def step(frames, states):
+        stepping.set()
+        time.sleep(seconds)
+        return real(frames, states)
+
+    engine.step = step
+    return stepping
+
+
+def test_a_frame_decoded_ahead_waits_out_its_session_s_slow_reply_and_is_answered(worker):
+    """A session whose reply follows its previous one, still encoding, sends no frame into a turn; its frame decoded
+    ahead was then counted dropped, as if its session had closed, and it was the newest: never answered (QA 61
+    F3; a client's last frame of a burst, lost 2 to 3 times in 30 with PNG replies at 4096²)."""
+    worker, session, replies = worker
+    stepping = slow_steps(worker, 0.1)
+    replies.gate.clear()                       # the loop stops taking replies: a slow encode
+    stepping.clear()
+    put(session, 1)
+    assert stepping.wait(5) and replies.waiting.wait(20)
+    stepping.clear()
+    put(session, 2)
+    assert stepping.wait(5)
+    time.sleep(0.02)
+    put(session, 3)                            # during frame 2's step: decoded ahead, frame 2's reply chained
+    assert wait_until(lambda: worker.decoded_ahead >= 1 and worker.late_encodes >= 1)
+    time.sleep(0.3)
+    replies.gate.set()
+    assert wait_until(lambda: replies.ids == [1, 2, 3]), replies.ids
+    assert session.input.dropped == 0
+
+
+def test_a_decode_that_fails_unforeseen_is_told_and_the_stream_goes_on(worker, monkeypatch):
+    """A frame decoded ahead whose decode raised anything but an SdbridgeError (a MemoryError) left a failed future
+    that every later turn met again: no frame was answered again (QA 61 F2)."""
+    worker, session, replies = worker
+    told = []
+    worker.report = lambda where, message: told.append(message)
+    real = worker_module.codec.decode_frame
+
+    def decode(header, payload):
+        if header is not None and header.frame_id == 13:
+            raise MemoryError("no room for the pixels")
+        return real(header, payload)
+
+    monkeypatch.setattr(worker_module.codec, "decode_frame", decode)
+    stepping = slow_steps(worker, 0.1)
+    stepping.clear()
+    put(session, 12)
+    assert stepping.wait(5)
+    put(session, 13)                           # during frame 12's step: decoded ahead, and it fails
+    assert wait_until(lambda: 12 in replies.ids)
+    assert wait_until(lambda: any(message.get("frame_id") == 13 for message in told))
+    put(session, 14)
+    assert wait_until(lambda: 14 in replies.ids), replies.ids
+    error = next(message for message in told if message.get("frame_id") == 13)
+    assert error["code"] == "bad_image" and "MemoryError: no room for the pixels" in error["message"]
+    assert 13 not in replies.ids and worker.engine_errors == 0
+
+
+def test_a_frame_decoded_ahead_runs_when_its_decode_ends(worker, monkeypatch):
+    """The frames left by a slow decode wake the worker when they are done; those decoded ahead did not, and one
+    that outlasted the next turn's grace waited for the idle timeout (QA 61 F1: 200 ms). Here that timeout is 30 s."""
+    worker, session, replies = worker
+    real = worker_module.codec.decode_frame
+
+    def decode(header, payload):
+        if header is not None and header.frame_id == 2:
+            time.sleep(0.3)
+        return real(header, payload)
+
+    monkeypatch.setattr(worker_module.codec, "decode_frame", decode)
+    monkeypatch.setattr(worker, "_idle_timeout", lambda: 30.0)
+    stepping = slow_steps(worker, 0.1)
+    stepping.clear()
+    put(session, 1)
+    assert stepping.wait(5)
+    put(session, 2)                            # decoded ahead during frame 1's step, for longer than the step
+    assert wait_until(lambda: replies.ids == [1, 2], timeout=10), replies.ids
+
+
+def test_a_closed_session_s_last_frame_leaves_the_crossfade(worker):
+    """Its last output was held for the crossfade until every 256th turn, for good if none came (QA 61 F4)."""
+    worker, session, replies = worker
+    other = worker.registry.open("gone")
+    other.put_frame(parse_frame(frame(5)))
+    assert wait_until(lambda: 5 in replies.ids)
+    assert worker.crossfade.held() == 2
+    worker.registry.release(other)
+    assert wait_until(lambda: worker.crossfade.held() == 1, timeout=5)
+
+
+def test_txt2img_waits_only_until_the_next_frame_is_due():
+    """The worker slept a whole 1 / max_fps after every turn, so the period was the step plus that: 6.6 fps for a
+    max_fps of 10 and a 50 ms step (QA 61 F6)."""
+    store = ParamStore(Schema(), initial={"engine": "preview", "mode": "txt2img", "max_fps": 1.0})
+    registry = SessionRegistry()
+    worker = Worker(registry, store, EngineHost(Settings(engine="preview", device="cpu")), lambda *a: None,
+                    lambda *a: None)
+    worker.params = store.snapshot()[1]
+    assert worker._idle_timeout() == 1.0       # nothing to make: the rate's period
+    session = registry.open("stage")
+    session.viewers.add(object())
+    session.next_generated_at = time.monotonic() + 0.05
+    assert 0.0 < worker._idle_timeout() <= 0.05
+    session.next_generated_at = time.monotonic() - 1
+    assert worker._idle_timeout() == 0.0
+
+
+def test_txt2img_with_nothing_to_generate_holds_the_last_frame():
+    """The comment said the last frame sent holds; a grey one was sent every time (QA 61 F7)."""
+    registry = SessionRegistry()
+    session = registry.open("stage")
+    last = np.full((32, 48, 3), 77, np.uint8)
+    session.state.data[worker_module.LAST_OUTPUT] = last
+    held, other = worker_module.Job(session, None), worker_module.Job(session, None)
+    held.input_size, other.input_size = (48, 32), (64, 64)
+    Worker._pass_through([held, other])
+    assert held.output is last
+    assert other.output.shape == (64, 64, 3) and int(other.output.max()) == 128
