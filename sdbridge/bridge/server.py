@@ -136,6 +136,7 @@ class Daemon:
         self.store.schema.name_checks = self.engines.name_checks()
         self.store.vet = self.engines.vet
         self._vet_starting_names(settings)
+        self._capacity_measured = 0  # the worker's steps_measured when the ladder last asked
         self.ladder = QualityLadder(self.store, self._engine_capacity_fps, report=self._ladder_event)
         # A bad --output (unknown kind, library missing) stops the start-up with its reason.
         self.outputs = OutputHub(settings.outputs, notify=self._engine_event,
@@ -419,8 +420,12 @@ class Daemon:
         self._loop.call_soon_threadsafe(session.broadcast, message)
 
     def _engine_capacity_fps(self) -> float | None:
+        """What the engine can do, from its smoothed step time; None where no step ran since the ladder last asked:
+        the time of the last frames before a pause walked it down every rung, with nothing served (QA 61 F5)."""
+        measured, before = self.worker.steps_measured, self._capacity_measured
+        self._capacity_measured = measured
         step_ms = self.worker.step_ms_ema
-        return None if not step_ms else 1000.0 / step_ms
+        return None if not step_ms or measured == before else 1000.0 / step_ms
 
     def _ladder_event(self, event: dict[str, Any]) -> None:
         self._broadcast_all(event)

@@ -102,3 +102,22 @@ def test_the_ladder_steps_down_from_the_values_of_the_moment_and_gives_them_back
             assert wait_for(lambda: daemon.ladder.rung == 0, timeout=10)
             assert wait_for(lambda: daemon.store.get("width") == 256)
             assert (daemon.store.get("steps"), daemon.store.get("height")) == (20, 256)
+
+
+def test_the_ladder_stays_put_while_no_frame_runs(start_daemon, monkeypatch):
+    """The ladder read the step time of the last frames before a pause at every check, and walked down every rung on
+    it with nothing served: 2048² at 4 steps became 1024² at 2 with the similarity filter on (QA 61 F5)."""
+    slow_identity(monkeypatch, 0.020)  # 50 fps at 128x128: short of 240
+    daemon = start_daemon(params={"engine": "identity", "width": 128, "height": 128, "steps": 4},
+                          telemetry_hz=10.0)
+    with ws_connect(daemon) as client:
+        recv_json(client, "hello")
+        for _ in range(3):
+            client.send(codec.encode_png(make_image(128, 128)))
+            while isinstance(client.recv(timeout=10), str):
+                pass
+    assert wait_for(lambda: daemon.worker.step_ms_ema is not None)
+    with ws_connect(daemon) as control:
+        control.send(json.dumps({"type": "set", "params": {"ladder_fps": 240.0}}))
+        time.sleep(2.0)  # 20 checks: the old ladder moved every second check
+    assert daemon.ladder.rung <= 1 and daemon.store.get("width") == 128
