@@ -726,7 +726,8 @@ def lora_path(folder: str | Path, name: str) -> Path:
             found = scan.pick(name)
         if found is not None:
             return found
-        stems = heapq.nsmallest(20, scan.files)   # not a sort of every name: 30,000 of them, on the loop
+        # Not a sort of every name (30,000 of them, on the loop); only names it may load (QA 56 F7: a link out).
+        stems = [stem for stem in heapq.nsmallest(40, scan.files) if scan.pick(stem) is not None][:20]
         known = ", ".join(stems) + (f", ... ({len(scan.files)} in all)" if len(scan.files) > 20 else "") or "none"
         raise ModelError(f"LoRA {quoted(name)} not found in {quoted(folder)} (there: {known})")
     return path

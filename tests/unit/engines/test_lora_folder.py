@@ -69,8 +69,10 @@ def test_find_loras_keeps_the_first_file_of_a_stem_and_skips_links_out(tmp_path,
     assert "the name 'style0_0' is already" in caplog.text
     lora_module._FOUND.clear()
     assert lora_path(tmp_path / "loras", "style0_0") == found["style0_0"]
-    with pytest.raises(ModelError, match="'escape2' not found"):
+    with pytest.raises(ModelError, match="'escape2' not found") as caught:
         lora_path(tmp_path / "loras", "escape2")
+    # What is there: the LoRAs it may load, not the links out that it refuses (QA 56 F7: 'a_escape' was named).
+    assert "(there: style0_0, style0_1, style1_0, style1_1)" in str(caught.value)
 
 
 def write_safetensors(path: Path, keys: list[str], metadata: str = "", truncate: int = 0) -> Path:
