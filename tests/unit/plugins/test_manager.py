@@ -345,3 +345,14 @@ def test_a_second_plugin_under_a_built_in_name_is_left_out_and_named(tmp_path, m
     manager = PluginManager(store, report=lambda sid, m: None)
     stats_names = manager.names()
     assert stats_names.count("similarity") == 1 and manager.failures == 0
+
+
+def test_the_docs_give_each_built_in_plugin_s_order():
+    """docs/plugins.md names the order each built-in plugin runs in; it was nowhere but in the code."""
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "plugins.md").read_text(encoding="utf-8")
+    line = next(line for line in docs.split("\n\n") if line.startswith("Their default orders"))
+    documented = {name: int(order) for name, order in re.findall(r"`(\w+)` (\d+)", line)}
+    assert documented == {name: plugin.default_order for name, plugin in discover().items()}
