@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdbridge.engines import a1111_timesteps
+from sdbridge.engines import a1111_lcm, a1111_timesteps
 from sdbridge.errors import SdbridgeError
 
 
@@ -173,8 +173,8 @@ def resolve(sampler_name: str | None, scheduler: str | None = None,
 def ignored_schedule(sampler: Sampler, schedule: Schedule) -> bool:
     """Whether a one-shot request runs ``sampler`` with its own schedule in place of ``schedule`` (then warned):
     A1111's timestep samplers (DDIM, PLMS, UniPC) read no schedule type (QA 38f: UniPC applied the sigma ones),
-    and LCM and TCD run diffusers' skipping schedule, where A1111's sample_lcm would take the sigmas (QA 37 M1:
-    these pairs answered 422; A1111 1.10 runs them)."""
+    and LCM and TCD run their own (LCM A1111's Automatic, TCD diffusers' skipping one), where A1111's sample_lcm
+    would take the sigmas (QA 37 M1: these pairs answered 422; A1111 1.10 runs them)."""
     if schedule.name == "automatic":
         return False
     if sampler.name in _TIMESTEP_SAMPLERS:  # every type: spaced ones changed UniPC's timesteps (QA 60 F4)
@@ -192,6 +192,9 @@ def schedule_warning(sampler_name: str | None, scheduler: str | None) -> str | N
     if sampler.spaced:
         return (f"schedule type {schedule.label!r} ignored: {sampler.name} runs its own timesteps, as A1111's "
                 f"{sampler.name} does (it reads no schedule type)")
+    if sampler.name == "LCM":
+        return (f"schedule type {schedule.label!r} ignored: LCM runs diffusers' LCMScheduler on A1111's Automatic LCM "
+                f"schedule (A1111's k-diffusion LCM would take the {schedule.label} sigmas)")
     return (f"schedule type {schedule.label!r} ignored: {sampler.name} runs diffusers' {sampler.scheduler} with its "
             f"own skipping schedule (A1111's k-diffusion {sampler.name} would take the {schedule.label} sigmas)")
 
@@ -281,6 +284,8 @@ def make_scheduler(base_config: Mapping[str, Any], sampler_name: str | None, sch
     made.a1111_sdxl = sdxl
     if a1111 and sampler.name in a1111_timesteps.SAMPLERS:
         a1111_timesteps.install(made, sampler.name)
+    if a1111 and sampler.name == "LCM":  # A1111's LCMCompVisDenoiser and sample_lcm (QA 60 F3)
+        a1111_lcm.install(made)
     return made
 
 
@@ -289,6 +294,9 @@ def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
     "linspace" differs from them."""
     if a1111_timesteps.installed(scheduler):
         a1111_timesteps.run(scheduler, steps, device=device)
+        return
+    if a1111_lcm.installed(scheduler):
+        a1111_lcm.run(scheduler, steps, device=device)
         return
     if not getattr(scheduler, "a1111_sigmas", False):
         scheduler.set_timesteps(steps, device=device)
@@ -428,7 +436,9 @@ def initial_noise_scale(scheduler: Any) -> float:
     """What txt2img's starting noise is multiplied by: the scheduler's ``init_noise_sigma``, except that a
     DPMSolverMultistep scheduler made with ``a1111=True`` starts where A1111 does. k-diffusion starts at
     noise * sigma_0; diffusers' DPM-Solver works on x / sqrt(1 + sigma^2) and starts at noise, as if from
-    noise * sqrt(1 + sigma_0^2) (QA 33 L3: 0.09 apart on DPM++ 2M)."""
+    noise * sqrt(1 + sigma_0^2) (QA 33 L3: 0.09 apart on DPM++ 2M). A1111's LCM: noise * sigma_0 in VP space."""
+    if a1111_lcm.installed(scheduler):
+        return a1111_lcm.initial_noise_scale(scheduler)
     if getattr(scheduler, "a1111_sigmas", False) and type(scheduler).__name__ == "DPMSolverMultistepScheduler":
         sigma = float(scheduler.sigmas[0])
         return sigma / math.sqrt(1 + sigma * sigma)
