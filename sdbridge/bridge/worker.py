@@ -260,9 +260,8 @@ class Worker(threading.Thread):
                 continue
             engine = self.engines.active()
             if engine is None or getattr(engine, "parts", None) is None:
-                task.future.set_exception(GenerationError(
-                    "no diffusion model is loaded (the preview engine serves the stream): start the daemon "
-                    "with --model PATH, or set sd_model_checkpoint in /sdapi/v1/options", code="no_model"))
+                task.future.set_exception(GenerationError(_no_model(engine, self.params.get("model")
+                                                                    or self.engines.settings.model), code="no_model"))
                 continue
             try:
                 task.generation = Generation(engine, task.request)  # type: ignore[arg-type]
@@ -804,6 +803,17 @@ def _decoded() -> Future[bool]:
     future: Future[bool] = Future()
     future.set_result(True)
     return future
+
+
+def _no_model(engine: Any, model: str | None) -> str:
+    """Why a one-shot request has no model to run on: none is set, or one is but the engine serving runs none (a
+    model set with the preview engine was told to start the daemon with --model, QA 59 F2)."""
+    serving = f"the {engine.name} engine serves the stream" if engine is not None else "no engine serves yet"
+    if model:
+        return (f"no diffusion model is loaded: {serving}, which runs no model; set the engine parameter to "
+                f"diffusion or compiled to run {model!r}")
+    return (f"no diffusion model is loaded ({serving}): start the daemon with --model PATH, or set "
+            f"sd_model_checkpoint in /sdapi/v1/options")
 
 
 def _frame_ref(frame: InputFrame | None) -> dict[str, Any]:

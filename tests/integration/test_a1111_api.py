@@ -497,6 +497,17 @@ def test_without_a_model_generation_says_how_to_get_one(start_daemon):
     assert "no diffusion model is loaded" in response.text
 
 
+def test_with_a_model_set_but_the_preview_engine_serving_generation_says_which_engine_to_set(start_daemon,
+                                                                                              tiny_model_dir):
+    """A daemon started with --model and the preview engine was told to start with --model (QA 59 F2)."""
+    daemon = start_daemon(engine="preview", model=str(tiny_model_dir))
+    response = httpx.post(f"http://127.0.0.1:{daemon.port}/sdapi/v1/txt2img", json=SMALL, timeout=30)
+    assert response.status_code == 503
+    detail = response.json()["detail"]
+    assert "the preview engine serves the stream" in detail and "--model" not in detail
+    assert "set the engine parameter to diffusion or compiled" in detail and str(tiny_model_dir) in detail
+
+
 def test_sd_models_lists_pulled_models(api):
     write_tiny_model(api.tmp / "models" / "pulled-sd", seed=2)
     names = [m["model_name"] for m in api.get("/sdapi/v1/sd-models").json()]
