@@ -134,9 +134,12 @@ class Viewer:
         if kind is not None:
             for index, queued in enumerate(self._control):
                 if _pushed_state(queued) == kind:
-                    # A new dict: the queued one and the message may be shared with other viewers.
-                    self._control[index] = ({"type": "params", "values": {**queued["values"], **message["values"]}}
-                                            if kind == "params" else message)
+                    # A new dict: the queued one and the message may be shared with other viewers. It goes last,
+                    # where this push would have gone: in the queued one's place it went before a reply queued
+                    # since with older values (a `get`), and the client kept those (QA 62 F1).
+                    del self._control[index]
+                    self._control.append({"type": "params", "values": {**queued["values"], **message["values"]}}
+                                         if kind == "params" else message)
                     self._ready.set()
                     return
         if len(self._control) == self._control.maxlen:
@@ -208,9 +211,14 @@ class RateMeter:
             self._latencies_ms.append(latency_ms)
 
     def rate(self, now: float | None = None) -> float:
+        """Events in the last ``window_s`` before ``now`` (a monotonic time not earlier than the last asked for),
+        per second. Those before the window go: counting all 4096 kept took 0.1 ms a session, 45-93 ms a telemetry
+        tick on the loop at 450 sessions (QA 62 F5)."""
         now = time.monotonic() if now is None else now
-        recent = sum(1 for t in list(self._times) if now - t <= self.window_s)
-        return recent / self.window_s
+        times = self._times  # record() appends from other threads; only this pops, so times[0] stays
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return len(times) / self.window_s
 
     def percentile(self, q: float) -> float | None:
         values = sorted(self._latencies_ms)

@@ -65,14 +65,40 @@ def test_a_params_flood_joins_one_message_and_never_crowds_out_the_others():
                 viewer.offer_control({"type": "error", "code": "bad_param"})
         viewer.offer_control({"type": "params", "values": {"strength": 1.0}, "id": 3})  # a reply: its own
         received = [(await viewer.next())[1] for _ in range(5)]
-        assert received == [{"type": "params", "values": {"strength": 0.999, "seed": 7}},
-                            {"type": "engine", "status": "loading"}, {"type": "stats", "fps": 999},
-                            {"type": "error", "code": "bad_param"},
+        # The pushed state last, after what was queued before its newest values (QA 62 F1); a reply keeps its place.
+        assert received == [{"type": "engine", "status": "loading"}, {"type": "error", "code": "bad_param"},
+                            {"type": "params", "values": {"strength": 0.999, "seed": 7}}, {"type": "stats", "fps": 999},
                             {"type": "params", "values": {"strength": 1.0}, "id": 3}]
         assert viewer.control_dropped == 0 and shared == {"strength": 0.0}  # other viewers' message untouched
         assert viewer.buffered_frames == 0 and not viewer._control
 
     asyncio.run(scenario())
+
+
+def test_a_reply_queued_after_a_params_push_goes_before_the_newer_values_joined_to_it():
+    """A push joined the one still queued in its place: a `get` reply queued between them, with older values, went
+    after the newer ones, and the client kept the older (QA 62 F1: 0.5 shown, 0.9 in use)."""
+    async def scenario():
+        viewer = Viewer()
+        viewer.offer_control({"type": "params", "values": {"strength": 0.5}})
+        viewer.offer_control({"type": "params", "values": {"strength": 0.5}, "id": 1})
+        viewer.offer_control({"type": "params", "values": {"strength": 0.9}})
+        received = [(await viewer.next())[1] for _ in range(2)]
+        assert received == [{"type": "params", "values": {"strength": 0.5}, "id": 1},
+                            {"type": "params", "values": {"strength": 0.9}}]
+        assert not viewer._control
+
+    asyncio.run(scenario())
+
+
+def test_a_rate_keeps_only_the_times_in_its_window():
+    """rate() counted every one of 4096 kept times: 0.1 ms a session, 45-93 ms a telemetry tick at 450 (QA 62 F5)."""
+    meter = RateMeter(window_s=2.0)
+    for index in range(4096):
+        meter.record(now=index / 60)
+    now = 4095 / 60
+    assert meter.rate(now=now) == 121 / 2.0
+    assert len(meter._times) == 121
 
 
 def test_a_message_offered_to_many_viewers_is_serialized_once(monkeypatch):
