@@ -71,6 +71,19 @@ def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
                      f"({len(data)} bytes)")
 
 
+def _unpadded_tail(data: bytes | bytearray | memoryview, piece: int = 64 * 1024) -> bytes:
+    """The last bytes of ``data`` before its zero padding, however long: a capture card or hardware encoder pads a
+    JPEG to its 4 KiB-aligned buffer, and only 62 bytes of it were read past (QA 62 F4)."""
+    end = len(data)
+    while end > 0:
+        start = max(0, end - piece)
+        kept = len(bytes(data[start:end]).rstrip(b"\x00"))
+        if kept:
+            return bytes(data[max(0, start + kept - len(_JPEG_END)):start + kept])
+        end = start
+    return b""
+
+
 def check_encoded(data: bytes | bytearray | memoryview) -> str:
     """"jpeg" or "png" when ``data`` is a whole file of a size we accept; CodecError otherwise.
 
@@ -82,7 +95,7 @@ def check_encoded(data: bytes | bytearray | memoryview) -> str:
     kind = sniff(data)
     if kind == "jpeg":
         # Encoders may pad after the end-of-image marker with zeros; anything else is a cut file.
-        if not bytes(data[-64:]).rstrip(b"\x00").endswith(_JPEG_END):
+        if not _unpadded_tail(data).endswith(_JPEG_END):
             raise CodecError(f"JPEG data is truncated ({len(data)} bytes, no end-of-image marker)")
         size = _jpeg_size(memoryview(data))
         if size is None:
