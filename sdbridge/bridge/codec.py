@@ -71,17 +71,19 @@ def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
                      f"({len(data)} bytes)")
 
 
-def _unpadded_tail(data: bytes | bytearray | memoryview, piece: int = 64 * 1024) -> bytes:
-    """The last bytes of ``data`` before its zero padding, however long: a capture card or hardware encoder pads a
-    JPEG to its 4 KiB-aligned buffer, and only 62 bytes of it were read past (QA 62 F4)."""
-    end = len(data)
-    while end > 0:
-        start = max(0, end - piece)
-        kept = len(bytes(data[start:end]).rstrip(b"\x00"))
-        if kept:
-            return bytes(data[max(0, start + kept - len(_JPEG_END)):start + kept])
-        end = start
-    return b""
+# Zero padding read past after a JPEG's end marker: a capture card's or hardware encoder's buffer (4 KiB-aligned, a
+# frame's worth at most). More is a cut or hostile file, and reading it held the loop (64 MiB: 1 s).
+MAX_JPEG_PADDING = 1 << 20
+
+
+def _ends_whole(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` ends with the end-of-image marker, or with it and up to MAX_JPEG_PADDING zeros: only 62
+    bytes of padding were read past, and a JPEG padded to its buffer was refused as cut (QA 62 F4)."""
+    if bytes(data[-len(_JPEG_END):]) == _JPEG_END:
+        return True
+    tail = bytes(data[-(MAX_JPEG_PADDING + len(_JPEG_END)):])
+    end = tail.rfind(_JPEG_END) + len(_JPEG_END)
+    return end >= len(_JPEG_END) and tail.count(0, end) == len(tail) - end
 
 
 def check_encoded(data: bytes | bytearray | memoryview) -> str:
@@ -95,7 +97,7 @@ def check_encoded(data: bytes | bytearray | memoryview) -> str:
     kind = sniff(data)
     if kind == "jpeg":
         # Encoders may pad after the end-of-image marker with zeros; anything else is a cut file.
-        if not _unpadded_tail(data).endswith(_JPEG_END):
+        if not _ends_whole(data):
             raise CodecError(f"JPEG data is truncated ({len(data)} bytes, no end-of-image marker)")
         size = _jpeg_size(memoryview(data))
         if size is None:

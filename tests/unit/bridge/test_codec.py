@@ -92,14 +92,20 @@ def test_jpeg_padded_with_zeros_after_the_end_marker_decodes():
     assert codec.decode_image(JPEG + bytes(16)).shape == (48, 64, 3)
 
 
-@pytest.mark.parametrize("padding", [0, 62, 63, 1000, 4096 - 7, 64 * 1024 - 1, 64 * 1024, 200_000])
+@pytest.mark.parametrize("padding", [0, 62, 63, 1000, 4096 - 7, 200_000, codec.MAX_JPEG_PADDING])
 def test_a_jpeg_padded_to_its_buffer_is_whole(padding):
     """A capture card or hardware encoder pads to its 4 KiB-aligned buffer; past 62 bytes of zeros the file was
-    refused as cut (QA 62 F4). The end marker split across two pieces of the scan counts too."""
+    refused as cut (QA 62 F4). Past MAX_JPEG_PADDING it is a cut file still."""
     padded = JPEG + bytes(padding)
     assert codec.check_encoded(padded) == "jpeg" and codec.check_encoded(memoryview(padded)) == "jpeg"
+    for cut in (JPEG[:-1] + bytes(padding + 1), JPEG + b"\x01" + bytes(padding), JPEG + bytes(padding) + b"\x07"):
+        with pytest.raises(CodecError, match="truncated"):
+            codec.check_encoded(cut)
+
+
+def test_a_jpeg_padded_past_the_limit_is_cut():
     with pytest.raises(CodecError, match="truncated"):
-        codec.check_encoded(JPEG[:-1] + bytes(padding + 1))
+        codec.check_encoded(JPEG + bytes(codec.MAX_JPEG_PADDING + 1))
 
 
 # Bad data
