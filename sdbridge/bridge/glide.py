@@ -68,8 +68,10 @@ class Glider:
         loop = asyncio.get_running_loop()
         now = loop.time()
         immediate: dict[str, Any] = {}
-        if self._finish:  # a blend glide in flight lands at once: the new one starts from its end
-            for name, finish in list(self._finish.items()):
+        # A blend glide in flight that these values touch lands at once: the new one starts from its end. One they
+        # leave alone glides on: a slewed fader's move landed a preset's prompt crossfade mid-way (QA 62 F3).
+        for name, finish in list(self._finish.items()):
+            if name in values or not finish.keys().isdisjoint(values):
                 self._drop(name)
                 self.store.update(finish)
         _, current = self.store.snapshot()

@@ -183,6 +183,31 @@ def test_a_recall_during_a_prompt_glide_lands_the_first_then_glides_on():
     assert store.get("prompt") == "three" and store.get("prompt_blend") == 0.0
 
 
+def test_a_value_gliding_beside_a_prompt_glide_leaves_it_gliding():
+    """A slewed fader (slew_s > 0: a controller's numbers glide) moved 1 s into a 4 s prompt crossfade landed the
+    crossfade at once, the picture jumping to the new prompt (QA 62 F3)."""
+    async def scenario():
+        store = ParamStore()
+        store.update({"prompt": "a forest", "strength": 0.5})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"prompt": "a city at night"}, duration_s=1.0)
+        await asyncio.sleep(0.3)
+        before = store.get("prompt_blend")
+        glider.start({"strength": 0.6}, duration_s=0.1)
+        await asyncio.sleep(0.05)
+        during = store.snapshot()[1]
+        await asyncio.sleep(1.0)
+        glider.close()
+        return store, before, during
+
+    store, before, during = asyncio.run(scenario())
+    assert 0.0 < before < 1.0
+    assert during["prompt"] == "a forest" and during["blend_prompt"] == "a city at night"
+    assert during["prompt_blend"] >= before
+    assert store.get("prompt") == "a city at night" and store.get("prompt_blend") == 0.0
+    assert store.get("strength") == pytest.approx(0.6)
+
+
 def test_a_look_without_a_blend_lands_with_a_held_blend_off():
     """QA: a saved look leaves an unused blend out; recalled over a blend held on a crossfader, the seed (or prompt)
     jumped and the old blend stayed, so the look was not the saved one. It lands with the blend off."""
