@@ -690,10 +690,11 @@ class ParamStore:
             return self._values[name]
 
     def update(self, updates: Mapping[str, Any], expect: Mapping[str, Any] | None = None,
-               all_or_nothing: bool = False) -> tuple[dict[str, Any], list[ParamError]]:
+               all_or_nothing: bool = False, counted: bool = True) -> tuple[dict[str, Any], list[ParamError]]:
         """Apply the valid updates together; return what was applied and the errors. ``expect``: apply nothing
         unless these values are still the stored ones (checked and applied under one lock: a client's set in
-        between wins). ``all_or_nothing``: apply nothing when any value is refused."""
+        between wins). ``all_or_nothing``: apply nothing when any value is refused. ``counted`` False: a glide's
+        own steps, which :meth:`set_counts` leaves out (it tells what someone set)."""
         good, errors = self.schema.validate(updates)
         if errors and all_or_nothing:
             return {}, errors
@@ -708,7 +709,7 @@ class ParamStore:
                         {k: v for k, v in good.items() if k not in {error.name for error in refused}}
                 changed = {k: v for k, v in good.items() if self._values.get(k) != v}
                 self._values.update(good)
-                for name in good:
+                for name in good if counted else ():
                     self._sets[name] = self._sets.get(name, 0) + 1
                 if changed:
                     self._version += 1

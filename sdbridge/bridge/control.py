@@ -36,9 +36,25 @@ class Control:
         self.daemon = daemon
         self.presets = presets
         self.glider = Glider(daemon.store)
+        self._on_beat: asyncio.TimerHandle | None = None  # a recall waiting for the next beat
 
     def close(self) -> None:
+        self._cancel_on_beat()
         self.glider.close()
+
+    def _cancel_on_beat(self) -> None:
+        if self._on_beat is not None:
+            self._on_beat.cancel()
+            self._on_beat = None
+
+    def _land_on_beat(self, values: dict[str, Any], duration: float, sets: dict[str, int]) -> None:
+        """An on-beat recall at its beat: its values but those someone set while it waited, which win, as a value
+        set during a glide wins over the glide (a fader moved after the recall was undone at the beat: QA 62 F2)."""
+        self._on_beat = None
+        now = self.daemon.store.set_counts(values)
+        kept = {name: value for name, value in values.items() if now.get(name) == sets.get(name)}
+        if kept:
+            self.glider.start(kept, duration)
 
     def apply_live(self, updates: dict[str, Any]) -> tuple[dict[str, Any], list]:
         """Loop thread: a controller's values, slewed when ``slew_s`` is set (numeric ones glide)."""
@@ -87,10 +103,12 @@ class Control:
                                    f"not there, left out too (the first {MAX_MISSING_SHOWN} are told)", name="loras",
                                    value=name, code="unknown_lora"))
         errors = [*told, *errors]
+        # A newer recall wins over one still waiting for its beat, which landed over it at the beat (QA 62 F2).
+        self._cancel_on_beat()
         if on_beat:
-            loop = asyncio.get_running_loop()
             delay = self.daemon.worker.clock.until_next_beat(time.monotonic(), bpm)
-            loop.call_later(delay, self.glider.start, values, float(duration))
+            self._on_beat = asyncio.get_running_loop().call_later(delay, self._land_on_beat, values, float(duration),
+                                                                  self.daemon.store.set_counts(values))
         else:
             self.glider.start(values, float(duration))
         level = logging.WARNING if errors else logging.INFO if announce else logging.DEBUG

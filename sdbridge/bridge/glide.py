@@ -73,7 +73,7 @@ class Glider:
         for name, finish in list(self._finish.items()):
             if name in values or not finish.keys().isdisjoint(values):
                 self._drop(name)
-                self.store.update(finish)
+                self.store.update(finish, counted=False)
         _, current = self.store.snapshot()
         targets = dict(good)
         for name, (other, weight, rest) in BLENDED.items():
@@ -178,7 +178,7 @@ class Glider:
                 else:
                     self._written[name] = value
             if step:
-                self.store.update(step)
+                self.store.update(step, counted=False)  # its own motion: set_counts tells what someone set
             await asyncio.sleep(self.period_s)
 
     def close(self) -> None:

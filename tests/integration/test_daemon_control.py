@@ -511,6 +511,30 @@ def test_preset_in_beats_lands_on_the_beat(start_daemon):
     assert 0.3 < last - first < 1.0  # one beat = 0.5 s of glide (10x loose above)
 
 
+def test_what_is_asked_after_an_on_beat_recall_wins_over_it_at_the_beat(start_daemon):
+    """An on-beat recall was scheduled with nothing to cancel it: a preset recalled or a fader moved after it, before
+    the beat, was undone when the beat came (QA 62 F2). A newer recall cancels it; a value set since is kept."""
+    daemon = start_daemon(params={"engine": "identity", "bpm": 30.0})   # a beat every 2 s
+
+    def ask(ws, message, reply):
+        ws.send(json.dumps({"id": 9, **message}))
+        return recv_json(ws, reply)
+
+    with ws_connect(daemon) as ws:
+        for name, strength in (("soft", 0.3), ("hard", 0.9)):
+            ask(ws, {"type": "set", "params": {"strength": strength}}, "ack")
+            ask(ws, {"type": "save_preset", "name": name}, "preset_saved")
+        ask(ws, {"type": "preset", "name": "soft", "on_beat": True}, "preset")
+        ask(ws, {"type": "preset", "name": "hard"}, "preset")   # asked after: it wins
+        assert wait_for(lambda: daemon.store.get("strength") == 0.9)
+        time.sleep(2.5)
+        assert daemon.store.get("strength") == 0.9
+        ask(ws, {"type": "preset", "name": "soft", "on_beat": True}, "preset")
+        ask(ws, {"type": "set", "params": {"strength": 0.5, "seed": 77}}, "ack")  # a fader moved before the beat
+        time.sleep(2.5)
+        assert daemon.store.get("strength") == 0.5 and daemon.store.get("seed") == 77
+
+
 def test_the_engine_ready_news_has_the_resolution_it_serves(start_daemon):
     """A newly loaded engine is announced once the worker has prepared it: its news has the stream's size,
     not the engine's default 512x512."""
