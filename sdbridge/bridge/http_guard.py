@@ -40,6 +40,9 @@ except ImportError:  # a uvicorn that has moved it: the daemon runs uvicorn's pr
 log = logging.getLogger(__name__)
 
 REFUSED_LINGER_S = 1.0  # a refused connection stays half-closed this long so the client reads the answer
+# Refused connections held so at once; past this a refusal is closed at once: a client connecting in a loop held
+# (its rate x 1 s) sockets, uncounted, until accept() failed for want of descriptors (QA 62 F6: 22,706 EMFILE in 5 s).
+MAX_LINGERING = 64
 FILES_BESIDE_CONNECTIONS = 512  # descriptors the daemon needs besides its sockets: models, threads' pipes, outputs
 
 
@@ -59,6 +62,7 @@ class ConnectionGuard:
     per_client: Counter[str] = field(default_factory=Counter)
     open: int = 0
     refused: int = 0
+    lingering: int = 0  # refused connections held open for their answer to be read
     head_timeouts: int = 0
     idle_closed: int = 0
     body_stalls: int = 0
@@ -151,6 +155,7 @@ class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc,valid-type]
     _head_started = False  # bytes of a request head came since the connection or the last response
     _counted = False
     _refused = False
+    _lingering = False
     _timer: asyncio.TimerHandle | None = None
 
     # -- connection ------------------------------------------------------------------------------------------
@@ -172,6 +177,11 @@ class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc,valid-type]
         self.transport = transport
         self.guard.refused += 1
         self.guard.problems.log("refused a connection from %s: %s", self._client_key, reason)
+        if self.guard.lingering >= MAX_LINGERING:  # a flood: no descriptor to spare for each one's answer
+            transport.abort()
+            return
+        self.guard.lingering += 1
+        self._lingering = True
         transport.write(error_response(503, "Service Unavailable", "too_many_connections",
                                        f"connection refused: {reason}; close some connections and try again"))
         if transport.can_write_eof():
@@ -181,6 +191,9 @@ class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc,valid-type]
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         if self._refused:
+            if self._lingering:
+                self._lingering = False
+                self.guard.lingering -= 1
             return
         if self._counted:
             self._counted = False

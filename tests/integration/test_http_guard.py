@@ -11,6 +11,8 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from tests.clients import wait_for
+
 HEAD_S = 0.5
 STALL_S = 0.5
 
@@ -157,3 +159,26 @@ def test_an_idle_kept_alive_connection_is_closed_without_an_unasked_for_408(daem
     fresh = open_socket(daemon.port)
     assert read_all(fresh) == b""  # opened and never used (a browser's preconnect): closed silently too
     assert http_stats(daemon.port)["idle_closed"] >= 1
+
+
+def test_a_client_connecting_in_a_loop_holds_a_bounded_number_of_refused_sockets(daemon):
+    """Each refused connection was held open 1 s for its answer, uncounted: one address connecting in a loop held
+    its rate x 1 s sockets until accept() failed for want of descriptors (QA 62 F6). Past MAX_LINGERING a refusal is
+    closed at once; the first ones still read their 503."""
+    from sdbridge.bridge.http_guard import MAX_LINGERING
+
+    held = [open_socket(daemon.port) for _ in range(6)]       # the address's limit
+    refused = [open_socket(daemon.port) for _ in range(MAX_LINGERING + 40)]
+    try:
+        assert wait_for(lambda: daemon.http_guard.refused >= MAX_LINGERING + 40, timeout=20)
+        assert daemon.http_guard.lingering == MAX_LINGERING
+        status, body = error_of(read_all(refused[0]))
+        assert status == 503 and body["code"] == "too_many_connections"
+        try:
+            assert read_all(refused[-1]) == b""               # closed at once, nothing written
+        except ConnectionResetError:                          # (aborted: a reset)
+            pass
+    finally:
+        for sock in held + refused:
+            sock.close()
+    assert wait_for(lambda: daemon.http_guard.lingering == 0, timeout=10)
