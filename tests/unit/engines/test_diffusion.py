@@ -423,3 +423,15 @@ def test_lcm_warns_of_an_off_schedule_start_once_not_every_frame(parts, frame, c
         for _ in range(3):
             engine.step(frame, [StreamState("s")])
     assert sum("first timestep" in record.getMessage() for record in caplog.records) == 1
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ SDE", "Euler a", "LCM"])
+def test_a_session_s_frame_does_not_depend_on_its_place_in_the_batch(parts, frame, sampler):
+    """DPM++ SDE seeded one Brownian tree for the whole batch: a session second in a batch drew other noise than
+    alone, 0.54 apart, so a still stream flickered as others joined or left (QA 63 F2)."""
+    engine = DiffusionEngine.from_parts(parts)
+    engine.prepare(params(sampler=sampler, steps=4, strength=1.0))
+    other = torch.flip(frame, dims=[1])
+    alone = engine.step_float(frame, [StreamState("a")])
+    second = engine.step_float(torch.cat([other, frame]), [StreamState("b"), StreamState("a")])[1:]
+    assert relative_error(second, alone) < 1e-4
