@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from sdbridge.engines.background_compile import BackgroundCompiler, materialize
-from sdbridge.engines.base import StreamState
+from sdbridge.engines.base import SLOT_IMAGES, StreamState
 from sdbridge.engines.controlnet import ControlUnit
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.feature_bank import BankFeed, FeatureBank, attached_bank, window_key
@@ -708,7 +708,7 @@ class CompiledEngine(DiffusionEngine):
             # Clone: under CUDA graphs the outputs live in the graph's pool and the next replay overwrites them.
             slot.latents = y[i, :-1].clone()
             slot.residual = eps[i, :-1].clone() if residual is not None else None
-            slot.conditions = _held_conditions(controls, i, steps)
+            slot.conditions = _held_conditions(controls, i, steps, states[i])
         return y[:, -1]  # [B, 4, h, w], the frames that entered N - 1 calls ago, fully denoised
 
     @contextlib.contextmanager
@@ -958,8 +958,8 @@ class CompiledEngine(DiffusionEngine):
                 y, eps = self._stream_call(x, res, 1, schedule, controls, prompt)
             latents = y[:-1].clone()
             residual = eps[:-1].clone() if residual is not None else None
-        slot = _StreamSlot(key=key, latents=latents, residual=residual, conditions=_held_conditions(controls, 0, steps),
-                           timesteps=schedule.timestep_values)
+        slot = _StreamSlot(key=key, latents=latents, residual=residual,
+                           conditions=_held_conditions(controls, 0, steps, state), timesteps=schedule.timestep_values)
         state.data[STREAM_KEY] = slot
         return slot
 
@@ -1348,13 +1348,17 @@ def _in_flight_conditions(controls: Sequence[ControlUnit], slots: Sequence[_Stre
     return out
 
 
-def _held_conditions(controls: Sequence[ControlUnit], session: int, steps: int) -> dict[int, torch.Tensor]:
-    """What session ``session`` keeps of this call's rows for the next: the first N - 1 rows' images.
+def _held_conditions(controls: Sequence[ControlUnit], session: int, steps: int,
+                     state: StreamState) -> dict[int, torch.Tensor]:
+    """What session ``session`` (``state``) keeps of this call's rows for the next: the first N - 1 rows' images.
 
-    Nothing is kept for a unit where some session had no condition image (its scale is then a tensor,
-    0 for that session): frames in flight then take the newest image instead of a stand-in zero one."""
+    Nothing is kept for a unit where this session had no condition image (the unit's scale is then a
+    tensor, 0 for it; its image a stand-in zero one): its frames in flight then take the newest image
+    instead. A batch-mate without one changes nothing for this session (QA 63 F1): the unit's scale is
+    a tensor then too, so whether this session had its image is read from its own ``SLOT_IMAGES``."""
+    images = state.data.get(SLOT_IMAGES) or {}
     return {unit.slot: unit.image[session * steps:(session + 1) * steps - 1] for unit in controls
-            if not isinstance(unit.scale, torch.Tensor)}
+            if not isinstance(unit.scale, torch.Tensor) or images.get(unit.slot) is not None}
 
 
 def _quantize(image: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

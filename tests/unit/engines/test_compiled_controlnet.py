@@ -243,6 +243,27 @@ def test_stream_of_frames_each_keeps_its_own_condition(parts, controlnet_dir, fr
         assert min(relative_error(out, other) for j, other in enumerate(expected) if j != source) > 2 * TOLERANCE
 
 
+def test_a_batch_mate_without_a_condition_leaves_each_frame_in_flight_its_own(parts, controlnet_dir, frame):
+    """As above, session A batched with a session B that has sent no channel-1 frame (the slot's scale is then
+    per session): A's frames in flight keep the conditions they entered with, as A alone does; only B, which
+    has none, would take the newest (QA 63 F1: every session's were dropped, 1.4e-5..2.3e-5 from eager)."""
+    values = dict(steps=3, guidance=1.0, controlnet_1_model="edges", controlnet_1_scale=3.0, controlnet_1_channel=1)
+    conditions = moving_square(5, 8)
+    other = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    eager = make(DiffusionEngine, parts, controlnet_dir)
+    expected = [run(eager, frame[None], [conditioned(StreamState("e"), image)], **values) for image in conditions]
+    expected_b = run(eager, other[None], [StreamState("f")], **values)
+    alone, batched = make(CompiledEngine, parts, controlnet_dir), make(CompiledEngine, parts, controlnet_dir)
+    state_alone, state_a, state_b = StreamState("a"), StreamState("a"), StreamState("b")
+    for k in range(5):
+        out_alone = run(alone, frame[None], [conditioned(state_alone, conditions[k])], **values)
+        out = run(batched, np.stack([frame, other]), [conditioned(state_a, conditions[k]), state_b], **values)
+        source = max(0, k - 2)
+        assert relative_error(out[:1], expected[source]) <= 5e-6, f"call {k} against frame {source}"
+        assert relative_error(out[:1], out_alone) <= 5e-6, f"call {k} against A alone"
+        assert relative_error(out[1:], expected_b) <= 5e-6, f"call {k}: B against eager"
+
+
 def test_a_strength_crossing_carries_each_frame_in_flight_on_with_its_own_condition(parts, controlnet_dir, frame):
     """Strength 0.25 -> 0.5 -> 0.25 at 8 steps (2 steps, 4, 2) with a condition stream that changes every
     frame: the frames in flight are carried over with the condition image each entered with, the places a
