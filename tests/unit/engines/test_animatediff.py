@@ -497,3 +497,11 @@ def test_each_session_s_window_has_its_own_style_image(parts, motion_dir, ip_mod
     assert relative_error(together[0:1], alone) <= 1e-4
     assert relative_error(together[1:2], plain) <= 1e-4
     assert relative_error(alone, plain) > 1e-3
+
+
+def test_dpm_sde_runs_on_a_batch_of_windows(parts, motion_dir, frames):
+    """DPM++ SDE draws a Brownian tree per session (QA 63 F2): its rows are sessions here too, a window each."""
+    engine = engine_for(parts, motion_dir, sampler="DPM++ SDE", steps=2)
+    states = [StreamState("a"), StreamState("b")]
+    out = engine.step(torch.cat([frames[:1], frames[1:2]]), states)
+    assert out.shape[0] == 2 and not bool(engine.last_nan)
