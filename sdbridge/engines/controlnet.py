@@ -308,6 +308,10 @@ class ControlNets:
         # None: a plain copy, which on CUDA waits for the work queued before it.
         self.upload: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._present_masks: dict[tuple[bool, ...], torch.Tensor] = {}
+        # The engine's resolution (width, height) and the stream's resize mode, from the parameters: each slot's
+        # source is fitted to them, in txt2img too, where no input frame gives the size (QA 63 F5).
+        self.size: tuple[int, int] | None = None
+        self.resize_mode = "crop"
 
     def _what_serves(self, name: str) -> str:
         """The end of a failed load's sentence: what the slots asking for ``name`` run meanwhile. On a new engine (a
@@ -323,6 +327,9 @@ class ControlNets:
 
     def prepare(self, params: Mapping[str, Any]) -> None:
         slots = tuple(Slot.from_params(params, number) for number in range(1, SLOTS + 1))
+        if "width" in params and "height" in params:
+            self.size = (int(params["width"]), int(params["height"]))
+        self.resize_mode = str(params.get("resize_mode", "crop"))
         if slots != self.slots:  # LFOs prepare every frame: a preprocessing error is told once per real change
             self.errors.clear()
         self.slots = slots
@@ -384,12 +391,17 @@ class ControlNets:
     def condition(self, data: dict[str, Any], image: np.ndarray | None) -> None:
         """This frame's condition image for each active slot, into ``data[SLOT_IMAGES]``.
 
-        ``image`` is the input frame at the engine's resolution; ``data[CONDITIONS]`` holds the
+        ``image`` is the input frame at the engine's resolution (None in txt2img); ``data[CONDITIONS]`` holds the
         latest frame of each condition channel, ``data[LAST_OUTPUT]`` the session's last output (channel -1).
         A slot whose source has no frame yet gets none, and adds nothing for this session.
+
+        Each source is fitted to the engine's resolution (the input frame's size, else the one :meth:`prepare`
+        took) with the stream's resize mode: the last output, or a condition frame decoded before a resolution
+        change, has the old size, and in txt2img nothing fitted it (QA 63 F5: every frame failed, for good).
         """
         images: dict[int, np.ndarray] = {}
         streams = data.get(CONDITIONS, {})
+        size = (image.shape[1], image.shape[0]) if image is not None else self.size
         for index, slot in enumerate(self.slots):
             if not slot.active:
                 continue
@@ -397,12 +409,13 @@ class ControlNets:
                       else streams.get(slot.channel))
             if source is None:
                 continue
-            if image is not None and source.shape != image.shape:
-                import cv2
-
-                source = cv2.resize(source, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
             try:
-                images[index] = self.preprocessors.run(slot.preprocessor, source, slot.options)
+                fitted = source
+                if size is not None and (source.shape[1], source.shape[0]) != size:
+                    from sdbridge.bridge import codec
+
+                    fitted = codec.fit(source, size[0], size[1], self.resize_mode)
+                images[index] = self.preprocessors.run(slot.preprocessor, fitted, slot.options)
             except Exception as exc:  # a failing preprocessor costs its slot, never the frame
                 if index not in self.errors:  # once per parameter change, not per frame
                     self.errors[index] = str(exc)
