@@ -447,3 +447,36 @@ def test_txt2img_with_nothing_to_generate_holds_the_last_frame():
     Worker._pass_through([held, other])
     assert held.output is last
     assert other.output.shape == (64, 64, 3) and int(other.output.max()) == 128
+
+
+def test_a_closed_session_is_cut_in_the_plugins():
+    """What plugins keep by a session's name (the feature bank's keys and values) stayed 300 turns of other sessions
+    after it closed, for good if none streamed (QA 63 F6)."""
+    from sdbridge.plugins.base import Plugin
+    from sdbridge.plugins.manager import PluginManager
+
+    class Keeper(Plugin):
+        name = "keeper"
+        cuts: list[str] = []
+
+        def cut(self, session_id: str) -> None:
+            Keeper.cuts.append(session_id)
+
+    replies = Replies()
+    store = ParamStore(Schema(), initial={"engine": "preview", "width": 64, "height": 64})
+    registry = SessionRegistry()
+    plugins = PluginManager(store, {"keeper": Keeper})
+    store.update({"plugin.keeper.enabled": True})
+    worker = Worker(registry, store, EngineHost(Settings(engine="preview", device="cpu")), replies.deliver,
+                    lambda session, message: None, plugins=plugins)
+    worker.start()
+    try:
+        session = registry.open("stage")
+        put(session, 1)
+        assert wait_until(lambda: 1 in replies.ids)
+        Keeper.cuts.clear()
+        registry.release(session)
+        assert wait_until(lambda: Keeper.cuts == ["stage"], timeout=5)
+    finally:
+        worker.stop()
+        worker.join(10)
