@@ -265,15 +265,16 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     connection = Connection(daemon, websocket, session)
     session.viewers.add(connection.viewer)
     daemon.stats.connections += 1
-    connection.viewer.offer_control({"type": "hello", "session": session.id, "engine": daemon.engines.describe(),
-                                     "protocol": 1})
-    if daemon.engines.failing and daemon.engines.last_error:
-        # A client that connects while a failed load stands hears about it too, not only those connected then.
-        connection.viewer.offer_control({"type": "error", "code": daemon.engines.last_error_code,
-                                         "message": f"the last engine load failed: {daemon.engines.last_error}"})
-    elif daemon.worker.prepare_error is not None:  # frames pass through until the parameters change
-        connection.viewer.offer_control(dict(daemon.worker.prepare_error))
-    try:
+    try:  # from here on the session is let go however this ends (QA 62 F7)
+        connection.viewer.offer_control({"type": "hello", "session": session.id,
+                                         "engine": daemon.engines.describe(), "protocol": 1})
+        prepare_error = daemon.worker.prepare_error  # read once: the worker clears it when the parameters change
+        if daemon.engines.failing and daemon.engines.last_error:
+            # A client that connects while a failed load stands hears about it too, not only those connected then.
+            connection.viewer.offer_control({"type": "error", "code": daemon.engines.last_error_code,
+                                             "message": f"the last engine load failed: {daemon.engines.last_error}"})
+        elif prepare_error is not None:  # frames pass through until the parameters change
+            connection.viewer.offer_control(dict(prepare_error))
         await connection.run()
     except WebSocketDisconnect:
         pass

@@ -153,3 +153,30 @@ def test_an_unknown_header_version_is_a_bad_frame_with_its_frame_id(start_daemon
         ws.send(bytes(frame[:20]))  # a header cut short, but past its frame_id
         error = recv_json(ws, "error")
         assert error["code"] == "bad_frame" and error["frame_id"] == 44
+
+
+def test_a_connection_whose_greeting_fails_lets_its_session_go(start_daemon, monkeypatch):
+    """The greeting was made after the session opened and before the try that lets it go: an error there (the
+    worker clearing prepare_error between its check and its read) left the session open and counted for good
+    (QA 62 F7)."""
+    from tests.clients import wait_for
+
+    daemon = start_daemon(params={"engine": "identity"})
+    describe = daemon.engines.describe
+    calls = {"n": 0}
+
+    def failing_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("cleared meanwhile")
+        return describe()
+
+    monkeypatch.setattr(daemon.engines, "describe", failing_once)
+    try:
+        with ws_connect(daemon) as ws:
+            ws.recv(timeout=5)
+    except Exception:  # closed by the server's error
+        pass
+    assert wait_for(lambda: len(daemon.registry) == 0 and daemon.stats.connections == 0, timeout=10)
+    with ws_connect(daemon) as ws:
+        assert recv_json(ws, "hello")["session"]
