@@ -18,7 +18,7 @@ import torch
 
 from sdbridge.engines.base import StreamState, create_engine
 from sdbridge.engines.compiled import (STREAM_KEY, CompiledEngine, batch_bucket, configure_compile_cache,
-                                       probe_linear_schedule, residual_cfg_bound)
+                                       probe_linear_schedule, residual_cfg_bound, residual_shapes)
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.models import load_pipeline_parts
 from tests.unit.engines.common import compiled_engine, count_stream_calls, engine_params, relative_error, reset_dynamo
@@ -410,6 +410,25 @@ def test_one_step_over_four_sessions_and_a_four_step_stream_batch_share_their_gr
 
 
 # --- batch buckets ----------------------------------------------------------------------------------
+
+def test_zero_residuals_kept_are_one_set_for_the_current_resolution(parts):
+    """The zero ControlNet residuals every UNet call takes (no slot acts): one set is kept, for the current
+    resolution and the most rows run at it, a call of fewer rows taking a slice of it (QA 63 F3: a set was
+    kept per (rows, resolution) for good, GiBs on a GPU); each output is a new engine's for the same batch."""
+    values = dict(steps=2, strength=1.0, guidance=2.0)
+    ours = engine(parts, **values)
+    for size, sessions in [(64, 4), (96, 2), (64, 1), (64, 2), (64, 1)]:
+        values.update(width=size, height=size)
+        batch = torch.cat(make_frames(sessions, (size, size), seed=sessions))
+        ours.prepare(params(**values))
+        out = ours.step_float(batch, [StreamState(f"s{i}-{size}") for i in range(sessions)])
+        fresh = engine(parts, **values).step_float(batch, [StreamState(f"s{i}-{size}") for i in range(sessions)])
+        assert torch.equal(out, fresh), f"{sessions} sessions at {size}"
+    shapes, mid_shape = residual_shapes(parts.unet.config, 8, 8)
+    rows = 2 * 2 * 2  # the most at 64 since it came back: 2 sessions x 2 steps in flight x 2 guidance halves
+    kept = [tensor for down, mid in ours._zero_residuals.values() for tensor in (*down, mid)]
+    assert sum(tensor.numel() for tensor in kept) == rows * sum(int(np.prod(s)) for s in (*shapes, mid_shape))
+
 
 def test_batch_bucket_ladder():
     assert [batch_bucket(n) for n in range(1, 18)] == [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 24]
