@@ -28,5 +28,9 @@ class LatentFeedback(Plugin):
         strength = float(ctx.params["strength"])
         if previous is not None and previous.shape == latents.shape and previous.device == latents.device:
             latents = previous * strength + latents * (1.0 - strength)
-        ctx.state["latents"] = latents
+            ctx.state["latents"] = latents  # a new tensor of its own
+        else:
+            # A copy: ``latents`` is a view of the engine's batch, which under CUDA graphs lives in the graph's
+            # pool and is overwritten by the next replay (QA 63): the next frame would blend with that.
+            ctx.state["latents"] = latents.clone()
         return latents

@@ -53,6 +53,18 @@ def test_latent_feedback_blends_with_the_previous_frame():
     assert torch.allclose(second, torch.full((1, 4, 2, 2), 0.75))
 
 
+def test_latent_feedback_keeps_a_copy_of_the_first_frame():
+    """The first frame's latents are kept as a copy: the engine's batch they are a view of is written again
+    afterwards (under CUDA graphs the next replay overwrites the graph's outputs)."""
+    manager = manager_with(LatentFeedback, strength=0.25)
+    states: list[dict] = [{}, {}]
+    batch = torch.zeros(2, 4, 2, 2)
+    manager.on_latents(batch, ["s", "t"], states)
+    batch.fill_(5.0)  # the graph's output buffer, written by the next replay
+    second = manager.on_latents(torch.ones(2, 4, 2, 2), ["s", "t"], states)
+    assert torch.allclose(second, torch.full((2, 4, 2, 2), 0.75))
+
+
 def test_flow_warp_carries_the_previous_output_along_the_motion():
     manager = manager_with(FlowWarp, strength=0.9, occlusion=40.0)
     state: dict = {}
