@@ -713,9 +713,10 @@ class ParamStore:
                     self._sets[name] = self._sets.get(name, 0) + 1
                 if changed:
                     self._version += 1
-            if changed:
-                for listener in list(self._listeners):
-                    listener(changed)
+                    # Under the lock, so that listeners hear two threads' updates in the order they were made: out
+                    # of it, an older push could reach a client last and stay (QA 62 F8). They only hand on.
+                    for listener in list(self._listeners):
+                        listener(changed)
         return good, errors
 
     @contextlib.contextmanager
@@ -737,6 +738,8 @@ class ParamStore:
             self._values.setdefault(spec.name, spec.default)
 
     def subscribe(self, listener: Listener) -> None:
+        """``listener(changed)`` after each update that changes values, on the updating thread, under the store's
+        lock: it must only hand the change on (a call_soon_threadsafe), never wait on another thread."""
         self._listeners.append(listener)
 
     def unsubscribe(self, listener: Listener) -> None:

@@ -264,7 +264,8 @@ class AudioInput:
             action = self.onset_actions.feed(onsets, params, self.preset_names)
             if action.seed_steps:
                 self.seed_steps += action.seed_steps
-                self.store.update({"seed": (int(self.store.get("seed")) + action.seed_steps) % (SEED_MAX + 1)})
+                with self.store.transaction():  # read and written at once: a client's seed set between is kept
+                    self.store.update({"seed": (int(self.store.get("seed")) + action.seed_steps) % (SEED_MAX + 1)})
             for name in action.presets:
                 if self.recall is not None:
                     self.recall(name)  # counted by recalled() once it has been recalled

@@ -1,4 +1,5 @@
 import math
+import time
 
 import pytest
 
@@ -340,3 +341,28 @@ def test_a_huge_list_sent_as_a_value_is_shown_from_its_first_items_only():
     assert len(shown) <= 80
     assert shown_value([1, "a", {"b": [2.5, None]}]) == str([1, "a", {"b": [2.5, None]}])
     assert shown_value([[[[[[[[1]]]]]]]]) == "[[[[[[[...]]]]]]]"
+
+
+def test_listeners_hear_two_threads_updates_in_the_order_they_were_made():
+    """Listeners ran after the lock was let go: an update from another thread (the audio input's, the worker's)
+    could be heard before an older one, and a client kept the older values (QA 62 F8). Here the first update's
+    listener is slow; the second update, made meanwhile, is heard after it."""
+    import threading
+
+    store = ParamStore()
+    heard: list[int] = []
+    first_heard = threading.Event()
+
+    def listener(changed):
+        if changed.get("seed") == 1:
+            first_heard.set()
+            time.sleep(0.3)  # a slow hand-on: the other thread's update comes now
+        heard.append(changed["seed"])
+
+    store.subscribe(listener)
+    first = threading.Thread(target=store.update, args=({"seed": 1},))
+    first.start()
+    assert first_heard.wait(5)
+    store.update({"seed": 2})
+    first.join()
+    assert heard == [1, 2] and store.get("seed") == 2
