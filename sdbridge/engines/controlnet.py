@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet")  # A1111: Balanced, My prompt / ControlNet is more important
 HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
+#: In a session's data: ControlNet slot -> (source, (size, resize mode, preprocessor, options), its condition image)
+PREPARED = "controlnet.prepared"
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -398,8 +400,14 @@ class ControlNets:
         Each source is fitted to the engine's resolution (the input frame's size, else the one :meth:`prepare`
         took) with the stream's resize mode: the last output, or a condition frame decoded before a resolution
         change, has the old size, and in txt2img nothing fitted it (QA 63 F5: every frame failed, for good).
+        A condition channel's frame is prepared once (fitted and preprocessed) and kept in ``data[PREPARED]``
+        while it, the size, the mode, the preprocessor and its options stay: a condition frame sent once ran its
+        preprocessor again at every input frame (QA 63 F4: canny 70 ms at 1024²). The input frame and the last
+        output (a plugin may hand back a buffer it reuses) are new at every frame and prepared each time.
         """
         images: dict[int, np.ndarray] = {}
+        kept: dict[int, tuple[Any, ...]] = data.get(PREPARED, {})
+        prepared: dict[int, tuple[Any, ...]] = {}  # one entry per slot at most, for the slots that act now
         streams = data.get(CONDITIONS, {})
         size = (image.shape[1], image.shape[0]) if image is not None else self.size
         for index, slot in enumerate(self.slots):
@@ -408,6 +416,11 @@ class ControlNets:
             source = (image if slot.channel == 0 else data.get(LAST_OUTPUT) if slot.channel == OUTPUT_CHANNEL
                       else streams.get(slot.channel))
             if source is None:
+                continue
+            key = (size, self.resize_mode, slot.preprocessor, slot.options)
+            entry = kept.get(index)
+            if entry is not None and entry[0] is source and entry[1] == key:  # the source itself, held: no id reuse
+                prepared[index], images[index] = entry, entry[2]
                 continue
             try:
                 fitted = source
@@ -427,7 +440,14 @@ class ControlNets:
                     self.notify({"type": "error", "code": code, "message": f"controlnet slot {index + 1}: "
                                                                            f"{reason}; the slot adds nothing until "
                                                                            f"this is fixed"})
+                continue
+            if slot.channel > 0:  # the input frame and the last output are new at every frame: nothing to keep
+                prepared[index] = (source, key, images[index])
         data[SLOT_IMAGES] = images
+        if prepared:
+            data[PREPARED] = prepared
+        else:
+            data.pop(PREPARED, None)
 
     # --- the batch (engine step) ---
 

@@ -1,4 +1,5 @@
-"""ControlNet slot sources: fitted to the engine's resolution when it moves (QA 63 F5)."""
+"""ControlNet slot sources: fitted to the engine's resolution when it moves (QA 63 F5), and a condition frame held
+preprocessed once (QA 63 F4)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,54 @@ def test_a_source_is_fitted_with_the_streams_resize_mode(parts, controlnet_dir):
         image = data[SLOT_IMAGES][0]
         assert image.shape == (64, 96, 3)
         assert (image[:, :16].max() == 0) == bars and image[:, 16:80].min() == 255
+
+
+class Counted:
+    """A preprocessor that counts its runs."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.calls = 0
+
+    def __call__(self, image, options):
+        self.calls += 1
+        return self.real(image, options)
+
+
+def test_a_condition_frame_held_is_preprocessed_once(parts, controlnet_dir):
+    """One channel-1 frame, then input frames: canny runs once for it (it ran at every frame: QA 63 F4, 70 ms at
+    1024²), and again for a new frame, a changed option or size; the input frame (channel 0) at every frame. Each
+    session keeps its own, in its own data."""
+    values = dict(controlnet_1_model="edges", controlnet_1_channel=1, controlnet_1_preprocessor="canny",
+                  controlnet_2_model="depth", controlnet_2_channel=0, controlnet_2_preprocessor="invert")
+    engine = make_engine("diffusion", parts, controlnet_dir, engine_params(**values))
+    controlnets = engine.controlnets
+    canny = controlnets.preprocessors.table["canny"] = Counted(controlnets.preprocessors.table["canny"])
+    invert = controlnets.preprocessors.table["invert"] = Counted(controlnets.preprocessors.table["invert"])
+    rng = np.random.default_rng(0)
+    held = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    a, b = {CONDITIONS: {1: held}}, {CONDITIONS: {1: held.copy()}}
+    first = None
+    for _ in range(5):
+        controlnets.condition(a, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        first = a[SLOT_IMAGES][0] if first is None else first
+        assert a[SLOT_IMAGES][0] is first
+    assert (canny.calls, invert.calls) == (1, 5)
+    assert np.array_equal(first, canny.real(held, controlnets.slots[0].options))
+    controlnets.condition(b, held)
+    assert canny.calls == 2  # another session: its own
+    a[CONDITIONS][1] = held.copy()  # a new frame on the channel, even with the same pixels
+    controlnets.condition(a, held)
+    controlnets.condition(a, held)
+    assert canny.calls == 3
+    engine.prepare(engine_params(**{**values, "controlnet_1_low_threshold": 50}))
+    controlnets.condition(a, held)
+    controlnets.condition(a, held)
+    assert canny.calls == 4
+    engine.prepare(engine_params(**{**values, "width": 96}))
+    controlnets.condition(a, None)
+    controlnets.condition(a, None)
+    assert canny.calls == 5 and a[SLOT_IMAGES][0].shape == (64, 96, 3)
+    engine.prepare(engine_params(**{**values, "controlnet_1_model": ""}))
+    controlnets.condition(a, held)
+    assert "controlnet.prepared" not in a  # a slot turned off lets go of its image
