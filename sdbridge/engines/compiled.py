@@ -691,9 +691,15 @@ class CompiledEngine(DiffusionEngine):
                         schedule: LinearSchedule, controls: Sequence[ControlUnit],
                         prompt: ImagePrompt | None = None) -> torch.Tensor:
         steps, batch = schedule.steps, len(states)
-        slots = [self._stream_slot(state, entry[i:i + 1], noise[i:i + 1], schedule, _session_controls(controls, i),
-                                   prompt.session(i) if prompt is not None else None)
-                 for i, state in enumerate(states)]
+        slots: list[_StreamSlot | None] = [
+            self._stream_slot(state, entry[i:i + 1], noise[i:i + 1], schedule, _session_controls(controls, [i]))
+            for i, state in enumerate(states)]
+        empty = [i for i, slot in enumerate(slots) if slot is None]
+        if empty:  # sessions whose stream starts here (a new one, or a change that refills): filled together
+            filled = self._fill([states[i] for i in empty], _take(entry, empty), _take(noise, empty), schedule,
+                                _session_controls(controls, empty), _prompt_rows(prompt, empty))
+            for i, slot in zip(empty, filled):
+                slots[i] = slot
         # [B * N, 4, h, w]: session-major, step-minor; element (s, i) is at timesteps[i].
         x = torch.cat([torch.cat([entry[i:i + 1], slot.latents]) for i, slot in enumerate(slots)])
         residual = None
@@ -940,11 +946,10 @@ class CompiledEngine(DiffusionEngine):
         return [sample[:rows] for sample in down], mid[:rows]
 
     def _stream_slot(self, state: StreamState, entry: torch.Tensor, noise: torch.Tensor,
-                     schedule: LinearSchedule, controls: Sequence[ControlUnit],
-                     prompt: ImagePrompt | None = None) -> _StreamSlot:
-        """This session's buffer; a new one is filled from this frame (warm start, module docstring), or
+                     schedule: LinearSchedule, controls: Sequence[ControlUnit]) -> _StreamSlot | None:
+        """This session's buffer, or None where a new one is to be filled from this frame (:meth:`_fill`); it is
         carried over from the old one where only the number of steps or the seed changed (:meth:`_reslot`)."""
-        key = (self._seed, self._schedule_key, self.resolution, self._cfg == "residual")
+        key = self._slot_key()
         slot = state.data.get(STREAM_KEY)
         if slot is not None and slot.key == key:
             return slot
@@ -955,23 +960,46 @@ class CompiledEngine(DiffusionEngine):
             if slot is not None:
                 state.data[STREAM_KEY] = slot
                 return slot
-        steps = schedule.steps
-        latents = entry.expand(steps - 1, -1, -1, -1).clone()   # placeholders, pushed out by the fill
-        residual = noise.expand(steps - 1, -1, -1, -1).clone() if self._cfg == "residual" else None
-        # Every row of the fill is this frame, and so is its condition image: [N, 3, H, W] (contiguous,
-        # the same layout as a steady call's, so the ControlNet graph is the same one).
-        controls = [dataclasses.replace(unit, image=unit.image.repeat(steps, 1, 1, 1)) for unit in controls]
+        return None
+
+    def _slot_key(self) -> tuple:
+        return (self._seed, self._schedule_key, self.resolution, self._cfg == "residual")
+
+    def _fill(self, states: Sequence[StreamState], entry: torch.Tensor, noise: torch.Tensor,
+              schedule: LinearSchedule, controls: Sequence[ControlUnit],
+              prompt: ImagePrompt | None = None) -> list[_StreamSlot]:
+        """New buffers for these sessions, filled from this frame (warm start, module docstring): N - 1 stream
+        calls over all of them together, each as a steady call over as many sessions. After a change that
+        refills every session (resolution, steps, sampler) that is N - 1 calls of the batch, not N - 1 calls
+        of one session per session, one after the other (QA 63 F7: 24 calls of 4 rows for 8 sessions at 4
+        steps, where 3 calls of 32 do)."""
+        steps, count = schedule.steps, len(states)
+        key = self._slot_key()
+        # Placeholders [count, N - 1, ...], pushed out by the fill.
+        latents = entry[:, None].expand(-1, steps - 1, -1, -1, -1)
+        residual = noise[:, None].expand(-1, steps - 1, -1, -1, -1) if self._cfg == "residual" else None
+        # Every row of a session's fill is this frame, and so is its condition image: [count * N, 3, H, W]
+        # (contiguous, the same layout as a steady call's, so the ControlNet graph is the same one).
+        controls = [dataclasses.replace(unit, image=unit.image.repeat_interleave(steps, dim=0)) for unit in controls]
+        session_ids = [state.session_id for state in states]
         for _ in range(steps - 1):
-            x = torch.cat([entry, latents])
-            res = torch.cat([noise, residual]) if residual is not None else None
-            with self._bank_rows([state.session_id], steps):
-                y, eps = self._stream_call(x, res, 1, schedule, controls, prompt)
-            latents = y[:-1].clone()
-            residual = eps[:-1].clone() if residual is not None else None
-        slot = _StreamSlot(key=key, latents=latents, residual=residual,
-                           conditions=_held_conditions(controls, 0, steps, state), timesteps=schedule.timestep_values)
-        state.data[STREAM_KEY] = slot
-        return slot
+            # [count * N, ...], session-major like a steady call; a copy of the last call's outputs, taken before
+            # the next call (under CUDA graphs its replay overwrites them).
+            x = torch.cat([entry[:, None], latents], dim=1).flatten(0, 1)
+            res = torch.cat([noise[:, None], residual], dim=1).flatten(0, 1) if residual is not None else None
+            with self._bank_rows(session_ids, steps):
+                y, eps = self._stream_call(x, res, count, schedule, controls, prompt)
+            latents = y.view(count, steps, *y.shape[1:])[:, :-1]
+            residual = eps.view(count, steps, *eps.shape[1:])[:, :-1] if residual is not None else None
+        slots = []
+        for j, state in enumerate(states):
+            slot = _StreamSlot(key=key, latents=latents[j].clone(),
+                               residual=residual[j].clone() if residual is not None else None,
+                               conditions=_held_conditions(controls, j, steps, state),
+                               timesteps=schedule.timestep_values)
+            state.data[STREAM_KEY] = slot
+            slots.append(slot)
+        return slots
 
     def _drop_streams(self, states: Sequence[StreamState]) -> None:
         """These sessions' frames in flight, dropped where a frame of theirs runs another path (one step, the
@@ -1333,11 +1361,25 @@ def _ip_suffix(ip: Any) -> str:
     return "-ip" if ip is not None else ""
 
 
-def _session_controls(controls: Sequence[ControlUnit], index: int) -> list[ControlUnit]:
-    """The units restricted to session ``index`` of the batch (the warm start fills one session)."""
-    return [dataclasses.replace(unit, image=unit.image[index:index + 1],
-                                scale=unit.scale[index:index + 1] if isinstance(unit.scale, torch.Tensor)
+def _take(tensor: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    """Rows ``indices`` of ``tensor`` (in that order): a slice where they run on, else a copy."""
+    if list(indices) == list(range(indices[0], indices[0] + len(indices))):
+        return tensor[indices[0]:indices[0] + len(indices)]
+    return torch.cat([tensor[i:i + 1] for i in indices])
+
+
+def _session_controls(controls: Sequence[ControlUnit], indices: Sequence[int]) -> list[ControlUnit]:
+    """The units restricted to sessions ``indices`` of the batch (the warm start fills those)."""
+    return [dataclasses.replace(unit, image=_take(unit.image, indices),
+                                scale=_take(unit.scale, indices) if isinstance(unit.scale, torch.Tensor)
                                 else unit.scale) for unit in controls]
+
+
+def _prompt_rows(prompt: ImagePrompt | None, indices: Sequence[int]) -> ImagePrompt | None:
+    """The IP-Adapter's prompt restricted to sessions ``indices`` of the batch (ImagePrompt.session for many)."""
+    if prompt is None:
+        return None
+    return dataclasses.replace(prompt, tokens=_take(prompt.tokens, indices), scale=_take(prompt.scale, indices))
 
 
 def _in_flight_conditions(controls: Sequence[ControlUnit], slots: Sequence[_StreamSlot],

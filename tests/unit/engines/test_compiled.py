@@ -158,6 +158,28 @@ def test_stream_batch_sessions_together_equal_each_alone(parts):
         assert relative_error(both[1:], alone.step_float(fb, [b_alone])) <= TOLERANCE
 
 
+def test_sessions_whose_streams_start_in_one_turn_fill_together(parts):
+    """The warm-start fill of the sessions whose streams start in a turn (every session after a change that
+    refills) is N - 1 calls over all of them, not N - 1 per session one after the other (QA 63 F7); each
+    session's outputs are still its own, as alone."""
+    together = engine(parts, steps=3, strength=1.0)
+    alone = engine(parts, steps=3, strength=1.0)
+    calls = count_stream_calls(together)
+    states, alone_states = {n: StreamState(n) for n in "abcd"}, {n: StreamState(n) for n in "abcd"}
+    expected_calls = [[9, 9, 9], [9], [3, 3, 12], [12, 12, 12]]  # d joins at turn 2; 96x96 from turn 3
+    for turn, (names, size) in enumerate([("abc", 64), ("abc", 64), ("abcd", 64), ("abcd", 96)]):
+        if size != 64:
+            for ours in (together, alone):
+                ours.prepare(params(steps=3, strength=1.0, width=size, height=size))
+        batch = [make_frames(1, (size, size), seed=10 * turn + k)[0] for k in range(len(names))]
+        calls.clear()
+        out = together.step_float(torch.cat(batch), [states[n] for n in names])
+        assert calls == expected_calls[turn], f"turn {turn}"
+        for k, name in enumerate(names):
+            own = alone.step_float(batch[k], [alone_states[name]])
+            assert relative_error(out[k:k + 1], own) <= 1e-5, f"turn {turn}, session {name}"
+
+
 def test_a_strength_moved_live_runs_one_unet_call_a_frame(parts):
     """An LFO on strength: a new value every frame. At 8 steps every strength from 0.5 to 0.62 runs the same
     4 timesteps (int(steps × strength), as diffusers' img2img), so the frames in flight go on: one UNet call a
