@@ -238,7 +238,7 @@ class Session:
         self.conditions: dict[int, LatestSlot[InputFrame]] = {}
         # Worker-owned: each channel's latest frame, still encoded, and the one its decoded image came from.
         self.condition_latest: dict[int, InputFrame] = {}
-        self.condition_decoded: dict[int, InputFrame] = {}
+        self.condition_decoded: dict[int, tuple[InputFrame, tuple[int, int, str]]] = {}  # and the fit it had
         self.told_no_condition: set[int] = set()  # worker-owned: channels read before this session sent them
         # Bytes of each channel's newest frame, counted against MAX_CONDITION_BYTES where it arrives (the loop,
         # or an --input's thread). The worker may still hold the one before it: at most twice the budget.

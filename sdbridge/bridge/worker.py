@@ -642,9 +642,13 @@ class Worker(threading.Thread):
             if frame is None and channel not in session.told_no_condition:
                 session.told_no_condition.add(channel)
                 self.report(session, _no_condition(channel, controlnets, ip_adapters))
-            if frame is None or session.condition_decoded.get(channel) is frame:
+            fit = (width, height, params["resize_mode"])
+            decoded = session.condition_decoded.get(channel)
+            if frame is None or (decoded is not None and decoded[0] is frame and decoded[1] == fit):
                 continue
-            session.condition_decoded[channel] = frame  # tried once, whether it decodes or not
+            # Tried once per frame and fit, whether it decodes or not: at a new size it is decoded again, not
+            # fitted from its image at the old size (cropped twice where the aspect changed).
+            session.condition_decoded[channel] = (frame, fit)
             try:
                 streams[channel] = codec.fit(codec.decode_frame(frame.header, frame.payload), width, height,
                                              params["resize_mode"])

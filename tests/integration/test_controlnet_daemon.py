@@ -274,3 +274,31 @@ def test_a_starting_controlnet_name_not_in_the_folder_stops_the_start(tmp_path, 
     with pytest.raises(ParamError, match="controlnet_1_model: controlnet 'nosuch' not found") as caught:
         Daemon(settings)
     assert caught.value.code == "model_not_found"
+
+
+def test_a_condition_frame_is_decoded_again_at_a_new_size(start_daemon, tiny_model_dir, controlnet_dir):
+    """A condition frame decoded at one size was fitted to the next from that image, not from the frame: where the
+    aspect changed, it was cropped twice (QA 63 F5's fix, read in the worker)."""
+    from sdbridge.bridge import codec
+    from sdbridge.engines.base import CONDITIONS
+
+    daemon = start_daemon(model=str(tiny_model_dir), controlnet_dir=str(controlnet_dir),
+                          params={"width": 64, "height": 64, "steps": 1, "strength": 1.0, "crossfade_s": 0.0,
+                                  "controlnet_1_model": "edges", "controlnet_1_channel": 1,
+                                  "controlnet_1_scale": 1.0})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=30)
+    assert wait_for(lambda: serving(client, "edges"), timeout=60)
+    wide = make_image(128, 64, seed=4)                     # 2:1, sent once
+    with ws_connect(daemon, "?session=sized") as ws:
+        ws.send(raw(wide, channel=1, frame_id=1))
+        ws.send(raw(make_image(64, 64, seed=2), frame_id=2))
+        recv_frame(ws)
+        session = daemon.registry.get("sized")
+        assert np.array_equal(session.state.data[CONDITIONS][1], codec.fit(wide, 64, 64, "crop"))
+        ws.send(json.dumps({"type": "set", "params": {"width": 96}}))
+        assert wait_for(lambda: daemon.engines.active_engine().resolution == (96, 64), timeout=30)
+        for frame_id in (3, 4):
+            ws.send(raw(make_image(96, 64, seed=2), frame_id=frame_id))
+            recv_frame(ws)
+        assert np.array_equal(session.state.data[CONDITIONS][1], codec.fit(wide, 96, 64, "crop"))
+    client.close()
