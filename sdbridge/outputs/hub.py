@@ -26,6 +26,7 @@ from sdbridge.outputs.interpolate import Pacer, RateMeter, format_factor
 log = logging.getLogger(__name__)
 
 RETRY_S = 5.0
+DRAIN_S = 2.0  # at stop, how long in all the outputs get to show what they were offered
 Notify = Callable[[dict[str, Any]], None]
 
 
@@ -79,9 +80,8 @@ class OutputThread(threading.Thread):
             with self._lock:
                 frame, self._frame, offered_at, session_id = self._frame, None, self._frame_at, self._frame_session
                 self._busy = True
-            try:
-                if not self._stop_event.is_set():
-                    retry_at = self._turn(frame, offered_at, session_id, retry_at)
+            try:  # a frame taken as the stop came is still shown: it is the show's last
+                retry_at = self._turn(frame, offered_at, session_id, retry_at)
             finally:
                 with self._lock:
                     self._busy = False
@@ -176,7 +176,13 @@ class OutputHub:
             if thread.spec.session is None or thread.spec.session == session_id:
                 thread.offer(frame, session_id)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0, drain_s: float = DRAIN_S) -> None:
+        """Drain, then stop: each output first shows what it was offered (an engine frame waiting or
+        being sent, the slots planned for the last one at 2x-4x), for at most ``drain_s`` in all, so a
+        recording keeps its final frames; an output still busy then (stuck or too slow) is stopped anyway."""
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline and not all(t.idle() for t in self.threads if t.is_alive()):
+            time.sleep(0.005)
         for thread in self.threads:
             thread.stop()
         for thread in self.threads:

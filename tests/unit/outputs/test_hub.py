@@ -130,3 +130,19 @@ def test_ndi_sends_in_a_network_namespace_of_its_own() -> None:
                             timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "NDI-OK" in result.stdout
+
+
+@pytest.mark.parametrize("factor", ["off", "2x"])
+def test_a_stop_right_after_the_last_frame_still_records_it(tmp_path: Path, factor: str) -> None:
+    """QA 67 F1: at 2x the last engine frame is due half a period after it came; stop drains first."""
+    hub = OutputHub([f"record:{tmp_path}@live?interpolate={factor}"])
+    hub.start()
+    for i in range(6):
+        image = np.full((64, 64, 3), 20 * i, np.uint8)
+        image[:, : 4 + 4 * i] = 255  # a moving edge: no cut
+        hub.publish("live", image)
+        time.sleep(1 / 30 if i < 5 else 0)
+    hub.stop()
+    files = sorted(tmp_path.glob("*.png"))
+    assert files and int(cv2.imread(str(files[-1]))[0, -1, 0]) == 100
+    assert hub.stats()[0]["sent"] == len(files)
