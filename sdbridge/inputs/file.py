@@ -51,6 +51,11 @@ class FileInput(Input):
                              f"({', '.join(sorted(IMAGE_SUFFIXES))})", code="bad_input")
 
     def open(self) -> None:
+        self._open()
+
+    def _open(self, looping: bool = False) -> None:
+        """``looping``: a reopen for the next loop, told at debug level only (a short clip or a still
+        image loops many times a second)."""
         self.close()
         self.index = 0
         self._next_at = None
@@ -66,13 +71,14 @@ class FileInput(Input):
         self.capture = capture
         file_fps = capture.get(cv2.CAP_PROP_FPS)
         self.fps = self.spec.fps or (file_fps if 0 < file_fps <= 1000 else DEFAULT_FPS)
-        log.info("input %s: %s at %.3g fps", self.spec, self.path, self.fps)
+        level = logging.DEBUG if looping else logging.INFO
+        log.log(level, "input %s: %s at %.3g fps", self.spec, self.path, self.fps)
 
     def read(self, stop: threading.Event) -> np.ndarray | None:
         image = self._next_image()
         if image is None and self.spec.loop and self.index > 0:  # the end: from the start again, in step
             next_at = self._next_at
-            self.open()
+            self._open(looping=True)
             self._next_at = next_at
             image = self._next_image()
         if image is None:

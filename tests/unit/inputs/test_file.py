@@ -93,3 +93,18 @@ def test_a_missing_file_is_told_with_the_argument_as_typed(tmp_path: Path) -> No
     with pytest.raises(InputError) as error:
         source.check()
     assert str(error.value).startswith(f"input {typed!r}: ") and "does not exist" in str(error.value)
+
+
+def test_a_looping_clip_tells_its_open_once_not_at_every_loop(tmp_path: Path, caplog) -> None:
+    """QA 67 F2: a short clip or a still logged an INFO line per loop (35 lines a second)."""
+    source = create_input(parse_spec(f"file:{write_clip(tmp_path / 'clip.avi')}?fps=1000"))
+    caplog.set_level("DEBUG", logger="sdbridge.inputs.file")
+    source.open()
+    try:
+        stop = threading.Event()
+        for _ in range(3 * len(LEVELS) + 1):  # three loops
+            assert source.read(stop) is not None
+    finally:
+        source.close()
+    told = [r for r in caplog.records if r.name == "sdbridge.inputs.file"]
+    assert [r.levelname for r in told] == ["INFO", "DEBUG", "DEBUG", "DEBUG"]
