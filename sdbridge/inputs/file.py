@@ -36,6 +36,8 @@ class FileInput(Input):
         self.index = 0
         self.fps = spec.fps or DEFAULT_FPS
         self._next_at: float | None = None
+        self._shown = 0  # a folder's images decoded since open: none in a whole pass is an error
+        self._told_bad: set[Path] = set()
 
     def check(self) -> None:
         typed = self.spec.text or str(self.spec)  # the argument as the user wrote it
@@ -58,6 +60,7 @@ class FileInput(Input):
         image loops many times a second)."""
         self.close()
         self.index = 0
+        self._shown = 0
         self._next_at = None
         if self.path.is_dir():
             self.images = _images_in(self.path)
@@ -84,6 +87,8 @@ class FileInput(Input):
         if image is None:
             if self.index == 0:
                 raise InputError(f"{self.path} gave no frame")
+            if self.capture is None and self._shown == 0:
+                raise InputError(f"no image in folder {self.path} can be read")
             return None
         self._pace(stop)
         return None if stop.is_set() else image
@@ -94,17 +99,34 @@ class FileInput(Input):
             if not ok:
                 return None
         else:
-            if self.index >= len(self.images):
-                return None
-            path = self.images[self.index]
-            try:
-                bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
-            except OSError as exc:
-                raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-            if bgr is None:
-                raise InputError(f"{path} is not an image OpenCV can decode")
+            bgr = None
+            while bgr is None:  # an image that cannot be read is skipped: the rest of the folder plays
+                if self.index >= len(self.images):
+                    return None
+                path = self.images[self.index]
+                bgr = self._decode(path)
+                if bgr is None:
+                    self.index += 1
+            self._shown += 1
         self.index += 1
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def _decode(self, path: Path) -> np.ndarray | None:
+        """A folder's image, or None when it cannot be read (told once per file: it is tried again at
+        every loop, as one still being copied in will be whole later)."""
+        try:
+            bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+            why = "not an image OpenCV can decode"
+        except OSError as exc:
+            bgr, why = None, f"cannot be read: {exc.strerror or exc}"
+        except cv2.error:  # an empty file (one being written) fails OpenCV's own check
+            bgr, why = None, "empty or not an image OpenCV can decode"
+        if bgr is None and path not in self._told_bad:
+            self._told_bad.add(path)
+            log.warning("input %s: %s %s: skipped", self.spec, path, why)
+        elif bgr is not None:
+            self._told_bad.discard(path)
+        return bgr
 
     def _pace(self, stop: threading.Event) -> None:
         """Wait for this frame's time: frame n at start + n / fps. Behind by more than a frame (a slow

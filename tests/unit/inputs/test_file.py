@@ -108,3 +108,23 @@ def test_a_looping_clip_tells_its_open_once_not_at_every_loop(tmp_path: Path, ca
         source.close()
     told = [r for r in caplog.records if r.name == "sdbridge.inputs.file"]
     assert [r.levelname for r in told] == ["INFO", "DEBUG", "DEBUG", "DEBUG"]
+
+
+def test_an_unreadable_image_in_a_folder_is_skipped_and_told_once_by_name(tmp_path: Path, caplog) -> None:
+    """QA 67 F6: one bad image froze a folder input 5 s per loop and the images after it never played."""
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((8, 8, 3), 10 * i, np.uint8))
+    (tmp_path / "002.png").write_bytes(b"")  # still being copied: OpenCV raises cv2.error
+    (tmp_path / "004.png").write_text("no image")  # imdecode gives None
+    source = create_input(parse_spec(f"file:{tmp_path}?fps=1000"))
+    source.open()
+    stop = threading.Event()
+    seen = [int(source.read(stop)[0, 0, 0]) // 10 for _ in range(9)]
+    assert seen == [0, 1, 3, 5, 0, 1, 3, 5, 0]
+    told = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(told) == 2 and "002.png" in told[0] and "004.png" in told[1]
+    for i in (0, 1, 3, 5):
+        (tmp_path / f"{i:03d}.png").write_bytes(b"")
+    with pytest.raises(InputError, match="no image in folder"):
+        for _ in range(5):
+            source.read(stop)
