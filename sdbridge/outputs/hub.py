@@ -94,31 +94,43 @@ class OutputThread(threading.Thread):
                 with self._lock:
                     self.dropped += 1
                 return retry_at
+            try:
+                # A slot already due (the sink was late: the previous engine frame's own) is shown before the
+                # new frame is planned, which drops every pending slot: a real frame never loses to an in-between.
+                self._send(self.pacer.pop_due(time.monotonic()))
+            except Exception as exc:
+                return self._failed(exc)
             # Off (factor 1), the frame is due at once and comes back as the same array: unchanged.
             self.pacer.push(frame, offered_at, session_id)
         try:
-            frame = self.pacer.pop_due(time.monotonic())  # an in-between is made here, when it is due
-            if frame is None:
-                return retry_at
-            size = (frame.shape[1], frame.shape[0])
-            if size != self.size:
-                self.output.open(size[0], size[1], self.fps)
-                self.size = size
-                log.info("output %s open at %dx%d", self.spec, *size)
-            self.output.send(frame)
-            self.sent += 1
-            with self._lock:
-                self._rate_out.add(time.monotonic())
-        except Exception as exc:  # an output never takes the daemon down: report, close, retry later
-            self.failures += 1
-            self.last_error = str(exc) if isinstance(exc, OutputError) else f"{type(exc).__name__}: {exc}"
-            log.error("output %s failed: %s; retrying in %.0f s", self.spec, self.last_error, RETRY_S)
-            self.notify({"type": "error", "code": getattr(exc, "code", "output_failed"),
-                         "message": f"output {self.spec} failed: {self.last_error}; retrying in {RETRY_S:.0f} s"})
-            self._close()
-            self.pacer.reset()  # no in-betweens left over from before the failure
-            return time.monotonic() + RETRY_S
+            self._send(self.pacer.pop_due(time.monotonic()))  # an in-between is made here, when it is due
+        except Exception as exc:
+            return self._failed(exc)
         return retry_at
+
+    def _send(self, frame: np.ndarray | None) -> None:
+        if frame is None:
+            return
+        size = (frame.shape[1], frame.shape[0])
+        if size != self.size:
+            self.output.open(size[0], size[1], self.fps)
+            self.size = size
+            log.info("output %s open at %dx%d", self.spec, *size)
+        self.output.send(frame)
+        self.sent += 1
+        with self._lock:
+            self._rate_out.add(time.monotonic())
+
+    def _failed(self, exc: Exception) -> float:
+        """An output never takes the daemon down: report, close, retry later (the time of the retry)."""
+        self.failures += 1
+        self.last_error = str(exc) if isinstance(exc, OutputError) else f"{type(exc).__name__}: {exc}"
+        log.error("output %s failed: %s; retrying in %.0f s", self.spec, self.last_error, RETRY_S)
+        self.notify({"type": "error", "code": getattr(exc, "code", "output_failed"),
+                     "message": f"output {self.spec} failed: {self.last_error}; retrying in {RETRY_S:.0f} s"})
+        self._close()
+        self.pacer.reset()  # no in-betweens left over from before the failure
+        return time.monotonic() + RETRY_S
 
     def _close(self) -> None:
         self.size = None

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from sdbridge.outputs.base import OutputError, OutputSpec, create_output, parse_spec
-from sdbridge.outputs.hub import OutputHub
+from sdbridge.outputs.hub import OutputHub, OutputThread
+from sdbridge.outputs.interpolate import Pacer
 from tests.clients import wait_for
 
 
@@ -146,3 +147,49 @@ def test_a_stop_right_after_the_last_frame_still_records_it(tmp_path: Path, fact
     files = sorted(tmp_path.glob("*.png"))
     assert files and int(cv2.imread(str(files[-1]))[0, -1, 0]) == 100
     assert hub.stats()[0]["sent"] == len(files)
+
+
+class _NoCutFlow:
+    """A stand-in interpolator: every pair is a pair, every in-between a new array."""
+
+    def pair(self, start: np.ndarray, end: np.ndarray) -> object:
+        return type("Pair", (), {"is_cut": False})()
+
+    def frame(self, pair: object, t: float) -> np.ndarray:
+        return np.zeros((8, 8, 3), np.uint8)
+
+
+class _SlowSink:
+    def __init__(self, send_s: float) -> None:
+        self.send_s, self.shown = send_s, []
+
+    def open(self, width: int, height: int, fps: float) -> None:
+        pass
+
+    def send(self, frame: np.ndarray) -> None:
+        self.shown.append(frame)
+        time.sleep(self.send_s)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_slow_interpolating_output_still_shows_every_engine_frame(tmp_path: Path) -> None:
+    """QA 67 F5: with a sink slower than a slot, the next engine frame was planned first, which dropped the
+    previous one though it was due already (43-54 of 90 shown at 4x). Engine frames every 100 ms at 2x, each
+    send 70 ms: every engine frame is due before the next is taken, so every one is shown."""
+    sink = _SlowSink(0.07)
+    thread = OutputThread(parse_spec(f"record:{tmp_path}"), sink, 30.0, lambda event: None, 2)
+    thread.pacer = Pacer(2, _NoCutFlow())
+    thread.start()
+    engine = [np.full((8, 8, 3), i + 1, np.uint8) for i in range(10)]
+    try:
+        for image in engine:
+            thread.offer(image, "s")
+            time.sleep(0.1)
+        assert wait_for(thread.idle, timeout=5)
+    finally:
+        thread.stop()
+        thread.join(5)
+    shown = [i for i, image in enumerate(engine) if any(frame is image for frame in sink.shown)]
+    assert shown == list(range(10)), (shown, thread.stats())
