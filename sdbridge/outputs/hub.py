@@ -89,20 +89,17 @@ class OutputThread(threading.Thread):
 
     def _turn(self, frame: np.ndarray | None, offered_at: float, session_id: str | None, retry_at: float) -> float:
         """Hand a new engine frame to the pacer, send what is due; the time before which nothing is sent."""
-        if frame is not None:
-            if time.monotonic() < retry_at:
-                with self._lock:
-                    self.dropped += 1
-                return retry_at
-            try:
+        if frame is not None and time.monotonic() < retry_at:
+            with self._lock:
+                self.dropped += 1
+            return retry_at
+        try:  # the flow (push) and the in-betweens fail as the sink does: counted, reported, retried
+            if frame is not None:
                 # A slot already due (the sink was late: the previous engine frame's own) is shown before the
                 # new frame is planned, which drops every pending slot: a real frame never loses to an in-between.
                 self._send(self.pacer.pop_due(time.monotonic()))
-            except Exception as exc:
-                return self._failed(exc)
-            # Off (factor 1), the frame is due at once and comes back as the same array: unchanged.
-            self.pacer.push(frame, offered_at, session_id)
-        try:
+                # Off (factor 1), the frame is due at once and comes back as the same array: unchanged.
+                self.pacer.push(frame, offered_at, session_id)  # the flow pair is made here
             self._send(self.pacer.pop_due(time.monotonic()))  # an in-between is made here, when it is due
         except Exception as exc:
             return self._failed(exc)

@@ -193,3 +193,40 @@ def test_a_slow_interpolating_output_still_shows_every_engine_frame(tmp_path: Pa
         thread.join(5)
     shown = [i for i, image in enumerate(engine) if any(frame is image for frame in sink.shown)]
     assert shown == list(range(10)), (shown, thread.stats())
+
+
+class _FlowFailsOnce(_NoCutFlow):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def pair(self, start: np.ndarray, end: np.ndarray) -> object:
+        self.calls += 1
+        if self.calls == 1:
+            raise cv2.error("the flow refuses these frames")
+        return super().pair(start, end)
+
+
+def test_an_error_in_the_flow_is_a_failure_reported_and_retried(tmp_path: Path, monkeypatch) -> None:
+    """QA 67 F10: pacer.push (the flow) was outside the error handling: a raise ended the thread silently."""
+    monkeypatch.setattr("sdbridge.outputs.hub.RETRY_S", 0.2)
+    events: list[dict] = []
+    sink = _SlowSink(0.0)
+    thread = OutputThread(parse_spec(f"record:{tmp_path}"), sink, 30.0, events.append, 2)
+    flow = thread.pacer.interpolator = _FlowFailsOnce()
+    thread.start()
+    try:
+        for i in range(2):  # the second frame makes the first pair: it raises
+            thread.offer(np.full((8, 8, 3), i, np.uint8), "s")
+            time.sleep(0.05)
+        assert wait_for(lambda: thread.failures == 1, timeout=5)
+        time.sleep(0.3)  # past the retry pause
+        for i in range(3):
+            thread.offer(np.full((8, 8, 3), 10 + i, np.uint8), "s")
+            time.sleep(0.05)
+        assert wait_for(thread.idle, timeout=5)
+    finally:
+        thread.stop()
+        thread.join(5)
+    assert flow.calls >= 2 and "flow refuses" in thread.last_error
+    assert events and events[0]["type"] == "error"
+    assert [int(f[0, 0, 0]) for f in sink.shown if f[0, 0, 0] >= 10] == [10, 11, 12]
