@@ -25,6 +25,7 @@ skipped (a seqlock), never shown torn. :class:`ShmWriter` does the writer's side
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import sys
 import threading
@@ -125,6 +126,19 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return segment
 
 
+def _identity(segment: shared_memory.SharedMemory) -> tuple[int, int] | None:
+    """(device, inode) of a POSIX segment: a writer's new block under the same name has another one.
+    None where there is no file descriptor (Windows)."""
+    fd = getattr(segment, "_fd", -1)
+    if fd < 0:
+        return None
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 class ShmWriter:
     """The writer's side: make the segment, write frames into it (``with ShmWriter("sdbridge", 640, 480) as w``).
 
@@ -183,6 +197,7 @@ class ShmInput(Input):
         self.name = spec.target or DEFAULT_NAME
         self.segment: shared_memory.SharedMemory | None = None
         self.last_sequence = 0
+        self._block: tuple[int, int] | None = None  # the segment's identity (device, inode), where the OS tells it
         self.torn = 0  # frames written over while being copied, skipped
         self._pixels = bytearray()
 
@@ -191,10 +206,18 @@ class ShmInput(Input):
         try:
             self.segment = _attach(self.name)
         except FileNotFoundError:
+            self.last_sequence = 0  # gone: whatever comes under the name next is a new writer, counting afresh
             raise InputError(f"no shared memory segment {self.name!r} (is the writer running?)",
                              code="input_unavailable") from None
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot open shared memory segment {self.name!r}: {exc}") from exc
+        block = _identity(self.segment)
+        if block is not None and block != self._block:
+            # A new block is a new writer, whose sequence counts from 1 again: its first frame is new even
+            # when its sequence equals the old writer's last. (Without an identity: only a reattach after a
+            # failed open, above, counts as new.)
+            self.last_sequence = 0
+        self._block = block
 
     def read(self, stop: threading.Event) -> np.ndarray | None:
         quiet_since = time.monotonic()
@@ -236,4 +259,4 @@ class ShmInput(Input):
             except BufferError:  # a view still held; the mapping goes with the object
                 log.debug("shared memory %s closed with a view still open", self.name)
             self.segment = None
-        # last_sequence stays: a reattach to the same writer must not send its last frame again.
+        # last_sequence stays: a reattach to the same writer (the same block) must not send its last frame again.

@@ -115,3 +115,36 @@ def test_a_frame_being_written_is_not_read_until_it_is_whole() -> None:
             assert reader._try_read(reader.segment.buf) is None  # the same frame is not read twice
         finally:
             reader.close()
+
+
+@pytest.mark.parametrize("gap", [False, True])
+def test_a_restarted_writers_first_frame_is_read_though_its_sequence_is_the_old_last(monkeypatch, gap: bool) -> None:
+    """QA 67 F3: a new writer counts from frame 1 again; its one still frame (sequence 2) was taken for the
+    old writer's last (sequence 2) and never read. ``gap``: the reader saw the segment gone in between."""
+    monkeypatch.setattr("sdbridge.inputs.shm.REATTACH_S", 0.1)
+    name = f"sdb-restart-{uuid.uuid4().hex[:8]}"
+    reader = ShmInput(parse_spec(f"shm:{name}"))
+    stop = threading.Event()
+    old = ShmWriter(name, 8, 8)
+    try:
+        old.write(np.full((8, 8, 3), 100, np.uint8))
+        reader.open()
+        assert int(reader.read(stop)[0, 0, 0]) == 100
+    finally:
+        old.close()
+    if gap:
+        reader.close()
+        with pytest.raises(InputError):
+            reader.open()
+    with ShmWriter(name, 8, 8) as new:
+        new.write(np.full((8, 8, 3), 200, np.uint8))
+        if gap:
+            reader.open()
+        timer = threading.Timer(2.0, stop.set)
+        timer.start()
+        try:
+            image = reader.read(stop)
+        finally:
+            timer.cancel()
+            reader.close()
+    assert image is not None and int(image[0, 0, 0]) == 200
