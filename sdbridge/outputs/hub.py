@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,10 +170,18 @@ class OutputHub:
         it cannot work (a record folder it cannot write), before anything starts. ``interpolate``: frames
         shown per engine frame for outputs whose spec does not say (1: off)."""
         self.threads: list[OutputThread] = []
+        folders: dict[Path, OutputSpec] = {}
         for text in specs:
             spec = parse_spec(text)
             output = create_output(spec)
             check_output(output)
+            folder = getattr(output, "folder", None)  # a recording's: two in one would number over each other
+            if folder is not None:
+                where = Path(folder).resolve()
+                if where in folders:
+                    raise OutputError(f"outputs {folders[where]} and {spec} both record into {where}: "
+                                      "give each its own folder", code="bad_output")
+                folders[where] = spec
             self.threads.append(OutputThread(spec, output, fps, notify or (lambda event: None), interpolate))
 
     def start(self) -> None:

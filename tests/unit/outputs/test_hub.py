@@ -230,3 +230,11 @@ def test_an_error_in_the_flow_is_a_failure_reported_and_retried(tmp_path: Path, 
     assert flow.calls >= 2 and "flow refuses" in thread.last_error
     assert events and events[0]["type"] == "error"
     assert [int(f[0, 0, 0]) for f in sink.shown if f[0, 0, 0] >= 10] == [10, 11, 12]
+
+
+def test_two_recordings_into_one_folder_are_refused_naming_it(tmp_path: Path) -> None:
+    """QA 67 F4: record:DIR@a and record:DIR@b numbered the same files and overwrote each other."""
+    with pytest.raises(OutputError, match="both record into .*give each its own folder") as error:
+        OutputHub([f"record:{tmp_path}/show@a", f"record:{tmp_path}/x/../show/@b"])
+    assert str(tmp_path / "show") in str(error.value) and error.value.code == "bad_output"
+    OutputHub([f"record:{tmp_path}/show@a", f"record:{tmp_path}/show-b@b"])  # each its own: fine
