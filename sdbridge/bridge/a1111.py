@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sdbridge import __version__
 from sdbridge.bridge import a1111_body, codec, pnginfo
+from sdbridge.bridge.engine_host import MODEL_ENGINES
 from sdbridge.bridge.worker import GenerationTask
 from sdbridge.engines import samplers
 from sdbridge.engines.generate import HIRES_UPSCALERS, Generation, GenerationError, GenerationRequest, hires_upscaler
@@ -962,13 +963,17 @@ class A1111Api:
             request.controlnet = await asyncio.to_thread(self.daemon.controlnet_api.units, body.alwayson_scripts,
                                                          request)
         task = GenerationTask(request, kind)
+        if body.override_settings.get("sd_model_checkpoint"):
+            # build() checked it is the serving model: it runs on that one or not at all (QA 68 F4: one queued
+            # behind another ran on the model a switch meanwhile brought, and was labelled with it).
+            task.model = self.current_model()
         started = time.perf_counter()
         try:
             pending = asyncio.wrap_future(self.daemon.worker.submit(task))
             generation = await (pending if http is None else
                                 while_connected(http, pending, task.interrupt, "its generation ends at its next step"))
         except SdbridgeError as exc:
-            status = 503 if exc.code in ("no_model", "stopping") else 422
+            status = 503 if exc.code in ("no_model", "stopping") else 409 if exc.code == "model_changed" else 422
             message = str(exc)
             if getattr(exc, "name", None) == "clip_skip":  # in the client's own terms, not only the stream's (QA 23)
                 message = f"CLIP_stop_at_last_layers {int(getattr(exc, 'value', 0) or 0) + 1}: {message}"
@@ -1202,25 +1207,40 @@ class A1111Api:
                             printable(str(values[key])), self.settings.outputs_dir)
         checkpoint = values.pop("sd_model_checkpoint", None)
         clip_stop = values.pop("CLIP_stop_at_last_layers", None)
-        if clip_stop is not None:  # the live parameter: the stream and later requests use it
-            clip_skip = self.clip_skip(clip_stop, "CLIP_stop_at_last_layers")
+        # Every value checked, and the checkpoint switched, before the others apply: a checkpoint that failed was a
+        # 422 that had changed the live stream's clip skip and the other options already (QA 68 F3).
+        clip_skip = self.clip_skip(clip_stop, "CLIP_stop_at_last_layers") if clip_stop is not None else None
+        if checkpoint is not None:
+            await self._switch_checkpoint(checkpoint)
+        if clip_skip is not None:  # the live parameter: the stream and later requests use it
             _, errors = self.daemon.store.update({"clip_skip": clip_skip})
             if errors:
                 raise HTTPException(422, f"CLIP_stop_at_last_layers: {errors[0]}")
         self.options.update(values)
-        if checkpoint is None:
-            return
+
+    async def _switch_checkpoint(self, checkpoint: Any) -> None:
+        """Make ``checkpoint`` serve; answers once it does, as A1111 does (422 where it cannot load)."""
         name = checkpoint_name(checkpoint)
         if not name.strip():
             raise HTTPException(422, "sd_model_checkpoint is empty: name a model from /sdapi/v1/sd-models")
         name = await asyncio.to_thread(self.checkpoint_source, name)
         engines = self.daemon.engines
-        if name in (self.current_model(), await asyncio.to_thread(self.loaded_model)):
+        serving = name in (self.current_model(), await asyncio.to_thread(self.loaded_model))
+        if serving and not engines.settling:
             return
         failures = engines.load_failures
-        applied, errors = self.daemon.store.update({"model": name, "engine": "diffusion"})
+        # Back to the model serving while another loads: the store asks for it again, so that load is let go (QA 68
+        # F7: answered 200 at once, and the daemon ended on the other). A model engine stays the one it is: the
+        # compiled engine became plain diffusion at every A1111 switch (QA 68 F8).
+        engine = self.daemon.store.get("engine")
+        back = engines.serving_request if serving else None
+        applied, errors = self.daemon.store.update(
+            {"model": back.get("model"), "engine": back.get("engine")} if back is not None else
+            {"model": name, "engine": engine if engine in MODEL_ENGINES else "diffusion"})
         if errors:
             raise HTTPException(422, str(errors[0]))
+        if serving:
+            return
         # A1111 answers once the checkpoint is loaded; so do we (the stream keeps serving meanwhile).
         # The worker starts the load at its next turn (< 0.25 s); after `settle` with no load
         # running, this choice is one that failed before and is not retried until it changes.
@@ -1328,7 +1348,7 @@ def create_router(daemon: Daemon) -> APIRouter:
 
     @router.post("/interrupt")
     async def interrupt() -> dict[str, Any]:
-        """Stop the running request (its finished images are returned) and drop the queued ones."""
+        """Stop the running request (its finished images are returned); queued ones run, as in A1111."""
         task = daemon.worker.task  # read once: the worker thread sets it to None when the request ends (QA 51 F3)
         if task is not None:
             task.interrupt()

@@ -114,6 +114,8 @@ class EngineHost:
         self._holds: dict[int, int] = {}
         self._retiring: list[Engine] = []
         self._closed = False  # the daemon stopped: a load that ends after it closes what it made (QA 51 F6)
+        # Any thread: a load ended, its engine waits to be swapped in at the worker's next turn (the worker wakes).
+        self.on_loaded: Callable[[], None] | None = None
         # The last choice the parameters asked for. One load runs at a time (two checkpoints loading at once could
         # not both fit): a choice asked for meanwhile loads after it, and a load no longer wanted when it ends is
         # closed, never swapped in (an artist who clicks a model and back at once sees no cut).
@@ -292,6 +294,12 @@ class EngineHost:
             self._unannounced = None
             self._notify({"type": "engine", "status": "ready", **engine.describe()})
 
+    @property
+    def serving_request(self) -> dict[str, Any] | None:
+        """The request parameters (engine, model) that chose the engine serving, as they were set."""
+        request = self._serving_request
+        return dict(request) if request is not None else None
+
     def active_engine(self) -> Engine | None:
         """The engine serving now, without swapping (for readers off the worker thread)."""
         return self._current
@@ -466,6 +474,8 @@ class EngineHost:
         log.info("engine %s loaded in %.1f s", printable(choice), time.perf_counter() - started)
         if not wanted:
             self._discard(engine)
+        elif self.on_loaded is not None:
+            self.on_loaded()
 
 
 def _close_quietly(engine: Engine) -> None:

@@ -36,7 +36,7 @@ from sdbridge import modulation
 from sdbridge.bridge import codec
 from sdbridge.bridge.beat_clock import BeatClock
 from sdbridge.bridge.crossfade import Crossfade
-from sdbridge.bridge.engine_host import EngineHost
+from sdbridge.bridge.engine_host import REQUEST_PARAMS, EngineHost
 from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.bridge.session import InputFrame, Session, SessionRegistry
 from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT
@@ -87,6 +87,7 @@ class GenerationTask:
         self.queued_at = time.monotonic()
         self.interrupted = False  # before it starts
         self.engine: Any = None  # the engine it runs on, held open until it ends (EngineHost.hold)
+        self.model: str | None = None  # the engine source it must run on (override_settings.sd_model_checkpoint)
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -116,6 +117,9 @@ class Worker(threading.Thread):
         self.crossfade = Crossfade()
         self.debug_frames = debug_frames
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="sdbridge-codec")
+        store.subscribe(self._on_change)
+        # A loaded engine swaps in at the next turn, also while a one-shot request runs with no stream frame (QA 68).
+        engines.on_loaded = registry.wake.set
         self._stop_event = threading.Event()
         # Each session's last reply, encoding in the pool, and whether it waits on the one before it (_send_in_order).
         self._sending: dict[Session, tuple[Future[None], bool]] = {}
@@ -143,6 +147,13 @@ class Worker(threading.Thread):
         # Small jobs that must run on the thread that owns the engine (a rescan of the embeddings
         # folder), run between turns: see :meth:`call`.
         self.calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+
+    def _on_change(self, changed: dict[str, Any]) -> None:
+        """Any thread: a change of engine or model ends a one-shot request's share, so that the next turn starts
+        the load. With no stream frame to end it, a request ran to its end first: a model switch during it was
+        refused after 2 s, then made when it ended (QA 68 F1)."""
+        if not changed.keys().isdisjoint(REQUEST_PARAMS):
+            self.registry.wake.set()
 
     def call(self, function: Callable[[], Any]) -> Future[Any]:
         """Run ``function`` on this thread after the current turn (it owns the engine); the future
@@ -262,6 +273,12 @@ class Worker(threading.Thread):
             if engine is None or getattr(engine, "parts", None) is None:
                 task.future.set_exception(GenerationError(_no_model(engine, self.params.get("model")
                                                                     or self.engines.settings.model), code="no_model"))
+                continue
+            if task.model is not None and engine.source != task.model:
+                task.future.set_exception(GenerationError(
+                    f"override_settings.sd_model_checkpoint named {task.model!r}, which served when the request was "
+                    f"queued; {engine.source!r} serves now: switch back with POST /sdapi/v1/options, or send it "
+                    f"again without it", code="model_changed"))
                 continue
             try:
                 task.generation = Generation(engine, task.request)  # type: ignore[arg-type]
