@@ -980,6 +980,9 @@ class A1111Api:
             raise HTTPException(status, message) from None
         except Exception as exc:  # a bug, not the client's fault: say what failed, keep serving
             raise HTTPException(500, f"{kind} failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            with self._preview_lock:  # the last preview and its PNG (megabytes at 1024²) were held till the next
+                self._preview_png = None  # poll with no request, or the next request's first preview (QA 68 F10)
         log.info("%s: %d image(s) %dx%d, %d steps, in %.2f s", kind, len(generation.images), request.width,
                  request.height, request.steps, time.perf_counter() - started)
         return await asyncio.to_thread(self.respond, body, kind, generation)

@@ -343,6 +343,7 @@ def test_progress_encodes_each_preview_once_off_the_event_loop(api, monkeypatch)
         thread.join(60)
     assert encoded and all(name != "sdbridge-loop" for _, name in encoded)
     assert len({id(image) for image, _ in encoded}) == len(encoded)  # each preview once (all kept alive above)
+    assert api.daemon.a1111._preview_png is None  # let go with the request (QA 68 F10)
 
 
 def test_listing_endpoints(api):
