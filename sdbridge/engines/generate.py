@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sdbridge.bridge import codec
-from sdbridge.engines import a1111_timesteps, samplers
+from sdbridge.engines import a1111_timesteps, samplers, upscalers
 from sdbridge.engines.controlnet import RequestUnit, request_stack
 from sdbridge.engines.prompt_encode import match_lengths
 from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable
@@ -126,7 +126,8 @@ class GenerationRequest:
     hr_scale: float = 2.0
     hr_upscaler: str = "Latent"
     # A model upscaler for hr_upscaler (engines/upscalers.py), set by the API when the name is one: uint8 RGB
-    # [H, W, 3] -> uint8 RGB at (width, height). It takes the place of HIRES_UPSCALERS' resize.
+    # [H, W, 3] -> uint8 RGB at (width, height), or a generator returning that image (UpscalerCache.hires_upscale,
+    # called inside upscalers.stepwise()), run between stream frames. It takes the place of HIRES_UPSCALERS' resize.
     hr_model: Callable[[np.ndarray, int, int], np.ndarray] | None = None
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
@@ -466,7 +467,11 @@ class Generation:
             upscaled = []
             for image in self._to_uint8(self._decode(latents)):
                 yield
-                upscaled.append(request.hr_model(image, cover_width, cover_height))
+                with upscalers.stepwise():  # a model upscaler's (UpscalerCache.hires_upscale) are its steps
+                    result = request.hr_model(image, cover_width, cover_height)
+                if isinstance(result, Generator):  # yields before each tile and while an Extras upscale runs
+                    result = yield from result     # (QA 68 F5, F6): the stream's frames run between
+                upscaled.append(result)
             pixels = torch.from_numpy(np.stack(upscaled)).to(self.device).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
             init = self._encode(pixels.to(self.dtype) / 127.5 - 1)
         else:

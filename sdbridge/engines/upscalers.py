@@ -16,10 +16,15 @@ A1111 does (until the image covers the target, at most 3 times) and then Lanczos
 Stopping: an upscale checks its ``stop`` event before each tile, and :meth:`UpscalerCache.interrupt`
 (``/sdapi/v1/interrupt``) sets the running one's, so that an abandoned upscale ends within one tile instead of
 holding the one-at-a-time lock for minutes (QA5: a 16x16 Extras waited 68 s behind a 1024px x8 one).
+
+The hires fix runs on the worker thread between live stream frames: it takes the generator forms
+(:meth:`UpscalerCache.upscale_steps`), which yield before each tile and, instead of waiting, while an Extras upscale
+holds the lock (QA 68 F5, F6).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.util
 import logging
@@ -28,7 +33,7 @@ import re
 import sys
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,7 @@ FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR")  # A1111's models/ sub-folders, sea
 SUFFIXES = (".safetensors", ".pth", ".pt")
 TILE_SIZE = 192     # A1111's ESRGAN_tile default
 TILE_OVERLAP = 8    # A1111's ESRGAN_tile_overlap default
+LOCK_TRY_S = 0.005  # how long a caller that must not block waits for the lock at a time, between its yields
 MAX_PASSES = 3      # A1111's Upscaler.upscale: the model runs until the image covers the target, at most 3 times
 # The largest side one pass may produce: a pass runs only while the image is below the target (at most 8192 a
 # side), so 4x of just under that; its uint8 result is at most 16384 x 16384 x 3 = 805 MB.
@@ -160,6 +166,22 @@ def _plain_import() -> Any:
     return spandrel
 
 
+_STEPWISE = threading.local()
+
+
+@contextlib.contextmanager
+def stepwise() -> Iterator[None]:
+    """Within it, on this thread, :meth:`UpscalerCache.hires_upscale` returns its steps (a generator yielding before
+    each tile and while another upscale holds the lock) instead of the image: the hires fix, run on the worker thread
+    between stream frames, calls its ``hr_model`` inside it."""
+    previous = getattr(_STEPWISE, "on", False)
+    _STEPWISE.on = True
+    try:
+        yield
+    finally:
+        _STEPWISE.on = previous
+
+
 def spandrel_available() -> bool:
     return importlib.util.find_spec("spandrel") is not None
 
@@ -229,6 +251,12 @@ class Upscaler:
         """One pass of the network: [H, W, 3] uint8 -> [H * scale, W * scale, 3] uint8. ``tile`` 0 runs the whole
         image at once; so does a model that tiles inside itself. ``stop`` set: UpscaleInterrupted before the next
         tile."""
+        return run_steps(self.upscale_steps(image, tile, overlap, stop))
+
+    def upscale_steps(self, image: np.ndarray, tile: int = TILE_SIZE, overlap: int = TILE_OVERLAP,
+                      stop: threading.Event | None = None) -> Generator[None, None, np.ndarray]:
+        """:meth:`upscale` as a generator that yields before each tile and returns the image: a caller on the
+        worker thread (the hires fix) lets a stream frame run between two tiles (QA 68 F6)."""
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, image.shape
         height, width = image.shape[:2]
         scale = self.scale
@@ -241,39 +269,55 @@ class Upscaler:
         source = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]  # [1, 3, H, W]
         out = np.empty((height * scale, width * scale, 3), dtype=np.uint8)
         tiles = list(_tiles(height, width, tile, overlap))
-        try:
-            with torch.inference_mode():
-                for done, ((y0, y1, wy0, wy1), (x0, x1, wx0, wx1)) in enumerate(tiles):
-                    if stop is not None and stop.is_set():
-                        raise UpscaleInterrupted(f"upscaler {self.name!r}: interrupted after {done} of {len(tiles)} "
-                                                 f"tiles of a {width}x{height} image")
+        for done, ((y0, y1, wy0, wy1), (x0, x1, wx0, wx1)) in enumerate(tiles):
+            yield  # never inside inference_mode (a thread-wide mode the caller's other work would run in)
+            if stop is not None and stop.is_set():
+                raise UpscaleInterrupted(f"upscaler {self.name!r}: interrupted after {done} of {len(tiles)} "
+                                         f"tiles of a {width}x{height} image")
+            try:
+                with torch.inference_mode():
                     window = source[..., wy0:wy1, wx0:wx1].to(self.device, non_blocking=True).to(self.dtype) / 255
                     result = self.descriptor(window)  # [1, 3, (wy1 - wy0) * scale, (wx1 - wx0) * scale], in [0, 1]
                     kept = result[0, :, (y0 - wy0) * scale:(y1 - wy0) * scale, (x0 - wx0) * scale:(x1 - wx0) * scale]
                     pixels = (kept.float() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
                     out[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = pixels.cpu().numpy()
-        except torch.OutOfMemoryError as exc:
-            raise ModelError(f"upscaler {self.name!r}: out of device memory on {tile}-pixel tiles of a "
-                             f"{width}x{height} image", code="out_of_memory") from exc
-        except RuntimeError as exc:  # a network that its own weights load into but that cannot run this input
-            raise ModelError(f"upscaler {self.file.path}: the network failed on a {width}x{height} image "
-                             f"({printable(str(exc)[:300])})") from exc
+            except torch.OutOfMemoryError as exc:
+                raise ModelError(f"upscaler {self.name!r}: out of device memory on {tile}-pixel tiles of a "
+                                 f"{width}x{height} image", code="out_of_memory") from exc
+            except RuntimeError as exc:  # a network that its own weights load into but that cannot run this input
+                raise ModelError(f"upscaler {self.file.path}: the network failed on a {width}x{height} image "
+                                 f"({printable(str(exc)[:300])})") from exc
         return out
 
     def upscale_to(self, image: np.ndarray, width: int, height: int, tile: int = TILE_SIZE,
                    overlap: int = TILE_OVERLAP, stop: threading.Event | None = None) -> np.ndarray:
         """A1111's Upscaler.upscale: the network until the image covers ``width`` x ``height`` (once at least,
         at most 3 times), then Lanczos to exactly that size."""
+        return run_steps(self.upscale_to_steps(image, width, height, tile, overlap, stop))
+
+    def upscale_to_steps(self, image: np.ndarray, width: int, height: int, tile: int = TILE_SIZE,
+                         overlap: int = TILE_OVERLAP,
+                         stop: threading.Event | None = None) -> Generator[None, None, np.ndarray]:
+        """:meth:`upscale_to` as a generator that yields before each tile (:meth:`upscale_steps`)."""
         result = image
         for index in range(MAX_PASSES):
             if result.shape[1] >= width and result.shape[0] >= height and (index > 0 or self.scale != 1):
                 break
-            result = self.upscale(result, tile, overlap, stop)
+            result = yield from self.upscale_steps(result, tile, overlap, stop)
             if self.scale == 1:  # a 1x model (a restorer) runs once: another pass would not grow it
                 break
         if result.shape[:2] != (height, width):
             result = np.asarray(Image.fromarray(result).resize((width, height), Image.Resampling.LANCZOS))
         return result
+
+
+def run_steps(steps: Generator[None, None, Any]) -> Any:
+    """A step generator run to its end, nothing between its steps: its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _spans(length: int, core: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -306,7 +350,7 @@ class UpscalerCache:
         self.models_dir = models_dir
         self.device = device
         self.allow_pickle = allow_pickle
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # held by the running upscale
         self._loaded: Upscaler | None = None
         self._scales: dict[Path, int] = {}  # the real scale of each model loaded so far
         self._running: threading.Event | None = None  # the stop event of the upscale holding the lock
@@ -325,40 +369,77 @@ class UpscalerCache:
 
     def get(self, name: str) -> Upscaler:
         """The loaded upscaler called ``name``; ModelError (model_not_found) naming the known ones."""
+        file = self._file(name)
+        with self._lock:
+            return self._load(file)
+
+    def _file(self, name: str) -> UpscalerFile:
         file = self.find(name)
         if file is None:
             known = ", ".join(self.names()) or "none"
             raise ModelError(f"upscaler {name!r} not found in {self.models_dir}/{{{','.join(FOLDERS)}}} "
                              f"(known: {known})", code="model_not_found")
-        with self._lock:
-            loaded = self._loaded
-            if loaded is None or loaded.file != file or _changed(loaded):
-                self._loaded = None  # the old one goes before the new one loads
-                loaded = load_upscaler(file, self.device, allow_pickle=self.allow_pickle)
-                self._loaded = loaded
-                self._scales[file.path] = loaded.scale
-            return loaded
+        return file
+
+    def _load(self, file: UpscalerFile) -> Upscaler:
+        """``file`` loaded, the lock held."""
+        loaded = self._loaded
+        if loaded is None or loaded.file != file or _changed(loaded):
+            self._loaded = None  # the old one goes before the new one loads
+            loaded = load_upscaler(file, self.device, allow_pickle=self.allow_pickle)
+            self._loaded = loaded
+            self._scales[file.path] = loaded.scale
+        return loaded
 
     def upscale_to(self, name: str, image: np.ndarray, width: int, height: int,
                    stop: threading.Event | None = None) -> np.ndarray:
         """``image`` through the model called ``name`` to exactly ``width`` x ``height``. ``stop`` (the caller's,
-        set when its client goes away) or :meth:`interrupt` ends it before its next tile: UpscaleInterrupted."""
+        set when its client goes away) or :meth:`interrupt` ends it before its next tile: UpscaleInterrupted.
+        Waits for the lock while another upscale runs (the Extras, in their own thread)."""
+        return run_steps(self._upscale_steps(name, image, width, height, stop, wait=True))
+
+    def upscale_steps(self, name: str, image: np.ndarray, width: int, height: int,
+                      stop: threading.Event | None = None) -> Generator[None, None, np.ndarray]:
+        """:meth:`upscale_to` for a caller that must not block, the hires fix on the worker thread: a generator
+        that yields while another thread's upscale holds the lock (each try waits ``LOCK_TRY_S`` at most; QA 68
+        F5: the stream froze 4.2-4.6 s behind an Extras upscale) and before each tile (F6), and returns the
+        image. The lock stays held across its yields, so that no other upscale swaps the model meanwhile."""
+        return self._upscale_steps(name, image, width, height, stop, wait=False)
+
+    def _upscale_steps(self, name: str, image: np.ndarray, width: int, height: int, stop: threading.Event | None,
+                       wait: bool) -> Generator[None, None, np.ndarray]:
         stop = stop if stop is not None else threading.Event()
-        with self._lock:
+        if wait:
+            self._lock.acquire()
+        else:
+            while not self._lock.acquire(timeout=LOCK_TRY_S):
+                yield
+        try:  # a plain Lock, not an RLock: a generator dropped unfinished may be closed from another thread
             if stop.is_set():  # given up while it waited for the lock: no load, no tile
                 raise UpscaleInterrupted(f"upscaler {name!r}: interrupted before it started")
             previous, self._running = self._running, stop
             try:
-                return self.get(name).upscale_to(image, width, height, stop=stop)
+                upscaler = self._load(self._file(name))
+                return (yield from upscaler.upscale_to_steps(image, width, height, stop=stop))
             finally:
                 self._running = previous
+        finally:
+            self._lock.release()
 
-    def hires_upscale(self, name: str, image: np.ndarray, width: int, height: int) -> np.ndarray:
+    def hires_upscale(self, name: str, image: np.ndarray, width: int, height: int) -> Any:
         """:meth:`upscale_to` for the hires fix. Interrupted, the image is Lanczos-resized instead: the
         interrupted generation then stops its second pass at once and returns its images, as A1111 does for a
-        job interrupted in its hires pass."""
+        job interrupted in its hires pass. Called inside :func:`stepwise` (the hires fix on the worker thread)
+        it returns its steps, :meth:`upscale_steps`' generator, for the caller to run between stream frames;
+        elsewhere, the image."""
+        stepwise = getattr(_STEPWISE, "on", False)
+        steps = self._hires_steps(name, image, width, height, wait=not stepwise)
+        return steps if stepwise else run_steps(steps)
+
+    def _hires_steps(self, name: str, image: np.ndarray, width: int, height: int,
+                     wait: bool) -> Generator[None, None, np.ndarray]:
         try:
-            return self.upscale_to(name, image, width, height)
+            return (yield from self._upscale_steps(name, image, width, height, None, wait))
         except UpscaleInterrupted as exc:
             log.info("%s; the hires pass goes on from a Lanczos resize", exc)
             return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS))

@@ -861,3 +861,76 @@ def test_progress_counts_sampler_steps_as_a1111_shows_them(engine, sampler, sche
     assert {total for _, total in seen if total} == {shown}
     counted = [step for step, total in seen if total]
     assert counted == sorted(counted) and counted[-1] == shown and counted[0] == 1
+
+
+def test_a_hires_model_upscale_yields_while_an_extras_upscale_holds_the_lock_and_between_tiles(engine, tmp_path,
+                                                                                               monkeypatch):
+    """QA 68 F5: a hires fix with a model upscaler waited on the worker thread for the upscaler lock an Extras
+    upscale held (the stream froze 4.2-4.6 s); F6: it ran all its tiles in one call (a 2.95 s gap). Its generator
+    now yields while the lock is held elsewhere and before each tile, and its images are the same."""
+    import threading
+    import time
+
+    from sdbridge.engines import upscalers
+
+    if not upscalers.spandrel_available():
+        pytest.skip(f"spandrel is not installed ({upscalers.INSTALL_HINT})")
+    from tests.unit.engines.test_upscalers import esrgan, save
+
+    save(esrgan(4), tmp_path / "ESRGAN" / "4x-Tiny.safetensors")
+    cache = upscalers.UpscalerCache(tmp_path, CPU)
+    tiles = upscalers._tiles
+    monkeypatch.setattr(upscalers, "_tiles", lambda height, width, tile, overlap: tiles(height, width, 32, 8))
+    upscaler = cache.get("4x-Tiny")
+    calls: list[int] = []  # the number of the request's step (next()) each tile ran in
+    step = 0
+
+    class Counted:  # the network, counting its calls
+        def __init__(self, descriptor) -> None:
+            self.descriptor = descriptor
+
+        def __getattr__(self, name: str):
+            return getattr(self.descriptor, name)
+
+        def __call__(self, window):
+            calls.append(step)
+            return self.descriptor(window)
+
+    upscaler.descriptor = Counted(upscaler.descriptor)
+    fields = dict(prompt="a red fox", steps=2, width=64, height=64, seed=11, cfg_scale=5.0, sampler_name="Euler",
+                  enable_hr=True, hr_scale=1.5, hr_upscaler="4x-Tiny", denoising_strength=0.5, hr_second_pass_steps=1,
+                  hr_model=lambda image, width, height: cache.hires_upscale("4x-Tiny", image, width, height))
+    free = Generation(engine, GenerationRequest(**fields))
+    yields_free = sum(1 for _ in free.run())
+    assert free.images[0].shape == (96, 96, 3) and len(calls) == 16, "64x64 in 16 tiles of 32 (16 inside)"
+    calls.clear()
+
+    held, release = threading.Event(), threading.Event()
+
+    def extras() -> None:  # holds the lock as a running Extras upscale does; lets go after 8 s at the latest
+        with cache._lock:
+            held.set()
+            release.wait(8)
+
+    holder = threading.Thread(target=extras, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    generation = Generation(engine, GenerationRequest(**fields))
+    steps = generation.run()
+    longest = 0.0
+    for step in range(yields_free + 60):  # more steps than the whole request takes: it waits, yielding
+        before = time.perf_counter()
+        done = next(steps, "done")
+        longest = max(longest, time.perf_counter() - before)
+        assert done != "done", f"it ran to its end, a step holding the worker {longest:.2f} s"
+    assert longest < 4, f"a step held the worker {longest:.2f} s"
+    assert holder.is_alive() and generation.images == [] and calls == []
+    release.set()
+    holder.join(10)
+    for step in range(step + 1, step + 1000):
+        try:
+            next(steps)
+        except StopIteration:
+            break
+    assert len(calls) == 16 and len(set(calls)) == 16, f"one tile a step at most: {calls}"
+    np.testing.assert_array_equal(generation.images[0], free.images[0])

@@ -321,3 +321,74 @@ def test_doctor_reports_empty_corrupt_and_truncated_upscaler_files_naming_each(m
     assert "4x-Empty-pickle.pth: empty file" in errors["4x-Empty-pickle"].message
     [usable] = [finding for finding in findings if finding.level != ERROR]
     assert usable.level == OK and usable.message.endswith(": 4x-Whole")
+
+
+def _drive(steps) -> tuple[int, np.ndarray]:
+    """A step generator run by hand as the worker runs a request: (its yields, its result)."""
+    count = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return count, done.value
+        count += 1
+
+
+def test_the_stepwise_upscale_yields_before_each_tile_and_gives_the_one_call_result(models_dir):
+    """QA 68 F6: the hires fix ran every tile in one call on the worker (a 2.95 s stream gap)."""
+    upscaler = loaded(models_dir / "ESRGAN" / "4x-Tiny.safetensors")
+    picture = image(70, 90, seed=5)
+    tiles = len(list(upscalers._tiles(70, 90, 48, 8)))
+    assert tiles == 9
+    yields, stepwise = _drive(upscaler.upscale_steps(picture, tile=48, overlap=8))
+    assert yields == tiles
+    np.testing.assert_array_equal(stepwise, upscaler.upscale(picture, tile=48, overlap=8))
+    # The cache's: two passes (4x 70x90 is 280x360, short of 1200 wide), each tiled, then Lanczos.
+    cache = UpscalerCache(models_dir, CPU)
+    yields, stepwise = _drive(cache.upscale_steps("4x-Tiny", picture, 1200, 900))
+    expected = cache.upscale_to("4x-Tiny", picture, 1200, 900)
+    assert stepwise.shape == (900, 1200, 3) and np.array_equal(stepwise, expected)
+    assert yields >= len(list(upscalers._tiles(70, 90, 192, 8))) + len(list(upscalers._tiles(280, 360, 192, 8)))
+
+
+def test_a_stepwise_upscale_yields_while_another_thread_holds_the_lock_and_runs_once_it_is_let_go(models_dir):
+    """QA 68 F5: the hires fix waited on the worker thread for the lock an Extras upscale held (the stream froze
+    4.2-4.6 s). Each try waits LOCK_TRY_S at most, then yields."""
+    cache = UpscalerCache(models_dir, CPU)
+    picture = image(20, 24, seed=6)
+    expected = cache.upscale_to("4x-Tiny", picture, 96, 80)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cache._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    with upscalers.stepwise():
+        steps = cache.hires_upscale("4x-Tiny", picture, 96, 80)
+    assert not isinstance(steps, np.ndarray), "inside stepwise(): its steps"
+    started = time.perf_counter()
+    longest = 0.0
+    for _ in range(40):  # the lock stays held all along: every step returns soon, none finishes
+        before = time.perf_counter()
+        next(steps)
+        longest = max(longest, time.perf_counter() - before)
+    assert longest < 0.5 and time.perf_counter() - started >= 40 * upscalers.LOCK_TRY_S * 0.5
+    release.set()
+    holder.join(10)
+    yields, result = _drive(steps)
+    assert yields >= 1 and np.array_equal(result, expected)
+    assert not cache._lock.locked(), "let go at the end"
+    # Outside stepwise() it is the image, as before (the Extras' and any thread's call).
+    assert np.array_equal(cache.hires_upscale("4x-Tiny", picture, 96, 80), expected)
+    # Closed unfinished (a request dropped while it waits or mid-tiles), it lets the lock go.
+    with upscalers.stepwise():
+        steps = cache.hires_upscale("4x-Tiny", image(200, 200), 800, 800)
+    next(steps)
+    next(steps)
+    assert cache._lock.locked()
+    steps.close()
+    assert not cache._lock.locked()
