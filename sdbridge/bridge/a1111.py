@@ -896,7 +896,7 @@ class A1111Api:
             models.get(name)  # loaded here, off the worker, so that the stream does not wait on the disk
         except ModelError as exc:
             raise HTTPException(422, f"hr_upscaler: {exc}") from None
-        return lambda image, width, height: models.hires_upscale(name, image, width, height)
+        return lambda image, width, height: models.hires_steps(name, image, width, height)
 
     def check_weights(self, prompt: str, kind: str, field: str) -> None:
         """A negative prompt's attention weights checked before the request queues, naming ``field`` (QA 27: the

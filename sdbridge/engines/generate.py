@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sdbridge.bridge import codec
-from sdbridge.engines import a1111_timesteps, samplers, upscalers
+from sdbridge.engines import a1111_timesteps, samplers
 from sdbridge.engines.controlnet import RequestUnit, request_stack
 from sdbridge.engines.prompt_encode import match_lengths
 from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable
@@ -126,9 +126,9 @@ class GenerationRequest:
     hr_scale: float = 2.0
     hr_upscaler: str = "Latent"
     # A model upscaler for hr_upscaler (engines/upscalers.py), set by the API when the name is one: uint8 RGB
-    # [H, W, 3] -> uint8 RGB at (width, height), or a generator returning that image (UpscalerCache.hires_upscale,
-    # called inside upscalers.stepwise()), run between stream frames. It takes the place of HIRES_UPSCALERS' resize.
-    hr_model: Callable[[np.ndarray, int, int], np.ndarray] | None = None
+    # [H, W, 3] -> uint8 RGB at (width, height), or a generator returning that image (UpscalerCache.hires_steps), run
+    # between stream frames. It takes the place of HIRES_UPSCALERS' resize.
+    hr_model: Callable[[np.ndarray, int, int], Any] | None = None
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
@@ -467,8 +467,7 @@ class Generation:
             upscaled = []
             for image in self._to_uint8(self._decode(latents)):
                 yield
-                with upscalers.stepwise():  # a model upscaler's (UpscalerCache.hires_upscale) are its steps
-                    result = request.hr_model(image, cover_width, cover_height)
+                result = request.hr_model(image, cover_width, cover_height)
                 if isinstance(result, Generator):  # yields before each tile and while an Extras upscale runs
                     result = yield from result     # (QA 68 F5, F6): the stream's frames run between
                 upscaled.append(result)

@@ -24,7 +24,6 @@ holds the lock (QA 68 F5, F6).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import importlib.util
 import logging
@@ -164,22 +163,6 @@ def _plain_import() -> Any:
         raise ModelError(f"model upscalers need spandrel ({exc}); install it: {INSTALL_HINT}",
                          code="missing_dependency") from exc
     return spandrel
-
-
-_STEPWISE = threading.local()
-
-
-@contextlib.contextmanager
-def stepwise() -> Iterator[None]:
-    """Within it, on this thread, :meth:`UpscalerCache.hires_upscale` returns its steps (a generator yielding before
-    each tile and while another upscale holds the lock) instead of the image: the hires fix, run on the worker thread
-    between stream frames, calls its ``hr_model`` inside it."""
-    previous = getattr(_STEPWISE, "on", False)
-    _STEPWISE.on = True
-    try:
-        yield
-    finally:
-        _STEPWISE.on = previous
 
 
 def spandrel_available() -> bool:
@@ -426,15 +409,18 @@ class UpscalerCache:
         finally:
             self._lock.release()
 
-    def hires_upscale(self, name: str, image: np.ndarray, width: int, height: int) -> Any:
+    def hires_upscale(self, name: str, image: np.ndarray, width: int, height: int) -> np.ndarray:
         """:meth:`upscale_to` for the hires fix. Interrupted, the image is Lanczos-resized instead: the
         interrupted generation then stops its second pass at once and returns its images, as A1111 does for a
-        job interrupted in its hires pass. Called inside :func:`stepwise` (the hires fix on the worker thread)
-        it returns its steps, :meth:`upscale_steps`' generator, for the caller to run between stream frames;
-        elsewhere, the image."""
-        stepwise = getattr(_STEPWISE, "on", False)
-        steps = self._hires_steps(name, image, width, height, wait=not stepwise)
-        return steps if stepwise else run_steps(steps)
+        job interrupted in its hires pass. Waits for the lock: for a thread that may (see :meth:`hires_steps`)."""
+        return run_steps(self._hires_steps(name, image, width, height, wait=True))
+
+    def hires_steps(self, name: str, image: np.ndarray, width: int,
+                    height: int) -> Generator[None, None, np.ndarray]:
+        """:meth:`hires_upscale` as steps, for the hires fix on the worker thread to run between stream frames: a
+        generator that yields before each tile and while another upscale (an Extras call) holds the lock, and
+        returns the image (QA 68 F5: waiting on the lock froze the stream 4.2-4.6 s; F6: the tiles in one call)."""
+        return self._hires_steps(name, image, width, height, wait=False)
 
     def _hires_steps(self, name: str, image: np.ndarray, width: int, height: int,
                      wait: bool) -> Generator[None, None, np.ndarray]:

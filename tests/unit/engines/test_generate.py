@@ -899,7 +899,7 @@ def test_a_hires_model_upscale_yields_while_an_extras_upscale_holds_the_lock_and
     upscaler.descriptor = Counted(upscaler.descriptor)
     fields = dict(prompt="a red fox", steps=2, width=64, height=64, seed=11, cfg_scale=5.0, sampler_name="Euler",
                   enable_hr=True, hr_scale=1.5, hr_upscaler="4x-Tiny", denoising_strength=0.5, hr_second_pass_steps=1,
-                  hr_model=lambda image, width, height: cache.hires_upscale("4x-Tiny", image, width, height))
+                  hr_model=lambda image, width, height: cache.hires_steps("4x-Tiny", image, width, height))
     free = Generation(engine, GenerationRequest(**fields))
     yields_free = sum(1 for _ in free.run())
     assert free.images[0].shape == (96, 96, 3) and len(calls) == 16, "64x64 in 16 tiles of 32 (16 inside)"

@@ -367,9 +367,7 @@ def test_a_stepwise_upscale_yields_while_another_thread_holds_the_lock_and_runs_
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
     assert held.wait(10)
-    with upscalers.stepwise():
-        steps = cache.hires_upscale("4x-Tiny", picture, 96, 80)
-    assert not isinstance(steps, np.ndarray), "inside stepwise(): its steps"
+    steps = cache.hires_steps("4x-Tiny", picture, 96, 80)
     started = time.perf_counter()
     longest = 0.0
     for _ in range(40):  # the lock stays held all along: every step returns soon, none finishes
@@ -382,11 +380,10 @@ def test_a_stepwise_upscale_yields_while_another_thread_holds_the_lock_and_runs_
     yields, result = _drive(steps)
     assert yields >= 1 and np.array_equal(result, expected)
     assert not cache._lock.locked(), "let go at the end"
-    # Outside stepwise() it is the image, as before (the Extras' and any thread's call).
+    # hires_upscale is the image, waiting for the lock (a thread that may: the Extras').
     assert np.array_equal(cache.hires_upscale("4x-Tiny", picture, 96, 80), expected)
     # Closed unfinished (a request dropped while it waits or mid-tiles), it lets the lock go.
-    with upscalers.stepwise():
-        steps = cache.hires_upscale("4x-Tiny", image(200, 200), 800, 800)
+    steps = cache.hires_steps("4x-Tiny", image(200, 200), 800, 800)
     next(steps)
     next(steps)
     assert cache._lock.locked()
