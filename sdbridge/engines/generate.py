@@ -328,7 +328,10 @@ class Generation:
         self.parts = engine.parts
         self.request = request
         self.seeds, self.subseeds = request.resolve_seeds()
-        self.progress = Progress(job_count=request.n_iter)
+        # A1111 counts a hires pass as a job of its own (job_count doubled): /progress ran backwards, from the first
+        # pass's end to the second's start, and showed 1.0 half-way (QA 68 F9).
+        self._passes = 2 if request.enable_hr and not request.is_img2img else 1
+        self.progress = Progress(job_count=request.n_iter * self._passes)
         self.images: list[np.ndarray] = []
         self.used_seeds: list[int] = []
         self.job_timestamp = time.strftime("%Y%m%d%H%M%S")  # A1111's: when the job began, local time
@@ -369,7 +372,7 @@ class Generation:
         for batch_no in range(request.n_iter):
             if self.progress.interrupted:
                 break
-            self.progress.job_no = batch_no
+            self.progress.job_no = batch_no * self._passes
             self.progress.skipped = False
             first = batch_no * request.batch_size
             seeds = self.seeds[first:first + request.batch_size]
@@ -492,6 +495,8 @@ class Generation:
         try:
             if self._hires_prompts is None:  # the same for every batch of the request
                 self._hires_prompts = self._prompt_schedule(hires_steps=steps)
+            self.progress.job_no += 1
+            self.progress.sampling_step = 0
             return (yield from self._denoise(scheduler, timesteps, start, self._hires_prompts, seeds,
                                              sampler_name=request.hires_sampler()[0]))
         finally:

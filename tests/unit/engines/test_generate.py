@@ -934,3 +934,15 @@ def test_a_hires_model_upscale_yields_while_an_extras_upscale_holds_the_lock_and
             break
     assert len(calls) == 16 and len(set(calls)) == 16, f"one tile a step at most: {calls}"
     np.testing.assert_array_equal(generation.images[0], free.images[0])
+
+
+def test_progress_counts_the_hires_pass_as_a_job_and_only_rises(engine):
+    """A1111 counts a hires pass as a job of its own; here /progress ran backwards from the first pass's end to the
+    second's start, and showed 1.0 (eta 0) half-way (QA 68 F9)."""
+    generation = Generation(engine, GenerationRequest(prompt="x", steps=4, width=64, height=64, seed=3, n_iter=2,
+                                                      enable_hr=True, hr_scale=1.5, hr_second_pass_steps=3,
+                                                      denoising_strength=0.5))
+    assert generation.progress.job_count == 4
+    seen = [generation.progress.fraction for _ in generation.run()]
+    assert all(later >= earlier for earlier, later in zip(seen, seen[1:])), seen
+    assert max(seen[:len(seen) // 2]) < 0.6 and seen[-1] == 1.0
