@@ -402,7 +402,8 @@ class Worker(threading.Thread):
             if plugins is not None and plugins.active:
                 for job in to_run:
                     assert job.output is not None
-                    job.output = plugins.after(job.session.id, job.session.state.data, job.image, job.output)
+                    job.output = plugins.after(job.session.id, job.session.state.data, job.image, job.output,
+                                               passthrough=job.passthrough)
             for job in to_run:  # after every plugin: what a feedback plugin or a slot on channel -1 reads next
                 if not job.passthrough:
                     job.session.state.data[LAST_OUTPUT] = job.output

@@ -85,6 +85,11 @@ class Plugin:
     def after(self, ctx: PluginContext) -> np.ndarray | None:
         return None
 
+    def passed_through(self, ctx: PluginContext) -> None:
+        """This frame went out as its input, the engine not run on it (it failed, or none serves yet): forget what
+        ``before`` noted of it as processed. ``after`` runs on it still (a filter that fails closed must)."""
+        return None
+
     def before_step(self, engine: Any | None, session_ids: list[str], params: Mapping[str, Any]) -> None:
         return None
 

@@ -326,7 +326,16 @@ class PluginManager:
         return result
 
     def after(self, session_id: str, session_state: dict[str, Any], image: np.ndarray | None,
-              output: np.ndarray) -> np.ndarray:
+              output: np.ndarray, passthrough: bool = False) -> np.ndarray:
+        """The after hooks on this frame's output; ``passthrough``: the input went out with no engine run on it,
+        which is no session's last output (the similarity filter skipped to the raw picture after one engine
+        error, QA 71 F1), and the plugins that noted it in ``before`` are told (Plugin.passed_through)."""
+        if passthrough:
+            for item in self.active:
+                if item.plugin.overrides("passed_through"):
+                    ctx = self._context(item, session_state, session_id)
+                    if ctx is not None:
+                        item.plugin.passed_through(ctx)
         for item in self.active:
             closed = item.plugin.fails_closed
             if not (item.plugin.overrides("after") or closed):
@@ -354,5 +363,6 @@ class PluginManager:
                 continue
             if result is not None:
                 output = result
-        session_state[LAST_OUTPUT] = output
+        if not passthrough:
+            session_state[LAST_OUTPUT] = output
         return output

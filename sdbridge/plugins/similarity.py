@@ -76,3 +76,7 @@ class SimilarityFilter(Plugin):
         ctx.state["signature"] = current
         ctx.state["skips"] = 0
         return None
+
+    def passed_through(self, ctx: PluginContext) -> None:
+        # Not processed: the next still frame skipped to the raw input for up to max_skips frames (QA 71 F1).
+        ctx.state.pop("signature", None)

@@ -480,3 +480,48 @@ def test_a_closed_session_is_cut_in_the_plugins():
     finally:
         worker.stop()
         worker.join(10)
+
+
+def test_a_frame_passed_through_is_no_last_output_and_the_similarity_filter_does_not_skip_to_it():
+    """One engine error passed a frame through; the plugins' after hook kept that raw input as the session's last
+    output and the similarity filter its signature, so the next still frames were skipped to the raw camera picture,
+    for up to max_skips frames, with no engine step (QA 71 F1)."""
+    from sdbridge.plugins.manager import PluginManager
+    from sdbridge.plugins.similarity import SimilarityFilter
+
+    replies = Replies()
+    store = ParamStore(Schema(), initial={"engine": "preview", "width": 64, "height": 64})
+    plugins = PluginManager(store, {"similarity": SimilarityFilter})
+    store.update({"plugin.similarity.enabled": True})
+    registry = SessionRegistry()
+    engines = EngineHost(Settings(engine="preview", device="cpu"))
+    worker = Worker(registry, store, engines, replies.deliver, lambda session, message: None, plugins=plugins)
+    worker.start()
+    try:
+        session = registry.open("stage")
+
+        def send(frame_id: int) -> None:
+            answered = len(replies.ids)
+            put(session, frame_id)
+            assert wait_until(lambda: len(replies.ids) > answered)
+
+        assert wait_until(lambda: engines.active_engine() is not None or put(session, 0))
+        send(1)
+        send(1)
+        engine = engines.active_engine()
+        real = engine.step
+
+        def failing(frames, states):
+            engine.step = real
+            raise RuntimeError("one bad batch")
+
+        engine.step = failing
+        send(20)                                     # passed through
+        last = session.state.data[worker_module.LAST_OUTPUT]
+        assert int(last.mean()) != 200, "the raw input is no last output"
+        steps = worker.steps_measured
+        send(20)                                     # the same still picture: the engine runs on it
+        assert worker.steps_measured == steps + 1
+    finally:
+        worker.stop()
+        worker.join(10)
