@@ -403,6 +403,9 @@ def save_map(midi_map: MidiMap, path: Path) -> None:
 # --- messages -------------------------------------------------------------------------------------
 
 
+_NOT_HELD = object()
+
+
 class MidiMapper:
     """Messages in, :class:`MidiActions` out. ``get(name)`` reads a parameter's current value (steps, toggles)."""
 
@@ -411,7 +414,11 @@ class MidiMapper:
         self.schema = schema
         self.learning: str | None = None  # the parameter the next CC moved is bound to
         self._msb: dict[tuple[int, int], int] = {}        # (channel, MSB controller) -> its last value
-        self._held: dict[tuple[int, int], tuple[str, Any]] = {}  # momentary notes held -> (param, value before)
+        # A parameter momentary pads hold -> its value before the first of them, and each pad's value, in the order
+        # pressed: released, a parameter goes back to the last pad still held, or to rest once none is. One value
+        # per note restored two pads on a parameter to the first pad's value, and a note bound twice only its first
+        # parameter (QA 71 F3).
+        self._held: dict[str, tuple[Any, dict[tuple[int, int], Any]]] = {}
 
     def learn(self, param: str | None) -> None:
         """Bind the next CC moved to ``param`` (None: stop learning). ParamError for a name without a range."""
@@ -431,9 +438,7 @@ class MidiMapper:
             elif kind == "note_on" and message.velocity > 0:
                 self._note_on(message, get, actions)
             elif kind in ("note_off", "note_on"):  # note_on at velocity 0 is a note off (running status)
-                held = self._held.pop((message.channel, message.note), None)
-                if held is not None:
-                    actions.jumps[held[0]] = held[1]
+                self._release((message.channel, message.note), actions)
         except ParamError as exc:
             actions.errors.append(exc)
         return actions
@@ -467,6 +472,16 @@ class MidiMapper:
                 fraction = ((msb << 7) | value) / FOURTEEN_BIT_MAX
                 actions.updates[binding.param] = spec.validate(spec.denormalize(fraction))
 
+    def _release(self, pad: tuple[int, int], actions: MidiActions) -> None:
+        for param, (rest, pads) in list(self._held.items()):
+            if pads.pop(pad, _NOT_HELD) is _NOT_HELD:
+                continue
+            if pads:
+                actions.jumps[param] = next(reversed(pads.values()))  # the last pad still held
+            else:
+                del self._held[param]
+                actions.jumps[param] = rest
+
     def _note_on(self, message: Any, get: Callable[[str], Any], actions: MidiActions) -> None:
         for binding in self.map.notes:
             if binding.note != message.note or not binding.matches(message.channel):
@@ -489,5 +504,7 @@ class MidiMapper:
                 actions.jumps[binding.param] = not bool(get(binding.param))
             else:
                 if binding.momentary:
-                    self._held.setdefault((message.channel, message.note), (binding.param, get(binding.param)))
+                    rest, pads = self._held.setdefault(binding.param, (get(binding.param), {}))
+                    pads.pop((message.channel, message.note), None)  # pressed again: the last pressed
+                    pads[(message.channel, message.note)] = binding.value
                 actions.jumps[binding.param] = binding.value

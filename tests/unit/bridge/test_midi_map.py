@@ -87,6 +87,29 @@ def test_note_steps_toggles_and_sets_momentarily():
     assert midi.feed(mido.Message("note_on", note=36, velocity=1), store.get).jumps["seed"] == 2**32 - 1  # clamped
 
 
+@pytest.mark.parametrize("order", [(38, 39), (39, 38)])
+def test_momentary_pads_bring_every_parameter_back_to_rest_whatever_the_order_released(order):
+    """Two pads on one parameter, overlapping: the second kept the first pad's value as the one to restore, so the
+    parameter stayed at it when released in that order; a pad bound to two parameters restored only the first
+    (QA 71 F3)."""
+    midi, store = mapper('[[note]]\nnote = 38\nparam = "strength"\nvalue = 0.0\nmomentary = true\n'
+                         '[[note]]\nnote = 39\nparam = "strength"\nvalue = 1.0\nmomentary = true\n'
+                         '[[note]]\nnote = 39\nparam = "guidance"\nvalue = 1.0\nmomentary = true\n')
+    store.update({"strength": 0.6, "guidance": 7.5})
+
+    def feed(kind: str, note: int) -> None:
+        actions = midi.feed(mido.Message(kind, note=note, velocity=100 if kind == "note_on" else 0), store.get)
+        store.update(actions.jumps)
+
+    feed("note_on", 38)
+    feed("note_on", 39)
+    assert (store.get("strength"), store.get("guidance")) == (1.0, 1.0)   # the last pressed
+    feed("note_off", order[0])
+    assert store.get("strength") == (1.0 if order[0] == 38 else 0.0)      # the pad still held
+    feed("note_off", order[1])
+    assert (store.get("strength"), store.get("guidance")) == (0.6, 7.5)
+
+
 def test_a_toggle_needs_a_boolean_and_flips_it():
     schema = Schema()
     from sdbridge.params import ParamSpec
