@@ -38,6 +38,7 @@ FILE_PREFIX = "file:"
 FILE_BLOCK_S = 0.02      # the file source's block: 20 ms, like a sound card's
 DEVICE_BLOCK = 512       # frames a PortAudio callback delivers
 QUEUE_BLOCKS = 64        # about 0.7 s of device blocks waiting; beyond that the oldest are dropped (counted)
+SILENCE_AFTER_S = 0.1    # a device silent this long is fed silence of this length, so the envelopes fall
 SEED_MAX = 2**32 - 1
 PORTAUDIO_FIX = ("install PortAudio (Debian/Ubuntu: sudo apt install libportaudio2; macOS: brew install portaudio; "
                  "the Windows wheel includes it)")
@@ -145,6 +146,7 @@ class AudioInput:
         self.analyser: AudioAnalyser | None = None
         self.blocks = 0
         self.dropped = 0       # device blocks dropped because the analysis thread fell behind
+        self.silent_blocks = 0  # blocks of silence put in while the device delivered nothing
         self.seed_steps = 0
         self.preset_recalls = 0
         self.last_preset: str | None = None
@@ -234,11 +236,20 @@ class AudioInput:
             yield chunk
 
     def _device_blocks(self) -> Iterator[np.ndarray]:
+        shape: tuple[int, ...] | None = None  # a block's shape past its frames (its channels), once one came
         while not self._stop.is_set():
             try:
-                yield self._queue.get(timeout=0.1)
+                block = self._queue.get(timeout=SILENCE_AFTER_S)
             except queue.Empty:
+                if shape is not None and self.analyser is not None:
+                    # A device that stops delivering (unplugged, a stalled driver) is heard as silence: the
+                    # envelopes fall by their release, where they stayed at their last level, pushing their
+                    # targets until a restart (QA 71 F4).
+                    self.silent_blocks += 1
+                    yield np.zeros((int(self.analyser.sample_rate * SILENCE_AFTER_S), *shape), np.float32)
                 continue
+            shape = block.shape[1:]
+            yield block
 
     def _run(self) -> None:
         blocks = self._file_blocks() if self._file is not None else self._device_blocks()
@@ -290,6 +301,7 @@ class AudioInput:
             "running": self._thread is not None and self._thread.is_alive(),
             "blocks": self.blocks,
             "dropped": self.dropped,
+            "silent_blocks": self.silent_blocks,  # silence put in while the device delivered nothing
             "errors": self.errors,
             "onsets": analyser.onsets if analyser is not None else 0,
             "seed_steps": self.seed_steps,

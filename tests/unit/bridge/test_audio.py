@@ -203,3 +203,32 @@ def test_a_three_channel_wav_plays_mixed_to_mono_as_docs_audio_says(tmp_path):
     assert audio.levels()["env1"] > 0.1  # the tone is heard: the channels' mean, 2/3 of its amplitude
     docs = (Path(__file__).resolve().parents[3] / "docs" / "audio.md").read_text(encoding="utf-8")
     assert "mono or stereo" not in docs and "any number of channels, mixed to mono" in docs
+
+
+def test_a_device_that_stops_delivering_is_heard_as_silence():
+    """The envelopes stayed at their last level when a device stopped delivering (unplugged, a stalled driver),
+    pushing their targets until a restart (QA 71 F4: env1 0.566 still 5 s after, its release 200 ms)."""
+    import threading
+
+    from sdbridge.audio_analysis import AudioAnalyser
+
+    store = ParamStore()
+    store.update({"env1.target": "strength", "env1.band": "low", "env1.depth": 0.5, "env1.release_ms": 200.0})
+    audio = AudioInput("a device", store)          # nothing opened until start(): its thread is run by hand here
+    audio.analyser = AudioAnalyser(48000)
+    audio._thread = threading.Thread(target=audio._run, daemon=True)
+    audio._thread.start()
+    try:
+        t = np.arange(512) / 48000
+        for index in range(100):                    # 1 s of a loud 60 Hz bass, as PortAudio's callback queues it
+            wave_block = 0.8 * np.sin(2 * np.pi * 60 * (t + index * 512 / 48000))
+            audio._callback(np.stack([wave_block] * 2, axis=1).astype(np.float32), 512, None, None)
+        deadline = time.monotonic() + 10
+        while audio.blocks + audio.dropped < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        playing = audio.levels()["env1"]
+        assert playing > 0.2
+        time.sleep(1.5)                             # the device delivers nothing from here on
+        assert audio.levels()["env1"] < playing * 0.1 and audio.describe()["silent_blocks"] >= 5
+    finally:
+        audio.stop()
