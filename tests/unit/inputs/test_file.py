@@ -77,6 +77,23 @@ def test_an_image_folder_plays_in_name_order_losslessly(tmp_path: Path) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(got, images + images[:1]))
 
 
+@pytest.mark.parametrize("name", ["%03d.png", "000.png"])
+def test_an_image_sequence_or_a_still_plays_at_the_default_rate(tmp_path: Path, name: str) -> None:
+    """FFmpeg's image reader says 25 fps for images, which state no rate: they played at 25 where a folder plays at
+    30, the documented rate of a file that states none (QA 67 F7)."""
+    from sdbridge.inputs.file import DEFAULT_FPS
+
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
+    source = create_input(parse_spec(f"file:{tmp_path / name}"))
+    source.check()
+    source.open()
+    try:
+        assert source.fps == DEFAULT_FPS == 30
+    finally:
+        source.close()
+
+
 def test_a_file_that_is_no_video_fails_at_open_with_its_name(tmp_path: Path) -> None:
     bogus = tmp_path / "clip.mp4"
     bogus.write_bytes(b"not a video at all" * 100)
