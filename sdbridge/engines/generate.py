@@ -528,7 +528,7 @@ class Generation:
                     for image in work]
         pixels = torch.from_numpy(np.stack(work)).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
         yield
-        init_latents = self._encode(pixels)
+        init_latents = yield from self._encode_each(pixels)
         noise = self._noise(seeds, subseeds, width, height)
         latent_mask = None
         if work_mask is not None:
@@ -785,6 +785,16 @@ class Generation:
                  for seed, subseed in zip(seeds, subseeds)]
         self._generators = [generator for _, generator in drawn]
         return torch.stack([noise for noise, _ in drawn]).to(self.device, self.dtype)
+
+    def _encode_each(self, pixels: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """The batch's encode, image by image with a yield between, as the decode goes: a stream frame waits for
+        one image's VAE encode at most, not the whole batch's (QA 68 F11: 7.2-7.6 s stream gaps at batch 8)."""
+        latents = []
+        for index in range(pixels.shape[0]):
+            if index:
+                yield
+            latents.append(self._encode(pixels[index:index + 1]))
+        return torch.cat(latents)
 
     @torch.inference_mode()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -281,7 +281,8 @@ def test_final_decode_yields_between_images_and_gives_the_batch_decode(engine, k
 
     single, single_yields = generate(1)
     batch, batch_yields = generate(3)
-    assert batch_yields == single_yields + 2        # one more decode, one more yield, per extra image
+    # One more decode and one more yield per extra image; img2img's encode yields between images too (QA 68 F11).
+    assert batch_yields == single_yields + 2 * (2 if kind == "img2img" else 1)
     assert batch._latents is not None and batch._latents.shape[0] == 3
     reference = batch._to_uint8(batch._decode(batch._latents))  # the batch decoded in one call
     assert len(batch.images) == 3
@@ -946,3 +947,27 @@ def test_progress_counts_the_hires_pass_as_a_job_and_only_rises(engine):
     seen = [generation.progress.fraction for _ in generation.run()]
     assert all(later >= earlier for earlier, later in zip(seen, seen[1:])), seen
     assert max(seen[:len(seen) // 2]) < 0.6 and seen[-1] == 1.0
+
+
+def test_img2img_encodes_its_batch_image_by_image_between_stream_frames(engine):
+    """The batch's init images were encoded in one VAE call, the stream waiting for all of them (QA 68 F11: 7.2-7.6 s
+    gaps at batch 8); the decode went image by image. Now each encode is a step of its own, the latents unchanged."""
+    sources = [np.full((64, 64, 3), 40 + 50 * i, np.uint8) for i in range(3)]
+    fields = dict(prompt="x", steps=2, width=64, height=64, seed=5, batch_size=3, init_images=sources,
+                  denoising_strength=0.5)
+    generation = Generation(engine, GenerationRequest(**fields))
+    encoded: list[int] = []
+    real = generation._encode
+
+    def counting(pixels):
+        encoded.append(pixels.shape[0])
+        return real(pixels)
+
+    generation._encode = counting
+    for _ in generation.run():
+        pass
+    assert encoded == [1, 1, 1]
+    pixels = torch.stack([torch.from_numpy(s).permute(2, 0, 1) for s in sources]).to(generation.dtype) / 127.5 - 1
+    together = real(pixels.to(generation.device))
+    one_by_one = torch.cat([real(pixels[i:i + 1].to(generation.device)) for i in range(3)])
+    torch.testing.assert_close(one_by_one, together, rtol=1e-5, atol=1e-5)
