@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdbridge.bridge import codec
 from sdbridge.engines.background_load import BackgroundLoads
 from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, OUTPUT_CHANNEL, SLOT_IMAGES
 from sdbridge.engines.models import list_add_on_models, resolve_add_on_model, serialized_load
@@ -425,8 +426,6 @@ class ControlNets:
             try:
                 fitted = source
                 if size is not None and (source.shape[1], source.shape[0]) != size:
-                    from sdbridge.bridge import codec
-
                     fitted = codec.fit(source, size[0], size[1], self.resize_mode)
                 images[index] = self.preprocessors.run(slot.preprocessor, fitted, slot.options)
             except Exception as exc:  # a failing preprocessor costs its slot, never the frame
