@@ -18,7 +18,7 @@ Stopping: an upscale checks its ``stop`` event before each tile, and :meth:`Upsc
 holding the one-at-a-time lock for minutes (QA5: a 16x16 Extras waited 68 s behind a 1024px x8 one).
 
 The hires fix runs on the worker thread between live stream frames: it takes the generator forms
-(:meth:`UpscalerCache.upscale_steps`), which yield before each tile and, instead of waiting, while an Extras upscale
+(:meth:`UpscalerCache.hires_steps`), which yield before each tile and, instead of waiting, while an Extras upscale
 holds the lock (QA 68 F5, F6).
 """
 
@@ -381,16 +381,12 @@ class UpscalerCache:
         Waits for the lock while another upscale runs (the Extras, in their own thread)."""
         return run_steps(self._upscale_steps(name, image, width, height, stop, wait=True))
 
-    def upscale_steps(self, name: str, image: np.ndarray, width: int, height: int,
-                      stop: threading.Event | None = None) -> Generator[None, None, np.ndarray]:
-        """:meth:`upscale_to` for a caller that must not block, the hires fix on the worker thread: a generator
-        that yields while another thread's upscale holds the lock (each try waits ``LOCK_TRY_S`` at most; QA 68
-        F5: the stream froze 4.2-4.6 s behind an Extras upscale) and before each tile (F6), and returns the
-        image. The lock stays held across its yields, so that no other upscale swaps the model meanwhile."""
-        return self._upscale_steps(name, image, width, height, stop, wait=False)
-
     def _upscale_steps(self, name: str, image: np.ndarray, width: int, height: int, stop: threading.Event | None,
                        wait: bool) -> Generator[None, None, np.ndarray]:
+        """:meth:`upscale_to` as a generator that yields before each tile (QA 68 F6) and, without ``wait``, while
+        another thread's upscale holds the lock (each try waits ``LOCK_TRY_S`` at most; F5: the stream froze
+        4.2-4.6 s behind an Extras upscale), and returns the image. The lock stays held across its yields, so that
+        no other upscale swaps the model meanwhile."""
         stop = stop if stop is not None else threading.Event()
         if wait:
             self._lock.acquire()

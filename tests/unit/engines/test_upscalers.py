@@ -345,7 +345,7 @@ def test_the_stepwise_upscale_yields_before_each_tile_and_gives_the_one_call_res
     np.testing.assert_array_equal(stepwise, upscaler.upscale(picture, tile=48, overlap=8))
     # The cache's: two passes (4x 70x90 is 280x360, short of 1200 wide), each tiled, then Lanczos.
     cache = UpscalerCache(models_dir, CPU)
-    yields, stepwise = _drive(cache.upscale_steps("4x-Tiny", picture, 1200, 900))
+    yields, stepwise = _drive(cache.hires_steps("4x-Tiny", picture, 1200, 900))
     expected = cache.upscale_to("4x-Tiny", picture, 1200, 900)
     assert stepwise.shape == (900, 1200, 3) and np.array_equal(stepwise, expected)
     assert yields >= len(list(upscalers._tiles(70, 90, 192, 8))) + len(list(upscalers._tiles(280, 360, 192, 8)))
