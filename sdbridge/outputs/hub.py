@@ -96,9 +96,10 @@ class OutputThread(threading.Thread):
             return retry_at
         try:  # the flow (push) and the in-betweens fail as the sink does: counted, reported, retried
             if frame is not None:
-                # A slot already due (the sink was late: the previous engine frame's own) is shown before the
-                # new frame is planned, which drops every pending slot: a real frame never loses to an in-between.
-                self._send(self.pacer.pop_due(time.monotonic()))
+                # The previous engine frame, if its slot has not come (the new one is early, or the sink was
+                # late), is shown before the new frame is planned, which drops the in-betweens left: a real frame
+                # never loses to an in-between.
+                self._send(self.pacer.take_pending())
                 # Off (factor 1), the frame is due at once and comes back as the same array: unchanged.
                 self.pacer.push(frame, offered_at, session_id)  # the flow pair is made here
             self._send(self.pacer.pop_due(time.monotonic()))  # an in-between is made here, when it is due

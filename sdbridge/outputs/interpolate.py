@@ -1,6 +1,7 @@
 """Output frame interpolation: in-between frames along optical flow, and the clock that shows them.
 
-Sans-I/O: no threads, sockets or clocks here. :class:`FlowInterpolator` takes two engine frames
+Sans-I/O: no threads or sockets here, and the clock that paces is the caller's (times are passed in; a timer only
+measures what making an in-between costs). :class:`FlowInterpolator` takes two engine frames
 (uint8 RGB ``[H, W, 3]``) and makes the frames between them; :class:`Pacer` takes engine frames
 with the time they arrived and says which frame to show when. ``sdbridge/outputs/hub.py`` drives
 both from each output's thread (docs/outputs.md, "Frame interpolation").
@@ -15,7 +16,9 @@ there, and blended by time with each side's weight cut where forward and backwar
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -29,6 +32,7 @@ CONSISTENCY_PX = 1.5         # forward/backward flow disagreeing by this many (f
 STALL_PERIODS = 2.0          # a gap longer than this many engine periods is a stall: no in-betweens across it
 MAX_PERIOD_S = 1.0           # engines slower than 1 fps are never interpolated (an in-between would last seconds)
 PERIOD_SAMPLES = 8           # engine periods kept for the median that paces the in-betweens
+COST_SAMPLES = 8             # costs of a flow pair and of an in-between kept for the medians that lead the slots
 
 
 FACTOR_FORMS = "off, 1-4 or 2x-4x"  # every documented form (docs/outputs.md), for the error that lists them
@@ -183,9 +187,16 @@ class RateMeter:
         return (len(times) - 1) / max(times[-1] - times[0], 1e-6)
 
 
+def _median(samples: deque[float]) -> float | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2]
+
+
 @dataclass
 class _Slot:
-    due_s: float
+    due_s: float                 # when to take it: an in-between is made then, to be ready at its show time
     t: float                     # 0 < t < 1: an in-between of ``pair``; 1.0: the engine frame itself
     frame: np.ndarray | None     # set for engine frames and held frames; made on time for in-betweens
 
@@ -195,19 +206,27 @@ class Pacer:
 
     Engine frame B arriving at time T after A: when B came within ``STALL_PERIODS`` engine periods
     of A and is the same size and scene, the frames between A and B are shown at T, T + P/factor,
-    ... and B itself at T + (factor-1)·P/factor, P the median engine period; so B is shown that
-    much later than without interpolation. A cut (or a new size, or another session's frame) holds A
-    in the in-between slots and shows B at the same time, so the rate stays even and nothing blends
-    two unrelated frames.
+    ... and B itself at T + (factor-1)·P/factor, P the median engine period, all of them later by
+    the lead L, what the flow pair and one in-between take to make (medians, measured with ``timer``).
+    An in-between's slot falls due as long before its time as making it takes, and B waits out L, so
+    the frames go out evenly, not in-betweens late by their own making and B on time (gaps of 6 and
+    27 ms at 30 fps 2x, QA 67 F11). A cut (or a new size, or another session's frame) holds A in the
+    in-between slots and shows B at the same time, so the rate stays even and nothing blends two
+    unrelated frames.
     After a stall B is shown at once. A frame arriving before the last one's slots are all shown
-    drops the rest of them (counted in ``skipped``): the newest engine frame always wins.
+    drops the in-betweens left (counted in ``skipped``) and B, if not shown yet, is shown at once
+    (:meth:`take_pending`): in-betweens never queue, and a real frame is never dropped for them.
     With ``factor`` 1 every frame is due when it arrives, unchanged.
     """
 
-    def __init__(self, factor: int, interpolator: FlowInterpolator | None = None) -> None:
+    def __init__(self, factor: int, interpolator: FlowInterpolator | None = None,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         assert 1 <= factor <= MAX_FACTOR, factor
         self.factor = factor
         self.interpolator = interpolator if interpolator is not None or factor == 1 else FlowInterpolator()
+        self._timer = timer
+        self._pair_costs: deque[float] = deque(maxlen=COST_SAMPLES)
+        self._frame_costs: deque[float] = deque(maxlen=COST_SAMPLES)
         self._slots: list[_Slot] = []
         self._pair: Pair | None = None
         self._last: np.ndarray | None = None         # the newest engine frame
@@ -219,10 +238,7 @@ class Pacer:
     @property
     def period_s(self) -> float | None:
         """The median of the recent engine periods (None before two frames)."""
-        if not self._periods:
-            return None
-        ordered = sorted(self._periods)
-        return ordered[len(ordered) // 2]
+        return _median(self._periods)
 
     def reset(self) -> None:
         """Forget the pending slots and the previous frame (an output that failed starts afresh)."""
@@ -249,14 +265,35 @@ class Pacer:
         step_s = (period_s if period_s is not None else gap_s) / self.factor
         assert self.interpolator is not None
         # An output that shows whichever session made the latest frame never morphs one session into another.
-        pair = self.interpolator.pair(previous, frame) if source == previous_source else None
+        pair = None
+        if source == previous_source:
+            started = self._timer()
+            pair = self.interpolator.pair(previous, frame)
+            self._pair_costs.append(self._timer() - started)
         if pair is None or pair.is_cut:
             self.cuts += 1
         else:
             self._pair = pair
-        self._slots = [_Slot(now_s + i * step_s, (i + 1) / self.factor, None if self._pair else previous)
-                       for i in range(self.factor - 1)]
-        self._slots.append(_Slot(now_s + (self.factor - 1) * step_s, 1.0, frame))
+        # The lead stays the same across a cut, whose held frames cost nothing, so the rate does not jump there;
+        # at most a step, so B stays due before the next engine frame: a machine too slow for the in-betweens
+        # shows them late rather than lagging further.
+        frame_cost = _median(self._frame_costs) or 0.0
+        lead_s = min((_median(self._pair_costs) or 0.0) + frame_cost, step_s)
+        make_s = frame_cost if self._pair else 0.0
+        self._slots = [_Slot(now_s + lead_s + i * step_s - make_s, (i + 1) / self.factor,
+                             None if self._pair else previous) for i in range(self.factor - 1)]
+        self._slots.append(_Slot(now_s + lead_s + (self.factor - 1) * step_s, 1.0, frame))
+
+    def take_pending(self) -> np.ndarray | None:
+        """The engine frame whose slot has not come yet, taken to be shown now (its in-betweens left count as
+        skipped); None when it was shown. The caller shows it before it pushes the next engine frame, which
+        would otherwise drop it: one that comes a little early (jitter, a faster engine) must not cost a real
+        frame, only in-betweens."""
+        if not self._slots:
+            return None
+        self.skipped += len(self._slots) - 1
+        frame, self._slots = self._slots[-1].frame, []
+        return frame
 
     def next_due(self) -> float | None:
         return self._slots[0].due_s if self._slots else None
@@ -274,4 +311,7 @@ class Pacer:
             return slot.frame
         assert self._pair is not None and self.interpolator is not None
         self.synthesised += 1
-        return self.interpolator.frame(self._pair, slot.t)
+        started = self._timer()
+        made = self.interpolator.frame(self._pair, slot.t)
+        self._frame_costs.append(self._timer() - started)
+        return made
