@@ -607,6 +607,8 @@ class Daemon:
             await asyncio.sleep(period)
             try:
                 self.ladder.check()
+                if not self._subscribers["stats"] and self.feedback is None:
+                    continue  # nobody to tell: the stats (every session's percentiles, every part's) are not made
                 stats = self.collect_stats()
                 if self._subscribers["stats"]:
                     message = SharedMessage({"type": "stats", **stats})

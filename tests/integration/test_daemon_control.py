@@ -120,6 +120,21 @@ def test_ws_subscribe_stats_and_params(start_daemon):
         assert recv_json(ws, "params")["values"] == {"guidance": 2.5}
 
 
+def test_telemetry_makes_stats_only_for_someone_to_tell(start_daemon):
+    """No feedback port and no subscriber: the telemetry tick makes no stats (every session's percentiles, every
+    part's describe), which it did at each tick for nobody (QA 62 F5); a subscriber gets them at once."""
+    daemon = start_daemon(params={"engine": "identity"}, telemetry_hz=20.0)
+    calls = []
+    collect = daemon.collect_stats
+    daemon.collect_stats = lambda: calls.append(1) or collect()  # counts, and the real stats still come
+    time.sleep(0.5)  # ten ticks
+    assert calls == []
+    with ws_connect(daemon) as ws:
+        ws.send(json.dumps({"type": "subscribe", "stats": True}))
+        assert recv_json(ws, "subscribed")["stats"] is True
+        assert "fps" in recv_json(ws, "stats") and calls
+
+
 def test_http_health_params_stats(start_daemon):
     daemon = start_daemon(params={"engine": "identity"})
     base = f"http://127.0.0.1:{daemon.port}"
