@@ -53,7 +53,8 @@ class Output(abc.ABC):
 
     @abc.abstractmethod
     def open(self, width: int, height: int, fps: float) -> None:
-        """Start sending frames of this size."""
+        """Start sending frames of this size, about ``fps`` a second (the daemon's rate times the output's
+        interpolation factor: what a virtual camera or an NDI receiver is told to expect)."""
 
     @abc.abstractmethod
     def send(self, frame: np.ndarray) -> None:

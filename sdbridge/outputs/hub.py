@@ -112,7 +112,8 @@ class OutputThread(threading.Thread):
             return
         size = (frame.shape[1], frame.shape[0])
         if size != self.size:
-            self.output.open(size[0], size[1], self.fps)
+            # The rate it sends at: a virtual camera paced at the engine's would drop the in-betweens (QA 67 F9).
+            self.output.open(size[0], size[1], self.fps * self.factor)
             self.size = size
             log.info("output %s open at %dx%d", self.spec, *size)
         self.output.send(frame)

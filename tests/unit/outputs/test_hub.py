@@ -195,6 +195,30 @@ def test_a_slow_interpolating_output_still_shows_every_engine_frame(tmp_path: Pa
     assert shown == list(range(10)), (shown, thread.stats())
 
 
+class _RateSink(_SlowSink):
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.rates: list[float] = []
+
+    def open(self, width: int, height: int, fps: float) -> None:
+        self.rates.append(fps)
+
+
+@pytest.mark.parametrize("factor, rate", [(1, 30.0), (2, 60.0), (4, 120.0)])
+def test_an_output_is_opened_at_the_rate_it_sends(tmp_path: Path, factor: int, rate: float) -> None:
+    """QA 67 F9: opened at 30 whatever its factor, a virtual camera paced at 30 dropped the in-betweens at 2x."""
+    sink = _RateSink()
+    thread = OutputThread(parse_spec(f"record:{tmp_path}"), sink, 30.0, lambda event: None, factor)
+    thread.start()
+    try:
+        thread.offer(np.zeros((8, 8, 3), np.uint8), "s")
+        assert wait_for(lambda: sink.rates, timeout=5)
+    finally:
+        thread.stop()
+        thread.join(5)
+    assert sink.rates == [rate]
+
+
 class _FlowFailsOnce(_NoCutFlow):
     def __init__(self) -> None:
         self.calls = 0
