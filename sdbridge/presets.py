@@ -82,6 +82,15 @@ def callable_name(name: str) -> bool:
     return True
 
 
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """What tells a file changed: the link's time, and the file's times, size and inode (None: unreadable)."""
+    try:
+        link, target = path.lstat(), path.stat()
+    except OSError:
+        return None
+    return link.st_mtime_ns, target.st_mtime_ns, target.st_ctime_ns, target.st_size, target.st_ino
+
+
 def default_user_dir() -> Path:
     env = os.environ.get("SDBRIDGE_PRESETS_DIR")
     return Path(env).expanduser() if env else Path.home() / ".config" / "sdbridge" / "presets"
@@ -131,6 +140,8 @@ class PresetLibrary:
         # gets one warning per file, and another once the file changes.
         self._warned: dict[Path, float | None] = {}
         self._warned_twins: set[tuple[str, ...]] = set()
+        # readable_names(): whether each file read, with the stat it had then.
+        self._readable: dict[Path, tuple[tuple[int, ...] | None, bool]] = {}
 
     def _folders(self) -> list[tuple[Path, bool]]:
         return [(self.user_dir, False), (self.shipped, True)]
@@ -153,6 +164,33 @@ class PresetLibrary:
                 out.append(self.get(name))
             except (ParamError, PathError) as exc:
                 self._warn_skipped(name, exc)
+        return out
+
+    def readable_names(self) -> list[str]:
+        """The names of :meth:`list`'s presets, those that read, parsing only the files changed since the last
+        call (by their times, size and inode): an audio onset asks at each beat, and list() parsed every file
+        there each time (45 ms at 200 presets)."""
+        names = self.names()
+        self._warn_twins(names)
+        out, readable = [], {}
+        for name in filter(callable_name, names):
+            path = next(path for folder, _ in self._folders() if (path := folder / f"{name}.toml").exists()
+                        or folder == self.shipped)  # names() found it in one of them
+            stamp = _stamp(path)
+            known = self._readable.get(path)
+            if stamp is not None and known is not None and known[0] == stamp:
+                ok = known[1]
+            else:
+                try:
+                    self.get(name)
+                    ok = True
+                except (ParamError, PathError) as exc:
+                    self._warn_skipped(name, exc)
+                    ok = False
+            readable[path] = (stamp, ok)
+            if ok:
+                out.append(name)
+        self._readable = readable  # only the files there now: one removed is forgotten
         return out
 
     def _warn_twins(self, names: list[str]) -> None:

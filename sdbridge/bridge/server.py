@@ -225,7 +225,7 @@ class Daemon:
                 raise
             self.worker.envelopes = self.audio.levels
             # The presets that read (GET /presets' list): a broken file is no turn of "every preset".
-            self.audio.preset_names = lambda: [preset.name for preset in self.control.presets.list()]
+            self.audio.preset_names = self.control.presets.readable_names
             loop = self._loop
             self.audio.recall = lambda name: loop.call_soon_threadsafe(self._recall_on_onset, name)
         raised = raise_open_file_limit(settings.max_connections)

@@ -75,6 +75,38 @@ def test_unknown_preset_names_files_without_parsing_them(library, monkeypatch):
     assert "broken" in known and "not callable!" not in known
 
 
+def test_readable_names_parse_only_the_files_that_changed(library, monkeypatch, caplog):
+    """An audio onset asks for every preset that reads at each beat; list() parsed every file each time (45 ms at
+    200). readable_names() gives list()'s names and parses a file again only once it has changed."""
+    import logging
+    import os
+    import tomllib
+
+    from sdbridge import presets
+
+    user = _user(library)
+    for index in range(20):
+        (user / f"look{index:02d}.toml").write_text("[params]\nstrength = 0.5\n")
+    (user / "broken.toml").write_text("params = [")
+    (user / "not callable!.toml").write_text("[params]\n")
+    parsed, loads = [], tomllib.loads  # the module itself is patched: the real function, kept
+    monkeypatch.setattr(presets.tomllib, "loads", lambda text: parsed.append(text) or loads(text))
+    with caplog.at_level(logging.WARNING, logger="sdbridge.presets"):
+        first = library.readable_names()
+        assert first == _names(library) and "broken" not in first and "look07" in first
+        parsed.clear()
+        assert library.readable_names() == first and parsed == []  # nothing changed: nothing parsed
+        (user / "broken.toml").write_text("[params]\nstrength = 0.2\n")  # mended
+        stamp = (user / "look03.toml").stat().st_mtime_ns
+        (user / "look03.toml").write_text("[params\n")  # broken, same size and perhaps the same time
+        os.utime(user / "look03.toml", ns=(stamp, stamp))
+        (user / "look04.toml").unlink()
+        names = library.readable_names()
+    assert len(parsed) == 2  # the two files that changed, and only they
+    assert "broken" in names and "look03" not in names and "look04" not in names and names == _names(library)
+    assert sum("look03.toml" in record.getMessage() for record in caplog.records) == 1
+
+
 def test_unknown_preset_with_few_files_lists_them_all(library):
     library.save("mine", {"strength": 0.5})
     with pytest.raises(ParamError, match=r"\(known: calm, mine, neon, watercolor\)$"):
