@@ -234,6 +234,8 @@ class ShmInput(Input):
 
     def _try_read(self, buf: memoryview) -> np.ndarray | None:
         """The newest whole frame if there is one the reader has not had, else None."""
+        if len(buf) < HEADER_SIZE:
+            ShmHeader.parse(buf)  # raises its sentence: the sequence below lies past the segment's end
         (sequence,) = _SEQUENCE.unpack_from(buf, SEQUENCE_OFFSET)
         if sequence & 1 or sequence == self.last_sequence:
             return None

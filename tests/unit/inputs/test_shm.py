@@ -9,6 +9,7 @@ import textwrap
 import threading
 import time
 import uuid
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,18 @@ def test_a_restarted_writers_first_frame_is_read_though_its_sequence_is_the_old_
             timer.cancel()
             reader.close()
     assert image is not None and int(image[0, 0, 0]) == 200
+
+
+def test_a_segment_shorter_than_the_header_says_so() -> None:
+    """QA 75 F2: a 20-byte segment under the name failed with struct.error, not the header's sentence."""
+    name = f"sdb-small-{uuid.uuid4().hex[:8]}"
+    segment = shared_memory.SharedMemory(name=name, create=True, size=20)
+    reader = ShmInput(parse_spec(f"shm:{name}"))
+    try:
+        reader.open()
+        with pytest.raises(InputError, match="segment of 20 bytes is shorter than the 32-byte header"):
+            reader.read(threading.Event())
+    finally:
+        reader.close()
+        segment.close()
+        segment.unlink()
