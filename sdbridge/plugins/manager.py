@@ -172,7 +172,11 @@ class PluginManager:
             if item is not None and self._engine_generation.get(name) != generation:
                 self._engine_generation[name] = generation
                 self._engine_failed.pop(name, None)
-                plugin.turned_on()
+                try:
+                    plugin.turned_on()
+                except Exception as exc:  # escaped to the worker's catch-all: every session's turn lost (QA 75 F4)
+                    self._engine_failure(name, plugin, exc, session_ids)
+                    continue
             on = item is not None and name not in self._engine_failed
             if not plugin.overrides("before_step"):
                 if on:
@@ -229,8 +233,17 @@ class PluginManager:
         name = item.plugin.name
         state = session_state.setdefault(f"plugin.{name}", {})
         if state.get("_generation") != self._generation[name]:
-            item.plugin.reset(state)
-            state["_generation"] = self._generation[name]
+            try:
+                item.plugin.reset(state)
+            except Exception as exc:
+                # Unguarded, it escaped to the worker's catch-all and, never marked as done, raised again on every
+                # frame: every session of the batch lost its turns (QA 75 F4).
+                log.debug("plugin %s failed in reset", name, exc_info=True)
+                state["_generation"] = self._generation[name]
+                self._fail(item, PluginContext(session_id=session_id, params=item.params, state=state),
+                           f"{type(exc).__name__}: {exc}")
+                return None
+            state["_generation"] = self._generation[name]  # after: a reset clears the state (Plugin.reset)
         if state.get("_failed") or self._engine_failed.get(name) == self._generation[name]:
             return None  # off for this session, or for every session after a failure inside the engine
         return PluginContext(session_id=session_id, params=item.params, state=state,
@@ -334,8 +347,13 @@ class PluginManager:
             for item in self.active:
                 if item.plugin.overrides("passed_through"):
                     ctx = self._context(item, session_state, session_id)
-                    if ctx is not None:
+                    if ctx is None:
+                        continue
+                    try:
                         item.plugin.passed_through(ctx)
+                    except Exception as exc:  # as a failing after would be, not the whole batch's turn (QA 75 F4)
+                        log.debug("plugin %s failed in passed_through", item.plugin.name, exc_info=True)
+                        self._fail(item, ctx, f"{type(exc).__name__}: {exc}")
         for item in self.active:
             closed = item.plugin.fails_closed
             if not (item.plugin.overrides("after") or closed):

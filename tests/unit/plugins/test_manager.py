@@ -356,3 +356,94 @@ def test_the_docs_give_each_built_in_plugin_s_order():
     line = next(line for line in docs.split("\n\n") if line.startswith("Their default orders"))
     documented = {name: int(order) for name, order in re.findall(r"`(\w+)` (\d+)", line)}
     assert documented == {name: plugin.default_order for name, plugin in discover().items()}
+
+
+class HookFailing(Plugin):
+    """Raises in the one hook named by ``fail_in``: reset, passed_through or turned_on (QA 75 F4)."""
+
+    name = "hookfailing"
+    fail_in = ""
+    calls: list[str] = []
+
+    def reset(self, state):
+        HookFailing.calls.append("reset")
+        if HookFailing.fail_in == "reset":
+            raise RuntimeError("reset boom")
+        state.clear()
+
+    def turned_on(self):
+        HookFailing.calls.append("turned_on")
+        if HookFailing.fail_in == "turned_on":
+            raise RuntimeError("turned_on boom")
+
+    def passed_through(self, ctx):
+        HookFailing.calls.append("passed_through")
+        if HookFailing.fail_in == "passed_through":
+            raise RuntimeError("passed_through boom")
+
+    def before(self, ctx):
+        HookFailing.calls.append("before")
+        return None
+
+    def after(self, ctx):
+        HookFailing.calls.append("after")
+        return None
+
+    def before_step(self, engine, session_ids, params):
+        HookFailing.calls.append("before_step" if engine is not None else "undo")
+
+
+def _toggle(manager: PluginManager, name: str) -> None:
+    for enabled in (False, True):
+        manager.store.update({f"plugin.{name}.enabled": enabled})
+        manager.prepare(manager.store.snapshot()[1])
+
+
+@pytest.mark.parametrize("hook", ["reset", "passed_through"])
+def test_a_plugin_raising_in_reset_or_passed_through_is_turned_off_for_its_session(hook):
+    """QA 75 F4: these ran outside the guard; the exception lost the whole batch's turn in the worker and, for
+    reset, on every frame (never marked as done), with no plugin_failed message."""
+    HookFailing.fail_in, HookFailing.calls = hook, []
+    manager, reports = only(HookFailing)
+    frame = np.full((4, 4, 3), 9, np.uint8)
+    state_a: dict = {}
+    for _ in range(3):
+        skipped, image = manager.before("a", state_a, frame)
+        output = manager.after("a", state_a, image, frame, passthrough=True)
+        assert skipped is None and image is frame and output is frame  # the stream goes on
+    assert HookFailing.calls.count(hook) == 1  # off for session a after the failure
+    assert len(reports) == 1 and reports[0][0] == "a" and reports[0][1]["code"] == "plugin_failed"
+    assert reports[0][1]["plugin"] == "hookfailing" and manager.failures == 1
+    assert reports[0][1]["message"] == (f"plugin hookfailing turned off for this session: RuntimeError: {hook} boom; "
+                                        "the stream goes on without it (turn it off and on to retry)")
+    state_b: dict = {}
+    manager.before("b", state_b, frame)
+    manager.after("b", state_b, frame, frame, passthrough=True)
+    assert HookFailing.calls.count(hook) == 2 and len(reports) == 2  # another session still runs it
+    HookFailing.fail_in = ""
+    _toggle(manager, "hookfailing")  # re-armed: it runs again for session a
+    HookFailing.calls = []
+    manager.before("a", state_a, frame)
+    manager.after("a", state_a, frame, frame, passthrough=True)
+    assert HookFailing.calls == ["reset", "before", "passed_through", "after"] and len(reports) == 2
+
+
+def test_a_plugin_raising_in_turned_on_is_off_inside_the_engine_until_turned_on_again():
+    """QA 75 F4: turned_on() is a hook of the engine step; it fails as before_step does (off for every session,
+    the step's sessions told, its engine changes undone), not through the worker's catch-all."""
+    HookFailing.fail_in, HookFailing.calls = "turned_on", []
+    manager, reports = only(HookFailing)
+    frame = np.zeros((4, 4, 3), np.uint8)
+    state_a: dict = {}
+    for _ in range(3):
+        manager.before_step(object(), ["a", "b"])
+        manager.after_step()
+        manager.before("a", state_a, frame)
+    assert HookFailing.calls == ["turned_on", "undo", "reset", "undo", "undo"]  # never run on the engine, nor on frames
+    assert [sid for sid, _ in reports] == ["a", "b"] and reports[0][1]["code"] == "plugin_failed"
+    assert reports[0][1]["message"].startswith("plugin hookfailing turned off: RuntimeError: turned_on boom; ")
+    HookFailing.fail_in, HookFailing.calls = "", []
+    _toggle(manager, "hookfailing")
+    manager.before_step(object(), ["a"])
+    manager.before("a", state_a, frame)
+    assert HookFailing.calls == ["turned_on", "before_step", "reset", "before"] and len(reports) == 2
