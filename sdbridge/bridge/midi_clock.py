@@ -75,9 +75,7 @@ class MidiClock:
         self.ticks_seen += 1
         if not self._transport_seen:  # a device that sends clock without Start runs from its first tick
             self.running = True
-        if self._last_at is not None and at - self._last_at > GAP_S:
-            self._times.clear()
-            self.tempo = None
+        self.expire(at)
         self._last_at = at
         if self._pending_start:
             self._pending_start = False
@@ -95,6 +93,21 @@ class MidiClock:
         self.tempo = 60.0 / (slope * PPQN)
         # The line's time for this tick, not its arrival: arrival jitter moves neither tempo nor phase.
         return ClockSample(self.ticks / PPQN, intercept + slope * self._index, self.tempo, self.running)
+
+    def expire(self, now: float) -> bool:
+        """True where no tick came for :data:`GAP_S` up to ``now`` (the cable pulled, the device off): the tempo,
+        its line and the ticks off it are forgotten, so a clock that comes back is timed afresh. Once per gap: the
+        daemon asks it between ticks too, so a gap is noticed without waiting for a next tick."""
+        if self._last_at is None or now - self._last_at <= GAP_S:
+            return False
+        self._last_at = None
+        self._times.clear()
+        # Off-line ticks from before the gap would complete a "tempo change" with the first hiccup after it and
+        # restart the line from ticks seconds old: 9.6 bpm from a 128 bpm clock (QA 73 F2).
+        self._off_line.clear()
+        self._off_sign = 0
+        self.tempo = None
+        return True
 
     def _check_change(self, index: int, at: float) -> None:
         """A tempo change shows as ticks drifting off the line, further each tick, all one way; jitter

@@ -109,6 +109,35 @@ def test_a_gap_forgets_the_tempo():
     assert clock.tick(200.0) is None and clock.tempo is None
 
 
+def test_a_gap_forgets_the_ticks_off_the_line_so_the_clock_after_it_is_timed_afresh():
+    # QA 73 F2: two late ticks (the DAW slowing), the cable pulled for 5 s, then 128 bpm again with one 7 ms hiccup.
+    clock = MidiClock()
+    times = list(ticks(128.0, PPQN * 2))
+    for at in times:
+        clock.tick(at)
+    period = 60.0 / 128.0 / PPQN
+    at = times[-1]
+    for late in (0.008, 0.016):
+        at += period + late
+        clock.tick(at)
+    told = []
+    for n, tick_at in enumerate(ticks(128.0, 40, start_s=at + 5.0)):
+        sample = clock.tick(tick_at + (0.007 if n == 12 else 0.0))
+        if sample is not None:
+            told.append(sample.tempo)
+    assert told and all(abs(tempo - 128.0) < 5.0 for tempo in told), told
+
+
+def test_expire_notices_a_gap_without_a_tick_once():
+    clock = MidiClock()
+    times = list(ticks(120.0, PPQN))
+    for at in times:
+        clock.tick(at)
+    assert not clock.expire(times[-1] + 0.5) and clock.tempo is not None
+    assert clock.expire(times[-1] + 1.5) and clock.tempo is None
+    assert not clock.expire(times[-1] + 3.0)  # the same gap: told once
+
+
 def test_samples_drive_a_beat_clock_as_link_does():
     """The worker's BeatClock, fed each sample, reads the MIDI beat between ticks."""
     midi, beats = MidiClock(), BeatClock(origin=0.0)
