@@ -299,15 +299,27 @@ class PluginManager:
         return None, image
 
     def on_latents(self, latents: Any, session_ids: list[str], session_states: list[dict[str, Any]]) -> Any:
-        """Latents [B, 4, h, w]: each plugin sees one session's slice."""
+        """Latents [B, 4, h, w]: each plugin sees one session's slice; a slice that came from the engine not finite
+        is left as it is, by every plugin, for this frame."""
         import torch
 
+        finite: list[bool] | None = None  # per session: the engine's latents came in finite
         for item in self.active:
             if not item.plugin.overrides("on_latents"):
                 continue
             for index, (session_id, state) in enumerate(zip(session_ids, session_states)):
                 ctx = self._context(item, state, session_id)
                 if ctx is None:
+                    continue
+                if finite is None:
+                    # Read once for the batch (one host sync a frame, not one a plugin): a row a plugin replaces is
+                    # checked finite below, so these flags hold for the later plugins too.
+                    finite = torch.isfinite(latents.flatten(1)).all(1).tolist()
+                if not finite[index]:
+                    # The engine's NaN (an fp16 overflow), not the plugin's: it failed and stayed off after the engine
+                    # recovered (QA 75 F6). Skipped for this frame, so that it keeps no NaN as its history either.
+                    log.debug("plugin %s skipped for session %s: the engine's latents are not finite",
+                              item.plugin.name, session_id)
                     continue
                 try:
                     result = item.plugin.on_latents(latents[index:index + 1], ctx)

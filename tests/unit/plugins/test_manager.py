@@ -447,3 +447,25 @@ def test_a_plugin_raising_in_turned_on_is_off_inside_the_engine_until_turned_on_
     manager.before_step(object(), ["a"])
     manager.before("a", state_a, frame)
     assert HookFailing.calls == ["turned_on", "before_step", "reset", "before"] and len(reports) == 2
+
+
+def test_latents_that_come_from_the_engine_not_finite_skip_the_plugin_for_that_frame_only():
+    """QA 75 F6: one NaN frame from the engine (an fp16 overflow) turned latent_feedback off for the session,
+    blamed on it, and it stayed off after the engine recovered. The frame's row is left alone and the plugin keeps
+    its history; the batch-mate's row is blended as usual."""
+    from sdbridge.plugins.latent_feedback import LatentFeedback
+
+    manager, reports = only(LatentFeedback)  # strength 0.3: 0.3 of the previous frame's latents
+    states: list[dict] = [{}, {}]
+    ones = torch.ones(2, 4, 3, 3)
+    for _ in range(2):
+        assert torch.equal(manager.on_latents(ones, ["a", "b"], states), ones)
+    bad = torch.full((2, 4, 3, 3), 3.0)
+    bad[0, 1, 2, 2] = float("nan")
+    bad[0, 0, 0, 0] = float("inf")
+    out = manager.on_latents(bad, ["a", "b"], states)
+    assert torch.equal(out[0].isnan(), bad[0].isnan()) and out[0, 0, 0, 0] == float("inf")  # as it came
+    assert torch.allclose(out[1], torch.full((4, 3, 3), 0.3 + 0.7 * 3.0))  # session b: blended
+    out = manager.on_latents(torch.full((2, 4, 3, 3), 2.0), ["a", "b"], states)
+    assert torch.allclose(out[0], torch.full((4, 3, 3), 0.3 + 0.7 * 2.0))  # a: blended with frame 1's, still on
+    assert reports == [] and manager.failures == 0
