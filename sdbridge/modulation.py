@@ -182,7 +182,11 @@ class OnsetActions:
             if kind == "none":
                 self._counts[slot] = 0  # turned on again, it counts from its next onset
                 continue
-            fires, self._counts[slot] = divmod(self._counts[slot] + onsets, int(params[f"{slot}.onset_every"]))
+            every = int(params[f"{slot}.onset_every"])
+            # A count kept from a larger onset_every is no backlog: lowered mid-count, it would fire all of it on
+            # the next onset (QA 73 F5: 15 of 16 kicks, then every 1: the seed stepped by 16 on one kick).
+            count = min(self._counts[slot], every - 1)
+            fires, self._counts[slot] = divmod(count + onsets, every)
             if not fires:
                 continue
             if kind == "seed_step":

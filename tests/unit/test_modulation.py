@@ -164,3 +164,26 @@ def test_a_preset_list_takes_names_a_preset_may_have():
         assert str(error).startswith("env1.presets: preset name ") and error.name == "env1.presets"
     [error] = store.update({"env1.onset_every": 0})[1]
     assert "env1.onset_every 0 not in [1, 64]" in str(error)
+
+
+@pytest.mark.parametrize("kind", ["seed_step", "preset_next"])
+def test_lowering_onset_every_mid_count_acts_once_on_the_next_onset(kind):
+    """15 kicks of a 16-kick phrase, then every kick: the next kick acts once, not for the 15 counted (QA 73 F5)."""
+    from sdbridge.modulation import OnsetActions
+
+    def acts(action) -> int:
+        return action.seed_steps + len(action.presets)
+
+    actions = OnsetActions()
+    params = onset_params(env1=(kind, 16, "a,b,c,d"))
+    assert [acts(actions.feed(1, params, list)) for _ in range(15)] == [0] * 15
+    params["env1.onset_every"] = 1
+    first, second = actions.feed(1, params, list), actions.feed(1, params, list)
+    assert (acts(first), acts(second)) == (1, 1)
+    if kind == "preset_next":
+        assert (first.presets, second.presets) == (["a"], ["b"])  # not 'a' stepped past 15 times
+    # Lowered to 4 after 10 of 16: the count is at most one short of the new every, then counts on by 4.
+    params["env1.onset_every"] = 16
+    assert sum(acts(actions.feed(1, params, list)) for _ in range(10)) == 0
+    params["env1.onset_every"] = 4
+    assert [acts(actions.feed(1, params, list)) for _ in range(5)] == [1, 0, 0, 0, 1]
