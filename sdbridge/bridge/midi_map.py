@@ -359,17 +359,26 @@ def _entry_name(table: str, index: int, lines: list[int]) -> str:
 
 
 def _check_duplicates(midi_map: MidiMap, source: str, lines: list[int]) -> None:
-    seen: dict[tuple[int | None, int], int] = {}
+    seen: dict[tuple[int | None, int], int] = {}  # (channel, None: any; controller) -> the entry's index
     for index, binding in enumerate(midi_map.cc):
         for control in (binding.control, binding.lsb):
             if control is None:
                 continue
-            key = (binding.channel, control)
-            if key in seen:
+            # An any-channel binding overlaps the same controller on every channel: one CC would move both.
+            if binding.channel is None:
+                clash = next((key for key in seen if key[1] == control), None)
+            else:
+                clash = next((key for key in ((binding.channel, control), (None, control)) if key in seen), None)
+            if clash is not None:
+                other = "" if clash[0] == binding.channel else f" on {_channel_words(clash[0])}"
                 raise ConfigError(f"{source}, {_entry_name('cc', index, lines)}: uses controller {control}"
                                   f"{'' if binding.channel is None else f' on channel {binding.channel}'}, "
-                                  f"already bound by {_entry_name('cc', seen[key], lines)}")
-            seen[key] = index
+                                  f"already bound{other} by {_entry_name('cc', seen[clash], lines)}")
+            seen[(binding.channel, control)] = index
+
+
+def _channel_words(channel: int | None) -> str:
+    return "any channel" if channel is None else f"channel {channel}"
 
 
 def load_map(path: Path, schema: Schema) -> MidiMap:

@@ -191,6 +191,14 @@ def test_learn_refuses_an_unknown_param_or_one_without_a_range():
      r"\[\[cc\]\] #2 \(line 6\): uses controller 34, already bound by \[\[cc\]\] #1 \(line 1\)"),  # the LSB
     ('cc = [{control = 1, param = "strength"}, {control = 1, param = "guidance"}]\n',
      r"'x.toml', \[\[cc\]\] #2: uses controller 1, already bound by \[\[cc\]\] #1$"),  # no headers: no lines
+    # QA 73 F3: an any-channel binding overlaps the same controller on a channel, either way round, and so does
+    # an any-channel 14-bit pair's LSB
+    ('[[cc]]\ncontrol = 1\nparam = "strength"\n\n[[cc]]\nchannel = 1\ncontrol = 1\nparam = "guidance"\n',
+     r"#2 \(line 5\): uses controller 1 on channel 1, already bound on any channel by \[\[cc\]\] #1 \(line 1\)"),
+    ('[[cc]]\nchannel = 3\ncontrol = 1\nparam = "strength"\n\n[[cc]]\ncontrol = 1\nparam = "guidance"\n',
+     r"#2 \(line 6\): uses controller 1, already bound on channel 3 by \[\[cc\]\] #1 \(line 1\)"),
+    ('[[cc]]\ncontrol = 1\nbits = 14\nparam = "strength"\n\n[[cc]]\nchannel = 1\ncontrol = 33\nparam = "guidance"\n',
+     r"#2 \(line 6\): uses controller 33 on channel 1, already bound on any channel by \[\[cc\]\] #1"),
     ('[[cc]]\ncontrol = 1\nparam = "strength"\nsession = "a"\n', r"session is not supported"),
     ('[[cc]]\ncontrol = 1\nparam = "strength"\nscale = 2\n', r"unknown key\(s\) scale"),
     ('[[note]]\nnote = 36\n', r"\[\[note\]\] #1 \(line 1\): needs either preset"),
@@ -219,3 +227,11 @@ def test_the_default_map_parses_and_round_trips():
     assert {b.preset for b in default.notes if b.preset} == {"calm", "neon", "watercolor"}
     assert parse_map(default.to_toml(), schema).to_json() == default.to_json()
     assert MidiMap().to_toml().strip() == "clock = true"
+
+
+def test_the_same_controller_on_two_channels_still_loads():
+    schema = Schema()
+    text = ('[[cc]]\nchannel = 1\ncontrol = 1\nparam = "strength"\n\n[[cc]]\nchannel = 2\ncontrol = 1\n'
+            'param = "guidance"\n\n[[note]]\nnote = 36\nparam = "width"\nstep = -16\n')
+    midi_map = parse_map(text, schema)
+    assert [(b.channel, b.param) for b in midi_map.cc] == [(1, "strength"), (2, "guidance")]
