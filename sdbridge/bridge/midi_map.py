@@ -301,6 +301,9 @@ def _note_binding(entry: Mapping[str, Any], schema: Schema, where: str) -> NoteB
         if not spec.numeric or isinstance(step, bool) or not isinstance(step, (int, float)) \
                 or (spec.kind == "int" and not float(step).is_integer()):
             raise ConfigError(f"{where}: step {shown_value(step)} does not fit {spec.name} ({spec.kind})")
+        if spec.multiple_of and step % spec.multiple_of:  # else every press lands off the grid and is refused
+            raise ConfigError(f"{where}: step {shown_value(step)} is not a multiple of {spec.multiple_of}, as every "
+                              f"value of {spec.name} is")
         return NoteBinding(note, channel, param=spec.name, step=step)
     if actions[0] == "toggle":
         if entry["toggle"] is not True or spec.kind != "bool":

@@ -205,6 +205,9 @@ def test_learn_refuses_an_unknown_param_or_one_without_a_range():
     ('[[note]]\nnote = 36\npreset = "../etc"\n', r"preset name '../etc' is not 1-64 of letters"),
     ('[[note]]\nnote = 36\npreset = "CON"\n', r"preset name 'CON' is a Windows device name"),  # presets' own rule
     ('[[note]]\nnote = 36\nparam = "seed"\nstep = 0.5\n', r"step 0.5 does not fit seed \(int\)"),
+    # QA 73 F4: width is a multiple of 8, so a step of 1 would make every press refused
+    ('[[note]]\nnote = 36\nparam = "width"\nstep = 1\n',
+     r"\[\[note\]\] #1 \(line 1\): step 1 is not a multiple of 8, as every value of width is"),
     ('[[note]]\nnote = 36\nparam = "strength"\nvalue = 2.0\n', r"strength 2(\.0)? not in \[0(\.0)?, 1(\.0)?\]"),
     ('[[note]]\nnote = 36\nparam = "nope"\nvalue = 1\n', r"unknown parameter 'nope'"),
     ('[[cc]\n', r"is not valid TOML: .*line 1"),
@@ -229,9 +232,12 @@ def test_the_default_map_parses_and_round_trips():
     assert MidiMap().to_toml().strip() == "clock = true"
 
 
-def test_the_same_controller_on_two_channels_still_loads():
+def test_the_same_controller_on_two_channels_and_a_step_on_the_grid_still_load():
     schema = Schema()
     text = ('[[cc]]\nchannel = 1\ncontrol = 1\nparam = "strength"\n\n[[cc]]\nchannel = 2\ncontrol = 1\n'
             'param = "guidance"\n\n[[note]]\nnote = 36\nparam = "width"\nstep = -16\n')
     midi_map = parse_map(text, schema)
     assert [(b.channel, b.param) for b in midi_map.cc] == [(1, "strength"), (2, "guidance")]
+    store = ParamStore()
+    actions = MidiMapper(midi_map, schema).feed(mido.Message("note_on", note=36, velocity=100), store.get)
+    assert not actions.errors and actions.jumps == {"width": store.get("width") - 16}
