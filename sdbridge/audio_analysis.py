@@ -48,6 +48,8 @@ ONSET_RISE = 0.2          # and the rise must be this fraction of the level befo
 METER_ATTACK_MS = 5.0     # the /stats meters: fast up, slow down, like a peak meter
 METER_RELEASE_MS = 300.0
 MIN_RATE, MAX_RATE = 4000, 384000
+SAMPLE_LIMIT = 1000.0     # +60 dBFS: beyond any real float stream's headroom, and far enough under float32's
+                          # 3.4e38 that a window's FFT and its squares stay finite (a 1e35 glitch overflowed them)
 
 
 def smoothing(dt_s: float, time_ms: float) -> float:
@@ -66,8 +68,11 @@ class Follower:
         self.value = 0.0
 
     def update(self, x: float, dt_s: float) -> float:
+        if not math.isfinite(x):
+            return self.value  # an overflowed measure is no level: kept, one NaN would hold the follower for good
         time_ms = self.attack_ms if x > self.value else self.release_ms
-        self.value += smoothing(dt_s, time_ms) * (x - self.value)
+        value = self.value + smoothing(dt_s, time_ms) * (x - self.value)
+        self.value = value if math.isfinite(value) else x  # from an infinite value set from outside: start over at x
         return self.value
 
 
@@ -127,6 +132,9 @@ class AudioAnalyser:
         elif samples.ndim != 1:
             raise ValueError(f"audio block of shape {samples.shape}: expected [N] or [N, channels]")
         samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+        # A driver's or plugin's glitch can be finite and still huge (1e35): its FFT overflowed to inf, inf - inf
+        # made the bands NaN, and the followers kept it (QA 73 F7).
+        samples = np.clip(samples, -SAMPLE_LIMIT, SAMPLE_LIMIT)
         self.samples += len(samples)
         data = np.concatenate((self._pending, samples)) if len(self._pending) else samples
         out = []

@@ -157,3 +157,29 @@ def test_nan_samples_do_not_poison_the_levels():
     block[10] = np.nan
     analyser.feed(block)
     assert all(math.isfinite(v) for v in (analyser.last.rms, analyser.last.mid, analyser.last.flux))
+
+
+@pytest.mark.parametrize("glitch", [1.0e35, 3.0e38, -3.0e38])
+def test_a_huge_finite_sample_leaves_the_envelopes_finite_and_they_recover(glitch):
+    """One block of a glitch far beyond full scale, then music: the levels read the music again (QA 73 F7)."""
+    analyser, fresh = AudioAnalyser(RATE), AudioAnalyser(RATE)
+    bank, fresh_bank = EnvelopeBank(("env1", "env2")), EnvelopeBank(("env1", "env2"))
+    settings = {"env1": SlotSetting("low", 10.0, 200.0), "env2": SlotSetting("rms", 10.0, 200.0)}
+    bank.update(analyser.feed(np.full(512, glitch, dtype=np.float32)), settings, analyser.hop_s)
+    assert all(math.isfinite(v) for v in (*bank.levels().values(), *bank.meter_levels().values()))
+    music = sine(60, 5.0, amplitude=0.3)
+    bank.update(feed_in_blocks(analyser, music), settings, analyser.hop_s)
+    fresh_bank.update(feed_in_blocks(fresh, music), settings, fresh.hop_s)
+    assert bank.levels() == pytest.approx(fresh_bank.levels(), rel=1e-3)
+    assert bank.meter_levels() == pytest.approx(fresh_bank.meter_levels(), rel=1e-3, abs=1e-4)  # meters decay
+    assert bank.levels()["env1"] == pytest.approx(0.3 / math.sqrt(2), rel=0.05)  # the 60 Hz sine's RMS
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_follower_never_keeps_a_value_that_is_not_finite(bad):
+    follower = Follower(attack_ms=10.0, release_ms=100.0)
+    follower.update(0.5, 0.01)
+    before = follower.value
+    assert follower.update(bad, 0.01) == before
+    follower.value = bad  # set from outside (an onset sets 1.0 directly): the next level starts it over
+    assert follower.update(0.25, 0.01) == 0.25
