@@ -65,7 +65,10 @@ class LinkSync:
     def _take_tempo(self, tempo: float) -> None:
         spec = self.store.schema.get("bpm")
         clamped = min(max(tempo, spec.minimum), spec.maximum)
-        self.store.update({"bpm": clamped})
+        # A peer beyond bpm's range (Link goes to 999) stays off it at every sample: setting the same clamped bpm
+        # again each 10 ms counted as someone's set and made on-beat recalls drop their bpm (QA 73 F9).
+        if abs(clamped - float(self.store.get("bpm"))) > TEMPO_EPSILON:
+            self.store.update({"bpm": clamped})
         self._agreed = clamped
 
     def describe(self) -> dict[str, Any]:
