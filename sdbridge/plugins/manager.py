@@ -132,6 +132,13 @@ class PluginManager:
         # plugin that failed for a session is re-armed) on its next frame. Worker thread only.
         self._generation = {name: 0 for name in self.plugins}
         self._was_enabled: dict[str, bool] = {}
+        # Each plugin's off->on changes, counted where the update is made: an off and an on that both land between
+        # two worker turns left the sampled value as it was, and the failed plugin was not re-armed (QA 75 F7).
+        # ParamStore.set_counts counts sets, a controller re-sending "on" too, which would reset the plugin's state.
+        self._enabled_keys = {f"plugin.{name}.enabled": name for name in self.plugins}
+        self._turned_on = {name: 0 for name in self.plugins}  # written under the store's lock, read by the worker
+        self._turned_on_seen: dict[str, int] = {}
+        store.subscribe(self._heard)
         self._engine_generation: dict[str, int] = {}   # the generation each engine plugin last saw
         self._engine_failed: dict[str, int] = {}       # engine plugins off after a failure, until toggled
         self._stepping: list[str] = []                 # the plugins that took part in this step (after_step's)
@@ -140,6 +147,13 @@ class PluginManager:
     def names(self) -> list[str]:
         return sorted(self.plugins)
 
+    def _heard(self, changed: Mapping[str, Any]) -> None:
+        """ParamStore listener, on the updating thread: ``changed`` holds only values that differ, so an enabled
+        flag there that is true was just turned from off to on."""
+        for key in self._enabled_keys.keys() & changed.keys():
+            if changed[key]:
+                self._turned_on[self._enabled_keys[key]] += 1
+
     def prepare(self, params: Mapping[str, Any]) -> None:
         """At a frame boundary: the enabled plugins in order, each with its own parameters."""
         active = []
@@ -147,8 +161,12 @@ class PluginManager:
             prefix = f"plugin.{name}."
             own = {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
             enabled = bool(own.get("enabled"))
-            if enabled and not self._was_enabled.get(name):
-                self._generation[name] += 1
+            if enabled:
+                # Consumed only while on: an on heard after an "off" snapshot is seen with the next snapshot's "on".
+                turned_on = self._turned_on.get(name, 0)
+                if not self._was_enabled.get(name) or turned_on != self._turned_on_seen.get(name):
+                    self._generation[name] += 1
+                self._turned_on_seen[name] = turned_on
             self._was_enabled[name] = enabled
             if enabled:
                 active.append(_Active(plugin, own))

@@ -469,3 +469,34 @@ def test_latents_that_come_from_the_engine_not_finite_skip_the_plugin_for_that_f
     out = manager.on_latents(torch.full((2, 4, 3, 3), 2.0), ["a", "b"], states)
     assert torch.allclose(out[0], torch.full((4, 3, 3), 0.3 + 0.7 * 2.0))  # a: blended with frame 1's, still on
     assert reports == [] and manager.failures == 0
+
+
+def test_an_off_and_on_between_two_turns_rearms_a_failed_plugin_and_a_repeated_on_does_not():
+    """QA 75 F7: re-arming compared the values the worker samples once a turn; an off and an on that both came
+    during one step (a button sending 0 then 1) were never seen, and the plugin stayed off. A controller re-sending
+    "on" is no toggle: it must not reset the plugin's state."""
+    HookFailing.fail_in, HookFailing.calls = "", []
+    manager, reports = only(HookFailing)
+    frame = np.zeros((4, 4, 3), np.uint8)
+    state: dict = {}
+    manager.before("a", state, frame)
+    state["plugin.hookfailing"]["kept"] = True
+    manager.store.update({"plugin.hookfailing.enabled": True})  # re-sent: no change
+    manager.prepare(manager.store.snapshot()[1])
+    manager.before("a", state, frame)
+    assert HookFailing.calls == ["reset", "before", "before"] and state["plugin.hookfailing"]["kept"]
+    manager.store.update({"plugin.hookfailing.enabled": False})
+    manager.store.update({"plugin.hookfailing.enabled": True})  # both before the worker's next turn
+    manager.prepare(manager.store.snapshot()[1])
+    manager.before("a", state, frame)
+    assert HookFailing.calls[3:] == ["reset", "before"] and "kept" not in state["plugin.hookfailing"]
+    HookFailing.fail_in = "passed_through"
+    manager.after("a", state, frame, frame, passthrough=True)
+    manager.before("a", state, frame)
+    assert HookFailing.calls[5:] == ["passed_through"] and len(reports) == 1  # failed: off for session a
+    HookFailing.fail_in = ""  # mended; the artist toggles it as the message says, within one step
+    manager.store.update({"plugin.hookfailing.enabled": False})
+    manager.store.update({"plugin.hookfailing.enabled": True})
+    manager.prepare(manager.store.snapshot()[1])
+    manager.before("a", state, frame)
+    assert HookFailing.calls[6:] == ["reset", "before"] and len(reports) == 1  # re-armed
