@@ -490,8 +490,9 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               choices=("engine", "input")),
     ParamSpec("jpeg_quality", "int", 85, "Quality of JPEG replies.", minimum=1, maximum=100),
     ParamSpec("max_fps", "float", 30.0, "Frame rate cap of txt2img streams.", minimum=1.0, maximum=240.0),
-    ParamSpec("slew_s", "float", 0.0, "Numeric values sent over OSC glide to their target over this long, so a "
-              "stepping MIDI/OSC fader moves smoothly (0: at once).", minimum=0.0, maximum=10.0, group="control"),
+    ParamSpec("slew_s", "float", 0.0, "Numeric values from a MIDI/OSC controller glide to their target over this "
+              "long, so a stepping fader moves smoothly; a moving fader is followed at its speed, about 2/3 of this "
+              "behind (0: at once).", minimum=0.0, maximum=10.0, group="control"),
 )
 
 

@@ -57,11 +57,12 @@ class Control:
             self.glider.start(kept, duration)
 
     def apply_live(self, updates: dict[str, Any]) -> tuple[dict[str, Any], list]:
-        """Loop thread: a controller's values, slewed when ``slew_s`` is set (numeric ones glide)."""
+        """Loop thread: a controller's values, slewed when ``slew_s`` is set (numeric ones glide, a moving fader's
+        values each retargeting the glide in flight at its speed, so the value follows the hand: QA 73 F8)."""
         slew = float(self.daemon.store.get("slew_s"))
         if slew <= 0 or "slew_s" in updates:
             return self.daemon.store.update(updates)
-        return self.glider.start(updates, slew)
+        return self.glider.start(updates, slew, follow=True)
 
     def recall_preset(self, name: str, glide_s: float | None = None, glide_beats: float | None = None,
                       on_beat: bool = False, announce: bool = True,

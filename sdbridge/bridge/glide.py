@@ -24,6 +24,11 @@ wrote, and drops the parameter if not; the others glide on. So no transport need
 glides. During a prompt glide, a new ``prompt`` from a client ends the blend at once (the client's
 prompt alone); a client's ``blend_prompt`` or ``prompt_blend`` leaves the blend in its hands. The
 same holds for a seed glide and ``seed``, ``blend_seed``, ``seed_blend``.
+
+A controller's value under ``slew_s`` (``start(..., follow=True)``) retargets a glide in flight from where it is,
+keeping its speed (a cubic Hermite curve to the new value, ending at rest): a fader sends a value every few
+milliseconds, and each restarting from standstill (smoothstep) held the value still while the hand moved (QA 73 F8).
+A fader moving steadily is followed about two thirds of ``slew_s`` behind; one step from rest is the smoothstep.
 """
 
 from __future__ import annotations
@@ -52,21 +57,46 @@ def smoothstep(t: float) -> float:
     return t * t * (3.0 - 2.0 * t)
 
 
+def hermite(start: float, end: float, velocity: float, duration: float, t: float) -> tuple[float, float]:
+    """The value and its speed (per second) ``t`` seconds into a glide from ``start`` moving at ``velocity`` to
+    ``end``, at rest there after ``duration``: with no velocity, the smoothstep."""
+    u = min(max(t / duration, 0.0), 1.0)
+    span = end - start
+    value = start + span * smoothstep(u) + velocity * duration * (u * u * u - 2.0 * u * u + u)
+    speed = span * 6.0 * u * (1.0 - u) / duration + velocity * (3.0 * u * u - 4.0 * u + 1.0)
+    return value, speed
+
+
+def kept_velocity(velocity: float, span: float, duration: float) -> float:
+    """The speed a retargeted glide keeps: none when it heads away from its new end (a fader turned back), at most
+    three times the span's mean speed (a Hermite curve ending at rest stays between its ends then, so a value never
+    overshoots the fader nor leaves the parameter's range)."""
+    if span == 0.0 or velocity * span <= 0.0:
+        return 0.0
+    limit = 3.0 * span / duration
+    return min(velocity, limit) if span > 0 else max(velocity, limit)
+
+
 class Glider:
     def __init__(self, store: ParamStore, rate_hz: float = 60.0) -> None:
         self.store = store
         self.period_s = 1.0 / rate_hz
-        self._targets: dict[str, tuple[float, float, float, float]] = {}  # name -> start, end, t0, duration
+        # name -> start, end, t0, duration, start velocity (per second; 0 but for a retargeted slew)
+        self._targets: dict[str, tuple[float, float, float, float, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._finish: dict[str, dict[str, Any]] = {}  # name -> one update applied when its glide lands
         self._written: dict[str, Any] = {}  # name -> the value the store should hold unless a client set it
         self._watch: dict[str, dict[str, Any]] = {}  # prompt glide: the texts it set, which a client may replace
 
-    def start(self, values: Mapping[str, Any], duration_s: float) -> tuple[dict[str, Any], list]:
-        """Apply ``values``: numeric ones glide over ``duration_s``, the rest at once."""
+    def start(self, values: Mapping[str, Any], duration_s: float, follow: bool = False,
+              now: float | None = None) -> tuple[dict[str, Any], list]:
+        """Apply ``values``: numeric ones glide over ``duration_s``, the rest at once.
+
+        ``follow``: a controller's values (slew), which retarget a number's glide in flight keeping its speed;
+        otherwise (a recall) a glide starts at rest. ``now``: the loop's time (a test's clock), else read."""
         good, errors = self.store.schema.validate(values)
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = loop.time() if now is None else now
         immediate: dict[str, Any] = {}
         # A blend glide in flight that these values touch lands at once: the new one starts from its end. One they
         # leave alone glides on: a slewed fader's move landed a preset's prompt crossfade mid-way (QA 62 F3).
@@ -87,7 +117,7 @@ class Glider:
             elif duration_s > 0 and value != current.get(name):
                 del targets[name]
                 immediate[other] = value
-                self._targets[weight] = (0.0, 1.0, now, duration_s)
+                self._targets[weight] = (0.0, 1.0, now, duration_s, 0.0)
                 self._written[weight] = current.get(weight)
                 self._finish[weight] = {name: value, other: rest, weight: 0.0}
                 self._watch[weight] = {name: current.get(name), other: value}
@@ -104,7 +134,14 @@ class Glider:
             spec = self.store.schema.get(name)
             if (duration_s > 0 and spec.numeric and not stepped(name)
                     and isinstance(current.get(name), (int, float))):
-                self._targets[name] = (float(current[name]), float(target), now, duration_s)
+                start, velocity = float(current[name]), 0.0
+                flight = self._targets.get(name)
+                if (follow and flight is not None and name not in self._finish
+                        and current[name] == self._written.get(name)):
+                    # Where the glide is now, not its last step (a period old, rounded for an integer).
+                    start, velocity = hermite(flight[0], flight[1], flight[4], flight[3], now - flight[2])
+                    velocity = kept_velocity(velocity, float(target) - start, duration_s)
+                self._targets[name] = (start, float(target), now, duration_s, velocity)
                 self._written[name] = current[name]
             else:
                 self._drop(name)
@@ -149,7 +186,7 @@ class Glider:
         """Where the glides in flight land: each value's end, and each blend's landing update (the new prompt or
         seed alone, its blend back at 0)."""
         landing: dict[str, Any] = {}
-        for name, (_, end, _, _) in self._targets.items():
+        for name, (_, end, _, _, _) in self._targets.items():
             landing[name] = self._value(name, end)
             landing.update(self._finish.get(name, {}))
         return landing
@@ -162,23 +199,26 @@ class Glider:
         rounded = int(math.floor(value + 0.5))
         return int(round(rounded / spec.multiple_of) * spec.multiple_of) if spec.multiple_of else rounded
 
+    def step(self, now: float) -> None:
+        """Move each glide to where it is at ``now`` (the loop's time): one store update."""
+        step = self._taken_over(self.store.snapshot()[1])
+        for name, (start, end, t0, duration, velocity) in list(self._targets.items()):
+            landed = now - t0 >= duration
+            value = self._value(name, end if landed else hermite(start, end, velocity, duration, now - t0)[0])
+            step[name] = value
+            if landed:
+                finish = self._finish.get(name, {})
+                self._drop(name)
+                step.update(finish)
+            else:
+                self._written[name] = value
+        if step:
+            self.store.update(step, counted=False)  # its own motion: set_counts tells what someone set
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._targets:
-            now = loop.time()
-            step = self._taken_over(self.store.snapshot()[1])
-            for name, (start, end, t0, duration) in list(self._targets.items()):
-                t = (now - t0) / duration
-                value = self._value(name, end if t >= 1.0 else start + (end - start) * smoothstep(t))
-                step[name] = value
-                if t >= 1.0:
-                    finish = self._finish.get(name, {})
-                    self._drop(name)
-                    step.update(finish)
-                else:
-                    self._written[name] = value
-            if step:
-                self.store.update(step, counted=False)  # its own motion: set_counts tells what someone set
+            self.step(loop.time())
             await asyncio.sleep(self.period_s)
 
     def close(self) -> None:

@@ -287,3 +287,110 @@ def test_a_client_text_during_a_fade_out_wins():
 
     store, active = asyncio.run(scenario())
     assert store.get("prompt_2") == "a bird" and 0.0 < store.get("prompt_2_weight") < 1.0 and active == []
+
+
+def _fader_sweep(slew_s: float, top_s: float = 1.0, every_s: float = 0.01) -> list[tuple[float, float, float]]:
+    """A fader swept 0 -> 1 over ``top_s``, a value every ``every_s``, under a slew of ``slew_s``; the glider stepped
+    on its own clock at each value: (time, fader, value)."""
+    async def scenario():
+        store = ParamStore()
+        store.update({"strength": 0.0})
+        glider = Glider(store, rate_hz=100)
+        trace = []
+        for i in range(1, round(top_s / every_s) + 1):
+            now, fader = i * every_s, min(1.0, i * every_s / top_s)
+            glider.start({"strength": fader}, slew_s, follow=True, now=now)
+            glider.step(now + every_s / 2)
+            trace.append((now, fader, store.get("strength")))
+        glider.step(top_s + slew_s * 1.001)  # just past: the sum of floats may fall short of slew_s
+        trace.append((top_s + slew_s, 1.0, store.get("strength")))
+        active = glider.active
+        glider.close()
+        return trace, active
+
+    trace, active = asyncio.run(scenario())
+    assert active == []  # landed within slew_s of the last value
+    return trace
+
+
+@pytest.mark.parametrize("slew_s", [0.1, 0.2, 0.5])
+def test_a_moving_fader_under_slew_is_followed_not_frozen(slew_s):
+    """QA 73 F8: each of a fader's values restarted a smoothstep from standstill, so a 1 s sweep under slew_s 0.5
+    moved strength by 0.017 while the hand moved; the value follows the hand about 2/3 slew_s behind now."""
+    trace = _fader_sweep(slew_s)
+    values = [value for _, _, value in trace]
+    assert values == sorted(values) and trace[-1][2] == 1.0
+    for now, fader, value in trace:
+        assert value <= fader + 1e-9  # never ahead of the hand (no overshoot)
+        if now >= 0.5:  # past the start from rest: within slew_s of where the hand was
+            assert value >= min(1.0, now - slew_s) - 0.01, (now, fader, value)
+
+
+def test_one_step_under_slew_arrives_as_the_smoothstep():
+    async def scenario():
+        store = ParamStore()
+        store.update({"strength": 0.2})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"strength": 0.8}, 0.5, follow=True, now=10.0)
+        samples = []
+        for k in range(1, 11):
+            glider.step(10.0 + k * 0.05)
+            samples.append((k * 0.05, store.get("strength")))
+        active = glider.active
+        glider.close()
+        return samples, active
+
+    samples, active = asyncio.run(scenario())
+    for elapsed, value in samples:
+        assert value == pytest.approx(0.2 + 0.6 * smoothstep(elapsed / 0.5), abs=1e-9)
+    assert samples[-1][1] == 0.8 and active == []
+
+
+def test_a_retargeted_slew_keeps_its_speed_and_stays_between_the_faders_values():
+    """A fader swung fast up and down (faster than the slew follows): the value's speed does not jump at a new value
+    heading the same way, and it never leaves the range the fader covered (strength's 0 .. 1: none refused)."""
+    async def scenario():
+        store = ParamStore()
+        store.update({"strength": 0.0})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"strength": 1.0}, 0.5, follow=True, now=0.0)
+        before = [(t, glider.step(t) or store.get("strength")) for t in (0.199, 0.2)]
+        glider.start({"strength": 0.9}, 0.5, follow=True, now=0.2)
+        after = [(t, glider.step(t) or store.get("strength")) for t in (0.2, 0.201)]
+        seen = []
+        for i in range(1, 200):  # 0 -> 1 -> 0 twice a second, a value every 10 ms
+            now = 0.2 + i * 0.01
+            fader = abs(((now * 2) % 2.0) - 1.0)
+            glider.start({"strength": fader}, 0.5, follow=True, now=now)
+            glider.step(now + 0.005)
+            seen.append(store.get("strength"))
+        glider.close()
+        return before, after, seen
+
+    before, after, seen = asyncio.run(scenario())
+    speed_before = (before[1][1] - before[0][1]) / 0.001
+    speed_after = (after[1][1] - after[0][1]) / 0.001
+    assert speed_before > 1.0 and speed_after == pytest.approx(speed_before, rel=0.02)
+    assert all(0.0 <= value <= 1.0 for value in seen) and max(seen) - min(seen) > 0.3  # moved, in range
+
+
+def test_a_recall_over_a_slew_in_flight_glides_from_rest_on_the_smoothstep():
+    async def scenario():
+        store = ParamStore()
+        store.update({"strength": 0.0})
+        glider = Glider(store, rate_hz=100)
+        glider.start({"strength": 1.0}, 0.5, follow=True, now=0.0)
+        glider.step(0.25)
+        moving = store.get("strength")
+        glider.start({"strength": 0.1}, 0.4, now=0.25)  # a preset's glide_s: its own shape, from the value at rest
+        samples = []
+        for k in range(1, 5):
+            glider.step(0.25 + k * 0.1)
+            samples.append((k * 0.1, store.get("strength")))
+        glider.close()
+        return moving, samples
+
+    moving, samples = asyncio.run(scenario())
+    assert 0.0 < moving < 1.0
+    for elapsed, value in samples:
+        assert value == pytest.approx(moving + (0.1 - moving) * smoothstep(elapsed / 0.4), abs=1e-9)
