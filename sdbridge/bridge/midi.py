@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdbridge.bridge.midi_clock import ClockSample, MidiClock
+from sdbridge.bridge.midi_clock import GAP_S, ClockSample, MidiClock
 from sdbridge.bridge.midi_map import (DEFAULT_MAP_TOML, CcBinding, MidiMap, MidiMapper, load_map, parse_map,
                                      save_map)
 from sdbridge.bridge.problem_log import ProblemLog
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 BPM_STEP = 0.05  # the clock's tempo moves bpm only by at least this much: no store update (and OSC echo) per tick
 LIST = "list"    # --midi-in list: print the ports and exit
+GAP_CHECK_S = GAP_S / 4  # how often the loop looks for a clock that went silent: no tick comes to tell it
 ALSA_SEQUENCER = Path("/dev/snd/seq")
 
 
@@ -117,6 +118,7 @@ class MidiBridge:
         self.ports: list[Any] = []
         self.following = False  # we fed the worker's BeatClock (so stop() hands it back)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._gap_check: asyncio.TimerHandle | None = None
         self._learn_notify: Callable[[CcBinding], None] | None = None
         self._log = ProblemLog(log, "MIDI", lambda: {"errors": self.stats.errors})
 
@@ -146,6 +148,7 @@ class MidiBridge:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._gap_check = self._loop.call_later(GAP_CHECK_S, self._check_gap_now)
         wanted = [name for name in self.daemon.settings.midi_in if name != LIST]
         if wanted:
             mido = _mido()
@@ -163,6 +166,9 @@ class MidiBridge:
             log.warning("the MIDI map names presets that do not exist yet: %s", ", ".join(sorted(set(missing))))
 
     def stop(self) -> None:
+        if self._gap_check is not None:
+            self._gap_check.cancel()
+            self._gap_check = None
         for port in self.ports:
             try:
                 port.close()
@@ -234,8 +240,29 @@ class MidiBridge:
             self._log.warning("MIDI %s: %s", message, exc)
             self.daemon.report_osc_error(exc)
 
+    def _check_gap_now(self) -> None:
+        """Loop thread, every :data:`GAP_CHECK_S` from start() to stop()."""
+        try:
+            self.check_gap(time.monotonic())
+        finally:
+            if self._loop is not None and self._gap_check is not None:
+                self._gap_check = self._loop.call_later(GAP_CHECK_S, self._check_gap_now)
+
+    def check_gap(self, now: float) -> bool:
+        """Loop thread. True where the clock went silent (no tick for GAP_S by monotonic ``now``: a cable pulled, a
+        drum machine off): the worker's beat stops following it and runs free at ``bpm``, which OSC sets again.
+        Followed on, the beat kept the last tick's tempo for the rest of the show (QA 73 F6)."""
+        if not self.clock.expire(now):
+            return False
+        if self.following:
+            self.daemon.worker.clock.unfollow()
+            self.following = False
+            log.info("MIDI clock stopped (no tick for %.0f s): the beat runs free at bpm", GAP_S)
+        return True
+
     def _tick(self, at: float) -> None:
         self.stats.clock_ticks += 1
+        self.check_gap(at)
         sample = self.clock.tick(at)
         if sample is None or not self.mapper.map.clock:
             return
@@ -245,9 +272,14 @@ class MidiBridge:
         self._follow(sample)
 
     def _follow(self, sample: ClockSample) -> None:
+        clock = self.daemon.worker.clock
         if sample.running:
-            self.daemon.worker.clock.follow(sample.beat, sample.at, sample.tempo)
+            clock.follow(sample.beat, sample.at, sample.tempo)
             self.following = True
+        elif self.following:
+            # Stopped, the beat runs on at the tempo (docs/midi.md); a tempo turned meanwhile is that tempo from where
+            # the beat is now, not the last running sample's for ever (QA 73 F6).
+            clock.follow(clock.beat(sample.at, sample.tempo), sample.at, sample.tempo)
         spec = self.daemon.store.schema.get("bpm")
         tempo = round(min(max(sample.tempo, spec.minimum), spec.maximum), 2)
         if abs(tempo - float(self.daemon.store.get("bpm"))) >= BPM_STEP:

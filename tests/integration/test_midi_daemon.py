@@ -85,6 +85,24 @@ def test_clock_at_128_bpm_sets_bpm_and_drives_the_worker_beat(midi_daemon):
     assert daemon.midi.describe()["following_clock"] and daemon.midi.describe()["clock_running"]
 
 
+def test_a_clock_gone_silent_is_noticed_without_a_tick_and_bpm_drives_the_beat_again(midi_daemon):
+    # QA 73 F6 (a): ticks that arrived 3 s to 2 s ago, then none: the daemon's own timer must notice the gap.
+    daemon = midi_daemon
+    period = 60 / 100 / PPQN
+    daemon.midi.receive(mido.Message("start"))
+    t0 = time.monotonic() - 3.0
+    for n in range(PPQN * 2):
+        daemon.midi.receive(mido.Message("clock"), t0 + n * period)
+    assert wait_for(lambda: daemon.store.get("bpm") == 100.0)
+    assert wait_for(lambda: not daemon.midi.following and not daemon.worker.clock.linked)
+    stats = httpx.get(f"http://127.0.0.1:{daemon.port}/stats", trust_env=False).json()["midi"]
+    assert stats["following_clock"] is False and stats["clock_tempo"] is None
+    daemon.store.update({"bpm": 140.0})
+    now = time.monotonic()
+    assert daemon.worker.clock.beat(now + 1.0, 140.0) - daemon.worker.clock.beat(now, 140.0) == pytest.approx(
+        140.0 / 60.0)
+
+
 def test_learn_over_the_websocket_binds_the_next_cc_and_saves_the_map(midi_daemon):
     daemon = midi_daemon
     with ws_connect(daemon) as ws:
