@@ -15,7 +15,9 @@ anyway: those are read from the store, not from the frame's modulated copy.
 
 The worker applies :func:`modulate` at each frame boundary with the frame's time, so the phase
 of every frame is exact for that time (a beat-synced LFO's phase error is only the frame
-boundary's own jitter).
+boundary's own jitter). Phases are integrated (:class:`Phases`, bridge/beat_clock.py for the beat):
+a new ``rate_hz`` or ``bpm`` changes how fast an LFO turns from that frame on, never where it is.
+A new ``beats`` does move a synced LFO's phase: its cycles stay on the bar (beat 0, 4, 8 ... for 4).
 
 Two envelope slots, ``env1`` and ``env2`` (docs/audio.md), move a target the same way from sound: the
 audio input (bridge/audio.py) follows ``envN.band`` of it with ``envN.attack_ms`` / ``release_ms``
@@ -227,14 +229,40 @@ def wave(shape: str, phase: float) -> float:
     return 1.0 if phase < 0.5 else -1.0
 
 
-def phase_at(params: Mapping[str, Any], slot: str, t: float, beat: float | None = None) -> float:
+class Phases:
+    """Phases that change speed, not place, when their rate changes: each is integrated, re-anchored at the
+    first reading with a new rate on the phase it had reached (QA 73 F1: ``t * rate_hz`` an hour in moved by 1.8
+    cycles when rate_hz went 0.25 -> 0.2505). The stretch since the last reading counts at that reading's rate.
+    The worker keeps one for its frames; without one, :func:`phase_at` is ``t * rate`` (a set rate's exact phase)."""
+
+    def __init__(self) -> None:
+        self._anchors: dict[str, tuple[float, float, float]] = {}  # key: (t, phase at t, rate from t on)
+
+    def at(self, key: str, t: float, rate: float) -> float:
+        """``key``'s phase (in cycles, or beats) at ``t`` seconds, running at ``rate`` per second from here on."""
+        anchor = self._anchors.get(key)
+        if anchor is None:
+            self._anchors[key] = (t, t * rate, rate)  # the first reading: as if at this rate since t = 0
+            return t * rate
+        since, phase, old = anchor
+        if rate != old:
+            since, phase = max(t, since), phase + (max(t, since) - since) * old
+            self._anchors[key] = (since, phase, rate)
+        return phase + (t - since) * rate
+
+
+def phase_at(params: Mapping[str, Any], slot: str, t: float, beat: float | None = None,
+             phases: Phases | None = None) -> float:
     """The LFO's phase in cycles at time ``t`` seconds (from the modulation clock's origin); synced
-    LFOs follow ``beat`` when given (an Ableton Link session's), else ``t`` at ``bpm``."""
+    LFOs follow ``beat`` when given (an Ableton Link session's), else ``t`` at ``bpm``. With ``phases``,
+    a change of ``rate_hz`` (or of ``bpm`` for a synced LFO with no ``beat``) changes the speed, not the phase."""
     if params[f"{slot}.sync"]:
         if beat is None:
-            beat = t * float(params["bpm"]) / 60.0
+            bps = float(params["bpm"]) / 60.0
+            beat = phases.at("bpm", t, bps) if phases is not None else t * bps
         return beat / float(params[f"{slot}.beats"])
-    return t * float(params[f"{slot}.rate_hz"])
+    rate = float(params[f"{slot}.rate_hz"])
+    return phases.at(slot, t, rate) if phases is not None else t * rate
 
 
 def active(params: Mapping[str, Any], envelopes: Mapping[str, float] | None = None) -> bool:
@@ -262,9 +290,9 @@ def _moved(spec: ParamSpec, value: float) -> float | int:
 
 
 def modulate(params: Mapping[str, Any], schema: Schema, t: float, beat: float | None = None,
-             envelopes: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The parameters the engine should use at time ``t`` (and ``beat``, see :func:`phase_at`): each
-    LFO's target moved around its base, then each envelope slot's by its level in ``envelopes``
+             envelopes: Mapping[str, float] | None = None, phases: Phases | None = None) -> dict[str, Any]:
+    """The parameters the engine should use at time ``t`` (and ``beat`` and ``phases``, see :func:`phase_at`):
+    each LFO's target moved around its base, then each envelope slot's by its level in ``envelopes``
     ({slot: level}, from the audio input; None: no audio input)."""
     out = dict(params)
     for slot in SLOTS:
@@ -273,8 +301,8 @@ def modulate(params: Mapping[str, Any], schema: Schema, t: float, beat: float | 
             continue
         assert spec.minimum is not None and spec.maximum is not None
         swing = float(params[f"{slot}.depth"]) * (spec.maximum - spec.minimum)
-        out[spec.name] = _moved(spec, float(out[spec.name]) + swing * wave(params[f"{slot}.shape"],
-                                                                           phase_at(params, slot, t, beat)))
+        phase = phase_at(params, slot, t, beat, phases)
+        out[spec.name] = _moved(spec, float(out[spec.name]) + swing * wave(params[f"{slot}.shape"], phase))
     for slot in ENV_SLOTS:
         spec = _target_spec(schema, params.get(f"{slot}.target"))
         level = envelopes.get(slot) if envelopes is not None else None

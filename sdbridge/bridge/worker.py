@@ -134,6 +134,7 @@ class Worker(threading.Thread):
         self._modulated = 0
         self.clock_origin = time.monotonic()  # the LFOs' time zero
         self.clock = BeatClock(self.clock_origin)  # their beat: our own, or Ableton Link's (bridge/link.py)
+        self.lfo_phases = modulation.Phases()  # free LFOs' phases: a new rate_hz turns them faster, not elsewhere
         self.envelopes: Callable[[], dict[str, float]] | None = None  # the audio input's levels (bridge/audio.py)
         self.params: dict[str, Any] = store.snapshot()[1]
         self.turns = 0
@@ -317,7 +318,7 @@ class Worker(threading.Thread):
         if modulation.active(params, envelopes):
             now = time.monotonic()
             params = modulation.modulate(params, self.store.schema, now - self.clock_origin,
-                                         self.clock.beat(now, float(params["bpm"])), envelopes)
+                                         self.clock.beat(now, float(params["bpm"])), envelopes, self.lfo_phases)
             self._modulated += 1
             version = -self._modulated  # a new set every frame: prepare again (cheap: prompts are cached)
         self.params = params

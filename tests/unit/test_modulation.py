@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdbridge.modulation import SHAPES, active, modulate, phase_at, targetable, wave
+from sdbridge.modulation import SHAPES, Phases, active, modulate, phase_at, targetable, wave
 from sdbridge.params import ParamStore, Schema
 from sdbridge.plugins.manager import PluginManager
 
@@ -187,3 +187,29 @@ def test_lowering_onset_every_mid_count_acts_once_on_the_next_onset(kind):
     assert sum(acts(actions.feed(1, params, list)) for _ in range(10)) == 0
     params["env1.onset_every"] = 4
     assert [acts(actions.feed(1, params, list)) for _ in range(5)] == [1, 0, 0, 0, 1]
+
+
+def test_a_rate_hz_change_changes_the_speed_not_the_phase():
+    """An hour in, rate_hz 0.25 -> 0.2505: the free LFO turns on from where it was (QA 73 F1: 1.8 cycles' jump)."""
+    phases = Phases()
+    values = params(target="strength", rate_hz=0.25, depth=0.5, shape="sine")
+    before = modulate(values, SCHEMA, 3601.0, phases=phases)["strength"]
+    assert phase_at(values, "lfo1", 3601.0, phases=phases) == pytest.approx(900.25)   # t * rate until a change
+    values["lfo1.rate_hz"] = 0.2505
+    assert phase_at(values, "lfo1", 3601.001, phases=phases) == pytest.approx(900.25 + 0.001 * 0.25)
+    assert modulate(values, SCHEMA, 3601.001, phases=phases)["strength"] == pytest.approx(before, abs=1e-3)
+    assert phase_at(values, "lfo1", 3605.001, phases=phases) == pytest.approx(900.25025 + 4 * 0.2505)
+    # Each slot has its own phase; without Phases the phase is t * rate (a set rate's exact phase, as before).
+    values.update({"lfo2.target": "guidance", "lfo2.rate_hz": 1.0})
+    assert phase_at(values, "lfo2", 3605.001, phases=phases) == pytest.approx(3605.001)
+    assert phase_at(values, "lfo1", 3605.001) == pytest.approx(3605.001 * 0.2505)
+
+
+def test_a_synced_lfo_with_no_beat_given_follows_a_bpm_change_without_a_jump():
+    phases = Phases()
+    values = params(target="strength", sync=True, beats=4.0)
+    values["bpm"] = 120.0
+    assert phase_at(values, "lfo1", 600.5, phases=phases) == pytest.approx(1201.0 / 4)
+    values["bpm"] = 121.0
+    assert phase_at(values, "lfo1", 600.501, phases=phases) == pytest.approx(1201.002 / 4)
+    assert phase_at(values, "lfo1", 601.501, phases=phases) == pytest.approx((1201.002 + 121 / 60) / 4)
