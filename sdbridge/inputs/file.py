@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sdbridge.bridge.protocol import MAX_DIMENSION
 from sdbridge.inputs.base import Input, InputError, InputSpec
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class FileInput(Input):
         self._next_at: float | None = None
         self._shown = 0  # a folder's images decoded since open: none in a whole pass is an error
         self._told_bad: set[Path] = set()
+        self._told_scaled: set[Path] = set()
 
     def check(self) -> None:
         typed = self.spec.text or str(self.spec)  # the argument as the user wrote it
@@ -101,6 +103,7 @@ class FileInput(Input):
             ok, bgr = self.capture.read()
             if not ok:
                 return None
+            path = self.path
         else:
             bgr = None
             while bgr is None:  # an image that cannot be read is skipped: the rest of the folder plays
@@ -112,7 +115,21 @@ class FileInput(Input):
                     self.index += 1
             self._shown += 1
         self.index += 1
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(self._fit(bgr, path), cv2.COLOR_BGR2RGB)
+
+    def _fit(self, bgr: np.ndarray, path: Path) -> np.ndarray:
+        """``bgr`` scaled down, keeping its shape, when a side is over MAX_DIMENSION: the hub cannot send
+        such a frame on, and failing there restarted the whole input (QA 75 F3). Told once per file."""
+        height, width = bgr.shape[:2]
+        if max(width, height) <= MAX_DIMENSION:
+            return bgr
+        scale = MAX_DIMENSION / max(width, height)
+        size = (min(MAX_DIMENSION, max(1, round(width * scale))), min(MAX_DIMENSION, max(1, round(height * scale))))
+        if path not in self._told_scaled:
+            self._told_scaled.add(path)
+            log.warning("input %s: %s is %dx%d, over %d a side: scaled down to %dx%d", self.spec, path, width,
+                        height, MAX_DIMENSION, *size)
+        return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
 
     def _decode(self, path: Path) -> np.ndarray | None:
         """A folder's image, or None when it cannot be read (told once per file: it is tried again at

@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
+from sdbridge.bridge.protocol import PixelFormat
 from sdbridge.inputs.base import InputError, create_input, parse_spec
+from sdbridge.inputs.hub import input_frame
 
 LEVELS = [10 + 20 * i for i in range(8)]  # each frame one grey level, 20 apart: told apart after MJPEG
 
@@ -145,3 +147,41 @@ def test_an_unreadable_image_in_a_folder_is_skipped_and_told_once_by_name(tmp_pa
     with pytest.raises(InputError, match="no image in folder"):
         for _ in range(5):
             source.read(stop)
+
+
+def test_an_image_over_8192_a_side_is_scaled_down_to_fit_and_told_once(tmp_path: Path, caplog) -> None:
+    """QA 75 F3: an image too large for a v1 frame failed the input at the hub: 5 s frozen, the folder
+    restarted at its first image, the images after it never played."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((8, 8, 3), 10, np.uint8))
+    cv2.imwrite(str(tmp_path / "b.png"), np.full((90, 9000, 3), 100, np.uint8))
+    cv2.imwrite(str(tmp_path / "c.png"), np.full((8, 8, 3), 200, np.uint8))
+    source = create_input(parse_spec(f"file:{tmp_path}?fps=1000"))
+    source.open()
+    stop = threading.Event()
+    seen = []
+    for frame_id in range(1, 7):
+        image = source.read(stop)
+        input_frame(image, frame_id, 0, PixelFormat.JPEG)  # what the hub does with it: must not raise
+        seen.append((image.shape, int(image[0, 0, 0])))
+    big = ((82, 8192, 3), 100)  # 9000x90 to 8192 wide: 81.92 high, its shape kept
+    assert seen == [((8, 8, 3), 10), big, ((8, 8, 3), 200)] * 2
+    told = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(told) == 1 and "b.png is 9000x90" in told[0] and "8192x82" in told[0], told
+
+
+def test_a_clip_over_8192_wide_is_scaled_down_to_fit(tmp_path: Path) -> None:
+    """QA 75 F3, a clip's frames: every one failed at the hub, the input restarted every 5 s."""
+    path = tmp_path / "wide.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (9000, 16))
+    assert writer.isOpened()
+    for level in (50, 150):
+        writer.write(np.full((16, 9000, 3), level, np.uint8))
+    writer.release()
+    source = create_input(parse_spec(f"file:{path}?fps=1000"))
+    source.open()
+    stop = threading.Event()
+    images = [source.read(stop) for _ in range(3)]
+    for frame_id, image in enumerate(images, 1):
+        input_frame(image, frame_id, 0, PixelFormat.JPEG)  # what the hub does with it: must not raise
+    assert [image.shape for image in images] == [(15, 8192, 3)] * 3  # 16 * 8192 / 9000 = 14.56
+    assert [min((50, 150), key=lambda v: abs(v - int(image[5, 5, 0]))) for image in images] == [50, 150, 50]
