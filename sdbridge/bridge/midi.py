@@ -48,6 +48,7 @@ class MidiStats:
     errors: int = 0
     clock_ticks: int = 0
     clock_ignored: int = 0  # ticks while Ableton Link owns the tempo
+    clock_other_port: int = 0  # clock and transport messages from a port other than the one the clock follows
 
 
 def default_map_path() -> Path:
@@ -119,6 +120,11 @@ class MidiBridge:
         self.following = False  # we fed the worker's BeatClock (so stop() hands it back)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gap_check: asyncio.TimerHandle | None = None
+        # The port whose clock is followed: the first to send a tick, until its clock goes silent. Every port shares
+        # one MidiClock, so a second stream (a controller's MIDI thru, a second device) doubled the tempo (QA 73 F10).
+        self._clock_claimed = False
+        self._clock_port: str | None = None
+        self._told_other_ports: set[str | None] = set()
         self._learn_notify: Callable[[CcBinding], None] | None = None
         self._log = ProblemLog(log, "MIDI", lambda: {"errors": self.stats.errors})
 
@@ -155,7 +161,7 @@ class MidiBridge:
             names = await asyncio.to_thread(list_ports)
             for name in dict.fromkeys(match_port(want, names) for want in wanted):
                 try:
-                    self.ports.append(mido.open_input(name, callback=self._on_port_message))
+                    self.ports.append(mido.open_input(name, callback=self._port_callback(name)))
                 except (OSError, RuntimeError) as exc:
                     self.stop()
                     raise ConfigError(f"cannot open MIDI input {name!r}: {exc}") from exc
@@ -182,25 +188,29 @@ class MidiBridge:
 
     # --- messages in --------------------------------------------------------------------------------
 
-    def _on_port_message(self, message: Any) -> None:
-        """rtmidi's thread: stamp the arrival time now (the loop may be busy for a millisecond), then hand over."""
-        self.receive(message, time.monotonic())
+    def _port_callback(self, name: str) -> Callable[[Any], None]:
+        def on_message(message: Any) -> None:
+            """rtmidi's thread: stamp the arrival time now (the loop may be busy for a millisecond), then hand over."""
+            self.receive(message, time.monotonic(), name)
+        return on_message
 
-    def receive(self, message: Any, at: float | None = None) -> None:
-        """Any thread: one ``mido.Message``, arrived at monotonic ``at`` (default: now)."""
+    def receive(self, message: Any, at: float | None = None, port: str | None = None) -> None:
+        """Any thread: one ``mido.Message``, arrived at monotonic ``at`` (default: now) on input ``port``."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(self._handle, message, time.monotonic() if at is None else at)
+            loop.call_soon_threadsafe(self._handle, message, time.monotonic() if at is None else at, port)
         except RuntimeError:  # the loop closed between the check and the call: the daemon is stopping
             log.debug("MIDI %s after the daemon stopped: dropped", message)
 
-    def _handle(self, message: Any, at: float) -> None:
+    def _handle(self, message: Any, at: float, port: str | None = None) -> None:
         """Loop thread."""
         self.stats.messages += 1
         try:
             kind = message.type
+            if kind in ("clock", "start", "stop", "continue", "songpos") and not self._from_clock_port(kind, at, port):
+                return
             if kind == "clock":
                 self._tick(at)
             elif kind in ("start", "stop", "continue", "songpos"):
@@ -240,6 +250,21 @@ class MidiBridge:
             self._log.warning("MIDI %s: %s", message, exc)
             self.daemon.report_osc_error(exc)
 
+    def _from_clock_port(self, kind: str, at: float, port: str | None) -> bool:
+        """Whether a clock or transport message is the followed stream's; the first port to tick claims it."""
+        if kind == "clock":
+            self.check_gap(at)  # a claimed port gone silent frees the clock for another
+            if not self._clock_claimed:
+                self._clock_claimed, self._clock_port = True, port
+        if not self._clock_claimed or port == self._clock_port:
+            return True
+        self.stats.clock_other_port += 1
+        if port not in self._told_other_ports:
+            self._told_other_ports.add(port)
+            log.warning("MIDI clock also comes from %r: ignored, the clock from %r is followed (clock_other_port in "
+                        "/stats counts the rest)", port, self._clock_port)
+        return False
+
     def _check_gap_now(self) -> None:
         """Loop thread, every :data:`GAP_CHECK_S` from start() to stop()."""
         try:
@@ -254,6 +279,7 @@ class MidiBridge:
         Followed on, the beat kept the last tick's tempo for the rest of the show (QA 73 F6)."""
         if not self.clock.expire(now):
             return False
+        self._clock_claimed, self._clock_port = False, None
         if self.following:
             self.daemon.worker.clock.unfollow()
             self.following = False
@@ -262,7 +288,6 @@ class MidiBridge:
 
     def _tick(self, at: float) -> None:
         self.stats.clock_ticks += 1
-        self.check_gap(at)
         sample = self.clock.tick(at)
         if sample is None or not self.mapper.map.clock:
             return
@@ -301,4 +326,5 @@ class MidiBridge:
         return {"enabled": True, "ports": [port.name for port in self.ports], "map": str(self.map_path),
                 "learning": self.mapper.learning, "clock_tempo": None if self.clock.tempo is None
                 else round(self.clock.tempo, 2), "clock_running": self.clock.running,
-                "following_clock": self.following and self.daemon.link is None, **asdict(self.stats)}
+                "following_clock": self.following and self.daemon.link is None, "clock_port": self._clock_port,
+                **asdict(self.stats)}

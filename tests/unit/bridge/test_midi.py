@@ -103,3 +103,31 @@ def test_a_tempo_turned_while_stopped_moves_the_beat_from_where_it_is(tmp_path, 
     assert clock.beat(at + 1.0, 140.0) - clock.beat(at, 140.0) == pytest.approx(140.0 / 60.0, abs=0.01)
     # no jump: ten beats at 140, less what the line's first half beat ran at 100 (the old code: 7.1, all at 100)
     assert 9.5 < clock.beat(at, 140.0) - before < 10.0
+
+
+def test_clock_on_two_ports_follows_the_first_and_counts_the_other(tmp_path, mido, caplog):
+    # QA 73 F10: a DAW's 120 bpm clock, and the same clock 3 ms later through a controller's MIDI thru.
+    bridge = _bridge(tmp_path)
+    at = 10.0
+    for port in ("daw", "thru"):
+        bridge._handle(mido.Message("start"), at, port)
+    with caplog.at_level("WARNING", logger="sdbridge.bridge.midi"):
+        for _ in range(PPQN * 4):
+            at += 60.0 / 120.0 / PPQN
+            bridge._handle(mido.Message("clock"), at, "daw")
+            bridge._handle(mido.Message("clock"), at + 0.003, "thru")
+        bridge._handle(mido.Message("stop"), at + 0.004, "thru")  # the other port's transport is not the clock's
+    stats = bridge.describe()
+    assert stats["clock_tempo"] == pytest.approx(120.0) and bridge.daemon.store.get("bpm") == 120.0
+    assert bridge.clock.ticks == PPQN * 4 - 1 and stats["clock_running"]
+    assert stats["clock_port"] == "daw" and stats["clock_ticks"] == PPQN * 4
+    assert stats["clock_other_port"] == PPQN * 4 + 1  # its ticks and its Stop (its Start came before any tick)
+    assert [r.getMessage() for r in caplog.records].count("MIDI clock also comes from 'thru': ignored, the clock from "
+                                                          "'daw' is followed (clock_other_port in /stats counts the "
+                                                          "rest)") == 1
+    # the DAW unplugged: once its clock has gone silent, the other port's is followed
+    at += 60.0 / 120.0 / PPQN + 2 * GAP_S
+    for _ in range(PPQN):
+        at += 60.0 / 90.0 / PPQN
+        bridge._handle(mido.Message("clock"), at, "thru")
+    assert bridge.describe()["clock_port"] == "thru" and bridge.daemon.store.get("bpm") == pytest.approx(90.0)
