@@ -52,7 +52,10 @@ class RecordOutput(Output):
                 file.write(encoded.data)
         except OSError as exc:
             # A partial file would be a broken frame and would push the numbering on at the retry.
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only disk refuses even this (EROFS, not ENOENT): the write's error is the news
+                pass
             raise OutputError(f"could not write {path}: {exc.strerror or exc}{_free_space(self.folder)}") from exc
         self.count += 1
 

@@ -98,3 +98,14 @@ def test_a_full_disk_says_so_and_the_recording_resumes_numbered_on(tmp_path: Pat
     assert len(names) <= 3
     assert int(cv2.imread(str(tmp_path / "000001.png"))[0, 0, 2]) == 30  # BGR on disk
     assert "libpng" not in capfd.readouterr().err
+
+
+def test_a_write_whose_clean_up_fails_too_still_says_why_it_failed(tmp_path: Path) -> None:
+    """QA 75 F5: on a read-only disk removing the partial file fails as well (EROFS), and that raw OSError
+    hid the OutputError. A directory where the frame's file goes refuses both the same way, for any user."""
+    recorder = RecordOutput(str(tmp_path))
+    recorder.open(16, 16, 30)
+    (tmp_path / "000000.png").mkdir()
+    with pytest.raises(OutputError, match=r"could not write .*000000\.png: Is a directory \(.* MB free there\)"):
+        recorder.send(red(10))
+    assert recorder.count == 0
