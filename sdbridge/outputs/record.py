@@ -36,7 +36,8 @@ class RecordOutput(Output):
     def open(self, width: int, height: int, fps: float) -> None:
         self.check()
         # Numbered on from what is there, so a restart never overwrites the first half of a show.
-        existing = [int(p.stem) for p in self.folder.glob("*.png") if p.stem.isdigit()]
+        # ASCII digits only: isdigit() also takes "²" and other digits int() refuses (QA 75 F8).
+        existing = [int(p.stem) for p in self.folder.glob("*.png") if p.stem.isascii() and p.stem.isdigit()]
         self.count = max(existing, default=-1) + 1
 
     def send(self, frame: np.ndarray) -> None:

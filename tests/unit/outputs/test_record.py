@@ -109,3 +109,13 @@ def test_a_write_whose_clean_up_fails_too_still_says_why_it_failed(tmp_path: Pat
     with pytest.raises(OutputError, match=r"could not write .*000000\.png: Is a directory \(.* MB free there\)"):
         recorder.send(red(10))
     assert recorder.count == 0
+
+
+def test_numbering_goes_on_from_ascii_numbered_files_only(tmp_path: Path) -> None:
+    """QA 75 F8: a file such as '².png' (str.isdigit() is true, int() refuses it) kept the recorder from
+    opening, retried every 5 s for good."""
+    for name in ("².png", "٣.png", "000004.png", "take2.png", "0x10.png"):
+        (tmp_path / name).write_bytes(b"")
+    recorder = RecordOutput(str(tmp_path))
+    recorder.open(16, 16, 30)
+    assert recorder.count == 5
