@@ -27,14 +27,14 @@ from urllib.parse import unquote, urlsplit
 
 from sdbridge.bridge.listen import bound_socket
 from sdbridge.bridge.osc_parse import INT32_MAX
-from sdbridge.bridge.security import AccessPolicy
+from sdbridge.bridge.security import AccessPolicy, is_wildcard_host
 from sdbridge.params import ParamSpec, Schema
 
 log = logging.getLogger(__name__)
 
 TYPE_TAGS = {"float": "f", "int": "i", "bool": "T", "str": "s", "enum": "s"}
 ACCESS_READ_WRITE = 3
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # mdns reads it; this module asks is_wildcard_host (any spelling)
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed"}
 # The node attributes of the OSCQuery proposal: asked of a node that lacks one (VALUE of a container), the answer
@@ -186,7 +186,7 @@ class OscQueryServer:
         parts = urlsplit(target)
         query = attribute_query(parts.query)
         if query == "HOST_INFO":
-            if self.osc_host.strip("[]") in WILDCARD_HOSTS and local_address:
+            if is_wildcard_host(self.osc_host) and local_address:
                 # 0.0.0.0 is no address to send to; the one this client reached us on is (OSC listens there too).
                 return 200, {**self.info, "OSC_IP": local_address}
             return 200, self.info

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -48,6 +49,19 @@ def _split_host(value: str) -> str:
             return value[: end + 1]
         return value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def is_wildcard_host(host: str) -> bool:
+    """Whether a bind address is every interface: empty, or an unspecified address however it is written
+    (``0.0.0.0``, ``::``, ``[::]``, ``0:0::0``). ``--host [::]`` listens on every interface (listen.py strips the
+    brackets), yet the policy compared the raw string and refused every LAN client 403, token or not (QA 74 F5)."""
+    address = host.strip().strip("[]")
+    if not address:
+        return True
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -80,15 +94,16 @@ class AccessPolicy:
         self.token = settings.token
         self.port = port
         hosts = {name.lower() for name in LOOPBACK_NAMES} | {h.lower() for h in settings.allowed_hosts}
-        if settings.host not in ("0.0.0.0", "::", ""):
-            hosts.add(settings.host.lower())
+        wildcard = is_wildcard_host(settings.host)
+        if not wildcard:
+            hosts.add(settings.host.strip().strip("[]").lower())
         # An IPv6 address comes in Host (and Origin) in brackets: --host fd00::5 refused every request (QA 46 F8).
         hosts |= {f"[{name}]" for name in hosts if ":" in name and not name.startswith("[")}
-        self.any_host = settings.host in ("0.0.0.0", "::", "") and bool(self.token)
+        self.any_host = wildcard and bool(self.token)
         self.hosts = hosts
         origins = {f"http://{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
-        if settings.host not in ("0.0.0.0", "::", "") and settings.host not in LOOPBACK_NAMES:
-            origins.add(f"http://{host_port(settings.host.strip('[]'), port)}")
+        if not wildcard and settings.host not in LOOPBACK_NAMES:
+            origins.add(f"http://{host_port(settings.host.strip().strip('[]'), port)}")
         self.origins = origins | {o.rstrip("/").lower() for o in settings.allowed_origins}
         # Pages of the daemon may be framed by its own and by the configured origins (a dashboard), no other site:
         # framed unseen, a page took a click meant for another site's bait, "start camera" (QA 34). The CSP

@@ -190,3 +190,15 @@ def test_every_listener_on_the_ipv6_wildcard_takes_ipv4_too(start_daemon):
                                       timeout=5).json()["values"]["strength"] == 0.25, timeout=10)
     listeners = [daemon.oscquery.server.sockets[0], daemon.osc.transport.get_extra_info("socket")]
     assert all(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0 for sock in listeners)
+
+
+def test_the_bracketed_ipv6_wildcard_serves_lan_clients_with_the_token(start_daemon):
+    """QA 74 F5: ``--host [::]`` bound every interface, yet every LAN client got 403 with the right token on the main
+    port and on OSCQuery (127.0.0.2 stands for the LAN address)."""
+    daemon = start_daemon(params={"engine": "identity", "prompt": "a red fox"}, host="[::]", token=TOKEN)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with _oscquery(daemon, "127.0.0.2") as http:
+        assert http.get("/sd/prompt?VALUE", headers=bearer).json() == {"VALUE": ["a red fox"]}
+        assert http.get("/sd/prompt?VALUE").status_code == 401
+    assert httpx.get(f"http://127.0.0.2:{daemon.port}/health", headers=bearer, trust_env=False,
+                     timeout=10).status_code == 200

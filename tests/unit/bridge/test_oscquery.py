@@ -65,6 +65,8 @@ def test_errors_as_the_proposal_has_them_in_the_daemon_s_json():
 def test_host_info_names_the_reached_address_when_bound_to_all():
     assert _server("0.0.0.0").respond("GET", "/?HOST_INFO", "192.168.1.20")[1]["OSC_IP"] == "192.168.1.20"
     assert _server("::").respond("GET", "/?HOST_INFO", "fe80::1")[1]["OSC_IP"] == "fe80::1"
+    # Any spelling of the wildcard (QA 74 F5: the bracketed form was "not all addresses" to the policy).
+    assert _server("[0:0::0]").respond("GET", "/?HOST_INFO", "fe80::1")[1]["OSC_IP"] == "fe80::1"
     # A named bind address is where OSC listens, whatever the client reached.
     assert _server("10.0.0.5").respond("GET", "/?HOST_INFO", "10.0.0.5")[1]["OSC_IP"] == "10.0.0.5"
     assert _server("127.0.0.1").respond("GET", "/?HOST_INFO", "127.0.0.2")[1]["OSC_IP"] == "127.0.0.1"

@@ -120,3 +120,15 @@ def test_host_port_brackets_ipv6():
 
     assert [host_port(h, 9000) for h in ("::", "[::1]", "127.0.0.1", "studio.local")] == [
         "[::]:9000", "[::1]:9000", "127.0.0.1:9000", "studio.local:9000"]
+
+
+@pytest.mark.parametrize("host", ["[::]", "0:0::0", "::0", "[0:0::0]", "::", "0.0.0.0"])
+def test_every_spelling_of_the_wildcard_serves_any_host_with_the_token(host):
+    """QA 74 F5: ``--host [::]`` listens on every interface, but the policy compared the raw string with ``::``, so
+    every LAN controller got 403 with the right token, and ``http://[::]:7860`` was taken for the daemon's page."""
+    token = "t" * 32
+    policy = AccessPolicy(Settings(host=host, token=token, port=7860), 7860)
+    assert policy.any_host
+    assert policy.check({"host": "192.0.2.2:7860", "authorization": f"Bearer {token}"}, "") is None
+    assert policy.check({"host": "192.0.2.2:7860"}, "").status == 401  # the token is still the defence
+    assert not any("[::]" in origin or "0:0::0" in origin for origin in policy.origins)
