@@ -77,11 +77,12 @@ def parse_offer(body: bytes) -> list[MediaSection]:
             if current is not None:
                 sections.append(MediaSection(**current))  # type: ignore[arg-type]
             fields = line[2:].split()
-            if len(fields) < 3 or not fields[1].split("/")[0].isdigit():
+            port = fields[1].split("/")[0] if len(fields) >= 3 else ""
+            # ASCII digits only: '²' passes str.isdigit() and int() refuses it, a 500 (QA 74 F4).
+            if not (port.isascii() and port.isdigit()):
                 raise WebRtcError(f"the offer's media line {line[:80]!r} is not 'm=KIND PORT PROTO FORMATS'",
                                   code="bad_sdp")
-            current = {"kind": fields[0], "port": int(fields[1].split("/")[0]), "direction": session_direction,
-                       "candidates": 0}
+            current = {"kind": fields[0], "port": int(port), "direction": session_direction, "candidates": 0}
         elif line.startswith("a="):
             attribute = line[2:].split(":", 1)[0]
             if attribute in DIRECTIONS:

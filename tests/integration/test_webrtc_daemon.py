@@ -231,6 +231,10 @@ def test_bad_requests_get_a_status_and_a_sentence(start_daemon) -> None:
         assert "VP8, H.264" in av1.json()["message"]
         too_big = http.post("/whip/stage", content=b"v=0\r\n" + b"a=x\r\n" * 20000, headers=SDP)
         assert too_big.status_code == 413
+        # A port that str.isdigit() takes and int() does not: was a 500 and a traceback (QA 74 F4).
+        superscript = http.post("/whip/stage", content=AV1_ONLY.replace("m=video 9 ", "m=video ² "), headers=SDP)
+        assert superscript.status_code == 400 and superscript.json()["code"] == "bad_sdp", superscript.text
+        assert "'m=video ² UDP/TLS/RTP/SAVPF 45'" in superscript.json()["message"]
         bad_name = http.post("/whep/no%20spaces", content=AUDIO_ONLY, headers=SDP)
         assert bad_name.status_code == 400 and bad_name.json()["code"] == "bad_session"
         # A dot segment would give a Location clients resolve away (/whip/../ID -> /ID): never a session (QA 6).

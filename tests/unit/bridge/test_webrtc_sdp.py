@@ -49,6 +49,8 @@ def test_whip_needs_video_it_sends_and_whep_video_it_receives() -> None:
     (b"v=0\r\n\xff\xfe", "byte 5 is not UTF-8"),
     (b"v=0\r\nm=video\r\n", "'m=video' is not 'm=KIND PORT PROTO FORMATS'"),
     (b"v=0\r\nm=video x UDP 96\r\n", "'m=video x UDP 96'"),
+    ("v=0\r\nm=video ² UDP 96\r\n".encode(), "'m=video ² UDP 96'"),  # isdigit() but not int(): was a 500
+    ("v=0\r\nm=video ３ UDP 96\r\n".encode(), "'m=video ３ UDP 96'"),  # a port is ASCII digits
     (b"v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n", "no video m-line (it has audio)"),
     (b"v=0\r\nm=video 0 UDP/TLS/RTP/SAVPF 96\r\n", "no video m-line (it has video)"),  # port 0: rejected
     (b"v=0\r\ns=-\r\n", "no video m-line (it has no media section)"),
