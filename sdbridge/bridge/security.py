@@ -150,7 +150,7 @@ class AccessPolicy:
             return None
         offered = list(_offered_tokens(headers.get("authorization"), query))
         expected = self.token.encode()
-        if any(hmac.compare_digest(candidate.encode(), expected) for candidate in offered):
+        if any(hmac.compare_digest(candidate, expected) for candidate in offered):
             return None
         if any(offered):  # one was sent: a typo in OBS's Bearer Token field is told as one (QA 6)
             return "the token sent does not match the daemon's --token: check it for a typo"
@@ -189,19 +189,30 @@ def redact_tokens(logger: logging.Logger) -> None:
         logger.addFilter(TokenRedactor())
 
 
-def _offered_tokens(authorization: str | None, query: str) -> Iterable[str]:
+def _header_bytes(value: str) -> bytes:
+    """A header value as the bytes the client sent. ASGI (and OSCQuery's parse_headers) read headers as latin-1, so a
+    UTF-8 token sent as ``Bearer`` (what OBS sends) came as its UTF-8 bytes read as latin-1, and encoded again as
+    UTF-8 it never matched, while Basic and ?token= did (QA 74 F8)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # text no wire gave: a caller's own str
+        return value.encode()
+
+
+def _offered_tokens(authorization: str | None, query: str) -> Iterable[bytes]:
+    """Every token a request offers, as UTF-8 bytes, what ``--token`` is compared as."""
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer":
-            yield value.strip()
+            yield _header_bytes(value.strip())
         elif scheme.lower() == "basic":
             try:
-                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                decoded = ""
-            yield decoded.partition(":")[2]
+                decoded = base64.b64decode(value.strip(), validate=True)
+            except binascii.Error:
+                decoded = b""
+            yield decoded.partition(b":")[2]  # base64 carries the bytes as sent
     for value in parse_qs(query).get("token", []):
-        yield value
+        yield value.encode()
 
 
 class AccessMiddleware:

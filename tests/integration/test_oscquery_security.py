@@ -202,3 +202,16 @@ def test_the_bracketed_ipv6_wildcard_serves_lan_clients_with_the_token(start_dae
         assert http.get("/sd/prompt?VALUE").status_code == 401
     assert httpx.get(f"http://127.0.0.2:{daemon.port}/health", headers=bearer, trust_env=False,
                      timeout=10).status_code == 200
+
+
+def test_a_non_ascii_token_works_as_bearer_on_both_ports(start_daemon):
+    """QA 74 F8: a non-ASCII --token passed as Basic or ?token= but never as Authorization: Bearer (OBS's field)."""
+    token = "tökén-qa74-0123456789abcdef"
+    daemon = start_daemon(params={"engine": "identity"}, token=token)
+    bearer = {"Authorization": b"Bearer " + token.encode()}  # the UTF-8 bytes a client sends
+    for port, path in ((daemon.port, "/health"), (daemon.oscquery.port, "/?HOST_INFO")):
+        url = f"http://127.0.0.1:{port}{path}"
+        assert httpx.get(url, headers=bearer, trust_env=False, timeout=10).status_code == 200, port
+        assert httpx.get(url, auth=("x", token), trust_env=False, timeout=10).status_code == 200, port
+        wrong = {"Authorization": b"Bearer " + token.encode("latin-1")}
+        assert httpx.get(url, headers=wrong, trust_env=False, timeout=10).status_code == 401, port

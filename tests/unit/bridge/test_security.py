@@ -132,3 +132,19 @@ def test_every_spelling_of_the_wildcard_serves_any_host_with_the_token(host):
     assert policy.check({"host": "192.0.2.2:7860", "authorization": f"Bearer {token}"}, "") is None
     assert policy.check({"host": "192.0.2.2:7860"}, "").status == 401  # the token is still the defence
     assert not any("[::]" in origin or "0:0::0" in origin for origin in policy.origins)
+
+
+def test_a_non_ascii_token_matches_in_every_carrier():
+    """QA 74 F8: headers come read as latin-1 (ASGI), so a UTF-8 token sent as Bearer arrives as its UTF-8 bytes read
+    as latin-1; it was encoded again as UTF-8 and never matched, while Basic and ?token= did."""
+    token = "tökén-qa74-0123456789abcdef"
+    policy = AccessPolicy(Settings(token=token), port=7860)
+    on_the_wire = token.encode().decode("latin-1")  # what a server hands the policy for the header OBS sends
+    assert policy.check_token({"authorization": f"Bearer {on_the_wire}"}, "") is None
+    basic = base64.b64encode(f"x:{token}".encode()).decode()
+    assert policy.check_token({"authorization": f"Basic {basic}"}, "") is None
+    assert policy.check_token({}, "token=t%C3%B6k%C3%A9n-qa74-0123456789abcdef") is None
+    # Other bytes are another token: the same letters in latin-1 do not pass.
+    assert policy.check_token({"authorization": f"Bearer {token}"}, "") is not None
+    latin1 = base64.b64encode(f"x:{token}".encode("latin-1")).decode()
+    assert policy.check_token({"authorization": f"Basic {latin1}"}, "") is not None
