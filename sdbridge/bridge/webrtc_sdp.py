@@ -19,6 +19,10 @@ SDP_CONTENT_TYPE = "application/sdp"
 # A browser's or OBS's offer is 3-10 KB (each codec is a few lines, each candidate one line); 64 KiB leaves
 # room for many interfaces and stops a client from making the daemon hold any size in memory.
 MAX_SDP_BYTES = 64 * 1024
+# aiortc answers an offer's sections on the daemon's one event loop, ~3 ms each: 560 of them in 64 KiB held every
+# client 1.8 s (QA 74 F6). The daemon takes one video section; OBS and browsers offer 2 (audio and video), 3 with a
+# data channel: 8 leaves room for a client that offers more and is answered inactive for them.
+MAX_MEDIA_SECTIONS = 8
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 _SESSION = re.compile(rf"^{SESSION_NAME}$")
 RESOURCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -69,6 +73,10 @@ def parse_offer(body: bytes) -> list[MediaSection]:
     if not lines or lines[0] != "v=0":
         first = lines[0][:40] if lines else "nothing"
         raise WebRtcError(f"the body is not an SDP offer: it starts with {first!r}, not 'v=0'", code="bad_sdp")
+    count = sum(1 for line in lines if line.startswith("m="))
+    if count > MAX_MEDIA_SECTIONS:
+        raise WebRtcError(f"the offer has {count} media sections (m= lines), at most {MAX_MEDIA_SECTIONS}: "
+                          f"offer one video track (and audio, which is answered inactive)", code="too_many_media")
     sections: list[MediaSection] = []
     session_direction = "sendrecv"
     current: dict[str, object] | None = None

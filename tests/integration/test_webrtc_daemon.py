@@ -235,6 +235,11 @@ def test_bad_requests_get_a_status_and_a_sentence(start_daemon) -> None:
         superscript = http.post("/whip/stage", content=AV1_ONLY.replace("m=video 9 ", "m=video ² "), headers=SDP)
         assert superscript.status_code == 400 and superscript.json()["code"] == "bad_sdp", superscript.text
         assert "'m=video ² UDP/TLS/RTP/SAVPF 45'" in superscript.json()["message"]
+        # 560 sections in 62 KB, under the size cap: aiortc answered them on the loop for ~2 s (QA 74 F6).
+        many = AV1_ONLY + "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n" * 559
+        crowded = http.post("/whep/stage", content=many, headers=SDP)
+        assert crowded.status_code == 400 and crowded.json()["code"] == "too_many_media", crowded.text
+        assert "560 media sections (m= lines), at most 8" in crowded.json()["message"]
         bad_name = http.post("/whep/no%20spaces", content=AUDIO_ONLY, headers=SDP)
         assert bad_name.status_code == 400 and bad_name.json()["code"] == "bad_session"
         # A dot segment would give a Location clients resolve away (/whip/../ID -> /ID): never a session (QA 6).
