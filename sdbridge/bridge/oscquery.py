@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 from sdbridge.bridge.listen import bound_socket
 from sdbridge.bridge.osc_parse import INT32_MAX
-from sdbridge.bridge.security import AccessPolicy, is_wildcard_host
+from sdbridge.bridge.security import AccessPolicy, is_token_pair, is_wildcard_host
 from sdbridge.params import ParamSpec, Schema
 
 log = logging.getLogger(__name__)
@@ -99,11 +99,16 @@ def attribute_query(query: str) -> str:
     """The OSCQuery attribute of a query string, without the access token.
 
     ``VALUE&token=T`` -> ``VALUE``; ``token=T&HOST_INFO=`` -> ``HOST_INFO`` (some clients send
-    ``?HOST_INFO=``); ``token=T`` -> ``""``, the whole node. Only ``token=`` pairs are dropped,
-    matching what :meth:`AccessPolicy.check_token` reads from the same string.
+    ``?HOST_INFO=``); ``token=T`` -> ``""``, the whole node. The pairs dropped are those
+    :meth:`AccessPolicy.check_token` reads the token from (:func:`is_token_pair`), ``tok%65n=T`` too.
     """
-    kept = [part.rstrip("=") for part in query.split("&") if part and not part.startswith("token=")]
+    kept = [part.rstrip("=") for part in query.split("&") if part and not is_token_pair(part)]
     return "&".join(kept)
+
+
+def _names(query: str) -> str:
+    """What a 400 may echo of a query: its pairs' names, never a value (a mistyped token pair carries the token)."""
+    return "&".join(part.partition("=")[0] for part in query.split("&"))
 
 
 def parse_headers(request: bytes) -> dict[str, str]:
@@ -196,7 +201,7 @@ class OscQueryServer:
         if query:
             attribute = query.upper()
             if attribute not in ATTRIBUTES:
-                return 400, _error("bad_request", f"{query[:40]!r} is not an OSCQuery attribute (they are "
+                return 400, _error("bad_request", f"{_names(query)[:40]!r} is not an OSCQuery attribute (they are "
                                                   f"{', '.join(ATTRIBUTES)} and HOST_INFO)")
             if attribute not in node:
                 return 204, None  # a container has no VALUE

@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote
 
 from sdbridge.bridge.listen import host_port
 from sdbridge.bridge.problem_log import ProblemLog
@@ -211,8 +211,19 @@ def _offered_tokens(authorization: str | None, query: str) -> Iterable[bytes]:
             except binascii.Error:
                 decoded = b""
             yield decoded.partition(b":")[2]  # base64 carries the bytes as sent
-    for value in parse_qs(query).get("token", []):
-        yield value.encode()
+    for part in query.split("&"):
+        if is_token_pair(part):
+            value = unquote(part.partition("=")[2].replace("+", " "))
+            if value:  # parse_qs's reading: a blank value is no pair
+                yield value.encode()
+
+
+def is_token_pair(part: str) -> bool:
+    """Whether one ``&``-separated pair of a query string carries the token: its name decoded as parse_qs decodes it
+    (``tok%65n=`` is ``token=``, QA 36). OSCQuery drops exactly these pairs before it reads its attribute: it dropped
+    only a literal ``token=``, so ``?VALUE&tok%65n=T`` passed the check and was then a 400 echoing T (QA 74 F2)."""
+    name, equals, _ = part.partition("=")
+    return bool(equals) and unquote(name.replace("+", " ")) == "token"
 
 
 class AccessMiddleware:

@@ -215,3 +215,12 @@ def test_a_non_ascii_token_works_as_bearer_on_both_ports(start_daemon):
         assert httpx.get(url, auth=("x", token), trust_env=False, timeout=10).status_code == 200, port
         wrong = {"Authorization": b"Bearer " + token.encode("latin-1")}
         assert httpx.get(url, headers=wrong, trust_env=False, timeout=10).status_code == 401, port
+
+
+def test_a_percent_encoded_token_name_is_answered(start_daemon):
+    """QA 74 F2: ``?VALUE&tok%65n=TOKEN`` passed the check, then was a 400 whose message echoed the token."""
+    daemon = start_daemon(params={"engine": "identity", "prompt": "a red fox"}, token=TOKEN)
+    with _oscquery(daemon) as http:
+        for query in (f"VALUE&tok%65n={TOKEN}", f"%74oken={TOKEN}&VALUE"):
+            answer = http.get(f"/sd/prompt?{query}")
+            assert answer.json() == {"VALUE": ["a red fox"]} and TOKEN not in answer.text, query

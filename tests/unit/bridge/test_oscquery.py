@@ -79,3 +79,16 @@ def test_host_info_names_the_reached_address_when_bound_to_all():
 def test_parse_headers():
     request = b"GET /?VALUE HTTP/1.1\r\nHost: evil.example:9002\r\nAuthorization:  Bearer T \r\nbroken\r\n\r\n"
     assert parse_headers(request) == {"host": "evil.example:9002", "authorization": "Bearer T"}
+
+
+def test_a_percent_encoded_token_name_is_dropped_as_the_check_reads_it():
+    """QA 74 F2: ``tok%65n=T`` passed the token check (parse_qs decodes the name) but stayed in the attribute, a 400
+    whose message echoed T."""
+    assert attribute_query("VALUE&tok%65n=T") == "VALUE"
+    assert attribute_query("%74oken=T&HOST_INFO") == "HOST_INFO"
+    assert attribute_query("VALUE&tokenx=T") == "VALUE&tokenx=T"  # another name is no token
+    server = _server()
+    assert server.respond("GET", "/sd/strength?VALUE&tok%65n=T") == (200, {"VALUE": [0.5]})
+    # A mistyped token pair is a 400 that names it and never echoes its value.
+    status, body = server.respond("GET", "/sd/strength?VALUE&tokn=s3cret-stage-token")
+    assert status == 400 and "tokn" in body["message"] and "s3cret" not in body["message"]
