@@ -158,12 +158,6 @@ class WebRtcHub:
             peer.viewer = WhepViewer(name=f"{session.id}/whep-{peer.resource_id}")
             session.viewers.add(peer.viewer)
 
-        @pc.on("track")
-        def on_track(track: Any) -> None:
-            if role == "whip" and track.kind == "video" and peer.reader is None:
-                peer.reader = peer_module.IngestReader(track, lambda image: _put(session, image, peer.reader))
-                peer.tasks.append(asyncio.create_task(peer.reader.run(), name="sdbridge-whip-read"))
-
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             log.debug("%s peer %s: %s", role.upper(), peer.resource_id, pc.connectionState)
@@ -175,8 +169,18 @@ class WebRtcHub:
                                    SETUP_TIMEOUT_S)
             if role == "whep":
                 peer.track = peer_module.OutputTrack(loop)
-                pc.addTrack(peer.track)
-            peer_module.keep_only_video(pc, "recvonly" if role == "whip" else "sendonly")
+            kept = peer_module.keep_only_video(pc, "recvonly" if role == "whip" else "sendonly", peer.track)
+            if kept is None:
+                raise ValueError("no video section aiortc can use goes the right way")
+            videos = sum(1 for transceiver in pc.getTransceivers() if transceiver.kind == "video")
+            if videos > 1:
+                log.info("%s offer for %s has %d video sections: the daemon takes the first, the other %d are "
+                         "answered inactive (one camera per session)", role.upper(), session_name, videos, videos - 1)
+            if role == "whip":
+                # Only the kept section's track is read; the others get no receiver, so nothing of theirs queues.
+                peer.reader = peer_module.IngestReader(kept.receiver.track,
+                                                       lambda image: _put(session, image, peer.reader))
+                peer.tasks.append(asyncio.create_task(peer.reader.run(), name="sdbridge-whip-read"))
             gathering = time.monotonic()
             await asyncio.wait_for(pc.setLocalDescription(await pc.createAnswer()), SETUP_TIMEOUT_S)
             self._note_gathering(time.monotonic() - gathering)

@@ -44,14 +44,28 @@ def new_peer_connection(ice_servers: Sequence[IceServer] = ()) -> RTCPeerConnect
     return RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
 
-def keep_only_video(pc: RTCPeerConnection, video_direction: str) -> None:
-    """Before the answer: video one way, every other section (OBS offers Opus audio) inactive, so no
-    receiver starts for it and no decoded audio queues up unread. A video receiver gets the
-    :class:`MarkerJitterBuffer`."""
+def keep_only_video(pc: RTCPeerConnection, video_direction: str, track: MediaStreamTrack | None = None) -> Any:
+    """Before the answer: one video section one way, every other section inactive (OBS offers Opus audio; a
+    client may offer two cameras), so no receiver starts for them and no decoded frame queues up unread: aiortc
+    decodes every receiving track into an unbounded queue, 13 MB/s of a 640x480 camera nobody reads (QA 74 F3).
+
+    The video kept is the offer's first that goes ``video_direction``'s way: "recvonly" (WHIP) keeps the first
+    the client sends on, "sendonly" (WHEP) the first it receives on, and sends ``track`` there. A video receiver
+    gets the :class:`MarkerJitterBuffer`. -> the kept transceiver, None when the offer has no such video."""
+    # The offer's direction as seen from here (aiortc reverses it); its name is checked by the tests.
+    wanted = ("recvonly", "sendrecv") if video_direction == "recvonly" else ("sendonly", "sendrecv")
+    kept = None
     for transceiver in pc.getTransceivers():
-        transceiver.direction = video_direction if transceiver.kind == "video" else "inactive"
-        if transceiver.kind == "video" and video_direction == "recvonly":
-            release_frames_on_marker(transceiver.receiver)
+        if kept is None and transceiver.kind == "video" and transceiver._offerDirection in wanted:
+            kept = transceiver
+            transceiver.direction = video_direction
+        else:
+            transceiver.direction = "inactive"
+    if kept is not None and track is not None:
+        kept.sender.replaceTrack(track)
+    if kept is not None and video_direction == "recvonly":
+        release_frames_on_marker(kept.receiver)
+    return kept
 
 
 class MarkerJitterBuffer(JitterBuffer):

@@ -157,6 +157,37 @@ def test_an_obs_like_offer_h264_with_audio_and_no_candidates_feeds_the_session(s
 
 
 @needs_interface
+def test_a_second_camera_in_a_whip_offer_is_answered_inactive_and_queues_nothing(start_daemon, caplog) -> None:
+    """aiortc decoded every video section a WHIP offer sent and the daemon read only the first: a second camera's
+    frames queued unread, 13 MB/s at 640x480, until the daemon ran out of memory (QA 74 F3)."""
+    import logging
+
+    daemon = start_daemon(params=PARAMS)
+
+    async def run() -> None:
+        pc = new_pc()
+        pc.addTransceiver(SolidTrack(RED), direction="sendonly")
+        pc.addTransceiver(SolidTrack((20, 60, 220)), direction="sendonly")
+        async with client(daemon) as http:
+            with caplog.at_level(logging.INFO, logger="sdbridge.bridge.webrtc"):
+                posted = await offer_and_post(http, pc, "/whip/two")
+            assert posted.status_code == 201, posted.text
+            first, second = posted.text.split("m=video")[1:]
+            assert "a=recvonly" in first and "a=inactive" in second
+            assert any("2 video sections: the daemon takes the first, the other 1 are answered inactive"
+                       in record.getMessage() for record in caplog.records)
+            assert await asyncio.to_thread(wait_for, lambda: stats(daemon)["webrtc"]["frames_in"] >= 30, 15)
+            [peer] = daemon.webrtc.peers.values()
+            kept, other = peer.pc.getTransceivers()
+            assert peer.reader.track is kept.receiver.track
+            assert other.receiver.track._queue.qsize() == 0  # aiortc's queue of decoded frames nobody reads
+            assert (await http.delete(posted.headers["location"])).status_code == 200
+        await pc.close()
+
+    asyncio.run(run())
+
+
+@needs_interface
 def test_a_peer_that_goes_away_is_cleaned_up_and_stop_closes_the_rest(tmp_path) -> None:
     from sdbridge.bridge.server import DaemonThread
     from sdbridge.config import Settings

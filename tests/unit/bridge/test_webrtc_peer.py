@@ -137,3 +137,44 @@ def test_a_whip_answer_s_video_receiver_gets_the_marker_jitter_buffer() -> None:
         await asyncio.gather(sender.close(), daemon_side.close())
 
     asyncio.run(run())
+
+
+def test_one_video_section_is_kept_each_way_and_every_other_is_answered_inactive() -> None:
+    """Two cameras in one WHIP offer: aiortc decoded both, and the second's frames queued unread, 13 MB/s at
+    640x480 (QA 74 F3). The first the client sends on is kept; a WHEP viewer's track goes on the first it
+    receives on, even when a section it sends on comes before."""
+    from aiortc import RTCSessionDescription
+
+    async def answer(offerer, direction: str, track=None) -> tuple[list[str], object, object]:
+        daemon_side = new_peer_connection()
+        await offerer.setLocalDescription(await offerer.createOffer())
+        await daemon_side.setRemoteDescription(RTCSessionDescription(offerer.localDescription.sdp, "offer"))
+        kept = keep_only_video(daemon_side, direction, track)
+        await daemon_side.setLocalDescription(await daemon_side.createAnswer())
+        directions = [line[2:] for line in daemon_side.localDescription.sdp.split("\r\n")
+                      if line in ("a=sendonly", "a=recvonly", "a=sendrecv", "a=inactive")]
+        await asyncio.gather(offerer.close(), daemon_side.close())
+        return directions, kept, daemon_side
+
+    async def run() -> None:
+        sender = new_peer_connection()
+        for kind in ("audio", "video", "video"):
+            sender.addTransceiver(kind, direction="sendonly")
+        directions, kept, daemon_side = await answer(sender, "recvonly")
+        assert directions == ["inactive", "recvonly", "inactive"]
+        assert kept is daemon_side.getTransceivers()[1] and kept.receiver.track is not None
+
+        viewer = new_peer_connection()
+        viewer.addTransceiver("video", direction="sendonly")  # receives nothing from the daemon: not this one
+        viewer.addTransceiver("video", direction="recvonly")
+        viewer.addTransceiver("video", direction="recvonly")
+        track = OutputTrack(asyncio.get_running_loop())
+        directions, kept, daemon_side = await answer(viewer, "sendonly", track)
+        assert directions == ["inactive", "sendonly", "inactive"]
+        assert kept is daemon_side.getTransceivers()[1] and kept.sender.track is track
+
+        nothing = new_peer_connection()
+        nothing.addTransceiver("video", direction="recvonly")
+        assert (await answer(nothing, "recvonly"))[1] is None  # a WHIP offer that sends no video keeps none
+
+    asyncio.run(run())
