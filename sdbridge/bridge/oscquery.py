@@ -146,6 +146,7 @@ class OscQueryServer:
         self.info = host_info(name, osc_host, osc_port)
         self.policy = policy
         self.refused = 0
+        self.resets = 0  # connections the client reset or dropped mid-request
         self.server: asyncio.base_events.Server | None = None
         self.port: int | None = None
 
@@ -176,11 +177,17 @@ class OscQueryServer:
                 data = b"" if body is None else json.dumps(body).encode()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
             status, data = 400, json.dumps(_error("bad_request", "not an HTTP/1.1 request head")).encode()
+        except OSError:  # reset by the client (ConnectionResetError and kin): a normal event, not a traceback
+            self.resets += 1
+            writer.close()
+            return
         head = "".join(f"\r\n{name.decode()}: {value.decode()}" for name, value in extra)
         writer.write(f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(data)}{head}\r\nConnection: close\r\n\r\n".encode() + data)
         try:
             await writer.drain()
+        except OSError:  # gone before its answer; escaping here, each was an asyncio ERROR traceback (QA 74 F1)
+            self.resets += 1
         finally:
             writer.close()
 

@@ -224,3 +224,28 @@ def test_a_percent_encoded_token_name_is_answered(start_daemon):
         for query in (f"VALUE&tok%65n={TOKEN}", f"%74oken={TOKEN}&VALUE"):
             answer = http.get(f"/sd/prompt?{query}")
             assert answer.json() == {"VALUE": ["a red fox"]} and TOKEN not in answer.text, query
+
+
+def _reset(port: int, data: bytes) -> None:
+    """Send ``data`` and reset the connection (SO_LINGER 0), as a crashed or impatient client does."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.sendall(data)
+    time.sleep(0.05)  # the daemon is reading the head when the reset comes
+    sock.close()
+
+
+def test_a_reset_oscquery_connection_is_counted_not_a_traceback(start_daemon, caplog):
+    """QA 74 F1: each client that reset its connection was an asyncio "Unhandled exception" ERROR traceback, before
+    the token check, unbounded."""
+    import logging
+
+    daemon = start_daemon(params={"engine": "identity"}, token=TOKEN)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(10):
+            _reset(daemon.oscquery.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head that never ends
+        counted = wait_for(lambda: getattr(daemon.oscquery, "resets", 0) == 10, timeout=10)
+        with _oscquery(daemon) as http:  # and the port serves on
+            assert http.get(f"/?HOST_INFO&token={TOKEN}").status_code == 200
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [] and counted
