@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 from sdbridge.bridge.listen import bound_socket
 from sdbridge.bridge.osc_parse import INT32_MAX
+from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.bridge.security import AccessPolicy, is_token_pair, is_wildcard_host
 from sdbridge.params import ParamSpec, Schema
 
@@ -147,6 +148,10 @@ class OscQueryServer:
         self.policy = policy
         self.refused = 0
         self.resets = 0  # connections the client reset or dropped mid-request
+        # As the main port's AccessMiddleware: the first refusal in full, then summaries; one line per refusal let any
+        # LAN host write the log as fast as it could send (QA 74 F10).
+        self.refusals: dict[str, int] = {}
+        self._refusal_log = ProblemLog(log, "OSCQuery access", lambda: self.refusals, noun="refused requests")
         self.server: asyncio.base_events.Server | None = None
         self.port: int | None = None
 
@@ -167,9 +172,10 @@ class OscQueryServer:
             refusal = self.policy.check(parse_headers(request), urlsplit(target).query)
             if refusal is not None:
                 self.refused += 1
+                self.refusals[refusal.code] = self.refusals.get(refusal.code, 0) + 1
                 # the path alone: the query may carry ?token= (QA 36: a token refused for its Origin was logged)
-                log.warning("refused OSCQuery %s from %s: %s", urlsplit(target).path[:100],
-                            writer.get_extra_info("peername"), refusal.reason)
+                self._refusal_log.log("refused OSCQuery %s from %s: %s", urlsplit(target).path[:100],
+                                      writer.get_extra_info("peername"), refusal.reason)
                 status, data = refusal.status, refusal.body()
                 extra = [(name, value) for name, value in refusal.headers() if name == b"www-authenticate"]
             else:  # 2. What they ask for.
@@ -218,3 +224,4 @@ class OscQueryServer:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        self._refusal_log.flush()

@@ -249,3 +249,18 @@ def test_a_reset_oscquery_connection_is_counted_not_a_traceback(start_daemon, ca
             assert http.get(f"/?HOST_INFO&token={TOKEN}").status_code == 200
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == [] and counted
+
+
+def test_an_oscquery_refusal_flood_logs_the_first_then_a_summary(start_daemon, caplog):
+    """QA 74 F10: each refused OSCQuery request was its own WARNING (2000 lines for 2000 requests); the main port
+    logs the first and then summaries."""
+    import logging
+
+    daemon = start_daemon(params={"engine": "identity"}, token=TOKEN)
+    with caplog.at_level(logging.INFO, logger="sdbridge.bridge.oscquery"), _oscquery(daemon) as http:
+        for _ in range(60):
+            assert http.get("/sd/prompt?VALUE", headers={"Connection": "close"}).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "sdbridge.bridge.oscquery"]
+    assert lines and "refused OSCQuery /sd/prompt" in lines[0], lines
+    assert len(lines) <= 3 and all("more refused requests not logged (unauthorized +" in line for line in lines[1:])
+    assert daemon.oscquery.refused == 60 and daemon.collect_stats()["refused_requests"] == 60
