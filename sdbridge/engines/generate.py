@@ -285,22 +285,95 @@ def image_noise(seed: int, subseed: int, subseed_strength: float, shape: Sequenc
     return image_rng(seed, subseed, subseed_strength, shape, resize_from)[0]
 
 
+# A1111 sets no bound on a prompt's AND parts; here each is a UNet row per image per step, and its conditioning one
+# more row of the step's batch (QA 72 F1: 4,500 empty parts in a 19 KB prompt took GBs before the UNet ran).
+# Composable prompts in use (Latent Couple, Regional Prompter grids) have a handful of parts, rarely over 10:
+# 64 is far above that, and a step there is already 65 UNet rows per image, 32 times a plain prompt's.
+MAX_AND_PARTS = 64
+
+
 @dataclass(frozen=True)
+class PromptTexts:
+    """One pass's prompts as A1111 schedules them: each AND part's ``[(end, text), ...]`` (prompt editing and
+    alternation), the parts' weights, and the negative prompt's schedule (never split on AND)."""
+
+    parts: tuple[list[tuple[int, str]], ...]
+    weights: tuple[float, ...]
+    negative: list[tuple[int, str]]
+
+    def ends(self) -> list[int]:
+        """The end steps of the pass's schedule entries: where any part or the negative prompt changes."""
+        return sorted({end for entries in [*self.parts, self.negative] for end, _ in entries})
+
+    def at(self, end: int) -> tuple[list[str], str]:
+        """The parts' texts and the negative prompt's while the step counter is at ``end``."""
+        return [_text_until(part, end) for part in self.parts], _text_until(self.negative, end)
+
+
+def prompt_texts(prompt: str, negative_prompt: str, steps: int, hires_steps: int | None = None,
+                 name: str = "prompt") -> PromptTexts:
+    """The texts a pass encodes (what the A1111 API checks before a request queues, and the worker encodes).
+    ``hires_steps``: the hires pass's schedule (``when`` counts on from the first pass). ``name``: the field
+    the prompt came from, for errors. The prompt's LoRA tags come out first, as A1111 strips them before
+    scheduling; a ParamError (``bad_param``) for too many AND parts or a part's weight out of range."""
+    # A1111 takes the <lora:...> tags out first (parse_extra_network_prompts, before get_conds): a tag's ':'
+    # inside a [from:to:when] or before an AND weight would break them (QA 24). Then it splits on AND before
+    # it parses schedules, so a part's brackets never span an AND.
+    prompt = extract_networks(prompt)[0]
+    parts = split_composable(prompt)
+    if len(parts) > MAX_AND_PARTS:
+        raise ParamError(f"{name}: {len(parts)} AND parts, more than the {MAX_AND_PARTS} a prompt may have (each "
+                         f"part is one more UNet row per image per step)", name=name, value=prompt[:80],
+                         code="bad_param")
+    for text, weight in parts:
+        if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+            raise ParamError(f"{name}: the AND part {text.strip()[:40]!r} has weight {weight:g}, out of range: "
+                             f"a part's weight must be within ±{MAX_WEIGHT:g}", name=name,
+                             value=prompt[:80], code="bad_param")
+    return PromptTexts(parts=tuple(prompt_schedules(text, steps, hires_steps) for text, _ in parts),
+                       weights=tuple(weight for _, weight in parts),
+                       negative=prompt_schedules(negative_prompt, steps, hires_steps))
+
+
+_Encoded = tuple[torch.Tensor, torch.Tensor, Any]   # one (part, negative) pair's (cond, uncond, pooled)
+
+
+@dataclass(frozen=True, eq=False)
 class PromptStep:
     """The conditioning of the sampler's steps while its counter (from 0) is at most ``end``, after the
     previous entry's (A1111's ``end_at_step``: ``[a:b:0.5]`` at 10 steps is ``a`` for 6 steps, as there):
-    prompt editing ``[from:to:when]`` and alternation ``[a|b]`` change it between steps."""
+    prompt editing ``[from:to:when]`` and alternation ``[a|b]`` change it between steps.
+
+    It holds each part's encodings as made, shared with every other step and part of the same texts; the
+    step's batch (:meth:`batch`) is built only while the sampler is at it, as A1111's
+    reconstruct_multicond_batch does: all steps' batches at once took steps x parts x 77k x D (QA 72 F1)."""
 
     end: int
-    cond: torch.Tensor                                  # [parts, 77 * k, D]: each part of an AND
-    uncond: torch.Tensor                                # [1, 77 * j, D]; j may differ from k
-    pooled: tuple[torch.Tensor, torch.Tensor] | None    # SDXL's pooled embeds: (uncond [1, P], cond [parts, P])
+    parts: tuple[_Encoded, ...]                         # each AND part's (cond [1, 77k, D], uncond, pooled)
     weights: tuple[float, ...] = (1.0,)                 # each part's weight
+    empty: torch.Tensor | None = None                   # set: cond and uncond padded to one length with it
 
     @property
     def composed(self) -> bool:
         """Whether the parts change guidance (two or more, or a weight not 1): then even cfg 1 guides."""
         return self.weights != (1.0,)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(cond [parts, 77k, D], uncond [1, 77j, D] (j may differ from k), SDXL's pooled embeds (uncond [1, P],
+        cond [parts, P]) or None): the parts in one batch."""
+        conds = [cond for cond, _, _ in self.parts]
+        longest = max(range(len(conds)), key=lambda i: conds[i].shape[1])
+        length = conds[longest].shape[1]
+        # A1111's reconstruct_multicond_batch: a shorter part repeats its last vector up to the longest.
+        cond = torch.cat([torch.cat([c, c[:, -1:].expand(-1, length - c.shape[1], -1)], dim=1) for c in conds])
+        # The same negative for every part; an empty one on SDXL is zeros shaped like its part's cond.
+        uncond = self.parts[longest][1]
+        if self.empty is not None and cond.shape[1] != uncond.shape[1]:
+            cond, uncond = match_lengths(cond, uncond, self.empty)
+        pooled = None
+        if self.parts[0][2] is not None:
+            pooled = (self.parts[longest][2][0], torch.cat([part_pooled[1] for _, _, part_pooled in self.parts]))
+        return cond, uncond, pooled
 
     @staticmethod
     def at(schedule: Sequence[PromptStep], step: int) -> PromptStep:
@@ -393,52 +466,29 @@ class Generation:
         ``hires_steps``: the hires pass's schedule (``when`` counts on from the first pass). The prompt's LoRA
         tags hold for every step, as A1111 strips them before scheduling."""
         request = self.request
-        prompt, negative_prompt = request.prompt, request.negative_prompt
+        prompt, negative_prompt, name = request.prompt, request.negative_prompt, "prompt"
         if hires_steps is not None:  # A1111: an empty hires prompt is the first pass's
-            prompt, negative_prompt = request.hr_prompt or prompt, request.hr_negative_prompt or negative_prompt
-        # A1111 takes the <lora:...> tags out first (parse_extra_network_prompts, before get_conds): a tag's ':'
-        # inside a [from:to:when] or before an AND weight would break them (QA 24). Then it splits on AND before
-        # it parses schedules, so a part's brackets never span an AND.
-        prompt = extract_networks(prompt)[0]
-        parts = split_composable(prompt)
-        weights = tuple(weight for _, weight in parts)
-        for text, weight in parts:
-            if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
-                raise ParamError(f"prompt: the AND part {text.strip()[:40]!r} has weight {weight:g}, out of range: "
-                                 f"a part's weight must be within ±{MAX_WEIGHT:g}", name="prompt",
-                                 value=prompt[:80], code="bad_param")
-        positives = [prompt_schedules(text, request.steps, hires_steps) for text, _ in parts]
-        negative = prompt_schedules(negative_prompt, request.steps, hires_steps)
-        encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, Any]] = {}
+            if request.hr_prompt:
+                prompt, name = request.hr_prompt, "hr_prompt"
+            negative_prompt = request.hr_negative_prompt or negative_prompt
+        texts = prompt_texts(prompt, negative_prompt, request.steps, hires_steps, name)
+        # ControlNet's "Pad conds": the shorter of cond and uncond padded with the empty prompt's chunks.
+        empty = self.engine.encode_prompt_pair("", "", self.clip_skip, loras=self.loras)[0] \
+            if self.padded_conds else None
+        # Encodings by text: a schedule repeats most of its texts from step to step (and AND parts may repeat
+        # each other), so memory goes with the distinct texts, not with steps x parts (QA 72 F1).
+        encoded: dict[tuple[str, str], _Encoded] = {}
         schedule = []
-        for end in sorted({end for entries in [*positives, negative] for end, _ in entries}):
-            negative_text = _text_until(negative, end)
+        for end in texts.ends():
+            positives, negative = texts.at(end)
             pairs = []
             for positive in positives:
-                texts = (_text_until(positive, end), negative_text)
-                if texts not in encoded:
-                    encoded[texts] = self.engine.encode_prompt_pair(*texts, self.clip_skip, loras=self.loras)
-                pairs.append(encoded[texts])
-            schedule.append(self._prompt_step(end, pairs, weights))
+                if (positive, negative) not in encoded:
+                    encoded[positive, negative] = self.engine.encode_prompt_pair(positive, negative, self.clip_skip,
+                                                                                 loras=self.loras)
+                pairs.append(encoded[positive, negative])
+            schedule.append(PromptStep(end, tuple(pairs), texts.weights, empty))
         return schedule
-
-    def _prompt_step(self, end: int, pairs: list[tuple[torch.Tensor, torch.Tensor, Any]],
-                     weights: tuple[float, ...]) -> PromptStep:
-        """One schedule entry from each part's (cond, uncond, pooled): the parts in one batch."""
-        conds = [cond for cond, _, _ in pairs]
-        longest = max(range(len(conds)), key=lambda i: conds[i].shape[1])
-        length = conds[longest].shape[1]
-        # A1111's reconstruct_multicond_batch: a shorter part repeats its last vector up to the longest.
-        cond = torch.cat([torch.cat([c, c[:, -1:].expand(-1, length - c.shape[1], -1)], dim=1) for c in conds])
-        # The same negative for every part; an empty one on SDXL is zeros shaped like its part's cond.
-        uncond = pairs[longest][1]
-        if self.padded_conds and cond.shape[1] != uncond.shape[1]:
-            empty, _, _ = self.engine.encode_prompt_pair("", "", self.clip_skip, loras=self.loras)
-            cond, uncond = match_lengths(cond, uncond, empty)
-        pooled = None
-        if pairs[0][2] is not None:
-            pooled = (pairs[longest][2][0], torch.cat([part_pooled[1] for _, _, part_pooled in pairs]))
-        return PromptStep(end, cond, uncond, pooled, weights)
 
     # --- txt2img ------------------------------------------------------------------------------
 
@@ -585,7 +635,8 @@ class Generation:
         guided = request.cfg_scale != 1.0 or prompts[0].composed
         weights = prompts[0].weights
         height, width = latents.shape[-2] * self.scale, latents.shape[-1] * self.scale
-        inputs = {id(step): self._step_inputs(step, batch, height, width, guided) for step in prompts}
+        current: PromptStep | None = None
+        now: _StepInputs | None = None
         accepted = _step_params(scheduler)
         # CPU generators: diffusers draws on them and moves the noise to the device, as A1111 does with RNG on the CPU.
         generators = self._generators if len(self._generators) == batch else [
@@ -603,7 +654,13 @@ class Generation:
             if self.progress.interrupted or self.progress.skipped:
                 break
             # The step counter as A1111's prompt schedules count it (model calls from 0; img2img starts at 0 too).
-            now = inputs[id(PromptStep.at(prompts, index))]
+            entry = PromptStep.at(prompts, index)
+            if entry is not current:
+                # One entry's UNet inputs at a time, the last one's dropped first: all of them at once were
+                # steps x parts x batch rows of conditioning (QA 72 F1).
+                now = None
+                current, now = entry, self._step_inputs(entry, batch, height, width, guided)
+            assert now is not None
             embeddings, halves, added, added_halves = now.embeddings, now.halves, now.added, now.added_halves
             added_both = {"added_cond_kwargs": added} if added else {}
             noise_uncond = None
@@ -698,11 +755,12 @@ class Generation:
     def _step_inputs(step: PromptStep, batch: int, height: int, width: int, guided: bool) -> _StepInputs:
         # Prompts of different lengths (one past 75 tokens) run as two UNet calls, as A1111 does by default
         # (pad_cond_uncond off): padding the shorter with the empty prompt would change the image.
-        separate = guided and step.cond.shape[1] != step.uncond.shape[1]
+        step_cond, step_uncond, pooled = step.batch()
+        separate = guided and step_cond.shape[1] != step_uncond.shape[1]
         # Part by part, each part's rows for the whole batch: the order noise_pred.chunk takes apart.
-        cond, uncond = step.cond.repeat_interleave(batch, dim=0), step.uncond.expand(batch, -1, -1)
+        cond, uncond = step_cond.repeat_interleave(batch, dim=0), step_uncond.expand(batch, -1, -1)
         embeddings = cond if not guided else None if separate else torch.cat([uncond, cond])
-        added = Generation._added_cond(step.pooled, batch, height, width, guided)
+        added = Generation._added_cond(pooled, batch, height, width, guided)
         added_halves: tuple[dict[str, Any], dict[str, Any]] = (
             {"added_cond_kwargs": {k: v[:batch] for k, v in added.items()}},
             {"added_cond_kwargs": {k: v[batch:] for k, v in added.items()}}) if added else ({}, {})

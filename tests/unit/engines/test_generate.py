@@ -971,3 +971,94 @@ def test_img2img_encodes_its_batch_image_by_image_between_stream_frames(engine):
     together = real(pixels.to(generation.device))
     one_by_one = torch.cat([real(pixels[i:i + 1].to(generation.device)) for i in range(3)])
     torch.testing.assert_close(one_by_one, together, rtol=1e-5, atol=1e-5)
+
+
+# --- memory of AND parts x schedule steps (QA 72 F1) --------------------------------------------------------------
+
+
+def _tensor_bytes(tensors) -> int:
+    """The bytes of the distinct storages under ``tensors`` (views of one storage counted once)."""
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
+    return sum(storages.values())
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    import dataclasses
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value):
+        value = [getattr(value, field.name) for field in dataclasses.fields(value)]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors_in(item)]
+    return []
+
+
+def _live_conditioning_bytes(width: int) -> int:
+    """The bytes of every live 3-d tensor of the text encoder's width: the conditioning held right now."""
+    import gc
+
+    return _tensor_bytes([thing for thing in gc.get_objects() if type(thing) is torch.Tensor
+                          and thing.dim() == 3 and thing.shape[-1] == width])
+
+
+# Ten AND parts, the first changing at every step (alternation), the other nine the same text.
+PARTS = 10
+ALTERNATING = "a red fox [" + "|".join(f"tone{i}" for i in range(16)) + "]" + " AND a blue car" * (PARTS - 1)
+
+
+def test_a_schedule_holds_each_distinct_encoding_once_not_steps_x_parts(engine):
+    """Each step's entry shares the encodings of its texts: 12 steps x 10 parts hold the 13 distinct (part,
+    negative) encodings, not 12 batches of 10 rows each (QA 72 F1: 4,500 parts x 150 steps took 12.7 GiB)."""
+    steps = 12
+    generation = Generation(engine, GenerationRequest(prompt=ALTERNATING, negative_prompt="blur", steps=steps,
+                                                      width=64, height=64, seed=1, sampler_name="Euler"))
+    schedule = generation._prompt_schedule()
+    assert len(schedule) == steps
+    one_pair = engine.encode_prompt_pair("a red fox tone0", "blur")
+    pair_bytes = one_pair[0].nbytes + one_pair[1].nbytes
+    held = _tensor_bytes(_tensors_in(schedule))
+    distinct = steps + 1  # the first part's text per step, and the nine parts' one text
+    assert held <= distinct * pair_bytes, (held, distinct * pair_bytes)
+    # The batch of one entry is what a step runs: the same rows as A1111's reconstruct_multicond_batch.
+    cond, uncond, pooled = schedule[3].batch()
+    assert cond.shape[0] == PARTS and uncond.shape[0] == 1 and pooled is None
+    assert torch.equal(cond[0:1], engine.encode_prompt_pair("a red fox tone3", "blur")[0])
+    assert torch.equal(cond[1:2], engine.encode_prompt_pair(" a blue car", "blur")[0])
+
+
+def test_the_sampler_holds_one_step_s_batch_at_a_time(engine):
+    """While the sampler runs, the conditioning held grows with the distinct texts, not with steps x parts x
+    batch: the UNet inputs of each step are built when the sampler gets to it (QA 72 F1)."""
+    width = engine.encode_prompt_pair("", "")[0].shape[-1]
+
+    def most_held(steps: int) -> int:
+        generation = Generation(engine, GenerationRequest(prompt=ALTERNATING, negative_prompt="blur", steps=steps,
+                                                          width=64, height=64, seed=1, batch_size=2,
+                                                          sampler_name="Euler"))
+        before = _live_conditioning_bytes(width)
+        most = 0
+        for _ in generation.run():
+            most = max(most, _live_conditioning_bytes(width) - before)
+        return most
+
+    few, many = most_held(4), most_held(16)
+    one_pair = engine.encode_prompt_pair("a red fox tone0", "blur")
+    pair_bytes = one_pair[0].nbytes + one_pair[1].nbytes
+    # 12 more steps bring 12 more distinct texts (their encodings), nothing per step and part: before, each
+    # step's UNet batch of (1 + 10 parts) x 2 images was held for the whole pass, 22 x pair_bytes / 2 a step.
+    assert many - few <= 12 * pair_bytes * 2, (few, many, pair_bytes)
+
+
+def test_more_and_parts_than_the_limit_are_refused_naming_the_count(engine):
+    from sdbridge.engines.generate import MAX_AND_PARTS
+    from sdbridge.errors import ParamError
+
+    prompt = "a cat" + " AND" * MAX_AND_PARTS
+    with pytest.raises(ParamError, match=f"{MAX_AND_PARTS + 1} AND parts, more than the {MAX_AND_PARTS}") as caught:
+        run(engine, prompt=prompt)
+    assert caught.value.code == "bad_param"
+    with pytest.raises(ParamError, match="hr_prompt: ") as caught:
+        run(engine, prompt="a cat", enable_hr=True, hr_prompt=prompt, steps=1)
+    at_limit = run(engine, prompt="a cat" + " AND" * (MAX_AND_PARTS - 1), steps=1)
+    assert len(at_limit.images) == 1
