@@ -99,7 +99,7 @@ class WebRtcHub:
         # threads read it without a lock.
         self._tracks: dict[str, tuple[Any, ...]] = {}
         # Counters of ended peers, so that totals survive them.
-        self.retired = {"frames_in": 0, "frames_out": 0, "dropped": 0}
+        self.retired = {"frames_in": 0, "frames_out": 0, "dropped": 0, "frames_refused": 0}
         self.refused = 0
         self.slow_answers = 0
         self.closed = False
@@ -179,7 +179,8 @@ class WebRtcHub:
             if role == "whip":
                 # Only the kept section's track is read; the others get no receiver, so nothing of theirs queues.
                 peer.reader = peer_module.IngestReader(kept.receiver.track,
-                                                       lambda image: _put(session, image, peer.reader))
+                                                       lambda image: _put(session, image, peer.reader),
+                                                       name=f"WHIP {peer.resource_id} on session {session.id}")
                 peer.tasks.append(asyncio.create_task(peer.reader.run(), name="sdbridge-whip-read"))
             gathering = time.monotonic()
             await asyncio.wait_for(pc.setLocalDescription(await pc.createAnswer()), SETUP_TIMEOUT_S)
@@ -241,6 +242,7 @@ class WebRtcHub:
         if peer.reader is not None:
             self.retired["frames_in"] += peer.reader.frames
             self.retired["dropped"] += peer.reader.dropped
+            self.retired["frames_refused"] += sum(peer.reader.refused.values())
         current = asyncio.current_task()
         for task in peer.tasks:
             if task is not current:
@@ -277,6 +279,9 @@ class WebRtcHub:
             # WHIP frames a newer one replaced before conversion, WHEP frames a newer one replaced before sending.
             "dropped": self.retired["dropped"] + sum(p.reader.dropped for p in peers if p.reader is not None)
             + sum(p.track.dropped for p in peers if p.track is not None),
+            # WHIP frames a session cannot take (over 8192 pixels a side) or that failed to convert: dropped.
+            "frames_refused": self.retired["frames_refused"]
+            + sum(sum(p.reader.refused.values()) for p in peers if p.reader is not None),
             "refused": self.refused,
             "ice_servers": [str(server) for server in self.ice_servers],  # never the TURN password
             "slow_answers": self.slow_answers,

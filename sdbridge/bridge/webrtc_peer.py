@@ -27,7 +27,10 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RtpPacket
 
+from sdbridge.bridge.problem_log import ProblemLog
+from sdbridge.bridge.protocol import MAX_DIMENSION
 from sdbridge.bridge.webrtc_sdp import IceServer
+from sdbridge.inputs.base import InputError
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +109,21 @@ def release_frames_on_marker(receiver: Any) -> bool:
 
 
 class IngestReader:
-    """A WHIP peer's video track into its session: ``put(image)`` (an executor thread) gets RGB ``[H, W, 3]``."""
+    """A WHIP peer's video track into its session: ``put(image)`` (an executor thread) gets RGB ``[H, W, 3]``.
 
-    def __init__(self, track: MediaStreamTrack, put: Callable[[np.ndarray], None]) -> None:
+    A frame the session cannot take (over 8192 pixels a side, the frame header's limit) is dropped before it is
+    converted and counted in ``refused``, as is one whose conversion fails: the sender sends 30 a second and has
+    no channel to be told on, so the log says it once, then a summary every few seconds (QA 74 F9: an ERROR
+    traceback per frame, forever). The stream goes on: a sender that changes its size back is taken again."""
+
+    def __init__(self, track: MediaStreamTrack, put: Callable[[np.ndarray], None], name: str = "WHIP") -> None:
         self.track = track
         self.put = put
+        self.name = name
         self.frames = 0    # converted and put
         self.dropped = 0   # replaced by a newer frame before conversion
+        self.refused: dict[str, int] = {"too_large": 0, "failed": 0}  # frames the session could not take
+        self._problems = ProblemLog(log, name, lambda: self.refused, noun="refused frames")
         self._latest: av.VideoFrame | None = None
         self._ready = asyncio.Event()
         self._ended = False
@@ -133,6 +144,7 @@ class IngestReader:
             self._ended = True
             converter.cancel()
             await asyncio.gather(converter, return_exceptions=True)
+            self._problems.flush()  # what was not logged, now that the stream is over
 
     async def _convert_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -142,11 +154,23 @@ class IngestReader:
             frame, self._latest = self._latest, None
             if frame is None:
                 continue
+            if frame.width > MAX_DIMENSION or frame.height > MAX_DIMENSION:
+                self.refused["too_large"] += 1
+                self._problems.log("%s: a %dx%d frame is dropped: a session takes at most %d pixels a side; send a "
+                                   "smaller size", self.name, frame.width, frame.height, MAX_DIMENSION)
+                continue
             try:
                 # yuv420p -> RGB and the InputFrame copy: ~1 ms at 512x512, more at 1080p; off the loop.
                 await loop.run_in_executor(None, self._convert, frame)
-            except Exception:  # one bad frame (an odd format mid-stream) never ends the stream
-                log.exception("WHIP frame %dx%d could not be converted", frame.width, frame.height)
+            except InputError as exc:
+                self.refused["too_large"] += 1
+                self._problems.log("%s: a frame is dropped: %s", self.name, exc)
+            except Exception as exc:  # one bad frame (an odd format mid-stream) never ends the stream
+                self.refused["failed"] += 1
+                if self.refused["failed"] == 1:  # a cause the daemon did not foresee: its traceback, once
+                    log.debug("%s: the first frame that could not be converted", self.name, exc_info=True)
+                self._problems.log("%s: a %dx%d frame could not be converted and is dropped: %r", self.name,
+                                   frame.width, frame.height, exc)
 
     def _convert(self, frame: av.VideoFrame) -> None:
         self.put(frame.to_ndarray(format="rgb24"))

@@ -187,6 +187,44 @@ def test_a_second_camera_in_a_whip_offer_is_answered_inactive_and_queues_nothing
     asyncio.run(run())
 
 
+class WideTrack(SolidTrack):
+    """A sender the daemon cannot take: 8208x16, past the 8192 pixels a side a session's frame may have."""
+
+    def __init__(self) -> None:
+        super().__init__(RED)
+        self.image = np.full((16, 8208, 3), RED, np.uint8)
+
+
+@needs_interface
+def test_frames_too_large_for_a_session_are_counted_and_logged_once_not_a_traceback_each(start_daemon,
+                                                                                           caplog) -> None:
+    """A WHIP sender of frames over 8192 a side logged a 20-line ERROR traceback per frame, forever, and /stats
+    did not count them (QA 74 F9)."""
+    import logging
+
+    daemon = start_daemon(params=PARAMS)
+
+    async def run() -> None:
+        pc = new_pc()
+        pc.addTransceiver(WideTrack(), direction="sendonly")
+        async with client(daemon) as http:
+            posted = await offer_and_post(http, pc, "/whip/wide")
+            assert posted.status_code == 201, posted.text
+            with caplog.at_level(logging.INFO, logger="sdbridge.bridge.webrtc_peer"):
+                assert await asyncio.to_thread(wait_for, lambda: stats(daemon)["webrtc"]["frames_refused"] >= 10, 15)
+            live = stats(daemon)["webrtc"]
+            assert live["frames_in"] == 0 and [c["state"] for c in live["connections"]] == ["connected"]
+            assert (await http.delete(posted.headers["location"])).status_code == 200
+        await pc.close()
+
+    asyncio.run(run())
+    records = [r for r in caplog.records if r.name == "sdbridge.bridge.webrtc_peer"]
+    assert not [r for r in records if r.levelno >= logging.ERROR or r.exc_info]
+    assert "a 8208x16 frame is dropped: a session takes at most 8192 pixels a side" in records[0].getMessage()
+    assert len(records) <= 3  # the first, then a summary every 5 s (and at the end)
+    assert stats(daemon)["webrtc"]["frames_refused"] >= 10  # the total survives the peer
+
+
 @needs_interface
 def test_a_peer_that_goes_away_is_cleaned_up_and_stop_closes_the_rest(tmp_path) -> None:
     from sdbridge.bridge.server import DaemonThread

@@ -178,3 +178,66 @@ def test_one_video_section_is_kept_each_way_and_every_other_is_answered_inactive
         assert (await answer(nothing, "recvonly"))[1] is None  # a WHIP offer that sends no video keeps none
 
     asyncio.run(run())
+
+
+class Sized(Burst):
+    """``count`` frames of ``width`` x ``height``, as fast as they are asked for, then the end."""
+
+    def __init__(self, count: int, width: int, height: int) -> None:
+        super().__init__(count)
+        self.size = (height, width, 3)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.left == 0:
+            raise MediaStreamError
+        self.left -= 1
+        self.pts += 1
+        await asyncio.sleep(0.002)
+        frame = av.VideoFrame.from_ndarray(np.zeros(self.size, np.uint8), format="rgb24")
+        frame.pts, frame.time_base = self.pts, fractions.Fraction(1, 90_000)
+        return frame
+
+
+def test_frames_a_session_cannot_take_are_dropped_counted_and_told_once_not_a_traceback_each(caplog) -> None:
+    """A sender of 8208x16 frames logged a 20-line ERROR traceback for each, 30 a second, forever, and nothing
+    counted them (QA 74 F9)."""
+    import logging
+
+    from sdbridge.bridge.protocol import PixelFormat
+    from sdbridge.inputs.hub import input_frame
+
+    taken: list[tuple[int, ...]] = []
+
+    def put(image: np.ndarray) -> None:  # what the hub's _put does: the v1 header refuses more than 8192 a side
+        input_frame(image, 1, 0, PixelFormat.JPEG)
+        taken.append(image.shape)
+
+    async def run(track: MediaStreamTrack, put) -> IngestReader:
+        reader = IngestReader(track, put, name="WHIP abc on session wide")
+        await asyncio.wait_for(reader.run(), 10)
+        return reader
+
+    with caplog.at_level(logging.DEBUG, logger="sdbridge.bridge.webrtc_peer"):
+        wide = asyncio.run(run(Sized(40, 8208, 16), put))
+    assert taken == [] and wide.frames == 0
+    assert 30 <= wide.refused["too_large"] + wide.dropped <= 40  # the last may come as the stream ends
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    first, *rest = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert first == ("WHIP abc on session wide: a 8208x16 frame is dropped: a session takes at most 8192 pixels a "
+                     "side; send a smaller size")
+    assert len(rest) <= 1 and all("more refused frames not logged (too_large +" in line for line in rest)
+
+    caplog.clear()
+    fits = asyncio.run(run(Sized(5, 8192, 16), put))  # the limit itself is taken
+    assert fits.frames == len(taken) > 0 and fits.refused == {"too_large": 0, "failed": 0}
+
+    def broken(image: np.ndarray) -> None:
+        raise RuntimeError("no slot")
+
+    with caplog.at_level(logging.DEBUG, logger="sdbridge.bridge.webrtc_peer"):
+        failing = asyncio.run(run(Sized(40, 16, 16), broken))
+    assert failing.refused["failed"] > 0 and failing.frames == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings[0].endswith("a 16x16 frame could not be converted and is dropped: RuntimeError('no slot')")
+    assert len(warnings) <= 2 and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([r for r in caplog.records if r.exc_info]) == 1  # the first one's traceback, at DEBUG
