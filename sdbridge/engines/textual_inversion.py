@@ -270,7 +270,7 @@ class TextualInversions:
                 if previous is not None and previous.path != path:
                     raise EmbeddingError(f"embedding {quoted(path)}: the name {name!r} is already {previous.path}")
                 embedding = read_embedding(path, allow_pickle)
-                if previous is not None and torch.equal(previous.vectors, embedding.vectors):
+                if previous is not None and _same_vectors(previous, embedding):
                     continue
                 try:
                     self.add(embedding)
@@ -359,3 +359,13 @@ def _expand(triggers: dict[int, list[Trigger]], ids: list[int]) -> list[int]:
         out.extend(trigger.rows)
         position += len(trigger.words)
     return out
+
+
+def _same_vectors(first: Embedding, second: Embedding) -> bool:
+    """Whether two reads of an embedding hold the same tables: an SDXL one's clip_g (``vectors_2``) too, where a
+    file retrained on clip_g alone kept its old rows (QA 72 F8)."""
+    if not torch.equal(first.vectors, second.vectors):
+        return False
+    if first.vectors_2 is None or second.vectors_2 is None:
+        return first.vectors_2 is None and second.vectors_2 is None
+    return torch.equal(first.vectors_2, second.vectors_2)

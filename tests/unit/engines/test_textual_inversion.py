@@ -266,3 +266,22 @@ def test_an_sdxl_embeddings_shape_is_both_widths_as_a1111_lists_it(tmp_path):
     assert read_embedding(path).a1111()["shape"] == 96   # A1111: clip_g's width + clip_l's (2048 for real files)
     save_file({"emb_params": vectors(2, 32)}, str(tmp_path / "sd.safetensors"))
     assert read_embedding(tmp_path / "sd.safetensors").a1111()["shape"] == 32
+
+
+def test_an_sdxl_rescan_reloads_a_file_whose_clip_g_table_alone_changed(tiny_sdxl_dir, tmp_path):
+    """QA 72 F8: the rescan compared clip_l only, so a file retrained on clip_g kept its old clip_g rows."""
+    sdxl = load_pipeline_parts(str(tiny_sdxl_dir), CPU, torch.float32)
+    inversions = TextualInversions(sdxl.tokenizer, sdxl.text_encoder, sdxl.tokenizer_2, sdxl.text_encoder_2)
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    width_g = sdxl.text_encoder_2.get_input_embeddings().weight.shape[1]
+    clip_l = vectors(2, 32)
+    save_file({"clip_l": clip_l, "clip_g": torch.zeros(2, width_g)}, str(folder / "myemb.safetensors"))
+    assert inversions.load_folder(folder) == ["myemb"]
+    version = inversions.version
+    assert inversions.load_folder(folder) == [] and inversions.version == version  # unchanged: skipped
+    save_file({"clip_l": clip_l, "clip_g": torch.ones(2, width_g)}, str(folder / "myemb.safetensors"))
+    assert inversions.load_folder(folder) == ["myemb"]
+    assert inversions.version > version
+    rows = sdxl.tokenizer_2.convert_tokens_to_ids(["myemb", "myemb_1"])
+    assert torch.equal(sdxl.text_encoder_2.get_input_embeddings().weight[rows], torch.ones(2, width_g))
