@@ -13,6 +13,11 @@ loopback) a request without it gets 401, each with the JSON body ``{"type": "err
 "forbidden" | "unauthorized", "message": ...}``. The token goes as ``Authorization: Bearer TOKEN``,
 as the password of HTTP Basic, or as one more query pair beside OSCQuery's attribute, in any
 order: ``/sd/prompt?VALUE&token=TOKEN``, ``/?token=TOKEN&HOST_INFO``, ``/?token=TOKEN`` for the tree.
+
+Bounds, as the main port's (:mod:`sdbridge.bridge.http_guard`, whose guard and 503 it reuses): at most
+``OSCQUERY_LIMITS`` connections in all and per client address (past them ``503 too_many_connections``), a request
+head within its head timeout (an idle connection is closed without a word, a partial head gets ``408``), and
+"accept() out of descriptors" logged once and then summarised, with the listener resting a second.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import asyncio
 import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from sdbridge.bridge.http_guard import REFUSED_LINGER_S, ConnectionGuard, HttpLimits, error_response
 from sdbridge.bridge.listen import bound_socket
 from sdbridge.bridge.osc_parse import INT32_MAX
 from sdbridge.bridge.problem_log import ProblemLog
@@ -37,7 +44,14 @@ TYPE_TAGS = {"float": "f", "int": "i", "bool": "T", "str": "s", "enum": "s"}
 ACCESS_READ_WRITE = 3
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # mdns reads it; this module asks is_wildcard_host (any spelling)
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed"}
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout"}
+# The port's bounds, as the main port's (http_guard) but smaller: a controller sends one small GET per connection.
+# Unbounded, each idle connection was held 5 s with no token asked, and one client took every descriptor the daemon
+# had: the main port stopped answering and accept() failed 29,359 times in 8 s (QA 74 F7). At most
+# OSCQUERY_LIMITS.max_connections + MAX_LINGERING descriptors, out of http_guard's FILES_BESIDE_CONNECTIONS.
+OSCQUERY_LIMITS = HttpLimits(head_timeout_s=2.0, max_connections=64, max_connections_per_client=16)
+MAX_LINGERING = 16  # refused connections held REFUSED_LINGER_S for their 503 to be read; past it closed at once
+ACCEPT_RETRY_S = 1.0  # accept() failed (out of descriptors): the listener waits this long before it tries again
 # The node attributes of the OSCQuery proposal: asked of a node that lacks one (VALUE of a container), the answer
 # is 204; any other word is a 400, as the proposal has it for a query it does not know.
 ATTRIBUTES = ("FULL_PATH", "CONTENTS", "TYPE", "VALUE", "RANGE", "ACCESS", "DESCRIPTION", "TAGS", "EXTENDED_TYPE",
@@ -152,20 +166,116 @@ class OscQueryServer:
         # LAN host write the log as fast as it could send (QA 74 F10).
         self.refusals: dict[str, int] = {}
         self._refusal_log = ProblemLog(log, "OSCQuery access", lambda: self.refusals, noun="refused requests")
-        self.server: asyncio.base_events.Server | None = None
+        self.guard = ConnectionGuard(OSCQUERY_LIMITS)
+        self.accept_errors = 0
+        self._problems = ProblemLog(log, "OSCQuery", self._problem_counts, noun="connection problems")
+        self.sock: socket.socket | None = None
         self.port: int | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    def _problem_counts(self) -> dict[str, int]:
+        return {"refused_connections": self.guard.refused, "head_timeouts": self.guard.head_timeouts,
+                "accept_errors": self.accept_errors}
 
     async def start(self, host: str, port: int) -> None:
         sock = bound_socket(host, port)
-        sock.listen(128)
-        sock.setblocking(False)
-        self.server = await asyncio.start_server(self._handle, sock=sock)
-        self.port = self.server.sockets[0].getsockname()[1]
+        try:
+            sock.listen(128)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self._loop = asyncio.get_running_loop()
+        self._accepting = self._loop.create_task(self._accept(sock))
+
+    async def _accept(self, sock: socket.socket) -> None:
+        """Accept connections, each admitted by the guard or refused 503.
+
+        Its own loop rather than asyncio's server: out of descriptors, asyncio's accept logged a traceback for every
+        try of its backlog and scheduled as many retries (QA 74 F7: 12.6 MB of log in 8 s); here the first failure is
+        logged, the rest summarised, and the listener rests ACCEPT_RETRY_S."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                if sock.fileno() == -1:
+                    return  # closed
+                self.accept_errors += 1
+                self._problems.log("OSCQuery could not accept a connection: %s; trying again in %g s",
+                                   exc.strerror or exc, ACCEPT_RETRY_S)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            client = str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+            reason = self.guard.admit(client)
+            if reason is not None:
+                self._refuse(loop, conn, client, reason)
+            else:
+                task = loop.create_task(self._serve(conn, client))
+                self._connections.add(task)
+                task.add_done_callback(self._connections.discard)
+            await asyncio.sleep(0)  # a connect flood must not keep the loop from everything else
+
+    def _refuse(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, client: str, reason: str) -> None:
+        """503 as the main port answers past its cap, without reading the request; held REFUSED_LINGER_S so the
+        client reads it (closed with the request unread, the connection would be reset and the answer lost)."""
+        self.guard.refused += 1
+        self._problems.log("refused an OSCQuery connection from %s: %s", client, reason)
+        if self.guard.lingering >= MAX_LINGERING:  # a flood: no descriptor to spare for each one's answer
+            conn.close()
+            return
+        try:
+            conn.send(error_response(503, "Service Unavailable", "too_many_connections",
+                                     f"connection refused: {reason}; close some connections and try again"))
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        self.guard.lingering += 1
+        loop.call_later(REFUSED_LINGER_S, self._end_lingering, conn)
+
+    def _end_lingering(self, conn: socket.socket) -> None:
+        self.guard.lingering -= 1
+        conn.close()
+
+    async def _serve(self, conn: socket.socket, client: str) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn)
+            except OSError:
+                conn.close()
+                self.resets += 1
+                return
+            try:
+                await self._handle(reader, writer)
+            finally:
+                writer.close()
+        finally:
+            self.guard.release(client)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         extra: list[tuple[bytes, bytes]] = []
+        limit = self.guard.limits.head_timeout_s
+        deadline = asyncio.get_running_loop().time() + limit
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            first = await asyncio.wait_for(reader.read(1), timeout=limit)
+        except asyncio.TimeoutError:  # idle (a browser's spare connection, or a flood): closed without a word
+            self.guard.idle_closed += 1
+            return
+        except OSError:
+            self.resets += 1
+            return
+        if not first:
+            return  # closed before it asked anything
+        try:
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            request = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=remaining)
             line = request.split(b"\r\n", 1)[0].decode("latin-1")
             method, target, _ = (line.split(" ") + ["", ""])[:3]
             # 1. Who asks: the main port's policy, before anything is read from the namespace.
@@ -181,11 +291,16 @@ class OscQueryServer:
             else:  # 2. What they ask for.
                 status, body = self.respond(method, target, reached_address(writer.get_extra_info("sockname")))
                 data = b"" if body is None else json.dumps(body).encode()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
+        except asyncio.TimeoutError:  # part of a head, then nothing: told, as the main port tells it
+            self.guard.head_timeouts += 1
+            self._problems.log("closed an OSCQuery connection from %s: no complete request head within %g s",
+                               writer.get_extra_info("peername"), limit)
+            status, data = 408, json.dumps(_error("request_timeout", f"no complete request line and headers "
+                                                                     f"within {limit:g} s")).encode()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             status, data = 400, json.dumps(_error("bad_request", "not an HTTP/1.1 request head")).encode()
         except OSError:  # reset by the client (ConnectionResetError and kin): a normal event, not a traceback
             self.resets += 1
-            writer.close()
             return
         head = "".join(f"\r\n{name.decode()}: {value.decode()}" for name, value in extra)
         writer.write(f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json\r\n"
@@ -194,8 +309,6 @@ class OscQueryServer:
             await writer.drain()
         except OSError:  # gone before its answer; escaping here, each was an asyncio ERROR traceback (QA 74 F1)
             self.resets += 1
-        finally:
-            writer.close()
 
     def respond(self, method: str, target: str, local_address: str | None = None) -> tuple[int, Any]:
         """The answer to an allowed request; ``local_address``: where the client reached us."""
@@ -222,6 +335,16 @@ class OscQueryServer:
         return 200, node
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        """Stop listening at once, as asyncio's Server.close does, and end the connections still being read."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        if self.sock is not None:
+            if self.sock.fileno() != -1 and self._loop is not None:
+                # The reader first: its fd number may be reused before the cancelled accept could remove it.
+                self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        for task in list(self._connections):
+            task.cancel()
         self._refusal_log.flush()
+        self._problems.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -188,7 +189,7 @@ def test_every_listener_on_the_ipv6_wildcard_takes_ipv4_too(start_daemon):
                           ("127.0.0.1", daemon.osc_port))
     assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{daemon.port}/params", headers=bearer, trust_env=False,
                                       timeout=5).json()["values"]["strength"] == 0.25, timeout=10)
-    listeners = [daemon.oscquery.server.sockets[0], daemon.osc.transport.get_extra_info("socket")]
+    listeners = [daemon.oscquery.sock, daemon.osc.transport.get_extra_info("socket")]
     assert all(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0 for sock in listeners)
 
 
@@ -264,3 +265,54 @@ def test_an_oscquery_refusal_flood_logs_the_first_then_a_summary(start_daemon, c
     assert lines and "refused OSCQuery /sd/prompt" in lines[0], lines
     assert len(lines) <= 3 and all("more refused requests not logged (unauthorized +" in line for line in lines[1:])
     assert daemon.oscquery.refused == 60 and daemon.collect_stats()["refused_requests"] == 60
+
+
+def _daemon_fds(before: int, ours: int) -> int:
+    """Descriptors the daemon holds: the daemon runs in this process, beside ``ours`` client sockets."""
+    return len(os.listdir("/proc/self/fd")) - before - ours
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_idle_oscquery_connections_are_capped_and_closed(start_daemon):
+    """QA 74 F7: idle connections to the OSCQuery port needed no token, had no cap and were held 5 s each: one client
+    took every descriptor, the main port timed out and accept() failed thousands of times a second."""
+    from sdbridge.bridge import oscquery
+
+    # The bounds, read so that the old code (without them) fails on what it held, not on an import.
+    per_client = getattr(getattr(oscquery, "OSCQUERY_LIMITS", None), "max_connections_per_client", 16)
+    lingering = getattr(oscquery, "MAX_LINGERING", 16)
+    head_timeout_s = getattr(getattr(oscquery, "OSCQUERY_LIMITS", None), "head_timeout_s", 2.0)
+    daemon = start_daemon(params={"engine": "identity"}, host="0.0.0.0", token=TOKEN)
+    port = daemon.oscquery.port
+    before = len(os.listdir("/proc/self/fd"))
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+    time.sleep(0.5)  # every connection accepted
+    held = _daemon_fds(before, len(idle))
+    assert held <= per_client + lingering + 8, held
+    # Past the per-client cap: 503 as the main port says it; another address and the main port are served meanwhile.
+    answers = []
+    for sock in idle[per_client:][:lingering]:
+        try:
+            answers.append(sock.recv(4096))
+        except OSError:
+            answers.append(b"")
+    assert any(a.startswith(b"HTTP/1.1 503") and b"too_many_connections" in a for a in answers), answers[:3]
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    transport = httpx.HTTPTransport(local_address="127.0.0.2")  # another client address
+    with httpx.Client(transport=transport, trust_env=False, timeout=10) as other:
+        assert other.get(f"http://127.0.0.1:{port}/?HOST_INFO", headers=bearer).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{daemon.port}/health", headers=bearer, trust_env=False,
+                     timeout=10).status_code == 200
+    # The admitted idle ones are closed at the head timeout, without a word.
+    started = time.monotonic()
+    assert idle[0].recv(4096) == b""
+    assert time.monotonic() - started < 10 * head_timeout_s
+    assert wait_for(lambda: daemon.oscquery.guard.open == 0, timeout=10)
+    assert daemon.oscquery.guard.idle_closed == per_client
+    # A head begun and never ended is told so.
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10 * head_timeout_s)
+    slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    assert slow.recv(4096).startswith(b"HTTP/1.1 408")
+    slow.close()
+    for sock in idle:
+        sock.close()

@@ -1,3 +1,5 @@
+import pytest
+
 from sdbridge.bridge.oscquery import OscQueryServer, attribute_query, find, namespace, parse_headers, reached_address
 from sdbridge.bridge.security import AccessPolicy
 from sdbridge.config import Settings
@@ -92,3 +94,60 @@ def test_a_percent_encoded_token_name_is_dropped_as_the_check_reads_it():
     # A mistyped token pair is a 400 that names it and never echoes its value.
     status, body = server.respond("GET", "/sd/strength?VALUE&tokn=s3cret-stage-token")
     assert status == 400 and "tokn" in body["message"] and "s3cret" not in body["message"]
+
+
+_OUT_OF_FILES = r"""
+import asyncio, logging, os, resource, socket, sys
+from sdbridge.bridge.oscquery import OscQueryServer
+from sdbridge.bridge.security import AccessPolicy
+from sdbridge.config import Settings
+from sdbridge.params import Schema
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="LOG %(levelname)s %(name)s: %(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+async def main():
+    server = OscQueryServer(Schema(), lambda: {}, "/sd", "127.0.0.1", 9000, AccessPolicy(Settings(), port=7860))
+    await server.start("127.0.0.1", 0)
+    clients = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]  # in the backlog
+    for client in clients:
+        client.sendall(b"GET /?HOST_INFO HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    fillers = []
+    while True:  # every descriptor taken: accept() fails with EMFILE
+        try:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            break
+    await asyncio.sleep(2.5)
+    for fd in fillers:
+        os.close(fd)
+    await asyncio.sleep(2.5)  # the listener tries again and serves them
+    for client in clients:
+        client.setblocking(False)
+        try:
+            print("ANSWER", client.recv(100).split(b"\r\n")[0].decode())
+        except BlockingIOError:
+            print("ANSWER none")
+    server.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_accept_out_of_descriptors_is_logged_once_and_retried():
+    """QA 74 F7: out of descriptors, asyncio's own accept logged an ERROR traceback for every try of its backlog and
+    scheduled as many retries (29,359 in 8 s); the listener tells it once, rests, and serves what waited."""
+    import subprocess
+    import sys
+
+    if sys.platform == "win32":
+        pytest.skip("RLIMIT_NOFILE is POSIX")
+    done = subprocess.run([sys.executable, "-c", _OUT_OF_FILES], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    logged = [line for line in lines if line.startswith("LOG")]
+    assert len(logged) <= 3 and all("ERROR" not in line for line in logged), logged[:5]
+    assert any("could not accept" in line for line in logged), logged
+    assert [line for line in lines if line.startswith("ANSWER")] == ["ANSWER HTTP/1.1 200 OK"] * 4, lines[-8:]
