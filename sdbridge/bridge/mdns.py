@@ -20,7 +20,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from sdbridge.bridge.oscquery import WILDCARD_HOSTS
+from sdbridge.bridge.security import is_wildcard_host
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ def advert_addresses(host: str, interfaces: Iterable[str]) -> list[str]:
     bare = host.strip("[]")
     if bare == "localhost":
         return ["127.0.0.1"]
-    if bare not in WILDCARD_HOSTS:
+    if not is_wildcard(host):
         return [str(ipaddress.ip_address(bare))]
+    ipv6 = ":" in bare  # ::, 0:0::0: the IPv6 wildcard, which takes IPv4 peers too
     chosen: list[str] = []
     for text in interfaces:
         try:
@@ -60,7 +61,7 @@ def advert_addresses(host: str, interfaces: Iterable[str]) -> list[str]:
             continue
         if address.is_loopback or address.is_link_local or address.is_unspecified:
             continue
-        if address.version == 6 and bare != "::":
+        if address.version == 6 and not ipv6:
             continue
         if str(address) not in chosen:
             chosen.append(str(address))
@@ -73,7 +74,8 @@ def addresses_for(host: str) -> list[str]:
 
 
 def is_wildcard(host: str) -> bool:
-    return host.strip("[]") in WILDCARD_HOSTS
+    """Every interface, however it is written (``0:0::0`` and ``[::]`` as ``::``), as the access policy reads it."""
+    return is_wildcard_host(host)
 
 
 def host_label(hostname: str) -> str:

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 TYPE_TAGS = {"float": "f", "int": "i", "bool": "T", "str": "s", "enum": "s"}
 ACCESS_READ_WRITE = 3
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # mdns reads it; this module asks is_wildcard_host (any spelling)
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout"}
 # The port's bounds, as the main port's (http_guard) but smaller: a controller sends one small GET per connection.

@@ -17,6 +17,9 @@ INTERFACES = ["127.0.0.1", "::1", "192.168.1.20", "fe80::fc:ff:fe00:1%eth0", "fd
     # A wildcard: each address a peer elsewhere can use, once; no loopback, no link-local, IPv6 only for ::.
     ("0.0.0.0", ["192.168.1.20", "10.0.0.7"]),
     ("::", ["192.168.1.20", "fd00::2", "10.0.0.7"]),
+    # Any spelling of a wildcard, as the access policy reads it: 0:0::0 was announced as the address "::".
+    ("0:0::0", ["192.168.1.20", "fd00::2", "10.0.0.7"]),
+    ("[::]", ["192.168.1.20", "fd00::2", "10.0.0.7"]),
 ])
 def test_the_addresses_a_peer_can_reach(host: str, expected: list[str]) -> None:
     assert advert_addresses(host, INTERFACES) == expected
