@@ -174,6 +174,11 @@ class OscQueryServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
+    def stats(self) -> dict[str, int]:
+        """/stats → ``oscquery``: refused requests (a Host, Origin or token not served), connections reset by
+        their client, and the guard's refusals, timeouts and failed accepts."""
+        return {"refused": self.refused, "resets": self.resets, **self._problem_counts()}
+
     def _problem_counts(self) -> dict[str, int]:
         return {"refused_connections": self.guard.refused, "head_timeouts": self.guard.head_timeouts,
                 "accept_errors": self.accept_errors}

@@ -588,6 +588,7 @@ class Daemon:
                        "late_decodes": self.worker.late_decodes, "late_encodes": self.worker.late_encodes,
                        "last_step_ms": round(self.worker.last_step_ms, 2)},
             "osc": dataclasses.asdict(self.osc.stats) if self.osc is not None else None,
+            "oscquery": self.oscquery.stats() if self.oscquery is not None else None,
             # A plugin turned off after a failure (for a session, or inside the engine): counted (QA 15).
             "plugins": {"installed": self.plugins.names(), "failures": self.plugins.failures},
             "outputs": self.outputs.stats() if self.outputs is not None else [],

@@ -250,6 +250,7 @@ def test_a_reset_oscquery_connection_is_counted_not_a_traceback(start_daemon, ca
             assert http.get(f"/?HOST_INFO&token={TOKEN}").status_code == 200
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == [] and counted
+    assert daemon.collect_stats()["oscquery"]["resets"] == 10  # and /stats tells them
 
 
 def test_an_oscquery_refusal_flood_logs_the_first_then_a_summary(start_daemon, caplog):
