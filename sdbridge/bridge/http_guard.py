@@ -43,7 +43,7 @@ REFUSED_LINGER_S = 1.0  # a refused connection stays half-closed this long so th
 # Refused connections held so at once; past this a refusal is closed at once: a client connecting in a loop held
 # (its rate x 1 s) sockets, uncounted, until accept() failed for want of descriptors (QA 62 F6: 22,706 EMFILE in 5 s).
 MAX_LINGERING = 64
-FILES_BESIDE_CONNECTIONS = 512  # descriptors the daemon needs besides its sockets: models, threads' pipes, outputs
+FILES_BESIDE_CONNECTIONS = 512  # besides its sockets: models, threads' pipes, outputs, the OSCQuery port (at most 80)
 
 
 @dataclass
