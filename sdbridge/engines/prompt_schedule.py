@@ -42,14 +42,23 @@ import math
 import re
 from dataclasses import dataclass
 
-# lark's SIGNED_NUMBER (A1111 imports common.SIGNED_NUMBER as NUMBER).
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+from sdbridge.errors import ParamError
+
+# lark's SIGNED_NUMBER (A1111 imports common.SIGNED_NUMBER as NUMBER): ASCII digits only, where \d is any script's
+# ("[a:b:١]" is text to A1111, QA 72 F6).
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _SPACE = re.compile(r"\s+")
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")    # '.' stops at a newline, as in A1111's plain
 _STRAY = frozenset("[]():")                       # what A1111's start rule takes as text between prompts
-# Composable diffusion (prompt_parser.re_AND, re_weight): AND as a whole word; a part's own ":weight".
+# Composable diffusion (prompt_parser.re_AND, re_weight): AND as a whole word; a part's own ":weight". A1111's
+# re_weight, r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", retries its tail at every character:
+# quadratic on a run of spaces (QA 72 F5, 3 s for 20,000 characters). split_composable reads the same parts
+# from the end instead: the weight is what follows the last ":" (\d as in A1111's Python regex).
 _AND = re.compile(r"\bAND\b")
-_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+_PART_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
+# Brackets nested deeper than this are refused: the parser recurses twice a level (about 500 levels overflowed
+# Python's stack, an HTTP 500, QA 72 F2). A1111 itself fails (RecursionError) on deep balanced brackets.
+MAX_NESTING = 100
 
 
 @dataclass(frozen=True)
@@ -71,10 +80,43 @@ class _NoParse(Exception):
     """The text at this position is not the construct tried (or, at the top, not a prompt at all)."""
 
 
+def _closable(text: str) -> tuple[frozenset[int], int]:
+    """The positions of the brackets that some bracket of their kind closes, nested properly in between, and how
+    deep those pairs nest. Only those can start a construct: inside one the grammar takes no stray bracket."""
+    opened: list[int] = []
+    pairs: list[tuple[int, int]] = []
+    position = 0
+    while position < len(text):
+        char = text[position]
+        if char == "\\":          # an escape: the next character is text (a newline after it: no construct closes)
+            position += 2
+            continue
+        if char in "([":
+            opened.append(position)
+        elif char in ")]":
+            if opened and text[opened[-1]] == ("(" if char == ")" else "["):
+                pairs.append((opened.pop(), position))
+            else:                    # "[(]": the "(" fails at the "]", and so does every bracket around it
+                opened.clear()
+        position += 1
+    deltas = [0] * (len(text) + 1)
+    for start, end in pairs:
+        deltas[start] += 1
+        deltas[end] -= 1
+    depth = deepest = 0
+    for delta in deltas:
+        depth += delta
+        deepest = max(deepest, depth)
+    return frozenset(start for start, _ in pairs), deepest
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        # A bracket nothing closes fails as a construct wherever it is tried: read as text at once. Tried, an
+        # unclosed run of n brackets recursed n deep, and again from each of them (A1111 reads it as text).
+        self.closable, self.depth = _closable(text)
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -102,6 +144,8 @@ class _Parser:
         while True:
             char = self.peek()
             if char in ("[", "("):
+                if self.pos not in self.closable:
+                    return nodes
                 mark = self.pos
                 try:
                     nodes.extend(self.square() if char == "[" else self.round())
@@ -232,8 +276,12 @@ def prompt_schedules(prompt: str, steps: int, hires_steps: int | None = None,
         timeline = _Timeline(steps, old_scheduling=old_scheduling)
     else:
         timeline = _Timeline(hires_steps, int_offset=steps, fraction_offset=1.0)
+    parser = _Parser(prompt)
+    if parser.depth > MAX_NESTING:
+        raise ParamError(f"prompt brackets nest {parser.depth} deep: at most {MAX_NESTING} levels of (), [] and "
+                         f"[from:to:when] are read", name="prompt", value=prompt[:80], code="bad_param")
     try:
-        nodes = _Parser(prompt).start()
+        nodes = parser.start()
     except _NoParse:
         return [(timeline.steps, prompt)]
     found = {timeline.steps}
@@ -250,10 +298,11 @@ def split_composable(prompt: str) -> list[tuple[str, float]]:
     """
     parts: list[tuple[str, float]] = []
     for part in _AND.split(prompt):
-        match = _PART_WEIGHT.search(part)
-        if match is None:
-            parts.append((part, 1.0))
-            continue
-        text, weight = match.groups()
-        parts.append((text, float(weight) if weight is not None else 1.0))
+        text = part.rstrip()
+        colon = text.rfind(":")
+        number = text[colon + 1:].lstrip() if colon >= 0 else ""
+        if _PART_NUMBER.fullmatch(number):
+            parts.append((text[:colon].rstrip(), float(number)))
+        else:
+            parts.append((text, 1.0))
     return parts

@@ -3,9 +3,14 @@ and tricky cases whose answers were taken from its lark parser, 1.6+ defaults)."
 
 from __future__ import annotations
 
+import gc
+import math
+import time
+
 import pytest
 
-from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable
+from sdbridge.engines.prompt_schedule import MAX_NESTING, prompt_schedules, split_composable
+from sdbridge.errors import ParamError
 
 ALTERNATE_10 = [(step, "a" if step % 2 else "(b:1.1)") for step in range(1, 11)]
 
@@ -94,3 +99,64 @@ def test_bad_steps_name_the_value():
 ])
 def test_composable_and(prompt, parts):
     assert split_composable(prompt) == parts
+
+
+def _best_time(function, argument, repeats: int = 5) -> float:
+    best = math.inf
+    collecting = gc.isenabled()
+    gc.disable()   # the collector's passes depend on what else is alive, not on this function's growth
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function(argument)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        if collecting:
+            gc.enable()
+    return best
+
+
+def test_a_part_weight_is_found_in_linear_time():
+    """QA 72 F5: A1111's re_weight retried its tail at every character: 20,000 characters of spaces took 3 s."""
+    def make(size):
+        return "a" + " " * size + "b AND c" + " \t" * (size // 2) + ":0.5 "
+    small, large = _best_time(split_composable, make(1250)), _best_time(split_composable, make(16 * 1250))
+    assert large / small < 128   # 16 when linear, 256 when quadratic
+    assert split_composable(make(3)) == [("a   b", 1.0), (" c", 0.5)]
+
+
+@pytest.mark.parametrize("prompt, parts", [
+    ("a: 1 :2", [("a: 1", 2.0)]), ("a:1.", [("a", 1.0)]), ("a:.5 x", [("a:.5 x", 1.0)]), ("a: +.5\n", [("a", 0.5)]),
+    ("a:1e3", [("a:1e3", 1.0)]), (":3 AND :", [("", 3.0), (" :", 1.0)]), ("a:\u0663", [("a", 3.0)]),
+])
+def test_part_weights_as_a1111_reads_them(prompt, parts):
+    assert split_composable(prompt) == parts
+
+
+@pytest.mark.parametrize("prompt", ["[a:b:\u0661]", "[a:b:\uff15]", "[a:\u0663]"])
+def test_when_takes_ascii_digits_only(prompt):
+    """QA 72 F6: lark's SIGNED_NUMBER is ASCII: A1111 reads [a:b:١] as text; \\d took it as step 1."""
+    assert prompt_schedules(prompt, 10) == [(10, prompt)]
+
+
+@pytest.mark.parametrize("prompt", ["[" * 5000 + "a cat", "(" * 5000 + "a [b:c:2]", "[a:" * 3000, "([" * 3000 + "x]"])
+def test_unclosed_brackets_are_text_without_recursing(prompt):
+    """QA 72 F2: an unclosed run recursed a level per bracket (RecursionError, HTTP 500); A1111 reads it as text."""
+    schedule = prompt_schedules(prompt, 10)
+    if "[b:c:2]" in prompt:   # a construct after the run is still one
+        assert schedule == [(2, "(" * 5000 + "a b"), (10, "(" * 5000 + "a c")]
+    else:
+        assert schedule == [(10, prompt)]
+
+
+@pytest.mark.parametrize("prompt", ["[" * 1000 + "a" + "]" * 1000, "[a:" * 600 + "b" + ":1]" * 600,
+                                    "((" * 300 + "a" + "))" * 300])
+def test_brackets_nested_too_deep_are_a_clean_error(prompt):
+    with pytest.raises(ParamError, match=r"prompt brackets nest \d+ deep: at most 100") as caught:
+        prompt_schedules(prompt, 10)
+    assert caught.value.code == "bad_param"
+
+
+def test_the_deepest_nesting_allowed_still_schedules():
+    prompt = "(" * (MAX_NESTING - 1) + "[a:b:3]" + ")" * (MAX_NESTING - 1)
+    assert prompt_schedules(prompt, 10) == [(3, prompt.replace("[a:b:3]", "a")), (10, prompt.replace("[a:b:3]", "b"))]
