@@ -411,8 +411,11 @@ class Txt2ImgRequest(_Request):
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE * 2)
     firstphase_width: int = 0
     firstphase_height: int = 0
-    hr_prompt: str = Field("", description="the second pass's prompt; empty: the prompt")
-    hr_negative_prompt: str = Field("", description="the second pass's negative prompt; empty: the negative prompt")
+    # The prompt's bound (and with it pydantic's refusal of a lone surrogate, which the tokenizer fails on): the
+    # hires pass encodes these as it does the prompt (QA 72 F11: a surrogate was a 500, and the length unbounded).
+    hr_prompt: str = Field("", max_length=20000, description="the second pass's prompt; empty: the prompt")
+    hr_negative_prompt: str = Field("", max_length=20000, description="the second pass's negative prompt; empty: "
+                                    "the negative prompt")
     hr_sampler_name: str | None = Field(None, description="the second pass's sampler; empty or 'Use same "
                                         "sampler': the sampler")
     hr_scheduler: str | None = Field(None, description="the second pass's schedule type; empty or 'Use same "

@@ -65,3 +65,17 @@ def test_pieces_decide_as_one_whole_string_decode(data, inserts, piece):
     except ValueError:  # binascii.Error is one
         whole = "image: not valid base64"
     assert decoded(text, piece) == whole
+
+
+@pytest.mark.parametrize("field", ["hr_prompt", "hr_negative_prompt"])
+@pytest.mark.parametrize("text, kind", [("a \ud800 fox", "string_unicode"), ("x" * 20001, "string_too_long")])
+def test_the_hires_prompts_have_the_prompt_s_bound_and_refuse_a_lone_surrogate(field, text, kind):
+    """QA 72 F11: a lone surrogate reached the tokenizer (a TypeError, answered 500), and the length was unbounded."""
+    from pydantic import ValidationError
+
+    for name in ("prompt", field):
+        with pytest.raises(ValidationError) as caught:
+            a1111.Txt2ImgRequest(**{name: text})
+        assert [(error["loc"], error["type"]) for error in caught.value.errors()] == [((name,), kind)]
+    assert a1111.Txt2ImgRequest(**{field: "x" * 20000}).model_dump()[field] == "x" * 20000
+
