@@ -29,6 +29,11 @@ ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 BREAK = "BREAK"
 LORA_KINDS = ("lora", "lyco")
+# A weight scales the text encoder's output (then its mean is restored): past this, in fp16 or even fp32, the
+# embeddings overflow to inf and every frame of every session comes out NaN (black). A1111's prompts stay
+# within a few units; nesting multiplies, so the check is on each piece's product. A LoRA's weight scales its
+# deltas in every layer, and LoRAs are model-wide: one session's <lora:x:1e30> blacked out all (QA 72 F7).
+MAX_WEIGHT = 100.0
 
 # A1111's tokeniser of attention syntax, alternative by alternative (prompt_parser.re_attention).
 RE_ATTENTION = re.compile(r"""
@@ -189,6 +194,10 @@ def extract_networks(text: str) -> tuple[str, tuple[LoraRef, ...], tuple[str, ..
             return ""
         if not (math.isfinite(weight) and math.isfinite(unet_weight)):
             errors.append(f"LoRA tag {match.group(0)!r}: weight {weight_text!r} is not a finite number")
+        elif abs(weight) > MAX_WEIGHT or abs(unet_weight) > MAX_WEIGHT:
+            too_big = weight_text if abs(weight) > MAX_WEIGHT else unet_text
+            errors.append(f"LoRA tag {match.group(0)!r}: weight {too_big} is out of range: LoRA weights must be "
+                          f"within ±{MAX_WEIGHT:g}")
         elif weight != unet_weight:
             errors.append(f"LoRA tag {match.group(0)!r}: separate text-encoder ({weight_text}) and UNet "
                           f"({unet_text}) weights are not supported; give one weight")
@@ -203,6 +212,10 @@ def extract_networks(text: str) -> tuple[str, tuple[LoraRef, ...], tuple[str, ..
 def parse_prompt(text: str) -> ParsedPrompt:
     """The pieces with their weights (BREAKs marked), and the LoRA tags taken out of the text."""
     stripped, loras, others, errors = extract_networks(text)
+    for name, weight in ParsedPrompt(pieces=(), loras=loras).lora_weights().items():
+        if abs(weight) > MAX_WEIGHT and not errors:  # <lora:x:60> <lora:x:60>: each in range, applied at 120
+            errors = (f"LoRA {name!r}: weights {weight:g} in all (its tags add up) is out of range: LoRA weights "
+                      f"must be within ±{MAX_WEIGHT:g}",)
     bad_numbers: list[str] = []
     pieces = tuple(_parse_attention(stripped, bad_numbers=bad_numbers))
     weight_error = _weight_error(pieces)
@@ -210,12 +223,6 @@ def parse_prompt(text: str) -> ParsedPrompt:
         weight_error = (f"prompt weight {bad_numbers[0].strip(' :)')!r} (in {bad_numbers[0].strip()!r}) is not a "
                         "number: write (word:1.2)")
     return ParsedPrompt(pieces=pieces, loras=loras, other_networks=others, errors=errors, weight_error=weight_error)
-
-
-# A weight scales the text encoder's output (then its mean is restored): past this, in fp16 or even fp32, the
-# embeddings overflow to inf and every frame of every session comes out NaN (black). A1111's prompts stay
-# within a few units; nesting multiplies, so the check is on each piece's product.
-MAX_WEIGHT = 100.0
 
 
 def _weight_error(pieces: tuple[PromptPiece, ...]) -> str | None:
@@ -259,8 +266,14 @@ class LoraWeights:
                                  f"(write name:0.8)") from None
             if not name or not math.isfinite(weight):
                 raise ValueError(f"LoRA entry {entry!r} is not name:weight with a finite weight")
+            if abs(weight) > MAX_WEIGHT:
+                raise ValueError(f"LoRA entry {entry!r}: weight {weight:g} is out of range: LoRA weights must be "
+                                 f"within ±{MAX_WEIGHT:g}")
             extra = name.rpartition(":")[2].strip()
             if ":" in name and _is_number(extra):  # 'x:1:2:3' read as a LoRA named 'x:1:2' (QA 27)
                 raise ValueError(f"LoRA entry {entry!r} has several weights; give one (name:0.8)")
             weights[name] = weights.get(name, 0.0) + weight
+            if abs(weights[name]) > MAX_WEIGHT:
+                raise ValueError(f"LoRA {name!r}: weights {weights[name]:g} in all (named more than once) is out of "
+                                 f"range: LoRA weights must be within ±{MAX_WEIGHT:g}")
         return cls(weights)

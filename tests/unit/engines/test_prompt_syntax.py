@@ -177,3 +177,27 @@ def test_a_weight_that_is_not_a_number_is_an_error():
         assert error is not None and f"prompt weight {number!r}" in error and "is not a number" in error
     assert parse_prompt("a (cat:1.2) dog").weight_error is None
     assert parse_prompt("cat:1.2.3)").weight_error is None   # no bracket open: text, as in A1111
+
+
+@pytest.mark.parametrize("text, value", [("a <lora:ink:1e30> fox", "1e30"), ("<lora:ink:-101>", "-101"),
+                                         ("<lora:ink:te=1:unet=500>", "500")])
+def test_a_lora_tag_weight_past_the_bound_is_an_error(text, value):
+    """QA 72 F7: <lora:x:1e30> was accepted and turned every frame of every session NaN."""
+    parsed = parse_prompt(text)
+    assert parsed.loras == () and len(parsed.errors) == 1
+    assert f"weight {value} is out of range" in parsed.errors[0] and "±100" in parsed.errors[0]
+
+
+def test_lora_tags_adding_up_past_the_bound_are_an_error():
+    parsed = parse_prompt("<lora:ink:60> fox <lora:ink:60>")
+    assert len(parsed.errors) == 1 and "'ink'" in parsed.errors[0] and "120" in parsed.errors[0]
+    assert parse_prompt("<lora:ink:100> <lora:ink:-100> <lora:ink:-2.5>").errors == ()
+
+
+@pytest.mark.parametrize("text, message", [("ink:1e30", r"weight 1e\+30 is out of range"),
+                                           ("ink:-100.5", "weight -100.5 is out of range"),
+                                           ("ink:70, ink:70", "140 in all")])
+def test_lora_parameter_weight_past_the_bound_is_an_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        LoraWeights.parse(text)
+    assert LoraWeights.parse("ink:100, other:-100").weights == {"ink": 100.0, "other": -100.0}
