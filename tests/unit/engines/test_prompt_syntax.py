@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import math
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -177,6 +181,38 @@ def test_a_weight_that_is_not_a_number_is_an_error():
         assert error is not None and f"prompt weight {number!r}" in error and "is not a number" in error
     assert parse_prompt("a (cat:1.2) dog").weight_error is None
     assert parse_prompt("cat:1.2.3)").weight_error is None   # no bracket open: text, as in A1111
+
+
+def _best_time(function, argument, repeats: int = 5) -> float:
+    best = math.inf
+    collecting = gc.isenabled()
+    gc.disable()   # the collector's passes depend on what else is alive, not on this function's growth
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function(argument)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        if collecting:
+            gc.enable()
+    return best
+
+
+def _growth(function, make, size: int) -> float:
+    """Time at 16 x size over time at size: 16 when linear (up to ~50 seen on a loaded machine), 256 when
+    quadratic. The tests take 128 as the line between."""
+    return _best_time(function, make(16 * size)) / _best_time(function, make(size))
+
+
+_parse_uncached = getattr(parse_prompt, "__wrapped__", parse_prompt)
+
+
+def test_a_run_of_spaces_parses_in_linear_time():
+    """QA 72 F3: A1111's BREAK regex retried its leading \\s* at every space: 'a' + 4,094 spaces + 'b' took 0.35 s
+    a parse, redone every frame while an LFO runs."""
+    assert _growth(_parse_uncached, lambda n: "a" + " " * n + "b BREAK \n" * 2, 500) < 128
+    assert parse_prompt("a" + " " * 300 + "BREAK" + "\n" * 300 + "b").pieces == (
+        PromptPiece("a"), PromptPiece(BREAK, -1.0, is_break=True), PromptPiece("b"))
 
 
 @pytest.mark.parametrize("text, value", [("a <lora:ink:1e30> fox", "1e30"), ("<lora:ink:-101>", "-101"),
