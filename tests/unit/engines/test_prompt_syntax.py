@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import time
 
 import pytest
@@ -213,6 +214,49 @@ def test_a_run_of_spaces_parses_in_linear_time():
     assert _growth(_parse_uncached, lambda n: "a" + " " * n + "b BREAK \n" * 2, 500) < 128
     assert parse_prompt("a" + " " * 300 + "BREAK" + "\n" * 300 + "b").pieces == (
         PromptPiece("a"), PromptPiece(BREAK, -1.0, is_break=True), PromptPiece("b"))
+
+
+def test_nested_brackets_parse_in_linear_time():
+    """QA 72 F4: each bracket multiplied every piece since it opened: 4,096 characters of "([" then escapes,
+    weights near 1 so accepted, took 0.17 s a parse."""
+    assert _growth(_parse_uncached, lambda n: "([" * (n // 4) + "a\\(" * (n // 6), 1024) < 128
+    assert _growth(_parse_uncached, lambda n: "(" * (n // 2) + "a)" * (n // 4), 1024) < 128
+
+
+def _a1111_weights(text: str) -> list[tuple[str, float]]:
+    """A1111's parse_prompt_attention, its multiplications as written (no BREAK, no merge)."""
+    res: list[list] = []
+    round_brackets: list[int] = []
+    square_brackets: list[int] = []
+    for match in re.finditer(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:", text):
+        token, weight = match.group(0), match.group(1)
+        if token in ("(", "["):
+            (round_brackets if token == "(" else square_brackets).append(len(res))
+        elif (weight is not None or token == ")") and round_brackets:
+            start = round_brackets.pop()
+            res[start:] = [[t, w * (float(weight) if weight else 1.1)] for t, w in res[start:]]
+        elif token == "]" and square_brackets:
+            start = square_brackets.pop()
+            res[start:] = [[t, w / 1.1] for t, w in res[start:]]
+        else:
+            res.append([token[1:] if token.startswith("\\") else token, 1.0])
+    for start in round_brackets:
+        res[start:] = [[t, w * 1.1] for t, w in res[start:]]
+    for start in square_brackets:
+        res[start:] = [[t, w / 1.1] for t, w in res[start:]]
+    return [(t, w) for t, w in res]
+
+
+@pytest.mark.parametrize("text", ["(" * 300 + "a)" * 300, "([" * 200 + "a\\(b)]" * 150 + "c:0.5)" * 50,
+                                  "[" * 120 + "(a:1.01)" * 400 + "(b" * 200 + "c]" * 100])
+def test_deeply_nested_weights_stay_a1111s(text):
+    """Past the exact-order budget the products are taken in one sweep: the same weights to rounding."""
+    expected = _a1111_weights(text)
+    pieces = parse_prompt_attention(text)
+    assert "".join(t for t, _ in pieces) == "".join(t for t, _ in expected)
+    at = [w for t, w in expected for _ in t]
+    got = [w for t, w in pieces for _ in t]
+    assert got == pytest.approx(at, rel=1e-9)
 
 
 @pytest.mark.parametrize("text, value", [("a <lora:ink:1e30> fox", "1e30"), ("<lora:ink:-101>", "-101"),
