@@ -253,7 +253,9 @@ def extract_networks(text: str) -> tuple[str, tuple[LoraRef, ...], tuple[str, ..
             loras.append(LoraRef(name, weight))
         return ""
 
-    stripped = RE_EXTRA_NETWORK.sub(found, text)
+    # No tag ends past the last ">"; there the regex would try each "<kind:" to the end of the text (quadratic).
+    end = text.rfind(">") + 1
+    stripped = RE_EXTRA_NETWORK.sub(found, text[:end]) + text[end:]
     return stripped, tuple(loras), tuple(others), tuple(errors)
 
 

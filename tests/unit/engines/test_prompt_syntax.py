@@ -259,6 +259,12 @@ def test_deeply_nested_weights_stay_a1111s(text):
     assert got == pytest.approx(at, rel=1e-9)
 
 
+def test_unclosed_tag_openers_extract_in_linear_time():
+    """'<kind:' with no '>' after it: the tag regex ran to the end of the text from each one."""
+    assert _growth(lambda text: extract_networks(text), lambda n: "<a:" * (n // 3), 500) < 128
+    assert extract_networks("<a:<lora:x:0.5> y <b:") == (" y <b:", (), ("<a:<lora:x:0.5>",), ())
+
+
 @pytest.mark.parametrize("text, value", [("a <lora:ink:1e30> fox", "1e30"), ("<lora:ink:-101>", "-101"),
                                          ("<lora:ink:te=1:unet=500>", "500")])
 def test_a_lora_tag_weight_past_the_bound_is_an_error(text, value):
