@@ -21,6 +21,7 @@ not a number) are reported in :attr:`ParsedPrompt.errors` for the engine to rais
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -259,6 +260,12 @@ def extract_networks(text: str) -> tuple[str, tuple[LoraRef, ...], tuple[str, ..
     return stripped, tuple(loras), tuple(others), tuple(errors)
 
 
+# The stream asks again for the same prompt every frame while an LFO runs (its encoding is cached by the text): a few
+# recent parses are kept. ParsedPrompt is frozen and holds tuples, so a shared one cannot be changed by a caller.
+_PARSE_CACHE_SIZE = 64
+
+
+@functools.lru_cache(maxsize=_PARSE_CACHE_SIZE)
 def parse_prompt(text: str) -> ParsedPrompt:
     """The pieces with their weights (BREAKs marked), and the LoRA tags taken out of the text."""
     stripped, loras, others, errors = extract_networks(text)

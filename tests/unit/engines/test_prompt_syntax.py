@@ -265,6 +265,13 @@ def test_unclosed_tag_openers_extract_in_linear_time():
     assert extract_networks("<a:<lora:x:0.5> y <b:") == (" y <b:", (), ("<a:<lora:x:0.5>",), ())
 
 
+def test_the_same_prompt_is_parsed_once():
+    """The stream asks for the parse of the same prompt every frame while an LFO runs."""
+    prompt = "a (red:1.2) fox BREAK <lora:ink:0.5> snow"
+    assert parse_prompt(prompt) is parse_prompt(prompt)
+    assert parse_prompt(prompt).loras == (LoraRef("ink", 0.5),)
+
+
 @pytest.mark.parametrize("text, value", [("a <lora:ink:1e30> fox", "1e30"), ("<lora:ink:-101>", "-101"),
                                          ("<lora:ink:te=1:unet=500>", "500")])
 def test_a_lora_tag_weight_past_the_bound_is_an_error(text, value):
