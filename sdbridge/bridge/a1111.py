@@ -787,8 +787,10 @@ class A1111Api:
             hr_negative = apply_style(hr_negative, styles[name][1]) if hr_negative else ""
         if hr_prompt:
             self.check_loras(hr_prompt, kind, "hr_prompt")
-        for field, text in (("negative_prompt", negative), ("hr_negative_prompt", hr_negative)):
-            self.check_weights(text, kind, field)
+        self.check_texts(kind, body.steps, prompt, negative)
+        if hires:
+            self.check_texts(kind, body.steps, hr_prompt, hr_negative, body.hr_second_pass_steps or body.steps,
+                             (prompt, negative))
         # "DPM++ 2M Karras" becomes "DPM++ 2M" with the Karras schedule, as A1111 1.9+ records it.
         sampler, schedule = samplers.resolve(body.sampler(), body.scheduler, a1111=True)
         request = GenerationRequest(
@@ -901,15 +903,39 @@ class A1111Api:
             raise HTTPException(422, f"hr_upscaler: {exc}") from None
         return lambda image, width, height: models.hires_steps(name, image, width, height)
 
-    def check_weights(self, prompt: str, kind: str, field: str) -> None:
-        """A negative prompt's attention weights checked before the request queues, naming ``field`` (QA 27: the
-        request queued, then failed naming no field)."""
+    @staticmethod
+    def check_texts(kind: str, steps: int, prompt: str, negative: str, hires_steps: int | None = None,
+                    first: tuple[str, str] = ("", "")) -> None:
+        """A pass's prompts checked before the request queues, naming the field, as the worker will encode them:
+        the AND parts (their count and weights), then the attention weights of each text the schedules give
+        each part and the negative prompt (QA 27: the request queued, then failed naming no field). Not the raw
+        prompt's: there a ``[from:to:when]`` reads as ``[...]`` with ``:`` as text, which refused texts never
+        encoded and passed weights that then failed in the worker (QA 72 F9). ``hires_steps``: the hires pass,
+        whose empty prompts are ``first``'s (the prompt, the negative prompt)."""
+        from sdbridge.engines.generate import prompt_texts
         from sdbridge.engines.prompt_syntax import parse_prompt
+        from sdbridge.errors import ParamError
 
-        problem = parse_prompt(prompt).weight_error if prompt else None
+        prompt_name, negative_name = ("prompt", "negative_prompt") if hires_steps is None else \
+            ("hr_prompt" if prompt else "prompt", "hr_negative_prompt" if negative else "negative_prompt")
+        if hires_steps is not None:
+            prompt, negative = prompt or first[0], negative or first[1]
+        problem = None
+        try:
+            texts = prompt_texts(prompt, negative, steps, hires_steps, prompt_name)
+        except ParamError as exc:
+            problem = str(exc)  # it names the field
+        else:
+            named = [(prompt_name, text) for part in texts.parts for _, text in part]
+            named += [(negative_name, text) for _, text in texts.negative]
+            for name, text in dict.fromkeys(named):  # each distinct text once
+                error = parse_prompt(text).weight_error if text else None
+                if error is not None:
+                    problem = f"{name}: {error}"
+                    break
         if problem is not None:
-            log.warning("%s refused: %s: %s", kind, field, problem)
-            raise HTTPException(422, f"{field}: {problem}")
+            log.warning("%s refused: %s", kind, problem)
+            raise HTTPException(422, problem)
 
     def check_loras(self, prompt: str, kind: str, field: str = "prompt") -> None:
         """The prompt's ``<lora:...>`` tags checked before the request queues: a client's typo answers
@@ -919,7 +945,8 @@ class A1111Api:
         from sdbridge.engines.prompt_syntax import parse_prompt
 
         parsed = parse_prompt(prompt)
-        problem = parsed.weight_error or (parsed.errors[0] if parsed.errors else None)
+        # The weights are check_texts' to check, on the texts the schedule encodes (QA 72 F9).
+        problem = parsed.errors[0] if parsed.errors else None
         folder = self.lora_dir()
         for name in parsed.lora_weights() if problem is None else ():
             if not folder.is_dir():

@@ -41,7 +41,7 @@ from sdbridge.engines import a1111_timesteps, samplers
 from sdbridge.engines.controlnet import RequestUnit, request_stack
 from sdbridge.engines.prompt_encode import match_lengths
 from sdbridge.engines.prompt_schedule import prompt_schedules, split_composable
-from sdbridge.engines.prompt_syntax import MAX_WEIGHT, extract_networks
+from sdbridge.engines.prompt_syntax import MAX_WEIGHT, RE_EXTRA_NETWORK, extract_networks
 from sdbridge.errors import ParamError, SdbridgeError
 
 if TYPE_CHECKING:
@@ -437,7 +437,7 @@ class Generation:
         request = self.request
         # The prompt's <lora:...> tags: applied while encoding and around each UNet step, the
         # stream's weights back in between (the stream runs between this request's steps).
-        self.loras = self.engine.prompt_loras(request.prompt)
+        self.loras = self.engine.prompt_loras(_network_tags(request.prompt))
         # ControlNet units take one batch, so the shorter prompt is padded to the longer (A1111's "Pad conds");
         # otherwise prompts of different lengths run as two UNet calls, as A1111 does by default.
         self.padded_conds = bool(request.controlnet)
@@ -541,7 +541,7 @@ class Generation:
         # prompt's again for the next batch's first pass.
         first_loras = self.loras
         if request.hr_prompt:
-            self.loras = self.engine.prompt_loras(request.hr_prompt)
+            self.loras = self.engine.prompt_loras(_network_tags(request.hr_prompt))
         try:
             if self._hires_prompts is None:  # the same for every batch of the request
                 self._hires_prompts = self._prompt_schedule(hires_steps=steps)
@@ -882,6 +882,14 @@ class Generation:
     def _to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:
         array = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(array)
+
+
+def _network_tags(prompt: str) -> str:
+    """The prompt's ``<kind:...>`` tags alone, for their LoRA weights: its attention weights are checked on the
+    texts its schedule encodes, not here on the whole, where a ``[from:to:when]`` reads as ``[...]`` and refused
+    ``[(cat:150):dog:0]``, which encodes ``dog`` (QA 72 F9)."""
+    end = prompt.rfind(">") + 1  # no tag ends past the last '>'
+    return " ".join(match.group(0) for match in RE_EXTRA_NETWORK.finditer(prompt[:end]))
 
 
 def _text_until(schedule: list[tuple[int, str]], end: int) -> str:

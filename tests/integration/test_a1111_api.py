@@ -932,3 +932,19 @@ def test_the_infotext_carries_eta_where_the_sampler_took_it(api):
     again = api.post("/sdapi/v1/txt2img", json={"prompt": "a fox", "seed": int(parsed["Seed"]), "sampler_name": "DDIM",
                                                 "eta": float(parsed["Eta DDIM"]), **SMALL}).json()
     assert again["images"][0] == first["images"][0]
+
+
+def test_prompts_are_checked_as_the_schedule_encodes_them_and_the_hires_ones_bounded(api):
+    """QA 72 F9: weights checked on the raw prompt refused what A1111 runs and let through what then failed in the
+    worker; F11: a lone surrogate in hr_prompt was a 500 (the tokenizer's TypeError)."""
+    ran = api.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "[(cat:150):dog:0]"})
+    assert ran.status_code == 200, ran.text  # 'dog' is all it encodes, as in A1111
+    for body, words in [({"prompt": "[dog:(cat:105):0.5]"}, "prompt: prompt weight 105 of 'cat' is out of range"),
+                        ({"prompt": "a cat" + " AND" * 64}, "prompt: 65 AND parts, more than the 64"),
+                        ({"enable_hr": True, "hr_scale": 1.0, "hr_prompt": "a \ud800"}, "hr_prompt"),
+                        ({"enable_hr": True, "hr_scale": 1.0, "hr_negative_prompt": "x" * 20001},
+                         "hr_negative_prompt")]:
+        # json.dumps escapes the surrogate (JSON's backslash-u d800), as a client's encoder sends it
+        response = api.post("/sdapi/v1/txt2img", content=json.dumps({**SMALL, **body}),
+                            headers={"Content-Type": "application/json"})
+        assert response.status_code == 422 and words in response.text, (body, response.status_code, response.text)

@@ -79,3 +79,47 @@ def test_the_hires_prompts_have_the_prompt_s_bound_and_refuse_a_lone_surrogate(f
         assert [(error["loc"], error["type"]) for error in caught.value.errors()] == [((name,), kind)]
     assert a1111.Txt2ImgRequest(**{field: "x" * 20000}).model_dump()[field] == "x" * 20000
 
+
+@pytest.mark.parametrize(("prompt", "negative", "hires_steps", "words"), [
+    # Weights inside a schedule's text that is never encoded: A1111 runs these (it encodes 'dog').
+    ("[(cat:150):dog:0]", "", None, None),
+    ("[(cat:1.2.3):dog:0]", "", None, None),
+    ("a fox", "[(blur:150):fog:0]", None, None),
+    # A text that is encoded at some step: its weight checked as the worker will (95.45 to the raw check).
+    ("[dog:(cat:105):0.5]", "", None, "prompt: prompt weight 105 of 'cat' is out of range"),
+    ("a fox AND [dog:(cat:105):0.5]:0.5", "", None, "prompt: prompt weight 105"),
+    ("a fox", "[fog:(blur:105):0.5]", None, "negative_prompt: prompt weight 105"),
+    ("(a fox:1.2.3)", "", None, "prompt: prompt weight '1.2.3'"),
+    # 1.5: half-way through the hires pass, after the first pass's 10 steps; the empty hires prompt is the prompt's.
+    ("[dog:(cat:105):1.5]", "", None, None),
+    ("[dog:(cat:105):1.5]", "", 10, "prompt: prompt weight 105"),
+    ("a cat" + " AND" * 64, "", None, "prompt: 65 AND parts, more than the 64"),
+])
+def test_weights_are_checked_on_the_texts_the_schedule_encodes(prompt, negative, hires_steps, words):
+    """QA 72 F9: the raw prompt was checked, where a [from:to:when] is an attention bracket and its ':' text."""
+    from fastapi import HTTPException
+
+    def check() -> None:
+        if hires_steps is None:
+            a1111.A1111Api.check_texts("txt2img", 10, prompt, negative)
+        else:
+            a1111.A1111Api.check_texts("txt2img", 10, "", "", hires_steps, (prompt, negative))
+
+    if words is None:
+        check()
+        return
+    with pytest.raises(HTTPException) as caught:
+        check()
+    assert caught.value.status_code == 422 and words in caught.value.detail, caught.value.detail
+
+
+def test_the_hires_pass_s_own_prompts_are_named_as_theirs():
+    from fastapi import HTTPException
+
+    a1111.A1111Api.check_texts("txt2img", 10, "a fox", "blur", 10, ("(a fox:150)", ""))  # the first's unused
+    for prompt, negative, first, name in [("(a fox:150)", "", ("a fox", "blur"), "hr_prompt"),
+                                          ("", "(blur:150)", ("a fox", "blur"), "hr_negative_prompt"),
+                                          ("", "", ("(a fox:150)", "blur"), "prompt"),
+                                          ("", "", ("a fox", "(blur:150)"), "negative_prompt")]:
+        with pytest.raises(HTTPException, match=f"^422: {name}: prompt weight 150"):
+            a1111.A1111Api.check_texts("txt2img", 10, prompt, negative, 10, first)

@@ -1062,3 +1062,15 @@ def test_more_and_parts_than_the_limit_are_refused_naming_the_count(engine):
         run(engine, prompt="a cat", enable_hr=True, hr_prompt=prompt, steps=1)
     at_limit = run(engine, prompt="a cat" + " AND" * (MAX_AND_PARTS - 1), steps=1)
     assert len(at_limit.images) == 1
+
+
+def test_weights_are_checked_on_the_texts_the_schedule_encodes_not_the_raw_prompt(engine):
+    """QA 72 F9: the raw prompt's parse (a [from:to:when] read as [...]) refused '[(cat:150):dog:0]', which
+    encodes 'dog' alone, as A1111 runs it; a weight in a text that is encoded still fails."""
+    from sdbridge.errors import ParamError
+
+    scheduled = run(engine, prompt="[(cat:150):dog:0]", steps=2)
+    plain = run(engine, prompt="dog", steps=2)
+    assert np.array_equal(scheduled.images[0], plain.images[0])
+    with pytest.raises(ParamError, match="prompt weight 105 of 'cat' is out of range"):
+        run(engine, prompt="[dog:(cat:105):0.5]", steps=2)
