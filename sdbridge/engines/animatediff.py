@@ -26,7 +26,8 @@ Noise: the newest place uses the diffusion engine's session noise (seed), the ol
 draws that follow it from the same generator, so ``motion_window`` 1 starts exactly where plain img2img
 starts. Window 1 still differs from the plain engine's output: the temporal attention over one frame
 is not the identity (its value and output projections act), unless the adapter's output projections
-are zero (tests/unit/engines/test_animatediff.py checks both).
+are zero (tests/unit/engines/test_animatediff.py checks both). With ``seed_blend`` every place's noise
+is on its way to ``blend_seed``'s, each as the plain engine blends its one.
 
 The motion UNet shares every spatial module with the model's UNet (no copy of its weights: LoRAs
 reweighted in place reach it too, and so do the feature bank's attention processors, one entry per
@@ -45,6 +46,7 @@ over its whole window, as the diffusion engine gives it for its one frame.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
@@ -57,7 +59,7 @@ import torch
 
 from sdbridge.engines.base import StreamState
 from sdbridge.engines.controlnet import SLOT_IMAGES, ControlStack, ControlUnit
-from sdbridge.engines.diffusion import DiffusionEngine
+from sdbridge.engines.diffusion import DiffusionEngine, blend_noise
 from sdbridge.engines.models import find_add_on_model, list_add_on_models, resolve_add_on_model, serialized_load
 from sdbridge.errors import ModelError, load_failure, quoted
 from sdbridge.params import MOTION_WINDOW_MAX  # frames kept per session; adapters hold 24 or 32
@@ -67,6 +69,16 @@ log = logging.getLogger(__name__)
 
 HISTORY = "animatediff.history"   # session state: _History
 NOISE = "animatediff.noise"       # session state: (key, noise of the places before the newest [MAX-1, 4, h, w])
+
+
+@functools.lru_cache(maxsize=4)
+def older_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """[MOTION_WINDOW_MAX - 1, 4, h, w], 1 frame back first: a seed's noise for the window places before the newest,
+    the draws after the newest place's (float32, CPU). Cached: while a seed_blend sweep runs, each frame blends
+    the same two."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    torch.randn(shape, generator=generator)        # the newest place's draw, as _noise makes it
+    return torch.randn((MOTION_WINDOW_MAX - 1, *shape[1:]), generator=generator)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -409,12 +421,16 @@ class AnimateDiffEngine(DiffusionEngine):
     def _window_noise(self, state: StreamState, shape: tuple[int, ...], window: int) -> torch.Tensor:
         """[window, 4, h, w], oldest place first; the newest place is the diffusion engine's session noise."""
         newest = self._noise(state, shape)                 # [1, 4, h, w]
-        key = (self._seed, shape, self.device, self.dtype)
+        weight = self._seed_blend
+        key = (self._seed, shape, self.device, self.dtype) + ((self._blend_seed, weight) if weight > 0 else ())
         cached = state.data.get(NOISE)
         if cached is None or cached[0] != key:
-            generator = torch.Generator(device="cpu").manual_seed(self._seed)
-            torch.randn(shape, generator=generator)        # the newest place's draw, as _noise makes it
-            older = torch.randn((MOTION_WINDOW_MAX - 1, *shape[1:]), generator=generator)
+            older = older_noise(self._seed, shape).clone()  # the cache's own tensor stays as drawn
+            if weight > 0:
+                # Each place on its way to blend_seed's as the newest is (_noise): only the newest was, and at
+                # seed_blend 1 the window mixed two seeds' noise, 16% off the blend_seed stream (QA 86 F9).
+                other = older_noise(self._blend_seed, shape)
+                older = torch.stack([blend_noise(weight, older[place], other[place]) for place in range(len(older))])
             cached = (key, older.to(self.device, self.dtype))   # [MAX-1, 4, h, w], 1 frame back first
             state.data[NOISE] = cached
         return torch.cat([cached[1][:window - 1].flip(0), newest])

@@ -278,6 +278,25 @@ def test_window_one_against_the_plain_engine(parts, motion_dir, frames):
         assert relative_error(run(zero, frames[:3])[-1], expected) <= 1e-5
 
 
+def test_seed_blend_moves_every_window_place_towards_blend_seed(parts, motion_dir, frames):
+    """seed_blend 1 is blend_seed's noise alone at every place, so the stream is the blend_seed stream, as on the
+    plain engine; half-way, each older place is its two seeds' draws blended (QA 86 F9: only the newest place
+    was, and fully blended the output was 16% off)."""
+    from sdbridge.engines.diffusion import blend_noise
+
+    blended = run(engine_for(parts, motion_dir, seed=SEED, blend_seed=9, seed_blend=1.0), frames[:4])
+    plain = run(engine_for(parts, motion_dir, seed=9), frames[:4])
+    for index, (got, expected) in enumerate(zip(blended, plain)):
+        assert relative_error(got, expected) <= 1e-6, f"frame {index}"
+    half = engine_for(parts, motion_dir, seed=SEED, blend_seed=9, seed_blend=0.5)
+    noise = half._window_noise(StreamState("s"), (1, 4, 8, 8), 4)
+    ours = engine_for(parts, motion_dir, seed=SEED)._window_noise(StreamState("s"), (1, 4, 8, 8), 4)
+    theirs = engine_for(parts, motion_dir, seed=9)._window_noise(StreamState("s"), (1, 4, 8, 8), 4)
+    for place in range(4):
+        assert torch.allclose(noise[place], blend_noise(0.5, ours[place], theirs[place]), atol=1e-6), place
+    assert relative_error(run(half, frames[:2])[-1], blended[1]) > 1e-3
+
+
 def test_window_and_overlap_take_effect_at_the_next_frame(parts, motion_dir, frames):
     engine = engine_for(parts, motion_dir, motion_window=4)
     state = StreamState("s")
