@@ -334,7 +334,8 @@ class ControlNetApi:
         if engine is None or getattr(engine, "parts", None) is None:
             raise HTTPException(503, "no diffusion model is loaded: ControlNet needs one (start the daemon with "
                                      "--model PATH)")
-        key = (id(engine), name)
+        # Keyed by the bare name: "edges" and "edges [hash]" are one model, cached once.
+        key = (id(engine), HASH_SUFFIX.sub("", name.strip()))
         with self._cache_lock:
             cached = self._cache.get(key)
             if cached is not None and cached[0]() is engine:  # not another engine that took a freed id

@@ -379,6 +379,9 @@ class ControlNets:
 
     def model(self, name: str) -> Any:
         """A model by name, loaded now on the calling thread when it is not loaded (one-shot requests)."""
+        # The slots key models by the bare name: A1111's "edges [hash]" (as /controlnet/model_list gives it) missed
+        # the live copy and loaded a second one into device memory (QA 86 F1).
+        name = HASH_SUFFIX.sub("", name.strip())
         loaded = self.models.get(name) or self.loader.peek(name)
         if loaded is not None:
             return loaded

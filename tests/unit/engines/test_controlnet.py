@@ -438,3 +438,14 @@ def test_a_set_of_two_changes_at_once_not_slot_by_slot(parts, controlnet_dir, fr
     after = run(engine, frame, state, **new_set)
     assert engine.controlnets.serving == ["depth", "single", None]
     assert not torch.equal(after, before)
+
+
+def test_a1111_hashed_name_is_the_live_slots_copy(parts, controlnet_dir, frame):
+    """/controlnet/model_list gives "edges [hash]": a one-shot request naming it takes the slot's loaded model, where
+    it loaded the file again into device memory (QA 86 F1)."""
+    engine = make_engine(parts, controlnet_dir)
+    run(engine, frame, StreamState("s"), controlnet_1_model="edges")
+    assert engine.controlnets is not None
+    live = engine.controlnets.models["edges"]
+    assert engine.controlnets.model("edges [0123abcd]") is live
+    assert engine.controlnets.model(" edges [E4DCF51B] ") is live
