@@ -47,6 +47,7 @@ from sdbridge.params import CONTROLNET_SLOTS as SLOTS
 log = logging.getLogger(__name__)
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet")  # A1111: Balanced, My prompt / ControlNet is more important
+SOFT_WEIGHT = 0.825  # sd-webui-controlnet's soft injection: residual i of 13 weighs SOFT_WEIGHT ** (12 - i)
 HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
 #: In a session's data: ControlNet slot -> (source, (size, resize mode, preprocessor, options), its condition image)
 PREPARED = "controlnet.prepared"
@@ -204,10 +205,13 @@ class ControlStack:
         if weight is not None:
             down = [sample * weight for sample in down]
             mid = mid * weight
-        if unit.mode == "prompt":
-            # "My prompt is more important": deeper residuals weigh more, 0.825 ** (12 - i) over SD's 13.
-            count = len(down) + 1
-            down = [sample * 0.825 ** (count - 1 - i) for i, sample in enumerate(down)]
+        if unit.mode != "balanced":
+            # sd-webui-controlnet's soft injection, in both of its other modes (soft_injection = mode != Balanced;
+            # "ControlNet is more important" has it beside the mask, QA 86 F2): the residuals in order, the
+            # middle block's last, weigh 0.825 ** (12 - i). SD 1.x/2.x's 13 end at 1 on the middle block; the
+            # extension takes the first 10 of the 13 weights for SDXL's 10, so there they end at 0.825 ** 3.
+            down = [sample * SOFT_WEIGHT ** (12 - i) for i, sample in enumerate(down)]
+            mid = mid * SOFT_WEIGHT ** (12 - len(down))
         return down, mid
 
 

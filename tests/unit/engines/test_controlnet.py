@@ -449,3 +449,38 @@ def test_a1111_hashed_name_is_the_live_slots_copy(parts, controlnet_dir, frame):
     live = engine.controlnets.models["edges"]
     assert engine.controlnets.model("edges [0123abcd]") is live
     assert engine.controlnets.model(" edges [E4DCF51B] ") is live
+
+
+class FixedResiduals:
+    """A ControlNet's call with SD 1.x/2.x's 13 residuals or SDXL's 10 (12 or 9 down blocks, then the middle
+    block), each all ones times the scale: the real layouts, which the tiny test models do not have."""
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+
+    def __call__(self, sample, t, encoder_hidden_states, controlnet_cond, conditioning_scale, guess_mode,
+                 return_dict, **extra):
+        return ([torch.ones_like(sample) * conditioning_scale for _ in range(self.down)],
+                torch.ones_like(sample) * conditioning_scale)
+
+
+@pytest.mark.parametrize("down", [12, 9])
+@pytest.mark.parametrize("mode", ["balanced", "prompt", "controlnet"])
+def test_control_modes_weigh_the_residuals_as_the_a1111_extension(down, mode):
+    """sd-webui-controlnet: soft_injection = mode != Balanced, cfg_injection = mode == "ControlNet is more important";
+    soft injection weighs residual i (the middle block's last) 0.825 ** (12 - i), SDXL's 10 the first ten of those;
+    cfg injection zeroes the unconditional rows. Mode 2 had the mask only: its shallow residuals acted ~10x the
+    extension's (QA 86 F2)."""
+    from sdbridge.engines.controlnet import ControlStack, ControlUnit
+
+    sample = torch.zeros(2, 4, 8, 8)  # guided: the unconditional row, then the conditional one
+    unit = ControlUnit(FixedResiduals(down), torch.zeros(1, 3, 64, 64), 0.5, mode=mode)
+    out = ControlStack([unit], guided=True)(sample, torch.tensor(1), torch.zeros(2, 77, 32), 0, 1)
+    residuals = [*out["down_block_additional_residuals"], out["mid_block_additional_residual"]]
+    assert len(residuals) == down + 1
+    soft = mode != "balanced"
+    for index, residual in enumerate(residuals):
+        expected = 0.5 * (0.825 ** (12 - index) if soft else 1.0)
+        assert torch.allclose(residual[1], torch.full_like(residual[1], expected), rtol=1e-6), (index, mode)
+        unconditional = 0.0 if mode == "controlnet" else expected
+        assert torch.allclose(residual[0], torch.full_like(residual[0], unconditional), rtol=1e-6), (index, mode)
