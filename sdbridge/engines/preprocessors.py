@@ -5,7 +5,8 @@ built-ins:
 
 - ``none``: the image as it is (a depth or edge pass rendered elsewhere, TouchDesigner's usual way);
 - ``invert``: 255 - image (white-background line art to the black-background lines ControlNets want);
-- ``canny``: OpenCV's Canny edges, thresholds ``low_threshold`` / ``high_threshold`` (A1111's threshold_a/b);
+- ``canny``: OpenCV's Canny edges, thresholds ``low_threshold`` / ``high_threshold`` (A1111's threshold_a/b),
+  in either order as OpenCV takes them;
 - ``softedge``: a soft edge map, the Sobel gradient magnitude of a blurred grey image, normalised;
 - ``lineart``: thin lines from a difference of Gaussians, soft-thresholded as XDoG does, white on black;
 - ``depth``: a depth model loaded from local weights (any transformers depth-estimation model in a
@@ -65,10 +66,13 @@ def invert(image: np.ndarray, options: Options) -> np.ndarray:
 
 
 def canny(image: np.ndarray, options: Options) -> np.ndarray:
-    if not 0 <= options.low_threshold <= options.high_threshold:
-        raise ParamError(f"canny thresholds {options.low_threshold}, {options.high_threshold}: the low one must be "
-                         f"in [0, high]", name="low_threshold", value=options.low_threshold)
-    return _rgb(cv2.Canny(_grey(image), options.low_threshold, options.high_threshold))
+    # Either order: OpenCV swaps a low threshold above the high one (same map), and the extension passes
+    # threshold_a/b to it as sent; refusing it was a 422 over A1111 and a slot switched off live (QA 86 F6).
+    low, high = sorted((options.low_threshold, options.high_threshold))
+    if low < 0:
+        raise ParamError(f"canny thresholds {options.low_threshold}, {options.high_threshold}: both must be >= 0",
+                         name="low_threshold", value=low)
+    return _rgb(cv2.Canny(_grey(image), low, high))
 
 
 def softedge(image: np.ndarray, options: Options) -> np.ndarray:

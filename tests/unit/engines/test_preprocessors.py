@@ -67,8 +67,24 @@ def test_canny_thresholds_matter(registry):
     faint[:, 32:] = 130  # a step of 30 grey levels
     assert registry.run("canny", faint, Options(20, 40)).any()
     assert not registry.run("canny", faint, Options(200, 250)).any()
-    with pytest.raises(ParamError, match="low one"):
-        registry.run("canny", faint, Options(200, 100))
+
+
+def test_canny_takes_its_thresholds_in_either_order_as_opencv_does(registry):
+    """A low threshold above the high one is the same map, as cv2.Canny (and so the A1111 extension) makes it; it was
+    refused: a 422 over A1111, a live slot switched off while an LFO swept one threshold past the other (QA 86 F6)."""
+    import cv2
+
+    rng = np.random.default_rng(4)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8), (0, 0), 2.0)
+    swapped = registry.run("canny", image, Options(60, 20))
+    in_order = registry.run("canny", image, Options(20, 60))
+    assert np.array_equal(swapped, in_order)
+    assert np.array_equal(swapped[..., 0], cv2.Canny(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), 60, 20))
+    # both numbers count, not one of them twice
+    assert not np.array_equal(swapped, registry.run("canny", image, Options(60, 60)))
+    assert not np.array_equal(swapped, registry.run("canny", image, Options(20, 20)))
+    with pytest.raises(ParamError, match="-5"):
+        registry.run("canny", image, Options(-5, 100))
 
 
 def test_softedge_and_lineart_peak_at_the_edge(registry):
