@@ -241,11 +241,39 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
         header_length = _header_length(file, handle)
         try:
             header = json.loads(handle.read(header_length))
+        except RecursionError as exc:  # JSON nested 100,000 deep: a 500 where a LoRA was named (QA 85 F1)
+            raise ModelError(f"{file}: corrupt safetensors header (JSON nested too deep)") from exc
         except ValueError as exc:
             raise ModelError(f"{file}: corrupt safetensors header ({exc})") from exc
     if not isinstance(header, dict):
         raise ModelError(f"{file}: corrupt safetensors header (not a JSON object)")
+    for key, entry in header.items():
+        problem = _header_entry_problem(key, entry)
+        if problem is not None:
+            # Callers read shape and data_offsets as the format defines them: {"a": 5} raised AttributeError from
+            # lora_file_problem (POST /params a 500, a WebSocket dropped) and TypeError from the footprint (QA 85 F1,
+            # F6). safetensors refuses such a file too; here it is refused in the same words as any corrupt one.
+            raise ModelError(f"{file}: corrupt safetensors header (entry {quoted(key[:80])} {problem})")
     return header_length, header
+
+
+def _header_entry_problem(key: str, entry: Any) -> str | None:
+    """What is wrong with one entry of a safetensors header by the format's rules, or None."""
+    if key == "__metadata__":
+        if not isinstance(entry, dict) or not all(isinstance(value, str) for value in entry.values()):
+            return "is not an object of strings"
+        return None
+    if not isinstance(entry, dict):
+        return f"is a JSON {type(entry).__name__}, not an object"
+    if not isinstance(entry.get("dtype"), str):
+        return "has no dtype string"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
+        return "has a shape that is not a list of sizes"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(end) is int for end in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return "has data_offsets that are not [start, end]"
+    return None
 
 
 def safetensors_header_length(file: Path) -> int:

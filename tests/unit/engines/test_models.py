@@ -637,3 +637,36 @@ def test_a_load_on_another_thread_cannot_put_a_new_models_modules_on_meta(tiny_m
         leave.set()
     weight = engine.parts.text_encoder.get_input_embeddings().weight
     assert weight.device.type == "cpu" and "inkstyle" in engine.conditioning.inversions.loaded
+
+
+def _raw_safetensors(path: Path, header: str, data: bytes = b"") -> Path:
+    import struct
+
+    raw = header.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, problem", [
+    ('{"a": 5}', "entry 'a' is a JSON int, not an object"),
+    ('{"a": [1, 2]}', "entry 'a' is a JSON list, not an object"),
+    ('{"__metadata__": {"x": "y"}, "b": "str"}', "entry 'b' is a JSON str, not an object"),
+    ('{"a": {"dtype": "F32", "shape": 5, "data_offsets": [0, 4]}}', "entry 'a' has a shape that is not a list"),
+    ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": 4}}', "entry 'a' has data_offsets that are not"),
+    ('{"a": {"shape": [1], "data_offsets": [0, 4]}}', "entry 'a' has no dtype string"),
+    ('{"__metadata__": {"x": 1}}', "entry '__metadata__' is not an object of strings"),
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", r"JSON nested too deep"),
+])
+def test_a_malformed_header_entry_is_a_problem_returned_not_raised(tmp_path, header, problem):
+    """QA 85 F1: lora_file_problem raised AttributeError/TypeError/RecursionError (POST /params a 500, the
+    WebSocket dropped) for headers that parse as JSON but are not safetensors headers."""
+    from sdbridge.engines.lora import lora_file_problem
+    from sdbridge.engines.models import check_safetensors_file, header_shapes
+
+    path = _raw_safetensors(tmp_path / "odd.safetensors", header, b"\0" * 4)
+    for read in (header_shapes, check_safetensors_file):
+        with pytest.raises(ModelError, match="odd.safetensors: corrupt safetensors header") as caught:
+            read(path)
+        assert problem in str(caught.value)
+    code, message = lora_file_problem(tmp_path, "odd")
+    assert code == "bad_model" and message.startswith("LoRA 'odd': ") and problem in message
