@@ -70,6 +70,9 @@ RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", "just resize": "stretch", "cr
                 "resize and fill": "fit", "envelope (outer fit)": "fit", "inner fit (scale to fit)": "crop",
                 "scale to fit (inner fit)": "crop", "outer fit (shrink to fit)": "fit"}  # all four old names
 THRESHOLDED = {"canny": ("Low Threshold", "High Threshold", 100, 200)}
+# The extension's Resolution slider default, which its bound_check_params gives a unit sent with processor_res < 0
+# (webuiapi's default -1): the same for every module it maps onto ours. module_detail advertises it.
+PROCESSOR_RES = 512
 # The extension's IP-Adapter modules (its CLIP image encoders): the adapter's own encoder runs whichever is named.
 IP_MODULES = ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_h", "ip-adapter_clip_sdxl",
               "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_g", "ip-adapter_clip_bigg")
@@ -111,7 +114,7 @@ class DetectRequest(FiniteBody):
     controlnet_input_images: list[str] = Field(default_factory=list, max_length=8,
                                                validation_alias=AliasChoices("controlnet_input_images",
                                                                              "controlnet_images"))
-    controlnet_processor_res: int = Field(512, ge=-1, le=4096)
+    controlnet_processor_res: int = Field(PROCESSOR_RES, ge=-1, le=4096)
     controlnet_threshold_a: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
     controlnet_threshold_b: float = Field(-1, ge=-1, le=4096, allow_inf_nan=False)
 
@@ -158,15 +161,19 @@ def _choice(table: dict[Any, str], value: int | str, what: str) -> str:
 
 def _options(module: str, threshold_a: float, threshold_b: float, resolution: int) -> Options:
     """The preprocessor's options; thresholds matter (and are checked) only for the modules that take them,
-    since the extension sends its sliders' values for every module (depth_leres' 0-100, tile's 1-8, ...)."""
+    since the extension sends its sliders' values for every module (depth_leres' 0-100, tile's 1-8, ...).
+    A resolution < 0 is the extension's default, :data:`PROCESSOR_RES`: a generation unit without processor_res ran
+    at the request's full size, a map other than the extension's and /controlnet/detect's (QA 86 F8)."""
+    if resolution < 0:
+        resolution = PROCESSOR_RES
     defaults = THRESHOLDED.get(module)
     if defaults is None:
-        return Options(resolution=max(0, resolution))
+        return Options(resolution=resolution)
     low = int(threshold_a) if threshold_a >= 0 else defaults[2]
     high = int(threshold_b) if threshold_b >= 0 else defaults[3]
     if not (0 <= low <= 255 and 0 <= high <= 255):
         raise HTTPException(422, f"controlnet thresholds {threshold_a}, {threshold_b} not in [0, 255] for {module}")
-    return Options(low, high, max(0, resolution))
+    return Options(low, high, resolution)
 
 
 class ControlNetApi:
@@ -207,7 +214,7 @@ class ControlNetApi:
     def module_detail(self) -> dict[str, Any]:
         detail = {}
         for module in MODULES:
-            sliders: list[dict[str, Any]] = [{"name": "Resolution", "value": 512, "min": 64,
+            sliders: list[dict[str, Any]] = [{"name": "Resolution", "value": PROCESSOR_RES, "min": 64,
                                               "max": 2048}]
             thresholds = THRESHOLDED.get(MODULES[module])
             if thresholds:
