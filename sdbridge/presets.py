@@ -315,7 +315,12 @@ class PresetLibrary:
             temporary.write_bytes(data)
             temporary.replace(path)  # atomic: a crash never leaves half a preset
         except OSError as exc:
-            temporary.unlink(missing_ok=True)  # a full disk or a read-only folder leaves no .tmp behind
+            try:
+                temporary.unlink(missing_ok=True)  # a full disk leaves no .tmp behind
+            except OSError:
+                # A read-only folder refuses the clean-up too (EROFS; missing_ok covers only ENOENT): its error hid
+                # the save's own, and the client got a 500 traceback instead of bad_preset (QA 87 F2).
+                pass
             raise ParamError(f"preset {name!r} could not be saved to {self.user_dir}: {exc.strerror or exc}",
                              name="preset", value=name, code="bad_preset") from exc
         return preset

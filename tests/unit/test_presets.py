@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from sdbridge.errors import ParamError
@@ -397,3 +399,15 @@ def test_case_twins_already_in_the_folder_are_listed_with_one_warning(library, c
     assert {"NEON", "neon", "Dusk"} <= set(names)
     warned = [record.getMessage() for record in caplog.records]
     assert len(warned) == 1 and "'NEON' and 'neon' differ only by case" in warned[0], warned
+
+
+def test_a_save_whose_clean_up_fails_too_is_still_a_bad_preset(library):
+    """QA 87 F2: in a read-only folder the temporary's clean-up failed as the write had (EROFS), and that second
+    OSError escaped as a 500 traceback. A folder in the temporary's place fails both the write and the unlink,
+    as a read-only mount does for root, who ignores file modes."""
+    (library.user_dir / "mine.toml.tmp" / "inside").mkdir(parents=True)
+    with pytest.raises(ParamError, match=f"^preset 'mine' could not be saved to {re.escape(str(library.user_dir))}: ") \
+            as info:
+        library.save("mine", {"strength": 0.5})
+    assert info.value.code == "bad_preset"
+    assert not (library.user_dir / "mine.toml").exists()
