@@ -27,6 +27,7 @@ MAX_WARM_SESSIONS = 64  # a warm-up of more compiles graphs for minutes that no 
 # A browser's Origin: a scheme, a host (a name, an address, [an IPv6 address]) and an optional port.
 ORIGIN = re.compile(r"https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
+MAX_VRAM_BUDGET_MB = 16 * 1024 * 1024  # 16 TiB: more than any device has; a larger number is a typo
 
 
 @dataclass
@@ -147,6 +148,10 @@ class Settings:
         for name in ("http_head_timeout_s", "http_body_stall_s"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ConfigError(f"{name} {getattr(self, name)} not in (0, 3600] seconds")
+        if not 0 <= self.vram_budget_mb <= MAX_VRAM_BUDGET_MB:
+            # A negative budget was a budget every engine exceeded: nothing loaded, not even the preview (QA 87 F1).
+            raise ConfigError(f"vram_budget_mb {self.vram_budget_mb} not in [0, {MAX_VRAM_BUDGET_MB}] "
+                              "(megabytes; 0: no budget)")
         if not 0 <= self.torch_threads <= 1024:
             raise ConfigError(f"torch_threads {self.torch_threads} not in [0, 1024] (0: torch's default)")
         for name in ("max_connections", "max_connections_per_client"):

@@ -216,3 +216,24 @@ def test_ice_servers_from_every_source():
     assert flagged.ice_servers == ["stun:stun.example:19302"]
     both = load_settings({}, env={"SDBRIDGE_ICE_SERVERS": "stun:s.example, turn:u:p@t.example?transport=tcp"})
     assert both.ice_servers == ["stun:s.example", "turn:u:p@t.example?transport=tcp"]
+
+
+# --- QA 87 ------------------------------------------------------------------------------------------
+
+
+def test_a_negative_vram_budget_is_refused_naming_its_source(tmp_path):
+    """F1: -5 was taken, and every engine (the CPU preview too) was then refused as over the budget."""
+    with pytest.raises(ConfigError, match=r"^vram_budget_mb -5 not in \[0, 16777216\] \(megabytes; 0: no budget\)$"):
+        load_settings({"vram_budget_mb": -5}, env={})
+    with pytest.raises(ConfigError, match=r"^environment SDBRIDGE_VRAM_BUDGET_MB: vram_budget_mb -1 not in"):
+        load_settings({}, env={"SDBRIDGE_VRAM_BUDGET_MB": "-1"})
+    with pytest.raises(ConfigError, match=r"^config file '.*c\.toml': vram_budget_mb 16777217 not in"):
+        load_settings({}, env={}, config_path=_written_as(tmp_path, "c.toml", "vram_budget_mb = 16777217\n"))
+    assert load_settings({"vram_budget_mb": 0}, env={}).vram_budget_mb == 0
+    assert load_settings({}, env={"SDBRIDGE_VRAM_BUDGET_MB": "8192"}).vram_budget_mb == 8192
+
+
+def _written_as(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
