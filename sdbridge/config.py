@@ -27,6 +27,8 @@ MAX_WARM_SESSIONS = 64  # a warm-up of more compiles graphs for minutes that no 
 # A browser's Origin: a scheme, a host (a name, an address, [an IPv6 address]) and an optional port.
 ORIGIN = re.compile(r"https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
+# engines/device.py's DTYPES and "auto", spelled here so that a typo is refused at start without importing torch.
+DTYPE_CHOICES = ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 MAX_VRAM_BUDGET_MB = 16 * 1024 * 1024  # 16 TiB: more than any device has; a larger number is a typo
 
 
@@ -162,6 +164,8 @@ class Settings:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
         if not 0 < self.feedback_hz <= 240:  # 0 divided by zero at the first echo, and no echo went out again
             raise ConfigError(f"feedback_hz {self.feedback_hz} not in (0, 240]")
+        if self.dtype not in DTYPE_CHOICES:  # checked only at a load, where it failed every engine (QA 87 F8)
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.log_level.lower() not in LOG_LEVELS:  # it was read as info without a word (QA 15)
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         check_interpolate(self.interpolate, "interpolate")

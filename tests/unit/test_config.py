@@ -237,3 +237,25 @@ def _written_as(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("flags, env, config_text, prefix", [
+    ({"dtype": "fp64"}, {}, None, ""),
+    ({}, {"SDBRIDGE_DTYPE": "fp64"}, None, "environment SDBRIDGE_DTYPE: "),
+    ({}, {}, 'dtype = "fp64"\n', "config file '.*c\\.toml': "),
+])
+def test_a_dtype_typo_is_refused_at_start_naming_its_source(tmp_path, flags, env, config_text, prefix):
+    """F8: it was checked only when a model loaded, where it failed every engine, the preview too."""
+    config = _written_as(tmp_path, "c.toml", config_text) if config_text is not None else None
+    with pytest.raises(ConfigError, match=f"^{prefix}dtype 'fp64' is not one of auto, float16, fp16, bfloat16, "
+                                          "bf16, float32, fp32$"):
+        load_settings(flags, env=env, config_path=config)
+
+
+def test_the_dtypes_allowed_at_start_are_those_the_engines_take():
+    from sdbridge.config import DTYPE_CHOICES
+    from sdbridge.engines.device import DTYPES
+
+    assert set(DTYPE_CHOICES) == {"auto", *DTYPES}
+    for dtype in DTYPE_CHOICES:
+        assert load_settings({"dtype": dtype}, env={}).dtype == dtype
