@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdbridge.errors import ConfigError
-from sdbridge.params import Schema
+from sdbridge.params import ENGINE_CHOICES, Schema
 
 ENV_PREFIX = "SDBRIDGE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -29,6 +29,9 @@ ORIGIN = re.compile(r"https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+
 MIN_TOKEN_BYTES = 22  # len(secrets.token_urlsafe(16)): 128 bits
 # engines/device.py's DTYPES and "auto", spelled here so that a typo is refused at start without importing torch.
 DTYPE_CHOICES = ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
+# uvicorn's WebSocket implementations (--ws-impl offers the first two); its "auto" and "none" are no choice for a
+# daemon whose clients need its own, and any other name ended serve in a traceback from uvicorn's importer.
+WS_IMPLS = ("wsproto", "websockets-sansio", "websockets")
 MAX_VRAM_BUDGET_MB = 16 * 1024 * 1024  # 16 TiB: more than any device has; a larger number is a typo
 
 
@@ -164,6 +167,11 @@ class Settings:
             raise ConfigError(f"telemetry_hz {self.telemetry_hz} not in (0, 60]")
         if not 0 < self.feedback_hz <= 240:  # 0 divided by zero at the first echo, and no echo went out again
             raise ConfigError(f"feedback_hz {self.feedback_hz} not in (0, 240]")
+        # The flags' choices, for the same settings from the environment or the config file too (QA 87 F9).
+        if self.engine not in ENGINE_CHOICES:
+            raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+        if self.ws_impl not in WS_IMPLS:
+            raise ConfigError(f"ws_impl {self.ws_impl!r} is not one of {', '.join(WS_IMPLS)}")
         if self.dtype not in DTYPE_CHOICES:  # checked only at a load, where it failed every engine (QA 87 F8)
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.log_level.lower() not in LOG_LEVELS:  # it was read as info without a word (QA 15)

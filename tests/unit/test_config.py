@@ -259,3 +259,20 @@ def test_the_dtypes_allowed_at_start_are_those_the_engines_take():
     assert set(DTYPE_CHOICES) == {"auto", *DTYPES}
     for dtype in DTYPE_CHOICES:
         assert load_settings({"dtype": dtype}, env={}).dtype == dtype
+
+
+@pytest.mark.parametrize("name, bad, allowed", [
+    ("ws_impl", "foo", "wsproto, websockets-sansio, websockets"),
+    ("engine", "turbo", "auto, diffusion, compiled, animatediff, preview, identity"),
+])
+def test_ws_impl_and_engine_from_any_source_take_the_flags_choices(tmp_path, name, bad, allowed):
+    """F9: from the environment or the file they skipped the flag's choices: a bad ws_impl ended serve in a traceback
+    from uvicorn, and doctor (which loads the same settings) said nothing of either."""
+    variable = f"SDBRIDGE_{name.upper()}"
+    with pytest.raises(ConfigError, match=f"^environment {variable}: {name} '{bad}' is not one of {allowed}$"):
+        load_settings({}, env={variable: bad})
+    config = _written_as(tmp_path, "c.toml", f'{name} = "{bad}"\n')
+    with pytest.raises(ConfigError, match=f"^config file '.*c\\.toml': {name} '{bad}' is not one of {allowed}$"):
+        load_settings({}, env={}, config_path=config)
+    for good in allowed.split(", "):
+        assert getattr(load_settings({}, env={variable: good}), name) == good
