@@ -32,6 +32,9 @@ DTYPE_CHOICES = ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32
 # uvicorn's WebSocket implementations (--ws-impl offers the first two); its "auto" and "none" are no choice for a
 # daemon whose clients need its own, and any other name ended serve in a traceback from uvicorn's importer.
 WS_IMPLS = ("wsproto", "websockets-sansio", "websockets")
+# The smallest ws_max_size: a small JPEG frame (64x64 is ~2 KB), its 32-byte header and any control message fit.
+# Below it frames close the WebSocket (1009); at 0 every connection closed at its first frame (QA 87 F15).
+MIN_WS_MAX_SIZE = 64 * 1024
 MAX_VRAM_BUDGET_MB = 16 * 1024 * 1024  # 16 TiB: more than any device has; a larger number is a typo
 
 
@@ -157,6 +160,12 @@ class Settings:
             # A negative budget was a budget every engine exceeded: nothing loaded, not even the preview (QA 87 F1).
             raise ConfigError(f"vram_budget_mb {self.vram_budget_mb} not in [0, {MAX_VRAM_BUDGET_MB}] "
                               "(megabytes; 0: no budget)")
+        if self.ws_max_size < MIN_WS_MAX_SIZE:
+            raise ConfigError(f"ws_max_size {self.ws_max_size} is below {MIN_WS_MAX_SIZE} bytes (64 KiB, the least "
+                              "that holds a small frame); the default is 67108896 (a raw 4096x4096 RGBA frame)")
+        for name in ("ws_ping_interval_s", "ws_ping_timeout_s"):  # "not in" form: NaN fails every comparison
+            if not 0 < getattr(self, name) <= 3600:
+                raise ConfigError(f"{name} {getattr(self, name)} not in (0, 3600] seconds")
         if not 0 <= self.torch_threads <= 1024:
             raise ConfigError(f"torch_threads {self.torch_threads} not in [0, 1024] (0: torch's default)")
         for name in ("max_connections", "max_connections_per_client"):

@@ -276,3 +276,17 @@ def test_ws_impl_and_engine_from_any_source_take_the_flags_choices(tmp_path, nam
         load_settings({}, env={}, config_path=config)
     for good in allowed.split(", "):
         assert getattr(load_settings({}, env={variable: good}), name) == good
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ws_max_size = 0\n", r"ws_max_size 0 is below 65536 bytes \(64 KiB, the least that holds a small frame\)"),
+    ("ws_max_size = 65535\n", "ws_max_size 65535 is below 65536 bytes"),
+    ("ws_ping_interval_s = -1\n", r"ws_ping_interval_s -1.0 not in \(0, 3600\] seconds"),
+    ("ws_ping_timeout_s = nan\n", r"ws_ping_timeout_s nan not in \(0, 3600\] seconds"),
+])
+def test_websocket_limits_that_close_or_never_ping_are_refused(tmp_path, text, message):
+    """F15: ws_max_size 0 closed every WebSocket at its first frame (1009, message too big); a negative or NaN
+    ping interval passed too."""
+    with pytest.raises(ConfigError, match=f"^config file '.*c\\.toml': {message}"):
+        load_settings({}, env={}, config_path=_written_as(tmp_path, "c.toml", text))
+    assert load_settings({"ws_max_size": 65536}, env={}).ws_max_size == 65536
