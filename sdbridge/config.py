@@ -302,8 +302,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 def load_config_file(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        # utf-8-sig: Notepad and PowerShell 5's Set-Content -Encoding UTF8 start the file with a byte-order mark, which
+        # TOML does not allow: "Invalid statement (at line 1, column 1)" on a line that looked right (QA 87 F7).
+        data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except OSError as exc:  # a folder, no permission: the same one line as a syntax error, not a traceback

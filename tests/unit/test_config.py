@@ -290,3 +290,11 @@ def test_websocket_limits_that_close_or_never_ping_are_refused(tmp_path, text, m
     with pytest.raises(ConfigError, match=f"^config file '.*c\\.toml': {message}"):
         load_settings({}, env={}, config_path=_written_as(tmp_path, "c.toml", text))
     assert load_settings({"ws_max_size": 65536}, env={}).ws_max_size == 65536
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
+    """F7: Notepad and PowerShell 5 save UTF-8 with a BOM: the file was "Invalid statement (at line 1, column 1)"."""
+    config = tmp_path / "bom.toml"
+    config.write_bytes("\ufeffport = 7100\nmodel = \"café\"\n[params]\nprompt = \"a fox\"\n".encode())
+    settings = load_settings({}, env={}, config_path=config)
+    assert (settings.port, settings.model, settings.params) == (7100, "café", {"prompt": "a fox"})
