@@ -310,21 +310,15 @@ def load_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:  # a folder, no permission: the same one line as a syntax error, not a traceback
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     except ValueError as exc:
-        # TOMLDecodeError, UnicodeDecodeError (tomllib decodes the bytes as UTF-8) and an integer of more
+        # TOMLDecodeError, UnicodeDecodeError (a file not in UTF-8) and an integer of more
         # than 4300 digits are all ValueErrors.
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     except RecursionError:
         # tomllib recurses once per level of nested arrays or inline tables.
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: arrays or tables nested too deeply") \
             from None
-    section = data.get("sdbridge", data)
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"config file {str(path)!r}: [sdbridge] must be a table, got {section!r}")
     out: dict[str, Any] = {}
-    for key, value in section.items():
-        key = key.replace("-", "_")
-        if key == "sdbridge":
-            continue
+    for key, value in _settings_of(data, path).items():
         if isinstance(value, Mapping) and key != "params":  # [server], [osc]: tables the file does not have
             raise ConfigError(f"config file {str(path)!r}: [{key}] is not a table of sdbridge.toml; settings go "
                               "at the top or under [sdbridge], starting values under [params]")
@@ -332,6 +326,34 @@ def load_config_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"config file {str(path)!r}: unknown setting {key!r}{_did_you_mean(key)}")
         out[key] = _coerce(key, value, f"config file {str(path)!r}")
     return out
+
+
+def _settings_of(data: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The file's settings by their names (``-`` read as ``_``): those at the top and those under [sdbridge] alike.
+
+    Under [sdbridge] alone were read once the table was there: the top's keys and a [params] beside it, the layout
+    the file's own errors suggest, were dropped without a word (QA 87 F6). A key in both places is refused, as
+    neither can be said to win.
+    """
+    where = f"config file {str(path)!r}"
+    section = data.get("sdbridge", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: [sdbridge] must be a table, got {section!r}")
+    settings: dict[str, Any] = {}
+    spelled: dict[str, tuple[str, str]] = {}  # each name's key as written and its table, for the error
+    for table, values in (("at the top", {key: value for key, value in data.items() if key != "sdbridge"}),
+                          ("under [sdbridge]", section)):
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name in spelled:
+                first, first_table = spelled[name]
+                shown = "[params]" if name == "params" else repr(name)
+                places = (f"both {first_table} and {table}" if first_table != table
+                          else f"twice {table} (as {first!r} and {key!r})")
+                raise ConfigError(f"{where}: {shown} is set {places}; keep one")
+            spelled[name] = (key, table)
+            settings[name] = value
+    return settings
 
 
 # Command-line options whose settings in a file are spelled otherwise.

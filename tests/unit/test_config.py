@@ -298,3 +298,33 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
     config.write_bytes("\ufeffport = 7100\nmodel = \"café\"\n[params]\nprompt = \"a fox\"\n".encode())
     settings = load_settings({}, env={}, config_path=config)
     assert (settings.port, settings.model, settings.params) == (7100, "café", {"prompt": "a fox"})
+
+
+def test_a_sdbridge_table_reads_the_params_and_settings_beside_it(tmp_path):
+    """F6: once an [sdbridge] table was there only it was read: a [params] beside it (the layout the file's own error
+    suggests: "settings go at the top or under [sdbridge], starting values under [params]") and the settings at the
+    top were dropped without a word."""
+    config = _written_as(tmp_path, "c.toml", 'osc_port = 9100\n[sdbridge]\nport = 7100\nengine = "identity"\n'
+                                             '[params]\nprompt = "my harbour prompt"\n')
+    settings = load_settings({}, env={}, config_path=config)
+    assert (settings.port, settings.osc_port, settings.engine) == (7100, 9100, "identity")
+    assert settings.params == {"prompt": "my harbour prompt"}
+    nested = _written_as(tmp_path, "n.toml", '[sdbridge]\nport = 7100\n[sdbridge.params]\nstrength = 0.3\n')
+    assert load_settings({}, env={}, config_path=nested).params == {"strength": 0.3}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bogus_key = 1\n[sdbridge]\nport = 7100\n", "unknown setting 'bogus_key'"),
+    ("[sdbridge]\nport = 7100\n[params]\nstrength = 5.0\n", None),
+    ("port = 7000\n[sdbridge]\nport = 7100\n", "'port' is set both at the top and under \\[sdbridge\\]; keep one"),
+    ("[params]\nseed = 1\n[sdbridge.params]\nseed = 2\n",
+     "\\[params\\] is set both at the top and under \\[sdbridge\\]; keep one"),
+    ("osc_port = 9100\nosc-port = 9200\n", "'osc_port' is set twice at the top \\(as 'osc_port' and 'osc-port'\\)"),
+])
+def test_nothing_in_a_file_with_a_sdbridge_table_is_dropped_silently(tmp_path, text, message):
+    config = _written_as(tmp_path, "c.toml", text)
+    if message is None:  # read, so that doctor and serve check the starting values (strength is in [0, 1])
+        assert load_settings({}, env={}, config_path=config).params == {"strength": 5.0}
+        return
+    with pytest.raises(ConfigError, match=f"^config file '.*c\\.toml': {message}"):
+        load_settings({}, env={}, config_path=config)
