@@ -117,7 +117,9 @@ class IPAdapter:
     @torch.inference_mode()
     def tokens(self, image: np.ndarray, device: torch.device) -> torch.Tensor:
         """The style image (uint8 [H, W, 3]) as the adapter's tokens [1, T, D], as diffusers' pipelines make them."""
-        pixels = self.processor(images=image, return_tensors="pt").pixel_values.to(device, self.encoder.dtype)
+        # The layout said: left to guess, transformers reads a 1- or 3-pixel-high image channels-first (QA 86 F3).
+        pixels = self.processor(images=image, return_tensors="pt", input_data_format="channels_last").pixel_values
+        pixels = pixels.to(device, self.encoder.dtype)
         return self._project(pixels)
 
     @torch.inference_mode()

@@ -185,6 +185,18 @@ def test_a_failed_load_is_told_and_the_serving_adapter_serves_on(parts, models_d
     assert engine.ip_adapters.describe()["serving"] is None  # off: kept loaded, but /health says none serves
 
 
+def test_a_style_image_one_or_three_pixels_high_reads_as_its_pixels(parts, models_dir):
+    """A strip (a palette, a gradient) 1 or 3 pixels high was read channels-first by the image processor: other
+    pixels (QA 86 F3). Each height of one colour gives the tokens of a square of it."""
+    adapter = load_ip_adapter(models_dir / "ip_adapter" / "style.safetensors", parts.unet, CPU, torch.float32)
+    colour = (250, 120, 10)
+    square = adapter.tokens(np.full((64, 64, 3), colour, np.uint8), CPU)
+    for height in (1, 2, 3, 4):
+        strip = adapter.tokens(np.full((height, 64, 3), colour, np.uint8), CPU)
+        assert relative_error(strip, square) <= 1e-5, f"height {height}"
+    assert relative_error(adapter.tokens(np.full((3, 64, 3), (10, 120, 250), np.uint8), CPU), square) > 1e-3
+
+
 def test_an_adapter_without_its_image_encoder_is_a_clear_error(parts, tmp_path):
     path = write_random_ip_adapter(tmp_path, parts.unet, name="lonely", encoder=False)
     with pytest.raises(ModelError, match="image encoder") as caught:
