@@ -444,12 +444,18 @@ class IPAdapters:
         source = data.get(SOURCE)
         if source is None:
             return None
+        # Only a condition channel's frame is kept by identity: the input frame is new at every frame, and the last
+        # output (channel -1) may be a buffer a plugin fills in place, so its style never changed (QA 86 F7).
+        keep = self.setting.channel > 0
         cached = data.get(TOKENS)
-        if cached is not None and cached[0] is source and cached[1] == adapter.name:
+        if keep and cached is not None and cached[0] is source and cached[1] == adapter.name:
             return cached[2]
         tokens = adapter.tokens(source, self.device)
         self.encodes += 1
-        data[TOKENS] = (source, adapter.name, tokens)
+        if keep:
+            data[TOKENS] = (source, adapter.name, tokens)
+        else:
+            data.pop(TOKENS, None)
         return tokens
 
     def _scale(self, scale: float, present: tuple[bool, ...]) -> torch.Tensor:

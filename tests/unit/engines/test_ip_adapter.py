@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdbridge.engines.base import CONDITIONS, StreamState
+from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, StreamState
 from sdbridge.engines.diffusion import DiffusionEngine
 from sdbridge.engines.ip_adapter import SOURCE, IPAttnProcessor, load_ip_adapter, read_ip_adapter
 from sdbridge.engines.tiny import write_random_ip_adapter
@@ -195,6 +195,28 @@ def test_a_style_image_one_or_three_pixels_high_reads_as_its_pixels(parts, model
         strip = adapter.tokens(np.full((height, 64, 3), colour, np.uint8), CPU)
         assert relative_error(strip, square) <= 1e-5, f"height {height}"
     assert relative_error(adapter.tokens(np.full((3, 64, 3), (10, 120, 250), np.uint8), CPU), square) > 1e-3
+
+
+@pytest.mark.parametrize("channel", [0, -1])
+def test_a_buffer_filled_anew_in_place_is_encoded_anew(parts, models_dir, channel):
+    """The input frame (channel 0) and the last output (-1) may be a buffer a plugin fills in place: each frame's
+    content is encoded, as the ControlNet slots prepare those at every frame (QA 86 F7: the style stayed the first
+    frame's for good)."""
+    engine = make_engine(parts, models_dir)
+    engine.prepare(engine_params(ip_adapter="style", ip_adapter_channel=channel))
+    engine.ip_adapters.wait()
+    state = StreamState("s")
+    buffer = np.zeros((64, 64, 3), np.uint8)
+    state.data[LAST_OUTPUT] = buffer
+    tokens = []
+    for value in (0, 255):
+        buffer[:] = value
+        engine.ip_adapters.condition(state.data, buffer)
+        tokens.append(engine.ip_adapters.prompts([state]).tokens.clone())
+    fresh = engine.ip_adapters.serving.tokens(buffer, CPU)
+    assert relative_error(tokens[1], fresh) <= 1e-6
+    assert relative_error(tokens[1], tokens[0]) > 1e-3
+    assert engine.ip_adapters.encodes == 2
 
 
 def test_an_adapter_without_its_image_encoder_is_a_clear_error(parts, tmp_path):
