@@ -120,6 +120,17 @@ class Settings:
     # environment variable sets it (_FILE_FIELDS).
     command_line_params: list[str] = field(default_factory=list, metadata={"command_line_only": True})
 
+    def __post_init__(self) -> None:
+        # One place for "~" in a path, from any source: a shell expands it on the command line but not in a config
+        # file, a quoted variable, a .env file or a systemd unit, and each reader expanding its own missed some:
+        # `models list` found ~/mods while serve and doctor looked for a folder named "~" (QA 87 F4).
+        for name in PATH_SETTINGS:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, [os.path.expanduser(item) for item in value])
+            elif isinstance(value, str):
+                setattr(self, name, os.path.expanduser(value))
+
     @property
     def is_loopback(self) -> bool:
         return is_loopback_host(self.host)
@@ -194,6 +205,13 @@ class Settings:
                 raise ConfigError(f"allowed_origins entry {origin!r} is not an origin like http://host:port (http or "
                                   "https, an ASCII host name, an international one in its xn-- form, an optional "
                                   "port; no wildcard, no path)")
+
+
+# The settings that are a path (or a name beside a path): "~" in them is the user's home, from any source. Not the
+# outputs, inputs and audio_in specs (record:DIR, file:PATH): their own parsers expand the path inside.
+PATH_SETTINGS = ("model", "taesd", "vae", "model_config", "models_dir", "presets_dir", "model_roots", "lora_dir",
+                 "embeddings_dir", "controlnet_dir", "motion_dir", "motion_adapter", "outputs_dir", "styles_file",
+                 "midi_map", "resume_file")
 
 
 def check_ice_servers(value: list[str], source: str) -> None:

@@ -328,3 +328,35 @@ def test_nothing_in_a_file_with_a_sdbridge_table_is_dropped_silently(tmp_path, t
         return
     with pytest.raises(ConfigError, match=f"^config file '.*c\\.toml': {message}"):
         load_settings({}, env={}, config_path=config)
+
+
+def test_a_tilde_in_models_dir_is_home_from_every_source(tmp_path, monkeypatch, tiny_model_dir):
+    """F4: `models list` expanded ~ in models_dir, serve and doctor did not: a model pulled to ~/mods was "not pulled
+    to ~/mods" (a folder named "~") when the file or a quoted variable said models_dir = "~/mods"."""
+    from pathlib import Path
+
+    from sdbridge.engines.models import resolve_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "mytiny").symlink_to(tiny_model_dir)
+    config = _written_as(tmp_path, "c.toml", 'models_dir = "~/mods"\nmodel = "mytiny"\n')
+    for settings in (load_settings({}, env={}, config_path=config),
+                     load_settings({}, env={"SDBRIDGE_MODELS_DIR": "~/mods"}),
+                     load_settings({"models_dir": "~/mods"}, env={})):
+        assert settings.models_dir == str(tmp_path / "mods")
+        assert resolve_source("mytiny", models_dir=Path(settings.models_dir)).path == tmp_path / "mods" / "mytiny"
+
+
+def test_every_path_setting_expands_a_tilde_in_one_place(tmp_path, monkeypatch):
+    from sdbridge.config import PATH_SETTINGS
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    env = {f"SDBRIDGE_{name.upper()}": f"~/{name}" for name in PATH_SETTINGS}
+    settings = load_settings({}, env=env)
+    for name in PATH_SETTINGS:
+        expected = str(tmp_path / name)
+        assert getattr(settings, name) == ([expected] if name == "model_roots" else expected), name
+    # Settings made in code (the daemon's tests, doctor) too, and a path without one is left as it was.
+    assert Settings(presets_dir="~/p", outputs_dir="outputs").presets_dir == str(tmp_path / "p")
+    assert Settings(outputs_dir="outputs").outputs_dir == "outputs"
