@@ -43,12 +43,12 @@ from sdbridge.engines.base import CONDITIONS, LAST_OUTPUT, OUTPUT_CHANNEL
 from sdbridge.engines.feature_bank import attention_in, attention_out
 from sdbridge.engines.models import (known_add_on_models, list_add_on_models, load_weight_file, resolve_add_on_model,
                                      serialized_load)
-from sdbridge.errors import ModelError
+from sdbridge.errors import ModelError, SdbridgeError
 
 log = logging.getLogger(__name__)
 
 #: Session-state keys: this frame's style image (uint8 [H, W, 3], set while conditioning), and the
-#: tokens made from it: (image, adapter name, tokens [1, T, D]).
+#: tokens made from it: (image, (adapter name, its source), tokens [1, T, D]).
 SOURCE = "ip_adapter.source"
 TOKENS = "ip_adapter.tokens"
 INSTALLED = "_sdbridge_ip_adapter"
@@ -112,6 +112,7 @@ class IPAdapter:
     projection: nn.Module   # ImageProjection or IPAdapterPlusImageProjection (diffusers')
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]   # layer -> (to_k_ip, to_v_ip) weights
     hidden_states: bool     # the plus adapters read the encoder's penultimate hidden states
+    source: tuple[Any, ...] = ()  # the file read, as file_identity gives it: what a name asked for is compared with
     _negative: torch.Tensor | None = None
 
     @torch.inference_mode()
@@ -144,6 +145,16 @@ class IPAdapter:
         return tokens.reshape(1, -1, tokens.shape[-1])
 
 
+def file_identity(path: Path) -> tuple[str, int, int]:
+    """(resolved path, size, mtime in ns) of an adapter file: two names for one file (``style``,
+    ``style.safetensors``) are one adapter, and a file written anew is another; ModelError when it cannot be read."""
+    try:
+        stat = path.stat()
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+    except OSError as exc:
+        raise ModelError(f"ip_adapter file {path}: {exc.strerror or exc}", code="model_not_found") from exc
+
+
 def find_encoder(path: Path) -> Path:
     """The adapter's CLIP image encoder folder: ``NAME.image_encoder/`` beside it, else the shared
     ``image_encoder/``."""
@@ -163,6 +174,7 @@ def load_ip_adapter(path: Path, unet: Any, device: torch.device, dtype: torch.dt
 
     from sdbridge.engines.models import load_pretrained_folder
 
+    source = file_identity(path)  # before reading: a file changed meanwhile differs from it, and loads again
     state = read_ip_adapter(path, allow_pickle=allow_pickle)
     encoder = load_pretrained_folder(find_encoder(path), CLIPVisionModelWithProjection, dtype, "IP-Adapter image "
                                      "encoder", device=device).eval()
@@ -201,7 +213,7 @@ def load_ip_adapter(path: Path, unet: Any, device: torch.device, dtype: torch.dt
     processor = CLIPImageProcessor(size={"shortest_edge": encoder.config.image_size},
                                    crop_size={"height": encoder.config.image_size,
                                               "width": encoder.config.image_size})
-    return IPAdapter(path.stem, encoder, processor, projection, weights, hidden_states)
+    return IPAdapter(path.stem, encoder, processor, projection, weights, hidden_states, source)
 
 
 # --- the attention -------------------------------------------------------------------------------------------
@@ -332,6 +344,7 @@ class IPAdapters:
         self.failed: dict[str, str] = {}  # name -> why it did not load; written by the worker thread only
         self.encodes = 0
         self._spare: IPAdapter | None = None
+        self._wanted: tuple[Any, ...] | None = None  # file_identity of the name asked for (None: it resolves to none)
         self.loader: BackgroundLoads[IPAdapter] = BackgroundLoads(
             "ip_adapter", self.load_now, notify=self.notify, keeps=self._what_serves)
         self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
@@ -345,11 +358,27 @@ class IPAdapters:
         name = self.setting.model
         self.failed = {key: why for key, why in self.failed.items() if key == name}
         self.refresh()
+        self._load_asked()
+
+    def _load_asked(self) -> None:
+        """Start loading the adapter asked for unless it serves (the same file, by whatever name: QA 86 F4, a name
+        with its suffix loaded again at every prepare), it failed, or a load runs (one load at a time)."""
+        name = self.setting.model
+        # A failed name is not resolved again: the folder listing of a missing one would run at every prepare.
+        self._wanted = self._identity(name) if name and name not in self.failed else None
+        if not name or name in self.failed or self.loader.loading:
+            return
         serving = self.holder.adapter
-        # One load at a time: a name asked for while another loads starts when that one is taken.
-        if (name and (serving is None or serving.name != name) and name not in self.failed
-                and not self.loader.loading):
-            self.loader.start([name])
+        if serving is not None and self._wanted is not None and serving.source == self._wanted:
+            return
+        self.loader.start([name])
+
+    def _identity(self, name: str) -> tuple[Any, ...] | None:
+        """The file ``name`` resolves to, as an adapter's ``source``; None when none (its load says why)."""
+        try:
+            return file_identity(resolve_ip_adapter(name, self.folder))
+        except SdbridgeError:
+            return None
 
     def refresh(self) -> None:
         """Take a finished load: the new adapter serves from this frame on (a failed one: told, not retried)."""
@@ -365,12 +394,14 @@ class IPAdapters:
         self.refresh()
 
     def load_now(self, name: str) -> IPAdapter:
-        """The adapter ``name``, loaded on the calling thread unless it serves already (one-shot requests)."""
+        """The adapter ``name``, loaded on the calling thread unless it (its file, unchanged) is loaded already
+        (one-shot requests)."""
+        path = resolve_ip_adapter(name, self.folder)
+        source = file_identity(path)
         for loaded in (self.holder.adapter, self._spare):
-            if loaded is not None and loaded.name == name:
+            if loaded is not None and loaded.source == source:
                 return loaded
-        adapter = load_ip_adapter(resolve_ip_adapter(name, self.folder), self.unet, self.device, self.dtype,
-                                  allow_pickle=self.allow_pickle)
+        adapter = load_ip_adapter(path, self.unet, self.device, self.dtype, allow_pickle=self.allow_pickle)
         self._spare = adapter  # a client sends the same unit again and again: the last one loaded is kept
         return adapter
 
@@ -409,10 +440,11 @@ class IPAdapters:
         """Whether ``adapter`` serves for what is asked: it is the one named, or the one named is loading or failed
         to load and this one serves on, as docs/ip-adapter.md says (QA 29: it stopped steering, /health naming
         it)."""
-        return adapter.name == self.setting.model or self.setting.model not in self._loaded_names()
+        wanted = self._wanted
+        return wanted is None or adapter.source == wanted or wanted not in self._loaded_sources()
 
-    def _loaded_names(self) -> set[str]:
-        return {loaded.name for loaded in (self.holder.adapter, self._spare) if loaded is not None}
+    def _loaded_sources(self) -> set[tuple[Any, ...]]:
+        return {loaded.source for loaded in (self.holder.adapter, self._spare) if loaded is not None}
 
     def prompts(self, states: Sequence[Any]) -> ImagePrompt | None:
         """Each session's tokens and scale for this batch, or None when no adapter acts (none serves, it is off,
@@ -447,13 +479,14 @@ class IPAdapters:
         # Only a condition channel's frame is kept by identity: the input frame is new at every frame, and the last
         # output (channel -1) may be a buffer a plugin fills in place, so its style never changed (QA 86 F7).
         keep = self.setting.channel > 0
+        made_by = (adapter.name, adapter.source)  # not the adapter itself: the state would hold a replaced one
         cached = data.get(TOKENS)
-        if keep and cached is not None and cached[0] is source and cached[1] == adapter.name:
+        if keep and cached is not None and cached[0] is source and cached[1] == made_by:
             return cached[2]
         tokens = adapter.tokens(source, self.device)
         self.encodes += 1
         if keep:
-            data[TOKENS] = (source, adapter.name, tokens)
+            data[TOKENS] = (source, made_by, tokens)
         else:
             data.pop(TOKENS, None)
         return tokens

@@ -185,6 +185,40 @@ def test_a_failed_load_is_told_and_the_serving_adapter_serves_on(parts, models_d
     assert engine.ip_adapters.describe()["serving"] is None  # off: kept loaded, but /health says none serves
 
 
+def test_an_adapter_named_with_its_suffix_loads_once_and_again_when_its_file_changes(parts, models_dir, frame,
+                                                                                      style, tmp_path):
+    """"style.safetensors" is the file "style" names: prepared at every frame (an LFO moving the scale) it loaded
+    again each time, and so did each A1111 request naming it (QA 86 F4). A file written anew loads again."""
+    engine = make_engine(parts, models_dir)
+    state = StreamState("s")
+    outputs = [run(engine, frame, state, style, ip_adapter="style.safetensors", ip_adapter_scale=0.6 + index / 100)
+               for index in range(4)]
+    adapters = engine.ip_adapters
+    assert adapters.loader.loads == 1
+    assert adapters.load_now("style.safetensors") is adapters.serving  # the A1111 path
+    assert adapters.load_now("style") is adapters.serving
+    by_stem = run(engine, frame, state, style, ip_adapter="style", ip_adapter_scale=0.6)
+    assert adapters.loader.loads == 1 and torch.equal(by_stem, outputs[0])
+    assert (outputs[3] - outputs[0]).abs().max() > 1e-4  # each frame had its scale
+    # An adapter copied into another folder, then written anew (a new size or time): the new file loads.
+    import os
+    import shutil
+
+    folder = tmp_path / "ip_adapter"
+    folder.mkdir()
+    shutil.copy(models_dir / "ip_adapter" / "style.safetensors", folder / "style.safetensors")
+    (folder / "image_encoder").symlink_to(models_dir / "ip_adapter" / "image_encoder")
+    engine = make_engine(parts, tmp_path)
+    run(engine, frame, state, style, ip_adapter="style")
+    first = engine.ip_adapters.serving
+    run(engine, frame, state, style, ip_adapter="style.safetensors", ip_adapter_scale=0.7)
+    assert engine.ip_adapters.serving is first
+    stat = (folder / "style.safetensors").stat()
+    os.utime(folder / "style.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    run(engine, frame, state, style, ip_adapter="style.safetensors", ip_adapter_scale=0.8)
+    assert engine.ip_adapters.loader.loads == 2 and engine.ip_adapters.serving is not first
+
+
 def test_a_style_image_one_or_three_pixels_high_reads_as_its_pixels(parts, models_dir):
     """A strip (a palette, a gradient) 1 or 3 pixels high was read channels-first by the image processor: other
     pixels (QA 86 F3). Each height of one colour gives the tokens of a square of it."""
