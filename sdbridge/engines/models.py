@@ -489,6 +489,48 @@ def find_taesd(folder: Path | None, architecture: str, models_dir: Path | None) 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 
 
+# The classes each slot of model_index.json may name (library, class names), the classes the engines run. Any
+# other class was built as named: a "tokenizer" naming CLIPTextModel or UNet2DConditionModel loaded its
+# pytorch_model.bin through torch.load without --allow-pickle (a tokenizer asks for no safetensors), swapped in and
+# failed every frame (QA 85 F3). A scheduler is any diffusers scheduler; it is built from its config alone.
+SLOT_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "unet": ("diffusers", ("UNet2DConditionModel",)),
+    "vae": ("diffusers", ("AutoencoderKL",)),
+    "text_encoder": ("transformers", ("CLIPTextModel",)),
+    "text_encoder_2": ("transformers", ("CLIPTextModelWithProjection",)),
+    "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
+    "tokenizer_2": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
+    "scheduler": ("diffusers", ()),
+}
+
+
+def component_class(folder: Path, name: str, entry: Any) -> Any:
+    """The class model_index.json's ``entry`` (``[library, class]``) names for the slot ``name``, when it is one
+    SLOT_CLASSES allows there; None for an empty slot; ModelError (bad_model) naming the slot and class otherwise."""
+    if not entry or (isinstance(entry, list) and entry[0] is None):
+        return None
+    library, allowed = SLOT_CLASSES[name]
+    if (not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(part, str) for part in entry)):
+        raise ModelError(f"{folder}/model_index.json: {name} is {quoted(str(entry)[:80])}, not [library, class]")
+    wanted = " or ".join(f"{library}.{option}" for option in allowed) or f"a {library} scheduler"
+    where = f"{folder}/model_index.json names {quoted(f'{entry[0]}.{entry[1]}'[:120])} for {name}"
+    if entry[0] != library or (allowed and entry[1] not in allowed):
+        raise ModelError(f"{where}; that slot loads {wanted} only (a model of another kind is not loaded: its "
+                         f"files could be pickles read without --allow-pickle)")
+    if library == "transformers":
+        import transformers
+
+        return getattr(transformers, entry[1])
+    import diffusers
+
+    if allowed:
+        return getattr(diffusers, entry[1])
+    cls = getattr(diffusers, entry[1], None) if entry[1].isidentifier() and entry[1].endswith("Scheduler") else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ModelError(f"{where}, which is not {wanted}")
+    return cls
+
+
 def weight_problems(source: ModelSource, *, allow_pickle: bool = False, vae_given: bool = False,
                     config_given: bool = False) -> list[ModelError]:
     """What in ``source``'s weight files would stop it loading, found as the loader finds it
@@ -506,9 +548,9 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False, vae_give
             return [ModelError(f"{source.path}/model_index.json is unreadable: {exc}")]
         for name in COMPONENTS:
             entry = index.get(name) if isinstance(index, dict) else None
-            if not entry or entry[0] is None:
-                continue
             try:
+                if component_class(source.path, name, entry) is None:
+                    continue
                 files += _component_weights(source.path, name, allow_pickle)
             except ModelError as exc:
                 problems.append(exc)
@@ -547,24 +589,18 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False, vae_give
 def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                           taesd: Path | None = None, source: str | None = None,
                           models_dir: Path | None = None) -> PipelineParts:
-    import diffusers
-    import transformers
-
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{folder}/model_index.json is unreadable: {exc}") from exc
+    if not isinstance(index, dict):
+        raise ModelError(f"{folder}/model_index.json is not a JSON object")
+    # Every slot's class is checked before any part loads: a part that fails after others loaded still read them.
+    classes = {name: component_class(folder, name, index.get(name)) for name in COMPONENTS}
     parts: dict[str, object] = {}
-    for name in COMPONENTS:
-        entry = index.get(name)
-        if not entry or entry[0] is None:
-            continue
-        library, class_name = entry
-        module = diffusers if library == "diffusers" else transformers
-        cls = getattr(module, class_name, None)
-        if cls is None:
-            raise ModelError(f"{folder}: unknown component class {library}.{class_name} for {name}")
-        parts[name] = _load_component(cls, folder, name, dtype, allow_pickle)
+    for name, cls in classes.items():
+        if cls is not None:
+            parts[name] = _load_component(cls, folder, name, dtype, allow_pickle)
     for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if required not in parts:
             raise ModelError(f"{folder}: model_index.json names no {required}")

@@ -235,3 +235,50 @@ def test_every_engine_carries_the_models_dir_for_the_plugins(engine, tmp_path):
     plugin = SafetyFilter()
     plugin.before_step(loaded, ["s"], {})
     assert plugin._where[0] == checker_folder(tmp_path)
+
+
+# --- a model refused at load leaves the one serving (QA 85) -------------------------------------------
+
+
+def _pickle_in_tokenizer_slot(tiny_model_dir, folder):
+    """model_index.json names a text encoder for the tokenizer, beside a pickle whose unpickling writes a marker."""
+    import json
+    import shutil
+
+    import torch
+
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "CLIPTextModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    shutil.copy(folder / "text_encoder" / "config.json", folder / "tokenizer" / "config.json")
+    torch.save({"weight": torch.zeros(2), "x": _Planted(str(folder.parent / "PLANTED"))},
+               folder / "tokenizer" / "pytorch_model.bin")
+    return "names 'transformers.CLIPTextModel' for tokenizer; that slot loads transformers.CLIPTokenizer"
+
+
+class _Planted:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("make", [_pickle_in_tokenizer_slot])
+def test_a_model_refused_at_load_leaves_the_serving_model(tmp_path, tiny_model_dir, make):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "good")
+    host = EngineHost(load_settings({"models_dir": str(tmp_path)}, env={}))
+    params = {**Schema().defaults(), "width": 64, "height": 64, "engine": "diffusion", "model": "good"}
+    settle(host, params, timeout=120)
+    serving = host.active_engine()
+    assert serving.name == "diffusion" and host.loads == 1
+    says = make(tiny_model_dir, tmp_path / "refused")
+    settle(host, {**params, "model": "refused"}, timeout=120)
+    assert host.load_failures == 1 and host.last_error_code in ("bad_model", "incompatible_model")
+    assert says in host.last_error
+    assert host.active_engine() is serving and host.loads == 1
+    assert not (tmp_path / "PLANTED").exists()
+    host.close()

@@ -670,3 +670,67 @@ def test_a_malformed_header_entry_is_a_problem_returned_not_raised(tmp_path, hea
         assert problem in str(caught.value)
     code, message = lora_file_problem(tmp_path, "odd")
     assert code == "bad_model" and message.startswith("LoRA 'odd': ") and problem in message
+
+
+def _slot_naming(tiny_model_dir: Path, folder: Path, slot: str, entry: list) -> Path:
+    import json
+
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index[slot] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("entry, weights", [
+    (["transformers", "CLIPTextModel"], "text_encoder"),
+    (["diffusers", "UNet2DConditionModel"], "unet"),
+    (["transformers", "CLIPTextModel"], "planted"),
+])
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_a_tokenizer_slot_naming_a_model_class_is_refused_and_no_pickle_is_read(
+        tiny_model_dir, tmp_path, monkeypatch, entry, weights, allow_pickle):
+    """QA 85 F3: the tokenizer slot's class was built as named, with no safetensors asked of a tokenizer: its .bin
+    went through torch.load without --allow-pickle, the model swapped in and failed every frame. The pickle here
+    holds the tokenizer's would-be weights, or an object whose unpickling writes a marker file."""
+    from safetensors.torch import load_file
+
+    folder = _slot_naming(tiny_model_dir, tmp_path / "evil", "tokenizer", entry)
+    marker = tmp_path / "PLANTED"
+    source = {"text_encoder": "text_encoder/model.safetensors",
+              "unet": "unet/diffusion_pytorch_model.safetensors"}.get(weights)
+    kind = weights if source else "text_encoder"
+    shutil.copy(folder / kind / "config.json", folder / "tokenizer" / "config.json")
+    payload = load_file(str(folder / source)) if source else {"weight": torch.zeros(2), "x": _Planted(str(marker))}
+    name = "diffusion_pytorch_model.bin" if entry[0] == "diffusers" else "pytorch_model.bin"
+    torch.save(payload, folder / "tokenizer" / name)
+    read: list[object] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: read.append(args[:1]) or real_load(*args, **kwargs))
+    with pytest.raises(ModelError) as caught:
+        load_pipeline_parts(str(folder), CPU, torch.float32, allow_pickle=allow_pickle)
+    assert caught.value.code == "bad_model"
+    assert str(caught.value) == (
+        f"{folder}/model_index.json names '{entry[0]}.{entry[1]}' for tokenizer; that slot loads "
+        "transformers.CLIPTokenizer or transformers.CLIPTokenizerFast only (a model of another kind is not loaded: "
+        "its files could be pickles read without --allow-pickle)")
+    assert read == [] and not marker.exists()
+    from sdbridge.engines.models import weight_problems
+
+    assert any("names" in str(problem) and "for tokenizer" in str(problem)
+               for problem in weight_problems(resolve_source(str(folder))))
+
+
+@pytest.mark.parametrize("slot, entry, says", [
+    ("unet", ["diffusers", "ControlNetModel"], "that slot loads diffusers.UNet2DConditionModel only"),
+    ("vae", ["transformers", "AutoencoderKL"], "that slot loads diffusers.AutoencoderKL only"),
+    ("text_encoder", ["transformers", "CLIPVisionModel"], "that slot loads transformers.CLIPTextModel only"),
+    ("scheduler", ["diffusers", "UNet2DConditionModel"], "which is not a diffusers scheduler"),
+    ("scheduler", ["diffusers", "NoSuchScheduler"], "which is not a diffusers scheduler"),
+    ("tokenizer", "CLIPTokenizer", "tokenizer is 'CLIPTokenizer', not [library, class]"),
+])
+def test_every_slot_loads_only_its_own_classes(tiny_model_dir, tmp_path, slot, entry, says):
+    folder = _slot_naming(tiny_model_dir, tmp_path / "odd", slot, entry)
+    with pytest.raises(ModelError, match="model_index.json") as caught:
+        load_pipeline_parts(str(folder), CPU, torch.float32)
+    assert says in str(caught.value) and caught.value.code == "bad_model"
