@@ -28,6 +28,7 @@ base output bit for bit.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,7 +363,9 @@ class IPAdapters:
 
     def _load_asked(self) -> None:
         """Start loading the adapter asked for unless it serves (the same file, by whatever name: QA 86 F4, a name
-        with its suffix loaded again at every prepare), it failed, or a load runs (one load at a time)."""
+        with its suffix loaded again at every prepare), it failed, or a load runs. One load at a time; when that one
+        is taken, :meth:`refresh` comes back here, so the name asked for last loads even when no prepare follows,
+        and names asked for in between never load (QA 86 F5: the newest was never loaded)."""
         name = self.setting.model
         # A failed name is not resolved again: the folder listing of a missing one would run at every prepare.
         self._wanted = self._identity(name) if name and name not in self.failed else None
@@ -381,17 +384,24 @@ class IPAdapters:
             return None
 
     def refresh(self) -> None:
-        """Take a finished load: the new adapter serves from this frame on (a failed one: told, not retried)."""
+        """Take a finished load: the new adapter serves from this frame on (a failed one: told, not retried); then
+        the adapter asked for meanwhile starts loading."""
         taken = self.loader.take()
         self.failed.update(taken.failed)
         if taken.ready:
             install(self.unet, self.holder)
             self.holder.adapter = list(taken.ready.values())[-1]
+        if taken.ready or taken.failed:
+            self._load_asked()
 
     def wait(self, timeout_s: float = 60.0) -> None:
-        """Until no load is running, then take it (tests, one-shot requests)."""
-        self.loader.wait(timeout_s)
-        self.refresh()
+        """Until no load is running, the one asked for last included, and take them (tests, one-shot requests)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.loader.wait(max(0.0, deadline - time.monotonic()))
+            self.refresh()
+            if not self.loader.loading or time.monotonic() >= deadline:
+                return
 
     def load_now(self, name: str) -> IPAdapter:
         """The adapter ``name``, loaded on the calling thread unless it (its file, unchanged) is loaded already

@@ -219,6 +219,47 @@ def test_an_adapter_named_with_its_suffix_loads_once_and_again_when_its_file_cha
     assert engine.ip_adapters.loader.loads == 2 and engine.ip_adapters.serving is not first
 
 
+def step_frames(engine: DiffusionEngine, frame: np.ndarray, state: StreamState, count: int) -> torch.Tensor:
+    """``count`` frames with no prepare between them (the parameters stay), each after the load running ends."""
+    out = None
+    for _ in range(count):
+        engine.ip_adapters.loader.wait()
+        engine.ip_adapters.condition(state.data, frame)
+        out = engine.step_float(torch.from_numpy(frame)[None], [state])
+    return out
+
+
+def test_the_adapter_asked_for_last_loads_after_the_one_loading(parts, models_dir, frame, style):
+    """Changed twice while one loads: when that one is taken the last one asked for loads, the one between never,
+    with no further prepare (QA 86 F5: it never loaded, the old one steered on, /health said nothing). A failure of
+    the last one asked for is told."""
+    from sdbridge.engines.models import LOAD_LOCK
+
+    events: list[dict] = []
+    engine = make_engine(parts, models_dir)
+    engine.notify = events.append
+    state = StreamState("s")
+    state.data[CONDITIONS] = {1: style}
+    with LOAD_LOCK:  # the first load waits here, as a real adapter and its encoder take seconds
+        for name in ("style", "other", "plus"):
+            engine.prepare(engine_params(ip_adapter=name))
+        assert engine.ip_adapters.loader.loading == ["style"]
+    out = step_frames(engine, frame, state, 3)
+    described = engine.ip_adapters.describe()
+    assert (described["serving"], described["loading"], described["failed"]) == ("plus", None, {})
+    assert engine.ip_adapters.loader.loads == 2  # style, then plus; "other" never
+    alone = run(make_engine(parts, models_dir), frame, StreamState("s"), style, ip_adapter="plus")
+    assert relative_error(out, alone) <= 1e-6
+    with LOAD_LOCK:
+        for name in ("style", "corrupt"):
+            engine.prepare(engine_params(ip_adapter=name))
+    step_frames(engine, frame, state, 3)
+    errors = [event for event in events if event.get("type") == "error"]
+    assert len(errors) == 1 and "corrupt" in errors[0]["message"], events
+    described = engine.ip_adapters.describe()
+    assert described["serving"] == "style" and described["failed"].keys() == {"corrupt"}
+
+
 def test_a_style_image_one_or_three_pixels_high_reads_as_its_pixels(parts, models_dir):
     """A strip (a palette, a gradient) 1 or 3 pixels high was read channels-first by the image processor: other
     pixels (QA 86 F3). Each height of one colour gives the tokens of a square of it."""
