@@ -364,8 +364,13 @@ def _daemon_address(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from sdbridge.doctor import ERROR, Finding, run_checks, summary
+    from sdbridge.doctor import ERROR, Finding, check_python, run_checks, summary
 
+    # first, before the settings: reading them imports tomllib, which an older Python lacks (QA 87 F11)
+    too_old = [finding for finding in check_python() if finding.level == ERROR]
+    if too_old:
+        print(f"{too_old[0]}\n\n{summary(too_old)}")
+        return 1
     try:
         settings = _settings_from(args)
     except ConfigError as exc:

@@ -19,11 +19,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdbridge.bridge.listen import host_port
-from sdbridge.config import Settings
 from sdbridge.errors import ConfigError, ModelError, SdbridgeError
+
+if TYPE_CHECKING:  # config.py imports tomllib (3.11): doctor must get as far as saying the Python is too old
+    from sdbridge.config import Settings
+
+# pyproject.toml's requires-python
+MIN_PYTHON = (3, 11)
 
 # OFF: an optional part that is not installed, said with how to get it. Neither fine nor a problem, so not "ok"
 # (QA 6 read "[  ok ] webrtc: off" as a contradiction) and not counted in the summary.
@@ -43,10 +48,15 @@ class Finding:
         return text + (f"\n         fix: {self.fix}" if self.fix else "")
 
 
-def check_python() -> list[Finding]:
-    version = platform.python_version()
-    if sys.version_info < (3, 10):
-        return [Finding(ERROR, "python", f"Python {version} is too old", "install Python 3.10 or newer")]
+def check_python(version_info: tuple[int, ...] = tuple(sys.version_info)) -> list[Finding]:
+    """Run first, before anything that needs a newer Python than ``MIN_PYTHON`` is imported (QA 87 F11: doctor
+    said 3.10 was fine, and could not start on it)."""
+    version = ".".join(str(part) for part in version_info[:3])
+    wanted = ".".join(str(part) for part in MIN_PYTHON)
+    if tuple(version_info[:2]) < MIN_PYTHON:
+        return [Finding(ERROR, "python", f"Python {version} is too old: sdbridge needs {wanted} or newer",
+                        f"install Python {wanted} or newer and make the venv with it "
+                        f"(make clean install PYTHON=python{wanted})")]
     return [Finding(OK, "python", f"Python {version} on {platform.system()} {platform.machine()}")]
 
 
@@ -695,8 +705,8 @@ def check_settings(settings: Settings) -> list[Finding]:
 
 def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
     findings: list[Finding] = []
-    findings += check_settings(settings)
     findings += check_python()
+    findings += check_settings(settings)
     findings += check_torch(which)
     findings += check_device(settings)
     findings += check_codec()

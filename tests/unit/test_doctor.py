@@ -433,3 +433,27 @@ def test_doctor_checks_the_operator_motion_adapter_as_the_engine_loads_it(tmp_pa
                         ("mm", "--allow-pickle"), ("noconfig", "config.json")):
         finding = check(name)
         assert finding.level == ERROR and words in finding.message and "plain img2img" in finding.fix, name
+
+
+def test_python_older_than_the_project_s_floor_is_an_error():
+    """QA 87 F11: 3.10 was fine to doctor, though pyproject.toml needs 3.11 (tomllib)."""
+    from sdbridge.doctor import check_python
+
+    [old] = check_python((3, 10, 13))
+    assert old.level == ERROR and "Python 3.10.13 is too old: sdbridge needs 3.11" in old.message
+    assert "Python 3.11 or newer" in old.fix
+    [new] = check_python((3, 11, 0))
+    assert new.level == OK and new.message.startswith("Python 3.11.0 on ")
+
+
+def test_doctor_says_the_python_is_too_old_before_importing_what_it_lacks():
+    """QA 87 F11: on 3.10 doctor died on config.py's `import tomllib` before its Python check ran. Here tomllib is
+    made unimportable and the floor raised, as an old Python would have it."""
+    script = ("import sys; sys.modules['tomllib'] = None\n"
+              "import sdbridge.doctor as doctor; doctor.MIN_PYTHON = (99, 0)\n"
+              "from sdbridge.cli import main; sys.exit(main(['doctor']))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 1, result.stderr
+    assert "[ERROR] python: " in result.stdout and "sdbridge needs 99.0 or newer" in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
