@@ -119,6 +119,11 @@ def _fix_for(problem: Any) -> str:
                      "not load")
 
 
+def _said_in_doctor(exc: Exception) -> str:
+    """The loader's message without its advice to run doctor, which is what the user is doing (QA 87 F14)."""
+    return str(exc).replace("; run `sdbridge doctor`", "")
+
+
 def check_device(settings: Settings) -> list[Finding]:
     """The --device asked for, against this torch: ``serve`` refuses a device it lacks (and its diffusion engine
     with it), where the gpu line alone read as "diffusion runs on the CPU" (QA 28)."""
@@ -132,8 +137,8 @@ def check_device(settings: Settings) -> list[Finding]:
     except ConfigError as exc:
         fix = ("--device auto: MPS is Apple silicon's, on macOS" if settings.device.startswith("mps") else
                "install the CUDA build of torch (README: GPU install), or --device auto")
-        return [Finding(ERROR, "device", f"--device {settings.device}: {exc}; serve cannot load a model on it and "
-                        "serves the preview engine", fix)]
+        return [Finding(ERROR, "device", f"--device {settings.device}: {_said_in_doctor(exc)}; serve cannot load a "
+                        "model on it and serves the preview engine", fix)]
     return [Finding(OK, "device", f"--device {settings.device}: {device}")]
 
 
@@ -459,7 +464,7 @@ def check_fp8(settings: Settings) -> list[Finding]:
     try:
         device = pick_device(settings.device)
     except ConfigError as exc:  # check_torch names a missing device; here it only means no fp8
-        return [Finding(WARN, "fp8", f"not checked: {exc}")]
+        return [Finding(WARN, "fp8", f"not checked: {_said_in_doctor(exc)}")]
     available, sentence, fix = fp8_status(device)
     if available:
         return [Finding(OK, "fp8", sentence)]

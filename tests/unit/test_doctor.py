@@ -457,3 +457,18 @@ def test_doctor_says_the_python_is_too_old_before_importing_what_it_lacks():
     assert result.returncode == 1, result.stderr
     assert "[ERROR] python: " in result.stdout and "sdbridge needs 99.0 or newer" in result.stdout
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_doctor_does_not_tell_the_user_to_run_doctor():
+    """QA 87 F14: the device line reused the loader's "run `sdbridge doctor`", inside doctor."""
+    import torch
+
+    from sdbridge.doctor import check_device, check_fp8
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA: --device cuda is fine")
+    [device] = check_device(Settings(device="cuda"))
+    [fp8] = check_fp8(Settings(device="cuda"))
+    assert device.level == ERROR and "has no CUDA" in device.message
+    assert fp8.level == WARN and "has no CUDA" in fp8.message
+    assert "sdbridge doctor" not in device.message + device.fix + fp8.message + fp8.fix
