@@ -124,6 +124,25 @@ def _said_in_doctor(exc: Exception) -> str:
     return str(exc).replace("; run `sdbridge doctor`", "")
 
 
+def _checkpoint_problem(path: Path, state: dict[str, Any], settings: Settings) -> ModelError | None:
+    """What the single-file loader refuses in a pickle checkpoint's tensors (single_file._read_keys, then
+    known_architecture unless --model-config): a VAE or inpainting model, no VAE and none given, keys of no known
+    architecture."""
+    import torch
+
+    from sdbridge.engines.single_file import check_servable, known_architecture
+    from sdbridge.engines.vae_file import vae_beside
+
+    shapes = {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+    try:
+        check_servable(path, shapes, vae_given=bool(settings.vae) or vae_beside(path) is not None)
+        if not settings.model_config:
+            known_architecture(path, shapes)
+    except ModelError as exc:
+        return exc
+    return None
+
+
 def check_device(settings: Settings) -> list[Finding]:
     """The --device asked for, against this torch: ``serve`` refuses a device it lacks (and its diffusion engine
     with it), where the gpu line alone read as "diffusion runs on the CPU" (QA 28)."""
@@ -161,12 +180,17 @@ def check_model(settings: Settings) -> list[Finding]:
         # The loader's own refusal (pickle_refused) without --allow-pickle; with it, the loader's own read
         # (torch.load(weights_only=True), the whole file once), which a junk or non-tensor file fails.
         try:
-            models.load_weight_file(source.path, "model", allow_pickle=settings.allow_pickle)
+            state = models.load_weight_file(source.path, "model", allow_pickle=settings.allow_pickle)
         except ModelError as exc:
             if exc.code == "pickle_refused":
                 return [Finding(ERROR, "model", f"pickle_refused: {exc}", "pass --allow-pickle (the file is then "
                                 "read through torch.load(weights_only=True)), or convert it to .safetensors")]
             return [Finding(ERROR, "model", str(exc), "convert the file to .safetensors, or get a whole copy")]
+        # The loader's checks on the tensors it read, as a .safetensors checkpoint gets them from its header: a
+        # pickle of any tensors was ok here and then failed serve's load (QA 87 F5).
+        problem = _checkpoint_problem(source.path, state, settings)
+        if problem is not None:
+            return [Finding(ERROR, "model", str(problem), _fix_for(problem))]
         return [Finding(OK, "model", f"{settings.model}: {source.kind} at {source.path}, read as plain tensors "
                         "(--allow-pickle)")]
     # A model folder can be whole in its layout and broken in its bytes (a copy cut short): the

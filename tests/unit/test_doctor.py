@@ -226,7 +226,8 @@ def test_a_pickle_model_is_refused_without_allow_pickle_and_read_with_it(tmp_pat
     assert refused.level == ERROR and refused.message.startswith(f"pickle_refused: {checkpoint} is a pickle file")
     assert "--allow-pickle" in refused.fix
     [read] = check_model(Settings(model=str(checkpoint), allow_pickle=True))
-    assert read.level == OK and "pickle_file" in read.message
+    # read, then its keys checked as the loader checks them (QA 87 F5: junk tensors were ok)
+    assert read.level == ERROR and "match no known architecture" in read.message and "--model-config" in read.fix
     [broken] = check_model(Settings(model=str(junk), allow_pickle=True))
     assert broken.level == ERROR and broken.message.startswith(f"{junk}: refused (")
 
@@ -433,6 +434,34 @@ def test_doctor_checks_the_operator_motion_adapter_as_the_engine_loads_it(tmp_pa
                         ("mm", "--allow-pickle"), ("noconfig", "config.json")):
         finding = check(name)
         assert finding.level == ERROR and words in finding.message and "plain img2img" in finding.fix, name
+
+
+def test_a_pickle_checkpoint_gets_the_architecture_check_a_safetensors_one_gets(tiny_model_dir, tmp_path):
+    """QA 87 F5: with --allow-pickle any .ckpt of tensors was ok to doctor, and serve then failed to load it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sdbridge.engines.models import load_pipeline_parts
+    from sdbridge.engines.single_file import save_single_file
+
+    junk = tmp_path / "junk.ckpt"
+    torch.save({"a": torch.zeros(3)}, junk)
+    [finding] = check_model(Settings(model=str(junk), allow_pickle=True))
+    assert finding.level == ERROR and f"{junk}: checkpoint keys match no known architecture" in finding.message
+    assert "--model-config DIR" in finding.fix
+    tensors = load_file(str(save_single_file(load_pipeline_parts(str(tiny_model_dir), torch.device("cpu"),
+                                                                 torch.float32), tmp_path / "full.safetensors")))
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": tensors}, whole)
+    # the tiny model's 32-wide text is no known architecture: serve refuses it without --model-config, as here
+    [finding] = check_model(Settings(model=str(whole), allow_pickle=True))
+    assert finding.level == ERROR and "cross-attention takes 32-wide text" in finding.message
+    [finding] = check_model(Settings(model=str(whole), allow_pickle=True, model_config=str(tiny_model_dir)))
+    assert finding.level == OK and "read as plain tensors" in finding.message
+    bare = tmp_path / "bare.ckpt"
+    torch.save({key: value for key, value in tensors.items() if not key.startswith("first_stage_model.")}, bare)
+    [finding] = check_model(Settings(model=str(bare), allow_pickle=True, model_config=str(tiny_model_dir)))
+    assert finding.level == ERROR and "holds no VAE" in finding.message and "--vae FILE" in finding.fix
 
 
 def test_python_older_than_the_project_s_floor_is_an_error():
