@@ -112,6 +112,44 @@ def _vae_config(source: Any, settings: Settings) -> dict[str, Any] | None:
         return None
 
 
+def _config_problems(folder: Path) -> list[ModelError]:
+    """Each part's JSON files, read as its from_pretrained reads them (and taesd/'s, which the loader takes when its
+    config.json is there): weight_problems reads unet/ and vae/ config.json only for the inpainting check and takes
+    one it cannot parse as "unknown", so a damaged config was ok here and serve fell back to the preview engine
+    (QA 87 F13). A missing model_index.json or part folder is weight_problems' to name."""
+    from sdbridge.engines.models import COMPONENTS
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(index, dict):
+        return []
+    parts = [name for name in COMPONENTS if isinstance(index.get(name), list) and index[name] and
+             index[name][0] is not None and (folder / name).is_dir()]
+    if (folder / "taesd" / "config.json").is_file():
+        parts.append("taesd")
+    problems = []
+    for name in parts:
+        # a tokenizer's files are its vocabulary and settings; every other part reads one config file
+        required = None if name.startswith("tokenizer") else \
+            "scheduler_config.json" if name == "scheduler" else "config.json"
+        if required is not None and not (folder / name / required).is_file():
+            problems.append(ModelError(f"{folder / name / required} is missing: the {name} cannot be built"))
+            continue
+        for file in sorted((folder / name).glob("*.json")):
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError too
+                problems.append(ModelError(f"{file} is not a valid JSON file ({exc}): the {name} cannot be "
+                                           f"loaded"))
+                continue
+            if file.name == required and not isinstance(data, dict):
+                problems.append(ModelError(f"{file} holds a JSON {type(data).__name__}, not an object: the {name} "
+                                           f"cannot be loaded"))
+    return problems
+
+
 def _fix_for(problem: Any) -> str:
     if "holds no VAE" in str(problem):
         return "give it a VAE: --vae FILE, or put NAME.vae.safetensors beside the checkpoint (docs/models.md)"
@@ -213,8 +251,12 @@ def check_model(settings: Settings) -> list[Finding]:
             return [Finding(ERROR, "vae", problem, "pass --allow-pickle, or convert it to .safetensors"
                             if "pickle" in problem else "use a whole VAE file for this model's family")]
         vae_findings.append(Finding(OK, "vae", f"--vae {settings.vae}: {vae}"))
-    problems = models.weight_problems(source, allow_pickle=settings.allow_pickle, vae_given=bool(settings.vae),
-                                      config_given=bool(settings.model_config))
+    # A damaged config first, and alone: weight_problems reads unet/ and vae/ config.json as dicts (a list there
+    # raised AttributeError in it); the weights are checked on the next run, once the configs read.
+    problems = _config_problems(source.path) if source.kind == "diffusers" else []
+    if not problems:
+        problems = models.weight_problems(source, allow_pickle=settings.allow_pickle, vae_given=bool(settings.vae),
+                                          config_given=bool(settings.model_config))
     if problems:
         return [Finding(ERROR, "model", str(problem), _fix_for(problem)) for problem in problems]
     note = ""

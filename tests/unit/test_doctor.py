@@ -464,6 +464,32 @@ def test_a_pickle_checkpoint_gets_the_architecture_check_a_safetensors_one_gets(
     assert finding.level == ERROR and "holds no VAE" in finding.message and "--vae FILE" in finding.fix
 
 
+@pytest.mark.parametrize("part, file, text, words", [
+    ("unet", "config.json", "{", "unet/config.json is not a valid JSON file"),
+    ("vae", "config.json", "[1, 2]", "vae/config.json holds a JSON list, not an object"),
+    ("scheduler", "scheduler_config.json", "[1, 2]", "scheduler/scheduler_config.json holds a JSON list"),
+    ("text_encoder", "config.json", None, "text_encoder/config.json is missing"),
+    ("tokenizer", "vocab.json", '{"a": ', "tokenizer/vocab.json is not a valid JSON file"),
+    ("taesd", "config.json", "\xff", "taesd/config.json is not a valid JSON file"),
+])
+def test_a_damaged_part_config_in_a_model_folder_is_named(tiny_model_dir, tmp_path, part, file, text, words):
+    """QA 87 F13: a folder whose unet/config.json was cut short was ok to doctor; serve fell back to preview."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, folder)
+    if text is None:
+        (folder / part / file).unlink()
+    else:
+        (folder / part / file).write_bytes(text.encode("latin-1"))
+    [finding] = check_model(Settings(model=str(folder)))
+    assert finding.level == ERROR and words in finding.message.replace("\\", "/")
+    assert "copy or pull the model again" in finding.fix
+
+
+def test_the_whole_tiny_folder_passes_the_config_check(tiny_model_dir):
+    [finding] = check_model(Settings(model=str(tiny_model_dir)))
+    assert finding.level == OK and "weight files whole" in finding.message
+
+
 def test_python_older_than_the_project_s_floor_is_an_error():
     """QA 87 F11: 3.10 was fine to doctor, though pyproject.toml needs 3.11 (tomllib)."""
     from sdbridge.doctor import check_python
