@@ -483,9 +483,69 @@ def check_outputs(settings: Settings) -> list[Finding]:
             findings.append(Finding(ERROR, "outputs", f"{text}: {exc}",
                                     "pick a folder this user can write (with free space), or fix its permissions"))
         else:
+            if output.kind == "virtualcam" and sys.platform.startswith("linux"):
+                findings.append(check_v4l2_loopback(text, output.target))
+                continue
             ready = "its folder is writable" if output.kind == "record" else "its library is installed"
             findings.append(Finding(OK, "outputs", f"{text}: {ready}"))
     return findings
+
+
+# struct v4l2_capability is 104 bytes, its first 16 the driver's name: _IOR('V', 0, struct v4l2_capability)
+VIDIOC_QUERYCAP = 0x80685600
+LOOPBACK_DRIVER = "v4l2 loopback"
+MODPROBE_FIX = ("sudo modprobe v4l2loopback exclusive_caps=1 (the module is in the v4l2loopback-dkms package; "
+                "docs/outputs.md)")
+
+
+def v4l2_driver(device: Path) -> str:
+    """The name of the V4L2 driver behind ``device`` (VIDIOC_QUERYCAP, what pyvirtualcam's backend asks each
+    /dev/videoN: it takes only a "v4l2 loopback" one). OSError when it cannot be opened or is not a V4L2 device."""
+    import fcntl
+
+    descriptor = os.open(device, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        capability = bytearray(104)
+        fcntl.ioctl(descriptor, VIDIOC_QUERYCAP, capability)
+    finally:
+        os.close(descriptor)
+    return bytes(capability[:16]).split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def check_v4l2_loopback(text: str, target: str | None, dev: Path = Path("/dev")) -> Finding:
+    """A ``virtualcam`` output on Linux: the v4l2loopback device pyvirtualcam would open (``target``, else the first
+    of /dev/video0-99 whose driver is v4l2 loopback). Without one serve starts and fails that output every 5 s,
+    sending it nothing, where doctor said "its library is installed" (QA 87 F3)."""
+    if target:
+        device = Path(target)
+        try:
+            driver = v4l2_driver(device)
+        except OSError as exc:
+            why = "does not exist" if isinstance(exc, FileNotFoundError) else \
+                f"cannot be opened as a V4L2 device ({exc.strerror or exc})"
+            return Finding(ERROR, "outputs", f"{text}: {device} {why}: serve would fail this output every 5 s",
+                           f"{MODPROBE_FIX}, then name the device it made (ls /dev/video*); or check its "
+                           f"permissions (the video group)")
+        if driver != LOOPBACK_DRIVER:
+            return Finding(ERROR, "outputs", f"{text}: {device} is a {driver!r} device, not a v4l2loopback one: serve "
+                           f"would fail this output every 5 s", f"name a v4l2loopback device ({MODPROBE_FIX})")
+        return Finding(OK, "outputs", f"{text}: {device} is a v4l2loopback device")
+    seen = []
+    for number in range(100):
+        device = dev / f"video{number}"
+        try:
+            driver = v4l2_driver(device)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            seen.append(f"{device}: {exc.strerror or exc}")
+            continue
+        if driver == LOOPBACK_DRIVER:
+            return Finding(OK, "outputs", f"{text}: v4l2loopback device {device}")
+        seen.append(f"{device}: {driver}")
+    found = f" ({'; '.join(seen)})" if seen else ""
+    return Finding(ERROR, "outputs", f"{text}: no v4l2loopback device among {dev}/video0-99{found}: serve would "
+                   "fail this output every 5 s and send it nothing", MODPROBE_FIX)
 
 
 def check_inputs(settings: Settings) -> list[Finding]:

@@ -490,6 +490,43 @@ def test_the_whole_tiny_folder_passes_the_config_check(tiny_model_dir):
     assert finding.level == OK and "weight files whole" in finding.message
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="v4l2loopback is Linux's")
+def test_a_virtual_camera_needs_a_v4l2loopback_device(tmp_path):
+    """QA 87 F3: --output virtualcam was "its library is installed" with no /dev/video at all; serve then failed
+    that output every 5 s."""
+    from sdbridge.doctor import check_v4l2_loopback, v4l2_driver
+
+    with pytest.raises(OSError):
+        v4l2_driver(Path("/dev/null"))  # a character device, not a V4L2 one: the ioctl is refused
+    none = check_v4l2_loopback("virtualcam", None, dev=tmp_path)
+    assert none.level == ERROR and f"no v4l2loopback device among {tmp_path}/video0-99" in none.message
+    assert "sudo modprobe v4l2loopback" in none.fix
+    (tmp_path / "video3").write_bytes(b"")  # not a V4L2 device: named with why it is not the one
+    other = check_v4l2_loopback("virtualcam", None, dev=tmp_path)
+    assert other.level == ERROR and f"{tmp_path / 'video3'}: " in other.message
+    gone = check_v4l2_loopback("virtualcam:/dev/video97", str(tmp_path / "video97"))
+    assert gone.level == ERROR and "video97 does not exist" in gone.message and "modprobe" in gone.fix
+    null = check_v4l2_loopback("virtualcam:/dev/null", "/dev/null")
+    assert null.level == ERROR and "/dev/null cannot be opened as a V4L2 device" in null.message
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="v4l2loopback is Linux's")
+def test_doctor_s_virtualcam_line_is_the_device_check_not_the_library(tmp_path):
+    pytest.importorskip("pyvirtualcam")
+    from sdbridge.doctor import LOOPBACK_DRIVER, check_outputs, v4l2_driver
+
+    def loopback(device: Path) -> bool:
+        try:
+            return v4l2_driver(device) == LOOPBACK_DRIVER
+        except OSError:
+            return False
+
+    if any(loopback(device) for device in Path("/dev").glob("video*")):
+        pytest.skip("this machine has a v4l2loopback device")
+    [finding] = check_outputs(Settings(outputs=["virtualcam"]))
+    assert finding.level == ERROR and "no v4l2loopback device" in finding.message, finding
+
+
 def test_python_older_than_the_project_s_floor_is_an_error():
     """QA 87 F11: 3.10 was fine to doctor, though pyproject.toml needs 3.11 (tomllib)."""
     from sdbridge.doctor import check_python
