@@ -401,8 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     models_dir_help = "where pulled models live (default ~/.cache/sdbridge/models)"
+    # the folders serve would use: its config file's models_dir / presets_dir (QA 87 F10: not accepted here)
+    config_help = "TOML config file whose folders to read, as serve reads them (default: $SDBRIDGE_CONFIG or " \
+        "./sdbridge.toml)"
     models = commands.add_parser("models", help="list, pull or make models")
     models.add_argument("--models-dir", help=models_dir_help)
+    models.add_argument("--config", help=config_help)
     actions = models.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="models on this machine, and known ones to pull")
     listing.add_argument("--json", action="store_true")
@@ -410,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name", help="a known name (sd-turbo, sdxl-turbo, taesd, ...) or a hub id org/name")
     for action in (listing, pull):
         _add_folder_flag(action, "--models-dir", models_dir_help)
+        _add_folder_flag(action, "--config", config_help)
     tiny = actions.add_parser("tiny", help="write a tiny random model to try the pipeline without weights")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -425,12 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     presets_dir_help = "your presets (default ~/.config/sdbridge/presets)"
     presets = commands.add_parser("presets", help="list, show or save presets")
     presets.add_argument("--presets-dir", help=presets_dir_help)
+    presets.add_argument("--config", help=config_help)
     preset_actions = presets.add_subparsers(dest="action", required=True)
     preset_list = preset_actions.add_parser("list", help="shipped and saved presets")
     show = preset_actions.add_parser("show", help="print a preset's TOML")
     show.add_argument("name")
     for action in (preset_list, show):
         _add_folder_flag(action, "--presets-dir", presets_dir_help)
+        _add_folder_flag(action, "--config", config_help)
     save = preset_actions.add_parser("save", help="save a running daemon's current look as a preset")
     save.add_argument("name")
     save.add_argument("--description", default="")
@@ -438,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--url", help="the daemon's URL (default: http://HOST:PORT from the settings serve reads: "
                       "--config, SDBRIDGE_HOST/SDBRIDGE_PORT, ./sdbridge.toml; else http://127.0.0.1:7860)")
     save.add_argument("--token", help="the daemon's token (default: SDBRIDGE_TOKEN or the config file's token)")
-    save.add_argument("--config", help="the daemon's TOML config file, for its host, port and token "
-                      "(default: $SDBRIDGE_CONFIG or ./sdbridge.toml)")
+    _add_folder_flag(save, "--config", "the daemon's TOML config file, for its host, port and token "
+                     "(default: $SDBRIDGE_CONFIG or ./sdbridge.toml)")
     presets.set_defaults(run=cmd_presets)
 
     doctor = commands.add_parser("doctor", help="check this set-up and say what is wrong")
