@@ -619,6 +619,10 @@ class LoraStack:
                     original = _keep(weight, self.original_device or weight.device)
                     self._originals[target] = original
                 if _one_gemm(weight, original, active):
+                    if target in self._bias_originals:
+                        # only plain LoRAs left here: the bias a full difference's diff_b moved goes back; kept
+                        # moved, a removed diff_b stayed in while a plain LoRA stayed on the layer (QA 85 F10)
+                        module.bias.copy_(self._bias_originals.pop(target))
                     continue
                 # The sum starts from a copy of the original (copy=True: never the kept original itself; contiguous,
                 # whatever the weight's layout, so that it is a matrix) and the updates go into it in place: no

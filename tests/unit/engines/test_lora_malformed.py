@@ -1,0 +1,96 @@
+"""Malformed LoRA files: each is a ModelError naming the file and the key (the live stream leaves it out), never a
+plain Python error, a black stream or a frozen daemon; and weights come back bit for bit whatever was stacked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sdbridge.engines.lora import LoraStack
+from sdbridge.engines.tiny import build_tiny_components
+
+Q_PROJ = "encoder.layers.0.self_attn.q_proj"   # a text-encoder layer, as the live model names it (transformers 5)
+TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def fresh_model() -> dict[str, nn.Module]:
+    parts = build_tiny_components(seed=0)
+    return {"unet": parts["unet"], "text_encoder": parts["text_encoder"]}
+
+
+def live_name(model: dict[str, nn.Module], name: str) -> str:
+    """``name`` as the installed transformers spells the CLIP layer (with ``text_model.`` before 5, or not)."""
+    names = dict(model["text_encoder"].named_modules())
+    return name if name in names else "text_model." + name
+
+
+def pair(module: nn.Module, rank: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    out, inp = module.weight.shape[:2]
+    extra = tuple(module.weight.shape[2:])
+    down = torch.randn(rank, inp, *extra, generator=generator) * 0.1
+    up = torch.randn(out, rank, *((1, 1) if extra else ()), generator=generator) * 0.1
+    return down, up
+
+
+def kohya_to_q(model: dict[str, nn.Module], path: Path, alpha: torch.Tensor | None = None, rank: int = 2) -> Path:
+    base = "lora_unet_" + TO_Q.replace(".", "_")
+    down, up = pair(model["unet"].get_submodule(TO_Q), rank)
+    tensors = {base + ".lora_down.weight": down, base + ".lora_up.weight": up}
+    if alpha is not None:
+        tensors[base + ".alpha"] = alpha
+    save_file(tensors, str(path))
+    return path
+
+
+def peft_to_q(model: dict[str, nn.Module], path: Path, adapter: dict) -> Path:
+    down, up = pair(model["unet"].get_submodule(TO_Q))
+    metadata = {"lora_adapter_metadata": json.dumps({f"unet.{key}": value for key, value in adapter.items()})}
+    save_file({f"unet.{TO_Q}.lora_A.weight": down, f"unet.{TO_Q}.lora_B.weight": up}, str(path), metadata=metadata)
+    return path
+
+
+# --- F10: a diff_b taken away while a plain LoRA stays -------------------------------------------------------------
+
+def full_and_plain(model: dict[str, nn.Module], folder: Path) -> tuple[Path, Path]:
+    conv = model["unet"].conv_in
+    generator = torch.Generator().manual_seed(5)
+    full = folder / "full.safetensors"
+    save_file({"lora_unet_conv_in.diff": torch.randn(conv.weight.shape, generator=generator) * 0.1,
+               "lora_unet_conv_in.diff_b": torch.randn(conv.bias.shape, generator=generator)}, str(full))
+    down, up = pair(conv, seed=6)
+    plain = folder / "plain.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": down, "lora_unet_conv_in.lora_up.weight": up}, str(plain))
+    return full, plain
+
+
+@pytest.mark.parametrize("take_away", ["remove", "weight 0"])
+def test_a_diff_b_taken_away_under_a_plain_lora_gives_the_bias_back_bit_for_bit(tmp_path, take_away):
+    model = fresh_model()
+    full, plain = full_and_plain(model, tmp_path)
+    conv = model["unet"].conv_in
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    alone = fresh_model()
+    LoraStack(alone).add("plain", plain, weight=1.0)
+    stack = LoraStack(model)
+    stack.add("plain", plain, weight=1.0)
+    stack.add("full", full, weight=1.0)
+    assert not torch.equal(conv.bias.detach(), bias)
+    if take_away == "remove":
+        stack.remove("full")
+    else:
+        stack.set_weights({"full": 0.0})
+    assert torch.equal(conv.bias.detach(), bias)
+    assert torch.equal(conv.weight.detach(), alone["unet"].conv_in.weight.detach())
+    stack.clear()
+    assert torch.equal(conv.weight.detach(), weight) and torch.equal(conv.bias.detach(), bias)
+    # the full one back again moves the bias from the original, and off again gives it back
+    stack.add("plain", plain, weight=1.0)
+    stack.add("full", full, weight=0.5)
+    stack.set_weights({"full": 0.0})
+    assert torch.equal(conv.bias.detach(), bias)
