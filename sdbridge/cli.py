@@ -242,7 +242,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         transformers.utils.logging.disable_progress_bar()  # a "Writing model shards" bar per text encoder: noise
 
-        path = write_tiny_model(Path(args.dir), seed=args.seed, architecture=args.arch)
+        try:
+            path = write_tiny_model(_model_folder(args.dir), seed=args.seed, architecture=args.arch)
+        except OSError as exc:
+            raise _unwritable(args.dir, exc) from None
         print(f"wrote a tiny random {args.arch} model to {path} (random weights: its frames are noise-like, "
               f"its speed is real)")
         print(f"run it: sdbridge serve --model {path}")
@@ -250,12 +253,36 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "random":
         from sdbridge.engines.random_model import write_random_model
 
+        folder = _model_folder(args.dir)
         print(f"building {args.arch} with random weights (a minute or two on a CPU) ...", flush=True)
-        path = write_random_model(Path(args.dir), args.arch, seed=args.seed)
+        try:
+            path = write_random_model(folder, args.arch, seed=args.seed)
+        except OSError as exc:
+            raise _unwritable(args.dir, exc) from None
         print(f"wrote a full-size random {args.arch} model to {path} (fp16: frames mean nothing, speed is real)")
         print(f"time it: python benchmarks/bench_daemon.py --model {path} --device cuda")
         return 0
     raise AssertionError(args.action)
+
+
+def _model_folder(directory: str) -> Path:
+    """``models tiny|random DIR`` made (or found) as a folder first: a file there, a read-only place or a file
+    on the way ended in a traceback (QA 87 F16), after the minute a random model takes to build."""
+    folder = Path(directory).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"cannot write a model to {directory}: it is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(directory, exc) from None
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"cannot write a model to {directory}: the folder is not writable by this user")
+    return folder
+
+
+def _unwritable(directory: str, exc: OSError) -> ConfigError:
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != directory else ""
+    return ConfigError(f"cannot write a model to {directory}: {exc.strerror or exc}{where}")
 
 
 def _jsonable(item: Any) -> dict[str, Any]:

@@ -46,3 +46,18 @@ def test_presets_save_keeps_its_config_before_or_after_the_action(folders, capsy
     for argv in (["presets", *config, "save", "n"], ["presets", "save", "n", *config]):
         assert main(argv) == 2
         assert "no daemon at http://127.0.0.1:19734" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["tiny", "random"])
+def test_models_tiny_or_random_into_a_file_is_one_line(tmp_path, monkeypatch, capsys, action):
+    """QA 87 F16: a file where the folder goes (or under it) ended in a FileExistsError / NotADirectoryError
+    traceback."""
+    monkeypatch.chdir(tmp_path)
+    file = tmp_path / "zero.safetensors"
+    file.write_bytes(b"")
+    assert main(["models", action, str(file)]) == 2
+    assert capsys.readouterr().err == f"sdbridge: cannot write a model to {file}: it is a file, not a folder\n"
+    assert main(["models", action, str(file / "inside")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"sdbridge: cannot write a model to {file / 'inside'}: ") and error.count("\n") == 1
+    assert file.read_bytes() == b""
