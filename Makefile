@@ -30,7 +30,7 @@ run: $(STAMP)
 	$(BIN)/sdbridge serve $(ARGS)
 
 doctor: $(STAMP)
-	$(BIN)/sdbridge doctor
+	$(BIN)/sdbridge doctor $(ARGS)
 
 # Test tools from Debian: chromium for the browser tests, liblo-tools for OSC interop.
 # Skipped (and those tests skip with the reason) where apt-get is not available or not root.

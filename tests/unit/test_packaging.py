@@ -85,3 +85,14 @@ def test_install_hints_quote_extras_as_every_shell_reads_them():
               for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
               if re.search(r"install '[^']*\[", line)]
     assert not single, "single-quoted extras: " + ", ".join(single)
+
+
+def test_every_make_rule_that_runs_sdbridge_passes_args():
+    """QA 87 F12: `make doctor ARGS="--model sd-turbo"` checked the no-model set-up, while `make run ARGS=...` served
+    the model: both rules hand ARGS on."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    rules = re.findall(r"^([\w-]+):.*\n((?:\t.*\n)+)", makefile, re.M)
+    commands = {name: recipe for name, recipe in rules if "/sdbridge " in recipe}
+    assert {"run", "doctor"} <= set(commands), f"no run or doctor rule calling sdbridge: {sorted(commands)}"
+    for name, recipe in commands.items():
+        assert recipe.rstrip().endswith("$(ARGS)"), f"make {name} drops ARGS: {recipe.strip()}"
