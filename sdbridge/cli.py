@@ -266,8 +266,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _model_folder(directory: str) -> Path:
-    """``models tiny|random DIR`` made (or found) as a folder first: a file there, a read-only place or a file
-    on the way ended in a traceback (QA 87 F16), after the minute a random model takes to build."""
+    """``models tiny|random DIR`` made (or found) as a folder first, before a random model's minute of building: a
+    file there, a read-only place or a file on the way ended in a traceback (QA 87 F16)."""
     folder = Path(directory).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"cannot write a model to {directory}: it is a file, not a folder")
