@@ -881,14 +881,35 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict[str, object]:
     # kohya writes JSON objects as strings (ss_tag_frequency, ss_dataset_dirs); A1111 shows them parsed.
     parsed: dict[str, object] = {}
     for key, value in metadata.items():
+        parsed[key] = value
         if isinstance(value, str) and value[:1] in ("{", "["):
             try:
-                parsed[key] = json.loads(value)
-            except ValueError:  # not JSON after all: keep the string
+                value = json.loads(value)
+            except (ValueError, RecursionError):  # not JSON after all, or nested past Python's stack: the string
+                continue
+            # Kept as the string too where nested deeper than metadata is (kohya's: 2 levels): one file's 100,000
+            # brackets raised RecursionError and GET /sdapi/v1/loras answered 500 for every LoRA (QA 85 F9), and a
+            # depth json.loads takes may still be too deep for the response's encoder.
+            if _depth(value) <= METADATA_DEPTH_MAX:
                 parsed[key] = value
-        else:
-            parsed[key] = value
     return parsed
+
+
+# The deepest JSON a LoRA's metadata value is shown parsed at; deeper, it is shown as the string it is.
+METADATA_DEPTH_MAX = 32
+
+
+def _depth(value: object) -> int:
+    """How deep ``value``'s lists and dicts nest, counted without recursing (a scalar: 0)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth > METADATA_DEPTH_MAX:
+                return depth
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def list_loras(folder: str | Path) -> list[dict[str, object]]:

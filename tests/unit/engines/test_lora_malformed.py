@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sdbridge.engines.lora import LoraStack
+from sdbridge.engines.lora import LoraStack, list_loras
 from sdbridge.engines.tiny import build_tiny_components
 
 Q_PROJ = "encoder.layers.0.self_attn.q_proj"   # a text-encoder layer, as the live model names it (transformers 5)
@@ -94,3 +94,20 @@ def test_a_diff_b_taken_away_under_a_plain_lora_gives_the_bias_back_bit_for_bit(
     stack.add("full", full, weight=0.5)
     stack.set_weights({"full": 0.0})
     assert torch.equal(conv.bias.detach(), bias)
+
+
+# --- F9: metadata too deep to parse ------------------------------------------------------------------------------
+
+def test_metadata_nested_too_deep_is_listed_as_its_string_and_the_others_still_list(tmp_path):
+    model = fresh_model()
+    kohya_to_q(model, tmp_path / "fine.safetensors", torch.tensor(1.0))
+    deep, middling = "[" * 100_000 + "]" * 100_000, "[" * 500 + "]" * 500
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "deep.safetensors"),
+              metadata={"ss_tag_frequency": deep, "ss_dataset_dirs": middling, "ss_output_name": "deep one",
+                        "ss_shallow": '{"a": {"b": [1, 2]}}'})
+    entries = {entry["name"]: entry for entry in list_loras(tmp_path)}
+    assert set(entries) == {"fine", "deep"}
+    metadata = entries["deep"]["metadata"]
+    assert metadata["ss_tag_frequency"] == deep and metadata["ss_dataset_dirs"] == middling
+    assert metadata["ss_shallow"] == {"a": {"b": [1, 2]}} and entries["deep"]["alias"] == "deep one"
+    json.dumps(entries)   # what the A1111 route answers: encodable
