@@ -394,6 +394,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
 
     matched: list[LoraLayer] = []
     mismatched: list[str] = []
+    first_group: dict[tuple[str, str], tuple[str, LoraLayer]] = {}   # target -> the group that named it first
     for base, group in groups.items():
         target = None
         if base.startswith("lora_"):
@@ -425,6 +426,18 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
             shapes = ", ".join(f"{role} {tuple(tensor.shape)}" for role, tensor in layer_tensors.items())
             mismatched.append(f"{base} ({shapes}, layer {problem})")
             continue
+        if target in first_group:
+            # One layer named twice (CLIP's name with and without ``text_model.``, lora_te_ and lora_te1_, kohya and
+            # PEFT keys in one file): fused twice it moved by twice the update (QA 85 F5). A copy is fused once.
+            other, earlier = first_group[target]
+            if not _same_update(earlier, layer):
+                raise ModelError(f"LoRA file {quoted(path)} names the layer {target[0]}.{target[1]} twice, as "
+                                 f"{other!r} and {base!r}, with different values: not loaded (which is meant?)")
+            log.warning("LoRA %s names the layer %s.%s twice (%s, %s), with the same values: fused once",
+                        path.name, target[0], target[1], other, base)
+            unmatched.extend(group.values())
+            continue
+        first_group[target] = (base, layer)
         matched.append(layer)
 
     if mismatched:
@@ -448,6 +461,12 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
                     path.name, len(unmatched), len(tensors), ", ".join(sorted(unmatched)[:3]))
     return LoraFile(name=name or path.stem, path=path, layout=layout, layers=tuple(matched), metadata=metadata,
                     unmatched_keys=tuple(unmatched))
+
+
+def _same_update(first: LoraLayer, second: LoraLayer) -> bool:
+    return (first.kind == second.kind and first.scale == second.scale and first.tensors.keys() == second.tensors.keys()
+            and all(first.tensors[role].dtype == second.tensors[role].dtype
+                    and torch.equal(first.tensors[role], second.tensors[role]) for role in first.tensors))
 
 
 def _components_named(groups: Mapping[str, Mapping[str, str]]) -> dict[str, int]:

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sdbridge.engines.lora import LoraStack, list_loras
+from sdbridge.engines.lora import LoraStack, list_loras, load_lora
 from sdbridge.engines.tiny import build_tiny_components
+from sdbridge.errors import ModelError
 
 Q_PROJ = "encoder.layers.0.self_attn.q_proj"   # a text-encoder layer, as the live model names it (transformers 5)
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -94,6 +95,30 @@ def test_a_diff_b_taken_away_under_a_plain_lora_gives_the_bias_back_bit_for_bit(
     stack.add("full", full, weight=0.5)
     stack.set_weights({"full": 0.0})
     assert torch.equal(conv.bias.detach(), bias)
+
+
+# --- F5: one layer named twice -------------------------------------------------------------------------------------
+
+def test_a_layer_named_under_two_spellings_is_fused_once_or_refused(tmp_path):
+    model = fresh_model()
+    name = live_name(model, Q_PROJ)
+    down, up = pair(model["text_encoder"].get_submodule(name))
+    with_wrapper = "lora_te_text_model_" + Q_PROJ.replace(".", "_")
+    without = "lora_te_" + Q_PROJ.replace(".", "_")
+    once, twice, differ = (tmp_path / f"{stem}.safetensors" for stem in ("once", "twice", "differ"))
+    save_file({with_wrapper + ".lora_down.weight": down, with_wrapper + ".lora_up.weight": up}, str(once))
+    save_file({with_wrapper + ".lora_down.weight": down, with_wrapper + ".lora_up.weight": up,
+               without + ".lora_down.weight": down.clone(), without + ".lora_up.weight": up.clone()}, str(twice))
+    save_file({with_wrapper + ".lora_down.weight": down, with_wrapper + ".lora_up.weight": up,
+               without + ".lora_down.weight": down * 2, without + ".lora_up.weight": up.clone()}, str(differ))
+    assert len(load_lora(twice, model).layers) == 1
+    expected = fresh_model()
+    LoraStack(expected).add("once", once, weight=1.0)
+    LoraStack(model).add("twice", twice, weight=1.0)
+    assert torch.equal(model["text_encoder"].get_submodule(name).weight.detach(),
+                       expected["text_encoder"].get_submodule(name).weight.detach())
+    with pytest.raises(ModelError, match=r"differ\.safetensors' names the layer text_encoder\..*q_proj twice"):
+        load_lora(differ, fresh_model())
 
 
 # --- F9: metadata too deep to parse ------------------------------------------------------------------------------
