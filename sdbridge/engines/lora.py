@@ -410,22 +410,16 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
             unmatched.extend(group.values())
             continue
         layer_tensors = {role: tensors[key] for role, key in group.items() if role != "alpha"}
-        alpha = float(tensors[group["alpha"]].float().item()) if "alpha" in group else None
-        if kind == "lora":
-            rank = layer_tensors["down"].shape[0]
-            if alpha is not None:
-                scale = alpha / rank
-            else:
-                scale = _config_scale(peft_configs.get(target[0], {}), target[1], rank)
-                scale = 1.0 if scale is None else scale  # PEFT's default: lora_alpha = r
-        else:
-            scale = _lycoris_scale(kind, layer_tensors, alpha)
+        # A malformed layer is a ModelError, which the live stream leaves out: any other error stopped diffusion
+        # for every frame until ``loras`` changed (QA 85 F2).
+        scale = _scale(path, kind, group, tensors, peft_configs.get(target[0], {}), target)
         layer = LoraLayer(target[0], target[1], kind, layer_tensors, scale)
         problem = _misfit(layer, layers[target[0]][target[1]])
         if problem:
             shapes = ", ".join(f"{role} {tuple(tensor.shape)}" for role, tensor in layer_tensors.items())
             mismatched.append(f"{base} ({shapes}, layer {problem})")
             continue
+        _check_finite(path, group, tensors)
         if target in first_group:
             # One layer named twice (CLIP's name with and without ``text_model.``, lora_te_ and lora_te1_, kohya and
             # PEFT keys in one file): fused twice it moved by twice the update (QA 85 F5). A copy is fused once.
@@ -463,6 +457,47 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
                     unmatched_keys=tuple(unmatched))
 
 
+def _scale(path: Path, kind: str, group: Mapping[str, str], tensors: Mapping[str, torch.Tensor], config: Mapping,
+           target: tuple[str, str]) -> float:
+    """The layer's ``alpha / rank`` (A1111's rule for LyCORIS kinds; PEFT's metadata where the file has no alpha
+    key); ModelError naming the file and the key for an alpha that is not one finite number, or a rank of 0."""
+    alpha = None
+    if "alpha" in group:
+        value = tensors[group["alpha"]]
+        if value.numel() != 1 or value.is_complex():
+            raise ModelError(f"LoRA file {quoted(path)}: {group['alpha']!r} holds {value.numel()} values of "
+                             f"{value.dtype} where an alpha is one real number: not loaded")
+        alpha = float(value.float().item())
+        if not math.isfinite(alpha):
+            raise ModelError(f"LoRA file {quoted(path)}: {group['alpha']!r} is {alpha}, not a finite number: "
+                             "not loaded")
+    factored = {"lora": "down", "loha": "hada_w1_b"}.get(kind)
+    if kind == "lokr":
+        factored = "lokr_w2_b" if "lokr_w2_b" in group else "lokr_w1_b" if "lokr_w1_b" in group else None
+    if factored is not None:
+        factor = tensors[group[factored]]
+        if factor.dim() == 0 or factor.shape[0] == 0:
+            raise ModelError(f"LoRA file {quoted(path)}: {group[factored]!r} has shape {tuple(factor.shape)}, "
+                             "rank 0 (an empty update): not loaded")
+    if kind != "lora":
+        return _lycoris_scale(kind, {role: tensors[key] for role, key in group.items()}, alpha)
+    rank = tensors[group["down"]].shape[0]
+    if alpha is not None:
+        return alpha / rank
+    module = target[1]
+    scale = _config_scale(config, module, rank)
+    return 1.0 if scale is None else scale  # PEFT's default: lora_alpha = r
+
+
+def _check_finite(path: Path, group: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """ModelError for a NaN or infinite value in the layer's tensors: fused, it blacked out every frame with no
+    word (QA 85 F7)."""
+    for key in group.values():
+        tensor = tensors[key]
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"LoRA file {quoted(path)}: {key!r} holds NaN or infinite values: not loaded")
+
+
 def _same_update(first: LoraLayer, second: LoraLayer) -> bool:
     return (first.kind == second.kind and first.scale == second.scale and first.tensors.keys() == second.tensors.keys()
             and all(first.tensors[role].dtype == second.tensors[role].dtype
@@ -496,7 +531,7 @@ def _misfit(layer: LoraLayer, module: nn.Module) -> str | None:
     try:
         delta = layer.delta(weight.shape, device="meta")
         bias_delta = layer.bias_delta(device="meta")
-    except (RuntimeError, ValueError, TypeError):  # torch raises RuntimeError for sizes that do not multiply
+    except (RuntimeError, ValueError, TypeError, IndexError):  # torch: RuntimeError for sizes that do not multiply
         return f"{tuple(weight.shape)}"
     if delta.shape != weight.shape or (bias_delta is not None and (bias is None or bias_delta.numel() != bias.numel())):
         return f"{tuple(weight.shape)}"

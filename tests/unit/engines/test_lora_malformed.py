@@ -56,6 +56,42 @@ def peft_to_q(model: dict[str, nn.Module], path: Path, adapter: dict) -> Path:
     return path
 
 
+# --- F2 / F7: alpha and rank --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha, message", [
+    (torch.tensor([1.0, 2.0]), r"'lora_unet_down_blocks_0_.*_to_q\.alpha' holds 2 values"),
+    (torch.tensor(float("nan")), r"'lora_unet_down_blocks_0_.*_to_q\.alpha' is nan, not a finite number"),
+    (torch.tensor(float("inf")), r"\.alpha' is inf, not a finite number"),
+])
+def test_an_alpha_that_is_not_one_finite_number_is_a_model_error_naming_it(tmp_path, alpha, message):
+    model = fresh_model()
+    path = kohya_to_q(model, tmp_path / "bad_alpha.safetensors", alpha)
+    with pytest.raises(ModelError, match=message) as caught:
+        load_lora(path, model)
+    assert "bad_alpha.safetensors" in str(caught.value) and caught.value.code == "bad_model"
+
+
+def test_rank_zero_is_a_model_error_naming_the_key(tmp_path):
+    model = fresh_model()
+    path = kohya_to_q(model, tmp_path / "rank0.safetensors", torch.tensor(1.0), rank=0)
+    with pytest.raises(ModelError, match=r"rank0\.safetensors.*lora_down\.weight' has shape \(0, 32\), rank 0"):
+        load_lora(path, model)
+
+
+def test_nan_or_inf_in_the_update_is_a_model_error_and_nothing_moves(tmp_path):
+    model = fresh_model()
+    before = model["unet"].get_submodule(TO_Q).weight.detach().clone()
+    base = "lora_unet_" + TO_Q.replace(".", "_")
+    down, up = pair(model["unet"].get_submodule(TO_Q))
+    up[3, 1] = float("inf")
+    path = tmp_path / "inf.safetensors"
+    save_file({base + ".lora_down.weight": down, base + ".lora_up.weight": up}, str(path))
+    stack = LoraStack(model)
+    with pytest.raises(ModelError, match=r"inf\.safetensors.*lora_up\.weight' holds NaN or infinite values"):
+        stack.add("inf", path, weight=1.0)
+    assert torch.equal(model["unet"].get_submodule(TO_Q).weight.detach(), before)
+
+
 # --- F10: a diff_b taken away while a plain LoRA stays -------------------------------------------------------------
 
 def full_and_plain(model: dict[str, nn.Module], folder: Path) -> tuple[Path, Path]:
