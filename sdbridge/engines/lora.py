@@ -343,7 +343,7 @@ def _peft_scales(metadata: Mapping[str, str]) -> dict[str, dict]:
         return {}
     try:
         flat = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
         log.warning("LoRA lora_adapter_metadata is not JSON; alpha taken as the rank")
         return {}
     configs: dict[str, dict] = {}
@@ -353,15 +353,70 @@ def _peft_scales(metadata: Mapping[str, str]) -> dict[str, dict]:
     return configs
 
 
-def _config_scale(config: Mapping, module: str, rank: int) -> float | None:
-    if "lora_alpha" not in config:
-        return None
-    alpha = config["lora_alpha"]
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
-            alpha = value
-    root = math.sqrt(rank) if config.get("use_rslora") else rank
-    return float(alpha) / root
+class _PeftAlpha:
+    """The alphas of one component's PEFT config (``lora_alpha``, ``alpha_pattern``, ``rank_pattern``, rsLoRA),
+    read once per file. Raises ValueError naming the option that is not what PEFT writes."""
+
+    def __init__(self, config: Mapping) -> None:
+        self.alpha = _finite(config["lora_alpha"], "lora_alpha")
+        self.rslora = bool(config.get("use_rslora"))
+        tables: dict[str, dict] = {}
+        for option in ("rank_pattern", "alpha_pattern"):
+            table = config.get(option) or {}
+            if not isinstance(table, dict):
+                raise ValueError(f"its {option} is {type(table).__name__}, not an object of module names")
+            tables[option] = table
+        self.alphas = {key: _finite(value, f"alpha_pattern[{_shown(key)}]")
+                       for key, value in tables["alpha_pattern"].items()}
+        # PEFT takes the first rank_pattern or alpha_pattern key that matches a module, and that key's alpha, or
+        # lora_alpha where the key is rank_pattern's alone (peft.utils.other.get_pattern_key). Keys by the name
+        # they match: a module is looked up by its few suffixes, not every key tried on it.
+        self.keys: list[str] = [*tables["rank_pattern"], *tables["alpha_pattern"]]
+        self.whole: dict[str, int] = {}      # "^name": the whole module name only
+        self.ends: dict[str, int] = {}       # "name": the whole name or its end after a dot
+        for index, key in enumerate(self.keys):
+            name = _pattern_name(key)
+            table = self.whole if name.startswith("^") else self.ends
+            table.setdefault(name.lstrip("^"), index)
+
+    def scale(self, names: Iterable[str], rank: int) -> float:
+        """``alpha / rank`` for the module of ``names`` (its spellings, as :func:`_spellings` gives them)."""
+        found = [len(self.keys)]
+        for name in names:
+            parts = name.split(".")
+            found.append(self.whole.get(name, len(self.keys)))
+            found += [self.ends.get(".".join(parts[start:]), len(self.keys)) for start in range(len(parts))]
+        first = min(found)
+        alpha = self.alphas.get(self.keys[first], self.alpha) if first < len(self.keys) else self.alpha
+        return alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+def _finite(value: object, option: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"its {option} is {_shown(value)}, not a finite number")
+    return float(value)
+
+
+# A PEFT pattern key as trainers and diffusers write it: a module name or the end of one, ``^`` to anchor it at the
+# start. PEFT reads it as a regex (``(.*\.)?(key)$``); a file's text is never run as one here: ``((.)*)*X``
+# backtracked for ever holding the GIL and froze the daemon (QA 85 F8), so a key is a name, matched as text.
+_PATTERN_KEY = re.compile(r"\^?[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+
+
+def _pattern_name(key: object) -> str:
+    """PEFT pattern ``key`` as the module name it stands for (``^`` kept); ValueError for a key that is not a plain
+    module name (a regex: ``.*``, groups, classes)."""
+    name = key.replace("\\.", ".") if isinstance(key, str) else key   # a regex's escaped dot is a dot
+    if not isinstance(name, str) or len(name) > 1000 or _PATTERN_KEY.fullmatch(name) is None:
+        raise ValueError(f"its pattern key {_shown(key)} is not a module name (regular expressions in a LoRA's "
+                         "patterns are not run)")
+    return name
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A value from a file for a message: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str | None = None) -> LoraFile:
@@ -395,6 +450,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
     matched: list[LoraLayer] = []
     mismatched: list[str] = []
     first_group: dict[tuple[str, str], tuple[str, LoraLayer]] = {}   # target -> the group that named it first
+    peft_alphas: dict[int, _PeftAlpha] = {}   # a component's PEFT config (by id) read, once
     for base, group in groups.items():
         target = None
         if base.startswith("lora_"):
@@ -412,7 +468,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
         layer_tensors = {role: tensors[key] for role, key in group.items() if role != "alpha"}
         # A malformed layer is a ModelError, which the live stream leaves out: any other error stopped diffusion
         # for every frame until ``loras`` changed (QA 85 F2).
-        scale = _scale(path, kind, group, tensors, peft_configs.get(target[0], {}), target)
+        scale = _scale(path, base, kind, group, tensors, peft_configs.get(target[0], {}), target, peft_alphas)
         layer = LoraLayer(target[0], target[1], kind, layer_tensors, scale)
         problem = _misfit(layer, layers[target[0]][target[1]])
         if problem:
@@ -457,8 +513,8 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
                     unmatched_keys=tuple(unmatched))
 
 
-def _scale(path: Path, kind: str, group: Mapping[str, str], tensors: Mapping[str, torch.Tensor], config: Mapping,
-           target: tuple[str, str]) -> float:
+def _scale(path: Path, base: str, kind: str, group: Mapping[str, str], tensors: Mapping[str, torch.Tensor],
+           config: Mapping, target: tuple[str, str], peft_alphas: dict[int, _PeftAlpha]) -> float:
     """The layer's ``alpha / rank`` (A1111's rule for LyCORIS kinds; PEFT's metadata where the file has no alpha
     key); ModelError naming the file and the key for an alpha that is not one finite number, or a rank of 0."""
     alpha = None
@@ -484,9 +540,16 @@ def _scale(path: Path, kind: str, group: Mapping[str, str], tensors: Mapping[str
     rank = tensors[group["down"]].shape[0]
     if alpha is not None:
         return alpha / rank
-    module = target[1]
-    scale = _config_scale(config, module, rank)
-    return 1.0 if scale is None else scale  # PEFT's default: lora_alpha = r
+    component, module = target
+    if "lora_alpha" not in config:
+        return 1.0  # PEFT's default: lora_alpha = r
+    if id(config) not in peft_alphas:
+        try:
+            peft_alphas[id(config)] = _PeftAlpha(config)
+        except ValueError as exc:
+            raise ModelError(f"LoRA file {quoted(path)}: {base!r} takes its alpha from the file's "
+                             f"lora_adapter_metadata, and {exc}: not loaded") from None
+    return peft_alphas[id(config)].scale(_spellings(component, module), rank)
 
 
 def _check_finite(path: Path, group: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> None:

@@ -272,3 +272,34 @@ def test_a_lora_that_does_not_fit_is_left_out_of_the_stream_and_told_once(engine
         assert reads == []                                     # and its file not read again while it is unchanged
     finally:
         (lora_dir / "other.safetensors").unlink()
+
+
+@pytest.mark.parametrize("malformed", ["two alphas", "nan alpha", "regex pattern"])
+def test_a_malformed_lora_is_left_out_of_the_stream_and_the_others_run(engine, frame, lora_dir, malformed):
+    """A vector alpha raised RuntimeError, not ModelError, and every frame passed through undiffused until ``loras``
+    changed (QA 85 F2); a NaN alpha blacked the stream out (F7); a PEFT pattern was run as a regex (F8)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(lora_dir / "ink.safetensors"))
+    metadata = None
+    if malformed == "regex pattern":
+        key = next(key for key in tensors if key.startswith("lora_unet_") and key.endswith(".lora_down.weight"))
+        base = key[:-len(".lora_down.weight")]
+        module = engine.conditioning.loras._layers["unet"]
+        name = next(name for name in module if name.replace(".", "_") == base[len("lora_unet_"):])
+        tensors = {f"unet.{name}.lora_A.weight": tensors[key],
+                   f"unet.{name}.lora_B.weight": tensors[base + ".lora_up.weight"]}
+        metadata = {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": 2, "unet.alpha_pattern": {"[": 1}}'}
+    else:
+        key = next(key for key in tensors if key.endswith(".alpha"))
+        tensors[key] = torch.tensor([1.0, 2.0]) if malformed == "two alphas" else torch.tensor(float("nan"))
+    save_file(tensors, str(lora_dir / "malformed.safetensors"), metadata=metadata)
+    told: list[dict] = []
+    engine.notify = told.append
+    try:
+        alone = run(engine, frame, loras="ink:1")
+        both = run(engine, frame, loras="ink:1, malformed:1")
+        assert torch.equal(both, alone)
+        assert [(m["code"], "LoRA 'malformed' left out" in m["message"]) for m in told] == [("bad_model", True)]
+    finally:
+        (lora_dir / "malformed.safetensors").unlink()

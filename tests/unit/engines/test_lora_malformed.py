@@ -4,6 +4,9 @@ plain Python error, a black stream or a frozen daemon; and weights come back bit
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -90,6 +93,76 @@ def test_nan_or_inf_in_the_update_is_a_model_error_and_nothing_moves(tmp_path):
     with pytest.raises(ModelError, match=r"inf\.safetensors.*lora_up\.weight' holds NaN or infinite values"):
         stack.add("inf", path, weight=1.0)
     assert torch.equal(model["unet"].get_submodule(TO_Q).weight.detach(), before)
+
+
+# --- F8: PEFT patterns are names, never regexes from the file ------------------------------------------------------
+
+def test_plain_pattern_keys_give_their_alpha_as_peft_picks_it(tmp_path):
+    model = fresh_model()
+    cases = [
+        ({"r": 2, "lora_alpha": 4}, 2.0),
+        ({"r": 2, "lora_alpha": 4, "alpha_pattern": {"attn1.to_q": 1}}, 0.5),          # the end of the name
+        ({"r": 2, "lora_alpha": 4, "alpha_pattern": {TO_Q: 8}}, 4.0),                   # the whole name
+        ({"r": 2, "lora_alpha": 4, "alpha_pattern": {"^" + TO_Q: 8}}, 4.0),             # anchored
+        ({"r": 2, "lora_alpha": 4, "alpha_pattern": {"^attn1.to_q": 8}}, 2.0),          # anchored: not the end
+        ({"r": 2, "lora_alpha": 4, "alpha_pattern": {"o_q": 8}}, 2.0),                  # not after a dot
+        ({"r": 2, "lora_alpha": 4, "alpha_pattern": {"down_blocks\\.0\\.attentions\\.0\\.transformer_blocks\\.0"
+                                                     "\\.attn1\\.to_q": 6}}, 3.0),      # escaped dots
+        # PEFT's first matching key wins, and a rank_pattern key alone keeps lora_alpha
+        ({"r": 2, "lora_alpha": 4, "alpha_pattern": {"to_q": 1, "attn1.to_q": 8}}, 0.5),
+        ({"r": 2, "lora_alpha": 4, "rank_pattern": {"to_q": 2}, "alpha_pattern": {"attn1.to_q": 8}}, 2.0),
+        ({"r": 2, "lora_alpha": 4, "use_rslora": True, "alpha_pattern": {"to_q": 2}}, 2 / 2 ** 0.5),
+    ]
+    for index, (adapter, scale) in enumerate(cases):
+        path = peft_to_q(model, tmp_path / f"pattern{index}.safetensors", adapter)
+        assert load_lora(path, model).layers[0].scale == pytest.approx(scale), adapter
+
+
+@pytest.mark.parametrize("adapter, message", [
+    ({"alpha_pattern": {"[": 1}}, r"pattern key '\[' is not a module name"),
+    ({"alpha_pattern": {".*to_q": 1}}, r"pattern key '\.\*to_q' is not a module name"),
+    ({"rank_pattern": {"(a|b)": 2}}, r"pattern key '\(a\|b\)' is not a module name"),
+    ({"alpha_pattern": ["to_q"]}, r"alpha_pattern is list, not an object"),
+    ({"alpha_pattern": {"to_q": "x"}}, r"alpha_pattern\['to_q'\] is 'x', not a finite number"),
+    ({"alpha_pattern": {"to_q": float("nan")}}, r"alpha_pattern\['to_q'\] is nan, not a finite number"),
+    ({"lora_alpha": None}, r"lora_alpha is None, not a finite number"),
+])
+def test_a_pattern_that_is_not_a_module_name_is_a_model_error(tmp_path, adapter, message):
+    model = fresh_model()
+    path = peft_to_q(model, tmp_path / "pattern.safetensors", {"r": 2, "lora_alpha": 4, **adapter})
+    with pytest.raises(ModelError, match=r"pattern\.safetensors.*lora_adapter_metadata, and its " + message):
+        load_lora(path, model)
+
+
+def test_a_backtracking_pattern_is_refused_at_once_not_run(tmp_path):
+    """``((.)*)*X`` run as a regex on a layer's name never ended, holding the GIL: the daemon froze, SIGTERM
+    ignored (QA 85 F8). Run in a child process, so that the old behaviour fails this test instead of hanging it; the
+    child's model is one layer under the UNet's name (a tiny UNet took 16 s to build on a loaded machine)."""
+    path = tmp_path / "redos.safetensors"
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 4,
+                                                     "unet.alpha_pattern": {"((.)*)*X": 1}})}
+    save_file({f"unet.{TO_Q}.lora_A.weight": torch.ones(2, 8), f"unet.{TO_Q}.lora_B.weight": torch.ones(8, 2)},
+              str(path), metadata=metadata)
+    script = textwrap.dedent(f"""
+        from torch import nn
+        from sdbridge.engines.lora import load_lora
+        from sdbridge.errors import ModelError
+        unet = here = nn.Module()
+        *parents, last = {TO_Q!r}.split(".")
+        for name in parents:
+            here.add_module(name, nn.Module())
+            here = getattr(here, name)
+        here.add_module(last, nn.Linear(8, 8))
+        try:
+            load_lora({str(path)!r}, {{"unet": unet}})
+        except ModelError as exc:
+            print("refused:", exc)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("load_lora ran the file's pattern as a regex and did not end")
+    assert "refused:" in done.stdout and "'((.)*)*X' is not a module name" in done.stdout, done.stderr[-2000:]
 
 
 # --- F10: a diff_b taken away while a plain LoRA stays -------------------------------------------------------------
