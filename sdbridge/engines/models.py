@@ -675,9 +675,47 @@ def load_pipeline_parts(source: str, device: torch.device, dtype: torch.dtype, *
                                  vae_given=vae_path is not None)
     if vae_path is not None:
         replace_vae(parts, vae_path, allow_pickle=allow_pickle)
+    check_parts_fit(parts, str(resolved.path))
     for module in parts.modules().values():
         own_weights(module)
     return parts
+
+
+def check_parts_fit(parts: PipelineParts, where: str) -> None:
+    """ModelError (incompatible_model) naming the widths, when the parts of a model do not fit one another: the
+    text encoders' widths together against what the UNet's cross-attention takes, SDXL's pooled text against its
+    added embedding, the VAEs' latent channels against the UNet's. Parts from different models loaded, replaced the
+    serving model and failed every frame ("mat1 and mat2 shapes cannot be multiplied", QA 85 F4)."""
+    unet = dict(parts.unet.config)
+    encoders = [("text_encoder", parts.text_encoder)]
+    if parts.text_encoder_2 is not None:  # as conditioning encodes: both encoders' states side by side
+        encoders.append(("text_encoder_2", parts.text_encoder_2))
+    widths = [(name, getattr(encoder.config, "hidden_size", None)) for name, encoder in encoders]
+    width = sum(size for _name, size in widths if isinstance(size, int))
+    attention = unet.get("cross_attention_dim")
+    takes = set(attention) if isinstance(attention, (list, tuple)) else {attention}
+    if unet.get("encoder_hid_dim") and unet.get("encoder_hid_dim_type") == "text_proj":
+        takes = {unet["encoder_hid_dim"]}  # the UNet projects the text to its cross-attention width itself
+    said = " + ".join(f"{name} {size}" for name, size in widths)
+    if takes != {width}:
+        raise ModelError(f"{where}: its text encoders give {width}-wide text ({said}) but its UNet's cross-attention "
+                         f"takes {'/'.join(map(str, sorted(takes, key=str)))}: the parts come from different models",
+                         code="incompatible_model")
+    if unet.get("addition_embed_type") == "text_time":
+        pooled = getattr(parts.text_encoder_2.config, "projection_dim", None) if parts.text_encoder_2 else None
+        needs = (unet.get("projection_class_embeddings_input_dim") or 0) - 6 * (unet.get("addition_time_embed_dim")
+                                                                                or 0)
+        if pooled != needs:
+            gives = f"text_encoder_2 pools {pooled}-wide text" if pooled is not None else "it has no text_encoder_2"
+            raise ModelError(f"{where}: its SDXL UNet takes {needs}-wide pooled text but {gives}: the parts come from "
+                             f"different models", code="incompatible_model")
+    inputs, outputs = unet.get("in_channels"), unet.get("out_channels")
+    for name in ("vae", "taesd"):
+        module = getattr(parts, name)
+        latents = getattr(getattr(module, "config", None), "latent_channels", None) if module is not None else None
+        if latents is not None and outputs != latents:
+            raise ModelError(f"{where}: its {name} has {latents} latent channels but its UNet gives {outputs} "
+                             f"(and takes {inputs}): the parts come from different models", code="incompatible_model")
 
 
 def own_weights(module: Any) -> Any:

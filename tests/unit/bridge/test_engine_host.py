@@ -257,6 +257,20 @@ def _pickle_in_tokenizer_slot(tiny_model_dir, folder):
     return "names 'transformers.CLIPTextModel' for tokenizer; that slot loads transformers.CLIPTokenizer"
 
 
+def _text_encoder_wider_than_the_unet_takes(tiny_model_dir, folder):
+    """A CLIPTextModel 48 wide where the UNet's cross-attention takes 32 (QA 85 F4: every frame failed)."""
+    import json
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    shutil.copytree(tiny_model_dir, folder)
+    config = {**json.loads((folder / "text_encoder" / "config.json").read_text()), "hidden_size": 48}
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    CLIPTextModel(CLIPTextConfig(**config)).save_pretrained(folder / "text_encoder")
+    return "its text encoders give 48-wide text (text_encoder 48) but its UNet's cross-attention takes 32"
+
+
 class _Planted:
     def __init__(self, marker: str) -> None:
         self.marker = marker
@@ -265,7 +279,7 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("make", [_pickle_in_tokenizer_slot])
+@pytest.mark.parametrize("make", [_pickle_in_tokenizer_slot, _text_encoder_wider_than_the_unet_takes])
 def test_a_model_refused_at_load_leaves_the_serving_model(tmp_path, tiny_model_dir, make):
     import shutil
 

@@ -734,3 +734,38 @@ def test_every_slot_loads_only_its_own_classes(tiny_model_dir, tmp_path, slot, e
     with pytest.raises(ModelError, match="model_index.json") as caught:
         load_pipeline_parts(str(folder), CPU, torch.float32)
     assert says in str(caught.value) and caught.value.code == "bad_model"
+
+
+def _text_encoder_of_width(folder: Path, slot: str, **changes) -> None:
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = json.loads((folder / slot / "config.json").read_text())
+    config.update(changes)
+    model = (CLIPTextModelWithProjection if slot == "text_encoder_2" else CLIPTextModel)(CLIPTextConfig(**config))
+    for file in (folder / slot).glob("*.safetensors"):
+        file.unlink()
+    model.save_pretrained(folder / slot)
+
+
+@pytest.mark.parametrize("model, change, says", [
+    ("sd", lambda folder: _text_encoder_of_width(folder, "text_encoder", hidden_size=48),
+     "its text encoders give 48-wide text (text_encoder 48) but its UNet's cross-attention takes 32"),
+    ("sdxl", lambda folder: _text_encoder_of_width(folder, "text_encoder_2", hidden_size=40),
+     "its text encoders give 72-wide text (text_encoder 32 + text_encoder_2 40) but its UNet's cross-attention "
+     "takes 80"),
+    ("sdxl", lambda folder: _text_encoder_of_width(folder, "text_encoder_2", projection_dim=40),
+     "its SDXL UNet takes 48-wide pooled text but text_encoder_2 pools 40-wide text"),
+])
+def test_parts_that_do_not_fit_one_another_are_refused_at_load(tiny_model_dir, tiny_sdxl_dir, tmp_path, model,
+                                                               change, says):
+    """QA 85 F4: a text encoder 48 wide beside a UNet that takes 32 loaded, replaced the serving model and failed
+    every frame (mat1 and mat2 shapes cannot be multiplied)."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_model_dir if model == "sd" else tiny_sdxl_dir, folder)
+    change(folder)
+    with pytest.raises(ModelError) as caught:
+        load_pipeline_parts(str(folder), CPU, torch.float32)
+    assert str(caught.value) == f"{folder}: {says}: the parts come from different models"
+    assert caught.value.code == "incompatible_model"
