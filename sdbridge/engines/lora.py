@@ -450,6 +450,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
     matched: list[LoraLayer] = []
     mismatched: list[str] = []
     first_group: dict[tuple[str, str], tuple[str, LoraLayer]] = {}   # target -> the group that named it first
+    named_twice: list[str] = []
     peft_alphas: dict[int, _PeftAlpha] = {}   # a component's PEFT config (by id) read, once
     for base, group in groups.items():
         target = None
@@ -483,9 +484,7 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
             if not _same_update(earlier, layer):
                 raise ModelError(f"LoRA file {quoted(path)} names the layer {target[0]}.{target[1]} twice, as "
                                  f"{other!r} and {base!r}, with different values: not loaded (which is meant?)")
-            log.warning("LoRA %s names the layer %s.%s twice (%s, %s), with the same values: fused once",
-                        path.name, target[0], target[1], other, base)
-            unmatched.extend(group.values())
+            named_twice.append(f"{other} and {base}")
             continue
         first_group[target] = (base, layer)
         matched.append(layer)
@@ -506,6 +505,10 @@ def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str |
                          f"{', '.join(components)} (first key: {next(iter(tensors), 'none')!r}); read are kohya "
                          "lora_down/lora_up and PEFT lora_A/lora_B pairs, LoCon, LoHa, LoKr and full differences, "
                          "not (IA)3, OFT, GLoRA or norm layers")
+    if named_twice:
+        # one line per file: an SDXL LoRA written under both spellings names hundreds of layers twice
+        log.warning("LoRA %s names %d layers twice, with the same values, fused once (first: %s)",
+                    path.name, len(named_twice), named_twice[0])
     if unmatched:
         log.warning("LoRA %s: %d of %d keys match no layer and are ignored (first: %s)",
                     path.name, len(unmatched), len(tensors), ", ".join(sorted(unmatched)[:3]))

@@ -208,7 +208,7 @@ def test_a_diff_b_taken_away_under_a_plain_lora_gives_the_bias_back_bit_for_bit(
 
 # --- F5: one layer named twice -------------------------------------------------------------------------------------
 
-def test_a_layer_named_under_two_spellings_is_fused_once_or_refused(tmp_path):
+def test_a_layer_named_under_two_spellings_is_fused_once_or_refused(tmp_path, caplog):
     model = fresh_model()
     name = live_name(model, Q_PROJ)
     down, up = pair(model["text_encoder"].get_submodule(name))
@@ -220,7 +220,12 @@ def test_a_layer_named_under_two_spellings_is_fused_once_or_refused(tmp_path):
                without + ".lora_down.weight": down.clone(), without + ".lora_up.weight": up.clone()}, str(twice))
     save_file({with_wrapper + ".lora_down.weight": down, with_wrapper + ".lora_up.weight": up,
                without + ".lora_down.weight": down * 2, without + ".lora_up.weight": up.clone()}, str(differ))
-    assert len(load_lora(twice, model).layers) == 1
+    with caplog.at_level("WARNING", logger="sdbridge.engines.lora"):
+        assert len(load_lora(twice, model).layers) == 1
+    # told once per file, the copy not counted among keys that match no layer
+    told = [record.getMessage() for record in caplog.records if record.name == "sdbridge.engines.lora"]
+    assert len(told) == 1 and "twice.safetensors names 1 layers twice, with the same values, fused once" in told[0]
+    assert with_wrapper in told[0] and without in told[0]
     expected = fresh_model()
     LoraStack(expected).add("once", once, weight=1.0)
     LoraStack(model).add("twice", twice, weight=1.0)
