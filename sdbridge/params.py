@@ -440,7 +440,10 @@ CORE_PARAMS: tuple[ParamSpec, ...] = (
               "of unlike prompts shrinks).", choices=("linear", "slerp")),
     ParamSpec("clip_skip", "int", 0, "Text-encoder layers skipped from the end, as diffusers counts (A1111's "
               "'Clip skip' minus 1; 1 for many anime models).", minimum=0, maximum=4),
-    ParamSpec("strength", "float", 0.5, "How far img2img moves from the input: 0 keeps it, 1 ignores it.",
+    ParamSpec("strength", "float", 0.5, "How far img2img moves from the input: 0 keeps it (the input frame is the "
+              "output, unchanged), 1 ignores it. A frame runs the last int(steps × strength) steps of the steps-long "
+              "schedule; below 1 / steps, one step from the last timestep of a ceil(1 / strength)-step schedule "
+              "(steps 1 at 0.5 runs what steps 2 at 0.5 runs). Not used in txt2img or with a schedule.",
               minimum=0.0, maximum=1.0),
     ParamSpec("guidance", "float", 1.0, "Classifier-free guidance scale; 1 or less turns guidance off (turbo models).",
               minimum=0.0, maximum=30.0),

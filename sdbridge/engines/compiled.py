@@ -499,6 +499,8 @@ class CompiledEngine(DiffusionEngine):
         return out
 
     def _path_name(self) -> str:
+        if self._passes_through():
+            return "passthrough"
         if self._schedule is None:
             return "eager"
         return "stream" if self.stream_batch and self._schedule.steps > 1 else "sequential"
@@ -554,16 +556,19 @@ class CompiledEngine(DiffusionEngine):
         # a new probe, and its frames in flight carry over where N is the same (_carries_over: each frame goes
         # on from its own timestep). Its coefficients are graph inputs, so the same number of indices is the
         # same graphs.
+        # Below 1 / steps the schedule's length follows the strength (DiffusionEngine._schedule_length): the key
+        # holds that length, so two such strengths are two schedules. At strength 0 no step runs (the input passes
+        # through): nothing is probed, and the schedule in force stays for when the strength comes back.
         if self._explicit is not None:
             length, cut = ("schedule", self._explicit[1]), self._explicit[0]
         else:
-            length, cut = self._num_inference_steps, self._denoising_steps()
+            length, cut = self._schedule_length(), self._denoising_steps()
         key = (length, cut, self._txt2img, id(self.scheduler), type(self.scheduler).__name__, self.dtype,
                str(self.device))
         if self._probed_for is not self.scheduler or len(self._probed) > 64:
             self._probed = {}
             self._probed_for = self.scheduler
-        if key != self._schedule_key:
+        if key != self._schedule_key and not self._passes_through():
             if key not in self._probed:
                 timesteps, _ = self._timesteps()
                 self._probed[key] = probe_linear_schedule(self.scheduler, timesteps, self._txt2img, self.dtype)
@@ -571,7 +576,8 @@ class CompiledEngine(DiffusionEngine):
             self._schedule_key = key
             self._step_noise_key = None
         schedule = self._schedule
-        if schedule is not None and schedule.noisy and self._step_noise_key != (self._seed, self.resolution):
+        if (schedule is not None and schedule.noisy and self._step_noise_key != (self._seed, self.resolution)
+                and not self._passes_through()):
             noised_key = (key, self._seed, self.resolution)
             if noised_key not in self._probed:
                 # The eager engine seeds each session's draw alike at every frame: one term per step, for all.
@@ -637,6 +643,13 @@ class CompiledEngine(DiffusionEngine):
     def step_float(self, frames: torch.Tensor | None, states: Sequence[StreamState]) -> torch.Tensor:
         """The frame leaving the pipeline before quantisation: [B, 3, H, W] in [0, 1]."""
         schedule = self._schedule
+        if self._passes_through():
+            # Strength 0: the input is the output (DiffusionEngine._passes_through). The frames in flight are
+            # dropped: they would come out stale when the strength comes back.
+            self._drop_streams(states)
+            if frames is not None:
+                frames = _inference(self.fit(self.upload(frames)))
+            return self._kept(frames, len(states))
         if schedule is None:
             # A scheduler that is not linear: the eager engine's exact path.
             self._drop_streams(states)

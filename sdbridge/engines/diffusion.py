@@ -23,6 +23,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -420,12 +421,43 @@ class DiffusionEngine(Engine):
     def _denoising_steps(self) -> int:
         """How many of the schedule's steps a frame runs: in img2img ``int(steps × strength)``, as diffusers'
         ``get_timesteps`` (so strengths between two multiples of 1 / steps give the same timesteps), and never
-        fewer than 1: live use never errors on a low strength, the last (least noisy) step runs. With an
-        explicit ``schedule``, its number of indices."""
+        fewer than 1: below 1 / steps one step runs, at the noise level the strength asks for (see
+        :meth:`_schedule_length`). With an explicit ``schedule``, its number of indices. (At strength 0 no step
+        runs at all, :meth:`_passes_through`; this count is then what a subclass that denoises anyway takes.)"""
         if self._explicit is not None:
             return len(self._explicit[0])
         steps = self._num_inference_steps
         return steps if self._txt2img else max(1, min(int(steps * self._strength), steps))
+
+    def _schedule_length(self) -> int:
+        """How long the schedule is that a frame's timesteps are the tail of: ``steps``, except in img2img below
+        1 / steps (``int(steps × strength)`` is 0, where diffusers runs no step and refuses): there the one step
+        runs from the last timestep of the scheduler's own ``ceil(1 / strength)``-step schedule, the noise level
+        that strength asks for. So steps 1 at strength 0.5 runs what steps 2 at strength 0.5 runs, and a lower
+        strength a less noisy step: taking the last step of the ``steps``-long schedule made every strength the
+        same frame at steps 1 (t = 999: img2img turned txt2img) and strength 0 the same as 0.5 at steps 2 (QA 88
+        F2). At most the longest schedule the scheduler takes (``samplers.most_steps``), which strength 0 gets."""
+        steps = self._num_inference_steps
+        if self._txt2img or self._explicit is not None or int(steps * self._strength) >= 1:
+            return steps
+        most = samplers.most_steps(self.scheduler) or int(self.scheduler.config.num_train_timesteps)
+        if self._strength <= 0.0:
+            return max(most, steps)
+        return max(min(math.ceil(1.0 / self._strength), most), steps)
+
+    def _passes_through(self) -> bool:
+        """Strength 0 in img2img (no explicit ``schedule``): the input frame is the output, as the parameter
+        says ("0 keeps it"); no step, no autoencoder round trip (which would blur it), no latent plugin."""
+        return not self._txt2img and self._explicit is None and self._strength <= 0.0
+
+    def _kept(self, frames: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The frame a pass-through (:meth:`_passes_through`) leaves: the input as [B, 3, H, W] in [0, 1],
+        which quantises back to the same bytes (v / 255 * 255 rounds to v, in fp16 too); black without an
+        input frame (nothing to keep: as the compiled engine's NaN fallback)."""
+        if frames is None:
+            width, height = self.resolution
+            return torch.zeros((batch, 3, height, width), device=self.device, dtype=self.dtype)
+        return frames.permute(0, 3, 1, 2).to(self.device, self.dtype) / 255.0
 
     def _prepare_explicit(self, text: str) -> None:
         """Settle the ``schedule`` parameter (StreamDiffusion's ``t_index_list``): "32,45@50" picks timesteps
@@ -474,7 +506,7 @@ class DiffusionEngine(Engine):
             if not self._txt2img and hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
             return scheduler.timesteps, 0
-        steps = self._num_inference_steps
+        steps = self._schedule_length()
         scheduler.set_timesteps(steps, device=self.device)
         if self._txt2img:
             return scheduler.timesteps, 0
@@ -542,6 +574,8 @@ class DiffusionEngine(Engine):
         assert self.parts is not None and self._embeddings is not None, "prepare() before step()"
         unet = self.parts.unet
         batch = len(states)
+        if self._passes_through():
+            return self._kept(frames, batch)
         width, height = self.resolution
         latent_shape = (1, unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         timesteps, _ = self._timesteps()

@@ -322,6 +322,45 @@ def test_a_stream_left_for_one_step_is_not_picked_up_stale(parts):
     assert relative_error(stream.step_float(frames[4], [state]), _eager(parts, 0.5, frames[4])) <= TOLERANCE
 
 
+@pytest.mark.parametrize("stream_batch", [True, False])
+def test_strength_zero_passes_the_input_through_and_the_stream_starts_again_after(parts, stream_batch):
+    """Strength 0 keeps the input (QA 88 F2), on either path, at any number of steps; back at 0.5 the stream
+    starts from that frame (the frames in flight before it would be stale): the eager engine's frame."""
+    frames = make_frames(5)
+    ours = engine(parts, stream_batch, steps=4, strength=0.5)
+    state = StreamState("s")
+    for frame in frames[:2]:
+        ours.step(frame, [state])
+    ours.prepare(params(steps=4, strength=0.0))
+    for frame in frames[2:4]:
+        assert torch.equal(ours.step(frame, [state]), frame)
+    assert ours.describe()["path"] == "passthrough"
+    ours.prepare(params(steps=4, strength=0.5))
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(steps=4, strength=0.5))
+    expected = reference.step_float(frames[4], [StreamState("r")])
+    assert relative_error(ours.step_float(frames[4], [state]), expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("stream_batch", [True, False])
+def test_below_one_step_runs_the_one_step_the_strength_asks_for_as_the_eager_engine(parts, stream_batch):
+    """Steps 1 at strength 0.5 is steps 2 at 0.5 (QA 88 F2: t = 999 at any strength), and a strength moved below
+    1 / steps is a new schedule on the compiled engine too (its key holds the schedule's length): each frame is
+    the eager engine's at that strength."""
+    frame = make_frames(1)[0]
+    ours = engine(parts, stream_batch, steps=1, strength=0.5)
+    state = StreamState("s")
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(steps=2, strength=0.5))
+    assert relative_error(ours.step_float(frame, [state]), reference.step_float(frame, [StreamState("r")])) \
+        <= TOLERANCE
+    for strength in (0.3, 0.1, 0.5):
+        ours.prepare(params(steps=1, strength=strength))
+        reference.prepare(params(steps=1, strength=strength))
+        expected = reference.step_float(frame, [StreamState("r")])
+        assert relative_error(ours.step_float(frame, [state]), expected) <= TOLERANCE, strength
+
+
 def test_a_new_seed_goes_on_with_the_frames_in_flight(parts):
     """A new seed (a beat, a button) carries the stream over: each frame in flight finishes with the noise it
     entered with, the next frame enters with the new seed's, one UNet call a frame (a refill was N - 1 more

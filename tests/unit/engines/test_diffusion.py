@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -124,6 +126,59 @@ def test_low_strength_still_runs_one_step(parts, frame):
     engine = DiffusionEngine.from_parts(parts)
     engine.prepare(params(steps=2, strength=0.1))  # diffusers would refuse: 2 * 0.1 < 1
     assert engine.step(frame, [StreamState("s")]).shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_strength_zero_passes_the_input_through(parts, frame, steps):
+    """Strength 0 keeps the input, as the parameter says: the same bytes out, every session (QA 88 F2: steps 1 ran
+    t = 999, a new picture; steps 2 ran t = 499, the frame strength 0.5 gives)."""
+    engine = DiffusionEngine.from_parts(parts)
+    engine.prepare(params(steps=steps, strength=0.0))
+    frames = torch.cat([frame, torch.flip(frame, dims=[1])])
+    assert torch.equal(engine.step(frames, [StreamState("a"), StreamState("b")]), frames)
+    engine.prepare(params(steps=steps, strength=0.5))
+    assert not torch.equal(engine.step(frame, [StreamState("a")]), frame)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_pass_through_keeps_every_byte_value_in_either_precision(parts, dtype):
+    """v / 255 * 255 rounds back to v for every byte, in fp16 too (the GPU's dtype): the pass-through goes through
+    step()'s quantisation, and must not move a value by one."""
+    engine = DiffusionEngine.from_parts(parts)
+    engine.prepare(params(strength=0.0))
+    engine.dtype = dtype   # only _kept and the quantisation read it on this path; the model stays fp32
+    frames = torch.arange(256, dtype=torch.uint8).repeat_interleave(48).reshape(1, 64, 64, 3)
+    assert torch.equal(engine.step(frames, [StreamState("s")]), frames)
+
+
+def test_below_one_step_the_strength_picks_the_noise_level_of_the_one_step(parts, frame):
+    """Where int(steps * strength) is 0 one step runs, from the last timestep of the scheduler's ceil(1 / strength)
+    step schedule: steps 1 at strength 0.5 is steps 2 at 0.5, and a lower strength a less noisy step (QA 88 F2: at
+    steps 1 every strength ran t = 999, the same frame)."""
+    engine = DiffusionEngine.from_parts(parts)
+
+    def run(steps: int, strength: float) -> tuple[list[float], torch.Tensor]:
+        engine.prepare(params(steps=steps, strength=strength))
+        return engine._timesteps()[0].tolist(), engine.step_float(frame, [StreamState("s")])
+
+    def last_of(count: int) -> list[float]:
+        return schedule_tail(parts, count, 1)
+
+    one_half, out_half = run(1, 0.5)
+    two_half, out_two = run(2, 0.5)
+    assert one_half == two_half == last_of(2) and torch.equal(out_half, out_two)
+    assert run(1, 0.3)[0] == last_of(4) and run(2, 0.2)[0] == last_of(5) and run(4, 0.2)[0] == last_of(5)
+    # From one step up nothing changed: diffusers' get_timesteps, the tail of the steps-long schedule.
+    assert run(1, 1.0)[0] == last_of(1) and run(4, 0.5)[0] == schedule_tail(parts, 4, 2)
+    levels = [run(1, strength)[0][0] for strength in (1.0, 0.5, 0.3, 0.1, 0.01)]
+    assert levels == sorted(levels, reverse=True) and len(set(levels)) == len(levels)
+
+
+def schedule_tail(parts, count: int, taken: int) -> list[float]:
+    """The last ``taken`` timesteps of the model's scheduler's ``count``-step schedule."""
+    scheduler = copy.deepcopy(parts.scheduler)
+    scheduler.set_timesteps(count)
+    return scheduler.timesteps[count - taken:].tolist()
 
 
 def test_resolution_must_fit_the_vae(parts):
