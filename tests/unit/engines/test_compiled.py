@@ -361,6 +361,18 @@ def test_below_one_step_runs_the_one_step_the_strength_asks_for_as_the_eager_eng
         assert relative_error(ours.step_float(frame, [state]), expected) <= TOLERANCE, strength
 
 
+@pytest.mark.parametrize("stream_batch", [True, False])
+@pytest.mark.parametrize("steps", [2, 4])
+def test_a_frameless_img2img_step_matches_the_eager_engine(parts, stream_batch, steps):
+    """frames=None in img2img starts from the same noise on both engines: a zero latent noised at t_0
+    (QA 88 F1: the eager engine started at init_noise_sigma, 0.41 apart at strength 0.5)."""
+    reference = DiffusionEngine.from_parts(parts)
+    reference.prepare(params(steps=steps, strength=0.5))
+    expected = reference.step_float(None, [StreamState("r")])
+    ours = engine(parts, stream_batch, steps=steps, strength=0.5)
+    assert relative_error(ours.step_float(None, [StreamState("s")]), expected) <= TOLERANCE
+
+
 def test_a_new_seed_goes_on_with_the_frames_in_flight(parts):
     """A new seed (a beat, a button) carries the stream over: each frame in flight finishes with the noise it
     entered with, the next frame enters with the new seed's, one UNet call a frame (a refill was N - 1 more

@@ -181,6 +181,20 @@ def schedule_tail(parts, count: int, taken: int) -> list[float]:
     return scheduler.timesteps[count - taken:].tolist()
 
 
+def test_a_frameless_img2img_step_is_diffusers_img2img_of_a_zero_latent(vae_parts):
+    """No input frame in img2img: the frame starts as a zero latent noised at the first img2img timestep, which is
+    diffusers' img2img pipeline handed zero latents (QA 88 F1: it started at init_noise_sigma, the first timestep
+    of the whole schedule's noise, ~9x too much for t_0 = 499, and the compiled engine's frame differed)."""
+    engine = DiffusionEngine.from_parts(vae_parts)
+    engine.prepare(params(steps=4, strength=0.5))
+    ours = engine.step_float(None, [StreamState("s")])
+    theirs = reference_pipeline(vae_parts)(prompt="a red fox", image=torch.zeros((1, 4, 8, 8)), strength=0.5,
+                                           num_inference_steps=4, guidance_scale=1.0,
+                                           generator=torch.Generator().manual_seed(3), output_type="pt").images
+    error = relative_error(ours, theirs)
+    assert error <= 1e-4, f"relative error {error:.2e}"
+
+
 def test_resolution_must_fit_the_vae(parts):
     from sdbridge.errors import ModelError
 
