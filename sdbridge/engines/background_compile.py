@@ -12,7 +12,11 @@ which calls the compiled function once on zero-filled stand-ins of the same sign
 first call after that finishes, the graph serves.
 
 A compile that fails (a graph break, an Inductor error) is logged once and its signature keeps
-the uncompiled path: slower, never wrong, never a dead stream.
+the uncompiled path: slower, never wrong, never a dead stream. A compile that hits Dynamo's recompile
+limit (the graphs kept for one code object) is not such a failure: that code object's graphs are
+evicted, their signatures compile again when next called, and this one compiles again at once
+(one retry; a second hit is a failure, logged with the limit to raise). QA 88 F3: such a hit was a
+failure for good, and every later shape of a part ran uncompiled.
 
 Thread safety: Dynamo's frame hook is per thread, so the frame path running a function uncompiled
 is not traced while the worker traces it; Dynamo serialises its own compiles; torch 2.13's CUDA
@@ -170,6 +174,8 @@ class BackgroundCompiler:
         self.name = name
         self.ready: set[Signature] = set()
         self.failed: dict[Signature, str] = {}
+        self.evictions = 0   # recompile limits hit (each evicts one code object's graphs: _evict)
+        self._codes: dict[Signature, Any] = {}   # a ready signature's code object, whose graphs Dynamo keeps
         self.compiles = 0
         self.compile_s = 0.0
         self._pending: set[Signature] = set()
@@ -206,7 +212,8 @@ class BackgroundCompiler:
             if not self._compiling.acquire(blocking=False):
                 return fn(*args)
             try:
-                return compiled(*args)
+                # Evicted meanwhile (a recompile limit hit, _evict): calling the graph would compile in the frame.
+                return compiled(*args) if sig in self.ready else fn(*args)
             finally:
                 self._compiling.release()
         if getattr(self._inline, "on", False) and sig not in self.failed:
@@ -289,6 +296,7 @@ class BackgroundCompiler:
         """Forget every graph (a new model: its graphs are new). Queued jobs still run, harmlessly."""
         self.ready.clear()
         self.failed.clear()
+        self._codes.clear()
 
     def close(self) -> None:
         self.clear()
@@ -301,6 +309,29 @@ class BackgroundCompiler:
         if thread is not None and thread.is_alive():
             self._queue.put(None)
             thread.join(timeout_s)
+
+    def _evicted(self, compiled: Callable[..., Any]) -> bool:
+        """:meth:`_evict` while no ready graph runs (the frame path takes ``_compiling`` to run one)."""
+        with self._compiling:
+            return self._evict(compiled)
+
+    def _evict(self, compiled: Callable[..., Any]) -> bool:
+        """Every graph Dynamo keeps for ``compiled``'s code object dropped, and the signatures they served no
+        longer ready (a call of them compiles again, off the frame path). The caller holds ``_compiling``.
+        -> False where the code object is not known (nothing evicted)."""
+        code = _code_of(compiled)
+        if code is None:
+            return False
+        from torch._dynamo.eval_frame import reset_code
+
+        with self._lock:
+            gone = [sig for sig, held in self._codes.items() if held is code]
+            for sig in gone:
+                self.ready.discard(sig)
+                del self._codes[sig]
+        reset_code(code)
+        self.evictions += 1
+        return True
 
     # --- the worker -----------------------------------------------------------------------------
 
@@ -353,7 +384,7 @@ class BackgroundCompiler:
                     self._idle.notify_all()
 
     def _compile(self, sig: Signature, compiled: Callable[..., Any], args: tuple[Any, ...],
-                 wanted: Callable[[], bool] | None = None) -> tuple[bool, Any]:
+                 wanted: Callable[[], bool] | None = None, retry: bool = True) -> tuple[bool, Any]:
         """One call of ``compiled`` (which compiles it for these arguments). -> (done, its output)"""
         started = time.perf_counter()
         inference, grad = sig[2]
@@ -368,13 +399,49 @@ class BackgroundCompiler:
             if wanted is not None and not wanted():
                 log.info("compiling %s stopped: no longer wanted (%s)", key, type(exc).__name__)
                 return False, None
+            limit = _recompile_limit_hit(exc)
+            if limit and retry and self._evicted(compiled):
+                log.warning("compiling %s hit Dynamo's recompile limit (torch._dynamo.config.%s); the graphs of its "
+                            "code object were evicted (each compiles again when next called) and it compiles again",
+                            key, limit)
+                return self._compile(sig, compiled, args, wanted, retry=False)
             self.failed[sig] = f"{type(exc).__name__}: {exc}"
-            log.warning("compiling %s failed (%s: %s); it runs uncompiled", key, type(exc).__name__,
-                        str(exc).splitlines()[0][:300] if str(exc) else "")
+            if limit:
+                log.warning("compiling %s hit Dynamo's recompile limit (torch._dynamo.config.%s = %s) and evicting "
+                            "its graphs did not help; it runs uncompiled until the engine is loaded again", key,
+                            limit, getattr(torch._dynamo.config, limit, "?"))
+            else:
+                log.warning("compiling %s failed (%s: %s); it runs uncompiled", key, type(exc).__name__,
+                            str(exc).splitlines()[0][:300] if str(exc) else "")
             return False, None
         seconds = time.perf_counter() - started
+        code = _code_of(compiled)
+        if code is not None:
+            self._codes[sig] = code
         self.ready.add(sig)
         self.compiles += 1
         self.compile_s += seconds
         log.info("compiled %s in %.1f s", sig[0], seconds)
         return True, out
+
+
+def _recompile_limit_hit(exc: BaseException) -> str:
+    """The name of the Dynamo limit ``exc`` (or what caused it) says was hit: "recompile_limit" or
+    "accumulated_recompile_limit"; "" for any other failure."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):
+            text = "".join(str(item) for item in (current, current.__cause__) if item is not None)
+            return "accumulated_recompile_limit" if "accumulated" in text else "recompile_limit"
+        current = current.__cause__ or current.__context__
+    return ""
+
+
+def _code_of(compiled: Callable[..., Any]) -> Any:
+    """The code object whose Dynamo cache holds ``compiled``'s graphs (a torch.compile'd function or bound
+    method), or None."""
+    original = getattr(compiled, "_torchdynamo_orig_callable", None)
+    function = getattr(original, "__func__", original)
+    return getattr(function, "__code__", None)

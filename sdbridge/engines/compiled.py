@@ -72,6 +72,7 @@ import dataclasses
 import functools
 import logging
 import os
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,28 @@ STREAM_KEY = "compiled.stream"
 # The feature bank's key of a padded call's extra rows (batch buckets, module docstring): "~" is in no
 # session name (bridge/protocol.py, SESSION_NAME), so a pad row never reads or writes a session's entries.
 PAD_ROW = "~pad"
-# Dynamo keeps one cache per code object: every (resolution, batch) is a recompile of the same
-# functions, and its default limit (8) would silently fall back to eager after a few sizes.
+# Dynamo keeps one cache per code object, capped at its recompile limit (default 8; with fullgraph=True a hit is
+# FailOnRecompileLimitHit). Each compiled (part, resolution, batch) has a code object of its own (own_code), so the
+# cap counts the few signatures of one graph (prompt lengths, layouts, ControlNet architectures), not every shape a
+# part ever ran at: one shared cache ended at 64 shapes, the 65th and later uncompiled for good (QA 88 F3).
 RECOMPILE_LIMIT = 64
+
+
+def own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a function or bound method) over a copy of its code object: Dynamo keeps compiled graphs and counts
+    its recompile limit per code object, so a torch.compile of the copy has a cache of its own, which goes when
+    the copy goes (an engine's graphs with the engine: a module-level part such as ``_quantize`` had one cache for
+    every engine of the process). Anything else is returned as it is."""
+    func = getattr(fn, "__func__", fn)
+    if not isinstance(func, types.FunctionType):
+        return fn
+    clone = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                               func.__closure__)
+    clone.__kwdefaults__ = func.__kwdefaults__
+    clone.__qualname__ = func.__qualname__
+    clone.__module__ = func.__module__
+    clone.__dict__.update(func.__dict__)
+    return types.MethodType(clone, fn.__self__) if isinstance(fn, types.MethodType) else clone
 
 
 def warm_step_counts(spec: str, steps: int) -> list[int]:
@@ -1103,7 +1123,8 @@ class CompiledEngine(DiffusionEngine):
                 if mode is None and backend == "inductor" and self.device.type == "cuda":
                     mode = "reduce-overhead"
                 log.info("graph %s for %dx%d, batch %d (%s, %s)", part, *self.resolution, batch, backend, mode)
-                compiled = torch.compile(fn, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+                # Over its own code object: its own Dynamo cache and recompile count (RECOMPILE_LIMIT).
+                compiled = torch.compile(own_code(fn), backend=backend, mode=mode, fullgraph=True, dynamic=False)
                 self._compiled[key] = compiled
                 found = functools.partial(self._compiler.call, key, fn, compiled, wanted=wanted) \
                     if self.background_compile else compiled

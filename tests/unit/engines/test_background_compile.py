@@ -277,6 +277,30 @@ def test_a_compile_no_longer_wanted_is_dropped_not_failed(caplog):
     compiler.close()
 
 
+def test_a_recompile_limit_hit_evicts_and_compiles_again_not_failed_for_good(caplog):
+    """Dynamo keeps a code object's graphs up to its recompile limit, and with fullgraph=True the next one raises
+    FailOnRecompileLimitHit: that is no failure of the graph (QA 88 F3: it was recorded as one, and the shape ran
+    uncompiled for good). The code object's graphs are evicted, it compiles again, and the evicted ones compile
+    again, in the background, when next called."""
+    def limited(x: torch.Tensor) -> torch.Tensor:   # a code object of this test's own: no other test's graphs
+        return x * 2 + 1
+
+    reset_dynamo()
+    compiler = BackgroundCompiler("test-compile")
+    compiled = torch.compile(limited, backend="eager", fullgraph=True, dynamic=False)
+    shapes = [torch.ones(size) for size in (1, 2, 3)]
+    with torch._dynamo.config.patch(recompile_limit=2), compiler.inline():
+        for x in shapes:
+            assert torch.equal(compiler.call("part", limited, compiled, x), limited(x))
+        assert not compiler.failed and compiler.evictions == 1 and "recompile limit" in caplog.text
+        assert len(compiler.ready) == 1                  # the third; the first two were evicted with the cache
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiler.call("part", limited, compiled, shapes[0])   # not ready: served uncompiled, compiled in the background
+        assert compiler.wait(120)
+    assert not compiler.failed and len(compiler.ready) == 2 and compiler.compiles == 4
+    compiler.close()
+
+
 # --- the compiled engine -------------------------------------------------------------------------------
 
 
@@ -321,6 +345,37 @@ def test_new_resolution_serves_uncompiled_while_it_compiles(parts):
     ours.prepare(params())                            # back to 64x64: its graphs are still there
     ours.step_float(frames(64, 64), [StreamState("t")])
     assert graphs() == compiled_graphs and ours.describe()["compiling"] == 0
+
+
+def test_each_shape_of_a_part_has_its_own_graph_cache_and_an_engine_s_go_with_it(parts):
+    """Every (part, resolution, batch) compiles over a code object of its own, so Dynamo's recompile limit counts
+    one graph's signatures, not every shape a part ran at; and a closed engine's graphs do not count against the
+    next engine's (QA 88 F3: the 65th resolution of the quantize part, module-level, failed for good, in that
+    engine and every later one). The limit is lowered to 2 here: 5 resolutions past it."""
+    from sdbridge.engines.compiled import _quantize
+
+    reset_dynamo()
+
+    def quantize_at(ours: CompiledEngine, widths: list[int]) -> None:
+        for width in widths:
+            ours.prepare(params(width=width))
+            image = torch.rand(1, 3, 64, width)
+            with torch.inference_mode(), ours._compiler.inline():
+                out, _ = ours._padded("quantize", 1, _quantize)(image, torch.zeros(1, 64, width, 3,
+                                                                                    dtype=torch.uint8))
+            assert torch.equal(out, (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+
+    with torch._dynamo.config.patch(recompile_limit=2):
+        first = CompiledEngine.from_parts(parts)
+        first.compile_backend = "eager"
+        quantize_at(first, [64, 72, 80, 88, 96])
+        assert len(first._compiler.ready) == 5 and not first._compiler.failed and first._compiler.evictions == 0
+        first.close()
+        second = CompiledEngine.from_parts(parts)
+        second.compile_backend = "eager"
+        quantize_at(second, [104, 112, 120])
+        assert len(second._compiler.ready) == 3 and not second._compiler.failed
+        second.close()
 
 
 @pytest.fixture(scope="module")
