@@ -26,6 +26,7 @@ from sdbridge.config import Settings
 from sdbridge.engines.base import Engine, create_engine
 from sdbridge.engines.device import pick_device, pick_dtype, return_freed_memory
 from sdbridge.engines.footprint import check_fits, free_device_bytes, model_bytes
+from sdbridge.engines.models import loaded_weight_files
 from sdbridge.errors import ModelError, ParamError, SdbridgeError, printable, quoted
 from sdbridge.paths import confine
 
@@ -385,6 +386,16 @@ class EngineHost:
             engine.warmup_for_start()
         return report
 
+    def _model_bytes(self, source: str, dtype: torch.dtype) -> int | None:
+        """The weights' bytes in ``dtype`` of the files the loader will read for ``source`` (None: not known);
+        ModelError for a file that cannot be read. Not every .safetensors under the folder: a stray one never
+        loaded was counted, and a malformed one failed the load (QA 85 F6)."""
+        models_dir = Path(self.settings.models_dir) if self.settings.models_dir else None
+        files = loaded_weight_files(source, models_dir=models_dir)
+        if not files:
+            return None
+        return sum(model_bytes(file, dtype) or 0 for file in files)
+
     def _load(self, choice: EngineChoice, warm: Mapping[str, Any] | None = None,
               request: Mapping[str, Any] | None = None) -> None:
         started = time.perf_counter()
@@ -408,7 +419,7 @@ class EngineHost:
                 # The old engine serves on while this one loads: both must fit at once.
                 free = free_device_bytes(device)
                 try:
-                    needed = model_bytes(source, dtype) if free is not None else None
+                    needed = self._model_bytes(source, dtype) if free is not None else None
                 except ModelError:  # a broken file: the loader reports it in its own words
                     needed = None
                 if free is not None and needed is not None:

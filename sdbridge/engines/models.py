@@ -623,6 +623,34 @@ def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype
                          force_zeros_for_empty_prompt=bool(force_zeros) if force_zeros is not None else None, **parts)
 
 
+def loaded_weight_files(source: str, models_dir: Path | None = None) -> list[Path] | None:
+    """The .safetensors files :func:`load_pipeline_parts` reads for ``source``: a single file, or a diffusers
+    folder's parts as model_index.json names them (one variant each, as :func:`_load_component` picks) and the
+    TAESD beside them; None for a pickle. What the device footprint is counted from: footprint.model_bytes on the
+    folder counted every .safetensors under it, a stray file the loader never reads included (an old UNet kept
+    there doubled the estimate; a malformed one failed the load with a TypeError, QA 85 F6). ModelError as the
+    loader would raise it."""
+    resolved = resolve_source(source, models_dir=models_dir)
+    if resolved.kind != "diffusers":
+        return [resolved.path] if resolved.kind == "single_file" else None
+    try:
+        index = json.loads((resolved.path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{resolved.path}/model_index.json is unreadable: {exc}") from exc
+    if not isinstance(index, dict):
+        raise ModelError(f"{resolved.path}/model_index.json is not a JSON object")
+    files: list[Path] = []
+    for name in COMPONENTS:
+        if component_class(resolved.path, name, index.get(name)) is None:
+            continue
+        weights = _component_weights(resolved.path, name, allow_pickle=True)
+        full = [file for file in weights if not file.name.endswith(".fp16.safetensors")]
+        files += full or weights
+    if (resolved.path / "taesd" / "config.json").is_file():
+        files += sorted((resolved.path / "taesd").glob("*.safetensors"))
+    return files
+
+
 def _load_taesd(folder: Path, dtype: torch.dtype):  # noqa: ANN202 - AutoencoderTiny
     from diffusers import AutoencoderTiny
 

@@ -296,3 +296,36 @@ def test_a_model_refused_at_load_leaves_the_serving_model(tmp_path, tiny_model_d
     assert host.active_engine() is serving and host.loads == 1
     assert not (tmp_path / "PLANTED").exists()
     host.close()
+
+
+def _header_only(path, header: dict) -> None:
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+
+
+@pytest.mark.parametrize("stray", [
+    {"a": {"dtype": "F32", "shape": 5, "data_offsets": [0, 4]}},          # malformed: TypeError in the footprint
+    {"a": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 4]}},    # 1 GiB of an old UNet the loader never reads
+])
+def test_the_footprint_counts_only_the_files_the_loader_reads(tmp_path, tiny_model_dir, monkeypatch, stray):
+    """QA 85 F6: with free device memory known (CUDA), every .safetensors under the folder was counted: a malformed
+    stray file failed the load (TypeError: 'int' object is not iterable), a big one refused it as out_of_memory.
+    free_device_bytes stands for a CUDA device here (2 GiB free): the CPU knows no free memory."""
+    import shutil
+
+    from sdbridge.bridge import engine_host
+
+    shutil.copytree(tiny_model_dir, tmp_path / "stray")
+    _header_only(tmp_path / "stray" / "extras" / "notes.safetensors", stray)
+    monkeypatch.setattr(engine_host, "free_device_bytes", lambda device: 2 * 2**30)
+    host = EngineHost(load_settings({"models_dir": str(tmp_path)}, env={}))
+    for model in ("stray", str(tmp_path / "stray")):  # by name (the old count never saw it), by path
+        settle(host, {**Schema().defaults(), "width": 64, "height": 64, "engine": "diffusion", "model": model},
+               timeout=120)
+        assert host.last_error is None and host.active_engine().name == "diffusion"
+    assert host.loads == 2 and host.load_failures == 0
+    host.close()

@@ -769,3 +769,23 @@ def test_parts_that_do_not_fit_one_another_are_refused_at_load(tiny_model_dir, t
         load_pipeline_parts(str(folder), CPU, torch.float32)
     assert str(caught.value) == f"{folder}: {says}: the parts come from different models"
     assert caught.value.code == "incompatible_model"
+
+
+def test_the_files_a_load_reads_are_its_parts_own_one_variant_each(tiny_model_dir, tmp_path):
+    """QA 85 F6: the footprint read every .safetensors under a folder; these are the files it now counts."""
+    from sdbridge.engines.models import loaded_weight_files
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "extras").mkdir()
+    shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors", folder / "extras" / "old.safetensors")
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(unet, unet.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    files = loaded_weight_files(str(folder))
+    assert sorted(file.relative_to(folder).as_posix() for file in files) == [
+        "taesd/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+    unet.unlink()
+    assert unet.with_name("diffusion_pytorch_model.fp16.safetensors") in loaded_weight_files(str(folder))
+    assert loaded_weight_files(str(unet.with_name("diffusion_pytorch_model.fp16.safetensors"))) == [
+        unet.with_name("diffusion_pytorch_model.fp16.safetensors")]
