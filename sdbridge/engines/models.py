@@ -559,7 +559,7 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False, vae_give
             inputs = json.loads((source.path / "unet" / "config.json").read_text(encoding="utf-8"))["in_channels"]
             latents = json.loads((source.path / "vae" / "config.json").read_text(encoding="utf-8")).get(
                 "latent_channels", 4)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a config that is a list: .get fails
             inputs = latents = None
         if inputs != latents:
             from sdbridge.engines.single_file import EXTRA_INPUTS

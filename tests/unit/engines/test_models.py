@@ -118,6 +118,17 @@ def test_weight_problems_from_the_headers_alone(tiny_model_dir, tmp_path):
                                                                                                   str(single))]
 
 
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_weight_problems_of_a_folder_whose_config_is_a_list_do_not_raise(tiny_model_dir, tmp_path, part):
+    """A vae/config.json holding a JSON list raised AttributeError out of weight_problems (fix 95's note)."""
+    from sdbridge.engines.models import weight_problems
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / part / "config.json").write_text("[]")
+    assert isinstance(weight_problems(resolve_source(str(broken))), list)
+
+
 def test_pickle_refused_unless_allowed(parts, tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
