@@ -27,12 +27,14 @@ import torch
 from sdbridge.engines.lora import LoraStack, lora_path
 from sdbridge.engines.parts import PipelineParts
 from sdbridge.engines.prompt_encode import encode_prompt, encode_prompt_sdxl
-from sdbridge.engines.prompt_syntax import LoraWeights, parse_prompt
+from sdbridge.engines.prompt_syntax import MAX_WEIGHT, LoraWeights, parse_prompt
 from sdbridge.engines.textual_inversion import TextualInversions
 from sdbridge.errors import ModelError, ParamError
 from sdbridge.paths import PathError
 
 log = logging.getLogger(__name__)
+
+MAX_WARNED_KINDS = 64  # prompt tag kinds told once each (<hypernet:...>); a client can write any number of kinds
 
 
 IDLE_LORAS = 4  # LoRAs at weight 0 kept loaded, the most recently used
@@ -57,7 +59,7 @@ class TextConditioning:
         self.unfit: dict[str, ModelError] = {}   # the last apply's LoRAs left out: their files do not load
         self.inversions = TextualInversions(parts.tokenizer, parts.text_encoder, parts.tokenizer_2,
                                             parts.text_encoder_2)
-        self._warned_networks: set[str] = set()
+        self._warned_networks: set[str] = set()  # the kinds of ignored prompt tags told, at most MAX_WARNED_KINDS
 
     # --- textual inversion ----------------------------------------------------------------------
 
@@ -84,9 +86,13 @@ class TextConditioning:
         if parsed.errors:
             raise ParamError(parsed.errors[0], name="prompt", value=prompt[:80], code="bad_lora")
         for tag in parsed.other_networks:
-            if tag not in self._warned_networks:
-                self._warned_networks.add(tag)
-                log.warning("prompt tag %s ignored: only <lora:...> and <lyco:...> networks run here", tag)
+            # Once per kind, not per tag: every distinct tag was kept and told, growing without end under a client
+            # that varies them (QA 72 F10: 200,000 entries after 5,000 prompts).
+            kind = tag[1:].split(":", 1)[0][:40]
+            if kind not in self._warned_networks and len(self._warned_networks) < MAX_WARNED_KINDS:
+                self._warned_networks.add(kind)
+                log.warning("prompt tag %r ignored: only <lora:...> and <lyco:...> networks run here (told once for "
+                            "every <%s:...>)", tag[:120], kind)
         weights = parsed.lora_weights()
         try:
             extra = LoraWeights.parse(loras).weights
@@ -94,6 +100,11 @@ class TextConditioning:
             raise ParamError(f"loras {loras!r}: {exc}", name="loras", value=loras, code="bad_lora") from None
         for name, weight in extra.items():
             weights[name] = weights.get(name, 0.0) + weight
+            # Each within the bound, their sum may not be: <lora:x:80> with loras "x:80" ran at 160 (QA 72 F7).
+            if abs(weights[name]) > MAX_WEIGHT:
+                raise ParamError(f"LoRA {name!r} at {weights[name]:g} (its prompt tags and the loras parameter "
+                                 f"added up) must be within ±{MAX_WEIGHT:g}", name="loras", value=loras,
+                                 code="bad_lora")
         return weights
 
     def _load(self, name: str) -> None:

@@ -303,3 +303,26 @@ def test_a_malformed_lora_is_left_out_of_the_stream_and_the_others_run(engine, f
         assert [(m["code"], "LoRA 'malformed' left out" in m["message"]) for m in told] == [("bad_model", True)]
     finally:
         (lora_dir / "malformed.safetensors").unlink()
+
+
+def test_a_prompt_tag_and_the_loras_parameter_added_past_the_bound_are_refused(engine):
+    """QA 72 F7: each within ±100, a tag and the parameter for one LoRA were summed and ran at 160."""
+    assert engine.conditioning.wanted("<lora:ink:60>", "ink:40") == {"ink": 100.0}
+    with pytest.raises(ParamError, match=r"LoRA 'ink' at 160 .* within ±100") as info:
+        engine.conditioning.wanted("<lora:ink:80>", "ink:80")
+    assert info.value.code == "bad_lora"
+
+
+def test_ignored_prompt_tags_are_told_once_a_kind_and_not_kept_each(engine, caplog):
+    """QA 72 F10: every distinct ignored tag was kept and logged once, growing without end under a client that
+    varies them; now once for each kind, at most MAX_WARNED_KINDS kinds."""
+    import logging
+
+    from sdbridge.engines.conditioning import MAX_WARNED_KINDS
+
+    with caplog.at_level(logging.WARNING, logger="sdbridge.engines.conditioning"):
+        for index in range(300):
+            engine.conditioning.wanted(f"a cat <hypernet:style{index}:1> <kind{index}:x>")
+    told = [record.getMessage() for record in caplog.records if "ignored" in record.getMessage()]
+    assert len(told) == MAX_WARNED_KINDS and len(engine.conditioning._warned_networks) == MAX_WARNED_KINDS
+    assert sum("<hypernet:...>" in line for line in told) == 1
