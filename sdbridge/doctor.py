@@ -460,6 +460,23 @@ def check_resume(settings: Settings) -> list[Finding]:
     return [Finding(OK, "resume", f"on; {len(data['params'])} values saved {data.get('saved_at', '')} in {path}")]
 
 
+def check_presets(settings: Settings) -> list[Finding]:
+    """Whether presets can be saved where the daemon saves them: a folder it cannot write failed every save
+    (QA 87 F2) with nothing said here. Recalls of the shipped presets work either way, so a warning."""
+    from sdbridge.presets import default_user_dir
+
+    folder = Path(settings.presets_dir).expanduser() if settings.presets_dir else default_user_dir()
+    nearest = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    if folder.exists() and not folder.is_dir():
+        problem = "it is a file, not a folder"
+    elif nearest is None or not os.access(nearest, os.W_OK):
+        problem = f"{nearest} is not writable" if nearest is not None else "no part of the path exists"
+    else:
+        return [Finding(OK, "presets", f"saved to {folder}")]
+    return [Finding(WARN, "presets", f"presets cannot be saved to {folder}: {problem}",
+                    "set presets_dir (or SDBRIDGE_PRESETS_DIR) to a writable folder; recalls still work")]
+
+
 def check_outputs(settings: Settings) -> list[Finding]:
     from sdbridge.outputs.base import OutputError, create_output, parse_spec
     from sdbridge.outputs.hub import check_output
@@ -847,6 +864,7 @@ def run_checks(settings: Settings, which: Callable[[str], str | None] = shutil.w
     findings += check_ports(settings)
     findings += check_open_files(settings)
     findings += check_resume(settings)
+    findings += check_presets(settings)
     findings += check_outputs(settings)
     findings += check_inputs(settings)
     findings += check_audio(settings)

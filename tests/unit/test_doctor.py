@@ -319,6 +319,18 @@ def test_resume_says_what_is_saved_and_warns_on_a_file_it_cannot_read(tmp_path):
     assert finding.level == WARN and "it is a folder" in finding.message
 
 
+def test_presets_say_where_they_are_saved_and_warn_where_they_cannot_be(tmp_path):
+    """QA 87 F2: a presets folder no save could write was not mentioned by doctor."""
+    from sdbridge.doctor import check_presets
+
+    [finding] = check_presets(Settings(presets_dir=str(tmp_path / "new" / "presets")))  # made at the first save
+    assert finding.level == OK and finding.message == f"saved to {tmp_path / 'new' / 'presets'}"
+    (tmp_path / "file").write_text("")
+    [finding] = check_presets(Settings(presets_dir=str(tmp_path / "file")))
+    assert finding.level == WARN and "it is a file, not a folder" in finding.message
+    assert "presets_dir" in finding.fix
+
+
 def test_a_whole_model_the_stream_cannot_run_is_named_with_the_right_fix(tiny_model_dir, tmp_path):
     """An inpainting folder was ok to doctor and refused by serve; a whole file it refused was advised to be
     pulled again, as if damaged (QA 27). A v-prediction checkpoint is said to be one."""
