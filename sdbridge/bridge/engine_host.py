@@ -440,7 +440,8 @@ class EngineHost:
             needed = module_bytes(engine)
             if budget and needed > budget:
                 engine.close()
-                raise ModelError(f"{choice.model} needs {needed / 2**20:.1f} MB of device memory, more than the "
+                what = choice.model or f"the {choice.engine} engine"  # a model-less engine has no model to name
+                raise ModelError(f"{what} needs {needed / 2**20:.1f} MB of device memory, more than the "
                                  f"{self.settings.vram_budget_mb} MB budget", code="out_of_memory")
         except Exception as exc:  # any failure: report it, keep the previous engine serving
             message = _load_failure(choice, exc)
