@@ -3,14 +3,11 @@ and tricky cases whose answers were taken from its lark parser, 1.6+ defaults)."
 
 from __future__ import annotations
 
-import gc
-import math
-import time
-
 import pytest
 
 from sdbridge.engines.prompt_schedule import MAX_NESTING, prompt_schedules, split_composable
 from sdbridge.errors import ParamError
+from tests.support.timing import best_time
 
 ALTERNATE_10 = [(step, "a" if step % 2 else "(b:1.1)") for step in range(1, 11)]
 
@@ -101,26 +98,11 @@ def test_composable_and(prompt, parts):
     assert split_composable(prompt) == parts
 
 
-def _best_time(function, argument, repeats: int = 5) -> float:
-    best = math.inf
-    collecting = gc.isenabled()
-    gc.disable()   # the collector's passes depend on what else is alive, not on this function's growth
-    try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function(argument)
-            best = min(best, time.perf_counter() - start)
-    finally:
-        if collecting:
-            gc.enable()
-    return best
-
-
 def test_a_part_weight_is_found_in_linear_time():
     """QA 72 F5: A1111's re_weight retried its tail at every character: 20,000 characters of spaces took 3 s."""
     def make(size):
         return "a" + " " * size + "b AND c" + " \t" * (size // 2) + ":0.5 "
-    small, large = _best_time(split_composable, make(1250)), _best_time(split_composable, make(16 * 1250))
+    small, large = best_time(split_composable, make(1250)), best_time(split_composable, make(16 * 1250))
     assert large / small < 128   # 16 when linear, 256 when quadratic
     assert split_composable(make(3)) == [("a   b", 1.0), (" c", 0.5)]
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import gc
-import math
 import re
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +17,7 @@ from sdbridge.engines.prompt_syntax import (
     parse_prompt,
     parse_prompt_attention,
 )
+from tests.support.timing import best_time
 
 # parse_prompt_attention's docstring in A1111's modules/prompt_parser.py, outputs as written there.
 A1111_DOCSTRING = [
@@ -184,25 +182,10 @@ def test_a_weight_that_is_not_a_number_is_an_error():
     assert parse_prompt("cat:1.2.3)").weight_error is None   # no bracket open: text, as in A1111
 
 
-def _best_time(function, argument, repeats: int = 5) -> float:
-    best = math.inf
-    collecting = gc.isenabled()
-    gc.disable()   # the collector's passes depend on what else is alive, not on this function's growth
-    try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function(argument)
-            best = min(best, time.perf_counter() - start)
-    finally:
-        if collecting:
-            gc.enable()
-    return best
-
-
 def _growth(function, make, size: int) -> float:
     """Time at 16 x size over time at size: 16 when linear (up to ~50 seen on a loaded machine), 256 when
     quadratic. The tests take 128 as the line between."""
-    return _best_time(function, make(16 * size)) / _best_time(function, make(size))
+    return best_time(function, make(16 * size)) / best_time(function, make(size))
 
 
 _parse_uncached = getattr(parse_prompt, "__wrapped__", parse_prompt)
