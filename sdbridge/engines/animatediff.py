@@ -455,6 +455,8 @@ class AnimateDiffEngine(DiffusionEngine):
         motion = self.motion
         if motion is None:   # no adapter yet: plain img2img
             return super().step_float(frames, states)
+        if self._passes_through():  # strength 0 keeps the input, as the plain engine does (no window, no step)
+            return self._kept(frames, len(states))
         assert self.parts is not None and self._embeddings is not None, "prepare() before step()"
         # An adapter swapped in with fewer positions than the window asks for serves its most.
         window = min(self._window, motion.max_window)
@@ -490,8 +492,10 @@ class AnimateDiffEngine(DiffusionEngine):
             starts.append(new_inputs[index])
             noises.append(self._window_noise(state, latent_shape, window))
         noise = torch.cat(noises)                                      # [B * N, 4, h, w]
-        if txt2img:
+        if self._txt2img:
             latents = noise * self.scheduler.init_noise_sigma
+        # No input frame in img2img: the new place's zero latent noised at t_0 as the others are, as the plain
+        # engine starts (init_noise_sigma is the schedule's first timestep's noise only, QA 88 F1).
         else:
             clean = torch.stack(starts)                                # [B * N, 4, h, w]
             latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch * window))

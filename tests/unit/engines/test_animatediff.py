@@ -278,6 +278,19 @@ def test_window_one_against_the_plain_engine(parts, motion_dir, frames):
         assert relative_error(run(zero, frames[:3])[-1], expected) <= 1e-5
 
 
+def test_strength_zero_keeps_the_input_and_a_frameless_step_starts_as_the_plain_engine(parts, motion_dir, frames):
+    """With an adapter, strength 0 ran a step and a frameless img2img step started from init_noise_sigma (fix 91's
+    note on QA 88 F1, F2): now the input's own bytes, and with zero output projections the plain engine's frame."""
+    kept = engine_for(parts, motion_dir, strength=0.0)
+    out = kept.step_float(frames[:1], [StreamState("s")])
+    assert torch.equal((out[0].permute(1, 2, 0) * 255).round().to(torch.uint8), frames[0])
+    plain = DiffusionEngine.from_parts(parts)
+    plain.prepare(params(steps=4))
+    expected = plain.step_float(None, [StreamState("s")])
+    zero = engine_for(parts, motion_dir, motion_adapter="zero-motion", motion_window=1, steps=4)
+    assert relative_error(zero.step_float(None, [StreamState("s")]), expected) <= 1e-5
+
+
 def test_seed_blend_moves_every_window_place_towards_blend_seed(parts, motion_dir, frames):
     """seed_blend 1 is blend_seed's noise alone at every place, so the stream is the blend_seed stream, as on the
     plain engine; half-way, each older place is its two seeds' draws blended (QA 86 F9: only the newest place
