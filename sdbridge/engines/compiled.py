@@ -70,6 +70,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import types
@@ -408,6 +409,7 @@ class CompiledEngine(DiffusionEngine):
         # about 2 ms of host work on the CPU, each read back from the device on a GPU).
         self._probed: dict[tuple, LinearSchedule | None] = {}
         self._probed_for: Any = None
+        self._scheduler_serial = 0  # this engine's scheduler object, numbered across the process (see prepare)
         self._cfg = "none"                       # none | exact | residual, settled in prepare
         self._guidance_tensor: torch.Tensor | None = None
         self._guidance_value: float | None = None
@@ -583,11 +585,15 @@ class CompiledEngine(DiffusionEngine):
             length, cut = ("schedule", self._explicit[1]), self._explicit[0]
         else:
             length, cut = self._schedule_length(), self._denoising_steps()
-        key = (length, cut, self._txt2img, id(self.scheduler), type(self.scheduler).__name__, self.dtype,
-               str(self.device))
         if self._probed_for is not self.scheduler or len(self._probed) > 64:
+            if self._probed_for is not self.scheduler:
+                self._scheduler_serial = next(_SCHEDULER_SERIALS)
             self._probed = {}
             self._probed_for = self.scheduler
+        # The scheduler by a serial, not its address: a session's stream slot outlives an engine swap, and a new
+        # engine's scheduler at a freed one's address matched its key and carried the old frames on (QA 88 S2).
+        key = (length, cut, self._txt2img, self._scheduler_serial, type(self.scheduler).__name__, self.dtype,
+               str(self.device))
         if key != self._schedule_key and not self._passes_through():
             if key not in self._probed:
                 timesteps, _ = self._timesteps()
@@ -1324,6 +1330,9 @@ def _inference(frames: torch.Tensor) -> torch.Tensor:
     A graph guards its inputs' dispatch keys, which tell the two apart: the worker's frames are inference
     tensors, a caller's from outside would be a second graph of the same part."""
     return frames if frames.is_inference() else frames.clone()
+
+
+_SCHEDULER_SERIALS = itertools.count(1)
 
 
 def _carries_over(old: tuple, new: tuple) -> bool:

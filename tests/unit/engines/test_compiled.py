@@ -322,6 +322,21 @@ def test_a_stream_left_for_one_step_is_not_picked_up_stale(parts):
     assert relative_error(stream.step_float(frames[4], [state]), _eager(parts, 0.5, frames[4])) <= TOLERANCE
 
 
+def test_a_stream_slot_from_another_engine_is_not_carried_on_even_at_the_same_scheduler_address(parts):
+    """QA 88 S2: the slot key held id(scheduler); a session idle across an engine swap keeps its slot, and a new
+    engine's scheduler at the freed one's address matched it: the old engine's frames came out first. Simulated
+    by handing the new engine the old one's scheduler object (the same address)."""
+    frames = make_frames(4)
+    old = engine(parts, steps=8, strength=0.5)
+    state = StreamState("s")
+    for frame in frames[:3]:
+        old.step_float(frame, [state])
+    new = engine(parts, steps=8, strength=0.5)
+    new.scheduler = old.scheduler
+    new.prepare(params(steps=8, strength=0.5))
+    assert relative_error(new.step_float(frames[3], [state]), _eager(parts, 0.5, frames[3])) <= TOLERANCE
+
+
 @pytest.mark.parametrize("stream_batch", [True, False])
 def test_strength_zero_passes_the_input_through_and_the_stream_starts_again_after(parts, stream_batch):
     """Strength 0 keeps the input (QA 88 F2), on either path, at any number of steps; back at 0.5 the stream
