@@ -368,16 +368,18 @@ class EngineHost:
 
     # --- the loader thread --------------------------------------------------------------------
 
-    def _apply_fp8(self, engine: Any) -> Any:
-        """--fp8 on a loaded compiled engine: quantise its UNet, probed with the starting prompt's embeddings
-        (real CLIP outputs, whose outliers are what a per-tensor fp8 scale can miss), then the warm-up compile
-        that load skipped. Returns the Fp8Report; Fp8Unavailable (the engine closed) where fp8 cannot run."""
+    def _apply_fp8(self, engine: Any, prompt: str | None = None) -> Any:
+        """--fp8 on a loaded compiled engine: quantise its UNet, probed with the embeddings of ``prompt``, the one
+        in force when the load was asked (else the starting one): real CLIP outputs, whose outliers are what a
+        per-tensor fp8 scale can miss; a model loaded live was probed with the starting prompt (QA 88 S4). Then
+        the warm-up compile that load skipped. Returns the Fp8Report; Fp8Unavailable (the engine closed) where
+        fp8 cannot run."""
         from sdbridge.engines.fp8 import apply_fp8
         from sdbridge.params import Schema
 
-        defaults = Schema().defaults()
+        prompt = prompt or self.settings.params.get("prompt") or Schema().defaults()["prompt"]
         try:
-            cond, added = engine.unet_conditioning(str(self.settings.params.get("prompt") or defaults["prompt"]))
+            cond, added = engine.unet_conditioning(str(prompt))
             report = apply_fp8(engine.parts.unet, engine.device, encoder_hidden_states=cond, added_cond=added)
         except Exception:
             engine.close()
@@ -435,7 +437,7 @@ class EngineHost:
             except torch.cuda.OutOfMemoryError as exc:
                 raise ModelError(f"out of device memory loading {choice.model}: {exc}", code="out_of_memory") from exc
             if fp8:
-                self._fp8_reports[engine] = self._apply_fp8(engine)
+                self._fp8_reports[engine] = self._apply_fp8(engine, (warm or {}).get("prompt"))
             budget = self.settings.vram_budget_mb * 1024 * 1024
             needed = module_bytes(engine)
             if budget and needed > budget:

@@ -119,6 +119,30 @@ def test_a_model_name_cannot_forge_a_log_line(tmp_path, caplog, model):
     host.close()
 
 
+def test_fp8_probes_with_the_prompt_in_force_at_the_load(monkeypatch):
+    """QA 88 S4: a model loaded live under --fp8 was probed with the starting prompt, not the stream's. fp8 runs on
+    a GPU only: the probe's prompt is read from a stand-in engine, apply_fp8 from a stand-in (the real one refuses
+    a CPU before it looks at the conditioning)."""
+    from sdbridge.engines import fp8
+
+    asked: list[str] = []
+
+    class Engine:
+        parts = type("Parts", (), {"unet": None})()
+        device = "cuda"
+        compile_active = False
+
+        def unet_conditioning(self, prompt: str):
+            asked.append(prompt)
+            return None, None
+
+    monkeypatch.setattr(fp8, "apply_fp8", lambda *args, **kwargs: "report")
+    host = EngineHost(load_settings({"params": {"prompt": "at the start"}}, env={}))
+    assert host._apply_fp8(Engine(), "the stream's now") == "report"
+    assert host._apply_fp8(Engine(), None) == "report"
+    assert asked == ["the stream's now", "at the start"]
+
+
 def test_printable_escapes_only_what_breaks_a_line():
     assert printable("ünïcode 猫 /models/sd-turbo") == "ünïcode 猫 /models/sd-turbo"
     assert printable("a\nb\rc\td\x1b[0m\x00\x7f\x9b\u2029\ud800") == \
