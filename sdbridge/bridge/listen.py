@@ -28,7 +28,7 @@ def bound_socket(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket
         if kind == socket.SOCK_STREAM and hasattr(socket, "SO_REUSEADDR") \
                 and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and _is_wildcard(address) and hasattr(socket, "IPV6_V6ONLY"):
+        if family == socket.AF_INET6 and is_wildcard_host(address) and hasattr(socket, "IPV6_V6ONLY"):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((address, port))
     except BaseException:
@@ -37,7 +37,13 @@ def bound_socket(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket
     return sock
 
 
-def _is_wildcard(address: str) -> bool:
+def is_wildcard_host(host: str) -> bool:
+    """Whether a bind address is every interface: empty, or an unspecified address however it is written
+    (``0.0.0.0``, ``::``, ``[::]``, ``0:0::0``). ``--host [::]`` listens on every interface (bind_socket strips the
+    brackets), yet the policy compared the raw string and refused every LAN client 403, token or not (QA 74 F5)."""
+    address = host.strip().strip("[]")
+    if not address:
+        return True
     try:
         return ipaddress.ip_address(address).is_unspecified
     except ValueError:

@@ -20,7 +20,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from sdbridge.bridge.security import is_wildcard_host
+from sdbridge.bridge.listen import is_wildcard_host
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def advert_addresses(host: str, interfaces: Iterable[str]) -> list[str]:
     bare = host.strip("[]")
     if bare == "localhost":
         return ["127.0.0.1"]
-    if not is_wildcard(host):
+    if not is_wildcard_host(host):
         return [str(ipaddress.ip_address(bare))]
     ipv6 = ":" in bare  # ::, 0:0::0: the IPv6 wildcard, which takes IPv4 peers too
     chosen: list[str] = []
@@ -70,12 +70,7 @@ def advert_addresses(host: str, interfaces: Iterable[str]) -> list[str]:
 
 def addresses_for(host: str) -> list[str]:
     """:func:`advert_addresses` for this machine: its interfaces are read only for a wildcard bind."""
-    return advert_addresses(host, interface_addresses() if is_wildcard(host) else ())
-
-
-def is_wildcard(host: str) -> bool:
-    """Every interface, however it is written (``0:0::0`` and ``[::]`` as ``::``), as the access policy reads it."""
-    return is_wildcard_host(host)
+    return advert_addresses(host, interface_addresses() if is_wildcard_host(host) else ())
 
 
 def host_label(hostname: str) -> str:
@@ -113,7 +108,7 @@ class MdnsAdvert:
         from zeroconf.asyncio import AsyncZeroconf
 
         six = any(ipaddress.ip_address(a).version == 6 for a in self.addresses)
-        interfaces: Any = InterfaceChoice.All if is_wildcard(self.host) else self.addresses
+        interfaces: Any = InterfaceChoice.All if is_wildcard_host(self.host) else self.addresses
         self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.All if six else IPVersion.V4Only)
         self._task = asyncio.create_task(self._register(), name="sdbridge-mdns")
 

@@ -32,10 +32,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from sdbridge.bridge.http_guard import REFUSED_LINGER_S, ConnectionGuard, HttpLimits, error_response
-from sdbridge.bridge.listen import bound_socket
+from sdbridge.bridge.listen import bound_socket, is_wildcard_host
 from sdbridge.bridge.osc_parse import INT32_MAX
 from sdbridge.bridge.problem_log import ProblemLog
-from sdbridge.bridge.security import AccessPolicy, is_token_pair, is_wildcard_host
+from sdbridge.bridge.security import AccessPolicy, is_token_pair
 from sdbridge.params import ParamSpec, Schema
 
 log = logging.getLogger(__name__)

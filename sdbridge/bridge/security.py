@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from sdbridge.bridge.listen import host_port
+from sdbridge.bridge.listen import host_port, is_wildcard_host
 from sdbridge.bridge.problem_log import ProblemLog
 from sdbridge.config import LOOPBACK_NAMES, Settings
 
@@ -49,19 +48,6 @@ def _split_host(value: str) -> str:
             return value[: end + 1]
         return value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-def is_wildcard_host(host: str) -> bool:
-    """Whether a bind address is every interface: empty, or an unspecified address however it is written
-    (``0.0.0.0``, ``::``, ``[::]``, ``0:0::0``). ``--host [::]`` listens on every interface (listen.py strips the
-    brackets), yet the policy compared the raw string and refused every LAN client 403, token or not (QA 74 F5)."""
-    address = host.strip().strip("[]")
-    if not address:
-        return True
-    try:
-        return ipaddress.ip_address(address).is_unspecified
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
