@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from sdbridge.errors import ModelError, ParamError, quoted
+from sdbridge.params import shown_value
 from sdbridge.paths import PathError, confine
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ class _PeftAlpha:
             if not isinstance(table, dict):
                 raise ValueError(f"its {option} is {type(table).__name__}, not an object of module names")
             tables[option] = table
-        self.alphas = {key: _finite(value, f"alpha_pattern[{_shown(key)}]")
+        self.alphas = {key: _finite(value, f"alpha_pattern[{shown_value(key)}]")
                        for key, value in tables["alpha_pattern"].items()}
         # PEFT takes the first rank_pattern or alpha_pattern key that matches a module, and that key's alpha, or
         # lora_alpha where the key is rank_pattern's alone (peft.utils.other.get_pattern_key). Keys by the name
@@ -393,7 +394,7 @@ class _PeftAlpha:
 
 def _finite(value: object, option: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"its {option} is {_shown(value)}, not a finite number")
+        raise ValueError(f"its {option} is {shown_value(value)}, not a finite number")
     return float(value)
 
 
@@ -408,15 +409,9 @@ def _pattern_name(key: object) -> str:
     module name (a regex: ``.*``, groups, classes)."""
     name = key.replace("\\.", ".") if isinstance(key, str) else key   # a regex's escaped dot is a dot
     if not isinstance(name, str) or len(name) > 1000 or _PATTERN_KEY.fullmatch(name) is None:
-        raise ValueError(f"its pattern key {_shown(key)} is not a module name (regular expressions in a LoRA's "
+        raise ValueError(f"its pattern key {shown_value(key)} is not a module name (regular expressions in a LoRA's "
                          "patterns are not run)")
     return name
-
-
-def _shown(value: object, limit: int = 80) -> str:
-    """A value from a file for a message: its repr, cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_lora(path: str | Path, components: Mapping[str, nn.Module], name: str | None = None) -> LoraFile:
