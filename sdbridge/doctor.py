@@ -438,6 +438,11 @@ def check_open_files(settings: Settings) -> list[Finding]:
                     f"`sudo launchctl limit maxfiles {needed} unlimited`), or set max_connections lower")]
 
 
+def _nearest_existing(path: Path) -> Path | None:
+    """``path`` or its nearest parent that exists: where a file or folder made there would be written."""
+    return next((parent for parent in (path, *path.parents) if parent.exists()), None)
+
+
 def check_resume(settings: Settings) -> list[Finding]:
     """With --resume: whether the saved look can be read back and the folder written."""
     if not settings.resume:
@@ -445,7 +450,7 @@ def check_resume(settings: Settings) -> list[Finding]:
     from sdbridge.bridge.resume import ResumeFile, resume_path
 
     path = resume_path(settings)
-    folder = next((parent for parent in (path.parent, *path.parent.parents) if parent.exists()), None)
+    folder = _nearest_existing(path.parent)
     if path.is_dir() or folder is None or not os.access(folder, os.W_OK):
         return [Finding(WARN, "resume", f"the look cannot be saved to {path}: "
                                         f"{'it is a folder' if path.is_dir() else 'the folder is not writable'}",
@@ -465,8 +470,8 @@ def check_presets(settings: Settings) -> list[Finding]:
     (QA 87 F2) with nothing said here. Recalls of the shipped presets work either way, so a warning."""
     from sdbridge.presets import default_user_dir
 
-    folder = Path(settings.presets_dir).expanduser() if settings.presets_dir else default_user_dir()
-    nearest = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    folder = Path(settings.presets_dir) if settings.presets_dir else default_user_dir()  # ~: config expands it
+    nearest = _nearest_existing(folder)
     if folder.exists() and not folder.is_dir():
         problem = "it is a file, not a folder"
     elif nearest is None or not os.access(nearest, os.W_OK):
