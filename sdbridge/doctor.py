@@ -117,13 +117,11 @@ def _config_problems(folder: Path) -> list[ModelError]:
     config.json is there): weight_problems reads unet/ and vae/ config.json only for the inpainting check and takes
     one it cannot parse as "unknown", so a damaged config was ok here and serve fell back to the preview engine
     (QA 87 F13). A missing model_index.json or part folder is weight_problems' to name."""
-    from sdbridge.engines.models import COMPONENTS
+    from sdbridge.engines.models import COMPONENTS, read_model_index
 
     try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if not isinstance(index, dict):
+        index = read_model_index(folder)
+    except ModelError:
         return []
     parts = [name for name in COMPONENTS if isinstance(index.get(name), list) and index[name] and
              index[name][0] is not None and (folder / name).is_dir()]

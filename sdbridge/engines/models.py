@@ -586,15 +586,22 @@ def weight_problems(source: ModelSource, *, allow_pickle: bool = False, vae_give
     return problems
 
 
-def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
-                          taesd: Path | None = None, source: str | None = None,
-                          models_dir: Path | None = None) -> PipelineParts:
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """A diffusers folder's model_index.json; ModelError when it cannot be read (a file not in UTF-8 included) or
+    is not a JSON object."""
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}/model_index.json is unreadable: {exc}") from exc
     if not isinstance(index, dict):
         raise ModelError(f"{folder}/model_index.json is not a JSON object")
+    return index
+
+
+def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
+                          taesd: Path | None = None, source: str | None = None,
+                          models_dir: Path | None = None) -> PipelineParts:
+    index = read_model_index(folder)
     # Every slot's class is checked before any part loads: a part that fails after others loaded still read them.
     classes = {name: component_class(folder, name, index.get(name)) for name in COMPONENTS}
     parts: dict[str, object] = {}
@@ -633,12 +640,7 @@ def loaded_weight_files(source: str, models_dir: Path | None = None) -> list[Pat
     resolved = resolve_source(source, models_dir=models_dir)
     if resolved.kind != "diffusers":
         return [resolved.path] if resolved.kind == "single_file" else None
-    try:
-        index = json.loads((resolved.path / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{resolved.path}/model_index.json is unreadable: {exc}") from exc
-    if not isinstance(index, dict):
-        raise ModelError(f"{resolved.path}/model_index.json is not a JSON object")
+    index = read_model_index(resolved.path)
     files: list[Path] = []
     for name in COMPONENTS:
         if component_class(resolved.path, name, index.get(name)) is None:
