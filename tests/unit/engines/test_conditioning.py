@@ -245,6 +245,18 @@ def test_unused_loras_let_go_of_their_memory(engine, frame, lora_dir, tmp_path):
             (lora_dir / f"copy{index}.safetensors").unlink()
 
 
+def assert_left_out(engine, frame, name: str, code: str) -> list[dict]:
+    """``ink`` with the LoRA ``name`` gives ``ink``'s frame alone, and the clients are told once why, with ``code``;
+    -> what they were told, which goes on filling."""
+    told: list[dict] = []
+    engine.notify = told.append
+    alone = run(engine, frame, loras="ink:1")
+    both = run(engine, frame, loras=f"ink:1, {name}:1")
+    assert torch.equal(both, alone)
+    assert [(m["code"], f"LoRA {name!r} left out" in m["message"]) for m in told] == [(code, True)]
+    return told
+
+
 def test_a_lora_that_does_not_fit_is_left_out_of_the_stream_and_told_once(engine, frame, lora_dir, monkeypatch):
     """After a switch to another family an SD LoRA in ``loras`` raised at every prepare and every frame passed
     through unstyled (QA 29): it is left out, the others run, and the clients are told once."""
@@ -254,13 +266,8 @@ def test_a_lora_that_does_not_fit_is_left_out_of_the_stream_and_told_once(engine
     key = next(key for key in tensors if key.endswith("lora_up.weight") and tensors[key].dim() == 2)
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
     save_file(tensors, str(lora_dir / "other.safetensors"))
-    told: list[dict] = []
-    engine.notify = told.append
     try:
-        alone = run(engine, frame, loras="ink:1")
-        both = run(engine, frame, loras="ink:1, other:1")
-        assert torch.equal(both, alone)
-        assert [(m["code"], "LoRA 'other' left out" in m["message"]) for m in told] == [("model_mismatch", True)]
+        told = assert_left_out(engine, frame, "other", "model_mismatch")
         from sdbridge.engines import lora as lora_module
 
         reads: list = []
@@ -294,13 +301,8 @@ def test_a_malformed_lora_is_left_out_of_the_stream_and_the_others_run(engine, f
         key = next(key for key in tensors if key.endswith(".alpha"))
         tensors[key] = torch.tensor([1.0, 2.0]) if malformed == "two alphas" else torch.tensor(float("nan"))
     save_file(tensors, str(lora_dir / "malformed.safetensors"), metadata=metadata)
-    told: list[dict] = []
-    engine.notify = told.append
     try:
-        alone = run(engine, frame, loras="ink:1")
-        both = run(engine, frame, loras="ink:1, malformed:1")
-        assert torch.equal(both, alone)
-        assert [(m["code"], "LoRA 'malformed' left out" in m["message"]) for m in told] == [("bad_model", True)]
+        assert_left_out(engine, frame, "malformed", "bad_model")
     finally:
         (lora_dir / "malformed.safetensors").unlink()
 
