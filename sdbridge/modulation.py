@@ -250,6 +250,10 @@ class Phases:
             self._anchors[key] = (since, phase, rate)
         return phase + (t - since) * rate
 
+    def set(self, key: str, t: float, phase: float, rate: float) -> None:
+        """``key`` is at ``phase`` at ``t``, and runs at ``rate`` from there (a clock handed over mid-run)."""
+        self._anchors[key] = (t, phase, rate)
+
 
 def phase_at(params: Mapping[str, Any], slot: str, t: float, beat: float | None = None,
              phases: Phases | None = None) -> float:

@@ -1,6 +1,7 @@
 """The beat the LFOs and on-beat preset recalls follow: the daemon's own, or an Ableton Link session's.
 
-Without Link, beat 0 is the worker's start and beats tick at ``bpm``. The beat is integrated, not
+Without Link, beat 0 is the worker's start and beats tick at ``bpm``. The beat is integrated (as a free LFO's phase
+is, :class:`sdbridge.modulation.Phases`), not
 ``(now - origin) * bpm / 60``: when a reading brings a new ``bpm``, the clock re-anchors at that moment
 on the beat it had reached, so a tempo change changes the speed only (QA 73 F1: at 120 -> 121 bpm ten
 minutes in, the product jumped 10 beats, and a gliding bpm ran at bpm + t * dbpm/dt). The stretch since
@@ -18,6 +19,8 @@ from __future__ import annotations
 import math
 import threading
 
+from sdbridge.modulation import Phases
+
 
 class BeatClock:
     def __init__(self, origin: float) -> None:
@@ -25,9 +28,8 @@ class BeatClock:
         self._lock = threading.Lock()
         self._sample: tuple[float, float, float] | None = None  # (beat, monotonic s, tempo) from Link
         self._left: tuple[float, float, float] | None = None    # the last sample, till the free clock takes over
-        # The free clock: it was at beat ``_beat`` at ``_at``, and runs at ``_tempo`` (None: the first bpm read).
-        self._at, self._beat = origin, 0.0
-        self._tempo: float | None = None
+        # The free clock, beats since the origin integrated as an LFO's phase is (one "beat" phase, in beats a second).
+        self._free = Phases()
 
     def follow(self, beat: float, at: float, tempo: float) -> None:
         """A Link sample: the session was at ``beat`` at monotonic time ``at``, at ``tempo`` bpm."""
@@ -51,17 +53,12 @@ class BeatClock:
             if sample is not None:
                 beat, at, tempo = sample
                 return beat + (now - at) * tempo / 60.0, tempo
+            t = now - self.origin
             if self._left is not None:  # just unfollowed: on from where the session's beat had got to
                 beat, at, tempo = self._left
                 self._left = None
-                self._at, self._beat, self._tempo = now, beat + (now - at) * tempo / 60.0, bpm
-            elif self._tempo is not None and bpm != self._tempo:
-                # A reading from another thread may be a moment older than the anchor: anchor at the later one.
-                at = max(now, self._at)
-                self._beat += (at - self._at) * self._tempo / 60.0
-                self._at = at
-            self._tempo = bpm
-            return self._beat + (now - self._at) * bpm / 60.0, bpm
+                self._free.set("beat", t, beat + (now - at) * tempo / 60.0, bpm / 60.0)
+            return self._free.at("beat", t, bpm / 60.0), bpm
 
     def beat(self, now: float, bpm: float) -> float:
         """The beat at monotonic time ``now``; ``bpm``: the tempo from now on (a change re-anchors here)."""
