@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from tests.clients import free_port
+from tests.clients import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,9 @@ def test_serve_without_model_runs_preview_and_says_how_to_get_one(tmp_path):
         [sys.executable, "-m", "sdbridge.cli", "serve", "--port", str(port), "--osc-port", str(osc_port),
          "--feedback", "127.0.0.1:0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "SDBRIDGE_MODELS_DIR": str(tmp_path / "models")})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)  # read as it runs
+    reader.start()
     try:
         deadline = time.monotonic() + 60
         health = None
@@ -43,9 +46,14 @@ def test_serve_without_model_runs_preview_and_says_how_to_get_one(tmp_path):
                 pass
             time.sleep(0.2)
         assert health is not None and health["engine"]["engine"] == "preview"
+        # /health answers a moment before the start-up line is logged (the daemon polls for the server's start):
+        # interrupted in between, the line was never written, on a loaded machine.
+        assert wait_for(lambda: any(f"127.0.0.1:{port}" in line for line in lines), timeout=30), lines
     finally:
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=30)
+        process.wait(timeout=30)
+        reader.join(timeout=30)
+    output = "".join(lines)
     assert process.returncode == 0, output
     assert "sdbridge models pull sd-turbo" in output and "--model PATH" in output
     assert f"127.0.0.1:{port}" in output
